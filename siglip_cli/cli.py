@@ -1,0 +1,205 @@
+"""The `siglip` command line: parse, call one library function, render.
+
+stdout carries data only (paths, `--json` documents, tables a user asked for); progress, warnings and errors go
+to stderr. A user error is one sentence and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, NoReturn, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .embed import default_workers
+from .errors import UserError
+from .files import IMAGE_SUFFIXES
+from .preprocess import DEFAULT_MAX_PIXELS
+from .weights import DEFAULT_MODEL
+
+app = typer.Typer(
+    name="siglip",
+    help="SigLIP image embeddings: embed folders of images, inspect the model stage by stage, benchmark it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True)
+
+EXIT_USER_ERROR = 2
+
+
+class OutputDtype(str, enum.Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+class ComputeDtype(str, enum.Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's `UserError` into one line on stderr and exit status 2."""
+    try:
+        yield
+    except UserError as e:
+        fail(str(e))
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"siglip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """SigLIP image embeddings from the command line."""
+
+
+class _RichProgress:
+    """The embed progress bar on stderr: images done, images/s, time left."""
+
+    def __init__(self, quiet: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.quiet = quiet
+        self.bar = Progress(
+            TextColumn("[bold]embedding"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=quiet,
+            transient=False,
+        )
+        self.task = None
+        self.started = 0.0
+        self.fresh = 0
+
+    def start(self, total: int, done: int) -> None:
+        import time
+
+        self.started = time.perf_counter()
+        self.bar.start()
+        self.task = self.bar.add_task("embed", total=total, completed=done, rate="")
+
+    def advance(self, n: int) -> None:
+        import time
+
+        self.fresh += n
+        rate = self.fresh / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.update(self.task, advance=n, rate=f"{rate:,.1f} img/s")
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            stderr.print(f"[yellow]note:[/] {message}", highlight=False)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+@app.command()
+def embed(
+    inputs: Annotated[list[str], typer.Argument(help="Image files and folders (walked recursively).", show_default=False)] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file: .safetensors or .npy.")] = Path("embeddings.safetensors"),
+    model: Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint directory.")] = DEFAULT_MODEL,
+    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
+    files_from: Annotated[Optional[str], typer.Option("--files-from", help="Read more paths from FILE, one per line (- for stdin).")] = None,
+    tokens: Annotated[bool, typer.Option("--tokens", help="Also save the patch tokens (N, T, D) after post_layernorm.")] = False,
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalize rows; --no-normalize gives transformers' pooler_output.")] = True,
+    output_dtype: Annotated[OutputDtype, typer.Option("--output-dtype", help="Stored precision.")] = OutputDtype.float32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[ComputeDtype, typer.Option(help="Compute precision (auto: float32 on CPU, bfloat16 on CUDA).")] = ComputeDtype.auto,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 32,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes beside the model [default: CPUs - 1].", show_default=False)] = None,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).")] = DEFAULT_MAX_PIXELS,
+    exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Apply EXIF orientation (phone photos).")] = True,
+    fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at reduced size: faster, not pixel-exact.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output and discard interrupted work.")] = False,
+    update: Annotated[bool, typer.Option("--update", help="Refresh an existing output: embed new and changed files, drop gone ones.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")] = False,
+    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Embed images into OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
+    from .embed import EmbedOptions, embed_to_file, load
+    from .files import discover
+    from .preprocess import DecodeOptions
+
+    if not inputs and files_from is None:
+        fail("give at least one image file or folder, or --files-from.")
+    with user_errors():
+        paths = discover(inputs or [], files_from=files_from)
+        if not paths:
+            fail(f"no image files found in {', '.join(inputs or [files_from])} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
+        encoder = load(model, revision=revision, device=device, dtype=dtype.value)
+        options = EmbedOptions(
+            normalize=normalize,
+            tokens=tokens,
+            output_dtype=output_dtype.value,
+            batch_size=batch_size,
+            workers=default_workers() if workers is None else workers,
+            decode=DecodeOptions(exif_transpose=exif_transpose, max_pixels=max_pixels or None, fast_decode=fast_decode),
+        )
+        progress = _RichProgress(quiet)
+        try:
+            with _terminate_as_interrupt():
+                summary = embed_to_file(encoder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress)
+        except KeyboardInterrupt:
+            progress.stop()
+            fail(f"interrupted; finished work is kept in {output}.partial: rerun the same command to continue.", 130)
+        finally:
+            progress.stop()
+    if json_summary:
+        stdout.print_json(json.dumps(summary.to_dict()))
+    if not quiet:
+        stderr.print(_summary_line(summary), highlight=False)
+    if strict and summary.failed:
+        fail(f"{summary.failed} file(s) could not be embedded (--strict): see {summary.errors}.", 1)
+
+
+def _summary_line(s) -> str:
+    line = f"embedded {s.embedded:,}"
+    if s.reused:
+        line += f", reused {s.reused:,}"
+    if s.removed:
+        line += f", removed {s.removed:,}"
+    line += f" → {s.output} ({s.seconds:.1f} s)"
+    if s.failed:
+        line += f"; skipped {s.failed:,}: see {s.errors}"
+    return line
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler, `kill`) stops a run like Ctrl-C does: finished chunks are already on disk."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,181 @@
+"""Model and preprocessing configuration: Hub `config.json` / `preprocessor_config.json` readers and presets.
+
+Field names are the Hub's, so a config reads like the `vision_config` block of the checkpoint it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UserError
+
+
+class ConfigError(UserError):
+    """A checkpoint configuration we cannot run."""
+
+
+# transformers' activation names → torch's GELU `approximate` argument. SigLIP trains with the tanh
+# approximation; "gelu_new" and "gelu_fast" are older spellings of the same function.
+ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The SigLIP vision tower. Defaults are transformers' `SiglipVisionConfig` defaults (B/16 at 224 px)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    # PaliGemma's tower has no attention-pool head: the language model reads the patch tokens.
+    vision_use_head: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"activation {self.hidden_act!r} is not supported (expected one of {', '.join(ACTIVATIONS)}).")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}."
+            )
+        if self.image_size < self.patch_size:
+            raise ConfigError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        # The patch conv has no padding: pixels past the last whole patch are dropped (384 // 14 = 27).
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def dropped_pixels(self) -> int:
+        """Pixel rows (and columns) at the bottom (right) edge that no patch covers."""
+        return self.image_size - self.grid_size * self.patch_size
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Squash-resize to (height, width), then x * rescale_factor, then (x - mean) / std, channel by channel."""
+
+    height: int = 224
+    width: int = 224
+    # PIL resampling filter numbers: 2 bilinear (SigLIP2 repos), 3 bicubic (SigLIP v1 and PaliGemma repos).
+    resample: int = 3
+    do_resize: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+_LARGE = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
+_GIANT = dict(hidden_size=1536, intermediate_size=6144, num_hidden_layers=40, num_attention_heads=16)
+_BICUBIC, _BILINEAR = 3, 2
+
+
+def _preset(shape: dict, patch: int, size: int, resample: int, head: bool = True) -> tuple[VisionConfig, PreprocessConfig]:
+    vision = VisionConfig(**shape, patch_size=patch, image_size=size, vision_use_head=head)
+    return vision, PreprocessConfig(height=size, width=size, resample=resample)
+
+
+# Every public fixed-resolution tower, named like its Hub repo without the organisation.
+PRESETS: dict[str, tuple[VisionConfig, PreprocessConfig]] = {
+    **{f"siglip-base-patch16-{s}": _preset(_BASE, 16, s, _BICUBIC) for s in (224, 256, 384, 512)},
+    "siglip-base-patch16-256-multilingual": _preset(_BASE, 16, 256, _BICUBIC),
+    **{f"siglip-large-patch16-{s}": _preset(_LARGE, 16, s, _BICUBIC) for s in (256, 384)},
+    **{f"siglip-so400m-patch14-{s}": _preset(_SO400M, 14, s, _BICUBIC) for s in (224, 384)},
+    "siglip-so400m-patch16-256-i18n": _preset(_SO400M, 16, 256, _BICUBIC),
+    **{f"siglip2-base-patch16-{s}": _preset(_BASE, 16, s, _BILINEAR) for s in (224, 256, 384, 512)},
+    "siglip2-base-patch32-256": _preset(_BASE, 32, 256, _BILINEAR),
+    **{f"siglip2-large-patch16-{s}": _preset(_LARGE, 16, s, _BILINEAR) for s in (256, 384, 512)},
+    **{f"siglip2-so400m-patch14-{s}": _preset(_SO400M, 14, s, _BILINEAR) for s in (224, 384)},
+    **{f"siglip2-so400m-patch16-{s}": _preset(_SO400M, 16, s, _BILINEAR) for s in (256, 384, 512)},
+    **{f"siglip2-giant-opt-patch16-{s}": _preset(_GIANT, 16, s, _BILINEAR) for s in (256, 384)},
+    **{f"paligemma-3b-pt-{s}": _preset(_SO400M, 14, s, _BICUBIC, head=False) for s in (224, 448, 896)},
+    **{f"paligemma2-3b-pt-{s}": _preset(_SO400M, 14, s, _BICUBIC, head=False) for s in (224, 448, 896)},
+}
+
+
+def vision_config_from_hub(config: dict[str, Any]) -> VisionConfig:
+    """Read the vision tower out of a Hub `config.json` (already parsed), filling transformers' defaults."""
+    model_type = config.get("model_type")
+    if model_type == "siglip_vision_model":
+        fields, default_head = config, True
+    elif model_type == "siglip":
+        fields, default_head = config.get("vision_config") or {}, True
+    elif model_type == "paligemma":
+        fields, default_head = config.get("vision_config") or {}, False
+    elif model_type == "siglip2":
+        raise ConfigError(
+            "SigLIP2 NaFlex checkpoints (model_type 'siglip2', variable resolution) are a different model and are not "
+            "supported; use a fixed-resolution SigLIP2 repo such as google/siglip2-base-patch16-224."
+        )
+    else:
+        raise ConfigError(
+            f"model_type {model_type!r} is not a SigLIP vision tower (supported: siglip, siglip_vision_model, paligemma)."
+        )
+    known = {f.name for f in dataclasses.fields(VisionConfig)}
+    values = {name: fields[name] for name in known if name in fields}
+    values.setdefault("vision_use_head", default_head)
+    for name in ("image_size", "patch_size"):
+        values[name] = _square(name, values.get(name, getattr(VisionConfig, name)))
+    return VisionConfig(**values)
+
+
+def _square(name: str, value: int | list[int]) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConfigError(f"{name} {list(value)} is not square; only square images and patches are supported.")
+        value = value[0]
+    return int(value)
+
+
+def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConfig) -> PreprocessConfig:
+    """Read a Hub `preprocessor_config.json` (parsed), or derive SigLIP's defaults from the tower when absent."""
+    if config is None:
+        return PreprocessConfig(height=vision.image_size, width=vision.image_size)
+    size = config.get("size", {"height": vision.image_size, "width": vision.image_size})
+    if isinstance(size, int):
+        size = {"height": size, "width": size}
+    if "height" not in size or "width" not in size:
+        raise ConfigError(
+            f"preprocessor size {size} is not a fixed (height, width): SigLIP resizes straight to the model's size."
+        )
+    defaults = PreprocessConfig()
+    return PreprocessConfig(
+        height=int(size["height"]),
+        width=int(size["width"]),
+        resample=int(config.get("resample", defaults.resample)),
+        do_resize=bool(config.get("do_resize", True)),
+        do_rescale=bool(config.get("do_rescale", True)),
+        rescale_factor=float(config.get("rescale_factor", defaults.rescale_factor)),
+        do_normalize=bool(config.get("do_normalize", True)),
+        image_mean=_triple(config.get("image_mean", defaults.image_mean)),
+        image_std=_triple(config.get("image_std", defaults.image_std)),
+    )
+
+
+def _triple(value: float | list[float]) -> tuple[float, float, float]:
+    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
+    if len(values) != 3:
+        raise ConfigError(f"expected 3 channel values for image mean/std, got {values}.")
+    return tuple(float(v) for v in values)

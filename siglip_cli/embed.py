@@ -1,0 +1,646 @@
+"""The main job: images → embeddings, robust to bad files, resumable, streamed to disk.
+
+Work is done in fixed batches of the pending files, in sorted order. Finished batches are flushed every few
+seconds as chunks into a work area beside the output (`<output>.partial/`); the final files are assembled
+from the chunks at the end (manifest and errors first, the embeddings file last, each atomically), so the
+presence of the output means the run finished. A rerun of an interrupted command reuses the chunks and embeds
+only the rest; `--update` also reuses the rows of an existing output whose files did not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .config import PreprocessConfig
+from .errors import UserError
+from .files import is_regular_file, path_fields, path_from_fields
+from .model import SiglipVision
+from .preprocess import BadImage, DecodeOptions, load_pixels
+from .storage import (
+    NpyRows,
+    RowReader,
+    SafetensorsRows,
+    TensorSpec,
+    WorkArea,
+    read_jsonl,
+    write_jsonl,
+    write_npy,
+    write_safetensors,
+)
+from .weights import DEFAULT_MODEL, Checkpoint, load_model, resolve_checkpoint
+
+FLUSH_SECONDS = 5.0  # at most this much finished work is lost to a kill -9 or a power cut
+OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Encoder:
+    """A loaded tower on its device, with the checkpoint it came from."""
+
+    model: SiglipVision
+    checkpoint: Checkpoint
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.checkpoint.preprocess
+
+    @torch.inference_mode()
+    def __call__(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) normalized pixels → pooled (B, D) and tokens (B, N, D), float32, on the model's device."""
+        pooled, tokens = self.model(pixels.to(self.device, self.dtype, non_blocking=True))
+        return pooled.float(), tokens.float()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r} (expected auto, cpu, cuda or cuda:N).") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device} was asked for but CUDA is not available on this machine.")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UserError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
+    elif resolved.type != "cpu":
+        raise UserError(f"device {device!r} is not supported (expected auto, cpu, cuda or cuda:N).")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bfloat16 keeps cosine ≥ 0.999 to float32 and doubles GPU throughput; CPUs default to the exact path.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (expected auto, {', '.join(DTYPES)}).")
+    return DTYPES[dtype]
+
+
+def load(
+    model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto", dtype: str = "auto"
+) -> Encoder:
+    """Load a checkpoint (Hub id or local directory) ready to embed."""
+    resolved = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, resolved)
+    checkpoint = resolve_checkpoint(model, revision=revision)
+    # Fused q/k/v: one GEMM instead of three, the same numbers (tests check it against the plain path).
+    tower = load_model(checkpoint, device=resolved, dtype=torch_dtype).fuse_qkv()
+    return Encoder(tower, checkpoint, resolved, torch_dtype)
+
+
+# --------------------------------------------------------------------------------------- decoding files
+
+
+class Item(NamedTuple):
+    index: int
+    pixels: Tensor | None
+    info: dict  # manifest fields of a good file, or `path` and `error` of a bad one
+
+
+def file_digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def decode_file(path: str, cfg: PreprocessConfig, options: DecodeOptions) -> tuple[Tensor, dict]:
+    """One file → (pixels, facts for the manifest). Raises on any problem with the file."""
+    info = os.stat(path)
+    if not is_regular_file(path):
+        raise BadImage("not a regular file")
+    with open(path, "rb") as f:
+        data = f.read()
+    pixels, width, height = load_pixels(io.BytesIO(data), cfg, options)
+    facts = {"width": width, "height": height, "size": info.st_size, "mtime_ns": info.st_mtime_ns, "blake2b": file_digest(data)}
+    return pixels, facts
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error) if isinstance(error, BadImage) else f"{type(error).__name__}: {error}"
+    return " ".join(text.split()) or type(error).__name__
+
+
+class ImageFiles(Dataset):
+    """Decodes and preprocesses files by index; a bad file becomes an error item, never an exception."""
+
+    def __init__(self, paths: list[str], cfg: PreprocessConfig, options: DecodeOptions):
+        self.paths, self.cfg, self.options = paths, cfg, options
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Item:
+        path = self.paths[index]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's corrupt-EXIF and palette warnings: the file either works or fails
+            try:
+                pixels, facts = decode_file(path, self.cfg, self.options)
+                return Item(index, pixels, {"path": path, **facts})
+            except Exception as e:  # per file, whatever the class: one bad file never stops a run
+                return Item(index, None, {"path": path, "error": one_line(e), **_stat_fields(path)})
+
+
+def _stat_fields(path: str) -> dict:
+    try:
+        info = os.stat(path)
+        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    except OSError:
+        return {}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not fight the model for cores
+    Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, against --max-pixels
+
+
+def _collate(items: list[Item]) -> list[Item]:
+    return items
+
+
+def default_workers() -> int:
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
+
+
+def decoded_batches(
+    paths: list[str], cfg: PreprocessConfig, options: DecodeOptions, *, batch_size: int, workers: int, pin: bool
+) -> Iterator[list[Item]]:
+    """Items in order, `batch_size` at a time, decoded by `workers` processes ahead of the model."""
+    if workers == 0:
+        Image.MAX_IMAGE_PIXELS = None
+    loader = DataLoader(
+        ImageFiles(paths, cfg, options),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+        pin_memory=pin,
+    )
+    yield from loader
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    normalize: bool = True
+    tokens: bool = False
+    output_dtype: str = "float32"
+    batch_size: int = 32
+    workers: int = field(default_factory=default_workers)
+    decode: DecodeOptions = DecodeOptions()
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    embeddings: Path
+    manifest: Path
+    errors: Path
+    tokens: Path | None  # `.npy` outputs keep tokens in a file of their own
+    meta: Path | None  # `.npy` has no header: the run's metadata goes beside it
+    work: Path
+
+    @classmethod
+    def for_output(cls, output: Path, *, tokens: bool) -> OutputPaths:
+        suffix = output.suffix.lower()
+        if suffix not in (".safetensors", ".npy"):
+            raise UserError(f"output {output} must end in .safetensors or .npy.")
+        stem = output.with_suffix("")
+        npy = suffix == ".npy"
+        return cls(
+            embeddings=output,
+            manifest=output.with_suffix(".jsonl"),
+            errors=stem.with_name(stem.name + ".errors.jsonl"),
+            tokens=stem.with_name(stem.name + ".tokens.npy") if npy and tokens else None,
+            meta=stem.with_name(stem.name + ".meta.json") if npy else None,
+            work=output.with_name(output.name + ".partial"),
+        )
+
+    @property
+    def format(self) -> str:
+        return "npy" if self.meta is not None else "safetensors"
+
+    def finished(self) -> list[Path]:
+        return [p for p in (self.manifest, self.errors, self.tokens, self.meta, self.embeddings) if p is not None]
+
+
+class Progress(Protocol):
+    def start(self, total: int, done: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+@dataclass
+class Summary:
+    embedded: int  # images embedded by this run
+    reused: int  # rows taken from earlier work (an interrupted run, or the previous output with --update)
+    failed: int
+    removed: int  # rows of the previous output whose files are gone (--update)
+    output: str
+    manifest: str
+    errors: str | None
+    seconds: float
+
+    @property
+    def rows(self) -> int:
+        return self.embedded + self.reused
+
+    def to_dict(self) -> dict:
+        rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
+        return {**asdict(self), "images_per_s": round(rate, 3), "seconds": round(self.seconds, 3)}
+
+
+class Ref(NamedTuple):
+    """Where a finished row lives: a reader over a chunk (or previous output) and the row's index there."""
+
+    reader: RowReader
+    index: int
+    info: dict
+
+
+def run_options(encoder: Encoder, options: EmbedOptions, output_format: str) -> dict:
+    """Everything that changes the numbers in the output: a resumed or updated run must match it exactly."""
+    ckpt = encoder.checkpoint
+    local = Path(ckpt.name).expanduser()
+    return {
+        "model": str(local.resolve()) if local.is_dir() else ckpt.name,
+        "revision": ckpt.revision,
+        "compute_dtype": str(encoder.dtype).removeprefix("torch."),
+        "normalized": options.normalize,
+        "output_dtype": options.output_dtype,
+        "tokens": options.tokens,
+        "format": output_format,
+        "preprocessing": {
+            **ckpt.preprocess.to_dict(),
+            "exif_transpose": options.decode.exif_transpose,
+            "fast_decode": options.decode.fast_decode,
+        },
+        "embedding_dim": ckpt.vision.hidden_size,
+        "num_tokens": ckpt.vision.num_patches,
+    }
+
+
+_OPTION_NAMES = {
+    "model": "--model",
+    "revision": "--revision",
+    "compute_dtype": "--dtype",
+    "normalized": "--normalize/--no-normalize",
+    "output_dtype": "--output-dtype",
+    "tokens": "--tokens",
+    "format": "the output format",
+    "preprocessing": "the preprocessing (--no-exif-transpose, --fast-decode, or the model's preprocessor)",
+}
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    changed = [_OPTION_NAMES.get(k, k) for k in new if old.get(k) != new.get(k)]
+    return ", ".join(changed) or "the options"
+
+
+def embed_to_file(
+    encoder: Encoder,
+    paths: list[str],
+    output: Path,
+    *,
+    options: EmbedOptions = EmbedOptions(),
+    overwrite: bool = False,
+    update: bool = False,
+    progress: Progress | None = None,
+) -> Summary:
+    """Embed `paths` (in this order) into `output` (.safetensors or .npy) plus its manifest and errors files."""
+    started = time.perf_counter()
+    out = OutputPaths.for_output(output, tokens=options.tokens)
+    state = run_options(encoder, options, out.format)
+    work = WorkArea(out.work)
+    if overwrite:
+        work.remove()
+    _check_outputs(out, work, overwrite=overwrite, update=update)
+    if work.exists():
+        if work.state() != state:
+            raise UserError(
+                f"{out.work} holds an interrupted run made with different {describe_difference(work.state(), state)}; "
+                "rerun with the same options to continue, or add --overwrite to start afresh."
+            )
+    else:
+        work.create(state)
+
+    done: dict[str, Ref | dict] = {}
+    for chunk in work.chunks():
+        reader = SafetensorsRows(chunk.path)
+        done.update((row["path"], Ref(reader, i, row)) for i, row in enumerate(chunk.rows))
+        done.update((row["path"], row) for row in chunk.errors)
+    previous = _previous_output(out, state) if update else {}
+    wanted = set(paths)
+    removed = sum(1 for path in previous if path not in wanted)
+    reused = {}
+    for path in paths:
+        found = done.get(path) or previous.get(path)
+        if found is not None and _unchanged(path, found.info if isinstance(found, Ref) else found):
+            reused[path] = found
+
+    pending = [p for p in paths if p not in reused]
+    if progress:
+        progress.start(total=len(paths), done=len(reused))
+    new = _embed_pending(encoder, pending, work, options, progress, first_seq=len(list(out.work.glob("chunk-*"))))
+    results = {**reused, **new}
+
+    ordered = [results[p] for p in paths]
+    good = [r for r in ordered if isinstance(r, Ref)]
+    bad = [r for r in ordered if not isinstance(r, Ref)]
+    if not good and paths:
+        write_jsonl(out.errors, (_public(r) for r in bad))
+        work.remove()
+        raise UserError(f"none of the {len(paths)} input files could be embedded: see {out.errors}.")
+    _assemble(out, good, bad, encoder, options, state)
+    work.remove()
+    embedded = sum(1 for r in new.values() if isinstance(r, Ref))
+    reused_rows = sum(1 for r in reused.values() if isinstance(r, Ref))
+    return Summary(
+        embedded=embedded,
+        reused=reused_rows,
+        failed=len(bad),
+        removed=removed,
+        output=str(out.embeddings),
+        manifest=str(out.manifest),
+        errors=str(out.errors) if bad else None,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _check_outputs(out: OutputPaths, work: WorkArea, *, overwrite: bool, update: bool) -> None:
+    if overwrite or update:
+        return
+    if out.embeddings.exists():
+        raise UserError(f"{out.embeddings} already exists: add --overwrite to replace it, or --update to refresh it.")
+    # The manifest and errors files of an interrupted run are ours to replace; anything else is the user's.
+    if not work.exists():
+        for path in (out.manifest, out.errors, out.tokens):
+            if path is not None and path.exists():
+                raise UserError(f"{path} already exists and would be replaced: add --overwrite, or choose another -o.")
+
+
+def _unchanged(path: str, info: dict) -> bool:
+    """Is the file still the one that produced `info`? Size and mtime first; the content hash when only mtime moved."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "error" in info and "size" not in info  # it failed before because it was missing, and still is
+    if stat.st_size != info.get("size"):
+        return False
+    if stat.st_mtime_ns == info.get("mtime_ns"):
+        return True
+    if "blake2b" not in info:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return file_digest(f.read()) == info["blake2b"]
+    except OSError:
+        return False
+
+
+def _embed_pending(
+    encoder: Encoder,
+    pending: list[str],
+    work: WorkArea,
+    options: EmbedOptions,
+    progress: Progress | None,
+    *,
+    first_seq: int,
+) -> dict[str, Ref | dict]:
+    results: dict[str, Ref | dict] = {}
+    if not pending:
+        return results
+    out_dtype = OUTPUT_DTYPES[options.output_dtype]
+    buffer = _ChunkBuffer()
+    seq, last_flush = first_seq, time.monotonic()
+    batches = decoded_batches(
+        pending,
+        encoder.preprocess,
+        options.decode,
+        batch_size=options.batch_size,
+        workers=options.workers,
+        pin=encoder.device.type == "cuda",
+    )
+    halved = _Halving(progress)
+    for items in batches:
+        good = [item for item in items if item.pixels is not None]
+        buffer.errors.extend(item.info for item in items if item.pixels is None)
+        if good:
+            pooled, tokens = halved.encode(encoder, torch.stack([item.pixels for item in good]))
+            if options.normalize:
+                pooled = F.normalize(pooled, dim=-1)
+            buffer.rows.extend(item.info for item in good)
+            buffer.embeddings.append(pooled.cpu().numpy().astype(out_dtype))
+            if options.tokens:
+                buffer.tokens.append(tokens.cpu().numpy().astype(out_dtype))
+        if progress:
+            progress.advance(len(items))
+        if time.monotonic() - last_flush >= FLUSH_SECONDS:
+            results.update(buffer.flush(work, seq))
+            seq, last_flush = seq + 1, time.monotonic()
+    results.update(buffer.flush(work, seq))
+    return results
+
+
+class _Halving:
+    """CUDA out of memory: split the batch in two and retry, as often as needed; say so once."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress, self.said = progress, False
+
+    def encode(self, encoder: Encoder, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        try:
+            return encoder(pixels)
+        except torch.cuda.OutOfMemoryError:
+            if len(pixels) == 1:
+                raise
+            torch.cuda.empty_cache()
+            if not self.said and self.progress:
+                self.progress.note(f"CUDA out of memory at batch size {len(pixels)}: halving batches that do not fit.")
+            self.said = True
+            half = len(pixels) // 2
+            first, second = self.encode(encoder, pixels[:half]), self.encode(encoder, pixels[half:])
+            return torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]])
+
+
+@dataclass
+class _ChunkBuffer:
+    rows: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    tokens: list[np.ndarray] = field(default_factory=list)
+
+    def flush(self, work: WorkArea, seq: int) -> dict[str, Ref | dict]:
+        if not self.rows and not self.errors:
+            return {}
+        tensors = {}
+        if self.rows:
+            tensors["embeddings"] = np.concatenate(self.embeddings)
+            if self.tokens:
+                tensors["tokens"] = np.concatenate(self.tokens)
+        chunk = work.write_chunk(seq, self.rows, self.errors, tensors)
+        reader = SafetensorsRows(chunk.path)
+        results: dict[str, Ref | dict] = {row["path"]: Ref(reader, i, row) for i, row in enumerate(chunk.rows)}
+        results.update((row["path"], row) for row in chunk.errors)
+        self.rows, self.errors, self.embeddings, self.tokens = [], [], [], []
+        return results
+
+
+def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
+    """The rows of an existing output, for --update (refused if it was made with other options)."""
+    if not out.embeddings.exists():
+        return {}
+    old = read_output_options(out)
+    if old != state:
+        raise UserError(
+            f"{out.embeddings} was made with different {describe_difference(old, state)}; "
+            "rerun --update with the same options, or use --overwrite to start afresh."
+        )
+    if out.format == "npy":
+        reader: RowReader = NpyRows({"embeddings": out.embeddings, **({"tokens": out.tokens} if out.tokens else {})})
+    else:
+        reader = SafetensorsRows(out.embeddings)
+    found: dict[str, Ref | dict] = {}
+    for i, row in enumerate(read_jsonl(out.manifest)):
+        path = path_from_fields(row)
+        found[path] = Ref(reader, i, {**row, "path": path})
+    if out.errors.exists():
+        for row in read_jsonl(out.errors):
+            found[path_from_fields(row)] = {**row, "path": path_from_fields(row)}
+    return found
+
+
+def read_output_options(out: OutputPaths) -> dict:
+    if out.meta is not None:
+        meta = json.loads(out.meta.read_text()) if out.meta.exists() else {}
+    else:
+        from safetensors import safe_open
+
+        with safe_open(out.embeddings, framework="np") as f:
+            meta = f.metadata() or {}
+    return json.loads(meta.get("options", "{}")) if isinstance(meta.get("options"), str) else meta.get("options", {})
+
+
+def _public(info: dict) -> dict:
+    """A manifest or errors row as users read it: the path made readable, then the facts."""
+    return {**path_fields(info["path"]), **{k: v for k, v in info.items() if k not in ("path", "path_bytes_b64")}}
+
+
+def _row_blocks(refs: list[Ref], name: str) -> Iterator[np.ndarray]:
+    """Rows of tensor `name` in order, read as runs of consecutive rows from the same source."""
+    start = 0
+    while start < len(refs):
+        stop = start + 1
+        while (
+            stop < len(refs)
+            and refs[stop].reader is refs[start].reader
+            and refs[stop].index == refs[stop - 1].index + 1
+            and stop - start < 4096
+        ):
+            stop += 1
+        yield refs[start].reader.read(name, refs[start].index, refs[stop - 1].index + 1)
+        start = stop
+
+
+def output_metadata(encoder: Encoder, options: EmbedOptions, state: dict, rows: int) -> dict[str, str]:
+    ckpt = encoder.checkpoint
+    return {
+        "model": ckpt.name,
+        "revision": ckpt.revision or "",
+        "embedding_dim": str(ckpt.vision.hidden_size),
+        "num_images": str(rows),
+        "dtype": options.output_dtype,
+        "compute_dtype": state["compute_dtype"],
+        "normalized": str(options.normalize).lower(),
+        "pooling": "attention-pool head" if ckpt.vision.vision_use_head else "mean of patch tokens (headless tower)",
+        "preprocessing": json.dumps(state["preprocessing"]),
+        "tool": f"siglip {__version__}",
+        "options": json.dumps(state, sort_keys=True),
+    }
+
+
+def _assemble(out: OutputPaths, good: list[Ref], bad: list[dict], encoder: Encoder, options: EmbedOptions, state: dict) -> None:
+    """Write the final files from the finished rows: manifest and errors first, the embeddings file last."""
+    D, T = encoder.checkpoint.vision.hidden_size, encoder.checkpoint.vision.num_patches
+    dtype = np.dtype(OUTPUT_DTYPES[options.output_dtype])
+    write_jsonl(out.manifest, (_public(ref.info) for ref in good))
+    if bad:
+        write_jsonl(out.errors, (_public(info) for info in bad))
+    else:
+        out.errors.unlink(missing_ok=True)  # a stale errors file would describe another run
+    embeddings = TensorSpec(dtype, (len(good), D), _row_blocks(good, "embeddings"))
+    tokens = TensorSpec(dtype, (len(good), T, D), _row_blocks(good, "tokens")) if options.tokens else None
+    metadata = output_metadata(encoder, options, state, len(good))
+    if out.format == "npy":
+        if tokens is not None:
+            write_npy(out.tokens, tokens)
+        out.meta.write_text(json.dumps({**metadata, "options": state}, indent=1))
+        write_npy(out.embeddings, embeddings)
+    else:
+        write_safetensors(out.embeddings, {"embeddings": embeddings, **({"tokens": tokens} if tokens else {})}, metadata)
+
+
+# ----------------------------------------------------------------------------------- the Python API
+
+
+@dataclass
+class EmbedResult:
+    embeddings: np.ndarray  # (N, D) float32, rows in the order of `rows`
+    tokens: np.ndarray | None  # (N, T, D) float32 with tokens=True
+    rows: list[dict]  # path, width, height, ... of each embedded file
+    errors: list[dict]  # path and error of each file that could not be embedded
+
+
+def embed_paths(
+    encoder: Encoder,
+    inputs: Iterable[str | os.PathLike],
+    *,
+    normalize: bool = True,
+    tokens: bool = False,
+    batch_size: int = 32,
+    workers: int = 0,
+    decode: DecodeOptions = DecodeOptions(),
+) -> EmbedResult:
+    """Embed image files and folders in memory (for a few thousand images; use `embed_to_file` for more)."""
+    from .files import discover
+
+    paths = discover([os.fspath(p) for p in inputs])
+    embeddings, token_blocks, rows, errors = [], [], [], []
+    for items in decoded_batches(paths, encoder.preprocess, decode, batch_size=batch_size, workers=workers, pin=False):
+        good = [item for item in items if item.pixels is not None]
+        errors.extend(item.info for item in items if item.pixels is None)
+        if good:
+            pooled, toks = encoder(torch.stack([item.pixels for item in good]))
+            embeddings.append((F.normalize(pooled, dim=-1) if normalize else pooled).cpu().numpy())
+            if tokens:
+                token_blocks.append(toks.cpu().numpy())
+            rows.extend(item.info for item in good)
+    D, T = encoder.checkpoint.vision.hidden_size, encoder.checkpoint.vision.num_patches
+    return EmbedResult(
+        embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, D), np.float32),
+        tokens=(np.concatenate(token_blocks) if token_blocks else np.zeros((0, T, D), np.float32)) if tokens else None,
+        rows=[_public(r) for r in rows],
+        errors=[_public(e) for e in errors],
+    )

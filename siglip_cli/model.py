@@ -1,0 +1,247 @@
+"""The SigLIP vision tower: a pre-LN ViT with an attention-pool head, in plain PyTorch.
+
+Module and parameter names are the Hub checkpoint keys (after the `vision_model.` prefix), so a checkpoint loads
+with a strict `load_state_dict`. Every `forward` takes an optional `trace` dict: when given, each stage stores its
+output under a readable name as the forward runs (what `siglip inspect` shows), and attention is computed
+explicitly so its weights can be recorded. Without a trace the fast path uses `F.scaled_dot_product_attention`.
+
+Shapes: B batch, N patches, D hidden, H heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ACTIVATIONS, VisionConfig
+
+Trace = dict[str, Tensor] | None
+
+
+def _record(trace: Trace, name: str, x: Tensor) -> None:
+    if trace is not None:
+        trace[name] = x.detach()
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, trace: Trace, prefix: str) -> Tensor:
+    """Multi-head attention of (B, H, Nq, Dh) queries over (B, H, N, Dh) keys and values."""
+    if trace is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    weights = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)  # (B, H, Nq, N)
+    _record(trace, f"{prefix}.attn_weights", weights)
+    return weights @ v
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        # No padding: with patch 14 at 384 px the last 6 pixel rows and columns are never seen.
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+
+    def forward(self, pixel_values: Tensor, trace: Trace = None) -> Tensor:
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, H/p, W/p)
+        _record(trace, "patch_embedding", x)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        _record(trace, "patches", x)
+        _record(trace, "position_embedding", self.position_embedding.weight[None])
+        # SigLIP has no CLS token: the image embedding comes from the attention-pool head.
+        x = x + self.position_embedding.weight
+        _record(trace, "embeddings", x)
+        return x
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        # Set by `fuse_qkv()`: one (3D, D) matmul instead of three, for speed. Not part of the checkpoint.
+        self.qkv: nn.Linear | None = None
+
+    def fuse_qkv(self) -> None:
+        """Concatenate q/k/v into one projection (same numbers, one GEMM); drops the separate layers."""
+        q, k, v = self.q_proj, self.k_proj, self.v_proj
+        fused = nn.Linear(q.in_features, 3 * q.out_features, device=q.weight.device, dtype=q.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            fused.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        self.qkv = fused
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x: Tensor, trace: Trace = None, prefix: str = "attn") -> Tensor:
+        B, N, D = x.shape
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 × (B, H, N, Dh)
+        else:
+            q, k, v = (proj(x).view(B, N, self.num_heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _record(trace, f"{prefix}.{name}", t)
+        x = _attend(q, k, v, trace, prefix).transpose(1, 2).reshape(B, N, D)
+        _record(trace, f"{prefix}.attn_output", x)
+        return self.out_proj(x)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.approximate = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: Tensor, trace: Trace = None, prefix: str = "mlp") -> Tensor:
+        x = self.fc1(x)
+        _record(trace, f"{prefix}.fc1", x)
+        x = F.gelu(x, approximate=self.approximate)
+        _record(trace, f"{prefix}.gelu", x)
+        x = self.fc2(x)
+        _record(trace, f"{prefix}.fc2", x)
+        return x
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, trace: Trace = None, prefix: str = "layer") -> Tensor:
+        if trace is None:
+            x = x + self.self_attn(self.layer_norm1(x))
+            return x + self.mlp(self.layer_norm2(x))
+        # The same computation, every intermediate recorded.
+        h = self.layer_norm1(x)
+        _record(trace, f"{prefix}.layer_norm1", h)
+        x = x + self.self_attn(h, trace, f"{prefix}.self_attn")
+        _record(trace, f"{prefix}.residual1", x)
+        h = self.layer_norm2(x)
+        _record(trace, f"{prefix}.layer_norm2", h)
+        x = x + self.mlp(h, trace, f"{prefix}.mlp")
+        _record(trace, f"{prefix}.residual2", x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x: Tensor, trace: Trace = None) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, trace, f"layers.{i}")
+        return x
+
+
+class PoolAttention(nn.Module):
+    """`nn.MultiheadAttention`'s parameter layout (q, k, v packed in `in_proj_weight`), attention by SDPA."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.hidden_size, cfg.hidden_size))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * cfg.hidden_size))
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+
+    def forward(self, query: Tensor, x: Tensor, trace: Trace = None, prefix: str = "head") -> Tensor:
+        B, N, D = x.shape
+        w_q, w_kv = self.in_proj_weight.split([D, 2 * D])
+        b_q, b_kv = self.in_proj_bias.split([D, 2 * D])
+        q = F.linear(query, w_q, b_q).view(B, -1, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, 1, Dh)
+        k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 2 × (B, H, N, Dh)
+        out = _attend(q, k, v, trace, prefix).transpose(1, 2).reshape(B, -1, D)
+        return self.out_proj(out)
+
+
+class PoolingHead(nn.Module):
+    """Attention pooling ("MAP"): a learned probe attends over the patch tokens, then a residual MLP."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, cfg.hidden_size))
+        self.attention = PoolAttention(cfg)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, trace: Trace = None) -> Tensor:
+        probe = self.probe.expand(x.shape[0], -1, -1)
+        _record(trace, "head.probe", probe)
+        # No residual around the pooling attention itself: the probe is a query, not a token stream.
+        x = self.attention(probe, x, trace, "head")
+        _record(trace, "head.attention", x)
+        x = x + self.mlp(self.layernorm(x))
+        return x[:, 0]
+
+
+class VisionOutput(NamedTuple):
+    pooled: Tensor  # (B, D), not normalized: transformers' `pooler_output`
+    tokens: Tensor  # (B, N, D), after post_layernorm: transformers' `last_hidden_state`
+
+
+class SiglipVision(nn.Module):
+    """The vision tower. `pixel_values` (B, C, H, W) normalized pixels → pooled embedding and patch tokens."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.head = PoolingHead(cfg) if cfg.vision_use_head else None
+
+    def forward(self, pixel_values: Tensor, trace: Trace = None) -> VisionOutput:
+        _record(trace, "pixel_values", pixel_values)
+        x = self.embeddings(pixel_values, trace)
+        x = self.encoder(x, trace)
+        tokens = self.post_layernorm(x)
+        _record(trace, "post_layernorm", tokens)
+        # Headless towers (PaliGemma) have no pooled output of their own: we take the mean of the patch tokens.
+        pooled = self.head(tokens, trace) if self.head is not None else tokens.mean(dim=1)
+        _record(trace, "pooled", pooled)
+        return VisionOutput(pooled, tokens)
+
+    def fuse_qkv(self) -> SiglipVision:
+        for layer in self.encoder.layers:
+            layer.self_attn.fuse_qkv()
+        return self
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def gflops_per_image(cfg: VisionConfig) -> float:
+    """Forward GFLOPs for one image, counting a multiply-add as 2 FLOPs; matmuls and convs only.
+
+    Per encoder layer over N tokens of width D with MLP width F: q/k/v/out projections 4·N·D², attention scores and
+    weighted sum 2·N²·D, MLP 2·N·D·F (multiply-adds). The stem is a conv = N·(C·p²)·D. The head: k/v projections over
+    N tokens 2·N·D², the probe's q and out projections 2·D², its scores and sum 2·N·D, its MLP 2·D·F.
+    """
+    D, F_, N, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_patches, cfg.num_hidden_layers
+    macs = N * cfg.num_channels * cfg.patch_size**2 * D
+    macs += L * (4 * N * D * D + 2 * N * N * D + 2 * N * D * F_)
+    if cfg.vision_use_head:
+        macs += 2 * N * D * D + 2 * D * D + 2 * N * D + 2 * D * F_
+    return 2 * macs / 1e9
+
+
+def init_weights(model: SiglipVision) -> SiglipVision:
+    """Random weights for architecture-only use (presets): truncated-normal-ish scale so activations stay sane."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            fan_in = module.weight[0].numel()
+            nn.init.normal_(module.weight, std=1 / math.sqrt(fan_in))
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=1 / math.sqrt(module.weight.shape[1]))
+    return model

@@ -1,0 +1,174 @@
+"""Durable files: atomic writes, a work area of finished chunks, and streaming `.safetensors` / `.npy` writers.
+
+Nothing here holds all rows in memory: chunks are written as the run goes, and the final file is streamed
+from them slice by slice, so a run over millions of images needs no more RAM than one over thousands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator, Protocol
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save as safetensors_bytes
+
+SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16"}
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(path: Path) -> Iterator[BinaryIO]:
+    """Write `path` through a temporary file in the same folder: fsync, rename. Readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    with atomic_write(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A 2-D or 3-D array written row-block by row-block: `blocks` yields arrays of shape (n, *shape[1:])."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    blocks: Iterable[np.ndarray]
+
+
+def _write_blocks(f: BinaryIO, name: str, spec: TensorSpec) -> None:
+    written = 0
+    for block in spec.blocks:
+        block = np.ascontiguousarray(block, dtype=spec.dtype)
+        f.write(block.tobytes())
+        written += block.shape[0]
+    if written != spec.shape[0]:
+        raise RuntimeError(f"{name}: wrote {written} rows, expected {spec.shape[0]}")
+
+
+def write_safetensors(path: Path, tensors: dict[str, TensorSpec], metadata: dict[str, str]) -> None:
+    """Stream tensors into a `.safetensors` file (the format: u64 header size, JSON header, raw little-endian data)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, spec in tensors.items():
+        size = int(np.prod(spec.shape)) * spec.dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with atomic_write(path) as f:
+        f.write(len(encoded).to_bytes(8, "little") + encoded)
+        for name, spec in tensors.items():
+            _write_blocks(f, name, spec)
+
+
+def write_npy(path: Path, spec: TensorSpec) -> None:
+    """Stream one array into a `.npy` file."""
+    header = {"descr": np.lib.format.dtype_to_descr(spec.dtype), "fortran_order": False, "shape": spec.shape}
+    with atomic_write(path) as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        _write_blocks(f, path.name, spec)
+
+
+class RowReader(Protocol):
+    def read(self, name: str, start: int, stop: int) -> np.ndarray: ...
+
+
+class SafetensorsRows:
+    """Row slices of the tensors in a `.safetensors` file, read without loading the rest."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        with safe_open(self.path, framework="np") as f:
+            return f.get_slice(name)[start:stop]
+
+
+class NpyRows:
+    """Row slices of `.npy` files (one per tensor name), memory-mapped."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        return np.load(self.files[name], mmap_mode="r")[start:stop]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A durable batch of finished work: embedded rows with their tensors, and files that failed."""
+
+    path: Path
+    rows: list[dict]
+    errors: list[dict]
+
+
+class WorkArea:
+    """`<output>.partial/`: the options of the run (`state.json`) and its finished chunks, one file each.
+
+    A chunk is a `.safetensors` file whose header metadata also lists its rows, written atomically, so a chunk
+    either exists whole or not at all whenever the process dies.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.state_path = directory / "state.json"
+
+    def exists(self) -> bool:
+        return self.state_path.is_file()
+
+    def state(self) -> dict:
+        return json.loads(self.state_path.read_text())
+
+    def create(self, state: dict) -> None:
+        self.remove()
+        self.directory.mkdir(parents=True)
+        with atomic_write(self.state_path) as f:
+            f.write(json.dumps(state, indent=1, sort_keys=True).encode())
+
+    def chunks(self) -> list[Chunk]:
+        chunks = []
+        for path in sorted(self.directory.glob("chunk-*.safetensors")):
+            with safe_open(path, framework="np") as f:
+                meta = f.metadata()
+            chunks.append(Chunk(path, json.loads(meta["rows"]), json.loads(meta["errors"])))
+        return chunks
+
+    def write_chunk(self, seq: int, rows: list[dict], errors: list[dict], tensors: dict[str, np.ndarray]) -> Chunk:
+        path = self.directory / f"chunk-{seq:08d}.safetensors"
+        metadata = {"rows": json.dumps(rows), "errors": json.dumps(errors)}
+        with atomic_write(path) as f:
+            f.write(safetensors_bytes({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
+        return Chunk(path, rows, errors)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)

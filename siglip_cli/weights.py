@@ -1,0 +1,204 @@
+"""Find a checkpoint (Hub id or local directory), read its configs, and load only the vision tensors.
+
+Every layout in the wild holds the tower under one prefix: `vision_model.` (SigLIP repos), none (a
+`SiglipVisionModel` saved by transformers 5), `vision_tower.vision_model.` (PaliGemma) or
+`model.vision_tower.vision_model.` (newer PaliGemma saves). We find it as whatever stands in front of
+`embeddings.patch_embedding.weight`, strip it, and load strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from .config import PRESETS, PreprocessConfig, VisionConfig, preprocess_config_from_hub, vision_config_from_hub
+from .errors import UserError
+from .model import SiglipVision
+
+DEFAULT_MODEL = "google/siglip-base-patch16-224"
+ANCHOR = "embeddings.patch_embedding.weight"
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_MESSAGE = (
+    "pickle checkpoints (.bin, .pt, .pth) are refused because unpickling can run arbitrary code; "
+    "use a safetensors checkpoint (transformers: model.save_pretrained(dir, safe_serialization=True))"
+)
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be found, read, or matched to the model."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved checkpoint: its configs and the safetensors files that hold its vision tensors."""
+
+    name: str  # as the user gave it
+    revision: str | None  # the Hub commit hash; None for a local directory
+    vision: VisionConfig
+    preprocess: PreprocessConfig
+    weight_files: tuple[Path, ...]
+    prefix: str  # what stands in front of the tower's parameter names in those files
+
+
+def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
+    """Resolve `name` (a local directory in the Hub layout, or a Hub id) without loading any tensor."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{name}: {PICKLE_MESSAGE}.")
+    if path.is_dir():
+        return _resolve(name, None, _LocalFiles(path))
+    if path.exists():
+        raise CheckpointError(f"{name} is a file; pass the checkpoint directory that holds config.json instead.")
+    if name in PRESETS:
+        raise CheckpointError(
+            f"{name} is an architecture preset without weights; to embed with its weights use --model google/{name}."
+        )
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"{name} is neither a local checkpoint directory nor a Hub id of the form org/name.")
+    return _resolve(name, revision, _HubFiles(name, revision))
+
+
+def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) -> Checkpoint:
+    config = _read_json(files.get("config.json", required=True))
+    preprocessor_path = files.get("preprocessor_config.json", required=False)
+    vision = vision_config_from_hub(config)
+    preprocess = preprocess_config_from_hub(_read_json(preprocessor_path) if preprocessor_path else None, vision)
+    index_path = files.get(INDEX_FILE, required=False)
+    if index_path is not None:
+        weight_map: dict[str, str] = _read_json(index_path)["weight_map"]
+        prefix = _find_prefix(name, weight_map)
+        shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
+        weight_files = tuple(files.get(shard, required=True) for shard in shards)
+    else:
+        single = files.get(SINGLE_FILE, required=False)
+        if single is None:
+            raise CheckpointError(f"{name} has no {SINGLE_FILE} or {INDEX_FILE}; {PICKLE_MESSAGE}.")
+        with safe_open(single, framework="pt") as f:
+            prefix = _find_prefix(name, f.keys())
+        weight_files = (single,)
+    return Checkpoint(name, files.commit_hash or revision, vision, preprocess, weight_files, prefix)
+
+
+def _find_prefix(name: str, keys) -> str:
+    prefixes = sorted({key[: -len(ANCHOR)] for key in keys if key.endswith(ANCHOR)})
+    if not prefixes:
+        raise CheckpointError(f"{name} holds no SigLIP vision tower: no tensor named '*{ANCHOR}'.")
+    if len(prefixes) > 1:
+        raise CheckpointError(f"{name} holds several vision towers ({', '.join(p or '<none>' for p in prefixes)}).")
+    return prefixes[0]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}.") from None
+
+
+class _LocalFiles:
+    commit_hash = None
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def get(self, filename: str, *, required: bool) -> Path | None:
+        path = self.directory / filename
+        if path.is_file():
+            return path
+        if required:
+            raise CheckpointError(f"{self.directory} has no {filename}.")
+        return None
+
+
+class _HubFiles:
+    """Files of a Hub repo through huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN are honoured).
+
+    Only the first request may go to the network: once config.json is in hand we pin its commit hash, and
+    huggingface_hub serves files of a known commit straight from the cache. An offline user without
+    HF_HUB_OFFLINE=1 therefore waits for one failed request, not one per file.
+    """
+
+    def __init__(self, repo_id: str, revision: str | None):
+        self.repo_id, self.revision, self.commit_hash = repo_id, revision, None
+
+    def get(self, filename: str, *, required: bool) -> Path | None:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub import errors as hub
+
+        try:
+            path = Path(hf_hub_download(self.repo_id, filename, revision=self.commit_hash or self.revision))
+        except hub.GatedRepoError:
+            raise CheckpointError(
+                f"{self.repo_id} is gated: accept its licence on huggingface.co and set HF_TOKEN (or run `hf auth login`)."
+            ) from None
+        except hub.RepositoryNotFoundError:
+            raise CheckpointError(
+                f"{self.repo_id} was not found on the Hugging Face Hub (check the id, or set HF_TOKEN for a private repo)."
+            ) from None
+        except hub.RevisionNotFoundError:
+            raise CheckpointError(f"{self.repo_id} has no revision {self.revision!r}.") from None
+        except hub.HFValidationError:
+            raise CheckpointError(f"{self.repo_id!r} is not a valid Hub id.") from None
+        except hub.LocalEntryNotFoundError:
+            if self.commit_hash is not None and not required:
+                return None  # a file this commit does not have (cached as absent, or never fetched)
+            raise CheckpointError(
+                f"{self.repo_id} is not in the local Hugging Face cache and the Hub cannot be reached: connect once to "
+                "download it, or pass a local checkpoint directory with --model."
+            ) from None
+        except hub.EntryNotFoundError:
+            if required:
+                raise CheckpointError(f"{self.repo_id} has no file {filename}.") from None
+            return None
+        if self.commit_hash is None and path.parent.parent.name == "snapshots":
+            self.commit_hash = path.parent.name
+        return path
+
+
+def read_vision_tensors(checkpoint: Checkpoint) -> dict[str, Tensor]:
+    """The tower's tensors with the prefix stripped, read lazily: other towers and models are never loaded."""
+    prefix, tensors = checkpoint.prefix, {}
+    for file in checkpoint.weight_files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    tensors[key[len(prefix) :]] = f.get_tensor(key)
+    return tensors
+
+
+def load_state(model: SiglipVision, tensors: dict[str, Tensor], *, source: str) -> None:
+    """Strict load that names the culprit: a missing, unexpected or mis-shaped tensor is an error."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source} is missing tensor {missing[0]}" + _and_more(missing) + ".")
+    if unexpected:
+        raise CheckpointError(f"{source} has unexpected tensor {unexpected[0]}" + _and_more(unexpected) + ".")
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{source}: tensor {key} has shape {list(tensor.shape)} but the config needs {list(expected[key].shape)}."
+            )
+    model.load_state_dict(tensors, strict=True, assign=True)
+
+
+def _and_more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def load_model(
+    checkpoint: Checkpoint, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> SiglipVision:
+    """Build the tower for `checkpoint`, load its weights strictly, and move it to `device` / `dtype` in eval mode."""
+    with torch.device("meta"):
+        model = SiglipVision(checkpoint.vision)
+    load_state(model, read_vision_tensors(checkpoint), source=checkpoint.name)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
