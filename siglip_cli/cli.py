@@ -138,22 +138,31 @@ def embed(
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at reduced size: faster, not pixel-exact.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output and discard interrupted work.")] = False,
     update: Annotated[bool, typer.Option("--update", help="Refresh an existing output: embed new and changed files, drop gone ones.")] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Embed only part K of N (K/N, from 0), or auto from Slurm / Kubernetes.")] = None,
+    num_shards: Annotated[Optional[int], typer.Option("--num-shards", min=1, help="Shard count for --shard auto where the scheduler does not give it.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")] = False,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Embed images into OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
+    from .devices import embed_on_devices, parse_devices
     from .embed import EmbedOptions, embed_to_file, load
     from .files import discover
     from .preprocess import DecodeOptions
+    from .shards import parse_shard, select_shard
 
     if not inputs and files_from is None:
         fail("give at least one image file or folder, or --files-from.")
     with user_errors():
+        part = parse_shard(shard, num_shards)
+        devices = parse_devices(device)
+        if devices and (part or update):
+            fail("several devices split the work themselves: drop --shard and --update, or give one --device.")
         paths = discover(inputs or [], files_from=files_from)
         if not paths:
             fail(f"no image files found in {', '.join(inputs or [files_from])} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
-        encoder = load(model, revision=revision, device=device, dtype=dtype.value)
+        if part:
+            paths = select_shard(paths, *part)  # may be empty: the shard still writes its (empty) output
         options = EmbedOptions(
             normalize=normalize,
             tokens=tokens,
@@ -165,7 +174,16 @@ def embed(
         progress = _RichProgress(quiet)
         try:
             with _terminate_as_interrupt():
-                summary = embed_to_file(encoder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress)
+                if devices:
+                    summary = embed_on_devices(
+                        model, devices, paths, output, revision=revision, dtype=dtype.value, options=options,
+                        overwrite=overwrite, progress=progress,
+                    )
+                else:
+                    encoder = load(model, revision=revision, device=device, dtype=dtype.value)
+                    summary = embed_to_file(
+                        encoder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress
+                    )
         except KeyboardInterrupt:
             progress.stop()
             fail(f"interrupted; finished work is kept in {output}.partial: rerun the same command to continue.", 130)
@@ -203,3 +221,20 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@app.command()
+def merge(
+    inputs: Annotated[list[Path], typer.Argument(help="Outputs of `siglip embed --shard K/N` runs.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The merged output: .safetensors or .npy.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Join shard outputs into one file, equal to a single run over all their images."""
+    from .shards import merge_outputs
+
+    with user_errors():
+        summary = merge_outputs(inputs, output, overwrite=overwrite)
+    if json_summary:
+        stdout.print_json(json.dumps(summary.to_dict()))
+    stderr.print(f"merged {summary.inputs} outputs: {summary.rows:,} rows → {summary.output}", highlight=False)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
@@ -45,7 +46,10 @@ from .storage import (
 )
 from .weights import DEFAULT_MODEL, Checkpoint, load_model, resolve_checkpoint
 
-FLUSH_SECONDS = 5.0  # at most this much finished work is lost to a kill -9 or a power cut
+# At most this much finished work is lost to a kill -9 or a power cut (SIGLIP_FLUSH_SECONDS to tune).
+FLUSH_SECONDS = float(os.environ.get("SIGLIP_FLUSH_SECONDS", 5.0))
+CHUNK_BYTES = 64 << 20  # ...and a chunk is flushed sooner when its tensors reach this size (bounded memory)
+BLOCK_BYTES = 32 << 20  # rows are copied into the final file in blocks of about this size
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -242,9 +246,6 @@ class OutputPaths:
     def format(self) -> str:
         return "npy" if self.meta is not None else "safetensors"
 
-    def finished(self) -> list[Path]:
-        return [p for p in (self.manifest, self.errors, self.tokens, self.meta, self.embeddings) if p is not None]
-
 
 class Progress(Protocol):
     def start(self, total: int, done: int) -> None: ...
@@ -284,7 +285,7 @@ def run_options(encoder: Encoder, options: EmbedOptions, output_format: str) -> 
     """Everything that changes the numbers in the output: a resumed or updated run must match it exactly."""
     ckpt = encoder.checkpoint
     local = Path(ckpt.name).expanduser()
-    return {
+    state = {
         "model": str(local.resolve()) if local.is_dir() else ckpt.name,
         "revision": ckpt.revision,
         "compute_dtype": str(encoder.dtype).removeprefix("torch."),
@@ -300,6 +301,7 @@ def run_options(encoder: Encoder, options: EmbedOptions, output_format: str) -> 
         "embedding_dim": ckpt.vision.hidden_size,
         "num_tokens": ckpt.vision.num_patches,
     }
+    return json.loads(json.dumps(state))  # as it reads back from disk (tuples become lists)
 
 
 _OPTION_NAMES = {
@@ -340,7 +342,7 @@ def embed_to_file(
     if work.exists():
         if work.state() != state:
             raise UserError(
-                f"{out.work} holds an interrupted run made with different {describe_difference(work.state(), state)}; "
+                f"{out.work} holds an interrupted run whose options differ ({describe_difference(work.state(), state)}): "
                 "rerun with the same options to continue, or add --overwrite to start afresh."
             )
     else:
@@ -353,7 +355,7 @@ def embed_to_file(
         done.update((row["path"], row) for row in chunk.errors)
     previous = _previous_output(out, state) if update else {}
     wanted = set(paths)
-    removed = sum(1 for path in previous if path not in wanted)
+    removed = sum(1 for path, found in previous.items() if path not in wanted and isinstance(found, Ref))
     reused = {}
     for path in paths:
         found = done.get(path) or previous.get(path)
@@ -370,10 +372,10 @@ def embed_to_file(
     good = [r for r in ordered if isinstance(r, Ref)]
     bad = [r for r in ordered if not isinstance(r, Ref)]
     if not good and paths:
-        write_jsonl(out.errors, (_public(r) for r in bad))
+        write_jsonl(out.errors, (public_row(r) for r in bad))
         work.remove()
         raise UserError(f"none of the {len(paths)} input files could be embedded: see {out.errors}.")
-    _assemble(out, good, bad, encoder, options, state)
+    assemble(out, good, bad, output_metadata(encoder.checkpoint, state))
     work.remove()
     embedded = sum(1 for r in new.values() if isinstance(r, Ref))
     reused_rows = sum(1 for r in reused.values() if isinstance(r, Ref))
@@ -457,7 +459,7 @@ def _embed_pending(
                 buffer.tokens.append(tokens.cpu().numpy().astype(out_dtype))
         if progress:
             progress.advance(len(items))
-        if time.monotonic() - last_flush >= FLUSH_SECONDS:
+        if time.monotonic() - last_flush >= FLUSH_SECONDS or buffer.nbytes() >= CHUNK_BYTES:
             results.update(buffer.flush(work, seq))
             seq, last_flush = seq + 1, time.monotonic()
     results.update(buffer.flush(work, seq))
@@ -492,6 +494,9 @@ class _ChunkBuffer:
     embeddings: list[np.ndarray] = field(default_factory=list)
     tokens: list[np.ndarray] = field(default_factory=list)
 
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.embeddings) + sum(a.nbytes for a in self.tokens)
+
     def flush(self, work: WorkArea, seq: int) -> dict[str, Ref | dict]:
         if not self.rows and not self.errors:
             return {}
@@ -515,7 +520,7 @@ def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
     old = read_output_options(out)
     if old != state:
         raise UserError(
-            f"{out.embeddings} was made with different {describe_difference(old, state)}; "
+            f"{out.embeddings} was made with other options ({describe_difference(old, state)}): "
             "rerun --update with the same options, or use --overwrite to start afresh."
         )
     if out.format == "npy":
@@ -532,71 +537,75 @@ def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
     return found
 
 
-def read_output_options(out: OutputPaths) -> dict:
+def read_output_metadata(out: OutputPaths) -> dict[str, str]:
+    """The metadata a finished output was written with (its header, or the `.meta.json` beside a `.npy`)."""
     if out.meta is not None:
-        meta = json.loads(out.meta.read_text()) if out.meta.exists() else {}
-    else:
-        from safetensors import safe_open
-
-        with safe_open(out.embeddings, framework="np") as f:
-            meta = f.metadata() or {}
-    return json.loads(meta.get("options", "{}")) if isinstance(meta.get("options"), str) else meta.get("options", {})
+        return read_jsonl(out.meta)[0] if out.meta.exists() else {}
+    with safe_open(out.embeddings, framework="np") as f:
+        return f.metadata() or {}
 
 
-def _public(info: dict) -> dict:
+def read_output_options(out: OutputPaths) -> dict:
+    return json.loads(read_output_metadata(out).get("options", "{}"))
+
+
+def public_row(info: dict) -> dict:
     """A manifest or errors row as users read it: the path made readable, then the facts."""
     return {**path_fields(info["path"]), **{k: v for k, v in info.items() if k not in ("path", "path_bytes_b64")}}
 
 
-def _row_blocks(refs: list[Ref], name: str) -> Iterator[np.ndarray]:
-    """Rows of tensor `name` in order, read as runs of consecutive rows from the same source."""
+def row_blocks(refs: list[Ref], name: str, *, row_bytes: int) -> Iterator[np.ndarray]:
+    """Rows of tensor `name` in order, read as runs of consecutive rows from one source, ≤ ~32 MiB at a time."""
+    max_rows = max(1, BLOCK_BYTES // max(row_bytes, 1))
     start = 0
     while start < len(refs):
         stop = start + 1
         while (
             stop < len(refs)
+            and stop - start < max_rows
             and refs[stop].reader is refs[start].reader
             and refs[stop].index == refs[stop - 1].index + 1
-            and stop - start < 4096
         ):
             stop += 1
         yield refs[start].reader.read(name, refs[start].index, refs[stop - 1].index + 1)
         start = stop
 
 
-def output_metadata(encoder: Encoder, options: EmbedOptions, state: dict, rows: int) -> dict[str, str]:
-    ckpt = encoder.checkpoint
+def output_metadata(checkpoint: Checkpoint, state: dict) -> dict[str, str]:
+    """The `.safetensors` header metadata (or `.meta.json` beside a `.npy`): what made these numbers."""
     return {
-        "model": ckpt.name,
-        "revision": ckpt.revision or "",
-        "embedding_dim": str(ckpt.vision.hidden_size),
-        "num_images": str(rows),
-        "dtype": options.output_dtype,
+        "model": checkpoint.name,
+        "revision": checkpoint.revision or "",
+        "embedding_dim": str(checkpoint.vision.hidden_size),
+        "dtype": state["output_dtype"],
         "compute_dtype": state["compute_dtype"],
-        "normalized": str(options.normalize).lower(),
-        "pooling": "attention-pool head" if ckpt.vision.vision_use_head else "mean of patch tokens (headless tower)",
+        "normalized": str(state["normalized"]).lower(),
+        "pooling": "attention-pool head" if checkpoint.vision.vision_use_head else "mean of patch tokens (headless tower)",
         "preprocessing": json.dumps(state["preprocessing"]),
         "tool": f"siglip {__version__}",
         "options": json.dumps(state, sort_keys=True),
     }
 
 
-def _assemble(out: OutputPaths, good: list[Ref], bad: list[dict], encoder: Encoder, options: EmbedOptions, state: dict) -> None:
+def assemble(out: OutputPaths, good: list[Ref], bad: list[dict], metadata: dict[str, str]) -> None:
     """Write the final files from the finished rows: manifest and errors first, the embeddings file last."""
-    D, T = encoder.checkpoint.vision.hidden_size, encoder.checkpoint.vision.num_patches
-    dtype = np.dtype(OUTPUT_DTYPES[options.output_dtype])
-    write_jsonl(out.manifest, (_public(ref.info) for ref in good))
+    state = json.loads(metadata["options"])
+    D, T = state["embedding_dim"], state["num_tokens"]
+    dtype = np.dtype(OUTPUT_DTYPES[state["output_dtype"]])
+    metadata = {**metadata, "num_images": str(len(good))}
+    write_jsonl(out.manifest, (public_row(ref.info) for ref in good))
     if bad:
-        write_jsonl(out.errors, (_public(info) for info in bad))
+        write_jsonl(out.errors, (public_row(info) for info in bad))
     else:
         out.errors.unlink(missing_ok=True)  # a stale errors file would describe another run
-    embeddings = TensorSpec(dtype, (len(good), D), _row_blocks(good, "embeddings"))
-    tokens = TensorSpec(dtype, (len(good), T, D), _row_blocks(good, "tokens")) if options.tokens else None
-    metadata = output_metadata(encoder, options, state, len(good))
+    embeddings = TensorSpec(dtype, (len(good), D), row_blocks(good, "embeddings", row_bytes=D * dtype.itemsize))
+    tokens = None
+    if state["tokens"]:
+        tokens = TensorSpec(dtype, (len(good), T, D), row_blocks(good, "tokens", row_bytes=T * D * dtype.itemsize))
     if out.format == "npy":
         if tokens is not None:
             write_npy(out.tokens, tokens)
-        out.meta.write_text(json.dumps({**metadata, "options": state}, indent=1))
+        write_jsonl(out.meta, [metadata])
         write_npy(out.embeddings, embeddings)
     else:
         write_safetensors(out.embeddings, {"embeddings": embeddings, **({"tokens": tokens} if tokens else {})}, metadata)
@@ -641,6 +650,6 @@ def embed_paths(
     return EmbedResult(
         embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, D), np.float32),
         tokens=(np.concatenate(token_blocks) if token_blocks else np.zeros((0, T, D), np.float32)) if tokens else None,
-        rows=[_public(r) for r in rows],
-        errors=[_public(e) for e in errors],
+        rows=[public_row(r) for r in rows],
+        errors=[public_row(e) for e in errors],
     )

@@ -1,0 +1,154 @@
+"""Several devices on one machine: one process per device, each embedding its shard, then one merge.
+
+Each worker is an ordinary `embed_to_file` run into `<output>.partial/shard-K-of-N.<suffix>` (with its own
+work area), so an interrupted multi-GPU run continues like a single one: finished shards are kept, unfinished
+ones resume from their chunks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .embed import EmbedOptions, Progress, Summary, embed_to_file, load
+from .errors import UserError
+from .shards import merge_outputs, select_shard
+
+
+def parse_devices(spec: str) -> list[str] | None:
+    """`cuda:0,cuda:1` or `cuda:all` → one device per worker; a single device → None (no workers)."""
+    if spec == "cuda:all":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserError("--device cuda:all was asked for but no CUDA device is available.")
+        return [f"cuda:{i}" for i in range(count)] if count > 1 else None
+    if "," not in spec:
+        return None
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    return devices if len(devices) > 1 else None
+
+
+@dataclass(frozen=True)
+class _Job:
+    index: int
+    count: int
+    model: str
+    revision: str | None
+    device: str
+    dtype: str
+    paths: list[str]
+    output: Path
+    options: EmbedOptions
+
+
+class _QueueProgress:
+    """A worker's progress, sent to the parent, which draws one bar for all devices."""
+
+    def __init__(self, channel: mp.Queue, index: int):
+        self.channel, self.index = channel, index
+
+    def start(self, total: int, done: int) -> None:
+        self.channel.put(("start", self.index, done))
+
+    def advance(self, n: int) -> None:
+        self.channel.put(("advance", self.index, n))
+
+    def note(self, message: str) -> None:
+        self.channel.put(("note", self.index, message))
+
+
+def _work(job: _Job, channel: mp.Queue) -> None:
+    try:
+        encoder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype)
+        summary = embed_to_file(encoder, job.paths, job.output, options=job.options, progress=_QueueProgress(channel, job.index))
+        channel.put(("done", job.index, summary))
+    except UserError as e:
+        channel.put(("error", job.index, str(e)))
+    except KeyboardInterrupt:
+        pass
+
+
+def embed_on_devices(
+    model: str,
+    devices: list[str],
+    paths: list[str],
+    output: Path,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    options: EmbedOptions = EmbedOptions(),
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Summary:
+    """Embed `paths` into `output` with one worker process per device; the result equals a single-device run."""
+    started = time.perf_counter()
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} already exists: add --overwrite to replace it.")
+    work = output.with_name(output.name + ".partial")
+    if overwrite:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    count = len(devices)
+    jobs = [
+        _Job(i, count, model, revision, device, dtype, select_shard(paths, i, count), work / f"shard-{i}-of-{count}{output.suffix}", options)
+        for i, device in enumerate(devices)
+    ]
+    if progress:
+        progress.start(total=len(paths), done=0)
+    summaries = _run_workers([job for job in jobs if not job.output.exists()], progress)
+    merged = merge_outputs([job.output for job in jobs], output, overwrite=True)
+    shutil.rmtree(work, ignore_errors=True)
+    embedded = sum(s.embedded for s in summaries)
+    return Summary(
+        embedded=embedded,
+        reused=merged.rows - embedded,  # rows of shards finished by an earlier, interrupted run
+        failed=merged.failed,
+        removed=0,
+        output=merged.output,
+        manifest=merged.manifest,
+        errors=merged.errors,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:
+    # spawn, not fork: CUDA cannot be initialised in a forked child, and each worker owns one device.
+    context = mp.get_context("spawn")
+    channel = context.Queue()
+    processes = {job.index: context.Process(target=_work, args=(job, channel)) for job in jobs}
+    device = {job.index: job.device for job in jobs}
+    for process in processes.values():
+        process.start()
+    summaries: dict[int, Summary] = {}
+    try:
+        while len(summaries) < len(jobs):
+            try:
+                kind, index, payload = channel.get(timeout=1.0)
+            except queue.Empty:
+                # A worker's last message is in the pipe before it exits: dead and silent means it crashed.
+                for index, process in processes.items():
+                    if index not in summaries and not process.is_alive():
+                        raise UserError(f"the worker on {device[index]} stopped (exit code {process.exitcode}).")
+                continue
+            if kind == "done":
+                summaries[index] = payload
+            elif kind == "error":
+                raise UserError(payload)
+            elif progress and kind == "start":
+                progress.advance(payload)
+            elif progress and kind == "advance":
+                progress.advance(payload)
+            elif progress and kind == "note":
+                progress.note(f"{device[index]}: {payload}")
+    finally:
+        for process in processes.values():
+            if process.is_alive() and len(summaries) < len(jobs):
+                process.terminate()
+            process.join()
+    return list(summaries.values())

@@ -1,0 +1,146 @@
+"""Splitting a run into disjoint parts (shards) across machines or GPUs, and joining their outputs.
+
+A file's shard is a hash of its path as found, so its membership never changes when other files come and go,
+and every machine that lists the same inputs agrees on the split without talking to the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from .embed import OutputPaths, Ref, assemble, describe_difference, read_output_metadata
+from .errors import UserError
+from .files import path_from_fields
+from .storage import NpyRows, SafetensorsRows, read_jsonl
+
+
+def parse_shard(spec: str | None, num_shards: int | None, environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
+    """`K/N`, or `auto` (the index from Slurm or Kubernetes, the count from Slurm or `num_shards`) → (K, N)."""
+    if spec is None:
+        if num_shards is not None:
+            raise UserError("--num-shards goes with --shard auto.")
+        return None
+    if spec == "auto":
+        return _shard_from_environment(num_shards, environ)
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {spec!r} is not of the form K/N (for example 0/4) or auto.") from None
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"--shard {spec}: K must be between 0 and N-1.")
+    return index, count
+
+
+def _shard_from_environment(num_shards: int | None, environ: Mapping[str, str]) -> tuple[int, int]:
+    if "SLURM_ARRAY_TASK_ID" in environ:
+        # Array ids need not start at 0 (--array=1-8) nor step by 1 (--array=0-15:2).
+        task = int(environ["SLURM_ARRAY_TASK_ID"])
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        step = int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
+        index = (task - first) // step
+        count = num_shards or int(environ.get("SLURM_ARRAY_TASK_COUNT", 0))
+        source = "SLURM_ARRAY_TASK_ID"
+    elif "JOB_COMPLETION_INDEX" in environ:  # Kubernetes indexed Job; the count is the Job's `completions`
+        index, count, source = int(environ["JOB_COMPLETION_INDEX"]), num_shards or 0, "JOB_COMPLETION_INDEX"
+    else:
+        raise UserError(
+            "--shard auto found neither SLURM_ARRAY_TASK_ID nor JOB_COMPLETION_INDEX; pass --shard K/N instead."
+        )
+    if count < 1:
+        raise UserError(f"--shard auto read the index from {source} but not the count: add --num-shards N.")
+    if not 0 <= index < count:
+        raise UserError(f"--shard auto: index {index} from {source} is not below the shard count {count}.")
+    return index, count
+
+
+def shard_of(path: str, count: int) -> int:
+    digest = hashlib.blake2b(os.fsencode(path), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+def select_shard(paths: list[str], index: int, count: int) -> list[str]:
+    return [path for path in paths if shard_of(path, count) == index]
+
+
+@dataclass
+class MergeSummary:
+    rows: int
+    failed: int
+    inputs: int
+    output: str
+    manifest: str
+    errors: str | None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def open_output(path: Path) -> tuple[OutputPaths, dict[str, str]]:
+    """A finished output's files and header metadata; tokens are found from what it was made with."""
+    out = OutputPaths.for_output(path, tokens=False)
+    if not out.embeddings.is_file() or not out.manifest.is_file():
+        raise UserError(f"{path} is not a finished siglip output (it or its manifest {out.manifest.name} is missing).")
+    metadata = read_output_metadata(out)
+    if "options" not in metadata:
+        raise UserError(f"{path} has no siglip metadata; it was not written by siglip embed.")
+    tokens = json.loads(metadata["options"])["tokens"]
+    return OutputPaths.for_output(path, tokens=tokens), metadata
+
+
+def merge_outputs(inputs: list[Path], output: Path, *, overwrite: bool = False) -> MergeSummary:
+    """Join outputs of disjoint shards into one, equal to a single run over all their files."""
+    if not inputs:
+        raise UserError("give the shard outputs to merge.")
+    target = OutputPaths.for_output(output, tokens=False)
+    if any(Path(p).resolve() == output.resolve() for p in inputs):
+        raise UserError(f"{output} is one of the inputs; write the merge to another file.")
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} already exists: add --overwrite to replace it.")
+    opened = [open_output(Path(p)) for p in inputs]
+    options = [json.loads(meta["options"]) for _, meta in opened]
+    for (out, _), opts in zip(opened[1:], options[1:]):
+        if opts != options[0]:
+            raise UserError(
+                f"{out.embeddings} and {opened[0][0].embeddings} were made with different options "
+                f"({describe_difference(options[0], opts)}); only outputs of the same run can be merged."
+            )
+    owner: dict[str, Path] = {}
+    good: list[tuple[bytes, Ref]] = []
+    bad: list[tuple[bytes, dict]] = []
+    for out, _ in opened:
+        files = {"embeddings": out.embeddings, **({"tokens": out.tokens} if out.tokens else {})}
+        reader = NpyRows(files) if out.format == "npy" else SafetensorsRows(out.embeddings)
+        rows = [(row, True) for row in read_jsonl(out.manifest)]
+        rows += [(row, False) for row in (read_jsonl(out.errors) if out.errors.exists() else [])]
+        for i, (row, ok) in enumerate(rows):
+            path = path_from_fields(row)
+            if path in owner:
+                raise UserError(
+                    f"{path} is in both {owner[path]} and {out.embeddings}: these outputs overlap, so they are not "
+                    "disjoint shards of one run."
+                )
+            owner[path] = out.embeddings
+            info = {**row, "path": path}
+            if ok:
+                good.append((os.fsencode(path), Ref(reader, i, info)))
+            else:
+                bad.append((os.fsencode(path), info))
+    good.sort(key=lambda item: item[0])
+    bad.sort(key=lambda item: item[0])
+    metadata = dict(opened[0][1])
+    metadata["options"] = json.dumps({**options[0], "format": target.format}, sort_keys=True)
+    target = OutputPaths.for_output(output, tokens=options[0]["tokens"])
+    assemble(target, [ref for _, ref in good], [info for _, info in bad], metadata)
+    return MergeSummary(
+        rows=len(good),
+        failed=len(bad),
+        inputs=len(inputs),
+        output=str(target.embeddings),
+        manifest=str(target.manifest),
+        errors=str(target.errors) if bad else None,
+    )
