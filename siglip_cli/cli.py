@@ -238,3 +238,32 @@ def merge(
     if json_summary:
         stdout.print_json(json.dumps(summary.to_dict()))
     stderr.print(f"merged {summary.inputs} outputs: {summary.rows:,} rows → {summary.output}", highlight=False)
+
+
+@app.command()
+def inspect(
+    image: Annotated[Optional[Path], typer.Argument(help="The image to trace (default: a bundled sample photo).", show_default=False)] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="A preset name (architecture only, random weights, no download), a Hub id or a local checkpoint.")] = "siglip-base-patch16-224",
+    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
+    layers: Annotated[str, typer.Option(help="Encoder layers listed stage by stage: first, all, or numbers such as 0,5,11; the others get one line.")] = "first",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the tables.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG pictures into this directory.", show_default=False)] = None,
+) -> None:
+    """Trace one image through the vision tower: every stage's shape and statistics, parameters, GFLOPs."""
+    from .inspect_report import report
+    from .plots import write_plots
+    from .tracing import inspect_image
+
+    with user_errors():
+        result = inspect_image(model, image, layers=layers, revision=revision)
+        pictures = write_plots(result, plot) if plot is not None else []
+    if json_out:
+        stdout.print_json(json.dumps({**result.to_dict(), "plots": [str(p) for p in pictures]}))
+        if result.random_weights:
+            stderr.print(f"note: {model} is an architecture preset: random weights, not a trained model.", highlight=False)
+        return
+    # A file or a pipe has no width to respect: print the table wide rather than squeezed to 80 columns.
+    console = stdout if stdout.is_terminal else Console(file=stdout.file, width=200, soft_wrap=True)
+    console.print(report(result, width=console.width), highlight=False)
+    if pictures:
+        console.print("\nplots:", *map(str, pictures), sep="\n", highlight=False)

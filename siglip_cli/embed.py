@@ -72,9 +72,9 @@ class Encoder:
 
     @torch.inference_mode()
     def __call__(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 3, H, W) normalized pixels → pooled (B, D) and tokens (B, N, D), float32, on the model's device."""
+        """(B, 3, H, W) normalized pixels → pooled (B, D) float32 and tokens (B, N, D) in the compute dtype."""
         pooled, tokens = self.model(pixels.to(self.device, self.dtype, non_blocking=True))
-        return pooled.float(), tokens.float()
+        return pooled.float(), tokens
 
 
 def resolve_device(device: str) -> torch.device:
@@ -178,8 +178,27 @@ def _worker_init(_: int) -> None:
     Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, against --max-pixels
 
 
-def _collate(items: list[Item]) -> list[Item]:
-    return items
+class Batch(NamedTuple):
+    """Decoded files in order: the good ones' pixels stacked (in the worker, so one tensor crosses over)."""
+
+    pixels: Tensor | None  # (B_good, 3, H, W)
+    rows: list[dict]  # manifest facts of the good files, in pixel order
+    errors: list[dict]  # path and error of the bad ones
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.errors)
+
+    def pin_memory(self) -> Batch:  # called by the DataLoader's pinning thread when the model runs on CUDA
+        return self._replace(pixels=self.pixels.pin_memory()) if self.pixels is not None else self
+
+
+def _collate(items: list[Item]) -> Batch:
+    good = [item for item in items if item.pixels is not None]
+    return Batch(
+        pixels=torch.stack([item.pixels for item in good]) if good else None,
+        rows=[item.info for item in good],
+        errors=[item.info for item in items if item.pixels is None],
+    )
 
 
 def default_workers() -> int:
@@ -188,8 +207,8 @@ def default_workers() -> int:
 
 def decoded_batches(
     paths: list[str], cfg: PreprocessConfig, options: DecodeOptions, *, batch_size: int, workers: int, pin: bool
-) -> Iterator[list[Item]]:
-    """Items in order, `batch_size` at a time, decoded by `workers` processes ahead of the model."""
+) -> Iterator[Batch]:
+    """Batches of `batch_size` files in order, decoded by `workers` processes ahead of the model."""
     if workers == 0:
         Image.MAX_IMAGE_PIXELS = None
     loader = DataLoader(
@@ -446,19 +465,18 @@ def _embed_pending(
         pin=encoder.device.type == "cuda",
     )
     halved = _Halving(progress)
-    for items in batches:
-        good = [item for item in items if item.pixels is not None]
-        buffer.errors.extend(item.info for item in items if item.pixels is None)
-        if good:
-            pooled, tokens = halved.encode(encoder, torch.stack([item.pixels for item in good]))
+    for batch in batches:
+        buffer.errors.extend(batch.errors)
+        if batch.pixels is not None:
+            pooled, tokens = halved.encode(encoder, batch.pixels)
             if options.normalize:
                 pooled = F.normalize(pooled, dim=-1)
-            buffer.rows.extend(item.info for item in good)
+            buffer.rows.extend(batch.rows)
             buffer.embeddings.append(pooled.cpu().numpy().astype(out_dtype))
             if options.tokens:
-                buffer.tokens.append(tokens.cpu().numpy().astype(out_dtype))
+                buffer.tokens.append(tokens.float().cpu().numpy().astype(out_dtype))
         if progress:
-            progress.advance(len(items))
+            progress.advance(len(batch))
         if time.monotonic() - last_flush >= FLUSH_SECONDS or buffer.nbytes() >= CHUNK_BYTES:
             results.update(buffer.flush(work, seq))
             seq, last_flush = seq + 1, time.monotonic()
@@ -637,15 +655,14 @@ def embed_paths(
 
     paths = discover([os.fspath(p) for p in inputs])
     embeddings, token_blocks, rows, errors = [], [], [], []
-    for items in decoded_batches(paths, encoder.preprocess, decode, batch_size=batch_size, workers=workers, pin=False):
-        good = [item for item in items if item.pixels is not None]
-        errors.extend(item.info for item in items if item.pixels is None)
-        if good:
-            pooled, toks = encoder(torch.stack([item.pixels for item in good]))
+    for batch in decoded_batches(paths, encoder.preprocess, decode, batch_size=batch_size, workers=workers, pin=False):
+        errors.extend(batch.errors)
+        if batch.pixels is not None:
+            pooled, toks = encoder(batch.pixels)
             embeddings.append((F.normalize(pooled, dim=-1) if normalize else pooled).cpu().numpy())
             if tokens:
-                token_blocks.append(toks.cpu().numpy())
-            rows.extend(item.info for item in good)
+                token_blocks.append(toks.float().cpu().numpy())
+            rows.extend(batch.rows)
     D, T = encoder.checkpoint.vision.hidden_size, encoder.checkpoint.vision.num_patches
     return EmbedResult(
         embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, D), np.float32),

@@ -86,7 +86,9 @@ class Attention(nn.Module):
             _record(trace, f"{prefix}.{name}", t)
         x = _attend(q, k, v, trace, prefix).transpose(1, 2).reshape(B, N, D)
         _record(trace, f"{prefix}.attn_output", x)
-        return self.out_proj(x)
+        x = self.out_proj(x)
+        _record(trace, f"{prefix}.out_proj", x)
+        return x
 
 
 class MLP(nn.Module):
@@ -236,12 +238,35 @@ def gflops_per_image(cfg: VisionConfig) -> float:
 
 
 def init_weights(model: SiglipVision) -> SiglipVision:
-    """Random weights for architecture-only use (presets): truncated-normal-ish scale so activations stay sane."""
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            fan_in = module.weight[0].numel()
-            nn.init.normal_(module.weight, std=1 / math.sqrt(fan_in))
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=1 / math.sqrt(module.weight.shape[1]))
+    """Random weights for architecture-only use (presets), every parameter set, so a tower built on the meta
+    device and materialised with `to_empty` is ready. Scaled by fan-in so activations stay sane."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(module.weight, std=1 / math.sqrt(module.weight[0].numel()))
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=1 / math.sqrt(module.weight.shape[1]))
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, PoolAttention):
+                nn.init.xavier_uniform_(module.in_proj_weight)
+                nn.init.zeros_(module.in_proj_bias)
+            elif isinstance(module, PoolingHead):
+                nn.init.normal_(module.probe)
     return model
+
+
+def random_model(cfg: VisionConfig, *, seed: int = 0) -> SiglipVision:
+    """The tower with seeded random weights on the CPU, in eval mode (presets: architecture without a checkpoint).
+
+    Built on the meta device: torch's default init of 400M parameters, overwritten anyway, costs seconds.
+    """
+    with torch.device("meta"):
+        model = SiglipVision(cfg)
+    model.to_empty(device="cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        init_weights(model)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,138 @@
+"""How `siglip inspect` shows an `Inspection` on the terminal: a few header lines, the stage table, the parameters."""
+
+from __future__ import annotations
+
+import math
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from .tracing import RESAMPLE_NAMES, Inspection, Stage, layer_of
+
+
+NOTES_MIN_WIDTH = 150  # narrower terminals get the stage table without its "what it is" column
+
+
+def report(result: Inspection, *, width: int) -> RenderableType:
+    """The whole report as one rich renderable, for a console `width` characters wide."""
+    table = stage_table(result, notes=width >= NOTES_MIN_WIDTH)
+    return Group(*header(result), Text(), table, Text(), parameter_table(result), Text(), cost(result))
+
+
+def header(result: Inspection) -> list[Text]:
+    cfg, pre = result.config, result.preprocessing
+    lines = [Text.assemble(("siglip inspect: ", "bold"), (result.model, "bold cyan"), f" on {result.image}")]
+    if result.random_weights:
+        lines.append(
+            Text(
+                f"RANDOM WEIGHTS: {result.model} is an architecture preset, so nothing was downloaded and the statistics "
+                f"describe an untrained tower; for trained weights pass --model google/{result.model} or a checkpoint "
+                "directory.",
+                style="bold yellow",
+            )
+        )
+    head = "attention-pool head" if cfg.vision_use_head else "no head (patch tokens only)"
+    lines.append(
+        Text(
+            f"tower: {cfg.hidden_size} wide, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads × "
+            f"{cfg.head_dim}, MLP {cfg.intermediate_size}; patch {cfg.patch_size} at {cfg.image_size} px → "
+            f"{cfg.grid_size}×{cfg.grid_size} = {cfg.num_patches} patches; {head}"
+        )
+    )
+    steps = []
+    if pre.do_resize:
+        resample = RESAMPLE_NAMES.get(pre.resample, f"PIL filter {pre.resample}")
+        steps.append(f"resize to {pre.width}×{pre.height} ({resample}, squash, no crop)")
+    if pre.do_rescale:
+        steps.append(f"× {pre.rescale_factor:.6g}")
+    if pre.do_normalize:
+        steps.append(f"(x − {list(pre.image_mean)}) / {list(pre.image_std)}")
+    lines.append(Text("preprocessing: " + ", then ".join(steps or ["none"])))
+    lines += [Text(f"note: {note}", style="yellow") for note in result.notes]
+    return lines
+
+
+def stage_table(result: Inspection, *, notes: bool = True) -> Table:
+    """One row per stage; an encoder layer shown in full gets a section whose rows drop the `layers.i.` prefix.
+
+    `notes` adds the "what it is" column (about 60 characters wide).
+    """
+    full, total = result.layers_in_full, result.config.num_hidden_layers
+    if len(full) == total:
+        title = "every stage of every layer"
+    else:
+        title = f"layer{'s' if len(full) > 1 else ''} {', '.join(map(str, full))} stage by stage, the others by output"
+    table = Table(title=f"Stages: {title}", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("stage", no_wrap=True)
+    table.add_column("shape", no_wrap=True)
+    table.add_column("dtype", no_wrap=True)
+    for name in ("mean", "std", "min", "max"):
+        table.add_column(name, justify="right", no_wrap=True)
+    if notes:
+        table.add_column("what it is", style="dim")
+    group = None
+    for stage in result.stages:
+        layer = layer_of(stage.stage)
+        label, note = stage.stage, stage.note
+        if layer is not None and layer in full:
+            label = "  " + stage.stage.removeprefix(f"layers.{layer}.")
+        elif layer is not None:
+            label, note = f"layers.{layer}", "output of the layer (its residual2)"
+        if _group(stage.stage, full) != group:
+            if group is not None:
+                table.add_section()
+            group = _group(stage.stage, full)
+            if layer is not None and layer in full:
+                what = f"encoder layer {layer} of {total}: x + attn(LN1(x)), then x + MLP(LN2(x))"
+                table.add_row(f"layers.{layer}", *[""] * 6, *([what] if notes else []), style="bold")
+        table.add_row(label, _shape(stage), stage.dtype, *(_number(v) for v in _stats(stage)), *([note] if notes else []))
+    return table
+
+
+def parameter_table(result: Inspection) -> Table:
+    layers = result.config.num_hidden_layers
+    table = Table(title="Parameters", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("module", no_wrap=True)
+    table.add_column("parameters", justify="right", no_wrap=True)
+    table.add_column("share", justify="right", no_wrap=True)
+    table.add_column("", style="dim", no_wrap=True)
+    for module, count in result.parameters_by_module.items():
+        per_layer = f"{layers} × {count // layers:,}" if module.startswith("encoder.layers.*") else ""
+        table.add_row(module, f"{count:,}", f"{100 * count / result.parameters:.1f}%", per_layer)
+    table.add_section()
+    table.add_row("total", f"{result.parameters:,}", "100%", "", style="bold")
+    return table
+
+
+def cost(result: Inspection) -> Text:
+    return Text.assemble(
+        ("cost: ", "bold"),
+        f"{result.gflops_per_image:.{'1f' if result.gflops_per_image >= 1 else '3g'}} GFLOPs per image (multiply-add = 2 FLOPs; matmuls and the patch conv, "
+        "from the formula in model.gflops_per_image)",
+    )
+
+
+def _group(name: str, full: tuple[int, ...]) -> str:
+    """Table sections: input, embeddings, each layer shown in full, each run of summarised layers, the end."""
+    layer = layer_of(name)
+    if layer is not None:
+        return f"layer {layer}" if layer in full else f"summarised after {max((i for i in full if i < layer), default=-1)}"
+    if name in ("image", "resized_image", "rescaled_pixels", "pixel_values"):
+        return "input"
+    if name in ("patch_embedding", "patches", "position_embedding", "embeddings"):
+        return "embeddings"
+    return "output"
+
+
+def _stats(stage: Stage) -> tuple[float, float, float, float]:
+    return stage.mean, stage.std, stage.min, stage.max
+
+
+def _shape(stage: Stage) -> str:
+    return "(" + ", ".join(map(str, stage.shape)) + ")"
+
+
+def _number(value: float) -> str:
+    return "–" if not math.isfinite(value) else f"{value:.4g}"

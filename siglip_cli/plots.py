@@ -1,0 +1,323 @@
+"""The four `siglip inspect --plot DIR` pictures, drawn with PIL and numpy only (no plotting dependency).
+
+1. `position_embedding_similarity.png`: cosine similarity of each patch position's embedding with every other,
+   one small map per position laid out on the patch grid (as in the ViT paper, figure 7).
+2. `patch_embedding_filters.png`: the first patch-embedding conv filters as RGB tiles.
+3. `head_attention.png`: the attention-pool head's attention over the patches, laid over the photo: where the
+   image embedding looks. Skipped for towers without a head (PaliGemma).
+4. `activation_norms.png`: L2 norms of the tokens in the residual stream, after the embeddings and each layer.
+
+With random weights (an architecture preset) every picture says so under its title.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import UserError
+from .tracing import Inspection
+
+# Colour ramps as anchor colours at evenly spaced positions, interpolated linearly in RGB.
+VIRIDIS = ((68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130, 142),
+           (31, 158, 137), (53, 183, 121), (109, 205, 89), (180, 222, 44), (253, 231, 37))  # fmt: skip
+INFERNO = ((0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66),
+           (245, 125, 21), (250, 193, 39), (252, 255, 164))  # fmt: skip
+
+WHITE, BLACK, GREY, LIGHT, RED = (255, 255, 255), (0, 0, 0), (110, 110, 110), (225, 225, 225), (200, 30, 30)
+MARGIN = 16
+
+
+def write_plots(result: Inspection, directory: str | Path) -> list[Path]:
+    """Draw the pictures for `result` into `directory` (created if needed); return the paths written."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{directory} exists and is not a directory; pass a directory for the plots.") from None
+    except OSError as e:
+        raise UserError(f"cannot create the plot directory {directory}: {e.strerror}.") from None
+    pictures = {
+        "position_embedding_similarity.png": position_similarity(result),
+        "patch_embedding_filters.png": patch_filters(result),
+        "head_attention.png": head_attention(result) if result.head_attention is not None else None,
+        "activation_norms.png": activation_norms(result),
+    }
+    written = []
+    for name, picture in pictures.items():
+        if picture is not None:
+            picture.save(directory / name)
+            written.append(directory / name)
+    return written
+
+
+# --------------------------------------------------------------------------- the four pictures
+
+
+def position_similarity(result: Inspection) -> Image.Image:
+    """A grid of grid×grid maps: tile (r, c) is the similarity of position (r, c) to every position."""
+    g = result.config.grid_size
+    pos = F.normalize(result.position_embedding, dim=-1)
+    sim = (pos @ pos.T).numpy()  # (N, N)
+    step = math.ceil(g / 32)  # big grids (PaliGemma 896: 64×64) show every step-th position, subsampled
+    shown = list(range(0, g, step))
+    n = len(shown)
+    scale = max(1, 900 // (n * n))  # about 900 px across whatever the grid
+    tile, gap = n * scale, 2
+    size = n * (tile + gap) - gap
+    grid = np.full((size, size, 3), 255, np.uint8)
+    for i, row in enumerate(shown):
+        for j, col in enumerate(shown):
+            similarity = sim[row * g + col].reshape(g, g)[::step, ::step]
+            pixels = colormap((similarity + 1) / 2, VIRIDIS)
+            y, x = i * (tile + gap), j * (tile + gap)
+            grid[y : y + tile, x : x + tile] = pixels.repeat(scale, 0).repeat(scale, 1)
+
+    font = _font(13)
+    label_w, label_h = 56, 34  # room for the row/column numbers and the axis labels
+    body = Image.new("RGB", (label_w + size + 100, label_h + size + 8), WHITE)
+    body.paste(Image.fromarray(grid), (label_w, label_h))
+    draw = ImageDraw.Draw(body)
+    label_every = math.ceil(len(shown) / 12)
+    for i, index in enumerate(shown):
+        if i % label_every == 0:
+            centre = i * (tile + gap) + tile / 2
+            _text(draw, (label_w + centre, label_h - 4), str(index), font, GREY, "bottom")
+            _text(draw, (label_w - 6, label_h + centre), str(index), font, GREY, "right")
+    _text(draw, (label_w + size / 2, 2), "input patch column", font, BLACK, "top")
+    row_label = _rotated_text("input patch row", font)
+    body.paste(row_label, (2, label_h + (size - row_label.height) // 2))
+    _colorbar(body, (label_w + size + 24, label_h), size, ("+1", "0", "-1"), "cosine similarity")
+    subtitle = f"{result.config.num_patches} positions, {result.config.hidden_size}-dim: tile (row, col) is that " \
+        "position's similarity with every position"
+    if step > 1:
+        subtitle += f"; every {step} positions shown, in both directions"
+    return _figure(body, "Position-embedding similarity", subtitle, result)
+
+
+def patch_filters(result: Inspection) -> Image.Image:
+    """The first filters of the patch-embedding conv as RGB images, each scaled to its own range (grey = 0)."""
+    w = result.patch_filters.numpy()  # (K, C, p, p)
+    k, channels, p, _ = w.shape
+    cols = min(8, k)
+    rows = math.ceil(k / cols)
+    scale = max(1, round(56 / p))
+    tile, gap = p * scale, 4
+    body = Image.new("RGB", (cols * (tile + gap) - gap + 2 * MARGIN, rows * (tile + gap) - gap + MARGIN), WHITE)
+    for index, kernel in enumerate(w):
+        peak = np.abs(kernel).max() or 1.0
+        rgb = kernel.transpose(1, 2, 0) / peak * 0.5 + 0.5  # (p, p, C) in [0, 1]
+        if channels != 3:
+            rgb = np.repeat(rgb.mean(-1, keepdims=True), 3, -1)
+        pixels = (rgb * 255).round().astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
+        y, x = divmod(index, cols)
+        body.paste(Image.fromarray(pixels), (MARGIN + x * (tile + gap), y * (tile + gap)))
+    total = result.config.hidden_size
+    subtitle = f"filters 0–{k - 1} of {total}, {p}×{p} px × RGB, each scaled to its own largest weight; grey = 0"
+    return _figure(body, "Patch-embedding filters", subtitle, result)
+
+
+def head_attention(result: Inspection) -> Image.Image:
+    """The probe's attention over the patches as a heatmap on the photo: mean over heads, then each head."""
+    assert result.head_attention is not None, "a headless tower has no pooling attention"
+    cfg = result.config
+    g, heads = cfg.grid_size, result.head_attention.numpy().reshape(-1, cfg.grid_size, cfg.grid_size)
+    covered = g * cfg.patch_size / cfg.image_size  # the patch grid's share of each side: dropped pixels excluded
+    mean = heads.mean(0)
+
+    big = _fit(result.photo, 400)
+    small = _fit(result.photo, 150)
+    font = _font(13)
+    panels = [(big, "input"), (_overlay(big, mean, covered), "mean over heads")]
+    row_w = sum(p.width for p, _ in panels) + MARGIN * (len(panels) + 1)
+    per_row = max(1, (row_w - MARGIN) // (small.width + MARGIN // 2))
+    head_rows = math.ceil(len(heads) / per_row)
+    caption_h = 20
+    height = big.height + caption_h + MARGIN + head_rows * (small.height + caption_h + 4) + 4
+    body = Image.new("RGB", (max(row_w, per_row * (small.width + MARGIN // 2) + MARGIN), height), WHITE)
+    draw = ImageDraw.Draw(body)
+    x = MARGIN
+    for panel, caption in panels:
+        body.paste(panel, (x, 0))
+        _text(draw, (x + panel.width / 2, panel.height + 3), caption, font, BLACK, "top")
+        x += panel.width + MARGIN
+    top = big.height + caption_h + MARGIN
+    for h, attention in enumerate(heads):
+        r, c = divmod(h, per_row)
+        x, y = MARGIN + c * (small.width + MARGIN // 2), top + r * (small.height + caption_h + 4)
+        body.paste(_overlay(small, attention, covered), (x, y))
+        _text(draw, (x + small.width / 2, y + small.height + 2), f"head {h}  max {attention.max():.3f}", font, GREY, "top")
+    uniform = 1 / cfg.num_patches
+    subtitle = (
+        f"softmax weights of the learned probe over the {g}×{g} patches, each map scaled to its own maximum "
+        f"(mean map max {mean.max():.4f}; uniform would be {uniform:.4f})"
+    )
+    if cfg.dropped_pixels:
+        subtitle += f"; the last {cfg.dropped_pixels} px strip is never seen"
+    return _figure(body, "Where the image embedding looks: attention-pool head", subtitle, result)
+
+
+def activation_norms(result: Inspection) -> Image.Image:
+    """Line chart of min / mean / max token L2 norm after the embeddings and after each encoder layer."""
+    norms = result.token_norms.numpy()  # (L + 1, N)
+    series = {"max": (norms.max(1), (230, 120, 20)), "mean": (norms.mean(1), (40, 90, 200)),
+              "min": (norms.min(1), (120, 120, 120))}  # fmt: skip
+    labels = ["emb"] + [str(i) for i in range(len(norms) - 1)]
+    width, height = 900, 460
+    left, right, top, bottom = 70, 24, 30, 56
+    body = Image.new("RGB", (width, height), WHITE)
+    draw = ImageDraw.Draw(body)
+    font = _font(13)
+    ticks = _nice_ticks(0.0, float(norms.max()))
+    y_max = ticks[-1]
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def xy(i: int, value: float) -> tuple[float, float]:
+        return left + plot_w * i / max(len(labels) - 1, 1), top + plot_h * (1 - value / y_max)
+
+    for tick in ticks:
+        _, y = xy(0, tick)
+        draw.line([(left, y), (left + plot_w, y)], fill=LIGHT)
+        _text(draw, (left - 6, y), f"{tick:g}", font, GREY, "right")
+    label_every = math.ceil(len(labels) / 28)
+    for i, label in enumerate(labels):
+        if i % label_every == 0:
+            x, _ = xy(i, 0)
+            _text(draw, (x, top + plot_h + 6), label, font, GREY, "top")
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=BLACK)
+    low, high = series["min"][0], series["max"][0]
+    band = [xy(i, v) for i, v in enumerate(high)] + [xy(i, v) for i, v in reversed(list(enumerate(low)))]
+    draw.polygon(band, fill=(236, 242, 252))
+    for name, (values, colour) in series.items():
+        points = [xy(i, v) for i, v in enumerate(values)]
+        draw.line(points, fill=colour, width=3, joint="curve")
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    for k, (name, (_, colour)) in enumerate(series.items()):
+        x, y = left + 14, top + 12 + 20 * k
+        draw.line([(x, y), (x + 24, y)], fill=colour, width=3)
+        _text(draw, (x + 30, y), f"{name} token norm", font, BLACK, "left")
+    _text(draw, (left + plot_w / 2, height - 20), "after the embeddings (emb) and after encoder layer …", font, BLACK, "top")
+    axis = _rotated_text("L2 norm", font)
+    body.paste(axis, (4, top + (plot_h - axis.height) // 2))
+    subtitle = f"{norms.shape[1]} tokens of width {result.config.hidden_size} in the residual stream, before post_layernorm"
+    return _figure(body, "Activation norms per layer", subtitle, result)
+
+
+# --------------------------------------------------------------------------- drawing helpers
+
+
+def colormap(values: np.ndarray, anchors: tuple[tuple[int, int, int], ...]) -> np.ndarray:
+    """Values in [0, 1] (clipped) → uint8 RGB, interpolating linearly between evenly spaced anchor colours."""
+    positions = np.linspace(0, 1, len(anchors))
+    colours = np.asarray(anchors, np.float64)
+    v = np.clip(values, 0, 1)
+    rgb = np.stack([np.interp(v, positions, colours[:, c]) for c in range(3)], axis=-1)
+    return rgb.round().astype(np.uint8)
+
+
+def _overlay(photo: Image.Image, attention: np.ndarray, covered: float) -> Image.Image:
+    """Heatmap of a (g, g) attention map over the part of `photo` the patch grid covers."""
+    w, h = round(photo.width * covered), round(photo.height * covered)
+    heat = Image.fromarray((attention / attention.max()).astype(np.float32), "F").resize((w, h), Image.BILINEAR)
+    base = np.asarray(photo.convert("L").convert("RGB"), np.float64) * 0.75  # grey photo, dimmed
+    out = base.copy()
+    out[:h, :w] = 0.35 * base[:h, :w] + 0.65 * colormap(np.asarray(heat), INFERNO)
+    return Image.fromarray(out.round().astype(np.uint8))
+
+
+def _fit(image: Image.Image, longest: int) -> Image.Image:
+    factor = longest / max(image.size)
+    return image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BICUBIC)
+
+
+def _colorbar(body: Image.Image, xy: tuple[int, int], height: int, labels: tuple[str, str, str], title: str) -> None:
+    x, y = xy
+    ramp = colormap(np.linspace(1, 0, height)[:, None].repeat(16, 1), VIRIDIS)
+    body.paste(Image.fromarray(ramp), (x, y))
+    draw = ImageDraw.Draw(body)
+    font = _font(13)
+    for label, fraction in zip(labels, (0, 0.5, 1)):
+        _text(draw, (x + 20, y + fraction * (height - 1)), label, font, BLACK, "left")
+    caption = _rotated_text(title, font)
+    body.paste(caption, (x + 50, y + (height - caption.height) // 2))
+
+
+def _figure(body: Image.Image, title: str, subtitle: str, result: Inspection) -> Image.Image:
+    """Title, subtitle (wrapped) and, for random weights, a red warning line above `body`."""
+    title_font, font = _font(20), _font(13)
+    width = max(body.width, 640)
+    paragraphs = [(title, title_font, BLACK), (f"{result.model} on {result.image}", font, GREY)]
+    if result.random_weights:
+        warning = "RANDOM WEIGHTS (architecture preset): no learned structure to see; pass a checkpoint with --model"
+        paragraphs.append((warning, font, RED))
+    paragraphs.append((subtitle, font, GREY))
+    lines = [(line, f, colour) for text, f, colour in paragraphs for line in _wrap(_plain(text), f, width - 2 * MARGIN)]
+    header = MARGIN + sum(_size(text, f)[1] + 6 for text, f, _ in lines) + 8
+    canvas = Image.new("RGB", (width, header + body.height + MARGIN), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    y = MARGIN
+    for text, f, colour in lines:
+        draw.text((MARGIN, y), text, font=f, fill=colour)
+        y += _size(text, f)[1] + 6
+    canvas.paste(body, ((width - body.width) // 2, header))
+    return canvas
+
+
+def _plain(text: str) -> str:
+    """PIL's built-in font has no ×, −, – or … glyphs: spell them in ASCII."""
+    return text.translate(_ASCII)
+
+
+_ASCII = str.maketrans({"×": "x", "−": "-", "–": "-", "…": "..."})
+
+
+def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split(" "):
+        candidate = f"{line} {word}".strip()
+        if line and _size(candidate, font)[0] > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + [line] if line else lines
+
+
+def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values from `low` covering `high`: steps of 1, 2 or 5 × 10^k."""
+    span = max(high - low, 1e-9)
+    raw = span / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    return [low + i * step for i in range(math.ceil(span / step) + 1)]
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _size(text: str, font: ImageFont.ImageFont) -> tuple[int, int]:
+    left, top, right, bottom = font.getbbox(text)
+    return right - left, bottom + 2
+
+
+def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, fill, align: str) -> None:
+    """Draw `text` with its top / bottom / left / right / centre edge at `xy` (works with any PIL font)."""
+    text = _plain(text)
+    w, h = _size(text, font)
+    x, y = xy
+    dx, dy = {"top": (-w / 2, 0), "bottom": (-w / 2, -h), "left": (0, -h / 2), "right": (-w, -h / 2)}[align]
+    draw.text((x + dx, y + dy), text, font=font, fill=fill)
+
+
+def _rotated_text(text: str, font: ImageFont.ImageFont) -> Image.Image:
+    text = _plain(text)
+    w, h = _size(text, font)
+    label = Image.new("RGB", (w + 4, h + 4), WHITE)
+    ImageDraw.Draw(label).text((2, 2), text, font=font, fill=BLACK)
+    return label.rotate(90, expand=True)

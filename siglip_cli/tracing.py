@@ -1,0 +1,370 @@
+"""`siglip inspect`: run the vision tower once on one image and describe every stage it computes.
+
+The model records its intermediates into a trace dict as the forward runs (see `model.py`). Here that dict is a
+`_Recorder` whose `__setitem__` turns each tensor into a `Stage` (shape, dtype, mean / std / min / max) as it
+arrives and keeps only the few small tensors the plots need, so memory stays at about one activation at a time
+even for so400m. Library code: it returns an `Inspection` and never prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from .config import PRESETS, PreprocessConfig, VisionConfig
+from .errors import UserError
+from .model import SiglipVision, gflops_per_image, num_parameters, random_model
+from .preprocess import BadImage, DecodeOptions, open_rgb, pixel_values
+from .weights import load_model, resolve_checkpoint
+
+DEFAULT_MODEL = "siglip-base-patch16-224"
+SAMPLE_IMAGE = "sample.jpg"  # in siglip_cli/assets: chelsea.jpg from sample_images/ (CC0)
+NUM_FILTERS = 64  # patch-embedding filters kept for the plot
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+_LAYER_STAGE = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One intermediate result: what it is, its shape and dtype, and summary statistics of its values."""
+
+    stage: str  # the trace name, e.g. "layers.0.self_attn.attn_weights"
+    shape: tuple[int, ...]
+    dtype: str  # "float32", "uint8"
+    mean: float
+    std: float  # population standard deviation
+    min: float
+    max: float
+    note: str = ""  # what the stage is, in the architecture's words
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {name: _finite_or_none(getattr(self, name)) for name in ("mean", "std", "min", "max")}
+        return {"stage": self.stage, "shape": list(self.shape), "dtype": self.dtype, **values, "note": self.note}
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """Everything `siglip inspect` reports about one forward pass, plus the tensors its plots draw."""
+
+    model: str  # as the user named it
+    random_weights: bool  # an architecture preset: statistics describe an untrained tower
+    image: str  # the image traced, described: "photo.jpg (640×480 JPEG, mode RGB)"
+    config: VisionConfig
+    preprocessing: PreprocessConfig
+    stages: list[Stage]
+    parameters: int
+    parameters_by_module: dict[str, int]  # encoder layers summed under "encoder.layers.*.<module>"
+    gflops_per_image: float  # multiply-add = 2 FLOPs; see `model.gflops_per_image`
+    layers_in_full: tuple[int, ...]  # encoder layers listed stage by stage; the others get one line
+    notes: tuple[str, ...]  # facts a reader should not miss (dropped pixels, no head)
+    # For the plots, all on the CPU as float32:
+    photo: Image.Image  # the decoded RGB input, EXIF-oriented
+    position_embedding: Tensor  # (N, D)
+    patch_filters: Tensor  # (K, C, p, p): the first K of the D patch-embedding filters
+    head_attention: Tensor | None  # (H, N): the probe's attention over the patches; None without a head
+    token_norms: Tensor  # (L + 1, N): L2 norm of every token after the embeddings and after each layer
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--json` document: plain, JSON-ready values (non-finite statistics become null)."""
+        cfg = self.config
+        derived = {"head_dim": cfg.head_dim, "grid_size": cfg.grid_size, "num_patches": cfg.num_patches}
+        return {
+            "model": self.model,
+            "random_weights": self.random_weights,
+            "image": self.image,
+            "stages": [stage.to_dict() for stage in self.stages],
+            "parameters": self.parameters,
+            "parameters_by_module": dict(self.parameters_by_module),
+            "gflops_per_image": self.gflops_per_image,
+            "config": {**dataclasses.asdict(cfg), **derived, "dropped_pixels": cfg.dropped_pixels},
+            "preprocessing": self.preprocessing.to_dict(),
+            "layers_in_full": list(self.layers_in_full),
+            "notes": list(self.notes),
+        }
+
+
+def inspect_image(
+    model: str = DEFAULT_MODEL,
+    image: str | Path | None = None,
+    *,
+    layers: str = "first",
+    revision: str | None = None,
+) -> Inspection:
+    """Load `model` (a preset: random weights; a Hub id or checkpoint directory: real weights), trace `image`.
+
+    `image` defaults to the bundled sample photo. `layers` is "first", "all" or comma-separated layer numbers.
+    """
+    if image is None:
+        with resources.as_file(resources.files("siglip_cli") / "assets" / SAMPLE_IMAGE) as path:
+            photo, description = read_image(path, label="the bundled sample photo")
+    else:
+        photo, description = read_image(image)  # before loading the model: a bad path fails at once
+    tower, preprocessing, random_weights = load_for_inspect(model, revision=revision)
+    return trace(
+        tower, photo, preprocessing, layers=layers, model_name=model, image_name=description, random_weights=random_weights
+    )
+
+
+def load_for_inspect(name: str, *, revision: str | None = None) -> tuple[SiglipVision, PreprocessConfig, bool]:
+    """(tower, preprocessing, random_weights): a preset gets seeded random weights, anything else is loaded."""
+    if name in PRESETS:
+        vision, preprocessing = PRESETS[name]
+        return random_model(vision), preprocessing, True
+    if "/" not in name and not Path(name).expanduser().exists():
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"presets include {DEFAULT_MODEL} and siglip-so400m-patch14-384."
+        raise UserError(f"{name} is not a preset, a Hub id (org/name) or a checkpoint directory; {hint}")
+    checkpoint = resolve_checkpoint(name, revision=revision)
+    return load_model(checkpoint), checkpoint.preprocess, False
+
+
+def read_image(path: str | Path, *, label: str | None = None) -> tuple[Image.Image, str]:
+    """Decode an image file to RGB (EXIF-oriented) and describe it: "photo.png (640×480 PNG, mode RGBA)"."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass one image file.")
+    try:
+        with Image.open(path) as raw:
+            mode, kind = raw.mode, raw.format
+        photo, _ = open_rgb(path, DecodeOptions())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist.") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path} is not an image that Pillow can read.") from None
+    except (BadImage, OSError) as e:
+        raise UserError(f"{path} cannot be decoded: {e}.") from None
+    return photo, f"{label or path} ({photo.width}×{photo.height} {kind}, mode {mode})"
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+    """ "first" → (0,), "all" → every layer, "3,0" → (0, 3); a layer the tower lacks is a `UserError`."""
+    spec = spec.strip().lower()
+    if spec == "first":
+        return (0,)
+    if spec == "all":
+        return tuple(range(num_layers))
+    try:
+        chosen = sorted({int(part) for part in spec.split(",")})
+    except ValueError:
+        raise UserError(f"layers {spec!r} should be 'first', 'all' or layer numbers such as 0,5,11.") from None
+    missing = [i for i in chosen if not 0 <= i < num_layers]
+    if missing:
+        raise UserError(f"layer {missing[0]} does not exist: this tower has layers 0 to {num_layers - 1}.")
+    return tuple(chosen)
+
+
+def trace(
+    model: SiglipVision,
+    photo: Image.Image,
+    preprocessing: PreprocessConfig,
+    *,
+    layers: str = "first",
+    model_name: str = "",
+    image_name: str = "",
+    random_weights: bool = False,
+) -> Inspection:
+    """Preprocess `photo`, run one traced forward, and summarise every stage.
+
+    Works on a meta-device model too (shapes only, statistics NaN): how tests check so400m cheaply.
+    """
+    cfg = model.config
+    if (preprocessing.height, preprocessing.width) != (cfg.image_size, cfg.image_size):
+        raise UserError(
+            f"the preprocessor resizes to {preprocessing.width}×{preprocessing.height} but the model was built for "
+            f"{cfg.image_size}×{cfg.image_size} images."
+        )
+    full = parse_layers(layers, cfg.num_hidden_layers)
+    describe = _Describer(cfg, preprocessing)
+    stages = _image_stages(photo, preprocessing, describe)
+
+    device = model.embeddings.patch_embedding.weight.device
+    pixels = _pixels(photo, preprocessing)[None].to(device)  # (1, C, H, W)
+    recorder = _Recorder(frozenset(full), describe)
+    with torch.inference_mode():
+        model(pixels, recorder)
+    stages += recorder.stages
+
+    conv = model.embeddings.patch_embedding.weight
+    return Inspection(
+        model=model_name,
+        random_weights=random_weights,
+        image=image_name,
+        config=cfg,
+        preprocessing=preprocessing,
+        stages=stages,
+        parameters=num_parameters(model),
+        parameters_by_module=parameters_by_module(model),
+        gflops_per_image=gflops_per_image(cfg),
+        layers_in_full=full,
+        notes=_notes(cfg),
+        photo=photo,
+        position_embedding=_cpu(model.embeddings.position_embedding.weight),
+        patch_filters=_cpu(conv[:NUM_FILTERS]),
+        head_attention=recorder.head_attention,
+        token_norms=torch.stack(recorder.token_norms),
+    )
+
+
+def parameters_by_module(model: SiglipVision) -> dict[str, int]:
+    """Parameter counts by module; encoder layers summed per sub-module as "encoder.layers.*.self_attn" etc."""
+    counts: dict[str, int] = {}
+    for name, parameter in model.named_parameters():
+        # The owning module ("head.mlp.fc1"), or the parameter itself when it is a bare one ("head.probe").
+        path = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+        parts = path.split(".")
+        key = f"encoder.layers.*.{parts[3]}" if parts[0] == "encoder" else ".".join(parts[:2])
+        counts[key] = counts.get(key, 0) + parameter.numel()
+    return counts
+
+
+def layer_of(stage: str) -> int | None:
+    """The encoder layer a stage belongs to ("layers.3.mlp.fc1" → 3); None outside the encoder."""
+    match = _LAYER_STAGE.fullmatch(stage)
+    return int(match[1]) if match else None
+
+
+class _Recorder(dict):
+    """A trace dict that summarises each tensor on arrival instead of storing it."""
+
+    def __init__(self, full_layers: frozenset[int], describe: _Describer):
+        super().__init__()
+        self.full_layers, self.describe = full_layers, describe
+        self.stages: list[Stage] = []
+        self.token_norms: list[Tensor] = []  # (N,) per entry
+        self.head_attention: Tensor | None = None
+
+    def __setitem__(self, name: str, x: Tensor) -> None:  # the model does `trace[name] = x`
+        layer = _LAYER_STAGE.fullmatch(name)
+        if name == "embeddings" or (layer and layer[2] == "residual2"):
+            self.token_norms.append(_cpu(x[0].norm(dim=-1)))
+        if name == "head.attn_weights":
+            self.head_attention = _cpu(x[0, :, 0])  # (H, N)
+        if layer is None or int(layer[1]) in self.full_layers or layer[2] == "residual2":
+            self.stages.append(_summarise(name, x, self.describe(name)))
+
+
+def _image_stages(photo: Image.Image, cfg: PreprocessConfig, describe: _Describer) -> list[Stage]:
+    """The stages before the model: decoded image, resized image, pixels before normalisation."""
+    stages = [_summarise("image", _hwc(photo), describe("image"))]
+    if cfg.do_resize:
+        resized = photo.resize((cfg.width, cfg.height), resample=cfg.resample)
+        stages.append(_summarise("resized_image", _hwc(resized), describe("resized_image")))
+    if cfg.do_normalize:
+        unnormalised = pixel_values(photo, dataclasses.replace(cfg, do_normalize=False))
+        stages.append(_summarise("rescaled_pixels", unnormalised[None], describe("rescaled_pixels")))
+    return stages
+
+
+def _pixels(photo: Image.Image, cfg: PreprocessConfig) -> Tensor:
+    try:
+        return pixel_values(photo, cfg)
+    except BadImage as e:
+        raise UserError(f"{e}.") from None
+
+
+def _hwc(image: Image.Image) -> Tensor:
+    return torch.from_numpy(np.asarray(image).copy())  # (H, W, 3) uint8
+
+
+def _summarise(name: str, x: Tensor, note: str) -> Stage:
+    dtype = str(x.dtype).removeprefix("torch.")
+    if x.is_meta:  # a shape-only run
+        stats = (math.nan,) * 4
+    else:
+        values = x.detach() if x.is_floating_point() else x.detach().double()
+        std, mean = torch.std_mean(values, correction=0)
+        low, high = torch.aminmax(values)
+        stats = (mean.item(), std.item(), low.item(), high.item())
+    return Stage(name, tuple(x.shape), dtype, *stats, note=note)
+
+
+def _cpu(x: Tensor) -> Tensor:
+    return x.detach().float() if x.is_meta else x.detach().float().cpu()
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _notes(cfg: VisionConfig) -> tuple[str, ...]:
+    notes = []
+    if cfg.dropped_pixels:
+        covered = cfg.grid_size * cfg.patch_size
+        notes.append(
+            f"{cfg.image_size} px is not a multiple of the {cfg.patch_size} px patch: the patch conv sees a "
+            f"{cfg.grid_size}×{cfg.grid_size} grid ({covered}×{covered} px) and the last {cfg.dropped_pixels} pixel "
+            "rows and columns (bottom and right) are dropped."
+        )
+    if not cfg.vision_use_head:
+        notes.append(
+            "this tower has no attention-pool head (vision_use_head: false, as in PaliGemma): the head stages and "
+            "the head-attention plot are skipped, and 'pooled' is the mean of the patch tokens."
+        )
+    return tuple(notes)
+
+
+class _Describer:
+    """What each stage is, worded so that a reader of the architecture recognises it."""
+
+    def __init__(self, cfg: VisionConfig, pre: PreprocessConfig):
+        D, F, H, Dh, g, p = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+            cfg.head_dim,
+            cfg.grid_size,
+            cfg.patch_size,
+        )
+        N = cfg.num_patches
+        resample = RESAMPLE_NAMES.get(pre.resample, f"PIL filter {pre.resample}")
+        pooled = "the image embedding (not L2-normalised)" if cfg.vision_use_head else "mean of the patch tokens (no head)"
+        self.fixed = {
+            "image": "decoded to 8-bit RGB, EXIF orientation applied",
+            "resized_image": f"squashed to {pre.width}×{pre.height} ({resample}, no crop)",
+            "rescaled_pixels": f"× {pre.rescale_factor:.6g}, before normalisation",
+            "pixel_values": f"(x − {_triple(pre.image_mean)}) / {_triple(pre.image_std)}: the model input",
+            "patch_embedding": f"Conv2d {cfg.num_channels}→{D}, {p}×{p} kernel, stride {p}: a {g}×{g} grid",
+            "patches": f"grid flattened to {N} tokens of width {D} (no CLS token)",
+            "position_embedding": f"learned, one vector per patch position ({N} × {D})",
+            "embeddings": "patches + position embeddings",
+            "post_layernorm": "final LayerNorm: the patch tokens",
+            "head.probe": "learned query of the attention-pool head",
+            "head.attn_weights": f"the probe's attention over the {N} patches, per head",
+            "head.attention": "attention-pooled vector, before the head's residual MLP",
+            "pooled": pooled,
+        }
+        self.in_layer = {
+            "layer_norm1": "pre-attention LayerNorm",
+            "self_attn.q": f"queries, split into {H} heads of {Dh}",
+            "self_attn.k": f"keys, split into {H} heads of {Dh}",
+            "self_attn.v": f"values, split into {H} heads of {Dh}",
+            "self_attn.attn_weights": f"softmax(q·kᵀ / √{Dh}): each row sums to 1",
+            "self_attn.attn_output": f"weights · v, {H} heads merged back to {D}",
+            "self_attn.out_proj": "attention output projection",
+            "residual1": "x + attention",
+            "layer_norm2": "pre-MLP LayerNorm",
+            "mlp.fc1": f"{D} → {F}",
+            "mlp.gelu": "GELU" + (" (tanh approximation)" if cfg.hidden_act != "gelu" else ""),
+            "mlp.fc2": f"{F} → {D}",
+            "residual2": "x + MLP: the layer's output",
+        }
+
+    def __call__(self, name: str) -> str:
+        layer = _LAYER_STAGE.fullmatch(name)
+        return self.in_layer.get(layer[2], "") if layer else self.fixed.get(name, "")
+
+
+def _triple(values: tuple[float, float, float]) -> str:
+    return f"{values[0]:g}" if len(set(values)) == 1 else "(" + ", ".join(f"{v:g}" for v in values) + ")"

@@ -1,0 +1,368 @@
+"""`siglip inspect`: every stage in forward order with its shape and statistics, exact parameter counts, the FLOP
+formula against the operations actually run, the JSON document, the pictures, and a real (tiny) checkpoint."""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+from conftest import make_photo, reference_vision_model
+from siglip_cli import cli, tracing
+from siglip_cli.config import PRESETS, VisionConfig
+from siglip_cli.errors import UserError
+from siglip_cli.inspect_report import report
+from siglip_cli.model import SiglipVision, gflops_per_image, num_parameters
+from siglip_cli.plots import write_plots
+from siglip_cli.preprocess import pixel_values
+
+BASE, SO400M = "siglip-base-patch16-224", "siglip-so400m-patch14-384"
+LAYER_STAGES = [
+    "layer_norm1",
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.attn_weights",
+    "self_attn.attn_output",
+    "self_attn.out_proj",
+    "residual1",
+    "layer_norm2",
+    "mlp.fc1",
+    "mlp.gelu",
+    "mlp.fc2",
+    "residual2",
+]
+PLOTS = ["position_embedding_similarity.png", "patch_embedding_filters.png", "head_attention.png", "activation_norms.png"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("inspect") / "photo.png"
+    make_photo((80, 60)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base() -> tracing.Inspection:
+    """The default run: B/16-224 preset (random weights) on the bundled sample photo."""
+    return tracing.inspect_image(BASE)
+
+
+def shapes(result: tracing.Inspection) -> dict[str, tuple[int, ...]]:
+    return {stage.stage: stage.shape for stage in result.stages}
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def test_base_stages_come_in_forward_order_with_layer_0_in_full(base: tracing.Inspection) -> None:
+    names = [stage.stage for stage in base.stages]
+    assert names == [
+        "image",
+        "resized_image",
+        "rescaled_pixels",
+        "pixel_values",
+        "patch_embedding",
+        "patches",
+        "position_embedding",
+        "embeddings",
+        *(f"layers.0.{name}" for name in LAYER_STAGES),
+        *(f"layers.{i}.residual2" for i in range(1, 12)),
+        "post_layernorm",
+        "head.probe",
+        "head.attn_weights",
+        "head.attention",
+        "pooled",
+    ]
+
+
+def test_base_224_stage_shapes(base: tracing.Inspection) -> None:
+    expected = {
+        "image": (300, 451, 3),  # the bundled sample is 451×300
+        "resized_image": (224, 224, 3),
+        "rescaled_pixels": (1, 3, 224, 224),
+        "pixel_values": (1, 3, 224, 224),
+        "patch_embedding": (1, 768, 14, 14),
+        "patches": (1, 196, 768),
+        "position_embedding": (1, 196, 768),
+        "embeddings": (1, 196, 768),
+        "layers.0.layer_norm1": (1, 196, 768),
+        "layers.0.self_attn.q": (1, 12, 196, 64),
+        "layers.0.self_attn.k": (1, 12, 196, 64),
+        "layers.0.self_attn.v": (1, 12, 196, 64),
+        "layers.0.self_attn.attn_weights": (1, 12, 196, 196),
+        "layers.0.self_attn.attn_output": (1, 196, 768),
+        "layers.0.self_attn.out_proj": (1, 196, 768),
+        "layers.0.residual1": (1, 196, 768),
+        "layers.0.layer_norm2": (1, 196, 768),
+        "layers.0.mlp.fc1": (1, 196, 3072),
+        "layers.0.mlp.gelu": (1, 196, 3072),
+        "layers.0.mlp.fc2": (1, 196, 768),
+        "layers.0.residual2": (1, 196, 768),
+        "layers.11.residual2": (1, 196, 768),
+        "post_layernorm": (1, 196, 768),
+        "head.probe": (1, 1, 768),
+        "head.attn_weights": (1, 12, 1, 196),
+        "head.attention": (1, 1, 768),
+        "pooled": (1, 768),
+    }
+    assert {name: shape for name, shape in shapes(base).items() if name in expected} == expected
+    assert {stage.stage: stage.dtype for stage in base.stages}["image"] == "uint8"
+    assert {stage.dtype for stage in base.stages[2:]} == {"float32"}
+
+
+def test_stage_statistics_describe_the_values(base: tracing.Inspection) -> None:
+    stage = {s.stage: s for s in base.stages}
+    assert stage["rescaled_pixels"].min >= 0 and stage["rescaled_pixels"].max <= 1
+    assert -1 <= stage["pixel_values"].min < stage["pixel_values"].mean < stage["pixel_values"].max <= 1
+    # Softmax rows sum to 1, so the mean weight is exactly 1/N.
+    assert stage["layers.0.self_attn.attn_weights"].mean == pytest.approx(1 / 196, rel=1e-5)
+    assert stage["head.attn_weights"].mean == pytest.approx(1 / 196, rel=1e-5)
+    # Fresh LayerNorm (weight 1, bias 0) standardises every token.
+    assert stage["layers.0.layer_norm1"].mean == pytest.approx(0, abs=1e-5)
+    assert stage["layers.0.layer_norm1"].std == pytest.approx(1, abs=1e-3)
+    assert stage["layers.0.mlp.gelu"].min >= -0.171  # GELU's minimum is about -0.17
+    for s in base.stages:
+        assert s.min <= s.mean <= s.max and s.std >= 0, s.stage
+
+
+def test_so400m_384_stage_shapes_on_the_meta_device() -> None:
+    """so400m/14 at 384 px traced shape-only: 27×27 = 729 patches, 1152 wide, MLP 4304, 16 heads of 72."""
+    vision, preprocessing = PRESETS[SO400M]
+    with torch.device("meta"):
+        model = SiglipVision(vision)
+    result = tracing.trace(model, make_photo(), preprocessing, layers="first")
+    expected = {
+        "pixel_values": (1, 3, 384, 384),
+        "patch_embedding": (1, 1152, 27, 27),
+        "patches": (1, 729, 1152),
+        "position_embedding": (1, 729, 1152),
+        "layers.0.self_attn.q": (1, 16, 729, 72),
+        "layers.0.self_attn.attn_weights": (1, 16, 729, 729),
+        "layers.0.mlp.fc1": (1, 729, 4304),
+        "layers.26.residual2": (1, 729, 1152),
+        "post_layernorm": (1, 729, 1152),
+        "head.attn_weights": (1, 16, 1, 729),
+        "pooled": (1, 1152),
+    }
+    assert {name: shape for name, shape in shapes(result).items() if name in expected} == expected
+    assert len(result.stages) == 8 + len(LAYER_STAGES) + 26 + 5
+    assert any("last 6 pixel rows and columns" in note for note in result.notes)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"), [("first", (0,)), ("all", (0, 1, 2, 3)), ("3,1", (1, 3)), (" 2 ", (2,)), ("0,0", (0,))]
+)
+def test_layers_option(spec: str, expected: tuple[int, ...]) -> None:
+    assert tracing.parse_layers(spec, 4) == expected
+
+
+@pytest.mark.parametrize("spec", ["4", "-1", "last", "1,,2", ""])
+def test_layers_option_rejects_what_the_tower_lacks(spec: str) -> None:
+    with pytest.raises(UserError):
+        tracing.parse_layers(spec, 4)
+
+
+def test_layers_all_lists_every_stage_of_every_layer(tiny_vision: Path, photo: Path) -> None:
+    result = tracing.inspect_image(str(tiny_vision), photo, layers="all")
+    names = [stage.stage for stage in result.stages]
+    for i in range(2):
+        assert [n for n in names if n.startswith(f"layers.{i}.")] == [f"layers.{i}.{s}" for s in LAYER_STAGES]
+
+
+# --------------------------------------------------------------------------- parameters and FLOPs
+
+
+def _transformers_model(cfg: VisionConfig):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
+    config = SiglipVisionConfig(**{name: getattr(cfg, name) for name in fields}, vision_use_head=cfg.vision_use_head)
+    with torch.device("meta"):
+        return SiglipVisionModel(config)
+
+
+TINY = VisionConfig(hidden_size=36, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=44, patch_size=14)
+CONFIGS = {
+    name: PRESETS[name][0]
+    for name in (BASE, SO400M, "siglip-large-patch16-256", "siglip2-base-patch32-256", "paligemma-3b-pt-448",
+                 "siglip2-giant-opt-patch16-256")  # fmt: skip
+} | {"tiny-p14-44": TINY}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_parameter_count_equals_transformers(name: str) -> None:
+    cfg = CONFIGS[name]
+    with torch.device("meta"):
+        ours = SiglipVision(cfg)
+    expected = _transformers_model(cfg).num_parameters()
+    assert num_parameters(ours) == expected
+    assert sum(tracing.parameters_by_module(ours).values()) == expected
+
+
+def test_parameter_counts_of_the_two_reference_towers() -> None:
+    counts = {}
+    for name in (BASE, SO400M):
+        with torch.device("meta"):
+            counts[name] = num_parameters(SiglipVision(PRESETS[name][0]))
+    assert counts == {BASE: 92_884_224, SO400M: 428_225_600}
+
+
+def test_parameters_by_module_names_the_parts(base: tracing.Inspection) -> None:
+    by_module = base.parameters_by_module
+    assert by_module["embeddings.patch_embedding"] == 768 * 3 * 16 * 16 + 768
+    assert by_module["embeddings.position_embedding"] == 196 * 768
+    assert by_module["encoder.layers.*.self_attn"] == 12 * 4 * (768 * 768 + 768)
+    assert by_module["encoder.layers.*.mlp"] == 12 * (2 * 768 * 3072 + 3072 + 768)
+    assert by_module["head.probe"] == 768
+    assert sum(by_module.values()) == base.parameters == 92_884_224
+
+
+@pytest.mark.parametrize("name", [BASE, SO400M, "siglip2-base-patch32-256", "paligemma-3b-pt-448", "tiny-p14-44"])
+@pytest.mark.parametrize("traced", [False, True], ids=["sdpa", "traced"])
+def test_flop_formula_equals_the_operations_run(name: str, traced: bool) -> None:
+    """FlopCounterMode counts every matmul, conv and SDPA the forward runs (2 FLOPs per multiply-add)."""
+    cfg = CONFIGS[name]
+    with torch.device("meta"):
+        model = SiglipVision(cfg)
+        pixels = torch.empty(1, cfg.num_channels, cfg.image_size, cfg.image_size)
+    with FlopCounterMode(display=False) as counter:
+        model(pixels, {} if traced else None)
+    assert counter.get_total_flops() == round(gflops_per_image(cfg) * 1e9)
+
+
+def test_gflops_of_the_two_reference_towers() -> None:
+    assert gflops_per_image(PRESETS[BASE][0]) == pytest.approx(35.4, abs=0.05)
+    assert gflops_per_image(PRESETS[SO400M][0]) == pytest.approx(670, rel=0.005)
+
+
+# --------------------------------------------------------------------------- a real checkpoint
+
+
+def test_real_checkpoint_stats_match_transformers(tiny_vision: Path, photo: Path) -> None:
+    result = tracing.inspect_image(str(tiny_vision), photo, layers="first")
+    assert not result.random_weights
+    stage = {s.stage: s for s in result.stages}
+    reference = reference_vision_model(tiny_vision)
+    image, _ = tracing.read_image(photo)
+    with torch.no_grad():
+        out = reference(pixel_values(image, result.preprocessing)[None], output_hidden_states=True)
+    expected = {
+        "embeddings": out.hidden_states[0],
+        "layers.0.residual2": out.hidden_states[1],
+        "layers.1.residual2": out.hidden_states[2],
+        "post_layernorm": out.last_hidden_state,
+        "pooled": out.pooler_output,
+    }
+    for name, tensor in expected.items():
+        got = stage[name]
+        assert got.shape == tuple(tensor.shape), name
+        want = (tensor.mean().item(), tensor.std(correction=0).item(), tensor.min().item(), tensor.max().item())
+        assert (got.mean, got.std, got.min, got.max) == pytest.approx(want, abs=1e-4), name
+
+
+def test_headless_tower_has_no_head_stages_or_head_plot(tiny_paligemma: Path, photo: Path, tmp_path: Path) -> None:
+    result = tracing.inspect_image(str(tiny_paligemma), photo)
+    assert not [s.stage for s in result.stages if s.stage.startswith("head.")]
+    assert result.stages[-1].stage == "pooled"
+    assert any("no attention-pool head" in note for note in result.notes)
+    assert [p.name for p in write_plots(result, tmp_path)] == [name for name in PLOTS if name != "head_attention.png"]
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def test_plots_are_written_and_readable(base: tracing.Inspection, tmp_path: Path) -> None:
+    paths = write_plots(base, tmp_path / "plots")
+    assert [p.name for p in paths] == PLOTS
+    for path in paths:
+        with Image.open(path) as picture:
+            assert picture.format == "PNG" and picture.width >= 600 and picture.height >= 400
+            assert len(picture.convert("RGB").getcolors(1 << 24)) > 100, f"{path.name} is nearly blank"
+
+
+def test_plot_directory_that_is_a_file_is_a_user_error(base: tracing.Inspection, tmp_path: Path) -> None:
+    file = tmp_path / "taken"
+    file.write_text("")
+    with pytest.raises(UserError, match="not a directory"):
+        write_plots(base, file)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def invoke(*args: str):
+    return runner.invoke(cli.app, ["inspect", *args])
+
+
+def test_json_document_schema(tiny_vision: Path, photo: Path, tmp_path: Path) -> None:
+    result = invoke(str(photo), "--model", str(tiny_vision), "--json", "--plot", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert {"stages", "parameters", "parameters_by_module", "gflops_per_image", "config", "preprocessing"} <= set(doc)
+    for stage in doc["stages"]:
+        assert {"stage", "shape", "dtype", "mean", "std", "min", "max"} <= set(stage)
+        assert isinstance(stage["stage"], str) and isinstance(stage["dtype"], str)
+        assert isinstance(stage["shape"], list) and all(type(n) is int for n in stage["shape"])
+        assert all(type(stage[k]) is float for k in ("mean", "std", "min", "max"))
+    assert type(doc["parameters"]) is int and doc["parameters"] == sum(doc["parameters_by_module"].values())
+    assert isinstance(doc["gflops_per_image"], float)
+    assert doc["config"]["hidden_size"] == 32 and doc["config"]["num_patches"] == 16
+    assert doc["preprocessing"]["height"] == 32
+    assert doc["random_weights"] is False
+    assert [Path(p).name for p in doc["plots"]] == PLOTS
+
+
+def test_table_lists_stages_parameters_and_cost(tiny_vision: Path, photo: Path) -> None:
+    result = invoke(str(photo), "--model", str(tiny_vision), "--layers", "1")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for text in ("layers.1", "self_attn.attn_weights", "(1, 4, 16, 16)", "post_layernorm", "pooled", "total", "GFLOPs"):
+        assert text in out
+    assert "RANDOM WEIGHTS" not in out
+
+
+def test_random_weights_are_said_plainly(base: tracing.Inspection) -> None:
+    console = Console(record=True, width=200)
+    console.print(report(base, width=200))
+    assert f"RANDOM WEIGHTS: {BASE} is an architecture preset" in console.export_text()
+
+
+def test_cli_default_model_is_the_library_default() -> None:
+    assert pyinspect.signature(cli.inspect).parameters["model"].default == tracing.DEFAULT_MODEL
+
+
+def test_dropped_pixels_are_said(tiny_p14: Path, photo: Path) -> None:
+    result = invoke(str(photo), "--model", str(tiny_p14))
+    assert result.exit_code == 0, result.output
+    assert "the last 2 pixel rows and columns (bottom and right) are dropped" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing.jpg", "does not exist"),
+        (lambda d: d, "is a directory"),
+        (lambda d: (d / "notes.jpg").write_text("not a picture") and d / "notes.jpg", "not an image"),
+    ],
+    ids=["missing", "directory", "not-an-image"],
+)
+def test_bad_image_is_one_sentence_and_exit_2(make, message: str, tmp_path: Path, tiny_vision: Path) -> None:
+    result = invoke(str(make(tmp_path)), "--model", str(tiny_vision))
+    assert result.exit_code == 2
+    assert message in " ".join(result.stderr.split()) and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) <= 2  # one sentence (rich may wrap it)
+
+
+def test_missing_layer_is_a_user_error(tiny_vision: Path, photo: Path) -> None:
+    result = invoke(str(photo), "--model", str(tiny_vision), "--layers", "0,7")
+    assert result.exit_code == 2
+    assert "layer 7 does not exist" in result.stderr
