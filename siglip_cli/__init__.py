@@ -2,7 +2,7 @@
 
 The Python API behind the `siglip` command (see README.md, "Python API")::
 
-    from siglip_cli import load, embed_paths
+    from siglip_cli.embed import load, embed_paths
     model = load("google/siglip-base-patch16-224")
     result = embed_paths(model, ["photos/"])
     result.embeddings  # (N, D) float32 numpy array, L2-normalized

@@ -32,7 +32,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True)
+# soft_wrap: an error sentence or a path is never broken across lines when stderr is a log file.
+stderr = Console(stderr=True, soft_wrap=True)
 
 EXIT_USER_ERROR = 2
 

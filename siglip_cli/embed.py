@@ -175,7 +175,6 @@ def _stat_fields(path: str) -> dict:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
-    Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, against --max-pixels
 
 
 class Batch(NamedTuple):
@@ -209,8 +208,6 @@ def decoded_batches(
     paths: list[str], cfg: PreprocessConfig, options: DecodeOptions, *, batch_size: int, workers: int, pin: bool
 ) -> Iterator[Batch]:
     """Batches of `batch_size` files in order, decoded by `workers` processes ahead of the model."""
-    if workers == 0:
-        Image.MAX_IMAGE_PIXELS = None
     loader = DataLoader(
         ImageFiles(paths, cfg, options),
         batch_size=batch_size,
@@ -241,12 +238,12 @@ class OutputPaths:
     embeddings: Path
     manifest: Path
     errors: Path
-    tokens: Path | None  # `.npy` outputs keep tokens in a file of their own
+    tokens: Path | None  # `.npy` outputs keep tokens (--tokens) in a file of their own
     meta: Path | None  # `.npy` has no header: the run's metadata goes beside it
     work: Path
 
     @classmethod
-    def for_output(cls, output: Path, *, tokens: bool) -> OutputPaths:
+    def for_output(cls, output: Path) -> OutputPaths:
         suffix = output.suffix.lower()
         if suffix not in (".safetensors", ".npy"):
             raise UserError(f"output {output} must end in .safetensors or .npy.")
@@ -256,7 +253,7 @@ class OutputPaths:
             embeddings=output,
             manifest=output.with_suffix(".jsonl"),
             errors=stem.with_name(stem.name + ".errors.jsonl"),
-            tokens=stem.with_name(stem.name + ".tokens.npy") if npy and tokens else None,
+            tokens=stem.with_name(stem.name + ".tokens.npy") if npy else None,
             meta=stem.with_name(stem.name + ".meta.json") if npy else None,
             work=output.with_name(output.name + ".partial"),
         )
@@ -352,7 +349,7 @@ def embed_to_file(
 ) -> Summary:
     """Embed `paths` (in this order) into `output` (.safetensors or .npy) plus its manifest and errors files."""
     started = time.perf_counter()
-    out = OutputPaths.for_output(output, tokens=options.tokens)
+    out = OutputPaths.for_output(output)
     state = run_options(encoder, options, out.format)
     work = WorkArea(out.work)
     if overwrite:
@@ -375,11 +372,12 @@ def embed_to_file(
     previous = _previous_output(out, state) if update else {}
     wanted = set(paths)
     removed = sum(1 for path, found in previous.items() if path not in wanted and isinstance(found, Ref))
-    reused = {}
+    reused: dict[str, Ref | dict] = {}
     for path in paths:
         found = done.get(path) or previous.get(path)
-        if found is not None and _unchanged(path, found.info if isinstance(found, Ref) else found):
-            reused[path] = found
+        info = None if found is None else _still_current(path, found.info if isinstance(found, Ref) else found)
+        if info is not None:
+            reused[path] = found._replace(info=info) if isinstance(found, Ref) else info
 
     pending = [p for p in paths if p not in reused]
     if progress:
@@ -422,23 +420,26 @@ def _check_outputs(out: OutputPaths, work: WorkArea, *, overwrite: bool, update:
                 raise UserError(f"{path} already exists and would be replaced: add --overwrite, or choose another -o.")
 
 
-def _unchanged(path: str, info: dict) -> bool:
-    """Is the file still the one that produced `info`? Size and mtime first; the content hash when only mtime moved."""
+def _still_current(path: str, info: dict) -> dict | None:
+    """`info` (with today's mtime) if the file is still the one that produced it, else None.
+
+    Size and mtime first; when only the mtime moved (a copy, a touch) the content hash decides.
+    """
     try:
         stat = os.stat(path)
     except OSError:
-        return "error" in info and "size" not in info  # it failed before because it was missing, and still is
+        # It failed before because it was missing, and it still is.
+        return info if "error" in info and "size" not in info else None
     if stat.st_size != info.get("size"):
-        return False
+        return None
     if stat.st_mtime_ns == info.get("mtime_ns"):
-        return True
-    if "blake2b" not in info:
-        return False
+        return info
     try:
         with open(path, "rb") as f:
-            return file_digest(f.read()) == info["blake2b"]
+            same = "blake2b" in info and file_digest(f.read()) == info["blake2b"]
     except OSError:
-        return False
+        return None
+    return {**info, "mtime_ns": stat.st_mtime_ns} if same else None
 
 
 def _embed_pending(
@@ -542,7 +543,7 @@ def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
             "rerun --update with the same options, or use --overwrite to start afresh."
         )
     if out.format == "npy":
-        reader: RowReader = NpyRows({"embeddings": out.embeddings, **({"tokens": out.tokens} if out.tokens else {})})
+        reader: RowReader = NpyRows({"embeddings": out.embeddings, "tokens": out.tokens})
     else:
         reader = SafetensorsRows(out.embeddings)
     found: dict[str, Ref | dict] = {}
@@ -623,6 +624,8 @@ def assemble(out: OutputPaths, good: list[Ref], bad: list[dict], metadata: dict[
     if out.format == "npy":
         if tokens is not None:
             write_npy(out.tokens, tokens)
+        else:
+            out.tokens.unlink(missing_ok=True)  # stale tokens would sit beside embeddings they do not match
         write_jsonl(out.meta, [metadata])
         write_npy(out.embeddings, embeddings)
     else:

@@ -12,12 +12,14 @@ before any decoding (decompression bombs).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from .config import PreprocessConfig
@@ -47,7 +49,13 @@ def open_rgb(
     Returns the image and the (width, height) of the full-size oriented original. `target` is the
     (width, height) the image will be resized to; only `fast_decode` uses it.
     """
-    with Image.open(path) as image:
+    try:
+        with _without_pillow_guard():
+            opened = Image.open(path)
+    except UnidentifiedImageError:
+        # Pillow's own message ends with repr(path): for the in-memory file embed reads, an object address.
+        raise BadImage("cannot identify image file (not an image, or a format Pillow cannot read)") from None
+    with opened as image:
         size = image.size
         if options.max_pixels is not None and size[0] * size[1] > options.max_pixels:
             raise BadImage(
@@ -64,6 +72,22 @@ def open_rgb(
             if image.size != decoded:  # rotated by 90 degrees
                 size = size[::-1]
         return to_rgb(image), size
+
+
+@contextmanager
+def _without_pillow_guard() -> Iterator[None]:
+    """Pillow's own pixel guard off while a file is opened (it is process-wide, so restored after).
+
+    Pillow refuses images over twice its limit before anyone can read their size: a user who raised
+    --max-pixels would still be refused, and the rest would get no size in the message. `open_rgb` checks
+    the header's size against --max-pixels itself, before decoding.
+    """
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -81,22 +81,21 @@ class MergeSummary:
 
 
 def open_output(path: Path) -> tuple[OutputPaths, dict[str, str]]:
-    """A finished output's files and header metadata; tokens are found from what it was made with."""
-    out = OutputPaths.for_output(path, tokens=False)
+    """A finished output's files and header metadata."""
+    out = OutputPaths.for_output(path)
     if not out.embeddings.is_file() or not out.manifest.is_file():
         raise UserError(f"{path} is not a finished siglip output (it or its manifest {out.manifest.name} is missing).")
     metadata = read_output_metadata(out)
     if "options" not in metadata:
         raise UserError(f"{path} has no siglip metadata; it was not written by siglip embed.")
-    tokens = json.loads(metadata["options"])["tokens"]
-    return OutputPaths.for_output(path, tokens=tokens), metadata
+    return out, metadata
 
 
 def merge_outputs(inputs: list[Path], output: Path, *, overwrite: bool = False) -> MergeSummary:
     """Join outputs of disjoint shards into one, equal to a single run over all their files."""
     if not inputs:
         raise UserError("give the shard outputs to merge.")
-    target = OutputPaths.for_output(output, tokens=False)
+    target = OutputPaths.for_output(output)
     if any(Path(p).resolve() == output.resolve() for p in inputs):
         raise UserError(f"{output} is one of the inputs; write the merge to another file.")
     if output.exists() and not overwrite:
@@ -113,8 +112,7 @@ def merge_outputs(inputs: list[Path], output: Path, *, overwrite: bool = False) 
     good: list[tuple[bytes, Ref]] = []
     bad: list[tuple[bytes, dict]] = []
     for out, _ in opened:
-        files = {"embeddings": out.embeddings, **({"tokens": out.tokens} if out.tokens else {})}
-        reader = NpyRows(files) if out.format == "npy" else SafetensorsRows(out.embeddings)
+        reader = NpyRows({"embeddings": out.embeddings, "tokens": out.tokens}) if out.format == "npy" else SafetensorsRows(out.embeddings)
         rows = [(row, True) for row in read_jsonl(out.manifest)]
         rows += [(row, False) for row in (read_jsonl(out.errors) if out.errors.exists() else [])]
         for i, (row, ok) in enumerate(rows):
@@ -134,7 +132,6 @@ def merge_outputs(inputs: list[Path], output: Path, *, overwrite: bool = False) 
     bad.sort(key=lambda item: item[0])
     metadata = dict(opened[0][1])
     metadata["options"] = json.dumps({**options[0], "format": target.format}, sort_keys=True)
-    target = OutputPaths.for_output(output, tokens=options[0]["tokens"])
     assemble(target, [ref for _, ref in good], [info for _, info in bad], metadata)
     return MergeSummary(
         rows=len(good),

@@ -76,7 +76,7 @@ def _write_blocks(f: BinaryIO, name: str, spec: TensorSpec) -> None:
 
 def write_safetensors(path: Path, tensors: dict[str, TensorSpec], metadata: dict[str, str]) -> None:
     """Stream tensors into a `.safetensors` file (the format: u64 header size, JSON header, raw little-endian data)."""
-    header: dict = {"__metadata__": metadata}
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}  # sorted: the same content, the same bytes
     offset = 0
     for name, spec in tensors.items():
         size = int(np.prod(spec.shape)) * spec.dtype.itemsize

@@ -69,6 +69,11 @@ def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) ->
     preprocessor_path = files.get("preprocessor_config.json", required=False)
     vision = vision_config_from_hub(config)
     preprocess = preprocess_config_from_hub(_read_json(preprocessor_path) if preprocessor_path else None, vision)
+    if preprocess.do_resize and (preprocess.height, preprocess.width) != (vision.image_size, vision.image_size):
+        raise CheckpointError(
+            f"{name}: preprocessor_config.json resizes to {preprocess.width}x{preprocess.height} but the tower "
+            f"takes {vision.image_size}x{vision.image_size} images."
+        )
     index_path = files.get(INDEX_FILE, required=False)
     if index_path is not None:
         weight_map: dict[str, str] = _read_json(index_path)["weight_map"]
@@ -148,8 +153,10 @@ class _HubFiles:
         except hub.LocalEntryNotFoundError:
             if self.commit_hash is not None and not required:
                 return None  # a file this commit does not have (cached as absent, or never fetched)
+            # A cached repo may still lack the revision asked for: name it, or the message contradicts the cache.
+            what = self.repo_id if self.revision is None else f"{self.repo_id} at revision {self.revision!r}"
             raise CheckpointError(
-                f"{self.repo_id} is not in the local Hugging Face cache and the Hub cannot be reached: connect once to "
+                f"{what} is not in the local Hugging Face cache and the Hub cannot be reached: connect once to "
                 "download it, or pass a local checkpoint directory with --model."
             ) from None
         except hub.EntryNotFoundError:

@@ -584,3 +584,95 @@ def _alpha_ramp(size: tuple[int, int]) -> Image.Image:
 def image_factory() -> Callable[..., Image.Image]:
     """`make_photo` as a fixture, for tests that prefer injection to imports."""
     return make_photo
+
+
+# --------------------------------------------------------------------------- awkward image files
+# Shared by test_preprocess.py and test_embed_cli.py: the files photo libraries are full of.
+
+EXIF_ORIENTATION = 0x0112
+
+
+def save_sideways_jpeg(path: str | os.PathLike[str], upright: Image.Image) -> Path:
+    """Store `upright` as a phone stores a portrait: pixels turned 90° counter-clockwise, plus EXIF
+    orientation 6 ("rotate 90° clockwise to view"). A viewer that honours EXIF shows `upright`."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    upright.rotate(90, expand=True).save(path, format="JPEG", quality=95, exif=exif)
+    return Path(path)
+
+
+def save_png_claiming_size(path: str | os.PathLike[str], width: int, height: int) -> Path:
+    """A decompression-bomb stand-in: a 1×1 PNG whose header (IHDR) claims `width`×`height`.
+
+    The file is tiny and its pixel data does not match the header, so only a check of the header
+    size refuses it with a pixel-count message; anything that decodes first fails differently.
+    """
+    import io
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    # 8-byte signature, then IHDR: length [8:12], type [12:16], width [16:20], height [20:24], ..., CRC [29:33].
+    data[16:20] = width.to_bytes(4, "big")
+    data[20:24] = height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    Path(path).write_bytes(bytes(data))
+    return Path(path)
+
+
+def save_animated_gif(path: str | os.PathLike[str], frames: list[Image.Image]) -> Path:
+    """An animated GIF of palette (`P`) frames; decoding frame i gives frames[i] back exactly."""
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- hang guard
+
+
+class Hung(BaseException):
+    """Raised by `deadline`. A BaseException, so no per-file `except Exception` can swallow it."""
+
+
+class deadline:
+    """`with deadline(10):` turns a hang into a failure: a call blocked for that many seconds (say, opening
+    a FIFO that nobody writes to) is interrupted by SIGALRM. Unix only, main thread only, in-process code only."""
+
+    def __init__(self, seconds: int):
+        self.seconds = seconds
+
+    def __enter__(self) -> None:
+        import signal
+
+        def expire(signum: int, frame: Any) -> None:
+            raise Hung(f"still blocked after {self.seconds} s")
+
+        self.previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+# --------------------------------------------------------------------------- a pickle that bites
+
+
+class _WritesMarker:
+    """Unpickling this object calls `open(marker, "w")`: the marker file is proof that a pickle was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def save_booby_trapped_pickle(path: str | os.PathLike[str], marker: str | os.PathLike[str]) -> Path:
+    """A `pytorch_model.bin`-style pickle whose unpickling creates `marker` (and does nothing else)."""
+    import pickle
+
+    Path(path).write_bytes(pickle.dumps({"vision_model.post_layernorm.weight": _WritesMarker(Path(marker))}))
+    return Path(path)

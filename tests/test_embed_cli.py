@@ -1,0 +1,700 @@
+"""`siglip embed`, end to end: output files, every flag, bad files, exit codes, and the Python API behind it.
+
+The CLI runs in-process through typer's `CliRunner`, which keeps stdout and stderr apart (stdout carries data
+only). A tiny random checkpoint and a few synthetic photos keep each run well under a second; `--workers 0`
+unless a test is about workers. A real process is used only where in-process cannot tell: a traceback
+reaching the terminal, a pipe on stdin.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner, Result
+
+from conftest import (
+    DEFAULT_REPO_ID,
+    DEFAULT_REVISION,
+    HubCache,
+    deadline,
+    make_photo,
+    save_animated_gif,
+    save_booby_trapped_pickle,
+    save_png_claiming_size,
+    save_sideways_jpeg,
+)
+from siglip_cli import __version__
+from siglip_cli.cli import app
+from siglip_cli.embed import embed_paths, embed_to_file, load
+from siglip_cli.storage import atomic_write
+
+# rich wraps stderr at the terminal width, 80 columns when there is no terminal; a wide one keeps each message on
+# the line it was written on (test_error_stays_on_one_line_without_a_terminal covers the default).
+RUNNER = CliRunner(env={"COLUMNS": "1000"})
+SAME = 1e-6  # two runs that should agree: only float rounding between batches may differ
+SUMMARY_KEYS = {"embedded", "failed", "output", "manifest", "errors", "seconds", "images_per_s"}
+
+
+def siglip(*args: object, input: str | bytes | None = None) -> Result:
+    return RUNNER.invoke(app, [str(a) for a in args], input=input)
+
+
+@pytest.fixture
+def embed(tiny_siglip: Path):
+    """`embed(*args)` runs `siglip embed *args --model tiny_siglip --workers 0` (either can be overridden)."""
+
+    def run(*args: object, model: Path | str = tiny_siglip, workers: int = 0, input: str | None = None) -> Result:
+        return siglip("embed", *args, "--model", model, "--workers", workers, input=input)
+
+    return run
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """Three photos in three formats, one in a subfolder: b.png 80×60, a.jpg 45×70, sub/c.webp 20×20."""
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    make_photo((80, 60), seed=0).save(folder / "b.png")
+    make_photo((45, 70), seed=1).save(folder / "a.jpg")
+    make_photo((20, 20), seed=2).save(folder / "sub" / "c.webp")
+    return folder
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    """Where outputs go: `out / "embeddings.safetensors"` and friends."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+def ok(result: Result) -> Result:
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    with safe_open(path, framework="np") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def the_error(result: Result, code: int = 2) -> str:
+    """The one `error:` line of a failed run, after checking it failed cleanly: no traceback, nothing on stdout."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # an uncaught exception would be a traceback
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.rstrip("\n").endswith(errors[0])
+    return errors[0]
+
+
+# -------------------------------------------------------------------------------------- output files
+
+
+def test_safetensors_output_holds_an_n_by_d_float32_embeddings_tensor(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "embeddings.safetensors"))
+    tensors, _ = read_safetensors(out / "embeddings.safetensors")
+    assert set(tensors) == {"embeddings"}
+    assert tensors["embeddings"].shape == (3, 32) and tensors["embeddings"].dtype == np.float32
+
+
+def test_safetensors_header_describes_the_run(embed, photos: Path, out: Path, tiny_siglip: Path) -> None:
+    ok(embed(photos, "-o", out / "embeddings.safetensors"))
+    _, meta = read_safetensors(out / "embeddings.safetensors")
+    assert meta["model"] == str(tiny_siglip) and meta["revision"] == ""  # a local folder has no revision
+    assert (meta["embedding_dim"], meta["num_images"], meta["dtype"]) == ("32", "3", "float32")
+    assert (meta["normalized"], meta["compute_dtype"]) == ("true", "float32")
+    assert meta["tool"] == f"siglip {__version__}"
+    preprocessing = json.loads(meta["preprocessing"])
+    assert (preprocessing["height"], preprocessing["width"], preprocessing["resample"]) == (32, 32, 3)
+    assert preprocessing["exif_transpose"] is True
+
+
+def test_npy_output_is_the_embedding_array_with_its_metadata_beside_it(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "embeddings.npy"))
+    embeddings = np.load(out / "embeddings.npy")
+    assert embeddings.shape == (3, 32) and embeddings.dtype == np.float32
+    meta = json.loads((out / "embeddings.meta.json").read_text())
+    assert (meta["embedding_dim"], meta["normalized"], meta["tool"]) == ("32", "true", f"siglip {__version__}")
+
+
+def test_safetensors_and_npy_outputs_hold_the_same_numbers(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "tensors.safetensors"))
+    ok(embed(photos, "-o", out / "array.npy"))  # another stem: the two would share a manifest otherwise
+    assert np.array_equal(np.load(out / "array.npy"), load_file(out / "tensors.safetensors")["embeddings"].numpy())
+
+
+def test_manifest_has_one_row_per_embedding_in_sorted_path_order(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "embeddings.safetensors"))
+    rows = read_jsonl(out / "embeddings.jsonl")  # the output's name with .jsonl for its suffix
+    assert [(r["path"], r["width"], r["height"]) for r in rows] == [
+        (str(photos / "a.jpg"), 45, 70),
+        (str(photos / "b.png"), 80, 60),
+        (str(photos / "sub" / "c.webp"), 20, 20),
+    ]
+
+
+def test_unsupported_output_suffix_is_refused(embed, photos: Path, out: Path) -> None:
+    assert ".safetensors or .npy" in the_error(embed(photos, "-o", out / "embeddings.csv"))
+
+
+def test_a_finished_run_leaves_only_its_output_files(embed, photos: Path, out: Path) -> None:
+    (photos / "broken.png").write_text("not a png")
+    ok(embed(photos, "-o", out / "embeddings.safetensors"))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "embeddings.errors.jsonl",
+        "embeddings.jsonl",
+        "embeddings.safetensors",
+    ]
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    path = tmp_path / "embeddings.npy"
+    path.write_bytes(b"previous run")
+    with pytest.raises(RuntimeError), atomic_write(path) as f:
+        f.write(b"half of the new")
+        raise RuntimeError("disk full")
+    assert path.read_bytes() == b"previous run"
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_existing_output_is_refused_without_overwrite(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "embeddings.safetensors"))
+    before = (out / "embeddings.safetensors").read_bytes()
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors"))
+    assert f"{out / 'embeddings.safetensors'} already exists" in error and "--overwrite" in error
+    assert (out / "embeddings.safetensors").read_bytes() == before
+
+
+def test_existing_manifest_of_another_run_is_not_clobbered(embed, photos: Path, out: Path) -> None:
+    (out / "embeddings.jsonl").write_text('{"path": "somebody else\'s file"}\n')
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors"))
+    assert f"{out / 'embeddings.jsonl'} already exists" in error
+    assert (out / "embeddings.jsonl").read_text() == '{"path": "somebody else\'s file"}\n'
+
+
+def test_overwrite_replaces_an_existing_output(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos / "b.png", "-o", out / "embeddings.safetensors"))
+    ok(embed(photos, "-o", out / "embeddings.safetensors", "--overwrite"))
+    assert load_file(out / "embeddings.safetensors")["embeddings"].shape == (3, 32)
+    assert len(read_jsonl(out / "embeddings.jsonl")) == 3
+
+
+def test_overwrite_without_tokens_removes_the_old_tokens_file(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "embeddings.npy", "--tokens"))
+    ok(embed(photos / "b.png", "-o", out / "embeddings.npy", "--overwrite"))
+    assert not (out / "embeddings.tokens.npy").exists()
+
+
+# ---------------------------------------------------------------------------------------- the flags
+
+
+def test_embeddings_are_l2_normalized_by_default(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "embeddings.npy"))
+    assert np.allclose(np.linalg.norm(np.load(out / "embeddings.npy"), axis=1), 1, atol=1e-6)
+
+
+def test_no_normalize_stores_the_raw_pooled_vectors(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "normalized.npy"))
+    ok(embed(photos, "-o", out / "raw.npy", "--no-normalize"))
+    raw, normalized = np.load(out / "raw.npy"), np.load(out / "normalized.npy")
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1)
+    assert np.abs(raw / np.linalg.norm(raw, axis=1, keepdims=True) - normalized).max() <= SAME
+    assert json.loads((out / "raw.meta.json").read_text())["normalized"] == "false"
+
+
+def test_tokens_are_saved_in_the_safetensors_file(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "embeddings.safetensors", "--tokens"))
+    tensors, _ = read_safetensors(out / "embeddings.safetensors")
+    assert tensors["tokens"].shape == (3, 16, 32) and tensors["tokens"].dtype == np.float32  # 32 px / patch 8 = 4×4
+    assert tensors["embeddings"].shape == (3, 32)
+
+
+def test_tokens_are_saved_beside_an_npy_output(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "embeddings.npy", "--tokens"))
+    assert np.load(out / "embeddings.tokens.npy").shape == (3, 16, 32)
+    assert np.load(out / "embeddings.npy").shape == (3, 32)
+
+
+def test_output_dtype_float16_stores_half_precision(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "full.safetensors"))
+    ok(embed(photos, "-o", out / "half.safetensors", "--output-dtype", "float16", "--tokens"))
+    tensors, meta = read_safetensors(out / "half.safetensors")
+    assert tensors["embeddings"].dtype == np.float16 and tensors["tokens"].dtype == np.float16
+    assert meta["dtype"] == "float16"
+    full = load_file(out / "full.safetensors")["embeddings"].numpy()
+    assert np.abs(tensors["embeddings"].astype(np.float32) - full).max() <= 1e-3  # half-precision rounding only
+
+
+def test_bfloat16_compute_keeps_cosine_to_float32(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "float32.npy", "--dtype", "float32"))
+    ok(embed(photos, "-o", out / "bfloat16.npy", "--dtype", "bfloat16"))
+    cosine = (np.load(out / "float32.npy") * np.load(out / "bfloat16.npy")).sum(axis=1)  # rows are unit vectors
+    assert cosine.min() >= 0.999
+    assert json.loads((out / "bfloat16.meta.json").read_text())["compute_dtype"] == "bfloat16"
+
+
+def test_bfloat16_compute_still_stores_float32_tokens(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "float32.safetensors", "--tokens", "--dtype", "float32"))
+    ok(embed(photos, "-o", out / "bfloat16.safetensors", "--tokens", "--dtype", "bfloat16"))
+    exact, rounded = load_file(out / "float32.safetensors")["tokens"], load_file(out / "bfloat16.safetensors")["tokens"]
+    assert rounded.dtype == exact.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(rounded, exact, dim=-1).min() >= 0.999
+
+
+def test_batch_size_does_not_change_the_embeddings(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "one.npy", "--batch-size", "1"))
+    ok(embed(photos, "-o", out / "all.npy", "--batch-size", "32"))
+    assert np.abs(np.load(out / "one.npy") - np.load(out / "all.npy")).max() <= SAME
+
+
+def test_output_assembled_from_many_chunks_is_the_same(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok(embed(photos, "-o", out / "one_chunk.safetensors", "--batch-size", "1", "--tokens"))
+    monkeypatch.setattr("siglip_cli.embed.FLUSH_SECONDS", 0.0)  # every batch becomes a chunk on disk
+    ok(embed(photos, "-o", out / "many_chunks.safetensors", "--batch-size", "1", "--tokens"))
+    one, many = load_file(out / "one_chunk.safetensors"), load_file(out / "many_chunks.safetensors")
+    assert all(one[name].equal(many[name]) for name in ("embeddings", "tokens"))
+
+
+def test_two_workers_give_the_same_output_as_none(embed, photos: Path, out: Path) -> None:
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    ok(embed(photos, "-o", out / "inline.safetensors", workers=0))
+    ok(embed(photos, "-o", out / "workers.safetensors", workers=2))
+    assert load_file(out / "inline.safetensors")["embeddings"].equal(
+        load_file(out / "workers.safetensors")["embeddings"]
+    )
+    assert read_jsonl(out / "inline.jsonl") == read_jsonl(out / "workers.jsonl")
+    assert read_jsonl(out / "inline.errors.jsonl") == read_jsonl(out / "workers.errors.jsonl")
+
+
+def test_max_pixels_refuses_larger_images(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "embeddings.safetensors", "--max-pixels", 1000))  # c.webp is 400 px, the rest more
+    assert [r["path"] for r in read_jsonl(out / "embeddings.jsonl")] == [str(photos / "sub" / "c.webp")]
+    errors = read_jsonl(out / "embeddings.errors.jsonl")
+    assert [e["path"] for e in errors] == [str(photos / "a.jpg"), str(photos / "b.png")]
+    assert all("exceeds the limit of 1,000" in e["error"] and "--max-pixels" in e["error"] for e in errors)
+
+
+def test_no_exif_transpose_embeds_the_pixels_as_stored(embed, tmp_path: Path, out: Path) -> None:
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    save_sideways_jpeg(folder / "portrait.jpg", make_photo((80, 60)))
+    with Image.open(folder / "portrait.jpg") as stored:
+        stored.convert("RGB").save(folder / "sideways.png")  # the same pixels, no EXIF
+    ok(embed(folder, "-o", out / "embeddings.npy", "--no-exif-transpose"))
+    portrait, sideways = np.load(out / "embeddings.npy")
+    assert np.abs(portrait - sideways).max() <= SAME
+    assert [(r["width"], r["height"]) for r in read_jsonl(out / "embeddings.jsonl")] == [(60, 80), (60, 80)]
+    assert (
+        json.loads(json.loads((out / "embeddings.meta.json").read_text())["preprocessing"])["exif_transpose"] is False
+    )
+
+
+def test_strict_exits_1_when_any_file_failed(embed, photos: Path, out: Path) -> None:
+    (photos / "broken.png").write_text("not a png")
+    result = embed(photos, "-o", out / "embeddings.safetensors", "--strict")
+    assert "could not be embedded (--strict)" in the_error(result, code=1)
+    assert len(read_jsonl(out / "embeddings.jsonl")) == 3  # the good rows are still written
+
+
+def test_a_bad_file_without_strict_still_exits_0(embed, photos: Path, out: Path) -> None:
+    (photos / "broken.png").write_text("not a png")
+    ok(embed(photos, "-o", out / "embeddings.safetensors"))
+
+
+def test_strict_run_without_bad_files_exits_0(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "embeddings.safetensors", "--strict"))
+
+
+def test_quiet_leaves_stderr_empty(embed, photos: Path, out: Path) -> None:
+    (photos / "broken.png").write_text("not a png")
+    result = ok(embed(photos, "-o", out / "embeddings.safetensors", "--quiet"))
+    assert result.stderr == "" and result.stdout == ""
+
+
+def test_json_prints_exactly_one_json_document_on_stdout(embed, photos: Path, out: Path) -> None:
+    (photos / "broken.png").write_text("not a png")
+    result = ok(embed(photos, "-o", out / "embeddings.safetensors", "--json"))
+    summary = json.loads(result.stdout)  # raises if anything else shares stdout
+    assert SUMMARY_KEYS <= summary.keys()
+    assert (summary["embedded"], summary["failed"]) == (3, 1)
+    assert summary["output"] == str(out / "embeddings.safetensors")
+    assert summary["manifest"] == str(out / "embeddings.jsonl")
+    assert summary["errors"] == str(out / "embeddings.errors.jsonl")
+    assert summary["seconds"] >= 0 and summary["images_per_s"] >= 0
+
+
+def test_json_names_no_errors_file_when_nothing_failed(embed, photos: Path, out: Path) -> None:
+    summary = json.loads(ok(embed(photos, "-o", out / "embeddings.safetensors", "--json")).stdout)
+    assert summary["errors"] is None and summary["failed"] == 0
+
+
+def test_stdout_stays_empty_without_json(embed, photos: Path, out: Path) -> None:
+    assert ok(embed(photos, "-o", out / "embeddings.safetensors")).stdout == ""
+
+
+def test_stderr_ends_with_the_summary_line(embed, photos: Path, out: Path) -> None:
+    result = ok(embed(photos, "-o", out / "embeddings.safetensors"))
+    assert result.stderr.splitlines()[-1].startswith(f"embedded 3 → {out / 'embeddings.safetensors'} (")
+
+
+def test_summary_line_points_at_the_errors_file(embed, photos: Path, out: Path) -> None:
+    (photos / "broken.png").write_text("not a png")
+    result = ok(embed(photos, "-o", out / "embeddings.safetensors"))
+    assert result.stderr.splitlines()[-1].endswith(f"; skipped 1: see {out / 'embeddings.errors.jsonl'}")
+
+
+def test_error_stays_on_one_line_without_a_terminal(
+    tmp_path: Path, tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+    missing = tmp_path / "an-album-with-a-rather-long-descriptive-folder-name" / "missing.jpg"
+    result = CliRunner().invoke(app, ["embed", str(missing), "--model", str(tiny_siglip)])
+    assert result.stderr == f"error: input {missing} does not exist.\n"
+
+
+# ------------------------------------------------------------------------------- which files are read
+
+
+def test_files_from_reads_a_list_of_paths(embed, photos: Path, out: Path, tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{photos / 'b.png'}\n{photos / 'a.jpg'}\n")
+    ok(embed("--files-from", listing, "-o", out / "embeddings.safetensors"))
+    assert [r["path"] for r in read_jsonl(out / "embeddings.jsonl")] == [str(photos / "a.jpg"), str(photos / "b.png")]
+
+
+def test_files_from_dash_reads_stdin(embed, photos: Path, out: Path) -> None:
+    result = ok(
+        embed("--files-from", "-", "-o", out / "embeddings.safetensors", input=f"{photos / 'sub' / 'c.webp'}\n")
+    )
+    assert [r["path"] for r in read_jsonl(out / "embeddings.jsonl")] == [str(photos / "sub" / "c.webp")]
+    assert result.stdout == ""
+
+
+def test_non_utf8_file_name_carries_its_bytes_in_the_manifest(embed, tmp_path: Path, out: Path) -> None:
+    folder = tmp_path / "card"
+    folder.mkdir()
+    raw = os.fsencode(folder) + b"/caf\xe9.png"
+    make_photo().save(os.fsdecode(raw))
+    ok(embed(folder, "-o", out / "embeddings.safetensors"))
+    (row,) = read_jsonl(out / "embeddings.jsonl")
+    assert row["path"] == f"{folder}/caf\ufffd.png"
+    assert base64.b64decode(row["path_bytes_b64"]) == raw
+
+
+def test_fifo_named_on_the_command_line_is_reported_not_opened(embed, photos: Path, out: Path) -> None:
+    os.mkfifo(photos / "stream.jpg")  # opening it would block: no writer will ever come
+    with deadline(30):
+        ok(embed(photos / "stream.jpg", photos / "b.png", "-o", out / "embeddings.safetensors"))
+    (error,) = read_jsonl(out / "embeddings.errors.jsonl")
+    assert (error["path"], error["error"]) == (str(photos / "stream.jpg"), "not a regular file")
+
+
+# ------------------------------------------------------------------------ a folder of awkward files
+
+
+@dataclass
+class MessyRun:
+    folder: Path
+    result: Result
+    rows: list[dict]
+    errors: list[dict]
+    embeddings: dict[str, np.ndarray]  # by file name
+
+    def error(self, name: str) -> str:
+        return next(e["error"] for e in self.errors if e["path"] == str(self.folder / name))
+
+
+GOOD = ["UPPER.JPG", "animated.gif", "first_frame.png", "gray.png", "photo.jpg", "photo.png", "rotated.jpg",
+        "second_frame.png", "sideways.png", "sixteen.png", "upright.png"]  # fmt: skip
+BAD = {  # file name: what its error says
+    "bomb.png": "decompression bomb",
+    "empty.jpg": "cannot identify image file",
+    "notes.png": "cannot identify image file",
+    "truncated.jpg": "truncated",
+}
+
+
+@pytest.fixture(scope="module")
+def messy(tiny_siglip: Path, tmp_path_factory: pytest.TempPathFactory) -> MessyRun:
+    """One run over the folder a real photo library looks like, good files and bad."""
+    folder = tmp_path_factory.mktemp("messy")
+    make_photo((80, 60), seed=0).save(folder / "photo.png")
+    make_photo((80, 60), seed=1).save(folder / "photo.jpg")
+    make_photo((64, 48), seed=2).save(folder / "UPPER.JPG")
+    # A phone portrait: sideways pixels + EXIF orientation, and the same decoded pixels turned upright.
+    save_sideways_jpeg(folder / "rotated.jpg", make_photo((80, 60), seed=3))
+    with Image.open(folder / "rotated.jpg") as stored:
+        stored.convert("RGB").save(folder / "sideways.png")
+        stored.convert("RGB").rotate(-90, expand=True).save(folder / "upright.png")
+    make_photo((80, 60), mode="I;16", seed=4).save(folder / "sixteen.png")
+    make_photo((80, 60), mode="L", seed=4).save(folder / "gray.png")
+    first, second = (make_photo((80, 60), seed=s).quantize(64) for s in (5, 6))
+    save_animated_gif(folder / "animated.gif", [first, second])
+    first.convert("RGB").save(folder / "first_frame.png")
+    second.convert("RGB").save(folder / "second_frame.png")
+    # Bad files.
+    make_photo((200, 150), seed=7).save(folder / "whole.jpg.orig", format="JPEG")
+    whole = (folder / "whole.jpg.orig").read_bytes()
+    (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("shopping list: milk, eggs\n")
+    save_png_claiming_size(folder / "bomb.png", 30_000, 30_000)
+    # Never to be read.
+    os.mkfifo(folder / "fifo.jpg")
+    (folder / "loop").symlink_to(".")
+    make_photo(seed=8).save(folder / ".hidden.jpg")
+    (folder / "readme.txt").write_text("not an image")
+
+    output = tmp_path_factory.mktemp("messy_out") / "embeddings.safetensors"
+    with deadline(60):
+        result = siglip("embed", folder, "-o", output, "--model", tiny_siglip, "--workers", 0, "--batch-size", 4)
+    rows = read_jsonl(output.with_suffix(".jsonl")) if output.exists() else []
+    errors = read_jsonl(output.with_name("embeddings.errors.jsonl")) if output.exists() else []
+    vectors = load_file(output)["embeddings"].numpy() if output.exists() else []
+    embeddings = {Path(r["path"]).name: v for r, v in zip(rows, vectors, strict=True)}
+    return MessyRun(folder, result, rows, errors, embeddings)
+
+
+def test_messy_folder_run_succeeds(messy: MessyRun) -> None:
+    assert messy.result.exit_code == 0, messy.result.output
+    assert messy.result.stdout == ""
+
+
+def test_messy_folder_embeds_the_good_images_in_sorted_path_order(messy: MessyRun) -> None:
+    assert [r["path"] for r in messy.rows] == [str(messy.folder / name) for name in GOOD]
+
+
+def test_messy_folder_lists_each_bad_file_with_a_one_line_reason(messy: MessyRun) -> None:
+    assert [e["path"] for e in messy.errors] == [str(messy.folder / name) for name in BAD]
+    assert all(e["error"] and "\n" not in e["error"] for e in messy.errors)
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_file_error_says_what_is_wrong(messy: MessyRun, name: str) -> None:
+    assert BAD[name] in messy.error(name)
+
+
+def test_fifo_symlink_loop_hidden_and_non_image_files_are_never_read(messy: MessyRun) -> None:
+    listed = {Path(r["path"]) for r in messy.rows + messy.errors}
+    assert all(p.parent == messy.folder for p in listed)  # nothing found again through loop/
+    assert not {"fifo.jpg", ".hidden.jpg", "readme.txt", "whole.jpg.orig"} & {p.name for p in listed}
+
+
+def test_exif_rotated_photo_embeds_as_the_same_photo_rotated(messy: MessyRun) -> None:
+    assert np.abs(messy.embeddings["rotated.jpg"] - messy.embeddings["upright.png"]).max() <= SAME
+    assert np.abs(messy.embeddings["rotated.jpg"] - messy.embeddings["sideways.png"]).max() > 0.01  # EXIF mattered
+    rotated = next(r for r in messy.rows if r["path"].endswith("rotated.jpg"))
+    assert (rotated["width"], rotated["height"]) == (80, 60)  # upright size, not the stored 60×80
+
+
+def test_sixteen_bit_png_embeds_like_its_eight_bit_twin(messy: MessyRun) -> None:
+    assert np.abs(messy.embeddings["sixteen.png"] - messy.embeddings["gray.png"]).max() <= SAME
+
+
+def test_animated_gif_embeds_its_first_frame(messy: MessyRun) -> None:
+    assert np.abs(messy.embeddings["animated.gif"] - messy.embeddings["first_frame.png"]).max() <= SAME
+    assert np.abs(messy.embeddings["animated.gif"] - messy.embeddings["second_frame.png"]).max() > 0.01
+
+
+# ----------------------------------------------------------------------------------- failing clearly
+
+
+def test_nothing_embeddable_is_an_error_pointing_at_the_errors_file(embed, tmp_path: Path, out: Path) -> None:
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("not a png")
+    error = the_error(embed(folder, "-o", out / "embeddings.safetensors"))
+    assert f"none of the 2 input files could be embedded: see {out / 'embeddings.errors.jsonl'}" in error
+    assert len(read_jsonl(out / "embeddings.errors.jsonl")) == 2
+    assert not (out / "embeddings.safetensors").exists()
+
+
+def test_missing_input_path_is_named(embed, photos: Path, out: Path) -> None:
+    error = the_error(embed(photos, photos / "holiday.jpg", "-o", out / "embeddings.safetensors"))
+    assert error == f"error: input {photos / 'holiday.jpg'} does not exist."
+
+
+def test_folder_without_images_is_an_error(embed, tmp_path: Path, out: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("hello")
+    assert "no image files found in" in the_error(embed(tmp_path / "docs", "-o", out / "embeddings.safetensors"))
+
+
+def test_no_inputs_at_all_is_an_error(embed, out: Path) -> None:
+    assert "give at least one image file or folder" in the_error(embed("-o", out / "embeddings.safetensors"))
+
+
+def test_unknown_model_directory_is_one_sentence(embed, photos: Path, out: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "models" / "siglip-mine"
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", model=missing))
+    assert str(missing) in error
+
+
+def test_directory_that_is_not_a_checkpoint_is_one_sentence(embed, photos: Path, out: Path) -> None:
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", model=photos))
+    assert f"{photos} has no config.json" in error
+
+
+@pytest.mark.parametrize("device", ["tpu", "gpu:0", "cuda:99"])
+def test_bad_device_is_one_sentence(embed, photos: Path, out: Path, device: str) -> None:
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--device", device))
+    assert device in error
+
+
+def test_missing_tensor_is_named_by_the_cli(embed, photos: Path, out: Path, tiny_vision: Path, tmp_path: Path) -> None:
+    checkpoint = Path(shutil.copytree(tiny_vision, tmp_path / "damaged"))
+    tensors = load_file(checkpoint / "model.safetensors")
+    del tensors["encoder.layers.1.mlp.fc2.weight"]
+    save_file(tensors, checkpoint / "model.safetensors")
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", model=checkpoint))
+    assert "missing tensor encoder.layers.1.mlp.fc2.weight" in error
+
+
+def test_pickle_checkpoint_is_refused_and_never_unpickled(
+    embed, photos: Path, out: Path, tiny_vision: Path, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "old"
+    checkpoint.mkdir()
+    shutil.copy(tiny_vision / "config.json", checkpoint)
+    save_booby_trapped_pickle(checkpoint / "pytorch_model.bin", tmp_path / "pwned")
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", model=checkpoint))
+    assert "safetensors" in error
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_pickle_file_as_model_is_refused_and_never_unpickled(embed, photos: Path, out: Path, tmp_path: Path) -> None:
+    weights = save_booby_trapped_pickle(tmp_path / "some.bin", tmp_path / "pwned")
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", model=weights))
+    assert "pickle checkpoints" in error and "safetensors" in error
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("model_type", ["siglip2", "clip"])
+def test_unsupported_model_type_is_one_sentence(
+    embed, photos: Path, out: Path, tmp_path: Path, model_type: str
+) -> None:
+    checkpoint = tmp_path / model_type
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": model_type}))
+    assert f"model_type '{model_type}'" in the_error(
+        embed(photos, "-o", out / "embeddings.safetensors", model=checkpoint)
+    )
+
+
+def test_hub_id_is_served_from_the_offline_cache_with_its_revision_recorded(
+    embed, photos: Path, out: Path, hf_cache: HubCache, tiny_siglip: Path
+) -> None:
+    hf_cache(tiny_siglip)
+    ok(embed(photos, "-o", out / "hub.safetensors", model=DEFAULT_REPO_ID))
+    ok(embed(photos, "-o", out / "local.safetensors", model=tiny_siglip))
+    tensors, meta = read_safetensors(out / "hub.safetensors")
+    assert (meta["model"], meta["revision"]) == (DEFAULT_REPO_ID, DEFAULT_REVISION)
+    assert np.array_equal(tensors["embeddings"], load_file(out / "local.safetensors")["embeddings"].numpy())
+
+
+def test_hub_id_missing_from_the_offline_cache_fails_fast_naming_it(
+    embed, photos: Path, out: Path, hf_cache: HubCache
+) -> None:
+    started = time.monotonic()
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", model="google/siglip-not-downloaded"))
+    assert time.monotonic() - started < 10
+    assert "google/siglip-not-downloaded is not in the local Hugging Face cache" in error
+
+
+def test_headless_tower_embedding_is_the_mean_of_its_tokens(
+    embed, photos: Path, out: Path, tiny_paligemma: Path
+) -> None:
+    ok(embed(photos, "-o", out / "embeddings.safetensors", "--tokens", "--no-normalize", model=tiny_paligemma))
+    tensors, meta = read_safetensors(out / "embeddings.safetensors")
+    assert np.abs(tensors["embeddings"] - tensors["tokens"].mean(axis=1)).max() <= SAME
+    assert "mean of patch tokens" in meta["pooling"]
+
+
+# ------------------------------------------------------------------------------------ in a real process
+
+
+def run_siglip(*args: object, input: str = "") -> subprocess.CompletedProcess:
+    code = "from siglip_cli.cli import app; app(prog_name='siglip')"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "1000"}
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], input=input, capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_real_process_reads_stdin_and_keeps_stdout_clean(photos: Path, out: Path, tiny_siglip: Path) -> None:
+    listing = f"{photos / 'b.png'}\n{photos / 'a.jpg'}\n"
+    args = ["embed", "--files-from", "-", "-o", out / "embeddings.safetensors", "--model", tiny_siglip, "--workers", 0]
+    process = run_siglip(*args, input=listing)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout == ""
+    assert process.stderr.splitlines()[-1].startswith("embedded 2 → ")
+
+
+def test_real_process_user_error_has_no_traceback(photos: Path, out: Path, tiny_siglip: Path) -> None:
+    process = run_siglip("embed", photos, "-o", out / "e.safetensors", "--model", tiny_siglip, "--device", "tpu")
+    assert process.returncode == 2
+    assert process.stdout == "" and "Traceback" not in process.stderr
+    assert process.stderr.strip().splitlines() == ["error: unknown device 'tpu' (expected auto, cpu, cuda or cuda:N)."]
+
+
+# ------------------------------------------------------------------------------------------ Python API
+
+
+def test_embed_paths_returns_normalized_rows_in_path_order_and_errors(photos: Path, tiny_siglip: Path) -> None:
+    (photos / "broken.png").write_text("not a png")
+    result = embed_paths(load(str(tiny_siglip), device="cpu"), [photos])
+    assert result.embeddings.shape == (3, 32) and result.tokens is None
+    assert np.allclose(np.linalg.norm(result.embeddings, axis=1), 1, atol=1e-6)
+    assert [r["path"] for r in result.rows] == [str(photos / n) for n in ("a.jpg", "b.png", "sub/c.webp")]
+    assert [e["path"] for e in result.errors] == [str(photos / "broken.png")]
+
+
+def test_embed_paths_agrees_with_the_cli(embed, photos: Path, out: Path, tiny_siglip: Path) -> None:
+    ok(embed(photos, "-o", out / "embeddings.npy"))
+    result = embed_paths(load(str(tiny_siglip), device="cpu"), [photos], tokens=True)
+    assert np.abs(result.embeddings - np.load(out / "embeddings.npy")).max() <= SAME
+    assert result.tokens.shape == (3, 16, 32)
+
+
+def test_embed_to_file_writes_the_output_and_returns_a_summary(photos: Path, out: Path, tiny_siglip: Path) -> None:
+    from siglip_cli.embed import EmbedOptions
+
+    paths = [str(photos / "b.png"), str(photos / "a.jpg")]  # kept in the order given
+    summary = embed_to_file(
+        load(str(tiny_siglip), device="cpu"), paths, out / "api.npy", options=EmbedOptions(workers=0)
+    )
+    assert (summary.embedded, summary.failed, summary.output) == (2, 0, str(out / "api.npy"))
+    assert [r["path"] for r in read_jsonl(out / "api.jsonl")] == paths
+    assert np.load(out / "api.npy").shape == (2, 32)
+
+
+def test_embedding_leaves_pillows_bomb_guard_alone(
+    photos: Path, tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default; restored after the test
+    embed_paths(load(str(tiny_siglip), device="cpu"), [photos], workers=0)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485

@@ -1,0 +1,190 @@
+"""Finding the images to embed: which files a folder walk takes, in what order, and how rows name them.
+
+`discover` never opens a file, so most files here are a few placeholder bytes; only the name and the
+file type matter.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import deadline
+from siglip_cli.errors import UserError
+from siglip_cli.files import discover, is_regular_file, path_fields, path_from_fields, read_path_list
+
+
+def touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"placeholder")
+    return path
+
+
+def found(*inputs: Path | str, files_from: str | None = None) -> list[str]:
+    return discover([str(p) for p in inputs], files_from=files_from)
+
+
+# ------------------------------------------------------------------------------------ folder walks
+
+
+def test_every_image_extension_is_taken_in_any_case(tmp_path: Path) -> None:
+    names = ["a.jpg", "b.JPEG", "c.Png", "d.webp", "e.BMP", "f.gif", "g.tif", "h.TIFF"]
+    for name in names:
+        touch(tmp_path / name)
+    assert found(tmp_path) == [str(tmp_path / name) for name in names]
+
+
+def test_files_without_an_image_extension_are_left_out(tmp_path: Path) -> None:
+    for name in ("notes.txt", "photo.heic", "photo.jpg.bak", "README", "jpg"):
+        touch(tmp_path / name)
+    touch(tmp_path / "kept.jpg")
+    assert found(tmp_path) == [str(tmp_path / "kept.jpg")]
+
+
+def test_folders_are_walked_recursively(tmp_path: Path) -> None:
+    deep = touch(tmp_path / "2023" / "summer" / "beach" / "wave.png")
+    assert found(tmp_path) == [str(deep)]
+
+
+def test_hidden_files_and_folders_are_skipped(tmp_path: Path) -> None:
+    touch(tmp_path / ".thumbnail.jpg")
+    touch(tmp_path / ".cache" / "photo.jpg")
+    touch(tmp_path / "album" / "._photo.jpg")  # macOS resource fork
+    visible = touch(tmp_path / "album" / "photo.jpg")
+    assert found(tmp_path) == [str(visible)]
+
+
+def test_a_file_named_on_the_command_line_is_taken_whatever_its_extension(tmp_path: Path) -> None:
+    named = touch(tmp_path / "scan.dat")
+    assert found(named) == [str(named)]
+
+
+def test_paths_come_back_sorted_by_their_bytes(tmp_path: Path) -> None:
+    for name in ("b.jpg", "a/z.jpg", "B.jpg", "a.jpg", "a/b/c.jpg"):
+        touch(tmp_path / name)
+    paths = found(tmp_path / "b.jpg", tmp_path)  # argument order does not matter
+    assert paths == sorted(paths, key=os.fsencode)
+    assert [os.path.relpath(p, tmp_path) for p in paths] == ["B.jpg", "a.jpg", "a/b/c.jpg", "a/z.jpg", "b.jpg"]
+
+
+def test_a_file_reached_several_ways_is_listed_once(tmp_path: Path) -> None:
+    photo = touch(tmp_path / "album" / "photo.jpg")
+    paths = found(tmp_path, photo, f"{tmp_path}/album/./photo.jpg", tmp_path / "album")
+    assert paths == [str(photo)]
+
+
+def test_symlink_loop_neither_hangs_nor_repeats_images(tmp_path: Path) -> None:
+    photo = touch(tmp_path / "album" / "photo.jpg")
+    (tmp_path / "album" / "again").symlink_to(".")  # album/again/again/again/... forever
+    (tmp_path / "album" / "up").symlink_to("..")
+    with deadline(10):
+        paths = found(tmp_path)
+    assert paths == [str(photo)]
+
+
+def test_a_symlink_that_points_at_itself_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "self.jpg").symlink_to("self.jpg")
+    photo = touch(tmp_path / "photo.jpg")
+    assert found(tmp_path) == [str(photo)]
+
+
+def test_fifo_named_like_an_image_is_not_listed_from_a_folder(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "stream.jpg")  # opening it for reading would block forever
+    photo = touch(tmp_path / "photo.jpg")
+    with deadline(10):
+        assert found(tmp_path) == [str(photo)]
+
+
+def test_only_regular_files_count_as_files(tmp_path: Path) -> None:
+    photo = touch(tmp_path / "photo.jpg")
+    os.mkfifo(tmp_path / "stream.jpg")
+    (tmp_path / "link.jpg").symlink_to("photo.jpg")
+    (tmp_path / "loop.jpg").symlink_to("loop.jpg")
+    with deadline(10):
+        assert is_regular_file(str(photo)) and is_regular_file(str(tmp_path / "link.jpg"))
+        assert not is_regular_file(str(tmp_path / "stream.jpg"))
+        assert not is_regular_file(str(tmp_path / "loop.jpg"))
+        assert not is_regular_file(str(tmp_path))
+        assert not is_regular_file(str(tmp_path / "missing.jpg"))
+
+
+def test_missing_input_is_a_user_error_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "holiday" / "missing.jpg"
+    with pytest.raises(UserError, match="missing.jpg does not exist"):
+        found(missing)
+
+
+# ----------------------------------------------------------------------------------- path lists
+
+
+def test_files_from_reads_one_path_per_line(tmp_path: Path) -> None:
+    first, second = touch(tmp_path / "b.jpg"), touch(tmp_path / "a.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{first}\n\n{second}\r\n")  # blank lines and CRLF endings are fine
+    assert found(files_from=str(listing)) == [str(second), str(first)]
+
+
+def test_files_from_reads_nul_separated_paths(tmp_path: Path) -> None:
+    odd = touch(tmp_path / "line\nbreak.jpg")  # what `find -print0` is for
+    plain = touch(tmp_path / "plain.jpg")
+    listing = tmp_path / "list.bin"
+    listing.write_bytes(os.fsencode(odd) + b"\0" + os.fsencode(plain) + b"\0")
+    assert found(files_from=str(listing)) == [str(odd), str(plain)]
+
+
+def test_files_from_dash_reads_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    photo = touch(tmp_path / "photo.jpg")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f"{photo}\n".encode())))
+    assert found(files_from="-") == [str(photo)]
+
+
+def test_files_from_keeps_missing_lines_to_fail_as_bad_files(tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path / 'deleted.jpg'}\n")
+    assert found(files_from=str(listing)) == [str(tmp_path / "deleted.jpg")]
+
+
+def test_files_from_walks_listed_folders(tmp_path: Path) -> None:
+    photo = touch(tmp_path / "album" / "photo.jpg")
+    touch(tmp_path / "album" / ".hidden.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path / 'album'}\n")
+    assert found(files_from=str(listing)) == [str(photo)]
+
+
+def test_files_from_adds_to_the_arguments(tmp_path: Path) -> None:
+    argument, listed = touch(tmp_path / "b.jpg"), touch(tmp_path / "a.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{listed}\n{argument}\n")
+    assert found(argument, files_from=str(listing)) == [str(listed), str(argument)]
+
+
+def test_unreadable_path_list_is_a_user_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="cannot read the path list .*nope.txt"):
+        read_path_list(str(tmp_path / "nope.txt"))
+
+
+# --------------------------------------------------------------------------------- naming rows
+
+
+def test_utf8_name_is_written_as_a_plain_path() -> None:
+    assert path_fields("photos/été 2023/plage.jpg") == {"path": "photos/été 2023/plage.jpg"}
+
+
+def test_non_utf8_name_carries_its_exact_bytes_in_base64() -> None:
+    raw = b"photos/caf\xe9.jpg"  # Latin-1 name from an old camera card
+    fields = path_fields(os.fsdecode(raw))
+    assert fields["path"] == "photos/caf\ufffd.jpg"  # readable, though lossy
+    assert base64.b64decode(fields["path_bytes_b64"]) == raw
+    assert os.fsencode(path_from_fields(fields)) == raw
+
+
+def test_non_utf8_names_are_found_and_sorted_by_bytes(tmp_path: Path) -> None:
+    latin1 = touch(tmp_path / os.fsdecode(b"caf\xe9.jpg"))
+    utf8 = touch(tmp_path / "caf\u00e9.jpg")  # b"caf\xc3\xa9.jpg" sorts first
+    assert found(tmp_path) == [str(utf8), str(latin1)]

@@ -1,0 +1,203 @@
+"""Parity with transformers: our tower (and the whole image → embedding path) computes what `SiglipVisionModel`
+computes, for every checkpoint shape and layout we support.
+
+Reference: `reference_vision_model(dir)` (float32, eager attention). Pooled output is transformers'
+`pooler_output`; headless towers (PaliGemma) have none, and ours is the mean of the patch tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from conftest import make_photo, reference_vision_model
+from siglip_cli.cli import app
+from siglip_cli.embed import embed_paths, load
+from siglip_cli.weights import load_model, resolve_checkpoint
+
+TOLERANCE = 1e-5  # float32, max |Δ|
+BF16_COSINE = 0.999
+
+CHECKPOINTS = {
+    "tiny_siglip": "full SigLIP with its text tower",
+    "tiny_vision": "vision-only, transformers 5 keys",
+    "tiny_vision_legacy": "vision-only, transformers 4 keys",
+    "tiny_sharded": "sharded full SigLIP",
+    "tiny_p14": "patch 14 at 44 px (not a multiple of 14)",
+    "tiny_odd_heads": "head_dim 9",
+    "tiny_siglip2": "SigLIP2 fixed-resolution",
+    "tiny_paligemma": "headless, PaliGemma layout",
+    "tiny_paligemma_new_layout": "headless, model.vision_tower layout",
+    "tiny_paligemma_v5_layout": "headless, transformers 5 PaliGemma layout",
+    "tiny_paligemma_default_size": "headless at the implied 224 px",
+}
+HEADLESS = [name for name in CHECKPOINTS if "paligemma" in name]
+HEADED = [name for name in CHECKPOINTS if name not in HEADLESS]
+
+
+def random_pixels(checkpoint: Path, batch: int = 3) -> torch.Tensor:
+    size = resolve_checkpoint(str(checkpoint)).vision.image_size
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def reference_outputs(checkpoint: Path, pixels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    with torch.no_grad():
+        out = _reference_model(checkpoint)(pixel_values=pixels)
+    return out.pooler_output, out.last_hidden_state
+
+
+@functools.cache
+def _reference_model(checkpoint: Path):
+    return reference_vision_model(checkpoint)  # loading is the slow part; fixtures never change a checkpoint
+
+
+def our_outputs(checkpoint: Path, pixels: torch.Tensor, *, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused`: the model as `siglip embed` runs it (q/k/v fused); otherwise as loaded."""
+    if fused:
+        return load(str(checkpoint), device="cpu", dtype="float32")(pixels)
+    with torch.no_grad():
+        return load_model(resolve_checkpoint(str(checkpoint)))(pixels)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture(params=list(CHECKPOINTS))
+def any_checkpoint(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(params=HEADED)
+def headed_checkpoint(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(params=HEADLESS)
+def headless_checkpoint(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+# ------------------------------------------------------------------------------------------ the tower
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["as-loaded", "fused-qkv"])
+def test_patch_tokens_match_transformers(any_checkpoint: Path, fused: bool) -> None:
+    pixels = random_pixels(any_checkpoint)
+    _, expected = reference_outputs(any_checkpoint, pixels)
+    _, tokens = our_outputs(any_checkpoint, pixels, fused=fused)
+    assert max_diff(tokens, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["as-loaded", "fused-qkv"])
+def test_pooled_output_matches_transformers_pooler_output(headed_checkpoint: Path, fused: bool) -> None:
+    pixels = random_pixels(headed_checkpoint)
+    expected, _ = reference_outputs(headed_checkpoint, pixels)
+    pooled, _ = our_outputs(headed_checkpoint, pixels, fused=fused)
+    assert max_diff(pooled, expected) <= TOLERANCE
+
+
+def test_headless_pooled_output_is_the_mean_of_the_patch_tokens(headless_checkpoint: Path) -> None:
+    pixels = random_pixels(headless_checkpoint)
+    pooler_output, expected_tokens = reference_outputs(headless_checkpoint, pixels)
+    assert pooler_output is None  # transformers has no pooled output for these towers
+    pooled, _ = our_outputs(headless_checkpoint, pixels, fused=True)
+    assert max_diff(pooled, expected_tokens.mean(dim=1)) <= TOLERANCE
+
+
+def test_one_image_alone_gives_the_same_numbers_as_in_a_batch(tiny_siglip: Path) -> None:
+    pixels = random_pixels(tiny_siglip)
+    encoder = load(str(tiny_siglip), device="cpu", dtype="float32")
+    batched, _ = encoder(pixels)
+    alone, _ = encoder(pixels[1:2])
+    assert max_diff(alone[0], batched[1]) <= TOLERANCE
+
+
+def test_bfloat16_embedding_keeps_cosine_to_float32_reference(any_checkpoint: Path) -> None:
+    pixels = random_pixels(any_checkpoint)
+    expected, expected_tokens = reference_outputs(any_checkpoint, pixels)
+    if expected is None:
+        expected = expected_tokens.mean(dim=1)
+    pooled, _ = load(str(any_checkpoint), device="cpu", dtype="bfloat16")(pixels)
+    assert F.cosine_similarity(pooled, expected, dim=-1).min() >= BF16_COSINE
+
+
+# ------------------------------------------------------------------------------ image file → embedding
+
+
+def reference_from_photos(checkpoint: Path, photos: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transformers pipeline end to end: PIL processor, then the model (pooled, tokens)."""
+    from PIL import Image
+    from transformers import SiglipImageProcessorPil
+
+    # PaliGemma repos say `do_convert_rgb: null`, which makes transformers choke on RGBA; we always convert.
+    processor = SiglipImageProcessorPil.from_pretrained(checkpoint, do_convert_rgb=True)
+    pixels = processor(images=[Image.open(p) for p in photos], return_tensors="pt")["pixel_values"]
+    pooled, tokens = reference_outputs(checkpoint, pixels)
+    return (tokens.mean(dim=1) if pooled is None else pooled), tokens
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> list[Path]:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sizes = [(80, 60), (45, 70), (20, 20)]
+    for i, size in enumerate(sizes):
+        make_photo(size, seed=i).save(folder / f"photo{i}.png")
+    make_photo((64, 48), mode="RGBA", seed=3).save(folder / "photo3.png")
+    return sorted(folder.iterdir())
+
+
+@pytest.mark.parametrize("name", ["tiny_siglip", "tiny_siglip2", "tiny_p14", "tiny_odd_heads", "tiny_paligemma"])
+def test_photos_embed_like_the_transformers_pipeline(
+    name: str, photos: list[Path], request: pytest.FixtureRequest
+) -> None:
+    checkpoint = request.getfixturevalue(name)
+    expected_pooled, expected_tokens = reference_from_photos(checkpoint, photos)
+    encoder = load(str(checkpoint), device="cpu", dtype="float32")
+    result = embed_paths(encoder, photos, normalize=False, tokens=True)
+    assert [row["path"] for row in result.rows] == [str(p) for p in photos]
+    assert max_diff(torch.from_numpy(result.embeddings), expected_pooled) <= TOLERANCE
+    assert max_diff(torch.from_numpy(result.tokens), expected_tokens) <= TOLERANCE
+
+
+def test_cli_no_normalize_output_is_transformers_pooler_output(
+    tiny_siglip: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    output = tmp_path / "embeddings.safetensors"
+    args = [
+        "embed",
+        str(photos[0].parent),
+        "-o",
+        str(output),
+        "--model",
+        str(tiny_siglip),
+        "--workers",
+        "0",
+        "--no-normalize",
+        "--tokens",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    expected_pooled, expected_tokens = reference_from_photos(tiny_siglip, photos)
+    with safe_open(output, "pt") as f:
+        assert max_diff(f.get_tensor("embeddings"), expected_pooled) <= TOLERANCE
+        assert max_diff(f.get_tensor("tokens"), expected_tokens) <= TOLERANCE
+
+
+def test_cli_default_output_is_the_normalized_pooler_output(
+    tiny_siglip: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    output = tmp_path / "embeddings.npy"
+    args = ["embed", str(photos[0].parent), "-o", str(output), "--model", str(tiny_siglip), "--workers", "0"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    expected_pooled, _ = reference_from_photos(tiny_siglip, photos)
+    assert max_diff(torch.from_numpy(np.load(output)), F.normalize(expected_pooled, dim=-1)) <= TOLERANCE

@@ -1,0 +1,193 @@
+"""Preprocessing: pixel for pixel what transformers' `SiglipImageProcessorPil` feeds the model, and beyond it
+the fixes photo libraries need (EXIF orientation, 16-bit tones, first frame of animations, a pixel limit).
+
+The reference processor is built with `from_pretrained(checkpoint_dir)`, so both sides read the same
+`preprocessor_config.json` (bicubic for SigLIP, bilinear for SigLIP2).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_photo, save_animated_gif, save_png_claiming_size, save_sideways_jpeg
+from siglip_cli.config import PreprocessConfig
+from siglip_cli.preprocess import BadImage, DecodeOptions, load_pixels, pixel_values, to_rgb
+from siglip_cli.weights import resolve_checkpoint
+
+PIXEL_TOLERANCE = 1e-6
+MODES = ["RGB", "L", "RGBA", "LA", "P", "CMYK"]  # P: a palette with one transparent colour
+# A format that stores each mode as it is (P keeps its transparency in PNG and GIF, CMYK stays CMYK in JPEG/TIFF).
+SAVED = [
+    ("RGB", "jpg"), ("RGB", "png"), ("RGB", "webp"), ("RGB", "bmp"),
+    ("L", "png"), ("L", "jpg"),
+    ("RGBA", "png"), ("RGBA", "webp"), ("LA", "png"),
+    ("P", "png"), ("P", "gif"),
+    ("CMYK", "jpg"), ("CMYK", "tif"),
+]  # fmt: skip
+NO_EXIF = DecodeOptions(exif_transpose=False)
+
+
+@pytest.fixture(params=["tiny_siglip", "tiny_siglip2"], ids=["bicubic", "bilinear"])
+def checkpoint(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def cfg(checkpoint: Path) -> PreprocessConfig:
+    return resolve_checkpoint(str(checkpoint)).preprocess
+
+
+@pytest.fixture
+def reference(checkpoint: Path):
+    """`image → (3, H, W) float32 array` by transformers' PIL processor for this checkpoint."""
+    from transformers import SiglipImageProcessorPil
+
+    processor = SiglipImageProcessorPil.from_pretrained(checkpoint)
+    return lambda image: processor(images=image, return_tensors="np")["pixel_values"][0]
+
+
+def max_diff(ours: torch.Tensor, theirs: np.ndarray) -> float:
+    assert ours.shape == theirs.shape and ours.dtype == torch.float32
+    return float(np.abs(ours.numpy() - theirs).max())
+
+
+def tensor_of(image: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    return pixel_values(to_rgb(image), cfg)
+
+
+# ------------------------------------------------------------------------------ parity with transformers
+
+
+@pytest.mark.parametrize("size", [(80, 60), (20, 15)], ids=["downscale", "upscale"])
+@pytest.mark.parametrize("mode", MODES)
+def test_pixels_match_transformers_for_each_image_mode(mode: str, size, cfg, reference) -> None:
+    image = make_photo(size, mode=mode)
+    assert max_diff(tensor_of(image, cfg), reference(image)) <= PIXEL_TOLERANCE
+
+
+@pytest.mark.parametrize("mode, suffix", SAVED, ids=[f"{m}-{s}" for m, s in SAVED])
+def test_saved_file_decodes_to_transformers_pixels(mode: str, suffix: str, tmp_path: Path, cfg, reference) -> None:
+    path = tmp_path / f"photo.{suffix}"
+    make_photo((80, 60), mode=mode).save(path)
+    with Image.open(path) as image:
+        assert image.mode == mode  # the file really holds that mode
+        expected = reference(image)
+    pixels, width, height = load_pixels(path, cfg, NO_EXIF)
+    assert max_diff(pixels, expected) <= PIXEL_TOLERANCE
+    assert (width, height) == (80, 60)
+
+
+def test_transparency_is_composited_onto_white(cfg: PreprocessConfig) -> None:
+    clear = Image.new("RGBA", (40, 40), (255, 0, 0, 0))  # fully transparent red
+    assert torch.equal(tensor_of(clear, cfg), torch.ones(3, cfg.height, cfg.width))  # white is +1 after normalizing
+
+
+def test_siglip2_resizes_bilinear_and_siglip_bicubic(tiny_siglip: Path, tiny_siglip2: Path) -> None:
+    bicubic = resolve_checkpoint(str(tiny_siglip)).preprocess
+    bilinear = resolve_checkpoint(str(tiny_siglip2)).preprocess
+    assert (bicubic.resample, bilinear.resample) == (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR)
+    photo = make_photo((80, 60))
+    assert not torch.equal(tensor_of(photo, bicubic), tensor_of(photo, bilinear))  # the filter shows in the pixels
+
+
+def test_pixels_are_a_normalized_channels_first_tensor(cfg: PreprocessConfig) -> None:
+    pixels = tensor_of(make_photo((80, 60)), cfg)
+    assert pixels.shape == (3, cfg.height, cfg.width) and pixels.dtype == torch.float32
+    assert -1.0 <= pixels.min() < 0 < pixels.max() <= 1.0
+
+
+# ------------------------------------------------------------------------------ beyond the reference
+
+
+@pytest.fixture
+def bicubic() -> PreprocessConfig:
+    return PreprocessConfig(height=32, width=32)
+
+
+def test_exif_orientation_is_applied_by_default(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    path = save_sideways_jpeg(tmp_path / "portrait.jpg", make_photo((80, 60)))
+    with Image.open(path) as stored:
+        assert stored.size == (60, 80)  # the pixels lie on their side
+        upright = stored.convert("RGB").rotate(-90, expand=True)  # clockwise, as orientation 6 says
+    pixels, width, height = load_pixels(path, bicubic, DecodeOptions())
+    assert torch.equal(pixels, tensor_of(upright, bicubic))
+    assert (width, height) == (80, 60)  # the size a viewer shows
+
+
+def test_exif_rotated_photo_looks_like_the_original(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    original = make_photo((80, 60))
+    path = save_sideways_jpeg(tmp_path / "portrait.jpg", original)
+    pixels, _, _ = load_pixels(path, bicubic, DecodeOptions())
+    close = (pixels - tensor_of(original, bicubic)).abs().mean()
+    other_way = (pixels - tensor_of(original.rotate(180), bicubic)).abs().mean()
+    assert close < 0.05 < other_way  # only JPEG loss separates it from the original
+
+
+def test_no_exif_transpose_keeps_the_stored_orientation(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    path = save_sideways_jpeg(tmp_path / "portrait.jpg", make_photo((80, 60)))
+    with Image.open(path) as stored:
+        sideways = stored.convert("RGB")
+    pixels, width, height = load_pixels(path, bicubic, NO_EXIF)
+    assert torch.equal(pixels, tensor_of(sideways, bicubic))
+    assert (width, height) == (60, 80)
+
+
+def test_sixteen_bit_png_keeps_its_tones(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    make_photo((80, 60), mode="I;16").save(tmp_path / "scan16.png")  # grey level g stored as g * 257
+    make_photo((80, 60), mode="L").save(tmp_path / "scan8.png")
+    with Image.open(tmp_path / "scan16.png") as image:
+        assert image.mode.startswith("I") and image.getextrema()[1] > 255
+    sixteen, _, _ = load_pixels(tmp_path / "scan16.png", bicubic, DecodeOptions())
+    eight, _, _ = load_pixels(tmp_path / "scan8.png", bicubic, DecodeOptions())
+    assert torch.equal(sixteen, eight)  # (g * 257) >> 8 == g
+    assert sixteen.min() < 0.5  # not clipped to a white page
+
+
+def test_animated_gif_uses_its_first_frame(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    first, second = (make_photo((80, 60), seed=s).quantize(64) for s in (0, 1))
+    path = save_animated_gif(tmp_path / "clip.gif", [first, second])
+    pixels, _, _ = load_pixels(path, bicubic, DecodeOptions())
+    assert torch.equal(pixels, tensor_of(first, bicubic))
+    assert not torch.equal(pixels, tensor_of(second, bicubic))
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    path = save_png_claiming_size(tmp_path / "bomb.png", 5_000, 5_000)
+    with pytest.raises(BadImage, match=r"5000x5000 = 25,000,000 pixels exceeds the limit of 1,000,000") as error:
+        load_pixels(path, bicubic, DecodeOptions(max_pixels=1_000_000))
+    assert "decompression bomb" in str(error.value) and "--max-pixels" in str(error.value)
+
+
+def test_image_at_the_pixel_limit_is_decoded(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    make_photo((80, 60)).save(tmp_path / "photo.png")
+    pixels, _, _ = load_pixels(tmp_path / "photo.png", bicubic, DecodeOptions(max_pixels=80 * 60))
+    assert pixels.shape == (3, 32, 32)
+
+
+def test_truncated_jpeg_is_an_error_not_a_grey_picture(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    make_photo((200, 150)).save(tmp_path / "full.jpg", quality=95)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match="truncated"):
+        load_pixels(tmp_path / "cut.jpg", bicubic, DecodeOptions())
+
+
+def test_unreadable_file_gives_the_same_reason_every_time(bicubic: PreprocessConfig) -> None:
+    reasons = set()
+    for _ in range(2):  # embed decodes from an in-memory copy of the file: its repr must not leak into the reason
+        with pytest.raises(BadImage, match="cannot identify image file") as error:
+            load_pixels(io.BytesIO(b"shopping list: milk, eggs"), bicubic, DecodeOptions())
+        reasons.add(str(error.value))
+    assert len(reasons) == 1 and "0x" not in reasons.pop()
+
+
+def test_wrong_size_without_resize_is_refused() -> None:
+    fixed = PreprocessConfig(height=32, width=32, do_resize=False)
+    with pytest.raises(BadImage, match="image is 80x60 but the model needs 32x32"):
+        pixel_values(make_photo((80, 60)), fixed)

@@ -1,0 +1,349 @@
+"""Checkpoints: finding the vision tower in every Hub layout, loading it strictly, refusing pickles, serving Hub
+ids from an offline cache; and the config readers and presets behind them.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import DEFAULT_REPO_ID, DEFAULT_REVISION, INDEX_NAME, WEIGHTS_NAME, HubCache, save_booby_trapped_pickle
+from siglip_cli.config import (
+    PRESETS,
+    ConfigError,
+    PreprocessConfig,
+    VisionConfig,
+    preprocess_config_from_hub,
+    vision_config_from_hub,
+)
+from siglip_cli.errors import UserError
+from siglip_cli.model import SiglipVision, num_parameters
+from siglip_cli.weights import CheckpointError, load_model, read_vision_tensors, resolve_checkpoint
+
+PREFIXES = {
+    "tiny_siglip": "vision_model.",
+    "tiny_vision": "",
+    "tiny_vision_legacy": "vision_model.",
+    "tiny_sharded": "vision_model.",
+    "tiny_paligemma": "vision_tower.vision_model.",
+    "tiny_paligemma_new_layout": "model.vision_tower.vision_model.",
+    "tiny_paligemma_v5_layout": "vision_tower.",
+}
+
+
+def copy_checkpoint(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    return destination
+
+
+def rewrite_tensors(checkpoint: Path, change) -> None:
+    """Apply `change(tensors)` (in place) to a single-file checkpoint."""
+    tensors = load_file(checkpoint / WEIGHTS_NAME)
+    change(tensors)
+    save_file(tensors, checkpoint / WEIGHTS_NAME)
+
+
+def expected_keys(checkpoint: Path) -> set[str]:
+    with torch.device("meta"):
+        return set(SiglipVision(resolve_checkpoint(str(checkpoint)).vision).state_dict())
+
+
+# ---------------------------------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize("name", list(PREFIXES))
+def test_vision_tower_is_found_in_every_hub_layout(name: str, request: pytest.FixtureRequest) -> None:
+    assert resolve_checkpoint(str(request.getfixturevalue(name))).prefix == PREFIXES[name]
+
+
+@pytest.mark.parametrize("name", ["tiny_siglip", "tiny_paligemma_v5_layout", "tiny_paligemma_new_layout"])
+def test_only_the_vision_tensors_are_read(name: str, request: pytest.FixtureRequest) -> None:
+    checkpoint = request.getfixturevalue(name)  # these files also hold a text tower or a language model
+    tensors = read_vision_tensors(resolve_checkpoint(str(checkpoint)))
+    assert set(tensors) == expected_keys(checkpoint)
+
+
+def test_paligemma_checkpoint_opens_only_its_vision_shard(tiny_paligemma: Path) -> None:
+    checkpoint = resolve_checkpoint(str(tiny_paligemma))
+    assert checkpoint.weight_files == (tiny_paligemma / "model-00002-of-00002.safetensors",)
+
+
+def test_sharded_checkpoint_opens_only_shards_with_vision_tensors(tiny_sharded: Path) -> None:
+    weight_map = json.loads((tiny_sharded / INDEX_NAME).read_text())["weight_map"]
+    vision_shards = {shard for key, shard in weight_map.items() if key.startswith("vision_model.")}
+    assert vision_shards < set(weight_map.values())  # some shards hold only the text tower
+    checkpoint = resolve_checkpoint(str(tiny_sharded))
+    assert {file.name for file in checkpoint.weight_files} == vision_shards
+
+
+def test_sharded_checkpoint_loads_every_vision_tensor(tiny_sharded: Path) -> None:
+    model = load_model(resolve_checkpoint(str(tiny_sharded)))
+    with safe_open(tiny_sharded / "model-00005-of-00005.safetensors", "pt") as last:
+        key = next(k for k in last.keys() if k.startswith("vision_model."))
+        stored = last.get_tensor(key)
+    assert torch.equal(model.state_dict()[key.removeprefix("vision_model.")], stored)
+
+
+def test_paligemma_config_without_image_size_means_224(tiny_paligemma_default_size: Path) -> None:
+    checkpoint = resolve_checkpoint(str(tiny_paligemma_default_size))
+    assert (checkpoint.vision.image_size, checkpoint.vision.patch_size) == (224, 14)
+    assert checkpoint.vision.vision_use_head is False
+    assert (checkpoint.preprocess.height, checkpoint.preprocess.width) == (224, 224)
+
+
+def test_loaded_model_is_in_eval_mode_without_gradients(tiny_vision: Path) -> None:
+    model = load_model(resolve_checkpoint(str(tiny_vision)))
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------- strict loading
+
+
+def test_missing_tensor_is_named_in_the_error(tiny_vision: Path, tmp_path: Path) -> None:
+    checkpoint = copy_checkpoint(tiny_vision, tmp_path / "ckpt")
+    rewrite_tensors(checkpoint, lambda t: t.pop("post_layernorm.bias"))
+    with pytest.raises(CheckpointError, match=r"is missing tensor post_layernorm\.bias\."):
+        load_model(resolve_checkpoint(str(checkpoint)))
+
+
+def test_several_missing_tensors_are_counted(tiny_vision: Path, tmp_path: Path) -> None:
+    checkpoint = copy_checkpoint(tiny_vision, tmp_path / "ckpt")
+    rewrite_tensors(checkpoint, lambda t: [t.pop(k) for k in [k for k in t if k.startswith("head.")]])
+    with pytest.raises(CheckpointError, match=r"is missing tensor head\.\S+ \(and \d+ more\)"):
+        load_model(resolve_checkpoint(str(checkpoint)))
+
+
+def test_mis_shaped_tensor_is_named_with_both_shapes(tiny_vision: Path, tmp_path: Path) -> None:
+    checkpoint = copy_checkpoint(tiny_vision, tmp_path / "ckpt")
+    rewrite_tensors(checkpoint, lambda t: t.update({"post_layernorm.weight": torch.ones(33)}))
+    with pytest.raises(
+        CheckpointError, match=r"tensor post_layernorm\.weight has shape \[33\] but the config needs \[32\]"
+    ):
+        load_model(resolve_checkpoint(str(checkpoint)))
+
+
+def test_unexpected_tensor_is_named_in_the_error(tiny_vision: Path, tmp_path: Path) -> None:
+    checkpoint = copy_checkpoint(tiny_vision, tmp_path / "ckpt")
+    rewrite_tensors(checkpoint, lambda t: t.update({"head.extra_scale": torch.ones(1)}))
+    with pytest.raises(CheckpointError, match=r"has unexpected tensor head\.extra_scale"):
+        load_model(resolve_checkpoint(str(checkpoint)))
+
+
+# ------------------------------------------------------------------------------------------ pickles
+
+
+def test_booby_trapped_pickle_really_runs_code_when_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    pickle.loads(save_booby_trapped_pickle(tmp_path / "model.bin", marker).read_bytes())
+    assert marker.exists()  # so the tests below would notice an unpickling
+
+
+def test_pickle_only_checkpoint_is_refused_and_never_unpickled(tiny_vision: Path, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "old-checkpoint"
+    checkpoint.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(tiny_vision / name, checkpoint / name)
+    marker = tmp_path / "pwned"
+    save_booby_trapped_pickle(checkpoint / "pytorch_model.bin", marker)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        resolve_checkpoint(str(checkpoint))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".ckpt", ".PT"])
+def test_pickle_file_given_as_model_is_refused_and_never_unpickled(suffix: str, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = save_booby_trapped_pickle(tmp_path / f"model{suffix}", marker)
+    with pytest.raises(CheckpointError, match="unpickling can run arbitrary code; use a safetensors checkpoint"):
+        resolve_checkpoint(str(path))
+    assert not marker.exists()
+
+
+# -------------------------------------------------------------------------------- Hub ids, offline
+
+
+def test_hub_id_is_served_from_the_offline_cache(hf_cache: HubCache, tiny_siglip: Path) -> None:
+    snapshot = hf_cache(tiny_siglip)
+    checkpoint = resolve_checkpoint(DEFAULT_REPO_ID)
+    assert checkpoint.name == DEFAULT_REPO_ID and checkpoint.revision == DEFAULT_REVISION
+    assert checkpoint.weight_files == (snapshot / WEIGHTS_NAME,)
+    cached, local = load_model(checkpoint), load_model(resolve_checkpoint(str(tiny_siglip)))
+    assert all(torch.equal(cached.state_dict()[k], v) for k, v in local.state_dict().items())
+
+
+def test_hub_id_needs_only_the_vision_shard_in_the_cache(hf_cache: HubCache, tiny_paligemma: Path) -> None:
+    snapshot = hf_cache(tiny_paligemma, repo_id="google/paligemma-tiny")
+    (snapshot / "model-00001-of-00002.safetensors").unlink()  # the language model: never downloaded
+    checkpoint = resolve_checkpoint("google/paligemma-tiny")
+    assert checkpoint.weight_files == (snapshot / "model-00002-of-00002.safetensors",)
+    assert load_model(checkpoint).head is None
+
+
+def test_hub_id_missing_from_the_offline_cache_fails_fast_naming_it(hf_cache: HubCache) -> None:
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"google/siglip-not-cached is not in the local Hugging Face cache"):
+        resolve_checkpoint("google/siglip-not-cached")
+    assert time.monotonic() - started < 5
+
+
+def test_hub_revision_that_is_not_cached_fails_naming_id_and_revision(hf_cache: HubCache, tiny_siglip: Path) -> None:
+    hf_cache(tiny_siglip)  # main is cached, v2 is not
+    with pytest.raises(CheckpointError, match=rf"{DEFAULT_REPO_ID} at revision 'v2' is not in the local Hugging Face"):
+        resolve_checkpoint(DEFAULT_REPO_ID, revision="v2")
+
+
+# ------------------------------------------------------------------------------- what is not a model
+
+
+def write_config(directory: Path, config: dict) -> Path:
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_siglip2_naflex_config_is_refused_with_a_sentence(tmp_path: Path) -> None:
+    checkpoint = write_config(tmp_path / "naflex", {"model_type": "siglip2", "vision_config": {}})
+    with pytest.raises(ConfigError, match=r"model_type 'siglip2'.* not supported") as error:
+        resolve_checkpoint(str(checkpoint))
+    assert isinstance(error.value, UserError)
+
+
+def test_other_model_type_is_refused_naming_it(tmp_path: Path) -> None:
+    checkpoint = write_config(tmp_path / "clip", {"model_type": "clip"})
+    with pytest.raises(ConfigError, match=r"model_type 'clip' is not a SigLIP vision tower"):
+        resolve_checkpoint(str(checkpoint))
+
+
+def test_folder_without_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"has no config\.json"):
+        resolve_checkpoint(str(tmp_path))
+
+
+def test_folder_without_weights_is_refused(tiny_vision: Path, tmp_path: Path) -> None:
+    checkpoint = write_config(tmp_path / "empty", json.loads((tiny_vision / "config.json").read_text()))
+    with pytest.raises(CheckpointError, match=r"has no model\.safetensors"):
+        resolve_checkpoint(str(checkpoint))
+
+
+def test_missing_local_path_is_not_mistaken_for_a_hub_id(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"missing/model is neither a local checkpoint directory nor a Hub id"):
+        resolve_checkpoint(str(tmp_path / "missing" / "model"))
+
+
+def test_a_file_is_refused_in_favour_of_its_folder(tiny_vision: Path) -> None:
+    with pytest.raises(CheckpointError, match="is a file; pass the checkpoint directory"):
+        resolve_checkpoint(str(tiny_vision / "config.json"))
+
+
+def test_preset_name_is_not_a_checkpoint() -> None:
+    with pytest.raises(CheckpointError, match="--model google/siglip-base-patch16-224"):
+        resolve_checkpoint("siglip-base-patch16-224")
+
+
+# ------------------------------------------------------------------------------ config and presets
+
+# name: (hidden, layers, heads, patch, image size, head, resample)
+PUBLIC_SHAPES = {
+    "siglip-base-patch16-224": (768, 12, 12, 16, 224, True, 3),
+    "siglip-base-patch16-512": (768, 12, 12, 16, 512, True, 3),
+    "siglip-large-patch16-384": (1024, 24, 16, 16, 384, True, 3),
+    "siglip-so400m-patch14-384": (1152, 27, 16, 14, 384, True, 3),
+    "siglip-so400m-patch16-256-i18n": (1152, 27, 16, 16, 256, True, 3),
+    "siglip2-base-patch16-224": (768, 12, 12, 16, 224, True, 2),
+    "siglip2-base-patch32-256": (768, 12, 12, 32, 256, True, 2),
+    "siglip2-so400m-patch14-384": (1152, 27, 16, 14, 384, True, 2),
+    "siglip2-so400m-patch16-512": (1152, 27, 16, 16, 512, True, 2),
+    "siglip2-giant-opt-patch16-384": (1536, 40, 16, 16, 384, True, 2),
+    "paligemma-3b-pt-224": (1152, 27, 16, 14, 224, False, 3),
+    "paligemma2-3b-pt-896": (1152, 27, 16, 14, 896, False, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLIC_SHAPES))
+def test_preset_has_the_public_shape(name: str) -> None:
+    vision, preprocess = PRESETS[name]
+    shape = (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.patch_size,
+             vision.image_size, vision.vision_use_head, preprocess.resample)  # fmt: skip
+    assert shape == PUBLIC_SHAPES[name]
+    assert (preprocess.height, preprocess.width) == (vision.image_size, vision.image_size)
+
+
+@pytest.mark.parametrize(
+    "name, parameters", [("siglip-base-patch16-224", 92_884_224), ("siglip-so400m-patch14-384", 428_225_600)]
+)
+def test_preset_has_the_published_parameter_count(name: str, parameters: int) -> None:
+    with torch.device("meta"):
+        model = SiglipVision(PRESETS[name][0])
+    assert num_parameters(model) == parameters
+
+
+def test_so400m_patch14_at_384_drops_the_last_six_pixels() -> None:
+    vision = PRESETS["siglip-so400m-patch14-384"][0]
+    assert (vision.grid_size, vision.num_patches, vision.dropped_pixels) == (27, 729, 6)
+
+
+def test_empty_vision_config_gets_transformers_defaults() -> None:
+    vision = vision_config_from_hub({"model_type": "siglip", "vision_config": {}})
+    assert vision == VisionConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
+        image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=True,
+    )  # fmt: skip
+
+
+def test_flat_vision_config_fills_only_what_it_omits() -> None:
+    vision = vision_config_from_hub(
+        {"model_type": "siglip_vision_model", "hidden_size": 1152, "patch_size": 14, "num_attention_heads": 16}
+    )
+    assert (vision.hidden_size, vision.patch_size, vision.num_attention_heads) == (1152, 14, 16)
+    assert (vision.image_size, vision.intermediate_size, vision.layer_norm_eps) == (224, 3072, 1e-6)
+
+
+def test_paligemma_vision_config_defaults_to_a_headless_tower() -> None:
+    vision = vision_config_from_hub(
+        {"model_type": "paligemma", "vision_config": {"patch_size": 14, "projector_hidden_act": "gelu_fast"}}
+    )
+    assert vision.vision_use_head is False and vision.image_size == 224
+
+
+def test_square_sizes_may_be_written_as_pairs() -> None:
+    vision = vision_config_from_hub(
+        {"model_type": "siglip_vision_model", "image_size": [384, 384], "patch_size": [14, 14]}
+    )
+    assert (vision.image_size, vision.patch_size) == (384, 14)
+
+
+def test_non_square_image_size_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"image_size \[384, 256\] is not square"):
+        vision_config_from_hub({"model_type": "siglip_vision_model", "image_size": [384, 256]})
+
+
+def test_unknown_activation_is_refused() -> None:
+    with pytest.raises(ConfigError, match="activation 'swish' is not supported"):
+        vision_config_from_hub({"model_type": "siglip_vision_model", "hidden_act": "swish"})
+
+
+def test_absent_preprocessor_config_means_bicubic_at_the_tower_size() -> None:
+    preprocess = preprocess_config_from_hub(None, VisionConfig(image_size=384))
+    assert preprocess == PreprocessConfig(height=384, width=384, resample=3)
+
+
+def test_preprocessor_config_is_read_field_by_field() -> None:
+    raw = {"size": {"height": 256, "width": 256}, "resample": 2, "image_mean": [0.5, 0.4, 0.3], "image_std": 0.25}
+    preprocess = preprocess_config_from_hub(raw, VisionConfig())
+    assert (preprocess.height, preprocess.width, preprocess.resample) == (256, 256, 2)
+    assert preprocess.image_mean == (0.5, 0.4, 0.3) and preprocess.image_std == (0.25, 0.25, 0.25)
+
+
+def test_shortest_edge_preprocessor_is_refused() -> None:
+    with pytest.raises(ConfigError, match="not a fixed"):
+        preprocess_config_from_hub({"size": {"shortest_edge": 224}}, VisionConfig())
