@@ -157,7 +157,7 @@ def embed(
     with user_errors():
         part = parse_shard(shard, num_shards)
         devices = parse_devices(device)
-        if devices and (part or update):
+        if len(devices) > 1 and (part or update):
             fail("several devices split the work themselves: drop --shard and --update, or give one --device.")
         paths = discover(inputs or [], files_from=files_from)
         if not paths:
@@ -175,15 +175,16 @@ def embed(
         progress = _RichProgress(quiet)
         try:
             with _terminate_as_interrupt():
-                if devices:
+                if len(devices) > 1:
                     summary = embed_on_devices(
                         model, devices, paths, output, revision=revision, dtype=dtype.value, options=options,
                         overwrite=overwrite, progress=progress,
                     )
                 else:
-                    encoder = load(model, revision=revision, device=device, dtype=dtype.value)
+                    encoder = load(model, revision=revision, device=devices[0], dtype=dtype.value)
                     summary = embed_to_file(
-                        encoder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress
+                        encoder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress,
+                        require_rows=part is None,  # a shard's part may be empty or all bad: the merge decides
                     )
         except KeyboardInterrupt:
             progress.stop()

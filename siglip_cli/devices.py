@@ -21,17 +21,14 @@ from .errors import UserError
 from .shards import merge_outputs, select_shard
 
 
-def parse_devices(spec: str) -> list[str] | None:
-    """`cuda:0,cuda:1` or `cuda:all` → one device per worker; a single device → None (no workers)."""
+def parse_devices(spec: str) -> list[str]:
+    """`--device`: one device (`auto`, `cpu`, `cuda:1`), a list (`cuda:0,cuda:1`), or `cuda:all` → the devices."""
     if spec == "cuda:all":
         count = torch.cuda.device_count()
         if count == 0:
             raise UserError("--device cuda:all was asked for but no CUDA device is available.")
-        return [f"cuda:{i}" for i in range(count)] if count > 1 else None
-    if "," not in spec:
-        return None
-    devices = [d.strip() for d in spec.split(",") if d.strip()]
-    return devices if len(devices) > 1 else None
+        return [f"cuda:{i}" for i in range(count)]
+    return [d.strip() for d in spec.split(",") if d.strip()] or [spec]
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,9 @@ class _QueueProgress:
 def _work(job: _Job, channel: mp.Queue) -> None:
     try:
         encoder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype)
-        summary = embed_to_file(encoder, job.paths, job.output, options=job.options, progress=_QueueProgress(channel, job.index))
+        summary = embed_to_file(
+            encoder, job.paths, job.output, options=job.options, progress=_QueueProgress(channel, job.index), require_rows=False
+        )
         channel.put(("done", job.index, summary))
     except UserError as e:
         channel.put(("error", job.index, str(e)))

@@ -346,8 +346,12 @@ def embed_to_file(
     overwrite: bool = False,
     update: bool = False,
     progress: Progress | None = None,
+    require_rows: bool = True,
 ) -> Summary:
-    """Embed `paths` (in this order) into `output` (.safetensors or .npy) plus its manifest and errors files."""
+    """Embed `paths` (in this order) into `output` (.safetensors or .npy) plus its manifest and errors files.
+
+    With `require_rows`, inputs of which none could be embedded are an error and leave no output behind.
+    """
     started = time.perf_counter()
     out = OutputPaths.for_output(output)
     state = run_options(encoder, options, out.format)
@@ -388,7 +392,7 @@ def embed_to_file(
     ordered = [results[p] for p in paths]
     good = [r for r in ordered if isinstance(r, Ref)]
     bad = [r for r in ordered if not isinstance(r, Ref)]
-    if not good and paths:
+    if not good and paths and require_rows:
         write_jsonl(out.errors, (public_row(r) for r in bad))
         work.remove()
         raise UserError(f"none of the {len(paths)} input files could be embedded: see {out.errors}.")
@@ -496,7 +500,10 @@ class _Halving:
             return encoder(pixels)
         except torch.cuda.OutOfMemoryError:
             if len(pixels) == 1:
-                raise
+                raise UserError(
+                    f"{encoder.device} ran out of memory on a single image: try --dtype bfloat16, another GPU, or a "
+                    "smaller model."
+                ) from None
             torch.cuda.empty_cache()
             if not self.said and self.progress:
                 self.progress.note(f"CUDA out of memory at batch size {len(pixels)}: halving batches that do not fit.")

@@ -1,0 +1,741 @@
+"""Long runs that survive (issue 5): continuing after kill -9, Ctrl-C or SIGTERM, `--update`, shards and merge,
+several devices, CUDA out of memory, and memory that does not grow with the number of images.
+
+Interruptions are real where only a real process can tell (kill -9, signals, peak memory, worker processes): the
+`siglip` command runs as a subprocess with `SIGLIP_FLUSH_SECONDS` small, so finished batches reach the work area
+(`<output>.partial/`) often. Everything else runs in-process through typer's `CliRunner`, and an in-process
+"Ctrl-C" is a progress display that raises `KeyboardInterrupt` after a few batches.
+
+"Equals an uninterrupted run" is checked byte for byte on every output file. Two things change the last bit of a
+pooled embedding on CPU without anything being wrong: the thread count, and which images share a batch (the
+attention-pool head multiplies a (B, D) matrix). So every run here uses one thread, and runs whose batches are
+necessarily composed differently (`--update`, shards, several devices) use `--batch-size 1`. A run continued after
+an interruption keeps the batches of an uninterrupted one (the work area holds whole batches), so it is compared at
+a larger batch size.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner, Result
+
+import siglip_cli.embed as embed_module
+from conftest import DEFAULT_REPO_ID, build_checkpoint, make_photo
+from siglip_cli.cli import app
+from siglip_cli.embed import EmbedOptions, Encoder, embed_to_file, load
+from siglip_cli.errors import UserError
+from siglip_cli.files import discover
+from siglip_cli.shards import shard_of
+
+SIGLIP = str(Path(sys.executable).with_name("siglip"))
+RUNNER = CliRunner(env={"COLUMNS": "1000"})  # one message per line, whatever the width
+GOOD_PHOTOS = 160  # the subprocess runs' folder: these plus two broken files
+BATCH = 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs compute like the subprocesses (OMP_NUM_THREADS=1), so their outputs compare byte for byte."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def siglip(*args: object) -> Result:
+    return RUNNER.invoke(app, [str(a) for a in args])
+
+
+def ok(result: Result) -> Result:
+    assert result.exit_code == 0, f"exit {result.exit_code}: {result.stderr}{result.exception!r}"
+    return result
+
+
+def summary_of(result: Result) -> dict:
+    return json.loads(ok(result).stdout)
+
+
+def the_error(result: Result) -> str:
+    """The one-sentence error of a refused run (exit status 2)."""
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.stdout}{result.stderr}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def companions(output: Path) -> dict[str, Path]:
+    """Every file a finished run may leave, by role."""
+    stem = output.with_suffix("")
+    return {
+        "embeddings": output,
+        "manifest": output.with_suffix(".jsonl"),
+        "errors": stem.with_name(stem.name + ".errors.jsonl"),
+        "tokens": stem.with_name(stem.name + ".tokens.npy"),
+        "meta": stem.with_name(stem.name + ".meta.json"),
+    }
+
+
+def differences(output: Path, expected: Path) -> list[str]:
+    """The roles whose files differ between two finished runs (present in one only, or not byte-identical)."""
+    ours, theirs = companions(output), companions(expected)
+    return [
+        role
+        for role in ours
+        if ours[role].exists() != theirs[role].exists()
+        or (ours[role].exists() and not filecmp.cmp(ours[role], theirs[role], shallow=False))
+    ]
+
+
+def rows_of(jsonl: Path) -> list[dict]:
+    return [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+
+
+def work_area(output: Path) -> Path:
+    return output.with_name(output.name + ".partial")
+
+
+def chunks_in(work: Path) -> int:
+    return sum(1 for p in work.glob("chunk-*")) if work.is_dir() else 0
+
+
+def save_photos(folder: Path, names: list[str], size: tuple[int, int] = (48, 40), first_seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, name in enumerate(names, start=first_seed):
+        make_photo(size, seed=seed).save(folder / name, quality=90)
+    return folder
+
+
+def touch(path: Path) -> None:
+    """Move the file's mtime one second on, keeping its bytes."""
+    info = path.stat()
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+
+
+class CtrlCAfter:
+    """A progress display whose user presses Ctrl-C while batch number `batches` is reported."""
+
+    def __init__(self, batches: int):
+        self.left = batches
+
+    def start(self, total: int, done: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+
+    def note(self, message: str) -> None:
+        pass
+
+
+class Notes:
+    """A progress display that keeps the notes it is given."""
+
+    def __init__(self):
+        self.notes: list[str] = []
+
+    def start(self, total: int, done: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+# ------------------------------------------------------------------------------------------ in-process runs
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Twelve small photos, p00.jpg … p11.jpg."""
+    return save_photos(tmp_path / "photos", [f"p{i:02d}.jpg" for i in range(12)])
+
+
+@pytest.fixture
+def encoder(tiny_vision: Path) -> Encoder:
+    return load(str(tiny_vision), device="cpu")
+
+
+@pytest.fixture
+def embed(tiny_vision: Path):
+    """`embed(folder, output, *args)` runs `siglip embed` in-process on the tiny tower, two images a batch."""
+
+    def run(folder: Path, output: Path, *args: object) -> Result:
+        return siglip("embed", folder, "-o", output, "--model", tiny_vision, "--workers", 0, "--batch-size", 2, *args)
+
+    return run
+
+
+def interrupt(encoder: Encoder, folder: Path, output: Path, *, batch_size: int = 2, batches: int = 4) -> Path:
+    """Run with the options of `embed` (no arguments) and press Ctrl-C during batch number `batches`."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with pytest.raises(KeyboardInterrupt):
+        options = EmbedOptions(batch_size=batch_size, workers=0)
+        embed_to_file(encoder, discover([str(folder)]), output, options=options, progress=CtrlCAfter(batches))
+    return output
+
+
+@pytest.fixture
+def interrupted(encoder: Encoder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The output of a run stopped by Ctrl-C during its 4th batch, two images a batch; its output path."""
+    monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 0.0)  # every finished batch reaches the work area
+    return interrupt(encoder, folder, tmp_path / "out" / "embeddings.safetensors")
+
+
+def test_an_interrupted_run_leaves_no_output_only_its_work_area(interrupted: Path) -> None:
+    assert [p.name for p in interrupted.parent.iterdir()] == [work_area(interrupted).name]
+
+
+def test_continuing_embeds_only_the_images_not_yet_done(
+    embed, interrupted: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images_seen = []
+    forward = Encoder.__call__
+
+    def counting(self: Encoder, pixels: torch.Tensor):
+        images_seen.append(len(pixels))
+        return forward(self, pixels)
+
+    monkeypatch.setattr(Encoder, "__call__", counting)
+    summary = summary_of(embed(folder, interrupted, "--json"))
+    assert summary["reused"] > 0 and summary["embedded"] > 0
+    assert summary["embedded"] + summary["reused"] == 12
+    assert sum(images_seen) == summary["embedded"]
+
+
+def test_continuing_gives_the_uninterrupted_output(embed, interrupted: Path, folder: Path, tmp_path: Path) -> None:
+    ok(embed(folder, interrupted))
+    ok(embed(folder, tmp_path / "uninterrupted.safetensors"))
+    assert differences(interrupted, tmp_path / "uninterrupted.safetensors") == []
+    assert not work_area(interrupted).exists()
+
+
+def test_a_file_changed_since_the_interruption_is_embedded_again(
+    embed, encoder: Encoder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 0.0)
+    output = interrupt(encoder, folder, tmp_path / "out" / "embeddings.safetensors", batch_size=1, batches=6)
+    make_photo((48, 40), seed=300).save(folder / "p00.jpg", quality=90)  # done before the interruption
+    touch(folder / "p00.jpg")  # a new mtime, whatever the clock's resolution
+    ok(embed(folder, output, "--batch-size", 1))
+    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
+    assert differences(output, tmp_path / "fresh.safetensors") == []
+
+
+class Killed(BaseException):
+    """Stands for kill -9 in-process: no `except Exception` stops it, and nothing after it runs."""
+
+
+def test_a_run_killed_while_assembling_leaves_no_embeddings_file_and_the_rerun_finishes_it(
+    embed, encoder: Encoder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    output.parent.mkdir()
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise Killed
+
+    with monkeypatch.context() as during_the_kill:
+        during_the_kill.setattr(embed_module, "write_safetensors", killed)
+        with pytest.raises(Killed):
+            embed_to_file(encoder, discover([str(folder)]), output, options=EmbedOptions(batch_size=2, workers=0))
+    assert output.with_suffix(".jsonl").exists() and not output.exists()  # the manifest goes first
+
+    summary = summary_of(embed(folder, output, "--json"))
+    assert (summary["embedded"], summary["reused"]) == (0, 12)
+    ok(embed(folder, tmp_path / "uninterrupted.safetensors"))
+    assert differences(output, tmp_path / "uninterrupted.safetensors") == []
+
+
+def test_every_chunk_is_on_disk_before_and_after_it_gets_its_name(
+    encoder: Encoder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What survives a power cut: a chunk's bytes are fsynced before its rename, the folder's entry after it."""
+    events: list[tuple[str, ...]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        fsync(fd)
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+
+    def recording_replace(src, dst) -> None:
+        replace(src, dst)
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 0.0)
+    output = interrupt(encoder, folder, tmp_path / "out" / "embeddings.safetensors")
+    work = os.path.realpath(work_area(output))
+    moves = [i for i, event in enumerate(events) if event[0] == "replace" and Path(event[2]).name.startswith("chunk-")]
+    assert moves, "no chunk was written"
+    for i, end in zip(moves, moves[1:] + [len(events)]):
+        _, src, dst = events[i]
+        assert Path(dst).parent == Path(work)
+        assert ("fsync", src) in events[:i], f"{dst} was renamed before its bytes were fsynced"
+        assert ("fsync", work) in events[i + 1 : end], f"{dst}'s folder entry was not fsynced"
+
+
+def test_a_revision_moved_since_the_interruption_is_refused(
+    folder: Path, tmp_path: Path, tiny_vision: Path, hf_cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 0.0)
+    hf_cache(tiny_vision, revision_hash="1" * 40)
+    output = interrupt(load(DEFAULT_REPO_ID, device="cpu"), folder, tmp_path / "out" / "embeddings.safetensors")
+    hf_cache(tiny_vision, revision_hash="2" * 40)  # a new commit on main, then the same command again
+    result = siglip("embed", folder, "-o", output, "--model", DEFAULT_REPO_ID, "--workers", 0, "--batch-size", 2)
+    error = the_error(result)
+    assert "--revision" in error and "--overwrite" in error
+
+
+@pytest.mark.parametrize(
+    "changed, named",
+    [
+        (["--no-normalize"], "--normalize/--no-normalize"),
+        (["--dtype", "bfloat16"], "--dtype"),
+        (["--output-dtype", "float16"], "--output-dtype"),
+        (["--tokens"], "--tokens"),
+        (["--no-exif-transpose"], "preprocessing"),
+        (["--fast-decode"], "preprocessing"),
+    ],
+)
+def test_continuing_with_changed_options_is_refused(
+    embed, interrupted: Path, folder: Path, changed: list[str], named: str
+) -> None:
+    error = the_error(embed(folder, interrupted, *changed))
+    assert "differ" in error and named in error and "--overwrite" in error
+    assert summary_of(embed(folder, interrupted, "--json"))["reused"] > 0, "the refusal discarded the finished work"
+
+
+def test_continuing_with_another_model_is_refused(interrupted: Path, folder: Path, tiny_siglip: Path) -> None:
+    result = siglip("embed", folder, "-o", interrupted, "--model", tiny_siglip, "--workers", 0, "--batch-size", 2)
+    error = the_error(result)
+    assert "--model" in error and "--overwrite" in error
+
+
+def test_overwrite_discards_interrupted_work_and_starts_afresh(embed, interrupted: Path, folder: Path) -> None:
+    summary = summary_of(embed(folder, interrupted, "--overwrite", "--no-normalize", "--json"))
+    assert (summary["embedded"], summary["reused"]) == (12, 0)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npy"])
+def test_the_embeddings_file_is_moved_into_place_last(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    (folder / "p05-broken.jpg").write_bytes(b"not a picture")  # so that there is an errors file too
+    output = tmp_path / "out" / f"embeddings{suffix}"
+    output.parent.mkdir()
+    moved_into_place = []
+    replace = os.replace
+
+    def recording(src, dst) -> None:
+        replace(src, dst)
+        if Path(dst).parent == output.parent:  # not the chunks and state inside the work area
+            moved_into_place.append(Path(dst))
+
+    monkeypatch.setattr(os, "replace", recording)
+    ok(embed(folder, output, "--tokens"))
+    files = {path for path in companions(output).values() if path.exists()}
+    assert set(moved_into_place) == files
+    assert moved_into_place[-1] == output
+
+
+# --------------------------------------------------------------------------------------------- --update
+
+
+def test_update_with_added_changed_and_deleted_files_equals_a_fresh_run(embed, folder: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output, "--batch-size", 1))
+    save_photos(folder, ["a00.jpg", "p12.jpg"], first_seed=100)  # added, one before all the others
+    changed = folder / "p03.jpg"
+    before = changed.stat()
+    make_photo((48, 40), seed=200).save(changed, quality=90)
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    (folder / "p05.jpg").unlink()
+    (folder / "p07.jpg").unlink()
+
+    summary = summary_of(embed(folder, output, "--update", "--batch-size", 1, "--json"))
+    assert {k: summary[k] for k in ("embedded", "reused", "removed")} == {"embedded": 3, "reused": 9, "removed": 2}
+
+    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
+    assert differences(output, tmp_path / "fresh.safetensors") == []
+
+
+def test_update_does_not_re_embed_a_file_that_was_only_touched(embed, folder: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    touch(folder / "p04.jpg")  # a new mtime, the same bytes: the content hash decides
+    summary = summary_of(embed(folder, output, "--update", "--json"))
+    assert (summary["embedded"], summary["reused"], summary["removed"]) == (0, 12, 0)
+
+
+def test_update_after_a_touch_equals_a_fresh_run(embed, folder: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output, "--batch-size", 1))
+    touch(folder / "p04.jpg")
+    ok(embed(folder, output, "--update", "--batch-size", 1))
+    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
+    assert differences(output, tmp_path / "fresh.safetensors") == []
+
+
+def test_update_with_other_options_is_refused(embed, folder: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    error = the_error(embed(folder, output, "--update", "--no-normalize"))
+    assert "--normalize/--no-normalize" in error and "--overwrite" in error
+
+
+# ------------------------------------------------------------------------------------------ shards, merge
+
+
+def test_shard_runs_take_each_file_exactly_once(embed, folder: Path, tmp_path: Path) -> None:
+    (folder / "p05-broken.jpg").write_bytes(b"not a picture")
+    listed = []
+    for k in range(3):
+        part = tmp_path / f"part{k}.safetensors"
+        ok(embed(folder, part, "--shard", f"{k}/3"))
+        listed += [row["path"] for role in ("manifest", "errors") for row in rows_of(companions(part)[role])]
+    assert sorted(listed) == sorted(discover([str(folder)]))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npy"])
+def test_merged_shards_equal_one_full_run(embed, folder: Path, tmp_path: Path, suffix: str) -> None:
+    (folder / "p05-broken.jpg").write_bytes(b"not a picture")
+    ok(embed(folder, tmp_path / f"all{suffix}", "--tokens", "--batch-size", 1))
+    parts = [tmp_path / f"part{k}{suffix}" for k in range(3)]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--tokens", "--batch-size", 1, "--shard", f"{k}/3"))
+    ok(siglip("merge", *parts, "-o", tmp_path / f"merged{suffix}"))
+    assert differences(tmp_path / f"merged{suffix}", tmp_path / f"all{suffix}") == []
+
+
+def test_a_shard_without_files_writes_an_empty_output_and_exits_0(embed, folder: Path, tmp_path: Path) -> None:
+    paths = discover([str(folder / "p00.jpg")])
+    empty = next(k for k in range(4) if k != shard_of(paths[0], 4))
+    output = tmp_path / "empty.safetensors"
+    summary = summary_of(embed(folder / "p00.jpg", output, "--shard", f"{empty}/4", "--json"))
+    assert (summary["embedded"], summary["failed"]) == (0, 0)
+    with safe_open(output, framework="np") as f:
+        assert f.get_tensor("embeddings").shape == (0, 32)  # tiny_vision's width
+    assert output.with_suffix(".jsonl").read_text() == ""
+
+
+def test_a_shard_whose_files_all_fail_still_writes_its_part_of_the_run(embed, tmp_path: Path) -> None:
+    photos = save_photos(tmp_path / "photos", ["good.jpg"])
+    good = discover([str(photos)])[0]
+    names = (photos / f"bad{i}.jpg" for i in range(100))
+    bad = next(name for name in names if shard_of(str(name), 2) != shard_of(good, 2))  # in the other shard
+    bad.write_bytes(b"not a picture")
+    ok(embed(photos, tmp_path / "all.safetensors"))  # one row, one error
+    parts = [tmp_path / f"part{k}.safetensors" for k in range(2)]
+    for k, part in enumerate(parts):
+        ok(embed(photos, part, "--shard", f"{k}/2"))
+    ok(siglip("merge", *parts, "-o", tmp_path / "merged.safetensors"))
+    assert differences(tmp_path / "merged.safetensors", tmp_path / "all.safetensors") == []
+
+
+def test_merge_refuses_outputs_made_with_different_options(embed, folder: Path, tmp_path: Path) -> None:
+    ok(embed(folder, tmp_path / "part0.safetensors", "--shard", "0/2"))
+    ok(embed(folder, tmp_path / "part1.safetensors", "--shard", "1/2", "--no-normalize"))
+    parts = [tmp_path / "part0.safetensors", tmp_path / "part1.safetensors"]
+    error = the_error(siglip("merge", *parts, "-o", tmp_path / "all.safetensors"))
+    assert "different options" in error and "--normalize/--no-normalize" in error
+    assert not (tmp_path / "all.safetensors").exists()
+
+
+def test_merge_refuses_overlapping_outputs(embed, folder: Path, tmp_path: Path) -> None:
+    ok(embed(folder, tmp_path / "part0.safetensors", "--shard", "0/2"))
+    ok(embed(folder, tmp_path / "again.safetensors", "--shard", "0/2"))
+    parts = [tmp_path / "part0.safetensors", tmp_path / "again.safetensors"]
+    error = the_error(siglip("merge", *parts, "-o", tmp_path / "all.safetensors"))
+    assert "overlap" in error
+    assert not (tmp_path / "all.safetensors").exists()
+
+
+def test_shard_auto_takes_its_index_from_the_slurm_array(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok(embed(folder, tmp_path / "explicit.safetensors", "--shard", "1/3"))
+    # `sbatch --array=5-7`: task 6 is the second of three.
+    for name, value in {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "3"}.items():
+        monkeypatch.setenv(name, value)
+    ok(embed(folder, tmp_path / "auto.safetensors", "--shard", "auto"))
+    assert differences(tmp_path / "auto.safetensors", tmp_path / "explicit.safetensors") == []
+
+
+# ------------------------------------------------------------------------------------ several devices
+
+
+def test_several_devices_run_one_worker_each_and_equal_one_run(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers compute like this process
+    output = tmp_path / "out" / "embeddings.safetensors"
+    summary = summary_of(embed(folder, output, "--device", "cpu,cpu", "--batch-size", 1, "--json"))
+    assert (summary["embedded"], summary["reused"]) == (12, 0)
+    ok(embed(folder, tmp_path / "one.safetensors", "--batch-size", 1))
+    assert differences(output, tmp_path / "one.safetensors") == []
+    assert sorted(p.name for p in output.parent.iterdir()) == ["embeddings.jsonl", "embeddings.safetensors"]
+
+
+def test_cuda_all_on_a_machine_with_one_gpu_runs_on_that_gpu(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    placed_on = []
+
+    def load_model(checkpoint: object, *, device: torch.device | str, dtype: torch.dtype) -> None:
+        placed_on.append(torch.device(device))
+        raise UserError("the test stops here, before anything reaches for the pretend GPU")
+
+    monkeypatch.setattr(embed_module, "load_model", load_model)
+    embed(folder, tmp_path / "embeddings.safetensors", "--device", "cuda:all")
+    assert [device.type for device in placed_on] == ["cuda"]
+
+
+# ------------------------------------------------------------------------------------- out of memory
+
+
+class OutOfMemoryAbove:
+    """The encoder on a pretend GPU with room for at most `limit` images per forward pass."""
+
+    def __init__(self, encoder: Encoder, limit: int):
+        self.encoder, self.limit, self.batch_sizes = encoder, limit, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.encoder, name)
+
+    def __call__(self, pixels: torch.Tensor):
+        if len(pixels) > self.limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(pixels)} images' worth")
+        self.batch_sizes.append(len(pixels))
+        return self.encoder(pixels)
+
+
+def test_cuda_out_of_memory_halves_the_batch_and_says_so_once(encoder: Encoder, folder: Path, tmp_path: Path) -> None:
+    paths = discover([str(folder)])
+    small = OutOfMemoryAbove(encoder, limit=3)
+    progress = Notes()
+    options = EmbedOptions(batch_size=8, workers=0)
+    embed_to_file(small, paths, tmp_path / "halved.safetensors", options=options, progress=progress)
+    assert set(small.batch_sizes) == {2} and sum(small.batch_sizes) == 12  # 8 → 4 → 2 + 2, and 4 → 2 + 2
+    assert len(progress.notes) == 1 and "out of memory" in progress.notes[0].lower()
+    embed_to_file(encoder, paths, tmp_path / "pairs.safetensors", options=EmbedOptions(batch_size=2, workers=0))
+    assert differences(tmp_path / "halved.safetensors", tmp_path / "pairs.safetensors") == []
+
+
+def test_an_image_that_does_not_fit_alone_stops_the_run(encoder: Encoder, folder: Path, tmp_path: Path) -> None:
+    paths, options = discover([str(folder)]), EmbedOptions(batch_size=4, workers=0)
+    with pytest.raises(UserError, match="out of memory on a single image"):
+        embed_to_file(OutOfMemoryAbove(encoder, limit=0), paths, tmp_path / "e.safetensors", options=options)
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_out_of_memory_even_for_one_image_ends_the_command_with_one_sentence(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_room(self: Encoder, pixels: torch.Tensor):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Encoder, "__call__", no_room)
+    result = embed(folder, tmp_path / "embeddings.safetensors")
+    assert result.exit_code != 0 and not isinstance(result.exception, torch.cuda.OutOfMemoryError), "a traceback"
+    lines = result.stderr.strip().splitlines()
+    # The halving note comes first (batches are halved down to one image), then the one-sentence error.
+    assert all(line.startswith(("note: ", "error: ")) for line in lines), result.stderr
+    assert lines[-1].startswith("error: ") and "out of memory" in lines[-1].lower(), result.stderr
+
+
+# ----------------------------------------------------------------------------------- chunked flushing
+
+
+@pytest.mark.parametrize("chunk_bytes, keeps_work", [(1, True), (1 << 40, False)])
+def test_a_chunk_is_flushed_once_its_tensors_reach_chunk_bytes(
+    embed,
+    encoder: Encoder,
+    folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    chunk_bytes: int,
+    keeps_work: bool,
+) -> None:
+    monkeypatch.setattr(embed_module, "FLUSH_SECONDS", float("inf"))  # only the size limit can flush
+    monkeypatch.setattr(embed_module, "CHUNK_BYTES", chunk_bytes)
+    output = interrupt(encoder, folder, tmp_path / "embeddings.safetensors")
+    assert (summary_of(embed(folder, output, "--json"))["reused"] > 0) == keeps_work
+
+
+# ---------------------------------------------------------------------------------- real processes
+
+
+def process_env(flush_seconds: float) -> dict[str, str]:
+    return {
+        **os.environ,
+        "SIGLIP_FLUSH_SECONDS": str(flush_seconds),
+        "OMP_NUM_THREADS": "1",
+        "COLUMNS": "1000",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """160 small photos and two broken files among them."""
+    folder = save_photos(tmp_path_factory.mktemp("many"), [f"{i:03d}.jpg" for i in range(GOOD_PHOTOS)])
+    (folder / "040-broken.jpg").write_bytes(b"not a picture")
+    (folder / "120-broken.jpg").write_bytes((folder / "120.jpg").read_bytes()[:200])  # truncated
+    return folder
+
+
+def embed_command(photos: Path, output: Path, checkpoint: Path, *, workers: int = 0) -> list[str]:
+    return [
+        SIGLIP, "embed", str(photos), "-o", str(output), "--model", str(checkpoint),
+        "--tokens", "--batch-size", str(BATCH), "--workers", str(workers), "--quiet",
+    ]  # fmt: skip
+
+
+def run_to_end(command: list[str], *, flush_seconds: float = 0.05) -> dict:
+    env = process_env(flush_seconds)
+    done = subprocess.run(command + ["--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(many_photos: Path, tiny_vision: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("uninterrupted") / "embeddings.safetensors"
+    run_to_end(embed_command(many_photos, output, tiny_vision))
+    return output
+
+
+def start(command: list[str], *, flush_seconds: float) -> subprocess.Popen:
+    """The command in a process group of its own, as a shell starts it (so Ctrl-C can reach all of it)."""
+    return subprocess.Popen(
+        command, env=process_env(flush_seconds), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def wait_for_chunks(process: subprocess.Popen, output: Path, chunks: int, timeout: float = 120) -> None:
+    """Until the run's work area exists and holds at least `chunks` finished chunks."""
+    work, stop = work_area(output), time.monotonic() + timeout
+    while not ((work / "state.json").exists() and chunks_in(work) >= chunks):
+        assert process.poll() is None, f"the run ended (exit {process.returncode}) before writing {chunks} chunks"
+        assert time.monotonic() < stop, f"no {chunks} chunks after {timeout} s"
+        time.sleep(0.002)
+
+
+def test_kill_9_at_random_points_then_rerunning_gives_the_uninterrupted_output(
+    many_photos: Path, tiny_vision: Path, uninterrupted: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "embeddings.safetensors"
+    command = embed_command(many_photos, output, tiny_vision)
+    # Flushing after every batch makes 41 chunks whatever the machine's speed; kill -9 once the work area holds a
+    # seeded random number of them, three times (a count already reached kills the next run while it starts up).
+    # Each kill lands wherever the process is then: decoding, embedding, writing or fsyncing a chunk.
+    kill_points = sorted(random.Random(5).sample(range(25), 3))
+    for chunks in kill_points:
+        process = start(command, flush_seconds=0)
+        wait_for_chunks(process, output, chunks)
+        process.kill()
+        process.communicate()
+        assert not output.exists(), "a killed run left an output file"
+    summary = run_to_end(command)
+    assert summary["reused"] >= BATCH * kill_points[-1] - 2  # the chunks' rows (2 broken files are no rows)
+    assert summary["embedded"] > 0 and summary["embedded"] + summary["reused"] == GOOD_PHOTOS
+    assert differences(output, uninterrupted) == []
+    assert not work_area(output).exists()
+
+
+def test_ctrl_c_exits_130_with_one_sentence_saying_to_rerun(
+    many_photos: Path, tiny_vision: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "embeddings.safetensors"
+    process = start(embed_command(many_photos, output, tiny_vision, workers=1), flush_seconds=0.05)
+    wait_for_chunks(process, output, 1)
+    os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the decoding worker too
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert len(stderr.strip().splitlines()) == 1, stderr  # no traceback, from the worker or the main process
+    assert "interrupted" in stderr and "rerun the same command" in stderr
+    assert not output.exists() and chunks_in(work_area(output)) >= 1
+
+
+def test_sigterm_stops_like_ctrl_c_and_rerunning_continues(
+    many_photos: Path, tiny_vision: Path, uninterrupted: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "embeddings.safetensors"
+    command = embed_command(many_photos, output, tiny_vision)
+    process = start(command, flush_seconds=0.05)
+    wait_for_chunks(process, output, 2)
+    process.terminate()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "rerun" in stderr
+    summary = run_to_end(command)
+    assert summary["reused"] > 0 and summary["embedded"] + summary["reused"] == GOOD_PHOTOS
+    assert differences(output, uninterrupted) == []
+
+
+# ---------------------------------------------------------------------------------------- bounded memory
+
+# A tower that is nearly all tokens and no compute: no encoder layer, no head, 16×16 patches of 256 floats.
+TOKENS, HIDDEN = 256, 256
+ROW_BYTES = (TOKENS + 1) * HIDDEN * 4  # one image's tokens and embedding, float32: 257 KiB
+
+
+@pytest.fixture(scope="module")
+def all_tokens_tower(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(
+        tmp_path_factory.mktemp("all_tokens"), layout="vision", image_size=64, patch_size=4, hidden_size=HIDDEN,
+        num_heads=4, intermediate_size=16, num_layers=0, use_head=False,
+    )  # fmt: skip
+
+
+def peak_rss(command: list[str], log: Path) -> int:
+    """The peak resident memory of a process run to the end, in bytes.
+
+    Every batch is flushed (SIGLIP_FLUSH_SECONDS=0): chunks of however many batches fit in a time slice would make
+    the peak depend on the machine's speed (±30 MiB between identical runs), one batch a chunk keeps it within a few.
+    """
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, env=process_env(0), stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, log.read_text()
+    return usage.ru_maxrss * 1024
+
+
+def test_memory_does_not_grow_with_the_number_of_images(all_tokens_tower: Path, tmp_path: Path) -> None:
+    n = 100
+    photos = save_photos(tmp_path / "photos", [f"{i:04d}.jpg" for i in range(4 * n)], size=(16, 16))
+    lists = {count: tmp_path / f"{count}.txt" for count in (n, 4 * n)}
+    peaks = {}
+    for count, listing in lists.items():
+        listing.write_text("".join(f"{p}\n" for p in sorted(photos.iterdir())[:count]))
+        output = tmp_path / f"{count}.safetensors"
+        command = [SIGLIP, "embed", "--files-from", str(listing), "-o", str(output), "--model", str(all_tokens_tower),
+                   "--tokens", "--batch-size", "16", "--workers", "0", "--quiet"]  # fmt: skip
+        peaks[count] = peak_rss(command, tmp_path / f"{count}.log")
+        with safe_open(output, framework="np") as f:
+            assert f.get_slice("tokens").get_shape() == [count, TOKENS, HIDDEN]
+    holding = 3 * n * ROW_BYTES  # what keeping the extra rows in memory would cost: 75 MiB
+    growth = peaks[4 * n] - peaks[n]
+    assert growth < holding / 3, f"peak RSS grew {growth / 2**20:.1f} MiB from {n} to {4 * n} images"

@@ -1,0 +1,95 @@
+"""Splitting a run into shards: `--shard K/N` and `--shard auto` parsed, and the split itself (pure functions).
+
+Shard runs and `siglip merge` end to end are in test_long_runs.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from siglip_cli.errors import UserError
+from siglip_cli.shards import parse_shard, select_shard, shard_of
+
+NO_SCHEDULER: dict[str, str] = {}
+PATHS = [f"photos/{year}/img_{i:04d}.jpg" for year in (2019, 2020, 2021) for i in range(300)]
+PATHS.append(os.fsdecode(b"photos/caf\xe9.jpg"))  # a Latin-1 name: not valid UTF-8
+
+
+def test_k_of_n_is_index_and_count() -> None:
+    assert parse_shard("2/5", None, NO_SCHEDULER) == (2, 5)
+
+
+def test_no_shard_means_the_whole_run() -> None:
+    assert parse_shard(None, None, NO_SCHEDULER) is None
+
+
+@pytest.mark.parametrize("spec", ["2", "a/b", "1/2/3", "", "3/3", "-1/4", "0/0", "1/-2"])
+def test_malformed_or_out_of_range_shard_is_refused(spec: str) -> None:
+    with pytest.raises(UserError, match="--shard"):
+        parse_shard(spec, None, NO_SCHEDULER)
+
+
+def test_num_shards_without_shard_auto_is_refused() -> None:
+    with pytest.raises(UserError, match="--num-shards goes with --shard auto"):
+        parse_shard(None, 4, NO_SCHEDULER)
+
+
+def test_auto_counts_the_slurm_task_id_from_the_arrays_first_id() -> None:
+    # `sbatch --array=5-7`: tasks 5, 6, 7.
+    slurm = {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "3"}
+    assert parse_shard("auto", None, slurm) == (1, 3)
+
+
+def test_auto_follows_a_slurm_array_with_a_step() -> None:
+    # `sbatch --array=0-14:2`: tasks 0, 2, …, 14.
+    slurm = {
+        "SLURM_ARRAY_TASK_ID": "4",
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_STEP": "2",
+        "SLURM_ARRAY_TASK_COUNT": "8",
+    }
+    assert parse_shard("auto", None, slurm) == (2, 8)
+
+
+def test_auto_takes_the_kubernetes_completion_index_and_num_shards() -> None:
+    assert parse_shard("auto", 4, {"JOB_COMPLETION_INDEX": "3"}) == (3, 4)
+
+
+def test_auto_on_kubernetes_without_num_shards_asks_for_it() -> None:
+    with pytest.raises(UserError, match="--num-shards"):
+        parse_shard("auto", None, {"JOB_COMPLETION_INDEX": "3"})
+
+
+def test_auto_with_an_index_beyond_the_count_is_refused() -> None:
+    with pytest.raises(UserError, match="not below the shard count"):
+        parse_shard("auto", 4, {"JOB_COMPLETION_INDEX": "4"})
+
+
+def test_auto_outside_a_scheduler_says_to_give_k_of_n() -> None:
+    with pytest.raises(UserError, match="--shard K/N"):
+        parse_shard("auto", None, NO_SCHEDULER)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_shards_are_disjoint_and_together_complete(count: int) -> None:
+    parts = [select_shard(PATHS, k, count) for k in range(count)]
+    assert sorted(path for part in parts for path in part) == sorted(PATHS)
+
+
+def test_a_shard_keeps_the_order_of_the_paths_it_was_given() -> None:
+    part = select_shard(PATHS, 1, 3)
+    assert part == [path for path in PATHS if path in set(part)]
+
+
+def test_a_files_shard_does_not_change_when_other_files_come_and_go() -> None:
+    before = {path: shard_of(path, 4) for path in PATHS}
+    now = [path for path in PATHS if "2019" not in path] + [f"photos/2022/img_{i:04d}.jpg" for i in range(300)]
+    for k in range(4):
+        assert all(before[path] == k for path in select_shard(now, k, 4) if path in before)
+
+
+def test_shards_are_about_the_same_size() -> None:
+    sizes = [len(select_shard(PATHS, k, 4)) for k in range(4)]
+    assert min(sizes) > 0.8 * len(PATHS) / 4, sizes
