@@ -91,7 +91,7 @@ class _RichProgress:
             TextColumn("{task.fields[rate]}"),
             TimeRemainingColumn(),
             console=stderr,
-            disable=quiet,
+            disable=quiet or not stderr.is_terminal,  # a log file gets the summary line, not bar redraws
             transient=False,
         )
         self.task = None
@@ -116,7 +116,9 @@ class _RichProgress:
         if not self.quiet:
             stderr.print(f"[yellow]note:[/] {message}", highlight=False)
 
-    def stop(self) -> None:
+    def stop(self, *, keep: bool = True) -> None:
+        if not keep:
+            self.bar.live.transient = True
         self.bar.stop()
 
 
@@ -187,10 +189,12 @@ def embed(
                         require_rows=part is None,  # a shard's part may be empty or all bad: the merge decides
                     )
         except KeyboardInterrupt:
-            progress.stop()
+            progress.stop(keep=False)
             fail(f"interrupted; finished work is kept in {output}.partial: rerun the same command to continue.", 130)
-        finally:
-            progress.stop()
+        except BaseException:
+            progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
+            raise
+        progress.stop()
     if json_summary:
         stdout.print_json(json.dumps(summary.to_dict()))
     if not quiet:
