@@ -273,3 +273,67 @@ def inspect(
     console.print(report(result, width=console.width), highlight=False)
     if pictures:
         console.print("\nplots:", *map(str, pictures), sep="\n", highlight=False)
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option("--model", "-m", help="A preset name (random weights, no download), a Hub id or a local checkpoint.")] = "siglip-base-patch16-224",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32, bfloat16 or float16.")] = "auto",
+    batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Comma-separated batch sizes.")] = "1,8,32",
+    iters: Annotated[Optional[int], typer.Option(min=1, help="Timed calls per measurement; the median is reported (default: 10 on CUDA, 3 on CPU).", show_default=False)] = None,
+    warmup: Annotated[Optional[int], typer.Option(min=0, help="Untimed calls first (default: 3 on CUDA, 1 on CPU).", show_default=False)] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile every model (default: on for CUDA, off for CPU: the compile outlasts a short CPU run).", show_default=False)] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Also time decode, preprocess and end to end on the images in this folder.", show_default=False)] = None,
+    compare: Annotated[str, typer.Option(help="Also run these on the same weights: transformers, timm (comma-separated).")] = "",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the table.")] = False,
+) -> None:
+    """Throughput of the vision tower (images/s, ms per image, peak memory), optionally against transformers and timm."""
+    from .benchmark import BenchError, BenchOptions, run_benchmark
+
+    with user_errors():
+        try:
+            sizes = tuple(int(s) for s in batch_size.split(","))
+        except ValueError:
+            raise BenchError(f"batch sizes must be positive integers, e.g. --batch-size 1,8,32 (got {batch_size!r}).") from None
+        import torch
+
+        options = BenchOptions(
+            model=model,
+            device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
+            dtype=None if dtype == "auto" else dtype,
+            batch_sizes=sizes,
+            iters=iters,
+            warmup=warmup,
+            compile=compile,
+            compare=tuple(name.strip() for name in compare.split(",") if name.strip()),
+            images=images,
+        )
+        report = run_benchmark(options, progress=lambda message: stderr.print(f"[dim]{message}[/]", highlight=False))
+    for note in report.notes:
+        stderr.print(f"[yellow]note:[/] {note}", highlight=False)
+    if json_out:
+        stdout.print_json(json.dumps(report.to_json()))
+        return
+    # A file or a pipe has no width to respect: print the table wide rather than squeezed to 80 columns.
+    console = stdout if stdout.is_terminal else Console(file=stdout.file, width=200, soft_wrap=True)
+    console.print(_bench_table(report), highlight=False)
+    for size, reference, ratio in report.ratios():
+        console.print(f"siglip / {reference} at batch {size}: {ratio:.2f}×", highlight=False)
+
+
+def _bench_table(report):
+    from rich.table import Table
+
+    m = report.machine
+    title = f"{report.model} · {m.device} · torch {m.torch_version} · {m.dtype} · weights {report.weights_mb:,.0f} MB"
+    table = Table(title=title, title_justify="left")
+    for column in ("stage", "backend", "variant", "batch", "images/s", "ms/image", "peak MB", "warm-up s", "cosine"):
+        table.add_column(column, justify="left" if column in ("stage", "backend", "variant") else "right")
+    for r in report.results:
+        table.add_row(
+            r.stage, r.backend, r.variant, str(r.batch_size), f"{r.images_per_s:,.2f}", f"{r.ms_per_image:,.2f}",
+            "" if r.peak_mem_mb is None else f"{r.peak_mem_mb:,.0f}", "" if r.setup_s is None else f"{r.setup_s:.1f}",
+            "" if r.cosine is None else f"{r.cosine:.6f}",
+        )
+    return table

@@ -1,0 +1,384 @@
+"""The whole GPU measurement of issue 4 in one command (< 8 minutes on an H100/H200), printed as one table.
+
+    bash bench/gpu_check.sh                       # on the GPU machine
+    python bench/gpu_check.py --smoke             # tiny sizes on the CPU: checks that the script runs
+
+Model only, bf16, random weights (no download), every backend on the same weights:
+  B/16-224 at batch 256 and so400m/14-384 at batch 64: ours eager (SDPA's own choice, then flash / cuDNN /
+  memory-efficient forced, channels-last), ours + CUDA graphs, ours compiled (+ CUDA graphs), transformers sdpa
+  (eager and compiled), timm (eager). Each row's cosine is to our plain float32 forward on the same pixels.
+End to end, B/16-224, `siglip embed`-style on synthetic 2-MP JPEGs it writes: nvJPEG batch decode + resize on the
+  GPU (`siglip_cli.gpu_decode`) vs the CPU path (PIL in DataLoader workers, `siglip_cli.embed.decoded_batches`);
+  cosine to the exact CPU/PIL pixels through the float32 model.
+
+Medians of --iters timed calls after --warmup, synchronized. Steps that would overrun --budget are skipped with a
+note, so the script always finishes and prints what it has. A step that fails prints its error in its row and the
+script moves on: one missing kernel must not cost the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from siglip_cli import benchmark as B
+from siglip_cli.config import PreprocessConfig, VisionConfig
+from siglip_cli.embed import decoded_batches, default_workers
+from siglip_cli.gpu_decode import decode_batch, decode_batches
+from siglip_cli.model import SiglipVision, init_weights
+from siglip_cli.preprocess import DecodeOptions, load_pixels
+
+GOALS = {"B/16-224": 15_000, "so400m/14-384": 800, "end to end": 3_000}
+PHOTO_SIZE = (1632, 1224)  # 2.0 MP, 4:3 like a phone photo
+
+
+@dataclass
+class Row:
+    section: str  # "model only" or "end to end"
+    model: str
+    backend: str
+    variant: str
+    batch: int
+    images_per_s: float | None = None
+    ms_per_image: float | None = None
+    cosine: float | None = None
+    setup_s: float | None = None
+    peak_mem_mb: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Spec:
+    label: str  # "B/16-224"
+    vision: VisionConfig
+    preprocess: PreprocessConfig
+    batch: int
+
+
+def specs(smoke: bool) -> list[Spec]:
+    from siglip_cli.config import PRESETS
+
+    if smoke:
+        tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        return [
+            Spec("tiny-p16-64", VisionConfig(**tiny, image_size=64, patch_size=16), PreprocessConfig(64, 64), 4),
+            Spec("tiny-p14-56", VisionConfig(**tiny, image_size=56, patch_size=14), PreprocessConfig(56, 56), 2),
+        ]
+    return [
+        Spec("B/16-224", *PRESETS["siglip-base-patch16-224"], 256),
+        Spec("so400m/14-384", *PRESETS["siglip-so400m-patch14-384"], 64),
+    ]
+
+
+class Clock:
+    """The --budget: a step that would not fit is skipped with a note instead of run."""
+
+    def __init__(self, budget_s: float):
+        self.start, self.budget = time.monotonic(), budget_s
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def fits(self, estimate_s: float) -> bool:
+        return self.left() > estimate_s
+
+
+def sdpa(backend: str | None) -> contextlib.AbstractContextManager:
+    """Force one SDPA kernel (flash / cudnn / efficient), or leave PyTorch's choice (None)."""
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]  # fmt: skip
+    return sdpa_kernel([kernel])
+
+
+def measure(row: Row, make: Callable[[], B.Forward], pixels: torch.Tensor, check: torch.Tensor, expected: torch.Tensor,
+            *, device: torch.device, iters: int, warmup: int, attention: str | None = None) -> tuple[Row, B.Forward | None]:  # fmt: skip
+    """Build one candidate, time it on `pixels`, and compare its output on `check` with `expected`."""
+    try:
+        with sdpa(attention), torch.inference_mode():
+            started = time.perf_counter()
+            forward = make()
+            build_s = time.perf_counter() - started
+            timing = B.time_calls(lambda: forward(pixels), device=device, iters=iters, warmup=warmup)
+            row.cosine = B.cosine(_in_batches(forward, check, pixels.shape[0]), expected)
+        row.images_per_s = pixels.shape[0] / timing.median_s
+        row.ms_per_image = 1000 * timing.median_s / pixels.shape[0]
+        row.setup_s = build_s + timing.setup_s  # building, compiling or capturing, and the warm-up calls
+        row.peak_mem_mb = timing.peak_mem_mb
+        return row, forward
+    except Exception as e:  # a benchmark row, not a library call: report the failure and keep measuring
+        row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        if os.environ.get("GPU_CHECK_TRACEBACK"):
+            traceback.print_exc()
+        return row, None
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _in_batches(forward: B.Forward, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Run `forward` on `x` in the timed batch shape (compiled and graphed forwards are shape-specialised)."""
+    outputs = []
+    for start in range(0, x.shape[0], batch):
+        chunk = x[start : start + batch]
+        padded = torch.cat([chunk, chunk[:1].expand(batch - chunk.shape[0], -1, -1, -1)]) if chunk.shape[0] < batch else chunk
+        outputs.append(forward(padded)[: chunk.shape[0]].float().clone())
+    return torch.cat(outputs)
+
+
+def model_only(
+    spec: Spec, args: argparse.Namespace, device: torch.device, clock: Clock
+) -> tuple[list[Row], dict[str, B.Forward], SiglipVision]:
+    """Every backend and lever on one config: the rows, our forwards by variant, and the float32 plain model."""
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    with device:
+        plain = init_weights(SiglipVision(spec.vision)).eval().requires_grad_(False)
+    cfg = spec.vision
+    pixels = torch.randn(spec.batch, 3, cfg.image_size, cfg.image_size, device=device).to(dtype)
+    check = torch.randn(min(spec.batch, 16), 3, cfg.image_size, cfg.image_size, device=device)
+    with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # a true fp32 reference
+        expected = plain(check).pooled.float()
+    check = check.to(dtype)
+    cuda = device.type == "cuda"
+    run = dict(device=device, iters=args.iters, warmup=args.warmup)
+    rows: list[Row] = []
+    ours: dict[str, B.Forward] = {}
+
+    def add(backend: str, variant: str, make: Callable[[], B.Forward], *, estimate_s: float, attention: str | None = None) -> None:
+        row = Row("model only", spec.label, backend, variant, spec.batch)
+        if not clock.fits(estimate_s):
+            row.note = f"skipped: {clock.left():.0f} s left of the budget, needs ~{estimate_s:.0f} s"
+            rows.append(row)
+            return
+        row, forward = measure(row, make, pixels, check, expected, attention=attention, **run)
+        rows.append(row)
+        if forward is not None and backend == "siglip":
+            ours[variant] = forward
+        print(f"  {spec.label} {backend} {variant}: {_rate(row)}", file=sys.stderr, flush=True)
+
+    fast = lambda **kw: lambda: B.fast_model(plain, device=device, dtype=dtype, **kw)  # noqa: E731
+    add("siglip", "eager", fast(), estimate_s=15)
+    if cuda:
+        for attention in ("flash", "cudnn", "efficient"):
+            add("siglip", f"eager, SDPA {attention}", fast(), estimate_s=15, attention=attention)
+        add("siglip", "eager, channels-last", fast(channels_last=True), estimate_s=15)
+        add("siglip", "eager, patch GEMM", fast(patch_gemm=True), estimate_s=15)
+        add("siglip", "eager + CUDA graphs", fast(cuda_graphs=True), estimate_s=20)
+    if cuda or args.compile:
+        add("siglip", "compiled", fast(compile=True), estimate_s=90)
+        if cuda and "compiled" in ours:
+            add("siglip", "compiled + CUDA graphs", lambda: B.CudaGraphForward(ours["compiled"]), estimate_s=20)
+    compile_refs = (cuda and not args.no_compile_references) or args.compile
+    for backend in ("transformers", "timm"):
+        reference = lambda compile=False, backend=backend: lambda: B.reference_forward(  # noqa: E731
+            backend, plain, device=device, dtype=dtype, compile=compile)
+        add(backend, "sdpa" if backend == "transformers" else "eager", reference(), estimate_s=20)
+        if compile_refs and backend == "transformers":
+            add(backend, "sdpa compiled", reference(compile=True), estimate_s=120)
+    if cuda or args.compile:  # levers on top of compile, last: the rows above matter more if time runs short
+        add("siglip", "compiled, patch GEMM", fast(compile=True, patch_gemm=True), estimate_s=90)
+        if args.autotune:
+            add("siglip", "compiled max-autotune", fast(compile=True, compile_mode="max-autotune-no-cudagraphs"), estimate_s=300)
+    return rows, ours, plain
+
+
+def _rate(row: Row) -> str:
+    return row.note or f"{row.images_per_s:,.0f} images/s, cosine {row.cosine:.5f}"
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _write_photo(args: tuple[Path, int, tuple[int, int]]) -> None:
+    """A synthetic photo: smooth colour fields plus sensor-like noise, so the JPEG is as dense as a real one."""
+    path, seed, (width, height) = args
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = rng.uniform(0, 6.28, 3)
+    channels = [127 + 100 * np.sin(x / (40 + 30 * c) + y / (55 + 20 * c) + phase[c]) for c in range(3)]
+    pixels = np.stack(channels, -1) + rng.normal(0, 12, (height, width, 3))
+    exif = Image.Exif()
+    if seed % 8 == 7:
+        exif[0x0112] = 6  # a few phone portraits: the GPU path must rotate them like the PIL path
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90, exif=exif)
+
+
+def write_photos(directory: Path, count: int, size: tuple[int, int]) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"photo-{i:05d}.jpg" for i in range(count)]
+    todo = [(p, i, size) for i, p in enumerate(paths) if not p.exists()]
+    if todo:
+        with Pool(min(len(todo), os.cpu_count() or 1)) as pool:
+            pool.map(_write_photo, todo, chunksize=8)
+    return [str(p) for p in paths]
+
+
+def end_to_end(spec: Spec, plain: SiglipVision, forward: B.Forward, variant: str, args: argparse.Namespace,
+               device: torch.device, workdir: Path, clock: Clock) -> list[Row]:  # fmt: skip
+    """Files → L2-normalized embeddings on the host, GPU decoding vs CPU decoding, the same forward (built from
+    `plain`); cosine to the exact PIL pixels through `plain` in float32."""
+    size = (96, 72) if args.smoke else PHOTO_SIZE
+    count = args.photos
+    started = time.perf_counter()
+    paths = write_photos(workdir / f"photos-{size[0]}x{size[1]}", count, size)
+    print(f"  {count} JPEGs of {size[0]}x{size[1]} ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    dtype, batch, cfg = torch.bfloat16, spec.batch, spec.preprocess
+
+    def embed(pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[0] < batch:  # a shape-specialised forward sees only full batches
+            pixels = torch.cat([pixels, pixels[:1].expand(batch - pixels.shape[0], -1, -1, -1)])
+        return F.normalize(forward(pixels.to(device, dtype, non_blocking=True)).float(), dim=-1)
+
+    def gpu_path() -> torch.Tensor:
+        out = []
+        for start, decoded in decode_batches(paths, cfg, device=device, batch_size=batch, threads=args.decode_threads):
+            assert not decoded.failures, decoded.failures  # synthetic JPEGs: all for the GPU
+            out.append(embed(decoded.pixels)[: len(decoded.indices)].cpu())
+        return torch.cat(out)
+
+    def cpu_path() -> torch.Tensor:
+        out = []
+        workers = 2 if args.smoke else default_workers()
+        for decoded in decoded_batches(paths, cfg, DecodeOptions(), batch_size=batch, workers=workers, pin=device.type == "cuda"):
+            out.append(embed(decoded.pixels)[: len(decoded.rows)].cpu())
+        return torch.cat(out)
+
+    n_check = min(count, 32)
+    rows = []
+    with torch.inference_mode():
+        exact_pixels = torch.stack([load_pixels(p, cfg, DecodeOptions())[0] for p in paths[:n_check]]).to(device)
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            exact = F.normalize(plain(exact_pixels).pooled.float(), dim=-1).cpu()
+        batched = "GPU decode (nvJPEG)" if device.type == "cuda" else "batched decode (libjpeg, CPU)"
+        for name, path_fn in ((batched, gpu_path), ("CPU decode (PIL workers)", cpu_path)):
+            row = Row("end to end", spec.label, "siglip", f"{name}, model {variant}", batch)
+            if not clock.fits(30 if device.type == "cuda" else 5):
+                row.note = "skipped: over the time budget"
+                rows.append(row)
+                continue
+            try:
+                path_fn()  # warm-up pass: workers, decoder, caches
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                embeddings = path_fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - started
+                row.images_per_s, row.ms_per_image = count / seconds, 1000 * seconds / count
+                row.cosine = B.cosine(embeddings[:n_check], exact)
+            except Exception as e:  # a benchmark row: report the failure, keep measuring
+                row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                if os.environ.get("GPU_CHECK_TRACEBACK"):
+                    traceback.print_exc()
+            print(f"  end to end {row.variant}: {_rate(row)}", file=sys.stderr, flush=True)
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def print_table(rows: list[Row], header: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=header, title_justify="left")
+    for column in ("section", "model", "backend", "variant", "batch", "images/s", "ms/image", "cosine vs fp32",
+                   "setup s", "peak MB", "note"):  # fmt: skip
+        table.add_column(column, justify="right" if column in ("batch", "images/s", "ms/image", "setup s", "peak MB") else "left")
+    fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
+    for r in rows:
+        table.add_row(r.section, r.model, r.backend, r.variant, str(r.batch), fmt(r.images_per_s, ",.0f"),
+                      fmt(r.ms_per_image, ".3f"), fmt(r.cosine, ".5f"), fmt(r.setup_s, ".1f"), fmt(r.peak_mem_mb, ",.0f"),
+                      r.note)  # fmt: skip
+    Console(width=250).print(table)
+
+
+def verdicts(rows: list[Row]) -> list[str]:
+    lines = []
+    for key, goal in GOALS.items():
+        section = "end to end" if key == "end to end" else "model only"
+        candidates = [r for r in rows if r.section == section and r.backend == "siglip" and r.images_per_s
+                      and (section == "end to end" or r.model == key) and (r.cosine or 0) >= 0.999]  # fmt: skip
+        if not candidates:
+            lines.append(f"{key}: no measurement")
+            continue
+        best = max(candidates, key=lambda r: r.images_per_s)
+        status = "met" if best.images_per_s >= goal else "NOT met"
+        lines.append(f"{key}: best {best.images_per_s:,.0f} images/s ({best.variant}) vs goal {goal:,}: {status}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny models and images on the CPU: checks the script runs")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the synthetic JPEGs go [a temp dir]")
+    parser.add_argument("--photos", type=int, default=None, help="synthetic JPEGs for end to end [1024; smoke 8]")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per row [20; smoke 2]")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first [5; smoke 1]")
+    parser.add_argument("--budget", type=float, default=390, help="seconds for the measurements; later steps that do not fit are skipped")
+    parser.add_argument("--decode-threads", type=int, default=3, help="chunks decoded ahead on the GPU")
+    parser.add_argument("--compile", action="store_true", help="also compile on the CPU (slow: ~40 s per model)")
+    parser.add_argument("--no-compile-references", action="store_true", help="skip compiling transformers (saves ~2 min)")
+    parser.add_argument("--autotune", action="store_true", help="also compile ours with max-autotune (several minutes)")
+    parser.add_argument("--json-out", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    args.photos = args.photos or (8 if args.smoke else 1024)
+    args.iters = args.iters or (2 if args.smoke else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
+
+    if torch.cuda.is_available() and not args.smoke:
+        device = torch.device("cuda")
+        name = torch.cuda.get_device_name()
+    elif args.smoke:
+        device, name = torch.device("cpu"), f"{B.cpu_name()} ({torch.get_num_threads()} threads)"
+    else:
+        sys.exit("gpu_check: no CUDA GPU here. On a CPU, run `python bench/gpu_check.py --smoke` to check the script.")
+    header = (f"gpu_check {datetime.date.today()} · {name} · torch {torch.__version__} · CUDA {torch.version.cuda} · bf16 · "
+              f"{os.cpu_count()} CPUs · {' '.join(sys.argv)}")  # fmt: skip
+    print(header, file=sys.stderr, flush=True)
+    clock = Clock(args.budget)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpu_check-"))
+
+    rows: list[Row] = []
+    for i, spec in enumerate(specs(args.smoke)):
+        spec_rows, ours, plain = model_only(spec, args, device, clock)
+        rows += spec_rows
+        if i == 0:  # end to end on B/16-224, with our fastest forward that kept the cosine
+            good = [r for r in spec_rows if r.backend == "siglip" and r.images_per_s and (r.cosine or 0) >= 0.999]
+            if good:
+                best = max(good, key=lambda r: r.images_per_s).variant
+                rows += end_to_end(spec, plain, ours[best], best, args, device, workdir, clock)
+        del ours, plain
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_table(rows, header)
+    for line in verdicts(rows) if not args.smoke else ["smoke run: tiny models on the CPU, no verdicts."]:
+        print(line)
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

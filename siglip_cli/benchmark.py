@@ -1,0 +1,737 @@
+"""`siglip bench`: throughput of the vision tower (and of the image pipeline), beside transformers and timm.
+
+Library side only: it builds the models, times them and returns a `Report`; `cli.py` renders it.
+
+Method. Every measurement warms up first (the first call also pays for `torch.compile`, reported as `setup_s`),
+synchronizes the device around each timed call, and reports the median over `iters` calls. Model-only runs feed
+random pixels already on the device in the run's dtype, so they time the forward pass alone.
+
+Same function, three implementations. With `compare`, transformers' `SiglipVisionModel` (sdpa attention) and timm's
+`VisionTransformer` are built for the same config and loaded with OUR weights through explicit key maps
+(`transformers_state_dict`, `timm_state_dict`), so the ratios compare code, not checkpoints. Each backend's pooled
+output is checked against our plain float32 forward (`cosine` in the results).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import PRESETS, PreprocessConfig
+from .errors import UserError
+from .model import SiglipVision, init_weights
+
+DEFAULT_BENCH_MODEL = "siglip-base-patch16-224"
+REFERENCES = ("transformers", "timm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+Forward = Callable[[Tensor], Tensor]  # (B, 3, H, W) pixels → (B, D) pooled embedding
+
+
+class BenchError(UserError):
+    """A benchmark that cannot run as asked (device, dtype, missing reference library, empty image folder)."""
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (Linux), else what `platform` knows."""
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        match = None
+    return match.group(1).strip() if match else (platform.processor() or platform.machine())
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
+
+    Without it PyTorch still runs bf16, but far slower than float32: on a 2-core Zen 3 (AVX2 only) a bf16 linear
+    ran at 18 GFLOP/s against 153 for float32, and B/16 at 0.56 against 3.99 images/s (bench/RESULTS.md), so the
+    automatic dtype must not pick bf16 there.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+@dataclass(frozen=True)
+class Machine:
+    device: str  # "NVIDIA H200" or "AMD EPYC 9R14 (2 threads)"
+    device_type: str  # "cuda" or "cpu"
+    torch_version: str
+    dtype: str
+    threads: int
+    native_bf16: bool
+
+
+def describe_machine(device: torch.device, dtype: torch.dtype) -> Machine:
+    threads = torch.get_num_threads()
+    if device.type == "cuda":
+        name, native = torch.cuda.get_device_name(device), torch.cuda.is_bf16_supported()
+    else:
+        name, native = f"{cpu_name()} ({threads} threads)", cpu_has_native_bf16()
+    return Machine(name, device.type, torch.__version__, _dtype_name(dtype), threads, native)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for but PyTorch sees no CUDA GPU on this machine.")
+    if device not in ("cpu", "cuda"):
+        raise BenchError(f"device {device!r} is not supported (expected cpu or cuda).")
+    return torch.device(device)
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> tuple[torch.dtype, list[str]]:
+    """The run's dtype and any note about it. `None` (auto): bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    notes: list[str] = []
+    if name is None:
+        if device.type == "cuda" or cpu_has_native_bf16():
+            return torch.bfloat16, notes
+        notes.append("dtype float32: this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 runs slower than fp32.")
+        return torch.float32, notes
+    if name not in DTYPES:
+        raise BenchError(f"dtype {name!r} is not supported (expected one of {', '.join(DTYPES)}).")
+    dtype = DTYPES[name]
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        notes.append("bfloat16 on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and slower than float32.")
+    return dtype, notes
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- our model
+
+
+def build_model(
+    name: str, *, seed: int = 0, device: torch.device | str = "cpu"
+) -> tuple[SiglipVision, PreprocessConfig]:
+    """Our float32 model for `name`: a preset (seeded random weights, no download), a Hub id or a local directory.
+
+    Preset weights are drawn on `device` (a GPU draws so400m's 428 M in a blink), so they depend on the device.
+    """
+    if name in PRESETS:
+        vision, preprocess = PRESETS[name]
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+            torch.manual_seed(seed)
+            model = init_weights(SiglipVision(vision))
+        return model.eval().requires_grad_(False), preprocess
+    from .weights import load_model, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(name)
+    return load_model(checkpoint, device=device), checkpoint.preprocess
+
+
+class CudaGraphForward:
+    """Replays a CUDA graph captured once per input shape: no per-kernel launch cost, for fixed-shape batches.
+
+    The returned tensor is the graph's static output, overwritten by the next call: copy it before calling again.
+    """
+
+    def __init__(self, forward: Forward, *, warmup: int = 3):
+        self.forward, self.warmup = forward, warmup
+        self.graphs: dict[tuple[tuple[int, ...], torch.dtype], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+
+    def __call__(self, pixels: Tensor) -> Tensor:
+        key = (tuple(pixels.shape), pixels.dtype)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(pixels)
+        graph, static_in, static_out = self.graphs[key]
+        static_in.copy_(pixels)
+        graph.replay()
+        return static_out
+
+    def _capture(self, pixels: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        static_in = pixels.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+            for _ in range(self.warmup):
+                self.forward(static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.forward(static_in)
+        return graph, static_in, static_out
+
+
+class PatchGemm(nn.Module):
+    """The patch conv as one matmul: kernel = stride = p without padding, so each output is a patch · filter.
+
+    A drop-in for `Embeddings.patch_embedding` (same output layout, same `weight.dtype`): on GPUs a stride-16
+    conv can land on a slow cuDNN algorithm where the equivalent (B·N, C·p²) × (C·p², D) GEMM cannot.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.patch = conv.kernel_size[0]
+        self.weight = nn.Parameter(conv.weight.detach().flatten(1), requires_grad=False)  # (D, C·p·p)
+        self.bias = conv.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        p = self.patch
+        h, w = H // p, W // p  # like the conv, drop pixels past the last whole patch
+        x = x[:, :, : h * p, : w * p].reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
+        return F.linear(x, self.weight, self.bias).transpose(1, 2).reshape(B, -1, h, w)  # (B, D, h, w), a view
+
+
+class _Pooled(nn.Module):
+    """Our model with the pooled embedding as its only output: what `torch.compile` and the timers see."""
+
+    def __init__(self, model: SiglipVision):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.model(pixel_values).pooled
+
+
+def fast_model(
+    model: SiglipVision,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    compile: bool = False,
+    compile_mode: str | None = None,
+    cuda_graphs: bool = False,
+    channels_last: bool = False,
+    patch_gemm: bool = False,
+) -> Forward:
+    """Our speed levers applied to a copy of `model` (left untouched): pixels (B, 3, H, W) → pooled (B, D).
+
+    Always: q/k/v fused into one GEMM per layer (`fuse_qkv`, same numbers), weights cast to `dtype` (bf16 end to end,
+    no autocast), eval mode, no autograd. Optional: `channels_last` for the patch conv, or `patch_gemm` to compute it
+    as a matmul (`PatchGemm`), `torch.compile` (`compile_mode` as torch names it, e.g.
+    "max-autotune-no-cudagraphs"), and CUDA-graph replay for fixed shapes (CUDA only).
+    Attention is PyTorch's SDPA, which picks flash / cuDNN / memory-efficient kernels on the GPU by itself.
+    """
+    device = torch.device(device)
+    fast = copy.deepcopy(model).fuse_qkv().to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if channels_last:
+        fast.embeddings.patch_embedding.to(memory_format=torch.channels_last)
+    if patch_gemm:
+        fast.embeddings.patch_embedding = PatchGemm(fast.embeddings.patch_embedding)
+    module: nn.Module = _Pooled(fast)
+    forward: Forward = module
+    if compile:
+        forward = torch.compile(module, dynamic=False, mode=compile_mode)
+    if channels_last:
+        inner = forward
+        forward = lambda pixels: inner(pixels.contiguous(memory_format=torch.channels_last))  # noqa: E731
+    if cuda_graphs:
+        if device.type != "cuda":
+            raise BenchError("CUDA graphs need --device cuda.")
+        forward = CudaGraphForward(forward)
+    return forward
+
+
+# --------------------------------------------------------------------------- the references, on our weights
+
+
+def _load_exact(module: nn.Module, state: dict[str, Tensor], *, source: str) -> None:
+    """Strict load with shape asserts: every parameter of `module` comes from `state` and nothing is left over."""
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    assert not missing and not unexpected, f"{source} key map: missing {missing[:3]}, unexpected {unexpected[:3]}"
+    for key, tensor in state.items():
+        assert tensor.shape == expected[key].shape, f"{source} key map: {key} {tuple(tensor.shape)} != {tuple(expected[key].shape)}"
+    module.load_state_dict(state, strict=True)
+
+
+def _plain_state(model: SiglipVision) -> dict[str, Tensor]:
+    """Our state dict in the checkpoint layout (separate q/k/v): the input of both key maps."""
+    state = model.state_dict()
+    if any(key.endswith("self_attn.qkv.weight") for key in state):
+        raise ValueError("the key maps read an unfused model; map the model before calling fuse_qkv().")
+    return state
+
+
+def transformers_state_dict(model: SiglipVision) -> dict[str, Tensor]:
+    """Our weights under transformers 5 `SiglipVisionModel` names.
+
+    Our parameter names ARE the checkpoint keys transformers reads (`embeddings.patch_embedding.weight`,
+    `encoder.layers.N.self_attn.q_proj.weight`, `head.attention.in_proj_weight`, ...), so the map is the identity;
+    `_load_exact` still asserts every key and shape.
+    """
+    return {key: tensor.clone() for key, tensor in _plain_state(model).items()}
+
+
+def transformers_model(model: SiglipVision, *, device: torch.device | str = "cpu") -> nn.Module:
+    """transformers' `SiglipVisionModel` with sdpa attention, same config, our weights; float32, built on `device`."""
+    try:
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+    except ImportError:
+        raise BenchError("--compare transformers needs the transformers package: pip install transformers.") from None
+    cfg = model.config
+    config = SiglipVisionConfig(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_channels=cfg.num_channels,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        hidden_act=cfg.hidden_act,
+        layer_norm_eps=cfg.layer_norm_eps,
+        vision_use_head=cfg.vision_use_head,
+        attn_implementation="sdpa",
+    )
+    with torch.device(device):
+        reference = SiglipVisionModel(config)
+    _load_exact(reference, transformers_state_dict(model), source="transformers")
+    return reference.eval().requires_grad_(False)
+
+
+def timm_state_dict(model: SiglipVision) -> dict[str, Tensor]:
+    """Our weights under timm `VisionTransformer` names (q/k/v concatenated into `attn.qkv`, the probe's
+    `in_proj` split into `attn_pool.q` and `attn_pool.kv`)."""
+    ours = _plain_state(model)
+    D = model.config.hidden_size
+
+    def copy_linear(theirs: str, mine: str) -> dict[str, Tensor]:
+        return {f"{theirs}.{p}": ours[f"{mine}.{p}"].clone() for p in ("weight", "bias")}
+
+    state = {
+        **copy_linear("patch_embed.proj", "embeddings.patch_embedding"),
+        "pos_embed": ours["embeddings.position_embedding.weight"][None].clone(),  # (1, N, D)
+        **copy_linear("norm", "post_layernorm"),
+    }
+    for i in range(model.config.num_hidden_layers):
+        mine, theirs = f"encoder.layers.{i}", f"blocks.{i}"
+        for p in ("weight", "bias"):
+            state[f"{theirs}.attn.qkv.{p}"] = torch.cat([ours[f"{mine}.self_attn.{n}_proj.{p}"] for n in "qkv"])
+        for t, m in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.proj", "self_attn.out_proj"),
+                     ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):  # fmt: skip
+            state.update(copy_linear(f"{theirs}.{t}", f"{mine}.{m}"))
+    if model.config.vision_use_head:
+        w, b = ours["head.attention.in_proj_weight"], ours["head.attention.in_proj_bias"]
+        state |= {
+            "attn_pool.latent": ours["head.probe"].clone(),
+            "attn_pool.q.weight": w[:D].clone(), "attn_pool.q.bias": b[:D].clone(),
+            "attn_pool.kv.weight": w[D:].clone(), "attn_pool.kv.bias": b[D:].clone(),
+            **copy_linear("attn_pool.proj", "head.attention.out_proj"),
+            **copy_linear("attn_pool.norm", "head.layernorm"),
+            **copy_linear("attn_pool.mlp.fc1", "head.mlp.fc1"),
+            **copy_linear("attn_pool.mlp.fc2", "head.mlp.fc2"),
+        }  # fmt: skip
+    return state
+
+
+def timm_model(model: SiglipVision, *, device: torch.device | str = "cpu") -> nn.Module:
+    """timm's `VisionTransformer` configured like `vit_base_patch16_siglip_224` for our config, our weights; float32."""
+    try:
+        from timm.layers import GELUTanh
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        raise BenchError("--compare timm needs the timm package: pip install timm.") from None
+    cfg = model.config
+    with torch.device(device):
+        reference = VisionTransformer(
+            img_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            in_chans=cfg.num_channels,
+            num_classes=0,
+            # Headless towers (PaliGemma): we pool by the mean of the post-LayerNorm tokens, which is timm's "avg"
+            # with the final norm kept before the pool (fc_norm=False).
+            global_pool="map" if cfg.vision_use_head else "avg",
+            fc_norm=False,
+            embed_dim=cfg.hidden_size,
+            depth=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            # timm sizes the MLP as int(D * ratio): the half keeps float error from rounding 4304 down to 4303.
+            mlp_ratio=(cfg.intermediate_size + 0.5) / cfg.hidden_size,
+            class_token=False,
+            norm_layer=functools.partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
+            act_layer=GELUTanh if cfg.hidden_act != "gelu" else nn.GELU,
+            weight_init="skip",
+        )
+    _load_exact(reference, timm_state_dict(model), source="timm")
+    return reference.eval().requires_grad_(False)
+
+
+def reference_forward(backend: str, model: SiglipVision, *, device: torch.device, dtype: torch.dtype,
+                      compile: bool = False, compile_mode: str | None = None) -> Forward:  # fmt: skip
+    """transformers or timm on our weights as a `Forward` (pooled output), cast to `dtype` like ours."""
+    if backend == "transformers":
+        reference = transformers_model(model, device=device).to(dtype=dtype)
+        headless = not model.config.vision_use_head
+
+        def forward(pixels: Tensor) -> Tensor:
+            out = reference(pixel_values=pixels)
+            return out.last_hidden_state.mean(dim=1) if headless else out.pooler_output
+
+        module: Callable[[Tensor], Tensor] = forward
+    elif backend == "timm":
+        module = timm_model(model, device=device).to(dtype=dtype)
+    else:
+        raise BenchError(f"unknown comparison {backend!r} (expected one of {', '.join(REFERENCES)}).")
+    return torch.compile(module, dynamic=False, mode=compile_mode) if compile else module
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _peak_rss_reset() -> bool:
+    """Reset the process's peak resident memory (Linux: /proc/self/clear_refs); False where that is impossible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_mb(field: str) -> float | None:
+    """VmRSS (resident now) or VmHWM (peak since the last reset) of this process in MB, from /proc/self/status."""
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) / 1024 if match else None
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float  # per call
+    setup_s: float  # the warm-up calls together, the first of which compiles
+    peak_mem_mb: float | None  # CUDA: peak allocated above what was in use before; CPU: peak RSS (see _timed_call)
+
+
+def _timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float | None]:
+    """(seconds, peak memory in MB) of one call, the device synchronized before and after.
+
+    CUDA: the call's working memory, the peak of allocated tensors above what was allocated before it
+    (activations and workspace; weights, and other models loaded for comparison, do not count). CPU: the process's
+    peak resident set during the call, everything loaded included: freed activations stay resident in the
+    allocator's pools, so an increase over the call would read 0. None where it cannot be measured (needs Linux).
+    """
+    _synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        before = 0.0 if _peak_rss_reset() else None
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mb("VmHWM")
+    return seconds, None if before is None or peak is None else peak - before
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], *, device: torch.device, iters: int, warmup: int
+) -> dict[str, Timing]:
+    """Median time of each `fn()` over `iters` rounds, after `warmup` calls of each (the first may compile).
+
+    Rounds interleave the candidates (A B C, A B C, ...) so that a neighbour's load on a shared machine, or a
+    GPU's clock drifting, falls on all of them alike instead of on whichever ran last.
+    """
+    setup = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        for _ in range(warmup):
+            fn()
+        _synchronize(device)
+        setup[name] = time.perf_counter() - start
+    calls: dict[str, list[tuple[float, float | None]]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            calls[name].append(_timed_call(fn, device))
+    timings = {}
+    for name, measured in calls.items():
+        peaks = [peak for _, peak in measured if peak is not None]
+        timings[name] = Timing(statistics.median(s for s, _ in measured), setup[name], max(peaks) if peaks else None)
+    return timings
+
+
+def time_calls(fn: Callable[[], Any], *, device: torch.device, iters: int, warmup: int) -> Timing:
+    """Median wall time of `fn()` over `iters` calls after `warmup` calls, the device synchronized around each."""
+    return time_interleaved({"fn": fn}, device=device, iters=iters, warmup=warmup)["fn"]
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """The smallest row-wise cosine similarity of two (B, D) batches, computed in float32."""
+    return F.cosine_similarity(a.float().cpu(), b.float().cpu(), dim=-1).min().item()
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True)
+class Result:
+    backend: str  # "siglip", "transformers" or "timm"
+    stage: str  # "model", or with --images: "decode", "preprocess", "end_to_end"
+    batch_size: int
+    images_per_s: float
+    ms_per_image: float
+    peak_mem_mb: float | None  # CUDA: a call's working memory (weights excluded); CPU: the process's peak RSS
+    variant: str = ""  # what was applied: "fused+compiled", "sdpa", "PIL", ...
+    setup_s: float | None = None  # warm-up time, compilation included
+    cosine: float | None = None  # smallest cosine of the pooled output to our plain float32 forward
+
+
+@dataclass
+class Report:
+    machine: Machine
+    model: str
+    weights_mb: float  # our model's parameters in the run's dtype (each backend holds the same)
+    results: list[Result] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # skipped comparisons and dtype decisions, one sentence each
+
+    def ratios(self) -> list[tuple[int, str, float]]:
+        """(batch size, reference, ours / reference images/s) for every model-only measurement pair."""
+        ours = {r.batch_size: r.images_per_s for r in self.results if r.stage == "model" and r.backend == "siglip"}
+        return [
+            (r.batch_size, r.backend, ours[r.batch_size] / r.images_per_s)
+            for r in self.results
+            if r.stage == "model" and r.backend != "siglip" and r.batch_size in ours
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "machine": asdict(self.machine),
+            "model": self.model,
+            "weights_mb": self.weights_mb,
+            "results": [asdict(r) for r in self.results],
+            "ratios": [{"batch_size": b, "reference": ref, "speedup": s} for b, ref, s in self.ratios()],
+            "notes": self.notes,
+        }
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: str = DEFAULT_BENCH_MODEL
+    device: str = "cpu"
+    dtype: str | None = None  # None: bf16 on CUDA and on CPUs with native bf16, float32 elsewhere
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    iters: int | None = None  # None: 10 on CUDA, 3 on CPU
+    warmup: int | None = None  # None: 3 on CUDA, 1 on CPU
+    compile: bool | None = None  # None: on for CUDA, off for CPU (see `default_compile`)
+    compare: tuple[str, ...] = ()
+    images: Path | None = None
+    max_images: int = 64  # per image-pipeline measurement
+    seed: int = 0
+
+
+def default_compile(device: torch.device) -> bool:
+    """Whether `bench` compiles when not told: on CUDA, not on the CPU.
+
+    CPU, measured on the 2-core EPYC of bench/RESULTS.md (2026-11-28, torch 2.14.1, fp32): the first compiled call
+    took 40 s for the 2-layer test model and 48 s for B/16-224 with an empty inductor cache, 2.6 s and 18 s with a
+    warm one; and the compiled B/16 forward was no faster (3.16 vs 3.33 images/s eager at batch 8, interleaved).
+    A default 3-call CPU run would pay the compile and gain nothing; --compile is there for those who want it.
+    CUDA: the forward is milliseconds, a one-off compile is amortised over any real job, and it is where the
+    transformers anchor goes from 7,550 to 11,464 images/s on an H200.
+    """
+    return device.type == "cuda"
+
+
+ProgressFn = Callable[[str], None]
+
+
+def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) -> Report:
+    """Model-only throughput for each batch size (ours, then each reference), and the image pipeline with `images`."""
+    say = progress or (lambda message: None)
+    device = resolve_device(options.device)
+    dtype, notes = resolve_dtype(options.dtype, device)
+    compile = default_compile(device) if options.compile is None else options.compile
+    iters = options.iters if options.iters is not None else (10 if device.type == "cuda" else 3)
+    warmup = options.warmup if options.warmup is not None else (3 if device.type == "cuda" else 1)
+    unknown = [name for name in options.compare if name not in REFERENCES]
+    if unknown:
+        raise BenchError(f"unknown comparison {unknown[0]!r} (expected one of {', '.join(REFERENCES)}).")
+    if not options.batch_sizes or min(options.batch_sizes) < 1:
+        raise BenchError("batch sizes must be positive integers, e.g. --batch-size 1,8,32.")
+
+    say(f"building {options.model}")
+    plain, preprocess = build_model(options.model, seed=options.seed)
+    weights_mb = sum(p.numel() for p in plain.parameters()) * dtype.itemsize / 2**20
+    report = Report(describe_machine(device, dtype), options.model, round(weights_mb, 1), notes=notes)
+
+    forwards: dict[str, tuple[Forward, str]] = {}
+    variant = "fused" + (f"+{_dtype_name(dtype)}" if dtype != torch.float32 else "") + ("+compiled" if compile else "")
+    forwards["siglip"] = (fast_model(plain, device=device, dtype=dtype, compile=compile), variant)
+    for name in options.compare:
+        missing = _missing_package(name)
+        if missing:
+            report.notes.append(missing)
+            continue
+        say(f"building the {name} reference on the same weights")
+        forwards[name] = (
+            reference_forward(name, plain, device=device, dtype=dtype, compile=compile),
+            ("sdpa" if name == "transformers" else "timm") + ("+compiled" if compile else ""),
+        )
+
+    cfg = plain.config
+    with torch.inference_mode():
+        for i, batch_size in enumerate(options.batch_sizes):
+            pixels = torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size,
+                                 generator=torch.Generator().manual_seed(options.seed)).to(device, dtype)  # fmt: skip
+            say(f"batch {batch_size}: {', '.join(forwards)}, {iters} interleaved rounds after {warmup} warm-up")
+            calls = {backend: functools.partial(forward, pixels) for backend, (forward, _) in forwards.items()}
+            timings = time_interleaved(calls, device=device, iters=iters, warmup=warmup)
+            # Agreement, once: the first rows of each backend's output against our plain float32 forward on the
+            # same (dtype-rounded) pixels. The timed shape again, so no compiled forward compiles anew.
+            rows = min(batch_size, 2)
+            expected = plain(pixels[:rows].float().cpu()).pooled if i == 0 else None
+            for backend, (forward, label) in forwards.items():
+                agreement = cosine(forward(pixels)[:rows], expected) if expected is not None else None
+                report.results.append(_result(backend, "model", batch_size, timings[backend], label, agreement))
+
+    if options.images is not None:
+        paths = find_images(options.images, limit=options.max_images)
+        say(f"image pipeline on {len(paths)} files from {options.images}")
+        report.results += image_results(paths, plain, preprocess, device=device, dtype=dtype,
+                                        batch_size=max(options.batch_sizes), iters=iters)  # fmt: skip
+    return report
+
+
+def _missing_package(name: str) -> str | None:
+    """One sentence when the library behind comparison `name` is not installed, else None."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        return f"{name} comparison skipped: the {name} package is not installed (pip install {name})."
+    return None
+
+
+def _result(backend: str, stage: str, batch_size: int, timing: Timing, variant: str,
+            agreement: float | None = None, images: int | None = None) -> Result:  # fmt: skip
+    images = images or batch_size
+    return Result(
+        backend=backend,
+        stage=stage,
+        batch_size=batch_size,
+        images_per_s=images / timing.median_s,
+        ms_per_image=1000 * timing.median_s / images,
+        peak_mem_mb=None if timing.peak_mem_mb is None else round(timing.peak_mem_mb, 1),
+        variant=variant,
+        setup_s=round(timing.setup_s, 3),
+        cosine=agreement,
+    )
+
+
+def image_results(
+    paths: list[str],
+    model: SiglipVision,
+    preprocess: PreprocessConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+    iters: int,
+) -> list[Result]:
+    """Where the time goes between files and embeddings: decode, preprocess, then the whole way.
+
+    decode: PIL open + load, one core. preprocess: `preprocess.load_pixels` (decode, orient, resize, normalize), one
+    core. end_to_end: `embed.embed_paths` with `siglip embed`'s decoding workers (the exact PIL path), and the batched
+    torchvision decoder (`gpu_decode`, nvJPEG on CUDA, libjpeg on the CPU) with the CPU path for files it leaves.
+    Each is the median of `iters` passes over `paths`; end to end, after one warm-up batch, makes a single pass on
+    the CPU, where one pass of a base model over 64 images takes most of a minute.
+    """
+    from PIL import Image
+
+    from .embed import Encoder, default_workers, embed_paths
+    from .preprocess import DecodeOptions, load_pixels
+    from .weights import Checkpoint
+
+    n = len(paths)
+
+    def decode_all() -> None:
+        for path in paths:
+            with Image.open(path) as image:
+                image.load()
+
+    def preprocess_all() -> None:
+        for path in paths:
+            load_pixels(path, preprocess, DecodeOptions())
+
+    cpu = torch.device("cpu")
+    decode = time_calls(decode_all, device=cpu, iters=iters, warmup=0)
+    prep = time_calls(preprocess_all, device=cpu, iters=iters, warmup=0)
+    results = [_result("siglip", "decode", 1, decode, "PIL, 1 core", images=n),
+               _result("siglip", "preprocess", 1, prep, "PIL, 1 core", images=n)]  # fmt: skip
+
+    fused = copy.deepcopy(model).fuse_qkv().to(device=device, dtype=dtype)
+    checkpoint = Checkpoint("benchmark", None, model.config, preprocess, (), "")
+    encoder = Encoder(fused, checkpoint, device, dtype)
+    workers = default_workers()
+    exact: list[Tensor] = []
+
+    def pil_path() -> None:
+        exact[:] = [torch.from_numpy(embed_paths(encoder, paths, batch_size=batch_size, workers=workers).embeddings)]
+
+    torchvision_out: list[Tensor] = []
+
+    def torchvision_path() -> None:
+        torchvision_out[:] = [F.normalize(torch.cat(list(_embed_torchvision(paths, encoder, batch_size))), dim=-1)]
+
+    with torch.inference_mode():
+        embed_paths(encoder, paths[:batch_size], batch_size=batch_size, workers=0)
+        passes = 1 if device.type == "cpu" else iters
+        timings = time_interleaved({"pil": pil_path, "torchvision": torchvision_path}, device=device, iters=passes, warmup=0)
+    agreement = cosine(torchvision_out[0], exact[0]) if len(exact[0]) == len(torchvision_out[0]) else None
+    results.append(_result("siglip", "end_to_end", batch_size, timings["pil"], f"PIL decode, workers={workers}", images=n))
+    results.append(_result("siglip", "end_to_end", batch_size, timings["torchvision"],
+                           f"torchvision decode on {device.type}", agreement, images=n))  # fmt: skip
+    return results
+
+
+def _embed_torchvision(paths: list[str], encoder: Any, batch_size: int) -> Iterator[Tensor]:
+    """Pooled embeddings in file order: batched torchvision decoding (a chunk ahead), the PIL path for the files
+    it leaves; a file that fails there too is dropped, as `siglip embed` would list it in its errors file."""
+    from PIL import Image
+
+    from .gpu_decode import decode_batches
+    from .preprocess import BadImage, DecodeOptions, load_pixels
+
+    threads = 2 if encoder.device.type == "cuda" else 1
+    for start, batch in decode_batches(paths, encoder.preprocess, device=encoder.device, batch_size=batch_size, threads=threads):
+        chunk = paths[start : start + batch_size]
+        pixels = torch.empty(len(chunk), *batch.pixels.shape[1:], device=encoder.device)
+        pixels[batch.indices] = batch.pixels
+        good = list(batch.indices)
+        for position, _ in batch.failures:
+            try:
+                pixels[position] = load_pixels(chunk[position], encoder.preprocess, DecodeOptions())[0].to(pixels.device)
+                good.append(position)
+            except (BadImage, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                pass  # PIL's own exceptions for a broken file
+        if good:
+            yield encoder(pixels[sorted(good)])[0]
+
+
+def find_images(directory: Path, *, limit: int) -> list[str]:
+    """The first `limit` image files under `directory`, found as `siglip embed` finds them (sorted, recursive)."""
+    from .files import IMAGE_SUFFIXES, discover
+
+    if not directory.is_dir():
+        raise BenchError(f"--images {directory} is not a directory.")
+    paths = discover([str(directory)])
+    if not paths:
+        raise BenchError(f"--images {directory} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    return paths[:limit]
