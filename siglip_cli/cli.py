@@ -43,6 +43,12 @@ class OutputDtype(str, enum.Enum):
     float16 = "float16"
 
 
+class Decoder(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
 class ComputeDtype(str, enum.Enum):
     auto = "auto"
     float32 = "float32"
@@ -135,10 +141,11 @@ def embed(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[ComputeDtype, typer.Option(help="Compute precision (auto: float32 on CPU, bfloat16 on CUDA).")] = ComputeDtype.auto,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 32,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes beside the model [default: CPUs - 1].", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes beside the model (default: CPUs - 1).", show_default=False)] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).")] = DEFAULT_MAX_PIXELS,
     exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Apply EXIF orientation (phone photos).")] = True,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at reduced size: faster, not pixel-exact.")] = False,
+    decode: Annotated[Decoder, typer.Option("--decode", help="JPEG decoding: gpu (nvJPEG, batched), cpu (PIL, pixel-exact), auto (gpu when the model runs on CUDA).")] = Decoder.auto,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output and discard interrupted work.")] = False,
     update: Annotated[bool, typer.Option("--update", help="Refresh an existing output: embed new and changed files, drop gone ones.")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Embed only part K of N (K/N, from 0), or auto from Slurm / Kubernetes.")] = None,
@@ -173,6 +180,7 @@ def embed(
             batch_size=batch_size,
             workers=default_workers() if workers is None else workers,
             decode=DecodeOptions(exif_transpose=exif_transpose, max_pixels=max_pixels or None, fast_decode=fast_decode),
+            decoder=decode.value,
         )
         progress = _RichProgress(quiet)
         try:

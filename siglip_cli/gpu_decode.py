@@ -45,9 +45,13 @@ class DecodedBatch:
 
 
 @dataclass(frozen=True)
-class _Header:
+class JpegHeader:
+    """A JPEG the device decoder can take: its bytes and what its header says."""
+
     data: Tensor  # the file's bytes, (n,) uint8 on the CPU
     orientation: int  # EXIF orientation 1..8; 1 when absent or ignored
+    width: int  # of the oriented image
+    height: int
 
 
 def check_supported(cfg: PreprocessConfig) -> None:
@@ -72,21 +76,33 @@ def decode_batch(
     `options.fast_decode` is ignored: nvJPEG has no reduced-size decoding.
     """
     check_supported(cfg)
-    device = torch.device(device)
-    headers: dict[int, _Header] = {}
+    headers: list[JpegHeader] = []
+    positions: list[int] = []
     failures: list[tuple[int, str]] = []
     for position, source in enumerate(sources):
-        header = _read_header(source, cfg, options)
+        header = read_header(source, cfg, options)
         if isinstance(header, str):
             failures.append((position, header))
         else:
-            headers[position] = header
-    decoded, rejected = _decode(headers, device)
+            headers.append(header)
+            positions.append(position)
+    pixels, decoded, rejected = decode_headers(headers, cfg, device=device)
+    indices = [positions[i] for i in decoded]
+    sizes = [(headers[i].width, headers[i].height) for i in decoded]
+    return DecodedBatch(pixels, indices, sizes, sorted(failures + [(positions[i], why) for i, why in rejected]))
+
+
+def decode_headers(
+    headers: Sequence[JpegHeader], cfg: PreprocessConfig, *, device: torch.device | str
+) -> tuple[Tensor, list[int], list[tuple[int, str]]]:
+    """Decode and preprocess read JPEGs on `device`: (pixels (k, 3, H, W), the k indices decoded, (index, reason)
+    of each the decoder rejected, for the CPU path)."""
+    device = torch.device(device)
+    decoded, rejected = _decode(dict(enumerate(headers)), device)
     indices = sorted(decoded)
-    images = [decoded[p] for p in indices]  # (3, H, W) uint8 each, as stored
-    orientations = [headers[p].orientation for p in indices]
-    sizes = [(im.shape[-2], im.shape[-1]) if o >= 5 else (im.shape[-1], im.shape[-2]) for im, o in zip(images, orientations)]
-    return DecodedBatch(_preprocess(images, orientations, cfg, device), indices, sizes, sorted(failures + rejected))
+    images = [decoded[i] for i in indices]  # (3, H, W) uint8 each, as stored
+    orientations = [headers[i].orientation for i in indices]
+    return _preprocess(images, orientations, cfg, device), indices, rejected
 
 
 def decode_batches(
@@ -122,7 +138,7 @@ def decode_batches(
             yield start, future.result()
 
 
-def _read_header(source: str | Path | bytes, cfg: PreprocessConfig, options: DecodeOptions) -> _Header | str:
+def read_header(source: str | Path | bytes, cfg: PreprocessConfig, options: DecodeOptions) -> JpegHeader | str:
     """The bytes and header facts of one file, or the reason the GPU path cannot take it. Decodes no pixels."""
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -139,7 +155,9 @@ def _read_header(source: str | Path | bytes, cfg: PreprocessConfig, options: Dec
     orientation = orientation if options.exif_transpose and orientation in range(1, 9) else 1
     if not cfg.do_resize and ((height, width) if orientation >= 5 else (width, height)) != (cfg.width, cfg.height):
         return "size differs from the model's and resizing is off"
-    return _Header(torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation)
+    if orientation >= 5:  # the four orientations that turn the picture by 90 degrees
+        width, height = height, width
+    return JpegHeader(torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation, width, height)
 
 
 # Start-of-frame markers nvJPEG decodes: baseline, extended and progressive Huffman, 8-bit. (Lossless, hierarchical
@@ -197,7 +215,7 @@ def _exif_orientation(tiff: bytes) -> int:
     return 1
 
 
-def _decode(headers: dict[int, _Header], device: torch.device) -> tuple[dict[int, Tensor], list[tuple[int, str]]]:
+def _decode(headers: dict[int, JpegHeader], device: torch.device) -> tuple[dict[int, Tensor], list[tuple[int, str]]]:
     """All images in one batched call; if the decoder rejects the batch, one by one to find the culprits."""
     from torchvision.io import ImageReadMode, decode_jpeg
 

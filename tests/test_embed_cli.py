@@ -698,3 +698,45 @@ def test_embedding_leaves_pillows_bomb_guard_alone(
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default; restored after the test
     embed_paths(load(str(tiny_siglip), device="cpu"), [photos], workers=0)
     assert Image.MAX_IMAGE_PIXELS == 89_478_485
+
+
+# ------------------------------------------------------------------------------ the device JPEG decoder
+# `--decode gpu` decodes JPEGs in batches on the model's device (nvJPEG on CUDA); on a CPU device the same code
+# runs libjpeg-turbo through torchvision, which is how it is tested here.
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> Path:
+    """JPEGs (one stored sideways with an EXIF tag, one broken), a PNG and a CMYK JPEG: the device decoder takes
+    the plain JPEGs and leaves the rest to the CPU path."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for seed in range(4):
+        make_photo((96, 64), seed=seed).save(folder / f"photo{seed}.jpg", quality=95)
+    save_sideways_jpeg(folder / "portrait.jpg", make_photo((64, 96), seed=7))
+    make_photo((50, 40), seed=8).save(folder / "drawing.png")
+    make_photo((60, 60), seed=9).convert("CMYK").save(folder / "print.jpg", quality=95)
+    (folder / "broken.jpg").write_bytes((folder / "photo0.jpg").read_bytes()[:300])
+    return folder
+
+
+def test_device_decoder_agrees_with_the_exact_cpu_path(embed, mixed_folder: Path, out: Path) -> None:
+    ok(embed(mixed_folder, "-o", out / "cpu.safetensors", "--decode", "cpu"))
+    ok(embed(mixed_folder, "-o", out / "dev.safetensors", "--decode", "gpu", "--device", "cpu"))
+    cpu, cpu_meta = read_safetensors(out / "cpu.safetensors")
+    dev, dev_meta = read_safetensors(out / "dev.safetensors")
+    assert read_jsonl(out / "cpu.jsonl") == read_jsonl(out / "dev.jsonl")  # same rows, same sizes (EXIF included)
+    assert np.einsum("nd,nd->n", cpu["embeddings"], dev["embeddings"]).min() >= 0.999
+    assert (cpu_meta["decoder"], dev_meta["decoder"]) == ("cpu", "gpu")
+
+
+def test_device_decoder_reports_a_broken_jpeg_like_the_cpu_path(embed, mixed_folder: Path, out: Path) -> None:
+    ok(embed(mixed_folder, "-o", out / "cpu.safetensors", "--decode", "cpu"))
+    ok(embed(mixed_folder, "-o", out / "dev.safetensors", "--decode", "gpu", "--device", "cpu"))
+    assert [row["path"] for row in read_jsonl(out / "dev.errors.jsonl")] == [str(mixed_folder / "broken.jpg")]
+    assert read_jsonl(out / "cpu.errors.jsonl") == read_jsonl(out / "dev.errors.jsonl")
+
+
+def test_auto_decoder_is_the_exact_cpu_path_on_a_cpu(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "e.safetensors", "--device", "cpu"))
+    assert read_safetensors(out / "e.safetensors")[1]["decoder"] == "cpu"
