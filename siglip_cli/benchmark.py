@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import PRESETS, PreprocessConfig
+from .embed import resolve_device
 from .errors import UserError
 from .model import SiglipVision, init_weights
 
@@ -91,14 +92,6 @@ def describe_machine(device: torch.device, dtype: torch.dtype) -> Machine:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was asked for but PyTorch sees no CUDA GPU on this machine.")
-    if device not in ("cpu", "cuda"):
-        raise BenchError(f"device {device!r} is not supported (expected cpu or cuda).")
-    return torch.device(device)
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> tuple[torch.dtype, list[str]]:
@@ -556,7 +549,7 @@ ProgressFn = Callable[[str], None]
 def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) -> Report:
     """Model-only throughput for each batch size (ours, then each reference), and the image pipeline with `images`."""
     say = progress or (lambda message: None)
-    device = resolve_device(options.device)
+    device = resolve_device(options.device)  # the same rules as `siglip embed --device`
     dtype, notes = resolve_dtype(options.dtype, device)
     compile = default_compile(device) if options.compile is None else options.compile
     iters = options.iters if options.iters is not None else (10 if device.type == "cuda" else 3)

@@ -192,6 +192,7 @@ def embed(
                     )
                 else:
                     encoder = load(model, revision=revision, device=devices[0], dtype=dtype.value)
+                    _note_emulated_bf16(encoder.device, encoder.dtype, quiet)
                     summary = embed_to_file(
                         encoder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress,
                         require_rows=part is None,  # a shard's part may be empty or all bad: the merge decides
@@ -209,6 +210,19 @@ def embed(
         stderr.print(_summary_line(summary), highlight=False)
     if strict and summary.failed:
         fail(f"{summary.failed} file(s) could not be embedded (--strict): see {summary.errors}.", 1)
+
+
+def _note_emulated_bf16(device, dtype, quiet: bool) -> None:
+    import torch
+
+    from .benchmark import cpu_has_native_bf16
+
+    if device.type == "cpu" and dtype == torch.bfloat16 and not quiet and not cpu_has_native_bf16():
+        stderr.print(
+            "[yellow]note:[/] this CPU has no native bfloat16 (AVX512-BF16 or AMX): bfloat16 is emulated and several "
+            "times slower than float32 here.",
+            highlight=False,
+        )
 
 
 def _summary_line(s) -> str:
