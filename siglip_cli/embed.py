@@ -18,14 +18,13 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
+from typing import Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch import Tensor
 from safetensors import safe_open
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
@@ -219,14 +218,15 @@ def _collate(items: list[Item]) -> Batch:
     )
 
 
-def batch_pixels(batch: Batch, encoder: Encoder, options: DecodeOptions) -> tuple[Tensor | None, list[dict], list[dict]]:
-    """The batch's pixels on the model's device, with its good rows and any new errors.
+def batch_pixels(
+    batch: Batch, cfg: PreprocessConfig, device: torch.device, options: DecodeOptions
+) -> tuple[Tensor | None, list[dict], list[dict]]:
+    """The batch's pixels on `device` (the model's), with its good rows and any new errors.
 
     JPEGs are decoded here, all at once on the device; one the device decoder rejects gets the CPU path, which
     also gives a truly broken file its proper error."""
     if not batch.jpegs:
         return batch.pixels, batch.rows, []
-    cfg, device = encoder.preprocess, encoder.device
     pixels = torch.empty(len(batch.rows), 3, cfg.height, cfg.width, device=device)
     if batch.pixels is not None:
         pixels[batch.cpu_rows] = batch.pixels.to(device)
@@ -535,7 +535,7 @@ def _embed_pending(
     )
     halved = _Halving(progress)
     for batch in batches:
-        pixels, rows, errors = batch_pixels(batch, encoder, options.decode)
+        pixels, rows, errors = batch_pixels(batch, encoder.preprocess, encoder.device, options.decode)
         buffer.errors.extend(batch.errors + errors)
         if pixels is not None:
             pooled, tokens = halved.encode(encoder, pixels)
@@ -732,7 +732,7 @@ def embed_paths(
     paths = discover([os.fspath(p) for p in inputs])
     embeddings, token_blocks, rows, errors = [], [], [], []
     for batch in decoded_batches(paths, encoder.preprocess, decode, batch_size=batch_size, workers=workers, pin=False):
-        pixels, good, bad = batch_pixels(batch, encoder, decode)
+        pixels, good, bad = batch_pixels(batch, encoder.preprocess, encoder.device, decode)
         errors.extend(batch.errors + bad)
         if pixels is not None:
             pooled, toks = encoder(pixels)
