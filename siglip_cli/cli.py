@@ -192,7 +192,6 @@ def embed(
                     )
                 else:
                     encoder = load(model, revision=revision, device=devices[0], dtype=dtype.value)
-                    _note_emulated_bf16(encoder.device, encoder.dtype, quiet)
                     summary = embed_to_file(
                         encoder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress,
                         require_rows=part is None,  # a shard's part may be empty or all bad: the merge decides
@@ -208,19 +207,21 @@ def embed(
         stdout.print_json(json.dumps(summary.to_dict()))
     if not quiet:
         stderr.print(_summary_line(summary), highlight=False)
+        if len(devices) == 1:
+            _note_emulated_bf16(encoder.device, encoder.dtype)
     if strict and summary.failed:
         fail(f"{summary.failed} file(s) could not be embedded (--strict): see {summary.errors}.", 1)
 
 
-def _note_emulated_bf16(device, dtype, quiet: bool) -> None:
+def _note_emulated_bf16(device, dtype) -> None:
     import torch
 
     from .benchmark import cpu_has_native_bf16
 
-    if device.type == "cpu" and dtype == torch.bfloat16 and not quiet and not cpu_has_native_bf16():
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
         stderr.print(
-            "[yellow]note:[/] this CPU has no native bfloat16 (AVX512-BF16 or AMX): bfloat16 is emulated and several "
-            "times slower than float32 here.",
+            "[yellow]note:[/] this CPU has no native bfloat16 (AVX512-BF16 or AMX): bfloat16 ran emulated, several "
+            "times slower than float32 would have.",
             highlight=False,
         )
 
