@@ -387,7 +387,7 @@ _OPTION_NAMES = {
     "output_dtype": "--output-dtype",
     "tokens": "--tokens",
     "format": "the output format",
-    "preprocessing": "the preprocessing (--no-exif-transpose, --fast-decode, or the model's preprocessor)",
+    "preprocessing": "the preprocessing (--no-exif-transpose, --fast-decode, --decode, or the model's preprocessor)",
 }
 
 
