@@ -30,13 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import PRESETS, PreprocessConfig
-from .embed import resolve_device
+from .embed import DTYPES, resolve_device
 from .errors import UserError
 from .model import SiglipVision, init_weights
 
 DEFAULT_BENCH_MODEL = "siglip-base-patch16-224"
 REFERENCES = ("transformers", "timm")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Forward = Callable[[Tensor], Tensor]  # (B, 3, H, W) pixels → (B, D) pooled embedding
 
