@@ -25,7 +25,7 @@ from torch import Tensor
 from .config import PreprocessConfig
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own guard, ~89.5 MP
-_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 class BadImage(Exception):
@@ -92,9 +92,12 @@ def _without_pillow_guard() -> Iterator[None]:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB; transparency composited onto white exactly as transformers' `convert_to_rgb` does."""
-    if image.mode in _SIXTEEN_BIT:
+    if image.mode in _SIXTEEN_BIT or image.mode == "I":
         # PIL's convert clips 16-bit values to 255 (a white image); keep the tones by taking the high byte.
-        image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), mode="L")
+        # Mode "I" (32-bit integers, e.g. some TIFFs) holds 16-bit samples, or 8-bit ones that need no shift.
+        values = np.asarray(image).astype(np.int64).clip(0, 65535)
+        shift = 8 if image.mode in _SIXTEEN_BIT or values.max(initial=0) > 255 else 0
+        image = Image.fromarray((values >> shift).astype(np.uint8), mode="L")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -149,6 +149,16 @@ def test_sixteen_bit_png_keeps_its_tones(tmp_path: Path, bicubic: PreprocessConf
     assert sixteen.min() < 0.5  # not clipped to a white page
 
 
+def test_32_bit_integer_image_of_8_bit_values_is_not_shifted_to_black(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    make_photo((80, 60), mode="L").convert("I").save(tmp_path / "scan32.tif")  # mode I, values 0..255
+    make_photo((80, 60), mode="L").save(tmp_path / "scan8.png")
+    with Image.open(tmp_path / "scan32.tif") as image:
+        assert image.mode == "I"
+    wide, _, _ = load_pixels(tmp_path / "scan32.tif", bicubic, DecodeOptions())
+    eight, _, _ = load_pixels(tmp_path / "scan8.png", bicubic, DecodeOptions())
+    assert torch.equal(wide, eight)
+
+
 def test_animated_gif_uses_its_first_frame(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     first, second = (make_photo((80, 60), seed=s).quantize(64) for s in (0, 1))
     path = save_animated_gif(tmp_path / "clip.gif", [first, second])
