@@ -144,6 +144,7 @@ def embed(
     workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes beside the model (default: CPUs - 1).", show_default=False)] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).")] = DEFAULT_MAX_PIXELS,
     exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Apply EXIF orientation (phone photos).")] = True,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model: pays on GPUs for long runs, after a compile of about a minute.")] = False,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at reduced size: faster, not pixel-exact.")] = False,
     decode: Annotated[Decoder, typer.Option("--decode", help="JPEG decoding: gpu (nvJPEG, batched), cpu (PIL, pixel-exact), auto (gpu when the model runs on CUDA).")] = Decoder.auto,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output and discard interrupted work.")] = False,
@@ -188,10 +189,10 @@ def embed(
                 if len(devices) > 1:
                     summary = embed_on_devices(
                         model, devices, paths, output, revision=revision, dtype=dtype.value, options=options,
-                        overwrite=overwrite, progress=progress,
+                        overwrite=overwrite, compile=compile, progress=progress,
                     )
                 else:
-                    encoder = load(model, revision=revision, device=devices[0], dtype=dtype.value)
+                    encoder = load(model, revision=revision, device=devices[0], dtype=dtype.value, compile=compile)
                     summary = embed_to_file(
                         encoder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress,
                         require_rows=part is None,  # a shard's part may be empty or all bad: the merge decides

@@ -42,6 +42,7 @@ class _Job:
     paths: list[str]
     output: Path
     options: EmbedOptions
+    compile: bool
 
 
 class _QueueProgress:
@@ -62,7 +63,7 @@ class _QueueProgress:
 
 def _work(job: _Job, channel: mp.Queue) -> None:
     try:
-        encoder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype)
+        encoder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype, compile=job.compile)
         summary = embed_to_file(
             encoder, job.paths, job.output, options=job.options, progress=_QueueProgress(channel, job.index), require_rows=False
         )
@@ -83,6 +84,7 @@ def embed_on_devices(
     dtype: str = "auto",
     options: EmbedOptions = EmbedOptions(),
     overwrite: bool = False,
+    compile: bool = False,
     progress: Progress | None = None,
 ) -> Summary:
     """Embed `paths` into `output` with one worker process per device; the result equals a single-device run."""
@@ -95,7 +97,13 @@ def embed_on_devices(
     work.mkdir(parents=True, exist_ok=True)
     count = len(devices)
     jobs = [
-        _Job(i, count, model, revision, device, dtype, select_shard(paths, i, count), work / f"shard-{i}-of-{count}{output.suffix}", options)
+        _Job(
+            i, count, model, revision, device, dtype,
+            paths=select_shard(paths, i, count),
+            output=work / f"shard-{i}-of-{count}{output.suffix}",
+            options=options,
+            compile=compile,
+        )
         for i, device in enumerate(devices)
     ]
     if progress:

@@ -62,7 +62,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Encoder:
     """A loaded tower on its device, with the checkpoint it came from."""
 
-    model: SiglipVision
+    model: SiglipVision  # or its torch.compile wrapper
     checkpoint: Checkpoint
     device: torch.device
     dtype: torch.dtype
@@ -105,14 +105,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load(
-    model: str = DEFAULT_MODEL, *, revision: str | None = None, device: str = "auto", dtype: str = "auto"
+    model: str = DEFAULT_MODEL,
+    *,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    compile: bool = False,
 ) -> Encoder:
-    """Load a checkpoint (Hub id or local directory) ready to embed."""
+    """Load a checkpoint (Hub id or local directory) ready to embed.
+
+    `compile`: `torch.compile` the tower. It pays on GPUs for long runs (transformers' B/16 went from 7,550 to
+    11,464 images/s on an H200) after a compile of a minute or so; on our CPUs it took 25-48 s and gained 0-12%.
+    """
     resolved = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved)
     checkpoint = resolve_checkpoint(model, revision=revision)
     # Fused q/k/v: one GEMM instead of three, the same numbers (tests check it against the plain path).
     tower = load_model(checkpoint, device=resolved, dtype=torch_dtype).fuse_qkv()
+    if compile:
+        tower = torch.compile(tower)
     return Encoder(tower, checkpoint, resolved, torch_dtype)
 
 

@@ -740,3 +740,12 @@ def test_device_decoder_reports_a_broken_jpeg_like_the_cpu_path(embed, mixed_fol
 def test_auto_decoder_is_the_exact_cpu_path_on_a_cpu(embed, photos: Path, out: Path) -> None:
     ok(embed(photos, "-o", out / "e.safetensors", "--device", "cpu"))
     assert read_safetensors(out / "e.safetensors")[1]["decoder"] == "cpu"
+
+
+@pytest.mark.slow  # the first torch.compile on a machine takes ~40 s on 2 cores
+def test_compiled_model_gives_the_same_embeddings(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "plain.safetensors"))
+    ok(embed(photos, "-o", out / "compiled.safetensors", "--compile"))
+    plain, _ = read_safetensors(out / "plain.safetensors")
+    compiled, _ = read_safetensors(out / "compiled.safetensors")
+    np.testing.assert_allclose(compiled["embeddings"], plain["embeddings"], atol=1e-5)
