@@ -34,7 +34,6 @@ def parse_devices(spec: str) -> list[str]:
 @dataclass(frozen=True)
 class _Job:
     index: int
-    count: int
     model: str
     revision: str | None
     device: str
@@ -98,7 +97,7 @@ def embed_on_devices(
     count = len(devices)
     jobs = [
         _Job(
-            i, count, model, revision, device, dtype,
+            i, model, revision, device, dtype,
             paths=select_shard(paths, i, count),
             output=work / f"shard-{i}-of-{count}{output.suffix}",
             options=options,

@@ -349,10 +349,6 @@ class Summary:
     errors: str | None
     seconds: float
 
-    @property
-    def rows(self) -> int:
-        return self.embedded + self.reused
-
     def to_dict(self) -> dict:
         rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
         return {**asdict(self), "images_per_s": round(rate, 3), "seconds": round(self.seconds, 3)}
@@ -441,7 +437,8 @@ def embed_to_file(
         work.create(state)
 
     done: dict[str, Ref | dict] = {}
-    for chunk in work.chunks():
+    chunks = work.chunks()
+    for chunk in chunks:
         reader = SafetensorsRows(chunk.path)
         done.update((row["path"], Ref(reader, i, row)) for i, row in enumerate(chunk.rows))
         done.update((row["path"], row) for row in chunk.errors)
@@ -458,7 +455,7 @@ def embed_to_file(
     pending = [p for p in paths if p not in reused]
     if progress:
         progress.start(total=len(paths), done=len(reused))
-    new = _embed_pending(encoder, pending, work, options, progress, first_seq=len(list(out.work.glob("chunk-*"))))
+    new = _embed_pending(encoder, pending, work, options, progress, first_seq=len(chunks))
     results = {**reused, **new}
 
     ordered = [results[p] for p in paths]
@@ -518,6 +515,52 @@ def _still_current(path: str, info: dict) -> dict | None:
     return {**info, "mtime_ns": stat.st_mtime_ns} if same else None
 
 
+class Embedded(NamedTuple):
+    """One batch's results, on the host: float32 rows in the order of `rows`."""
+
+    count: int  # files in the batch, good and bad
+    rows: list[dict]
+    errors: list[dict]
+    embeddings: np.ndarray | None  # (b, D), L2-normalized if asked
+    tokens: np.ndarray | None  # (b, T, D) when asked
+
+
+def embedded_batches(
+    encoder: Encoder,
+    paths: list[str],
+    *,
+    batch_size: int,
+    workers: int,
+    decode: DecodeOptions,
+    decoder: str = "cpu",
+    normalize: bool = True,
+    tokens: bool = False,
+    progress: Progress | None = None,
+) -> Iterator[Embedded]:
+    """Files → embeddings, `batch_size` files at a time, in order: decoding workers, the device decoder, the model."""
+    if decoder == "gpu":
+        check_supported(encoder.preprocess)
+    batches = decoded_batches(
+        paths,
+        encoder.preprocess,
+        decode,
+        batch_size=batch_size,
+        workers=workers,
+        pin=encoder.device.type == "cuda",
+        jpeg_to_device=decoder == "gpu",
+    )
+    halved = _Halving(progress)
+    for batch in batches:
+        pixels, rows, errors = batch_pixels(batch, encoder.preprocess, encoder.device, decode)
+        if pixels is None:
+            yield Embedded(len(batch), rows, batch.errors + errors, None, None)
+            continue
+        pooled, toks = halved.encode(encoder, pixels)
+        pooled = F.normalize(pooled, dim=-1) if normalize else pooled
+        toks = toks.float().cpu().numpy() if tokens else None
+        yield Embedded(len(batch), rows, batch.errors + errors, pooled.cpu().numpy(), toks)
+
+
 def _embed_pending(
     encoder: Encoder,
     pending: list[str],
@@ -533,31 +576,26 @@ def _embed_pending(
     out_dtype = OUTPUT_DTYPES[options.output_dtype]
     buffer = _ChunkBuffer()
     seq, last_flush = first_seq, time.monotonic()
-    if options.decoder == "gpu":
-        check_supported(encoder.preprocess)
-    batches = decoded_batches(
+    batches = embedded_batches(
+        encoder,
         pending,
-        encoder.preprocess,
-        options.decode,
         batch_size=options.batch_size,
         workers=options.workers,
-        pin=encoder.device.type == "cuda",
-        jpeg_to_device=options.decoder == "gpu",
+        decode=options.decode,
+        decoder=options.decoder,
+        normalize=options.normalize,
+        tokens=options.tokens,
+        progress=progress,
     )
-    halved = _Halving(progress)
-    for batch in batches:
-        pixels, rows, errors = batch_pixels(batch, encoder.preprocess, encoder.device, options.decode)
-        buffer.errors.extend(batch.errors + errors)
-        if pixels is not None:
-            pooled, tokens = halved.encode(encoder, pixels)
-            if options.normalize:
-                pooled = F.normalize(pooled, dim=-1)
-            buffer.rows.extend(rows)
-            buffer.embeddings.append(pooled.cpu().numpy().astype(out_dtype))
-            if options.tokens:
-                buffer.tokens.append(tokens.float().cpu().numpy().astype(out_dtype))
+    for done in batches:
+        buffer.errors.extend(done.errors)
+        if done.embeddings is not None:
+            buffer.rows.extend(done.rows)
+            buffer.embeddings.append(done.embeddings.astype(out_dtype))
+            if done.tokens is not None:
+                buffer.tokens.append(done.tokens.astype(out_dtype))
         if progress:
-            progress.advance(len(batch))
+            progress.advance(done.count)
         if time.monotonic() - last_flush >= FLUSH_SECONDS or buffer.nbytes() >= CHUNK_BYTES:
             results.update(buffer.flush(work, seq))
             seq, last_flush = seq + 1, time.monotonic()
@@ -742,15 +780,16 @@ def embed_paths(
 
     paths = discover([os.fspath(p) for p in inputs])
     embeddings, token_blocks, rows, errors = [], [], [], []
-    for batch in decoded_batches(paths, encoder.preprocess, decode, batch_size=batch_size, workers=workers, pin=False):
-        pixels, good, bad = batch_pixels(batch, encoder.preprocess, encoder.device, decode)
-        errors.extend(batch.errors + bad)
-        if pixels is not None:
-            pooled, toks = encoder(pixels)
-            embeddings.append((F.normalize(pooled, dim=-1) if normalize else pooled).cpu().numpy())
-            if tokens:
-                token_blocks.append(toks.float().cpu().numpy())
-            rows.extend(good)
+    batches = embedded_batches(
+        encoder, paths, batch_size=batch_size, workers=workers, decode=decode, normalize=normalize, tokens=tokens
+    )
+    for done in batches:
+        errors.extend(done.errors)
+        if done.embeddings is not None:
+            embeddings.append(done.embeddings)
+            rows.extend(done.rows)
+            if done.tokens is not None:
+                token_blocks.append(done.tokens)
     D, T = encoder.checkpoint.vision.hidden_size, encoder.checkpoint.vision.num_patches
     return EmbedResult(
         embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, D), np.float32),
