@@ -13,12 +13,15 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import time
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Protocol
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -52,6 +55,7 @@ FLUSH_SECONDS = float(os.environ.get("SIGLIP_FLUSH_SECONDS", 5.0))
 CHUNK_BYTES = 64 << 20  # ...and a chunk is flushed sooner when its tensors reach this size (bounded memory)
 BLOCK_BYTES = 32 << 20  # rows are copied into the final file in blocks of about this size
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
+T, U = TypeVar("T"), TypeVar("U")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -120,8 +124,9 @@ def load(
     resolved = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved)
     checkpoint = resolve_checkpoint(model, revision=revision)
-    # Fused q/k/v: one GEMM instead of three, the same numbers (tests check it against the plain path).
-    tower = load_model(checkpoint, device=resolved, dtype=torch_dtype).fuse_qkv()
+    # Fused q/k/v: one GEMM instead of three, the same numbers (tests check it against the plain path); on CUDA
+    # also fc1 + GELU (gpu_check checks it against the float32 plain path).
+    tower = load_model(checkpoint, device=resolved, dtype=torch_dtype).fuse_qkv().fuse_gelu()
     if compile:
         tower = torch.compile(tower)
     return Encoder(tower, checkpoint, resolved, torch_dtype)
@@ -197,36 +202,80 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
 
 
-class Batch(NamedTuple):
-    """Decoded files in order. Pixels decoded on the CPU are stacked in the worker (one tensor crosses over);
-    JPEGs for the device decoder travel as bytes."""
+# Files per unit of worker work. The model's batch is assembled from such chunks, so every worker is busy from the
+# first batch on: with whole batches per worker, 15 workers and a 256-image batch, one worker decoded each batch
+# alone (an H200's 16 cores embedded 35 images/s on the CPU decoder, and read JPEG bytes at 831 images/s).
+WORKER_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What a worker hands over for a few consecutive files: pixels decoded on the CPU stacked into one tensor, and
+    the JPEGs for the device decoder as one buffer of bytes (one shared-memory block crosses over, not one per file).
+
+    A dataclass, not a NamedTuple: `__len__` counts files, and a NamedTuple's `_replace` (the copy `pin_memory`
+    makes) checks its field count with `len`, which failed every pinned batch on CUDA."""
 
     rows: list[dict]  # manifest facts of the good files, in order
     errors: list[dict]  # path and error of the bad ones
     pixels: Tensor | None  # (b, 3, H, W) for the rows at `cpu_rows`
     cpu_rows: list[int]
-    jpegs: list[JpegHeader]  # for the rows at `jpeg_rows`
+    jpeg_bytes: Tensor | None  # the files at `jpeg_rows`, end to end
+    jpeg_facts: list[tuple[int, int, int, int]]  # (byte count, orientation, width, height) of each
     jpeg_rows: list[int]
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.errors)
 
-    def pin_memory(self) -> Batch:  # called by the DataLoader's pinning thread when the model runs on CUDA
-        return self._replace(pixels=self.pixels.pin_memory()) if self.pixels is not None else self
+    def pin_memory(self) -> Chunk:  # called by the DataLoader's pinning thread when the model runs on CUDA
+        return dataclasses.replace(self, pixels=self.pixels.pin_memory()) if self.pixels is not None else self
 
 
-def _collate(items: list[Item]) -> Batch:
+def _collate(items: list[Item]) -> Chunk:
     good = [item for item in items if item.pixels is not None or item.jpeg is not None]
     cpu_rows = [i for i, item in enumerate(good) if item.pixels is not None]
     jpeg_rows = [i for i, item in enumerate(good) if item.jpeg is not None]
-    return Batch(
+    jpegs = [good[i].jpeg for i in jpeg_rows]
+    return Chunk(
         rows=[item.info for item in good],
         errors=[item.info for item in items if item.pixels is None and item.jpeg is None],
         pixels=torch.stack([good[i].pixels for i in cpu_rows]) if cpu_rows else None,
         cpu_rows=cpu_rows,
-        jpegs=[good[i].jpeg for i in jpeg_rows],
+        jpeg_bytes=torch.cat([j.data for j in jpegs]) if jpegs else None,
+        jpeg_facts=[(len(j.data), j.orientation, j.width, j.height) for j in jpegs],
         jpeg_rows=jpeg_rows,
     )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The files of one model batch, in order: the chunks of its files put together (no pixels are copied)."""
+
+    rows: list[dict]
+    errors: list[dict]
+    pixels: list[Tensor]  # each chunk's CPU-decoded pixels, in the order of `cpu_rows`
+    cpu_rows: list[int]
+    jpegs: list[JpegHeader]  # views into the chunks' byte buffers, for the rows at `jpeg_rows`
+    jpeg_rows: list[int]
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.errors)
+
+    @classmethod
+    def of(cls, chunks: list[Chunk]) -> Batch:
+        rows, errors, pixels, cpu_rows, jpegs, jpeg_rows = [], [], [], [], [], []
+        for chunk in chunks:
+            offset = len(rows)
+            rows += chunk.rows
+            errors += chunk.errors
+            if chunk.pixels is not None:
+                pixels.append(chunk.pixels)
+            cpu_rows += [offset + i for i in chunk.cpu_rows]
+            if chunk.jpeg_bytes is not None:
+                files = chunk.jpeg_bytes.split([size for size, *_ in chunk.jpeg_facts])
+                jpegs += [JpegHeader(data, *facts) for data, (_, *facts) in zip(files, chunk.jpeg_facts)]
+            jpeg_rows += [offset + i for i in chunk.jpeg_rows]
+        return cls(rows, errors, pixels, cpu_rows, jpegs, jpeg_rows)
 
 
 def batch_pixels(
@@ -236,11 +285,12 @@ def batch_pixels(
 
     JPEGs are decoded here, all at once on the device; one the device decoder rejects gets the CPU path, which
     also gives a truly broken file its proper error."""
+    cpu_pixels = [p.to(device, non_blocking=True) for p in batch.pixels]  # pinned on CUDA: copies overlap
     if not batch.jpegs:
-        return batch.pixels, batch.rows, []
+        return (torch.cat(cpu_pixels) if cpu_pixels else None), batch.rows, []
     pixels = torch.empty(len(batch.rows), 3, cfg.height, cfg.width, device=device)
-    if batch.pixels is not None:
-        pixels[batch.cpu_rows] = batch.pixels.to(device)
+    if cpu_pixels:
+        pixels[batch.cpu_rows] = torch.cat(cpu_pixels)
     decoded_pixels, decoded, rejected = decode_headers(batch.jpegs, cfg, device=device)
     pixels[[batch.jpeg_rows[i] for i in decoded]] = decoded_pixels
     failed, errors = set(), []
@@ -272,17 +322,26 @@ def decoded_batches(
     pin: bool,
     jpeg_to_device: bool = False,
 ) -> Iterator[Batch]:
-    """Batches of `batch_size` files in order, decoded by `workers` processes ahead of the model."""
+    """Batches of `batch_size` files in order (fixed slices of `paths`), decoded by `workers` processes ahead of
+    the model, `WORKER_CHUNK` files at a time, with about two batches in flight."""
+    spans = [(start, min(start + batch_size, len(paths))) for start in range(0, len(paths), batch_size)]
+    size = min(WORKER_CHUNK, batch_size)
+    chunks = [list(range(first, min(first + size, end))) for start, end in spans for first in range(start, end, size)]
     loader = DataLoader(
         ImageFiles(paths, cfg, options, jpeg_to_device=jpeg_to_device),
-        batch_size=batch_size,
+        batch_sampler=chunks,
         num_workers=workers,
         collate_fn=_collate,
         worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=max(2, math.ceil(2 * batch_size / (size * workers))) if workers else None,
         pin_memory=pin,
     )
-    yield from loader
+    arriving = iter(loader)
+    for start, end in spans:
+        parts: list[Chunk] = []
+        while sum(map(len, parts)) < end - start:
+            parts.append(next(arriving))
+        yield Batch.of(parts)
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -550,8 +609,10 @@ def embedded_batches(
         jpeg_to_device=decoder == "gpu",
     )
     halved = _Halving(progress)
-    for batch in batches:
-        pixels, rows, errors = batch_pixels(batch, encoder.preprocess, encoder.device, decode)
+    # The device decoder's host side (file bytes to nvJPEG, Huffman decoding) runs in a thread a batch or two ahead,
+    # while the model works on the GPU; its kernels queue on the same stream, so the order of work is kept.
+    prepare = lambda batch: (batch, batch_pixels(batch, encoder.preprocess, encoder.device, decode))  # noqa: E731
+    for batch, (pixels, rows, errors) in look_ahead(batches, prepare, depth=2 if decoder == "gpu" else 0):
         if pixels is None:
             yield Embedded(len(batch), rows, batch.errors + errors, None, None)
             continue
@@ -559,6 +620,26 @@ def embedded_batches(
         pooled = F.normalize(pooled, dim=-1) if normalize else pooled
         toks = toks.float().cpu().numpy() if tokens else None
         yield Embedded(len(batch), rows, batch.errors + errors, pooled.cpu().numpy(), toks)
+
+
+def look_ahead(items: Iterable[T], fn: Callable[[T], U], *, depth: int) -> Iterator[U]:
+    """`fn(item)` for each item, in order, computed by one background thread up to `depth` items ahead of the
+    consumer (inline when `depth` is 0). An exception in `fn` is raised where its result would have been yielded;
+    items not yet started are dropped when the consumer stops."""
+    if depth == 0:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="siglip-look-ahead")
+    try:
+        pending: deque[Future[U]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _embed_pending(

@@ -742,6 +742,87 @@ def test_auto_decoder_is_the_exact_cpu_path_on_a_cpu(embed, photos: Path, out: P
     assert read_safetensors(out / "e.safetensors")[1]["decoder"] == "cpu"
 
 
+def test_worker_chunks_survive_pinning(mixed_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the DataLoader pins every chunk a worker hands over; pinning needs a GPU, so it is stood in for."""
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.embed import ImageFiles, _collate
+    from siglip_cli.preprocess import DecodeOptions
+
+    paths = sorted(str(p) for p in mixed_folder.iterdir())
+    for jpeg_to_device in (False, True):
+        files = ImageFiles(paths, PreprocessConfig(32, 32), DecodeOptions(), jpeg_to_device=jpeg_to_device)
+        chunk = _collate([files[i] for i in range(len(paths))])
+        monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: self.clone())
+        pinned = chunk.pin_memory()
+        assert (pinned.rows, pinned.errors, len(pinned)) == (chunk.rows, chunk.errors, len(paths))
+        assert torch.equal(pinned.pixels, chunk.pixels) and pinned.pixels is not chunk.pixels
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize("jpeg_to_device", [False, True], ids=["cpu-decoder", "device-decoder"])
+def test_batches_are_fixed_slices_put_together_from_worker_chunks(
+    mixed_folder: Path, batch_size: int, jpeg_to_device: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from siglip_cli import embed as E
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.preprocess import DecodeOptions, load_pixels
+
+    monkeypatch.setattr(E, "WORKER_CHUNK", 3)  # chunks smaller than most batches, and not dividing them
+    paths = sorted(str(p) for p in mixed_folder.iterdir()) * 4  # 32 files, the bad ones among them
+    cfg = PreprocessConfig(32, 32)
+    batches = list(E.decoded_batches(paths, cfg, DecodeOptions(), batch_size=batch_size, workers=2, pin=False,
+                                     jpeg_to_device=jpeg_to_device))  # fmt: skip
+    assert [len(b) for b in batches] == [min(batch_size, len(paths) - s) for s in range(0, len(paths), batch_size)]
+    start = 0
+    for batch in batches:
+        names = paths[start : start + len(batch)]
+        start += len(batch)
+        assert sorted(r["path"] for r in batch.rows + batch.errors) == sorted(names)
+        pixels, rows, errors = E.batch_pixels(batch, cfg, torch.device("cpu"), DecodeOptions())
+        # The broken JPEG has a readable header: the device decoder is the one to find it broken.
+        assert [r["path"] for r in rows] == [n for n in names if not n.endswith("broken.jpg")]  # in order
+        assert [r["path"] for r in batch.errors + errors] == [n for n in names if n.endswith("broken.jpg")]
+        assert (pixels is None) == (not rows)  # a batch of only the broken file has nothing to embed
+        for row, got in zip(rows, pixels if rows else []):
+            expected = load_pixels(row["path"], cfg, DecodeOptions())[0]
+            # The device decoder (libjpeg-turbo here) is close to PIL, not exact: see gpu_decode.
+            assert (got - expected).abs().max() <= (0.2 if jpeg_to_device else 0.0)
+
+
+def test_look_ahead_keeps_order_and_raises_where_the_failure_was() -> None:
+    from siglip_cli.embed import look_ahead
+
+    for depth in (0, 1, 3):
+        assert list(look_ahead(range(10), lambda i: i * i, depth=depth)) == [i * i for i in range(10)]
+
+    def fail_at_five(i: int) -> int:
+        if i == 5:
+            raise ValueError("five")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="five"):
+        for value in look_ahead(range(10), fail_at_five, depth=2):
+            got.append(value)
+    assert got == [0, 1, 2, 3, 4]
+
+
+def test_look_ahead_stops_working_when_the_consumer_stops() -> None:
+    from siglip_cli.embed import look_ahead
+
+    started = []
+
+    def work(i: int) -> int:
+        started.append(i)
+        time.sleep(0.01)
+        return i
+
+    results = look_ahead(range(100), work, depth=2)
+    assert [next(results) for _ in range(3)] == [0, 1, 2]
+    results.close()
+    assert len(started) <= 3 + 2 + 1  # what was consumed, the look-ahead, and the one in flight at most
+
+
 @pytest.mark.slow  # the first torch.compile on a machine takes ~40 s on 2 cores
 def test_compiled_model_gives_the_same_embeddings(embed, photos: Path, out: Path) -> None:
     ok(embed(photos, "-o", out / "plain.safetensors"))
