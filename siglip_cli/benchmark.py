@@ -170,27 +170,6 @@ class CudaGraphForward:
         return graph, static_in, static_out
 
 
-class PatchGemm(nn.Module):
-    """The patch conv as one matmul: kernel = stride = p without padding, so each output is a patch · filter.
-
-    A drop-in for `Embeddings.patch_embedding` (same output layout, same `weight.dtype`): on GPUs a stride-16
-    conv can land on a slow cuDNN algorithm where the equivalent (B·N, C·p²) × (C·p², D) GEMM cannot.
-    """
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.patch = conv.kernel_size[0]
-        self.weight = nn.Parameter(conv.weight.detach().flatten(1), requires_grad=False)  # (D, C·p·p)
-        self.bias = conv.bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        p = self.patch
-        h, w = H // p, W // p  # like the conv, drop pixels past the last whole patch
-        x = x[:, :, : h * p, : w * p].reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
-        return F.linear(x, self.weight, self.bias).transpose(1, 2).reshape(B, -1, h, w)  # (B, D, h, w), a view
-
-
 class _Pooled(nn.Module):
     """Our model with the pooled embedding as its only output: what `torch.compile` and the timers see."""
 
@@ -210,30 +189,20 @@ def fast_model(
     compile: bool = False,
     compile_mode: str | None = None,
     cuda_graphs: bool = False,
-    channels_last: bool = False,
-    patch_gemm: bool = False,
 ) -> Forward:
-    """Our speed levers applied to a copy of `model` (left untouched): pixels (B, 3, H, W) → pooled (B, D).
+    """Our model as `siglip embed` runs it, on a copy of `model` (left untouched): pixels (B, 3, H, W) → pooled (B, D).
 
-    Always: q/k/v fused into one GEMM per layer (`fuse_qkv`, same numbers), weights cast to `dtype` (bf16 end to end,
-    no autocast), eval mode, no autograd. Optional: `channels_last` for the patch conv, or `patch_gemm` to compute it
-    as a matmul (`PatchGemm`), `torch.compile` (`compile_mode` as torch names it, e.g.
-    "max-autotune-no-cudagraphs"), and CUDA-graph replay for fixed shapes (CUDA only).
-    Attention is PyTorch's SDPA, which picks flash / cuDNN / memory-efficient kernels on the GPU by itself.
+    Always, as in `embed.load`: q/k/v fused into one GEMM per layer (`fuse_qkv`, same numbers), fc1 + GELU fused on
+    CUDA (`fuse_gelu`), weights cast to `dtype` (bf16 end to end, no autocast), eval mode, no autograd. Optional:
+    `torch.compile` (`compile_mode` as torch names it, e.g. "max-autotune-no-cudagraphs"), and CUDA-graph replay
+    for fixed shapes (CUDA only). Attention is PyTorch's SDPA, which picks its kernel on the GPU by itself.
     """
     device = torch.device(device)
-    fast = copy.deepcopy(model).fuse_qkv().to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if channels_last:
-        fast.embeddings.patch_embedding.to(memory_format=torch.channels_last)
-    if patch_gemm:
-        fast.embeddings.patch_embedding = PatchGemm(fast.embeddings.patch_embedding)
+    fast = copy.deepcopy(model).fuse_qkv().fuse_gelu().to(device=device, dtype=dtype).eval().requires_grad_(False)
     module: nn.Module = _Pooled(fast)
     forward: Forward = module
     if compile:
         forward = torch.compile(module, dynamic=False, mode=compile_mode)
-    if channels_last:
-        inner = forward
-        forward = lambda pixels: inner(pixels.contiguous(memory_format=torch.channels_last))  # noqa: E731
     if cuda_graphs:
         if device.type != "cuda":
             raise BenchError("CUDA graphs need --device cuda.")

@@ -6,6 +6,7 @@ maps), and the batched torchvision decoder (`gpu_decode`, run on the CPU here). 
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -69,16 +70,29 @@ def test_compiled_matches_plain() -> None:
 
 
 @pytest.mark.parametrize("cfg", [TINY, VisionConfig(**{**TINY.__dict__, "image_size": 44, "patch_size": 14})], ids=["p8", "p14-drops-pixels"])
-def test_patch_gemm_matches_plain(cfg: VisionConfig) -> None:
+def test_patch_matmul_is_the_checkpoint_conv(cfg: VisionConfig) -> None:
+    """The model embeds patches with one matmul; the checkpoint's weights are a conv's: they must agree."""
     model, x = _tiny_model(cfg), _pixels(cfg)
+    conv = model.embeddings.patch_embedding
     with torch.no_grad():
-        torch.testing.assert_close(benchmark.fast_model(model, patch_gemm=True)(x), model(x).pooled, rtol=1e-5, atol=1e-5)
+        expected = conv(x).flatten(2).transpose(1, 2) + model.embeddings.position_embedding.weight
+        got = model.embeddings(x)
+    assert got.is_contiguous()  # the point of the matmul: the residual stream is not a strided view
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_channels_last_matches_plain() -> None:
+def test_fused_gelu_leaves_the_cpu_path_exact() -> None:
+    """`fuse_gelu` is a CUDA lever (torch's fused op computes the exact GELU on the CPU): the CPU must not take it."""
     model, x = _tiny_model(), _pixels()
+    fused = copy.deepcopy(model).fuse_gelu()
+    assert all(layer.mlp.fused_gelu for layer in fused.encoder.layers)
     with torch.no_grad():
-        torch.testing.assert_close(benchmark.fast_model(model, channels_last=True)(x), model(x).pooled, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused(x).pooled, model(x).pooled, rtol=0, atol=0)
+
+
+def test_fuse_gelu_skips_towers_with_the_exact_gelu() -> None:
+    model = _tiny_model(VisionConfig(**{**TINY.__dict__, "hidden_act": "gelu"}))
+    assert not any(layer.mlp.fused_gelu for layer in model.fuse_gelu().encoder.layers)
 
 
 # --------------------------------------------------------------------------- the references on our weights
