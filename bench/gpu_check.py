@@ -4,12 +4,12 @@
     python bench/gpu_check.py --smoke             # tiny sizes on the CPU: checks that the script runs
 
 Model only, bf16, random weights (no download), every backend on the same weights:
-  B/16-224 at batch 256 and so400m/14-384 at batch 64: ours eager (SDPA's own choice, then flash / cuDNN /
-  memory-efficient forced, channels-last), ours + CUDA graphs, ours compiled (+ CUDA graphs), transformers sdpa
-  (eager and compiled), timm (eager). Each row's cosine is to our plain float32 forward on the same pixels.
-End to end, B/16-224, `siglip embed`-style on synthetic 2-MP JPEGs it writes: nvJPEG batch decode + resize on the
-  GPU (`siglip_cli.gpu_decode`) vs the CPU path (PIL in DataLoader workers, `siglip_cli.embed.decoded_batches`);
-  cosine to the exact CPU/PIL pixels through the float32 model.
+  B/16-224 at batch 256 and so400m/14-384 at batch 64: ours as `siglip embed` runs it (SDPA's own choice of
+  kernel, then flash / cuDNN forced), ours + CUDA graphs, ours compiled (+ CUDA graphs), transformers sdpa (eager
+  and compiled), timm (eager). Each row's cosine is to our plain float32 forward on the same pixels.
+End to end, B/16-224, on synthetic 2-MP JPEGs it writes: the nvJPEG decoder alone and feeding our fastest forward,
+  the pieces of `siglip embed`'s loop one by one, the loop itself with GPU and with CPU (PIL workers) decoding,
+  and the `siglip embed` command; cosine to the exact CPU/PIL pixels through the float32 model.
 
 Medians of --iters timed calls after --warmup, synchronized. Steps that would overrun --budget are skipped with a
 note, so the script always finishes and prints what it has. A step that fails prints its error in its row and the
@@ -39,7 +39,7 @@ from PIL import Image
 
 from siglip_cli import benchmark as B
 from siglip_cli.config import PreprocessConfig, VisionConfig
-from siglip_cli.embed import batch_pixels, decoded_batches, default_workers
+from siglip_cli.embed import default_workers
 from siglip_cli.gpu_decode import decode_batches
 from siglip_cli.model import SiglipVision, init_weights
 from siglip_cli.preprocess import DecodeOptions, load_pixels
@@ -177,33 +177,83 @@ def model_only(
         print(f"  {spec.label} {backend} {variant}: {_rate(row)}", file=sys.stderr, flush=True)
 
     fast = lambda **kw: lambda: B.fast_model(plain, device=device, dtype=dtype, **kw)  # noqa: E731
-    add("siglip", "eager", fast(), estimate_s=15)
+    reference = lambda backend, compile=False: lambda: B.reference_forward(  # noqa: E731
+        backend, plain, device=device, dtype=dtype, compile=compile)
+    # Cheap rows first (eager: seconds each), then what compiles (a minute each), so a short budget keeps the most.
+    add("siglip", "eager", fast(), estimate_s=10)
     if cuda:
-        for attention in ("flash", "cudnn", "efficient"):
-            add("siglip", f"eager, SDPA {attention}", fast(), estimate_s=15, attention=attention)
-        add("siglip", "eager, channels-last", fast(channels_last=True), estimate_s=15)
-        add("siglip", "eager, patch GEMM", fast(patch_gemm=True), estimate_s=15)
-        add("siglip", "eager + CUDA graphs", fast(cuda_graphs=True), estimate_s=20)
+        add("siglip", "eager + CUDA graphs", fast(cuda_graphs=True), estimate_s=10)
+        for attention in ("flash", "cudnn"):
+            add("siglip", f"eager, SDPA {attention}", fast(), estimate_s=10, attention=attention)
+    add("transformers", "sdpa", reference("transformers"), estimate_s=10)
+    add("timm", "eager", reference("timm"), estimate_s=10)
     if cuda or args.compile:
-        add("siglip", "compiled", fast(compile=True), estimate_s=90)
+        add("siglip", "compiled", fast(compile=True), estimate_s=45)
         if cuda and "compiled" in ours:
-            add("siglip", "compiled + CUDA graphs", lambda: B.CudaGraphForward(ours["compiled"]), estimate_s=20)
-    compile_refs = (cuda and not args.no_compile_references) or args.compile
-    for backend in ("transformers", "timm"):
-        reference = lambda compile=False, backend=backend: lambda: B.reference_forward(  # noqa: E731
-            backend, plain, device=device, dtype=dtype, compile=compile)
-        add(backend, "sdpa" if backend == "transformers" else "eager", reference(), estimate_s=20)
-        if compile_refs and backend == "transformers":
-            add(backend, "sdpa compiled", reference(compile=True), estimate_s=120)
-    if cuda or args.compile:  # levers on top of compile, last: the rows above matter more if time runs short
-        add("siglip", "compiled, patch GEMM", fast(compile=True, patch_gemm=True), estimate_s=90)
-        if args.autotune:
-            add("siglip", "compiled max-autotune", fast(compile=True, compile_mode="max-autotune-no-cudagraphs"), estimate_s=300)
+            add("siglip", "compiled + CUDA graphs", lambda: B.CudaGraphForward(ours["compiled"]), estimate_s=10)
+    if (cuda and not args.no_compile_references) or args.compile:
+        add("transformers", "sdpa compiled", reference("transformers", compile=True), estimate_s=45)
+    if args.autotune:
+        add("siglip", "compiled max-autotune", fast(compile=True, compile_mode="max-autotune-no-cudagraphs"), estimate_s=300)
+    if args.profile_dir and clock.fits(20):
+        for variant in ("eager", "compiled"):
+            if variant in ours:
+                profile(ours[variant], pixels, device, args.profile_dir / f"profile-{_slug(spec.label)}-{variant}.txt",
+                        f"{spec.label} {variant}")  # fmt: skip
     return rows, ours, plain
 
 
 def _rate(row: Row) -> str:
     return row.note or f"{row.images_per_s:,.0f} images/s, cosine {row.cosine:.5f}"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+
+
+KERNEL_KINDS = (  # kernel-name patterns → what the time is spent on, first match wins
+    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "addmm", "mm_")),
+    ("LayerNorm", ("layer_norm", "layernorm")),
+    ("GELU", ("gelu",)),
+    ("conv", ("conv", "implicit")),
+    ("copy / layout", ("copy", "transpose", "contiguous", "cat")),
+    ("fused (Triton)", ("triton",)),
+)
+
+
+def profile(forward: B.Forward, pixels: torch.Tensor, device: torch.device, path: Path, label: str) -> None:
+    """Where one forward's device time goes: every kernel to `path`, a one-line share by kind to stderr."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    try:
+        cuda = device.type == "cuda"
+        with torch.inference_mode():
+            for _ in range(2):
+                forward(pixels)
+            B._synchronize(device)
+            with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+                for _ in range(3):
+                    forward(pixels)
+                B._synchronize(device)
+        kind_of_time = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+        self_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
+        events = [e for e in prof.key_averages() if e.device_type == kind_of_time and self_time(e) > 0]
+        total = sum(self_time(e) for e in events) or 1.0
+        shares: dict[str, float] = {}
+        for e in events:
+            name = e.key.lower()
+            kind = next((k for k, patterns in KERNEL_KINDS if any(p in name for p in patterns)), "other")
+            shares[kind] = shares.get(kind, 0.0) + self_time(e) / total
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90))
+        summary = ", ".join(f"{k} {v:.0%}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+        where = "kernels" if cuda else "CPU ops"
+        print(f"  profile {label}: {total / 3 / 1000:.2f} ms of {where} per batch: {summary}", file=sys.stderr, flush=True)
+    except Exception as e:  # a report, not a measurement: say what went wrong and go on
+        print(f"  profile {label} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -213,10 +263,10 @@ def _write_photo(args: tuple[Path, int, tuple[int, int]]) -> None:
     """A synthetic photo: smooth colour fields plus sensor-like noise, so the JPEG is as dense as a real one."""
     path, seed, (width, height) = args
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    y, x = np.ogrid[0:height, 0:width]
     phase = rng.uniform(0, 6.28, 3)
-    channels = [127 + 100 * np.sin(x / (40 + 30 * c) + y / (55 + 20 * c) + phase[c]) for c in range(3)]
-    pixels = np.stack(channels, -1) + rng.normal(0, 12, (height, width, 3))
+    channels = [127 + 100 * np.sin(x / (40 + 30 * c) + y / (55 + 20 * c) + phase[c], dtype=np.float32) for c in range(3)]
+    pixels = np.stack(channels, -1) + rng.standard_normal((height, width, 3), dtype=np.float32) * 12
     exif = Image.Exif()
     if seed % 8 == 7:
         exif[0x0112] = 6  # a few phone portraits: the GPU path must rotate them like the PIL path
@@ -233,84 +283,151 @@ def write_photos(directory: Path, count: int, size: tuple[int, int]) -> list[str
     return [str(p) for p in paths]
 
 
+def save_checkpoint(model: SiglipVision, directory: Path) -> Path:
+    """`model` (unfused, float32) as a local checkpoint in the Hub layout that `siglip embed -m DIR` loads."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {f"vision_model.{k}": v.detach().float().cpu().contiguous() for k, v in B._plain_state(model).items()}
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    config = {"model_type": "siglip_vision_model", **asdict(model.config)}
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    return directory
+
+
 def end_to_end(spec: Spec, plain: SiglipVision, forward: B.Forward, variant: str, args: argparse.Namespace,
                device: torch.device, workdir: Path, clock: Clock) -> list[Row]:  # fmt: skip
-    """Files → L2-normalized embeddings on the host, GPU decoding vs CPU decoding, the same forward (built from
-    `plain`); cosine to the exact PIL pixels through `plain` in float32."""
+    """Files → L2-normalized embeddings on the host, B/16-224 bf16. Cosine to the exact PIL pixels through `plain` in
+    float32. Rows, each timed after a warm-up on the first two batches:
+      - the decoder alone (nvJPEG batches, threads ahead), the ceiling of everything after it;
+      - that decoder feeding our fastest forward (`forward`, built from `plain`);
+      - `siglip embed`'s own loop (`embedded_batches` with a loaded checkpoint, eager bf16), GPU and CPU decoding;
+      - the `siglip embed` command itself as a subprocess: its own images/s (after loading) and the whole wall time.
+    The photo list names each file --repeat times (page cache warm), so a run is long enough to time."""
+    from siglip_cli.embed import batch_pixels, decoded_batches, embedded_batches, load, look_ahead
+
     size = (96, 72) if args.smoke else PHOTO_SIZE
-    count = args.photos
     started = time.perf_counter()
-    paths = write_photos(workdir / f"photos-{size[0]}x{size[1]}", count, size)
-    print(f"  {count} JPEGs of {size[0]}x{size[1]} ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    dtype, batch, cfg = torch.bfloat16, spec.batch, spec.preprocess
+    photo_dir = workdir / f"photos-{size[0]}x{size[1]}"
+    paths = write_photos(photo_dir, args.photos, size)
+    listed = paths * args.repeat
+    print(f"  {len(paths)} JPEGs of {size[0]}x{size[1]} ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    batch, cfg = spec.batch, spec.preprocess
+    cuda = device.type == "cuda"
+    workers = 2 if args.smoke else default_workers()
 
+    @torch.inference_mode()  # as when the forward was built (a CUDA graph's input is an inference tensor)
     def embed(pixels: torch.Tensor) -> torch.Tensor:
-        if pixels.shape[0] < batch:  # a shape-specialised forward sees only full batches
-            pixels = torch.cat([pixels, pixels[:1].expand(batch - pixels.shape[0], -1, -1, -1)])
-        return F.normalize(forward(pixels.to(device, dtype, non_blocking=True)).float(), dim=-1)
+        n = pixels.shape[0]
+        if n < batch:  # a shape-specialised forward sees only full batches
+            pixels = torch.cat([pixels, pixels[:1].expand(batch - n, -1, -1, -1)])
+        return F.normalize(forward(pixels.to(device, torch.bfloat16, non_blocking=True))[:n].float(), dim=-1)
 
-    def gpu_path() -> torch.Tensor:
+    def decode_only(files: list[str]) -> None:
+        for _ in decode_batches(files, cfg, device=device, batch_size=batch, threads=args.decode_threads):
+            pass
+
+    def decoder_and_forward(files: list[str]) -> torch.Tensor:
         out = []
-        for start, decoded in decode_batches(paths, cfg, device=device, batch_size=batch, threads=args.decode_threads):
+        for _, decoded in decode_batches(files, cfg, device=device, batch_size=batch, threads=args.decode_threads):
             assert not decoded.failures, decoded.failures  # synthetic JPEGs: all for the GPU
-            out.append(embed(decoded.pixels)[: len(decoded.indices)].cpu())
+            out.append(embed(decoded.pixels).cpu())
         return torch.cat(out)
 
-    def cpu_path() -> torch.Tensor:
-        out = []
-        workers = 2 if args.smoke else default_workers()
-        for decoded in decoded_batches(paths, cfg, DecodeOptions(), batch_size=batch, workers=workers, pin=device.type == "cuda"):
-            out.append(embed(decoded.pixels)[: len(decoded.rows)].cpu())
-        return torch.cat(out)
+    checkpoint = save_checkpoint(plain, workdir / "checkpoint")
+    encoder = load(str(checkpoint), device=str(device), dtype="bfloat16")
 
-    def embed_pipeline() -> torch.Tensor:
-        """`siglip embed --decode gpu` as it runs: workers read files and parse JPEG headers, the main process
-        decodes each batch on the device."""
-        out = []
-        workers = 2 if args.smoke else default_workers()
-        batches = decoded_batches(paths, cfg, DecodeOptions(), batch_size=batch, workers=workers, pin=False, jpeg_to_device=True)
-        for decoded in batches:
-            pixels, rows, errors = batch_pixels(decoded, cfg, device, DecodeOptions())
-            assert not errors, errors
-            out.append(embed(pixels)[: len(rows)].cpu())
-        return torch.cat(out)
+    def loader_only(files: list[str]) -> None:
+        """The loop's first piece: workers read the files and parse JPEG headers, bytes cross to this process."""
+        for _ in decoded_batches(files, cfg, DecodeOptions(), batch_size=batch, workers=workers, pin=cuda, jpeg_to_device=True):
+            pass
 
-    n_check = min(count, 32)
+    def loader_and_decoder(files: list[str]) -> None:
+        """...then the device decoder, a thread ahead, as in the loop; no model."""
+        batches = decoded_batches(files, cfg, DecodeOptions(), batch_size=batch, workers=workers, pin=cuda, jpeg_to_device=True)
+        for _ in look_ahead(batches, lambda b: batch_pixels(b, cfg, device, DecodeOptions()), depth=2):
+            pass
+
+    def embed_loop(decoder: str) -> Callable[[list[str]], torch.Tensor]:
+        def run(files: list[str]) -> torch.Tensor:
+            done = embedded_batches(encoder, files, batch_size=batch, workers=workers, decode=DecodeOptions(), decoder=decoder)
+            return torch.cat([torch.from_numpy(d.embeddings) for d in done])
+
+        return run
+
+    n_check = min(len(paths), 32)
     rows = []
     with torch.inference_mode():
         exact_pixels = torch.stack([load_pixels(p, cfg, DecodeOptions())[0] for p in paths[:n_check]]).to(device)
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             exact = F.normalize(plain(exact_pixels).pooled.float(), dim=-1).cpu()
-        batched = "GPU decode (nvJPEG)" if device.type == "cuda" else "batched decode (libjpeg, CPU)"
-        paths_to_time = (
-            (batched, gpu_path),
-            ("siglip embed pipeline, --decode gpu", embed_pipeline),
-            ("CPU decode (PIL workers)", cpu_path),
-        )
-        for name, path_fn in paths_to_time:
-            row = Row("end to end", spec.label, "siglip", f"{name}, model {variant}", batch)
-            if not clock.fits(30 if device.type == "cuda" else 5):
-                row.note = "skipped: over the time budget"
-                rows.append(row)
-                continue
-            try:
-                path_fn()  # warm-up pass: workers, decoder, caches
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                started = time.perf_counter()
-                embeddings = path_fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - started
-                row.images_per_s, row.ms_per_image = count / seconds, 1000 * seconds / count
-                row.cosine = B.cosine(embeddings[:n_check], exact)
-            except Exception as e:  # a benchmark row: report the failure, keep measuring
-                row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                if os.environ.get("GPU_CHECK_TRACEBACK"):
-                    traceback.print_exc()
-            print(f"  end to end {row.variant}: {_rate(row)}", file=sys.stderr, flush=True)
+    decoder_name = "nvJPEG" if cuda else "libjpeg, CPU"
+    timed = (  # name, run, files, estimate in s
+        (f"decode only ({decoder_name}, batched)", decode_only, listed, 10),
+        (f"{decoder_name} batches + model {variant}", decoder_and_forward, listed, 10),
+        ("siglip embed loop, workers reading JPEGs only", loader_only, listed, 10),
+        ("siglip embed loop, workers + device decoder, no model", loader_and_decoder, listed, 10),
+        ("siglip embed loop, --decode gpu, eager", embed_loop("gpu"), listed, 15),
+        ("siglip embed loop, --decode cpu (PIL workers), eager", embed_loop("cpu"), paths, 15),
+    )
+    for name, run, files, estimate_s in timed:
+        row = Row("end to end", spec.label, "siglip", name, batch)
+        if not clock.fits(estimate_s):
+            row.note = "skipped: over the time budget"
             rows.append(row)
+            continue
+        try:
+            run(files[: 2 * batch])  # warm-up: workers, decoder, caches, kernels
+            B._synchronize(device)
+            started = time.perf_counter()
+            embeddings = run(files)
+            B._synchronize(device)
+            seconds = time.perf_counter() - started
+            row.images_per_s, row.ms_per_image = len(files) / seconds, 1000 * seconds / len(files)
+            if embeddings is not None:
+                row.cosine = B.cosine(embeddings[:n_check], exact)
+            row.note = f"{len(files)} images"
+        except Exception as e:  # a benchmark row: report the failure, keep measuring
+            row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            if os.environ.get("GPU_CHECK_TRACEBACK"):
+                traceback.print_exc()
+        print(f"  end to end {row.variant}: {_rate(row)}", file=sys.stderr, flush=True)
+        rows.append(row)
+    for decoder in ("gpu", "cpu"):
+        rows.append(command_row(spec, checkpoint, photo_dir, decoder, paths[:n_check], exact, device, workdir, clock))
     return rows
+
+
+def command_row(spec: Spec, checkpoint: Path, photo_dir: Path, decoder: str, check: list[str], exact: torch.Tensor,
+                device: torch.device, workdir: Path, clock: Clock) -> Row:  # fmt: skip
+    """`siglip embed PHOTOS -m CHECKPOINT --decode ...` as a user runs it: its own rate and the whole wall time."""
+    import subprocess
+
+    row = Row("end to end", spec.label, "siglip", f"`siglip embed --decode {decoder}` command", spec.batch)
+    if not clock.fits(30):
+        row.note = "skipped: over the time budget"
+        return row
+    output = workdir / f"embed-{decoder}.npy"
+    command = [sys.executable, "-m", "siglip_cli", "embed", str(photo_dir), "-o", str(output), "-m", str(checkpoint),
+               "--device", str(device), "--dtype", "bfloat16", "--batch-size", str(spec.batch), "--decode", decoder,
+               "--overwrite", "--json", "--quiet"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=max(30, clock.left()))
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        row.note = f"failed: exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1][:150]}"
+    else:
+        summary = json.loads(done.stdout)
+        row.images_per_s = summary["images_per_s"]
+        row.ms_per_image = 1000 / row.images_per_s if row.images_per_s else None
+        manifest = [json.loads(line)["path"] for line in Path(summary["manifest"]).read_text().splitlines()]
+        embeddings = torch.from_numpy(np.load(output))
+        order = [manifest.index(os.path.normpath(p)) for p in check]
+        row.cosine = B.cosine(embeddings[order], exact)
+        row.note = f"{summary['embedded']} images; whole command {wall:.1f} s with start-up and model load"
+    print(f"  end to end {row.variant}: {_rate(row)}", file=sys.stderr, flush=True)
+    return row
 
 
 # --------------------------------------------------------------------------- report
@@ -351,19 +468,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models and images on the CPU: checks the script runs")
     parser.add_argument("--workdir", type=Path, default=None, help="where the synthetic JPEGs go [a temp dir]")
-    parser.add_argument("--photos", type=int, default=None, help="synthetic JPEGs for end to end [1024; smoke 8]")
-    parser.add_argument("--iters", type=int, default=None, help="timed calls per row [20; smoke 2]")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first [5; smoke 1]")
-    parser.add_argument("--budget", type=float, default=390, help="seconds for the measurements; later steps that do not fit are skipped")
+    parser.add_argument("--photos", type=int, default=None, help="synthetic JPEGs for end to end [512; smoke 8]")
+    parser.add_argument("--repeat", type=int, default=None, help="times each photo is listed in the GPU end-to-end runs [8; smoke 2]")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per row [10; smoke 2]")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first [3; smoke 1]")
+    parser.add_argument("--budget", type=float, default=360, help="seconds for the measurements; later steps that do not fit are skipped")
     parser.add_argument("--decode-threads", type=int, default=3, help="chunks decoded ahead on the GPU")
     parser.add_argument("--compile", action="store_true", help="also compile on the CPU (slow: ~40 s per model)")
     parser.add_argument("--no-compile-references", action="store_true", help="skip compiling transformers (saves ~2 min)")
     parser.add_argument("--autotune", action="store_true", help="also compile ours with max-autotune (several minutes)")
-    parser.add_argument("--json-out", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--json-out", type=Path, default=None, help="also write the rows as JSON here (after each section)")
+    parser.add_argument("--profile-dir", type=Path, default=None, help="profile our eager and compiled forwards; kernel tables here")
     args = parser.parse_args()
-    args.photos = args.photos or (8 if args.smoke else 1024)
-    args.iters = args.iters or (2 if args.smoke else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
+    args.photos = args.photos or (8 if args.smoke else 512)
+    args.repeat = args.repeat or (2 if args.smoke else 8)
+    args.iters = args.iters or (2 if args.smoke else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
 
     if torch.cuda.is_available() and not args.smoke:
         device = torch.device("cuda")
@@ -379,22 +499,27 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpu_check-"))
 
     rows: list[Row] = []
+
+    def save() -> None:  # after each section: a run stopped by a time limit keeps what it measured
+        if args.json_out:
+            args.json_out.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=1))
+
     for i, spec in enumerate(specs(args.smoke)):
         spec_rows, ours, plain = model_only(spec, args, device, clock)
         rows += spec_rows
+        save()
         if i == 0:  # end to end on B/16-224, with our fastest forward that kept the cosine
             good = [r for r in spec_rows if r.backend == "siglip" and r.images_per_s and (r.cosine or 0) >= 0.999]
             if good:
                 best = max(good, key=lambda r: r.images_per_s).variant
                 rows += end_to_end(spec, plain, ours[best], best, args, device, workdir, clock)
+                save()
         del ours, plain
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print_table(rows, header)
     for line in verdicts(rows) if not args.smoke else ["smoke run: tiny models on the CPU, no verdicts."]:
         print(line)
-    if args.json_out:
-        args.json_out.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=1))
 
 
 if __name__ == "__main__":

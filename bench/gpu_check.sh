@@ -1,3 +1,22 @@
 #!/usr/bin/env bash
-# Issue 4's GPU measurement in one command (< 8 min on an H100/H200); options: python bench/gpu_check.py -h
-exec "${PYTHON:-python}" "$(dirname "$0")/gpu_check.py" "$@"
+# Issue 4's GPU measurement in one command (about 8 minutes on an H100/H200):
+#   bash bench/gpu_check.sh [OUT_DIR] [gpu_check.py options]      e.g. bash bench/gpu_check.sh out --budget 300
+# Writes the environment and the table (gpu_check.log, gpu_check.json), kernel profiles, and a run of the user-facing
+# `siglip bench` on the same GPU into OUT_DIR (default gpu_check_out). Options of the Python part: gpu_check.py -h
+set -uo pipefail
+out=${1:-gpu_check_out}
+shift $(($# > 0 ? 1 : 0))
+py=${PYTHON:-python3}
+root=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$out"
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    "$py" -c "import torch, torchvision, PIL; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'pillow', PIL.__version__, 'cpus', __import__('os').cpu_count())"
+} 2>&1 | tee "$out/gpu_check.log"
+"$py" "$root/bench/gpu_check.py" --profile-dir "$out" --json-out "$out/gpu_check.json" "$@" 2>&1 | tee -a "$out/gpu_check.log"
+# The command users run, eager (compiling is gpu_check's job), on the same GPU: checks it end to end on CUDA.
+timeout 150 "$py" -m siglip_cli bench --device cuda --batch-size 64,256 --no-compile --compare transformers,timm --json \
+    > "$out/siglip_bench.json" 2> "$out/siglip_bench.err"
+echo "siglip bench exit $?"; tail -3 "$out/siglip_bench.err"
