@@ -41,7 +41,9 @@ class Embeddings(nn.Module):
         super().__init__()
         # No padding: with patch 14 at 384 px the last 6 pixel rows and columns are never seen.
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+        # Zeros, not torch's normal init: `normal_` on the meta device, where checkpoints are loaded, imports
+        # torch._dynamo (1.3 s of every `siglip embed`). A checkpoint or `init_weights` sets the real values.
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size, _weight=torch.zeros(cfg.num_patches, cfg.hidden_size))
 
     def forward(self, pixel_values: Tensor, trace: Trace = None) -> Tensor:
         # The patch conv computed as the matmul it is (kernel = stride = p, no padding: each output is one patch ·
@@ -187,7 +189,7 @@ class PoolingHead(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.probe = nn.Parameter(torch.randn(1, 1, cfg.hidden_size))
+        self.probe = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))  # zeros: see `Embeddings`
         self.attention = PoolAttention(cfg)
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
