@@ -609,8 +609,10 @@ def image_results(
     """Where the time goes between files and embeddings: decode, preprocess, then the whole way.
 
     decode: PIL open + load, one core. preprocess: `preprocess.load_pixels` (decode, orient, resize, normalize), one
-    core. end_to_end: `embed.embed_paths` with `siglip embed`'s decoding workers (the exact PIL path), and the batched
+    core, exact and with `--fast-decode` (libjpeg's reduced-size decoding). end_to_end: `embed.embed_paths` with
+    `siglip embed`'s decoding workers (the exact PIL path), the same with `--fast-decode`, and the batched
     torchvision decoder (`gpu_decode`, nvJPEG on CUDA, libjpeg on the CPU) with the CPU path for files it leaves.
+    The two inexact paths carry their cosine to the exact one: what their speed costs.
     Each is the median of `iters` passes over `paths`; end to end, after one warm-up batch, makes a single pass on
     the CPU, where one pass of a base model over 64 images takes most of a minute.
     """
@@ -627,17 +629,20 @@ def image_results(
             with Image.open(path) as image:
                 image.load()
 
-    def preprocess_all() -> None:
-        for path in paths:
-            load_pixels(path, preprocess, DecodeOptions())
+    fast = DecodeOptions(fast_decode=True)
+
+    def preprocess_all(options: DecodeOptions) -> Callable[[], None]:
+        return lambda: [load_pixels(path, preprocess, options) for path in paths]
 
     cpu = torch.device("cpu")
     decode = time_calls(decode_all, device=cpu, iters=iters, warmup=0)
-    prep = time_calls(preprocess_all, device=cpu, iters=iters, warmup=0)
+    prep = time_interleaved({"exact": preprocess_all(DecodeOptions()), "fast": preprocess_all(fast)},
+                            device=cpu, iters=iters, warmup=0)  # fmt: skip
     results = [_result("siglip", "decode", 1, decode, "PIL, 1 core", images=n),
-               _result("siglip", "preprocess", 1, prep, "PIL, 1 core", images=n)]  # fmt: skip
+               _result("siglip", "preprocess", 1, prep["exact"], "PIL, 1 core", images=n),
+               _result("siglip", "preprocess", 1, prep["fast"], "PIL --fast-decode, 1 core", images=n)]  # fmt: skip
 
-    fused = copy.deepcopy(model).fuse_qkv().to(device=device, dtype=dtype)
+    fused = copy.deepcopy(model).fuse_qkv().fuse_gelu().to(device=device, dtype=dtype)
     checkpoint = Checkpoint("benchmark", None, model.config, preprocess, (), "")
     encoder = Encoder(fused, checkpoint, device, dtype)
     workers = default_workers()
@@ -645,6 +650,11 @@ def image_results(
 
     def pil_path() -> None:
         exact[:] = [torch.from_numpy(embed_paths(encoder, paths, batch_size=batch_size, workers=workers).embeddings)]
+
+    fast_out: list[Tensor] = []
+
+    def fast_path() -> None:
+        fast_out[:] = [torch.from_numpy(embed_paths(encoder, paths, batch_size=batch_size, workers=workers, decode=fast).embeddings)]
 
     torchvision_out: list[Tensor] = []
 
@@ -654,9 +664,13 @@ def image_results(
     with torch.inference_mode():
         embed_paths(encoder, paths[:batch_size], batch_size=batch_size, workers=0)
         passes = 1 if device.type == "cpu" else iters
-        timings = time_interleaved({"pil": pil_path, "torchvision": torchvision_path}, device=device, iters=passes, warmup=0)
+        timings = time_interleaved({"pil": pil_path, "fast": fast_path, "torchvision": torchvision_path},
+                                   device=device, iters=passes, warmup=0)  # fmt: skip
     agreement = cosine(torchvision_out[0], exact[0]) if len(exact[0]) == len(torchvision_out[0]) else None
     results.append(_result("siglip", "end_to_end", batch_size, timings["pil"], f"PIL decode, workers={workers}", images=n))
+    fast_agreement = cosine(fast_out[0], exact[0]) if len(exact[0]) == len(fast_out[0]) else None
+    results.append(_result("siglip", "end_to_end", batch_size, timings["fast"],
+                           f"PIL --fast-decode, workers={workers}", fast_agreement, images=n))  # fmt: skip
     results.append(_result("siglip", "end_to_end", batch_size, timings["torchvision"],
                            f"torchvision decode on {device.type}", agreement, images=n))  # fmt: skip
     return results

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
+from .allocator import keep_freed_memory
 from .embed import default_workers
 from .errors import UserError
 from .files import IMAGE_SUFFIXES
@@ -164,6 +165,7 @@ def embed(
 
     if not inputs and files_from is None:
         fail("give at least one image file or folder, or --files-from.")
+    keep_freed_memory()
     with user_errors():
         part = parse_shard(shard, num_shards)
         devices = parse_devices(device)
@@ -315,6 +317,7 @@ def bench(
     """Throughput of the vision tower (images/s, ms per image, peak memory), optionally against transformers and timm."""
     from .benchmark import BenchError, BenchOptions, run_benchmark
 
+    keep_freed_memory()  # as `siglip embed` runs; the references in this process get it too
     with user_errors():
         try:
             sizes = tuple(int(s) for s in batch_size.split(","))

@@ -191,13 +191,15 @@ def test_bench_table_names_the_machine(tiny_vision: Path) -> None:
 
 
 def test_bench_images_reports_each_stage(tiny_siglip: Path, tmp_path: Path) -> None:
-    for i, size in enumerate([(96, 64), (64, 96), (50, 50)]):
+    for i, size in enumerate([(96, 64), (64, 96), (50, 50), (480, 360)]):  # the last one big enough for draft()
         make_photo(size, seed=i).save(tmp_path / f"photo{i}.jpg", quality=95)
     make_photo((40, 30), mode="RGBA").save(tmp_path / "logo.png")  # left to the PIL path by the batched decoder
     document = _bench_json("-m", str(tiny_siglip), "--batch-size", "4", "--images", str(tmp_path))
     stages = [(r["stage"], r["variant"]) for r in document["results"]]
-    assert [s for s, _ in stages] == ["model", "decode", "preprocess", "end_to_end", "end_to_end"]
-    torchvision_row = document["results"][-1]
+    assert [s for s, _ in stages] == ["model", "decode", "preprocess", "preprocess", "end_to_end", "end_to_end", "end_to_end"]
+    exact, fast, torchvision_row = document["results"][-3:]
+    assert exact["cosine"] is None and "fast-decode" not in exact["variant"]
+    assert "fast-decode" in fast["variant"] and 0.9 <= fast["cosine"] < 1  # the price of reduced-size decoding
     assert "torchvision" in torchvision_row["variant"] and torchvision_row["cosine"] >= 0.999
 
 
