@@ -393,23 +393,23 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: B.Forward, variant: str
                 traceback.print_exc()
         print(f"  end to end {row.variant}: {_rate(row)}", file=sys.stderr, flush=True)
         rows.append(row)
-    for decoder in ("gpu", "cpu"):
-        rows.append(command_row(spec, checkpoint, photo_dir, decoder, paths[:n_check], exact, device, workdir, clock))
+    for options in (["--decode", "gpu"], ["--decode", "cpu"], ["--decode", "cpu", "--fast-decode"]):
+        rows.append(command_row(spec, checkpoint, photo_dir, options, paths[:n_check], exact, device, workdir, clock))
     return rows
 
 
-def command_row(spec: Spec, checkpoint: Path, photo_dir: Path, decoder: str, check: list[str], exact: torch.Tensor,
+def command_row(spec: Spec, checkpoint: Path, photo_dir: Path, options: list[str], check: list[str], exact: torch.Tensor,
                 device: torch.device, workdir: Path, clock: Clock) -> Row:  # fmt: skip
-    """`siglip embed PHOTOS -m CHECKPOINT --decode ...` as a user runs it: its own rate and the whole wall time."""
+    """`siglip embed PHOTOS -m CHECKPOINT OPTIONS` as a user runs it: its own rate and the whole wall time."""
     import subprocess
 
-    row = Row("end to end", spec.label, "siglip", f"`siglip embed --decode {decoder}` command", spec.batch)
+    row = Row("end to end", spec.label, "siglip", f"`siglip embed {' '.join(options)}` command", spec.batch)
     if not clock.fits(30):
         row.note = "skipped: over the time budget"
         return row
-    output = workdir / f"embed-{decoder}.npy"
+    output = workdir / f"embed-{_slug(' '.join(options))}.npy"
     command = [sys.executable, "-m", "siglip_cli", "embed", str(photo_dir), "-o", str(output), "-m", str(checkpoint),
-               "--device", str(device), "--dtype", "bfloat16", "--batch-size", str(spec.batch), "--decode", decoder,
+               "--device", str(device), "--dtype", "bfloat16", "--batch-size", str(spec.batch), *options,
                "--overwrite", "--json", "--quiet"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
