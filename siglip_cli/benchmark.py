@@ -190,7 +190,7 @@ def fast_model(
     compile_mode: str | None = None,
     cuda_graphs: bool = False,
 ) -> Forward:
-    """Our model as `siglip embed` runs it, on a copy of `model` (left untouched): pixels (B, 3, H, W) → pooled (B, D).
+    """Our model as `siglip embed` runs it, on a copy of `model` (left untouched): pixels (B, 3, H, W) → pooled.
 
     Always, as in `embed.load`: q/k/v fused into one GEMM per layer (`fuse_qkv`, same numbers), fc1 + GELU fused on
     CUDA (`fuse_gelu`), weights cast to `dtype` (bf16 end to end, no autocast), eval mode, no autograd. Optional:
@@ -654,7 +654,8 @@ def image_results(
     fast_out: list[Tensor] = []
 
     def fast_path() -> None:
-        fast_out[:] = [torch.from_numpy(embed_paths(encoder, paths, batch_size=batch_size, workers=workers, decode=fast).embeddings)]
+        done = embed_paths(encoder, paths, batch_size=batch_size, workers=workers, decode=fast)
+        fast_out[:] = [torch.from_numpy(done.embeddings)]
 
     torchvision_out: list[Tensor] = []
 

@@ -43,7 +43,8 @@ class Embeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
         # Zeros, not torch's normal init: `normal_` on the meta device, where checkpoints are loaded, imports
         # torch._dynamo (1.3 s of every `siglip embed`). A checkpoint or `init_weights` sets the real values.
-        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size, _weight=torch.zeros(cfg.num_patches, cfg.hidden_size))
+        zeros = torch.zeros(cfg.num_patches, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size, _weight=zeros)
 
     def forward(self, pixel_values: Tensor, trace: Trace = None) -> Tensor:
         # The patch conv computed as the matmul it is (kernel = stride = p, no padding: each output is one patch ·
