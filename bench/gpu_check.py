@@ -212,11 +212,11 @@ def _slug(text: str) -> str:
 
 
 KERNEL_KINDS = (  # kernel-name patterns → what the time is spent on, first match wins
-    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("conv", ("conv", "implicit", "fprop_optimized", "nchwtonhwc", "nhwctonchw")),  # cuDNN's convs and layouts
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "addmm", "mm_")),
     ("LayerNorm", ("layer_norm", "layernorm")),
     ("GELU", ("gelu",)),
-    ("conv", ("conv", "implicit")),
     ("copy / layout", ("copy", "transpose", "contiguous", "cat")),
     ("fused (Triton)", ("triton",)),
 )
