@@ -7,9 +7,10 @@ Model only, bf16, random weights (no download), every backend on the same weight
   B/16-224 at batch 256 and so400m/14-384 at batch 64: ours as `siglip embed` runs it (SDPA's own choice of
   kernel, then flash / cuDNN forced), ours + CUDA graphs, ours compiled (+ CUDA graphs), transformers sdpa (eager
   and compiled), timm (eager). Each row's cosine is to our plain float32 forward on the same pixels.
-End to end, B/16-224, on synthetic 2-MP JPEGs it writes: the nvJPEG decoder alone and feeding our fastest forward,
-  the pieces of `siglip embed`'s loop one by one, the loop itself with GPU and with CPU (PIL workers) decoding,
-  and the `siglip embed` command; cosine to the exact CPU/PIL pixels through the float32 model.
+End to end, B/16-224, on synthetic 2-MP JPEGs it writes: the nvJPEG decoder alone, the CPU workers with
+  `--fast-decode` alone and both side by side, nvJPEG feeding our fastest forward, the pieces of `siglip embed`'s
+  loop one by one, the loop itself with GPU and with CPU (PIL workers) decoding, and the `siglip embed` command;
+  cosine to the exact CPU/PIL pixels through the float32 model.
 
 Medians of --iters timed calls after --warmup, synchronized. Steps that would overrun --budget are skipped with a
 note, so the script always finishes and prints what it has. A step that fails prints its error in its row and the
@@ -28,6 +29,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -327,6 +329,22 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: B.Forward, variant: str
         for _ in decode_batches(files, cfg, device=device, batch_size=batch, threads=args.decode_threads):
             pass
 
+    def cpu_fast_decode_only(files: list[str]) -> None:
+        """PIL with `--fast-decode` in the loop's workers, no model: what the CPU can add beside the GPU decoder."""
+        for _ in decoded_batches(files, cfg, DecodeOptions(fast_decode=True), batch_size=batch, workers=workers, pin=cuda):
+            pass
+
+    def side_by_side(files: list[str]) -> None:
+        """An experiment for the 3,000 images/s goal: nvJPEG (threads) on part of the files while the CPU workers
+        decode the rest with `--fast-decode`, at once, no model. The split follows the two rates measured above."""
+        gpu_rate = next((r.images_per_s for r in rows if r.variant.startswith("decode only")), None) or 1.0
+        cpu_rate = next((r.images_per_s for r in rows if r.variant.startswith("CPU workers")), None) or 1.0
+        cut = round(len(files) * gpu_rate / (gpu_rate + cpu_rate))
+        with ThreadPoolExecutor(1) as pool:
+            on_gpu = pool.submit(decode_only, files[:cut])
+            cpu_fast_decode_only(files[cut:])
+            on_gpu.result()
+
     def decoder_and_forward(files: list[str]) -> torch.Tensor:
         out = []
         for _, decoded in decode_batches(files, cfg, device=device, batch_size=batch, threads=args.decode_threads):
@@ -364,6 +382,8 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: B.Forward, variant: str
     decoder_name = "nvJPEG" if cuda else "libjpeg, CPU"
     timed = (  # name, run, files, estimate in s
         (f"decode only ({decoder_name}, batched)", decode_only, listed, 10),
+        ("CPU workers, PIL --fast-decode, no model", cpu_fast_decode_only, listed, 10),
+        (f"decode side by side: {decoder_name} + CPU workers --fast-decode, no model", side_by_side, listed, 10),
         (f"{decoder_name} batches + model {variant}", decoder_and_forward, listed, 10),
         ("siglip embed loop, workers reading JPEGs only", loader_only, listed, 10),
         ("siglip embed loop, workers + device decoder, no model", loader_and_decoder, listed, 10),
