@@ -18,7 +18,7 @@ from rich.console import Console
 
 from . import __version__
 from .allocator import keep_freed_memory
-from .embed import default_workers
+from .embed import default_batch_size, default_workers
 from .errors import UserError
 from .files import IMAGE_SUFFIXES
 from .preprocess import DEFAULT_MAX_PIXELS
@@ -141,7 +141,7 @@ def embed(
     output_dtype: Annotated[OutputDtype, typer.Option("--output-dtype", help="Stored precision.")] = OutputDtype.float32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[ComputeDtype, typer.Option(help="Compute precision (auto: float32 on CPU, bfloat16 on CUDA).")] = ComputeDtype.auto,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 32,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per forward pass (default: 32 on CPU, 128 on CUDA).", show_default=False)] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes beside the model (default: CPUs - 1).", show_default=False)] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).")] = DEFAULT_MAX_PIXELS,
     exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Apply EXIF orientation (phone photos).")] = True,
@@ -180,7 +180,7 @@ def embed(
             normalize=normalize,
             tokens=tokens,
             output_dtype=output_dtype.value,
-            batch_size=batch_size,
+            batch_size=default_batch_size(devices[0]) if batch_size is None else batch_size,
             workers=default_workers() if workers is None else workers,
             decode=DecodeOptions(exif_transpose=exif_transpose, max_pixels=max_pixels or None, fast_decode=fast_decode),
             decoder=decode.value,

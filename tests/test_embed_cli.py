@@ -737,6 +737,18 @@ def test_device_decoder_reports_a_broken_jpeg_like_the_cpu_path(embed, mixed_fol
     assert read_jsonl(out / "cpu.errors.jsonl") == read_jsonl(out / "dev.errors.jsonl")
 
 
+@pytest.mark.parametrize(("device", "cuda_present", "expected"), [
+    ("cpu", True, 32), ("auto", False, 32), ("auto", True, 128), ("cuda", True, 128), ("cuda:1", True, 128),
+])  # fmt: skip
+def test_default_batch_size_follows_the_device(
+    device: str, cuda_present: bool, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from siglip_cli.embed import default_batch_size
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_present)
+    assert default_batch_size(device) == expected
+
+
 def test_auto_decoder_is_the_exact_cpu_path_on_a_cpu(embed, photos: Path, out: Path) -> None:
     ok(embed(photos, "-o", out / "e.safetensors", "--device", "cpu"))
     assert read_safetensors(out / "e.safetensors")[1]["decoder"] == "cpu"
