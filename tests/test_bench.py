@@ -264,6 +264,41 @@ def test_gpu_decode_matches_the_pil_path_on_cpu(mixed_files: list[Path], resampl
         assert benchmark.cosine(model(batch.pixels).pooled, model(expected).pooled) >= 0.999
 
 
+def test_gpu_decode_in_bounded_groups_gives_the_same_pixels(mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoder takes at most PIXELS_PER_CALL pixels at a time (at least one photo): memory does not grow with
+    the batch; the groups change nothing else."""
+    from siglip_cli import gpu_decode
+
+    cfg = PreprocessConfig(height=32, width=32)
+    whole = decode_batch(mixed_files, cfg, device="cpu")
+    calls = []
+    decode = gpu_decode._decode
+    monkeypatch.setattr(gpu_decode, "_decode", lambda headers, device: calls.append(list(headers)) or decode(headers, device))
+    monkeypatch.setattr(gpu_decode, "PIXELS_PER_CALL", 2 * 120 * 90)  # two of the larger photos
+    grouped = decode_batch(mixed_files, cfg, device="cpu")
+    taken = [i for call in calls for i in call]  # positions among the JPEGs the decoder takes, group after group
+    assert len(calls) > 2 and taken == list(range(len(taken)))
+    assert (grouped.indices, grouped.sizes, grouped.failures) == (whole.indices, whole.sizes, whole.failures)
+    assert torch.equal(grouped.pixels, whole.pixels)
+
+
+def test_gpu_decoder_out_of_memory_leaves_the_batch_to_the_cpu_path(
+    mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from siglip_cli import gpu_decode
+
+    def out_of_memory(headers, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(gpu_decode, "_decode", out_of_memory)
+    batch = decode_batch(mixed_files, PreprocessConfig(height=32, width=32), device="cpu")
+    assert batch.indices == [] and batch.pixels.shape == (0, 3, 32, 32)
+    names = [p.name for p in mixed_files]
+    out_of_memory_names = {names[i] for i, why in batch.failures if "out of GPU memory" in why}
+    assert len(batch.failures) == len(mixed_files)
+    assert out_of_memory_names == set(names) - {"cmyk.jpg", "image.png"}  # every JPEG it would have taken
+
+
 def test_gpu_decode_without_exif_keeps_stored_orientation(mixed_files: list[Path]) -> None:
     cfg = PreprocessConfig(height=32, width=32)
     batch = decode_batch(mixed_files[:2], cfg, device="cpu", options=DecodeOptions(exif_transpose=False))

@@ -749,6 +749,22 @@ def test_default_batch_size_follows_the_device(
     assert default_batch_size(device) == expected
 
 
+def test_device_decoder_out_of_memory_falls_back_to_the_cpu_path(
+    embed, mixed_folder: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from siglip_cli import gpu_decode
+
+    def out_of_memory(headers, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    ok(embed(mixed_folder, "-o", out / "cpu.safetensors", "--decode", "cpu"))
+    monkeypatch.setattr(gpu_decode, "_decode", out_of_memory)
+    ok(embed(mixed_folder, "-o", out / "dev.safetensors", "--decode", "gpu", "--device", "cpu"))
+    assert read_jsonl(out / "cpu.jsonl") == read_jsonl(out / "dev.jsonl")  # every file, decoded the exact way
+    assert np.array_equal(read_safetensors(out / "cpu.safetensors")[0]["embeddings"], read_safetensors(out / "dev.safetensors")[0]["embeddings"])
+    assert read_jsonl(out / "cpu.errors.jsonl") == read_jsonl(out / "dev.errors.jsonl")
+
+
 def test_auto_decoder_is_the_exact_cpu_path_on_a_cpu(embed, photos: Path, out: Path) -> None:
     ok(embed(photos, "-o", out / "e.safetensors", "--device", "cpu"))
     assert read_safetensors(out / "e.safetensors")[1]["decoder"] == "cpu"
