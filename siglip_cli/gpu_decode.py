@@ -128,7 +128,7 @@ def decode_headers(
 def _groups(headers: Sequence[JpegHeader], pixels: int) -> list[list[int]]:
     """Consecutive indices of `headers` in groups of at most `pixels` pixels, each group at least one photo."""
     groups: list[list[int]] = []
-    total = pixels
+    total = pixels  # as if a full group were open: the first photo starts one
     for i, header in enumerate(headers):
         size = header.width * header.height
         if total + size > pixels:
