@@ -801,6 +801,10 @@ def test_batches_are_fixed_slices_put_together_from_worker_chunks(
     batches = list(E.decoded_batches(paths, cfg, DecodeOptions(), batch_size=batch_size, workers=2, pin=False,
                                      jpeg_to_device=jpeg_to_device))  # fmt: skip
     assert [len(b) for b in batches] == [min(batch_size, len(paths) - s) for s in range(0, len(paths), batch_size)]
+    spans = [(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size)]
+    chunks = list(E._Chunks(spans, 3))  # what the workers are handed: no chunk crosses a batch's edge
+    assert len(E._Chunks(spans, 3)) == len(chunks) and [i for c in chunks for i in c] == list(range(len(paths)))
+    assert all(len(c) <= 3 and any(s <= c[0] and c[-1] < e for s, e in spans) for c in chunks)
     start = 0
     for batch in batches:
         names = paths[start : start + len(batch)]
