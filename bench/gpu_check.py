@@ -47,6 +47,7 @@ from siglip_cli.model import SiglipVision, init_weights
 from siglip_cli.preprocess import DecodeOptions, load_pixels
 
 GOALS = {"B/16-224": 15_000, "so400m/14-384": 800, "end to end": 3_000}
+GOAL_BATCH = {"B/16-224": 256}  # the issue sets B/16's goal at batch 256; so400m's names no batch
 PHOTO_SIZE = (1632, 1224)  # 2.0 MP, 4:3 like a phone photo
 
 
@@ -166,15 +167,19 @@ def model_only(
     rows: list[Row] = []
     ours: dict[str, B.Forward] = {}
 
-    def add(backend: str, variant: str, make: Callable[[], B.Forward], *, estimate_s: float, attention: str | None = None) -> None:
-        row = Row("model only", spec.label, backend, variant, spec.batch)
+    def add(backend: str, variant: str, make: Callable[[], B.Forward], *, estimate_s: float, attention: str | None = None,
+            batch: int | None = None) -> None:  # fmt: skip
+        batch = batch or spec.batch
+        row = Row("model only", spec.label, backend, variant, batch)
         if not clock.fits(estimate_s):
             row.note = f"skipped: {clock.left():.0f} s left of the budget, needs ~{estimate_s:.0f} s"
             rows.append(row)
             return
-        row, forward = measure(row, make, pixels, check, expected, attention=attention, **run)
+        timed = pixels if batch == spec.batch else torch.randn(batch, *pixels.shape[1:], device=device).to(dtype)
+        row, forward = measure(row, make, timed, check, expected, attention=attention, **run)
+        del timed
         rows.append(row)
-        if forward is not None and backend == "siglip":
+        if forward is not None and backend == "siglip" and batch == spec.batch:
             ours[variant] = forward
         print(f"  {spec.label} {backend} {variant}: {_rate(row)}", file=sys.stderr, flush=True)
 
@@ -183,6 +188,7 @@ def model_only(
         backend, plain, device=device, dtype=dtype, compile=compile)
     # Cheap rows first (eager: seconds each), then what compiles (a minute each), so a short budget keeps the most.
     add("siglip", "eager", fast(), estimate_s=10)
+    add("siglip", "eager, 4× the batch", fast(), estimate_s=10, batch=4 * spec.batch)  # does a bigger batch pay?
     if cuda:
         add("siglip", "eager + CUDA graphs", fast(cuda_graphs=True), estimate_s=10)
         for attention in ("flash", "cudnn"):
@@ -474,13 +480,14 @@ def verdicts(rows: list[Row]) -> list[str]:
     for key, goal in GOALS.items():
         section = "end to end" if key == "end to end" else "model only"
         candidates = [r for r in rows if r.section == section and r.backend == "siglip" and r.images_per_s
-                      and (section == "end to end" or r.model == key) and (r.cosine or 0) >= 0.999]  # fmt: skip
+                      and (section == "end to end" or r.model == key) and (r.cosine or 0) >= 0.999
+                      and r.batch == GOAL_BATCH.get(key, r.batch)]  # fmt: skip
         if not candidates:
             lines.append(f"{key}: no measurement")
             continue
         best = max(candidates, key=lambda r: r.images_per_s)
         status = "met" if best.images_per_s >= goal else "NOT met"
-        lines.append(f"{key}: best {best.images_per_s:,.0f} images/s ({best.variant}) vs goal {goal:,}: {status}")
+        lines.append(f"{key}: best {best.images_per_s:,.0f} images/s ({best.variant}, batch {best.batch}) vs goal {goal:,}: {status}")
     return lines
 
 
@@ -529,7 +536,7 @@ def main() -> None:
         rows += spec_rows
         save()
         if i == 0:  # end to end on B/16-224, with our fastest forward that kept the cosine
-            good = [r for r in spec_rows if r.backend == "siglip" and r.images_per_s and (r.cosine or 0) >= 0.999]
+            good = [r for r in spec_rows if r.variant in ours and r.backend == "siglip" and r.images_per_s and (r.cosine or 0) >= 0.999]
             if good:
                 best = max(good, key=lambda r: r.images_per_s).variant
                 rows += end_to_end(spec, plain, ours[best], best, args, device, workdir, clock)
