@@ -1,6 +1,6 @@
 """The whole GPU measurement of issue 4 in one command (< 8 minutes on an H100/H200), printed as one table.
 
-    bash bench/gpu_check.sh                       # on the GPU machine
+    bash bench/gpu_check.sh OUT_DIR               # on the GPU machine: table, JSON, profiles in OUT_DIR
     python bench/gpu_check.py --smoke             # tiny sizes on the CPU: checks that the script runs
 
 Model only, bf16, random weights (no download), every backend on the same weights:
