@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import signal
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, NoReturn, Optional
@@ -159,7 +160,7 @@ def embed(
     """Embed images into OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
     from .devices import embed_on_devices, parse_devices
     from .embed import EmbedOptions, embed_to_file, load
-    from .files import discover
+    from .files import describe_passed_over, discover
     from .preprocess import DecodeOptions
     from .shards import parse_shard, select_shard
 
@@ -171,9 +172,20 @@ def embed(
         devices = parse_devices(device)
         if len(devices) > 1 and (part or update):
             fail("several devices split the work themselves: drop --shard and --update, or give one --device.")
-        paths = discover(inputs or [], files_from=files_from)
+        passed_over = Counter()
+        paths = discover(inputs or [], files_from=files_from, passed_over=passed_over)
         if not paths:
-            fail(f"no image files found in {', '.join(inputs or [files_from])} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
+            others = f"; found only {describe_passed_over(passed_over)} files" if passed_over else ""
+            fail(
+                f"no image files found in {', '.join(inputs or [files_from])} "
+                f"(looked for {' '.join(sorted(IMAGE_SUFFIXES))}{others})."
+            )
+        if passed_over and not quiet:
+            stderr.print(
+                f"note: passed over {describe_passed_over(passed_over)} files in the folders, not images siglip reads "
+                "(name a file explicitly to try it anyway).",
+                highlight=False,
+            )
         if part:
             paths = select_shard(paths, *part)  # may be empty: the shard still writes its (empty) output
         options = EmbedOptions(

@@ -6,47 +6,60 @@ import base64
 import os
 import stat
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
 from .errors import UserError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# What cameras, phones and the web save photos as. HEIC/HEIF (iPhones since 2017) decode through pillow-heif,
+# AVIF through Pillow itself (11.2+); .mpo is the multi-picture JPEG some cameras write, .jfif/.jpe browser
+# downloads. Anything else in a folder (videos, RAW files, sidecars) is counted, not opened.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".avif", ".heic", ".heif", ".bmp", ".gif",
+     ".tif", ".tiff", ".mpo"}
+)
+# Folders of derived files that would embed every photo a second time: Synology's thumbnails (@eaDir).
+SKIPPED_FOLDERS = frozenset({"@eaDir"})
 
 
-def discover(inputs: Iterable[str], *, files_from: str | None = None) -> list[str]:
+def discover(
+    inputs: Iterable[str], *, files_from: str | None = None, passed_over: Counter[str] | None = None
+) -> list[str]:
     """Every image path under `inputs`, each once, in sorted order (by the path's bytes).
 
     Named files are taken whatever their extension (the user asked for them); folders are walked recursively
-    for regular files with an image extension (case-insensitive), skipping hidden files and folders. Symlinks
-    are followed, but each folder is entered once, so a symlink loop neither hangs nor repeats images.
-    A missing argument is an error; a missing line of `files_from` is kept and fails as a bad file instead,
-    since long lists are often a little stale.
+    for regular files with an image extension (case-insensitive), skipping hidden files and folders and
+    `SKIPPED_FOLDERS`. Symlinks are followed, but each folder is entered once, so a symlink loop neither hangs
+    nor repeats images. A missing argument is an error; a missing line of `files_from` is kept and fails as a
+    bad file instead, since long lists are often a little stale. `passed_over`, when given, counts the other
+    files the walk found, by lower-case extension ("" for none), so the user can be told what was left out.
     """
     found: dict[str, None] = {}
     seen_dirs: set[tuple[int, int]] = set()
+    passed_over = Counter() if passed_over is None else passed_over
     for name in inputs:
         if not os.path.lexists(name):
             raise UserError(f"input {display_path(name)} does not exist.")
-        _add(name, found, seen_dirs)
+        _add(name, found, seen_dirs, passed_over)
     if files_from is not None:
         for name in read_path_list(files_from):
             if os.path.isdir(name):
-                _add(name, found, seen_dirs)
+                _add(name, found, seen_dirs, passed_over)
             else:
                 found.setdefault(os.path.normpath(name))
     return sorted(found, key=os.fsencode)
 
 
-def _add(name: str, found: dict[str, None], seen_dirs: set[tuple[int, int]]) -> None:
+def _add(name: str, found: dict[str, None], seen_dirs: set[tuple[int, int]], passed_over: Counter[str]) -> None:
     if os.path.isdir(name):
-        for path in _walk(name, seen_dirs):
+        for path in _walk(name, seen_dirs, passed_over):
             found.setdefault(path)
     else:
         found.setdefault(os.path.normpath(name))
 
 
-def _walk(top: str, seen_dirs: set[tuple[int, int]]) -> Iterable[str]:
+def _walk(top: str, seen_dirs: set[tuple[int, int]], passed_over: Counter[str]) -> Iterable[str]:
     stack = [top]
     while stack:
         directory = stack.pop()
@@ -63,11 +76,25 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]]) -> Iterable[str]:
                 continue
             try:
                 if entry.is_dir():
-                    stack.append(entry.path)
-                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
-                    yield os.path.normpath(entry.path)
+                    if entry.name not in SKIPPED_FOLDERS:
+                        stack.append(entry.path)
+                elif entry.is_file():
+                    suffix = os.path.splitext(entry.name)[1].lower()
+                    if suffix in IMAGE_SUFFIXES:
+                        yield os.path.normpath(entry.path)
+                    else:
+                        passed_over[suffix] += 1
             except OSError:
                 continue  # a broken symlink, or one that loops onto itself
+
+
+def describe_passed_over(passed_over: Counter[str], shown: int = 5) -> str:
+    """'1,204 .mov, 96 .aae and 3 more kinds': the files a walk left out, most common kinds first."""
+    kinds = sorted(passed_over.items(), key=lambda kind: (-kind[1], kind[0]))
+    parts = [f"{count:,} {suffix or '(no extension)'}" for suffix, count in kinds[:shown]]
+    if len(kinds) > shown:
+        parts.append(f"{len(kinds) - shown} more kinds")
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
 
 
 def read_path_list(source: str) -> list[str]:

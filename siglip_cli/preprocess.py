@@ -7,7 +7,8 @@ transparency composited onto white, PIL resize straight to (height, width) with 
 Beyond the reference, and on by default since photo libraries are full of them: EXIF orientation is applied
 (phones store portraits sideways plus a rotation tag), 16-bit images keep their tones (>> 8 rather than
 PIL's clip to white), animated images use their first frame, and the pixel count is checked from the header
-before any decoding (decompression bombs).
+before any decoding (decompression bombs). HEIC/HEIF photos (iPhones) decode through pillow-heif, registered
+here as a Pillow plugin; libheif applies their rotation itself and resets the EXIF tag, so it is not applied twice.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from .config import PreprocessConfig
+
+try:
+    from pillow_heif import register_heif_opener
+except ImportError:  # a platform without its wheel: HEIC files then fail one by one, with a hint
+    HEIF_SUPPORT = False
+else:
+    register_heif_opener()
+    HEIF_SUPPORT = True
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own guard, ~89.5 MP
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
@@ -54,7 +63,8 @@ def open_rgb(
             opened = Image.open(path)
     except UnidentifiedImageError:
         # Pillow's own message ends with repr(path): for the in-memory file embed reads, an object address.
-        raise BadImage("cannot identify image file (not an image, or a format Pillow cannot read)") from None
+        hint = "" if HEIF_SUPPORT else "; HEIC photos need pillow-heif"
+        raise BadImage(f"cannot identify image file (not an image, or a format Pillow cannot read{hint})") from None
     with opened as image:
         size = image.size
         if options.max_pixels is not None and size[0] * size[1] > options.max_pixels:

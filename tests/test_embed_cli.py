@@ -427,8 +427,8 @@ class MessyRun:
         return next(e["error"] for e in self.errors if e["path"] == str(self.folder / name))
 
 
-GOOD = ["UPPER.JPG", "animated.gif", "first_frame.png", "gray.png", "photo.jpg", "photo.png", "rotated.jpg",
-        "second_frame.png", "sideways.png", "sixteen.png", "upright.png"]  # fmt: skip
+GOOD = ["IMG_0001.HEIC", "UPPER.JPG", "animated.gif", "first_frame.png", "gray.png", "heic_pixels.png", "photo.jpg",
+        "photo.png", "rotated.jpg", "second_frame.png", "sideways.png", "sixteen.png", "upright.png"]  # fmt: skip
 BAD = {  # file name: what its error says
     "bomb.png": "decompression bomb",
     "empty.jpg": "cannot identify image file",
@@ -455,6 +455,14 @@ def messy(tiny_siglip: Path, tmp_path_factory: pytest.TempPathFactory) -> MessyR
     save_animated_gif(folder / "animated.gif", [first, second])
     first.convert("RGB").save(folder / "first_frame.png")
     second.convert("RGB").save(folder / "second_frame.png")
+    # An iPhone photo, its live-photo video and edit sidecar, and a NAS's thumbnail of it.
+    make_photo((80, 60), seed=9).save(folder / "IMG_0001.HEIC", quality=90)
+    with Image.open(folder / "IMG_0001.HEIC") as stored:
+        stored.convert("RGB").save(folder / "heic_pixels.png")
+    (folder / "IMG_0001.MOV").write_bytes(b"\0\0\0\x14ftypqt  ")
+    (folder / "IMG_0001.AAE").write_text("<?xml version='1.0'?><plist/>")
+    (folder / "@eaDir" / "IMG_0001.HEIC").mkdir(parents=True)
+    make_photo((40, 30), seed=9).save(folder / "@eaDir" / "IMG_0001.HEIC" / "SYNOFILE_THUMB_M.jpg")
     # Bad files.
     make_photo((200, 150), seed=7).save(folder / "whole.jpg.orig", format="JPEG")
     whole = (folder / "whole.jpg.orig").read_bytes()
@@ -501,6 +509,16 @@ def test_fifo_symlink_loop_hidden_and_non_image_files_are_never_read(messy: Mess
     listed = {Path(r["path"]) for r in messy.rows + messy.errors}
     assert all(p.parent == messy.folder for p in listed)  # nothing found again through loop/
     assert not {"fifo.jpg", ".hidden.jpg", "readme.txt", "whole.jpg.orig"} & {p.name for p in listed}
+
+
+def test_files_left_out_of_the_walk_are_counted_on_stderr(messy: MessyRun) -> None:
+    notes = [line for line in messy.result.stderr.splitlines() if line.startswith("note: passed over")]
+    assert notes == ["note: passed over 1 .aae, 1 .mov, 1 .orig and 1 .txt files in the folders, not images siglip "
+                     "reads (name a file explicitly to try it anyway)."]  # fmt: skip
+
+
+def test_heic_photo_embeds_as_its_decoded_pixels(messy: MessyRun) -> None:
+    assert np.abs(messy.embeddings["IMG_0001.HEIC"] - messy.embeddings["heic_pixels.png"]).max() <= SAME
 
 
 def test_exif_rotated_photo_embeds_as_the_same_photo_rotated(messy: MessyRun) -> None:

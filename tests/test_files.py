@@ -10,13 +10,21 @@ import base64
 import io
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from conftest import deadline
 from siglip_cli.errors import UserError
-from siglip_cli.files import discover, is_regular_file, path_fields, path_from_fields, read_path_list
+from siglip_cli.files import (
+    describe_passed_over,
+    discover,
+    is_regular_file,
+    path_fields,
+    path_from_fields,
+    read_path_list,
+)
 
 
 def touch(path: Path) -> Path:
@@ -33,17 +41,43 @@ def found(*inputs: Path | str, files_from: str | None = None) -> list[str]:
 
 
 def test_every_image_extension_is_taken_in_any_case(tmp_path: Path) -> None:
-    names = ["a.jpg", "b.JPEG", "c.Png", "d.webp", "e.BMP", "f.gif", "g.tif", "h.TIFF"]
+    names = [
+        "a.jpg", "b.JPEG", "c.Png", "d.webp", "e.BMP", "f.gif", "g.tif", "h.TIFF", "i.HEIC", "j.heif", "k.avif",
+        "l.jfif", "m.jpe", "n.MPO", "o.apng",
+    ]
     for name in names:
         touch(tmp_path / name)
     assert found(tmp_path) == [str(tmp_path / name) for name in names]
 
 
-def test_files_without_an_image_extension_are_left_out(tmp_path: Path) -> None:
-    for name in ("notes.txt", "photo.heic", "photo.jpg.bak", "README", "jpg"):
+def test_files_without_an_image_extension_are_left_out_and_counted(tmp_path: Path) -> None:
+    for name in ("notes.txt", "IMG_0001.MOV", "IMG_0002.mov", "IMG_0001.AAE", "photo.jpg.bak", "README", "jpg"):
         touch(tmp_path / name)
     touch(tmp_path / "kept.jpg")
-    assert found(tmp_path) == [str(tmp_path / "kept.jpg")]
+    passed_over = Counter()
+    assert discover([str(tmp_path)], passed_over=passed_over) == [str(tmp_path / "kept.jpg")]
+    assert passed_over == {".mov": 2, ".txt": 1, ".aae": 1, ".bak": 1, "": 2}
+
+
+def test_files_named_explicitly_are_never_counted_as_passed_over(tmp_path: Path) -> None:
+    clip = touch(tmp_path / "clip.mov")
+    passed_over = Counter()
+    assert discover([str(clip)], passed_over=passed_over) == [str(clip)]
+    assert not passed_over
+
+
+def test_passed_over_files_are_described_most_common_first() -> None:
+    assert describe_passed_over(Counter({".mov": 1})) == "1 .mov"
+    assert describe_passed_over(Counter({".aae": 3, ".mov": 1204, "": 2})) == "1,204 .mov, 3 .aae and 2 (no extension)"
+    assert describe_passed_over(Counter({".txt": 1, ".mov": 1, ".aae": 1})) == "1 .aae, 1 .mov and 1 .txt"  # ties by name
+    many = Counter({f".x{i}": 10 - i for i in range(8)})
+    assert describe_passed_over(many) == "10 .x0, 9 .x1, 8 .x2, 7 .x3, 6 .x4 and 3 more kinds"
+
+
+def test_synology_thumbnail_folders_are_skipped(tmp_path: Path) -> None:
+    photo = touch(tmp_path / "2024" / "IMG_0001.JPG")
+    touch(tmp_path / "2024" / "@eaDir" / "IMG_0001.JPG" / "SYNOFILE_THUMB_M.jpg")
+    assert found(tmp_path) == [str(photo)]
 
 
 def test_folders_are_walked_recursively(tmp_path: Path) -> None:

@@ -187,6 +187,36 @@ def test_animated_gif_uses_its_first_frame(tmp_path: Path, bicubic: PreprocessCo
     assert not torch.equal(pixels, tensor_of(second, bicubic))
 
 
+@pytest.mark.parametrize("suffix", ["heic", "avif"])
+def test_phone_and_web_formats_decode_to_the_photo(tmp_path: Path, bicubic: PreprocessConfig, suffix: str) -> None:
+    # HEIC through pillow-heif (registered by siglip_cli.preprocess), AVIF through Pillow itself. Both lossy.
+    original = make_photo((80, 60))
+    path = tmp_path / f"IMG_0001.{suffix}"
+    original.save(path, quality=90)
+    with Image.open(path) as stored:
+        decoded = stored.convert("RGB")
+    pixels, width, height = load_pixels(path, bicubic, DecodeOptions())
+    assert torch.equal(pixels, tensor_of(decoded, bicubic))
+    assert (pixels - tensor_of(original, bicubic)).abs().mean() < 0.05  # codec loss only
+    assert (width, height) == (80, 60)
+
+
+def test_rotated_heic_is_turned_upright_once(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    # An iPhone portrait: pixels on their side, an `irot` rotation and EXIF orientation 6 (pillow-heif writes
+    # both from EXIF bytes). libheif applies `irot` while decoding and pillow-heif resets the EXIF tag, so
+    # exif_transpose must not turn the photo a second time. (HEIF's own transforms are authoritative: a file
+    # with an EXIF tag but no `irot` is shown as stored, as libheif and ImageMagick show it.)
+    original = make_photo((80, 60))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    original.rotate(90, expand=True).save(tmp_path / "portrait.heic", quality=90, exif=exif.tobytes())
+    pixels, width, height = load_pixels(tmp_path / "portrait.heic", bicubic, DecodeOptions())
+    assert (width, height) == (80, 60)
+    close = (pixels - tensor_of(original, bicubic)).abs().mean()
+    other_way = (pixels - tensor_of(original.rotate(180), bicubic)).abs().mean()
+    assert close < 0.05 < other_way
+
+
 def test_pixel_limit_is_checked_from_the_header_before_decoding(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     path = save_png_claiming_size(tmp_path / "bomb.png", 5_000, 5_000)
     with pytest.raises(BadImage, match=r"5000x5000 = 25,000,000 pixels exceeds the limit of 1,000,000") as error:
