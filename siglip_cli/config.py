@@ -38,7 +38,17 @@ class VisionConfig:
     vision_use_head: bool = True
 
     def __post_init__(self) -> None:
-        if self.hidden_act not in ACTIVATIONS:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            least = 0 if field.name == "num_hidden_layers" else 1  # no layers: transformers allows it, so do we
+            if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                kind = "a positive integer" if least else "a whole number ≥ 0"
+                raise ConfigError(f"{field.name} must be {kind}, not {value!r}.")
+        if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)):
+            raise ConfigError(f"layer_norm_eps must be a number, not {self.layer_norm_eps!r}.")
+        if not isinstance(self.vision_use_head, bool):
+            raise ConfigError(f"vision_use_head must be true or false, not {self.vision_use_head!r}.")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"activation {self.hidden_act!r} is not supported (expected one of {', '.join(ACTIVATIONS)}).")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
@@ -66,6 +76,9 @@ class VisionConfig:
         return self.image_size - self.grid_size * self.patch_size
 
 
+PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Squash-resize to (height, width), then x * rescale_factor, then (x - mean) / std, channel by channel."""
@@ -80,6 +93,17 @@ class PreprocessConfig:
     do_normalize: bool = True
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.resample not in PIL_FILTERS:
+            raise ConfigError(
+                f"resample {self.resample!r} is not a PIL filter number "
+                f"({', '.join(f'{n} {name}' for n, name in PIL_FILTERS.items())})."
+            )
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"preprocessor {name} must be a positive integer, not {value!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,13 +144,13 @@ def vision_config_from_hub(config: dict[str, Any]) -> VisionConfig:
     model_type = config.get("model_type")
     if model_type == "siglip_vision_model":
         fields, default_head = config, True
-    elif model_type == "siglip":
+    elif model_type == "siglip":  # a missing vision_config means transformers' defaults, as transformers reads it
         fields, default_head = config.get("vision_config") or {}, True
     elif model_type == "paligemma":
         fields, default_head = config.get("vision_config") or {}, False
-    elif model_type == "siglip2":
+    elif model_type in ("siglip2", "siglip2_vision_model"):
         raise ConfigError(
-            "SigLIP2 NaFlex checkpoints (model_type 'siglip2', variable resolution) are a different model and are not "
+            f"SigLIP2 NaFlex checkpoints (model_type {model_type!r}, variable resolution) are a different model and are not "
             "supported; use a fixed-resolution SigLIP2 repo such as google/siglip2-base-patch16-224."
         )
     else:
@@ -162,9 +186,9 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
         )
     defaults = PreprocessConfig()
     return PreprocessConfig(
-        height=int(size["height"]),
-        width=int(size["width"]),
-        resample=int(config.get("resample", defaults.resample)),
+        height=size["height"],
+        width=size["width"],
+        resample=config.get("resample", defaults.resample),
         do_resize=bool(config.get("do_resize", True)),
         do_rescale=bool(config.get("do_rescale", True)),
         rescale_factor=float(config.get("rescale_factor", defaults.rescale_factor)),
@@ -175,7 +199,11 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
 
 
 def _triple(value: float | list[float]) -> tuple[float, float, float]:
-    values = [value] * 3 if isinstance(value, (int, float)) else list(value)
-    if len(values) != 3:
-        raise ConfigError(f"expected 3 channel values for image mean/std, got {values}.")
+    values = [value] * 3 if isinstance(value, (int, float)) else value
+    if (
+        not isinstance(values, (list, tuple))
+        or len(values) != 3
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ):
+        raise ConfigError(f"expected 3 channel values for image mean/std, got {values!r}.")
     return tuple(float(v) for v in values)

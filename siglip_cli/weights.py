@@ -9,20 +9,23 @@ Every layout in the wild holds the tower under one prefix: `vision_model.` (SigL
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .config import PRESETS, PreprocessConfig, VisionConfig, preprocess_config_from_hub, vision_config_from_hub
+from .config import PRESETS, ConfigError, PreprocessConfig, VisionConfig, preprocess_config_from_hub, vision_config_from_hub
 from .errors import UserError
 from .model import SiglipVision
 
 DEFAULT_MODEL = "google/siglip-base-patch16-224"
 ANCHOR = "embeddings.patch_embedding.weight"
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what `git clone` without git-lfs leaves instead
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PICKLE_MESSAGE = (
     "pickle checkpoints (.bin, .pt, .pth) are refused because unpickling can run arbitrary code; "
@@ -61,14 +64,25 @@ def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
         )
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise CheckpointError(f"{name} is neither a local checkpoint directory nor a Hub id of the form org/name.")
-    return _resolve(name, revision, _HubFiles(name, revision))
+    try:
+        return _resolve(name, revision, _HubFiles(name, revision))
+    except CheckpointError as e:
+        if path.parent.is_dir():  # `runs/ckpt-final` mistyped looks like a Hub id: say the folder is not there
+            raise CheckpointError(f"there is no folder {name} here, and as a Hub id: {e}") from None
+        raise
 
 
 def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) -> Checkpoint:
     config = _read_json(files.get("config.json", required=True))
     preprocessor_path = files.get("preprocessor_config.json", required=False)
-    vision = vision_config_from_hub(config)
-    preprocess = preprocess_config_from_hub(_read_json(preprocessor_path) if preprocessor_path else None, vision)
+    preprocessor = _read_json(preprocessor_path) if preprocessor_path else None
+    try:
+        vision = vision_config_from_hub(config)
+        preprocess = preprocess_config_from_hub(preprocessor, vision)
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None  # the same sentence, naming the checkpoint
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a value of the wrong kind the checks missed
+        raise CheckpointError(f"{name}: config.json or preprocessor_config.json holds a malformed value ({e}).") from None
     if preprocess.do_resize and (preprocess.height, preprocess.width) != (vision.image_size, vision.image_size):
         raise CheckpointError(
             f"{name}: preprocessor_config.json resizes to {preprocess.width}x{preprocess.height} but the tower "
@@ -76,7 +90,9 @@ def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) ->
         )
     index_path = files.get(INDEX_FILE, required=False)
     if index_path is not None:
-        weight_map: dict[str, str] = _read_json(index_path)["weight_map"]
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path} has no weight_map naming the shard of each tensor.")
         prefix = _find_prefix(name, weight_map)
         shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
         weight_files = tuple(files.get(shard, required=True) for shard in shards)
@@ -84,7 +100,7 @@ def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) ->
         single = files.get(SINGLE_FILE, required=False)
         if single is None:
             raise CheckpointError(f"{name} has no {SINGLE_FILE} or {INDEX_FILE}; {PICKLE_MESSAGE}.")
-        with safe_open(single, framework="pt") as f:
+        with _open_weights(single) as f:
             prefix = _find_prefix(name, f.keys())
         weight_files = (single,)
     return Checkpoint(name, files.commit_hash or revision, vision, preprocess, weight_files, prefix)
@@ -101,9 +117,34 @@ def _find_prefix(name: str, keys) -> str:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        content = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: {e}.") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path} is not a JSON object.")
+    return content
+
+
+@contextmanager
+def _open_weights(path: Path) -> Iterator:
+    """`safe_open` whose failures, while opening or reading tensors, are one sentence naming the file."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        if _starts_with(path, LFS_POINTER):
+            raise CheckpointError(
+                f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` in the checkpoint folder."
+            ) from None
+        raise CheckpointError(f"{path} is not a readable safetensors file (damaged or incomplete download): {e}.") from None
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(prefix)) == prefix
+    except OSError:
+        return False
 
 
 class _LocalFiles:
@@ -172,7 +213,7 @@ def read_vision_tensors(checkpoint: Checkpoint) -> dict[str, Tensor]:
     """The tower's tensors with the prefix stripped, read lazily: other towers and models are never loaded."""
     prefix, tensors = checkpoint.prefix, {}
     for file in checkpoint.weight_files:
-        with safe_open(file, framework="pt") as f:
+        with _open_weights(file) as f:
             for key in f.keys():
                 if key.startswith(prefix):
                     tensors[key[len(prefix) :]] = f.get_tensor(key)
@@ -180,8 +221,22 @@ def read_vision_tensors(checkpoint: Checkpoint) -> dict[str, Tensor]:
 
 
 def load_state(model: SiglipVision, tensors: dict[str, Tensor], *, source: str) -> None:
-    """Strict load that names the culprit: a missing, unexpected or mis-shaped tensor is an error."""
+    """Strict load that names the culprit: a missing, unexpected or mis-shaped tensor is an error.
+
+    Strict within the tower's own modules, where a stray tensor means the config does not describe the weights.
+    Ignored, as transformers ignores them: tensors outside those modules (in a checkpoint saved without a prefix,
+    e.g. an adapter beside the tower), the `position_ids` buffer older transformers saved, and a head's
+    tensors when the config says the tower has none.
+    """
     expected = model.state_dict()
+    modules = {name for name, _ in model.named_children()} | {"head"}
+    tensors = {
+        key: tensor
+        for key, tensor in tensors.items()
+        if key.split(".", 1)[0] in modules
+        and key != "embeddings.position_ids"
+        and (model.config.vision_use_head or not key.startswith("head."))
+    }
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:

@@ -139,6 +139,70 @@ def test_unexpected_tensor_is_named_in_the_error(tiny_vision: Path, tmp_path: Pa
         load_model(resolve_checkpoint(str(checkpoint)))
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"adapter.lora_A.weight": torch.ones(4, 32)},  # beside a tower saved without a prefix
+        {"embeddings.position_ids": torch.arange(16)[None]},  # the buffer older transformers saved
+    ],
+    ids=["outside the tower", "position_ids"],
+)
+def test_tensors_transformers_ignores_are_ignored(tiny_vision: Path, tmp_path: Path, extra: dict) -> None:
+    checkpoint = copy_checkpoint(tiny_vision, tmp_path / "ckpt")
+    rewrite_tensors(checkpoint, lambda t: t.update(extra))
+    loaded = load_model(resolve_checkpoint(str(checkpoint))).state_dict()
+    reference = load_model(resolve_checkpoint(str(tiny_vision))).state_dict()
+    assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+def test_head_tensors_of_a_headless_config_are_ignored(tiny_vision: Path, tmp_path: Path) -> None:
+    checkpoint = copy_checkpoint(tiny_vision, tmp_path / "ckpt")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "vision_use_head": False}))
+    model = load_model(resolve_checkpoint(str(checkpoint)))
+    assert model.head is None and not any(k.startswith("head.") for k in model.state_dict())
+
+
+def corrupt(checkpoint: Path, how: str) -> None:
+    weights = checkpoint / WEIGHTS_NAME
+    if how == "git lfs pointer":
+        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 123456\n")
+    elif how == "empty":
+        weights.write_bytes(b"")
+    else:  # an interrupted download
+        weights.write_bytes(weights.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("git lfs pointer", r"model\.safetensors is a Git LFS pointer, not the weights: run `git lfs pull`"),
+        ("empty", r"model\.safetensors is not a readable safetensors file \(damaged or incomplete download\)"),
+        ("truncated", r"model\.safetensors is not a readable safetensors file \(damaged or incomplete download\)"),
+    ],
+)
+def test_broken_weights_file_is_one_sentence_naming_it(tiny_vision: Path, tmp_path: Path, how: str, message: str) -> None:
+    checkpoint = copy_checkpoint(tiny_vision, tmp_path / "ckpt")
+    corrupt(checkpoint, how)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(resolve_checkpoint(str(checkpoint)))
+
+
+def test_broken_shard_is_one_sentence_naming_it(tiny_sharded: Path, tmp_path: Path) -> None:
+    checkpoint = copy_checkpoint(tiny_sharded, tmp_path / "ckpt")
+    shard = sorted(checkpoint.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(CheckpointError, match=rf"{shard.name} is not a readable safetensors file"):
+        load_model(resolve_checkpoint(str(checkpoint)))
+
+
+def test_index_without_weight_map_is_refused(tiny_sharded: Path, tmp_path: Path) -> None:
+    checkpoint = copy_checkpoint(tiny_sharded, tmp_path / "ckpt")
+    (checkpoint / INDEX_NAME).write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match="has no weight_map"):
+        resolve_checkpoint(str(checkpoint))
+
+
 # ------------------------------------------------------------------------------------------ pickles
 
 
@@ -222,6 +286,54 @@ def test_other_model_type_is_refused_naming_it(tmp_path: Path) -> None:
     checkpoint = write_config(tmp_path / "clip", {"model_type": "clip"})
     with pytest.raises(ConfigError, match=r"model_type 'clip' is not a SigLIP vision tower"):
         resolve_checkpoint(str(checkpoint))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ([{"model_type": "siglip"}], r"config\.json is not a JSON object"),
+        ({"model_type": "siglip_vision_model", "hidden_size": "768"}, r"hidden_size must be a positive integer, not '768'"),
+        ({"model_type": "siglip_vision_model", "num_attention_heads": 0}, r"num_attention_heads must be a positive integer"),
+        ({"model_type": "siglip_vision_model", "num_hidden_layers": -1}, r"num_hidden_layers must be a whole number ≥ 0"),
+        ({"model_type": "siglip_vision_model", "vision_use_head": "false"}, r"vision_use_head must be true or false"),
+        ({"model_type": "siglip_vision_model", "layer_norm_eps": None}, r"layer_norm_eps must be a number"),
+        ({"model_type": "siglip2_vision_model"}, r"model_type 'siglip2_vision_model'.* not supported"),
+    ],
+)
+def test_malformed_config_is_one_sentence_naming_the_checkpoint(tmp_path: Path, config, message: str) -> None:
+    checkpoint = write_config(tmp_path / "ckpt", config)
+    with pytest.raises(UserError, match=message) as error:
+        resolve_checkpoint(str(checkpoint))
+    assert str(checkpoint) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("preprocessor", "message"),
+    [
+        ({"resample": "bicubic"}, r"resample 'bicubic' is not a PIL filter number \(0 nearest, .*5 hamming\)"),
+        ({"resample": 99}, r"resample 99 is not a PIL filter number"),
+        ({"size": {"height": "224", "width": 224}}, r"preprocessor height must be a positive integer, not '224'"),
+        ({"image_mean": ["a", "b", "c"]}, r"expected 3 channel values for image mean/std"),
+        ({"rescale_factor": "x"}, r"holds a malformed value"),
+    ],
+)
+def test_malformed_preprocessor_config_is_refused_when_the_checkpoint_loads(
+    tiny_vision: Path, tmp_path: Path, preprocessor: dict, message: str
+) -> None:
+    checkpoint = copy_checkpoint(tiny_vision, tmp_path / "ckpt")
+    path = checkpoint / "preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **preprocessor}))
+    with pytest.raises(UserError, match=message):
+        resolve_checkpoint(str(checkpoint))
+
+
+def test_mistyped_local_folder_that_looks_like_a_hub_id_says_the_folder_is_missing(
+    hf_cache: HubCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"^there is no folder runs/ckpt-fnal here, and as a Hub id: runs/ckpt-fnal is not"):
+        resolve_checkpoint("runs/ckpt-fnal")
 
 
 def test_folder_without_config_is_refused(tmp_path: Path) -> None:
