@@ -9,13 +9,13 @@ from __future__ import annotations
 import enum
 import json
 import signal
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from . import __version__
 from .allocator import keep_freed_memory
@@ -33,9 +33,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-stdout = Console(soft_wrap=True)
-# soft_wrap: an error sentence or a path is never broken across lines when stderr is a log file.
-stderr = Console(stderr=True, soft_wrap=True)
+# soft_wrap: an error sentence or a path is never broken across lines when stderr is a log file. markup off: text we
+# print holds paths and model names, and `Wedding [edited]/` is a folder, not a style (styled words go in as Text).
+stdout = Console(soft_wrap=True, markup=False)
+stderr = Console(stderr=True, soft_wrap=True, markup=False)
 
 EXIT_USER_ERROR = 2
 
@@ -59,8 +60,12 @@ class ComputeDtype(str, enum.Enum):
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False)
+    stderr.print(Text.assemble(("error:", "bold red"), " ", message))
     raise typer.Exit(code)
+
+
+def note(message: str) -> None:
+    stderr.print(Text.assemble(("note:", "yellow"), " ", message))
 
 
 @contextmanager
@@ -122,7 +127,7 @@ class _RichProgress:
 
     def note(self, message: str) -> None:
         if not self.quiet:
-            stderr.print(f"[yellow]note:[/] {message}", highlight=False)
+            note(message)
 
     def stop(self, *, keep: bool = True) -> None:
         if not keep:
@@ -160,7 +165,7 @@ def embed(
     """Embed images into OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
     from .devices import embed_on_devices, parse_devices
     from .embed import EmbedOptions, embed_to_file, load
-    from .files import describe_passed_over, discover
+    from .files import WalkReport, discover
     from .preprocess import DecodeOptions
     from .shards import parse_shard, select_shard
 
@@ -172,19 +177,20 @@ def embed(
         devices = parse_devices(device)
         if len(devices) > 1 and (part or update):
             fail("several devices split the work themselves: drop --shard and --update, or give one --device.")
-        passed_over = Counter()
-        paths = discover(inputs or [], files_from=files_from, passed_over=passed_over)
+        walk = WalkReport()
+        paths = discover(inputs or [], files_from=files_from, report=walk)
+        if walk.unreadable:  # before the error below: an unreadable folder may be why nothing was found
+            note(f"could not list {walk.unreadable_text()}; images in them are not embedded.")
         if not paths:
-            others = f"; found only {describe_passed_over(passed_over)} files" if passed_over else ""
+            others = f"; found only {walk.passed_over_text()}" if walk.passed_over else ""
             fail(
                 f"no image files found in {', '.join(inputs or [files_from])} "
                 f"(looked for {' '.join(sorted(IMAGE_SUFFIXES))}{others})."
             )
-        if passed_over and not quiet:
-            stderr.print(
-                f"note: passed over {describe_passed_over(passed_over)} files in the folders, not images siglip reads "
-                "(name a file explicitly to try it anyway).",
-                highlight=False,
+        if walk.passed_over and not quiet:
+            note(
+                f"passed over {walk.passed_over_text()} in the folders: not images siglip reads "
+                "(name a file explicitly to try it anyway)."
             )
         if part:
             paths = select_shard(paths, *part)  # may be empty: the shard still writes its (empty) output
@@ -221,9 +227,14 @@ def embed(
     if json_summary:
         stdout.print_json(json.dumps(summary.to_dict()))
     if not quiet:
-        stderr.print(_summary_line(summary), highlight=False)
+        stderr.print(_summary_line(summary))
         if len(devices) == 1:
             _note_emulated_bf16(encoder.device, encoder.dtype)
+        if update and summary.removed and not summary.reused:
+            note(
+                "no row of the earlier output matched these inputs, so every image was embedded again; rows are "
+                "matched by path as written (photos/a.jpg and /home/me/photos/a.jpg differ): give the folder as before."
+            )
     if strict and summary.failed:
         fail(f"{summary.failed} file(s) could not be embedded (--strict): see {summary.errors}.", 1)
 
@@ -234,10 +245,9 @@ def _note_emulated_bf16(device, dtype) -> None:
     from .benchmark import cpu_has_native_bf16
 
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
-        stderr.print(
-            "[yellow]note:[/] this CPU has no native bfloat16 (AVX512-BF16 or AMX): bfloat16 ran emulated, several "
-            "times slower than float32 would have.",
-            highlight=False,
+        note(
+            "this CPU has no native bfloat16 (AVX512-BF16 or AMX): bfloat16 ran emulated, several times slower than "
+            "float32 would have."
         )
 
 
@@ -281,7 +291,7 @@ def merge(
         summary = merge_outputs(inputs, output, overwrite=overwrite)
     if json_summary:
         stdout.print_json(json.dumps(summary.to_dict()))
-    stderr.print(f"merged {summary.inputs} outputs: {summary.rows:,} rows → {summary.output}", highlight=False)
+    stderr.print(f"merged {summary.inputs} outputs: {summary.rows:,} rows → {summary.output}")
 
 
 @app.command()
@@ -304,13 +314,13 @@ def inspect(
     if json_out:
         stdout.print_json(json.dumps({**result.to_dict(), "plots": [str(p) for p in pictures]}))
         if result.random_weights:
-            stderr.print(f"note: {model} is an architecture preset: random weights, not a trained model.", highlight=False)
+            note(f"{model} is an architecture preset: random weights, not a trained model.")
         return
     # A file or a pipe has no width to respect: print the table wide rather than squeezed to 80 columns.
     console = stdout if stdout.is_terminal else Console(file=stdout.file, width=200, soft_wrap=True)
-    console.print(report(result, width=console.width), highlight=False)
+    console.print(report(result, width=console.width))
     if pictures:
-        console.print("\nplots:", *map(str, pictures), sep="\n", highlight=False)
+        console.print("\nplots:", *map(str, pictures), sep="\n")
 
 
 @app.command()
@@ -351,17 +361,17 @@ def bench(
             compare=tuple(name.strip() for name in compare.split(",") if name.strip()),
             images=images,
         )
-        report = run_benchmark(options, progress=lambda message: stderr.print(f"[dim]{message}[/]", highlight=False))
-    for note in report.notes:
-        stderr.print(f"[yellow]note:[/] {note}", highlight=False)
+        report = run_benchmark(options, progress=lambda message: stderr.print(message, style="dim"))
+    for sentence in report.notes:
+        note(sentence)
     if json_out:
         stdout.print_json(json.dumps(report.to_json()))
         return
     # A file or a pipe has no width to respect: print the table wide rather than squeezed to 80 columns.
     console = stdout if stdout.is_terminal else Console(file=stdout.file, width=200, soft_wrap=True)
-    console.print(_bench_table(report), highlight=False)
+    console.print(_bench_table(report))
     for size, reference, ratio in report.ratios():
-        console.print(f"siglip / {reference} at batch {size}: {ratio:.2f}×", highlight=False)
+        console.print(f"siglip / {reference} at batch {size}: {ratio:.2f}×")
 
 
 def _bench_table(report):

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 import warnings
 from collections import deque
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .config import PreprocessConfig
 from .errors import UserError
-from .files import is_regular_file, path_fields, path_from_fields
+from .files import display_path, is_regular_file, path_fields, path_from_fields
 from .model import SiglipVision
 from .gpu_decode import JpegHeader, check_supported, decode_headers, read_header
 from .preprocess import BadImage, DecodeOptions, load_pixels
@@ -166,8 +167,19 @@ def decode_file(
 
 
 def one_line(error: BaseException) -> str:
-    text = str(error) if isinstance(error, BadImage) else f"{type(error).__name__}: {error}"
-    return " ".join(text.split()) or type(error).__name__
+    """The reason a file failed, as one line of plain words for the errors file.
+
+    The system's reason for a file that cannot be opened ("Permission denied"; the path is in the row already),
+    Pillow's and ours as they are ("image file is truncated (129 bytes not processed)"), anything else with its
+    class name. Line breaks become spaces; other spacing is kept, since a reason may quote a file name.
+    """
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror
+    elif isinstance(error, (BadImage, OSError)):
+        text = str(error)
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return re.sub(r"[\r\n\t\v\f]+", " ", text).strip() or type(error).__name__
 
 
 class ImageFiles(Dataset):
@@ -545,9 +557,17 @@ def embed_to_file(
     good = [r for r in ordered if isinstance(r, Ref)]
     bad = [r for r in ordered if not isinstance(r, Ref)]
     if not good and paths and require_rows:
-        write_jsonl(out.errors, (public_row(r) for r in bad))
         work.remove()
-        raise UserError(f"none of the {len(paths)} input files could be embedded: see {out.errors}.")
+        first = f"{display_path(bad[0]['path'])}: {bad[0]['error']}"
+        if out.embeddings.exists():  # an earlier, finished output: its files stay together, untouched
+            raise UserError(
+                f"none of the {len(paths)} input files could be embedded (the first, {first}); "
+                f"{out.embeddings} is left as it was."
+            )
+        write_jsonl(out.errors, (public_row(r) for r in bad))
+        if len(bad) == 1:
+            raise UserError(f"could not embed {first}.")
+        raise UserError(f"none of the {len(paths)} input files could be embedded (the first, {first}): see {out.errors}.")
     assemble(out, good, bad, output_metadata(encoder.checkpoint, state))
     work.remove()
     embedded = sum(1 for r in new.values() if isinstance(r, Ref))

@@ -7,8 +7,9 @@ import os
 import stat
 import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from .errors import UserError
 
@@ -19,82 +20,98 @@ IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".avif", ".heic", ".heif", ".bmp", ".gif",
      ".tif", ".tiff", ".mpo"}
 )
-# Folders of derived files that would embed every photo a second time: Synology's thumbnails (@eaDir).
-SKIPPED_FOLDERS = frozenset({"@eaDir"})
+# Folders that would embed photos a second time or bring back deleted ones: NAS thumbnails (Synology's @eaDir),
+# snapshots and recycle bins (Synology, QNAP, Windows). Hidden folders (.Trash, .thumbnails) are skipped anyway.
+SKIPPED_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "@Recycle", "$RECYCLE.BIN"})
 
 
-def discover(
-    inputs: Iterable[str], *, files_from: str | None = None, passed_over: Counter[str] | None = None
-) -> list[str]:
+@dataclass
+class WalkReport:
+    """What folder walks met besides images, so that nothing is left out without the user being told."""
+
+    passed_over: Counter[str] = field(default_factory=Counter)  # other files, by lower-case extension ("" if none)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (folder, reason) of folders not listed
+
+    def passed_over_text(self, shown: int = 5) -> str:
+        """'1,300 files (1,204 .mov, 96 .aae)': the files left out, most common kinds first."""
+        kinds = sorted(self.passed_over.items(), key=lambda kind: (-kind[1], kind[0]))
+        parts = [f"{count:,} {suffix or '(no extension)'}" for suffix, count in kinds[:shown]]
+        if len(kinds) > shown:
+            parts.append(_count(len(kinds) - shown, "other kind"))
+        return f"{_count(self.passed_over.total(), 'file')} ({', '.join(parts)})"
+
+    def unreadable_text(self, shown: int = 3) -> str:
+        """'2 folders: a/locked (Permission denied), b/gone (No such file or directory)'."""
+        parts = [f"{display_path(folder)} ({reason})" for folder, reason in self.unreadable[:shown]]
+        if len(self.unreadable) > shown:
+            parts.append(f"{len(self.unreadable) - shown:,} more")
+        return f"{_count(len(self.unreadable), 'folder')}: {', '.join(parts)}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def discover(inputs: Iterable[str], *, files_from: str | None = None, report: WalkReport | None = None) -> list[str]:
     """Every image path under `inputs`, each once, in sorted order (by the path's bytes).
 
     Named files are taken whatever their extension (the user asked for them); folders are walked recursively
     for regular files with an image extension (case-insensitive), skipping hidden files and folders and
     `SKIPPED_FOLDERS`. Symlinks are followed, but each folder is entered once, so a symlink loop neither hangs
     nor repeats images. A missing argument is an error; a missing line of `files_from` is kept and fails as a
-    bad file instead, since long lists are often a little stale. `passed_over`, when given, counts the other
-    files the walk found, by lower-case extension ("" for none), so the user can be told what was left out.
+    bad file instead, since long lists are often a little stale. `report`, when given, collects the other files
+    the walks met and the folders they could not list.
     """
     found: dict[str, None] = {}
     seen_dirs: set[tuple[int, int]] = set()
-    passed_over = Counter() if passed_over is None else passed_over
+    report = WalkReport() if report is None else report
+
+    def add(name: str) -> None:
+        if os.path.isdir(name):
+            found.update(dict.fromkeys(_walk(name, seen_dirs, report)))
+        else:
+            found.setdefault(os.path.normpath(name))
+
     for name in inputs:
         if not os.path.lexists(name):
             raise UserError(f"input {display_path(name)} does not exist.")
-        _add(name, found, seen_dirs, passed_over)
+        add(name)
     if files_from is not None:
         for name in read_path_list(files_from):
-            if os.path.isdir(name):
-                _add(name, found, seen_dirs, passed_over)
-            else:
-                found.setdefault(os.path.normpath(name))
+            add(name)
     return sorted(found, key=os.fsencode)
 
 
-def _add(name: str, found: dict[str, None], seen_dirs: set[tuple[int, int]], passed_over: Counter[str]) -> None:
-    if os.path.isdir(name):
-        for path in _walk(name, seen_dirs, passed_over):
-            found.setdefault(path)
-    else:
-        found.setdefault(os.path.normpath(name))
-
-
-def _walk(top: str, seen_dirs: set[tuple[int, int]], passed_over: Counter[str]) -> Iterable[str]:
-    stack = [top]
-    while stack:
-        directory = stack.pop()
+def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iterator[str]:
+    """Image files under `top`. Folders reached through a symlink wait until every real one has been walked, so a
+    folder that is reachable both ways is listed under its real path, whatever order the file system gives."""
+    real, linked = [top], []
+    while real or linked:
+        directory = real.pop() if real else linked.pop()
         try:
             info = os.stat(directory)
             if (info.st_dev, info.st_ino) in seen_dirs:
                 continue
             seen_dirs.add((info.st_dev, info.st_ino))
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue  # unreadable or vanished folder: nothing to embed there
+            entries = sorted(os.scandir(directory), key=lambda entry: os.fsencode(entry.name), reverse=True)
+        except OSError as e:
+            report.unreadable.append((directory, e.strerror or str(e)))
+            continue
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             try:
                 if entry.is_dir():
                     if entry.name not in SKIPPED_FOLDERS:
-                        stack.append(entry.path)
+                        (linked if entry.is_symlink() else real).append(entry.path)
                 elif entry.is_file():
                     suffix = os.path.splitext(entry.name)[1].lower()
                     if suffix in IMAGE_SUFFIXES:
                         yield os.path.normpath(entry.path)
                     else:
-                        passed_over[suffix] += 1
+                        report.passed_over[suffix] += 1
             except OSError:
                 continue  # a broken symlink, or one that loops onto itself
-
-
-def describe_passed_over(passed_over: Counter[str], shown: int = 5) -> str:
-    """'1,204 .mov, 96 .aae and 3 more kinds': the files a walk left out, most common kinds first."""
-    kinds = sorted(passed_over.items(), key=lambda kind: (-kind[1], kind[0]))
-    parts = [f"{count:,} {suffix or '(no extension)'}" for suffix, count in kinds[:shown]]
-    if len(kinds) > shown:
-        parts.append(f"{len(kinds) - shown} more kinds")
-    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
 
 
 def read_path_list(source: str) -> list[str]:

@@ -404,6 +404,19 @@ def test_non_utf8_file_name_carries_its_bytes_in_the_manifest(embed, tmp_path: P
     assert base64.b64decode(row["path_bytes_b64"]) == raw
 
 
+def test_paths_with_square_brackets_are_printed_as_they_are(embed, tmp_path: Path) -> None:
+    # Rich reads `[...]` as markup: `Kids [/old]` once crashed the summary line, `[edited]` vanished from it.
+    album = tmp_path / "Wedding [edited]"
+    album.mkdir()
+    make_photo().save(album / "[bold]first.png")
+    output = tmp_path / "Kids [/old]" / "embeddings.safetensors"  # folders `Kids [` and `old]` in it
+    output.parent.mkdir(parents=True)
+    result = ok(embed(album, "-o", output))
+    assert f"→ {output} (" in result.stderr
+    missing = tmp_path / "[red]gone.jpg"
+    assert the_error(embed(missing, "-o", output, "--overwrite")) == f"error: input {missing} does not exist."
+
+
 def test_fifo_named_on_the_command_line_is_reported_not_opened(embed, photos: Path, out: Path) -> None:
     os.mkfifo(photos / "stream.jpg")  # opening it would block: no writer will ever come
     with deadline(30):
@@ -513,7 +526,7 @@ def test_fifo_symlink_loop_hidden_and_non_image_files_are_never_read(messy: Mess
 
 def test_files_left_out_of_the_walk_are_counted_on_stderr(messy: MessyRun) -> None:
     notes = [line for line in messy.result.stderr.splitlines() if line.startswith("note: passed over")]
-    assert notes == ["note: passed over 1 .aae, 1 .mov, 1 .orig and 1 .txt files in the folders, not images siglip "
+    assert notes == ["note: passed over 4 files (1 .aae, 1 .mov, 1 .orig, 1 .txt) in the folders: not images siglip "
                      "reads (name a file explicitly to try it anyway)."]  # fmt: skip
 
 
@@ -546,9 +559,27 @@ def test_nothing_embeddable_is_an_error_pointing_at_the_errors_file(embed, tmp_p
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "notes.png").write_text("not a png")
     error = the_error(embed(folder, "-o", out / "embeddings.safetensors"))
-    assert f"none of the 2 input files could be embedded: see {out / 'embeddings.errors.jsonl'}" in error
+    assert error == (
+        f"error: none of the 2 input files could be embedded (the first, {folder / 'empty.jpg'}: cannot identify "
+        f"image file (not an image, or a format Pillow cannot read)): see {out / 'embeddings.errors.jsonl'}."
+    )
     assert len(read_jsonl(out / "embeddings.errors.jsonl")) == 2
     assert not (out / "embeddings.safetensors").exists()
+
+
+def test_one_file_that_cannot_be_embedded_is_an_error_giving_its_reason(embed, tmp_path: Path, out: Path) -> None:
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    error = the_error(embed(tmp_path / "empty.jpg", "-o", out / "embeddings.safetensors"))
+    assert error.startswith(f"error: could not embed {tmp_path / 'empty.jpg'}: cannot identify image file")
+
+
+def test_a_failed_overwrite_leaves_the_earlier_output_as_it_was(embed, photos: Path, tmp_path: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "embeddings.safetensors"))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    error = the_error(embed(tmp_path / "empty.jpg", "-o", out / "embeddings.safetensors", "--overwrite"))
+    assert error.endswith(f"; {out / 'embeddings.safetensors'} is left as it was.")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # no errors file of the failed run
 
 
 def test_missing_input_path_is_named(embed, photos: Path, out: Path) -> None:

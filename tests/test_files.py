@@ -18,7 +18,7 @@ import pytest
 from conftest import deadline
 from siglip_cli.errors import UserError
 from siglip_cli.files import (
-    describe_passed_over,
+    WalkReport,
     discover,
     is_regular_file,
     path_fields,
@@ -35,6 +35,10 @@ def touch(path: Path) -> Path:
 
 def found(*inputs: Path | str, files_from: str | None = None) -> list[str]:
     return discover([str(p) for p in inputs], files_from=files_from)
+
+
+def found_with(report: WalkReport, *inputs: Path | str) -> list[str]:
+    return discover([str(p) for p in inputs], report=report)
 
 
 # ------------------------------------------------------------------------------------ folder walks
@@ -54,29 +58,57 @@ def test_files_without_an_image_extension_are_left_out_and_counted(tmp_path: Pat
     for name in ("notes.txt", "IMG_0001.MOV", "IMG_0002.mov", "IMG_0001.AAE", "photo.jpg.bak", "README", "jpg"):
         touch(tmp_path / name)
     touch(tmp_path / "kept.jpg")
-    passed_over = Counter()
-    assert discover([str(tmp_path)], passed_over=passed_over) == [str(tmp_path / "kept.jpg")]
-    assert passed_over == {".mov": 2, ".txt": 1, ".aae": 1, ".bak": 1, "": 2}
+    report = WalkReport()
+    assert discover([str(tmp_path)], report=report) == [str(tmp_path / "kept.jpg")]
+    assert report.passed_over == {".mov": 2, ".txt": 1, ".aae": 1, ".bak": 1, "": 2}
 
 
 def test_files_named_explicitly_are_never_counted_as_passed_over(tmp_path: Path) -> None:
     clip = touch(tmp_path / "clip.mov")
-    passed_over = Counter()
-    assert discover([str(clip)], passed_over=passed_over) == [str(clip)]
-    assert not passed_over
+    report = WalkReport()
+    assert discover([str(clip)], report=report) == [str(clip)]
+    assert not report.passed_over
 
 
 def test_passed_over_files_are_described_most_common_first() -> None:
-    assert describe_passed_over(Counter({".mov": 1})) == "1 .mov"
-    assert describe_passed_over(Counter({".aae": 3, ".mov": 1204, "": 2})) == "1,204 .mov, 3 .aae and 2 (no extension)"
-    assert describe_passed_over(Counter({".txt": 1, ".mov": 1, ".aae": 1})) == "1 .aae, 1 .mov and 1 .txt"  # ties by name
-    many = Counter({f".x{i}": 10 - i for i in range(8)})
-    assert describe_passed_over(many) == "10 .x0, 9 .x1, 8 .x2, 7 .x3, 6 .x4 and 3 more kinds"
+    assert WalkReport(Counter({".mov": 1})).passed_over_text() == "1 file (1 .mov)"
+    described = WalkReport(Counter({".aae": 3, ".mov": 1204, "": 2})).passed_over_text()
+    assert described == "1,209 files (1,204 .mov, 3 .aae, 2 (no extension))"
+    ties = WalkReport(Counter({".txt": 1, ".mov": 1, ".aae": 1})).passed_over_text()
+    assert ties == "3 files (1 .aae, 1 .mov, 1 .txt)"  # ties by name: the same text every run
+    many = WalkReport(Counter({f".x{i}": 10 - i for i in range(7)})).passed_over_text()
+    assert many == "49 files (10 .x0, 9 .x1, 8 .x2, 7 .x3, 6 .x4, 2 other kinds)"
 
 
-def test_synology_thumbnail_folders_are_skipped(tmp_path: Path) -> None:
+def test_a_folder_that_cannot_be_listed_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A locked folder, simulated: the tests may run as root, who can list any folder whatever its mode.
+    kept = touch(tmp_path / "open" / "a.jpg")
+    touch(tmp_path / "gone" / "b.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if os.path.basename(path) == "gone":
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = WalkReport()
+    assert found_with(report, tmp_path) == [str(kept)]
+    assert report.unreadable == [(str(tmp_path / "gone"), "Permission denied")]
+    assert report.unreadable_text() == f"1 folder: {tmp_path / 'gone'} (Permission denied)"
+
+
+def test_a_folder_reached_by_a_symlink_and_directly_is_listed_under_its_real_path(tmp_path: Path) -> None:
+    photo = touch(tmp_path / "Zreal" / "a.jpg")
+    (tmp_path / "Alink").symlink_to("Zreal")  # sorts first, and would be walked first
+    assert found(tmp_path) == [str(photo)]
+
+
+def test_nas_thumbnail_snapshot_and_recycle_folders_are_skipped(tmp_path: Path) -> None:
     photo = touch(tmp_path / "2024" / "IMG_0001.JPG")
     touch(tmp_path / "2024" / "@eaDir" / "IMG_0001.JPG" / "SYNOFILE_THUMB_M.jpg")
+    for folder in ("#recycle", "#snapshot", "@Recycle", "$RECYCLE.BIN"):
+        touch(tmp_path / folder / "IMG_0001.JPG")
     assert found(tmp_path) == [str(photo)]
 
 

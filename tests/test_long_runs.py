@@ -396,6 +396,17 @@ def test_update_after_a_touch_equals_a_fresh_run(embed, folder: Path, tmp_path: 
     assert differences(output, tmp_path / "fresh.safetensors") == []
 
 
+def test_update_with_the_folder_spelled_differently_says_why_everything_was_embedded_again(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    monkeypatch.chdir(folder.parent)
+    result = ok(embed(folder.name, output, "--update"))  # relative now, absolute before
+    assert "no row of the earlier output matched these inputs" in result.stderr
+    assert "no row of the earlier output" not in ok(embed(folder.name, output, "--update")).stderr
+
+
 def test_update_with_other_options_is_refused(embed, folder: Path, tmp_path: Path) -> None:
     output = tmp_path / "out" / "embeddings.safetensors"
     ok(embed(folder, output))
