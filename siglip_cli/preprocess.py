@@ -81,7 +81,7 @@ def open_rgb(
         image.load()
         if options.exif_transpose:
             decoded = image.size
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # a copy otherwise, even of an upright photo
             if image.size != decoded:  # rotated by 90 degrees
                 size = size[::-1]
         return to_rgb(image), size
@@ -105,6 +105,8 @@ def _without_pillow_guard() -> Iterator[None]:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB; transparency composited onto white exactly as transformers' `convert_to_rgb` does."""
+    if image.mode == "RGB" and image.info.get("transparency") is None:
+        return image  # most photos: `convert` would copy all their pixels for nothing
     if image.mode in _SIXTEEN_BIT or image.mode == "I":
         # PIL's convert clips 16-bit values to 255 (a white image); keep the tones by taking the high byte.
         # Mode "I" (32-bit integers, e.g. some TIFFs) holds 16-bit samples, or 8-bit ones that need no shift.

@@ -88,6 +88,18 @@ def test_transparency_is_composited_onto_white(cfg: PreprocessConfig) -> None:
     assert torch.equal(tensor_of(clear, cfg), torch.ones(3, cfg.height, cfg.width))  # white is +1 after normalizing
 
 
+def test_rgb_png_with_a_transparent_colour_is_composited_like_the_reference(tmp_path: Path, cfg, reference) -> None:
+    # An RGB PNG whose tRNS chunk makes one colour see-through: RGB, yet not to be passed through as it is.
+    photo = make_photo((80, 60))
+    photo.save(tmp_path / "keyed.png", transparency=photo.getpixel((0, 0)))
+    with Image.open(tmp_path / "keyed.png") as image:
+        assert image.mode == "RGB" and image.info.get("transparency") is not None
+        expected = reference(image)
+    pixels, _, _ = load_pixels(tmp_path / "keyed.png", cfg, NO_EXIF)
+    assert max_diff(pixels, expected) <= PIXEL_TOLERANCE
+    assert max_diff(pixels, reference(photo)) > 0.1  # the keyed colour became white
+
+
 def test_siglip2_resizes_bilinear_and_siglip_bicubic(tiny_siglip: Path, tiny_siglip2: Path) -> None:
     bicubic = resolve_checkpoint(str(tiny_siglip)).preprocess
     bilinear = resolve_checkpoint(str(tiny_siglip2)).preprocess
