@@ -9,10 +9,13 @@ Every layout in the wild holds the tower under one prefix: `vision_model.` (SigL
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,6 +28,8 @@ from .model import SiglipVision
 DEFAULT_MODEL = "google/siglip-base-patch16-224"
 ANCHOR = "embeddings.patch_embedding.weight"
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+HUB_PROBE_SECONDS = 3.0
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what `git clone` without git-lfs leaves instead
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PICKLE_MESSAGE = (
@@ -172,11 +177,16 @@ class _HubFiles:
 
     def __init__(self, repo_id: str, revision: str | None):
         self.repo_id, self.revision, self.commit_hash = repo_id, revision, None
+        self.reachable: bool | None = None  # the Hub's host, once probed
 
     def get(self, filename: str, *, required: bool) -> Path | None:
         from huggingface_hub import hf_hub_download
         from huggingface_hub import errors as hub
 
+        if not self._cached_or_reachable(filename):
+            if self.commit_hash is not None and not required:
+                return None  # an optional file (the shard index) this offline machine has never seen
+            raise self._unreachable()
         try:
             path = Path(hf_hub_download(self.repo_id, filename, revision=self.commit_hash or self.revision))
         except hub.GatedRepoError:
@@ -194,12 +204,7 @@ class _HubFiles:
         except hub.LocalEntryNotFoundError:
             if self.commit_hash is not None and not required:
                 return None  # a file this commit does not have (cached as absent, or never fetched)
-            # A cached repo may still lack the revision asked for: name it, or the message contradicts the cache.
-            what = self.repo_id if self.revision is None else f"{self.repo_id} at revision {self.revision!r}"
-            raise CheckpointError(
-                f"{what} is not in the local Hugging Face cache and the Hub cannot be reached: connect once to "
-                "download it, or pass a local checkpoint directory with --model."
-            ) from None
+            raise self._unreachable() from None
         except hub.EntryNotFoundError:
             if required:
                 raise CheckpointError(f"{self.repo_id} has no file {filename}.") from None
@@ -207,6 +212,38 @@ class _HubFiles:
         if self.commit_hash is None and path.parent.parent.name == "snapshots":
             self.commit_hash = path.parent.name
         return path
+
+    def _cached_or_reachable(self, filename: str) -> bool:
+        """False only when the file is not cached and the Hub's host refuses a connection within seconds.
+
+        huggingface_hub falls back to its cache at once when the Hub cannot be reached, but a file it does not hold
+        (even one it recorded as absent) it retries for about 26 s, five warnings long, even when the host name
+        does not resolve: an offline machine would wait that long for the optional shard index of a single-file
+        model, or print it all before the one sentence that says what to do. Through a proxy we cannot tell: ask.
+        """
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if constants.HF_HUB_OFFLINE or any(os.environ.get(name) for name in PROXY_VARIABLES):
+            return True
+        if isinstance(try_to_load_from_cache(self.repo_id, filename, revision=self.commit_hash or self.revision), str):
+            return True  # cached (a file recorded as absent is retried all the same)
+        if self.reachable is None:  # one probe a run
+            endpoint = urlsplit(constants.ENDPOINT)
+            try:
+                port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+                with socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_SECONDS):
+                    self.reachable = True
+            except (OSError, ValueError):
+                self.reachable = False
+        return self.reachable
+
+    def _unreachable(self) -> CheckpointError:
+        # A cached repo may still lack the revision asked for: name it, or the message contradicts the cache.
+        what = self.repo_id if self.revision is None else f"{self.repo_id} at revision {self.revision!r}"
+        return CheckpointError(
+            f"{what} is not in the local Hugging Face cache and the Hub cannot be reached: connect once to "
+            "download it, or pass a local checkpoint directory with --model."
+        )
 
 
 def read_vision_tensors(checkpoint: Checkpoint) -> dict[str, Tensor]:

@@ -260,6 +260,60 @@ def test_hub_id_missing_from_the_offline_cache_fails_fast_naming_it(hf_cache: Hu
     assert time.monotonic() - started < 5
 
 
+@pytest.fixture
+def online(hf_cache: HubCache, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """The cache of `hf_cache` with HF_HUB_OFFLINE unset, and every connection the probe opens refused and recorded
+    (no test may touch the network)."""
+    import huggingface_hub.constants as hub_constants
+    import socket
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    probes = []
+
+    def refuse(address, timeout=None):
+        probes.append(address)
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return probes
+
+
+def test_hub_id_not_cached_on_a_machine_without_network_fails_at_once(
+    online: list[tuple], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # huggingface_hub alone would retry the unreachable Hub for ~26 s, printing a warning per retry.
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("went to the Hub"))
+    with pytest.raises(CheckpointError, match=r"google/siglip-not-cached is not in the local Hugging Face cache"):
+        resolve_checkpoint("google/siglip-not-cached")
+    assert online == [("huggingface.co", 443)]
+
+
+def test_hub_id_in_the_cache_loads_offline_without_asking_the_hub_for_what_it_lacks(
+    online: list[tuple], hf_cache: HubCache, tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A single-file model cached by another tool: the optional shard index is not in the cache, and
+    # huggingface_hub would retry the unreachable Hub for it for ~26 s before giving up.
+    import huggingface_hub
+
+    snapshot = hf_cache(tiny_siglip)
+    asked = []
+
+    def from_cache(repo_id: str, filename: str, revision: str | None) -> str:
+        asked.append(filename)
+        return str(snapshot / filename)  # what huggingface_hub serves offline for a cached file
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", from_cache)
+    checkpoint = resolve_checkpoint(DEFAULT_REPO_ID)
+    assert checkpoint.revision == DEFAULT_REVISION
+    assert asked == ["config.json", "preprocessor_config.json", WEIGHTS_NAME]
+    assert online == [("huggingface.co", 443)]  # one probe, for the index
+
+
 def test_hub_revision_that_is_not_cached_fails_naming_id_and_revision(hf_cache: HubCache, tiny_siglip: Path) -> None:
     hf_cache(tiny_siglip)  # main is cached, v2 is not
     with pytest.raises(CheckpointError, match=rf"{DEFAULT_REPO_ID} at revision 'v2' is not in the local Hugging Face"):
