@@ -537,13 +537,20 @@ def embed_to_file(
         reader = SafetensorsRows(chunk.path)
         done.update((row["path"], Ref(reader, i, row)) for i, row in enumerate(chunk.rows))
         done.update((row["path"], row) for row in chunk.errors)
-    previous = _previous_output(out, state) if update else {}
+    # A run that died while replacing the final files may have left a new manifest beside the old embeddings:
+    # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
+    previous = _previous_output(out, state) if update and not work.assembling() else {}
     wanted = set(paths)
     removed = sum(1 for path, found in previous.items() if path not in wanted and isinstance(found, Ref))
     reused: dict[str, Ref | dict] = {}
     for path in paths:
         found = done.get(path) or previous.get(path)
-        info = None if found is None else _still_current(path, found.info if isinstance(found, Ref) else found)
+        # A file that failed in an earlier output is tried again (--update): the cause may be gone (a permission,
+        # a full disk, a --max-pixels since raised). One that failed in this run's chunks is not: a resumed run
+        # batches exactly as the uninterrupted one, which keeps it byte-identical.
+        if found is None or not (isinstance(found, Ref) or path in done):
+            continue
+        info = _still_current(path, found.info if isinstance(found, Ref) else found)
         if info is not None:
             reused[path] = found._replace(info=info) if isinstance(found, Ref) else info
 
@@ -568,6 +575,7 @@ def embed_to_file(
         if len(bad) == 1:
             raise UserError(f"could not embed {first}.")
         raise UserError(f"none of the {len(paths)} input files could be embedded (the first, {first}): see {out.errors}.")
+    work.mark_assembling()
     assemble(out, good, bad, output_metadata(encoder.checkpoint, state))
     work.remove()
     embedded = sum(1 for r in new.values() if isinstance(r, Ref))

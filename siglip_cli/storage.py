@@ -170,5 +170,13 @@ class WorkArea:
             f.write(safetensors_bytes({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
         return Chunk(path, rows, errors)
 
+    def mark_assembling(self) -> None:
+        """Say, durably, that the final files are being replaced: until `remove`, they may be half old, half new."""
+        with atomic_write(self.directory / "assembling") as f:
+            f.write(b"")
+
+    def assembling(self) -> bool:
+        return (self.directory / "assembling").is_file()
+
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

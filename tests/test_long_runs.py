@@ -396,6 +396,37 @@ def test_update_after_a_touch_equals_a_fresh_run(embed, folder: Path, tmp_path: 
     assert differences(output, tmp_path / "fresh.safetensors") == []
 
 
+def test_update_tries_again_a_file_that_failed_before(embed, folder: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    make_photo((20, 20), seed=99).save(folder / "small.jpg")
+    summary = summary_of(embed(folder, output, "--max-pixels", 1000, "--json"))  # the 48×40 photos are refused
+    assert (summary["embedded"], summary["failed"]) == (1, 12)
+    summary = summary_of(embed(folder, output, "--update", "--json"))  # the limit raised: they embed now
+    assert (summary["embedded"], summary["reused"], summary["failed"]) == (12, 1, 0)
+
+
+def test_update_interrupted_while_replacing_the_files_recovers_on_the_next_update(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Files {p00..p11}, then p11 deleted and a00 added: the same row count, other rows. A run that dies after
+    # writing the new manifest but before the new embeddings must not pair the two on the next --update.
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output, "--batch-size", 1))  # one image a batch: reruns are byte-identical
+    (folder / "p11.jpg").unlink()
+    save_photos(folder, ["a00.jpg"], first_seed=100)
+    write_safetensors = embed_module.write_safetensors
+
+    def power_cut(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_module, "write_safetensors", power_cut)
+    assert embed(folder, output, "--update", "--batch-size", 1).exit_code == 130
+    monkeypatch.setattr(embed_module, "write_safetensors", write_safetensors)
+    ok(embed(folder, output, "--update", "--batch-size", 1))
+    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
+    assert differences(output, tmp_path / "fresh.safetensors") == []
+
+
 def test_update_with_the_folder_spelled_differently_says_why_everything_was_embedded_again(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
