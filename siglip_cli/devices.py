@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .embed import EmbedOptions, Progress, Summary, embed_to_file, load
+from .embed import EmbedOptions, OutputPaths, Progress, Summary, check_outputs, embed_to_file, load
 from .errors import UserError
 from .shards import merge_outputs, select_shard
 
@@ -64,7 +64,8 @@ def _work(job: _Job, channel: mp.Queue) -> None:
     try:
         encoder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype, compile=job.compile)
         summary = embed_to_file(
-            encoder, job.paths, job.output, options=job.options, progress=_QueueProgress(channel, job.index), require_rows=False
+            encoder, job.paths, job.output, options=job.options, update=True, progress=_QueueProgress(channel, job.index),
+            require_rows=False,
         )
         channel.put(("done", job.index, summary))
     except UserError as e:
@@ -86,13 +87,18 @@ def embed_on_devices(
     compile: bool = False,
     progress: Progress | None = None,
 ) -> Summary:
-    """Embed `paths` into `output` with one worker process per device; the result equals a single-device run."""
+    """Embed `paths` into `output` with one worker process per device; the result equals a single-device run.
+
+    Each device embeds a shard into `OUT.partial/`, and the shards are merged at the end. A rerun after an
+    interruption continues every shard as an `--update` of itself: finished rows are kept, and a shard made with
+    other options, or over files that have since changed, is brought up to date rather than trusted.
+    """
     started = time.perf_counter()
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} already exists: add --overwrite to replace it.")
-    work = output.with_name(output.name + ".partial")
+    out = OutputPaths.for_output(output)  # an unsupported suffix is refused here, not in every worker
+    work = out.work
     if overwrite:
         shutil.rmtree(work, ignore_errors=True)
+    check_outputs(out, interrupted=work.is_dir(), overwrite=overwrite, update=False)
     work.mkdir(parents=True, exist_ok=True)
     count = len(devices)
     jobs = [
@@ -107,7 +113,7 @@ def embed_on_devices(
     ]
     if progress:
         progress.start(total=len(paths), done=0)
-    summaries = _run_workers([job for job in jobs if not job.output.exists()], progress)
+    summaries = _run_workers(jobs, progress)
     merged = merge_outputs([job.output for job in jobs], output, overwrite=True)
     shutil.rmtree(work, ignore_errors=True)
     embedded = sum(s.embedded for s in summaries)

@@ -309,11 +309,13 @@ def batch_pixels(
     for i, _ in rejected:
         row = batch.jpeg_rows[i]
         try:
-            pixels[row] = load_pixels(io.BytesIO(batch.jpegs[i].data.numpy().tobytes()), cfg, options)[0].to(device)
-        except Exception as e:  # per file, as in the workers
+            decoded = load_pixels(io.BytesIO(batch.jpegs[i].data.numpy().tobytes()), cfg, options)[0]
+        except Exception as e:  # per file, as in the workers (a device error below is not the file's fault)
             failed.add(row)
             info = batch.rows[row]
             errors.append({"path": info["path"], "error": one_line(e), "size": info["size"], "mtime_ns": info["mtime_ns"]})
+        else:
+            pixels[row] = decoded.to(device)
     keep = [i for i in range(len(batch.rows)) if i not in failed]
     if not keep:
         return None, [], errors
@@ -521,7 +523,7 @@ def embed_to_file(
     work = WorkArea(out.work)
     if overwrite:
         work.remove()
-    _check_outputs(out, work, overwrite=overwrite, update=update)
+    check_outputs(out, interrupted=work.exists(), overwrite=overwrite, update=update)
     if work.exists():
         if work.state() != state:
             raise UserError(
@@ -592,13 +594,14 @@ def embed_to_file(
     )
 
 
-def _check_outputs(out: OutputPaths, work: WorkArea, *, overwrite: bool, update: bool) -> None:
+def check_outputs(out: OutputPaths, *, interrupted: bool, overwrite: bool, update: bool) -> None:
+    """Refuse to replace a finished output, or files beside it that are the user's, unless told to."""
     if overwrite or update:
         return
     if out.embeddings.exists():
         raise UserError(f"{out.embeddings} already exists: add --overwrite to replace it, or --update to refresh it.")
     # The manifest and errors files of an interrupted run are ours to replace; anything else is the user's.
-    if not work.exists():
+    if not interrupted:
         for path in (out.manifest, out.errors, out.tokens):
             if path is not None and path.exists():
                 raise UserError(f"{path} already exists and would be replaced: add --overwrite, or choose another -o.")
@@ -737,27 +740,48 @@ def _embed_pending(
 
 
 class _Halving:
-    """CUDA out of memory: split the batch in two and retry, as often as needed; say so once."""
+    """CUDA out of memory: run batches in pieces of half the size that failed, as small as needed; say so once.
+
+    The piece size that fits is kept for the rest of the run, so later batches do not fail first. Each retry
+    happens after the `except` block is left: inside it, the traceback still holds the failed forward's
+    activations, and the retry would run short of the very memory it needs.
+    """
 
     def __init__(self, progress: Progress | None):
-        self.progress, self.said = progress, False
+        self.progress, self.piece = progress, None  # images per forward pass, once one ran out of memory
 
     def encode(self, encoder: Encoder, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        pooled, tokens, start = [], [], 0
+        while start < len(pixels):
+            piece = pixels[start : start + (self.piece or len(pixels))]
+            out = self._forward(encoder, piece)
+            if out is None:
+                self._shrink(encoder, len(piece))
+                continue
+            pooled.append(out[0])
+            tokens.append(out[1])
+            start += len(piece)
+        if len(pooled) == 1:
+            return pooled[0], tokens[0]
+        return torch.cat(pooled), torch.cat(tokens)
+
+    @staticmethod
+    def _forward(encoder: Encoder, pixels: Tensor) -> tuple[Tensor, Tensor] | None:
         try:
             return encoder(pixels)
         except torch.cuda.OutOfMemoryError:
-            if len(pixels) == 1:
-                raise UserError(
-                    f"{encoder.device} ran out of memory on a single image: try --dtype bfloat16, another GPU, or a "
-                    "smaller model."
-                ) from None
-            torch.cuda.empty_cache()
-            if not self.said and self.progress:
-                self.progress.note(f"CUDA out of memory at batch size {len(pixels)}: halving batches that do not fit.")
-            self.said = True
-            half = len(pixels) // 2
-            first, second = self.encode(encoder, pixels[:half]), self.encode(encoder, pixels[half:])
-            return torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]])
+            return None
+
+    def _shrink(self, encoder: Encoder, failed: int) -> None:
+        if failed == 1:
+            raise UserError(
+                f"{encoder.device} ran out of memory on a single image: try --dtype bfloat16, another GPU, or a "
+                "smaller model."
+            )
+        if self.piece is None and self.progress:
+            self.progress.note(f"CUDA out of memory at batch size {failed}: running batches in smaller pieces.")
+        self.piece = failed // 2
+        torch.cuda.empty_cache()
 
 
 @dataclass

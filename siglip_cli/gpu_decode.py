@@ -32,7 +32,6 @@ from .preprocess import DecodeOptions
 
 # PIL resample numbers → torch interpolation modes; both are antialiased when shrinking.
 RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
-_DECODABLE_MODES = ("RGB", "L")  # what nvJPEG turns into RGB faithfully; CMYK and YCCK go to the CPU path
 _ORIENTATION_TAG = 0x0112
 
 
@@ -151,8 +150,8 @@ def decode_batches(
     """`decode_batch` over consecutive chunks of `sources`, in order, with `threads` chunks decoded ahead.
 
     Yields (start, batch): the chunk is `sources[start : start + batch_size]`, and the batch's `indices` and
-    `failures` are positions within the chunk. Reading files and parsing headers release the GIL, so the next chunks are on
-    their way while the caller runs the model on this one.
+    `failures` are positions within the chunk. Reading files and the device decoder release the GIL (the header walk
+    is a few microseconds of Python), so the next chunks are on their way while the caller runs the model on this one.
     """
     starts = iter(range(0, len(sources), batch_size))
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -259,15 +258,20 @@ def _decode(headers: dict[int, JpegHeader], device: torch.device) -> tuple[dict[
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work and TorchCodec is optional.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
+        # torch's out-of-memory error is a RuntimeError too: it is not a bad file, and goes up to `decode_headers`.
         try:
             images = decode_jpeg([headers[p].data for p in positions], mode=ImageReadMode.RGB, device=device)
             return dict(zip(positions, images)), []
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError:
             pass  # one bad file fails the whole batch: retry each on its own below
         decoded, rejected = {}, []
         for position in positions:
             try:
                 decoded[position] = decode_jpeg([headers[position].data], mode=ImageReadMode.RGB, device=device)[0]
+            except torch.cuda.OutOfMemoryError:
+                raise
             except RuntimeError as e:
                 rejected.append((position, f"JPEG decoder error: {str(e).splitlines()[0]}"))
         return decoded, rejected

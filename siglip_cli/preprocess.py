@@ -13,6 +13,7 @@ here as a Pillow plugin; libheif applies their rotation itself and resets the EX
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ else:
     register_heif_opener()
     HEIF_SUPPORT = True
 
+_PILLOW_GUARD_LOCK = threading.Lock()  # held only while a header is read, not while pixels are decoded
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own guard, ~89.5 MP
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
@@ -93,14 +95,16 @@ def _without_pillow_guard() -> Iterator[None]:
 
     Pillow refuses images over twice its limit before anyone can read their size: a user who raised
     --max-pixels would still be refused, and the rest would get no size in the message. `open_rgb` checks
-    the header's size against --max-pixels itself, before decoding.
+    the header's size against --max-pixels itself, before decoding. The lock: two threads decode at once
+    under `--decode gpu --workers 0`, and interleaved save/restore pairs could leave the guard off for good.
     """
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+    with _PILLOW_GUARD_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

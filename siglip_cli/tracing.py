@@ -136,9 +136,9 @@ def read_image(path: str | Path, *, label: str | None = None) -> tuple[Image.Ima
     if path.is_dir():
         raise UserError(f"{path} is a directory; pass one image file.")
     try:
+        photo, _ = open_rgb(path, DecodeOptions())  # first: it refuses a decompression bomb with our sentence
         with Image.open(path) as raw:
             mode, kind = raw.mode, raw.format
-        photo, _ = open_rgb(path, DecodeOptions())
     except FileNotFoundError:
         raise UserError(f"{path} does not exist.") from None
     except UnidentifiedImageError:

@@ -282,6 +282,20 @@ def test_gpu_decode_in_bounded_groups_gives_the_same_pixels(mixed_files: list[Pa
     assert torch.equal(grouped.pixels, whole.pixels)
 
 
+def test_decoder_out_of_memory_is_not_mistaken_for_bad_files(mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch's out-of-memory error is a RuntimeError, which is also what the decoder raises for a bad file.
+    import torchvision.io
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", out_of_memory)
+    batch = decode_batch(mixed_files, PreprocessConfig(height=32, width=32), device="cpu")
+    reasons = {why for _, why in batch.failures}
+    assert "out of GPU memory for the JPEG decoder" in reasons
+    assert not any(why.startswith("JPEG decoder error") for why in reasons)
+
+
 def test_gpu_decoder_out_of_memory_leaves_the_batch_to_the_cpu_path(
     mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

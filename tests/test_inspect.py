@@ -14,7 +14,7 @@ from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from conftest import make_photo, reference_vision_model
+from conftest import make_photo, reference_vision_model, save_png_claiming_size
 from siglip_cli import cli, tracing
 from siglip_cli.config import PRESETS, VisionConfig
 from siglip_cli.errors import UserError
@@ -352,8 +352,9 @@ def test_dropped_pixels_are_said(tiny_p14: Path, photo: Path) -> None:
         (lambda d: d / "missing.jpg", "does not exist"),
         (lambda d: d, "is a directory"),
         (lambda d: (d / "notes.jpg").write_text("not a picture") and d / "notes.jpg", "not an image"),
+        (lambda d: save_png_claiming_size(d / "huge.png", 20_000, 10_000), "possible decompression bomb"),
     ],
-    ids=["missing", "directory", "not-an-image"],
+    ids=["missing", "directory", "not-an-image", "over-twice-pillows-limit"],
 )
 def test_bad_image_is_one_sentence_and_exit_2(make, message: str, tmp_path: Path, tiny_vision: Path) -> None:
     result = invoke(str(make(tmp_path)), "--model", str(tiny_vision))

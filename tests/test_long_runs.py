@@ -538,6 +538,47 @@ def test_several_devices_run_one_worker_each_and_equal_one_run(
     assert sorted(p.name for p in output.parent.iterdir()) == ["embeddings.jsonl", "embeddings.safetensors"]
 
 
+def test_several_devices_rerun_after_an_interruption_brings_finished_shards_up_to_date(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both shards finished, then the run died before merging them; files came and went before the rerun.
+    import siglip_cli.devices as devices
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    output = tmp_path / "out" / "embeddings.safetensors"
+
+    def power_cut(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(devices, "merge_outputs", power_cut)
+        assert embed(folder, output, "--device", "cpu,cpu", "--batch-size", 1).exit_code == 130
+    (folder / "p03.jpg").unlink()
+    save_photos(folder, ["a00.jpg"], first_seed=100)
+    summary = summary_of(embed(folder, output, "--device", "cpu,cpu", "--batch-size", 1, "--json"))
+    assert (summary["embedded"], summary["reused"]) == (1, 11)
+    ok(embed(folder, tmp_path / "one.safetensors", "--batch-size", 1))
+    assert differences(output, tmp_path / "one.safetensors") == []
+
+
+@pytest.mark.parametrize(
+    ("output", "existing", "message"),
+    [
+        ("embeddings.parquet", None, "must end in .safetensors or .npy"),
+        ("embeddings.safetensors", "embeddings.jsonl", "embeddings.jsonl already exists and would be replaced"),
+    ],
+)
+def test_several_devices_check_the_output_before_starting(
+    embed, folder: Path, tmp_path: Path, output: str, existing: str | None, message: str
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    if existing:
+        (out / existing).write_text("the user's own notes\n")
+    assert message in the_error(embed(folder, out / output, "--device", "cpu,cpu"))
+    assert sorted(p.name for p in out.iterdir()) == ([existing] if existing else [])  # no .partial left behind
+
+
 def test_cuda_all_on_a_machine_with_one_gpu_runs_on_that_gpu(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -561,13 +602,14 @@ class OutOfMemoryAbove:
     """The encoder on a pretend GPU with room for at most `limit` images per forward pass."""
 
     def __init__(self, encoder: Encoder, limit: int):
-        self.encoder, self.limit, self.batch_sizes = encoder, limit, []
+        self.encoder, self.limit, self.batch_sizes, self.failed = encoder, limit, [], []
 
     def __getattr__(self, name: str):
         return getattr(self.encoder, name)
 
     def __call__(self, pixels: torch.Tensor):
         if len(pixels) > self.limit:
+            self.failed.append(len(pixels))
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(pixels)} images' worth")
         self.batch_sizes.append(len(pixels))
         return self.encoder(pixels)
@@ -579,7 +621,8 @@ def test_cuda_out_of_memory_halves_the_batch_and_says_so_once(encoder: Encoder, 
     progress = Notes()
     options = EmbedOptions(batch_size=8, workers=0)
     embed_to_file(small, paths, tmp_path / "halved.safetensors", options=options, progress=progress)
-    assert set(small.batch_sizes) == {2} and sum(small.batch_sizes) == 12  # 8 → 4 → 2 + 2, and 4 → 2 + 2
+    assert small.batch_sizes == [2, 2, 2, 2, 2, 2]  # 12 images in batches of 8 and 4, run in pieces of 2
+    assert small.failed == [8, 4]  # the size that fits is kept: the batch of 4 is not tried whole
     assert len(progress.notes) == 1 and "out of memory" in progress.notes[0].lower()
     embed_to_file(encoder, paths, tmp_path / "pairs.safetensors", options=EmbedOptions(batch_size=2, workers=0))
     assert differences(tmp_path / "halved.safetensors", tmp_path / "pairs.safetensors") == []
