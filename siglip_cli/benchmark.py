@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import PRESETS, PreprocessConfig
+from .config import DEFAULT_PRESET, PRESETS, PreprocessConfig
 from .embed import DTYPES, resolve_device
 from .errors import UserError
 from .model import SiglipVision, init_weights
 
-DEFAULT_BENCH_MODEL = "siglip-base-patch16-224"
 REFERENCES = ("transformers", "timm")
 
 Forward = Callable[[Tensor], Tensor]  # (B, 3, H, W) pixels → (B, D) pooled embedding
@@ -485,7 +484,7 @@ class Report:
 
 @dataclass(frozen=True)
 class BenchOptions:
-    model: str = DEFAULT_BENCH_MODEL
+    model: str = DEFAULT_PRESET
     device: str = "cpu"
     dtype: str | None = None  # None: bf16 on CUDA and on CPUs with native bf16, float32 elsewhere
     batch_sizes: tuple[int, ...] = (1, 8, 32)

@@ -23,6 +23,7 @@ from .embed import default_batch_size, default_workers
 from .errors import UserError
 from .files import IMAGE_SUFFIXES
 from .preprocess import DEFAULT_MAX_PIXELS
+from .config import DEFAULT_PRESET
 from .weights import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -297,7 +298,7 @@ def merge(
 @app.command()
 def inspect(
     image: Annotated[Optional[Path], typer.Argument(help="The image to trace (default: a bundled sample photo).", show_default=False)] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="A preset name (architecture only, random weights, no download), a Hub id or a local checkpoint.")] = "siglip-base-patch16-224",
+    model: Annotated[str, typer.Option("--model", "-m", help="A preset name (architecture only, random weights, no download), a Hub id or a local checkpoint.")] = DEFAULT_PRESET,
     revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
     layers: Annotated[str, typer.Option(help="Encoder layers listed stage by stage: first, all, or numbers such as 0,5,11; the others get one line.")] = "first",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the tables.")] = False,
@@ -325,7 +326,7 @@ def inspect(
 
 @app.command()
 def bench(
-    model: Annotated[str, typer.Option("--model", "-m", help="A preset name (random weights, no download), a Hub id or a local checkpoint.")] = "siglip-base-patch16-224",
+    model: Annotated[str, typer.Option("--model", "-m", help="A preset name (random weights, no download), a Hub id or a local checkpoint.")] = DEFAULT_PRESET,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32, bfloat16 or float16.")] = "auto",
     batch_size: Annotated[Optional[str], typer.Option("--batch-size", "-b", help="Comma-separated batch sizes (default: 1,8,32 on CPU, 1,32,256 on CUDA).", show_default=False)] = None,

@@ -21,6 +21,12 @@ class ConfigError(UserError):
 ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
+_INT_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels", "image_size",
+    "patch_size",
+)
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """The SigLIP vision tower. Defaults are transformers' `SiglipVisionConfig` defaults (B/16 at 224 px)."""
@@ -38,12 +44,12 @@ class VisionConfig:
     vision_use_head: bool = True
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            least = 0 if field.name == "num_hidden_layers" else 1  # no layers: transformers allows it, so do we
-            if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            least = 0 if name == "num_hidden_layers" else 1  # no layers: transformers allows it, so do we
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 kind = "a positive integer" if least else "a whole number ≥ 0"
-                raise ConfigError(f"{field.name} must be {kind}, not {value!r}.")
+                raise ConfigError(f"{name} must be {kind}, not {value!r}.")
         if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)):
             raise ConfigError(f"layer_norm_eps must be a number, not {self.layer_norm_eps!r}.")
         if not isinstance(self.vision_use_head, bool):
@@ -77,6 +83,8 @@ class VisionConfig:
 
 
 PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# What `siglip inspect` and `siglip bench` run when given no --model: B/16's shape, random weights, no download.
+DEFAULT_PRESET = "siglip-base-patch16-224"
 
 
 @dataclass(frozen=True)

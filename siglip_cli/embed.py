@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from collections import deque
@@ -212,6 +213,15 @@ def _stat_fields(path: str) -> dict:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
+    sys.excepthook = _quiet_if_the_main_process_left
+
+
+def _quiet_if_the_main_process_left(kind: type[BaseException], value: BaseException, tb) -> None:
+    # A worker hands its tensors over through a thread that serves file descriptors and reports its errors through
+    # sys.excepthook. After Ctrl-C the main process may hang up mid-handshake: a broken pipe in the worker, whose
+    # traceback would follow the one sentence the user gets. Anything else is printed as usual.
+    if not issubclass(kind, (ConnectionError, EOFError)):
+        sys.__excepthook__(kind, value, tb)
 
 
 # Files per unit of worker work. The model's batch is assembled from such chunks, so every worker is busy from the
@@ -375,11 +385,15 @@ def decoded_batches(
         pin_memory=pin,
     )
     arriving = iter(loader)
-    for start, end in spans:
-        parts: list[Chunk] = []
-        while sum(map(len, parts)) < end - start:
-            parts.append(next(arriving))
-        yield Batch.of(parts)
+    try:
+        for start, end in spans:
+            parts: list[Chunk] = []
+            while sum(map(len, parts)) < end - start:
+                parts.append(next(arriving))
+            yield Batch.of(parts)
+    finally:
+        # The worker processes stop when their iterator is dropped: now, even if a traceback keeps this frame.
+        del arriving
 
 
 # ------------------------------------------------------------------------------------------ the job

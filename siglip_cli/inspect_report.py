@@ -9,7 +9,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .tracing import RESAMPLE_NAMES, Inspection, Stage, layer_of
+from .config import PIL_FILTERS
+from .tracing import Inspection, Stage, layer_of
 
 
 NOTES_MIN_WIDTH = 150  # narrower terminals get the stage table without its "what it is" column
@@ -43,7 +44,7 @@ def header(result: Inspection) -> list[Text]:
     )
     steps = []
     if pre.do_resize:
-        resample = RESAMPLE_NAMES.get(pre.resample, f"PIL filter {pre.resample}")
+        resample = PIL_FILTERS.get(pre.resample, f"PIL filter {pre.resample}")
         steps.append(f"resize to {pre.width}×{pre.height} ({resample}, squash, no crop)")
     if pre.do_rescale:
         steps.append(f"× {pre.rescale_factor:.6g}")

@@ -80,6 +80,8 @@ class Attention(nn.Module):
 
     def fuse_qkv(self) -> None:
         """Concatenate q/k/v into one projection (same numbers, one GEMM); drops the separate layers."""
+        if self.qkv is not None:
+            return
         q, k, v = self.q_proj, self.k_proj, self.v_proj
         fused = nn.Linear(q.in_features, 3 * q.out_features, device=q.weight.device, dtype=q.weight.dtype)
         with torch.no_grad():
@@ -137,10 +139,6 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, trace: Trace = None, prefix: str = "layer") -> Tensor:
-        if trace is None:
-            x = x + self.self_attn(self.layer_norm1(x))
-            return x + self.mlp(self.layer_norm2(x))
-        # The same computation, every intermediate recorded.
         h = self.layer_norm1(x)
         _record(trace, f"{prefix}.layer_norm1", h)
         x = x + self.self_attn(h, trace, f"{prefix}.self_attn")

@@ -22,16 +22,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .config import PRESETS, PreprocessConfig, VisionConfig
+from .config import DEFAULT_PRESET, PIL_FILTERS, PRESETS, PreprocessConfig, VisionConfig
 from .errors import UserError
 from .model import SiglipVision, gflops_per_image, num_parameters, random_model
 from .preprocess import BadImage, DecodeOptions, open_rgb, pixel_values
 from .weights import load_model, resolve_checkpoint
 
-DEFAULT_MODEL = "siglip-base-patch16-224"
 SAMPLE_IMAGE = "sample.jpg"  # in siglip_cli/assets: chelsea.jpg from sample_images/ (CC0)
 NUM_FILTERS = 64  # patch-embedding filters kept for the plot
-RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 _LAYER_STAGE = re.compile(r"layers\.(\d+)\.(.+)")
 
@@ -96,7 +94,7 @@ class Inspection:
 
 
 def inspect_image(
-    model: str = DEFAULT_MODEL,
+    model: str = DEFAULT_PRESET,
     image: str | Path | None = None,
     *,
     layers: str = "first",
@@ -124,7 +122,7 @@ def load_for_inspect(name: str, *, revision: str | None = None) -> tuple[SiglipV
         return random_model(vision), preprocessing, True
     if "/" not in name and not Path(name).expanduser().exists():
         close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f"did you mean {close[0]}?" if close else f"presets include {DEFAULT_MODEL} and siglip-so400m-patch14-384."
+        hint = f"did you mean {close[0]}?" if close else f"presets include {DEFAULT_PRESET} and siglip-so400m-patch14-384."
         raise UserError(f"{name} is not a preset, a Hub id (org/name) or a checkpoint directory; {hint}")
     checkpoint = resolve_checkpoint(name, revision=revision)
     return load_model(checkpoint), checkpoint.preprocess, False
@@ -328,7 +326,7 @@ class _Describer:
             cfg.patch_size,
         )
         N = cfg.num_patches
-        resample = RESAMPLE_NAMES.get(pre.resample, f"PIL filter {pre.resample}")
+        resample = PIL_FILTERS.get(pre.resample, f"PIL filter {pre.resample}")
         pooled = "the image embedding (not L2-normalised)" if cfg.vision_use_head else "mean of the patch tokens (no head)"
         self.fixed = {
             "image": "decoded to 8-bit RGB, EXIF orientation applied",

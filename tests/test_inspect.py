@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import make_photo, reference_vision_model, save_png_claiming_size
 from siglip_cli import cli, tracing
-from siglip_cli.config import PRESETS, VisionConfig
+from siglip_cli.config import DEFAULT_PRESET, PRESETS, VisionConfig
 from siglip_cli.errors import UserError
 from siglip_cli.inspect_report import report
 from siglip_cli.model import SiglipVision, gflops_per_image, num_parameters
@@ -337,7 +337,7 @@ def test_random_weights_are_said_plainly(base: tracing.Inspection) -> None:
 
 
 def test_cli_default_model_is_the_library_default() -> None:
-    assert pyinspect.signature(cli.inspect).parameters["model"].default == tracing.DEFAULT_MODEL
+    assert pyinspect.signature(cli.inspect).parameters["model"].default == DEFAULT_PRESET
 
 
 def test_dropped_pixels_are_said(tiny_p14: Path, photo: Path) -> None:
