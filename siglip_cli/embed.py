@@ -478,7 +478,8 @@ def run_options(encoder: Encoder, options: EmbedOptions, output_format: str) -> 
     ckpt = encoder.checkpoint
     local = Path(ckpt.name).expanduser()
     state = {
-        "model": str(local.resolve()) if local.is_dir() else ckpt.name,
+        # As text: a checkpoint folder whose name is not UTF-8 must not make the metadata unwritable.
+        "model": display_path(str(local.resolve()) if local.is_dir() else ckpt.name),
         "revision": ckpt.revision,
         "compute_dtype": str(encoder.dtype).removeprefix("torch."),
         "normalized": options.normalize,
@@ -885,7 +886,7 @@ def row_blocks(refs: list[Ref], name: str, *, row_bytes: int) -> Iterator[np.nda
 def output_metadata(checkpoint: Checkpoint, state: dict) -> dict[str, str]:
     """The `.safetensors` header metadata (or `.meta.json` beside a `.npy`): what made these numbers."""
     return {
-        "model": checkpoint.name,
+        "model": display_path(checkpoint.name),
         "revision": checkpoint.revision or "",
         "embedding_dim": str(checkpoint.vision.hidden_size),
         "dtype": state["output_dtype"],

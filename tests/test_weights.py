@@ -5,6 +5,7 @@ ids from an offline cache; and the config readers and presets behind them.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import time
@@ -194,6 +195,12 @@ def test_broken_shard_is_one_sentence_naming_it(tiny_sharded: Path, tmp_path: Pa
     shard.write_bytes(shard.read_bytes()[:-64])
     with pytest.raises(CheckpointError, match=rf"{shard.name} is not a readable safetensors file"):
         load_model(resolve_checkpoint(str(checkpoint)))
+
+
+def test_checkpoint_folder_whose_name_is_not_utf8_is_one_sentence(tiny_vision: Path, tmp_path: Path) -> None:
+    checkpoint = copy_checkpoint(tiny_vision, Path(os.fsdecode(os.fsencode(tmp_path) + b"/ck\xe9")))
+    with pytest.raises(CheckpointError, match="safetensors cannot open a path that is not valid UTF-8; rename the folder"):
+        resolve_checkpoint(str(checkpoint))
 
 
 def test_index_without_weight_map_is_refused(tiny_sharded: Path, tmp_path: Path) -> None:
