@@ -1,5 +1,18 @@
-"""`python -m siglip_cli ...`: the `siglip` command without its console script (a checkout on PYTHONPATH)."""
+"""The `siglip` command: `python -m siglip_cli ...`, and the console script's entry point."""
 
-from .cli import app
+import sys
 
-app(prog_name="siglip")
+
+def main() -> None:
+    """Run the CLI; Ctrl-C while torch is still being imported ends quietly too (the commands handle it later)."""
+    try:
+        from .cli import app
+
+        app(prog_name="siglip")
+    except KeyboardInterrupt:
+        print("interrupted.", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

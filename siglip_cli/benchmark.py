@@ -563,7 +563,9 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
                 report.results.append(_result(backend, "model", batch_size, timings[backend], label, agreement))
 
     if options.images is not None:
-        paths = find_images(options.images, limit=options.max_images)
+        paths, skipped = find_images(options.images, limit=options.max_images)
+        if skipped:
+            report.notes.append(f"--images: left out {skipped} file(s) that do not decode (`siglip embed` would list them as errors).")
         say(f"image pipeline on {len(paths)} files from {options.images}")
         report.results += image_results(paths, plain, preprocess, device=device, dtype=dtype,
                                         batch_size=max(options.batch_sizes), iters=iters)  # fmt: skip
@@ -700,13 +702,26 @@ def _embed_torchvision(paths: list[str], encoder: Any, batch_size: int) -> Itera
             yield encoder(pixels[sorted(good)])[0]
 
 
-def find_images(directory: Path, *, limit: int) -> list[str]:
-    """The first `limit` image files under `directory`, found as `siglip embed` finds them (sorted, recursive)."""
+def find_images(directory: Path, *, limit: int) -> tuple[list[str], int]:
+    """The first `limit` image files under `directory` that decode, found as `siglip embed` finds them (sorted,
+    recursive), and how many were passed over because they do not: timings of a file that fails mean nothing."""
     from .files import IMAGE_SUFFIXES, discover
+    from .preprocess import BadImage, DecodeOptions, open_rgb
 
     if not directory.is_dir():
         raise BenchError(f"--images {directory} is not a directory.")
-    paths = discover([str(directory)])
-    if not paths:
+    found = discover([str(directory)])
+    if not found:
         raise BenchError(f"--images {directory} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-    return paths[:limit]
+    paths, skipped = [], 0
+    for path in found:
+        if len(paths) == limit:
+            break
+        try:
+            open_rgb(path, DecodeOptions())
+            paths.append(path)
+        except (BadImage, OSError, ValueError):
+            skipped += 1
+    if not paths:
+        raise BenchError(f"--images {directory}: none of its image files decode.")
+    return paths, skipped

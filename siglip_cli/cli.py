@@ -142,17 +142,17 @@ def embed(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file: .safetensors or .npy.")] = Path("embeddings.safetensors"),
     model: Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint directory.")] = DEFAULT_MODEL,
     revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
-    files_from: Annotated[Optional[str], typer.Option("--files-from", help="Read more paths from FILE, one per line (- for stdin).")] = None,
+    files_from: Annotated[Optional[str], typer.Option("--files-from", help="Read more paths from FILE, one per line or NUL-separated (- for stdin).")] = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="Also save the patch tokens (N, T, D) after post_layernorm.")] = False,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalize rows; --no-normalize gives transformers' pooler_output.")] = True,
     output_dtype: Annotated[OutputDtype, typer.Option("--output-dtype", help="Stored precision.")] = OutputDtype.float32,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, or several (cuda:0,cuda:1 or cuda:all): one worker each.")] = "auto",
     dtype: Annotated[ComputeDtype, typer.Option(help="Compute precision (auto: float32 on CPU, bfloat16 on CUDA).")] = ComputeDtype.auto,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per forward pass (default: 32 on CPU, 128 on CUDA).", show_default=False)] = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes beside the model (default: CPUs - 1).", show_default=False)] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).")] = DEFAULT_MAX_PIXELS,
     exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Apply EXIF orientation (phone photos).")] = True,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model: pays on GPUs for long runs, after a compile of about a minute.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model: pays on GPUs for long runs, after a compile of 15-50 s.")] = False,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at reduced size: faster, not pixel-exact.")] = False,
     decode: Annotated[Decoder, typer.Option("--decode", help="JPEG decoding: gpu (nvJPEG, batched), cpu (PIL, pixel-exact), auto (gpu when the model runs on CUDA).")] = Decoder.auto,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output and discard interrupted work.")] = False,
@@ -176,6 +176,8 @@ def embed(
     with user_errors():
         part = parse_shard(shard, num_shards)
         devices = parse_devices(device)
+        if update and overwrite:
+            fail("--update keeps the earlier output's rows and --overwrite discards them: give one of the two.")
         if len(devices) > 1 and (part or update):
             fail("several devices split the work themselves: drop --shard and --update, or give one --device.")
         walk = WalkReport()
@@ -204,6 +206,11 @@ def embed(
             decode=DecodeOptions(exif_transpose=exif_transpose, max_pixels=max_pixels or None, fast_decode=fast_decode),
             decoder=decode.value,
         )
+        if decode is Decoder.gpu and not devices[0].startswith("cuda") and not (devices[0] == "auto" and _has_cuda()):
+            note(
+                "--decode gpu with the model on the CPU decodes through torchvision's libjpeg-turbo: not pixel-exact "
+                "with the reference, and no faster than the default."
+            )
         progress = _RichProgress(quiet)
         try:
             with _terminate_as_interrupt():
@@ -238,6 +245,12 @@ def embed(
             )
     if strict and summary.failed:
         fail(f"{summary.failed} file(s) could not be embedded (--strict): see {summary.errors}.", 1)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _note_emulated_bf16(device, dtype) -> None:
@@ -327,7 +340,7 @@ def inspect(
 @app.command()
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="A preset name (random weights, no download), a Hub id or a local checkpoint.")] = DEFAULT_PRESET,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32, bfloat16 or float16.")] = "auto",
     batch_size: Annotated[Optional[str], typer.Option("--batch-size", "-b", help="Comma-separated batch sizes (default: 1,8,32 on CPU, 1,32,256 on CUDA).", show_default=False)] = None,
     iters: Annotated[Optional[int], typer.Option(min=1, help="Timed calls per measurement; the median is reported (default: 10 on CUDA, 3 on CPU).", show_default=False)] = None,

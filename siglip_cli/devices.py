@@ -7,9 +7,12 @@ ones resume from their chunks.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import queue
 import shutil
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,8 @@ import torch
 from .embed import EmbedOptions, OutputPaths, Progress, Summary, check_outputs, embed_to_file, load
 from .errors import UserError
 from .shards import merge_outputs, select_shard
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -61,6 +66,7 @@ class _QueueProgress:
 
 
 def _work(job: _Job, channel: mp.Queue) -> None:
+    _die_with_parent()
     try:
         encoder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype, compile=job.compile)
         summary = embed_to_file(
@@ -72,6 +78,16 @@ def _work(job: _Job, channel: mp.Queue) -> None:
         channel.put(("error", job.index, str(e)))
     except KeyboardInterrupt:
         pass
+
+
+def _die_with_parent() -> None:
+    """Linux: end this worker when the process that started it dies, even by `kill -9`; an orphan would go on
+    writing into the work area a rerun is using."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass  # without it an orphan still stops at its next message to the parent, whose queue is gone
 
 
 def embed_on_devices(

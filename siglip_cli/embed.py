@@ -46,6 +46,7 @@ from .storage import (
     TensorSpec,
     WorkArea,
     read_jsonl,
+    remove_stale_temporaries,
     write_jsonl,
     write_npy,
     write_safetensors,
@@ -427,6 +428,8 @@ class OutputPaths:
         suffix = output.suffix.lower()
         if suffix not in (".safetensors", ".npy"):
             raise UserError(f"output {output} must end in .safetensors or .npy.")
+        if output.is_dir():
+            raise UserError(f"output {output} is a folder; give a file name (ending in {suffix}) for -o.")
         stem = output.with_suffix("")
         npy = suffix == ".npy"
         return cls(
@@ -441,6 +444,10 @@ class OutputPaths:
     @property
     def format(self) -> str:
         return "npy" if self.meta is not None else "safetensors"
+
+    def files(self) -> list[Path]:
+        """The final files a run writes (those of this format)."""
+        return [p for p in (self.manifest, self.errors, self.tokens, self.meta, self.embeddings) if p is not None]
 
 
 class Progress(Protocol):
@@ -539,14 +546,22 @@ def embed_to_file(
     if overwrite:
         work.remove()
     check_outputs(out, interrupted=work.exists(), overwrite=overwrite, update=update)
-    if work.exists():
-        if work.state() != state:
-            raise UserError(
-                f"{out.work} holds an interrupted run whose options differ ({describe_difference(work.state(), state)}): "
-                "rerun with the same options to continue, or add --overwrite to start afresh."
-            )
-    else:
-        work.create(state)
+    resuming = work.exists()
+    if resuming and work.state() != state:
+        raise UserError(
+            f"{out.work} holds an interrupted run whose options differ ({describe_difference(work.state(), state)}): "
+            "rerun with the same options to continue, or add --overwrite to start afresh."
+        )
+    # A run that died while replacing the final files may have left a new manifest beside the old embeddings:
+    # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
+    # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
+    previous = _previous_output(out, state) if update and not (resuming and work.assembling()) else {}
+    if not resuming:
+        try:
+            work.create(state)
+        except OSError as e:
+            raise UserError(f"cannot write beside {out.embeddings}: {e.strerror or e}.") from None
+    remove_stale_temporaries(out.files())
 
     done: dict[str, Ref | dict] = {}
     chunks = work.chunks()
@@ -554,9 +569,6 @@ def embed_to_file(
         reader = SafetensorsRows(chunk.path)
         done.update((row["path"], Ref(reader, i, row)) for i, row in enumerate(chunk.rows))
         done.update((row["path"], row) for row in chunk.errors)
-    # A run that died while replacing the final files may have left a new manifest beside the old embeddings:
-    # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
-    previous = _previous_output(out, state) if update and not work.assembling() else {}
     wanted = set(paths)
     removed = sum(1 for path, found in previous.items() if path not in wanted and isinstance(found, Ref))
     reused: dict[str, Ref | dict] = {}

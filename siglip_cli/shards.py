@@ -31,6 +31,8 @@ def parse_shard(spec: str | None, num_shards: int | None, environ: Mapping[str, 
         index, count = (int(part) for part in spec.split("/"))
     except ValueError:
         raise UserError(f"--shard {spec!r} is not of the form K/N (for example 0/4) or auto.") from None
+    if num_shards is not None and num_shards != count:
+        raise UserError(f"--shard {spec} says {count} shards but --num-shards says {num_shards}: give one of the two.")
     if count < 1 or not 0 <= index < count:
         raise UserError(f"--shard {spec}: K must be between 0 and N-1.")
     return index, count

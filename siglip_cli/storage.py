@@ -6,6 +6,7 @@ from them slice by slice, so a run over millions of images needs no more RAM tha
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -29,10 +30,14 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temporary(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
 @contextmanager
 def atomic_write(path: Path) -> Iterator[BinaryIO]:
     """Write `path` through a temporary file in the same folder: fsync, rename. Readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary(path, os.getpid())
     try:
         with open(tmp, "wb") as f:
             yield f
@@ -43,6 +48,26 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(paths: Iterable[Path]) -> None:
+    """Delete what `atomic_write` left of `paths` in processes that are gone (`kill -9`, a power cut): a half-written
+    embeddings file can be gigabytes. A live process's temporary file is left alone."""
+    for path in paths:
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:

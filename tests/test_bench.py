@@ -194,7 +194,9 @@ def test_bench_images_reports_each_stage(tiny_siglip: Path, tmp_path: Path) -> N
     for i, size in enumerate([(96, 64), (64, 96), (50, 50), (480, 360)]):  # the last one big enough for draft()
         make_photo(size, seed=i).save(tmp_path / f"photo{i}.jpg", quality=95)
     make_photo((40, 30), mode="RGBA").save(tmp_path / "logo.png")  # left to the PIL path by the batched decoder
+    (tmp_path / "broken.jpg").write_bytes(b"not a picture")  # left out, and said so, rather than ending the run
     document = _bench_json("-m", str(tiny_siglip), "--batch-size", "4", "--images", str(tmp_path))
+    assert any("left out 1 file(s) that do not decode" in note for note in document["notes"])
     stages = [(r["stage"], r["variant"]) for r in document["results"]]
     assert [s for s, _ in stages] == ["model", "decode", "preprocess", "preprocess", "end_to_end", "end_to_end", "end_to_end"]
     exact, fast, torchvision_row = document["results"][-3:]

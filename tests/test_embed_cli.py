@@ -582,6 +582,37 @@ def test_a_failed_overwrite_leaves_the_earlier_output_as_it_was(embed, photos: P
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # no errors file of the failed run
 
 
+def test_output_that_is_a_folder_is_refused_before_any_work(embed, photos: Path, out: Path) -> None:
+    (out / "embeddings.safetensors").mkdir()
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--overwrite"))
+    assert error == f"error: output {out / 'embeddings.safetensors'} is a folder; give a file name (ending in .safetensors) for -o."
+    assert sorted(p.name for p in out.iterdir()) == ["embeddings.safetensors"]
+
+
+def test_output_folder_that_cannot_be_written_is_one_sentence(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from siglip_cli.storage import WorkArea
+
+    def read_only(self, state):  # tests may run as root, who can write anywhere: the refusal is stood in for
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(WorkArea, "create", read_only)
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors"))
+    assert error == f"error: cannot write beside {out / 'embeddings.safetensors'}: Permission denied."
+
+
+def test_update_and_overwrite_together_are_refused(embed, photos: Path, out: Path) -> None:
+    error = the_error(embed(photos, "-o", out / "e.safetensors", "--update", "--overwrite"))
+    assert "give one of the two" in error and not any(out.iterdir())
+
+
+def test_device_decoder_with_the_model_on_the_cpu_says_what_it_costs(embed, photos: Path, out: Path) -> None:
+    result = ok(embed(photos, "-o", out / "e.safetensors", "--decode", "gpu", "--device", "cpu"))
+    assert "note: --decode gpu with the model on the CPU" in result.stderr
+    assert "note: --decode gpu" not in ok(embed(photos, "-o", out / "f.safetensors", "--device", "cpu")).stderr
+
+
 def test_missing_input_path_is_named(embed, photos: Path, out: Path) -> None:
     error = the_error(embed(photos, photos / "holiday.jpg", "-o", out / "embeddings.safetensors"))
     assert error == f"error: input {photos / 'holiday.jpg'} does not exist."

@@ -427,6 +427,26 @@ def test_update_interrupted_while_replacing_the_files_recovers_on_the_next_updat
     assert differences(output, tmp_path / "fresh.safetensors") == []
 
 
+def test_a_refused_update_leaves_nothing_behind(embed, folder: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    assert "made with other options (--tokens)" in the_error(embed(folder, output, "--update", "--tokens"))
+    assert not (tmp_path / "out" / "embeddings.safetensors.partial").exists()
+    ok(embed(folder, output, "--update"))  # the same options as the output: not blocked by the refusal
+
+
+def test_temporary_files_of_a_killed_run_are_removed_by_the_next(embed, folder: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    output.parent.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = output.parent / f".embeddings.safetensors.{int(dead.stdout)}.tmp"  # what kill -9 mid-write leaves
+    stale.write_bytes(b"half an embeddings file")
+    live = output.parent / f".embeddings.jsonl.{os.getppid()}.tmp"  # a live process's: not ours to remove
+    live.write_bytes(b"")
+    ok(embed(folder, output))
+    assert not stale.exists() and live.exists()
+
+
 def test_update_with_the_folder_spelled_differently_says_why_everything_was_embedded_again(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -53,6 +53,12 @@ def test_auto_follows_a_slurm_array_with_a_step() -> None:
     assert parse_shard("auto", None, slurm) == (2, 8)
 
 
+def test_num_shards_that_contradicts_the_shard_is_refused() -> None:
+    with pytest.raises(UserError, match="--shard 1/2 says 2 shards but --num-shards says 4"):
+        parse_shard("1/2", 4)
+    assert parse_shard("1/2", 2) == (1, 2)
+
+
 def test_auto_takes_the_kubernetes_completion_index_and_num_shards() -> None:
     assert parse_shard("auto", 4, {"JOB_COMPLETION_INDEX": "3"}) == (3, 4)
 
