@@ -22,6 +22,7 @@ import torch
 from .embed import EmbedOptions, OutputPaths, Progress, Summary, check_outputs, embed_to_file, load
 from .errors import UserError
 from .shards import merge_outputs, select_shard
+from .storage import exclusive
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -109,40 +110,41 @@ def embed_on_devices(
     interruption continues every shard as an `--update` of itself: finished rows are kept, and a shard made with
     other options, or over files that have since changed, is brought up to date rather than trusted.
     """
-    started = time.perf_counter()
     out = OutputPaths.for_output(output)  # an unsupported suffix is refused here, not in every worker
-    work = out.work
-    if overwrite:
+    with exclusive(out.embeddings):
+        started = time.perf_counter()
+        work = out.work
+        if overwrite:
+            shutil.rmtree(work, ignore_errors=True)
+        check_outputs(out, interrupted=work.is_dir(), overwrite=overwrite, update=False)
+        work.mkdir(parents=True, exist_ok=True)
+        count = len(devices)
+        jobs = [
+            _Job(
+                i, model, revision, device, dtype,
+                paths=select_shard(paths, i, count),
+                output=work / f"shard-{i}-of-{count}{output.suffix}",
+                options=options,
+                compile=compile,
+            )
+            for i, device in enumerate(devices)
+        ]
+        if progress:
+            progress.start(total=len(paths), done=0)
+        summaries = _run_workers(jobs, progress)
+        merged = merge_outputs([job.output for job in jobs], output, overwrite=True)
         shutil.rmtree(work, ignore_errors=True)
-    check_outputs(out, interrupted=work.is_dir(), overwrite=overwrite, update=False)
-    work.mkdir(parents=True, exist_ok=True)
-    count = len(devices)
-    jobs = [
-        _Job(
-            i, model, revision, device, dtype,
-            paths=select_shard(paths, i, count),
-            output=work / f"shard-{i}-of-{count}{output.suffix}",
-            options=options,
-            compile=compile,
+        embedded = sum(s.embedded for s in summaries)
+        return Summary(
+            embedded=embedded,
+            reused=merged.rows - embedded,  # rows of shards finished by an earlier, interrupted run
+            failed=merged.failed,
+            removed=0,
+            output=merged.output,
+            manifest=merged.manifest,
+            errors=merged.errors,
+            seconds=time.perf_counter() - started,
         )
-        for i, device in enumerate(devices)
-    ]
-    if progress:
-        progress.start(total=len(paths), done=0)
-    summaries = _run_workers(jobs, progress)
-    merged = merge_outputs([job.output for job in jobs], output, overwrite=True)
-    shutil.rmtree(work, ignore_errors=True)
-    embedded = sum(s.embedded for s in summaries)
-    return Summary(
-        embedded=embedded,
-        reused=merged.rows - embedded,  # rows of shards finished by an earlier, interrupted run
-        failed=merged.failed,
-        removed=0,
-        output=merged.output,
-        manifest=merged.manifest,
-        errors=merged.errors,
-        seconds=time.perf_counter() - started,
-    )
 
 
 def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:

@@ -45,6 +45,7 @@ from .storage import (
     SafetensorsRows,
     TensorSpec,
     WorkArea,
+    exclusive,
     read_jsonl,
     remove_stale_temporaries,
     write_jsonl,
@@ -541,84 +542,88 @@ def embed_to_file(
     if options.decoder == "auto":
         options = dataclasses.replace(options, decoder="gpu" if encoder.device.type == "cuda" else "cpu")
     out = OutputPaths.for_output(output)
-    state = run_options(encoder, options, out.format)
-    work = WorkArea(out.work)
-    if overwrite:
-        work.remove()
-    check_outputs(out, interrupted=work.exists(), overwrite=overwrite, update=update)
-    resuming = work.exists()
-    if resuming and work.state() != state:
-        raise UserError(
-            f"{out.work} holds an interrupted run whose options differ ({describe_difference(work.state(), state)}): "
-            "rerun with the same options to continue, or add --overwrite to start afresh."
-        )
-    # A run that died while replacing the final files may have left a new manifest beside the old embeddings:
-    # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
-    # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
-    previous = _previous_output(out, state) if update and not (resuming and work.assembling()) else {}
-    if not resuming:
-        try:
-            work.create(state)
-        except OSError as e:
-            raise UserError(f"cannot write beside {out.embeddings}: {e.strerror or e}.") from None
-    remove_stale_temporaries(out.files())
-
-    done: dict[str, Ref | dict] = {}
-    chunks = work.chunks()
-    for chunk in chunks:
-        reader = SafetensorsRows(chunk.path)
-        done.update((row["path"], Ref(reader, i, row)) for i, row in enumerate(chunk.rows))
-        done.update((row["path"], row) for row in chunk.errors)
-    wanted = set(paths)
-    removed = sum(1 for path, found in previous.items() if path not in wanted and isinstance(found, Ref))
-    reused: dict[str, Ref | dict] = {}
-    for path in paths:
-        found = done.get(path) or previous.get(path)
-        # A file that failed in an earlier output is tried again (--update): the cause may be gone (a permission,
-        # a full disk, a --max-pixels since raised). One that failed in this run's chunks is not: a resumed run
-        # batches exactly as the uninterrupted one, which keeps it byte-identical.
-        if found is None or not (isinstance(found, Ref) or path in done):
-            continue
-        info = _still_current(path, found.info if isinstance(found, Ref) else found)
-        if info is not None:
-            reused[path] = found._replace(info=info) if isinstance(found, Ref) else info
-
-    pending = [p for p in paths if p not in reused]
-    if progress:
-        progress.start(total=len(paths), done=len(reused))
-    new = _embed_pending(encoder, pending, work, options, progress, first_seq=len(chunks))
-    results = {**reused, **new}
-
-    ordered = [results[p] for p in paths]
-    good = [r for r in ordered if isinstance(r, Ref)]
-    bad = [r for r in ordered if not isinstance(r, Ref)]
-    if not good and paths and require_rows:
-        work.remove()
-        first = f"{display_path(bad[0]['path'])}: {bad[0]['error']}"
-        if out.embeddings.exists():  # an earlier, finished output: its files stay together, untouched
+    with exclusive(out.embeddings):  # a second run writing this output is refused, not interleaved
+        state = run_options(encoder, options, out.format)
+        work = WorkArea(out.work)
+        if overwrite:
+            work.remove()
+        check_outputs(out, interrupted=work.exists(), overwrite=overwrite, update=update)
+        resuming = work.exists()
+        if resuming and work.state() != state:
             raise UserError(
-                f"none of the {len(paths)} input files could be embedded (the first, {first}); "
-                f"{out.embeddings} is left as it was."
+                f"{out.work} holds an interrupted run whose options differ "
+                f"({describe_difference(work.state(), state)}): "
+                "rerun with the same options to continue, or add --overwrite to start afresh."
             )
-        write_jsonl(out.errors, (public_row(r) for r in bad))
-        if len(bad) == 1:
-            raise UserError(f"could not embed {first}.")
-        raise UserError(f"none of the {len(paths)} input files could be embedded (the first, {first}): see {out.errors}.")
-    work.mark_assembling()
-    assemble(out, good, bad, output_metadata(encoder.checkpoint, state))
-    work.remove()
-    embedded = sum(1 for r in new.values() if isinstance(r, Ref))
-    reused_rows = sum(1 for r in reused.values() if isinstance(r, Ref))
-    return Summary(
-        embedded=embedded,
-        reused=reused_rows,
-        failed=len(bad),
-        removed=removed,
-        output=str(out.embeddings),
-        manifest=str(out.manifest),
-        errors=str(out.errors) if bad else None,
-        seconds=time.perf_counter() - started,
-    )
+        # A run that died while replacing the final files may have left a new manifest beside the old embeddings:
+        # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
+        # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
+        previous = _previous_output(out, state) if update and not (resuming and work.assembling()) else {}
+        if not resuming:
+            try:
+                work.create(state)
+            except OSError as e:
+                raise UserError(f"cannot write beside {out.embeddings}: {e.strerror or e}.") from None
+        remove_stale_temporaries(out.files())
+
+        done: dict[str, Ref | dict] = {}
+        chunks = work.chunks()
+        for chunk in chunks:
+            reader = SafetensorsRows(chunk.path)
+            done.update((row["path"], Ref(reader, i, row)) for i, row in enumerate(chunk.rows))
+            done.update((row["path"], row) for row in chunk.errors)
+        wanted = set(paths)
+        removed = sum(1 for path, found in previous.items() if path not in wanted and isinstance(found, Ref))
+        reused: dict[str, Ref | dict] = {}
+        for path in paths:
+            found = done.get(path) or previous.get(path)
+            # A file that failed in an earlier output is tried again (--update): the cause may be gone (a permission,
+            # a full disk, a --max-pixels since raised). One that failed in this run's chunks is not: a resumed run
+            # batches exactly as the uninterrupted one, which keeps it byte-identical.
+            if found is None or not (isinstance(found, Ref) or path in done):
+                continue
+            info = _still_current(path, found.info if isinstance(found, Ref) else found)
+            if info is not None:
+                reused[path] = found._replace(info=info) if isinstance(found, Ref) else info
+
+        pending = [p for p in paths if p not in reused]
+        if progress:
+            progress.start(total=len(paths), done=len(reused))
+        new = _embed_pending(encoder, pending, work, options, progress, first_seq=len(chunks))
+        results = {**reused, **new}
+
+        ordered = [results[p] for p in paths]
+        good = [r for r in ordered if isinstance(r, Ref)]
+        bad = [r for r in ordered if not isinstance(r, Ref)]
+        if not good and paths and require_rows:
+            work.remove()
+            first = f"{display_path(bad[0]['path'])}: {bad[0]['error']}"
+            if out.embeddings.exists():  # an earlier, finished output: its files stay together, untouched
+                raise UserError(
+                    f"none of the {len(paths)} input files could be embedded (the first, {first}); "
+                    f"{out.embeddings} is left as it was."
+                )
+            write_jsonl(out.errors, (public_row(r) for r in bad))
+            if len(bad) == 1:
+                raise UserError(f"could not embed {first}.")
+            raise UserError(
+                f"none of the {len(paths)} input files could be embedded (the first, {first}): see {out.errors}."
+            )
+        work.mark_assembling()
+        assemble(out, good, bad, output_metadata(encoder.checkpoint, state))
+        work.remove()
+        embedded = sum(1 for r in new.values() if isinstance(r, Ref))
+        reused_rows = sum(1 for r in reused.values() if isinstance(r, Ref))
+        return Summary(
+            embedded=embedded,
+            reused=reused_rows,
+            failed=len(bad),
+            removed=removed,
+            output=str(out.embeddings),
+            manifest=str(out.manifest),
+            errors=str(out.errors) if bad else None,
+            seconds=time.perf_counter() - started,
+        )
 
 
 def check_outputs(out: OutputPaths, *, interrupted: bool, overwrite: bool, update: bool) -> None:

@@ -19,6 +19,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
+from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so no refusal of a second run either
+    fcntl = None
+
 SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16"}
 
 
@@ -48,6 +55,30 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def exclusive(output: Path) -> Iterator[None]:
+    """Hold `.OUTPUT.lock` beside `output` for the duration: a second run writing the same output is refused in one
+    sentence instead of the two runs overwriting each other's work (both then failed with a traceback)."""
+    if fcntl is None:
+        yield
+        return
+    lock = output.with_name(f".{output.name}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+b")
+    except OSError as e:
+        raise UserError(f"cannot write beside {output}: {e.strerror or e}.") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another siglip run is writing {output}: wait for it, or choose another -o.") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # before the lock is released: a run that opens it later makes a new one
 
 
 def remove_stale_temporaries(paths: Iterable[Path]) -> None:

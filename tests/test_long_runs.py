@@ -435,6 +435,20 @@ def test_a_refused_update_leaves_nothing_behind(embed, folder: Path, tmp_path: P
     ok(embed(folder, output, "--update"))  # the same options as the output: not blocked by the refusal
 
 
+def test_a_second_run_writing_the_same_output_is_refused(embed, folder: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    output = tmp_path / "out" / "embeddings.safetensors"
+    output.parent.mkdir()
+    with open(output.parent / ".embeddings.safetensors.lock", "a+b") as held:  # what a running siglip holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        error = the_error(embed(folder, output))
+    assert error == f"error: another siglip run is writing {output}: wait for it, or choose another -o."
+    assert not (tmp_path / "out" / "embeddings.safetensors.partial").exists()
+    ok(embed(folder, output))
+    assert sorted(p.name for p in output.parent.iterdir()) == ["embeddings.jsonl", "embeddings.safetensors"]
+
+
 def test_temporary_files_of_a_killed_run_are_removed_by_the_next(embed, folder: Path, tmp_path: Path) -> None:
     output = tmp_path / "out" / "embeddings.safetensors"
     output.parent.mkdir()
