@@ -293,7 +293,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 @app.command()
 def merge(
-    inputs: Annotated[list[Path], typer.Argument(help="Outputs of `siglip embed --shard K/N` runs.", show_default=False)],
+    inputs: Annotated[list[Path], typer.Argument(help="Outputs of `siglip embed --shard K/N` runs.", show_default=False, metavar="SHARD")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The merged output: .safetensors or .npy.")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
@@ -305,7 +305,7 @@ def merge(
         summary = merge_outputs(inputs, output, overwrite=overwrite)
     if json_summary:
         stdout.print_json(json.dumps(summary.to_dict()))
-    stderr.print(f"merged {summary.inputs} outputs: {summary.rows:,} rows → {summary.output}")
+    stderr.print(f"merged {summary.inputs} output{'s' if summary.inputs != 1 else ''}: {summary.rows:,} rows → {summary.output}")
 
 
 @app.command()
@@ -359,11 +359,14 @@ def bench(
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         # A GPU's throughput still grows past 64 (B/16 on an H200: 12,013 images/s at 64, 13,077 at 256).
-        batch_size = batch_size or ("1,32,256" if device.startswith("cuda") else "1,8,32")
+        if batch_size is None:
+            batch_size = "1,32,256" if device.startswith("cuda") else "1,8,32"
         try:
-            sizes = tuple(int(s) for s in batch_size.split(","))
+            sizes = tuple(dict.fromkeys(int(s) for s in batch_size.split(",")))  # each once, in the order given
         except ValueError:
-            raise BenchError(f"batch sizes must be positive integers, e.g. --batch-size 1,8,32 (got {batch_size!r}).") from None
+            sizes = ()
+        if not sizes or min(sizes) < 1:
+            raise BenchError(f"batch sizes must be positive integers, e.g. --batch-size 1,8,32 (got {batch_size!r}).")
         options = BenchOptions(
             model=model,
             device=device,

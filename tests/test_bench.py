@@ -176,11 +176,18 @@ def test_bench_missing_timm_is_one_note(tiny_vision: Path, monkeypatch: pytest.M
 @pytest.mark.parametrize("args, message", [
     (["--compare", "onnx"], "unknown comparison 'onnx'"),
     (["--batch-size", "8,x"], "batch sizes"),
+    (["--batch-size", ""], "batch sizes must be positive integers"),
+    (["--batch-size", "0"], "(got '0')"),
     (["--dtype", "float64"], "dtype 'float64' is not supported"),
 ])  # fmt: skip
 def test_bench_bad_options_are_one_sentence(tiny_vision: Path, args: list[str], message: str) -> None:
     result = RUNNER.invoke(app, ["bench", "-m", str(tiny_vision), "--device", "cpu", *args])
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+
+
+def test_bench_batch_size_given_twice_is_measured_once(tiny_vision: Path) -> None:
+    document = _bench_json("--model", str(tiny_vision), "--batch-size", "2,1,2")
+    assert [r["batch_size"] for r in document["results"] if r["backend"] == "siglip"] == [2, 1]
 
 
 def test_bench_table_names_the_machine(tiny_vision: Path) -> None:
