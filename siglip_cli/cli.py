@@ -205,6 +205,7 @@ def embed(
             workers=default_workers() if workers is None else workers,
             decode=DecodeOptions(exif_transpose=exif_transpose, max_pixels=max_pixels or None, fast_decode=fast_decode),
             decoder=decode.value,
+            shard=part,
         )
         if decode is Decoder.gpu and not devices[0].startswith("cuda") and not (devices[0] == "auto" and _has_cuda()):
             note(
@@ -296,13 +297,14 @@ def merge(
     inputs: Annotated[list[Path], typer.Argument(help="Outputs of `siglip embed --shard K/N` runs.", show_default=False, metavar="SHARD")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The merged output: .safetensors or .npy.")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Merge even if some of the N parts are missing.")] = False,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Join shard outputs into one file, equal to a single run over all their images."""
     from .shards import merge_outputs
 
     with user_errors():
-        summary = merge_outputs(inputs, output, overwrite=overwrite)
+        summary = merge_outputs(inputs, output, overwrite=overwrite, allow_missing=allow_missing)
     if json_summary:
         stdout.print_json(json.dumps(summary.to_dict()))
     stderr.print(f"merged {summary.inputs} output{'s' if summary.inputs != 1 else ''}: {summary.rows:,} rows → {summary.output}")

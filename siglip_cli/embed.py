@@ -413,6 +413,9 @@ class EmbedOptions:
     # (libjpeg-turbo through the same code on a CPU device), within cosine 0.999 of the exact path.
     # "auto": gpu when the model runs on CUDA.
     decoder: str = "cpu"
+    # (K, N) when this run embeds part K of N (--shard): written into the metadata, so that `merge` can tell
+    # when a part is missing. Not one of the run's options: the parts of one run differ only in it.
+    shard: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -610,7 +613,7 @@ def embed_to_file(
                 f"none of the {len(paths)} input files could be embedded (the first, {first}): see {out.errors}."
             )
         work.mark_assembling()
-        assemble(out, good, bad, output_metadata(encoder.checkpoint, state))
+        assemble(out, good, bad, output_metadata(encoder.checkpoint, state, shard=options.shard))
         work.remove()
         embedded = sum(1 for r in new.values() if isinstance(r, Ref))
         reused_rows = sum(1 for r in reused.values() if isinstance(r, Ref))
@@ -900,9 +903,10 @@ def row_blocks(refs: list[Ref], name: str, *, row_bytes: int) -> Iterator[np.nda
         start = stop
 
 
-def output_metadata(checkpoint: Checkpoint, state: dict) -> dict[str, str]:
+def output_metadata(checkpoint: Checkpoint, state: dict, *, shard: tuple[int, int] | None = None) -> dict[str, str]:
     """The `.safetensors` header metadata (or `.meta.json` beside a `.npy`): what made these numbers."""
     return {
+        **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
         "model": display_path(checkpoint.name),
         "revision": checkpoint.revision or "",
         "embedding_dim": str(checkpoint.vision.hidden_size),

@@ -82,6 +82,28 @@ class MergeSummary:
         return dict(self.__dict__)
 
 
+def _check_every_part(parts: list[str | None]) -> None:
+    """Refuse a merge of `--shard K/N` outputs that lacks a part or holds one twice. Outputs that do not say which
+    part they are (whole runs, older versions) are not checked."""
+    if any(part is None for part in parts):
+        return
+    splits = sorted({int(part.split("/")[1]) for part in parts})
+    if len(splits) > 1:
+        raise UserError(f"these outputs are parts of different splits (into {' and '.join(map(str, splits))}).")
+    count = splits[0]
+    given = [int(part.split("/")[0]) for part in parts]
+    twice = sorted({k for k in given if given.count(k) > 1})
+    if twice:
+        raise UserError(f"part {twice[0]}/{count} is given twice: these outputs overlap.")
+    missing = sorted(set(range(count)) - set(given))
+    if missing:
+        names = ", ".join(f"{k}/{count}" for k in missing)
+        raise UserError(
+            f"part{'s' if len(missing) > 1 else ''} {names} of the {count} missing: merge every part, or add "
+            "--allow-missing for a partial result."
+        )
+
+
 def open_output(path: Path) -> tuple[OutputPaths, dict[str, str]]:
     """A finished output's files and header metadata."""
     out = OutputPaths.for_output(path)
@@ -93,8 +115,13 @@ def open_output(path: Path) -> tuple[OutputPaths, dict[str, str]]:
     return out, metadata
 
 
-def merge_outputs(inputs: list[Path], output: Path, *, overwrite: bool = False) -> MergeSummary:
-    """Join outputs of disjoint shards into one, equal to a single run over all their files."""
+def merge_outputs(
+    inputs: list[Path], output: Path, *, overwrite: bool = False, allow_missing: bool = False
+) -> MergeSummary:
+    """Join outputs of disjoint shards into one, equal to a single run over all their files.
+
+    Outputs of `--shard K/N` say which part they are: a merge that lacks one of the N parts is refused unless
+    `allow_missing` (a partial result, on purpose)."""
     if not inputs:
         raise UserError("give the shard outputs to merge.")
     target = OutputPaths.for_output(output)
@@ -110,6 +137,8 @@ def merge_outputs(inputs: list[Path], output: Path, *, overwrite: bool = False) 
                 f"{out.embeddings} and {opened[0][0].embeddings} were made with different options "
                 f"({describe_difference(options[0], opts)}); only outputs of the same run can be merged."
             )
+    if not allow_missing:
+        _check_every_part([meta.get("shard") for _, meta in opened])
     owner: dict[str, Path] = {}
     good: list[tuple[bytes, Ref]] = []
     bad: list[tuple[bytes, dict]] = []
@@ -133,6 +162,7 @@ def merge_outputs(inputs: list[Path], output: Path, *, overwrite: bool = False) 
     good.sort(key=lambda item: item[0])
     bad.sort(key=lambda item: item[0])
     metadata = dict(opened[0][1])
+    metadata.pop("shard", None)  # the merge is the whole run
     metadata["options"] = json.dumps({**options[0], "format": target.format}, sort_keys=True)
     assemble(target, [ref for _, ref in good], [info for _, info in bad], metadata)
     return MergeSummary(

@@ -537,6 +537,18 @@ def test_merge_refuses_outputs_made_with_different_options(embed, folder: Path, 
     assert not (tmp_path / "all.safetensors").exists()
 
 
+def test_merge_refuses_a_run_with_a_part_missing_unless_asked(embed, folder: Path, tmp_path: Path) -> None:
+    parts = [tmp_path / f"part{k}.safetensors" for k in range(3)]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--shard", f"{k}/3"))
+    error = the_error(siglip("merge", parts[0], parts[2], "-o", tmp_path / "all.safetensors"))
+    assert "part 1/3 of the 3 missing" in error and not (tmp_path / "all.safetensors").exists()
+    ok(siglip("merge", parts[0], parts[2], "-o", tmp_path / "some.safetensors", "--allow-missing"))
+    ok(embed(folder, tmp_path / "half.safetensors", "--shard", "1/2"))
+    error = the_error(siglip("merge", parts[0], tmp_path / "half.safetensors", "-o", tmp_path / "all.safetensors"))
+    assert "parts of different splits (into 2 and 3)" in error
+
+
 def test_merge_refuses_overlapping_outputs(embed, folder: Path, tmp_path: Path) -> None:
     ok(embed(folder, tmp_path / "part0.safetensors", "--shard", "0/2"))
     ok(embed(folder, tmp_path / "again.safetensors", "--shard", "0/2"))
