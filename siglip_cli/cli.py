@@ -36,8 +36,8 @@ app = typer.Typer(
 )
 # soft_wrap: an error sentence or a path is never broken across lines when stderr is a log file. markup off: text we
 # print holds paths and model names, and `Wedding [edited]/` is a folder, not a style (styled words go in as Text).
-stdout = Console(soft_wrap=True, markup=False)
-stderr = Console(stderr=True, soft_wrap=True, markup=False)
+stdout = Console(soft_wrap=True, markup=False, highlight=False)
+stderr = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 EXIT_USER_ERROR = 2
 
@@ -333,7 +333,7 @@ def inspect(
             note(f"{model} is an architecture preset: random weights, not a trained model.")
         return
     # A file or a pipe has no width to respect: print the table wide rather than squeezed to 80 columns.
-    console = stdout if stdout.is_terminal else Console(file=stdout.file, width=200, soft_wrap=True)
+    console = stdout if stdout.is_terminal else Console(file=stdout.file, width=200, soft_wrap=True, markup=False, highlight=False)
     console.print(report(result, width=console.width))
     if pictures:
         console.print("\nplots:", *map(str, pictures), sep="\n")
@@ -387,7 +387,7 @@ def bench(
         stdout.print_json(json.dumps(report.to_json()))
         return
     # A file or a pipe has no width to respect: print the table wide rather than squeezed to 80 columns.
-    console = stdout if stdout.is_terminal else Console(file=stdout.file, width=200, soft_wrap=True)
+    console = stdout if stdout.is_terminal else Console(file=stdout.file, width=200, soft_wrap=True, markup=False, highlight=False)
     console.print(_bench_table(report))
     for size, reference, ratio in report.ratios():
         console.print(f"siglip / {reference} at batch {size}: {ratio:.2f}×")

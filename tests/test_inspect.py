@@ -303,6 +303,14 @@ def invoke(*args: str):
     return runner.invoke(cli.app, ["inspect", *args])
 
 
+def test_a_path_with_square_brackets_is_printed_as_it_is(tiny_vision: Path, photo: Path, tmp_path: Path) -> None:
+    odd = tmp_path / "[bold]photo[red].png"  # markup to rich, a file name to the user
+    odd.write_bytes(photo.read_bytes())
+    result = invoke(str(odd), "--model", str(tiny_vision))
+    assert result.exit_code == 0, result.output
+    assert f"on {odd} (80×60 PNG" in result.stdout
+
+
 def test_json_document_schema(tiny_vision: Path, photo: Path, tmp_path: Path) -> None:
     result = invoke(str(photo), "--model", str(tiny_vision), "--json", "--plot", str(tmp_path))
     assert result.exit_code == 0, result.output
