@@ -19,7 +19,7 @@ from rich.text import Text
 
 from . import __version__
 from .allocator import keep_freed_memory
-from .embed import default_batch_size, default_workers
+from .embed import default_batch_size, default_workers, resolve_device
 from .errors import UserError
 from .files import IMAGE_SUFFIXES
 from .preprocess import DEFAULT_MAX_PIXELS
@@ -207,7 +207,7 @@ def embed(
             decoder=decode.value,
             shard=part,
         )
-        if decode is Decoder.gpu and not devices[0].startswith("cuda") and not (devices[0] == "auto" and _has_cuda()):
+        if decode is Decoder.gpu and resolve_device(devices[0]).type != "cuda":
             note(
                 "--decode gpu with the model on the CPU decodes through torchvision's libjpeg-turbo: not pixel-exact "
                 "with the reference, and no faster than the default."
@@ -246,12 +246,6 @@ def embed(
             )
     if strict and summary.failed:
         fail(f"{summary.failed} file(s) could not be embedded (--strict): see {summary.errors}.", 1)
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _note_emulated_bf16(device, dtype) -> None:

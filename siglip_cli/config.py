@@ -21,6 +21,13 @@ class ConfigError(UserError):
 ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
+def _check_int(name: str, value: Any, *, least: int = 1) -> None:
+    """A config value read from JSON must be a whole number (not a string, float or bool) of at least `least`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        kind = "a positive integer" if least == 1 else f"a whole number ≥ {least}"
+        raise ConfigError(f"{name} must be {kind}, not {value!r}.")
+
+
 _INT_FIELDS = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels", "image_size",
     "patch_size",
@@ -45,11 +52,8 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
-            value = getattr(self, name)
-            least = 0 if name == "num_hidden_layers" else 1  # no layers: transformers allows it, so do we
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                kind = "a positive integer" if least else "a whole number ≥ 0"
-                raise ConfigError(f"{name} must be {kind}, not {value!r}.")
+            # No layers: transformers allows it, so do we.
+            _check_int(name, getattr(self, name), least=0 if name == "num_hidden_layers" else 1)
         if isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float)):
             raise ConfigError(f"layer_norm_eps must be a number, not {self.layer_norm_eps!r}.")
         if not isinstance(self.vision_use_head, bool):
@@ -109,9 +113,7 @@ class PreprocessConfig:
                 f"({', '.join(f'{n} {name}' for n, name in PIL_FILTERS.items())})."
             )
         for name in ("height", "width"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"preprocessor {name} must be a positive integer, not {value!r}.")
+            _check_int(f"preprocessor {name}", getattr(self, name))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

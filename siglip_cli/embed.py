@@ -550,8 +550,8 @@ def embed_to_file(
         work = WorkArea(out.work)
         if overwrite:
             work.remove()
-        check_outputs(out, interrupted=work.exists(), overwrite=overwrite, update=update)
         resuming = work.exists()
+        check_outputs(out, interrupted=resuming, overwrite=overwrite, update=update)
         if resuming and work.state() != state:
             raise UserError(
                 f"{out.work} holds an interrupted run whose options differ "
