@@ -126,6 +126,9 @@ class _RichProgress:
         rate = self.fresh / max(time.perf_counter() - self.started, 1e-9)
         self.bar.update(self.task, advance=n, rate=f"{rate:,.1f} img/s")
 
+    def reused(self, n: int) -> None:
+        self.bar.update(self.task, advance=n)  # on the bar, but not in the images/s
+
     def note(self, message: str) -> None:
         if not self.quiet:
             note(message)

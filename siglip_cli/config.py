@@ -114,6 +114,11 @@ class PreprocessConfig:
             )
         for name in ("height", "width"):
             _check_int(f"preprocessor {name}", getattr(self, name))
+        for name in ("do_resize", "do_rescale", "do_normalize"):
+            if not isinstance(getattr(self, name), bool):  # bool("false") is True: a string must not pass
+                raise ConfigError(f"preprocessor {name} must be true or false, not {getattr(self, name)!r}.")
+        if isinstance(self.rescale_factor, bool) or not isinstance(self.rescale_factor, (int, float)):
+            raise ConfigError(f"preprocessor rescale_factor must be a number, not {self.rescale_factor!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -176,11 +181,12 @@ def vision_config_from_hub(config: dict[str, Any]) -> VisionConfig:
 
 
 def _square(name: str, value: int | list[int]) -> int:
+    """A size given as one value or as a square pair; whether it is a whole number is VisionConfig's check."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
             raise ConfigError(f"{name} {list(value)} is not square; only square images and patches are supported.")
-        value = value[0]
-    return int(value)
+        return value[0]
+    return value
 
 
 def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConfig) -> PreprocessConfig:
@@ -199,10 +205,10 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
         height=size["height"],
         width=size["width"],
         resample=config.get("resample", defaults.resample),
-        do_resize=bool(config.get("do_resize", True)),
-        do_rescale=bool(config.get("do_rescale", True)),
-        rescale_factor=float(config.get("rescale_factor", defaults.rescale_factor)),
-        do_normalize=bool(config.get("do_normalize", True)),
+        do_resize=config.get("do_resize", True),
+        do_rescale=config.get("do_rescale", True),
+        rescale_factor=config.get("rescale_factor", defaults.rescale_factor),
+        do_normalize=config.get("do_normalize", True),
         image_mean=_triple(config.get("image_mean", defaults.image_mean)),
         image_std=_triple(config.get("image_std", defaults.image_std)),
     )

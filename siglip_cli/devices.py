@@ -171,7 +171,7 @@ def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:
             elif kind == "error":
                 raise UserError(payload)
             elif progress and kind == "start":
-                progress.advance(payload)
+                progress.reused(payload)
             elif progress and kind == "advance":
                 progress.advance(payload)
             elif progress and kind == "note":

@@ -338,8 +338,7 @@ def default_batch_size(device: str) -> int:
     """32 on the CPU, which a batch of 32 keeps busy; 128 on CUDA, where B/16 ran 12,000 images/s at batch 64 and
     13,000 at 256 on an H200 (bench/RESULTS.md): 128 is most of that, and leaves memory for the full-size photos
     the GPU decoder holds while it works on a batch."""
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return 128 if cuda else 32
+    return 128 if resolve_device(device).type == "cuda" else 32
 
 
 def default_workers() -> int:
@@ -455,8 +454,11 @@ class OutputPaths:
 
 
 class Progress(Protocol):
-    def start(self, total: int, done: int) -> None: ...
-    def advance(self, n: int) -> None: ...
+    """What a run reports as it goes; the command line draws it as a bar with images/s."""
+
+    def start(self, total: int, done: int) -> None: ...  # `done`: rows kept from earlier work, not embedded now
+    def advance(self, n: int) -> None: ...  # rows embedded (or failed) just now
+    def reused(self, n: int) -> None: ...  # more rows kept from earlier work, found after `start` (several devices)
     def note(self, message: str) -> None: ...
 
 

@@ -826,6 +826,7 @@ def test_default_batch_size_follows_the_device(
     from siglip_cli.embed import default_batch_size
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_present)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda_present else 0)
     assert default_batch_size(device) == expected
 
 

@@ -607,6 +607,45 @@ def test_several_devices_rerun_after_an_interruption_brings_finished_shards_up_t
     assert differences(output, tmp_path / "one.safetensors") == []
 
 
+class Tally:
+    """A progress display that counts rows embedded now and rows kept from earlier work."""
+
+    def __init__(self):
+        self.embedded = self.reused_rows = 0
+
+    def start(self, total: int, done: int) -> None:
+        self.reused_rows += done
+
+    def advance(self, n: int) -> None:
+        self.embedded += n
+
+    def reused(self, n: int) -> None:
+        self.reused_rows += n
+
+    def note(self, message: str) -> None:
+        pass
+
+
+def test_several_devices_rerun_counts_kept_rows_apart_from_new_ones(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vision: Path
+) -> None:
+    # The images/s of the bar counts `advance` only: a finished shard's rows must not arrive that way.
+    import siglip_cli.devices as devices
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    output = tmp_path / "out" / "embeddings.safetensors"
+    paths = discover([str(folder)])
+    run = dict(model=str(tiny_vision), devices=["cpu", "cpu"], paths=paths, output=output, options=EmbedOptions(batch_size=1, workers=0))
+    with monkeypatch.context() as patch:
+        patch.setattr(devices, "merge_outputs", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            devices.embed_on_devices(**run)
+    save_photos(folder, ["a00.jpg"], first_seed=100)
+    tally = Tally()
+    devices.embed_on_devices(**{**run, "paths": discover([str(folder)])}, progress=tally)
+    assert (tally.embedded, tally.reused_rows) == (1, 12)
+
+
 @pytest.mark.parametrize(
     ("output", "existing", "message"),
     [

@@ -358,6 +358,9 @@ def test_other_model_type_is_refused_naming_it(tmp_path: Path) -> None:
         ({"model_type": "siglip_vision_model", "num_hidden_layers": -1}, r"num_hidden_layers must be a whole number ≥ 0"),
         ({"model_type": "siglip_vision_model", "vision_use_head": "false"}, r"vision_use_head must be true or false"),
         ({"model_type": "siglip_vision_model", "layer_norm_eps": None}, r"layer_norm_eps must be a number"),
+        ({"model_type": "siglip_vision_model", "image_size": "224"}, r"image_size must be a positive integer, not '224'"),
+        ({"model_type": "siglip_vision_model", "patch_size": 16.9}, r"patch_size must be a positive integer, not 16\.9"),
+        ({"model_type": "siglip_vision_model", "patch_size": [16.5, 16.5]}, r"patch_size must be a positive integer"),
         ({"model_type": "siglip2_vision_model"}, r"model_type 'siglip2_vision_model'.* not supported"),
     ],
 )
@@ -375,7 +378,8 @@ def test_malformed_config_is_one_sentence_naming_the_checkpoint(tmp_path: Path, 
         ({"resample": 99}, r"resample 99 is not a PIL filter number"),
         ({"size": {"height": "224", "width": 224}}, r"preprocessor height must be a positive integer, not '224'"),
         ({"image_mean": ["a", "b", "c"]}, r"expected 3 channel values for image mean/std"),
-        ({"rescale_factor": "x"}, r"holds a malformed value"),
+        ({"rescale_factor": "x"}, r"rescale_factor must be a number, not 'x'"),
+        ({"do_normalize": "false"}, r"do_normalize must be true or false, not 'false'"),
     ],
 )
 def test_malformed_preprocessor_config_is_refused_when_the_checkpoint_loads(
