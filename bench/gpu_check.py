@@ -41,7 +41,7 @@ from PIL import Image
 
 from siglip_cli import benchmark as B
 from siglip_cli.config import PreprocessConfig, VisionConfig
-from siglip_cli.embed import default_workers
+from siglip_cli.decoding import default_workers
 from siglip_cli.gpu_decode import decode_batches
 from siglip_cli.model import SiglipVision, init_weights
 from siglip_cli.preprocess import DecodeOptions, load_pixels
@@ -312,7 +312,8 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: B.Forward, variant: str
       - `siglip embed`'s own loop (`embedded_batches` with a loaded checkpoint, eager bf16), GPU and CPU decoding;
       - the `siglip embed` command itself as a subprocess: its own images/s (after loading) and the whole wall time.
     The photo list names each file --repeat times (page cache warm), so a run is long enough to time."""
-    from siglip_cli.embed import batch_pixels, decoded_batches, embedded_batches, load, look_ahead
+    from siglip_cli.decoding import batch_pixels, decoded_batches, look_ahead
+    from siglip_cli.embed import embedded_batches, load
 
     size = (96, 72) if args.smoke else PHOTO_SIZE
     started = time.perf_counter()
@@ -359,7 +360,7 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: B.Forward, variant: str
         return torch.cat(out)
 
     checkpoint = save_checkpoint(plain, workdir / "checkpoint")
-    encoder = load(str(checkpoint), device=str(device), dtype="bfloat16")
+    embedder = load(str(checkpoint), device=str(device), dtype="bfloat16")
 
     def loader_only(files: list[str]) -> None:
         """The loop's first piece: workers read the files and parse JPEG headers, bytes cross to this process."""
@@ -374,7 +375,7 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: B.Forward, variant: str
 
     def embed_loop(decoder: str) -> Callable[[list[str]], torch.Tensor]:
         def run(files: list[str]) -> torch.Tensor:
-            done = embedded_batches(encoder, files, batch_size=batch, workers=workers, decode=DecodeOptions(), decoder=decoder)
+            done = embedded_batches(embedder, files, batch_size=batch, workers=workers, decode=DecodeOptions(), decoder=decoder)
             return torch.cat([torch.from_numpy(d.embeddings) for d in done])
 
         return run

@@ -3,8 +3,8 @@
 The Python API behind the `siglip` command (see README.md, "Python API")::
 
     from siglip_cli.embed import load, embed_paths
-    model = load("google/siglip-base-patch16-224")
-    result = embed_paths(model, ["photos/"])
+    embedder = load("google/siglip-base-patch16-224")
+    result = embed_paths(embedder, ["photos/"])
     result.embeddings  # (N, D) float32 numpy array, L2-normalized
 """
 

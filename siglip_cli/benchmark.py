@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DEFAULT_PRESET, PRESETS, PreprocessConfig
-from .embed import DTYPES, resolve_device
+from .runtime import COMPUTE_DTYPES, resolve_device
 from .errors import UserError
 from .model import SiglipVision, init_weights
 
@@ -100,9 +100,9 @@ def resolve_dtype(name: str | None, device: torch.device) -> tuple[torch.dtype, 
             return torch.bfloat16, notes
         notes.append("dtype float32: this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 runs slower than fp32.")
         return torch.float32, notes
-    if name not in DTYPES:
-        raise BenchError(f"dtype {name!r} is not supported (expected one of {', '.join(DTYPES)}).")
-    dtype = DTYPES[name]
+    if name not in COMPUTE_DTYPES:
+        raise BenchError(f"dtype {name!r} is not supported (expected one of {', '.join(COMPUTE_DTYPES)}).")
+    dtype = COMPUTE_DTYPES[name]
     if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
         notes.append("bfloat16 on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and slower than float32.")
     return dtype, notes
@@ -619,7 +619,9 @@ def image_results(
     """
     from PIL import Image
 
-    from .embed import Encoder, default_workers, embed_paths
+    from .decoding import default_workers
+    from .embed import embed_paths
+    from .runtime import Embedder
     from .preprocess import DecodeOptions, load_pixels
     from .weights import Checkpoint
 
@@ -645,26 +647,26 @@ def image_results(
 
     fused = copy.deepcopy(model).fuse_qkv().fuse_gelu().to(device=device, dtype=dtype)
     checkpoint = Checkpoint("benchmark", None, model.config, preprocess, (), "")
-    encoder = Encoder(fused, checkpoint, device, dtype)
+    embedder = Embedder(fused, checkpoint, device, dtype)
     workers = default_workers()
     exact: list[Tensor] = []
 
     def pil_path() -> None:
-        exact[:] = [torch.from_numpy(embed_paths(encoder, paths, batch_size=batch_size, workers=workers).embeddings)]
+        exact[:] = [torch.from_numpy(embed_paths(embedder, paths, batch_size=batch_size, workers=workers).embeddings)]
 
     fast_out: list[Tensor] = []
 
     def fast_path() -> None:
-        done = embed_paths(encoder, paths, batch_size=batch_size, workers=workers, decode=fast)
+        done = embed_paths(embedder, paths, batch_size=batch_size, workers=workers, decode=fast)
         fast_out[:] = [torch.from_numpy(done.embeddings)]
 
     torchvision_out: list[Tensor] = []
 
     def torchvision_path() -> None:
-        torchvision_out[:] = [F.normalize(torch.cat(list(_embed_torchvision(paths, encoder, batch_size))), dim=-1)]
+        torchvision_out[:] = [F.normalize(torch.cat(list(_embed_torchvision(paths, embedder, batch_size))), dim=-1)]
 
     with torch.inference_mode():
-        embed_paths(encoder, paths[:batch_size], batch_size=batch_size, workers=0)
+        embed_paths(embedder, paths[:batch_size], batch_size=batch_size, workers=0)
         passes = 1 if device.type == "cpu" else iters
         timings = time_interleaved({"pil": pil_path, "fast": fast_path, "torchvision": torchvision_path},
                                    device=device, iters=passes, warmup=0)  # fmt: skip
@@ -678,7 +680,7 @@ def image_results(
     return results
 
 
-def _embed_torchvision(paths: list[str], encoder: Any, batch_size: int) -> Iterator[Tensor]:
+def _embed_torchvision(paths: list[str], embedder: Any, batch_size: int) -> Iterator[Tensor]:
     """Pooled embeddings in file order: batched torchvision decoding (a chunk ahead), the PIL path for the files
     it leaves; a file that fails there too is dropped, as `siglip embed` would list it in its errors file."""
     from PIL import Image
@@ -686,20 +688,20 @@ def _embed_torchvision(paths: list[str], encoder: Any, batch_size: int) -> Itera
     from .gpu_decode import decode_batches
     from .preprocess import BadImage, DecodeOptions, load_pixels
 
-    threads = 2 if encoder.device.type == "cuda" else 1
-    for start, batch in decode_batches(paths, encoder.preprocess, device=encoder.device, batch_size=batch_size, threads=threads):
+    threads = 2 if embedder.device.type == "cuda" else 1
+    for start, batch in decode_batches(paths, embedder.preprocess, device=embedder.device, batch_size=batch_size, threads=threads):
         chunk = paths[start : start + batch_size]
-        pixels = torch.empty(len(chunk), *batch.pixels.shape[1:], device=encoder.device)
+        pixels = torch.empty(len(chunk), *batch.pixels.shape[1:], device=embedder.device)
         pixels[batch.indices] = batch.pixels
         good = list(batch.indices)
         for position, _ in batch.failures:
             try:
-                pixels[position] = load_pixels(chunk[position], encoder.preprocess, DecodeOptions())[0].to(pixels.device)
+                pixels[position] = load_pixels(chunk[position], embedder.preprocess, DecodeOptions())[0].to(pixels.device)
                 good.append(position)
             except (BadImage, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 pass  # PIL's own exceptions for a broken file
         if good:
-            yield encoder(pixels[sorted(good)])[0]
+            yield embedder(pixels[sorted(good)])[0]
 
 
 def find_images(directory: Path, *, limit: int) -> tuple[list[str], int]:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .embed import EmbedOptions, OutputPaths, Progress, Summary, check_outputs, embed_to_file, load
+from .embed import EmbedOptions, Progress, Summary, embed_to_file
+from .outputs import OutputPaths, check_outputs
+from .runtime import load
 from .errors import UserError
 from .shards import merge_outputs, select_shard
 from .storage import exclusive
@@ -69,9 +71,9 @@ class _QueueProgress:
 def _work(job: _Job, channel: mp.Queue) -> None:
     _die_with_parent()
     try:
-        encoder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype, compile=job.compile)
+        embedder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype, compile=job.compile)
         summary = embed_to_file(
-            encoder, job.paths, job.output, options=job.options, update=True, progress=_QueueProgress(channel, job.index),
+            embedder, job.paths, job.output, options=job.options, update=True, progress=_QueueProgress(channel, job.index),
             require_rows=False,
         )
         channel.put(("done", job.index, summary))

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .embed import OutputPaths, Ref, assemble, describe_difference, read_output_metadata
 from .errors import UserError
-from .files import path_from_fields
-from .storage import NpyRows, SafetensorsRows, read_jsonl
+from .outputs import OutputPaths, Ref, assemble, describe_difference, read_output_metadata, read_rows
 
 
 def parse_shard(spec: str | None, num_shards: int | None, environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
@@ -143,22 +141,16 @@ def merge_outputs(
     good: list[tuple[bytes, Ref]] = []
     bad: list[tuple[bytes, dict]] = []
     for out, _ in opened:
-        reader = NpyRows({"embeddings": out.embeddings, "tokens": out.tokens}) if out.format == "npy" else SafetensorsRows(out.embeddings)
-        rows = [(row, True) for row in read_jsonl(out.manifest)]
-        rows += [(row, False) for row in (read_jsonl(out.errors) if out.errors.exists() else [])]
-        for i, (row, ok) in enumerate(rows):
-            path = path_from_fields(row)
+        refs, errors = read_rows(out)
+        for path in [ref.info["path"] for ref in refs] + [row["path"] for row in errors]:
             if path in owner:
                 raise UserError(
                     f"{path} is in both {owner[path]} and {out.embeddings}: these outputs overlap, so they are not "
                     "disjoint shards of one run."
                 )
             owner[path] = out.embeddings
-            info = {**row, "path": path}
-            if ok:
-                good.append((os.fsencode(path), Ref(reader, i, info)))
-            else:
-                bad.append((os.fsencode(path), info))
+        good += [(os.fsencode(ref.info["path"]), ref) for ref in refs]
+        bad += [(os.fsencode(row["path"]), row) for row in errors]
     good.sort(key=lambda item: item[0])
     bad.sort(key=lambda item: item[0])
     metadata = dict(opened[0][1])

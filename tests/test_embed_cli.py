@@ -823,7 +823,7 @@ def test_device_decoder_reports_a_broken_jpeg_like_the_cpu_path(embed, mixed_fol
 def test_default_batch_size_follows_the_device(
     device: str, cuda_present: bool, expected: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from siglip_cli.embed import default_batch_size
+    from siglip_cli.runtime import default_batch_size
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_present)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda_present else 0)
@@ -851,47 +851,47 @@ def test_auto_decoder_is_the_exact_cpu_path_on_a_cpu(embed, photos: Path, out: P
     assert read_safetensors(out / "e.safetensors")[1]["decoder"] == "cpu"
 
 
-def test_worker_chunks_survive_pinning(mixed_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA the DataLoader pins every chunk a worker hands over; pinning needs a GPU, so it is stood in for."""
+def test_worker_parcels_survive_pinning(mixed_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the DataLoader pins every parcel a worker hands over; pinning needs a GPU, so it is stood in for."""
     from siglip_cli.config import PreprocessConfig
-    from siglip_cli.embed import ImageFiles, _collate
+    from siglip_cli.decoding import ImageFiles, _collate
     from siglip_cli.preprocess import DecodeOptions
 
     paths = sorted(str(p) for p in mixed_folder.iterdir())
     for jpeg_to_device in (False, True):
         files = ImageFiles(paths, PreprocessConfig(32, 32), DecodeOptions(), jpeg_to_device=jpeg_to_device)
-        chunk = _collate([files[i] for i in range(len(paths))])
+        parcel = _collate([files[i] for i in range(len(paths))])
         monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: self.clone())
-        pinned = chunk.pin_memory()
-        assert (pinned.rows, pinned.errors, len(pinned)) == (chunk.rows, chunk.errors, len(paths))
-        assert torch.equal(pinned.pixels, chunk.pixels) and pinned.pixels is not chunk.pixels
+        pinned = parcel.pin_memory()
+        assert (pinned.rows, pinned.errors, len(pinned)) == (parcel.rows, parcel.errors, len(paths))
+        assert torch.equal(pinned.pixels, parcel.pixels) and pinned.pixels is not parcel.pixels
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16, 17, 40])
 @pytest.mark.parametrize("jpeg_to_device", [False, True], ids=["cpu-decoder", "device-decoder"])
-def test_batches_are_fixed_slices_put_together_from_worker_chunks(
+def test_batches_are_fixed_slices_put_together_from_worker_parcels(
     mixed_folder: Path, batch_size: int, jpeg_to_device: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from siglip_cli import embed as E
+    from siglip_cli import decoding as D
     from siglip_cli.config import PreprocessConfig
     from siglip_cli.preprocess import DecodeOptions, load_pixels
 
-    monkeypatch.setattr(E, "WORKER_CHUNK", 3)  # chunks smaller than most batches, and not dividing them
+    monkeypatch.setattr(D, "PARCEL_SIZE", 3)  # parcels smaller than most batches, and not dividing them
     paths = sorted(str(p) for p in mixed_folder.iterdir()) * 4  # 32 files, the bad ones among them
     cfg = PreprocessConfig(32, 32)
-    batches = list(E.decoded_batches(paths, cfg, DecodeOptions(), batch_size=batch_size, workers=2, pin=False,
+    batches = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=batch_size, workers=2, pin=False,
                                      jpeg_to_device=jpeg_to_device))  # fmt: skip
     assert [len(b) for b in batches] == [min(batch_size, len(paths) - s) for s in range(0, len(paths), batch_size)]
     spans = [(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size)]
-    chunks = list(E._Chunks(spans, 3))  # what the workers are handed: no chunk crosses a batch's edge
-    assert len(E._Chunks(spans, 3)) == len(chunks) and [i for c in chunks for i in c] == list(range(len(paths)))
-    assert all(len(c) <= 3 and any(s <= c[0] and c[-1] < e for s, e in spans) for c in chunks)
+    parcels = list(D._Parcels(spans, 3))  # what the workers are handed: no parcel crosses a batch's edge
+    assert len(D._Parcels(spans, 3)) == len(parcels) and [i for c in parcels for i in c] == list(range(len(paths)))
+    assert all(len(c) <= 3 and any(s <= c[0] and c[-1] < e for s, e in spans) for c in parcels)
     start = 0
     for batch in batches:
         names = paths[start : start + len(batch)]
         start += len(batch)
         assert sorted(r["path"] for r in batch.rows + batch.errors) == sorted(names)
-        pixels, rows, errors = E.batch_pixels(batch, cfg, torch.device("cpu"), DecodeOptions())
+        pixels, rows, errors = D.batch_pixels(batch, cfg, torch.device("cpu"), DecodeOptions())
         # The broken JPEG has a readable header: the device decoder is the one to find it broken.
         assert [r["path"] for r in rows] == [n for n in names if not n.endswith("broken.jpg")]  # in order
         assert [r["path"] for r in batch.errors + errors] == [n for n in names if n.endswith("broken.jpg")]
@@ -903,7 +903,7 @@ def test_batches_are_fixed_slices_put_together_from_worker_chunks(
 
 
 def test_look_ahead_keeps_order_and_raises_where_the_failure_was() -> None:
-    from siglip_cli.embed import look_ahead
+    from siglip_cli.decoding import look_ahead
 
     for depth in (0, 1, 3):
         assert list(look_ahead(range(10), lambda i: i * i, depth=depth)) == [i * i for i in range(10)]
@@ -921,7 +921,7 @@ def test_look_ahead_keeps_order_and_raises_where_the_failure_was() -> None:
 
 
 def test_look_ahead_stops_working_when_the_consumer_stops() -> None:
-    from siglip_cli.embed import look_ahead
+    from siglip_cli.decoding import look_ahead
 
     started = []
 

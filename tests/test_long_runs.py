@@ -32,9 +32,11 @@ from safetensors import safe_open
 from typer.testing import CliRunner, Result
 
 import siglip_cli.embed as embed_module
+import siglip_cli.outputs as outputs_module
+import siglip_cli.runtime as runtime_module
 from conftest import DEFAULT_REPO_ID, build_checkpoint, make_photo
 from siglip_cli.cli import app
-from siglip_cli.embed import EmbedOptions, Encoder, embed_to_file, load
+from siglip_cli.embed import EmbedOptions, Embedder, embed_to_file, load
 from siglip_cli.errors import UserError
 from siglip_cli.files import discover
 from siglip_cli.shards import shard_of
@@ -170,7 +172,7 @@ def folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def encoder(tiny_vision: Path) -> Encoder:
+def embedder(tiny_vision: Path) -> Embedder:
     return load(str(tiny_vision), device="cpu")
 
 
@@ -184,20 +186,20 @@ def embed(tiny_vision: Path):
     return run
 
 
-def interrupt(encoder: Encoder, folder: Path, output: Path, *, batch_size: int = 2, batches: int = 4) -> Path:
+def interrupt(embedder: Embedder, folder: Path, output: Path, *, batch_size: int = 2, batches: int = 4) -> Path:
     """Run with the options of `embed` (no arguments) and press Ctrl-C during batch number `batches`."""
     output.parent.mkdir(parents=True, exist_ok=True)
     with pytest.raises(KeyboardInterrupt):
         options = EmbedOptions(batch_size=batch_size, workers=0)
-        embed_to_file(encoder, discover([str(folder)]), output, options=options, progress=CtrlCAfter(batches))
+        embed_to_file(embedder, discover([str(folder)]), output, options=options, progress=CtrlCAfter(batches))
     return output
 
 
 @pytest.fixture
-def interrupted(encoder: Encoder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def interrupted(embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The output of a run stopped by Ctrl-C during its 4th batch, two images a batch; its output path."""
     monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 0.0)  # every finished batch reaches the work area
-    return interrupt(encoder, folder, tmp_path / "out" / "embeddings.safetensors")
+    return interrupt(embedder, folder, tmp_path / "out" / "embeddings.safetensors")
 
 
 def test_an_interrupted_run_leaves_no_output_only_its_work_area(interrupted: Path) -> None:
@@ -208,13 +210,13 @@ def test_continuing_embeds_only_the_images_not_yet_done(
     embed, interrupted: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     images_seen = []
-    forward = Encoder.__call__
+    forward = Embedder.__call__
 
-    def counting(self: Encoder, pixels: torch.Tensor):
+    def counting(self: Embedder, pixels: torch.Tensor):
         images_seen.append(len(pixels))
         return forward(self, pixels)
 
-    monkeypatch.setattr(Encoder, "__call__", counting)
+    monkeypatch.setattr(Embedder, "__call__", counting)
     summary = summary_of(embed(folder, interrupted, "--json"))
     assert summary["reused"] > 0 and summary["embedded"] > 0
     assert summary["embedded"] + summary["reused"] == 12
@@ -229,10 +231,10 @@ def test_continuing_gives_the_uninterrupted_output(embed, interrupted: Path, fol
 
 
 def test_a_file_changed_since_the_interruption_is_embedded_again(
-    embed, encoder: Encoder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 0.0)
-    output = interrupt(encoder, folder, tmp_path / "out" / "embeddings.safetensors", batch_size=1, batches=6)
+    output = interrupt(embedder, folder, tmp_path / "out" / "embeddings.safetensors", batch_size=1, batches=6)
     make_photo((48, 40), seed=300).save(folder / "p00.jpg", quality=90)  # done before the interruption
     touch(folder / "p00.jpg")  # a new mtime, whatever the clock's resolution
     ok(embed(folder, output, "--batch-size", 1))
@@ -245,7 +247,7 @@ class Killed(BaseException):
 
 
 def test_a_run_killed_while_assembling_leaves_no_embeddings_file_and_the_rerun_finishes_it(
-    embed, encoder: Encoder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     output = tmp_path / "out" / "embeddings.safetensors"
     output.parent.mkdir()
@@ -254,9 +256,9 @@ def test_a_run_killed_while_assembling_leaves_no_embeddings_file_and_the_rerun_f
         raise Killed
 
     with monkeypatch.context() as during_the_kill:
-        during_the_kill.setattr(embed_module, "write_safetensors", killed)
+        during_the_kill.setattr(outputs_module, "write_safetensors", killed)
         with pytest.raises(Killed):
-            embed_to_file(encoder, discover([str(folder)]), output, options=EmbedOptions(batch_size=2, workers=0))
+            embed_to_file(embedder, discover([str(folder)]), output, options=EmbedOptions(batch_size=2, workers=0))
     assert output.with_suffix(".jsonl").exists() and not output.exists()  # the manifest goes first
 
     summary = summary_of(embed(folder, output, "--json"))
@@ -266,7 +268,7 @@ def test_a_run_killed_while_assembling_leaves_no_embeddings_file_and_the_rerun_f
 
 
 def test_every_chunk_is_on_disk_before_and_after_it_gets_its_name(
-    encoder: Encoder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What survives a power cut: a chunk's bytes are fsynced before its rename, the folder's entry after it."""
     events: list[tuple[str, ...]] = []
@@ -283,7 +285,7 @@ def test_every_chunk_is_on_disk_before_and_after_it_gets_its_name(
     monkeypatch.setattr(os, "fsync", recording_fsync)
     monkeypatch.setattr(os, "replace", recording_replace)
     monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 0.0)
-    output = interrupt(encoder, folder, tmp_path / "out" / "embeddings.safetensors")
+    output = interrupt(embedder, folder, tmp_path / "out" / "embeddings.safetensors")
     work = os.path.realpath(work_area(output))
     moves = [i for i, event in enumerate(events) if event[0] == "replace" and Path(event[2]).name.startswith("chunk-")]
     assert moves, "no chunk was written"
@@ -414,14 +416,14 @@ def test_update_interrupted_while_replacing_the_files_recovers_on_the_next_updat
     ok(embed(folder, output, "--batch-size", 1))  # one image a batch: reruns are byte-identical
     (folder / "p11.jpg").unlink()
     save_photos(folder, ["a00.jpg"], first_seed=100)
-    write_safetensors = embed_module.write_safetensors
+    write_safetensors = outputs_module.write_safetensors
 
     def power_cut(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(embed_module, "write_safetensors", power_cut)
+    monkeypatch.setattr(outputs_module, "write_safetensors", power_cut)
     assert embed(folder, output, "--update", "--batch-size", 1).exit_code == 130
-    monkeypatch.setattr(embed_module, "write_safetensors", write_safetensors)
+    monkeypatch.setattr(outputs_module, "write_safetensors", write_safetensors)
     ok(embed(folder, output, "--update", "--batch-size", 1))
     ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
     assert differences(output, tmp_path / "fresh.safetensors") == []
@@ -675,7 +677,7 @@ def test_cuda_all_on_a_machine_with_one_gpu_runs_on_that_gpu(
         placed_on.append(torch.device(device))
         raise UserError("the test stops here, before anything reaches for the pretend GPU")
 
-    monkeypatch.setattr(embed_module, "load_model", load_model)
+    monkeypatch.setattr(runtime_module, "load_model", load_model)
     embed(folder, tmp_path / "embeddings.safetensors", "--device", "cuda:all")
     assert [device.type for device in placed_on] == ["cuda"]
 
@@ -684,49 +686,49 @@ def test_cuda_all_on_a_machine_with_one_gpu_runs_on_that_gpu(
 
 
 class OutOfMemoryAbove:
-    """The encoder on a pretend GPU with room for at most `limit` images per forward pass."""
+    """The embedder on a pretend GPU with room for at most `limit` images per forward pass."""
 
-    def __init__(self, encoder: Encoder, limit: int):
-        self.encoder, self.limit, self.batch_sizes, self.failed = encoder, limit, [], []
+    def __init__(self, embedder: Embedder, limit: int):
+        self.embedder, self.limit, self.batch_sizes, self.failed = embedder, limit, [], []
 
     def __getattr__(self, name: str):
-        return getattr(self.encoder, name)
+        return getattr(self.embedder, name)
 
     def __call__(self, pixels: torch.Tensor):
         if len(pixels) > self.limit:
             self.failed.append(len(pixels))
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(pixels)} images' worth")
         self.batch_sizes.append(len(pixels))
-        return self.encoder(pixels)
+        return self.embedder(pixels)
 
 
-def test_cuda_out_of_memory_halves_the_batch_and_says_so_once(encoder: Encoder, folder: Path, tmp_path: Path) -> None:
+def test_cuda_out_of_memory_halves_the_batch_and_says_so_once(embedder: Embedder, folder: Path, tmp_path: Path) -> None:
     paths = discover([str(folder)])
-    small = OutOfMemoryAbove(encoder, limit=3)
+    small = OutOfMemoryAbove(embedder, limit=3)
     progress = Notes()
     options = EmbedOptions(batch_size=8, workers=0)
     embed_to_file(small, paths, tmp_path / "halved.safetensors", options=options, progress=progress)
     assert small.batch_sizes == [2, 2, 2, 2, 2, 2]  # 12 images in batches of 8 and 4, run in pieces of 2
     assert small.failed == [8, 4]  # the size that fits is kept: the batch of 4 is not tried whole
     assert len(progress.notes) == 1 and "out of memory" in progress.notes[0].lower()
-    embed_to_file(encoder, paths, tmp_path / "pairs.safetensors", options=EmbedOptions(batch_size=2, workers=0))
+    embed_to_file(embedder, paths, tmp_path / "pairs.safetensors", options=EmbedOptions(batch_size=2, workers=0))
     assert differences(tmp_path / "halved.safetensors", tmp_path / "pairs.safetensors") == []
 
 
-def test_an_image_that_does_not_fit_alone_stops_the_run(encoder: Encoder, folder: Path, tmp_path: Path) -> None:
+def test_an_image_that_does_not_fit_alone_stops_the_run(embedder: Embedder, folder: Path, tmp_path: Path) -> None:
     paths, options = discover([str(folder)]), EmbedOptions(batch_size=4, workers=0)
     with pytest.raises(UserError, match="out of memory on a single image"):
-        embed_to_file(OutOfMemoryAbove(encoder, limit=0), paths, tmp_path / "e.safetensors", options=options)
+        embed_to_file(OutOfMemoryAbove(embedder, limit=0), paths, tmp_path / "e.safetensors", options=options)
     assert not (tmp_path / "e.safetensors").exists()
 
 
 def test_out_of_memory_even_for_one_image_ends_the_command_with_one_sentence(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_room(self: Encoder, pixels: torch.Tensor):
+    def no_room(self: Embedder, pixels: torch.Tensor):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(Encoder, "__call__", no_room)
+    monkeypatch.setattr(Embedder, "__call__", no_room)
     result = embed(folder, tmp_path / "embeddings.safetensors")
     assert result.exit_code != 0 and not isinstance(result.exception, torch.cuda.OutOfMemoryError), "a traceback"
     lines = result.stderr.strip().splitlines()
@@ -741,7 +743,7 @@ def test_out_of_memory_even_for_one_image_ends_the_command_with_one_sentence(
 @pytest.mark.parametrize("chunk_bytes, keeps_work", [(1, True), (1 << 40, False)])
 def test_a_chunk_is_flushed_once_its_tensors_reach_chunk_bytes(
     embed,
-    encoder: Encoder,
+    embedder: Embedder,
     folder: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -750,7 +752,7 @@ def test_a_chunk_is_flushed_once_its_tensors_reach_chunk_bytes(
 ) -> None:
     monkeypatch.setattr(embed_module, "FLUSH_SECONDS", float("inf"))  # only the size limit can flush
     monkeypatch.setattr(embed_module, "CHUNK_BYTES", chunk_bytes)
-    output = interrupt(encoder, folder, tmp_path / "embeddings.safetensors")
+    output = interrupt(embedder, folder, tmp_path / "embeddings.safetensors")
     assert (summary_of(embed(folder, output, "--json"))["reused"] > 0) == keeps_work
 
 
@@ -867,7 +869,7 @@ def test_sigterm_stops_like_ctrl_c_and_rerunning_continues(
 
 # ---------------------------------------------------------------------------------------- bounded memory
 
-# A tower that is nearly all tokens and no compute: no encoder layer, no head, 16×16 patches of 256 floats.
+# A tower that is nearly all tokens and no compute: no embedder layer, no head, 16×16 patches of 256 floats.
 TOKENS, HIDDEN = 256, 256
 ROW_BYTES = (TOKENS + 1) * HIDDEN * 4  # one image's tokens and embedding, float32: 257 KiB
 

@@ -115,9 +115,9 @@ def test_headless_pooled_output_is_the_mean_of_the_patch_tokens(headless_checkpo
 
 def test_one_image_alone_gives_the_same_numbers_as_in_a_batch(tiny_siglip: Path) -> None:
     pixels = random_pixels(tiny_siglip)
-    encoder = load(str(tiny_siglip), device="cpu", dtype="float32")
-    batched, _ = encoder(pixels)
-    alone, _ = encoder(pixels[1:2])
+    embedder = load(str(tiny_siglip), device="cpu", dtype="float32")
+    batched, _ = embedder(pixels)
+    alone, _ = embedder(pixels[1:2])
     assert max_diff(alone[0], batched[1]) <= TOLERANCE
 
 
@@ -162,8 +162,8 @@ def test_photos_embed_like_the_transformers_pipeline(
 ) -> None:
     checkpoint = request.getfixturevalue(name)
     expected_pooled, expected_tokens = reference_from_photos(checkpoint, photos)
-    encoder = load(str(checkpoint), device="cpu", dtype="float32")
-    result = embed_paths(encoder, photos, normalize=False, tokens=True)
+    embedder = load(str(checkpoint), device="cpu", dtype="float32")
+    result = embed_paths(embedder, photos, normalize=False, tokens=True)
     assert [row["path"] for row in result.rows] == [str(p) for p in photos]
     assert max_diff(torch.from_numpy(result.embeddings), expected_pooled) <= TOLERANCE
     assert max_diff(torch.from_numpy(result.tokens), expected_tokens) <= TOLERANCE

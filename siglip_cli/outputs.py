@@ -1,0 +1,190 @@
+"""A run's output files: their names, reading a finished one back, and writing the final files from its rows.
+
+`OUT.safetensors` (or `OUT.npy` with `OUT.tokens.npy` and `OUT.meta.json`), the manifest `OUT.jsonl`, and
+`OUT.errors.jsonl`. Each is written atomically, the manifest and errors file first and the embeddings file last,
+so an existing embeddings file means the run that wrote it finished.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+from safetensors import safe_open
+
+from . import __version__
+from .errors import UserError
+from .files import display_path, path_fields, path_from_fields
+from .storage import NpyRows, RowReader, SafetensorsRows, TensorSpec, read_jsonl, write_jsonl, write_npy, write_safetensors
+from .weights import Checkpoint
+
+
+OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+BLOCK_BYTES = 32 << 20  # rows are copied into the final file in blocks of about this size
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    embeddings: Path
+    manifest: Path
+    errors: Path
+    tokens: Path | None  # `.npy` outputs keep tokens (--tokens) in a file of their own
+    meta: Path | None  # `.npy` has no header: the run's metadata goes beside it
+    work: Path
+
+    @classmethod
+    def for_output(cls, output: Path) -> OutputPaths:
+        suffix = output.suffix.lower()
+        if suffix not in (".safetensors", ".npy"):
+            raise UserError(f"output {output} must end in .safetensors or .npy.")
+        if output.is_dir():
+            raise UserError(f"output {output} is a folder; give a file name (ending in {suffix}) for -o.")
+        stem = output.with_suffix("")
+        npy = suffix == ".npy"
+        return cls(
+            embeddings=output,
+            manifest=output.with_suffix(".jsonl"),
+            errors=stem.with_name(stem.name + ".errors.jsonl"),
+            tokens=stem.with_name(stem.name + ".tokens.npy") if npy else None,
+            meta=stem.with_name(stem.name + ".meta.json") if npy else None,
+            work=output.with_name(output.name + ".partial"),
+        )
+
+    @property
+    def format(self) -> str:
+        return "npy" if self.meta is not None else "safetensors"
+
+    def files(self) -> list[Path]:
+        """The final files a run writes (those of this format)."""
+        return [p for p in (self.manifest, self.errors, self.tokens, self.meta, self.embeddings) if p is not None]
+
+
+def check_outputs(out: OutputPaths, *, interrupted: bool, overwrite: bool, update: bool) -> None:
+    """Refuse to replace a finished output, or files beside it that are the user's, unless told to."""
+    if overwrite or update:
+        return
+    if out.embeddings.exists():
+        raise UserError(f"{out.embeddings} already exists: add --overwrite to replace it, or --update to refresh it.")
+    # The manifest and errors files of an interrupted run are ours to replace; anything else is the user's.
+    if not interrupted:
+        for path in (out.manifest, out.errors, out.tokens):
+            if path is not None and path.exists():
+                raise UserError(f"{path} already exists and would be replaced: add --overwrite, or choose another -o.")
+
+
+class Ref(NamedTuple):
+    """Where a finished row lives: a reader over a chunk (or previous output) and the row's index there."""
+
+    reader: RowReader
+    index: int
+    info: dict
+
+_OPTION_NAMES = {
+    "model": "--model",
+    "revision": "--revision",
+    "compute_dtype": "--dtype",
+    "normalized": "--normalize/--no-normalize",
+    "output_dtype": "--output-dtype",
+    "tokens": "--tokens",
+    "format": "the output format",
+    "preprocessing": "the preprocessing (--no-exif-transpose, --fast-decode, --decode, or the model's preprocessor)",
+}
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    changed = [_OPTION_NAMES.get(k, k) for k in new if old.get(k) != new.get(k)]
+    return ", ".join(changed) or "the options"
+
+
+def read_output_metadata(out: OutputPaths) -> dict[str, str]:
+    """The metadata a finished output was written with (its header, or the `.meta.json` beside a `.npy`)."""
+    if out.meta is not None:
+        return read_jsonl(out.meta)[0] if out.meta.exists() else {}
+    with safe_open(out.embeddings, framework="np") as f:
+        return f.metadata() or {}
+
+
+def read_output_options(out: OutputPaths) -> dict:
+    return json.loads(read_output_metadata(out).get("options", "{}"))
+
+
+def read_rows(out: OutputPaths) -> tuple[list[Ref], list[dict]]:
+    """A finished output's rows: where each embedded file's row is (in manifest order), and its errors file's rows.
+    Paths come back as found on disk, also where the manifest spells a non-UTF-8 name in base64."""
+    if out.format == "npy":
+        reader: RowReader = NpyRows({"embeddings": out.embeddings, "tokens": out.tokens})
+    else:
+        reader = SafetensorsRows(out.embeddings)
+    refs = [Ref(reader, i, {**row, "path": path_from_fields(row)}) for i, row in enumerate(read_jsonl(out.manifest))]
+    errors = [{**row, "path": path_from_fields(row)} for row in (read_jsonl(out.errors) if out.errors.exists() else [])]
+    return refs, errors
+
+
+def public_row(info: dict) -> dict:
+    """A manifest or errors row as users read it: the path made readable, then the facts."""
+    return {**path_fields(info["path"]), **{k: v for k, v in info.items() if k not in ("path", "path_bytes_b64")}}
+
+
+def row_blocks(refs: list[Ref], name: str, *, row_bytes: int) -> Iterator[np.ndarray]:
+    """Rows of tensor `name` in order, read as runs of consecutive rows from one source, ≤ ~32 MiB at a time."""
+    max_rows = max(1, BLOCK_BYTES // max(row_bytes, 1))
+    start = 0
+    while start < len(refs):
+        stop = start + 1
+        while (
+            stop < len(refs)
+            and stop - start < max_rows
+            and refs[stop].reader is refs[start].reader
+            and refs[stop].index == refs[stop - 1].index + 1
+        ):
+            stop += 1
+        yield refs[start].reader.read(name, refs[start].index, refs[stop - 1].index + 1)
+        start = stop
+
+
+def output_metadata(checkpoint: Checkpoint, state: dict, *, shard: tuple[int, int] | None = None) -> dict[str, str]:
+    """The `.safetensors` header metadata (or `.meta.json` beside a `.npy`): what made these numbers."""
+    return {
+        **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
+        "model": display_path(checkpoint.name),
+        "revision": checkpoint.revision or "",
+        "embedding_dim": str(checkpoint.vision.hidden_size),
+        "dtype": state["output_dtype"],
+        "compute_dtype": state["compute_dtype"],
+        "normalized": str(state["normalized"]).lower(),
+        "pooling": "attention-pool head" if checkpoint.vision.vision_use_head else "mean of patch tokens (headless tower)",
+        "preprocessing": json.dumps(state["preprocessing"]),
+        "decoder": state["preprocessing"]["decoder"],
+        "tool": f"siglip {__version__}",
+        "options": json.dumps(state, sort_keys=True),
+    }
+
+
+def assemble(out: OutputPaths, good: list[Ref], bad: list[dict], metadata: dict[str, str]) -> None:
+    """Write the final files from the finished rows: manifest and errors first, the embeddings file last."""
+    state = json.loads(metadata["options"])
+    D, T = state["embedding_dim"], state["num_tokens"]
+    dtype = np.dtype(OUTPUT_DTYPES[state["output_dtype"]])
+    metadata = {**metadata, "num_images": str(len(good))}
+    write_jsonl(out.manifest, (public_row(ref.info) for ref in good))
+    if bad:
+        write_jsonl(out.errors, (public_row(info) for info in bad))
+    else:
+        out.errors.unlink(missing_ok=True)  # a stale errors file would describe another run
+    embeddings = TensorSpec(dtype, (len(good), D), row_blocks(good, "embeddings", row_bytes=D * dtype.itemsize))
+    tokens = None
+    if state["tokens"]:
+        tokens = TensorSpec(dtype, (len(good), T, D), row_blocks(good, "tokens", row_bytes=T * D * dtype.itemsize))
+    if out.format == "npy":
+        if tokens is not None:
+            write_npy(out.tokens, tokens)
+        else:
+            out.tokens.unlink(missing_ok=True)  # stale tokens would sit beside embeddings they do not match
+        write_jsonl(out.meta, [metadata])
+        write_npy(out.embeddings, embeddings)
+    else:
+        write_safetensors(out.embeddings, {"embeddings": embeddings, **({"tokens": tokens} if tokens else {})}, metadata)

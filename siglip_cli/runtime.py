@@ -1,0 +1,94 @@
+"""Where and how the tower runs: the device, the compute dtype, and `load`, which puts a checkpoint there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import PreprocessConfig
+from .errors import UserError
+from .model import SiglipVision
+from .weights import DEFAULT_MODEL, Checkpoint, load_model, resolve_checkpoint
+
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Embedder:
+    """A loaded tower on its device, with the checkpoint it came from."""
+
+    model: SiglipVision  # or its torch.compile wrapper
+    checkpoint: Checkpoint
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.checkpoint.preprocess
+
+    @torch.inference_mode()
+    def __call__(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) normalized pixels → pooled (B, D) float32 and tokens (B, N, D) in the compute dtype."""
+        pooled, tokens = self.model(pixels.to(self.device, self.dtype, non_blocking=True))
+        return pooled.float(), tokens
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r} (expected auto, cpu, cuda or cuda:N).") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device} was asked for but CUDA is not available on this machine.")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UserError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
+    elif resolved.type != "cpu":
+        raise UserError(f"device {device!r} is not supported (expected auto, cpu, cuda or cuda:N).")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bfloat16 keeps cosine ≥ 0.999 to float32 and doubles GPU throughput; CPUs default to the exact path.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in COMPUTE_DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (expected auto, {', '.join(COMPUTE_DTYPES)}).")
+    return COMPUTE_DTYPES[dtype]
+
+
+def default_batch_size(device: str) -> int:
+    """32 on the CPU, which a batch of 32 keeps busy; 128 on CUDA, where B/16 ran 12,000 images/s at batch 64 and
+    13,000 at 256 on an H200 (bench/RESULTS.md): 128 is most of that, and leaves memory for the full-size photos
+    the GPU decoder holds while it works on a batch."""
+    return 128 if resolve_device(device).type == "cuda" else 32
+
+
+def load(
+    model: str = DEFAULT_MODEL,
+    *,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    compile: bool = False,
+) -> Embedder:
+    """Load a checkpoint (Hub id or local directory) ready to embed.
+
+    `device`: auto, cpu, cuda or cuda:N. `dtype`: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16
+    or float16. `compile`: `torch.compile` the tower; on an H200 B/16 went from 12,500 to 13,800 images/s after 15 s
+    of compiling (so400m gained nothing), on our 2-core CPU it took 18-48 s for 0-5% (bench/RESULTS.md).
+    """
+    resolved = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, resolved)
+    checkpoint = resolve_checkpoint(model, revision=revision)
+    # Fused q/k/v: one GEMM instead of three, the same numbers (tests check it against the plain path); on CUDA
+    # also fc1 + GELU (gpu_check checks it against the float32 plain path).
+    tower = load_model(checkpoint, device=resolved, dtype=torch_dtype).fuse_qkv().fuse_gelu()
+    if compile:
+        tower = torch.compile(tower)
+    return Embedder(tower, checkpoint, resolved, torch_dtype)
