@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DEFAULT_PRESET, PRESETS, PreprocessConfig
-from .runtime import COMPUTE_DTYPES, resolve_device
+from .runtime import cpu_has_native_bf16, dtype_note, resolve_device, resolve_dtype
 from .errors import UserError
 from .model import SiglipVision, init_weights
 
@@ -55,20 +55,6 @@ def cpu_name() -> str:
     return match.group(1).strip() if match else (platform.processor() or platform.machine())
 
 
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
-
-    Without it PyTorch still runs bf16, but far slower than float32: on a 2-core Zen 3 (AVX2 only) a bf16 linear
-    ran at 18 GFLOP/s against 153 for float32, and B/16 at 0.56 against 3.99 images/s (bench/RESULTS.md), so the
-    automatic dtype must not pick bf16 there.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
 @dataclass(frozen=True)
 class Machine:
     device: str  # "NVIDIA H200" or "AMD EPYC 9R14 (2 threads)"
@@ -90,22 +76,6 @@ def describe_machine(device: torch.device, dtype: torch.dtype) -> Machine:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> tuple[torch.dtype, list[str]]:
-    """The run's dtype and any note about it. `None` (auto): bf16 on CUDA and on CPUs with native bf16, else fp32."""
-    notes: list[str] = []
-    if name is None:
-        if device.type == "cuda" or cpu_has_native_bf16():
-            return torch.bfloat16, notes
-        notes.append("dtype float32: this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 runs slower than fp32.")
-        return torch.float32, notes
-    if name not in COMPUTE_DTYPES:
-        raise BenchError(f"dtype {name!r} is not supported (expected one of {', '.join(COMPUTE_DTYPES)}).")
-    dtype = COMPUTE_DTYPES[name]
-    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
-        notes.append("bfloat16 on a CPU without native bf16 (AVX512-BF16/AMX) is emulated and slower than float32.")
-    return dtype, notes
 
 
 def _synchronize(device: torch.device) -> None:
@@ -486,7 +456,7 @@ class Report:
 class BenchOptions:
     model: str = DEFAULT_PRESET
     device: str = "cpu"
-    dtype: str | None = None  # None: bf16 on CUDA and on CPUs with native bf16, float32 elsewhere
+    dtype: str | None = None  # None: auto, as `siglip embed` (bf16 on CUDA, float32 on the CPU)
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     iters: int | None = None  # None: 10 on CUDA, 3 on CPU
     warmup: int | None = None  # None: 3 on CUDA, 1 on CPU
@@ -517,7 +487,8 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     """Model-only throughput for each batch size (ours, then each reference), and the image pipeline with `images`."""
     say = progress or (lambda message: None)
     device = resolve_device(options.device)  # the same rules as `siglip embed --device`
-    dtype, notes = resolve_dtype(options.dtype, device)
+    dtype = resolve_dtype(options.dtype or "auto", device)  # the same rule as `siglip embed --dtype`
+    notes = [note] if (note := dtype_note(device, dtype)) else []
     compile = default_compile(device) if options.compile is None else options.compile
     iters = options.iters if options.iters is not None else (10 if device.type == "cuda" else 3)
     warmup = options.warmup if options.warmup is not None else (3 if device.type == "cuda" else 1)

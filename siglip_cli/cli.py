@@ -20,11 +20,11 @@ from rich.text import Text
 from . import __version__
 from .allocator import keep_freed_memory
 from .decoding import default_workers
-from .runtime import default_batch_size, resolve_device
+from .runtime import default_batch_size, dtype_note, resolve_device
 from .errors import UserError
 from .files import IMAGE_SUFFIXES
 from .preprocess import DEFAULT_MAX_PIXELS
-from .config import DEFAULT_PRESET
+from .config import DEFAULT_PRESET, PIL_FILTERS
 from .weights import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -226,6 +226,12 @@ def embed(
                     )
                 else:
                     embedder = load(model, revision=revision, device=devices[0], dtype=dtype.value, compile=compile)
+                    if not embedder.checkpoint.preprocess_source and not quiet:
+                        pre = embedder.preprocess
+                        note(
+                            f"{model} has no preprocessor_config.json: assuming SigLIP's preprocessing (resize to "
+                            f"{pre.width}x{pre.height}, {PIL_FILTERS[pre.resample]}; pixels scaled to [-1, 1])."
+                        )
                     summary = embed_to_file(
                         embedder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress,
                         require_rows=part is None,  # a shard's part may be empty or all bad: the merge decides
@@ -241,8 +247,8 @@ def embed(
         stdout.print_json(json.dumps(summary.to_dict()))
     if not quiet:
         stderr.print(_summary_line(summary))
-        if len(devices) == 1:
-            _note_emulated_bf16(embedder.device, embedder.dtype)
+        if len(devices) == 1 and (hint := dtype_note(embedder.device, embedder.dtype)):
+            note(hint)
         if update and summary.removed and not summary.reused:
             note(
                 "no row of the earlier output matched these inputs, so every image was embedded again; rows are "
@@ -250,18 +256,6 @@ def embed(
             )
     if strict and summary.failed:
         fail(f"{summary.failed} file(s) could not be embedded (--strict): see {summary.errors}.", 1)
-
-
-def _note_emulated_bf16(device, dtype) -> None:
-    import torch
-
-    from .benchmark import cpu_has_native_bf16
-
-    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
-        note(
-            "this CPU has no native bfloat16 (AVX512-BF16 or AMX): bfloat16 ran emulated, several times slower than "
-            "float32 would have."
-        )
 
 
 def _summary_line(s) -> str:
@@ -341,7 +335,7 @@ def inspect(
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="A preset name (random weights, no download), a Hub id or a local checkpoint.")] = DEFAULT_PRESET,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32, bfloat16 or float16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on the CPU, as embed), float32, bfloat16 or float16.")] = "auto",
     batch_size: Annotated[Optional[str], typer.Option("--batch-size", "-b", help="Comma-separated batch sizes (default: 1,8,32 on CPU, 1,32,256 on CUDA).", show_default=False)] = None,
     iters: Annotated[Optional[int], typer.Option(min=1, help="Timed calls per measurement; the median is reported (default: 10 on CUDA, 3 on CPU).", show_default=False)] = None,
     warmup: Annotated[Optional[int], typer.Option(min=0, help="Untimed calls first (default: 3 on CUDA, 1 on CPU).", show_default=False)] = None,

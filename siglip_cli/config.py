@@ -60,6 +60,8 @@ class VisionConfig:
             raise ConfigError(f"vision_use_head must be true or false, not {self.vision_use_head!r}.")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"activation {self.hidden_act!r} is not supported (expected one of {', '.join(ACTIVATIONS)}).")
+        if self.num_channels != 3:
+            raise ConfigError(f"num_channels {self.num_channels} is not supported: photos are embedded as RGB (3 channels).")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}."
@@ -194,11 +196,19 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
     if config is None:
         return PreprocessConfig(height=vision.image_size, width=vision.image_size)
     size = config.get("size", {"height": vision.image_size, "width": vision.image_size})
+    # A bare number: transformers 5 reads it as the shortest edge (aspect kept), which a fixed-size tower cannot
+    # take for a non-square photo; for SigLIP it can only mean the square the tower needs.
     if isinstance(size, int):
         size = {"height": size, "width": size}
     if "height" not in size or "width" not in size:
         raise ConfigError(
             f"preprocessor size {size} is not a fixed (height, width): SigLIP resizes straight to the model's size."
+        )
+    crop = config.get("crop_size")
+    if config.get("do_center_crop") and crop not in ({"height": size["height"], "width": size["width"]}, size["height"]):
+        raise ConfigError(
+            f"the preprocessor center-crops to {crop} after resizing to {size['height']}x{size['width']}; SigLIP "
+            "resizes straight to the model's size, and cropping is not supported."
         )
     defaults = PreprocessConfig()
     return PreprocessConfig(

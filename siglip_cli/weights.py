@@ -53,6 +53,9 @@ class Checkpoint:
     preprocess: PreprocessConfig
     weight_files: tuple[Path, ...]
     prefix: str  # what stands in front of the tower's parameter names in those files
+    # Where `preprocess` came from: "preprocessor_config.json", "processor_config.json" (transformers 5 saves a
+    # processor's parts there together), or "" when the checkpoint has neither and SigLIP's defaults were assumed.
+    preprocess_source: str = "preprocessor_config.json"
 
 
 def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
@@ -80,36 +83,54 @@ def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
 
 def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) -> Checkpoint:
     config = _read_json(files.get("config.json", required=True))
-    preprocessor_path = files.get("preprocessor_config.json", required=False)
-    preprocessor = _read_json(preprocessor_path) if preprocessor_path else None
+    preprocessor, preprocess_source = _image_processor_config(files)
     try:
         vision = vision_config_from_hub(config)
         preprocess = preprocess_config_from_hub(preprocessor, vision)
     except ConfigError as e:
         raise ConfigError(f"{name}: {e}") from None  # the same sentence, naming the checkpoint
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # a value of the wrong kind the checks missed
-        raise CheckpointError(f"{name}: config.json or preprocessor_config.json holds a malformed value ({e}).") from None
+        raise CheckpointError(f"{name}: config.json or {preprocess_source} holds a malformed value ({e}).") from None
     if preprocess.do_resize and (preprocess.height, preprocess.width) != (vision.image_size, vision.image_size):
         raise CheckpointError(
-            f"{name}: preprocessor_config.json resizes to {preprocess.width}x{preprocess.height} but the tower "
+            f"{name}: {preprocess_source} resizes to {preprocess.width}x{preprocess.height} but the tower "
             f"takes {vision.image_size}x{vision.image_size} images."
         )
-    index_path = files.get(INDEX_FILE, required=False)
-    if index_path is not None:
+    # The single file first, as transformers loads them: a checkpoint re-saved unsharded in place keeps the old
+    # index (and perhaps its shards) beside the new file.
+    single = files.get(SINGLE_FILE, required=False)
+    if single is not None:
+        with _open_weights(single) as f:
+            prefix = _find_prefix(name, f.keys())
+        weight_files: tuple[Path, ...] = (single,)
+    else:
+        index_path = files.get(INDEX_FILE, required=False)
+        if index_path is None:
+            raise CheckpointError(f"{name} has no {SINGLE_FILE} or {INDEX_FILE}; {PICKLE_MESSAGE}.")
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path} has no weight_map naming the shard of each tensor.")
         prefix = _find_prefix(name, weight_map)
         shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
         weight_files = tuple(files.get(shard, required=True) for shard in shards)
-    else:
-        single = files.get(SINGLE_FILE, required=False)
-        if single is None:
-            raise CheckpointError(f"{name} has no {SINGLE_FILE} or {INDEX_FILE}; {PICKLE_MESSAGE}.")
-        with _open_weights(single) as f:
-            prefix = _find_prefix(name, f.keys())
-        weight_files = (single,)
-    return Checkpoint(name, files.commit_hash or revision, vision, preprocess, weight_files, prefix)
+    return Checkpoint(name, files.commit_hash or revision, vision, preprocess, weight_files, prefix, preprocess_source)
+
+
+def _image_processor_config(files: _LocalFiles | _HubFiles) -> tuple[dict | None, str]:
+    """The image processor's settings and the file they came from: `preprocessor_config.json`, else the
+    `image_processor` entry of `processor_config.json` (what transformers 5's `SiglipProcessor.save_pretrained`
+    writes, and reads back), else (None, "")."""
+    path = files.get("preprocessor_config.json", required=False)
+    if path is not None:
+        return _read_json(path), path.name
+    path = files.get("processor_config.json", required=False)
+    if path is not None:
+        entry = _read_json(path).get("image_processor")
+        if entry is not None:
+            if not isinstance(entry, dict):
+                raise CheckpointError(f"{path}: its image_processor entry is not a JSON object.")
+            return entry, path.name
+    return None, ""
 
 
 def _find_prefix(name: str, keys) -> str:

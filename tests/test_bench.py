@@ -178,7 +178,7 @@ def test_bench_missing_timm_is_one_note(tiny_vision: Path, monkeypatch: pytest.M
     (["--batch-size", "8,x"], "batch sizes"),
     (["--batch-size", ""], "batch sizes must be positive integers"),
     (["--batch-size", "0"], "(got '0')"),
-    (["--dtype", "float64"], "dtype 'float64' is not supported"),
+    (["--dtype", "float64"], "unknown dtype 'float64' (expected auto, float32, bfloat16, float16)"),
 ])  # fmt: skip
 def test_bench_bad_options_are_one_sentence(tiny_vision: Path, args: list[str], message: str) -> None:
     result = RUNNER.invoke(app, ["bench", "-m", str(tiny_vision), "--device", "cpu", *args])

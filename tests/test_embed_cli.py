@@ -830,6 +830,32 @@ def test_default_batch_size_follows_the_device(
     assert default_batch_size(device) == expected
 
 
+def test_a_checkpoint_without_image_settings_is_embedded_with_a_note(
+    embed, tiny_siglip: Path, photos: Path, out: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_siglip, bare)
+    (bare / "preprocessor_config.json").unlink()
+    result = ok(embed(photos, "-o", out / "embeddings.safetensors", model=bare))
+    assert f"note: {bare} has no preprocessor_config.json: assuming SigLIP's preprocessing (resize to 32x32, bicubic" in result.stderr
+    assert "preprocessor_config" not in ok(embed(photos, "-o", out / "again.safetensors")).stderr
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_dtype_is_float32_on_every_cpu_and_the_note_says_what_bf16_would_do(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from siglip_cli import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert runtime.resolve_dtype("auto", cpu) == torch.float32  # the exact path, even where bf16 is fast
+    assert (runtime.dtype_note(cpu, torch.float32) is not None) == native  # "--dtype bfloat16 is faster"
+    assert (runtime.dtype_note(cpu, torch.bfloat16) is not None) == (not native)  # "emulated, several times slower"
+
+
 def test_device_decoder_out_of_memory_falls_back_to_the_cpu_path(
     embed, mixed_folder: Path, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

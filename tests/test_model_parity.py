@@ -169,6 +169,25 @@ def test_photos_embed_like_the_transformers_pipeline(
     assert max_diff(torch.from_numpy(result.tokens), expected_tokens) <= TOLERANCE
 
 
+def test_processor_config_alone_is_read_as_transformers_reads_it(
+    tiny_siglip2: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    # transformers 5's SiglipProcessor.save_pretrained writes the image settings into processor_config.json
+    # and no preprocessor_config.json: bilinear here, where the defaults would resize bicubic.
+    import json
+    import shutil
+
+    checkpoint = tmp_path / "fine-tuned"
+    shutil.copytree(tiny_siglip2, checkpoint)
+    settings = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    (checkpoint / "preprocessor_config.json").unlink()
+    (checkpoint / "processor_config.json").write_text(json.dumps({"image_processor": settings, "processor_class": "SiglipProcessor"}))
+    assert resolve_checkpoint(str(checkpoint)).preprocess.resample == settings["resample"] == 2
+    expected_pooled, _ = reference_from_photos(checkpoint, photos)
+    result = embed_paths(load(str(checkpoint), device="cpu", dtype="float32"), photos, normalize=False)
+    assert max_diff(torch.from_numpy(result.embeddings), expected_pooled) <= TOLERANCE
+
+
 def test_cli_no_normalize_output_is_transformers_pooler_output(
     tiny_siglip: Path, photos: list[Path], tmp_path: Path
 ) -> None:

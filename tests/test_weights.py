@@ -203,6 +203,21 @@ def test_checkpoint_folder_whose_name_is_not_utf8_is_one_sentence(tiny_vision: P
         resolve_checkpoint(str(checkpoint))
 
 
+def test_single_file_beside_a_stale_index_wins_as_in_transformers(
+    tiny_sharded: Path, tiny_siglip: Path, tmp_path: Path
+) -> None:
+    # A folder re-saved unsharded in place: transformers deletes the old shards but leaves their index behind.
+    checkpoint = copy_checkpoint(tiny_sharded, tmp_path / "ckpt")
+    for shard in checkpoint.glob("model-*.safetensors"):
+        shard.unlink()
+    shutil.copy(tiny_siglip / WEIGHTS_NAME, checkpoint / WEIGHTS_NAME)
+    shutil.copy(tiny_siglip / "config.json", checkpoint / "config.json")
+    resolved = resolve_checkpoint(str(checkpoint))
+    assert resolved.weight_files == (checkpoint / WEIGHTS_NAME,)
+    plain = load_model(resolve_checkpoint(str(tiny_siglip)))
+    assert all(torch.equal(a, b) for a, b in zip(load_model(resolved).state_dict().values(), plain.state_dict().values()))
+
+
 def test_index_without_weight_map_is_refused(tiny_sharded: Path, tmp_path: Path) -> None:
     checkpoint = copy_checkpoint(tiny_sharded, tmp_path / "ckpt")
     (checkpoint / INDEX_NAME).write_text(json.dumps({"metadata": {}}))
@@ -318,7 +333,7 @@ def test_hub_id_in_the_cache_loads_offline_without_asking_the_hub_for_what_it_la
     checkpoint = resolve_checkpoint(DEFAULT_REPO_ID)
     assert checkpoint.revision == DEFAULT_REVISION
     assert asked == ["config.json", "preprocessor_config.json", WEIGHTS_NAME]
-    assert online == [("huggingface.co", 443)]  # one probe, for the index
+    assert online == []  # the weights file is cached, so the optional shard index is never asked for
 
 
 def test_hub_revision_that_is_not_cached_fails_naming_id_and_revision(hf_cache: HubCache, tiny_siglip: Path) -> None:
@@ -358,6 +373,7 @@ def test_other_model_type_is_refused_naming_it(tmp_path: Path) -> None:
         ({"model_type": "siglip_vision_model", "num_hidden_layers": -1}, r"num_hidden_layers must be a whole number ≥ 0"),
         ({"model_type": "siglip_vision_model", "vision_use_head": "false"}, r"vision_use_head must be true or false"),
         ({"model_type": "siglip_vision_model", "layer_norm_eps": None}, r"layer_norm_eps must be a number"),
+        ({"model_type": "siglip_vision_model", "num_channels": 1}, r"num_channels 1 is not supported: photos are embedded as RGB"),
         ({"model_type": "siglip_vision_model", "image_size": "224"}, r"image_size must be a positive integer, not '224'"),
         ({"model_type": "siglip_vision_model", "patch_size": 16.9}, r"patch_size must be a positive integer, not 16\.9"),
         ({"model_type": "siglip_vision_model", "patch_size": [16.5, 16.5]}, r"patch_size must be a positive integer"),
@@ -380,6 +396,7 @@ def test_malformed_config_is_one_sentence_naming_the_checkpoint(tmp_path: Path, 
         ({"image_mean": ["a", "b", "c"]}, r"expected 3 channel values for image mean/std"),
         ({"rescale_factor": "x"}, r"rescale_factor must be a number, not 'x'"),
         ({"do_normalize": "false"}, r"do_normalize must be true or false, not 'false'"),
+        ({"do_center_crop": True, "crop_size": {"height": 24, "width": 24}}, r"center-crops to .* cropping is not supported"),
     ],
 )
 def test_malformed_preprocessor_config_is_refused_when_the_checkpoint_loads(
