@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import codecs
+import errno
 import os
+import re
 import stat
 import sys
 from collections import Counter
@@ -17,12 +20,16 @@ from .errors import UserError
 # AVIF through Pillow itself (11.2+); .mpo is the multi-picture JPEG some cameras write, .jfif/.jpe browser
 # downloads. Anything else in a folder (videos, RAW files, sidecars) is counted, not opened.
 IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".avif", ".heic", ".heif", ".bmp", ".gif",
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".avif", ".heic", ".heif", ".hif", ".bmp", ".gif",
      ".tif", ".tiff", ".mpo"}
-)
+)  # .hif: the HEIF that Canon and Fujifilm cameras write
 # Folders that would embed photos a second time or bring back deleted ones: NAS thumbnails (Synology's @eaDir),
 # snapshots and recycle bins (Synology, QNAP, Windows). Hidden folders (.Trash, .thumbnails) are skipped anyway.
 SKIPPED_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "@Recycle", "$RECYCLE.BIN"})
+# A macOS Photos library (a folder named `*.photoslibrary`) holds each photo once in `originals` (`Masters` in older
+# ones); its `resources/derivatives` and the rest are the same photos again, at other sizes.
+PHOTOS_LIBRARY_ORIGINALS = frozenset({"originals", "Masters"})
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass
@@ -73,8 +80,12 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
             found.setdefault(os.path.normpath(name))
 
     for name in inputs:
-        if not os.path.lexists(name):
-            raise UserError(f"input {display_path(name)} does not exist.")
+        try:
+            os.lstat(name)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise UserError(f"input {display_path(name)} does not exist.") from None
+            raise UserError(f"input {display_path(name)} cannot be read: {e.strerror}.") from None
         add(name)
     if files_from is not None:
         for name in read_path_list(files_from):
@@ -97,12 +108,13 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
         except OSError as e:
             report.unreadable.append((directory, e.strerror or str(e)))
             continue
+        in_photos_library = os.path.basename(os.path.normpath(directory)).endswith(".photoslibrary")
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             try:
                 if entry.is_dir():
-                    if entry.name not in SKIPPED_FOLDERS:
+                    if entry.name not in SKIPPED_FOLDERS and (not in_photos_library or entry.name in PHOTOS_LIBRARY_ORIGINALS):
                         (linked if entry.is_symlink() else real).append(entry.path)
                 elif entry.is_file():
                     suffix = os.path.splitext(entry.name)[1].lower()
@@ -115,11 +127,21 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
 
 
 def read_path_list(source: str) -> list[str]:
-    """Paths from a file (or `-` for stdin), one per line, or NUL-separated as `find -print0` writes them."""
+    """Paths from a file (or `-` for stdin), one per line, or NUL-separated as `find -print0` writes them.
+
+    A list that starts with a UTF-16 byte-order mark is read as UTF-16 (Windows PowerShell 5's `>` writes it so;
+    split at its NUL bytes it would name `/` and `.`, the whole disk); a UTF-8 one is dropped (Notepad).
+    """
     try:
         data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as e:
         raise UserError(f"cannot read the path list {source}: {e.strerror}.") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return [line for line in data.decode("utf-16").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise UserError(f"the path list {source} starts like UTF-16 but is not valid UTF-16.") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
     parts = data.split(b"\0") if b"\0" in data else data.splitlines()
     return [os.fsdecode(part) for part in parts if part.strip()]
 
@@ -133,8 +155,19 @@ def is_regular_file(path: str) -> bool:
 
 
 def display_path(path: str) -> str:
-    """The path as readable text: bytes that are not UTF-8 shown as U+FFFD."""
-    return os.fsencode(path).decode("utf-8", errors="replace")
+    """The path as text for a terminal: bytes that are not UTF-8 shown as U+FFFD, control characters (a newline,
+    an escape sequence that would recolour the terminal) as `\\x1b`."""
+    text = os.fsencode(path).decode("utf-8", errors="replace")
+    return _CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def is_utf8(path: str) -> bool:
+    """Whether the path's bytes are valid UTF-8 (what safetensors, a Rust library, can open)."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def path_fields(path: str) -> dict[str, str]:

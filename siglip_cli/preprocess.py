@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .config import PreprocessConfig
@@ -34,6 +34,22 @@ else:
     register_heif_opener()
     HEIF_SUPPORT = True
 
+# The raster formats Pillow may open for us. Not every plugin it has: EPS runs Ghostscript on the file (a `.jpg`
+# holding `{} loop` hung a run), and the scientific and legacy ones (FITS, GRIB, McIdas, ...) are no photos.
+READABLE_FORMATS = (
+    "JPEG", "PNG", "WEBP", "AVIF", "HEIF", "GIF", "BMP", "DIB", "TIFF", "JPEG2000", "PSD", "ICO", "ICNS", "TGA",
+    "PPM", "PCX", "SGI", "QOI", "DDS",
+)  # fmt: skip
+# EXIF orientation → the transpose that turns the stored pixels upright.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _PILLOW_GUARD_LOCK = threading.Lock()  # held only while a header is read, not while pixels are decoded
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own guard, ~89.5 MP
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
@@ -62,7 +78,7 @@ def open_rgb(
     """
     try:
         with _without_pillow_guard():
-            opened = Image.open(path)
+            opened = Image.open(path, formats=READABLE_FORMATS)
     except UnidentifiedImageError:
         # Pillow's own message ends with repr(path): for the in-memory file embed reads, an object address.
         hint = "" if HEIF_SUPPORT else "; HEIC photos need pillow-heif"
@@ -74,19 +90,32 @@ def open_rgb(
                 f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels exceeds the limit of {options.max_pixels:,} "
                 "(possible decompression bomb; raise --max-pixels to allow it)"
             )
-        image.seek(0)  # animated GIF / WebP / APNG, multi-page TIFF: the first frame
+        # Image.open leaves an animation or a multi-page TIFF at its first frame, a PSD at its composite image.
         if options.fast_decode and target is not None and image.format == "JPEG":
             # libjpeg's scaled decoding (1/2, 1/4, 1/8), kept at least twice the model's size: on 2-MP photos
             # 3.9× faster than a full decode, 0.17 levels of mean error after the resize (straight to the model's
             # size: 5.6×, but 0.48 levels).
             image.draft("RGB", (2 * target[0], 2 * target[1]))
         image.load()
-        if options.exif_transpose:
-            decoded = image.size
-            ImageOps.exif_transpose(image, in_place=True)  # a copy otherwise, even of an upright photo
-            if image.size != decoded:  # rotated by 90 degrees
+        orientation = _orientation(image) if options.exif_transpose else 1
+        if orientation in _UPRIGHT:
+            image = image.transpose(_UPRIGHT[orientation])
+            if orientation >= 5:  # turned by 90 degrees
                 size = size[::-1]
         return to_rgb(image), size
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8, or the `tiff:Orientation` of XMP, as Pillow reads it); 1 when there is none.
+
+    Read, never rewritten: Pillow's `exif_transpose` also writes the EXIF block back without the tag, which fails on
+    odd values elsewhere in it (a rational with a zero denominator, as some cameras write): a photo was lost for a
+    tag nothing reads. A block too broken to read has no orientation to give, and the photo is embedded as stored.
+    """
+    try:
+        return image.getexif().get(0x0112, 1)
+    except Exception:  # whatever Pillow's EXIF parser raises on a damaged block: the pixels are still good
+        return 1
 
 
 @contextmanager

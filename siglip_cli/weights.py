@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .config import PRESETS, ConfigError, PreprocessConfig, VisionConfig, preprocess_config_from_hub, vision_config_from_hub
 from .errors import UserError
-from .files import display_path
+from .files import display_path, is_utf8
 from .model import SiglipVision
 
 DEFAULT_MODEL = "google/siglip-base-patch16-224"
@@ -155,7 +155,7 @@ def _read_json(path: Path) -> dict:
 @contextmanager
 def _open_weights(path: Path) -> Iterator:
     """`safe_open` whose failures, while opening or reading tensors, are one sentence naming the file."""
-    if display_path(str(path)) != str(path):
+    if not is_utf8(str(path)):
         raise CheckpointError(
             f"{display_path(str(path))}: safetensors cannot open a path that is not valid UTF-8; rename the folder."
         )

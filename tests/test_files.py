@@ -20,6 +20,7 @@ from siglip_cli.errors import UserError
 from siglip_cli.files import (
     WalkReport,
     discover,
+    display_path,
     is_regular_file,
     path_fields,
     path_from_fields,
@@ -47,7 +48,7 @@ def found_with(report: WalkReport, *inputs: Path | str) -> list[str]:
 def test_every_image_extension_is_taken_in_any_case(tmp_path: Path) -> None:
     names = [
         "a.jpg", "b.JPEG", "c.Png", "d.webp", "e.BMP", "f.gif", "g.tif", "h.TIFF", "i.HEIC", "j.heif", "k.avif",
-        "l.jfif", "m.jpe", "n.MPO", "o.apng",
+        "l.jfif", "m.jpe", "n.MPO", "o.apng", "p.HIF",
     ]
     for name in names:
         touch(tmp_path / name)
@@ -185,6 +186,30 @@ def test_missing_input_is_a_user_error_naming_it(tmp_path: Path) -> None:
         found(missing)
 
 
+def test_input_in_a_folder_that_cannot_be_entered_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    photo = touch(tmp_path / "locked" / "a.jpg")
+    lstat = os.lstat
+
+    def denied(path, *args, **kwargs):  # `chmod 0 locked` (these tests run as root, who may enter anyway)
+        if str(path) == str(photo):
+            raise PermissionError(13, "Permission denied", str(path))
+        return lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", denied)
+    with pytest.raises(UserError, match=r"locked/a.jpg cannot be read: Permission denied\.$"):
+        found(photo)
+
+
+def test_a_macos_photos_library_gives_each_photo_once(tmp_path: Path) -> None:
+    library = tmp_path / "Photos Library.photoslibrary"
+    original = touch(library / "originals" / "A" / "IMG_1.heic")
+    older = touch(library / "Masters" / "2015" / "IMG_0.jpg")
+    touch(library / "resources" / "derivatives" / "A" / "IMG_1_1_105_c.jpeg")
+    touch(library / "resources" / "derivatives" / "masters" / "A" / "IMG_1_4_5005_c.jpeg")
+    touch(library / "scopes" / "cloudsharing" / "x.jpg")
+    assert found(tmp_path) == sorted([str(original), str(older)], key=os.fsencode)
+
+
 # ----------------------------------------------------------------------------------- path lists
 
 
@@ -201,6 +226,17 @@ def test_files_from_reads_nul_separated_paths(tmp_path: Path) -> None:
     listing = tmp_path / "list.bin"
     listing.write_bytes(os.fsencode(odd) + b"\0" + os.fsencode(plain) + b"\0")
     assert found(files_from=str(listing)) == [str(odd), str(plain)]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])
+def test_files_from_written_by_windows_tools_is_read_by_its_byte_order_mark(tmp_path: Path, encoding: str) -> None:
+    # PowerShell 5's `>` writes UTF-16 with a BOM (split at its NUL bytes, the list would name `/` and `.`);
+    # Notepad wrote UTF-8 with one.
+    first, second = touch(tmp_path / "b.jpg"), touch(tmp_path / "ä.jpg")
+    listing = tmp_path / "list.txt"
+    text = f"{first}\r\n{second}\r\n"
+    listing.write_bytes(("\ufeff" + text).encode("utf-16-be") if encoding == "utf-16-be" else text.encode(encoding))
+    assert found(files_from=str(listing)) == [str(first), str(second)]
 
 
 def test_files_from_dash_reads_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,6 +272,10 @@ def test_unreadable_path_list_is_a_user_error_naming_it(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------- naming rows
+
+
+def test_names_reach_the_terminal_without_their_control_characters() -> None:
+    assert display_path("a\x1b[31mred\nb.jpg") == "a\\x1b[31mred\\x0ab.jpg"  # no colours, one line
 
 
 def test_utf8_name_is_written_as_a_plain_path() -> None:

@@ -8,6 +8,7 @@ The reference processor is built with `from_pretrained(checkpoint_dir)`, so both
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,48 @@ def test_exif_rotated_photo_looks_like_the_original(tmp_path: Path, bicubic: Pre
     close = (pixels - tensor_of(original, bicubic)).abs().mean()
     other_way = (pixels - tensor_of(original.rotate(180), bicubic)).abs().mean()
     assert close < 0.05 < other_way  # only JPEG loss separates it from the original
+
+
+def test_rotated_photo_with_an_odd_exif_value_elsewhere_is_still_turned_upright(
+    tmp_path: Path, bicubic: PreprocessConfig
+) -> None:
+    # Orientation 6 beside an XResolution of -1/0 (a signed rational with a zero denominator, as some cameras
+    # write): Pillow's exif_transpose turns the photo, then fails writing the EXIF block back without the tag.
+    upright = make_photo((80, 60))
+    value_at = 8 + 2 + 2 * 12 + 4  # after the TIFF header, the two-entry IFD and its next-IFD offset
+    entries = [(0x0112, 3, 1, struct.pack("<H", 6) + b"\0\0"), (0x011A, 10, 1, struct.pack("<I", value_at))]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHI", *entry[:3]) + entry[3] for entry in entries)
+    tiff = b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + struct.pack("<ii", -1, 0)
+    stored = io.BytesIO()
+    upright.rotate(90, expand=True).save(stored, format="JPEG", quality=95, exif=b"Exif\0\0" + tiff)
+    (tmp_path / "odd.jpg").write_bytes(stored.getvalue())
+    save_sideways_jpeg(tmp_path / "plain.jpg", upright)
+    pixels, width, height = load_pixels(tmp_path / "odd.jpg", bicubic, DecodeOptions())
+    assert torch.equal(pixels, load_pixels(tmp_path / "plain.jpg", bicubic, DecodeOptions())[0])
+    assert (width, height) == (80, 60)
+
+
+def save_psd(path: Path, image: Image.Image) -> Path:
+    """A flat RGB Photoshop file (no layers), which Pillow reads but cannot write."""
+    width, height = image.size
+    planes = np.asarray(image.convert("RGB")).transpose(2, 0, 1).tobytes()
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3)
+    path.write_bytes(header + struct.pack(">IIIH", 0, 0, 0, 0) + planes)  # no colour data, resources, layers; raw
+    return path
+
+
+def test_photoshop_file_decodes_to_its_composite_image(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    photo = make_photo((40, 30))
+    pixels, width, height = load_pixels(save_psd(tmp_path / "edit.psd", photo), bicubic, DecodeOptions())
+    assert torch.equal(pixels, tensor_of(photo, bicubic)) and (width, height) == (40, 30)
+
+
+def test_postscript_named_like_a_photo_is_refused_unopened(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    # Pillow would hand an EPS file to Ghostscript, where `{} loop` never ends.
+    path = tmp_path / "hang.jpg"
+    path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n{} loop\n")
+    with pytest.raises(BadImage, match="cannot identify image file"):
+        load_pixels(path, bicubic, DecodeOptions())
 
 
 FAST = DecodeOptions(fast_decode=True)
