@@ -11,7 +11,7 @@ import json
 import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -19,13 +19,16 @@ from rich.text import Text
 
 from . import __version__
 from .allocator import keep_freed_memory
+from .config import DEFAULT_PRESET, PIL_FILTERS
 from .decoding import default_workers
-from .runtime import default_batch_size, dtype_note, resolve_device
 from .errors import UserError
 from .files import IMAGE_SUFFIXES
 from .preprocess import DEFAULT_MAX_PIXELS
-from .config import DEFAULT_PRESET, PIL_FILTERS
+from .runtime import default_batch_size, dtype_note, resolve_device
 from .weights import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from .embed import Summary
 
 app = typer.Typer(
     name="siglip",
@@ -258,7 +261,13 @@ def embed(
         fail(f"{summary.failed} file(s) could not be embedded (--strict): see {summary.errors}.", 1)
 
 
-def _summary_line(s) -> str:
+def _data_console() -> Console:
+    """stdout for tables: a file or a pipe has no width to respect, so they are printed wide, not squeezed to 80."""
+    return stdout if stdout.is_terminal else Console(file=stdout.file, width=200, soft_wrap=True, markup=False, highlight=False)
+
+
+def _summary_line(s: Summary) -> str:
+    """'embedded 9,812, reused 40 → photos.safetensors (412.3 s); skipped 3: see photos.errors.jsonl'"""
     line = f"embedded {s.embedded:,}"
     if s.reused:
         line += f", reused {s.reused:,}"
@@ -324,8 +333,7 @@ def inspect(
         if result.random_weights:
             note(f"{model} is an architecture preset: random weights, not a trained model.")
         return
-    # A file or a pipe has no width to respect: print the table wide rather than squeezed to 80 columns.
-    console = stdout if stdout.is_terminal else Console(file=stdout.file, width=200, soft_wrap=True, markup=False, highlight=False)
+    console = _data_console()
     console.print(report(result, width=console.width))
     if pictures:
         console.print("\nplots:", *map(str, pictures), sep="\n")
@@ -378,8 +386,7 @@ def bench(
     if json_out:
         stdout.print_json(json.dumps(report.to_json()))
         return
-    # A file or a pipe has no width to respect: print the table wide rather than squeezed to 80 columns.
-    console = stdout if stdout.is_terminal else Console(file=stdout.file, width=200, soft_wrap=True, markup=False, highlight=False)
+    console = _data_console()
     console.print(_bench_table(report))
     for size, reference, ratio in report.ratios():
         console.print(f"siglip / {reference} at batch {size}: {ratio:.2f}×")

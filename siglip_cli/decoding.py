@@ -41,6 +41,7 @@ class Item(NamedTuple):
 
 
 def file_digest(data: bytes) -> str:
+    """The manifest's `blake2b`: 128 bits of BLAKE2b, in hex, which `--update` compares when only the mtime moved."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
@@ -228,6 +229,7 @@ def batch_pixels(
 
 
 def default_workers() -> int:
+    """Decoding processes: one per CPU but the one the model's main process needs, at most 16."""
     return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 

@@ -96,6 +96,7 @@ _OPTION_NAMES = {
 
 
 def describe_difference(old: dict, new: dict) -> str:
+    """The options two runs' states differ in, as the user spells them: '--dtype, --tokens'."""
     changed = [_OPTION_NAMES.get(k, k) for k in new if old.get(k) != new.get(k)]
     return ", ".join(changed) or "the options"
 
@@ -109,6 +110,7 @@ def read_output_metadata(out: OutputPaths) -> dict[str, str]:
 
 
 def read_output_options(out: OutputPaths) -> dict:
+    """The run state (`embed.run_options`) a finished output was made with; {} for a file siglip did not write."""
     return json.loads(read_output_metadata(out).get("options", "{}"))
 
 

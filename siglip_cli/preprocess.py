@@ -17,7 +17,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ class DecodeOptions:
 
 
 def open_rgb(
-    path: str | Path, options: DecodeOptions, *, target: tuple[int, int] | None = None
+    source: str | Path | BinaryIO, options: DecodeOptions, *, target: tuple[int, int] | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode an image file to an 8-bit RGB PIL image, oriented as its EXIF says (unless disabled).
 
@@ -78,7 +78,7 @@ def open_rgb(
     """
     try:
         with _without_pillow_guard():
-            opened = Image.open(path, formats=READABLE_FORMATS)
+            opened = Image.open(source, formats=READABLE_FORMATS)
     except UnidentifiedImageError:
         # Pillow's own message ends with repr(path): for the in-memory file embed reads, an object address.
         hint = "" if HEIF_SUPPORT else "; HEIC photos need pillow-heif"
@@ -167,7 +167,10 @@ def pixel_values(image: Image.Image, cfg: PreprocessConfig) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
-def load_pixels(path: str | Path, cfg: PreprocessConfig, options: DecodeOptions) -> tuple[Tensor, int, int]:
-    """Decode and preprocess one file: ((3, H, W) pixels, width, height of the oriented original)."""
-    image, (width, height) = open_rgb(path, options, target=(cfg.width, cfg.height))
+def load_pixels(
+    source: str | Path | BinaryIO, cfg: PreprocessConfig, options: DecodeOptions
+) -> tuple[Tensor, int, int]:
+    """Decode and preprocess one file (a path, or its bytes in a file object): ((3, H, W) pixels, width, height of
+    the oriented original)."""
+    image, (width, height) = open_rgb(source, options, target=(cfg.width, cfg.height))
     return pixel_values(image, cfg), width, height

@@ -331,6 +331,7 @@ def test_gpu_decode_without_exif_keeps_stored_orientation(mixed_files: list[Path
 # --------------------------------------------------------------------------- the GPU script, smoke-run on the CPU
 
 
+@pytest.mark.slow  # half a minute: every section of the GPU script, on a tiny model
 def test_gpu_check_smoke_runs_on_cpu(tmp_path: Path) -> None:
     import subprocess
 

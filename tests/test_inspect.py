@@ -3,7 +3,6 @@ formula against the operations actually run, the JSON document, the pictures, an
 
 from __future__ import annotations
 
-import inspect as pyinspect
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import make_photo, reference_vision_model, save_png_claiming_size
 from siglip_cli import cli, tracing
-from siglip_cli.config import DEFAULT_PRESET, PRESETS, VisionConfig
+from siglip_cli.config import PRESETS, VisionConfig
 from siglip_cli.errors import UserError
 from siglip_cli.inspect_report import report
 from siglip_cli.model import SiglipVision, gflops_per_image, num_parameters
@@ -342,10 +341,6 @@ def test_random_weights_are_said_plainly(base: tracing.Inspection) -> None:
     console = Console(record=True, width=200)
     console.print(report(base, width=200))
     assert f"RANDOM WEIGHTS: {BASE} is an architecture preset" in console.export_text()
-
-
-def test_cli_default_model_is_the_library_default() -> None:
-    assert pyinspect.signature(cli.inspect).parameters["model"].default == DEFAULT_PRESET
 
 
 def test_dropped_pixels_are_said(tiny_p14: Path, photo: Path) -> None:
