@@ -136,8 +136,7 @@ def embed_to_file(
     With `require_rows`, inputs of which none could be embedded are an error and leave no output behind.
     """
     started = time.perf_counter()
-    if options.decoder == "auto":
-        options = dataclasses.replace(options, decoder="gpu" if embedder.device.type == "cuda" else "cpu")
+    options = dataclasses.replace(options, decoder=_decoder_for(embedder, options.decoder))
     out = OutputPaths.for_output(output)
     with exclusive(out.embeddings):  # a second run writing this output is refused, not interleaved
         state = run_options(embedder, options, out.format)
@@ -268,6 +267,7 @@ def embedded_batches(
     progress: Progress | None = None,
 ) -> Iterator[Embedded]:
     """Files → embeddings, `batch_size` files at a time, in order: decoding workers, the device decoder, the model."""
+    decoder = _decoder_for(embedder, decoder)
     if decoder == "gpu":
         check_supported(embedder.preprocess)
     batches = decoded_batches(
@@ -333,6 +333,15 @@ def _embed_pending(
             seq, last_flush = seq + 1, time.monotonic()
     results.update(buffer.flush(work, seq))
     return results
+
+
+def _decoder_for(embedder: Embedder, decoder: str) -> str:
+    """`auto` → `gpu` when the model runs on CUDA, else `cpu` (the exact path)."""
+    if decoder == "auto":
+        return "gpu" if embedder.device.type == "cuda" else "cpu"
+    if decoder not in ("cpu", "gpu"):
+        raise UserError(f"unknown decoder {decoder!r} (expected auto, cpu or gpu).")
+    return decoder
 
 
 class _Halving:
@@ -439,12 +448,16 @@ def embed_paths(
     batch_size: int = 32,
     workers: int = 0,
     decode: DecodeOptions = DecodeOptions(),
+    decoder: str = "cpu",
 ) -> EmbedResult:
-    """Embed image files and folders in memory (for a few thousand images; use `embed_to_file` for more)."""
+    """Embed image files and folders in memory (for a few thousand images; use `embed_to_file` for more).
+
+    `workers`: decoding processes beside this one (0: decode here). `decoder`: as `EmbedOptions.decoder`."""
     paths = discover([os.fspath(p) for p in inputs])
     embeddings, token_blocks, rows, errors = [], [], [], []
     batches = embedded_batches(
-        embedder, paths, batch_size=batch_size, workers=workers, decode=decode, normalize=normalize, tokens=tokens
+        embedder, paths, batch_size=batch_size, workers=workers, decode=decode, decoder=decoder, normalize=normalize,
+        tokens=tokens,
     )
     for done in batches:
         errors.extend(done.errors)
