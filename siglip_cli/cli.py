@@ -19,12 +19,11 @@ from rich.text import Text
 
 from . import __version__
 from .allocator import keep_freed_memory
-from .config import DEFAULT_PRESET, PIL_FILTERS
+from .config import DEFAULT_PRESET
 from .decoding import default_workers
 from .errors import UserError
-from .files import IMAGE_SUFFIXES
 from .preprocess import DEFAULT_MAX_PIXELS
-from .runtime import default_batch_size, dtype_note, resolve_device
+from .runtime import default_batch_size, resolve_device
 from .weights import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -171,9 +170,9 @@ def embed(
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Embed images into OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
-    from .devices import embed_on_devices, parse_devices
-    from .embed import EmbedOptions, embed_to_file, load
-    from .files import WalkReport, discover
+    from .devices import check_device_options, embed_with_model, parse_devices
+    from .embed import EmbedOptions
+    from .files import find_images
     from .preprocess import DecodeOptions
     from .shards import parse_shard, select_shard
 
@@ -185,18 +184,10 @@ def embed(
         devices = parse_devices(device)
         if update and overwrite:
             fail("--update keeps the earlier output's rows and --overwrite discards them: give one of the two.")
-        if len(devices) > 1 and (part or update):
-            fail("several devices split the work themselves: drop --shard and --update, or give one --device.")
-        walk = WalkReport()
-        paths = discover(inputs or [], files_from=files_from, report=walk)
-        if walk.unreadable:  # before the error below: an unreadable folder may be why nothing was found
+        check_device_options(devices, shard=part, update=update)
+        paths, walk = find_images(inputs or [], files_from=files_from)
+        if walk.unreadable:
             note(f"could not list {walk.unreadable_text()}; images in them are not embedded.")
-        if not paths:
-            others = f"; found only {walk.passed_over_text()}" if walk.passed_over else ""
-            fail(
-                f"no image files found in {', '.join(inputs or [files_from])} "
-                f"(looked for {' '.join(sorted(IMAGE_SUFFIXES))}{others})."
-            )
         if walk.passed_over and not quiet:
             note(
                 f"passed over {walk.passed_over_text()} in the folders: not images siglip reads "
@@ -222,23 +213,10 @@ def embed(
         progress = _RichProgress(quiet)
         try:
             with _terminate_as_interrupt():
-                if len(devices) > 1:
-                    summary = embed_on_devices(
-                        model, devices, paths, output, revision=revision, dtype=dtype.value, options=options,
-                        overwrite=overwrite, compile=compile, progress=progress,
-                    )
-                else:
-                    embedder = load(model, revision=revision, device=devices[0], dtype=dtype.value, compile=compile)
-                    if not embedder.checkpoint.preprocess_source and not quiet:
-                        pre = embedder.preprocess
-                        note(
-                            f"{model} has no preprocessor_config.json: assuming SigLIP's preprocessing (resize to "
-                            f"{pre.width}x{pre.height}, {PIL_FILTERS[pre.resample]}; pixels scaled to [-1, 1])."
-                        )
-                    summary = embed_to_file(
-                        embedder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress,
-                        require_rows=part is None,  # a shard's part may be empty or all bad: the merge decides
-                    )
+                summary = embed_with_model(
+                    model, devices, paths, output, revision=revision, dtype=dtype.value, compile=compile,
+                    options=options, overwrite=overwrite, update=update, progress=progress,
+                )
         except KeyboardInterrupt:
             progress.stop(keep=False)
             fail(f"interrupted; finished work is kept in {output}.partial: rerun the same command to continue.", 130)
@@ -250,8 +228,6 @@ def embed(
         stdout.print_json(json.dumps(summary.to_dict()))
     if not quiet:
         stderr.print(_summary_line(summary))
-        if len(devices) == 1 and (hint := dtype_note(embedder.device, embedder.dtype)):
-            note(hint)
         if update and summary.removed and not summary.reused:
             note(
                 "no row of the earlier output matched these inputs, so every image was embedded again; rows are "

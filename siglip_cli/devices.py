@@ -21,7 +21,8 @@ import torch
 
 from .embed import EmbedOptions, Progress, Summary, embed_to_file
 from .outputs import OutputPaths, check_outputs
-from .runtime import load
+from .config import PIL_FILTERS
+from .runtime import dtype_note, load
 from .errors import UserError
 from .shards import merge_outputs, select_shard
 from .storage import exclusive
@@ -91,6 +92,50 @@ def _die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         except (OSError, AttributeError):
             pass  # without it an orphan still stops at its next message to the parent, whose queue is gone
+
+
+def check_device_options(devices: list[str], *, shard: tuple[int, int] | None, update: bool) -> None:
+    """Several devices shard the work themselves (and bring their parts up to date on a rerun)."""
+    if len(devices) > 1 and (shard or update):
+        raise UserError("several devices split the work themselves: drop --shard and --update, or give one --device.")
+
+
+def embed_with_model(
+    model: str,
+    devices: list[str],
+    paths: list[str],
+    output: Path,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    compile: bool = False,
+    options: EmbedOptions = EmbedOptions(),
+    overwrite: bool = False,
+    update: bool = False,
+    progress: Progress | None = None,
+) -> Summary:
+    """What `siglip embed` runs: load `model` on the device and embed `paths` into `output`, or, given several
+    devices, one worker each (`embed_on_devices`). Notes about the model and the dtype go to `progress`."""
+    check_device_options(devices, shard=options.shard, update=update)
+    if len(devices) > 1:
+        return embed_on_devices(
+            model, devices, paths, output, revision=revision, dtype=dtype, options=options, overwrite=overwrite,
+            compile=compile, progress=progress,
+        )
+    embedder = load(model, revision=revision, device=devices[0], dtype=dtype, compile=compile)
+    if progress and not embedder.checkpoint.preprocess_source:
+        pre = embedder.preprocess
+        progress.note(
+            f"{model} has no preprocessor_config.json: assuming SigLIP's preprocessing (resize to "
+            f"{pre.width}x{pre.height}, {PIL_FILTERS[pre.resample]}; pixels scaled to [-1, 1])."
+        )
+    summary = embed_to_file(
+        embedder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress,
+        require_rows=options.shard is None,  # a shard's part may be empty or all bad: the merge decides
+    )
+    if progress and (hint := dtype_note(embedder.device, embedder.dtype)):
+        progress.note(hint)  # after the run: what the next one could do differently
+    return summary
 
 
 def embed_on_devices(

@@ -93,6 +93,20 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
     return sorted(found, key=os.fsencode)
 
 
+def find_images(inputs: list[str], *, files_from: str | None = None) -> tuple[list[str], WalkReport]:
+    """`discover`, with what the walks met; finding no image at all is a UserError that says what was there."""
+    report = WalkReport()
+    paths = discover(inputs, files_from=files_from, report=report)
+    if not paths:
+        met = [f"found only {report.passed_over_text()}"] if report.passed_over else []
+        met += [f"could not list {report.unreadable_text()}"] if report.unreadable else []
+        raise UserError(
+            f"no image files found in {', '.join(inputs or [str(files_from)])} "
+            f"(looked for {' '.join(sorted(IMAGE_SUFFIXES))}{''.join('; ' + m for m in met)})."
+        )
+    return paths, report
+
+
 def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iterator[str]:
     """Image files under `top`. Folders reached through a symlink wait until every real one has been walked, so a
     folder that is reachable both ways is listed under its real path, whatever order the file system gives."""

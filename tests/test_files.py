@@ -21,6 +21,7 @@ from siglip_cli.files import (
     WalkReport,
     discover,
     display_path,
+    find_images,
     is_regular_file,
     path_fields,
     path_from_fields,
@@ -97,6 +98,25 @@ def test_a_folder_that_cannot_be_listed_is_reported(tmp_path: Path, monkeypatch:
     assert found_with(report, tmp_path) == [str(kept)]
     assert report.unreadable == [(str(tmp_path / "gone"), "Permission denied")]
     assert report.unreadable_text() == f"1 folder: {tmp_path / 'gone'} (Permission denied)"
+
+
+def test_finding_no_image_says_what_the_walk_met_instead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    touch(tmp_path / "clip.mov")
+    touch(tmp_path / "locked" / "a.jpg")
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", _refusing(real_scandir, "locked"))
+    met = r"found only 1 file \(1 \.mov\); could not list 1 folder: .*locked \(Permission denied\)\)\.$"
+    with pytest.raises(UserError, match=r"no image files found in .* \(looked for .*\.jpg .*; " + met):
+        find_images([str(tmp_path)])
+
+
+def _refusing(scandir, name: str):
+    def refuse(path):
+        if os.path.basename(path) == name:
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    return refuse
 
 
 def test_a_folder_reached_by_a_symlink_and_directly_is_listed_under_its_real_path(tmp_path: Path) -> None:
