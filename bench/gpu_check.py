@@ -28,7 +28,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
@@ -42,9 +43,10 @@ from PIL import Image
 from siglip_cli import benchmark as B
 from siglip_cli.config import PreprocessConfig, VisionConfig
 from siglip_cli.decoding import default_workers
-from siglip_cli.gpu_decode import decode_batches
-from siglip_cli.model import SiglipVision, init_weights
+from siglip_cli.gpu_decode import decode_headers, read_header
+from siglip_cli.model import SiglipVision, random_model
 from siglip_cli.preprocess import DecodeOptions, load_pixels
+from siglip_cli.references import reference_forward
 
 GOALS = {"B/16-224": 15_000, "so400m/14-384": 800, "end to end": 3_000}
 GOAL_BATCH = {"B/16-224": 256}  # the issue sets B/16's goal at batch 256; so400m's names no batch
@@ -113,6 +115,39 @@ def sdpa(backend: str | None) -> contextlib.AbstractContextManager:
     return sdpa_kernel([kernel])
 
 
+class CudaGraphForward:
+    """Replays a CUDA graph captured once per input shape: no per-kernel launch cost, for fixed-shape batches.
+
+    The returned tensor is the graph's static output, overwritten by the next call: copy it before calling again.
+    """
+
+    def __init__(self, forward: B.Forward, *, warmup: int = 3):
+        self.forward, self.warmup = forward, warmup
+        self.graphs: dict[tuple[tuple[int, ...], torch.dtype], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        key = (tuple(pixels.shape), pixels.dtype)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(pixels)
+        graph, static_in, static_out = self.graphs[key]
+        static_in.copy_(pixels)
+        graph.replay()
+        return static_out
+
+    def _capture(self, pixels: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        static_in = pixels.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+            for _ in range(self.warmup):
+                self.forward(static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.forward(static_in)
+        return graph, static_in, static_out
+
+
 def measure(row: Row, make: Callable[[], B.Forward], pixels: torch.Tensor, check: torch.Tensor, expected: torch.Tensor,
             *, device: torch.device, iters: int, warmup: int, attention: str | None = None) -> tuple[Row, B.Forward | None]:  # fmt: skip
     """Build one candidate, time it on `pixels`, and compare its output on `check` with `expected`."""
@@ -153,9 +188,8 @@ def model_only(
 ) -> tuple[list[Row], dict[str, B.Forward], SiglipVision]:
     """Every backend and lever on one config: the rows, our forwards by variant, and the float32 plain model."""
     dtype = torch.bfloat16
+    plain = random_model(spec.vision).to(device)  # the weights `siglip bench` and `siglip inspect` draw
     torch.manual_seed(0)
-    with device:
-        plain = init_weights(SiglipVision(spec.vision)).eval().requires_grad_(False)
     cfg = spec.vision
     pixels = torch.randn(spec.batch, 3, cfg.image_size, cfg.image_size, device=device).to(dtype)
     check = torch.randn(min(spec.batch, 16), 3, cfg.image_size, cfg.image_size, device=device)
@@ -183,14 +217,23 @@ def model_only(
             ours[variant] = forward
         print(f"  {spec.label} {backend} {variant}: {_rate(row)}", file=sys.stderr, flush=True)
 
-    fast = lambda **kw: lambda: B.fast_model(plain, device=device, dtype=dtype, **kw)  # noqa: E731
-    reference = lambda backend, compile=False: lambda: B.reference_forward(  # noqa: E731
+    def fast(*, compile: bool = False, mode: str | None = None, graphs: bool = False) -> Callable[[], B.Forward]:
+        """Our forward as `siglip bench` builds it; compiled in torch's `mode`, replayed as CUDA graphs."""
+
+        def make() -> B.Forward:
+            forward = B.fast_model(plain, device=device, dtype=dtype)
+            forward = torch.compile(forward, dynamic=False, mode=mode) if compile else forward
+            return CudaGraphForward(forward) if graphs else forward
+
+        return make
+
+    reference = lambda backend, compile=False: lambda: reference_forward(  # noqa: E731
         backend, plain, device=device, dtype=dtype, compile=compile)
     # Cheap rows first (eager: seconds each), then what compiles (a minute each), so a short budget keeps the most.
     add("siglip", "eager", fast(), estimate_s=10)
     add("siglip", "eager, 4× the batch", fast(), estimate_s=10, batch=4 * spec.batch)  # does a bigger batch pay?
     if cuda:
-        add("siglip", "eager + CUDA graphs", fast(cuda_graphs=True), estimate_s=10)
+        add("siglip", "eager + CUDA graphs", fast(graphs=True), estimate_s=10)
         for attention in ("flash", "cudnn"):
             add("siglip", f"eager, SDPA {attention}", fast(), estimate_s=10, attention=attention)
     add("transformers", "sdpa", reference("transformers"), estimate_s=10)
@@ -198,11 +241,11 @@ def model_only(
     if cuda or args.compile:
         add("siglip", "compiled", fast(compile=True), estimate_s=45)
         if cuda and "compiled" in ours:
-            add("siglip", "compiled + CUDA graphs", lambda: B.CudaGraphForward(ours["compiled"]), estimate_s=10)
+            add("siglip", "compiled + CUDA graphs", lambda: CudaGraphForward(ours["compiled"]), estimate_s=10)
     if (cuda and not args.no_compile_references) or args.compile:
         add("transformers", "sdpa compiled", reference("transformers", compile=True), estimate_s=45)
     if args.autotune:
-        add("siglip", "compiled max-autotune", fast(compile=True, compile_mode="max-autotune-no-cudagraphs"), estimate_s=300)
+        add("siglip", "compiled max-autotune", fast(compile=True, mode="max-autotune-no-cudagraphs"), estimate_s=300)
     if args.profile_dir and clock.fits(20):
         for variant in ("eager", "compiled"):
             if variant in ours:
@@ -296,11 +339,37 @@ def save_checkpoint(model: SiglipVision, directory: Path) -> Path:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    state = {f"vision_model.{k}": v.detach().float().cpu().contiguous() for k, v in B._plain_state(model).items()}
+    state = {f"vision_model.{k}": v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
     config = {"model_type": "siglip_vision_model", **asdict(model.config)}
     (directory / "config.json").write_text(json.dumps(config, indent=1))
     return directory
+
+
+def device_decoded(files: list[str], cfg: PreprocessConfig, device: torch.device, *, batch: int,
+                   threads: int) -> Iterator[torch.Tensor]:  # fmt: skip
+    """The device decoder alone, as `siglip embed --decode gpu` runs it (`read_header`, then `decode_headers`),
+    `batch` files at a time with `threads` batches on their way: no workers, no model. Each batch's pixels, in
+    order; every file must decode there (the synthetic JPEGs do). Reading files and the decoder release the GIL."""
+
+    def decode(chunk: list[str]) -> torch.Tensor:
+        headers = [read_header(path, cfg, DecodeOptions()) for path in chunk]
+        refused = [header for header in headers if isinstance(header, str)]
+        if refused:
+            raise RuntimeError(f"the device decoder does not take a synthetic JPEG: {refused[0]}")
+        pixels, _, rejected = decode_headers(headers, cfg, device=device)
+        if rejected:
+            raise RuntimeError(f"the device decoder rejected a synthetic JPEG: {rejected[0][1]}")
+        return pixels
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque = deque()
+        for start in range(0, len(files), batch):
+            pending.append(pool.submit(decode, files[start : start + batch]))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def end_to_end(spec: Spec, plain: SiglipVision, forward: B.Forward, variant: str, args: argparse.Namespace,
@@ -333,7 +402,7 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: B.Forward, variant: str
         return F.normalize(forward(pixels.to(device, torch.bfloat16, non_blocking=True))[:n].float(), dim=-1)
 
     def decode_only(files: list[str]) -> None:
-        for _ in decode_batches(files, cfg, device=device, batch_size=batch, threads=args.decode_threads):
+        for _ in device_decoded(files, cfg, device, batch=batch, threads=args.decode_threads):
             pass
 
     def cpu_fast_decode_only(files: list[str]) -> None:
@@ -354,9 +423,8 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: B.Forward, variant: str
 
     def decoder_and_forward(files: list[str]) -> torch.Tensor:
         out = []
-        for _, decoded in decode_batches(files, cfg, device=device, batch_size=batch, threads=args.decode_threads):
-            assert not decoded.failures, decoded.failures  # synthetic JPEGs: all for the GPU
-            out.append(embed(decoded.pixels).cpu())
+        for pixels in device_decoded(files, cfg, device, batch=batch, threads=args.decode_threads):
+            out.append(embed(pixels).cpu())
         return torch.cat(out)
 
     checkpoint = save_checkpoint(plain, workdir / "checkpoint")

@@ -6,10 +6,9 @@ Method. Every measurement warms up first (the first call also pays for `torch.co
 synchronizes the device around each timed call, and reports the median over `iters` calls. Model-only runs feed
 random pixels already on the device in the run's dtype, so they time the forward pass alone.
 
-Same function, three implementations. With `compare`, transformers' `SiglipVisionModel` (sdpa attention) and timm's
-`VisionTransformer` are built for the same config and loaded with OUR weights through explicit key maps
-(`transformers_state_dict`, `timm_state_dict`), so the ratios compare code, not checkpoints. Each backend's pooled
-output is checked against our plain float32 forward (`cosine` in the results).
+Same function, three implementations. With `compare`, transformers and timm run on OUR weights (`references.py`),
+so the ratios compare code, not checkpoints. Each backend's pooled output is checked against our plain float32
+forward (`cosine` in the results).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,17 +29,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DEFAULT_PRESET, PRESETS, PreprocessConfig
-from .runtime import cpu_has_native_bf16, dtype_note, resolve_device, resolve_dtype
 from .errors import UserError
-from .model import SiglipVision, init_weights
-
-REFERENCES = ("transformers", "timm")
-
-Forward = Callable[[Tensor], Tensor]  # (B, 3, H, W) pixels → (B, D) pooled embedding
+from .model import SiglipVision, random_model
+from .references import Forward, check_references, missing_package, reference_forward
+from .runtime import cpu_has_native_bf16, dtype_note, resolve_device, resolve_dtype
 
 
 class BenchError(UserError):
-    """A benchmark that cannot run as asked (device, dtype, missing reference library, empty image folder)."""
+    """A benchmark that cannot run as asked (batch sizes, an image folder without images that decode)."""
 
 
 # --------------------------------------------------------------------------- the machine
@@ -86,57 +82,16 @@ def _synchronize(device: torch.device) -> None:
 # --------------------------------------------------------------------------- our model
 
 
-def build_model(
-    name: str, *, seed: int = 0, device: torch.device | str = "cpu"
-) -> tuple[SiglipVision, PreprocessConfig]:
-    """Our float32 model for `name`: a preset (seeded random weights, no download), a Hub id or a local directory.
-
-    Preset weights are drawn on `device` (a GPU draws so400m's 428 M in a blink), so they depend on the device.
-    """
+def build_model(name: str, *, seed: int = 0) -> tuple[SiglipVision, PreprocessConfig]:
+    """Our float32 model on the CPU for `name`: a preset (seeded random weights, no download, the same as
+    `siglip inspect` draws for the seed: `model.random_model`), a Hub id or a local directory."""
     if name in PRESETS:
         vision, preprocess = PRESETS[name]
-        device = torch.device(device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-            torch.manual_seed(seed)
-            model = init_weights(SiglipVision(vision))
-        return model.eval().requires_grad_(False), preprocess
+        return random_model(vision, seed=seed), preprocess
     from .weights import load_model, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(name)
-    return load_model(checkpoint, device=device), checkpoint.preprocess
-
-
-class CudaGraphForward:
-    """Replays a CUDA graph captured once per input shape: no per-kernel launch cost, for fixed-shape batches.
-
-    The returned tensor is the graph's static output, overwritten by the next call: copy it before calling again.
-    """
-
-    def __init__(self, forward: Forward, *, warmup: int = 3):
-        self.forward, self.warmup = forward, warmup
-        self.graphs: dict[tuple[tuple[int, ...], torch.dtype], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
-
-    def __call__(self, pixels: Tensor) -> Tensor:
-        key = (tuple(pixels.shape), pixels.dtype)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(pixels)
-        graph, static_in, static_out = self.graphs[key]
-        static_in.copy_(pixels)
-        graph.replay()
-        return static_out
-
-    def _capture(self, pixels: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
-        static_in = pixels.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
-            for _ in range(self.warmup):
-                self.forward(static_in)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.forward(static_in)
-        return graph, static_in, static_out
+    return load_model(checkpoint), checkpoint.preprocess
 
 
 class _Pooled(nn.Module):
@@ -156,170 +111,16 @@ def fast_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     compile: bool = False,
-    compile_mode: str | None = None,
-    cuda_graphs: bool = False,
 ) -> Forward:
     """Our model as `siglip embed` runs it, on a copy of `model` (left untouched): pixels (B, 3, H, W) → pooled.
 
     Always, as in `embed.load`: q/k/v fused into one GEMM per layer (`fuse_qkv`, same numbers), fc1 + GELU fused on
     CUDA (`fuse_gelu`), weights cast to `dtype` (bf16 end to end, no autocast), eval mode, no autograd. Optional:
-    `torch.compile` (`compile_mode` as torch names it, e.g. "max-autotune-no-cudagraphs"), and CUDA-graph replay
-    for fixed shapes (CUDA only). Attention is PyTorch's SDPA, which picks its kernel on the GPU by itself.
+    `torch.compile`. Attention is PyTorch's SDPA, which picks its kernel on the GPU by itself.
     """
-    device = torch.device(device)
     fast = copy.deepcopy(model).fuse_qkv().fuse_gelu().to(device=device, dtype=dtype).eval().requires_grad_(False)
-    module: nn.Module = _Pooled(fast)
-    forward: Forward = module
-    if compile:
-        forward = torch.compile(module, dynamic=False, mode=compile_mode)
-    if cuda_graphs:
-        if device.type != "cuda":
-            raise BenchError("CUDA graphs need --device cuda.")
-        forward = CudaGraphForward(forward)
-    return forward
-
-
-# --------------------------------------------------------------------------- the references, on our weights
-
-
-def _load_exact(module: nn.Module, state: dict[str, Tensor], *, source: str) -> None:
-    """Strict load with shape asserts: every parameter of `module` comes from `state` and nothing is left over."""
-    expected = module.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    assert not missing and not unexpected, f"{source} key map: missing {missing[:3]}, unexpected {unexpected[:3]}"
-    for key, tensor in state.items():
-        assert tensor.shape == expected[key].shape, f"{source} key map: {key} {tuple(tensor.shape)} != {tuple(expected[key].shape)}"
-    module.load_state_dict(state, strict=True)
-
-
-def _plain_state(model: SiglipVision) -> dict[str, Tensor]:
-    """Our state dict in the checkpoint layout (separate q/k/v): the input of both key maps."""
-    state = model.state_dict()
-    if any(key.endswith("self_attn.qkv.weight") for key in state):
-        raise ValueError("the key maps read an unfused model; map the model before calling fuse_qkv().")
-    return state
-
-
-def transformers_state_dict(model: SiglipVision) -> dict[str, Tensor]:
-    """Our weights under transformers 5 `SiglipVisionModel` names.
-
-    Our parameter names ARE the checkpoint keys transformers reads (`embeddings.patch_embedding.weight`,
-    `encoder.layers.N.self_attn.q_proj.weight`, `head.attention.in_proj_weight`, ...), so the map is the identity;
-    `_load_exact` still asserts every key and shape.
-    """
-    return {key: tensor.clone() for key, tensor in _plain_state(model).items()}
-
-
-def transformers_model(model: SiglipVision, *, device: torch.device | str = "cpu") -> nn.Module:
-    """transformers' `SiglipVisionModel` with sdpa attention, same config, our weights; float32, built on `device`."""
-    try:
-        from transformers import SiglipVisionConfig, SiglipVisionModel
-    except ImportError:
-        raise BenchError("--compare transformers needs the transformers package: pip install transformers.") from None
-    cfg = model.config
-    config = SiglipVisionConfig(
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_channels=cfg.num_channels,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        hidden_act=cfg.hidden_act,
-        layer_norm_eps=cfg.layer_norm_eps,
-        vision_use_head=cfg.vision_use_head,
-        attn_implementation="sdpa",
-    )
-    with torch.device(device):
-        reference = SiglipVisionModel(config)
-    _load_exact(reference, transformers_state_dict(model), source="transformers")
-    return reference.eval().requires_grad_(False)
-
-
-def timm_state_dict(model: SiglipVision) -> dict[str, Tensor]:
-    """Our weights under timm `VisionTransformer` names (q/k/v concatenated into `attn.qkv`, the probe's
-    `in_proj` split into `attn_pool.q` and `attn_pool.kv`)."""
-    ours = _plain_state(model)
-    D = model.config.hidden_size
-
-    def copy_linear(theirs: str, mine: str) -> dict[str, Tensor]:
-        return {f"{theirs}.{p}": ours[f"{mine}.{p}"].clone() for p in ("weight", "bias")}
-
-    state = {
-        **copy_linear("patch_embed.proj", "embeddings.patch_embedding"),
-        "pos_embed": ours["embeddings.position_embedding.weight"][None].clone(),  # (1, N, D)
-        **copy_linear("norm", "post_layernorm"),
-    }
-    for i in range(model.config.num_hidden_layers):
-        mine, theirs = f"encoder.layers.{i}", f"blocks.{i}"
-        for p in ("weight", "bias"):
-            state[f"{theirs}.attn.qkv.{p}"] = torch.cat([ours[f"{mine}.self_attn.{n}_proj.{p}"] for n in "qkv"])
-        for t, m in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.proj", "self_attn.out_proj"),
-                     ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):  # fmt: skip
-            state.update(copy_linear(f"{theirs}.{t}", f"{mine}.{m}"))
-    if model.config.vision_use_head:
-        w, b = ours["head.attention.in_proj_weight"], ours["head.attention.in_proj_bias"]
-        state |= {
-            "attn_pool.latent": ours["head.probe"].clone(),
-            "attn_pool.q.weight": w[:D].clone(), "attn_pool.q.bias": b[:D].clone(),
-            "attn_pool.kv.weight": w[D:].clone(), "attn_pool.kv.bias": b[D:].clone(),
-            **copy_linear("attn_pool.proj", "head.attention.out_proj"),
-            **copy_linear("attn_pool.norm", "head.layernorm"),
-            **copy_linear("attn_pool.mlp.fc1", "head.mlp.fc1"),
-            **copy_linear("attn_pool.mlp.fc2", "head.mlp.fc2"),
-        }  # fmt: skip
-    return state
-
-
-def timm_model(model: SiglipVision, *, device: torch.device | str = "cpu") -> nn.Module:
-    """timm's `VisionTransformer` configured like `vit_base_patch16_siglip_224` for our config, our weights; float32."""
-    try:
-        from timm.layers import GELUTanh
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:
-        raise BenchError("--compare timm needs the timm package: pip install timm.") from None
-    cfg = model.config
-    with torch.device(device):
-        reference = VisionTransformer(
-            img_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            in_chans=cfg.num_channels,
-            num_classes=0,
-            # Headless towers (PaliGemma): we pool by the mean of the post-LayerNorm tokens, which is timm's "avg"
-            # with the final norm kept before the pool (fc_norm=False).
-            global_pool="map" if cfg.vision_use_head else "avg",
-            fc_norm=False,
-            embed_dim=cfg.hidden_size,
-            depth=cfg.num_hidden_layers,
-            num_heads=cfg.num_attention_heads,
-            # timm sizes the MLP as int(D * ratio): the half keeps float error from rounding 4304 down to 4303.
-            mlp_ratio=(cfg.intermediate_size + 0.5) / cfg.hidden_size,
-            class_token=False,
-            norm_layer=functools.partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
-            act_layer=GELUTanh if cfg.hidden_act != "gelu" else nn.GELU,
-            weight_init="skip",
-        )
-    _load_exact(reference, timm_state_dict(model), source="timm")
-    return reference.eval().requires_grad_(False)
-
-
-def reference_forward(backend: str, model: SiglipVision, *, device: torch.device, dtype: torch.dtype,
-                      compile: bool = False, compile_mode: str | None = None) -> Forward:  # fmt: skip
-    """transformers or timm on our weights as a `Forward` (pooled output), cast to `dtype` like ours."""
-    if backend == "transformers":
-        reference = transformers_model(model, device=device).to(dtype=dtype)
-        headless = not model.config.vision_use_head
-
-        def forward(pixels: Tensor) -> Tensor:
-            out = reference(pixel_values=pixels)
-            return out.last_hidden_state.mean(dim=1) if headless else out.pooler_output
-
-        module: Callable[[Tensor], Tensor] = forward
-    elif backend == "timm":
-        module = timm_model(model, device=device).to(dtype=dtype)
-    else:
-        raise BenchError(f"unknown comparison {backend!r} (expected one of {', '.join(REFERENCES)}).")
-    return torch.compile(module, dynamic=False, mode=compile_mode) if compile else module
+    module = _Pooled(fast)
+    return torch.compile(module, dynamic=False) if compile else module
 
 
 # --------------------------------------------------------------------------- timing
@@ -480,6 +281,18 @@ def default_compile(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """`--batch-size` text "1,8,32" → (1, 8, 32), each size once in the order given; anything but positive
+    integers is a `BenchError` sentence. `run_benchmark` checks its sizes here too: one rule, one message."""
+    try:
+        sizes = tuple(dict.fromkeys(int(s) for s in text.split(",")))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise BenchError(f"batch sizes must be positive integers, e.g. --batch-size 1,8,32 (got {text!r}).")
+    return sizes
+
+
 ProgressFn = Callable[[str], None]
 
 
@@ -492,11 +305,8 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     compile = default_compile(device) if options.compile is None else options.compile
     iters = options.iters if options.iters is not None else (10 if device.type == "cuda" else 3)
     warmup = options.warmup if options.warmup is not None else (3 if device.type == "cuda" else 1)
-    unknown = [name for name in options.compare if name not in REFERENCES]
-    if unknown:
-        raise BenchError(f"unknown comparison {unknown[0]!r} (expected one of {', '.join(REFERENCES)}).")
-    if not options.batch_sizes or min(options.batch_sizes) < 1:
-        raise BenchError("batch sizes must be positive integers, e.g. --batch-size 1,8,32.")
+    check_references(options.compare)
+    batch_sizes = parse_batch_sizes(",".join(map(str, options.batch_sizes)))  # one rule, one sentence
 
     say(f"building {options.model}")
     plain, preprocess = build_model(options.model, seed=options.seed)
@@ -507,7 +317,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     variant = "fused" + (f"+{_dtype_name(dtype)}" if dtype != torch.float32 else "") + ("+compiled" if compile else "")
     forwards["siglip"] = (fast_model(plain, device=device, dtype=dtype, compile=compile), variant)
     for name in options.compare:
-        missing = _missing_package(name)
+        missing = missing_package(name)
         if missing:
             report.notes.append(missing)
             continue
@@ -519,7 +329,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
 
     cfg = plain.config
     with torch.inference_mode():
-        for i, batch_size in enumerate(options.batch_sizes):
+        for i, batch_size in enumerate(batch_sizes):
             pixels = torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size,
                                  generator=torch.Generator().manual_seed(options.seed)).to(device, dtype)  # fmt: skip
             say(f"batch {batch_size}: {', '.join(forwards)}, {iters} interleaved rounds after {warmup} warm-up")
@@ -539,17 +349,8 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
             report.notes.append(f"--images: left out {skipped} file(s) that do not decode (`siglip embed` would list them as errors).")
         say(f"image pipeline on {len(paths)} files from {options.images}")
         report.results += image_results(paths, plain, preprocess, device=device, dtype=dtype,
-                                        batch_size=max(options.batch_sizes), iters=iters)  # fmt: skip
+                                        batch_size=max(batch_sizes), iters=iters)  # fmt: skip
     return report
-
-
-def _missing_package(name: str) -> str | None:
-    """One sentence when the library behind comparison `name` is not installed, else None."""
-    import importlib.util
-
-    if importlib.util.find_spec(name) is None:
-        return f"{name} comparison skipped: the {name} package is not installed (pip install {name})."
-    return None
 
 
 def _result(backend: str, stage: str, batch_size: int, timing: Timing, variant: str,
@@ -581,10 +382,10 @@ def image_results(
     """Where the time goes between files and embeddings: decode, preprocess, then the whole way.
 
     decode: PIL open + load, one core. preprocess: `preprocess.load_pixels` (decode, orient, resize, normalize), one
-    core, exact and with `--fast-decode` (libjpeg's reduced-size decoding). end_to_end: `embed.embed_paths` with
-    `siglip embed`'s decoding workers (the exact PIL path), the same with `--fast-decode`, and the batched
-    torchvision decoder (`gpu_decode`, nvJPEG on CUDA, libjpeg on the CPU) with the CPU path for files it leaves.
-    The two inexact paths carry their cosine to the exact one: what their speed costs.
+    core, exact and with `--fast-decode` (libjpeg's reduced-size decoding). end_to_end: `embed.embed_paths` as
+    `siglip embed` runs it, with its decoding workers: the exact PIL path, the same with `--fast-decode`, and
+    `--decode gpu` (JPEGs decoded in batches through torchvision: nvJPEG on CUDA, libjpeg on the CPU; the PIL path
+    for the files it leaves). The two inexact paths carry their cosine to the exact one: what their speed costs.
     Each is the median of `iters` passes over `paths`; end to end, after one warm-up batch, makes a single pass on
     the CPU, where one pass of a base model over 64 images takes most of a minute.
     """
@@ -592,8 +393,8 @@ def image_results(
 
     from .decoding import default_workers
     from .embed import embed_paths
-    from .runtime import Embedder
     from .preprocess import DecodeOptions, load_pixels
+    from .runtime import Embedder
     from .weights import Checkpoint
 
     n = len(paths)
@@ -617,62 +418,35 @@ def image_results(
                _result("siglip", "preprocess", 1, prep["fast"], "PIL --fast-decode, 1 core", images=n)]  # fmt: skip
 
     fused = copy.deepcopy(model).fuse_qkv().fuse_gelu().to(device=device, dtype=dtype)
+    # An Embedder carries the checkpoint it came from; a preset has none, so one without weight files stands in
+    # (embed_paths reads only its configs).
     checkpoint = Checkpoint("benchmark", None, model.config, preprocess, (), "")
     embedder = Embedder(fused, checkpoint, device, dtype)
     workers = default_workers()
-    exact: list[Tensor] = []
+    ways = {  # name: (variant, what `siglip embed` is given beyond the batch size and workers)
+        "exact": (f"PIL decode, workers={workers}", {}),
+        "fast": (f"PIL --fast-decode, workers={workers}", {"decode": fast}),
+        "gpu": (f"torchvision decode on {device.type}", {"decoder": "gpu"}),  # `siglip embed --decode gpu`
+    }
+    embeddings: dict[str, Tensor] = {}
 
-    def pil_path() -> None:
-        exact[:] = [torch.from_numpy(embed_paths(embedder, paths, batch_size=batch_size, workers=workers).embeddings)]
+    def end_to_end(name: str) -> Callable[[], None]:
+        def run() -> None:
+            done = embed_paths(embedder, paths, batch_size=batch_size, workers=workers, **ways[name][1])
+            embeddings[name] = torch.from_numpy(done.embeddings)
 
-    fast_out: list[Tensor] = []
-
-    def fast_path() -> None:
-        done = embed_paths(embedder, paths, batch_size=batch_size, workers=workers, decode=fast)
-        fast_out[:] = [torch.from_numpy(done.embeddings)]
-
-    torchvision_out: list[Tensor] = []
-
-    def torchvision_path() -> None:
-        torchvision_out[:] = [F.normalize(torch.cat(list(_embed_torchvision(paths, embedder, batch_size))), dim=-1)]
+        return run
 
     with torch.inference_mode():
         embed_paths(embedder, paths[:batch_size], batch_size=batch_size, workers=0)
         passes = 1 if device.type == "cpu" else iters
-        timings = time_interleaved({"pil": pil_path, "fast": fast_path, "torchvision": torchvision_path},
-                                   device=device, iters=passes, warmup=0)  # fmt: skip
-    agreement = cosine(torchvision_out[0], exact[0]) if len(exact[0]) == len(torchvision_out[0]) else None
-    results.append(_result("siglip", "end_to_end", batch_size, timings["pil"], f"PIL decode, workers={workers}", images=n))
-    fast_agreement = cosine(fast_out[0], exact[0]) if len(exact[0]) == len(fast_out[0]) else None
-    results.append(_result("siglip", "end_to_end", batch_size, timings["fast"],
-                           f"PIL --fast-decode, workers={workers}", fast_agreement, images=n))  # fmt: skip
-    results.append(_result("siglip", "end_to_end", batch_size, timings["torchvision"],
-                           f"torchvision decode on {device.type}", agreement, images=n))  # fmt: skip
+        timings = time_interleaved({name: end_to_end(name) for name in ways}, device=device, iters=passes, warmup=0)
+    exact = embeddings["exact"]
+    for name, (variant, _) in ways.items():
+        out = embeddings[name]
+        agreement = None if name == "exact" or len(out) != len(exact) else cosine(out, exact)
+        results.append(_result("siglip", "end_to_end", batch_size, timings[name], variant, agreement, images=n))
     return results
-
-
-def _embed_torchvision(paths: list[str], embedder: Any, batch_size: int) -> Iterator[Tensor]:
-    """Pooled embeddings in file order: batched torchvision decoding (a chunk ahead), the PIL path for the files
-    it leaves; a file that fails there too is dropped, as `siglip embed` would list it in its errors file."""
-    from PIL import Image
-
-    from .gpu_decode import decode_batches
-    from .preprocess import BadImage, DecodeOptions, load_pixels
-
-    threads = 2 if embedder.device.type == "cuda" else 1
-    for start, batch in decode_batches(paths, embedder.preprocess, device=embedder.device, batch_size=batch_size, threads=threads):
-        chunk = paths[start : start + batch_size]
-        pixels = torch.empty(len(chunk), *batch.pixels.shape[1:], device=embedder.device)
-        pixels[batch.indices] = batch.pixels
-        good = list(batch.indices)
-        for position, _ in batch.failures:
-            try:
-                pixels[position] = load_pixels(chunk[position], embedder.preprocess, DecodeOptions())[0].to(pixels.device)
-                good.append(position)
-            except (BadImage, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                pass  # PIL's own exceptions for a broken file
-        if good:
-            yield embedder(pixels[sorted(good)])[0]
 
 
 def find_images(directory: Path, *, limit: int) -> tuple[list[str], int]:

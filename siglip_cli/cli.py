@@ -329,7 +329,7 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the table.")] = False,
 ) -> None:
     """Throughput of the vision tower (images/s, ms per image, peak memory), optionally against transformers and timm."""
-    from .benchmark import BenchError, BenchOptions, run_benchmark
+    from .benchmark import BenchOptions, parse_batch_sizes, run_benchmark
 
     keep_freed_memory()  # as `siglip embed` runs; the references in this process get it too
     with user_errors():
@@ -339,17 +339,11 @@ def bench(
         # A GPU's throughput still grows past 64 (B/16 on an H200: 12,013 images/s at 64, 13,077 at 256).
         if batch_size is None:
             batch_size = "1,32,256" if device.startswith("cuda") else "1,8,32"
-        try:
-            sizes = tuple(dict.fromkeys(int(s) for s in batch_size.split(",")))  # each once, in the order given
-        except ValueError:
-            sizes = ()
-        if not sizes or min(sizes) < 1:
-            raise BenchError(f"batch sizes must be positive integers, e.g. --batch-size 1,8,32 (got {batch_size!r}).")
         options = BenchOptions(
             model=model,
             device=device,
             dtype=None if dtype == "auto" else dtype,
-            batch_sizes=sizes,
+            batch_sizes=parse_batch_sizes(batch_size),
             iters=iters,
             warmup=warmup,
             compile=compile,

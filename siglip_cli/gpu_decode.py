@@ -5,20 +5,20 @@ orientation, squash-resize to the model's (height, width) with the checkpoint's 
 always is when shrinking), round to 8 bits as PIL does, then rescale and normalize. It is close to the PIL path,
 not bit-exact: libjpeg and nvJPEG round the IDCT and chroma upsampling differently, and torch's antialiased
 bicubic differs from PIL's by a unit in the last 8-bit place here and there. Embeddings agree to a cosine
-above 0.999 (tests/test_bench.py).
+above 0.999 (tests/test_gpu_decode.py).
 
-Anything the GPU path does not take (not a JPEG, a CMYK/YCCK JPEG, an image over the pixel limit, a file nvJPEG
-rejects) is returned in `failures` with its reason, and the caller decodes it on the CPU path, which also gives
-the user the proper error for a truly broken file. Works with `device="cpu"` (libjpeg-turbo), which is how the
-tests check it.
+Two steps, as `decoding.py` runs them: `read_header` keeps a file's bytes and reads its JPEG header (in the
+decoding workers), `decode_headers` decodes and preprocesses a batch of them on the device. Anything the GPU path
+does not take (not a JPEG, a CMYK/YCCK JPEG, an image over the pixel limit, a file nvJPEG rejects) comes back
+with its reason, and the caller decodes it on the CPU path, which also gives the user the proper error for a truly
+broken file. Works with `device="cpu"` (libjpeg-turbo), which is how the tests check it.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict, deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +33,6 @@ from .preprocess import DecodeOptions
 # PIL resample numbers → torch interpolation modes; both are antialiased when shrinking.
 RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
 _ORIENTATION_TAG = 0x0112
-
-
-@dataclass(frozen=True)
-class DecodedBatch:
-    pixels: Tensor  # (B, 3, height, width) float32 normalized pixels on the device, one row per entry of `indices`
-    indices: list[int]  # positions (in the input sequence) of the decoded images, in order
-    sizes: list[tuple[int, int]]  # (width, height) of each oriented original, aligned with `indices`
-    failures: list[tuple[int, str]]  # (position, reason) of each image left for the CPU path
 
 
 @dataclass(frozen=True)
@@ -60,35 +52,6 @@ def check_supported(cfg: PreprocessConfig) -> None:
             f"GPU decoding supports bilinear and bicubic resizing, but this checkpoint asks for PIL filter "
             f"{cfg.resample}; use the CPU decoder."
         )
-
-
-def decode_batch(
-    sources: Sequence[str | Path | bytes],
-    cfg: PreprocessConfig,
-    *,
-    device: torch.device | str = "cuda",
-    options: DecodeOptions = DecodeOptions(),
-) -> DecodedBatch:
-    """Decode and preprocess JPEG files (paths or their bytes) in one batch on `device`.
-
-    Returns the pixels of every image the GPU path took, and the position and reason of every other one.
-    `options.fast_decode` is ignored: nvJPEG has no reduced-size decoding.
-    """
-    check_supported(cfg)
-    headers: list[JpegHeader] = []
-    positions: list[int] = []
-    failures: list[tuple[int, str]] = []
-    for position, source in enumerate(sources):
-        header = read_header(source, cfg, options)
-        if isinstance(header, str):
-            failures.append((position, header))
-        else:
-            headers.append(header)
-            positions.append(position)
-    pixels, decoded, rejected = decode_headers(headers, cfg, device=device)
-    indices = [positions[i] for i in decoded]
-    sizes = [(headers[i].width, headers[i].height) for i in decoded]
-    return DecodedBatch(pixels, indices, sizes, sorted(failures + [(positions[i], why) for i, why in rejected]))
 
 
 # Pixels of full-size photos decoded in one call. A call holds them as 8-bit RGB and, while resizing, as float32:
@@ -136,39 +99,6 @@ def _groups(headers: Sequence[JpegHeader], pixels: int) -> list[list[int]]:
         groups[-1].append(i)
         total += size
     return groups
-
-
-def decode_batches(
-    sources: Sequence[str | Path],
-    cfg: PreprocessConfig,
-    *,
-    device: torch.device | str = "cuda",
-    batch_size: int = 256,
-    options: DecodeOptions = DecodeOptions(),
-    threads: int = 2,
-) -> Iterator[tuple[int, DecodedBatch]]:
-    """`decode_batch` over consecutive chunks of `sources`, in order, with `threads` chunks decoded ahead.
-
-    Yields (start, batch): the chunk is `sources[start : start + batch_size]`, and the batch's `indices` and
-    `failures` are positions within the chunk. Reading files and the device decoder release the GIL (the header walk
-    is a few microseconds of Python), so the next chunks are on their way while the caller runs the model on this one.
-    """
-    starts = iter(range(0, len(sources), batch_size))
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        pending: deque = deque()
-
-        def submit() -> None:
-            start = next(starts, None)
-            if start is not None:
-                chunk = sources[start : start + batch_size]
-                pending.append((start, pool.submit(decode_batch, chunk, cfg, device=device, options=options)))
-
-        for _ in range(threads):
-            submit()
-        while pending:
-            start, future = pending.popleft()
-            submit()
-            yield start, future.result()
 
 
 def read_header(source: str | Path | bytes, cfg: PreprocessConfig, options: DecodeOptions) -> JpegHeader | str:

@@ -1,7 +1,8 @@
 """`siglip bench` and the fast paths it measures: each fast path computes what the plain path computes.
 
 Fast paths: fused q/k/v, bf16 weights, `torch.compile`, the transformers and timm references on our weights (key
-maps), and the batched torchvision decoder (`gpu_decode`, run on the CPU here). Timings are never asserted.
+maps, `references.py`), and `siglip embed --decode gpu` end to end (its decoder, `gpu_decode`, has its own tests in
+test_gpu_decode.py). Timings are never asserted.
 """
 
 from __future__ import annotations
@@ -11,19 +12,17 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from conftest import make_photo, reference_vision_model
-from siglip_cli import benchmark
+from siglip_cli import benchmark, config, references
 from siglip_cli.cli import app
 from siglip_cli.config import PreprocessConfig, VisionConfig
-from siglip_cli.gpu_decode import decode_batch, orient
-from siglip_cli.model import SiglipVision, init_weights
-from siglip_cli.preprocess import DecodeOptions, load_pixels
+from siglip_cli.errors import UserError
+from siglip_cli.model import SiglipVision, random_model
+from siglip_cli.tracing import load_for_inspect
 from siglip_cli.weights import load_model, resolve_checkpoint
 
 RUNNER = CliRunner(env={"COLUMNS": "200"})
@@ -32,11 +31,10 @@ TINY = VisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, n
 
 def _tiny_model(cfg: VisionConfig = TINY, seed: int = 0) -> SiglipVision:
     """Random weights with every bias and LayerNorm perturbed, so a key map that drops one cannot pass."""
-    torch.manual_seed(seed)
-    model = init_weights(SiglipVision(cfg)).eval().requires_grad_(False)
+    model, generator = random_model(cfg, seed=seed), torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter), alpha=0.1)
+            parameter.add_(torch.randn(parameter.shape, generator=generator), alpha=0.1)
     return model
 
 
@@ -105,7 +103,7 @@ ODD = VisionConfig(hidden_size=36, intermediate_size=43, num_hidden_layers=1, nu
 @pytest.mark.parametrize("cfg", [TINY, HEADLESS, ODD], ids=["head", "headless", "p14-odd-heads"])
 def test_reference_key_maps_compute_our_function(backend: str, cfg: VisionConfig) -> None:
     model, x = _tiny_model(cfg), _pixels(cfg)
-    forward = benchmark.reference_forward(backend, model, device=torch.device("cpu"), dtype=torch.float32)
+    forward = references.reference_forward(backend, model, device=torch.device("cpu"), dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(forward(x), model(x).pooled, rtol=0, atol=1e-5)
 
@@ -113,7 +111,7 @@ def test_reference_key_maps_compute_our_function(backend: str, cfg: VisionConfig
 def test_transformers_map_agrees_with_transformers_own_loader(tiny_vision: Path) -> None:
     """Our loader + our key map give the model transformers builds from the same checkpoint file."""
     ours = load_model(resolve_checkpoint(str(tiny_vision)))
-    mapped = benchmark.transformers_model(ours)
+    mapped = references.transformers_model(ours)
     own = reference_vision_model(tiny_vision)
     for key, tensor in own.state_dict().items():
         assert torch.equal(mapped.state_dict()[key], tensor), key
@@ -121,13 +119,41 @@ def test_transformers_map_agrees_with_transformers_own_loader(tiny_vision: Path)
 
 def test_key_maps_refuse_a_fused_model() -> None:
     with pytest.raises(ValueError, match="unfused"):
-        benchmark.timm_state_dict(_tiny_model().fuse_qkv())
+        references.timm_state_dict(_tiny_model().fuse_qkv())
 
 
 def test_timm_mlp_width_is_exact_for_so400m() -> None:
     # 4304 / 1152 is not exact in floating point: timm must still build a 4304-wide MLP.
     cfg = VisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=1, num_attention_heads=16, image_size=28, patch_size=14)
-    assert benchmark.timm_model(init_weights(SiglipVision(cfg))).blocks[0].mlp.fc1.out_features == 4304
+    assert references.timm_model(random_model(cfg)).blocks[0].mlp.fc1.out_features == 4304
+
+
+@pytest.mark.parametrize("backend", ["transformers", "timm"])
+def test_a_key_map_that_misses_a_tensor_names_it(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reference library that renamed a parameter is one sentence naming it, not a half-loaded model."""
+    key_map = getattr(references, f"{backend}_state_dict")
+    dropped = "post_layernorm.bias" if backend == "transformers" else "norm.bias"
+
+    def renamed(model: SiglipVision) -> dict[str, torch.Tensor]:
+        return {key: tensor for key, tensor in key_map(model).items() if key != dropped}
+
+    monkeypatch.setattr(references, f"{backend}_state_dict", renamed)
+    with pytest.raises(UserError, match=rf"the {backend} key map leaves {backend}'s {dropped} unset"):
+        getattr(references, f"{backend}_model")(_tiny_model())
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_a_preset_has_the_same_weights_in_bench_and_inspect(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(config.PRESETS, "tiny-preset", (TINY, PreprocessConfig(32, 32)))
+    bench_model, preprocess = benchmark.build_model("tiny-preset")
+    inspect_model, _, random_weights = load_for_inspect("tiny-preset")
+    assert random_weights and preprocess == PreprocessConfig(32, 32)
+    bench_state, inspect_state = bench_model.state_dict(), inspect_model.state_dict()
+    for key, tensor in random_model(TINY).state_dict().items():
+        assert torch.equal(bench_state[key], tensor) and torch.equal(inspect_state[key], tensor), key
+    assert not torch.equal(benchmark.build_model("tiny-preset", seed=1)[0].head.probe, bench_model.head.probe)
 
 
 # --------------------------------------------------------------------------- the command
@@ -185,6 +211,26 @@ def test_bench_bad_options_are_one_sentence(tiny_vision: Path, args: list[str], 
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("text, message", [
+    ("8,x", "batch sizes must be positive integers, e.g. --batch-size 1,8,32 (got '8,x')."),
+    ("", "(got '')"),
+    ("1,0", "(got '1,0')"),
+])  # fmt: skip
+def test_batch_sizes_are_checked_in_one_place(text: str, message: str) -> None:
+    with pytest.raises(benchmark.BenchError) as raised:
+        benchmark.parse_batch_sizes(text)
+    assert message in str(raised.value)
+    assert benchmark.parse_batch_sizes("2,1,2") == (2, 1)
+
+
+def test_run_benchmark_refuses_what_the_command_refuses(tiny_vision: Path) -> None:
+    """The library says what `siglip bench` says, for callers that do not go through the command."""
+    with pytest.raises(benchmark.BenchError, match=r"batch sizes must be positive integers.*\(got '0'\)"):
+        benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), batch_sizes=(0,)))
+    with pytest.raises(UserError, match="unknown comparison 'onnx'"):
+        benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), compare=("onnx",)))
+
+
 def test_bench_batch_size_given_twice_is_measured_once(tiny_vision: Path) -> None:
     document = _bench_json("--model", str(tiny_vision), "--batch-size", "2,1,2")
     assert [r["batch_size"] for r in document["results"] if r["backend"] == "siglip"] == [2, 1]
@@ -212,122 +258,6 @@ def test_bench_images_reports_each_stage(tiny_siglip: Path, tmp_path: Path) -> N
     assert "torchvision" in torchvision_row["variant"] and torchvision_row["cosine"] >= 0.999
 
 
-# --------------------------------------------------------------------------- gpu_decode, run on the CPU
-
-PIL_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                 8: Image.Transpose.ROTATE_90}  # fmt: skip
-
-
-@pytest.mark.parametrize("orientation", range(1, 9))
-def test_orient_matches_pil(orientation: int) -> None:
-    image = make_photo((24, 16))
-    expected = image.transpose(PIL_TRANSPOSE[orientation]) if orientation > 1 else image
-    tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-    assert np.array_equal(orient(tensor, orientation).permute(1, 2, 0).numpy(), np.asarray(expected))
-
-
-def _save_with_orientation(path: Path, upright: Image.Image, orientation: int) -> Path:
-    """A JPEG whose pixels are `upright` un-oriented, tagged so that a viewer honouring EXIF shows `upright`."""
-    inverse = {6: 8, 8: 6}.get(orientation, orientation)  # every orientation is its own inverse except 6 and 8
-    stored = upright.transpose(PIL_TRANSPOSE[inverse]) if orientation > 1 else upright
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    stored.save(path, format="JPEG", quality=95, exif=exif)
-    assert ImageOps.exif_transpose(Image.open(path)).size == upright.size
-    return path
-
-
-@pytest.fixture
-def mixed_files(tmp_path: Path) -> list[Path]:
-    """JPEGs of several sizes, EXIF orientations and modes, plus files the GPU decoder must leave to the CPU."""
-    files = [
-        _save_with_orientation(tmp_path / "plain.jpg", make_photo((120, 90), seed=0), 1),
-        _save_with_orientation(tmp_path / "portrait.jpg", make_photo((90, 120), seed=1), 6),
-        _save_with_orientation(tmp_path / "flipped.jpg", make_photo((120, 90), seed=2), 4),
-        _save_with_orientation(tmp_path / "transverse.jpg", make_photo((70, 100), seed=3), 7),
-        _save_with_orientation(tmp_path / "same-size.jpg", make_photo((120, 90), seed=4), 1),
-    ]
-    make_photo((64, 48), mode="L").save(tmp_path / "gray.jpg", quality=95)
-    make_photo((64, 48), mode="CMYK").save(tmp_path / "cmyk.jpg", quality=95)
-    make_photo((64, 48)).save(tmp_path / "image.png")
-    (tmp_path / "broken.jpg").write_bytes((tmp_path / "plain.jpg").read_bytes()[:300])
-    return files + [tmp_path / n for n in ("gray.jpg", "cmyk.jpg", "image.png", "broken.jpg")]
-
-
-@pytest.mark.parametrize("resample", [3, 2], ids=["bicubic", "bilinear"])
-def test_gpu_decode_matches_the_pil_path_on_cpu(mixed_files: list[Path], resample: int) -> None:
-    cfg = PreprocessConfig(height=32, width=32, resample=resample)
-    batch = decode_batch(mixed_files, cfg, device="cpu")
-    names = [p.name for p in mixed_files]
-    assert {names[i] for i, _ in batch.failures} == {"cmyk.jpg", "image.png", "broken.jpg"}
-    assert [names[i] for i in batch.indices] == [n for n in names if n not in ("cmyk.jpg", "image.png", "broken.jpg")]
-    exact = [load_pixels(mixed_files[i], cfg, DecodeOptions()) for i in batch.indices]
-    assert batch.sizes == [(w, h) for _, w, h in exact]
-    expected = torch.stack([pixels for pixels, _, _ in exact])
-    difference = (batch.pixels - expected).abs()
-    level = 2 / 255  # one 8-bit level in normalized units
-    assert difference.max() <= 3 * level and difference.mean() < 0.1 * level
-    model = _tiny_model()
-    with torch.no_grad():
-        assert benchmark.cosine(model(batch.pixels).pooled, model(expected).pooled) >= 0.999
-
-
-def test_gpu_decode_in_bounded_groups_gives_the_same_pixels(mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The decoder takes at most PIXELS_PER_CALL pixels at a time (at least one photo): memory does not grow with
-    the batch; the groups change nothing else."""
-    from siglip_cli import gpu_decode
-
-    cfg = PreprocessConfig(height=32, width=32)
-    whole = decode_batch(mixed_files, cfg, device="cpu")
-    calls = []
-    decode = gpu_decode._decode
-    monkeypatch.setattr(gpu_decode, "_decode", lambda headers, device: calls.append(list(headers)) or decode(headers, device))
-    monkeypatch.setattr(gpu_decode, "PIXELS_PER_CALL", 2 * 120 * 90)  # two of the larger photos
-    grouped = decode_batch(mixed_files, cfg, device="cpu")
-    taken = [i for call in calls for i in call]  # positions among the JPEGs the decoder takes, group after group
-    assert len(calls) > 2 and taken == list(range(len(taken)))
-    assert (grouped.indices, grouped.sizes, grouped.failures) == (whole.indices, whole.sizes, whole.failures)
-    assert torch.equal(grouped.pixels, whole.pixels)
-
-
-def test_decoder_out_of_memory_is_not_mistaken_for_bad_files(mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    # torch's out-of-memory error is a RuntimeError, which is also what the decoder raises for a bad file.
-    import torchvision.io
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
-
-    monkeypatch.setattr(torchvision.io, "decode_jpeg", out_of_memory)
-    batch = decode_batch(mixed_files, PreprocessConfig(height=32, width=32), device="cpu")
-    reasons = {why for _, why in batch.failures}
-    assert "out of GPU memory for the JPEG decoder" in reasons
-    assert not any(why.startswith("JPEG decoder error") for why in reasons)
-
-
-def test_gpu_decoder_out_of_memory_leaves_the_batch_to_the_cpu_path(
-    mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from siglip_cli import gpu_decode
-
-    def out_of_memory(headers, device):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
-
-    monkeypatch.setattr(gpu_decode, "_decode", out_of_memory)
-    batch = decode_batch(mixed_files, PreprocessConfig(height=32, width=32), device="cpu")
-    assert batch.indices == [] and batch.pixels.shape == (0, 3, 32, 32)
-    names = [p.name for p in mixed_files]
-    out_of_memory_names = {names[i] for i, why in batch.failures if "out of GPU memory" in why}
-    assert len(batch.failures) == len(mixed_files)
-    assert out_of_memory_names == set(names) - {"cmyk.jpg", "image.png"}  # every JPEG it would have taken
-
-
-def test_gpu_decode_without_exif_keeps_stored_orientation(mixed_files: list[Path]) -> None:
-    cfg = PreprocessConfig(height=32, width=32)
-    batch = decode_batch(mixed_files[:2], cfg, device="cpu", options=DecodeOptions(exif_transpose=False))
-    assert batch.sizes == [(120, 90), (120, 90)]  # the portrait as stored: sideways
-
-
 # --------------------------------------------------------------------------- the GPU script, smoke-run on the CPU
 
 
@@ -341,54 +271,3 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "model only" in done.stdout and "end to end" in done.stdout
     assert "failed:" not in done.stdout and "skipped:" not in done.stdout  # every row measured
-
-
-@pytest.mark.parametrize("resample", [3, 2], ids=["bicubic", "bilinear"])
-@pytest.mark.parametrize("uint8", [True, False], ids=["uint8-cpu-kernel", "float-cuda-kernel"])
-@pytest.mark.parametrize("size", [(200, 150), (20, 15)], ids=["shrink", "enlarge"])
-def test_resize_follows_pil(resample: int, uint8: bool, size: tuple[int, int]) -> None:
-    from siglip_cli.gpu_decode import resize
-
-    image = make_photo(size)
-    cfg = PreprocessConfig(height=48, width=64, resample=resample)
-    expected = np.asarray(image.resize((64, 48), resample=resample)).astype(np.float32)
-    got = resize(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None], cfg, uint8=uint8)[0]
-    difference = np.abs(got.permute(1, 2, 0).numpy() - expected)
-    assert difference.max() <= 1 and difference.mean() < 0.1  # in 8-bit levels
-
-
-def _jpeg_variants() -> dict[str, bytes]:
-    import io
-
-    photo, variants = make_photo((80, 60)), {}
-    for name, mode, kwargs in [("baseline", "RGB", {}), ("progressive", "RGB", {"progressive": True}),
-                               ("gray", "L", {}), ("cmyk", "CMYK", {})]:  # fmt: skip
-        buffer = io.BytesIO()
-        photo.convert(mode).save(buffer, "JPEG", **kwargs)
-        variants[name] = buffer.getvalue()
-    for endian in "<>":  # phones write both byte orders
-        exif = Image.Exif()
-        exif.endian = endian
-        exif[0x010F], exif[0x0112] = "Maker", 6
-        buffer = io.BytesIO()
-        photo.save(buffer, "JPEG", exif=exif.tobytes())
-        variants[f"exif-{'little' if endian == '<' else 'big'}-endian"] = buffer.getvalue()
-    return variants
-
-
-@pytest.mark.parametrize("name, data", list(_jpeg_variants().items()))
-def test_jpeg_header_reads_what_pil_reads(name: str, data: bytes) -> None:
-    import io
-
-    from siglip_cli.gpu_decode import jpeg_header
-
-    with Image.open(io.BytesIO(data)) as image:
-        expected = (*image.size, len(image.getbands()), image.getexif().get(0x0112, 1))
-    assert jpeg_header(data) == expected
-
-
-def test_jpeg_header_names_what_it_refuses() -> None:
-    from siglip_cli.gpu_decode import jpeg_header
-
-    assert jpeg_header(b"\x89PNG\r\n\x1a\n") == "not a JPEG"
-    assert jpeg_header(_jpeg_variants()["baseline"][:40]) == "truncated JPEG header"

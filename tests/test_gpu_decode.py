@@ -1,0 +1,214 @@
+"""The GPU decoder (`gpu_decode`), run on the CPU (torchvision's libjpeg path): it computes what the PIL path does.
+
+`read_header` decides which files the device decoder takes and reads their headers; `decode_headers` decodes and
+preprocesses them; whatever either leaves goes to the CPU path (`decoding.batch_pixels`, tested end to end in
+test_embed_cli.py and by `siglip bench --images` in test_bench.py).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from conftest import make_photo
+from siglip_cli import gpu_decode
+from siglip_cli.config import PreprocessConfig, VisionConfig
+from siglip_cli.errors import UserError
+from siglip_cli.gpu_decode import JpegHeader, check_supported, decode_headers, jpeg_header, orient, read_header, resize
+from siglip_cli.model import random_model
+from siglip_cli.preprocess import DecodeOptions, load_pixels
+
+CFG = PreprocessConfig(height=32, width=32)
+TINY = VisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+PIL_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                 8: Image.Transpose.ROTATE_90}  # fmt: skip
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_matches_pil(orientation: int) -> None:
+    image = make_photo((24, 16))
+    expected = image.transpose(PIL_TRANSPOSE[orientation]) if orientation > 1 else image
+    tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    assert np.array_equal(orient(tensor, orientation).permute(1, 2, 0).numpy(), np.asarray(expected))
+
+
+def _save_with_orientation(path: Path, upright: Image.Image, orientation: int) -> Path:
+    """A JPEG whose pixels are `upright` un-oriented, tagged so that a viewer honouring EXIF shows `upright`."""
+    inverse = {6: 8, 8: 6}.get(orientation, orientation)  # every orientation is its own inverse except 6 and 8
+    stored = upright.transpose(PIL_TRANSPOSE[inverse]) if orientation > 1 else upright
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, format="JPEG", quality=95, exif=exif)
+    assert ImageOps.exif_transpose(Image.open(path)).size == upright.size
+    return path
+
+
+@pytest.fixture
+def mixed_files(tmp_path: Path) -> list[Path]:
+    """JPEGs of several sizes, EXIF orientations and modes, plus files the GPU decoder must leave to the CPU."""
+    files = [
+        _save_with_orientation(tmp_path / "plain.jpg", make_photo((120, 90), seed=0), 1),
+        _save_with_orientation(tmp_path / "portrait.jpg", make_photo((90, 120), seed=1), 6),
+        _save_with_orientation(tmp_path / "flipped.jpg", make_photo((120, 90), seed=2), 4),
+        _save_with_orientation(tmp_path / "transverse.jpg", make_photo((70, 100), seed=3), 7),
+        _save_with_orientation(tmp_path / "same-size.jpg", make_photo((120, 90), seed=4), 1),
+    ]
+    make_photo((64, 48), mode="L").save(tmp_path / "gray.jpg", quality=95)
+    make_photo((64, 48), mode="CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    make_photo((64, 48)).save(tmp_path / "image.png")
+    (tmp_path / "broken.jpg").write_bytes((tmp_path / "plain.jpg").read_bytes()[:300])  # its header, then nothing
+    return files + [tmp_path / n for n in ("gray.jpg", "cmyk.jpg", "image.png", "broken.jpg")]
+
+
+def _taken(files: list[Path], cfg: PreprocessConfig, options: DecodeOptions = DecodeOptions()) -> dict[str, JpegHeader]:
+    """The headers of the files the GPU path takes, by file name, in file order."""
+    headers = {path.name: read_header(path, cfg, options) for path in files}
+    return {name: header for name, header in headers.items() if isinstance(header, JpegHeader)}
+
+
+def test_read_header_leaves_what_the_device_decoder_cannot_take(mixed_files: list[Path]) -> None:
+    reasons = {path.name: read_header(path, CFG, DecodeOptions()) for path in mixed_files}
+    assert reasons["cmyk.jpg"] == "JPEG with 4 colour components"
+    assert reasons["image.png"] == "not a JPEG"
+    taken = _taken(mixed_files, CFG)
+    assert set(taken) == {p.name for p in mixed_files} - {"cmyk.jpg", "image.png"}
+    for path in mixed_files:
+        if path.name in taken and path.name != "broken.jpg":  # the broken one's header is whole: the decoder finds out
+            with Image.open(path) as image:
+                assert (taken[path.name].width, taken[path.name].height) == ImageOps.exif_transpose(image).size
+
+
+def test_read_header_reads_bytes_as_it_reads_files(mixed_files: list[Path]) -> None:
+    portrait = mixed_files[1]
+    from_file, from_bytes = (read_header(source, CFG, DecodeOptions()) for source in (portrait, portrait.read_bytes()))
+    assert (from_file.orientation, from_file.width, from_file.height) == (6, 90, 120)
+    assert (from_bytes.orientation, from_bytes.width, from_bytes.height) == (6, 90, 120)
+    assert torch.equal(from_file.data, from_bytes.data)
+
+
+def test_read_header_refuses_over_the_pixel_limit(mixed_files: list[Path]) -> None:
+    assert read_header(mixed_files[0], CFG, DecodeOptions(max_pixels=120 * 90 - 1)) == "over the pixel limit"
+
+
+def test_read_header_without_exif_keeps_stored_orientation(mixed_files: list[Path]) -> None:
+    taken = _taken(mixed_files[:2], CFG, DecodeOptions(exif_transpose=False))
+    assert [(h.width, h.height, h.orientation) for h in taken.values()] == [(120, 90, 1), (120, 90, 1)]  # sideways
+
+
+@pytest.mark.parametrize("resample", [3, 2], ids=["bicubic", "bilinear"])
+def test_gpu_decode_matches_the_pil_path_on_cpu(mixed_files: list[Path], resample: int) -> None:
+    cfg = PreprocessConfig(height=32, width=32, resample=resample)
+    taken = _taken(mixed_files, cfg)
+    names = list(taken)
+    pixels, decoded, rejected = decode_headers(list(taken.values()), cfg, device="cpu")
+    assert [names[i] for i, _ in rejected] == ["broken.jpg"]
+    assert rejected[0][1].startswith("JPEG decoder error")
+    assert [names[i] for i in decoded] == [n for n in names if n != "broken.jpg"]
+    folder = mixed_files[0].parent
+    exact = [load_pixels(folder / names[i], cfg, DecodeOptions()) for i in decoded]
+    assert [(taken[names[i]].width, taken[names[i]].height) for i in decoded] == [(w, h) for _, w, h in exact]
+    expected = torch.stack([p for p, _, _ in exact])
+    difference = (pixels - expected).abs()
+    level = 2 / 255  # one 8-bit level in normalized units
+    assert difference.max() <= 3 * level and difference.mean() < 0.1 * level
+    model = random_model(TINY)
+    with torch.no_grad():
+        assert F.cosine_similarity(model(pixels).pooled, model(expected).pooled).min() >= 0.999
+
+
+def test_gpu_decode_in_bounded_groups_gives_the_same_pixels(mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoder takes at most PIXELS_PER_CALL pixels at a time (at least one photo): memory does not grow with
+    the batch; the groups change nothing else."""
+    headers = list(_taken(mixed_files, CFG).values())
+    whole = decode_headers(headers, CFG, device="cpu")
+    calls = []
+    decode = gpu_decode._decode
+    monkeypatch.setattr(gpu_decode, "_decode", lambda headers, device: calls.append(list(headers)) or decode(headers, device))
+    monkeypatch.setattr(gpu_decode, "PIXELS_PER_CALL", 2 * 120 * 90)  # two of the larger photos
+    grouped = decode_headers(headers, CFG, device="cpu")
+    taken = [i for call in calls for i in call]  # indices of the headers, group after group
+    assert len(calls) > 2 and taken == list(range(len(headers)))
+    assert grouped[1:] == whole[1:]
+    assert torch.equal(grouped[0], whole[0])
+
+
+def test_decoder_out_of_memory_is_not_mistaken_for_bad_files(mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch's out-of-memory error is a RuntimeError, which is also what the decoder raises for a bad file.
+    import torchvision.io
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", out_of_memory)
+    _, _, rejected = decode_headers(list(_taken(mixed_files, CFG).values()), CFG, device="cpu")
+    reasons = {why for _, why in rejected}
+    assert reasons == {"out of GPU memory for the JPEG decoder"}
+
+
+def test_gpu_decoder_out_of_memory_leaves_the_batch_to_the_cpu_path(
+    mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(headers, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(gpu_decode, "_decode", out_of_memory)
+    headers = list(_taken(mixed_files, CFG).values())
+    pixels, decoded, rejected = decode_headers(headers, CFG, device="cpu")
+    assert decoded == [] and pixels.shape == (0, 3, 32, 32)
+    assert rejected == [(i, "out of GPU memory for the JPEG decoder") for i in range(len(headers))]  # every JPEG it took
+
+
+def test_check_supported_refuses_filters_the_gpu_lacks() -> None:
+    check_supported(PreprocessConfig(resample=3))
+    check_supported(PreprocessConfig(resample=2))
+    check_supported(PreprocessConfig(resample=0, do_resize=False))  # no resizing, no filter to match
+    with pytest.raises(UserError, match="supports bilinear and bicubic resizing.*PIL filter 0"):
+        check_supported(PreprocessConfig(resample=0))
+
+
+@pytest.mark.parametrize("resample", [3, 2], ids=["bicubic", "bilinear"])
+@pytest.mark.parametrize("uint8", [True, False], ids=["uint8-cpu-kernel", "float-cuda-kernel"])
+@pytest.mark.parametrize("size", [(200, 150), (20, 15)], ids=["shrink", "enlarge"])
+def test_resize_follows_pil(resample: int, uint8: bool, size: tuple[int, int]) -> None:
+    image = make_photo(size)
+    cfg = PreprocessConfig(height=48, width=64, resample=resample)
+    expected = np.asarray(image.resize((64, 48), resample=resample)).astype(np.float32)
+    got = resize(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None], cfg, uint8=uint8)[0]
+    difference = np.abs(got.permute(1, 2, 0).numpy() - expected)
+    assert difference.max() <= 1 and difference.mean() < 0.1  # in 8-bit levels
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    photo, variants = make_photo((80, 60)), {}
+    for name, mode, kwargs in [("baseline", "RGB", {}), ("progressive", "RGB", {"progressive": True}),
+                               ("gray", "L", {}), ("cmyk", "CMYK", {})]:  # fmt: skip
+        buffer = io.BytesIO()
+        photo.convert(mode).save(buffer, "JPEG", **kwargs)
+        variants[name] = buffer.getvalue()
+    for endian in "<>":  # phones write both byte orders
+        exif = Image.Exif()
+        exif.endian = endian
+        exif[0x010F], exif[0x0112] = "Maker", 6
+        buffer = io.BytesIO()
+        photo.save(buffer, "JPEG", exif=exif.tobytes())
+        variants[f"exif-{'little' if endian == '<' else 'big'}-endian"] = buffer.getvalue()
+    return variants
+
+
+@pytest.mark.parametrize("name, data", list(_jpeg_variants().items()))
+def test_jpeg_header_reads_what_pil_reads(name: str, data: bytes) -> None:
+    with Image.open(io.BytesIO(data)) as image:
+        expected = (*image.size, len(image.getbands()), image.getexif().get(0x0112, 1))
+    assert jpeg_header(data) == expected
+
+
+def test_jpeg_header_names_what_it_refuses() -> None:
+    assert jpeg_header(b"\x89PNG\r\n\x1a\n") == "not a JPEG"
+    assert jpeg_header(_jpeg_variants()["baseline"][:40]) == "truncated JPEG header"
