@@ -16,6 +16,7 @@ broken file. Works with `device="cpu"` (libjpeg-turbo), which is how the tests c
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -32,7 +33,8 @@ from .preprocess import DecodeOptions
 
 # PIL resample numbers → torch interpolation modes; both are antialiased when shrinking.
 RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
-_ORIENTATION_TAG = 0x0112
+_ORIENTATION_TAG, _LONG = 0x0112, 4  # EXIF's orientation tag, and the TIFF type number of a 32-bit value
+_XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,9 @@ def jpeg_header(data: bytes) -> tuple[int, int, int, int] | str:
     """
     if data[:2] != b"\xff\xd8":
         return "not a JPEG"
-    orientation, i, n = 1, 2, len(data)
+    # The orientation as PIL reads it: the first EXIF block's tag, else XMP's `tiff:Orientation`, else 1.
+    exif_block, exif, xmp = False, None, None
+    i, n = 2, len(data)
     while i + 4 <= n:
         if data[i] != 0xFF:
             return "corrupt JPEG markers"
@@ -149,12 +153,16 @@ def jpeg_header(data: bytes) -> tuple[int, int, int, int] | str:
             continue
         length = int.from_bytes(data[i + 2 : i + 4], "big")
         segment = data[i + 4 : i + 2 + length]
-        if marker == 0xE1 and segment[:6] == b"Exif\x00\x00":
-            orientation = _exif_orientation(segment[6:])
+        if marker == 0xE1 and segment[:6] == b"Exif\x00\x00" and not exif_block:
+            exif_block, exif = True, _exif_orientation(segment[6:])
+        elif marker == 0xE1 and segment.startswith(_XMP_HEADER) and xmp is None:
+            found = re.search(rb'tiff:Orientation(="|>)([0-9])', segment)
+            xmp = int(found[2]) if found else None
         elif marker in _SOF_OK:
             if len(segment) < 6 or segment[0] != 8:
                 return "not an 8-bit JPEG"
             height, width = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big")
+            orientation = exif if exif is not None else xmp if xmp is not None else 1
             return (width, height, segment[5], orientation) if width and height else "JPEG without a size"
         elif marker in _SOF_OTHER:
             return "lossless, hierarchical or arithmetic-coded JPEG"
@@ -164,18 +172,20 @@ def jpeg_header(data: bytes) -> tuple[int, int, int, int] | str:
     return "truncated JPEG header"
 
 
-def _exif_orientation(tiff: bytes) -> int:
-    """Tag 0x0112 of IFD0 in a TIFF-structured EXIF block; 1 when absent or unreadable."""
+def _exif_orientation(tiff: bytes) -> int | None:
+    """Tag 0x0112 of IFD0 in a TIFF-structured EXIF block; None when absent or unreadable."""
     order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
     if order is None or len(tiff) < 8:
-        return 1
+        return None
     ifd = int.from_bytes(tiff[4:8], order)
     if ifd + 2 > len(tiff):
-        return 1
+        return None
     for entry in range(ifd + 2, min(ifd + 2 + 12 * int.from_bytes(tiff[ifd : ifd + 2], order), len(tiff) - 11), 12):
         if int.from_bytes(tiff[entry : entry + 2], order) == _ORIENTATION_TAG:
-            return int.from_bytes(tiff[entry + 8 : entry + 10], order)  # a SHORT, left-justified in the value field
-    return 1
+            # A SHORT as the standard says, or a LONG as some writers store it; left-justified in the value field.
+            size = 4 if int.from_bytes(tiff[entry + 2 : entry + 4], order) == _LONG else 2
+            return int.from_bytes(tiff[entry + 8 : entry + 8 + size], order)
+    return None
 
 
 def _decode(headers: dict[int, JpegHeader], device: torch.device) -> tuple[dict[int, Tensor], list[tuple[int, str]]]:

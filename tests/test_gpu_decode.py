@@ -8,6 +8,7 @@ test_embed_cli.py and by `siglip bench --images` in test_bench.py).
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +200,22 @@ def _jpeg_variants() -> dict[str, bytes]:
         buffer = io.BytesIO()
         photo.save(buffer, "JPEG", exif=exif.tobytes())
         variants[f"exif-{'little' if endian == '<' else 'big'}-endian"] = buffer.getvalue()
+    baseline = variants["baseline"]
+    for endian, order in (("<", "little"), (">", "big")):  # orientation 6 typed LONG, as some writers store it
+        mark = b"II" if endian == "<" else b"MM"
+        ifd = struct.pack(f"{endian}HHHI", 1, 0x0112, 4, 1) + (6).to_bytes(4, order) + bytes(4)
+        variants[f"exif-long-{order}-endian"] = _with_app1(baseline, b"Exif\0\0" + mark + struct.pack(f"{endian}HI", 42, 8) + ifd)
+    xmp = b'http://ns.adobe.com/xap/1.0/\0<x:xmpmeta><rdf:Description tiff:Orientation="8"/></x:xmpmeta>'
+    variants["xmp-only"] = _with_app1(baseline, xmp)  # PIL reads XMP's orientation where EXIF has none
+    exif = Image.Exif()
+    exif[0x0112] = 1  # present, so XMP's 6 is not read
+    variants["exif-1-beside-xmp-6"] = _with_app1(_with_app1(baseline, xmp.replace(b'"8"', b'"6"')), exif.tobytes())
     return variants
+
+
+def _with_app1(jpeg: bytes, payload: bytes) -> bytes:
+    """`jpeg` with an APP1 segment holding `payload` right after its start marker (before any other APP1)."""
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
 
 
 @pytest.mark.parametrize("name, data", list(_jpeg_variants().items()))
