@@ -27,10 +27,13 @@ from torch.utils.data import DataLoader, Dataset
 from .config import PreprocessConfig
 from .files import is_regular_file
 from .gpu_decode import JpegHeader, decode_headers, read_header
-from .preprocess import BadImage, DecodeOptions, load_pixels
+from .preprocess import BadImage, DecodeOptions, load_pixels, open_checked
 
 
 T, U = TypeVar("T"), TypeVar("U")
+# A file is read whole (hashed, then decoded from memory) by the worker that takes it; one larger than this has its
+# header checked first, so that a video named .jpg or a 20 GB scan over the pixel limit costs no memory.
+HEADER_FIRST_BYTES = 64 << 20
 
 
 class Item(NamedTuple):
@@ -54,6 +57,9 @@ def decode_file(
     if not is_regular_file(path):
         raise BadImage("not a regular file")
     with open(path, "rb") as f:
+        if info.st_size > HEADER_FIRST_BYTES:
+            open_checked(f, options).close()  # a huge file that is no image, or too many pixels: refused unread
+            f.seek(0)
         data = f.read()
     facts = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "blake2b": file_digest(data)}
     if jpeg_to_device:

@@ -76,20 +76,8 @@ def open_rgb(
     Returns the image and the (width, height) of the full-size oriented original. `target` is the
     (width, height) the image will be resized to; only `fast_decode` uses it.
     """
-    try:
-        with _without_pillow_guard():
-            opened = Image.open(source, formats=READABLE_FORMATS)
-    except UnidentifiedImageError:
-        # Pillow's own message ends with repr(path): for the in-memory file embed reads, an object address.
-        hint = "" if HEIF_SUPPORT else "; HEIC photos need pillow-heif"
-        raise BadImage(f"cannot identify image file (not an image, or a format Pillow cannot read{hint})") from None
-    with opened as image:
+    with open_checked(source, options) as image:
         size = image.size
-        if options.max_pixels is not None and size[0] * size[1] > options.max_pixels:
-            raise BadImage(
-                f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels exceeds the limit of {options.max_pixels:,} "
-                "(possible decompression bomb; raise --max-pixels to allow it)"
-            )
         # Image.open leaves an animation or a multi-page TIFF at its first frame, a PSD at its composite image.
         if options.fast_decode and target is not None and image.format == "JPEG":
             # libjpeg's scaled decoding (1/2, 1/4, 1/8), kept at least twice the model's size: on 2-MP photos
@@ -103,6 +91,26 @@ def open_rgb(
             if orientation >= 5:  # turned by 90 degrees
                 size = size[::-1]
         return to_rgb(image), size
+
+
+def open_checked(source: str | Path | BinaryIO, options: DecodeOptions) -> Image.Image:
+    """The file opened lazily (its header read, no pixels decoded) as one of `READABLE_FORMATS` and within
+    `options.max_pixels`; a `BadImage` otherwise."""
+    try:
+        with _without_pillow_guard():
+            image = Image.open(source, formats=READABLE_FORMATS)
+    except UnidentifiedImageError:
+        # Pillow's own message ends with repr(path): for the in-memory file embed reads, an object address.
+        hint = "" if HEIF_SUPPORT else "; HEIC photos need pillow-heif"
+        raise BadImage(f"cannot identify image file (not an image, or a format Pillow cannot read{hint})") from None
+    width, height = image.size
+    if options.max_pixels is not None and width * height > options.max_pixels:
+        image.close()
+        raise BadImage(
+            f"{width}x{height} = {width * height:,} pixels exceeds the limit of {options.max_pixels:,} "
+            "(possible decompression bomb; raise --max-pixels to allow it)"
+        )
+    return image
 
 
 def _orientation(image: Image.Image) -> int:

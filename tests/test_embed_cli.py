@@ -878,6 +878,28 @@ def test_auto_decoder_is_the_exact_cpu_path_on_a_cpu(embed, photos: Path, out: P
     assert read_safetensors(out / "e.safetensors")[1]["decoder"] == "cpu"
 
 
+def test_a_huge_file_that_is_no_image_is_refused_without_being_read(tmp_path: Path) -> None:
+    # A video named .jpg, or a disk image: read whole before the decoder looks, it would take its size in memory in
+    # every worker that meets one.
+    import tracemalloc
+
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.decoding import HEADER_FIRST_BYTES, decode_file
+    from siglip_cli.preprocess import BadImage, DecodeOptions
+
+    huge = tmp_path / "clip.jpg"
+    with open(huge, "wb") as f:
+        f.truncate(HEADER_FIRST_BYTES * 4)  # sparse: no disk space used
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadImage, match="cannot identify image file"):
+            decode_file(str(huge), PreprocessConfig(32, 32), DecodeOptions())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < HEADER_FIRST_BYTES / 4
+
+
 def test_worker_parcels_survive_pinning(mixed_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA the DataLoader pins every parcel a worker hands over; pinning needs a GPU, so it is stood in for."""
     from siglip_cli.config import PreprocessConfig
