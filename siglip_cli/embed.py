@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Protocol
+from typing import Iterable, Iterator, NamedTuple, NoReturn, Protocol
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from .outputs import (
 )
 from .preprocess import DecodeOptions
 from .runtime import Embedder, load
-from .storage import SafetensorsRows, WorkArea, exclusive, remove_stale_temporaries, write_jsonl
+from .storage import Chunk, SafetensorsRows, WorkArea, exclusive, remove_stale_temporaries, write_jsonl
 
 __all__ = ["EmbedOptions", "EmbedResult", "Embedder", "Summary", "embed_paths", "embed_to_file", "load"]
 
@@ -162,26 +162,10 @@ def embed_to_file(
                 raise UserError(f"cannot write beside {out.embeddings}: {e.strerror or e}.") from None
         remove_stale_temporaries(out.files())
 
-        done: dict[str, Ref | dict] = {}
         chunks = work.chunks()
-        for chunk in chunks:
-            reader = SafetensorsRows(chunk.path)
-            done.update((row["path"], Ref(reader, i, row)) for i, row in enumerate(chunk.rows))
-            done.update((row["path"], row) for row in chunk.errors)
+        reused = _reusable(paths, _chunk_rows(chunks), previous)
         wanted = set(paths)
         removed = sum(1 for path, found in previous.items() if path not in wanted and isinstance(found, Ref))
-        reused: dict[str, Ref | dict] = {}
-        for path in paths:
-            found = done.get(path) or previous.get(path)
-            # A file that failed in an earlier output is tried again (--update): the cause may be gone (a permission,
-            # a full disk, a --max-pixels since raised). One that failed in this run's chunks is not: a resumed run
-            # batches exactly as the uninterrupted one, which keeps it byte-identical.
-            if found is None or not (isinstance(found, Ref) or path in done):
-                continue
-            info = _still_current(path, found.info if isinstance(found, Ref) else found)
-            if info is not None:
-                reused[path] = found._replace(info=info) if isinstance(found, Ref) else info
-
         pending = [p for p in paths if p not in reused]
         if progress:
             progress.start(total=len(paths), done=len(reused))
@@ -193,18 +177,7 @@ def embed_to_file(
         bad = [r for r in ordered if not isinstance(r, Ref)]
         if not good and paths and require_rows:
             work.remove()
-            first = f"{display_path(bad[0]['path'])}: {bad[0]['error']}"
-            if out.embeddings.exists():  # an earlier, finished output: its files stay together, untouched
-                raise UserError(
-                    f"none of the {len(paths)} input files could be embedded (the first, {first}); "
-                    f"{out.embeddings} is left as it was."
-                )
-            write_jsonl(out.errors, (public_row(r) for r in bad))
-            if len(bad) == 1:
-                raise UserError(f"could not embed {first}.")
-            raise UserError(
-                f"none of the {len(paths)} input files could be embedded (the first, {first}): see {out.errors}."
-            )
+            _refuse_empty_run(out, bad)
         work.mark_assembling()
         assemble(out, good, bad, output_metadata(embedder.checkpoint, state, shard=options.shard))
         work.remove()
@@ -220,6 +193,49 @@ def embed_to_file(
             errors=str(out.errors) if bad else None,
             seconds=time.perf_counter() - started,
         )
+
+
+def _chunk_rows(chunks: list[Chunk]) -> dict[str, Ref | dict]:
+    """The rows an interrupted run left in its work area's chunks, by path: a `Ref` for each embedded file, the
+    errors row of each that failed."""
+    rows: dict[str, Ref | dict] = {}
+    for chunk in chunks:
+        reader = SafetensorsRows(chunk.path)
+        rows.update((row["path"], Ref(reader, i, row)) for i, row in enumerate(chunk.rows))
+        rows.update((row["path"], row) for row in chunk.errors)
+    return rows
+
+
+def _reusable(paths: list[str], done: dict[str, Ref | dict], previous: dict[str, Ref | dict]) -> dict[str, Ref | dict]:
+    """The rows of `paths` that need no new work: from this run's chunks (`done`), else from the earlier output
+    (`previous`, --update), where the file is still the one that produced the row."""
+    reused: dict[str, Ref | dict] = {}
+    for path in paths:
+        found = done.get(path) or previous.get(path)
+        # A file that failed in an earlier output is tried again (--update): the cause may be gone (a permission,
+        # a full disk, a --max-pixels since raised). One that failed in this run's chunks is not: a resumed run
+        # batches exactly as the uninterrupted one, which keeps it byte-identical.
+        if found is None or not (isinstance(found, Ref) or path in done):
+            continue
+        info = _still_current(path, found.info if isinstance(found, Ref) else found)
+        if info is not None:
+            reused[path] = found._replace(info=info) if isinstance(found, Ref) else info
+    return reused
+
+
+def _refuse_empty_run(out: OutputPaths, bad: list[dict]) -> NoReturn:
+    """None of the inputs could be embedded: one sentence with the first file's reason. An earlier, finished output
+    is left untouched; otherwise the errors file is written, so that every reason can be read."""
+    first = f"{display_path(bad[0]['path'])}: {bad[0]['error']}"
+    if out.embeddings.exists():
+        raise UserError(
+            f"none of the {len(bad)} input files could be embedded (the first, {first}); "
+            f"{out.embeddings} is left as it was."
+        )
+    write_jsonl(out.errors, (public_row(r) for r in bad))
+    if len(bad) == 1:
+        raise UserError(f"could not embed {first}.")
+    raise UserError(f"none of the {len(bad)} input files could be embedded (the first, {first}): see {out.errors}.")
 
 
 def _still_current(path: str, info: dict) -> dict | None:
