@@ -54,6 +54,20 @@ INDEX_NAME = "model.safetensors.index.json"
 
 SEED = 0
 PALIGEMMA_DEFAULT_IMAGE_SIZE = 224  # what SiglipVisionConfig assumes when config.json has no image_size
+# Every tiny checkpoint fixture below, with what it stands for: the parity and layout tests run over all of them.
+TINY_CHECKPOINTS = {
+    "tiny_siglip": "full SigLIP with its text tower",
+    "tiny_vision": "vision-only, transformers 5 keys",
+    "tiny_vision_legacy": "vision-only, transformers 4 keys",
+    "tiny_sharded": "sharded full SigLIP",
+    "tiny_p14": "patch 14 at 44 px (not a multiple of 14)",
+    "tiny_odd_heads": "head_dim 9",
+    "tiny_siglip2": "SigLIP2 fixed-resolution",
+    "tiny_paligemma": "headless, PaliGemma layout",
+    "tiny_paligemma_new_layout": "headless, model.vision_tower layout",
+    "tiny_paligemma_v5_layout": "headless, transformers 5 PaliGemma layout",
+    "tiny_paligemma_default_size": "headless at the implied 224 px",
+}
 
 # (vision tower prefix, language model prefix, projector prefix) for each PaliGemma layout.
 PALIGEMMA_PREFIXES: dict[str, tuple[str, str, str]] = {

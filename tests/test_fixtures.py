@@ -18,6 +18,7 @@ from conftest import (
     DEFAULT_REVISION,
     INDEX_NAME,
     PREPROCESSOR_NAME,
+    TINY_CHECKPOINTS,
     WEIGHTS_NAME,
     HubCache,
     build_checkpoint,
@@ -27,19 +28,7 @@ from conftest import (
     reference_vision_model,
 )
 
-CHECKPOINTS = [
-    "tiny_siglip",
-    "tiny_siglip2",
-    "tiny_vision",
-    "tiny_vision_legacy",
-    "tiny_p14",
-    "tiny_odd_heads",
-    "tiny_sharded",
-    "tiny_paligemma",
-    "tiny_paligemma_default_size",
-    "tiny_paligemma_new_layout",
-    "tiny_paligemma_v5_layout",
-]
+CHECKPOINTS = list(TINY_CHECKPOINTS)
 PALIGEMMA = [name for name in CHECKPOINTS if "paligemma" in name]
 
 # Where the tower's patch-embedding weight lives in each layout.

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from conftest import make_photo, reference_vision_model
+from conftest import TINY_CHECKPOINTS, make_photo, reference_vision_model
 from siglip_cli.cli import app
 from siglip_cli.embed import embed_paths, load
 from siglip_cli.weights import load_model, resolve_checkpoint
@@ -25,19 +25,7 @@ from siglip_cli.weights import load_model, resolve_checkpoint
 TOLERANCE = 1e-5  # float32, max |Δ|
 BF16_COSINE = 0.999
 
-CHECKPOINTS = {
-    "tiny_siglip": "full SigLIP with its text tower",
-    "tiny_vision": "vision-only, transformers 5 keys",
-    "tiny_vision_legacy": "vision-only, transformers 4 keys",
-    "tiny_sharded": "sharded full SigLIP",
-    "tiny_p14": "patch 14 at 44 px (not a multiple of 14)",
-    "tiny_odd_heads": "head_dim 9",
-    "tiny_siglip2": "SigLIP2 fixed-resolution",
-    "tiny_paligemma": "headless, PaliGemma layout",
-    "tiny_paligemma_new_layout": "headless, model.vision_tower layout",
-    "tiny_paligemma_v5_layout": "headless, transformers 5 PaliGemma layout",
-    "tiny_paligemma_default_size": "headless at the implied 224 px",
-}
+CHECKPOINTS = TINY_CHECKPOINTS
 HEADLESS = [name for name in CHECKPOINTS if "paligemma" in name]
 HEADED = [name for name in CHECKPOINTS if name not in HEADLESS]
 
