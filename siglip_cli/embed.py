@@ -55,6 +55,8 @@ CHUNK_BYTES = 64 << 20  # ...and a chunk is flushed sooner when its tensors reac
 
 @dataclass(frozen=True)
 class EmbedOptions:
+    """How a run embeds, beyond the model: the options of `siglip embed` (README, "Options")."""
+
     normalize: bool = True
     tokens: bool = False
     output_dtype: str = "float32"
@@ -81,6 +83,8 @@ class Progress(Protocol):
 
 @dataclass
 class Summary:
+    """What a run did, as `--json` prints it."""
+
     embedded: int  # images embedded by this run
     reused: int  # rows taken from earlier work (an interrupted run, or the previous output with --update)
     failed: int
