@@ -35,6 +35,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 # soft_wrap: an error sentence or a path is never broken across lines when stderr is a log file. markup off: text we
@@ -144,27 +145,27 @@ class _RichProgress:
 
 @app.command()
 def embed(
-    inputs: Annotated[list[str], typer.Argument(help="Image files and folders (walked recursively).", show_default=False)] = None,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output file: .safetensors or .npy.")] = Path("embeddings.safetensors"),
-    model: Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint directory.")] = DEFAULT_MODEL,
-    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
-    files_from: Annotated[Optional[str], typer.Option("--files-from", help="Read more paths from FILE, one per line or NUL-separated (- for stdin).")] = None,
+    inputs: Annotated[list[str], typer.Argument(help="Image files and folders (walked recursively).", show_default=False, metavar="PATH")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file: .safetensors or .npy.", metavar="FILE")] = Path("embeddings.safetensors"),
+    model: Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint directory.", metavar="MODEL")] = DEFAULT_MODEL,
+    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.", metavar="REV")] = None,
+    files_from: Annotated[Optional[str], typer.Option("--files-from", help="Read more paths from FILE, one per line or NUL-separated (- for stdin).", metavar="FILE")] = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="Also save the patch tokens (N, T, D) after post_layernorm.")] = False,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalize rows; --no-normalize gives transformers' pooler_output.")] = True,
     output_dtype: Annotated[OutputDtype, typer.Option("--output-dtype", help="Stored precision.")] = OutputDtype.float32,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, or several (cuda:0,cuda:1 or cuda:all): one worker each.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, or several (cuda:0,cuda:1 or cuda:all): one worker each.", metavar="DEVICE")] = "auto",
     dtype: Annotated[ComputeDtype, typer.Option(help="Compute precision (auto: float32 on CPU, bfloat16 on CUDA).")] = ComputeDtype.auto,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per forward pass (default: 32 on CPU, 128 on CUDA).", show_default=False)] = None,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes beside the model (default: CPUs - 1).", show_default=False)] = None,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).")] = DEFAULT_MAX_PIXELS,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per forward pass (default: 32 on CPU, 128 on CUDA).", show_default=False, metavar="N")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes beside the model (default: CPUs - 1).", show_default=False, metavar="N")] = None,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).", metavar="N")] = DEFAULT_MAX_PIXELS,
     exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Apply EXIF orientation (phone photos).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model: +10% for B/16 on an H200 after 15 s of compiling; on a CPU 18-48 s for 0-5%.")] = False,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at reduced size: faster, not pixel-exact.")] = False,
     decode: Annotated[Decoder, typer.Option("--decode", help="JPEG decoding: gpu (nvJPEG, batched), cpu (PIL, pixel-exact), auto (gpu when the model runs on CUDA).")] = Decoder.auto,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output and discard interrupted work.")] = False,
     update: Annotated[bool, typer.Option("--update", help="Refresh an existing output: embed new and changed files, drop gone ones.")] = False,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="Embed only part K of N (K/N, from 0), or auto from Slurm / Kubernetes.")] = None,
-    num_shards: Annotated[Optional[int], typer.Option("--num-shards", min=1, help="Shard count for --shard auto where the scheduler does not give it.")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Embed only part K of N (K/N, from 0), or auto from Slurm / Kubernetes.", metavar="K/N")] = None,
+    num_shards: Annotated[Optional[int], typer.Option("--num-shards", min=1, help="Shard count for --shard auto where the scheduler does not give it.", metavar="N")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")] = False,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
@@ -272,7 +273,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
 @app.command()
 def merge(
     inputs: Annotated[list[Path], typer.Argument(help="Outputs of `siglip embed --shard K/N` runs.", show_default=False, metavar="SHARD")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The merged output: .safetensors or .npy.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The merged output: .safetensors or .npy.", metavar="FILE")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Merge even if some of the N parts are missing.")] = False,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
@@ -289,12 +290,12 @@ def merge(
 
 @app.command()
 def inspect(
-    image: Annotated[Optional[Path], typer.Argument(help="The image to trace (default: a bundled sample photo).", show_default=False)] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="A preset name (architecture only, random weights, no download), a Hub id or a local checkpoint.")] = DEFAULT_PRESET,
-    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
-    layers: Annotated[str, typer.Option(help="Encoder layers listed stage by stage: first, all, or numbers such as 0,5,11; the others get one line.")] = "first",
+    image: Annotated[Optional[Path], typer.Argument(help="The image to trace (default: a bundled sample photo).", show_default=False, metavar="IMAGE")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="A preset name (architecture only, random weights, no download), a Hub id or a local checkpoint.", metavar="MODEL")] = DEFAULT_PRESET,
+    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.", metavar="REV")] = None,
+    layers: Annotated[str, typer.Option(help="Encoder layers listed stage by stage: first, all, or numbers such as 0,5,11; the others get one line.", metavar="LAYERS")] = "first",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the tables.")] = False,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG pictures into this directory.", show_default=False)] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG pictures into this directory.", show_default=False, metavar="DIR")] = None,
 ) -> None:
     """Trace one image through the vision tower: every stage's shape and statistics, parameters, GFLOPs."""
     from .inspect_report import report
@@ -317,15 +318,15 @@ def inspect(
 
 @app.command()
 def bench(
-    model: Annotated[str, typer.Option("--model", "-m", help="A preset name (random weights, no download), a Hub id or a local checkpoint.")] = DEFAULT_PRESET,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on the CPU, as embed), float32, bfloat16 or float16.")] = "auto",
-    batch_size: Annotated[Optional[str], typer.Option("--batch-size", "-b", help="Comma-separated batch sizes (default: 1,8,32 on CPU, 1,32,256 on CUDA).", show_default=False)] = None,
-    iters: Annotated[Optional[int], typer.Option(min=1, help="Timed calls per measurement; the median is reported (default: 10 on CUDA, 3 on CPU).", show_default=False)] = None,
-    warmup: Annotated[Optional[int], typer.Option(min=0, help="Untimed calls first (default: 3 on CUDA, 1 on CPU).", show_default=False)] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="A preset name (random weights, no download), a Hub id or a local checkpoint.", metavar="MODEL")] = DEFAULT_PRESET,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", metavar="DEVICE")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on the CPU, as embed), float32, bfloat16 or float16.", metavar="DTYPE")] = "auto",
+    batch_size: Annotated[Optional[str], typer.Option("--batch-size", "-b", help="Comma-separated batch sizes (default: 1,8,32 on CPU, 1,32,256 on CUDA).", show_default=False, metavar="SIZES")] = None,
+    iters: Annotated[Optional[int], typer.Option(min=1, help="Timed calls per measurement; the median is reported (default: 10 on CUDA, 3 on CPU).", show_default=False, metavar="N")] = None,
+    warmup: Annotated[Optional[int], typer.Option(min=0, help="Untimed calls first (default: 3 on CUDA, 1 on CPU).", show_default=False, metavar="N")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile every model (default: on for CUDA, off for CPU: the compile outlasts a short CPU run).", show_default=False)] = None,
-    images: Annotated[Optional[Path], typer.Option("--images", help="Also time decode, preprocess and end to end on the images in this folder.", show_default=False)] = None,
-    compare: Annotated[str, typer.Option(help="Also run these on the same weights: transformers, timm (comma-separated).")] = "",
+    images: Annotated[Optional[Path], typer.Option("--images", help="Also time decode, preprocess and end to end on the images in this folder.", show_default=False, metavar="DIR")] = None,
+    compare: Annotated[str, typer.Option(help="Also run these on the same weights: transformers, timm (comma-separated).", metavar="NAMES")] = "",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the table.")] = False,
 ) -> None:
     """Throughput of the vision tower (images/s, ms per image, peak memory), optionally against transformers and timm."""
@@ -369,7 +370,10 @@ def _bench_table(report):
     title = f"{report.model} · {m.device} · torch {m.torch_version} · {m.dtype} · weights {report.weights_mb:,.0f} MB"
     table = Table(title=title, title_justify="left")
     for column in ("stage", "backend", "variant", "batch", "images/s", "ms/image", "peak MB", "warm-up s", "cosine"):
-        table.add_column(column, justify="left" if column in ("stage", "backend", "variant") else "right")
+        if column in ("stage", "backend", "variant"):
+            table.add_column(column, overflow="fold")  # on a narrow terminal the words wrap, never the numbers
+        else:
+            table.add_column(column, justify="right", no_wrap=True, min_width=len(column))
     for r in report.results:
         table.add_row(
             r.stage, r.backend, r.variant, str(r.batch_size), f"{r.images_per_s:,.2f}", f"{r.ms_per_image:,.2f}",

@@ -279,7 +279,9 @@ def decoded_batches(
         prefetch_factor=max(2, math.ceil(2 * batch_size / (size * workers))) if workers else None,
         pin_memory=pin,
     )
-    arriving = iter(loader)
+    with warnings.catch_warnings():  # asked for more workers than CPUs: the user's call, not worth two warnings
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        arriving = iter(loader)
     try:
         for start, end in spans:
             parts: list[Parcel] = []

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, NoReturn, Protocol
@@ -42,7 +43,7 @@ from .outputs import (
 )
 from .preprocess import DecodeOptions
 from .runtime import Embedder, load
-from .storage import Chunk, SafetensorsRows, WorkArea, exclusive, remove_stale_temporaries, write_jsonl
+from .storage import Chunk, SafetensorsRows, WorkArea, WriteError, exclusive, remove_stale_temporaries, write_jsonl
 
 __all__ = ["EmbedOptions", "EmbedResult", "Embedder", "Summary", "embed_paths", "embed_to_file", "load"]
 
@@ -127,7 +128,7 @@ def run_options(embedder: Embedder, options: EmbedOptions, output_format: str) -
 def embed_to_file(
     embedder: Embedder,
     paths: list[str],
-    output: Path,
+    output: str | os.PathLike,
     *,
     options: EmbedOptions = EmbedOptions(),
     overwrite: bool = False,
@@ -141,8 +142,9 @@ def embed_to_file(
     """
     started = time.perf_counter()
     options = dataclasses.replace(options, decoder=_decoder_for(embedder, options.decoder))
-    out = OutputPaths.for_output(output)
-    with exclusive(out.embeddings):  # a second run writing this output is refused, not interleaved
+    out = OutputPaths.for_output(Path(output))
+    # A second run writing this output is refused, not interleaved; a full disk is one sentence.
+    with exclusive(out.embeddings), _resumable_after_write_errors(out):
         state = run_options(embedder, options, out.format)
         work = WorkArea(out.work)
         if overwrite:
@@ -167,11 +169,15 @@ def embed_to_file(
         remove_stale_temporaries(out.files())
 
         chunks = work.chunks()
-        reused = _reusable(paths, _chunk_rows(chunks), previous)
+        in_chunks = _chunk_rows(chunks)
+        reused = _reusable(paths, in_chunks, previous)
         wanted = set(paths)
         removed = sum(1 for path, found in previous.items() if path not in wanted and isinstance(found, Ref))
         pending = [p for p in paths if p not in reused]
         if progress:
+            if in_chunks:
+                done = sum(1 for path in paths if path in in_chunks and path in reused)
+                progress.note(f"continuing the interrupted run in {out.work}: {done:,} of {len(paths):,} files done.")
             progress.start(total=len(paths), done=len(reused))
         new = _embed_pending(embedder, pending, work, options, progress, first_seq=len(chunks))
         results = {**reused, **new}
@@ -197,6 +203,16 @@ def embed_to_file(
             errors=str(out.errors) if bad else None,
             seconds=time.perf_counter() - started,
         )
+
+
+@contextmanager
+def _resumable_after_write_errors(out: OutputPaths) -> Iterator[None]:
+    """A file that cannot be written (a full disk) ends the run with a sentence that says the work so far is kept."""
+    try:
+        yield
+    except WriteError as e:  # the chunks written before are on disk, fsynced
+        kept = f"Finished work is kept in {out.work}: make room and rerun the same command to continue."
+        raise WriteError(f"{e} {kept}") from None
 
 
 def _chunk_rows(chunks: list[Chunk]) -> dict[str, Ref | dict]:

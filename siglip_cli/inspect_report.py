@@ -66,11 +66,12 @@ def stage_table(result: Inspection, *, notes: bool = True) -> Table:
     else:
         title = f"layer{'s' if len(full) > 1 else ''} {', '.join(map(str, full))} stage by stage, the others by output"
     table = Table(title=f"Stages: {title}", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("stage", no_wrap=True)
-    table.add_column("shape", no_wrap=True)
-    table.add_column("dtype", no_wrap=True)
+    # On a narrow terminal the names wrap, never the numbers (rich would cut them to "0.15…").
+    table.add_column("stage", overflow="fold")
+    table.add_column("shape", overflow="fold")
+    table.add_column("dtype", overflow="fold")
     for name in ("mean", "std", "min", "max"):
-        table.add_column(name, justify="right", no_wrap=True)
+        table.add_column(name, justify="right", no_wrap=True, min_width=9)
     if notes:
         table.add_column("what it is", style="dim")
     group = None

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import UserError
-from .outputs import OutputPaths, Ref, assemble, describe_difference, read_output_metadata, read_rows
+from .outputs import OutputPaths, Ref, assemble, check_outputs, describe_difference, read_output_metadata, read_rows
 
 
 def parse_shard(spec: str | None, num_shards: int | None, environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
@@ -96,10 +96,8 @@ def _check_every_part(parts: list[str | None]) -> None:
     missing = sorted(set(range(count)) - set(given))
     if missing:
         names = ", ".join(f"{k}/{count}" for k in missing)
-        raise UserError(
-            f"part{'s' if len(missing) > 1 else ''} {names} of the {count} missing: merge every part, or add "
-            "--allow-missing for a partial result."
-        )
+        what = f"parts {names} are" if len(missing) > 1 else f"part {names} is"
+        raise UserError(f"{what} missing: merge all {count} parts, or add --allow-missing for a partial result.")
 
 
 def open_output(path: Path) -> tuple[OutputPaths, dict[str, str]]:
@@ -127,6 +125,7 @@ def merge_outputs(
         raise UserError(f"{output} is one of the inputs; write the merge to another file.")
     if output.exists() and not overwrite:
         raise UserError(f"{output} already exists: add --overwrite to replace it.")
+    check_outputs(target, interrupted=False, overwrite=overwrite, update=False)  # another output's manifest, ...
     opened = [open_output(Path(p)) for p in inputs]
     options = [json.loads(meta["options"]) for _, meta in opened]
     for (out, _), opts in zip(opened[1:], options[1:]):

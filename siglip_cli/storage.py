@@ -41,9 +41,14 @@ def _temporary(path: Path, pid: int) -> Path:
     return path.with_name(f".{path.name}.{pid}.tmp")
 
 
+class WriteError(UserError):
+    """A file that could not be written: a full disk, a quota, a folder made read-only."""
+
+
 @contextmanager
 def atomic_write(path: Path) -> Iterator[BinaryIO]:
-    """Write `path` through a temporary file in the same folder: fsync, rename. Readers see old or new, never half."""
+    """Write `path` through a temporary file in the same folder: fsync, rename. Readers see old or new, never half.
+    A failure of the system (no space left, ...) is a `WriteError` naming the file; nothing is left behind."""
     tmp = _temporary(path, os.getpid())
     try:
         with open(tmp, "wb") as f:
@@ -52,6 +57,11 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno is None:
+            raise
+        raise WriteError(f"cannot write {path}: {e.strerror}.") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -64,6 +64,8 @@ def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(f"{name}: {PICKLE_MESSAGE}.")
     if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"{name} is a local folder: a revision ({revision}) applies only to Hub ids.")
         return _resolve(name, None, _LocalFiles(path))
     if path.exists():
         raise CheckpointError(f"{name} is a file; pass the checkpoint directory that holds config.json instead.")
@@ -265,9 +267,12 @@ class _HubFiles:
 
     def _unreachable(self) -> CheckpointError:
         # A cached repo may still lack the revision asked for: name it, or the message contradicts the cache.
+        from huggingface_hub import constants
+
         what = self.repo_id if self.revision is None else f"{self.repo_id} at revision {self.revision!r}"
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         return CheckpointError(
-            f"{what} is not in the local Hugging Face cache and the Hub cannot be reached: connect once to "
+            f"{what} is not in the local Hugging Face cache and {why}: connect once to "
             "download it, or pass a local checkpoint directory with --model."
         )
 

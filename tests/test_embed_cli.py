@@ -178,6 +178,44 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
+def test_a_full_disk_is_one_sentence_and_the_rerun_continues(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from siglip_cli import storage
+
+    real_fsync = os.fsync
+    monkeypatch.setattr("siglip_cli.embed.FLUSH_SECONDS", 0.0)  # every batch becomes a chunk on disk
+
+    def fsync(fd: int) -> None:  # the disk fills up as the second chunk is written
+        if "chunk-00000001" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    with monkeypatch.context() as full:
+        full.setattr(storage.os, "fsync", fsync)
+        error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--batch-size", "1"))
+    assert "No space left on device" in error and "rerun the same command to continue" in error
+    summary = json.loads(ok(embed(photos, "-o", out / "embeddings.safetensors", "--batch-size", "1", "--json")).stdout)
+    assert (summary["embedded"], summary["reused"]) == (2, 1)
+
+
+def test_the_readme_python_api_runs_as_written(tiny_siglip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Python API", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "photos").mkdir()
+    make_photo((80, 60), seed=0).save(tmp_path / "photos" / "a.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(code.replace("google/siglip-base-patch16-224", str(tiny_siglip)), scope)  # the Hub is out of reach here
+    assert scope["result"].embeddings.shape == scope["pooled"].shape == (1, 32)
+    pooled = torch.nn.functional.normalize(scope["pooled"].detach(), dim=-1)
+    assert np.allclose(scope["result"].embeddings[0], pooled[0].numpy(), atol=1e-5)
+    assert scope["summary"].embedded == 1 and (tmp_path / "photos.safetensors").exists()
+
+
 def test_existing_output_is_refused_without_overwrite(embed, photos: Path, out: Path) -> None:
     ok(embed(photos, "-o", out / "embeddings.safetensors"))
     before = (out / "embeddings.safetensors").read_bytes()

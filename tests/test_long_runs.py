@@ -217,10 +217,13 @@ def test_continuing_embeds_only_the_images_not_yet_done(
         return forward(self, pixels)
 
     monkeypatch.setattr(Embedder, "__call__", counting)
-    summary = summary_of(embed(folder, interrupted, "--json"))
+    result = embed(folder, interrupted, "--json")
+    summary = summary_of(result)
     assert summary["reused"] > 0 and summary["embedded"] > 0
     assert summary["embedded"] + summary["reused"] == 12
     assert sum(images_seen) == summary["embedded"]
+    said = f"note: continuing the interrupted run in {work_area(interrupted)}: {summary['reused']} of 12 files done."
+    assert said in result.stderr
 
 
 def test_continuing_gives_the_uninterrupted_output(embed, interrupted: Path, folder: Path, tmp_path: Path) -> None:
@@ -544,11 +547,23 @@ def test_merge_refuses_a_run_with_a_part_missing_unless_asked(embed, folder: Pat
     for k, part in enumerate(parts):
         ok(embed(folder, part, "--shard", f"{k}/3"))
     error = the_error(siglip("merge", parts[0], parts[2], "-o", tmp_path / "all.safetensors"))
-    assert "part 1/3 of the 3 missing" in error and not (tmp_path / "all.safetensors").exists()
+    assert "part 1/3 is missing: merge all 3 parts" in error and not (tmp_path / "all.safetensors").exists()
     ok(siglip("merge", parts[0], parts[2], "-o", tmp_path / "some.safetensors", "--allow-missing"))
     ok(embed(folder, tmp_path / "half.safetensors", "--shard", "1/2"))
     error = the_error(siglip("merge", parts[0], tmp_path / "half.safetensors", "-o", tmp_path / "all.safetensors"))
     assert "parts of different splits (into 2 and 3)" in error
+
+
+def test_merge_leaves_another_outputs_manifest_alone(embed, folder: Path, tmp_path: Path) -> None:
+    # other.safetensors and a merge into other.npy would share other.jsonl.
+    parts = [tmp_path / f"part{k}.safetensors" for k in range(2)]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--shard", f"{k}/2"))
+    ok(embed(folder, tmp_path / "other.safetensors"))
+    before = (tmp_path / "other.jsonl").read_bytes()
+    error = the_error(siglip("merge", *parts, "-o", tmp_path / "other.npy"))
+    assert "other.jsonl already exists and would be replaced" in error
+    assert (tmp_path / "other.jsonl").read_bytes() == before and not (tmp_path / "other.npy").exists()
 
 
 def test_merge_refuses_overlapping_outputs(embed, folder: Path, tmp_path: Path) -> None:

@@ -277,7 +277,7 @@ def test_hub_id_needs_only_the_vision_shard_in_the_cache(hf_cache: HubCache, tin
 
 def test_hub_id_missing_from_the_offline_cache_fails_fast_naming_it(hf_cache: HubCache) -> None:
     started = time.monotonic()
-    with pytest.raises(CheckpointError, match=r"google/siglip-not-cached is not in the local Hugging Face cache"):
+    with pytest.raises(CheckpointError, match=r"google/siglip-not-cached is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         resolve_checkpoint("google/siglip-not-cached")
     assert time.monotonic() - started < 5
 
@@ -334,6 +334,11 @@ def test_hub_id_in_the_cache_loads_offline_without_asking_the_hub_for_what_it_la
     assert checkpoint.revision == DEFAULT_REVISION
     assert asked == ["config.json", "preprocessor_config.json", WEIGHTS_NAME]
     assert online == []  # the weights file is cached, so the optional shard index is never asked for
+
+
+def test_a_revision_for_a_local_folder_is_refused_not_ignored(tiny_siglip: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"is a local folder: a revision \(v2\) applies only to Hub ids"):
+        resolve_checkpoint(str(tiny_siglip), revision="v2")
 
 
 def test_hub_revision_that_is_not_cached_fails_naming_id_and_revision(hf_cache: HubCache, tiny_siglip: Path) -> None:
