@@ -1,4 +1,4 @@
-"""The whole GPU measurement of issue 4 in one command (< 8 minutes on an H100/H200), printed as one table.
+"""The whole GPU measurement in one command (about 6 minutes on an H100/H200, --budget caps it), printed as one table.
 
     bash bench/gpu_check.sh OUT_DIR               # on the GPU machine: table, JSON, profiles in OUT_DIR
     python bench/gpu_check.py --smoke             # tiny sizes on the CPU: checks that the script runs
@@ -49,7 +49,7 @@ from siglip_cli.preprocess import DecodeOptions, load_pixels
 from siglip_cli.references import reference_forward
 
 GOALS = {"B/16-224": 15_000, "so400m/14-384": 800, "end to end": 3_000}
-GOAL_BATCH = {"B/16-224": 256}  # the issue sets B/16's goal at batch 256; so400m's names no batch
+GOAL_BATCH = {"B/16-224": 256}  # B/16's goal (15,000 images/s) is set at batch 256; so400m's names no batch
 PHOTO_SIZE = (1632, 1224)  # 2.0 MP, 4:3 like a phone photo
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4's GPU measurement in one command (about 6 minutes on an H100/H200; --budget caps it):
+# The GPU measurement in one command (about 6 minutes on an H100/H200; --budget caps it):
 #   bash bench/gpu_check.sh [OUT_DIR] [gpu_check.py options]      e.g. bash bench/gpu_check.sh out --budget 300
 # Writes the environment and the table (gpu_check.log, gpu_check.json), kernel profiles, and a run of the user-facing
 # `siglip bench` on the same GPU into OUT_DIR (default gpu_check_out). Options of the Python part: gpu_check.py -h
