@@ -56,10 +56,10 @@ def decode_file(
     info = os.stat(path)
     if not is_regular_file(path):
         raise BadImage("not a regular file")
-    with open(path, "rb") as f:
-        if info.st_size > HEADER_FIRST_BYTES:
+    if info.st_size > HEADER_FIRST_BYTES:
+        with open(path, "rb") as f:  # its own handle: closing the image closes the file it was given
             open_checked(f, options).close()  # a huge file that is no image, or too many pixels: refused unread
-            f.seek(0)
+    with open(path, "rb") as f:
         data = f.read()
     facts = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "blake2b": file_digest(data)}
     if jpeg_to_device:

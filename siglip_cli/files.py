@@ -150,14 +150,28 @@ def read_path_list(source: str) -> list[str]:
         data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as e:
         raise UserError(f"cannot read the path list {source}: {e.strerror}.") from None
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+    encoding = _utf16(data)
+    if encoding:
         try:
-            return [line for line in data.decode("utf-16").splitlines() if line.strip()]
+            return [line for line in data.decode(encoding).splitlines() if line.strip()]
         except UnicodeDecodeError:
-            raise UserError(f"the path list {source} starts like UTF-16 but is not valid UTF-16.") from None
+            raise UserError(f"the path list {source} looks like UTF-16 but is not valid UTF-16.") from None
     data = data.removeprefix(codecs.BOM_UTF8)
     parts = data.split(b"\0") if b"\0" in data else data.splitlines()
     return [os.fsdecode(part) for part in parts if part.strip()]
+
+
+def _utf16(data: bytes) -> str | None:
+    """The UTF-16 codec a path list is written in, or None: by its byte-order mark, or, without one, by its zeros:
+    paths, mostly ASCII, leave the high byte of nearly every UTF-16 unit zero and the low byte never; a
+    `find -print0` list has its NULs only between whole paths."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    if len(data) >= 4 and len(data) % 2 == 0:
+        for low, high, codec in ((data[0::2], data[1::2], "utf-16-le"), (data[1::2], data[0::2], "utf-16-be")):
+            if 0 not in low and high.count(0) >= 0.75 * len(high):
+                return codec
+    return None
 
 
 def is_regular_file(path: str) -> bool:

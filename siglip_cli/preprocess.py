@@ -38,7 +38,7 @@ else:
 # holding `{} loop` hung a run), and the scientific and legacy ones (FITS, GRIB, McIdas, ...) are no photos.
 READABLE_FORMATS = (
     "JPEG", "PNG", "WEBP", "AVIF", "HEIF", "GIF", "BMP", "DIB", "TIFF", "JPEG2000", "PSD", "ICO", "ICNS", "TGA",
-    "PPM", "PCX", "SGI", "QOI", "DDS",
+    "PPM", "PCX", "SGI", "QOI", "DDS", "PCD",
 )  # fmt: skip
 # EXIF orientation → the transpose that turns the stored pixels upright.
 _UPRIGHT = {

@@ -835,7 +835,8 @@ def mixed_folder(tmp_path: Path) -> Path:
     save_sideways_jpeg(folder / "portrait.jpg", make_photo((64, 96), seed=7))
     make_photo((50, 40), seed=8).save(folder / "drawing.png")
     make_photo((60, 60), seed=9).convert("CMYK").save(folder / "print.jpg", quality=95)
-    (folder / "broken.jpg").write_bytes((folder / "photo0.jpg").read_bytes()[:300])
+    whole = (folder / "photo0.jpg").read_bytes()
+    (folder / "broken.jpg").write_bytes(whole[: whole.index(b"\xff\xda") + 20])  # a whole header, no pixels
     return folder
 
 
@@ -936,6 +937,19 @@ def test_a_huge_file_that_is_no_image_is_refused_without_being_read(tmp_path: Pa
     finally:
         tracemalloc.stop()
     assert peak < HEADER_FIRST_BYTES / 4
+
+
+def test_a_large_photo_passes_the_header_check_and_embeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Closing the image from the header check closed the file it was given: every file over the limit failed.
+    from siglip_cli import decoding
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.preprocess import DecodeOptions, load_pixels
+
+    make_photo((80, 60), seed=0).save(tmp_path / "motion.jpg")  # over the (lowered) limit, as a motion photo is
+    monkeypatch.setattr(decoding, "HEADER_FIRST_BYTES", 100)
+    cfg = PreprocessConfig(32, 32)
+    pixels, facts, _ = decoding.decode_file(str(tmp_path / "motion.jpg"), cfg, DecodeOptions())
+    assert torch.equal(pixels, load_pixels(tmp_path / "motion.jpg", cfg, DecodeOptions())[0]) and facts["width"] == 80
 
 
 def test_worker_parcels_survive_pinning(mixed_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:

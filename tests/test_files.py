@@ -248,10 +248,10 @@ def test_files_from_reads_nul_separated_paths(tmp_path: Path) -> None:
     assert found(files_from=str(listing)) == [str(odd), str(plain)]
 
 
-@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig", "utf-16-le"])
 def test_files_from_written_by_windows_tools_is_read_by_its_byte_order_mark(tmp_path: Path, encoding: str) -> None:
-    # PowerShell 5's `>` writes UTF-16 with a BOM (split at its NUL bytes, the list would name `/` and `.`);
-    # Notepad wrote UTF-8 with one.
+    # PowerShell 5's `>` writes UTF-16 with a BOM (split at its NUL bytes, the list would name `/` and `.`), some
+    # tools without one; Notepad wrote UTF-8 with one.
     first, second = touch(tmp_path / "b.jpg"), touch(tmp_path / "ä.jpg")
     listing = tmp_path / "list.txt"
     text = f"{first}\r\n{second}\r\n"

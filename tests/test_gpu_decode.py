@@ -64,7 +64,8 @@ def mixed_files(tmp_path: Path) -> list[Path]:
     make_photo((64, 48), mode="L").save(tmp_path / "gray.jpg", quality=95)
     make_photo((64, 48), mode="CMYK").save(tmp_path / "cmyk.jpg", quality=95)
     make_photo((64, 48)).save(tmp_path / "image.png")
-    (tmp_path / "broken.jpg").write_bytes((tmp_path / "plain.jpg").read_bytes()[:300])  # its header, then nothing
+    whole = (tmp_path / "plain.jpg").read_bytes()
+    (tmp_path / "broken.jpg").write_bytes(whole[: whole.index(b"\xff\xda") + 20])  # its header, then nothing
     return files + [tmp_path / n for n in ("gray.jpg", "cmyk.jpg", "image.png", "broken.jpg")]
 
 
@@ -210,12 +211,27 @@ def _jpeg_variants() -> dict[str, bytes]:
     exif = Image.Exif()
     exif[0x0112] = 1  # present, so XMP's 6 is not read
     variants["exif-1-beside-xmp-6"] = _with_app1(_with_app1(baseline, xmp.replace(b'"8"', b'"6"')), exif.tobytes())
+    plain_xmp = b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta/>"
+    variants["xmp-6-then-none"] = _with_app1(_with_app1(baseline, plain_xmp), xmp.replace(b'"8"', b'"6"'))  # PIL keeps the last
+    frame = baseline.index(b"\xff\xc0")
+    after_frame = frame + 2 + int.from_bytes(baseline[frame + 2 : frame + 4], "big")  # PIL reads on to the scan
+    variants["exif-after-frame"] = baseline[:after_frame] + _app1(_orientation_block(6)) + baseline[after_frame:]
     return variants
+
+
+def _orientation_block(orientation: int, *, kind: int = 3) -> bytes:
+    """An EXIF APP1 payload whose IFD0 holds only the orientation, stored as TIFF type `kind` (3: SHORT)."""
+    ifd = struct.pack("<HHHI", 1, 0x0112, kind, 1) + struct.pack("<I", orientation) + bytes(4)
+    return b"Exif\0\0II" + struct.pack("<HI", 42, 8) + ifd
+
+
+def _app1(payload: bytes) -> bytes:
+    return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
 
 
 def _with_app1(jpeg: bytes, payload: bytes) -> bytes:
     """`jpeg` with an APP1 segment holding `payload` right after its start marker (before any other APP1)."""
-    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+    return jpeg[:2] + _app1(payload) + jpeg[2:]
 
 
 @pytest.mark.parametrize("name, data", list(_jpeg_variants().items()))
@@ -223,6 +239,14 @@ def test_jpeg_header_reads_what_pil_reads(name: str, data: bytes) -> None:
     with Image.open(io.BytesIO(data)) as image:
         expected = (*image.size, len(image.getbands()), image.getexif().get(0x0112, 1))
     assert jpeg_header(data) == expected
+
+
+def test_an_orientation_stored_as_an_odd_type_is_left_to_pil() -> None:
+    # PIL reads a RATIONAL orientation as 6.0 (and turns the photo) but a BYTE one as bytes (and does not).
+    baseline = _jpeg_variants()["baseline"]
+    for kind in (1, 5, 7, 11):  # BYTE, RATIONAL, UNDEFINED, FLOAT
+        assert jpeg_header(_with_app1(baseline, _orientation_block(6, kind=kind))) == "EXIF orientation of an unusual type"
+    assert jpeg_header(_with_app1(baseline, _orientation_block(6)))[3] == 6
 
 
 def test_jpeg_header_names_what_it_refuses() -> None:
