@@ -143,8 +143,8 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
 def read_path_list(source: str) -> list[str]:
     """Paths from a file (or `-` for stdin), one per line, or NUL-separated as `find -print0` writes them.
 
-    A list that starts with a UTF-16 byte-order mark is read as UTF-16 (Windows PowerShell 5's `>` writes it so;
-    split at its NUL bytes it would name `/` and `.`, the whole disk); a UTF-8 one is dropped (Notepad).
+    A UTF-16 list is read as UTF-16 (Windows PowerShell 5's `>` writes one; split at its NUL bytes it would name
+    `/` and `.`, the whole disk), known by its byte-order mark or its zeros (`_utf16`); a UTF-8 BOM is dropped.
     """
     try:
         data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
