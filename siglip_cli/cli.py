@@ -334,9 +334,7 @@ def bench(
 
     keep_freed_memory()  # as `siglip embed` runs; the references in this process get it too
     with user_errors():
-        import torch
-
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        device = str(resolve_device(device))  # the same rules as `siglip embed --device`
         # A GPU's throughput still grows past 64 (B/16 on an H200: 12,013 images/s at 64, 13,077 at 256).
         if batch_size is None:
             batch_size = "1,32,256" if device.startswith("cuda") else "1,8,32"

@@ -126,6 +126,7 @@ def _quiet_if_the_main_process_left(kind: type[BaseException], value: BaseExcept
     if not issubclass(kind, (ConnectionError, EOFError)):
         sys.__excepthook__(kind, value, tb)
 
+
 # Files per unit of worker work. The model's batch is assembled from such parcels, so every worker is busy from the
 # first batch on: with whole batches per worker, 15 workers and a 256-image batch, one worker decoded each batch
 # alone (an H200's 16 cores embedded 35 images/s on the CPU decoder, and read JPEG bytes at 831 images/s).

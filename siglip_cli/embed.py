@@ -50,7 +50,6 @@ __all__ = ["EmbedOptions", "EmbedResult", "Embedder", "Summary", "embed_paths", 
 
 # At most this much finished work is lost to a kill -9 or a power cut (SIGLIP_FLUSH_SECONDS to tune).
 FLUSH_SECONDS = float(os.environ.get("SIGLIP_FLUSH_SECONDS", 5.0))
-
 CHUNK_BYTES = 64 << 20  # ...and a chunk is flushed sooner when its tensors reach this size (bounded memory)
 
 

@@ -23,7 +23,6 @@ from .weights import Checkpoint
 
 
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
-
 BLOCK_BYTES = 32 << 20  # rows are copied into the final file in blocks of about this size
 
 
@@ -82,6 +81,7 @@ class Ref(NamedTuple):
     reader: RowReader
     index: int
     info: dict
+
 
 _OPTION_NAMES = {
     "model": "--model",
