@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import json
-import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Iterator, NoReturn, Optional
@@ -17,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from . import __version__
+from . import __version__, interrupts
 from .allocator import keep_freed_memory
 from .config import DEFAULT_PRESET
 from .decoding import default_workers
@@ -96,7 +95,8 @@ def main(
 
 
 class _RichProgress:
-    """The embed progress bar on stderr: images done, images/s, time left."""
+    """The embed progress bar on stderr: images done, images/s, time left. rich takes its locks with signals
+    deferred, since a Ctrl-C that left one held would hang the bar's refresh thread and the stop that joins it."""
 
     def __init__(self, quiet: bool):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -120,18 +120,21 @@ class _RichProgress:
         import time
 
         self.started = time.perf_counter()
-        self.bar.start()
-        self.task = self.bar.add_task("embed", total=total, completed=done, rate="")
+        with interrupts.deferred():
+            self.bar.start()
+            self.task = self.bar.add_task("embed", total=total, completed=done, rate="")
 
     def advance(self, n: int) -> None:
         import time
 
         self.fresh += n
         rate = self.fresh / max(time.perf_counter() - self.started, 1e-9)
-        self.bar.update(self.task, advance=n, rate=f"{rate:,.1f} img/s")
+        with interrupts.deferred():
+            self.bar.update(self.task, advance=n, rate=f"{rate:,.1f} img/s")
 
     def reused(self, n: int) -> None:
-        self.bar.update(self.task, advance=n)  # on the bar, but not in the images/s
+        with interrupts.deferred():
+            self.bar.update(self.task, advance=n)  # on the bar, but not in the images/s
 
     def note(self, message: str) -> None:
         if not self.quiet:
@@ -140,7 +143,8 @@ class _RichProgress:
     def stop(self, *, keep: bool = True) -> None:
         if not keep:
             self.bar.live.transient = True
-        self.bar.stop()
+        with interrupts.deferred():
+            self.bar.stop()
 
 
 @app.command()
@@ -213,7 +217,7 @@ def embed(
             )
         progress = _RichProgress(quiet)
         try:
-            with _terminate_as_interrupt():
+            with interrupts.stop_on_signals():
                 summary = embed_with_model(
                     model, devices, paths, output, revision=revision, dtype=dtype.value, compile=compile,
                     options=options, overwrite=overwrite, update=update, progress=progress,
@@ -254,20 +258,6 @@ def _summary_line(s: Summary) -> str:
     if s.failed:
         line += f"; skipped {s.failed:,}: see {s.errors}"
     return line
-
-
-@contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler, `kill`) stops a run like Ctrl-C does: finished chunks are already on disk."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()

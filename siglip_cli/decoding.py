@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from . import interrupts
 from .config import PreprocessConfig
 from .files import is_regular_file
 from .gpu_decode import JpegHeader, decode_headers, read_header
@@ -280,18 +281,23 @@ def decoded_batches(
         prefetch_factor=max(2, math.ceil(2 * batch_size / (size * workers))) if workers else None,
         pin_memory=pin,
     )
-    with warnings.catch_warnings():  # asked for more workers than CPUs: the user's call, not worth two warnings
-        warnings.filterwarnings("ignore", message="This DataLoader will create")
+    # The loader's own code runs with signals deferred: a Ctrl-C inside it could leave one of its queue locks held,
+    # and the shutdown of its workers would wait for that lock forever (see `interrupts`).
+    with warnings.catch_warnings(), interrupts.deferred():
+        warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than CPUs: as asked
         arriving = iter(loader)
     try:
         for start, end in spans:
             parts: list[Parcel] = []
             while sum(map(len, parts)) < end - start:
-                parts.append(next(arriving))
+                with interrupts.deferred():
+                    parts.append(next(arriving))
             yield Batch.of(parts)
+        with interrupts.deferred():
+            next(arriving, None)  # asked once more, the finished iterator shuts its workers down, in ordinary code
     finally:
-        # The worker processes stop when their iterator is dropped: now, even if a traceback keeps this frame.
-        del arriving
+        with interrupts.deferred():
+            del arriving  # the workers stop as the iterator goes: now, even if a traceback keeps this frame
 
 
 def look_ahead(items: Iterable[T], fn: Callable[[T], U], *, depth: int) -> Iterator[U]:
@@ -302,13 +308,20 @@ def look_ahead(items: Iterable[T], fn: Callable[[T], U], *, depth: int) -> Itera
         yield from map(fn, items)
         return
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="siglip-look-ahead")
+    # The pool's and its futures' locks are taken with signals deferred, as the DataLoader's are (see `interrupts`).
     try:
         pending: deque[Future[U]] = deque()
         for item in items:
-            pending.append(pool.submit(fn, item))
+            with interrupts.deferred():
+                pending.append(pool.submit(fn, item))
             if len(pending) > depth:
-                yield pending.popleft().result()
+                with interrupts.deferred():
+                    done = pending.popleft().result()
+                yield done
         while pending:
-            yield pending.popleft().result()
+            with interrupts.deferred():
+                done = pending.popleft().result()
+            yield done
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        with interrupts.deferred():
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from .embed import EmbedOptions, Progress, Summary, embed_to_file
-from .outputs import OutputPaths, check_outputs
+from . import interrupts
 from .config import PIL_FILTERS
-from .runtime import dtype_note, load
+from .embed import EmbedOptions, Progress, Summary, embed_to_file
 from .errors import UserError
+from .outputs import OutputPaths, check_outputs
+from .runtime import dtype_note, load
 from .shards import merge_outputs, select_shard
 from .storage import exclusive
 
@@ -206,7 +207,8 @@ def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:
     try:
         while len(summaries) < len(jobs):
             try:
-                kind, index, payload = channel.get(timeout=1.0)
+                with interrupts.deferred():  # the queue's lock, as in `decoding`: Ctrl-C takes effect within a second
+                    kind, index, payload = channel.get(timeout=1.0)
             except queue.Empty:
                 # A worker's last message is in the pipe before it exits: dead and silent means it crashed.
                 for index, process in processes.items():

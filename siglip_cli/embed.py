@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import interrupts
 from .decoding import batch_pixels, decoded_batches, default_workers, file_digest, look_ahead
 from .errors import UserError
 from .files import discover, display_path
@@ -187,6 +188,7 @@ def embed_to_file(
         if not good and paths and require_rows:
             work.remove()
             _refuse_empty_run(out, bad)
+        interrupts.check()
         work.mark_assembling()
         assemble(out, good, bad, output_metadata(embedder.checkpoint, state, shard=options.shard))
         work.remove()
@@ -355,6 +357,7 @@ def _embed_pending(
         progress=progress,
     )
     for done in batches:
+        interrupts.check()  # a Ctrl-C that a `__del__` swallowed stops the run here
         buffer.errors.extend(done.errors)
         if done.embeddings is not None:
             buffer.rows.extend(done.rows)

@@ -9,6 +9,7 @@ reaching the terminal, a pipe on stdin.
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import shutil
@@ -1001,6 +1002,36 @@ def test_batches_are_fixed_slices_put_together_from_worker_parcels(
             expected = load_pixels(row["path"], cfg, DecodeOptions())[0]
             # The device decoder (libjpeg-turbo here) is close to PIL, not exact: see gpu_decode.
             assert (got - expected).abs().max() <= (0.2 if jpeg_to_device else 0.0)
+
+
+def test_ctrl_c_while_the_workers_shut_down_reaches_the_run(
+    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shut down from the iterator's __del__, the workers' KeyboardInterrupt was swallowed ("Exception ignored"), and
+    # a Ctrl-C at the end of a run let it finish with exit 0.
+    from torch.utils.data import dataloader
+
+    from siglip_cli import decoding as D
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.preprocess import DecodeOptions
+
+    shutdown = dataloader._MultiProcessingDataLoaderIter._shutdown_workers
+    calls = []
+
+    def interrupted(self) -> None:
+        calls.append(None)
+        shutdown(self)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_shutdown_workers", interrupted)
+    paths = sorted(str(p) for p in mixed_folder.iterdir())
+    batches = D.decoded_batches(paths, PreprocessConfig(32, 32), DecodeOptions(), batch_size=4, workers=1, pin=False)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in batches:
+            pass
+    del batches
+    gc.collect()  # the loader's iterator goes while the stand-in is still in place
 
 
 def test_look_ahead_keeps_order_and_raises_where_the_failure_was() -> None:

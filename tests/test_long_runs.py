@@ -20,6 +20,7 @@ import filecmp
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner, Result
 
@@ -856,8 +858,13 @@ def test_kill_9_at_random_points_then_rerunning_gives_the_uninterrupted_output(
 def test_ctrl_c_exits_130_with_one_sentence_saying_to_rerun(
     many_photos: Path, tiny_vision: Path, tmp_path: Path
 ) -> None:
+    # Large photos last keep the run going for a while after its first chunk, however late this test sees that chunk.
+    photos = tmp_path / "photos"
+    shutil.copytree(many_photos, photos)
+    for i in range(6):
+        Image.new("RGB", (3000, 2000), (40 * i, 90, 160)).save(photos / f"zz{i}.jpg")
     output = tmp_path / "embeddings.safetensors"
-    process = start(embed_command(many_photos, output, tiny_vision, workers=1), flush_seconds=0.05)
+    process = start(embed_command(photos, output, tiny_vision, workers=1), flush_seconds=0.05)
     wait_for_chunks(process, output, 1)
     os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the decoding worker too
     _, stderr = process.communicate(timeout=60)

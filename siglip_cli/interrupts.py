@@ -1,0 +1,101 @@
+"""Ctrl-C and SIGTERM that always stop a run, and never hang it.
+
+Python raises `KeyboardInterrupt` wherever the main thread happens to be, and two places make that unsafe:
+
+- Inside a library's `with lock:`, such as the DataLoader's queues. The exception can leave between the lock's
+  acquire and the block, so the lock stays held. The DataLoader's shutdown of its workers then waits for it forever:
+  one Ctrl-C in about twenty hung `siglip embed` on 2 cores.
+- Inside a `__del__` the garbage collector happens to run. The exception is printed as "Exception ignored" and lost,
+  and the run goes on to finish with exit status 0.
+
+`deferred()` marks code of the first kind: a signal that arrives there takes effect as the block is left.
+`stop_on_signals()`, around a whole run, remembers the signal it raised, so that `check()`, called at a safe point
+between batches, raises it again if it was lost.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_received: int | None = None  # the signal `stop_on_signals` turned into KeyboardInterrupt, while it is installed
+_deferring = False
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # the only thread Python delivers signals to
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM (a scheduler, `kill`) both raise KeyboardInterrupt in the block, and `check()` raises it
+    again after a `__del__` swallowed it."""
+    global _received
+
+    def interrupt(signum: int, frame) -> None:
+        global _received
+        _received = signum
+        raise KeyboardInterrupt
+
+    if not _on_main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, interrupt) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        _received = None
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def check() -> None:
+    """Raise the KeyboardInterrupt of a signal that arrived during the run but was lost on the way."""
+    if _received is not None and _on_main_thread():
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """A signal that would raise KeyboardInterrupt inside the block takes effect as the block is left. A second one
+    takes effect at once: the way out should the block itself hang. Blocks may nest; off the main thread, where no
+    signal is delivered, this does nothing."""
+    global _deferring
+    if _deferring or not _on_main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    pending: list[tuple[int, object]] = []
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    def deliver(signum: int, frame) -> None:
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)
+        else:  # SIG_DFL (SIGTERM outside a run): what the signal would have done, now
+            signal.raise_signal(signum)
+
+    def hold(signum: int, frame) -> None:
+        if pending:
+            restore()
+            deliver(signum, frame)
+        pending.append((signum, frame))
+
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN and handler is not None:  # None: set outside Python, left alone
+            signal.signal(s, hold)
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+        restore()
+        if pending:
+            deliver(*pending[0])
