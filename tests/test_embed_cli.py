@@ -781,6 +781,20 @@ def test_real_process_user_error_has_no_traceback(photos: Path, out: Path, tiny_
     assert process.stderr.strip().splitlines() == ["error: unknown device 'tpu' (expected auto, cpu, cuda or cuda:N)."]
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="/dev/full, a file that is always full, is Linux's")
+def test_stdout_on_a_full_disk_is_one_sentence(photos: Path, out: Path, tiny_siglip: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args in (["inspect", "--help"], ["embed", photos, "-o", out / "e.npy", "-m", tiny_siglip, "--json", "-q"]):
+        with open("/dev/full", "w") as full:
+            process = subprocess.run(
+                [sys.executable, "-m", "siglip_cli", *map(str, args)], stdout=full, stderr=subprocess.PIPE, text=True,
+                env=env, timeout=120,
+            )  # fmt: skip
+        assert process.returncode == 1
+        assert process.stderr.strip().splitlines() == ["error: cannot write to stdout: No space left on device."]
+    assert (out / "e.npy").exists()  # the embeddings were written; only the summary could not be
+
+
 # ------------------------------------------------------------------------------------------ Python API
 
 
