@@ -17,9 +17,10 @@ broken file. Works with `device="cpu"` (libjpeg-turbo), which is how the tests c
 from __future__ import annotations
 
 import re
+import threading
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,22 +70,57 @@ def decode_headers(
     of each left for the CPU path: rejected by the decoder, or out of device memory).
 
     The JPEGs go to the decoder in consecutive groups of at most `PIXELS_PER_CALL` pixels (and at least one
-    photo), each resized before the next is decoded, so memory does not grow with the batch or the photos."""
+    photo), each resized before the next is decoded, so memory does not grow with the batch or the photos.
+
+    On CUDA the work runs on a stream of its own, which the caller's current stream then waits for. torchvision's
+    decoder writes on a stream of its own into memory allocated on the current one, without waiting for that
+    stream: on the caller's stream, queued behind the model, the resize of one group could still be reading memory
+    that the next group's decode was already overwriting. On a stream of ours, waited for before each group, the
+    memory the decoder reuses is no longer read."""
     device = torch.device(device)
+    if device.type != "cuda":
+        return _decode_groups(headers, cfg, device, before_each=lambda: None)
+    stream = _decoding_stream(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
+    with torch.cuda.stream(stream):
+        pixels, indices, rejected = _decode_groups(headers, cfg, device, before_each=stream.synchronize)
+    consumer = torch.cuda.current_stream(device)
+    consumer.wait_stream(stream)
+    if pixels.numel():
+        pixels.record_stream(consumer)  # allocated on our stream, read on the caller's: not reused before it is read
+    return pixels, indices, rejected
+
+
+_streams = threading.local()
+
+
+def _decoding_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's stream on `device`: two threads on one stream could each reuse memory the other still reads."""
+    if not hasattr(_streams, "by_device"):
+        _streams.by_device = {}
+    if device not in _streams.by_device:
+        _streams.by_device[device] = torch.cuda.Stream(device)
+    return _streams.by_device[device]
+
+
+def _decode_groups(
+    headers: Sequence[JpegHeader], cfg: PreprocessConfig, device: torch.device, *, before_each: Callable[[], None]
+) -> tuple[Tensor, list[int], list[tuple[int, str]]]:
     out = torch.empty(len(headers), 3, cfg.height, cfg.width, device=device)
     indices: list[int] = []
     rejected: list[tuple[int, str]] = []
     for group in _groups(headers, PIXELS_PER_CALL):
-        decoded: dict[int, Tensor] = {}  # (3, H, W) uint8 each, as stored; dropped before the next group
+        before_each()
         try:
-            decoded, refused = _decode({i: headers[i] for i in group}, device)
+            decoded, refused = _decode({i: headers[i] for i in group}, device)  # (3, H, W) uint8 each, as stored
             done = sorted(decoded)
             if done:
                 out[done] = _preprocess([decoded[i] for i in done], [headers[i].orientation for i in done], cfg, device)
+            del decoded
         except torch.cuda.OutOfMemoryError:
-            decoded.clear()
+            done, refused = None, [(i, "out of GPU memory for the JPEG decoder") for i in group]
+        if done is None:  # the cache is emptied here, once the traceback and the tensors it held are gone
             torch.cuda.empty_cache()
-            done, refused = [], [(i, "out of GPU memory for the JPEG decoder") for i in group]
+            done = []
         indices += done
         rejected += refused
     return (out if len(indices) == len(headers) else out[indices]), indices, sorted(rejected)
