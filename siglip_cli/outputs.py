@@ -8,6 +8,7 @@ so an existing embeddings file means the run that wrote it finished.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -40,11 +41,9 @@ class OutputPaths:
         suffix = output.suffix.lower()
         if suffix not in (".safetensors", ".npy"):
             raise UserError(f"output {output} must end in .safetensors or .npy.")
-        if output.is_dir():
-            raise UserError(f"output {output} is a folder; give a file name (ending in {suffix}) for -o.")
         stem = output.with_suffix("")
         npy = suffix == ".npy"
-        return cls(
+        paths = cls(
             embeddings=output,
             manifest=output.with_suffix(".jsonl"),
             errors=stem.with_name(stem.name + ".errors.jsonl"),
@@ -52,6 +51,25 @@ class OutputPaths:
             meta=stem.with_name(stem.name + ".meta.json") if npy else None,
             work=output.with_name(output.name + ".partial"),
         )
+        paths._check_name_lengths()
+        if output.is_dir():
+            raise UserError(f"output {output} is a folder; give a file name (ending in {suffix}) for -o.")
+        return paths
+
+    def _check_name_lengths(self) -> None:
+        """Refuse an output name too long for the files written beside it (their temporaries add a dot, a process
+        id and `.tmp`): found out mid-run, it was a traceback."""
+        names = [self.work.name] + [f".{p.name}.{2**22}.tmp" for p in self.files()]
+        try:
+            limit = os.pathconf(self.embeddings.parent if self.embeddings.parent.is_dir() else ".", "PC_NAME_MAX")
+        except (OSError, ValueError):
+            limit = 255
+        longest = max(names, key=lambda name: len(os.fsencode(name)))
+        if len(os.fsencode(longest)) > limit:
+            raise UserError(
+                f"output name {self.embeddings.name!r} is too long: files written beside it, such as {longest!r}, "
+                f"would pass the {limit} bytes a file name may have there; choose a shorter -o."
+            )
 
     @property
     def format(self) -> str:
@@ -63,7 +81,14 @@ class OutputPaths:
 
 
 def check_outputs(out: OutputPaths, *, interrupted: bool, overwrite: bool, update: bool) -> None:
-    """Refuse to replace a finished output, or files beside it that are the user's, unless told to."""
+    """Refuse to replace a finished output, or files beside it that are the user's, unless told to; and refuse
+    always to take the manifest of the other format's output of the same name."""
+    other = out.embeddings.with_suffix(".npy" if out.format == "safetensors" else ".safetensors")
+    if other.exists():
+        raise UserError(
+            f"{other} has its manifest in {out.manifest}, which this run would replace: choose another -o, or "
+            f"remove {other} first."
+        )
     if overwrite or update:
         return
     if out.embeddings.exists():
@@ -121,7 +146,13 @@ def read_rows(out: OutputPaths) -> tuple[list[Ref], list[dict]]:
         reader: RowReader = NpyRows({"embeddings": out.embeddings, "tokens": out.tokens})
     else:
         reader = SafetensorsRows(out.embeddings)
-    refs = [Ref(reader, i, {**row, "path": path_from_fields(row)}) for i, row in enumerate(read_jsonl(out.manifest))]
+    manifest = read_jsonl(out.manifest)
+    if len(manifest) != len(reader):
+        raise UserError(
+            f"{out.manifest} lists {len(manifest):,} rows but {out.embeddings} holds {len(reader):,}: they are not "
+            "from one run; add --overwrite to embed afresh."
+        )
+    refs = [Ref(reader, i, {**row, "path": path_from_fields(row)}) for i, row in enumerate(manifest)]
     errors = [{**row, "path": path_from_fields(row)} for row in (read_jsonl(out.errors) if out.errors.exists() else [])]
     return refs, errors
 

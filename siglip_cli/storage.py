@@ -69,12 +69,12 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
 
 @contextmanager
 def exclusive(output: Path) -> Iterator[None]:
-    """Hold `.OUTPUT.lock` beside `output` for the duration: a second run writing the same output is refused in one
+    """Hold `.STEM.lock` beside `output` for the duration: a second run writing the same output is refused in one
     sentence instead of the two runs overwriting each other's work (both then failed with a traceback)."""
     if fcntl is None:
         yield
         return
-    lock = output.with_name(f".{output.name}.lock")
+    lock = output.with_name(f".{output.stem}.lock")  # by stem: OUT.npy and OUT.safetensors share OUT.jsonl
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock, "a+b")
@@ -167,6 +167,8 @@ def write_npy(path: Path, spec: TensorSpec) -> None:
 class RowReader(Protocol):
     def read(self, name: str, start: int, stop: int) -> np.ndarray: ...
 
+    def __len__(self) -> int: ...  # rows of `embeddings`
+
 
 class SafetensorsRows:
     """Row slices of the tensors in a `.safetensors` file, read without loading the rest."""
@@ -178,6 +180,10 @@ class SafetensorsRows:
         with safe_open(self.path, framework="np") as f:
             return f.get_slice(name)[start:stop]
 
+    def __len__(self) -> int:
+        with safe_open(self.path, framework="np") as f:
+            return f.get_slice("embeddings").get_shape()[0] if "embeddings" in f.keys() else 0
+
 
 class NpyRows:
     """Row slices of `.npy` files (one per tensor name), memory-mapped."""
@@ -187,6 +193,9 @@ class NpyRows:
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         return np.load(self.files[name], mmap_mode="r")[start:stop]
+
+    def __len__(self) -> int:
+        return len(np.load(self.files["embeddings"], mmap_mode="r"))
 
 
 @dataclass(frozen=True)

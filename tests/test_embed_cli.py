@@ -629,6 +629,43 @@ def test_output_that_is_a_folder_is_refused_before_any_work(embed, photos: Path,
     assert sorted(p.name for p in out.iterdir()) == ["embeddings.safetensors"]
 
 
+@pytest.mark.parametrize("first, second", [("e.safetensors", "e.npy"), ("e.npy", "e.safetensors")])
+@pytest.mark.parametrize("flag", [None, "--overwrite", "--update"])
+def test_the_other_format_of_one_name_is_refused_since_they_share_the_manifest(
+    embed, photos: Path, out: Path, first: str, second: str, flag: str | None
+) -> None:
+    # e.npy and e.safetensors both keep their rows' paths in e.jsonl: the second run used to replace the first's
+    # manifest, and a later --update of the first then stored embeddings under other files' names.
+    ok(embed(photos, "-o", out / first))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = embed(photos / "b.png", "-o", out / second, *([flag] if flag else []))
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: {out / first} has its manifest in {out / 'e.jsonl'}, which this run would replace: choose another "
+        f"-o, or remove {out / first} first."
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("length", [248, 256])
+def test_an_output_name_too_long_for_its_side_files_is_one_sentence(embed, photos: Path, out: Path, length: int) -> None:
+    # 248 bytes fit the file but not `.NAME.errors.jsonl.PID.tmp`; 256 not even the file: both were tracebacks.
+    output = out / ("a" * (length - len(".safetensors")) + ".safetensors")
+    result = embed(photos, "-o", output)
+    assert result.exit_code == 2
+    assert result.output.startswith("error: output name 'aaa") and result.output.strip().endswith("choose a shorter -o.")
+    assert list(out.iterdir()) == []
+
+
+def test_update_refuses_a_manifest_that_does_not_match_its_embeddings(embed, photos: Path, out: Path) -> None:
+    ok(embed(photos, "-o", out / "e.safetensors"))
+    manifest = out / "e.jsonl"
+    manifest.write_text(manifest.read_text().splitlines()[0] + "\n")  # a manifest of 1 row beside 3 embeddings
+    result = embed(photos, "-o", out / "e.safetensors", "--update")
+    assert result.exit_code == 2
+    assert "lists 1 rows but" in result.output and "holds 3" in result.output and "--overwrite" in result.output
+
+
 def test_output_folder_that_cannot_be_written_is_one_sentence(
     embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

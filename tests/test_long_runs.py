@@ -442,18 +442,21 @@ def test_a_refused_update_leaves_nothing_behind(embed, folder: Path, tmp_path: P
     ok(embed(folder, output, "--update"))  # the same options as the output: not blocked by the refusal
 
 
-def test_a_second_run_writing_the_same_output_is_refused(embed, folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["embeddings.safetensors", "embeddings.npy"])
+def test_a_second_run_writing_the_same_output_is_refused(embed, folder: Path, tmp_path: Path, name: str) -> None:
     import fcntl
 
-    output = tmp_path / "out" / "embeddings.safetensors"
+    output = tmp_path / "out" / name
     output.parent.mkdir()
-    with open(output.parent / ".embeddings.safetensors.lock", "a+b") as held:  # what a running siglip holds
+    # What a running siglip holds, writing either format: the two would share embeddings.jsonl.
+    with open(output.parent / ".embeddings.lock", "a+b") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         error = the_error(embed(folder, output))
     assert error == f"error: another siglip run is writing {output}: wait for it, or choose another -o."
-    assert not (tmp_path / "out" / "embeddings.safetensors.partial").exists()
+    assert not (tmp_path / "out" / f"{name}.partial").exists()
     ok(embed(folder, output))
-    assert sorted(p.name for p in output.parent.iterdir()) == ["embeddings.jsonl", "embeddings.safetensors"]
+    assert {"embeddings.jsonl", name} <= {p.name for p in output.parent.iterdir()}
+    assert not any(p.name.endswith(".lock") for p in output.parent.iterdir())
 
 
 def test_temporary_files_of_a_killed_run_are_removed_by_the_next(embed, folder: Path, tmp_path: Path) -> None:
@@ -563,9 +566,10 @@ def test_merge_leaves_another_outputs_manifest_alone(embed, folder: Path, tmp_pa
         ok(embed(folder, part, "--shard", f"{k}/2"))
     ok(embed(folder, tmp_path / "other.safetensors"))
     before = (tmp_path / "other.jsonl").read_bytes()
-    error = the_error(siglip("merge", *parts, "-o", tmp_path / "other.npy"))
-    assert "other.jsonl already exists and would be replaced" in error
-    assert (tmp_path / "other.jsonl").read_bytes() == before and not (tmp_path / "other.npy").exists()
+    for overwrite in ([], ["--overwrite"]):
+        error = the_error(siglip("merge", *parts, "-o", tmp_path / "other.npy", *overwrite))
+        assert f"other.safetensors has its manifest in {tmp_path / 'other.jsonl'}" in error
+        assert (tmp_path / "other.jsonl").read_bytes() == before and not (tmp_path / "other.npy").exists()
 
 
 def test_merge_refuses_overlapping_outputs(embed, folder: Path, tmp_path: Path) -> None:
