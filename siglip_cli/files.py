@@ -77,7 +77,7 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
         if os.path.isdir(name):
             found.update(dict.fromkeys(_walk(name, seen_dirs, report)))
         else:
-            found.setdefault(os.path.normpath(name))
+            found.setdefault(tidy_path(name))
 
     for name in inputs:
         try:
@@ -107,6 +107,22 @@ def find_images(inputs: list[str], *, files_from: str | None = None) -> tuple[li
     return paths, report
 
 
+def tidy_path(path: str) -> str:
+    """`path` without `.` components and doubled or trailing separators, as `os.path.normpath` gives it, but with
+    every `..` kept: after a symlinked folder, `..` leads to the parent of the link's target, which only the file
+    system knows (`link/../a.jpg` named one file and embedded another)."""
+    separators = [os.sep] + ([os.altsep] if os.altsep else [])
+    parts = path
+    for sep in separators[1:]:
+        parts = parts.replace(sep, os.sep)
+    if ".." not in parts.split(os.sep):
+        return os.path.normpath(path)
+    drive, rest = os.path.splitdrive(parts)
+    root = os.sep if rest.startswith(os.sep) else ""
+    kept = [part for part in rest.split(os.sep) if part not in ("", ".")]
+    return drive + root + os.sep.join(kept)
+
+
 def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iterator[str]:
     """Image files under `top`. Folders reached through a symlink wait until every real one has been walked, so a
     folder that is reachable both ways is listed under its real path, whatever order the file system gives."""
@@ -133,7 +149,7 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
                 elif entry.is_file():
                     suffix = os.path.splitext(entry.name)[1].lower()
                     if suffix in IMAGE_SUFFIXES:
-                        yield os.path.normpath(entry.path)
+                        yield tidy_path(entry.path)
                     else:
                         report.passed_over[suffix] += 1
             except OSError:

@@ -165,6 +165,17 @@ def test_a_file_reached_several_ways_is_listed_once(tmp_path: Path) -> None:
     assert paths == [str(photo)]
 
 
+def test_dot_dot_after_a_symlinked_folder_names_what_the_file_system_opens(tmp_path: Path) -> None:
+    # link → real/deep, so link/.. is real/, not tmp_path: tidied as text, the path named the other target.png.
+    wanted = touch(tmp_path / "real" / "target.png")
+    touch(tmp_path / "target.png")
+    (tmp_path / "real" / "deep").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "deep")
+    for named in (f"{tmp_path}/link/../target.png", f"{tmp_path}/link/.."):
+        paths = discover([named])
+        assert len(paths) == 1 and os.path.samefile(paths[0], wanted), (named, paths)
+
+
 def test_symlink_loop_neither_hangs_nor_repeats_images(tmp_path: Path) -> None:
     photo = touch(tmp_path / "album" / "photo.jpg")
     (tmp_path / "album" / "again").symlink_to(".")  # album/again/again/again/... forever
