@@ -17,8 +17,17 @@ class ConfigError(UserError):
 
 
 # transformers' activation names → torch's GELU `approximate` argument. SigLIP trains with the tanh
-# approximation; "gelu_new" and "gelu_fast" are older spellings of the same function.
-ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+# approximation; "gelu_new", "gelu_fast", "gelu_accurate" and "gelu_python_tanh" are other implementations of the
+# same function, as "gelu_python" is of the exact (erf) GELU.
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_new": "tanh",
+    "gelu_fast": "tanh",
+    "gelu_accurate": "tanh",
+    "gelu_python_tanh": "tanh",
+    "gelu": "none",
+    "gelu_python": "none",
+}
 
 
 def _check_int(name: str, value: Any, *, least: int = 1) -> None:
@@ -195,7 +204,31 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
     """Read a Hub `preprocessor_config.json` (parsed), or derive SigLIP's defaults from the tower when absent."""
     if config is None:
         return PreprocessConfig(height=vision.image_size, width=vision.image_size)
+    do_resize = config.get("do_resize", True)
+    if do_resize is False:  # `size` is then ignored (by transformers too): images must come at the tower's size
+        height = width = vision.image_size
+    else:
+        height, width = _resize_target(config, vision)
+    defaults = PreprocessConfig()
+    return PreprocessConfig(
+        height=height,
+        width=width,
+        resample=config.get("resample", defaults.resample),
+        do_resize=do_resize,
+        # null: transformers' processor skips the step, as for false.
+        do_rescale=_flag(config.get("do_rescale", True)),
+        rescale_factor=config.get("rescale_factor", defaults.rescale_factor),
+        do_normalize=_flag(config.get("do_normalize", True)),
+        image_mean=_triple(config.get("image_mean", defaults.image_mean)),
+        image_std=_triple(config.get("image_std", defaults.image_std)),
+    )
+
+
+def _resize_target(config: dict[str, Any], vision: VisionConfig) -> tuple[int, int]:
+    """The (height, width) a preprocessor config resizes to; refused unless it is a fixed size, uncropped."""
     size = config.get("size", {"height": vision.image_size, "width": vision.image_size})
+    if size is None:
+        raise ConfigError("preprocessor size is null: it must be the model's (height, width).")
     # A bare number: transformers 5 reads it as the shortest edge (aspect kept), which a fixed-size tower cannot
     # take for a non-square photo; for SigLIP it can only mean the square the tower needs.
     if isinstance(size, int):
@@ -210,18 +243,11 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
             f"the preprocessor center-crops to {crop} after resizing to {size['height']}x{size['width']}; SigLIP "
             "resizes straight to the model's size, and cropping is not supported."
         )
-    defaults = PreprocessConfig()
-    return PreprocessConfig(
-        height=size["height"],
-        width=size["width"],
-        resample=config.get("resample", defaults.resample),
-        do_resize=config.get("do_resize", True),
-        do_rescale=config.get("do_rescale", True),
-        rescale_factor=config.get("rescale_factor", defaults.rescale_factor),
-        do_normalize=config.get("do_normalize", True),
-        image_mean=_triple(config.get("image_mean", defaults.image_mean)),
-        image_std=_triple(config.get("image_std", defaults.image_std)),
-    )
+    return size["height"], size["width"]
+
+
+def _flag(value: Any) -> Any:
+    return False if value is None else value
 
 
 def _triple(value: float | list[float]) -> tuple[float, float, float]:

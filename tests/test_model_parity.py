@@ -8,6 +8,7 @@ Reference: `reference_vision_model(dir)` (float32, eager attention). Pooled outp
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from conftest import TINY_CHECKPOINTS, make_photo, reference_vision_model
+from conftest import TINY_CHECKPOINTS, build_checkpoint, make_photo, reference_vision_model
 from siglip_cli.cli import app
+from siglip_cli.config import ACTIVATIONS
 from siglip_cli.embed import embed_paths, load
 from siglip_cli.weights import load_model, resolve_checkpoint
 
@@ -93,6 +95,17 @@ def test_pooled_output_matches_transformers_pooler_output(headed_checkpoint: Pat
     assert max_diff(pooled, expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_every_gelu_name_transformers_accepts_runs_as_transformers_runs_it(tmp_path: Path, activation: str) -> None:
+    checkpoint = build_checkpoint(tmp_path, layout="vision")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "hidden_act": activation}))
+    pixels = random_pixels(checkpoint)
+    expected_pooled, expected_tokens = reference_outputs(checkpoint, pixels)
+    pooled, tokens = our_outputs(checkpoint, pixels, fused=True)
+    assert max_diff(pooled, expected_pooled) <= TOLERANCE and max_diff(tokens, expected_tokens) <= TOLERANCE
+
+
 def test_headless_pooled_output_is_the_mean_of_the_patch_tokens(headless_checkpoint: Path) -> None:
     pixels = random_pixels(headless_checkpoint)
     pooler_output, expected_tokens = reference_outputs(headless_checkpoint, pixels)
@@ -153,6 +166,30 @@ def test_photos_embed_like_the_transformers_pipeline(
     embedder = load(str(checkpoint), device="cpu", dtype="float32")
     result = embed_paths(embedder, photos, normalize=False, tokens=True)
     assert [row["path"] for row in result.rows] == [str(p) for p in photos]
+    assert max_diff(torch.from_numpy(result.embeddings), expected_pooled) <= TOLERANCE
+    assert max_diff(torch.from_numpy(result.tokens), expected_tokens) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"do_resize": False, "size": {"height": 224, "width": 224}},  # a leftover size, ignored without resizing
+        {"do_rescale": None},  # null: the processor skips the step
+        {"do_normalize": None},
+    ],
+    ids=["no-resize-leftover-size", "rescale-null", "normalize-null"],
+)
+def test_preprocessor_settings_read_as_transformers_reads_them(tmp_path: Path, settings: dict) -> None:
+    checkpoint = build_checkpoint(tmp_path / "checkpoint", layout="vision")  # a 32-pixel tower
+    processor = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    (checkpoint / "preprocessor_config.json").write_text(json.dumps({**processor, **settings}))
+    photos = []
+    for i in range(2):
+        make_photo((32, 32), seed=i).save(tmp_path / f"photo{i}.png")
+        photos.append(tmp_path / f"photo{i}.png")
+    expected_pooled, expected_tokens = reference_from_photos(checkpoint, photos)
+    result = embed_paths(load(str(checkpoint), device="cpu", dtype="float32"), photos, normalize=False, tokens=True)
+    assert result.errors == []
     assert max_diff(torch.from_numpy(result.embeddings), expected_pooled) <= TOLERANCE
     assert max_diff(torch.from_numpy(result.tokens), expected_tokens) <= TOLERANCE
 
