@@ -62,6 +62,8 @@ def decode_file(
             open_checked(f, options).close()  # a huge file that is no image, or too many pixels: refused unread
     with open(path, "rb") as f:
         data = f.read()
+    if not data:  # an interrupted copy or download, often: PIL would say only "cannot identify image file"
+        raise BadImage("empty file (0 bytes)")
     facts = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "blake2b": file_digest(data)}
     if jpeg_to_device:
         header = read_header(data, cfg, options)

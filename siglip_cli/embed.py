@@ -326,8 +326,37 @@ def embedded_batches(
             continue
         pooled, toks = halved.encode(embedder, pixels)
         pooled = F.normalize(pooled, dim=-1) if normalize else pooled
-        toks = toks.float().cpu().numpy() if tokens else None
-        yield Embedded(len(batch), rows, batch.errors + errors, pooled.cpu().numpy(), toks)
+        toks = toks if tokens else None
+        rows, pooled, toks, overflowed = _finite_rows(embedder, rows, pooled, toks)
+        errors = batch.errors + errors + overflowed
+        if not rows:
+            yield Embedded(len(batch), rows, errors, None, None)
+            continue
+        toks = toks.float().cpu().numpy() if toks is not None else None
+        yield Embedded(len(batch), rows, errors, pooled.cpu().numpy(), toks)
+
+
+def _finite_rows(
+    embedder: Embedder, rows: list[dict], pooled: Tensor, tokens: Tensor | None
+) -> tuple[list[dict], Tensor, Tensor | None, list[dict]]:
+    """The rows whose embedding (and tokens) are finite, and an errors row for each of the others: float16 can
+    overflow inside the tower, and a row of NaNs stored as an embedding would poison every search it enters."""
+    finite = torch.isfinite(pooled).all(dim=-1)
+    if tokens is not None:
+        finite &= torch.isfinite(tokens).flatten(1).all(dim=-1)
+    finite = finite.cpu()
+    if bool(finite.all()):
+        return rows, pooled, tokens, []
+    error = f"the model gave NaN or infinite values in {str(embedder.dtype).removeprefix('torch.')}"
+    error += ": try --dtype float32" if embedder.dtype != torch.float32 else ""
+    failed = [
+        {"path": row["path"], "error": error, **{k: row[k] for k in ("size", "mtime_ns") if k in row}}
+        for row, ok in zip(rows, finite.tolist())
+        if not ok
+    ]
+    kept = [row for row, ok in zip(rows, finite.tolist()) if ok]
+    index = finite.to(pooled.device)
+    return kept, pooled[index], (tokens[index] if tokens is not None else None), failed
 
 
 def _embed_pending(

@@ -68,7 +68,8 @@ def deferred() -> Iterator[None]:
     if _deferring or not _on_main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    # SIG_IGN stays ignored; None is a handler set outside Python, which cannot be put back once replaced.
+    previous = {s: h for s in SIGNALS if (h := signal.getsignal(s)) is not signal.SIG_IGN and h is not None}
     pending: list[tuple[int, object]] = []
 
     def restore() -> None:
@@ -88,9 +89,8 @@ def deferred() -> Iterator[None]:
             deliver(signum, frame)
         pending.append((signum, frame))
 
-    for s, handler in previous.items():
-        if handler is not signal.SIG_IGN and handler is not None:  # None: set outside Python, left alone
-            signal.signal(s, hold)
+    for s in previous:
+        signal.signal(s, hold)
     _deferring = True
     try:
         yield

@@ -484,7 +484,7 @@ GOOD = ["IMG_0001.HEIC", "UPPER.JPG", "animated.gif", "first_frame.png", "gray.p
         "photo.png", "rotated.jpg", "second_frame.png", "sideways.png", "sixteen.png", "upright.png"]  # fmt: skip
 BAD = {  # file name: what its error says
     "bomb.png": "decompression bomb",
-    "empty.jpg": "cannot identify image file",
+    "empty.jpg": "empty file (0 bytes)",
     "notes.png": "cannot identify image file",
     "truncated.jpg": "truncated",
 }
@@ -600,8 +600,8 @@ def test_nothing_embeddable_is_an_error_pointing_at_the_errors_file(embed, tmp_p
     (folder / "notes.png").write_text("not a png")
     error = the_error(embed(folder, "-o", out / "embeddings.safetensors"))
     assert error == (
-        f"error: none of the 2 input files could be embedded (the first, {folder / 'empty.jpg'}: cannot identify "
-        f"image file (not an image, or a format Pillow cannot read)): see {out / 'embeddings.errors.jsonl'}."
+        f"error: none of the 2 input files could be embedded (the first, {folder / 'empty.jpg'}: empty file "
+        f"(0 bytes)): see {out / 'embeddings.errors.jsonl'}."
     )
     assert len(read_jsonl(out / "embeddings.errors.jsonl")) == 2
     assert not (out / "embeddings.safetensors").exists()
@@ -610,7 +610,7 @@ def test_nothing_embeddable_is_an_error_pointing_at_the_errors_file(embed, tmp_p
 def test_one_file_that_cannot_be_embedded_is_an_error_giving_its_reason(embed, tmp_path: Path, out: Path) -> None:
     (tmp_path / "empty.jpg").write_bytes(b"")
     error = the_error(embed(tmp_path / "empty.jpg", "-o", out / "embeddings.safetensors"))
-    assert error.startswith(f"error: could not embed {tmp_path / 'empty.jpg'}: cannot identify image file")
+    assert error.startswith(f"error: could not embed {tmp_path / 'empty.jpg'}: empty file (0 bytes)")
 
 
 def test_a_failed_overwrite_leaves_the_earlier_output_as_it_was(embed, photos: Path, tmp_path: Path, out: Path) -> None:
@@ -842,6 +842,28 @@ def test_embed_paths_returns_normalized_rows_in_path_order_and_errors(photos: Pa
     assert np.allclose(np.linalg.norm(result.embeddings, axis=1), 1, atol=1e-6)
     assert [r["path"] for r in result.rows] == [str(photos / n) for n in ("a.jpg", "b.png", "sub/c.webp")]
     assert [e["path"] for e in result.errors] == [str(photos / "broken.png")]
+
+
+def test_a_row_the_model_overflowed_on_is_an_error_not_an_embedding(
+    photos: Path, tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # float16 can overflow inside the tower: a row of NaNs stored as an embedding poisons every search it enters.
+    from siglip_cli.runtime import Embedder
+
+    forward = Embedder.__call__
+
+    def overflowing(self, pixels):
+        pooled, tokens = forward(self, pixels)
+        pooled = pooled.clone()
+        pooled[1] = float("nan")
+        return pooled, tokens
+
+    monkeypatch.setattr(Embedder, "__call__", overflowing)
+    result = embed_paths(load(str(tiny_siglip), device="cpu"), [photos], tokens=True)
+    assert [r["path"] for r in result.rows] == [str(photos / "a.jpg"), str(photos / "sub/c.webp")]
+    assert result.embeddings.shape == (2, 32) and result.tokens.shape[0] == 2 and np.isfinite(result.embeddings).all()
+    assert [e["path"] for e in result.errors] == [str(photos / "b.png")]
+    assert result.errors[0]["error"] == "the model gave NaN or infinite values in float32"
 
 
 def test_embed_paths_agrees_with_the_cli(embed, photos: Path, out: Path, tiny_siglip: Path) -> None:
