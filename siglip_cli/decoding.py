@@ -238,9 +238,28 @@ def batch_pixels(
     return pixels[keep], [batch.rows[i] for i in keep], errors
 
 
+# What one decoding worker may hold at its peak: a photo at the default pixel limit (89 MP) took 1.0-1.5 GB.
+WORKER_PEAK_BYTES = 1_500_000_000
+
+
 def default_workers() -> int:
-    """Decoding processes: one per CPU but the one the model's main process needs, at most 16."""
-    return max(1, min(16, (os.cpu_count() or 2) - 1))
+    """Decoding processes: one per CPU but the one the model's main process needs, at most 16, and no more than
+    the memory available now can hold at their peak (16 workers on panoramas could need 24 GB)."""
+    by_cpus = max(1, min(16, (os.cpu_count() or 2) - 1))
+    available = available_memory()
+    return by_cpus if available is None else max(1, min(by_cpus, available // WORKER_PEAK_BYTES))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new work (Linux's MemAvailable), or None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @dataclass(frozen=True)
