@@ -47,7 +47,7 @@ from siglip_cli.decoding import default_workers
 from siglip_cli.gpu_decode import decode_headers, read_header
 from siglip_cli.model import SiglipVision, random_model
 from siglip_cli.preprocess import DecodeOptions, load_pixels
-from siglip_cli.references import reference_forward
+from siglip_cli.references import Forward, reference_forward
 
 GOALS = {"B/16-224": 15_000, "so400m/14-384": 800, "end to end": 3_000}
 GOAL_BATCH = {"B/16-224": 256}  # B/16's goal (15,000 images/s) is set at batch 256; so400m's names no batch
@@ -124,7 +124,7 @@ class CudaGraphForward:
     The returned tensor is the graph's static output, overwritten by the next call: copy it before calling again.
     """
 
-    def __init__(self, forward: B.Forward, *, warmup: int = 3):
+    def __init__(self, forward: Forward, *, warmup: int = 3):
         self.forward, self.warmup = forward, warmup
         self.graphs: dict[tuple[tuple[int, ...], torch.dtype], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
@@ -151,8 +151,8 @@ class CudaGraphForward:
         return graph, static_in, static_out
 
 
-def measure(row: Row, make: Callable[[], B.Forward], pixels: torch.Tensor, check: torch.Tensor, expected: torch.Tensor,
-            *, device: torch.device, iters: int, warmup: int, attention: str | None = None) -> tuple[Row, B.Forward | None]:  # fmt: skip
+def measure(row: Row, make: Callable[[], Forward], pixels: torch.Tensor, check: torch.Tensor, expected: torch.Tensor,
+            *, device: torch.device, iters: int, warmup: int, attention: str | None = None) -> tuple[Row, Forward | None]:  # fmt: skip
     """Build one candidate, time it on `pixels`, and compare its output on `check` with `expected`."""
     try:
         with sdpa(attention), torch.inference_mode():
@@ -176,7 +176,7 @@ def measure(row: Row, make: Callable[[], B.Forward], pixels: torch.Tensor, check
             torch.cuda.empty_cache()
 
 
-def _in_batches(forward: B.Forward, x: torch.Tensor, batch: int) -> torch.Tensor:
+def _in_batches(forward: Forward, x: torch.Tensor, batch: int) -> torch.Tensor:
     """Run `forward` on `x` in the timed batch shape (compiled and graphed forwards are shape-specialised)."""
     outputs = []
     for start in range(0, x.shape[0], batch):
@@ -199,7 +199,7 @@ def exact_float32() -> Iterator[None]:
 
 def model_only(
     spec: Spec, args: argparse.Namespace, device: torch.device, clock: Clock
-) -> tuple[list[Row], dict[str, B.Forward], SiglipVision]:
+) -> tuple[list[Row], dict[str, Forward], SiglipVision]:
     """Every backend and lever on one config: the rows, our forwards by variant, and the float32 plain model."""
     dtype = torch.bfloat16
     plain = random_model(spec.vision).to(device)  # the weights `siglip bench` and `siglip inspect` draw
@@ -212,9 +212,9 @@ def model_only(
     cuda = device.type == "cuda"
     run = dict(device=device, iters=args.iters, warmup=args.warmup)
     rows: list[Row] = []
-    ours: dict[str, B.Forward] = {}
+    ours: dict[str, Forward] = {}
 
-    def add(backend: str, variant: str, make: Callable[[], B.Forward], *, estimate_s: float, attention: str | None = None,
+    def add(backend: str, variant: str, make: Callable[[], Forward], *, estimate_s: float, attention: str | None = None,
             batch: int | None = None) -> None:  # fmt: skip
         batch = batch or spec.batch
         row = Row("model only", spec.label, backend, variant, batch)
@@ -230,10 +230,10 @@ def model_only(
             ours[variant] = forward  # a forced SDPA kernel holds only inside `measure`: not one to reuse
         print(f"  {spec.label} {backend} {variant}: {_rate(row)}", file=sys.stderr, flush=True)
 
-    def fast(*, compile: bool = False, mode: str | None = None, graphs: bool = False) -> Callable[[], B.Forward]:
+    def fast(*, compile: bool = False, mode: str | None = None, graphs: bool = False) -> Callable[[], Forward]:
         """Our forward as `siglip bench` builds it; compiled in torch's `mode`, replayed as CUDA graphs."""
 
-        def make() -> B.Forward:
+        def make() -> Forward:
             forward = B.fast_model(plain, device=device, dtype=dtype)
             forward = torch.compile(forward, dynamic=False, mode=mode) if compile else forward
             return CudaGraphForward(forward) if graphs else forward
@@ -286,7 +286,7 @@ KERNEL_KINDS = (  # kernel-name patterns → what the time is spent on, first ma
 )
 
 
-def profile(forward: B.Forward, pixels: torch.Tensor, device: torch.device, path: Path, label: str) -> None:
+def profile(forward: Forward, pixels: torch.Tensor, device: torch.device, path: Path, label: str) -> None:
     """Where one forward's device time goes: every kernel to `path`, a one-line share by kind to stderr."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -296,11 +296,11 @@ def profile(forward: B.Forward, pixels: torch.Tensor, device: torch.device, path
         with torch.inference_mode():
             for _ in range(2):
                 forward(pixels)
-            B._synchronize(device)
+            B.synchronize(device)
             with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
                 for _ in range(3):
                     forward(pixels)
-                B._synchronize(device)
+                B.synchronize(device)
         kind_of_time = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
         self_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
         events = [e for e in prof.key_averages() if e.device_type == kind_of_time and self_time(e) > 0]
@@ -363,7 +363,11 @@ def device_decoded(files: list[str], cfg: PreprocessConfig, device: torch.device
                    threads: int) -> Iterator[torch.Tensor]:  # fmt: skip
     """The device decoder alone, as `siglip embed --decode gpu` runs it (`read_header`, then `decode_headers`),
     `batch` files at a time with `threads` batches on their way: no workers, no model. Each batch's pixels, in
-    order; every file must decode there (the synthetic JPEGs do). Reading files and the decoder release the GIL."""
+    order; every file must decode there (the synthetic JPEGs do). Reading files and the decoder release the GIL.
+
+    Not `decoding.look_ahead`, which `siglip embed` uses: its one background thread decodes one batch at a time
+    (`depth` only queues more). Here `threads` batches (--decode-threads) decode at once: the decoder's rate with
+    more threads than `siglip embed` gives it."""
 
     def decode(chunk: list[str]) -> torch.Tensor:
         headers = [read_header(path, cfg, DecodeOptions()) for path in chunk]
@@ -385,7 +389,7 @@ def device_decoded(files: list[str], cfg: PreprocessConfig, device: torch.device
             yield pending.popleft().result()
 
 
-def end_to_end(spec: Spec, plain: SiglipVision, forward: B.Forward, variant: str, args: argparse.Namespace,
+def end_to_end(spec: Spec, plain: SiglipVision, forward: Forward, variant: str, args: argparse.Namespace,
                device: torch.device, workdir: Path, clock: Clock) -> list[Row]:  # fmt: skip
     """Files → L2-normalized embeddings on the host, B/16-224 bf16. Cosine to the exact PIL pixels through `plain` in
     float32. Rows, each timed after a warm-up on the first two batches:
@@ -494,10 +498,10 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: B.Forward, variant: str
             continue
         try:
             run(files[: 2 * batch])  # warm-up: workers, decoder, caches, kernels
-            B._synchronize(device)
+            B.synchronize(device)
             started = time.perf_counter()
             embeddings = run(files)
-            B._synchronize(device)
+            B.synchronize(device)
             seconds = time.perf_counter() - started
             row.images_per_s, row.ms_per_image = len(files) / seconds, 1000 * seconds / len(files)
             if embeddings is not None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import numbers
 import platform
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DEFAULT_PRESET, PRESETS, PreprocessConfig
+from .config import DEFAULT_PRESET, PreprocessConfig
 from .errors import UserError
-from .model import SiglipVision, random_model
+from .model import SiglipVision
 from .references import Forward, check_references, missing_package, reference_forward
-from .runtime import cpu_has_native_bf16, dtype_note, resolve_device, resolve_dtype
+from .runtime import cpu_has_native_bf16, dtype_note, prepare_model, resolve_device, resolve_dtype
+from .weights import load_tower
 
 
 class BenchError(UserError):
@@ -74,24 +76,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA); nothing to wait for on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------- our model
-
-
-def build_model(name: str, *, seed: int = 0) -> tuple[SiglipVision, PreprocessConfig]:
-    """Our float32 model on the CPU for `name`: a preset (seeded random weights, no download, the same as
-    `siglip inspect` draws for the seed: `model.random_model`), a Hub id or a local directory."""
-    if name in PRESETS:
-        vision, preprocess = PRESETS[name]
-        return random_model(vision, seed=seed), preprocess
-    from .weights import load_model, resolve_checkpoint
-
-    checkpoint = resolve_checkpoint(name)
-    return load_model(checkpoint), checkpoint.preprocess
 
 
 class _Pooled(nn.Module):
@@ -114,12 +105,12 @@ def fast_model(
 ) -> Forward:
     """Our model as `siglip embed` runs it, on a copy of `model` (left untouched): pixels (B, 3, H, W) → pooled.
 
-    Always, as in `embed.load`: q/k/v fused into one GEMM per layer (`fuse_qkv`, same numbers), fc1 + GELU fused on
-    CUDA (`fuse_gelu`), weights cast to `dtype` (bf16 end to end, no autocast), eval mode, no autograd. Optional:
-    `torch.compile`. Attention is PyTorch's SDPA, which picks its kernel on the GPU by itself.
+    Always, as in `runtime.load`: `runtime.prepare_model` (fused q/k/v, fused fc1 + GELU on CUDA, weights in `dtype`,
+    eval mode, no autograd). Optional: `torch.compile`, of the pooled-only wrapper with static shapes (every timed
+    batch has one shape) rather than `prepare_model`'s compile of the whole tower. Attention is PyTorch's SDPA, which
+    picks its kernel on the GPU by itself.
     """
-    fast = copy.deepcopy(model).fuse_qkv().fuse_gelu().to(device=device, dtype=dtype).eval().requires_grad_(False)
-    module = _Pooled(fast)
+    module = _Pooled(prepare_model(copy.deepcopy(model), device=device, dtype=dtype))
     return torch.compile(module, dynamic=False) if compile else module
 
 
@@ -159,7 +150,7 @@ def _timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, flo
     peak resident set during the call, everything loaded included: freed activations stay resident in the
     allocator's pools, so an increase over the call would read 0. None where it cannot be measured (needs Linux).
     """
-    _synchronize(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) / 2**20
@@ -167,7 +158,7 @@ def _timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, flo
         before = 0.0 if _peak_rss_reset() else None
     start = time.perf_counter()
     fn()
-    _synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mb("VmHWM")
     return seconds, None if before is None or peak is None else peak - before
@@ -186,7 +177,7 @@ def time_interleaved(
         start = time.perf_counter()
         for _ in range(warmup):
             fn()
-        _synchronize(device)
+        synchronize(device)
         setup[name] = time.perf_counter() - start
     calls: dict[str, list[tuple[float, float | None]]] = {name: [] for name in fns}
     for _ in range(iters):
@@ -281,16 +272,24 @@ def default_compile(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def check_batch_sizes(sizes: Iterable[int], *, given: str | None = None) -> tuple[int, ...]:
+    """Each size once, in the order given; none, or anything but positive integers, is a `BenchError` sentence
+    naming `given` (the text the sizes were read from; by default the sizes joined by commas). One rule, one
+    message, for `--batch-size` (`parse_batch_sizes`) and for `run_benchmark`'s callers."""
+    sizes = tuple(sizes)
+    if not sizes or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in sizes):
+        given = ",".join(map(str, sizes)) if given is None else given
+        raise BenchError(f"batch sizes must be positive integers, e.g. --batch-size 1,8,32 (got {given!r}).")
+    return tuple(dict.fromkeys(int(s) for s in sizes))
+
+
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    """`--batch-size` text "1,8,32" → (1, 8, 32), each size once in the order given; anything but positive
-    integers is a `BenchError` sentence. `run_benchmark` checks its sizes here too: one rule, one message."""
+    """`--batch-size` text "1,8,32" → (1, 8, 32), as `check_batch_sizes` checks them."""
     try:
-        sizes = tuple(dict.fromkeys(int(s) for s in text.split(",")))
+        sizes = [int(s) for s in text.split(",")]
     except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise BenchError(f"batch sizes must be positive integers, e.g. --batch-size 1,8,32 (got {text!r}).")
-    return sizes
+        sizes = []  # refused there, with the text as given
+    return check_batch_sizes(sizes, given=text)
 
 
 ProgressFn = Callable[[str], None]
@@ -306,10 +305,11 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     iters = options.iters if options.iters is not None else (10 if device.type == "cuda" else 3)
     warmup = options.warmup if options.warmup is not None else (3 if device.type == "cuda" else 1)
     check_references(options.compare)
-    batch_sizes = parse_batch_sizes(",".join(map(str, options.batch_sizes)))  # one rule, one sentence
+    batch_sizes = check_batch_sizes(options.batch_sizes)
 
     say(f"building {options.model}")
-    plain, preprocess = build_model(options.model, seed=options.seed)
+    # A preset: seeded random weights, no download, the same as `siglip inspect` draws for the seed.
+    plain, preprocess, _ = load_tower(options.model, seed=options.seed)
     weights_mb = sum(p.numel() for p in plain.parameters()) * dtype.itemsize / 2**20
     report = Report(describe_machine(device, dtype), options.model, round(weights_mb, 1), notes=notes)
 
@@ -417,10 +417,12 @@ def image_results(
                _result("siglip", "preprocess", 1, prep["exact"], "PIL, 1 core", images=n),
                _result("siglip", "preprocess", 1, prep["fast"], "PIL --fast-decode, 1 core", images=n)]  # fmt: skip
 
-    fused = copy.deepcopy(model).fuse_qkv().fuse_gelu().to(device=device, dtype=dtype)
+    fused = prepare_model(copy.deepcopy(model), device=device, dtype=dtype)
     # An Embedder carries the checkpoint it came from; a preset has none, so one without weight files stands in
     # (embed_paths reads only its configs).
-    checkpoint = Checkpoint("benchmark", None, model.config, preprocess, (), "")
+    checkpoint = Checkpoint(
+        name="benchmark", revision=None, vision=model.config, preprocess=preprocess, weight_files=(), prefix=""
+    )
     embedder = Embedder(fused, checkpoint, device, dtype)
     workers = default_workers()
     ways = {  # name: (variant, what `siglip embed` is given beyond the batch size and workers)

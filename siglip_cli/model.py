@@ -167,11 +167,10 @@ class PoolAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.hidden_size, cfg.hidden_size))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * cfg.hidden_size))
+        # Zeros: see `Embeddings`. A checkpoint or `init_weights` (xavier, as `nn.MultiheadAttention`) sets them.
+        self.in_proj_weight = nn.Parameter(torch.zeros(3 * cfg.hidden_size, cfg.hidden_size))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * cfg.hidden_size))
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.in_proj_bias)
 
     def forward(self, query: Tensor, x: Tensor, trace: Trace = None, prefix: str = "head") -> Tensor:
         B, N, D = x.shape
@@ -231,6 +230,9 @@ class SiglipVision(nn.Module):
         return VisionOutput(pooled, tokens)
 
     def fuse_qkv(self) -> SiglipVision:
+        """Compute each encoder layer's q, k and v as one (3D, D) GEMM instead of three, on every device (the same
+        numbers: tests compare it with the plain path). Drops the separate q/k/v layers, so the checkpoint layout
+        (`references`' key maps, saving) must be read before fusing."""
         for layer in self.encoder.layers:
             layer.self_attn.fuse_qkv()
         return self

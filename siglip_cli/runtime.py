@@ -99,6 +99,19 @@ def default_batch_size(device: str) -> int:
     return 128 if resolve_device(device).type == "cuda" else 32
 
 
+def prepare_model(
+    model: SiglipVision, *, device: torch.device | str, dtype: torch.dtype, compile: bool = False
+) -> SiglipVision:  # or its torch.compile wrapper
+    """`model` as `siglip embed` runs it, changed in place: on `device` with its weights in `dtype` (bf16 end to
+    end, no autocast), eval mode, no autograd, and fused. q/k/v as one GEMM (`fuse_qkv`): the same numbers, which the
+    tests check against the plain path; on CUDA also fc1 + GELU (`fuse_gelu`), which gpu_check checks against the
+    float32 plain path. `compile`: `torch.compile` with torch's default shape handling, so a run's last, smaller batch
+    recompiles once, with dynamic shapes (`benchmark.fast_model` compiles its own pooled-only wrapper, static).
+    """
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False).fuse_qkv().fuse_gelu()
+    return torch.compile(model) if compile else model
+
+
 def load(
     model: str = DEFAULT_MODEL,
     *,
@@ -116,9 +129,6 @@ def load(
     resolved = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved)
     checkpoint = resolve_checkpoint(model, revision=revision)
-    # Fused q/k/v: one GEMM instead of three, the same numbers (tests check it against the plain path); on CUDA
-    # also fc1 + GELU (gpu_check checks it against the float32 plain path).
-    tower = load_model(checkpoint, device=resolved, dtype=torch_dtype).fuse_qkv().fuse_gelu()
-    if compile:
-        tower = torch.compile(tower)
+    tower = load_model(checkpoint, device=resolved, dtype=torch_dtype)
+    tower = prepare_model(tower, device=resolved, dtype=torch_dtype, compile=compile)
     return Embedder(tower, checkpoint, resolved, torch_dtype)

@@ -9,7 +9,6 @@ even for so400m. Library code: it returns an `Inspection` and never prints.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 from dataclasses import dataclass
@@ -22,11 +21,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .config import DEFAULT_PRESET, PIL_FILTERS, PRESETS, PreprocessConfig, VisionConfig
+from .config import DEFAULT_PRESET, PIL_FILTERS, PreprocessConfig, VisionConfig
 from .errors import UserError
-from .model import SiglipVision, gflops_per_image, num_parameters, random_model
+from .model import SiglipVision, gflops_per_image, num_parameters
 from .preprocess import BadImage, DecodeOptions, open_rgb, pixel_values
-from .weights import load_model, resolve_checkpoint
+from .weights import load_tower
 
 SAMPLE_IMAGE = "sample.jpg"  # in siglip_cli/assets: chelsea.jpg from sample_images/ (CC0)
 NUM_FILTERS = 64  # patch-embedding filters kept for the plot
@@ -109,23 +108,10 @@ def inspect_image(
             photo, description = read_image(path, label="the bundled sample photo")
     else:
         photo, description = read_image(image)  # before loading the model: a bad path fails at once
-    tower, preprocessing, random_weights = load_for_inspect(model, revision=revision)
+    tower, preprocessing, random_weights = load_tower(model, revision=revision)
     return trace(
         tower, photo, preprocessing, layers=layers, model_name=model, image_name=description, random_weights=random_weights
     )
-
-
-def load_for_inspect(name: str, *, revision: str | None = None) -> tuple[SiglipVision, PreprocessConfig, bool]:
-    """(tower, preprocessing, random_weights): a preset gets seeded random weights, anything else is loaded."""
-    if name in PRESETS:
-        vision, preprocessing = PRESETS[name]
-        return random_model(vision), preprocessing, True
-    if "/" not in name and not Path(name).expanduser().exists():
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f"did you mean {close[0]}?" if close else f"presets include {DEFAULT_PRESET} and siglip-so400m-patch14-384."
-        raise UserError(f"{name} is not a preset, a Hub id (org/name) or a checkpoint directory; {hint}")
-    checkpoint = resolve_checkpoint(name, revision=revision)
-    return load_model(checkpoint), checkpoint.preprocess, False
 
 
 def read_image(path: str | Path, *, label: str | None = None) -> tuple[Image.Image, str]:

@@ -8,6 +8,7 @@ Every layout in the wild holds the tower under one prefix: `vision_model.` (SigL
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import socket
@@ -21,10 +22,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .config import PRESETS, ConfigError, PreprocessConfig, VisionConfig, preprocess_config_from_hub, vision_config_from_hub
+from .config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    ConfigError,
+    PreprocessConfig,
+    VisionConfig,
+    preprocess_config_from_hub,
+    vision_config_from_hub,
+)
 from .errors import UserError
 from .files import display_path, is_utf8
-from .model import SiglipVision
+from .model import SiglipVision, random_model
 
 DEFAULT_MODEL = "google/siglip-base-patch16-224"
 ANCHOR = "embeddings.patch_embedding.weight"
@@ -332,3 +341,17 @@ def load_model(
     load_state(model, read_vision_tensors(checkpoint), source=checkpoint.name)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
+
+def load_tower(name: str, *, revision: str | None = None, seed: int = 0) -> tuple[SiglipVision, PreprocessConfig, bool]:
+    """(tower, preprocessing, random_weights) for `name`, float32 on the CPU in eval mode, as `siglip inspect` and
+    `siglip bench` take it: a preset gets seeded random weights (`model.random_model`, no download), a Hub id or a
+    checkpoint directory is loaded. A name that is none of these, a mistyped preset most often, is one sentence."""
+    if name in PRESETS:
+        vision, preprocessing = PRESETS[name]
+        return random_model(vision, seed=seed), preprocessing, True
+    if "/" not in name and not Path(name).expanduser().exists():
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"presets include {DEFAULT_PRESET} and siglip-so400m-patch14-384."
+        raise UserError(f"{name} is not a preset, a Hub id (org/name) or a checkpoint directory; {hint}")
+    checkpoint = resolve_checkpoint(name, revision=revision)
+    return load_model(checkpoint), checkpoint.preprocess, False

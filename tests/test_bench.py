@@ -22,8 +22,7 @@ from siglip_cli.cli import app
 from siglip_cli.config import PreprocessConfig, VisionConfig
 from siglip_cli.errors import UserError
 from siglip_cli.model import SiglipVision, random_model
-from siglip_cli.tracing import load_for_inspect
-from siglip_cli.weights import load_model, resolve_checkpoint
+from siglip_cli.weights import load_model, load_tower, resolve_checkpoint
 
 RUNNER = CliRunner(env={"COLUMNS": "200"})
 TINY = VisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
@@ -145,15 +144,23 @@ def test_a_key_map_that_misses_a_tensor_names_it(backend: str, monkeypatch: pyte
 # --------------------------------------------------------------------------- presets
 
 
-def test_a_preset_has_the_same_weights_in_bench_and_inspect(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_preset_is_the_seeded_random_model_in_bench_and_inspect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`siglip bench` and `siglip inspect` both take their model from `load_tower`: a preset draws these weights."""
     monkeypatch.setitem(config.PRESETS, "tiny-preset", (TINY, PreprocessConfig(32, 32)))
-    bench_model, preprocess = benchmark.build_model("tiny-preset")
-    inspect_model, _, random_weights = load_for_inspect("tiny-preset")
+    model, preprocess, random_weights = load_tower("tiny-preset")
     assert random_weights and preprocess == PreprocessConfig(32, 32)
-    bench_state, inspect_state = bench_model.state_dict(), inspect_model.state_dict()
+    state = model.state_dict()
     for key, tensor in random_model(TINY).state_dict().items():
-        assert torch.equal(bench_state[key], tensor) and torch.equal(inspect_state[key], tensor), key
-    assert not torch.equal(benchmark.build_model("tiny-preset", seed=1)[0].head.probe, bench_model.head.probe)
+        assert torch.equal(state[key], tensor), key
+    assert not torch.equal(load_tower("tiny-preset", seed=1)[0].head.probe, model.head.probe)
+
+
+def test_a_mistyped_preset_is_one_sentence_naming_the_preset() -> None:
+    """As `siglip inspect` says it (test_inspect.py): not "neither a local checkpoint directory nor a Hub id"."""
+    result = RUNNER.invoke(app, ["bench", "-m", "siglip-bas-patch16-224", "--device", "cpu"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "did you mean siglip-base-patch16-224?" in " ".join(result.stderr.split())
+    assert len(result.stderr.strip().splitlines()) <= 2  # one sentence (rich may wrap it)
 
 
 # --------------------------------------------------------------------------- the command
@@ -221,6 +228,13 @@ def test_batch_sizes_are_checked_in_one_place(text: str, message: str) -> None:
         benchmark.parse_batch_sizes(text)
     assert message in str(raised.value)
     assert benchmark.parse_batch_sizes("2,1,2") == (2, 1)
+
+
+@pytest.mark.parametrize("sizes, got", [((1, 0), "'1,0'"), ((), "''"), ((8, 1.5), "'8,1.5'"), ((True,), "'True'")])
+def test_batch_size_numbers_are_checked_by_the_same_rule(sizes: tuple, got: str) -> None:
+    with pytest.raises(benchmark.BenchError, match=rf"batch sizes must be positive integers.*\(got {got}\)"):
+        benchmark.check_batch_sizes(sizes)
+    assert benchmark.check_batch_sizes((2, 1, 2)) == (2, 1)
 
 
 def test_run_benchmark_refuses_what_the_command_refuses(tiny_vision: Path) -> None:

@@ -366,6 +366,13 @@ def test_bad_image_is_one_sentence_and_exit_2(make, message: str, tmp_path: Path
     assert len(result.stderr.strip().splitlines()) <= 2  # one sentence (rich may wrap it)
 
 
+def test_a_mistyped_preset_is_one_sentence_naming_the_preset() -> None:
+    result = invoke("--model", "siglip-bas-patch16-224")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "did you mean siglip-base-patch16-224?" in " ".join(result.stderr.split())
+    assert len(result.stderr.strip().splitlines()) <= 2  # one sentence (rich may wrap it)
+
+
 def test_missing_layer_is_a_user_error(tiny_vision: Path, photo: Path) -> None:
     result = invoke(str(photo), "--model", str(tiny_vision), "--layers", "0,7")
     assert result.exit_code == 2
