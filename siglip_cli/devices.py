@@ -24,7 +24,7 @@ from .config import PIL_FILTERS
 from .embed import EmbedOptions, Progress, Summary, embed_to_file
 from .errors import UserError
 from .outputs import OutputPaths, check_outputs
-from .runtime import dtype_note, load
+from .runtime import dtype_note, load, resolve_device
 from .shards import merge_outputs, select_shard
 from .storage import exclusive
 
@@ -73,6 +73,9 @@ class _QueueProgress:
 def _work(job: _Job, channel: mp.Queue) -> None:
     _die_with_parent()
     try:
+        device = resolve_device(job.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # else calls on the current device make a context on cuda:0 in every worker
         embedder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype, compile=job.compile)
         summary = embed_to_file(
             embedder, job.paths, job.output, options=job.options, update=True, progress=_QueueProgress(channel, job.index),
@@ -83,6 +86,9 @@ def _work(job: _Job, channel: mp.Queue) -> None:
         channel.put(("error", job.index, str(e)))
     except KeyboardInterrupt:
         pass
+    except Exception as e:  # a bug or a device failure: the parent's one sentence names it, not just an exit code
+        what = ": ".join(filter(None, [type(e).__name__, *str(e).strip().splitlines()[:1]]))  # CUDA's go on for lines
+        channel.put(("error", job.index, f"the worker on {job.device} failed: {what}"))
 
 
 def _die_with_parent() -> None:
@@ -211,9 +217,9 @@ def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:
                     kind, index, payload = channel.get(timeout=1.0)
             except queue.Empty:
                 # A worker's last message is in the pipe before it exits: dead and silent means it crashed.
-                for index, process in processes.items():
-                    if index not in summaries and not process.is_alive():
-                        raise UserError(f"the worker on {device[index]} stopped (exit code {process.exitcode}).")
+                for job_index, process in processes.items():
+                    if job_index not in summaries and not process.is_alive():
+                        raise UserError(f"the worker on {device[job_index]} stopped (exit code {process.exitcode}).")
                 continue
             if kind == "done":
                 summaries[index] = payload
