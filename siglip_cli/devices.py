@@ -14,6 +14,8 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,15 +75,8 @@ class _QueueProgress:
 def _work(job: _Job, channel: mp.Queue) -> None:
     _die_with_parent()
     try:
-        device = resolve_device(job.device)
-        if device.type == "cuda" and device.index is not None:
-            torch.cuda.set_device(device)  # else calls on the current device make a context on cuda:0 in every worker
-        embedder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype, compile=job.compile)
-        summary = embed_to_file(
-            embedder, job.paths, job.output, options=job.options, update=True, progress=_QueueProgress(channel, job.index),
-            require_rows=False,
-        )
-        channel.put(("done", job.index, summary))
+        with interrupts.stop_on_signals():  # SIGTERM, from the parent: stop as Ctrl-C stops a run, cleanly
+            _embed_job(job, channel)
     except UserError as e:
         channel.put(("error", job.index, str(e)))
     except KeyboardInterrupt:
@@ -89,6 +84,18 @@ def _work(job: _Job, channel: mp.Queue) -> None:
     except Exception as e:  # a bug or a device failure: the parent's one sentence names it, not just an exit code
         what = ": ".join(filter(None, [type(e).__name__, *str(e).strip().splitlines()[:1]]))  # CUDA's go on for lines
         channel.put(("error", job.index, f"the worker on {job.device} failed: {what}"))
+
+
+def _embed_job(job: _Job, channel: mp.Queue) -> None:
+    device = resolve_device(job.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # else calls on the current device make a context on cuda:0 in every worker
+    embedder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype, compile=job.compile)
+    summary = embed_to_file(
+        embedder, job.paths, job.output, options=job.options, update=True, progress=_QueueProgress(channel, job.index),
+        require_rows=False,
+    )  # fmt: skip
+    channel.put(("done", job.index, summary))
 
 
 def _die_with_parent() -> None:
@@ -99,6 +106,22 @@ def _die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         except (OSError, AttributeError):
             pass  # without it an orphan still stops at its next message to the parent, whose queue is gone
+
+
+@contextmanager
+def _ctrl_c_left_to_this_process() -> Iterator[None]:
+    """Processes started in the block, and theirs, have SIGINT blocked for good (the mask outlives exec). A
+    terminal's Ctrl-C reaches every process of the run: the workers stopped with a traceback each (while they
+    imported torch, or as their decoding workers died), when this process stops them itself (`_stop`). Here a Ctrl-C
+    that arrives during the block is delivered as the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def check_device_options(devices: list[str], *, shard: tuple[int, int] | None, update: bool) -> None:
@@ -207,8 +230,9 @@ def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:
     channel = context.Queue()
     processes = {job.index: context.Process(target=_work, args=(job, channel)) for job in jobs}
     device = {job.index: job.device for job in jobs}
-    for process in processes.values():
-        process.start()
+    with _ctrl_c_left_to_this_process():
+        for process in processes.values():
+            process.start()
     summaries: dict[int, Summary] = {}
     try:
         while len(summaries) < len(jobs):
@@ -232,8 +256,20 @@ def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:
             elif progress and kind == "note":
                 progress.note(f"{device[index]}: {payload}")
     finally:
+        _stop([process for index, process in processes.items() if index not in summaries and process.is_alive()])
         for process in processes.values():
-            if process.is_alive() and len(summaries) < len(jobs):
-                process.terminate()
             process.join()
     return list(summaries.values())
+
+
+def _stop(processes: list[mp.Process], *, grace_s: float = 10.0) -> None:
+    """Stop unfinished workers with SIGTERM, which they take as Ctrl-C: each shuts its decoding workers down and
+    leaves nothing behind (killed outright, they leaked semaphores, and a warning about them followed the one
+    sentence). Those still running after `grace_s` are killed."""
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()

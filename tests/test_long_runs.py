@@ -878,6 +878,24 @@ def test_ctrl_c_exits_130_with_one_sentence_saying_to_rerun(
     assert not output.exists() and chunks_in(work_area(output)) >= 1
 
 
+def test_ctrl_c_with_several_devices_is_one_sentence_too(many_photos: Path, tiny_vision: Path, tmp_path: Path) -> None:
+    # The terminal's Ctrl-C reaches every worker process too: each printed a traceback (while importing torch, or as
+    # its own decoding workers died) after the parent's sentence.
+    output = tmp_path / "embeddings.safetensors"
+    command = embed_command(many_photos, output, tiny_vision, workers=1) + ["--device", "cpu,cpu"]
+    process = start(command, flush_seconds=0.05)
+    work, stop = work_area(output), time.monotonic() + 120
+    while not (work.is_dir() and any(work.glob("*/chunk-*"))):  # a chunk in either worker's shard
+        assert process.poll() is None and time.monotonic() < stop, "no chunk written"
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines() == [
+        f"error: interrupted; finished work is kept in {work}: rerun the same command to continue."
+    ]
+
+
 def test_sigterm_stops_like_ctrl_c_and_rerunning_continues(
     many_photos: Path, tiny_vision: Path, uninterrupted: Path, tmp_path: Path
 ) -> None:
