@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UserError
+from .storage import atomic_write
 from .tracing import Inspection
 
 # Colour ramps as anchor colours at evenly spaced positions, interpolated linearly in RGB.
@@ -50,7 +51,8 @@ def write_plots(result: Inspection, directory: str | Path) -> list[Path]:
     written = []
     for name, picture in pictures.items():
         if picture is not None:
-            picture.save(directory / name)
+            with atomic_write(directory / name) as f:  # a full disk or a read-only folder: one sentence naming the file
+                picture.save(f, format="PNG")
             written.append(directory / name)
     return written
 

@@ -295,6 +295,22 @@ def test_plot_directory_that_is_a_file_is_a_user_error(base: tracing.Inspection,
         write_plots(base, file)
 
 
+def test_a_plot_that_cannot_be_written_is_one_sentence_and_leaves_nothing(
+    base: tracing.Inspection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read-only folder or a full disk ended `inspect --plot` in a traceback, after half the pictures.
+    import errno
+
+    def full_disk(self, fp, format=None, **params):
+        fp.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(UserError, match=r"cannot write .*position_embedding_similarity\.png: No space left on device"):
+        write_plots(base, tmp_path / "plots")
+    assert list((tmp_path / "plots").iterdir()) == []
+
+
 # --------------------------------------------------------------------------- the command
 
 
