@@ -13,6 +13,7 @@ forward (`cosine` in the results).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import numbers
@@ -20,7 +21,7 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,6 +307,8 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     warmup = options.warmup if options.warmup is not None else (3 if device.type == "cuda" else 1)
     check_references(options.compare)
     batch_sizes = check_batch_sizes(options.batch_sizes)
+    if options.images is not None:  # before minutes of model timing: a wrong folder fails at once
+        paths, skipped = find_images(options.images, limit=options.max_images)
 
     say(f"building {options.model}")
     # A preset: seeded random weights, no download, the same as `siglip inspect` draws for the seed.
@@ -330,11 +333,12 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     cfg = plain.config
     with torch.inference_mode():
         for i, batch_size in enumerate(batch_sizes):
-            pixels = torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size,
-                                 generator=torch.Generator().manual_seed(options.seed)).to(device, dtype)  # fmt: skip
             say(f"batch {batch_size}: {', '.join(forwards)}, {iters} interleaved rounds after {warmup} warm-up")
-            calls = {backend: functools.partial(forward, pixels) for backend, (forward, _) in forwards.items()}
-            timings = time_interleaved(calls, device=device, iters=iters, warmup=warmup)
+            with _memory_for(batch_size, device):
+                pixels = torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size,
+                                     generator=torch.Generator().manual_seed(options.seed)).to(device, dtype)  # fmt: skip
+                calls = {backend: functools.partial(forward, pixels) for backend, (forward, _) in forwards.items()}
+                timings = time_interleaved(calls, device=device, iters=iters, warmup=warmup)
             # Agreement, once: the first rows of each backend's output against our plain float32 forward on the
             # same (dtype-rounded) pixels. The timed shape again, so no compiled forward compiles anew.
             rows = min(batch_size, 2)
@@ -344,13 +348,24 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
                 report.results.append(_result(backend, "model", batch_size, timings[backend], label, agreement))
 
     if options.images is not None:
-        paths, skipped = find_images(options.images, limit=options.max_images)
         if skipped:
             report.notes.append(f"--images: left out {skipped} file(s) that do not decode (`siglip embed` would list them as errors).")
         say(f"image pipeline on {len(paths)} files from {options.images}")
         report.results += image_results(paths, plain, preprocess, device=device, dtype=dtype,
                                         batch_size=max(batch_sizes), iters=iters)  # fmt: skip
     return report
+
+
+@contextlib.contextmanager
+def _memory_for(batch_size: int, device: torch.device) -> Iterator[None]:
+    """A batch too large for the device is a sentence: torch.OutOfMemoryError on CUDA, the allocator's RuntimeError
+    on the CPU."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise BenchError(f"batch size {batch_size} does not fit in the memory of {device}: try a smaller --batch-size.") from None
 
 
 def _result(backend: str, stage: str, batch_size: int, timing: Timing, variant: str,

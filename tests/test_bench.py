@@ -245,6 +245,45 @@ def test_run_benchmark_refuses_what_the_command_refuses(tiny_vision: Path) -> No
         benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), compare=("onnx",)))
 
 
+def test_a_bad_images_folder_is_refused_before_any_timing(
+    tiny_vision: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was found out after every batch size had been timed: minutes, on a CPU with a base model.
+    def timed(*args, **kwargs):
+        raise AssertionError("timed before the images were checked")
+
+    monkeypatch.setattr(benchmark, "time_interleaved", timed)
+    (tmp_path / "empty").mkdir()
+    for images in (tmp_path / "missing", tmp_path / "empty"):
+        with pytest.raises(UserError, match="--images"):
+            benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), images=images))
+
+
+def test_a_batch_too_large_for_memory_is_one_sentence(tiny_vision: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried")
+
+    monkeypatch.setattr(benchmark, "time_interleaved", out_of_memory)
+    with pytest.raises(benchmark.BenchError, match=r"^batch size 4 does not fit in the memory of cpu: try a smaller"):
+        benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), device="cpu", batch_sizes=(4,)))
+
+
+@pytest.mark.parametrize("command", ["bench", "inspect"])
+def test_ctrl_c_during_bench_or_inspect_is_one_line(
+    command: str, tiny_vision: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import siglip_cli.tracing as tracing
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark, "time_interleaved", interrupted)
+    monkeypatch.setattr(tracing, "trace", interrupted)
+    result = RUNNER.invoke(app, [command, "--model", str(tiny_vision)] + (["--device", "cpu"] if command == "bench" else []))
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines()[-1] == "error: interrupted."
+
+
 def test_bench_batch_size_given_twice_is_measured_once(tiny_vision: Path) -> None:
     document = _bench_json("--model", str(tiny_vision), "--batch-size", "2,1,2")
     assert [r["batch_size"] for r in document["results"] if r["backend"] == "siglip"] == [2, 1]
@@ -254,7 +293,27 @@ def test_bench_table_names_the_machine(tiny_vision: Path) -> None:
     result = RUNNER.invoke(app, ["bench", "-m", str(tiny_vision), "--device", "cpu", "--iters", "1", "--batch-size", "1"])
     assert result.exit_code == 0, result.output
     assert benchmark.cpu_name() in result.stdout and f"torch {torch.__version__}" in result.stdout
-    assert "images/s" in result.stdout
+    assert "img/s" in result.stdout and "model only" in result.stdout
+
+
+def test_bench_table_keeps_every_number_whole_in_80_columns(tiny_vision: Path) -> None:
+    # At 80 columns the names were cut into 2-letter pieces (mo/de/l) across three lines a row.
+    import io
+
+    from rich.console import Console
+
+    from siglip_cli.cli import _bench_table
+
+    options = benchmark.BenchOptions(
+        model=str(tiny_vision), device="cpu", iters=1, batch_sizes=(1, 8), compare=("transformers",)
+    )  # fmt: skip
+    console = Console(width=80, file=io.StringIO(), record=True)
+    console.print(_bench_table(benchmark.run_benchmark(options)))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80
+    rows = [line.split() for line in lines if line.strip().startswith(("siglip fused", "transformers sdpa"))]
+    assert [(row[0], row[2]) for row in rows] == [("siglip", "1"), ("transformers", "1"), ("siglip", "8"), ("transformers", "8")]
+    assert all(float(row[3].replace(",", "")) > 0 and float(row[4]) > 0 for row in rows)  # img/s, ms/img whole
 
 
 def test_bench_images_reports_each_stage(tiny_siglip: Path, tmp_path: Path) -> None:
