@@ -14,11 +14,12 @@ from .tracing import Inspection, Stage, layer_of
 
 
 NOTES_MIN_WIDTH = 150  # narrower terminals get the stage table without its "what it is" column
+COMPACT_BELOW = 100  # narrower ones also get shapes as 1×196×768, with the dtype only where it is not float32
 
 
 def report(result: Inspection, *, width: int) -> RenderableType:
     """The whole report as one rich renderable, for a console `width` characters wide."""
-    table = stage_table(result, notes=width >= NOTES_MIN_WIDTH)
+    table = stage_table(result, notes=width >= NOTES_MIN_WIDTH, compact=width < COMPACT_BELOW)
     return Group(*header(result), Text(), table, Text(), parameter_table(result), Text(), cost(result))
 
 
@@ -55,7 +56,7 @@ def header(result: Inspection) -> list[Text]:
     return lines
 
 
-def stage_table(result: Inspection, *, notes: bool = True) -> Table:
+def stage_table(result: Inspection, *, notes: bool = True, compact: bool = False) -> Table:
     """One row per stage; an encoder layer shown in full gets a section whose rows drop the `layers.i.` prefix.
 
     `notes` adds the "what it is" column (about 60 characters wide).
@@ -68,10 +69,11 @@ def stage_table(result: Inspection, *, notes: bool = True) -> Table:
     table = Table(title=f"Stages: {title}", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     # On a narrow terminal the names wrap, never the numbers (rich would cut them to "0.15…").
     table.add_column("stage", overflow="fold")
-    table.add_column("shape", overflow="fold")
-    table.add_column("dtype", overflow="fold")
+    table.add_column("shape" + (", dtype" if compact else ""), overflow="fold")
+    if not compact:
+        table.add_column("dtype", overflow="fold")
     for name in ("mean", "std", "min", "max"):
-        table.add_column(name, justify="right", no_wrap=True, min_width=9)
+        table.add_column(name, justify="right", no_wrap=True, min_width=0 if compact else 9)
     if notes:
         table.add_column("what it is", style="dim")
     group = None
@@ -88,8 +90,11 @@ def stage_table(result: Inspection, *, notes: bool = True) -> Table:
             group = _group(stage.stage, full)
             if layer is not None and layer in full:
                 what = f"encoder layer {layer} of {total}: x + attn(LN1(x)), then x + MLP(LN2(x))"
-                table.add_row(f"layers.{layer}", *[""] * 6, *([what] if notes else []), style="bold")
-        table.add_row(label, _shape(stage), stage.dtype, *(_number(v) for v in _stats(stage)), *([note] if notes else []))
+                table.add_row(f"layers.{layer}", *[""] * (5 if compact else 6), *([what] if notes else []), style="bold")
+        shape = [_compact_shape(stage)] if compact else [_shape(stage), stage.dtype]
+        table.add_row(label, *shape, *(_number(v) for v in _stats(stage)), *([note] if notes else []))
+    if compact:
+        table.caption, table.caption_justify = "dtype float32 unless named", "left"
     return table
 
 
@@ -134,6 +139,12 @@ def _stats(stage: Stage) -> tuple[float, float, float, float]:
 
 def _shape(stage: Stage) -> str:
     return "(" + ", ".join(map(str, stage.shape)) + ")"
+
+
+def _compact_shape(stage: Stage) -> str:
+    """(1, 196, 768) float32 → "1×196×768"; (400, 600, 3) uint8 → "400×600×3 uint8"."""
+    shape = "×".join(map(str, stage.shape))
+    return shape if stage.dtype == "float32" else f"{shape} {stage.dtype}"
 
 
 def _number(value: float) -> str:

@@ -359,6 +359,20 @@ def test_random_weights_are_said_plainly(base: tracing.Inspection) -> None:
     assert f"RANDOM WEIGHTS: {BASE} is an architecture preset" in console.export_text()
 
 
+def test_in_80_columns_layer_names_and_shapes_stay_whole(base: tracing.Inspection) -> None:
+    # At 80 columns "layers.10" wrapped into "layers.1" over "0", and shapes broke as "(1, 3," / "224," / "224)".
+    from siglip_cli.tracing import inspect_image
+
+    deep = inspect_image(BASE, None, layers="0,10")
+    console = Console(record=True, width=80)
+    console.print(report(deep, width=80))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(" layers.")}
+    assert set(rows) == {f"layers.{i}" for i in range(12)}
+    assert rows["layers.5"][1] == "1×196×768" and len(rows["layers.5"]) == 6  # shape and the four numbers, whole
+
+
 def test_dropped_pixels_are_said(tiny_p14: Path, photo: Path) -> None:
     result = invoke(str(photo), "--model", str(tiny_p14))
     assert result.exit_code == 0, result.output
