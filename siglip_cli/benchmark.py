@@ -323,6 +323,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
         missing = missing_package(name)
         if missing:
             report.notes.append(missing)
+            say(f"{missing} (noted again below)")
             continue
         say(f"building the {name} reference on the same weights")
         forwards[name] = (
@@ -333,7 +334,8 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     cfg = plain.config
     with torch.inference_mode():
         for i, batch_size in enumerate(batch_sizes):
-            say(f"batch {batch_size}: {', '.join(forwards)}, {iters} interleaved rounds after {warmup} warm-up")
+            rounds = f"{iters} interleaved round{'s' if iters != 1 else ''}"
+            say(f"batch {batch_size}: {', '.join(forwards)}, {rounds} after {warmup} warm-up")
             with _memory_for(batch_size, device):
                 pixels = torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size,
                                      generator=torch.Generator().manual_seed(options.seed)).to(device, dtype)  # fmt: skip

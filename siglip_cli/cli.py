@@ -359,7 +359,7 @@ def _bench_table(report):
     from rich.table import Table
 
     m = report.machine
-    title = f"{report.model} · {m.device} · torch {m.torch_version} · {m.dtype} · weights {report.weights_mb:,.0f} MB"
+    title = f"{report.model} · {m.device} · torch {m.torch_version} · {m.dtype} · weights {report.weights_mb:,.{0 if report.weights_mb >= 10 else 2}f} MB"
     table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("backend, variant", overflow="fold")
     for column in ("batch", "img/s", "ms/img", "peak MB", "setup s", "cosine"):

@@ -347,6 +347,8 @@ def load_tower(name: str, *, revision: str | None = None, seed: int = 0) -> tupl
     `siglip bench` take it: a preset gets seeded random weights (`model.random_model`, no download), a Hub id or a
     checkpoint directory is loaded. A name that is none of these, a mistyped preset most often, is one sentence."""
     if name in PRESETS:
+        if revision is not None:
+            raise UserError(f"{name} is a preset (an architecture with random weights): it has no --revision.")
         vision, preprocessing = PRESETS[name]
         return random_model(vision, seed=seed), preprocessing, True
     if "/" not in name and not Path(name).expanduser().exists():

@@ -373,6 +373,11 @@ def test_in_80_columns_layer_names_and_shapes_stay_whole(base: tracing.Inspectio
     assert rows["layers.5"][1] == "1×196×768" and len(rows["layers.5"]) == 6  # shape and the four numbers, whole
 
 
+def test_a_revision_of_a_preset_is_refused() -> None:
+    result = invoke("--revision", "main")
+    assert result.exit_code == 2 and "is a preset" in result.output and "no --revision" in result.output
+
+
 def test_dropped_pixels_are_said(tiny_p14: Path, photo: Path) -> None:
     result = invoke(str(photo), "--model", str(tiny_p14))
     assert result.exit_code == 0, result.output
