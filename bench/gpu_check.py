@@ -1,4 +1,4 @@
-"""The whole GPU measurement in one command (about 6 minutes on an H100/H200, --budget caps it), printed as one table.
+"""The whole GPU measurement in one command (--budget seconds of measuring, 360 by default), printed as one table.
 
     bash bench/gpu_check.sh OUT_DIR               # on the GPU machine: table, JSON, profiles in OUT_DIR
     python bench/gpu_check.py --smoke             # tiny sizes on the CPU: checks that the script runs

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurement in one command (about 6 minutes on an H100/H200; --budget caps it):
+# The GPU measurement in one command: the measurements take --budget seconds (360 by default, about 6 minutes on an
+# H100/H200), start-up and the photos a minute more, then `siglip bench` up to 150 s. Allow budget + 300 s in all.
 #   bash bench/gpu_check.sh [OUT_DIR] [gpu_check.py options]      e.g. bash bench/gpu_check.sh out --budget 300
 # Writes the environment and the table (gpu_check.log, gpu_check.json), kernel profiles, and a run of the user-facing
 # `siglip bench` on the same GPU into OUT_DIR (default gpu_check_out). Options of the Python part: gpu_check.py -h
