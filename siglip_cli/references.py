@@ -30,10 +30,13 @@ def check_references(names: Iterable[str]) -> None:
         raise UserError(f"unknown comparison {unknown[0]!r} (expected one of {', '.join(REFERENCES)}).")
 
 
+INSTALL_REFERENCES = "pip install 'siglip-cli[bench]' installs both references (pip install -e '.[bench]' in a clone)"
+
+
 def missing_package(name: str) -> str | None:
     """One sentence when the library behind comparison `name` is not installed, else None."""
     if importlib.util.find_spec(name) is None:
-        return f"{name} comparison skipped: the {name} package is not installed (pip install {name})."
+        return f"{name} comparison skipped: the {name} package is not installed ({INSTALL_REFERENCES})."
     return None
 
 
@@ -85,7 +88,7 @@ def transformers_model(model: SiglipVision, *, device: torch.device | str = "cpu
     try:
         from transformers import SiglipVisionConfig, SiglipVisionModel
     except ImportError:
-        raise UserError("--compare transformers needs the transformers package: pip install transformers.") from None
+        raise UserError(f"--compare transformers needs the transformers package: {INSTALL_REFERENCES}.") from None
     config = SiglipVisionConfig(**dataclasses.asdict(model.config), attn_implementation="sdpa")  # the Hub's names
     with torch.device(device):
         reference = SiglipVisionModel(config)
@@ -134,7 +137,7 @@ def timm_model(model: SiglipVision, *, device: torch.device | str = "cpu") -> nn
         from timm.layers import GELUTanh
         from timm.models.vision_transformer import VisionTransformer
     except ImportError:
-        raise UserError("--compare timm needs the timm package: pip install timm.") from None
+        raise UserError(f"--compare timm needs the timm package: {INSTALL_REFERENCES}.") from None
     cfg = model.config
     with torch.device(device):
         reference = VisionTransformer(
