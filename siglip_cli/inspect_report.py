@@ -92,7 +92,8 @@ def stage_table(result: Inspection, *, notes: bool = True, compact: bool = False
                 what = f"encoder layer {layer} of {total}: x + attn(LN1(x)), then x + MLP(LN2(x))"
                 table.add_row(f"layers.{layer}", *[""] * (5 if compact else 6), *([what] if notes else []), style="bold")
         shape = [_compact_shape(stage)] if compact else [_shape(stage), stage.dtype]
-        table.add_row(label, *shape, *(_number(v) for v in _stats(stage)), *([note] if notes else []))
+        digits = 3 if compact else 4
+        table.add_row(label, *shape, *(_number(v, digits) for v in _stats(stage)), *([note] if notes else []))
     if compact:
         table.caption, table.caption_justify = "dtype float32 unless named", "left"
     return table
@@ -147,5 +148,5 @@ def _compact_shape(stage: Stage) -> str:
     return shape if stage.dtype == "float32" else f"{shape} {stage.dtype}"
 
 
-def _number(value: float) -> str:
-    return "–" if not math.isfinite(value) else f"{value:.4g}"
+def _number(value: float, digits: int = 4) -> str:
+    return "–" if not math.isfinite(value) else f"{value:.{digits}g}"
