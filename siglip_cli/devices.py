@@ -256,7 +256,7 @@ def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:
             elif progress and kind == "note":
                 progress.note(f"{device[index]}: {payload}")
     finally:
-        _stop([process for index, process in processes.items() if index not in summaries and process.is_alive()])
+        _stop([process for job_index, process in processes.items() if job_index not in summaries and process.is_alive()])
         for process in processes.values():
             process.join()
     return list(summaries.values())

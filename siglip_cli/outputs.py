@@ -150,7 +150,7 @@ def read_rows(out: OutputPaths) -> tuple[list[Ref], list[dict]]:
     if len(manifest) != len(reader):
         raise UserError(
             f"{out.manifest} lists {len(manifest):,} rows but {out.embeddings} holds {len(reader):,}: they are not "
-            "from one run; add --overwrite to embed afresh."
+            f"from one run, so {out.embeddings} must be embedded again (siglip embed ... --overwrite)."
         )
     refs = [Ref(reader, i, {**row, "path": path_from_fields(row)}) for i, row in enumerate(manifest)]
     errors = [{**row, "path": path_from_fields(row)} for row in (read_jsonl(out.errors) if out.errors.exists() else [])]
