@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -14,7 +15,7 @@ from .tracing import Inspection, Stage, layer_of
 
 
 NOTES_MIN_WIDTH = 150  # narrower terminals get the stage table without its "what it is" column
-COMPACT_BELOW = 100  # narrower ones also get shapes as 1×196×768, with the dtype only where it is not float32
+COMPACT_BELOW = 100  # narrower ones get shapes as 1×196×768, the dtype only where it is not float32, 3 digits
 
 
 def report(result: Inspection, *, width: int) -> RenderableType:
@@ -69,7 +70,7 @@ def stage_table(result: Inspection, *, notes: bool = True, compact: bool = False
     table = Table(title=f"Stages: {title}", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     # On a narrow terminal the names wrap, never the numbers (rich would cut them to "0.15…").
     table.add_column("stage", overflow="fold")
-    table.add_column("shape" + (", dtype" if compact else ""), overflow="fold")
+    table.add_column("shape", overflow="fold")
     if not compact:
         table.add_column("dtype", overflow="fold")
     for name in ("mean", "std", "min", "max"):
@@ -91,9 +92,12 @@ def stage_table(result: Inspection, *, notes: bool = True, compact: bool = False
             if layer is not None and layer in full:
                 what = f"encoder layer {layer} of {total}: x + attn(LN1(x)), then x + MLP(LN2(x))"
                 table.add_row(f"layers.{layer}", *[""] * (5 if compact else 6), *([what] if notes else []), style="bold")
-        shape = [_compact_shape(stage)] if compact else [_shape(stage), stage.dtype]
-        digits = 3 if compact else 4
-        table.add_row(label, *shape, *(_number(v, digits) for v in _stats(stage)), *([note] if notes else []))
+        if compact:
+            label += "" if stage.dtype == "float32" else f" ({stage.dtype})"
+            shape, numbers = ["×".join(map(str, stage.shape))], [_short_number(v) for v in _stats(stage)]
+        else:
+            shape, numbers = [_shape(stage), stage.dtype], [_number(v) for v in _stats(stage)]
+        table.add_row(label, *shape, *numbers, *([note] if notes else []))
     if compact:
         table.caption, table.caption_justify = "dtype float32 unless named", "left"
     return table
@@ -142,11 +146,10 @@ def _shape(stage: Stage) -> str:
     return "(" + ", ".join(map(str, stage.shape)) + ")"
 
 
-def _compact_shape(stage: Stage) -> str:
-    """(1, 196, 768) float32 → "1×196×768"; (400, 600, 3) uint8 → "400×600×3 uint8"."""
-    shape = "×".join(map(str, stage.shape))
-    return shape if stage.dtype == "float32" else f"{shape} {stage.dtype}"
+def _number(value: float) -> str:
+    return "–" if not math.isfinite(value) else f"{value:.4g}"
 
 
-def _number(value: float, digits: int = 4) -> str:
-    return "–" if not math.isfinite(value) else f"{value:.{digits}g}"
+def _short_number(value: float) -> str:
+    """Three significant digits, and exponents without a leading zero: -1.47e-9, not -1.471e-09."""
+    return re.sub(r"e([+-])0(\d)$", r"e\1\2", f"{value:.3g}") if math.isfinite(value) else "–"
