@@ -7,6 +7,7 @@ test_embed_cli.py and by `siglip bench --images` in test_bench.py).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 from pathlib import Path
@@ -139,6 +140,45 @@ def test_gpu_decode_in_bounded_groups_gives_the_same_pixels(mixed_files: list[Pa
     assert len(calls) > 2 and taken == list(range(len(headers)))
     assert grouped[1:] == whole[1:]
     assert torch.equal(grouped[0], whole[0])
+
+
+def test_on_cuda_each_group_waits_for_the_decoding_stream_and_the_caller_waits_for_it(
+    mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA branch's stream discipline, with the streams stood in for (no GPU here) and the work itself done on
+    the CPU: nvJPEG writes on a stream of its own into memory allocated on the current one, so our stream must be
+    idle before each group's decode, and the caller's stream must wait for ours before it reads the pixels."""
+    headers = list(_taken(mixed_files, CFG).values())
+    expected = decode_headers(headers, CFG, device="cpu")
+    events: list[str] = []
+
+    class Stream:
+        def __init__(self, name: str):
+            self.name = name
+
+        def synchronize(self) -> None:
+            events.append(f"{self.name} synchronize")
+
+        def wait_stream(self, other: "Stream") -> None:
+            events.append(f"{self.name} waits for {other.name}")
+
+    ours, callers = Stream("ours"), Stream("caller's")
+    monkeypatch.setattr(gpu_decode, "_decoding_stream", lambda device: ours)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: events.append(f"on {stream.name}") or contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: callers)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: events.append(f"pixels read on {stream.name}"))
+    decode = gpu_decode._decode
+    monkeypatch.setattr(gpu_decode, "_decode", lambda headers, device: events.append("decode") or decode(headers, "cpu"))
+    groups = gpu_decode._decode_groups
+    monkeypatch.setattr(gpu_decode, "_decode_groups", lambda h, cfg, device, **kw: groups(h, cfg, torch.device("cpu"), **kw))
+    monkeypatch.setattr(gpu_decode, "PIXELS_PER_CALL", 2 * 120 * 90)  # several groups
+
+    pixels, decoded, rejected = decode_headers(headers, CFG, device="cuda")
+    assert torch.equal(pixels, expected[0]) and (decoded, rejected) == expected[1:]
+    calls = events.count("decode")
+    assert calls > 2
+    assert events == ["on ours"] + ["ours synchronize", "decode"] * calls + ["caller's waits for ours", "pixels read on caller's"]
 
 
 def test_decoder_out_of_memory_is_not_mistaken_for_bad_files(mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
