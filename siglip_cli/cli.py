@@ -359,7 +359,8 @@ def _bench_table(report):
     from rich.table import Table
 
     m = report.machine
-    title = f"{report.model} · {m.device} · torch {m.torch_version} · {m.dtype} · weights {report.weights_mb:,.{0 if report.weights_mb >= 10 else 2}f} MB"
+    weights = f"{report.weights_mb:,.0f}" if report.weights_mb >= 10 else f"{report.weights_mb:.2f}"
+    title = f"{report.model} · {m.device} · torch {m.torch_version} · {m.dtype} · weights {weights} MB"
     table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("backend, variant", overflow="fold")
     for column in ("batch", "img/s", "ms/img", "peak MB", "setup s", "cosine"):
@@ -371,8 +372,9 @@ def _bench_table(report):
                 table.add_section()
             stage = r.stage
             table.add_row(_STAGE_HEADINGS.get(stage, stage), style="bold")
+        label = r.backend if r.variant == r.backend else f"{r.backend} {r.variant}"
         table.add_row(
-            r.backend if r.variant == r.backend else f"{r.backend} {r.variant}", str(r.batch_size), _figure(r.images_per_s), _figure(r.ms_per_image),
+            label, str(r.batch_size), _figure(r.images_per_s), _figure(r.ms_per_image),
             "" if r.peak_mem_mb is None else f"{r.peak_mem_mb:,.0f}", "" if r.setup_s is None else f"{r.setup_s:.1f}",
             "" if r.cosine is None else f"{r.cosine:.6f}",
         )  # fmt: skip
