@@ -367,7 +367,9 @@ def _memory_for(batch_size: int, device: torch.device) -> Iterator[None]:
     except RuntimeError as e:
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        raise BenchError(f"batch size {batch_size} does not fit in the memory of {device}: try a smaller --batch-size.") from None
+        raise BenchError(
+            f"batch size {batch_size} does not fit in the memory of {device}: try a smaller --batch-size."
+        ) from None
 
 
 def _result(backend: str, stage: str, batch_size: int, timing: Timing, variant: str,
