@@ -38,6 +38,10 @@ from .runtime import cpu_has_native_bf16, dtype_note, prepare_model, resolve_dev
 from .weights import load_tower
 
 
+# Timed calls that spread wider than this around their median make a note: the ratios of such a run are rough.
+NOISY_SPREAD = 0.25
+
+
 class BenchError(UserError):
     """A benchmark that cannot run as asked (batch sizes, an image folder without images that decode)."""
 
@@ -141,6 +145,7 @@ class Timing:
     median_s: float  # per call
     setup_s: float  # the warm-up calls together, the first of which compiles
     peak_mem_mb: float | None  # CUDA: peak allocated above what was in use before; CPU: peak RSS (see _timed_call)
+    spread: float = 0.0  # (slowest - fastest) / median of the timed calls: how far the median can be trusted
 
 
 def _timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float | None]:
@@ -187,7 +192,10 @@ def time_interleaved(
     timings = {}
     for name, measured in calls.items():
         peaks = [peak for _, peak in measured if peak is not None]
-        timings[name] = Timing(statistics.median(s for s, _ in measured), setup[name], max(peaks) if peaks else None)
+        seconds = [s for s, _ in measured]
+        median = statistics.median(seconds)
+        spread = (max(seconds) - min(seconds)) / median if median > 0 else 0.0
+        timings[name] = Timing(median, setup[name], max(peaks) if peaks else None, spread)
     return timings
 
 
@@ -215,6 +223,7 @@ class Result:
     variant: str = ""  # what was applied: "fused+compiled", "sdpa", "PIL", ...
     setup_s: float | None = None  # warm-up time, compilation included
     cosine: float | None = None  # smallest cosine of the pooled output to our plain float32 forward
+    spread: float | None = None  # (slowest - fastest) / median of the timed calls
 
 
 @dataclass
@@ -348,6 +357,11 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
             for backend, (forward, label) in forwards.items():
                 agreement = cosine(forward(pixels)[:rows], expected) if expected is not None else None
                 report.results.append(_result(backend, "model", batch_size, timings[backend], label, agreement))
+            if iters > 1 and (noisy := max(timings.values(), key=lambda t: t.spread)).spread > NOISY_SPREAD:
+                report.notes.append(
+                    f"batch {batch_size}: the timed calls of one backend varied by {noisy.spread:.0%} around their median "
+                    "(a busy machine, or too few --iters): ratios from this run are rough."
+                )
 
     if options.images is not None:
         if skipped:
@@ -385,6 +399,7 @@ def _result(backend: str, stage: str, batch_size: int, timing: Timing, variant: 
         variant=variant,
         setup_s=round(timing.setup_s, 3),
         cosine=agreement,
+        spread=round(timing.spread, 3),
     )
 
 

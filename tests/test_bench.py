@@ -284,6 +284,19 @@ def test_ctrl_c_during_bench_or_inspect_is_one_line(
     assert result.stderr.strip().splitlines()[-1] == "error: interrupted."
 
 
+@pytest.mark.parametrize("seconds, noisy", [([0.010, 0.011, 0.010], False), ([0.010, 0.020, 0.010], True)])
+def test_timings_that_vary_widely_are_said_to_be_rough(
+    tiny_vision: Path, monkeypatch: pytest.MonkeyPatch, seconds: list[float], noisy: bool
+) -> None:
+    calls = iter(seconds * 2)  # one backend, three timed calls after the warm-up
+    monkeypatch.setattr(benchmark, "_timed_call", lambda fn, device: (next(calls), None))
+    options = benchmark.BenchOptions(model=str(tiny_vision), device="cpu", batch_sizes=(2,), iters=3, warmup=0)
+    report = benchmark.run_benchmark(options)
+    (result,) = report.results
+    assert result.spread == pytest.approx((max(seconds) - min(seconds)) / sorted(seconds)[1], abs=1e-3)
+    assert any("ratios from this run are rough" in n for n in report.notes) == noisy
+
+
 def test_bench_batch_size_given_twice_is_measured_once(tiny_vision: Path) -> None:
     document = _bench_json("--model", str(tiny_vision), "--batch-size", "2,1,2")
     assert [r["batch_size"] for r in document["results"] if r["backend"] == "siglip"] == [2, 1]
