@@ -330,19 +330,20 @@ def look_ahead(items: Iterable[T], fn: Callable[[T], U], *, depth: int) -> Itera
         return
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="siglip-look-ahead")
     # The pool's and its futures' locks are taken with signals deferred, as the DataLoader's are (see `interrupts`).
+    pending: deque[Future[U]] = deque()
+
+    def oldest() -> U:
+        with interrupts.deferred():
+            return pending.popleft().result()
+
     try:
-        pending: deque[Future[U]] = deque()
         for item in items:
             with interrupts.deferred():
                 pending.append(pool.submit(fn, item))
             if len(pending) > depth:
-                with interrupts.deferred():
-                    done = pending.popleft().result()
-                yield done
+                yield oldest()
         while pending:
-            with interrupts.deferred():
-                done = pending.popleft().result()
-            yield done
+            yield oldest()
     finally:
         with interrupts.deferred():
             pool.shutdown(wait=True, cancel_futures=True)

@@ -344,19 +344,18 @@ def _finite_rows(
     finite = torch.isfinite(pooled).all(dim=-1)
     if tokens is not None:
         finite &= torch.isfinite(tokens).flatten(1).all(dim=-1)
-    finite = finite.cpu()
-    if bool(finite.all()):
+    ok = finite.tolist()
+    if all(ok):
         return rows, pooled, tokens, []
     error = f"the model gave NaN or infinite values in {str(embedder.dtype).removeprefix('torch.')}"
     error += ": try --dtype float32" if embedder.dtype != torch.float32 else ""
     failed = [
         {"path": row["path"], "error": error, **{k: row[k] for k in ("size", "mtime_ns") if k in row}}
-        for row, ok in zip(rows, finite.tolist())
-        if not ok
+        for row, good in zip(rows, ok)
+        if not good
     ]
-    kept = [row for row, ok in zip(rows, finite.tolist()) if ok]
-    index = finite.to(pooled.device)
-    return kept, pooled[index], (tokens[index] if tokens is not None else None), failed
+    kept = [row for row, good in zip(rows, ok) if good]
+    return kept, pooled[finite], (tokens[finite] if tokens is not None else None), failed
 
 
 def _embed_pending(

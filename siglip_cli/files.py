@@ -111,10 +111,7 @@ def tidy_path(path: str) -> str:
     """`path` without `.` components and doubled or trailing separators, as `os.path.normpath` gives it, but with
     every `..` kept: after a symlinked folder, `..` leads to the parent of the link's target, which only the file
     system knows (`link/../a.jpg` named one file and embedded another)."""
-    separators = [os.sep] + ([os.altsep] if os.altsep else [])
-    parts = path
-    for sep in separators[1:]:
-        parts = parts.replace(sep, os.sep)
+    parts = path.replace(os.altsep, os.sep) if os.altsep else path
     if ".." not in parts.split(os.sep):
         return os.path.normpath(path)
     drive, rest = os.path.splitdrive(parts)
