@@ -67,7 +67,10 @@ def stage_table(result: Inspection, *, notes: bool = True, compact: bool = False
         title = "every stage of every layer"
     else:
         title = f"layer{'s' if len(full) > 1 else ''} {', '.join(map(str, full))} stage by stage, the others by output"
-    table = Table(title=f"Stages: {title}", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        title=f"Stages: {title}", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
+        collapse_padding=compact,  # one space between compact columns, so `self_attn.attn_weights` fits in 80
+    )
     # On a narrow terminal the names wrap, never the numbers (rich would cut them to "0.15…").
     table.add_column("stage", overflow="fold")
     table.add_column("shape", overflow="fold")

@@ -371,6 +371,10 @@ def test_in_80_columns_layer_names_and_shapes_stay_whole(base: tracing.Inspectio
     rows = {line.split()[0]: line.split() for line in lines if line.startswith(" layers.")}
     assert set(rows) == {f"layers.{i}" for i in range(12)}
     assert rows["layers.5"][1] == "1×196×768" and len(rows["layers.5"]) == 6  # shape and the four numbers, whole
+    # The longest names of a layer shown in full (`self_attn.attn_weights`) stay on one line with their numbers.
+    inner = [line.split() for line in lines if line.startswith("   ") and line.strip()]
+    assert {row[0] for row in inner} >= {"self_attn.attn_weights", "self_attn.attn_output", "self_attn.out_proj"}
+    assert all(len(row) == 6 for row in inner), inner
 
 
 def test_a_revision_of_a_preset_is_refused() -> None:
