@@ -11,18 +11,24 @@ import dataclasses
 import hashlib
 import io
 import math
+import multiprocessing
 import os
+import pickle
 import re
+import signal
 import sys
+import threading
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
 
 from . import interrupts
 from .config import PreprocessConfig
@@ -292,33 +298,150 @@ def decoded_batches(
     """Batches of `batch_size` files in order (fixed slices of `paths`), decoded by `workers` processes ahead of
     the model, `PARCEL_SIZE` files at a time, with about two batches in flight."""
     spans = [(start, min(start + batch_size, len(paths))) for start in range(0, len(paths), batch_size)]
-    size = min(PARCEL_SIZE, batch_size)
-    loader = DataLoader(
-        ImageFiles(paths, cfg, options, jpeg_to_device=jpeg_to_device),
-        batch_sampler=_Parcels(spans, size),
-        num_workers=workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=max(2, math.ceil(2 * batch_size / (size * workers))) if workers else None,
-        pin_memory=pin,
-    )
-    # The loader's own code runs with signals deferred: a Ctrl-C inside it could leave one of its queue locks held,
-    # and the shutdown of its workers would wait for that lock forever (see `interrupts`).
-    with warnings.catch_warnings(), interrupts.deferred():
-        warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than CPUs: as asked
-        arriving = iter(loader)
+    parcels = _parcels(ImageFiles(paths, cfg, options, jpeg_to_device=jpeg_to_device), spans, batch_size, workers, pin)
     try:
         for start, end in spans:
             parts: list[Parcel] = []
             while sum(map(len, parts)) < end - start:
-                with interrupts.deferred():
-                    parts.append(next(arriving))
+                parts.append(next(parcels))
             yield Batch.of(parts)
-        with interrupts.deferred():
-            next(arriving, None)  # asked once more, the finished iterator shuts its workers down, in ordinary code
+        next(parcels, None)  # asked once more, the finished loader shuts its workers down, in ordinary code
     finally:
-        with interrupts.deferred():
-            del arriving  # the workers stop as the iterator goes: now, even if a traceback keeps this frame
+        parcels.close()  # now, even if a traceback keeps this frame: the loader's workers stop with it
+
+
+def _parcels(
+    files: ImageFiles, spans: list[tuple[int, int]], batch_size: int, workers: int, pin: bool
+) -> Iterator[Parcel]:
+    """The parcels of `spans`, in order, from a DataLoader; never one parcel across two spans.
+
+    A worker that dies (a native decoder's crash, the kernel's out-of-memory killer) would end the run, and every
+    rerun, at the same file. Instead the files it may have held, those of the parcels in flight, are decoded again
+    one process each, so that the culprit alone becomes an error row, and a fresh DataLoader takes the rest.
+    """
+    size = min(PARCEL_SIZE, batch_size)
+    prefetch = max(2, math.ceil(2 * batch_size / (size * workers))) if workers else None
+    done = spans[0][0] if spans else 0  # files handed over
+    while spans:
+        loader = DataLoader(
+            files,
+            batch_sampler=_Parcels(spans, size),
+            num_workers=workers,
+            collate_fn=_collate,
+            worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=prefetch,
+            pin_memory=pin,
+        )
+        # The loader's own code runs with signals deferred: a Ctrl-C inside it could leave one of its queue locks
+        # held, and the shutdown of its workers would wait for that lock forever (see `interrupts`).
+        with warnings.catch_warnings(), interrupts.deferred(), _sigchld_left_as_it_was():
+            warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than CPUs: as asked
+            arriving = iter(loader)
+        try:
+            for _ in range(len(loader)):
+                with interrupts.deferred(), _worker_deaths_raised_here():
+                    parcel = next(arriving)
+                done += len(parcel)
+                yield parcel
+            with interrupts.deferred():
+                next(arriving, None)  # the finished iterator shuts its workers down (not in a `__del__`, see `interrupts`)
+            return
+        except RuntimeError as e:
+            if not str(e).startswith("DataLoader worker"):
+                raise
+        finally:
+            with interrupts.deferred():
+                del arriving  # the workers stop as the iterator goes
+        in_flight = done + size * prefetch * workers  # the loader hands each worker `prefetch` parcels at most
+        for first, end in _clip(spans, done, in_flight):
+            yield _collate(_each_alone(files, range(first, end), workers))
+        spans, done = _clip(spans, in_flight, len(files)), in_flight
+
+
+def _clip(spans: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of `spans` between file `start` and file `end`."""
+    return [(max(a, start), min(b, end)) for a, b in spans if b > start and a < end]
+
+
+# The DataLoader's SIGCHLD handler raises its "worker killed" error wherever the main thread happens to be: in the
+# model, or halfway through writing a file. We keep it to `next`, the one place that recovers; a worker that died
+# in between is found as `next` is called (without the check, the loader would notice it only after 5 s).
+
+
+@contextmanager
+def _sigchld_left_as_it_was() -> Iterator[None]:
+    if not _on_main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGCHLD)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGCHLD, previous)
+
+
+@contextmanager
+def _worker_deaths_raised_here() -> Iterator[None]:
+    if not _on_main_thread():  # where no signal handler can be set, the loader notices within 5 s on its own
+        yield
+        return
+    _error_if_any_worker_fails()
+    previous = signal.signal(signal.SIGCHLD, lambda signum, frame: _error_if_any_worker_fails())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _each_alone(files: ImageFiles, indices: range, workers: int) -> list[Item]:
+    """`files[i]` for each index, each decoded in a process of its own, `workers` at a time; a file whose process
+    dies becomes an error item that says how."""
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="siglip-decode-alone") as pool:
+        return list(pool.map(lambda i: _decode_alone(files, i), indices))
+
+
+def _decode_alone(files: ImageFiles, index: int) -> Item:
+    path = files.paths[index]
+    context = multiprocessing.get_context()  # the DataLoader's
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_decode_for_parent, args=(sender, path, files.cfg, files.options, files.jpeg_to_device))
+    child.start()
+    sender.close()
+    try:
+        item = pickle.loads(receiver.recv_bytes())._replace(index=index)
+    except EOFError:  # the process died before it answered
+        child.join()
+        return Item(index, None, {"path": path, "error": _death(child.exitcode), **_stat_fields(path)})
+    finally:
+        receiver.close()
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    return item
+
+
+def _death(exit_code: int | None) -> str:
+    """Why a file's decoding process ended without an answer, for the errors file."""
+    if exit_code == -signal.SIGKILL:
+        return "its decoding process was killed (SIGKILL: out of memory?)"
+    if exit_code is not None and exit_code < 0:
+        return f"its decoding process crashed ({signal.Signals(-exit_code).name})"
+    return f"its decoding process exited without an answer (exit code {exit_code})"
+
+
+def _decode_for_parent(sender, path: str, cfg: PreprocessConfig, options: DecodeOptions, jpeg_to_device: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops this process
+    _worker_init(0)
+    # Plain pickle: the tensors travel in the bytes. multiprocessing's own pickler would pass them as shared memory,
+    # which the parent could no longer map once this process has exited.
+    sender.send_bytes(pickle.dumps(ImageFiles([path], cfg, options, jpeg_to_device=jpeg_to_device)[0]))
+    sender.close()
 
 
 def look_ahead(items: Iterable[T], fn: Callable[[T], U], *, depth: int) -> Iterator[U]:

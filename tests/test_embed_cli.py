@@ -9,15 +9,18 @@ reaching the terminal, a pipe on stdin.
 from __future__ import annotations
 
 import base64
+import faulthandler
 import gc
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -1089,6 +1092,70 @@ def test_batches_are_fixed_slices_put_together_from_worker_parcels(
             expected = load_pixels(row["path"], cfg, DecodeOptions())[0]
             # The device decoder (libjpeg-turbo here) is close to PIL, not exact: see gpu_decode.
             assert (got - expected).abs().max() <= (0.2 if jpeg_to_device else 0.0)
+
+
+def die_decoding(names: dict[str, Callable[[], None]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding a file whose name is in `names` kills its process in the given way, as a crash in a native decoder
+    or the out-of-memory killer would (the worker processes are forked with the stand-in in place)."""
+    from siglip_cli import decoding as D
+
+    decode = D.decode_file
+
+    def dying(path: str, *args, **kwargs):
+        if Path(path).name in names:
+            faulthandler.disable()  # pytest's dump of every thread's stack would fill the log
+            names[Path(path).name]()
+        return decode(path, *args, **kwargs)
+
+    monkeypatch.setattr(D, "decode_file", dying)
+
+
+DEATHS = {
+    "photo1.jpg": lambda: os.kill(os.getpid(), signal.SIGSEGV),
+    "drawing.png": lambda: os.kill(os.getpid(), signal.SIGKILL),
+    "photo3.jpg": lambda: os._exit(3),
+}
+
+
+@pytest.mark.parametrize("batch_size", [2, 5, 64])
+def test_a_worker_that_dies_costs_only_its_file(
+    mixed_folder: Path, batch_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker killed by a segfault or the OOM killer ended the run with the DataLoader's traceback, and every
+    # rerun with it at the same file.
+    from siglip_cli import decoding as D
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.preprocess import DecodeOptions
+
+    monkeypatch.setattr(D, "PARCEL_SIZE", 2)
+    paths = sorted(str(p) for p in mixed_folder.iterdir()) * 3  # each death met three times, in different batches
+    cfg = PreprocessConfig(32, 32)
+    plain = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=batch_size, workers=2, pin=False))
+    die_decoding(DEATHS, monkeypatch)
+    batches = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=batch_size, workers=2, pin=False))
+    assert [len(b) for b in batches] == [len(b) for b in plain]  # the same fixed slices
+    for got, expected in zip(batches, plain):
+        keep = [i for i, row in enumerate(expected.rows) if Path(row["path"]).name not in DEATHS]
+        assert [r["path"] for r in got.rows] == [expected.rows[i]["path"] for i in keep]
+        got_pixels = D.batch_pixels(got, cfg, torch.device("cpu"), DecodeOptions())[0]
+        expected_pixels = D.batch_pixels(expected, cfg, torch.device("cpu"), DecodeOptions())[0]
+        assert torch.equal(got_pixels, expected_pixels[keep]) if keep else got_pixels is None
+    errors = {Path(e["path"]).name: e["error"] for b in batches for e in b.errors}
+    assert errors["photo1.jpg"] == "its decoding process crashed (SIGSEGV)"
+    assert errors["drawing.png"] == "its decoding process was killed (SIGKILL: out of memory?)"
+    assert errors["photo3.jpg"] == "its decoding process exited without an answer (exit code 3)"
+    assert sum(len(b.errors) for b in batches) == 3 * (len(DEATHS) + 1)  # and the broken JPEG, as before
+
+
+def test_a_run_goes_on_past_a_file_that_kills_its_decoder(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    die_decoding({"a.jpg": lambda: os.kill(os.getpid(), signal.SIGSEGV)}, monkeypatch)
+    result = ok(embed(photos, "-o", out / "e.safetensors", workers=1))
+    assert "skipped 1" in result.stderr and "Traceback" not in result.output
+    errors = [json.loads(line) for line in (out / "e.errors.jsonl").read_text().splitlines()]
+    assert [(Path(e["path"]).name, e["error"]) for e in errors] == [("a.jpg", "its decoding process crashed (SIGSEGV)")]
+    assert [Path(r["path"]).name for r in map(json.loads, (out / "e.jsonl").read_text().splitlines())] == ["b.png", "c.webp"]
 
 
 def test_ctrl_c_while_the_workers_shut_down_reaches_the_run(
