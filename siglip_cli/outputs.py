@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from . import __version__
 from .errors import UserError
@@ -93,11 +95,21 @@ def check_outputs(out: OutputPaths, *, interrupted: bool, overwrite: bool, updat
         return
     if out.embeddings.exists():
         raise UserError(f"{out.embeddings} already exists: add --overwrite to replace it, or --update to refresh it.")
-    # The manifest and errors files of an interrupted run are ours to replace; anything else is the user's.
+    # The manifest and errors files of an interrupted run are ours to replace, and so is the errors file of a run
+    # that could embed nothing (the only file it writes); anything else is the user's.
     if not interrupted:
         for path in (out.manifest, out.errors, out.tokens):
-            if path is not None and path.exists():
+            if path is not None and path.exists() and not (path == out.errors and _only_errors_of_ours(path)):
                 raise UserError(f"{path} already exists and would be replaced: add --overwrite, or choose another -o.")
+
+
+def _only_errors_of_ours(path: Path) -> bool:
+    """Whether `path` reads as an errors file siglip wrote: JSON lines, each a file's path and its error."""
+    try:
+        rows = read_jsonl(path)
+    except (OSError, ValueError):
+        return False
+    return bool(rows) and all(isinstance(r, dict) and "error" in r and ("path" in r or "path_bytes_b64" in r) for r in rows)
 
 
 class Ref(NamedTuple):
@@ -126,12 +138,29 @@ def describe_difference(old: dict, new: dict) -> str:
     return ", ".join(changed) or "the options"
 
 
+@contextmanager
+def _reading(out: OutputPaths) -> Iterator[None]:
+    """A finished output that cannot be read back (truncated, a file beside it deleted or damaged) is one sentence
+    for `--update` and `merge`, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError, IndexError, SafetensorError) as e:
+        if isinstance(e, OSError) and e.filename is not None:
+            reason = f"{display_path(os.fsdecode(e.filename))}: {e.strerror or e}"
+        else:
+            reason = re.sub(r"\s+", " ", str(e)).strip() or type(e).__name__
+        raise UserError(
+            f"cannot read {out.embeddings} back as a siglip output ({reason}): embed it again (--overwrite)."
+        ) from None
+
+
 def read_output_metadata(out: OutputPaths) -> dict[str, str]:
     """The metadata a finished output was written with (its header, or the `.meta.json` beside a `.npy`)."""
-    if out.meta is not None:
-        return read_jsonl(out.meta)[0] if out.meta.exists() else {}
-    with safe_open(out.embeddings, framework="np") as f:
-        return f.metadata() or {}
+    with _reading(out):
+        if out.meta is not None:
+            return read_jsonl(out.meta)[0]
+        with safe_open(out.embeddings, framework="np") as f:
+            return f.metadata() or {}
 
 
 def read_output_options(out: OutputPaths) -> dict:
@@ -146,14 +175,20 @@ def read_rows(out: OutputPaths) -> tuple[list[Ref], list[dict]]:
         reader: RowReader = NpyRows({"embeddings": out.embeddings, "tokens": out.tokens})
     else:
         reader = SafetensorsRows(out.embeddings)
-    manifest = read_jsonl(out.manifest)
-    if len(manifest) != len(reader):
-        raise UserError(
-            f"{out.manifest} lists {len(manifest):,} rows but {out.embeddings} holds {len(reader):,}: they are not "
-            f"from one run, so {out.embeddings} must be embedded again (siglip embed ... --overwrite)."
-        )
+    with _reading(out):
+        manifest = read_jsonl(out.manifest)
+        held = {"embeddings": reader.count("embeddings")}
+        if read_output_options(out).get("tokens"):
+            held["tokens"] = reader.count("tokens")
+        errors = [{**row, "path": path_from_fields(row)} for row in (read_jsonl(out.errors) if out.errors.exists() else [])]
+    for name, count in held.items():
+        if count != len(manifest):
+            where = out.tokens if name == "tokens" and out.tokens is not None else out.embeddings
+            raise UserError(
+                f"{out.manifest} lists {len(manifest):,} rows but {where} holds {count:,} {name}: they are not from "
+                f"one run, so {out.embeddings} must be embedded again (siglip embed ... --overwrite)."
+            )
     refs = [Ref(reader, i, {**row, "path": path_from_fields(row)}) for i, row in enumerate(manifest)]
-    errors = [{**row, "path": path_from_fields(row)} for row in (read_jsonl(out.errors) if out.errors.exists() else [])]
     return refs, errors
 
 

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from .errors import UserError
+from .files import display_path
 
 try:
     import fcntl
@@ -59,7 +60,8 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
         fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if e.errno is None:
+        ours = (str(tmp), str(path), str(path.parent))  # the error of another file, read for this one, is its own
+        if e.errno is None or (e.filename is not None and os.fsdecode(e.filename) not in ours):
             raise
         raise WriteError(f"cannot write {path}: {e.strerror}.") from None
     except BaseException:
@@ -118,7 +120,15 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    """The objects of a JSON-lines file; a line that is not JSON is a ValueError naming the file and the line."""
+    rows = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise ValueError(f"{display_path(str(path))}: line {number} is not JSON") from None
+    return rows
 
 
 @dataclass(frozen=True)
@@ -167,7 +177,7 @@ def write_npy(path: Path, spec: TensorSpec) -> None:
 class RowReader(Protocol):
     def read(self, name: str, start: int, stop: int) -> np.ndarray: ...
 
-    def __len__(self) -> int: ...  # rows of `embeddings`
+    def count(self, name: str) -> int: ...  # rows of tensor `name`; raises if its file is missing or damaged
 
 
 class SafetensorsRows:
@@ -180,9 +190,9 @@ class SafetensorsRows:
         with safe_open(self.path, framework="np") as f:
             return f.get_slice(name)[start:stop]
 
-    def __len__(self) -> int:
+    def count(self, name: str) -> int:
         with safe_open(self.path, framework="np") as f:
-            return f.get_slice("embeddings").get_shape()[0] if "embeddings" in f.keys() else 0
+            return f.get_slice(name).get_shape()[0] if name in f.keys() else 0
 
 
 class NpyRows:
@@ -194,8 +204,8 @@ class NpyRows:
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         return np.load(self.files[name], mmap_mode="r")[start:stop]
 
-    def __len__(self) -> int:
-        return len(np.load(self.files["embeddings"], mmap_mode="r"))
+    def count(self, name: str) -> int:
+        return len(np.load(self.files[name], mmap_mode="r"))
 
 
 @dataclass(frozen=True)

@@ -338,9 +338,20 @@ def test_continuing_with_another_model_is_refused(interrupted: Path, folder: Pat
     assert "--model" in error and "--overwrite" in error
 
 
-def test_overwrite_discards_interrupted_work_and_starts_afresh(embed, interrupted: Path, folder: Path) -> None:
+def test_overwrite_discards_interrupted_work_with_other_options(embed, interrupted: Path, folder: Path) -> None:
     summary = summary_of(embed(folder, interrupted, "--overwrite", "--no-normalize", "--json"))
     assert (summary["embedded"], summary["reused"]) == (12, 0)
+
+
+def test_an_interrupted_overwrite_continues_when_its_command_is_rerun(
+    embed, interrupted: Path, folder: Path, tmp_path: Path
+) -> None:
+    # Its rerun embedded everything again, and without --overwrite it was refused: "rerun the same command to
+    # continue" did not hold for a run that replaced an earlier output.
+    summary = summary_of(embed(folder, interrupted, "--overwrite", "--json"))
+    assert (summary["embedded"], summary["reused"]) == (6, 6)
+    ok(embed(folder, tmp_path / "whole.safetensors"))
+    assert differences(interrupted, tmp_path / "whole.safetensors") == []
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".npy"])
@@ -489,6 +500,45 @@ def test_update_with_other_options_is_refused(embed, folder: Path, tmp_path: Pat
     assert "--normalize/--no-normalize" in error and "--overwrite" in error
 
 
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "suffix, damage, named",
+    [
+        (".safetensors", lambda out: truncate(out), "embeddings.safetensors"),
+        (".safetensors", lambda out: out.with_suffix(".jsonl").unlink(), "embeddings.jsonl: No such file"),
+        (".safetensors", lambda out: out.with_suffix(".jsonl").write_text("{not json"), "embeddings.jsonl"),
+        (".npy", lambda out: truncate(out), "embeddings.npy"),
+        (".npy", lambda out: out.with_suffix(".tokens.npy").unlink(), "embeddings.tokens.npy: No such file"),
+        (".npy", lambda out: out.with_suffix(".meta.json").unlink(), "embeddings.meta.json: No such file"),
+    ],
+    ids=["truncated", "manifest-gone", "manifest-damaged", "npy-truncated", "tokens-gone", "meta-gone"],
+)
+def test_update_of_a_damaged_output_says_so_in_one_sentence(
+    embed, folder: Path, tmp_path: Path, suffix: str, damage, named: str
+) -> None:
+    # Each was a traceback; a deleted tokens file read as "cannot write embeddings.tokens.npy ... make room".
+    output = tmp_path / "out" / f"embeddings{suffix}"
+    ok(embed(folder, output, "--tokens"))
+    damage(output)
+    error = the_error(embed(folder, output, "--tokens", "--update"))
+    assert error.startswith(f"error: cannot read {output} back as a siglip output (") and named in error, error
+    assert error.endswith("embed it again (--overwrite).")
+    ok(embed(folder, output, "--tokens", "--overwrite"))
+
+
+def test_merge_of_a_damaged_part_says_so_in_one_sentence(embed, folder: Path, tmp_path: Path) -> None:
+    parts = [tmp_path / f"part{k}.safetensors" for k in range(2)]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--shard", f"{k}/2"))
+    truncate(parts[1])
+    error = the_error(siglip("merge", *parts, "-o", tmp_path / "all.safetensors"))
+    assert error.startswith(f"error: cannot read {parts[1]} back as a siglip output")
+    assert not (tmp_path / "all.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------------------ shards, merge
 
 
@@ -628,6 +678,18 @@ def test_several_devices_rerun_after_an_interruption_brings_finished_shards_up_t
     assert (summary["embedded"], summary["reused"]) == (1, 11)
     ok(embed(folder, tmp_path / "one.safetensors", "--batch-size", 1))
     assert differences(output, tmp_path / "one.safetensors") == []
+
+
+def test_several_devices_that_embed_nothing_fail_as_one_device_does(embed, tmp_path: Path) -> None:
+    # Exit 0 with an empty output, where one device exits 2 with the first file's reason.
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(3):
+        (junk / f"bad{i}.jpg").write_bytes(b"not a picture")
+    output = tmp_path / "out" / "embeddings.safetensors"
+    error = the_error(embed(junk, output, "--device", "cpu,cpu"))
+    assert error.startswith(f"error: none of the 3 input files could be embedded (the first, {junk / 'bad0.jpg'}: ")
+    assert sorted(p.name for p in output.parent.iterdir()) == ["embeddings.errors.jsonl"]
 
 
 class Tally:
