@@ -168,7 +168,7 @@ def embed(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model: +10% for B/16 on an H200 after 15 s of compiling; on a CPU 18-48 s for 0-5%.")] = False,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at reduced size: faster, not pixel-exact.")] = False,
     decode: Annotated[Decoder, typer.Option("--decode", help="JPEG decoding: gpu (nvJPEG, batched), cpu (PIL, pixel-exact), auto (gpu when the model runs on CUDA).")] = Decoder.auto,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output and discard interrupted work.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output, and interrupted work made with other options.")] = False,
     update: Annotated[bool, typer.Option("--update", help="Refresh an existing output: embed new and changed files, drop gone ones.")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Embed only part K of N (K/N, from 0), or auto from Slurm / Kubernetes.", metavar="K/N")] = None,
     num_shards: Annotated[Optional[int], typer.Option("--num-shards", min=1, help="Shard count for --shard auto where the scheduler does not give it.", metavar="N")] = None,

@@ -23,9 +23,9 @@ import torch
 
 from . import interrupts
 from .config import PIL_FILTERS
-from .embed import EmbedOptions, Progress, Summary, embed_to_file
+from .embed import EmbedOptions, Progress, Summary, embed_to_file, refuse_empty_run
 from .errors import UserError
-from .outputs import OutputPaths, check_outputs
+from .outputs import OutputPaths, check_outputs, read_rows
 from .runtime import dtype_note, load, resolve_device
 from .shards import merge_outputs, select_shard
 from .storage import exclusive
@@ -209,6 +209,12 @@ def embed_on_devices(
         if progress:
             progress.start(total=len(paths), done=0)
         summaries = _run_workers(jobs, progress)
+        if paths and not any(s.embedded or s.reused for s in summaries):  # as one device would, in one sentence
+            order = {path: i for i, path in enumerate(paths)}
+            bad = sorted((row for job in jobs for row in read_rows(OutputPaths.for_output(job.output))[1]),
+                         key=lambda row: order.get(row["path"], len(order)))  # fmt: skip
+            shutil.rmtree(work, ignore_errors=True)
+            refuse_empty_run(out, bad)
         merged = merge_outputs([job.output for job in jobs], output, overwrite=True)
         shutil.rmtree(work, ignore_errors=True)
         embedded = sum(s.embedded for s in summaries)

@@ -141,14 +141,15 @@ def embed_to_file(
     With `require_rows`, inputs of which none could be embedded are an error and leave no output behind.
     """
     started = time.perf_counter()
+    paths = list(dict.fromkeys(paths))  # a file given twice is one row
     options = dataclasses.replace(options, decoder=_decoder_for(embedder, options.decoder))
     out = OutputPaths.for_output(Path(output))
     # A second run writing this output is refused, not interleaved; a full disk is one sentence.
     with exclusive(out.embeddings), _resumable_after_write_errors(out):
         state = run_options(embedder, options, out.format)
         work = WorkArea(out.work)
-        if overwrite:
-            work.remove()
+        if overwrite and work.exists() and work.state() != state:
+            work.remove()  # an interrupted run with the same options continues, with --overwrite too (its rerun)
         resuming = work.exists()
         check_outputs(out, interrupted=resuming, overwrite=overwrite, update=update)
         if resuming and work.state() != state:
@@ -187,7 +188,7 @@ def embed_to_file(
         bad = [r for r in ordered if not isinstance(r, Ref)]
         if not good and paths and require_rows:
             work.remove()
-            _refuse_empty_run(out, bad)
+            refuse_empty_run(out, bad)
         interrupts.check()
         work.mark_assembling()
         assemble(out, good, bad, output_metadata(embedder.checkpoint, state, shard=options.shard))
@@ -244,7 +245,7 @@ def _reusable(paths: list[str], done: dict[str, Ref | dict], previous: dict[str,
     return reused
 
 
-def _refuse_empty_run(out: OutputPaths, bad: list[dict]) -> NoReturn:
+def refuse_empty_run(out: OutputPaths, bad: list[dict]) -> NoReturn:
     """None of the inputs could be embedded: one sentence with the first file's reason. An earlier, finished output
     is left untouched; otherwise the errors file is written, so that every reason can be read."""
     first = f"{display_path(bad[0]['path'])}: {bad[0]['error']}"

@@ -37,16 +37,22 @@ def parse_shard(spec: str | None, num_shards: int | None, environ: Mapping[str, 
 
 
 def _shard_from_environment(num_shards: int | None, environ: Mapping[str, str]) -> tuple[int, int]:
+    def number(name: str, default: int, least: int = 0) -> int:
+        value = environ.get(name, str(default))
+        if not value.strip().isdigit() or int(value) < least:
+            raise UserError(f"--shard auto: {name} is {value!r}, not a whole number of at least {least}.")
+        return int(value)
+
     if "SLURM_ARRAY_TASK_ID" in environ:
         # Array ids need not start at 0 (--array=1-8) nor step by 1 (--array=0-15:2).
-        task = int(environ["SLURM_ARRAY_TASK_ID"])
-        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
-        step = int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
+        task = number("SLURM_ARRAY_TASK_ID", 0)
+        first = number("SLURM_ARRAY_TASK_MIN", 0)
+        step = number("SLURM_ARRAY_TASK_STEP", 1, least=1)
         index = (task - first) // step
-        count = num_shards or int(environ.get("SLURM_ARRAY_TASK_COUNT", 0))
+        count = num_shards or number("SLURM_ARRAY_TASK_COUNT", 0)
         source = "SLURM_ARRAY_TASK_ID"
     elif "JOB_COMPLETION_INDEX" in environ:  # Kubernetes indexed Job; the count is the Job's `completions`
-        index, count, source = int(environ["JOB_COMPLETION_INDEX"]), num_shards or 0, "JOB_COMPLETION_INDEX"
+        index, count, source = number("JOB_COMPLETION_INDEX", 0), num_shards or 0, "JOB_COMPLETION_INDEX"
     else:
         raise UserError(
             "--shard auto found neither SLURM_ARRAY_TASK_ID nor JOB_COMPLETION_INDEX; pass --shard K/N instead."

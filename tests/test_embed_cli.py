@@ -610,6 +610,21 @@ def test_nothing_embeddable_is_an_error_pointing_at_the_errors_file(embed, tmp_p
     assert not (out / "embeddings.safetensors").exists()
 
 
+def test_the_same_command_runs_again_once_the_files_are_fixed(embed, tmp_path: Path, out: Path) -> None:
+    # The errors file of the run that embedded nothing made its rerun refuse: "already exists and would be replaced".
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "empty.jpg").write_bytes(b"")
+    the_error(embed(folder, "-o", out / "embeddings.safetensors"))
+    make_photo((40, 30)).save(folder / "empty.jpg")
+    ok(embed(folder, "-o", out / "embeddings.safetensors"))
+    assert not (out / "embeddings.errors.jsonl").exists() and len(read_jsonl(out / "embeddings.jsonl")) == 1
+    (out / "embeddings.safetensors").unlink()
+    (out / "embeddings.jsonl").unlink()
+    (out / "embeddings.errors.jsonl").write_text("a file of the user's\n")  # not ours: still refused
+    assert "embeddings.errors.jsonl already exists" in the_error(embed(folder, "-o", out / "embeddings.safetensors"))
+
+
 def test_one_file_that_cannot_be_embedded_is_an_error_giving_its_reason(embed, tmp_path: Path, out: Path) -> None:
     (tmp_path / "empty.jpg").write_bytes(b"")
     error = the_error(embed(tmp_path / "empty.jpg", "-o", out / "embeddings.safetensors"))
@@ -880,8 +895,8 @@ def test_embed_to_file_writes_the_output_and_returns_a_summary(photos: Path, out
     from siglip_cli.embed import EmbedOptions
 
     paths = [str(photos / "b.png"), str(photos / "a.jpg")]  # kept in the order given
-    summary = embed_to_file(
-        load(str(tiny_siglip), device="cpu"), paths, out / "api.npy", options=EmbedOptions(workers=0)
+    summary = embed_to_file(  # a file given twice is one row (it was two, which `siglip merge` then refused)
+        load(str(tiny_siglip), device="cpu"), paths + paths[:1], out / "api.npy", options=EmbedOptions(workers=0)
     )
     assert (summary.embedded, summary.failed, summary.output) == (2, 0, str(out / "api.npy"))
     assert [r["path"] for r in read_jsonl(out / "api.jsonl")] == paths

@@ -6,6 +6,7 @@ Shard runs and `siglip merge` end to end are in test_long_runs.py.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -99,3 +100,17 @@ def test_a_files_shard_does_not_change_when_other_files_come_and_go() -> None:
 def test_shards_are_about_the_same_size() -> None:
     sizes = [len(select_shard(PATHS, k, 4)) for k in range(4)]
     assert min(sizes) > 0.8 * len(PATHS) / 4, sizes
+
+
+@pytest.mark.parametrize(
+    "environ, named",
+    [
+        ({"SLURM_ARRAY_TASK_ID": "abc", "SLURM_ARRAY_TASK_COUNT": "3"}, "SLURM_ARRAY_TASK_ID is 'abc'"),
+        ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_STEP": "0", "SLURM_ARRAY_TASK_COUNT": "3"}, "SLURM_ARRAY_TASK_STEP is '0'"),
+        ({"JOB_COMPLETION_INDEX": "-1"}, "JOB_COMPLETION_INDEX is '-1'"),
+    ],
+)
+def test_auto_with_a_variable_that_is_not_a_count_is_refused(environ: dict, named: str) -> None:
+    # A ValueError and a ZeroDivisionError traceback before.
+    with pytest.raises(UserError, match=re.escape(named)):
+        parse_shard("auto", 4, environ)
