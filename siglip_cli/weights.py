@@ -128,19 +128,20 @@ def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) ->
 
 
 def _image_processor_config(files: _LocalFiles | _HubFiles) -> tuple[dict | None, str]:
-    """The image processor's settings and the file they came from: `preprocessor_config.json`, else the
-    `image_processor` entry of `processor_config.json` (what transformers 5's `SiglipProcessor.save_pretrained`
-    writes, and reads back), else (None, "")."""
-    path = files.get("preprocessor_config.json", required=False)
-    if path is not None:
-        return _read_json(path), path.name
-    path = files.get("processor_config.json", required=False)
+    """The image processor's settings and the file they came from, in transformers 5's order: the
+    `image_processor` entry of `processor_config.json` (what its `SiglipProcessor.save_pretrained` writes), else
+    `preprocessor_config.json`, else (None, ""). A folder can hold both, the older file left from a download that
+    was saved over: transformers then reads the first, and so must we, or the pixels differ silently."""
+    path = files.get("processor_config.json", required=False, probe=False)
     if path is not None:
         entry = _read_json(path).get("image_processor")
         if entry is not None:
             if not isinstance(entry, dict):
                 raise CheckpointError(f"{path}: its image_processor entry is not a JSON object.")
             return entry, path.name
+    path = files.get("preprocessor_config.json", required=False)
+    if path is not None:
+        return _read_json(path), path.name
     return None, ""
 
 
@@ -195,7 +196,7 @@ class _LocalFiles:
     def __init__(self, directory: Path):
         self.directory = directory
 
-    def get(self, filename: str, *, required: bool) -> Path | None:
+    def get(self, filename: str, *, required: bool, probe: bool = True) -> Path | None:
         path = self.directory / filename
         if path.is_file():
             return path
@@ -216,10 +217,16 @@ class _HubFiles:
         self.repo_id, self.revision, self.commit_hash = repo_id, revision, None
         self.reachable: bool | None = None  # the Hub's host, once probed
 
-    def get(self, filename: str, *, required: bool) -> Path | None:
-        from huggingface_hub import hf_hub_download
+    def get(self, filename: str, *, required: bool, probe: bool = True) -> Path | None:
+        """The file from the cache or the Hub. Without `probe`, an optional file that is not cached is looked for
+        only if this run already knows the Hub is reachable: seldom-present files cost an offline run no wait."""
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
         from huggingface_hub import errors as hub
 
+        if not probe and self.reachable is not True:
+            cached = try_to_load_from_cache(self.repo_id, filename, revision=self.commit_hash or self.revision)
+            if not isinstance(cached, str):
+                return None
         if not self._cached_or_reachable(filename):
             if self.commit_hash is not None and not required:
                 return None  # an optional file (the shard index) this offline machine has never seen

@@ -336,6 +336,19 @@ def test_hub_id_in_the_cache_loads_offline_without_asking_the_hub_for_what_it_la
     assert online == []  # the weights file is cached, so the optional shard index is never asked for
 
 
+def test_a_cached_processor_config_comes_first_as_in_transformers(tiny_siglip: Path, tmp_path: Path, hf_cache) -> None:
+    import json
+    import shutil
+
+    saved_over = tmp_path / "saved-over"
+    shutil.copytree(tiny_siglip, saved_over)
+    settings = json.loads((saved_over / "preprocessor_config.json").read_text())
+    (saved_over / "processor_config.json").write_text(json.dumps({"image_processor": {**settings, "resample": 2}}))
+    hf_cache(saved_over)
+    checkpoint = resolve_checkpoint(DEFAULT_REPO_ID)
+    assert (checkpoint.preprocess.resample, checkpoint.preprocess_source) == (2, "processor_config.json")
+
+
 def test_a_revision_for_a_local_folder_is_refused_not_ignored(tiny_siglip: Path) -> None:
     with pytest.raises(CheckpointError, match=r"is a local folder: a revision \(v2\) applies only to Hub ids"):
         resolve_checkpoint(str(tiny_siglip), revision="v2")
