@@ -27,9 +27,9 @@ def _record(trace: Trace, name: str, x: Tensor) -> None:
         trace[name] = x.detach()
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, trace: Trace, prefix: str) -> Tensor:
-    """Multi-head attention of (B, H, Nq, Dh) queries over (B, H, N, Dh) keys and values."""
-    if trace is None:
+def _attend(q: Tensor, k: Tensor, v: Tensor, trace: Trace, prefix: str, *, fused: bool = True) -> Tensor:
+    """Multi-head attention of (B, H, Nq, Dh) queries over (B, H, N, Dh) keys and values; SDPA when `fused`."""
+    if trace is None and fused:
         return F.scaled_dot_product_attention(q, k, v)
     weights = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)  # (B, H, Nq, N)
     _record(trace, f"{prefix}.attn_weights", weights)
@@ -178,7 +178,10 @@ class PoolAttention(nn.Module):
         b_q, b_kv = self.in_proj_bias.split([D, 2 * D])
         q = F.linear(query, w_q, b_q).view(B, -1, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, 1, Dh)
         k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 2 × (B, H, N, Dh)
-        out = _attend(q, k, v, trace, prefix).transpose(1, 2).reshape(B, -1, D)
+        # Written out, not SDPA: for one query it costs nothing, and its bits no longer depend on where the image
+        # sits in the batch or on the thread count (CPU SDPA splits a lone query's work by threads, so two copies
+        # of one photo in a batch got embeddings 1e-7 apart, and exact-match deduplication missed them).
+        out = _attend(q, k, v, trace, prefix, fused=False).transpose(1, 2).reshape(B, -1, D)
         return self.out_proj(out)
 
 

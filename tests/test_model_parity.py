@@ -122,6 +122,15 @@ def test_one_image_alone_gives_the_same_numbers_as_in_a_batch(tiny_siglip: Path)
     assert max_diff(alone[0], batched[1]) <= TOLERANCE
 
 
+def test_copies_of_one_image_in_a_batch_get_the_same_bits(tiny_siglip: Path) -> None:
+    # Deduplication by exact match: the pooling head's SDPA split its lone query's work across threads by batch
+    # row, so copies of one photo in a 64-image batch got rows 1e-7 apart.
+    embedder = load(str(tiny_siglip), device="cpu", dtype="float32")
+    copies = random_pixels(tiny_siglip, batch=1).expand(64, -1, -1, -1).contiguous()
+    pooled, tokens = embedder(copies)
+    assert (tokens == tokens[0]).all() and (pooled == pooled[0]).all()
+
+
 def test_bfloat16_embedding_keeps_cosine_to_float32_reference(any_checkpoint: Path) -> None:
     pixels = random_pixels(any_checkpoint)
     expected, expected_tokens = reference_outputs(any_checkpoint, pixels)
@@ -208,6 +217,26 @@ def test_processor_config_alone_is_read_as_transformers_reads_it(
     (checkpoint / "preprocessor_config.json").unlink()
     (checkpoint / "processor_config.json").write_text(json.dumps({"image_processor": settings, "processor_class": "SiglipProcessor"}))
     assert resolve_checkpoint(str(checkpoint)).preprocess.resample == settings["resample"] == 2
+    expected_pooled, _ = reference_from_photos(checkpoint, photos)
+    result = embed_paths(load(str(checkpoint), device="cpu", dtype="float32"), photos, normalize=False)
+    assert max_diff(torch.from_numpy(result.embeddings), expected_pooled) <= TOLERANCE
+
+
+def test_processor_config_comes_before_preprocessor_config_as_in_transformers(
+    tiny_siglip2: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    # A downloaded folder saved over by SiglipProcessor.save_pretrained keeps the old preprocessor_config.json
+    # beside the new processor_config.json. transformers reads the new one; we read the old one, silently (cosine
+    # 0.92 on a photo when the two disagree).
+    import json
+    import shutil
+
+    checkpoint = tmp_path / "saved-over"
+    shutil.copytree(tiny_siglip2, checkpoint)
+    settings = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    changed = {**settings, "resample": 3, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    (checkpoint / "processor_config.json").write_text(json.dumps({"image_processor": changed, "processor_class": "SiglipProcessor"}))
+    assert resolve_checkpoint(str(checkpoint)).preprocess.resample == 3
     expected_pooled, _ = reference_from_photos(checkpoint, photos)
     result = embed_paths(load(str(checkpoint), device="cpu", dtype="float32"), photos, normalize=False)
     assert max_diff(torch.from_numpy(result.embeddings), expected_pooled) <= TOLERANCE
