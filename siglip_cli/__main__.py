@@ -1,11 +1,18 @@
 """The `siglip` command: `python -m siglip_cli ...`, and the console script's entry point."""
 
+import errno
 import os
+import signal
 import sys
 
 
-class StdoutError(OSError):
-    """stdout could not take what was written (a file on a full disk): one sentence, not a traceback."""
+class StdoutError(Exception):
+    """stdout could not take what was written (a file on a full disk, a reader gone): one sentence, not a traceback.
+    Not an OSError, which click would turn into a silent exit 1 for a closed pipe."""
+
+    def __init__(self, errno: int | None, strerror: str | None):
+        super().__init__(strerror)
+        self.errno, self.strerror = errno, strerror
 
 
 class _Stdout:
@@ -30,19 +37,61 @@ class _Stdout:
         return getattr(self._stream, name)
 
 
+class _Stderr:
+    """sys.stderr, for people: once it cannot be written (a reader that went away, `2>&-`), it is dropped, and the
+    run goes on; its exit status still tells how it ended."""
+
+    def __init__(self, stream):
+        self._stream, self._broken = stream, False
+
+    def write(self, text: str) -> int:
+        if not self._broken:
+            try:
+                self._stream.write(text)
+            except OSError:
+                self._broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except OSError:
+                self._broken = True
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _standard_streams() -> None:
+    """Streams any shell can hand us: closed ones (`>&-`: None in Python) read as empty or write to nowhere, and
+    characters a stream cannot encode (an ASCII locale, a non-UTF-8 file name) are escaped, never a traceback."""
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode))
+        elif mode == "w" and hasattr(getattr(sys, name), "reconfigure"):
+            getattr(sys, name).reconfigure(errors="backslashreplace")
+    sys.stdout, sys.stderr = _Stdout(sys.stdout), _Stderr(sys.stderr)
+
+
 def main() -> None:
     """Run the CLI; Ctrl-C while torch is still being imported ends quietly too (the commands handle it later)."""
-    sys.stdout = _Stdout(sys.stdout)
+    _standard_streams()
     try:
         from .cli import app
 
-        app(prog_name="siglip")
+        try:
+            app(prog_name="siglip")
+        finally:
+            sys.stdout.flush()  # here, where a failure is caught, not at exit
     except KeyboardInterrupt:
         print("interrupted.", file=sys.stderr)
         sys.exit(130)
     except StdoutError as e:
         devnull = os.open(os.devnull, os.O_WRONLY)  # so the flush at exit does not fail again on what is buffered
         os.dup2(devnull, sys.stdout.fileno())
+        if e.errno == errno.EPIPE:  # the reader went away (`| head`): quiet, with a shell's status for SIGPIPE
+            sys.exit(128 + signal.SIGPIPE)
         print(f"error: cannot write to stdout: {e.strerror}.", file=sys.stderr)
         sys.exit(1)
 

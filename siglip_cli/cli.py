@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Iterator, NoReturn, Optional
@@ -43,6 +44,11 @@ stdout = Console(soft_wrap=True, markup=False, highlight=False)
 stderr = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 EXIT_USER_ERROR = 2
+
+
+def print_json(document: dict) -> None:
+    """A `--json` document on stdout: plain JSON, in ASCII, whatever the terminal (FORCE_COLOR made rich colour it)."""
+    sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=True) + "\n")
 
 
 class OutputDtype(str, enum.Enum):
@@ -111,7 +117,7 @@ class _RichProgress:
             TextColumn("{task.fields[rate]}"),
             TimeRemainingColumn(),
             console=stderr,
-            disable=quiet or not stderr.is_terminal,  # a log file gets the summary line, not bar redraws
+            disable=quiet or not sys.stderr.isatty(),  # not rich's is_terminal, which FORCE_COLOR fakes  # a log file gets the summary line, not bar redraws
             transient=False,
         )
         self.task = None
@@ -232,7 +238,7 @@ def embed(
             raise
         progress.stop()
     if json_summary:
-        stdout.print_json(json.dumps(summary.to_dict()))
+        print_json(summary.to_dict())
     if not quiet:
         stderr.print(_summary_line(summary))
         if update and summary.removed and not summary.reused:
@@ -276,7 +282,7 @@ def merge(
     with user_errors():
         summary = merge_outputs(inputs, output, overwrite=overwrite, allow_missing=allow_missing)
     if json_summary:
-        stdout.print_json(json.dumps(summary.to_dict()))
+        print_json(summary.to_dict())
     stderr.print(f"merged {summary.inputs} output{'s' if summary.inputs != 1 else ''}: {summary.rows:,} rows → {summary.output}")
 
 
@@ -298,7 +304,7 @@ def inspect(
         result = inspect_image(model, image, layers=layers, revision=revision)
         pictures = write_plots(result, plot) if plot is not None else []
     if json_out:
-        stdout.print_json(json.dumps({**result.to_dict(), "plots": [str(p) for p in pictures]}))
+        print_json({**result.to_dict(), "plots": [str(p) for p in pictures]})
         if result.random_weights:
             note(f"{model} is an architecture preset: random weights, not a trained model.")
         return
@@ -345,7 +351,7 @@ def bench(
     for sentence in report.notes:
         note(sentence)
     if json_out:
-        stdout.print_json(json.dumps(report.to_json()))
+        print_json(report.to_json())
         return
     console = _data_console()
     console.print(_bench_table(report))

@@ -177,12 +177,13 @@ def read_path_list(source: str) -> list[str]:
 def _utf16(data: bytes) -> str | None:
     """The UTF-16 codec a path list is written in, or None: by its byte-order mark, or, without one, by its zeros:
     paths, mostly ASCII, leave the high byte of nearly every UTF-16 unit zero and the low byte never; a
-    `find -print0` list has its NULs only between whole paths."""
+    `find -print0` list has its NULs only between whole paths. Only the list of one-character names (folders
+    `0` … `9` of a dataset) has that pattern too: a UTF-16 list also has line breaks, which tells them apart."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "utf-16"
     if len(data) >= 4 and len(data) % 2 == 0:
         for low, high, codec in ((data[0::2], data[1::2], "utf-16-le"), (data[1::2], data[0::2], "utf-16-be")):
-            if 0 not in low and high.count(0) >= 0.75 * len(high):
+            if 0 not in low and high.count(0) >= 0.75 * len(high) and (b"\n" in low or b"\r" in low):
                 return codec
     return None
 

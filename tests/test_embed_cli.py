@@ -836,6 +836,40 @@ def test_real_process_user_error_has_no_traceback(photos: Path, out: Path, tiny_
     assert process.stderr.strip().splitlines() == ["error: unknown device 'tpu' (expected auto, cpu, cuda or cuda:N)."]
 
 
+def run_shell(command: str, **env: str) -> subprocess.CompletedProcess:
+    """`command` in bash, where `siglip` is `python -m siglip_cli` (pipes and closed streams are the shell's to make)."""
+    return subprocess.run(
+        ["bash", "-c", f"siglip() {{ {sys.executable} -m siglip_cli \"$@\"; }}; set -o pipefail; {command}"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+    )  # fmt: skip
+
+
+def test_json_is_plain_json_and_a_log_gets_no_bar_even_with_force_color(photos: Path, out: Path, tiny_siglip: Path) -> None:
+    # FORCE_COLOR (common in CI) coloured --json into invalid JSON, and drew the bar into the log file.
+    process = run_shell(f"siglip embed {photos} -o {out / 'e.safetensors'} -m {tiny_siglip} --json 2> {out / 'log'}", FORCE_COLOR="1")
+    assert process.returncode == 0, process.stderr
+    assert json.loads(process.stdout)["embedded"] == 3
+    assert "\r" not in (out / "log").read_text() and (out / "log").read_text().startswith("embedded 3")
+
+
+def test_closed_and_broken_streams_cost_no_work_and_no_traceback(photos: Path, out: Path, tiny_siglip: Path) -> None:
+    embed = f"siglip embed {photos} -m {tiny_siglip} --workers 0"
+    gone = run_shell(f"{embed} -o {out / 'a.npy'} --json | true; echo $? >&2")  # the reader left before the summary
+    assert gone.stderr.strip().splitlines()[-1] == "141" and "Traceback" not in gone.stderr
+    closed = run_shell(f"{embed} -o {out / 'b.npy'} --json >&-")  # Python's stdout is None
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
+    (photos / "clip.mov").write_bytes(b"")  # a note to print before any work
+    no_stderr = run_shell(f"{embed} -o {out / 'c.npy'} 2>&1 | true")
+    assert no_stderr.returncode == 0, no_stderr.stderr
+    assert all((out / f"{name}.npy").exists() for name in "abc")
+
+
+def test_a_terminal_that_cannot_show_the_characters_gets_them_escaped(tiny_siglip: Path) -> None:
+    process = run_shell(f"siglip inspect -m {tiny_siglip}", PYTHONIOENCODING="ascii")
+    assert process.returncode == 0 and "Traceback" not in process.stderr, process.stderr
+    assert "\\xd7" in process.stdout  # the × of the shapes
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="/dev/full, a file that is always full, is Linux's")
 def test_stdout_on_a_full_disk_is_one_sentence(photos: Path, out: Path, tiny_siglip: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -259,6 +259,15 @@ def test_files_from_reads_nul_separated_paths(tmp_path: Path) -> None:
     assert found(files_from=str(listing)) == [str(odd), str(plain)]
 
 
+def test_files_from_reads_nul_separated_one_character_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `0\01\02\0` (class folders 0-9 of a dataset, from `find -print0`) was read as UTF-16: "could not embed 012".
+    monkeypatch.chdir(tmp_path)
+    photos = [touch(tmp_path / name / "a.jpg") for name in "012"]
+    listing = tmp_path / "list.bin"
+    listing.write_bytes(b"0\x001\x002\x00")
+    assert sorted(found(files_from=str(listing))) == sorted(os.path.relpath(p, tmp_path) for p in photos)
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig", "utf-16-le"])
 def test_files_from_written_by_windows_tools_is_read_by_its_byte_order_mark(tmp_path: Path, encoding: str) -> None:
     # PowerShell 5's `>` writes UTF-16 with a BOM (split at its NUL bytes, the list would name `/` and `.`), some
