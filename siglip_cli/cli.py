@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,12 +71,19 @@ class ComputeDtype(str, enum.Enum):
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
-    stderr.print(Text.assemble(("error:", "bold red"), " ", message))
+    stderr.print(Text.assemble(("error:", "bold red"), " ", printable(message)))
     raise typer.Exit(code)
 
 
 def note(message: str) -> None:
-    stderr.print(Text.assemble(("note:", "yellow"), " ", message))
+    stderr.print(Text.assemble(("note:", "yellow"), " ", printable(message)))
+
+
+def printable(message: str) -> str:
+    """A sentence as one terminal line: control characters of a name in it (a newline, an escape sequence that would
+    recolour the terminal) shown as `\\x1b`. Input paths come escaped already (`display_path`); `-o` names and
+    folder names the user typed may not."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", message)
 
 
 @contextmanager
@@ -240,7 +248,7 @@ def embed(
     if json_summary:
         print_json(summary.to_dict())
     if not quiet:
-        stderr.print(_summary_line(summary))
+        stderr.print(printable(_summary_line(summary)))
         if update and summary.removed and not summary.reused:
             note(
                 "no row of the earlier output matched these inputs, so every image was embedded again; rows are "
@@ -283,7 +291,7 @@ def merge(
         summary = merge_outputs(inputs, output, overwrite=overwrite, allow_missing=allow_missing)
     if json_summary:
         print_json(summary.to_dict())
-    stderr.print(f"merged {summary.inputs} output{'s' if summary.inputs != 1 else ''}: {summary.rows:,} rows → {summary.output}")
+    stderr.print(printable(f"merged {summary.inputs} output{'s' if summary.inputs != 1 else ''}: {summary.rows:,} rows → {summary.output}"))
 
 
 @app.command()

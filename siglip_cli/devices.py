@@ -93,7 +93,7 @@ def _embed_job(job: _Job, channel: mp.Queue) -> None:
     embedder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype, compile=job.compile)
     summary = embed_to_file(
         embedder, job.paths, job.output, options=job.options, update=True, progress=_QueueProgress(channel, job.index),
-        require_rows=False,
+        require_rows=False, part_of=Path(job.output).parent,
     )  # fmt: skip
     channel.put(("done", job.index, summary))
 
@@ -184,8 +184,8 @@ def embed_on_devices(
     """Embed `paths` into `output` with one worker process per device; the result equals a single-device run.
 
     Each device embeds a shard into `OUT.partial/`, and the shards are merged at the end. A rerun after an
-    interruption continues every shard as an `--update` of itself: finished rows are kept, and a shard made with
-    other options, or over files that have since changed, is brought up to date rather than trusted.
+    interruption continues every shard as an `--update` of itself: finished rows are kept, files changed since are
+    embedded again, and a shard made with other options is refused as one device refuses its interrupted work.
     """
     out = OutputPaths.for_output(output)  # an unsupported suffix is refused here, not in every worker
     with exclusive(out.embeddings):

@@ -135,10 +135,12 @@ def embed_to_file(
     update: bool = False,
     progress: Progress | None = None,
     require_rows: bool = True,
+    part_of: Path | None = None,
 ) -> Summary:
     """Embed `paths` (in this order) into `output` (.safetensors or .npy) plus its manifest and errors files.
 
     With `require_rows`, inputs of which none could be embedded are an error and leave no output behind.
+    `part_of`: the work folder of the several-device run this output is one shard of, named in its refusals.
     """
     started = time.perf_counter()
     paths = list(dict.fromkeys(paths))  # a file given twice is one row
@@ -161,7 +163,15 @@ def embed_to_file(
         # A run that died while replacing the final files may have left a new manifest beside the old embeddings:
         # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
         # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
-        previous = _previous_output(out, state) if update and not (resuming and work.assembling()) else {}
+        try:
+            previous = _previous_output(out, state) if update and not (resuming and work.assembling()) else {}
+        except _OtherOptions as e:
+            if part_of is None:
+                raise
+            raise UserError(  # the user ran no --update: say it as an interrupted run of theirs
+                f"{part_of} holds an interrupted run whose options differ ({e.difference}): "
+                "rerun with the same options to continue, or add --overwrite to start afresh."
+            ) from None
         if not resuming:
             try:
                 work.create(state)
@@ -482,15 +492,22 @@ class _ChunkBuffer:
         return results
 
 
+class _OtherOptions(UserError):
+    def __init__(self, message: str, *, difference: str):
+        super().__init__(message)
+        self.difference = difference
+
+
 def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
     """The rows of an existing output, for --update (refused if it was made with other options)."""
     if not out.embeddings.exists():
         return {}
     old = read_output_options(out)
     if old != state:
-        raise UserError(
+        raise _OtherOptions(
             f"{out.embeddings} was made with other options ({describe_difference(old, state)}): "
-            "rerun --update with the same options, or use --overwrite to start afresh."
+            "rerun --update with the same options, or use --overwrite to start afresh.",
+            difference=describe_difference(old, state),
         )
     refs, errors = read_rows(out)
     found: dict[str, Ref | dict] = {ref.info["path"]: ref for ref in refs}

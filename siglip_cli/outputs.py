@@ -41,6 +41,10 @@ class OutputPaths:
     @classmethod
     def for_output(cls, output: Path) -> OutputPaths:
         suffix = output.suffix.lower()
+        if _is_dir(output):
+            raise UserError(f"output {output} is a folder; give a file name (ending in .safetensors or .npy) for -o.")
+        if output.name.lower() in (".safetensors", ".npy"):
+            raise UserError(f"output {output} has no name before its extension: give one, as in -o photos{output.name}.")
         if suffix not in (".safetensors", ".npy"):
             raise UserError(f"output {output} must end in .safetensors or .npy.")
         stem = output.with_suffix("")
@@ -54,8 +58,6 @@ class OutputPaths:
             work=output.with_name(output.name + ".partial"),
         )
         paths._check_name_lengths()
-        if output.is_dir():
-            raise UserError(f"output {output} is a folder; give a file name (ending in {suffix}) for -o.")
         return paths
 
     def _check_name_lengths(self) -> None:
@@ -80,6 +82,13 @@ class OutputPaths:
     def files(self) -> list[Path]:
         """The final files a run writes (those of this format)."""
         return [p for p in (self.manifest, self.errors, self.tokens, self.meta, self.embeddings) if p is not None]
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long: said with its limit once the side files' names are known
+        return False
 
 
 def check_outputs(out: OutputPaths, *, interrupted: bool, overwrite: bool, update: bool) -> None:

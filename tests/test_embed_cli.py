@@ -643,8 +643,22 @@ def test_a_failed_overwrite_leaves_the_earlier_output_as_it_was(embed, photos: P
 def test_output_that_is_a_folder_is_refused_before_any_work(embed, photos: Path, out: Path) -> None:
     (out / "embeddings.safetensors").mkdir()
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--overwrite"))
-    assert error == f"error: output {out / 'embeddings.safetensors'} is a folder; give a file name (ending in .safetensors) for -o."
+    assert error == f"error: output {out / 'embeddings.safetensors'} is a folder; give a file name (ending in .safetensors or .npy) for -o."
     assert sorted(p.name for p in out.iterdir()) == ["embeddings.safetensors"]
+    assert "is a folder" in the_error(embed(photos, "-o", out))  # without an extension too (it said "must end in")
+
+
+def test_output_that_is_only_an_extension_is_refused_as_such(embed, photos: Path, out: Path) -> None:
+    error = the_error(embed(photos, "-o", out / ".npy"))  # it said "must end in .safetensors or .npy"
+    assert error == f"error: output {out / '.npy'} has no name before its extension: give one, as in -o photos.npy."
+
+
+def test_a_name_with_control_characters_is_escaped_in_messages(embed, photos: Path, out: Path) -> None:
+    # A newline or an escape sequence in an -o name went raw to the terminal, which the summary then recoloured.
+    output = out / "e\x1b[31mred\n.npy"
+    result = ok(embed(photos, "-o", output))
+    assert "\x1b" not in result.stderr and "e\\x1b[31mred\\x0a.npy" in result.stderr
+    assert "e\\x1b[31mred\\x0a.npy already exists" in the_error(embed(photos, "-o", output))
 
 
 @pytest.mark.parametrize("first, second", [("e.safetensors", "e.npy"), ("e.npy", "e.safetensors")])

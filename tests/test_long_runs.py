@@ -680,6 +680,25 @@ def test_several_devices_rerun_after_an_interruption_brings_finished_shards_up_t
     assert differences(output, tmp_path / "one.safetensors") == []
 
 
+def test_several_devices_rerun_with_other_options_is_refused_as_one_device_refuses(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It named an internal shard file and advised --update, which several devices refuse.
+    import siglip_cli.devices as devices
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    output = tmp_path / "out" / "embeddings.safetensors"
+    with monkeypatch.context() as patch:
+        patch.setattr(devices, "merge_outputs", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert embed(folder, output, "--device", "cpu,cpu").exit_code == 130
+    error = the_error(embed(folder, output, "--device", "cpu,cpu", "--tokens"))
+    assert error == (
+        f"error: {work_area(output)} holds an interrupted run whose options differ (--tokens): rerun with the same "
+        "options to continue, or add --overwrite to start afresh."
+    )
+    assert summary_of(embed(folder, output, "--device", "cpu,cpu", "--json"))["reused"] == 12
+
+
 def test_several_devices_that_embed_nothing_fail_as_one_device_does(embed, tmp_path: Path) -> None:
     # Exit 0 with an empty output, where one device exits 2 with the first file's reason.
     junk = tmp_path / "junk"
