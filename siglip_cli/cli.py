@@ -176,7 +176,7 @@ def embed(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, or several (cuda:0,cuda:1 or cuda:all): one worker each.", metavar="DEVICE")] = "auto",
     dtype: Annotated[ComputeDtype, typer.Option(help="Compute precision (auto: float32 on CPU, bfloat16 on CUDA).")] = ComputeDtype.auto,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per forward pass (default: 32 on CPU, 128 on CUDA).", show_default=False, metavar="N")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes beside the model (default: CPUs - 1).", show_default=False, metavar="N")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes beside the model (default: CPUs - 1, shared among --device's devices).", show_default=False, metavar="N")] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).", metavar="N")] = DEFAULT_MAX_PIXELS,
     exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Apply EXIF orientation (phone photos).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model: +10% for B/16 on an H200 after 15 s of compiling; on a CPU 18-48 s for 0-5%.")] = False,
@@ -221,7 +221,8 @@ def embed(
             tokens=tokens,
             output_dtype=output_dtype.value,
             batch_size=default_batch_size(devices[0]) if batch_size is None else batch_size,
-            workers=default_workers() if workers is None else workers,
+            # Per device: each device's process starts that many (the CPUs and the memory are shared).
+            workers=max(1, default_workers() // len(devices)) if workers is None else workers,
             decode=DecodeOptions(exif_transpose=exif_transpose, max_pixels=max_pixels or None, fast_decode=fast_decode),
             decoder=decode.value,
             shard=part,

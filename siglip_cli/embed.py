@@ -312,9 +312,11 @@ def embedded_batches(
     decoder: str = "cpu",
     normalize: bool = True,
     tokens: bool = False,
+    output_dtype: str = "float32",
     progress: Progress | None = None,
 ) -> Iterator[Embedded]:
-    """Files → embeddings, `batch_size` files at a time, in order: decoding workers, the device decoder, the model."""
+    """Files → embeddings, `batch_size` files at a time, in order: decoding workers, the device decoder, the model.
+    A row not finite in `output_dtype`, the type it will be stored in, is an error row instead."""
     decoder = _decoder_for(embedder, decoder)
     if decoder == "gpu":
         check_supported(embedder.preprocess)
@@ -338,7 +340,7 @@ def embedded_batches(
         pooled, toks = halved.encode(embedder, pixels)
         pooled = F.normalize(pooled, dim=-1) if normalize else pooled
         toks = toks if tokens else None
-        rows, pooled, toks, overflowed = _finite_rows(embedder, rows, pooled, toks)
+        rows, pooled, toks, overflowed = _finite_rows(embedder, rows, pooled, toks, output_dtype)
         errors = batch.errors + errors + overflowed
         if not rows:
             yield Embedded(len(batch), rows, errors, None, None)
@@ -348,23 +350,28 @@ def embedded_batches(
 
 
 def _finite_rows(
-    embedder: Embedder, rows: list[dict], pooled: Tensor, tokens: Tensor | None
+    embedder: Embedder, rows: list[dict], pooled: Tensor, tokens: Tensor | None, output_dtype: str
 ) -> tuple[list[dict], Tensor, Tensor | None, list[dict]]:
-    """The rows whose embedding (and tokens) are finite, and an errors row for each of the others: float16 can
-    overflow inside the tower, and a row of NaNs stored as an embedding would poison every search it enters."""
-    finite = torch.isfinite(pooled).all(dim=-1)
+    """The rows whose embedding (and tokens) are finite, computed and as stored, and an errors row for each of the
+    others: float16 can overflow inside the tower or in the output file, and a row of NaNs or infinities stored
+    as an embedding would poison every search it enters."""
+    stored = getattr(torch, output_dtype)
+    inside = torch.isfinite(pooled).all(dim=-1)
+    finite = inside & torch.isfinite(pooled.to(stored)).all(dim=-1)
     if tokens is not None:
-        finite &= torch.isfinite(tokens).flatten(1).all(dim=-1)
+        inside &= torch.isfinite(tokens).flatten(1).all(dim=-1)
+        finite &= inside & torch.isfinite(tokens.to(stored)).flatten(1).all(dim=-1)
     ok = finite.tolist()
     if all(ok):
         return rows, pooled, tokens, []
-    error = f"the model gave NaN or infinite values in {str(embedder.dtype).removeprefix('torch.')}"
-    error += ": try --dtype float32" if embedder.dtype != torch.float32 else ""
+    computed = f"the model gave NaN or infinite values in {str(embedder.dtype).removeprefix('torch.')}"
+    computed += ": try --dtype float32" if embedder.dtype != torch.float32 else ""
+    too_large = f"values beyond {output_dtype}'s range: try --output-dtype float32"
     failed = [
-        {"path": row["path"], "error": error, **{k: row[k] for k in ("size", "mtime_ns") if k in row}}
-        for row, good in zip(rows, ok)
+        {"path": row["path"], "error": too_large if computed_ok else computed, **{k: row[k] for k in ("size", "mtime_ns") if k in row}}
+        for row, good, computed_ok in zip(rows, ok, inside.tolist())
         if not good
-    ]
+    ]  # fmt: skip
     kept = [row for row, good in zip(rows, ok) if good]
     return kept, pooled[finite], (tokens[finite] if tokens is not None else None), failed
 
@@ -393,6 +400,7 @@ def _embed_pending(
         decoder=options.decoder,
         normalize=options.normalize,
         tokens=options.tokens,
+        output_dtype=options.output_dtype,
         progress=progress,
     )
     for done in batches:

@@ -85,7 +85,11 @@ def exclusive(output: Path) -> Iterator[None]:
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # The file we locked may be one a finishing run has just unlinked; a run that made a new one then
+            # holds that, and both would write. Only the lock on the file still named `lock` counts.
+            if not os.path.samestat(os.fstat(handle.fileno()), os.stat(lock)):
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
             raise UserError(f"another siglip run is writing {output}: wait for it, or choose another -o.") from None
         try:
             yield

@@ -932,6 +932,24 @@ def test_a_row_the_model_overflowed_on_is_an_error_not_an_embedding(
     assert result.errors[0]["error"] == "the model gave NaN or infinite values in float32"
 
 
+def test_a_row_too_large_for_a_float16_output_is_an_error_not_infinities(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Checked before the cast to --output-dtype only, such a row was stored as inf.
+    from siglip_cli.runtime import Embedder
+
+    forward = Embedder.__call__
+
+    def large(self, pixels):
+        pooled, tokens = forward(self, pixels)
+        return pooled * torch.tensor([[1.0], [1e6], [1.0]])[: len(pooled)], tokens
+
+    monkeypatch.setattr(Embedder, "__call__", large)
+    ok(embed(photos, "-o", out / "e.npy", "--no-normalize", "--output-dtype", "float16"))
+    assert np.isfinite(np.load(out / "e.npy")).all() and len(np.load(out / "e.npy")) == 2
+    assert [e["error"] for e in read_jsonl(out / "e.errors.jsonl")] == ["values beyond float16's range: try --output-dtype float32"]
+
+
 def test_embed_paths_agrees_with_the_cli(embed, photos: Path, out: Path, tiny_siglip: Path) -> None:
     ok(embed(photos, "-o", out / "embeddings.npy"))
     result = embed_paths(load(str(tiny_siglip), device="cpu"), [photos], tokens=True)

@@ -453,6 +453,28 @@ def test_a_refused_update_leaves_nothing_behind(embed, folder: Path, tmp_path: P
     ok(embed(folder, output, "--update"))  # the same options as the output: not blocked by the refusal
 
 
+def test_a_lock_file_unlinked_by_a_finishing_run_does_not_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run that opened the lock file just before the finishing run unlinked it could lock that orphan while a third
+    # run locked a new file of the same name: two runs writing one output.
+    from siglip_cli import storage
+
+    output = tmp_path / "embeddings.safetensors"
+    lock = tmp_path / ".embeddings.lock"
+    opened = open
+
+    def open_then_lose_the_race(path, *args, **kwargs):
+        handle = opened(path, *args, **kwargs)
+        if Path(path) == lock:
+            lock.unlink()  # the finishing run's unlink, between our open and our lock
+            lock.touch()  # and the third run's new file
+        return handle
+
+    monkeypatch.setattr(storage, "open", open_then_lose_the_race, raising=False)
+    with pytest.raises(UserError, match="another siglip run is writing"):
+        with storage.exclusive(output):
+            pass
+
+
 @pytest.mark.parametrize("name", ["embeddings.safetensors", "embeddings.npy"])
 def test_a_second_run_writing_the_same_output_is_refused(embed, folder: Path, tmp_path: Path, name: str) -> None:
     import fcntl
