@@ -225,19 +225,19 @@ def batch_pixels(
     pixels = torch.empty(len(batch.rows), 3, cfg.height, cfg.width, device=device)
     if cpu_pixels:
         pixels[batch.cpu_rows] = torch.cat(cpu_pixels)
-    decoded_pixels, decoded, rejected = decode_headers(batch.jpegs, cfg, device=device)
-    pixels[[batch.jpeg_rows[i] for i in decoded]] = decoded_pixels
+    on_device, decoded, rejected = decode_headers(batch.jpegs, cfg, device=device)
+    pixels[[batch.jpeg_rows[i] for i in decoded]] = on_device
     failed, errors = set(), []
     for i, _ in rejected:
         row = batch.jpeg_rows[i]
         try:
-            decoded = load_pixels(io.BytesIO(batch.jpegs[i].data.numpy().tobytes()), cfg, options)[0]
+            on_cpu = load_pixels(io.BytesIO(batch.jpegs[i].data.numpy().tobytes()), cfg, options)[0]
         except Exception as e:  # per file, as in the workers (a device error below is not the file's fault)
             failed.add(row)
             info = batch.rows[row]
             errors.append({"path": info["path"], "error": one_line(e), "size": info["size"], "mtime_ns": info["mtime_ns"]})
         else:
-            pixels[row] = decoded.to(device)
+            pixels[row] = on_cpu.to(device)
     keep = [i for i in range(len(batch.rows)) if i not in failed]
     if not keep:
         return None, [], errors

@@ -238,16 +238,22 @@ def _chunk_rows(chunks: list[Chunk]) -> dict[str, Ref | dict]:
     return rows
 
 
-def _reusable(paths: list[str], done: dict[str, Ref | dict], previous: dict[str, Ref | dict]) -> dict[str, Ref | dict]:
-    """The rows of `paths` that need no new work: from this run's chunks (`done`), else from the earlier output
-    (`previous`, --update), where the file is still the one that produced the row."""
+def _reusable(
+    paths: list[str], in_chunks: dict[str, Ref | dict], previous: dict[str, Ref | dict]
+) -> dict[str, Ref | dict]:
+    """The rows of `paths` that need no new work, where the file is still the one that produced the row: from this
+    run's chunks, embedded or failed, else embedded in the earlier output (--update).
+
+    A file that failed in an earlier output is tried again: the cause may be gone (a permission, a full disk, a
+    --max-pixels since raised). One that failed in this run's chunks is not: a resumed run batches exactly as the
+    uninterrupted one, which keeps it byte-identical."""
     reused: dict[str, Ref | dict] = {}
     for path in paths:
-        found = done.get(path) or previous.get(path)
-        # A file that failed in an earlier output is tried again (--update): the cause may be gone (a permission,
-        # a full disk, a --max-pixels since raised). One that failed in this run's chunks is not: a resumed run
-        # batches exactly as the uninterrupted one, which keeps it byte-identical.
-        if found is None or not (isinstance(found, Ref) or path in done):
+        if path in in_chunks:
+            found = in_chunks[path]
+        elif isinstance(previous.get(path), Ref):
+            found = previous[path]
+        else:
             continue
         info = _still_current(path, found.info if isinstance(found, Ref) else found)
         if info is not None:
