@@ -153,6 +153,11 @@ def embed_to_file(
         if overwrite and work.exists() and work.state() != state:
             work.remove()  # an interrupted run with the same options continues, with --overwrite too (its rerun)
         resuming = work.exists()
+        if resuming and work.published(out.embeddings):
+            # Stopped after its last rename, before it removed its work folder: the output is whole. The rerun
+            # takes it as an --update does, so it ends as the first run would have.
+            work.remove()
+            resuming, update = False, True
         check_outputs(out, interrupted=resuming, overwrite=overwrite, update=update)
         if resuming and work.state() != state:
             raise UserError(
@@ -200,8 +205,8 @@ def embed_to_file(
             work.remove()
             refuse_empty_run(out, bad)
         interrupts.check()
-        work.mark_assembling()
-        assemble(out, good, bad, output_metadata(embedder.checkpoint, state, shard=options.shard))
+        metadata = output_metadata(embedder.checkpoint, state, shard=options.shard)
+        assemble(out, good, bad, metadata, before_replacing=work.mark_assembling)
         work.remove()
         embedded = sum(1 for r in new.values() if isinstance(r, Ref))
         reused_rows = sum(1 for r in reused.values() if isinstance(r, Ref))

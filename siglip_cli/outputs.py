@@ -13,7 +13,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -21,7 +21,18 @@ from safetensors import SafetensorError, safe_open
 from . import __version__
 from .errors import UserError
 from .files import display_path, path_fields, path_from_fields
-from .storage import NpyRows, RowReader, SafetensorsRows, TensorSpec, read_jsonl, write_jsonl, write_npy, write_safetensors
+from .storage import (
+    NpyRows,
+    RowReader,
+    SafetensorsRows,
+    TensorSpec,
+    read_jsonl,
+    remove_with_them,
+    replaced_together,
+    write_jsonl,
+    write_npy,
+    write_safetensors,
+)
 from .weights import Checkpoint
 
 
@@ -241,27 +252,37 @@ def output_metadata(checkpoint: Checkpoint, state: dict, *, shard: tuple[int, in
     }
 
 
-def assemble(out: OutputPaths, good: list[Ref], bad: list[dict], metadata: dict[str, str]) -> None:
-    """Write the final files from the finished rows: manifest and errors first, the embeddings file last."""
+def assemble(
+    out: OutputPaths,
+    good: list[Ref],
+    bad: list[dict],
+    metadata: dict[str, str],
+    *,
+    before_replacing: Callable[[Path], None] = lambda new_embeddings: None,
+) -> None:
+    """Write the final files from the finished rows, all of them, then put them in place: manifest and errors
+    first, the embeddings file last. `before_replacing(new embeddings file)` runs between the two."""
     state = json.loads(metadata["options"])
     D, T = state["embedding_dim"], state["num_tokens"]
     dtype = np.dtype(OUTPUT_DTYPES[state["output_dtype"]])
     metadata = {**metadata, "num_images": str(len(good))}
-    write_jsonl(out.manifest, (public_row(ref.info) for ref in good))
-    if bad:
-        write_jsonl(out.errors, (public_row(info) for info in bad))
-    else:
-        out.errors.unlink(missing_ok=True)  # a stale errors file would describe another run
-    embeddings = TensorSpec(dtype, (len(good), D), row_blocks(good, "embeddings", row_bytes=D * dtype.itemsize))
-    tokens = None
-    if state["tokens"]:
-        tokens = TensorSpec(dtype, (len(good), T, D), row_blocks(good, "tokens", row_bytes=T * D * dtype.itemsize))
-    if out.format == "npy":
-        if tokens is not None:
-            write_npy(out.tokens, tokens)
+    with replaced_together(before=lambda new: before_replacing(new[out.embeddings])):
+        write_jsonl(out.manifest, (public_row(ref.info) for ref in good))
+        if bad:
+            write_jsonl(out.errors, (public_row(info) for info in bad))
         else:
-            out.tokens.unlink(missing_ok=True)  # stale tokens would sit beside embeddings they do not match
-        write_jsonl(out.meta, [metadata])
-        write_npy(out.embeddings, embeddings)
-    else:
-        write_safetensors(out.embeddings, {"embeddings": embeddings, **({"tokens": tokens} if tokens else {})}, metadata)
+            remove_with_them(out.errors)  # a stale errors file would describe another run
+        embeddings = TensorSpec(dtype, (len(good), D), row_blocks(good, "embeddings", row_bytes=D * dtype.itemsize))
+        tokens = None
+        if state["tokens"]:
+            tokens = TensorSpec(dtype, (len(good), T, D), row_blocks(good, "tokens", row_bytes=T * D * dtype.itemsize))
+        if out.format == "npy":
+            if tokens is not None:
+                write_npy(out.tokens, tokens)
+            else:
+                remove_with_them(out.tokens)  # stale tokens would sit beside embeddings they do not match
+            write_jsonl(out.meta, [metadata])
+            write_npy(out.embeddings, embeddings)
+        else:
+            tensors = {"embeddings": embeddings, **({"tokens": tokens} if tokens else {})}
+            write_safetensors(out.embeddings, tensors, metadata)

@@ -13,12 +13,13 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Protocol
+from typing import BinaryIO, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
+from . import interrupts
 from .errors import UserError
 from .files import display_path
 
@@ -46,16 +47,24 @@ class WriteError(UserError):
     """A file that could not be written: a full disk, a quota, a folder made read-only."""
 
 
+# While `replaced_together` runs: the files written (temporary, final name) and those to remove (final name, None).
+_staged: list[tuple[Path, Path | None]] | None = None
+
+
 @contextmanager
 def atomic_write(path: Path) -> Iterator[BinaryIO]:
     """Write `path` through a temporary file in the same folder: fsync, rename. Readers see old or new, never half.
-    A failure of the system (no space left, ...) is a `WriteError` naming the file; nothing is left behind."""
+    A failure of the system (no space left, ...) is a `WriteError` naming the file; nothing is left behind.
+    Inside `replaced_together`, the rename waits for the block's end."""
     tmp = _temporary(path, os.getpid())
     try:
         with open(tmp, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if _staged is not None:
+            _staged.append((tmp, path))
+            return
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:
@@ -67,6 +76,45 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_with_them(path: Path) -> None:
+    """Remove `path` now, or inside `replaced_together` as the new files take their names."""
+    if _staged is not None:
+        _staged.append((path, None))
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def replaced_together(*, before: Callable[[dict[Path, Path]], None]) -> Iterator[None]:
+    """Files written with `atomic_write` in the block take their names only once all are written and fsynced:
+    `before({final name: temporary})`, then one rename after another, in the order written. A failure while they
+    are written (a full disk) leaves every earlier file as it was, where renaming each as it was done left a new
+    manifest beside old embeddings."""
+    global _staged
+    _staged = staged = []
+    try:
+        yield
+    except BaseException:
+        for first, final in staged:
+            if final is not None:
+                first.unlink(missing_ok=True)
+        raise
+    finally:
+        _staged = None
+    before({final: first for first, final in staged if final is not None})
+    with interrupts.deferred():  # a Ctrl-C waits for the renames: a moment, and the output is whole
+        for first, final in staged:
+            try:
+                if final is None:
+                    first.unlink(missing_ok=True)
+                else:
+                    os.replace(first, final)
+            except OSError as e:
+                raise WriteError(f"cannot write {final or first}: {e.strerror}.") from None
+        for folder in {(final or first).parent for first, final in staged}:
+            fsync_dir(folder)
 
 
 @contextmanager
@@ -259,13 +307,25 @@ class WorkArea:
             f.write(safetensors_bytes({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
         return Chunk(path, rows, errors)
 
-    def mark_assembling(self) -> None:
-        """Say, durably, that the final files are being replaced: until `remove`, they may be half old, half new."""
+    def mark_assembling(self, new_embeddings: Path) -> None:
+        """Say, durably, that the final files are being replaced: until `remove`, they may be half old, half new.
+        The mark names the new embeddings file (written, not yet renamed), renamed last: see `published`."""
+        identity = os.stat(new_embeddings)
         with atomic_write(self.directory / "assembling") as f:
-            f.write(b"")
+            f.write(json.dumps({"dev": identity.st_dev, "ino": identity.st_ino}).encode())
 
     def assembling(self) -> bool:
         return (self.directory / "assembling").is_file()
+
+    def published(self, embeddings: Path) -> bool:
+        """Whether the run that marked itself assembling renamed all its files (the embeddings file, the last, is
+        the one the mark names) and was stopped only before it removed this folder."""
+        try:
+            mark = json.loads((self.directory / "assembling").read_bytes())
+            identity = os.stat(embeddings)
+        except (OSError, ValueError):
+            return False
+        return isinstance(mark, dict) and (mark.get("dev"), mark.get("ino")) == (identity.st_dev, identity.st_ino)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -36,6 +36,7 @@ from typer.testing import CliRunner, Result
 import siglip_cli.embed as embed_module
 import siglip_cli.outputs as outputs_module
 import siglip_cli.runtime as runtime_module
+import siglip_cli.storage as storage_module
 from conftest import DEFAULT_REPO_ID, build_checkpoint, make_photo
 from siglip_cli.cli import app
 from siglip_cli.embed import EmbedOptions, Embedder, embed_to_file, load
@@ -257,11 +258,15 @@ def test_a_run_killed_while_assembling_leaves_no_embeddings_file_and_the_rerun_f
     output = tmp_path / "out" / "embeddings.safetensors"
     output.parent.mkdir()
 
-    def killed(*args: object, **kwargs: object) -> None:
-        raise Killed
+    replace = os.replace
+
+    def killed_before_the_last(src, dst) -> None:
+        if Path(dst) == output:
+            raise Killed
+        replace(src, dst)
 
     with monkeypatch.context() as during_the_kill:
-        during_the_kill.setattr(outputs_module, "write_safetensors", killed)
+        during_the_kill.setattr(os, "replace", killed_before_the_last)
         with pytest.raises(Killed):
             embed_to_file(embedder, discover([str(folder)]), output, options=EmbedOptions(batch_size=2, workers=0))
     assert output.with_suffix(".jsonl").exists() and not output.exists()  # the manifest goes first
@@ -270,6 +275,56 @@ def test_a_run_killed_while_assembling_leaves_no_embeddings_file_and_the_rerun_f
     assert (summary["embedded"], summary["reused"]) == (0, 12)
     ok(embed(folder, tmp_path / "uninterrupted.safetensors"))
     assert differences(output, tmp_path / "uninterrupted.safetensors") == []
+
+
+def test_a_run_killed_after_its_last_rename_ends_when_rerun(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The output was whole, but its work folder was left, and the rerun refused: "already exists: add --overwrite".
+    output = tmp_path / "out" / "embeddings.safetensors"
+    output.parent.mkdir()
+
+    assemble = embed_module.assemble
+
+    def killed_once_in_place(*args, **kwargs) -> None:
+        assemble(*args, **kwargs)
+        raise Killed
+
+    with monkeypatch.context() as during_the_kill:
+        during_the_kill.setattr(embed_module, "assemble", killed_once_in_place)
+        with pytest.raises(Killed):
+            embed_to_file(embedder, discover([str(folder)]), output, options=EmbedOptions(batch_size=2, workers=0))
+    assert output.exists() and work_area(output).exists()
+    summary = summary_of(embed(folder, output, "--json"))
+    assert (summary["embedded"], summary["reused"]) == (0, 12) and not work_area(output).exists()
+    ok(embed(folder, tmp_path / "uninterrupted.safetensors"))
+    assert differences(output, tmp_path / "uninterrupted.safetensors") == []
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npy"])
+def test_a_full_disk_while_an_update_writes_its_files_leaves_the_earlier_output_whole(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    # The new manifest was put in place before the embeddings failed to fit: readers paired 16 names with 12 old
+    # rows, and the rerun, unable to trust the earlier output, embedded everything again.
+    output = tmp_path / "out" / f"embeddings{suffix}"
+    ok(embed(folder, output, "--tokens"))
+    before = {p.name: p.read_bytes() for p in output.parent.iterdir()}
+    save_photos(folder, [f"a{i:02d}.jpg" for i in range(4)], first_seed=100)
+    writer = "write_npy" if suffix == ".npy" else "write_safetensors"
+    write = getattr(outputs_module, writer)
+
+    def full_disk(path: Path, *args, **kwargs) -> None:
+        if path == output:
+            raise storage_module.WriteError(f"cannot write {path}: No space left on device.")
+        write(path, *args, **kwargs)
+
+    with monkeypatch.context() as disk:
+        disk.setattr(outputs_module, writer, full_disk)
+        assert "No space left on device" in the_error(embed(folder, output, "--tokens", "--update"))
+    assert {p.name: p.read_bytes() for p in output.parent.iterdir() if p.is_file()} == before
+    summary = summary_of(embed(folder, output, "--tokens", "--update", "--json"))
+    assert (summary["embedded"], summary["reused"]) == (0, 16)  # the 4 new ones from the work folder, 12 from before
 
 
 def test_every_chunk_is_on_disk_before_and_after_it_gets_its_name(
