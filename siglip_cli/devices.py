@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing as mp
+import os
 import queue
 import shutil
 import signal
@@ -72,8 +73,18 @@ class _QueueProgress:
         self.channel.put(("note", self.index, message))
 
 
+def _log_of(job: _Job) -> Path:
+    return Path(job.output).with_name(f"device-{job.index}.log")
+
+
 def _work(job: _Job, channel: mp.Queue) -> None:
     _die_with_parent()
+    # What this process and its decoding workers would print themselves (a C++ runtime's last words as a stop
+    # catches it starting threads, a crash's dump) goes to a log in the work folder, not after the parent's one
+    # sentence; the parent names the log when this worker dies unexplained.
+    log = os.open(_log_of(job), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 2)
+    os.close(log)
     try:
         with interrupts.stop_on_signals():  # SIGTERM, from the parent: stop as Ctrl-C stops a run, cleanly
             _embed_job(job, channel)
@@ -231,6 +242,11 @@ def embed_on_devices(
 
 
 def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:
+    # The resource tracker that the queue below starts inherits these warning filters. It removes what a worker
+    # stopped mid-run could not (its decoding workers' semaphores), correctly, with a warning that would follow the
+    # one sentence of a Ctrl-C: cleaned up, it is nothing for the user to act on.
+    if _QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(_QUIET_TRACKER)
     # spawn, not fork: CUDA cannot be initialised in a forked child, and each worker owns one device.
     context = mp.get_context("spawn")
     channel = context.Queue()
@@ -249,7 +265,10 @@ def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:
                 # A worker's last message is in the pipe before it exits: dead and silent means it crashed.
                 for job_index, process in processes.items():
                     if job_index not in summaries and not process.is_alive():
-                        raise UserError(f"the worker on {device[job_index]} stopped (exit code {process.exitcode}).")
+                        raise UserError(
+                            f"the worker on {device[job_index]} stopped (exit code {process.exitcode}); what it "
+                            f"printed is in {_log_of(jobs[job_index])}."
+                        )
                 continue
             if kind == "done":
                 summaries[index] = payload
@@ -266,6 +285,9 @@ def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:
         for process in processes.values():
             process.join()
     return list(summaries.values())
+
+
+_QUIET_TRACKER = "ignore::UserWarning:multiprocessing.resource_tracker"
 
 
 def _stop(processes: list[mp.Process], *, grace_s: float = 10.0) -> None:
