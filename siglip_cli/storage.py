@@ -117,6 +117,24 @@ def replaced_together(*, before: Callable[[dict[Path, Path]], None]) -> Iterator
             fsync_dir(folder)
 
 
+# Lock files held by `exclusive`. A forked child (a decoding worker) shares their open files, and so the locks:
+# one that outlived its run (a kill -9 of the main process) kept the rerun out for seconds. Children let go of them.
+_held_locks: set[int] = set()
+
+
+def _let_go_of_locks() -> None:
+    if _held_locks:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in _held_locks:
+            os.dup2(devnull, fd)  # the child's copy of the descriptor now points elsewhere; the parent's lock stays
+        os.close(devnull)
+        _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_let_go_of_locks)
+
+
 @contextmanager
 def exclusive(output: Path) -> Iterator[None]:
     """Hold `.STEM.lock` beside `output` for the duration: a second run writing the same output is refused in one
@@ -139,9 +157,11 @@ def exclusive(output: Path) -> Iterator[None]:
                 raise BlockingIOError
         except (BlockingIOError, FileNotFoundError):
             raise UserError(f"another siglip run is writing {output}: wait for it, or choose another -o.") from None
+        _held_locks.add(handle.fileno())
         try:
             yield
         finally:
+            _held_locks.discard(handle.fileno())
             lock.unlink(missing_ok=True)  # before the lock is released: a run that opens it later makes a new one
 
 

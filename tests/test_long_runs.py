@@ -508,6 +508,28 @@ def test_a_refused_update_leaves_nothing_behind(embed, folder: Path, tmp_path: P
     ok(embed(folder, output, "--update"))  # the same options as the output: not blocked by the refusal
 
 
+def test_a_forked_child_does_not_keep_the_lock_once_the_run_is_gone(tmp_path: Path) -> None:
+    # Decoding workers share the lock's open file: killed alone, the main process left one holding it for ~7 s,
+    # and the rerun was refused ("another siglip run is writing").
+    output = tmp_path / "embeddings.safetensors"
+    script = (
+        "import os, sys, time; from pathlib import Path; from siglip_cli.storage import exclusive\n"
+        f"with exclusive(Path({str(output)!r})):\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(30); os._exit(0)\n"
+        "    print('locked', flush=True); time.sleep(30)\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert run.stdout.readline() == "locked\n"
+        run.kill()  # the main process alone, as the OOM killer would; its child sleeps on
+        run.wait()
+        with storage_module.exclusive(output):
+            pass
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+
+
 def test_a_lock_file_unlinked_by_a_finishing_run_does_not_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A run that opened the lock file just before the finishing run unlinked it could lock that orphan while a third
     # run locked a new file of the same name: two runs writing one output.
