@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
 
 from . import interrupts
@@ -165,12 +165,16 @@ class Parcel:
         return dataclasses.replace(self, pixels=self.pixels.pin_memory()) if self.pixels is not None else self
 
 
+class SharedMemoryFull(RuntimeError):
+    """A worker could not put its parcel in shared memory (/dev/shm): containers often get 64 MB of it."""
+
+
 def _collate(items: list[Item]) -> Parcel:
     good = [item for item in items if item.pixels is not None or item.jpeg is not None]
     cpu_rows = [i for i, item in enumerate(good) if item.pixels is not None]
     jpeg_rows = [i for i, item in enumerate(good) if item.jpeg is not None]
     jpegs = [good[i].jpeg for i in jpeg_rows]
-    return Parcel(
+    parcel = Parcel(
         rows=[item.info for item in good],
         errors=[item.info for item in items if item.pixels is None and item.jpeg is None],
         pixels=torch.stack([good[i].pixels for i in cpu_rows]) if cpu_rows else None,
@@ -179,6 +183,17 @@ def _collate(items: list[Item]) -> Parcel:
         jpeg_facts=[(len(j.data), j.orientation, j.width, j.height) for j in jpegs],
         jpeg_rows=jpeg_rows,
     )
+    if get_worker_info() is not None:
+        # Moved to shared memory here, as sending would do anyway: where it fails, the loader then raises in the
+        # main process, where `_parcels` recovers. Failing in the sending thread, the parcel was lost and the run
+        # waited for it forever.
+        try:
+            for tensor in (parcel.pixels, parcel.jpeg_bytes):
+                if tensor is not None:
+                    tensor.share_memory_()
+        except RuntimeError as e:
+            raise SharedMemoryFull(str(e)) from None
+    return parcel
 
 
 @dataclass(frozen=True)
@@ -294,11 +309,13 @@ def decoded_batches(
     workers: int,
     pin: bool,
     jpeg_to_device: bool = False,
+    note: Callable[[str], None] = lambda message: None,
 ) -> Iterator[Batch]:
     """Batches of `batch_size` files in order (fixed slices of `paths`), decoded by `workers` processes ahead of
-    the model, `PARCEL_SIZE` files at a time, with about two batches in flight."""
+    the model, `PARCEL_SIZE` files at a time, with about two batches in flight. `note` hears of a change of plan."""
     spans = [(start, min(start + batch_size, len(paths))) for start in range(0, len(paths), batch_size)]
-    parcels = _parcels(ImageFiles(paths, cfg, options, jpeg_to_device=jpeg_to_device), spans, batch_size, workers, pin)
+    files = ImageFiles(paths, cfg, options, jpeg_to_device=jpeg_to_device)
+    parcels = _parcels(files, spans, batch_size, workers, pin, note)
     try:
         for start, end in spans:
             parts: list[Parcel] = []
@@ -311,13 +328,15 @@ def decoded_batches(
 
 
 def _parcels(
-    files: ImageFiles, spans: list[tuple[int, int]], batch_size: int, workers: int, pin: bool
-) -> Iterator[Parcel]:
+    files: ImageFiles, spans: list[tuple[int, int]], batch_size: int, workers: int, pin: bool,
+    note: Callable[[str], None],
+) -> Iterator[Parcel]:  # fmt: skip
     """The parcels of `spans`, in order, from a DataLoader; never one parcel across two spans.
 
     A worker that dies (a native decoder's crash, the kernel's out-of-memory killer) would end the run, and every
     rerun, at the same file. Instead the files it may have held, those of the parcels in flight, are decoded again
     one process each, so that the culprit alone becomes an error row, and a fresh DataLoader takes the rest.
+    Where the workers cannot hand parcels over for want of shared memory, the rest is decoded in this process.
     """
     size = min(PARCEL_SIZE, batch_size)
     prefetch = max(2, math.ceil(2 * batch_size / (size * workers))) if workers else None
@@ -346,6 +365,14 @@ def _parcels(
             with interrupts.deferred():
                 next(arriving, None)  # the finished iterator shuts its workers down (not in a `__del__`, see `interrupts`)
             return
+        except SharedMemoryFull:
+            note(
+                f"the shared memory (/dev/shm) is too small for {workers} decoding workers' parcels: decoding in "
+                "this process from here on, which is slower (in a container, give it more: docker run --shm-size=2g)."
+            )
+            workers, prefetch = 0, None
+            spans = _clip(spans, done, len(files))
+            continue
         except RuntimeError as e:
             if not str(e).startswith("DataLoader worker"):
                 raise

@@ -339,6 +339,7 @@ def embedded_batches(
         workers=workers,
         pin=embedder.device.type == "cuda",
         jpeg_to_device=decoder == "gpu",
+        note=progress.note if progress else lambda message: None,
     )
     halved = _Halving(progress)
     # The device decoder's host side (file bytes to nvJPEG, Huffman decoding) runs in a thread a batch or two ahead,

@@ -1239,6 +1239,33 @@ def test_a_run_goes_on_past_a_file_that_kills_its_decoder(
     assert [Path(r["path"]).name for r in map(json.loads, (out / "e.jsonl").read_text().splitlines())] == ["b.png", "c.webp"]
 
 
+def test_workers_short_of_shared_memory_leave_the_rest_to_this_process(
+    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In a container with 64 MB of /dev/shm, a parcel that could not be shared was lost in the worker's sending
+    # thread, and the run waited for it forever.
+    from siglip_cli import decoding as D
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.preprocess import DecodeOptions
+
+    monkeypatch.setattr(D, "PARCEL_SIZE", 2)
+    paths = sorted(str(p) for p in mixed_folder.iterdir()) * 3
+    cfg = PreprocessConfig(32, 32)
+    plain = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=5, workers=0, pin=False))
+
+    def no_room(self):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", no_room)
+    notes: list[str] = []
+    batches = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=5, workers=2, pin=False, note=notes.append))
+    assert len(notes) == 1 and notes[0].startswith("the shared memory (/dev/shm) is too small for 2 decoding workers'")
+    assert [[r["path"] for r in b.rows] for b in batches] == [[r["path"] for r in b.rows] for b in plain]
+    for got, expected in zip(batches, plain):
+        assert torch.equal(D.batch_pixels(got, cfg, torch.device("cpu"), DecodeOptions())[0],
+                           D.batch_pixels(expected, cfg, torch.device("cpu"), DecodeOptions())[0])  # fmt: skip
+
+
 def test_ctrl_c_while_the_workers_shut_down_reaches_the_run(
     mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
