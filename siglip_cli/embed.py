@@ -415,19 +415,25 @@ def _embed_pending(
         output_dtype=options.output_dtype,
         progress=progress,
     )
-    for done in batches:
-        interrupts.check()  # a Ctrl-C that a `__del__` swallowed stops the run here
-        buffer.errors.extend(done.errors)
-        if done.embeddings is not None:
-            buffer.rows.extend(done.rows)
-            buffer.embeddings.append(done.embeddings.astype(out_dtype))
-            if done.tokens is not None:
-                buffer.tokens.append(done.tokens.astype(out_dtype))
-        if progress:
-            progress.advance(done.count)
-        if time.monotonic() - last_flush >= FLUSH_SECONDS or buffer.nbytes() >= CHUNK_BYTES:
-            results.update(buffer.flush(work, seq))
-            seq, last_flush = seq + 1, time.monotonic()
+    try:
+        for done in batches:
+            interrupts.check()  # a Ctrl-C that a `__del__` swallowed stops the run here
+            with interrupts.deferred():  # a batch joins the buffer whole, or not at all
+                buffer.errors.extend(done.errors)
+                if done.embeddings is not None:
+                    buffer.rows.extend(done.rows)
+                    buffer.embeddings.append(done.embeddings.astype(out_dtype))
+                    if done.tokens is not None:
+                        buffer.tokens.append(done.tokens.astype(out_dtype))
+            if progress:
+                progress.advance(done.count)
+            if time.monotonic() - last_flush >= FLUSH_SECONDS or buffer.nbytes() >= CHUNK_BYTES:
+                results.update(buffer.flush(work, seq))
+                seq, last_flush = seq + 1, time.monotonic()
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: the batches finished since the last flush are kept too (a second Ctrl-C stops at once).
+        buffer.flush(work, seq)
+        raise
     results.update(buffer.flush(work, seq))
     return results
 

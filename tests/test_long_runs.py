@@ -205,6 +205,18 @@ def interrupted(embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: p
     return interrupt(embedder, folder, tmp_path / "out" / "embeddings.safetensors")
 
 
+def test_a_stop_keeps_the_batches_finished_since_the_last_flush(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGTERM 600 images into a run kept nothing but its state file when the flush interval had not come round.
+    monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 1e9)
+    output = interrupt(embedder, folder, tmp_path / "out" / "embeddings.safetensors")
+    summary = summary_of(embed(folder, output, "--json"))
+    assert (summary["embedded"], summary["reused"]) == (4, 8)  # batches 1-4 of 2 images each were finished
+    ok(embed(folder, tmp_path / "whole.safetensors"))
+    assert differences(output, tmp_path / "whole.safetensors") == []
+
+
 def test_an_interrupted_run_leaves_no_output_only_its_work_area(interrupted: Path) -> None:
     assert [p.name for p in interrupted.parent.iterdir()] == [work_area(interrupted).name]
 
@@ -404,7 +416,7 @@ def test_an_interrupted_overwrite_continues_when_its_command_is_rerun(
     # Its rerun embedded everything again, and without --overwrite it was refused: "rerun the same command to
     # continue" did not hold for a run that replaced an earlier output.
     summary = summary_of(embed(folder, interrupted, "--overwrite", "--json"))
-    assert (summary["embedded"], summary["reused"]) == (6, 6)
+    assert (summary["embedded"], summary["reused"]) == (4, 8)
     ok(embed(folder, tmp_path / "whole.safetensors"))
     assert differences(interrupted, tmp_path / "whole.safetensors") == []
 
@@ -941,20 +953,14 @@ def test_out_of_memory_even_for_one_image_ends_the_command_with_one_sentence(
 # ----------------------------------------------------------------------------------- chunked flushing
 
 
-@pytest.mark.parametrize("chunk_bytes, keeps_work", [(1, True), (1 << 40, False)])
+@pytest.mark.parametrize("chunk_bytes, chunks", [(1, 4), (1 << 40, 1)])
 def test_a_chunk_is_flushed_once_its_tensors_reach_chunk_bytes(
-    embed,
-    embedder: Embedder,
-    folder: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    chunk_bytes: int,
-    keeps_work: bool,
+    embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int, chunks: int
 ) -> None:
-    monkeypatch.setattr(embed_module, "FLUSH_SECONDS", float("inf"))  # only the size limit can flush
+    monkeypatch.setattr(embed_module, "FLUSH_SECONDS", float("inf"))  # only the size limit can flush, and the stop
     monkeypatch.setattr(embed_module, "CHUNK_BYTES", chunk_bytes)
-    output = interrupt(embedder, folder, tmp_path / "embeddings.safetensors")
-    assert (summary_of(embed(folder, output, "--json"))["reused"] > 0) == keeps_work
+    output = interrupt(embedder, folder, tmp_path / "embeddings.safetensors")  # Ctrl-C during batch 4
+    assert chunks_in(work_area(output)) == chunks  # batches 1-3 as each finished, then 4 at the stop; or all at once
 
 
 # ---------------------------------------------------------------------------------- real processes
