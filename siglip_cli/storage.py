@@ -95,15 +95,16 @@ def replaced_together(*, before: Callable[[dict[Path, Path]], None]) -> Iterator
     global _staged
     _staged = staged = []
     try:
-        yield
+        try:
+            yield
+        finally:
+            _staged = None  # `before` writes now, as everything after the block does
+        before({final: first for first, final in staged if final is not None})
     except BaseException:
         for first, final in staged:
             if final is not None:
                 first.unlink(missing_ok=True)
         raise
-    finally:
-        _staged = None
-    before({final: first for first, final in staged if final is not None})
     with interrupts.deferred():  # a Ctrl-C waits for the renames: a moment, and the output is whole
         for first, final in staged:
             try:

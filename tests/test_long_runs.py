@@ -339,6 +339,22 @@ def test_a_full_disk_while_an_update_writes_its_files_leaves_the_earlier_output_
     assert (summary["embedded"], summary["reused"]) == (0, 16)  # the 4 new ones from the work folder, 12 from before
 
 
+def test_a_full_disk_at_the_assembling_mark_leaves_no_temporaries_and_the_earlier_output(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    before = {p.name: p.read_bytes() for p in output.parent.iterdir()}
+    save_photos(folder, ["a00.jpg"], first_seed=100)
+
+    def full_disk(self, new_embeddings: Path) -> None:
+        raise storage_module.WriteError("cannot write the mark: No space left on device.")
+
+    monkeypatch.setattr(storage_module.WorkArea, "mark_assembling", full_disk)
+    assert "No space left on device" in the_error(embed(folder, output, "--update"))
+    assert {p.name: p.read_bytes() for p in output.parent.iterdir() if p.is_file()} == before  # no .tmp either
+
+
 def test_every_chunk_is_on_disk_before_and_after_it_gets_its_name(
     embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
