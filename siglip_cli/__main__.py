@@ -10,9 +10,9 @@ class StdoutError(Exception):
     """stdout could not take what was written (a file on a full disk, a reader gone): one sentence, not a traceback.
     Not an OSError, which click would turn into a silent exit 1 for a closed pipe."""
 
-    def __init__(self, errno: int | None, strerror: str | None):
+    def __init__(self, code: int | None, strerror: str | None):
         super().__init__(strerror)
-        self.errno, self.strerror = errno, strerror
+        self.errno, self.strerror = code, strerror
 
 
 class _Stdout:

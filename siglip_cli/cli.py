@@ -125,7 +125,7 @@ class _RichProgress:
             TextColumn("{task.fields[rate]}"),
             TimeRemainingColumn(),
             console=stderr,
-            disable=quiet or not sys.stderr.isatty(),  # not rich's is_terminal, which FORCE_COLOR fakes  # a log file gets the summary line, not bar redraws
+            disable=quiet or not sys.stderr.isatty(),  # a log file gets the summary line (rich's is_terminal: FORCE_COLOR lies)
             transient=False,
         )
         self.task = None
