@@ -17,7 +17,6 @@ import pickle
 import re
 import signal
 import sys
-import threading
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -397,7 +396,7 @@ def _clip(spans: list[tuple[int, int]], start: int, end: int) -> list[tuple[int,
 
 @contextmanager
 def _sigchld_left_as_it_was() -> Iterator[None]:
-    if not _on_main_thread():
+    if not interrupts.on_main_thread():
         yield
         return
     previous = signal.getsignal(signal.SIGCHLD)
@@ -410,7 +409,7 @@ def _sigchld_left_as_it_was() -> Iterator[None]:
 
 @contextmanager
 def _worker_deaths_raised_here() -> Iterator[None]:
-    if not _on_main_thread():  # where no signal handler can be set, the loader notices within 5 s on its own
+    if not interrupts.on_main_thread():  # where no signal handler can be set, the loader notices within 5 s on its own
         yield
         return
     _error_if_any_worker_fails()
@@ -419,10 +418,6 @@ def _worker_deaths_raised_here() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGCHLD, previous)
-
-
-def _on_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
 
 
 def _each_alone(files: ImageFiles, indices: range, workers: int) -> list[Item]:

@@ -26,7 +26,7 @@ _received: int | None = None  # the signal `stop_on_signals` turned into Keyboar
 _deferring = False
 
 
-def _on_main_thread() -> bool:
+def on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()  # the only thread Python delivers signals to
 
 
@@ -41,7 +41,7 @@ def stop_on_signals() -> Iterator[None]:
         _received = signum
         raise KeyboardInterrupt
 
-    if not _on_main_thread():
+    if not on_main_thread():
         yield
         return
     previous = {s: signal.signal(s, interrupt) for s in SIGNALS}
@@ -55,7 +55,7 @@ def stop_on_signals() -> Iterator[None]:
 
 def check() -> None:
     """Raise the KeyboardInterrupt of a signal that arrived during the run but was lost on the way."""
-    if _received is not None and _on_main_thread():
+    if _received is not None and on_main_thread():
         raise KeyboardInterrupt
 
 
@@ -65,7 +65,7 @@ def deferred() -> Iterator[None]:
     takes effect at once: the way out should the block itself hang. Blocks may nest; off the main thread, where no
     signal is delivered, this does nothing."""
     global _deferring
-    if _deferring or not _on_main_thread():
+    if _deferring or not on_main_thread():
         yield
         return
     # SIG_IGN stays ignored; None is a handler set outside Python, which cannot be put back once replaced.

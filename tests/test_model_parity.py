@@ -203,6 +203,12 @@ def test_preprocessor_settings_read_as_transformers_reads_them(tmp_path: Path, s
     assert max_diff(torch.from_numpy(result.tokens), expected_tokens) <= TOLERANCE
 
 
+def assert_pooled_like_transformers(checkpoint: Path, photos: list[Path]) -> None:
+    expected_pooled, _ = reference_from_photos(checkpoint, photos)
+    result = embed_paths(load(str(checkpoint), device="cpu", dtype="float32"), photos, normalize=False)
+    assert max_diff(torch.from_numpy(result.embeddings), expected_pooled) <= TOLERANCE
+
+
 def test_processor_config_alone_is_read_as_transformers_reads_it(
     tiny_siglip2: Path, photos: list[Path], tmp_path: Path
 ) -> None:
@@ -217,9 +223,7 @@ def test_processor_config_alone_is_read_as_transformers_reads_it(
     (checkpoint / "preprocessor_config.json").unlink()
     (checkpoint / "processor_config.json").write_text(json.dumps({"image_processor": settings, "processor_class": "SiglipProcessor"}))
     assert resolve_checkpoint(str(checkpoint)).preprocess.resample == settings["resample"] == 2
-    expected_pooled, _ = reference_from_photos(checkpoint, photos)
-    result = embed_paths(load(str(checkpoint), device="cpu", dtype="float32"), photos, normalize=False)
-    assert max_diff(torch.from_numpy(result.embeddings), expected_pooled) <= TOLERANCE
+    assert_pooled_like_transformers(checkpoint, photos)
 
 
 def test_processor_config_comes_before_preprocessor_config_as_in_transformers(
@@ -237,9 +241,7 @@ def test_processor_config_comes_before_preprocessor_config_as_in_transformers(
     changed = {**settings, "resample": 3, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
     (checkpoint / "processor_config.json").write_text(json.dumps({"image_processor": changed, "processor_class": "SiglipProcessor"}))
     assert resolve_checkpoint(str(checkpoint)).preprocess.resample == 3
-    expected_pooled, _ = reference_from_photos(checkpoint, photos)
-    result = embed_paths(load(str(checkpoint), device="cpu", dtype="float32"), photos, normalize=False)
-    assert max_diff(torch.from_numpy(result.embeddings), expected_pooled) <= TOLERANCE
+    assert_pooled_like_transformers(checkpoint, photos)
 
 
 def test_cli_no_normalize_output_is_transformers_pooler_output(
