@@ -60,7 +60,9 @@ def _count(n: int, noun: str) -> str:
 
 
 def discover(inputs: Iterable[str], *, files_from: str | None = None, report: WalkReport | None = None) -> list[str]:
-    """Every image path under `inputs`, each once, in sorted order (by the path's bytes).
+    """Every image path under `inputs`, each once, in sorted order (by the path's bytes). "Once" is by directory
+    entry (`_entry`): a file named both relatively and absolutely, or through a symlinked folder, keeps the first
+    spelling met.
 
     Named files are taken whatever their extension (the user asked for them); folders are walked recursively
     for regular files with an image extension (case-insensitive), skipping hidden files and folders and
@@ -69,15 +71,20 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
     bad file instead, since long lists are often a little stale. `report`, when given, collects the other files
     the walks met and the folders they could not list.
     """
-    found: dict[str, None] = {}
+    found: dict[tuple[str, str], str] = {}  # directory entry -> the path it was first met as
+    real_folders: dict[str, str] = {}
     seen_dirs: set[tuple[int, int]] = set()
     report = WalkReport() if report is None else report
 
+    def keep(path: str) -> None:
+        found.setdefault(_entry(path, real_folders), path)
+
     def add(name: str) -> None:
         if os.path.isdir(name):
-            found.update(dict.fromkeys(_walk(name, seen_dirs, report)))
+            for path in _walk(name, seen_dirs, report):
+                keep(path)
         else:
-            found.setdefault(tidy_path(name))
+            keep(tidy_path(name))
 
     for name in inputs:
         try:
@@ -90,7 +97,17 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
     if files_from is not None:
         for name in read_path_list(files_from):
             add(name)
-    return sorted(found, key=os.fsencode)
+    return sorted(found.values(), key=os.fsencode)
+
+
+def _entry(path: str, real_folders: dict[str, str]) -> tuple[str, str]:
+    """The directory entry `path` names: its folder's real path, and its own name. Only the folder is resolved: a
+    symlink or hard link to a photo under another name is another name for the user to keep, not a repeat.
+    `real_folders` caches the resolved folders (a walk gives thousands of files per folder)."""
+    folder, name = os.path.split(path)
+    if folder not in real_folders:
+        real_folders[folder] = os.path.realpath(folder or os.curdir)
+    return real_folders[folder], name
 
 
 def find_images(inputs: list[str], *, files_from: str | None = None) -> tuple[list[str], WalkReport]:

@@ -165,6 +165,23 @@ def test_a_file_reached_several_ways_is_listed_once(tmp_path: Path) -> None:
     assert paths == [str(photo)]
 
 
+def test_a_file_named_relatively_and_absolutely_is_one_row_under_the_first_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photo = touch(tmp_path / "album" / "photo.jpg")
+    (tmp_path / "linked").symlink_to(tmp_path / "album")
+    monkeypatch.chdir(tmp_path)
+    assert found("album", photo, "linked/photo.jpg", "album/../album/photo.jpg") == ["album/photo.jpg"]
+    assert found(photo, "album") == [str(photo)]
+
+
+def test_links_to_a_photo_under_other_names_are_rows_of_their_own(tmp_path: Path) -> None:
+    photo = touch(tmp_path / "photo.jpg")
+    (tmp_path / "symlink.jpg").symlink_to(photo)
+    os.link(photo, tmp_path / "hardlink.jpg")
+    assert [Path(p).name for p in found(tmp_path)] == ["hardlink.jpg", "photo.jpg", "symlink.jpg"]
+
+
 def test_dot_dot_after_a_symlinked_folder_names_what_the_file_system_opens(tmp_path: Path) -> None:
     # link → real/deep, so link/.. is real/, not tmp_path: tidied as text, the path named the other target.png.
     wanted = touch(tmp_path / "real" / "target.png")
