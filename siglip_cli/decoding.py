@@ -123,6 +123,7 @@ def _stat_fields(path: str) -> dict:
 
 
 def _worker_init(_: int) -> None:
+    interrupts.leave_to_parent()  # a Ctrl-C or a hang-up stops the main process, which then shuts this one down
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
     sys.excepthook = _quiet_if_the_main_process_left
 
@@ -458,7 +459,6 @@ def _death(exit_code: int | None) -> str:
 
 
 def _decode_for_parent(sender, path: str, cfg: PreprocessConfig, options: DecodeOptions, jpeg_to_device: bool) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops this process
     _worker_init(0)
     # Plain pickle: the tensors travel in the bytes. multiprocessing's own pickler would pass them as shared memory,
     # which the parent could no longer map once this process has exited.

@@ -121,18 +121,18 @@ def _die_with_parent() -> None:
 
 @contextmanager
 def _ctrl_c_left_to_this_process() -> Iterator[None]:
-    """Processes started in the block, and theirs, have SIGINT blocked for good (the mask outlives exec). A
-    terminal's Ctrl-C reaches every process of the run: the workers stopped with a traceback each (while they
-    imported torch, or as their decoding workers died), when this process stops them itself (`_stop`). Here a Ctrl-C
-    that arrives during the block is delivered as the block ends."""
+    """Processes started in the block, and theirs, have SIGINT and SIGHUP blocked for good (the mask outlives exec).
+    A terminal's Ctrl-C or hang-up reaches every process of the run: the workers stopped with a traceback each (while
+    they imported torch, or as their decoding workers died), when this process stops them itself (`_stop`). Here a
+    Ctrl-C or hang-up that arrives during the block is delivered as the block ends."""
     if not hasattr(signal, "pthread_sigmask"):  # Windows
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_BLOCK, interrupts.TERMINAL_SIGNALS)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupts.TERMINAL_SIGNALS)
 
 
 def check_device_options(devices: list[str], *, shard: tuple[int, int] | None, update: bool) -> None:

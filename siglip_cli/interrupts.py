@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM that always stop a run, and never hang it.
+"""Ctrl-C, SIGTERM and SIGHUP that always stop a run, and never hang it.
 
 Python raises `KeyboardInterrupt` wherever the main thread happens to be, and two places make that unsafe:
 
@@ -20,7 +20,11 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: the terminal the run was started from closed (an ssh session dropped). `nohup` sets it to be ignored, and
+# a signal found ignored stays ignored, as a shell leaves SIGINT ignored for a job started with `&`.
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# What a terminal sends to every process of the run, not only to this one (Ctrl-C, a hang-up).
+TERMINAL_SIGNALS = tuple(s for s in SIGNALS if s != signal.SIGTERM)
 
 _received: int | None = None  # the signal `stop_on_signals` turned into KeyboardInterrupt, while it is installed
 _deferring = False
@@ -32,8 +36,8 @@ def on_main_thread() -> bool:
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM (a scheduler, `kill`) both raise KeyboardInterrupt in the block, and `check()` raises it
-    again after a `__del__` swallowed it."""
+    """SIGINT, SIGTERM (a scheduler, `kill`) and SIGHUP all raise KeyboardInterrupt in the block, unless found
+    ignored, and `check()` raises it again after a `__del__` swallowed it."""
     global _received
 
     def interrupt(signum: int, frame) -> None:
@@ -44,13 +48,19 @@ def stop_on_signals() -> Iterator[None]:
     if not on_main_thread():
         yield
         return
-    previous = {s: signal.signal(s, interrupt) for s in SIGNALS}
+    previous = {s: signal.signal(s, interrupt) for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
         _received = None
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def leave_to_parent() -> None:
+    """In a helper process: the terminal's signals are for the process that started it, which stops it itself."""
+    for s in TERMINAL_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def check() -> None:

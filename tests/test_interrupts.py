@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM: deferred out of code that must not be interrupted, never lost (`siglip_cli.interrupts`)."""
+"""Ctrl-C, SIGTERM and SIGHUP: deferred out of code that must not be interrupted, never lost (`siglip_cli.interrupts`)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,26 @@ def test_sigterm_during_a_run_stops_it_like_ctrl_c() -> None:
         with interrupts.stop_on_signals():
             signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_hang_up_during_a_run_stops_it_like_ctrl_c() -> None:
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.stop_on_signals():
+            signal.raise_signal(signal.SIGHUP)
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+
+
+def test_a_signal_found_ignored_stays_ignored() -> None:
+    # `nohup` ignores SIGHUP, and a shell ignores SIGINT for a job started with `&`: the run must not take them back.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with interrupts.stop_on_signals():
+            signal.raise_signal(signal.SIGHUP)
+            with interrupts.deferred():
+                signal.raise_signal(signal.SIGHUP)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 class SwallowsACtrlC:

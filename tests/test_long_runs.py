@@ -1113,6 +1113,40 @@ def test_sigterm_stops_like_ctrl_c_and_rerunning_continues(
     assert differences(output, uninterrupted) == []
 
 
+def test_a_hang_up_stops_like_ctrl_c_and_keeps_the_work(many_photos: Path, tiny_vision: Path, tmp_path: Path) -> None:
+    # A closed terminal (an ssh session dropped) sends SIGHUP to every process of the run: it ended with exit 129 and
+    # no word, and lost the batches finished since the last flush.
+    photos = tmp_path / "photos"
+    shutil.copytree(many_photos, photos)
+    for i in range(6):  # large photos last keep the run going after the hang-up, however late it comes
+        Image.new("RGB", (3000, 2000), (40 * i, 90, 160)).save(photos / f"zz{i}.jpg")
+    output = tmp_path / "embeddings.safetensors"
+    command = embed_command(photos, output, tiny_vision, workers=1)
+    process = start(command, flush_seconds=1e9)  # nothing flushed by time: the stop itself must keep the work
+    wait_for_chunks(process, output, 0)
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGHUP)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert len(stderr.strip().splitlines()) == 1 and "rerun the same command" in stderr, stderr
+    assert chunks_in(work_area(output)) == 1
+    summary = run_to_end(command)
+    assert summary["reused"] > 0 and summary["embedded"] + summary["reused"] == GOOD_PHOTOS + 6
+
+
+def test_a_hang_up_leaves_a_nohup_run_going(many_photos: Path, tiny_vision: Path, uninterrupted: Path, tmp_path: Path):
+    output = tmp_path / "embeddings.safetensors"
+    process = subprocess.Popen(
+        embed_command(many_photos, output, tiny_vision, workers=1), env=process_env(0.05), stderr=subprocess.PIPE,
+        text=True, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # nohup
+    )  # fmt: skip
+    wait_for_chunks(process, output, 1)
+    os.killpg(process.pid, signal.SIGHUP)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert differences(output, uninterrupted) == []
+
+
 # ---------------------------------------------------------------------------------------- bounded memory
 
 # A tower that is nearly all tokens and no compute: no embedder layer, no head, 16×16 patches of 256 floats.
