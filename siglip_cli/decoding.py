@@ -54,6 +54,15 @@ def file_digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def digest_of_file(path: str) -> str:
+    """`file_digest` of the file at `path`, read a MiB at a time (a 2 GB TIFF need not fit in memory)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def decode_file(
     path: str, cfg: PreprocessConfig, options: DecodeOptions, *, jpeg_to_device: bool = False
 ) -> tuple[Tensor | None, dict, JpegHeader | None]:
@@ -466,14 +475,14 @@ def _decode_for_parent(sender, path: str, cfg: PreprocessConfig, options: Decode
     sender.close()
 
 
-def look_ahead(items: Iterable[T], fn: Callable[[T], U], *, depth: int) -> Iterator[U]:
-    """`fn(item)` for each item, in order, computed by one background thread up to `depth` items ahead of the
-    consumer (inline when `depth` is 0). An exception in `fn` is raised where its result would have been yielded;
-    items not yet started are dropped when the consumer stops."""
+def look_ahead(items: Iterable[T], fn: Callable[[T], U], *, depth: int, threads: int = 1) -> Iterator[U]:
+    """`fn(item)` for each item, in order, computed by `threads` background threads up to `depth` items ahead of
+    the consumer (inline when `depth` is 0). An exception in `fn` is raised where its result would have been
+    yielded; items not yet started are dropped when the consumer stops."""
     if depth == 0:
         yield from map(fn, items)
         return
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="siglip-look-ahead")
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="siglip-look-ahead")
     # The pool's and its futures' locks are taken with signals deferred, as the DataLoader's are (see `interrupts`).
     pending: deque[Future[U]] = deque()
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import interrupts
-from .decoding import batch_pixels, decoded_batches, default_workers, file_digest, look_ahead
+from .decoding import batch_pixels, decoded_batches, default_workers, digest_of_file, look_ahead
 from .errors import UserError
 from .files import discover, display_path
 from .gpu_decode import check_supported
@@ -52,6 +52,10 @@ __all__ = ["EmbedOptions", "EmbedResult", "Embedder", "Summary", "embed_paths", 
 # At most this much finished work is lost to a kill -9 or a power cut (SIGLIP_FLUSH_SECONDS to tune).
 FLUSH_SECONDS = float(os.environ.get("SIGLIP_FLUSH_SECONDS", 5.0))
 CHUNK_BYTES = 64 << 20  # ...and a chunk is flushed sooner when its tensors reach this size (bounded memory)
+# --update reads the files whose mtime alone moved, to compare their content: reading waits on the disk (a NAS, a
+# spinning disk) more than BLAKE2b on the CPU, and BLAKE2b lets go of the GIL, so threads overlap the waits.
+HASHING_THREADS = 8
+HASHING_NOTE_BYTES = 256 << 20  # reading more than this says so first (seconds on a fast disk, minutes on a NAS)
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,7 @@ def embed_to_file(
 
         chunks = work.chunks()
         in_chunks = _chunk_rows(chunks)
-        reused = _reusable(paths, in_chunks, previous)
+        reused = _reusable(paths, in_chunks, previous, progress)
         wanted = set(paths)
         removed = sum(1 for path, found in previous.items() if path not in wanted and isinstance(found, Ref))
         pending = [p for p in paths if p not in reused]
@@ -244,7 +248,7 @@ def _chunk_rows(chunks: list[Chunk]) -> dict[str, Ref | dict]:
 
 
 def _reusable(
-    paths: list[str], in_chunks: dict[str, Ref | dict], previous: dict[str, Ref | dict]
+    paths: list[str], in_chunks: dict[str, Ref | dict], previous: dict[str, Ref | dict], progress: Progress | None
 ) -> dict[str, Ref | dict]:
     """The rows of `paths` that need no new work, where the file is still the one that produced the row: from this
     run's chunks, embedded or failed, else embedded in the earlier output (--update).
@@ -252,18 +256,18 @@ def _reusable(
     A file that failed in an earlier output is tried again: the cause may be gone (a permission, a full disk, a
     --max-pixels since raised). One that failed in this run's chunks is not: a resumed run batches exactly as the
     uninterrupted one, which keeps it byte-identical."""
-    reused: dict[str, Ref | dict] = {}
+    found: dict[str, Ref | dict] = {}
     for path in paths:
         if path in in_chunks:
-            found = in_chunks[path]
+            found[path] = in_chunks[path]
         elif isinstance(previous.get(path), Ref):
-            found = previous[path]
-        else:
-            continue
-        info = _still_current(path, found.info if isinstance(found, Ref) else found)
-        if info is not None:
-            reused[path] = found._replace(info=info) if isinstance(found, Ref) else info
-    return reused
+            found[path] = previous[path]
+    infos = _still_current({path: row.info if isinstance(row, Ref) else row for path, row in found.items()}, progress)
+    return {
+        path: row._replace(info=infos[path]) if isinstance(row, Ref) else infos[path]
+        for path, row in found.items()
+        if path in infos
+    }
 
 
 def refuse_empty_run(out: OutputPaths, bad: list[dict]) -> NoReturn:
@@ -281,26 +285,44 @@ def refuse_empty_run(out: OutputPaths, bad: list[dict]) -> NoReturn:
     raise UserError(f"none of the {len(bad)} input files could be embedded (the first, {first}): see {out.errors}.")
 
 
-def _still_current(path: str, info: dict) -> dict | None:
-    """`info` (with today's mtime) if the file is still the one that produced it, else None.
+def _still_current(infos: dict[str, dict], progress: Progress | None) -> dict[str, dict]:
+    """Of `infos` (manifest rows by path), those whose file is still the one that produced them, with today's mtime.
 
-    Size and mtime first; when only the mtime moved (a copy, a touch) the content hash decides.
-    """
+    Size and mtime first; when only the mtime moved (a copy, a restore, a sync) the content hash decides. Those
+    files are read in `HASHING_THREADS` threads, after a note when there is much to read."""
+    current: dict[str, dict] = {}
+    touched: dict[str, int] = {}  # path -> its new mtime
+    for path, info in infos.items():
+        try:
+            stat = os.stat(path)
+        except OSError:
+            if "error" in info and "size" not in info:  # it failed before because it was missing, and it still is
+                current[path] = info
+            continue
+        if stat.st_size != info.get("size"):
+            continue
+        if stat.st_mtime_ns == info.get("mtime_ns"):
+            current[path] = info
+        elif "blake2b" in info:
+            touched[path] = stat.st_mtime_ns
+    size = sum(infos[path]["size"] for path in touched)
+    if progress and size >= HASHING_NOTE_BYTES:
+        progress.note(
+            f"reading {len(touched):,} files ({size / 2**30:,.1f} GiB) whose modification time changed but not their "
+            "size, to see whether their content did."
+        )
+    digests = look_ahead(touched, _digest_or_none, depth=4 * HASHING_THREADS, threads=HASHING_THREADS)
+    for (path, mtime_ns), digest in zip(touched.items(), digests, strict=True):
+        if digest == infos[path]["blake2b"]:
+            current[path] = {**infos[path], "mtime_ns": mtime_ns}
+    return current
+
+
+def _digest_or_none(path: str) -> str | None:
     try:
-        stat = os.stat(path)
+        return digest_of_file(path)
     except OSError:
-        # It failed before because it was missing, and it still is.
-        return info if "error" in info and "size" not in info else None
-    if stat.st_size != info.get("size"):
-        return None
-    if stat.st_mtime_ns == info.get("mtime_ns"):
-        return info
-    try:
-        with open(path, "rb") as f:
-            same = "blake2b" in info and file_digest(f.read()) == info["blake2b"]
-    except OSError:
-        return None
-    return {**info, "mtime_ns": stat.st_mtime_ns} if same else None
+        return None  # unreadable now: embedded again, and its error said then
 
 
 class Embedded(NamedTuple):

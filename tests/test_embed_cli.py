@@ -1302,6 +1302,12 @@ def test_look_ahead_keeps_order_and_raises_where_the_failure_was() -> None:
     for depth in (0, 1, 3):
         assert list(look_ahead(range(10), lambda i: i * i, depth=depth)) == [i * i for i in range(10)]
 
+    def late_for_small(i: int) -> int:
+        time.sleep(0.02 * (10 - i))  # with several threads the later items finish first
+        return i
+
+    assert list(look_ahead(range(10), late_for_small, depth=8, threads=4)) == list(range(10))
+
     def fail_at_five(i: int) -> int:
         if i == 5:
             raise ValueError("five")

@@ -39,6 +39,7 @@ import siglip_cli.runtime as runtime_module
 import siglip_cli.storage as storage_module
 from conftest import DEFAULT_REPO_ID, build_checkpoint, make_photo
 from siglip_cli.cli import app
+from siglip_cli.decoding import digest_of_file, file_digest
 from siglip_cli.embed import EmbedOptions, Embedder, embed_to_file, load
 from siglip_cli.errors import UserError
 from siglip_cli.files import discover
@@ -495,6 +496,32 @@ def test_update_after_a_touch_equals_a_fresh_run(embed, folder: Path, tmp_path: 
     ok(embed(folder, output, "--update", "--batch-size", 1))
     ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
     assert differences(output, tmp_path / "fresh.safetensors") == []
+
+
+def test_update_reads_every_touched_file_and_re_embeds_the_one_whose_bytes_changed(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A library restored or synced anew: every mtime moved, and one photo was edited in place to the same size.
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output, "--batch-size", 1))
+    edited = folder / "p06.jpg"
+    data = bytearray(edited.read_bytes())
+    data[-3] ^= 0xFF  # inside the entropy-coded data, before the end marker: same size, other pixels
+    edited.write_bytes(bytes(data))
+    for photo in folder.iterdir():
+        touch(photo)
+    monkeypatch.setattr(embed_module, "HASHING_NOTE_BYTES", 0)  # the note a large library gets
+    result = embed(folder, output, "--update", "--batch-size", 1, "--json")
+    assert (summary_of(result)["embedded"], summary_of(result)["reused"]) == (1, 11)
+    assert "note: reading 12 files (0.0 GiB) whose modification time changed but not their size" in result.stderr
+    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
+    assert differences(output, tmp_path / "fresh.safetensors") == []
+
+
+def test_the_streamed_digest_is_the_manifests(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)  # over three reads
+    (tmp_path / "big.bin").write_bytes(data)
+    assert digest_of_file(str(tmp_path / "big.bin")) == file_digest(data)
 
 
 def test_update_tries_again_a_file_that_failed_before(embed, folder: Path, tmp_path: Path) -> None:
