@@ -59,6 +59,11 @@ class VisionConfig:
     # PaliGemma's tower has no attention-pool head: the language model reads the patch tokens.
     vision_use_head: bool = True
 
+    @property
+    def gelu_approximate(self) -> str:
+        """torch's GELU `approximate` for `hidden_act`: "tanh" or "none" (the exact, erf GELU)."""
+        return ACTIVATIONS[self.hidden_act]
+
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
             # No layers: transformers allows it, so do we.

@@ -156,7 +156,7 @@ def timm_model(model: SiglipVision, *, device: torch.device | str = "cpu") -> nn
             mlp_ratio=(cfg.intermediate_size + 0.5) / cfg.hidden_size,
             class_token=False,
             norm_layer=functools.partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
-            act_layer=GELUTanh if cfg.hidden_act != "gelu" else nn.GELU,
+            act_layer=GELUTanh if cfg.gelu_approximate == "tanh" else nn.GELU,
             weight_init="skip",
         )
     _load_exact(reference, timm_state_dict(model), source="timm")

@@ -171,10 +171,11 @@ def trace(
         )
     full = parse_layers(layers, cfg.num_hidden_layers)
     describe = _Describer(cfg, preprocessing)
+    pixels = _pixels(photo, preprocessing)  # first: an image the preprocessing refuses is one sentence
     stages = _image_stages(photo, preprocessing, describe)
 
     device = model.embeddings.patch_embedding.weight.device
-    pixels = _pixels(photo, preprocessing)[None].to(device)  # (1, C, H, W)
+    pixels = pixels[None].to(device)  # (1, C, H, W)
     recorder = _Recorder(frozenset(full), describe)
     with torch.inference_mode():
         model(pixels, recorder)
@@ -340,7 +341,7 @@ class _Describer:
             "residual1": "x + attention",
             "layer_norm2": "pre-MLP LayerNorm",
             "mlp.fc1": f"{D} → {F}",
-            "mlp.gelu": "GELU" + (" (tanh approximation)" if cfg.hidden_act != "gelu" else ""),
+            "mlp.gelu": "GELU" + (" (tanh approximation)" if cfg.gelu_approximate == "tanh" else ""),
             "mlp.fc2": f"{F} → {D}",
             "residual2": "x + MLP: the layer's output",
         }

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import make_photo, reference_vision_model, save_png_claiming_size
 from siglip_cli import cli, tracing
-from siglip_cli.config import PRESETS, VisionConfig
+from siglip_cli.config import PRESETS, PreprocessConfig, VisionConfig
 from siglip_cli.errors import UserError
 from siglip_cli.inspect_report import report
 from siglip_cli.model import SiglipVision, gflops_per_image, num_parameters
@@ -155,6 +155,21 @@ def test_so400m_384_stage_shapes_on_the_meta_device() -> None:
     assert {name: shape for name, shape in shapes(result).items() if name in expected} == expected
     assert len(result.stages) == 8 + len(LAYER_STAGES) + 26 + 5
     assert any("last 6 pixel rows and columns" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("activation, said", [("gelu_python", "GELU"), ("gelu_new", "GELU (tanh approximation)")])
+def test_the_gelu_stage_names_the_function_the_checkpoint_computes(activation: str, said: str) -> None:
+    vision = VisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                          image_size=32, patch_size=16, hidden_act=activation)  # fmt: skip
+    result = tracing.trace(SiglipVision(vision), make_photo(), PreprocessConfig(32, 32), layers="first")
+    assert {s.stage: s.note for s in result.stages}["layers.0.mlp.gelu"] == said
+
+
+def test_a_checkpoint_that_does_not_resize_refuses_a_photo_of_another_size_in_one_sentence() -> None:
+    vision = VisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                          image_size=32, patch_size=16)  # fmt: skip
+    with pytest.raises(UserError, match="image is 80x60 but the model needs 32x32"):
+        tracing.trace(SiglipVision(vision), make_photo((80, 60)), PreprocessConfig(32, 32, do_resize=False))
 
 
 @pytest.mark.parametrize(
