@@ -93,12 +93,19 @@ def open_rgb(
         return to_rgb(image), size
 
 
+def _registered_formats() -> tuple[str, ...]:
+    """`READABLE_FORMATS` that this Pillow has a plugin for: `Image.open` raises KeyError for any other it is
+    given, whatever the file (a GIF failed with KeyError 'HEIF' without pillow-heif, 'AVIF' before Pillow 11.2)."""
+    Image.init()  # every plugin Pillow has registered, pillow-heif's included
+    return tuple(name for name in READABLE_FORMATS if name in Image.OPEN)
+
+
 def open_checked(source: str | Path | BinaryIO, options: DecodeOptions) -> Image.Image:
     """The file opened lazily (its header read, no pixels decoded) as one of `READABLE_FORMATS` and within
     `options.max_pixels`; a `BadImage` otherwise."""
     try:
         with _without_pillow_guard():
-            image = Image.open(source, formats=READABLE_FORMATS)
+            image = Image.open(source, formats=_registered_formats())
     except UnidentifiedImageError:
         # Pillow's own message ends with repr(path): for the in-memory file embed reads, an object address.
         hint = "" if HEIF_SUPPORT else "; HEIC photos need pillow-heif"

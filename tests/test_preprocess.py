@@ -306,3 +306,16 @@ def test_wrong_size_without_resize_is_refused() -> None:
     fixed = PreprocessConfig(height=32, width=32, do_resize=False)
     with pytest.raises(BadImage, match="image is 80x60 but the model needs 32x32"):
         pixel_values(make_photo((80, 60)), fixed)
+
+
+@pytest.mark.parametrize("missing", ["HEIF", "AVIF"])
+def test_a_missing_optional_plugin_costs_only_its_own_format(missing: str, tmp_path: Path, monkeypatch) -> None:
+    # Without pillow-heif, or with a Pillow older than 11.2 (no AVIF), every GIF, BMP and TIFF failed with KeyError.
+    Image.init()
+    monkeypatch.delitem(Image.OPEN, missing)
+    for suffix in ("gif", "bmp", "tiff", "png"):
+        make_photo((40, 30)).save(tmp_path / f"photo.{suffix}")
+        assert load_pixels(tmp_path / f"photo.{suffix}", PreprocessConfig(16, 16), DecodeOptions())[0].shape == (3, 16, 16)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(BadImage, match="cannot identify image file"):
+        load_pixels(tmp_path / "notes.txt", PreprocessConfig(16, 16), DecodeOptions())
