@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Iterable, Iterator, NamedTuple, NoReturn, Protocol
 
 import numpy as np
@@ -303,7 +304,7 @@ def _still_current(infos: dict[str, dict], progress: Progress | None) -> dict[st
             continue
         if stat.st_mtime_ns == info.get("mtime_ns"):
             current[path] = info
-        elif "blake2b" in info:
+        elif "blake2b" in info and S_ISREG(stat.st_mode):  # a FIFO put in a photo's place would block the read
             touched[path] = stat.st_mtime_ns
     size = sum(infos[path]["size"] for path in touched)
     if progress and size >= HASHING_NOTE_BYTES:

@@ -16,6 +16,7 @@ a larger batch size.
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import os
@@ -24,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -516,6 +518,24 @@ def test_update_reads_every_touched_file_and_re_embeds_the_one_whose_bytes_chang
     assert "note: reading 12 files (0.0 GiB) whose modification time changed but not their size" in result.stderr
     ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
     assert differences(output, tmp_path / "fresh.safetensors") == []
+
+
+def test_update_never_reads_a_fifo_found_where_a_row_was(tmp_path: Path) -> None:
+    # Opening a FIFO to hash it blocks until something writes to it: a resumed run hung forever on one.
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    row = {"path": str(fifo), "size": 0, "mtime_ns": 1, "blake2b": file_digest(b"")}
+
+    def let_a_reader_go() -> None:  # else a read stuck in a hashing thread would hang the test, not fail it
+        with contextlib.suppress(OSError):  # ENXIO: no reader, nothing stuck
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    timer = threading.Timer(5, let_a_reader_go)
+    timer.start()
+    try:
+        assert embed_module._still_current({str(fifo): row}, None) == {}  # read, it would equal the empty digest
+    finally:
+        timer.cancel()
 
 
 def test_the_streamed_digest_is_the_manifests(tmp_path: Path) -> None:
