@@ -209,6 +209,8 @@ def embed(
         paths, walk = find_images(inputs or [], files_from=files_from)
         if walk.unreadable:
             note(f"could not list {walk.unreadable_text()}; images in them are not embedded.")
+        if walk.not_files:
+            note(f"{walk.not_files_text()}; not embedded.")
         if walk.passed_over and not quiet:
             note(
                 f"passed over {walk.passed_over_text()} in the folders: not images siglip reads "

@@ -38,6 +38,9 @@ class WalkReport:
 
     passed_over: Counter[str] = field(default_factory=Counter)  # other files, by lower-case extension ("" if none)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (folder, reason) of folders not listed
+    # (path, what it is) of entries named like images that are no files: links to a missing target (an unmounted
+    # drive), FIFOs, sockets. Opening a FIFO would block forever.
+    not_files: list[tuple[str, str]] = field(default_factory=list)
 
     def passed_over_text(self, shown: int = 5) -> str:
         """'1,300 files (1,204 .mov, 96 .aae)': the files left out, most common kinds first."""
@@ -53,6 +56,16 @@ class WalkReport:
         if len(self.unreadable) > shown:
             parts.append(f"{len(self.unreadable) - shown:,} more")
         return f"{_count(len(self.unreadable), 'folder')}: {', '.join(parts)}"
+
+    def not_files_text(self, shown: int = 3) -> str:
+        """'2 entries named like images are not files: a/x.jpg (a broken link), a/y.jpg (a FIFO)'."""
+        parts = [f"{display_path(path)} ({kind})" for path, kind in self.not_files[:shown]]
+        if len(self.not_files) > shown:
+            parts.append(f"{len(self.not_files) - shown:,} more")
+        entries = "1 entry named like an image is" if len(self.not_files) == 1 else (
+            f"{len(self.not_files):,} entries named like images are"
+        )
+        return f"{entries} not a file: {', '.join(parts)}"
 
 
 def _count(n: int, noun: str) -> str:
@@ -156,18 +169,29 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
         for entry in entries:
             if entry.name.startswith("."):
                 continue
+            suffix = os.path.splitext(entry.name)[1].lower()
             try:
                 if entry.is_dir():
                     if entry.name not in SKIPPED_FOLDERS and (not in_photos_library or entry.name in PHOTOS_LIBRARY_ORIGINALS):
                         (linked if entry.is_symlink() else real).append(entry.path)
                 elif entry.is_file():
-                    suffix = os.path.splitext(entry.name)[1].lower()
                     if suffix in IMAGE_SUFFIXES:
                         yield tidy_path(entry.path)
                     else:
                         report.passed_over[suffix] += 1
-            except OSError:
-                continue  # a broken symlink, or one that loops onto itself
+                elif suffix in IMAGE_SUFFIXES:
+                    report.not_files.append((tidy_path(entry.path), _kind(entry)))
+            except OSError:  # a symlink that loops onto itself, or an entry gone while the folder was listed
+                if suffix in IMAGE_SUFFIXES and entry.is_symlink():
+                    report.not_files.append((tidy_path(entry.path), "a broken link"))
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """What a directory entry that is neither a file nor a folder is, in a few words."""
+    if entry.is_symlink():
+        return "a broken link"  # its target is missing, or it loops
+    mode = entry.stat(follow_symlinks=False).st_mode
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
 
 
 def read_path_list(source: str) -> list[str]:

@@ -573,6 +573,11 @@ def test_files_left_out_of_the_walk_are_counted_on_stderr(messy: MessyRun) -> No
                      "reads (name a file explicitly to try it anyway)."]  # fmt: skip
 
 
+def test_entries_named_like_images_that_are_no_files_are_said_on_stderr(messy: MessyRun) -> None:
+    notes = [line for line in messy.result.stderr.splitlines() if "not a file" in line]
+    assert notes == [f"note: 1 entry named like an image is not a file: {messy.folder / 'fifo.jpg'} (a FIFO); not embedded."]
+
+
 def test_heic_photo_embeds_as_its_decoded_pixels(messy: MessyRun) -> None:
     assert np.abs(messy.embeddings["IMG_0001.HEIC"] - messy.embeddings["heic_pixels.png"]).max() <= SAME
 

@@ -215,6 +215,22 @@ def test_fifo_named_like_an_image_is_not_listed_from_a_folder(tmp_path: Path) ->
         assert found(tmp_path) == [str(photo)]
 
 
+def test_entries_named_like_images_that_are_no_files_are_reported(tmp_path: Path) -> None:
+    # A library of links into an unmounted drive lost its rows without a word.
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "unmounted" / "gone.jpg")
+    (tmp_path / "self.jpg").symlink_to("self.jpg")
+    os.mkfifo(tmp_path / "stream.jpg")
+    (tmp_path / "gone.mov").symlink_to(tmp_path / "unmounted" / "gone.mov")  # no image: not said
+    photo = touch(tmp_path / "photo.jpg")
+    report = WalkReport()
+    assert found_with(report, tmp_path) == [str(photo)]
+    assert sorted((Path(p).name, kind) for p, kind in report.not_files) == [
+        ("gone.jpg", "a broken link"), ("self.jpg", "a broken link"), ("stream.jpg", "a FIFO")
+    ]  # fmt: skip
+    assert report.not_files_text(shown=1).startswith("3 entries named like images are not a file: ")
+    assert report.not_files_text(shown=1).endswith(", 2 more")
+
+
 def test_only_regular_files_count_as_files(tmp_path: Path) -> None:
     photo = touch(tmp_path / "photo.jpg")
     os.mkfifo(tmp_path / "stream.jpg")
