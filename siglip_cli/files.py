@@ -27,7 +27,9 @@ IMAGE_SUFFIXES = frozenset(
 # snapshots and recycle bins (Synology, QNAP, Windows). Hidden folders (.Trash, .thumbnails) are skipped anyway.
 SKIPPED_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "@Recycle", "$RECYCLE.BIN"})
 # A macOS Photos library (a folder named `*.photoslibrary`) holds each photo once in `originals` (`Masters` in older
-# ones); its `resources/derivatives` and the rest are the same photos again, at other sizes.
+# ones); its `resources/derivatives` and the rest are the same photos again, at other sizes. iPhoto
+# (`*.photolibrary`) and Aperture (`*.aplibrary`) libraries keep theirs in `Masters` beside `Previews` and `Thumbnails`.
+PHOTOS_LIBRARY_SUFFIXES = (".photoslibrary", ".photolibrary", ".aplibrary")
 PHOTOS_LIBRARY_ORIGINALS = frozenset({"originals", "Masters"})
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -85,19 +87,22 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
     the walks met and the folders they could not list.
     """
     found: dict[tuple[str, str], str] = {}  # directory entry -> the path it was first met as
+    named: set[tuple[str, str]] = set()  # the entries of files named one by one
     real_folders: dict[str, str] = {}
     seen_dirs: set[tuple[int, int]] = set()
     report = WalkReport() if report is None else report
 
-    def keep(path: str) -> None:
-        found.setdefault(_entry(path, real_folders), path)
+    def keep(path: str) -> tuple[str, str]:
+        entry = _entry(path, real_folders)
+        found.setdefault(entry, path)
+        return entry
 
     def add(name: str) -> None:
         if os.path.isdir(name):
             for path in _walk(name, seen_dirs, report):
                 keep(path)
         else:
-            keep(tidy_path(name))
+            named.add(keep(tidy_path(name)))
 
     for name in inputs:
         try:
@@ -110,7 +115,19 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
     if files_from is not None:
         for name in read_path_list(files_from):
             add(name)
+    for folder, name in named:  # a named file a walk also met was counted as passed over, though it is embedded
+        suffix = os.path.splitext(name)[1].lower()
+        if suffix not in IMAGE_SUFFIXES and not name.startswith(".") and _walked(folder, seen_dirs):
+            report.passed_over -= Counter({suffix: 1})
     return sorted(found.values(), key=os.fsencode)
+
+
+def _walked(folder: str, seen_dirs: set[tuple[int, int]]) -> bool:
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return False
+    return (info.st_dev, info.st_ino) in seen_dirs
 
 
 def _entry(path: str, real_folders: dict[str, str]) -> tuple[str, str]:
@@ -155,6 +172,7 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
     folder that is reachable both ways is listed under its real path, whatever order the file system gives."""
     real, linked = [top], []
     while real or linked:
+        linked_to = not real  # a folder reached through a symlink: its own name may be the link's
         directory = real.pop() if real else linked.pop()
         try:
             info = os.stat(directory)
@@ -165,7 +183,8 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
         except OSError as e:
             report.unreadable.append((directory, e.strerror or str(e)))
             continue
-        in_photos_library = os.path.basename(os.path.normpath(directory)).endswith(".photoslibrary")
+        name = os.path.realpath(directory) if linked_to or directory == top else os.path.normpath(directory)
+        in_photos_library = os.path.basename(name).endswith(PHOTOS_LIBRARY_SUFFIXES)
         for entry in entries:
             if entry.name.startswith("."):
                 continue

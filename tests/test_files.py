@@ -72,6 +72,16 @@ def test_files_named_explicitly_are_never_counted_as_passed_over(tmp_path: Path)
     assert not report.passed_over
 
 
+def test_a_file_named_in_a_folder_also_walked_is_not_counted_as_passed_over(tmp_path: Path) -> None:
+    clip, notes = touch(tmp_path / "clip.mov"), touch(tmp_path / "notes.txt")
+    report = WalkReport()
+    assert discover([str(tmp_path), str(clip), str(clip)], report=report) == [str(clip)]
+    assert report.passed_over == {".txt": 1}
+    report = WalkReport()
+    assert discover([str(clip), str(notes), str(tmp_path)], report=report) == [str(clip), str(notes)]
+    assert not report.passed_over
+
+
 def test_passed_over_files_are_described_most_common_first() -> None:
     assert WalkReport(Counter({".mov": 1})).passed_over_text() == "1 file (1 .mov)"
     described = WalkReport(Counter({".aae": 3, ".mov": 1204, "": 2})).passed_over_text()
@@ -272,6 +282,25 @@ def test_a_macos_photos_library_gives_each_photo_once(tmp_path: Path) -> None:
     touch(library / "resources" / "derivatives" / "masters" / "A" / "IMG_1_4_5005_c.jpeg")
     touch(library / "scopes" / "cloudsharing" / "x.jpg")
     assert found(tmp_path) == sorted([str(original), str(older)], key=os.fsencode)
+
+
+@pytest.mark.parametrize("name", ["iPhoto Library.photolibrary", "Aperture Library.aplibrary"])
+def test_older_apple_libraries_give_their_masters_only(tmp_path: Path, name: str) -> None:
+    master = touch(tmp_path / name / "Masters" / "2009" / "IMG_0.jpg")
+    touch(tmp_path / name / "Previews" / "2009" / "IMG_0.jpg")
+    touch(tmp_path / name / "Thumbnails" / "2009" / "IMG_0.jpg")
+    assert found(tmp_path) == [str(master)]
+
+
+def test_a_photos_library_reached_through_a_symlink_is_still_one(tmp_path: Path) -> None:
+    library = tmp_path / "Photos Library.photoslibrary"
+    touch(library / "originals" / "A" / "IMG_1.heic")
+    touch(library / "resources" / "derivatives" / "A" / "IMG_1_1_105_c.jpeg")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "photos").symlink_to(library)
+    (tmp_path / "elsewhere" / "more").symlink_to(library)  # and one met inside a walk
+    for named in (tmp_path / "elsewhere" / "photos", tmp_path / "elsewhere"):
+        assert [Path(p).name for p in found(named)] == ["IMG_1.heic"], named
 
 
 # ----------------------------------------------------------------------------------- path lists
