@@ -155,6 +155,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB; transparency composited onto white exactly as transformers' `convert_to_rgb` does."""
     if image.mode == "RGB" and image.info.get("transparency") is None:
         return image  # most photos: `convert` would copy all their pixels for nothing
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha (some TIFFs): PIL converts it to RGB only through LA/RGBA
+        image = image.convert(image.mode.upper())
     if image.mode in _SIXTEEN_BIT or image.mode == "I":
         # PIL's convert clips 16-bit values to 255 (a white image); keep the tones by taking the high byte.
         # Mode "I" (32-bit integers, e.g. some TIFFs) holds 16-bit samples, or 8-bit ones that need no shift.

@@ -89,6 +89,16 @@ def test_transparency_is_composited_onto_white(cfg: PreprocessConfig) -> None:
     assert torch.equal(tensor_of(clear, cfg), torch.ones(3, cfg.height, cfg.width))  # white is +1 after normalizing
 
 
+@pytest.mark.parametrize("mode", ["La", "RGBa"])
+def test_premultiplied_alpha_is_composited_like_straight_alpha(mode: str, cfg: PreprocessConfig) -> None:
+    # A TIFF with associated alpha opens as La or RGBa; PIL cannot convert La to RGB at all.
+    straight = make_photo((40, 30)).convert(mode.upper())
+    straight.putalpha(Image.linear_gradient("L").resize((40, 30)))
+    premultiplied = straight.convert(mode)
+    grey_level = 2 / 255  # on the normalized scale, which spans 2
+    assert (tensor_of(premultiplied, cfg) - tensor_of(straight, cfg)).abs().max() <= 2 * grey_level + 1e-6  # rounding
+
+
 def test_rgb_png_with_a_transparent_colour_is_composited_like_the_reference(tmp_path: Path, cfg, reference) -> None:
     # An RGB PNG whose tRNS chunk makes one colour see-through: RGB, yet not to be passed through as it is.
     photo = make_photo((80, 60))
