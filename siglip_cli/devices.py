@@ -29,7 +29,7 @@ from .errors import UserError
 from .outputs import OutputPaths, check_outputs, read_rows
 from .runtime import dtype_note, load, resolve_device
 from .shards import merge_outputs, select_shard
-from .storage import exclusive
+from .storage import WorkArea, exclusive
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -55,6 +55,7 @@ class _Job:
     output: Path
     options: EmbedOptions
     compile: bool
+    overwrite: bool  # a shard left by an interrupted run with other options is replaced, not refused
 
 
 class _QueueProgress:
@@ -103,8 +104,8 @@ def _embed_job(job: _Job, channel: mp.Queue) -> None:
         torch.cuda.set_device(device)  # else calls on the current device make a context on cuda:0 in every worker
     embedder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype, compile=job.compile)
     summary = embed_to_file(
-        embedder, job.paths, job.output, options=job.options, update=True, progress=_QueueProgress(channel, job.index),
-        require_rows=False, part_of=Path(job.output).parent,
+        embedder, job.paths, job.output, options=job.options, update=True, overwrite=job.overwrite,
+        progress=_QueueProgress(channel, job.index), require_rows=False, part_of=Path(job.output).parent,
     )  # fmt: skip
     channel.put(("done", job.index, summary))
 
@@ -202,9 +203,11 @@ def embed_on_devices(
     with exclusive(out.embeddings):
         started = time.perf_counter()
         work = out.work
-        if overwrite:
-            shutil.rmtree(work, ignore_errors=True)
-        check_outputs(out, interrupted=work.is_dir(), overwrite=overwrite, update=False)
+        if not overwrite and WorkArea(work).published(out.embeddings):
+            return _finished_before(out, started)
+        # With --overwrite too, shards an interrupted run left with the same options are continued (its rerun);
+        # each worker replaces its shard if it was made with other options.
+        check_outputs(out, interrupted=work.is_dir(), overwrite=overwrite, update=False, update_allowed=False)
         work.mkdir(parents=True, exist_ok=True)
         count = len(devices)
         jobs = [
@@ -214,6 +217,7 @@ def embed_on_devices(
                 output=work / f"shard-{i}-of-{count}{output.suffix}",
                 options=options,
                 compile=compile,
+                overwrite=overwrite,
             )
             for i, device in enumerate(devices)
         ]
@@ -226,7 +230,9 @@ def embed_on_devices(
                          key=lambda row: order.get(row["path"], len(order)))  # fmt: skip
             shutil.rmtree(work, ignore_errors=True)
             refuse_empty_run(out, bad)
-        merged = merge_outputs([job.output for job in jobs], output, overwrite=True)
+        merged = merge_outputs(
+            [job.output for job in jobs], output, overwrite=True, before_replacing=WorkArea(work).mark_assembling
+        )
         shutil.rmtree(work, ignore_errors=True)
         embedded = sum(s.embedded for s in summaries)
         return Summary(
@@ -239,6 +245,17 @@ def embed_on_devices(
             errors=merged.errors,
             seconds=time.perf_counter() - started,
         )
+
+
+def _finished_before(out: OutputPaths, started: float) -> Summary:
+    """The summary of a run that was stopped after the merge had put every final file in place, before it removed
+    its work folder: its rerun finds the output whole, and ends."""
+    shutil.rmtree(out.work, ignore_errors=True)
+    rows, errors = read_rows(out)
+    return Summary(
+        embedded=0, reused=len(rows), failed=len(errors), removed=0, output=str(out.embeddings),
+        manifest=str(out.manifest), errors=str(out.errors) if errors else None, seconds=time.perf_counter() - started,
+    )  # fmt: skip
 
 
 def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:

@@ -176,12 +176,15 @@ def embed_to_file(
         try:
             previous = _previous_output(out, state) if update and not (resuming and work.assembling()) else {}
         except _OtherOptions as e:
-            if part_of is None:
+            if overwrite:  # a several-device shard takes both: one made with other options is replaced
+                previous = {}
+            elif part_of is None:
                 raise
-            raise UserError(  # the user ran no --update: say it as an interrupted run of theirs
-                f"{part_of} holds an interrupted run whose options differ ({e.difference}): "
-                "rerun with the same options to continue, or add --overwrite to start afresh."
-            ) from None
+            else:
+                raise UserError(  # the user ran no --update: say it as an interrupted run of theirs
+                    f"{part_of} holds an interrupted run whose options differ ({e.difference}): "
+                    "rerun with the same options to continue, or add --overwrite to start afresh."
+                ) from None
         if not resuming:
             try:
                 work.create(state)

@@ -102,9 +102,12 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
-def check_outputs(out: OutputPaths, *, interrupted: bool, overwrite: bool, update: bool) -> None:
+def check_outputs(
+    out: OutputPaths, *, interrupted: bool, overwrite: bool, update: bool, update_allowed: bool = True
+) -> None:
     """Refuse to replace a finished output, or files beside it that are the user's, unless told to; and refuse
-    always to take the manifest of the other format's output of the same name."""
+    always to take the manifest of the other format's output of the same name. `update_allowed`: whether the
+    refusal may suggest --update (several devices take none)."""
     other = out.embeddings.with_suffix(".npy" if out.format == "safetensors" else ".safetensors")
     if other.exists():
         raise UserError(
@@ -114,7 +117,8 @@ def check_outputs(out: OutputPaths, *, interrupted: bool, overwrite: bool, updat
     if overwrite or update:
         return
     if out.embeddings.exists():
-        raise UserError(f"{out.embeddings} already exists: add --overwrite to replace it, or --update to refresh it.")
+        refresh = ", or --update to refresh it" if update_allowed else " (--update runs on one device)"
+        raise UserError(f"{out.embeddings} already exists: add --overwrite to replace it{refresh}.")
     # The manifest and errors files of an interrupted run are ours to replace, and so is the errors file of a run
     # that could embed nothing (the only file it writes); anything else is the user's.
     if not interrupted:

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from .errors import UserError
 from .outputs import OutputPaths, Ref, assemble, check_outputs, describe_difference, read_output_metadata, read_rows
@@ -118,12 +118,17 @@ def open_output(path: Path) -> tuple[OutputPaths, dict[str, str]]:
 
 
 def merge_outputs(
-    inputs: list[Path], output: Path, *, overwrite: bool = False, allow_missing: bool = False
+    inputs: list[Path],
+    output: Path,
+    *,
+    overwrite: bool = False,
+    allow_missing: bool = False,
+    before_replacing: Callable[[Path], None] = lambda new_embeddings: None,
 ) -> MergeSummary:
     """Join outputs of disjoint shards into one, equal to a single run over all their files.
 
     Outputs of `--shard K/N` say which part they are: a merge that lacks one of the N parts is refused unless
-    `allow_missing` (a partial result, on purpose)."""
+    `allow_missing` (a partial result, on purpose). `before_replacing`: as for `outputs.assemble`."""
     if not inputs:
         raise UserError("give the shard outputs to merge.")
     target = OutputPaths.for_output(output)
@@ -161,7 +166,7 @@ def merge_outputs(
     metadata = dict(opened[0][1])
     metadata.pop("shard", None)  # the merge is the whole run
     metadata["options"] = json.dumps({**options[0], "format": target.format}, sort_keys=True)
-    assemble(target, [ref for _, ref in good], [info for _, info in bad], metadata)
+    assemble(target, [ref for _, ref in good], [info for _, info in bad], metadata, before_replacing=before_replacing)
     return MergeSummary(
         rows=len(good),
         failed=len(bad),

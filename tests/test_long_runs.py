@@ -33,6 +33,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.numpy import load_file
 from typer.testing import CliRunner, Result
 
 import siglip_cli.embed as embed_module
@@ -871,6 +872,50 @@ def test_several_devices_rerun_with_other_options_is_refused_as_one_device_refus
         "options to continue, or add --overwrite to start afresh."
     )
     assert summary_of(embed(folder, output, "--device", "cpu,cpu", "--json"))["reused"] == 12
+
+
+def test_several_devices_rerun_with_overwrite_continues_work_of_the_same_options(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --overwrite threw the work folder away first: every shard was embedded again, where one device continues.
+    import siglip_cli.devices as devices
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    output = tmp_path / "out" / "embeddings.safetensors"
+    with monkeypatch.context() as patch:
+        patch.setattr(devices, "merge_outputs", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert embed(folder, output, "--device", "cpu,cpu", "--overwrite").exit_code == 130
+    summary = summary_of(embed(folder, output, "--device", "cpu,cpu", "--overwrite", "--json"))
+    assert (summary["embedded"], summary["reused"]) == (0, 12)
+    with monkeypatch.context() as patch:  # interrupted again, then rerun with other options: they start afresh
+        patch.setattr(devices, "merge_outputs", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert embed(folder, output, "--device", "cpu,cpu", "--overwrite").exit_code == 130
+    summary = summary_of(embed(folder, output, "--device", "cpu,cpu", "--overwrite", "--tokens", "--json"))
+    assert (summary["embedded"], summary["reused"]) == (12, 0)
+    assert "tokens" in load_file(output)
+
+
+def test_several_devices_on_an_existing_output_do_not_suggest_update(embed, folder: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output, "--device", "cpu,cpu"))
+    error = the_error(embed(folder, output, "--device", "cpu,cpu"))
+    assert error == f"error: {output} already exists: add --overwrite to replace it (--update runs on one device)."
+
+
+def test_several_devices_stopped_after_the_merge_put_the_output_in_place_end_at_once_when_rerun(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import siglip_cli.devices as devices
+
+    output = tmp_path / "out" / "embeddings.safetensors"
+    with monkeypatch.context() as patch:  # killed after the last rename, before the work folder was removed
+        patch.setattr(devices.shutil, "rmtree", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert embed(folder, output, "--device", "cpu,cpu").exit_code == 130
+    assert work_area(output).is_dir() and output.exists()
+    before = output.read_bytes()
+    summary = summary_of(embed(folder, output, "--device", "cpu,cpu", "--json"))
+    assert (summary["embedded"], summary["reused"]) == (0, 12)
+    assert output.read_bytes() == before and not work_area(output).exists()
 
 
 def test_several_devices_that_embed_nothing_fail_as_one_device_does(embed, tmp_path: Path) -> None:
