@@ -269,11 +269,13 @@ def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:
     channel = context.Queue()
     processes = {job.index: context.Process(target=_work, args=(job, channel)) for job in jobs}
     device = {job.index: job.device for job in jobs}
-    with _ctrl_c_left_to_this_process():
-        for process in processes.values():
-            process.start()
     summaries: dict[int, Summary] = {}
     try:
+        # Inside the try: a Ctrl-C held back while they start is delivered as the block ends, and those started
+        # must be stopped, not left to die on the queue this process takes away as it exits.
+        with _ctrl_c_left_to_this_process():
+            for process in processes.values():
+                process.start()
         while len(summaries) < len(jobs):
             try:
                 with interrupts.deferred():  # the queue's lock, as in `decoding`: Ctrl-C takes effect within a second
@@ -300,7 +302,8 @@ def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:
     finally:
         _stop([process for job_index, process in processes.items() if job_index not in summaries and process.is_alive()])
         for process in processes.values():
-            process.join()
+            if process.pid is not None:  # started
+                process.join()
     return list(summaries.values())
 
 

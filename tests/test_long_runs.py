@@ -918,6 +918,29 @@ def test_several_devices_stopped_after_the_merge_put_the_output_in_place_end_at_
     assert output.read_bytes() == before and not work_area(output).exists()
 
 
+def test_a_ctrl_c_while_the_workers_start_stops_the_started_ones(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_vision: Path
+) -> None:
+    # Delivered as the start block ended, before the try that stops workers: the started ones were left to die on
+    # the queue this process took away, with a traceback each.
+    import multiprocessing
+
+    import siglip_cli.devices as devices
+
+    @contextlib.contextmanager
+    def ctrl_c_as_it_ends():
+        yield
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(devices, "_ctrl_c_left_to_this_process", ctrl_c_as_it_ends)
+    with pytest.raises(KeyboardInterrupt):
+        devices.embed_on_devices(
+            str(tiny_vision), ["cpu", "cpu"], discover([str(folder)]), tmp_path / "embeddings.safetensors",
+            options=EmbedOptions(batch_size=1, workers=0),
+        )  # fmt: skip
+    assert multiprocessing.active_children() == []
+
+
 def test_several_devices_that_embed_nothing_fail_as_one_device_does(embed, tmp_path: Path) -> None:
     # Exit 0 with an empty output, where one device exits 2 with the first file's reason.
     junk = tmp_path / "junk"
