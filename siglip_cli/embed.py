@@ -236,6 +236,8 @@ def _resumable_after_write_errors(out: OutputPaths) -> Iterator[None]:
     try:
         yield
     except WriteError as e:  # the chunks written before are on disk, fsynced
+        if not out.work.is_dir():  # none made yet, or gone (the errors file of a run that embedded nothing)
+            raise
         kept = f"Finished work is kept in {out.work}: make room and rerun the same command to continue."
         raise WriteError(f"{e} {kept}") from None
 

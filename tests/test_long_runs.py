@@ -941,6 +941,17 @@ def test_a_ctrl_c_while_the_workers_start_stops_the_started_ones(
     assert multiprocessing.active_children() == []
 
 
+def test_a_write_error_after_the_work_folder_is_gone_does_not_point_at_it(embed, tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "bad.jpg").write_bytes(b"not a picture")
+    output = tmp_path / "out" / "embeddings.safetensors"
+    (tmp_path / "out" / "embeddings.errors.jsonl").mkdir(parents=True)  # the errors file cannot be written
+    error = the_error(embed(junk, output, "--overwrite"))
+    assert "embeddings.errors.jsonl" in error and "kept in" not in error, error
+    assert not work_area(output).exists()
+
+
 def test_several_devices_that_embed_nothing_fail_as_one_device_does(embed, tmp_path: Path) -> None:
     # Exit 0 with an empty output, where one device exits 2 with the first file's reason.
     junk = tmp_path / "junk"
