@@ -20,12 +20,8 @@ from rich.text import Text
 
 from . import __version__, interrupts
 from .allocator import keep_freed_memory
-from .config import DEFAULT_PRESET
-from .decoding import default_workers
+from .config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRESET
 from .errors import UserError
-from .preprocess import DEFAULT_MAX_PIXELS
-from .runtime import default_batch_size, resolve_device
-from .weights import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from .embed import Summary
@@ -191,10 +187,12 @@ def embed(
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Embed images into OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
+    from .decoding import default_workers
     from .devices import check_device_options, embed_with_model, parse_devices
     from .embed import EmbedOptions
     from .files import find_images
     from .preprocess import DecodeOptions
+    from .runtime import default_batch_size, resolve_device
     from .shards import parse_shard, select_shard
 
     if not inputs and files_from is None:
@@ -340,6 +338,7 @@ def bench(
 ) -> None:
     """Throughput of the vision tower (images/s, ms per image, peak memory), optionally against transformers and timm."""
     from .benchmark import BenchOptions, parse_batch_sizes, run_benchmark
+    from .runtime import resolve_device
 
     keep_freed_memory()  # as `siglip embed` runs; the references in this process get it too
     with user_errors():

@@ -105,6 +105,8 @@ class VisionConfig:
 PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 # What `siglip inspect` and `siglip bench` run when given no --model: B/16's shape, random weights, no download.
 DEFAULT_PRESET = "siglip-base-patch16-224"
+DEFAULT_MODEL = "google/siglip-base-patch16-224"  # what `siglip embed` runs when given none
+DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # Pillow's own guard (Image.MAX_IMAGE_PIXELS), ~89.5 MP
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .config import PreprocessConfig
+from .config import DEFAULT_MAX_PIXELS, PreprocessConfig
 
 try:
     from pillow_heif import register_heif_opener
@@ -51,7 +51,6 @@ _UPRIGHT = {
     8: Image.Transpose.ROTATE_90,
 }
 _PILLOW_GUARD_LOCK = threading.Lock()  # held only while a header is read, not while pixels are decoded
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own guard, ~89.5 MP
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 

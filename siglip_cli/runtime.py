@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import PreprocessConfig
+from .config import DEFAULT_MODEL, PreprocessConfig
 from .errors import UserError
 from .model import SiglipVision
-from .weights import DEFAULT_MODEL, Checkpoint, load_model, resolve_checkpoint
+from .weights import Checkpoint, load_model, resolve_checkpoint
 
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -35,7 +35,6 @@ from .errors import UserError
 from .files import display_path, is_utf8
 from .model import SiglipVision, random_model
 
-DEFAULT_MODEL = "google/siglip-base-patch16-224"
 ANCHOR = "embeddings.patch_embedding.weight"
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")

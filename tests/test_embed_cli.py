@@ -57,6 +57,13 @@ def siglip(*args: object, input: str | bytes | None = None) -> Result:
     return RUNNER.invoke(app, [str(a) for a in args], input=input)
 
 
+def test_help_and_version_answer_without_importing_torch() -> None:
+    # Importing torch took 2 s of every `siglip --help`; the commands import what they run.
+    script = "import sys, siglip_cli.__main__, siglip_cli.cli; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
 @pytest.fixture
 def embed(tiny_siglip: Path):
     """`embed(*args)` runs `siglip embed *args --model tiny_siglip --workers 0` (either can be overridden)."""
