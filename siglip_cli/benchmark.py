@@ -317,7 +317,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     check_references(options.compare)
     batch_sizes = check_batch_sizes(options.batch_sizes)
     if options.images is not None:  # before minutes of model timing: a wrong folder fails at once
-        paths, skipped = find_images(options.images, limit=options.max_images)
+        paths, skipped = decodable_images(options.images, limit=options.max_images)
 
     say(f"building {options.model}")
     # A preset: seeded random weights, no download, the same as `siglip inspect` draws for the seed.
@@ -485,7 +485,7 @@ def image_results(
     return results
 
 
-def find_images(directory: Path, *, limit: int) -> tuple[list[str], int]:
+def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], int]:
     """The first `limit` image files under `directory` that decode, found as `siglip embed` finds them (sorted,
     recursive), and how many were passed over because they do not: timings of a file that fails mean nothing."""
     from .files import IMAGE_SUFFIXES, discover

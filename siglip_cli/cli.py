@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Iterator, NoReturn, Optional
@@ -22,8 +22,12 @@ from . import __version__, interrupts
 from .allocator import keep_freed_memory
 from .config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRESET
 from .errors import UserError
+from .files import escape_controls
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
+    from .benchmark import Report
     from .embed import Summary
 
 app = typer.Typer(
@@ -76,10 +80,9 @@ def note(message: str) -> None:
 
 
 def printable(message: str) -> str:
-    """A sentence as one terminal line: control characters of a name in it (a newline, an escape sequence that would
-    recolour the terminal) shown as `\\x1b`. Input paths come escaped already (`display_path`); `-o` names and
-    folder names the user typed may not."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", message)
+    """A sentence as one terminal line (`files.escape_controls`). Input paths come escaped already (`display_path`);
+    `-o` names and folder names the user typed may not."""
+    return escape_controls(message)
 
 
 @contextmanager
@@ -129,16 +132,12 @@ class _RichProgress:
         self.fresh = 0
 
     def start(self, total: int, done: int) -> None:
-        import time
-
         self.started = time.perf_counter()
         with interrupts.deferred():
             self.bar.start()
             self.task = self.bar.add_task("embed", total=total, completed=done, rate="")
 
     def advance(self, n: int) -> None:
-        import time
-
         self.fresh += n
         rate = self.fresh / max(time.perf_counter() - self.started, 1e-9)
         with interrupts.deferred():
@@ -369,7 +368,7 @@ def bench(
         console.print(f"siglip / {reference} at batch {size}: {ratio:.2f}×")
 
 
-def _bench_table(report):
+def _bench_table(report: Report) -> Table:
     """One row per measurement, grouped by stage, readable in 80 columns: the words wrap, the numbers never."""
     from rich import box
     from rich.table import Table

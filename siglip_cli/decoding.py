@@ -27,7 +27,14 @@ from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
-from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+
+try:  # torch's private check of its loader's workers (what its own SIGCHLD handler runs): see `_worker_deaths_raised_here`
+    from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+except ImportError:  # moved in some torch release: the loader still notices a dead worker, within 5 s
+
+    def _error_if_any_worker_fails() -> None:
+        pass
+
 
 from . import interrupts
 from .config import PreprocessConfig

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -56,6 +57,12 @@ class _Job:
     options: EmbedOptions
     compile: bool
     overwrite: bool  # a shard left by an interrupted run with other options is replaced, not refused
+
+
+class DevicesProgress(Progress, Protocol):
+    """A run's progress on several devices: each worker's rows kept from earlier work arrive after `start`."""
+
+    def reused(self, n: int) -> None: ...
 
 
 class _QueueProgress:
@@ -154,7 +161,7 @@ def embed_with_model(
     options: EmbedOptions = EmbedOptions(),
     overwrite: bool = False,
     update: bool = False,
-    progress: Progress | None = None,
+    progress: DevicesProgress | None = None,
 ) -> Summary:
     """What `siglip embed` runs: load `model` on the device and embed `paths` into `output`, or, given several
     devices, one worker each (`embed_on_devices`). Notes about the model and the dtype go to `progress`."""
@@ -191,7 +198,7 @@ def embed_on_devices(
     options: EmbedOptions = EmbedOptions(),
     overwrite: bool = False,
     compile: bool = False,
-    progress: Progress | None = None,
+    progress: DevicesProgress | None = None,
 ) -> Summary:
     """Embed `paths` into `output` with one worker process per device; the result equals a single-device run.
 
@@ -258,7 +265,7 @@ def _finished_before(out: OutputPaths, started: float) -> Summary:
     )  # fmt: skip
 
 
-def _run_workers(jobs: list[_Job], progress: Progress | None) -> list[Summary]:
+def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Summary]:
     # The resource tracker that the queue below starts inherits these warning filters. It removes what a worker
     # stopped mid-run could not (its decoding workers' semaphores), correctly, with a warning that would follow the
     # one sentence of a Ctrl-C: cleaned up, it is nothing for the user to act on.

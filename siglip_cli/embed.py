@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import interrupts
-from .decoding import batch_pixels, decoded_batches, default_workers, digest_of_file, look_ahead
+from .decoding import Batch, batch_pixels, decoded_batches, default_workers, digest_of_file, look_ahead
 from .errors import UserError
 from .files import discover, display_path
 from .gpu_decode import check_supported
@@ -83,7 +83,6 @@ class Progress(Protocol):
 
     def start(self, total: int, done: int) -> None: ...  # `done`: rows kept from earlier work, not embedded now
     def advance(self, n: int) -> None: ...  # rows embedded (or failed) just now
-    def reused(self, n: int) -> None: ...  # more rows kept from earlier work, found after `start` (several devices)
     def note(self, message: str) -> None: ...
 
 
@@ -370,9 +369,12 @@ def embedded_batches(
         note=progress.note if progress else lambda message: None,
     )
     halved = _Halving(progress)
+
+    def prepare(batch: Batch) -> tuple[Batch, tuple[Tensor | None, list[dict], list[dict]]]:
+        return batch, batch_pixels(batch, embedder.preprocess, embedder.device, decode)
+
     # The device decoder's host side (file bytes to nvJPEG, Huffman decoding) runs in a thread a batch or two ahead,
     # while the model works on the GPU; its kernels queue on the same stream, so the order of work is kept.
-    prepare = lambda batch: (batch, batch_pixels(batch, embedder.preprocess, embedder.device, decode))  # noqa: E731
     for batch, (pixels, rows, errors) in look_ahead(batches, prepare, depth=2 if decoder == "gpu" else 0):
         if pixels is None:
             yield Embedded(len(batch), rows, batch.errors + errors, None, None)

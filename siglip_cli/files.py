@@ -257,9 +257,14 @@ def is_regular_file(path: str) -> bool:
 
 
 def display_path(path: str) -> str:
-    """The path as text for a terminal: bytes that are not UTF-8 shown as U+FFFD, control characters (a newline,
-    an escape sequence that would recolour the terminal) as `\\x1b`."""
-    text = os.fsencode(path).decode("utf-8", errors="replace")
+    """The path as text for a terminal: bytes that are not UTF-8 shown as U+FFFD, control characters as `\\x1b`
+    (`escape_controls`)."""
+    return escape_controls(os.fsencode(path).decode("utf-8", errors="replace"))
+
+
+def escape_controls(text: str) -> str:
+    """`text` as one terminal line: control characters (a newline, an escape sequence that would recolour the
+    terminal, C1 controls such as CSI) shown as `\\x1b`."""
     return _CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
 from .config import DEFAULT_PRESET, PIL_FILTERS, PreprocessConfig, VisionConfig
@@ -125,8 +125,6 @@ def read_image(path: str | Path, *, label: str | None = None) -> tuple[Image.Ima
             mode, kind = raw.mode, raw.format
     except FileNotFoundError:
         raise UserError(f"{path} does not exist.") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{path} is not an image that Pillow can read.") from None
     except (BadImage, OSError) as e:
         raise UserError(f"{path} cannot be decoded: {e}.") from None
     return photo, f"{label or path} ({photo.width}×{photo.height} {kind}, mode {mode})"
