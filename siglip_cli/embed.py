@@ -242,14 +242,20 @@ def _resumable_after_write_errors(out: OutputPaths) -> Iterator[None]:
 
 
 def _chunk_rows(chunks: list[Chunk]) -> dict[str, Ref | dict]:
-    """The rows an interrupted run left in its work area's chunks, by path: a `Ref` for each embedded file, the
-    errors row of each that failed."""
-    rows: dict[str, Ref | dict] = {}
-    for chunk in chunks:
-        reader = SafetensorsRows(chunk.path)
-        rows.update((row["path"], Ref(reader, i, row)) for i, row in enumerate(chunk.rows))
-        rows.update((row["path"], row) for row in chunk.errors)
-    return rows
+    """The rows an interrupted run left in its work area's chunks, by path (`_by_path`)."""
+    return {path: found for chunk in chunks for path, found in _results_of(chunk).items()}
+
+
+def _results_of(chunk: Chunk) -> dict[str, Ref | dict]:
+    reader = SafetensorsRows(chunk.path)
+    return _by_path((Ref(reader, i, row) for i, row in enumerate(chunk.rows)), chunk.errors)
+
+
+def _by_path(refs: Iterable[Ref], errors: Iterable[dict]) -> dict[str, Ref | dict]:
+    """Finished rows by path: a `Ref` for each embedded file, the errors row of each that failed."""
+    found: dict[str, Ref | dict] = {ref.info["path"]: ref for ref in refs}
+    found.update((row["path"], row) for row in errors)
+    return found
 
 
 def _reusable(
@@ -541,11 +547,8 @@ class _ChunkBuffer:
             if self.tokens:
                 tensors["tokens"] = np.concatenate(self.tokens)
         chunk = work.write_chunk(seq, self.rows, self.errors, tensors)
-        reader = SafetensorsRows(chunk.path)
-        results: dict[str, Ref | dict] = {row["path"]: Ref(reader, i, row) for i, row in enumerate(chunk.rows)}
-        results.update((row["path"], row) for row in chunk.errors)
         self.rows, self.errors, self.embeddings, self.tokens = [], [], [], []
-        return results
+        return _results_of(chunk)
 
 
 class _OtherOptions(UserError):
@@ -565,10 +568,7 @@ def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
             "rerun --update with the same options, or use --overwrite to start afresh.",
             difference=describe_difference(old, state),
         )
-    refs, errors = read_rows(out)
-    found: dict[str, Ref | dict] = {ref.info["path"]: ref for ref in refs}
-    found.update((row["path"], row) for row in errors)
-    return found
+    return _by_path(*read_rows(out))
 
 
 @dataclass
