@@ -153,42 +153,7 @@ def embed_to_file(
     # A second run writing this output is refused, not interleaved; a full disk is one sentence.
     with exclusive(out.embeddings), _resumable_after_write_errors(out):
         state = run_options(embedder, options, out.format)
-        work = WorkArea(out.work)
-        if overwrite and work.exists() and work.state() != state:
-            work.remove()  # an interrupted run with the same options continues, with --overwrite too (its rerun)
-        resuming = work.exists()
-        if resuming and work.published(out.embeddings):
-            # Stopped after its last rename, before it removed its work folder: the output is whole. The rerun
-            # takes it as an --update does, so it ends as the first run would have.
-            work.remove()
-            resuming, update = False, True
-        check_outputs(out, interrupted=resuming, overwrite=overwrite, update=update)
-        if resuming and work.state() != state:
-            raise UserError(
-                f"{out.work} holds an interrupted run whose options differ "
-                f"({describe_difference(work.state(), state)}): "
-                "rerun with the same options to continue, or add --overwrite to start afresh."
-            )
-        # A run that died while replacing the final files may have left a new manifest beside the old embeddings:
-        # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
-        # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
-        try:
-            previous = _previous_output(out, state) if update and not (resuming and work.assembling()) else {}
-        except _OtherOptions as e:
-            if overwrite:  # a several-device shard takes both: one made with other options is replaced
-                previous = {}
-            elif part_of is None:
-                raise
-            else:
-                raise UserError(  # the user ran no --update: say it as an interrupted run of theirs
-                    f"{part_of} holds an interrupted run whose options differ ({e.difference}): "
-                    "rerun with the same options to continue, or add --overwrite to start afresh."
-                ) from None
-        if not resuming:
-            try:
-                work.create(state)
-            except OSError as e:
-                raise UserError(f"cannot write beside {out.embeddings}: {e.strerror or e}.") from None
+        work, previous = _open_work(out, state, overwrite=overwrite, update=update, part_of=part_of)
         remove_stale_temporaries(out.files())
 
         chunks = work.chunks()
@@ -227,6 +192,53 @@ def embed_to_file(
             errors=str(out.errors) if bad else None,
             seconds=time.perf_counter() - started,
         )
+
+
+def _open_work(
+    out: OutputPaths, state: dict, *, overwrite: bool, update: bool, part_of: Path | None
+) -> tuple[WorkArea, dict[str, Ref | dict]]:
+    """The run's work area, continued or made anew, and the earlier output's rows to reuse (--update): or the
+    sentence that refuses the run. An interrupted run with the same options continues, with --overwrite too (its
+    rerun); one with other options is refused, or replaced with --overwrite."""
+    work = WorkArea(out.work)
+    if overwrite and work.exists() and work.state() != state:
+        work.remove()
+    resuming = work.exists()
+    # Stopped after its last rename, before it removed its work folder: the output is whole. The rerun takes it as
+    # an --update does, so it ends as the first run would have.
+    published = resuming and work.published(out.embeddings)
+    if published:
+        work.remove()
+        resuming = False
+    reuse_output = update or published
+    check_outputs(out, interrupted=resuming, overwrite=overwrite, update=reuse_output)
+    if resuming and work.state() != state:
+        raise UserError(
+            f"{out.work} holds an interrupted run whose options differ "
+            f"({describe_difference(work.state(), state)}): "
+            "rerun with the same options to continue, or add --overwrite to start afresh."
+        )
+    # A run that died while replacing the final files may have left a new manifest beside the old embeddings:
+    # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
+    # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
+    try:
+        previous = _previous_output(out, state) if reuse_output and not (resuming and work.assembling()) else {}
+    except _OtherOptions as e:
+        if overwrite:  # a several-device shard takes both: one made with other options is replaced
+            previous = {}
+        elif part_of is None:
+            raise
+        else:
+            raise UserError(  # the user ran no --update: say it as an interrupted run of theirs
+                f"{part_of} holds an interrupted run whose options differ ({e.difference}): "
+                "rerun with the same options to continue, or add --overwrite to start afresh."
+            ) from None
+    if not resuming:
+        try:
+            work.create(state)
+        except OSError as e:
+            raise UserError(f"cannot write beside {out.embeddings}: {e.strerror or e}.") from None
+    return work, previous
 
 
 @contextmanager
