@@ -27,7 +27,6 @@ from .storage import (
     SafetensorsRows,
     TensorSpec,
     read_jsonl,
-    remove_with_them,
     replaced_together,
     write_jsonl,
     write_npy,
@@ -270,23 +269,23 @@ def assemble(
     D, T = state["embedding_dim"], state["num_tokens"]
     dtype = np.dtype(OUTPUT_DTYPES[state["output_dtype"]])
     metadata = {**metadata, "num_images": str(len(good))}
-    with replaced_together(before=lambda new: before_replacing(new[out.embeddings])):
-        write_jsonl(out.manifest, (public_row(ref.info) for ref in good))
+    with replaced_together(before=lambda new: before_replacing(new[out.embeddings])) as staging:
+        write_jsonl(out.manifest, (public_row(ref.info) for ref in good), staging=staging)
         if bad:
-            write_jsonl(out.errors, (public_row(info) for info in bad))
+            write_jsonl(out.errors, (public_row(info) for info in bad), staging=staging)
         else:
-            remove_with_them(out.errors)  # a stale errors file would describe another run
+            staging.remove(out.errors)  # a stale errors file would describe another run
         embeddings = TensorSpec(dtype, (len(good), D), row_blocks(good, "embeddings", row_bytes=D * dtype.itemsize))
         tokens = None
         if state["tokens"]:
             tokens = TensorSpec(dtype, (len(good), T, D), row_blocks(good, "tokens", row_bytes=T * D * dtype.itemsize))
         if out.format == "npy":
             if tokens is not None:
-                write_npy(out.tokens, tokens)
+                write_npy(out.tokens, tokens, staging=staging)
             else:
-                remove_with_them(out.tokens)  # stale tokens would sit beside embeddings they do not match
-            write_jsonl(out.meta, [metadata])
-            write_npy(out.embeddings, embeddings)
+                staging.remove(out.tokens)  # stale tokens would sit beside embeddings they do not match
+            write_jsonl(out.meta, [metadata], staging=staging)
+            write_npy(out.embeddings, embeddings, staging=staging)
         else:
             tensors = {"embeddings": embeddings, **({"tokens": tokens} if tokens else {})}
-            write_safetensors(out.embeddings, tensors, metadata)
+            write_safetensors(out.embeddings, tensors, metadata, staging=staging)

@@ -47,23 +47,31 @@ class WriteError(UserError):
     """A file that could not be written: a full disk, a quota, a folder made read-only."""
 
 
-# While `replaced_together` runs: the files written (temporary, final name) and those to remove (final name, None).
-_staged: list[tuple[Path, Path | None]] | None = None
+class Staging:
+    """The files of one `replaced_together` block, in order: each written one (temporary, final name), and each
+    one to remove (final name, None)."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[Path, Path | None]] = []
+
+    def remove(self, path: Path) -> None:
+        """Remove `path` as the new files take their names (a stale file that would describe another run)."""
+        self.steps.append((path, None))
 
 
 @contextmanager
-def atomic_write(path: Path) -> Iterator[BinaryIO]:
+def atomic_write(path: Path, staging: Staging | None = None) -> Iterator[BinaryIO]:
     """Write `path` through a temporary file in the same folder: fsync, rename. Readers see old or new, never half.
     A failure of the system (no space left, ...) is a `WriteError` naming the file; nothing is left behind.
-    Inside `replaced_together`, the rename waits for the block's end."""
+    With `staging`, the rename waits for the end of its `replaced_together` block."""
     tmp = _temporary(path, os.getpid())
     try:
         with open(tmp, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        if _staged is not None:
-            _staged.append((tmp, path))
+        if staging is not None:
+            staging.steps.append((tmp, path))
             return
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -78,35 +86,22 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
-def remove_with_them(path: Path) -> None:
-    """Remove `path` now, or inside `replaced_together` as the new files take their names."""
-    if _staged is not None:
-        _staged.append((path, None))
-    else:
-        path.unlink(missing_ok=True)
-
-
 @contextmanager
-def replaced_together(*, before: Callable[[dict[Path, Path]], None]) -> Iterator[None]:
-    """Files written with `atomic_write` in the block take their names only once all are written and fsynced:
-    `before({final name: temporary})`, then one rename after another, in the order written. A failure while they
-    are written (a full disk) leaves every earlier file as it was, where renaming each as it was done left a new
-    manifest beside old embeddings."""
-    global _staged
-    _staged = staged = []
+def replaced_together(*, before: Callable[[dict[Path, Path]], None]) -> Iterator[Staging]:
+    """Files written in the block with its `Staging` take their names only once all are written and fsynced:
+    `before({final name: temporary})`, then one rename after another, in the order written. So a failure while
+    they are written (a full disk) leaves every earlier file as it was, and the files never mix two runs."""
+    staging = Staging()
     try:
-        try:
-            yield
-        finally:
-            _staged = None  # `before` writes now, as everything after the block does
-        before({final: first for first, final in staged if final is not None})
+        yield staging
+        before({final: first for first, final in staging.steps if final is not None})
     except BaseException:
-        for first, final in staged:
+        for first, final in staging.steps:
             if final is not None:
                 first.unlink(missing_ok=True)
         raise
     with interrupts.deferred():  # a Ctrl-C waits for the renames: a moment, and the output is whole
-        for first, final in staged:
+        for first, final in staging.steps:
             try:
                 if final is None:
                     first.unlink(missing_ok=True)
@@ -114,7 +109,7 @@ def replaced_together(*, before: Callable[[dict[Path, Path]], None]) -> Iterator
                     os.replace(first, final)
             except OSError as e:
                 raise WriteError(f"cannot write {final or first}: {e.strerror}.") from None
-        for folder in {(final or first).parent for first, final in staged}:
+        for folder in {(final or first).parent for first, final in staging.steps}:
             fsync_dir(folder)
 
 
@@ -186,8 +181,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    with atomic_write(path) as f:
+def write_jsonl(path: Path, rows: Iterable[dict], *, staging: Staging | None = None) -> None:
+    with atomic_write(path, staging) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
 
@@ -223,7 +218,9 @@ def _write_blocks(f: BinaryIO, name: str, spec: TensorSpec) -> None:
         raise RuntimeError(f"{name}: wrote {written} rows, expected {spec.shape[0]}")
 
 
-def write_safetensors(path: Path, tensors: dict[str, TensorSpec], metadata: dict[str, str]) -> None:
+def write_safetensors(
+    path: Path, tensors: dict[str, TensorSpec], metadata: dict[str, str], *, staging: Staging | None = None
+) -> None:
     """Stream tensors into a `.safetensors` file (the format: u64 header size, JSON header, raw little-endian data)."""
     header: dict = {"__metadata__": dict(sorted(metadata.items()))}  # sorted: the same content, the same bytes
     offset = 0
@@ -233,16 +230,16 @@ def write_safetensors(path: Path, tensors: dict[str, TensorSpec], metadata: dict
         offset += size
     encoded = json.dumps(header, ensure_ascii=False).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    with atomic_write(path) as f:
+    with atomic_write(path, staging) as f:
         f.write(len(encoded).to_bytes(8, "little") + encoded)
         for name, spec in tensors.items():
             _write_blocks(f, name, spec)
 
 
-def write_npy(path: Path, spec: TensorSpec) -> None:
+def write_npy(path: Path, spec: TensorSpec, *, staging: Staging | None = None) -> None:
     """Stream one array into a `.npy` file."""
     header = {"descr": np.lib.format.dtype_to_descr(spec.dtype), "fortran_order": False, "shape": spec.shape}
-    with atomic_write(path) as f:
+    with atomic_write(path, staging) as f:
         np.lib.format.write_array_header_1_0(f, header)
         _write_blocks(f, path.name, spec)
 
