@@ -72,7 +72,7 @@ class OutputPaths:
 
     def _check_name_lengths(self) -> None:
         """Refuse an output name too long for the files written beside it (their temporaries add a dot, a process
-        id and `.tmp`): found out mid-run, it was a traceback."""
+        id and `.tmp`) before any work, not when the first of them is written."""
         names = [self.work.name] + [f".{p.name}.{2**22}.tmp" for p in self.files()]
         try:
             limit = os.pathconf(self.embeddings.parent if self.embeddings.parent.is_dir() else ".", "PC_NAME_MAX")

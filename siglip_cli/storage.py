@@ -134,7 +134,7 @@ if hasattr(os, "register_at_fork"):
 @contextmanager
 def exclusive(output: Path) -> Iterator[None]:
     """Hold `.STEM.lock` beside `output` for the duration: a second run writing the same output is refused in one
-    sentence instead of the two runs overwriting each other's work (both then failed with a traceback)."""
+    sentence, never interleaved with the first (each would overwrite the other's chunks and final files)."""
     if fcntl is None:
         yield
         return
