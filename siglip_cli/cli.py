@@ -206,6 +206,8 @@ def embed(
         paths, walk = find_images(inputs or [], files_from=files_from)
         if walk.unreadable:
             note(f"could not list {walk.unreadable_text()}; images in them are not embedded.")
+        if walk.outside and not quiet:
+            note(f"followed {walk.outside_text()}; the images there are embedded too.")
         if walk.not_files:
             note(f"{walk.not_files_text()}; not embedded.")
         if walk.passed_over and not quiet:

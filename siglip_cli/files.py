@@ -43,6 +43,9 @@ class WalkReport:
     # (path, what it is) of entries named like images that are no files: links to a missing target (an unmounted
     # drive), FIFOs, sockets. Opening a FIFO would block forever.
     not_files: list[tuple[str, str]] = field(default_factory=list)
+    # (link, where it leads) of folder links followed out of the folder given: a link to `/` or `~` in a photo
+    # folder walks the whole disk, so the user is told where the walk went.
+    outside: list[tuple[str, str]] = field(default_factory=list)
 
     def passed_over_text(self, shown: int = 5) -> str:
         """'1,300 files (1,204 .mov, 96 .aae)': the files left out, most common kinds first."""
@@ -58,6 +61,13 @@ class WalkReport:
         if len(self.unreadable) > shown:
             parts.append(f"{len(self.unreadable) - shown:,} more")
         return f"{_count(len(self.unreadable), 'folder')}: {', '.join(parts)}"
+
+    def outside_text(self, shown: int = 3) -> str:
+        """'1 folder link out of the folders given: photos/nas → /mnt/nas'."""
+        parts = [f"{display_path(link)} → {display_path(target)}" for link, target in self.outside[:shown]]
+        if len(self.outside) > shown:
+            parts.append(f"{len(self.outside) - shown:,} more")
+        return f"{_count(len(self.outside), 'folder link')} out of the folders given: {', '.join(parts)}"
 
     def not_files_text(self, shown: int = 3) -> str:
         """'2 entries named like images are not files: a/x.jpg (a broken link), a/y.jpg (a FIFO)'."""
@@ -171,6 +181,7 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
     """Image files under `top`. Folders reached through a symlink wait until every real one has been walked, so a
     folder that is reachable both ways is listed under its real path, whatever order the file system gives."""
     real, linked = [top], []
+    top_real = os.path.realpath(top)
     while real or linked:
         linked_to = not real  # a folder reached through a symlink: its own name may be the link's
         directory = real.pop() if real else linked.pop()
@@ -184,6 +195,8 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
             report.unreadable.append((directory, e.strerror or str(e)))
             continue
         name = os.path.realpath(directory) if linked_to or directory == top else os.path.normpath(directory)
+        if linked_to and os.path.commonpath([name, top_real]) != top_real:
+            report.outside.append((directory, name))
         in_photos_library = os.path.basename(name).endswith(PHOTOS_LIBRARY_SUFFIXES)
         for entry in entries:
             if entry.name.startswith("."):

@@ -241,6 +241,20 @@ def test_entries_named_like_images_that_are_no_files_are_reported(tmp_path: Path
     assert report.not_files_text(shown=1).endswith(", 2 more")
 
 
+def test_folder_links_out_of_the_folder_given_are_reported(tmp_path: Path) -> None:
+    photo = touch(tmp_path / "photos" / "a.jpg")
+    elsewhere = touch(tmp_path / "elsewhere" / "b.jpg")
+    (tmp_path / "photos" / "inside").symlink_to(tmp_path / "photos")  # a loop inside: entered no more
+    (tmp_path / "photos" / "out").symlink_to(tmp_path / "elsewhere")
+    report = WalkReport()
+    assert found_with(report, tmp_path / "photos") == [str(photo), str(tmp_path / "photos" / "out" / "b.jpg")]
+    assert report.outside == [(str(tmp_path / "photos" / "out"), str(elsewhere.parent))]
+    assert report.outside_text() == f"1 folder link out of the folders given: {tmp_path}/photos/out → {tmp_path}/elsewhere"
+    report = WalkReport()
+    found_with(report, tmp_path)  # walked from above, the same link stays inside
+    assert report.outside == []
+
+
 def test_only_regular_files_count_as_files(tmp_path: Path) -> None:
     photo = touch(tmp_path / "photo.jpg")
     os.mkfifo(tmp_path / "stream.jpg")
