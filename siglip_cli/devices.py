@@ -210,11 +210,13 @@ def embed_on_devices(
     with exclusive(out.embeddings):
         started = time.perf_counter()
         work = out.work
-        if not overwrite and WorkArea(work).published(out.embeddings):
-            return _finished_before(out, started)
         # With --overwrite too, shards an interrupted run left with the same options are continued (its rerun);
-        # each worker replaces its shard if it was made with other options.
-        check_outputs(out, interrupted=work.is_dir(), overwrite=overwrite, update=False, update_allowed=False)
+        # each worker replaces its shard if it was made with other options. A run stopped after the merge had put
+        # the output in place still has its shards here: they are brought up to date and merged again.
+        published = WorkArea(work).published(out.embeddings)
+        check_outputs(
+            out, interrupted=work.is_dir(), overwrite=overwrite or published, update=False, update_allowed=False
+        )
         work.mkdir(parents=True, exist_ok=True)
         count = len(devices)
         jobs = [
@@ -252,17 +254,6 @@ def embed_on_devices(
             errors=merged.errors,
             seconds=time.perf_counter() - started,
         )
-
-
-def _finished_before(out: OutputPaths, started: float) -> Summary:
-    """The summary of a run that was stopped after the merge had put every final file in place, before it removed
-    its work folder: its rerun finds the output whole, and ends."""
-    shutil.rmtree(out.work, ignore_errors=True)
-    rows, errors = read_rows(out)
-    return Summary(
-        embedded=0, reused=len(rows), failed=len(errors), removed=0, output=str(out.embeddings),
-        manifest=str(out.manifest), errors=str(out.errors) if errors else None, seconds=time.perf_counter() - started,
-    )  # fmt: skip
 
 
 def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Summary]:
