@@ -17,6 +17,7 @@ import pickle
 import re
 import signal
 import sys
+import threading
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,11 +62,14 @@ def file_digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def digest_of_file(path: str) -> str:
-    """`file_digest` of the file at `path`, read a MiB at a time (a 2 GB TIFF need not fit in memory)."""
+def digest_of_file(path: str, stop: threading.Event | None = None) -> str:
+    """`file_digest` of the file at `path`, read a MiB at a time (a 2 GB TIFF need not fit in memory). `stop`, once
+    set, ends the reading with KeyboardInterrupt (`interrupts.stop_flag`)."""
     digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt
             digest.update(block)
     return digest.hexdigest()
 

@@ -334,18 +334,19 @@ def _still_current(infos: dict[str, dict], progress: Progress | None) -> dict[st
             f"reading {len(touched):,} files ({size / 2**30:,.1f} GiB) whose modification time changed but not their "
             "size, to see whether their content did."
         )
-    digests = look_ahead(touched, _digest_or_none, depth=4 * HASHING_THREADS, threads=HASHING_THREADS)
-    for (path, mtime_ns), digest in zip(touched.items(), digests, strict=True):
-        if digest == infos[path]["blake2b"]:
-            current[path] = {**infos[path], "mtime_ns": mtime_ns}
+    with interrupts.stop_flag() as stop:  # Ctrl-C waits for the threads' reads: each stops within a MiB
+
+        def digest_or_none(path: str) -> str | None:
+            try:
+                return digest_of_file(path, stop)
+            except OSError:
+                return None  # unreadable now: embedded again, and its error said then
+
+        digests = look_ahead(touched, digest_or_none, depth=4 * HASHING_THREADS, threads=HASHING_THREADS)
+        for (path, mtime_ns), digest in zip(touched.items(), digests, strict=True):
+            if digest == infos[path]["blake2b"]:
+                current[path] = {**infos[path], "mtime_ns": mtime_ns}
     return current
-
-
-def _digest_or_none(path: str) -> str | None:
-    try:
-        return digest_of_file(path)
-    except OSError:
-        return None  # unreadable now: embedded again, and its error said then
 
 
 class Embedded(NamedTuple):

@@ -28,6 +28,7 @@ TERMINAL_SIGNALS = tuple(s for s in SIGNALS if s != signal.SIGTERM)
 
 _received: int | None = None  # the signal `stop_on_signals` turned into KeyboardInterrupt, while it is installed
 _deferring = False
+_stop_flags: list[threading.Event] = []  # those of the `stop_flag` blocks running
 
 
 def on_main_thread() -> bool:
@@ -43,6 +44,7 @@ def stop_on_signals() -> Iterator[None]:
     def interrupt(signum: int, frame) -> None:
         global _received
         _received = signum
+        _raise_stop_flags()
         raise KeyboardInterrupt
 
     if not on_main_thread():
@@ -55,6 +57,23 @@ def stop_on_signals() -> Iterator[None]:
         _received = None
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextmanager
+def stop_flag() -> Iterator[threading.Event]:
+    """An event set as soon as a signal asks for a stop during the block, held back or not: for long work in other
+    threads to check (reading a 3 GB file to hash it), since the stop waits for what they are doing."""
+    flag = threading.Event()
+    _stop_flags.append(flag)
+    try:
+        yield flag
+    finally:
+        _stop_flags.remove(flag)
+
+
+def _raise_stop_flags() -> None:
+    for flag in _stop_flags:
+        flag.set()
 
 
 def leave_to_parent() -> None:
@@ -94,6 +113,7 @@ def deferred() -> Iterator[None]:
             signal.raise_signal(signum)
 
     def hold(signum: int, frame) -> None:
+        _raise_stop_flags()
         if pending:
             restore()
             deliver(signum, frame)
