@@ -71,13 +71,13 @@ class WalkReport:
 
     def not_files_text(self, shown: int = 3) -> str:
         """'2 entries named like images are not files: a/x.jpg (a broken link), a/y.jpg (a FIFO)'."""
-        parts = [f"{display_path(path)} ({kind})" for path, kind in self.not_files[:shown]]
-        if len(self.not_files) > shown:
-            parts.append(f"{len(self.not_files) - shown:,} more")
-        entries = "1 entry named like an image is" if len(self.not_files) == 1 else (
-            f"{len(self.not_files):,} entries named like images are"
-        )
-        return f"{entries} not a file: {', '.join(parts)}"
+        listed = sorted(self.not_files, key=lambda entry: os.fsencode(entry[0]))
+        parts = [f"{display_path(path)} ({kind})" for path, kind in listed[:shown]]
+        if len(listed) > shown:
+            parts.append(f"{len(listed) - shown:,} more")
+        if len(listed) == 1:
+            return f"1 entry named like an image is not a file: {parts[0]}"
+        return f"{len(listed):,} entries named like images are not files: {', '.join(parts)}"
 
 
 def _count(n: int, noun: str) -> str:
@@ -96,14 +96,14 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
     bad file instead, since long lists are often a little stale. `report`, when given, collects the other files
     the walks met and the folders they could not list.
     """
-    found: dict[tuple[str, str], str] = {}  # directory entry -> the path it was first met as
-    named: set[tuple[str, str]] = set()  # the entries of files named one by one
-    real_folders: dict[str, str] = {}
+    found: dict[tuple[object, str], str] = {}  # directory entry -> the path it was first met as
+    named: dict[tuple[object, str], str] = {}  # the entries of files named one by one
+    folders: dict[str, object] = {}
     seen_dirs: set[tuple[int, int]] = set()
     report = WalkReport() if report is None else report
 
-    def keep(path: str) -> tuple[str, str]:
-        entry = _entry(path, real_folders)
+    def keep(path: str) -> tuple[object, str]:
+        entry = _entry(path, folders)
         found.setdefault(entry, path)
         return entry
 
@@ -112,7 +112,8 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
             for path in _walk(name, seen_dirs, report):
                 keep(path)
         else:
-            named.add(keep(tidy_path(name)))
+            path = tidy_path(name)
+            named.setdefault(keep(path), path)
 
     for name in inputs:
         try:
@@ -125,29 +126,26 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
     if files_from is not None:
         for name in read_path_list(files_from):
             add(name)
-    for folder, name in named:  # a named file a walk also met was counted as passed over, though it is embedded
+    # A named file a walk also met was counted as passed over (a regular file of another kind), though it is embedded.
+    for (folder, name), path in named.items():
         suffix = os.path.splitext(name)[1].lower()
-        if suffix not in IMAGE_SUFFIXES and not name.startswith(".") and _walked(folder, seen_dirs):
+        if suffix not in IMAGE_SUFFIXES and not name.startswith(".") and folder in seen_dirs and is_regular_file(path):
             report.passed_over -= Counter({suffix: 1})
     return sorted(found.values(), key=os.fsencode)
 
 
-def _walked(folder: str, seen_dirs: set[tuple[int, int]]) -> bool:
-    try:
-        info = os.stat(folder)
-    except OSError:
-        return False
-    return (info.st_dev, info.st_ino) in seen_dirs
-
-
-def _entry(path: str, real_folders: dict[str, str]) -> tuple[str, str]:
-    """The directory entry `path` names: its folder's real path, and its own name. Only the folder is resolved: a
-    symlink or hard link to a photo under another name is another name for the user to keep, not a repeat.
-    `real_folders` caches the resolved folders (a walk gives thousands of files per folder)."""
+def _entry(path: str, folders: dict[str, object]) -> tuple[object, str]:
+    """The directory entry `path` names: its folder, as the walk knows folders (device and inode), and its own name.
+    Only the folder is resolved: a symlink or hard link to a photo under another name is another name for the user
+    to keep, not a repeat. `folders` caches the folders' identities (a walk gives thousands of files per folder)."""
     folder, name = os.path.split(path)
-    if folder not in real_folders:
-        real_folders[folder] = os.path.realpath(folder or os.curdir)
-    return real_folders[folder], name
+    if folder not in folders:
+        try:
+            info = os.stat(folder or os.curdir)
+            folders[folder] = (info.st_dev, info.st_ino)
+        except OSError:  # a stale line of a path list: its folder is gone too
+            folders[folder] = os.path.realpath(folder or os.curdir)
+    return folders[folder], name
 
 
 def find_images(inputs: list[str], *, files_from: str | None = None) -> tuple[list[str], WalkReport]:
@@ -157,6 +155,7 @@ def find_images(inputs: list[str], *, files_from: str | None = None) -> tuple[li
     if not paths:
         met = [f"found only {report.passed_over_text()}"] if report.passed_over else []
         met += [f"could not list {report.unreadable_text()}"] if report.unreadable else []
+        met += [report.not_files_text()] if report.not_files else []
         raise UserError(
             f"no image files found in {', '.join(inputs or [str(files_from)])} "
             f"(looked for {' '.join(sorted(IMAGE_SUFFIXES))}{''.join('; ' + m for m in met)})."
