@@ -82,6 +82,17 @@ def test_a_file_named_in_a_folder_also_walked_is_not_counted_as_passed_over(tmp_
     assert not report.passed_over
 
 
+def test_a_named_file_that_is_no_file_leaves_the_passed_over_count_alone(tmp_path: Path) -> None:
+    for name in ("a.jpg", "x.psd", "y.psd"):
+        touch(tmp_path / name)
+    os.mkfifo(tmp_path / "pipe.psd")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path / 'gone.psd'}\n{tmp_path / 'pipe.psd'}\n")  # a stale line, and a FIFO
+    report = WalkReport()
+    discover([str(tmp_path)], files_from=str(listing), report=report)
+    assert report.passed_over == {".psd": 2, ".txt": 1}
+
+
 def test_passed_over_files_are_described_most_common_first() -> None:
     assert WalkReport(Counter({".mov": 1})).passed_over_text() == "1 file (1 .mov)"
     described = WalkReport(Counter({".aae": 3, ".mov": 1204, "": 2})).passed_over_text()
@@ -237,8 +248,15 @@ def test_entries_named_like_images_that_are_no_files_are_reported(tmp_path: Path
     assert sorted((Path(p).name, kind) for p, kind in report.not_files) == [
         ("gone.jpg", "a broken link"), ("self.jpg", "a broken link"), ("stream.jpg", "a FIFO")
     ]  # fmt: skip
-    assert report.not_files_text(shown=1).startswith("3 entries named like images are not a file: ")
-    assert report.not_files_text(shown=1).endswith(", 2 more")
+    assert report.not_files_text(shown=1) == (
+        f"3 entries named like images are not files: {tmp_path / 'gone.jpg'} (a broken link), 2 more"
+    )
+
+
+def test_a_folder_of_nothing_but_dead_links_says_so(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").symlink_to(tmp_path / "unmounted" / "a.jpg")
+    with pytest.raises(UserError, match=r"1 entry named like an image is not a file: .*a\.jpg \(a broken link\)\)\.$"):
+        find_images([str(tmp_path)])
 
 
 def test_folder_links_out_of_the_folder_given_are_reported(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -41,6 +42,7 @@ import siglip_cli.outputs as outputs_module
 import siglip_cli.runtime as runtime_module
 import siglip_cli.storage as storage_module
 from conftest import DEFAULT_REPO_ID, build_checkpoint, make_photo
+from siglip_cli import interrupts
 from siglip_cli.cli import app
 from siglip_cli.decoding import digest_of_file, file_digest
 from siglip_cli.embed import EmbedOptions, Embedder, embed_to_file, load
@@ -539,6 +541,35 @@ def test_update_never_reads_a_fifo_found_where_a_row_was(tmp_path: Path) -> None
         timer.cancel()
 
 
+def test_ctrl_c_while_touched_files_are_read_stops_the_reads_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stop waited for every file the threads were reading, and a second Ctrl-C did not help: 20 s for 3 GB files.
+    photos = [tmp_path / f"p{i}.jpg" for i in range(20)]
+    for photo in photos:
+        photo.write_bytes(b"x")
+    rows = {str(p): {"path": str(p), "size": 1, "mtime_ns": 1, "blake2b": file_digest(b"x")} for p in photos}
+    saw_the_stop = []
+
+    def slow_digest(path: str, stop: threading.Event | None = None) -> str:
+        saw_the_stop.append(stop is not None and stop.wait(timeout=30))  # a huge file, read until told to stop
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_module, "digest_of_file", slow_digest)
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt), interrupts.stop_on_signals():
+        embed_module._still_current(rows, None)
+    assert saw_the_stop and all(saw_the_stop)  # every read in flight was told, none waited out its 30 s
+
+
+def test_a_stop_flag_ends_a_digest_mid_file(tmp_path: Path) -> None:
+    (tmp_path / "big.bin").write_bytes(bytes(3 << 20))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(KeyboardInterrupt):
+        digest_of_file(str(tmp_path / "big.bin"), stop)
+
+
 def test_the_streamed_digest_is_the_manifests(tmp_path: Path) -> None:
     data = os.urandom(3 << 20)  # over three reads
     (tmp_path / "big.bin").write_bytes(data)
@@ -902,20 +933,26 @@ def test_several_devices_on_an_existing_output_do_not_suggest_update(embed, fold
     assert error == f"error: {output} already exists: add --overwrite to replace it (--update runs on one device)."
 
 
-def test_several_devices_stopped_after_the_merge_put_the_output_in_place_end_at_once_when_rerun(
+def test_several_devices_stopped_after_the_merge_put_the_output_in_place_continue_when_rerun(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Refused as "already exists" at first; then the rerun handed back the old output whatever it was asked.
     import siglip_cli.devices as devices
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     output = tmp_path / "out" / "embeddings.safetensors"
     with monkeypatch.context() as patch:  # killed after the last rename, before the work folder was removed
         patch.setattr(devices.shutil, "rmtree", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
-        assert embed(folder, output, "--device", "cpu,cpu").exit_code == 130
+        assert embed(folder, output, "--device", "cpu,cpu", "--batch-size", 1).exit_code == 130
     assert work_area(output).is_dir() and output.exists()
-    before = output.read_bytes()
-    summary = summary_of(embed(folder, output, "--device", "cpu,cpu", "--json"))
-    assert (summary["embedded"], summary["reused"]) == (0, 12)
-    assert output.read_bytes() == before and not work_area(output).exists()
+    error = the_error(embed(folder, output, "--device", "cpu,cpu", "--tokens"))
+    assert "holds an interrupted run whose options differ (--tokens)" in error
+    save_photos(folder, ["a00.jpg"], first_seed=100)
+    summary = summary_of(embed(folder, output, "--device", "cpu,cpu", "--batch-size", 1, "--json"))
+    assert (summary["embedded"], summary["reused"]) == (1, 12)
+    assert not work_area(output).exists()
+    ok(embed(folder, tmp_path / "one.safetensors", "--batch-size", 1))
+    assert differences(output, tmp_path / "one.safetensors") == []
 
 
 def test_a_ctrl_c_while_the_workers_start_stops_the_started_ones(
@@ -1149,10 +1186,11 @@ def uninterrupted(many_photos: Path, tiny_vision: Path, tmp_path_factory: pytest
 
 
 def start(command: list[str], *, flush_seconds: float) -> subprocess.Popen:
-    """The command in a process group of its own, as a shell starts it (so Ctrl-C can reach all of it)."""
+    """The command in a process group of its own, as a shell starts a foreground job (so Ctrl-C can reach all of it,
+    and is not ignored, even when pytest itself runs in the background with SIGINT ignored)."""
     return subprocess.Popen(
         command, env=process_env(flush_seconds), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
 
 
@@ -1244,20 +1282,22 @@ def test_a_hang_up_stops_like_ctrl_c_and_keeps_the_work(many_photos: Path, tiny_
     # no word, and lost the batches finished since the last flush.
     photos = tmp_path / "photos"
     shutil.copytree(many_photos, photos)
-    for i in range(6):  # large photos last keep the run going after the hang-up, however late it comes
-        Image.new("RGB", (3000, 2000), (40 * i, 90, 160)).save(photos / f"zz{i}.jpg")
+    noise = np.random.default_rng(0).integers(0, 256, (2000, 3000, 3), dtype=np.uint8)
+    for i in range(8):  # large noisy photos last, slow to decode, keep the run going after the hang-up
+        Image.fromarray(np.roll(noise, i, axis=0)).save(photos / f"zz{i}.jpg", quality=95)
     output = tmp_path / "embeddings.safetensors"
     command = embed_command(photos, output, tiny_vision, workers=1)
     process = start(command, flush_seconds=1e9)  # nothing flushed by time: the stop itself must keep the work
     wait_for_chunks(process, output, 0)
     time.sleep(0.5)
+    assert process.poll() is None, "the run ended before the hang-up"
     os.killpg(process.pid, signal.SIGHUP)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert len(stderr.strip().splitlines()) == 1 and "rerun the same command" in stderr, stderr
     assert chunks_in(work_area(output)) == 1
     summary = run_to_end(command)
-    assert summary["reused"] > 0 and summary["embedded"] + summary["reused"] == GOOD_PHOTOS + 6
+    assert summary["reused"] > 0 and summary["embedded"] + summary["reused"] == GOOD_PHOTOS + 8
 
 
 def test_a_hang_up_leaves_a_nohup_run_going(many_photos: Path, tiny_vision: Path, uninterrupted: Path, tmp_path: Path):
