@@ -365,13 +365,17 @@ def bench(
         print_json(report.to_json())
         return
     console = _data_console()
-    console.print(_bench_table(report))
+    console.print(_bench_table(report, narrow=console.width < BENCH_NARROW_BELOW))
     for size, reference, ratio in report.ratios():
         console.print(f"siglip / {reference} at batch {size}: {ratio:.2f}×")
 
 
-def _bench_table(report: Report) -> Table:
-    """One row per measurement, grouped by stage, readable in 80 columns: the words wrap, the numbers never."""
+BENCH_NARROW_BELOW = 76  # narrower terminals get the table without its peak MB and setup s columns
+
+
+def _bench_table(report: Report, *, narrow: bool = False) -> Table:
+    """One row per measurement, grouped by stage, readable in 80 columns: the words wrap, the numbers never.
+    `narrow` (below 76 columns) leaves out peak MB and setup s, and says where they are."""
     from rich import box
     from rich.table import Table
 
@@ -379,9 +383,12 @@ def _bench_table(report: Report) -> Table:
     weights = f"{report.weights_mb:,.0f}" if report.weights_mb >= 10 else f"{report.weights_mb:.2f}"
     title = f"{report.model} · {m.device} · torch {m.torch_version} · {m.dtype} · weights {weights} MB"
     table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("backend, variant", overflow="fold")
-    for column in ("batch", "img/s", "ms/img", "peak MB", "setup s", "cosine"):
+    table.add_column("backend, variant", overflow="fold", min_width=12)
+    columns = ("batch", "img/s", "ms/img", "cosine") if narrow else ("batch", "img/s", "ms/img", "peak MB", "setup s", "cosine")
+    for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
+    if narrow:
+        table.caption, table.caption_justify = "peak MB and setup s in a wider terminal or with --json", "left"
     stage = None
     for r in report.results:
         if r.stage != stage:  # each stage under a heading of its own, not in a column every row pays for
@@ -390,9 +397,9 @@ def _bench_table(report: Report) -> Table:
             stage = r.stage
             table.add_row(_STAGE_HEADINGS.get(stage, stage), style="bold")
         label = r.backend if r.variant == r.backend else f"{r.backend} {r.variant}"
+        memory = ["" if r.peak_mem_mb is None else f"{r.peak_mem_mb:,.0f}", "" if r.setup_s is None else f"{r.setup_s:.1f}"]
         table.add_row(
-            label, str(r.batch_size), _figure(r.images_per_s), _figure(r.ms_per_image),
-            "" if r.peak_mem_mb is None else f"{r.peak_mem_mb:,.0f}", "" if r.setup_s is None else f"{r.setup_s:.1f}",
+            label, str(r.batch_size), _figure(r.images_per_s), _figure(r.ms_per_image), *([] if narrow else memory),
             "" if r.cosine is None else f"{r.cosine:.6f}",
         )  # fmt: skip
     return table

@@ -16,11 +16,16 @@ from .tracing import Inspection, Stage, layer_of
 
 NOTES_MIN_WIDTH = 150  # narrower terminals get the stage table without its "what it is" column
 COMPACT_BELOW = 100  # narrower ones get shapes as 1×196×768, the dtype only where it is not float32, 3 digits
+NARROW_BELOW = 78  # and narrower still, mean and std only: four numbers and a long stage name need 77 columns
+STATISTICS = ("mean", "std", "min", "max")
 
 
 def report(result: Inspection, *, width: int) -> RenderableType:
     """The whole report as one rich renderable, for a console `width` characters wide."""
-    table = stage_table(result, notes=width >= NOTES_MIN_WIDTH, compact=width < COMPACT_BELOW)
+    table = stage_table(
+        result, notes=width >= NOTES_MIN_WIDTH, compact=width < COMPACT_BELOW,
+        statistics=STATISTICS[:2] if width < NARROW_BELOW else STATISTICS,
+    )  # fmt: skip
     return Group(*header(result), Text(), table, Text(), parameter_table(result), Text(), cost(result))
 
 
@@ -57,10 +62,13 @@ def header(result: Inspection) -> list[Text]:
     return lines
 
 
-def stage_table(result: Inspection, *, notes: bool = True, compact: bool = False) -> Table:
+def stage_table(
+    result: Inspection, *, notes: bool = True, compact: bool = False, statistics: tuple[str, ...] = STATISTICS
+) -> Table:
     """One row per stage; an encoder layer shown in full gets a section whose rows drop the `layers.i.` prefix.
 
-    `notes` adds the "what it is" column (about 60 characters wide).
+    `notes` adds the "what it is" column (about 60 characters wide); `statistics` names the columns of numbers
+    shown, of mean, std, min and max.
     """
     full, total = result.layers_in_full, result.config.num_hidden_layers
     if len(full) == total:
@@ -76,7 +84,7 @@ def stage_table(result: Inspection, *, notes: bool = True, compact: bool = False
     table.add_column("shape", overflow="fold")
     if not compact:
         table.add_column("dtype", overflow="fold")
-    for name in ("mean", "std", "min", "max"):
+    for name in statistics:
         table.add_column(name, justify="right", no_wrap=True, min_width=0 if compact else 9)
     if notes:
         table.add_column("what it is", style="dim")
@@ -94,15 +102,18 @@ def stage_table(result: Inspection, *, notes: bool = True, compact: bool = False
             group = _group(stage.stage, full)
             if layer is not None and layer in full:
                 what = f"encoder layer {layer} of {total}: x + attn(LN1(x)), then x + MLP(LN2(x))"
-                table.add_row(f"layers.{layer}", *[""] * (5 if compact else 6), *([what] if notes else []), style="bold")
+                blank = [""] * (len(statistics) + (1 if compact else 2))
+                table.add_row(f"layers.{layer}", *blank, *([what] if notes else []), style="bold")
+        values = [getattr(stage, name) for name in statistics]
         if compact:
             label += "" if stage.dtype == "float32" else f" ({stage.dtype})"
-            shape, numbers = ["×".join(map(str, stage.shape))], [_short_number(v) for v in _stats(stage)]
+            shape, numbers = ["×".join(map(str, stage.shape))], [_short_number(v) for v in values]
         else:
-            shape, numbers = [_shape(stage), stage.dtype], [_number(v) for v in _stats(stage)]
+            shape, numbers = [_shape(stage), stage.dtype], [_number(v) for v in values]
         table.add_row(label, *shape, *numbers, *([note] if notes else []))
     if compact:
-        table.caption, table.caption_justify = "dtype float32 unless named", "left"
+        left_out = "; min and max in a wider terminal or with --json" if statistics != STATISTICS else ""
+        table.caption, table.caption_justify = f"dtype float32 unless named{left_out}", "left"
     return table
 
 
@@ -139,10 +150,6 @@ def _group(name: str, full: tuple[int, ...]) -> str:
     if name in ("patch_embedding", "patches", "position_embedding", "embeddings"):
         return "embeddings"
     return "output"
-
-
-def _stats(stage: Stage) -> tuple[float, float, float, float]:
-    return stage.mean, stage.std, stage.min, stage.max
 
 
 def _shape(stage: Stage) -> str:

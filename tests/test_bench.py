@@ -321,13 +321,21 @@ def test_bench_table_keeps_every_number_whole_in_80_columns(tiny_vision: Path) -
     options = benchmark.BenchOptions(
         model=str(tiny_vision), device="cpu", iters=1, batch_sizes=(1, 8), compare=("transformers",)
     )  # fmt: skip
+    report = benchmark.run_benchmark(options)
     console = Console(width=80, file=io.StringIO(), record=True)
-    console.print(_bench_table(benchmark.run_benchmark(options)))
+    console.print(_bench_table(report))
     lines = console.export_text().splitlines()
     assert max(map(len, lines)) <= 80
     rows = [line.split() for line in lines if line.strip().startswith(("siglip fused", "transformers sdpa"))]
     assert [(row[0], row[2]) for row in rows] == [("siglip", "1"), ("transformers", "1"), ("siglip", "8"), ("transformers", "8")]
     assert all(float(row[3].replace(",", "")) > 0 and float(row[4]) > 0 for row in rows)  # img/s, ms/img whole
+    # Below 76 columns the backend names were cut into 2-letter pieces again: peak MB and setup s make room.
+    console = Console(width=56, file=io.StringIO(), record=True)
+    console.print(_bench_table(report, narrow=True))
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 56 and "peak MB and setup s in a wider terminal or with --json" in text
+    rows = [line.split() for line in text.splitlines() if line.strip().startswith("siglip fused")]
+    assert [len(row) for row in rows] == [6, 5]  # siglip fused, batch, img/s, ms/img, and the cosine at batch 1
 
 
 def test_bench_images_reports_each_stage(tiny_siglip: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from conftest import make_photo, reference_vision_model, save_png_claiming_size
 from siglip_cli import cli, tracing
 from siglip_cli.config import PRESETS, PreprocessConfig, VisionConfig
 from siglip_cli.errors import UserError
-from siglip_cli.inspect_report import report
+from siglip_cli.inspect_report import report, stage_table
 from siglip_cli.model import SiglipVision, gflops_per_image, num_parameters
 from siglip_cli.plots import write_plots
 from siglip_cli.preprocess import pixel_values
@@ -390,6 +390,24 @@ def test_in_80_columns_layer_names_and_shapes_stay_whole(base: tracing.Inspectio
     inner = [line.split() for line in lines if line.startswith("   ") and line.strip()]
     assert {row[0] for row in inner} >= {"self_attn.attn_weights", "self_attn.attn_output", "self_attn.out_proj"}
     assert all(len(row) == 6 for row in inner), inner
+
+
+def test_in_60_columns_rows_keep_mean_and_std_whole_and_say_where_min_and_max_went(base: tracing.Inspection) -> None:
+    # Below about 78 columns the names were cut into 4-letter pieces over several lines a row.
+    console = Console(record=True, width=60)
+    console.print(stage_table(base, notes=False, compact=True, statistics=("mean", "std")))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 60
+    inner = [line.split() for line in lines if line.startswith("   ") and line.strip()]
+    assert {row[0] for row in inner} >= {"self_attn.attn_weights", "mlp.fc1"}
+    assert all(len(row) == 4 for row in inner), inner  # name, shape, mean, std: each on one line
+    assert "min and max in a wider terminal or with --json" in " ".join(text.split())
+    console = Console(record=True, width=60)
+    console.print(report(base, width=60))
+    text = console.export_text()
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("stage"))
+    assert header.split() == ["stage", "shape", "mean", "std"]
 
 
 def test_a_revision_of_a_preset_is_refused() -> None:
