@@ -619,12 +619,15 @@ def test_a_forked_child_does_not_keep_the_lock_once_the_run_is_gone(tmp_path: Pa
     # Decoding workers share the lock's open file: killed alone, the main process left one holding it for ~7 s,
     # and the rerun was refused ("another siglip run is writing").
     output = tmp_path / "embeddings.safetensors"
+    # The child says when its fork has returned (its at-fork hooks run before that), as a decoding worker long since
+    # started would be: a kill within microseconds of a fork is not the case this guards.
     script = (
         "import os, sys, time; from pathlib import Path; from siglip_cli.storage import exclusive\n"
+        "forked, told = os.pipe()\n"
         f"with exclusive(Path({str(output)!r})):\n"
         "    if os.fork() == 0:\n"
-        "        time.sleep(30); os._exit(0)\n"
-        "    print('locked', flush=True); time.sleep(30)\n"
+        "        os.write(told, b'1'); time.sleep(30); os._exit(0)\n"
+        "    os.read(forked, 1); print('locked', flush=True); time.sleep(30)\n"
     )
     run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
