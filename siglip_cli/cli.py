@@ -293,7 +293,7 @@ def merge(
         summary = merge_outputs(inputs, output, overwrite=overwrite, allow_missing=allow_missing)
     if json_summary:
         print_json(summary.to_dict())
-    stderr.print(printable(f"merged {summary.inputs} output{'s' if summary.inputs != 1 else ''}: {summary.rows:,} rows → {summary.output}"))
+    stderr.print(printable(f"merged {summary.inputs} output{'s' if summary.inputs != 1 else ''}: {summary.rows:,} row{'s' if summary.rows != 1 else ''} → {summary.output}"))
 
 
 @app.command()

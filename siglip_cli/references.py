@@ -30,7 +30,7 @@ def check_references(names: Iterable[str]) -> None:
         raise UserError(f"unknown comparison {unknown[0]!r} (expected one of {', '.join(REFERENCES)}).")
 
 
-INSTALL_REFERENCES = "pip install 'siglip-cli[bench]' installs both references (pip install -e '.[bench]' in a clone)"
+INSTALL_REFERENCES = "pip install -e '.[bench]' in the clone installs both references"
 
 
 def missing_package(name: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,10 @@ def prepare_model(
     recompiles once, with dynamic shapes (`benchmark.fast_model` compiles its own pooled-only wrapper, static).
     """
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False).fuse_qkv().fuse_gelu()
+    if compile and not torch.cuda.is_available():
+        # Compiling for the CPU with a CUDA build of torch, its C++ toolchain setup warns that no CUDA runtime was
+        # found: true, and nothing for the user to act on, printed between the run's own lines.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch.compile(model) if compile else model
 
 
