@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -459,6 +460,11 @@ def _decode_alone(files: ImageFiles, index: int) -> Item:
         item = pickle.loads(receiver.recv_bytes())._replace(index=index)
     except EOFError:  # the process died before it answered
         child.join()
+        # A process started by another thread first polls every child multiprocessing knows, and may reap this one
+        # between our poll and its own: the exit code is then ours to read a moment later, not at once.
+        deadline = time.monotonic() + 5
+        while child.exitcode is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         return Item(index, None, {"path": path, "error": _death(child.exitcode), **_stat_fields(path)})
     finally:
         receiver.close()
