@@ -109,8 +109,8 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
 
     def add(name: str) -> None:
         if os.path.isdir(name):
-            for path in _walk(name, seen_dirs, report):
-                keep(path)
+            for folder, file_name, path in _walk(name, seen_dirs, report):
+                found.setdefault((folder, file_name), path)  # the walk knows the entry: no `_entry` to work out
         else:
             path = tidy_path(name)
             named.setdefault(keep(path), path)
@@ -176,9 +176,10 @@ def tidy_path(path: str) -> str:
     return drive + root + os.sep.join(kept)
 
 
-def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iterator[str]:
-    """Image files under `top`. Folders reached through a symlink wait until every real one has been walked, so a
-    folder that is reachable both ways is listed under its real path, whatever order the file system gives."""
+def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iterator[tuple[tuple[int, int], str, str]]:
+    """Image files under `top`, each as its entry (its folder's device and inode, its name; see `_entry`) and its
+    path. Folders reached through a symlink wait until every real one has been walked, so a folder that is
+    reachable both ways is listed under its real path, whatever order the file system gives."""
     real, linked = [top], []
     top_real = os.path.realpath(top)
     while real or linked:
@@ -207,7 +208,7 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
                         (linked if entry.is_symlink() else real).append(entry.path)
                 elif entry.is_file():
                     if suffix in IMAGE_SUFFIXES:
-                        yield tidy_path(entry.path)
+                        yield (info.st_dev, info.st_ino), entry.name, tidy_path(entry.path)
                     else:
                         report.passed_over[suffix] += 1
                 elif suffix in IMAGE_SUFFIXES:
