@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import pytest
@@ -52,6 +53,7 @@ from siglip_cli.shards import shard_of
 
 SIGLIP = str(Path(sys.executable).with_name("siglip"))
 RUNNER = CliRunner(env={"COLUMNS": "1000"})  # one message per line, whatever the width
+R = TypeVar("R")
 GOOD_PHOTOS = 160  # the subprocess runs' folder: these plus two broken files
 BATCH = 4
 
@@ -866,21 +868,26 @@ def test_several_devices_run_one_worker_each_and_equal_one_run(
     assert sorted(p.name for p in output.parent.iterdir()) == ["embeddings.jsonl", "embeddings.safetensors"]
 
 
-def test_several_devices_rerun_after_an_interruption_brings_finished_shards_up_to_date(
-    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Both shards finished, then the run died before merging them; files came and went before the rerun.
+def stop_before_the_merge(monkeypatch: pytest.MonkeyPatch, run: Callable[[], R]) -> R:
+    """`run()` with several devices stopped as it would merge its finished shards (Ctrl-C, a power cut)."""
     import siglip_cli.devices as devices
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    output = tmp_path / "out" / "embeddings.safetensors"
 
     def power_cut(*args, **kwargs):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
         patch.setattr(devices, "merge_outputs", power_cut)
-        assert embed(folder, output, "--device", "cpu,cpu", "--batch-size", 1).exit_code == 130
+        return run()
+
+
+def test_several_devices_rerun_after_an_interruption_brings_finished_shards_up_to_date(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both shards finished, then the run died before merging them; files came and went before the rerun.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    output = tmp_path / "out" / "embeddings.safetensors"
+    run = stop_before_the_merge(monkeypatch, lambda: embed(folder, output, "--device", "cpu,cpu", "--batch-size", 1))
+    assert run.exit_code == 130
     (folder / "p03.jpg").unlink()
     save_photos(folder, ["a00.jpg"], first_seed=100)
     summary = summary_of(embed(folder, output, "--device", "cpu,cpu", "--batch-size", 1, "--json"))
@@ -893,13 +900,9 @@ def test_several_devices_rerun_with_other_options_is_refused_as_one_device_refus
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # It named an internal shard file and advised --update, which several devices refuse.
-    import siglip_cli.devices as devices
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     output = tmp_path / "out" / "embeddings.safetensors"
-    with monkeypatch.context() as patch:
-        patch.setattr(devices, "merge_outputs", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
-        assert embed(folder, output, "--device", "cpu,cpu").exit_code == 130
+    assert stop_before_the_merge(monkeypatch, lambda: embed(folder, output, "--device", "cpu,cpu")).exit_code == 130
     error = the_error(embed(folder, output, "--device", "cpu,cpu", "--tokens"))
     assert error == (
         f"error: {work_area(output)} holds an interrupted run whose options differ (--tokens): rerun with the same "
@@ -912,18 +915,16 @@ def test_several_devices_rerun_with_overwrite_continues_work_of_the_same_options
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # --overwrite threw the work folder away first: every shard was embedded again, where one device continues.
-    import siglip_cli.devices as devices
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     output = tmp_path / "out" / "embeddings.safetensors"
-    with monkeypatch.context() as patch:
-        patch.setattr(devices, "merge_outputs", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
-        assert embed(folder, output, "--device", "cpu,cpu", "--overwrite").exit_code == 130
+
+    def overwrite_run():
+        return embed(folder, output, "--device", "cpu,cpu", "--overwrite")
+
+    assert stop_before_the_merge(monkeypatch, overwrite_run).exit_code == 130
     summary = summary_of(embed(folder, output, "--device", "cpu,cpu", "--overwrite", "--json"))
     assert (summary["embedded"], summary["reused"]) == (0, 12)
-    with monkeypatch.context() as patch:  # interrupted again, then rerun with other options: they start afresh
-        patch.setattr(devices, "merge_outputs", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
-        assert embed(folder, output, "--device", "cpu,cpu", "--overwrite").exit_code == 130
+    assert stop_before_the_merge(monkeypatch, overwrite_run).exit_code == 130  # again, then other options: afresh
     summary = summary_of(embed(folder, output, "--device", "cpu,cpu", "--overwrite", "--tokens", "--json"))
     assert (summary["embedded"], summary["reused"]) == (12, 0)
     assert "tokens" in load_file(output)
@@ -1033,10 +1034,8 @@ def test_several_devices_rerun_counts_kept_rows_apart_from_new_ones(
     output = tmp_path / "out" / "embeddings.safetensors"
     paths = discover([str(folder)])
     run = dict(model=str(tiny_vision), devices=["cpu", "cpu"], paths=paths, output=output, options=EmbedOptions(batch_size=1, workers=0))
-    with monkeypatch.context() as patch:
-        patch.setattr(devices, "merge_outputs", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
-        with pytest.raises(KeyboardInterrupt):
-            devices.embed_on_devices(**run)
+    with pytest.raises(KeyboardInterrupt):
+        stop_before_the_merge(monkeypatch, lambda: devices.embed_on_devices(**run))
     save_photos(folder, ["a00.jpg"], first_seed=100)
     tally = Tally()
     devices.embed_on_devices(**{**run, "paths": discover([str(folder)])}, progress=tally)
