@@ -116,6 +116,9 @@ def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) ->
     else:
         index_path = files.get(INDEX_FILE, required=False)
         if index_path is None:
+            unknown = files.unknown.get(SINGLE_FILE) or files.unknown.get(INDEX_FILE)
+            if unknown is not None:  # the cache lacks them and the Hub could not be asked: not "there are none"
+                raise unknown
             raise CheckpointError(f"{name} has no {SINGLE_FILE} or {INDEX_FILE}; {PICKLE_MESSAGE}.")
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -141,6 +144,8 @@ def _image_processor_config(files: _LocalFiles | _HubFiles) -> tuple[dict | None
     path = files.get("preprocessor_config.json", required=False)
     if path is not None:
         return _read_json(path), path.name
+    if "preprocessor_config.json" in files.unknown:  # SigLIP's defaults would be a guess: the repo may have one
+        raise files.unknown["preprocessor_config.json"]
     return None, ""
 
 
@@ -194,6 +199,7 @@ class _LocalFiles:
 
     def __init__(self, directory: Path):
         self.directory = directory
+        self.unknown: dict[str, CheckpointError] = {}  # a folder knows what it holds: never filled
 
     def get(self, filename: str, *, required: bool, probe: bool = True) -> Path | None:
         path = self.directory / filename
@@ -210,11 +216,23 @@ class _HubFiles:
     Only the first request may go to the network: once config.json is in hand we pin its commit hash, and
     huggingface_hub serves files of a known commit straight from the cache. An offline user without
     HF_HUB_OFFLINE=1 therefore waits for one failed request, not one per file.
+
+    An optional file can be absent (the Hub said so, now or in a past run) or unknown (not cached, and the Hub
+    not reachable or failing). `get` returns None for both, since a sharded checkpoint lacks `model.safetensors`
+    and a single-file one its index; the reason for an unknown one is kept in `unknown`, and `_resolve` gives it
+    when it finds nothing else: "not in the cache and the Hub cannot be reached", not "the repo has no weights".
     """
 
     def __init__(self, repo_id: str, revision: str | None):
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            raise CheckpointError(f"{repo_id!r} is not a valid Hub id.") from None
         self.repo_id, self.revision, self.commit_hash = repo_id, revision, None
         self.reachable: bool | None = None  # the Hub's host, once probed
+        self.unknown: dict[str, CheckpointError] = {}
 
     def get(self, filename: str, *, required: bool, probe: bool = True) -> Path | None:
         """The file from the cache or the Hub. Without `probe`, an optional file that is not cached is looked for
@@ -222,16 +240,17 @@ class _HubFiles:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
         from huggingface_hub import errors as hub
 
-        if not probe and self.reachable is not True:
-            cached = try_to_load_from_cache(self.repo_id, filename, revision=self.commit_hash or self.revision)
-            if not isinstance(cached, str):
+        revision = self.commit_hash or self.revision
+        cached = try_to_load_from_cache(self.repo_id, filename, revision=revision)
+        if not isinstance(cached, str):
+            if not probe and self.reachable is not True:
                 return None
-        if not self._cached_or_reachable(filename):
-            if self.commit_hash is not None and not required:
-                return None  # an optional file (the shard index) this offline machine has never seen
-            raise self._unreachable()
+            if not self._can_ask():
+                if cached is not None and not required:  # huggingface_hub's mark: the Hub said it has no such file
+                    return None
+                return self._unknown(filename, self._not_cached(filename), required=required)
         try:
-            path = Path(hf_hub_download(self.repo_id, filename, revision=self.commit_hash or self.revision))
+            path = Path(hf_hub_download(self.repo_id, filename, revision=revision))
         except hub.GatedRepoError:
             raise CheckpointError(
                 f"{self.repo_id} is gated: accept its licence on huggingface.co and set HF_TOKEN (or run `hf auth login`)."
@@ -242,34 +261,44 @@ class _HubFiles:
             ) from None
         except hub.RevisionNotFoundError:
             raise CheckpointError(f"{self.repo_id} has no revision {self.revision!r}.") from None
-        except hub.HFValidationError:
-            raise CheckpointError(f"{self.repo_id!r} is not a valid Hub id.") from None
-        except hub.LocalEntryNotFoundError:
-            if self.commit_hash is not None and not required:
-                return None  # a file this commit does not have (cached as absent, or never fetched)
-            raise self._unreachable() from None
+        except hub.LocalEntryNotFoundError as e:  # not cached, and the Hub did not answer or answered an error
+            return self._unknown(filename, self._not_cached(filename, e.__cause__), required=required)
         except hub.EntryNotFoundError:
             if required:
                 raise CheckpointError(f"{self.repo_id} has no file {filename}.") from None
             return None
+        except Exception as e:  # noqa: BLE001 - the transfer itself failed; its errors come from several libraries
+            # A connection dropped mid-file (the HTTP client's error, after huggingface_hub's own resumed tries),
+            # a size check that failed, a full disk. huggingface_hub 2 drops the partial file: a rerun starts over.
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"downloading {filename} of {self.repo_id} stopped ({reason}); run the command again to retry."
+            ) from None
         if self.commit_hash is None and path.parent.parent.name == "snapshots":
             self.commit_hash = path.parent.name
         return path
 
-    def _cached_or_reachable(self, filename: str) -> bool:
-        """False only when the file is not cached and the Hub's host refuses a connection within seconds.
+    def _unknown(self, filename: str, error: CheckpointError, *, required: bool) -> None:
+        if required:
+            raise error
+        self.unknown[filename] = error
+        return None
 
-        huggingface_hub falls back to its cache at once when the Hub cannot be reached, but a file it does not hold
-        (even one it recorded as absent) it retries for about 26 s, five warnings long, even when the host name
-        does not resolve: an offline machine would wait that long for the optional shard index of a single-file
-        model, or print it all before the one sentence that says what to do. Through a proxy we cannot tell: ask.
+    def _can_ask(self) -> bool:
+        """Whether to ask the Hub for a file the cache lacks: not under HF_HUB_OFFLINE, nor when the Hub's host
+        refuses a connection within seconds.
+
+        huggingface_hub alone would retry a file it does not hold for about 26 s, five warnings long, even when
+        the host name does not resolve: an offline machine would wait that long for the optional shard index of a
+        single-file model, or print it all before the one sentence that says what to do. Through a proxy we
+        cannot tell: ask.
         """
-        from huggingface_hub import constants, try_to_load_from_cache
+        from huggingface_hub import constants
 
-        if constants.HF_HUB_OFFLINE or any(os.environ.get(name) for name in PROXY_VARIABLES):
+        if constants.HF_HUB_OFFLINE:
+            return False
+        if any(os.environ.get(name) for name in PROXY_VARIABLES):
             return True
-        if isinstance(try_to_load_from_cache(self.repo_id, filename, revision=self.commit_hash or self.revision), str):
-            return True  # cached (a file recorded as absent is retried all the same)
         if self.reachable is None:  # one probe a run
             endpoint = urlsplit(constants.ENDPOINT)
             try:
@@ -280,16 +309,24 @@ class _HubFiles:
                 self.reachable = False
         return self.reachable
 
-    def _unreachable(self) -> CheckpointError:
-        # A cached repo may still lack the revision asked for: name it, or the message contradicts the cache.
+    def _not_cached(self, filename: str, cause: BaseException | None = None) -> CheckpointError:
+        """The sentence for a file neither cached nor fetched, naming the file once part of the repo is cached
+        (a first download stopped halfway), and why the Hub could not give it."""
         from huggingface_hub import constants
 
         what = self.repo_id if self.revision is None else f"{self.repo_id} at revision {self.revision!r}"
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-        return CheckpointError(
-            f"{what} is not in the local Hugging Face cache and {why}: connect once to "
-            "download it, or pass a local checkpoint directory with --model."
-        )
+        if self.commit_hash is not None:
+            what = f"{filename} of {what}"
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if constants.HF_HUB_OFFLINE:
+            why, advice = "HF_HUB_OFFLINE is set", "unset it to download it, or pass a local checkpoint directory"
+        elif status is not None and status >= 500:  # an outage: the host answers, with a server error
+            why, advice = f"the Hub answered HTTP {status}", "try again later, or pass a local checkpoint directory"
+        elif status is not None:  # refused: a token without access, or a proxy or firewall on the way
+            why, advice = f"the Hub answered HTTP {status}", "check HF_TOKEN and any proxy or firewall, or pass a local checkpoint directory"
+        else:
+            why, advice = "the Hub cannot be reached", "connect once to download it, or pass a local checkpoint directory"
+        return CheckpointError(f"{what} is not in the local Hugging Face cache and {why}: {advice} with --model.")
 
 
 def read_vision_tensors(checkpoint: Checkpoint) -> dict[str, Tensor]:
