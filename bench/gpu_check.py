@@ -246,6 +246,12 @@ def model_only(
         backend, plain, device=device, dtype=dtype, compile=compile)
     # Cheap rows first (eager: seconds each), then what compiles (a minute each), so a short budget keeps the most.
     add("siglip", "eager", fast(), estimate_s=10)
+    if "eager" in ours:  # exact-match deduplication needs copies of a photo in one batch to get the same bits
+        copies = check[:1].expand(7, -1, -1, -1).contiguous()  # 7 rows: no whole number of a GEMM's row blocks
+        with torch.inference_mode():
+            pooled = ours["eager"](copies)
+        same = "identical" if bool((pooled == pooled[0]).all()) else "NOT identical: see model._per_image"
+        print(f"  {spec.label} copies of one image in a batch of 7: {same}", file=sys.stderr, flush=True)
     add("siglip", "eager, 4× the batch", fast(), estimate_s=10, batch=4 * spec.batch)  # does a bigger batch pay?
     if cuda:
         add("siglip", "eager + CUDA graphs", fast(graphs=True), estimate_s=10)

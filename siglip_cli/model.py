@@ -11,6 +11,7 @@ Shapes: B batch, N patches, D hidden, H heads, Dh head dim.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -161,8 +162,19 @@ class Encoder(nn.Module):
         return x
 
 
+def _per_image(step: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """`step` over the head's (B, 1, D) rows, on the CPU one image at a time, so copies of one photo in a batch get
+    the same bits (exact-match deduplication relies on it). Batched, a GEMM over the B rows computes its last,
+    partial block of rows with another kernel, and an elementwise op its last, partial vector (widths that are no
+    multiple of 8): copies in a batch of 5, 7 or 9 were 1e-7 apart. One image costs microseconds; the encoder's
+    B × N rows stay batched. CUDA kernels compute every row alike."""
+    if x.is_cuda:
+        return step(x)
+    return torch.cat([step(row) for row in x.split(1)])
+
+
 class PoolAttention(nn.Module):
-    """`nn.MultiheadAttention`'s parameter layout (q, k, v packed in `in_proj_weight`), attention by SDPA."""
+    """`nn.MultiheadAttention`'s parameter layout (q, k, v packed in `in_proj_weight`), attention written out."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -173,16 +185,18 @@ class PoolAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, query: Tensor, x: Tensor, trace: Trace = None, prefix: str = "head") -> Tensor:
+        """The (1, 1, D) probe `query` attends over the (B, N, D) tokens `x` → (B, 1, D)."""
         B, N, D = x.shape
         w_q, w_kv = self.in_proj_weight.split([D, 2 * D])
         b_q, b_kv = self.in_proj_bias.split([D, 2 * D])
-        q = F.linear(query, w_q, b_q).view(B, -1, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, 1, Dh)
+        # The probe is the same for every image: projected once, so every image gets the very same query.
+        q = F.linear(query, w_q, b_q).expand(B, -1, -1).view(B, -1, self.num_heads, D // self.num_heads).transpose(1, 2)
         k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 2 × (B, H, N, Dh)
         # Written out, not SDPA: for one query it costs nothing, and its bits no longer depend on where the image
         # sits in the batch or on the thread count (CPU SDPA splits a lone query's work by threads, so two copies
         # of one photo in a batch got embeddings 1e-7 apart, and exact-match deduplication missed them).
         out = _attend(q, k, v, trace, prefix, fused=False).transpose(1, 2).reshape(B, -1, D)
-        return self.out_proj(out)
+        return _per_image(self.out_proj, out)
 
 
 class PoolingHead(nn.Module):
@@ -196,12 +210,11 @@ class PoolingHead(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, trace: Trace = None) -> Tensor:
-        probe = self.probe.expand(x.shape[0], -1, -1)
-        _record(trace, "head.probe", probe)
+        _record(trace, "head.probe", self.probe.expand(x.shape[0], -1, -1))
         # No residual around the pooling attention itself: the probe is a query, not a token stream.
-        x = self.attention(probe, x, trace, "head")
+        x = self.attention(self.probe, x, trace, "head")
         _record(trace, "head.attention", x)
-        x = x + self.mlp(self.layernorm(x))
+        x = x + _per_image(lambda rows: self.mlp(self.layernorm(rows)), x)
         return x[:, 0]
 
 

@@ -122,11 +122,13 @@ def test_one_image_alone_gives_the_same_numbers_as_in_a_batch(tiny_siglip: Path)
     assert max_diff(alone[0], batched[1]) <= TOLERANCE
 
 
-def test_copies_of_one_image_in_a_batch_get_the_same_bits(tiny_siglip: Path) -> None:
-    # Deduplication by exact match: the pooling head's SDPA split its lone query's work across threads by batch
-    # row, so copies of one photo in a 64-image batch got rows 1e-7 apart.
+@pytest.mark.parametrize("batch", [2, 3, 5, 7, 9, 12, 17, 64])
+def test_copies_of_one_image_in_a_batch_get_the_same_bits(tiny_siglip: Path, batch: int) -> None:
+    # Deduplication by exact match. The pooling head's SDPA split its lone query's work across threads by batch
+    # row (copies 1e-7 apart at 64), and a GEMM over the head's B rows computes its last, partial block of rows
+    # with another kernel (copies apart at 5, 7, 9).
     embedder = load(str(tiny_siglip), device="cpu", dtype="float32")
-    copies = random_pixels(tiny_siglip, batch=1).expand(64, -1, -1, -1).contiguous()
+    copies = random_pixels(tiny_siglip, batch=1).expand(batch, -1, -1, -1).contiguous()
     pooled, tokens = embedder(copies)
     assert (tokens == tokens[0]).all() and (pooled == pooled[0]).all()
 
@@ -185,8 +187,9 @@ def test_photos_embed_like_the_transformers_pipeline(
         {"do_resize": False, "size": {"height": 224, "width": 224}},  # a leftover size, ignored without resizing
         {"do_rescale": None},  # null: the processor skips the step
         {"do_normalize": None},
+        {"do_resize": None},  # the 32-pixel photos then go in as they are
     ],
-    ids=["no-resize-leftover-size", "rescale-null", "normalize-null"],
+    ids=["no-resize-leftover-size", "rescale-null", "normalize-null", "resize-null"],
 )
 def test_preprocessor_settings_read_as_transformers_reads_them(tmp_path: Path, settings: dict) -> None:
     checkpoint = build_checkpoint(tmp_path / "checkpoint", layout="vision")  # a 32-pixel tower
