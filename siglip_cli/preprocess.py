@@ -161,7 +161,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         # Mode "I" (32-bit integers, e.g. some TIFFs) holds 16-bit samples, or 8-bit ones that need no shift.
         values = np.asarray(image).astype(np.int64).clip(0, 65535)
         shift = 8 if image.mode in _SIXTEEN_BIT or values.max(initial=0) > 255 else 0
-        image = Image.fromarray((values >> shift).astype(np.uint8), mode="L")
+        grey = Image.fromarray((values >> shift).astype(np.uint8), mode="L")
+        transparent = image.info.get("transparency")  # a PNG's tRNS: one grey level, in the 16-bit values
+        if isinstance(transparent, int):
+            alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), mode="L")
+            grey = Image.merge("LA", (grey, alpha))
+        image = grey
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -234,6 +234,20 @@ def test_sixteen_bit_png_keeps_its_tones(tmp_path: Path, bicubic: PreprocessConf
     assert sixteen.min() < 0.5  # not clipped to a white page
 
 
+def test_sixteen_bit_grey_png_with_a_transparent_level_is_white_where_transparent(
+    tmp_path: Path, bicubic: PreprocessConfig
+) -> None:
+    # A 16-bit PNG's tRNS chunk names one 16-bit grey level as transparent: composited onto white, as the
+    # reference does, while the opaque pixels keep their tones (the high byte).
+    levels = np.full((60, 80), 40_000, np.uint16)
+    levels[:, :40] = 1234
+    Image.fromarray(levels).save(tmp_path / "scan16.png", transparency=1234)
+    expected = Image.new("L", (80, 60), 40_000 >> 8)
+    expected.paste(255, (0, 0, 40, 60))
+    pixels, _, _ = load_pixels(tmp_path / "scan16.png", bicubic, DecodeOptions())
+    assert torch.equal(pixels, tensor_of(expected.convert("RGB"), bicubic))
+
+
 def test_32_bit_integer_image_of_8_bit_values_is_not_shifted_to_black(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     make_photo((80, 60), mode="L").convert("I").save(tmp_path / "scan32.tif")  # mode I, values 0..255
     make_photo((80, 60), mode="L").save(tmp_path / "scan8.png")
