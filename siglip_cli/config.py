@@ -211,7 +211,7 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
     """Read a Hub `preprocessor_config.json` (parsed), or derive SigLIP's defaults from the tower when absent."""
     if config is None:
         return PreprocessConfig(height=vision.image_size, width=vision.image_size)
-    do_resize = config.get("do_resize", True)
+    do_resize = _flag(config.get("do_resize", True))  # null: transformers' processor skips the step, as for false
     if do_resize is False:  # `size` is then ignored (by transformers too): images must come at the tower's size
         height = width = vision.image_size
     else:
