@@ -251,11 +251,6 @@ def embed(
         print_json(summary.to_dict())
     if not quiet:
         stderr.print(printable(_summary_line(summary)))
-        if update and summary.removed and not summary.reused:
-            note(
-                "no row of the earlier output matched these inputs, so every image was embedded again; rows are "
-                "matched by path as written (photos/a.jpg and /home/me/photos/a.jpg differ): give the folder as before."
-            )
     if strict and summary.failed:
         fail(f"{summary.failed} file(s) could not be embedded (--strict): see {summary.errors}.", 1)
 

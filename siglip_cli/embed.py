@@ -29,7 +29,7 @@ from torch import Tensor
 from . import interrupts
 from .decoding import Batch, batch_pixels, decoded_batches, default_workers, digest_of_file, look_ahead
 from .errors import UserError
-from .files import discover, display_path
+from .files import discover, directory_entry, display_path
 from .gpu_decode import check_supported
 from .outputs import (
     OUTPUT_DTYPES,
@@ -156,9 +156,10 @@ def embed_to_file(
         work, previous = _open_work(out, state, overwrite=overwrite, update=update, part_of=part_of)
         remove_stale_temporaries(out.files())
 
+        paths, unchecked = _with_earlier_rows(paths, previous, progress)
         chunks = work.chunks()
         in_chunks = _chunk_rows(chunks)
-        reused = _reusable(paths, in_chunks, previous, progress)
+        reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress) | unchecked
         wanted = set(paths)
         removed = sum(1 for path, found in previous.items() if path not in wanted and isinstance(found, Ref))
         pending = [p for p in paths if p not in reused]
@@ -268,6 +269,67 @@ def _by_path(refs: Iterable[Ref], errors: Iterable[dict]) -> dict[str, Ref | dic
     found: dict[str, Ref | dict] = {ref.info["path"]: ref for ref in refs}
     found.update((row["path"], row) for row in errors)
     return found
+
+
+def _with_earlier_rows(
+    paths: list[str], previous: dict[str, Ref | dict], progress: Progress | None
+) -> tuple[list[str], dict[str, Ref | dict]]:
+    """--update's files: `paths`, each under the spelling the earlier output gave it (so that its row is reused),
+    with the files of the earlier rows that are still there though not among `paths`; and, apart, the earlier rows
+    kept unchecked, of files that cannot be looked at now (`_whereabouts`).
+
+    A row is dropped only when its file is gone: an --update over one new folder adds it to the output, and a
+    folder the walk could not read (an unmounted drive, a permission) costs no rows. To leave files out of an
+    output on purpose, start afresh with --overwrite."""
+    if not previous:
+        return paths, {}
+    folders: dict[str, object] = {}
+    earlier = {directory_entry(path, folders): path for path in previous}
+    given = {earlier.get(directory_entry(path, folders), path) for path in paths}
+    still, unchecked, gone = [], {}, []
+    for path, row in previous.items():
+        if path not in given:
+            where = _whereabouts(path)
+            if where == "there":
+                still.append(path)
+            elif where == "unknown":
+                unchecked[path] = row
+            elif isinstance(row, Ref):
+                gone.append(path)
+    if progress and gone:
+        progress.note(f"{_rows(len(gone))} of the earlier output will be dropped: {_their(len(gone))} gone "
+                      f"({display_path(min(gone, key=os.fsencode))}{', …' if len(gone) > 1 else ''}).")  # fmt: skip
+    if progress and unchecked:
+        progress.note(
+            f"kept {_rows(len(unchecked))} of the earlier output unchecked: {_their(len(unchecked))} cannot be "
+            f"looked at now ({display_path(min(unchecked, key=os.fsencode))}: an unreadable folder, or a link that "
+            "leads nowhere, as an unmounted drive's); a later --update checks them."
+        )
+    return sorted(given.union(still, unchecked), key=os.fsencode), unchecked
+
+
+def _rows(n: int) -> str:
+    return f"{n:,} row" if n == 1 else f"{n:,} rows"
+
+
+def _their(n: int) -> str:
+    return "its file is" if n == 1 else "their files are"
+
+
+def _whereabouts(path: str) -> str:
+    """Of a file an earlier row names: "there", "gone", or "unknown" when it cannot be looked at now (a folder on its
+    way that cannot be read, or a symlink on its way whose target is missing: what an unmounted drive leaves)."""
+    try:
+        os.stat(path)
+        return "there"
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError:
+        return "unknown"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    return "unknown" if os.path.islink(folder) and not os.path.exists(folder) else "gone"
 
 
 def _reusable(

@@ -86,8 +86,8 @@ def _count(n: int, noun: str) -> str:
 
 def discover(inputs: Iterable[str], *, files_from: str | None = None, report: WalkReport | None = None) -> list[str]:
     """Every image path under `inputs`, each once, in sorted order (by the path's bytes). "Once" is by directory
-    entry (`_entry`): a file named both relatively and absolutely, or through a symlinked folder, keeps the first
-    spelling met.
+    entry (`directory_entry`): a file named both relatively and absolutely, or through a symlinked folder, keeps
+    the first spelling met.
 
     Named files are taken whatever their extension (the user asked for them); folders are walked recursively
     for regular files with an image extension (case-insensitive), skipping hidden files and folders and
@@ -103,14 +103,14 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
     report = WalkReport() if report is None else report
 
     def keep(path: str) -> tuple[object, str]:
-        entry = _entry(path, folders)
+        entry = directory_entry(path, folders)
         found.setdefault(entry, path)
         return entry
 
     def add(name: str) -> None:
         if os.path.isdir(name):
             for folder, file_name, path in _walk(name, seen_dirs, report):
-                found.setdefault((folder, file_name), path)  # the walk knows the entry: no `_entry` to work out
+                found.setdefault((folder, file_name), path)  # the walk knows the entry: no `directory_entry` call
         else:
             path = tidy_path(name)
             named.setdefault(keep(path), path)
@@ -134,7 +134,7 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
     return sorted(found.values(), key=os.fsencode)
 
 
-def _entry(path: str, folders: dict[str, object]) -> tuple[object, str]:
+def directory_entry(path: str, folders: dict[str, object]) -> tuple[object, str]:
     """The directory entry `path` names: its folder, as the walk knows folders (device and inode), and its own name.
     Only the folder is resolved: a symlink or hard link to a photo under another name is another name for the user
     to keep, not a repeat. `folders` caches the folders' identities (a walk gives thousands of files per folder)."""
@@ -177,8 +177,8 @@ def tidy_path(path: str) -> str:
 
 
 def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iterator[tuple[tuple[int, int], str, str]]:
-    """Image files under `top`, each as its entry (its folder's device and inode, its name; see `_entry`) and its
-    path. Folders reached through a symlink wait until every real one has been walked, so a folder that is
+    """Image files under `top`, each as its entry (its folder's device and inode, its name: `directory_entry`) and
+    its path. Folders reached through a symlink wait until every real one has been walked, so a folder that is
     reachable both ways is listed under its real path, whatever order the file system gives."""
     real, linked = [top], []
     top_real = os.path.realpath(top)

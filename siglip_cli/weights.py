@@ -319,14 +319,17 @@ class _HubFiles:
             what = f"{filename} of {what}"
         status = getattr(getattr(cause, "response", None), "status_code", None)
         if constants.HF_HUB_OFFLINE:
-            why, advice = "HF_HUB_OFFLINE is set", "unset it to download it, or pass a local checkpoint directory"
+            why, advice = "HF_HUB_OFFLINE is set", "unset it to download it"
         elif status is not None and status >= 500:  # an outage: the host answers, with a server error
-            why, advice = f"the Hub answered HTTP {status}", "try again later, or pass a local checkpoint directory"
+            why, advice = f"the Hub answered HTTP {status}", "try again later"
         elif status is not None:  # refused: a token without access, or a proxy or firewall on the way
-            why, advice = f"the Hub answered HTTP {status}", "check HF_TOKEN and any proxy or firewall, or pass a local checkpoint directory"
+            why, advice = f"the Hub answered HTTP {status}", "check HF_TOKEN and any proxy or firewall"
         else:
-            why, advice = "the Hub cannot be reached", "connect once to download it, or pass a local checkpoint directory"
-        return CheckpointError(f"{what} is not in the local Hugging Face cache and {why}: {advice} with --model.")
+            why, advice = "the Hub cannot be reached", "connect once to download it"
+        return CheckpointError(
+            f"{what} is not in the local Hugging Face cache and {why}: {advice}, or pass a local checkpoint "
+            "directory with --model."
+        )
 
 
 def read_vision_tensors(checkpoint: Checkpoint) -> dict[str, Tensor]:

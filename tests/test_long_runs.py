@@ -693,15 +693,50 @@ def test_temporary_files_of_a_killed_run_are_removed_by_the_next(embed, folder: 
     assert not stale.exists() and live.exists()
 
 
-def test_update_with_the_folder_spelled_differently_says_why_everything_was_embedded_again(
+def test_update_with_the_folder_spelled_differently_reuses_every_row_under_its_first_spelling(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     output = tmp_path / "out" / "embeddings.safetensors"
     ok(embed(folder, output))
     monkeypatch.chdir(folder.parent)
-    result = ok(embed(folder.name, output, "--update"))  # relative now, absolute before
-    assert "no row of the earlier output matched these inputs" in result.stderr
-    assert "no row of the earlier output" not in ok(embed(folder.name, output, "--update")).stderr
+    summary = summary_of(embed(folder.name, output, "--update", "--json"))  # relative now, absolute before
+    assert (summary["embedded"], summary["reused"], summary["removed"]) == (0, 12, 0)
+    assert all(Path(row["path"]).is_absolute() for row in rows_of(output.with_suffix(".jsonl")))
+
+
+def test_update_over_another_folder_adds_it_and_keeps_the_rows_of_files_still_there(
+    embed, folder: Path, tmp_path: Path
+) -> None:
+    # `siglip embed new-photos -o library.safetensors --update` adds them: the earlier rows are not "gone".
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output, "--batch-size", 1))
+    more = save_photos(tmp_path / "more", ["m0.jpg", "m1.jpg"], first_seed=50)
+    summary = summary_of(embed(more, output, "--update", "--batch-size", 1, "--json"))
+    assert (summary["embedded"], summary["reused"], summary["removed"]) == (2, 12, 0)
+    ok(embed(folder, tmp_path / "fresh.safetensors", more, "--batch-size", 1))
+    assert differences(output, tmp_path / "fresh.safetensors") == []
+
+
+def test_update_keeps_unchecked_the_rows_under_a_link_that_leads_nowhere_and_drops_deleted_files(
+    embed, folder: Path, tmp_path: Path
+) -> None:
+    # photos/nas → a drive that is unmounted at the next --update: its rows stay; a deleted photo's row goes.
+    drive = save_photos(tmp_path / "drive", ["d0.jpg", "d1.jpg", "d2.jpg"], first_seed=70)
+    (folder / "nas").symlink_to(drive)
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    before = {row["path"]: row for row in rows_of(output.with_suffix(".jsonl"))}
+    drive.rename(tmp_path / "unmounted")
+    (folder / "p03.jpg").unlink()
+
+    result = ok(embed(folder, output, "--update", "--json"))
+    summary = json.loads(result.stdout)
+    assert (summary["embedded"], summary["reused"], summary["removed"]) == (0, 14, 1)
+    assert "1 row of the earlier output will be dropped: its file is gone" in result.stderr
+    assert "kept 3 rows of the earlier output unchecked" in result.stderr
+    after = {row["path"]: row for row in rows_of(output.with_suffix(".jsonl"))}
+    assert set(after) == set(before) - {str(folder / "p03.jpg")}
+    assert all(after[path] == before[path] for path in after)
 
 
 def test_update_with_other_options_is_refused(embed, folder: Path, tmp_path: Path) -> None:
