@@ -192,7 +192,7 @@ def embed(
     from .files import find_images
     from .preprocess import DecodeOptions
     from .runtime import default_batch_size, resolve_device
-    from .shards import parse_shard, select_shard
+    from .shards import parse_shard, select_shard, shard_inputs
 
     if not inputs and files_from is None:
         fail("give at least one image file or folder, or --files-from.")
@@ -227,6 +227,7 @@ def embed(
             decode=DecodeOptions(exif_transpose=exif_transpose, max_pixels=max_pixels or None, fast_decode=fast_decode),
             decoder=decode.value,
             shard=part,
+            shard_inputs=shard_inputs(inputs or [], files_from) if part else None,
         )
         if decode is Decoder.gpu and resolve_device(devices[0]).type != "cuda":
             note(

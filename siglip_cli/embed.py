@@ -76,6 +76,9 @@ class EmbedOptions:
     # (K, N) when this run embeds part K of N (--shard): written into the metadata, so that `merge` can tell
     # when a part is missing. Not one of the run's options: the parts of one run differ only in it.
     shard: tuple[int, int] | None = None
+    # With `shard`: the inputs as given (`shards.shard_inputs`), recorded so that `merge` can refuse parts that
+    # named their files differently. None: not recorded.
+    shard_inputs: tuple[str, ...] | None = None
 
 
 class Progress(Protocol):
@@ -178,7 +181,7 @@ def embed_to_file(
             work.remove()
             refuse_empty_run(out, bad)
         interrupts.check()
-        metadata = output_metadata(embedder.checkpoint, state, shard=options.shard)
+        metadata = output_metadata(embedder.checkpoint, state, shard=options.shard, inputs=options.shard_inputs)
         assemble(out, good, bad, metadata, before_replacing=work.mark_assembling)
         work.remove()
         embedded = sum(1 for r in new.values() if isinstance(r, Ref))

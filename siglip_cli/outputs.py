@@ -237,10 +237,14 @@ def row_blocks(refs: list[Ref], name: str, *, row_bytes: int) -> Iterator[np.nda
         start = stop
 
 
-def output_metadata(checkpoint: Checkpoint, state: dict, *, shard: tuple[int, int] | None = None) -> dict[str, str]:
-    """The `.safetensors` header metadata (or `.meta.json` beside a `.npy`): what made these numbers."""
+def output_metadata(
+    checkpoint: Checkpoint, state: dict, *, shard: tuple[int, int] | None = None, inputs: tuple[str, ...] | None = None
+) -> dict[str, str]:
+    """The `.safetensors` header metadata (or `.meta.json` beside a `.npy`): what made these numbers, and for a
+    part of a sharded run which part, and its inputs as given (`shards.shard_inputs`)."""
     return {
         **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
+        **({"inputs": json.dumps(list(inputs))} if shard and inputs is not None else {}),
         "model": display_path(checkpoint.name),
         "revision": checkpoint.revision or "",
         "embedding_dim": str(checkpoint.vision.hidden_size),

@@ -1,7 +1,9 @@
 """Splitting a run into disjoint parts (shards) across machines or GPUs, and joining their outputs.
 
-A file's shard is a hash of its path as found, so its membership never changes when other files come and go,
-and every machine that lists the same inputs agrees on the split without talking to the others.
+A file's shard is a hash of its path as found (`./photos/a.jpg` and `photos/a.jpg` alike), so its membership never
+changes when other files come and go, and every machine that lists the same inputs agrees on the split without
+talking to the others. Each part records its inputs as given: `merge` refuses parts that named them differently
+(`photos` on one machine, `/data/photos` or `../photos` on another), whose rows would overlap and miss files.
 """
 
 from __future__ import annotations
@@ -65,8 +67,31 @@ def _shard_from_environment(num_shards: int | None, environ: Mapping[str, str]) 
 
 
 def shard_of(path: str, count: int) -> int:
-    digest = hashlib.blake2b(os.fsencode(path), digest_size=8).digest()
+    digest = hashlib.blake2b(os.fsencode(os.path.normpath(path)), digest_size=8).digest()
     return int.from_bytes(digest, "big") % count
+
+
+def shard_inputs(inputs: list[str], files_from: str | None) -> tuple[str, ...]:
+    """What a part records of its inputs: each as given, normalized as `shard_of` normalizes paths."""
+    return (*(os.path.normpath(name) for name in inputs), *([f"--files-from {files_from}"] if files_from else []))
+
+
+def _check_same_inputs(opened: list[tuple[OutputPaths, dict[str, str]]]) -> None:
+    """Refuse parts that named their inputs differently: each hashed other spellings of the same paths, so their
+    rows overlap and miss files. Parts that record nothing (older, or several devices' own shards) are not checked."""
+    recorded = [(out, meta["inputs"]) for out, meta in opened if "inputs" in meta]
+    for out, inputs in recorded[1:]:
+        first, theirs = recorded[0]
+        if inputs != theirs:
+            raise UserError(
+                f"{out.embeddings} was made from other inputs ({_listed(inputs)}) than {first.embeddings} "
+                f"({_listed(theirs)}): a file's part is a hash of its path as found, so every part must name the "
+                "same inputs the same way (from the same folder), or their rows overlap and miss files."
+            )
+
+
+def _listed(inputs: str) -> str:
+    return ", ".join(json.loads(inputs)) or "no inputs"
 
 
 def select_shard(paths: list[str], index: int, count: int) -> list[str]:
@@ -138,13 +163,15 @@ def merge_outputs(
         raise UserError(f"{output} already exists: add --overwrite to replace it.")
     check_outputs(target, interrupted=False, overwrite=overwrite, update=False)  # another output's manifest, ...
     opened = [open_output(Path(p)) for p in inputs]
-    options = [json.loads(meta["options"]) for _, meta in opened]
+    # The format is how the rows are stored, not how they were computed: .npy and .safetensors parts merge.
+    options = [{**json.loads(meta["options"]), "format": None} for _, meta in opened]
     for (out, _), opts in zip(opened[1:], options[1:]):
         if opts != options[0]:
             raise UserError(
                 f"{out.embeddings} and {opened[0][0].embeddings} were made with different options "
                 f"({describe_difference(options[0], opts)}); only outputs of the same run can be merged."
             )
+    _check_same_inputs(opened)
     if not allow_missing:
         _check_every_part([meta.get("shard") for _, meta in opened])
     owner: dict[str, Path] = {}
@@ -165,6 +192,7 @@ def merge_outputs(
     bad.sort(key=lambda item: item[0])
     metadata = dict(opened[0][1])
     metadata.pop("shard", None)  # the merge is the whole run
+    metadata.pop("inputs", None)
     metadata["options"] = json.dumps({**options[0], "format": target.format}, sort_keys=True)
     assemble(target, [ref for _, ref in good], [info for _, info in bad], metadata, before_replacing=before_replacing)
     return MergeSummary(

@@ -809,6 +809,35 @@ def test_merged_shards_equal_one_full_run(embed, folder: Path, tmp_path: Path, s
     assert differences(tmp_path / f"merged{suffix}", tmp_path / f"all{suffix}") == []
 
 
+def test_npy_and_safetensors_parts_merge_into_one_full_run(embed, folder: Path, tmp_path: Path) -> None:
+    # The format is how rows are stored, not how they were computed.
+    ok(embed(folder, tmp_path / "all.safetensors", "--batch-size", 1))
+    parts = [tmp_path / "part0.npy", tmp_path / "part1.safetensors"]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--batch-size", 1, "--shard", f"{k}/2"))
+    ok(siglip("merge", *parts, "-o", tmp_path / "merged.safetensors"))
+    assert differences(tmp_path / "merged.safetensors", tmp_path / "all.safetensors") == []
+
+
+def test_merge_refuses_parts_that_named_their_inputs_differently(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One machine ran in the folder above the photos, another beside them: each hashed other strings, so the
+    # parts overlapped and missed files, and the merge gave duplicates and gaps without a word.
+    monkeypatch.chdir(folder.parent)
+    ok(embed(Path(folder.name), tmp_path / "part0.safetensors", "--shard", "0/2"))
+    ok(embed(Path(".") / folder.name, tmp_path / "same.safetensors", "--shard", "1/2"))  # ./photos is photos
+    (folder.parent / "elsewhere").mkdir()
+    monkeypatch.chdir(folder.parent / "elsewhere")
+    ok(embed(Path("..") / folder.name, tmp_path / "part1.safetensors", "--shard", "1/2"))
+
+    ok(siglip("merge", tmp_path / "part0.safetensors", tmp_path / "same.safetensors", "-o", tmp_path / "ok.safetensors"))
+    parts = [tmp_path / "part0.safetensors", tmp_path / "part1.safetensors"]
+    error = the_error(siglip("merge", *parts, "-o", tmp_path / "all.safetensors"))
+    assert f"was made from other inputs (../{folder.name}) than" in error and f"({folder.name})" in error
+    assert not (tmp_path / "all.safetensors").exists()
+
+
 def test_a_shard_without_files_writes_an_empty_output_and_exits_0(embed, folder: Path, tmp_path: Path) -> None:
     paths = discover([str(folder / "p00.jpg")])
     empty = next(k for k in range(4) if k != shard_of(paths[0], 4))
