@@ -113,6 +113,13 @@ def check_outputs(
             f"{other} has its manifest in {out.manifest}, which this run would replace: choose another -o, or "
             f"remove {other} first."
         )
+    # `-o x.npy` keeps its tokens in x.tokens.npy, which may be an output of its own (`-o x.tokens.npy`, with its
+    # manifest x.tokens.jsonl): never ours to replace or remove, even with --overwrite.
+    if out.tokens is not None and out.tokens.exists() and OutputPaths.for_output(out.tokens).manifest.exists():
+        raise UserError(
+            f"{out.tokens} is another output (its manifest is {OutputPaths.for_output(out.tokens).manifest}), and "
+            f"{out.embeddings} keeps its tokens under that name: choose another -o, or remove {out.tokens} first."
+        )
     if overwrite or update:
         return
     if out.embeddings.exists():

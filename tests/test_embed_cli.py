@@ -249,6 +249,18 @@ def test_overwrite_replaces_an_existing_output(embed, photos: Path, out: Path) -
     assert len(read_jsonl(out / "embeddings.jsonl")) == 3
 
 
+@pytest.mark.parametrize("tokens", [[], ["--tokens"]])
+def test_another_output_named_like_our_tokens_file_is_never_replaced(
+    embed, photos: Path, out: Path, tokens: list[str]
+) -> None:
+    ok(embed(photos / "a.jpg", "-o", out / "x.tokens.npy"))  # an output of its own, with x.tokens.jsonl
+    before = (out / "x.tokens.npy").read_bytes()
+    for overwrite in ([], ["--overwrite"]):
+        error = the_error(embed(photos, "-o", out / "x.npy", *tokens, *overwrite))
+        assert f"{out / 'x.tokens.npy'} is another output" in error
+    assert (out / "x.tokens.npy").read_bytes() == before and not (out / "x.npy").exists()
+
+
 def test_overwrite_without_tokens_removes_the_old_tokens_file(embed, photos: Path, out: Path) -> None:
     ok(embed(photos, "-o", out / "embeddings.npy", "--tokens"))
     ok(embed(photos / "b.png", "-o", out / "embeddings.npy", "--overwrite"))
