@@ -210,6 +210,8 @@ def embed(
             note(f"followed {walk.outside_text()}; the images there are embedded too.")
         if walk.not_files:
             note(f"{walk.not_files_text()}; not embedded.")
+        if walk.dangling:
+            note(f"{walk.dangling_text()}; nothing there is embedded.")
         if walk.passed_over and not quiet:
             note(
                 f"passed over {walk.passed_over_text()} in the folders: not images siglip reads "

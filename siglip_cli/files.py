@@ -46,28 +46,39 @@ class WalkReport:
     # (link, where it leads) of folder links followed out of the folder given: a link to `/` or `~` in a photo
     # folder walks the whole disk, so the user is told where the walk went.
     outside: list[tuple[str, str]] = field(default_factory=list)
+    # (link, where it leads) of the other links whose target is missing: a folder link into an unmounted drive
+    # leaves nothing else to see, and `--update` keeps the rows under it.
+    dangling: list[tuple[str, str]] = field(default_factory=list)
 
     def passed_over_text(self, shown: int = 5) -> str:
         """'1,300 files (1,204 .mov, 96 .aae)': the files left out, most common kinds first."""
         kinds = sorted(self.passed_over.items(), key=lambda kind: (-kind[1], kind[0]))
         parts = [f"{count:,} {suffix or '(no extension)'}" for suffix, count in kinds[:shown]]
         if len(kinds) > shown:
-            parts.append(_count(len(kinds) - shown, "other kind"))
-        return f"{_count(self.passed_over.total(), 'file')} ({', '.join(parts)})"
+            parts.append(counted(len(kinds) - shown, "other kind"))
+        return f"{counted(self.passed_over.total(), 'file')} ({', '.join(parts)})"
 
     def unreadable_text(self, shown: int = 3) -> str:
         """'2 folders: a/locked (Permission denied), b/gone (No such file or directory)'."""
         parts = [f"{display_path(folder)} ({reason})" for folder, reason in self.unreadable[:shown]]
         if len(self.unreadable) > shown:
             parts.append(f"{len(self.unreadable) - shown:,} more")
-        return f"{_count(len(self.unreadable), 'folder')}: {', '.join(parts)}"
+        return f"{counted(len(self.unreadable), 'folder')}: {', '.join(parts)}"
 
     def outside_text(self, shown: int = 3) -> str:
         """'1 folder link out of the folders given: photos/nas → /mnt/nas'."""
         parts = [f"{display_path(link)} → {display_path(target)}" for link, target in self.outside[:shown]]
         if len(self.outside) > shown:
             parts.append(f"{len(self.outside) - shown:,} more")
-        return f"{_count(len(self.outside), 'folder link')} out of the folders given: {', '.join(parts)}"
+        return f"{counted(len(self.outside), 'folder link')} out of the folders given: {', '.join(parts)}"
+
+    def dangling_text(self, shown: int = 3) -> str:
+        """'1 link that leads nowhere (an unmounted drive?): photos/nas → /mnt/nas'."""
+        parts = [f"{display_path(link)} → {display_path(target)}" for link, target in self.dangling[:shown]]
+        if len(self.dangling) > shown:
+            parts.append(f"{len(self.dangling) - shown:,} more")
+        verb = "leads" if len(self.dangling) == 1 else "lead"
+        return f"{counted(len(self.dangling), 'link')} that {verb} nowhere (an unmounted drive?): {', '.join(parts)}"
 
     def not_files_text(self, shown: int = 3) -> str:
         """'2 entries named like images are not files: a/x.jpg (a broken link), a/y.jpg (a FIFO)'."""
@@ -80,7 +91,8 @@ class WalkReport:
         return f"{len(listed):,} entries named like images are not files: {', '.join(parts)}"
 
 
-def _count(n: int, noun: str) -> str:
+def counted(n: int, noun: str) -> str:
+    """'3 files', '1 file'."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
@@ -156,6 +168,7 @@ def find_images(inputs: list[str], *, files_from: str | None = None) -> tuple[li
         met = [f"found only {report.passed_over_text()}"] if report.passed_over else []
         met += [f"could not list {report.unreadable_text()}"] if report.unreadable else []
         met += [report.not_files_text()] if report.not_files else []
+        met += [report.dangling_text()] if report.dangling else []
         raise UserError(
             f"no image files found in {', '.join(inputs or [str(files_from)])} "
             f"(looked for {' '.join(sorted(IMAGE_SUFFIXES))}{''.join('; ' + m for m in met)})."
@@ -213,6 +226,8 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
                         report.passed_over[suffix] += 1
                 elif suffix in IMAGE_SUFFIXES:
                     report.not_files.append((tidy_path(entry.path), _kind(entry)))
+                elif entry.is_symlink():
+                    report.dangling.append((tidy_path(entry.path), os.readlink(entry.path)))
             except OSError:  # a symlink that loops onto itself, or an entry gone while the folder was listed
                 if suffix in IMAGE_SUFFIXES and entry.is_symlink():
                     report.not_files.append((tidy_path(entry.path), "a broken link"))

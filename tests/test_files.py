@@ -241,7 +241,7 @@ def test_entries_named_like_images_that_are_no_files_are_reported(tmp_path: Path
     (tmp_path / "gone.jpg").symlink_to(tmp_path / "unmounted" / "gone.jpg")
     (tmp_path / "self.jpg").symlink_to("self.jpg")
     os.mkfifo(tmp_path / "stream.jpg")
-    (tmp_path / "gone.mov").symlink_to(tmp_path / "unmounted" / "gone.mov")  # no image: not said
+    (tmp_path / "gone.mov").symlink_to(tmp_path / "unmounted" / "gone.mov")  # no image: a link that leads nowhere
     photo = touch(tmp_path / "photo.jpg")
     report = WalkReport()
     assert found_with(report, tmp_path) == [str(photo)]
@@ -251,6 +251,20 @@ def test_entries_named_like_images_that_are_no_files_are_reported(tmp_path: Path
     assert report.not_files_text(shown=1) == (
         f"3 entries named like images are not files: {tmp_path / 'gone.jpg'} (a broken link), 2 more"
     )
+    assert [Path(link).name for link, _ in report.dangling] == ["gone.mov"]
+
+
+def test_a_folder_link_into_an_unmounted_drive_is_named_with_where_it_leads(tmp_path: Path) -> None:
+    (tmp_path / "nas").symlink_to("/mnt/not-mounted/Photos")
+    photo = touch(tmp_path / "photo.jpg")
+    report = WalkReport()
+    assert found_with(report, tmp_path) == [str(photo)]
+    assert report.dangling_text() == (
+        f"1 link that leads nowhere (an unmounted drive?): {tmp_path / 'nas'} → /mnt/not-mounted/Photos"
+    )
+    (tmp_path / "photo.jpg").unlink()
+    with pytest.raises(UserError, match=r"1 link that leads nowhere \(an unmounted drive\?\): .*nas → /mnt"):
+        find_images([str(tmp_path)])
 
 
 def test_a_folder_of_nothing_but_dead_links_says_so(tmp_path: Path) -> None:
