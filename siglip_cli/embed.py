@@ -29,7 +29,7 @@ from torch import Tensor
 from . import interrupts
 from .decoding import Batch, batch_pixels, decoded_batches, default_workers, digest_of_file, look_ahead
 from .errors import UserError
-from .files import discover, directory_entry, display_path
+from .files import counted, directory_entry, discover, display_path
 from .gpu_decode import check_supported
 from .outputs import (
     OUTPUT_DTYPES,
@@ -159,12 +159,14 @@ def embed_to_file(
         work, previous = _open_work(out, state, overwrite=overwrite, update=update, part_of=part_of)
         remove_stale_temporaries(out.files())
 
-        paths, unchecked = _with_earlier_rows(paths, previous, progress)
+        paths, unchecked, gone = _with_earlier_rows(paths, previous, progress)
         chunks = work.chunks()
         in_chunks = _chunk_rows(chunks)
         reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress) | unchecked
-        wanted = set(paths)
-        removed = sum(1 for path, found in previous.items() if path not in wanted and isinstance(found, Ref))
+        moved = _moved([p for p in paths if p not in reused], gone, progress)
+        reused |= moved
+        found_again = {(ref.info["size"], ref.info["blake2b"]) for ref in moved.values()}
+        removed = sum(1 for ref in gone.values() if (ref.info.get("size"), ref.info.get("blake2b")) not in found_again)
         pending = [p for p in paths if p not in reused]
         if progress:
             if in_chunks:
@@ -276,20 +278,20 @@ def _by_path(refs: Iterable[Ref], errors: Iterable[dict]) -> dict[str, Ref | dic
 
 def _with_earlier_rows(
     paths: list[str], previous: dict[str, Ref | dict], progress: Progress | None
-) -> tuple[list[str], dict[str, Ref | dict]]:
+) -> tuple[list[str], dict[str, Ref | dict], dict[str, Ref]]:
     """--update's files: `paths`, each under the spelling the earlier output gave it (so that its row is reused),
-    with the files of the earlier rows that are still there though not among `paths`; and, apart, the earlier rows
-    kept unchecked, of files that cannot be looked at now (`_whereabouts`).
+    with the files of the earlier rows that are still there though not among `paths`; the earlier rows kept
+    unchecked, of files that cannot be looked at now (`_whereabouts`); and the rows of files that are gone.
 
-    A row is dropped only when its file is gone: an --update over one new folder adds it to the output, and a
-    folder the walk could not read (an unmounted drive, a permission) costs no rows. To leave files out of an
-    output on purpose, start afresh with --overwrite."""
+    A row is dropped only when its file is gone (or it moved: `_moved`): an --update over one new folder adds it to
+    the output, and a folder the walk could not read (an unmounted drive, a permission) costs no rows. To leave
+    files out of an output on purpose, start afresh with --overwrite."""
     if not previous:
-        return paths, {}
+        return paths, {}, {}
     folders: dict[str, object] = {}
     earlier = {directory_entry(path, folders): path for path in previous}
     given = {earlier.get(directory_entry(path, folders), path) for path in paths}
-    still, unchecked, gone = [], {}, []
+    still, unchecked, gone = [], {}, {}
     for path, row in previous.items():
         if path not in given:
             where = _whereabouts(path)
@@ -298,21 +300,63 @@ def _with_earlier_rows(
             elif where == "unknown":
                 unchecked[path] = row
             elif isinstance(row, Ref):
-                gone.append(path)
+                gone[path] = row
     if progress and gone:
-        progress.note(f"{_rows(len(gone))} of the earlier output will be dropped: {_their(len(gone))} gone "
-                      f"({display_path(min(gone, key=os.fsencode))}{', …' if len(gone) > 1 else ''}).")  # fmt: skip
+        one = len(gone) == 1
+        progress.note(f"{counted(len(gone), 'file')} of the earlier output {'is' if one else 'are'} gone "
+                      f"({display_path(min(gone, key=os.fsencode))}{'' if one else ', …'}): "
+                      f"{'its row is' if one else 'their rows are'} dropped unless found under a new name.")  # fmt: skip
     if progress and unchecked:
         progress.note(
-            f"kept {_rows(len(unchecked))} of the earlier output unchecked: {_their(len(unchecked))} cannot be "
+            f"kept {counted(len(unchecked), 'row')} of the earlier output unchecked: {_their(len(unchecked))} cannot be "
             f"looked at now ({display_path(min(unchecked, key=os.fsencode))}: an unreadable folder, or a link that "
             "leads nowhere, as an unmounted drive's); a later --update checks them."
         )
-    return sorted(given.union(still, unchecked), key=os.fsencode), unchecked
+    return sorted(given.union(still, unchecked), key=os.fsencode), unchecked, gone
 
 
-def _rows(n: int) -> str:
-    return f"{n:,} row" if n == 1 else f"{n:,} rows"
+def _moved(pending: list[str], gone: dict[str, Ref], progress: Progress | None) -> dict[str, Ref]:
+    """Rows for files of `pending` that are photos of `gone` rows under a new name (a folder renamed, files
+    reorganised): the same size and content hash, so the same pixels and the same embedding. Reading a file costs
+    far less than embedding it; only files of a size some gone row has are read."""
+    by_size: dict[int, dict[str, Ref]] = {}
+    for ref in gone.values():
+        if "blake2b" in ref.info:
+            by_size.setdefault(ref.info["size"], {})[ref.info["blake2b"]] = ref
+    candidates: dict[str, os.stat_result] = {}
+    for path in pending if by_size else []:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue
+        if S_ISREG(stat.st_mode) and stat.st_size in by_size:
+            candidates[path] = stat
+    digests = _digests(list(candidates), sum(s.st_size for s in candidates.values()), progress,
+                       "of the same size as photos that are gone, to see whether they moved")  # fmt: skip
+    found = {}
+    for (path, stat), digest in zip(candidates.items(), digests, strict=True):
+        ref = by_size[stat.st_size].get(digest)
+        if ref is not None:
+            found[path] = ref._replace(info={**ref.info, "path": path, "mtime_ns": stat.st_mtime_ns})
+    if progress and found:
+        progress.note(f"{counted(len(found), 'photo')} found under a new name (moved or renamed): rows reused.")
+    return found
+
+
+def _digests(paths: list[str], size: int, progress: Progress | None, why: str) -> list[str | None]:
+    """The content hash of each file (None where it cannot be read now), read in `HASHING_THREADS` threads, after a
+    note when there is much to read. Ctrl-C stops every read within a MiB."""
+    if progress and size >= HASHING_NOTE_BYTES:
+        progress.note(f"reading {len(paths):,} files ({size / 2**30:,.1f} GiB) {why}.")
+    with interrupts.stop_flag() as stop:
+
+        def digest_or_none(path: str) -> str | None:
+            try:
+                return digest_of_file(path, stop)
+            except OSError:
+                return None  # unreadable now: embedded again, and its error said then
+
+        return list(look_ahead(paths, digest_or_none, depth=4 * HASHING_THREADS, threads=HASHING_THREADS))
 
 
 def _their(n: int) -> str:
@@ -394,23 +438,11 @@ def _still_current(infos: dict[str, dict], progress: Progress | None) -> dict[st
         elif "blake2b" in info and S_ISREG(stat.st_mode):  # a FIFO put in a photo's place would block the read
             touched[path] = stat.st_mtime_ns
     size = sum(infos[path]["size"] for path in touched)
-    if progress and size >= HASHING_NOTE_BYTES:
-        progress.note(
-            f"reading {len(touched):,} files ({size / 2**30:,.1f} GiB) whose modification time changed but not their "
-            "size, to see whether their content did."
-        )
-    with interrupts.stop_flag() as stop:  # Ctrl-C waits for the threads' reads: each stops within a MiB
-
-        def digest_or_none(path: str) -> str | None:
-            try:
-                return digest_of_file(path, stop)
-            except OSError:
-                return None  # unreadable now: embedded again, and its error said then
-
-        digests = look_ahead(touched, digest_or_none, depth=4 * HASHING_THREADS, threads=HASHING_THREADS)
-        for (path, mtime_ns), digest in zip(touched.items(), digests, strict=True):
-            if digest == infos[path]["blake2b"]:
-                current[path] = {**infos[path], "mtime_ns": mtime_ns}
+    digests = _digests(list(touched), size, progress,
+                       "whose modification time changed but not their size, to see whether their content did")  # fmt: skip
+    for (path, mtime_ns), digest in zip(touched.items(), digests, strict=True):
+        if digest == infos[path]["blake2b"]:
+            current[path] = {**infos[path], "mtime_ns": mtime_ns}
     return current
 
 

@@ -717,6 +717,23 @@ def test_update_over_another_folder_adds_it_and_keeps_the_rows_of_files_still_th
     assert differences(output, tmp_path / "fresh.safetensors") == []
 
 
+def test_update_after_a_folder_is_renamed_reuses_its_rows_by_content(embed, tmp_path: Path) -> None:
+    library = tmp_path / "library"
+    save_photos(library / "2020", [f"p{i:02d}.jpg" for i in range(6)])
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(library, output, "--batch-size", 1))
+    (library / "2020").rename(library / "2020 - Lisbon")
+    edited = library / "2020 - Lisbon" / "p02.jpg"  # moved and edited: embedded again
+    make_photo((48, 40), seed=300).save(edited, quality=90)
+
+    result = ok(embed(library, output, "--update", "--batch-size", 1, "--json"))
+    summary = json.loads(result.stdout)
+    assert (summary["embedded"], summary["reused"], summary["removed"]) == (1, 5, 1)
+    assert "5 photos found under a new name (moved or renamed): rows reused" in result.stderr
+    ok(embed(library, tmp_path / "fresh.safetensors", "--batch-size", 1))
+    assert differences(output, tmp_path / "fresh.safetensors") == []
+
+
 def test_update_keeps_unchecked_the_rows_under_a_link_that_leads_nowhere_and_drops_deleted_files(
     embed, folder: Path, tmp_path: Path
 ) -> None:
@@ -732,7 +749,7 @@ def test_update_keeps_unchecked_the_rows_under_a_link_that_leads_nowhere_and_dro
     result = ok(embed(folder, output, "--update", "--json"))
     summary = json.loads(result.stdout)
     assert (summary["embedded"], summary["reused"], summary["removed"]) == (0, 14, 1)
-    assert "1 row of the earlier output will be dropped: its file is gone" in result.stderr
+    assert "1 file of the earlier output is gone" in result.stderr and "its row is dropped unless" in result.stderr
     assert "kept 3 rows of the earlier output unchecked" in result.stderr
     after = {row["path"]: row for row in rows_of(output.with_suffix(".jsonl"))}
     assert set(after) == set(before) - {str(folder / "p03.jpg")}
