@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from .outputs import (
     describe_difference,
     output_metadata,
     public_row,
+    read_output_metadata,
     read_output_options,
     read_rows,
 )
@@ -144,7 +146,8 @@ def embed_to_file(
     require_rows: bool = True,
     part_of: Path | None = None,
 ) -> Summary:
-    """Embed `paths` (in this order) into `output` (.safetensors or .npy) plus its manifest and errors files.
+    """Embed `paths` (in this order; with `update`, sorted among the earlier rows: `_with_earlier_rows`) into
+    `output` (.safetensors or .npy) plus its manifest and errors files.
 
     With `require_rows`, inputs of which none could be embedded are an error and leave no output behind.
     `part_of`: the work folder of the several-device run this output is one shard of, named in its refusals.
@@ -159,14 +162,12 @@ def embed_to_file(
         work, previous = _open_work(out, state, overwrite=overwrite, update=update, part_of=part_of)
         remove_stale_temporaries(out.files())
 
-        paths, unchecked, gone = _with_earlier_rows(paths, previous, progress)
+        # The user's --update of a whole output keeps the rows of files still there, whatever this run's inputs.
+        # A shard (its inputs decide its part) and a several-device worker (its part of this run) keep only theirs.
+        keep_unlisted = update and options.shard is None and part_of is None
         chunks = work.chunks()
         in_chunks = _chunk_rows(chunks)
-        reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress) | unchecked
-        moved = _moved([p for p in paths if p not in reused], gone, progress)
-        reused |= moved
-        found_again = {(ref.info["size"], ref.info["blake2b"]) for ref in moved.values()}
-        removed = sum(1 for ref in gone.values() if (ref.info.get("size"), ref.info.get("blake2b")) not in found_again)
+        paths, reused, removed = _settled(paths, previous, in_chunks, keep_unlisted, progress)
         pending = [p for p in paths if p not in reused]
         if progress:
             if in_chunks:
@@ -228,7 +229,9 @@ def _open_work(
     # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
     # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
     try:
-        previous = _previous_output(out, state) if reuse_output and not (resuming and work.assembling()) else {}
+        previous = (
+            _previous_output(out, state, update=update) if reuse_output and not (resuming and work.assembling()) else {}
+        )
     except _OtherOptions as e:
         if overwrite:  # a several-device shard takes both: one made with other options is replaced
             previous = {}
@@ -276,43 +279,66 @@ def _by_path(refs: Iterable[Ref], errors: Iterable[dict]) -> dict[str, Ref | dic
     return found
 
 
-def _with_earlier_rows(
-    paths: list[str], previous: dict[str, Ref | dict], progress: Progress | None
-) -> tuple[list[str], dict[str, Ref | dict], dict[str, Ref]]:
-    """--update's files: `paths`, each under the spelling the earlier output gave it (so that its row is reused),
-    with the files of the earlier rows that are still there though not among `paths`; the earlier rows kept
-    unchecked, of files that cannot be looked at now (`_whereabouts`); and the rows of files that are gone.
+def _settled(
+    paths: list[str],
+    previous: dict[str, Ref | dict],
+    in_chunks: dict[str, Ref | dict],
+    keep_unlisted: bool,
+    progress: Progress | None,
+) -> tuple[list[str], dict[str, Ref | dict], int]:
+    """The run's files (`_with_earlier_rows`), the rows among them that need no new work (this run's chunks, the
+    earlier output's rows of unchanged files, of files it cannot look at now, of files that moved), and how many
+    rows of the earlier output are dropped."""
+    paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, progress)
+    reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress) | unchecked
+    moved = _moved([p for p in paths if p not in reused], dropped, progress)
+    # A dropped row is found again when a moved file took its content; of n copies of a photo, as many as moved.
+    left = Counter((ref.info.get("size"), ref.info.get("blake2b")) for ref in dropped.values())
+    left.subtract((ref.info["size"], ref.info["blake2b"]) for ref in moved.values())
+    return paths, reused | moved, sum(n for n in left.values() if n > 0)
 
-    A row is dropped only when its file is gone (or it moved: `_moved`): an --update over one new folder adds it to
-    the output, and a folder the walk could not read (an unmounted drive, a permission) costs no rows. To leave
-    files out of an output on purpose, start afresh with --overwrite."""
+
+def _with_earlier_rows(
+    paths: list[str], previous: dict[str, Ref | dict], keep_unlisted: bool, progress: Progress | None
+) -> tuple[list[str], dict[str, Ref | dict], dict[str, Ref]]:
+    """The files of a run over an earlier output: `paths`, each under the spelling the earlier output gave it (so
+    that its row is reused); with `keep_unlisted` (the user's --update), also the files of the earlier rows that are
+    still there though not among `paths`, and apart the earlier rows kept unchecked, of files that cannot be looked
+    at now (`_whereabouts`). Last, the earlier rows dropped: of files that are gone, or not among `paths` without
+    `keep_unlisted`.
+
+    With `keep_unlisted` a row is dropped only when its file is gone (and then kept if it moved: `_moved`): an
+    --update over one new folder adds it to the output, and a folder that cannot be read now (an unmounted drive,
+    a permission) costs no rows. To leave files out of an output on purpose, start afresh with --overwrite."""
     if not previous:
         return paths, {}, {}
     folders: dict[str, object] = {}
     earlier = {directory_entry(path, folders): path for path in previous}
     given = {earlier.get(directory_entry(path, folders), path) for path in paths}
-    still, unchecked, gone = [], {}, {}
+    still, unchecked, dropped = [], {}, {}
     for path, row in previous.items():
-        if path not in given:
-            where = _whereabouts(path)
-            if where == "there":
-                still.append(path)
-            elif where == "unknown":
-                unchecked[path] = row
-            elif isinstance(row, Ref):
-                gone[path] = row
-    if progress and gone:
-        one = len(gone) == 1
-        progress.note(f"{counted(len(gone), 'file')} of the earlier output {'is' if one else 'are'} gone "
-                      f"({display_path(min(gone, key=os.fsencode))}{'' if one else ', …'}): "
+        if path in given:
+            continue
+        where = _whereabouts(path) if keep_unlisted else "gone"
+        if where == "there":
+            still.append(path)
+        elif where == "unknown":
+            unchecked[path] = row
+        elif isinstance(row, Ref):
+            dropped[path] = row
+    if progress and keep_unlisted and dropped:
+        one = len(dropped) == 1
+        progress.note(f"{counted(len(dropped), 'file')} of the earlier output {'is' if one else 'are'} gone "
+                      f"({display_path(min(dropped, key=os.fsencode))}{'' if one else ', …'}): "
                       f"{'its row is' if one else 'their rows are'} dropped unless found under a new name.")  # fmt: skip
     if progress and unchecked:
+        one = len(unchecked) == 1
         progress.note(
-            f"kept {counted(len(unchecked), 'row')} of the earlier output unchecked: {_their(len(unchecked))} cannot be "
-            f"looked at now ({display_path(min(unchecked, key=os.fsencode))}: an unreadable folder, or a link that "
-            "leads nowhere, as an unmounted drive's); a later --update checks them."
+            f"kept {counted(len(unchecked), 'row')} of the earlier output unchecked: {'its file' if one else 'their files'} "
+            f"cannot be looked at now ({display_path(min(unchecked, key=os.fsencode))}: a folder that cannot be read, "
+            "or a drive that is not mounted); a later --update checks them."
         )
-    return sorted(given.union(still, unchecked), key=os.fsencode), unchecked, gone
+    return sorted(given.union(still, unchecked), key=os.fsencode), unchecked, dropped
 
 
 def _moved(pending: list[str], gone: dict[str, Ref], progress: Progress | None) -> dict[str, Ref]:
@@ -359,13 +385,15 @@ def _digests(paths: list[str], size: int, progress: Progress | None, why: str) -
         return list(look_ahead(paths, digest_or_none, depth=4 * HASHING_THREADS, threads=HASHING_THREADS))
 
 
-def _their(n: int) -> str:
-    return "its file is" if n == 1 else "their files are"
+# Where drives and network shares are mounted (macOS, Linux by hand): a folder missing there is one not mounted.
+MOUNT_ROOTS = ("/Volumes", "/mnt")
+USER_MOUNT_ROOTS = ("/media", "/run/media")  # Linux desktops mount a user's drives in /media/USER/DRIVE
 
 
 def _whereabouts(path: str) -> str:
-    """Of a file an earlier row names: "there", "gone", or "unknown" when it cannot be looked at now (a folder on its
-    way that cannot be read, or a symlink on its way whose target is missing: what an unmounted drive leaves)."""
+    """Of a file an earlier row names: "there", "gone", or "unknown" when it cannot be looked at now. Unknown: a
+    folder on its way cannot be read, or what is left of the way looks like a drive that is not mounted: a symlink
+    whose target is missing, an empty folder (a mount point), or a folder gone from where drives are mounted."""
     try:
         os.stat(path)
         return "there"
@@ -376,7 +404,20 @@ def _whereabouts(path: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(folder):
         folder = os.path.dirname(folder)
-    return "unknown" if os.path.islink(folder) and not os.path.exists(folder) else "gone"
+    if os.path.islink(folder) and not os.path.exists(folder):
+        return "unknown"
+    if folder != os.path.dirname(os.path.abspath(path)):  # whole folders of the way are gone: the file's and more
+        if folder in MOUNT_ROOTS or os.path.dirname(folder) in USER_MOUNT_ROOTS or _empty_folder(folder):
+            return "unknown"
+    return "gone"
+
+
+def _empty_folder(folder: str) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
 
 
 def _reusable(
@@ -667,8 +708,9 @@ class _OtherOptions(UserError):
         self.difference = difference
 
 
-def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
-    """The rows of an existing output, for --update (refused if it was made with other options)."""
+def _previous_output(out: OutputPaths, state: dict, *, update: bool) -> dict[str, Ref | dict]:
+    """The rows of an existing output, for --update (refused if it was made with other options, or, when its paths
+    are relative, in another folder than this run's: every file would look gone)."""
     if not out.embeddings.exists():
         return {}
     old = read_output_options(out)
@@ -678,7 +720,21 @@ def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
             "rerun --update with the same options, or use --overwrite to start afresh.",
             difference=describe_difference(old, state),
         )
-    return _by_path(*read_rows(out))
+    rows = _by_path(*read_rows(out))
+    made_in = read_output_metadata(out).get("cwd")
+    if update and made_in and any(not os.path.isabs(path) for path in rows) and not _same_folder(made_in, os.curdir):
+        raise UserError(
+            f"{out.embeddings} names its photos relative to {display_path(made_in)}, where it was made: run --update "
+            f"from there (this run is in {display_path(os.getcwd())})."
+        )
+    return rows
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 @dataclass

@@ -162,15 +162,10 @@ class Encoder(nn.Module):
         return x
 
 
-def _per_image(step: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """`step` over the head's (B, 1, D) rows, on the CPU one image at a time, so copies of one photo in a batch get
-    the same bits (exact-match deduplication relies on it). Batched, a GEMM over the B rows computes its last,
-    partial block of rows with another kernel, and an elementwise op its last, partial vector (widths that are no
-    multiple of 8): copies in a batch of 5, 7 or 9 were 1e-7 apart. One image costs microseconds; the encoder's
-    B × N rows stay batched. CUDA kernels compute every row alike."""
-    if x.is_cuda:
-        return step(x)
-    return torch.cat([step(row) for row in x.split(1)])
+@torch.compiler.disable  # compiled, the B passes would be fused back into one batch (and each B recompiled)
+def _one_at_a_time(step: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """`step` over a batch, one image at a time."""
+    return torch.cat([step(image) for image in x.split(1)])
 
 
 class PoolAttention(nn.Module):
@@ -196,7 +191,7 @@ class PoolAttention(nn.Module):
         # sits in the batch or on the thread count (CPU SDPA splits a lone query's work by threads, so two copies
         # of one photo in a batch got embeddings 1e-7 apart, and exact-match deduplication missed them).
         out = _attend(q, k, v, trace, prefix, fused=False).transpose(1, 2).reshape(B, -1, D)
-        return _per_image(self.out_proj, out)
+        return self.out_proj(out)
 
 
 class PoolingHead(nn.Module):
@@ -210,11 +205,21 @@ class PoolingHead(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, trace: Trace = None) -> Tensor:
+        # On the CPU one image at a time, so that copies of one photo in a batch get the same bits (exact-match
+        # deduplication relies on it): batched, a GEMM over the B probes computes its last, partial block of rows
+        # with another kernel, and an elementwise op its last, partial vector (widths no multiple of 8), so copies
+        # in a batch of 5, 7 or 9 were 1e-7 apart. The head is ~1% of the forward. CUDA runs every row of a GEMM
+        # through the same kernel (bench/gpu_check.py checks).
+        if x.is_cuda or trace is not None:
+            return self._pool(x, trace)
+        return _one_at_a_time(self._pool, x)
+
+    def _pool(self, x: Tensor, trace: Trace = None) -> Tensor:
         _record(trace, "head.probe", self.probe.expand(x.shape[0], -1, -1))
         # No residual around the pooling attention itself: the probe is a query, not a token stream.
         x = self.attention(self.probe, x, trace, "head")
         _record(trace, "head.attention", x)
-        x = x + _per_image(lambda rows: self.mlp(self.layernorm(rows)), x)
+        x = x + self.mlp(self.layernorm(x))
         return x[:, 0]
 
 

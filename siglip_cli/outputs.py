@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import __version__
 from .errors import UserError
-from .files import display_path, path_fields, path_from_fields
+from .files import display_path, is_utf8, path_fields, path_from_fields
 from .storage import (
     NpyRows,
     RowReader,
@@ -115,10 +115,10 @@ def check_outputs(
         )
     # `-o x.npy` keeps its tokens in x.tokens.npy, which may be an output of its own (`-o x.tokens.npy`, with its
     # manifest x.tokens.jsonl): never ours to replace or remove, even with --overwrite.
-    if out.tokens is not None and out.tokens.exists() and OutputPaths.for_output(out.tokens).manifest.exists():
+    if out.tokens is not None and out.tokens.exists() and (theirs := out.tokens.with_suffix(".jsonl")).exists():
         raise UserError(
-            f"{out.tokens} is another output (its manifest is {OutputPaths.for_output(out.tokens).manifest}), and "
-            f"{out.embeddings} keeps its tokens under that name: choose another -o, or remove {out.tokens} first."
+            f"{out.tokens} is another output (its manifest is {theirs}), and {out.embeddings} keeps its tokens under "
+            f"that name: choose another -o, or remove {out.tokens} first."
         )
     if overwrite or update:
         return
@@ -247,11 +247,13 @@ def row_blocks(refs: list[Ref], name: str, *, row_bytes: int) -> Iterator[np.nda
 def output_metadata(
     checkpoint: Checkpoint, state: dict, *, shard: tuple[int, int] | None = None, inputs: tuple[str, ...] | None = None
 ) -> dict[str, str]:
-    """The `.safetensors` header metadata (or `.meta.json` beside a `.npy`): what made these numbers, and for a
-    part of a sharded run which part, and its inputs as given (`shards.shard_inputs`)."""
+    """The `.safetensors` header metadata (or `.meta.json` beside a `.npy`): what made these numbers, where it ran,
+    and for a part of a sharded run which part, and its inputs as given (`shards.shard_inputs`)."""
     return {
         **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
         **({"inputs": json.dumps(list(inputs))} if shard and inputs is not None else {}),
+        # Relative paths in the manifest are relative to it: an --update run elsewhere is refused (embed.py).
+        **({"cwd": os.getcwd()} if is_utf8(os.getcwd()) else {}),
         "model": display_path(checkpoint.name),
         "revision": checkpoint.revision or "",
         "embedding_dim": str(checkpoint.vision.hidden_size),

@@ -72,8 +72,10 @@ def shard_of(path: str, count: int) -> int:
 
 
 def shard_inputs(inputs: list[str], files_from: str | None) -> tuple[str, ...]:
-    """What a part records of its inputs: each as given, normalized as `shard_of` normalizes paths."""
-    return (*(os.path.normpath(name) for name in inputs), *([f"--files-from {files_from}"] if files_from else []))
+    """What a part records of its inputs: each as given, normalized as `shard_of` normalizes paths, in sorted order
+    (the order does not change a file's part)."""
+    listed = sorted(os.path.normpath(name) for name in inputs)
+    return (*listed, *([f"--files-from {os.path.normpath(files_from)}"] if files_from else []))
 
 
 def _check_same_inputs(opened: list[tuple[OutputPaths, dict[str, str]]]) -> None:
@@ -193,6 +195,8 @@ def merge_outputs(
     metadata = dict(opened[0][1])
     metadata.pop("shard", None)  # the merge is the whole run
     metadata.pop("inputs", None)
+    if len({meta.get("cwd") for _, meta in opened}) > 1:  # parts made in several folders: no one folder to name
+        metadata.pop("cwd", None)
     metadata["options"] = json.dumps({**options[0], "format": target.format}, sort_keys=True)
     assemble(target, [ref for _, ref in good], [info for _, info in bad], metadata, before_replacing=before_replacing)
     return MergeSummary(

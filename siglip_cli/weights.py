@@ -135,6 +135,8 @@ def _image_processor_config(files: _LocalFiles | _HubFiles) -> tuple[dict | None
     `preprocessor_config.json`, else (None, ""). A folder can hold both, the older file left from a download that
     was saved over: transformers then reads the first, and so must we, or the pixels differ silently."""
     path = files.get("processor_config.json", required=False, probe=False)
+    if "processor_config.json" in files.unknown:  # the Hub failed on it: it may hold the settings that count
+        raise files.unknown["processor_config.json"]
     if path is not None:
         entry = _read_json(path).get("image_processor")
         if entry is not None:
@@ -320,7 +322,7 @@ class _HubFiles:
         status = getattr(getattr(cause, "response", None), "status_code", None)
         if constants.HF_HUB_OFFLINE:
             why, advice = "HF_HUB_OFFLINE is set", "unset it to download it"
-        elif status is not None and status >= 500:  # an outage: the host answers, with a server error
+        elif status is not None and (status >= 500 or status == 429):  # an outage, or too many requests
             why, advice = f"the Hub answered HTTP {status}", "try again later"
         elif status is not None:  # refused: a token without access, or a proxy or firewall on the way
             why, advice = f"the Hub answered HTTP {status}", "check HF_TOKEN and any proxy or firewall"

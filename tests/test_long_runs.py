@@ -734,6 +734,72 @@ def test_update_after_a_folder_is_renamed_reuses_its_rows_by_content(embed, tmp_
     assert differences(output, tmp_path / "fresh.safetensors") == []
 
 
+def test_update_with_shards_keeps_only_the_files_of_its_part(embed, folder: Path, tmp_path: Path) -> None:
+    # A part's files are decided by its inputs: rows of files outside them (another spelling's part, or another
+    # split) are not kept, or the merge would hold photos twice.
+    parts = [tmp_path / f"part{k}.safetensors" for k in range(2)]
+    for k, part in enumerate(parts):
+        ok(embed(Path(os.path.relpath(folder)), part, "--shard", f"{k}/2"))
+    for k, part in enumerate(parts):
+        ok(embed(folder.resolve(), part, "--shard", f"{k}/2", "--update"))  # absolute now
+    summary = summary_of(siglip("merge", *parts, "-o", tmp_path / "merged.safetensors", "--json"))
+    assert summary["rows"] == 12
+
+
+def test_several_devices_rerun_with_overwrite_and_fewer_inputs_keeps_none_of_the_others(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    output = tmp_path / "out" / "embeddings.safetensors"
+    assert stop_before_the_merge(monkeypatch, lambda: embed(folder, output, "--device", "cpu,cpu")).exit_code == 130
+    fewer = save_photos(tmp_path / "fewer", ["f0.jpg", "f1.jpg"], first_seed=90)
+    ok(embed(fewer, output, "--device", "cpu,cpu", "--overwrite"))
+    assert len(rows_of(output.with_suffix(".jsonl"))) == 2
+
+
+def test_update_from_another_folder_of_an_output_with_relative_paths_is_refused(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every relative path would look gone from there, and the rows be dropped.
+    output = tmp_path / "out" / "embeddings.safetensors"
+    monkeypatch.chdir(folder.parent)
+    ok(embed(Path(folder.name), output))
+    before = output.read_bytes()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    more = save_photos(tmp_path / "more", ["m0.jpg"], first_seed=50)
+    error = the_error(embed(more, output, "--update"))
+    assert f"names its photos relative to {folder.parent}, where it was made: run --update from there" in error
+    assert output.read_bytes() == before
+
+
+def test_update_keeps_unchecked_the_rows_under_an_empty_mount_point(embed, tmp_path: Path) -> None:
+    # /mnt/nas unmounted is an empty folder: the photos under it are not gone, the drive is.
+    nas = tmp_path / "mnt" / "nas"
+    save_photos(nas / "photos", ["n0.jpg", "n1.jpg"], first_seed=80)
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(nas / "photos", output))
+    (nas / "photos").rename(tmp_path / "elsewhere")
+    more = save_photos(tmp_path / "more", ["m0.jpg"], first_seed=50)
+    result = ok(embed(more, output, "--update", "--json"))
+    summary = json.loads(result.stdout)
+    assert (summary["embedded"], summary["reused"], summary["removed"]) == (1, 2, 0)
+    assert "kept 2 rows of the earlier output unchecked: their files cannot be looked at now" in result.stderr
+
+
+def test_update_counts_a_copy_that_moved_as_kept_and_one_deleted_as_removed(embed, tmp_path: Path) -> None:
+    photos = save_photos(tmp_path / "c", ["x.jpg"], first_seed=60)
+    shutil.copy(photos / "x.jpg", photos / "y.jpg")  # two copies of one photo
+    save_photos(photos, ["z.jpg"], first_seed=61)
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(photos, output))
+    (tmp_path / "d").mkdir()
+    (photos / "x.jpg").rename(tmp_path / "d" / "x.jpg")
+    (photos / "y.jpg").unlink()
+    summary = summary_of(embed(photos, output, "--update", tmp_path / "d", "--json"))
+    assert (summary["embedded"], summary["reused"], summary["removed"]) == (0, 2, 1)
+
+
 def test_update_keeps_unchecked_the_rows_under_a_link_that_leads_nowhere_and_drops_deleted_files(
     embed, folder: Path, tmp_path: Path
 ) -> None:
@@ -750,7 +816,7 @@ def test_update_keeps_unchecked_the_rows_under_a_link_that_leads_nowhere_and_dro
     summary = json.loads(result.stdout)
     assert (summary["embedded"], summary["reused"], summary["removed"]) == (0, 14, 1)
     assert "1 file of the earlier output is gone" in result.stderr and "its row is dropped unless" in result.stderr
-    assert "kept 3 rows of the earlier output unchecked" in result.stderr
+    assert "kept 3 rows of the earlier output unchecked: their files cannot be looked at now" in result.stderr
     after = {row["path"]: row for row in rows_of(output.with_suffix(".jsonl"))}
     assert set(after) == set(before) - {str(folder / "p03.jpg")}
     assert all(after[path] == before[path] for path in after)
