@@ -8,6 +8,7 @@ Every layout in the wild holds the tower under one prefix: `vision_model.` (SigL
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -111,7 +112,8 @@ def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) ->
     single = files.get(SINGLE_FILE, required=False)
     if single is not None:
         with _open_weights(single) as f:
-            prefix = _find_prefix(name, f.keys())
+            keys = list(f.keys())
+        prefix = _find_prefix(name, keys)
         weight_files: tuple[Path, ...] = (single,)
     else:
         index_path = files.get(INDEX_FILE, required=False)
@@ -123,9 +125,14 @@ def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) ->
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path} has no weight_map naming the shard of each tensor.")
-        prefix = _find_prefix(name, weight_map)
+        keys = list(weight_map)
+        prefix = _find_prefix(name, keys)
         shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
         weight_files = tuple(files.get(shard, required=True) for shard in shards)
+    if config.get("model_type") == "paligemma" and "vision_use_head" not in (config.get("vision_config") or {}):
+        # PaliGemma's own towers say `vision_use_head: false`; a config silent on it gets a head from transformers
+        # (SiglipVisionConfig's default), random if the weights hold none. We follow the weights.
+        vision = dataclasses.replace(vision, vision_use_head=any(key.startswith(prefix + "head.") for key in keys))
     return Checkpoint(name, files.commit_hash or revision, vision, preprocess, weight_files, prefix, preprocess_source)
 
 

@@ -133,6 +133,22 @@ def test_copies_of_one_image_in_a_batch_get_the_same_bits(tiny_siglip: Path, bat
     assert (tokens == tokens[0]).all() and (pooled == pooled[0]).all()
 
 
+@pytest.mark.parametrize("use_head", [True, False])
+def test_paligemma_config_silent_on_the_head_follows_the_weights(tmp_path: Path, use_head: bool) -> None:
+    # transformers gives a tower whose vision_config does not say `vision_use_head` a head (the default, and
+    # save_pretrained leaves a default out): with head tensors in the weights, its pooled output is theirs.
+    checkpoint = build_checkpoint(tmp_path / "checkpoint", layout="paligemma", use_head=use_head)
+    config = json.loads((checkpoint / "config.json").read_text())
+    del config["vision_config"]["vision_use_head"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    assert resolve_checkpoint(str(checkpoint)).vision.vision_use_head is use_head
+    if use_head:
+        pixels = random_pixels(checkpoint)
+        expected, _ = reference_outputs(checkpoint, pixels)
+        pooled, _ = our_outputs(checkpoint, pixels, fused=True)
+        assert max_diff(pooled, expected) <= TOLERANCE
+
+
 def test_bfloat16_embedding_keeps_cosine_to_float32_reference(any_checkpoint: Path) -> None:
     pixels = random_pixels(any_checkpoint)
     expected, expected_tokens = reference_outputs(any_checkpoint, pixels)
