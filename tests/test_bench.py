@@ -60,14 +60,10 @@ def test_bf16_fast_path_keeps_cosine() -> None:
 
 
 @pytest.mark.slow  # the first compile on a machine takes 40 s on 2 cores (3 s once inductor's cache is warm)
-def test_compiled_matches_plain_and_gives_copies_the_same_bits() -> None:
+def test_compiled_matches_plain() -> None:
     model, x = _tiny_model(), _pixels()
-    compiled = benchmark.fast_model(model, compile=True)
-    copies = x[:1].expand(7, -1, -1, -1).contiguous()  # inductor fused the head's per-image products back into one
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x).pooled, rtol=1e-4, atol=1e-5)
-        pooled = compiled(copies)
-    assert (pooled == pooled[0]).all()
+        torch.testing.assert_close(benchmark.fast_model(model, compile=True)(x), model(x).pooled, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("cfg", [TINY, VisionConfig(**{**TINY.__dict__, "image_size": 44, "patch_size": 14})], ids=["p8", "p14-drops-pixels"])
