@@ -40,8 +40,8 @@ from .outputs import (
     check_outputs,
     describe_difference,
     output_metadata,
+    pooling,
     public_row,
-    read_output_metadata,
     read_output_options,
     read_rows,
 )
@@ -130,6 +130,7 @@ def run_options(embedder: Embedder, options: EmbedOptions, output_format: str) -
         },
         "embedding_dim": ckpt.vision.hidden_size,
         "num_tokens": ckpt.vision.num_patches,
+        "pooling": pooling(ckpt.vision),
     }
     return json.loads(json.dumps(state))  # as it reads back from disk (tuples become lists)
 
@@ -167,7 +168,12 @@ def embed_to_file(
         keep_unlisted = update and options.shard is None and part_of is None
         chunks = work.chunks()
         in_chunks = _chunk_rows(chunks)
-        paths, reused, removed = _settled(paths, previous, in_chunks, keep_unlisted, progress)
+        try:
+            paths, reused, removed = _settled(paths, previous, in_chunks, keep_unlisted, progress)
+        except UserError:
+            if not chunks:
+                work.remove()  # a refused --update leaves nothing behind
+            raise
         pending = [p for p in paths if p not in reused]
         if progress:
             if in_chunks:
@@ -229,9 +235,7 @@ def _open_work(
     # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
     # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
     try:
-        previous = (
-            _previous_output(out, state, update=update) if reuse_output and not (resuming and work.assembling()) else {}
-        )
+        previous = _previous_output(out, state) if reuse_output and not (resuming and work.assembling()) else {}
     except _OtherOptions as e:
         if overwrite:  # a several-device shard takes both: one made with other options is replaced
             previous = {}
@@ -292,10 +296,26 @@ def _settled(
     paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, progress)
     reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress) | unchecked
     moved = _moved([p for p in paths if p not in reused], dropped, progress)
+    relative = [path for path, row in previous.items() if isinstance(row, Ref) and not os.path.isabs(path)]
+    if keep_unlisted and relative and all(path in dropped for path in relative) and not moved:
+        # Relative paths are read from the working directory: run from another folder, every photo looks gone.
+        raise UserError(
+            f"none of the {counted(len(relative), 'photo')} the earlier output names by relative path (such as "
+            f"{display_path(min(relative, key=os.fsencode))}) is found from here: run --update from the folder it "
+            "was made in, or use --overwrite if they are all gone."
+        )
     # A dropped row is found again when a moved file took its content; of n copies of a photo, as many as moved.
     left = Counter((ref.info.get("size"), ref.info.get("blake2b")) for ref in dropped.values())
     left.subtract((ref.info["size"], ref.info["blake2b"]) for ref in moved.values())
-    return paths, reused | moved, sum(n for n in left.values() if n > 0)
+    removed = sum(n for n in left.values() if n > 0)
+    if progress and keep_unlisted and removed:
+        gone = min((p for p, ref in dropped.items() if left[ref.info.get("size"), ref.info.get("blake2b")] > 0),
+                   key=os.fsencode)  # fmt: skip
+        one = removed == 1
+        progress.note(f"{counted(removed, 'file')} of the earlier output {'is' if one else 'are'} gone "
+                      f"({display_path(gone)}{'' if one else ', …'}): {'its row is' if one else 'their rows are'} "
+                      "dropped.")  # fmt: skip
+    return paths, reused | moved, removed
 
 
 def _with_earlier_rows(
@@ -317,26 +337,25 @@ def _with_earlier_rows(
     given = {earlier.get(directory_entry(path, folders), path) for path in paths}
     still, unchecked, dropped = [], {}, {}
     for path, row in previous.items():
-        if path in given:
+        if path in given and not keep_unlisted:
             continue
         where = _whereabouts(path) if keep_unlisted else "gone"
         if where == "there":
             still.append(path)
         elif where == "unknown":
+            given.discard(path)  # a listed file that cannot be looked at now: its row stays as it was
             unchecked[path] = row
-        elif isinstance(row, Ref):
-            dropped[path] = row
-    if progress and keep_unlisted and dropped:
-        one = len(dropped) == 1
-        progress.note(f"{counted(len(dropped), 'file')} of the earlier output {'is' if one else 'are'} gone "
-                      f"({display_path(min(dropped, key=os.fsencode))}{'' if one else ', …'}): "
-                      f"{'its row is' if one else 'their rows are'} dropped unless found under a new name.")  # fmt: skip
+        else:
+            given.discard(path)  # a stale line of a list: the file is gone, not failed (and may have moved)
+            if isinstance(row, Ref):
+                dropped[path] = row
     if progress and unchecked:
         one = len(unchecked) == 1
         progress.note(
-            f"kept {counted(len(unchecked), 'row')} of the earlier output unchecked: {'its file' if one else 'their files'} "
-            f"cannot be looked at now ({display_path(min(unchecked, key=os.fsencode))}: a folder that cannot be read, "
-            "or a drive that is not mounted); a later --update checks them."
+            f"kept {counted(len(unchecked), 'row')} of the earlier output unchecked: "
+            f"{'its file' if one else 'their files'} cannot be looked at now "
+            f"({display_path(min(unchecked, key=os.fsencode))}: a folder that cannot be read, or a drive that is not "
+            "mounted); a later --update checks them."
         )
     return sorted(given.union(still, unchecked), key=os.fsencode), unchecked, dropped
 
@@ -392,8 +411,9 @@ USER_MOUNT_ROOTS = ("/media", "/run/media")  # Linux desktops mount a user's dri
 
 def _whereabouts(path: str) -> str:
     """Of a file an earlier row names: "there", "gone", or "unknown" when it cannot be looked at now. Unknown: a
-    folder on its way cannot be read, or what is left of the way looks like a drive that is not mounted: a symlink
-    whose target is missing, an empty folder (a mount point), or a folder gone from where drives are mounted."""
+    folder on its way cannot be read, or what is left of the way is a drive that is not mounted: a symlink whose
+    target is missing, a folder gone from where drives are mounted, or an empty mount point there. An empty folder
+    elsewhere is only a folder whose photos moved away."""
     try:
         os.stat(path)
         return "there"
@@ -406,9 +426,11 @@ def _whereabouts(path: str) -> str:
         folder = os.path.dirname(folder)
     if os.path.islink(folder) and not os.path.exists(folder):
         return "unknown"
-    if folder != os.path.dirname(os.path.abspath(path)):  # whole folders of the way are gone: the file's and more
-        if folder in MOUNT_ROOTS or os.path.dirname(folder) in USER_MOUNT_ROOTS or _empty_folder(folder):
-            return "unknown"
+    parent = os.path.dirname(folder)
+    if folder in MOUNT_ROOTS or parent in USER_MOUNT_ROOTS:  # /Volumes/X or /media/USER/X is gone: not mounted
+        return "unknown"
+    if (parent in MOUNT_ROOTS or os.path.dirname(parent) in USER_MOUNT_ROOTS) and _empty_folder(folder):
+        return "unknown"  # /mnt/nas or /media/USER/X left empty: its mount point, the drive not mounted
     return "gone"
 
 
@@ -708,9 +730,8 @@ class _OtherOptions(UserError):
         self.difference = difference
 
 
-def _previous_output(out: OutputPaths, state: dict, *, update: bool) -> dict[str, Ref | dict]:
-    """The rows of an existing output, for --update (refused if it was made with other options, or, when its paths
-    are relative, in another folder than this run's: every file would look gone)."""
+def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
+    """The rows of an existing output, for --update (refused if it was made with other options)."""
     if not out.embeddings.exists():
         return {}
     old = read_output_options(out)
@@ -720,21 +741,7 @@ def _previous_output(out: OutputPaths, state: dict, *, update: bool) -> dict[str
             "rerun --update with the same options, or use --overwrite to start afresh.",
             difference=describe_difference(old, state),
         )
-    rows = _by_path(*read_rows(out))
-    made_in = read_output_metadata(out).get("cwd")
-    if update and made_in and any(not os.path.isabs(path) for path in rows) and not _same_folder(made_in, os.curdir):
-        raise UserError(
-            f"{out.embeddings} names its photos relative to {display_path(made_in)}, where it was made: run --update "
-            f"from there (this run is in {display_path(os.getcwd())})."
-        )
-    return rows
-
-
-def _same_folder(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+    return _by_path(*read_rows(out))
 
 
 @dataclass

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import __version__
 from .errors import UserError
-from .files import display_path, is_utf8, path_fields, path_from_fields
+from .files import display_path, path_fields, path_from_fields
 from .storage import (
     NpyRows,
     RowReader,
@@ -32,6 +32,7 @@ from .storage import (
     write_npy,
     write_safetensors,
 )
+from .config import VisionConfig
 from .weights import Checkpoint
 
 
@@ -158,6 +159,7 @@ _OPTION_NAMES = {
     "output_dtype": "--output-dtype",
     "tokens": "--tokens",
     "format": "the output format",
+    "pooling": "the pooling (the checkpoint's vision_use_head)",
     "preprocessing": "the preprocessing (--no-exif-transpose, --fast-decode, --decode, or the model's preprocessor)",
 }
 
@@ -193,9 +195,23 @@ def read_output_metadata(out: OutputPaths) -> dict[str, str]:
             return f.metadata() or {}
 
 
+def pooling(vision: VisionConfig) -> str:
+    """How a row is pooled from the tower: its attention-pool head, or the mean of its tokens (headless towers)."""
+    return "attention-pool head" if vision.vision_use_head else "mean of patch tokens (headless tower)"
+
+
 def read_output_options(out: OutputPaths) -> dict:
     """The run state (`embed.run_options`) a finished output was made with; {} for a file siglip did not write."""
-    return json.loads(read_output_metadata(out).get("options", "{}"))
+    return options_of(read_output_metadata(out))
+
+
+def options_of(metadata: dict[str, str]) -> dict:
+    """The run state in an output's metadata. Outputs of versions whose state did not hold the pooling have it
+    in their metadata beside it."""
+    options = json.loads(metadata.get("options", "{}"))
+    if options and "pooling" not in options and "pooling" in metadata:
+        options["pooling"] = metadata["pooling"]
+    return options
 
 
 def read_rows(out: OutputPaths) -> tuple[list[Ref], list[dict]]:
@@ -247,20 +263,18 @@ def row_blocks(refs: list[Ref], name: str, *, row_bytes: int) -> Iterator[np.nda
 def output_metadata(
     checkpoint: Checkpoint, state: dict, *, shard: tuple[int, int] | None = None, inputs: tuple[str, ...] | None = None
 ) -> dict[str, str]:
-    """The `.safetensors` header metadata (or `.meta.json` beside a `.npy`): what made these numbers, where it ran,
-    and for a part of a sharded run which part, and its inputs as given (`shards.shard_inputs`)."""
+    """The `.safetensors` header metadata (or `.meta.json` beside a `.npy`): what made these numbers, and for a
+    part of a sharded run which part, and its inputs as given (`shards.shard_inputs`)."""
     return {
         **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
         **({"inputs": json.dumps(list(inputs))} if shard and inputs is not None else {}),
-        # Relative paths in the manifest are relative to it: an --update run elsewhere is refused (embed.py).
-        **({"cwd": os.getcwd()} if is_utf8(os.getcwd()) else {}),
         "model": display_path(checkpoint.name),
         "revision": checkpoint.revision or "",
         "embedding_dim": str(checkpoint.vision.hidden_size),
         "dtype": state["output_dtype"],
         "compute_dtype": state["compute_dtype"],
         "normalized": str(state["normalized"]).lower(),
-        "pooling": "attention-pool head" if checkpoint.vision.vision_use_head else "mean of patch tokens (headless tower)",
+        "pooling": state["pooling"],
         "preprocessing": json.dumps(state["preprocessing"]),
         "decoder": state["preprocessing"]["decoder"],
         "tool": f"siglip {__version__}",

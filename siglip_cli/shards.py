@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from .errors import UserError
-from .outputs import OutputPaths, Ref, assemble, check_outputs, describe_difference, read_output_metadata, read_rows
+from .outputs import (
+    OutputPaths,
+    Ref,
+    assemble,
+    check_outputs,
+    describe_difference,
+    options_of,
+    read_output_metadata,
+    read_rows,
+)
 
 
 def parse_shard(spec: str | None, num_shards: int | None, environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
@@ -166,7 +175,7 @@ def merge_outputs(
     check_outputs(target, interrupted=False, overwrite=overwrite, update=False)  # another output's manifest, ...
     opened = [open_output(Path(p)) for p in inputs]
     # The format is how the rows are stored, not how they were computed: .npy and .safetensors parts merge.
-    options = [{**json.loads(meta["options"]), "format": None} for _, meta in opened]
+    options = [{**options_of(meta), "format": None} for _, meta in opened]
     for (out, _), opts in zip(opened[1:], options[1:]):
         if opts != options[0]:
             raise UserError(
@@ -195,8 +204,6 @@ def merge_outputs(
     metadata = dict(opened[0][1])
     metadata.pop("shard", None)  # the merge is the whole run
     metadata.pop("inputs", None)
-    if len({meta.get("cwd") for _, meta in opened}) > 1:  # parts made in several folders: no one folder to name
-        metadata.pop("cwd", None)
     metadata["options"] = json.dumps({**options[0], "format": target.format}, sort_keys=True)
     assemble(target, [ref for _, ref in good], [info for _, info in bad], metadata, before_replacing=before_replacing)
     return MergeSummary(

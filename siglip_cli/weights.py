@@ -129,9 +129,10 @@ def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) ->
         prefix = _find_prefix(name, keys)
         shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
         weight_files = tuple(files.get(shard, required=True) for shard in shards)
-    if config.get("model_type") == "paligemma" and "vision_use_head" not in (config.get("vision_config") or {}):
-        # PaliGemma's own towers say `vision_use_head: false`; a config silent on it gets a head from transformers
-        # (SiglipVisionConfig's default), random if the weights hold none. We follow the weights.
+    fields = config.get("vision_config")
+    if config.get("model_type") == "paligemma" and isinstance(fields, dict) and "vision_use_head" not in fields:
+        # PaliGemma's own towers say `vision_use_head: false`; a vision_config silent on it gets a head from
+        # transformers (SiglipVisionConfig's default), random if the weights hold none. We follow the weights.
         vision = dataclasses.replace(vision, vision_use_head=any(key.startswith(prefix + "head.") for key in keys))
     return Checkpoint(name, files.commit_hash or revision, vision, preprocess, weight_files, prefix, preprocess_source)
 

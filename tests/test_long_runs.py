@@ -769,12 +769,54 @@ def test_update_from_another_folder_of_an_output_with_relative_paths_is_refused(
     monkeypatch.chdir(tmp_path / "elsewhere")
     more = save_photos(tmp_path / "more", ["m0.jpg"], first_seed=50)
     error = the_error(embed(more, output, "--update"))
-    assert f"names its photos relative to {folder.parent}, where it was made: run --update from there" in error
-    assert output.read_bytes() == before
+    assert "none of the 12 photos the earlier output names by relative path (such as photos/p00.jpg) is found" in error
+    assert output.read_bytes() == before and not work_area(output).exists()
 
 
-def test_update_keeps_unchecked_the_rows_under_an_empty_mount_point(embed, tmp_path: Path) -> None:
+def test_update_of_relative_rows_after_their_folder_was_renamed_finds_them_by_content(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    monkeypatch.chdir(folder.parent)
+    ok(embed(Path(folder.name), output))
+    folder.rename(folder.parent / "pictures")
+    summary = summary_of(embed(Path("pictures"), output, "--update", "--json"))
+    assert (summary["embedded"], summary["reused"], summary["removed"]) == (0, 12, 0)
+
+
+def test_update_after_a_subfolder_moved_out_of_an_emptied_folder_has_no_duplicates(embed, tmp_path: Path) -> None:
+    # photos/2020/trip → photos/trip-2020 leaves photos/2020 empty: not a drive that is not mounted.
+    library = tmp_path / "photos"
+    save_photos(library / "2020" / "trip", ["a.jpg", "b.jpg"])
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(library, output))
+    (library / "2020" / "trip").rename(library / "trip-2020")
+    summary = summary_of(embed(library, output, "--update", "--json"))
+    assert (summary["embedded"], summary["reused"], summary["removed"]) == (0, 2, 0)
+    assert [Path(row["path"]).parent.name for row in rows_of(output.with_suffix(".jsonl"))] == ["trip-2020"] * 2
+
+
+def test_update_from_a_stale_list_finds_a_moved_file_instead_of_failing_it(
+    embed, folder: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    (folder / "sub").mkdir()
+    (folder / "p00.jpg").rename(folder / "sub" / "p00.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'p00.jpg'}\n{folder / 'sub' / 'p00.jpg'}\n")  # the old line, and the new
+    summary = summary_of(embed(folder / "p01.jpg", output, "--files-from", listing, "--update", "--json"))
+    assert (summary["embedded"], summary["failed"], summary["removed"]) == (0, 0, 0)
+    assert len(rows_of(output.with_suffix(".jsonl"))) == 12
+
+
+def test_update_keeps_unchecked_the_rows_under_an_empty_mount_point(
+    embed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # /mnt/nas unmounted is an empty folder: the photos under it are not gone, the drive is.
+    import siglip_cli.embed
+
+    monkeypatch.setattr(siglip_cli.embed, "MOUNT_ROOTS", (str(tmp_path / "mnt"),))
     nas = tmp_path / "mnt" / "nas"
     save_photos(nas / "photos", ["n0.jpg", "n1.jpg"], first_seed=80)
     output = tmp_path / "out" / "embeddings.safetensors"
@@ -815,11 +857,29 @@ def test_update_keeps_unchecked_the_rows_under_a_link_that_leads_nowhere_and_dro
     result = ok(embed(folder, output, "--update", "--json"))
     summary = json.loads(result.stdout)
     assert (summary["embedded"], summary["reused"], summary["removed"]) == (0, 14, 1)
-    assert "1 file of the earlier output is gone" in result.stderr and "its row is dropped unless" in result.stderr
+    assert "1 file of the earlier output is gone" in result.stderr and "its row is dropped." in result.stderr
     assert "kept 3 rows of the earlier output unchecked: their files cannot be looked at now" in result.stderr
     after = {row["path"]: row for row in rows_of(output.with_suffix(".jsonl"))}
     assert set(after) == set(before) - {str(folder / "p03.jpg")}
     assert all(after[path] == before[path] for path in after)
+
+
+def test_update_of_an_older_output_compares_its_pooling_from_the_metadata(embed, folder: Path, tmp_path: Path) -> None:
+    # Older versions kept the pooling out of the run's options, and pooled a PaliGemma tower silent on
+    # vision_use_head by its tokens' mean: reusing those rows beside head-pooled ones would mix two embeddings.
+    output = tmp_path / "out" / "embeddings.npy"
+    ok(embed(folder, output))
+    meta_path = output.with_suffix(".meta.json")
+    meta = json.loads(meta_path.read_text())
+    options = json.loads(meta["options"])
+    del options["pooling"]
+    for pooled_by, accepted in [("attention-pool head", True), ("mean of patch tokens (headless tower)", False)]:
+        meta_path.write_text(json.dumps({**meta, "options": json.dumps(options), "pooling": pooled_by}) + "\n")
+        result = embed(folder, output, "--update")
+        if accepted:
+            ok(result)
+        else:
+            assert "was made with other options (the pooling" in the_error(result)
 
 
 def test_update_with_other_options_is_refused(embed, folder: Path, tmp_path: Path) -> None:
