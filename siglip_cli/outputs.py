@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import __version__
 from .errors import UserError
+from .config import VisionConfig
 from .files import display_path, path_fields, path_from_fields
 from .storage import (
     NpyRows,
@@ -32,7 +33,6 @@ from .storage import (
     write_npy,
     write_safetensors,
 )
-from .config import VisionConfig
 from .weights import Checkpoint
 
 
