@@ -19,8 +19,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from . import __version__
-from .errors import UserError
 from .config import VisionConfig
+from .errors import UserError
 from .files import display_path, path_fields, path_from_fields
 from .storage import (
     NpyRows,
