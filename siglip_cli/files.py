@@ -226,7 +226,7 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
                         report.passed_over[suffix] += 1
                 elif suffix in IMAGE_SUFFIXES:
                     report.not_files.append((tidy_path(entry.path), _kind(entry)))
-                elif entry.is_symlink():
+                elif entry.is_symlink() and not os.path.exists(entry.path):  # not a link to a FIFO or socket
                     report.dangling.append((tidy_path(entry.path), os.readlink(entry.path)))
             except OSError:  # a symlink that loops onto itself, or an entry gone while the folder was listed
                 if suffix in IMAGE_SUFFIXES and entry.is_symlink():

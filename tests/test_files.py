@@ -256,6 +256,8 @@ def test_entries_named_like_images_that_are_no_files_are_reported(tmp_path: Path
 
 def test_a_folder_link_into_an_unmounted_drive_is_named_with_where_it_leads(tmp_path: Path) -> None:
     (tmp_path / "nas").symlink_to("/mnt/not-mounted/Photos")
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "to-pipe").symlink_to(tmp_path / "pipe")  # leads somewhere: to a FIFO, which is not a photo
     photo = touch(tmp_path / "photo.jpg")
     report = WalkReport()
     assert found_with(report, tmp_path) == [str(photo)]
