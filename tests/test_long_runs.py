@@ -757,13 +757,20 @@ def test_several_devices_rerun_with_overwrite_and_fewer_inputs_keeps_none_of_the
     assert len(rows_of(output.with_suffix(".jsonl"))) == 2
 
 
-def test_update_from_another_folder_of_an_output_with_relative_paths_is_refused(
-    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Every relative path would look gone from there, and the rows be dropped.
+@pytest.fixture
+def relative_output(embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An output of `folder` embedded by its relative name, from the folder above it (the working directory)."""
     output = tmp_path / "out" / "embeddings.safetensors"
     monkeypatch.chdir(folder.parent)
     ok(embed(Path(folder.name), output))
+    return output
+
+
+def test_update_from_another_folder_of_an_output_with_relative_paths_is_refused(
+    embed, relative_output: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every relative path would look gone from there, and the rows be dropped.
+    output = relative_output
     before = output.read_bytes()
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
@@ -774,13 +781,10 @@ def test_update_from_another_folder_of_an_output_with_relative_paths_is_refused(
 
 
 def test_update_of_relative_rows_after_their_folder_was_renamed_finds_them_by_content(
-    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embed, relative_output: Path, folder: Path
 ) -> None:
-    output = tmp_path / "out" / "embeddings.safetensors"
-    monkeypatch.chdir(folder.parent)
-    ok(embed(Path(folder.name), output))
     folder.rename(folder.parent / "pictures")
-    summary = summary_of(embed(Path("pictures"), output, "--update", "--json"))
+    summary = summary_of(embed(Path("pictures"), relative_output, "--update", "--json"))
     assert (summary["embedded"], summary["reused"], summary["removed"]) == (0, 12, 0)
 
 
