@@ -268,6 +268,8 @@ def _summary_line(s: Summary) -> str:
     line = f"embedded {s.embedded:,}"
     if s.reused:
         line += f", reused {s.reused:,}"
+    if s.unchecked:
+        line += f", kept {s.unchecked:,} unchecked"
     if s.removed:
         line += f", removed {s.removed:,}"
     line += f" → {s.output} ({s.seconds:.1f} s)"

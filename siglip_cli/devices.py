@@ -249,6 +249,7 @@ def embed_on_devices(
             reused=merged.rows - embedded,  # rows of shards finished by an earlier, interrupted run
             failed=merged.failed,
             removed=0,
+            unchecked=0,  # the workers' shards never keep rows unchecked: `--update` runs on one device
             output=merged.output,
             manifest=merged.manifest,
             errors=merged.errors,

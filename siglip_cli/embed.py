@@ -99,6 +99,7 @@ class Summary:
     reused: int  # rows taken from earlier work (an interrupted run, or the previous output with --update)
     failed: int
     removed: int  # rows of the previous output whose files are gone (--update)
+    unchecked: int  # rows of the previous output kept as they were: their files cannot be looked at now (--update)
     output: str
     manifest: str
     errors: str | None
@@ -169,7 +170,7 @@ def embed_to_file(
         chunks = work.chunks()
         in_chunks = _chunk_rows(chunks)
         try:
-            paths, reused, removed = _settled(paths, previous, in_chunks, keep_unlisted, progress)
+            paths, reused, unchecked, removed = _settled(paths, previous, in_chunks, keep_unlisted, progress)
         except UserError:
             if not chunks:
                 work.remove()  # a refused --update leaves nothing behind
@@ -194,12 +195,13 @@ def embed_to_file(
         assemble(out, good, bad, metadata, before_replacing=work.mark_assembling)
         work.remove()
         embedded = sum(1 for r in new.values() if isinstance(r, Ref))
-        reused_rows = sum(1 for r in reused.values() if isinstance(r, Ref))
+        reused_rows = sum(1 for p, r in reused.items() if isinstance(r, Ref) and p not in unchecked)
         return Summary(
             embedded=embedded,
             reused=reused_rows,
             failed=len(bad),
             removed=removed,
+            unchecked=sum(1 for r in unchecked.values() if isinstance(r, Ref)),
             output=str(out.embeddings),
             manifest=str(out.manifest),
             errors=str(out.errors) if bad else None,
@@ -289,10 +291,10 @@ def _settled(
     in_chunks: dict[str, Ref | dict],
     keep_unlisted: bool,
     progress: Progress | None,
-) -> tuple[list[str], dict[str, Ref | dict], int]:
+) -> tuple[list[str], dict[str, Ref | dict], dict[str, Ref | dict], int]:
     """The run's files (`_with_earlier_rows`), the rows among them that need no new work (this run's chunks, the
-    earlier output's rows of unchanged files, of files it cannot look at now, of files that moved), and how many
-    rows of the earlier output are dropped."""
+    earlier output's rows of unchanged files, of files it cannot look at now, of files that moved), those of them
+    kept unchecked, and how many rows of the earlier output are dropped."""
     paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, progress)
     reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress) | unchecked
     moved = _moved([p for p in paths if p not in reused], dropped, progress)
@@ -315,7 +317,7 @@ def _settled(
         progress.note(f"{counted(removed, 'file')} of the earlier output {'is' if one else 'are'} gone "
                       f"({display_path(gone)}{'' if one else ', …'}): {'its row is' if one else 'their rows are'} "
                       "dropped.")  # fmt: skip
-    return paths, reused | moved, removed
+    return paths, reused | moved, unchecked, removed
 
 
 def _with_earlier_rows(

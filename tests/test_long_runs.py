@@ -829,7 +829,7 @@ def test_update_keeps_unchecked_the_rows_under_an_empty_mount_point(
     more = save_photos(tmp_path / "more", ["m0.jpg"], first_seed=50)
     result = ok(embed(more, output, "--update", "--json"))
     summary = json.loads(result.stdout)
-    assert (summary["embedded"], summary["reused"], summary["removed"]) == (1, 2, 0)
+    assert (summary["embedded"], summary["reused"], summary["unchecked"], summary["removed"]) == (1, 0, 2, 0)
     assert "kept 2 rows of the earlier output unchecked: their files cannot be looked at now" in result.stderr
 
 
@@ -860,7 +860,8 @@ def test_update_keeps_unchecked_the_rows_under_a_link_that_leads_nowhere_and_dro
 
     result = ok(embed(folder, output, "--update", "--json"))
     summary = json.loads(result.stdout)
-    assert (summary["embedded"], summary["reused"], summary["removed"]) == (0, 14, 1)
+    assert (summary["embedded"], summary["reused"], summary["unchecked"], summary["removed"]) == (0, 11, 3, 1)
+    assert "embedded 0, reused 11, kept 3 unchecked, removed 1 → " in result.stderr
     assert "1 file of the earlier output is gone" in result.stderr and "its row is dropped." in result.stderr
     assert "kept 3 rows of the earlier output unchecked: their files cannot be looked at now" in result.stderr
     after = {row["path"]: row for row in rows_of(output.with_suffix(".jsonl"))}
