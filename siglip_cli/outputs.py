@@ -114,14 +114,17 @@ def check_outputs(
             f"{other} has its manifest in {out.manifest}, which this run would replace: choose another -o, or "
             f"remove {other} first."
         )
-    # `-o x.npy` keeps its tokens in x.tokens.npy, which may be an output of its own (`-o x.tokens.npy`, with its
-    # manifest x.tokens.jsonl): never ours to replace or remove, even with --overwrite.
-    if out.tokens is not None and out.tokens.exists() and (theirs := out.tokens.with_suffix(".jsonl")).exists():
+    # Names that meet: `-o x.npy` keeps its tokens in x.tokens.npy, which may be an output of its own; `-o x` writes
+    # (or removes) x.errors.jsonl, the manifest of `-o x.errors.safetensors`, and the other way round. Another
+    # output's files are never ours to replace or remove, even with --overwrite.
+    if claimed := _claimed_by_another(out):
+        path, owner = claimed
+        what = "another output" if path == owner else f"a file of another output, {owner}"
         raise UserError(
-            f"{out.tokens} is another output (its manifest is {theirs}), and {out.embeddings} keeps its tokens under "
-            f"that name: choose another -o, or remove {out.tokens} first."
+            f"{path} is {what}, and {out.embeddings} would write or remove a file of its own under that name: "
+            f"choose another -o, or remove {owner} first."
         )
-    if overwrite or update:
+    if overwrite or (update and out.embeddings.exists()):
         return
     if out.embeddings.exists():
         refresh = ", or --update to refresh it" if update_allowed else " (--update runs on one device)"
@@ -132,6 +135,33 @@ def check_outputs(
         for path in (out.manifest, out.errors, out.tokens):
             if path is not None and path.exists() and not (path == out.errors and _only_errors_of_ours(path)):
                 raise UserError(f"{path} already exists and would be replaced: add --overwrite, or choose another -o.")
+
+
+# The files an output keeps beside it, by the end of their name, and the formats of the outputs that write each.
+SIDE_FILES = {".errors.jsonl": (".safetensors", ".npy"), ".tokens.npy": (".npy",), ".meta.json": (".npy",)}
+
+
+def _claimed_by_another(out: OutputPaths) -> tuple[Path, Path] | None:
+    """A file beside `out.embeddings` that this run writes or removes and that is one of another finished output's
+    files (one with its manifest): (that file, that output's embeddings file)."""
+    for path in out.files():
+        if path == out.embeddings:
+            continue
+        name = path.name
+        owners = [path, path.with_suffix(".safetensors"), path.with_suffix(".npy")]  # its embeddings, its manifest
+        for role, formats in SIDE_FILES.items():  # or a side file of its own
+            if name.endswith(role) and len(name) > len(role):
+                owners += [path.with_name(name.removesuffix(role) + suffix) for suffix in formats]
+        for owner in owners:
+            if owner == out.embeddings or owner.suffix not in (".safetensors", ".npy") or not owner.is_file():
+                continue
+            try:
+                theirs = OutputPaths.for_output(owner)
+            except UserError:
+                continue
+            if path in theirs.files() and theirs.manifest.is_file():
+                return path, owner
+    return None
 
 
 def _only_errors_of_ours(path: Path) -> bool:

@@ -235,9 +235,10 @@ def test_existing_output_is_refused_without_overwrite(embed, photos: Path, out: 
     assert (out / "embeddings.safetensors").read_bytes() == before
 
 
-def test_existing_manifest_of_another_run_is_not_clobbered(embed, photos: Path, out: Path) -> None:
+@pytest.mark.parametrize("update", [[], ["--update"]])  # an --update with no output yet is a first run
+def test_existing_manifest_of_another_run_is_not_clobbered(embed, photos: Path, out: Path, update: list[str]) -> None:
     (out / "embeddings.jsonl").write_text('{"path": "somebody else\'s file"}\n')
-    error = the_error(embed(photos, "-o", out / "embeddings.safetensors"))
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", *update))
     assert f"{out / 'embeddings.jsonl'} already exists" in error
     assert (out / "embeddings.jsonl").read_text() == '{"path": "somebody else\'s file"}\n'
 
@@ -259,6 +260,19 @@ def test_another_output_named_like_our_tokens_file_is_never_replaced(
         error = the_error(embed(photos, "-o", out / "x.npy", *tokens, *overwrite))
         assert f"{out / 'x.tokens.npy'} is another output" in error
     assert (out / "x.tokens.npy").read_bytes() == before and not (out / "x.npy").exists()
+
+
+@pytest.mark.parametrize("first, second", [("x.errors.safetensors", "x.safetensors"), ("x.safetensors", "x.errors.npy")])
+def test_an_output_whose_files_meet_another_outputs_is_refused(
+    embed, photos: Path, out: Path, first: str, second: str
+) -> None:
+    # x.errors.jsonl is the errors file of -o x.safetensors and the manifest of -o x.errors.safetensors.
+    ok(embed(photos, "-o", out / first))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    for flags in ([], ["--overwrite"], ["--update"]):
+        error = the_error(embed(photos, "-o", out / second, *flags))
+        assert f"{out / 'x.errors.jsonl'} is a file of another output, {out / first}" in error
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
 def test_overwrite_without_tokens_removes_the_old_tokens_file(embed, photos: Path, out: Path) -> None:
