@@ -240,7 +240,11 @@ def embed_on_devices(
             shutil.rmtree(work, ignore_errors=True)
             refuse_empty_run(out, bad)
         merged = merge_outputs(
-            [job.output for job in jobs], output, overwrite=True, before_replacing=WorkArea(work).mark_assembling
+            [job.output for job in jobs],
+            output,
+            overwrite=True,
+            before_replacing=WorkArea(work).mark_assembling,
+            hold_lock=False,  # held since the start of the run
         )
         shutil.rmtree(work, ignore_errors=True)
         embedded = sum(s.embedded for s in summaries)

@@ -26,6 +26,7 @@ from .outputs import (
     read_output_metadata,
     read_rows,
 )
+from .storage import exclusive, remove_stale_temporaries
 
 
 def parse_shard(spec: str | None, num_shards: int | None, environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
@@ -160,19 +161,36 @@ def merge_outputs(
     overwrite: bool = False,
     allow_missing: bool = False,
     before_replacing: Callable[[Path], None] = lambda new_embeddings: None,
+    hold_lock: bool = True,
 ) -> MergeSummary:
     """Join outputs of disjoint shards into one, equal to a single run over all their files.
 
     Outputs of `--shard K/N` say which part they are: a merge that lacks one of the N parts is refused unless
-    `allow_missing` (a partial result, on purpose). `before_replacing`: as for `outputs.assemble`."""
+    `allow_missing` (a partial result, on purpose). `before_replacing`: as for `outputs.assemble`. The output's lock
+    is held as a run's is (`hold_lock=False`: the caller holds it, a several-device run)."""
     if not inputs:
         raise UserError("give the shard outputs to merge.")
     target = OutputPaths.for_output(output)
+    if not hold_lock:
+        return _merge(inputs, target, overwrite, allow_missing, before_replacing)
+    with exclusive(target.embeddings):
+        return _merge(inputs, target, overwrite, allow_missing, before_replacing)
+
+
+def _merge(
+    inputs: list[Path],
+    target: OutputPaths,
+    overwrite: bool,
+    allow_missing: bool,
+    before_replacing: Callable[[Path], None],
+) -> MergeSummary:
+    output = target.embeddings
     if any(Path(p).resolve() == output.resolve() for p in inputs):
         raise UserError(f"{output} is one of the inputs; write the merge to another file.")
     if output.exists() and not overwrite:
         raise UserError(f"{output} already exists: add --overwrite to replace it.")
     check_outputs(target, interrupted=False, overwrite=overwrite, update=False)  # another output's manifest, ...
+    remove_stale_temporaries(target.files())
     opened = [open_output(Path(p)) for p in inputs]
     # The format is how the rows are stored, not how they were computed: .npy and .safetensors parts merge.
     options = [{**options_of(meta), "format": None} for _, meta in opened]

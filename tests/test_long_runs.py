@@ -967,6 +967,22 @@ def test_npy_and_safetensors_parts_merge_into_one_full_run(embed, folder: Path, 
     assert differences(tmp_path / "merged.safetensors", tmp_path / "all.safetensors") == []
 
 
+def test_merge_is_refused_while_another_run_writes_its_output(embed, folder: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    parts = [tmp_path / f"part{k}.safetensors" for k in range(2)]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--shard", f"{k}/2"))
+    output = tmp_path / "out" / "all.safetensors"
+    output.parent.mkdir()
+    with open(output.parent / ".all.lock", "a+b") as held:  # what a running `siglip embed -o all.safetensors` holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        error = the_error(siglip("merge", *parts, "-o", output))
+    assert error == f"error: another siglip run is writing {output}: wait for it, or choose another -o."
+    assert list(output.parent.iterdir()) == [output.parent / ".all.lock"]
+    ok(siglip("merge", *parts, "-o", output))
+
+
 def test_merge_refuses_parts_that_named_their_inputs_differently(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
