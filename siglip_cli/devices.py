@@ -213,7 +213,21 @@ def embed_on_devices(
         # With --overwrite too, shards an interrupted run left with the same options are continued (its rerun);
         # each worker replaces its shard if it was made with other options. A run stopped after the merge had put
         # the output in place still has its shards here: they are brought up to date and merged again.
-        published = WorkArea(work).published(out.embeddings)
+        area = WorkArea(work)
+        published = area.published(out.embeddings)
+        if not (overwrite or published):  # work of a run on other devices is not ours to throw away
+            if area.exists():
+                raise UserError(
+                    f"{work} holds a run interrupted on one device: rerun it on one --device to continue, or add "
+                    "--overwrite to start afresh."
+                )
+            if (earlier := area.device_count()) not in (None, len(devices)):
+                raise UserError(
+                    f"{work} holds a run interrupted on {earlier} devices: rerun it with {earlier} --device to "
+                    "continue, or add --overwrite to start afresh."
+                )
+        elif not published and (area.exists() or area.device_count() not in (None, len(devices))):
+            shutil.rmtree(work, ignore_errors=True)  # --overwrite: no stale shards are left to mislead a rerun
         check_outputs(
             out, interrupted=work.is_dir(), overwrite=overwrite or published, update=False, update_allowed=False
         )

@@ -218,6 +218,12 @@ def _open_work(
     work = WorkArea(out.work)
     if overwrite and work.exists() and work.state() != state:
         work.remove()
+    devices = work.device_count()
+    if devices and not overwrite and not work.published(out.embeddings):  # its shards are not ours to throw away
+        raise UserError(
+            f"{out.work} holds a run interrupted on {devices} devices: rerun it with {devices} --device to continue, "
+            "or add --overwrite to start afresh."
+        )
     resuming = work.exists()
     # Stopped after its last rename, before it removed its work folder: the output is whole. The rerun takes it as
     # an --update does, so it ends as the first run would have.

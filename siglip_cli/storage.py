@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -324,6 +325,16 @@ class WorkArea:
         with atomic_write(path) as f:
             f.write(safetensors_bytes({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
         return Chunk(path, rows, errors)
+
+    def device_count(self) -> int | None:
+        """How many devices the several-device run that left its shards here (`shard-K-of-N.*`, no state.json) had;
+        None when there are none."""
+        try:
+            names = [entry.name for entry in os.scandir(self.directory)]
+        except OSError:
+            return None
+        counts = [int(m[1]) for name in names if (m := re.match(r"shard-\d+-of-(\d+)\.", name))]
+        return max(counts, default=None)
 
     def mark_assembling(self, new_embeddings: Path) -> None:
         """Say, durably, that the final files are being replaced: until `remove`, they may be half old, half new.

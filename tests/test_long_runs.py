@@ -1139,6 +1139,34 @@ def test_several_devices_rerun_with_other_options_is_refused_as_one_device_refus
     assert summary_of(embed(folder, output, "--device", "cpu,cpu", "--json"))["reused"] == 12
 
 
+def test_a_run_interrupted_on_several_devices_is_not_thrown_away_by_a_rerun_on_others(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One GPU of two failed, and the rerun names one device: the finished shards were deleted without a word.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    output = tmp_path / "out" / "embeddings.safetensors"
+    assert stop_before_the_merge(monkeypatch, lambda: embed(folder, output, "--device", "cpu,cpu")).exit_code == 130
+    for devices in ("cpu", "cpu,cpu,cpu"):
+        error = the_error(embed(folder, output, "--device", devices))
+        assert error == (
+            f"error: {work_area(output)} holds a run interrupted on 2 devices: rerun it with 2 --device to continue, "
+            "or add --overwrite to start afresh."
+        )
+    assert summary_of(embed(folder, output, "--device", "cpu,cpu", "--json"))["reused"] == 12
+
+
+def test_a_run_interrupted_on_one_device_is_not_thrown_away_by_a_rerun_on_several(
+    embed, interrupted: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    error = the_error(embed(folder, interrupted, "--device", "cpu,cpu"))
+    assert error == (
+        f"error: {work_area(interrupted)} holds a run interrupted on one device: rerun it on one --device to "
+        "continue, or add --overwrite to start afresh."
+    )
+    assert summary_of(embed(folder, interrupted, "--json"))["reused"] == 8  # its 4 finished batches
+
+
 def test_several_devices_rerun_with_overwrite_continues_work_of_the_same_options(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
