@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from stat import S_ISREG
@@ -620,7 +620,7 @@ def _embed_pending(
     out_dtype = OUTPUT_DTYPES[options.output_dtype]
     buffer = _ChunkBuffer()
     seq, last_flush = first_seq, time.monotonic()
-    batches = embedded_batches(
+    batches = embedded_batches(  # closed on the way out, even by an error: its decoding workers end with it
         embedder,
         pending,
         batch_size=options.batch_size,
@@ -647,10 +647,14 @@ def _embed_pending(
             if time.monotonic() - last_flush >= FLUSH_SECONDS or buffer.nbytes() >= CHUNK_BYTES:
                 results.update(buffer.flush(work, seq))
                 seq, last_flush = seq + 1, time.monotonic()
-    except KeyboardInterrupt:
-        # Ctrl-C or SIGTERM: the batches finished since the last flush are kept too (a second Ctrl-C stops at once).
-        buffer.flush(work, seq)
+    except BaseException:
+        # Ctrl-C, SIGTERM or an error (CUDA, a full disk): the batches finished since the last flush are kept too, for
+        # the rerun (a second Ctrl-C stops at once); a flush that fails in turn does not hide why the run stopped.
+        with suppress(Exception):
+            buffer.flush(work, seq)
         raise
+    finally:
+        batches.close()
     results.update(buffer.flush(work, seq))
     return results
 
@@ -776,7 +780,7 @@ def embed_paths(
     `workers`: decoding processes beside this one (0: decode here). `decoder`: as `EmbedOptions.decoder`."""
     paths = discover([os.fspath(p) for p in inputs])
     embeddings, token_blocks, rows, errors = [], [], [], []
-    batches = embedded_batches(
+    batches = embedded_batches(  # closed on the way out, even by an error: its decoding workers end with it
         embedder, paths, batch_size=batch_size, workers=workers, decode=decode, decoder=decoder, normalize=normalize,
         tokens=tokens,
     )

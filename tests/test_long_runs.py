@@ -225,6 +225,28 @@ def test_a_stop_keeps_the_batches_finished_since_the_last_flush(
     assert differences(output, tmp_path / "whole.safetensors") == []
 
 
+def test_an_error_mid_run_keeps_the_batches_finished_before_it(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only Ctrl-C flushed them: a CUDA error, or a disk that filled up, cost every batch since the last flush.
+    monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 1e9)
+    forward, calls = Embedder.__call__, []
+
+    def fails_at_the_fifth_batch(self: Embedder, pixels: torch.Tensor):
+        calls.append(len(pixels))
+        if len(calls) == 5:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return forward(self, pixels)
+
+    output = tmp_path / "out" / "embeddings.safetensors"
+    with monkeypatch.context() as patch:
+        patch.setattr(Embedder, "__call__", fails_at_the_fifth_batch)
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            embed_to_file(embedder, discover([str(folder)]), output, options=EmbedOptions(batch_size=2, workers=0))
+    summary = summary_of(embed(folder, output, "--json"))
+    assert (summary["embedded"], summary["reused"]) == (4, 8)
+
+
 def test_an_interrupted_run_leaves_no_output_only_its_work_area(interrupted: Path) -> None:
     assert [p.name for p in interrupted.parent.iterdir()] == [work_area(interrupted).name]
 
