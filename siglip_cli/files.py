@@ -129,8 +129,11 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
 
     for name in inputs:
         try:
-            os.lstat(name)
+            os.stat(name)
         except OSError as e:
+            if os.path.islink(name) and e.errno in (errno.ENOENT, errno.ENOTDIR):
+                target = display_path(os.readlink(name))
+                raise UserError(f"input {display_path(name)} is a link to {target}, which does not exist.") from None
             if e.errno == errno.ENOENT:
                 raise UserError(f"input {display_path(name)} does not exist.") from None
             raise UserError(f"input {display_path(name)} cannot be read: {e.strerror}.") from None

@@ -308,16 +308,25 @@ def test_missing_input_is_a_user_error_naming_it(tmp_path: Path) -> None:
         found(missing)
 
 
+@pytest.mark.parametrize("name", ["photo.jpg", "nas"])
+def test_input_that_is_a_link_leading_nowhere_is_a_user_error_naming_its_target(tmp_path: Path, name: str) -> None:
+    # As a missing input is: it was an errors row for a file, and a run that embedded nothing else.
+    (tmp_path / name).symlink_to(tmp_path / "unmounted" / name)
+    with pytest.raises(UserError, match=f"^input {tmp_path / name} is a link to {tmp_path / 'unmounted' / name}, "
+                                        "which does not exist.$"):  # fmt: skip
+        found(tmp_path / name)
+
+
 def test_input_in_a_folder_that_cannot_be_entered_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     photo = touch(tmp_path / "locked" / "a.jpg")
-    lstat = os.lstat
+    stat = os.stat
 
     def denied(path, *args, **kwargs):  # `chmod 0 locked` (these tests run as root, who may enter anyway)
         if str(path) == str(photo):
             raise PermissionError(13, "Permission denied", str(path))
-        return lstat(path, *args, **kwargs)
+        return stat(path, *args, **kwargs)
 
-    monkeypatch.setattr(os, "lstat", denied)
+    monkeypatch.setattr(os, "stat", denied)
     with pytest.raises(UserError, match=r"locked/a.jpg cannot be read: Permission denied\.$"):
         found(photo)
 
