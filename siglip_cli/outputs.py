@@ -51,6 +51,8 @@ class OutputPaths:
 
     @classmethod
     def for_output(cls, output: Path) -> OutputPaths:
+        if os.path.islink(output):  # written through, as `cp` does: the link stays, and the files sit by its target
+            output = Path(os.path.realpath(output))
         suffix = output.suffix.lower()
         if _is_dir(output):
             raise UserError(f"output {output} is a folder; give a file name (ending in .safetensors or .npy) for -o.")

@@ -275,6 +275,17 @@ def test_an_output_whose_files_meet_another_outputs_is_refused(
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
+def test_an_output_that_is_a_symlink_is_written_through(embed, photos: Path, out: Path) -> None:
+    # The links were replaced by plain files, and the output on the big disk was never updated.
+    disk = out / "disk"
+    ok(embed(photos / "a.jpg", "-o", disk / "lib.safetensors"))
+    for name in ("lib.safetensors", "lib.jsonl"):
+        (out / name).symlink_to(disk / name)
+    ok(embed(photos, "-o", out / "lib.safetensors", "--update"))
+    assert (out / "lib.safetensors").is_symlink() and (out / "lib.jsonl").is_symlink()
+    assert load_file(disk / "lib.safetensors")["embeddings"].shape[0] == len(read_jsonl(disk / "lib.jsonl")) == 3
+
+
 def test_overwrite_without_tokens_removes_the_old_tokens_file(embed, photos: Path, out: Path) -> None:
     ok(embed(photos, "-o", out / "embeddings.npy", "--tokens"))
     ok(embed(photos / "b.png", "-o", out / "embeddings.npy", "--overwrite"))
