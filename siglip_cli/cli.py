@@ -22,7 +22,7 @@ from . import __version__, interrupts
 from .allocator import keep_freed_memory
 from .config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRESET
 from .errors import UserError
-from .files import escape_controls
+from .files import display_path, escape_controls
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -250,10 +250,12 @@ def embed(
             progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
             raise
         progress.stop()
-    if json_summary:
-        print_json(summary.to_dict())
+    if json_summary:  # a folder that could not be listed is no file's error row, but a script must see it too
+        print_json({**summary.to_dict(), "unlisted_folders": [display_path(folder) for folder, _ in walk.unreadable]})
     if not quiet:
         stderr.print(printable(_summary_line(summary)))
+    if strict and walk.unreadable:
+        fail(f"could not list {walk.unreadable_text()} (--strict): images in them are not embedded.", 1)
     if strict and summary.failed:
         fail(f"{summary.failed} file(s) could not be embedded (--strict): see {summary.errors}.", 1)
 

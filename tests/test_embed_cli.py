@@ -405,6 +405,30 @@ def test_strict_exits_1_when_any_file_failed(embed, photos: Path, out: Path) -> 
     assert len(read_jsonl(out / "embeddings.jsonl")) == 3  # the good rows are still written
 
 
+def test_a_folder_that_cannot_be_listed_is_in_the_json_and_fails_strict(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A nightly job checking the exit code or the JSON never learnt that a whole folder was left out.
+    (photos / "locked").mkdir()
+    make_photo((30, 30), seed=3).save(photos / "locked" / "d.jpg")
+    scandir = os.scandir
+
+    def refusing(path="."):  # `chmod 0 locked`, as root too
+        if not isinstance(path, int) and os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    summary = json.loads(ok(embed(photos, "-o", out / "a.safetensors", "--json")).stdout)
+    assert summary["unlisted_folders"] == [str(photos / "locked")] and summary["failed"] == 0
+    error = the_error(embed(photos, "-o", out / "b.safetensors", "--strict"), code=1)
+    assert error == (
+        f"error: could not list 1 folder: {photos / 'locked'} (Permission denied) (--strict): images in them are not "
+        "embedded."
+    )
+    assert len(read_jsonl(out / "b.jsonl")) == 3  # the rows are still written
+
+
 def test_a_bad_file_without_strict_still_exits_0(embed, photos: Path, out: Path) -> None:
     (photos / "broken.png").write_text("not a png")
     ok(embed(photos, "-o", out / "embeddings.safetensors"))
