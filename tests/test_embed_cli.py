@@ -784,6 +784,14 @@ def test_output_folder_that_cannot_be_written_is_one_sentence(
     assert error == f"error: cannot write beside {out / 'embeddings.safetensors'}: Permission denied."
 
 
+@pytest.mark.parametrize("under", ["Thumbs.db", "Thumbs.db/2024"])
+def test_output_under_a_file_says_which_is_not_a_folder(embed, photos: Path, out: Path, under: str) -> None:
+    # It said "File exists", as if the output did.
+    (out / "Thumbs.db").write_bytes(b"")
+    error = the_error(embed(photos, "-o", out / under / "x.safetensors"))
+    assert error == f"error: cannot write {out / under / 'x.safetensors'}: {out / 'Thumbs.db'} is a file, not a folder."
+
+
 def test_update_and_overwrite_together_are_refused(embed, photos: Path, out: Path) -> None:
     error = the_error(embed(photos, "-o", out / "e.safetensors", "--update", "--overwrite"))
     assert "give one of the two" in error and not any(out.iterdir())
