@@ -167,6 +167,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
             alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), mode="L")
             grey = Image.merge("LA", (grey, alpha))
         image = grey
+    if image.mode == "F":
+        # 32-bit floats (Photoshop's 32-bit mode, HDR and scientific TIFFs) hold tones in [0, 1] by convention, which
+        # PIL's convert would clip to a black image; other ranges are clipped by PIL, as in the reference.
+        values = np.asarray(image)
+        if 0 <= values.min(initial=0) and values.max(initial=0) <= 1:
+            image = Image.fromarray(np.rint(values * np.float32(255)), mode="F")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -248,6 +248,24 @@ def test_sixteen_bit_grey_png_with_a_transparent_level_is_white_where_transparen
     assert torch.equal(pixels, tensor_of(expected.convert("RGB"), bicubic))
 
 
+def test_float_image_of_tones_in_0_to_1_is_not_clipped_to_black(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    grey = make_photo((80, 60), mode="L")
+    Image.fromarray(np.asarray(grey, np.float32) / 255, mode="F").save(tmp_path / "hdr.tif")  # Photoshop's 32-bit
+    grey.save(tmp_path / "scan8.png")
+    with Image.open(tmp_path / "hdr.tif") as image:
+        assert image.mode == "F"
+    floats, _, _ = load_pixels(tmp_path / "hdr.tif", bicubic, DecodeOptions())
+    eight, _, _ = load_pixels(tmp_path / "scan8.png", bicubic, DecodeOptions())
+    assert torch.equal(floats, eight)
+
+
+def test_float_image_of_other_ranges_converts_as_in_the_reference(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    levels = np.asarray(make_photo((80, 60), mode="L"), np.float32) * 1.5 - 40  # beyond [0, 255] both ways
+    Image.fromarray(levels, mode="F").save(tmp_path / "wide.tif")
+    pixels, _, _ = load_pixels(tmp_path / "wide.tif", bicubic, DecodeOptions())
+    assert torch.equal(pixels, tensor_of(Image.fromarray(levels, mode="F").convert("RGB"), bicubic))
+
+
 def test_32_bit_integer_image_of_8_bit_values_is_not_shifted_to_black(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     make_photo((80, 60), mode="L").convert("I").save(tmp_path / "scan32.tif")  # mode I, values 0..255
     make_photo((80, 60), mode="L").save(tmp_path / "scan8.png")
