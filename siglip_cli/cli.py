@@ -22,7 +22,7 @@ from . import __version__, interrupts
 from .allocator import keep_freed_memory
 from .config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRESET
 from .errors import UserError
-from .files import display_path, escape_controls
+from .files import counted, display_path, escape_controls
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -204,19 +204,8 @@ def embed(
             fail("--update keeps the earlier output's rows and --overwrite discards them: give one of the two.")
         check_device_options(devices, shard=part, update=update)
         paths, walk = find_images(inputs or [], files_from=files_from)
-        if walk.unreadable:
-            note(f"could not list {walk.unreadable_text()}; images in them are not embedded.")
-        if walk.outside and not quiet:
-            note(f"followed {walk.outside_text()}; the images there are embedded too.")
-        if walk.not_files:
-            note(f"{walk.not_files_text()}; not embedded.")
-        if walk.dangling:
-            note(f"{walk.dangling_text()}; nothing there is embedded.")
-        if walk.passed_over and not quiet:
-            note(
-                f"passed over {walk.passed_over_text()} in the folders: not images siglip reads "
-                "(name a file explicitly to try it anyway)."
-            )
+        for message in walk.notes(quiet=quiet):
+            note(message)
         if part:
             paths = select_shard(paths, *part)  # may be empty: the shard still writes its (empty) output
         options = EmbedOptions(
@@ -295,7 +284,7 @@ def merge(
         summary = merge_outputs(inputs, output, overwrite=overwrite, allow_missing=allow_missing)
     if json_summary:
         print_json(summary.to_dict())
-    stderr.print(printable(f"merged {summary.inputs} output{'s' if summary.inputs != 1 else ''}: {summary.rows:,} row{'s' if summary.rows != 1 else ''} → {summary.output}"))
+    stderr.print(printable(f"merged {counted(summary.inputs, 'output')}: {counted(summary.rows, 'row')} → {summary.output}"))
 
 
 @app.command()

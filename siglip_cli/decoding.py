@@ -132,7 +132,13 @@ class ImageFiles(Dataset):
                 pixels, facts, jpeg = decode_file(path, self.cfg, self.options, jpeg_to_device=self.jpeg_to_device)
                 return Item(index, pixels, {"path": path, **facts}, jpeg)
             except Exception as e:  # per file, whatever the class: one bad file never stops a run
-                return Item(index, None, {"path": path, "error": one_line(e), **_stat_fields(path)})
+                return Item(index, None, error_row({"path": path, **_stat_fields(path)}, one_line(e)))
+
+
+def error_row(info: dict, reason: str) -> dict:
+    """The errors file's row of a file that failed: its path, why, and its size and mtime where known (by which a
+    later --update tells whether it changed)."""
+    return {"path": info["path"], "error": reason, **{k: info[k] for k in ("size", "mtime_ns") if k in info}}
 
 
 def _stat_fields(path: str) -> dict:
@@ -270,8 +276,7 @@ def batch_pixels(
             on_cpu = load_pixels(io.BytesIO(batch.jpegs[i].data.numpy().tobytes()), cfg, options)[0]
         except Exception as e:  # per file, as in the workers (a device error below is not the file's fault)
             failed.add(row)
-            info = batch.rows[row]
-            errors.append({"path": info["path"], "error": one_line(e), "size": info["size"], "mtime_ns": info["mtime_ns"]})
+            errors.append(error_row(batch.rows[row], one_line(e)))
         else:
             pixels[row] = on_cpu.to(device)
     keep = [i for i in range(len(batch.rows)) if i not in failed]
@@ -465,7 +470,7 @@ def _decode_alone(files: ImageFiles, index: int) -> Item:
         deadline = time.monotonic() + 5
         while child.exitcode is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        return Item(index, None, {"path": path, "error": _death(child.exitcode), **_stat_fields(path)})
+        return Item(index, None, error_row({"path": path, **_stat_fields(path)}, _death(child.exitcode)))
     finally:
         receiver.close()
         child.join(timeout=10)

@@ -158,13 +158,14 @@ def embed_with_model(
     revision: str | None = None,
     dtype: str = "auto",
     compile: bool = False,
-    options: EmbedOptions = EmbedOptions(),
+    options: EmbedOptions | None = None,
     overwrite: bool = False,
     update: bool = False,
     progress: DevicesProgress | None = None,
 ) -> Summary:
     """What `siglip embed` runs: load `model` on the device and embed `paths` into `output`, or, given several
     devices, one worker each (`embed_on_devices`). Notes about the model and the dtype go to `progress`."""
+    options = options or EmbedOptions()
     check_device_options(devices, shard=options.shard, update=update)
     if len(devices) > 1:
         return embed_on_devices(
@@ -195,7 +196,7 @@ def embed_on_devices(
     *,
     revision: str | None = None,
     dtype: str = "auto",
-    options: EmbedOptions = EmbedOptions(),
+    options: EmbedOptions | None = None,
     overwrite: bool = False,
     compile: bool = False,
     progress: DevicesProgress | None = None,
@@ -206,6 +207,7 @@ def embed_on_devices(
     interruption continues every shard as an `--update` of itself: finished rows are kept, files changed since are
     embedded again, and a shard made with other options is refused as one device refuses its interrupted work.
     """
+    options = options or EmbedOptions()
     out = OutputPaths.for_output(output)  # an unsupported suffix is refused here, not in every worker
     with exclusive(out.embeddings):
         started = time.perf_counter()

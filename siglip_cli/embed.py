@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import interrupts
-from .decoding import Batch, batch_pixels, decoded_batches, default_workers, digest_of_file, look_ahead
+from .decoding import Batch, batch_pixels, decoded_batches, default_workers, digest_of_file, error_row, look_ahead
 from .errors import UserError
 from .files import counted, directory_entry, discover, display_path
 from .gpu_decode import check_supported
@@ -141,7 +141,7 @@ def embed_to_file(
     paths: list[str],
     output: str | os.PathLike,
     *,
-    options: EmbedOptions = EmbedOptions(),
+    options: EmbedOptions | None = None,
     overwrite: bool = False,
     update: bool = False,
     progress: Progress | None = None,
@@ -156,6 +156,7 @@ def embed_to_file(
     """
     started = time.perf_counter()
     paths = list(dict.fromkeys(paths))  # a file given twice is one row
+    options = options or EmbedOptions()  # made now: its worker count follows the memory available now
     options = dataclasses.replace(options, decoder=_decoder_for(embedder, options.decoder))
     out = OutputPaths.for_output(Path(output))
     # A second run writing this output is refused, not interleaved; a full disk is one sentence.
@@ -234,11 +235,7 @@ def _open_work(
     reuse_output = update or published
     check_outputs(out, interrupted=resuming, overwrite=overwrite, update=reuse_output)
     if resuming and work.state() != state:
-        raise UserError(
-            f"{out.work} holds an interrupted run whose options differ "
-            f"({describe_difference(work.state(), state)}): "
-            "rerun with the same options to continue, or add --overwrite to start afresh."
-        )
+        raise _interrupted_with_other_options(out.work, describe_difference(work.state(), state))
     # A run that died while replacing the final files may have left a new manifest beside the old embeddings:
     # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
     # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
@@ -250,16 +247,20 @@ def _open_work(
         elif part_of is None:
             raise
         else:
-            raise UserError(  # the user ran no --update: say it as an interrupted run of theirs
-                f"{part_of} holds an interrupted run whose options differ ({e.difference}): "
-                "rerun with the same options to continue, or add --overwrite to start afresh."
-            ) from None
+            raise _interrupted_with_other_options(part_of, e.difference) from None  # the user ran no --update
     if not resuming:
         try:
             work.create(state)
         except OSError as e:
             raise UserError(f"cannot write beside {out.embeddings}: {e.strerror or e}.") from None
     return work, previous
+
+
+def _interrupted_with_other_options(work: Path, difference: str) -> UserError:
+    return UserError(
+        f"{work} holds an interrupted run whose options differ ({difference}): "
+        "rerun with the same options to continue, or add --overwrite to start afresh."
+    )
 
 
 @contextmanager
@@ -597,10 +598,10 @@ def _finite_rows(
     computed += ": try --dtype float32" if embedder.dtype != torch.float32 else ""
     too_large = f"values beyond {output_dtype}'s range: try --output-dtype float32"
     failed = [
-        {"path": row["path"], "error": too_large if computed_ok else computed, **{k: row[k] for k in ("size", "mtime_ns") if k in row}}
+        error_row(row, too_large if computed_ok else computed)
         for row, good, computed_ok in zip(rows, ok, inside.tolist())
         if not good
-    ]  # fmt: skip
+    ]
     kept = [row for row, good in zip(rows, ok) if good]
     return kept, pooled[finite], (tokens[finite] if tokens is not None else None), failed
 

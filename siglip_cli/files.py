@@ -50,6 +50,24 @@ class WalkReport:
     # leaves nothing else to see, and `--update` keeps the rows under it.
     dangling: list[tuple[str, str]] = field(default_factory=list)
 
+    def notes(self, *, quiet: bool = False) -> list[str]:
+        """The notes `siglip embed` gives on stderr; `quiet` keeps those about images that are not embedded."""
+        notes = []
+        if self.unreadable:
+            notes.append(f"could not list {self.unreadable_text()}; images in them are not embedded.")
+        if self.outside and not quiet:
+            notes.append(f"followed {self.outside_text()}; the images there are embedded too.")
+        if self.not_files:
+            notes.append(f"{self.not_files_text()}; not embedded.")
+        if self.dangling:
+            notes.append(f"{self.dangling_text()}; nothing there is embedded.")
+        if self.passed_over and not quiet:
+            notes.append(
+                f"passed over {self.passed_over_text()} in the folders: not images siglip reads "
+                "(name a file explicitly to try it anyway)."
+            )
+        return notes
+
     def passed_over_text(self, shown: int = 5) -> str:
         """'1,300 files (1,204 .mov, 96 .aae)': the files left out, most common kinds first."""
         kinds = sorted(self.passed_over.items(), key=lambda kind: (-kind[1], kind[0]))
@@ -60,35 +78,33 @@ class WalkReport:
 
     def unreadable_text(self, shown: int = 3) -> str:
         """'2 folders: a/locked (Permission denied), b/gone (No such file or directory)'."""
-        parts = [f"{display_path(folder)} ({reason})" for folder, reason in self.unreadable[:shown]]
-        if len(self.unreadable) > shown:
-            parts.append(f"{len(self.unreadable) - shown:,} more")
-        return f"{counted(len(self.unreadable), 'folder')}: {', '.join(parts)}"
+        listed = _first([f"{display_path(folder)} ({reason})" for folder, reason in self.unreadable], shown)
+        return f"{counted(len(self.unreadable), 'folder')}: {listed}"
 
     def outside_text(self, shown: int = 3) -> str:
         """'1 folder link out of the folders given: photos/nas → /mnt/nas'."""
-        parts = [f"{display_path(link)} → {display_path(target)}" for link, target in self.outside[:shown]]
-        if len(self.outside) > shown:
-            parts.append(f"{len(self.outside) - shown:,} more")
-        return f"{counted(len(self.outside), 'folder link')} out of the folders given: {', '.join(parts)}"
+        listed = _first([f"{display_path(link)} → {display_path(target)}" for link, target in self.outside], shown)
+        return f"{counted(len(self.outside), 'folder link')} out of the folders given: {listed}"
 
     def dangling_text(self, shown: int = 3) -> str:
         """'1 link that leads nowhere (an unmounted drive?): photos/nas → /mnt/nas'."""
-        parts = [f"{display_path(link)} → {display_path(target)}" for link, target in self.dangling[:shown]]
-        if len(self.dangling) > shown:
-            parts.append(f"{len(self.dangling) - shown:,} more")
+        listed = _first([f"{display_path(link)} → {display_path(target)}" for link, target in self.dangling], shown)
         verb = "leads" if len(self.dangling) == 1 else "lead"
-        return f"{counted(len(self.dangling), 'link')} that {verb} nowhere (an unmounted drive?): {', '.join(parts)}"
+        return f"{counted(len(self.dangling), 'link')} that {verb} nowhere (an unmounted drive?): {listed}"
 
     def not_files_text(self, shown: int = 3) -> str:
         """'2 entries named like images are not files: a/x.jpg (a broken link), a/y.jpg (a FIFO)'."""
-        listed = sorted(self.not_files, key=lambda entry: os.fsencode(entry[0]))
-        parts = [f"{display_path(path)} ({kind})" for path, kind in listed[:shown]]
-        if len(listed) > shown:
-            parts.append(f"{len(listed) - shown:,} more")
-        if len(listed) == 1:
-            return f"1 entry named like an image is not a file: {parts[0]}"
-        return f"{len(listed):,} entries named like images are not files: {', '.join(parts)}"
+        entries = sorted(self.not_files, key=lambda entry: os.fsencode(entry[0]))
+        listed = _first([f"{display_path(path)} ({kind})" for path, kind in entries], shown)
+        if len(entries) == 1:
+            return f"1 entry named like an image is not a file: {listed}"
+        return f"{len(entries):,} entries named like images are not files: {listed}"
+
+
+def _first(items: list[str], shown: int) -> str:
+    """'a, b, c, 4 more': the first `shown` of `items`, and how many are left out."""
+    more = [f"{len(items) - shown:,} more"] if len(items) > shown else []
+    return ", ".join(items[:shown] + more)
 
 
 def counted(n: int, noun: str) -> str:
