@@ -455,7 +455,8 @@ def image_results(
     # An Embedder carries the checkpoint it came from; a preset has none, so one without weight files stands in
     # (embed_paths reads only its configs).
     checkpoint = Checkpoint(
-        name="benchmark", revision=None, vision=model.config, preprocess=preprocess, weight_files=(), prefix=""
+        name="benchmark", revision=None, vision=model.config, preprocess=preprocess, weight_files=(), prefix="",
+        preprocess_source="",
     )
     embedder = Embedder(fused, checkpoint, device, dtype)
     workers = default_workers()

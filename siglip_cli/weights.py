@@ -64,7 +64,7 @@ class Checkpoint:
     prefix: str  # what stands in front of the tower's parameter names in those files
     # Where `preprocess` came from: "preprocessor_config.json", "processor_config.json" (transformers 5 saves a
     # processor's parts there together), or "" when the checkpoint has neither and SigLIP's defaults were assumed.
-    preprocess_source: str = "preprocessor_config.json"
+    preprocess_source: str
 
 
 def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:

@@ -185,7 +185,8 @@ def test_bench_json_schema(tiny_vision: Path) -> None:
             assert isinstance(row[name], kind), name
         assert row["backend"] == "siglip" and row["stage"] == "model"
         assert row["images_per_s"] > 0 and row["ms_per_image"] == pytest.approx(1000 / row["images_per_s"])
-        assert row["peak_mem_mb"] is None or row["peak_mem_mb"] > 0
+        # Read from /proc on Linux (the peak resident size of the process); None only where there is no /proc.
+        assert row["peak_mem_mb"] > 0 if Path("/proc/self/status").exists() else row["peak_mem_mb"] is None
     assert document["results"][0]["cosine"] == pytest.approx(1.0, abs=1e-6)
 
 
