@@ -177,6 +177,7 @@ def jpeg_header(data: bytes) -> tuple[int, int, int, int] | str:
         return "not a JPEG"
     # The orientation as PIL reads it: the first EXIF block's tag, else the last XMP packet's, else 1.
     exif_block, exif, xmp, frame = False, None, None, None
+    jfif, adobe_transform, component_ids = False, None, b""
     i, n = 2, len(data)
     while i + 4 <= n:
         if data[i] != 0xFF:
@@ -195,6 +196,10 @@ def jpeg_header(data: bytes) -> tuple[int, int, int, int] | str:
         elif marker == 0xE1 and segment.startswith(_XMP_HEADER):
             found = re.search(rb'tiff:Orientation(="|>)([0-9])', segment)
             xmp = int(found[2]) if found else None
+        elif marker == 0xE0 and segment.startswith(b"JFIF\x00"):
+            jfif = True
+        elif marker == 0xEE and segment.startswith(b"Adobe") and len(segment) >= 12:
+            adobe_transform = segment[11]
         elif marker in _SOF_OK and frame is None:
             if len(segment) < 6 or segment[0] != 8:
                 return "not an 8-bit JPEG"
@@ -202,6 +207,7 @@ def jpeg_header(data: bytes) -> tuple[int, int, int, int] | str:
             if not (width and height):
                 return "JPEG without a size"
             frame = (width, height, segment[5])
+            component_ids = segment[6 : 6 + 3 * segment[5] : 3]
         elif marker in _SOF_OTHER:
             return "lossless, hierarchical or arithmetic-coded JPEG"
         elif marker == 0xDA:  # start of scan: the header ends here
@@ -209,6 +215,11 @@ def jpeg_header(data: bytes) -> tuple[int, int, int, int] | str:
                 return "corrupt JPEG: no frame header"
             if exif == _UNUSUAL:
                 return "EXIF orientation of an unusual type"  # PIL's reading of it is left to PIL
+            # Three components stored as RGB, not YCbCr, as libjpeg tells them (no JFIF marker, and Adobe's transform
+            # 0, or else components named R, G, B): left to PIL, since nvJPEG may take them for YCbCr.
+            rgb = adobe_transform == 0 if adobe_transform is not None else component_ids == b"RGB"
+            if frame[2] == 3 and not jfif and rgb:
+                return "JPEG stored as RGB rather than YCbCr"
             return (*frame, exif if exif is not None else xmp if xmp is not None else 1)
         i += 2 + length
     return "truncated JPEG header"

@@ -289,6 +289,24 @@ def test_an_orientation_stored_as_an_odd_type_is_left_to_pil() -> None:
     assert jpeg_header(_with_app1(baseline, _orientation_block(6)))[3] == 6
 
 
+def test_a_jpeg_stored_as_rgb_is_left_to_pil() -> None:
+    # libjpeg (so PIL) reads three components without a JFIF marker as RGB when Adobe's APP14 says transform 0, or
+    # when they are named R, G, B; nvJPEG may take them for YCbCr and give other colours.
+    baseline = _jpeg_variants()["baseline"]
+    assert baseline[2:4] == b"\xff\xe0"
+    without_jfif = baseline[:2] + baseline[4 + int.from_bytes(baseline[4:6], "big") :]
+    adobe = b"Adobe" + struct.pack(">HHHB", 100, 0, 0, 0)
+    adobe_rgb = without_jfif[:2] + b"\xff\xee" + struct.pack(">H", len(adobe) + 2) + adobe + without_jfif[2:]
+    named_rgb = bytearray(without_jfif)
+    frame, scan = without_jfif.index(b"\xff\xc0") + 10, without_jfif.index(b"\xff\xda") + 5  # the first ids
+    named_rgb[frame : frame + 9 : 3] = named_rgb[scan : scan + 6 : 2] = b"RGB"  # in the frame and the scan header
+    for data in (adobe_rgb, bytes(named_rgb)):
+        with Image.open(io.BytesIO(data)) as as_rgb, Image.open(io.BytesIO(baseline)) as as_ycbcr:
+            assert np.abs(np.asarray(as_rgb, np.int16) - np.asarray(as_ycbcr, np.int16)).max() > 50  # not YCbCr
+        assert jpeg_header(data) == "JPEG stored as RGB rather than YCbCr"
+    assert jpeg_header(without_jfif) == jpeg_header(baseline) == (80, 60, 3, 1)  # components 1, 2, 3: YCbCr
+
+
 def test_jpeg_header_names_what_it_refuses() -> None:
     assert jpeg_header(b"\x89PNG\r\n\x1a\n") == "not a JPEG"
     assert jpeg_header(_jpeg_variants()["baseline"][:40]) == "truncated JPEG header"
