@@ -30,9 +30,21 @@ if TYPE_CHECKING:
     from .benchmark import Report
     from .embed import Summary
 
+class _Command(typer.core.TyperCommand):
+    """A command whose help names its arguments without typer's type tags (`PATH <list[str]>`): their help says
+    what they take."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, typer.core.TyperArgument):
+                param.display_type_rich = lambda ctx: None
+
+
 app = typer.Typer(
     name="siglip",
-    help="SigLIP image embeddings: embed folders of images, inspect the model stage by stage, benchmark it.",
+    help="SigLIP image embeddings: embed folders of images (and merge shards of a run), inspect the model stage by "
+    "stage, benchmark it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -158,7 +170,7 @@ class _RichProgress:
             self.bar.stop()
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Embed images and folders into .safetensors or .npy.")
 def embed(
     inputs: Annotated[list[str], typer.Argument(help="Image files and folders (walked recursively).", show_default=False, metavar="PATH")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file: .safetensors or .npy.", metavar="FILE")] = Path("embeddings.safetensors"),
@@ -185,7 +197,7 @@ def embed(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")] = False,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
-    """Embed images into OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
+    """Embed images into -o OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
     from .decoding import default_workers
     from .devices import check_device_options, embed_with_model, parse_devices
     from .embed import EmbedOptions
@@ -269,7 +281,7 @@ def _summary_line(s: Summary) -> str:
     return line
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Join the outputs of --shard runs into one.")
 def merge(
     inputs: Annotated[list[Path], typer.Argument(help="Outputs of `siglip embed --shard K/N` runs.", show_default=False, metavar="SHARD")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The merged output: .safetensors or .npy.", metavar="FILE")],
@@ -287,7 +299,7 @@ def merge(
     stderr.print(printable(f"merged {counted(summary.inputs, 'output')}: {counted(summary.rows, 'row')} → {summary.output}"))
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Trace one image through the tower, stage by stage.")
 def inspect(
     image: Annotated[Optional[Path], typer.Argument(help="The image to trace (default: a bundled sample photo).", show_default=False, metavar="IMAGE")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="A preset name (architecture only, random weights, no download), a Hub id or a local checkpoint.", metavar="MODEL")] = DEFAULT_PRESET,
@@ -315,7 +327,7 @@ def inspect(
         console.print("\nplots:", *map(str, pictures), sep="\n")
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Measure images/s, beside transformers and timm.")
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="A preset name (random weights, no download), a Hub id or a local checkpoint.", metavar="MODEL")] = DEFAULT_PRESET,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", metavar="DEVICE")] = "auto",

@@ -64,6 +64,14 @@ def test_help_and_version_answer_without_importing_torch() -> None:
     assert done.stdout.strip() == "[]", done.stderr
 
 
+def test_help_lists_every_command_and_names_arguments_without_type_tags() -> None:
+    overview = ok(siglip("--help")).stdout
+    assert all(f"  {command}  " in overview for command in ("embed ", "merge ", "inspect", "bench  "))
+    for command in ("embed", "merge", "inspect", "bench"):
+        text = ok(siglip(command, "--help")).stdout
+        assert "<list[" not in text and "<path>" not in text, text  # typer's `PATH <list[str]>`
+
+
 @pytest.fixture
 def embed(tiny_siglip: Path):
     """`embed(*args)` runs `siglip embed *args --model tiny_siglip --workers 0` (either can be overridden)."""
