@@ -262,8 +262,11 @@ def embed(
 
 
 def _data_console() -> Console:
-    """stdout for tables: a file or a pipe has no width to respect, so they are printed wide, not squeezed to 80."""
-    return stdout if stdout.is_terminal else Console(file=stdout.file, width=200, soft_wrap=True, markup=False, highlight=False)
+    """stdout for tables and reports: a file or a pipe has no width to respect, so they are printed wide, not
+    squeezed to 80."""
+    if stdout.is_terminal:  # wrapped by words to the terminal's width, not broken mid-word where the line ends
+        return Console(file=stdout.file, soft_wrap=False, markup=False, highlight=False)
+    return Console(file=stdout.file, width=200, soft_wrap=True, markup=False, highlight=False)
 
 
 def _summary_line(s: Summary) -> str:
