@@ -49,6 +49,7 @@ class WalkReport:
     # (link, where it leads) of the other links whose target is missing: a folder link into an unmounted drive
     # leaves nothing else to see, and `--update` keeps the rows under it.
     dangling: list[tuple[str, str]] = field(default_factory=list)
+    listed: int = 0  # paths read from --files-from
 
     def notes(self, *, quiet: bool = False) -> list[str]:
         """The notes `siglip embed` gives on stderr; `quiet` keeps those about images that are not embedded."""
@@ -155,7 +156,9 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
             raise UserError(f"input {display_path(name)} cannot be read: {e.strerror}.") from None
         add(name)
     if files_from is not None:
-        for name in read_path_list(files_from):
+        listed = read_path_list(files_from)
+        report.listed += len(listed)
+        for name in listed:
             add(name)
     # A named file a walk also met was counted as passed over (a regular file of another kind), though it is embedded.
     for (folder, name), path in named.items():
@@ -183,6 +186,9 @@ def find_images(inputs: list[str], *, files_from: str | None = None) -> tuple[li
     """`discover`, with what the walks met; finding no image at all is a UserError that says what was there."""
     report = WalkReport()
     paths = discover(inputs, files_from=files_from, report=report)
+    if not paths and not inputs and not report.listed:
+        source = "read from stdin" if files_from == "-" else f"in {display_path(str(files_from))}"
+        raise UserError(f"the list of paths {source} is empty: give one path per line, or NUL-separated.")
     if not paths:
         met = [f"found only {report.passed_over_text()}"] if report.passed_over else []
         met += [f"could not list {report.unreadable_text()}"] if report.unreadable else []

@@ -512,6 +512,16 @@ def test_files_from_dash_reads_stdin(embed, photos: Path, out: Path) -> None:
     assert result.stdout == ""
 
 
+def test_an_empty_list_of_paths_says_so(embed, out: Path, tmp_path: Path) -> None:
+    # `find ... | siglip embed --files-from -` that found nothing said "no image files found in -".
+    error = the_error(embed("--files-from", "-", "-o", out / "e.safetensors", input=""))
+    assert error == "error: the list of paths read from stdin is empty: give one path per line, or NUL-separated."
+    (tmp_path / "list.txt").write_text("\n")
+    error = the_error(embed("--files-from", tmp_path / "list.txt", "-o", out / "e.safetensors"))
+    listing = tmp_path / "list.txt"
+    assert error == f"error: the list of paths in {listing} is empty: give one path per line, or NUL-separated."
+
+
 def test_non_utf8_file_name_carries_its_bytes_in_the_manifest(embed, tmp_path: Path, out: Path) -> None:
     folder = tmp_path / "card"
     folder.mkdir()
