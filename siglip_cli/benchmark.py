@@ -331,8 +331,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     for name in options.compare:
         missing = missing_package(name)
         if missing:
-            report.notes.append(missing)
-            say(f"{missing} (noted again below)")
+            report.notes.append(missing)  # said once, with the results
             continue
         say(f"building the {name} reference on the same weights")
         forwards[name] = (
