@@ -410,7 +410,8 @@ def load_tower(name: str, *, revision: str | None = None, seed: int = 0) -> tupl
     if "/" not in name and not Path(name).expanduser().exists():
         # A preset's beginning ("siglip-base") means its first size, as PRESETS lists them; else the closest spelling.
         close = [p for p in PRESETS if p.startswith(name)][:1] or difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f"did you mean {close[0]}?" if close else f"presets include {DEFAULT_PRESET} and siglip-so400m-patch14-384."
+        hint = (f"did you mean {close[0]}?" if close else
+                f"presets are named as the Hub repos without google/, such as {DEFAULT_PRESET} (README: siglip inspect).")  # fmt: skip
         raise UserError(f"{name} is not a preset, a Hub id (org/name) or a checkpoint directory; {hint}")
     checkpoint = resolve_checkpoint(name, revision=revision)
     return load_model(checkpoint), checkpoint.preprocess, False

@@ -449,3 +449,8 @@ def test_missing_layer_is_a_user_error(tiny_vision: Path, photo: Path) -> None:
     result = invoke(str(photo), "--model", str(tiny_vision), "--layers", "0,7")
     assert result.exit_code == 2
     assert "layer 7 does not exist" in result.stderr
+
+
+def test_the_readme_names_every_preset() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert [name for name in PRESETS if f"`{name}`" not in readme] == []
