@@ -110,7 +110,7 @@ class Summary:
         return {**asdict(self), "images_per_s": round(rate, 3), "seconds": round(self.seconds, 3)}
 
 
-def run_options(embedder: Embedder, options: EmbedOptions, output_format: str) -> dict:
+def run_state(embedder: Embedder, options: EmbedOptions, output_format: str) -> dict:
     """Everything that changes the numbers in the output: a resumed or updated run must match it exactly."""
     ckpt = embedder.checkpoint
     local = Path(ckpt.name).expanduser()
@@ -161,7 +161,7 @@ def embed_to_file(
     out = OutputPaths.for_output(Path(output))
     # A second run writing this output is refused, not interleaved; a full disk is one sentence.
     with exclusive(out.embeddings), _resumable_after_write_errors(out):
-        state = run_options(embedder, options, out.format)
+        state = run_state(embedder, options, out.format)
         work, previous = _open_work(out, state, overwrite=overwrite, update=update, part_of=part_of)
         remove_stale_temporaries(out.files())
 

@@ -233,7 +233,7 @@ def pooling(vision: VisionConfig) -> str:
 
 
 def read_output_options(out: OutputPaths) -> dict:
-    """The run state (`embed.run_options`) a finished output was made with; {} for a file siglip did not write."""
+    """The run state (`embed.run_state`) a finished output was made with; {} for a file siglip did not write."""
     return options_of(read_output_metadata(out))
 
 
