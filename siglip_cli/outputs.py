@@ -122,10 +122,9 @@ def check_outputs(
     if claimed := _claimed_by_another(out):
         path, owner = claimed
         what = "another output" if path == owner else f"a file of another output, {owner}"
-        raise UserError(
-            f"{path} is {what}, and {out.embeddings} would write or remove a file of its own under that name: "
-            f"choose another -o, or remove {owner} first."
-        )
+        ours = f", and {out.embeddings} would write or remove a file of its own under that name"
+        ours = "" if path == out.embeddings else ours
+        raise UserError(f"{path} is {what}{ours}: choose another -o, or remove {owner} first.")
     if overwrite or (update and out.embeddings.exists()):
         return
     if out.embeddings.exists():
@@ -144,11 +143,9 @@ SIDE_FILES = {".errors.jsonl": (".safetensors", ".npy"), ".tokens.npy": (".npy",
 
 
 def _claimed_by_another(out: OutputPaths) -> tuple[Path, Path] | None:
-    """A file beside `out.embeddings` that this run writes or removes and that is one of another finished output's
-    files (one with its manifest): (that file, that output's embeddings file)."""
-    for path in out.files():
-        if path == out.embeddings:
-            continue
+    """A file that this run writes or removes and that is one of another finished output's files (one with its
+    manifest): (that file, that output's embeddings file)."""
+    for path in out.files():  # the embeddings file too: `-o x.tokens.npy` beside `-o x.npy`
         name = path.name
         owners = [path, path.with_suffix(".safetensors"), path.with_suffix(".npy")]  # its embeddings, its manifest
         for role, formats in SIDE_FILES.items():  # or a side file of its own

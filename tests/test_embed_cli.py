@@ -294,6 +294,23 @@ def test_an_output_that_is_a_symlink_is_written_through(embed, photos: Path, out
     assert load_file(disk / "lib.safetensors")["embeddings"].shape[0] == len(read_jsonl(disk / "lib.jsonl")) == 3
 
 
+@pytest.mark.parametrize("tokens", [[], ["--tokens"]])
+def test_an_output_named_as_another_outputs_tokens_file_is_refused(
+    embed, photos: Path, out: Path, tokens: list[str]
+) -> None:
+    # `-o x.tokens.npy --overwrite` replaced x.npy's tokens with its own embeddings, and every later run of x.npy
+    # was refused.
+    ok(embed(photos, "-o", out / "x.npy", *tokens))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    for overwrite in ([], ["--overwrite"]):
+        error = the_error(embed(photos / "a.jpg", "-o", out / "x.tokens.npy", *overwrite))
+        assert error == (
+            f"error: {out / 'x.tokens.npy'} is a file of another output, {out / 'x.npy'}: choose another -o, or remove "
+            f"{out / 'x.npy'} first."
+        )
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
 def test_overwrite_without_tokens_removes_the_old_tokens_file(embed, photos: Path, out: Path) -> None:
     ok(embed(photos, "-o", out / "embeddings.npy", "--tokens"))
     ok(embed(photos / "b.png", "-o", out / "embeddings.npy", "--overwrite"))
