@@ -636,13 +636,17 @@ def _embed_pending(
     try:
         for done in batches:
             interrupts.check()  # a Ctrl-C that a `__del__` swallowed stops the run here
-            with interrupts.deferred():  # a batch joins the buffer whole, or not at all
+            # Converted first: a batch joins the buffer whole, or not at all (a MemoryError in a conversion, a
+            # Ctrl-C), and what a stopped run flushes is whole batches.
+            embeddings = done.embeddings.astype(out_dtype) if done.embeddings is not None else None
+            tokens = done.tokens.astype(out_dtype) if embeddings is not None and done.tokens is not None else None
+            with interrupts.deferred():
                 buffer.errors.extend(done.errors)
-                if done.embeddings is not None:
+                if embeddings is not None:
                     buffer.rows.extend(done.rows)
-                    buffer.embeddings.append(done.embeddings.astype(out_dtype))
-                    if done.tokens is not None:
-                        buffer.tokens.append(done.tokens.astype(out_dtype))
+                    buffer.embeddings.append(embeddings)
+                    if tokens is not None:
+                        buffer.tokens.append(tokens)
             if progress:
                 progress.advance(done.count)
             if time.monotonic() - last_flush >= FLUSH_SECONDS or buffer.nbytes() >= CHUNK_BYTES:

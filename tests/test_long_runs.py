@@ -247,6 +247,35 @@ def test_an_error_mid_run_keeps_the_batches_finished_before_it(
     assert (summary["embedded"], summary["reused"]) == (4, 8)
 
 
+def test_a_batch_that_fails_on_its_way_into_the_buffer_is_not_kept_in_part(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of memory converting a batch's tokens, after its rows and embeddings had joined the buffer: the flush
+    # wrote 6 rows beside 4 tokens, and every rerun ended in a traceback.
+    monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 1e9)
+
+    class OutOfMemory:
+        def astype(self, dtype):
+            raise MemoryError
+
+    batches = embed_module.embedded_batches
+
+    def third_batch_fails(*args, **kwargs):
+        for i, done in enumerate(batches(*args, **kwargs)):
+            yield done._replace(tokens=OutOfMemory()) if i == 2 else done
+
+    output = tmp_path / "out" / "embeddings.safetensors"
+    with monkeypatch.context() as patch:
+        patch.setattr(embed_module, "embedded_batches", third_batch_fails)
+        with pytest.raises(MemoryError):
+            options = EmbedOptions(batch_size=2, workers=0, tokens=True)
+            embed_to_file(embedder, discover([str(folder)]), output, options=options)
+    summary = summary_of(embed(folder, output, "--tokens", "--json"))
+    assert (summary["embedded"], summary["reused"]) == (8, 4)  # the two whole batches
+    ok(embed(folder, tmp_path / "whole.safetensors", "--tokens"))
+    assert differences(output, tmp_path / "whole.safetensors") == []
+
+
 def test_an_interrupted_run_leaves_no_output_only_its_work_area(interrupted: Path) -> None:
     assert [p.name for p in interrupted.parent.iterdir()] == [work_area(interrupted).name]
 
