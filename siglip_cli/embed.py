@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections import Counter
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from stat import S_ISREG
@@ -563,20 +563,25 @@ def embedded_batches(
 
     # The device decoder's host side (file bytes to nvJPEG, Huffman decoding) runs in a thread a batch or two ahead,
     # while the model works on the GPU; its kernels queue on the same stream, so the order of work is kept.
-    for batch, (pixels, rows, errors) in look_ahead(batches, prepare, depth=2 if decoder == "gpu" else 0):
-        if pixels is None:
-            yield Embedded(len(batch), rows, batch.errors + errors, None, None)
-            continue
-        pooled, toks = halved.encode(embedder, pixels)
-        pooled = F.normalize(pooled, dim=-1) if normalize else pooled
-        toks = toks if tokens else None
-        rows, pooled, toks, overflowed = _finite_rows(embedder, rows, pooled, toks, output_dtype)
-        errors = batch.errors + errors + overflowed
-        if not rows:
-            yield Embedded(len(batch), rows, errors, None, None)
-            continue
-        toks = toks.float().cpu().numpy() if toks is not None else None
-        yield Embedded(len(batch), rows, errors, pooled.cpu().numpy(), toks)
+    ahead = look_ahead(batches, prepare, depth=2 if decoder == "gpu" else 0)
+    try:
+        for batch, (pixels, rows, errors) in ahead:
+            if pixels is None:
+                yield Embedded(len(batch), rows, batch.errors + errors, None, None)
+                continue
+            pooled, toks = halved.encode(embedder, pixels)
+            pooled = F.normalize(pooled, dim=-1) if normalize else pooled
+            toks = toks if tokens else None
+            rows, pooled, toks, overflowed = _finite_rows(embedder, rows, pooled, toks, output_dtype)
+            errors = batch.errors + errors + overflowed
+            if not rows:
+                yield Embedded(len(batch), rows, errors, None, None)
+                continue
+            toks = toks.float().cpu().numpy() if toks is not None else None
+            yield Embedded(len(batch), rows, errors, pooled.cpu().numpy(), toks)
+    finally:  # now, even when an error's traceback keeps this frame: the decoding workers stop with it
+        ahead.close()
+        batches.close()
 
 
 def _finite_rows(
@@ -621,7 +626,7 @@ def _embed_pending(
     out_dtype = OUTPUT_DTYPES[options.output_dtype]
     buffer = _ChunkBuffer()
     seq, last_flush = first_seq, time.monotonic()
-    batches = embedded_batches(  # closed on the way out, even by an error: its decoding workers end with it
+    batches = embedded_batches(
         embedder,
         pending,
         batch_size=options.batch_size,
@@ -785,17 +790,18 @@ def embed_paths(
     `workers`: decoding processes beside this one (0: decode here). `decoder`: as `EmbedOptions.decoder`."""
     paths = discover([os.fspath(p) for p in inputs])
     embeddings, token_blocks, rows, errors = [], [], [], []
-    batches = embedded_batches(  # closed on the way out, even by an error: its decoding workers end with it
+    batches = embedded_batches(
         embedder, paths, batch_size=batch_size, workers=workers, decode=decode, decoder=decoder, normalize=normalize,
         tokens=tokens,
     )
-    for done in batches:
-        errors.extend(done.errors)
-        if done.embeddings is not None:
-            embeddings.append(done.embeddings)
-            rows.extend(done.rows)
-            if done.tokens is not None:
-                token_blocks.append(done.tokens)
+    with closing(batches):  # its decoding workers stop here, even when an error ends the loop
+        for done in batches:
+            errors.extend(done.errors)
+            if done.embeddings is not None:
+                embeddings.append(done.embeddings)
+                rows.extend(done.rows)
+                if done.tokens is not None:
+                    token_blocks.append(done.tokens)
     D, T = embedder.checkpoint.vision.hidden_size, embedder.checkpoint.vision.num_patches
     return EmbedResult(
         embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, D), np.float32),

@@ -247,6 +247,31 @@ def test_an_error_mid_run_keeps_the_batches_finished_before_it(
     assert (summary["embedded"], summary["reused"]) == (4, 8)
 
 
+@pytest.mark.parametrize("api", ["embed_to_file", "embed_paths"])
+def test_an_error_in_the_model_stops_the_decoding_workers_at_once(
+    embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api: str
+) -> None:
+    # The workers lived on as long as the error's traceback (in a notebook, `sys.last_traceback`: for ever).
+    import multiprocessing
+
+    forward, calls = Embedder.__call__, []
+
+    def fails_at_the_second_batch(self: Embedder, pixels: torch.Tensor):
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return forward(self, pixels)
+
+    monkeypatch.setattr(Embedder, "__call__", fails_at_the_second_batch)
+    with pytest.raises(RuntimeError) as failure:  # holds the traceback, and so every frame it passed through
+        if api == "embed_to_file":
+            options = EmbedOptions(batch_size=2, workers=2)
+            embed_to_file(embedder, discover([str(folder)]), tmp_path / "out" / "e.safetensors", options=options)
+        else:
+            embed_module.embed_paths(embedder, [folder], batch_size=2, workers=2)
+    assert failure.traceback and multiprocessing.active_children() == []
+
+
 def test_a_batch_that_fails_on_its_way_into_the_buffer_is_not_kept_in_part(
     embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
