@@ -202,6 +202,7 @@ def embed(
     from .devices import check_device_options, embed_with_model, parse_devices
     from .embed import EmbedOptions
     from .files import find_images
+    from .outputs import OutputPaths
     from .preprocess import DecodeOptions
     from .runtime import default_batch_size, resolve_device
     from .shards import parse_shard, select_shard, shard_inputs
@@ -246,7 +247,8 @@ def embed(
                 )
         except KeyboardInterrupt:
             progress.stop(keep=False)
-            fail(f"interrupted; finished work is kept in {output}.partial: rerun the same command to continue.", 130)
+            work = OutputPaths.for_output(output).work  # beside the output a link leads to
+            fail(f"interrupted; finished work is kept in {work}: rerun the same command to continue.", 130)
         except BaseException:
             progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
             raise

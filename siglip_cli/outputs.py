@@ -52,7 +52,7 @@ class OutputPaths:
     @classmethod
     def for_output(cls, output: Path) -> OutputPaths:
         if os.path.islink(output):  # written through, as `cp` does: the link stays, and the files sit by its target
-            output = Path(os.path.realpath(output))
+            output = _link_target(output)
         suffix = output.suffix.lower()
         if _is_dir(output):
             raise UserError(f"output {output} is a folder; give a file name (ending in .safetensors or .npy) for -o.")
@@ -95,6 +95,17 @@ class OutputPaths:
     def files(self) -> list[Path]:
         """The final files a run writes (those of this format)."""
         return [p for p in (self.manifest, self.errors, self.tokens, self.meta, self.embeddings) if p is not None]
+
+
+def _link_target(link: Path) -> Path:
+    """The output an `-o` link leads to. Not through a link into a folder that is missing (an unmounted drive: the
+    output would land on the disk under its mount point), nor to a file of another kind."""
+    target = Path(os.path.realpath(link))
+    if not target.parent.is_dir():
+        raise UserError(f"output {link} is a link to {target}, whose folder does not exist (an unmounted drive?).")
+    if target.suffix.lower() != link.suffix.lower():
+        raise UserError(f"output {link} is a link to {target}, a file of another kind: give -o a name of its own.")
+    return target
 
 
 def _is_dir(path: Path) -> bool:

@@ -144,8 +144,13 @@ def exclusive(output: Path) -> Iterator[None]:
         lock.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock, "a+b")
     except OSError as e:
-        if isinstance(e, (FileExistsError, NotADirectoryError)):  # a file where the path needs a folder
+        if isinstance(e, (FileExistsError, NotADirectoryError)):  # something not a folder where the path needs one
             blocking = next((p for p in reversed(output.parents) if os.path.lexists(p) and not p.is_dir()), None)
+            if blocking is not None and os.path.islink(blocking):
+                raise UserError(
+                    f"cannot write {output}: {blocking} is a link to {os.readlink(blocking)}, which does not exist "
+                    "(an unmounted drive?)."
+                ) from None
             if blocking is not None:
                 raise UserError(f"cannot write {output}: {blocking} is a file, not a folder.") from None
         raise UserError(f"cannot write beside {output}: {e.strerror or e}.") from None

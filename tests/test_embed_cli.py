@@ -311,6 +311,31 @@ def test_an_output_named_as_another_outputs_tokens_file_is_refused(
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
+def test_an_output_link_into_a_missing_folder_or_to_another_kind_of_file_is_refused(
+    embed, photos: Path, out: Path
+) -> None:
+    # Written through, it made the unmounted drive's folders on the local disk, or an .npy file named .safetensors.
+    (out / "nas.safetensors").symlink_to(out / "unmounted" / "lib.safetensors")
+    error = the_error(embed(photos, "-o", out / "nas.safetensors"))
+    assert error == (
+        f"error: output {out / 'nas.safetensors'} is a link to {out / 'unmounted' / 'lib.safetensors'}, whose folder "
+        "does not exist (an unmounted drive?)."
+    )
+    (out / "latest.safetensors").symlink_to(out / "lib.npy")
+    error = the_error(embed(photos, "-o", out / "latest.safetensors"))
+    assert error == (
+        f"error: output {out / 'latest.safetensors'} is a link to {out / 'lib.npy'}, a file of another kind: give -o "
+        "a name of its own."
+    )
+    (out / "drive").symlink_to(out / "unmounted")
+    error = the_error(embed(photos, "-o", out / "drive" / "lib.safetensors"))
+    assert error == (
+        f"error: cannot write {out / 'drive' / 'lib.safetensors'}: {out / 'drive'} is a link to {out / 'unmounted'}, "
+        "which does not exist (an unmounted drive?)."
+    )
+    assert sorted(path.name for path in out.iterdir()) == ["drive", "latest.safetensors", "nas.safetensors"]
+
+
 def test_overwrite_without_tokens_removes_the_old_tokens_file(embed, photos: Path, out: Path) -> None:
     ok(embed(photos, "-o", out / "embeddings.npy", "--tokens"))
     ok(embed(photos / "b.png", "-o", out / "embeddings.npy", "--overwrite"))
