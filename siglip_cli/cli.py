@@ -193,7 +193,7 @@ def embed(
     update: Annotated[bool, typer.Option("--update", help="Refresh an existing output: embed new and changed files, drop gone ones.")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Embed only part K of N (K/N, from 0), or auto from Slurm / Kubernetes.", metavar="K/N")] = None,
     num_shards: Annotated[Optional[int], typer.Option("--num-shards", min=1, help="Shard count for --shard auto where the scheduler does not give it.", metavar="N")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded or any folder could not be listed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")] = False,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
@@ -257,17 +257,19 @@ def embed(
         print_json({**summary.to_dict(), "unlisted_folders": [display_path(folder) for folder, _ in walk.unreadable]})
     if not quiet:
         stderr.print(printable(_summary_line(summary)))
-    if strict and walk.unreadable:
-        fail(f"could not list {walk.unreadable_text()} (--strict): images in them are not embedded.", 1)
-    if strict and summary.failed:
-        fail(f"{summary.failed} file(s) could not be embedded (--strict): see {summary.errors}.", 1)
+    if strict and (summary.failed or walk.unreadable):
+        problems = [f"{summary.failed} file(s) could not be embedded (see {summary.errors})"] if summary.failed else []
+        problems += [f"could not list {walk.unreadable_text()}"] if walk.unreadable else []
+        fail(f"{'; '.join(problems)} (--strict).", 1)
 
 
 def _data_console() -> Console:
     """stdout for tables and reports: a file or a pipe has no width to respect, so they are printed wide, not
     squeezed to 80."""
-    if stdout.is_terminal:  # wrapped by words to the terminal's width, not broken mid-word where the line ends
+    if stdout.is_terminal and sys.stdout.isatty():  # by words to its width, not broken mid-word where a line ends
         return Console(file=stdout.file, soft_wrap=False, markup=False, highlight=False)
+    if stdout.is_terminal:  # FORCE_COLOR into a file or a pipe: colours, lines whole
+        return stdout
     return Console(file=stdout.file, width=200, soft_wrap=True, markup=False, highlight=False)
 
 
