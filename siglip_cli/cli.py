@@ -258,9 +258,12 @@ def embed(
     if not quiet:
         stderr.print(printable(_summary_line(summary)))
     if strict and (summary.failed or walk.unreadable):
-        problems = [f"{summary.failed} file(s) could not be embedded (see {summary.errors})"] if summary.failed else []
-        problems += [f"could not list {walk.unreadable_text()}"] if walk.unreadable else []
-        fail(f"{'; '.join(problems)} (--strict).", 1)
+        problems = []
+        if summary.failed:
+            problems.append(f"{summary.failed} file(s) could not be embedded (--strict): see {summary.errors}")
+        if walk.unreadable:
+            problems.append(f"could not list {walk.unreadable_text()}" + ("" if summary.failed else " (--strict)"))
+        fail(f"{'; '.join(problems)}.", 1)
 
 
 def _data_console() -> Console:
