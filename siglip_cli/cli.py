@@ -231,7 +231,7 @@ def embed(
             decode=DecodeOptions(exif_transpose=exif_transpose, max_pixels=max_pixels or None, fast_decode=fast_decode),
             decoder=decode.value,
             shard=part,
-            shard_inputs=shard_inputs(inputs or [], files_from) if part else None,
+            shard_inputs=shard_inputs(inputs or [], walk) if part else None,
         )
         if decode is Decoder.gpu and resolve_device(devices[0]).type != "cuda":
             note(

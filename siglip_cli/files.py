@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import codecs
 import errno
+import hashlib
 import os
 import re
 import stat
@@ -50,6 +51,7 @@ class WalkReport:
     # leaves nothing else to see, and `--update` keeps the rows under it.
     dangling: list[tuple[str, str]] = field(default_factory=list)
     listed: int = 0  # paths read from --files-from
+    listed_digest: str = ""  # of those paths, normalized and sorted: what a --shard part records of its list
 
     def notes(self, *, quiet: bool = False) -> list[str]:
         """The notes `siglip embed` gives on stderr; `quiet` keeps those about images that are not embedded."""
@@ -158,6 +160,8 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
     if files_from is not None:
         listed = read_path_list(files_from)
         report.listed += len(listed)
+        names = sorted({os.fsencode(os.path.normpath(name)) for name in listed})
+        report.listed_digest = hashlib.blake2b(b"\0".join(names), digest_size=16).hexdigest()
         for name in listed:
             add(name)
     # A named file a walk also met was counted as passed over (a regular file of another kind), though it is embedded.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from .errors import UserError
+from .files import WalkReport, counted
 from .outputs import (
     OutputPaths,
     Ref,
@@ -81,11 +82,14 @@ def shard_of(path: str, count: int) -> int:
     return int.from_bytes(digest, "big") % count
 
 
-def shard_inputs(inputs: list[str], files_from: str | None) -> tuple[str, ...]:
+def shard_inputs(inputs: list[str], walk: WalkReport | None = None) -> tuple[str, ...]:
     """What a part records of its inputs: each as given, normalized as `shard_of` normalizes paths, in sorted order
-    (the order does not change a file's part)."""
+    (the order does not change a file's part); of a --files-from list (`walk`), its paths' count and digest, not its
+    name: `-` on every machine may be another list, and one list may have another name on each."""
     listed = sorted(os.path.normpath(name) for name in inputs)
-    return (*listed, *([f"--files-from {os.path.normpath(files_from)}"] if files_from else []))
+    if walk is None or not walk.listed_digest:
+        return tuple(listed)
+    return (*listed, f"--files-from: {counted(walk.listed, 'path')} (blake2b {walk.listed_digest})")
 
 
 def _check_same_inputs(opened: list[tuple[OutputPaths, dict[str, str]]]) -> None:

@@ -1078,6 +1078,26 @@ def test_merge_refuses_parts_that_named_their_inputs_differently(
     assert not (tmp_path / "all.safetensors").exists()
 
 
+def test_merge_compares_the_paths_of_the_parts_lists_not_their_names(
+    tiny_vision: Path, folder: Path, tmp_path: Path
+) -> None:
+    # A part recorded `--files-from -` (or the list's name): two machines fed other lists merged with gaps.
+    files = sorted(str(path) for path in folder.glob("*.jpg"))
+
+    def part(k: int, lines: list[str], name: str) -> Path:
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        output = tmp_path / f"{name}.part{k}.safetensors"
+        ok(siglip("embed", "--files-from", tmp_path / name, "-o", output, "--model", tiny_vision, "--workers", 0,
+                  "--shard", f"{k}/2"))  # fmt: skip
+        return output
+
+    first = part(0, files, "a.txt")
+    ok(siglip("merge", first, part(1, files[::-1], "b.txt"), "-o", tmp_path / "ok.safetensors"))  # the same paths
+    error = the_error(siglip("merge", first, part(1, files[:-3], "a.txt"), "-o", tmp_path / "all.safetensors"))
+    assert "was made from other inputs (--files-from: 9 paths (blake2b " in error
+    assert "than " + str(first) + " (--files-from: 12 paths (blake2b " in error
+
+
 def test_a_shard_without_files_writes_an_empty_output_and_exits_0(embed, folder: Path, tmp_path: Path) -> None:
     paths = discover([str(folder / "p00.jpg")])
     empty = next(k for k in range(4) if k != shard_of(paths[0], 4))
