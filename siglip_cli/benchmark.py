@@ -204,9 +204,13 @@ def time_calls(fn: Callable[[], Any], *, device: torch.device, iters: int, warmu
     return time_interleaved({"fn": fn}, device=device, iters=iters, warmup=warmup)["fn"]
 
 
-def cosine(a: Tensor, b: Tensor) -> float:
-    """The smallest row-wise cosine similarity of two (B, D) batches, computed in float32."""
-    return F.cosine_similarity(a.float().cpu(), b.float().cpu(), dim=-1).min().item()
+def cosine(a: Tensor, b: Tensor) -> float | None:
+    """The smallest row-wise cosine similarity of two (B, D) batches, computed in float32; None where either holds a
+    value that is not finite (NaN is no number for JSON, nor a cosine)."""
+    a, b = a.float().cpu(), b.float().cpu()
+    if not (len(a) and torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return None
+    return F.cosine_similarity(a, b, dim=-1).min().item()
 
 
 # --------------------------------------------------------------------------- the report
@@ -314,6 +318,9 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     compile = default_compile(device) if options.compile is None else options.compile
     iters = options.iters if options.iters is not None else (10 if device.type == "cuda" else 3)
     warmup = options.warmup if options.warmup is not None else (3 if device.type == "cuda" else 1)
+    if compile and warmup == 0:  # the first call compiles: timed, it would be the compiler's speed
+        warmup = 1
+        notes.append("--compile: one warm-up call is kept, the one that compiles (--warmup 0 would time the compiler).")
     check_references(options.compare)
     batch_sizes = check_batch_sizes(options.batch_sizes)
     if options.images is not None:  # before minutes of model timing: a wrong folder fails at once
@@ -354,7 +361,13 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
             rows = min(batch_size, 2)
             expected = plain(pixels[:rows].float().cpu()).pooled if i == 0 else None
             for backend, (forward, label) in forwards.items():
-                agreement = cosine(forward(pixels)[:rows], expected) if expected is not None else None
+                agreement = None
+                if expected is not None:
+                    out = forward(pixels)[:rows]
+                    agreement = cosine(out, expected)
+                    if agreement is None:
+                        report.notes.append(f"{backend} gave NaN or infinite values in {_dtype_name(dtype)}: its "
+                                            f"numbers are no embeddings {_nan_hint(dtype)}.")  # fmt: skip
                 report.results.append(_result(backend, "model", batch_size, timings[backend], label, agreement))
             if iters > 1 and (noisy := max(timings.values(), key=lambda t: t.spread)).spread > NOISY_SPREAD:
                 report.notes.append(
@@ -364,7 +377,8 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
 
     if options.images is not None:
         if skipped:
-            report.notes.append(f"--images: left out {skipped} file(s) that do not decode (`siglip embed` would list them as errors).")
+            report.notes.append(f"--images: left out {skipped} file(s) that cannot be read (damaged, or past the pixel "
+                                "limit: `siglip embed` would list them as errors).")  # fmt: skip
         say(f"image pipeline on {len(paths)} files from {options.images}")
         report.results += image_results(paths, plain, preprocess, device=device, dtype=dtype,
                                         batch_size=max(batch_sizes), iters=iters)  # fmt: skip
@@ -464,6 +478,11 @@ def image_results(
         "fast": (f"PIL --fast-decode, workers={workers}", {"decode": fast}),
         "gpu": (f"torchvision decode on {device.type}", {"decoder": "gpu"}),  # `siglip embed --decode gpu`
     }
+    jpegs = sum(1 for path in paths if _is_jpeg(path))
+    if jpegs < n:  # the rest take the PIL path: said, or left out when there is nothing for torchvision to decode
+        ways["gpu"] = (f"{ways['gpu'][0]} ({jpegs} of {n} files, the rest PIL)", ways["gpu"][1])
+    if not jpegs:
+        del ways["gpu"]
     embeddings: dict[str, Tensor] = {}
 
     def end_to_end(name: str) -> Callable[[], None]:
@@ -474,15 +493,31 @@ def image_results(
         return run
 
     with torch.inference_mode():
-        embed_paths(embedder, paths[:batch_size], batch_size=batch_size, workers=0)
+        for _, given in ways.values():  # a first batch each: imports (torchvision's 2 s) and first calls untimed
+            embed_paths(embedder, paths[:batch_size], batch_size=batch_size, workers=0, **given)
         passes = 1 if device.type == "cpu" else iters
         timings = time_interleaved({name: end_to_end(name) for name in ways}, device=device, iters=passes, warmup=0)
     exact = embeddings["exact"]
+    if not len(exact):
+        name = _dtype_name(dtype)
+        raise BenchError(f"the model gave NaN or infinite values for every image in {name} {_nan_hint(dtype)}.")
     for name, (variant, _) in ways.items():
         out = embeddings[name]
         agreement = None if name == "exact" or len(out) != len(exact) else cosine(out, exact)
         results.append(_result("siglip", "end_to_end", batch_size, timings[name], variant, agreement, images=n))
     return results
+
+
+def _nan_hint(dtype: torch.dtype) -> str:
+    return "(a damaged checkpoint?)" if dtype == torch.float32 else "(try --dtype float32)"
+
+
+def _is_jpeg(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"\xff\xd8"
+    except OSError:
+        return False
 
 
 def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], int]:

@@ -345,13 +345,53 @@ def test_bench_images_reports_each_stage(tiny_siglip: Path, tmp_path: Path) -> N
     make_photo((40, 30), mode="RGBA").save(tmp_path / "logo.png")  # left to the PIL path by the batched decoder
     (tmp_path / "broken.jpg").write_bytes(b"not a picture")  # left out, and said so, rather than ending the run
     document = _bench_json("-m", str(tiny_siglip), "--batch-size", "4", "--images", str(tmp_path))
-    assert any("left out 1 file(s) that do not decode" in note for note in document["notes"])
+    assert any("left out 1 file(s) that cannot be read" in note for note in document["notes"])
     stages = [(r["stage"], r["variant"]) for r in document["results"]]
     assert [s for s, _ in stages] == ["model", "decode", "preprocess", "preprocess", "end_to_end", "end_to_end", "end_to_end"]
     exact, fast, torchvision_row = document["results"][-3:]
     assert exact["cosine"] is None and "fast-decode" not in exact["variant"]
     assert "fast-decode" in fast["variant"] and 0.9 <= fast["cosine"] < 1  # the price of reduced-size decoding
     assert "torchvision" in torchvision_row["variant"] and torchvision_row["cosine"] >= 0.999
+    assert "(4 of 5 files, the rest PIL)" in torchvision_row["variant"]  # logo.png went through PIL
+
+
+def test_bench_images_without_jpegs_has_no_torchvision_row(tiny_siglip: Path, tmp_path: Path) -> None:
+    # It measured PIL under torchvision's name.
+    from siglip_cli.decoding import default_workers
+
+    make_photo((64, 48)).save(tmp_path / "a.png")
+    document = _bench_json("-m", str(tiny_siglip), "--batch-size", "2", "--images", str(tmp_path))
+    workers = default_workers()
+    assert [r["variant"] for r in document["results"] if r["stage"] == "end_to_end"] == [
+        f"PIL decode, workers={workers}", f"PIL --fast-decode, workers={workers}"
+    ]
+
+
+def test_bench_of_a_model_that_gives_nan_says_so_in_valid_json(
+    tiny_siglip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # float16 overflow or a damaged checkpoint: "cosine": NaN (no JSON), then a traceback with --images.
+    load = benchmark.load_tower
+
+    def broken(*args, **kwargs):
+        tower, preprocess, random_weights = load(*args, **kwargs)
+        with torch.no_grad():
+            tower.post_layernorm.bias.fill_(float("nan"))
+        return tower, preprocess, random_weights
+
+    monkeypatch.setattr(benchmark, "load_tower", broken)
+    result = RUNNER.invoke(app, ["bench", "-m", str(tiny_siglip), "--device", "cpu", "--iters", "1", "--warmup", "0",
+                                 "-b", "2", "--json"])  # fmt: skip
+    document = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert document["results"][0]["cosine"] is None
+    assert any("siglip gave NaN or infinite values in float32: its numbers are no embeddings (a damaged checkpoint?)."
+               in note for note in document["notes"])  # fmt: skip
+    make_photo((64, 48)).save(tmp_path / "a.jpg")
+    result = RUNNER.invoke(app, ["bench", "-m", str(tiny_siglip), "--device", "cpu", "--iters", "1", "--warmup", "0",
+                                 "-b", "2", "--images", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: the model gave NaN or infinite values for every image in float32 (a damaged checkpoint?)."
+    )
 
 
 # --------------------------------------------------------------------------- the GPU script, smoke-run on the CPU
@@ -367,3 +407,15 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "model only" in done.stdout and "end to end" in done.stdout
     assert "failed:" not in done.stdout and "skipped:" not in done.stdout  # every row measured
+
+
+def test_compile_keeps_one_warm_up_call(tiny_vision: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With --warmup 0 the first, compiling call was timed: 7,570 ms an image where the model takes 130.
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(model) or model)  # no compiler here
+    options = benchmark.BenchOptions(
+        model=str(tiny_vision), device="cpu", batch_sizes=(1,), iters=1, warmup=0, compile=True
+    )
+    report = benchmark.run_benchmark(options)
+    assert calls and any("one warm-up call is kept, the one that compiles" in note for note in report.notes)
+    assert report.results[0].setup_s is not None and report.results[0].setup_s > 0
