@@ -317,6 +317,7 @@ def inspect(
     layers: Annotated[str, typer.Option(help="Encoder layers listed stage by stage: first, all, or numbers such as 0,5,11; the others get one line.", metavar="LAYERS")] = "first",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the tables.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG pictures into this directory.", show_default=False, metavar="DIR")] = None,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).", metavar="N")] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Trace one image through the vision tower: every stage's shape and statistics, parameters, GFLOPs."""
     from .inspect_report import report
@@ -324,7 +325,7 @@ def inspect(
     from .tracing import inspect_image
 
     with user_errors():
-        result = inspect_image(model, image, layers=layers, revision=revision)
+        result = inspect_image(model, image, layers=layers, revision=revision, max_pixels=max_pixels or None)
         pictures = write_plots(result, plot) if plot is not None else []
     if json_out:
         print_json({**result.to_dict(), "plots": [str(p) for p in pictures]})
@@ -334,7 +335,7 @@ def inspect(
     console = _data_console()
     console.print(report(result, width=console.width))
     if pictures:
-        console.print("\nplots:", *map(str, pictures), sep="\n")
+        console.print("\nplots:", *(display_path(str(p)) for p in pictures), sep="\n")
 
 
 @app.command(cls=_Command, short_help="Measure images/s, beside transformers and timm.")
@@ -371,7 +372,7 @@ def bench(
             compare=tuple(name.strip() for name in compare.split(",") if name.strip()),
             images=images,
         )
-        report = run_benchmark(options, progress=lambda message: stderr.print(message, style="dim"))
+        report = run_benchmark(options, progress=lambda message: stderr.print(printable(message), style="dim"))
     for sentence in report.notes:
         note(sentence)
     if json_out:

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UserError
 from .storage import atomic_write
-from .tracing import Inspection
+from .tracing import Inspection, first_non_finite
 
 # Colour ramps as anchor colours at evenly spaced positions, interpolated linearly in RGB.
 VIRIDIS = ((68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130, 142),
@@ -35,11 +35,14 @@ MARGIN = 16
 
 def write_plots(result: Inspection, directory: str | Path) -> list[Path]:
     """Draw the pictures for `result` into `directory` (created if needed); return the paths written."""
+    if broken := first_non_finite(result.stages):
+        raise UserError(f"the model gave NaN or infinite values from {broken} on: there is nothing to draw.")
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise UserError(f"{directory} exists and is not a directory; pass a directory for the plots.") from None
+        blocking = next((p for p in reversed([directory, *directory.parents]) if p.exists() and not p.is_dir()), directory)
+        raise UserError(f"{blocking} is not a directory; pass a directory for the plots.") from None
     except OSError as e:
         raise UserError(f"cannot create the plot directory {directory}: {e.strerror}.") from None
     pictures = {

@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .config import DEFAULT_PRESET, PIL_FILTERS, PreprocessConfig, VisionConfig
+from .config import DEFAULT_MAX_PIXELS, DEFAULT_PRESET, PIL_FILTERS, PreprocessConfig, VisionConfig
 from .errors import UserError
+from .files import display_path
 from .model import SiglipVision, gflops_per_image, num_parameters
 from .preprocess import BadImage, DecodeOptions, open_rgb, pixel_values
 from .weights import load_tower
@@ -98,36 +99,42 @@ def inspect_image(
     *,
     layers: str = "first",
     revision: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Inspection:
     """Load `model` (a preset: random weights; a Hub id or checkpoint directory: real weights), trace `image`.
 
     `image` defaults to the bundled sample photo. `layers` is "first", "all" or comma-separated layer numbers.
+    `max_pixels`: larger images are refused (decompression bombs), None for no limit, as `siglip embed`'s.
     """
     if image is None:
         with resources.as_file(resources.files("siglip_cli") / "assets" / SAMPLE_IMAGE) as path:
             photo, description = read_image(path, label="the bundled sample photo")
     else:
-        photo, description = read_image(image)  # before loading the model: a bad path fails at once
+        photo, description = read_image(image, max_pixels=max_pixels)  # before the model: a bad path fails at once
     tower, preprocessing, random_weights = load_tower(model, revision=revision)
     return trace(
         tower, photo, preprocessing, layers=layers, model_name=model, image_name=description, random_weights=random_weights
     )
 
 
-def read_image(path: str | Path, *, label: str | None = None) -> tuple[Image.Image, str]:
+def read_image(
+    path: str | Path, *, label: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, str]:
     """Decode an image file to RGB (EXIF-oriented) and describe it: "photo.png (640×480 PNG, mode RGBA)"."""
     path = Path(path)
+    name = display_path(str(path))  # as text for a terminal and for JSON: not UTF-8, control characters
     if path.is_dir():
-        raise UserError(f"{path} is a directory; pass one image file.")
+        raise UserError(f"{name} is a directory; pass one image file.")
     try:
-        photo, _ = open_rgb(path, DecodeOptions())  # first: it refuses a decompression bomb with our sentence
+        # First: it refuses a decompression bomb with our sentence.
+        photo, _ = open_rgb(path, DecodeOptions(max_pixels=max_pixels))
         with Image.open(path) as raw:
             mode, kind = raw.mode, raw.format
     except FileNotFoundError:
-        raise UserError(f"{path} does not exist.") from None
+        raise UserError(f"{name} does not exist.") from None
     except (BadImage, OSError) as e:
-        raise UserError(f"{path} cannot be decoded: {e}.") from None
-    return photo, f"{label or path} ({photo.width}×{photo.height} {kind}, mode {mode})"
+        raise UserError(f"{name} cannot be decoded: {e}.") from None
+    return photo, f"{label or name} ({photo.width}×{photo.height} {kind}, mode {mode})"
 
 
 def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
@@ -180,6 +187,10 @@ def trace(
     stages += recorder.stages
 
     conv = model.embeddings.patch_embedding.weight
+    broken = None if conv.is_meta else first_non_finite(stages)
+    # Where NaN or infinity first appears is what a trace is for, when a checkpoint is damaged or a dtype overflows.
+    found = (f"{broken}: NaN or infinite values first appear here; statistics that hold them are left out (–, and "
+             "null in --json).",) if broken else ()  # fmt: skip
     return Inspection(
         model=model_name,
         random_weights=random_weights,
@@ -191,7 +202,7 @@ def trace(
         parameters_by_module=parameters_by_module(model),
         gflops_per_image=gflops_per_image(cfg),
         layers_in_full=full,
-        notes=_notes(cfg),
+        notes=found + _notes(cfg),
         photo=photo,
         position_embedding=_cpu(model.embeddings.position_embedding.weight),
         patch_filters=_cpu(conv[:NUM_FILTERS]),
@@ -275,6 +286,12 @@ def _summarise(name: str, x: Tensor, note: str) -> Stage:
 
 def _cpu(x: Tensor) -> Tensor:
     return x.detach().float() if x.is_meta else x.detach().float().cpu()
+
+
+def first_non_finite(stages: list[Stage]) -> str | None:
+    """The name of the first stage holding NaN or an infinity, if any."""
+    finite = (all(math.isfinite(v) for v in (stage.mean, stage.std, stage.min, stage.max)) for stage in stages)
+    return next((stage.stage for stage, ok in zip(stages, finite) if not ok), None)
 
 
 def _finite_or_none(value: float) -> float | None:

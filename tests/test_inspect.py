@@ -310,6 +310,34 @@ def test_plot_directory_that_is_a_file_is_a_user_error(base: tracing.Inspection,
         write_plots(base, file)
 
 
+def test_plot_directory_under_a_file_names_the_file(base: tracing.Inspection, tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(UserError, match=f"^{tmp_path / 'taken'} is not a directory"):
+        write_plots(base, tmp_path / "taken" / "plots")
+
+
+def test_nan_activations_are_named_where_they_first_appear_and_not_plotted(
+    tiny_vision: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A damaged checkpoint: the table showed – from some layer on, without a word, and --plot ended in a traceback.
+    load = tracing.load_tower
+
+    def damaged(*args, **kwargs):
+        tower, preprocess, random_weights = load(*args, **kwargs)
+        with torch.no_grad():
+            tower.encoder.layers[1].mlp.fc2.bias[0] = float("nan")
+        return tower, preprocess, random_weights
+
+    monkeypatch.setattr(tracing, "load_tower", damaged)
+    result = tracing.inspect_image(str(tiny_vision), photo, layers="all")
+    assert result.notes[0].startswith("layers.1.mlp.fc2: NaN or infinite values first appear here")
+    first = [stage.stage for stage in result.stages].index("layers.1.mlp.fc2")
+    assert first > 0 and tracing.first_non_finite(result.stages[:first]) is None
+    with pytest.raises(UserError, match="NaN or infinite values from layers.1.mlp.fc2 on: there is nothing to draw"):
+        write_plots(result, tmp_path / "plots")
+    assert not (tmp_path / "plots").exists()
+
+
 def test_a_plot_that_cannot_be_written_is_one_sentence_and_leaves_nothing(
     base: tracing.Inspection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -454,3 +482,17 @@ def test_missing_layer_is_a_user_error(tiny_vision: Path, photo: Path) -> None:
 def test_the_readme_names_every_preset() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert [name for name in PRESETS if f"`{name}`" not in readme] == []
+
+
+def test_an_odd_image_name_reaches_the_report_escaped(tiny_vision: Path, photo: Path, tmp_path: Path) -> None:
+    # An escape sequence in a file name recoloured the terminal, and a newline split the header.
+    odd = tmp_path / "a\x1b[31mRED\nb.jpg"
+    odd.write_bytes(photo.read_bytes())
+    result = tracing.inspect_image(str(tiny_vision), odd)
+    assert result.image.startswith(f"{tmp_path}/a\\x1b[31mRED\\x0ab.jpg (")
+
+
+def test_max_pixels_limits_the_inspected_image_as_it_does_in_embed(tiny_vision: Path, photo: Path) -> None:
+    with pytest.raises(UserError, match="exceeds the limit of 100 "):
+        tracing.inspect_image(str(tiny_vision), photo, max_pixels=100)
+    assert tracing.inspect_image(str(tiny_vision), photo, max_pixels=None).stages
