@@ -146,6 +146,7 @@ class Timing:
     setup_s: float  # the warm-up calls together, the first of which compiles
     peak_mem_mb: float | None  # CUDA: peak allocated above what was in use before; CPU: peak RSS (see _timed_call)
     spread: float = 0.0  # (slowest - fastest) / median of the timed calls: how far the median can be trusted
+    calls: int = 1  # how many were timed
 
 
 def _timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float | None]:
@@ -195,7 +196,7 @@ def time_interleaved(
         seconds = [s for s, _ in measured]
         median = statistics.median(seconds)
         spread = (max(seconds) - min(seconds)) / median if median > 0 else 0.0
-        timings[name] = Timing(median, setup[name], max(peaks) if peaks else None, spread)
+        timings[name] = Timing(median, setup[name], max(peaks) if peaks else None, spread, len(seconds))
     return timings
 
 
@@ -412,7 +413,7 @@ def _result(backend: str, stage: str, batch_size: int, timing: Timing, variant: 
         variant=variant,
         setup_s=round(timing.setup_s, 3),
         cosine=agreement,
-        spread=round(timing.spread, 3),
+        spread=round(timing.spread, 3) if timing.calls > 1 else None,  # one call has no spread to tell
     )
 
 

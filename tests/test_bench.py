@@ -188,6 +188,12 @@ def test_bench_json_schema(tiny_vision: Path) -> None:
         # Read from /proc on Linux (the peak resident size of the process); None only where there is no /proc.
         assert row["peak_mem_mb"] > 0 if Path("/proc/self/status").exists() else row["peak_mem_mb"] is None
     assert document["results"][0]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert all(row["spread"] is None for row in document["results"])  # --iters 1: one call has no spread
+
+
+def test_bench_spread_of_several_calls_is_a_fraction(tiny_vision: Path) -> None:
+    document = _bench_json("--model", str(tiny_vision), "--batch-size", "1", "--iters", "3")
+    assert document["results"][0]["spread"] >= 0
 
 
 def test_bench_compare_transformers_on_a_tiny_checkpoint(tiny_siglip: Path) -> None:
