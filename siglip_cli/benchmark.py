@@ -361,11 +361,14 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
             # same (dtype-rounded) pixels. The timed shape again, so no compiled forward compiles anew.
             rows = min(batch_size, 2)
             expected = plain(pixels[:rows].float().cpu()).pooled if i == 0 else None
+            if expected is not None and not torch.isfinite(expected).all():
+                report.notes.append("the model gives NaN or infinite values in float32 too: its numbers are no "
+                                    "embeddings (a damaged checkpoint?).")  # fmt: skip
+                expected = None
             for backend, (forward, label) in forwards.items():
                 agreement = None
                 if expected is not None:
-                    out = forward(pixels)[:rows]
-                    agreement = cosine(out, expected)
+                    agreement = cosine(forward(pixels)[:rows], expected)
                     if agreement is None:
                         report.notes.append(f"{backend} gave NaN or infinite values in {_dtype_name(dtype)}: its "
                                             f"numbers are no embeddings {_nan_hint(dtype)}.")  # fmt: skip
@@ -441,6 +444,7 @@ def image_results(
 
     from .decoding import default_workers
     from .embed import embed_paths
+    from .gpu_decode import JpegHeader, read_header
     from .preprocess import DecodeOptions, load_pixels
     from .runtime import Embedder
     from .weights import Checkpoint
@@ -479,7 +483,8 @@ def image_results(
         "fast": (f"PIL --fast-decode, workers={workers}", {"decode": fast}),
         "gpu": (f"torchvision decode on {device.type}", {"decoder": "gpu"}),  # `siglip embed --decode gpu`
     }
-    jpegs = sum(1 for path in paths if _is_jpeg(path))
+    taken = [path for path in paths if isinstance(read_header(path, preprocess, DecodeOptions()), JpegHeader)]
+    jpegs = len(taken)  # what the device decoder takes; the rest, PIL
     if jpegs < n:  # the rest take the PIL path: said, or left out when there is nothing for torchvision to decode
         ways["gpu"] = (f"{ways['gpu'][0]} ({jpegs} of {n} files, the rest PIL)", ways["gpu"][1])
     if not jpegs:
@@ -494,8 +499,9 @@ def image_results(
         return run
 
     with torch.inference_mode():
-        for _, given in ways.values():  # a first batch each: imports (torchvision's 2 s) and first calls untimed
-            embed_paths(embedder, paths[:batch_size], batch_size=batch_size, workers=0, **given)
+        for name, (_, given) in ways.items():  # a first batch each, untimed: imports (torchvision's 2 s), first calls
+            first = taken[:batch_size] if name == "gpu" else paths[:batch_size]  # files it decodes itself
+            embed_paths(embedder, first, batch_size=batch_size, workers=0, **given)
         passes = 1 if device.type == "cpu" else iters
         timings = time_interleaved({name: end_to_end(name) for name in ways}, device=device, iters=passes, warmup=0)
     exact = embeddings["exact"]
@@ -511,14 +517,6 @@ def image_results(
 
 def _nan_hint(dtype: torch.dtype) -> str:
     return "(a damaged checkpoint?)" if dtype == torch.float32 else "(try --dtype float32)"
-
-
-def _is_jpeg(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(2) == b"\xff\xd8"
-    except OSError:
-        return False
 
 
 def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], int]:

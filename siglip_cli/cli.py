@@ -322,13 +322,16 @@ def inspect(
     """Trace one image through the vision tower: every stage's shape and statistics, parameters, GFLOPs."""
     from .inspect_report import report
     from .plots import write_plots
-    from .tracing import inspect_image
+    from .tracing import first_non_finite, inspect_image
 
     with user_errors():
         result = inspect_image(model, image, layers=layers, revision=revision, max_pixels=max_pixels or None)
-        pictures = write_plots(result, plot) if plot is not None else []
+        drawable = first_non_finite(result.stages) is None
+        pictures = write_plots(result, plot) if plot is not None and drawable else []
+    if plot is not None and not drawable:  # the report is what a user with a damaged checkpoint needs
+        note("no plots drawn: the model gave NaN or infinite values (the report says where they first appear).")
     if json_out:
-        print_json({**result.to_dict(), "plots": [str(p) for p in pictures]})
+        print_json({**result.to_dict(), "plots": [display_path(str(p)) for p in pictures]})
         if result.random_weights:
             note(f"{model} is an architecture preset: random weights, not a trained model.")
         return

@@ -52,6 +52,7 @@ class WalkReport:
     dangling: list[tuple[str, str]] = field(default_factory=list)
     listed: int = 0  # paths read from --files-from
     listed_digest: str = ""  # of those paths, normalized and sorted: what a --shard part records of its list
+    listed_distinct: int = 0  # how many paths that digest holds
 
     def notes(self, *, quiet: bool = False) -> list[str]:
         """The notes `siglip embed` gives on stderr; `quiet` keeps those about images that are not embedded."""
@@ -161,6 +162,7 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
         listed = read_path_list(files_from)
         report.listed += len(listed)
         names = sorted({os.fsencode(os.path.normpath(name)) for name in listed})
+        report.listed_distinct = len(names)
         report.listed_digest = hashlib.blake2b(b"\0".join(names), digest_size=16).hexdigest()
         for name in listed:
             add(name)

@@ -171,7 +171,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         # 32-bit floats (Photoshop's 32-bit mode, HDR and scientific TIFFs) hold tones in [0, 1] by convention, which
         # PIL's convert would clip to a black image: scaled to 0-255 when 90% of them are in [0, 1] (an HDR
         # highlight may pass 1; a NaN is black). Other ranges are clipped by PIL, as in the reference.
-        values = np.nan_to_num(np.asarray(image), nan=0.0, posinf=0.0, neginf=0.0)
+        values = np.nan_to_num(np.asarray(image), nan=0.0, posinf=np.finfo(np.float32).max, neginf=0.0)
         if values.size and values.min() >= 0 and np.quantile(values, 0.9) <= 1:
             image = Image.fromarray(np.rint(values.clip(0, 1) * np.float32(255)), mode="F")
     if "A" in image.getbands() or image.info.get("transparency") is not None:

@@ -89,7 +89,7 @@ def shard_inputs(inputs: list[str], walk: WalkReport | None = None) -> tuple[str
     listed = sorted(os.path.normpath(name) for name in inputs)
     if walk is None or not walk.listed_digest:
         return tuple(listed)
-    return (*listed, f"--files-from: {counted(walk.listed, 'path')} (blake2b {walk.listed_digest})")
+    return (*listed, f"--files-from: {counted(walk.listed_distinct, 'path')} (blake2b {walk.listed_digest})")
 
 
 def _check_same_inputs(opened: list[tuple[OutputPaths, dict[str, str]]]) -> None:

@@ -146,7 +146,7 @@ def exclusive(output: Path) -> Iterator[None]:
     except OSError as e:
         if isinstance(e, (FileExistsError, NotADirectoryError)):  # something not a folder where the path needs one
             blocking = next((p for p in reversed(output.parents) if os.path.lexists(p) and not p.is_dir()), None)
-            if blocking is not None and os.path.islink(blocking):
+            if blocking is not None and os.path.islink(blocking) and not os.path.exists(blocking):
                 raise UserError(
                     f"cannot write {output}: {blocking} is a link to {os.readlink(blocking)}, which does not exist "
                     "(an unmounted drive?)."

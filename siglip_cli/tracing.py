@@ -25,7 +25,7 @@ from .config import DEFAULT_MAX_PIXELS, DEFAULT_PRESET, PIL_FILTERS, PreprocessC
 from .errors import UserError
 from .files import display_path
 from .model import SiglipVision, gflops_per_image, num_parameters
-from .preprocess import BadImage, DecodeOptions, open_rgb, pixel_values
+from .preprocess import BadImage, DecodeOptions, open_checked, open_rgb, pixel_values
 from .weights import load_tower
 
 SAMPLE_IMAGE = "sample.jpg"  # in siglip_cli/assets: chelsea.jpg from sample_images/ (CC0)
@@ -128,7 +128,7 @@ def read_image(
     try:
         # First: it refuses a decompression bomb with our sentence.
         photo, _ = open_rgb(path, DecodeOptions(max_pixels=max_pixels))
-        with Image.open(path) as raw:
+        with open_checked(path, DecodeOptions(max_pixels=max_pixels)) as raw:  # its header: mode and format
             mode, kind = raw.mode, raw.format
     except FileNotFoundError:
         raise UserError(f"{name} does not exist.") from None
@@ -189,8 +189,13 @@ def trace(
     conv = model.embeddings.patch_embedding.weight
     broken = None if conv.is_meta else first_non_finite(stages)
     # Where NaN or infinity first appears is what a trace is for, when a checkpoint is damaged or a dtype overflows.
-    found = (f"{broken}: NaN or infinite values first appear here; statistics that hold them are left out (–, and "
-             "null in --json).",) if broken else ()  # fmt: skip
+    found = ()
+    if broken:
+        layer = _LAYER_STAGE.fullmatch(broken)
+        where = f"{broken}: NaN or infinite values first appear here"
+        if layer and int(layer[1]) not in full:  # a layer shown in one line: the stage inside it is not known
+            where = f"layer {layer[1]}: NaN or infinite values first appear in it (--layers {layer[1]} shows where)"
+        found = (f"{where}; statistics that hold them are left out (–, and null in --json).",)
     return Inspection(
         model=model_name,
         random_weights=random_weights,

@@ -291,6 +291,8 @@ def test_an_output_that_is_a_symlink_is_written_through(embed, photos: Path, out
         (out / name).symlink_to(disk / name)
     ok(embed(photos, "-o", out / "lib.safetensors", "--update"))
     assert (out / "lib.safetensors").is_symlink() and (out / "lib.jsonl").is_symlink()
+    (out / "latest").symlink_to(disk / "lib.safetensors")  # a name without a suffix: the target's kind decides
+    ok(embed(photos, "-o", out / "latest", "--update"))
     assert load_file(disk / "lib.safetensors")["embeddings"].shape[0] == len(read_jsonl(disk / "lib.jsonl")) == 3
 
 
@@ -333,7 +335,12 @@ def test_an_output_link_into_a_missing_folder_or_to_another_kind_of_file_is_refu
         f"error: cannot write {out / 'drive' / 'lib.safetensors'}: {out / 'drive'} is a link to {out / 'unmounted'}, "
         "which does not exist (an unmounted drive?)."
     )
-    assert sorted(path.name for path in out.iterdir()) == ["drive", "latest.safetensors", "nas.safetensors"]
+    (out / "notes.txt").write_text("")
+    (out / "notes").symlink_to(out / "notes.txt")  # a link to a file: a file, not a missing drive
+    error = the_error(embed(photos, "-o", out / "notes" / "lib.safetensors"))
+    assert error == f"error: cannot write {out / 'notes' / 'lib.safetensors'}: {out / 'notes'} is a file, not a folder."
+    names = ["drive", "latest.safetensors", "nas.safetensors", "notes", "notes.txt"]
+    assert sorted(path.name for path in out.iterdir()) == names
 
 
 def test_overwrite_without_tokens_removes_the_old_tokens_file(embed, photos: Path, out: Path) -> None:

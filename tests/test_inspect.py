@@ -336,6 +336,16 @@ def test_nan_activations_are_named_where_they_first_appear_and_not_plotted(
     with pytest.raises(UserError, match="NaN or infinite values from layers.1.mlp.fc2 on: there is nothing to draw"):
         write_plots(result, tmp_path / "plots")
     assert not (tmp_path / "plots").exists()
+    collapsed = tracing.inspect_image(str(tiny_vision), photo)  # layer 1 in one line
+    assert collapsed.notes[0].startswith("layer 1: NaN or infinite values first appear in it (--layers 1 shows where)")
+    # The command still prints its report, the one thing a user with a damaged checkpoint needs, and no plots.
+    from typer.testing import CliRunner
+
+    from siglip_cli.cli import app
+
+    done = CliRunner().invoke(app, ["inspect", str(photo), "-m", str(tiny_vision), "--plot", str(tmp_path / "p")])
+    assert done.exit_code == 0 and "layer 1: NaN or infinite values first appear" in done.stdout
+    assert "no plots drawn: the model gave NaN or infinite values" in done.stderr and not (tmp_path / "p").exists()
 
 
 def test_a_plot_that_cannot_be_written_is_one_sentence_and_leaves_nothing(
