@@ -362,7 +362,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
             rows = min(batch_size, 2)
             expected = plain(pixels[:rows].float().cpu()).pooled if i == 0 else None
             if expected is not None and not torch.isfinite(expected).all():
-                report.notes.append("the model gives NaN or infinite values in float32 too: its numbers are no "
+                report.notes.append("the model gives NaN or infinite values even in float32: its numbers are no "
                                     "embeddings (a damaged checkpoint?).")  # fmt: skip
                 expected = None
             for backend, (forward, label) in forwards.items():

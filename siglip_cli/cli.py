@@ -331,7 +331,7 @@ def inspect(
     if plot is not None and not drawable:  # the report is what a user with a damaged checkpoint needs
         note("no plots drawn: the model gave NaN or infinite values (the report says where they first appear).")
     if json_out:
-        print_json({**result.to_dict(), "plots": [display_path(str(p)) for p in pictures]})
+        print_json({**result.to_dict(), "plots": [str(p) for p in pictures]})
         if result.random_weights:
             note(f"{model} is an architecture preset: random weights, not a trained model.")
         return

@@ -239,7 +239,7 @@ def embed_on_devices(
             _Job(
                 i, model, revision, device, dtype,
                 paths=select_shard(paths, i, count),
-                output=work / f"shard-{i}-of-{count}{output.suffix}",
+                output=work / f"shard-{i}-of-{count}{out.embeddings.suffix}",  # the link's target's, for an -o link
                 options=options,
                 compile=compile,
                 overwrite=overwrite,

@@ -103,7 +103,8 @@ def _link_target(link: Path) -> Path:
     target = Path(os.path.realpath(link))
     if not target.parent.is_dir():
         raise UserError(f"output {link} is a link to {target}, whose folder does not exist (an unmounted drive?).")
-    if link.suffix.lower() in (".safetensors", ".npy") and target.suffix.lower() != link.suffix.lower():
+    kind = target.suffix.lower()
+    if kind not in (".safetensors", ".npy") or (link.suffix and link.suffix.lower() != kind):  # `latest` → x.npy: fine
         raise UserError(f"output {link} is a link to {target}, a file of another kind: give -o a name of its own.")
     return target
 

@@ -169,11 +169,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = grey
     if image.mode == "F":
         # 32-bit floats (Photoshop's 32-bit mode, HDR and scientific TIFFs) hold tones in [0, 1] by convention, which
-        # PIL's convert would clip to a black image: scaled to 0-255 when 90% of them are in [0, 1] (an HDR
-        # highlight may pass 1; a NaN is black). Other ranges are clipped by PIL, as in the reference.
-        values = np.nan_to_num(np.asarray(image), nan=0.0, posinf=np.finfo(np.float32).max, neginf=0.0)
-        if values.size and values.min() >= 0 and np.quantile(values, 0.9) <= 1:
-            image = Image.fromarray(np.rint(values.clip(0, 1) * np.float32(255)), mode="F")
+        # PIL's convert would clip to a black image: scaled to 0-255 when 80% of the finite ones are in [0, 1] (an HDR
+        # highlight may pass 1, noise dip below 0: clipped; a NaN is black, an infinity white). Other ranges are
+        # clipped by PIL, as in the reference.
+        values = np.asarray(image)
+        finite = values[np.isfinite(values)]
+        if finite.size and np.quantile(finite, 0.1) >= 0 and np.quantile(finite, 0.9) <= 1:
+            values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
+            image = Image.fromarray(np.rint(values * np.float32(255)), mode="F")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -391,7 +391,7 @@ def test_bench_of_a_model_that_gives_nan_says_so_in_valid_json(
                                  "-b", "2", "--json"])  # fmt: skip
     document = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
     assert document["results"][0]["cosine"] is None
-    assert "the model gives NaN or infinite values in float32 too: its numbers are no embeddings (a damaged " \
+    assert "the model gives NaN or infinite values even in float32: its numbers are no embeddings (a damaged " \
            "checkpoint?)." in document["notes"]  # fmt: skip
     make_photo((64, 48)).save(tmp_path / "a.jpg")
     result = RUNNER.invoke(app, ["bench", "-m", str(tiny_siglip), "--device", "cpu", "--iters", "1", "--warmup", "0",

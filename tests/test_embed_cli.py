@@ -293,6 +293,7 @@ def test_an_output_that_is_a_symlink_is_written_through(embed, photos: Path, out
     assert (out / "lib.safetensors").is_symlink() and (out / "lib.jsonl").is_symlink()
     (out / "latest").symlink_to(disk / "lib.safetensors")  # a name without a suffix: the target's kind decides
     ok(embed(photos, "-o", out / "latest", "--update"))
+    ok(embed(photos, "-o", out / "latest", "--overwrite", "--device", "cpu,cpu"))  # its shards named by the target
     assert load_file(disk / "lib.safetensors")["embeddings"].shape[0] == len(read_jsonl(disk / "lib.jsonl")) == 3
 
 

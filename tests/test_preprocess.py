@@ -259,14 +259,14 @@ def test_float_image_of_tones_in_0_to_1_is_not_clipped_to_black(tmp_path: Path, 
     assert torch.equal(floats, eight)
 
 
-def test_float_image_with_highlights_past_1_or_a_nan_is_scaled_too(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+def test_float_image_with_highlights_past_1_or_odd_pixels_is_scaled_too(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     # One HDR highlight (or one NaN) turned the whole image black.
     grey = np.asarray(make_photo((80, 60), mode="L"), np.float32)
     tones = grey / 255
-    tones[:3, :5], tones[10, 10] = 4.0, np.nan  # a bright lamp, a broken pixel
+    tones[:3, :5], tones[10, 10], tones[20, 20], tones[30, 30] = 4.0, np.nan, np.inf, -1e-4  # a lamp, broken pixels
     Image.fromarray(tones, mode="F").save(tmp_path / "hdr.tif")
     expected = grey.copy()
-    expected[:3, :5], expected[10, 10] = 255, 0
+    expected[:3, :5], expected[10, 10], expected[20, 20], expected[30, 30] = 255, 0, 255, 0
     pixels, _, _ = load_pixels(tmp_path / "hdr.tif", bicubic, DecodeOptions())
     assert torch.equal(pixels, tensor_of(Image.fromarray(expected.astype(np.uint8)).convert("RGB"), bicubic))
 
