@@ -216,7 +216,7 @@ def embed(
         if update and overwrite:
             fail("--update keeps the earlier output's rows and --overwrite discards them: give one of the two.")
         check_device_options(devices, shard=part, update=update)
-        paths, walk = find_images(inputs or [], files_from=files_from)
+        paths, walk = find_images(inputs or [], files_from=files_from, digest_list=part is not None)
         for message in walk.notes(quiet=quiet):
             note(message)
         if part:

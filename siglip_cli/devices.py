@@ -25,7 +25,7 @@ import torch
 
 from . import interrupts
 from .config import PIL_FILTERS
-from .embed import EmbedOptions, Progress, Summary, embed_to_file, refuse_empty_run
+from .embed import EmbedOptions, Progress, Summary, embed_to_file, interrupted_on_other_devices, refuse_empty_run
 from .errors import UserError
 from .outputs import OutputPaths, check_outputs, read_rows
 from .runtime import dtype_note, load, resolve_device
@@ -217,19 +217,13 @@ def embed_on_devices(
         # the output in place still has its shards here: they are brought up to date and merged again.
         area = WorkArea(work)
         published = area.published(out.embeddings)
-        if not (overwrite or published):  # work of a run on other devices is not ours to throw away
-            if area.exists():
-                raise UserError(
-                    f"{work} holds a run interrupted on one device: rerun it on one --device to continue, or add "
-                    "--overwrite to start afresh."
-                )
-            if (earlier := area.device_count()) not in (None, len(devices)):
-                raise UserError(
-                    f"{work} holds a run interrupted on {earlier} devices: rerun it with {earlier} --device to "
-                    "continue, or add --overwrite to start afresh."
-                )
-        elif not published and (area.exists() or area.device_count() not in (None, len(devices))):
-            shutil.rmtree(work, ignore_errors=True)  # --overwrite: no stale shards are left to mislead a rerun
+        earlier = area.device_count()
+        other_devices = area.exists() or earlier not in (None, len(devices))  # a run on one device, or on others
+        if other_devices and not published:
+            if overwrite:  # no stale shards are left to mislead a rerun
+                shutil.rmtree(work, ignore_errors=True)
+            else:  # work of a run on other devices is not ours to throw away
+                raise interrupted_on_other_devices(work, 1 if area.exists() else earlier)
         check_outputs(
             out, interrupted=work.is_dir(), overwrite=overwrite or published, update=False, update_allowed=False
         )

@@ -221,10 +221,7 @@ def _open_work(
         work.remove()
     devices = work.device_count()
     if devices and not overwrite and not work.published(out.embeddings):  # its shards are not ours to throw away
-        raise UserError(
-            f"{out.work} holds a run interrupted on {devices} devices: rerun it with {devices} --device to continue, "
-            "or add --overwrite to start afresh."
-        )
+        raise interrupted_on_other_devices(out.work, devices)
     resuming = work.exists()
     # Stopped after its last rename, before it removed its work folder: the output is whole. The rerun takes it as
     # an --update does, so it ends as the first run would have.
@@ -254,6 +251,15 @@ def _open_work(
         except OSError as e:
             raise UserError(f"cannot write beside {out.embeddings}: {e.strerror or e}.") from None
     return work, previous
+
+
+def interrupted_on_other_devices(work: Path, devices: int) -> UserError:
+    """The refusal of a rerun on another number of devices than the interrupted run in `work` had."""
+    again = "on one --device" if devices == 1 else f"with {devices} --device"
+    return UserError(
+        f"{work} holds a run interrupted on {'one device' if devices == 1 else f'{devices} devices'}: rerun it "
+        f"{again} to continue, or add --overwrite to start afresh."
+    )
 
 
 def _interrupted_with_other_options(work: Path, difference: str) -> UserError:

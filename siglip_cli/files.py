@@ -116,7 +116,9 @@ def counted(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
-def discover(inputs: Iterable[str], *, files_from: str | None = None, report: WalkReport | None = None) -> list[str]:
+def discover(
+    inputs: Iterable[str], *, files_from: str | None = None, report: WalkReport | None = None, digest_list: bool = False
+) -> list[str]:
     """Every image path under `inputs`, each once, in sorted order (by the path's bytes). "Once" is by directory
     entry (`directory_entry`): a file named both relatively and absolutely, or through a symlinked folder, keeps
     the first spelling met.
@@ -161,9 +163,10 @@ def discover(inputs: Iterable[str], *, files_from: str | None = None, report: Wa
     if files_from is not None:
         listed = read_path_list(files_from)
         report.listed += len(listed)
-        names = sorted({os.fsencode(os.path.normpath(name)) for name in listed})
-        report.listed_distinct = len(names)
-        report.listed_digest = hashlib.blake2b(b"\0".join(names), digest_size=16).hexdigest()
+        if digest_list:  # for a --shard part's record; sorting a million lines costs seconds, so only then
+            names = sorted({os.fsencode(os.path.normpath(name)) for name in listed})
+            report.listed_distinct = len(names)
+            report.listed_digest = hashlib.blake2b(b"\0".join(names), digest_size=16).hexdigest()
         for name in listed:
             add(name)
     # A named file a walk also met was counted as passed over (a regular file of another kind), though it is embedded.
@@ -188,10 +191,13 @@ def directory_entry(path: str, folders: dict[str, object]) -> tuple[object, str]
     return folders[folder], name
 
 
-def find_images(inputs: list[str], *, files_from: str | None = None) -> tuple[list[str], WalkReport]:
-    """`discover`, with what the walks met; finding no image at all is a UserError that says what was there."""
+def find_images(
+    inputs: list[str], *, files_from: str | None = None, digest_list: bool = False
+) -> tuple[list[str], WalkReport]:
+    """`discover`, with what the walks met; finding no image at all is a UserError that says what was there.
+    `digest_list`: also the count and digest of the --files-from list's paths (`WalkReport.listed_digest`)."""
     report = WalkReport()
-    paths = discover(inputs, files_from=files_from, report=report)
+    paths = discover(inputs, files_from=files_from, report=report, digest_list=digest_list)
     if not paths and not inputs and not report.listed:
         source = "read from stdin" if files_from == "-" else f"in {display_path(str(files_from))}"
         raise UserError(f"the list of paths {source} is empty: give one path per line, or NUL-separated.")

@@ -823,11 +823,9 @@ def test_update_with_shards_keeps_only_the_files_of_its_part(embed, folder: Path
 
 
 def test_several_devices_rerun_with_overwrite_and_fewer_inputs_keeps_none_of_the_others(
-    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embed, stopped_on_two_devices: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    output = tmp_path / "out" / "embeddings.safetensors"
-    assert stop_before_the_merge(monkeypatch, lambda: embed(folder, output, "--device", "cpu,cpu")).exit_code == 130
+    output = stopped_on_two_devices
     fewer = save_photos(tmp_path / "fewer", ["f0.jpg", "f1.jpg"], first_seed=90)
     ok(embed(fewer, output, "--device", "cpu,cpu", "--overwrite"))
     assert len(rows_of(output.with_suffix(".jsonl"))) == 2
@@ -1192,6 +1190,15 @@ def test_several_devices_run_one_worker_each_and_equal_one_run(
     assert sorted(p.name for p in output.parent.iterdir()) == ["embeddings.jsonl", "embeddings.safetensors"]
 
 
+@pytest.fixture
+def stopped_on_two_devices(embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The output of `folder` embedded on two devices (`cpu,cpu`), the run stopped before its merge."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # stays set for the test's own runs
+    output = tmp_path / "out" / "embeddings.safetensors"
+    assert stop_before_the_merge(monkeypatch, lambda: embed(folder, output, "--device", "cpu,cpu")).exit_code == 130
+    return output
+
+
 def stop_before_the_merge(monkeypatch: pytest.MonkeyPatch, run: Callable[[], R]) -> R:
     """`run()` with several devices stopped as it would merge its finished shards (Ctrl-C, a power cut)."""
     import siglip_cli.devices as devices
@@ -1221,12 +1228,10 @@ def test_several_devices_rerun_after_an_interruption_brings_finished_shards_up_t
 
 
 def test_several_devices_rerun_with_other_options_is_refused_as_one_device_refuses(
-    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embed, folder: Path, stopped_on_two_devices: Path
 ) -> None:
     # It named an internal shard file and advised --update, which several devices refuse.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    output = tmp_path / "out" / "embeddings.safetensors"
-    assert stop_before_the_merge(monkeypatch, lambda: embed(folder, output, "--device", "cpu,cpu")).exit_code == 130
+    output = stopped_on_two_devices
     error = the_error(embed(folder, output, "--device", "cpu,cpu", "--tokens"))
     assert error == (
         f"error: {work_area(output)} holds an interrupted run whose options differ (--tokens): rerun with the same "
@@ -1236,12 +1241,10 @@ def test_several_devices_rerun_with_other_options_is_refused_as_one_device_refus
 
 
 def test_a_run_interrupted_on_several_devices_is_not_thrown_away_by_a_rerun_on_others(
-    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embed, folder: Path, stopped_on_two_devices: Path
 ) -> None:
     # One GPU of two failed, and the rerun names one device: the finished shards were deleted without a word.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    output = tmp_path / "out" / "embeddings.safetensors"
-    assert stop_before_the_merge(monkeypatch, lambda: embed(folder, output, "--device", "cpu,cpu")).exit_code == 130
+    output = stopped_on_two_devices
     for devices in ("cpu", "cpu,cpu,cpu"):
         error = the_error(embed(folder, output, "--device", devices))
         assert error == (
