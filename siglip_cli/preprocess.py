@@ -21,7 +21,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
 
 from .config import DEFAULT_MAX_PIXELS, PreprocessConfig
@@ -33,6 +33,11 @@ except ImportError:  # a platform without its wheel: HEIC files then fail one by
 else:
     register_heif_opener()
     HEIF_SUPPORT = True
+
+# A PNG's compressed text chunk may hold up to all the text memory Pillow allows a file (64 MB), not its 1 MB per
+# chunk: image generators (ComfyUI, Automatic1111) and editors' XMP histories store megabytes of text beside good
+# pixels, and the photo was lost for text nothing reads. The total stays capped, so a zlib bomb is still refused.
+PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY)
 
 # The raster formats Pillow may open for us. Not every plugin it has: EPS runs Ghostscript on the file (a `.jpg`
 # holding `{} loop` hung a run), and the scientific and legacy ones (FITS, GRIB, McIdas, ...) are no photos.

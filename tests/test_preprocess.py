@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +287,31 @@ def test_32_bit_integer_image_of_8_bit_values_is_not_shifted_to_black(tmp_path: 
     wide, _, _ = load_pixels(tmp_path / "scan32.tif", bicubic, DecodeOptions())
     eight, _, _ = load_pixels(tmp_path / "scan8.png", bicubic, DecodeOptions())
     assert torch.equal(wide, eight)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])  # read when the file is opened, or when its pixels are
+def test_png_with_megabytes_of_compressed_text_decodes_to_its_pixels(
+    where: str, tmp_path: Path, bicubic: PreprocessConfig
+) -> None:
+    from PIL import PngImagePlugin
+
+    photo = make_photo((80, 60))
+    photo.save(tmp_path / "plain.png")
+    workflow = PngImagePlugin.PngInfo()
+    workflow.add_itxt("workflow", '{"nodes": []}' * 200_000, zip=True)  # 2.6 MB, as an image generator writes
+    if where == "before":
+        photo.save(tmp_path / "generated.png", pnginfo=workflow)
+    else:  # an iTXt chunk after the pixels, as some editors append
+        photo.save(tmp_path / "generated.png")
+        data = (tmp_path / "generated.png").read_bytes()
+        chunk = workflow.chunks[0]
+        body = chunk[0] + chunk[1]
+        end = data.rindex(b"IEND") - 4
+        data = data[:end] + struct.pack(">I", len(chunk[1])) + body + struct.pack(">I", zlib.crc32(body)) + data[end:]
+        (tmp_path / "generated.png").write_bytes(data)
+    with_text, _, _ = load_pixels(tmp_path / "generated.png", bicubic, DecodeOptions())
+    plain, _, _ = load_pixels(tmp_path / "plain.png", bicubic, DecodeOptions())
+    assert torch.equal(with_text, plain)
 
 
 def test_animated_gif_uses_its_first_frame(tmp_path: Path, bicubic: PreprocessConfig) -> None:
