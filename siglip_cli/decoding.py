@@ -14,7 +14,6 @@ import math
 import multiprocessing
 import os
 import pickle
-import re
 import signal
 import sys
 import threading
@@ -42,7 +41,7 @@ from . import interrupts
 from .config import PreprocessConfig
 from .files import is_regular_file
 from .gpu_decode import JpegHeader, decode_headers, read_header
-from .preprocess import BadImage, DecodeOptions, load_pixels, open_checked
+from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_checked
 
 
 T, U = TypeVar("T"), TypeVar("U")
@@ -97,22 +96,6 @@ def decode_file(
             return None, {"width": header.width, "height": header.height, **facts}, header
     pixels, width, height = load_pixels(io.BytesIO(data), cfg, options)
     return pixels, {"width": width, "height": height, **facts}, None
-
-
-def one_line(error: BaseException) -> str:
-    """The reason a file failed, as one line of plain words for the errors file.
-
-    The system's reason for a file that cannot be opened ("Permission denied"; the path is in the row already),
-    Pillow's and ours as they are ("image file is truncated (129 bytes not processed)"), anything else with its
-    class name. Line breaks become spaces; other spacing is kept, since a reason may quote a file name.
-    """
-    if isinstance(error, OSError) and error.strerror:
-        text = error.strerror
-    elif isinstance(error, (BadImage, OSError)):
-        text = str(error)
-    else:
-        text = f"{type(error).__name__}: {error}"
-    return re.sub(r"[\r\n\t\v\f]+", " ", text).strip() or type(error).__name__
 
 
 class ImageFiles(Dataset):

@@ -13,6 +13,7 @@ here as a Pillow plugin; libheif applies their rotation itself and resets the EX
 
 from __future__ import annotations
 
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,6 +62,22 @@ _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 class BadImage(Exception):
     """A file that cannot be embedded; the message is the one-line reason written to the errors file."""
+
+
+def one_line(error: BaseException) -> str:
+    """The reason a file failed, as one line of plain words for the errors file.
+
+    The system's reason for a file that cannot be opened ("Permission denied"; the path is in the row already),
+    Pillow's and ours as they are ("image file is truncated (129 bytes not processed)"), anything else with its
+    class name. Line breaks become spaces; other spacing is kept, since a reason may quote a file name.
+    """
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror
+    elif isinstance(error, (BadImage, OSError)):
+        text = str(error)
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return re.sub(r"[\r\n\t\v\f]+", " ", text).strip() or type(error).__name__
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .config import DEFAULT_MAX_PIXELS, DEFAULT_PRESET, PIL_FILTERS, PreprocessC
 from .errors import UserError
 from .files import display_path
 from .model import SiglipVision, gflops_per_image, num_parameters
-from .preprocess import BadImage, DecodeOptions, open_checked, open_rgb, pixel_values
+from .preprocess import BadImage, DecodeOptions, one_line, open_checked, open_rgb, pixel_values
 from .weights import load_tower
 
 SAMPLE_IMAGE = "sample.jpg"  # in siglip_cli/assets: chelsea.jpg from sample_images/ (CC0)
@@ -132,8 +132,8 @@ def read_image(
             mode, kind = raw.mode, raw.format
     except FileNotFoundError:
         raise UserError(f"{name} does not exist.") from None
-    except (BadImage, OSError) as e:
-        raise UserError(f"{name} cannot be decoded: {e}.") from None
+    except Exception as e:  # whatever the decoder raises (pillow-heif: ValueError, RuntimeError), as embed reports it
+        raise UserError(f"{name} cannot be decoded: {one_line(e)}.") from None
     return photo, f"{label or name} ({photo.width}×{photo.height} {kind}, mode {mode})"
 
 

@@ -466,14 +466,24 @@ def test_dropped_pixels_are_said(tiny_p14: Path, photo: Path) -> None:
         (lambda d: d, "is a directory"),
         (lambda d: (d / "notes.jpg").write_text("not a picture") and d / "notes.jpg", "not an image"),
         (lambda d: save_png_claiming_size(d / "huge.png", 20_000, 10_000), "possible decompression bomb"),
+        (lambda d: half_synced_heic(d / "IMG_0001.HEIC"), "cannot be decoded: ValueError"),
     ],
-    ids=["missing", "directory", "not-an-image", "over-twice-pillows-limit"],
+    ids=["missing", "directory", "not-an-image", "over-twice-pillows-limit", "cut-heic"],
 )
 def test_bad_image_is_one_sentence_and_exit_2(make, message: str, tmp_path: Path, tiny_vision: Path) -> None:
     result = invoke(str(make(tmp_path)), "--model", str(tiny_vision))
     assert result.exit_code == 2
     assert message in " ".join(result.stderr.split()) and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) <= 2  # one sentence (rich may wrap it)
+
+
+def half_synced_heic(path: Path) -> Path:
+    """The first half of a HEIC photo, as a half-synced cloud folder holds it: pillow-heif raises ValueError, which
+    ended `inspect` in a traceback."""
+    make_photo((160, 120)).save(path, format="HEIF")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
 
 
 def test_a_mistyped_preset_is_one_sentence_naming_the_preset() -> None:
