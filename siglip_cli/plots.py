@@ -31,6 +31,7 @@ INFERNO = ((0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66)
 
 WHITE, BLACK, GREY, LIGHT, RED = (255, 255, 255), (0, 0, 0), (110, 110, 110), (225, 225, 225), (200, 30, 30)
 MARGIN = 16
+COLORBAR_WIDTH = 92  # the ramp, labels such as "0.25x" and the rotated title
 
 
 def write_plots(result: Inspection, directory: str | Path) -> list[Path]:
@@ -84,7 +85,7 @@ def position_similarity(result: Inspection) -> Image.Image:
 
     font = _font(13)
     label_w, label_h = 56, 34  # room for the row/column numbers and the axis labels
-    body = Image.new("RGB", (label_w + size + 100, label_h + size + 8), WHITE)
+    body = Image.new("RGB", (label_w + size + 24 + COLORBAR_WIDTH, label_h + size + 8), WHITE)
     body.paste(Image.fromarray(grid), (label_w, label_h))
     draw = ImageDraw.Draw(body)
     label_every = math.ceil(len(shown) / 12)
@@ -101,7 +102,7 @@ def position_similarity(result: Inspection) -> Image.Image:
         "position's similarity with every position"
     if step > 1:
         subtitle += f"; every {step} positions shown, in both directions"
-    return _figure(body, "Position-embedding similarity", subtitle, result)
+    return _figure(body, "Position-embedding similarity", subtitle, result, of_image=False)
 
 
 def patch_filters(result: Inspection) -> Image.Image:
@@ -123,47 +124,62 @@ def patch_filters(result: Inspection) -> Image.Image:
         body.paste(Image.fromarray(pixels), (MARGIN + x * (tile + gap), y * (tile + gap)))
     total = result.config.hidden_size
     subtitle = f"filters 0–{k - 1} of {total}, {p}×{p} px × RGB, each scaled to its own largest weight; grey = 0"
-    return _figure(body, "Patch-embedding filters", subtitle, result)
+    return _figure(body, "Patch-embedding filters", subtitle, result, of_image=False)
 
 
 def head_attention(result: Inspection) -> Image.Image:
-    """The probe's attention over the patches as a heatmap on the photo: mean over heads, then each head."""
+    """The probe's attention over the patches as a heatmap on the photo: mean over heads, then each head.
+
+    Weights are shown in multiples of uniform attention (1x: every patch weighted 1/N), which reads the same at 196
+    patches or 1,024; each colour scale runs from 0 to its peak, one for the mean and one shared by the heads, so
+    a head that spreads its weight evenly is uniformly bright and a sharp one dark around its peaks."""
     assert result.head_attention is not None, "a headless tower has no pooling attention"
     cfg = result.config
-    g, heads = cfg.grid_size, result.head_attention.numpy().reshape(-1, cfg.grid_size, cfg.grid_size)
+    g = cfg.grid_size
+    heads = result.head_attention.numpy().reshape(-1, g, g) * cfg.num_patches  # (H, g, g) × uniform
     covered = g * cfg.patch_size / cfg.image_size  # the patch grid's share of each side: dropped pixels excluded
     mean = heads.mean(0)
+    mean_peak, head_peak = float(mean.max()), float(heads.max())
 
-    big = _fit(result.photo, 400)
-    small = _fit(result.photo, 150)
-    font = _font(13)
-    panels = [(big, "input"), (_overlay(big, mean, covered), "mean over heads")]
-    row_w = sum(p.width for p, _ in panels) + MARGIN * (len(panels) + 1)
-    per_row = max(1, (row_w - MARGIN) // (small.width + MARGIN // 2))
-    head_rows = math.ceil(len(heads) / per_row)
-    caption_h = 20
-    height = big.height + caption_h + MARGIN + head_rows * (small.height + caption_h + 4) + 4
-    body = Image.new("RGB", (max(row_w, per_row * (small.width + MARGIN // 2) + MARGIN), height), WHITE)
-    draw = ImageDraw.Draw(body)
-    x = MARGIN
-    for panel, caption in panels:
-        body.paste(panel, (x, 0))
-        _text(draw, (x + panel.width / 2, panel.height + 3), caption, font, BLACK, "top")
-        x += panel.width + MARGIN
-    top = big.height + caption_h + MARGIN
-    for h, attention in enumerate(heads):
-        r, c = divmod(h, per_row)
-        x, y = MARGIN + c * (small.width + MARGIN // 2), top + r * (small.height + caption_h + 4)
-        body.paste(_overlay(small, attention, covered), (x, y))
-        _text(draw, (x + small.width / 2, y + small.height + 2), f"head {h}  max {attention.max():.3f}", font, GREY, "top")
-    uniform = 1 / cfg.num_patches
+    big, small = _fit(result.photo, 400), _fit(result.photo, 150)
+    top = _captioned_row(
+        [(big, "input"), (_overlay(big, mean / mean_peak, covered), "mean over heads")], per_row=2, colorbar=mean_peak
+    )
+    per_row = max(1, (max(top.width, 900) - MARGIN) // (max(small.width, 110) + MARGIN // 2))  # thin photos: more
+    maps = [(_overlay(small, a / head_peak, covered), f"head {h}: peak {a.max():.3g}x") for h, a in enumerate(heads)]
+    grid = _captioned_row(maps, per_row=per_row, colorbar=head_peak)
+    body = Image.new("RGB", (max(top.width, grid.width), top.height + MARGIN + grid.height), WHITE)
+    body.paste(top, (0, 0))
+    body.paste(grid, (0, top.height + MARGIN))
     subtitle = (
-        f"softmax weights of the learned probe over the {g}×{g} patches, each map scaled to its own maximum "
-        f"(mean map max {mean.max():.4f}; uniform would be {uniform:.4f})"
+        f"softmax weights of the learned probe over the {g}x{g} patches, in multiples of uniform attention "
+        f"(1x = 1/{cfg.num_patches} each); colour from 0 to the peak, one scale for the mean, one for all heads"
     )
     if cfg.dropped_pixels:
         subtitle += f"; the last {cfg.dropped_pixels} px strip is never seen"
     return _figure(body, "Where the image embedding looks: attention-pool head", subtitle, result)
+
+
+def _captioned_row(panels: list[tuple[Image.Image, str]], *, per_row: int, colorbar: float) -> Image.Image:
+    """`panels` in rows of `per_row`, each captioned below, with an inferno colour bar from 0 to `colorbar`× at
+    the right. A slot is as wide as its panel or its caption, whichever is wider: a tall photo's thumbnails are
+    narrower than "head 11: peak 3.2x", and captions ran into each other."""
+    font = _font(13)
+    caption_h = _size("head", font)[1] + 6
+    slot_w = max(max(p.width, _size(caption, font)[0]) for p, caption in panels) + MARGIN // 2
+    row_h = max(p.height for p, _ in panels) + caption_h
+    rows = math.ceil(len(panels) / per_row)
+    grid_w, grid_h = MARGIN + min(per_row, len(panels)) * slot_w, rows * row_h
+    body = Image.new("RGB", (grid_w + COLORBAR_WIDTH, grid_h), WHITE)
+    draw = ImageDraw.Draw(body)
+    for index, (panel, caption) in enumerate(panels):
+        r, c = divmod(index, per_row)
+        x, y = MARGIN + c * slot_w, r * row_h
+        body.paste(panel, (x + (slot_w - MARGIN // 2 - panel.width) // 2, y))
+        _text(draw, (x + (slot_w - MARGIN // 2) / 2, y + panel.height + 3), caption, font, GREY, "top")
+    scale = (f"{colorbar:.3g}x", f"{colorbar / 2:.3g}x", "0")
+    _colorbar(body, (grid_w, 0), max(row_h - caption_h, 60), scale, "x uniform", INFERNO)
+    return body
 
 
 def activation_norms(result: Inspection) -> Image.Image:
@@ -202,11 +218,14 @@ def activation_norms(result: Inspection) -> Image.Image:
         draw.line(points, fill=colour, width=3, joint="curve")
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    # The legend on a white box with a frame: a line running under it stays readable on both sides.
+    draw.rectangle([left + 6, top + 4, left + 168, top + 20 + 20 * len(series) - 4], fill=WHITE, outline=LIGHT)
     for k, (name, (_, colour)) in enumerate(series.items()):
-        x, y = left + 14, top + 12 + 20 * k
+        x, y = left + 14, top + 14 + 20 * k
         draw.line([(x, y), (x + 24, y)], fill=colour, width=3)
         _text(draw, (x + 30, y), f"{name} token norm", font, BLACK, "left")
-    _text(draw, (left + plot_w / 2, height - 20), "after the embeddings (emb) and after encoder layer …", font, BLACK, "top")
+    axis_label = f"after the embeddings (emb) and after each encoder layer (0 to {len(labels) - 2})"
+    _text(draw, (left + plot_w / 2, height - 20), axis_label, font, BLACK, "top")
     axis = _rotated_text("L2 norm", font)
     body.paste(axis, (4, top + (plot_h - axis.height) // 2))
     subtitle = f"{norms.shape[1]} tokens of width {result.config.hidden_size} in the residual stream, before post_layernorm"
@@ -225,10 +244,10 @@ def colormap(values: np.ndarray, anchors: tuple[tuple[int, int, int], ...]) -> n
     return rgb.round().astype(np.uint8)
 
 
-def _overlay(photo: Image.Image, attention: np.ndarray, covered: float) -> Image.Image:
-    """Heatmap of a (g, g) attention map over the part of `photo` the patch grid covers."""
+def _overlay(photo: Image.Image, heat: np.ndarray, covered: float) -> Image.Image:
+    """Heatmap of a (g, g) map of values in [0, 1] over the part of `photo` the patch grid covers."""
     w, h = round(photo.width * covered), round(photo.height * covered)
-    heat = Image.fromarray((attention / attention.max()).astype(np.float32), "F").resize((w, h), Image.BILINEAR)
+    heat = Image.fromarray(heat.astype(np.float32), "F").resize((w, h), Image.BILINEAR)
     base = np.asarray(photo.convert("L").convert("RGB"), np.float64) * 0.75  # grey photo, dimmed
     out = base.copy()
     out[:h, :w] = 0.35 * base[:h, :w] + 0.65 * colormap(np.asarray(heat), INFERNO)
@@ -240,23 +259,35 @@ def _fit(image: Image.Image, longest: int) -> Image.Image:
     return image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BICUBIC)
 
 
-def _colorbar(body: Image.Image, xy: tuple[int, int], height: int, labels: tuple[str, str, str], title: str) -> None:
+def _colorbar(
+    body: Image.Image,
+    xy: tuple[int, int],
+    height: int,
+    labels: tuple[str, str, str],
+    title: str,
+    anchors: tuple[tuple[int, int, int], ...] = VIRIDIS,
+) -> None:
+    """A vertical colour ramp `height` px tall at `xy`, labelled at its top, middle and bottom, with a rotated
+    title; it takes `COLORBAR_WIDTH` px across."""
     x, y = xy
-    ramp = colormap(np.linspace(1, 0, height)[:, None].repeat(16, 1), VIRIDIS)
+    ramp = colormap(np.linspace(1, 0, height)[:, None].repeat(16, 1), anchors)
     body.paste(Image.fromarray(ramp), (x, y))
     draw = ImageDraw.Draw(body)
     font = _font(13)
+    half = _size(labels[0], font)[1] / 2  # the end labels kept inside the body, level with the ramp's ends
     for label, fraction in zip(labels, (0, 0.5, 1)):
-        _text(draw, (x + 20, y + fraction * (height - 1)), label, font, BLACK, "left")
+        _text(draw, (x + 20, y + min(max(fraction * (height - 1), half), height - half)), label, font, BLACK, "left")
     caption = _rotated_text(title, font)
-    body.paste(caption, (x + 50, y + (height - caption.height) // 2))
+    body.paste(caption, (x + 66, y + (height - caption.height) // 2))
 
 
-def _figure(body: Image.Image, title: str, subtitle: str, result: Inspection) -> Image.Image:
-    """Title, subtitle (wrapped) and, for random weights, a red warning line above `body`."""
+def _figure(body: Image.Image, title: str, subtitle: str, result: Inspection, *, of_image: bool = True) -> Image.Image:
+    """Title, what was traced (the model, and the image for pictures of this forward pass), subtitle (wrapped)
+    and, for random weights, a red warning line above `body`."""
     title_font, font = _font(20), _font(13)
     width = max(body.width, 640)
-    paragraphs = [(title, title_font, BLACK), (f"{result.model} on {result.image}", font, GREY)]
+    traced = f"{result.model} on {result.image}" if of_image else result.model
+    paragraphs = [(title, title_font, BLACK), (traced, font, GREY)]
     if result.random_weights:
         warning = "RANDOM WEIGHTS (architecture preset): no learned structure to see; pass a checkpoint with --model"
         paragraphs.append((warning, font, RED))

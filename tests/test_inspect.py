@@ -3,6 +3,7 @@ formula against the operations actually run, the JSON document, the pictures, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from conftest import make_photo, reference_vision_model, save_png_claiming_size
-from siglip_cli import cli, tracing
+from siglip_cli import cli, plots, tracing
 from siglip_cli.config import PRESETS, PreprocessConfig, VisionConfig
 from siglip_cli.errors import UserError
 from siglip_cli.inspect_report import report, stage_table
@@ -301,6 +302,20 @@ def test_plots_are_written_and_readable(base: tracing.Inspection, tmp_path: Path
         with Image.open(path) as picture:
             assert picture.format == "PNG" and picture.width >= 600 and picture.height >= 400
             assert len(picture.convert("RGB").getcolors(1 << 24)) > 100, f"{path.name} is nearly blank"
+
+
+def test_captions_wider_than_their_thumbnails_keep_apart() -> None:
+    # A tall photo's thumbnails are 15 px wide: captions centred on slots that narrow ran into each other.
+    thumbnail, caption = Image.new("RGB", (15, 150)), "head 10: peak 1.23x"
+    row = plots._captioned_row([(thumbnail, caption)] * 6, per_row=6, colorbar=1.0)
+    assert row.width >= 6 * plots._size(caption, plots._font(13))[0] + plots.COLORBAR_WIDTH
+
+
+def test_head_attention_of_a_tall_photo_lays_the_heads_out_in_rows(base: tracing.Inspection) -> None:
+    # Laid out by the photo's width, a strip's twelve heads went two to a row, in a picture 2.5 times taller than wide.
+    strip = dataclasses.replace(base, photo=make_photo((40, 400)))
+    picture = plots.head_attention(strip)
+    assert picture.height < 1.5 * picture.width
 
 
 def test_plot_directory_that_is_a_file_is_a_user_error(base: tracing.Inspection, tmp_path: Path) -> None:
