@@ -25,8 +25,14 @@ IMAGE_SUFFIXES = frozenset(
      ".tif", ".tiff", ".mpo"}
 )  # .hif: the HEIF that Canon and Fujifilm cameras write
 # Folders that would embed photos a second time or bring back deleted ones: NAS thumbnails (Synology's @eaDir),
-# snapshots and recycle bins (Synology, QNAP, Windows). Hidden folders (.Trash, .thumbnails) are skipped anyway.
-SKIPPED_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "@Recycle", "$RECYCLE.BIN"})
+# snapshots and recycle bins (Synology, QNAP, Windows: `$Recycle.Bin` on C:, `$RECYCLE.BIN` on other drives,
+# `RECYCLER` before Vista), and the fragments fsck recovers. Matched in any case. Hidden folders (.Trash,
+# .thumbnails, .snapshot, QNAP's .@__thumb) are skipped anyway.
+SKIPPED_FOLDERS = frozenset(
+    name.casefold()
+    for name in ("@eaDir", "#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot", "$RECYCLE.BIN", "RECYCLER",
+                 "lost+found")
+)  # fmt: skip
 # A macOS Photos library (a folder named `*.photoslibrary`) holds each photo once in `originals` (`Masters` in older
 # ones); its `resources/derivatives` and the rest are the same photos again, at other sizes. iPhoto
 # (`*.photolibrary`) and Aperture (`*.aplibrary`) libraries keep theirs in `Masters` beside `Previews` and `Thumbnails`.
@@ -254,7 +260,7 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
             suffix = os.path.splitext(entry.name)[1].lower()
             try:
                 if entry.is_dir():
-                    if entry.name not in SKIPPED_FOLDERS and (not in_photos_library or entry.name in PHOTOS_LIBRARY_ORIGINALS):
+                    if entry.name.casefold() not in SKIPPED_FOLDERS and (not in_photos_library or entry.name in PHOTOS_LIBRARY_ORIGINALS):
                         (linked if entry.is_symlink() else real).append(entry.path)
                 elif entry.is_file():
                     if suffix in IMAGE_SUFFIXES:

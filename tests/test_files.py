@@ -149,7 +149,8 @@ def test_a_folder_reached_by_a_symlink_and_directly_is_listed_under_its_real_pat
 def test_nas_thumbnail_snapshot_and_recycle_folders_are_skipped(tmp_path: Path) -> None:
     photo = touch(tmp_path / "2024" / "IMG_0001.JPG")
     touch(tmp_path / "2024" / "@eaDir" / "IMG_0001.JPG" / "SYNOFILE_THUMB_M.jpg")
-    for folder in ("#recycle", "#snapshot", "@Recycle", "$RECYCLE.BIN"):
+    for folder in ("#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot/GMT+01_2024-06-01_0100", "$RECYCLE.BIN",
+                   "$Recycle.Bin/S-1-5-21", "lost+found"):  # fmt: skip
         touch(tmp_path / folder / "IMG_0001.JPG")
     assert found(tmp_path) == [str(photo)]
 
