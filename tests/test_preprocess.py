@@ -207,6 +207,17 @@ def test_fast_decode_reads_a_large_jpeg_at_reduced_size_close_to_exact(tmp_path:
     assert 0 < error.mean() < 2  # decoded at half size (160×120, at least twice 32 px): close, not exact
 
 
+def test_fast_decode_reads_a_multi_picture_jpeg_at_reduced_size_too(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    # Pillow opens a JPEG carrying an MPF preview or a gain map (Ultra HDR phones, many cameras) as "MPO".
+    photo = make_photo((320, 240))
+    photo.save(tmp_path / "hdr.jpg", format="MPO", save_all=True, append_images=[make_photo((80, 60))], quality=90)
+    photo.save(tmp_path / "plain.jpg", quality=90)
+    with Image.open(tmp_path / "hdr.jpg") as image:
+        assert image.format == "MPO"
+    assert torch.equal(load_pixels(tmp_path / "hdr.jpg", bicubic, FAST)[0], load_pixels(tmp_path / "plain.jpg", bicubic, FAST)[0])
+    assert not torch.equal(load_pixels(tmp_path / "hdr.jpg", bicubic, FAST)[0], load_pixels(tmp_path / "hdr.jpg", bicubic, DecodeOptions())[0])
+
+
 def test_fast_decode_leaves_small_jpegs_and_other_formats_exact(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     photo = make_photo((60, 50))  # under twice the model's size: nothing to gain, decoded in full
     photo.save(tmp_path / "small.jpg", quality=95)
