@@ -13,6 +13,7 @@ import faulthandler
 import gc
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -523,13 +524,15 @@ def test_stdout_stays_empty_without_json(embed, photos: Path, out: Path) -> None
 
 def test_stderr_ends_with_the_summary_line(embed, photos: Path, out: Path) -> None:
     result = ok(embed(photos, "-o", out / "embeddings.safetensors"))
-    assert result.stderr.splitlines()[-1].startswith(f"embedded 3 → {out / 'embeddings.safetensors'} (")
+    summary = result.stderr.splitlines()[-1]
+    assert summary.startswith(f"embedded 3 → {out / 'embeddings.safetensors'} (")
+    assert re.search(r"\(\d+\.\d s, [\d,]+\.\d images/s\)$", summary)  # how long, and how fast
 
 
 def test_summary_line_points_at_the_errors_file(embed, photos: Path, out: Path) -> None:
     (photos / "broken.png").write_text("not a png")
     result = ok(embed(photos, "-o", out / "embeddings.safetensors"))
-    assert result.stderr.splitlines()[-1].endswith(f"; skipped 1: see {out / 'embeddings.errors.jsonl'}")
+    assert result.stderr.splitlines()[-1].endswith(f"; 1 failed: see {out / 'embeddings.errors.jsonl'}")
 
 
 def test_error_stays_on_one_line_without_a_terminal(
@@ -1379,7 +1382,7 @@ def test_a_run_goes_on_past_a_file_that_kills_its_decoder(
 ) -> None:
     die_decoding({"a.jpg": lambda: os.kill(os.getpid(), signal.SIGSEGV)}, monkeypatch)
     result = ok(embed(photos, "-o", out / "e.safetensors", workers=1))
-    assert "skipped 1" in result.stderr and "Traceback" not in result.output
+    assert "1 failed" in result.stderr and "Traceback" not in result.output
     errors = [json.loads(line) for line in (out / "e.errors.jsonl").read_text().splitlines()]
     assert [(Path(e["path"]).name, e["error"]) for e in errors] == [("a.jpg", "its decoding process crashed (SIGSEGV)")]
     assert [Path(r["path"]).name for r in map(json.loads, (out / "e.jsonl").read_text().splitlines())] == ["b.png", "c.webp"]
