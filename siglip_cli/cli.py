@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -267,13 +268,31 @@ def embed(
 
 
 def _data_console() -> Console:
-    """stdout for tables and reports: a file or a pipe has no width to respect, so they are printed wide, not
-    squeezed to 80."""
+    """stdout for tables and reports: a file or a pipe has no width to respect, so they are printed wide (200
+    columns, or COLUMNS where it is set), not squeezed to 80, and without the spaces rich pads lines with."""
     if stdout.is_terminal and sys.stdout.isatty():  # by words to its width, not broken mid-word where a line ends
         return Console(file=stdout.file, soft_wrap=False, markup=False, highlight=False)
     if stdout.is_terminal:  # FORCE_COLOR into a file or a pipe: colours, lines whole
         return stdout
-    return Console(file=stdout.file, width=200, soft_wrap=True, markup=False, highlight=False)
+    width = None if os.environ.get("COLUMNS", "").isdigit() else 200  # None: rich reads COLUMNS
+    return Console(file=_TrimmedLines(stdout.file), width=width, soft_wrap=True, markup=False, highlight=False)
+
+
+class _TrimmedLines:
+    """A file or pipe whose lines lose their trailing spaces (rich pads every table row to the table's width):
+    a report saved to a file diffs and greps cleanly. rich writes whole lines."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, text: str) -> int:
+        return self.file.write("\n".join(line.rstrip(" ") for line in text.split("\n")))
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding: as the file's
+        return getattr(self.file, name)
 
 
 def _summary_line(s: Summary) -> str:
