@@ -47,6 +47,14 @@ if TYPE_CHECKING:  # transformers is imported lazily: collecting tests that don'
 
 Layout = Literal["siglip", "vision", "vision_legacy", "paligemma", "paligemma_new", "paligemma_v5"]
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite checks the CPU's behaviour on every machine: float32 by default, PIL decoding, byte-identical
+    resumed runs. With a GPU, `--device auto` would pick it (bfloat16, nvJPEG) and those expectations would not hold,
+    so the GPU is hidden before anything asks torch for one, here and in the subprocesses tests start. CUDA code is
+    tested with torch.cuda patched; bench/gpu_check.sh measures and checks it on a real GPU."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 CONFIG_NAME = "config.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 WEIGHTS_NAME = "model.safetensors"
