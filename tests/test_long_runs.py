@@ -663,13 +663,14 @@ def test_update_tries_again_a_file_that_failed_before(embed, folder: Path, tmp_p
     assert (summary["embedded"], summary["reused"], summary["failed"]) == (12, 1, 0)
 
 
-def test_update_interrupted_while_replacing_the_files_recovers_on_the_next_update(
+def test_update_interrupted_while_writing_the_new_files_leaves_the_output_and_recovers(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Files {p00..p11}, then p11 deleted and a00 added: the same row count, other rows. A run that dies after
-    # writing the new manifest but before the new embeddings must not pair the two on the next --update.
+    # Files {p00..p11}, then p11 deleted and a00 added: the same row count, other rows. A run stopped while the new
+    # embeddings file is written (its manifest written too, not yet renamed) leaves the earlier output as it was.
     output = tmp_path / "out" / "embeddings.safetensors"
     ok(embed(folder, output, "--batch-size", 1))  # one image a batch: reruns are byte-identical
+    before = {path.name: path.read_bytes() for path in companions(output).values() if path.exists()}
     (folder / "p11.jpg").unlink()
     save_photos(folder, ["a00.jpg"], first_seed=100)
     write_safetensors = outputs_module.write_safetensors
@@ -679,10 +680,86 @@ def test_update_interrupted_while_replacing_the_files_recovers_on_the_next_updat
 
     monkeypatch.setattr(outputs_module, "write_safetensors", power_cut)
     assert embed(folder, output, "--update", "--batch-size", 1).exit_code == 130
+    assert {path.name: path.read_bytes() for path in companions(output).values() if path.exists()} == before
     monkeypatch.setattr(outputs_module, "write_safetensors", write_safetensors)
     ok(embed(folder, output, "--update", "--batch-size", 1))
     ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
     assert differences(output, tmp_path / "fresh.safetensors") == []
+
+
+def test_update_killed_between_its_renames_recovers_on_the_next_update(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Killed after the new manifest took its name, before the new embeddings did: a new manifest beside the old
+    # embeddings, rows paired with other images' vectors. The next --update must not read that pair as an output.
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output, "--batch-size", 1))
+    (folder / "p11.jpg").unlink()
+    save_photos(folder, ["a00.jpg"], first_seed=100)  # sorts first: every row of the new manifest moves
+    replace = os.replace
+
+    def killed_before_the_embeddings(src, dst) -> None:
+        if Path(dst) == output:
+            raise KeyboardInterrupt  # as far as a kill -9 lets a run get
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_embeddings)
+    assert embed(folder, output, "--update", "--batch-size", 1).exit_code == 130
+    monkeypatch.setattr(os, "replace", replace)
+    assert rows_of(companions(output)["manifest"])[0]["path"].endswith("a00.jpg")  # the mixed state, made
+    ok(embed(folder, output, "--update", "--batch-size", 1))
+    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
+    assert differences(output, tmp_path / "fresh.safetensors") == []
+
+
+def test_ctrl_c_during_the_renames_waits_for_them(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C between two renames would leave a new manifest beside old embeddings: the renames finish first.
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output, "--batch-size", 1))
+    (folder / "p11.jpg").unlink()
+    save_photos(folder, ["a00.jpg"], first_seed=100)
+    replace = os.replace
+
+    def ctrl_c_after_the_manifest(src, dst) -> None:
+        replace(src, dst)
+        if Path(dst) == companions(output)["manifest"]:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", ctrl_c_after_the_manifest)
+    assert embed(folder, output, "--update", "--batch-size", 1).exit_code == 130
+    monkeypatch.setattr(os, "replace", replace)
+    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
+    assert differences(output, tmp_path / "fresh.safetensors") == []  # whole and new, before any rerun
+
+
+def test_the_final_files_are_on_disk_before_and_after_they_get_their_names(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What survives a power cut: each final file's bytes are fsynced before its rename, its folder after."""
+    (folder / "broken.jpg").write_bytes(b"not a photo")  # so that there is an errors file too
+    output = tmp_path / "out" / "embeddings.safetensors"
+    events: list[tuple[str, ...]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        fsync(fd)
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+
+    def recording_replace(src, dst) -> None:
+        replace(src, dst)
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    ok(embed(folder, output))
+    finals = {str(path.resolve()) for role, path in companions(output).items() if path.exists()}
+    moves = [i for i, event in enumerate(events) if event[0] == "replace" and event[2] in finals]
+    assert {events[i][2] for i in moves} == finals and len(finals) == 3  # embeddings, manifest, errors
+    for i in moves:
+        assert ("fsync", events[i][1]) in events[:i], f"{events[i][2]} was renamed before its bytes were fsynced"
+    assert ("fsync", str(output.parent.resolve())) in events[moves[-1] + 1 :], "the folder was not fsynced"
 
 
 def test_a_refused_update_leaves_nothing_behind(embed, folder: Path, tmp_path: Path) -> None:
