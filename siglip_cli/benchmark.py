@@ -373,10 +373,12 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
                         report.notes.append(f"{backend} gave NaN or infinite values in {_dtype_name(dtype)}: its "
                                             f"numbers are no embeddings {_nan_hint(dtype)}.")  # fmt: skip
                 report.results.append(_result(backend, "model", batch_size, timings[backend], label, agreement))
-            if iters > 1 and (noisy := max(timings.values(), key=lambda t: t.spread)).spread > NOISY_SPREAD:
+            noisy = max(timings, key=lambda backend: timings[backend].spread)
+            if iters > 1 and timings[noisy].spread > NOISY_SPREAD:
+                rough = "ratios from this run are rough" if len(timings) > 1 else "its images/s is rough"
                 report.notes.append(
-                    f"batch {batch_size}: the timed calls of one backend varied by {noisy.spread:.0%} around their median "
-                    "(a busy machine, or too few --iters): ratios from this run are rough."
+                    f"batch {batch_size}: {noisy}'s timed calls varied by {timings[noisy].spread:.0%} around their "
+                    f"median (a busy machine, or too few --iters): {rough}."
                 )
 
     if options.images is not None:

@@ -191,11 +191,6 @@ def test_bench_json_schema(tiny_vision: Path) -> None:
     assert all(row["spread"] is None for row in document["results"])  # --iters 1: one call has no spread
 
 
-def test_bench_spread_of_several_calls_is_a_fraction(tiny_vision: Path) -> None:
-    document = _bench_json("--model", str(tiny_vision), "--batch-size", "1", "--iters", "3")
-    assert document["results"][0]["spread"] >= 0
-
-
 def test_bench_compare_transformers_on_a_tiny_checkpoint(tiny_siglip: Path) -> None:
     document = _bench_json("--model", str(tiny_siglip), "--batch-size", "2", "--compare", "transformers,timm")
     rows = {row["backend"]: row for row in document["results"]}
@@ -302,7 +297,8 @@ def test_timings_that_vary_widely_are_said_to_be_rough(
     report = benchmark.run_benchmark(options)
     (result,) = report.results
     assert result.spread == pytest.approx((max(seconds) - min(seconds)) / sorted(seconds)[1], abs=1e-3)
-    assert any("ratios from this run are rough" in n for n in report.notes) == noisy
+    # One backend: no ratios to speak of; the note names it and what is rough.
+    assert any("batch 2: siglip's timed calls varied by 100%" in n and "its images/s is rough" in n for n in report.notes) == noisy
 
 
 def test_bench_batch_size_given_twice_is_measured_once(tiny_vision: Path) -> None:

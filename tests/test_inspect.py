@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -180,9 +181,13 @@ def test_layers_option(spec: str, expected: tuple[int, ...]) -> None:
     assert tracing.parse_layers(spec, 4) == expected
 
 
-@pytest.mark.parametrize("spec", ["4", "-1", "last", "1,,2", ""])
-def test_layers_option_rejects_what_the_tower_lacks(spec: str) -> None:
-    with pytest.raises(UserError):
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("4", "layer 4 does not exist: this tower has layers 0 to 3"), ("-1", "layer -1 does not exist"),
+     ("last", "should be 'first', 'all' or layer numbers"), ("1,,2", "should be"), ("", "should be")],
+)  # fmt: skip
+def test_layers_option_rejects_what_the_tower_lacks(spec: str, message: str) -> None:
+    with pytest.raises(UserError, match=message):
         tracing.parse_layers(spec, 4)
 
 
@@ -302,6 +307,15 @@ def test_plots_are_written_and_readable(base: tracing.Inspection, tmp_path: Path
         with Image.open(path) as picture:
             assert picture.format == "PNG" and picture.width >= 600 and picture.height >= 400
             assert len(picture.convert("RGB").getcolors(1 << 24)) > 100, f"{path.name} is nearly blank"
+
+
+def test_position_similarity_shows_each_position_alike_with_itself(base: tracing.Inspection) -> None:
+    # Text alone gives a picture a hundred colours: the map itself is checked. Tile (r, c) has a +1 (the ramp's top
+    # colour) at (r, c); random position embeddings are near 0 to one another, so those are the only ones.
+    picture = np.asarray(plots.position_similarity(base))
+    at_plus_one = np.all(picture == plots.VIRIDIS[-1], axis=-1).sum()
+    scale = max(1, 900 // base.config.num_patches)  # each position drawn scale × scale pixels
+    assert base.config.num_patches * scale**2 <= at_plus_one < 2 * base.config.num_patches * scale**2
 
 
 def test_captions_wider_than_their_thumbnails_keep_apart() -> None:
