@@ -41,6 +41,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import save_file
+from typer.testing import CliRunner, Result
 
 if TYPE_CHECKING:  # transformers is imported lazily: collecting tests that don't need it stays fast
     from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -698,3 +699,34 @@ def save_booby_trapped_pickle(path: str | os.PathLike[str], marker: str | os.Pat
 
     Path(path).write_bytes(pickle.dumps({"vision_model.post_layernorm.weight": _WritesMarker(Path(marker))}))
     return Path(path)
+
+
+# ------------------------------------------------------------------------------------------ running the CLI
+
+# rich wraps stderr at the terminal width, 80 columns when there is no terminal: a wide one keeps each message on
+# one line, whatever its length, so tests can read messages line by line.
+RUNNER = CliRunner(env={"COLUMNS": "1000"})
+
+
+def siglip(*args: object, input: str | bytes | None = None) -> Result:
+    """`siglip ARGS...` run in this process."""
+    from siglip_cli.cli import app
+
+    return RUNNER.invoke(app, [str(a) for a in args], input=input)
+
+
+def ok(result: Result) -> Result:
+    assert result.exit_code == 0, f"exit {result.exit_code}: {result.stderr}{result.exception!r}"
+    return result
+
+
+def the_error(result: Result, code: int = 2) -> str:
+    """The one `error:` line of a failed run, after checking it failed cleanly: no traceback, nothing on stdout."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # an uncaught exception would be a traceback
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.rstrip("\n").endswith(errors[0])
+    return errors[0]

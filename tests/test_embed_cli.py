@@ -37,25 +37,22 @@ from conftest import (
     HubCache,
     deadline,
     make_photo,
+    ok,
     save_animated_gif,
     save_booby_trapped_pickle,
     save_png_claiming_size,
     save_sideways_jpeg,
+    siglip,
+    the_error,
 )
 from siglip_cli import __version__
 from siglip_cli.cli import app
 from siglip_cli.embed import embed_paths, embed_to_file, load
 from siglip_cli.storage import atomic_write
 
-# rich wraps stderr at the terminal width, 80 columns when there is no terminal; a wide one keeps each message on
-# the line it was written on (test_error_stays_on_one_line_without_a_terminal covers the default).
-RUNNER = CliRunner(env={"COLUMNS": "1000"})
+# conftest's RUNNER is 1,000 columns wide (test_error_stays_on_one_line_without_a_terminal covers the default).
 SAME = 1e-6  # two runs that should agree: only float rounding between batches may differ
 SUMMARY_KEYS = {"embedded", "failed", "output", "manifest", "errors", "seconds", "images_per_s"}
-
-
-def siglip(*args: object, input: str | bytes | None = None) -> Result:
-    return RUNNER.invoke(app, [str(a) for a in args], input=input)
 
 
 def test_help_and_version_answer_without_importing_torch() -> None:
@@ -102,11 +99,6 @@ def out(tmp_path: Path) -> Path:
     return folder
 
 
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, result.output
-    return result
-
-
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     with safe_open(path, framework="np") as f:
         return {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
@@ -114,18 +106,6 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def the_error(result: Result, code: int = 2) -> str:
-    """The one `error:` line of a failed run, after checking it failed cleanly: no traceback, nothing on stdout."""
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit), result.exception  # an uncaught exception would be a traceback
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    assert result.stderr.rstrip("\n").endswith(errors[0])
-    return errors[0]
 
 
 # -------------------------------------------------------------------------------------- output files

@@ -36,15 +36,14 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 import siglip_cli.embed as embed_module
 import siglip_cli.outputs as outputs_module
 import siglip_cli.runtime as runtime_module
 import siglip_cli.storage as storage_module
-from conftest import DEFAULT_REPO_ID, build_checkpoint, make_photo
+from conftest import DEFAULT_REPO_ID, build_checkpoint, make_photo, ok, siglip, the_error
 from siglip_cli import interrupts
-from siglip_cli.cli import app
 from siglip_cli.decoding import digest_of_file, file_digest
 from siglip_cli.embed import EmbedOptions, Embedder, embed_to_file, load
 from siglip_cli.errors import UserError
@@ -52,7 +51,6 @@ from siglip_cli.files import discover
 from siglip_cli.shards import shard_of
 
 SIGLIP = str(Path(sys.executable).with_name("siglip"))
-RUNNER = CliRunner(env={"COLUMNS": "1000"})  # one message per line, whatever the width
 R = TypeVar("R")
 GOOD_PHOTOS = 160  # the subprocess runs' folder: these plus two broken files
 BATCH = 4
@@ -70,25 +68,8 @@ def one_thread():
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def siglip(*args: object) -> Result:
-    return RUNNER.invoke(app, [str(a) for a in args])
-
-
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, f"exit {result.exit_code}: {result.stderr}{result.exception!r}"
-    return result
-
-
 def summary_of(result: Result) -> dict:
     return json.loads(ok(result).stdout)
-
-
-def the_error(result: Result) -> str:
-    """The one-sentence error of a refused run (exit status 2)."""
-    assert result.exit_code == 2, f"exit {result.exit_code}: {result.stdout}{result.stderr}"
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def companions(output: Path) -> dict[str, Path]:
