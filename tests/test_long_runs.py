@@ -95,6 +95,13 @@ def differences(output: Path, expected: Path) -> list[str]:
     ]
 
 
+def differences_from_a_fresh_run(embed, folder: Path, output: Path) -> list[str]:
+    """`differences` between `output` and a fresh run over `folder` (one image a batch: reruns are byte-identical)."""
+    fresh = output.parent / "fresh" / output.name
+    ok(embed(folder, fresh, "--batch-size", 1))
+    return differences(output, fresh)
+
+
 def rows_of(jsonl: Path) -> list[dict]:
     return [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
 
@@ -321,8 +328,7 @@ def test_a_file_changed_since_the_interruption_is_embedded_again(
     make_photo((48, 40), seed=300).save(folder / "p00.jpg", quality=90)  # done before the interruption
     touch(folder / "p00.jpg")  # a new mtime, whatever the clock's resolution
     ok(embed(folder, output, "--batch-size", 1))
-    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
-    assert differences(output, tmp_path / "fresh.safetensors") == []
+    assert differences_from_a_fresh_run(embed, folder, output) == []
 
 
 class Killed(BaseException):
@@ -420,10 +426,9 @@ def test_a_full_disk_at_the_assembling_mark_leaves_no_temporaries_and_the_earlie
     assert {p.name: p.read_bytes() for p in output.parent.iterdir() if p.is_file()} == before  # no .tmp either
 
 
-def test_every_chunk_is_on_disk_before_and_after_it_gets_its_name(
-    embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What survives a power cut: a chunk's bytes are fsynced before its rename, the folder's entry after it."""
+@pytest.fixture
+def disk_events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """Every fsync ("fsync", real path) and rename ("replace", real source, real destination), in order."""
     events: list[tuple[str, ...]] = []
     fsync, replace = os.fsync, os.replace
 
@@ -437,6 +442,14 @@ def test_every_chunk_is_on_disk_before_and_after_it_gets_its_name(
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     monkeypatch.setattr(os, "replace", recording_replace)
+    return events
+
+
+def test_every_chunk_is_on_disk_before_and_after_it_gets_its_name(
+    embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disk_events: list
+) -> None:
+    """What survives a power cut: a chunk's bytes are fsynced before its rename, the folder's entry after it."""
+    events = disk_events
     monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 0.0)
     output = interrupt(embedder, folder, tmp_path / "out" / "embeddings.safetensors")
     work = os.path.realpath(work_area(output))
@@ -541,8 +554,7 @@ def test_update_with_added_changed_and_deleted_files_equals_a_fresh_run(embed, f
     summary = summary_of(embed(folder, output, "--update", "--batch-size", 1, "--json"))
     assert {k: summary[k] for k in ("embedded", "reused", "removed")} == {"embedded": 3, "reused": 9, "removed": 2}
 
-    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
-    assert differences(output, tmp_path / "fresh.safetensors") == []
+    assert differences_from_a_fresh_run(embed, folder, output) == []
 
 
 def test_update_does_not_re_embed_a_file_that_was_only_touched(embed, folder: Path, tmp_path: Path) -> None:
@@ -558,8 +570,7 @@ def test_update_after_a_touch_equals_a_fresh_run(embed, folder: Path, tmp_path: 
     ok(embed(folder, output, "--batch-size", 1))
     touch(folder / "p04.jpg")
     ok(embed(folder, output, "--update", "--batch-size", 1))
-    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
-    assert differences(output, tmp_path / "fresh.safetensors") == []
+    assert differences_from_a_fresh_run(embed, folder, output) == []
 
 
 def test_update_reads_every_touched_file_and_re_embeds_the_one_whose_bytes_changed(
@@ -578,8 +589,7 @@ def test_update_reads_every_touched_file_and_re_embeds_the_one_whose_bytes_chang
     result = embed(folder, output, "--update", "--batch-size", 1, "--json")
     assert (summary_of(result)["embedded"], summary_of(result)["reused"]) == (1, 11)
     assert "note: reading 12 files (0.0 GiB) whose modification time changed but not their size" in result.stderr
-    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
-    assert differences(output, tmp_path / "fresh.safetensors") == []
+    assert differences_from_a_fresh_run(embed, folder, output) == []
 
 
 def test_update_never_reads_a_fifo_found_where_a_row_was(tmp_path: Path) -> None:
@@ -644,16 +654,23 @@ def test_update_tries_again_a_file_that_failed_before(embed, folder: Path, tmp_p
     assert (summary["embedded"], summary["reused"], summary["failed"]) == (12, 1, 0)
 
 
-def test_update_interrupted_while_writing_the_new_files_leaves_the_output_and_recovers(
-    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Files {p00..p11}, then p11 deleted and a00 added: the same row count, other rows. A run stopped while the new
-    # embeddings file is written (its manifest written too, not yet renamed) leaves the earlier output as it was.
+@pytest.fixture
+def output_of_other_files(embed, folder: Path, tmp_path: Path) -> Path:
+    """An output of {p00..p11}, one image a batch, after which p11 is deleted and a00 added: an --update now has
+    the same row count and other rows, every one of them moved (a00 sorts first)."""
     output = tmp_path / "out" / "embeddings.safetensors"
-    ok(embed(folder, output, "--batch-size", 1))  # one image a batch: reruns are byte-identical
-    before = {path.name: path.read_bytes() for path in companions(output).values() if path.exists()}
+    ok(embed(folder, output, "--batch-size", 1))
     (folder / "p11.jpg").unlink()
     save_photos(folder, ["a00.jpg"], first_seed=100)
+    return output
+
+
+def test_update_interrupted_while_writing_the_new_files_leaves_the_output_and_recovers(
+    embed, folder: Path, output_of_other_files: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stopped while the new embeddings file is written (its manifest written too, not yet renamed).
+    output = output_of_other_files
+    before = {path.name: path.read_bytes() for path in companions(output).values() if path.exists()}
     write_safetensors = outputs_module.write_safetensors
 
     def power_cut(*args, **kwargs):
@@ -664,20 +681,15 @@ def test_update_interrupted_while_writing_the_new_files_leaves_the_output_and_re
     assert {path.name: path.read_bytes() for path in companions(output).values() if path.exists()} == before
     monkeypatch.setattr(outputs_module, "write_safetensors", write_safetensors)
     ok(embed(folder, output, "--update", "--batch-size", 1))
-    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
-    assert differences(output, tmp_path / "fresh.safetensors") == []
+    assert differences_from_a_fresh_run(embed, folder, output) == []
 
 
 def test_update_killed_between_its_renames_recovers_on_the_next_update(
-    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embed, folder: Path, output_of_other_files: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Killed after the new manifest took its name, before the new embeddings did: a new manifest beside the old
     # embeddings, rows paired with other images' vectors. The next --update must not read that pair as an output.
-    output = tmp_path / "out" / "embeddings.safetensors"
-    ok(embed(folder, output, "--batch-size", 1))
-    (folder / "p11.jpg").unlink()
-    save_photos(folder, ["a00.jpg"], first_seed=100)  # sorts first: every row of the new manifest moves
-    replace = os.replace
+    output, replace = output_of_other_files, os.replace
 
     def killed_before_the_embeddings(src, dst) -> None:
         if Path(dst) == output:
@@ -689,19 +701,14 @@ def test_update_killed_between_its_renames_recovers_on_the_next_update(
     monkeypatch.setattr(os, "replace", replace)
     assert rows_of(companions(output)["manifest"])[0]["path"].endswith("a00.jpg")  # the mixed state, made
     ok(embed(folder, output, "--update", "--batch-size", 1))
-    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
-    assert differences(output, tmp_path / "fresh.safetensors") == []
+    assert differences_from_a_fresh_run(embed, folder, output) == []
 
 
 def test_ctrl_c_during_the_renames_waits_for_them(
-    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embed, folder: Path, output_of_other_files: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Ctrl-C between two renames would leave a new manifest beside old embeddings: the renames finish first.
-    output = tmp_path / "out" / "embeddings.safetensors"
-    ok(embed(folder, output, "--batch-size", 1))
-    (folder / "p11.jpg").unlink()
-    save_photos(folder, ["a00.jpg"], first_seed=100)
-    replace = os.replace
+    output, replace = output_of_other_files, os.replace
 
     def ctrl_c_after_the_manifest(src, dst) -> None:
         replace(src, dst)
@@ -711,29 +718,16 @@ def test_ctrl_c_during_the_renames_waits_for_them(
     monkeypatch.setattr(os, "replace", ctrl_c_after_the_manifest)
     assert embed(folder, output, "--update", "--batch-size", 1).exit_code == 130
     monkeypatch.setattr(os, "replace", replace)
-    ok(embed(folder, tmp_path / "fresh.safetensors", "--batch-size", 1))
-    assert differences(output, tmp_path / "fresh.safetensors") == []  # whole and new, before any rerun
+    assert differences_from_a_fresh_run(embed, folder, output) == []  # whole and new, before any rerun
 
 
 def test_the_final_files_are_on_disk_before_and_after_they_get_their_names(
-    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embed, folder: Path, tmp_path: Path, disk_events: list
 ) -> None:
     """What survives a power cut: each final file's bytes are fsynced before its rename, its folder after."""
     (folder / "broken.jpg").write_bytes(b"not a photo")  # so that there is an errors file too
     output = tmp_path / "out" / "embeddings.safetensors"
-    events: list[tuple[str, ...]] = []
-    fsync, replace = os.fsync, os.replace
-
-    def recording_fsync(fd: int) -> None:
-        fsync(fd)
-        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
-
-    def recording_replace(src, dst) -> None:
-        replace(src, dst)
-        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    monkeypatch.setattr(os, "replace", recording_replace)
+    events = disk_events
     ok(embed(folder, output))
     finals = {str(path.resolve()) for role, path in companions(output).items() if path.exists()}
     moves = [i for i, event in enumerate(events) if event[0] == "replace" and event[2] in finals]
@@ -864,8 +858,7 @@ def test_update_after_a_folder_is_renamed_reuses_its_rows_by_content(embed, tmp_
     summary = json.loads(result.stdout)
     assert (summary["embedded"], summary["reused"], summary["removed"]) == (1, 5, 1)
     assert "5 photos found under a new name (moved or renamed): rows reused" in result.stderr
-    ok(embed(library, tmp_path / "fresh.safetensors", "--batch-size", 1))
-    assert differences(output, tmp_path / "fresh.safetensors") == []
+    assert differences_from_a_fresh_run(embed, library, output) == []
 
 
 def test_update_with_shards_keeps_only_the_files_of_its_part(embed, folder: Path, tmp_path: Path) -> None:
