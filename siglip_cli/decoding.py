@@ -136,6 +136,22 @@ def _worker_init(_: int) -> None:
     interrupts.leave_to_parent()  # a Ctrl-C or a hang-up stops the main process, which then shuts this one down
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
     sys.excepthook = _quiet_if_the_main_process_left
+    _quiet_c_libraries()
+
+
+def _quiet_c_libraries() -> None:
+    """Let C decoders write to /dev/null, not over the progress bar. libtiff writes to file descriptor 2 itself: a
+    line per bad scanline of a damaged scan ("Fax4Decode: Bad code word at line 4 of strip 0"), naming no file or
+    a temporary one. A file that fails still gets its row in the errors file; Python's own stderr keeps the
+    terminal, so a worker's traceback is still seen."""
+    try:
+        terminal = os.dup(2)
+        sys.stderr = open(terminal, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8", errors="backslashreplace")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # no stderr at all (closed by the caller): nothing to protect
+        return
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def _quiet_if_the_main_process_left(kind: type[BaseException], value: BaseException, tb) -> None:

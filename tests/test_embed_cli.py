@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import faulthandler
 import gc
+import io
 import json
 import os
 import re
@@ -964,6 +965,19 @@ def run_siglip(*args: object, input: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)], input=input, capture_output=True, text=True, env=env, timeout=120
     )
+
+
+def test_what_c_decoders_print_stays_off_the_terminal(photos: Path, out: Path, tiny_siglip: Path) -> None:
+    # libtiff writes a line per bad scanline of a damaged scan straight to file descriptor 2, over the progress bar.
+    scan = io.BytesIO()
+    make_photo((320, 240)).convert("1").save(scan, format="TIFF", compression="group4")
+    data = bytearray(scan.getvalue())
+    for i in range(40, 200, 20):  # a few flipped bits in the fax-coded strip: it still decodes, with complaints
+        data[i] ^= 0x5A
+    (photos / "scan.tif").write_bytes(data)
+    process = run_siglip("embed", photos, "-o", out / "e.safetensors", "--model", tiny_siglip, "--workers", 1)
+    assert process.returncode == 0, process.stderr
+    assert "Fax4Decode" not in process.stderr and process.stderr.splitlines()[-1].startswith("embedded 4 → ")
 
 
 def test_real_process_reads_stdin_and_keeps_stdout_clean(photos: Path, out: Path, tiny_siglip: Path) -> None:
