@@ -385,10 +385,18 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
         if skipped:
             report.notes.append(f"--images: left out {skipped} file(s) that cannot be read (damaged, or past the pixel "
                                 "limit: `siglip embed` would list them as errors).")  # fmt: skip
+        if len(paths) < FEW_FILES:
+            report.notes.append(
+                f"--images: each end-to-end pass over these {len(paths)} files starts `siglip embed`'s decoding "
+                "workers, a cost paid once per run: on a fast model a large folder runs at a higher rate."
+            )
         say(f"image pipeline on {len(paths)} files from {options.images}")
         report.results += image_results(paths, plain, preprocess, device=device, dtype=dtype,
                                         batch_size=max(batch_sizes), iters=iters)  # fmt: skip
     return report
+
+
+FEW_FILES = 200  # end to end over fewer: the decoding workers' start-up (~0.5 s) weighs on the rate
 
 
 @contextlib.contextmanager

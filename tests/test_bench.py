@@ -348,6 +348,7 @@ def test_bench_images_reports_each_stage(tiny_siglip: Path, tmp_path: Path) -> N
     (tmp_path / "broken.jpg").write_bytes(b"not a picture")  # left out, and said so, rather than ending the run
     document = _bench_json("-m", str(tiny_siglip), "--batch-size", "4", "--images", str(tmp_path))
     assert any("left out 1 file(s) that cannot be read" in note for note in document["notes"])
+    assert any("starts `siglip embed`'s decoding workers, a cost paid once per run" in note for note in document["notes"])
     stages = [(r["stage"], r["variant"]) for r in document["results"]]
     assert [s for s, _ in stages] == ["model", "decode", "preprocess", "preprocess", "end_to_end", "end_to_end", "end_to_end"]
     exact, fast, torchvision_row = document["results"][-3:]
