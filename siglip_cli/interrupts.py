@@ -6,7 +6,8 @@ Python raises `KeyboardInterrupt` wherever the main thread happens to be, and tw
   acquire and the block, so the lock stays held. The DataLoader's shutdown of its workers then waits for it forever:
   one Ctrl-C in about twenty hung `siglip embed` on 2 cores.
 - Inside a `__del__` the garbage collector happens to run. The exception is printed as "Exception ignored" and lost,
-  and the run goes on to finish with exit status 0.
+  and the run goes on to finish with exit status 0. Once a run is stopping, a second Ctrl-C that lands in one (the
+  DataLoader's, shutting its workers down) is not printed either: the stop is under way, and its sentence said.
 
 `deferred()` marks code of the first kind: a signal that arrives there takes effect as the block is left.
 `stop_on_signals()`, around a whole run, remembers the signal it raised, so that `check()`, called at a safe point
@@ -16,6 +17,7 @@ between batches, raises it again if it was lost.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -45,6 +47,7 @@ def stop_on_signals() -> Iterator[None]:
         global _received
         _received = signum
         _raise_stop_flags()
+        _quiet_destructors()
         raise KeyboardInterrupt
 
     if not on_main_thread():
@@ -69,6 +72,22 @@ def stop_flag() -> Iterator[threading.Event]:
         yield flag
     finally:
         _stop_flags.remove(flag)
+
+
+def _quiet_destructors() -> None:
+    """From the first stop on, for the rest of the process: a KeyboardInterrupt raised in a `__del__` (an impatient
+    second Ctrl-C while the DataLoader shuts its workers down, maybe after the run's sentence) is not printed as
+    "Exception ignored ... Traceback". Any other exception there still is."""
+    hook = sys.unraisablehook
+    if getattr(hook, "quiet_after_a_stop", False):
+        return
+
+    def quiet(unraisable) -> None:
+        if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            hook(unraisable)
+
+    quiet.quiet_after_a_stop = True
+    sys.unraisablehook = quiet
 
 
 def _raise_stop_flags() -> None:

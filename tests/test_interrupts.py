@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -146,3 +147,25 @@ def test_ctrl_c_inside_the_data_loader_lets_it_finish_the_call_and_shut_its_work
         next(batches)
     assert finished == [4]  # the interrupted call returned its parcel
     assert multiprocessing.active_children() == []  # and the workers are gone
+
+
+def test_a_second_ctrl_c_in_a_destructor_on_the_way_out_prints_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C twice: the second landed in the DataLoader's __del__, and Python printed "Exception ignored ...
+    # Traceback ... KeyboardInterrupt" under the run's one sentence.
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(unraisable.exc_type))
+
+    class Closing:
+        def __init__(self, error: BaseException):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    Closing(KeyboardInterrupt())  # before any stop: reported as Python reports it
+    with interrupts.stop_on_signals():
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    Closing(KeyboardInterrupt())  # after the stop, on the way out: quiet
+    Closing(ValueError("a bug in a destructor"))  # still reported
+    assert reported == [KeyboardInterrupt, ValueError]
