@@ -364,22 +364,25 @@ def _parcels(
     Where the workers cannot hand parcels over for want of shared memory, the rest is decoded in this process.
     """
     size = min(PARCEL_SIZE, batch_size)
-    prefetch = max(2, math.ceil(2 * batch_size / (size * workers))) if workers else None
     done = spans[0][0] if spans else 0  # files handed over
     while spans:
-        loader = DataLoader(
-            files,
-            batch_sampler=_Parcels(spans, size),
-            num_workers=workers,
-            collate_fn=_collate,
-            worker_init_fn=_worker_init if workers else None,
-            prefetch_factor=prefetch,
-            pin_memory=pin,
-        )
+        # About two batches in flight, and never more than there are parcels: the loader starts by asking for every
+        # one of its prefetch slots, and `-b 1000000000` on ten files spent minutes asking.
+        parcels = sum(math.ceil((end - start) / size) for start, end in spans)
+        prefetch = max(2, min(math.ceil(2 * batch_size / (size * workers)), parcels)) if workers else None
         # The loader's own code runs with signals deferred: a Ctrl-C inside it could leave one of its queue locks
         # held, and the shutdown of its workers would wait for that lock forever (see `interrupts`).
         with warnings.catch_warnings(), interrupts.deferred(), _sigchld_left_as_it_was():
             warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than CPUs: as asked
+            loader = DataLoader(
+                files,
+                batch_sampler=_Parcels(spans, size),
+                num_workers=workers,
+                collate_fn=_collate,
+                worker_init_fn=_worker_init if workers else None,
+                prefetch_factor=prefetch,
+                pin_memory=pin,
+            )
             arriving = iter(loader)
         try:
             for _ in range(len(loader)):
@@ -395,7 +398,7 @@ def _parcels(
                 f"the shared memory (/dev/shm) is too small for {workers} decoding workers' parcels: decoding in "
                 "this process from here on, which is slower (in a container, give it more: docker run --shm-size=2g)."
             )
-            workers, prefetch = 0, None
+            workers = 0
             spans = _clip(spans, done, len(files))
             continue
         except RuntimeError as e:

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -1121,6 +1122,32 @@ def test_embedding_leaves_pillows_bomb_guard_alone(
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default; restored after the test
     embed_paths(load(str(tiny_siglip), device="cpu"), [photos], workers=0)
     assert Image.MAX_IMAGE_PIXELS == 89_478_485
+
+
+def test_a_batch_larger_than_the_folder_asks_the_workers_for_no_more_than_there_is(
+    photos: Path, tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `-b 1000000000` on ten files: the loader asked for half a billion prefetched parcels, for minutes.
+    import siglip_cli.decoding as decoding
+
+    asked = []
+
+    def recording_loader(*args, **kwargs):
+        asked.append(kwargs["prefetch_factor"])
+        return decoding_loader(*args, **kwargs)
+
+    decoding_loader = decoding.DataLoader
+    monkeypatch.setattr(decoding, "DataLoader", recording_loader)
+    result = embed_paths(load(str(tiny_siglip), device="cpu"), [photos], batch_size=10**9, workers=1)
+    assert len(result.embeddings) == 3 and asked == [2]  # one parcel of three files: the least the loader takes
+
+
+def test_more_workers_than_cpus_is_taken_without_a_warning(photos: Path, tiny_siglip: Path) -> None:
+    # torch's "This DataLoader will create 3 worker processes in total..." reached stderr, even with -q.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embed_paths(load(str(tiny_siglip), device="cpu"), [photos], workers=(os.cpu_count() or 1) + 1)
+    assert not [w for w in caught if "DataLoader will create" in str(w.message)]
 
 
 # ------------------------------------------------------------------------------ the device JPEG decoder
