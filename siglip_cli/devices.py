@@ -27,7 +27,7 @@ from . import interrupts
 from .config import PIL_FILTERS
 from .embed import EmbedOptions, Progress, Summary, embed_to_file, interrupted_on_other_devices, refuse_empty_run
 from .errors import UserError
-from .outputs import OutputPaths, check_outputs, read_rows
+from .outputs import OutputPaths, check_outputs, read_rows, refuse_inputs_among_outputs
 from .runtime import dtype_note, load, resolve_device
 from .shards import merge_outputs, select_shard
 from .storage import WorkArea, exclusive
@@ -227,6 +227,7 @@ def embed_on_devices(
         check_outputs(
             out, interrupted=work.is_dir(), overwrite=overwrite or published, update=False, update_allowed=False
         )
+        refuse_inputs_among_outputs(out, paths)
         work.mkdir(parents=True, exist_ok=True)
         count = len(devices)
         jobs = [

@@ -44,6 +44,7 @@ from .outputs import (
     public_row,
     read_output_options,
     read_rows,
+    refuse_inputs_among_outputs,
 )
 from .preprocess import DecodeOptions
 from .runtime import Embedder, load
@@ -161,6 +162,7 @@ def embed_to_file(
     out = OutputPaths.for_output(Path(output))
     # A second run writing this output is refused, not interleaved; a full disk is one sentence.
     with exclusive(out.embeddings), _resumable_after_write_errors(out):
+        refuse_inputs_among_outputs(out, paths)
         state = run_state(embedder, options, out.format)
         work, previous = _open_work(out, state, overwrite=overwrite, update=update, part_of=part_of)
         remove_stale_temporaries(out.files())

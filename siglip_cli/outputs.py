@@ -150,6 +150,26 @@ def check_outputs(
                 raise UserError(f"{path} already exists and would be replaced: add --overwrite, or choose another -o.")
 
 
+def refuse_inputs_among_outputs(out: OutputPaths, paths: list[str]) -> None:
+    """A file named explicitly is taken whatever its name, so an input may be one of the files this run writes:
+    `siglip embed img.npy -o img.npy --overwrite` replaced the image with its own embedding. Refused, naming it.
+    Inputs are compared by name first (cheap over a million paths), then as files."""
+    written = [file for file in out.files() if file.exists()]
+    names = tuple(file.name for file in written)
+    for path in paths:
+        if names and path.endswith(names):
+            for file in written:
+                try:
+                    same = os.path.samefile(path, file)
+                except OSError:
+                    continue
+                if same:
+                    raise UserError(
+                        f"{display_path(path)} is one of the inputs, and -o {out.embeddings} writes a file of its own "
+                        "there: choose another -o."
+                    )
+
+
 # The files an output keeps beside it, by the end of their name, and the formats of the outputs that write each.
 SIDE_FILES = {".errors.jsonl": (".safetensors", ".npy"), ".tokens.npy": (".npy",), ".meta.json": (".npy",)}
 

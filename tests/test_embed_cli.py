@@ -1124,6 +1124,19 @@ def test_embedding_leaves_pillows_bomb_guard_alone(
     assert Image.MAX_IMAGE_PIXELS == 89_478_485
 
 
+@pytest.mark.parametrize(("input_name", "output_name"), [("img.npy", "img.npy"), ("img.jsonl", "img.safetensors")])
+def test_an_input_that_is_one_of_the_output_files_is_refused(
+    embed, photos: Path, input_name: str, output_name: str
+) -> None:
+    # A file named explicitly is taken whatever its name: with --overwrite the photo was replaced by its embedding
+    # (img.npy) or by the manifest (img.jsonl, the manifest of img.safetensors).
+    photo = photos / input_name
+    photo.write_bytes((photos / "a.jpg").read_bytes())
+    error = the_error(embed(photo, "-o", photos / output_name, "--overwrite"))
+    assert f"{photo} is one of the inputs, and -o {photos / output_name} writes a file of its own there" in error
+    assert photo.read_bytes() == (photos / "a.jpg").read_bytes()
+
+
 def test_a_batch_larger_than_the_folder_asks_the_workers_for_no_more_than_there_is(
     photos: Path, tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
