@@ -301,8 +301,15 @@ def read_path_list(source: str) -> list[str]:
         except UnicodeDecodeError:
             raise UserError(f"the path list {source} looks like UTF-16 but is not valid UTF-16.") from None
     data = data.removeprefix(codecs.BOM_UTF8)
-    parts = data.split(b"\0") if b"\0" in data else data.splitlines()
-    return [os.fsdecode(part) for part in parts if part.strip()]
+    parts = [part for part in (data.split(b"\0") if b"\0" in data else data.splitlines()) if part.strip()]
+    # A photo given by mistake (`--files-from photo.jpg`) split into hundreds of "paths" of binary bytes, each an
+    # error row. Real names may hold a control character, but not most of a list's.
+    if sum(1 for part in parts if _BINARY.search(part)) > len(parts) / 2:
+        raise UserError(f"the path list {source} is not text (an image?): give a file of paths, one per line.")
+    return [os.fsdecode(part) for part in parts]
+
+
+_BINARY = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control bytes no text file holds (tab and line ends aside)
 
 
 def _utf16(data: bytes) -> str | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import deadline
+from conftest import deadline, make_photo
 from siglip_cli.errors import UserError
 from siglip_cli.files import (
     WalkReport,
@@ -429,6 +429,21 @@ def test_files_from_adds_to_the_arguments(tmp_path: Path) -> None:
 def test_unreadable_path_list_is_a_user_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot read the path list .*nope.txt"):
         read_path_list(str(tmp_path / "nope.txt"))
+
+
+@pytest.mark.parametrize("kind", ["JPEG", "PNG"])
+def test_a_photo_given_as_the_path_list_is_refused(kind: str, tmp_path: Path) -> None:
+    # `--files-from photo.jpg` read the JPEG's bytes as 667 paths, each an error row.
+    photo = tmp_path / f"photo.{kind.lower()}"
+    make_photo((80, 60)).save(photo, format=kind)
+    with pytest.raises(UserError, match=f"the path list {photo} is not text"):
+        read_path_list(str(photo))
+
+
+def test_a_path_list_with_a_name_holding_a_control_character_is_read(tmp_path: Path) -> None:
+    listing = tmp_path / "list"
+    listing.write_bytes(b"a.jpg\0b\x1b[31m.jpg\0c.jpg\0")  # find -print0 passes any name, escape codes included
+    assert read_path_list(str(listing)) == ["a.jpg", "b\x1b[31m.jpg", "c.jpg"]
 
 
 # --------------------------------------------------------------------------------- naming rows
