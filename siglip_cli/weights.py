@@ -189,6 +189,11 @@ def _open_weights(path: Path) -> Iterator:
         with safe_open(path, framework="pt") as f:
             yield f
     except (SafetensorError, OSError) as e:
+        try:  # safetensors says "No such file or directory" of a file it may not read: the system's reason
+            with open(path, "rb"):
+                pass
+        except OSError as unreadable:
+            raise CheckpointError(f"cannot read {path}: {unreadable.strerror}.") from None
         if _starts_with(path, LFS_POINTER):
             raise CheckpointError(
                 f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` in the checkpoint folder."

@@ -188,6 +188,34 @@ def test_broken_weights_file_is_one_sentence_naming_it(tiny_vision: Path, tmp_pa
         load_model(resolve_checkpoint(str(checkpoint)))
 
 
+def test_weights_file_the_user_may_not_read_gives_the_systems_reason(
+    tiny_vision: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A model.safetensors of mode 0600 (transformers' default) owned by another user: safetensors says "No such
+    # file or directory", and we said the file was damaged. Simulated, since the tests may run as root.
+    import builtins
+
+    from safetensors import SafetensorError
+
+    import siglip_cli.weights as weights_module
+
+    checkpoint = copy_checkpoint(tiny_vision, tmp_path / "ckpt")
+    locked = checkpoint / "model.safetensors"
+
+    def no_such_file(path, *args, **kwargs):
+        raise SafetensorError("No such file or directory: model.safetensors")
+
+    def denied(path, *args, **kwargs):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(weights_module, "safe_open", no_such_file)
+    monkeypatch.setattr(weights_module, "open", denied, raising=False)
+    with pytest.raises(CheckpointError, match=rf"^cannot read {locked}: Permission denied\.$"):
+        load_model(resolve_checkpoint(str(checkpoint)))
+
+
 def test_broken_shard_is_one_sentence_naming_it(tiny_sharded: Path, tmp_path: Path) -> None:
     checkpoint = copy_checkpoint(tiny_sharded, tmp_path / "ckpt")
     shard = sorted(checkpoint.glob("model-*.safetensors"))[-1]
