@@ -290,6 +290,8 @@ def read_path_list(source: str) -> list[str]:
     A UTF-16 list is read as UTF-16 (Windows PowerShell 5's `>` writes one; split at its NUL bytes it would name
     `/` and `.`, the whole disk), known by its byte-order mark or its zeros (`_utf16`); a UTF-8 BOM is dropped.
     """
+    if not source.strip():  # `--files-from "$LIST"` with the variable unset: Path("") is the current folder
+        raise UserError("the path list's name is empty: give a file of paths, or - for stdin.")
     try:
         data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as e:

@@ -69,6 +69,8 @@ class Checkpoint:
 
 def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
     """Resolve `name` (a local directory in the Hub layout, or a Hub id) without loading any tensor."""
+    if not name.strip():  # `-m "$MODEL"` with the variable unset: Path("") is the current folder
+        raise CheckpointError("the model name is empty: give a Hub id or a checkpoint directory.")
     path = Path(name).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(f"{name}: {PICKLE_MESSAGE}.")

@@ -431,6 +431,11 @@ def test_unreadable_path_list_is_a_user_error_naming_it(tmp_path: Path) -> None:
         read_path_list(str(tmp_path / "nope.txt"))
 
 
+def test_an_empty_path_list_name_is_refused() -> None:
+    with pytest.raises(UserError, match="the path list's name is empty"):  # was read as the current folder
+        read_path_list("")
+
+
 @pytest.mark.parametrize("kind", ["JPEG", "PNG"])
 def test_a_photo_given_as_the_path_list_is_refused(kind: str, tmp_path: Path) -> None:
     # `--files-from photo.jpg` read the JPEG's bytes as 667 paths, each an error row.

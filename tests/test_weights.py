@@ -216,6 +216,12 @@ def test_weights_file_the_user_may_not_read_gives_the_systems_reason(
         load_model(resolve_checkpoint(str(checkpoint)))
 
 
+@pytest.mark.parametrize("name", ["", " "])
+def test_an_empty_model_name_is_refused(name: str) -> None:
+    with pytest.raises(CheckpointError, match="the model name is empty"):  # was read as the current folder
+        resolve_checkpoint(name)
+
+
 def test_broken_shard_is_one_sentence_naming_it(tiny_sharded: Path, tmp_path: Path) -> None:
     checkpoint = copy_checkpoint(tiny_sharded, tmp_path / "ckpt")
     shard = sorted(checkpoint.glob("model-*.safetensors"))[-1]
