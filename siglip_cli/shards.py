@@ -149,9 +149,11 @@ def _check_every_part(parts: list[str | None]) -> None:
 
 def open_output(path: Path) -> tuple[OutputPaths, dict[str, str]]:
     """A finished output's files and header metadata."""
+    if path.suffix.lower() not in (".safetensors", ".npy"):  # OutputPaths would call it the output
+        raise UserError(f"{path} is not a siglip output: give the .safetensors or .npy files of the shards.")
     out = OutputPaths.for_output(path)
     if not out.embeddings.is_file() or not out.manifest.is_file():
-        raise UserError(f"{path} is not a finished siglip output (it or its manifest {out.manifest.name} is missing).")
+        raise UserError(f"{path} is not a finished siglip output (it or its manifest {out.manifest} is missing).")
     metadata = read_output_metadata(out)
     if "options" not in metadata:
         raise UserError(f"{path} has no siglip metadata; it was not written by siglip embed.")

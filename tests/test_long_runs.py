@@ -1058,6 +1058,20 @@ def test_merge_of_a_damaged_part_says_so_in_one_sentence(embed, folder: Path, tm
     assert not (tmp_path / "all.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("notes.txt", "notes.txt is not a siglip output: give the .safetensors or .npy files of the shards"),
+     ("model.safetensors", "(it or its manifest {folder}/model.jsonl is missing)")],
+)  # fmt: skip
+def test_merge_of_a_file_that_is_no_output_names_it_as_an_input(
+    tmp_path: Path, name: str, message: str
+) -> None:
+    # A .txt part was called "output notimg.txt", and a manifest missing beside a part was named without its folder.
+    (tmp_path / name).write_text("not an output")
+    error = the_error(siglip("merge", tmp_path / name, "-o", tmp_path / "all.safetensors"))
+    assert message.format(folder=tmp_path) in error
+
+
 # ------------------------------------------------------------------------------------------ shards, merge
 
 
