@@ -536,7 +536,7 @@ def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], int]:
     from .preprocess import BadImage, DecodeOptions, open_rgb
 
     if not directory.is_dir():
-        raise BenchError(f"--images {directory} is not a directory.")
+        raise BenchError(f"--images {directory} {'is not a directory' if directory.exists() else 'does not exist'}.")
     found = discover([str(directory)])
     if not found:
         raise BenchError(f"--images {directory} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")

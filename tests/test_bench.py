@@ -257,9 +257,10 @@ def test_a_bad_images_folder_is_refused_before_any_timing(
 
     monkeypatch.setattr(benchmark, "time_interleaved", timed)
     (tmp_path / "empty").mkdir()
-    for images in (tmp_path / "missing", tmp_path / "empty"):
-        with pytest.raises(UserError, match="--images"):
-            benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), images=images))
+    (tmp_path / "file.jpg").write_bytes(b"")
+    for images, what in (("missing", "does not exist"), ("empty", "holds no image files"), ("file.jpg", "is not a directory")):
+        with pytest.raises(UserError, match=f"--images {tmp_path / images} {what}"):
+            benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), images=tmp_path / images))
 
 
 def test_a_batch_too_large_for_memory_is_one_sentence(tiny_vision: Path, monkeypatch: pytest.MonkeyPatch) -> None:
