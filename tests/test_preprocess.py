@@ -331,6 +331,16 @@ def test_png_with_megabytes_of_compressed_text_decodes_to_its_pixels(
     assert torch.equal(with_text, plain)
 
 
+def test_32_bit_integer_image_of_wide_values_is_not_white(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    # A scientific TIFF's 32-bit samples were clipped at 65535: a white picture, embedded without a word.
+    grey = np.asarray(make_photo((80, 60), mode="L"))
+    Image.fromarray(grey.astype(np.int32) << 23, mode="I").save(tmp_path / "wide.tif")  # 8-bit tones at 31 bits
+    make_photo((80, 60), mode="L").save(tmp_path / "scan8.png")
+    wide, _, _ = load_pixels(tmp_path / "wide.tif", bicubic, DecodeOptions())
+    eight, _, _ = load_pixels(tmp_path / "scan8.png", bicubic, DecodeOptions())
+    assert torch.equal(wide, eight)
+
+
 def test_animated_gif_uses_its_first_frame(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     first, second = (make_photo((80, 60), seed=s).quantize(64) for s in (0, 1))
     path = save_animated_gif(tmp_path / "clip.gif", [first, second])
