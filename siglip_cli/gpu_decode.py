@@ -61,6 +61,9 @@ def check_supported(cfg: PreprocessConfig) -> None:
 # Pixels of full-size photos decoded in one call. A call holds them as 8-bit RGB and, while resizing, as float32:
 # about 1.5 GB on the device at this bound (50 two-megapixel photos, or 4 of 24 MP), whatever the batch size.
 PIXELS_PER_CALL = 100_000_000
+# CUDA's antialiased resize keeps a side's filter weights in 48 KB of shared memory, and refuses a downscale past
+# about 94× (bicubic; 188× bilinear): a 24,000 × 3,000 panorama for a 224-pixel model. Those go to the CPU path.
+MAX_GPU_DOWNSCALE = 64
 
 
 def decode_headers(
@@ -81,7 +84,9 @@ def decode_headers(
     if device.type != "cuda":
         return _decode_groups(headers, cfg, device, before_each=lambda: None)
     stream = _decoding_stream(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
-    with torch.cuda.stream(stream):
+    # On the model's device: this runs in a look-ahead thread, whose current device is 0 whatever the main thread
+    # set, and leaving `torch.cuda.stream` from device 0 made a context there (~500 MB) for a run on cuda:1.
+    with torch.cuda.device(stream.device), torch.cuda.stream(stream):
         pixels, indices, rejected = _decode_groups(headers, cfg, device, before_each=stream.synchronize)
     consumer = torch.cuda.current_stream(device)
     consumer.wait_stream(stream)
@@ -118,6 +123,8 @@ def _decode_groups(
             del decoded
         except torch.cuda.OutOfMemoryError:
             done, refused = None, [(i, "out of GPU memory for the JPEG decoder") for i in group]
+        except RuntimeError as e:  # the resize refusing a shape (shared memory), or a device fault: not the files'
+            done, refused = [], [(i, f"GPU decoding failed: {str(e).splitlines()[0]}") for i in group]
         if done is None:  # the cache is emptied here, once the traceback and the tensors it held are gone
             torch.cuda.empty_cache()
             done = []
@@ -159,6 +166,8 @@ def read_header(source: str | Path | bytes, cfg: PreprocessConfig, options: Deco
         return "size differs from the model's and resizing is off"
     if orientation >= 5:  # the four orientations that turn the picture by 90 degrees
         width, height = height, width
+    if cfg.do_resize and max(width / cfg.width, height / cfg.height) > MAX_GPU_DOWNSCALE:
+        return "too long a side for the GPU resize"
     return JpegHeader(torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation, width, height)
 
 
@@ -254,23 +263,29 @@ def _decode(headers: dict[int, JpegHeader], device: torch.device) -> tuple[dict[
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work and TorchCodec is optional.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
-        # torch's out-of-memory error is a RuntimeError too: it is not a bad file, and goes up to `decode_headers`.
+        # Out of memory is a RuntimeError too: it is not a bad file, and goes up to `_decode_groups`.
         try:
             images = decode_jpeg([headers[p].data for p in positions], mode=ImageReadMode.RGB, device=device)
             return dict(zip(positions, images)), []
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except RuntimeError:
-            pass  # one bad file fails the whole batch: retry each on its own below
+        except RuntimeError as e:
+            _raise_if_out_of_memory(e)  # one bad file fails the whole batch: retry each on its own below
         decoded, rejected = {}, []
         for position in positions:
             try:
                 decoded[position] = decode_jpeg([headers[position].data], mode=ImageReadMode.RGB, device=device)[0]
-            except torch.cuda.OutOfMemoryError:
-                raise
             except RuntimeError as e:
+                _raise_if_out_of_memory(e)
                 rejected.append((position, f"JPEG decoder error: {str(e).splitlines()[0]}"))
         return decoded, rejected
+
+
+def _raise_if_out_of_memory(error: RuntimeError) -> None:
+    """Out of memory is no bad file. torchvision's CUDA decoder wraps every failure, its allocations' included, in
+    a plain RuntimeError ("Error while decoding JPEG images: ... out of memory")."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        raise error
+    if "out of memory" in str(error).lower():
+        raise torch.cuda.OutOfMemoryError(str(error)) from error
 
 
 def orient(image: Tensor, orientation: int) -> Tensor:

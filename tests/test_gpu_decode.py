@@ -154,7 +154,7 @@ def test_on_cuda_each_group_waits_for_the_decoding_stream_and_the_caller_waits_f
 
     class Stream:
         def __init__(self, name: str):
-            self.name = name
+            self.name, self.device = name, torch.device("cuda", 1)
 
         def synchronize(self) -> None:
             events.append(f"{self.name} synchronize")
@@ -164,6 +164,7 @@ def test_on_cuda_each_group_waits_for_the_decoding_stream_and_the_caller_waits_f
 
     ours, callers = Stream("ours"), Stream("caller's")
     monkeypatch.setattr(gpu_decode, "_decoding_stream", lambda device: ours)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: events.append(f"on {device}") or contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: events.append(f"on {stream.name}") or contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: callers)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -174,11 +175,14 @@ def test_on_cuda_each_group_waits_for_the_decoding_stream_and_the_caller_waits_f
     monkeypatch.setattr(gpu_decode, "_decode_groups", lambda h, cfg, device, **kw: groups(h, cfg, torch.device("cpu"), **kw))
     monkeypatch.setattr(gpu_decode, "PIXELS_PER_CALL", 2 * 120 * 90)  # several groups
 
-    pixels, decoded, rejected = decode_headers(headers, CFG, device="cuda")
+    pixels, decoded, rejected = decode_headers(headers, CFG, device="cuda:1")
     assert torch.equal(pixels, expected[0]) and (decoded, rejected) == expected[1:]
     calls = events.count("decode")
     assert calls > 2
-    assert events == ["on ours"] + ["ours synchronize", "decode"] * calls + ["caller's waits for ours", "pixels read on caller's"]
+    # On the model's device first: the look-ahead thread's own current device is 0 (a context there, on cuda:1).
+    assert events == ["on cuda:1", "on ours"] + ["ours synchronize", "decode"] * calls + [
+        "caller's waits for ours", "pixels read on caller's"
+    ]
 
 
 def test_decoder_out_of_memory_is_not_mistaken_for_bad_files(mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,6 +209,42 @@ def test_gpu_decoder_out_of_memory_leaves_the_batch_to_the_cpu_path(
     pixels, decoded, rejected = decode_headers(headers, CFG, device="cpu")
     assert decoded == [] and pixels.shape == (0, 3, 32, 32)
     assert rejected == [(i, "out of GPU memory for the JPEG decoder") for i in range(len(headers))]  # every JPEG it took
+
+
+def test_decoder_out_of_memory_wrapped_in_a_runtime_error_is_still_out_of_memory(
+    mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torchvision's CUDA decoder wraps every failure in a RuntimeError: an out-of-memory one was taken for a bad file.
+    import torchvision.io
+
+    def wrapped(*args, **kwargs):
+        raise RuntimeError("Error while decoding JPEG images: CUDA error: out of memory")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", wrapped)
+    _, _, rejected = decode_headers(list(_taken(mixed_files, CFG).values()), CFG, device="cpu")
+    assert {why for _, why in rejected} == {"out of GPU memory for the JPEG decoder"}
+
+
+def test_a_group_the_device_cannot_resize_goes_to_the_cpu_path(
+    mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CUDA's antialiased resize refuses a downscale past its shared memory: the whole run ended.
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Too much shared memory required: 49172 vs 49152")
+
+    monkeypatch.setattr(gpu_decode.F, "interpolate", refuse)
+    headers = list(_taken(mixed_files, CFG).values())
+    pixels, decoded, rejected = decode_headers(headers, CFG, device="cpu")
+    assert decoded == [] and len(pixels) == 0
+    assert rejected == [(i, "GPU decoding failed: Too much shared memory required: 49172 vs 49152") for i in range(len(headers))]
+
+
+def test_a_panorama_too_long_for_the_gpu_resize_is_left_to_the_cpu(tmp_path: Path) -> None:
+    wide = tmp_path / "panorama.jpg"
+    make_photo((32 * 65, 32)).save(wide, quality=80)  # 65 times the 32-pixel model across
+    make_photo((32 * 60, 32)).save(tmp_path / "long.jpg", quality=80)
+    assert read_header(wide, CFG, DecodeOptions()) == "too long a side for the GPU resize"
+    assert isinstance(read_header(tmp_path / "long.jpg", CFG, DecodeOptions()), JpegHeader)
 
 
 def test_check_supported_refuses_filters_the_gpu_lacks() -> None:
