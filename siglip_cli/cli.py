@@ -247,9 +247,10 @@ def embed(
                     options=options, overwrite=overwrite, update=update, progress=progress,
                 )
         except KeyboardInterrupt:
-            progress.stop(keep=False)
-            work = OutputPaths.for_output(output).work  # beside the output a link leads to
-            fail(f"interrupted; finished work is kept in {work}: rerun the same command to continue.", 130)
+            with interrupts.ignored():  # stopped, its work kept: a second Ctrl-C must not cut the sentence short
+                progress.stop(keep=False)
+                work = OutputPaths.for_output(output).work  # beside the output a link leads to
+                fail(f"interrupted; finished work is kept in {work}: rerun the same command to continue.", 130)
         except BaseException:
             progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
             raise

@@ -108,6 +108,23 @@ def check() -> None:
 
 
 @contextmanager
+def ignored() -> Iterator[None]:
+    """Stop signals ignored in the block: for the few lines that report a run already stopped, whose sentence (with
+    its "rerun the same command to continue") an impatient second Ctrl-C cut short."""
+    if not on_main_thread():
+        yield
+        return
+    previous = {s: h for s in SIGNALS if (h := signal.getsignal(s)) is not None}  # None: set outside Python
+    for s in previous:
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
 def deferred() -> Iterator[None]:
     """A signal that would raise KeyboardInterrupt inside the block takes effect as the block is left. A second one
     takes effect at once: the way out should the block itself hang. Blocks may nest; off the main thread, where no

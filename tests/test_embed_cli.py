@@ -1124,6 +1124,28 @@ def test_embedding_leaves_pillows_bomb_guard_alone(
     assert Image.MAX_IMAGE_PIXELS == 89_478_485
 
 
+def test_a_second_ctrl_c_while_the_stop_is_reported_keeps_the_sentence_whole(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C twice: the second, landing while the bar was taken down, left "error: interrupted." without the rerun hint.
+    import siglip_cli.cli as cli_module
+    import siglip_cli.devices as devices
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    stop = cli_module._RichProgress.stop
+
+    def impatient(self, *, keep: bool = True) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        stop(self, keep=keep)
+
+    monkeypatch.setattr(devices, "embed_with_model", stopped)
+    monkeypatch.setattr(cli_module._RichProgress, "stop", impatient)
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors"), code=130)
+    assert error.endswith("rerun the same command to continue.")
+
+
 @pytest.mark.parametrize(("input_name", "output_name"), [("img.npy", "img.npy"), ("img.jsonl", "img.safetensors")])
 def test_an_input_that_is_one_of_the_output_files_is_refused(
     embed, photos: Path, input_name: str, output_name: str
