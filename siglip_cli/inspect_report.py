@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .config import PIL_FILTERS
-from .tracing import Inspection, Stage, layer_of
+from .tracing import Inspection, Stage, layer_of, rescaling
 
 
 NOTES_MIN_WIDTH = 150  # narrower terminals get the stage table without its "what it is" column
@@ -54,7 +54,7 @@ def header(result: Inspection) -> list[Text]:
         resample = PIL_FILTERS.get(pre.resample, f"PIL filter {pre.resample}")
         steps.append(f"resize to {pre.width}×{pre.height} ({resample}, squash, no crop)")
     if pre.do_rescale:
-        steps.append(f"× {pre.rescale_factor:.6g}")
+        steps.append(rescaling(pre.rescale_factor))
     if pre.do_normalize:
         steps.append(f"(x − {list(pre.image_mean)}) / {list(pre.image_std)}")
     lines.append(Text("preprocessing: " + ", then ".join(steps or ["none"])))

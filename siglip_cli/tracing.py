@@ -137,6 +137,13 @@ def read_image(
     return photo, f"{label or name} ({photo.width}×{photo.height} {kind}, mode {mode})"
 
 
+def rescaling(factor: float) -> str:
+    """The rescale step as a reader writes it: "÷ 255" for SigLIP's 1/255 (printed "× 0.00392157"), else "× f"."""
+    if factor > 0 and abs(1 / factor - round(1 / factor)) < 1e-6:
+        return f"÷ {round(1 / factor)}"
+    return f"× {factor:.6g}"
+
+
 def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     """ "first" → (0,), "all" → every layer, "3,0" → (0, 3); a layer the tower lacks is a `UserError`."""
     spec = spec.strip().lower()
@@ -338,7 +345,7 @@ class _Describer:
         self.fixed = {
             "image": "decoded to 8-bit RGB, EXIF orientation applied",
             "resized_image": f"squashed to {pre.width}×{pre.height} ({resample}, no crop)",
-            "rescaled_pixels": f"× {pre.rescale_factor:.6g}, before normalisation",
+            "rescaled_pixels": f"{rescaling(pre.rescale_factor)}, before normalisation",
             "pixel_values": f"(x − {_triple(pre.image_mean)}) / {_triple(pre.image_std)}: the model input",
             "patch_embedding": f"Conv2d {cfg.num_channels}→{D}, {p}×{p} kernel, stride {p}: a {g}×{g} grid",
             "patches": f"grid flattened to {N} tokens of width {D} (no CLS token)",

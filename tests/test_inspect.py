@@ -174,6 +174,11 @@ def test_a_checkpoint_that_does_not_resize_refuses_a_photo_of_another_size_in_on
         tracing.trace(SiglipVision(vision), make_photo((80, 60)), PreprocessConfig(32, 32, do_resize=False))
 
 
+@pytest.mark.parametrize(("factor", "said"), [(1 / 255, "÷ 255"), (1 / 127.5, "× 0.00784314"), (0.5, "÷ 2")])
+def test_the_rescale_step_reads_as_a_division_where_it_is_one(factor: float, said: str) -> None:
+    assert tracing.rescaling(factor) == said
+
+
 @pytest.mark.parametrize(
     ("spec", "expected"), [("first", (0,)), ("all", (0, 1, 2, 3)), ("3,1", (1, 3)), (" 2 ", (2,)), ("0,0", (0,))]
 )
