@@ -266,11 +266,24 @@ def _image_stages(photo: Image.Image, cfg: PreprocessConfig, describe: _Describe
     stages = [_summarise("image", _hwc(photo), describe("image"))]
     if cfg.do_resize:
         resized = photo.resize((cfg.width, cfg.height), resample=cfg.resample)
-        stages.append(_summarise("resized_image", _hwc(resized), describe("resized_image")))
+        stages.append(_summarise("resized_image", _hwc(resized), describe("resized_image") + _distortion(photo, cfg)))
     if cfg.do_normalize:
         unnormalised = pixel_values(photo, dataclasses.replace(cfg, do_normalize=False))
         stages.append(_summarise("rescaled_pixels", unnormalised[None], describe("rescaled_pixels")))
     return stages
+
+
+def _distortion(photo: Image.Image, cfg: PreprocessConfig) -> str:
+    """What the squash does to this photo when a reader should know: "; upscaled 19×" for a thumbnail the model
+    sees blurred, "; was 6.7× taller than wide" for a strip whose shapes it sees stretched. Empty otherwise."""
+    notes = []
+    scale = max(cfg.width / photo.width, cfg.height / photo.height)
+    if scale >= 2:
+        notes.append(f"upscaled {scale:.3g}×")
+    stretch = (photo.width / photo.height) / (cfg.width / cfg.height)  # > 1: the photo is the wider
+    if max(stretch, 1 / stretch) >= 2:
+        notes.append(f"was {max(stretch, 1 / stretch):.2g}× {'wider than tall' if stretch > 1 else 'taller than wide'}")
+    return "".join(f"; {note}" for note in notes)
 
 
 def _pixels(photo: Image.Image, cfg: PreprocessConfig) -> Tensor:

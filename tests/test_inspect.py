@@ -174,6 +174,18 @@ def test_a_checkpoint_that_does_not_resize_refuses_a_photo_of_another_size_in_on
         tracing.trace(SiglipVision(vision), make_photo((80, 60)), PreprocessConfig(32, 32, do_resize=False))
 
 
+@pytest.mark.parametrize(
+    ("size", "said"),
+    [((80, 60), ""), ((12, 8), "; upscaled 4×"), ((60, 400), "; was 6.7× taller than wide"),
+     ((16, 4), "; upscaled 8×; was 4× wider than tall")],
+)  # fmt: skip
+def test_the_resized_image_says_when_the_squash_distorts_the_photo(size, said: str, tiny_vision: Path, tmp_path: Path) -> None:
+    make_photo(size).save(tmp_path / "photo.png")  # the tiny tower's input is 32×32
+    result = tracing.inspect_image(str(tiny_vision), tmp_path / "photo.png")
+    note = next(stage.note for stage in result.stages if stage.stage == "resized_image")
+    assert note == f"squashed to 32×32 (bicubic, no crop){said}"
+
+
 @pytest.mark.parametrize(("factor", "said"), [(1 / 255, "÷ 255"), (1 / 127.5, "× 0.00784314"), (0.5, "÷ 2")])
 def test_the_rescale_step_reads_as_a_division_where_it_is_one(factor: float, said: str) -> None:
     assert tracing.rescaling(factor) == said
