@@ -203,7 +203,7 @@ def embed(
     from .devices import check_device_options, embed_with_model, parse_devices
     from .embed import EmbedOptions
     from .files import find_images
-    from .outputs import OutputPaths
+    from .outputs import OutputPaths, refuse_inputs_among_outputs
     from .preprocess import DecodeOptions
     from .runtime import default_batch_size, resolve_device
     from .shards import parse_shard, select_shard, shard_inputs
@@ -217,6 +217,7 @@ def embed(
         if update and overwrite:
             fail("--update keeps the earlier output's rows and --overwrite discards them: give one of the two.")
         check_device_options(devices, shard=part, update=update)
+        refuse_inputs_among_outputs(OutputPaths.for_output(output), inputs or [], every=True)  # a link, say
         paths, walk = find_images(inputs or [], files_from=files_from, digest_list=part is not None)
         for message in walk.notes(quiet=quiet):
             note(message)

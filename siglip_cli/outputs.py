@@ -13,7 +13,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -150,24 +150,28 @@ def check_outputs(
                 raise UserError(f"{path} already exists and would be replaced: add --overwrite, or choose another -o.")
 
 
-def refuse_inputs_among_outputs(out: OutputPaths, paths: list[str]) -> None:
+def refuse_inputs_among_outputs(out: OutputPaths, paths: Iterable[str], *, every: bool = False) -> None:
     """A file named explicitly is taken whatever its name, so an input may be one of the files this run writes:
     `siglip embed img.npy -o img.npy --overwrite` replaced the image with its own embedding. Refused, naming it.
-    Inputs are compared by name first (cheap over a million paths), then as files."""
+
+    Inputs named like one of the output's files (in any case: macOS's disks ignore it) are compared with them as
+    files: cheap over a million paths. With `every`, each of `paths` is: for the few given on the command line, where
+    one may be a link under another name."""
     written = [file for file in out.files() if file.exists()]
-    names = tuple(file.name for file in written)
+    names = tuple(file.name.casefold() for file in written)
     for path in paths:
-        if names and path.endswith(names):
-            for file in written:
-                try:
-                    same = os.path.samefile(path, file)
-                except OSError:
-                    continue
-                if same:
-                    raise UserError(
-                        f"{display_path(path)} is one of the inputs, and -o {out.embeddings} writes a file of its own "
-                        "there: choose another -o."
-                    )
+        if not names or not (every or path.casefold().endswith(names)):
+            continue
+        for file in written:
+            try:
+                same = os.path.samefile(path, file)
+            except OSError:
+                continue
+            if same:
+                raise UserError(
+                    f"{display_path(path)} is one of the inputs, and -o {out.embeddings} writes a file of its own "
+                    "there: choose another -o."
+                )
 
 
 # The files an output keeps beside it, by the end of their name, and the formats of the outputs that write each.

@@ -1159,6 +1159,14 @@ def test_an_input_that_is_one_of_the_output_files_is_refused(
     assert photo.read_bytes() == (photos / "a.jpg").read_bytes()
 
 
+def test_an_input_that_is_a_link_to_the_output_is_refused(embed, photos: Path) -> None:
+    (photos / "img.npy").write_bytes((photos / "a.jpg").read_bytes())
+    (photos / "photo.jpg").symlink_to("img.npy")  # another name for the file -o would replace
+    error = the_error(embed(photos / "photo.jpg", "-o", photos / "img.npy", "--overwrite"))
+    assert "photo.jpg is one of the inputs, and -o" in error
+    assert (photos / "img.npy").read_bytes() == (photos / "a.jpg").read_bytes()
+
+
 def test_a_batch_larger_than_the_folder_asks_the_workers_for_no_more_than_there_is(
     photos: Path, tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
