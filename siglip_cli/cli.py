@@ -276,7 +276,8 @@ def _data_console() -> Console:
         return Console(file=stdout.file, soft_wrap=False, markup=False, highlight=False)
     if stdout.is_terminal:  # FORCE_COLOR into a file or a pipe: colours, lines whole
         return stdout
-    width = None if os.environ.get("COLUMNS", "").isdigit() else 200  # None: rich reads COLUMNS
+    columns = os.environ.get("COLUMNS", "")
+    width = None if columns.isdigit() and int(columns) >= 40 else 200  # None: rich reads COLUMNS (0 printed nothing)
     return Console(file=_TrimmedLines(stdout.file), width=width, soft_wrap=True, markup=False, highlight=False)
 
 

@@ -121,10 +121,13 @@ def _decode_groups(
             if done:
                 out[done] = _preprocess([decoded[i] for i in done], [headers[i].orientation for i in done], cfg, device)
             del decoded
-        except torch.cuda.OutOfMemoryError:
-            done, refused = None, [(i, "out of GPU memory for the JPEG decoder") for i in group]
-        except RuntimeError as e:  # the resize refusing a shape (shared memory), or a device fault: not the files'
-            done, refused = [], [(i, f"GPU decoding failed: {str(e).splitlines()[0]}") for i in group]
+        except RuntimeError as e:
+            if _out_of_memory(e):  # the decoder's or the resize's
+                done, refused = None, [(i, "out of GPU memory for the JPEG decoder") for i in group]
+            elif "shared memory" in str(e):  # CUDA's antialiased resize refusing a downscale: the CPU path's
+                done, refused = [], [(i, f"the GPU resize refused it: {_first_line(e)}") for i in group]
+            else:  # a device fault: not the files', and it would only recur, slowly, on every group after
+                raise
         if done is None:  # the cache is emptied here, once the traceback and the tensors it held are gone
             torch.cuda.empty_cache()
             done = []
@@ -263,29 +266,33 @@ def _decode(headers: dict[int, JpegHeader], device: torch.device) -> tuple[dict[
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work and TorchCodec is optional.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
-        # Out of memory is a RuntimeError too: it is not a bad file, and goes up to `_decode_groups`.
+        # Out of memory (a RuntimeError too) is not a bad file: it goes up to `_decode_groups`.
         try:
             images = decode_jpeg([headers[p].data for p in positions], mode=ImageReadMode.RGB, device=device)
             return dict(zip(positions, images)), []
         except RuntimeError as e:
-            _raise_if_out_of_memory(e)  # one bad file fails the whole batch: retry each on its own below
+            if _out_of_memory(e):
+                raise
+            # one bad file fails the whole batch: retry each on its own below
         decoded, rejected = {}, []
         for position in positions:
             try:
                 decoded[position] = decode_jpeg([headers[position].data], mode=ImageReadMode.RGB, device=device)[0]
             except RuntimeError as e:
-                _raise_if_out_of_memory(e)
-                rejected.append((position, f"JPEG decoder error: {str(e).splitlines()[0]}"))
+                if _out_of_memory(e):
+                    raise
+                rejected.append((position, f"JPEG decoder error: {_first_line(e)}"))
         return decoded, rejected
 
 
-def _raise_if_out_of_memory(error: RuntimeError) -> None:
+def _out_of_memory(error: RuntimeError) -> bool:
     """Out of memory is no bad file. torchvision's CUDA decoder wraps every failure, its allocations' included, in
     a plain RuntimeError ("Error while decoding JPEG images: ... out of memory")."""
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        raise error
-    if "out of memory" in str(error).lower():
-        raise torch.cuda.OutOfMemoryError(str(error)) from error
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _first_line(error: BaseException) -> str:
+    return next(iter(str(error).splitlines()), type(error).__name__)
 
 
 def orient(image: Tensor, orientation: int) -> Tensor:

@@ -149,7 +149,8 @@ def _check_every_part(parts: list[str | None]) -> None:
 
 def open_output(path: Path) -> tuple[OutputPaths, dict[str, str]]:
     """A finished output's files and header metadata."""
-    if path.suffix.lower() not in (".safetensors", ".npy"):  # OutputPaths would call it the output
+    named = Path(os.path.realpath(path)) if os.path.islink(path) else path  # a link takes its target's format
+    if named.suffix.lower() not in (".safetensors", ".npy"):  # OutputPaths would call it the output
         raise UserError(f"{path} is not a siglip output: give the .safetensors or .npy files of the shards.")
     out = OutputPaths.for_output(path)
     if not out.embeddings.is_file() or not out.manifest.is_file():

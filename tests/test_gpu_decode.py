@@ -236,7 +236,19 @@ def test_a_group_the_device_cannot_resize_goes_to_the_cpu_path(
     headers = list(_taken(mixed_files, CFG).values())
     pixels, decoded, rejected = decode_headers(headers, CFG, device="cpu")
     assert decoded == [] and len(pixels) == 0
-    assert rejected == [(i, "GPU decoding failed: Too much shared memory required: 49172 vs 49152") for i in range(len(headers))]
+    assert rejected == [(i, "the GPU resize refused it: Too much shared memory required: 49172 vs 49152") for i in range(len(headers))]
+
+
+def test_a_device_fault_ends_the_run_rather_than_leaving_every_group_to_the_cpu(
+    mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Caught like a file's fault, it moved a whole run to slow CPU decoding without a word, its metadata saying gpu.
+    def fault(*args, **kwargs):
+        raise RuntimeError("CUDA error: too many resources requested for launch")
+
+    monkeypatch.setattr(gpu_decode.F, "interpolate", fault)
+    with pytest.raises(RuntimeError, match="too many resources"):
+        decode_headers(list(_taken(mixed_files, CFG).values()), CFG, device="cpu")
 
 
 def test_a_panorama_too_long_for_the_gpu_resize_is_left_to_the_cpu(tmp_path: Path) -> None:

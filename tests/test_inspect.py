@@ -420,13 +420,13 @@ def invoke(*args: str):
 def test_report_into_a_file_has_no_padding_and_takes_columns_as_its_width(tiny_vision: Path, photo: Path) -> None:
     # rich padded every table row with spaces, in a table 164 columns wide whatever COLUMNS said.
     rules = {}
-    for columns in ("100", None):  # None: unset, for 200 columns
+    for columns in ("100", None, "0"):  # None: unset, for 200 columns; 0 (or too narrow to use): as unset
         result = runner.invoke(cli.app, ["inspect", str(photo), "--model", str(tiny_vision)], env={"COLUMNS": columns})
         assert result.exit_code == 0, result.output
         lines = result.stdout.splitlines()
         assert not [line for line in lines if line.endswith(" ")]
         rules[columns] = next(len(line) for line in lines if line.strip().startswith("───"))  # the table's width
-    assert rules["100"] <= 100 < rules[None] <= 200
+    assert rules["100"] <= 100 < rules[None] == rules["0"] <= 200
 
 
 def test_a_path_with_square_brackets_is_printed_as_it_is(tiny_vision: Path, photo: Path, tmp_path: Path) -> None:

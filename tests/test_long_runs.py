@@ -1058,6 +1058,14 @@ def test_merge_of_a_damaged_part_says_so_in_one_sentence(embed, folder: Path, tm
     assert not (tmp_path / "all.safetensors").exists()
 
 
+def test_merge_takes_parts_through_links_without_a_suffix(embed, folder: Path, tmp_path: Path) -> None:
+    for k in range(2):
+        ok(embed(folder, tmp_path / f"part{k}.safetensors", "--shard", f"{k}/2"))
+        (tmp_path / f"latest{k}").symlink_to(f"part{k}.safetensors")  # a link takes its target's format
+    ok(siglip("merge", tmp_path / "latest0", tmp_path / "latest1", "-o", tmp_path / "all.safetensors"))
+    assert len(rows_of(companions(tmp_path / "all.safetensors")["manifest"])) == 12
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [("notes.txt", "notes.txt is not a siglip output: give the .safetensors or .npy files of the shards"),
