@@ -26,12 +26,11 @@ IMAGE_SUFFIXES = frozenset(
 )  # .hif: the HEIF that Canon and Fujifilm cameras write
 # Folders that would embed photos a second time or bring back deleted ones: NAS thumbnails (Synology's @eaDir),
 # snapshots and recycle bins (Synology, QNAP, Windows: `$Recycle.Bin` on C:, `$RECYCLE.BIN` on other drives,
-# `RECYCLER` before Vista), and the fragments fsck recovers. Matched in any case. Hidden folders (.Trash,
-# .thumbnails, .snapshot, QNAP's .@__thumb) are skipped anyway.
+# `RECYCLER` before Vista), and the fragments fsck recovers. Matched exactly: a user's album "Lost+Found" is walked.
+# Each is named in a note. Hidden folders (.Trash, .thumbnails, .snapshot, QNAP's .@__thumb) are skipped anyway.
 SKIPPED_FOLDERS = frozenset(
-    name.casefold()
-    for name in ("@eaDir", "#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot", "$RECYCLE.BIN", "RECYCLER",
-                 "lost+found")
+    {"@eaDir", "#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot", "$RECYCLE.BIN", "$Recycle.Bin", "RECYCLER",
+     "lost+found"}
 )  # fmt: skip
 # A macOS Photos library (a folder named `*.photoslibrary`) holds each photo once in `originals` (`Masters` in older
 # ones); its `resources/derivatives` and the rest are the same photos again, at other sizes. iPhoto
@@ -56,6 +55,7 @@ class WalkReport:
     # (link, where it leads) of the other links whose target is missing: a folder link into an unmounted drive
     # leaves nothing else to see, and `--update` keeps the rows under it.
     dangling: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # folders of `SKIPPED_FOLDERS`: NAS thumbnails, recycle bins
     listed: int = 0  # paths read from --files-from
     listed_digest: str = ""  # of those paths, normalized and sorted: what a --shard part records of its list
     listed_distinct: int = 0  # how many paths that digest holds
@@ -71,6 +71,12 @@ class WalkReport:
             notes.append(f"{self.not_files_text()}; not embedded.")
         if self.dangling:
             notes.append(f"{self.dangling_text()}; nothing there is embedded.")
+        if self.skipped and not quiet:
+            folders = _first([display_path(folder) for folder in sorted(self.skipped)], 3)
+            notes.append(
+                f"left out {counted(len(self.skipped), 'folder')} of NAS thumbnails, snapshots, recycle bins or fsck "
+                f"fragments: {folders}."
+            )
         if self.passed_over and not quiet:
             notes.append(
                 f"passed over {self.passed_over_text()} in the folders: not images siglip reads "
@@ -260,7 +266,9 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
             suffix = os.path.splitext(entry.name)[1].lower()
             try:
                 if entry.is_dir():
-                    if entry.name.casefold() not in SKIPPED_FOLDERS and (not in_photos_library or entry.name in PHOTOS_LIBRARY_ORIGINALS):
+                    if entry.name in SKIPPED_FOLDERS:
+                        report.skipped.append(tidy_path(entry.path))
+                    elif not in_photos_library or entry.name in PHOTOS_LIBRARY_ORIGINALS:
                         (linked if entry.is_symlink() else real).append(entry.path)
                 elif entry.is_file():
                     if suffix in IMAGE_SUFFIXES:

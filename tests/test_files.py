@@ -152,7 +152,17 @@ def test_nas_thumbnail_snapshot_and_recycle_folders_are_skipped(tmp_path: Path) 
     for folder in ("#recycle", "#snapshot", "@Recycle", "@Recently-Snapshot/GMT+01_2024-06-01_0100", "$RECYCLE.BIN",
                    "$Recycle.Bin/S-1-5-21", "lost+found"):  # fmt: skip
         touch(tmp_path / folder / "IMG_0001.JPG")
-    assert found(tmp_path) == [str(photo)]
+    paths, walk = find_images([str(tmp_path)])
+    assert paths == [str(photo)]
+    assert walk.notes() == [
+        f"left out 8 folders of NAS thumbnails, snapshots, recycle bins or fsck fragments: {tmp_path / '#recycle'}, "
+        f"{tmp_path / '#snapshot'}, {tmp_path / '$RECYCLE.BIN'}, 5 more."
+    ]
+
+
+def test_a_users_folder_named_like_a_skipped_one_in_another_case_is_walked(tmp_path: Path) -> None:
+    photos = [touch(tmp_path / folder / "a.jpg") for folder in ("Lost+Found", "Recycler")]  # albums, not bins
+    assert found(tmp_path) == sorted(map(str, photos))
 
 
 def test_folders_are_walked_recursively(tmp_path: Path) -> None:
