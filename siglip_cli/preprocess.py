@@ -182,14 +182,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _SIXTEEN_BIT or image.mode == "I":
         # PIL's convert clips 16-bit values to 255 (a white image); keep the tones by taking the high byte.
         # Mode "I" (32-bit integers, e.g. some TIFFs) holds 16-bit samples, or 8-bit ones that need no shift, or
-        # wider ones (32-bit scientific TIFFs, which came out white): shifted to keep the brightest one's top 8 bits.
+        # wider ones (32-bit scientific TIFFs, which came out white): shifted to keep the top 8 bits of the bright
+        # end, its 99.9th percentile, so that a few hot pixels go white rather than the rest black.
         values = np.asarray(image).astype(np.int64).clip(0, None)
         peak = int(values.max(initial=0))
         if image.mode in _SIXTEEN_BIT or 255 < peak <= 65535:
             shift = 8
+        elif peak > 65535:
+            shift = max(8, int(np.quantile(values, 0.999)).bit_length() - 8)
         else:
-            shift = max(0, peak.bit_length() - 8)
-        grey = Image.fromarray((values >> shift).astype(np.uint8), mode="L")
+            shift = 0
+        grey = Image.fromarray((values >> shift).clip(0, 255).astype(np.uint8), mode="L")
         transparent = image.info.get("transparency")  # a PNG's tRNS: one grey level, in the 16-bit values
         if isinstance(transparent, int):
             alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), mode="L")

@@ -341,6 +341,15 @@ def test_32_bit_integer_image_of_wide_values_is_not_white(tmp_path: Path, bicubi
     assert torch.equal(wide, eight)
 
 
+def test_32_bit_integer_image_with_a_hot_pixel_keeps_its_tones(bicubic: PreprocessConfig) -> None:
+    # Scaled by its brightest pixel, one hot pixel at 2**31 - 1 sent a 17-bit image to black.
+    grey = np.asarray(make_photo((80, 60), mode="L")).astype(np.int64)
+    values = grey << 9  # 8-bit tones at 17 bits
+    values[0, 0] = 2**31 - 1
+    converted = np.asarray(to_rgb(Image.fromarray(values.astype(np.int32), mode="I")))[..., 0].astype(np.int64)
+    assert converted[0, 0] == 255 and np.array_equal(converted.ravel()[1:], grey.ravel()[1:])
+
+
 def test_animated_gif_uses_its_first_frame(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     first, second = (make_photo((80, 60), seed=s).quantize(64) for s in (0, 1))
     path = save_animated_gif(tmp_path / "clip.gif", [first, second])
