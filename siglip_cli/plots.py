@@ -153,7 +153,8 @@ def head_attention(result: Inspection) -> Image.Image:
     body.paste(grid, (0, top.height + MARGIN))
     subtitle = (
         f"softmax weights of the learned probe over the {g}x{g} patches, in multiples of uniform attention "
-        f"(1x = 1/{cfg.num_patches} each); colour from 0 to the peak, one scale for the mean, one for all heads"
+        f"(1x = 1/{cfg.num_patches} each); colours run from 0 to the peak: the mean has its own scale, the heads "
+        "share one"
     )
     if cfg.dropped_pixels:
         subtitle += f"; the last {cfg.dropped_pixels} px strip is never seen"
@@ -170,7 +171,8 @@ def _captioned_row(panels: list[tuple[Image.Image, str]], *, per_row: int, color
     row_h = max(p.height for p, _ in panels) + caption_h
     rows = math.ceil(len(panels) / per_row)
     grid_w, grid_h = MARGIN + min(per_row, len(panels)) * slot_w, rows * row_h
-    body = Image.new("RGB", (grid_w + COLORBAR_WIDTH, grid_h), WHITE)
+    bar_h = max(row_h - caption_h, 100)  # room for its labels and title beside a panorama's thin row
+    body = Image.new("RGB", (grid_w + COLORBAR_WIDTH, max(grid_h, bar_h)), WHITE)
     draw = ImageDraw.Draw(body)
     for index, (panel, caption) in enumerate(panels):
         r, c = divmod(index, per_row)
@@ -178,7 +180,7 @@ def _captioned_row(panels: list[tuple[Image.Image, str]], *, per_row: int, color
         body.paste(panel, (x + (slot_w - MARGIN // 2 - panel.width) // 2, y))
         _text(draw, (x + (slot_w - MARGIN // 2) / 2, y + panel.height + 3), caption, font, GREY, "top")
     scale = (f"{colorbar:.3g}x", f"{colorbar / 2:.3g}x", "0")
-    _colorbar(body, (grid_w, 0), max(row_h - caption_h, 60), scale, "x uniform", INFERNO)
+    _colorbar(body, (grid_w, 0), bar_h, scale, "x uniform", INFERNO)
     return body
 
 

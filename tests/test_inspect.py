@@ -342,6 +342,11 @@ def test_captions_wider_than_their_thumbnails_keep_apart() -> None:
     assert row.width >= 6 * plots._size(caption, plots._font(13))[0] + plots.COLORBAR_WIDTH
 
 
+def test_the_colour_bar_beside_a_panoramas_thin_row_is_whole() -> None:
+    row = plots._captioned_row([(Image.new("RGB", (400, 2)), "mean over heads")], per_row=1, colorbar=1.0)
+    assert row.height >= 100  # the ramp, its three labels and its title, not a sliver of them
+
+
 def test_head_attention_of_a_tall_photo_lays_the_heads_out_in_rows(base: tracing.Inspection) -> None:
     # Laid out by the photo's width, a strip's twelve heads went two to a row, in a picture 2.5 times taller than wide.
     strip = dataclasses.replace(base, photo=make_photo((40, 400)))
