@@ -40,6 +40,7 @@ from .weights import load_tower
 
 # Timed calls that spread wider than this around their median make a note: the ratios of such a run are rough.
 NOISY_SPREAD = 0.25
+FEW_FILES = 200  # end to end over fewer: the decoding workers' start-up (~0.5 s) weighs on the rate
 
 
 class BenchError(UserError):
@@ -394,9 +395,6 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
         report.results += image_results(paths, plain, preprocess, device=device, dtype=dtype,
                                         batch_size=max(batch_sizes), iters=iters)  # fmt: skip
     return report
-
-
-FEW_FILES = 200  # end to end over fewer: the decoding workers' start-up (~0.5 s) weighs on the rate
 
 
 @contextlib.contextmanager

@@ -248,6 +248,7 @@ def embed(
                     options=options, overwrite=overwrite, update=update, progress=progress,
                 )
         except KeyboardInterrupt:
+            interrupts.quiet_destructors()  # the process ends here: a second Ctrl-C in a __del__ prints nothing
             with interrupts.ignored():  # stopped, its work kept: a second Ctrl-C must not cut the sentence short
                 progress.stop(keep=False)
                 work = OutputPaths.for_output(output).work  # beside the output a link leads to

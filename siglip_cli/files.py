@@ -315,7 +315,10 @@ def read_path_list(source: str) -> list[str]:
     # A photo given by mistake (`--files-from photo.jpg`) split into hundreds of "paths" of binary bytes, each an
     # error row. Real names may hold a control character, but not most of a list's.
     if sum(1 for part in parts if _BINARY.search(part)) > len(parts) / 2:
-        raise UserError(f"the path list {source} is not text (an image?): give a file of paths, one per line.")
+        raise UserError(
+            f"the path list {source} is not text: most of its lines hold control characters (an image? a listing "
+            "with colour codes?); give a file of paths, one per line."
+        )
     return [os.fsdecode(part) for part in parts]
 
 

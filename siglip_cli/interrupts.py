@@ -7,7 +7,7 @@ Python raises `KeyboardInterrupt` wherever the main thread happens to be, and tw
   one Ctrl-C in about twenty hung `siglip embed` on 2 cores.
 - Inside a `__del__` the garbage collector happens to run. The exception is printed as "Exception ignored" and lost,
   and the run goes on to finish with exit status 0. Once a run is stopping, a second Ctrl-C that lands in one (the
-  DataLoader's, shutting its workers down) is not printed either: the stop is under way, and its sentence said.
+  DataLoader's, shutting its workers down) is not printed either (`quiet_destructors`): the stop is under way.
 
 `deferred()` marks code of the first kind: a signal that arrives there takes effect as the block is left.
 `stop_on_signals()`, around a whole run, remembers the signal it raised, so that `check()`, called at a safe point
@@ -47,19 +47,26 @@ def stop_on_signals() -> Iterator[None]:
         global _received
         _received = signum
         _raise_stop_flags()
-        _quiet_destructors()
         raise KeyboardInterrupt
 
     if not on_main_thread():
         yield
         return
     previous = {s: signal.signal(s, interrupt) for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None if _stopping(unraisable) else hook(unraisable)
     try:
         yield
     finally:
         _received = None
+        sys.unraisablehook = hook
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _stopping(unraisable) -> bool:
+    """A KeyboardInterrupt raised in a `__del__` while the run stops: a second Ctrl-C, nothing to report."""
+    return _received is not None and issubclass(unraisable.exc_type, KeyboardInterrupt)
 
 
 @contextmanager
@@ -74,19 +81,16 @@ def stop_flag() -> Iterator[threading.Event]:
         _stop_flags.remove(flag)
 
 
-def _quiet_destructors() -> None:
-    """From the first stop on, for the rest of the process: a KeyboardInterrupt raised in a `__del__` (an impatient
-    second Ctrl-C while the DataLoader shuts its workers down, maybe after the run's sentence) is not printed as
-    "Exception ignored ... Traceback". Any other exception there still is."""
+def quiet_destructors() -> None:
+    """For the rest of the process, which is about to end after a stop: a KeyboardInterrupt raised in a `__del__` (a
+    second Ctrl-C while the DataLoader's workers shut down, after the run's sentence) is not printed as "Exception
+    ignored ... Traceback". Any other exception there still is. For the command line, not for library callers."""
     hook = sys.unraisablehook
-    if getattr(hook, "quiet_after_a_stop", False):
-        return
 
     def quiet(unraisable) -> None:
         if not issubclass(unraisable.exc_type, KeyboardInterrupt):
             hook(unraisable)
 
-    quiet.quiet_after_a_stop = True
     sys.unraisablehook = quiet
 
 

@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # transformers is imported lazily: collecting tests that don'
 
 Layout = Literal["siglip", "vision", "vision_legacy", "paligemma", "paligemma_new", "paligemma_v5"]
 
+
 def pytest_configure(config: pytest.Config) -> None:
     """The suite checks the CPU's behaviour on every machine: float32 by default, PIL decoding, byte-identical
     resumed runs. With a GPU, `--device auto` would pick it (bfloat16, nvJPEG) and those expectations would not hold,

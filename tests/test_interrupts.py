@@ -149,7 +149,7 @@ def test_ctrl_c_inside_the_data_loader_lets_it_finish_the_call_and_shut_its_work
     assert multiprocessing.active_children() == []  # and the workers are gone
 
 
-def test_a_second_ctrl_c_in_a_destructor_on_the_way_out_prints_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_second_ctrl_c_in_a_destructor_while_the_run_stops_prints_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     # Ctrl-C twice: the second landed in the DataLoader's __del__, and Python printed "Exception ignored ...
     # Traceback ... KeyboardInterrupt" under the run's one sentence.
     reported = []
@@ -162,10 +162,24 @@ def test_a_second_ctrl_c_in_a_destructor_on_the_way_out_prints_nothing(monkeypat
         def __del__(self):
             raise self.error
 
-    Closing(KeyboardInterrupt())  # before any stop: reported as Python reports it
     with interrupts.stop_on_signals():
+        Closing(KeyboardInterrupt())  # before any stop: reported as Python reports it
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
-    Closing(KeyboardInterrupt())  # after the stop, on the way out: quiet
-    Closing(ValueError("a bug in a destructor"))  # still reported
-    assert reported == [KeyboardInterrupt, ValueError]
+        Closing(KeyboardInterrupt())  # while stopping: quiet
+        Closing(ValueError("a bug in a destructor"))  # still reported
+    Closing(KeyboardInterrupt())  # after the block, as a library caller goes on: reported again
+    assert reported == [KeyboardInterrupt, ValueError, KeyboardInterrupt]
+
+
+def test_the_command_line_keeps_destructors_quiet_about_ctrl_c_once_it_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(unraisable.exc_type))
+
+    class Closing:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    interrupts.quiet_destructors()
+    Closing()
+    assert reported == []
