@@ -8,8 +8,9 @@
 set -uo pipefail
 out=${1:-gpu_check_out}
 shift $(($# > 0 ? 1 : 0))
-py=${PYTHON:-python3}
 root=$(cd "$(dirname "$0")/.." && pwd)
+# The Python the project is installed in: $PYTHON, else the README's .venv, else python3 on PATH.
+if [ -n "${PYTHON:-}" ]; then py=$PYTHON; elif [ -x "$root/.venv/bin/python" ]; then py=$root/.venv/bin/python; else py=python3; fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out"
 {
@@ -18,7 +19,9 @@ mkdir -p "$out"
     "$py" -c "import torch, torchvision, PIL; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'pillow', PIL.__version__, 'cpus', __import__('os').cpu_count())"
 } 2>&1 | tee "$out/gpu_check.log"
 "$py" "$root/bench/gpu_check.py" --profile-dir "$out" --json-out "$out/gpu_check.json" "$@" 2>&1 | tee -a "$out/gpu_check.log"
+status=$?  # the measurement's own exit status (pipefail), returned at the end
 # The command users run, eager (compiling is gpu_check's job), on the same GPU: checks it end to end on CUDA.
 timeout 90 "$py" -m siglip_cli bench --device cuda --batch-size 64,256 --no-compile --compare transformers,timm --json \
     > "$out/siglip_bench.json" 2> "$out/siglip_bench.err"
 echo "siglip bench exit $?"; tail -3 "$out/siglip_bench.err"
+exit $status
