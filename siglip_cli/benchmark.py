@@ -497,12 +497,12 @@ def image_results(
         ways["gpu"] = (f"{ways['gpu'][0]} ({jpegs} of {n} files, the rest PIL)", ways["gpu"][1])
     if not jpegs:
         del ways["gpu"]
-    embeddings: dict[str, Tensor] = {}
+    embeddings: dict[str, tuple[Tensor, list[str]]] = {}  # way: (rows, the path of each)
 
     def end_to_end(name: str) -> Callable[[], None]:
         def run() -> None:
             done = embed_paths(embedder, paths, batch_size=batch_size, workers=workers, **ways[name][1])
-            embeddings[name] = torch.from_numpy(done.embeddings)
+            embeddings[name] = torch.from_numpy(done.embeddings), [row["path"] for row in done.rows]
 
         return run
 
@@ -512,15 +512,24 @@ def image_results(
             embed_paths(embedder, first, batch_size=batch_size, workers=0, **given)
         passes = 1 if device.type == "cpu" else iters
         timings = time_interleaved({name: end_to_end(name) for name in ways}, device=device, iters=passes, warmup=0)
-    exact = embeddings["exact"]
+    exact, exact_paths = embeddings["exact"]
     if not len(exact):
         name = _dtype_name(dtype)
         raise BenchError(f"the model gave NaN or infinite values for every image in {name} {_nan_hint(dtype)}.")
     for name, (variant, _) in ways.items():
-        out = embeddings[name]
-        agreement = None if name == "exact" or len(out) != len(exact) else cosine(out, exact)
+        agreement = None if name == "exact" else _cosine_by_path(*embeddings[name], exact, exact_paths)
         results.append(_result("siglip", "end_to_end", batch_size, timings[name], variant, agreement, images=n))
     return results
+
+
+def _cosine_by_path(out: Tensor, paths: list[str], exact: Tensor, exact_paths: list[str]) -> float | None:
+    """The cosine of a way's rows to the exact way's, file by file: a file one way could embed and the other not (a
+    NaN in one dtype, a JPEG one decoder refuses) leaves the others' rows where they are, not shifted by one."""
+    where = {path: i for i, path in enumerate(exact_paths)}
+    pairs = [(i, where[path]) for i, path in enumerate(paths) if path in where]
+    if not pairs:
+        return None
+    return cosine(out[[i for i, _ in pairs]], exact[[j for _, j in pairs]])
 
 
 def _nan_hint(dtype: torch.dtype) -> str:

@@ -359,6 +359,14 @@ def test_bench_images_reports_each_stage(tiny_siglip: Path, tmp_path: Path) -> N
     assert "(4 of 5 files, the rest PIL)" in torchvision_row["variant"]  # logo.png went through PIL
 
 
+def test_end_to_end_ways_are_compared_file_by_file() -> None:
+    # A file one way embeds and the other does not (a NaN in bf16, a JPEG one decoder refuses) shifted every later
+    # row: the cosine compared other photos' embeddings, or was left out for unequal counts.
+    exact = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    assert benchmark._cosine_by_path(exact[[0, 2]], ["a", "c"], exact, ["a", "b", "c"]) == pytest.approx(1.0)
+    assert benchmark._cosine_by_path(exact[[0]], ["z"], exact, ["a", "b", "c"]) is None  # nothing in common
+
+
 def test_bench_images_without_jpegs_it_takes_has_no_torchvision_row(tiny_siglip: Path, tmp_path: Path) -> None:
     # It measured PIL under torchvision's name.
     from siglip_cli.decoding import default_workers
