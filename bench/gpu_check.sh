@@ -19,9 +19,10 @@ mkdir -p "$out"
     "$py" -c "import torch, torchvision, PIL; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'pillow', PIL.__version__, 'cpus', __import__('os').cpu_count())"
 } 2>&1 | tee "$out/gpu_check.log"
 "$py" "$root/bench/gpu_check.py" --profile-dir "$out" --json-out "$out/gpu_check.json" "$@" 2>&1 | tee -a "$out/gpu_check.log"
-status=$?  # the measurement's own exit status (pipefail), returned at the end
+status=$?  # the measurement's own exit status (pipefail)
 # The command users run, eager (compiling is gpu_check's job), on the same GPU: checks it end to end on CUDA.
 timeout 90 "$py" -m siglip_cli bench --device cuda --batch-size 64,256 --no-compile --compare transformers,timm --json \
     > "$out/siglip_bench.json" 2> "$out/siglip_bench.err"
-echo "siglip bench exit $?"; tail -3 "$out/siglip_bench.err"
-exit $status
+bench_status=$?
+echo "siglip bench exit $bench_status"; tail -3 "$out/siglip_bench.err"
+exit $((status != 0 ? status : bench_status))  # the measurement's failure first, else the command's

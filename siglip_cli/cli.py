@@ -217,8 +217,10 @@ def embed(
         if update and overwrite:
             fail("--update keeps the earlier output's rows and --overwrite discards them: give one of the two.")
         check_device_options(devices, shard=part, update=update)
-        refuse_inputs_among_outputs(OutputPaths.for_output(output), inputs or [], every=True)  # a link, say
+        out = OutputPaths.for_output(output)
+        refuse_inputs_among_outputs(out, inputs or [], every=True)  # before the walk, which may take minutes
         paths, walk = find_images(inputs or [], files_from=files_from, digest_list=part is not None)
+        refuse_inputs_among_outputs(out, walk.links, every=True)  # `photo.jpg -> img.npy` in a folder
         for message in walk.notes(quiet=quiet):
             note(message)
         if part:

@@ -56,6 +56,8 @@ class WalkReport:
     # leaves nothing else to see, and `--update` keeps the rows under it.
     dangling: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # folders of `SKIPPED_FOLDERS`: NAS thumbnails, recycle bins
+    links: list[str] = field(default_factory=list)  # image files the walks met as symlinks: each may be another name
+    # for a file this run writes (`outputs.refuse_inputs_among_outputs`); few in a photo folder
     listed: int = 0  # paths read from --files-from
     listed_digest: str = ""  # of those paths, normalized and sorted: what a --shard part records of its list
     listed_distinct: int = 0  # how many paths that digest holds
@@ -272,6 +274,8 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
                         (linked if entry.is_symlink() else real).append(entry.path)
                 elif entry.is_file():
                     if suffix in IMAGE_SUFFIXES:
+                        if entry.is_symlink():
+                            report.links.append(tidy_path(entry.path))
                         yield (info.st_dev, info.st_ino), entry.name, tidy_path(entry.path)
                     else:
                         report.passed_over[suffix] += 1

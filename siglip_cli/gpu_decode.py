@@ -271,7 +271,7 @@ def _decode(headers: dict[int, JpegHeader], device: torch.device) -> tuple[dict[
             images = decode_jpeg([headers[p].data for p in positions], mode=ImageReadMode.RGB, device=device)
             return dict(zip(positions, images)), []
         except RuntimeError as e:
-            if _out_of_memory(e):
+            if _out_of_memory(e) or _device_fault(e):
                 raise
             # one bad file fails the whole batch: retry each on its own below
         decoded, rejected = {}, []
@@ -279,7 +279,7 @@ def _decode(headers: dict[int, JpegHeader], device: torch.device) -> tuple[dict[
             try:
                 decoded[position] = decode_jpeg([headers[position].data], mode=ImageReadMode.RGB, device=device)[0]
             except RuntimeError as e:
-                if _out_of_memory(e):
+                if _out_of_memory(e) or _device_fault(e):
                     raise
                 rejected.append((position, f"JPEG decoder error: {_first_line(e)}"))
         return decoded, rejected
@@ -289,6 +289,12 @@ def _out_of_memory(error: RuntimeError) -> bool:
     """Out of memory is no bad file. torchvision's CUDA decoder wraps every failure, its allocations' included, in
     a plain RuntimeError ("Error while decoding JPEG images: ... out of memory")."""
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _device_fault(error: RuntimeError) -> bool:
+    """A fault of the device ("CUDA error: ..."), not of a file: it ends the run, rather than sending every file
+    after it to the CPU path one by one, slowly and without a word."""
+    return "CUDA error" in str(error)
 
 
 def _first_line(error: BaseException) -> str:

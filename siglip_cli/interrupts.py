@@ -86,11 +86,14 @@ def quiet_destructors() -> None:
     second Ctrl-C while the DataLoader's workers shut down, after the run's sentence) is not printed as "Exception
     ignored ... Traceback". Any other exception there still is. For the command line, not for library callers."""
     hook = sys.unraisablehook
+    if getattr(hook, "quiet_about_ctrl_c", False):  # installed by an earlier stop in this process
+        return
 
     def quiet(unraisable) -> None:
         if not issubclass(unraisable.exc_type, KeyboardInterrupt):
             hook(unraisable)
 
+    quiet.quiet_about_ctrl_c = True
     sys.unraisablehook = quiet
 
 

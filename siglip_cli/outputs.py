@@ -155,23 +155,30 @@ def refuse_inputs_among_outputs(out: OutputPaths, paths: Iterable[str], *, every
     `siglip embed img.npy -o img.npy --overwrite` replaced the image with its own embedding. Refused, naming it.
 
     Inputs named like one of the output's files (in any case: macOS's disks ignore it) are compared with them as
-    files: cheap over a million paths. With `every`, each of `paths` is: for the few given on the command line, where
-    one may be a link under another name."""
-    written = [file for file in out.files() if file.exists()]
-    names = tuple(file.name.casefold() for file in written)
-    for path in paths:
-        if not names or not (every or path.casefold().endswith(names)):
+    files, one stat each: cheap over a million paths. With `every`, each of `paths` is: for those given on the
+    command line and the links a walk met (`WalkReport.links`), where one may be another name for the output."""
+    written: dict[tuple[int, int], Path] = {}
+    for file in out.files():
+        try:
+            info = os.stat(file)
+        except OSError:
             continue
-        for file in written:
-            try:
-                same = os.path.samefile(path, file)
-            except OSError:
-                continue
-            if same:
-                raise UserError(
-                    f"{display_path(path)} is one of the inputs, and -o {out.embeddings} writes a file of its own "
-                    "there: choose another -o."
-                )
+        written[info.st_dev, info.st_ino] = file
+    if not written:
+        return
+    names = tuple(file.name.casefold() for file in written.values())
+    for path in paths:
+        if not (every or path.casefold().endswith(names)):
+            continue
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) in written:
+            raise UserError(
+                f"{display_path(path)} is one of the inputs, and -o {out.embeddings} writes a file of its own there: "
+                "choose another -o."
+            )
 
 
 # The files an output keeps beside it, by the end of their name, and the formats of the outputs that write each.

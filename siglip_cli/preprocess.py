@@ -188,8 +188,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         peak = int(values.max(initial=0))
         if image.mode in _SIXTEEN_BIT or 255 < peak <= 65535:
             shift = 8
-        elif peak > 65535:
-            shift = max(8, int(np.quantile(values, 0.999)).bit_length() - 8)
+        elif peak > 65535:  # what the bright end needs: none for 8-bit tones beside a no-data value of 2**31 - 1
+            shift = max(0, int(np.quantile(values, 0.999)).bit_length() - 8)
         else:
             shift = 0
         grey = Image.fromarray((values >> shift).clip(0, 255).astype(np.uint8), mode="L")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,15 @@ def pytest_configure(config: pytest.Config) -> None:
     so the GPU is hidden before anything asks torch for one, here and in the subprocesses tests start. CUDA code is
     tested with torch.cuda patched; bench/gpu_check.sh measures and checks it on a real GPU."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+@pytest.fixture(autouse=True)
+def _unraisable_hook_put_back():
+    """An interrupted run in this process leaves destructors quiet about Ctrl-C for the rest of it, as the command
+    line wants (`interrupts.quiet_destructors`); the next test gets the hook it had."""
+    hook = sys.unraisablehook
+    yield
+    sys.unraisablehook = hook
 
 
 CONFIG_NAME = "config.json"

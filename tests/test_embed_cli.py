@@ -1159,10 +1159,12 @@ def test_an_input_that_is_one_of_the_output_files_is_refused(
     assert photo.read_bytes() == (photos / "a.jpg").read_bytes()
 
 
-def test_an_input_that_is_a_link_to_the_output_is_refused(embed, photos: Path) -> None:
+@pytest.mark.parametrize("given", ["the link", "its folder"])
+def test_an_input_that_is_a_link_to_the_output_is_refused(embed, photos: Path, given: str) -> None:
     (photos / "img.npy").write_bytes((photos / "a.jpg").read_bytes())
     (photos / "photo.jpg").symlink_to("img.npy")  # another name for the file -o would replace
-    error = the_error(embed(photos / "photo.jpg", "-o", photos / "img.npy", "--overwrite"))
+    inputs = photos / "photo.jpg" if given == "the link" else photos
+    error = the_error(embed(inputs, "-o", photos / "img.npy", "--overwrite"))
     assert "photo.jpg is one of the inputs, and -o" in error
     assert (photos / "img.npy").read_bytes() == (photos / "a.jpg").read_bytes()
 

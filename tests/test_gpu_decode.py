@@ -251,6 +251,18 @@ def test_a_device_fault_ends_the_run_rather_than_leaving_every_group_to_the_cpu(
         decode_headers(list(_taken(mixed_files, CFG).values()), CFG, device="cpu")
 
 
+def test_a_device_fault_in_the_jpeg_decoder_ends_the_run_too(mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Taken for one bad file in the batch, it was retried file by file, and every file went to the CPU path.
+    import torchvision.io
+
+    def fault(*args, **kwargs):
+        raise RuntimeError("CUDA error: too many resources requested for launch")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", fault)
+    with pytest.raises(RuntimeError, match="too many resources"):
+        decode_headers(list(_taken(mixed_files, CFG).values()), CFG, device="cpu")
+
+
 def test_a_panorama_too_long_for_the_gpu_resize_is_left_to_the_cpu(tmp_path: Path) -> None:
     wide = tmp_path / "panorama.jpg"
     make_photo((32 * 65, 32)).save(wide, quality=80)  # 65 times the 32-pixel model across

@@ -181,5 +181,8 @@ def test_the_command_line_keeps_destructors_quiet_about_ctrl_c_once_it_stops(mon
             raise KeyboardInterrupt
 
     interrupts.quiet_destructors()
+    quiet = sys.unraisablehook
+    interrupts.quiet_destructors()  # a second stopped run in this process (tests, a notebook): not stacked
+    assert sys.unraisablehook is quiet
     Closing()
     assert reported == []

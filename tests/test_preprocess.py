@@ -341,10 +341,11 @@ def test_32_bit_integer_image_of_wide_values_is_not_white(tmp_path: Path, bicubi
     assert torch.equal(wide, eight)
 
 
-def test_32_bit_integer_image_with_a_hot_pixel_keeps_its_tones(bicubic: PreprocessConfig) -> None:
-    # Scaled by its brightest pixel, one hot pixel at 2**31 - 1 sent a 17-bit image to black.
+@pytest.mark.parametrize("bits", [8, 16, 17], ids=["8-bit tones", "16-bit tones", "17-bit tones"])
+def test_32_bit_integer_image_with_a_hot_pixel_keeps_its_tones(bits: int) -> None:
+    # Scaled by its brightest pixel, one hot pixel (or a no-data value) at 2**31 - 1 sent the rest to black.
     grey = np.asarray(make_photo((80, 60), mode="L")).astype(np.int64)
-    values = grey << 9  # 8-bit tones at 17 bits
+    values = grey << (bits - 8)
     values[0, 0] = 2**31 - 1
     converted = np.asarray(to_rgb(Image.fromarray(values.astype(np.int32), mode="I")))[..., 0].astype(np.int64)
     assert converted[0, 0] == 255 and np.array_equal(converted.ravel()[1:], grey.ravel()[1:])
