@@ -38,6 +38,7 @@ else:
 # A PNG's compressed text chunk may hold up to all the text memory Pillow allows a file (64 MB), not its 1 MB per
 # chunk: image generators (ComfyUI, Automatic1111) and editors' XMP histories store megabytes of text beside good
 # pixels, and the photo was lost for text nothing reads. The total stays capped, so a zlib bomb is still refused.
+# (Pillow bounds a PNG's compressed ICC profile by the same number; process-wide, as Pillow's own settings are.)
 PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY)
 
 # The raster formats Pillow may open for us. Not every plugin it has: EPS runs Ghostscript on the file (a `.jpg`
