@@ -207,6 +207,7 @@ def embed(
     from .preprocess import DecodeOptions
     from .runtime import default_batch_size, resolve_device
     from .shards import parse_shard, select_shard, shard_inputs
+    from torch.cuda import OutOfMemoryError
 
     if not inputs and files_from is None:
         fail("give at least one image file or folder, or --files-from.")
@@ -253,8 +254,14 @@ def embed(
             interrupts.quiet_destructors()  # the process ends here: a second Ctrl-C in a __del__ prints nothing
             with interrupts.ignored():  # stopped, its work kept: a second Ctrl-C must not cut the sentence short
                 progress.stop(keep=False)
-                work = OutputPaths.for_output(output).work  # beside the output a link leads to
-                fail(f"interrupted; finished work is kept in {work}: rerun the same command to continue.", 130)
+                fail(f"interrupted; finished work is kept in {out.work}: rerun the same command to continue.", 130)
+        except OutOfMemoryError as e:  # outside the model's forward, which halves its batch instead
+            progress.stop(keep=False)
+            reason = next(iter(str(e).splitlines()), "CUDA out of memory")
+            if out.work.exists():
+                fail(f"the GPU ran out of memory ({reason}); finished work is kept in {out.work}: rerun with a "
+                     "smaller --batch-size to continue.", 1)  # fmt: skip
+            fail(f"the GPU ran out of memory ({reason}): try a smaller --batch-size, --dtype bfloat16, or another GPU.", 1)
         except BaseException:
             progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
             raise

@@ -1146,6 +1146,28 @@ def test_a_second_ctrl_c_while_the_stop_is_reported_keeps_the_sentence_whole(
     assert error.endswith("rerun the same command to continue.")
 
 
+@pytest.mark.parametrize("work_kept", [True, False], ids=["during-the-run", "before-any-work"])
+def test_gpu_out_of_memory_outside_the_forward_is_one_sentence(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch, work_kept: bool
+) -> None:
+    # The forward halves its batch when the GPU runs out of memory; anywhere else (decoding a batch into device
+    # memory, loading the model) it ended the run in a traceback.
+    import siglip_cli.devices as devices
+
+    def out_of_memory(*args, **kwargs):
+        if work_kept:
+            (out / "embeddings.safetensors.partial").mkdir()
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+    monkeypatch.setattr(devices, "embed_with_model", out_of_memory)
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors"), code=1)
+    assert error.startswith("error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
+    if work_kept:
+        assert error.endswith("embeddings.safetensors.partial: rerun with a smaller --batch-size to continue.")
+    else:
+        assert error.endswith(": try a smaller --batch-size, --dtype bfloat16, or another GPU.")
+
+
 @pytest.mark.parametrize(("input_name", "output_name"), [("img.npy", "img.npy"), ("img.jsonl", "img.safetensors")])
 def test_an_input_that_is_one_of_the_output_files_is_refused(
     embed, photos: Path, input_name: str, output_name: str
