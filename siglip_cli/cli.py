@@ -200,6 +200,8 @@ def embed(
 ) -> None:
     """Embed images into -o OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
     from .decoding import default_workers
+    from torch.cuda import OutOfMemoryError
+
     from .devices import check_device_options, embed_with_model, parse_devices
     from .embed import EmbedOptions
     from .files import find_images
@@ -207,7 +209,6 @@ def embed(
     from .preprocess import DecodeOptions
     from .runtime import default_batch_size, resolve_device
     from .shards import parse_shard, select_shard, shard_inputs
-    from torch.cuda import OutOfMemoryError
 
     if not inputs and files_from is None:
         fail("give at least one image file or folder, or --files-from.")
