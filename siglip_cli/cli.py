@@ -199,9 +199,9 @@ def embed(
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Embed images into -o OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
-    from .decoding import default_workers
     from torch.cuda import OutOfMemoryError
 
+    from .decoding import default_workers
     from .devices import check_device_options, embed_with_model, parse_devices
     from .embed import EmbedOptions
     from .files import find_images
