@@ -44,6 +44,7 @@ from PIL import Image
 from siglip_cli import benchmark as B
 from siglip_cli.config import PreprocessConfig, VisionConfig
 from siglip_cli.decoding import default_workers
+from siglip_cli.errors import first_line
 from siglip_cli.gpu_decode import decode_headers, read_header
 from siglip_cli.model import SiglipVision, random_model
 from siglip_cli.preprocess import DecodeOptions, load_pixels
@@ -167,7 +168,7 @@ def measure(row: Row, make: Callable[[], Forward], pixels: torch.Tensor, check: 
         row.peak_mem_mb = timing.peak_mem_mb
         return row, forward
     except Exception as e:  # a benchmark row, not a library call: report the failure and keep measuring
-        row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        row.note = _failed(e)
         if os.environ.get("GPU_CHECK_TRACEBACK"):
             traceback.print_exc()
         return row, None
@@ -562,7 +563,7 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: Forward, variant: str, 
                 row.cosine = cosine_to_exact(embeddings, files, check, exact)
             row.note = f"{len(files)} images"
         except Exception as e:  # a benchmark row: report the failure, keep measuring
-            row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            row.note = _failed(e)
             if os.environ.get("GPU_CHECK_TRACEBACK"):
                 traceback.print_exc()
         print(f"  end to end {row.variant}: {_rate(row)}", file=sys.stderr, flush=True)
@@ -572,7 +573,7 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: Forward, variant: str, 
         try:
             command_row(row, checkpoint, photo_dir, options, check, exact, device, workdir, clock)
         except Exception as e:  # as above: one row's failure is reported in it
-            row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            row.note = _failed(e)
         print(f"  end to end {row.variant}: {_rate(row)}", file=sys.stderr, flush=True)
         rows.append(row)
     return rows
@@ -647,6 +648,11 @@ def verdicts(rows: list[Row]) -> list[str]:
         status = "met" if best.images_per_s >= goal else "NOT met"
         lines.append(f"{key}: best {best.images_per_s:,.0f} images/s ({best.variant}, batch {best.batch}) vs goal {goal:,}: {status}")
     return lines
+
+
+def _failed(error: Exception) -> str:
+    """A row's note for a measurement that raised: reported in the row, and the measuring goes on."""
+    return f"failed: {type(error).__name__}: {first_line(error)[:120]}"
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from rich.text import Text
 from . import __version__, interrupts
 from .allocator import keep_freed_memory
 from .config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRESET
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import counted, display_path, escape_controls
 
 if TYPE_CHECKING:
@@ -258,11 +258,11 @@ def embed(
                 fail(f"interrupted; finished work is kept in {out.work}: rerun the same command to continue.", 130)
         except OutOfMemoryError as e:  # outside the model's forward, which halves its batch instead
             progress.stop(keep=False)
-            reason = next(iter(str(e).splitlines()), "CUDA out of memory")
             if out.work.exists():
-                fail(f"the GPU ran out of memory ({reason}); finished work is kept in {out.work}: rerun with a "
+                fail(f"the GPU ran out of memory ({first_line(e)}); finished work is kept in {out.work}: rerun with a "
                      "smaller --batch-size to continue.", 1)  # fmt: skip
-            fail(f"the GPU ran out of memory ({reason}): try a smaller --batch-size, --dtype bfloat16, or another GPU.", 1)
+            fail(f"the GPU ran out of memory ({first_line(e)}): try a smaller --batch-size, --dtype bfloat16, or another "
+                 "GPU.", 1)  # fmt: skip
         except BaseException:
             progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
             raise

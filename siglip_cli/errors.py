@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Something the user can fix (a path, an option, a checkpoint); the message is one sentence."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (CUDA's and torch's go on for lines), or its class name if it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

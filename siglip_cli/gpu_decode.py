@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import PreprocessConfig
-from .errors import UserError
+from .errors import UserError, first_line
 from .preprocess import DecodeOptions
 
 # PIL resample numbers → torch interpolation modes; both are antialiased when shrinking.
@@ -125,7 +125,7 @@ def _decode_groups(
             if _out_of_memory(e):  # the decoder's or the resize's
                 done, refused = None, [(i, "out of GPU memory for the JPEG decoder") for i in group]
             elif "shared memory" in str(e):  # CUDA's antialiased resize refusing a downscale: the CPU path's
-                done, refused = [], [(i, f"the GPU resize refused it: {_first_line(e)}") for i in group]
+                done, refused = [], [(i, f"the GPU resize refused it: {first_line(e)}") for i in group]
             else:  # a device fault: not the files', and it would only recur, slowly, on every group after
                 raise
         if done is None:  # the cache is emptied here, once the traceback and the tensors it held are gone
@@ -281,7 +281,7 @@ def _decode(headers: dict[int, JpegHeader], device: torch.device) -> tuple[dict[
             except RuntimeError as e:
                 if _out_of_memory(e) or _device_fault(e):
                     raise
-                rejected.append((position, f"JPEG decoder error: {_first_line(e)}"))
+                rejected.append((position, f"JPEG decoder error: {first_line(e)}"))
         return decoded, rejected
 
 
@@ -296,9 +296,6 @@ def _device_fault(error: RuntimeError) -> bool:
     after it to the CPU path one by one, slowly and without a word."""
     return "CUDA error" in str(error)
 
-
-def _first_line(error: BaseException) -> str:
-    return next(iter(str(error).splitlines()), type(error).__name__)
 
 
 def orient(image: Tensor, orientation: int) -> Tensor:

@@ -32,7 +32,7 @@ from .config import (
     preprocess_config_from_hub,
     vision_config_from_hub,
 )
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import display_path, is_utf8
 from .model import SiglipVision, random_model
 
@@ -287,7 +287,7 @@ class _HubFiles:
         except Exception as e:  # noqa: BLE001 - the transfer itself failed; its errors come from several libraries
             # A connection dropped mid-file (the HTTP client's error, after huggingface_hub's own resumed tries),
             # a size check that failed, a full disk. huggingface_hub 2 drops the partial file: a rerun starts over.
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             raise CheckpointError(
                 f"downloading {filename} of {self.repo_id} stopped ({reason}); run the command again to retry."
             ) from None

@@ -239,26 +239,18 @@ def test_a_group_the_device_cannot_resize_goes_to_the_cpu_path(
     assert rejected == [(i, "the GPU resize refused it: Too much shared memory required: 49172 vs 49152") for i in range(len(headers))]
 
 
-def test_a_device_fault_ends_the_run_rather_than_leaving_every_group_to_the_cpu(
-    mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("where", ["resize", "JPEG decoder"])
+def test_a_device_fault_ends_the_run_rather_than_leaving_every_file_to_the_cpu(
+    where: str, mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Caught like a file's fault, it moved a whole run to slow CPU decoding without a word, its metadata saying gpu.
-    def fault(*args, **kwargs):
-        raise RuntimeError("CUDA error: too many resources requested for launch")
-
-    monkeypatch.setattr(gpu_decode.F, "interpolate", fault)
-    with pytest.raises(RuntimeError, match="too many resources"):
-        decode_headers(list(_taken(mixed_files, CFG).values()), CFG, device="cpu")
-
-
-def test_a_device_fault_in_the_jpeg_decoder_ends_the_run_too(mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    # Taken for one bad file in the batch, it was retried file by file, and every file went to the CPU path.
+    # Caught like a file's fault (the decoder's retried file by file), it moved a whole run to slow CPU decoding
+    # without a word, its metadata saying gpu.
     import torchvision.io
 
     def fault(*args, **kwargs):
         raise RuntimeError("CUDA error: too many resources requested for launch")
 
-    monkeypatch.setattr(torchvision.io, "decode_jpeg", fault)
+    monkeypatch.setattr(*((gpu_decode.F, "interpolate") if where == "resize" else (torchvision.io, "decode_jpeg")), fault)
     with pytest.raises(RuntimeError, match="too many resources"):
         decode_headers(list(_taken(mixed_files, CFG).values()), CFG, device="cpu")
 
