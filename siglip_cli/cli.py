@@ -109,6 +109,14 @@ def user_errors() -> Iterator[None]:
         fail("interrupted.", 130)
 
 
+def _path(value: str) -> Path:
+    """A path option or argument as typed. Typer's own conversion reads "" (an unset shell variable) as `.`, the
+    current folder, where `--plot ""` would have written its pictures."""
+    if not value:
+        raise typer.BadParameter("the name is empty.")
+    return Path(value)
+
+
 def _version(value: bool) -> None:
     if value:
         stdout.print(f"siglip {__version__}")
@@ -174,7 +182,7 @@ class _RichProgress:
 @app.command(cls=_Command, short_help="Embed images and folders into .safetensors or .npy.")
 def embed(
     inputs: Annotated[list[str], typer.Argument(help="Image files and folders (walked recursively).", show_default=False, metavar="PATH")] = None,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output file: .safetensors or .npy.", metavar="FILE")] = Path("embeddings.safetensors"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file: .safetensors or .npy.", metavar="FILE", parser=_path)] = Path("embeddings.safetensors"),
     model: Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint directory.", metavar="MODEL")] = DEFAULT_MODEL,
     revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.", metavar="REV")] = None,
     files_from: Annotated[Optional[str], typer.Option("--files-from", help="Read more paths from FILE, one per line or NUL-separated (- for stdin).", metavar="FILE")] = None,
@@ -327,8 +335,8 @@ def _summary_line(s: Summary) -> str:
 
 @app.command(cls=_Command, short_help="Join the outputs of --shard runs into one.")
 def merge(
-    inputs: Annotated[list[Path], typer.Argument(help="Outputs of `siglip embed --shard K/N` runs.", show_default=False, metavar="SHARD")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The merged output: .safetensors or .npy.", metavar="FILE")],
+    inputs: Annotated[list[Path], typer.Argument(help="Outputs of `siglip embed --shard K/N` runs.", show_default=False, metavar="SHARD", parser=_path)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The merged output: .safetensors or .npy.", metavar="FILE", parser=_path)],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Merge even if some of the N parts are missing.")] = False,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
@@ -345,12 +353,12 @@ def merge(
 
 @app.command(cls=_Command, short_help="Trace one image through the tower, stage by stage.")
 def inspect(
-    image: Annotated[Optional[Path], typer.Argument(help="The image to trace (default: a bundled sample photo).", show_default=False, metavar="IMAGE")] = None,
+    image: Annotated[Optional[Path], typer.Argument(help="The image to trace (default: a bundled sample photo).", show_default=False, metavar="IMAGE", parser=_path)] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="A preset name (architecture only, random weights, no download), a Hub id or a local checkpoint.", metavar="MODEL")] = DEFAULT_PRESET,
     revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.", metavar="REV")] = None,
     layers: Annotated[str, typer.Option(help="Encoder layers listed stage by stage: first, all, or numbers such as 0,5,11; the others get one line.", metavar="LAYERS")] = "first",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the tables.")] = False,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG pictures into this directory.", show_default=False, metavar="DIR")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG pictures into this directory.", show_default=False, metavar="DIR", parser=_path)] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).", metavar="N")] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Trace one image through the vision tower: every stage's shape and statistics, parameters, GFLOPs."""
@@ -384,7 +392,7 @@ def bench(
     iters: Annotated[Optional[int], typer.Option(min=1, help="Timed calls per measurement; the median is reported (default: 10 on CUDA, 3 on CPU).", show_default=False, metavar="N")] = None,
     warmup: Annotated[Optional[int], typer.Option(min=0, help="Untimed calls first (default: 3 on CUDA, 1 on CPU).", show_default=False, metavar="N")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile every model (default: on for CUDA, off for CPU: the compile outlasts a short CPU run).", show_default=False)] = None,
-    images: Annotated[Optional[Path], typer.Option("--images", help="Also time decode, preprocess and end to end on the images in this folder.", show_default=False, metavar="DIR")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Also time decode, preprocess and end to end on the images in this folder.", show_default=False, metavar="DIR", parser=_path)] = None,
     compare: Annotated[str, typer.Option(help="Also run these on the same weights: transformers, timm (comma-separated).", metavar="NAMES")] = "",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the table.")] = False,
 ) -> None:

@@ -164,6 +164,8 @@ def discover(
             named.setdefault(keep(path), path)
 
     for name in inputs:
+        if not name:  # os.stat("") fails as a missing file; an unset shell variable is the likely cause
+            raise UserError("an input path is empty: give image files or folders.")
         try:
             os.stat(name)
         except OSError as e:

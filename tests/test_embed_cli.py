@@ -526,6 +526,30 @@ def test_error_stays_on_one_line_without_a_terminal(
     assert result.stderr == f"error: input {missing} does not exist.\n"
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["embed", "photo.jpg", "-o", ""],
+        ["merge", "", "-o", "merged.npy"],
+        ["merge", "part.npy", "-o", ""],
+        ["inspect", ""],
+        ["inspect", "--plot", ""],
+        ["bench", "--images", ""],
+    ],
+)
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(args: list[str], tmp_path: Path, monkeypatch) -> None:
+    # An unset shell variable (`--plot "$DIR"`): typer read "" as `.`, and inspect wrote its pictures there.
+    monkeypatch.chdir(tmp_path)
+    result = siglip(*args)
+    assert result.exit_code == 2 and "the name is empty." in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_input_is_named_as_such(embed, out: Path) -> None:
+    error = the_error(embed("", "-o", out / "e.safetensors"))
+    assert error == "error: an input path is empty: give image files or folders."
+
+
 # ------------------------------------------------------------------------------- which files are read
 
 
