@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DEFAULT_PRESET, PreprocessConfig
+from .cpus import fit_cpu_threads
 from .errors import UserError
 from .model import SiglipVision
 from .references import Forward, check_references, missing_package, reference_forward
@@ -315,6 +316,8 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     """Model-only throughput for each batch size (ours, then each reference), and the image pipeline with `images`."""
     say = progress or (lambda message: None)
     device = resolve_device(options.device)  # the same rules as `siglip embed --device`
+    if device.type == "cpu":
+        fit_cpu_threads()  # as `siglip embed` does; every backend compared runs on these threads
     dtype = resolve_dtype(options.dtype or "auto", device)  # the same rule as `siglip embed --dtype`
     notes = [note] if (note := dtype_note(device, dtype)) else []
     compile = default_compile(device) if options.compile is None else options.compile

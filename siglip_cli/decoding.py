@@ -42,6 +42,7 @@ from .config import PreprocessConfig
 from .files import is_regular_file
 from .gpu_decode import JpegHeader, decode_headers, read_header
 from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_checked
+from .cpus import usable_cpus
 
 
 T, U = TypeVar("T"), TypeVar("U")
@@ -289,9 +290,9 @@ WORKER_PEAK_BYTES = 1_500_000_000
 
 
 def default_workers() -> int:
-    """Decoding processes: one per CPU but the one the model's main process needs, at most 16, and no more than
+    """Decoding processes: one per usable CPU (`cpus.usable_cpus`) but the one the model's main process needs, at most 16, and no more than
     the memory available now can hold at their peak (16 workers on panoramas could need 24 GB)."""
-    by_cpus = max(1, min(16, (os.cpu_count() or 2) - 1))
+    by_cpus = max(1, min(16, usable_cpus() - 1))
     available = available_memory()
     return by_cpus if available is None else max(1, min(by_cpus, available // WORKER_PEAK_BYTES))
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .config import DEFAULT_MODEL, PreprocessConfig
+from .cpus import fit_cpu_threads
 from .errors import UserError
 from .model import SiglipVision
 from .weights import Checkpoint, load_model, resolve_checkpoint
@@ -132,6 +133,8 @@ def load(
     of compiling (so400m gained nothing), on our 2-core CPU it took 18-48 s for 0-5% (bench/RESULTS.md).
     """
     resolved = resolve_device(device)
+    if resolved.type == "cpu":
+        fit_cpu_threads()
     torch_dtype = resolve_dtype(dtype, resolved)
     checkpoint = resolve_checkpoint(model, revision=revision)
     tower = load_model(checkpoint, device=resolved, dtype=torch_dtype)

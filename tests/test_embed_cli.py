@@ -1376,14 +1376,14 @@ def test_a_large_photo_passes_the_header_check_and_embeds(tmp_path: Path, monkey
 
 @pytest.mark.parametrize(
     "cpus, available_gb, expected",
-    [(32, None, 16), (32, 64.0, 16), (32, 6.0, 4), (32, 0.5, 1), (2, 64.0, 1), (None, None, 1)],
+    [(32, None, 16), (32, 64.0, 16), (32, 6.0, 4), (32, 0.5, 1), (2, 64.0, 1), (1, None, 1)],
 )
 def test_default_workers_leave_a_cpu_to_the_model_and_fit_in_memory(
-    monkeypatch: pytest.MonkeyPatch, cpus: int | None, available_gb: float | None, expected: int
+    monkeypatch: pytest.MonkeyPatch, cpus: int, available_gb: float | None, expected: int
 ) -> None:
     from siglip_cli import decoding
 
-    monkeypatch.setattr(decoding.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(decoding, "usable_cpus", lambda: cpus)
     monkeypatch.setattr(decoding, "available_memory", lambda: None if available_gb is None else int(available_gb * 1e9))
     assert decoding.default_workers() == expected
 

@@ -1,0 +1,98 @@
+"""The CPUs a run may use: affinity and cgroup quotas (containers), read from stand-in /proc and /sys files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from siglip_cli import cpus
+
+
+@pytest.fixture
+def cgroups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Write a stand-in /proc/self/cgroup and files under a stand-in /sys/fs/cgroup."""
+    root = tmp_path / "sys-fs-cgroup"
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", root)
+    monkeypatch.setattr(cpus, "PROCESS_CGROUPS", tmp_path / "proc-self-cgroup")
+
+    def write(membership: str, files: dict[str, str]) -> None:
+        (tmp_path / "proc-self-cgroup").write_text(membership)
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+
+    return write
+
+
+def test_a_v2_quota_above_the_process_cgroup_counts(cgroups) -> None:
+    # Kubernetes: the pod's cgroup has the limit, the container's own cgroup none.
+    cgroups("0::/kubepods/pod1/c1\n", {"kubepods/pod1/cpu.max": "250000 100000\n", "kubepods/pod1/c1/cpu.max": "max 100000\n"})
+    assert cpus.cgroup_cpu_quota() == 2.5
+
+
+def test_the_smallest_quota_on_the_path_wins(cgroups) -> None:
+    cgroups("0::/a/b\n", {"cpu.max": "max 100000", "a/cpu.max": "800000 100000", "a/b/cpu.max": "100000 100000"})
+    assert cpus.cgroup_cpu_quota() == 1.0
+
+
+def test_a_v1_quota_at_the_mount_root_counts_when_the_process_path_is_not_mounted(cgroups) -> None:
+    # Older Docker on cgroup v1: /proc/self/cgroup names /docker/<id>, the container sees its own cgroup as the root.
+    cgroups(
+        "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n",
+        {"cpu,cpuacct/cpu.cfs_quota_us": "150000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+    )
+    assert cpus.cgroup_cpu_quota() == 1.5
+
+
+@pytest.mark.parametrize(
+    "membership, files",
+    [
+        ("0::/\n", {"cpu.max": "max 100000\n"}),
+        ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}),
+        ("0::/\n", {}),
+        ("0::/\n", {"cpu.max": "garbled\n"}),
+    ],
+)
+def test_no_quota_when_unlimited_or_unreadable(cgroups, membership: str, files: dict[str, str]) -> None:
+    cgroups(membership, files)
+    assert cpus.cgroup_cpu_quota() is None
+
+
+def test_usable_cpus_is_the_affinity_capped_by_the_quota_rounded_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(cpus, "cgroup_cpu_quota", lambda: 1.5)
+    assert cpus.usable_cpus() == 2
+    monkeypatch.setattr(cpus, "cgroup_cpu_quota", lambda: None)
+    assert cpus.usable_cpus() == 64
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(cpus, "cgroup_cpu_quota", lambda: 8.0)
+    assert cpus.usable_cpus() == 1
+
+
+def test_torch_threads_come_down_to_the_usable_cpus_never_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(cpus, "usable_cpus", lambda: 1)
+        cpus.fit_cpu_threads()
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(cpus, "usable_cpus", lambda: 4)
+        cpus.fit_cpu_threads()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_loading_a_model_for_the_cpu_fits_the_threads(tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from siglip_cli.runtime import load
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(cpus, "usable_cpus", lambda: 1)  # a container's 1-CPU quota on a 2-core machine
+        load(str(tiny_siglip), device="cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
