@@ -455,6 +455,7 @@ def image_results(
 
     from .decoding import default_workers
     from .embed import embed_paths
+    from . import gpu_decode
     from .gpu_decode import JpegHeader, read_header
     from .preprocess import DecodeOptions, load_pixels
     from .runtime import Embedder
@@ -498,7 +499,7 @@ def image_results(
     jpegs = len(taken)  # what the device decoder takes; the rest, PIL
     if jpegs < n:  # the rest take the PIL path: said, or left out when there is nothing for torchvision to decode
         ways["gpu"] = (f"{ways['gpu'][0]} ({jpegs} of {n} files, the rest PIL)", ways["gpu"][1])
-    if not jpegs:
+    if not jpegs or not gpu_decode.supported(preprocess):  # nothing to decode there, or a resize it cannot match
         del ways["gpu"]
     embeddings: dict[str, tuple[Tensor, list[str]]] = {}  # way: (rows, the path of each)
 

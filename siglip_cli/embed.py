@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import interrupts
+from . import gpu_decode, interrupts
 from .decoding import Batch, batch_pixels, decoded_batches, default_workers, digest_of_file, error_row, look_ahead
 from .errors import UserError
 from .files import counted, directory_entry, discover, display_path
-from .gpu_decode import check_supported
 from .outputs import (
     OUTPUT_DTYPES,
     OutputPaths,
@@ -552,8 +551,6 @@ def embedded_batches(
     """Files → embeddings, `batch_size` files at a time, in order: decoding workers, the device decoder, the model.
     A row not finite in `output_dtype`, the type it will be stored in, is an error row instead."""
     decoder = _decoder_for(embedder, decoder)
-    if decoder == "gpu":
-        check_supported(embedder.preprocess)
     batches = decoded_batches(
         paths,
         embedder.preprocess,
@@ -678,11 +675,15 @@ def _embed_pending(
 
 
 def _decoder_for(embedder: Embedder, decoder: str) -> str:
-    """`auto` → `gpu` when the model runs on CUDA, else `cpu` (the exact path)."""
+    """`auto` → `gpu` when the model runs on CUDA and the checkpoint's resize filter has a GPU equivalent, else
+    `cpu` (the exact path). `gpu` for a filter it has not is a UserError, raised before any work is started: the
+    work area records the decoder, so a run refused later could not be continued with `--decode cpu`."""
     if decoder == "auto":
-        return "gpu" if embedder.device.type == "cuda" else "cpu"
+        return "gpu" if embedder.device.type == "cuda" and gpu_decode.supported(embedder.preprocess) else "cpu"
     if decoder not in ("cpu", "gpu"):
         raise UserError(f"unknown decoder {decoder!r} (expected auto, cpu or gpu).")
+    if decoder == "gpu":
+        gpu_decode.check_supported(embedder.preprocess)
     return decoder
 
 

@@ -49,9 +49,14 @@ class JpegHeader:
     height: int
 
 
+def supported(cfg: PreprocessConfig) -> bool:
+    """Whether the checkpoint's preprocessing has a GPU equivalent: its resize filter, if it resizes."""
+    return not cfg.do_resize or cfg.resample in RESAMPLE_MODES
+
+
 def check_supported(cfg: PreprocessConfig) -> None:
     """Raise a `UserError` sentence when the checkpoint's preprocessing has no GPU equivalent."""
-    if cfg.do_resize and cfg.resample not in RESAMPLE_MODES:
+    if not supported(cfg):
         raise UserError(
             f"GPU decoding supports bilinear and bicubic resizing, but this checkpoint asks for PIL filter "
             f"{cfg.resample}; use the CPU decoder."

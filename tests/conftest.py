@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -564,6 +565,14 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubCache:
 
 
 # --------------------------------------------------------------------------- synthetic photos
+
+
+def with_preprocessing(checkpoint: Path, copy: Path, **settings: Any) -> Path:
+    """A copy of `checkpoint` at `copy`, with `settings` changed in its preprocessor_config.json."""
+    shutil.copytree(checkpoint, copy)
+    config = copy / "preprocessor_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **settings}))
+    return copy
 
 
 def make_photo(size: tuple[int, int] = (80, 60), mode: str = "RGB", seed: int = 0) -> Image.Image:

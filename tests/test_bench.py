@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_photo, reference_vision_model
+from conftest import make_photo, reference_vision_model, with_preprocessing
 from siglip_cli import benchmark, config, references
 from siglip_cli.cli import app
 from siglip_cli.config import PreprocessConfig, VisionConfig
@@ -378,6 +378,15 @@ def test_bench_images_without_jpegs_it_takes_has_no_torchvision_row(tiny_siglip:
     assert [r["variant"] for r in document["results"] if r["stage"] == "end_to_end"] == [
         f"PIL decode, workers={workers}", f"PIL --fast-decode, workers={workers}"
     ]
+
+
+def test_bench_images_for_a_filter_the_gpu_lacks_has_no_torchvision_row(tiny_siglip: Path, tmp_path: Path) -> None:
+    # Its `--decode gpu` pass was refused in a sentence that ended the whole benchmark.
+    lanczos = with_preprocessing(tiny_siglip, tmp_path / "lanczos", resample=1)
+    make_photo((64, 48)).save(tmp_path / "a.jpg")
+    document = _bench_json("-m", str(lanczos), "--batch-size", "2", "--images", str(tmp_path))
+    variants = [r["variant"] for r in document["results"] if r["stage"] == "end_to_end"]
+    assert len(variants) == 2 and not any("torchvision" in v for v in variants)
 
 
 def test_bench_of_a_model_that_gives_nan_says_so_in_valid_json(

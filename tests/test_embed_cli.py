@@ -46,6 +46,7 @@ from conftest import (
     save_sideways_jpeg,
     siglip,
     the_error,
+    with_preprocessing,
 )
 from siglip_cli import __version__
 from siglip_cli.cli import app
@@ -875,6 +876,17 @@ def test_device_decoder_with_the_model_on_the_cpu_says_what_it_costs(embed, phot
     result = ok(embed(photos, "-o", out / "e.safetensors", "--decode", "gpu", "--device", "cpu"))
     assert "note: --decode gpu with the model on the CPU" in result.stderr
     assert "note: --decode gpu" not in ok(embed(photos, "-o", out / "f.safetensors", "--device", "cpu")).stderr
+
+
+def test_decode_gpu_for_a_filter_it_lacks_is_refused_before_any_work(
+    embed, photos: Path, out: Path, tiny_siglip: Path, tmp_path: Path
+) -> None:
+    # Refused after the run had recorded `gpu` in its work area, the advice to use the CPU decoder was refused in turn.
+    lanczos = with_preprocessing(tiny_siglip, tmp_path / "lanczos", resample=1)
+    error = the_error(embed(photos, "-o", out / "e.safetensors", "--decode", "gpu", "--device", "cpu", model=lanczos))
+    assert error.endswith("asks for PIL filter 1; use the CPU decoder.")
+    assert list(out.iterdir()) == []
+    ok(embed(photos, "-o", out / "e.safetensors", "--decode", "cpu", model=lanczos))
 
 
 def test_missing_input_path_is_named(embed, photos: Path, out: Path) -> None:

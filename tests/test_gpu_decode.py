@@ -271,6 +271,18 @@ def test_check_supported_refuses_filters_the_gpu_lacks() -> None:
         check_supported(PreprocessConfig(resample=0))
 
 
+@pytest.mark.parametrize("device, resample, expected", [("cuda", 3, "gpu"), ("cuda", 1, "cpu"), ("cpu", 3, "cpu")])
+def test_auto_decodes_on_the_gpu_only_where_it_can_match_the_checkpoints_filter(
+    device: str, resample: int, expected: str
+) -> None:
+    from types import SimpleNamespace
+
+    from siglip_cli.embed import _decoder_for
+
+    embedder = SimpleNamespace(device=torch.device(device), preprocess=PreprocessConfig(resample=resample))
+    assert _decoder_for(embedder, "auto") == expected
+
+
 @pytest.mark.parametrize("resample", [3, 2], ids=["bicubic", "bilinear"])
 @pytest.mark.parametrize("uint8", [True, False], ids=["uint8-cpu-kernel", "float-cuda-kernel"])
 @pytest.mark.parametrize("size", [(200, 150), (20, 15)], ids=["shrink", "enlarge"])
