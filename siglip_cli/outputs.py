@@ -13,7 +13,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -33,7 +33,9 @@ from .storage import (
     write_npy,
     write_safetensors,
 )
-from .weights import Checkpoint
+
+if TYPE_CHECKING:  # the weights module imports torch: 2.5 s that `siglip merge` has no use for
+    from .weights import Checkpoint
 
 
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
