@@ -574,9 +574,8 @@ def embedded_batches(
             if pixels is None:
                 yield Embedded(len(batch), rows, batch.errors + errors, None, None)
                 continue
-            pooled, toks = halved.encode(embedder, pixels)
+            pooled, toks = halved.encode(embedder, pixels, keep_tokens=tokens)
             pooled = F.normalize(pooled, dim=-1) if normalize else pooled
-            toks = toks if tokens else None
             rows, pooled, toks, overflowed = _finite_rows(embedder, rows, pooled, toks, output_dtype)
             errors = batch.errors + errors + overflowed
             if not rows:
@@ -698,7 +697,8 @@ class _Halving:
     def __init__(self, progress: Progress | None):
         self.progress, self.piece = progress, None  # images per forward pass, once one ran out of memory
 
-    def encode(self, embedder: Embedder, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, embedder: Embedder, pixels: Tensor, *, keep_tokens: bool) -> tuple[Tensor, Tensor | None]:
+        """Pooled (B, D) and, with `keep_tokens`, tokens (B, N, D): else not kept, where memory is short."""
         pooled, tokens, start = [], [], 0
         while start < len(pixels):
             piece = pixels[start : start + (self.piece or len(pixels))]
@@ -707,11 +707,11 @@ class _Halving:
                 self._shrink(embedder, len(piece))
                 continue
             pooled.append(out[0])
-            tokens.append(out[1])
+            if keep_tokens:
+                tokens.append(out[1])
+            del out
             start += len(piece)
-        if len(pooled) == 1:
-            return pooled[0], tokens[0]
-        return torch.cat(pooled), torch.cat(tokens)
+        return _joined(pooled), _joined(tokens) if keep_tokens else None
 
     @staticmethod
     def _forward(embedder: Embedder, pixels: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -730,6 +730,10 @@ class _Halving:
             self.progress.note(f"CUDA out of memory at batch size {failed}: running batches in smaller pieces.")
         self.piece = failed // 2
         torch.cuda.empty_cache()
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # one part, the usual case: no copy
 
 
 @dataclass

@@ -1524,16 +1524,20 @@ class OutOfMemoryAbove:
         return self.embedder(pixels)
 
 
-def test_cuda_out_of_memory_halves_the_batch_and_says_so_once(embedder: Embedder, folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tokens", [False, True], ids=["pooled", "tokens"])
+def test_cuda_out_of_memory_halves_the_batch_and_says_so_once(
+    embedder: Embedder, folder: Path, tmp_path: Path, tokens: bool
+) -> None:
     paths = discover([str(folder)])
     small = OutOfMemoryAbove(embedder, limit=3)
     progress = Notes()
-    options = EmbedOptions(batch_size=8, workers=0)
+    options = EmbedOptions(batch_size=8, workers=0, tokens=tokens)
     embed_to_file(small, paths, tmp_path / "halved.safetensors", options=options, progress=progress)
     assert small.batch_sizes == [2, 2, 2, 2, 2, 2]  # 12 images in batches of 8 and 4, run in pieces of 2
     assert small.failed == [8, 4]  # the size that fits is kept: the batch of 4 is not tried whole
     assert len(progress.notes) == 1 and "out of memory" in progress.notes[0].lower()
-    embed_to_file(embedder, paths, tmp_path / "pairs.safetensors", options=EmbedOptions(batch_size=2, workers=0))
+    pairs = EmbedOptions(batch_size=2, workers=0, tokens=tokens)
+    embed_to_file(embedder, paths, tmp_path / "pairs.safetensors", options=pairs)
     assert differences(tmp_path / "halved.safetensors", tmp_path / "pairs.safetensors") == []
 
 
