@@ -201,7 +201,7 @@ def embed(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output, and interrupted work made with other options.")] = False,
     update: Annotated[bool, typer.Option("--update", help="Refresh an existing output: embed new and changed files, drop gone ones.")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Embed only part K of N (K/N, from 0), or auto from Slurm / Kubernetes.", metavar="K/N")] = None,
-    num_shards: Annotated[Optional[int], typer.Option("--num-shards", min=1, help="Shard count for --shard auto where the scheduler does not give it.", metavar="N")] = None,
+    num_shards: Annotated[Optional[int], typer.Option("--num-shards", min=1, help="Shard count for --shard auto (Kubernetes; under Slurm it makes the task id the part, so failed tasks can be rerun).", metavar="N")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded or any folder could not be listed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")] = False,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,

@@ -31,7 +31,8 @@ from .storage import exclusive, remove_stale_temporaries
 
 
 def parse_shard(spec: str | None, num_shards: int | None, environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
-    """`K/N`, or `auto` (the index from Slurm or Kubernetes, the count from Slurm or `num_shards`) → (K, N)."""
+    """`K/N`, or `auto` (the index from Slurm or Kubernetes, the count from Slurm or `num_shards`) → (K, N).
+    Under Slurm, `num_shards` also makes the task id the index: see `_shard_from_environment`."""
     if spec is None:
         if num_shards is not None:
             raise UserError("--num-shards goes with --shard auto.")
@@ -61,8 +62,10 @@ def _shard_from_environment(num_shards: int | None, environ: Mapping[str, str]) 
         task = number("SLURM_ARRAY_TASK_ID", 0)
         first = number("SLURM_ARRAY_TASK_MIN", 0)
         step = number("SLURM_ARRAY_TASK_STEP", 1, least=1)
-        index = (task - first) // step
-        count = num_shards or number("SLURM_ARRAY_TASK_COUNT", 0)
+        if num_shards is None:
+            index, count = (task - first) // step, number("SLURM_ARRAY_TASK_COUNT", 0)
+        else:  # the task ids are the part numbers, so a rerun of some tasks (`--array=3,5`) makes those same parts
+            index, count = task, num_shards
         source = "SLURM_ARRAY_TASK_ID"
     elif "JOB_COMPLETION_INDEX" in environ:  # Kubernetes indexed Job; the count is the Job's `completions`
         index, count, source = number("JOB_COMPLETION_INDEX", 0), num_shards or 0, "JOB_COMPLETION_INDEX"

@@ -54,6 +54,15 @@ def test_auto_follows_a_slurm_array_with_a_step() -> None:
     assert parse_shard("auto", None, slurm) == (2, 8)
 
 
+def test_with_num_shards_the_slurm_task_id_is_the_part_so_failed_tasks_can_be_rerun() -> None:
+    # `sbatch --array=3,5 job.sh` after tasks 3 and 5 of `--array=0-7` failed: counted from the array's first id
+    # and with its task count, task 5 was part 1 of 2 (and task 3 part 0, everything again, of 1 under --array=3).
+    rerun = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "2"}
+    assert parse_shard("auto", 8, rerun) == (5, 8)
+    with pytest.raises(UserError, match="index 8 from SLURM_ARRAY_TASK_ID is not below the shard count 8"):
+        parse_shard("auto", 8, {"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "1"})  # `--array=1-8`
+
+
 def test_num_shards_that_contradicts_the_shard_is_refused() -> None:
     with pytest.raises(UserError, match="--shard 1/2 says 2 shards but --num-shards says 4"):
         parse_shard("1/2", 4)
