@@ -112,7 +112,7 @@ def _embed_job(job: _Job, channel: mp.Queue) -> None:
     embedder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype, compile=job.compile)
     summary = embed_to_file(
         embedder, job.paths, job.output, options=job.options, update=True, overwrite=job.overwrite,
-        progress=_QueueProgress(channel, job.index), require_rows=False, part_of=Path(job.output).parent,
+        progress=_QueueProgress(channel, job.index), part_of=Path(job.output).parent,
     )  # fmt: skip
     channel.put(("done", job.index, summary))
 
@@ -180,8 +180,7 @@ def embed_with_model(
             f"{pre.width}x{pre.height}, {PIL_FILTERS[pre.resample]}; pixels scaled to [-1, 1])."
         )
     summary = embed_to_file(
-        embedder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress,
-        require_rows=options.shard is None,  # a shard's part may be empty or all bad: the merge decides
+        embedder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress
     )
     if progress and (hint := dtype_note(embedder.device, embedder.dtype)):
         progress.note(hint)  # after the run: what the next one could do differently

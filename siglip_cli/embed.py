@@ -145,14 +145,14 @@ def embed_to_file(
     overwrite: bool = False,
     update: bool = False,
     progress: Progress | None = None,
-    require_rows: bool = True,
     part_of: Path | None = None,
 ) -> Summary:
     """Embed `paths` (in this order; with `update`, sorted among the earlier rows: `_with_earlier_rows`) into
     `output` (.safetensors or .npy) plus its manifest and errors files.
 
-    With `require_rows`, inputs of which none could be embedded are an error and leave no output behind.
     `part_of`: the work folder of the several-device run this output is one shard of, named in its refusals.
+    Of a whole run (no `options.shard`, no `part_of`), inputs none of which could be embedded are an error and leave
+    no output behind; a part may be empty or all bad, and the merge decides.
     """
     started = time.perf_counter()
     paths = list(dict.fromkeys(paths))  # a file given twice is one row
@@ -168,7 +168,8 @@ def embed_to_file(
 
         # The user's --update of a whole output keeps the rows of files still there, whatever this run's inputs.
         # A shard (its inputs decide its part) and a several-device worker (its part of this run) keep only theirs.
-        keep_unlisted = update and options.shard is None and part_of is None
+        whole_run = options.shard is None and part_of is None
+        keep_unlisted = update and whole_run
         chunks = work.chunks()
         in_chunks = _chunk_rows(chunks)
         try:
@@ -189,7 +190,7 @@ def embed_to_file(
         ordered = [results[p] for p in paths]
         good = [r for r in ordered if isinstance(r, Ref)]
         bad = [r for r in ordered if not isinstance(r, Ref)]
-        if not good and paths and require_rows:
+        if not good and paths and whole_run:
             work.remove()
             refuse_empty_run(out, bad)
         interrupts.check()
