@@ -16,17 +16,27 @@ class ConfigError(UserError):
     """A checkpoint configuration we cannot run."""
 
 
-# transformers' activation names → torch's GELU `approximate` argument. SigLIP trains with the tanh
-# approximation; "gelu_new", "gelu_fast", "gelu_accurate" and "gelu_python_tanh" are other implementations of the
-# same function, as "gelu_python" is of the exact (erf) GELU.
+# transformers' activation names (its ACT2FN) → the function, as `model.ACTIVATION_FUNCTIONS` names it. SigLIP trains
+# with the tanh GELU; "gelu_new", "gelu_fast", "gelu_accurate" and "gelu_python_tanh" are other implementations of
+# it, as "gelu_python" is of the exact (erf) GELU. No SigLIP checkpoint uses the others; transformers builds towers
+# with them (fine-tunes, tiny test towers), and so do we. Left out: prelu and xielu, which have weights of their own,
+# and laplace and sqrtsoftplus, written for attention and routers.
 ACTIVATIONS = {
-    "gelu_pytorch_tanh": "tanh",
-    "gelu_new": "tanh",
-    "gelu_fast": "tanh",
-    "gelu_accurate": "tanh",
-    "gelu_python_tanh": "tanh",
-    "gelu": "none",
-    "gelu_python": "none",
+    **dict.fromkeys(["gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_accurate", "gelu_python_tanh"], "gelu_tanh"),
+    **dict.fromkeys(["gelu", "gelu_python"], "gelu"),
+    "quick_gelu": "quick_gelu",
+    "gelu_10": "gelu_10",
+    "relu": "relu",
+    "relu2": "relu2",
+    "relu6": "relu6",
+    "leaky_relu": "leaky_relu",
+    "silu": "silu",
+    "swish": "silu",
+    "mish": "mish",
+    "hardswish": "hardswish",
+    "tanh": "tanh",
+    "sigmoid": "sigmoid",
+    "linear": "identity",
 }
 
 
@@ -60,8 +70,8 @@ class VisionConfig:
     vision_use_head: bool = True
 
     @property
-    def gelu_approximate(self) -> str:
-        """torch's GELU `approximate` for `hidden_act`: "tanh" or "none" (the exact, erf GELU)."""
+    def activation(self) -> str:
+        """The function `hidden_act` names: "gelu_tanh" (SigLIP's), "gelu" (exact, erf), or one of `ACTIVATIONS`'."""
         return ACTIVATIONS[self.hidden_act]
 
     def __post_init__(self) -> None:
@@ -125,7 +135,7 @@ class PreprocessConfig:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
-        if self.resample not in PIL_FILTERS:
+        if isinstance(self.resample, bool) or not isinstance(self.resample, int) or self.resample not in PIL_FILTERS:
             raise ConfigError(
                 f"resample {self.resample!r} is not a PIL filter number "
                 f"({', '.join(f'{n} {name}' for n, name in PIL_FILTERS.items())})."

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
-from .model import SiglipVision
+from .model import ACTIVATION_FUNCTIONS, SiglipVision
 
 REFERENCES = ("transformers", "timm")
 
@@ -131,6 +131,17 @@ def timm_state_dict(model: SiglipVision) -> dict[str, Tensor]:
     return state
 
 
+class _Activation(nn.Module):
+    """One of `model.ACTIVATION_FUNCTIONS` as a module, for timm's MLP: towers with activations no SigLIP uses."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ACTIVATION_FUNCTIONS[self.name](x)
+
+
 def timm_model(model: SiglipVision, *, device: torch.device | str = "cpu") -> nn.Module:
     """timm's `VisionTransformer` configured like `vit_base_patch16_siglip_224` for our config, our weights; float32."""
     try:
@@ -139,6 +150,7 @@ def timm_model(model: SiglipVision, *, device: torch.device | str = "cpu") -> nn
     except ImportError:
         raise UserError(f"--compare timm needs the timm package: {INSTALL_REFERENCES}.") from None
     cfg = model.config
+    activation = {"gelu_tanh": GELUTanh, "gelu": nn.GELU}.get(cfg.activation) or functools.partial(_Activation, cfg.activation)
     with torch.device(device):
         reference = VisionTransformer(
             img_size=cfg.image_size,
@@ -156,7 +168,7 @@ def timm_model(model: SiglipVision, *, device: torch.device | str = "cpu") -> nn
             mlp_ratio=(cfg.intermediate_size + 0.5) / cfg.hidden_size,
             class_token=False,
             norm_layer=functools.partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
-            act_layer=GELUTanh if cfg.gelu_approximate == "tanh" else nn.GELU,
+            act_layer=activation,
             weight_init="skip",
         )
     _load_exact(reference, timm_state_dict(model), source="timm")

@@ -31,6 +31,12 @@ from .weights import load_tower
 SAMPLE_IMAGE = "sample.jpg"  # in siglip_cli/assets: chelsea.jpg from sample_images/ (CC0)
 NUM_FILTERS = 64  # patch-embedding filters kept for the plot
 
+ACTIVATION_NAMES = {  # `VisionConfig.activation` as a stage's note says it
+    "gelu_tanh": "GELU (tanh approximation)", "gelu": "GELU", "quick_gelu": "quick GELU: x · sigmoid(1.702 x)",
+    "gelu_10": "GELU clipped to [-10, 10]", "relu": "ReLU", "relu2": "ReLU squared", "relu6": "ReLU6",
+    "leaky_relu": "leaky ReLU", "silu": "SiLU", "mish": "Mish", "hardswish": "hard swish", "tanh": "tanh",
+    "sigmoid": "sigmoid", "identity": "none (linear)",
+}
 _LAYER_STAGE = re.compile(r"layers\.(\d+)\.(.+)")
 
 
@@ -381,7 +387,7 @@ class _Describer:
             "residual1": "x + attention",
             "layer_norm2": "pre-MLP LayerNorm",
             "mlp.fc1": f"{D} → {F}",
-            "mlp.gelu": "GELU" + (" (tanh approximation)" if cfg.gelu_approximate == "tanh" else ""),
+            "mlp.gelu": ACTIVATION_NAMES[cfg.activation],
             "mlp.fc2": f"{F} → {D}",
             "residual2": "x + MLP: the layer's output",
         }

@@ -97,10 +97,13 @@ def test_fuse_gelu_skips_towers_with_the_exact_gelu() -> None:
 HEADLESS = VisionConfig(**{**TINY.__dict__, "vision_use_head": False})
 ODD = VisionConfig(hidden_size=36, intermediate_size=43, num_hidden_layers=1, num_attention_heads=4, image_size=44, patch_size=14)
 EXACT_GELU = VisionConfig(**{**TINY.__dict__, "hidden_act": "gelu_python"})  # transformers' other exact GELU
+QUICK_GELU = VisionConfig(**{**TINY.__dict__, "hidden_act": "quick_gelu"})  # no SigLIP's: timm gets it as a module
 
 
 @pytest.mark.parametrize("backend", ["transformers", "timm"])
-@pytest.mark.parametrize("cfg", [TINY, HEADLESS, ODD, EXACT_GELU], ids=["head", "headless", "p14-odd-heads", "exact-gelu"])
+@pytest.mark.parametrize(
+    "cfg", [TINY, HEADLESS, ODD, EXACT_GELU, QUICK_GELU], ids=["head", "headless", "p14-odd-heads", "exact-gelu", "quick-gelu"]
+)
 def test_reference_key_maps_compute_our_function(backend: str, cfg: VisionConfig) -> None:
     model, x = _tiny_model(cfg), _pixels(cfg)
     forward = references.reference_forward(backend, model, device=torch.device("cpu"), dtype=torch.float32)

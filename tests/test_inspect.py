@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import make_photo, reference_vision_model, save_png_claiming_size
 from siglip_cli import cli, plots, tracing
-from siglip_cli.config import PRESETS, PreprocessConfig, VisionConfig
+from siglip_cli.config import ACTIVATIONS, PRESETS, PreprocessConfig, VisionConfig
 from siglip_cli.errors import UserError
 from siglip_cli.inspect_report import report, stage_table
 from siglip_cli.model import SiglipVision, gflops_per_image, num_parameters
@@ -159,12 +159,20 @@ def test_so400m_384_stage_shapes_on_the_meta_device() -> None:
     assert any("last 6 pixel rows and columns" in note for note in result.notes)
 
 
-@pytest.mark.parametrize("activation, said", [("gelu_python", "GELU"), ("gelu_new", "GELU (tanh approximation)")])
+@pytest.mark.parametrize(
+    "activation, said", [("gelu_python", "GELU"), ("gelu_new", "GELU (tanh approximation)"), ("swish", "SiLU")]
+)
 def test_the_gelu_stage_names_the_function_the_checkpoint_computes(activation: str, said: str) -> None:
     vision = VisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
                           image_size=32, patch_size=16, hidden_act=activation)  # fmt: skip
     result = tracing.trace(SiglipVision(vision), make_photo(), PreprocessConfig(32, 32), layers="first")
     assert {s.stage: s.note for s in result.stages}["layers.0.mlp.gelu"] == said
+
+
+def test_every_activation_has_a_name_to_show() -> None:
+    from siglip_cli.model import ACTIVATION_FUNCTIONS
+
+    assert set(tracing.ACTIVATION_NAMES) == set(ACTIVATION_FUNCTIONS) == set(ACTIVATIONS.values())
 
 
 def test_a_checkpoint_that_does_not_resize_refuses_a_photo_of_another_size_in_one_sentence() -> None:

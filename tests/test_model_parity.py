@@ -96,7 +96,7 @@ def test_pooled_output_matches_transformers_pooler_output(headed_checkpoint: Pat
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-def test_every_gelu_name_transformers_accepts_runs_as_transformers_runs_it(tmp_path: Path, activation: str) -> None:
+def test_every_activation_name_runs_as_transformers_runs_it(tmp_path: Path, activation: str) -> None:
     checkpoint = build_checkpoint(tmp_path, layout="vision")
     config = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps({**config, "hidden_act": activation}))

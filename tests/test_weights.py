@@ -449,6 +449,7 @@ def test_malformed_config_is_one_sentence_naming_the_checkpoint(tmp_path: Path, 
     [
         ({"resample": "bicubic"}, r"resample 'bicubic' is not a PIL filter number \(0 nearest, .*5 hamming\)"),
         ({"resample": 99}, r"resample 99 is not a PIL filter number"),
+        ({"resample": 3.0}, r"resample 3.0 is not a PIL filter number"),  # passed, then failed every image
         ({"size": {"height": "224", "width": 224}}, r"preprocessor height must be a positive integer, not '224'"),
         ({"image_mean": ["a", "b", "c"]}, r"expected 3 channel values for image mean/std"),
         ({"rescale_factor": "x"}, r"rescale_factor must be a number, not 'x'"),
@@ -579,8 +580,8 @@ def test_non_square_image_size_is_refused() -> None:
 
 
 def test_unknown_activation_is_refused() -> None:
-    with pytest.raises(ConfigError, match="activation 'swish' is not supported"):
-        vision_config_from_hub({"model_type": "siglip_vision_model", "hidden_act": "swish"})
+    with pytest.raises(ConfigError, match="activation 'prelu' is not supported"):  # it has weights of its own
+        vision_config_from_hub({"model_type": "siglip_vision_model", "hidden_act": "prelu"})
 
 
 def test_absent_preprocessor_config_means_bicubic_at_the_tower_size() -> None:
