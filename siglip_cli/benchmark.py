@@ -453,9 +453,9 @@ def image_results(
     """
     from PIL import Image
 
+    from . import gpu_decode
     from .decoding import default_workers
     from .embed import embed_paths
-    from . import gpu_decode
     from .gpu_decode import JpegHeader, read_header
     from .preprocess import DecodeOptions, load_pixels
     from .runtime import Embedder

@@ -35,7 +35,10 @@ def cgroup_cpu_quota() -> float | None:
         return None
     quotas = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)  # hierarchy id, controllers, path
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
         if controllers == "":  # v2: one hierarchy, on /sys/fs/cgroup or, beside v1, on /sys/fs/cgroup/unified
             mounts, read = [CGROUP_ROOT, CGROUP_ROOT / "unified"], _v2_quota
         elif "cpu" in controllers.split(","):

@@ -39,10 +39,10 @@ except ImportError:  # moved in some torch release: the loader still notices a d
 
 from . import interrupts
 from .config import PreprocessConfig
+from .cpus import usable_cpus
 from .files import is_regular_file
 from .gpu_decode import JpegHeader, decode_headers, read_header
 from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_checked
-from .cpus import usable_cpus
 
 
 T, U = TypeVar("T"), TypeVar("U")
@@ -290,8 +290,8 @@ WORKER_PEAK_BYTES = 1_500_000_000
 
 
 def default_workers() -> int:
-    """Decoding processes: one per usable CPU (`cpus.usable_cpus`) but the one the model's main process needs, at most 16, and no more than
-    the memory available now can hold at their peak (16 workers on panoramas could need 24 GB)."""
+    """Decoding processes: one per usable CPU (`cpus.usable_cpus`) but the one the model's main process needs, at
+    most 16, and no more than the memory available now can hold at their peak (16 on panoramas could need 24 GB)."""
     by_cpus = max(1, min(16, usable_cpus() - 1))
     available = available_memory()
     return by_cpus if available is None else max(1, min(by_cpus, available // WORKER_PEAK_BYTES))

@@ -53,6 +53,7 @@ def test_a_v1_quota_at_the_mount_root_counts_when_the_process_path_is_not_mounte
         ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}),
         ("0::/\n", {}),
         ("0::/\n", {"cpu.max": "garbled\n"}),
+        ("garbled\n", {"cpu.max": "100000 100000\n"}),
     ],
 )
 def test_no_quota_when_unlimited_or_unreadable(cgroups, membership: str, files: dict[str, str]) -> None:
