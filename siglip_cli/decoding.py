@@ -310,7 +310,7 @@ def available_memory() -> int | None:
 
 
 @dataclass(frozen=True)
-class _Parcels:
+class _ParcelSampler:
     """The DataLoader's batch sampler: the files of each batch span in parcels of `size`, made as they are needed
     (a list of them would cost ~40 bytes per file, 400 MB for ten million photos)."""
 
@@ -377,7 +377,7 @@ def _parcels(
             warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than CPUs: as asked
             loader = DataLoader(
                 files,
-                batch_sampler=_Parcels(spans, size),
+                batch_sampler=_ParcelSampler(spans, size),
                 num_workers=workers,
                 collate_fn=_collate,
                 worker_init_fn=_worker_init if workers else None,

@@ -1439,8 +1439,8 @@ def test_batches_are_fixed_slices_put_together_from_worker_parcels(
                                      jpeg_to_device=jpeg_to_device))  # fmt: skip
     assert [len(b) for b in batches] == [min(batch_size, len(paths) - s) for s in range(0, len(paths), batch_size)]
     spans = [(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size)]
-    parcels = list(D._Parcels(spans, 3))  # what the workers are handed: no parcel crosses a batch's edge
-    assert len(D._Parcels(spans, 3)) == len(parcels) and [i for c in parcels for i in c] == list(range(len(paths)))
+    parcels = list(D._ParcelSampler(spans, 3))  # what the workers are handed: no parcel crosses a batch's edge
+    assert len(D._ParcelSampler(spans, 3)) == len(parcels) and [i for c in parcels for i in c] == list(range(len(paths)))
     assert all(len(c) <= 3 and any(s <= c[0] and c[-1] < e for s, e in spans) for c in parcels)
     start = 0
     for batch in batches:
