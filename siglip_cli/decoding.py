@@ -47,7 +47,9 @@ from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_che
 
 T, U = TypeVar("T"), TypeVar("U")
 # A file is read whole (hashed, then decoded from memory) by the worker that takes it; one larger than this has its
-# header checked first, so that a video named .jpg or a 20 GB scan over the pixel limit costs no memory.
+# header checked first, so that a video named .jpg or a 20 GB scan over the pixel limit costs no memory, and is then
+# hashed a block at a time and decoded from the file: a photo followed by gigabytes (a damaged copy, a video glued
+# on) costs the photo's memory, not the file's.
 HEADER_FIRST_BYTES = 64 << 20
 
 
@@ -86,6 +88,10 @@ def decode_file(
     if info.st_size > HEADER_FIRST_BYTES:
         with open(path, "rb") as f:  # its own handle: closing the image closes the file it was given
             open_checked(f, options).close()  # a huge file that is no image, or too many pixels: refused unread
+        facts = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "blake2b": digest_of_file(path)}
+        with open(path, "rb") as f:  # the PIL path: the device decoder takes bytes in memory
+            pixels, width, height = load_pixels(f, cfg, options)
+        return pixels, {"width": width, "height": height, **facts}, None
     with open(path, "rb") as f:
         data = f.read()
     if not data:  # an interrupted copy or download, often: PIL would say only "cannot identify image file"

@@ -1380,6 +1380,29 @@ def test_a_huge_file_that_is_no_image_is_refused_without_being_read(tmp_path: Pa
     assert peak < HEADER_FIRST_BYTES / 4
 
 
+def test_a_photo_with_a_huge_tail_costs_the_photos_memory_not_the_files(tmp_path: Path) -> None:
+    # A JPEG followed by gigabytes (a damaged copy, a video glued on) was read whole into the worker's memory.
+    import tracemalloc
+
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.decoding import HEADER_FIRST_BYTES, decode_file, digest_of_file
+    from siglip_cli.preprocess import DecodeOptions, load_pixels
+
+    photo = tmp_path / "photo.jpg"
+    make_photo((80, 60)).save(photo)
+    expected = load_pixels(photo, PreprocessConfig(32, 32), DecodeOptions())[0]
+    with open(photo, "r+b") as f:
+        f.truncate(HEADER_FIRST_BYTES * 2)  # zeros after the JPEG's end, sparse: no disk space used
+    tracemalloc.start()
+    try:
+        pixels, facts, _ = decode_file(str(photo), PreprocessConfig(32, 32), DecodeOptions())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < HEADER_FIRST_BYTES / 4
+    assert torch.equal(pixels, expected) and facts["blake2b"] == digest_of_file(str(photo))
+
+
 def test_a_large_photo_passes_the_header_check_and_embeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Closing the image from the header check closed the file it was given: every file over the limit failed.
     from siglip_cli import decoding
