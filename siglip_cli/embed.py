@@ -279,8 +279,11 @@ def _resumable_after_write_errors(out: OutputPaths) -> Iterator[None]:
     except WriteError as e:  # the chunks written before are on disk, fsynced
         if not out.work.is_dir():  # none made yet, or gone (the errors file of a run that embedded nothing)
             raise
-        kept = f"Finished work is kept in {out.work}: make room and rerun the same command to continue."
-        raise WriteError(f"{e} {kept}") from None
+        if any(out.work.glob("chunk-*")) or any(out.work.glob("shard-*")):
+            then = f"Finished work is kept in {out.work}: once the files can be written, rerun the same command to continue."
+        else:
+            then = "Once the files can be written, rerun the same command."
+        raise WriteError(f"{e} {then}") from None
 
 
 def _chunk_rows(chunks: list[Chunk]) -> dict[str, Ref | dict]:

@@ -211,6 +211,35 @@ def test_a_full_disk_is_one_sentence_and_the_rerun_continues(
     assert (summary["embedded"], summary["reused"]) == (2, 1)
 
 
+def test_a_folder_made_read_only_during_the_run_is_one_sentence(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lock file's removal failed in turn, and its PermissionError came out as a traceback on top of the sentence.
+    import errno
+    import pathlib
+
+    from siglip_cli import storage
+
+    real_fsync, real_unlink = os.fsync, pathlib.Path.unlink
+
+    def fsync(fd: int) -> None:
+        if "chunk-00000000" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EACCES, "Permission denied")
+        real_fsync(fd)
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.name.endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr("siglip_cli.embed.FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--batch-size", "1"))
+    assert "Permission denied" in error  # nothing was finished: no "finished work is kept"
+    assert error.endswith("Once the files can be written, rerun the same command.")
+
+
 def test_the_readme_python_api_runs_as_written(tiny_siglip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Python API", 1)[1]
