@@ -8,6 +8,7 @@ the exception, and never stops the batch.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import io
 import math
@@ -40,6 +41,7 @@ except ImportError:  # moved in some torch release: the loader still notices a d
 from . import interrupts
 from .config import PreprocessConfig
 from .cpus import usable_cpus
+from .errors import first_line
 from .files import is_regular_file
 from .gpu_decode import JpegHeader, decode_headers, read_header
 from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_checked
@@ -225,7 +227,7 @@ def _collate(items: list[Item]) -> Parcel:
                 if tensor is not None:
                     tensor.share_memory_()
         except RuntimeError as e:
-            raise SharedMemoryFull(str(e)) from None
+            raise SharedMemoryFull(first_line(e)) from None
     return parcel
 
 
@@ -390,7 +392,17 @@ def _parcels(
                 prefetch_factor=prefetch,
                 pin_memory=pin,
             )
-            arriving = iter(loader)
+            try:
+                arriving = iter(loader)
+            except OSError as e:  # its queues' semaphores live in /dev/shm: full, read-only; or no process to fork
+                if not workers:
+                    raise
+                reason = e.strerror or str(e)
+                _drop_half_made(e)
+                note(f"cannot start {workers} decoding workers ({reason}; they need a writable /dev/shm): decoding in "
+                     "this process, which is slower.")  # fmt: skip
+                workers = 0
+                continue
         try:
             for _ in range(len(loader)):
                 with interrupts.deferred(), _worker_deaths_raised_here():
@@ -400,10 +412,10 @@ def _parcels(
             with interrupts.deferred():
                 next(arriving, None)  # the finished iterator shuts its workers down (not in a `__del__`, see `interrupts`)
             return
-        except SharedMemoryFull:
+        except SharedMemoryFull as e:
             note(
-                f"the shared memory (/dev/shm) is too small for {workers} decoding workers' parcels: decoding in "
-                "this process from here on, which is slower (in a container, give it more: docker run --shm-size=2g)."
+                f"the shared memory (/dev/shm) is too small for {workers} decoding workers' parcels ({e}): decoding "
+                "in this process from here on, which is slower (in a container, give it more: docker run --shm-size=2g)."
             )
             workers = 0
             spans = _clip(spans, done, len(files))
@@ -418,6 +430,18 @@ def _parcels(
         for first, end in _clip(spans, done, in_flight):
             yield _collate(_each_alone(files, range(first, end), workers))
         spans, done = _clip(spans, in_flight, len(files)), in_flight
+
+
+def _drop_half_made(error: BaseException) -> None:
+    """Free what the frames of `error`'s traceback hold, quietly: a DataLoader iterator that failed in its
+    `__init__` fails again in its `__del__`, on attributes it never set, and Python prints that as a traceback."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        error.__traceback__ = None
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 def _clip(spans: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:

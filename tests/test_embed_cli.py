@@ -1601,6 +1601,35 @@ def test_workers_short_of_shared_memory_leave_the_rest_to_this_process(
                            D.batch_pixels(expected, cfg, torch.device("cpu"), DecodeOptions())[0])  # fmt: skip
 
 
+def test_workers_that_cannot_start_leave_the_work_to_this_process(
+    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full or read-only /dev/shm: the loader's queues could not make their semaphores, and the run ended in a
+    # traceback.
+    import errno
+
+    from siglip_cli import decoding as D
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.preprocess import DecodeOptions
+
+    paths = sorted(str(p) for p in mixed_folder.iterdir())
+    cfg = PreprocessConfig(32, 32)
+    plain = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=3, workers=0, pin=False))
+    start = D.DataLoader._get_iterator
+
+    def no_semaphores(self):
+        if self.num_workers:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return start(self)
+
+    monkeypatch.setattr(D.DataLoader, "_get_iterator", no_semaphores)
+    notes: list[str] = []
+    batches = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=3, workers=2, pin=False, note=notes.append))
+    assert notes == ["cannot start 2 decoding workers (No space left on device; they need a writable /dev/shm): "
+                     "decoding in this process, which is slower."]  # fmt: skip
+    assert [[r["path"] for r in b.rows] for b in batches] == [[r["path"] for r in b.rows] for b in plain]
+
+
 def test_ctrl_c_while_the_workers_shut_down_reaches_the_run(
     mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
