@@ -213,7 +213,7 @@ def cosine(a: Tensor, b: Tensor) -> float | None:
     a, b = a.float().cpu(), b.float().cpu()
     if not (len(a) and torch.isfinite(a).all() and torch.isfinite(b).all()):
         return None
-    return F.cosine_similarity(a, b, dim=-1).min().item()
+    return min(1.0, F.cosine_similarity(a, b, dim=-1).min().item())  # float32 rounding gave 1.0000001
 
 
 # --------------------------------------------------------------------------- the report
@@ -289,6 +289,9 @@ def default_compile(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+MAX_BATCH_SIZE = 1 << 24  # 16.7 million 224-pixel images: 10 TB of float32 pixels
+
+
 def check_batch_sizes(sizes: Iterable[int], *, given: str | None = None) -> tuple[int, ...]:
     """Each size once, in the order given; none, or anything but positive integers, is a `BenchError` sentence
     naming `given` (the text the sizes were read from; by default the sizes joined by commas). One rule, one
@@ -297,6 +300,8 @@ def check_batch_sizes(sizes: Iterable[int], *, given: str | None = None) -> tupl
     if not sizes or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in sizes):
         given = ",".join(map(str, sizes)) if given is None else given
         raise BenchError(f"batch sizes must be positive integers, e.g. --batch-size 1,8,32 (got {given!r}).")
+    if too_large := [s for s in sizes if s > MAX_BATCH_SIZE]:  # past it, torch's size arithmetic overflows first
+        raise BenchError(f"batch size {too_large[0]:,} does not fit in any device's memory: try a smaller --batch-size.")
     return tuple(dict.fromkeys(int(s) for s in sizes))
 
 
@@ -378,6 +383,9 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
                                             f"numbers are no embeddings {_nan_hint(dtype)}.")  # fmt: skip
                 report.results.append(_result(backend, "model", batch_size, timings[backend], label, agreement))
             noisy = max(timings, key=lambda backend: timings[backend].spread)
+            if iters == 1 and i == 0 and len(timings) > 1:
+                report.notes.append("--iters 1: one timed call each, whose spread cannot be told: ratios from this run "
+                                    "are rough.")  # fmt: skip
             if iters > 1 and timings[noisy].spread > NOISY_SPREAD:
                 rough = "ratios from this run are rough" if len(timings) > 1 else "its images/s is rough"
                 report.notes.append(
@@ -387,8 +395,12 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
 
     if options.images is not None:
         if skipped:
-            report.notes.append(f"--images: left out {skipped} file(s) that cannot be read (damaged, or past the pixel "
-                                "limit: `siglip embed` would list them as errors).")  # fmt: skip
+            shown = "; ".join(skipped[:3]) + (f"; {len(skipped) - 3:,} more" if len(skipped) > 3 else "")
+            report.notes.append(f"--images: left out {len(skipped)} file(s) that cannot be read (`siglip embed` would "
+                                f"list them as errors): {shown}.")  # fmt: skip
+        if device.type == "cpu" and iters > 1:
+            report.notes.append("--images on the CPU: each end-to-end way is timed over one pass of the files (a "
+                                "minute for a base model over 64 images); --iters applies to the other rows.")  # fmt: skip
         if len(paths) < FEW_FILES:
             report.notes.append(
                 f"--images: each end-to-end pass over these {len(paths)} files starts `siglip embed`'s decoding "
@@ -396,7 +408,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
             )
         say(f"image pipeline on {len(paths)} files from {options.images}")
         report.results += image_results(paths, plain, preprocess, device=device, dtype=dtype,
-                                        batch_size=max(batch_sizes), iters=iters)  # fmt: skip
+                                        batch_size=min(max(batch_sizes), len(paths)), iters=iters)  # fmt: skip
     return report
 
 
@@ -540,26 +552,27 @@ def _nan_hint(dtype: torch.dtype) -> str:
     return "(a damaged checkpoint?)" if dtype == torch.float32 else "(try --dtype float32)"
 
 
-def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], int]:
+def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], list[str]]:
     """The first `limit` image files under `directory` that decode, found as `siglip embed` finds them (sorted,
-    recursive), and how many were passed over because they do not: timings of a file that fails mean nothing."""
-    from .files import IMAGE_SUFFIXES, discover
-    from .preprocess import BadImage, DecodeOptions, open_rgb
+    recursive), and those passed over because they do not, each with why: timings of a file that fails mean
+    nothing."""
+    from .files import IMAGE_SUFFIXES, discover, display_path
+    from .preprocess import BadImage, DecodeOptions, one_line, open_rgb
 
     if not directory.is_dir():
         raise BenchError(f"--images {directory} {'is not a directory' if directory.exists() else 'does not exist'}.")
     found = discover([str(directory)])
     if not found:
         raise BenchError(f"--images {directory} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-    paths, skipped = [], 0
+    paths, skipped = [], []
     for path in found:
         if len(paths) == limit:
             break
         try:
             open_rgb(path, DecodeOptions())
             paths.append(path)
-        except (BadImage, OSError, ValueError):
-            skipped += 1
+        except (BadImage, OSError, ValueError) as e:
+            skipped.append(f"{display_path(path)} ({one_line(e)})")
     if not paths:
-        raise BenchError(f"--images {directory}: none of its image files decode.")
+        raise BenchError(f"--images {directory}: none of its image files decode: {skipped[0]}.")
     return paths, skipped

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .model import ACTIVATION_FUNCTIONS, SiglipVision
 
 REFERENCES = ("transformers", "timm")
@@ -30,13 +30,22 @@ def check_references(names: Iterable[str]) -> None:
         raise UserError(f"unknown comparison {unknown[0]!r} (expected one of {', '.join(REFERENCES)}).")
 
 
-INSTALL_REFERENCES = "pip install -e '.[bench]' in the clone installs both references"
+INSTALL_REFERENCES = "`pip install transformers timm` installs both references (`.[bench]` in a clone of siglip)"
 
 
 def missing_package(name: str) -> str | None:
-    """One sentence when the library behind comparison `name` is not installed, else None."""
+    """One sentence when the library behind comparison `name` is not installed, or does not import (a version that
+    does not match torch's, an old one without what the reference needs), else None."""
     if importlib.util.find_spec(name) is None:
         return f"{name} comparison skipped: the {name} package is not installed ({INSTALL_REFERENCES})."
+    needs = {"timm": ["timm.layers.GELUTanh", "timm.models.vision_transformer.VisionTransformer"],
+             "transformers": ["transformers.SiglipVisionConfig", "transformers.SiglipVisionModel"]}  # fmt: skip
+    try:
+        for needed in needs[name]:  # what `timm_model` and `transformers_model` build with
+            module, attribute = needed.rsplit(".", 1)
+            getattr(importlib.import_module(module), attribute)
+    except Exception as e:  # a broken install raises anything: AttributeError, RuntimeError, ImportError
+        return f"{name} comparison skipped: importing {name} failed ({type(e).__name__}: {first_line(e)})."
     return None
 
 

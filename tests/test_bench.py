@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_photo, reference_vision_model, with_preprocessing
+from conftest import make_photo, reference_vision_model, save_png_claiming_size, with_preprocessing
 from siglip_cli import benchmark, config, references
 from siglip_cli.cli import app
 from siglip_cli.config import PreprocessConfig, VisionConfig
@@ -212,11 +212,31 @@ def test_bench_missing_timm_is_one_note(tiny_vision: Path, monkeypatch: pytest.M
     assert "Traceback" not in result.output
 
 
+def test_bench_broken_timm_is_one_note_naming_the_cause(
+    tiny_vision: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A timm built for another torch fails on import with whatever: the AttributeError was a traceback, an
+    # ImportError the sentence "needs the timm package", with timm installed.
+    (tmp_path / "timm").mkdir()
+    (tmp_path / "timm" / "__init__.py").write_text("raise AttributeError(\"module 'torch' has no attribute 'xyz'\")\n")
+    for name in [name for name in sys.modules if name == "timm" or name.startswith("timm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = RUNNER.invoke(app, ["bench", "-m", str(tiny_vision), "--device", "cpu", "--iters", "1", "--warmup", "0",
+                                 "--batch-size", "1", "--compare", "transformers,timm", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert {row["backend"] for row in document["results"]} == {"siglip", "transformers"}
+    assert "timm comparison skipped: importing timm failed (AttributeError: module 'torch' has no attribute 'xyz')." \
+        in document["notes"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--compare", "onnx"], "unknown comparison 'onnx'"),
     (["--batch-size", "8,x"], "batch sizes"),
     (["--batch-size", ""], "batch sizes must be positive integers"),
     (["--batch-size", "0"], "(got '0')"),
+    (["--batch-size", "99999999999999999999999"], "does not fit in any device's memory"),  # a traceback before
     (["--dtype", "float64"], "unknown dtype 'float64' (expected auto, float32, bfloat16, float16)"),
 ])  # fmt: skip
 def test_bench_bad_options_are_one_sentence(tiny_vision: Path, args: list[str], message: str) -> None:
@@ -360,6 +380,21 @@ def test_bench_images_reports_each_stage(tiny_siglip: Path, tmp_path: Path) -> N
     assert "fast-decode" in fast["variant"] and 0.9 <= fast["cosine"] < 1  # the price of reduced-size decoding
     assert "torchvision" in torchvision_row["variant"] and torchvision_row["cosine"] >= 0.999
     assert "(4 of 5 files, the rest PIL)" in torchvision_row["variant"]  # logo.png went through PIL
+
+
+def test_bench_images_names_the_files_it_leaves_out_and_why(tiny_siglip: Path, tmp_path: Path) -> None:
+    # "none of its image files decode", for one photo past the pixel limit, said nothing of the limit.
+    save_png_claiming_size(tmp_path / "poster.png", 20_000, 20_000)
+    result = RUNNER.invoke(app, ["bench", "-m", str(tiny_siglip), "--device", "cpu", "--images", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"none of its image files decode: {tmp_path / 'poster.png'} (" in result.stderr
+    assert "exceeds the limit" in result.stderr
+    make_photo((64, 48)).save(tmp_path / "photo.jpg")
+    document = _bench_json("-m", str(tiny_siglip), "--batch-size", "8", "--images", str(tmp_path))
+    assert any(note.startswith(f"--images: left out 1 file(s) that cannot be read (`siglip embed` would list them as "
+                               f"errors): {tmp_path / 'poster.png'} (") for note in document["notes"])  # fmt: skip
+    # One photo: the end-to-end rows ran batches of 1, not of 8.
+    assert {r["batch_size"] for r in document["results"] if r["stage"] == "end_to_end"} == {1}
 
 
 def test_end_to_end_ways_are_compared_file_by_file() -> None:
