@@ -389,7 +389,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
             if iters > 1 and timings[noisy].spread > NOISY_SPREAD:
                 rough = "ratios from this run are rough" if len(timings) > 1 else "its images/s is rough"
                 report.notes.append(
-                    f"batch {batch_size}: {noisy}'s timed calls varied by {timings[noisy].spread:.0%} around their "
+                    f"batch {batch_size}: the timed calls of {noisy} varied by {timings[noisy].spread:.0%} around their "
                     f"median (a busy machine, or too few --iters): {rough}."
                 )
 
