@@ -301,7 +301,9 @@ def check_batch_sizes(sizes: Iterable[int], *, given: str | None = None) -> tupl
         given = ",".join(map(str, sizes)) if given is None else given
         raise BenchError(f"batch sizes must be positive integers, e.g. --batch-size 1,8,32 (got {given!r}).")
     if too_large := [s for s in sizes if s > MAX_BATCH_SIZE]:  # past it, torch's size arithmetic overflows first
-        raise BenchError(f"batch size {too_large[0]:,} does not fit in any device's memory: try a smaller --batch-size.")
+        raise BenchError(
+            f"batch size {too_large[0]:,} does not fit in any device's memory: try a smaller --batch-size."
+        )
     return tuple(dict.fromkeys(int(s) for s in sizes))
 
 
@@ -389,8 +391,8 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
             if iters > 1 and timings[noisy].spread > NOISY_SPREAD:
                 rough = "ratios from this run are rough" if len(timings) > 1 else "its images/s is rough"
                 report.notes.append(
-                    f"batch {batch_size}: the timed calls of {noisy} varied by {timings[noisy].spread:.0%} around their "
-                    f"median (a busy machine, or too few --iters): {rough}."
+                    f"batch {batch_size}: the timed calls of {noisy} varied by {timings[noisy].spread:.0%} around "
+                    f"their median (a busy machine, or too few --iters): {rough}."
                 )
 
     if options.images is not None:
@@ -400,7 +402,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
                                 f"list them as errors): {shown}.")  # fmt: skip
         if device.type == "cpu" and iters > 1:
             report.notes.append("--images on the CPU: each end-to-end way is timed over one pass of the files (a "
-                                "minute for a base model over 64 images); --iters applies to the other rows.")  # fmt: skip
+                                "minute for a base model over 64 images); --iters applies to the others.")  # fmt: skip
         if len(paths) < FEW_FILES:
             report.notes.append(
                 f"--images: each end-to-end pass over these {len(paths)} files starts `siglip embed`'s decoding "
