@@ -275,6 +275,7 @@ def embed(
             progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
             raise
         progress.stop()
+    interrupts.ignored_from_now()  # the output is in place: Ctrl-C has nothing left to stop
     if json_summary:  # a folder that could not be listed is no file's error row, but a script must see it too
         print_json({**summary.to_dict(), "unlisted_folders": [display_path(folder) for folder, _ in walk.unreadable]})
     if not quiet:

@@ -256,7 +256,7 @@ def embed_on_devices(
             before_replacing=WorkArea(work).mark_assembling,
             hold_lock=False,  # held since the start of the run
         )
-        shutil.rmtree(work, ignore_errors=True)
+        WorkArea(work).remove()  # its assembling mark last, as one device's
         embedded = sum(s.embedded for s in summaries)
         return Summary(
             embedded=embedded,

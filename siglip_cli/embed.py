@@ -196,7 +196,8 @@ def embed_to_file(
         interrupts.check()
         metadata = output_metadata(embedder.checkpoint, state, shard=options.shard, inputs=options.shard_inputs)
         assemble(out, good, bad, metadata, before_replacing=work.mark_assembling)
-        work.remove()
+        with interrupts.ignored():  # the output is in place: a stop now would call a finished run interrupted
+            work.remove()
         embedded = sum(1 for r in new.values() if isinstance(r, Ref))
         reused_rows = sum(1 for p, r in reused.items() if isinstance(r, Ref) and p not in unchecked)
         return Summary(
@@ -225,9 +226,9 @@ def _open_work(
     if devices and not overwrite and not work.published(out.embeddings):  # its shards are not ours to throw away
         raise interrupted_on_other_devices(out.work, devices)
     resuming = work.exists()
-    # Stopped after its last rename, before it removed its work folder: the output is whole. The rerun takes it as
-    # an --update does, so it ends as the first run would have.
-    published = resuming and work.published(out.embeddings)
+    # Stopped after its last rename, before it removed its work folder (or while: `WorkArea.remove` deletes the mark
+    # last): the output is whole. The rerun takes it as an --update does, so it ends as the first run would have.
+    published = work.published(out.embeddings)
     if published:
         work.remove()
         resuming = False

@@ -131,6 +131,14 @@ def ignored() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def ignored_from_now() -> None:
+    """Stop signals ignored for the rest of the process: one whose work is done and in place, where a Ctrl-C during
+    its last lines or the interpreter's exit (a second, with torch loaded) would report a finished run interrupted."""
+    if on_main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 @contextmanager
 def deferred() -> Iterator[None]:
     """A signal that would raise KeyboardInterrupt inside the block takes effect as the block is left. A second one

@@ -6,6 +6,7 @@ from them slice by slice, so a run over millions of images needs no more RAM tha
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -369,4 +370,17 @@ class WorkArea:
         return isinstance(mark, dict) and (mark.get("dev"), mark.get("ino")) == (identity.st_dev, identity.st_ino)
 
     def remove(self) -> None:
+        """Delete the folder, its `assembling` mark last: a run stopped while it removes the folder of an output it
+        published (`kill -9`, a power cut) leaves the mark for as long as anything else, and the rerun sees that."""
+        try:
+            names = sorted(os.listdir(self.directory), key=lambda name: name == "assembling")
+        except OSError:
+            return
+        for name in names:
+            path = self.directory / name
+            if path.is_dir() and not path.is_symlink():  # a several-device run's shards keep work folders of their own
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -66,6 +67,19 @@ def _unraisable_hook_put_back():
     hook = sys.unraisablehook
     yield
     sys.unraisablehook = hook
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_put_back():
+    """A finished run in this process ignores stop signals for the rest of it, as the command line wants
+    (`interrupts.ignored_from_now`); the next test gets the handlers it had."""
+    from siglip_cli.interrupts import SIGNALS
+
+    handlers = {s: signal.getsignal(s) for s in SIGNALS}
+    yield
+    for s, handler in handlers.items():
+        if handler is not None:
+            signal.signal(s, handler)
 
 
 CONFIG_NAME = "config.json"

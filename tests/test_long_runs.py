@@ -384,6 +384,82 @@ def test_a_run_killed_after_its_last_rename_ends_when_rerun(
     assert differences(output, tmp_path / "uninterrupted.safetensors") == []
 
 
+@pytest.mark.parametrize("left", [["assembling", "chunks"], ["assembling"]], ids=["mark-and-chunks", "mark-alone"])
+def test_a_run_killed_while_removing_its_work_folder_ends_when_rerun(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left: list[str]
+) -> None:
+    # Killed as the folder of a published output was being removed, state.json already gone: the rerun refused,
+    # "already exists: add --overwrite", and the folder (gigabytes of chunks) stayed.
+    output = tmp_path / "out" / "embeddings.safetensors"
+    output.parent.mkdir()
+    assemble = embed_module.assemble
+
+    def killed_once_in_place(*args, **kwargs) -> None:
+        assemble(*args, **kwargs)
+        raise Killed
+
+    with monkeypatch.context() as during_the_kill:
+        during_the_kill.setattr(embed_module, "assemble", killed_once_in_place)
+        with pytest.raises(Killed):
+            embed_to_file(embedder, discover([str(folder)]), output, options=EmbedOptions(batch_size=2, workers=0))
+    work = work_area(output)
+    for path in work.iterdir():  # what a kill part-way through the removal leaves
+        if not (path.name == "assembling" or ("chunks" in left and path.name.startswith("chunk-"))):
+            path.unlink()
+    summary = summary_of(embed(folder, output, "--json"))
+    assert (summary["embedded"], summary["reused"]) == (0, 12) and not work.exists()
+    ok(embed(folder, tmp_path / "uninterrupted.safetensors"))
+    assert differences(output, tmp_path / "uninterrupted.safetensors") == []
+
+
+@pytest.mark.parametrize("when", ["removing-the-work-folder", "printing-the-summary"])
+def test_ctrl_c_once_the_output_is_in_place_is_no_interruption(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    # It exited 130, "interrupted: rerun the same command", and the rerun said "already exists".
+    import siglip_cli.cli as cli_module
+
+    output = tmp_path / "out" / "embeddings.safetensors"
+
+    def ctrl_c_during(function):
+        def with_ctrl_c(*args, **kwargs):
+            if output.exists():  # the run's own earlier calls (making its work folder) are not this case
+                os.kill(os.getpid(), signal.SIGINT)
+            return function(*args, **kwargs)
+
+        return with_ctrl_c
+
+    if when == "removing-the-work-folder":
+        monkeypatch.setattr(storage_module.WorkArea, "remove", ctrl_c_during(storage_module.WorkArea.remove))
+    else:
+        monkeypatch.setattr(cli_module, "_summary_line", ctrl_c_during(cli_module._summary_line))
+    result = ok(embed(folder, output))
+    assert "interrupted" not in result.stderr and not work_area(output).exists()
+    ok(embed(folder, tmp_path / "uninterrupted.safetensors"))
+    assert differences(output, tmp_path / "uninterrupted.safetensors") == []
+
+
+def test_the_work_folder_loses_its_assembling_mark_last(tmp_path: Path) -> None:
+    from siglip_cli.storage import WorkArea
+
+    work = WorkArea(tmp_path / "out.safetensors.partial")
+    work.create({"options": 1})
+    for name in ("assembling", "chunk-00000000.safetensors", "zz"):
+        (work.directory / name).write_bytes(b"x")
+    (work.directory / "shard-0-of-2.safetensors.partial").mkdir()
+    removed = []
+    unlink = Path.unlink
+
+    def watched(self: Path, missing_ok: bool = False) -> None:
+        removed.append(self.name)
+        unlink(self, missing_ok=missing_ok)
+
+    with pytest.MonkeyPatch.context() as watching:
+        watching.setattr(Path, "unlink", watched)
+        work.remove()
+    assert removed[-1] == "assembling" and len(removed) == 4 and not work.directory.exists()
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".npy"])
 def test_a_full_disk_while_an_update_writes_its_files_leaves_the_earlier_output_whole(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
