@@ -360,38 +360,17 @@ def test_a_run_killed_while_assembling_leaves_no_embeddings_file_and_the_rerun_f
     assert differences(output, tmp_path / "uninterrupted.safetensors") == []
 
 
+@pytest.mark.parametrize(
+    "left", [None, ["assembling", "chunks"], ["assembling"]], ids=["whole-folder", "mark-and-chunks", "mark-alone"]
+)
 def test_a_run_killed_after_its_last_rename_ends_when_rerun(
-    embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left: list[str] | None
 ) -> None:
-    # The output was whole, but its work folder was left, and the rerun refused: "already exists: add --overwrite".
+    # The output was whole, but its work folder was left (whole, or part-removed, state.json gone), and the rerun
+    # refused: "already exists: add --overwrite"; the folder, gigabytes of chunks, stayed.
     output = tmp_path / "out" / "embeddings.safetensors"
     output.parent.mkdir()
 
-    assemble = embed_module.assemble
-
-    def killed_once_in_place(*args, **kwargs) -> None:
-        assemble(*args, **kwargs)
-        raise Killed
-
-    with monkeypatch.context() as during_the_kill:
-        during_the_kill.setattr(embed_module, "assemble", killed_once_in_place)
-        with pytest.raises(Killed):
-            embed_to_file(embedder, discover([str(folder)]), output, options=EmbedOptions(batch_size=2, workers=0))
-    assert output.exists() and work_area(output).exists()
-    summary = summary_of(embed(folder, output, "--json"))
-    assert (summary["embedded"], summary["reused"]) == (0, 12) and not work_area(output).exists()
-    ok(embed(folder, tmp_path / "uninterrupted.safetensors"))
-    assert differences(output, tmp_path / "uninterrupted.safetensors") == []
-
-
-@pytest.mark.parametrize("left", [["assembling", "chunks"], ["assembling"]], ids=["mark-and-chunks", "mark-alone"])
-def test_a_run_killed_while_removing_its_work_folder_ends_when_rerun(
-    embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, left: list[str]
-) -> None:
-    # Killed as the folder of a published output was being removed, state.json already gone: the rerun refused,
-    # "already exists: add --overwrite", and the folder (gigabytes of chunks) stayed.
-    output = tmp_path / "out" / "embeddings.safetensors"
-    output.parent.mkdir()
     assemble = embed_module.assemble
 
     def killed_once_in_place(*args, **kwargs) -> None:
@@ -403,7 +382,8 @@ def test_a_run_killed_while_removing_its_work_folder_ends_when_rerun(
         with pytest.raises(Killed):
             embed_to_file(embedder, discover([str(folder)]), output, options=EmbedOptions(batch_size=2, workers=0))
     work = work_area(output)
-    for path in work.iterdir():  # what a kill part-way through the removal leaves
+    assert output.exists() and work.exists()
+    for path in work.iterdir() if left else []:  # what a kill part-way through the removal leaves
         if not (path.name == "assembling" or ("chunks" in left and path.name.startswith("chunk-"))):
             path.unlink()
     summary = summary_of(embed(folder, output, "--json"))
