@@ -55,6 +55,8 @@ def resolve_device(device: str) -> torch.device:
             raise UserError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
     elif resolved.type != "cpu":
         raise UserError(f"device {device!r} is not supported (expected auto, cpu, cuda or cuda:N).")
+    elif resolved.index not in (None, 0):  # torch runs every "cpu:N" on the one CPU device: a typo for cuda:N?
+        raise UserError(f"device {device} does not exist: the CPU is one device, `cpu` (cuda:N numbers GPUs).")
     return resolved
 
 

@@ -951,7 +951,7 @@ def test_directory_that_is_not_a_checkpoint_is_one_sentence(embed, photos: Path,
     assert f"{photos} has no config.json" in error
 
 
-@pytest.mark.parametrize("device", ["tpu", "gpu:0", "cuda:99"])
+@pytest.mark.parametrize("device", ["tpu", "gpu:0", "cuda:99", "cpu:1"])
 def test_bad_device_is_one_sentence(embed, photos: Path, out: Path, device: str) -> None:
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--device", device))
     assert device in error
