@@ -69,17 +69,24 @@ def _unraisable_hook_put_back():
     sys.unraisablehook = hook
 
 
+# The stop signals' handlers as the session started, before any run in this process.
+_STOP_HANDLERS = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+
 @pytest.fixture(autouse=True)
 def _signal_handlers_put_back():
     """A finished run in this process ignores stop signals for the rest of it, as the command line wants
-    (`interrupts.ignored_from_now`); the next test gets the handlers it had."""
-    from siglip_cli.interrupts import SIGNALS
+    (`interrupts.ignored_from_now`), and a session fixture may run one before any test: every test starts and
+    ends with the handlers the session started with."""
 
-    handlers = {s: signal.getsignal(s) for s in SIGNALS}
+    def put_back() -> None:
+        for s, handler in _STOP_HANDLERS.items():
+            if handler is not None:
+                signal.signal(s, handler)
+
+    put_back()
     yield
-    for s, handler in handlers.items():
-        if handler is not None:
-            signal.signal(s, handler)
+    put_back()
 
 
 CONFIG_NAME = "config.json"
