@@ -84,6 +84,12 @@ def main() -> None:
             app(prog_name="siglip")
         finally:
             sys.stdout.flush()  # here, where a failure is caught, not at exit
+            # The command is over, whatever its status; the interpreter's exit (a second with torch loaded) is not
+            # to be stopped: a Ctrl-C there turned exit 0 into 130, or printed a traceback from an atexit hook.
+            # SIGTERM keeps its default: a scheduler can still end an exit that hangs.
+            for name in ("SIGINT", "SIGHUP"):
+                if hasattr(signal, name):
+                    signal.signal(getattr(signal, name), signal.SIG_IGN)
     except KeyboardInterrupt:
         print("interrupted.", file=sys.stderr)
         sys.exit(130)

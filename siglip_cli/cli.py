@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from .benchmark import Report
     from .embed import Summary
+    from .files import WalkReport
 
 class _Command(typer.core.TyperCommand):
     """A command whose help names its arguments without typer's type tags (`PATH <list[str]>`): their help says
@@ -201,7 +202,7 @@ def embed(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output, and interrupted work made with other options.")] = False,
     update: Annotated[bool, typer.Option("--update", help="Refresh an existing output: embed new and changed files, drop gone ones.")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Embed only part K of N (K/N, from 0), or auto from Slurm / Kubernetes.", metavar="K/N")] = None,
-    num_shards: Annotated[Optional[int], typer.Option("--num-shards", min=1, help="Shard count for --shard auto (Kubernetes; under Slurm it makes the task id the part, so failed tasks can be rerun).", metavar="N")] = None,
+    num_shards: Annotated[Optional[int], typer.Option("--num-shards", min=1, help="Shard count for --shard auto (Kubernetes; under Slurm, a rerun of some tasks then redoes their parts).", metavar="N")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded or any folder could not be listed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")] = False,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
@@ -259,6 +260,7 @@ def embed(
                     model, devices, paths, output, revision=revision, dtype=dtype.value, compile=compile,
                     options=options, overwrite=overwrite, update=update, progress=progress,
                 )
+                progress.stop()  # still in the block, which lets signals go once the output is in place
         except KeyboardInterrupt:
             interrupts.quiet_destructors()  # the process ends here: a second Ctrl-C in a __del__ prints nothing
             with interrupts.ignored():  # stopped, its work kept: a second Ctrl-C must not cut the sentence short
@@ -274,8 +276,11 @@ def embed(
         except BaseException:
             progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
             raise
-        progress.stop()
-    interrupts.ignored_from_now()  # the output is in place: Ctrl-C has nothing left to stop
+    with interrupts.ignored():  # the output is in place: what follows reports a finished run, whatever Ctrl-C says
+        _report_embedding(summary, walk, json_summary=json_summary, quiet=quiet, strict=strict)
+
+
+def _report_embedding(summary: Summary, walk: WalkReport, *, json_summary: bool, quiet: bool, strict: bool) -> None:
     if json_summary:  # a folder that could not be listed is no file's error row, but a script must see it too
         print_json({**summary.to_dict(), "unlisted_folders": [display_path(folder) for folder, _ in walk.unreadable]})
     if not quiet:

@@ -256,6 +256,7 @@ def embed_on_devices(
             before_replacing=WorkArea(work).mark_assembling,
             hold_lock=False,  # held since the start of the run
         )
+        interrupts.output_in_place()
         WorkArea(work).remove()  # its assembling mark last, as one device's
         embedded = sum(s.embedded for s in summaries)
         return Summary(

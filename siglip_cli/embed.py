@@ -196,8 +196,8 @@ def embed_to_file(
         interrupts.check()
         metadata = output_metadata(embedder.checkpoint, state, shard=options.shard, inputs=options.shard_inputs)
         assemble(out, good, bad, metadata, before_replacing=work.mark_assembling)
-        with interrupts.ignored():  # the output is in place: a stop now would call a finished run interrupted
-            work.remove()
+        interrupts.output_in_place()
+        work.remove()
         embedded = sum(1 for r in new.values() if isinstance(r, Ref))
         reused_rows = sum(1 for p, r in reused.items() if isinstance(r, Ref) and p not in unchecked)
         return Summary(

@@ -11,7 +11,8 @@ Python raises `KeyboardInterrupt` wherever the main thread happens to be, and tw
 
 `deferred()` marks code of the first kind: a signal that arrives there takes effect as the block is left.
 `stop_on_signals()`, around a whole run, remembers the signal it raised, so that `check()`, called at a safe point
-between batches, raises it again if it was lost.
+between batches, raises it again if it was lost. Once the run's output is in place (`output_in_place()`), there is
+nothing left to stop: its signals are let go, and the run ends as finished rather than reported interrupted.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP"
 TERMINAL_SIGNALS = tuple(s for s in SIGNALS if s != signal.SIGTERM)
 
 _received: int | None = None  # the signal `stop_on_signals` turned into KeyboardInterrupt, while it is installed
+_in_place = False  # the output of the `stop_on_signals` block's run is in place: `output_in_place`
 _deferring = False
 _stop_flags: list[threading.Event] = []  # those of the `stop_flag` blocks running
 
@@ -41,10 +43,12 @@ def on_main_thread() -> bool:
 def stop_on_signals() -> Iterator[None]:
     """SIGINT, SIGTERM (a scheduler, `kill`) and SIGHUP all raise KeyboardInterrupt in the block, unless found
     ignored, and `check()` raises it again after a `__del__` swallowed it."""
-    global _received
+    global _received, _in_place
 
     def interrupt(signum: int, frame) -> None:
         global _received
+        if _in_place:
+            return
         _received = signum
         _raise_stop_flags()
         raise KeyboardInterrupt
@@ -55,10 +59,11 @@ def stop_on_signals() -> Iterator[None]:
     previous = {s: signal.signal(s, interrupt) for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     hook = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None if _stopping(unraisable) else hook(unraisable)
+    _in_place = False
     try:
         yield
     finally:
-        _received = None
+        _received, _in_place = None, False
         sys.unraisablehook = hook
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -131,12 +136,11 @@ def ignored() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def ignored_from_now() -> None:
-    """Stop signals ignored for the rest of the process: one whose work is done and in place, where a Ctrl-C during
-    its last lines or the interpreter's exit (a second, with torch loaded) would report a finished run interrupted."""
-    if on_main_thread():
-        for s in SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
+def output_in_place() -> None:
+    """Say that the run's output is whole and in place: for the rest of the `stop_on_signals` block (removing its work
+    folder, its last notes) a stop signal changes nothing, where it would report the finished run interrupted."""
+    global _in_place
+    _in_place = True
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from .storage import exclusive, remove_stale_temporaries
 
 def parse_shard(spec: str | None, num_shards: int | None, environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
     """`K/N`, or `auto` (the index from Slurm or Kubernetes, the count from Slurm or `num_shards`) → (K, N).
-    Under Slurm, `num_shards` also makes the task id the index: see `_shard_from_environment`."""
+    Under Slurm, an array of fewer tasks than `num_shards` is a rerun of some parts: see `_shard_from_environment`."""
     if spec is None:
         if num_shards is not None:
             raise UserError("--num-shards goes with --shard auto.")
@@ -62,11 +62,19 @@ def _shard_from_environment(num_shards: int | None, environ: Mapping[str, str]) 
         task = number("SLURM_ARRAY_TASK_ID", 0)
         first = number("SLURM_ARRAY_TASK_MIN", 0)
         step = number("SLURM_ARRAY_TASK_STEP", 1, least=1)
-        if num_shards is None:
-            index, count = (task - first) // step, number("SLURM_ARRAY_TASK_COUNT", 0)
-        else:  # the task ids are the part numbers, so a rerun of some tasks (`--array=3,5`) makes those same parts
-            index, count = task, num_shards
-        source = "SLURM_ARRAY_TASK_ID"
+        tasks = number("SLURM_ARRAY_TASK_COUNT", 0)  # 0: not said
+        index, count, source = (task - first) // step, num_shards or tasks, "SLURM_ARRAY_TASK_ID"
+        if num_shards is not None and 0 < tasks < num_shards:
+            # Fewer tasks than parts: a rerun of some (`--array=3,5` of 0-7), whose ids are the parts they redo.
+            if task >= num_shards:
+                raise UserError(
+                    f"--shard auto: this array has {tasks} of the {num_shards} tasks --num-shards gives, so its task "
+                    f"ids are taken as the parts they redo, and {task} is not below {num_shards} (rerun parts of an "
+                    f"array numbered 0 to {num_shards - 1})."
+                )
+            index = task
+        elif num_shards is not None and tasks > num_shards:
+            raise UserError(f"--shard auto: the Slurm array has {tasks} tasks but --num-shards says {num_shards}.")
     elif "JOB_COMPLETION_INDEX" in environ:  # Kubernetes indexed Job; the count is the Job's `completions`
         index, count, source = number("JOB_COMPLETION_INDEX", 0), num_shards or 0, "JOB_COMPLETION_INDEX"
     else:

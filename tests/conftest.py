@@ -75,9 +75,8 @@ _STOP_HANDLERS = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM
 
 @pytest.fixture(autouse=True)
 def _signal_handlers_put_back():
-    """A finished run in this process ignores stop signals for the rest of it, as the command line wants
-    (`interrupts.ignored_from_now`), and a session fixture may run one before any test: every test starts and
-    ends with the handlers the session started with."""
+    """Every test starts and ends with the stop-signal handlers the session started with: one that a test (or a
+    fixture, session-wide ones included) left changed would change what the next test's Ctrl-C does."""
 
     def put_back() -> None:
         for s, handler in _STOP_HANDLERS.items():

@@ -392,9 +392,17 @@ def test_a_run_killed_after_its_last_rename_ends_when_rerun(
     assert differences(output, tmp_path / "uninterrupted.safetensors") == []
 
 
-@pytest.mark.parametrize("when", ["removing-the-work-folder", "printing-the-summary"])
+@pytest.mark.parametrize(
+    "when, devices",
+    [
+        ("removing-the-work-folder", []),
+        ("printing-the-summary", []),
+        ("removing-the-work-folder", ["--device", "cpu,cpu"]),
+    ],
+    ids=["removing-the-work-folder", "printing-the-summary", "several-devices"],
+)
 def test_ctrl_c_once_the_output_is_in_place_is_no_interruption(
-    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str, devices: list[str]
 ) -> None:
     # It exited 130, "interrupted: rerun the same command", and the rerun said "already exists".
     import siglip_cli.cli as cli_module
@@ -409,12 +417,14 @@ def test_ctrl_c_once_the_output_is_in_place_is_no_interruption(
 
         return with_ctrl_c
 
-    if when == "removing-the-work-folder":
-        monkeypatch.setattr(storage_module.WorkArea, "remove", ctrl_c_during(storage_module.WorkArea.remove))
-    else:
-        monkeypatch.setattr(cli_module, "_summary_line", ctrl_c_during(cli_module._summary_line))
-    result = ok(embed(folder, output))
-    assert "interrupted" not in result.stderr and not work_area(output).exists()
+    with monkeypatch.context() as ctrl_c:
+        if when == "removing-the-work-folder":
+            ctrl_c.setattr(storage_module.WorkArea, "remove", ctrl_c_during(storage_module.WorkArea.remove))
+        else:
+            ctrl_c.setattr(cli_module, "_summary_line", ctrl_c_during(cli_module._summary_line))
+        result = embed(folder, output, *devices)
+    assert result.exit_code == 0 and "interrupted" not in result.stderr, result.stderr
+    assert not work_area(output).exists()
     ok(embed(folder, tmp_path / "uninterrupted.safetensors"))
     assert differences(output, tmp_path / "uninterrupted.safetensors") == []
 

@@ -54,13 +54,31 @@ def test_auto_follows_a_slurm_array_with_a_step() -> None:
     assert parse_shard("auto", None, slurm) == (2, 8)
 
 
-def test_with_num_shards_the_slurm_task_id_is_the_part_so_failed_tasks_can_be_rerun() -> None:
+def test_a_rerun_of_some_slurm_tasks_with_num_shards_redoes_their_parts() -> None:
     # `sbatch --array=3,5 job.sh` after tasks 3 and 5 of `--array=0-7` failed: counted from the array's first id
     # and with its task count, task 5 was part 1 of 2 (and task 3 part 0, everything again, of 1 under --array=3).
     rerun = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "2"}
     assert parse_shard("auto", 8, rerun) == (5, 8)
-    with pytest.raises(UserError, match="index 8 from SLURM_ARRAY_TASK_ID is not below the shard count 8"):
-        parse_shard("auto", 8, {"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "1"})  # `--array=1-8`
+    with pytest.raises(UserError, match=r"its task ids are taken as the parts they redo, and 8 is not below 8"):
+        parse_shard("auto", 8, {**rerun, "SLURM_ARRAY_TASK_ID": "8"})
+
+
+@pytest.mark.parametrize(
+    "array, expected",
+    [
+        ({"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "8"}, (7, 8)),
+        ({"SLURM_ARRAY_TASK_ID": "14", "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "8"}, (7, 8)),
+        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"}, (2, 8)),  # no task count said
+    ],
+    ids=["array-1-8", "array-0-14-step-2", "no-task-count"],
+)
+def test_a_whole_slurm_array_with_num_shards_counts_from_its_first_id(array: dict, expected: tuple) -> None:
+    assert parse_shard("auto", 8, array) == expected
+
+
+def test_a_slurm_array_larger_than_num_shards_is_refused() -> None:
+    with pytest.raises(UserError, match="the Slurm array has 16 tasks but --num-shards says 8"):
+        parse_shard("auto", 8, {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "16"})
 
 
 def test_num_shards_that_contradicts_the_shard_is_refused() -> None:
