@@ -8,6 +8,7 @@ the exception, and never stops the batch.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import hashlib
 import io
@@ -398,9 +399,10 @@ def _parcels(
                 if not workers:
                     raise
                 reason = e.strerror or str(e)
+                if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
+                    reason += "; their queues need a writable /dev/shm"
                 _drop_half_made(e)
-                note(f"cannot start {workers} decoding workers ({reason}; they need a writable /dev/shm): decoding in "
-                     "this process, which is slower.")  # fmt: skip
+                note(f"cannot start {workers} decoding workers ({reason}): decoding in this process, which is slower.")
                 workers = 0
                 continue
         try:

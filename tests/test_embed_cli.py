@@ -1625,8 +1625,8 @@ def test_workers_that_cannot_start_leave_the_work_to_this_process(
     monkeypatch.setattr(D.DataLoader, "_get_iterator", no_semaphores)
     notes: list[str] = []
     batches = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=3, workers=2, pin=False, note=notes.append))
-    assert notes == ["cannot start 2 decoding workers (No space left on device; they need a writable /dev/shm): "
-                     "decoding in this process, which is slower."]  # fmt: skip
+    assert notes == ["cannot start 2 decoding workers (No space left on device; their queues need a writable "
+                     "/dev/shm): decoding in this process, which is slower."]  # fmt: skip
     assert [[r["path"] for r in b.rows] for b in batches] == [[r["path"] for r in b.rows] for b in plain]
 
 
