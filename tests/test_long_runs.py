@@ -1440,8 +1440,9 @@ def test_several_devices_stopped_after_the_merge_put_the_output_in_place_continu
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     output = tmp_path / "out" / "embeddings.safetensors"
     with monkeypatch.context() as patch:  # killed after the last rename, before the work folder was removed
-        patch.setattr(devices.shutil, "rmtree", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
-        assert embed(folder, output, "--device", "cpu,cpu", "--batch-size", 1).exit_code == 130
+        patch.setattr(devices.WorkArea, "remove", lambda self: (_ for _ in ()).throw(Killed))
+        with pytest.raises(Killed):
+            embed(folder, output, "--device", "cpu,cpu", "--batch-size", 1)
     assert work_area(output).is_dir() and output.exists()
     error = the_error(embed(folder, output, "--device", "cpu,cpu", "--tokens"))
     assert "holds an interrupted run whose options differ (--tokens)" in error
