@@ -209,6 +209,7 @@ def embed_on_devices(
     options = options or EmbedOptions()
     out = OutputPaths.for_output(output)  # an unsupported suffix is refused here, not in every worker
     with exclusive(out.embeddings):
+        interrupts.output_in_place(False)  # a run before this one, in the same process, may have said True
         started = time.perf_counter()
         work = out.work
         # With --overwrite too, shards an interrupted run left with the same options are continued (its rerun);

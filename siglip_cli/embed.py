@@ -161,6 +161,7 @@ def embed_to_file(
     out = OutputPaths.for_output(Path(output))
     # A second run writing this output is refused, not interleaved; a full disk is one sentence.
     with exclusive(out.embeddings), _resumable_after_write_errors(out):
+        interrupts.output_in_place(False)  # a run before this one, in the same process, may have said True
         refuse_inputs_among_outputs(out, paths)
         state = run_state(embedder, options, out.format)
         work, previous = _open_work(out, state, overwrite=overwrite, update=update, part_of=part_of)

@@ -136,11 +136,12 @@ def ignored() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def output_in_place() -> None:
+def output_in_place(in_place: bool = True) -> None:
     """Say that the run's output is whole and in place: for the rest of the `stop_on_signals` block (removing its work
-    folder, its last notes) a stop signal changes nothing, where it would report the finished run interrupted."""
+    folder, its last notes) a stop signal changes nothing, where it would report the finished run interrupted. A
+    run that starts in the same block says `False` first."""
     global _in_place
-    _in_place = True
+    _in_place = in_place
 
 
 @contextmanager

@@ -429,6 +429,26 @@ def test_ctrl_c_once_the_output_is_in_place_is_no_interruption(
     assert differences(output, tmp_path / "uninterrupted.safetensors") == []
 
 
+def test_a_second_run_under_the_same_signal_handling_can_still_be_stopped(
+    embedder: Embedder, folder: Path, tmp_path: Path
+) -> None:
+    # The first run's finished output let stop signals go for the rest of the block: a script embedding two folders
+    # could not be stopped during the second.
+    paths, options = discover([str(folder)]), EmbedOptions(batch_size=2, workers=0)
+
+    class SignalAfter(CtrlCAfter):  # a real SIGINT, as a terminal sends it, not a raised KeyboardInterrupt
+        def advance(self, n: int) -> None:
+            self.left -= 1
+            if self.left == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with interrupts.stop_on_signals():
+        embed_to_file(embedder, paths, tmp_path / "first.safetensors", options=options)
+        with pytest.raises(KeyboardInterrupt):
+            embed_to_file(embedder, paths, tmp_path / "second.safetensors", options=options, progress=SignalAfter(2))
+    assert not (tmp_path / "second.safetensors").exists() and work_area(tmp_path / "second.safetensors").exists()
+
+
 def test_the_work_folder_loses_its_assembling_mark_last(tmp_path: Path) -> None:
     from siglip_cli.storage import WorkArea
 
