@@ -275,16 +275,17 @@ def _interrupted_with_other_options(work: Path, difference: str) -> UserError:
 
 @contextmanager
 def _resumable_after_write_errors(out: OutputPaths) -> Iterator[None]:
-    """A file that cannot be written (a full disk) ends the run with a sentence that says the work so far is kept."""
+    """A file that cannot be written (a full disk, a folder made read-only) ends the run with a sentence that says
+    whether the work so far is kept."""
     try:
         yield
     except WriteError as e:  # the chunks written before are on disk, fsynced
         if not out.work.is_dir():  # none made yet, or gone (the errors file of a run that embedded nothing)
             raise
+        then = "Once the files can be written, rerun the same command."
         if any(out.work.glob("chunk-*")) or any(out.work.glob("shard-*")):
-            then = f"Finished work is kept in {out.work}: once the files can be written, rerun the same command to continue."
-        else:
-            then = "Once the files can be written, rerun the same command."
+            then = (f"Finished work is kept in {out.work}: once the files can be written, rerun the same command "
+                    "to continue.")  # fmt: skip
         raise WriteError(f"{e} {then}") from None
 
 

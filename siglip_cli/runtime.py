@@ -132,8 +132,9 @@ def load(
 
     `device`: auto, cpu, cuda or cuda:N; on the CPU, torch's threads are brought down to the CPUs this process may
     use (`cpus.fit_cpu_threads`: a container's quota). `dtype`: auto (bfloat16 on CUDA, float32 on the CPU),
-    float32, bfloat16 or float16. `compile`: `torch.compile` the tower; on an H200 B/16 went from 12,500 to 13,800 images/s after 15 s
-    of compiling (so400m gained nothing), on our 2-core CPU it took 18-48 s for 0-5% (bench/RESULTS.md).
+    float32, bfloat16 or float16. `compile`: `torch.compile` the tower; on an H200 B/16 went from 12,500 to 13,800
+    images/s after 15 s of compiling (so400m gained nothing), on our 2-core CPU it took 18-48 s for 0-5%
+    (bench/RESULTS.md).
     """
     resolved = resolve_device(device)
     if resolved.type == "cpu":

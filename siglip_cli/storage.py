@@ -169,10 +169,10 @@ def exclusive(output: Path) -> Iterator[None]:
             yield
         finally:
             _held_locks.discard(handle.fileno())
-            try:
-                lock.unlink(missing_ok=True)  # before the lock is released: a run that opens it later makes a new one
-            except OSError:  # the folder made read-only meanwhile: the run's own error, if any, is the one to tell
-                pass
+            # Before the lock is released: a run that opens it later makes a new one. A folder made read-only
+            # meanwhile keeps the file: the run's own error, if any, is the one to tell.
+            with contextlib.suppress(OSError):
+                lock.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(paths: Iterable[Path]) -> None:
