@@ -28,7 +28,8 @@ def cgroups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def test_a_v2_quota_above_the_process_cgroup_counts(cgroups) -> None:
     # Kubernetes: the pod's cgroup has the limit, the container's own cgroup none.
-    cgroups("0::/kubepods/pod1/c1\n", {"kubepods/pod1/cpu.max": "250000 100000\n", "kubepods/pod1/c1/cpu.max": "max 100000\n"})
+    cgroups("0::/kubepods/pod1/c1\n", {"kubepods/pod1/cpu.max": "250000 100000\n",
+                                       "kubepods/pod1/c1/cpu.max": "max 100000\n"})  # fmt: skip
     assert cpus.cgroup_cpu_quota() == 2.5
 
 
