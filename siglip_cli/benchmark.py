@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .config import DEFAULT_PRESET, PreprocessConfig
 from .cpus import fit_cpu_threads
 from .errors import UserError
+from .files import first_of
 from .model import SiglipVision
 from .references import Forward, check_references, missing_package, reference_forward
 from .runtime import cpu_has_native_bf16, dtype_note, prepare_model, resolve_device, resolve_dtype
@@ -397,9 +398,8 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
 
     if options.images is not None:
         if skipped:
-            shown = "; ".join(skipped[:3]) + (f"; {len(skipped) - 3:,} more" if len(skipped) > 3 else "")
             report.notes.append(f"--images: left out {len(skipped)} file(s) that cannot be read (`siglip embed` would "
-                                f"list them as errors): {shown}.")  # fmt: skip
+                                f"list them as errors): {first_of(skipped, 3)}.")  # fmt: skip
         if device.type == "cpu" and iters > 1:
             report.notes.append("--images on the CPU: each end-to-end way is timed over one pass of the files (a "
                                 "minute for a base model over 64 images); --iters applies to the others.")  # fmt: skip

@@ -74,7 +74,7 @@ class WalkReport:
         if self.dangling:
             notes.append(f"{self.dangling_text()}; nothing there is embedded.")
         if self.skipped and not quiet:
-            folders = _first([display_path(folder) for folder in sorted(self.skipped)], 3)
+            folders = first_of([display_path(folder) for folder in sorted(self.skipped)], 3)
             notes.append(
                 f"left out {counted(len(self.skipped), 'folder')} of NAS thumbnails, snapshots, recycle bins or fsck "
                 f"fragments: {folders}."
@@ -96,30 +96,30 @@ class WalkReport:
 
     def unreadable_text(self, shown: int = 3) -> str:
         """'2 folders: a/locked (Permission denied), b/gone (No such file or directory)'."""
-        listed = _first([f"{display_path(folder)} ({reason})" for folder, reason in self.unreadable], shown)
+        listed = first_of([f"{display_path(folder)} ({reason})" for folder, reason in self.unreadable], shown)
         return f"{counted(len(self.unreadable), 'folder')}: {listed}"
 
     def outside_text(self, shown: int = 3) -> str:
         """'1 folder link out of the folders given: photos/nas → /mnt/nas'."""
-        listed = _first([f"{display_path(link)} → {display_path(target)}" for link, target in self.outside], shown)
+        listed = first_of([f"{display_path(link)} → {display_path(target)}" for link, target in self.outside], shown)
         return f"{counted(len(self.outside), 'folder link')} out of the folders given: {listed}"
 
     def dangling_text(self, shown: int = 3) -> str:
         """'1 link that leads nowhere (an unmounted drive?): photos/nas → /mnt/nas'."""
-        listed = _first([f"{display_path(link)} → {display_path(target)}" for link, target in self.dangling], shown)
+        listed = first_of([f"{display_path(link)} → {display_path(target)}" for link, target in self.dangling], shown)
         verb = "leads" if len(self.dangling) == 1 else "lead"
         return f"{counted(len(self.dangling), 'link')} that {verb} nowhere (an unmounted drive?): {listed}"
 
     def not_files_text(self, shown: int = 3) -> str:
         """'2 entries named like images are not files: a/x.jpg (a broken link), a/y.jpg (a FIFO)'."""
         entries = sorted(self.not_files, key=lambda entry: os.fsencode(entry[0]))
-        listed = _first([f"{display_path(path)} ({kind})" for path, kind in entries], shown)
+        listed = first_of([f"{display_path(path)} ({kind})" for path, kind in entries], shown)
         if len(entries) == 1:
             return f"1 entry named like an image is not a file: {listed}"
         return f"{len(entries):,} entries named like images are not files: {listed}"
 
 
-def _first(items: list[str], shown: int) -> str:
+def first_of(items: list[str], shown: int) -> str:
     """'a, b, c, 4 more': the first `shown` of `items`, and how many are left out."""
     more = [f"{len(items) - shown:,} more"] if len(items) > shown else []
     return ", ".join(items[:shown] + more)
