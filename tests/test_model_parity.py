@@ -122,15 +122,24 @@ def test_one_image_alone_gives_the_same_numbers_as_in_a_batch(tiny_siglip: Path)
     assert max_diff(alone[0], batched[1]) <= TOLERANCE
 
 
+@pytest.fixture(scope="module")
+def odd_tower(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """49 patches of 37 MLP values: an image's activations fill no whole vector of any width."""
+    return build_checkpoint(tmp_path_factory.mktemp("odd_tower"), image_size=56, patch_size=8, intermediate_size=37)
+
+
 @pytest.mark.parametrize("batch", [2, 3, 5, 7, 9, 12, 17, 64])
-def test_copies_of_one_image_in_a_batch_get_the_same_bits(tiny_siglip: Path, batch: int) -> None:
+def test_copies_of_one_image_in_a_batch_get_the_same_bits(odd_tower: Path, batch: int) -> None:
     # Deduplication by exact match. The pooling head's SDPA split its lone query's work across threads by batch
-    # row (copies 1e-7 apart at 64), and a GEMM over the head's B rows computes its last, partial block of rows
-    # with another kernel (copies apart at 5, 7, 9).
-    embedder = load(str(tiny_siglip), device="cpu", dtype="float32")
-    copies = random_pixels(tiny_siglip, batch=1).expand(batch, -1, -1, -1).contiguous()
+    # row (copies 1e-7 apart at 64); a GEMM over the head's B rows computes its last, partial block of rows with
+    # another kernel (copies apart at 5, 7, 9); the MLP's GELU over a batch computes its last, partial vector, and
+    # each thread's, with scalar code (apart at 3, 5, 7 on AVX-512).
+    embedder = load(str(odd_tower), device="cpu", dtype="float32")
+    copies = random_pixels(odd_tower, batch=1).expand(batch, -1, -1, -1).contiguous()
     pooled, tokens = embedder(copies)
     assert (tokens == tokens[0]).all() and (pooled == pooled[0]).all()
+    alone, _ = embedder(copies[:1])
+    assert (alone == pooled[0]).all()
 
 
 @pytest.mark.parametrize("use_head", [True, False])
