@@ -43,7 +43,7 @@ from . import interrupts
 from .config import PreprocessConfig
 from .cpus import usable_cpus
 from .errors import first_line
-from .files import is_regular_file
+from .files import counted, is_regular_file
 from .gpu_decode import JpegHeader, decode_headers, read_header
 from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_checked
 
@@ -375,6 +375,11 @@ def _parcels(
     """
     size = min(PARCEL_SIZE, batch_size)
     done = spans[0][0] if spans else 0  # files handed over
+    if (limit := open_files_limit()) is not None and limit < open_files_needed(workers):
+        fitting = max(0, (limit - OPEN_FILES_PER_RUN) // OPEN_FILES_PER_WORKER)
+        instead = f"{counted(fitting, 'decoding worker')}, which is slower" if fitting else "decoding in this process"
+        note(f"`ulimit -n` is {limit}, too few open files for {counted(workers, 'decoding worker')}: {instead}.")
+        workers = fitting
     while spans:
         # About two batches in flight, and never more than there are parcels: the loader starts by asking for every
         # one of its prefetch slots, and `-b 1000000000` on ten files spent minutes asking.
@@ -402,7 +407,7 @@ def _parcels(
                 if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
                     reason += "; their queues need a writable /dev/shm"
                 _drop_half_made(e)
-                note(f"cannot start {workers} decoding workers ({reason}): decoding in this process, which is slower.")
+                note(f"cannot start {counted(workers, 'decoding worker')} ({reason}): decoding in this process, which is slower.")
                 workers = 0
                 continue
         try:
@@ -416,13 +421,22 @@ def _parcels(
             return
         except SharedMemoryFull as e:
             note(
-                f"the shared memory (/dev/shm) is too small for {workers} decoding workers' parcels ({e}): decoding "
+                f"the shared memory (/dev/shm) is too small for the parcels of {counted(workers, 'decoding worker')} "
+                f"({_raised_in_worker(e)}): decoding "
                 "in this process from here on, which is slower (in a container, give it more: docker run --shm-size=2g)."
             )
             workers = 0
             spans = _clip(spans, done, len(files))
             continue
         except RuntimeError as e:
+            if str(e).startswith("Too many open files"):  # each parcel in transit holds descriptors of its own
+                note(
+                    f"too many open files for {counted(workers, 'decoding worker')} (`ulimit -n` is {open_files_limit()}): "
+                    "decoding in this process from here on, which is slower."
+                )
+                workers = 0
+                spans = _clip(spans, done, len(files))
+                continue
             if not str(e).startswith("DataLoader worker"):
                 raise
         finally:
@@ -432,6 +446,33 @@ def _parcels(
         for first, end in _clip(spans, done, in_flight):
             yield _collate(_each_alone(files, range(first, end), workers))
         spans, done = _clip(spans, in_flight, len(files)), in_flight
+
+
+def _raised_in_worker(error: BaseException) -> str:
+    """The message of an error a decoding worker raised. The loader raises it again here with the worker's
+    traceback as its message ("Caught X in DataLoader worker process 0. Original Traceback ..."), which ends with
+    the original's line, `module.X: message`."""
+    return str(error).strip().splitlines()[-1].partition(": ")[2] or str(error)
+
+
+def open_files_limit() -> int | None:
+    """This process's limit on open files (`ulimit -n`); None where there is none, or no way to know (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+# Open files a run may hold: each parcel in transit from a decoding worker is a few descriptors. Runs failed mid-way
+# with `ulimit -n` at 20 (one worker), 32 (four) or 48 (eight); these leave about twice that.
+OPEN_FILES_PER_RUN = 32
+OPEN_FILES_PER_WORKER = 8
+
+
+def open_files_needed(workers: int) -> int:
+    return OPEN_FILES_PER_RUN + OPEN_FILES_PER_WORKER * workers if workers else 0
 
 
 def _drop_half_made(error: BaseException) -> None:

@@ -182,7 +182,7 @@ def embed_with_model(
     summary = embed_to_file(
         embedder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress
     )
-    if progress and (hint := dtype_note(embedder.device, embedder.dtype)):
+    if progress and (hint := dtype_note(embedder.device, embedder.dtype, run_seconds=summary.seconds)):
         progress.note(hint)  # after the run: what the next one could do differently
     return summary
 

@@ -1082,7 +1082,7 @@ def test_json_is_plain_json_and_a_log_gets_no_bar_even_with_force_color(photos: 
     process = run_shell(f"siglip embed {photos} -o {out / 'e.safetensors'} -m {tiny_siglip} --json 2> {out / 'log'}", FORCE_COLOR="1")
     assert process.returncode == 0, process.stderr
     assert json.loads(process.stdout)["embedded"] == 3
-    assert "\r" not in (out / "log").read_text() and (out / "log").read_text().startswith("embedded 3")
+    assert "\r" not in (out / "log").read_text() and (out / "log").read_text().splitlines()[-1].startswith("embedded 3")
 
 
 def test_closed_and_broken_streams_cost_no_work_and_no_traceback(photos: Path, out: Path, tiny_siglip: Path) -> None:
@@ -1364,6 +1364,11 @@ def test_auto_dtype_is_float32_on_every_cpu_and_the_note_says_what_bf16_would_do
     assert runtime.resolve_dtype("auto", cpu) == torch.float32  # the exact path, even where bf16 is fast
     assert (runtime.dtype_note(cpu, torch.float32) is not None) == native  # "--dtype bfloat16 is faster"
     assert (runtime.dtype_note(cpu, torch.bfloat16) is not None) == (not native)  # "emulated, several times slower"
+    # After a run, the hint comes only where bfloat16 would save time worth a line; the warning always.
+    long, short = runtime.BF16_HINT_AFTER_S, runtime.BF16_HINT_AFTER_S / 10
+    assert (runtime.dtype_note(cpu, torch.float32, run_seconds=long) is not None) == native
+    assert runtime.dtype_note(cpu, torch.float32, run_seconds=short) is None
+    assert (runtime.dtype_note(cpu, torch.bfloat16, run_seconds=short) is not None) == (not native)
 
 
 def test_device_decoder_out_of_memory_falls_back_to_the_cpu_path(
@@ -1574,11 +1579,44 @@ def test_a_run_goes_on_past_a_file_that_kills_its_decoder(
     assert [Path(r["path"]).name for r in map(json.loads, (out / "e.jsonl").read_text().splitlines())] == ["b.png", "c.webp"]
 
 
-def test_workers_short_of_shared_memory_leave_the_rest_to_this_process(
-    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
+def _shared_memory_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_room(self):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", no_room)
+
+
+def _out_of_open_files_at_the_third_parcel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils.data import dataloader
+
+    receive, received = dataloader._MultiProcessingDataLoaderIter._next_data, []
+
+    def out_of_files(self):
+        received.append(None)
+        if len(received) == 3:
+            raise RuntimeError("Too many open files. Communication with the workers is no longer possible.")
+        return receive(self)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_next_data", out_of_files)
+
+
+@pytest.mark.parametrize(
+    "failure, note",
+    [
+        (_shared_memory_full, "the shared memory (/dev/shm) is too small for the parcels of 2 decoding workers "
+         "(unable to allocate shared memory(shm) for file </torch_1_2>: No space left on device (28)): decoding in this "
+         "process from here on, which is slower (in a container, give it more: docker run --shm-size=2g)."),
+        (_out_of_open_files_at_the_third_parcel, "too many open files for 2 decoding workers (`ulimit -n` is {limit}): "
+         "decoding in this process from here on, which is slower."),
+    ],  # fmt: skip
+    ids=["shared-memory-full", "out-of-open-files"],
+)
+def test_workers_that_fail_mid_run_leave_the_rest_to_this_process(
+    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch, failure: Callable[[pytest.MonkeyPatch], None], note: str
 ) -> None:
     # In a container with 64 MB of /dev/shm, a parcel that could not be shared was lost in the worker's sending
-    # thread, and the run waited for it forever.
+    # thread, and the run waited for it forever. With a low `ulimit -n` (each parcel in transit is a few file
+    # descriptors) the loader gave up, and the run ended in its traceback.
     from siglip_cli import decoding as D
     from siglip_cli.config import PreprocessConfig
     from siglip_cli.preprocess import DecodeOptions
@@ -1587,14 +1625,10 @@ def test_workers_short_of_shared_memory_leave_the_rest_to_this_process(
     paths = sorted(str(p) for p in mixed_folder.iterdir()) * 3
     cfg = PreprocessConfig(32, 32)
     plain = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=5, workers=0, pin=False))
-
-    def no_room(self):
-        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2>: No space left on device (28)")
-
-    monkeypatch.setattr(torch.Tensor, "share_memory_", no_room)
+    failure(monkeypatch)
     notes: list[str] = []
     batches = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=5, workers=2, pin=False, note=notes.append))
-    assert len(notes) == 1 and notes[0].startswith("the shared memory (/dev/shm) is too small for 2 decoding workers'")
+    assert notes == [note.format(limit=D.open_files_limit())]  # one line: not the worker's traceback
     assert [[r["path"] for r in b.rows] for b in batches] == [[r["path"] for r in b.rows] for b in plain]
     for got, expected in zip(batches, plain):
         assert torch.equal(D.batch_pixels(got, cfg, torch.device("cpu"), DecodeOptions())[0],
@@ -1628,6 +1662,17 @@ def test_workers_that_cannot_start_leave_the_work_to_this_process(
     assert notes == ["cannot start 2 decoding workers (No space left on device; their queues need a writable "
                      "/dev/shm): decoding in this process, which is slower."]  # fmt: skip
     assert [[r["path"] for r in b.rows] for b in batches] == [[r["path"] for r in b.rows] for b in plain]
+
+
+def test_a_low_open_files_limit_gets_the_workers_it_can_feed(mixed_folder: Path, out: Path, tiny_siglip: Path) -> None:
+    # `ulimit -n 16`: the decoding workers' parcels ran out of descriptors, and the run ended in a traceback.
+    embed = f"siglip embed {mixed_folder} -m {tiny_siglip} --workers 4 --batch-size 2"
+    runs = {limit: run_shell(f"ulimit -n {limit} && {embed} -o {out / f'{limit}.npy'}") for limit in (24, 48, 1024)}
+    assert all(run.returncode == 0 and "Traceback" not in run.stderr for run in runs.values()), runs
+    assert "note: `ulimit -n` is 24, too few open files for 4 decoding workers: decoding in this process." in runs[24].stderr
+    assert "note: `ulimit -n` is 48, too few open files for 4 decoding workers: 2 decoding workers, which is slower." in runs[48].stderr
+    assert "ulimit" not in runs[1024].stderr
+    assert (out / "24.npy").read_bytes() == (out / "48.npy").read_bytes() == (out / "1024.npy").read_bytes()
 
 
 def test_ctrl_c_while_the_workers_shut_down_reaches_the_run(
