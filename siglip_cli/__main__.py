@@ -4,6 +4,7 @@ import errno
 import os
 import signal
 import sys
+import warnings
 
 
 class StdoutError(Exception):
@@ -77,6 +78,9 @@ def _standard_streams() -> None:
 def main() -> None:
     """Run the CLI; Ctrl-C while torch is still being imported ends quietly too (the commands handle it later)."""
     _standard_streams()
+    # Pillow warns of what it reads past (a corrupt EXIF block, a palette's transparency): a file either decodes or
+    # fails with its own sentence, and the warning's two lines of source location are noise to a user.
+    warnings.filterwarnings("ignore", module=r"PIL\.")
     try:
         from .cli import app
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .config import DEFAULT_MAX_PIXELS, DEFAULT_PRESET, PIL_FILTERS, PreprocessConfig, VisionConfig
 from .errors import UserError
-from .files import display_path
+from .files import display_path, is_regular_file
 from .model import SiglipVision, gflops_per_image, num_parameters
 from .preprocess import BadImage, DecodeOptions, one_line, open_checked, open_rgb, pixel_values
 from .weights import load_tower
@@ -131,6 +131,8 @@ def read_image(
     name = display_path(str(path))  # as text for a terminal and for JSON: not UTF-8, control characters
     if path.is_dir():
         raise UserError(f"{name} is a directory; pass one image file.")
+    if path.exists() and not is_regular_file(str(path)):  # opened, a FIFO without a writer would wait forever
+        raise UserError(f"{name} is not a regular file (a pipe or a device); save the image to a file and pass that.")
     try:
         # First: it refuses a decompression bomb with our sentence.
         photo, _ = open_rgb(path, DecodeOptions(max_pixels=max_pixels))

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -538,14 +541,28 @@ def test_dropped_pixels_are_said(tiny_p14: Path, photo: Path) -> None:
         (lambda d: (d / "notes.jpg").write_text("not a picture") and d / "notes.jpg", "not an image"),
         (lambda d: save_png_claiming_size(d / "huge.png", 20_000, 10_000), "possible decompression bomb"),
         (lambda d: half_synced_heic(d / "IMG_0001.HEIC"), "cannot be decoded: ValueError"),
+        (lambda d: os.mkfifo(d / "pipe.jpg") or d / "pipe.jpg", "is not a regular file (a pipe or a device)"),
     ],
-    ids=["missing", "directory", "not-an-image", "over-twice-pillows-limit", "cut-heic"],
+    ids=["missing", "directory", "not-an-image", "over-twice-pillows-limit", "cut-heic", "fifo"],
 )
 def test_bad_image_is_one_sentence_and_exit_2(make, message: str, tmp_path: Path, tiny_vision: Path) -> None:
     result = invoke(str(make(tmp_path)), "--model", str(tiny_vision))
     assert result.exit_code == 2
     assert message in " ".join(result.stderr.split()) and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) <= 2  # one sentence (rich may wrap it)
+
+
+def test_pillows_warnings_stay_off_the_terminal(tmp_path: Path, tiny_vision: Path) -> None:
+    # An EXIF block pointing past its end: Pillow's "UserWarning: Corrupt EXIF data" and the line of its source
+    # that raised it were printed above the report; the photo itself is fine.
+    photo = tmp_path / "camera.jpg"
+    make_photo((64, 48)).save(photo, exif=b"Exif\x00\x00MM\x00\x2a\xff\xff\xff\xff")
+    process = subprocess.run(
+        [sys.executable, "-m", "siglip_cli", "inspect", str(photo), "--model", str(tiny_vision)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    assert "Warning" not in process.stderr and "camera.jpg (64×48 JPEG" in process.stdout
 
 
 def half_synced_heic(path: Path) -> Path:
