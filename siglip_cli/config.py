@@ -182,6 +182,13 @@ PRESETS: dict[str, tuple[VisionConfig, PreprocessConfig]] = {
 }
 
 
+# The tower transformers' PaliGemmaConfig builds when config.json gives no vision_config.
+PALIGEMMA_DEFAULT_TOWER = {
+    "hidden_size": 1152, "intermediate_size": 4096, "num_hidden_layers": 27, "num_attention_heads": 16,
+    "patch_size": 14, "image_size": 224,
+}  # fmt: skip
+
+
 def vision_config_from_hub(config: dict[str, Any]) -> VisionConfig:
     """Read the vision tower out of a Hub `config.json` (already parsed), filling transformers' defaults."""
     model_type = config.get("model_type")
@@ -190,7 +197,9 @@ def vision_config_from_hub(config: dict[str, Any]) -> VisionConfig:
     elif model_type == "siglip":  # a missing vision_config means transformers' defaults, as transformers reads it
         fields, default_head = config.get("vision_config") or {}, True
     elif model_type == "paligemma":
-        fields, default_head = config.get("vision_config") or {}, False
+        fields, default_head = config.get("vision_config"), False
+        if fields is None:  # transformers then builds PaliGemma's own tower, not SigLIP's default one
+            fields = PALIGEMMA_DEFAULT_TOWER
     elif model_type in ("siglip2", "siglip2_vision_model"):
         raise ConfigError(
             f"SigLIP2 NaFlex checkpoints (model_type {model_type!r}, variable resolution) are a different model and are not "
@@ -200,6 +209,8 @@ def vision_config_from_hub(config: dict[str, Any]) -> VisionConfig:
         raise ConfigError(
             f"model_type {model_type!r} is not a SigLIP vision tower (supported: siglip, siglip_vision_model, paligemma)."
         )
+    if not isinstance(fields, dict):
+        raise ConfigError(f"its vision_config is a JSON {type(fields).__name__}, not an object.")
     known = {f.name for f in dataclasses.fields(VisionConfig)}
     values = {name: fields[name] for name in known if name in fields}
     values.setdefault("vision_use_head", default_head)

@@ -567,6 +567,24 @@ def test_paligemma_vision_config_defaults_to_a_headless_tower() -> None:
     assert vision.vision_use_head is False and vision.image_size == 224
 
 
+@pytest.mark.parametrize("config", [{}, {"vision_config": None}], ids=["absent", "null"])
+def test_paligemma_without_a_vision_config_gets_the_tower_transformers_builds(config: dict) -> None:
+    # It got SigLIP's default tower (768 wide, patch 16), and the weights then failed to load.
+    from transformers import PaliGemmaConfig
+
+    theirs = PaliGemmaConfig.from_dict({"model_type": "paligemma", **config}).vision_config
+    ours = vision_config_from_hub({"model_type": "paligemma", **config})
+    fields = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
+              "image_size", "vision_use_head"]  # fmt: skip
+    assert {f: getattr(ours, f) for f in fields} == {f: getattr(theirs, f) for f in fields}
+
+
+@pytest.mark.parametrize("vision_config", ["hidden_size", [768]], ids=["string", "list"])
+def test_a_vision_config_that_is_no_object_is_refused(vision_config: object) -> None:
+    with pytest.raises(ConfigError, match="its vision_config is a JSON (str|list), not an object"):
+        vision_config_from_hub({"model_type": "siglip", "vision_config": vision_config})
+
+
 def test_square_sizes_may_be_written_as_pairs() -> None:
     vision = vision_config_from_hub(
         {"model_type": "siglip_vision_model", "image_size": [384, 384], "patch_size": [14, 14]}
