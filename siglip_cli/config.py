@@ -116,7 +116,9 @@ PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"
 # What `siglip inspect` and `siglip bench` run when given no --model: B/16's shape, random weights, no download.
 DEFAULT_PRESET = "siglip-base-patch16-224"
 DEFAULT_MODEL = "google/siglip-base-patch16-224"  # what `siglip embed` runs when given none
-DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # Pillow's own guard (Image.MAX_IMAGE_PIXELS), ~89.5 MP
+# Where Pillow itself refuses an image (twice `Image.MAX_IMAGE_PIXELS`, above which it only warns): ~179 MP. 100 MP
+# cameras (Fujifilm GFX100, Hasselblad X2D) and phones' 108 MP mode are ordinary photos, which transformers embeds.
+DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
 
 
 @dataclass(frozen=True)

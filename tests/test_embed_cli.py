@@ -461,6 +461,19 @@ def test_max_pixels_refuses_larger_images(embed, photos: Path, out: Path) -> Non
     assert all("exceeds the limit of 1,000" in e["error"] and "--max-pixels" in e["error"] for e in errors)
 
 
+def test_the_default_pixel_limit_lets_100_megapixel_camera_photos_through(embed, tmp_path: Path, out: Path) -> None:
+    # Pillow's warning threshold (89 MP) refused every photo of a GFX100 (11648x8736) as a "decompression bomb";
+    # Pillow itself, and transformers, open them. Refused now only past where Pillow refuses.
+    folder = tmp_path / "large"
+    folder.mkdir()
+    save_png_claiming_size(folder / "gfx100.png", 11648, 8736)
+    save_png_claiming_size(folder / "bomb.png", 15000, 12000)
+    embed(folder, "-o", out / "e.npy")
+    errors = {Path(e["path"]).name: e["error"] for e in read_jsonl(out / "e.errors.jsonl")}
+    assert "exceeds the limit" not in errors["gfx100.png"]  # it got as far as decoding
+    assert "180,000,000 pixels exceeds the limit of 178,956,970" in errors["bomb.png"]
+
+
 def test_no_exif_transpose_embeds_the_pixels_as_stored(embed, tmp_path: Path, out: Path) -> None:
     folder = tmp_path / "phone"
     folder.mkdir()
