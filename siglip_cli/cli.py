@@ -105,7 +105,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except UserError as e:
-        fail(str(e))
+        fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         fail("interrupted.", 130)
 

@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 from . import interrupts
 from .config import PIL_FILTERS
 from .embed import EmbedOptions, Progress, Summary, embed_to_file, interrupted_on_other_devices, refuse_empty_run
-from .errors import UserError
+from .errors import RunFailed, UserError, first_line
 from .outputs import OutputPaths, check_outputs, read_rows, refuse_inputs_among_outputs
 from .runtime import dtype_note, load, resolve_device
 from .shards import merge_outputs, select_shard
@@ -100,9 +101,10 @@ def _work(job: _Job, channel: mp.Queue) -> None:
         channel.put(("error", job.index, str(e)))
     except KeyboardInterrupt:
         pass
-    except Exception as e:  # a bug or a device failure: the parent's one sentence names it, not just an exit code
-        what = ": ".join(filter(None, [type(e).__name__, *str(e).strip().splitlines()[:1]]))  # CUDA's go on for lines
-        channel.put(("error", job.index, f"the worker on {job.device} failed: {what}"))
+    except Exception as e:  # a bug or a device failure: the parent's one sentence names it, the log has the rest
+        os.write(2, traceback.format_exc().encode(errors="backslashreplace"))  # to the log
+        what = f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
+        channel.put(("crash", job.index, f"the worker on {job.device} failed ({what}); its traceback is in {_log_of(job)}."))
 
 
 def _embed_job(job: _Job, channel: mp.Queue) -> None:
@@ -299,7 +301,7 @@ def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Sum
                 # A worker's last message is in the pipe before it exits: dead and silent means it crashed.
                 for job_index, process in processes.items():
                     if job_index not in summaries and not process.is_alive():
-                        raise UserError(
+                        raise RunFailed(
                             f"the worker on {device[job_index]} stopped (exit code {process.exitcode}); what it "
                             f"printed is in {_log_of(jobs[job_index])}."
                         )
@@ -308,6 +310,8 @@ def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Sum
                 summaries[index] = payload
             elif kind == "error":
                 raise UserError(payload)
+            elif kind == "crash":
+                raise RunFailed(payload)
             elif progress and kind == "start":
                 progress.reused(payload)
             elif progress and kind == "advance":

@@ -4,6 +4,15 @@
 class UserError(Exception):
     """Something the user can fix (a path, an option, a checkpoint); the message is one sentence."""
 
+    exit_code = 2
+
+
+class RunFailed(UserError):
+    """A run that failed for a reason of its own (a crashed worker), told in one sentence that says where the
+    details are; exit status 1, as for a run with failed files under --strict."""
+
+    exit_code = 1
+
 
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (CUDA's and torch's go on for lines), or its class name if it has none."""

@@ -275,14 +275,13 @@ def pooling(vision: VisionConfig) -> str:
 
 
 def read_output_options(out: OutputPaths) -> dict:
-    """The run state (`embed.run_state`) a finished output was made with; {} for a file siglip did not write."""
-    return options_of(read_output_metadata(out))
-
-
-def options_of(metadata: dict[str, str]) -> dict:
-    """The run state in an output's metadata. Outputs of versions whose state did not hold the pooling have it
-    in their metadata beside it."""
-    options = json.loads(metadata.get("options", "{}"))
+    """The run state (`embed.run_state`) a finished output was made with; {} for a file siglip did not write.
+    Outputs of versions whose state did not hold the pooling have it in their metadata beside it."""
+    metadata = read_output_metadata(out)
+    with _reading(out):
+        options = json.loads(metadata.get("options", "{}"))
+        if not isinstance(options, dict):
+            raise ValueError(f"its options are a JSON {type(options).__name__}, not an object")
     if options and "pooling" not in options and "pooling" in metadata:
         options["pooling"] = metadata["pooling"]
     return options

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -23,8 +24,8 @@ from .outputs import (
     assemble,
     check_outputs,
     describe_difference,
-    options_of,
     read_output_metadata,
+    read_output_options,
     read_rows,
 )
 from .storage import exclusive, remove_stale_temporaries
@@ -143,11 +144,15 @@ def _check_every_part(parts: list[str | None]) -> None:
     part they are (whole runs, older versions) are not checked."""
     if any(part is None for part in parts):
         return
-    splits = sorted({int(part.split("/")[1]) for part in parts})
+    numbers = [re.fullmatch(r"(\d+)/(\d+)", part) for part in parts]
+    if not all(numbers):
+        bad = next(part for part, match in zip(parts, numbers) if not match)
+        raise UserError(f"an output's metadata gives its part as {bad!r}, not K/N: it was not written by siglip embed --shard.")
+    splits = sorted({int(match[2]) for match in numbers})
     if len(splits) > 1:
         raise UserError(f"these outputs are parts of different splits (into {' and '.join(map(str, splits))}).")
     count = splits[0]
-    given = [int(part.split("/")[0]) for part in parts]
+    given = [int(match[1]) for match in numbers]
     twice = sorted({k for k in given if given.count(k) > 1})
     if twice:
         raise UserError(f"part {twice[0]}/{count} is given twice: these outputs overlap.")
@@ -211,7 +216,7 @@ def _merge(
     remove_stale_temporaries(target.files())
     opened = [open_output(Path(p)) for p in inputs]
     # The format is how the rows are stored, not how they were computed: .npy and .safetensors parts merge.
-    options = [{**options_of(meta), "format": None} for _, meta in opened]
+    options = [{**read_output_options(out), "format": None} for out, _ in opened]
     for (out, _), opts in zip(opened[1:], options[1:]):
         if opts != options[0]:
             raise UserError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import filecmp
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -36,6 +37,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
+from safetensors.torch import save_file
 from typer.testing import Result
 
 import siglip_cli.embed as embed_module
@@ -46,7 +48,7 @@ from conftest import DEFAULT_REPO_ID, build_checkpoint, make_photo, ok, siglip, 
 from siglip_cli import interrupts
 from siglip_cli.decoding import digest_of_file, file_digest
 from siglip_cli.embed import EmbedOptions, Embedder, embed_to_file, load
-from siglip_cli.errors import UserError
+from siglip_cli.errors import RunFailed, UserError
 from siglip_cli.files import discover
 from siglip_cli.shards import shard_of
 
@@ -1301,6 +1303,28 @@ def test_merge_refuses_a_run_with_a_part_missing_unless_asked(embed, folder: Pat
     assert "parts of different splits (into 2 and 3)" in error
 
 
+@pytest.mark.parametrize(
+    "field, value, error",
+    [
+        ("shard", "1", "an output's metadata gives its part as '1', not K/N"),
+        ("options", "{not json", "cannot read"),
+        ("options", "[1, 2]", "its options are a JSON list, not an object"),
+    ],
+)
+def test_merge_of_an_output_with_odd_metadata_is_one_sentence(
+    embed, folder: Path, tmp_path: Path, field: str, value: str, error: str
+) -> None:
+    # Parsed outside the checks that make an unreadable output one sentence: an IndexError, a JSONDecodeError.
+    parts = [tmp_path / f"part{k}.safetensors" for k in range(2)]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--shard", f"{k}/2"))
+    with safe_open(parts[1], framework="pt") as f:
+        tensors, metadata = {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
+    save_file(tensors, parts[1], metadata={**metadata, field: value})
+    message = the_error(siglip("merge", *parts, "-o", tmp_path / "all.safetensors"))
+    assert error in message and not (tmp_path / "all.safetensors").exists()
+
+
 def test_merge_leaves_another_outputs_manifest_alone(embed, folder: Path, tmp_path: Path) -> None:
     # other.safetensors and a merge into other.npy would share other.jsonl.
     parts = [tmp_path / f"part{k}.safetensors" for k in range(2)]
@@ -1347,6 +1371,29 @@ def test_several_devices_run_one_worker_each_and_equal_one_run(
     ok(embed(folder, tmp_path / "one.safetensors", "--batch-size", 1))
     assert differences(output, tmp_path / "one.safetensors") == []
     assert sorted(p.name for p in output.parent.iterdir()) == ["embeddings.jsonl", "embeddings.safetensors"]
+
+
+def test_a_worker_that_fails_leaves_its_traceback_in_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bug or a device failure in a worker was one line in the parent's sentence, with exit status 2 (the user's
+    # mistake) and the traceback nowhere.
+    from siglip_cli import devices
+
+    def failing(job, channel):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(devices, "_embed_job", failing)  # in the forked worker too
+    job = devices._Job(0, "model", None, "cpu", "float32", [], tmp_path / "shard-0-of-1.npy", EmbedOptions(), False, False)
+    context = multiprocessing.get_context("fork")
+    channel = context.Queue()
+    worker = context.Process(target=devices._work, args=(job, channel))
+    worker.start()
+    kind, index, message = channel.get(timeout=60)
+    worker.join(60)
+    log = tmp_path / "device-0.log"
+    assert (kind, index) == ("crash", 0)
+    assert message == f"the worker on cpu failed (TypeError: a bug); its traceback is in {log}."
+    assert 'raise TypeError("a bug")' in log.read_text()
+    assert RunFailed(message).exit_code == 1
 
 
 @pytest.fixture
