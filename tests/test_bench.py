@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import make_photo, reference_vision_model, save_png_claiming_size, with_preprocessing
 from siglip_cli import benchmark, config, references
+from siglip_cli import model as model_module
 from siglip_cli.cli import app
 from siglip_cli.config import PreprocessConfig, VisionConfig
 from siglip_cli.errors import UserError
@@ -85,6 +86,30 @@ def test_fused_gelu_leaves_the_cpu_path_exact() -> None:
     assert all(layer.mlp.fused_gelu for layer in fused.encoder.layers)
     with torch.no_grad():
         torch.testing.assert_close(fused(x).pooled, model(x).pooled, rtol=0, atol=0)
+
+
+def _bf16_outputs(model: SiglipVision, x: torch.Tensor, *, fused: bool) -> torch.Tensor:
+    tower = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        return (tower.fuse_gelu() if fused else tower)(x.bfloat16()).pooled.float()
+
+
+def test_fused_gelu_in_bfloat16_on_the_cpu_is_as_close_to_float32_as_the_plain_path() -> None:
+    """Where the CPU has native bf16, fc1 + GELU run as one oneDNN GEMM in bfloat16 (`model._fc1_gelu`): its GELU
+    comes before the rounding to bf16, so it is no further from float32 than the plain bf16 path."""
+    model, x = _tiny_model(), _pixels()
+    with torch.no_grad():
+        exact = model(x).pooled
+    fused, plain = _bf16_outputs(model, x, fused=True), _bf16_outputs(model, x, fused=False)
+    assert torch.equal(fused, plain) != model_module._onednn_bf16()  # the fused kernel ran where it can
+    assert (fused - exact).abs().max() <= 1.25 * (plain - exact).abs().max()
+    assert torch.nn.functional.cosine_similarity(fused, exact).min() >= 0.999
+
+
+def test_fused_gelu_in_bfloat16_falls_back_where_onednn_has_no_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_module, "_onednn_bf16", lambda: False)  # an AVX2 CPU: oneDNN refuses bf16 GEMMs
+    model, x = _tiny_model(), _pixels()
+    assert torch.equal(_bf16_outputs(model, x, fused=True), _bf16_outputs(model, x, fused=False))
 
 
 def test_fuse_gelu_skips_towers_with_the_exact_gelu() -> None:
