@@ -76,7 +76,7 @@ def cpu_has_native_bf16() -> bool:
 
     Without it PyTorch still runs bf16, but far slower than float32: on a 2-core Zen 3 (AVX2 only) a bf16 linear
     ran at 18 GFLOP/s against 153 for float32, and B/16 at 0.56 against 3.99 images/s. With it (a 2-core Zen 4),
-    8.40 against 4.05 (bench/RESULTS.md).
+    9.25 against 4.05 (bench/RESULTS.md).
     """
     try:
         flags = Path("/proc/cpuinfo").read_text()
