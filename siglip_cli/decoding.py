@@ -407,7 +407,8 @@ def _parcels(
                 if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
                     reason += "; their queues need a writable /dev/shm"
                 _drop_half_made(e)
-                note(f"cannot start {counted(workers, 'decoding worker')} ({reason}): decoding in this process, which is slower.")
+                note(f"cannot start {counted(workers, 'decoding worker')} ({reason}): decoding in this process, which "
+                     "is slower.")  # fmt: skip
                 workers = 0
                 continue
         try:
@@ -422,8 +423,8 @@ def _parcels(
         except SharedMemoryFull as e:
             note(
                 f"the shared memory (/dev/shm) is too small for the parcels of {counted(workers, 'decoding worker')} "
-                f"({_raised_in_worker(e)}): decoding "
-                "in this process from here on, which is slower (in a container, give it more: docker run --shm-size=2g)."
+                f"({_raised_in_worker(e)}): decoding in this process from here on, which is slower (in a container, "
+                "give it more: docker run --shm-size=2g)."
             )
             workers = 0
             spans = _clip(spans, done, len(files))
@@ -431,8 +432,8 @@ def _parcels(
         except RuntimeError as e:
             if str(e).startswith("Too many open files"):  # each parcel in transit holds descriptors of its own
                 note(
-                    f"too many open files for {counted(workers, 'decoding worker')} (`ulimit -n` is {open_files_limit()}): "
-                    "decoding in this process from here on, which is slower."
+                    f"too many open files for {counted(workers, 'decoding worker')} (`ulimit -n` is "
+                    f"{open_files_limit()}): decoding in this process from here on, which is slower."
                 )
                 workers = 0
                 spans = _clip(spans, done, len(files))

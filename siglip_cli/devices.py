@@ -104,7 +104,8 @@ def _work(job: _Job, channel: mp.Queue) -> None:
     except Exception as e:  # a bug or a device failure: the parent's one sentence names it, the log has the rest
         os.write(2, traceback.format_exc().encode(errors="backslashreplace"))  # to the log
         what = f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
-        channel.put(("crash", job.index, f"the worker on {job.device} failed ({what}); its traceback is in {_log_of(job)}."))
+        message = f"the worker on {job.device} failed ({what}); its traceback is in {_log_of(job)}."
+        channel.put(("crash", job.index, message))
 
 
 def _embed_job(job: _Job, channel: mp.Queue) -> None:

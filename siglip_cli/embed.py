@@ -187,6 +187,8 @@ def embed_to_file(
             progress.start(total=len(paths), done=len(reused))
         new = _embed_pending(embedder, pending, work, options, progress, first_seq=len(chunks))
         results = {**reused, **new}
+        if progress:
+            _note_failing_since(previous, new, out, progress)
 
         ordered = [results[p] for p in paths]
         good = [r for r in ordered if isinstance(r, Ref)]
@@ -211,6 +213,23 @@ def embed_to_file(
             manifest=str(out.manifest),
             errors=str(out.errors) if bad else None,
             seconds=time.perf_counter() - started,
+        )
+
+
+def _note_failing_since(
+    previous: dict[str, Ref | dict], new: dict[str, Ref | dict], out: OutputPaths, progress: Progress
+) -> None:
+    """Files the earlier output embedded that now fail (damaged since, a sync cut short) lose their rows to error
+    rows: said, since in the summary's count of failures they read like new files."""
+    broken = [p for p, row in new.items() if not isinstance(row, Ref) and isinstance(previous.get(p), Ref)]
+    broken.sort(key=os.fsencode)
+    if broken:
+        one = len(broken) == 1
+        progress.note(
+            f"{counted(len(broken), 'file')} embedded in the earlier output now fail{'s' if one else ''} "
+            f"({display_path(broken[0])}: {new[broken[0]]['error']}{'' if one else '; …'}): "
+            f"{'its row is' if one else 'their rows are'} replaced by {'an error row' if one else 'error rows'} in "
+            f"{display_path(str(out.errors))}."
         )
 
 

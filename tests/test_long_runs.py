@@ -1082,6 +1082,20 @@ def test_update_keeps_unchecked_the_rows_under_a_link_that_leads_nowhere_and_dro
     assert all(after[path] == before[path] for path in after)
 
 
+def test_update_says_which_embedded_files_now_fail(embed, folder: Path, tmp_path: Path) -> None:
+    # A photo cut short by a sync lost its row to an error row, and the summary's "1 failed" read like a new file.
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    photo = folder / "p03.jpg"
+    photo.write_bytes(photo.read_bytes()[:300])
+    result = ok(embed(folder, output, "--update"))
+    errors = output.with_name("embeddings.errors.jsonl")
+    assert (f"note: 1 file embedded in the earlier output now fails ({photo}: " in result.stderr
+            and f"its row is replaced by an error row in {errors}." in result.stderr)  # fmt: skip
+    assert [row["path"] for row in rows_of(errors)] == [str(photo)]
+    assert "now fail" not in ok(embed(folder, output, "--update")).stderr  # said once, when it happens
+
+
 def test_update_of_an_older_output_compares_its_pooling_from_the_metadata(embed, folder: Path, tmp_path: Path) -> None:
     # Older versions kept the pooling out of the run's options, and pooled a PaliGemma tower silent on
     # vision_use_head by its tokens' mean: reusing those rows beside head-pooled ones would mix two embeddings.
