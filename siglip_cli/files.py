@@ -56,6 +56,7 @@ class WalkReport:
     # leaves nothing else to see, and `--update` keeps the rows under it.
     dangling: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # folders of `SKIPPED_FOLDERS`: NAS thumbnails, recycle bins
+    library_rest: list[str] = field(default_factory=list)  # a Photos library's folders besides its originals
     links: list[str] = field(default_factory=list)  # image files the walks met as symlinks: each may be another name
     # for a file this run writes (`outputs.refuse_inputs_among_outputs`); few in a photo folder
     listed: int = 0  # paths read from --files-from
@@ -78,6 +79,12 @@ class WalkReport:
             notes.append(
                 f"left out {counted(len(self.skipped), 'folder')} of NAS thumbnails, snapshots, recycle bins or fsck "
                 f"fragments: {folders}."
+            )
+        if self.library_rest and not quiet:
+            folders = first_of([display_path(folder) for folder in sorted(self.library_rest)], 3)
+            notes.append(
+                f"walked only the originals of Photos libraries (`originals`, `Masters`): left out {folders} "
+                "(previews and thumbnails of the same photos)."
             )
         if self.passed_over and not quiet:
             notes.append(
@@ -222,6 +229,8 @@ def find_images(
         met += [f"could not list {report.unreadable_text()}"] if report.unreadable else []
         met += [report.not_files_text()] if report.not_files else []
         met += [report.dangling_text()] if report.dangling else []
+        met += ["of a Photos library only its originals, which it lacks"] if report.library_rest else []
+        met += [f"left out {counted(len(report.skipped), 'NAS or recycle folder')}"] if report.skipped else []
         raise UserError(
             f"no image files found in {', '.join(inputs or [str(files_from)])} "
             f"(looked for {' '.join(sorted(IMAGE_SUFFIXES))}{''.join('; ' + m for m in met)})."
@@ -274,6 +283,8 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
                         report.skipped.append(tidy_path(entry.path))
                     elif not in_photos_library or entry.name in PHOTOS_LIBRARY_ORIGINALS:
                         (linked if entry.is_symlink() else real).append(entry.path)
+                    else:
+                        report.library_rest.append(tidy_path(entry.path))
                 elif entry.is_file():
                     if suffix in IMAGE_SUFFIXES:
                         if entry.is_symlink():

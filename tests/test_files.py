@@ -352,6 +352,23 @@ def test_a_macos_photos_library_gives_each_photo_once(tmp_path: Path) -> None:
     assert found(tmp_path) == sorted([str(original), str(older)], key=os.fsencode)
 
 
+def test_the_rest_of_a_photos_library_is_said_to_be_left_out(tmp_path: Path) -> None:
+    # Its previews and shared albums were left out without a word, and a library without its originals
+    # ("Optimize Mac Storage") was "no image files found" alone.
+    library = tmp_path / "Photos Library.photoslibrary"
+    touch(library / "resources" / "derivatives" / "A" / "IMG_1_1_105_c.jpeg")
+    touch(library / "scopes" / "cloudsharing" / "x.jpg")
+    with pytest.raises(UserError, match="; of a Photos library only its originals, which it lacks\\)\\.$"):
+        find_images([str(library)])
+    touch(library / "originals" / "A" / "IMG_1.heic")
+    report = WalkReport()
+    assert [Path(p).name for p in found_with(report, library)] == ["IMG_1.heic"]
+    assert report.notes() == [
+        f"walked only the originals of Photos libraries (`originals`, `Masters`): left out {library / 'resources'}, "
+        f"{library / 'scopes'} (previews and thumbnails of the same photos)."
+    ]
+
+
 @pytest.mark.parametrize("name", ["iPhoto Library.photolibrary", "Aperture Library.aplibrary"])
 def test_older_apple_libraries_give_their_masters_only(tmp_path: Path, name: str) -> None:
     master = touch(tmp_path / name / "Masters" / "2009" / "IMG_0.jpg")
