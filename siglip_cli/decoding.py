@@ -381,8 +381,8 @@ def _parcels(
         note(f"`ulimit -n` is {limit}, too few open files for {counted(workers, 'decoding worker')}: {instead}.")
         workers = fitting
     while spans:
-        # About two batches in flight, and never more than there are parcels: the loader starts by asking for every
-        # one of its prefetch slots, and `-b 1000000000` on ten files spent minutes asking.
+        # About two batches in flight, capped at the number of parcels (2 at the least): the loader starts by asking
+        # for every one of its prefetch slots, and `-b 1000000000` on ten files spent minutes asking.
         parcels = sum(math.ceil((end - start) / size) for start, end in spans)
         prefetch = max(2, min(math.ceil(2 * batch_size / (size * workers)), parcels)) if workers else None
         # The loader's own code runs with signals deferred: a Ctrl-C inside it could leave one of its queue locks
