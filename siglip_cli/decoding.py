@@ -375,16 +375,23 @@ def _parcels(
     """
     size = min(PARCEL_SIZE, batch_size)
     done = spans[0][0] if spans else 0  # files handed over
-    if (limit := open_files_limit()) is not None and limit < open_files_needed(workers):
-        fitting = max(0, (limit - OPEN_FILES_PER_RUN) // OPEN_FILES_PER_WORKER)
-        instead = f"{counted(fitting, 'decoding worker')}, which is slower" if fitting else "decoding in this process"
-        note(f"`ulimit -n` is {limit}, too few open files for {counted(workers, 'decoding worker')}: {instead}.")
-        workers = fitting
-    while spans:
-        # About two batches in flight, capped at the number of parcels (2 at the least): the loader starts by asking
-        # for every one of its prefetch slots, and `-b 1000000000` on ten files spent minutes asking.
+
+    def prefetch(workers: int) -> int:
+        """Parcels each worker has in flight: about two batches in all, capped at the number of parcels (2 at the
+        least). The loader starts by asking for every one of its prefetch slots, and `-b 1000000000` on ten files
+        spent minutes asking."""
         parcels = sum(math.ceil((end - start) / size) for start, end in spans)
-        prefetch = max(2, min(math.ceil(2 * batch_size / (size * workers)), parcels)) if workers else None
+        return max(2, min(math.ceil(2 * batch_size / (size * workers)), parcels))
+
+    if workers and (limit := open_files_limit()) is not None:
+        fitting = next((w for w in range(workers, 0, -1) if open_files_needed(w, prefetch(w)) <= limit), 0)
+        if fitting < workers:
+            instead = f"taking {fitting} instead, which is slower" if fitting else "decoding in this process instead"
+            note(f"`ulimit -n` is {limit}, too few open files for {counted(workers, 'decoding worker')}: {instead} "
+                 "(raise it with `ulimit -n 4096`).")  # fmt: skip
+            workers = fitting
+    while spans:
+        prefetch_factor = prefetch(workers) if workers else None
         # The loader's own code runs with signals deferred: a Ctrl-C inside it could leave one of its queue locks
         # held, and the shutdown of its workers would wait for that lock forever (see `interrupts`).
         with warnings.catch_warnings(), interrupts.deferred(), _sigchld_left_as_it_was():
@@ -395,7 +402,7 @@ def _parcels(
                 num_workers=workers,
                 collate_fn=_collate,
                 worker_init_fn=_worker_init if workers else None,
-                prefetch_factor=prefetch,
+                prefetch_factor=prefetch_factor,
                 pin_memory=pin,
             )
             try:
@@ -430,10 +437,11 @@ def _parcels(
             spans = _clip(spans, done, len(files))
             continue
         except RuntimeError as e:
-            if str(e).startswith("Too many open files"):  # each parcel in transit holds descriptors of its own
+            if workers and str(e).startswith("Too many open files"):  # a parcel in transit holds descriptors
                 note(
                     f"too many open files for {counted(workers, 'decoding worker')} (`ulimit -n` is "
-                    f"{open_files_limit()}): decoding in this process from here on, which is slower."
+                    f"{open_files_limit()}): decoding in this process from here on, which is slower (raise it with "
+                    "`ulimit -n 4096`)."
                 )
                 workers = 0
                 spans = _clip(spans, done, len(files))
@@ -443,7 +451,7 @@ def _parcels(
         finally:
             with interrupts.deferred():
                 del arriving  # the workers stop as the iterator goes
-        in_flight = done + size * prefetch * workers  # the loader hands each worker `prefetch` parcels at most
+        in_flight = done + size * prefetch_factor * workers  # the loader hands each worker that many parcels at most
         for first, end in _clip(spans, done, in_flight):
             yield _collate(_each_alone(files, range(first, end), workers))
         spans, done = _clip(spans, in_flight, len(files)), in_flight
@@ -457,23 +465,34 @@ def _raised_in_worker(error: BaseException) -> str:
 
 
 def open_files_limit() -> int | None:
-    """This process's limit on open files (`ulimit -n`); None where there is none, or no way to know (Windows)."""
+    """This process's limit on open files (`ulimit -n`), first raised to the most it may be: the soft limit a shell
+    sets (1,024 on Linux, 256 on macOS) may go up to the hard one without privileges, and the decoding workers
+    inherit it. None where there is no limit, or no way to know (Windows)."""
     try:
         import resource
     except ImportError:
         return None
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # macOS refuses RLIM_INFINITY for files: keep what there is
+            pass
     return None if soft == resource.RLIM_INFINITY else soft
 
 
 # Open files a run may hold: each parcel in transit from a decoding worker is a few descriptors. Runs failed mid-way
-# with `ulimit -n` at 20 (one worker), 32 (four) or 48 (eight); these leave about twice that.
+# with `ulimit -n` at 20 (one worker, 8 parcels in flight), 32 (four, 8), 40 (one, 32), 48 (two, 32; eight, 16):
+# about 12 + one a parcel in flight + four a worker. These leave about twice that.
 OPEN_FILES_PER_RUN = 32
+OPEN_FILES_PER_PARCEL = 2
 OPEN_FILES_PER_WORKER = 8
 
 
-def open_files_needed(workers: int) -> int:
-    return OPEN_FILES_PER_RUN + OPEN_FILES_PER_WORKER * workers if workers else 0
+def open_files_needed(workers: int, prefetch: int) -> int:
+    """Open files a run may hold with `workers` decoding workers, each with `prefetch` parcels in flight."""
+    return OPEN_FILES_PER_RUN + (OPEN_FILES_PER_PARCEL * prefetch + OPEN_FILES_PER_WORKER) * workers
 
 
 def _drop_half_made(error: BaseException) -> None:

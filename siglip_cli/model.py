@@ -131,11 +131,13 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.activation = ACTIVATION_FUNCTIONS[cfg.activation]
-        # Set by `SiglipVision.fuse_gelu()`, for speed on CUDA. Not part of the checkpoint.
+        # Set by `SiglipVision.fuse_gelu()`, for speed: on CUDA, and on the CPU in bfloat16 (`onednn_gelu`). Not
+        # part of the checkpoint.
         self.fused_gelu = False
+        self.onednn_gelu = False
 
     def forward(self, x: Tensor, trace: Trace = None, prefix: str = "mlp") -> Tensor:
-        if self.fused_gelu and trace is None and (h := _fc1_gelu(x, self.fc1)) is not None:
+        if self.fused_gelu and trace is None and (h := _fc1_gelu(x, self.fc1, onednn=self.onednn_gelu)) is not None:
             return self.fc2(h)
         x = self.fc1(x)
         _record(trace, f"{prefix}.fc1", x)
@@ -144,7 +146,6 @@ class MLP(nn.Module):
         x = self.fc2(x)
         _record(trace, f"{prefix}.fc2", x)
         return x
-
 
     def _activate(self, x: Tensor, *, in_place: bool) -> Tensor:
         """The activation; on the CPU one image at a time, so that an image gets the same bits in any batch. Over
@@ -161,28 +162,29 @@ class MLP(nn.Module):
         return x
 
 
-def _fc1_gelu(x: Tensor, fc1: nn.Linear) -> Tensor | None:
+def _fc1_gelu(x: Tensor, fc1: nn.Linear, *, onednn: bool) -> Tensor | None:
     """fc1, its bias and the tanh GELU as one GEMM where a kernel fuses them, else None: the (tokens, F) activation
     is written once instead of written, read and written again.
 
     - CUDA: cuBLASLt's GELU_BIAS epilogue. (On the CPU, `_addmm_activation` computes the exact GELU instead.)
-    - The CPU in bfloat16, where it has native bf16: oneDNN's GEMM with a GELU post-op, the kernel torch.compile's
-      CPU backend emits. The GELU is applied before the one rounding to bf16, so it is closer to float32 than
-      the plain path, and copies of an image in a batch still get the same bits. On a 2-core Zen 4, fc1 + GELU
-      for 16 images took 36.8 ms instead of 59.5 (bench/RESULTS.md). float32 stays the exact path, unfused.
+    - The CPU in bfloat16, with `onednn` (asked for where the CPU has native bf16): oneDNN's GEMM with a GELU
+      post-op, the kernel torch.compile's CPU backend emits. The GELU comes before the one rounding to bf16, so it
+      is closer to float32 than the plain path, and copies of an image in a batch still get the same bits. On a
+      2-core Zen 4 the forward took 3.2% less time (bench/RESULTS.md). float32 stays the exact path, unfused.
     """
     if x.is_cuda:
         h = torch._addmm_activation(fc1.bias, x.flatten(0, -2), fc1.weight.t(), use_gelu=True)
         return h.view(*x.shape[:-1], -1)
-    # Not under torch.compile, whose CPU backend fuses these itself (and takes this op only with frozen weights).
-    if x.dtype == torch.bfloat16 and _onednn_bf16() and not torch.compiler.is_compiling():
+    # Not under torch.compile, whose CPU backend fuses these itself (and takes this op only with frozen weights),
+    # nor with autograd, which the op lacks.
+    if not (onednn and x.dtype == torch.bfloat16) or torch.compiler.is_compiling():
+        return None
+    if x.requires_grad or fc1.weight.requires_grad or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    try:
         return torch.ops.mkldnn._linear_pointwise(x, fc1.weight, fc1.bias, "gelu", [], "tanh")
-    return None
-
-
-def _onednn_bf16() -> bool:
-    """Whether oneDNN runs bf16 GEMMs here: CPUs with native bf16 (AVX512-BF16, AMX). Elsewhere it refuses them."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except RuntimeError:  # a private op: a torch that lacks it, or refuses these shapes, runs the plain path
+        return None
 
 
 class EncoderLayer(nn.Module):
@@ -312,14 +314,15 @@ class SiglipVision(nn.Module):
             layer.self_attn.fuse_qkv()
         return self
 
-    def fuse_gelu(self) -> SiglipVision:
-        """Compute each MLP's fc1 + bias + GELU as one GEMM where a kernel fuses them (`_fc1_gelu`): on CUDA
-        (an H200: +4% eager, +6 to 12% compiled, same cosine), and on CPUs with native bf16 in bfloat16. Only for
-        towers with the tanh GELU, the one both kernels fuse."""
+    def fuse_gelu(self, *, onednn: bool = False) -> SiglipVision:
+        """Compute each MLP's fc1 + bias + GELU as one GEMM where a kernel fuses them (`_fc1_gelu`): on CUDA (an
+        H200: +4% eager, +6 to 12% compiled, same cosine); with `onednn`, on the CPU in bfloat16 too, for CPUs with
+        native bf16 (oneDNN also takes bf16 GEMMs on AVX-512 CPUs without it, emulated: never measured there).
+        Only for towers with the tanh GELU, the one both kernels fuse."""
         if self.config.activation == "gelu_tanh":
             for module in self.modules():
                 if isinstance(module, MLP):
-                    module.fused_gelu = True
+                    module.fused_gelu, module.onednn_gelu = True, onednn
         return self
 
 

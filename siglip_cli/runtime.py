@@ -76,7 +76,7 @@ def cpu_has_native_bf16() -> bool:
 
     Without it PyTorch still runs bf16, but far slower than float32: on a 2-core Zen 3 (AVX2 only) a bf16 linear
     ran at 18 GFLOP/s against 153 for float32, and B/16 at 0.56 against 3.99 images/s. With it (a 2-core Zen 4),
-    9.25 against 4.05 (bench/RESULTS.md).
+    8.40 against 4.05 side by side (bench/RESULTS.md).
     """
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -98,7 +98,8 @@ def dtype_note(device: torch.device, dtype: torch.dtype, *, run_seconds: float |
     if dtype == torch.bfloat16 and not native:
         return "this CPU has no native bfloat16 (AVX512-BF16 or AMX): bfloat16 runs emulated, several times slower than float32."
     if dtype == torch.float32 and native and (run_seconds is None or run_seconds >= BF16_HINT_AFTER_S):
-        return "this CPU has native bfloat16: --dtype bfloat16 runs about twice as fast, within cosine 0.999 of these float32 numbers."
+        return ("this CPU has native bfloat16: with --dtype bfloat16 the model runs about twice as fast, within cosine "
+                "0.999 of these float32 numbers.")
     return None
 
 
@@ -114,11 +115,12 @@ def prepare_model(
 ) -> SiglipVision:  # or its torch.compile wrapper
     """`model` as `siglip embed` runs it, changed in place: on `device` with its weights in `dtype` (bf16 end to
     end, no autocast), eval mode, no autograd, and fused. q/k/v as one GEMM (`fuse_qkv`): the same numbers, which the
-    tests check against the plain path; on CUDA also fc1 + GELU (`fuse_gelu`), which gpu_check checks against the
-    float32 plain path. `compile`: `torch.compile` with torch's default shape handling, so a run's last, smaller batch
+    tests check against the plain path; fc1 + GELU too (`fuse_gelu`) on CUDA, which gpu_check checks against the
+    float32 plain path, and in bfloat16 on CPUs with native bf16 (tested against the plain bf16 path). `compile`: `torch.compile` with torch's default shape handling, so a run's last, smaller batch
     recompiles once, with dynamic shapes (`benchmark.fast_model` compiles its own pooled-only wrapper, static).
     """
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False).fuse_qkv().fuse_gelu()
+    native_bf16 = torch.device(device).type == "cpu" and cpu_has_native_bf16()
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False).fuse_qkv().fuse_gelu(onednn=native_bf16)
     if compile and not torch.cuda.is_available():
         # Compiling for the CPU with a CUDA build of torch, its C++ toolchain setup warns that no CUDA runtime was
         # found: true, and nothing for the user to act on, printed between the run's own lines.

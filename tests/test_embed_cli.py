@@ -1620,7 +1620,7 @@ def _out_of_open_files_at_the_third_parcel(monkeypatch: pytest.MonkeyPatch) -> N
          "(unable to allocate shared memory(shm) for file </torch_1_2>: No space left on device (28)): decoding in this "
          "process from here on, which is slower (in a container, give it more: docker run --shm-size=2g)."),
         (_out_of_open_files_at_the_third_parcel, "too many open files for 2 decoding workers (`ulimit -n` is {limit}): "
-         "decoding in this process from here on, which is slower."),
+         "decoding in this process from here on, which is slower (raise it with `ulimit -n 4096`)."),
     ],  # fmt: skip
     ids=["shared-memory-full", "out-of-open-files"],
 )
@@ -1680,12 +1680,15 @@ def test_workers_that_cannot_start_leave_the_work_to_this_process(
 def test_a_low_open_files_limit_gets_the_workers_it_can_feed(mixed_folder: Path, out: Path, tiny_siglip: Path) -> None:
     # `ulimit -n 16`: the decoding workers' parcels ran out of descriptors, and the run ended in a traceback.
     embed = f"siglip embed {mixed_folder} -m {tiny_siglip} --workers 4 --batch-size 2"
-    runs = {limit: run_shell(f"ulimit -n {limit} && {embed} -o {out / f'{limit}.npy'}") for limit in (24, 48, 1024)}
+    limits = {"24": "ulimit -n 24", "60": "ulimit -n 60", "soft": "ulimit -Sn 24", "plain": "true"}
+    runs = {name: run_shell(f"{limit} && {embed} -o {out / name}.npy") for name, limit in limits.items()}
     assert all(run.returncode == 0 and "Traceback" not in run.stderr for run in runs.values()), runs
-    assert "note: `ulimit -n` is 24, too few open files for 4 decoding workers: decoding in this process." in runs[24].stderr
-    assert "note: `ulimit -n` is 48, too few open files for 4 decoding workers: 2 decoding workers, which is slower." in runs[48].stderr
-    assert "ulimit" not in runs[1024].stderr
-    assert (out / "24.npy").read_bytes() == (out / "48.npy").read_bytes() == (out / "1024.npy").read_bytes()
+    assert ("note: `ulimit -n` is 24, too few open files for 4 decoding workers: decoding in this process instead "
+            "(raise it with `ulimit -n 4096`)." in runs["24"].stderr)  # fmt: skip
+    assert "too few open files for 4 decoding workers: taking 2 instead, which is slower" in runs["60"].stderr
+    assert "ulimit" not in runs["soft"].stderr  # a soft limit alone is raised to the hard one, as any process may
+    assert "ulimit" not in runs["plain"].stderr
+    assert len({(out / f"{name}.npy").read_bytes() for name in limits}) == 1
 
 
 def test_ctrl_c_while_the_workers_shut_down_reaches_the_run(

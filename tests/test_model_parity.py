@@ -22,6 +22,7 @@ from conftest import TINY_CHECKPOINTS, build_checkpoint, make_photo, reference_v
 from siglip_cli.cli import app
 from siglip_cli.config import ACTIVATIONS
 from siglip_cli.embed import embed_paths, load
+from siglip_cli.runtime import cpu_has_native_bf16
 from siglip_cli.weights import load_model, resolve_checkpoint
 
 TOLERANCE = 1e-5  # float32, max |Δ|
@@ -140,6 +141,16 @@ def test_copies_of_one_image_in_a_batch_get_the_same_bits(odd_tower: Path, batch
     assert (tokens == tokens[0]).all() and (pooled == pooled[0]).all()
     alone, _ = embedder(copies[:1])
     assert (alone == pooled[0]).all()
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="bfloat16 is emulated on this CPU (no AVX512-BF16 or AMX)")
+@pytest.mark.parametrize("batch", [3, 5, 7, 17])
+def test_copies_of_one_image_get_the_same_bits_in_bfloat16_too(odd_tower: Path, batch: int) -> None:
+    # On such CPUs bfloat16 runs fc1 + GELU as one oneDNN GEMM (`model._fc1_gelu`).
+    embedder = load(str(odd_tower), device="cpu", dtype="bfloat16")
+    copies = random_pixels(odd_tower, batch=1).expand(batch, -1, -1, -1).contiguous()
+    pooled, tokens = embedder(copies)
+    assert (tokens == tokens[0]).all() and (pooled == pooled[0]).all()
 
 
 @pytest.mark.parametrize("use_head", [True, False])
