@@ -184,6 +184,12 @@ PRESETS: dict[str, tuple[VisionConfig, PreprocessConfig]] = {
 }
 
 
+def json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words: 'a string', 'an array', 'null'."""
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return kinds.get(type(value), "null")
+
+
 # The tower transformers' PaliGemmaConfig builds when config.json gives no vision_config.
 PALIGEMMA_DEFAULT_TOWER = {
     "hidden_size": 1152, "intermediate_size": 4096, "num_hidden_layers": 27, "num_attention_heads": 16,
@@ -212,7 +218,7 @@ def vision_config_from_hub(config: dict[str, Any]) -> VisionConfig:
             f"model_type {model_type!r} is not a SigLIP vision tower (supported: siglip, siglip_vision_model, paligemma)."
         )
     if not isinstance(fields, dict):
-        raise ConfigError(f"its vision_config is a JSON {type(fields).__name__}, not an object.")
+        raise ConfigError(f"its vision_config is {json_kind(fields)}, not a JSON object.")
     known = {f.name for f in dataclasses.fields(VisionConfig)}
     values = {name: fields[name] for name in known if name in fields}
     values.setdefault("vision_use_head", default_head)

@@ -294,7 +294,9 @@ def batch_pixels(
     return pixels[keep], [batch.rows[i] for i in keep], errors
 
 
-# What one decoding worker may hold at its peak: a photo at the default pixel limit (89 MP) took 1.0-1.5 GB.
+# What one decoding worker may hold at its peak: an 89 MP photo took 1.0-1.5 GB. One at the default pixel limit
+# (179 MP) may take more (a CMYK JPEG: 1.9 GB); budgeting for those would halve the workers of a mid-size machine
+# for photos few libraries hold, and a worker the kernel kills for memory costs only its file (`_parcels`).
 WORKER_PEAK_BYTES = 1_500_000_000
 
 

@@ -187,7 +187,7 @@ def embed_to_file(
             progress.start(total=len(paths), done=len(reused))
         new = _embed_pending(embedder, pending, work, options, progress, first_seq=len(chunks))
         results = {**reused, **new}
-        if progress:
+        if progress and part_of is None:  # a several-device worker's errors file is not the one the user gets
             _note_failing_since(previous, new, out, progress)
 
         ordered = [results[p] for p in paths]

@@ -56,7 +56,8 @@ class WalkReport:
     # leaves nothing else to see, and `--update` keeps the rows under it.
     dangling: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # folders of `SKIPPED_FOLDERS`: NAS thumbnails, recycle bins
-    library_rest: list[str] = field(default_factory=list)  # a Photos library's folders besides its originals
+    libraries: list[str] = field(default_factory=list)  # Photos libraries walked (their originals only)
+    without_originals: list[str] = field(default_factory=list)  # those of them with no originals folder at all
     links: list[str] = field(default_factory=list)  # image files the walks met as symlinks: each may be another name
     # for a file this run writes (`outputs.refuse_inputs_among_outputs`); few in a photo folder
     listed: int = 0  # paths read from --files-from
@@ -80,12 +81,10 @@ class WalkReport:
                 f"left out {counted(len(self.skipped), 'folder')} of NAS thumbnails, snapshots, recycle bins or fsck "
                 f"fragments: {folders}."
             )
-        if self.library_rest and not quiet:
-            folders = first_of([display_path(folder) for folder in sorted(self.library_rest)], 3)
-            notes.append(
-                f"walked only the originals of Photos libraries (`originals`, `Masters`): left out {folders} "
-                "(previews and thumbnails of the same photos)."
-            )
+        if self.libraries and not quiet:
+            libraries = first_of([display_path(library) for library in sorted(self.libraries)], 3)
+            notes.append(f"walked only the originals folder (`originals`, `Masters`) of {libraries}; the rest of a "
+                         "Photos library is not embedded.")  # fmt: skip
         if self.passed_over and not quiet:
             notes.append(
                 f"passed over {self.passed_over_text()} in the folders: not images siglip reads "
@@ -229,7 +228,9 @@ def find_images(
         met += [f"could not list {report.unreadable_text()}"] if report.unreadable else []
         met += [report.not_files_text()] if report.not_files else []
         met += [report.dangling_text()] if report.dangling else []
-        met += ["of a Photos library only its originals, which it lacks"] if report.library_rest else []
+        if report.without_originals:
+            met.append(f"{first_of([display_path(p) for p in report.without_originals], 3)} has no originals folder, "
+                       "the only one of a Photos library walked")  # fmt: skip
         met += [f"left out {counted(len(report.skipped), 'NAS or recycle folder')}"] if report.skipped else []
         raise UserError(
             f"no image files found in {', '.join(inputs or [str(files_from)])} "
@@ -273,6 +274,10 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
         if linked_to and os.path.commonpath([name, top_real]) != top_real:
             report.outside.append((directory, name))
         in_photos_library = os.path.basename(name).endswith(PHOTOS_LIBRARY_SUFFIXES)
+        if in_photos_library:
+            report.libraries.append(tidy_path(directory))
+            if not any(entry.name in PHOTOS_LIBRARY_ORIGINALS and entry.is_dir() for entry in entries):
+                report.without_originals.append(tidy_path(directory))
         for entry in entries:
             if entry.name.startswith("."):
                 continue
@@ -283,8 +288,6 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
                         report.skipped.append(tidy_path(entry.path))
                     elif not in_photos_library or entry.name in PHOTOS_LIBRARY_ORIGINALS:
                         (linked if entry.is_symlink() else real).append(entry.path)
-                    else:
-                        report.library_rest.append(tidy_path(entry.path))
                 elif entry.is_file():
                     if suffix in IMAGE_SUFFIXES:
                         if entry.is_symlink():

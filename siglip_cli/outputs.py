@@ -19,7 +19,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from . import __version__
-from .config import VisionConfig
+from .config import VisionConfig, json_kind
 from .errors import UserError
 from .files import display_path, path_fields, path_from_fields
 from .storage import (
@@ -279,9 +279,10 @@ def read_output_options(out: OutputPaths) -> dict:
     Outputs of versions whose state did not hold the pooling have it in their metadata beside it."""
     metadata = read_output_metadata(out)
     with _reading(out):
-        options = json.loads(metadata.get("options", "{}"))
+        options = metadata.get("options", "{}")
+        options = json.loads(options) if isinstance(options, str) else options  # a .meta.json may hold an object
         if not isinstance(options, dict):
-            raise ValueError(f"its options are a JSON {type(options).__name__}, not an object")
+            raise ValueError(f"its options are {json_kind(options)}, not a JSON object")
     if options and "pooling" not in options and "pooling" in metadata:
         options["pooling"] = metadata["pooling"]
     return options

@@ -139,15 +139,17 @@ class MergeSummary:
         return dict(self.__dict__)
 
 
-def _check_every_part(parts: list[str | None]) -> None:
+def _check_every_part(opened: list[tuple[OutputPaths, dict[str, str]]]) -> None:
     """Refuse a merge of `--shard K/N` outputs that lacks a part or holds one twice. Outputs that do not say which
     part they are (whole runs, older versions) are not checked."""
+    parts = [meta.get("shard") for _, meta in opened]
     if any(part is None for part in parts):
         return
     numbers = [re.fullmatch(r"(\d+)/(\d+)", part) for part in parts]
-    if not all(numbers):
-        bad = next(part for part, match in zip(parts, numbers) if not match)
-        raise UserError(f"an output's metadata gives its part as {bad!r}, not K/N: it was not written by siglip embed --shard.")
+    for (out, _), part, match in zip(opened, parts, numbers):
+        if not match:
+            raise UserError(f"{out.embeddings}'s metadata gives its part as {part!r}, not K/N: it was not written by "
+                            "siglip embed --shard.")  # fmt: skip
     splits = sorted({int(match[2]) for match in numbers})
     if len(splits) > 1:
         raise UserError(f"these outputs are parts of different splits (into {' and '.join(map(str, splits))}).")
@@ -225,7 +227,7 @@ def _merge(
             )
     _check_same_inputs(opened)
     if not allow_missing:
-        _check_every_part([meta.get("shard") for _, meta in opened])
+        _check_every_part(opened)
     owner: dict[str, Path] = {}
     good: list[tuple[bytes, Ref]] = []
     bad: list[tuple[bytes, dict]] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -353,19 +354,25 @@ def test_a_macos_photos_library_gives_each_photo_once(tmp_path: Path) -> None:
 
 
 def test_the_rest_of_a_photos_library_is_said_to_be_left_out(tmp_path: Path) -> None:
-    # Its previews and shared albums were left out without a word, and a library without its originals
-    # ("Optimize Mac Storage") was "no image files found" alone.
+    # Its other folders were left out without a word, and a library without its originals ("Optimize Mac
+    # Storage") was "no image files found" alone.
     library = tmp_path / "Photos Library.photoslibrary"
     touch(library / "resources" / "derivatives" / "A" / "IMG_1_1_105_c.jpeg")
-    touch(library / "scopes" / "cloudsharing" / "x.jpg")
-    with pytest.raises(UserError, match="; of a Photos library only its originals, which it lacks\\)\\.$"):
+    touch(library / "originals" / "A" / "IMG_1.mov")  # originals, with no photo in them: not "it lacks originals"
+    with pytest.raises(UserError, match="found only 1 file \\(1 .mov\\)\\)\\.$"):
+        find_images([str(library)])
+    (library / "originals" / "A" / "IMG_1.mov").unlink()
+    (library / "originals" / "A").rmdir()
+    (library / "originals").rmdir()
+    with pytest.raises(UserError, match=f"; {re.escape(str(library))} has no originals folder, the only one of a "
+                                        "Photos library walked\\)\\.$"):  # fmt: skip
         find_images([str(library)])
     touch(library / "originals" / "A" / "IMG_1.heic")
     report = WalkReport()
-    assert [Path(p).name for p in found_with(report, library)] == ["IMG_1.heic"]
+    assert [Path(p).name for p in found_with(report, tmp_path)] == ["IMG_1.heic"]
     assert report.notes() == [
-        f"walked only the originals of Photos libraries (`originals`, `Masters`): left out {library / 'resources'}, "
-        f"{library / 'scopes'} (previews and thumbnails of the same photos)."
+        f"walked only the originals folder (`originals`, `Masters`) of {library}; the rest of a Photos library is "
+        "not embedded."
     ]
 
 

@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -48,7 +49,7 @@ from conftest import DEFAULT_REPO_ID, build_checkpoint, make_photo, ok, siglip, 
 from siglip_cli import interrupts
 from siglip_cli.decoding import digest_of_file, file_digest
 from siglip_cli.embed import EmbedOptions, Embedder, embed_to_file, load
-from siglip_cli.errors import RunFailed, UserError
+from siglip_cli.errors import UserError
 from siglip_cli.files import discover
 from siglip_cli.shards import shard_of
 
@@ -1320,9 +1321,9 @@ def test_merge_refuses_a_run_with_a_part_missing_unless_asked(embed, folder: Pat
 @pytest.mark.parametrize(
     "field, value, error",
     [
-        ("shard", "1", "an output's metadata gives its part as '1', not K/N"),
+        ("shard", "1", "part1.safetensors's metadata gives its part as '1', not K/N"),
         ("options", "{not json", "cannot read"),
-        ("options", "[1, 2]", "its options are a JSON list, not an object"),
+        ("options", "[1, 2]", "its options are an array, not a JSON object"),
     ],
 )
 def test_merge_of_an_output_with_odd_metadata_is_one_sentence(
@@ -1387,7 +1388,9 @@ def test_several_devices_run_one_worker_each_and_equal_one_run(
     assert sorted(p.name for p in output.parent.iterdir()) == ["embeddings.jsonl", "embeddings.safetensors"]
 
 
-def test_a_worker_that_fails_leaves_its_traceback_in_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_worker_that_fails_leaves_its_traceback_in_its_log(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A bug or a device failure in a worker was one line in the parent's sentence, with exit status 2 (the user's
     # mistake) and the traceback nowhere.
     from siglip_cli import devices
@@ -1395,19 +1398,14 @@ def test_a_worker_that_fails_leaves_its_traceback_in_its_log(tmp_path: Path, mon
     def failing(job, channel):
         raise TypeError("a bug")
 
-    monkeypatch.setattr(devices, "_embed_job", failing)  # in the forked worker too
-    job = devices._Job(0, "model", None, "cpu", "float32", [], tmp_path / "shard-0-of-1.npy", EmbedOptions(), False, False)
-    context = multiprocessing.get_context("fork")
-    channel = context.Queue()
-    worker = context.Process(target=devices._work, args=(job, channel))
-    worker.start()
-    kind, index, message = channel.get(timeout=60)
-    worker.join(60)
-    log = tmp_path / "device-0.log"
-    assert (kind, index) == ("crash", 0)
-    assert message == f"the worker on cpu failed (TypeError: a bug); its traceback is in {log}."
-    assert 'raise TypeError("a bug")' in log.read_text()
-    assert RunFailed(message).exit_code == 1
+    monkeypatch.setattr(devices, "_embed_job", failing)
+    fork = multiprocessing.get_context("fork")  # the workers start as copies of this process: with `failing`
+    monkeypatch.setattr(devices.mp, "get_context", lambda method: fork)
+    output = tmp_path / "out" / "embeddings.safetensors"
+    error = the_error(embed(folder, output, "--device", "cpu,cpu"), 1)
+    named = re.fullmatch(r"error: the worker on cpu failed \(TypeError: a bug\); its traceback is in (.+)\.", error)
+    assert named and Path(named[1]).parent == work_area(output)  # the first worker to fail: device-0 or device-1
+    assert 'raise TypeError("a bug")' in Path(named[1]).read_text()
 
 
 @pytest.fixture
