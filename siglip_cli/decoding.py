@@ -385,7 +385,7 @@ def _parcels(
         parcels = sum(math.ceil((end - start) / size) for start, end in spans)
         return max(2, min(math.ceil(2 * batch_size / (size * workers)), parcels))
 
-    if workers and (limit := open_files_limit()) is not None:
+    if workers and (limit := open_files_limit(wanted=open_files_needed(workers, prefetch(workers)))) is not None:
         fitting = next((w for w in range(workers, 0, -1) if open_files_needed(w, prefetch(w)) <= limit), 0)
         if fitting < workers:
             instead = f"taking {fitting} instead, which is slower" if fitting else "decoding in this process instead"
@@ -466,20 +466,21 @@ def _raised_in_worker(error: BaseException) -> str:
     return str(error).strip().splitlines()[-1].partition(": ")[2] or str(error)
 
 
-def open_files_limit() -> int | None:
-    """This process's limit on open files (`ulimit -n`), first raised to the most it may be: the soft limit a shell
-    sets (1,024 on Linux, 256 on macOS) may go up to the hard one without privileges, and the decoding workers
-    inherit it. None where there is no limit, or no way to know (Windows)."""
+def open_files_limit(wanted: int = 0) -> int | None:
+    """This process's limit on open files (`ulimit -n`), first raised towards `wanted` where it is lower: the soft
+    limit a shell sets (1,024 on Linux, 256 on macOS) may go up to the hard one without privileges, and the decoding
+    workers inherit it. None where there is no limit, or no way to know (Windows)."""
     try:
         import resource
     except ImportError:
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):  # macOS refuses RLIM_INFINITY for files: keep what there is
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
             pass
     return None if soft == resource.RLIM_INFINITY else soft
 

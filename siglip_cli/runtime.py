@@ -116,8 +116,9 @@ def prepare_model(
     """`model` as `siglip embed` runs it, changed in place: on `device` with its weights in `dtype` (bf16 end to
     end, no autocast), eval mode, no autograd, and fused. q/k/v as one GEMM (`fuse_qkv`): the same numbers, which the
     tests check against the plain path; fc1 + GELU too (`fuse_gelu`) on CUDA, which gpu_check checks against the
-    float32 plain path, and in bfloat16 on CPUs with native bf16 (tested against the plain bf16 path). `compile`: `torch.compile` with torch's default shape handling, so a run's last, smaller batch
-    recompiles once, with dynamic shapes (`benchmark.fast_model` compiles its own pooled-only wrapper, static).
+    float32 plain path, and in bfloat16 on CPUs with native bf16 (tested against the plain bf16 path). `compile`:
+    `torch.compile` with torch's default shape handling, so a run's last, smaller batch recompiles once, with
+    dynamic shapes (`benchmark.fast_model` compiles its own pooled-only wrapper, static).
     """
     native_bf16 = torch.device(device).type == "cpu" and cpu_has_native_bf16()
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False).fuse_qkv().fuse_gelu(onednn=native_bf16)
