@@ -385,12 +385,14 @@ def _parcels(
         parcels = sum(math.ceil((end - start) / size) for start, end in spans)
         return max(2, min(math.ceil(2 * batch_size / (size * workers)), parcels))
 
-    if workers and (limit := open_files_limit(wanted=open_files_needed(workers, prefetch(workers)))) is not None:
-        fitting = next((w for w in range(workers, 0, -1) if open_files_needed(w, prefetch(w)) <= limit), 0)
+    opened = _open_files() if workers else 0  # a parent (a shell, a wrapper script) may have left some open to us
+    if workers and (limit := open_files_limit(wanted=opened + open_files_needed(workers, prefetch(workers)))):
+        free = limit - opened
+        fitting = next((w for w in range(workers, 0, -1) if open_files_needed(w, prefetch(w)) <= free), 0)
         if fitting < workers:
             instead = f"taking {fitting} instead, which is slower" if fitting else "decoding in this process instead"
             note(f"`ulimit -n` is {limit}, too few open files for {counted(workers, 'decoding worker')}: {instead} "
-                 "(raise it with `ulimit -n 4096`).")  # fmt: skip
+                 f"({_raising_it()}).")  # fmt: skip
             workers = fitting
     while spans:
         prefetch_factor = prefetch(workers) if workers else None
@@ -442,8 +444,7 @@ def _parcels(
             if workers and str(e).startswith("Too many open files"):  # a parcel in transit holds descriptors
                 note(
                     f"too many open files for {counted(workers, 'decoding worker')} (`ulimit -n` is "
-                    f"{open_files_limit()}): decoding in this process from here on, which is slower (raise it with "
-                    "`ulimit -n 4096`)."
+                    f"{open_files_limit()}): decoding in this process from here on, which is slower ({_raising_it()})."
                 )
                 workers = 0
                 spans = _clip(spans, done, len(files))
@@ -483,6 +484,26 @@ def open_files_limit(wanted: int = 0) -> int | None:
         except (ValueError, OSError):
             pass
     return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _open_files() -> int:
+    """Files this process has open now (Linux and macOS list them in a folder); 0 where that cannot be known."""
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(listing))
+        except OSError:
+            continue
+    return 0
+
+
+def _raising_it() -> str:
+    """How to allow more open files: the shell's `ulimit -n` up to the hard limit, which only root can raise."""
+    import resource  # reached only where `open_files_limit` found it
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return "it is also the hard limit: raising it takes root, or `nofile` in /etc/security/limits.conf"
+    return "raise it with `ulimit -n 4096`"
 
 
 # Open files a run may hold: each parcel in transit from a decoding worker is a few descriptors. Runs failed mid-way

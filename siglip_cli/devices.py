@@ -302,9 +302,11 @@ def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Sum
                 # A worker's last message is in the pipe before it exits: dead and silent means it crashed.
                 for job_index, process in processes.items():
                     if job_index not in summaries and not process.is_alive():
+                        code = process.exitcode
+                        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
                         raise RunFailed(
-                            f"the worker on {device[job_index]} stopped (exit code {process.exitcode}); what it "
-                            f"printed is in {_log_of(jobs[job_index])}."
+                            f"the worker on {device[job_index]} stopped ({how}); what it printed is in "
+                            f"{_log_of(jobs[job_index])}."
                         )
                 continue
             if kind == "done":

@@ -81,10 +81,15 @@ class WalkReport:
                 f"left out {counted(len(self.skipped), 'folder')} of NAS thumbnails, snapshots, recycle bins or fsck "
                 f"fragments: {folders}."
             )
-        if self.libraries and not quiet:
-            libraries = first_of([display_path(library) for library in sorted(self.libraries)], 3)
+        walked = sorted(set(self.libraries) - set(self.without_originals))
+        if walked and not quiet:
+            libraries = first_of([display_path(library) for library in walked], 3)
             notes.append(f"walked only the originals folder (`originals`, `Masters`) of {libraries}; the rest of a "
                          "Photos library is not embedded.")  # fmt: skip
+        if self.without_originals:
+            libraries = first_of([display_path(library) for library in sorted(self.without_originals)], 3)
+            notes.append(f"no originals folder (`originals`, `Masters`) in {libraries}: nothing there is embedded "
+                         "(the rest of a Photos library holds copies).")  # fmt: skip
         if self.passed_over and not quiet:
             notes.append(
                 f"passed over {self.passed_over_text()} in the folders: not images siglip reads "

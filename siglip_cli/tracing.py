@@ -309,6 +309,13 @@ def _summarise(name: str, x: Tensor, note: str) -> Stage:
     dtype = str(x.dtype).removeprefix("torch.")
     if x.is_meta:  # a shape-only run
         stats = (math.nan,) * 4
+    elif x.dtype == torch.uint8:  # the decoded photo: from its histogram, not a float64 copy (3.6 GB at 150 MP)
+        counts = torch.bincount(x.flatten(), minlength=256).double()
+        levels = torch.arange(256, dtype=torch.float64)
+        mean = (counts * levels).sum() / counts.sum()
+        std = ((counts * (levels - mean) ** 2).sum() / counts.sum()).sqrt()
+        present = counts.nonzero()
+        stats = (mean.item(), std.item(), float(present[0]), float(present[-1]))
     else:
         values = x.detach() if x.is_floating_point() else x.detach().double()
         std, mean = torch.std_mean(values, correction=0)

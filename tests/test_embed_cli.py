@@ -1620,7 +1620,7 @@ def _out_of_open_files_at_the_third_parcel(monkeypatch: pytest.MonkeyPatch) -> N
          "(unable to allocate shared memory(shm) for file </torch_1_2>: No space left on device (28)): decoding in this "
          "process from here on, which is slower (in a container, give it more: docker run --shm-size=2g)."),
         (_out_of_open_files_at_the_third_parcel, "too many open files for 2 decoding workers (`ulimit -n` is {limit}): "
-         "decoding in this process from here on, which is slower (raise it with `ulimit -n 4096`)."),
+         "decoding in this process from here on, which is slower ({raising})."),
     ],  # fmt: skip
     ids=["shared-memory-full", "out-of-open-files"],
 )
@@ -1641,7 +1641,7 @@ def test_workers_that_fail_mid_run_leave_the_rest_to_this_process(
     failure(monkeypatch)
     notes: list[str] = []
     batches = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=5, workers=2, pin=False, note=notes.append))
-    assert notes == [note.format(limit=D.open_files_limit())]  # one line: not the worker's traceback
+    assert notes == [note.format(limit=D.open_files_limit(), raising=D._raising_it())]  # one line, no traceback
     assert [[r["path"] for r in b.rows] for b in batches] == [[r["path"] for r in b.rows] for b in plain]
     for got, expected in zip(batches, plain):
         assert torch.equal(D.batch_pixels(got, cfg, torch.device("cpu"), DecodeOptions())[0],
@@ -1680,13 +1680,21 @@ def test_workers_that_cannot_start_leave_the_work_to_this_process(
 def test_a_low_open_files_limit_gets_the_workers_it_can_feed(mixed_folder: Path, out: Path, tiny_siglip: Path) -> None:
     # `ulimit -n 16`: the decoding workers' parcels ran out of descriptors, and the run ended in a traceback.
     embed = f"siglip embed {mixed_folder} -m {tiny_siglip} --workers 4 --batch-size 2"
-    limits = {"24": "ulimit -n 24", "60": "ulimit -n 60", "soft": "ulimit -Sn 24", "plain": "true"}
-    runs = {name: run_shell(f"{limit} && {embed} -o {out / name}.npy") for name, limit in limits.items()}
+    inherited = " ".join(f"{fd}</dev/null" for fd in range(20, 32))  # left open by a parent: the run's to count
+    limits = {"24": "ulimit -n 24", "88": "ulimit -n 88", "88 less 12": f"ulimit -n 88 && exec {inherited}",
+              "soft": "ulimit -Sn 24", "plain": "true"}  # fmt: skip
+    runs = {name: run_shell(f"{limit} && {embed} -o '{out / name}.npy'") for name, limit in limits.items()}
     assert all(run.returncode == 0 and "Traceback" not in run.stderr for run in runs.values()), runs
     assert ("note: `ulimit -n` is 24, too few open files for 4 decoding workers: decoding in this process instead "
-            "(raise it with `ulimit -n 4096`)." in runs["24"].stderr)  # fmt: skip
-    assert "too few open files for 4 decoding workers: taking 2 instead, which is slower" in runs["60"].stderr
-    assert "ulimit" not in runs["soft"].stderr  # a soft limit alone is raised to the hard one, as any process may
+            "(it is also the hard limit: raising it takes root, or `nofile` in /etc/security/limits.conf)."
+            in runs["24"].stderr)  # fmt: skip
+
+    def workers_taken(run: subprocess.CompletedProcess) -> int:
+        taken = re.search(r"too few open files for 4 decoding workers: taking (\d) instead", run.stderr)
+        return int(taken[1]) if taken else 4
+
+    assert 0 < workers_taken(runs["88 less 12"]) < workers_taken(runs["88"])
+    assert "ulimit" not in runs["soft"].stderr  # a soft limit alone is raised, as any process may
     assert "ulimit" not in runs["plain"].stderr
     assert len({(out / f"{name}.npy").read_bytes() for name in limits}) == 1
 

@@ -367,12 +367,15 @@ def test_the_rest_of_a_photos_library_is_said_to_be_left_out(tmp_path: Path) -> 
     with pytest.raises(UserError, match=f"; {re.escape(str(library))} has no originals folder, the only one of a "
                                         "Photos library walked\\)\\.$"):  # fmt: skip
         find_images([str(library)])
-    touch(library / "originals" / "A" / "IMG_1.heic")
+    other = tmp_path / "Other.photoslibrary"  # beside one without: that one was listed as walked
+    touch(other / "originals" / "A" / "IMG_1.heic")
     report = WalkReport()
     assert [Path(p).name for p in found_with(report, tmp_path)] == ["IMG_1.heic"]
     assert report.notes() == [
-        f"walked only the originals folder (`originals`, `Masters`) of {library}; the rest of a Photos library is "
-        "not embedded."
+        f"walked only the originals folder (`originals`, `Masters`) of {other}; the rest of a Photos library is not "
+        "embedded.",
+        f"no originals folder (`originals`, `Masters`) in {library}: nothing there is embedded (the rest of a "
+        "Photos library holds copies).",
     ]
 
 
