@@ -113,10 +113,10 @@ def fast_model(
 ) -> Forward:
     """Our model as `siglip embed` runs it, on a copy of `model` (left untouched): pixels (B, 3, H, W) → pooled.
 
-    Always, as in `runtime.load`: `runtime.prepare_model` (fused q/k/v, fused fc1 + GELU where a kernel fuses them, weights in `dtype`,
-    eval mode, no autograd). Optional: `torch.compile`, of the pooled-only wrapper with static shapes (every timed
-    batch has one shape) rather than `prepare_model`'s compile of the whole tower. Attention is PyTorch's SDPA, which
-    picks its kernel on the GPU by itself.
+    Always, as in `runtime.load`: `runtime.prepare_model` (fused q/k/v, fused fc1 + GELU where a kernel fuses them,
+    weights in `dtype`, eval mode, no autograd). Optional: `torch.compile`, of the pooled-only wrapper with static
+    shapes (every timed batch has one shape) rather than `prepare_model`'s compile of the whole tower. Attention is
+    PyTorch's SDPA, which picks its kernel on the GPU by itself.
     """
     module = _Pooled(prepare_model(copy.deepcopy(model), device=device, dtype=dtype))
     return torch.compile(module, dynamic=False) if compile else module

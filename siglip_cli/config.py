@@ -186,8 +186,8 @@ PRESETS: dict[str, tuple[VisionConfig, PreprocessConfig]] = {
 
 def json_kind(value: object) -> str:
     """What a parsed JSON value is, in JSON's words: 'a string', 'an array', 'null'."""
-    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return kinds.get(type(value), "null")
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number"}
+    return kinds.get(type(value), "a number" if isinstance(value, float) else "null")
 
 
 # The tower transformers' PaliGemmaConfig builds when config.json gives no vision_config.

@@ -444,7 +444,8 @@ def _parcels(
             if workers and str(e).startswith("Too many open files"):  # a parcel in transit holds descriptors
                 note(
                     f"too many open files for {counted(workers, 'decoding worker')} (`ulimit -n` is "
-                    f"{open_files_limit()}): decoding in this process from here on, which is slower ({_raising_it()})."
+                    f"{open_files_limit()}): decoding in this process from here on, which is slower "
+                    f"({_raising_it()})."
                 )
                 workers = 0
                 spans = _clip(spans, done, len(files))
@@ -498,8 +499,10 @@ def _open_files() -> int:
 
 def _raising_it() -> str:
     """How to allow more open files: the shell's `ulimit -n` up to the hard limit, which only root can raise."""
-    import resource  # reached only where `open_files_limit` found it
-
+    try:
+        import resource
+    except ImportError:
+        return "raise the limit on open files"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft >= hard:
         return "it is also the hard limit: raising it takes root, or `nofile` in /etc/security/limits.conf"
