@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass
@@ -70,6 +71,24 @@ def test_merge_runs_without_importing_torch() -> None:
     script = "import sys, siglip_cli.shards; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_the_quick_exit_still_joins_threads_runs_atexit_and_flushes(tmp_path: Path) -> None:
+    # `siglip` ends with os._exit, skipping the interpreter's teardown (0.35 s with torch loaded), not what comes
+    # before it: a thread still writing, an atexit callback, buffered stdout, and the status.
+    script = textwrap.dedent("""
+        import atexit, sys, threading, time
+        from pathlib import Path
+        from siglip_cli.__main__ import _exit_now
+        folder = Path(sys.argv[1])
+        threading.Thread(target=lambda: (time.sleep(0.3), (folder / "thread").write_text("joined"))).start()
+        atexit.register(lambda: (folder / "atexit").write_text("ran"))
+        sys.stdout.write("buffered")
+        _exit_now(3)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "buffered", "")
+    assert (tmp_path / "thread").read_text() == "joined" and (tmp_path / "atexit").read_text() == "ran"
 
 
 def test_help_lists_every_command_and_names_arguments_without_type_tags() -> None:
