@@ -80,17 +80,18 @@ def _standard_streams() -> None:
 
 def _exit_now(status: int) -> NoReturn:
     """End the process with `status`, skipping the interpreter's teardown: with torch loaded, freeing every module
-    and running libtorch's static destructors took 0.35 s of a 2.2 s one-photo run (bench/RESULTS.md), and nothing
+    and running libtorch's static destructors took 0.35 s, 0.54 s of a 2.5 s one-photo run (bench/RESULTS.md); nothing
     of ours waits for it. What comes before that teardown still happens, in Python's order: the threads that are not
     daemons are joined, the atexit callbacks run (multiprocessing's cleanup, logging's flush, `weakref.finalize`),
     and the standard streams are flushed. Our files are written and closed by then (`storage`). Under a profiler or
     a debugger (a trace or profile function set), the ordinary exit, which they may need to write their report."""
-    if sys.gettrace() is not None or sys.getprofile() is not None:
+    # What Py_Finalize calls first: joins the threads that are not daemons. Private: where a Python lacks it (or
+    # the atexit hook), the ordinary exit, never one that cuts a thread short.
+    shutdown, run_exit_functions = getattr(threading, "_shutdown", None), getattr(atexit, "_run_exitfuncs", None)
+    if shutdown is None or run_exit_functions is None or sys.gettrace() is not None or sys.getprofile() is not None:
         sys.exit(status)
-    shutdown = getattr(threading, "_shutdown", None)  # what Py_Finalize calls first: joins the non-daemon threads
-    if shutdown is not None:
-        shutdown()
-    atexit._run_exitfuncs()
+    shutdown()
+    run_exit_functions()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -193,7 +193,7 @@ def embed(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, or several (cuda:0,cuda:1 or cuda:all): one worker each.", metavar="DEVICE")] = "auto",
     dtype: Annotated[ComputeDtype, typer.Option(help="Compute precision (auto: float32 on CPU, bfloat16 on CUDA).")] = ComputeDtype.auto,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per forward pass (default: 32 on CPU, 128 on CUDA).", show_default=False, metavar="N")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes beside the model (default: CPUs - 1, shared among --device's devices).", show_default=False, metavar="N")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes beside the model (default: CPUs - 1, at most 16 and as many as memory allows, shared among --device's devices).", show_default=False, metavar="N")] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).", metavar="N")] = DEFAULT_MAX_PIXELS,
     exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Apply EXIF orientation (phone photos).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model: +10% for B/16 on an H200 after 15 s of compiling; on a CPU 18-48 s for 0-5%.")] = False,
@@ -265,14 +265,16 @@ def embed(
             interrupts.quiet_destructors()  # the process ends here: a second Ctrl-C in a __del__ prints nothing
             with interrupts.ignored():  # stopped, its work kept: a second Ctrl-C must not cut the sentence short
                 progress.stop(keep=False)
+                if not out.work_kept():  # stopped before a batch was saved: while the model loaded, say
+                    fail("interrupted.", 130)
                 fail(f"interrupted; finished work is kept in {out.work}: rerun the same command to continue.", 130)
         except OutOfMemoryError as e:  # outside the model's forward, which halves its batch instead
             progress.stop(keep=False)
-            if out.work.exists():
+            if out.work_kept():
                 fail(f"the GPU ran out of memory ({first_line(e)}); finished work is kept in {out.work}: rerun with a "
                      "smaller --batch-size to continue.", 1)  # fmt: skip
-            fail(f"the GPU ran out of memory ({first_line(e)}): try a smaller --batch-size, --dtype bfloat16, or another "
-                 "GPU.", 1)  # fmt: skip
+            bf16 = ", --dtype bfloat16," if dtype is ComputeDtype.float32 else ""  # auto is bfloat16 on CUDA
+            fail(f"the GPU ran out of memory ({first_line(e)}): try a smaller --batch-size{bf16} or another GPU.", 1)
         except BaseException:
             progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
             raise

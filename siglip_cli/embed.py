@@ -1,6 +1,6 @@
 """The main job: images → embeddings, robust to bad files, resumable, streamed to disk.
 
-Work is done in fixed batches of the pending files, in sorted order. Finished batches are flushed every few
+Work is done in fixed batches of the pending files, in the order given (sorted when earlier rows are merged in). Finished batches are flushed every few
 seconds as chunks into a work area beside the output (`<output>.partial/`); the final files are assembled
 from the chunks at the end (manifest and errors first, the embeddings file last, each atomically), so the
 presence of the output means the run finished. A rerun of an interrupted command reuses the chunks and embeds
@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections import Counter
-from contextlib import closing, contextmanager, suppress
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from stat import S_ISREG
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import gpu_decode, interrupts
 from .decoding import Batch, batch_pixels, decoded_batches, default_workers, digest_of_file, error_row, look_ahead
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import counted, directory_entry, discover, display_path
 from .outputs import (
     OUTPUT_DTYPES,
@@ -302,7 +302,7 @@ def _resumable_after_write_errors(out: OutputPaths) -> Iterator[None]:
         if not out.work.is_dir():  # none made yet, or gone (the errors file of a run that embedded nothing)
             raise
         then = "Once the files can be written, rerun the same command."
-        if any(out.work.glob("chunk-*")) or any(out.work.glob("shard-*")):
+        if out.work_kept():
             then = (f"Finished work is kept in {out.work}: once the files can be written, rerun the same command "
                     "to continue.")  # fmt: skip
         raise WriteError(f"{e} {then}") from None
@@ -446,16 +446,18 @@ def _digests(paths: list[str], size: int, progress: Progress | None, why: str) -
         return list(look_ahead(paths, digest_or_none, depth=4 * HASHING_THREADS, threads=HASHING_THREADS))
 
 
-# Where drives and network shares are mounted (macOS, Linux by hand): a folder missing there is one not mounted.
-MOUNT_ROOTS = ("/Volumes", "/mnt")
-USER_MOUNT_ROOTS = ("/media", "/run/media")  # Linux desktops mount a user's drives in /media/USER/DRIVE
+# Where drives and network shares are mounted, and how many folders down their mount points sit: /Volumes/X
+# (macOS), /mnt/X (by hand), /media/X (usbmount, fstab) or /media/USER/X (desktops), /run/media/USER/X (Fedora,
+# Arch). Under one of these, a missing folder on the way to the mount point means a drive not mounted.
+MOUNT_POINTS = {"/Volumes": (1,), "/mnt": (1,), "/media": (1, 2), "/run/media": (2,)}
 
 
 def _whereabouts(path: str) -> str:
     """Of a file an earlier row names: "there", "gone", or "unknown" when it cannot be looked at now. Unknown: a
     folder on its way cannot be read, or what is left of the way is a drive that is not mounted: a symlink whose
-    target is missing, a folder gone from where drives are mounted, or an empty mount point there. An empty folder
-    elsewhere is only a folder whose photos moved away."""
+    target is missing, a mount point missing from where drives are mounted (with the folders above it: /run/media
+    is gone after a reboot with the drive unplugged), or an empty mount point there. An empty folder elsewhere is
+    only a folder whose photos moved away. When in doubt, unknown: the rows are kept, not dropped."""
     try:
         os.stat(path)
         return "there"
@@ -463,16 +465,18 @@ def _whereabouts(path: str) -> str:
         pass
     except OSError:
         return "unknown"
-    folder = os.path.dirname(os.path.abspath(path))
+    absolute = os.path.abspath(path)
+    folder = os.path.dirname(absolute)
     while not os.path.lexists(folder):
         folder = os.path.dirname(folder)
     if os.path.islink(folder) and not os.path.exists(folder):
         return "unknown"
-    parent = os.path.dirname(folder)
-    if folder in MOUNT_ROOTS or parent in USER_MOUNT_ROOTS:  # /Volumes/X or /media/USER/X is gone: not mounted
-        return "unknown"
-    if (parent in MOUNT_ROOTS or os.path.dirname(parent) in USER_MOUNT_ROOTS) and _empty_folder(folder):
-        return "unknown"  # /mnt/nas or /media/USER/X left empty: its mount point, the drive not mounted
+    for root, depths in MOUNT_POINTS.items():
+        if absolute.startswith(root + os.sep):
+            below = len(Path(folder).relative_to(root).parts) if folder.startswith(root) else -1  # -1: above it
+            if below < max(depths) or (below in depths and _empty_folder(folder)):
+                return "unknown"
+            break
     return "gone"
 
 
@@ -593,7 +597,8 @@ def embedded_batches(
         return batch, batch_pixels(batch, embedder.preprocess, embedder.device, decode)
 
     # The device decoder's host side (file bytes to nvJPEG, Huffman decoding) runs in a thread a batch or two ahead,
-    # while the model works on the GPU; its kernels queue on the same stream, so the order of work is kept.
+    # while the model works on the GPU; its kernels run on a stream of their own, which the model's stream waits for
+    # (`gpu_decode.decode_headers`).
     ahead = look_ahead(batches, prepare, depth=2 if decoder == "gpu" else 0)
     try:
         for batch, (pixels, rows, errors) in ahead:
@@ -690,8 +695,11 @@ def _embed_pending(
     except BaseException:
         # Ctrl-C, SIGTERM or an error (CUDA, a full disk): the batches finished since the last flush are kept too, for
         # the rerun (a second Ctrl-C stops at once); a flush that fails in turn does not hide why the run stopped.
-        with suppress(Exception):
+        try:
             buffer.flush(work, seq)
+        except Exception as lost:
+            if progress:
+                progress.note(f"the batches embedded in the last few seconds could not be saved ({first_line(lost)}).")
         raise
     finally:
         batches.close()
@@ -748,9 +756,9 @@ class _Halving:
 
     def _shrink(self, embedder: Embedder, failed: int) -> None:
         if failed == 1:
+            bf16 = "--dtype bfloat16, " if embedder.dtype == torch.float32 else ""
             raise UserError(
-                f"{embedder.device} ran out of memory on a single image: try --dtype bfloat16, another GPU, or a "
-                "smaller model."
+                f"{embedder.device} ran out of memory on a single image: try {bf16}another GPU, or a smaller model."
             )
         if self.piece is None and self.progress:
             self.progress.note(f"CUDA out of memory at batch size {failed}: running batches in smaller pieces.")

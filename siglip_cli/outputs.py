@@ -98,6 +98,13 @@ class OutputPaths:
         """The final files a run writes (those of this format)."""
         return [p for p in (self.manifest, self.errors, self.tokens, self.meta, self.embeddings) if p is not None]
 
+    def work_kept(self) -> bool:
+        """Whether the work area holds finished work that a rerun continues from: chunks of embedded batches, or
+        a several-device run's finished shards and their chunks."""
+        work = self.work
+        shards = work.glob("shard-*")
+        return any(work.glob("chunk-*")) or any(work.glob("shard-*/chunk-*")) or any(p.is_file() for p in shards)
+
 
 def _link_target(link: Path) -> Path:
     """The output an `-o` link leads to. Not through a link into a folder that is missing (an unmounted drive: the

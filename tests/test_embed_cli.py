@@ -1236,6 +1236,8 @@ def test_a_second_ctrl_c_while_the_stop_is_reported_keeps_the_sentence_whole(
     import siglip_cli.devices as devices
 
     def stopped(*args, **kwargs):
+        (out / "embeddings.safetensors.partial").mkdir()
+        (out / "embeddings.safetensors.partial" / "chunk-00000000.safetensors").write_bytes(b"")
         raise KeyboardInterrupt
 
     stop = cli_module._RichProgress.stop
@@ -1261,6 +1263,7 @@ def test_gpu_out_of_memory_outside_the_forward_is_one_sentence(
     def out_of_memory(*args, **kwargs):
         if work_kept:
             (out / "embeddings.safetensors.partial").mkdir()
+            (out / "embeddings.safetensors.partial" / "chunk-00000000.safetensors").write_bytes(b"")
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
 
     monkeypatch.setattr(devices, "embed_with_model", out_of_memory)
@@ -1268,8 +1271,24 @@ def test_gpu_out_of_memory_outside_the_forward_is_one_sentence(
     assert error.startswith("error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
     if work_kept:
         assert error.endswith("embeddings.safetensors.partial: rerun with a smaller --batch-size to continue.")
-    else:
+    else:  # auto is already bfloat16 on CUDA; float32 was asked for here
+        assert error.endswith(": try a smaller --batch-size or another GPU.")
+        error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--dtype", "float32"), code=1)
         assert error.endswith(": try a smaller --batch-size, --dtype bfloat16, or another GPU.")
+
+
+def test_ctrl_c_before_anything_was_embedded_claims_no_kept_work(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Ctrl-C while the model downloads or loads said "finished work is kept in ...partial", which did not exist.
+    import siglip_cli.devices as devices
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(devices, "load", stopped)
+    assert the_error(embed(photos, "-o", out / "embeddings.safetensors"), code=130) == "error: interrupted."
+    assert not (out / "embeddings.safetensors.partial").exists()
 
 
 @pytest.mark.parametrize(("input_name", "output_name"), [("img.npy", "img.npy"), ("img.jsonl", "img.safetensors")])

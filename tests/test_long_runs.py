@@ -17,6 +17,7 @@ a larger batch size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import filecmp
 import json
 import multiprocessing
@@ -314,6 +315,32 @@ def test_continuing_embeds_only_the_images_not_yet_done(
     assert sum(images_seen) == summary["embedded"]
     said = f"note: continuing the interrupted run in {work_area(interrupted)}: {summary['reused']} of 12 files done."
     assert said in result.stderr
+
+
+def test_a_stop_whose_last_save_fails_says_what_was_lost_and_raises_why_it_stopped(
+    embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The save of the last batches on the way out failed in silence: the run then said its finished work was kept.
+    class Stopped(CtrlCAfter):
+        def __init__(self):
+            super().__init__(batches=2)
+            self.notes: list[str] = []
+
+        def note(self, message: str) -> None:
+            self.notes.append(message)
+
+    def full_disk(self, work, seq):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 1e9)
+    monkeypatch.setattr(embed_module._ChunkBuffer, "flush", full_disk)
+    progress = Stopped()
+    with pytest.raises(KeyboardInterrupt):
+        embed_to_file(embedder, discover([str(folder)]), tmp_path / "out.safetensors",
+                      options=EmbedOptions(batch_size=2, workers=0), progress=progress)  # fmt: skip
+    assert progress.notes == [
+        "the batches embedded in the last few seconds could not be saved ([Errno 28] No space left on device)."
+    ]
 
 
 def test_continuing_gives_the_uninterrupted_output(embed, interrupted: Path, folder: Path, tmp_path: Path) -> None:
@@ -1034,7 +1061,7 @@ def test_update_keeps_unchecked_the_rows_under_an_empty_mount_point(
     # /mnt/nas unmounted is an empty folder: the photos under it are not gone, the drive is.
     import siglip_cli.embed
 
-    monkeypatch.setattr(siglip_cli.embed, "MOUNT_ROOTS", (str(tmp_path / "mnt"),))
+    monkeypatch.setattr(siglip_cli.embed, "MOUNT_POINTS", {str(tmp_path / "mnt"): (1,)})
     nas = tmp_path / "mnt" / "nas"
     save_photos(nas / "photos", ["n0.jpg", "n1.jpg"], first_seed=80)
     output = tmp_path / "out" / "embeddings.safetensors"
@@ -1045,6 +1072,31 @@ def test_update_keeps_unchecked_the_rows_under_an_empty_mount_point(
     summary = json.loads(result.stdout)
     assert (summary["embedded"], summary["reused"], summary["unchecked"], summary["removed"]) == (1, 0, 2, 0)
     assert "kept 2 rows of the earlier output unchecked: their files cannot be looked at now" in result.stderr
+
+
+def test_update_keeps_the_rows_of_a_drive_whose_mount_root_is_gone_and_drops_a_folder_deleted_from_it(
+    embed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /run/media is a tmpfs: after a reboot with the drive unplugged, /run/media/USER/DRIVE and the folders above it
+    # are all missing. Its rows were dropped as gone. Mounted again, a folder deleted from it is gone.
+    import siglip_cli.embed
+
+    root = tmp_path / "run" / "media"
+    monkeypatch.setattr(siglip_cli.embed, "MOUNT_POINTS", {str(root): (2,)})
+    drive = root / "alice" / "DRIVE"
+    save_photos(drive / "photos", ["r0.jpg", "r1.jpg"], first_seed=85)
+    save_photos(drive / "kept", ["r2.jpg"], first_seed=88)
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(drive, output))
+    (tmp_path / "run").rename(tmp_path / "unplugged")
+    more = save_photos(tmp_path / "more", ["m0.jpg"], first_seed=50)
+    summary = summary_of(embed(more, output, "--update", "--json"))
+    assert (summary["embedded"], summary["unchecked"], summary["removed"]) == (1, 3, 0)
+
+    (tmp_path / "unplugged").rename(tmp_path / "run")
+    shutil.rmtree(drive / "photos")
+    summary = summary_of(embed(more, output, "--update", "--json"))
+    assert (summary["reused"], summary["unchecked"], summary["removed"]) == (2, 0, 2)
 
 
 def test_update_counts_a_copy_that_moved_as_kept_and_one_deleted_as_removed(embed, tmp_path: Path) -> None:
