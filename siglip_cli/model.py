@@ -107,7 +107,7 @@ class Attention(nn.Module):
         with torch.no_grad():
             fused.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
             fused.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
-        self.qkv = fused
+        self.qkv = fused.requires_grad_(q.weight.requires_grad)  # a frozen tower stays frozen
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: Tensor, trace: Trace = None, prefix: str = "attn") -> Tensor:
@@ -167,24 +167,50 @@ def _fc1_gelu(x: Tensor, fc1: nn.Linear, *, onednn: bool) -> Tensor | None:
     is written once instead of written, read and written again.
 
     - CUDA: cuBLASLt's GELU_BIAS epilogue. (On the CPU, `_addmm_activation` computes the exact GELU instead.)
-    - The CPU in bfloat16, with `onednn` (asked for where the CPU has native bf16): oneDNN's GEMM with a GELU
-      post-op, the kernel torch.compile's CPU backend emits. The GELU comes before the one rounding to bf16, so it
-      is closer to float32 than the plain path, and copies of an image in a batch still get the same bits. On a
-      2-core Zen 4 the forward took 3.2% less time (bench/RESULTS.md). float32 stays the exact path, unfused.
+    - The CPU with `onednn` (`prepare_model` asks for it where it measured faster): oneDNN's GEMM with a GELU
+      post-op, the kernel torch.compile's CPU backend emits (`_onednn_linear`). In bfloat16 the GELU comes before
+      the one rounding to bf16, so it is closer to float32 than the plain path; on a 2-core Zen 4 the bf16 forward
+      took 3.2% less time, the float32 one, with `OneDnnLinear`, 7-8% (bench/RESULTS.md).
     """
     if x.is_cuda:
         h = torch._addmm_activation(fc1.bias, x.flatten(0, -2), fc1.weight.t(), use_gelu=True)
         return h.view(*x.shape[:-1], -1)
-    # Not under torch.compile, whose CPU backend fuses these itself (and takes this op only with frozen weights),
-    # nor with autograd, which the op lacks.
-    if not (onednn and x.dtype == torch.bfloat16) or torch.compiler.is_compiling():
+    return _onednn_linear(x, fc1, "gelu", "tanh") if onednn else None
+
+
+def _onednn_linear(x: Tensor, linear: nn.Linear, post_op: str = "none", algorithm: str = "") -> Tensor | None:
+    """`linear(x)`, then `post_op`, through oneDNN's matmul on the CPU (`torch.ops.mkldnn._linear_pointwise`); None
+    where it does not apply: not under torch.compile, whose CPU backend emits the op itself (with frozen weights
+    only), nor with autograd, which the op lacks, nor in a dtype oneDNN does not multiply here."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or torch.compiler.is_compiling():
         return None
-    if x.requires_grad or fc1.weight.requires_grad or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad):
+        return None
+    if x.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
     try:
-        return torch.ops.mkldnn._linear_pointwise(x, fc1.weight, fc1.bias, "gelu", [], "tanh")
+        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, post_op, [], algorithm)
     except RuntimeError:  # a private op: a torch that lacks it, or refuses these shapes, runs the plain path
         return None
+
+
+class OneDnnLinear(nn.Linear):
+    """`nn.Linear` through oneDNN's matmul on the CPU (`_onednn_linear`). `nn.Linear` calls MKL's sgemm in
+    float32; on a 2-core Zen 4 oneDNN ran the tower's four GEMM shapes 1.10–1.15× faster (bench/RESULTS.md).
+    Its sums run in another order, so the numbers are the same but for float rounding: on B/16 (random weights)
+    the patch tokens are 4.5e-6 from transformers' against the plain path's 3.2e-6, well inside the 1e-5 the tests
+    hold both to; and each image gets the same bits in any batch (tested). Made by `SiglipVision.onednn_linears`
+    from a loaded layer, whose parameters it takes."""
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> OneDnnLinear:
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight, new.bias = linear.weight, linear.bias
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = None if x.is_cuda else _onednn_linear(x, self)
+        return super().forward(x) if out is None else out
 
 
 class EncoderLayer(nn.Module):
@@ -316,13 +342,23 @@ class SiglipVision(nn.Module):
 
     def fuse_gelu(self, *, onednn: bool = False) -> SiglipVision:
         """Compute each MLP's fc1 + bias + GELU as one GEMM where a kernel fuses them (`_fc1_gelu`): on CUDA (an
-        H200: +4% eager, +6 to 12% compiled, same cosine); with `onednn`, on the CPU in bfloat16 too, for CPUs with
-        native bf16 (oneDNN also takes bf16 GEMMs on AVX-512 CPUs without it, emulated: never measured there).
-        Only for towers with the tanh GELU, the one both kernels fuse."""
+        H200: +4% eager, +6 to 12% compiled, same cosine); with `onednn`, on the CPU too (see `prepare_model` for
+        where). Only for towers with the tanh GELU, the one both kernels fuse."""
         if self.config.activation == "gelu_tanh":
             for module in self.modules():
                 if isinstance(module, MLP):
                     module.fused_gelu, module.onednn_gelu = True, onednn
+        return self
+
+    def onednn_linears(self) -> SiglipVision:
+        """Run the encoder's linear layers through oneDNN on the CPU (`OneDnnLinear`): q/k/v (fused or not), the
+        attention output, and the MLP's (fc1 too, where `fuse_gelu` has not taken it). The head, ~1% of the work,
+        keeps `nn.Linear`. Call it after `fuse_qkv`, which makes a layer of its own."""
+        for layer in self.encoder.layers:
+            for owner in (layer.self_attn, layer.mlp):
+                for name, child in owner.named_children():
+                    if type(child) is nn.Linear:
+                        setattr(owner, name, OneDnnLinear.of(child))
         return self
 
 

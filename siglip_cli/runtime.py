@@ -89,6 +89,16 @@ def cpu_has_native_bf16() -> bool:
 BF16_HINT_AFTER_S = 60.0
 
 
+def cpu_prefers_onednn(dtype: torch.dtype) -> bool:
+    """Whether the tower's CPU GEMMs go through oneDNN (`model.OneDnnLinear`, fc1 + GELU fused) in `dtype`, where
+    it measured faster on a 2-core Zen 4 (bench/RESULTS.md): bfloat16 on CPUs with native bf16 (3.2% with the
+    fusion alone), float32 on CPUs with AVX-512 (7-8%: oneDNN ran the four GEMM shapes 1.10–1.15× faster than
+    MKL's sgemm, and the GELU rides on fc1). AVX2-only CPUs keep MKL in float32: never measured there."""
+    if dtype == torch.bfloat16:
+        return cpu_has_native_bf16()
+    return dtype == torch.float32 and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def dtype_note(device: torch.device, dtype: torch.dtype, *, run_seconds: float | None = None) -> str | None:
     """What a user should know about running `dtype` on this CPU, if anything. The hint that bfloat16 would be
     faster comes after a run of `BF16_HINT_AFTER_S` or more, or always where `run_seconds` is None (`bench`)."""
@@ -116,12 +126,15 @@ def prepare_model(
     """`model` as `siglip embed` runs it, changed in place: on `device` with its weights in `dtype` (bf16 end to
     end, no autocast), eval mode, no autograd, and fused. q/k/v as one GEMM (`fuse_qkv`): the same numbers, which the
     tests check against the plain path; fc1 + GELU too (`fuse_gelu`) on CUDA, which gpu_check checks against the
-    float32 plain path, and in bfloat16 on CPUs with native bf16 (tested against the plain bf16 path). `compile`:
-    `torch.compile` with torch's default shape handling, so a run's last, smaller batch recompiles once, with
-    dynamic shapes (`benchmark.fast_model` compiles its own pooled-only wrapper, static).
+    float32 plain path. On the CPU, oneDNN's GEMMs where `cpu_prefers_onednn` (tested against the plain path, and
+    each image's bits in any batch). `compile`: `torch.compile` with torch's default shape handling, so a run's
+    last, smaller batch recompiles once, with dynamic shapes (`benchmark.fast_model` compiles its own pooled-only
+    wrapper, static).
     """
-    native_bf16 = torch.device(device).type == "cpu" and cpu_has_native_bf16()
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False).fuse_qkv().fuse_gelu(onednn=native_bf16)
+    onednn = torch.device(device).type == "cpu" and cpu_prefers_onednn(dtype)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False).fuse_qkv().fuse_gelu(onednn=onednn)
+    if onednn and dtype == torch.float32:  # bf16 linears take oneDNN's GEMM already (MKL has none for bf16)
+        model.onednn_linears()
     if compile and not torch.cuda.is_available():
         # Compiling for the CPU with a CUDA build of torch, its C++ toolchain setup warns that no CUDA runtime was
         # found: true, and nothing for the user to act on, printed between the run's own lines.

@@ -132,6 +132,45 @@ def test_prepare_model_asks_for_onednn_only_where_the_cpu_has_native_bf16(monkey
         assert all(layer.mlp.onednn_gelu == native for layer in tower.encoder.layers)
 
 
+def test_prepare_model_takes_onednn_gemms_in_float32_only_on_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
+    from siglip_cli import runtime
+
+    for capability, onednn in (("AVX2", False), ("AVX512", True)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        tower = runtime.prepare_model(_tiny_model(), device="cpu", dtype=torch.float32)
+        layer = tower.encoder.layers[0]
+        assert isinstance(layer.self_attn.qkv, model_module.OneDnnLinear) == onednn
+        assert isinstance(layer.mlp.fc2, model_module.OneDnnLinear) == onednn and layer.mlp.onednn_gelu == onednn
+
+
+def test_onednn_linears_run_onednn_and_agree_with_the_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = _tiny_model(), _pixels()
+    tower = copy.deepcopy(model).fuse_qkv().fuse_gelu(onednn=True).onednn_linears()
+    assert tower.state_dict().keys() == copy.deepcopy(model).fuse_qkv().state_dict().keys()
+    calls, pointwise = [], torch.ops.mkldnn._linear_pointwise
+
+    def counted(*args):
+        calls.append(args[3])
+        return pointwise(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counted)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(x).pooled, model(x).pooled, rtol=0, atol=1e-5)
+    # q/k/v, the attention output, fc1 + GELU and fc2 in each layer; the head's fc1 + GELU once an image
+    assert calls == ["none", "none", "gelu", "none"] * TINY.num_hidden_layers + ["gelu"] * len(x)
+
+
+def test_onednn_linears_fall_back_to_nn_linear_where_the_op_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(*args):
+        raise RuntimeError("mkldnn_linear_pointwise: unsupported")  # a torch built without oneDNN, say
+
+    model, x = _tiny_model(), _pixels()
+    tower = copy.deepcopy(model).fuse_qkv().fuse_gelu(onednn=True).onednn_linears()
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refused)
+    with torch.no_grad():
+        assert torch.equal(tower(x).pooled, copy.deepcopy(model).fuse_qkv()(x).pooled)
+
+
 def test_fuse_gelu_skips_towers_with_the_exact_gelu() -> None:
     model = _tiny_model(VisionConfig(**{**TINY.__dict__, "hidden_act": "gelu"}))
     assert not any(layer.mlp.fused_gelu for layer in model.fuse_gelu().encoder.layers)

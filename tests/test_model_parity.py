@@ -19,9 +19,11 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from conftest import TINY_CHECKPOINTS, build_checkpoint, make_photo, reference_vision_model
+from siglip_cli import runtime
 from siglip_cli.cli import app
 from siglip_cli.config import ACTIVATIONS
 from siglip_cli.embed import embed_paths, load
+from siglip_cli.model import OneDnnLinear
 from siglip_cli.runtime import cpu_has_native_bf16
 from siglip_cli.weights import load_model, resolve_checkpoint
 
@@ -96,6 +98,23 @@ def test_pooled_output_matches_transformers_pooler_output(headed_checkpoint: Pat
     assert max_diff(pooled, expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["nn-linear", "onednn"])
+def test_either_cpu_gemm_path_matches_transformers(
+    any_checkpoint: Path, onednn: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `siglip embed` takes oneDNN's GEMMs in float32 on CPUs with AVX-512 (`runtime.cpu_prefers_onednn`); either
+    # path is held to transformers on every machine.
+    monkeypatch.setattr(runtime, "cpu_prefers_onednn", lambda dtype: onednn)
+    pixels = random_pixels(any_checkpoint)
+    expected_pooled, expected_tokens = reference_outputs(any_checkpoint, pixels)
+    embedder = load(str(any_checkpoint), device="cpu", dtype="float32")
+    assert isinstance(embedder.model.encoder.layers[0].mlp.fc2, OneDnnLinear) == onednn
+    pooled, tokens = embedder(pixels)
+    assert max_diff(tokens, expected_tokens) <= TOLERANCE
+    expected = expected_tokens.mean(dim=1) if expected_pooled is None else expected_pooled
+    assert max_diff(pooled, expected) <= TOLERANCE
+
+
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_every_activation_name_runs_as_transformers_runs_it(tmp_path: Path, activation: str) -> None:
     checkpoint = build_checkpoint(tmp_path, layout="vision")
@@ -129,12 +148,16 @@ def odd_tower(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("odd_tower"), image_size=56, patch_size=8, intermediate_size=37)
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["nn-linear", "onednn"])
 @pytest.mark.parametrize("batch", [2, 3, 5, 7, 9, 12, 17, 64])
-def test_copies_of_one_image_in_a_batch_get_the_same_bits(odd_tower: Path, batch: int) -> None:
+def test_copies_of_one_image_in_a_batch_get_the_same_bits(
+    odd_tower: Path, batch: int, onednn: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Deduplication by exact match. The pooling head's SDPA split its lone query's work across threads by batch
     # row (copies 1e-7 apart at 64); a GEMM over the head's B rows computes its last, partial block of rows with
     # another kernel (copies apart at 5, 7, 9); the MLP's GELU over a batch computes its last, partial vector, and
-    # each thread's, with scalar code (apart at 3, 5, 7 on AVX-512).
+    # each thread's, with scalar code (apart at 3, 5, 7 on AVX-512). Both CPU GEMM paths.
+    monkeypatch.setattr(runtime, "cpu_prefers_onednn", lambda dtype: onednn)
     embedder = load(str(odd_tower), device="cpu", dtype="float32")
     copies = random_pixels(odd_tower, batch=1).expand(batch, -1, -1, -1).contiguous()
     pooled, tokens = embedder(copies)
