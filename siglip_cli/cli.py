@@ -7,6 +7,7 @@ to stderr. A user error is one sentence and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import enum
+import importlib
 import json
 import os
 import sys
@@ -110,6 +111,14 @@ def user_errors() -> Iterator[None]:
         fail("interrupted.", 130)
 
 
+def _import_torch() -> None:
+    """Import torch (1-2 s) with Ctrl-C deferred to its end. Raised inside, the KeyboardInterrupt was often lost:
+    torch's C module imports numpy and drops whatever that raises, so the run went on to its end, or stopped later
+    in a traceback from a half-imported numpy. The commands that need torch call this before anything else."""
+    with user_errors(), interrupts.deferred():
+        importlib.import_module("torch")
+
+
 def _path(value: str) -> Path:
     """A path option or argument as typed. Typer's own conversion reads "" (an unset shell variable) as `.`, the
     current folder, where `--plot ""` would have written its pictures."""
@@ -208,6 +217,7 @@ def embed(
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Embed images into -o OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
+    _import_torch()
     from torch.cuda import OutOfMemoryError
 
     from .decoding import default_workers
@@ -370,6 +380,7 @@ def inspect(
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).", metavar="N")] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Trace one image through the vision tower: every stage's shape and statistics, parameters, GFLOPs."""
+    _import_torch()
     from .inspect_report import report
     from .plots import write_plots
     from .tracing import first_non_finite, inspect_image
@@ -405,6 +416,7 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the table.")] = False,
 ) -> None:
     """Throughput of the vision tower (images/s, ms per image, peak memory), optionally against transformers and timm."""
+    _import_torch()
     from .benchmark import BenchOptions, parse_batch_sizes, run_benchmark
     from .runtime import resolve_device
 

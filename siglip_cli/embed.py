@@ -12,6 +12,7 @@ The Python API: `load` (from runtime), `embed_paths` (in memory), `embed_to_file
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -132,8 +133,33 @@ def run_state(embedder: Embedder, options: EmbedOptions, output_format: str) -> 
         "embedding_dim": ckpt.vision.hidden_size,
         "num_tokens": ckpt.vision.num_patches,
         "pooling": pooling(ckpt.vision),
+        # A checkpoint folder saved over (a fine-tune's next epoch) keeps its path, and a Hub id's revision says
+        # nothing of a local folder: without this an --update or a resumed run mixed rows of two models.
+        "weights": weights_fingerprint(embedder.model),
     }
     return json.loads(json.dumps(state))  # as it reads back from disk (tuples become lists)
+
+
+def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
+    """A digest of `model`'s parameters as it computes with them (so the compute dtype counts too): each one's
+    shape, dtype and `samples` of its values spread over the whole tensor. A few milliseconds, where hashing every
+    byte would read so400m's 1.7 GB on each run; a fine-tune changes every value, so the samples see it."""
+    digest = hashlib.blake2b(digest_size=16)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            flat = parameter.detach().reshape(-1)
+            sampled = flat[:: max(1, flat.numel() // samples)][:samples].contiguous().cpu()
+            digest.update(f"{tuple(parameter.shape)} {parameter.dtype};".encode())
+            digest.update(sampled.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _same_options(old: dict, state: dict) -> bool:
+    """Whether a run with `state` may continue or update one made with `old`. The state of a version that did
+    not record the weights' fingerprint is taken at its word."""
+    if "weights" not in old:
+        state = {key: value for key, value in state.items() if key != "weights"}
+    return old == state
 
 
 def embed_to_file(
@@ -240,7 +266,7 @@ def _open_work(
     sentence that refuses the run. An interrupted run with the same options continues, with --overwrite too (its
     rerun); one with other options is refused, or replaced with --overwrite."""
     work = WorkArea(out.work)
-    if overwrite and work.exists() and work.state() != state:
+    if overwrite and work.exists() and not _same_options(work.state(), state):
         work.remove()
     devices = work.device_count()
     if devices and not overwrite and not work.published(out.embeddings):  # its shards are not ours to throw away
@@ -254,7 +280,7 @@ def _open_work(
         resuming = False
     reuse_output = update or published
     check_outputs(out, interrupted=resuming, overwrite=overwrite, update=reuse_output)
-    if resuming and work.state() != state:
+    if resuming and not _same_options(work.state(), state):
         raise _interrupted_with_other_options(out.work, describe_difference(work.state(), state))
     # A run that died while replacing the final files may have left a new manifest beside the old embeddings:
     # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
@@ -804,7 +830,7 @@ def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
     if not out.embeddings.exists():
         return {}
     old = read_output_options(out)
-    if old != state:
+    if not _same_options(old, state):
         raise _OtherOptions(
             f"{out.embeddings} was made with other options ({describe_difference(old, state)}): "
             "rerun --update with the same options, or use --overwrite to start afresh.",

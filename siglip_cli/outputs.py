@@ -242,6 +242,7 @@ _OPTION_NAMES = {
     "format": "the output format",
     "pooling": "the pooling (the checkpoint's vision_use_head)",
     "preprocessing": "the preprocessing (--no-exif-transpose, --fast-decode, --decode, or the model's preprocessor)",
+    "weights": "the model's weights",
 }
 
 

@@ -91,6 +91,33 @@ def test_the_quick_exit_still_joins_threads_runs_atexit_and_flushes(tmp_path: Pa
     assert (tmp_path / "thread").read_text() == "joined" and (tmp_path / "atexit").read_text() == "ran"
 
 
+@pytest.mark.parametrize("command", ["embed", "inspect", "bench"])
+def test_ctrl_c_while_torch_imports_stops_the_command(tmp_path: Path, command: str) -> None:
+    # torch's C module imports numpy and drops what that raises: a Ctrl-C landing there was lost, and the command
+    # ran on to its end. Here the Ctrl-C comes as torch starts to import, and is dropped the way torch drops it.
+    script = textwrap.dedent("""
+        import builtins, os, signal, sys
+        real_import = builtins.__import__
+
+        def importing(name, *args, **kwargs):
+            if name.split(".")[0] == "torch" and "torch" not in sys.modules:
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a bytecode boundary: the handler runs here
+                except KeyboardInterrupt:
+                    pass
+            return real_import(name, *args, **kwargs)
+
+        builtins.__import__ = importing
+        from siglip_cli.__main__ import main
+        main()
+    """)
+    arguments = {"embed": [str(tmp_path / "none.jpg")], "inspect": [str(tmp_path / "none.jpg")], "bench": ["--iters", "1"]}
+    done = subprocess.run([sys.executable, "-c", script, command, *arguments[command]], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert (done.returncode, done.stderr.strip()) == (130, "error: interrupted."), done.stderr
+
+
 def test_help_lists_every_command_and_names_arguments_without_type_tags() -> None:
     overview = ok(siglip("--help")).stdout
     assert all(f"  {command}  " in overview for command in ("embed ", "merge ", "inspect", "bench  "))

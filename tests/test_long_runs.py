@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import filecmp
+import functools
 import json
 import multiprocessing
 import os
@@ -1097,6 +1098,53 @@ def test_update_keeps_the_rows_of_a_drive_whose_mount_root_is_gone_and_drops_a_f
     shutil.rmtree(drive / "photos")
     summary = summary_of(embed(more, output, "--update", "--json"))
     assert (summary["reused"], summary["unchecked"], summary["removed"]) == (2, 0, 2)
+
+
+def saved_over(checkpoint: Path) -> None:
+    """`checkpoint` saved again in place with other weights, as a fine-tune saves its next epoch."""
+    weights = checkpoint / "model.safetensors"
+    tensors = {key: torch.from_numpy(value) * 1.01 for key, value in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
+def test_update_refuses_a_checkpoint_saved_over_with_other_weights(
+    folder: Path, tiny_vision: Path, tmp_path: Path
+) -> None:
+    # Its path and (local) revision are the same: the rows of two models were mixed in one output.
+    checkpoint = Path(shutil.copytree(tiny_vision, tmp_path / "checkpoint"))
+    output = tmp_path / "out" / "embeddings.safetensors"
+    run = functools.partial(siglip, "embed", folder, "-o", output, "--model", checkpoint, "--workers", 0)
+    ok(run())
+    saved_over(checkpoint)
+    assert the_error(run("--update")) == (
+        f"error: {output} was made with other options (the model's weights): rerun --update with the same "
+        "options, or use --overwrite to start afresh."
+    )
+    ok(run("--overwrite"))
+    assert summary_of(run("--update", "--json"))["reused"] == 12
+
+
+def test_a_resumed_run_refuses_a_checkpoint_saved_over_with_other_weights(
+    folder: Path, tiny_vision: Path, tmp_path: Path
+) -> None:
+    checkpoint = Path(shutil.copytree(tiny_vision, tmp_path / "checkpoint"))
+    output = interrupt(load(str(checkpoint), device="cpu"), folder, tmp_path / "out" / "embeddings.safetensors")
+    saved_over(checkpoint)
+    error = the_error(siglip("embed", folder, "-o", output, "--model", checkpoint, "--workers", 0, "--batch-size", 2))
+    assert "holds an interrupted run whose options differ (the model's weights)" in error
+
+
+def test_update_takes_an_output_of_a_version_that_recorded_no_weights_at_its_word(
+    embed, folder: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out" / "embeddings.npy"
+    ok(embed(folder, output))
+    meta = output.with_suffix(".meta.json")
+    metadata = json.loads(meta.read_text())
+    options = json.loads(metadata["options"])
+    del options["weights"]
+    meta.write_text(json.dumps({**metadata, "options": json.dumps(options)}))
+    assert summary_of(embed(folder, output, "--update", "--json"))["reused"] == 12
 
 
 def test_update_counts_a_copy_that_moved_as_kept_and_one_deleted_as_removed(embed, tmp_path: Path) -> None:
