@@ -7,7 +7,6 @@ to stderr. A user error is one sentence and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import enum
-import importlib
 import json
 import os
 import sys
@@ -116,7 +115,7 @@ def _import_torch() -> None:
     torch's C module imports numpy and drops whatever that raises, so the run went on to its end, or stopped later
     in a traceback from a half-imported numpy. The commands that need torch call this before anything else."""
     with user_errors(), interrupts.deferred():
-        importlib.import_module("torch")
+        __import__("torch")
 
 
 def _path(value: str) -> Path:
