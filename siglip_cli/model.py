@@ -198,7 +198,7 @@ class OneDnnLinear(nn.Linear):
     """`nn.Linear` through oneDNN's matmul on the CPU (`_onednn_linear`). `nn.Linear` calls MKL's sgemm in
     float32; on a 2-core Zen 4 oneDNN ran the tower's four GEMM shapes 1.10–1.15× faster (bench/RESULTS.md).
     Its sums run in another order, so the numbers are the same but for float rounding: on B/16 (random weights)
-    the patch tokens are 4.5e-6 from transformers' against the plain path's 3.2e-6, well inside the 1e-5 the tests
+    the patch tokens are 4.6e-6 from transformers' against the plain path's 3.2e-6, well inside the 1e-5 the tests
     hold both to; and each image gets the same bits in any batch (tested). Made by `SiglipVision.onednn_linears`
     from a loaded layer, whose parameters it takes."""
 
