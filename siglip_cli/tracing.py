@@ -133,6 +133,8 @@ def read_image(
         raise UserError(f"{name} is a directory; pass one image file.")
     if path.exists() and not is_regular_file(str(path)):  # opened, a FIFO without a writer would wait forever
         raise UserError(f"{name} is not a regular file (a pipe or a device); save the image to a file and pass that.")
+    if path.exists() and path.stat().st_size == 0:  # as `embed` says it: Pillow says only "cannot identify"
+        raise UserError(f"{name} cannot be decoded: empty file (0 bytes).")
     try:
         # First: it refuses a decompression bomb with our sentence.
         photo, _ = open_rgb(path, DecodeOptions(max_pixels=max_pixels))
