@@ -92,7 +92,7 @@ def decode_file(
         with open(path, "rb") as f:  # its own handle: closing the image closes the file it was given
             open_checked(f, options).close()  # a huge file that is no image, or too many pixels: refused unread
         facts = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "blake2b": digest_of_file(path)}
-        with open(path, "rb") as f:  # the PIL path: the device decoder takes bytes in memory
+        with open(path, "rb") as f:  # the PIL path whatever `jpeg_to_device`: the device decoder takes bytes in memory
             pixels, width, height = load_pixels(f, cfg, options)
         return pixels, {"width": width, "height": height, **facts}, None
     with open(path, "rb") as f:
@@ -455,7 +455,9 @@ def _parcels(
         finally:
             with interrupts.deferred():
                 del arriving  # the workers stop as the iterator goes
-        in_flight = done + size * prefetch_factor * workers  # the loader hands each worker that many parcels at most
+        # At most this far: the loader hands each worker that many parcels at most, and a parcel at a batch's end
+        # holds fewer than `size` files. Counting too far costs only files decoded one process each, never one lost.
+        in_flight = done + size * prefetch_factor * workers
         for first, end in _clip(spans, done, in_flight):
             yield _collate(_each_alone(files, range(first, end), workers))
         spans, done = _clip(spans, in_flight, len(files)), in_flight
