@@ -1,6 +1,7 @@
 """The `siglip` command: `python -m siglip_cli ...`, and the console script's entry point."""
 
 import atexit
+import ctypes
 import errno
 import os
 import signal
@@ -97,6 +98,10 @@ def _exit_now(status: int) -> NoReturn:
             stream.flush()
         except (OSError, ValueError, StdoutError):  # a reader gone, a closed stream: as the interpreter's exit ignores
             pass
+    try:  # what a native library printed through C's stdio (exit() flushes it; _exit does not)
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C library to load this way (Windows)
+        pass
     os._exit(status)
 
 

@@ -45,6 +45,7 @@ from .outputs import (
     read_output_options,
     read_rows,
     refuse_inputs_among_outputs,
+    same_options,
 )
 from .preprocess import DecodeOptions
 from .runtime import Embedder, load
@@ -148,18 +149,11 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
     with torch.no_grad():
         for parameter in model.parameters():
             flat = parameter.detach().reshape(-1)
-            sampled = flat[:: max(1, flat.numel() // samples)][:samples].contiguous().cpu()
+            spread = torch.linspace(0, flat.numel() - 1, min(flat.numel(), samples), dtype=torch.float64).long()
+            sampled = flat[spread.to(flat.device)].cpu()
             digest.update(f"{tuple(parameter.shape)} {parameter.dtype};".encode())
             digest.update(sampled.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _same_options(old: dict, state: dict) -> bool:
-    """Whether a run with `state` may continue or update one made with `old`. The state of a version that did
-    not record the weights' fingerprint is taken at its word."""
-    if "weights" not in old:
-        state = {key: value for key, value in state.items() if key != "weights"}
-    return old == state
 
 
 def embed_to_file(
@@ -266,7 +260,7 @@ def _open_work(
     sentence that refuses the run. An interrupted run with the same options continues, with --overwrite too (its
     rerun); one with other options is refused, or replaced with --overwrite."""
     work = WorkArea(out.work)
-    if overwrite and work.exists() and not _same_options(work.state(), state):
+    if overwrite and work.exists() and not same_options(work.state(), state):
         work.remove()
     devices = work.device_count()
     if devices and not overwrite and not work.published(out.embeddings):  # its shards are not ours to throw away
@@ -280,7 +274,7 @@ def _open_work(
         resuming = False
     reuse_output = update or published
     check_outputs(out, interrupted=resuming, overwrite=overwrite, update=reuse_output)
-    if resuming and not _same_options(work.state(), state):
+    if resuming and not same_options(work.state(), state):
         raise _interrupted_with_other_options(out.work, describe_difference(work.state(), state))
     # A run that died while replacing the final files may have left a new manifest beside the old embeddings:
     # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
@@ -500,7 +494,9 @@ def _whereabouts(path: str) -> str:
     for root, depths in MOUNT_POINTS.items():
         if absolute.startswith(root + os.sep):
             below = len(Path(folder).relative_to(root).parts) if folder.startswith(root) else -1  # -1: above it
-            if below < max(depths) or (below in depths and _empty_folder(folder)):
+            if below in depths and (_empty_folder(folder) or os.path.ismount(folder)):
+                return "unknown" if _empty_folder(folder) else "gone"  # a drive mounted: its files can be seen
+            if below < max(depths):  # /media/USER, or what is above the mount point: not the drive
                 return "unknown"
             break
     return "gone"
@@ -830,7 +826,7 @@ def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
     if not out.embeddings.exists():
         return {}
     old = read_output_options(out)
-    if not _same_options(old, state):
+    if not same_options(old, state):
         raise _OtherOptions(
             f"{out.embeddings} was made with other options ({describe_difference(old, state)}): "
             "rerun --update with the same options, or use --overwrite to start afresh.",

@@ -107,7 +107,10 @@ class Attention(nn.Module):
         with torch.no_grad():
             fused.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
             fused.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
-        self.qkv = fused.requires_grad_(q.weight.requires_grad)  # a frozen tower stays frozen
+        # As the layers it replaces: a frozen tower stays frozen, and one that trains only its biases trains them.
+        fused.weight.requires_grad_(q.weight.requires_grad)
+        fused.bias.requires_grad_(q.bias.requires_grad)
+        self.qkv = fused
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: Tensor, trace: Trace = None, prefix: str = "attn") -> Tensor:
@@ -184,7 +187,8 @@ def _onednn_linear(x: Tensor, linear: nn.Linear, post_op: str = "none", algorith
     only), nor with autograd, which the op lacks, nor in a dtype oneDNN does not multiply here."""
     if x.dtype not in (torch.float32, torch.bfloat16) or torch.compiler.is_compiling():
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad):
+    trained = [x, *linear.parameters()]  # the op has no backward: a trainable bias would get no gradient
+    if torch.is_grad_enabled() and any(t.requires_grad for t in trained):
         return None
     if x.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return None
@@ -353,7 +357,8 @@ class SiglipVision(nn.Module):
     def onednn_linears(self) -> SiglipVision:
         """Run the encoder's linear layers through oneDNN on the CPU (`OneDnnLinear`): q/k/v (fused or not), the
         attention output, and the MLP's (fc1 too, where `fuse_gelu` has not taken it). The head, ~1% of the work,
-        keeps `nn.Linear`. Call it after `fuse_qkv`, which makes a layer of its own."""
+        keeps `nn.Linear` but for its MLP's fc1 + GELU, which `fuse_gelu(onednn=True)` fuses. Call it after
+        `fuse_qkv`, which makes a layer of its own."""
         for layer in self.encoder.layers:
             for owner in (layer.self_attn, layer.mlp):
                 for name, child in owner.named_children():

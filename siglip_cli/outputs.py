@@ -246,8 +246,25 @@ _OPTION_NAMES = {
 }
 
 
+def same_options(old: dict, new: dict) -> bool:
+    """Whether two runs' states (`embed.run_state`) agree: a run may continue, update or merge with the other. The
+    state of a version that did not record the weights' fingerprint is taken at its word."""
+    if "weights" not in old or "weights" not in new:
+        old, new = without_weights(old), without_weights(new)
+    return old == new
+
+
+def without_weights(state: dict) -> dict:
+    """A run's state less the weights' fingerprint, as a version that did not record it wrote it."""
+    return {key: value for key, value in state.items() if key != "weights"}
+
+
 def describe_difference(old: dict, new: dict) -> str:
-    """The options two runs' states differ in, as the user spells them: '--dtype, --tokens'."""
+    """The options two runs' states differ in, as the user spells them: '--dtype, --tokens'. The weights'
+    fingerprint is named only when it alone can say why: it changes with --dtype too, and a state of an earlier
+    version has none."""
+    if "weights" not in old or "weights" not in new or old.get("compute_dtype") != new.get("compute_dtype"):
+        old, new = without_weights(old), without_weights(new)
     changed = [_OPTION_NAMES.get(k, k) for k in new if old.get(k) != new.get(k)]
     return ", ".join(changed) or "the options"
 

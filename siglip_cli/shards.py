@@ -27,6 +27,8 @@ from .outputs import (
     read_output_metadata,
     read_output_options,
     read_rows,
+    same_options,
+    without_weights,
 )
 from .storage import exclusive, remove_stale_temporaries
 
@@ -220,7 +222,7 @@ def _merge(
     # The format is how the rows are stored, not how they were computed: .npy and .safetensors parts merge.
     options = [{**read_output_options(out), "format": None} for out, _ in opened]
     for (out, _), opts in zip(opened[1:], options[1:]):
-        if opts != options[0]:
+        if not same_options(options[0], opts):
             raise UserError(
                 f"{out.embeddings} and {opened[0][0].embeddings} were made with different options "
                 f"({describe_difference(options[0], opts)}); only outputs of the same run can be merged."
@@ -247,7 +249,8 @@ def _merge(
     metadata = dict(opened[0][1])
     metadata.pop("shard", None)  # the merge is the whole run
     metadata.pop("inputs", None)
-    metadata["options"] = json.dumps({**options[0], "format": target.format}, sort_keys=True)
+    merged = options[0] if all("weights" in opts for opts in options) else without_weights(options[0])
+    metadata["options"] = json.dumps({**merged, "format": target.format}, sort_keys=True)
     assemble(target, [ref for _, ref in good], [info for _, info in bad], metadata, before_replacing=before_replacing)
     return MergeSummary(
         rows=len(good),

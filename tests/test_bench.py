@@ -171,6 +171,24 @@ def test_onednn_linears_fall_back_to_nn_linear_where_the_op_refuses(monkeypatch:
         assert torch.equal(tower(x).pooled, copy.deepcopy(model).fuse_qkv()(x).pooled)
 
 
+def test_onednn_linear_leaves_a_trainable_bias_to_autograd() -> None:
+    # The op has no backward: with the weights frozen and the biases trained (BitFit), the bias got no gradient.
+    linear = torch.nn.Linear(8, 4)
+    linear.weight.requires_grad_(False)
+    fast = model_module.OneDnnLinear.of(linear)
+    fast(torch.randn(3, 8)).sum().backward()
+    assert linear.bias.grad is not None
+
+
+def test_fuse_qkv_keeps_which_parameters_train() -> None:
+    model = _tiny_model().requires_grad_(False)
+    for layer in model.encoder.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.bias.requires_grad_(True)
+    qkv = model.fuse_qkv().encoder.layers[0].self_attn.qkv
+    assert (qkv.weight.requires_grad, qkv.bias.requires_grad) == (False, True)
+
+
 def test_fuse_gelu_skips_towers_with_the_exact_gelu() -> None:
     model = _tiny_model(VisionConfig(**{**TINY.__dict__, "hidden_act": "gelu"}))
     assert not any(layer.mlp.fused_gelu for layer in model.fuse_gelu().encoder.layers)

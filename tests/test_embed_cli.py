@@ -91,6 +91,23 @@ def test_the_quick_exit_still_joins_threads_runs_atexit_and_flushes(tmp_path: Pa
     assert (tmp_path / "thread").read_text() == "joined" and (tmp_path / "atexit").read_text() == "ran"
 
 
+def test_the_command_ends_through_the_quick_exit_with_its_status() -> None:
+    script = textwrap.dedent("""
+        import os, sys
+        import siglip_cli.__main__ as entry
+
+        def quick(status):
+            print(f"quick exit {status}", file=sys.stderr)
+            os._exit(status)
+
+        entry._exit_now = quick
+        entry.main()
+    """)
+    for arguments, status in ((["--version"], 0), (["embed"], 2), (["no-such-command"], 2)):
+        done = subprocess.run([sys.executable, "-c", script, *arguments], capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr.splitlines()[-1]) == (status, f"quick exit {status}"), done.stderr
+
+
 @pytest.mark.parametrize("command", ["embed", "inspect", "bench"])
 def test_ctrl_c_while_torch_imports_stops_the_command(tmp_path: Path, command: str) -> None:
     # torch's C module imports numpy and drops what that raises: a Ctrl-C landing there was lost, and the command

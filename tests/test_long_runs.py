@@ -1124,6 +1124,16 @@ def test_update_refuses_a_checkpoint_saved_over_with_other_weights(
     assert summary_of(run("--update", "--json"))["reused"] == 12
 
 
+def test_the_weights_fingerprint_sees_a_change_anywhere_in_a_tensor() -> None:
+    from siglip_cli.embed import weights_fingerprint
+
+    layer = torch.nn.Linear(100, 80)  # 8,000 weights: more than the 4,096 samples, fewer than twice as many
+    before = weights_fingerprint(layer)
+    with torch.no_grad():
+        layer.weight[-30:] += 1  # the last 3,000
+    assert weights_fingerprint(layer) != before
+
+
 def test_a_resumed_run_refuses_a_checkpoint_saved_over_with_other_weights(
     folder: Path, tiny_vision: Path, tmp_path: Path
 ) -> None:
@@ -1139,12 +1149,55 @@ def test_update_takes_an_output_of_a_version_that_recorded_no_weights_at_its_wor
 ) -> None:
     output = tmp_path / "out" / "embeddings.npy"
     ok(embed(folder, output))
+    as_before_the_fingerprint(output)
+    assert summary_of(embed(folder, output, "--update", "--json"))["reused"] == 12
+
+
+def as_before_the_fingerprint(output: Path) -> None:
+    """A .npy output's recorded options made as a version that did not record the weights' fingerprint made them."""
     meta = output.with_suffix(".meta.json")
     metadata = json.loads(meta.read_text())
     options = json.loads(metadata["options"])
     del options["weights"]
     meta.write_text(json.dumps({**metadata, "options": json.dumps(options)}))
-    assert summary_of(embed(folder, output, "--update", "--json"))["reused"] == 12
+
+
+def test_merge_takes_a_part_of_a_version_that_recorded_no_weights(embed, folder: Path, tmp_path: Path) -> None:
+    # Parts of one run embedded on several machines, some with an earlier siglip.
+    parts = [tmp_path / "part0.npy", tmp_path / "part1.npy"]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--batch-size", 1, "--shard", f"{k}/2"))
+    as_before_the_fingerprint(parts[1])
+    ok(siglip("merge", *parts, "-o", tmp_path / "merged.npy"))
+    assert "weights" not in json.loads(json.loads((tmp_path / "merged.meta.json").read_text())["options"])
+    ok(embed(folder, tmp_path / "all.npy", "--batch-size", 1))
+    assert differences(tmp_path / "merged.npy", tmp_path / "all.npy") == ["meta"]  # the rows: the same bytes
+
+
+def test_a_changed_dtype_is_named_alone(embed, folder: Path, tmp_path: Path) -> None:
+    # The weights' fingerprint is taken in the compute dtype: --dtype alone changed it too.
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    error = the_error(embed(folder, output, "--update", "--dtype", "bfloat16"))
+    assert "was made with other options (--dtype):" in error
+
+
+def test_a_file_deleted_from_a_drive_mounted_one_folder_down_media_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /media/DRIVE (usbmount, fstab) and /media/USER (desktops, the drives one folder further) sit at one depth:
+    # a mount point there is a drive whose files can be seen; a plain folder there may be a user's, drives unplugged.
+    import siglip_cli.embed
+
+    media = tmp_path / "media"
+    monkeypatch.setattr(siglip_cli.embed, "MOUNT_POINTS", {str(media): (1, 2)})
+    save_photos(media / "data" / "photos", ["kept.jpg"])
+    mounted = {str(media / "data")}
+    monkeypatch.setattr(os.path, "ismount", lambda path: str(path) in mounted)
+    assert siglip_cli.embed._whereabouts(str(media / "data" / "deleted.jpg")) == "gone"
+    assert siglip_cli.embed._whereabouts(str(media / "data" / "gone" / "a.jpg")) == "gone"
+    mounted.clear()  # the same folders as a user's folder, not a drive: whose drives may be unplugged
+    assert siglip_cli.embed._whereabouts(str(media / "data" / "deleted.jpg")) == "unknown"
 
 
 def test_update_counts_a_copy_that_moved_as_kept_and_one_deleted_as_removed(embed, tmp_path: Path) -> None:
