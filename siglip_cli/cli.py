@@ -34,13 +34,18 @@ if TYPE_CHECKING:
 
 class _Command(typer.core.TyperCommand):
     """A command whose help names its arguments without typer's type tags (`PATH <list[str]>`): their help says
-    what they take."""
+    what they take; and whose Ctrl-C is one sentence wherever it lands (typer ends a command that lets
+    KeyboardInterrupt out with status 130 and nothing said: a Ctrl-C while a command imported its modules)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for param in self.params:
             if isinstance(param, typer.core.TyperArgument):
                 param.display_type_rich = lambda ctx: None
+
+    def invoke(self, ctx: typer.Context):
+        with user_errors():
+            return super().invoke(ctx)
 
 
 app = typer.Typer(

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from . import interrupts
 from .config import (
     DEFAULT_PRESET,
     PRESETS,
@@ -350,13 +351,18 @@ class _HubFiles:
 
 
 def read_vision_tensors(checkpoint: Checkpoint) -> dict[str, Tensor]:
-    """The tower's tensors with the prefix stripped, read lazily: other towers and models are never loaded."""
+    """The tower's tensors with the prefix stripped, read lazily: other towers and models are never loaded.
+
+    With Ctrl-C deferred to the end of the reading (a second one stops it at once): landing inside safetensors'
+    `get_tensor`, which calls back into torch, it came out as "ValueError: could not determine the shape of object
+    type 'torch.storage.UntypedStorage'", in a traceback."""
     prefix, tensors = checkpoint.prefix, {}
-    for file in checkpoint.weight_files:
-        with _open_weights(file) as f:
-            for key in f.keys():
-                if key.startswith(prefix):
-                    tensors[key[len(prefix) :]] = f.get_tensor(key)
+    with interrupts.deferred():
+        for file in checkpoint.weight_files:
+            with _open_weights(file) as f:
+                for key in f.keys():
+                    if key.startswith(prefix):
+                        tensors[key[len(prefix) :]] = f.get_tensor(key)
     return tensors
 
 

@@ -1321,6 +1321,20 @@ def test_gpu_out_of_memory_outside_the_forward_is_one_sentence(
         assert error.endswith(": try a smaller --batch-size, --dtype bfloat16, or another GPU.")
 
 
+def test_ctrl_c_between_a_commands_sentences_is_one_too(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Typer ends a command that lets KeyboardInterrupt out with status 130 and nothing said: a Ctrl-C while
+    # `siglip embed` imported its modules, before its own handling began.
+    import siglip_cli.cli as cli_module
+
+    def stopped() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "keep_freed_memory", stopped)
+    assert the_error(embed(photos, "-o", out / "embeddings.safetensors"), code=130) == "error: interrupted."
+
+
 def test_ctrl_c_before_anything_was_embedded_claims_no_kept_work(
     embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -617,3 +617,31 @@ def test_preprocessor_config_is_read_field_by_field() -> None:
 def test_shortest_edge_preprocessor_is_refused() -> None:
     with pytest.raises(ConfigError, match="not a fixed"):
         preprocess_config_from_hub({"size": {"shortest_edge": 224}}, VisionConfig())
+
+
+def test_ctrl_c_while_the_weights_are_read_stops_after_the_reading(
+    tiny_vision: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # safetensors' get_tensor calls back into torch: a KeyboardInterrupt raised there came out as a ValueError
+    # ("could not determine the shape of object type 'torch.storage.UntypedStorage'") in a traceback.
+    import contextlib
+    import signal
+
+    from siglip_cli import weights
+
+    class Interrupted:
+        def keys(self) -> list[str]:
+            return ["vision_model.a", "vision_model.b"]
+
+        def get_tensor(self, key: str) -> torch.Tensor:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a bytecode boundary: the handler runs here
+            except KeyboardInterrupt:
+                raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+            return torch.zeros(1)
+
+    checkpoint = resolve_checkpoint(str(tiny_vision))
+    monkeypatch.setattr(weights, "_open_weights", lambda path: contextlib.nullcontext(Interrupted()))
+    with pytest.raises(KeyboardInterrupt):
+        read_vision_tensors(checkpoint)
