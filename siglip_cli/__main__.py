@@ -81,8 +81,8 @@ def _standard_streams() -> None:
 
 def _exit_now(status: int) -> NoReturn:
     """End the process with `status`, skipping the interpreter's teardown: with torch loaded, freeing every module
-    and running libtorch's static destructors took 0.35 s, 0.54 s of a 2.5 s one-photo run (bench/RESULTS.md); nothing
-    of ours waits for it. What comes before that teardown still happens, in Python's order: the threads that are not
+    and running libtorch's static destructors took 0.35 s (0.54 s of a 2.5 s one-photo run, bench/RESULTS.md), and
+    nothing of ours waits for it. What comes before that teardown still happens, in Python's order: the threads that are not
     daemons are joined, the atexit callbacks run (multiprocessing's cleanup, logging's flush, `weakref.finalize`),
     and the standard streams are flushed. Our files are written and closed by then (`storage`). Under a profiler or
     a debugger (a trace or profile function set), the ordinary exit, which they may need to write their report."""

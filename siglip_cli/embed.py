@@ -1,10 +1,11 @@
 """The main job: images → embeddings, robust to bad files, resumable, streamed to disk.
 
-Work is done in fixed batches of the pending files, in the order given (sorted when earlier rows are merged in). Finished batches are flushed every few
-seconds as chunks into a work area beside the output (`<output>.partial/`); the final files are assembled
-from the chunks at the end (manifest and errors first, the embeddings file last, each atomically), so the
-presence of the output means the run finished. A rerun of an interrupted command reuses the chunks and embeds
-only the rest; `--update` also reuses the rows of an existing output whose files did not change.
+Work is done in fixed batches of the pending files, in the order given (sorted when earlier rows are merged in).
+Finished batches are flushed every few seconds as chunks into a work area beside the output (`<output>.partial/`);
+the final files are assembled from the chunks at the end (manifest and errors first, the embeddings file last,
+each atomically), so the presence of the output means the run finished. A rerun of an interrupted command reuses
+the chunks and embeds only the rest; `--update` also reuses the rows of an existing output whose files did not
+change.
 
 The Python API: `load` (from runtime), `embed_paths` (in memory), `embed_to_file` (what the CLI runs).
 """
@@ -494,8 +495,8 @@ def _whereabouts(path: str) -> str:
     for root, depths in MOUNT_POINTS.items():
         if absolute.startswith(root + os.sep):
             below = len(Path(folder).relative_to(root).parts) if folder.startswith(root) else -1  # -1: above it
-            if below in depths and (_empty_folder(folder) or os.path.ismount(folder)):
-                return "unknown" if _empty_folder(folder) else "gone"  # a drive mounted: its files can be seen
+            if below in depths and ((empty := _empty_folder(folder)) or os.path.ismount(folder)):
+                return "unknown" if empty else "gone"  # an empty mount point; a drive mounted, its files seen
             if below < max(depths):  # /media/USER, or what is above the mount point: not the drive
                 return "unknown"
             break

@@ -173,7 +173,7 @@ def _fc1_gelu(x: Tensor, fc1: nn.Linear, *, onednn: bool) -> Tensor | None:
     - The CPU with `onednn` (`prepare_model` asks for it where it measured faster): oneDNN's GEMM with a GELU
       post-op, the kernel torch.compile's CPU backend emits (`_onednn_linear`). In bfloat16 the GELU comes before
       the one rounding to bf16, so it is closer to float32 than the plain path; on a 2-core Zen 4 the bf16 forward
-      took 3.2% less time, the float32 one, with `OneDnnLinear`, 7-8% (bench/RESULTS.md).
+      took 3.2% less time, the float32 one, with `OneDnnLinear`, 8–12% (bench/RESULTS.md).
     """
     if x.is_cuda:
         h = torch._addmm_activation(fc1.bias, x.flatten(0, -2), fc1.weight.t(), use_gelu=True)
