@@ -105,6 +105,13 @@ def _exit_now(status: int) -> NoReturn:
     os._exit(status)
 
 
+def _ctrl_c_typer_silenced(stop: SystemExit) -> bool:
+    """Whether `stop` is typer's silent status 130 for a Ctrl-C that came while it read the command line, before any
+    command ran (each command reports its own: `cli._Command.invoke`). Typer raises it `from` the KeyboardInterrupt;
+    our sentences come from `cli.fail`, raised while handling one, not from it."""
+    return stop.code == 130 and isinstance(getattr(stop.__context__, "__cause__", None), KeyboardInterrupt)
+
+
 def main() -> None:
     """Run the CLI; Ctrl-C while torch is still being imported ends quietly too (the commands handle it later)."""
     _standard_streams()
@@ -119,6 +126,8 @@ def main() -> None:
                 app(prog_name="siglip")
             except SystemExit as e:
                 status = e.code
+                if _ctrl_c_typer_silenced(e):
+                    print("error: interrupted.", file=sys.stderr)
             else:
                 status = 0
         finally:
@@ -133,7 +142,7 @@ def main() -> None:
             _exit_now(status or 0)
         sys.exit(status)
     except KeyboardInterrupt:
-        print("interrupted.", file=sys.stderr)
+        print("error: interrupted.", file=sys.stderr)
         sys.exit(130)
     except StdoutError as e:
         devnull = os.open(os.devnull, os.O_WRONLY)  # so the flush at exit does not fail again on what is buffered

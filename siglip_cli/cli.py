@@ -366,11 +366,12 @@ def merge(
     """Join shard outputs into one file, equal to a single run over all their images."""
     from .shards import merge_outputs
 
-    with user_errors():
+    with user_errors(), interrupts.stop_on_signals():  # SIGTERM too; once the output is in place, none
         summary = merge_outputs(inputs, output, overwrite=overwrite, allow_missing=allow_missing)
-    if json_summary:
-        print_json(summary.to_dict())
-    stderr.print(printable(f"merged {counted(summary.inputs, 'output')}: {counted(summary.rows, 'row')} → {summary.output}"))
+    with interrupts.ignored():  # the output is in place: what follows reports a finished merge, whatever Ctrl-C says
+        if json_summary:
+            print_json(summary.to_dict())
+        stderr.print(printable(f"merged {counted(summary.inputs, 'output')}: {counted(summary.rows, 'row')} → {summary.output}"))
 
 
 @app.command(cls=_Command, short_help="Trace one image through the tower, stage by stage.")

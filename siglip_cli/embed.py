@@ -35,6 +35,7 @@ from .errors import UserError, first_line
 from .files import counted, directory_entry, discover, display_path
 from .outputs import (
     OUTPUT_DTYPES,
+    WEIGHTS_DIFFER,
     OutputPaths,
     Ref,
     assemble,
@@ -307,10 +308,11 @@ def interrupted_on_other_devices(work: Path, devices: int) -> UserError:
 
 
 def _interrupted_with_other_options(work: Path, difference: str) -> UserError:
-    return UserError(
-        f"{work} holds an interrupted run whose options differ ({difference}): "
-        "rerun with the same options to continue, or add --overwrite to start afresh."
-    )
+    if difference == WEIGHTS_DIFFER:  # no option to give again
+        then = "the checkpoint was saved again since; add --overwrite to start afresh with its weights now."
+    else:
+        then = "rerun with the same options to continue, or add --overwrite to start afresh."
+    return UserError(f"{work} holds an interrupted run whose options differ ({difference}): {then}")
 
 
 @contextmanager
@@ -828,11 +830,13 @@ def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
         return {}
     old = read_output_options(out)
     if not same_options(old, state):
-        raise _OtherOptions(
-            f"{out.embeddings} was made with other options ({describe_difference(old, state)}): "
-            "rerun --update with the same options, or use --overwrite to start afresh.",
-            difference=describe_difference(old, state),
-        )
+        difference = describe_difference(old, state)
+        if difference == WEIGHTS_DIFFER:  # no option to give again
+            then = "the checkpoint was saved again since; use --overwrite to embed everything with its weights now."
+        else:
+            then = "rerun --update with the same options, or use --overwrite to start afresh."
+        message = f"{out.embeddings} was made with other options ({difference}): {then}"
+        raise _OtherOptions(message, difference=difference)
     return _by_path(*read_rows(out))
 
 

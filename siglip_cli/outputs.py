@@ -244,6 +244,8 @@ _OPTION_NAMES = {
     "preprocessing": "the preprocessing (--no-exif-transpose, --fast-decode, --decode, or the model's preprocessor)",
     "weights": "the model's weights",
 }
+# The difference that is no option: a checkpoint folder saved again with other weights.
+WEIGHTS_DIFFER = _OPTION_NAMES["weights"]
 
 
 def same_options(old: dict, new: dict) -> bool:

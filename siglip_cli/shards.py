@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+from . import interrupts
 from .errors import UserError
 from .files import WalkReport, counted
 from .outputs import (
@@ -252,6 +253,7 @@ def _merge(
     merged = options[0] if all("weights" in opts for opts in options) else without_weights(options[0])
     metadata["options"] = json.dumps({**merged, "format": target.format}, sort_keys=True)
     assemble(target, [ref for _, ref in good], [info for _, info in bad], metadata, before_replacing=before_replacing)
+    interrupts.output_in_place()  # a stop signal from here on would report a finished merge interrupted
     return MergeSummary(
         rows=len(good),
         failed=len(bad),

@@ -108,6 +108,23 @@ def test_the_command_ends_through_the_quick_exit_with_its_status() -> None:
         assert (done.returncode, done.stderr.splitlines()[-1]) == (status, f"quick exit {status}"), done.stderr
 
 
+def test_ctrl_c_while_the_command_line_is_read_is_one_sentence(tmp_path: Path) -> None:
+    # Typer turns a KeyboardInterrupt before any command runs (parsing its arguments) into status 130, silently.
+    script = textwrap.dedent("""
+        import typer.core
+        from siglip_cli.__main__ import main
+
+        def parse_args(self, ctx, args):
+            raise KeyboardInterrupt
+
+        typer.core.TyperCommand.parse_args = parse_args
+        main()
+    """)
+    done = subprocess.run([sys.executable, "-c", script, "merge", "a.npy", "-o", "b.npy"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert (done.returncode, done.stderr) == (130, "error: interrupted.\n")
+
+
 @pytest.mark.parametrize("command", ["embed", "inspect", "bench"])
 def test_ctrl_c_while_torch_imports_stops_the_command(tmp_path: Path, command: str) -> None:
     # torch's C module imports numpy and drops what that raises: a Ctrl-C landing there was lost, and the command

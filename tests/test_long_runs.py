@@ -1117,8 +1117,8 @@ def test_update_refuses_a_checkpoint_saved_over_with_other_weights(
     ok(run())
     saved_over(checkpoint)
     assert the_error(run("--update")) == (
-        f"error: {output} was made with other options (the model's weights): rerun --update with the same "
-        "options, or use --overwrite to start afresh."
+        f"error: {output} was made with other options (the model's weights): the checkpoint was saved again since; "
+        "use --overwrite to embed everything with its weights now."
     )
     ok(run("--overwrite"))
     assert summary_of(run("--update", "--json"))["reused"] == 12
@@ -1457,6 +1457,28 @@ def test_merge_refuses_outputs_made_with_different_options(embed, folder: Path, 
     error = the_error(siglip("merge", *parts, "-o", tmp_path / "all.safetensors"))
     assert "different options" in error and "--normalize/--no-normalize" in error
     assert not (tmp_path / "all.safetensors").exists()
+
+
+def test_ctrl_c_once_the_merge_is_in_place_is_no_interruption(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It exited 130 ("interrupted") with the merged output whole, and the rerun it asked for was refused: the
+    # output exists. As `embed` does, a finished merge ends as finished.
+    import siglip_cli.cli as cli_module
+
+    parts = [tmp_path / "part0.safetensors", tmp_path / "part1.safetensors"]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--shard", f"{k}/2"))
+    printable = cli_module.printable
+
+    def ctrl_c_while_reporting(message: str) -> str:
+        os.kill(os.getpid(), signal.SIGINT)
+        return printable(message)
+
+    monkeypatch.setattr(cli_module, "printable", ctrl_c_while_reporting)
+    result = siglip("merge", *parts, "-o", tmp_path / "all.safetensors")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "all.safetensors").exists()
 
 
 def test_merge_refuses_a_run_with_a_part_missing_unless_asked(embed, folder: Path, tmp_path: Path) -> None:
