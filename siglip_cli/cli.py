@@ -118,8 +118,9 @@ def user_errors() -> Iterator[None]:
 def _import_torch() -> None:
     """Import torch (1-2 s) with Ctrl-C deferred to its end. Raised inside, the KeyboardInterrupt was often lost:
     torch's C module imports numpy and drops whatever that raises, so the run went on to its end, or stopped later
-    in a traceback from a half-imported numpy. The commands that need torch call this before anything else."""
-    with user_errors(), interrupts.deferred():
+    in a traceback from a half-imported numpy. The commands that need torch call this before anything else; the
+    KeyboardInterrupt raised as the import ends is their `_Command.invoke`'s sentence."""
+    with interrupts.deferred():
         __import__("torch")
 
 

@@ -251,9 +251,13 @@ WEIGHTS_DIFFER = _OPTION_NAMES["weights"]
 def same_options(old: dict, new: dict) -> bool:
     """Whether two runs' states (`embed.run_state`) agree: a run may continue, update or merge with the other. The
     state of a version that did not record the weights' fingerprint is taken at its word."""
-    if "weights" not in old or "weights" not in new:
+    if not _both_fingerprinted(old, new):
         old, new = without_weights(old), without_weights(new)
     return old == new
+
+
+def _both_fingerprinted(old: dict, new: dict) -> bool:
+    return "weights" in old and "weights" in new
 
 
 def without_weights(state: dict) -> dict:
@@ -265,7 +269,7 @@ def describe_difference(old: dict, new: dict) -> str:
     """The options two runs' states differ in, as the user spells them: '--dtype, --tokens'. The weights'
     fingerprint is named only when it alone can say why: it changes with --dtype too, and a state of an earlier
     version has none."""
-    if "weights" not in old or "weights" not in new or old.get("compute_dtype") != new.get("compute_dtype"):
+    if not _both_fingerprinted(old, new) or old.get("compute_dtype") != new.get("compute_dtype"):
         old, new = without_weights(old), without_weights(new)
     changed = [_OPTION_NAMES.get(k, k) for k in new if old.get(k) != new.get(k)]
     return ", ".join(changed) or "the options"
