@@ -1563,6 +1563,24 @@ def test_several_devices_run_one_worker_each_and_equal_one_run(
     assert sorted(p.name for p in output.parent.iterdir()) == ["embeddings.jsonl", "embeddings.safetensors"]
 
 
+@pytest.mark.parametrize(("devices", "threads"), [("cpu,cpu", 3), ("cpu,cpu,cpu", 2), ("cpu,cpu,cpu,cpu,cpu,cpu,cpu", 1)])
+def test_cpu_devices_share_the_cores(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, devices: str, threads: int
+) -> None:
+    # Each worker's model ran on every core: `--device cpu,cpu` on 2 cores took three times one device's time.
+    from siglip_cli import devices as devices_module
+    from siglip_cli.errors import UserError
+
+    def report_threads(*args, **kwargs):
+        raise UserError(f"{torch.get_num_threads()} threads.")
+
+    monkeypatch.setattr(devices_module, "usable_cpus", lambda: 6)
+    monkeypatch.setattr(devices_module, "load", report_threads)
+    fork = multiprocessing.get_context("fork")  # the workers start as copies of this process, with both patches
+    monkeypatch.setattr(devices_module.mp, "get_context", lambda method: fork)
+    assert the_error(embed(folder, tmp_path / "out.npy", "--device", devices), 2) == f"error: {threads} threads."
+
+
 def test_a_worker_that_fails_leaves_its_traceback_in_its_log(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
