@@ -131,8 +131,7 @@ def check_outputs(
     """Refuse to replace a finished output, or files beside it that are the user's, unless told to; and refuse
     always to take the manifest of the other format's output of the same name. `update_allowed`: whether the
     refusal may suggest --update (several devices take none)."""
-    other = out.embeddings.with_suffix(".npy" if out.format == "safetensors" else ".safetensors")
-    if other.exists():
+    if other := _sharing_the_manifest(out):
         raise UserError(
             f"{other} has its manifest in {out.manifest}, which this run would replace: choose another -o, or "
             f"remove {other} first."
@@ -192,6 +191,31 @@ def refuse_inputs_among_outputs(out: OutputPaths, paths: Iterable[str], *, every
 
 # The files an output keeps beside it, by the end of their name, and the formats of the outputs that write each.
 SIDE_FILES = {".errors.jsonl": (".safetensors", ".npy"), ".tokens.npy": (".npy",), ".meta.json": (".npy",)}
+
+
+def _sharing_the_manifest(out: OutputPaths) -> Path | None:
+    """Another output beside this one with the same manifest: of the other format (`x.npy` for `-o
+    x.safetensors`), or of this one with its extension in another case (`x.NPY` for `-o x.npy`), all of which keep
+    their rows' paths in x.jsonl."""
+    folder = out.embeddings.parent
+    names = {out.embeddings.stem.lower() + suffix for suffix in (".npy", ".safetensors")}
+    try:
+        with os.scandir(folder) as entries:  # one listing, however the extension is spelt
+            found = [Path(folder, e.name) for e in entries if e.name.lower() in names and e.name != out.embeddings.name]
+    except OSError:  # a folder yet to be made: nothing beside the output
+        return None
+    for other in found:
+        manifest = other.with_suffix(".jsonl")  # the same name, or another for a disk blind to case (macOS)
+        if (manifest == out.manifest or _same_file(manifest, out.manifest)) and not _same_file(other, out.embeddings):
+            return other
+    return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _claimed_by_another(out: OutputPaths) -> tuple[Path, Path] | None:

@@ -938,13 +938,20 @@ def test_a_name_with_control_characters_is_escaped_in_messages(embed, photos: Pa
     assert "e\\x1b[31mred\\x0a.npy already exists" in the_error(embed(photos, "-o", output))
 
 
-@pytest.mark.parametrize("first, second", [("e.safetensors", "e.npy"), ("e.npy", "e.safetensors")])
+@pytest.mark.parametrize(
+    "first, second",
+    [("e.safetensors", "e.npy"), ("e.npy", "e.safetensors"), ("e.NPY", "e.safetensors"), ("e.SafeTensors", "e.npy"),
+     ("e.npy", "e.NPY")],
+)  # fmt: skip
 @pytest.mark.parametrize("flag", [None, "--overwrite", "--update"])
 def test_the_other_format_of_one_name_is_refused_since_they_share_the_manifest(
     embed, photos: Path, out: Path, first: str, second: str, flag: str | None
 ) -> None:
     # e.npy and e.safetensors both keep their rows' paths in e.jsonl: the second run used to replace the first's
-    # manifest, and a later --update of the first then stored embeddings under other files' names.
+    # manifest, and a later --update of the first then stored embeddings under other files' names. So do e.NPY
+    # and e.npy, where a file system tells them apart.
+    if _case_blind(out) and first.lower() == second.lower():
+        pytest.skip("a file system blind to case: the two names are one file")  # macOS, Windows; not CI's
     ok(embed(photos, "-o", out / first))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     result = embed(photos / "b.png", "-o", out / second, *([flag] if flag else []))
@@ -954,6 +961,15 @@ def test_the_other_format_of_one_name_is_refused_since_they_share_the_manifest(
         f"-o, or remove {out / first} first."
     )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _case_blind(folder: Path) -> bool:
+    probe = folder / "case-probe"
+    probe.touch()
+    try:
+        return (folder / "CASE-PROBE").exists()
+    finally:
+        probe.unlink()
 
 
 @pytest.mark.parametrize("length", [248, 256])
