@@ -32,7 +32,7 @@ from torch import Tensor
 from . import gpu_decode, interrupts
 from .decoding import Batch, batch_pixels, decoded_batches, default_workers, digest_of_file, error_row, look_ahead
 from .errors import UserError, first_line
-from .files import counted, directory_entry, discover, display_path
+from .files import counted, directory_entry, discover, display_path, same_file
 from .outputs import (
     OUTPUT_DTYPES,
     WEIGHTS_DIFFER,
@@ -44,6 +44,7 @@ from .outputs import (
     output_metadata,
     pooling,
     public_row,
+    read_output_metadata,
     read_output_options,
     read_rows,
     refuse_inputs_among_outputs,
@@ -186,7 +187,7 @@ def embed_to_file(
         interrupts.output_in_place(False)  # a run before this one, in the same process, may have said True
         refuse_inputs_among_outputs(out, paths)
         state = run_state(embedder, options, out.format)
-        work, previous = _open_work(out, state, overwrite=overwrite, update=update, part_of=part_of)
+        work, previous, made_in = _open_work(out, state, overwrite=overwrite, update=update, part_of=part_of)
         remove_stale_temporaries(out.files())
 
         # The user's --update of a whole output keeps the rows of files still there, whatever this run's inputs.
@@ -196,7 +197,7 @@ def embed_to_file(
         chunks = work.chunks()
         in_chunks = _chunk_rows(chunks)
         try:
-            paths, reused, unchecked, removed = _settled(paths, previous, in_chunks, keep_unlisted, progress)
+            paths, reused, unchecked, removed = _settled(paths, previous, made_in, in_chunks, keep_unlisted, progress)
         except UserError:
             if not chunks:
                 work.remove()  # a refused --update leaves nothing behind
@@ -257,9 +258,9 @@ def _note_failing_since(
 
 def _open_work(
     out: OutputPaths, state: dict, *, overwrite: bool, update: bool, part_of: Path | None
-) -> tuple[WorkArea, dict[str, Ref | dict]]:
-    """The run's work area, continued or made anew, and the earlier output's rows to reuse (--update): or the
-    sentence that refuses the run. An interrupted run with the same options continues, with --overwrite too (its
+) -> tuple[WorkArea, dict[str, Ref | dict], str | None]:
+    """The run's work area, continued or made anew, and the earlier output's rows to reuse (--update) with the
+    folder it was made in (where known: `_previous_output`), or the sentence that refuses the run. An interrupted run with the same options continues, with --overwrite too (its
     rerun); one with other options is refused, or replaced with --overwrite."""
     work = WorkArea(out.work)
     if overwrite and work.exists() and not same_options(work.state(), state):
@@ -282,10 +283,11 @@ def _open_work(
     # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
     # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
     try:
-        previous = _previous_output(out, state) if reuse_output and not (resuming and work.assembling()) else {}
+        reading = reuse_output and not (resuming and work.assembling())
+        previous, made_in = _previous_output(out, state) if reading else ({}, None)
     except _OtherOptions as e:
         if overwrite:  # a several-device shard takes both: one made with other options is replaced
-            previous = {}
+            previous, made_in = {}, None
         elif part_of is None:
             raise
         else:
@@ -295,7 +297,7 @@ def _open_work(
             work.create(state)
         except OSError as e:
             raise UserError(f"cannot write beside {out.embeddings}: {e.strerror or e}.") from None
-    return work, previous
+    return work, previous, made_in
 
 
 def interrupted_on_other_devices(work: Path, devices: int) -> UserError:
@@ -351,27 +353,24 @@ def _by_path(refs: Iterable[Ref], errors: Iterable[dict]) -> dict[str, Ref | dic
 def _settled(
     paths: list[str],
     previous: dict[str, Ref | dict],
+    made_in: str | None,
     in_chunks: dict[str, Ref | dict],
     keep_unlisted: bool,
     progress: Progress | None,
 ) -> tuple[list[str], dict[str, Ref | dict], dict[str, Ref | dict], int]:
     """The run's files (`_with_earlier_rows`), the rows among them that need no new work (this run's chunks, the
     earlier output's rows of unchanged files, of files it cannot look at now, of files that moved), those of them
-    kept unchecked, and how many rows of the earlier output are dropped."""
+    kept unchecked, and how many rows of the earlier output are dropped. `made_in`: the folder the earlier output
+    was made in, where known."""
     paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, progress)
     reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress) | unchecked
     moved = _moved([p for p in paths if p not in reused], dropped, progress)
-    relative = [path for path, row in previous.items() if isinstance(row, Ref) and not os.path.isabs(path)]
-    if keep_unlisted and relative and all(path in dropped for path in relative) and not moved:
-        # Relative paths are read from the working directory: run from another folder, every photo looks gone.
-        raise UserError(
-            f"none of the {counted(len(relative), 'photo')} the earlier output names by relative path (such as "
-            f"{display_path(min(relative, key=os.fsencode))}) is found from here: run --update from the folder it "
-            "was made in, or use --overwrite if they are all gone."
-        )
     # A dropped row is found again when a moved file took its content; of n copies of a photo, as many as moved.
     left = Counter((ref.info.get("size"), ref.info.get("blake2b")) for ref in dropped.values())
     left.subtract((ref.info["size"], ref.info["blake2b"]) for ref in moved.values())
+    if keep_unlisted:
+        lost = [path for path, ref in dropped.items() if left[ref.info.get("size"), ref.info.get("blake2b")] > 0]
+        _refuse_update_from_elsewhere(previous, dropped, lost, made_in)
     removed = sum(n for n in left.values() if n > 0)
     if progress and keep_unlisted and removed:
         gone = min((p for p, ref in dropped.items() if left[ref.info.get("size"), ref.info.get("blake2b")] > 0),
@@ -381,6 +380,37 @@ def _settled(
                       f"({display_path(gone)}{'' if one else ', …'}): {'its row is' if one else 'their rows are'} "
                       "dropped.")  # fmt: skip
     return paths, reused | moved, unchecked, removed
+
+
+def _refuse_update_from_elsewhere(
+    previous: dict[str, Ref | dict], dropped: dict[str, Ref], lost: list[str], made_in: str | None
+) -> None:
+    """Refuse an --update that would drop rows only because the earlier output names its photos by relative paths,
+    which are read from the working directory: run from another folder, they look gone. `lost`: the dropped rows
+    whose photo was not found under a new name either.
+
+    Where the folder the output was made in is known and there, any row lost from another folder refuses the run.
+    Otherwise (an output of an earlier version, or its folder gone) the run is refused when none of its relative
+    paths is found from here and some of them are lost: all of them found again under new names is a renamed
+    folder, and one copy found in a folder added must not hide the rest (it did: their rows were dropped)."""
+    relative = sorted((p for p, row in previous.items() if isinstance(row, Ref) and not os.path.isabs(p)), key=os.fsencode)
+    lost_relative = [path for path in lost if not os.path.isabs(path)]
+    if not lost_relative:
+        return
+    if made_in is not None and os.path.isdir(made_in):
+        if same_file(made_in, os.curdir):
+            return
+        raise UserError(
+            f"{counted(len(lost_relative), 'photo')} of the earlier output, named by paths relative to the folder it "
+            f"was made in ({display_path(made_in)}), such as {display_path(min(lost_relative, key=os.fsencode))}, "
+            f"{'is' if len(lost_relative) == 1 else 'are'} not found from here: run --update from {display_path(made_in)}."
+        )
+    if all(path in dropped for path in relative):
+        raise UserError(
+            f"none of the {counted(len(relative), 'photo')} the earlier output names by relative path (such as "
+            f"{display_path(relative[0])}) is found from here: run --update from the folder it was made in, or use "
+            "--overwrite if they are all gone."
+        )
 
 
 def _with_earlier_rows(
@@ -824,10 +854,11 @@ class _OtherOptions(UserError):
         self.difference = difference
 
 
-def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
-    """The rows of an existing output, for --update (refused if it was made with other options)."""
+def _previous_output(out: OutputPaths, state: dict) -> tuple[dict[str, Ref | dict], str | None]:
+    """The rows of an existing output, for --update (refused if it was made with other options), and the folder it
+    was made in: where its relative paths start (None from versions that did not say)."""
     if not out.embeddings.exists():
-        return {}
+        return {}, None
     old = read_output_options(out)
     if not same_options(old, state):
         difference = describe_difference(old, state)
@@ -837,7 +868,7 @@ def _previous_output(out: OutputPaths, state: dict) -> dict[str, Ref | dict]:
             then = "rerun --update with the same options, or use --overwrite to start afresh."
         message = f"{out.embeddings} was made with other options ({difference}): {then}"
         raise _OtherOptions(message, difference=difference)
-    return _by_path(*read_rows(out))
+    return _by_path(*read_rows(out)), read_output_metadata(out).get("working_directory")
 
 
 @dataclass

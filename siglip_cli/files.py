@@ -130,6 +130,14 @@ class WalkReport:
         return f"{len(entries):,} entries named like images are not files: {listed}"
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether `a` and `b` name one file or folder (both there): a link, a case-blind disk, `.` and its path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def first_of(items: list[str], shown: int) -> str:
     """'a, b, c, 4 more': the first `shown` of `items`, and how many are left out."""
     more = [f"{len(items) - shown:,} more"] if len(items) > shown else []

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from . import __version__
 from .config import VisionConfig, json_kind
 from .errors import UserError
-from .files import display_path, path_fields, path_from_fields
+from .files import display_path, path_fields, path_from_fields, same_file
 from .storage import (
     NpyRows,
     RowReader,
@@ -206,16 +206,9 @@ def _sharing_the_manifest(out: OutputPaths) -> Path | None:
         return None
     for other in found:
         manifest = other.with_suffix(".jsonl")  # the same name, or another for a disk blind to case (macOS)
-        if (manifest == out.manifest or _same_file(manifest, out.manifest)) and not _same_file(other, out.embeddings):
+        if (manifest == out.manifest or same_file(manifest, out.manifest)) and not same_file(other, out.embeddings):
             return other
     return None
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _claimed_by_another(out: OutputPaths) -> tuple[Path, Path] | None:
@@ -408,7 +401,20 @@ def output_metadata(
         "decoder": state["preprocessing"]["decoder"],
         "tool": f"siglip {__version__}",
         "options": json.dumps(state, sort_keys=True),
+        **_working_directory(),
     }
+
+
+def _working_directory() -> dict[str, str]:
+    """{"working_directory": the folder this run was started in}, where the manifest's relative paths start
+    (`--update` from elsewhere is refused: `embed._refuse_update_from_elsewhere`); {} where it is gone, or its name
+    is not UTF-8 (the metadata is text)."""
+    try:
+        folder = os.getcwd()
+        folder.encode()
+    except (OSError, UnicodeError):
+        return {}
+    return {"working_directory": folder}
 
 
 def assemble(

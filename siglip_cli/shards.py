@@ -250,6 +250,8 @@ def _merge(
     metadata = dict(opened[0][1])
     metadata.pop("shard", None)  # the merge is the whole run
     metadata.pop("inputs", None)
+    if len({m.get("working_directory") for _, m in opened}) > 1:  # parts made from several folders: no one start
+        metadata.pop("working_directory", None)  # for relative paths to name
     merged = options[0] if all("weights" in opts for opts in options) else without_weights(options[0])
     metadata["options"] = json.dumps({**merged, "format": target.format}, sort_keys=True)
     assemble(target, [ref for _, ref in good], [info for _, info in bad], metadata, before_replacing=before_replacing)

@@ -999,27 +999,59 @@ def test_several_devices_rerun_with_overwrite_and_fewer_inputs_keeps_none_of_the
     assert len(rows_of(output.with_suffix(".jsonl"))) == 2
 
 
-@pytest.fixture
-def relative_output(embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An output of `folder` embedded by its relative name, from the folder above it (the working directory)."""
-    output = tmp_path / "out" / "embeddings.safetensors"
+@pytest.fixture(params=["safetensors", "npy-of-an-earlier-version"])
+def relative_output(embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request) -> Path:
+    """An output of `folder` embedded by its relative name, from the folder above it (the working directory); or
+    one of a version that did not record that folder."""
+    output = tmp_path / "out" / ("embeddings.safetensors" if request.param == "safetensors" else "embeddings.npy")
     monkeypatch.chdir(folder.parent)
     ok(embed(Path(folder.name), output))
+    if output.suffix == ".npy":
+        meta = output.with_suffix(".meta.json")
+        metadata = json.loads(meta.read_text())
+        assert metadata.pop("working_directory") == str(folder.parent)
+        meta.write_text(json.dumps(metadata))
     return output
 
 
+@pytest.mark.parametrize("copied", [0, 1], ids=["new-photo", "and-a-copy-of-one-of-its-photos"])
 def test_update_from_another_folder_of_an_output_with_relative_paths_is_refused(
-    embed, relative_output: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embed, relative_output: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copied: int
 ) -> None:
-    # Every relative path would look gone from there, and the rows be dropped.
+    # Every relative path would look gone from there, and the rows be dropped. A copy of one of the photos in the
+    # folder added, found as that photo moved, let the other eleven rows go (exit 0).
     output = relative_output
-    before = output.read_bytes()
+    before = {p.name: p.read_bytes() for p in output.parent.iterdir()}
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     more = save_photos(tmp_path / "more", ["m0.jpg"], first_seed=50)
+    if copied:
+        shutil.copy(folder / "p03.jpg", more / "copy.jpg")
     error = the_error(embed(more, output, "--update"))
-    assert "none of the 12 photos the earlier output names by relative path (such as photos/p00.jpg) is found" in error
-    assert output.read_bytes() == before and not work_area(output).exists()
+    if output.suffix == ".npy":  # where it was made unknown: told by what is found from here
+        assert "none of the 12 photos the earlier output names by relative path (such as photos/p00.jpg) is found" in error
+    else:
+        assert error == (
+            f"error: {12 - copied} photos of the earlier output, named by paths relative to the folder it was made "
+            f"in ({tmp_path}), such as photos/p00.jpg, are not found from here: run --update from {tmp_path}."
+        )
+    assert {p.name: p.read_bytes() for p in output.parent.iterdir()} == before
+
+
+def test_update_from_where_relative_rows_were_made_drops_the_rows_of_every_photo_deleted(
+    embed, relative_output: Path, folder: Path
+) -> None:
+    # Every photo deleted and a new one in their folder: "none is found from here", --overwrite advised.
+    for photo in folder.iterdir():
+        photo.unlink()
+    save_photos(folder, ["new.jpg"], first_seed=50)
+    result = embed(Path(folder.name), relative_output, "--update", "--json")
+    if relative_output.suffix == ".npy":  # where it was made unknown: that is all the run can tell
+        assert "none of the 12 photos the earlier output names by relative path" in the_error(result)
+        return
+    summary = summary_of(result)
+    assert (summary["embedded"], summary["reused"], summary["removed"]) == (1, 0, 12)
+    assert [row["path"] for row in rows_of(relative_output.with_suffix(".jsonl"))] == ["photos/new.jpg"]
 
 
 def test_update_of_relative_rows_after_their_folder_was_renamed_finds_them_by_content(
@@ -1368,6 +1400,20 @@ def test_npy_and_safetensors_parts_merge_into_one_full_run(embed, folder: Path, 
         ok(embed(folder, part, "--batch-size", 1, "--shard", f"{k}/2"))
     ok(siglip("merge", *parts, "-o", tmp_path / "merged.safetensors"))
     assert differences(tmp_path / "merged.safetensors", tmp_path / "all.safetensors") == []
+
+
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["one-folder", "two-folders"])
+def test_merge_keeps_the_folder_the_parts_were_made_in_only_when_they_agree(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, elsewhere: bool
+) -> None:
+    # Where relative paths start (`--update` from another folder is refused): of parts run from two folders, none.
+    parts = [tmp_path / "part0.npy", tmp_path / "part1.npy"]
+    for k, part in enumerate(parts):
+        monkeypatch.chdir(tmp_path if k == 0 or not elsewhere else folder)
+        ok(embed(folder, part, "--shard", f"{k}/2"))
+    ok(siglip("merge", *parts, "-o", tmp_path / "merged.npy"))
+    made_in = json.loads((tmp_path / "merged.meta.json").read_text()).get("working_directory")
+    assert made_in == (None if elsewhere else str(tmp_path))
 
 
 def test_merge_is_refused_while_another_run_writes_its_output(embed, folder: Path, tmp_path: Path) -> None:
