@@ -267,27 +267,40 @@ WEIGHTS_DIFFER = _OPTION_NAMES["weights"]
 
 def same_options(old: dict, new: dict) -> bool:
     """Whether two runs' states (`embed.run_state`) agree: a run may continue, update or merge with the other. The
-    state of a version that did not record the weights' fingerprint is taken at its word."""
-    if not _both_fingerprinted(old, new):
-        old, new = without_weights(old), without_weights(new)
+    state of a version that did not record the weights' fingerprint is taken at its word; between two that did,
+    where the weights were loaded from does not count (a checkpoint folder copied or moved, a local copy of a Hub
+    repo), the weights do."""
+    old, new = _compared(old, new)
     return old == new
 
 
-def _both_fingerprinted(old: dict, new: dict) -> bool:
-    return "weights" in old and "weights" in new
+def _compared(old: dict, new: dict) -> tuple[dict, dict]:
+    """The parts of two runs' states that must agree."""
+    if "weights" in old and "weights" in new:
+        source = ("model", "revision")
+        return _without(old, source), _without(new, source)
+    return without_weights(old), without_weights(new)
+
+
+def _without(state: dict, keys: tuple[str, ...]) -> dict:
+    return {key: value for key, value in state.items() if key not in keys}
 
 
 def without_weights(state: dict) -> dict:
     """A run's state less the weights' fingerprint, as a version that did not record it wrote it."""
-    return {key: value for key, value in state.items() if key != "weights"}
+    return _without(state, ("weights",))
 
 
 def describe_difference(old: dict, new: dict) -> str:
     """The options two runs' states differ in, as the user spells them: '--dtype, --tokens'. The weights'
-    fingerprint is named only when it alone can say why: it changes with --dtype too, and a state of an earlier
-    version has none."""
-    if not _both_fingerprinted(old, new) or old.get("compute_dtype") != new.get("compute_dtype"):
+    fingerprint is named only when it alone can say why: it changes with --dtype too, other weights loaded from
+    elsewhere are named by --model (or --revision), and a state of an earlier version has none."""
+    source = ("model", "revision")
+    moved = any(old.get(key) != new.get(key) for key in source)
+    if old.get("compute_dtype") != new.get("compute_dtype") or old.get("weights") != new.get("weights") and moved:
         old, new = without_weights(old), without_weights(new)
+    else:
+        old, new = _compared(old, new)  # the same weights from elsewhere: no difference
     changed = [_OPTION_NAMES.get(k, k) for k in new if old.get(k) != new.get(k)]
     return ", ".join(changed) or "the options"
 

@@ -579,16 +579,24 @@ def test_every_chunk_is_on_disk_before_and_after_it_gets_its_name(
         assert ("fsync", work) in events[i + 1 : end], f"{dst}'s folder entry was not fsynced"
 
 
-def test_a_revision_moved_since_the_interruption_is_refused(
-    folder: Path, tmp_path: Path, tiny_vision: Path, hf_cache, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("new_weights", [False, True], ids=["same-weights", "new-weights"])
+def test_a_revision_moved_since_the_interruption_continues_only_with_the_same_weights(
+    folder: Path, tmp_path: Path, tiny_vision: Path, hf_cache, monkeypatch: pytest.MonkeyPatch, new_weights: bool
 ) -> None:
     monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 0.0)
     hf_cache(tiny_vision, revision_hash="1" * 40)
     output = interrupt(load(DEFAULT_REPO_ID, device="cpu"), folder, tmp_path / "out" / "embeddings.safetensors")
-    hf_cache(tiny_vision, revision_hash="2" * 40)  # a new commit on main, then the same command again
+    # A new commit on main (its README edited, or the weights retrained), then the same command again.
+    checkpoint = Path(shutil.copytree(tiny_vision, tmp_path / "next-commit"))
+    if new_weights:
+        saved_over(checkpoint)
+    hf_cache(checkpoint, revision_hash="2" * 40)
     result = siglip("embed", folder, "-o", output, "--model", DEFAULT_REPO_ID, "--workers", 0, "--batch-size", 2)
-    error = the_error(result)
-    assert "--revision" in error and "--overwrite" in error
+    if new_weights:
+        error = the_error(result)
+        assert "differ (--revision)" in error and "--overwrite" in error
+    else:
+        assert "embedded 4, reused 8" in ok(result).stderr
 
 
 @pytest.mark.parametrize(
@@ -1154,6 +1162,32 @@ def test_update_refuses_a_checkpoint_saved_over_with_other_weights(
     )
     ok(run("--overwrite"))
     assert summary_of(run("--update", "--json"))["reused"] == 12
+
+
+def test_update_takes_the_same_checkpoint_from_another_folder(folder: Path, tiny_vision: Path, tmp_path: Path) -> None:
+    # A checkpoint folder moved or copied (or a local copy of a Hub repo): the weights decide, not their path. An
+    # --update was refused ("--model"), with no way to go on but embedding everything again.
+    checkpoint = Path(shutil.copytree(tiny_vision, tmp_path / "checkpoint"))
+    output = tmp_path / "out" / "embeddings.safetensors"
+    run = functools.partial(siglip, "embed", folder, "-o", output, "--workers", 0)
+    ok(run("--model", checkpoint))
+    moved = checkpoint.rename(tmp_path / "moved")
+    summary = summary_of(run("--model", moved, "--update", "--json"))
+    assert (summary["embedded"], summary["reused"]) == (0, 12)
+    saved_over(moved)
+    assert "other options (the model's weights)" in the_error(run("--model", moved, "--update"))
+
+
+def test_update_of_an_output_that_recorded_no_weights_needs_the_same_checkpoint_folder(
+    folder: Path, tiny_vision: Path, tmp_path: Path
+) -> None:
+    checkpoint = Path(shutil.copytree(tiny_vision, tmp_path / "checkpoint"))
+    output = tmp_path / "out" / "embeddings.npy"
+    run = functools.partial(siglip, "embed", folder, "-o", output, "--workers", 0)
+    ok(run("--model", checkpoint))
+    as_before_the_fingerprint(output)
+    moved = checkpoint.rename(tmp_path / "moved")
+    assert "other options (--model)" in the_error(run("--model", moved, "--update"))
 
 
 def test_the_weights_fingerprint_sees_a_change_anywhere_in_a_tensor() -> None:
