@@ -242,21 +242,34 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
         return PreprocessConfig(height=vision.image_size, width=vision.image_size)
     do_resize = _flag(config.get("do_resize", True))  # null: transformers' processor skips the step, as for false
     if do_resize is False:  # `size` is then ignored (by transformers too): images must come at the tower's size
+        if config.get("do_center_crop"):  # which every image but those of the crop's size would fail
+            raise ConfigError(
+                f"the preprocessor center-crops to {config.get('crop_size')} without resizing; SigLIP resizes "
+                "straight to the model's size, and cropping is not supported."
+            )
         height = width = vision.image_size
     else:
         height, width = _resize_target(config, vision)
     defaults = PreprocessConfig()
+    # null: transformers' processor skips the step, as for false.
+    do_rescale, do_normalize = _flag(config.get("do_rescale", True)), _flag(config.get("do_normalize", True))
+
+    def setting(name: str, used: bool) -> Any:
+        """A step's setting; a null one of a step switched off is the default (transformers' own
+        `save_pretrained` writes `"image_mean": null` beside `"do_normalize": false`)."""
+        value = config.get(name)
+        return getattr(defaults, name) if value is None and (name not in config or not used) else value
+
     return PreprocessConfig(
         height=height,
         width=width,
-        resample=config.get("resample", defaults.resample),
+        resample=setting("resample", do_resize is not False),
         do_resize=do_resize,
-        # null: transformers' processor skips the step, as for false.
-        do_rescale=_flag(config.get("do_rescale", True)),
-        rescale_factor=config.get("rescale_factor", defaults.rescale_factor),
-        do_normalize=_flag(config.get("do_normalize", True)),
-        image_mean=_triple(config.get("image_mean", defaults.image_mean)),
-        image_std=_triple(config.get("image_std", defaults.image_std)),
+        do_rescale=do_rescale,
+        rescale_factor=setting("rescale_factor", do_rescale is not False),
+        do_normalize=do_normalize,
+        image_mean=_triple(setting("image_mean", do_normalize is not False)),
+        image_std=_triple(setting("image_std", do_normalize is not False)),
     )
 
 
@@ -269,6 +282,8 @@ def _resize_target(config: dict[str, Any], vision: VisionConfig) -> tuple[int, i
     # take for a non-square photo; for SigLIP it can only mean the square the tower needs.
     if isinstance(size, int):
         size = {"height": size, "width": size}
+    if isinstance(size, (list, tuple)) and len(size) == 2:  # (height, width), as transformers reads a pair
+        size = {"height": size[0], "width": size[1]}
     if "height" not in size or "width" not in size:
         raise ConfigError(
             f"preprocessor size {size} is not a fixed (height, width): SigLIP resizes straight to the model's size."

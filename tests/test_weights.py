@@ -614,6 +614,34 @@ def test_preprocessor_config_is_read_field_by_field() -> None:
     assert preprocess.image_mean == (0.5, 0.4, 0.3) and preprocess.image_std == (0.25, 0.25, 0.25)
 
 
+def test_settings_of_a_step_switched_off_may_be_null() -> None:
+    # transformers' own `SiglipImageProcessorPil(do_normalize=False, image_mean=None, image_std=None).save_pretrained()`
+    # writes these nulls, and its processor runs them: they were refused ("expected 3 channel values").
+    raw = {"do_normalize": False, "image_mean": None, "image_std": None, "do_rescale": False, "rescale_factor": None}
+    preprocess = preprocess_config_from_hub(raw, VisionConfig())
+    assert (preprocess.do_normalize, preprocess.do_rescale) == (False, False)
+    raw = {"do_resize": False, "resample": None, "size": None}
+    assert preprocess_config_from_hub(raw, VisionConfig(image_size=64)) == PreprocessConfig(64, 64, do_resize=False)
+
+
+@pytest.mark.parametrize("name", ["image_mean", "rescale_factor", "resample"])
+def test_a_null_setting_of_a_step_switched_on_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError):  # as transformers' processor fails on it
+        preprocess_config_from_hub({name: None}, VisionConfig())
+
+
+def test_a_size_given_as_a_pair_is_height_then_width() -> None:
+    preprocess = preprocess_config_from_hub({"size": [256, 320]}, VisionConfig())
+    assert (preprocess.height, preprocess.width) == (256, 320)
+
+
+def test_a_center_crop_without_resizing_is_refused() -> None:
+    # Ignored, it failed every image not already at the crop's size ("image is 451x300 but the model needs …").
+    raw = {"do_resize": False, "do_center_crop": True, "crop_size": {"height": 224, "width": 224}}
+    with pytest.raises(ConfigError, match="center-crops to .* without resizing"):
+        preprocess_config_from_hub(raw, VisionConfig())
+
+
 def test_shortest_edge_preprocessor_is_refused() -> None:
     with pytest.raises(ConfigError, match="not a fixed"):
         preprocess_config_from_hub({"size": {"shortest_edge": 224}}, VisionConfig())
