@@ -70,15 +70,33 @@ def one_line(error: BaseException) -> str:
 
     The system's reason for a file that cannot be opened ("Permission denied"; the path is in the row already),
     Pillow's and ours as they are ("image file is truncated (129 bytes not processed)"), anything else with its
-    class name. Line breaks become spaces; other spacing is kept, since a reason may quote a file name.
+    class name. libheif's reasons come as ValueError, and read as Pillow's do. Line breaks become spaces; other
+    spacing is kept, since a reason may quote a file name.
     """
     if isinstance(error, OSError) and error.strerror:
         text = error.strerror
-    elif isinstance(error, (BadImage, OSError)):
+    elif isinstance(error, (BadImage, OSError)) or isinstance(error, ValueError) and _raised_in("pillow_heif", error):
         text = str(error)
     else:
         text = f"{type(error).__name__}: {error}"
-    return re.sub(r"[\r\n\t\v\f]+", " ", text).strip() or type(error).__name__
+    text = re.sub(r"[\r\n\t\v\f]+", " ", text).strip() or type(error).__name__
+    hint = _DECODER_HINTS.get(text)
+    return f"{text} ({hint})" if hint else text
+
+
+# Decoders' reasons that say little alone.
+_DECODER_HINTS = {
+    "could not create decoder object": "libwebp cannot read it: a damaged or truncated WebP?",  # Pillow's WebP plugin
+}
+
+
+def _raised_in(package: str, error: BaseException) -> bool:
+    """Whether `error` was raised by the code of `package` (its traceback's last frame)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return module == package or module.startswith(package + ".")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -141,6 +142,8 @@ def read_image(
         with open_checked(path, DecodeOptions(max_pixels=max_pixels)) as raw:  # its header: mode and format
             mode, kind = raw.mode, raw.format
     except FileNotFoundError:
+        if path.is_symlink():  # as `embed` says it
+            raise UserError(f"{name} is a link to {display_path(os.readlink(path))}, which does not exist.") from None
         raise UserError(f"{name} does not exist.") from None
     except Exception as e:  # whatever the decoder raises (pillow-heif: ValueError, RuntimeError), as embed reports it
         raise UserError(f"{name} cannot be decoded: {one_line(e)}.") from None

@@ -8,6 +8,7 @@ The reference processor is built with `from_pretrained(checkpoint_dir)`, so both
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -371,6 +372,24 @@ def test_phone_and_web_formats_decode_to_the_photo(tmp_path: Path, bicubic: Prep
     assert torch.equal(pixels, tensor_of(decoded, bicubic))
     assert (pixels - tensor_of(original, bicubic)).abs().mean() < 0.05  # codec loss only
     assert (width, height) == (80, 60)
+
+
+@pytest.mark.parametrize(
+    "suffix, reason",
+    [("heic", r"^Invalid input: .+"),  # libheif's words, not "ValueError: Invalid input: ..."
+     ("webp", r"^could not create decoder object \(libwebp cannot read it: a damaged or truncated WebP\?\)$")],
+)  # fmt: skip
+def test_a_truncated_heic_or_webp_fails_in_plain_words(
+    tmp_path: Path, bicubic: PreprocessConfig, suffix: str, reason: str
+) -> None:
+    from siglip_cli.preprocess import one_line
+
+    path = tmp_path / f"half.{suffix}"
+    make_photo((80, 60)).save(path, quality=90)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(Exception) as raised:
+        load_pixels(path, bicubic, DecodeOptions())
+    assert re.match(reason, one_line(raised.value))
 
 
 def test_rotated_heic_is_turned_upright_once(tmp_path: Path, bicubic: PreprocessConfig) -> None:
