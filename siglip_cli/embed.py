@@ -260,8 +260,9 @@ def _open_work(
     out: OutputPaths, state: dict, *, overwrite: bool, update: bool, part_of: Path | None
 ) -> tuple[WorkArea, dict[str, Ref | dict], str | None]:
     """The run's work area, continued or made anew, and the earlier output's rows to reuse (--update) with the
-    folder it was made in (where known: `_previous_output`), or the sentence that refuses the run. An interrupted run with the same options continues, with --overwrite too (its
-    rerun); one with other options is refused, or replaced with --overwrite."""
+    folder it was made in (where known: `_previous_output`), or the sentence that refuses the run. An interrupted
+    run with the same options continues, with --overwrite too (its rerun); one with other options is refused, or
+    replaced with --overwrite."""
     work = WorkArea(out.work)
     if overwrite and work.exists() and not same_options(work.state(), state):
         work.remove()
@@ -393,23 +394,24 @@ def _refuse_update_from_elsewhere(
     Otherwise (an output of an earlier version, or its folder gone) the run is refused when none of its relative
     paths is found from here and some of them are lost: all of them found again under new names is a renamed
     folder, and one copy found in a folder added must not hide the rest (it did: their rows were dropped)."""
-    relative = sorted((p for p, row in previous.items() if isinstance(row, Ref) and not os.path.isabs(p)), key=os.fsencode)
     lost_relative = [path for path in lost if not os.path.isabs(path)]
     if not lost_relative:
         return
     if made_in is not None and os.path.isdir(made_in):
         if same_file(made_in, os.curdir):
             return
+        verb = "is" if len(lost_relative) == 1 else "are"
         raise UserError(
             f"{counted(len(lost_relative), 'photo')} of the earlier output, named by paths relative to the folder it "
             f"was made in ({display_path(made_in)}), such as {display_path(min(lost_relative, key=os.fsencode))}, "
-            f"{'is' if len(lost_relative) == 1 else 'are'} not found from here: run --update from {display_path(made_in)}."
+            f"{verb} not found from here: run --update from {display_path(made_in)}."
         )
+    relative = [path for path, row in previous.items() if isinstance(row, Ref) and not os.path.isabs(path)]
     if all(path in dropped for path in relative):
         raise UserError(
             f"none of the {counted(len(relative), 'photo')} the earlier output names by relative path (such as "
-            f"{display_path(relative[0])}) is found from here: run --update from the folder it was made in, or use "
-            "--overwrite if they are all gone."
+            f"{display_path(min(relative, key=os.fsencode))}) is found from here: run --update from the folder it "
+            "was made in, or use --overwrite if they are all gone."
         )
 
 

