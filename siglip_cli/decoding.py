@@ -385,15 +385,7 @@ def _parcels(
         parcels = sum(math.ceil((end - start) / size) for start, end in spans)
         return max(2, min(math.ceil(2 * batch_size / (size * workers)), parcels))
 
-    opened = _open_files() if workers else 0  # a parent (a shell, a wrapper script) may have left some open to us
-    if workers and (limit := open_files_limit(wanted=opened + open_files_needed(workers, prefetch(workers)))):
-        free = limit - opened
-        fitting = next((w for w in range(workers, 0, -1) if open_files_needed(w, prefetch(w)) <= free), 0)
-        if fitting < workers:
-            instead = f"taking {fitting} instead, which is slower" if fitting else "decoding in this process instead"
-            note(f"`ulimit -n` is {limit}, too few open files for {counted(workers, 'decoding worker')}: {instead} "
-                 f"({_raising_it()}).")  # fmt: skip
-            workers = fitting
+    workers = _workers_within_open_files(workers, prefetch, note)
     while spans:
         prefetch_factor = prefetch(workers) if workers else None
         # The loader's own code runs with signals deferred: a Ctrl-C inside it could leave one of its queue locks
@@ -461,6 +453,21 @@ def _parcels(
         for first, end in _clip(spans, done, in_flight):
             yield _collate(_each_alone(files, range(first, end), workers))
         spans, done = _clip(spans, in_flight, len(files)), in_flight
+
+
+def _workers_within_open_files(workers: int, prefetch: Callable[[int], int], note: Callable[[str], None]) -> int:
+    """As many of `workers` as `ulimit -n` lets hand their parcels over (`open_files_needed`, with `prefetch(w)`
+    parcels in flight each), raising the soft limit first where the hard one allows; a note when fewer."""
+    opened = _open_files() if workers else 0  # a parent (a shell, a wrapper script) may have left some open to us
+    limit = open_files_limit(wanted=opened + open_files_needed(workers, prefetch(workers))) if workers else None
+    if not limit:
+        return workers
+    fitting = next((w for w in range(workers, 0, -1) if open_files_needed(w, prefetch(w)) <= limit - opened), 0)
+    if fitting < workers:
+        instead = f"taking {fitting} instead, which is slower" if fitting else "decoding in this process instead"
+        note(f"`ulimit -n` is {limit}, too few open files for {counted(workers, 'decoding worker')}: {instead} "
+             f"({_raising_it()}).")  # fmt: skip
+    return fitting
 
 
 def _raised_in_worker(error: BaseException) -> str:

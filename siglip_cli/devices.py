@@ -30,9 +30,10 @@ from .cpus import usable_cpus
 from .embed import EmbedOptions, Progress, Summary, embed_to_file, interrupted_on_other_devices, refuse_empty_run
 from .errors import RunFailed, UserError, first_line
 from .outputs import OutputPaths, check_outputs, read_rows, refuse_inputs_among_outputs
-from .runtime import dtype_note, load, resolve_device
+from .runtime import dtype_note, load, resolve_device, resolve_dtype
 from .shards import merge_outputs, select_shard
 from .storage import WorkArea, exclusive
+from .weights import Checkpoint, resolve_checkpoint
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -74,8 +75,8 @@ class _QueueProgress:
     def __init__(self, channel: mp.Queue, index: int):
         self.channel, self.index = channel, index
 
-    def start(self, total: int, done: int) -> None:
-        self.channel.put(("start", self.index, done))
+    def start(self, total: int, done: int) -> None:  # the parent's bar counts the run's whole total already
+        self.channel.put(("reused", self.index, done))
 
     def advance(self, n: int) -> None:
         self.channel.put(("advance", self.index, n))
@@ -173,27 +174,38 @@ def embed_with_model(
     progress: DevicesProgress | None = None,
 ) -> Summary:
     """What `siglip embed` runs: load `model` on the device and embed `paths` into `output`, or, given several
-    devices, one worker each (`embed_on_devices`). Notes about the model and the dtype go to `progress`."""
+    devices, one worker each (`embed_on_devices`). Notes about the model and the dtype go to `progress`, once."""
     options = options or EmbedOptions()
     check_device_options(devices, shard=options.shard, update=update)
     if len(devices) > 1:
-        return embed_on_devices(
+        checkpoint = resolve_checkpoint(model, revision=revision)  # its configs, for the note: the workers load it
+        _note_preprocessing(model, checkpoint, progress)
+        summary = embed_on_devices(
             model, devices, paths, output, revision=revision, dtype=dtype, options=options, overwrite=overwrite,
             compile=compile, progress=progress,
         )
-    embedder = load(model, revision=revision, device=devices[0], dtype=dtype, compile=compile)
-    if progress and not embedder.checkpoint.preprocess_source:
-        pre = embedder.preprocess
+        device = resolve_device(devices[0])
+        compute_dtype = resolve_dtype(dtype, device)
+    else:
+        embedder = load(model, revision=revision, device=devices[0], dtype=dtype, compile=compile)
+        _note_preprocessing(model, embedder.checkpoint, progress)
+        summary = embed_to_file(
+            embedder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress
+        )
+        device, compute_dtype = embedder.device, embedder.dtype
+    if progress and (hint := dtype_note(device, compute_dtype, run_seconds=summary.seconds)):
+        progress.note(hint)  # after the run: what the next one could do differently
+    return summary
+
+
+def _note_preprocessing(model: str, checkpoint: Checkpoint, progress: Progress | None) -> None:
+    """A checkpoint without image settings is embedded with SigLIP's, which the user is told."""
+    if progress and not checkpoint.preprocess_source:
+        pre = checkpoint.preprocess
         progress.note(
             f"{model} has no preprocessor_config.json: assuming SigLIP's preprocessing (resize to "
             f"{pre.width}x{pre.height}, {PIL_FILTERS[pre.resample]}; pixels scaled to [-1, 1])."
         )
-    summary = embed_to_file(
-        embedder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress
-    )
-    if progress and (hint := dtype_note(embedder.device, embedder.dtype, run_seconds=summary.seconds)):
-        progress.note(hint)  # after the run: what the next one could do differently
-    return summary
 
 
 def embed_on_devices(
@@ -239,6 +251,7 @@ def embed_on_devices(
         refuse_inputs_among_outputs(out, paths)
         work.mkdir(parents=True, exist_ok=True)
         count = len(devices)
+        cpu_devices = sum(1 for d in devices if resolve_device(d).type == "cpu")
         jobs = [
             _Job(
                 i, model, revision, device, dtype,
@@ -247,7 +260,7 @@ def embed_on_devices(
                 options=options,
                 compile=compile,
                 overwrite=overwrite,
-                cpu_devices=sum(1 for d in devices if resolve_device(d).type == "cpu"),
+                cpu_devices=cpu_devices,
             )
             for i, device in enumerate(devices)
         ]
@@ -322,7 +335,7 @@ def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Sum
                 raise UserError(payload)
             elif kind == "crash":
                 raise RunFailed(payload)
-            elif progress and kind == "start":
+            elif progress and kind == "reused":
                 progress.reused(payload)
             elif progress and kind == "advance":
                 progress.advance(payload)

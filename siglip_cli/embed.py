@@ -260,9 +260,9 @@ def _open_work(
     out: OutputPaths, state: dict, *, overwrite: bool, update: bool, part_of: Path | None
 ) -> tuple[WorkArea, dict[str, Ref | dict], str | None]:
     """The run's work area, continued or made anew, and the earlier output's rows to reuse (--update) with the
-    folder it was made in (where known: `_previous_output`), or the sentence that refuses the run. An interrupted
-    run with the same options continues, with --overwrite too (its rerun); one with other options is refused, or
-    replaced with --overwrite."""
+    folder it was made in (where known: `_previous_output`); a UserError refuses the run. An interrupted run with
+    the same options continues, with --overwrite too (its rerun); one with other options is refused, or replaced
+    with --overwrite."""
     work = WorkArea(out.work)
     if overwrite and work.exists() and not same_options(work.state(), state):
         work.remove()
@@ -367,20 +367,24 @@ def _settled(
     reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress) | unchecked
     moved = _moved([p for p in paths if p not in reused], dropped, progress)
     # A dropped row is found again when a moved file took its content; of n copies of a photo, as many as moved.
-    left = Counter((ref.info.get("size"), ref.info.get("blake2b")) for ref in dropped.values())
-    left.subtract((ref.info["size"], ref.info["blake2b"]) for ref in moved.values())
+    left = Counter(_content(ref) for ref in dropped.values())
+    left.subtract(_content(ref) for ref in moved.values())
+    lost = [path for path, ref in dropped.items() if left[_content(ref)] > 0]  # their photos, found nowhere
     if keep_unlisted:
-        lost = [path for path, ref in dropped.items() if left[ref.info.get("size"), ref.info.get("blake2b")] > 0]
         _refuse_update_from_elsewhere(previous, dropped, lost, made_in)
     removed = sum(n for n in left.values() if n > 0)
     if progress and keep_unlisted and removed:
-        gone = min((p for p, ref in dropped.items() if left[ref.info.get("size"), ref.info.get("blake2b")] > 0),
-                   key=os.fsencode)  # fmt: skip
+        gone = min(lost, key=os.fsencode)
         one = removed == 1
         progress.note(f"{counted(removed, 'file')} of the earlier output {'is' if one else 'are'} gone "
                       f"({display_path(gone)}{'' if one else ', …'}): {'its row is' if one else 'their rows are'} "
                       "dropped.")  # fmt: skip
     return paths, reused | moved, unchecked, removed
+
+
+def _content(ref: Ref) -> tuple[int | None, str | None]:
+    """What tells a photo from others without its name: its size and content hash."""
+    return ref.info.get("size"), ref.info.get("blake2b")
 
 
 def _refuse_update_from_elsewhere(
@@ -682,13 +686,18 @@ def _finite_rows(
     """The rows whose embedding (and tokens) are finite, computed and as stored, and an errors row for each of the
     others: float16 can overflow inside the tower or in the output file, and a row of NaNs or infinities stored
     as an embedding would poison every search it enters."""
-    stored = getattr(torch, output_dtype)
-    inside = torch.isfinite(pooled).all(dim=-1)
-    finite = inside & torch.isfinite(pooled.to(stored)).all(dim=-1)
+    stored_dtype = getattr(torch, output_dtype)
+
+    def finite(x: Tensor) -> Tensor:  # per row
+        return torch.isfinite(x).flatten(1).all(dim=-1)
+
+    inside = finite(pooled)  # as computed
+    stored = finite(pooled.to(stored_dtype))
     if tokens is not None:
-        inside &= torch.isfinite(tokens).flatten(1).all(dim=-1)
-        finite &= inside & torch.isfinite(tokens.to(stored)).flatten(1).all(dim=-1)
-    ok = finite.tolist()
+        inside &= finite(tokens)
+        stored &= finite(tokens.to(stored_dtype))
+    keep = inside & stored
+    ok = keep.tolist()
     if all(ok):
         return rows, pooled, tokens, []
     computed = f"the model gave NaN or infinite values in {str(embedder.dtype).removeprefix('torch.')}"
@@ -700,7 +709,7 @@ def _finite_rows(
         if not good
     ]
     kept = [row for row, good in zip(rows, ok) if good]
-    return kept, pooled[finite], (tokens[finite] if tokens is not None else None), failed
+    return kept, pooled[keep], (tokens[keep] if tokens is not None else None), failed
 
 
 def _embed_pending(

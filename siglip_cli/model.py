@@ -56,6 +56,12 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, trace: Trace, prefix: str, *, fused
     return weights @ v
 
 
+def _one_at_a_time(step: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """`step` over a batch, one image at a time. Not kept out of `torch.compile` (`torch.compiler.disable` imports
+    torch._dynamo, 1.6 s and 150 MB of every run): compiled for the CPU, the passes are fused back into one."""
+    return torch.cat([step(image) for image in x.split(1)])
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -134,8 +140,8 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.activation = ACTIVATION_FUNCTIONS[cfg.activation]
-        # Set by `SiglipVision.fuse_gelu()`, for speed: on CUDA, and on the CPU in bfloat16 (`onednn_gelu`). Not
-        # part of the checkpoint.
+        # Set by `SiglipVision.fuse_gelu()`, for speed: on CUDA, and on the CPU where oneDNN's GEMM takes the GELU
+        # (`onednn_gelu`; `runtime.cpu_prefers_onednn` says where). Not part of the checkpoint.
         self.fused_gelu = False
         self.onednn_gelu = False
 
@@ -248,12 +254,6 @@ class Encoder(nn.Module):
         return x
 
 
-def _one_at_a_time(step: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """`step` over a batch, one image at a time. Not kept out of `torch.compile` (`torch.compiler.disable` imports
-    torch._dynamo, 1.6 s and 150 MB of every run): compiled for the CPU, the passes are fused back into one."""
-    return torch.cat([step(image) for image in x.split(1)])
-
-
 class PoolAttention(nn.Module):
     """`nn.MultiheadAttention`'s parameter layout (q, k, v packed in `in_proj_weight`), attention written out."""
 
@@ -305,7 +305,9 @@ class PoolingHead(nn.Module):
         # No residual around the pooling attention itself: the probe is a query, not a token stream.
         x = self.attention(self.probe, x, trace, "head")
         _record(trace, "head.attention", x)
-        x = x + self.mlp(self.layernorm(x))
+        h = self.layernorm(x)
+        _record(trace, "head.layernorm", h)
+        x = x + self.mlp(h, trace, "head.mlp")
         return x[:, 0]
 
 

@@ -298,8 +298,9 @@ def describe_difference(old: dict, new: dict) -> str:
     """The options two runs' states differ in, as the user spells them: '--dtype, --tokens'. The weights'
     fingerprint is named only when it alone can say why: it changes with --dtype too, other weights loaded from
     elsewhere are named by --model (or --revision), and a state of an earlier version has none."""
-    moved = any(old.get(key) != new.get(key) for key in _SOURCE)
-    if old.get("compute_dtype") != new.get("compute_dtype") or old.get("weights") != new.get("weights") and moved:
+    other_dtype = old.get("compute_dtype") != new.get("compute_dtype")
+    other_source = any(old.get(key) != new.get(key) for key in _SOURCE)
+    if other_dtype or (old.get("weights") != new.get("weights") and other_source):
         old, new = without_weights(old), without_weights(new)
     else:
         old, new = _compared(old, new)  # the same weights from elsewhere: no difference

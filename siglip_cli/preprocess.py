@@ -179,7 +179,7 @@ def _without_pillow_guard() -> Iterator[None]:
     """Pillow's own pixel guard off while a file is opened (it is process-wide, so restored after).
 
     Pillow refuses images over twice its limit before anyone can read their size: a user who raised
-    --max-pixels would still be refused, and the rest would get no size in the message. `open_rgb` checks
+    --max-pixels would still be refused, and the rest would get no size in the message. `open_checked` checks
     the header's size against --max-pixels itself, before decoding. The lock: two threads decode at once
     under `--decode gpu --workers 0`, and interleaved save/restore pairs could leave the guard off for good.
     """

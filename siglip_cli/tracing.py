@@ -388,7 +388,11 @@ class _Describer:
             "head.probe": "learned query of the attention-pool head",
             "head.attn_weights": f"the probe's attention over the {N} patches, per head",
             "head.attention": "attention-pooled vector, before the head's residual MLP",
-            "pooled": pooled,
+            "head.layernorm": "the head's LayerNorm",
+            "head.mlp.fc1": f"{D} → {F}",
+            "head.mlp.gelu": ACTIVATION_NAMES[cfg.activation],
+            "head.mlp.fc2": f"{F} → {D}",
+            "pooled": f"{pooled}: head.attention + head.mlp.fc2" if cfg.vision_use_head else pooled,
         }
         self.in_layer = {
             "layer_norm1": "pre-attention LayerNorm",

@@ -1482,16 +1482,24 @@ def test_default_batch_size_follows_the_device(
     assert default_batch_size(device) == expected
 
 
+@pytest.mark.parametrize("device", ["cpu", "cpu,cpu"])
 def test_a_checkpoint_without_image_settings_is_embedded_with_a_note(
-    embed, tiny_siglip: Path, photos: Path, out: Path, tmp_path: Path
+    embed, tiny_siglip: Path, photos: Path, out: Path, tmp_path: Path, device: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Once, on several devices too (where it was not said at all), as is the hint about bfloat16 after a long run.
     import shutil
 
+    from siglip_cli import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "BF16_HINT_AFTER_S", 0.0)
     bare = tmp_path / "bare"
     shutil.copytree(tiny_siglip, bare)
     (bare / "preprocessor_config.json").unlink()
-    result = ok(embed(photos, "-o", out / "embeddings.safetensors", model=bare))
-    assert f"note: {bare} has no preprocessor_config.json: assuming SigLIP's preprocessing (resize to 32x32, bicubic" in result.stderr
+    result = ok(embed(photos, "-o", out / "embeddings.safetensors", "--device", device, model=bare))
+    said = f"note: {bare} has no preprocessor_config.json: assuming SigLIP's preprocessing (resize to 32x32, bicubic"
+    assert result.stderr.count(said) == 1
+    assert result.stderr.count("note: this CPU has native bfloat16: with --dtype bfloat16") == 1
     assert "preprocessor_config" not in ok(embed(photos, "-o", out / "again.safetensors")).stderr
 
 

@@ -84,6 +84,10 @@ def test_base_stages_come_in_forward_order_with_layer_0_in_full(base: tracing.In
         "head.probe",
         "head.attn_weights",
         "head.attention",
+        "head.layernorm",
+        "head.mlp.fc1",
+        "head.mlp.gelu",
+        "head.mlp.fc2",
         "pooled",
     ]
 
@@ -116,6 +120,10 @@ def test_base_224_stage_shapes(base: tracing.Inspection) -> None:
         "head.probe": (1, 1, 768),
         "head.attn_weights": (1, 12, 1, 196),
         "head.attention": (1, 1, 768),
+        "head.layernorm": (1, 1, 768),
+        "head.mlp.fc1": (1, 1, 3072),
+        "head.mlp.gelu": (1, 1, 3072),
+        "head.mlp.fc2": (1, 1, 768),
         "pooled": (1, 768),
     }
     assert {name: shape for name, shape in shapes(base).items() if name in expected} == expected
@@ -158,7 +166,7 @@ def test_so400m_384_stage_shapes_on_the_meta_device() -> None:
         "pooled": (1, 1152),
     }
     assert {name: shape for name, shape in shapes(result).items() if name in expected} == expected
-    assert len(result.stages) == 8 + len(LAYER_STAGES) + 26 + 5
+    assert len(result.stages) == 8 + len(LAYER_STAGES) + 26 + 9
     assert any("last 6 pixel rows and columns" in note for note in result.notes)
 
 
