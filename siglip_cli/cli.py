@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from .benchmark import Report
     from .embed import Summary
     from .files import WalkReport
+    from .outputs import OutputPaths
+
 
 class _Command(typer.core.TyperCommand):
     """A command whose help names its arguments without typer's type tags (`PATH <list[str]>`): their help says
@@ -223,7 +225,6 @@ def embed(
 ) -> None:
     """Embed images into -o OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
     _import_torch()
-    from torch.cuda import OutOfMemoryError
 
     from .decoding import default_workers
     from .devices import check_device_options, embed_with_model, parse_devices
@@ -269,32 +270,41 @@ def embed(
                 "with the reference, and no faster than the default."
             )
         progress = _RichProgress(quiet)
-        try:
-            with interrupts.stop_on_signals():
-                summary = embed_with_model(
-                    model, devices, paths, output, revision=revision, dtype=dtype.value, compile=compile,
-                    options=options, overwrite=overwrite, update=update, progress=progress,
-                )
-                progress.stop()  # still in the block, which lets signals go once the output is in place
-        except KeyboardInterrupt:
-            interrupts.quiet_destructors()  # the process ends here: a second Ctrl-C in a __del__ prints nothing
-            with interrupts.ignored():  # stopped, its work kept: a second Ctrl-C must not cut the sentence short
-                progress.stop(keep=False)
-                if not out.work_kept():  # stopped before a batch was saved: while the model loaded, say
-                    fail("interrupted.", 130)
-                fail(f"interrupted; finished work is kept in {out.work}: rerun the same command to continue.", 130)
-        except OutOfMemoryError as e:  # outside the model's forward, which halves its batch instead
-            progress.stop(keep=False)
-            if out.work_kept():
-                fail(f"the GPU ran out of memory ({first_line(e)}); finished work is kept in {out.work}: rerun with a "
-                     "smaller --batch-size to continue.", 1)  # fmt: skip
-            bf16 = ", --dtype bfloat16," if dtype is ComputeDtype.float32 else ""  # auto is bfloat16 on CUDA
-            fail(f"the GPU ran out of memory ({first_line(e)}): try a smaller --batch-size{bf16} or another GPU.", 1)
-        except BaseException:
-            progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
-            raise
+        with _stopped_runs_told(out, progress, float32=dtype is ComputeDtype.float32), interrupts.stop_on_signals():
+            summary = embed_with_model(
+                model, devices, paths, output, revision=revision, dtype=dtype.value, compile=compile,
+                options=options, overwrite=overwrite, update=update, progress=progress,
+            )
+            progress.stop()  # still in the block, which lets signals go once the output is in place
     with interrupts.ignored():  # the output is in place: what follows reports a finished run, whatever Ctrl-C says
         _report_embedding(summary, walk, json_summary=json_summary, quiet=quiet, strict=strict)
+
+
+@contextmanager
+def _stopped_runs_told(out: OutputPaths, progress: _RichProgress, *, float32: bool) -> Iterator[None]:
+    """A run stopped by Ctrl-C, SIGTERM or the GPU's memory as one sentence, saying whether finished work is kept
+    for the rerun; any other error with the bar taken down first, for the error's own sentence."""
+    from torch.cuda import OutOfMemoryError
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        interrupts.quiet_destructors()  # the process ends here: a second Ctrl-C in a __del__ prints nothing
+        with interrupts.ignored():  # stopped, its work kept: a second Ctrl-C must not cut the sentence short
+            progress.stop(keep=False)
+            if not out.work_kept():  # stopped before a batch was saved: while the model loaded, say
+                fail("interrupted.", 130)
+            fail(f"interrupted; finished work is kept in {out.work}: rerun the same command to continue.", 130)
+    except OutOfMemoryError as e:  # outside the model's forward, which halves its batch instead
+        progress.stop(keep=False)
+        if out.work_kept():
+            fail(f"the GPU ran out of memory ({first_line(e)}); finished work is kept in {out.work}: rerun with a "
+                 "smaller --batch-size to continue.", 1)  # fmt: skip
+        bf16 = ", --dtype bfloat16," if float32 else ""  # auto is bfloat16 on CUDA
+        fail(f"the GPU ran out of memory ({first_line(e)}): try a smaller --batch-size{bf16} or another GPU.", 1)
+    except BaseException:
+        progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
+        raise
 
 
 def _report_embedding(summary: Summary, walk: WalkReport, *, json_summary: bool, quiet: bool, strict: bool) -> None:
