@@ -382,7 +382,10 @@ def merge(
     with interrupts.ignored():  # the output is in place: what follows reports a finished merge, whatever Ctrl-C says
         if json_summary:
             print_json(summary.to_dict())
-        stderr.print(printable(f"merged {counted(summary.inputs, 'output')}: {counted(summary.rows, 'row')} → {summary.output}"))
+        line = f"merged {counted(summary.inputs, 'output')}: {counted(summary.rows, 'row')} → {summary.output}"
+        if summary.failed:  # as embed's summary says it
+            line += f"; {summary.failed:,} failed: see {summary.errors}"
+        stderr.print(printable(line))
 
 
 @app.command(cls=_Command, short_help="Trace one image through the tower, stage by stage.")
@@ -460,6 +463,7 @@ def bench(
         print_json(report.to_json())
         return
     console = _data_console()
+    console.print(_bench_title(report), style="italic")  # not the table's title: rich wraps that to the table's width
     console.print(_bench_table(report, narrow=console.width < BENCH_NARROW_BELOW))
     for size, reference, ratio in report.ratios():
         console.print(f"siglip / {reference} at batch {size}: {ratio:.2f}×")
@@ -468,16 +472,20 @@ def bench(
 BENCH_NARROW_BELOW = 76  # narrower terminals get the table without its peak MB and setup s columns
 
 
+def _bench_title(report: Report) -> str:
+    """What was measured where: model, device, torch, dtype and the weights' size."""
+    m = report.machine
+    weights = f"{report.weights_mb:,.0f}" if report.weights_mb >= 10 else f"{report.weights_mb:.2f}"
+    return f"{report.model} · {m.device} · torch {m.torch_version} · {m.dtype} · weights {weights} MB"
+
+
 def _bench_table(report: Report, *, narrow: bool = False) -> Table:
     """One row per measurement, grouped by stage, readable in 80 columns: the words wrap, the numbers never.
     `narrow` (below 76 columns) leaves out peak MB and setup s, and says where they are."""
     from rich import box
     from rich.table import Table
 
-    m = report.machine
-    weights = f"{report.weights_mb:,.0f}" if report.weights_mb >= 10 else f"{report.weights_mb:.2f}"
-    title = f"{report.model} · {m.device} · torch {m.torch_version} · {m.dtype} · weights {weights} MB"
-    table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("backend, variant", overflow="fold", min_width=12)
     columns = ("batch", "img/s", "ms/img", "cosine") if narrow else ("batch", "img/s", "ms/img", "peak MB", "setup s", "cosine")
     for column in columns:

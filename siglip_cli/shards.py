@@ -142,9 +142,10 @@ class MergeSummary:
         return dict(self.__dict__)
 
 
-def _check_every_part(opened: list[tuple[OutputPaths, dict[str, str]]]) -> None:
-    """Refuse a merge of `--shard K/N` outputs that lacks a part or holds one twice. Outputs that do not say which
-    part they are (whole runs, older versions) are not checked."""
+def _check_every_part(opened: list[tuple[OutputPaths, dict[str, str]]], *, allow_missing: bool) -> None:
+    """Refuse a merge of `--shard K/N` outputs of different splits, or that holds a part twice, or (unless
+    `allow_missing`) lacks one. Outputs that do not say which part they are (whole runs, older versions) are not
+    checked."""
     parts = [meta.get("shard") for _, meta in opened]
     if any(part is None for part in parts):
         return
@@ -162,7 +163,7 @@ def _check_every_part(opened: list[tuple[OutputPaths, dict[str, str]]]) -> None:
     if twice:
         raise UserError(f"part {twice[0]}/{count} is given twice: these outputs overlap.")
     missing = sorted(set(range(count)) - set(given))
-    if missing:
+    if missing and not allow_missing:
         names = ", ".join(f"{k}/{count}" for k in missing)
         what = f"parts {names} are" if len(missing) > 1 else f"part {names} is"
         raise UserError(f"{what} missing: merge all {count} parts, or add --allow-missing for a partial result.")
@@ -229,8 +230,7 @@ def _merge(
                 f"({describe_difference(options[0], opts)}); only outputs of the same run can be merged."
             )
     _check_same_inputs(opened)
-    if not allow_missing:
-        _check_every_part(opened)
+    _check_every_part(opened, allow_missing=allow_missing)
     owner: dict[str, Path] = {}
     good: list[tuple[bytes, Ref]] = []
     bad: list[tuple[bytes, dict]] = []

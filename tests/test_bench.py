@@ -433,11 +433,23 @@ def test_bench_batch_size_given_twice_is_measured_once(tiny_vision: Path) -> Non
     assert [r["batch_size"] for r in document["results"] if r["backend"] == "siglip"] == [2, 1]
 
 
-def test_bench_table_names_the_machine(tiny_vision: Path) -> None:
+def test_bench_table_names_the_machine(tiny_vision: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from siglip_cli import cli
+
+    terminal = Console(width=160, file=io.StringIO(), soft_wrap=False, record=True)  # as a terminal's (`_data_console`)
+    monkeypatch.setattr(cli, "_data_console", lambda: terminal)
     result = RUNNER.invoke(app, ["bench", "-m", str(tiny_vision), "--device", "cpu", "--iters", "1", "--batch-size", "1"])
     assert result.exit_code == 0, result.output
-    assert benchmark.cpu_name() in result.stdout and f"torch {torch.__version__}" in result.stdout
-    assert "img/s" in result.stdout and "model only" in result.stdout
+    # On one line, as wide as the terminal lets it: as the table's title it wrapped to the table's width.
+    printed = terminal.export_text()
+    title = printed.splitlines()[0]
+    assert title.startswith(f"{tiny_vision} · {benchmark.cpu_name()}") and title.endswith(" MB")
+    assert f" · torch {torch.__version__} · float32 · weights " in title
+    assert "img/s" in printed and "model only" in printed
 
 
 def test_bench_table_keeps_every_number_whole_in_80_columns(tiny_vision: Path) -> None:

@@ -1422,8 +1422,11 @@ def test_merged_shards_equal_one_full_run(embed, folder: Path, tmp_path: Path, s
     parts = [tmp_path / f"part{k}{suffix}" for k in range(3)]
     for k, part in enumerate(parts):
         ok(embed(folder, part, "--tokens", "--batch-size", 1, "--shard", f"{k}/3"))
-    ok(siglip("merge", *parts, "-o", tmp_path / f"merged{suffix}"))
-    assert differences(tmp_path / f"merged{suffix}", tmp_path / f"all{suffix}") == []
+    merged = tmp_path / f"merged{suffix}"
+    said = ok(siglip("merge", *parts, "-o", merged)).stderr.strip()
+    assert differences(merged, tmp_path / f"all{suffix}") == []
+    errors = merged.with_name("merged.errors.jsonl")
+    assert said == f"merged 3 outputs: 12 rows → {merged}; 1 failed: see {errors}"  # as embed says it
 
 
 def test_npy_and_safetensors_parts_merge_into_one_full_run(embed, folder: Path, tmp_path: Path) -> None:
@@ -1569,8 +1572,10 @@ def test_merge_refuses_a_run_with_a_part_missing_unless_asked(embed, folder: Pat
     assert "part 1/3 is missing: merge all 3 parts" in error and not (tmp_path / "all.safetensors").exists()
     ok(siglip("merge", parts[0], parts[2], "-o", tmp_path / "some.safetensors", "--allow-missing"))
     ok(embed(folder, tmp_path / "half.safetensors", "--shard", "1/2"))
-    error = the_error(siglip("merge", parts[0], tmp_path / "half.safetensors", "-o", tmp_path / "all.safetensors"))
-    assert "parts of different splits (into 2 and 3)" in error
+    for allow_missing in ([], ["--allow-missing"]):  # it allows a part missing, not parts of two splits or a part twice
+        merge = functools.partial(siglip, "merge", "-o", tmp_path / "all.safetensors", *allow_missing)
+        assert "parts of different splits (into 2 and 3)" in the_error(merge(parts[0], tmp_path / "half.safetensors"))
+        assert "part 0/3 is given twice" in the_error(merge(parts[0], parts[0]))
 
 
 @pytest.mark.parametrize(
