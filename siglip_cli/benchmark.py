@@ -345,56 +345,13 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     weights_mb = sum(p.numel() for p in plain.parameters()) * dtype.itemsize / 2**20
     report = Report(describe_machine(device, dtype), options.model, round(weights_mb, 1), notes=notes)
 
-    forwards: dict[str, tuple[Forward, str]] = {}
-    variant = "fused" + (f"+{_dtype_name(dtype)}" if dtype != torch.float32 else "") + ("+compiled" if compile else "")
-    forwards["siglip"] = (fast_model(plain, device=device, dtype=dtype, compile=compile), variant)
-    for name in options.compare:
-        missing = missing_package(name)
-        if missing:
-            report.notes.append(missing)  # said once, with the results
-            continue
-        say(f"building the {name} reference on the same weights")
-        forwards[name] = (
-            reference_forward(name, plain, device=device, dtype=dtype, compile=compile),
-            ("sdpa" if name == "transformers" else "timm") + ("+compiled" if compile else ""),
-        )
-
-    cfg = plain.config
+    forwards = _forwards(plain, options.compare, device=device, dtype=dtype, compile=compile, report=report, say=say)
     with torch.inference_mode():
         for i, batch_size in enumerate(batch_sizes):
             rounds = f"{iters} interleaved round{'s' if iters != 1 else ''}"
             say(f"batch {batch_size}: {', '.join(forwards)}, {rounds} after {warmup} warm-up")
-            with _memory_for(batch_size, device):
-                pixels = torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size,
-                                     generator=torch.Generator().manual_seed(options.seed)).to(device, dtype)  # fmt: skip
-                calls = {backend: functools.partial(forward, pixels) for backend, (forward, _) in forwards.items()}
-                timings = time_interleaved(calls, device=device, iters=iters, warmup=warmup)
-            # Agreement, once: the first rows of each backend's output against our plain float32 forward on the
-            # same (dtype-rounded) pixels. The timed shape again, so no compiled forward compiles anew.
-            rows = min(batch_size, 2)
-            expected = plain(pixels[:rows].float().cpu()).pooled if i == 0 else None
-            if expected is not None and not torch.isfinite(expected).all():
-                report.notes.append("the model gives NaN or infinite values even in float32: its numbers are no "
-                                    "embeddings (a damaged checkpoint?).")  # fmt: skip
-                expected = None
-            for backend, (forward, label) in forwards.items():
-                agreement = None
-                if expected is not None:
-                    agreement = cosine(forward(pixels)[:rows], expected)
-                    if agreement is None:
-                        report.notes.append(f"{backend} gave NaN or infinite values in {_dtype_name(dtype)}: its "
-                                            f"numbers are no embeddings {_nan_hint(dtype)}.")  # fmt: skip
-                report.results.append(_result(backend, "model", batch_size, timings[backend], label, agreement))
-            noisy = max(timings, key=lambda backend: timings[backend].spread)
-            if iters == 1 and i == 0 and len(timings) > 1:
-                report.notes.append("--iters 1: one timed call each, whose spread cannot be told: ratios from this run "
-                                    "are rough.")  # fmt: skip
-            if iters > 1 and timings[noisy].spread > NOISY_SPREAD:
-                rough = "ratios from this run are rough" if len(timings) > 1 else "its images/s is rough"
-                report.notes.append(
-                    f"batch {batch_size}: the timed calls of {noisy} varied by {timings[noisy].spread:.0%} around "
-                    f"their median (a busy machine, or too few --iters): {rough}."
-                )
+            _time_batch(forwards, plain, batch_size, report, device=device, dtype=dtype, iters=iters, warmup=warmup,
+                        seed=options.seed, first=i == 0)  # fmt: skip
 
     if options.images is not None:
         if skipped:
@@ -412,6 +369,67 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
         report.results += image_results(paths, plain, preprocess, device=device, dtype=dtype,
                                         batch_size=min(max(batch_sizes), len(paths)), iters=iters)  # fmt: skip
     return report
+
+
+def _forwards(
+    plain: SiglipVision, compare: tuple[str, ...], *, device: torch.device, dtype: torch.dtype, compile: bool,
+    report: Report, say: ProgressFn,
+) -> dict[str, tuple[Forward, str]]:  # fmt: skip
+    """The forwards to time, by backend, with each one's variant: ours, then each reference asked for and installed
+    (one that is not is a note in `report`), all on `plain`'s weights."""
+    variant = "fused" + (f"+{_dtype_name(dtype)}" if dtype != torch.float32 else "") + ("+compiled" if compile else "")
+    forwards = {"siglip": (fast_model(plain, device=device, dtype=dtype, compile=compile), variant)}
+    for name in compare:
+        if missing := missing_package(name):
+            report.notes.append(missing)  # said once, with the results
+            continue
+        say(f"building the {name} reference on the same weights")
+        forwards[name] = (
+            reference_forward(name, plain, device=device, dtype=dtype, compile=compile),
+            ("sdpa" if name == "transformers" else "timm") + ("+compiled" if compile else ""),
+        )
+    return forwards
+
+
+def _time_batch(
+    forwards: dict[str, tuple[Forward, str]], plain: SiglipVision, batch_size: int, report: Report, *,
+    device: torch.device, dtype: torch.dtype, iters: int, warmup: int, seed: int, first: bool,
+) -> None:  # fmt: skip
+    """Time every forward on one batch of random pixels, interleaved, into `report`: its results, and notes on
+    numbers that are no embeddings or timings too noisy to compare. With `first`, each backend's agreement with
+    our plain float32 forward too."""
+    cfg = plain.config
+    with _memory_for(batch_size, device):
+        pixels = torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size,
+                             generator=torch.Generator().manual_seed(seed)).to(device, dtype)  # fmt: skip
+        calls = {backend: functools.partial(forward, pixels) for backend, (forward, _) in forwards.items()}
+        timings = time_interleaved(calls, device=device, iters=iters, warmup=warmup)
+    # Agreement, once: the first rows of each backend's output against our plain float32 forward on the same
+    # (dtype-rounded) pixels. The timed shape again, so no compiled forward compiles anew.
+    rows = min(batch_size, 2)
+    expected = plain(pixels[:rows].float().cpu()).pooled if first else None
+    if expected is not None and not torch.isfinite(expected).all():
+        report.notes.append("the model gives NaN or infinite values even in float32: its numbers are no embeddings "
+                            "(a damaged checkpoint?).")  # fmt: skip
+        expected = None
+    for backend, (forward, label) in forwards.items():
+        agreement = None
+        if expected is not None:
+            agreement = cosine(forward(pixels)[:rows], expected)
+            if agreement is None:
+                report.notes.append(f"{backend} gave NaN or infinite values in {_dtype_name(dtype)}: its numbers are "
+                                    f"no embeddings {_nan_hint(dtype)}.")  # fmt: skip
+        report.results.append(_result(backend, "model", batch_size, timings[backend], label, agreement))
+    noisy = max(timings, key=lambda backend: timings[backend].spread)
+    if iters == 1 and first and len(timings) > 1:
+        report.notes.append("--iters 1: one timed call each, whose spread cannot be told: ratios from this run are "
+                            "rough.")  # fmt: skip
+    if iters > 1 and timings[noisy].spread > NOISY_SPREAD:
+        rough = "ratios from this run are rough" if len(timings) > 1 else "its images/s is rough"
+        report.notes.append(
+            f"batch {batch_size}: the timed calls of {noisy} varied by {timings[noisy].spread:.0%} around their "
+            f"median (a busy machine, or too few --iters): {rough}."
+        )
 
 
 @contextlib.contextmanager
