@@ -123,7 +123,11 @@ DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Squash-resize to (height, width), then x * rescale_factor, then (x - mean) / std, channel by channel."""
+    """Squash-resize to (height, width), then x * rescale_factor, then (x - mean) / std, channel by channel.
+
+    (height, width) is what the model takes. SigLIP's processors resize straight to it; CLIP-style ones, which some
+    fine-tunes carry, resize to `resize_to` (height, width), or so that the shorter side is `shortest_edge` (aspect
+    kept), and then `center_crop` to it."""
 
     height: int = 224
     width: int = 224
@@ -135,6 +139,17 @@ class PreprocessConfig:
     do_normalize: bool = True
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    center_crop: bool = False
+    resize_to: tuple[int, int] | None = None
+    shortest_edge: int | None = None
+
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) an image of (width, height) is resized to, as transformers computes it."""
+        if self.shortest_edge is not None:
+            short, long = sorted((width, height))
+            longer = int(self.shortest_edge * long / short)
+            return (self.shortest_edge, longer) if width <= height else (longer, self.shortest_edge)
+        return (self.resize_to[1], self.resize_to[0]) if self.resize_to is not None else (self.width, self.height)
 
     def __post_init__(self) -> None:
         if isinstance(self.resample, bool) or not isinstance(self.resample, int) or self.resample not in PIL_FILTERS:
@@ -149,9 +164,18 @@ class PreprocessConfig:
                 raise ConfigError(f"preprocessor {name} must be true or false, not {getattr(self, name)!r}.")
         if isinstance(self.rescale_factor, bool) or not isinstance(self.rescale_factor, (int, float)):
             raise ConfigError(f"preprocessor rescale_factor must be a number, not {self.rescale_factor!r}.")
+        if self.shortest_edge is not None:
+            _check_int("preprocessor shortest_edge", self.shortest_edge)
+        for side in self.resize_to or ():
+            _check_int("preprocessor size", side)
+        if not self.center_crop and (self.shortest_edge is not None or self.resize_to is not None):
+            raise ConfigError("a resize to another size than the model's needs a center crop after it.")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """As recorded with an output: the crop's fields only where it crops, so that outputs of SigLIP's own
+        preprocessing read as those of versions without them."""
+        crop = ("center_crop", "resize_to", "shortest_edge")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in crop or self.center_crop}
 
 
 _BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
@@ -241,15 +265,17 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
     if config is None:
         return PreprocessConfig(height=vision.image_size, width=vision.image_size)
     do_resize = _flag(config.get("do_resize", True))  # null: transformers' processor skips the step, as for false
-    if do_resize is False:  # `size` is then ignored (by transformers too): images must come at the tower's size
-        if config.get("do_center_crop"):  # which every image but those of the crop's size would fail
-            raise ConfigError(
-                f"the preprocessor center-crops to {config.get('crop_size')} without resizing; SigLIP resizes "
-                "straight to the model's size, and cropping is not supported."
-            )
-        height = width = vision.image_size
-    else:
-        height, width = _resize_target(config, vision)
+    crop = _flag(config.get("do_center_crop", False)) is not False
+    resize_to = shortest_edge = None
+    if do_resize is not False:  # else `size` is ignored (by transformers too)
+        resize_to, shortest_edge = _resize_target(config, vision, crop=crop)
+    if crop:
+        height, width = _crop_size(config.get("crop_size"))
+        resize_to = None if resize_to == (height, width) else resize_to  # a crop that takes the whole image
+        crop = resize_to is not None or shortest_edge is not None or do_resize is False
+    else:  # without resizing, images must come at the tower's size
+        height, width = resize_to or (vision.image_size, vision.image_size)
+        resize_to = None
     defaults = PreprocessConfig()
     # null: transformers' processor skips the step, as for false.
     do_rescale, do_normalize = _flag(config.get("do_rescale", True)), _flag(config.get("do_normalize", True))
@@ -270,11 +296,17 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
         do_normalize=do_normalize,
         image_mean=_triple(setting("image_mean", do_normalize is not False)),
         image_std=_triple(setting("image_std", do_normalize is not False)),
+        center_crop=crop,
+        resize_to=resize_to,
+        shortest_edge=shortest_edge,
     )
 
 
-def _resize_target(config: dict[str, Any], vision: VisionConfig) -> tuple[int, int]:
-    """The (height, width) a preprocessor config resizes to; refused unless it is a fixed size, uncropped."""
+def _resize_target(
+    config: dict[str, Any], vision: VisionConfig, *, crop: bool
+) -> tuple[tuple[int, int] | None, int | None]:
+    """What a preprocessor config resizes to: ((height, width), None), or (None, the shorter side's length) for a
+    resize that keeps the aspect, which only a crop after it can give the fixed size a tower takes."""
     size = config.get("size", {"height": vision.image_size, "width": vision.image_size})
     if size is None:
         raise ConfigError("preprocessor size is null: it must be the model's (height, width).")
@@ -284,17 +316,23 @@ def _resize_target(config: dict[str, Any], vision: VisionConfig) -> tuple[int, i
         size = {"height": size, "width": size}
     if isinstance(size, (list, tuple)) and len(size) == 2:  # (height, width), as transformers reads a pair
         size = {"height": size[0], "width": size[1]}
-    if "height" not in size or "width" not in size:
-        raise ConfigError(
-            f"preprocessor size {size} is not a fixed (height, width): SigLIP resizes straight to the model's size."
-        )
-    crop = config.get("crop_size")
-    if config.get("do_center_crop") and crop not in ({"height": size["height"], "width": size["width"]}, size["height"]):
-        raise ConfigError(
-            f"the preprocessor center-crops to {crop} after resizing to {size['height']}x{size['width']}; SigLIP "
-            "resizes straight to the model's size, and cropping is not supported."
-        )
-    return size["height"], size["width"]
+    if isinstance(size, dict) and "height" in size and "width" in size:
+        return (size["height"], size["width"]), None
+    if isinstance(size, dict) and set(size) == {"shortest_edge"} and crop:
+        return None, size["shortest_edge"]
+    crop_hint = ", without a center crop after it" if isinstance(size, dict) and "shortest_edge" in size else ""
+    raise ConfigError(
+        f"preprocessor size {size} is not a fixed (height, width){crop_hint}: the tower takes one size of image."
+    )
+
+
+def _crop_size(crop: Any) -> tuple[int, int]:
+    """A center crop's (height, width): {"height": h, "width": w}, or one number for a square."""
+    if isinstance(crop, int) and not isinstance(crop, bool):
+        return crop, crop
+    if isinstance(crop, dict) and "height" in crop and "width" in crop:
+        return crop["height"], crop["width"]
+    raise ConfigError(f"preprocessor crop_size {crop!r} is not a (height, width).")
 
 
 def _flag(value: Any) -> Any:

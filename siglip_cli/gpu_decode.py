@@ -50,12 +50,15 @@ class JpegHeader:
 
 
 def supported(cfg: PreprocessConfig) -> bool:
-    """Whether the checkpoint's preprocessing has a GPU equivalent: its resize filter, if it resizes."""
-    return not cfg.do_resize or cfg.resample in RESAMPLE_MODES
+    """Whether the checkpoint's preprocessing has a GPU equivalent: its resize filter, if it resizes, and no crop."""
+    return (not cfg.do_resize or cfg.resample in RESAMPLE_MODES) and not cfg.center_crop
 
 
 def check_supported(cfg: PreprocessConfig) -> None:
     """Raise a `UserError` sentence when the checkpoint's preprocessing has no GPU equivalent."""
+    if cfg.center_crop:
+        raise UserError("GPU decoding resizes straight to the model's size, but this checkpoint's preprocessing "
+                        "center-crops; use the CPU decoder.")  # fmt: skip
     if not supported(cfg):
         raise UserError(
             f"GPU decoding supports bilinear and bicubic resizing, but this checkpoint asks for PIL filter "

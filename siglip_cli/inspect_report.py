@@ -50,9 +50,14 @@ def header(result: Inspection) -> list[Text]:
         )
     )
     steps = []
-    if pre.do_resize:
-        resample = PIL_FILTERS.get(pre.resample, f"PIL filter {pre.resample}")
-        steps.append(f"resize to {pre.width}×{pre.height} ({resample}, squash, no crop)")
+    resample = PIL_FILTERS.get(pre.resample, f"PIL filter {pre.resample}")
+    if pre.do_resize and pre.shortest_edge:
+        steps.append(f"resize the shorter side to {pre.shortest_edge} ({resample})")
+    elif pre.do_resize:
+        width, height = pre.resized(pre.width, pre.height)
+        steps.append(f"resize to {width}×{height} ({resample}, squash{'' if pre.center_crop else ', no crop'})")
+    if pre.center_crop:
+        steps.append(f"center-crop to {pre.width}×{pre.height}")
     if pre.do_rescale:
         steps.append(rescaling(pre.rescale_factor))
     if pre.do_normalize:

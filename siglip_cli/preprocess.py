@@ -13,6 +13,7 @@ here as a Pillow plugin; libheif applies their rotation itself and resets the EX
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from contextlib import contextmanager
@@ -237,10 +238,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def pixel_values(image: Image.Image, cfg: PreprocessConfig) -> Tensor:
     """RGB PIL image → normalized (3, height, width) float32 tensor, as the reference computes it."""
     if cfg.do_resize:
-        image = image.resize((cfg.width, cfg.height), resample=cfg.resample)
-    elif image.size != (cfg.width, cfg.height):
+        image = image.resize(cfg.resized(*image.size), resample=cfg.resample)
+    if not cfg.center_crop and image.size != (cfg.width, cfg.height):
         raise BadImage(f"image is {image.width}x{image.height} but the model needs {cfg.width}x{cfg.height}")
     x = np.asarray(image)  # (H, W, 3) uint8
+    if cfg.center_crop:
+        x = center_crop(x, cfg.height, cfg.width)
     # The reference rescales in float64 and then casts: doing it in float32 directly differs in the last bit.
     x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32) if cfg.do_rescale else x.astype(np.float32)
     if cfg.do_normalize:
@@ -248,10 +251,24 @@ def pixel_values(image: Image.Image, cfg: PreprocessConfig) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
+def center_crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The (height, width) middle of an (H, W, C) image, padded with black first where it is smaller, as
+    transformers' `center_crop` takes it (an odd margin leaves its extra row or column at the bottom, right)."""
+    if x.shape[0] < height or x.shape[1] < width:
+        padded = np.zeros((max(x.shape[0], height), max(x.shape[1], width), x.shape[2]), x.dtype)
+        top = math.ceil((padded.shape[0] - x.shape[0]) / 2)
+        left = math.ceil((padded.shape[1] - x.shape[1]) / 2)
+        padded[top : top + x.shape[0], left : left + x.shape[1]] = x
+        x = padded
+    top, left = (x.shape[0] - height) // 2, (x.shape[1] - width) // 2
+    return x[top : top + height, left : left + width]
+
+
 def load_pixels(
     source: str | Path | BinaryIO, cfg: PreprocessConfig, options: DecodeOptions
 ) -> tuple[Tensor, int, int]:
     """Decode and preprocess one file (a path, or its bytes in a file object): ((3, H, W) pixels, width, height of
     the oriented original)."""
-    image, (width, height) = open_rgb(source, options, target=(cfg.width, cfg.height))
+    target = (cfg.shortest_edge,) * 2 if cfg.shortest_edge else cfg.resized(cfg.width, cfg.height)  # at least
+    image, (width, height) = open_rgb(source, options, target=target if cfg.do_resize else None)
     return pixel_values(image, cfg), width, height

@@ -278,8 +278,9 @@ def _image_stages(photo: Image.Image, cfg: PreprocessConfig, describe: _Describe
     """The stages before the model: decoded image, resized image, pixels before normalisation."""
     stages = [_summarise("image", _hwc(photo), describe("image"))]
     if cfg.do_resize:
-        resized = photo.resize((cfg.width, cfg.height), resample=cfg.resample)
-        stages.append(_summarise("resized_image", _hwc(resized), describe("resized_image") + _distortion(photo, cfg)))
+        resized = photo.resize(cfg.resized(*photo.size), resample=cfg.resample)
+        distortion = "" if cfg.center_crop else _distortion(photo, cfg)
+        stages.append(_summarise("resized_image", _hwc(resized), describe("resized_image") + distortion))
     if cfg.do_normalize:
         unnormalised = pixel_values(photo, dataclasses.replace(cfg, do_normalize=False))
         stages.append(_summarise("rescaled_pixels", unnormalised[None], describe("rescaled_pixels")))
@@ -377,7 +378,7 @@ class _Describer:
         pooled = "the image embedding (not L2-normalised)" if cfg.vision_use_head else "mean of the patch tokens (no head)"
         self.fixed = {
             "image": "decoded to 8-bit RGB, EXIF orientation applied",
-            "resized_image": f"squashed to {pre.width}×{pre.height} ({resample}, no crop)",
+            "resized_image": _resizing(pre, resample),
             "rescaled_pixels": f"{rescaling(pre.rescale_factor)}, before normalisation",
             "pixel_values": f"(x − {_triple(pre.image_mean)}) / {_triple(pre.image_std)}: the model input",
             "patch_embedding": f"Conv2d {cfg.num_channels}→{D}, {p}×{p} kernel, stride {p}: a {g}×{g} grid",
@@ -413,6 +414,16 @@ class _Describer:
     def __call__(self, name: str) -> str:
         layer = _LAYER_STAGE.fullmatch(name)
         return self.in_layer.get(layer[2], "") if layer else self.fixed.get(name, "")
+
+
+def _resizing(pre: PreprocessConfig, resample: str) -> str:
+    if pre.shortest_edge:
+        crop = f"to be center-cropped to {pre.width}×{pre.height}"
+        return f"shorter side resized to {pre.shortest_edge} ({resample}), {crop}"
+    if pre.center_crop:
+        width, height = pre.resized(pre.width, pre.height)
+        return f"squashed to {width}×{height} ({resample}), to be center-cropped to {pre.width}×{pre.height}"
+    return f"squashed to {pre.width}×{pre.height} ({resample}, no crop)"
 
 
 def _triple(values: tuple[float, float, float]) -> str:

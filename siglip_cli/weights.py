@@ -105,9 +105,12 @@ def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) ->
         raise ConfigError(f"{name}: {e}") from None  # the same sentence, naming the checkpoint
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # a value of the wrong kind the checks missed
         raise CheckpointError(f"{name}: config.json or {preprocess_source} holds a malformed value ({e}).") from None
-    if preprocess.do_resize and (preprocess.height, preprocess.width) != (vision.image_size, vision.image_size):
+    if (preprocess.do_resize or preprocess.center_crop) and (preprocess.height, preprocess.width) != (
+        vision.image_size, vision.image_size
+    ):
+        step = "crops" if preprocess.center_crop else "resizes"
         raise CheckpointError(
-            f"{name}: {preprocess_source} resizes to {preprocess.width}x{preprocess.height} but the tower "
+            f"{name}: {preprocess_source} {step} to {preprocess.width}x{preprocess.height} but the tower "
             f"takes {vision.image_size}x{vision.image_size} images."
         )
     # The single file first, as transformers loads them: a checkpoint re-saved unsharded in place keeps the old

@@ -306,6 +306,21 @@ def test_processor_config_comes_before_preprocessor_config_as_in_transformers(
     assert_pooled_like_transformers(checkpoint, photos)
 
 
+def test_a_fine_tune_with_a_clip_style_processor_embeds_as_transformers_runs_it(
+    tiny_siglip: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    # Shorter side to 36, then the middle 32×32: the pixels are test_preprocess's; this is the whole way through.
+    import shutil
+
+    from transformers import SiglipImageProcessorPil
+
+    checkpoint = Path(shutil.copytree(tiny_siglip, tmp_path / "fine-tuned"))
+    crop = dict(size={"shortest_edge": 36}, do_center_crop=True, crop_size={"height": 32, "width": 32}, resample=3)
+    SiglipImageProcessorPil(**crop).save_pretrained(checkpoint)
+    assert resolve_checkpoint(str(checkpoint)).preprocess.shortest_edge == 36
+    assert_pooled_like_transformers(checkpoint, photos)
+
+
 def test_cli_no_normalize_output_is_transformers_pooler_output(
     tiny_siglip: Path, photos: list[Path], tmp_path: Path
 ) -> None:

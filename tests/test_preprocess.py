@@ -8,6 +8,7 @@ The reference processor is built with `from_pretrained(checkpoint_dir)`, so both
 from __future__ import annotations
 
 import io
+import json
 import re
 import struct
 import zlib
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from conftest import make_photo, save_animated_gif, save_png_claiming_size, save_sideways_jpeg
+from siglip_cli import gpu_decode
 from siglip_cli.config import PreprocessConfig
 from siglip_cli.preprocess import BadImage, DecodeOptions, load_pixels, pixel_values, to_rgb
 from siglip_cli.weights import resolve_checkpoint
@@ -71,6 +73,44 @@ def tensor_of(image: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ parity with transformers
+
+
+CROP = {"height": 32, "width": 32}
+CROPPING_PROCESSORS = {  # CLIP-style preprocessing some fine-tunes carry, for a tower of 32 px
+    "shortest-edge-then-crop": dict(size={"shortest_edge": 36}, do_center_crop=True, crop_size=CROP),
+    "shortest-edge-below-the-crop": dict(size={"shortest_edge": 29}, do_center_crop=True, crop_size=32),  # padded
+    "resize-then-crop": dict(size={"height": 40, "width": 48}, do_center_crop=True, crop_size=CROP),
+    "crop-without-resizing": dict(do_resize=False, do_center_crop=True, crop_size=CROP),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("settings", CROPPING_PROCESSORS.values(), ids=CROPPING_PROCESSORS.keys())
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (37, 113), (9, 7), (32, 32)])
+def test_a_center_cropping_processor_gives_transformers_pixels(
+    tmp_path: Path, settings: dict, size: tuple[int, int]
+) -> None:
+    # Refused before ("cropping is not supported"), though transformers runs them.
+    from transformers import SiglipImageProcessorPil
+
+    from siglip_cli.config import VisionConfig, preprocess_config_from_hub
+
+    processor = SiglipImageProcessorPil(resample=3, **settings)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    cfg = preprocess_config_from_hub(saved, VisionConfig(image_size=32))
+    assert (cfg.height, cfg.width) == (32, 32) and cfg.center_crop
+    image = make_photo(size)
+    expected = processor(images=image, return_tensors="np")["pixel_values"][0]
+    assert same_bits(tensor_of(image, cfg), expected)
+    assert not gpu_decode.supported(cfg)  # the GPU decoder resizes straight to the model's size
+
+
+def test_a_crop_of_the_whole_resized_image_is_siglips_own_preprocessing() -> None:
+    from siglip_cli.config import VisionConfig, preprocess_config_from_hub
+
+    raw = {"size": {"height": 32, "width": 32}, "do_center_crop": True, "crop_size": {"height": 32, "width": 32}}
+    cfg = preprocess_config_from_hub(raw, VisionConfig(image_size=32))
+    assert cfg == PreprocessConfig(32, 32) and "center_crop" not in cfg.to_dict()  # outputs record it as before
 
 
 @pytest.mark.parametrize("size", [(80, 60), (20, 15)], ids=["downscale", "upscale"])
