@@ -265,7 +265,9 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
     if config is None:
         return PreprocessConfig(height=vision.image_size, width=vision.image_size)
     do_resize = _flag(config.get("do_resize", True))  # null: transformers' processor skips the step, as for false
-    crop = _flag(config.get("do_center_crop", False)) is not False
+    crop = _flag(config.get("do_center_crop", False))
+    if not isinstance(crop, bool):  # bool("false") is True: a string must not pass
+        raise ConfigError(f"preprocessor do_center_crop must be true or false, not {crop!r}.")
     resize_to = shortest_edge = None
     if do_resize is not False:  # else `size` is ignored (by transformers too)
         resize_to, shortest_edge = _resize_target(config, vision, crop=crop)

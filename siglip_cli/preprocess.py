@@ -253,7 +253,8 @@ def pixel_values(image: Image.Image, cfg: PreprocessConfig) -> Tensor:
 
 def center_crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
     """The (height, width) middle of an (H, W, C) image, padded with black first where it is smaller, as
-    transformers' `center_crop` takes it (an odd margin leaves its extra row or column at the bottom, right)."""
+    transformers' `center_crop` takes it: an odd margin cut leaves its extra row or column at the bottom and right,
+    an odd margin padded puts its extra one at the top and left."""
     if x.shape[0] < height or x.shape[1] < width:
         padded = np.zeros((max(x.shape[0], height), max(x.shape[1], width), x.shape[2]), x.dtype)
         top = math.ceil((padded.shape[0] - x.shape[0]) / 2)

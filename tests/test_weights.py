@@ -456,6 +456,7 @@ def test_malformed_config_is_one_sentence_naming_the_checkpoint(tmp_path: Path, 
         ({"do_normalize": "false"}, r"do_normalize must be true or false, not 'false'"),
         ({"do_center_crop": True, "crop_size": {"height": 24, "width": 24}}, r"crops to 24x24 but the tower takes"),
         ({"do_center_crop": True, "crop_size": "x"}, r"crop_size 'x' is not a \(height, width\)"),
+        ({"do_center_crop": "false"}, r"do_center_crop must be true or false, not 'false'"),
         ({"size": {"shortest_edge": 32}}, r"not a fixed \(height, width\), without a center crop after it"),
     ],
 )
