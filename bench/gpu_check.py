@@ -689,7 +689,8 @@ def main() -> None:
     clock = Clock(args.budget)
     # A hang (a driver, a forked worker) must not eat the device session: past the budget and the longest step (a
     # compile, ~a minute) with room to spare, print where every thread is and stop; finished sections are in --json-out.
-    faulthandler.dump_traceback_later(args.budget + 180, exit=True)
+    # With gpu_check.sh's 90 s for `siglip bench` after it, the whole stays within budget + 240 s.
+    faulthandler.dump_traceback_later(args.budget + 150, exit=True)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpu_check-"))
 
     rows: list[Row] = []

@@ -44,7 +44,7 @@ from .config import PreprocessConfig
 from .cpus import usable_cpus
 from .errors import first_line
 from .files import counted, is_regular_file
-from .gpu_decode import JpegHeader, decode_headers, read_header
+from .gpu_decode import JpegHeader, decode_headers, device_index, read_header
 from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_checked
 
 
@@ -275,9 +275,9 @@ def batch_pixels(
         return (torch.cat(cpu_pixels) if cpu_pixels else None), batch.rows, []
     pixels = torch.empty(len(batch.rows), 3, cfg.height, cfg.width, device=device)
     if cpu_pixels:
-        pixels[batch.cpu_rows] = torch.cat(cpu_pixels)
+        pixels[device_index(batch.cpu_rows, device)] = torch.cat(cpu_pixels)
     on_device, decoded, rejected = decode_headers(batch.jpegs, cfg, device=device)
-    pixels[[batch.jpeg_rows[i] for i in decoded]] = on_device
+    pixels[device_index([batch.jpeg_rows[i] for i in decoded], device)] = on_device
     failed, errors = set(), []
     for i, _ in rejected:
         row = batch.jpeg_rows[i]
@@ -288,10 +288,12 @@ def batch_pixels(
             errors.append(error_row(batch.rows[row], one_line(e)))
         else:
             pixels[row] = on_cpu.to(device)
+    if not failed:
+        return pixels, batch.rows, errors
     keep = [i for i in range(len(batch.rows)) if i not in failed]
     if not keep:
         return None, [], errors
-    return pixels[keep], [batch.rows[i] for i in keep], errors
+    return pixels[device_index(keep, device)], [batch.rows[i] for i in keep], errors
 
 
 # What one decoding worker may hold at its peak: an 89 MP photo took 1.0-1.5 GB. One at the default pixel limit

@@ -123,12 +123,13 @@ def _decode_groups(
     rejected: list[tuple[int, str]] = []
     for group in _groups(headers, PIXELS_PER_CALL):
         before_each()
+        decoded: dict[int, Tensor] = {}  # (3, H, W) uint8 each, as stored
         try:
-            decoded, refused = _decode({i: headers[i] for i in group}, device)  # (3, H, W) uint8 each, as stored
+            decoded, refused = _decode({i: headers[i] for i in group}, device)
             done = sorted(decoded)
-            if done:
-                out[done] = _preprocess([decoded[i] for i in done], [headers[i].orientation for i in done], cfg, device)
-            del decoded
+            if done:  # the images in no local of this frame, which would keep them after a failed resize
+                orientations = [headers[i].orientation for i in done]
+                out[device_index(done, device)] = _preprocess([decoded[i] for i in done], orientations, cfg, device)
         except RuntimeError as e:
             if _out_of_memory(e):  # the decoder's or the resize's
                 done, refused = None, [(i, "out of GPU memory for the JPEG decoder") for i in group]
@@ -136,12 +137,14 @@ def _decode_groups(
                 done, refused = [], [(i, f"the GPU resize refused it: {first_line(e)}") for i in group]
             else:  # a device fault: not the files', and it would only recur, slowly, on every group after
                 raise
+        finally:
+            decoded.clear()  # the group's full-size images: freed before the next group, after a failed resize too
         if done is None:  # the cache is emptied here, once the traceback and the tensors it held are gone
             torch.cuda.empty_cache()
             done = []
         indices += done
         rejected += refused
-    return (out if len(indices) == len(headers) else out[indices]), indices, sorted(rejected)
+    return (out if len(indices) == len(headers) else out[device_index(indices, device)]), indices, sorted(rejected)
 
 
 def _groups(headers: Sequence[JpegHeader], pixels: int) -> list[list[int]]:
@@ -240,6 +243,8 @@ def jpeg_header(data: bytes) -> tuple[int, int, int, int] | str:
             rgb = adobe_transform == 0 if adobe_transform is not None else component_ids == b"RGB"
             if frame[2] == 3 and not jfif and rgb:
                 return "JPEG stored as RGB rather than YCbCr"
+            if data.rfind(b"\xff\xd9", i) < 0:  # PIL refuses such a file ("image file is truncated"); nvJPEG may not
+                return "no end-of-image marker (a truncated JPEG?)"
             return (*frame, exif if exif is not None else xmp if xmp is not None else 1)
         i += 2 + length
     return "truncated JPEG header"
@@ -327,8 +332,8 @@ def _preprocess(images: list[Tensor], orientations: list[int], cfg: PreprocessCo
     for i, (image, orientation) in enumerate(zip(images, orientations)):
         key = (*image.shape[-2:], orientation)
         groups[key if device.type == "cuda" else (i, *key)].append(i)
-    mean = torch.tensor(cfg.image_mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.image_std, device=device).view(1, 3, 1, 1)
+    mean = _to(device, torch.tensor(cfg.image_mean).view(1, 3, 1, 1))
+    std = _to(device, torch.tensor(cfg.image_std).view(1, 3, 1, 1))
     for members in groups.values():
         orientation = orientations[members[0]]
         stacked = torch.stack([images[i] for i in members]) if len(members) > 1 else images[members[0]][None]
@@ -337,8 +342,22 @@ def _preprocess(images: list[Tensor], orientations: list[int], cfg: PreprocessCo
             x = x * cfg.rescale_factor
         if cfg.do_normalize:
             x = (x - mean) / std
-        out[members] = x
+        out[device_index(members, device)] = x
     return out
+
+
+def device_index(rows: list[int], device: torch.device | str) -> slice | Tensor:
+    """`rows` as an index into a tensor on `device` that costs no wait: a slice where they follow one another, else
+    a tensor copied from pinned memory. Indexing with the list itself copies it from pageable memory, which waits
+    for all the work queued on the current stream: in the look-ahead thread, the model's forward in flight."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return _to(torch.device(device), torch.tensor(rows, dtype=torch.long))
+
+
+def _to(device: torch.device, host: Tensor) -> Tensor:
+    """A small host tensor on `device`, copied without blocking (from pinned memory) on CUDA."""
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 def resize(images: Tensor, cfg: PreprocessConfig, *, transposed: bool = False, uint8: bool | None = None) -> Tensor:

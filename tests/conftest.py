@@ -595,6 +595,15 @@ def with_preprocessing(checkpoint: Path, copy: Path, **settings: Any) -> Path:
     return copy
 
 
+def with_bogus_huffman_table(jpeg: bytes) -> bytes:
+    """`jpeg` with its first Huffman table's code counts overrun: its header reads whole (size, components), and
+    every decoder refuses it (libjpeg: "Bogus Huffman table definition")."""
+    data = bytearray(jpeg)
+    table = data.index(b"\xff\xc4")
+    data[table + 5 : table + 21] = b"\xff" * 16
+    return bytes(data)
+
+
 def make_photo(size: tuple[int, int] = (80, 60), mode: str = "RGB", seed: int = 0) -> Image.Image:
     """A smooth, non-symmetric test picture (width, height) in any PIL mode.
 

@@ -47,6 +47,7 @@ from conftest import (
     save_sideways_jpeg,
     siglip,
     the_error,
+    with_bogus_huffman_table,
     with_preprocessing,
 )
 from siglip_cli import __version__
@@ -1447,8 +1448,7 @@ def mixed_folder(tmp_path: Path) -> Path:
     save_sideways_jpeg(folder / "portrait.jpg", make_photo((64, 96), seed=7))
     make_photo((50, 40), seed=8).save(folder / "drawing.png")
     make_photo((60, 60), seed=9).convert("CMYK").save(folder / "print.jpg", quality=95)
-    whole = (folder / "photo0.jpg").read_bytes()
-    (folder / "broken.jpg").write_bytes(whole[: whole.index(b"\xff\xda") + 20])  # a whole header, no pixels
+    (folder / "broken.jpg").write_bytes(with_bogus_huffman_table((folder / "photo0.jpg").read_bytes()))  # header whole
     return folder
 
 

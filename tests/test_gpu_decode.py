@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from conftest import make_photo
+from conftest import make_photo, with_bogus_huffman_table
 from siglip_cli import gpu_decode
 from siglip_cli.config import PreprocessConfig, VisionConfig
 from siglip_cli.errors import UserError
@@ -66,8 +66,9 @@ def mixed_files(tmp_path: Path) -> list[Path]:
     make_photo((64, 48), mode="CMYK").save(tmp_path / "cmyk.jpg", quality=95)
     make_photo((64, 48)).save(tmp_path / "image.png")
     whole = (tmp_path / "plain.jpg").read_bytes()
-    (tmp_path / "broken.jpg").write_bytes(whole[: whole.index(b"\xff\xda") + 20])  # its header, then nothing
-    return files + [tmp_path / n for n in ("gray.jpg", "cmyk.jpg", "image.png", "broken.jpg")]
+    (tmp_path / "broken.jpg").write_bytes(with_bogus_huffman_table(whole))  # its header whole: the decoder finds out
+    (tmp_path / "cut.jpg").write_bytes(whole[: whole.index(b"\xff\xda") + 20])  # its header, then nothing
+    return files + [tmp_path / n for n in ("gray.jpg", "cmyk.jpg", "image.png", "broken.jpg", "cut.jpg")]
 
 
 def _taken(files: list[Path], cfg: PreprocessConfig, options: DecodeOptions = DecodeOptions()) -> dict[str, JpegHeader]:
@@ -80,8 +81,10 @@ def test_read_header_leaves_what_the_device_decoder_cannot_take(mixed_files: lis
     reasons = {path.name: read_header(path, CFG, DecodeOptions()) for path in mixed_files}
     assert reasons["cmyk.jpg"] == "JPEG with 4 colour components"
     assert reasons["image.png"] == "not a JPEG"
+    # Cut short: PIL refuses it ("image file is truncated"), where nvJPEG might give a half-grey photo.
+    assert reasons["cut.jpg"] == "no end-of-image marker (a truncated JPEG?)"
     taken = _taken(mixed_files, CFG)
-    assert set(taken) == {p.name for p in mixed_files} - {"cmyk.jpg", "image.png"}
+    assert set(taken) == {p.name for p in mixed_files} - {"cmyk.jpg", "image.png", "cut.jpg"}
     for path in mixed_files:
         if path.name in taken and path.name != "broken.jpg":  # the broken one's header is whole: the decoder finds out
             with Image.open(path) as image:
@@ -209,6 +212,38 @@ def test_gpu_decoder_out_of_memory_leaves_the_batch_to_the_cpu_path(
     pixels, decoded, rejected = decode_headers(headers, CFG, device="cpu")
     assert decoded == [] and pixels.shape == (0, 3, 32, 32)
     assert rejected == [(i, "out of GPU memory for the JPEG decoder") for i in range(len(headers))]  # every JPEG it took
+
+
+def test_a_resize_out_of_memory_frees_the_groups_images_before_the_cache_is_emptied(
+    mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # They stayed referenced from the group loop: the cache could not release them, and the next group, decoded on
+    # top of them, ran out of memory in turn.
+    import weakref
+
+    decode, images, alive = gpu_decode._decode, [], []
+
+    def decoding(headers, device):
+        decoded, refused = decode(headers, device)
+        images.extend(weakref.ref(image) for image in decoded.values())
+        return decoded, refused
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(gpu_decode, "_decode", decoding)
+    monkeypatch.setattr(gpu_decode, "_preprocess", out_of_memory)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: alive.append(sum(ref() is not None for ref in images)))
+    _, decoded, rejected = decode_headers(list(_taken(mixed_files, CFG).values()), CFG, device="cpu")
+    assert decoded == [] and {why for _, why in rejected} == {"out of GPU memory for the JPEG decoder"}
+    assert images and alive == [0]
+
+
+def test_rows_index_a_device_tensor_without_a_list() -> None:
+    # A list is copied to the device from pageable memory, which waits for the model's forward in flight.
+    assert gpu_decode.device_index([3, 4, 5], "cpu") == slice(3, 6)
+    assert torch.equal(gpu_decode.device_index([0, 2], "cpu"), torch.tensor([0, 2]))
+    assert gpu_decode.device_index([], "cpu").numel() == 0
 
 
 def test_decoder_out_of_memory_wrapped_in_a_runtime_error_is_still_out_of_memory(
