@@ -270,7 +270,8 @@ def embed(
                 "with the reference, and no faster than the default."
             )
         progress = _RichProgress(quiet)
-        with _stopped_runs_told(out, progress, float32=dtype is ComputeDtype.float32), interrupts.stop_on_signals():
+        float32, gpu_decode = dtype is ComputeDtype.float32, decode is not Decoder.cpu
+        with _stopped_runs_told(out, progress, float32=float32, gpu_decode=gpu_decode), interrupts.stop_on_signals():
             summary = embed_with_model(
                 model, devices, paths, output, revision=revision, dtype=dtype.value, compile=compile,
                 options=options, overwrite=overwrite, update=update, progress=progress,
@@ -281,9 +282,13 @@ def embed(
 
 
 @contextmanager
-def _stopped_runs_told(out: OutputPaths, progress: _RichProgress, *, float32: bool) -> Iterator[None]:
-    """A run stopped by Ctrl-C, SIGTERM or the GPU's memory as one sentence, saying whether finished work is kept
-    for the rerun; any other error with the bar taken down first, for the error's own sentence."""
+def _stopped_runs_told(
+    out: OutputPaths, progress: _RichProgress, *, float32: bool, gpu_decode: bool
+) -> Iterator[None]:
+    """A run stopped by Ctrl-C, SIGTERM, the GPU's memory or a fault of the GPU as one sentence, saying whether
+    finished work is kept for the rerun; any other error with the bar taken down first, for the error's own
+    sentence. `gpu_decode`: whether JPEGs may have been decoded on the GPU (--decode auto or gpu)."""
+    import torch
     from torch.cuda import OutOfMemoryError
 
     try:
@@ -302,6 +307,13 @@ def _stopped_runs_told(out: OutputPaths, progress: _RichProgress, *, float32: bo
                  "smaller --batch-size to continue.", 1)  # fmt: skip
         bf16 = ", --dtype bfloat16," if float32 else ""  # auto is bfloat16 on CUDA
         fail(f"the GPU ran out of memory ({first_line(e)}): try a smaller --batch-size{bf16} or another GPU.", 1)
+    except RuntimeError as e:
+        progress.stop(keep=False)
+        if not (isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e)):
+            raise
+        kept = f"; finished work is kept in {out.work}" if out.work_kept() else ""
+        again = ", or with --decode cpu if it fails again at the same place" if gpu_decode else ""
+        fail(f"the GPU failed ({first_line(e)}){kept}: rerun to continue{again}.", 1)
     except BaseException:
         progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
         raise

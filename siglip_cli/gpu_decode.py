@@ -298,16 +298,31 @@ def _decode(headers: dict[int, JpegHeader], device: torch.device) -> tuple[dict[
         return decoded, rejected
 
 
+# torchvision's nvJPEG decoder reports a failed call as "Failed to decode batch: N" with nvJPEG's status, and a
+# failed wait as "Failed to synchronize CUDA stream: N" with CUDA's error code.
+_NVJPEG_STATUS = re.compile(r"Failed to decode batch: (\d+)")
+_STREAM_ERROR = re.compile(r"Failed to synchronize CUDA stream: (\d+)")
+NVJPEG_ALLOCATOR_FAILURE, CUDA_ERROR_MEMORY_ALLOCATION = 5, 2
+
+
 def _out_of_memory(error: RuntimeError) -> bool:
     """Out of memory is no bad file. torchvision's CUDA decoder wraps every failure, its allocations' included, in
-    a plain RuntimeError ("Error while decoding JPEG images: ... out of memory")."""
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+    a plain RuntimeError ("Error while decoding JPEG images: ... out of memory"); nvJPEG allocates its own buffers
+    outside torch's cache, and says so with its allocator's status."""
+    text = str(error)
+    status, stream = _NVJPEG_STATUS.search(text), _STREAM_ERROR.search(text)
+    return (
+        isinstance(error, torch.cuda.OutOfMemoryError)
+        or "out of memory" in text.lower()
+        or (status is not None and int(status[1]) == NVJPEG_ALLOCATOR_FAILURE)
+        or (stream is not None and int(stream[1]) == CUDA_ERROR_MEMORY_ALLOCATION)
+    )
 
 
 def _device_fault(error: RuntimeError) -> bool:
-    """A fault of the device ("CUDA error: ..."), not of a file: it ends the run, rather than sending every file
-    after it to the CPU path one by one, slowly and without a word."""
-    return "CUDA error" in str(error)
+    """A fault of the device ("CUDA error: ...", or a decoder's stream that cannot be waited for), not of a file: it
+    ends the run, rather than sending every file after it to the CPU path one by one, slowly and without a word."""
+    return "CUDA error" in str(error) or (_STREAM_ERROR.search(str(error)) is not None and not _out_of_memory(error))
 
 
 

@@ -1355,6 +1355,38 @@ def test_gpu_out_of_memory_outside_the_forward_is_one_sentence(
         assert error.endswith(": try a smaller --batch-size, --dtype bfloat16, or another GPU.")
 
 
+@pytest.mark.parametrize("decode", ["auto", "cpu"])
+def test_a_gpu_fault_is_one_sentence_that_says_how_to_go_on(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch, decode: str
+) -> None:
+    # An illegal address (a driver, a JPEG the GPU decoder chokes on) ended the run in a traceback; the work is kept.
+    import siglip_cli.devices as devices
+
+    def fault(*args, **kwargs):
+        (out / "embeddings.safetensors.partial").mkdir()
+        (out / "embeddings.safetensors.partial" / "chunk-00000000.safetensors").write_bytes(b"")
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered\nmore details")
+
+    monkeypatch.setattr(devices, "embed_with_model", fault)
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--decode", decode), code=1)
+    assert error.startswith("error: the GPU failed (CUDA error: an illegal memory access was encountered); finished ")
+    again = ", or with --decode cpu if it fails again at the same place" if decode == "auto" else ""
+    assert error.endswith(f"embeddings.safetensors.partial: rerun to continue{again}.")
+
+
+def test_other_runtime_errors_are_not_taken_for_the_gpus(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import siglip_cli.devices as devices
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(devices, "embed_with_model", bug)
+    result = embed(photos, "-o", out / "embeddings.safetensors")
+    assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug"  # the traceback a bug gets
+
+
 def test_ctrl_c_between_a_commands_sentences_is_one_too(
     embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -246,14 +246,21 @@ def test_rows_index_a_device_tensor_without_a_list() -> None:
     assert gpu_decode.device_index([], "cpu").numel() == 0
 
 
+@pytest.mark.parametrize(
+    "message",
+    ["Error while decoding JPEG images: CUDA error: out of memory", "Failed to decode batch: 5",
+     "Failed to synchronize CUDA stream: 2"],
+    ids=["wrapped", "nvjpeg-allocator", "stream-allocation"],
+)  # fmt: skip
 def test_decoder_out_of_memory_wrapped_in_a_runtime_error_is_still_out_of_memory(
-    mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
+    mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch, message: str
 ) -> None:
-    # torchvision's CUDA decoder wraps every failure in a RuntimeError: an out-of-memory one was taken for a bad file.
+    # torchvision's CUDA decoder wraps every failure in a RuntimeError: an out-of-memory one was taken for a bad file,
+    # each group's files then retried one by one and left to PIL, the cache never emptied.
     import torchvision.io
 
     def wrapped(*args, **kwargs):
-        raise RuntimeError("Error while decoding JPEG images: CUDA error: out of memory")
+        raise RuntimeError(message)
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", wrapped)
     _, _, rejected = decode_headers(list(_taken(mixed_files, CFG).values()), CFG, device="cpu")
@@ -274,19 +281,24 @@ def test_a_group_the_device_cannot_resize_goes_to_the_cpu_path(
     assert rejected == [(i, "the GPU resize refused it: Too much shared memory required: 49172 vs 49152") for i in range(len(headers))]
 
 
-@pytest.mark.parametrize("where", ["resize", "JPEG decoder"])
+@pytest.mark.parametrize(
+    "where, message",
+    [("resize", "CUDA error: too many resources requested for launch"),
+     ("JPEG decoder", "CUDA error: too many resources requested for launch"),
+     ("JPEG decoder", "Failed to synchronize CUDA stream: 700")],  # an illegal address
+)  # fmt: skip
 def test_a_device_fault_ends_the_run_rather_than_leaving_every_file_to_the_cpu(
-    where: str, mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
+    where: str, message: str, mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Caught like a file's fault (the decoder's retried file by file), it moved a whole run to slow CPU decoding
     # without a word, its metadata saying gpu.
     import torchvision.io
 
     def fault(*args, **kwargs):
-        raise RuntimeError("CUDA error: too many resources requested for launch")
+        raise RuntimeError(message)
 
     monkeypatch.setattr(*((gpu_decode.F, "interpolate") if where == "resize" else (torchvision.io, "decode_jpeg")), fault)
-    with pytest.raises(RuntimeError, match="too many resources"):
+    with pytest.raises(RuntimeError, match=message.split(": ")[-1]):
         decode_headers(list(_taken(mixed_files, CFG).values()), CFG, device="cpu")
 
 
