@@ -127,7 +127,7 @@ def _decode_groups(
         try:
             decoded, refused = _decode({i: headers[i] for i in group}, device)
             done = sorted(decoded)
-            if done:  # the images in no local of this frame, which would keep them after a failed resize
+            if done:  # no local list of the images here: it would keep them alive after a failed resize
                 orientations = [headers[i].orientation for i in done]
                 out[device_index(done, device)] = _preprocess([decoded[i] for i in done], orientations, cfg, device)
         except RuntimeError as e:
