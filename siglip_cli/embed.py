@@ -870,7 +870,8 @@ def _previous_output(out: OutputPaths, state: dict) -> tuple[dict[str, Ref | dic
     was made in: where its relative paths start (None from versions that did not say)."""
     if not out.embeddings.exists():
         return {}, None
-    old = read_output_options(out)
+    metadata = read_output_metadata(out)
+    old = read_output_options(out, metadata)
     if not same_options(old, state):
         difference = describe_difference(old, state)
         if difference == WEIGHTS_DIFFER:  # no option to give again
@@ -879,7 +880,7 @@ def _previous_output(out: OutputPaths, state: dict) -> tuple[dict[str, Ref | dic
             then = "rerun --update with the same options, or use --overwrite to start afresh."
         message = f"{out.embeddings} was made with other options ({difference}): {then}"
         raise _OtherOptions(message, difference=difference)
-    return _by_path(*read_rows(out)), read_output_metadata(out).get("working_directory")
+    return _by_path(*read_rows(out)), metadata.get("working_directory")
 
 
 @dataclass

@@ -338,10 +338,11 @@ def pooling(vision: VisionConfig) -> str:
     return "attention-pool head" if vision.vision_use_head else "mean of patch tokens (headless tower)"
 
 
-def read_output_options(out: OutputPaths) -> dict:
+def read_output_options(out: OutputPaths, metadata: dict[str, str] | None = None) -> dict:
     """The run state (`embed.run_state`) a finished output was made with; {} for a file siglip did not write.
-    Outputs of versions whose state did not hold the pooling have it in their metadata beside it."""
-    metadata = read_output_metadata(out)
+    Outputs of versions whose state did not hold the pooling have it in their metadata beside it. `metadata`: the
+    output's, where the caller has read it already."""
+    metadata = read_output_metadata(out) if metadata is None else metadata
     with _reading(out):
         options = metadata.get("options", "{}")
         options = json.loads(options) if isinstance(options, str) else options  # a .meta.json may hold an object
