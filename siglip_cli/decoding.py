@@ -177,6 +177,12 @@ def _quiet_if_the_main_process_left(kind: type[BaseException], value: BaseExcept
 # alone (an H200's 16 cores embedded 35 images/s on the CPU decoder, and read JPEG bytes at 831 images/s).
 PARCEL_SIZE = 16
 
+# A decoder stuck in a loop on one malformed file would hang the run, and every rerun, at that file. The main process
+# waits this long for the workers' next parcel, then decodes the parcels in flight again, one process per file, each
+# stopped after as long: the stuck file becomes an error row. A real decode takes a small part of it: 1 to 3 s for a
+# 108-MP JPEG or PNG on one Zen 4 core, and Pillow's own limit is 179 MP (`--max-pixels`).
+STUCK_AFTER_S = 300
+
 
 @dataclass(frozen=True)
 class Parcel:
@@ -372,9 +378,10 @@ def _parcels(
 ) -> Iterator[Parcel]:  # fmt: skip
     """The parcels of `spans`, in order, from a DataLoader; never one parcel across two spans.
 
-    A worker that dies (a native decoder's crash, the kernel's out-of-memory killer) would end the run, and every
-    rerun, at the same file. Instead the files it may have held, those of the parcels in flight, are decoded again
-    one process each, so that the culprit alone becomes an error row, and a fresh DataLoader takes the rest.
+    A worker that dies (a native decoder's crash, the kernel's out-of-memory killer) or is stuck (`STUCK_AFTER_S`)
+    would end or hang the run, and every rerun, at the same file. Instead the files it may have held, those of the
+    parcels in flight, are decoded again one process each, so that the culprit alone becomes an error row, and a
+    fresh DataLoader takes the rest.
     Where the workers cannot hand parcels over for want of shared memory, the rest is decoded in this process.
     """
     size = min(PARCEL_SIZE, batch_size)
@@ -402,6 +409,7 @@ def _parcels(
                 worker_init_fn=_worker_init if workers else None,
                 prefetch_factor=prefetch_factor,
                 pin_memory=pin,
+                timeout=STUCK_AFTER_S if workers else 0,
             )
             try:
                 arriving = iter(loader)
@@ -444,7 +452,10 @@ def _parcels(
                 workers = 0
                 spans = _clip(spans, done, len(files))
                 continue
-            if not str(e).startswith("DataLoader worker"):
+            if str(e).startswith("DataLoader timed out"):
+                note(f"no file decoded for {STUCK_AFTER_S} s (a decoder stuck on a file?): decoding the files in flight "
+                     "again, one process each, to find it.")  # fmt: skip
+            elif not str(e).startswith("DataLoader worker"):
                 raise
         finally:
             with interrupts.deferred():
@@ -583,7 +594,7 @@ def _worker_deaths_raised_here() -> Iterator[None]:
 
 def _each_alone(files: ImageFiles, indices: range, workers: int) -> list[Item]:
     """`files[i]` for each index, each decoded in a process of its own, `workers` at a time; a file whose process
-    dies becomes an error item that says how."""
+    dies, or takes longer than `STUCK_AFTER_S`, becomes an error item that says how."""
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="siglip-decode-alone") as pool:
         return list(pool.map(lambda i: _decode_alone(files, i), indices))
 
@@ -596,6 +607,10 @@ def _decode_alone(files: ImageFiles, index: int) -> Item:
     child.start()
     sender.close()
     try:
+        if not receiver.poll(STUCK_AFTER_S):
+            child.kill()
+            reason = f"its decoding took longer than {STUCK_AFTER_S} s and was stopped (a decoder stuck in a loop?)"
+            return Item(index, None, error_row({"path": path, **_stat_fields(path)}, reason))
         item = pickle.loads(receiver.recv_bytes())._replace(index=index)
     except EOFError:  # the process died before it answered
         child.join()

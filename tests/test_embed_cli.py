@@ -1750,6 +1750,34 @@ def test_a_worker_that_dies_costs_only_its_file(
     assert sum(len(b.errors) for b in batches) == 3 * (len(DEATHS) + 1)  # and the broken JPEG, as before
 
 
+def test_a_file_whose_decoder_is_stuck_costs_only_itself(mixed_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A decoder stuck in a loop on one file hung the run, and every rerun, at that file.
+    from siglip_cli import decoding as D
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.preprocess import DecodeOptions
+
+    monkeypatch.setattr(D, "PARCEL_SIZE", 2)
+    monkeypatch.setattr(D, "STUCK_AFTER_S", 2)
+    paths = sorted(str(p) for p in mixed_folder.iterdir())
+    cfg = PreprocessConfig(32, 32)
+    plain = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=64, workers=2, pin=False))
+    die_decoding({"photo1.jpg": lambda: time.sleep(3600)}, monkeypatch)
+    notes: list[str] = []
+    batches = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=64, workers=2, pin=False, note=notes.append))
+    [got], [expected] = batches, plain
+    keep = [i for i, row in enumerate(expected.rows) if Path(row["path"]).name != "photo1.jpg"]
+    assert [r["path"] for r in got.rows] == [expected.rows[i]["path"] for i in keep]
+    got_pixels = D.batch_pixels(got, cfg, torch.device("cpu"), DecodeOptions())[0]
+    assert torch.equal(got_pixels, D.batch_pixels(expected, cfg, torch.device("cpu"), DecodeOptions())[0][keep])
+    errors = {Path(e["path"]).name: e["error"] for e in got.errors}
+    assert errors == {
+        "broken.jpg": next(e["error"] for e in expected.errors),
+        "photo1.jpg": "its decoding took longer than 2 s and was stopped (a decoder stuck in a loop?)",
+    }
+    assert notes == ["no file decoded for 2 s (a decoder stuck on a file?): decoding the files in flight again, one "
+                     "process each, to find it."]  # fmt: skip
+
+
 def test_a_run_goes_on_past_a_file_that_kills_its_decoder(
     embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
