@@ -254,6 +254,7 @@ def model_only(
         with torch.inference_mode():
             pooled = ours["eager"](copies)
         same = "identical" if bool((pooled == pooled[0]).all()) else "NOT identical: see model._per_image"
+        rows.append(Row("model only", spec.label, "siglip", "eager, one image 7 times", 7, note=f"the 7 rows: {same}"))
         print(f"  {spec.label} copies of one image in a batch of 7: {same}", file=sys.stderr, flush=True)
     add("siglip", "eager, 4× the batch", fast(), estimate_s=10, batch=4 * spec.batch)  # does a bigger batch pay?
     if cuda:
