@@ -363,6 +363,8 @@ def _settled(
     earlier output's rows of unchanged files, of files it cannot look at now, of files that moved), those of them
     kept unchecked, and how many rows of the earlier output are dropped. `made_in`: the folder the earlier output
     was made in, where known."""
+    if keep_unlisted:
+        _refuse_update_from_elsewhere(previous, made_in)
     paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, progress)
     reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress) | unchecked
     moved = _moved([p for p in paths if p not in reused], dropped, progress)
@@ -370,8 +372,8 @@ def _settled(
     left = Counter(_content(ref) for ref in dropped.values())
     left.subtract(_content(ref) for ref in moved.values())
     lost = [path for path, ref in dropped.items() if left[_content(ref)] > 0]  # their photos, found nowhere
-    if keep_unlisted:
-        _refuse_update_from_elsewhere(previous, dropped, lost, made_in)
+    if keep_unlisted and (made_in is None or not os.path.isdir(made_in)):
+        _refuse_relative_rows_all_lost(previous, dropped, lost)
     removed = sum(n for n in left.values() if n > 0)
     if progress and keep_unlisted and removed:
         gone = min(lost, key=os.fsencode)
@@ -387,29 +389,29 @@ def _content(ref: Ref) -> tuple[int | None, str | None]:
     return ref.info.get("size"), ref.info.get("blake2b")
 
 
-def _refuse_update_from_elsewhere(
-    previous: dict[str, Ref | dict], dropped: dict[str, Ref], lost: list[str], made_in: str | None
-) -> None:
-    """Refuse an --update that would drop rows only because the earlier output names its photos by relative paths,
-    which are read from the working directory: run from another folder, they look gone. `lost`: the dropped rows
-    whose photo was not found under a new name either.
-
-    Where the folder the output was made in is known and there, any row lost from another folder refuses the run.
-    Otherwise (an output of an earlier version, or its folder gone) the run is refused when none of its relative
-    paths is found from here and some of them are lost: all of them found again under new names is a renamed
-    folder, and one copy found in a folder added must not hide the rest (it did: their rows were dropped)."""
-    lost_relative = [path for path in lost if not os.path.isabs(path)]
-    if not lost_relative:
+def _refuse_update_from_elsewhere(previous: dict[str, Ref | dict], made_in: str | None) -> None:
+    """Refuse an --update run from another folder than the one the earlier output was made in (`made_in`, where
+    known and still there) when it names files by relative paths: read from here they name other files or none.
+    Even when every photo would be found again by content under the new spelling, the rows would change their
+    paths, and flip back on the next --update from the first folder."""
+    if made_in is None or not os.path.isdir(made_in) or same_file(made_in, os.curdir):
         return
-    if made_in is not None and os.path.isdir(made_in):
-        if same_file(made_in, os.curdir):
-            return
-        verb = "is" if len(lost_relative) == 1 else "are"
+    relative = [path for path in previous if not os.path.isabs(path)]
+    if relative:
         raise UserError(
-            f"{counted(len(lost_relative), 'photo')} of the earlier output, named by paths relative to the folder it "
-            f"was made in ({display_path(made_in)}), such as {display_path(min(lost_relative, key=os.fsencode))}, "
-            f"{verb} not found from here: run --update from {display_path(made_in)}."
+            f"the earlier output names {counted(len(relative), 'file')} by paths relative to the folder it was made "
+            f"in ({display_path(made_in)}), such as {display_path(min(relative, key=os.fsencode))}: run --update "
+            f"from {display_path(made_in)}."
         )
+
+
+def _refuse_relative_rows_all_lost(previous: dict[str, Ref | dict], dropped: dict[str, Ref], lost: list[str]) -> None:
+    """Where the folder an earlier output was made in is unknown (an output of an earlier version) or gone: refuse
+    an --update that finds none of its relative paths from here when some of them are lost (`lost`: the dropped
+    rows whose photo was not found under a new name either). All of them found again under new names is a renamed
+    folder; one copy found in a folder added must not hide the rest (it did: their rows were dropped)."""
+    if all(os.path.isabs(path) for path in lost):
+        return
     relative = [path for path, row in previous.items() if isinstance(row, Ref) and not os.path.isabs(path)]
     if all(path in dropped for path in relative):
         raise UserError(
