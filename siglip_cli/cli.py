@@ -100,6 +100,14 @@ def note(message: str) -> None:
     stderr.print(Text.assemble(("note:", "yellow"), " ", printable(message)))
 
 
+def _note_folders_made(out: OutputPaths) -> None:
+    """Say so when writing `out` makes its folder: a typo in -o shows before the run, not after it."""
+    from .outputs import missing_folders
+
+    if made := missing_folders(out.embeddings):
+        note(f"the output's folder {display_path(str(made[-1]))} does not exist: it is made.")
+
+
 def printable(message: str) -> str:
     """A sentence as one terminal line (`files.escape_controls`). Input paths come escaped already (`display_path`);
     `-o` names and folder names the user typed may not."""
@@ -245,6 +253,8 @@ def embed(
             fail("--update keeps the earlier output's rows and --overwrite discards them: give one of the two.")
         check_device_options(devices, shard=part, update=update)
         out = OutputPaths.for_output(output)
+        if not quiet:
+            _note_folders_made(out)
         refuse_inputs_among_outputs(out, inputs or [], every=True)  # before the walk, which may take minutes
         paths, walk = find_images(inputs or [], files_from=files_from, digest_list=part is not None)
         refuse_inputs_among_outputs(out, walk.links, every=True)  # `photo.jpg -> img.npy` in a folder
@@ -387,9 +397,11 @@ def merge(
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Join shard outputs into one file, equal to a single run over all their images."""
+    from .outputs import OutputPaths
     from .shards import merge_outputs
 
     with user_errors(), interrupts.stop_on_signals():  # SIGTERM too; once the output is in place, none
+        _note_folders_made(OutputPaths.for_output(output))
         summary = merge_outputs(inputs, output, overwrite=overwrite, allow_missing=allow_missing)
     with interrupts.ignored():  # the output is in place: what follows reports a finished merge, whatever Ctrl-C says
         if json_summary:

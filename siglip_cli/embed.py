@@ -32,7 +32,7 @@ from torch import Tensor
 from . import gpu_decode, interrupts
 from .decoding import Batch, batch_pixels, decoded_batches, default_workers, digest_of_file, error_row, look_ahead
 from .errors import UserError, first_line
-from .files import counted, directory_entry, discover, display_path, same_file
+from .files import counted, directory_entry, discover, display_path, mount_root, same_file
 from .outputs import (
     OUTPUT_DTYPES,
     WEIGHTS_DIFFER,
@@ -507,12 +507,6 @@ def _digests(paths: list[str], size: int, progress: Progress | None, why: str) -
         return list(look_ahead(paths, digest_or_none, depth=4 * HASHING_THREADS, threads=HASHING_THREADS))
 
 
-# Where drives and network shares are mounted, and how many folders down their mount points sit: /Volumes/X
-# (macOS), /mnt/X (by hand), /media/X (usbmount, fstab) or /media/USER/X (desktops), /run/media/USER/X (Fedora,
-# Arch). Under one of these, a missing folder on the way to the mount point means a drive not mounted.
-MOUNT_POINTS = {"/Volumes": (1,), "/mnt": (1,), "/media": (1, 2), "/run/media": (2,)}
-
-
 def _whereabouts(path: str) -> str:
     """Of a file an earlier row names: "there", "gone", or "unknown" when it cannot be looked at now. Unknown: a
     folder on its way cannot be read, or what is left of the way is a drive that is not mounted: a symlink whose
@@ -532,14 +526,13 @@ def _whereabouts(path: str) -> str:
         folder = os.path.dirname(folder)
     if os.path.islink(folder) and not os.path.exists(folder):
         return "unknown"
-    for root, depths in MOUNT_POINTS.items():
-        if absolute.startswith(root + os.sep):
-            below = len(Path(folder).relative_to(root).parts) if folder.startswith(root) else -1  # -1: above it
-            if below in depths and ((empty := _empty_folder(folder)) or os.path.ismount(folder)):
-                return "unknown" if empty else "gone"  # an empty mount point; a drive mounted, its files seen
-            if below < max(depths):  # /media/USER, or what is above the mount point: not the drive
-                return "unknown"
-            break
+    if (mounts := mount_root(absolute)) is not None:
+        root, depths = mounts
+        below = len(Path(folder).relative_to(root).parts) if folder.startswith(root) else -1  # -1: above it
+        if below in depths and ((empty := _empty_folder(folder)) or os.path.ismount(folder)):
+            return "unknown" if empty else "gone"  # an empty mount point; a drive mounted, its files seen
+        if below < max(depths):  # /media/USER, or what is above the mount point: not the drive
+            return "unknown"
     return "gone"
 
 

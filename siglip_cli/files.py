@@ -144,6 +144,18 @@ def first_of(items: list[str], shown: int) -> str:
     return ", ".join(items[:shown] + more)
 
 
+# Where drives and network shares are mounted, and how many folders down their mount points sit: /Volumes/X
+# (macOS), /mnt/X (by hand), /media/X (usbmount, fstab) or /media/USER/X (desktops), /run/media/USER/X (Fedora,
+# Arch). Under one of these, a missing folder on the way to the mount point means a drive not mounted.
+MOUNT_POINTS = {"/Volumes": (1,), "/mnt": (1,), "/media": (1, 2), "/run/media": (2,)}
+
+
+def mount_root(absolute: str) -> tuple[str, tuple[int, ...]] | None:
+    """The root of `MOUNT_POINTS` that `absolute` lies under, with how many folders down its mount points sit;
+    None elsewhere."""
+    return next(((root, depths) for root, depths in MOUNT_POINTS.items() if absolute.startswith(root + os.sep)), None)
+
+
 def counted(n: int, noun: str) -> str:
     """'3 files', '1 file'."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"

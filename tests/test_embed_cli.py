@@ -445,6 +445,29 @@ def test_an_output_link_into_a_missing_folder_or_to_another_kind_of_file_is_refu
     assert sorted(path.name for path in out.iterdir()) == names
 
 
+def test_an_output_in_a_missing_folder_makes_it_with_a_note_but_not_where_a_drive_is_mounted(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `-o /media/me/USBDISK/lib.safetensors` with the drive not plugged in wrote the output, silently, on the disk
+    # under the mount point.
+    import siglip_cli.files
+
+    monkeypatch.setattr(siglip_cli.files, "MOUNT_POINTS", {str(out / "media"): (1, 2)})
+    (out / "media" / "me").mkdir(parents=True)
+    for drive in (out / "media" / "USBDISK", out / "media" / "me" / "USBDISK"):
+        error = the_error(embed(photos, "-o", drive / "photos" / "lib.safetensors"))
+        assert error == (
+            f"error: the output's folder {drive} does not exist, and drives are mounted there: mount the drive, or "
+            "make the folder to write on this disk."
+        )
+    assert sorted(p.name for p in (out / "media").rglob("*")) == ["me"]
+    (out / "media" / "me" / "USBDISK").mkdir()  # made by hand: written there
+    ok(embed(photos, "-o", out / "media" / "me" / "USBDISK" / "lib.safetensors"))
+    result = ok(embed(photos, "-o", out / "new" / "sub" / "lib.safetensors"))
+    assert f"note: the output's folder {out / 'new' / 'sub'} does not exist: it is made." in result.stderr
+    assert len(read_jsonl(out / "new" / "sub" / "lib.jsonl")) == 3
+
+
 def test_overwrite_without_tokens_removes_the_old_tokens_file(embed, photos: Path, out: Path) -> None:
     ok(embed(photos, "-o", out / "embeddings.npy", "--tokens"))
     ok(embed(photos / "b.png", "-o", out / "embeddings.npy", "--overwrite"))

@@ -1108,9 +1108,9 @@ def test_update_keeps_unchecked_the_rows_under_an_empty_mount_point(
     embed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # /mnt/nas unmounted is an empty folder: the photos under it are not gone, the drive is.
-    import siglip_cli.embed
+    import siglip_cli.files
 
-    monkeypatch.setattr(siglip_cli.embed, "MOUNT_POINTS", {str(tmp_path / "mnt"): (1,)})
+    monkeypatch.setattr(siglip_cli.files, "MOUNT_POINTS", {str(tmp_path / "mnt"): (1,)})
     nas = tmp_path / "mnt" / "nas"
     save_photos(nas / "photos", ["n0.jpg", "n1.jpg"], first_seed=80)
     output = tmp_path / "out" / "embeddings.safetensors"
@@ -1128,10 +1128,10 @@ def test_update_keeps_the_rows_of_a_drive_whose_mount_root_is_gone_and_drops_a_f
 ) -> None:
     # /run/media is a tmpfs: after a reboot with the drive unplugged, /run/media/USER/DRIVE and the folders above it
     # are all missing. Its rows were dropped as gone. Mounted again, a folder deleted from it is gone.
-    import siglip_cli.embed
+    import siglip_cli.files
 
     root = tmp_path / "run" / "media"
-    monkeypatch.setattr(siglip_cli.embed, "MOUNT_POINTS", {str(root): (2,)})
+    monkeypatch.setattr(siglip_cli.files, "MOUNT_POINTS", {str(root): (2,)})
     drive = root / "alice" / "DRIVE"
     save_photos(drive / "photos", ["r0.jpg", "r1.jpg"], first_seed=85)
     save_photos(drive / "kept", ["r2.jpg"], first_seed=88)
@@ -1261,10 +1261,10 @@ def test_a_file_deleted_from_a_drive_mounted_one_folder_down_media_is_gone(
 ) -> None:
     # /media/DRIVE (usbmount, fstab) and /media/USER (desktops, the drives one folder further) sit at one depth:
     # a mount point there is a drive whose files can be seen; a plain folder there may be a user's, drives unplugged.
-    import siglip_cli.embed
+    import siglip_cli.files
 
     media = tmp_path / "media"
-    monkeypatch.setattr(siglip_cli.embed, "MOUNT_POINTS", {str(media): (1, 2)})
+    monkeypatch.setattr(siglip_cli.files, "MOUNT_POINTS", {str(media): (1, 2)})
     save_photos(media / "data" / "photos", ["kept.jpg"])
     mounted = {str(media / "data")}
     monkeypatch.setattr(os.path, "ismount", lambda path: str(path) in mounted)
