@@ -43,7 +43,7 @@ from . import interrupts
 from .config import PreprocessConfig
 from .cpus import usable_cpus
 from .errors import first_line
-from .files import counted, is_regular_file
+from .files import counted, display_path, is_regular_file
 from .gpu_decode import JpegHeader, decode_headers, device_index, read_header
 from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_checked
 
@@ -125,7 +125,16 @@ class ImageFiles(Dataset):
                 pixels, facts, jpeg = decode_file(path, self.cfg, self.options, jpeg_to_device=self.jpeg_to_device)
                 return Item(index, pixels, {"path": path, **facts}, jpeg)
             except Exception as e:  # per file, whatever the class: one bad file never stops a run
-                return Item(index, None, error_row({"path": path, **_stat_fields(path)}, one_line(e)))
+                return Item(index, None, error_row({"path": path, **_stat_fields(path)}, _reason(e, path)))
+
+
+def _reason(error: Exception, path: str) -> str:
+    """Why the file at `path` failed, for the errors file; for a missing name with spaces at its ends (a line of a
+    path list, copied with them), also the name that exists without them."""
+    reason = one_line(error)
+    if isinstance(error, FileNotFoundError) and (bare := path.strip()) != path and os.path.lexists(bare):
+        reason += f" (without the spaces at its ends, {display_path(bare)} exists)"
+    return reason
 
 
 def error_row(info: dict, reason: str) -> dict:

@@ -70,9 +70,9 @@ def one_line(error: BaseException) -> str:
     """The reason a file failed, as one line of plain words for the errors file.
 
     The system's reason for a file that cannot be opened ("Permission denied"; the path is in the row already),
-    Pillow's and ours as they are ("image file is truncated (129 bytes not processed)"), anything else with its
-    class name. libheif's reasons come as ValueError, and read as Pillow's do. Line breaks become spaces; other
-    spacing is kept, since a reason may quote a file name.
+    Pillow's and ours as they are ("image file is truncated (129 bytes not processed)") but for the few that say
+    little alone (`_PLAINER_REASONS`), anything else with its class name. libheif's reasons come as ValueError, and
+    read as Pillow's do. Line breaks become spaces; other spacing is kept, since a reason may quote a file name.
     """
     if isinstance(error, OSError) and error.strerror:
         text = error.strerror
@@ -81,13 +81,22 @@ def one_line(error: BaseException) -> str:
     else:
         text = f"{type(error).__name__}: {error}"
     text = re.sub(r"[\r\n\t\v\f]+", " ", text).strip() or type(error).__name__
-    hint = _DECODER_HINTS.get(text)
-    return f"{text} ({hint})" if hint else text
+    return _PLAINER_REASONS.get(text, text)
 
 
-# Decoders' reasons that say little alone.
-_DECODER_HINTS = {
-    "could not create decoder object": "libwebp cannot read it: a damaged or truncated WebP?",  # Pillow's WebP plugin
+# Decoders' reasons that say little alone, or mislead, in plainer words.
+_PLAINER_REASONS = {
+    # Pillow's WebP plugin
+    "could not create decoder object": (
+        "could not create decoder object (libwebp cannot read it: a damaged or truncated WebP?)"
+    ),
+    # Pillow's TIFF plugin, when libtiff fails (`ImageFile.ERRORS` names the codes)
+    "decoder error -1": "decoder error -1 (buffer overrun: the image data is damaged)",
+    "decoder error -2": "decoder error -2 (broken data stream: the image data is damaged)",
+    "decoder error -8": "decoder error -8 (a TIFF layout libtiff cannot decode)",
+    "decoder error -9": "decoder error -9 (out of memory)",
+    # The data ended exactly between two of libjpeg's blocks: nothing is "not processed", the rest is missing.
+    "image file is truncated (0 bytes not processed)": "image file is truncated",
 }
 
 

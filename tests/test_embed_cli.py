@@ -714,6 +714,20 @@ def test_files_from_reads_a_list_of_paths(embed, photos: Path, out: Path, tmp_pa
     assert [r["path"] for r in read_jsonl(out / "embeddings.jsonl")] == [str(photos / "a.jpg"), str(photos / "b.png")]
 
 
+def test_a_listed_name_with_spaces_around_it_fails_naming_the_file_that_exists(
+    embed, photos: Path, out: Path, tmp_path: Path
+) -> None:
+    # The errors file said only "No such file or directory" of a line copied with a trailing space.
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{photos / 'a.jpg'} \n{photos / 'b.png'}\n")
+    ok(embed("--files-from", listing, "-o", out / "e.safetensors"))
+    [error] = read_jsonl(out / "e.errors.jsonl")
+    assert error == {
+        "path": f"{photos / 'a.jpg'} ",
+        "error": f"No such file or directory (without the spaces at its ends, {photos / 'a.jpg'} exists)",
+    }
+
+
 def test_files_from_dash_reads_stdin(embed, photos: Path, out: Path) -> None:
     result = ok(
         embed("--files-from", "-", "-o", out / "embeddings.safetensors", input=f"{photos / 'sub' / 'c.webp'}\n")

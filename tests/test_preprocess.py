@@ -432,6 +432,34 @@ def test_a_truncated_heic_or_webp_fails_in_plain_words(
     assert re.match(reason, one_line(raised.value))
 
 
+def test_damaged_tiff_and_jpeg_cut_between_blocks_fail_in_plain_words(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+    # Pillow said "decoder error -2" of a damaged LZW TIFF, and "(0 bytes not processed)" of a JPEG cut short
+    # between two of libjpeg's blocks, which read as if nothing were wrong.
+    from siglip_cli.preprocess import one_line
+
+    make_photo((64, 64)).save(tmp_path / "scan.tif", compression="tiff_lzw")
+    with Image.open(tmp_path / "scan.tif") as scan:
+        (start,), (length,) = scan.tag_v2[273], scan.tag_v2[279]  # StripOffsets, StripByteCounts
+    data = bytearray((tmp_path / "scan.tif").read_bytes())
+    for offset in range(start + length // 4, start + length // 2, 7):  # the pixels' LZW stream, not the header
+        data[offset] ^= 0xFF
+    (tmp_path / "scan.tif").write_bytes(data)
+    with pytest.raises(OSError) as raised:
+        load_pixels(tmp_path / "scan.tif", bicubic, DecodeOptions())
+    assert one_line(raised.value) == "decoder error -2 (broken data stream: the image data is damaged)"
+
+    make_photo((64, 64)).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    reasons = set()
+    for end in range(len(data) // 4, len(data) - 2):
+        (tmp_path / "cut.jpg").write_bytes(data[:end])
+        with pytest.raises(Exception) as raised:  # cut in its header, a file no longer known as a JPEG
+            load_pixels(tmp_path / "cut.jpg", bicubic, DecodeOptions())
+        if "(0 bytes not processed)" in str(raised.value):
+            reasons.add(one_line(raised.value))
+    assert reasons == {"image file is truncated"}  # met at least once, and said plainly
+
+
 def test_rotated_heic_is_turned_upright_once(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     # An iPhone portrait: pixels on their side, an `irot` rotation and EXIF orientation 6 (pillow-heif writes
     # both from EXIF bytes). libheif applies `irot` while decoding and pillow-heif resets the EXIF tag, so
