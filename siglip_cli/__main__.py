@@ -118,6 +118,11 @@ def main() -> None:
     # Pillow warns of what it reads past (a corrupt EXIF block, a palette's transparency): a file either decodes or
     # fails with its own sentence, and the warning's two lines of source location are noise to a user.
     warnings.filterwarnings("ignore", module=r"PIL\.")
+    try:  # torch's import fails there too, with oneMKL's "FATAL ERROR: Cannot load libtorch_cpu.so"
+        os.getcwd()
+    except FileNotFoundError:
+        print("error: the current folder no longer exists: cd to one that does.", file=sys.stderr)
+        sys.exit(2)
     try:
         from .cli import app
 

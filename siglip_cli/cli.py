@@ -100,12 +100,12 @@ def note(message: str) -> None:
     stderr.print(Text.assemble(("note:", "yellow"), " ", printable(message)))
 
 
-def _note_folders_made(out: OutputPaths) -> None:
-    """Say so when writing `out` makes its folder: a typo in -o shows before the run, not after it."""
-    from .outputs import missing_folders
+def _note_folders_made(out: OutputPaths, *, quiet: bool) -> None:
+    """Say so, before any work, when writing `out` makes its folder: a typo in -o shows now, not after the run."""
+    from .files import missing_folders
 
-    if made := missing_folders(out.embeddings):
-        note(f"the output's folder {display_path(str(made[-1]))} does not exist: it is made.")
+    if (made := missing_folders(out.embeddings)) and not quiet:
+        note(f"the output's folder {display_path(made[-1])} does not exist: it will be made.")
 
 
 def printable(message: str) -> str:
@@ -237,7 +237,7 @@ def embed(
     from .decoding import default_workers
     from .devices import check_device_options, embed_with_model, parse_devices
     from .embed import EmbedOptions
-    from .files import find_images
+    from .files import find_images, refuse_a_drive_not_mounted
     from .outputs import OutputPaths, refuse_inputs_among_outputs
     from .preprocess import DecodeOptions
     from .runtime import default_batch_size, resolve_device
@@ -253,13 +253,13 @@ def embed(
             fail("--update keeps the earlier output's rows and --overwrite discards them: give one of the two.")
         check_device_options(devices, shard=part, update=update)
         out = OutputPaths.for_output(output)
-        if not quiet:
-            _note_folders_made(out)
-        refuse_inputs_among_outputs(out, inputs or [], every=True)  # before the walk, which may take minutes
+        refuse_a_drive_not_mounted(out.embeddings)  # as the other refusals, before the walk, which may take minutes
+        refuse_inputs_among_outputs(out, inputs or [], every=True)
         paths, walk = find_images(inputs or [], files_from=files_from, digest_list=part is not None)
         refuse_inputs_among_outputs(out, walk.links, every=True)  # `photo.jpg -> img.npy` in a folder
         for message in walk.notes(quiet=quiet):
             note(message)
+        _note_folders_made(out, quiet=quiet)
         if part:
             paths = select_shard(paths, *part)  # may be empty: the shard still writes its (empty) output
         options = EmbedOptions(
@@ -397,11 +397,9 @@ def merge(
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Join shard outputs into one file, equal to a single run over all their images."""
-    from .outputs import OutputPaths
     from .shards import merge_outputs
 
     with user_errors(), interrupts.stop_on_signals():  # SIGTERM too; once the output is in place, none
-        _note_folders_made(OutputPaths.for_output(output))
         summary = merge_outputs(inputs, output, overwrite=overwrite, allow_missing=allow_missing)
     with interrupts.ignored():  # the output is in place: what follows reports a finished merge, whatever Ctrl-C says
         if json_summary:

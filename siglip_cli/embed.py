@@ -32,7 +32,7 @@ from torch import Tensor
 from . import gpu_decode, interrupts
 from .decoding import Batch, batch_pixels, decoded_batches, default_workers, digest_of_file, error_row, look_ahead
 from .errors import UserError, first_line
-from .files import counted, directory_entry, discover, display_path, mount_root, same_file
+from .files import below_mount_points, counted, directory_entry, discover, display_path, empty_folder, same_file
 from .outputs import (
     OUTPUT_DTYPES,
     WEIGHTS_DIFFER,
@@ -399,9 +399,9 @@ def _refuse_update_from_elsewhere(previous: dict[str, Ref | dict], made_in: str 
     relative = [path for path in previous if not os.path.isabs(path)]
     if relative:
         raise UserError(
-            f"the earlier output names {counted(len(relative), 'file')} by paths relative to the folder it was made "
-            f"in ({display_path(made_in)}), such as {display_path(min(relative, key=os.fsencode))}: run --update "
-            f"from {display_path(made_in)}."
+            f"the earlier output names {counted(len(relative), 'photo')} by paths relative to the folder it was made "
+            f"in, {display_path(made_in)}, not this one (such as {display_path(min(relative, key=os.fsencode))}): run "
+            f"--update from {display_path(made_in)}."
         )
 
 
@@ -526,22 +526,14 @@ def _whereabouts(path: str) -> str:
         folder = os.path.dirname(folder)
     if os.path.islink(folder) and not os.path.exists(folder):
         return "unknown"
-    if (mounts := mount_root(absolute)) is not None:
-        root, depths = mounts
-        below = len(Path(folder).relative_to(root).parts) if folder.startswith(root) else -1  # -1: above it
-        if below in depths and ((empty := _empty_folder(folder)) or os.path.ismount(folder)):
+    if (place := below_mount_points(absolute)) is not None:
+        _, depths = place
+        below = -1 if (inside := below_mount_points(folder)) is None else inside[0]  # -1: above the root
+        if below in depths and ((empty := empty_folder(folder)) or os.path.ismount(folder)):
             return "unknown" if empty else "gone"  # an empty mount point; a drive mounted, its files seen
         if below < max(depths):  # /media/USER, or what is above the mount point: not the drive
             return "unknown"
     return "gone"
-
-
-def _empty_folder(folder: str) -> bool:
-    try:
-        with os.scandir(folder) as entries:
-            return next(entries, None) is None
-    except OSError:
-        return False
 
 
 def _reusable(

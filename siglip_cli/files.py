@@ -150,10 +150,61 @@ def first_of(items: list[str], shown: int) -> str:
 MOUNT_POINTS = {"/Volumes": (1,), "/mnt": (1,), "/media": (1, 2), "/run/media": (2,)}
 
 
-def mount_root(absolute: str) -> tuple[str, tuple[int, ...]] | None:
-    """The root of `MOUNT_POINTS` that `absolute` lies under, with how many folders down its mount points sit;
-    None elsewhere."""
-    return next(((root, depths) for root, depths in MOUNT_POINTS.items() if absolute.startswith(root + os.sep)), None)
+def below_mount_points(folder: str) -> tuple[int, tuple[int, ...]] | None:
+    """How many folders below a root of `MOUNT_POINTS` the absolute `folder` sits (0: the root itself), with the
+    depths drives are mounted at under it; None elsewhere, or where the root is itself a drive's mount point (cloud
+    machines mount a data disk at /mnt: its folders are folders)."""
+    for root, depths in MOUNT_POINTS.items():
+        if folder == root or folder.startswith(root + os.sep):
+            return None if os.path.ismount(root) else (len(Path(folder).relative_to(root).parts), depths)
+    return None
+
+
+def empty_folder(folder: str) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
+
+
+def missing_folders(path: str | os.PathLike) -> list[str]:
+    """The folders on the way to `path` that do not exist, highest first, as writing it would make them: the way
+    resolved through its symlinks, a link that leads nowhere included. Empty where the working directory is gone."""
+    try:
+        folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return []
+    missing = []
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing[::-1]
+
+
+def refuse_a_drive_not_mounted(output: str | os.PathLike) -> None:
+    """Refuse to write `output` where a drive is mounted but none is now (`MOUNT_POINTS`): in a folder on the way to
+    one that does not exist (/media/me/USBDISK, unplugged), or in the empty folder of a drive not mounted (/mnt/nas,
+    left by fstab). The output would land on the disk under the mount point, unseen."""
+    missing = missing_folders(output)
+    try:
+        deepest = os.path.dirname(missing[0]) if missing else os.path.realpath(os.path.dirname(os.path.abspath(output)))
+    except OSError:
+        return
+    place = below_mount_points(deepest)
+    if place is None or os.path.ismount(deepest):
+        return
+    below, depths = place
+    if below < max(depths) and missing:
+        raise UserError(
+            f"no drive is mounted at {display_path(missing[0])}, which does not exist: mount the drive, or make the "
+            "folder first to write on this disk."
+        )
+    if below in depths and empty_folder(deepest):
+        raise UserError(
+            f"no drive is mounted at {display_path(deepest)}, an empty folder: mount the drive, or put any file in "
+            "the folder first to write on this disk."
+        )
 
 
 def counted(n: int, noun: str) -> str:

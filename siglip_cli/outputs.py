@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from . import __version__
 from .config import VisionConfig, json_kind
 from .errors import UserError
-from .files import display_path, mount_root, path_fields, path_from_fields, same_file
+from .files import display_path, path_fields, path_from_fields, same_file
 from .storage import (
     NpyRows,
     RowReader,
@@ -62,7 +62,6 @@ class OutputPaths:
             raise UserError(f"output {output} has no name before its extension: give one, as in -o photos{output.name}.")
         if suffix not in (".safetensors", ".npy"):
             raise UserError(f"output {output} must end in .safetensors or .npy.")
-        _refuse_a_drive_not_mounted(output)
         stem = output.with_suffix("")
         npy = suffix == ".npy"
         paths = cls(
@@ -117,27 +116,6 @@ def _link_target(link: Path) -> Path:
     if kind not in (".safetensors", ".npy") or (link.suffix and link.suffix.lower() != kind):  # `latest` → x.npy: fine
         raise UserError(f"output {link} is a link to {target}, a file of another kind: give -o a name of its own.")
     return target
-
-
-def missing_folders(output: Path) -> list[Path]:
-    """The folders on the way to `output` that do not exist, highest first: writing it makes them."""
-    missing = []
-    for folder in Path(os.path.abspath(output)).parents:
-        if os.path.lexists(folder):
-            break
-        missing.append(folder)
-    return missing[::-1]
-
-
-def _refuse_a_drive_not_mounted(output: Path) -> None:
-    """Refuse an output whose folders would be made where a drive is mounted (`files.MOUNT_POINTS`: /Volumes/X,
-    /mnt/X, /media/USER/X): the drive is not mounted, and the output would land on the disk under it, unseen."""
-    for folder in missing_folders(output):
-        if (mounts := mount_root(str(folder))) is not None and len(folder.relative_to(mounts[0]).parts) in mounts[1]:
-            raise UserError(
-                f"the output's folder {display_path(str(folder))} does not exist, and drives are mounted there: mount "
-                "the drive, or make the folder to write on this disk."
-            )
 
 
 def _is_dir(path: Path) -> bool:

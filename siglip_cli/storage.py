@@ -23,7 +23,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from . import interrupts
 from .errors import UserError
-from .files import display_path
+from .files import display_path, refuse_a_drive_not_mounted
 
 try:
     import fcntl
@@ -141,6 +141,7 @@ def exclusive(output: Path) -> Iterator[None]:
         yield
         return
     lock = output.with_name(f".{output.stem}.lock")  # by stem: OUT.npy and OUT.safetensors share OUT.jsonl
+    refuse_a_drive_not_mounted(output)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock, "a+b")

@@ -445,27 +445,47 @@ def test_an_output_link_into_a_missing_folder_or_to_another_kind_of_file_is_refu
     assert sorted(path.name for path in out.iterdir()) == names
 
 
-def test_an_output_in_a_missing_folder_makes_it_with_a_note_but_not_where_a_drive_is_mounted(
-    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+def test_an_output_in_a_missing_folder_makes_it_with_a_note_but_not_where_a_drive_is_not_mounted(
+    embed, photos: Path, out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # `-o /media/me/USBDISK/lib.safetensors` with the drive not plugged in wrote the output, silently, on the disk
-    # under the mount point.
+    # `-o /media/me/USBDISK/lib.safetensors` with the drive unplugged, or `-o /mnt/nas/lib.safetensors` with the NAS
+    # not mounted (fstab leaves its empty folder), wrote the output, silently, on the disk under the mount point.
     import siglip_cli.files
 
-    monkeypatch.setattr(siglip_cli.files, "MOUNT_POINTS", {str(out / "media"): (1, 2)})
-    (out / "media" / "me").mkdir(parents=True)
-    for drive in (out / "media" / "USBDISK", out / "media" / "me" / "USBDISK"):
-        error = the_error(embed(photos, "-o", drive / "photos" / "lib.safetensors"))
+    media, mnt = out / "media", out / "mnt"
+    monkeypatch.setattr(siglip_cli.files, "MOUNT_POINTS", {str(media): (1, 2), str(mnt): (1,)})
+    (media / "me").mkdir(parents=True)
+    (mnt / "nas").mkdir(parents=True)
+    (out / "drives").symlink_to(media)
+    for given, drive in [
+        (media / "USBDISK" / "photos", media / "USBDISK"),
+        (media / "me" / "USBDISK", media / "me" / "USBDISK"),
+        (out / "drives" / "me" / "USBDISK", media / "me" / "USBDISK"),  # the way through a link is the link's
+    ]:
+        error = the_error(embed(photos, "-o", given / "lib.safetensors"))
         assert error == (
-            f"error: the output's folder {drive} does not exist, and drives are mounted there: mount the drive, or "
-            "make the folder to write on this disk."
+            f"error: no drive is mounted at {drive}, which does not exist: mount the drive, or make the folder first "
+            "to write on this disk."
         )
-    assert sorted(p.name for p in (out / "media").rglob("*")) == ["me"]
-    (out / "media" / "me" / "USBDISK").mkdir()  # made by hand: written there
-    ok(embed(photos, "-o", out / "media" / "me" / "USBDISK" / "lib.safetensors"))
+    for given in (mnt / "nas", mnt / "nas" / "2026"):
+        error = the_error(embed(photos, "-o", given / "lib.safetensors"))
+        assert error == (
+            f"error: no drive is mounted at {mnt / 'nas'}, an empty folder: mount the drive, or put any file in the "
+            "folder first to write on this disk."
+        )
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["drives", "media", "media/me", "mnt", "mnt/nas"]
+    (mnt / "nas" / "README").write_text("scratch space")  # a folder of this disk, as the user says
+    ok(embed(photos, "-o", mnt / "nas" / "lib.safetensors"))
+    ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(media) or ismount(path))
+    ok(embed(photos, "-o", media / "data" / "lib.safetensors"))  # a cloud machine's data disk, mounted at the root
+
     result = ok(embed(photos, "-o", out / "new" / "sub" / "lib.safetensors"))
-    assert f"note: the output's folder {out / 'new' / 'sub'} does not exist: it is made." in result.stderr
+    assert f"note: the output's folder {out / 'new' / 'sub'} does not exist: it will be made." in result.stderr
     assert len(read_jsonl(out / "new" / "sub" / "lib.jsonl")) == 3
+    (tmp_path / "empty").mkdir()
+    result = embed(tmp_path / "empty", "-o", out / "other" / "lib.safetensors")
+    assert the_error(result).startswith("error: no image files found") and "note:" not in result.stderr
 
 
 def test_overwrite_without_tokens_removes_the_old_tokens_file(embed, photos: Path, out: Path) -> None:
@@ -1198,6 +1218,16 @@ def test_what_c_decoders_print_stays_off_the_terminal(photos: Path, out: Path, t
     process = run_siglip("embed", photos, "-o", out / "e.safetensors", "--model", tiny_siglip, "--workers", 1)
     assert process.returncode == 0, process.stderr
     assert "Fax4Decode" not in process.stderr and process.stderr.splitlines()[-1].startswith("embedded 4 → ")
+
+
+def test_a_run_from_a_deleted_folder_says_so(photos: Path, out: Path, tmp_path: Path) -> None:
+    # torch's import failed there with oneMKL's "FATAL ERROR: Cannot load .../libtorch_cpu.so".
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    command = f'cd "{gone}" && rmdir "{gone}" && exec "{sys.executable}" -m siglip_cli embed "{photos}" -o x.npy'
+    process = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert (process.returncode, process.stdout) == (2, "")
+    assert process.stderr == "error: the current folder no longer exists: cd to one that does.\n"
 
 
 def test_real_process_reads_stdin_and_keeps_stdout_clean(photos: Path, out: Path, tiny_siglip: Path) -> None:

@@ -1043,8 +1043,8 @@ def test_update_from_another_folder_of_an_output_with_relative_paths_is_refused(
     result = embed(given, output, "--update")
     if output.suffix != ".npy":
         assert the_error(result) == (
-            f"error: the earlier output names 12 files by paths relative to the folder it was made in ({tmp_path}), "
-            f"such as photos/p00.jpg: run --update from {tmp_path}."
+            f"error: the earlier output names 12 photos by paths relative to the folder it was made in, {tmp_path}, "
+            f"not this one (such as photos/p00.jpg): run --update from {tmp_path}."
         )
     elif inputs == "the-same-folder-spelled-from-there":  # where it was made unknown: as far as can be told from
         ok(result)  # here, a folder renamed (the next test but one), and taken as that
