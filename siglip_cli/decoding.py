@@ -113,11 +113,22 @@ class ImageFiles(Dataset):
 
     def __init__(self, paths: list[str], cfg: PreprocessConfig, options: DecodeOptions, *, jpeg_to_device: bool):
         self.paths, self.cfg, self.options, self.jpeg_to_device = paths, cfg, options, jpeg_to_device
+        self.watch: _Watch | None = None  # set by `_parcels` for its loader's workers
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Item:
+        worker = get_worker_info() if self.watch is not None else None
+        if worker is not None:
+            self.watch.start(worker.id, index)
+        try:
+            return self._decoded(index)
+        finally:
+            if worker is not None:
+                self.watch.done(worker.id)
+
+    def _decoded(self, index: int) -> Item:
         path = self.paths[index]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's corrupt-EXIF and palette warnings: the file either works or fails
@@ -186,11 +197,73 @@ def _quiet_if_the_main_process_left(kind: type[BaseException], value: BaseExcept
 # alone (an H200's 16 cores embedded 35 images/s on the CPU decoder, and read JPEG bytes at 831 images/s).
 PARCEL_SIZE = 16
 
-# A decoder stuck in a loop on one malformed file would hang the run, and every rerun, at that file. The main process
-# waits this long for the workers' next parcel, then decodes the parcels in flight again, one process per file, each
-# stopped after as long: the stuck file becomes an error row. A real decode takes a small part of it: 1 to 3 s for a
-# 108-MP JPEG or PNG on one Zen 4 core, and Pillow's own limit is 179 MP (`--max-pixels`).
+# A decoder stuck in a loop on one malformed file would hang the run, and every rerun, at that file. A worker that
+# has been on one file this long is stopped, and the file becomes an error row (`_Watch`). A real decode takes a
+# small part of it: 1 to 3 s for a 108-MP JPEG or PNG on one Zen 4 core, and Pillow's own limit is 179 MP
+# (`--max-pixels`); a 30 MB photo read at 1 MB/s from a slow share, 30 s.
 STUCK_AFTER_S = 300
+
+
+class _Watch:
+    """Which file each decoding worker is on, and since when, in memory the workers share with the main process,
+    whose thread (`_stuck_workers_stopped`) stops a worker that has been on one file for `STUCK_AFTER_S`."""
+
+    def __init__(self, workers: int):
+        self.pids = multiprocessing.RawArray("q", workers)
+        self.since = multiprocessing.RawArray("d", workers)  # time.monotonic(), one clock for every process
+        self.files = multiprocessing.RawArray("q", [-1] * workers)  # -1: between files
+
+    def start(self, worker: int, index: int) -> None:
+        self.pids[worker], self.since[worker] = os.getpid(), time.monotonic()
+        self.files[worker] = index  # last: a file seen here has its start time set
+
+    def done(self, worker: int) -> None:
+        self.files[worker] = -1
+
+    def stuck(self) -> Iterator[tuple[int, int]]:
+        """(pid, file index) of each worker on one file for longer than `STUCK_AFTER_S`."""
+        now = time.monotonic()
+        for worker, index in enumerate(self.files):
+            # Read again after the time: a worker that moved on meanwhile may have left a file's time to another.
+            if index >= 0 and now - self.since[worker] > STUCK_AFTER_S and self.files[worker] == index:
+                yield self.pids[worker], index
+
+
+def _stuck_row(path: str) -> dict:
+    reason = f"its decoding took longer than {STUCK_AFTER_S} s and was stopped (a decoder stuck in a loop?)"
+    return error_row({"path": path, **_stat_fields(path)}, reason)
+
+
+@contextmanager
+def _stuck_workers_stopped(watch: _Watch | None, stuck: set[int], note: Callable[[str], None],
+                           paths: list[str]) -> Iterator[None]:  # fmt: skip
+    """While the block runs, a thread kills the decoding workers `watch` finds stuck, and adds their files to
+    `stuck`. The loader then fails as for any worker that died, and `_parcels` recovers."""
+    if watch is None:
+        yield
+        return
+    finished = threading.Event()
+
+    def watching() -> None:
+        while not finished.wait(1.0):
+            for pid, index in watch.stuck():
+                if index in stuck:
+                    continue
+                stuck.add(index)
+                note(f"a decoder was stuck on {display_path(paths[index])} for {STUCK_AFTER_S} s: it is stopped, "
+                     "and the file listed in the errors file.")  # fmt: skip
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended by itself meanwhile
+                    pass
+
+    thread = threading.Thread(target=watching, name="siglip-stuck-decoders", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        thread.join()
 
 
 @dataclass(frozen=True)
@@ -387,14 +460,16 @@ def _parcels(
 ) -> Iterator[Parcel]:  # fmt: skip
     """The parcels of `spans`, in order, from a DataLoader; never one parcel across two spans.
 
-    A worker that dies (a native decoder's crash, the kernel's out-of-memory killer) or is stuck (`STUCK_AFTER_S`)
-    would end or hang the run, and every rerun, at the same file. Instead the files it may have held, those of the
-    parcels in flight, are decoded again one process each, so that the culprit alone becomes an error row, and a
-    fresh DataLoader takes the rest.
+    A worker that dies (a native decoder's crash, the kernel's out-of-memory killer) would end the run, and every
+    rerun, at the same file; one stuck on a file would hang it. A stuck worker is killed (`_stuck_workers_stopped`),
+    and for a worker that died the files it may have held, those of the parcels in flight, are decoded again one
+    process each (but a stuck one), so that the culprit alone becomes an error row; a fresh DataLoader takes the
+    rest.
     Where the workers cannot hand parcels over for want of shared memory, the rest is decoded in this process.
     """
     size = min(PARCEL_SIZE, batch_size)
     done = spans[0][0] if spans else 0  # files handed over
+    stuck: set[int] = set()  # files whose decoding was stopped
 
     def prefetch(workers: int) -> int:
         """Parcels each worker has in flight: about two batches in all, capped at the number of parcels (2 at the
@@ -418,8 +493,8 @@ def _parcels(
                 worker_init_fn=_worker_init if workers else None,
                 prefetch_factor=prefetch_factor,
                 pin_memory=pin,
-                timeout=STUCK_AFTER_S if workers else 0,
             )
+            files.watch = _Watch(workers) if workers else None
             try:
                 arriving = iter(loader)
             except OSError as e:  # its queues' semaphores live in /dev/shm: full, read-only; or no process to fork
@@ -434,11 +509,12 @@ def _parcels(
                 workers = 0
                 continue
         try:
-            for _ in range(len(loader)):
-                with interrupts.deferred(), _worker_deaths_raised_here():
-                    parcel = next(arriving)
-                done += len(parcel)
-                yield parcel
+            with _stuck_workers_stopped(files.watch, stuck, note, files.paths):
+                for _ in range(len(loader)):
+                    with interrupts.deferred(), _worker_deaths_raised_here():
+                        parcel = next(arriving)
+                    done += len(parcel)
+                    yield parcel
             with interrupts.deferred():
                 next(arriving, None)  # the finished iterator shuts its workers down (not in a `__del__`, see `interrupts`)
             return
@@ -461,10 +537,7 @@ def _parcels(
                 workers = 0
                 spans = _clip(spans, done, len(files))
                 continue
-            if str(e).startswith("DataLoader timed out"):
-                note(f"no file decoded for {STUCK_AFTER_S} s (a decoder stuck on a file?): decoding the files in flight "
-                     "again, one process each, to find it.")  # fmt: skip
-            elif not str(e).startswith("DataLoader worker"):
+            if not str(e).startswith("DataLoader worker"):
                 raise
         finally:
             with interrupts.deferred():
@@ -473,7 +546,7 @@ def _parcels(
         # holds fewer than `size` files. Counting too far costs only files decoded one process each, never one lost.
         in_flight = done + size * prefetch_factor * workers
         for first, end in _clip(spans, done, in_flight):
-            yield _collate(_each_alone(files, range(first, end), workers))
+            yield _collate(_each_alone(files, range(first, end), workers, stuck))
         spans, done = _clip(spans, in_flight, len(files)), in_flight
 
 
@@ -601,25 +674,31 @@ def _worker_deaths_raised_here() -> Iterator[None]:
         signal.signal(signal.SIGCHLD, previous)
 
 
-def _each_alone(files: ImageFiles, indices: range, workers: int) -> list[Item]:
+def _each_alone(files: ImageFiles, indices: range, workers: int, stuck: set[int]) -> list[Item]:
     """`files[i]` for each index, each decoded in a process of its own, `workers` at a time; a file whose process
-    dies, or takes longer than `STUCK_AFTER_S`, becomes an error item that says how."""
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="siglip-decode-alone") as pool:
-        return list(pool.map(lambda i: _decode_alone(files, i), indices))
+    dies, or takes longer than `STUCK_AFTER_S`, becomes an error item that says how, as does one already `stuck`
+    without being decoded again."""
+    with interrupts.stop_flag() as stop:
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="siglip-decode-alone") as pool:
+            return list(pool.map(lambda i: _decode_alone(files, i, stop, i in stuck), indices))
 
 
-def _decode_alone(files: ImageFiles, index: int) -> Item:
+def _decode_alone(files: ImageFiles, index: int, stop: threading.Event, stuck: bool) -> Item:
     path = files.paths[index]
+    if stuck:
+        return Item(index, None, _stuck_row(path))
     context = multiprocessing.get_context()  # the DataLoader's
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_decode_for_parent, args=(sender, path, files.cfg, files.options, files.jpeg_to_device))
     child.start()
     sender.close()
+    given_up_at = time.monotonic() + STUCK_AFTER_S
     try:
-        if not receiver.poll(STUCK_AFTER_S):
-            child.kill()
-            reason = f"its decoding took longer than {STUCK_AFTER_S} s and was stopped (a decoder stuck in a loop?)"
-            return Item(index, None, error_row({"path": path, **_stat_fields(path)}, reason))
+        while not receiver.poll(0.5):  # in slices: a Ctrl-C stops the run now, not when the decoder is done
+            if stop.is_set():
+                raise KeyboardInterrupt
+            if time.monotonic() > given_up_at:
+                return Item(index, None, _stuck_row(path))
         item = pickle.loads(receiver.recv_bytes())._replace(index=index)
     except EOFError:  # the process died before it answered
         child.join()
@@ -631,7 +710,7 @@ def _decode_alone(files: ImageFiles, index: int) -> Item:
         return Item(index, None, error_row({"path": path, **_stat_fields(path)}, _death(child.exitcode)))
     finally:
         receiver.close()
-        child.join(timeout=10)
+        child.join(timeout=0 if stop.is_set() or time.monotonic() > given_up_at else 10)  # a stuck one is killed
         if child.is_alive():
             child.kill()
             child.join()

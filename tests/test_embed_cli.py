@@ -13,6 +13,7 @@ import faulthandler
 import gc
 import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -1824,7 +1825,7 @@ def test_a_file_whose_decoder_is_stuck_costs_only_itself(mixed_folder: Path, mon
     from siglip_cli.preprocess import DecodeOptions
 
     monkeypatch.setattr(D, "PARCEL_SIZE", 2)
-    monkeypatch.setattr(D, "STUCK_AFTER_S", 2)
+    monkeypatch.setattr(D, "STUCK_AFTER_S", 3)  # a worker's own time on one file: fork and start-up do not count
     paths = sorted(str(p) for p in mixed_folder.iterdir())
     cfg = PreprocessConfig(32, 32)
     plain = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=64, workers=2, pin=False))
@@ -1839,10 +1840,30 @@ def test_a_file_whose_decoder_is_stuck_costs_only_itself(mixed_folder: Path, mon
     errors = {Path(e["path"]).name: e["error"] for e in got.errors}
     assert errors == {
         "broken.jpg": next(e["error"] for e in expected.errors),
-        "photo1.jpg": "its decoding took longer than 2 s and was stopped (a decoder stuck in a loop?)",
+        "photo1.jpg": "its decoding took longer than 3 s and was stopped (a decoder stuck in a loop?)",
     }
-    assert notes == ["no file decoded for 2 s (a decoder stuck on a file?): decoding the files in flight again, one "
-                     "process each, to find it."]  # fmt: skip
+    stuck = mixed_folder / "photo1.jpg"
+    assert notes == [f"a decoder was stuck on {stuck} for 3 s: it is stopped, and the file listed in the errors file."]
+    assert multiprocessing.active_children() == []  # the stuck worker, and every other, gone
+
+
+def test_a_file_stuck_when_decoded_in_a_process_of_its_own_is_stopped_too(
+    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a worker died, the files it may have held are decoded one process each: a stuck one hung that too.
+    from siglip_cli import decoding as D
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.preprocess import DecodeOptions
+
+    monkeypatch.setattr(D, "STUCK_AFTER_S", 2)
+    die_decoding({"photo1.jpg": lambda: time.sleep(3600)}, monkeypatch)
+    paths = [str(mixed_folder / name) for name in ("photo0.jpg", "photo1.jpg", "drawing.png")]
+    files = D.ImageFiles(paths, PreprocessConfig(32, 32), DecodeOptions(), jpeg_to_device=False)
+    items = D._each_alone(files, range(3), 2, stuck=set())
+    assert [item.info.get("error") for item in items] == [
+        None, "its decoding took longer than 2 s and was stopped (a decoder stuck in a loop?)", None
+    ]
+    assert multiprocessing.active_children() == []
 
 
 def test_a_run_goes_on_past_a_file_that_kills_its_decoder(
