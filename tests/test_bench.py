@@ -582,6 +582,7 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "model only" in done.stdout and "end to end" in done.stdout
     assert "failed:" not in done.stdout and "skipped:" not in done.stdout  # every row measured
+    assert "the 7 rows: identical" in done.stdout  # copies of one image in a batch embed to the same bits
 
 
 def test_compile_keeps_one_warm_up_call(tiny_vision: Path, monkeypatch: pytest.MonkeyPatch) -> None:
