@@ -76,7 +76,20 @@ def _standard_streams() -> None:
             setattr(sys, name, open(os.devnull, mode))
         elif mode == "w" and hasattr(getattr(sys, name), "reconfigure"):
             getattr(sys, name).reconfigure(errors="backslashreplace")
-    sys.stdout, sys.stderr = _Stdout(sys.stdout), _Stderr(sys.stderr)
+    sys.stdout, sys.stderr = _Stdout(sys.stdout), _Stderr(_own_descriptor(sys.stderr))
+
+
+def _own_descriptor(stream):
+    """`stream` (stderr) on a copy of its file descriptor. C libraries write to descriptor 2 themselves (libtiff, a
+    line per bad scanline of a damaged scan); with Python's stderr apart, `preprocess.c_messages_dropped` can send
+    theirs to /dev/null while a photo decodes in this process, and the progress bar and our sentences still show."""
+    try:
+        if stream.fileno() != 2:
+            return stream
+        copy = os.dup(2)
+    except (AttributeError, OSError, ValueError):
+        return stream
+    return open(copy, "w", buffering=1, encoding=stream.encoding, errors="backslashreplace")
 
 
 def _exit_now(status: int) -> NoReturn:

@@ -14,7 +14,9 @@ here as a Pillow plugin; libheif applies their rotation itself and resets the EX
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -126,7 +128,7 @@ def open_rgb(
     Returns the image and the (width, height) of the full-size oriented original. `target` is the
     (width, height) the image will be resized to; only `fast_decode` uses it.
     """
-    with open_checked(source, options) as image:
+    with c_messages_dropped(), open_checked(source, options) as image:
         size = image.size
         # Image.open leaves an animation or a multi-page TIFF at its first frame, a PSD at its composite image.
         # MPO: a JPEG with a preview or a gain map after it (many cameras, Ultra HDR phones), decoded as one.
@@ -142,6 +144,42 @@ def open_rgb(
             if orientation >= 5:  # turned by 90 degrees
                 size = size[::-1]
         return to_rgb(image), size
+
+
+_dropping_lock = threading.Lock()
+_dropping: list[int] = []  # while some thread's block runs: the descriptor that was 2, to put back
+
+
+@contextmanager
+def c_messages_dropped() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block, where Python's stderr has a descriptor of its own (the command
+    line gives it one in `__main__`; a decoding worker, `decoding._quiet_c_libraries`). What C decoders print there
+    themselves (libtiff, a line per bad scanline of a damaged scan) then stays off the terminal and its progress
+    bar: the file's row or its line in the errors file says what happened. Elsewhere (a library caller, whose
+    stderr is descriptor 2) nothing changes. Threads may overlap: the first in sends it away, the last out back."""
+    try:
+        own = sys.stderr.fileno() != 2
+    except (AttributeError, OSError, ValueError):  # no stderr, or one without a descriptor (a test's capture)
+        own = False
+    if not own:
+        yield
+        return
+    with _dropping_lock:
+        if not _dropping:
+            saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+            _dropping.append(saved)
+        else:
+            _dropping.append(_dropping[0])
+    try:
+        yield
+    finally:
+        with _dropping_lock:
+            saved = _dropping.pop()
+            if not _dropping:
+                os.dup2(saved, 2)
+                os.close(saved)
 
 
 def _registered_formats() -> tuple[str, ...]:

@@ -1219,6 +1219,13 @@ def test_what_c_decoders_print_stays_off_the_terminal(photos: Path, out: Path, t
     process = run_siglip("embed", photos, "-o", out / "e.safetensors", "--model", tiny_siglip, "--workers", 1)
     assert process.returncode == 0, process.stderr
     assert "Fax4Decode" not in process.stderr and process.stderr.splitlines()[-1].startswith("embedded 4 → ")
+    # Decoded in the command's own process (`--workers 0`, `inspect`), they reached the terminal.
+    command = [sys.executable, "-m", "siglip_cli"]
+    for args in (["embed", photos, "-o", out / "main.npy", "--workers", 0], ["inspect", photos / "scan.tif"]):
+        process = subprocess.run([*command, *map(str, args), "--model", str(tiny_siglip)], capture_output=True,
+                                 text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)  # fmt: skip
+        assert process.returncode == 0, process.stderr
+        assert "Fax4Decode" not in process.stderr and "Traceback" not in process.stderr
 
 
 def test_a_run_from_a_deleted_folder_says_so(photos: Path, out: Path, tmp_path: Path) -> None:
