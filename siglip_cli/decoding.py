@@ -494,8 +494,8 @@ def _parcels(
                 prefetch_factor=prefetch_factor,
                 pin_memory=pin,
             )
-            files.watch = _Watch(workers) if workers else None
             try:
+                files.watch = _Watch(workers) if workers else None  # shared memory too
                 arriving = iter(loader)
             except OSError as e:  # its queues' semaphores live in /dev/shm: full, read-only; or no process to fork
                 if not workers:

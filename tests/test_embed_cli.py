@@ -1940,12 +1940,14 @@ def test_workers_that_fail_mid_run_leave_the_rest_to_this_process(
                            D.batch_pixels(expected, cfg, torch.device("cpu"), DecodeOptions())[0])  # fmt: skip
 
 
+@pytest.mark.parametrize("failing", ["the-loader's-queues", "the-watch-on-stuck-workers"])
 def test_workers_that_cannot_start_leave_the_work_to_this_process(
-    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
+    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
     # A full or read-only /dev/shm: the loader's queues could not make their semaphores, and the run ended in a
-    # traceback.
+    # traceback. The shared memory where workers say which file they are on comes from there too.
     import errno
+    import multiprocessing
 
     from siglip_cli import decoding as D
     from siglip_cli.config import PreprocessConfig
@@ -1961,7 +1963,13 @@ def test_workers_that_cannot_start_leave_the_work_to_this_process(
             raise OSError(errno.ENOSPC, "No space left on device")
         return start(self)
 
-    monkeypatch.setattr(D.DataLoader, "_get_iterator", no_semaphores)
+    def no_shared_memory(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == "the-loader's-queues":
+        monkeypatch.setattr(D.DataLoader, "_get_iterator", no_semaphores)
+    else:
+        monkeypatch.setattr(multiprocessing, "RawArray", no_shared_memory)
     notes: list[str] = []
     batches = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=3, workers=2, pin=False, note=notes.append))
     assert notes == ["cannot start 2 decoding workers (No space left on device; their queues need a writable "
