@@ -161,6 +161,7 @@ def below_mount_points(folder: str) -> tuple[int, tuple[int, ...]] | None:
 
 
 def empty_folder(folder: str) -> bool:
+    """Whether `folder` is a folder with nothing in it; False where it cannot be listed."""
     try:
         with os.scandir(folder) as entries:
             return next(entries, None) is None

@@ -147,7 +147,7 @@ def open_rgb(
 
 
 _dropping_lock = threading.Lock()
-_dropping: list[int] = []  # while some thread's block runs: the descriptor that was 2, to put back
+_dropping = {"blocks": 0, "saved": -1}  # `c_messages_dropped` blocks running (threads overlap), and the old 2
 
 
 @contextmanager
@@ -156,7 +156,8 @@ def c_messages_dropped() -> Iterator[None]:
     line gives it one in `__main__`; a decoding worker, `decoding._quiet_c_libraries`). What C decoders print there
     themselves (libtiff, a line per bad scanline of a damaged scan) then stays off the terminal and its progress
     bar: the file's row or its line in the errors file says what happened. Elsewhere (a library caller, whose
-    stderr is descriptor 2) nothing changes. Threads may overlap: the first in sends it away, the last out back."""
+    stderr is descriptor 2) nothing changes. Blocks in several threads overlap: the first in sends descriptor 2
+    away, the last out puts it back."""
     try:
         own = sys.stderr.fileno() != 2
     except (AttributeError, OSError, ValueError):  # no stderr, or one without a descriptor (a test's capture)
@@ -165,21 +166,19 @@ def c_messages_dropped() -> Iterator[None]:
         yield
         return
     with _dropping_lock:
-        if not _dropping:
-            saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        if _dropping["blocks"] == 0:
+            _dropping["saved"], devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
             os.close(devnull)
-            _dropping.append(saved)
-        else:
-            _dropping.append(_dropping[0])
+        _dropping["blocks"] += 1
     try:
         yield
     finally:
         with _dropping_lock:
-            saved = _dropping.pop()
-            if not _dropping:
-                os.dup2(saved, 2)
-                os.close(saved)
+            _dropping["blocks"] -= 1
+            if _dropping["blocks"] == 0:
+                os.dup2(_dropping["saved"], 2)
+                os.close(_dropping["saved"])
 
 
 def _registered_formats() -> tuple[str, ...]:
