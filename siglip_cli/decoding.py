@@ -136,7 +136,7 @@ class ImageFiles(Dataset):
                 pixels, facts, jpeg = decode_file(path, self.cfg, self.options, jpeg_to_device=self.jpeg_to_device)
                 return Item(index, pixels, {"path": path, **facts}, jpeg)
             except Exception as e:  # per file, whatever the class: one bad file never stops a run
-                return Item(index, None, error_row({"path": path, **_stat_fields(path)}, _reason(e, path)))
+                return _failed_item(index, path, _reason(e, path))
 
 
 def _reason(error: Exception, path: str) -> str:
@@ -146,6 +146,11 @@ def _reason(error: Exception, path: str) -> str:
     if isinstance(error, FileNotFoundError) and (bare := path.strip()) != path and os.path.lexists(bare):
         reason += f" (without the spaces at its ends, {display_path(bare)} exists)"
     return reason
+
+
+def _failed_item(index: int, path: str, reason: str) -> Item:
+    """The item of a file that could not be decoded: its errors row, with its size and mtime where known."""
+    return Item(index, None, error_row({"path": path, **_stat_fields(path)}, reason))
 
 
 def error_row(info: dict, reason: str) -> dict:
@@ -229,9 +234,8 @@ class _Watch:
                 yield self.pids[worker], index
 
 
-def _stuck_row(path: str) -> dict:
-    reason = f"its decoding took longer than {STUCK_AFTER_S} s and was stopped (a decoder stuck in a loop?)"
-    return error_row({"path": path, **_stat_fields(path)}, reason)
+def _stuck_reason() -> str:
+    return f"its decoding took longer than {STUCK_AFTER_S} s and was stopped (a decoder stuck in a loop?)"
 
 
 @contextmanager
@@ -678,15 +682,19 @@ def _each_alone(files: ImageFiles, indices: range, workers: int, stuck: set[int]
     """`files[i]` for each index, each decoded in a process of its own, `workers` at a time; a file whose process
     dies, or takes longer than `STUCK_AFTER_S`, becomes an error item that says how, as does one already `stuck`
     without being decoded again."""
+
+    def one(index: int, stop: threading.Event) -> Item:
+        if index in stuck:  # its worker was stopped on it: not tried again
+            return _failed_item(index, files.paths[index], _stuck_reason())
+        return _decode_alone(files, index, stop)
+
     with interrupts.stop_flag() as stop:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="siglip-decode-alone") as pool:
-            return list(pool.map(lambda i: _decode_alone(files, i, stop, i in stuck), indices))
+            return list(pool.map(lambda index: one(index, stop), indices))
 
 
-def _decode_alone(files: ImageFiles, index: int, stop: threading.Event, stuck: bool) -> Item:
+def _decode_alone(files: ImageFiles, index: int, stop: threading.Event) -> Item:
     path = files.paths[index]
-    if stuck:
-        return Item(index, None, _stuck_row(path))
     context = multiprocessing.get_context()  # the DataLoader's
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_decode_for_parent, args=(sender, path, files.cfg, files.options, files.jpeg_to_device))
@@ -698,7 +706,7 @@ def _decode_alone(files: ImageFiles, index: int, stop: threading.Event, stuck: b
             if stop.is_set():
                 raise KeyboardInterrupt
             if time.monotonic() > given_up_at:
-                return Item(index, None, _stuck_row(path))
+                return _failed_item(index, path, _stuck_reason())
         item = pickle.loads(receiver.recv_bytes())._replace(index=index)
     except EOFError:  # the process died before it answered
         child.join()
@@ -707,7 +715,7 @@ def _decode_alone(files: ImageFiles, index: int, stop: threading.Event, stuck: b
         deadline = time.monotonic() + 5
         while child.exitcode is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        return Item(index, None, error_row({"path": path, **_stat_fields(path)}, _death(child.exitcode)))
+        return _failed_item(index, path, _death(child.exitcode))
     finally:
         receiver.close()
         child.join(timeout=0 if stop.is_set() or time.monotonic() > given_up_at else 10)  # a stuck one is killed

@@ -169,29 +169,33 @@ def empty_folder(folder: str) -> bool:
         return False
 
 
-def missing_folders(path: str | os.PathLike) -> list[str]:
-    """The folders on the way to `path` that do not exist, highest first, as writing it would make them: the way
-    resolved through its symlinks, a link that leads nowhere included. Empty where the working directory is gone."""
+def _way_to(path: str | os.PathLike) -> tuple[str, list[str]] | None:
+    """The deepest folder on the way to `path` that exists, and those after it that do not, highest first: the way
+    resolved through its symlinks, a link that leads nowhere included. None where the working directory is gone."""
     try:
         folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     except OSError:
-        return []
+        return None
     missing = []
     while not os.path.lexists(folder):
         missing.append(folder)
         folder = os.path.dirname(folder)
-    return missing[::-1]
+    return folder, missing[::-1]
+
+
+def missing_folders(path: str | os.PathLike) -> list[str]:
+    """The folders on the way to `path` that do not exist, highest first, as writing it would make them."""
+    way = _way_to(path)
+    return way[1] if way else []
 
 
 def refuse_a_drive_not_mounted(output: str | os.PathLike) -> None:
     """Refuse to write `output` where a drive is mounted but none is now (`MOUNT_POINTS`): in a folder on the way to
     one that does not exist (/media/me/USBDISK, unplugged), or in the empty folder of a drive not mounted (/mnt/nas,
     left by fstab). The output would land on the disk under the mount point, unseen."""
-    missing = missing_folders(output)
-    try:
-        deepest = os.path.dirname(missing[0]) if missing else os.path.realpath(os.path.dirname(os.path.abspath(output)))
-    except OSError:
+    if (way := _way_to(output)) is None:
         return
+    deepest, missing = way
     place = below_mount_points(deepest)
     if place is None or os.path.ismount(deepest):
         return
