@@ -371,7 +371,7 @@ def odd_jpegs(directory: Path, cfg: PreprocessConfig, device: torch.device) -> N
     (directory / "truncated.jpg").write_bytes(data[: len(data) * 6 // 10])  # an interrupted copy
     for path in sorted(directory.glob("*.jpg")):
         try:
-            exact = load_pixels(path, cfg, DecodeOptions())[0]
+            exact = torch.from_numpy(load_pixels(path, cfg, DecodeOptions())[0])
         except Exception as e:  # the PIL path's verdict on the file
             exact, cpu = None, f"PIL path refuses it ({str(e)[:60]})"
         else:
@@ -535,7 +535,7 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: Forward, variant: str, 
     odd_jpegs(workdir / "odd", cfg, device)
     rows = []
     with torch.inference_mode():
-        exact_pixels = torch.stack([load_pixels(p, cfg, DecodeOptions())[0] for p in check]).to(device)
+        exact_pixels = torch.stack([torch.from_numpy(load_pixels(p, cfg, DecodeOptions())[0]) for p in check]).to(device)
         with exact_float32():
             exact = F.normalize(plain(exact_pixels).pooled.float(), dim=-1).cpu()
     decoder_name = "nvJPEG" if cuda else "libjpeg, CPU"

@@ -46,7 +46,8 @@ def convert(model_dir: str, out: str) -> None:
     from safetensors.torch import save_file
 
     from siglip_cli.references import timm_state_dict
-    from siglip_cli.weights import load_model, resolve_checkpoint
+    from siglip_cli.checkpoints import resolve_checkpoint
+    from siglip_cli.weights import load_model
 
     model = load_model(resolve_checkpoint(model_dir))  # unfused: the key map reads q/k/v
     save_file({key: t.contiguous() for key, t in timm_state_dict(model).items()}, out)

@@ -491,7 +491,7 @@ def image_results(
     from .gpu_decode import JpegHeader, read_header
     from .preprocess import DecodeOptions, load_pixels
     from .runtime import Embedder
-    from .weights import Checkpoint
+    from .checkpoints import Checkpoint
 
     n = len(paths)
 

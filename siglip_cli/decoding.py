@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gc
-import hashlib
 import io
 import math
 import multiprocessing
@@ -43,17 +42,13 @@ from . import interrupts
 from .config import PreprocessConfig
 from .cpus import usable_cpus
 from .errors import first_line
-from .files import counted, display_path, is_regular_file
+from .files import counted, display_path
 from .gpu_decode import JpegHeader, decode_headers, device_index, read_header
-from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_checked
+from .preprocess import DecodeOptions, load_pixels, one_line
+from .reading import failure_reason, read_image, stat_fields
 
 
 T, U = TypeVar("T"), TypeVar("U")
-# A file is read whole (hashed, then decoded from memory) by the worker that takes it; one larger than this has its
-# header checked first, so that a video named .jpg or a 20 GB scan over the pixel limit costs no memory, and is then
-# hashed a block at a time and decoded from the file: a photo followed by gigabytes (a damaged copy, a video glued
-# on) costs the photo's memory, not the file's.
-HEADER_FIRST_BYTES = 64 << 20
 
 
 class Item(NamedTuple):
@@ -63,49 +58,18 @@ class Item(NamedTuple):
     jpeg: JpegHeader | None = None  # a JPEG the model's device will decode (--decode gpu)
 
 
-def file_digest(data: bytes) -> str:
-    """The manifest's `blake2b`: 128 bits of BLAKE2b, in hex, which `--update` compares when only the mtime moved."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def digest_of_file(path: str, stop: threading.Event | None = None) -> str:
-    """`file_digest` of the file at `path`, read a MiB at a time (a 2 GB TIFF need not fit in memory). `stop`, once
-    set, ends the reading with KeyboardInterrupt (`interrupts.stop_flag`)."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            if stop is not None and stop.is_set():
-                raise KeyboardInterrupt
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def decode_file(
     path: str, cfg: PreprocessConfig, options: DecodeOptions, *, jpeg_to_device: bool = False
 ) -> tuple[Tensor | None, dict, JpegHeader | None]:
     """One file → (pixels, facts for the manifest, None); with `jpeg_to_device`, a JPEG the device decoder takes
     comes back as (None, facts, its header) instead. Raises on any problem with the file."""
-    info = os.stat(path)
-    if not is_regular_file(path):
-        raise BadImage("not a regular file")
-    if info.st_size > HEADER_FIRST_BYTES:
-        with open(path, "rb") as f:  # its own handle: closing the image closes the file it was given
-            open_checked(f, options).close()  # a huge file that is no image, or too many pixels: refused unread
-        facts = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "blake2b": digest_of_file(path)}
-        with open(path, "rb") as f:  # the PIL path whatever `jpeg_to_device`: the device decoder takes bytes in memory
-            pixels, width, height = load_pixels(f, cfg, options)
-        return pixels, {"width": width, "height": height, **facts}, None
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data:  # an interrupted copy or download, often: PIL would say only "cannot identify image file"
-        raise BadImage("empty file (0 bytes)")
-    facts = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "blake2b": file_digest(data)}
-    if jpeg_to_device:
+
+    def for_device(data: bytes) -> JpegHeader | None:
         header = read_header(data, cfg, options)
-        if isinstance(header, JpegHeader):
-            return None, {"width": header.width, "height": header.height, **facts}, header
-    pixels, width, height = load_pixels(io.BytesIO(data), cfg, options)
-    return pixels, {"width": width, "height": height, **facts}, None
+        return header if isinstance(header, JpegHeader) else None
+
+    pixels, facts, jpeg = read_image(path, cfg, options, for_device=for_device if jpeg_to_device else None)
+    return (torch.from_numpy(pixels) if pixels is not None else None), facts, jpeg
 
 
 class ImageFiles(Dataset):
@@ -136,35 +100,18 @@ class ImageFiles(Dataset):
                 pixels, facts, jpeg = decode_file(path, self.cfg, self.options, jpeg_to_device=self.jpeg_to_device)
                 return Item(index, pixels, {"path": path, **facts}, jpeg)
             except Exception as e:  # per file, whatever the class: one bad file never stops a run
-                return _failed_item(index, path, _reason(e, path))
-
-
-def _reason(error: Exception, path: str) -> str:
-    """Why the file at `path` failed, for the errors file; for a missing name with spaces at its ends (a line of a
-    path list, copied with them), also the name that exists without them."""
-    reason = one_line(error)
-    if isinstance(error, FileNotFoundError) and (bare := path.strip()) != path and os.path.lexists(bare):
-        reason += f" (without the spaces at its ends, {display_path(bare)} exists)"
-    return reason
+                return _failed_item(index, path, failure_reason(e, path))
 
 
 def _failed_item(index: int, path: str, reason: str) -> Item:
     """The item of a file that could not be decoded: its errors row, with its size and mtime where known."""
-    return Item(index, None, error_row({"path": path, **_stat_fields(path)}, reason))
+    return Item(index, None, error_row({"path": path, **stat_fields(path)}, reason))
 
 
 def error_row(info: dict, reason: str) -> dict:
     """The errors file's row of a file that failed: its path, why, and its size and mtime where known (by which a
     later --update tells whether it changed)."""
     return {"path": info["path"], "error": reason, **{k: info[k] for k in ("size", "mtime_ns") if k in info}}
-
-
-def _stat_fields(path: str) -> dict:
-    try:
-        info = os.stat(path)
-        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
-    except OSError:
-        return {}
 
 
 def _worker_init(_: int) -> None:
@@ -374,7 +321,7 @@ def batch_pixels(
     for i, _ in rejected:
         row = batch.jpeg_rows[i]
         try:
-            on_cpu = load_pixels(io.BytesIO(batch.jpegs[i].data.numpy().tobytes()), cfg, options)[0]
+            on_cpu = torch.from_numpy(load_pixels(io.BytesIO(batch.jpegs[i].data.numpy().tobytes()), cfg, options)[0])
         except Exception as e:  # per file, as in the workers (a device error below is not the file's fault)
             failed.add(row)
             errors.append(error_row(batch.rows[row], one_line(e)))

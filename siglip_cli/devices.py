@@ -33,7 +33,7 @@ from .outputs import OutputPaths, check_outputs, read_rows, refuse_inputs_among_
 from .runtime import dtype_note, load, resolve_device, resolve_dtype
 from .shards import merge_outputs, select_shard
 from .storage import WorkArea, exclusive
-from .weights import Checkpoint, resolve_checkpoint
+from .checkpoints import Checkpoint, resolve_checkpoint
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import gpu_decode, interrupts
-from .decoding import Batch, batch_pixels, decoded_batches, default_workers, digest_of_file, error_row, look_ahead
+from .decoding import Batch, batch_pixels, decoded_batches, default_workers, error_row, look_ahead
 from .errors import UserError, first_line
 from .files import below_mount_points, counted, directory_entry, discover, display_path, empty_folder, same_file
 from .outputs import (
@@ -51,6 +51,7 @@ from .outputs import (
     same_options,
 )
 from .preprocess import DecodeOptions
+from .reading import digest_of_file
 from .runtime import Embedder, load
 from .storage import Chunk, SafetensorsRows, WorkArea, WriteError, exclusive, remove_stale_temporaries, write_jsonl
 

@@ -35,7 +35,7 @@ from .storage import (
 )
 
 if TYPE_CHECKING:  # the weights module imports torch: 2.5 s that `siglip merge` has no use for
-    from .weights import Checkpoint
+    from .checkpoints import Checkpoint
 
 
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}

@@ -24,9 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
-import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
-from torch import Tensor
 
 from .config import DEFAULT_MAX_PIXELS, PreprocessConfig
 
@@ -281,8 +279,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def pixel_values(image: Image.Image, cfg: PreprocessConfig) -> Tensor:
-    """RGB PIL image → normalized (3, height, width) float32 tensor, as the reference computes it."""
+def pixel_values(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """RGB PIL image → normalized (3, height, width) float32 array, as the reference computes it."""
     if cfg.do_resize:
         image = image.resize(cfg.resized(*image.size), resample=cfg.resample)
     if not cfg.center_crop and image.size != (cfg.width, cfg.height):
@@ -294,7 +292,7 @@ def pixel_values(image: Image.Image, cfg: PreprocessConfig) -> Tensor:
     x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32) if cfg.do_rescale else x.astype(np.float32)
     if cfg.do_normalize:
         x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def center_crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -313,9 +311,9 @@ def center_crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def load_pixels(
     source: str | Path | BinaryIO, cfg: PreprocessConfig, options: DecodeOptions
-) -> tuple[Tensor, int, int]:
-    """Decode and preprocess one file (a path, or its bytes in a file object): ((3, H, W) pixels, width, height of
-    the oriented original)."""
+) -> tuple[np.ndarray, int, int]:
+    """Decode and preprocess one file (a path, or its bytes in a file object): ((3, H, W) float32 pixels, width,
+    height of the oriented original)."""
     target = (cfg.shortest_edge,) * 2 if cfg.shortest_edge else cfg.resized(cfg.width, cfg.height)  # at least
     image, (width, height) = open_rgb(source, options, target=target if cfg.do_resize else None)
     return pixel_values(image, cfg), width, height

@@ -14,7 +14,8 @@ from .config import DEFAULT_MODEL, PreprocessConfig
 from .cpus import fit_cpu_threads
 from .errors import UserError
 from .model import SiglipVision
-from .weights import Checkpoint, load_model, resolve_checkpoint
+from .checkpoints import Checkpoint, resolve_checkpoint
+from .weights import load_model
 
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

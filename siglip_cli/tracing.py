@@ -282,7 +282,7 @@ def _image_stages(photo: Image.Image, cfg: PreprocessConfig, describe: _Describe
         distortion = "" if cfg.center_crop else _distortion(photo, cfg)
         stages.append(_summarise("resized_image", _hwc(resized), describe("resized_image") + distortion))
     if cfg.do_normalize:
-        unnormalised = pixel_values(photo, dataclasses.replace(cfg, do_normalize=False))
+        unnormalised = torch.from_numpy(pixel_values(photo, dataclasses.replace(cfg, do_normalize=False)))
         stages.append(_summarise("rescaled_pixels", unnormalised[None], describe("rescaled_pixels")))
     return stages
 
@@ -302,7 +302,7 @@ def _distortion(photo: Image.Image, cfg: PreprocessConfig) -> str:
 
 def _pixels(photo: Image.Image, cfg: PreprocessConfig) -> Tensor:
     try:
-        return pixel_values(photo, cfg)
+        return torch.from_numpy(pixel_values(photo, cfg))
     except BadImage as e:
         raise UserError(f"{e}.") from None
 

@@ -19,11 +19,12 @@ from typer.testing import CliRunner
 from conftest import make_photo, reference_vision_model, save_png_claiming_size, with_preprocessing
 from siglip_cli import benchmark, config, references
 from siglip_cli import model as model_module
+from siglip_cli.checkpoints import resolve_checkpoint
 from siglip_cli.cli import app
 from siglip_cli.config import PreprocessConfig, VisionConfig
 from siglip_cli.errors import UserError
 from siglip_cli.model import SiglipVision, random_model
-from siglip_cli.weights import load_model, load_tower, resolve_checkpoint
+from siglip_cli.weights import load_model, load_tower
 
 RUNNER = CliRunner(env={"COLUMNS": "200"})
 TINY = VisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)

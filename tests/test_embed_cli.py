@@ -1655,8 +1655,9 @@ def test_a_huge_file_that_is_no_image_is_refused_without_being_read(tmp_path: Pa
     import tracemalloc
 
     from siglip_cli.config import PreprocessConfig
-    from siglip_cli.decoding import HEADER_FIRST_BYTES, decode_file
+    from siglip_cli.decoding import decode_file
     from siglip_cli.preprocess import BadImage, DecodeOptions
+    from siglip_cli.reading import HEADER_FIRST_BYTES
 
     huge = tmp_path / "clip.jpg"
     with open(huge, "wb") as f:
@@ -1676,8 +1677,9 @@ def test_a_photo_with_a_huge_tail_costs_the_photos_memory_not_the_files(tmp_path
     import tracemalloc
 
     from siglip_cli.config import PreprocessConfig
-    from siglip_cli.decoding import HEADER_FIRST_BYTES, decode_file, digest_of_file
+    from siglip_cli.decoding import decode_file
     from siglip_cli.preprocess import DecodeOptions, load_pixels
+    from siglip_cli.reading import HEADER_FIRST_BYTES, digest_of_file
 
     photo = tmp_path / "photo.jpg"
     make_photo((80, 60)).save(photo)
@@ -1691,20 +1693,20 @@ def test_a_photo_with_a_huge_tail_costs_the_photos_memory_not_the_files(tmp_path
     finally:
         tracemalloc.stop()
     assert peak < HEADER_FIRST_BYTES / 4
-    assert torch.equal(pixels, expected) and facts["blake2b"] == digest_of_file(str(photo))
+    assert np.array_equal(pixels.numpy(), expected) and facts["blake2b"] == digest_of_file(str(photo))
 
 
 def test_a_large_photo_passes_the_header_check_and_embeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Closing the image from the header check closed the file it was given: every file over the limit failed.
-    from siglip_cli import decoding
+    from siglip_cli import decoding, reading
     from siglip_cli.config import PreprocessConfig
     from siglip_cli.preprocess import DecodeOptions, load_pixels
 
     make_photo((80, 60), seed=0).save(tmp_path / "motion.jpg")  # over the (lowered) limit, as a motion photo is
-    monkeypatch.setattr(decoding, "HEADER_FIRST_BYTES", 100)
+    monkeypatch.setattr(reading, "HEADER_FIRST_BYTES", 100)
     cfg = PreprocessConfig(32, 32)
     pixels, facts, _ = decoding.decode_file(str(tmp_path / "motion.jpg"), cfg, DecodeOptions())
-    assert torch.equal(pixels, load_pixels(tmp_path / "motion.jpg", cfg, DecodeOptions())[0]) and facts["width"] == 80
+    assert np.array_equal(pixels.numpy(), load_pixels(tmp_path / "motion.jpg", cfg, DecodeOptions())[0]) and facts["width"] == 80
 
 
 @pytest.mark.parametrize(
@@ -1767,7 +1769,7 @@ def test_batches_are_fixed_slices_put_together_from_worker_parcels(
         assert [r["path"] for r in batch.errors + errors] == [n for n in names if n.endswith("broken.jpg")]
         assert (pixels is None) == (not rows)  # a batch of only the broken file has nothing to embed
         for row, got in zip(rows, pixels if rows else []):
-            expected = load_pixels(row["path"], cfg, DecodeOptions())[0]
+            expected = torch.from_numpy(load_pixels(row["path"], cfg, DecodeOptions())[0])
             # The device decoder (libjpeg-turbo here) is close to PIL, not exact: see gpu_decode.
             assert (got - expected).abs().max() <= (0.2 if jpeg_to_device else 0.0)
 

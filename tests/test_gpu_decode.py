@@ -120,7 +120,7 @@ def test_gpu_decode_matches_the_pil_path_on_cpu(mixed_files: list[Path], resampl
     folder = mixed_files[0].parent
     exact = [load_pixels(folder / names[i], cfg, DecodeOptions()) for i in decoded]
     assert [(taken[names[i]].width, taken[names[i]].height) for i in decoded] == [(w, h) for _, w, h in exact]
-    expected = torch.stack([p for p, _, _ in exact])
+    expected = torch.stack([torch.from_numpy(p) for p, _, _ in exact])
     difference = (pixels - expected).abs()
     level = 2 / 255  # one 8-bit level in normalized units
     assert difference.max() <= 3 * level and difference.mean() < 0.1 * level

@@ -310,7 +310,7 @@ def test_real_checkpoint_stats_match_transformers(tiny_vision: Path, photo: Path
     reference = reference_vision_model(tiny_vision)
     image, _ = tracing.read_image(photo)
     with torch.no_grad():
-        out = reference(pixel_values(image, result.preprocessing)[None], output_hidden_states=True)
+        out = reference(torch.from_numpy(pixel_values(image, result.preprocessing))[None], output_hidden_states=True)
     expected = {
         "embeddings": out.hidden_states[0],
         "layers.0.residual2": out.hidden_states[1],

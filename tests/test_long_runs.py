@@ -49,7 +49,7 @@ import siglip_cli.runtime as runtime_module
 import siglip_cli.storage as storage_module
 from conftest import DEFAULT_REPO_ID, build_checkpoint, make_photo, ok, siglip, the_error
 from siglip_cli import interrupts
-from siglip_cli.decoding import digest_of_file, file_digest
+from siglip_cli.reading import digest_of_file, file_digest
 from siglip_cli.embed import EmbedOptions, Embedder, embed_to_file, load
 from siglip_cli.errors import UserError
 from siglip_cli.files import discover

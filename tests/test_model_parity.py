@@ -20,12 +20,13 @@ from typer.testing import CliRunner
 
 from conftest import TINY_CHECKPOINTS, build_checkpoint, make_photo, reference_vision_model
 from siglip_cli import runtime
+from siglip_cli.checkpoints import resolve_checkpoint
 from siglip_cli.cli import app
 from siglip_cli.config import ACTIVATIONS
 from siglip_cli.embed import embed_paths, load
 from siglip_cli.model import OneDnnLinear
 from siglip_cli.runtime import cpu_has_native_bf16
-from siglip_cli.weights import load_model, resolve_checkpoint
+from siglip_cli.weights import load_model
 
 TOLERANCE = 1e-5  # float32, max |Δ|
 BF16_COSINE = 0.999

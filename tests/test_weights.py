@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import DEFAULT_REPO_ID, DEFAULT_REVISION, INDEX_NAME, WEIGHTS_NAME, HubCache, save_booby_trapped_pickle
+from siglip_cli.checkpoints import CheckpointError, resolve_checkpoint
 from siglip_cli.config import (
     PRESETS,
     ConfigError,
@@ -26,7 +27,7 @@ from siglip_cli.config import (
 )
 from siglip_cli.errors import UserError
 from siglip_cli.model import SiglipVision, num_parameters
-from siglip_cli.weights import CheckpointError, load_model, read_vision_tensors, resolve_checkpoint
+from siglip_cli.weights import load_model, read_vision_tensors
 
 PREFIXES = {
     "tiny_siglip": "vision_model.",
@@ -197,7 +198,7 @@ def test_weights_file_the_user_may_not_read_gives_the_systems_reason(
 
     from safetensors import SafetensorError
 
-    import siglip_cli.weights as weights_module
+    import siglip_cli.checkpoints as checkpoints_module
 
     checkpoint = copy_checkpoint(tiny_vision, tmp_path / "ckpt")
     locked = checkpoint / "model.safetensors"
@@ -210,8 +211,8 @@ def test_weights_file_the_user_may_not_read_gives_the_systems_reason(
             raise PermissionError(13, "Permission denied", str(path))
         return builtins.open(path, *args, **kwargs)
 
-    monkeypatch.setattr(weights_module, "safe_open", no_such_file)
-    monkeypatch.setattr(weights_module, "open", denied, raising=False)
+    monkeypatch.setattr(checkpoints_module, "safe_open", no_such_file)
+    monkeypatch.setattr(checkpoints_module, "open", denied, raising=False)
     with pytest.raises(CheckpointError, match=rf"^cannot read {locked}: Permission denied\.$"):
         load_model(resolve_checkpoint(str(checkpoint)))
 
@@ -666,6 +667,6 @@ def test_ctrl_c_while_the_weights_are_read_stops_after_the_reading(
             return torch.zeros(1)
 
     checkpoint = resolve_checkpoint(str(tiny_vision))
-    monkeypatch.setattr(weights, "_open_weights", lambda path: contextlib.nullcontext(Interrupted()))
+    monkeypatch.setattr(weights, "open_weights", lambda path, **_: contextlib.nullcontext(Interrupted()))
     with pytest.raises(KeyboardInterrupt):
         read_vision_tensors(checkpoint)

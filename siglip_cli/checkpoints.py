@@ -1,0 +1,350 @@
+"""Find a checkpoint (Hub id or local directory) and read its configs, without loading any tensor.
+
+Every layout in the wild holds the tower under one prefix: `vision_model.` (SigLIP repos), none (a
+`SiglipVisionModel` saved by transformers 5), `vision_tower.vision_model.` (PaliGemma) or
+`model.vision_tower.vision_model.` (newer PaliGemma saves). We find it as whatever stands in front of
+`embeddings.patch_embedding.weight`; `weights` strips it and loads the tensors strictly.
+
+No torch here (safetensors lists the keys through numpy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from safetensors import SafetensorError, safe_open
+
+from .config import (
+    PRESETS,
+    ConfigError,
+    PreprocessConfig,
+    VisionConfig,
+    preprocess_config_from_hub,
+    vision_config_from_hub,
+)
+from .errors import UserError, first_line
+from .files import display_path, is_utf8
+
+ANCHOR = "embeddings.patch_embedding.weight"
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+HUB_PROBE_SECONDS = 3.0
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what `git clone` without git-lfs leaves instead
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_MESSAGE = (
+    "pickle checkpoints (.bin, .pt, .pth) are refused because unpickling can run arbitrary code; "
+    "use a safetensors checkpoint (transformers: model.save_pretrained(dir, safe_serialization=True))"
+)
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be found, read, or matched to the model."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved checkpoint: its configs and the safetensors files that hold its vision tensors."""
+
+    name: str  # as the user gave it
+    revision: str | None  # the Hub commit hash; None for a local directory
+    vision: VisionConfig
+    preprocess: PreprocessConfig
+    weight_files: tuple[Path, ...]
+    prefix: str  # what stands in front of the tower's parameter names in those files
+    # Where `preprocess` came from: "preprocessor_config.json", "processor_config.json" (transformers 5 saves a
+    # processor's parts there together), or "" when the checkpoint has neither and SigLIP's defaults were assumed.
+    preprocess_source: str
+
+
+def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
+    """Resolve `name` (a local directory in the Hub layout, or a Hub id) without loading any tensor."""
+    if not name.strip():  # `-m "$MODEL"` with the variable unset: Path("") is the current folder
+        raise CheckpointError("the model name is empty: give a Hub id or a checkpoint directory.")
+    path = Path(name).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{name}: {PICKLE_MESSAGE}.")
+    if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"{name} is a local folder: a revision ({revision}) applies only to Hub ids.")
+        return _resolve(name, None, _LocalFiles(path))
+    if path.exists():
+        raise CheckpointError(f"{name} is a file; pass the checkpoint directory that holds config.json instead.")
+    if name in PRESETS:
+        raise CheckpointError(
+            f"{name} is an architecture preset without weights; to embed with its weights use --model google/{name}."
+        )
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"{name} is neither a local checkpoint directory nor a Hub id of the form org/name.")
+    try:
+        return _resolve(name, revision, _HubFiles(name, revision))
+    except CheckpointError as e:
+        if path.parent.is_dir():  # `runs/ckpt-final` mistyped looks like a Hub id: say the folder is not there
+            raise CheckpointError(f"there is no folder {name} here, and as a Hub id: {e}") from None
+        raise
+
+
+def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) -> Checkpoint:
+    config = _read_json(files.get("config.json", required=True))
+    preprocessor, preprocess_source = _image_processor_config(files)
+    try:
+        vision = vision_config_from_hub(config)
+        preprocess = preprocess_config_from_hub(preprocessor, vision)
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None  # the same sentence, naming the checkpoint
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a value of the wrong kind the checks missed
+        raise CheckpointError(f"{name}: config.json or {preprocess_source} holds a malformed value ({e}).") from None
+    if (preprocess.do_resize or preprocess.center_crop) and (preprocess.height, preprocess.width) != (
+        vision.image_size, vision.image_size
+    ):
+        step = "crops" if preprocess.center_crop else "resizes"
+        raise CheckpointError(
+            f"{name}: {preprocess_source} {step} to {preprocess.width}x{preprocess.height} but the tower "
+            f"takes {vision.image_size}x{vision.image_size} images."
+        )
+    # The single file first, as transformers loads them: a checkpoint re-saved unsharded in place keeps the old
+    # index (and perhaps its shards) beside the new file.
+    single = files.get(SINGLE_FILE, required=False)
+    if single is not None:
+        with open_weights(single) as f:
+            keys = list(f.keys())
+        prefix = _find_prefix(name, keys)
+        weight_files: tuple[Path, ...] = (single,)
+    else:
+        index_path = files.get(INDEX_FILE, required=False)
+        if index_path is None:
+            unknown = files.unknown.get(SINGLE_FILE) or files.unknown.get(INDEX_FILE)
+            if unknown is not None:  # the cache lacks them and the Hub could not be asked: not "there are none"
+                raise unknown
+            raise CheckpointError(f"{name} has no {SINGLE_FILE} or {INDEX_FILE}; {PICKLE_MESSAGE}.")
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path} has no weight_map naming the shard of each tensor.")
+        keys = list(weight_map)
+        prefix = _find_prefix(name, keys)
+        shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
+        weight_files = tuple(files.get(shard, required=True) for shard in shards)
+    fields = config.get("vision_config")
+    if config.get("model_type") == "paligemma" and isinstance(fields, dict) and "vision_use_head" not in fields:
+        # PaliGemma's own towers say `vision_use_head: false`; a vision_config silent on it gets a head from
+        # transformers (SiglipVisionConfig's default), random if the weights hold none. We follow the weights.
+        vision = dataclasses.replace(vision, vision_use_head=any(key.startswith(prefix + "head.") for key in keys))
+    return Checkpoint(name, files.commit_hash or revision, vision, preprocess, weight_files, prefix, preprocess_source)
+
+
+def _image_processor_config(files: _LocalFiles | _HubFiles) -> tuple[dict | None, str]:
+    """The image processor's settings and the file they came from, in transformers 5's order: the
+    `image_processor` entry of `processor_config.json` (what its `SiglipProcessor.save_pretrained` writes), else
+    `preprocessor_config.json`, else (None, ""). A folder can hold both, the older file left from a download that
+    was saved over: transformers then reads the first, and so must we, or the pixels differ silently."""
+    path = files.get("processor_config.json", required=False, probe=False)
+    if "processor_config.json" in files.unknown:  # the Hub failed on it: it may hold the settings that count
+        raise files.unknown["processor_config.json"]
+    if path is not None:
+        entry = _read_json(path).get("image_processor")
+        if entry is not None:
+            if not isinstance(entry, dict):
+                raise CheckpointError(f"{path}: its image_processor entry is not a JSON object.")
+            return entry, path.name
+    path = files.get("preprocessor_config.json", required=False)
+    if path is not None:
+        return _read_json(path), path.name
+    if "preprocessor_config.json" in files.unknown:  # SigLIP's defaults would be a guess: the repo may have one
+        raise files.unknown["preprocessor_config.json"]
+    return None, ""
+
+
+def _find_prefix(name: str, keys) -> str:
+    prefixes = sorted({key[: -len(ANCHOR)] for key in keys if key.endswith(ANCHOR)})
+    if not prefixes:
+        raise CheckpointError(f"{name} holds no SigLIP vision tower: no tensor named '*{ANCHOR}'.")
+    if len(prefixes) > 1:
+        raise CheckpointError(f"{name} holds several vision towers ({', '.join(p or '<none>' for p in prefixes)}).")
+    return prefixes[0]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        content = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}.") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path} is not a JSON object.")
+    return content
+
+
+@contextmanager
+def open_weights(path: Path, *, framework: str = "numpy") -> Iterator:
+    """`safe_open` whose failures, while opening or reading tensors, are one sentence naming the file. The keys
+    alone need no framework: "numpy" does not import torch, which "pt" does."""
+    if not is_utf8(str(path)):
+        raise CheckpointError(
+            f"{display_path(str(path))}: safetensors cannot open a path that is not valid UTF-8; rename the folder."
+        )
+    try:
+        with safe_open(path, framework=framework) as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        try:  # safetensors says "No such file or directory" of a file it may not read: the system's reason
+            with open(path, "rb"):
+                pass
+        except OSError as unreadable:
+            raise CheckpointError(f"cannot read {path}: {unreadable.strerror}.") from None
+        if _starts_with(path, LFS_POINTER):
+            raise CheckpointError(
+                f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` in the checkpoint folder."
+            ) from None
+        raise CheckpointError(f"{path} is not a readable safetensors file (damaged or incomplete download): {e}.") from None
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(prefix)) == prefix
+    except OSError:
+        return False
+
+
+class _LocalFiles:
+    commit_hash = None
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.unknown: dict[str, CheckpointError] = {}  # a folder knows what it holds: never filled
+
+    def get(self, filename: str, *, required: bool, probe: bool = True) -> Path | None:
+        path = self.directory / filename
+        if path.is_file():
+            return path
+        if required:
+            raise CheckpointError(f"{self.directory} has no {filename}.")
+        return None
+
+
+class _HubFiles:
+    """Files of a Hub repo through huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN are honoured).
+
+    Only the first request may go to the network: once config.json is in hand we pin its commit hash, and
+    huggingface_hub serves files of a known commit straight from the cache. An offline user without
+    HF_HUB_OFFLINE=1 therefore waits for one failed request, not one per file.
+
+    An optional file can be absent (the Hub said so, now or in a past run) or unknown (not cached, and the Hub
+    not reachable or failing). `get` returns None for both, since a sharded checkpoint lacks `model.safetensors`
+    and a single-file one its index; the reason for an unknown one is kept in `unknown`, and `_resolve` gives it
+    when it finds nothing else: "not in the cache and the Hub cannot be reached", not "the repo has no weights".
+    """
+
+    def __init__(self, repo_id: str, revision: str | None):
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            raise CheckpointError(f"{repo_id!r} is not a valid Hub id.") from None
+        self.repo_id, self.revision, self.commit_hash = repo_id, revision, None
+        self.reachable: bool | None = None  # the Hub's host, once probed
+        self.unknown: dict[str, CheckpointError] = {}
+
+    def get(self, filename: str, *, required: bool, probe: bool = True) -> Path | None:
+        """The file from the cache or the Hub. Without `probe`, an optional file that is not cached is looked for
+        only if this run already knows the Hub is reachable: seldom-present files cost an offline run no wait."""
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub import errors as hub
+
+        revision = self.commit_hash or self.revision
+        cached = try_to_load_from_cache(self.repo_id, filename, revision=revision)
+        if not isinstance(cached, str):
+            if not probe and self.reachable is not True:
+                return None
+            if not self._can_ask():
+                if cached is not None and not required:  # huggingface_hub's mark: the Hub said it has no such file
+                    return None
+                return self._unknown(filename, self._not_cached(filename), required=required)
+        try:
+            path = Path(hf_hub_download(self.repo_id, filename, revision=revision))
+        except hub.GatedRepoError:
+            raise CheckpointError(
+                f"{self.repo_id} is gated: accept its licence on huggingface.co and set HF_TOKEN (or run `hf auth login`)."
+            ) from None
+        except hub.RepositoryNotFoundError:
+            raise CheckpointError(
+                f"{self.repo_id} was not found on the Hugging Face Hub (check the id, or set HF_TOKEN for a private repo)."
+            ) from None
+        except hub.RevisionNotFoundError:
+            raise CheckpointError(f"{self.repo_id} has no revision {self.revision!r}.") from None
+        except hub.LocalEntryNotFoundError as e:  # not cached, and the Hub did not answer or answered an error
+            return self._unknown(filename, self._not_cached(filename, e.__cause__), required=required)
+        except hub.EntryNotFoundError:
+            if required:
+                raise CheckpointError(f"{self.repo_id} has no file {filename}.") from None
+            return None
+        except Exception as e:  # noqa: BLE001 - the transfer itself failed; its errors come from several libraries
+            # A connection dropped mid-file (the HTTP client's error, after huggingface_hub's own resumed tries),
+            # a size check that failed, a full disk. huggingface_hub 2 drops the partial file: a rerun starts over.
+            reason = first_line(e)
+            raise CheckpointError(
+                f"downloading {filename} of {self.repo_id} stopped ({reason}); run the command again to retry."
+            ) from None
+        if self.commit_hash is None and path.parent.parent.name == "snapshots":
+            self.commit_hash = path.parent.name
+        return path
+
+    def _unknown(self, filename: str, error: CheckpointError, *, required: bool) -> None:
+        if required:
+            raise error
+        self.unknown[filename] = error
+        return None
+
+    def _can_ask(self) -> bool:
+        """Whether to ask the Hub for a file the cache lacks: not under HF_HUB_OFFLINE, nor when the Hub's host
+        refuses a connection within seconds.
+
+        huggingface_hub alone would retry a file it does not hold for about 26 s, five warnings long, even when
+        the host name does not resolve: an offline machine would wait that long for the optional shard index of a
+        single-file model, or print it all before the one sentence that says what to do. Through a proxy we
+        cannot tell: ask.
+        """
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return False
+        if any(os.environ.get(name) for name in PROXY_VARIABLES):
+            return True
+        if self.reachable is None:  # one probe a run
+            endpoint = urlsplit(constants.ENDPOINT)
+            try:
+                port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+                with socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_SECONDS):
+                    self.reachable = True
+            except (OSError, ValueError):
+                self.reachable = False
+        return self.reachable
+
+    def _not_cached(self, filename: str, cause: BaseException | None = None) -> CheckpointError:
+        """The sentence for a file neither cached nor fetched, naming the file once part of the repo is cached
+        (a first download stopped halfway), and why the Hub could not give it."""
+        from huggingface_hub import constants
+
+        what = self.repo_id if self.revision is None else f"{self.repo_id} at revision {self.revision!r}"
+        if self.commit_hash is not None:
+            what = f"{filename} of {what}"
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if constants.HF_HUB_OFFLINE:
+            why, advice = "HF_HUB_OFFLINE is set", "unset it to download it"
+        elif status is not None and (status >= 500 or status == 429):  # an outage, or too many requests
+            why, advice = f"the Hub answered HTTP {status}", "try again later"
+        elif status is not None:  # refused: a token without access, or a proxy or firewall on the way
+            why, advice = f"the Hub answered HTTP {status}", "check HF_TOKEN and any proxy or firewall"
+        else:
+            why, advice = "the Hub cannot be reached", "connect once to download it"
+        return CheckpointError(
+            f"{what} is not in the local Hugging Face cache and {why}: {advice}, or pass a local checkpoint "
+            "directory with --model."
+        )

@@ -1,0 +1,87 @@
+"""One image file → its model pixels and its manifest facts (size, mtime, BLAKE2b), in PIL + numpy.
+
+No torch here: the decoding workers (`decoding`) hand the pixels over as tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+from typing import Callable, TypeVar
+
+import numpy as np
+
+from .config import PreprocessConfig
+from .files import display_path, is_regular_file
+from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_checked
+
+J = TypeVar("J")
+# A file is read whole (hashed, then decoded from memory) by the process that takes it; one larger than this has its
+# header checked first, so that a video named .jpg or a 20 GB scan over the pixel limit costs no memory, and is then
+# hashed a block at a time and decoded from the file: a photo followed by gigabytes (a damaged copy, a video glued
+# on) costs the photo's memory, not the file's.
+HEADER_FIRST_BYTES = 64 << 20
+
+
+def file_digest(data: bytes) -> str:
+    """The manifest's `blake2b`: 128 bits of BLAKE2b, in hex, which `--update` compares when only the mtime moved."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def digest_of_file(path: str, stop: threading.Event | None = None) -> str:
+    """`file_digest` of the file at `path`, read a MiB at a time (a 2 GB TIFF need not fit in memory). `stop`, once
+    set, ends the reading with KeyboardInterrupt (`interrupts.stop_flag`)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_image(
+    path: str, cfg: PreprocessConfig, options: DecodeOptions, *, for_device: Callable[[bytes], J | None] | None = None
+) -> tuple[np.ndarray | None, dict, J | None]:
+    """One file → ((3, H, W) float32 pixels, facts for the manifest, None). `for_device`, given a small file's bytes,
+    may claim it for a device decoder (a JPEG, on the GPU): (None, facts, what it returned) then. Raises on any
+    problem with the file."""
+    info = os.stat(path)
+    if not is_regular_file(path):
+        raise BadImage("not a regular file")
+    if info.st_size > HEADER_FIRST_BYTES:
+        with open(path, "rb") as f:  # its own handle: closing the image closes the file it was given
+            open_checked(f, options).close()  # a huge file that is no image, or too many pixels: refused unread
+        facts = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "blake2b": digest_of_file(path)}
+        with open(path, "rb") as f:  # the PIL path whatever `for_device`: the device decoder takes bytes in memory
+            pixels, width, height = load_pixels(f, cfg, options)
+        return pixels, {"width": width, "height": height, **facts}, None
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:  # an interrupted copy or download, often: PIL would say only "cannot identify image file"
+        raise BadImage("empty file (0 bytes)")
+    facts = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "blake2b": file_digest(data)}
+    if for_device is not None and (claimed := for_device(data)) is not None:
+        return None, {"width": claimed.width, "height": claimed.height, **facts}, claimed
+    pixels, width, height = load_pixels(io.BytesIO(data), cfg, options)
+    return pixels, {"width": width, "height": height, **facts}, None
+
+
+def failure_reason(error: Exception, path: str) -> str:
+    """Why the file at `path` failed, for the errors file; for a missing name with spaces at its ends (a line of a
+    path list, copied with them), also the name that exists without them."""
+    reason = one_line(error)
+    if isinstance(error, FileNotFoundError) and (bare := path.strip()) != path and os.path.lexists(bare):
+        reason += f" (without the spaces at its ends, {display_path(bare)} exists)"
+    return reason
+
+
+def stat_fields(path: str) -> dict:
+    """The size and mtime of the file at `path`, by which a later --update tells whether it changed; {} if gone."""
+    try:
+        info = os.stat(path)
+        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    except OSError:
+        return {}
