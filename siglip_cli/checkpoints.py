@@ -5,7 +5,8 @@ Every layout in the wild holds the tower under one prefix: `vision_model.` (SigL
 `model.vision_tower.vision_model.` (newer PaliGemma saves). We find it as whatever stands in front of
 `embeddings.patch_embedding.weight`; `weights` strips it and loads the tensors strictly.
 
-No torch here (safetensors lists the keys through numpy).
+No torch here (safetensors lists the keys through numpy): `siglip embed`'s head start (`headstart`) reads the
+preprocessing before torch is imported.
 """
 
 from __future__ import annotations
@@ -89,6 +90,19 @@ def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
         if path.parent.is_dir():  # `runs/ckpt-final` mistyped looks like a Hub id: say the folder is not there
             raise CheckpointError(f"there is no folder {name} here, and as a Hub id: {e}") from None
         raise
+
+
+def local_preprocessing(name: str, revision: str | None = None) -> PreprocessConfig | None:
+    """The preprocessing `resolve_checkpoint` would read for `name`, from this machine only (a folder, or the Hub's
+    cache), for the head start, which must not wait on the network; None where it is not at hand, or fails."""
+    try:
+        path = Path(name).expanduser()
+        files = _LocalFiles(path) if path.is_dir() else _HubFiles(name, revision, cache_only=True)
+        config = _read_json(files.get("config.json", required=True))
+        preprocessor, _ = _image_processor_config(files)
+        return preprocess_config_from_hub(preprocessor, vision_config_from_hub(config))
+    except Exception:  # noqa: BLE001 - the run resolves the checkpoint itself, and says what is wrong with it
+        return None
 
 
 def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) -> Checkpoint:
@@ -241,7 +255,7 @@ class _HubFiles:
     when it finds nothing else: "not in the cache and the Hub cannot be reached", not "the repo has no weights".
     """
 
-    def __init__(self, repo_id: str, revision: str | None):
+    def __init__(self, repo_id: str, revision: str | None, *, cache_only: bool = False):
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
         try:
@@ -249,6 +263,7 @@ class _HubFiles:
         except HFValidationError:
             raise CheckpointError(f"{repo_id!r} is not a valid Hub id.") from None
         self.repo_id, self.revision, self.commit_hash = repo_id, revision, None
+        self.cache_only = cache_only  # never ask the Hub
         self.reachable: bool | None = None  # the Hub's host, once probed
         self.unknown: dict[str, CheckpointError] = {}
 
@@ -267,6 +282,8 @@ class _HubFiles:
                 if cached is not None and not required:  # huggingface_hub's mark: the Hub said it has no such file
                     return None
                 return self._unknown(filename, self._not_cached(filename), required=required)
+        elif self.cache_only:  # as cached, unchecked: huggingface_hub would ask the Hub whether a branch moved
+            return self._pinned(Path(cached))
         try:
             path = Path(hf_hub_download(self.repo_id, filename, revision=revision))
         except hub.GatedRepoError:
@@ -292,6 +309,10 @@ class _HubFiles:
             raise CheckpointError(
                 f"downloading {filename} of {self.repo_id} stopped ({reason}); run the command again to retry."
             ) from None
+        return self._pinned(path)
+
+    def _pinned(self, path: Path) -> Path:
+        """`path`, a file of the cache's snapshot of a commit, which the repo's other files are then taken from."""
         if self.commit_hash is None and path.parent.parent.name == "snapshots":
             self.commit_hash = path.parent.name
         return path
@@ -313,7 +334,7 @@ class _HubFiles:
         """
         from huggingface_hub import constants
 
-        if constants.HF_HUB_OFFLINE:
+        if self.cache_only or constants.HF_HUB_OFFLINE:
             return False
         if any(os.environ.get(name) for name in PROXY_VARIABLES):
             return True

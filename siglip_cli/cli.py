@@ -232,6 +232,14 @@ def embed(
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Embed images into -o OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
+    from . import headstart
+    from .config import CPU_BATCH_SIZE
+    from .preprocess import DecodeOptions
+
+    decode_options = DecodeOptions(exif_transpose=exif_transpose, max_pixels=max_pixels or None, fast_decode=fast_decode)
+    if not update and shard is None and workers != 0 and decode is not Decoder.gpu:  # a fresh run's first files
+        headstart.begin(inputs or [], files_from=files_from, model=model, revision=revision, device=device,
+                        count=batch_size or CPU_BATCH_SIZE, options=decode_options)  # fmt: skip
     _import_torch()
 
     from .decoding import default_workers
@@ -239,7 +247,6 @@ def embed(
     from .embed import EmbedOptions
     from .files import find_images, refuse_a_drive_not_mounted
     from .outputs import OutputPaths, refuse_inputs_among_outputs
-    from .preprocess import DecodeOptions
     from .runtime import default_batch_size, resolve_device
     from .shards import parse_shard, select_shard, shard_inputs
 
@@ -269,7 +276,7 @@ def embed(
             batch_size=default_batch_size(devices[0]) if batch_size is None else batch_size,
             # Per device: each device's process starts that many (the CPUs and the memory are shared).
             workers=max(1, default_workers() // len(devices)) if workers is None else workers,
-            decode=DecodeOptions(exif_transpose=exif_transpose, max_pixels=max_pixels or None, fast_decode=fast_decode),
+            decode=decode_options,
             decoder=decode.value,
             shard=part,
             shard_inputs=shard_inputs(inputs or [], walk) if part else None,

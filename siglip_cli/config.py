@@ -116,6 +116,8 @@ PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"
 # What `siglip inspect` and `siglip bench` run when given no --model: B/16's shape, random weights, no download.
 DEFAULT_PRESET = "siglip-base-patch16-224"
 DEFAULT_MODEL = "google/siglip-base-patch16-224"  # what `siglip embed` runs when given none
+# `siglip embed`'s batch on the CPU and on CUDA, when not given (`runtime.default_batch_size` says why).
+CPU_BATCH_SIZE, CUDA_BATCH_SIZE = 32, 128
 # Where Pillow itself refuses an image (twice `Image.MAX_IMAGE_PIXELS`, above which it only warns): ~179 MP. 100 MP
 # cameras (Fujifilm GFX100, Hasselblad X2D) and phones' 108 MP mode are ordinary photos, which transformers embeds.
 DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)

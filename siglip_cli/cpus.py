@@ -6,8 +6,6 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROCESS_CGROUPS = Path("/proc/self/cgroup")
 
@@ -73,6 +71,8 @@ def _v1_quota(folder: Path) -> float | None:
 def fit_cpu_threads() -> None:
     """PyTorch's CPU threads, down to `usable_cpus()`: torch heeds the affinity but not a cgroup quota, and a forward
     on more threads than the quota pays for waits at every op's barrier for threads the quota keeps off the CPU."""
+    import torch  # here, not above: the head start (`headstart`) counts the CPUs before torch is imported
+
     cpus = usable_cpus()
     if torch.get_num_threads() > cpus:
         torch.set_num_threads(cpus)

@@ -38,7 +38,7 @@ except ImportError:  # moved in some torch release: the loader still notices a d
         pass
 
 
-from . import interrupts
+from . import headstart, interrupts
 from .config import PreprocessConfig
 from .cpus import usable_cpus
 from .errors import first_line
@@ -393,7 +393,8 @@ def decoded_batches(
     the model, `PARCEL_SIZE` files at a time, with about two batches in flight. `note` hears of a change of plan."""
     spans = [(start, min(start + batch_size, len(paths))) for start in range(0, len(paths), batch_size)]
     files = ImageFiles(paths, cfg, options, jpeg_to_device=jpeg_to_device)
-    parcels = _parcels(files, spans, batch_size, workers, pin, note)
+    head = _head_start(paths, cfg, options, jpeg_to_device)[: spans[0][1] if spans else 0]
+    parcels = _parcels(files, spans, batch_size, workers, pin, note, head)
     try:
         for start, end in spans:
             parts: list[Parcel] = []
@@ -405,11 +406,24 @@ def decoded_batches(
         parcels.close()  # now, even if a traceback keeps this frame: the loader's workers stop with it
 
 
+def _head_start(paths: list[str], cfg: PreprocessConfig, options: DecodeOptions, jpeg_to_device: bool) -> list[Item]:
+    """The items of `paths`' first files that the head start decoded (`headstart`), if any; it is stopped."""
+    if jpeg_to_device:  # the JPEGs are the device decoder's
+        headstart.stop()
+        return []
+    return [
+        Item(index, torch.from_numpy(pixels), facts, None) if pixels is not None else _failed_item(index, paths[index], facts)
+        for index, (pixels, facts) in enumerate(headstart.take(paths, cfg, options))
+    ]
+
+
 def _parcels(
     files: ImageFiles, spans: list[tuple[int, int]], batch_size: int, workers: int, pin: bool,
-    note: Callable[[str], None],
+    note: Callable[[str], None], head: list[Item],
 ) -> Iterator[Parcel]:  # fmt: skip
-    """The parcels of `spans`, in order, from a DataLoader; never one parcel across two spans.
+    """The parcels of `spans`, in order, from a DataLoader; never one parcel across two spans. `head`: the first
+    files' items, decoded already (by the head start), which no worker decodes again: handed over as a parcel once
+    the workers have started, so that they decode what follows while the model runs it.
 
     A worker that dies (a native decoder's crash, the kernel's out-of-memory killer) would end the run, and every
     rerun, at the same file; one stuck on a file would hang it. A stuck worker is killed (`_stuck_workers_stopped`),
@@ -419,7 +433,9 @@ def _parcels(
     Where the workers cannot hand parcels over for want of shared memory, the rest is decoded in this process.
     """
     size = min(PARCEL_SIZE, batch_size)
-    done = spans[0][0] if spans else 0  # files handed over
+    done = (spans[0][0] if spans else 0) + len(head)  # files handed over, or about to be
+    spans = _clip(spans, done, len(files))
+    waiting = _collate(head) if head else None
     stuck: set[int] = set()  # files whose decoding was stopped
 
     def prefetch(workers: int) -> int:
@@ -461,6 +477,9 @@ def _parcels(
                 continue
         try:
             with _stuck_workers_stopped(files.watch, stuck, note, files.paths):
+                if waiting is not None:
+                    parcel, waiting = waiting, None
+                    yield parcel
                 for _ in range(len(loader)):
                     with interrupts.deferred(), _worker_deaths_raised_here():
                         parcel = next(arriving)
@@ -499,6 +518,8 @@ def _parcels(
         for first, end in _clip(spans, done, in_flight):
             yield _collate(_each_alone(files, range(first, end), workers, stuck))
         spans, done = _clip(spans, in_flight, len(files)), in_flight
+    if waiting is not None:  # the head start decoded every file
+        yield waiting
 
 
 def _workers_within_open_files(workers: int, prefetch: Callable[[int], int], note: Callable[[str], None]) -> int:

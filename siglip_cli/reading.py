@@ -1,6 +1,7 @@
 """One image file → its model pixels and its manifest facts (size, mtime, BLAKE2b), in PIL + numpy.
 
-No torch here: the decoding workers (`decoding`) hand the pixels over as tensors.
+No torch here: the head start (`headstart`) runs this in a process forked before torch is imported; the decoding
+workers (`decoding`) run it too, and hand the pixels over as tensors.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import DEFAULT_MODEL, PreprocessConfig
+from .config import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, DEFAULT_MODEL, PreprocessConfig
 from .cpus import fit_cpu_threads
 from .errors import UserError
 from .model import SiglipVision
@@ -118,7 +118,7 @@ def default_batch_size(device: str) -> int:
     """32 on the CPU, which a batch of 32 keeps busy; 128 on CUDA, where B/16 ran 12,000 images/s at batch 64 and
     13,000 at 256 on an H200 (bench/RESULTS.md): 128 is most of that, and leaves memory for the full-size photos
     the GPU decoder holds while it works on a batch."""
-    return 128 if resolve_device(device).type == "cuda" else 32
+    return CUDA_BATCH_SIZE if resolve_device(device).type == "cuda" else CPU_BATCH_SIZE
 
 
 def prepare_model(

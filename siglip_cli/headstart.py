@@ -1,0 +1,224 @@
+"""A head start for the first batch: its photos decoded while torch is imported and the model loaded.
+
+`siglip embed` spends its first 1.5-2 s importing torch and loading the model, on one core, and its decoding
+workers start only once the model is ready: on a small machine the model then waited for its first batch (0.7 s of
+an 11 s run of 48 photos on 2 cores). Before torch is imported, `begin` forks one process (cheap then, and safe: the
+process has no other thread) that does what the run will do first: it lists the inputs, reads the checkpoint's
+preprocessing from this machine (a folder, or the Hub's cache), and decodes the first batch's files, each as a
+decoding worker would (`reading.read_image`), into memory it shares with this process. When the model is ready,
+`decoding` calls `take`: the process is stopped, and the files it finished are the run's, if they are the first the
+run has to embed and were decoded with the run's settings. The workers decode everything else, as before.
+
+It is a guess, checked when taken, so it never changes an output: a checkpoint whose settings differ once resolved
+(a newer commit on the Hub), a run that continues earlier work, anything unexpected in the process, and nothing is
+taken. It is started only where it can pay: the model on the CPU (a GPU's machine has cores to spare), two usable
+CPUs at least, decoding workers wanted, on Linux.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import fcntl
+import hashlib
+import mmap
+import os
+import pickle
+import signal
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from . import interrupts
+from .checkpoints import local_preprocessing
+from .config import PreprocessConfig
+from .cpus import usable_cpus
+from .files import discover
+from .preprocess import DecodeOptions
+from .reading import failure_reason, read_image
+
+# Shared memory for the decoded pixels, reserved but not used until written (an anonymous mapping): 32 images at
+# 384 x 384 (57 MB), 21 at 512 x 512.
+PIXEL_BYTES = 64 << 20
+# Device files of NVIDIA's driver and of ROCm's: where they are, `--device auto` is likely to mean a GPU.
+GPU_NODES = ("/dev/nvidiactl", "/dev/kfd")
+PIPE_BYTES = 1 << 20  # room for the files' facts, so the process never waits on this one to read them
+_F_SETPIPE_SZ = 1031  # <linux/fcntl.h>
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@dataclass
+class _Process:
+    pid: int
+    messages: Connection  # the process's plan, then each file's facts (or why it failed), as they are done
+    pixels: mmap.mmap  # the files' pixels, one slot each, in order
+    options: DecodeOptions
+
+
+_running: _Process | None = None
+
+
+def begin(
+    inputs: list[str],
+    *,
+    files_from: str | None,
+    model: str,
+    revision: str | None,
+    device: str,
+    count: int,
+    options: DecodeOptions,
+) -> None:
+    """Start decoding the first `count` files of `inputs` (and `files_from`) for `model`, where it can pay (see
+    above); `take` or `stop` ends it. Call before torch is imported."""
+    if _running is None and _pays(device, files_from):
+        _start(inputs, files_from, model, revision, count, options)
+
+
+def _pays(device: str, files_from: str | None) -> bool:
+    """Whether a head start can pay here, and the process can be forked safely."""
+    return (
+        (device == "cpu" or device == "auto" and not any(os.path.exists(node) for node in GPU_NODES))
+        and sys.platform.startswith("linux")
+        and "torch" not in sys.modules  # imported already: no time left to win (and its threads may not be forked)
+        and threading.active_count() == 1
+        and usable_cpus() >= 2
+        and (files_from is None or os.path.isfile(files_from))  # stdin or a pipe is read once, by the run
+    )
+
+
+def _start(
+    inputs: list[str], files_from: str | None, model: str, revision: str | None, count: int, options: DecodeOptions
+) -> None:
+    global _running
+    try:
+        pixels = mmap.mmap(-1, PIXEL_BYTES)
+        reading, writing = os.pipe()
+    except OSError:
+        return
+    try:
+        fcntl.fcntl(writing, _F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:  # a smaller pipe only lets the process wait sooner, for `take`
+        pass
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(reading)
+        os.close(writing)
+        return
+    if pid == 0:  # the head start itself; it never returns
+        os.close(reading)
+        _decode_first_files(inputs, files_from, model, revision, count, options, Connection(writing), pixels, parent)
+    os.close(writing)
+    _running = _Process(pid, Connection(reading), pixels, options)
+    atexit.register(stop)  # a run that ends before taking it (an error, Ctrl-C) stops it too
+
+
+def take(paths: list[str], cfg: PreprocessConfig, options: DecodeOptions) -> list[tuple[np.ndarray | None, dict | str]]:
+    """Stop the head start, and give what it finished of `paths`' first files, decoded with `cfg` and `options`:
+    for each, from the first on, its pixels and its manifest facts, or None and why it failed. Empty when there is
+    no head start, or it guessed other files or settings."""
+    process = _stopped()
+    if process is None:
+        return []
+    done: list[tuple[np.ndarray | None, dict | str]] = []
+    try:
+        with process.messages:
+            plan = pickle.loads(process.messages.recv_bytes())
+            if (plan["cfg"], process.options) != (cfg, options) or plan["paths"] != _digest(paths[: plan["count"]]):
+                return []
+            while True:
+                index, facts = pickle.loads(process.messages.recv_bytes())
+                if index != len(done):
+                    return done
+                if isinstance(facts, str):  # why the file failed
+                    done.append((None, facts))
+                else:
+                    done.append((_copied(process.pixels, index, cfg), facts))
+    except (EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError):  # the end of what it did
+        return done
+    finally:
+        process.pixels.close()
+
+
+def stop() -> None:
+    """Stop the head start, if one is running, and give its memory back."""
+    process = _stopped()
+    if process is not None:
+        process.messages.close()
+        process.pixels.close()
+
+
+def _stopped() -> _Process | None:
+    global _running
+    process, _running = _running, None
+    if process is not None:
+        try:
+            os.kill(process.pid, signal.SIGKILL)  # what it has not finished, the workers decode
+        except ProcessLookupError:
+            pass
+        while True:
+            try:
+                os.waitpid(process.pid, 0)
+                break
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+    return process
+
+
+def _copied(pixels: mmap.mmap, index: int, cfg: PreprocessConfig) -> np.ndarray:
+    """File `index`'s pixels, copied out of the shared memory: no view of it may outlive `take`, which closes it."""
+    shape = (3, cfg.height, cfg.width)
+    size = 3 * cfg.height * cfg.width
+    return np.frombuffer(pixels, np.float32, size, index * size * 4).reshape(shape).copy()
+
+
+def _digest(paths: list[str]) -> str:
+    return hashlib.blake2b("\0".join(paths).encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
+def _decode_first_files(
+    inputs: list[str],
+    files_from: str | None,
+    model: str,
+    revision: str | None,
+    count: int,
+    options: DecodeOptions,
+    messages: Connection,
+    pixels: mmap.mmap,
+    parent: int,
+) -> None:
+    """The head start's process: the plan (which files, with which settings), then each file's pixels into its slot
+    and its facts. Silent whatever happens: the run itself reports every problem."""
+    try:
+        interrupts.leave_to_parent()  # Ctrl-C is for the run, which stops this process itself
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the run's handler, copied with the process
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # and it dies with the run
+        if os.getppid() != parent:  # the run ended before that was set
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)  # C decoders' messages, and anything Python would say
+        warnings.simplefilter("ignore")
+        cfg = local_preprocessing(model, revision)
+        if cfg is None:
+            os._exit(0)
+        slot = 3 * cfg.height * cfg.width * 4
+        paths = discover(inputs, files_from=files_from)[: min(count, PIXEL_BYTES // slot)]
+        messages.send_bytes(pickle.dumps({"cfg": cfg, "count": len(paths), "paths": _digest(paths)}))
+        for index, path in enumerate(paths):
+            try:
+                array, facts, _ = read_image(path, cfg, options)
+            except Exception as e:  # per file, as in the workers
+                messages.send_bytes(pickle.dumps((index, failure_reason(e, path))))
+                continue
+            np.frombuffer(pixels, np.float32, count=array.size, offset=index * slot)[:] = array.ravel()
+            messages.send_bytes(pickle.dumps((index, {"path": path, **facts})))
+    finally:
+        os._exit(0)

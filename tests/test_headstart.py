@@ -1,0 +1,193 @@
+"""The head start: the first batch decoded in a process forked before torch is imported (`siglip_cli.headstart`).
+
+What it takes must be exactly what the decoding workers would have made, and what it guessed wrong must be left."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DEFAULT_REPO_ID, HubCache, make_photo, ok, siglip, with_bogus_huffman_table
+from siglip_cli import headstart
+from siglip_cli.checkpoints import local_preprocessing, resolve_checkpoint
+from siglip_cli.config import PreprocessConfig
+from siglip_cli.files import discover
+from siglip_cli.preprocess import DecodeOptions
+from siglip_cli.reading import failure_reason, read_image
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Photos in three formats, a broken JPEG and a text file named .jpg among them."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for seed in range(5):
+        make_photo((96, 64), seed=seed).save(folder / f"photo{seed}.jpg", quality=95)
+    make_photo((50, 40), seed=8).save(folder / "drawing.png")
+    make_photo((30, 50), seed=9).save(folder / "icon.webp")
+    (folder / "broken.jpg").write_bytes(with_bogus_huffman_table((folder / "photo0.jpg").read_bytes()))
+    (folder / "notes.jpg").write_text("not a photo")
+    return folder
+
+
+def finished(count: int, folder: Path, model: Path, options: DecodeOptions = DecodeOptions()) -> None:
+    """A head start on `folder`'s first `count` files, waited for to its end."""
+    headstart._start([str(folder)], None, str(model), None, count, options)
+    os.waitpid(headstart._running.pid, 0)
+
+
+def test_what_it_takes_is_what_a_worker_makes(folder: Path, tiny_siglip: Path) -> None:
+    cfg = resolve_checkpoint(str(tiny_siglip)).preprocess
+    paths = discover([str(folder)])
+    finished(len(paths), folder, tiny_siglip)
+    taken = headstart.take(paths, cfg, DecodeOptions())
+    assert len(taken) == len(paths) == 9 and headstart._running is None
+    for path, (pixels, facts) in zip(paths, taken):
+        try:
+            expected, expected_facts, _ = read_image(path, cfg, DecodeOptions())
+        except Exception as e:
+            assert pixels is None and facts == failure_reason(e, path)
+        else:
+            assert np.array_equal(pixels, expected) and facts == {"path": path, **expected_facts}
+    assert [p for p, (pixels, _) in zip(paths, taken) if pixels is None] == [
+        str(folder / "broken.jpg"), str(folder / "notes.jpg")
+    ]  # fmt: skip
+
+
+def test_only_the_first_files_are_decoded_and_taken_from_the_first(folder: Path, tiny_siglip: Path) -> None:
+    cfg = resolve_checkpoint(str(tiny_siglip)).preprocess
+    paths = discover([str(folder)])
+    finished(3, folder, tiny_siglip)
+    taken = headstart.take(paths, cfg, DecodeOptions())
+    assert [facts if pixels is None else facts["path"] for pixels, facts in taken] == [
+        "broken data stream when reading image file", paths[1], paths[2]
+    ]  # broken.jpg, drawing.png, icon.webp  # fmt: skip
+
+
+@pytest.mark.parametrize("guess", ["other files", "other order", "other preprocessing", "other options"])
+def test_a_wrong_guess_is_left(folder: Path, tiny_siglip: Path, guess: str) -> None:
+    # A run that continues earlier work embeds other files first; a Hub repo with a newer commit may resize otherwise.
+    cfg = resolve_checkpoint(str(tiny_siglip)).preprocess
+    paths = discover([str(folder)])
+    finished(4, folder, tiny_siglip)
+    if guess == "other files":
+        paths = paths[1:]
+    elif guess == "other order":
+        paths[0], paths[1] = paths[1], paths[0]
+    elif guess == "other preprocessing":
+        cfg = dataclasses.replace(cfg, resample=0 if cfg.resample else 3)
+    options = DecodeOptions(exif_transpose=False) if guess == "other options" else DecodeOptions()
+    assert headstart.take(paths, cfg, options) == [] and headstart._running is None
+
+
+def test_stopped_early_it_gives_what_it_finished(folder: Path, tiny_siglip: Path) -> None:
+    # Stopped halfway through a file (or a message), it gives the files before that one, whole.
+    cfg = resolve_checkpoint(str(tiny_siglip)).preprocess
+    for photo in range(40):
+        make_photo((640, 480), seed=photo).save(folder / f"zz{photo}.png")  # slow enough to be stopped amid them
+    paths = discover([str(folder)])
+    headstart._start([str(folder)], None, str(tiny_siglip), None, len(paths), DecodeOptions())
+    taken = headstart.take(paths, cfg, DecodeOptions())  # at once: whatever it has finished by now
+    assert len(taken) < len(paths)
+    for path, (pixels, facts) in zip(paths, taken):
+        if pixels is not None:
+            assert np.array_equal(pixels, read_image(path, cfg, DecodeOptions())[0]) and facts["path"] == path
+
+
+def test_a_checkpoint_not_on_this_machine_gets_no_head_start(folder: Path, hf_cache: HubCache) -> None:
+    # The head start never waits on the network: a Hub id not in the cache is left to the run, which downloads it.
+    assert local_preprocessing(DEFAULT_REPO_ID) is None
+    finished(4, folder, Path(DEFAULT_REPO_ID))
+    assert headstart.take(discover([str(folder)]), PreprocessConfig(32, 32), DecodeOptions()) == []
+
+
+def test_a_cached_hub_checkpoint_is_read_from_the_cache_alone(
+    tiny_siglip: Path, hf_cache: HubCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    hf_cache(tiny_siglip)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the head start asked the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # online, for all it knows
+    assert local_preprocessing(DEFAULT_REPO_ID) == resolve_checkpoint(str(tiny_siglip)).preprocess
+
+
+def test_stop_ends_the_process(folder: Path, tiny_siglip: Path) -> None:
+    headstart._start([str(folder)], None, str(tiny_siglip), None, 4, DecodeOptions())
+    pid = headstart._running.pid
+    headstart.stop()
+    assert headstart._running is None
+    with pytest.raises(ChildProcessError):  # reaped: no zombie left
+        os.waitpid(pid, os.WNOHANG)
+
+
+def test_it_runs_without_torch() -> None:
+    # Its process is forked before torch is imported; importing torch there would cost what it wins.
+    code = "import sys, siglip_cli.headstart; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+RUN_COUNTING_THE_HEAD_START = textwrap.dedent("""
+    import sys
+    import siglip_cli.headstart as headstart
+    headstart.usable_cpus = lambda: 2  # a one-CPU machine gets none: not the point here
+    take = headstart.take
+    def counted(*args):
+        taken = take(*args)
+        print(f"head start: {len(taken)}", file=sys.__stderr__)
+        return taken
+    headstart.take = counted
+    from siglip_cli.cli import app
+    app(prog_name="siglip")
+""")
+
+
+def test_a_run_with_a_head_start_writes_what_one_without_writes(folder: Path, tiny_siglip: Path, tmp_path: Path) -> None:
+    # In a fresh process, as a user runs it (torch not yet imported), against this one's run, where torch is.
+    args = [str(folder), "-m", str(tiny_siglip), "-b", "4", "--device", "cpu"]
+    ok(siglip("embed", *args, "-o", tmp_path / "plain.npy"))
+    process = subprocess.run(
+        [sys.executable, "-c", RUN_COUNTING_THE_HEAD_START, "embed", *args, "-o", str(tmp_path / "head.npy")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    assert "head start: 4" in process.stderr.splitlines()  # the first batch, its broken file among them
+    assert np.array_equal(np.load(tmp_path / "head.npy"), np.load(tmp_path / "plain.npy"))
+    for suffix in (".jsonl", ".errors.jsonl"):
+        rows = [(tmp_path / f"{name}{suffix}").read_text().splitlines() for name in ("head", "plain")]
+        assert [json.loads(row) for row in rows[0]] == [json.loads(row) for row in rows[1]]
+
+
+@pytest.mark.parametrize("ahead, batch_size", [(2, 4), (4, 4), (9, 4), (9, 16)], ids=["part", "one", "more", "all"])
+def test_the_batches_are_the_same_with_a_head_start(folder: Path, tiny_siglip: Path, ahead: int, batch_size: int) -> None:
+    # Part of the first batch, all of it, more than it (only the first batch's are taken), every file.
+    from siglip_cli.decoding import decoded_batches
+
+    cfg = resolve_checkpoint(str(tiny_siglip)).preprocess
+    paths = discover([str(folder)])
+
+    def batches() -> list[tuple[list, list, list]]:
+        return [
+            (batch.rows, batch.errors, [p.numpy() for p in batch.pixels])
+            for batch in decoded_batches(paths, cfg, DecodeOptions(), batch_size=batch_size, workers=1, pin=False)
+        ]
+
+    plain = batches()
+    finished(ahead, folder, tiny_siglip)
+    with_head_start = batches()
+    assert headstart._running is None
+    assert [(rows, errors) for rows, errors, _ in with_head_start] == [(rows, errors) for rows, errors, _ in plain]
+    for (_, _, ours), (_, _, theirs) in zip(with_head_start, plain):
+        assert np.array_equal(np.concatenate(ours), np.concatenate(theirs))
