@@ -262,10 +262,27 @@ def _square(name: str, value: int | list[int]) -> int:
     return value
 
 
+# What the image processor classes of transformers 5 assume where their config is silent, by the name a config
+# gives as `image_processor_type` ("...Fast" and "...Pil" alike). SigLIP's are PreprocessConfig's own but for the
+# size, which is the tower's: a config written by hand often leaves them out. Another class's are its own: a CLIP
+# processor's config without its mean and std was normalized as SigLIP's, silently.
+_OPENAI_CLIP = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+_SHORTEST_EDGE_THEN_CROP = {"size": {"shortest_edge": 224}, "do_center_crop": True, "crop_size": 224, **_OPENAI_CLIP}
+PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "SiglipImageProcessor": {},
+    "CLIPImageProcessor": _SHORTEST_EDGE_THEN_CROP,
+    "BitImageProcessor": _SHORTEST_EDGE_THEN_CROP,
+    "ViTImageProcessor": {"size": {"height": 224, "width": 224}, "resample": 2},
+}
+# The settings whose defaults differ from class to class: a config naming a class we do not know must give them.
+_CLASS_SETTINGS = ("size", "resample", "image_mean", "image_std")
+
+
 def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConfig) -> PreprocessConfig:
     """Read a Hub `preprocessor_config.json` (parsed), or derive SigLIP's defaults from the tower when absent."""
     if config is None:
         return PreprocessConfig(height=vision.image_size, width=vision.image_size)
+    config = _with_class_defaults(config)
     do_resize = _flag(config.get("do_resize", True))  # null: transformers' processor skips the step, as for false
     crop = _flag(config.get("do_center_crop", False))
     if not isinstance(crop, bool):  # bool("false") is True: a string must not pass
@@ -306,6 +323,23 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
     )
 
 
+def _with_class_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with the defaults of the processor class it names (`PROCESSOR_DEFAULTS`) where it is silent."""
+    kind = config.get("image_processor_type")
+    if kind is None:
+        return config
+    name = kind.removesuffix("Fast").removesuffix("Pil") if isinstance(kind, str) else kind
+    if name in PROCESSOR_DEFAULTS:
+        return {**PROCESSOR_DEFAULTS[name], **config}
+    missing = [setting for setting in _CLASS_SETTINGS if setting not in config]
+    if missing:
+        raise ConfigError(
+            f"the preprocessor is a {kind}, whose defaults are unknown here, and it does not give its "
+            f"{', '.join(missing)}: write them in its config, as transformers' save_pretrained does."
+        )
+    return config
+
+
 def _resize_target(
     config: dict[str, Any], vision: VisionConfig, *, crop: bool
 ) -> tuple[tuple[int, int] | None, int | None]:
@@ -324,16 +358,21 @@ def _resize_target(
         return (size["height"], size["width"]), None
     if isinstance(size, dict) and set(size) == {"shortest_edge"} and crop:
         return None, size["shortest_edge"]
-    crop_hint = ", without a center crop after it" if isinstance(size, dict) and "shortest_edge" in size else ""
+    crop_hint = ""
+    if isinstance(size, dict) and "shortest_edge" in size:
+        crop_hint = ", without a center crop after it" if not crop else " (a shortest edge alone is read before a crop)"
     raise ConfigError(
         f"preprocessor size {size} is not a fixed (height, width){crop_hint}: the tower takes one size of image."
     )
 
 
 def _crop_size(crop: Any) -> tuple[int, int]:
-    """A center crop's (height, width): {"height": h, "width": w}, or one number for a square."""
+    """A center crop's (height, width): {"height": h, "width": w}, a pair (as `size` may be), or one number for a
+    square."""
     if isinstance(crop, int) and not isinstance(crop, bool):
         return crop, crop
+    if isinstance(crop, (list, tuple)) and len(crop) == 2:
+        return crop[0], crop[1]
     if isinstance(crop, dict) and "height" in crop and "width" in crop:
         return crop["height"], crop["width"]
     raise ConfigError(f"preprocessor crop_size {crop!r} is not a (height, width).")

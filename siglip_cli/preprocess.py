@@ -244,13 +244,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("La", "RGBa"):  # premultiplied alpha (some TIFFs): PIL converts it to RGB only through LA/RGBA
         image = image.convert(image.mode.upper())
     if image.mode in _SIXTEEN_BIT or image.mode == "I":
-        # PIL's convert clips 16-bit values to 255 (a white image); keep the tones by taking the high byte.
-        # Mode "I" (32-bit integers, e.g. some TIFFs) holds 16-bit samples, or 8-bit ones that need no shift, or
-        # wider ones (32-bit scientific TIFFs, which came out white): shifted to keep the top 8 bits of the bright
-        # end, its 99.9th percentile, so that a few hot pixels go white rather than the rest black.
+        # PIL's convert clips 16-bit values to 255 (a white image); keep the tones by taking the high byte. None
+        # above 255: 8-bit tones in a 16-bit container, kept as they are (by the reference too), not made black.
+        # Mode "I" (32-bit integers, e.g. some TIFFs) holds 16-bit samples, or 8-bit ones, or wider ones (32-bit
+        # scientific TIFFs, which came out white): shifted to keep the top 8 bits of the bright end, its 99.9th
+        # percentile, so that a few hot pixels go white rather than the rest black.
         values = np.asarray(image).astype(np.int64).clip(0, None)
         peak = int(values.max(initial=0))
-        if image.mode in _SIXTEEN_BIT or 255 < peak <= 65535:
+        if 255 < peak <= 65535:
             shift = 8
         elif peak > 65535:  # what the bright end needs: none for 8-bit tones beside a no-data value of 2**31 - 1
             shift = max(0, int(np.quantile(values, 0.999)).bit_length() - 8)

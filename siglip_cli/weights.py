@@ -59,6 +59,9 @@ def load_state(model: SiglipVision, tensors: dict[str, Tensor], *, source: str) 
             raise CheckpointError(
                 f"{source}: tensor {key} has shape {list(tensor.shape)} but the config needs {list(expected[key].shape)}."
             )
+    # An integer tensor (a file written by hand, or quantized without its scales) is cast, as transformers casts it:
+    # kept as it is, it stopped the load in a traceback.
+    tensors = {key: t if t.is_floating_point() else t.to(expected[key].dtype) for key, t in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
 
 

@@ -104,6 +104,39 @@ def test_a_center_cropping_processor_gives_transformers_pixels(
     assert not gpu_decode.supported(cfg)  # the GPU decoder resizes straight to the model's size
 
 
+MINIMAL_CONFIGS = {  # written by hand: what they leave out is their class's default, not SigLIP's
+    "CLIP": {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}, "crop_size": 32},
+    "ViT": {"image_processor_type": "ViTImageProcessorFast", "size": {"height": 32, "width": 32}},
+    "BiT": {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 40}, "crop_size": 32},
+}
+
+
+@pytest.mark.parametrize("settings", MINIMAL_CONFIGS.values(), ids=MINIMAL_CONFIGS.keys())
+def test_a_config_silent_on_a_setting_gets_its_processor_classs_default(tmp_path: Path, settings: dict) -> None:
+    # A CLIP processor's config without its mean and std was normalized with SigLIP's 0.5; a ViT one's resized bicubic.
+    from transformers import AutoImageProcessor
+
+    from siglip_cli.config import VisionConfig, preprocess_config_from_hub
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
+    processor = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    cfg = preprocess_config_from_hub(settings, VisionConfig(image_size=32))
+    image = make_photo((80, 45))
+    assert same_bits(pixels_of(image, cfg), processor(images=image, return_tensors="np")["pixel_values"][0])
+
+
+def test_a_config_of_an_unknown_processor_class_must_say_what_it_means() -> None:
+    from siglip_cli.config import ConfigError, VisionConfig, preprocess_config_from_hub
+
+    tower = VisionConfig(image_size=32)
+    partial = {"image_processor_type": "ConvNextImageProcessor", "size": 32}
+    with pytest.raises(ConfigError, match="is a ConvNextImageProcessor, whose defaults are unknown here, and it does "
+                                          "not give its resample, image_mean, image_std"):  # fmt: skip
+        preprocess_config_from_hub(partial, tower)
+    full = {**partial, "resample": 2, "image_mean": 0.5, "image_std": 0.5}
+    assert preprocess_config_from_hub(full, tower) == PreprocessConfig(32, 32, resample=2)
+
+
 def test_a_crop_of_the_whole_resized_image_is_siglips_own_preprocessing() -> None:
     from siglip_cli.config import VisionConfig, preprocess_config_from_hub
 
@@ -290,6 +323,18 @@ def test_sixteen_bit_png_keeps_its_tones(tmp_path: Path, bicubic: PreprocessConf
     eight, _, _ = load_pixels(tmp_path / "scan8.png", bicubic, DecodeOptions())
     assert np.array_equal(sixteen, eight)  # (g * 257) >> 8 == g
     assert sixteen.min() < 0.5  # not clipped to a white page
+
+
+def test_sixteen_bit_png_of_eight_bit_tones_keeps_them(tmp_path: Path, cfg: PreprocessConfig, reference) -> None:
+    # Values of 255 or less in a 16-bit container (some scanners and converters write them): the high byte made
+    # the picture black, where the reference reads the tones as they are.
+    grey = make_photo((80, 60), mode="L")
+    Image.fromarray(np.asarray(grey).astype(np.uint16)).save(tmp_path / "eight-in-sixteen.png")
+    with Image.open(tmp_path / "eight-in-sixteen.png") as image:
+        assert image.mode.startswith("I") and image.getextrema()[1] <= 255
+        expected = reference(image)
+    pixels, _, _ = load_pixels(tmp_path / "eight-in-sixteen.png", cfg, DecodeOptions())
+    assert same_bits(pixels, expected) and np.array_equal(pixels, pixels_of(grey, cfg))
 
 
 def test_sixteen_bit_grey_png_with_a_transparent_level_is_white_where_transparent(

@@ -639,9 +639,36 @@ def test_a_size_given_as_a_pair_is_height_then_width() -> None:
     assert (preprocess.height, preprocess.width) == (256, 320)
 
 
+def test_a_crop_size_given_as_a_pair_is_height_then_width() -> None:
+    # transformers reads it so (save_pretrained then writes it as a dict); we refused it.
+    crop = {"size": {"shortest_edge": 320}, "do_center_crop": True}
+    as_pair = preprocess_config_from_hub({**crop, "crop_size": [224, 256]}, VisionConfig(image_size=224))
+    as_dict = preprocess_config_from_hub({**crop, "crop_size": {"height": 224, "width": 256}}, VisionConfig(image_size=224))
+    assert as_pair == as_dict and (as_pair.height, as_pair.width) == (224, 256)
+
+
 def test_shortest_edge_preprocessor_is_refused() -> None:
-    with pytest.raises(ConfigError, match="not a fixed"):
+    with pytest.raises(ConfigError, match="not a fixed .*, without a center crop after it"):
         preprocess_config_from_hub({"size": {"shortest_edge": 224}}, VisionConfig())
+    both = {"size": {"shortest_edge": 224, "longest_edge": 400}, "do_center_crop": True, "crop_size": 224}
+    with pytest.raises(ConfigError, match=r"not a fixed .* \(a shortest edge alone is read before a crop\)"):
+        preprocess_config_from_hub(both, VisionConfig())  # it has a crop: saying it had none misled
+
+
+def test_an_integer_tensor_is_cast_as_transformers_casts_it(tiny_vision: Path, tmp_path: Path) -> None:
+    # Loaded as it was, it stopped the run in a traceback ("Only Tensors of floating point ... can require gradients").
+    from transformers import SiglipVisionModel
+
+    checkpoint = copy_checkpoint(tiny_vision, tmp_path / "ckpt")
+    tensors = load_file(checkpoint / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("mlp.fc1.weight"))
+    tensors[key] = (tensors[key] * 100).to(torch.int8)
+    save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    ours = load_model(resolve_checkpoint(str(checkpoint)))
+    theirs = SiglipVisionModel.from_pretrained(checkpoint).eval()
+    pixels = torch.randn(2, 3, ours.config.image_size, ours.config.image_size)
+    with torch.no_grad():
+        assert torch.allclose(ours(pixels).pooled, theirs(pixel_values=pixels).pooler_output, atol=1e-4)
 
 
 def test_ctrl_c_while_the_weights_are_read_stops_after_the_reading(
