@@ -134,6 +134,18 @@ def _import_torch() -> None:
         __import__("torch")
 
 
+def _fresh(output: Path, overwrite: bool) -> bool:
+    """Whether `siglip embed -o output` is to embed its files from the first: there is no earlier work to continue,
+    and no output it would refuse to replace."""
+    from .outputs import OutputPaths
+
+    try:
+        out = OutputPaths.for_output(output)
+    except UserError:  # refused: the run says why
+        return False
+    return not out.work.exists() and (overwrite or not out.embeddings.exists())
+
+
 def _path(value: str) -> Path:
     """A path option or argument as typed. Typer's own conversion reads "" (an unset shell variable) as `.`, the
     current folder, where `--plot ""` would have written its pictures."""
@@ -237,9 +249,11 @@ def embed(
     from .preprocess import DecodeOptions
 
     decode_options = DecodeOptions(exif_transpose=exif_transpose, max_pixels=max_pixels or None, fast_decode=fast_decode)
-    if not update and shard is None and workers != 0 and decode is not Decoder.gpu:  # a fresh run's first files
+    if not update and shard is None and workers != 0 and decode is not Decoder.gpu and _fresh(output, overwrite):
+        # Two batches' worth: on 2 cores the first is done well before the model is ready, and the rest of the wait
+        # goes to the second, which the worker would otherwise decode beside the model's first forward.
         headstart.begin(inputs or [], files_from=files_from, model=model, revision=revision, device=device,
-                        count=batch_size or CPU_BATCH_SIZE, options=decode_options)  # fmt: skip
+                        count=2 * (batch_size or CPU_BATCH_SIZE), options=decode_options)  # fmt: skip
     _import_torch()
 
     from .decoding import default_workers

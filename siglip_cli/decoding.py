@@ -393,7 +393,7 @@ def decoded_batches(
     the model, `PARCEL_SIZE` files at a time, with about two batches in flight. `note` hears of a change of plan."""
     spans = [(start, min(start + batch_size, len(paths))) for start in range(0, len(paths), batch_size)]
     files = ImageFiles(paths, cfg, options, jpeg_to_device=jpeg_to_device)
-    head = _head_start(paths, cfg, options, jpeg_to_device)[: spans[0][1] if spans else 0]
+    head = _head_start(paths, cfg, options, jpeg_to_device)
     parcels = _parcels(files, spans, batch_size, workers, pin, note, head)
     try:
         for start, end in spans:
@@ -422,8 +422,8 @@ def _parcels(
     note: Callable[[str], None], head: list[Item],
 ) -> Iterator[Parcel]:  # fmt: skip
     """The parcels of `spans`, in order, from a DataLoader; never one parcel across two spans. `head`: the first
-    files' items, decoded already (by the head start), which no worker decodes again: handed over as a parcel once
-    the workers have started, so that they decode what follows while the model runs it.
+    files' items, decoded already (by the head start), which no worker decodes again: handed over (a parcel a span)
+    once the workers have started, so that they decode what follows while the model runs these.
 
     A worker that dies (a native decoder's crash, the kernel's out-of-memory killer) would end the run, and every
     rerun, at the same file; one stuck on a file would hang it. A stuck worker is killed (`_stuck_workers_stopped`),
@@ -433,9 +433,10 @@ def _parcels(
     Where the workers cannot hand parcels over for want of shared memory, the rest is decoded in this process.
     """
     size = min(PARCEL_SIZE, batch_size)
-    done = (spans[0][0] if spans else 0) + len(head)  # files handed over, or about to be
+    first = spans[0][0] if spans else 0
+    waiting = [_collate(head[a - first : b - first]) for a, b in _clip(spans, first, first + len(head))]  # one a batch
+    done = first + len(head)  # files handed over, or about to be
     spans = _clip(spans, done, len(files))
-    waiting = _collate(head) if head else None
     stuck: set[int] = set()  # files whose decoding was stopped
 
     def prefetch(workers: int) -> int:
@@ -477,9 +478,8 @@ def _parcels(
                 continue
         try:
             with _stuck_workers_stopped(files.watch, stuck, note, files.paths):
-                if waiting is not None:
-                    parcel, waiting = waiting, None
-                    yield parcel
+                while waiting:
+                    yield waiting.pop(0)
                 for _ in range(len(loader)):
                     with interrupts.deferred(), _worker_deaths_raised_here():
                         parcel = next(arriving)
@@ -518,8 +518,7 @@ def _parcels(
         for first, end in _clip(spans, done, in_flight):
             yield _collate(_each_alone(files, range(first, end), workers, stuck))
         spans, done = _clip(spans, in_flight, len(files)), in_flight
-    if waiting is not None:  # the head start decoded every file
-        yield waiting
+    yield from waiting  # the head start decoded every file
 
 
 def _workers_within_open_files(workers: int, prefetch: Callable[[int], int], note: Callable[[str], None]) -> int:

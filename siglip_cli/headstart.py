@@ -1,13 +1,14 @@
-"""A head start for the first batch: its photos decoded while torch is imported and the model loaded.
+"""A head start for the first batches: their photos decoded while torch is imported and the model loaded.
 
 `siglip embed` spends its first 1.5-2 s importing torch and loading the model, on one core, and its decoding
 workers start only once the model is ready: on a small machine the model then waited for its first batch (0.7 s of
-an 11 s run of 48 photos on 2 cores). Before torch is imported, `begin` forks one process (cheap then, and safe: the
-process has no other thread) that does what the run will do first: it lists the inputs, reads the checkpoint's
-preprocessing from this machine (a folder, or the Hub's cache), and decodes the first batch's files, each as a
-decoding worker would (`reading.read_image`), into memory it shares with this process. When the model is ready,
-`decoding` calls `take`: the process is stopped, and the files it finished are the run's, if they are the first the
-run has to embed and were decoded with the run's settings. The workers decode everything else, as before.
+an 11 s run of 48 photos on 2 cores). Before torch is imported, `begin` forks one process (cheap then, and safe: no
+other Python thread runs, and torch's thread pools are not made yet) that does what the run will do first: it
+lists the inputs, reads the checkpoint's preprocessing from this machine (a folder, or the Hub's cache), and decodes
+the first files (`siglip embed` asks for two batches), each as a decoding worker would (`reading.read_image`), into
+memory it shares with this process. When the model is ready, `decoding` calls `take`: the process is stopped, and
+the files it finished are the run's, if they are the first the run has to embed and were decoded with the run's
+settings. The workers decode everything else, as before.
 
 It is a guess, checked when taken, so it never changes an output: a checkpoint whose settings differ once resolved
 (a newer commit on the Hub), a run that continues earlier work, anything unexpected in the process, and nothing is
@@ -27,6 +28,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -44,8 +46,9 @@ from .reading import failure_reason, read_image
 # Shared memory for the decoded pixels, reserved but not used until written (an anonymous mapping): 32 images at
 # 384 x 384 (57 MB), 21 at 512 x 512.
 PIXEL_BYTES = 64 << 20
-# Device files of NVIDIA's driver and of ROCm's: where they are, `--device auto` is likely to mean a GPU.
-GPU_NODES = ("/dev/nvidiactl", "/dev/kfd")
+# Device files of NVIDIA's driver, ROCm's and WSL2's GPU: where they are, `--device auto` is likely to mean a GPU.
+GPU_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+REAP_SECONDS = 1.0  # a process killed amid a read of a hung network share dies only once the read returns
 PIPE_BYTES = 1 << 20  # room for the files' facts, so the process never waits on this one to read them
 _F_SETPIPE_SZ = 1031  # <linux/fcntl.h>
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -84,9 +87,9 @@ def _pays(device: str, files_from: str | None) -> bool:
         (device == "cpu" or device == "auto" and not any(os.path.exists(node) for node in GPU_NODES))
         and sys.platform.startswith("linux")
         and "torch" not in sys.modules  # imported already: no time left to win (and its threads may not be forked)
-        and threading.active_count() == 1
+        and threading.active_count() == 1  # no Python thread holds a lock the process would inherit held
         and usable_cpus() >= 2
-        and (files_from is None or os.path.isfile(files_from))  # stdin or a pipe is read once, by the run
+        and (files_from is None or files_from != "-" and os.path.isfile(files_from))  # stdin, a pipe: read once
     )
 
 
@@ -104,17 +107,27 @@ def _start(
     except OSError:  # a smaller pipe only lets the process wait sooner, for `take`
         pass
     parent = os.getpid()
+    # Ctrl-C held back over the fork: the new process ignores it before it can arrive, and this one gets it after.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, interrupts.TERMINAL_SIGNALS)
     try:
         pid = os.fork()
     except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         os.close(reading)
         os.close(writing)
         return
-    if pid == 0:  # the head start itself; it never returns
-        os.close(reading)
-        _decode_first_files(inputs, files_from, model, revision, count, options, Connection(writing), pixels, parent)
+    if pid == 0:  # the head start itself, which ends here whatever happens (an error included: the run reports it)
+        try:
+            interrupts.leave_to_parent()  # Ctrl-C is for the run, which stops this process itself
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            os.close(reading)
+            _decode_first_files(inputs, files_from, model, revision, count, options, Connection(writing), pixels, parent)
+        finally:
+            os._exit(0)
+    signal.pthread_sigmask(signal.SIG_SETMASK, held)
     os.close(writing)
     _running = _Process(pid, Connection(reading), pixels, options)
+    atexit.unregister(stop)
     atexit.register(stop)  # a run that ends before taking it (an error, Ctrl-C) stops it too
 
 
@@ -127,11 +140,11 @@ def take(paths: list[str], cfg: PreprocessConfig, options: DecodeOptions) -> lis
         return []
     done: list[tuple[np.ndarray | None, dict | str]] = []
     try:
-        with process.messages:
-            plan = pickle.loads(process.messages.recv_bytes())
-            if (plan["cfg"], process.options) != (cfg, options) or plan["paths"] != _digest(paths[: plan["count"]]):
+        with process.messages:  # what is in the pipe: all it sent, or (not yet dead) what it sent so far
+            plan = pickle.loads(process.messages.recv_bytes()) if process.messages.poll() else {}
+            if (plan.get("cfg"), process.options) != (cfg, options) or plan["paths"] != _digest(paths[: plan["count"]]):
                 return []
-            while True:
+            while process.messages.poll():
                 index, facts = pickle.loads(process.messages.recv_bytes())
                 if index != len(done):
                     return done
@@ -140,9 +153,10 @@ def take(paths: list[str], cfg: PreprocessConfig, options: DecodeOptions) -> lis
                 else:
                     done.append((_copied(process.pixels, index, cfg), facts))
     except (EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError):  # the end of what it did
-        return done
+        pass
     finally:
         process.pixels.close()
+    return done
 
 
 def stop() -> None:
@@ -159,16 +173,11 @@ def _stopped() -> _Process | None:
     if process is not None:
         try:
             os.kill(process.pid, signal.SIGKILL)  # what it has not finished, the workers decode
-        except ProcessLookupError:
+            deadline = time.monotonic() + REAP_SECONDS
+            while os.waitpid(process.pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        except (ProcessLookupError, ChildProcessError):  # reaped already
             pass
-        while True:
-            try:
-                os.waitpid(process.pid, 0)
-                break
-            except ChildProcessError:
-                break
-            except InterruptedError:
-                continue
     return process
 
 
@@ -195,30 +204,27 @@ def _decode_first_files(
     parent: int,
 ) -> None:
     """The head start's process: the plan (which files, with which settings), then each file's pixels into its slot
-    and its facts. Silent whatever happens: the run itself reports every problem."""
-    try:
-        interrupts.leave_to_parent()  # Ctrl-C is for the run, which stops this process itself
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the run's handler, copied with the process
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # and it dies with the run
-        if os.getppid() != parent:  # the run ended before that was set
-            os._exit(0)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)  # C decoders' messages, and anything Python would say
-        warnings.simplefilter("ignore")
-        cfg = local_preprocessing(model, revision)
-        if cfg is None:
-            os._exit(0)
-        slot = 3 * cfg.height * cfg.width * 4
-        paths = discover(inputs, files_from=files_from)[: min(count, PIXEL_BYTES // slot)]
-        messages.send_bytes(pickle.dumps({"cfg": cfg, "count": len(paths), "paths": _digest(paths)}))
-        for index, path in enumerate(paths):
-            try:
-                array, facts, _ = read_image(path, cfg, options)
-            except Exception as e:  # per file, as in the workers
-                messages.send_bytes(pickle.dumps((index, failure_reason(e, path))))
-                continue
-            np.frombuffer(pixels, np.float32, count=array.size, offset=index * slot)[:] = array.ravel()
-            messages.send_bytes(pickle.dumps((index, {"path": path, **facts})))
-    finally:
-        os._exit(0)
+    and its facts. Silent whatever happens: the run itself reports every problem. Its caller ends the process."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the run's handler, copied with the process
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # and it dies with the run
+    if os.getppid() != parent:  # the run ended before that was set
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)  # C decoders' messages
+    sys.stdout = sys.stderr = open(devnull, "w")  # Python's (stderr has a descriptor of its own: `__main__`)
+    warnings.simplefilter("ignore")
+    cfg = local_preprocessing(model, revision)
+    if cfg is None:
+        return
+    slot = 3 * cfg.height * cfg.width * 4
+    paths = discover(inputs, files_from=files_from)[: min(count, PIXEL_BYTES // slot)]
+    messages.send_bytes(pickle.dumps({"cfg": cfg, "count": len(paths), "paths": _digest(paths)}))
+    for index, path in enumerate(paths):
+        try:
+            array, facts, _ = read_image(path, cfg, options)
+        except Exception as e:  # per file, as in the workers
+            messages.send_bytes(pickle.dumps((index, failure_reason(e, path))))
+            continue
+        np.frombuffer(pixels, np.float32, count=array.size, offset=index * slot)[:] = array.ravel()
+        messages.send_bytes(pickle.dumps((index, {"path": path, **facts})))

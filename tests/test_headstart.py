@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -163,16 +164,18 @@ def test_a_run_with_a_head_start_writes_what_one_without_writes(folder: Path, ti
         capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert process.returncode == 0, process.stderr
-    assert "head start: 4" in process.stderr.splitlines()  # the first batch, its broken file among them
+    assert "head start: 8" in process.stderr.splitlines()  # the first two batches, the broken file among them
     assert np.array_equal(np.load(tmp_path / "head.npy"), np.load(tmp_path / "plain.npy"))
     for suffix in (".jsonl", ".errors.jsonl"):
         rows = [(tmp_path / f"{name}{suffix}").read_text().splitlines() for name in ("head", "plain")]
         assert [json.loads(row) for row in rows[0]] == [json.loads(row) for row in rows[1]]
 
 
-@pytest.mark.parametrize("ahead, batch_size", [(2, 4), (4, 4), (9, 4), (9, 16)], ids=["part", "one", "more", "all"])
+@pytest.mark.parametrize(
+    "ahead, batch_size", [(2, 4), (4, 4), (6, 4), (8, 4), (9, 4), (9, 16)], ids=["part", "one", "more", "two", "all", "less"]
+)
 def test_the_batches_are_the_same_with_a_head_start(folder: Path, tiny_siglip: Path, ahead: int, batch_size: int) -> None:
-    # Part of the first batch, all of it, more than it (only the first batch's are taken), every file.
+    # Part of the first batch, all of it, part of the second, two, every file; every file in one batch.
     from siglip_cli.decoding import decoded_batches
 
     cfg = resolve_checkpoint(str(tiny_siglip)).preprocess
@@ -191,3 +194,55 @@ def test_the_batches_are_the_same_with_a_head_start(folder: Path, tiny_siglip: P
     assert [(rows, errors) for rows, errors, _ in with_head_start] == [(rows, errors) for rows, errors, _ in plain]
     for (_, _, ours), (_, _, theirs) in zip(with_head_start, plain):
         assert np.array_equal(np.concatenate(ours), np.concatenate(theirs))
+
+
+def test_paths_read_from_stdin_are_left_to_the_run(folder: Path, tiny_siglip: Path, tmp_path: Path) -> None:
+    # `--files-from -` where a file named "-" happens to be: the head start read the run's stdin, and the lines it
+    # took were lost to the run (4 of 40 paths embedded, exit 0).
+    (tmp_path / "-").write_text("a stray file named -")
+    listed = "".join(f"{path}\n" for path in discover([str(folder)]))
+    process = subprocess.run(
+        [sys.executable, "-c", RUN_COUNTING_THE_HEAD_START, "embed", "--files-from", "-", "-m", str(tiny_siglip),
+         "-b", "4", "--device", "cpu", "-o", str(tmp_path / "out.npy")],
+        input=listed, capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    assert "head start: 0" in process.stderr.splitlines()
+    rows = (tmp_path / "out.jsonl").read_text().splitlines() + (tmp_path / "out.errors.jsonl").read_text().splitlines()
+    assert len(rows) == len(discover([str(folder)]))
+
+
+def test_a_process_that_outlives_its_kill_does_not_hold_the_run(
+    tmp_path: Path, tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Killed amid a read of a hung network share, a process dies only once the read returns; the run goes on.
+    fifo = tmp_path / "list"
+    os.mkfifo(fifo)  # its reading blocks: no one writes
+    headstart._start([], str(fifo), str(tiny_siglip), None, 4, DecodeOptions())
+    child = headstart._running.pid
+    kill = os.kill
+    monkeypatch.setattr(os, "kill", lambda pid, sig: None if pid == child else kill(pid, sig))
+    monkeypatch.setattr(headstart, "REAP_SECONDS", 0.2)
+    try:
+        assert headstart.take([], PreprocessConfig(32, 32), DecodeOptions()) == []  # at once, not when it dies
+    finally:
+        kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+@pytest.mark.parametrize(
+    "state, overwrite, fresh",
+    [("none", False, True), ("output", False, False), ("output", True, True), ("work", True, False), ("bad name", False, False)],
+)  # fmt: skip
+def test_a_head_start_only_for_a_run_that_embeds_from_the_first_file(
+    tmp_path: Path, state: str, overwrite: bool, fresh: bool
+) -> None:
+    # A run that continues earlier work embeds other files first, and one refused embeds none: its work is wasted.
+    from siglip_cli.cli import _fresh
+
+    output = tmp_path / ("out.txt" if state == "bad name" else "out.npy")
+    if state == "output":
+        output.write_bytes(b"")
+    elif state == "work":
+        (tmp_path / "out.npy.partial").mkdir()
+    assert _fresh(output, overwrite) is fresh
