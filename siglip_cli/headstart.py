@@ -48,6 +48,9 @@ from .reading import failure_reason, read_image
 PIXEL_BYTES = 64 << 20
 # Device files of NVIDIA's driver, ROCm's and WSL2's GPU: where they are, `--device auto` is likely to mean a GPU.
 GPU_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+# A tree that takes longer to list is one where a second won at the start does not count, and its list would cost
+# this process memory the run needs (a path is about 150 bytes; the run lists them too).
+WALK_SECONDS = 5.0
 REAP_SECONDS = 1.0  # a process killed amid a read of a hung network share dies only once the read returns
 PIPE_BYTES = 1 << 20  # room for the files' facts, so the process never waits on this one to read them
 _F_SETPIPE_SZ = 1031  # <linux/fcntl.h>
@@ -218,7 +221,10 @@ def _decode_first_files(
     if cfg is None:
         return
     slot = 3 * cfg.height * cfg.width * 4
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_REAL, WALK_SECONDS)  # SIGALRM, which ends the process
     paths = discover(inputs, files_from=files_from)[: min(count, PIXEL_BYTES // slot)]
+    signal.setitimer(signal.ITIMER_REAL, 0)
     messages.send_bytes(pickle.dumps({"cfg": cfg, "count": len(paths), "paths": _digest(paths)}))
     for index, path in enumerate(paths):
         try:

@@ -125,6 +125,16 @@ def test_a_cached_hub_checkpoint_is_read_from_the_cache_alone(
     assert local_preprocessing(DEFAULT_REPO_ID) == resolve_checkpoint(str(tiny_siglip)).preprocess
 
 
+def test_a_tree_too_long_to_list_gets_no_head_start(
+    folder: Path, tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A million photos take the run itself long to list; the head start's own list of them cost memory too.
+    monkeypatch.setattr(headstart, "WALK_SECONDS", 1e-6)
+    cfg = resolve_checkpoint(str(tiny_siglip)).preprocess
+    finished(4, folder, tiny_siglip)
+    assert headstart.take(discover([str(folder)]), cfg, DecodeOptions()) == []
+
+
 def test_stop_ends_the_process(folder: Path, tiny_siglip: Path) -> None:
     headstart._start([str(folder)], None, str(tiny_siglip), None, 4, DecodeOptions())
     pid = headstart._running.pid
