@@ -114,7 +114,8 @@ def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) ->
     except ConfigError as e:
         raise ConfigError(f"{name}: {e}") from None  # the same sentence, naming the checkpoint
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # a value of the wrong kind the checks missed
-        raise CheckpointError(f"{name}: config.json or {preprocess_source} holds a malformed value ({e}).") from None
+        files_read = f"config.json or {preprocess_source}" if preprocess_source else "config.json"
+        raise CheckpointError(f"{name}: {files_read} holds a malformed value ({e}).") from None
     if (preprocess.do_resize or preprocess.center_crop) and (preprocess.height, preprocess.width) != (
         vision.image_size, vision.image_size
     ):
@@ -234,6 +235,7 @@ class _LocalFiles:
         self.unknown: dict[str, CheckpointError] = {}  # a folder knows what it holds: never filled
 
     def get(self, filename: str, *, required: bool, probe: bool = True) -> Path | None:
+        """As `_HubFiles.get`, whose `probe` means nothing for a folder."""
         path = self.directory / filename
         if path.is_file():
             return path

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from . import __version__, interrupts
 from .allocator import keep_freed_memory
-from .config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRESET
+from .config import CPU_BATCH_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRESET
 from .errors import UserError, first_line
 from .files import counted, display_path, escape_controls
 
@@ -136,7 +136,7 @@ def _import_torch() -> None:
 
 def _fresh(output: Path, overwrite: bool) -> bool:
     """Whether `siglip embed -o output` is to embed its files from the first: there is no earlier work to continue,
-    and no output it would refuse to replace."""
+    and no output already, unless it is to be overwritten."""
     from .outputs import OutputPaths
 
     try:
@@ -245,9 +245,12 @@ def embed(
 ) -> None:
     """Embed images into -o OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
     from . import headstart
-    from .config import CPU_BATCH_SIZE
     from .preprocess import DecodeOptions
 
+    if not inputs and files_from is None:
+        fail("give at least one image file or folder, or --files-from.")
+    if update and overwrite:
+        fail("--update keeps the earlier output's rows and --overwrite discards them: give one of the two.")
     decode_options = DecodeOptions(exif_transpose=exif_transpose, max_pixels=max_pixels or None, fast_decode=fast_decode)
     if not update and shard is None and workers != 0 and decode is not Decoder.gpu and _fresh(output, overwrite):
         # Two batches' worth: on 2 cores the first is done well before the model is ready, and the rest of the wait
@@ -264,14 +267,10 @@ def embed(
     from .runtime import default_batch_size, resolve_device
     from .shards import parse_shard, select_shard, shard_inputs
 
-    if not inputs and files_from is None:
-        fail("give at least one image file or folder, or --files-from.")
     keep_freed_memory()
     with user_errors():
         part = parse_shard(shard, num_shards)
         devices = parse_devices(device)
-        if update and overwrite:
-            fail("--update keeps the earlier output's rows and --overwrite discards them: give one of the two.")
         check_device_options(devices, shard=part, update=update)
         out = OutputPaths.for_output(output)
         refuse_a_drive_not_mounted(out.embeddings)  # as the other refusals, before the walk, which may take minutes

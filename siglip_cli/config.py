@@ -267,12 +267,14 @@ def _square(name: str, value: int | list[int]) -> int:
 # size, which is the tower's: a config written by hand often leaves them out. Another class's are its own: a CLIP
 # processor's config without its mean and std was normalized as SigLIP's, silently.
 _OPENAI_CLIP = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
-_SHORTEST_EDGE_THEN_CROP = {"size": {"shortest_edge": 224}, "do_center_crop": True, "crop_size": 224, **_OPENAI_CLIP}
+_SHORTEST_EDGE_THEN_CROP = {
+    "size": {"shortest_edge": 224}, "resample": _BICUBIC, "do_center_crop": True, "crop_size": 224, **_OPENAI_CLIP
+}  # fmt: skip
 PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
     "SiglipImageProcessor": {},
     "CLIPImageProcessor": _SHORTEST_EDGE_THEN_CROP,
     "BitImageProcessor": _SHORTEST_EDGE_THEN_CROP,
-    "ViTImageProcessor": {"size": {"height": 224, "width": 224}, "resample": 2},
+    "ViTImageProcessor": {"size": {"height": 224, "width": 224}, "resample": _BILINEAR},
 }
 # The settings whose defaults differ from class to class: a config naming a class we do not know must give them.
 _CLASS_SETTINGS = ("size", "resample", "image_mean", "image_std")
@@ -328,14 +330,16 @@ def _with_class_defaults(config: dict[str, Any]) -> dict[str, Any]:
     kind = config.get("image_processor_type")
     if kind is None:
         return config
-    name = kind.removesuffix("Fast").removesuffix("Pil") if isinstance(kind, str) else kind
+    if not isinstance(kind, str):
+        raise ConfigError(f"preprocessor image_processor_type must be a class name, not {kind!r}.")
+    name = kind.removesuffix("Fast").removesuffix("Pil")
     if name in PROCESSOR_DEFAULTS:
         return {**PROCESSOR_DEFAULTS[name], **config}
     missing = [setting for setting in _CLASS_SETTINGS if setting not in config]
     if missing:
         raise ConfigError(
-            f"the preprocessor is a {kind}, whose defaults are unknown here, and it does not give its "
-            f"{', '.join(missing)}: write them in its config, as transformers' save_pretrained does."
+            f"the preprocessor is a {kind}, whose defaults are unknown here, and its config leaves out "
+            f"{', '.join(missing)}: write them in, as transformers' save_pretrained does."
         )
     return config
 

@@ -1,8 +1,9 @@
 """Files → pixel batches for the model: decoding worker processes, and JPEGs left for the device's decoder.
 
 Workers decode and preprocess `PARCEL_SIZE` consecutive files at a time; the main process puts their parcels
-together into the run's fixed batches, in file order. A file that cannot be decoded becomes an error row, whatever
-the exception, and never stops the batch.
+together into the run's fixed batches, in file order. The first files may come decoded already, by the head start
+that `siglip embed` begins before torch is imported (`headstart`). A file that cannot be decoded becomes an error
+row, whatever the exception, and never stops the batch.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from .errors import first_line
 from .files import counted, display_path
 from .gpu_decode import JpegHeader, decode_headers, device_index, read_header
 from .preprocess import DecodeOptions, load_pixels, one_line
-from .reading import failure_reason, read_image, stat_fields
+from .reading import failure_reason, pixels_and_facts, stat_fields
 
 
 T, U = TypeVar("T"), TypeVar("U")
@@ -68,7 +69,7 @@ def decode_file(
         header = read_header(data, cfg, options)
         return header if isinstance(header, JpegHeader) else None
 
-    pixels, facts, jpeg = read_image(path, cfg, options, for_device=for_device if jpeg_to_device else None)
+    pixels, facts, jpeg = pixels_and_facts(path, cfg, options, for_device=for_device if jpeg_to_device else None)
     return (torch.from_numpy(pixels) if pixels is not None else None), facts, jpeg
 
 
@@ -390,7 +391,8 @@ def decoded_batches(
     note: Callable[[str], None] = lambda message: None,
 ) -> Iterator[Batch]:
     """Batches of `batch_size` files in order (fixed slices of `paths`), decoded by `workers` processes ahead of
-    the model, `PARCEL_SIZE` files at a time, with about two batches in flight. `note` hears of a change of plan."""
+    the model, `PARCEL_SIZE` files at a time, with about two batches in flight, but for the first files the head start
+    decoded (`headstart.take`). `note` hears of a change of plan."""
     spans = [(start, min(start + batch_size, len(paths))) for start in range(0, len(paths), batch_size)]
     files = ImageFiles(paths, cfg, options, jpeg_to_device=jpeg_to_device)
     head = _head_start(paths, cfg, options, jpeg_to_device)
@@ -411,19 +413,22 @@ def _head_start(paths: list[str], cfg: PreprocessConfig, options: DecodeOptions,
     if jpeg_to_device:  # the JPEGs are the device decoder's
         headstart.stop()
         return []
-    return [
-        Item(index, torch.from_numpy(pixels), facts, None) if pixels is not None else _failed_item(index, paths[index], facts)
-        for index, (pixels, facts) in enumerate(headstart.take(paths, cfg, options))
-    ]
+    items = []
+    for index, (pixels, facts) in enumerate(headstart.take(paths, cfg, options)):
+        if pixels is None:  # `facts` is why the file failed
+            items.append(_failed_item(index, paths[index], facts))
+        else:
+            items.append(Item(index, torch.from_numpy(pixels), facts))
+    return items
 
 
 def _parcels(
     files: ImageFiles, spans: list[tuple[int, int]], batch_size: int, workers: int, pin: bool,
     note: Callable[[str], None], head: list[Item],
 ) -> Iterator[Parcel]:  # fmt: skip
-    """The parcels of `spans`, in order, from a DataLoader; never one parcel across two spans. `head`: the first
-    files' items, decoded already (by the head start), which no worker decodes again: handed over (a parcel a span)
-    once the workers have started, so that they decode what follows while the model runs these.
+    """The parcels of `spans`, in order, from a DataLoader; never one parcel across two spans. `head`: the items
+    of the first files (from file 0), decoded already by the head start, which no worker decodes again: handed over,
+    a parcel a span, once the workers have started, so that they decode what follows while the model runs these.
 
     A worker that dies (a native decoder's crash, the kernel's out-of-memory killer) would end the run, and every
     rerun, at the same file; one stuck on a file would hang it. A stuck worker is killed (`_stuck_workers_stopped`),
@@ -433,9 +438,8 @@ def _parcels(
     Where the workers cannot hand parcels over for want of shared memory, the rest is decoded in this process.
     """
     size = min(PARCEL_SIZE, batch_size)
-    first = spans[0][0] if spans else 0
-    waiting = [_collate(head[a - first : b - first]) for a, b in _clip(spans, first, first + len(head))]  # one a batch
-    done = first + len(head)  # files handed over, or about to be
+    waiting = [_collate(head[a:b]) for a, b in _clip(spans, 0, len(head))]  # a parcel a batch
+    done = len(head)  # files handed over, or about to be
     spans = _clip(spans, done, len(files))
     stuck: set[int] = set()  # files whose decoding was stopped
 

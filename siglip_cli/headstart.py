@@ -5,15 +5,16 @@ workers start only once the model is ready: on a small machine the model then wa
 an 11 s run of 48 photos on 2 cores). Before torch is imported, `begin` forks one process (cheap then, and safe: no
 other Python thread runs, and torch's thread pools are not made yet) that does what the run will do first: it
 lists the inputs, reads the checkpoint's preprocessing from this machine (a folder, or the Hub's cache), and decodes
-the first files (`siglip embed` asks for two batches), each as a decoding worker would (`reading.read_image`), into
-memory it shares with this process. When the model is ready, `decoding` calls `take`: the process is stopped, and
-the files it finished are the run's, if they are the first the run has to embed and were decoded with the run's
-settings. The workers decode everything else, as before.
+the first files (`siglip embed` asks for two batches, as many as fit in `PIXEL_BYTES`), each as a decoding worker
+would (`reading.pixels_and_facts`), into memory it shares with this process. When the model is ready, `decoding`
+calls `take`: the process is stopped, and the files it finished are the run's, if they are the first the run has to
+embed and were decoded with the run's settings. The workers decode everything else, as before.
 
 It is a guess, checked when taken, so it never changes an output: a checkpoint whose settings differ once resolved
 (a newer commit on the Hub), a run that continues earlier work, anything unexpected in the process, and nothing is
 taken. It is started only where it can pay: the model on the CPU (a GPU's machine has cores to spare), two usable
-CPUs at least, decoding workers wanted, on Linux.
+CPUs at least, decoding workers wanted, on Linux; not for paths read from stdin (read once, by the run), nor for
+inputs that take over `WALK_SECONDS` to list. `siglip embed` asks for none with --update, --shard or --decode gpu.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ from .config import PreprocessConfig
 from .cpus import usable_cpus
 from .files import discover
 from .preprocess import DecodeOptions
-from .reading import failure_reason, read_image
+from .reading import failure_reason, pixels_and_facts
 
-# Shared memory for the decoded pixels, reserved but not used until written (an anonymous mapping): 32 images at
-# 384 x 384 (57 MB), 21 at 512 x 512.
-PIXEL_BYTES = 64 << 20
+# Shared memory for the decoded pixels, reserved but not used until written (an anonymous mapping): two batches of
+# 32 at 384 x 384 (113 MB), 42 images at 512 x 512; fewer files are decoded where fewer fit.
+PIXEL_BYTES = 128 << 20
 # Device files of NVIDIA's driver, ROCm's and WSL2's GPU: where they are, `--device auto` is likely to mean a GPU.
 GPU_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
 # A tree that takes longer to list is one where a second won at the start does not count, and its list would cost
@@ -78,8 +79,8 @@ def begin(
     count: int,
     options: DecodeOptions,
 ) -> None:
-    """Start decoding the first `count` files of `inputs` (and `files_from`) for `model`, where it can pay (see
-    above); `take` or `stop` ends it. Call before torch is imported."""
+    """Start decoding the first `count` files of `inputs` (and `files_from`) for `model`, as many as fit in
+    `PIXEL_BYTES`, where it can pay (see above); `take` or `stop` ends it. Call before torch is imported."""
     if _running is None and _pays(device, files_from):
         _start(inputs, files_from, model, revision, count, options)
 
@@ -87,12 +88,12 @@ def begin(
 def _pays(device: str, files_from: str | None) -> bool:
     """Whether a head start can pay here, and the process can be forked safely."""
     return (
-        (device == "cpu" or device == "auto" and not any(os.path.exists(node) for node in GPU_NODES))
+        (device == "cpu" or (device == "auto" and not any(os.path.exists(node) for node in GPU_NODES)))
         and sys.platform.startswith("linux")
         and "torch" not in sys.modules  # imported already: no time left to win (and its threads may not be forked)
         and threading.active_count() == 1  # no Python thread holds a lock the process would inherit held
         and usable_cpus() >= 2
-        and (files_from is None or files_from != "-" and os.path.isfile(files_from))  # stdin, a pipe: read once
+        and (files_from is None or (files_from != "-" and os.path.isfile(files_from)))  # stdin, a pipe: read once
     )
 
 
@@ -228,7 +229,7 @@ def _decode_first_files(
     messages.send_bytes(pickle.dumps({"cfg": cfg, "count": len(paths), "paths": _digest(paths)}))
     for index, path in enumerate(paths):
         try:
-            array, facts, _ = read_image(path, cfg, options)
+            array, facts, _ = pixels_and_facts(path, cfg, options)
         except Exception as e:  # per file, as in the workers
             messages.send_bytes(pickle.dumps((index, failure_reason(e, path))))
             continue

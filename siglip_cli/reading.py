@@ -9,16 +9,24 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import threading
-from typing import Callable, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 import numpy as np
 
 from .config import PreprocessConfig
-from .files import display_path, is_regular_file
+from .files import display_path
 from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_checked
 
-J = TypeVar("J")
+class Sized(Protocol):
+    """What a device decoder says of a file it claims (`gpu_decode.JpegHeader`): the oriented picture's size."""
+
+    width: int
+    height: int
+
+
+J = TypeVar("J", bound=Sized)
 # A file is read whole (hashed, then decoded from memory) by the process that takes it; one larger than this has its
 # header checked first, so that a video named .jpg or a 20 GB scan over the pixel limit costs no memory, and is then
 # hashed a block at a time and decoded from the file: a photo followed by gigabytes (a damaged copy, a video glued
@@ -43,14 +51,14 @@ def digest_of_file(path: str, stop: threading.Event | None = None) -> str:
     return digest.hexdigest()
 
 
-def read_image(
+def pixels_and_facts(
     path: str, cfg: PreprocessConfig, options: DecodeOptions, *, for_device: Callable[[bytes], J | None] | None = None
 ) -> tuple[np.ndarray | None, dict, J | None]:
     """One file → ((3, H, W) float32 pixels, facts for the manifest, None). `for_device`, given a small file's bytes,
     may claim it for a device decoder (a JPEG, on the GPU): (None, facts, what it returned) then. Raises on any
     problem with the file."""
     info = os.stat(path)
-    if not is_regular_file(path):
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or a device named like an image is never opened
         raise BadImage("not a regular file")
     if info.st_size > HEADER_FIRST_BYTES:
         with open(path, "rb") as f:  # its own handle: closing the image closes the file it was given

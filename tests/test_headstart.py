@@ -1,4 +1,4 @@
-"""The head start: the first batch decoded in a process forked before torch is imported (`siglip_cli.headstart`).
+"""The head start: the first batches decoded in a process forked before torch is imported (`siglip_cli.headstart`).
 
 What it takes must be exactly what the decoding workers would have made, and what it guessed wrong must be left."""
 
@@ -22,7 +22,7 @@ from siglip_cli.checkpoints import local_preprocessing, resolve_checkpoint
 from siglip_cli.config import PreprocessConfig
 from siglip_cli.files import discover
 from siglip_cli.preprocess import DecodeOptions
-from siglip_cli.reading import failure_reason, read_image
+from siglip_cli.reading import failure_reason, pixels_and_facts
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_what_it_takes_is_what_a_worker_makes(folder: Path, tiny_siglip: Path) -
     assert len(taken) == len(paths) == 9 and headstart._running is None
     for path, (pixels, facts) in zip(paths, taken):
         try:
-            expected, expected_facts, _ = read_image(path, cfg, DecodeOptions())
+            expected, expected_facts, _ = pixels_and_facts(path, cfg, DecodeOptions())
         except Exception as e:
             assert pixels is None and facts == failure_reason(e, path)
         else:
@@ -100,7 +100,7 @@ def test_stopped_early_it_gives_what_it_finished(folder: Path, tiny_siglip: Path
     assert len(taken) < len(paths)
     for path, (pixels, facts) in zip(paths, taken):
         if pixels is not None:
-            assert np.array_equal(pixels, read_image(path, cfg, DecodeOptions())[0]) and facts["path"] == path
+            assert np.array_equal(pixels, pixels_and_facts(path, cfg, DecodeOptions())[0]) and facts["path"] == path
 
 
 def test_a_checkpoint_not_on_this_machine_gets_no_head_start(folder: Path, hf_cache: HubCache) -> None:

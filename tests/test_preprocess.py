@@ -130,8 +130,8 @@ def test_a_config_of_an_unknown_processor_class_must_say_what_it_means() -> None
 
     tower = VisionConfig(image_size=32)
     partial = {"image_processor_type": "ConvNextImageProcessor", "size": 32}
-    with pytest.raises(ConfigError, match="is a ConvNextImageProcessor, whose defaults are unknown here, and it does "
-                                          "not give its resample, image_mean, image_std"):  # fmt: skip
+    with pytest.raises(ConfigError, match="is a ConvNextImageProcessor, whose defaults are unknown here, and its "
+                                          "config leaves out resample, image_mean, image_std"):  # fmt: skip
         preprocess_config_from_hub(partial, tower)
     full = {**partial, "resample": 2, "image_mean": 0.5, "image_std": 0.5}
     assert preprocess_config_from_hub(full, tower) == PreprocessConfig(32, 32, resample=2)
