@@ -114,7 +114,11 @@ def _start(
     # Ctrl-C held back over the fork: the new process ignores it before it can arrive, and this one gets it after.
     held = signal.pthread_sigmask(signal.SIG_BLOCK, interrupts.TERMINAL_SIGNALS)
     try:
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # Python 3.12+ warns of any fork beside other threads: numpy's BLAS has idle ones, which the new process
+            # never calls (it decodes and rescales; no matrix product).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
     except OSError:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
         os.close(reading)
