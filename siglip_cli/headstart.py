@@ -217,6 +217,11 @@ def _decode_first_files(
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # and it dies with the run
     if os.getppid() != parent:  # the run ended before that was set
         return
+    try:  # short of memory, the kernel stops this process before the run: what it did, the workers can redo
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)  # C decoders' messages

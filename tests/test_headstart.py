@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,21 @@ def test_a_process_that_outlives_its_kill_does_not_hold_the_run(
     finally:
         kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_short_of_memory_the_kernel_stops_the_head_start_first(tmp_path: Path, tiny_siglip: Path) -> None:
+    # It decodes beside the model's loading; what it did, the workers can redo, and what the run did may be lost.
+    fifo = tmp_path / "list"
+    os.mkfifo(fifo)  # it waits there, to be looked at
+    headstart._start([], str(fifo), str(tiny_siglip), None, 4, DecodeOptions())
+    score = Path(f"/proc/{headstart._running.pid}/oom_score_adj")
+    try:
+        deadline = time.monotonic() + 10
+        while score.read_text().strip() != "1000" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert score.read_text().strip() == "1000"
+    finally:
+        headstart.stop()
 
 
 @pytest.mark.parametrize(
