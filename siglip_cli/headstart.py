@@ -132,11 +132,11 @@ def _start(
             _decode_first_files(inputs, files_from, model, revision, count, options, Connection(writing), pixels, parent)
         finally:
             os._exit(0)
-    signal.pthread_sigmask(signal.SIG_SETMASK, held)
     os.close(writing)
     _running = _Process(pid, Connection(reading), pixels, options)
     atexit.unregister(stop)
     atexit.register(stop)  # a run that ends before taking it (an error, Ctrl-C) stops it too
+    signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a Ctrl-C held back arrives now, with the process known
 
 
 def take(paths: list[str], cfg: PreprocessConfig, options: DecodeOptions) -> list[tuple[np.ndarray | None, dict | str]]:
