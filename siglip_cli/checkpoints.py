@@ -98,14 +98,14 @@ def local_preprocessing(name: str, revision: str | None = None) -> PreprocessCon
     try:
         path = Path(name).expanduser()
         files = _LocalFiles(path) if path.is_dir() else _HubFiles(name, revision, cache_only=True)
-        config = _read_json(files.get("config.json", required=True))
-        preprocessor, _ = _image_processor_config(files)
-        return preprocess_config_from_hub(preprocessor, vision_config_from_hub(config))
+        return _configs(name, files)[2]
     except Exception:  # noqa: BLE001 - the run resolves the checkpoint itself, and says what is wrong with it
         return None
 
 
-def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) -> Checkpoint:
+def _configs(name: str, files: _LocalFiles | _HubFiles) -> tuple[dict, VisionConfig, PreprocessConfig, str]:
+    """The checkpoint's config.json, its tower and preprocessing, and the file the preprocessing came from; a
+    ConfigError or CheckpointError, naming `name`, for a config that cannot be used."""
     config = _read_json(files.get("config.json", required=True))
     preprocessor, preprocess_source = _image_processor_config(files)
     try:
@@ -124,6 +124,11 @@ def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) ->
             f"{name}: {preprocess_source} {step} to {preprocess.width}x{preprocess.height} but the tower "
             f"takes {vision.image_size}x{vision.image_size} images."
         )
+    return config, vision, preprocess, preprocess_source
+
+
+def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) -> Checkpoint:
+    config, vision, preprocess, preprocess_source = _configs(name, files)
     # The single file first, as transformers loads them: a checkpoint re-saved unsharded in place keeps the old
     # index (and perhaps its shards) beside the new file.
     single = files.get(SINGLE_FILE, required=False)

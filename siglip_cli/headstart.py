@@ -159,7 +159,7 @@ def take(paths: list[str], cfg: PreprocessConfig, options: DecodeOptions) -> lis
                 if isinstance(facts, str):  # why the file failed
                     done.append((None, facts))
                 else:
-                    done.append((_copied(process.pixels, index, cfg), facts))
+                    done.append((_slot(process.pixels, index, cfg).copy(), facts))  # no view may outlive the memory
     except (EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError):  # the end of what it did
         pass
     finally:
@@ -189,11 +189,10 @@ def _stopped() -> _Process | None:
     return process
 
 
-def _copied(pixels: mmap.mmap, index: int, cfg: PreprocessConfig) -> np.ndarray:
-    """File `index`'s pixels, copied out of the shared memory: no view of it may outlive `take`, which closes it."""
-    shape = (3, cfg.height, cfg.width)
+def _slot(pixels: mmap.mmap, index: int, cfg: PreprocessConfig) -> np.ndarray:
+    """File `index`'s (3, height, width) float32 pixels in the shared memory: a view of it."""
     size = 3 * cfg.height * cfg.width
-    return np.frombuffer(pixels, np.float32, size, index * size * 4).reshape(shape).copy()
+    return np.frombuffer(pixels, np.float32, size, index * size * 4).reshape(3, cfg.height, cfg.width)
 
 
 def _digest(paths: list[str]) -> str:
@@ -230,10 +229,9 @@ def _decode_first_files(
     cfg = local_preprocessing(model, revision)
     if cfg is None:
         return
-    slot = 3 * cfg.height * cfg.width * 4
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.setitimer(signal.ITIMER_REAL, WALK_SECONDS)  # SIGALRM, which ends the process
-    paths = discover(inputs, files_from=files_from)[: min(count, PIXEL_BYTES // slot)]
+    paths = discover(inputs, files_from=files_from)[: min(count, PIXEL_BYTES // (3 * cfg.height * cfg.width * 4))]
     signal.setitimer(signal.ITIMER_REAL, 0)
     messages.send_bytes(pickle.dumps({"cfg": cfg, "count": len(paths), "paths": _digest(paths)}))
     for index, path in enumerate(paths):
@@ -242,5 +240,5 @@ def _decode_first_files(
         except Exception as e:  # per file, as in the workers
             messages.send_bytes(pickle.dumps((index, failure_reason(e, path))))
             continue
-        np.frombuffer(pixels, np.float32, count=array.size, offset=index * slot)[:] = array.ravel()
+        _slot(pixels, index, cfg)[:] = array
         messages.send_bytes(pickle.dumps((index, {"path": path, **facts})))
