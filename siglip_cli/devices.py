@@ -237,6 +237,7 @@ def embed_on_devices(
         # each worker replaces its shard if it was made with other options. A run stopped after the merge had put
         # the output in place still has its shards here: they are brought up to date and merged again.
         area = WorkArea(work)
+        area.finish_assembling()  # a merge stopped between its renames
         published = area.published(out.embeddings)
         earlier = area.device_count()
         other_devices = area.exists() or earlier not in (None, len(devices))  # a run on one device, or on others
@@ -280,7 +281,6 @@ def embed_on_devices(
             before_replacing=WorkArea(work).mark_assembling,
             hold_lock=False,  # held since the start of the run
         )
-        interrupts.output_in_place()
         WorkArea(work).remove()  # its assembling mark last, as one device's
         embedded = sum(s.embedded for s in summaries)
         return Summary(

@@ -223,7 +223,6 @@ def embed_to_file(
         interrupts.check()
         metadata = output_metadata(embedder.checkpoint, state, shard=options.shard, inputs=options.shard_inputs)
         assemble(out, good, bad, metadata, before_replacing=work.mark_assembling)
-        interrupts.output_in_place()
         work.remove()
         embedded = sum(1 for r in new.values() if isinstance(r, Ref))
         reused_rows = sum(1 for p, r in reused.items() if isinstance(r, Ref) and p not in unchecked)
@@ -267,6 +266,7 @@ def _open_work(
     work = WorkArea(out.work)
     if overwrite and work.exists() and not same_options(work.state(), state):
         work.remove()
+    work.finish_assembling()  # a run stopped between its final renames: its output is made whole, then published
     devices = work.device_count()
     if devices and not overwrite and not work.published(out.embeddings):  # its shards are not ours to throw away
         raise interrupted_on_other_devices(out.work, devices)
@@ -281,8 +281,9 @@ def _open_work(
     check_outputs(out, interrupted=resuming, overwrite=overwrite, update=reuse_output)
     if resuming and not same_options(work.state(), state):
         raise _interrupted_with_other_options(out.work, describe_difference(work.state(), state))
-    # A run that died while replacing the final files may have left a new manifest beside the old embeddings:
-    # then the earlier output cannot be trusted row by row, and what the chunks do not hold is embedded again.
+    # A run that died while replacing the final files and could not be finished (`finish_assembling`: a mark of an
+    # earlier version, files moved since) may have left a new manifest beside the old embeddings: then the earlier
+    # output cannot be trusted row by row, and what the chunks do not hold is embedded again.
     # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
     try:
         reading = reuse_output and not (resuming and work.assembling())

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from . import __version__
+from . import __version__, interrupts
 from .config import VisionConfig, json_kind
 from .errors import UserError
 from .files import display_path, path_fields, path_from_fields, same_file
@@ -26,6 +26,7 @@ from .storage import (
     NpyRows,
     RowReader,
     SafetensorsRows,
+    Steps,
     TensorSpec,
     read_jsonl,
     replaced_together,
@@ -440,15 +441,16 @@ def assemble(
     bad: list[dict],
     metadata: dict[str, str],
     *,
-    before_replacing: Callable[[Path], None] = lambda new_embeddings: None,
+    before_replacing: Callable[[Steps], None] = lambda steps: None,
 ) -> None:
     """Write the final files from the finished rows, all of them, then put them in place: manifest and errors
-    first, the embeddings file last. `before_replacing(new embeddings file)` runs between the two."""
+    first, the embeddings file last. `before_replacing(steps)` runs between the two (`storage.replaced_together`).
+    Once they are in place, a stop signal no longer stops the run (`interrupts.output_in_place`)."""
     state = json.loads(metadata["options"])
     D, T = state["embedding_dim"], state["num_tokens"]
     dtype = np.dtype(OUTPUT_DTYPES[state["output_dtype"]])
     metadata = {**metadata, "num_images": str(len(good))}
-    with replaced_together(before=lambda new: before_replacing(new[out.embeddings])) as staging:
+    with replaced_together(before=before_replacing, after=interrupts.output_in_place) as staging:
         write_jsonl(out.manifest, (public_row(ref.info) for ref in good), staging=staging)
         if bad:
             write_jsonl(out.errors, (public_row(info) for info in bad), staging=staging)

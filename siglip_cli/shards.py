@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from . import interrupts
 from .errors import UserError
 from .files import WalkReport, counted
 from .outputs import (
@@ -31,7 +30,7 @@ from .outputs import (
     same_options,
     without_weights,
 )
-from .storage import exclusive, remove_stale_temporaries
+from .storage import Steps, exclusive, remove_stale_temporaries
 
 
 def parse_shard(spec: str | None, num_shards: int | None, environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
@@ -189,7 +188,7 @@ def merge_outputs(
     *,
     overwrite: bool = False,
     allow_missing: bool = False,
-    before_replacing: Callable[[Path], None] = lambda new_embeddings: None,
+    before_replacing: Callable[[Steps], None] = lambda steps: None,
     hold_lock: bool = True,
 ) -> MergeSummary:
     """Join outputs of disjoint shards into one, equal to a single run over all their files.
@@ -211,7 +210,7 @@ def _merge(
     target: OutputPaths,
     overwrite: bool,
     allow_missing: bool,
-    before_replacing: Callable[[Path], None],
+    before_replacing: Callable[[Steps], None],
 ) -> MergeSummary:
     output = target.embeddings
     if any(Path(p).resolve() == output.resolve() for p in inputs):
@@ -255,7 +254,6 @@ def _merge(
     merged = options[0] if all("weights" in opts for opts in options) else without_weights(options[0])
     metadata["options"] = json.dumps({**merged, "format": target.format}, sort_keys=True)
     assemble(target, [ref for _, ref in good], [info for _, info in bad], metadata, before_replacing=before_replacing)
-    interrupts.output_in_place()  # a stop signal from here on would report a finished merge interrupted
     return MergeSummary(
         rows=len(good),
         failed=len(bad),

@@ -49,12 +49,16 @@ class WriteError(UserError):
     """A file that could not be written: a full disk, a quota, a folder made read-only."""
 
 
+# The files of one `replaced_together` block, in order: each written one (temporary, final name), and each one to
+# remove (final name, None).
+Steps = list[tuple[Path, Path | None]]
+
+
 class Staging:
-    """The files of one `replaced_together` block, in order: each written one (temporary, final name), and each
-    one to remove (final name, None)."""
+    """What a `replaced_together` block does once its files are written: its `steps`."""
 
     def __init__(self) -> None:
-        self.steps: list[tuple[Path, Path | None]] = []
+        self.steps: Steps = []
 
     def remove(self, path: Path) -> None:
         """Remove `path` as the new files take their names (a stale file that would describe another run)."""
@@ -89,30 +93,39 @@ def atomic_write(path: Path, staging: Staging | None = None) -> Iterator[BinaryI
 
 
 @contextmanager
-def replaced_together(*, before: Callable[[dict[Path, Path]], None]) -> Iterator[Staging]:
+def replaced_together(
+    *, before: Callable[[Steps], None], after: Callable[[], None]
+) -> Iterator[Staging]:
     """Files written in the block with its `Staging` take their names only once all are written and fsynced:
-    `before({final name: temporary})`, then one rename after another, in the order written. So a failure while
-    they are written (a full disk) leaves every earlier file as it was, and the files never mix two runs."""
+    `before(staging.steps)`, then one rename after another, in the order written, then `after()`. So a failure
+    while they are written (a full disk) leaves every earlier file as it was, and the files never mix two runs.
+    A stop signal waits for `after`, which can say that it changes nothing any more."""
     staging = Staging()
     try:
         yield staging
-        before({final: first for first, final in staging.steps if final is not None})
+        before(staging.steps)
     except BaseException:
         for first, final in staging.steps:
             if final is not None:
                 first.unlink(missing_ok=True)
         raise
     with interrupts.deferred():  # a Ctrl-C waits for the renames: a moment, and the output is whole
-        for first, final in staging.steps:
-            try:
-                if final is None:
-                    first.unlink(missing_ok=True)
-                else:
-                    os.replace(first, final)
-            except OSError as e:
-                raise WriteError(f"cannot write {final or first}: {e.strerror}.") from None
-        for folder in {(final or first).parent for first, final in staging.steps}:
-            fsync_dir(folder)
+        take_their_names(staging.steps)
+        after()
+
+
+def take_their_names(steps: Steps) -> None:
+    """Do a `Staging`'s steps: rename each temporary to its final name, remove each file to remove; then fsync."""
+    for first, final in steps:
+        try:
+            if final is None:
+                first.unlink(missing_ok=True)
+            else:
+                os.replace(first, final)
+        except OSError as e:
+            raise WriteError(f"cannot write {final or first}: {e.strerror}.") from None
+    for folder in {(final or first).parent for first, final in steps}:
+        fsync_dir(folder)
 
 
 # Lock files held by `exclusive`. A forked child (a decoding worker) shares their open files, and so the locks:
@@ -184,6 +197,14 @@ def remove_stale_temporaries(paths: Iterable[Path]) -> None:
             pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
             if pid.isdigit() and not _alive(int(pid)):
                 tmp.unlink(missing_ok=True)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _alive(pid: int) -> bool:
@@ -350,15 +371,48 @@ class WorkArea:
         counts = [int(m[1]) for name in names if (m := re.match(r"shard-\d+-of-(\d+)\.", name))]
         return max(counts, default=None)
 
-    def mark_assembling(self, new_embeddings: Path) -> None:
-        """Say, durably, that the final files are being replaced: until `remove`, they may be half old, half new.
-        The mark names the new embeddings file (written, not yet renamed), renamed last: see `published`."""
-        identity = os.stat(new_embeddings)
+    def mark_assembling(self, steps: Steps) -> None:
+        """Say, durably, that the final files are being replaced (`replaced_together`'s steps, each new file
+        written and fsynced): until `remove`, they may be half old, half new. The mark lists the steps, each new
+        file by its identity, for a rerun to finish them (`finish_assembling`), and names the last file renamed,
+        the embeddings: see `published`."""
+        listed = []
+        for first, final in steps:
+            if first.parent != self.directory.parent or (final is not None and final.parent != first.parent):
+                raise ValueError(f"{first} is not beside {self.directory}")  # the mark names files by name alone
+            if final is None:
+                listed.append({"remove": os.fsdecode(first.name)})
+            else:
+                identity = os.stat(first)
+                listed.append({"from": os.fsdecode(first.name), "to": os.fsdecode(final.name),
+                               "dev": identity.st_dev, "ino": identity.st_ino})  # fmt: skip
+        last = [step for step in listed if "to" in step][-1]
         with atomic_write(self.directory / "assembling") as f:
-            f.write(json.dumps({"dev": identity.st_dev, "ino": identity.st_ino}).encode())
+            f.write(json.dumps({"dev": last["dev"], "ino": last["ino"], "steps": listed}).encode())
 
     def assembling(self) -> bool:
         return (self.directory / "assembling").is_file()
+
+    def finish_assembling(self) -> None:
+        """Finish the renames of a run stopped part-way through them (`kill -9`, a power cut): each file it renames
+        was written and fsynced before it marked itself assembling, so its output ends as it would have. Nothing is
+        done where the mark lists no steps (an earlier version's), or a new file is under neither of its names."""
+        try:
+            steps = json.loads((self.directory / "assembling").read_bytes())["steps"]
+        except (OSError, ValueError, TypeError, KeyError):
+            return
+        folder, left = self.directory.parent, []
+        for step in steps:
+            if "remove" in step:
+                left.append((folder / step["remove"], None))
+                continue
+            first, final, identity = folder / step["from"], folder / step["to"], (step["dev"], step["ino"])
+            if _identity(first) == identity:
+                left.append((first, final))
+            elif _identity(final) != identity:  # neither renamed nor waiting: something else moved the files
+                return
+        with interrupts.deferred():
+            take_their_names(left)
 
     def published(self, embeddings: Path) -> bool:
         """Whether the run that marked itself assembling renamed all its files (the embeddings file, the last, is

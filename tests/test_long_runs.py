@@ -366,29 +366,66 @@ class Killed(BaseException):
     """Stands for kill -9 in-process: no `except Exception` stops it, and nothing after it runs."""
 
 
-def test_a_run_killed_while_assembling_leaves_no_embeddings_file_and_the_rerun_finishes_it(
-    embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def killed_at_the_rename_to(
+    name: Path, embedder: Embedder, inputs: Path, output: Path, *, update: bool = False
 ) -> None:
-    output = tmp_path / "out" / "embeddings.safetensors"
-    output.parent.mkdir()
-
+    """Run (the options of `embed`) from `inputs` into `output`, killed as it is about to rename a file to `name`."""
     replace = os.replace
 
-    def killed_before_the_last(src, dst) -> None:
-        if Path(dst) == output:
+    def killed(src, dst) -> None:
+        if Path(dst) == name:
             raise Killed
         replace(src, dst)
 
-    with monkeypatch.context() as during_the_kill:
-        during_the_kill.setattr(os, "replace", killed_before_the_last)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as during_the_kill:
+        during_the_kill.setattr(os, "replace", killed)
         with pytest.raises(Killed):
-            embed_to_file(embedder, discover([str(folder)]), output, options=EmbedOptions(batch_size=2, workers=0))
+            options = EmbedOptions(batch_size=2, workers=0)
+            embed_to_file(embedder, discover([str(inputs)]), output, options=options, update=update)
+
+
+def test_a_run_killed_while_assembling_leaves_no_embeddings_file_and_the_rerun_finishes_it(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    killed_at_the_rename_to(output, embedder, folder, output)
     assert output.with_suffix(".jsonl").exists() and not output.exists()  # the manifest goes first
 
     summary = summary_of(embed(folder, output, "--json"))
     assert (summary["embedded"], summary["reused"]) == (0, 12)
     ok(embed(folder, tmp_path / "uninterrupted.safetensors"))
     assert differences(output, tmp_path / "uninterrupted.safetensors") == []
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".safetensors"], ids=["the-first-rename", "the-last-rename"])
+def test_an_update_killed_between_its_renames_keeps_every_earlier_row_when_rerun(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path, suffix: str
+) -> None:
+    # The rerun trusted neither the earlier output nor the new files, and kept only the rows of this run's inputs:
+    # `--update new/` lost the rows of every other photo in the output.
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    new = save_photos(tmp_path / "new", ["n0.jpg", "n1.jpg"], first_seed=100)
+    killed_at_the_rename_to(output.with_suffix(suffix), embedder, new, output, update=True)
+    summary = summary_of(embed(new, output, "--update", "--json"))
+    assert (summary["embedded"], summary["removed"]) == (0, 0) and not work_area(output).exists()
+    expected = tmp_path / "uninterrupted" / output.name
+    ok(embed(folder, expected))
+    ok(embed(new, expected, "--update"))
+    assert differences(output, expected) == []
+
+
+def test_a_run_killed_between_its_renames_whose_new_files_are_gone_is_finished_from_its_chunks(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out" / "embeddings.safetensors"
+    killed_at_the_rename_to(output, embedder, folder, output)
+    for temporary in output.parent.glob(".*.tmp"):  # cleaned away by hand: the mark's steps cannot be finished
+        temporary.unlink()
+    summary = summary_of(embed(folder, output, "--json"))
+    assert (summary["embedded"], summary["reused"]) == (0, 12)
+    assert differences_from_a_fresh_run(embed, folder, output) == []
 
 
 @pytest.mark.parametrize(
@@ -535,7 +572,7 @@ def test_a_full_disk_at_the_assembling_mark_leaves_no_temporaries_and_the_earlie
     before = {p.name: p.read_bytes() for p in output.parent.iterdir()}
     save_photos(folder, ["a00.jpg"], first_seed=100)
 
-    def full_disk(self, new_embeddings: Path) -> None:
+    def full_disk(self, steps) -> None:
         raise storage_module.WriteError("cannot write the mark: No space left on device.")
 
     monkeypatch.setattr(storage_module.WorkArea, "mark_assembling", full_disk)
@@ -832,7 +869,8 @@ def test_update_killed_between_its_renames_recovers_on_the_next_update(
 def test_ctrl_c_during_the_renames_waits_for_them(
     embed, folder: Path, output_of_other_files: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Ctrl-C between two renames would leave a new manifest beside old embeddings: the renames finish first.
+    # Ctrl-C between two renames would leave a new manifest beside old embeddings: the renames finish first. Then
+    # the output is whole, and the run no longer stops: it exited 130, "interrupted", with nothing left to do.
     output, replace = output_of_other_files, os.replace
 
     def ctrl_c_after_the_manifest(src, dst) -> None:
@@ -841,7 +879,9 @@ def test_ctrl_c_during_the_renames_waits_for_them(
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(os, "replace", ctrl_c_after_the_manifest)
-    assert embed(folder, output, "--update", "--batch-size", 1).exit_code == 130
+    result = embed(folder, output, "--update", "--batch-size", 1)
+    assert result.exit_code == 0 and "interrupted" not in result.stderr, result.stderr
+    assert not work_area(output).exists()
     monkeypatch.setattr(os, "replace", replace)
     assert differences_from_a_fresh_run(embed, folder, output) == []  # whole and new, before any rerun
 
