@@ -41,7 +41,7 @@ HUB_PROBE_SECONDS = 3.0
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what `git clone` without git-lfs leaves instead
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PICKLE_MESSAGE = (
-    "pickle checkpoints (.bin, .pt, .pth) are refused because unpickling can run arbitrary code; "
+    f"pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) are refused because unpickling can run arbitrary code; "
     "use a safetensors checkpoint (transformers: model.save_pretrained(dir, safe_serialization=True))"
 )
 
@@ -70,7 +70,7 @@ def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
     if not name.strip():  # `-m "$MODEL"` with the variable unset: Path("") is the current folder
         raise CheckpointError("the model name is empty: give a Hub id or a checkpoint directory.")
     path = Path(name).expanduser()
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:  # a folder is named as its owner likes: run.ckpt/
         raise CheckpointError(f"{name}: {PICKLE_MESSAGE}.")
     if path.is_dir():
         if revision is not None:

@@ -289,6 +289,21 @@ def test_pickle_file_given_as_model_is_refused_and_never_unpickled(suffix: str, 
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt"])
+def test_checkpoint_folder_named_like_a_pickle_file_loads(suffix: str, tiny_vision: Path, tmp_path: Path) -> None:
+    # `runs/epoch3.ckpt/` is a folder in the Hub layout, as transformers loads it: it was refused as a pickle file.
+    checkpoint = copy_checkpoint(tiny_vision, tmp_path / f"run{suffix}")
+    loaded = load_model(resolve_checkpoint(str(checkpoint))).state_dict()
+    reference = load_model(resolve_checkpoint(str(tiny_vision))).state_dict()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+def test_pickle_refusal_names_every_suffix_it_refuses(tmp_path: Path) -> None:
+    path = save_booby_trapped_pickle(tmp_path / "model.pkl", tmp_path / "pwned")
+    with pytest.raises(CheckpointError, match=r"pickle checkpoints \(\.bin, \.pt, \.pth, \.ckpt, \.pkl\) are refused"):
+        resolve_checkpoint(str(path))
+
+
 # -------------------------------------------------------------------------------- Hub ids, offline
 
 
