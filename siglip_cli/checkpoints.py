@@ -5,8 +5,11 @@ Every layout in the wild holds the tower under one prefix: `vision_model.` (SigL
 `model.vision_tower.vision_model.` (newer PaliGemma saves). We find it as whatever stands in front of
 `embeddings.patch_embedding.weight`; `weights` strips it and loads the tensors strictly.
 
-No torch here (safetensors lists the keys through numpy): `siglip embed`'s head start (`headstart`) reads the
-preprocessing before torch is imported.
+The weights are safetensors files or, where a checkpoint has none, PyTorch pickles (`pytorch_model.bin`), read as
+transformers 5 reads them: through torch's restricted unpickler, which builds tensors and nothing that could run code.
+
+No torch at the top (safetensors lists the keys through numpy; a pickle imports it where it is read): `siglip embed`'s
+head start (`headstart`) reads the preprocessing before torch is imported.
 """
 
 from __future__ import annotations
@@ -14,11 +17,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
+import re
 import socket
+import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from safetensors import SafetensorError, safe_open
@@ -34,16 +42,18 @@ from .config import (
 from .errors import UserError, first_line
 from .files import display_path, is_utf8
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 ANCHOR = "embeddings.patch_embedding.weight"
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+PICKLE_FILE, PICKLE_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# The weights transformers 5 looks for, in its order: safetensors whenever there are any, and of each format the single
+# file before the index (a checkpoint re-saved unsharded in place keeps the old index, and perhaps its shards).
+WEIGHT_FILES = ((SINGLE_FILE, INDEX_FILE), (PICKLE_FILE, PICKLE_INDEX_FILE))
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 HUB_PROBE_SECONDS = 3.0
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what `git clone` without git-lfs leaves instead
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-PICKLE_MESSAGE = (
-    f"pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) are refused because unpickling can run arbitrary code; "
-    "use a safetensors checkpoint (transformers: model.save_pretrained(dir, safe_serialization=True))"
-)
 
 
 class CheckpointError(UserError):
@@ -52,7 +62,7 @@ class CheckpointError(UserError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A resolved checkpoint: its configs and the safetensors files that hold its vision tensors."""
+    """A resolved checkpoint: its configs and the files (safetensors or PyTorch pickles) with its vision tensors."""
 
     name: str  # as the user gave it
     revision: str | None  # the Hub commit hash; None for a local directory
@@ -70,13 +80,11 @@ def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
     if not name.strip():  # `-m "$MODEL"` with the variable unset: Path("") is the current folder
         raise CheckpointError("the model name is empty: give a Hub id or a checkpoint directory.")
     path = Path(name).expanduser()
-    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:  # a folder is named as its owner likes: run.ckpt/
-        raise CheckpointError(f"{name}: {PICKLE_MESSAGE}.")
     if path.is_dir():
         if revision is not None:
             raise CheckpointError(f"{name} is a local folder: a revision ({revision}) applies only to Hub ids.")
         return _resolve(name, None, _LocalFiles(path))
-    if path.exists():
+    if path.exists():  # model.safetensors or pytorch_model.bin alone: the tower's shape is in config.json
         raise CheckpointError(f"{name} is a file; pass the checkpoint directory that holds config.json instead.")
     if name in PRESETS:
         raise CheckpointError(
@@ -129,34 +137,40 @@ def _configs(name: str, files: _LocalFiles | _HubFiles) -> tuple[dict, VisionCon
 
 def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) -> Checkpoint:
     config, vision, preprocess, preprocess_source = _configs(name, files)
-    # The single file first, as transformers loads them: a checkpoint re-saved unsharded in place keeps the old
-    # index (and perhaps its shards) beside the new file.
-    single = files.get(SINGLE_FILE, required=False)
-    if single is not None:
-        with open_weights(single) as f:
-            keys = list(f.keys())
-        prefix = _find_prefix(name, keys)
-        weight_files: tuple[Path, ...] = (single,)
-    else:
-        index_path = files.get(INDEX_FILE, required=False)
-        if index_path is None:
-            unknown = files.unknown.get(SINGLE_FILE) or files.unknown.get(INDEX_FILE)
-            if unknown is not None:  # the cache lacks them and the Hub could not be asked: not "there are none"
-                raise unknown
-            raise CheckpointError(f"{name} has no {SINGLE_FILE} or {INDEX_FILE}; {PICKLE_MESSAGE}.")
-        weight_map = _read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index_path} has no weight_map naming the shard of each tensor.")
-        keys = list(weight_map)
-        prefix = _find_prefix(name, keys)
-        shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
-        weight_files = tuple(files.get(shard, required=True) for shard in shards)
+    prefix, weight_files, keys = _weights(name, files)
     fields = config.get("vision_config")
     if config.get("model_type") == "paligemma" and isinstance(fields, dict) and "vision_use_head" not in fields:
         # PaliGemma's own towers say `vision_use_head: false`; a vision_config silent on it gets a head from
         # transformers (SiglipVisionConfig's default), random if the weights hold none. We follow the weights.
         vision = dataclasses.replace(vision, vision_use_head=any(key.startswith(prefix + "head.") for key in keys))
     return Checkpoint(name, files.commit_hash or revision, vision, preprocess, weight_files, prefix, preprocess_source)
+
+
+def _weights(name: str, files: _LocalFiles | _HubFiles) -> tuple[str, tuple[Path, ...], list[str]]:
+    """The tower's prefix, the files that hold its tensors (of a sharded checkpoint, only the shards with some), and
+    the names of every tensor in the checkpoint: from the first of `WEIGHT_FILES` it has."""
+    for single_name, index_name in WEIGHT_FILES:
+        single = files.get(single_name, required=False)
+        if single is not None:
+            with open_weights(single) as f:
+                keys = list(f.keys())
+            return _find_prefix(name, keys), (single,), keys
+        index_path = files.get(index_name, required=False)
+        if index_path is not None:
+            weight_map = _read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path} has no weight_map naming the shard of each tensor.")
+            keys = list(weight_map)
+            prefix = _find_prefix(name, keys)
+            shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
+            return prefix, tuple(files.get(shard, required=True) for shard in shards), keys
+        # Neither in the cache, and the Hub could not be asked: not "there are none". Nor the pickles instead: the
+        # safetensors files transformers would load may be there.
+        unknown = files.unknown.get(single_name) or files.unknown.get(index_name)
+        if unknown is not None:
+            raise unknown
+    wanted = [filename for pair in WEIGHT_FILES for filename in pair]
+    raise CheckpointError(f"{name} has no {', '.join(wanted[:-1])} or {wanted[-1]}.")
 
 
 def _image_processor_config(files: _LocalFiles | _HubFiles) -> tuple[dict | None, str]:
@@ -202,34 +216,102 @@ def _read_json(path: Path) -> dict:
 
 @contextmanager
 def open_weights(path: Path, *, framework: str = "numpy") -> Iterator:
-    """`safe_open` whose failures, while opening or reading tensors, are one sentence naming the file. The keys
-    alone need no framework: "numpy" does not import torch, which "pt" does."""
-    if not is_utf8(str(path)):
+    """`safe_open` whose failures, while opening or reading tensors, are one sentence naming the file; for a PyTorch
+    pickle (any other name than *.safetensors, as transformers tells them apart), an object that reads as safe_open's
+    does: `keys()`, `get_tensor(key)`. The keys of a safetensors file need no framework: "numpy" does not import
+    torch, which "pt" does; a pickle's tensors are torch's whatever the framework."""
+    safetensors = path.name.endswith(".safetensors")
+    if not is_utf8(str(path)):  # both read the path in Rust or C++, which take only UTF-8
+        library = "safetensors" if safetensors else "torch"
         raise CheckpointError(
-            f"{display_path(str(path))}: safetensors cannot open a path that is not valid UTF-8; rename the folder."
+            f"{display_path(str(path))}: {library} cannot open a path that is not valid UTF-8; rename the folder."
         )
+    if not safetensors:
+        yield _PickledWeights(load_pickle(path))
+        return
     try:
         with safe_open(path, framework=framework) as f:
             yield f
     except (SafetensorError, OSError) as e:
-        try:  # safetensors says "No such file or directory" of a file it may not read: the system's reason
-            with open(path, "rb"):
-                pass
-        except OSError as unreadable:
-            raise CheckpointError(f"cannot read {path}: {unreadable.strerror}.") from None
-        if _starts_with(path, LFS_POINTER):
+        # safetensors says "No such file or directory" of a file it may not read: the system's reason first.
+        raise _unreadable(path) or CheckpointError(
+            f"{path} is not a readable safetensors file (damaged or incomplete download): {e}."
+        ) from None
+
+
+def load_pickle(path: Path) -> dict[str, Tensor]:
+    """The tensors of a PyTorch pickle (`pytorch_model.bin`) by name, as transformers 5 loads them: through torch's
+    restricted unpickler (`weights_only=True`), which builds tensors and plain containers and refuses to call
+    anything else, so the file cannot run code; memory-mapped where the file is in torch's zip format (torch ≥ 1.6),
+    so a tensor is read from disk only when used. A file that is not such a checkpoint is one sentence naming it."""
+    import torch  # here: the head start imports this module before torch
+
+    try:
+        with warnings.catch_warnings():  # of a pickle newer than torch writes: it either loads or is one sentence
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in torch.load as RuntimeError, EOFError, KeyError...
+        raise _unreadable(path) or _refused_pickle(path, e) from None
+    if not isinstance(state, dict):
+        kind = type(state).__name__
+        raise CheckpointError(f"{path} is not a plain tensor checkpoint: it holds a {kind}, not tensors by name.")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(
-                f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` in the checkpoint folder."
-            ) from None
-        raise CheckpointError(f"{path} is not a readable safetensors file (damaged or incomplete download): {e}.") from None
+                f"{path} is not a plain tensor checkpoint: its entry {key!r} is not a tensor ({type(value).__name__})."
+            )
+    return state
 
 
-def _starts_with(path: Path, prefix: bytes) -> bool:
+class _PickledWeights:
+    """A PyTorch pickle's tensors, read as `safe_open` reads a safetensors file."""
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        self.tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def get_tensor(self, key: str) -> Tensor:
+        # A copy, out of the file's memory map: a fine-tune saving over the file (torch.save truncates it first) would
+        # pull the pages from under the loaded model, and the run would die of SIGBUS.
+        return self.tensors[key].clone()
+
+
+def _refused_pickle(path: Path, error: Exception) -> CheckpointError:
+    """The sentence for a pickle `torch.load(weights_only=True)` did not load: one it refused (it would call
+    something other than what tensors are built with, or uses an instruction it does not read), or one damaged."""
+    if isinstance(error, pickle.UnpicklingError) and str(error).startswith("Weights only load failed"):
+        called = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if called:
+            return CheckpointError(
+                f"{path} is not a plain tensor checkpoint: its pickle calls {called[1]}, which torch's weights-only "
+                "loader refuses since it could run any code."
+            )
+        # torch's reason follows "WeightsUnpickler error:", on the same line or the next that has any.
+        reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error))
+        return CheckpointError(
+            f"{path} is not a plain tensor checkpoint: torch's weights-only loader cannot read it"
+            + (f" ({reason[1].strip()})." if reason else ".")
+        )
+    return CheckpointError(
+        f"{path} is not a readable PyTorch checkpoint (damaged or incomplete download): {first_line(error)}."
+    )
+
+
+def _unreadable(path: Path) -> CheckpointError | None:
+    """Why a weights file that failed to load cannot be read at all, where that is the reason: the system's (no
+    permission), or a Git LFS pointer where the file should be; None for a file that reads."""
     try:
         with open(path, "rb") as f:
-            return f.read(len(prefix)) == prefix
-    except OSError:
-        return False
+            start = f.read(len(LFS_POINTER))
+    except OSError as unreadable:
+        return CheckpointError(f"cannot read {path}: {unreadable.strerror}.")
+    if start == LFS_POINTER:
+        return CheckpointError(
+            f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` in the checkpoint folder."
+        )
+    return None
 
 
 class _LocalFiles:

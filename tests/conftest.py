@@ -43,7 +43,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner, Result
 
 if TYPE_CHECKING:  # transformers is imported lazily: collecting tests that don't need it stays fast
@@ -92,6 +92,8 @@ CONFIG_NAME = "config.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAME = "pytorch_model.bin"
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 
 SEED = 0
 PALIGEMMA_DEFAULT_IMAGE_SIZE = 224  # what SiglipVisionConfig assumes when config.json has no image_size
@@ -534,13 +536,19 @@ class HubCache:
         checkpoint_dir: str | os.PathLike[str],
         repo_id: str = DEFAULT_REPO_ID,
         revision_hash: str = DEFAULT_REVISION,
+        *,
+        absent: Iterable[str] = (),
     ) -> Path:
-        """Lay the files out as huggingface_hub does; return the snapshot directory."""
+        """Lay the files out as huggingface_hub does; return the snapshot directory. `absent` names files the Hub
+        said the commit lacks, marked as huggingface_hub marks them once it asked (`.no_exist/<commit>/<name>`)."""
         repo_dir = self.root / f"models--{repo_id.replace('/', '--')}"
         snapshot = repo_dir / "snapshots" / revision_hash
         for source in sorted(Path(checkpoint_dir).iterdir()):
             if source.is_file():
                 _link_blob(source.read_bytes(), _etag(source), repo_dir / "blobs", snapshot / source.name)
+        for name in absent:
+            (repo_dir / ".no_exist" / revision_hash).mkdir(parents=True, exist_ok=True)
+            (repo_dir / ".no_exist" / revision_hash / name).touch()
         (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
         (repo_dir / "refs" / "main").write_text(revision_hash)  # no trailing newline, like the hub
         return snapshot
@@ -742,12 +750,40 @@ class _WritesMarker:
         return (open, (str(self.marker), "w"))
 
 
-def save_booby_trapped_pickle(path: str | os.PathLike[str], marker: str | os.PathLike[str]) -> Path:
-    """A `pytorch_model.bin`-style pickle whose unpickling creates `marker` (and does nothing else)."""
+def save_booby_trapped_pickle(
+    path: str | os.PathLike[str], marker: str | os.PathLike[str], *, torch_format: bool = False
+) -> Path:
+    """A `pytorch_model.bin`-style pickle whose unpickling creates `marker` (and does nothing else): a plain pickle,
+    or with `torch_format` a file of `torch.save` (a zip holding the pickle), as real `.bin` files are."""
     import pickle
 
-    Path(path).write_bytes(pickle.dumps({"vision_model.post_layernorm.weight": _WritesMarker(Path(marker))}))
+    state = {"vision_model.post_layernorm.weight": _WritesMarker(Path(marker))}
+    if torch_format:
+        torch.save(state, path)
+    else:
+        Path(path).write_bytes(pickle.dumps(state))
     return Path(path)
+
+
+def save_as_pickles(checkpoint: str | os.PathLike[str], destination: str | os.PathLike[str], **save: Any) -> Path:
+    """A copy of `checkpoint` at `destination` with its weights as PyTorch pickles, as transformers 4 saved them with
+    `safe_serialization=False` (transformers 5 writes safetensors only): the same tensors by `torch.save` (`save`:
+    its keywords) in `pytorch_model.bin`, or in `pytorch_model-0000k-of-0000n.bin` with `pytorch_model.bin.index.json`
+    for a sharded one."""
+    checkpoint, destination = Path(checkpoint), Path(destination)
+    destination.mkdir(parents=True)
+    for config in checkpoint.glob("*.json"):
+        if config.name != INDEX_NAME:
+            shutil.copy(config, destination / config.name)
+    renamed = {}  # safetensors file → pickle
+    for weights in sorted(checkpoint.glob("*.safetensors")):
+        renamed[weights.name] = "pytorch_" + weights.name.removesuffix(".safetensors") + ".bin"
+        torch.save(load_file(weights), destination / renamed[weights.name], **save)
+    if (checkpoint / INDEX_NAME).exists():
+        index = json.loads((checkpoint / INDEX_NAME).read_text())
+        index["weight_map"] = {key: renamed[shard] for key, shard in index["weight_map"].items()}
+        _write_json(destination / PICKLE_INDEX_NAME, index)
+    return destination
 
 
 # ------------------------------------------------------------------------------------------ running the CLI

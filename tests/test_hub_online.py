@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from conftest import make_photo
+from conftest import make_photo, save_as_pickles
 from hub_server import FakeHub
 
 REPO = "google/siglip-tiny-online"
@@ -106,6 +106,26 @@ def test_only_the_shards_holding_the_vision_tower_are_downloaded(
     assert shards == vision_shards
 
 
+def test_a_repo_with_only_pickles_is_downloaded_once_then_embeds_offline(
+    hub: FakeHub, siglip: Run, tiny_siglip: Path, photos: Path, tmp_path: Path
+) -> None:
+    # huggingface_hub marks the safetensors files the Hub said the commit lacks: offline, the cached pickle is known
+    # to be what transformers would load.
+    pickled = save_as_pickles(tiny_siglip, tmp_path / "pickled")
+    hub.publish(REPO, pickled)
+    local, _ = embedded(siglip("embed", photos, "-m", pickled, "-o", tmp_path / "local.safetensors", "-q"),
+                        tmp_path / "local.safetensors")  # fmt: skip
+    out = tmp_path / "hub.safetensors"
+    online, _ = embedded(siglip("embed", photos, "-m", REPO, "-o", out, "-q"), out)
+    assert np.array_equal(online, local)
+    assert sorted(hub.downloaded(REPO)) == ["config.json", "preprocessor_config.json", "pytorch_model.bin"]
+
+    hub.stop()
+    for env in ({}, {"HF_HUB_OFFLINE": "1"}):
+        offline, _ = embedded(siglip("embed", photos, "-m", REPO, "-o", out, "-q", "--overwrite", **env), out)
+        assert np.array_equal(offline, local)
+
+
 def test_a_revision_embeds_the_weights_it_names(
     hub: FakeHub, siglip: Run, tiny_siglip: Path, tiny_siglip2: Path, photos: Path, tmp_path: Path
 ) -> None:
@@ -126,7 +146,8 @@ def test_a_revision_embeds_the_weights_it_names(
         ("google/siglip-missing", None, "google/siglip-missing was not found on the Hugging Face Hub"),
         ("google/siglip-gated", None, "google/siglip-gated is gated: accept its licence"),
         (REPO, "v9", f"{REPO} has no revision 'v9'"),
-        ("google/siglip-no-weights", None, "google/siglip-no-weights has no model.safetensors or model.safetensors.index.json"),
+        ("google/siglip-no-weights", None, "google/siglip-no-weights has no model.safetensors, model.safetensors.index.json, "
+                                           "pytorch_model.bin or pytorch_model.bin.index.json"),
     ],
 )  # fmt: skip
 def test_what_the_hub_refuses_is_one_sentence_naming_it(

@@ -47,7 +47,7 @@ import siglip_cli.embed as embed_module
 import siglip_cli.outputs as outputs_module
 import siglip_cli.runtime as runtime_module
 import siglip_cli.storage as storage_module
-from conftest import DEFAULT_REPO_ID, build_checkpoint, make_photo, ok, siglip, the_error
+from conftest import DEFAULT_REPO_ID, PICKLE_NAME, build_checkpoint, make_photo, ok, save_as_pickles, siglip, the_error
 from siglip_cli import interrupts
 from siglip_cli.reading import digest_of_file, file_digest
 from siglip_cli.embed import EmbedOptions, Embedder, embed_to_file, load
@@ -1224,6 +1224,18 @@ def test_update_takes_the_same_checkpoint_from_another_folder(folder: Path, tiny
     assert (summary["embedded"], summary["reused"]) == (0, 12)
     saved_over(moved)
     assert "other options (the model's weights)" in the_error(run("--model", moved, "--update"))
+
+
+def test_update_takes_the_same_weights_from_a_pickle_checkpoint(folder: Path, tiny_vision: Path, tmp_path: Path) -> None:
+    # The fingerprint is of the weights as loaded, whatever file held them: pytorch_model.bin or model.safetensors.
+    pickled = save_as_pickles(tiny_vision, tmp_path / "pickled")
+    output = tmp_path / "out" / "embeddings.safetensors"
+    run = functools.partial(siglip, "embed", folder, "-o", output, "--workers", 0)
+    ok(run("--model", tiny_vision))
+    summary = summary_of(run("--model", pickled, "--update", "--json"))
+    assert (summary["embedded"], summary["reused"]) == (0, 12)
+    torch.save({key: value * 1.01 for key, value in torch.load(pickled / PICKLE_NAME).items()}, pickled / PICKLE_NAME)
+    assert "other options (the model's weights)" in the_error(run("--model", pickled, "--update"))
 
 
 def test_update_of_an_output_that_recorded_no_weights_needs_the_same_checkpoint_folder(

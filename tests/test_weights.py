@@ -1,5 +1,5 @@
-"""Checkpoints: finding the vision tower in every Hub layout, loading it strictly, refusing pickles, serving Hub
-ids from an offline cache; and the config readers and presets behind them.
+"""Checkpoints: finding the vision tower in every Hub layout, loading it strictly, reading pickles without running
+them, serving Hub ids from an offline cache; and the config readers and presets behind them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import DEFAULT_REPO_ID, DEFAULT_REVISION, INDEX_NAME, WEIGHTS_NAME, HubCache, save_booby_trapped_pickle
+from conftest import (
+    DEFAULT_REPO_ID,
+    DEFAULT_REVISION,
+    INDEX_NAME,
+    PICKLE_INDEX_NAME,
+    PICKLE_NAME,
+    WEIGHTS_NAME,
+    HubCache,
+    save_as_pickles,
+    save_booby_trapped_pickle,
+)
 from siglip_cli.checkpoints import CheckpointError, resolve_checkpoint
 from siglip_cli.config import (
     PRESETS,
@@ -260,31 +270,110 @@ def test_index_without_weight_map_is_refused(tiny_sharded: Path, tmp_path: Path)
 
 
 # ------------------------------------------------------------------------------------------ pickles
+# Many fine-tunes on the Hub ship only pytorch_model.bin. transformers 5 loads it through torch's restricted unpickler
+# (torch.load weights_only=True), which builds tensors and refuses to call anything else: so do we.
 
 
-def test_booby_trapped_pickle_really_runs_code_when_unpickled(tmp_path: Path) -> None:
+def assert_same_weights(model: SiglipVision, reference: SiglipVision) -> None:
+    loaded, expected = model.state_dict(), reference.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("name", ["tiny_vision", "tiny_siglip"])
+def test_pickle_only_checkpoint_loads_the_weights_of_its_safetensors_twin(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    checkpoint = request.getfixturevalue(name)  # bare names, and vision_model. beside a text tower
+    pickled = save_as_pickles(checkpoint, tmp_path / "pickled")
+    resolved = resolve_checkpoint(str(pickled))
+    assert (resolved.weight_files, resolved.prefix) == ((pickled / PICKLE_NAME,), PREFIXES[name])
+    assert_same_weights(load_model(resolved), load_model(resolve_checkpoint(str(checkpoint))))
+
+
+def test_sharded_pickle_checkpoint_loads_from_the_shards_with_vision_tensors(tiny_sharded: Path, tmp_path: Path) -> None:
+    pickled = save_as_pickles(tiny_sharded, tmp_path / "pickled")
+    weight_map = json.loads((pickled / PICKLE_INDEX_NAME).read_text())["weight_map"]
+    vision_shards = {shard for key, shard in weight_map.items() if key.startswith("vision_model.")}
+    assert vision_shards < set(weight_map.values())  # some shards hold only the text tower
+    resolved = resolve_checkpoint(str(pickled))
+    assert {file.name for file in resolved.weight_files} == vision_shards
+    assert_same_weights(load_model(resolved), load_model(resolve_checkpoint(str(tiny_sharded))))
+
+
+def test_pickle_in_torchs_format_before_zip_loads(tiny_vision: Path, tmp_path: Path) -> None:
+    # torch < 1.6 wrote no zip, which torch.load cannot memory-map: it is read whole instead.
+    pickled = save_as_pickles(tiny_vision, tmp_path / "pickled", _use_new_zipfile_serialization=False)
+    assert_same_weights(load_model(resolve_checkpoint(str(pickled))), load_model(resolve_checkpoint(str(tiny_vision))))
+
+
+def test_safetensors_beside_a_pickle_win_as_in_transformers(tiny_vision: Path, tmp_path: Path) -> None:
+    checkpoint = copy_checkpoint(tiny_vision, tmp_path / "both")
+    torch.save({key: value * 2 for key, value in load_file(checkpoint / WEIGHTS_NAME).items()}, checkpoint / PICKLE_NAME)
+    resolved = resolve_checkpoint(str(checkpoint))
+    assert resolved.weight_files == (checkpoint / WEIGHTS_NAME,)
+    assert_same_weights(load_model(resolved), load_model(resolve_checkpoint(str(tiny_vision))))
+
+
+@pytest.mark.parametrize("torch_format", [True, False], ids=["torch.save", "plain pickle"])
+def test_booby_trapped_pickle_really_runs_code_when_unpickled(tmp_path: Path, torch_format: bool) -> None:
     marker = tmp_path / "pwned"
-    pickle.loads(save_booby_trapped_pickle(tmp_path / "model.bin", marker).read_bytes())
+    path = save_booby_trapped_pickle(tmp_path / "model.bin", marker, torch_format=torch_format)
+    torch.load(path, weights_only=False) if torch_format else pickle.loads(path.read_bytes())
     assert marker.exists()  # so the tests below would notice an unpickling
 
 
-def test_pickle_only_checkpoint_is_refused_and_never_unpickled(tiny_vision: Path, tmp_path: Path) -> None:
-    checkpoint = tmp_path / "old-checkpoint"
-    checkpoint.mkdir()
-    for name in ("config.json", "preprocessor_config.json"):
-        shutil.copy(tiny_vision / name, checkpoint / name)
+@pytest.mark.parametrize(
+    ("torch_format", "why"),
+    [
+        (True, rf"its pickle calls {open.__module__}\.open, which torch's weights-only loader refuses since it could run any code"),
+        (False, r"torch's weights-only loader cannot read it \(Unsupported operand \d+\)"),  # pickle protocol 4's FRAME
+    ],
+    ids=["torch.save", "plain pickle"],
+)  # fmt: skip
+def test_pickle_that_would_run_code_is_refused_in_one_sentence_and_never_run(
+    tiny_vision: Path, tmp_path: Path, torch_format: bool, why: str
+) -> None:
+    checkpoint = save_as_pickles(tiny_vision, tmp_path / "pickled")
     marker = tmp_path / "pwned"
-    save_booby_trapped_pickle(checkpoint / "pytorch_model.bin", marker)
-    with pytest.raises(CheckpointError, match="safetensors"):
-        resolve_checkpoint(str(checkpoint))
+    save_booby_trapped_pickle(checkpoint / PICKLE_NAME, marker, torch_format=torch_format)
+    with pytest.raises(CheckpointError, match=rf"^{checkpoint / PICKLE_NAME} is not a plain tensor checkpoint: {why}\.$"):
+        load_model(resolve_checkpoint(str(checkpoint)))
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".ckpt", ".PT"])
-def test_pickle_file_given_as_model_is_refused_and_never_unpickled(suffix: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("git lfs pointer", r"pytorch_model\.bin is a Git LFS pointer, not the weights: run `git lfs pull`"),
+        ("empty", r"pytorch_model\.bin is not a readable PyTorch checkpoint \(damaged or incomplete download\): "),
+        ("truncated", r"pytorch_model\.bin is not a readable PyTorch checkpoint \(damaged or incomplete download\): "),
+        ("a training state", r"pytorch_model\.bin is not a plain tensor checkpoint: its entry 'epoch' is not a tensor \(int\)\.$"),
+        ("one tensor", r"pytorch_model\.bin is not a plain tensor checkpoint: it holds a Tensor, not tensors by name"),
+    ],
+)
+def test_broken_pickle_is_one_sentence_naming_it(tiny_vision: Path, tmp_path: Path, how: str, message: str) -> None:
+    checkpoint = save_as_pickles(tiny_vision, tmp_path / "pickled")
+    weights = checkpoint / PICKLE_NAME
+    if how == "git lfs pointer":
+        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 123456\n")
+    elif how == "empty":
+        weights.write_bytes(b"")
+    elif how == "truncated":  # an interrupted download
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif how == "a training state":  # what weights_only loads, but not a state dict
+        torch.save({"epoch": 3, "state_dict": torch.load(weights, weights_only=True)}, weights)
+    else:
+        torch.save(torch.zeros(3), weights)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(resolve_checkpoint(str(checkpoint)))
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".ckpt", ".PT", ".safetensors"])
+def test_weights_file_given_as_model_is_refused_in_favour_of_its_folder(suffix: str, tmp_path: Path) -> None:
+    # The tower's shape is in config.json beside it: a .bin alone is refused as a .safetensors alone is, unread.
     marker = tmp_path / "pwned"
     path = save_booby_trapped_pickle(tmp_path / f"model{suffix}", marker)
-    with pytest.raises(CheckpointError, match="unpickling can run arbitrary code; use a safetensors checkpoint"):
+    with pytest.raises(CheckpointError, match="is a file; pass the checkpoint directory that holds config.json instead"):
         resolve_checkpoint(str(path))
     assert not marker.exists()
 
@@ -293,15 +382,24 @@ def test_pickle_file_given_as_model_is_refused_and_never_unpickled(suffix: str, 
 def test_checkpoint_folder_named_like_a_pickle_file_loads(suffix: str, tiny_vision: Path, tmp_path: Path) -> None:
     # `runs/epoch3.ckpt/` is a folder in the Hub layout, as transformers loads it: it was refused as a pickle file.
     checkpoint = copy_checkpoint(tiny_vision, tmp_path / f"run{suffix}")
-    loaded = load_model(resolve_checkpoint(str(checkpoint))).state_dict()
-    reference = load_model(resolve_checkpoint(str(tiny_vision))).state_dict()
-    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+    assert_same_weights(load_model(resolve_checkpoint(str(checkpoint))), load_model(resolve_checkpoint(str(tiny_vision))))
 
 
-def test_pickle_refusal_names_every_suffix_it_refuses(tmp_path: Path) -> None:
-    path = save_booby_trapped_pickle(tmp_path / "model.pkl", tmp_path / "pwned")
-    with pytest.raises(CheckpointError, match=r"pickle checkpoints \(\.bin, \.pt, \.pth, \.ckpt, \.pkl\) are refused"):
-        resolve_checkpoint(str(path))
+def test_hub_id_with_only_pickles_loads_from_the_cache(hf_cache: HubCache, tiny_siglip: Path, tmp_path: Path) -> None:
+    snapshot = hf_cache(save_as_pickles(tiny_siglip, tmp_path / "pickled"), absent=[WEIGHTS_NAME, INDEX_NAME])
+    checkpoint = resolve_checkpoint(DEFAULT_REPO_ID)
+    assert checkpoint.weight_files == (snapshot / PICKLE_NAME,)
+    assert_same_weights(load_model(checkpoint), load_model(resolve_checkpoint(str(tiny_siglip))))
+
+
+def test_hub_pickles_are_not_taken_while_the_repo_may_have_safetensors(
+    hf_cache: HubCache, tiny_siglip: Path, tmp_path: Path
+) -> None:
+    # A cache that never asked the Hub for model.safetensors cannot tell that the repo lacks it: transformers would
+    # load it, so the cached pickle is not a stand-in. (Once asked, huggingface_hub marks it absent: the test above.)
+    hf_cache(save_as_pickles(tiny_siglip, tmp_path / "pickled"))
+    with pytest.raises(CheckpointError, match=rf"{WEIGHTS_NAME} of {DEFAULT_REPO_ID} is not in the local Hugging Face"):
+        resolve_checkpoint(DEFAULT_REPO_ID)
 
 
 # -------------------------------------------------------------------------------- Hub ids, offline
