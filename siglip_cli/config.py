@@ -223,9 +223,16 @@ PALIGEMMA_DEFAULT_TOWER = {
 }  # fmt: skip
 
 
+# Fields only a vision config has: a config.json without model_type that holds one describes a tower (hidden_size or
+# num_hidden_layers alone could be a text model's).
+_TOWER_FIELDS = ("patch_size", "image_size")
+
+
 def vision_config_from_hub(config: dict[str, Any]) -> VisionConfig:
     """Read the vision tower out of a Hub `config.json` (already parsed), filling transformers' defaults."""
     model_type = config.get("model_type")
+    if model_type is None:
+        model_type = _implied_model_type(config)
     if model_type == "siglip_vision_model":
         fields, default_head = config, True
     elif model_type == "siglip":  # a missing vision_config means transformers' defaults, as transformers reads it
@@ -251,6 +258,26 @@ def vision_config_from_hub(config: dict[str, Any]) -> VisionConfig:
     for name in ("image_size", "patch_size"):
         values[name] = _square(name, values.get(name, getattr(VisionConfig, name)))
     return VisionConfig(**values)
+
+
+def _implied_model_type(config: dict[str, Any]) -> str:
+    """The model_type a config.json without one is read as.
+
+    transformers' AutoModel cannot load such a folder, but `SiglipVisionModel.from_pretrained` can, and that is how
+    towers exported by hand or by conversion scripts that leave model_type out are loaded: it reads the file with its
+    own config class, `SiglipVisionConfig`, which takes the `vision_config` entry where there is one and the whole
+    file where not. We read it the same way, as `siglip` (a vision_config) or `siglip_vision_model` (the file itself),
+    but only where the file says it describes a tower: the whole file must hold a tower's own field (_TOWER_FIELDS)
+    and no text_config. Anything else (an empty file, a text model's) is refused: SiglipVisionConfig's defaults would
+    make it a B/16 tower at 224 px that the weights merely might fit.
+    """
+    if config.get("vision_config") is not None:  # one that is not an object is refused by the caller, naming it
+        return "siglip"
+    if "text_config" not in config and any(field in config for field in _TOWER_FIELDS):
+        return "siglip_vision_model"
+    raise ConfigError(
+        f"config.json has no model_type, and neither a vision_config nor a vision tower's {' or '.join(_TOWER_FIELDS)}."
+    )
 
 
 def _square(name: str, value: int | list[int]) -> int:

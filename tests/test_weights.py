@@ -529,6 +529,35 @@ def test_siglip2_naflex_config_is_refused_with_a_sentence(tmp_path: Path) -> Non
     assert isinstance(error.value, UserError)
 
 
+@pytest.mark.parametrize("name", ["tiny_vision", "tiny_siglip"])  # the tower's fields at the top, or in vision_config
+@pytest.mark.parametrize("missing", ["absent", "null"])
+def test_config_without_model_type_is_read_as_siglip_vision_model_reads_it(
+    name: str, missing: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Hand-written and converted configs leave model_type out: SiglipVisionModel.from_pretrained loads them, and we
+    # said "model_type None is not a SigLIP vision tower".
+    original = request.getfixturevalue(name)
+    checkpoint = copy_checkpoint(original, tmp_path / "ckpt")
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config.pop("model_type") in ("siglip", "siglip_vision_model")
+    (checkpoint / "config.json").write_text(json.dumps(config if missing == "absent" else {**config, "model_type": None}))
+    resolved, reference = resolve_checkpoint(str(checkpoint)), resolve_checkpoint(str(original))
+    assert resolved.vision == reference.vision
+    assert_same_weights(load_model(resolved), load_model(reference))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"hidden_size": 768, "vocab_size": 32000}, {"text_config": {}, "patch_size": 16}],
+    ids=["empty", "a text model", "beside a text_config"],
+)
+def test_config_without_model_type_that_describes_no_tower_is_refused(config: dict) -> None:
+    # SiglipVisionConfig's defaults would make any of them a B/16 tower at 224 px.
+    refusal = r"^config\.json has no model_type, and neither a vision_config nor a vision tower's patch_size or image_size\.$"
+    with pytest.raises(ConfigError, match=refusal):
+        vision_config_from_hub(config)
+
+
 def test_other_model_type_is_refused_naming_it(tmp_path: Path) -> None:
     checkpoint = write_config(tmp_path / "clip", {"model_type": "clip"})
     with pytest.raises(ConfigError, match=r"model_type 'clip' is not a SigLIP vision tower"):
