@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -58,8 +59,8 @@ from .storage import Chunk, SafetensorsRows, WorkArea, WriteError, exclusive, re
 __all__ = ["EmbedOptions", "EmbedResult", "Embedder", "Summary", "embed_paths", "embed_to_file", "load"]
 
 
-# At most this much finished work is lost to a kill -9 or a power cut (SIGLIP_FLUSH_SECONDS to tune).
-FLUSH_SECONDS = float(os.environ.get("SIGLIP_FLUSH_SECONDS", 5.0))
+# At most this much finished work is lost to a kill -9 or a power cut (SIGLIP_FLUSH_SECONDS to tune: `_flush_seconds`).
+FLUSH_SECONDS = 5.0
 CHUNK_BYTES = 64 << 20  # ...and a chunk is flushed sooner when its tensors reach this size (bounded memory)
 # --update reads the files whose mtime alone moved, to compare their content: reading waits on the disk (a NAS, a
 # spinning disk) more than BLAKE2b on the CPU, and BLAKE2b lets go of the GIL, so threads overlap the waits.
@@ -179,6 +180,7 @@ def embed_to_file(
     no output behind; a part may be empty or all bad, and the merge decides.
     """
     started = time.perf_counter()
+    flush_seconds = _flush_seconds()
     paths = list(dict.fromkeys(paths))  # a file given twice is one row
     options = options or EmbedOptions()  # made now: its worker count follows the memory available now
     options = dataclasses.replace(options, decoder=_decoder_for(embedder, options.decoder))
@@ -195,7 +197,12 @@ def embed_to_file(
         # A shard (its inputs decide its part) and a several-device worker (its part of this run) keep only theirs.
         whole_run = options.shard is None and part_of is None
         keep_unlisted = update and whole_run
-        chunks = work.chunks()
+        chunks, damaged = work.chunks()
+        if damaged and progress:
+            progress.note(
+                f"{counted(len(damaged), 'chunk')} of the interrupted run in {out.work} could not be read (damaged "
+                "since): their files are embedded again."
+            )
         in_chunks = _chunk_rows(chunks)
         try:
             paths, reused, unchecked, removed = _settled(paths, previous, made_in, in_chunks, keep_unlisted, progress)
@@ -205,11 +212,11 @@ def embed_to_file(
             raise
         pending = [p for p in paths if p not in reused]
         if progress:
-            if in_chunks:
-                done = sum(1 for path in paths if path in in_chunks and path in reused)
-                progress.note(f"continuing the interrupted run in {out.work}: {done:,} of {len(paths):,} files done.")
+            if in_chunks:  # done: in the chunks, or (--update) kept from the earlier output
+                progress.note(f"continuing the interrupted run in {out.work}: {len(reused):,} of {len(paths):,} files done.")
             progress.start(total=len(paths), done=len(reused))
-        new = _embed_pending(embedder, pending, work, options, progress, first_seq=len(chunks))
+        next_seq = max((chunk.seq for chunk in chunks), default=-1) + 1  # after a damaged one's too: it is gone
+        new = _embed_pending(embedder, pending, work, options, progress, first_seq=next_seq, flush_seconds=flush_seconds)
         results = {**reused, **new}
         if progress and part_of is None:  # a several-device worker's errors file is not the one the user gets
             _note_failing_since(previous, new, out, progress)
@@ -239,6 +246,20 @@ def embed_to_file(
         )
 
 
+def _flush_seconds() -> float:
+    """How often finished batches are saved to the work area: SIGLIP_FLUSH_SECONDS where set, else FLUSH_SECONDS."""
+    value = os.environ.get("SIGLIP_FLUSH_SECONDS")
+    if value is None:
+        return FLUSH_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise UserError(f"SIGLIP_FLUSH_SECONDS is {value!r}, not a number of seconds (such as 5 or 0.5).")
+    return seconds
+
+
 def _note_failing_since(
     previous: dict[str, Ref | dict], new: dict[str, Ref | dict], out: OutputPaths, progress: Progress
 ) -> None:
@@ -264,8 +285,8 @@ def _open_work(
     the same options continues, with --overwrite too (its rerun); one with other options is refused, or replaced
     with --overwrite."""
     work = WorkArea(out.work)
-    if overwrite and work.exists() and not same_options(work.state(), state):
-        work.remove()
+    if overwrite and work.exists() and not same_options(work.state() or {}, state):
+        work.remove()  # its options are others, or cannot be read: it is not this run's to continue
     work.finish_assembling()  # a run stopped between its final renames: its output is made whole, then published
     devices = work.device_count()
     if devices and not overwrite and not work.published(out.embeddings):  # its shards are not ours to throw away
@@ -279,8 +300,13 @@ def _open_work(
         resuming = False
     reuse_output = update or published
     check_outputs(out, interrupted=resuming, overwrite=overwrite, update=reuse_output)
-    if resuming and not same_options(work.state(), state):
-        raise _interrupted_with_other_options(out.work, describe_difference(work.state(), state))
+    if resuming and (earlier := work.state()) is None:
+        raise UserError(
+            f"{out.work} holds an interrupted run whose record of its options (state.json) cannot be read: add "
+            "--overwrite to start afresh."
+        )
+    if resuming and not same_options(earlier, state):
+        raise _interrupted_with_other_options(out.work, describe_difference(earlier, state), update=update)
     # A run that died while replacing the final files and could not be finished (`finish_assembling`: a mark of an
     # earlier version, files moved since) may have left a new manifest beside the old embeddings: then the earlier
     # output cannot be trusted row by row, and what the chunks do not hold is embedded again.
@@ -312,11 +338,14 @@ def interrupted_on_other_devices(work: Path, devices: int) -> UserError:
     )
 
 
-def _interrupted_with_other_options(work: Path, difference: str) -> UserError:
+def _interrupted_with_other_options(work: Path, difference: str, *, update: bool = False) -> UserError:
+    """The refusal of a run whose work area holds an interrupted one with other options. An --update cannot start
+    afresh (--overwrite would drop the earlier output's rows too): its user deletes the work area instead."""
+    afresh = f"delete {work} to drop it" if update else "add --overwrite to start afresh"
     if difference == WEIGHTS_DIFFER:  # no option to give again
-        then = "the checkpoint was saved again since; add --overwrite to start afresh with its weights now."
+        then = f"the checkpoint was saved again since; {afresh}."
     else:
-        then = "rerun with the same options to continue, or add --overwrite to start afresh."
+        then = f"rerun with the same options to continue, or {afresh}."
     return UserError(f"{work} holds an interrupted run whose options differ ({difference}): {then}")
 
 
@@ -401,7 +430,7 @@ def _refuse_update_from_elsewhere(previous: dict[str, Ref | dict], made_in: str 
     relative = [path for path in previous if not os.path.isabs(path)]
     if relative:
         raise UserError(
-            f"the earlier output names {counted(len(relative), 'photo')} by paths relative to the folder it was made "
+            f"the earlier output names {counted(len(relative), 'file')} by paths relative to the folder it was made "
             f"in, {display_path(made_in)}, not this one (such as {display_path(min(relative, key=os.fsencode))}): run "
             f"--update from {display_path(made_in)}."
         )
@@ -709,6 +738,7 @@ def _embed_pending(
     progress: Progress | None,
     *,
     first_seq: int,
+    flush_seconds: float,
 ) -> dict[str, Ref | dict]:
     results: dict[str, Ref | dict] = {}
     if not pending:
@@ -744,7 +774,7 @@ def _embed_pending(
                         buffer.tokens.append(tokens)
             if progress:
                 progress.advance(done.count)
-            if time.monotonic() - last_flush >= FLUSH_SECONDS or buffer.nbytes() >= CHUNK_BYTES:
+            if time.monotonic() - last_flush >= flush_seconds or buffer.nbytes() >= CHUNK_BYTES:
                 results.update(buffer.flush(work, seq))
                 seq, last_flush = seq + 1, time.monotonic()
     except BaseException:

@@ -366,7 +366,8 @@ def read_rows(out: OutputPaths) -> tuple[list[Ref], list[dict]]:
         held = {"embeddings": reader.count("embeddings")}
         if read_output_options(out).get("tokens"):
             held["tokens"] = reader.count("tokens")
-        errors = [{**row, "path": path_from_fields(row)} for row in (read_jsonl(out.errors) if out.errors.exists() else [])]
+        errors = _with_paths(read_jsonl(out.errors), out.errors) if out.errors.exists() else []
+        manifest = _with_paths(manifest, out.manifest)
     for name, count in held.items():
         if count != len(manifest):
             where = out.tokens if name == "tokens" and out.tokens is not None else out.embeddings
@@ -374,8 +375,18 @@ def read_rows(out: OutputPaths) -> tuple[list[Ref], list[dict]]:
                 f"{out.manifest} lists {len(manifest):,} rows but {where} holds {count:,} {name}: they are not from "
                 f"one run, so {out.embeddings} must be embedded again (siglip embed ... --overwrite)."
             )
-    refs = [Ref(reader, i, {**row, "path": path_from_fields(row)}) for i, row in enumerate(manifest)]
-    return refs, errors
+    return [Ref(reader, i, row) for i, row in enumerate(manifest)], errors
+
+
+def _with_paths(rows: list[dict], source: Path) -> list[dict]:
+    """The rows of a manifest or errors file with their paths as found on disk; a row naming none is a ValueError."""
+    try:
+        found = [{**row, "path": path_from_fields(row)} for row in rows]
+    except (KeyError, TypeError, ValueError):  # no path, or bad base64 (a ValueError)
+        found = None
+    if found is None or not all(isinstance(row["path"], str) for row in found):
+        raise ValueError(f"{display_path(str(source))}: a row names no file")
+    return found
 
 
 def public_row(info: dict) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from . import interrupts
@@ -224,14 +224,18 @@ def write_jsonl(path: Path, rows: Iterable[dict], *, staging: Staging | None = N
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The objects of a JSON-lines file; a line that is not JSON is a ValueError naming the file and the line."""
+    """The objects of a JSON-lines file; a line that is not a JSON object is a ValueError naming the file and the
+    line."""
     rows = []
     for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
-                raise ValueError(f"{display_path(str(path))}: line {number} is not JSON") from None
+                row = None
+            if not isinstance(row, dict):
+                raise ValueError(f"{display_path(str(path))}: line {number} is not a JSON object")
+            rows.append(row)
     return rows
 
 
@@ -322,6 +326,22 @@ class Chunk:
     rows: list[dict]
     errors: list[dict]
 
+    @property
+    def seq(self) -> int:
+        """Its place in the run: `chunk-<seq>.safetensors`."""
+        return int(self.path.stem.removeprefix("chunk-"))
+
+
+def _read_chunk(path: Path) -> Chunk:
+    """A chunk whose rows are listed and held whole: safetensors checks the file's length against its header."""
+    with safe_open(path, framework="np") as f:
+        meta = f.metadata()
+        rows, errors = json.loads(meta["rows"]), json.loads(meta["errors"])
+        held = {name: f.get_slice(name).get_shape()[0] for name in f.keys()}
+    if not (isinstance(rows, list) and isinstance(errors, list) and all(n == len(rows) for n in held.values())):
+        raise ValueError(f"{path} does not hold the rows it lists")
+    return Chunk(path, rows, errors)
+
 
 class WorkArea:
     """`<output>.partial/`: the options of the run (`state.json`) and its finished chunks, one file each.
@@ -337,8 +357,13 @@ class WorkArea:
     def exists(self) -> bool:
         return self.state_path.is_file()
 
-    def state(self) -> dict:
-        return json.loads(self.state_path.read_text())
+    def state(self) -> dict | None:
+        """The options of the run that made the work area; None when its record cannot be read (damaged)."""
+        try:
+            state = json.loads(self.state_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return state if isinstance(state, dict) else None
 
     def create(self, state: dict) -> None:
         self.remove()
@@ -346,13 +371,18 @@ class WorkArea:
         with atomic_write(self.state_path) as f:
             f.write(json.dumps(state, indent=1, sort_keys=True).encode())
 
-    def chunks(self) -> list[Chunk]:
-        chunks = []
+    def chunks(self) -> tuple[list[Chunk], list[Path]]:
+        """The finished chunks in order, and those that cannot be read (cut short or damaged since: a disk error, a
+        copy that failed), which are deleted: their files are embedded again."""
+        chunks, damaged = [], []
         for path in sorted(self.directory.glob("chunk-*.safetensors")):
-            with safe_open(path, framework="np") as f:
-                meta = f.metadata()
-            chunks.append(Chunk(path, json.loads(meta["rows"]), json.loads(meta["errors"])))
-        return chunks
+            try:
+                chunks.append(_read_chunk(path))
+            except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+                damaged.append(path)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        return chunks, damaged
 
     def write_chunk(self, seq: int, rows: list[dict], errors: list[dict], tensors: dict[str, np.ndarray]) -> Chunk:
         path = self.directory / f"chunk-{seq:08d}.safetensors"

@@ -318,6 +318,62 @@ def test_continuing_embeds_only_the_images_not_yet_done(
     assert said in result.stderr
 
 
+def test_a_damaged_chunk_is_dropped_with_a_note_and_its_images_embedded_again(
+    embed, interrupted: Path, folder: Path
+) -> None:
+    # A chunk cut short (a disk error) stopped every rerun in a traceback, --overwrite's too.
+    chunks = sorted(work_area(interrupted).glob("chunk-*.safetensors"))
+    assert len(chunks) >= 2
+    chunks[0].write_bytes(b"")  # the first: the chunks after it keep their numbers, and the rerun writes new ones
+    result = embed(folder, interrupted, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert f"note: 1 chunk of the interrupted run in {work_area(interrupted)} could not be read" in result.stderr
+    summary = summary_of(result)
+    assert summary["embedded"] > 0 and summary["embedded"] + summary["reused"] == 12
+    assert differences_from_a_fresh_run(embed, folder, interrupted) == []
+
+
+def test_a_work_folder_whose_state_is_damaged_is_refused_and_overwrite_starts_afresh(
+    embed, interrupted: Path, folder: Path
+) -> None:
+    (work_area(interrupted) / "state.json").write_bytes(b"")
+    assert the_error(embed(folder, interrupted)) == (
+        f"error: {work_area(interrupted)} holds an interrupted run whose record of its options (state.json) cannot "
+        "be read: add --overwrite to start afresh."
+    )
+    assert summary_of(embed(folder, interrupted, "--overwrite", "--json"))["embedded"] == 12
+
+
+def test_an_update_after_a_run_interrupted_with_other_options_is_told_what_it_can_do(
+    embed, interrupted: Path, folder: Path
+) -> None:
+    # It was told to add --overwrite, which --update then refused.
+    assert the_error(embed(folder, interrupted, "--update", "--tokens")) == (
+        f"error: {work_area(interrupted)} holds an interrupted run whose options differ (--tokens): rerun with the "
+        f"same options to continue, or delete {work_area(interrupted)} to drop it."
+    )
+
+
+def test_a_bad_flush_interval_is_one_sentence(embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGLIP_FLUSH_SECONDS", "5s")
+    assert the_error(embed(folder, tmp_path / "out.safetensors")) == (
+        "error: SIGLIP_FLUSH_SECONDS is '5s', not a number of seconds (such as 5 or 0.5)."
+    )
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("line", ['{"width": 1}', "[1, 2]", '{"path": 7}'], ids=["no-path", "no-object", "no-name"])
+def test_an_update_of_an_output_whose_manifest_is_damaged_is_one_sentence(
+    embed, folder: Path, tmp_path: Path, line: str
+) -> None:
+    output = tmp_path / "out.safetensors"
+    ok(embed(folder, output))
+    manifest = output.with_suffix(".jsonl")
+    manifest.write_text("\n".join([line, *manifest.read_text().splitlines()[1:]]) + "\n")
+    error = the_error(embed(folder, output, "--update"))
+    assert error.startswith(f"error: cannot read {output} back as a siglip output ({manifest}: ") and "\n" not in error
+
+
 def test_a_stop_whose_last_save_fails_says_what_was_lost_and_raises_why_it_stopped(
     embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1083,7 +1139,7 @@ def test_update_from_another_folder_of_an_output_with_relative_paths_is_refused(
     result = embed(given, output, "--update")
     if output.suffix != ".npy":
         assert the_error(result) == (
-            f"error: the earlier output names 12 photos by paths relative to the folder it was made in, {tmp_path}, "
+            f"error: the earlier output names 12 files by paths relative to the folder it was made in, {tmp_path}, "
             f"not this one (such as photos/p00.jpg): run --update from {tmp_path}."
         )
     elif inputs == "the-same-folder-spelled-from-there":  # where it was made unknown: as far as can be told from
