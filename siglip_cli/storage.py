@@ -82,14 +82,21 @@ def atomic_write(path: Path, staging: Staging | None = None) -> Iterator[BinaryI
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _remove_if_can(tmp)
         ours = (str(tmp), str(path), str(path.parent))  # the error of another file, read for this one, is its own
         if e.errno is None or (e.filename is not None and os.fsdecode(e.filename) not in ours):
             raise
         raise WriteError(f"cannot write {path}: {e.strerror}.") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_if_can(tmp)
         raise
+
+
+def _remove_if_can(path: Path) -> None:
+    """Remove a temporary file after a failure, if the file system lets us: on a read-only mount (EROFS) its removal
+    fails too, and the error to tell is the one that got us here."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -107,7 +114,7 @@ def replaced_together(
     except BaseException:
         for first, final in staging.steps:
             if final is not None:
-                first.unlink(missing_ok=True)
+                _remove_if_can(first)
         raise
     with interrupts.deferred():  # a Ctrl-C waits for the renames: a moment, and the output is whole
         take_their_names(staging.steps)
@@ -195,8 +202,8 @@ def remove_stale_temporaries(paths: Iterable[Path]) -> None:
     for path in paths:
         for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
             pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
-            if pid.isdigit() and not _alive(int(pid)):
-                tmp.unlink(missing_ok=True)
+            if pid.isdigit() and not _alive(int(pid)):  # on a read-only mount, left: the run's write tells of it
+                _remove_if_can(tmp)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

@@ -271,6 +271,65 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
+def _read_only_file_system(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing can be created or removed, as on a read-only mount (EROFS), where even the cleanup's unlink fails."""
+    import builtins
+    import errno
+
+    from siglip_cli import storage
+
+    def refused(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    def read_only_open(path, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            refused(path)
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "open", read_only_open, raising=False)
+    monkeypatch.setattr(Path, "unlink", refused)
+
+
+def test_atomic_write_on_a_read_only_file_system_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cleanup's unlink failed too, and its OSError, a traceback, replaced the sentence.
+    from siglip_cli.storage import WriteError
+
+    _read_only_file_system(monkeypatch)
+    with pytest.raises(WriteError, match=f"^cannot write {tmp_path / 'a.npy'}: Read-only file system.$"):
+        with atomic_write(tmp_path / "a.npy") as f:
+            f.write(b"never")
+
+
+def test_a_failed_write_on_a_read_only_file_system_keeps_its_own_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from siglip_cli.storage import replaced_together, write_jsonl
+
+    path = tmp_path / "a.npy"
+    with pytest.raises(RuntimeError, match="the writer's own"), atomic_write(path):
+        _read_only_file_system(monkeypatch)  # made read-only once its temporary file is open
+        raise RuntimeError("the writer's own")
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="the writer's own"):
+        with replaced_together(before=lambda steps: None, after=lambda: None) as staging:
+            write_jsonl(tmp_path / "a.jsonl", [{"a": 1}], staging=staging)
+            _read_only_file_system(monkeypatch)
+            raise RuntimeError("the writer's own")
+
+
+def test_stale_temporaries_on_a_read_only_file_system_are_left_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run's clean-up of what a killed run left: the run's own write, if any, is the one to tell of the mount.
+    from siglip_cli.storage import remove_stale_temporaries
+
+    stale = tmp_path / f".a.npy.{2**22 + 1}.tmp"  # a process id no process has
+    stale.write_bytes(b"half")
+    _read_only_file_system(monkeypatch)
+    remove_stale_temporaries([tmp_path / "a.npy"])
+    assert stale.exists()
+
+
 def test_a_full_disk_is_one_sentence_and_the_rerun_continues(
     embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

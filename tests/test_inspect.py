@@ -434,6 +434,23 @@ def test_a_plot_that_cannot_be_written_is_one_sentence_and_leaves_nothing(
     assert list((tmp_path / "plots").iterdir()) == []
 
 
+def test_a_plot_folder_on_a_read_only_mount_is_one_sentence(
+    base: tracing.Inspection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An existing folder on a read-only mount: the temporary file's clean-up failed too (EROFS), in a traceback.
+    import errno
+
+    from siglip_cli import storage
+
+    def refused(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(storage, "open", refused, raising=False)
+    monkeypatch.setattr(Path, "unlink", refused)
+    with pytest.raises(UserError, match=r"^cannot write .*position_embedding_similarity\.png: Read-only file system\.$"):
+        write_plots(base, tmp_path)
+
+
 # --------------------------------------------------------------------------- the command
 
 
