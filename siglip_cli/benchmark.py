@@ -36,7 +36,7 @@ from .errors import UserError
 from .files import first_of
 from .model import SiglipVision
 from .references import Forward, check_references, missing_package, reference_forward
-from .runtime import cpu_has_native_bf16, dtype_note, prepare_model, resolve_device, resolve_dtype
+from .runtime import compiled, cpu_has_native_bf16, dtype_note, prepare_model, resolve_device, resolve_dtype
 from .weights import load_tower
 
 
@@ -119,7 +119,7 @@ def fast_model(
     PyTorch's SDPA, which picks its kernel on the GPU by itself.
     """
     module = _Pooled(prepare_model(copy.deepcopy(model), device=device, dtype=dtype))
-    return torch.compile(module, dynamic=False) if compile else module
+    return compiled(module, dynamic=False) if compile else module
 
 
 # --------------------------------------------------------------------------- timing

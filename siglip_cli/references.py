@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .errors import UserError, first_line
 from .model import ACTIVATION_FUNCTIONS, SiglipVision
+from .runtime import compiled
 
 REFERENCES = ("transformers", "timm")
 
@@ -199,4 +200,4 @@ def reference_forward(backend: str, model: SiglipVision, *, device: torch.device
         module: Forward = forward
     else:
         module = timm_model(model, device=device).to(dtype=dtype)
-    return torch.compile(module, dynamic=False) if compile else module
+    return compiled(module, dynamic=False) if compile else module

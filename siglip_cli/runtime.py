@@ -6,6 +6,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -136,11 +137,17 @@ def prepare_model(
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False).fuse_qkv().fuse_gelu(onednn=onednn)
     if onednn and dtype == torch.float32:  # bf16 linears take oneDNN's GEMM already (MKL has none for bf16)
         model.onednn_linears()
-    if compile and not torch.cuda.is_available():
-        # Compiling for the CPU with a CUDA build of torch, its C++ toolchain setup warns that no CUDA runtime was
-        # found: true, and nothing for the user to act on, printed between the run's own lines.
+    return compiled(model) if compile else model
+
+
+def compiled(module: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+    """`torch.compile(module, **options)`, for every model we compile (`prepare_model`, bench's own and its
+    references'). On a machine without CUDA, a CUDA build of torch's C++ toolchain set-up warns as the first call
+    compiles that no CUDA runtime was found: true, and nothing for the user to act on, printed between the run's own
+    lines; that logger is kept to its errors."""
+    if not torch.cuda.is_available():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    return torch.compile(model) if compile else model
+    return torch.compile(module, **options)
 
 
 def load(

@@ -68,6 +68,43 @@ def test_compiled_matches_plain() -> None:
         torch.testing.assert_close(benchmark.fast_model(model, compile=True)(x), model(x).pooled, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("build", ["prepare_model", "fast_model", "transformers", "timm"])
+def test_compiling_on_a_machine_without_cuda_says_nothing_of_cuda(build: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `bench --compile` on the CPU printed torch's "No CUDA runtime is found, using CUDA_HOME=..." between its lines:
+    # only `prepare_model`'s own compile silenced it, and bench compiles its models apart.
+    import logging
+
+    from siglip_cli import runtime
+
+    logger, said = logging.getLogger("torch.utils.cpp_extension"), []
+    handler = logging.Handler()
+    handler.emit = said.append
+
+    def compile(module, **kwargs):  # no compiler here: the first call warns, as inductor's toolchain set-up does
+        def first_call(*args, **kwargs):
+            logger.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+            return module(*args, **kwargs)
+        return first_call
+
+    monkeypatch.setattr(torch, "compile", compile)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    level = logger.level
+    logger.setLevel(logging.NOTSET)  # as a process starts, whatever an earlier test compiled
+    logger.addHandler(handler)
+    try:
+        model, x = _tiny_model(), _pixels()
+        if build == "prepare_model":
+            runtime.prepare_model(model, device="cpu", dtype=torch.float32, compile=True)(x)
+        elif build == "fast_model":
+            benchmark.fast_model(model, compile=True)(x)
+        else:
+            references.reference_forward(build, model, device=torch.device("cpu"), dtype=torch.float32, compile=True)(x)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert said == []
+
+
 @pytest.mark.parametrize("cfg", [TINY, VisionConfig(**{**TINY.__dict__, "image_size": 44, "patch_size": 14})], ids=["p8", "p14-drops-pixels"])
 def test_patch_matmul_is_the_checkpoint_conv(cfg: VisionConfig) -> None:
     """The model embeds patches with one matmul; the checkpoint's weights are a conv's: they must agree."""
