@@ -544,7 +544,7 @@ def _bench_table(report: Report, *, narrow: bool = False) -> Table:
         label = r.backend if r.variant == r.backend else f"{r.backend} {r.variant}"
         memory = ["" if r.peak_mem_mb is None else f"{r.peak_mem_mb:,.0f}", "" if r.setup_s is None else f"{r.setup_s:.1f}"]
         table.add_row(
-            label, str(r.batch_size), _figure(r.images_per_s), _figure(r.ms_per_image), *([] if narrow else memory),
+            label, str(r.batch_size), _rate_text(r.images_per_s), _rate_text(r.ms_per_image), *([] if narrow else memory),
             "" if r.cosine is None else f"{r.cosine:.6f}",
         )  # fmt: skip
     return table
@@ -558,7 +558,7 @@ _STAGE_HEADINGS = {
 }
 
 
-def _figure(value: float) -> str:
+def _rate_text(value: float) -> str:
     """Three significant digits or more, no wider than that needs: 13,887 · 426 · 2.35 · 0.150 · 0.0712."""
     if value >= 100:
         return f"{value:,.0f}"
