@@ -251,7 +251,7 @@ class Report:
             if r.stage == "model" and r.backend != "siglip" and r.batch_size in ours
         ]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "machine": asdict(self.machine),
             "model": self.model,

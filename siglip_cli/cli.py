@@ -502,7 +502,7 @@ def bench(
     for sentence in report.notes:
         note(sentence)
     if json_out:
-        print_json(report.to_json())
+        print_json(report.to_dict())
         return
     console = _data_console()
     console.print(_bench_title(report), style="italic")  # not the table's title: rich wraps that to the table's width
