@@ -116,7 +116,8 @@ def printable(message: str) -> str:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's `UserError` into one line on stderr and exit status 2, and Ctrl-C into one line and 130."""
+    """Turn the library's `UserError` into its one line on stderr and its exit status (2; 1 for a `RunFailed`), and
+    Ctrl-C into one line and 130. Every command runs in it (`_Command.invoke`)."""
     try:
         yield
     except UserError as e:
@@ -268,45 +269,44 @@ def embed(
     from .shards import parse_shard, select_shard, shard_inputs
 
     keep_freed_memory()
-    with user_errors():
-        part = parse_shard(shard, num_shards)
-        devices = parse_devices(device)
-        check_device_options(devices, shard=part, update=update)
-        out = OutputPaths.for_output(output)
-        refuse_a_drive_not_mounted(out.embeddings)  # as the other refusals, before the walk, which may take minutes
-        refuse_inputs_among_outputs(out, inputs or [], every=True)
-        paths, walk = find_images(inputs or [], files_from=files_from, digest_list=part is not None)
-        refuse_inputs_among_outputs(out, walk.links, every=True)  # `photo.jpg -> img.npy` in a folder
-        for message in walk.notes(quiet=quiet):
-            note(message)
-        _note_folders_made(out, quiet=quiet)
-        if part:
-            paths = select_shard(paths, *part)  # may be empty: the shard still writes its (empty) output
-        options = EmbedOptions(
-            normalize=normalize,
-            tokens=tokens,
-            output_dtype=output_dtype.value,
-            batch_size=default_batch_size(devices[0]) if batch_size is None else batch_size,
-            # Per device: each device's process starts that many (the CPUs and the memory are shared).
-            workers=max(1, default_workers() // len(devices)) if workers is None else workers,
-            decode=decode_options,
-            decoder=decode.value,
-            shard=part,
-            shard_inputs=shard_inputs(inputs or [], walk) if part else None,
+    part = parse_shard(shard, num_shards)
+    devices = parse_devices(device)
+    check_device_options(devices, shard=part, update=update)
+    out = OutputPaths.for_output(output)
+    refuse_a_drive_not_mounted(out.embeddings)  # as the other refusals, before the walk, which may take minutes
+    refuse_inputs_among_outputs(out, inputs or [], every=True)
+    paths, walk = find_images(inputs or [], files_from=files_from, digest_list=part is not None)
+    refuse_inputs_among_outputs(out, walk.links, every=True)  # `photo.jpg -> img.npy` in a folder
+    for message in walk.notes(quiet=quiet):
+        note(message)
+    _note_folders_made(out, quiet=quiet)
+    if part:
+        paths = select_shard(paths, *part)  # may be empty: the shard still writes its (empty) output
+    options = EmbedOptions(
+        normalize=normalize,
+        tokens=tokens,
+        output_dtype=output_dtype.value,
+        batch_size=default_batch_size(devices[0]) if batch_size is None else batch_size,
+        # Per device: each device's process starts that many (the CPUs and the memory are shared).
+        workers=max(1, default_workers() // len(devices)) if workers is None else workers,
+        decode=decode_options,
+        decoder=decode.value,
+        shard=part,
+        shard_inputs=shard_inputs(inputs or [], walk) if part else None,
+    )
+    if decode is Decoder.gpu and resolve_device(devices[0]).type != "cuda":
+        note(
+            "--decode gpu with the model on the CPU decodes through torchvision's libjpeg-turbo: not pixel-exact "
+            "with the reference, and no faster than the default."
         )
-        if decode is Decoder.gpu and resolve_device(devices[0]).type != "cuda":
-            note(
-                "--decode gpu with the model on the CPU decodes through torchvision's libjpeg-turbo: not pixel-exact "
-                "with the reference, and no faster than the default."
-            )
-        progress = _RichProgress(quiet)
-        float32, gpu_decode = dtype is ComputeDtype.float32, decode is not Decoder.cpu
-        with _stopped_runs_told(out, progress, float32=float32, gpu_decode=gpu_decode), interrupts.stop_on_signals():
-            summary = embed_with_model(
-                model, devices, paths, output, revision=revision, dtype=dtype.value, compile=compile,
-                options=options, overwrite=overwrite, update=update, progress=progress,
-            )
-            progress.stop()  # still in the block, which lets signals go once the output is in place
+    progress = _RichProgress(quiet)
+    float32, gpu_decode = dtype is ComputeDtype.float32, decode is not Decoder.cpu
+    with _stopped_runs_told(out, progress, float32=float32, gpu_decode=gpu_decode), interrupts.stop_on_signals():
+        summary = embed_with_model(
+            model, devices, paths, output, revision=revision, dtype=dtype.value, compile=compile,
+            options=options, overwrite=overwrite, update=update, progress=progress,
+        )
+        progress.stop()  # still in the block, which lets signals go once the output is in place
     with interrupts.ignored():  # the output is in place: what follows reports a finished run, whatever Ctrl-C says
         _report_embedding(summary, walk, json_summary=json_summary, quiet=quiet, strict=strict)
 
@@ -419,7 +419,7 @@ def merge(
     """Join shard outputs into one file, equal to a single run over all their images."""
     from .shards import merge_outputs
 
-    with user_errors(), interrupts.stop_on_signals():  # SIGTERM too; once the output is in place, none
+    with interrupts.stop_on_signals():  # SIGTERM too; once the output is in place, none
         summary = merge_outputs(inputs, output, overwrite=overwrite, allow_missing=allow_missing)
     with interrupts.ignored():  # the output is in place: what follows reports a finished merge, whatever Ctrl-C says
         if json_summary:
@@ -446,10 +446,9 @@ def inspect(
     from .plots import write_plots
     from .tracing import first_non_finite, inspect_image
 
-    with user_errors():
-        result = inspect_image(model, image, layers=layers, revision=revision, max_pixels=max_pixels or None)
-        drawable = first_non_finite(result.stages) is None
-        pictures = write_plots(result, plot) if plot is not None and drawable else []
+    result = inspect_image(model, image, layers=layers, revision=revision, max_pixels=max_pixels or None)
+    drawable = first_non_finite(result.stages) is None
+    pictures = write_plots(result, plot) if plot is not None and drawable else []
     if plot is not None and not drawable:  # the report is what a user with a damaged checkpoint needs
         note("no plots drawn: the model gave NaN or infinite values (the report says where they first appear).")
     if json_out:
@@ -482,23 +481,22 @@ def bench(
     from .runtime import resolve_device
 
     keep_freed_memory()  # as `siglip embed` runs; the references in this process get it too
-    with user_errors():
-        device = str(resolve_device(device))  # the same rules as `siglip embed --device`
-        # A GPU's throughput still grows past 64 (B/16 on an H200: 12,013 images/s at 64, 13,077 at 256).
-        if batch_size is None:
-            batch_size = "1,32,256" if device.startswith("cuda") else "1,8,32"
-        options = BenchOptions(
-            model=model,
-            device=device,
-            dtype=None if dtype == "auto" else dtype,
-            batch_sizes=parse_batch_sizes(batch_size),
-            iters=iters,
-            warmup=warmup,
-            compile=compile,
-            compare=tuple(name.strip() for name in compare.split(",") if name.strip()),
-            images=images,
-        )
-        report = run_benchmark(options, progress=lambda message: stderr.print(printable(message), style="dim"))
+    device = str(resolve_device(device))  # the same rules as `siglip embed --device`
+    # A GPU's throughput still grows past 64 (B/16 on an H200: 12,013 images/s at 64, 13,077 at 256).
+    if batch_size is None:
+        batch_size = "1,32,256" if device.startswith("cuda") else "1,8,32"
+    options = BenchOptions(
+        model=model,
+        device=device,
+        dtype=None if dtype == "auto" else dtype,
+        batch_sizes=parse_batch_sizes(batch_size),
+        iters=iters,
+        warmup=warmup,
+        compile=compile,
+        compare=tuple(name.strip() for name in compare.split(",") if name.strip()),
+        images=images,
+    )
+    report = run_benchmark(options, progress=lambda message: stderr.print(printable(message), style="dim"))
     for sentence in report.notes:
         note(sentence)
     if json_out:
