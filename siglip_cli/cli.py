@@ -515,7 +515,7 @@ BENCH_NARROW_BELOW = 76  # narrower terminals get the table without its peak MB 
 def _bench_title(report: Report) -> str:
     """What was measured where: model, device, torch, dtype and the weights' size."""
     m = report.machine
-    weights = f"{report.weights_mb:,.0f}" if report.weights_mb >= 10 else f"{report.weights_mb:.2f}"
+    weights = f"{report.weights_mb:,.0f}" if report.weights_mb >= 10 else f"{report.weights_mb:#.3g}"  # 0.123, 5.30
     return f"{report.model} · {m.device} · torch {m.torch_version} · {m.dtype} · weights {weights} MB"
 
 

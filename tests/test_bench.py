@@ -8,6 +8,7 @@ test_gpu_decode.py). Timings are never asserted.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -488,6 +489,20 @@ def test_bench_table_names_the_machine(tiny_vision: Path, monkeypatch: pytest.Mo
     assert title.startswith(f"{tiny_vision} · {benchmark.cpu_name()}") and title.endswith(" MB")
     assert f" · torch {torch.__version__} · float32 · weights " in title
     assert "img/s" in printed and "model only" in printed
+
+
+def test_the_weights_size_is_rounded_once_where_it_is_printed(tiny_vision: Path) -> None:
+    # Rounded to 0.1 MB in the report and printed with two decimals: 0.123 MB showed as "0.10".
+    from siglip_cli.cli import _bench_title
+
+    options = benchmark.BenchOptions(model=str(tiny_vision), device="cpu", iters=1, warmup=0, batch_sizes=(1,))
+    report = benchmark.run_benchmark(options)
+    tower, _, _ = load_tower(str(tiny_vision))
+    exact = sum(p.numel() for p in tower.parameters()) * 4 / 2**20
+    assert report.weights_mb == exact and report.to_dict()["weights_mb"] == round(exact, 3)
+    assert _bench_title(report).endswith(f" · weights {exact:#.3g} MB")
+    for mb, printed in ((0.1234130859375, "0.123"), (5.3, "5.30"), (351.5625, "352"), (1603.2, "1,603")):
+        assert _bench_title(dataclasses.replace(report, weights_mb=mb)).endswith(f" · weights {printed} MB")
 
 
 def test_bench_table_keeps_every_number_whole_in_80_columns(tiny_vision: Path) -> None:
