@@ -334,7 +334,8 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     if compile and warmup == 0:  # the first call compiles: timed, it would be the compiler's speed
         warmup = 1
         notes.append("--compile: one warm-up call is kept, the one that compiles (--warmup 0 would time the compiler).")
-    check_references(options.compare)
+    compare = tuple(dict.fromkeys(options.compare))  # each once, in the order given: `--compare timm,timm` builds one
+    check_references(compare)
     batch_sizes = check_batch_sizes(options.batch_sizes)
     if options.images is not None:  # before minutes of model timing: a wrong folder fails at once
         paths, skipped = decodable_images(options.images, limit=options.max_images)
@@ -345,7 +346,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     weights_mb = sum(p.numel() for p in plain.parameters()) * dtype.itemsize / 2**20
     report = Report(describe_machine(device, dtype), options.model, weights_mb, notes=notes)
 
-    forwards = _forwards(plain, options.compare, device=device, dtype=dtype, compile=compile, report=report, say=say)
+    forwards = _forwards(plain, compare, device=device, dtype=dtype, compile=compile, report=report, say=say)
     with torch.inference_mode():
         for i, batch_size in enumerate(batch_sizes):
             rounds = f"{iters} interleaved round{'s' if iters != 1 else ''}"

@@ -472,6 +472,16 @@ def test_bench_batch_size_given_twice_is_measured_once(tiny_vision: Path) -> Non
     assert [r["batch_size"] for r in document["results"] if r["backend"] == "siglip"] == [2, 1]
 
 
+def test_a_comparison_named_twice_is_built_and_measured_once(tiny_vision: Path) -> None:
+    said = []
+    options = benchmark.BenchOptions(
+        model=str(tiny_vision), device="cpu", iters=1, warmup=0, batch_sizes=(1,), compare=("transformers", "transformers")
+    )  # fmt: skip
+    report = benchmark.run_benchmark(options, progress=said.append)
+    assert [r.backend for r in report.results] == ["siglip", "transformers"]
+    assert said.count("building the transformers reference on the same weights") == 1
+
+
 def test_bench_table_names_the_machine(tiny_vision: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
