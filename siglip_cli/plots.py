@@ -13,6 +13,7 @@ With random weights (an architecture preset) every picture says so under its tit
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UserError
+from .files import display_path
 from .storage import atomic_write
 from .tracing import Inspection, first_non_finite
 
@@ -42,7 +44,13 @@ def write_plots(result: Inspection, directory: str | Path) -> list[Path]:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        blocking = next((p for p in reversed([directory, *directory.parents]) if p.exists() and not p.is_dir()), directory)
+        blocking = next((p for p in reversed([directory, *directory.parents]) if os.path.lexists(p) and not p.is_dir()),
+                        directory)  # fmt: skip
+        if blocking.is_symlink() and not blocking.exists():  # as `embed` says it
+            raise UserError(
+                f"{blocking} is a link to {display_path(os.readlink(blocking))}, which does not exist (an unmounted "
+                "drive?); pass a directory for the plots."
+            ) from None
         raise UserError(f"{blocking} is not a directory; pass a directory for the plots.") from None
     except OSError as e:
         raise UserError(f"cannot create the plot directory {directory}: {e.strerror}.") from None

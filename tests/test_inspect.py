@@ -386,6 +386,16 @@ def test_plot_directory_under_a_file_names_the_file(base: tracing.Inspection, tm
         write_plots(base, tmp_path / "taken" / "plots")
 
 
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_plot_directory_through_a_dangling_link_names_the_link(base: tracing.Inspection, tmp_path: Path, under: str) -> None:
+    # `--plot dangling/sub` said "dangling/sub is not a directory", of a folder the user never named as one.
+    (tmp_path / "dangling").symlink_to(tmp_path / "unmounted")
+    message = f"^{tmp_path / 'dangling'} is a link to {tmp_path / 'unmounted'}, which does not exist"
+    with pytest.raises(UserError, match=message):
+        write_plots(base, tmp_path / "dangling" / under)
+    assert not (tmp_path / "unmounted").exists()
+
+
 def test_nan_activations_are_named_where_they_first_appear_and_not_plotted(
     tiny_vision: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
