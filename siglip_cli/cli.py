@@ -7,8 +7,10 @@ to stderr. A user error is one sentence and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import enum
+import importlib
 import json
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -34,10 +36,41 @@ if TYPE_CHECKING:
     from .outputs import OutputPaths
 
 
-class _Command(typer.core.TyperCommand):
+# Recent typers vendor click (`typer._click`, typer 0.29 here), older ones use the click package: click's errors
+# are those of the module typer's BadParameter comes from.
+_click_errors = importlib.import_module(typer.BadParameter.__module__)
+
+
+class _OneLineParseErrors:
+    """A command line that click cannot parse told as every other error is, in one sentence and exit status 2,
+    not in typer's block (`Usage: ...`, `Try ...`, `Error: Invalid value for '--dtype': Value error, ...`).
+    `siglip` alone still prints the help."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _click_errors.UsageError as e:
+            if isinstance(e, getattr(_click_errors, "NoArgsIsHelpError", ())):
+                raise
+            path = f"{parent.command_path} {info_name}" if parent is not None else info_name
+            fail(_parse_error_sentence(e, path))
+
+
+class _Group(_OneLineParseErrors, typer.core.TyperGroup):
+    """`siglip` itself: an unknown command or option is one sentence too."""
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]):
+        try:
+            return super().resolve_command(ctx, args)
+        except _click_errors.UsageError as e:  # no such command
+            fail(_parse_error_sentence(e, ctx.command_path))
+
+
+class _Command(_OneLineParseErrors, typer.core.TyperCommand):
     """A command whose help names its arguments without typer's type tags (`PATH <list[str]>`): their help says
-    what they take; and whose Ctrl-C is one sentence wherever it lands (typer ends a command that lets
-    KeyboardInterrupt out with status 130 and nothing said: a Ctrl-C while a command imported its modules)."""
+    what they take; whose command line, if it does not parse, is one sentence (`_OneLineParseErrors`); and whose
+    Ctrl-C is one sentence wherever it lands (typer ends a command that lets KeyboardInterrupt out with status 130
+    and nothing said: a Ctrl-C while a command imported its modules)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -52,6 +85,7 @@ class _Command(typer.core.TyperCommand):
 
 app = typer.Typer(
     name="siglip",
+    cls=_Group,
     help="SigLIP image embeddings: embed folders of images (and merge shards of a run), inspect the model stage by "
     "stage, benchmark it.",
     no_args_is_help=True,
@@ -124,6 +158,55 @@ def user_errors() -> Iterator[None]:
         fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         fail("interrupted.", 130)
+
+
+def _parse_error_sentence(error: Exception, command: str) -> str:
+    """click's complaint about a command line, in our words, naming the option and where its help is:
+    `--dtype: 'float64' is not one of auto, float32, bfloat16, float16 (see siglip embed -h).`"""
+    param = getattr(error, "param", None)
+    if isinstance(error, _click_errors.MissingParameter) and param is not None:
+        said = f"missing {_param_name(param)}"
+    elif isinstance(error, _click_errors.BadParameter) and param is not None:
+        said = f"{_param_name(param)}: {_bad_value(error)}"
+    elif isinstance(error, _click_errors.NoSuchOption):
+        closest = sorted(error.possibilities or ())
+        said = f"no option {error.option_name}" + (f"; the closest: {', '.join(closest)}" if closest else "")
+    else:  # "Option '-o' requires an argument.", "Got unexpected extra argument(s) (b)", "No such command 'x'."
+        said = error.message
+        for pattern, words in (
+            (r"^Option '(.*)' requires an argument\.$", r"\1 needs a value"),
+            (r"^Option '(.*)' does not take a value\.$", r"\1 takes no value"),
+            (r"^Got unexpected extra argument(?:s|\(s\))? \((.*)\)$", r"unexpected argument(s): \1"),
+            (r"\. Did you mean ", "; did you mean "),
+        ):  # fmt: skip
+            said = re.sub(pattern, words, said)
+        said = said[:1].lower() + said[1:]
+    return f"{said.rstrip('.')} (see {command} -h)."
+
+
+def _param_name(param) -> str:
+    """An option by the name its help lists first (`-o`, `--batch-size`); an argument by its metavar (`SHARD`)."""
+    if param.param_type_name == "option":
+        return param.opts[0]
+    return param.metavar or param.name.upper()
+
+
+def _bad_value(error: Exception) -> str:
+    """What is wrong with an option's value. Recent typers check values with pydantic, whose words are a
+    programmer's ("Input should be a valid integer, unable to parse string as an integer"): the common ones are
+    said again here, in a user's."""
+    problems = error.__cause__.errors() if hasattr(error.__cause__, "errors") else []
+    if not problems:
+        return error.message
+    problem, value = problems[0], problems[0].get("input")
+    if problem["type"] == "int_parsing":
+        return f"{value!r} is not a whole number"
+    if problem["type"] == "greater_than_equal":
+        return f"must be at least {problem['ctx']['ge']}, not {value}"
+    if problem["type"] == "value_error":  # an enum's: "'float64' is not one of 'auto', 'float32', ..."
+        given, one_of, choices = str(problem["ctx"]["error"]).partition(" is not one of ")
+        return given + one_of + choices.replace("'", "")  # the choices as --help lists them
+    return error.message
 
 
 def _import_torch() -> None:

@@ -163,6 +163,42 @@ def test_help_lists_every_command_and_names_arguments_without_type_tags() -> Non
         assert "<list[" not in text and "<path>" not in text, text  # typer's `PATH <list[str]>`
 
 
+@pytest.mark.parametrize(
+    "args, sentence",
+    [
+        (["embed", "x", "--dtype", "float64"],
+         "--dtype: 'float64' is not one of auto, float32, bfloat16, float16 (see siglip embed -h)."),
+        (["embed", "x", "--output-dtype", "bf16"], "--output-dtype: 'bf16' is not one of float32, float16 (see siglip embed -h)."),
+        (["embed", "x", "-b", "abc"], "--batch-size: 'abc' is not a whole number (see siglip embed -h)."),
+        (["embed", "x", "-b", "0"], "--batch-size: must be at least 1, not 0 (see siglip embed -h)."),
+        (["embed", "x", "-o"], "-o needs a value (see siglip embed -h)."),
+        (["embed", "x", "-o", ""], "-o: the name is empty (see siglip embed -h)."),
+        (["embed", "x", "--bogus"], "no option --bogus (see siglip embed -h)."),
+        (["embed", "x", "--no-tokens"], "no option --no-tokens; the closest: --tokens, --workers (see siglip embed -h)."),
+        (["embed", "x", "--tokens=yes"], "--tokens takes no value (see siglip embed -h)."),
+        (["inspect", "a.jpg", "b.jpg"], "unexpected argument(s): b.jpg (see siglip inspect -h)."),
+        (["inspect", "--layers"], "--layers needs a value (see siglip inspect -h)."),
+        (["bench", "--iters", "x"], "--iters: 'x' is not a whole number (see siglip bench -h)."),
+        (["bench", "--warmup", "-1"], "--warmup: must be at least 0, not -1 (see siglip bench -h)."),
+        (["merge"], "missing SHARD (see siglip merge -h)."),
+        (["merge", "a.npy"], "missing -o (see siglip merge -h)."),
+        (["embd"], "no such command 'embd'; did you mean 'embed'? (see siglip -h)."),
+        (["--bogus"], "no option --bogus (see siglip -h)."),
+    ],
+)  # fmt: skip
+def test_a_command_line_that_does_not_parse_is_one_sentence(args: list[str], sentence: str) -> None:
+    # Typer printed its own four lines (Usage, Try, an empty one, "Error: Invalid value for '--dtype': Value error,
+    # 'float64' is not one of ..."), unlike every other error.
+    result = siglip(*args)
+    assert the_error(result) == f"error: {sentence}"
+    assert result.stderr == f"error: {sentence}\n"
+
+
+def test_no_command_still_prints_the_help() -> None:
+    result = siglip()
+    assert result.exit_code == 2 and "Usage: siglip [OPTIONS] COMMAND" in result.stderr and "embed" in result.stderr
+
+
 @pytest.fixture
 def embed(tiny_siglip: Path):
     """`embed(*args)` runs `siglip embed *args --model tiny_siglip --workers 0` (either can be overridden)."""
@@ -776,7 +812,7 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(args: list[str]
     # An unset shell variable (`--plot "$DIR"`): typer read "" as `.`, and inspect wrote its pictures there.
     monkeypatch.chdir(tmp_path)
     result = siglip(*args)
-    assert result.exit_code == 2 and "the name is empty." in result.stderr and "Traceback" not in result.stderr
+    assert the_error(result).endswith(": the name is empty (see siglip " + args[0] + " -h).")
     assert list(tmp_path.iterdir()) == []
 
 
