@@ -238,6 +238,14 @@ def _path(value: str) -> Path:
     return Path(value)
 
 
+def _output_path(value: str) -> Path:
+    """`-o`, a file: `_path`, and a name that ends in a separator refused, which `Path` would drop (`-o
+    photos.safetensors/` wrote the file photos.safetensors)."""
+    if isinstance(value, str) and value.endswith(("/", os.sep)):  # as typed (the default comes as a Path)
+        raise typer.BadParameter(f"{value} ends in {value[-1]}, but -o names a file: drop the trailing {value[-1]}.")
+    return _path(value)
+
+
 def _version(value: bool) -> None:
     if value:
         stdout.print(f"siglip {__version__}")
@@ -303,7 +311,7 @@ class _RichProgress:
 @app.command(cls=_Command, short_help="Embed images and folders into .safetensors or .npy.")
 def embed(
     inputs: Annotated[list[str], typer.Argument(help="Image files and folders (walked recursively).", show_default=False, metavar="PATH")] = None,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output file: .safetensors or .npy.", metavar="FILE", parser=_path)] = Path("embeddings.safetensors"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file: .safetensors or .npy.", metavar="FILE", parser=_output_path)] = Path("embeddings.safetensors"),
     model: Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint directory.", metavar="MODEL")] = DEFAULT_MODEL,
     revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.", metavar="REV")] = None,
     files_from: Annotated[Optional[str], typer.Option("--files-from", help="Read more paths from FILE, one per line or NUL-separated (- for stdin).", metavar="FILE")] = None,
@@ -494,7 +502,7 @@ def _summary_line(s: Summary) -> str:
 @app.command(cls=_Command, short_help="Join the outputs of --shard runs into one.")
 def merge(
     inputs: Annotated[list[Path], typer.Argument(help="Outputs of `siglip embed --shard K/N` runs.", show_default=False, metavar="SHARD", parser=_path)],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The merged output: .safetensors or .npy.", metavar="FILE", parser=_path)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The merged output: .safetensors or .npy.", metavar="FILE", parser=_output_path)],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Merge even if some of the N parts are missing.")] = False,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,

@@ -797,6 +797,16 @@ def test_error_stays_on_one_line_without_a_terminal(
     assert result.stderr == f"error: input {missing} does not exist.\n"
 
 
+@pytest.mark.parametrize("command", ["embed", "merge"])
+def test_an_output_named_with_a_trailing_slash_is_refused(command: str, photos: Path, out: Path, tiny_siglip: Path) -> None:
+    # `-o photos.safetensors/` wrote the file photos.safetensors: the / was dropped without a word.
+    args = [photos, "--model", tiny_siglip, "--workers", 0] if command == "embed" else [out / "part.safetensors"]
+    error = the_error(siglip(command, *args, "-o", f"{out / 'photos.safetensors'}/"))
+    assert error == f"error: -o: {out / 'photos.safetensors'}/ ends in /, but -o names a file: drop the trailing / " \
+        f"(see siglip {command} -h)."  # fmt: skip
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "args",
     [
