@@ -313,13 +313,14 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
         return PreprocessConfig(height=vision.image_size, width=vision.image_size)
     config = _with_class_defaults(config)
     do_resize = _flag(config.get("do_resize", True))  # null: transformers' processor skips the step, as for false
-    crop = _flag(config.get("do_center_crop", False))
-    if not isinstance(crop, bool):  # bool("false") is True: a string must not pass
-        raise ConfigError(f"preprocessor do_center_crop must be true or false, not {crop!r}.")
+    do_center_crop = _flag(config.get("do_center_crop", False))
+    if not isinstance(do_center_crop, bool):  # bool("false") is True: a string must not pass
+        raise ConfigError(f"preprocessor do_center_crop must be true or false, not {do_center_crop!r}.")
     resize_to = shortest_edge = None
     if do_resize is not False:  # else `size` is ignored (by transformers too)
-        resize_to, shortest_edge = _resize_target(config, vision, crop=crop)
-    if crop:
+        resize_to, shortest_edge = _resize_target(config, vision, crop=do_center_crop)
+    crop = False  # whether a crop is left to do once the image is resized
+    if do_center_crop:
         height, width = _crop_size(config.get("crop_size"))
         resize_to = None if resize_to == (height, width) else resize_to  # a crop that takes the whole image
         crop = resize_to is not None or shortest_edge is not None or do_resize is False
@@ -410,6 +411,7 @@ def _crop_size(crop: Any) -> tuple[int, int]:
 
 
 def _flag(value: Any) -> Any:
+    """A config's `do_...` setting, where null means off (transformers' processors skip a step set to null)."""
     return False if value is None else value
 
 

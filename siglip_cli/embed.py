@@ -3,11 +3,12 @@
 Work is done in fixed batches of the pending files, in the order given (sorted when earlier rows are merged in).
 Finished batches are flushed every few seconds as chunks into a work area beside the output (`<output>.partial/`);
 the final files are assembled from the chunks at the end (manifest and errors first, the embeddings file last,
-each atomically), so the presence of the output means the run finished. A rerun of an interrupted command reuses
-the chunks and embeds only the rest; `--update` also reuses the rows of an existing output whose files did not
-change.
+each atomically), so the presence of the output means the run finished; a run stopped between those renames is
+finished by its rerun (`WorkArea.finish_assembling`). A rerun of an interrupted command reuses the chunks and embeds
+only the rest; `--update` also reuses the rows of an existing output whose files did not change.
 
-The Python API: `load` (from runtime), `embed_paths` (in memory), `embed_to_file` (what the CLI runs).
+The Python API: `load` (from runtime), `embed_paths` (in memory), `embed_to_file` (to files: what the CLI runs on
+each device, through `devices.embed_with_model`).
 """
 
 from __future__ import annotations
@@ -285,28 +286,11 @@ def _open_work(
     the same options continues, with --overwrite too (its rerun); one with other options is refused, or replaced
     with --overwrite."""
     work = WorkArea(out.work)
-    if overwrite and work.exists() and not same_options(work.state() or {}, state):
-        work.remove()  # its options are others, or cannot be read: it is not this run's to continue
-    work.finish_assembling()  # a run stopped between its final renames: its output is made whole, then published
-    devices = work.device_count()
-    if devices and not overwrite and not work.published(out.embeddings):  # its shards are not ours to throw away
-        raise interrupted_on_other_devices(out.work, devices)
-    resuming = work.exists()
-    # Stopped after its last rename, before it removed its work folder (or while: `WorkArea.remove` deletes the mark
-    # last): the output is whole. The rerun takes it as an --update does, so it ends as the first run would have.
-    published = work.published(out.embeddings)
-    if published:
-        work.remove()
-        resuming = False
+    resuming, published = _what_was_left(work, out, state, overwrite=overwrite)
     reuse_output = update or published
     check_outputs(out, interrupted=resuming, overwrite=overwrite, update=reuse_output)
-    if resuming and (earlier := work.state()) is None:
-        raise UserError(
-            f"{out.work} holds an interrupted run whose record of its options (state.json) cannot be read: add "
-            "--overwrite to start afresh."
-        )
-    if resuming and not same_options(earlier, state):
-        raise _interrupted_with_other_options(out.work, describe_difference(earlier, state), update=update)
+    if resuming:
+        _refuse_to_continue_other_work(work, state, update=update)
     # A run that died while replacing the final files and could not be finished (`finish_assembling`: a mark of an
     # earlier version, files moved since) may have left a new manifest beside the old embeddings: then the earlier
     # output cannot be trusted row by row, and what the chunks do not hold is embedded again.
@@ -329,6 +313,36 @@ def _open_work(
     return work, previous, made_in
 
 
+def _what_was_left(work: WorkArea, out: OutputPaths, state: dict, *, overwrite: bool) -> tuple[bool, bool]:
+    """What an earlier run left in the work area: whether this run continues it (`resuming`), and whether it had
+    put its output in place (`published`: its work area, stale, is removed). Work of other options is removed
+    with --overwrite; the shards of a run on several devices are refused without it."""
+    if overwrite and work.exists() and not same_options(work.state() or {}, state):
+        work.remove()  # its options are others, or cannot be read: it is not this run's to continue
+    work.finish_assembling()  # a run stopped between its final renames: its output is made whole, then published
+    devices = work.device_count()
+    if devices and not overwrite and not work.published(out.embeddings):  # its shards are not ours to throw away
+        raise interrupted_on_other_devices(out.work, devices)
+    # Stopped after its last rename, before it removed its work folder (or while: `WorkArea.remove` deletes the mark
+    # last): the output is whole. The rerun takes it as an --update does, so it ends as the first run would have.
+    if work.published(out.embeddings):
+        work.remove()
+        return False, True
+    return work.exists(), False
+
+
+def _refuse_to_continue_other_work(work: WorkArea, state: dict, *, update: bool) -> None:
+    """Refuse to continue an interrupted run whose options differ from this one's, or cannot be read."""
+    earlier = work.state()
+    if earlier is None:
+        raise UserError(
+            f"{work.directory} holds an interrupted run whose record of its options (state.json) cannot be read: "
+            "add --overwrite to start afresh."
+        )
+    if not same_options(earlier, state):
+        raise _interrupted_with_other_options(work.directory, describe_difference(earlier, state), update=update)
+
+
 def interrupted_on_other_devices(work: Path, devices: int) -> UserError:
     """The refusal of a rerun on another number of devices than the interrupted run in `work` had."""
     again = "on one --device" if devices == 1 else f"with {devices} --device"
@@ -342,11 +356,16 @@ def _interrupted_with_other_options(work: Path, difference: str, *, update: bool
     """The refusal of a run whose work area holds an interrupted one with other options. An --update cannot start
     afresh (--overwrite would drop the earlier output's rows too): its user deletes the work area instead."""
     afresh = f"delete {work} to drop it" if update else "add --overwrite to start afresh"
-    if difference == WEIGHTS_DIFFER:  # no option to give again
-        then = f"the checkpoint was saved again since; {afresh}."
-    else:
-        then = f"rerun with the same options to continue, or {afresh}."
+    then = _what_to_do(difference, again="rerun with the same options to continue", afresh=afresh)
     return UserError(f"{work} holds an interrupted run whose options differ ({difference}): {then}")
+
+
+def _what_to_do(difference: str, *, again: str, afresh: str) -> str:
+    """The advice of a refusal of work made with other options (`describe_difference`): give them `again`, or start
+    `afresh`; of other weights only the latter, since no option brings them back."""
+    if difference == WEIGHTS_DIFFER:
+        return f"the checkpoint was saved again since; {afresh}."
+    return f"{again}, or {afresh}."
 
 
 @contextmanager
@@ -893,10 +912,9 @@ def _previous_output(out: OutputPaths, state: dict) -> tuple[dict[str, Ref | dic
     old = read_output_options(out, metadata)
     if not same_options(old, state):
         difference = describe_difference(old, state)
-        if difference == WEIGHTS_DIFFER:  # no option to give again
-            then = "the checkpoint was saved again since; use --overwrite to embed everything with its weights now."
-        else:
-            then = "rerun --update with the same options, or use --overwrite to start afresh."
+        then = _what_to_do(
+            difference, again="rerun --update with the same options", afresh="use --overwrite to embed everything again"
+        )
         message = f"{out.embeddings} was made with other options ({difference}): {then}"
         raise _OtherOptions(message, difference=difference)
     return _by_path(*read_rows(out)), metadata.get("working_directory")

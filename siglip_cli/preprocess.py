@@ -316,6 +316,7 @@ def load_pixels(
 ) -> tuple[np.ndarray, int, int]:
     """Decode and preprocess one file (a path, or its bytes in a file object): ((3, H, W) float32 pixels, width,
     height of the oriented original)."""
-    target = (cfg.shortest_edge,) * 2 if cfg.shortest_edge else cfg.resized(cfg.width, cfg.height)  # at least
+    # The least size --fast-decode may draft a JPEG down to: the model's input (a shortest edge: its square).
+    target = (cfg.shortest_edge,) * 2 if cfg.shortest_edge else cfg.resized(cfg.width, cfg.height)
     image, (width, height) = open_rgb(source, options, target=target if cfg.do_resize else None)
     return pixel_values(image, cfg), width, height

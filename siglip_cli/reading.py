@@ -19,14 +19,14 @@ from .config import PreprocessConfig
 from .files import display_path
 from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_checked
 
-class Sized(Protocol):
+class HasImageSize(Protocol):
     """What a device decoder says of a file it claims (`gpu_decode.JpegHeader`): the oriented picture's size."""
 
     width: int
     height: int
 
 
-J = TypeVar("J", bound=Sized)
+J = TypeVar("J", bound=HasImageSize)
 # A file is read whole (hashed, then decoded from memory) by the process that takes it; one larger than this has its
 # header checked first, so that a video named .jpg or a 20 GB scan over the pixel limit costs no memory, and is then
 # hashed a block at a time and decoded from the file: a photo followed by gigabytes (a damaged copy, a video glued

@@ -1262,7 +1262,7 @@ def test_update_refuses_a_checkpoint_saved_over_with_other_weights(
     saved_over(checkpoint)
     assert the_error(run("--update")) == (
         f"error: {output} was made with other options (the model's weights): the checkpoint was saved again since; "
-        "use --overwrite to embed everything with its weights now."
+        "use --overwrite to embed everything again."
     )
     ok(run("--overwrite"))
     assert summary_of(run("--update", "--json"))["reused"] == 12
