@@ -3,7 +3,8 @@
 Module and parameter names are the Hub checkpoint keys (after the `vision_model.` prefix), so a checkpoint loads
 with a strict `load_state_dict`. Every `forward` takes an optional `trace` dict: when given, each stage stores its
 output under a readable name as the forward runs (what `siglip inspect` shows), and attention is computed
-explicitly so its weights can be recorded. Without a trace the fast path uses `F.scaled_dot_product_attention`.
+explicitly so its weights can be recorded. Without a trace the encoder's attention runs through
+`F.scaled_dot_product_attention`; the pooling head's one query is always written out (`PoolAttention` says why).
 
 Shapes: B batch, N patches, D hidden, H heads, Dh head dim.
 """
@@ -75,8 +76,8 @@ class Embeddings(nn.Module):
     def forward(self, pixel_values: Tensor, trace: Trace = None) -> Tensor:
         # The patch conv computed as the matmul it is (kernel = stride = p, no padding: each output is one patch ·
         # one filter), which yields the tokens in (B, N, D) order. The conv's (B, D, h, w) output, transposed, left
-        # the whole residual stream strided: every later add and LayerNorm paid for it (an H200 went from 7,600 to
-        # 11,400 images/s on B/16 with this alone), and the stride-16 conv itself was slow on cuDNN.
+        # the whole residual stream strided: every later add and LayerNorm paid for it, and the stride-16 conv
+        # itself was slow on cuDNN (bench/RESULTS.md, the H200 runs).
         conv = self.patch_embedding
         p = conv.kernel_size[0]
         B, C, H, W = pixel_values.shape
@@ -161,7 +162,8 @@ class MLP(nn.Module):
         a whole batch, torch's vectorized GELU leaves the last elements of the tensor, and of each thread's share,
         to its scalar code, whose tanh differs in the last bit: on AVX-512 (16 floats a vector), copies of one image
         in a batch of 3, 5 or 7 came out 1e-7 apart, with so400m-384 too (729 × 4304 values an image). In place,
-        image by image, it is also twice as fast: each image's values stay in the cache between the two passes."""
+        image by image, it is also faster: each image's values stay in the cache between the two passes
+        (bench/RESULTS.md)."""
         if x.is_cuda:  # every element of a CUDA elementwise kernel runs the same code
             return self.activation(x)
         if not in_place or x.requires_grad:
@@ -178,8 +180,7 @@ def _fc1_gelu(x: Tensor, fc1: nn.Linear, *, onednn: bool) -> Tensor | None:
     - CUDA: cuBLASLt's GELU_BIAS epilogue. (On the CPU, `_addmm_activation` computes the exact GELU instead.)
     - The CPU with `onednn` (`prepare_model` asks for it where it measured faster): oneDNN's GEMM with a GELU
       post-op, the kernel torch.compile's CPU backend emits (`_onednn_linear`). In bfloat16 the GELU comes before
-      the one rounding to bf16, so it is closer to float32 than the plain path; on a 2-core Zen 4 the bf16 forward
-      took 3.2% less time, the float32 one, with `OneDnnLinear`, 8–12% (bench/RESULTS.md).
+      the one rounding to bf16, so it is closer to float32 than the plain path. Measurements: bench/RESULTS.md.
     """
     if x.is_cuda:
         h = torch._addmm_activation(fc1.bias, x.flatten(0, -2), fc1.weight.t(), use_gelu=True)
@@ -206,11 +207,10 @@ def _onednn_linear(x: Tensor, linear: nn.Linear, post_op: str = "none", algorith
 
 class OneDnnLinear(nn.Linear):
     """`nn.Linear` through oneDNN's matmul on the CPU (`_onednn_linear`). `nn.Linear` calls MKL's sgemm in
-    float32; on a 2-core Zen 4 oneDNN ran the tower's four GEMM shapes 1.10–1.15× faster (bench/RESULTS.md).
-    Its sums run in another order, so the numbers are the same but for float rounding: on B/16 (random weights)
-    the patch tokens are 4.6e-6 from transformers' against the plain path's 3.2e-6, well inside the 1e-5 the tests
-    hold both to; and each image gets the same bits in any batch (tested). Made by `SiglipVision.onednn_linears`
-    from a loaded layer, whose parameters it takes."""
+    float32, which oneDNN beat on the tower's four GEMM shapes on a Zen 4 with AVX-512 (bench/RESULTS.md). Its
+    sums run in another order, so the numbers are the same but for float rounding, within the 1e-5 of
+    transformers' the tests hold both paths to; and each image gets the same bits in any batch (tested). Made by
+    `SiglipVision.onednn_linears` from a loaded layer, whose parameters it takes."""
 
     @classmethod
     def of(cls, linear: nn.Linear) -> OneDnnLinear:
@@ -347,9 +347,10 @@ class SiglipVision(nn.Module):
         return self
 
     def fuse_gelu(self, *, onednn: bool = False) -> SiglipVision:
-        """Compute each MLP's fc1 + bias + GELU as one GEMM where a kernel fuses them (`_fc1_gelu`): on CUDA (an
-        H200: +4% eager, +6 to 12% compiled, same cosine); with `onednn`, on the CPU too (see `prepare_model` for
-        where). Only for towers with the tanh GELU, the one both kernels fuse."""
+        """Compute each MLP's fc1 + bias + GELU as one GEMM where a kernel fuses them (`_fc1_gelu`): on CUDA (the
+        same cosine to the float32 plain path, which gpu_check checks; H200 runs in bench/RESULTS.md); with
+        `onednn`, on the CPU too (see `prepare_model` for where). Only for towers with the tanh GELU, the one both
+        kernels fuse."""
         if self.config.activation == "gelu_tanh":
             for module in self.modules():
                 if isinstance(module, MLP):
