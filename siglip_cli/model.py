@@ -6,6 +6,9 @@ output under a readable name as the forward runs (what `siglip inspect` shows), 
 explicitly so its weights can be recorded. Without a trace the encoder's attention runs through
 `F.scaled_dot_product_attention`; the pooling head's one query is always written out (`PoolAttention` says why).
 
+This is the reference path, in public torch ops only. `runtime.prepare_model` fuses q/k/v (`fuse_qkv`) and swaps in
+the faster modules of `kernels.py` (fc1 + GELU as one GEMM, oneDNN's matmul on the CPU).
+
 Shapes: B batch, N patches, D hidden, H heads, Dh head dim.
 """
 
@@ -141,14 +144,8 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.activation = ACTIVATION_FUNCTIONS[cfg.activation]
-        # Set by `SiglipVision.fuse_gelu()`, for speed: on CUDA, and on the CPU where oneDNN's GEMM takes the GELU
-        # (`onednn_gelu`; `runtime.cpu_prefers_onednn` says where). Not part of the checkpoint.
-        self.fused_gelu = False
-        self.onednn_gelu = False
 
     def forward(self, x: Tensor, trace: Trace = None, prefix: str = "mlp") -> Tensor:
-        if self.fused_gelu and trace is None and (h := _fc1_gelu(x, self.fc1, onednn=self.onednn_gelu)) is not None:
-            return self.fc2(h)
         x = self.fc1(x)
         _record(trace, f"{prefix}.fc1", x)
         x = self._activate(x, in_place=trace is None)
@@ -171,56 +168,6 @@ class MLP(nn.Module):
         for image in x:
             image.copy_(self.activation(image))
         return x
-
-
-def _fc1_gelu(x: Tensor, fc1: nn.Linear, *, onednn: bool) -> Tensor | None:
-    """fc1, its bias and the tanh GELU as one GEMM where a kernel fuses them, else None: the (tokens, F) activation
-    is written once instead of written, read and written again.
-
-    - CUDA: cuBLASLt's GELU_BIAS epilogue. (On the CPU, `_addmm_activation` computes the exact GELU instead.)
-    - The CPU with `onednn` (`prepare_model` asks for it where it measured faster): oneDNN's GEMM with a GELU
-      post-op, the kernel torch.compile's CPU backend emits (`_onednn_linear`). In bfloat16 the GELU comes before
-      the one rounding to bf16, so it is closer to float32 than the plain path. Measurements: bench/RESULTS.md.
-    """
-    if x.is_cuda:
-        h = torch._addmm_activation(fc1.bias, x.flatten(0, -2), fc1.weight.t(), use_gelu=True)
-        return h.view(*x.shape[:-1], -1)
-    return _onednn_linear(x, fc1, "gelu", "tanh") if onednn else None
-
-
-def _onednn_linear(x: Tensor, linear: nn.Linear, post_op: str = "none", algorithm: str = "") -> Tensor | None:
-    """`linear(x)`, then `post_op`, through oneDNN's matmul on the CPU (`torch.ops.mkldnn._linear_pointwise`); None
-    where it does not apply: not under torch.compile, whose CPU backend emits the op itself (with frozen weights
-    only), nor with autograd, which the op lacks, nor in a dtype oneDNN does not multiply here."""
-    if x.dtype not in (torch.float32, torch.bfloat16) or torch.compiler.is_compiling():
-        return None
-    trained = [x, *linear.parameters()]  # the op has no backward: a trainable bias would get no gradient
-    if torch.is_grad_enabled() and any(t.requires_grad for t in trained):
-        return None
-    if x.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return None
-    try:
-        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, post_op, [], algorithm)
-    except RuntimeError:  # a private op: a torch that lacks it, or refuses these shapes, runs the plain path
-        return None
-
-
-class OneDnnLinear(nn.Linear):
-    """`nn.Linear` through oneDNN's matmul on the CPU (`_onednn_linear`). `nn.Linear` calls MKL's sgemm in
-    float32, which oneDNN beat on the tower's four GEMM shapes on a Zen 4 with AVX-512 (bench/RESULTS.md). Its
-    sums run in another order, so the numbers are the same but for float rounding, within the 1e-5 of
-    transformers' the tests hold both paths to; and each image gets the same bits in any batch (tested). Made by
-    `SiglipVision.onednn_linears` from a loaded layer, whose parameters it takes."""
-
-    @classmethod
-    def of(cls, linear: nn.Linear) -> OneDnnLinear:
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        new.weight, new.bias = linear.weight, linear.bias
-        return new
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = None if x.is_cuda else _onednn_linear(x, self)
-        return super().forward(x) if out is None else out
 
 
 class EncoderLayer(nn.Module):
@@ -344,29 +291,6 @@ class SiglipVision(nn.Module):
         (`references`' key maps, saving) must be read before fusing."""
         for layer in self.encoder.layers:
             layer.self_attn.fuse_qkv()
-        return self
-
-    def fuse_gelu(self, *, onednn: bool = False) -> SiglipVision:
-        """Compute each MLP's fc1 + bias + GELU as one GEMM where a kernel fuses them (`_fc1_gelu`): on CUDA (the
-        same cosine to the float32 plain path, which gpu_check checks; H200 runs in bench/RESULTS.md); with
-        `onednn`, on the CPU too (see `prepare_model` for where). Only for towers with the tanh GELU, the one both
-        kernels fuse."""
-        if self.config.activation == "gelu_tanh":
-            for module in self.modules():
-                if isinstance(module, MLP):
-                    module.fused_gelu, module.onednn_gelu = True, onednn
-        return self
-
-    def onednn_linears(self) -> SiglipVision:
-        """Run the encoder's linear layers through oneDNN on the CPU (`OneDnnLinear`): q/k/v (fused or not), the
-        attention output, and the MLP's (fc1 too, where `fuse_gelu` has not taken it). The head, ~1% of the work,
-        keeps `nn.Linear` but for its MLP's fc1 + GELU, which `fuse_gelu(onednn=True)` fuses. Call it after
-        `fuse_qkv`, which makes a layer of its own."""
-        for layer in self.encoder.layers:
-            for owner in (layer.self_attn, layer.mlp):
-                for name, child in owner.named_children():
-                    if type(child) is nn.Linear:
-                        setattr(owner, name, OneDnnLinear.of(child))
         return self
 
 

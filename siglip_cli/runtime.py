@@ -14,6 +14,7 @@ from torch import Tensor
 from .config import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, DEFAULT_MODEL, PreprocessConfig
 from .cpus import fit_cpu_threads
 from .errors import UserError
+from .kernels import fuse_gelu, onednn_linears
 from .model import SiglipVision
 from .checkpoints import Checkpoint, resolve_checkpoint
 from .weights import load_model
@@ -92,7 +93,7 @@ BF16_HINT_AFTER_S = 60.0
 
 
 def cpu_prefers_onednn(dtype: torch.dtype) -> bool:
-    """Whether the tower's CPU GEMMs go through oneDNN (`model.OneDnnLinear`, fc1 + GELU fused) in `dtype`, where
+    """Whether the tower's CPU GEMMs go through oneDNN (`kernels.OneDnnLinear`, fc1 + GELU fused) in `dtype`, where
     it measured faster on a 2-core Zen 4 (bench/RESULTS.md): bfloat16 on CPUs with native bf16 (3.2% with the
     fusion alone), float32 on CPUs with AVX-512 (8–12%: oneDNN ran the four GEMM shapes 1.10–1.15× faster than
     MKL's sgemm, and the GELU rides on fc1). AVX2-only CPUs keep MKL in float32: never measured there."""
@@ -127,16 +128,17 @@ def prepare_model(
 ) -> SiglipVision:  # or its torch.compile wrapper
     """`model` as `siglip embed` runs it, changed in place: on `device` with its weights in `dtype` (bf16 end to
     end, no autocast), eval mode, no autograd, and fused. q/k/v as one GEMM (`fuse_qkv`): the same numbers, which the
-    tests check against the plain path; fc1 + GELU too (`fuse_gelu`) on CUDA, which gpu_check checks against the
-    float32 plain path. On the CPU, oneDNN's GEMMs where `cpu_prefers_onednn` (tested against the plain path, and
-    each image's bits in any batch). `compile`: `torch.compile` with torch's default shape handling, so a run's
-    last, smaller batch recompiles once, with dynamic shapes (`benchmark.fast_model` compiles its own pooled-only
-    wrapper, static).
+    tests check against the plain path; fc1 + GELU too (`kernels.fuse_gelu`) on CUDA, which gpu_check checks against
+    the float32 plain path. On the CPU, oneDNN's GEMMs (`kernels`) where `cpu_prefers_onednn` (tested against the
+    plain path, and each image's bits in any batch). `compile`: `torch.compile` with torch's default shape
+    handling, so a run's last, smaller batch recompiles once, with dynamic shapes (`benchmark.fast_model` compiles
+    its own pooled-only wrapper, static).
     """
     onednn = torch.device(device).type == "cpu" and cpu_prefers_onednn(dtype)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False).fuse_qkv().fuse_gelu(onednn=onednn)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False).fuse_qkv()
+    fuse_gelu(model, onednn=onednn)
     if onednn and dtype == torch.float32:  # bf16 linears take oneDNN's GEMM already (MKL has none for bf16)
-        model.onednn_linears()
+        onednn_linears(model)
     return compiled(model) if compile else model
 
 

@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 
 from conftest import make_photo, reference_vision_model, save_png_claiming_size, with_preprocessing
 from siglip_cli import benchmark, config, references
-from siglip_cli import model as model_module
 from siglip_cli.checkpoints import resolve_checkpoint
 from siglip_cli.cli import app
 from siglip_cli.config import PreprocessConfig, VisionConfig
 from siglip_cli.errors import UserError
+from siglip_cli.kernels import FusedMLP, OneDnnLinear, fc1_gelu, fuse_gelu, onednn_linears
 from siglip_cli.model import SiglipVision, random_model
 from siglip_cli.weights import load_model, load_tower
 
@@ -121,8 +121,8 @@ def test_patch_matmul_is_the_checkpoint_conv(cfg: VisionConfig) -> None:
 def test_fused_gelu_leaves_the_cpu_path_exact() -> None:
     """`fuse_gelu` is a CUDA lever (torch's fused op computes the exact GELU on the CPU): the CPU must not take it."""
     model, x = _tiny_model(), _pixels()
-    fused = copy.deepcopy(model).fuse_gelu()
-    assert all(layer.mlp.fused_gelu for layer in fused.encoder.layers)
+    fused = fuse_gelu(copy.deepcopy(model))
+    assert all(isinstance(layer.mlp, FusedMLP) for layer in fused.encoder.layers)
     with torch.no_grad():
         torch.testing.assert_close(fused(x).pooled, model(x).pooled, rtol=0, atol=0)
 
@@ -131,14 +131,14 @@ ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkld
 
 
 def _bf16_outputs(model: SiglipVision, x: torch.Tensor, *, onednn: bool) -> torch.Tensor:
-    tower = copy.deepcopy(model).to(torch.bfloat16).fuse_gelu(onednn=onednn)
+    tower = fuse_gelu(copy.deepcopy(model).to(torch.bfloat16), onednn=onednn)
     with torch.no_grad():
         return tower(x.bfloat16()).pooled.float()
 
 
 @pytest.mark.skipif(not ONEDNN_BF16, reason="oneDNN runs no bf16 GEMMs on this CPU (it lacks AVX-512 and AMX)")
 def test_fused_gelu_in_bfloat16_on_the_cpu_agrees_with_the_plain_path() -> None:
-    """fc1 + GELU as one oneDNN GEMM in bfloat16 (`model._fc1_gelu`): the GELU comes before the rounding to bf16,
+    """fc1 + GELU as one oneDNN GEMM in bfloat16 (`kernels.fc1_gelu`): the GELU comes before the rounding to bf16,
     so the op is closer to float32 than the plain one; the tower's output within bf16's cosine."""
     model, x = _tiny_model(), _pixels()
     with torch.no_grad():
@@ -151,9 +151,20 @@ def test_fused_gelu_in_bfloat16_on_the_cpu_agrees_with_the_plain_path() -> None:
     with torch.no_grad():
         want = torch.nn.functional.gelu(fc1.double()(tokens.double()), approximate="tanh")
         fc1 = fc1.bfloat16()
-        one_gemm = model_module._fc1_gelu(tokens.bfloat16(), fc1, onednn=True).double()
+        one_gemm = fc1_gelu(tokens.bfloat16(), fc1, onednn=True).double()
         two_steps = torch.nn.functional.gelu(fc1(tokens.bfloat16()), approximate="tanh").double()
     assert (one_gemm - want).abs().mean() < (two_steps - want).abs().mean()
+
+
+def test_a_traced_forward_of_a_fused_mlp_records_what_the_plain_one_does() -> None:
+    # `siglip inspect` traces the plain tower; a fused one, traced, must not skip the stages a kernel fuses.
+    model, x = _tiny_model(), _pixels()
+    fused = fuse_gelu(copy.deepcopy(model), onednn=True)
+    plain_trace, fused_trace = {}, {}
+    with torch.no_grad():
+        model(x, plain_trace), fused(x, fused_trace)
+    assert fused_trace.keys() == plain_trace.keys()
+    assert all(torch.equal(fused_trace[name], plain_trace[name]) for name in plain_trace)
 
 
 def test_fused_gelu_in_bfloat16_falls_back_where_onednn_has_no_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,7 +179,7 @@ def test_prepare_model_asks_for_onednn_only_where_the_cpu_has_native_bf16(monkey
     for native in (False, True):
         monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
         tower = runtime.prepare_model(_tiny_model(), device="cpu", dtype=torch.bfloat16)
-        assert all(layer.mlp.onednn_gelu == native for layer in tower.encoder.layers)
+        assert all(layer.mlp.onednn == native for layer in tower.encoder.layers)
 
 
 def test_prepare_model_takes_onednn_gemms_in_float32_only_on_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,13 +189,13 @@ def test_prepare_model_takes_onednn_gemms_in_float32_only_on_avx512(monkeypatch:
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
         tower = runtime.prepare_model(_tiny_model(), device="cpu", dtype=torch.float32)
         layer = tower.encoder.layers[0]
-        assert isinstance(layer.self_attn.qkv, model_module.OneDnnLinear) == onednn
-        assert isinstance(layer.mlp.fc2, model_module.OneDnnLinear) == onednn and layer.mlp.onednn_gelu == onednn
+        assert isinstance(layer.self_attn.qkv, OneDnnLinear) == onednn
+        assert isinstance(layer.mlp.fc2, OneDnnLinear) == onednn and layer.mlp.onednn == onednn
 
 
 def test_onednn_linears_run_onednn_and_agree_with_the_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
     model, x = _tiny_model(), _pixels()
-    tower = copy.deepcopy(model).fuse_qkv().fuse_gelu(onednn=True).onednn_linears()
+    tower = onednn_linears(fuse_gelu(copy.deepcopy(model).fuse_qkv(), onednn=True))
     assert tower.state_dict().keys() == copy.deepcopy(model).fuse_qkv().state_dict().keys()
     calls, pointwise = [], torch.ops.mkldnn._linear_pointwise
 
@@ -204,7 +215,7 @@ def test_onednn_linears_fall_back_to_nn_linear_where_the_op_refuses(monkeypatch:
         raise RuntimeError("mkldnn_linear_pointwise: unsupported")  # a torch built without oneDNN, say
 
     model, x = _tiny_model(), _pixels()
-    tower = copy.deepcopy(model).fuse_qkv().fuse_gelu(onednn=True).onednn_linears()
+    tower = onednn_linears(fuse_gelu(copy.deepcopy(model).fuse_qkv(), onednn=True))
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refused)
     with torch.no_grad():
         assert torch.equal(tower(x).pooled, copy.deepcopy(model).fuse_qkv()(x).pooled)
@@ -214,7 +225,7 @@ def test_onednn_linear_leaves_a_trainable_bias_to_autograd() -> None:
     # The op has no backward: with the weights frozen and the biases trained (BitFit), the bias got no gradient.
     linear = torch.nn.Linear(8, 4)
     linear.weight.requires_grad_(False)
-    fast = model_module.OneDnnLinear.of(linear)
+    fast = OneDnnLinear.of(linear)
     fast(torch.randn(3, 8)).sum().backward()
     assert linear.bias.grad is not None
 
@@ -230,7 +241,7 @@ def test_fuse_qkv_keeps_which_parameters_train() -> None:
 
 def test_fuse_gelu_skips_towers_with_the_exact_gelu() -> None:
     model = _tiny_model(VisionConfig(**{**TINY.__dict__, "hidden_act": "gelu"}))
-    assert not any(layer.mlp.fused_gelu for layer in model.fuse_gelu().encoder.layers)
+    assert not any(isinstance(layer.mlp, FusedMLP) for layer in fuse_gelu(model).encoder.layers)
 
 
 # --------------------------------------------------------------------------- the references on our weights

@@ -24,7 +24,7 @@ from siglip_cli.checkpoints import resolve_checkpoint
 from siglip_cli.cli import app
 from siglip_cli.config import ACTIVATIONS
 from siglip_cli.embed import embed_paths, load
-from siglip_cli.model import OneDnnLinear
+from siglip_cli.kernels import OneDnnLinear
 from siglip_cli.runtime import cpu_has_native_bf16
 from siglip_cli.weights import load_model
 
@@ -170,7 +170,7 @@ def test_copies_of_one_image_in_a_batch_get_the_same_bits(
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="bfloat16 is emulated on this CPU (no AVX512-BF16 or AMX)")
 @pytest.mark.parametrize("batch", [3, 5, 7, 17])
 def test_copies_of_one_image_get_the_same_bits_in_bfloat16_too(odd_tower: Path, batch: int) -> None:
-    # On such CPUs bfloat16 runs fc1 + GELU as one oneDNN GEMM (`model._fc1_gelu`).
+    # On such CPUs bfloat16 runs fc1 + GELU as one oneDNN GEMM (`kernels.fc1_gelu`).
     embedder = load(str(odd_tower), device="cpu", dtype="bfloat16")
     copies = random_pixels(odd_tower, batch=1).expand(batch, -1, -1, -1).contiguous()
     pooled, tokens = embedder(copies)
