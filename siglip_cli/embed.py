@@ -206,19 +206,20 @@ def embed_to_file(
             )
         in_chunks = _chunk_rows(chunks)
         try:
-            paths, reused, unchecked, removed = _settled(paths, previous, made_in, in_chunks, keep_unlisted, progress)
+            settled = _settled(paths, previous, made_in, in_chunks, keep_unlisted, progress)
         except UserError:
             if not chunks:
                 work.remove()  # a refused --update leaves nothing behind
             raise
-        pending = [p for p in paths if p not in reused]
+        paths, done = settled.paths, settled.done
+        pending = [p for p in paths if p not in done]
         if progress:
             if in_chunks:  # done: in the chunks, or (--update) kept from the earlier output
-                progress.note(f"continuing the interrupted run in {out.work}: {len(reused):,} of {len(paths):,} files done.")
-            progress.start(total=len(paths), done=len(reused))
+                progress.note(f"continuing the interrupted run in {out.work}: {len(done):,} of {len(paths):,} files done.")
+            progress.start(total=len(paths), done=len(done))
         next_seq = max((chunk.seq for chunk in chunks), default=-1) + 1  # after a damaged one's too: it is gone
         new = _embed_pending(embedder, pending, work, options, progress, first_seq=next_seq, flush_seconds=flush_seconds)
-        results = {**reused, **new}
+        results = {**done, **new}
         if progress and part_of is None:  # a several-device worker's errors file is not the one the user gets
             _note_failing_since(previous, new, out, progress)
 
@@ -233,13 +234,13 @@ def embed_to_file(
         assemble(out, good, bad, metadata, before_replacing=work.mark_assembling)
         work.remove()
         embedded = sum(1 for r in new.values() if isinstance(r, Ref))
-        reused_rows = sum(1 for p, r in reused.items() if isinstance(r, Ref) and p not in unchecked)
+        reused = sum(1 for p, r in done.items() if isinstance(r, Ref) and p not in settled.unchecked)
         return Summary(
             embedded=embedded,
-            reused=reused_rows,
+            reused=reused,
             failed=len(bad),
-            removed=removed,
-            unchecked=sum(1 for r in unchecked.values() if isinstance(r, Ref)),
+            removed=settled.removed,
+            unchecked=sum(1 for r in settled.unchecked.values() if isinstance(r, Ref)),
             output=str(out.embeddings),
             manifest=str(out.manifest),
             errors=str(out.errors) if bad else None,
@@ -401,6 +402,18 @@ def _by_path(refs: Iterable[Ref], errors: Iterable[dict]) -> dict[str, Ref | dic
     return found
 
 
+class _Settled(NamedTuple):
+    """A run's files (`paths`, in the output's order: `_with_earlier_rows`) and what earlier work settles of them:
+    `done`, the rows that need no new work (this run's chunks, the earlier output's rows of unchanged files, of
+    files it cannot look at now, of files that moved); `unchecked`, those of them kept without a look (their files
+    out of reach); `removed`, how many rows of the earlier output are dropped (their files gone)."""
+
+    paths: list[str]
+    done: dict[str, Ref | dict]
+    unchecked: dict[str, Ref | dict]
+    removed: int
+
+
 def _settled(
     paths: list[str],
     previous: dict[str, Ref | dict],
@@ -408,11 +421,8 @@ def _settled(
     in_chunks: dict[str, Ref | dict],
     keep_unlisted: bool,
     progress: Progress | None,
-) -> tuple[list[str], dict[str, Ref | dict], dict[str, Ref | dict], int]:
-    """The run's files (`_with_earlier_rows`), the rows among them that need no new work (this run's chunks, the
-    earlier output's rows of unchanged files, of files it cannot look at now, of files that moved), those of them
-    kept unchecked, and how many rows of the earlier output are dropped. `made_in`: the folder the earlier output
-    was made in, where known."""
+) -> _Settled:
+    """What is left to do: see `_Settled`. `made_in`: the folder the earlier output was made in, where known."""
     if keep_unlisted:
         _refuse_update_from_elsewhere(previous, made_in)
     paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, progress)
@@ -431,7 +441,7 @@ def _settled(
         progress.note(f"{counted(removed, 'file')} of the earlier output {'is' if one else 'are'} gone "
                       f"({display_path(gone)}{'' if one else ', …'}): {'its row is' if one else 'their rows are'} "
                       "dropped.")  # fmt: skip
-    return paths, reused | moved, unchecked, removed
+    return _Settled(paths, reused | moved, unchecked, removed)
 
 
 def _content(ref: Ref) -> tuple[int | None, str | None]:
