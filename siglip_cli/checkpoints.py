@@ -114,7 +114,7 @@ def local_preprocessing(name: str, revision: str | None = None) -> PreprocessCon
 def _configs(name: str, files: _LocalFiles | _HubFiles) -> tuple[dict, VisionConfig, PreprocessConfig, str]:
     """The checkpoint's config.json, its tower and preprocessing, and the file the preprocessing came from; a
     ConfigError or CheckpointError, naming `name`, for a config that cannot be used."""
-    config = _read_json(files.get("config.json", required=True))
+    config = _read_config(name, files)
     preprocessor, preprocess_source = _image_processor_config(files)
     try:
         vision = vision_config_from_hub(config)
@@ -133,6 +133,21 @@ def _configs(name: str, files: _LocalFiles | _HubFiles) -> tuple[dict, VisionCon
             f"takes {vision.image_size}x{vision.image_size} images."
         )
     return config, vision, preprocess, preprocess_source
+
+
+def _read_config(name: str, files: _LocalFiles | _HubFiles) -> dict:
+    """config.json. Its absence from an OpenCLIP checkpoint (the `timm/ViT-B-16-SigLIP` repos: timm's tensor names,
+    open_clip_config.json) is said as such, with the way out: the transformers repo of the same model."""
+    try:
+        return _read_json(files.get("config.json", required=True))
+    except CheckpointError:
+        if files.get("open_clip_config.json", required=False, probe=False) is None:
+            raise
+    raise CheckpointError(
+        f"{name} is an OpenCLIP checkpoint (open_clip_config.json, timm's tensor names), not the transformers layout "
+        "siglip reads (config.json): use the transformers repo of the same model, such as "
+        "google/siglip-base-patch16-224 for timm/ViT-B-16-SigLIP."
+    )
 
 
 def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) -> Checkpoint:

@@ -839,3 +839,14 @@ def test_ctrl_c_while_the_weights_are_read_stops_after_the_reading(
     monkeypatch.setattr(weights, "open_weights", lambda path, **_: contextlib.nullcontext(Interrupted()))
     with pytest.raises(KeyboardInterrupt):
         read_vision_tensors(checkpoint)
+
+
+def test_an_openclip_checkpoint_is_named_as_such_with_the_repo_to_use_instead(tmp_path: Path) -> None:
+    # "has no config.json" left a user of timm/ViT-B-16-SigLIP to guess that another layout was wanted, and which.
+    (tmp_path / "open_clip_config.json").write_text('{"model_cfg": {}}')
+    (tmp_path / "open_clip_model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"is an OpenCLIP checkpoint .* use the transformers repo of the same "):
+        resolve_checkpoint(str(tmp_path))
+    (tmp_path / "open_clip_config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"has no config\.json\.$"):
+        resolve_checkpoint(str(tmp_path))
