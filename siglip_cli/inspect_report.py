@@ -10,8 +10,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .config import PIL_FILTERS
-from .tracing import Inspection, Stage, layer_of, rescaling
+from .tracing import Inspection, Stage, layer_of, preprocessing_steps
 
 
 NOTES_MIN_WIDTH = 150  # narrower terminals get the stage table without its "what it is" column
@@ -49,20 +48,8 @@ def header(result: Inspection) -> list[Text]:
             f"{cfg.grid_size}×{cfg.grid_size} = {cfg.num_patches} patches; {head}"
         )
     )
-    steps = []
-    resample = PIL_FILTERS.get(pre.resample, f"PIL filter {pre.resample}")
-    if pre.do_resize and pre.shortest_edge:
-        steps.append(f"resize the shorter side to {pre.shortest_edge} ({resample})")
-    elif pre.do_resize:
-        width, height = pre.resized(pre.width, pre.height)
-        steps.append(f"resize to {width}×{height} ({resample}, squash{'' if pre.center_crop else ', no crop'})")
-    if pre.center_crop:
-        steps.append(f"center-crop to {pre.width}×{pre.height}")
-    if pre.do_rescale:
-        steps.append(rescaling(pre.rescale_factor))
-    if pre.do_normalize:
-        steps.append(f"(x − {list(pre.image_mean)}) / {list(pre.image_std)}")
-    lines.append(Text("preprocessing: " + ", then ".join(steps or ["none"])))
+    steps = preprocessing_steps(pre).values()
+    lines.append(Text("preprocessing: " + (", then ".join(steps) or "none")))
     lines += [Text(f"note: {note}", style="yellow") for note in result.notes]
     return lines
 

@@ -157,6 +157,26 @@ def rescaling(factor: float) -> str:
     return f"× {factor:.6g}"
 
 
+def preprocessing_steps(pre: PreprocessConfig) -> dict[str, str]:
+    """The steps `pre` takes, in order, as `inspect` says them in its header and against the stages that show them:
+    "resize" ("squashed to 224×224 (bicubic, no crop)"), "crop", "rescale" ("÷ 255") and "normalize"
+    ("(x − 0.5) / 0.5": a mean or std the same for all three channels written once). A step it skips is absent."""
+    steps = {}
+    resample = PIL_FILTERS.get(pre.resample, f"PIL filter {pre.resample}")
+    if pre.do_resize and pre.shortest_edge:
+        steps["resize"] = f"shorter side resized to {pre.shortest_edge} ({resample})"
+    elif pre.do_resize:
+        width, height = pre.resized(pre.width, pre.height)
+        steps["resize"] = f"squashed to {width}×{height} ({resample}{'' if pre.center_crop else ', no crop'})"
+    if pre.center_crop:
+        steps["crop"] = f"center-cropped to {pre.width}×{pre.height}"
+    if pre.do_rescale:
+        steps["rescale"] = rescaling(pre.rescale_factor)
+    if pre.do_normalize:
+        steps["normalize"] = f"(x − {_triple(pre.image_mean)}) / {_triple(pre.image_std)}"
+    return steps
+
+
 def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     """ "first" → (0,), "all" → every layer, "3,0" → (0, 3); a layer the tower lacks is a `UserError`."""
     spec = spec.strip().lower()
@@ -374,13 +394,14 @@ class _Describer:
             cfg.patch_size,
         )
         N = cfg.num_patches
-        resample = PIL_FILTERS.get(pre.resample, f"PIL filter {pre.resample}")
+        steps = preprocessing_steps(pre)
+        resized = steps.get("resize", "")  # the resized_image stage is there only where the checkpoint resizes
         pooled = "the image embedding (not L2-normalised)" if cfg.vision_use_head else "mean of the patch tokens (no head)"
         self.fixed = {
             "image": "decoded to 8-bit RGB, EXIF orientation applied",
-            "resized_image": _resizing(pre, resample),
-            "rescaled_pixels": f"{rescaling(pre.rescale_factor)}, before normalisation",
-            "pixel_values": f"(x − {_triple(pre.image_mean)}) / {_triple(pre.image_std)}: the model input",
+            "resized_image": resized + (f", to be {steps['crop']}" if "crop" in steps else ""),
+            "rescaled_pixels": f"{steps.get('rescale', 'not rescaled')}, before normalisation",
+            "pixel_values": f"{steps.get('normalize', 'not normalised')}: the model input",
             "patch_embedding": f"Conv2d {cfg.num_channels}→{D}, {p}×{p} kernel, stride {p}: a {g}×{g} grid",
             "patches": f"grid flattened to {N} tokens of width {D} (no CLS token)",
             "position_embedding": f"learned, one vector per patch position ({N} × {D})",
@@ -414,16 +435,6 @@ class _Describer:
     def __call__(self, name: str) -> str:
         layer = _LAYER_STAGE.fullmatch(name)
         return self.in_layer.get(layer[2], "") if layer else self.fixed.get(name, "")
-
-
-def _resizing(pre: PreprocessConfig, resample: str) -> str:
-    if pre.shortest_edge:
-        crop = f"to be center-cropped to {pre.width}×{pre.height}"
-        return f"shorter side resized to {pre.shortest_edge} ({resample}), {crop}"
-    if pre.center_crop:
-        width, height = pre.resized(pre.width, pre.height)
-        return f"squashed to {width}×{height} ({resample}), to be center-cropped to {pre.width}×{pre.height}"
-    return f"squashed to {pre.width}×{pre.height} ({resample}, no crop)"
 
 
 def _triple(values: tuple[float, float, float]) -> str:

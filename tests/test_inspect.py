@@ -22,7 +22,7 @@ from conftest import make_photo, reference_vision_model, save_png_claiming_size
 from siglip_cli import cli, plots, tracing
 from siglip_cli.config import ACTIVATIONS, PRESETS, PreprocessConfig, VisionConfig
 from siglip_cli.errors import UserError
-from siglip_cli.inspect_report import report, stage_table
+from siglip_cli.inspect_report import header, report, stage_table
 from siglip_cli.model import SiglipVision, gflops_per_image, num_parameters
 from siglip_cli.plots import write_plots
 from siglip_cli.preprocess import pixel_values
@@ -203,6 +203,31 @@ def test_the_resized_image_says_when_the_squash_distorts_the_photo(size, said: s
     result = tracing.inspect_image(str(tiny_vision), tmp_path / "photo.png")
     note = next(stage.note for stage in result.stages if stage.stage == "resized_image")
     assert note == f"squashed to 32×32 (bicubic, no crop){said}"
+
+
+def test_the_header_says_the_preprocessing_as_the_stages_that_show_it_do(base: tracing.Inspection) -> None:
+    # It said "resize to 224×224 (bicubic, squash, no crop)" and "(x − [0.5, 0.5, 0.5]) / [0.5, 0.5, 0.5]" above
+    # rows that said "squashed to 224×224 (bicubic, no crop)" and "(x − 0.5) / 0.5".
+    said = next(line.plain for line in header(base) if line.plain.startswith("preprocessing: "))
+    assert said == "preprocessing: squashed to 224×224 (bicubic, no crop), then ÷ 255, then (x − 0.5) / 0.5"
+    note = {stage.stage: stage.note for stage in base.stages}
+    assert note["resized_image"] == "squashed to 224×224 (bicubic, no crop)"
+    assert note["rescaled_pixels"] == "÷ 255, before normalisation"
+    assert note["pixel_values"] == "(x − 0.5) / 0.5: the model input"
+
+
+def test_a_clip_style_crop_and_per_channel_mean_read_as_steps() -> None:
+    pre = PreprocessConfig(
+        32, 32, shortest_edge=40, center_crop=True, image_mean=(0.48, 0.46, 0.41), image_std=(0.27, 0.27, 0.27)
+    )
+    assert list(tracing.preprocessing_steps(pre).values()) == [
+        "shorter side resized to 40 (bicubic)", "center-cropped to 32×32", "÷ 255", "(x − (0.48, 0.46, 0.41)) / 0.27"
+    ]  # fmt: skip
+    vision = VisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                          image_size=32, patch_size=16)  # fmt: skip
+    result = tracing.trace(SiglipVision(vision), make_photo((80, 60)), pre)
+    note = next(stage.note for stage in result.stages if stage.stage == "resized_image")
+    assert note == "shorter side resized to 40 (bicubic), to be center-cropped to 32×32"
 
 
 @pytest.mark.parametrize(("factor", "said"), [(1 / 255, "÷ 255"), (1 / 127.5, "× 0.00784314"), (0.5, "÷ 2")])
