@@ -557,7 +557,7 @@ def inspect(
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="A preset name (random weights, no download), a Hub id or a local checkpoint.", metavar="MODEL")] = DEFAULT_PRESET,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", metavar="DEVICE")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on the CPU, as embed), float32, bfloat16 or float16.", metavar="DTYPE")] = "auto",
+    dtype: Annotated[ComputeDtype, typer.Option(help="Compute precision (auto: bfloat16 on CUDA, float32 on the CPU, as embed).")] = ComputeDtype.auto,
     batch_size: Annotated[Optional[str], typer.Option("--batch-size", "-b", help="Comma-separated batch sizes (default: 1,8,32 on CPU, 1,32,256 on CUDA).", show_default=False, metavar="SIZES")] = None,
     iters: Annotated[Optional[int], typer.Option(min=1, help="Timed calls per measurement; the median is reported (default: 10 on CUDA, 3 on CPU).", show_default=False, metavar="N")] = None,
     warmup: Annotated[Optional[int], typer.Option(min=0, help="Untimed calls first (default: 3 on CUDA, 1 on CPU).", show_default=False, metavar="N")] = None,
@@ -579,7 +579,7 @@ def bench(
     options = BenchOptions(
         model=model,
         device=device,
-        dtype=None if dtype == "auto" else dtype,
+        dtype=None if dtype is ComputeDtype.auto else dtype.value,
         batch_sizes=parse_batch_sizes(batch_size),
         iters=iters,
         warmup=warmup,
