@@ -30,13 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoints import Checkpoint
 from .config import DEFAULT_PRESET, PreprocessConfig
 from .cpus import fit_cpu_threads
 from .errors import UserError
 from .files import first_of
 from .model import SiglipVision
 from .references import Forward, check_references, missing_package, reference_forward
-from .runtime import compiled, cpu_has_native_bf16, dtype_note, prepare_model, resolve_device, resolve_dtype
+from .runtime import (
+    Embedder, compiled, cpu_has_native_bf16, dtype_note, prepare_model, resolve_device, resolve_dtype
+)
 from .weights import load_tower
 
 
@@ -477,22 +480,12 @@ def image_results(
     """Where the time goes between files and embeddings: decode, preprocess, then the whole way.
 
     decode: PIL open + load, one core. preprocess: `preprocess.load_pixels` (decode, orient, resize, normalize), one
-    core, exact and with `--fast-decode` (libjpeg's reduced-size decoding). end_to_end: `embed.embed_paths` as
-    `siglip embed` runs it, with its decoding workers: the exact PIL path, the same with `--fast-decode`, and
-    `--decode gpu` (JPEGs decoded in batches through torchvision: nvJPEG on CUDA, libjpeg on the CPU; the PIL path
-    for the files it leaves). The two inexact paths carry their cosine to the exact one: what their speed costs.
-    Each is the median of `iters` passes over `paths`; end to end, after one warm-up batch, makes a single pass on
-    the CPU, where one pass of a base model over 64 images takes most of a minute.
+    core, exact and with `--fast-decode` (libjpeg's reduced-size decoding). Each is the median of `iters` passes
+    over `paths`. end_to_end: `_end_to_end_results`.
     """
     from PIL import Image
 
-    from . import gpu_decode
-    from .decoding import default_workers
-    from .embed import embed_paths
-    from .gpu_decode import JpegHeader, read_header
     from .preprocess import DecodeOptions, load_pixels
-    from .runtime import Embedder
-    from .checkpoints import Checkpoint
 
     n = len(paths)
 
@@ -501,39 +494,45 @@ def image_results(
             with Image.open(path) as image:
                 image.load()
 
-    fast = DecodeOptions(fast_decode=True)
-
     def preprocess_all(options: DecodeOptions) -> Callable[[], None]:
         return lambda: [load_pixels(path, preprocess, options) for path in paths]
 
     cpu = torch.device("cpu")
     decode = time_calls(decode_all, device=cpu, iters=iters, warmup=0)
-    prep = time_interleaved({"exact": preprocess_all(DecodeOptions()), "fast": preprocess_all(fast)},
-                            device=cpu, iters=iters, warmup=0)  # fmt: skip
-    results = [_result("siglip", "decode", 1, decode, "PIL, 1 core", images=n),
-               _result("siglip", "preprocess", 1, prep["exact"], "PIL, 1 core", images=n),
-               _result("siglip", "preprocess", 1, prep["fast"], "PIL --fast-decode, 1 core", images=n)]  # fmt: skip
+    exact, fast = preprocess_all(DecodeOptions()), preprocess_all(DecodeOptions(fast_decode=True))
+    prep = time_interleaved({"exact": exact, "fast": fast}, device=cpu, iters=iters, warmup=0)
+    embedder = _embedder(model, preprocess, device=device, dtype=dtype)
+    return [_result("siglip", "decode", 1, decode, "PIL, 1 core", images=n),
+            _result("siglip", "preprocess", 1, prep["exact"], "PIL, 1 core", images=n),
+            _result("siglip", "preprocess", 1, prep["fast"], "PIL --fast-decode, 1 core", images=n),
+            *_end_to_end_results(paths, embedder, batch_size=batch_size, iters=iters)]  # fmt: skip
 
-    fused = prepare_model(copy.deepcopy(model), device=device, dtype=dtype)
-    # An Embedder carries the checkpoint it came from; a preset has none, so one without weight files stands in
-    # (embed_paths reads only its configs).
+
+def _embedder(
+    model: SiglipVision, preprocess: PreprocessConfig, *, device: torch.device, dtype: torch.dtype
+) -> Embedder:
+    """A copy of `model` as `siglip embed` runs it. An Embedder carries the checkpoint it came from; a preset has
+    none, so one without weight files stands in (`embed_paths` reads only its configs)."""
     checkpoint = Checkpoint(
         name="benchmark", revision=None, vision=model.config, preprocess=preprocess, weight_files=(), prefix="",
         preprocess_source="",
     )
-    embedder = Embedder(fused, checkpoint, device, dtype)
+    return Embedder(prepare_model(copy.deepcopy(model), device=device, dtype=dtype), checkpoint, device, dtype)
+
+
+def _end_to_end_results(paths: list[str], embedder: Embedder, *, batch_size: int, iters: int) -> list[Result]:
+    """`embed.embed_paths` timed as `siglip embed` runs it, with its decoding workers: the exact PIL path, the same
+    with `--fast-decode`, and `--decode gpu` (JPEGs decoded in batches through torchvision: nvJPEG on CUDA, libjpeg
+    on the CPU; the PIL path for the files it leaves). The two inexact paths carry their cosine to the exact one:
+    what their speed costs. After one warm-up batch each, the median of `iters` passes over `paths`; a single pass
+    on the CPU, where one pass of a base model over 64 images takes most of a minute.
+    """
+    from .decoding import default_workers
+    from .embed import embed_paths
+
+    n, device, dtype = len(paths), embedder.device, embedder.dtype
     workers = default_workers()
-    ways = {  # name: (variant, what `siglip embed` is given beyond the batch size and workers)
-        "exact": (f"PIL decode, workers={workers}", {}),
-        "fast": (f"PIL --fast-decode, workers={workers}", {"decode": fast}),
-        "gpu": (f"torchvision decode on {device.type}", {"decoder": "gpu"}),  # `siglip embed --decode gpu`
-    }
-    taken = [path for path in paths if isinstance(read_header(path, preprocess, DecodeOptions()), JpegHeader)]
-    jpegs = len(taken)  # what the device decoder takes; the rest, PIL
-    if jpegs < n:  # the rest take the PIL path: said, or left out when there is nothing for torchvision to decode
-        ways["gpu"] = (f"{ways['gpu'][0]} ({jpegs} of {n} files, the rest PIL)", ways["gpu"][1])
-    if not jpegs or not gpu_decode.supported(preprocess):  # nothing to decode there, or a resize it cannot match
-        del ways["gpu"]
+    ways, taken = _end_to_end_ways(paths, embedder.preprocess, device=device, workers=workers)
     embeddings: dict[str, tuple[Tensor, list[str]]] = {}  # way: (rows, the path of each)
 
     def end_to_end(name: str) -> Callable[[], None]:
@@ -553,10 +552,35 @@ def image_results(
     if not len(exact):
         name = _dtype_name(dtype)
         raise BenchError(f"the model gave NaN or infinite values for every image in {name} {_nan_hint(dtype)}.")
+    results = []
     for name, (variant, _) in ways.items():
         agreement = None if name == "exact" else _cosine_by_path(*embeddings[name], exact, exact_paths)
         results.append(_result("siglip", "end_to_end", batch_size, timings[name], variant, agreement, images=n))
     return results
+
+
+def _end_to_end_ways(
+    paths: list[str], preprocess: PreprocessConfig, *, device: torch.device, workers: int
+) -> tuple[dict[str, tuple[str, dict[str, Any]]], list[str]]:
+    """The ways `siglip embed` can take `paths`, each by name: (variant, what it is given beyond the batch size and
+    workers); and the files `--decode gpu` decodes itself, its JPEGs. That way is left out where it would decode
+    none, or cannot match the checkpoint's resize."""
+    from . import gpu_decode
+    from .gpu_decode import JpegHeader, read_header
+    from .preprocess import DecodeOptions
+
+    ways = {
+        "exact": (f"PIL decode, workers={workers}", {}),
+        "fast": (f"PIL --fast-decode, workers={workers}", {"decode": DecodeOptions(fast_decode=True)}),
+        "gpu": (f"torchvision decode on {device.type}", {"decoder": "gpu"}),  # `siglip embed --decode gpu`
+    }
+    taken = [path for path in paths if isinstance(read_header(path, preprocess, DecodeOptions()), JpegHeader)]
+    jpegs, n = len(taken), len(paths)  # what the device decoder takes; the rest, PIL
+    if jpegs < n:  # the rest take the PIL path: said, or left out when there is nothing for torchvision to decode
+        ways["gpu"] = (f"{ways['gpu'][0]} ({jpegs} of {n} files, the rest PIL)", ways["gpu"][1])
+    if not jpegs or not gpu_decode.supported(preprocess):  # nothing to decode there, or a resize it cannot match
+        del ways["gpu"]
+    return ways, taken
 
 
 def _cosine_by_path(out: Tensor, paths: list[str], exact: Tensor, exact_paths: list[str]) -> float | None:
