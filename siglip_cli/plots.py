@@ -38,6 +38,7 @@ COLORBAR_WIDTH = 92  # the ramp, labels such as "0.25x" and the rotated title
 
 def write_plots(result: Inspection, directory: str | Path) -> list[Path]:
     """Draw the pictures for `result` into `directory` (created if needed); return the paths written."""
+    # For library callers: `siglip inspect` checks first and says so in a note, as the report is still worth having.
     if broken := first_non_finite(result.stages):
         raise UserError(f"the model gave NaN or infinite values from {broken} on: there is nothing to draw.")
     directory = Path(directory)
