@@ -25,7 +25,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
+from typing import Callable, Generator, Iterable, Iterator, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -78,22 +78,11 @@ class ImageFiles(Dataset):
 
     def __init__(self, paths: list[str], cfg: PreprocessConfig, options: DecodeOptions, *, jpeg_to_device: bool):
         self.paths, self.cfg, self.options, self.jpeg_to_device = paths, cfg, options, jpeg_to_device
-        self.watch: _Watch | None = None  # set by `_parcels` for its loader's workers
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Item:
-        worker = get_worker_info() if self.watch is not None else None
-        if worker is not None:
-            self.watch.start(worker.id, index)
-        try:
-            return self._decoded(index)
-        finally:
-            if worker is not None:
-                self.watch.done(worker.id)
-
-    def _decoded(self, index: int) -> Item:
         path = self.paths[index]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's corrupt-EXIF and palette warnings: the file either works or fails
@@ -180,6 +169,25 @@ class _Watch:
             # Read again after the time: a worker that moved on meanwhile may have left a file's time to another.
             if index >= 0 and now - self.since[worker] > STUCK_AFTER_S and self.files[worker] == index:
                 yield self.pids[worker], index
+
+
+class _Watched(Dataset):
+    """`files` as the workers of one DataLoader decode them, each noting in `watch` which file it is on. Made with
+    its loader, before the workers fork, so that they share that loader's `watch`."""
+
+    def __init__(self, files: ImageFiles, watch: _Watch):
+        self.files, self.watch = files, watch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Item:
+        worker = get_worker_info().id  # only workers decode it: a loader without workers has no watch
+        self.watch.start(worker, index)
+        try:
+            return self.files[index]
+        finally:
+            self.watch.done(worker)
 
 
 def _stuck_reason() -> str:
@@ -435,11 +443,12 @@ def _parcels(
     and for a worker that died the files it may have held, those of the parcels in flight, are decoded again one
     process each (but a stuck one), so that the culprit alone becomes an error row; a fresh DataLoader takes the
     rest.
-    Where the workers cannot hand parcels over for want of shared memory, the rest is decoded in this process.
+    Where the workers cannot start, or cannot hand parcels over (shared memory, open files), the rest is decoded in
+    this process.
     """
     size = min(PARCEL_SIZE, batch_size)
-    waiting = [_collate(head[a:b]) for a, b in _clip(spans, 0, len(head))]  # a parcel a batch
-    done = len(head)  # files handed over, or about to be
+    waiting = iter([_collate(head[a:b]) for a, b in _clip(spans, 0, len(head))])  # a parcel a batch
+    done = len(head)  # files handed over, or about to be: `spans` is what is left, from here on
     spans = _clip(spans, done, len(files))
     stuck: set[int] = set()  # files whose decoding was stopped
 
@@ -453,12 +462,49 @@ def _parcels(
     workers = _workers_within_open_files(workers, prefetch, note)
     while spans:
         prefetch_factor = prefetch(workers) if workers else None
-        # The loader's own code runs with signals deferred: a Ctrl-C inside it could leave one of its queue locks
-        # held, and the shutdown of its workers would wait for that lock forever (see `interrupts`).
-        with warnings.catch_warnings(), interrupts.deferred(), _sigchld_left_as_it_was():
-            warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than CPUs: as asked
+        stop = yield from _loader_parcels(files, spans, size, workers, prefetch_factor, pin, waiting, stuck, note)
+        done += stop.handed_over
+        if stop.worker_died:
+            # At most this far: the loader hands each worker that many parcels at most, and a parcel at a batch's end
+            # holds fewer than `size` files. Counting too far costs only files decoded one process each, never one lost.
+            in_flight = done + size * prefetch_factor * workers
+            for first, end in _clip(spans, done, in_flight):
+                yield _collate(_each_alone(files, range(first, end), workers, stuck))
+            done = in_flight
+        elif stop.without_workers:
+            note(stop.without_workers)
+            workers = 0
+        else:
+            return  # every parcel handed over
+        spans = _clip(spans, done, len(files))
+    yield from waiting  # the head start decoded every file
+
+
+class _LoaderStop(NamedTuple):
+    """Where one DataLoader stopped: after `handed_over` files of its parcels (not counting the head start's), at the
+    end of its spans unless one of the failures below."""
+
+    handed_over: int
+    worker_died: bool = False  # the files it may have held are lost with it
+    without_workers: str = ""  # its workers cannot go on: the note that says why, and that this process takes the rest
+
+
+def _loader_parcels(
+    files: ImageFiles, spans: list[tuple[int, int]], size: int, workers: int, prefetch_factor: int | None, pin: bool,
+    waiting: Iterator[Parcel], stuck: set[int], note: Callable[[str], None],
+) -> Generator[Parcel, None, _LoaderStop]:  # fmt: skip
+    """The parcels of `spans` from one DataLoader with `workers` workers, in order, after what is left of the head
+    start's, `waiting`, once the workers have started (they decode the spans while the model runs those). Returns how
+    far it went, and why it stopped short where it did, for the failures `_parcels` recovers from; any other error
+    is raised."""
+    # The loader's own code runs with signals deferred: a Ctrl-C inside it could leave one of its queue locks
+    # held, and the shutdown of its workers would wait for that lock forever (see `interrupts`).
+    with warnings.catch_warnings(), interrupts.deferred(), _sigchld_left_as_it_was():
+        warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than CPUs: as asked
+        try:
+            watch = _Watch(workers) if workers else None  # in shared memory too
             loader = DataLoader(
-                files,
+                _Watched(files, watch) if watch else files,
                 batch_sampler=_ParcelSampler(spans, size),
                 num_workers=workers,
                 collate_fn=_collate,
@@ -466,63 +512,48 @@ def _parcels(
                 prefetch_factor=prefetch_factor,
                 pin_memory=pin,
             )
-            try:
-                files.watch = _Watch(workers) if workers else None  # shared memory too
-                arriving = iter(loader)
-            except OSError as e:  # its queues' semaphores live in /dev/shm: full, read-only; or no process to fork
-                if not workers:
-                    raise
-                reason = e.strerror or str(e)
-                if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
-                    reason += "; their queues need a writable /dev/shm"
-                _drop_half_made(e)
-                note(f"cannot start {counted(workers, 'decoding worker')} ({reason}): decoding in this process, which "
-                     "is slower.")  # fmt: skip
-                workers = 0
-                continue
-        try:
-            with _stuck_workers_stopped(files.watch, stuck, note, files.paths):
-                while waiting:
-                    yield waiting.pop(0)
-                for _ in range(len(loader)):
-                    with interrupts.deferred(), _worker_deaths_raised_here():
-                        parcel = next(arriving)
-                    done += len(parcel)
-                    yield parcel
-            with interrupts.deferred():
-                next(arriving, None)  # the finished iterator shuts its workers down (not in a `__del__`, see `interrupts`)
-            return
-        except SharedMemoryFull as e:
-            note(
-                f"the shared memory (/dev/shm) is too small for the parcels of {counted(workers, 'decoding worker')} "
-                f"({_raised_in_worker(e)}): decoding in this process from here on, which is slower (in a container, "
-                "give it more: docker run --shm-size=2g)."
-            )
-            workers = 0
-            spans = _clip(spans, done, len(files))
-            continue
-        except RuntimeError as e:
-            if workers and str(e).startswith("Too many open files"):  # a parcel in transit holds descriptors
-                note(
-                    f"too many open files for {counted(workers, 'decoding worker')} (`ulimit -n` is "
-                    f"{open_files_limit()}): decoding in this process from here on, which is slower "
-                    f"({_raising_it()})."
-                )
-                workers = 0
-                spans = _clip(spans, done, len(files))
-                continue
-            if not str(e).startswith("DataLoader worker"):
+            arriving = iter(loader)
+        except OSError as e:  # its queues' semaphores live in /dev/shm: full, read-only; or no process to fork
+            if not workers:
                 raise
-        finally:
-            with interrupts.deferred():
-                del arriving  # the workers stop as the iterator goes
-        # At most this far: the loader hands each worker that many parcels at most, and a parcel at a batch's end
-        # holds fewer than `size` files. Counting too far costs only files decoded one process each, never one lost.
-        in_flight = done + size * prefetch_factor * workers
-        for first, end in _clip(spans, done, in_flight):
-            yield _collate(_each_alone(files, range(first, end), workers, stuck))
-        spans, done = _clip(spans, in_flight, len(files)), in_flight
-    yield from waiting  # the head start decoded every file
+            reason = e.strerror or str(e)
+            if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
+                reason += "; their queues need a writable /dev/shm"
+            _drop_half_made(e)
+            return _LoaderStop(0, without_workers=(
+                f"cannot start {counted(workers, 'decoding worker')} ({reason}): decoding in this process, which is "
+                "slower."
+            ))  # fmt: skip
+    handed_over = 0
+    try:
+        with _stuck_workers_stopped(watch, stuck, note, files.paths):
+            yield from waiting
+            for _ in range(len(loader)):
+                with interrupts.deferred(), _worker_deaths_raised_here():
+                    parcel = next(arriving)
+                handed_over += len(parcel)
+                yield parcel
+        with interrupts.deferred():
+            next(arriving, None)  # the finished iterator shuts its workers down (not in a `__del__`, see `interrupts`)
+        return _LoaderStop(handed_over)
+    except SharedMemoryFull as e:
+        return _LoaderStop(handed_over, without_workers=(
+            f"the shared memory (/dev/shm) is too small for the parcels of {counted(workers, 'decoding worker')} "
+            f"({_raised_in_worker(e)}): decoding in this process from here on, which is slower (in a container, "
+            "give it more: docker run --shm-size=2g)."
+        ))  # fmt: skip
+    except RuntimeError as e:
+        if workers and str(e).startswith("Too many open files"):  # a parcel in transit holds descriptors
+            return _LoaderStop(handed_over, without_workers=(
+                f"too many open files for {counted(workers, 'decoding worker')} (`ulimit -n` is "
+                f"{open_files_limit()}): decoding in this process from here on, which is slower ({_raising_it()})."
+            ))  # fmt: skip
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        return _LoaderStop(handed_over, worker_died=True)
+    finally:
+        with interrupts.deferred():
+            del arriving  # the workers stop as the iterator goes
 
 
 def _workers_within_open_files(workers: int, prefetch: Callable[[int], int], note: Callable[[str], None]) -> int:
