@@ -310,7 +310,8 @@ def _refused_pickle(path: Path, error: Exception) -> CheckpointError:
             + (f" ({reason[1].strip()})." if reason else ".")
         )
     return CheckpointError(
-        f"{path} is not a readable PyTorch checkpoint (damaged or incomplete download): {first_line(error)}."
+        f"{path} is not a readable PyTorch checkpoint (damaged or incomplete download): "
+        f"{first_line(error).rstrip('.')}."
     )
 
 

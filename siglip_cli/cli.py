@@ -239,10 +239,14 @@ def _path(value: str) -> Path:
 
 
 def _output_path(value: str) -> Path:
-    """`-o`, a file: `_path`, and a name that ends in a separator refused, which `Path` would drop (`-o
-    photos.safetensors/` wrote the file photos.safetensors)."""
-    if isinstance(value, str) and value.endswith(("/", os.sep)):  # as typed (the default comes as a Path)
-        raise typer.BadParameter(f"{value} ends in {value[-1]}, but -o names a file: drop the trailing {value[-1]}.")
+    """`-o`, a file: `_path`, and a name that ends in a separator or in `.` refused, which `Path` would drop (`-o
+    photos.safetensors/` wrote the file photos.safetensors, and so did `photos.safetensors/.`)."""
+    if isinstance(value, str):  # as typed (the default comes as a Path)
+        if value.endswith(("/", os.sep)):
+            end = value[-1]
+            raise typer.BadParameter(f"{value} ends in {end}, but -o names a file: drop the trailing {end}.")
+        if os.path.basename(value) in (".", ".."):
+            raise typer.BadParameter(f"{value} names a folder, but -o names a file (ending in .safetensors or .npy).")
     return _path(value)
 
 

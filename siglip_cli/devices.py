@@ -27,7 +27,15 @@ import torch
 from . import interrupts
 from .config import PIL_FILTERS
 from .cpus import usable_cpus
-from .embed import EmbedOptions, Progress, Summary, embed_to_file, interrupted_on_other_devices, refuse_empty_run
+from .embed import (
+    EmbedOptions,
+    Progress,
+    Summary,
+    embed_to_file,
+    flush_interval,
+    interrupted_on_other_devices,
+    refuse_empty_run,
+)
 from .errors import RunFailed, UserError, first_line
 from .outputs import OutputPaths, check_outputs, read_rows, refuse_inputs_among_outputs
 from .runtime import dtype_note, load, resolve_device, resolve_dtype
@@ -229,6 +237,7 @@ def embed_on_devices(
     """
     options = options or EmbedOptions()
     out = OutputPaths.for_output(output)  # an unsupported suffix is refused here, not in every worker
+    flush_interval()  # so is a bad SIGLIP_FLUSH_SECONDS, not once each worker has loaded the model
     with exclusive(out.embeddings):
         interrupts.output_in_place(False)  # a run before this one, in the same process, may have said True
         started = time.perf_counter()

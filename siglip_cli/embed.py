@@ -60,7 +60,7 @@ from .storage import Chunk, SafetensorsRows, WorkArea, WriteError, exclusive, re
 __all__ = ["EmbedOptions", "EmbedResult", "Embedder", "Summary", "embed_paths", "embed_to_file", "load"]
 
 
-# At most this much finished work is lost to a kill -9 or a power cut (SIGLIP_FLUSH_SECONDS to tune: `_flush_seconds`).
+# At most this much finished work is lost to a kill -9 or a power cut (SIGLIP_FLUSH_SECONDS to tune: `flush_interval`).
 FLUSH_SECONDS = 5.0
 CHUNK_BYTES = 64 << 20  # ...and a chunk is flushed sooner when its tensors reach this size (bounded memory)
 # --update reads the files whose mtime alone moved, to compare their content: reading waits on the disk (a NAS, a
@@ -181,7 +181,7 @@ def embed_to_file(
     no output behind; a part may be empty or all bad, and the merge decides.
     """
     started = time.perf_counter()
-    flush_seconds = _flush_seconds()
+    flush_seconds = flush_interval()
     paths = list(dict.fromkeys(paths))  # a file given twice is one row
     options = options or EmbedOptions()  # made now: its worker count follows the memory available now
     options = dataclasses.replace(options, decoder=_decoder_for(embedder, options.decoder))
@@ -191,13 +191,14 @@ def embed_to_file(
         interrupts.output_in_place(False)  # a run before this one, in the same process, may have said True
         refuse_inputs_among_outputs(out, paths)
         state = run_state(embedder, options, out.format)
-        work, previous, made_in = _open_work(out, state, overwrite=overwrite, update=update, part_of=part_of)
-        remove_stale_temporaries(out.files())
-
         # The user's --update of a whole output keeps the rows of files still there, whatever this run's inputs.
         # A shard (its inputs decide its part) and a several-device worker (its part of this run) keep only theirs.
         whole_run = options.shard is None and part_of is None
         keep_unlisted = update and whole_run
+        work, previous, made_in = _open_work(
+            out, state, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted, part_of=part_of
+        )
+        remove_stale_temporaries(out.files())
         chunks, damaged = work.chunks()
         if damaged and progress:
             progress.note(
@@ -248,7 +249,7 @@ def embed_to_file(
         )
 
 
-def _flush_seconds() -> float:
+def flush_interval() -> float:
     """How often finished batches are saved to the work area: SIGLIP_FLUSH_SECONDS where set, else FLUSH_SECONDS."""
     value = os.environ.get("SIGLIP_FLUSH_SECONDS")
     if value is None:
@@ -280,7 +281,7 @@ def _note_failing_since(
 
 
 def _open_work(
-    out: OutputPaths, state: dict, *, overwrite: bool, update: bool, part_of: Path | None
+    out: OutputPaths, state: dict, *, overwrite: bool, update: bool, keep_unlisted: bool, part_of: Path | None
 ) -> tuple[WorkArea, dict[str, Ref | dict], str | None]:
     """The run's work area, continued or made anew, and the earlier output's rows to reuse (--update) with the
     folder it was made in (where known: `_previous_output`); a UserError refuses the run. An interrupted run with
@@ -290,18 +291,27 @@ def _open_work(
     resuming, published = _what_was_left(work, out, state, overwrite=overwrite)
     reuse_output = update or published
     check_outputs(out, interrupted=resuming, overwrite=overwrite, update=reuse_output)
-    if resuming:
-        _refuse_to_continue_other_work(work, state, update=update)
-    # A run that died while replacing the final files and could not be finished (`finish_assembling`: a mark of an
-    # earlier version, files moved since) may have left a new manifest beside the old embeddings: then the earlier
-    # output cannot be trusted row by row, and what the chunks do not hold is embedded again.
+    if resuming:  # a several-device worker's user gave no --update: its shard is the worker's own
+        _refuse_to_continue_other_work(work, state, update=update and part_of is None)
+    # A run stopped while replacing the final files whose renames could not be finished (`finish_assembling`: its
+    # new files gone, a mark of an earlier version) may have left a new manifest beside the old embeddings. The
+    # earlier output is then read only if none of its files was replaced yet (`unreplaced`); else a run embeds again
+    # what its chunks do not hold, and an --update, which would lose the rows of the files it is not given, is refused.
+    trusted = not (resuming and work.assembling()) or work.unreplaced()
+    if reuse_output and not trusted and keep_unlisted:
+        raise UserError(
+            f"{out.embeddings} was being replaced when a run stopped, and the files replacing it are gone: its rows "
+            "cannot be trusted; embed all its inputs again, with --overwrite."
+        )
     # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
     try:
-        reading = reuse_output and not (resuming and work.assembling())
-        previous, made_in = _previous_output(out, state) if reading else ({}, None)
+        previous, made_in = _previous_output(out, state) if reuse_output and trusted else ({}, None)
     except _OtherOptions as e:
         if overwrite:  # a several-device shard takes both: one made with other options is replaced
             previous, made_in = {}, None
+        elif published and not update:  # a finished output, made with other options: as if its run had ended
+            check_outputs(out, interrupted=False, overwrite=False, update=False)  # "already exists"
+            raise
         elif part_of is None:
             raise
         else:
@@ -338,7 +348,7 @@ def _refuse_to_continue_other_work(work: WorkArea, state: dict, *, update: bool)
     if earlier is None:
         raise UserError(
             f"{work.directory} holds an interrupted run whose record of its options (state.json) cannot be read: "
-            "add --overwrite to start afresh."
+            f"{_afresh(work.directory, update=update)}."
         )
     if not same_options(earlier, state):
         raise _interrupted_with_other_options(work.directory, describe_difference(earlier, state), update=update)
@@ -356,9 +366,14 @@ def interrupted_on_other_devices(work: Path, devices: int) -> UserError:
 def _interrupted_with_other_options(work: Path, difference: str, *, update: bool = False) -> UserError:
     """The refusal of a run whose work area holds an interrupted one with other options. An --update cannot start
     afresh (--overwrite would drop the earlier output's rows too): its user deletes the work area instead."""
-    afresh = f"delete {work} to drop it" if update else "add --overwrite to start afresh"
-    then = _what_to_do(difference, again="rerun with the same options to continue", afresh=afresh)
+    then = _what_to_do(difference, again="rerun with the same options to continue", afresh=_afresh(work, update=update))
     return UserError(f"{work} holds an interrupted run whose options differ ({difference}): {then}")
+
+
+def _afresh(work: Path, *, update: bool) -> str:
+    """How to drop the interrupted run in `work`: --overwrite, which an --update cannot take (it would drop the
+    earlier output's rows too), or deleting the folder."""
+    return f"delete {work} to drop it" if update else "add --overwrite to start afresh"
 
 
 def _what_to_do(difference: str, *, again: str, afresh: str) -> str:

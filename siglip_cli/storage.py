@@ -206,12 +206,14 @@ def remove_stale_temporaries(paths: Iterable[Path]) -> None:
                 _remove_if_can(tmp)
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: Path) -> list[int] | None:
+    """What tells a file from another written in its place, as a JSON list: its inode number, size and mtime. Not
+    its device number, which a remount may change (a USB disk back as another sdX, an NFS share after a reboot)."""
     try:
         info = os.stat(path)
     except OSError:
         return None
-    return info.st_dev, info.st_ino
+    return [info.st_ino, info.st_size, info.st_mtime_ns]
 
 
 def _alive(pid: int) -> bool:
@@ -382,13 +384,18 @@ class WorkArea:
         """The finished chunks in order, and those that cannot be read (cut short or damaged since: a disk error, a
         copy that failed), which are deleted: their files are embedded again."""
         chunks, damaged = [], []
-        for path in sorted(self.directory.glob("chunk-*.safetensors")):
+        # Only the names the run writes: a copy a sync tool made beside one (`chunk-….sync-conflict-….safetensors`)
+        # would hold the same rows a second time.
+        names = sorted(name for name in os.listdir(self.directory) if re.fullmatch(r"chunk-\d+\.safetensors", name))
+        for path in (self.directory / name for name in names):
             try:
                 chunks.append(_read_chunk(path))
-            except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+            except (ValueError, KeyError, TypeError, SafetensorError):
                 damaged.append(path)
                 with contextlib.suppress(OSError):
                     path.unlink()
+            except OSError as e:  # the disk or the system's reason, not the chunk's: nothing is deleted
+                raise UserError(f"cannot read {path}: {e.strerror or e}.") from None
         return chunks, damaged
 
     def write_chunk(self, seq: int, rows: list[dict], errors: list[dict], tensors: dict[str, np.ndarray]) -> Chunk:
@@ -411,55 +418,69 @@ class WorkArea:
     def mark_assembling(self, steps: Steps) -> None:
         """Say, durably, that the final files are being replaced (`replaced_together`'s steps, each new file
         written and fsynced): until `remove`, they may be half old, half new. The mark lists the steps, each new
-        file by its identity, for a rerun to finish them (`finish_assembling`), and names the last file renamed,
-        the embeddings: see `published`."""
-        listed = []
+        file by its identity, for a rerun to finish them (`finish_assembling`); the files they replace, as they
+        were (`unreplaced`); and the last file renamed, the embeddings (`published`)."""
+        listed, before = [], {}
         for first, final in steps:
             if first.parent != self.directory.parent or (final is not None and final.parent != first.parent):
                 raise ValueError(f"{first} is not beside {self.directory}")  # the mark names files by name alone
+            replaced = first if final is None else final
+            before[os.fsdecode(replaced.name)] = _identity(replaced)
             if final is None:
                 listed.append({"remove": os.fsdecode(first.name)})
             else:
-                identity = os.stat(first)
-                listed.append({"from": os.fsdecode(first.name), "to": os.fsdecode(final.name),
-                               "dev": identity.st_dev, "ino": identity.st_ino})  # fmt: skip
+                names = {"from": os.fsdecode(first.name), "to": os.fsdecode(final.name)}
+                listed.append({**names, "file": _identity(first)})
         last = [step for step in listed if "to" in step][-1]
         with atomic_write(self.directory / "assembling") as f:
-            f.write(json.dumps({"dev": last["dev"], "ino": last["ino"], "steps": listed}).encode())
+            f.write(json.dumps({"file": last["file"], "steps": listed, "before": before}).encode())
 
     def assembling(self) -> bool:
         return (self.directory / "assembling").is_file()
 
+    def _mark(self) -> dict:
+        try:
+            mark = json.loads((self.directory / "assembling").read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return mark if isinstance(mark, dict) else {}
+
     def finish_assembling(self) -> None:
         """Finish the renames of a run stopped part-way through them (`kill -9`, a power cut): each file it renames
         was written and fsynced before it marked itself assembling, so its output ends as it would have. Nothing is
-        done where the mark lists no steps (an earlier version's), or a new file is under neither of its names."""
-        try:
-            steps = json.loads((self.directory / "assembling").read_bytes())["steps"]
-        except (OSError, ValueError, TypeError, KeyError):
-            return
+        done where the mark lists no steps (an earlier version's), or a new file is under neither of its names.
+        A Ctrl-C waits for the renames, as in the run that began them."""
         folder, left = self.directory.parent, []
-        for step in steps:
+        for step in self._mark().get("steps", []):
             if "remove" in step:
                 left.append((folder / step["remove"], None))
                 continue
-            first, final, identity = folder / step["from"], folder / step["to"], (step["dev"], step["ino"])
-            if _identity(first) == identity:
+            first, final = folder / step["from"], folder / step["to"]
+            if _identity(first) == step["file"]:
                 left.append((first, final))
-            elif _identity(final) != identity:  # neither renamed nor waiting: something else moved the files
+            elif _identity(final) != step["file"]:  # neither renamed nor waiting: gone, or something else moved it
                 return
         with interrupts.deferred():
             take_their_names(left)
 
+    def unreplaced(self) -> bool:
+        """Whether the run that marked itself assembling was stopped before it replaced or removed any final file:
+        each is as the mark found it (or still absent), so the earlier output is whole and may be read."""
+        before = self._mark().get("before")
+        folder = self.directory.parent
+        return isinstance(before, dict) and all(_identity(folder / name) == was for name, was in before.items())
+
     def published(self, embeddings: Path) -> bool:
         """Whether the run that marked itself assembling renamed all its files (the embeddings file, the last, is
         the one the mark names) and was stopped only before it removed this folder."""
-        try:
-            mark = json.loads((self.directory / "assembling").read_bytes())
+        mark = self._mark()
+        if "file" in mark:
+            return _identity(embeddings) == mark["file"]
+        try:  # the mark of an earlier version: the device and inode numbers of the new embeddings file
             identity = os.stat(embeddings)
-        except (OSError, ValueError):
+        except OSError:
             return False
-        return isinstance(mark, dict) and (mark.get("dev"), mark.get("ino")) == (identity.st_dev, identity.st_ino)
+        return (mark.get("dev"), mark.get("ino")) == (identity.st_dev, identity.st_ino)
 
     def remove(self) -> None:
         """Delete the folder, its `assembling` mark last: a run stopped while it removes the folder of an output it

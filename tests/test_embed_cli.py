@@ -807,6 +807,16 @@ def test_an_output_named_with_a_trailing_slash_is_refused(command: str, photos: 
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("end", [".", ".."])
+def test_an_output_named_as_a_folder_is_refused(end: str, photos: Path, out: Path, tiny_siglip: Path) -> None:
+    # `-o photos.safetensors/.` wrote the file photos.safetensors, as the trailing / alone did.
+    name = f"{out / 'photos.safetensors'}/{end}"
+    error = the_error(siglip("embed", photos, "--model", tiny_siglip, "--workers", 0, "-o", name))
+    assert error == f"error: -o: {name} names a folder, but -o names a file (ending in .safetensors or .npy) " \
+        "(see siglip embed -h)."  # fmt: skip
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "args",
     [

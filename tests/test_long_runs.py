@@ -354,12 +354,43 @@ def test_an_update_after_a_run_interrupted_with_other_options_is_told_what_it_ca
     )
 
 
-def test_a_bad_flush_interval_is_one_sentence(embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_update_after_a_run_whose_state_is_damaged_is_told_what_it_can_do(
+    embed, interrupted: Path, folder: Path
+) -> None:
+    # "add --overwrite", which --update refuses.
+    (work_area(interrupted) / "state.json").write_bytes(b"")
+    assert the_error(embed(folder, interrupted, "--update")).endswith(f"delete {work_area(interrupted)} to drop it.")
+
+
+def test_only_the_chunks_a_run_writes_are_read_back(embed, interrupted: Path, folder: Path) -> None:
+    # A sync tool's copy beside a chunk (chunk-00000000.sync-conflict-….safetensors) stopped the rerun in a traceback.
+    first = sorted(work_area(interrupted).glob("chunk-*.safetensors"))[0]
+    shutil.copy(first, first.with_name("chunk-00000000.sync-conflict-20261129.safetensors"))
+    ok(embed(folder, interrupted))
+    assert differences_from_a_fresh_run(embed, folder, interrupted) == []
+
+
+def test_a_chunk_the_system_cannot_read_is_a_sentence_and_is_kept(
+    embed, interrupted: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreadable(path: Path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(storage_module, "_read_chunk", unreadable)
+    chunks = sorted(work_area(interrupted).glob("chunk-*.safetensors"))
+    assert the_error(embed(folder, interrupted)) == f"error: cannot read {chunks[0]}: Permission denied."
+    assert sorted(work_area(interrupted).glob("chunk-*.safetensors")) == chunks
+
+
+@pytest.mark.parametrize("devices", [[], ["--device", "cpu,cpu"]], ids=["one-device", "several-devices"])
+def test_a_bad_flush_interval_is_one_sentence(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, devices: list[str]
+) -> None:
     monkeypatch.setenv("SIGLIP_FLUSH_SECONDS", "5s")
-    assert the_error(embed(folder, tmp_path / "out.safetensors")) == (
+    assert the_error(embed(folder, tmp_path / "out.safetensors", *devices)) == (
         "error: SIGLIP_FLUSH_SECONDS is '5s', not a number of seconds (such as 5 or 0.5)."
     )
-    assert not (tmp_path / "out.safetensors").exists()
+    assert list(tmp_path.glob("out.*")) == []  # several devices: refused before a work folder, not by each worker
 
 
 @pytest.mark.parametrize("line", ['{"width": 1}', "[1, 2]", '{"path": 7}'], ids=["no-path", "no-object", "no-name"])
@@ -422,6 +453,22 @@ class Killed(BaseException):
     """Stands for kill -9 in-process: no `except Exception` stops it, and nothing after it runs."""
 
 
+def killed_once_in_place(embedder: Embedder, inputs: Path, output: Path) -> None:
+    """Run (the options of `embed`) from `inputs` into `output`, killed once its output is in place, before it
+    removed its work folder."""
+    assemble = embed_module.assemble
+
+    def killed_after(*args, **kwargs) -> None:
+        assemble(*args, **kwargs)
+        raise Killed
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as during_the_kill:
+        during_the_kill.setattr(embed_module, "assemble", killed_after)
+        with pytest.raises(Killed):
+            embed_to_file(embedder, discover([str(inputs)]), output, options=EmbedOptions(batch_size=2, workers=0))
+
+
 def killed_at_the_rename_to(
     name: Path, embedder: Embedder, inputs: Path, output: Path, *, update: bool = False
 ) -> None:
@@ -460,16 +507,57 @@ def test_an_update_killed_between_its_renames_keeps_every_earlier_row_when_rerun
 ) -> None:
     # The rerun trusted neither the earlier output nor the new files, and kept only the rows of this run's inputs:
     # `--update new/` lost the rows of every other photo in the output.
+    output, new = an_update_killed_at_the_rename_to(suffix, embed, embedder, folder, tmp_path)
+    summary = summary_of(embed(new, output, "--update", "--json"))
+    assert (summary["embedded"], summary["removed"]) == (0, 0) and not work_area(output).exists()
+    assert differences(output, uninterrupted_update(embed, folder, new, tmp_path)) == []
+
+
+def an_update_killed_at_the_rename_to(suffix: str, embed, embedder: Embedder, folder: Path, tmp_path: Path):
+    """An output of `folder`, and an --update of it from a folder of two new photos killed as it was about to
+    rename a file to the output's name with `suffix`: (the output, the new folder)."""
     output = tmp_path / "out" / "embeddings.safetensors"
     ok(embed(folder, output))
     new = save_photos(tmp_path / "new", ["n0.jpg", "n1.jpg"], first_seed=100)
     killed_at_the_rename_to(output.with_suffix(suffix), embedder, new, output, update=True)
-    summary = summary_of(embed(new, output, "--update", "--json"))
-    assert (summary["embedded"], summary["removed"]) == (0, 0) and not work_area(output).exists()
-    expected = tmp_path / "uninterrupted" / output.name
+    return output, new
+
+
+def uninterrupted_update(embed, folder: Path, new: Path, tmp_path: Path) -> Path:
+    """What `an_update_killed_at_the_rename_to` would have made, uninterrupted."""
+    expected = tmp_path / "uninterrupted" / "embeddings.safetensors"
     ok(embed(folder, expected))
     ok(embed(new, expected, "--update"))
-    assert differences(output, expected) == []
+    return expected
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".safetensors"], ids=["before-any-rename", "after-the-manifest"])
+def test_an_update_killed_between_its_renames_whose_new_files_are_gone_keeps_or_refuses_but_never_drops_rows(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path, suffix: str
+) -> None:
+    # The rerun rebuilt the output from its chunks alone: the rows of every file the --update was not given went,
+    # with "removed": 0.
+    output, new = an_update_killed_at_the_rename_to(suffix, embed, embedder, folder, tmp_path)
+    for temporary in output.parent.glob(".*.tmp"):  # cleaned away by hand: the renames cannot be finished
+        temporary.unlink()
+    if suffix == ".jsonl":  # nothing replaced yet: the earlier output is whole, and read
+        ok(embed(new, output, "--update"))
+        assert differences(output, uninterrupted_update(embed, folder, new, tmp_path)) == []
+    else:  # a new manifest beside the old embeddings
+        assert the_error(embed(new, output, "--update")) == (
+            f"error: {output} was being replaced when a run stopped, and the files replacing it are gone: its rows "
+            "cannot be trusted; embed all its inputs again, with --overwrite."
+        )
+
+
+def test_a_run_with_other_options_after_one_killed_after_its_renames_is_told_the_output_exists(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was told to "rerun --update with the same options", though it ran no --update.
+    output = tmp_path / "out" / "embeddings.safetensors"
+    killed_once_in_place(embedder, folder, output)
+    assert output.exists() and work_area(output).exists()
+    assert the_error(embed(folder, output, "--tokens")).startswith(f"error: {output} already exists: add --overwrite")
 
 
 def test_a_run_killed_between_its_renames_whose_new_files_are_gone_is_finished_from_its_chunks(
@@ -493,18 +581,7 @@ def test_a_run_killed_after_its_last_rename_ends_when_rerun(
     # The output was whole, but its work folder was left (whole, or part-removed, state.json gone), and the rerun
     # refused: "already exists: add --overwrite"; the folder, gigabytes of chunks, stayed.
     output = tmp_path / "out" / "embeddings.safetensors"
-    output.parent.mkdir()
-
-    assemble = embed_module.assemble
-
-    def killed_once_in_place(*args, **kwargs) -> None:
-        assemble(*args, **kwargs)
-        raise Killed
-
-    with monkeypatch.context() as during_the_kill:
-        during_the_kill.setattr(embed_module, "assemble", killed_once_in_place)
-        with pytest.raises(Killed):
-            embed_to_file(embedder, discover([str(folder)]), output, options=EmbedOptions(batch_size=2, workers=0))
+    killed_once_in_place(embedder, folder, output)
     work = work_area(output)
     assert output.exists() and work.exists()
     for path in work.iterdir() if left else []:  # what a kill part-way through the removal leaves
