@@ -163,7 +163,9 @@ def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) ->
 
 def _weights(name: str, files: _LocalFiles | _HubFiles) -> tuple[str, tuple[Path, ...], list[str]]:
     """The tower's prefix, the files that hold its tensors (of a sharded checkpoint, only the shards with some), and
-    the names of every tensor in the checkpoint: from the first of `WEIGHT_FILES` it has."""
+    the names of every tensor in the checkpoint: from the first of `WEIGHT_FILES` it has. Offline, that is the first
+    the cache holds, as transformers takes it: a cached pickle where the cache holds no safetensors."""
+    not_cached = None  # files the cache lacks and the Hub could not be asked about: not "there are none"
     for single_name, index_name in WEIGHT_FILES:
         single = files.get(single_name, required=False)
         if single is not None:
@@ -179,11 +181,9 @@ def _weights(name: str, files: _LocalFiles | _HubFiles) -> tuple[str, tuple[Path
             prefix = _find_prefix(name, keys)
             shards = sorted({shard for key, shard in weight_map.items() if key.startswith(prefix)})
             return prefix, tuple(files.get(shard, required=True) for shard in shards), keys
-        # Neither in the cache, and the Hub could not be asked: not "there are none". Nor the pickles instead: the
-        # safetensors files transformers would load may be there.
-        unknown = files.unknown.get(single_name) or files.unknown.get(index_name)
-        if unknown is not None:
-            raise unknown
+        not_cached = not_cached or files.unknown.get(single_name) or files.unknown.get(index_name)
+    if not_cached is not None:
+        raise not_cached
     wanted = [filename for pair in WEIGHT_FILES for filename in pair]
     raise CheckpointError(f"{name} has no {', '.join(wanted[:-1])} or {wanted[-1]}.")
 

@@ -392,12 +392,20 @@ def test_hub_id_with_only_pickles_loads_from_the_cache(hf_cache: HubCache, tiny_
     assert_same_weights(load_model(checkpoint), load_model(resolve_checkpoint(str(tiny_siglip))))
 
 
-def test_hub_pickles_are_not_taken_while_the_repo_may_have_safetensors(
+def test_hub_pickles_cached_without_asking_about_safetensors_load_offline_as_transformers_loads_them(
     hf_cache: HubCache, tiny_siglip: Path, tmp_path: Path
 ) -> None:
-    # A cache that never asked the Hub for model.safetensors cannot tell that the repo lacks it: transformers would
-    # load it, so the cached pickle is not a stand-in. (Once asked, huggingface_hub marks it absent: the test above.)
-    hf_cache(save_as_pickles(tiny_siglip, tmp_path / "pickled"))
+    # A cache filled by `hf download repo pytorch_model.bin` never asked the Hub for model.safetensors: offline,
+    # transformers loads the pickle, and the run was refused ("connect once").
+    snapshot = hf_cache(save_as_pickles(tiny_siglip, tmp_path / "pickled"))
+    checkpoint = resolve_checkpoint(DEFAULT_REPO_ID)
+    assert checkpoint.weight_files == (snapshot / PICKLE_NAME,)
+    assert_same_weights(load_model(checkpoint), load_model(resolve_checkpoint(str(tiny_siglip))))
+
+
+def test_a_hub_id_with_no_weights_cached_offline_names_the_safetensors_file(hf_cache: HubCache, tiny_siglip: Path) -> None:
+    snapshot = hf_cache(tiny_siglip)
+    (snapshot / WEIGHTS_NAME).unlink()
     with pytest.raises(CheckpointError, match=rf"{WEIGHTS_NAME} of {DEFAULT_REPO_ID} is not in the local Hugging Face"):
         resolve_checkpoint(DEFAULT_REPO_ID)
 
