@@ -242,7 +242,7 @@ def open_weights(path: Path, *, framework: str = "numpy") -> Iterator:
             f"{display_path(str(path))}: {library} cannot open a path that is not valid UTF-8; rename the folder."
         )
     if not safetensors:
-        yield _PickledWeights(load_pickle(path))
+        yield _PickledWeights(_load_pickle(path))
         return
     try:
         with safe_open(path, framework=framework) as f:
@@ -254,7 +254,7 @@ def open_weights(path: Path, *, framework: str = "numpy") -> Iterator:
         ) from None
 
 
-def load_pickle(path: Path) -> dict[str, Tensor]:
+def _load_pickle(path: Path) -> dict[str, Tensor]:
     """The tensors of a PyTorch pickle (`pytorch_model.bin`) by name, as transformers 5 loads them: through torch's
     restricted unpickler (`weights_only=True`), which builds tensors and plain containers and refuses to call
     anything else, so the file cannot run code; memory-mapped where the file is in torch's zip format (torch ≥ 1.6),

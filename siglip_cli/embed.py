@@ -331,12 +331,13 @@ def _what_was_left(work: WorkArea, out: OutputPaths, state: dict, *, overwrite: 
     if overwrite and work.exists() and not same_options(work.state() or {}, state):
         work.remove()  # its options are others, or cannot be read: it is not this run's to continue
     work.finish_assembling()  # a run stopped between its final renames: its output is made whole, then published
-    devices = work.device_count()
-    if devices and not overwrite and not work.published(out.embeddings):  # its shards are not ours to throw away
-        raise interrupted_on_other_devices(out.work, devices)
     # Stopped after its last rename, before it removed its work folder (or while: `WorkArea.remove` deletes the mark
     # last): the output is whole. The rerun takes it as an --update does, so it ends as the first run would have.
-    if work.published(out.embeddings):
+    published = work.published(out.embeddings)
+    devices = work.device_count()
+    if devices and not overwrite and not published:  # its shards are not ours to throw away
+        raise interrupted_on_other_devices(out.work, devices)
+    if published:
         work.remove()
         return False, True
     return work.exists(), False

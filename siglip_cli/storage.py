@@ -100,9 +100,7 @@ def _remove_if_can(path: Path) -> None:
 
 
 @contextmanager
-def replaced_together(
-    *, before: Callable[[Steps], None], after: Callable[[], None]
-) -> Iterator[Staging]:
+def replaced_together(*, before: Callable[[Steps], None], after: Callable[[], None]) -> Iterator[Staging]:
     """Files written in the block with its `Staging` take their names only once all are written and fsynced:
     `before(staging.steps)`, then one rename after another, in the order written, then `after()`. So a failure
     while they are written (a full disk) leaves every earlier file as it was, and the files never mix two runs.
@@ -214,6 +212,15 @@ def _identity(path: Path) -> list[int] | None:
     except OSError:
         return None
     return [info.st_ino, info.st_size, info.st_mtime_ns]
+
+
+def _json_object(path: Path) -> dict | None:
+    """The JSON object in `path`; None where it cannot be read or is no object (damaged)."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _alive(pid: int) -> bool:
@@ -368,11 +375,7 @@ class WorkArea:
 
     def state(self) -> dict | None:
         """The options of the run that made the work area; None when its record cannot be read (damaged)."""
-        try:
-            state = json.loads(self.state_path.read_bytes())
-        except (OSError, ValueError):
-            return None
-        return state if isinstance(state, dict) else None
+        return _json_object(self.state_path)
 
     def create(self, state: dict) -> None:
         self.remove()
@@ -392,8 +395,7 @@ class WorkArea:
                 chunks.append(_read_chunk(path))
             except (ValueError, KeyError, TypeError, SafetensorError):
                 damaged.append(path)
-                with contextlib.suppress(OSError):
-                    path.unlink()
+                _remove_if_can(path)
             except OSError as e:  # the disk or the system's reason, not the chunk's: nothing is deleted
                 raise UserError(f"cannot read {path}: {e.strerror or e}.") from None
         return chunks, damaged
@@ -439,11 +441,7 @@ class WorkArea:
         return (self.directory / "assembling").is_file()
 
     def _mark(self) -> dict:
-        try:
-            mark = json.loads((self.directory / "assembling").read_bytes())
-        except (OSError, ValueError):
-            return {}
-        return mark if isinstance(mark, dict) else {}
+        return _json_object(self.directory / "assembling") or {}
 
     def finish_assembling(self) -> None:
         """Finish the renames of a run stopped part-way through them (`kill -9`, a power cut): each file it renames
