@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import UserError
 
@@ -129,7 +129,7 @@ class PreprocessConfig:
 
     (height, width) is what the model takes. SigLIP's processors resize straight to it; CLIP-style ones, which some
     fine-tunes carry, resize to `resize_to` (height, width), or so that the shorter side is `shortest_edge` (aspect
-    kept), and then `center_crop` to it."""
+    kept; smaller where the longer side would pass `longest_edge`), and then `center_crop` to it."""
 
     height: int = 224
     width: int = 224
@@ -144,13 +144,21 @@ class PreprocessConfig:
     center_crop: bool = False
     resize_to: tuple[int, int] | None = None
     shortest_edge: int | None = None
+    longest_edge: int | None = None
 
     def resized(self, width: int, height: int) -> tuple[int, int]:
         """The (width, height) an image of (width, height) is resized to, as transformers computes it."""
         if self.shortest_edge is not None:
             short, long = sorted((width, height))
-            longer = int(self.shortest_edge * long / short)
-            return (self.shortest_edge, longer) if width <= height else (longer, self.shortest_edge)
+            shorter, longer = self.shortest_edge, int(self.shortest_edge * long / short)
+            if self.longest_edge is not None and long / short * self.shortest_edge > self.longest_edge:
+                # transformers' `get_size_with_aspect_ratio`: the short side rounded, the long one from the unrounded,
+                # and an image whose short side that already is keeps its size.
+                exact = self.longest_edge * short / long
+                shorter, longer = round(exact), int(exact * long / short)
+                if shorter == short:
+                    return width, height
+            return (shorter, longer) if width <= height else (longer, shorter)
         return (self.resize_to[1], self.resize_to[0]) if self.resize_to is not None else (self.width, self.height)
 
     def __post_init__(self) -> None:
@@ -166,18 +174,22 @@ class PreprocessConfig:
                 raise ConfigError(f"preprocessor {name} must be true or false, not {getattr(self, name)!r}.")
         if isinstance(self.rescale_factor, bool) or not isinstance(self.rescale_factor, (int, float)):
             raise ConfigError(f"preprocessor rescale_factor must be a number, not {self.rescale_factor!r}.")
-        if self.shortest_edge is not None:
-            _check_int("preprocessor shortest_edge", self.shortest_edge)
+        for name in ("shortest_edge", "longest_edge"):
+            if getattr(self, name) is not None:
+                _check_int(f"preprocessor {name}", getattr(self, name))
+        if self.longest_edge is not None and self.shortest_edge is None:
+            raise ConfigError("preprocessor longest_edge is read only with a shortest_edge.")
         for side in self.resize_to or ():
             _check_int("preprocessor size", side)
         if not self.center_crop and (self.shortest_edge is not None or self.resize_to is not None):
             raise ConfigError("a resize to another size than the model's needs a center crop after it.")
 
     def to_dict(self) -> dict[str, Any]:
-        """As recorded with an output: the crop's fields only where it crops, so that outputs of SigLIP's own
-        preprocessing read as those of versions without them."""
-        crop = ("center_crop", "resize_to", "shortest_edge")
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in crop or self.center_crop}
+        """As recorded with an output: the crop's fields only where it crops, and a longest edge only where there is
+        one, so that outputs of the same preprocessing read as those of versions without them."""
+        crop = ("center_crop", "resize_to", "shortest_edge", "longest_edge")
+        fields = dataclasses.asdict(self)
+        return {k: v for k, v in fields.items() if (k not in crop or self.center_crop) and (k, v) != ("longest_edge", None)}
 
 
 _BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
@@ -316,14 +328,15 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
     do_center_crop = _flag(config.get("do_center_crop", False))
     if not isinstance(do_center_crop, bool):  # bool("false") is True: a string must not pass
         raise ConfigError(f"preprocessor do_center_crop must be true or false, not {do_center_crop!r}.")
-    resize_to = shortest_edge = None
+    resize = _Resize()
     if do_resize is not False:  # else `size` is ignored (by transformers too)
-        resize_to, shortest_edge = _resize_target(config, vision, crop=do_center_crop)
+        resize = _resize_target(config, vision, crop=do_center_crop)
+    resize_to = resize.to
     crop = False  # whether a crop is left to do once the image is resized
     if do_center_crop:
         height, width = _crop_size(config.get("crop_size"))
         resize_to = None if resize_to == (height, width) else resize_to  # a crop that takes the whole image
-        crop = resize_to is not None or shortest_edge is not None or do_resize is False
+        crop = resize_to is not None or resize.shortest_edge is not None or do_resize is False
     else:  # without resizing, images must come at the tower's size
         height, width = resize_to or (vision.image_size, vision.image_size)
         resize_to = None
@@ -349,7 +362,8 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
         image_std=_triple(setting("image_std", do_normalize is not False)),
         center_crop=crop,
         resize_to=resize_to,
-        shortest_edge=shortest_edge,
+        shortest_edge=resize.shortest_edge,
+        longest_edge=resize.longest_edge,
     )
 
 
@@ -372,30 +386,42 @@ def _with_class_defaults(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _resize_target(
-    config: dict[str, Any], vision: VisionConfig, *, crop: bool
-) -> tuple[tuple[int, int] | None, int | None]:
-    """What a preprocessor config resizes to: ((height, width), None), or (None, the shorter side's length) for a
-    resize that keeps the aspect, which only a crop after it can give the fixed size a tower takes."""
+class _Resize(NamedTuple):
+    """What a preprocessor config resizes to: a fixed (height, width), or a shorter side of `shortest_edge` with the
+    aspect kept (and the longer side at most `longest_edge`), which only a crop after it can give the fixed size a
+    tower takes."""
+
+    to: tuple[int, int] | None = None
+    shortest_edge: int | None = None
+    longest_edge: int | None = None
+
+
+# The forms of `size` transformers 5 accepts that a fixed-size tower can use: its keys exactly, even where a value
+# is null (transformers refuses {"height", "width", "shortest_edge"} rather than choose one).
+_SIZE_FORMS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
+
+
+def _resize_target(config: dict[str, Any], vision: VisionConfig, *, crop: bool) -> _Resize:
     size = config.get("size", {"height": vision.image_size, "width": vision.image_size})
     if size is None:
         raise ConfigError("preprocessor size is null: it must be the model's (height, width).")
-    # A bare number: transformers 5 reads it as the shortest edge (aspect kept), which a fixed-size tower cannot
-    # take for a non-square photo; for SigLIP it can only mean the square the tower needs.
-    if isinstance(size, int):
-        size = {"height": size, "width": size}
+    if isinstance(size, int) and not isinstance(size, bool):
+        # A bare number: a square for ViT's processor; a shortest edge for the others in transformers 5, which then
+        # fail on photos that are not square unless a crop follows. Without one it can only mean the tower's square.
+        square = not crop or str(config.get("image_processor_type")).startswith("ViTImageProcessor")
+        size = {"height": size, "width": size} if square else {"shortest_edge": size}
     if isinstance(size, (list, tuple)) and len(size) == 2:  # (height, width), as transformers reads a pair
         size = {"height": size[0], "width": size[1]}
-    if isinstance(size, dict) and "height" in size and "width" in size:
-        return (size["height"], size["width"]), None
-    if isinstance(size, dict) and set(size) == {"shortest_edge"} and crop:
-        return None, size["shortest_edge"]
-    crop_hint = ""
-    if isinstance(size, dict) and "shortest_edge" in size:
-        crop_hint = ", without a center crop after it" if not crop else " (a shortest edge alone is read before a crop)"
-    raise ConfigError(
-        f"preprocessor size {size} is not a fixed (height, width){crop_hint}: the tower takes one size of image."
-    )
+    if isinstance(size, dict) and set(size) == {"height", "width"}:
+        return _Resize(to=(size["height"], size["width"]))
+    if isinstance(size, dict) and set(size) in _SIZE_FORMS and crop:
+        _check_int("preprocessor shortest_edge", size["shortest_edge"])  # a null one transformers fails on too
+        return _Resize(shortest_edge=size["shortest_edge"], longest_edge=size.get("longest_edge"))
+    if isinstance(size, dict) and set(size) in _SIZE_FORMS:
+        reason = "keeps the aspect, and without a center crop after it the tower cannot take the image"
+    else:
+        reason = "is none of the forms transformers reads: {height, width}, {shortest_edge}, {shortest_edge, longest_edge}"
+    raise ConfigError(f"preprocessor size {size} {reason}.")
 
 
 def _crop_size(crop: Any) -> tuple[int, int]:

@@ -164,7 +164,8 @@ def preprocessing_steps(pre: PreprocessConfig) -> dict[str, str]:
     steps = {}
     resample = PIL_FILTERS.get(pre.resample, f"PIL filter {pre.resample}")
     if pre.do_resize and pre.shortest_edge:
-        steps["resize"] = f"shorter side resized to {pre.shortest_edge} ({resample})"
+        longest = f", longer side at most {pre.longest_edge}" if pre.longest_edge else ""
+        steps["resize"] = f"shorter side resized to {pre.shortest_edge}{longest} ({resample})"
     elif pre.do_resize:
         width, height = pre.resized(pre.width, pre.height)
         steps["resize"] = f"squashed to {width}×{height} ({resample}{'' if pre.center_crop else ', no crop'})"

@@ -228,6 +228,8 @@ def test_a_clip_style_crop_and_per_channel_mean_read_as_steps() -> None:
     result = tracing.trace(SiglipVision(vision), make_photo((80, 60)), pre)
     note = next(stage.note for stage in result.stages if stage.stage == "resized_image")
     assert note == "shorter side resized to 40 (bicubic), to be center-cropped to 32×32"
+    capped = dataclasses.replace(pre, longest_edge=64)
+    assert tracing.preprocessing_steps(capped)["resize"] == "shorter side resized to 40, longer side at most 64 (bicubic)"
 
 
 @pytest.mark.parametrize(("factor", "said"), [(1 / 255, "÷ 255"), (1 / 127.5, "× 0.00784314"), (0.5, "÷ 2")])

@@ -78,13 +78,15 @@ CROP = {"height": 32, "width": 32}
 CROPPING_PROCESSORS = {  # CLIP-style preprocessing some fine-tunes carry, for a tower of 32 px
     "shortest-edge-then-crop": dict(size={"shortest_edge": 36}, do_center_crop=True, crop_size=CROP),
     "shortest-edge-below-the-crop": dict(size={"shortest_edge": 29}, do_center_crop=True, crop_size=32),  # padded
+    "shortest-and-longest-edge-then-crop": dict(size={"shortest_edge": 36, "longest_edge": 60}, do_center_crop=True, crop_size=CROP),
     "resize-then-crop": dict(size={"height": 40, "width": 48}, do_center_crop=True, crop_size=CROP),
     "crop-without-resizing": dict(do_resize=False, do_center_crop=True, crop_size=CROP),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("settings", CROPPING_PROCESSORS.values(), ids=CROPPING_PROCESSORS.keys())
-@pytest.mark.parametrize("size", [(451, 300), (300, 451), (37, 113), (9, 7), (32, 32)])
+# (37, 113) passes a longest edge of 60 once resized; (61, 30) keeps its size under it, as transformers rounds.
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (37, 113), (9, 7), (32, 32), (61, 30)])
 def test_a_center_cropping_processor_gives_transformers_pixels(
     tmp_path: Path, settings: dict, size: tuple[int, int]
 ) -> None:
@@ -108,6 +110,9 @@ MINIMAL_CONFIGS = {  # written by hand: what they leave out is their class's def
     "CLIP": {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}, "crop_size": 32},
     "ViT": {"image_processor_type": "ViTImageProcessorFast", "size": {"height": 32, "width": 32}},
     "BiT": {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 40}, "crop_size": 32},
+    # One number is a shortest edge before a crop, but for ViT's processor a square (save_pretrained writes neither).
+    "SigLIP, one number": {"image_processor_type": "SiglipImageProcessor", "size": 40, "do_center_crop": True, "crop_size": 32},
+    "ViT, one number": {"image_processor_type": "ViTImageProcessor", "size": 40, "do_center_crop": True, "crop_size": 32},
 }
 
 

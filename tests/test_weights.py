@@ -608,7 +608,7 @@ def test_malformed_config_is_one_sentence_naming_the_checkpoint(tmp_path: Path, 
         ({"do_center_crop": True, "crop_size": {"height": 24, "width": 24}}, r"crops to 24x24 but the tower takes"),
         ({"do_center_crop": True, "crop_size": "x"}, r"crop_size 'x' is not a \(height, width\)"),
         ({"do_center_crop": "false"}, r"do_center_crop must be true or false, not 'false'"),
-        ({"size": {"shortest_edge": 32}}, r"not a fixed \(height, width\), without a center crop after it"),
+        ({"size": {"shortest_edge": 32}}, r"keeps the aspect, and without a center crop after it the tower cannot"),
     ],
 )
 def test_malformed_preprocessor_config_is_refused_when_the_checkpoint_loads(
@@ -797,12 +797,19 @@ def test_a_crop_size_given_as_a_pair_is_height_then_width() -> None:
     assert as_pair == as_dict and (as_pair.height, as_pair.width) == (224, 256)
 
 
-def test_shortest_edge_preprocessor_is_refused() -> None:
-    with pytest.raises(ConfigError, match="not a fixed .*, without a center crop after it"):
+def test_a_size_transformers_refuses_or_no_crop_can_fit_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"keeps the aspect, and without a center crop after it the tower cannot"):
         preprocess_config_from_hub({"size": {"shortest_edge": 224}}, VisionConfig())
-    both = {"size": {"shortest_edge": 224, "longest_edge": 400}, "do_center_crop": True, "crop_size": 224}
-    with pytest.raises(ConfigError, match=r"not a fixed .* \(a shortest edge alone is read before a crop\)"):
-        preprocess_config_from_hub(both, VisionConfig())  # it has a crop: saying it had none misled
+    crop = {"do_center_crop": True, "crop_size": 224}
+    for size in ({"height": 256, "width": 256, "shortest_edge": 256}, {"longest_edge": 256}, {"max_height": 256}):
+        with pytest.raises(ConfigError, match=r"is none of the forms transformers reads: \{height, width\}, "):
+            preprocess_config_from_hub({"size": size, **crop}, VisionConfig())  # the first was read as a square
+
+
+def test_a_size_of_one_number_without_a_crop_is_the_towers_square() -> None:
+    # transformers 5 reads it as a shortest edge and then fails on photos that are not square (README).
+    cfg = preprocess_config_from_hub({"size": 224}, VisionConfig())
+    assert (cfg.height, cfg.width, cfg.shortest_edge, cfg.center_crop) == (224, 224, None, False)
 
 
 def test_an_integer_tensor_is_cast_as_transformers_casts_it(tiny_vision: Path, tmp_path: Path) -> None:
