@@ -6,8 +6,8 @@
 # Writes the environment and the table (gpu_check.log, gpu_check.json), kernel profiles, and a run of the user-facing
 # `siglip bench` on the same GPU into OUT_DIR (default gpu_check_out). Options of the Python part: gpu_check.py -h
 set -uo pipefail
-out=${1:-gpu_check_out}
-shift $(($# > 0 ? 1 : 0))
+out=gpu_check_out
+if [ $# -gt 0 ] && [[ $1 != -* ]]; then out=$1; shift; fi  # OUT_DIR is optional: options may come first
 root=$(cd "$(dirname "$0")/.." && pwd)
 # The Python the project is installed in: $PYTHON, else the README's .venv, else python3 on PATH.
 if [ -n "${PYTHON:-}" ]; then py=$PYTHON; elif [ -x "$root/.venv/bin/python" ]; then py=$root/.venv/bin/python; else py=python3; fi

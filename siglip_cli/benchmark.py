@@ -77,7 +77,8 @@ class Machine:
 def describe_machine(device: torch.device, dtype: torch.dtype) -> Machine:
     threads = torch.get_num_threads()
     if device.type == "cuda":
-        name, native = torch.cuda.get_device_name(device), torch.cuda.is_bf16_supported()
+        # bf16 in hardware from Ampere (8.0) on; `torch.cuda.is_bf16_supported` counts emulation, on the current GPU.
+        name, native = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device) >= (8, 0)
     else:
         name, native = f"{cpu_name()} ({threads} threads)", cpu_has_native_bf16()
     return Machine(name, device.type, torch.__version__, _dtype_name(dtype), threads, native)
@@ -350,7 +351,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     report = Report(describe_machine(device, dtype), options.model, weights_mb, notes=notes)
 
     forwards = _forwards(plain, compare, device=device, dtype=dtype, compile=compile, report=report, say=say)
-    with torch.inference_mode():
+    with torch.inference_mode(), _a_graph_for_each(batch_sizes) if compile else contextlib.nullcontext():
         for i, batch_size in enumerate(batch_sizes):
             rounds = f"{iters} interleaved round{'s' if iters != 1 else ''}"
             say(f"batch {batch_size}: {', '.join(forwards)}, {rounds} after {warmup} warm-up")
@@ -369,10 +370,23 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
                 f"--images: each end-to-end pass over these {len(paths)} files starts `siglip embed`'s decoding "
                 "workers, a cost paid once per run: on a fast model a large folder runs at a higher rate."
             )
+        from . import gpu_decode
+
+        if device.type == "cuda" and (fault := gpu_decode.fault(device)) is not None:
+            report.notes.append(f"--images: the GPU JPEG decoder does not work here ({fault}): its way is left out.")
         say(f"image pipeline on {len(paths)} files from {options.images}")
         report.results += image_results(paths, plain, preprocess, device=device, dtype=dtype,
                                         batch_size=min(max(batch_sizes), len(paths)), iters=iters)  # fmt: skip
     return report
+
+
+def _a_graph_for_each(batch_sizes: list[int]) -> contextlib.AbstractContextManager:
+    """Compiled with static shapes, each batch size is a graph of its own: past dynamo's limit of graphs per
+    function (8), the other sizes ran uncompiled under a "+compiled" label."""
+    import torch._dynamo
+
+    limit = max(torch._dynamo.config.recompile_limit, len(batch_sizes) + 1)
+    return torch._dynamo.config.patch(recompile_limit=limit)
 
 
 def _forwards(
@@ -578,8 +592,8 @@ def _end_to_end_ways(
     jpegs, n = len(taken), len(paths)  # what the device decoder takes; the rest, PIL
     if jpegs < n:  # the rest take the PIL path: said, or left out when there is nothing for torchvision to decode
         ways["gpu"] = (f"{ways['gpu'][0]} ({jpegs} of {n} files, the rest PIL)", ways["gpu"][1])
-    if not jpegs or not gpu_decode.supported(preprocess):  # nothing to decode there, or a resize it cannot match
-        del ways["gpu"]
+    if not jpegs or not gpu_decode.supported(preprocess) or (device.type == "cuda" and gpu_decode.fault(device)):
+        del ways["gpu"]  # nothing to decode there, a resize it cannot match, or a decoder that does not work here
     return ways, taken
 
 

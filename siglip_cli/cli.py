@@ -24,7 +24,7 @@ from rich.text import Text
 from . import __version__, interrupts
 from .allocator import keep_freed_memory
 from .config import CPU_BATCH_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRESET
-from .errors import UserError, first_line
+from .errors import DeviceFault, UserError, first_line
 from .files import counted, display_path, escape_controls
 
 if TYPE_CHECKING:
@@ -434,7 +434,7 @@ def _stopped_runs_told(
         fail(f"the GPU ran out of memory ({first_line(e)}): try a smaller --batch-size{bf16} or another GPU.", 1)
     except RuntimeError as e:
         progress.stop(keep=False)
-        if not (isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e)):
+        if not (isinstance(e, (DeviceFault, getattr(torch, "AcceleratorError", ()))) or "CUDA error" in str(e)):
             raise
         kept = f"; finished work is kept in {out.work}" if out.work_kept() else ""
         again = ", or with --decode cpu if it fails again at the same place" if gpu_decode else ""

@@ -184,7 +184,7 @@ def embed_to_file(
     flush_seconds = flush_interval()
     paths = list(dict.fromkeys(paths))  # a file given twice is one row
     options = options or EmbedOptions()  # made now: its worker count follows the memory available now
-    options = dataclasses.replace(options, decoder=_decoder_for(embedder, options.decoder))
+    options = dataclasses.replace(options, decoder=_decoder_for(embedder, options.decoder, progress))
     out = OutputPaths.for_output(Path(output))
     # A second run writing this output is refused, not interleaved; a full disk is one sentence.
     with exclusive(out.embeddings), _resumable_after_write_errors(out):
@@ -704,7 +704,7 @@ def embedded_batches(
 ) -> Iterator[Embedded]:
     """Files → embeddings, `batch_size` files at a time, in order: decoding workers, the device decoder, the model.
     A row not finite in `output_dtype`, the type it will be stored in, is an error row instead."""
-    decoder = _decoder_for(embedder, decoder)
+    decoder = _decoder_for(embedder, decoder, progress)
     batches = decoded_batches(
         paths,
         embedder.preprocess,
@@ -837,16 +837,26 @@ def _embed_pending(
     return results
 
 
-def _decoder_for(embedder: Embedder, decoder: str) -> str:
-    """`auto` → `gpu` when the model runs on CUDA and the checkpoint's resize filter has a GPU equivalent, else
-    `cpu` (the exact path). `gpu` for a filter it has not is a UserError, raised before any work is started: the
-    work area records the decoder, so a run refused later could not be continued with `--decode cpu`."""
+def _decoder_for(embedder: Embedder, decoder: str, progress: Progress | None) -> str:
+    """`auto` → `gpu` when the model runs on CUDA, the checkpoint's resize filter has a GPU equivalent and the
+    device decoder works there (else `cpu`, the exact path, with a note where it is the decoder that fails). `gpu`
+    that cannot be is a UserError, raised before any work is started: the work area records the decoder, so a run
+    refused later could not be continued with `--decode cpu`."""
+    on_cuda = embedder.device.type == "cuda"
     if decoder == "auto":
-        return "gpu" if embedder.device.type == "cuda" and gpu_decode.supported(embedder.preprocess) else "cpu"
+        if not (on_cuda and gpu_decode.supported(embedder.preprocess)):
+            return "cpu"
+        if (fault := gpu_decode.fault(embedder.device)) is not None:
+            if progress:
+                progress.note(f"the GPU JPEG decoder does not work here ({fault}): decoding on the CPU.")
+            return "cpu"
+        return "gpu"
     if decoder not in ("cpu", "gpu"):
         raise UserError(f"unknown decoder {decoder!r} (expected auto, cpu or gpu).")
     if decoder == "gpu":
         gpu_decode.check_supported(embedder.preprocess)
+        if on_cuda and (fault := gpu_decode.fault(embedder.device)) is not None:
+            raise UserError(f"the GPU JPEG decoder does not work here ({fault}): use --decode cpu or auto.")
     return decoder
 
 

@@ -14,6 +14,11 @@ class RunFailed(UserError):
     exit_code = 1
 
 
+class DeviceFault(RuntimeError):
+    """The accelerator failed, as its libraries report it in their own words (torchvision's JPEG decoder: "Failed
+    to synchronize CUDA stream: 700"): not a file's fault nor the user's; the run stops, its finished work kept."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (CUDA's and torch's go on for lines), or its class name if it has none."""
     lines = str(error).strip().splitlines()

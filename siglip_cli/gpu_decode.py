@@ -16,6 +16,8 @@ broken file. Works with `device="cpu"` (libjpeg-turbo), which is how the tests c
 
 from __future__ import annotations
 
+import functools
+import io
 import re
 import threading
 import warnings
@@ -26,11 +28,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from .config import PreprocessConfig
-from .errors import UserError, first_line
+from .errors import DeviceFault, UserError, first_line
 from .preprocess import DecodeOptions
+
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work, and TorchCodec is optional. Set
+# once here: `warnings.catch_warnings` around each call, in the look-ahead thread, raced the main thread's own.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
 
 # PIL resample numbers → torch interpolation modes; both are antialiased when shrinking.
 RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
@@ -52,6 +59,24 @@ class JpegHeader:
 def supported(cfg: PreprocessConfig) -> bool:
     """Whether the checkpoint's preprocessing has a GPU equivalent: its resize filter, if it resizes, and no crop."""
     return (not cfg.do_resize or cfg.resample in RESAMPLE_MODES) and not cfg.center_crop
+
+
+@functools.cache
+def fault(device: torch.device) -> str | None:
+    """Why the device decoder cannot decode on `device` (torchvision built without nvJPEG, a ROCm build, a broken
+    library), or None: it decodes a tiny JPEG there. Left to find out file by file, a run sent every JPEG through
+    a failed batched call, a failed call of its own and then PIL in one thread, far slower than the CPU path's
+    workers, and said nothing."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tiny = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 150)).save(tiny, format="JPEG")
+    data = torch.frombuffer(bytearray(tiny.getvalue()), dtype=torch.uint8)
+    try:
+        decode_jpeg([data], mode=ImageReadMode.RGB, device=device)
+    except Exception as e:  # whatever a broken build raises: the CPU path is there either way
+        return None if isinstance(e, RuntimeError) and _out_of_memory(e) else first_line(e)
+    return None
 
 
 def check_supported(cfg: PreprocessConfig) -> None:
@@ -91,7 +116,9 @@ def decode_headers(
     device = torch.device(device)
     if device.type != "cuda":
         return _decode_groups(headers, cfg, device, before_each=lambda: None)
-    stream = _decoding_stream(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
+    if device.index is None:  # torchvision keeps a decoder per device as named: "cuda" and "cuda:0" made two
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _decoding_stream(device)
     # On the model's device: this runs in a look-ahead thread, whose current device is 0 whatever the main thread
     # set, and leaving `torch.cuda.stream` from device 0 made a context there (~500 MB) for a run on cuda:1.
     with torch.cuda.device(stream.device), torch.cuda.stream(stream):
@@ -276,26 +303,29 @@ def _decode(headers: dict[int, JpegHeader], device: torch.device) -> tuple[dict[
     positions = list(headers)
     if not positions:
         return {}, []
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work and TorchCodec is optional.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
-        # Out of memory (a RuntimeError too) is not a bad file: it goes up to `_decode_groups`.
+    try:
+        images = decode_jpeg([headers[p].data for p in positions], mode=ImageReadMode.RGB, device=device)
+        return dict(zip(positions, images)), []
+    except RuntimeError as e:
+        _raise_unless_the_files(e)
+        # one bad file fails the whole batch: retry each on its own below
+    decoded, rejected = {}, []
+    for position in positions:
         try:
-            images = decode_jpeg([headers[p].data for p in positions], mode=ImageReadMode.RGB, device=device)
-            return dict(zip(positions, images)), []
+            decoded[position] = decode_jpeg([headers[position].data], mode=ImageReadMode.RGB, device=device)[0]
         except RuntimeError as e:
-            if _out_of_memory(e) or _device_fault(e):
-                raise
-            # one bad file fails the whole batch: retry each on its own below
-        decoded, rejected = {}, []
-        for position in positions:
-            try:
-                decoded[position] = decode_jpeg([headers[position].data], mode=ImageReadMode.RGB, device=device)[0]
-            except RuntimeError as e:
-                if _out_of_memory(e) or _device_fault(e):
-                    raise
-                rejected.append((position, f"JPEG decoder error: {first_line(e)}"))
-        return decoded, rejected
+            _raise_unless_the_files(e)
+            rejected.append((position, f"JPEG decoder error: {first_line(e)}"))
+    return decoded, rejected
+
+
+def _raise_unless_the_files(error: RuntimeError) -> None:
+    """Out of memory goes up as it is, to `_decode_groups`; a device fault as one, which ends the run with its
+    sentence (torchvision's words for it are not CUDA's); anything else is a file the decoder rejects."""
+    if _out_of_memory(error):
+        raise error
+    if _device_fault(error):
+        raise DeviceFault(first_line(error)) from error
 
 
 # torchvision's nvJPEG decoder reports a failed call as "Failed to decode batch: N" with nvJPEG's status, and a

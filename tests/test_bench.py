@@ -675,3 +675,17 @@ def test_compile_keeps_one_warm_up_call(tiny_vision: Path, monkeypatch: pytest.M
     report = benchmark.run_benchmark(options)
     assert calls and any("one warm-up call is kept, the one that compiles" in note for note in report.notes)
     assert report.results[0].setup_s is not None and report.results[0].setup_s > 0
+
+
+def test_every_batch_size_gets_a_compiled_graph(tiny_vision: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Static shapes compile a graph per batch size; past dynamo's limit of 8 the rest ran uncompiled, labelled compiled.
+    import torch._dynamo
+
+    limits = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # no compiler here
+    monkeypatch.setattr(benchmark, "_time_batch", lambda *a, **k: limits.append(torch._dynamo.config.recompile_limit))
+    sizes = tuple(range(1, 13))
+    for compile in (True, False):
+        options = benchmark.BenchOptions(model=str(tiny_vision), device="cpu", batch_sizes=sizes, compile=compile)
+        benchmark.run_benchmark(options)
+    assert limits[:12] == [13] * 12 and limits[12:] == [torch._dynamo.config.recompile_limit] * 12

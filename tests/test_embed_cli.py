@@ -1577,6 +1577,22 @@ def test_a_gpu_fault_is_one_sentence_that_says_how_to_go_on(
     assert error.endswith(f"embeddings.safetensors.partial: rerun to continue{again}.")
 
 
+def test_a_device_fault_the_jpeg_decoder_reports_in_its_own_words_is_the_same_sentence(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torchvision's "Failed to synchronize CUDA stream: 700" (an illegal address) says neither "CUDA error" nor is an
+    # AcceleratorError: the run ended in a traceback, not the sentence that says the work is kept.
+    import torchvision.io
+
+    def fault(*args, **kwargs):
+        raise RuntimeError("Error while decoding JPEG images: decode_images, Failed to synchronize CUDA stream: 700")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", fault)
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--decode", "gpu"), code=1)
+    assert error == "error: the GPU failed (Error while decoding JPEG images: decode_images, Failed to synchronize " \
+                    "CUDA stream: 700): rerun to continue, or with --decode cpu if it fails again at the same place."
+
+
 def test_other_runtime_errors_are_not_taken_for_the_gpus(
     embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

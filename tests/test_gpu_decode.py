@@ -320,14 +320,15 @@ def test_check_supported_refuses_filters_the_gpu_lacks() -> None:
 
 @pytest.mark.parametrize("device, resample, expected", [("cuda", 3, "gpu"), ("cuda", 1, "cpu"), ("cpu", 3, "cpu")])
 def test_auto_decodes_on_the_gpu_only_where_it_can_match_the_checkpoints_filter(
-    device: str, resample: int, expected: str
+    device: str, resample: int, expected: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from types import SimpleNamespace
 
     from siglip_cli.embed import _decoder_for
 
+    monkeypatch.setattr(gpu_decode, "fault", lambda device: None)  # a device decoder that works
     embedder = SimpleNamespace(device=torch.device(device), preprocess=PreprocessConfig(resample=resample))
-    assert _decoder_for(embedder, "auto") == expected
+    assert _decoder_for(embedder, "auto", None) == expected
 
 
 @pytest.mark.parametrize("resample", [3, 2], ids=["bicubic", "bilinear"])
@@ -425,3 +426,50 @@ def test_a_jpeg_stored_as_rgb_is_left_to_pil() -> None:
 def test_jpeg_header_names_what_it_refuses() -> None:
     assert jpeg_header(b"\x89PNG\r\n\x1a\n") == "not a JPEG"
     assert jpeg_header(_jpeg_variants()["baseline"][:40]) == "truncated JPEG header"
+
+
+@pytest.fixture
+def broken_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's JPEG decoder failing on every call, as a build without nvJPEG does on CUDA."""
+    import torchvision.io
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decode_jpegs_cuda: torchvision not compiled with nvJPEG support\nmore")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", broken)
+    gpu_decode.fault.cache_clear()
+    yield
+    gpu_decode.fault.cache_clear()
+
+
+def test_a_decoder_that_works_has_no_fault() -> None:
+    gpu_decode.fault.cache_clear()
+    assert gpu_decode.fault(torch.device("cpu")) is None
+
+
+@pytest.mark.usefixtures("broken_decoder")
+def test_a_device_decoder_that_cannot_work_is_found_before_the_run() -> None:
+    # Found file by file, it sent every JPEG through two failed calls and then PIL in one thread, without a word.
+    from types import SimpleNamespace
+
+    from siglip_cli.embed import _decoder_for
+
+    assert gpu_decode.fault(torch.device("cpu")) == "decode_jpegs_cuda: torchvision not compiled with nvJPEG support"
+    on_cuda = SimpleNamespace(device=torch.device("cuda"), preprocess=CFG)  # the probe decodes there: patched
+    notes: list[str] = []
+    assert _decoder_for(on_cuda, "auto", SimpleNamespace(note=notes.append)) == "cpu"
+    assert notes == ["the GPU JPEG decoder does not work here (decode_jpegs_cuda: torchvision not compiled with "
+                     "nvJPEG support): decoding on the CPU."]  # fmt: skip
+    with pytest.raises(UserError, match=r"^the GPU JPEG decoder does not work here \(.*\): use --decode cpu or auto\.$"):
+        _decoder_for(on_cuda, "gpu", None)
+    assert _decoder_for(SimpleNamespace(device=torch.device("cpu"), preprocess=CFG), "gpu", None) == "gpu"  # no probe
+
+
+@pytest.mark.usefixtures("broken_decoder")
+def test_bench_leaves_out_the_way_of_a_device_decoder_that_cannot_work(tmp_path: Path) -> None:
+    from siglip_cli.benchmark import _end_to_end_ways
+
+    make_photo((40, 30)).save(tmp_path / "a.jpg")
+    paths = [str(tmp_path / "a.jpg")]
+    assert "gpu" in _end_to_end_ways(paths, CFG, device=torch.device("cpu"), workers=1)[0]  # no probe on the CPU
+    assert "gpu" not in _end_to_end_ways(paths, CFG, device=torch.device("cuda"), workers=1)[0]
