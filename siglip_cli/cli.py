@@ -370,7 +370,7 @@ def embed(
     out = OutputPaths.for_output(output)
     refuse_a_drive_not_mounted(out.embeddings)  # as the other refusals, before the walk, which may take minutes
     refuse_inputs_among_outputs(out, inputs or [], every=True)
-    paths, walk = find_images(inputs or [], files_from=files_from, digest_list=part is not None)
+    paths, walk = find_images(inputs or [], files_from=files_from, digest_list=part is not None, leave_out=out.entries())
     refuse_inputs_among_outputs(out, walk.links, every=True)  # `photo.jpg -> img.npy` in a folder
     for message in walk.notes(quiet=quiet):
         note(message)
@@ -445,17 +445,30 @@ def _stopped_runs_told(
 
 
 def _report_embedding(summary: Summary, walk: WalkReport, *, json_summary: bool, quiet: bool, strict: bool) -> None:
-    if json_summary:  # a folder that could not be listed is no file's error row, but a script must see it too
-        print_json({**summary.to_dict(), "unlisted_folders": [display_path(folder) for folder, _ in walk.unreadable]})
+    if json_summary:  # what the walk could not reach is no file's error row, but a script must see it too
+        print_json({
+            **summary.to_dict(),
+            "unlisted_folders": [display_path(folder) for folder, _ in walk.unreadable],
+            "dangling_links": [{"link": display_path(link), "target": display_path(target)}
+                               for link, target in walk.dangling],
+            "not_files": [{"path": display_path(path), "kind": kind} for path, kind in walk.not_files],
+        })  # fmt: skip
     if not quiet:
         stderr.print(printable(_summary_line(summary)))
-    if strict and (summary.failed or walk.unreadable):
+    if strict:
+        # A share not mounted (a folder link, or photos linked into it) is a whole folder missing, as one that
+        # cannot be listed is: a nightly --strict run must not pass without it.
         problems = []
         if summary.failed:
-            problems.append(f"{summary.failed} file(s) could not be embedded (--strict): see {summary.errors}")
+            problems.append(f"{counted(summary.failed, 'file')} could not be embedded: see {summary.errors}")
         if walk.unreadable:
-            problems.append(f"could not list {walk.unreadable_text()}" + ("" if summary.failed else " (--strict)"))
-        fail(f"{'; '.join(problems)}.", 1)
+            problems.append(f"could not list {walk.unreadable_text()}")
+        if walk.dangling:
+            problems.append(walk.dangling_text())
+        if walk.not_files:
+            problems.append(walk.not_files_text())
+        if problems:
+            fail(f"{'; '.join(problems)} (--strict).", 1)
 
 
 def _data_console() -> Console:

@@ -195,6 +195,8 @@ def embed_to_file(
         # A shard (its inputs decide its part) and a several-device worker (its part of this run) keep only theirs.
         whole_run = options.shard is None and part_of is None
         keep_unlisted = update and whole_run
+        if update and part_of is None:
+            _refuse_another_part(out, options.shard)
         work, previous, made_in = _open_work(
             out, state, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted, part_of=part_of
         )
@@ -563,7 +565,8 @@ def _moved(pending: list[str], gone: dict[str, Ref], progress: Progress | None) 
         if ref is not None:
             found[path] = ref._replace(info={**ref.info, "path": path, "mtime_ns": stat.st_mtime_ns})
     if progress and found:
-        progress.note(f"{counted(len(found), 'photo')} found under a new name (moved or renamed): rows reused.")
+        rows = "its row reused" if len(found) == 1 else "rows reused"
+        progress.note(f"{counted(len(found), 'photo')} found under a new name (moved or renamed): {rows}.")
     return found
 
 
@@ -937,6 +940,21 @@ class _OtherOptions(UserError):
     def __init__(self, message: str, *, difference: str):
         super().__init__(message)
         self.difference = difference
+
+
+def _refuse_another_part(out: OutputPaths, shard: tuple[int, int] | None) -> None:
+    """An --update keeps an output the part it is: with another --shard, or one where it had none, it kept only the
+    rows of the new part without a word (half a library's, for a flag added by mistake), or made one part another."""
+    if not out.embeddings.exists():
+        return
+    then, now = read_output_metadata(out).get("shard"), f"{shard[0]}/{shard[1]}" if shard else None
+    if then != now:
+        made = f"made with --shard {then}" if then else "made without --shard"
+        given = f"--shard {now}" if now else "no --shard"
+        raise UserError(
+            f"{out.embeddings} was {made}, and this --update has {given}: update it as it was made, or embed "
+            "afresh with --overwrite."
+        )
 
 
 def _previous_output(out: OutputPaths, state: dict) -> tuple[dict[str, Ref | dict], str | None]:

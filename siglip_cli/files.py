@@ -68,7 +68,7 @@ class WalkReport:
         """The notes `siglip embed` gives on stderr; `quiet` keeps those about images that are not embedded."""
         notes = []
         if self.unreadable:
-            notes.append(f"could not list {self.unreadable_text()}; images in them are not embedded.")
+            notes.append(f"could not list {self.unreadable_text()}; images there are not embedded.")
         if self.outside and not quiet:
             notes.append(f"followed {self.outside_text()}; the images there are embedded too.")
         if self.not_files:
@@ -218,7 +218,12 @@ def counted(n: int, noun: str) -> str:
 
 
 def discover(
-    inputs: Iterable[str], *, files_from: str | None = None, report: WalkReport | None = None, digest_list: bool = False
+    inputs: Iterable[str],
+    *,
+    files_from: str | None = None,
+    report: WalkReport | None = None,
+    digest_list: bool = False,
+    leave_out: frozenset[tuple[tuple[int, int], str]] = frozenset(),
 ) -> list[str]:
     """Every image path under `inputs`, each once, in sorted order (by the path's bytes). "Once" is by directory
     entry (`directory_entry`): a file named both relatively and absolutely, or through a symlinked folder, keeps
@@ -229,7 +234,8 @@ def discover(
     `SKIPPED_FOLDERS`. Symlinks are followed, but each folder is entered once, so a symlink loop neither hangs
     nor repeats images. A missing argument is an error; a missing line of `files_from` is kept and fails as a
     bad file instead, since long lists are often a little stale. `report`, when given, collects the other files
-    the walks met and the folders they could not list.
+    the walks met and the folders they could not list. `leave_out`: directory entries (folder's device and inode,
+    name) the walks pass by without a word: the run's own output, which a later run finds in the folder it embeds.
     """
     found: dict[tuple[object, str], str] = {}  # directory entry -> the path it was first met as
     named: dict[tuple[object, str], str] = {}  # the entries of files named one by one
@@ -244,7 +250,7 @@ def discover(
 
     def add(name: str) -> None:
         if os.path.isdir(name):
-            for folder, file_name, path in _walk(name, seen_dirs, report):
+            for folder, file_name, path in _walk(name, seen_dirs, report, leave_out):
                 found.setdefault((folder, file_name), path)  # the walk knows the entry: no `directory_entry` call
         else:
             path = tidy_path(name)
@@ -295,12 +301,16 @@ def directory_entry(path: str, folders: dict[str, object]) -> tuple[object, str]
 
 
 def find_images(
-    inputs: list[str], *, files_from: str | None = None, digest_list: bool = False
+    inputs: list[str],
+    *,
+    files_from: str | None = None,
+    digest_list: bool = False,
+    leave_out: frozenset[tuple[tuple[int, int], str]] = frozenset(),
 ) -> tuple[list[str], WalkReport]:
     """`discover`, with what the walks met; finding no image at all is a UserError that says what was there.
     `digest_list`: also the count and digest of the --files-from list's paths (`WalkReport.listed_digest`)."""
     report = WalkReport()
-    paths = discover(inputs, files_from=files_from, report=report, digest_list=digest_list)
+    paths = discover(inputs, files_from=files_from, report=report, digest_list=digest_list, leave_out=leave_out)
     if not paths and not inputs and not report.listed:
         source = "read from stdin" if files_from == "-" else f"in {display_path(str(files_from))}"
         raise UserError(f"the list of paths {source} is empty: give one path per line, or NUL-separated.")
@@ -333,7 +343,9 @@ def tidy_path(path: str) -> str:
     return drive + root + os.sep.join(kept)
 
 
-def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iterator[tuple[tuple[int, int], str, str]]:
+def _walk(
+    top: str, seen_dirs: set[tuple[int, int]], report: WalkReport, leave_out: frozenset[tuple[tuple[int, int], str]]
+) -> Iterator[tuple[tuple[int, int], str, str]]:
     """Image files under `top`, each as its entry (its folder's device and inode, its name: `directory_entry`) and
     its path. Folders reached through a symlink wait until every real one has been walked, so a folder that is
     reachable both ways is listed under its real path, whatever order the file system gives."""
@@ -360,7 +372,7 @@ def _walk(top: str, seen_dirs: set[tuple[int, int]], report: WalkReport) -> Iter
             if not any(entry.name in PHOTOS_LIBRARY_ORIGINALS and entry.is_dir() for entry in entries):
                 report.without_originals.append(tidy_path(directory))
         for entry in entries:
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") or ((info.st_dev, info.st_ino), entry.name) in leave_out:
                 continue
             suffix = os.path.splitext(entry.name)[1].lower()
             try:

@@ -99,6 +99,15 @@ class OutputPaths:
         """The final files a run writes (those of this format)."""
         return [p for p in (self.manifest, self.errors, self.tokens, self.meta, self.embeddings) if p is not None]
 
+    def entries(self) -> frozenset[tuple[tuple[int, int], str]]:
+        """The directory entries (folder's device and inode, name) of the run's files and work folder, for a folder
+        walk to pass by: an output kept in the folder it embeds was "passed over" by every --update."""
+        try:
+            folder = os.stat(self.embeddings.parent)
+        except OSError:  # not made yet: nothing of ours to meet
+            return frozenset()
+        return frozenset(((folder.st_dev, folder.st_ino), p.name) for p in [*self.files(), self.work])
+
     def work_kept(self) -> bool:
         """Whether the work area holds finished work that a rerun continues from: chunks of embedded batches, or
         a several-device run's finished shards and their chunks."""

@@ -713,7 +713,8 @@ def test_no_exif_transpose_embeds_the_pixels_as_stored(embed, tmp_path: Path, ou
 def test_strict_exits_1_when_any_file_failed(embed, photos: Path, out: Path) -> None:
     (photos / "broken.png").write_text("not a png")
     result = embed(photos, "-o", out / "embeddings.safetensors", "--strict")
-    assert "could not be embedded (--strict)" in the_error(result, code=1)
+    error = the_error(result, code=1)
+    assert error == f"error: 1 file could not be embedded: see {out / 'embeddings.errors.jsonl'} (--strict)."
     assert len(read_jsonl(out / "embeddings.jsonl")) == 3  # the good rows are still written
 
 
@@ -736,6 +737,36 @@ def test_a_folder_that_cannot_be_listed_is_in_the_json_and_fails_strict(
     error = the_error(embed(photos, "-o", out / "b.safetensors", "--strict"), code=1)
     assert error == f"error: could not list 1 folder: {photos / 'locked'} (Permission denied) (--strict)."
     assert len(read_jsonl(out / "b.jsonl")) == 3  # the rows are still written
+
+
+def test_links_into_a_drive_not_mounted_are_in_the_json_and_fail_strict(embed, photos: Path, out: Path) -> None:
+    # The walk said so on stderr, but --strict passed and the JSON had no word of it: a nightly job on a library
+    # whose NAS was not mounted reported success with the whole share missing.
+    (photos / "nas").symlink_to("/mnt/no-such-share/photos")
+    (photos / "fav.jpg").symlink_to("/mnt/no-such-share/fav.jpg")
+    summary = json.loads(ok(embed(photos, "-o", out / "a.safetensors", "--json")).stdout)
+    assert summary["dangling_links"] == [{"link": str(photos / "nas"), "target": "/mnt/no-such-share/photos"}]
+    assert summary["not_files"] == [{"path": str(photos / "fav.jpg"), "kind": "a broken link"}]
+    error = the_error(embed(photos, "-o", out / "b.safetensors", "--strict"), code=1)
+    assert error == (
+        f"error: 1 link that leads nowhere (an unmounted drive?): {photos / 'nas'} → /mnt/no-such-share/photos; 1 entry "
+        f"named like an image is not a file: {photos / 'fav.jpg'} (a broken link) (--strict)."
+    )
+    assert len(read_jsonl(out / "b.jsonl")) == 3  # the rows are still written
+
+
+def test_an_output_kept_in_the_folder_it_embeds_is_not_passed_over(embed, photos: Path) -> None:
+    # Each --update said "passed over 3 files (2 .jsonl, 1 .safetensors) ...: not images siglip reads" of its own output.
+    output = photos / "library.safetensors"
+    (photos / "library.safetensors.partial").mkdir()  # an interrupted run's work folder, as it was being continued
+    (photos / "notes.txt").write_text("mine")
+    (photos / "broken.png").write_text("not a png")  # so that there is an errors file too
+    result = ok(embed(photos, "-o", output))
+    assert (photos / "library.errors.jsonl").exists()
+    result = ok(embed(photos, "-o", output, "--update"))
+    notes = [line for line in result.stderr.splitlines() if "passed over" in line]
+    assert notes == ["note: passed over 1 file (1 .txt) in the folders: not images siglip reads (name a file "
+                     "explicitly to try it anyway)."]  # fmt: skip
 
 
 def test_a_bad_file_without_strict_still_exits_0(embed, photos: Path, out: Path) -> None:

@@ -1171,6 +1171,22 @@ def test_update_with_shards_keeps_only_the_files_of_its_part(embed, folder: Path
     assert summary["rows"] == 12
 
 
+@pytest.mark.parametrize("made, given", [(None, "0/2"), ("0/2", "1/2"), ("0/2", None)])
+def test_update_with_another_shard_than_the_output_was_made_with_is_refused(
+    embed, folder: Path, tmp_path: Path, made: str | None, given: str | None
+) -> None:
+    # `--update --shard 0/2` on a whole library kept half its rows without a word ("removed 6").
+    output = tmp_path / "library.safetensors"
+    ok(embed(folder, output, *(["--shard", made] if made else [])))
+    before = output.read_bytes()
+    error = the_error(embed(folder, output, "--update", *(["--shard", given] if given else [])), code=2)
+    was = f"made with --shard {made}" if made else "made without --shard"
+    has = f"--shard {given}" if given else "no --shard"
+    assert error == f"error: {output} was {was}, and this --update has {has}: update it as it was made, or embed " \
+                    "afresh with --overwrite."
+    assert output.read_bytes() == before and not output.with_name(output.name + ".partial").exists()
+
+
 def test_several_devices_rerun_with_overwrite_and_fewer_inputs_keeps_none_of_the_others(
     embed, stopped_on_two_devices: Path, tmp_path: Path
 ) -> None:

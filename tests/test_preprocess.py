@@ -507,6 +507,10 @@ def test_damaged_tiff_and_jpeg_cut_between_blocks_fail_in_plain_words(tmp_path: 
         if "(0 bytes not processed)" in str(raised.value):
             reasons.add(one_line(raised.value))
     assert reasons == {"image file is truncated"}  # met at least once, and said plainly
+    (tmp_path / "cut.jpg").write_bytes(data[:100])  # in its header: Pillow said "Truncated File Read"
+    with pytest.raises(OSError) as raised:
+        load_pixels(tmp_path / "cut.jpg", bicubic, DecodeOptions())
+    assert one_line(raised.value) == "image file is truncated (it ends in its header)"
 
 
 def test_rotated_heic_is_turned_upright_once(tmp_path: Path, bicubic: PreprocessConfig) -> None:
