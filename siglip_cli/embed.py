@@ -563,7 +563,7 @@ def _moved(pending: list[str], gone: dict[str, Ref], progress: Progress | None) 
     for (path, stat), digest in zip(candidates.items(), digests, strict=True):
         ref = by_size[stat.st_size].get(digest)
         if ref is not None:
-            found[path] = ref._replace(info={**ref.info, "path": path, "mtime_ns": stat.st_mtime_ns})
+            found[path] = ref._replace(info={**ref.info, "path": path, **_times(ref.info, stat)})
     if progress and found:
         rows = "its row reused" if len(found) == 1 else "rows reused"
         progress.note(f"{counted(len(found), 'photo')} found under a new name (moved or renamed): {rows}.")
@@ -654,12 +654,13 @@ def refuse_empty_run(out: OutputPaths, bad: list[dict]) -> NoReturn:
 
 
 def _still_current(infos: dict[str, dict], progress: Progress | None) -> dict[str, dict]:
-    """Of `infos` (manifest rows by path), those whose file is still the one that produced them, with today's mtime.
+    """Of `infos` (manifest rows by path), those whose file is still the one that produced them, with today's times.
 
-    Size and mtime first; when only the mtime moved (a copy, a restore, a sync) the content hash decides. Those
-    files are read in `HASHING_THREADS` threads, after a note when there is much to read."""
+    Size, mtime and ctime first (rows of versions before the ctime have none to compare); when only the times
+    moved (a copy, a restore, a sync, a chmod; a tag edited in place with the mtime kept) the content hash decides.
+    Those files are read in `HASHING_THREADS` threads, after a note when there is much to read."""
     current: dict[str, dict] = {}
-    touched: dict[str, int] = {}  # path -> its new mtime
+    touched: dict[str, os.stat_result] = {}
     for path, info in infos.items():
         try:
             stat = os.stat(path)
@@ -669,17 +670,22 @@ def _still_current(infos: dict[str, dict], progress: Progress | None) -> dict[st
             continue
         if stat.st_size != info.get("size"):
             continue
-        if stat.st_mtime_ns == info.get("mtime_ns"):
+        if all(info.get(name) == time for name, time in _times(info, stat).items()):
             current[path] = info
         elif "blake2b" in info and S_ISREG(stat.st_mode):  # a FIFO put in a photo's place would block the read
-            touched[path] = stat.st_mtime_ns
+            touched[path] = stat
     size = sum(infos[path]["size"] for path in touched)
     digests = _digests(list(touched), size, progress,
-                       "whose modification time changed but not their size, to see whether their content did")  # fmt: skip
-    for (path, mtime_ns), digest in zip(touched.items(), digests, strict=True):
+                       "whose times changed but not their size, to see whether their content did")  # fmt: skip
+    for (path, stat), digest in zip(touched.items(), digests, strict=True):
         if digest == infos[path]["blake2b"]:
-            current[path] = {**infos[path], "mtime_ns": mtime_ns}
+            current[path] = {**infos[path], **_times(infos[path], stat)}
     return current
+
+
+def _times(info: dict, stat: os.stat_result) -> dict[str, int]:
+    """The file's times as a row records them: its mtime, and its ctime where the row has one (`stat_facts`)."""
+    return {"mtime_ns": stat.st_mtime_ns, **({"ctime_ns": stat.st_ctime_ns} if "ctime_ns" in info else {})}
 
 
 class Embedded(NamedTuple):

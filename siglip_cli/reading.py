@@ -63,7 +63,7 @@ def pixels_and_facts(
     if info.st_size > HEADER_FIRST_BYTES:
         with open(path, "rb") as f:  # its own handle: closing the image closes the file it was given
             open_checked(f, options).close()  # a huge file that is no image, or too many pixels: refused unread
-        facts = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "blake2b": digest_of_file(path)}
+        facts = {**stat_facts(info), "blake2b": digest_of_file(path)}
         with open(path, "rb") as f:  # the PIL path whatever `for_device`: the device decoder takes bytes in memory
             pixels, width, height = load_pixels(f, cfg, options)
         return pixels, {"width": width, "height": height, **facts}, None
@@ -71,7 +71,7 @@ def pixels_and_facts(
         data = f.read()
     if not data:  # an interrupted copy or download, often: PIL would say only "cannot identify image file"
         raise BadImage("empty file (0 bytes)")
-    facts = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "blake2b": file_digest(data)}
+    facts = {**stat_facts(info), "blake2b": file_digest(data)}
     if for_device is not None and (claimed := for_device(data)) is not None:
         return None, {"width": claimed.width, "height": claimed.height, **facts}, claimed
     pixels, width, height = load_pixels(io.BytesIO(data), cfg, options)
@@ -85,6 +85,13 @@ def failure_reason(error: Exception, path: str) -> str:
     if isinstance(error, FileNotFoundError) and (bare := path.strip()) != path and os.path.lexists(bare):
         reason += f" (without the spaces at its ends, {display_path(bare)} exists)"
     return reason
+
+
+def stat_facts(info: os.stat_result) -> dict[str, int]:
+    """What a manifest row keeps of a file's status, by which a later --update tells whether it changed: its size,
+    mtime and ctime. The ctime (inode change time) catches what keeps size and mtime: a tag edited in place with
+    `exiftool -P`, a file replaced by one restored with its times; no tool can set it back."""
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns}
 
 
 def stat_fields(path: str) -> dict:

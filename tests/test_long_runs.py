@@ -883,7 +883,28 @@ def test_update_reads_every_touched_file_and_re_embeds_the_one_whose_bytes_chang
     monkeypatch.setattr(embed_module, "HASHING_NOTE_BYTES", 0)  # the note a large library gets
     result = embed(folder, output, "--update", "--batch-size", 1, "--json")
     assert (summary_of(result)["embedded"], summary_of(result)["reused"]) == (1, 11)
-    assert "note: reading 12 files (0.0 GiB) whose modification time changed but not their size" in result.stderr
+    assert "note: reading 12 files (0.0 GiB) whose times changed but not their size" in result.stderr
+    assert differences_from_a_fresh_run(embed, folder, output) == []
+
+
+def test_update_catches_a_photo_edited_in_place_with_its_size_and_mtime_kept(
+    embed, folder: Path, tmp_path: Path
+) -> None:
+    # `exiftool -P -Orientation=6` on a photo: the same size, the mtime put back, and the row was kept stale. Its
+    # ctime moved (nothing can set it back): the hash then decides. A chmod moves the ctime alone: read, not embedded.
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output, "--batch-size", 1))
+    edited, chmodded = folder / "p06.jpg", folder / "p07.jpg"
+    before = edited.stat()
+    data = bytearray(edited.read_bytes())
+    data[-3] ^= 0xFF  # inside the entropy-coded data, before the end marker: same size, other pixels
+    time.sleep(0.01)  # a ctime of its own, on file systems with coarse timestamps
+    edited.write_bytes(bytes(data))
+    os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))
+    chmodded.chmod(0o600)
+    assert (edited.stat().st_size, edited.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    summary = summary_of(embed(folder, output, "--update", "--batch-size", 1, "--json"))
+    assert (summary["embedded"], summary["reused"]) == (1, 11)
     assert differences_from_a_fresh_run(embed, folder, output) == []
 
 
