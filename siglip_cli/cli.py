@@ -210,8 +210,8 @@ def _bad_value(error: Exception) -> str:
 
 
 def _import_torch() -> None:
-    """Import torch (1-2 s) with Ctrl-C deferred to its end. Raised inside, the KeyboardInterrupt was often lost:
-    torch's C module imports numpy and drops whatever that raises, so the run went on to its end, or stopped later
+    """Import torch (1-2 s) with Ctrl-C deferred to its end. Raised inside, the KeyboardInterrupt may be lost:
+    torch's C module imports numpy and drops whatever that raises, so the run would go on to its end, or stop later
     in a traceback from a half-imported numpy. The commands that need torch call this before anything else; the
     KeyboardInterrupt raised as the import ends is their `_Command.invoke`'s sentence."""
     with interrupts.deferred():
@@ -239,8 +239,8 @@ def _path(value: str) -> Path:
 
 
 def _output_path(value: str) -> Path:
-    """`-o`, a file: `_path`, and a name that ends in a separator or in `.` refused, which `Path` would drop (`-o
-    photos.safetensors/` wrote the file photos.safetensors, and so did `photos.safetensors/.`)."""
+    """`-o`, a file: `_path`, and a name that ends in a separator or in `.` refused, which `Path` drops: `-o
+    photos.safetensors/` and `-o photos.safetensors/.` would both write the file photos.safetensors."""
     if isinstance(value, str):  # as typed (the default comes as a Path)
         if value.endswith(("/", os.sep)):
             end = value[-1]
@@ -358,25 +358,16 @@ def embed(
     from .decoding import default_workers
     from .devices import check_device_options, embed_with_model, parse_devices
     from .embed import EmbedOptions
-    from .files import find_images, refuse_a_drive_not_mounted
-    from .outputs import OutputPaths, refuse_inputs_among_outputs
+    from .outputs import OutputPaths
     from .runtime import default_batch_size, resolve_device
-    from .shards import parse_shard, select_shard, shard_inputs
+    from .shards import parse_shard, shard_inputs
 
     keep_freed_memory()
     part = parse_shard(shard, num_shards)
     devices = parse_devices(device)
     check_device_options(devices, shard=part, update=update)
     out = OutputPaths.for_output(output)
-    refuse_a_drive_not_mounted(out.embeddings)  # as the other refusals, before the walk, which may take minutes
-    refuse_inputs_among_outputs(out, inputs or [], every=True)
-    paths, walk = find_images(inputs or [], files_from=files_from, digest_list=part is not None, leave_out=out.entries())
-    refuse_inputs_among_outputs(out, walk.links, every=True)  # `photo.jpg -> img.npy` in a folder
-    for message in walk.notes(quiet=quiet):
-        note(message)
-    _note_folders_made(out, quiet=quiet)
-    if part:
-        paths = select_shard(paths, *part)  # may be empty: the shard still writes its (empty) output
+    paths, walk = _images_to_embed(inputs or [], files_from, out, part, quiet=quiet)
     options = EmbedOptions(
         normalize=normalize,
         tokens=tokens,
@@ -404,6 +395,27 @@ def embed(
         progress.stop()  # still in the block, which lets signals go once the output is in place
     with interrupts.ignored():  # the output is in place: what follows reports a finished run, whatever Ctrl-C says
         _report_embedding(summary, walk, json_summary=json_summary, quiet=quiet, strict=strict)
+
+
+def _images_to_embed(
+    inputs: list[str], files_from: str | None, out: OutputPaths, part: tuple[int, int] | None, *, quiet: bool
+) -> tuple[list[str], WalkReport]:
+    """The files this run embeds (of `part`, with --shard) and what the walk met, with its notes said. The refusals
+    of an output that cannot be written come first: the walk may take minutes."""
+    from .files import find_images, refuse_a_drive_not_mounted
+    from .outputs import refuse_inputs_among_outputs
+    from .shards import select_shard
+
+    refuse_a_drive_not_mounted(out.embeddings)
+    refuse_inputs_among_outputs(out, inputs, every=True)
+    paths, walk = find_images(inputs, files_from=files_from, digest_list=part is not None, leave_out=out.entries())
+    refuse_inputs_among_outputs(out, walk.links, every=True)  # `photo.jpg -> img.npy` in a folder
+    for message in walk.notes(quiet=quiet):
+        note(message)
+    _note_folders_made(out, quiet=quiet)
+    if part:
+        paths = select_shard(paths, *part)  # may be empty: the shard still writes its (empty) output
+    return paths, walk
 
 
 @contextmanager
@@ -479,7 +491,7 @@ def _data_console() -> Console:
     if stdout.is_terminal:  # FORCE_COLOR into a file or a pipe: colours, lines whole
         return stdout
     columns = os.environ.get("COLUMNS", "")
-    width = None if columns.isdigit() and int(columns) >= 40 else 200  # None: rich reads COLUMNS (0 printed nothing)
+    width = None if columns.isdigit() and int(columns) >= 40 else 200  # None: rich reads COLUMNS (at 0 it prints nothing)
     return Console(file=_TrimmedLines(stdout.file), width=width, soft_wrap=True, markup=False, highlight=False)
 
 

@@ -135,8 +135,9 @@ def _quiet_if_the_main_process_left(kind: type[BaseException], value: BaseExcept
 
 
 # Files per unit of worker work. The model's batch is assembled from such parcels, so every worker is busy from the
-# first batch on: with whole batches per worker, 15 workers and a 256-image batch, one worker decoded each batch
-# alone (an H200's 16 cores embedded 35 images/s on the CPU decoder, and read JPEG bytes at 831 images/s).
+# first batch on. With a whole batch per worker, one worker decodes each batch alone: on an H200 host's 16 cores
+# (15 workers, 256-image batches) that embedded 35 images/s with the CPU decoder, where reading the JPEG bytes
+# alone ran at 831 images/s.
 PARCEL_SIZE = 16
 
 # A decoder stuck in a loop on one malformed file would hang the run, and every rerun, at that file. A worker that
@@ -232,7 +233,7 @@ class Parcel:
     the JPEGs for the device decoder as one buffer of bytes (one shared-memory block crosses over, not one per file).
 
     A dataclass, not a NamedTuple: `__len__` counts files, and a NamedTuple's `_replace` (the copy `pin_memory`
-    makes) checks its field count with `len`, which failed every pinned batch on CUDA."""
+    makes) checks its field count with `len`, so every pinned parcel (CUDA) would fail."""
 
     rows: list[dict]  # manifest facts of the good files, in order
     errors: list[dict]  # path and error of the bad ones
@@ -268,9 +269,9 @@ def _collate(items: list[Item]) -> Parcel:
         jpeg_rows=jpeg_rows,
     )
     if get_worker_info() is not None:
-        # Moved to shared memory here, as sending would do anyway: where it fails, the loader then raises in the
-        # main process, where `_parcels` recovers. Failing in the sending thread, the parcel was lost and the run
-        # waited for it forever.
+        # Moved to shared memory here, as sending would do anyway: a failure here reaches the main process through
+        # the loader, where `_parcels` recovers; in the worker's sending thread it would lose the parcel, and the
+        # run would wait for it forever.
         try:
             for tensor in (parcel.pixels, parcel.jpeg_bytes):
                 if tensor is not None:
@@ -455,10 +456,9 @@ def _parcels(
 
     def prefetch(workers: int) -> int:
         """Parcels each worker has in flight: about two batches in all, capped at the number of parcels (2 at the
-        least). The loader starts by asking for every one of its prefetch slots, and `-b 1000000000` on ten files
-        spent minutes asking."""
-        parcels = sum(math.ceil((end - start) / size) for start, end in spans)
-        return max(2, min(math.ceil(2 * batch_size / (size * workers)), parcels))
+        least). The loader starts by asking for every one of its prefetch slots: uncapped, `-b 1000000000` on ten
+        files would spend minutes asking."""
+        return max(2, min(math.ceil(2 * batch_size / (size * workers)), len(_ParcelSampler(spans, size))))
 
     workers = _workers_within_open_files(workers, prefetch, note)
     while spans:
@@ -517,14 +517,8 @@ def _loader_parcels(
         except OSError as e:  # its queues' semaphores live in /dev/shm: full, read-only; or no process to fork
             if not workers:
                 raise
-            reason = e.strerror or str(e)
-            if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
-                reason += "; their queues need a writable /dev/shm"
             _drop_half_made(e)
-            return _LoaderStop(0, without_workers=(
-                f"cannot start {counted(workers, 'decoding worker')} ({reason}): decoding in this process, which is "
-                "slower."
-            ))  # fmt: skip
+            return _LoaderStop(0, without_workers=_cannot_start(e, workers))
     handed_over = 0
     try:
         with _stuck_workers_stopped(watch, stuck, note, files.paths):
@@ -537,24 +531,42 @@ def _loader_parcels(
         with interrupts.deferred():
             next(arriving, None)  # the finished iterator shuts its workers down (not in a `__del__`, see `interrupts`)
         return _LoaderStop(handed_over)
-    except SharedMemoryFull as e:
-        return _LoaderStop(handed_over, without_workers=(
-            f"the shared memory (/dev/shm) is too small for the parcels of {counted(workers, 'decoding worker')} "
-            f"({_raised_in_worker(e)}): decoding in this process from here on, which is slower (in a container, "
-            "give it more: docker run --shm-size=2g)."
-        ))  # fmt: skip
     except RuntimeError as e:
-        if workers and str(e).startswith("Too many open files"):  # a parcel in transit holds descriptors
-            return _LoaderStop(handed_over, without_workers=(
-                f"too many open files for {counted(workers, 'decoding worker')} (`ulimit -n` is "
-                f"{open_files_limit()}): decoding in this process from here on, which is slower ({_raising_it()})."
-            ))  # fmt: skip
-        if not str(e).startswith("DataLoader worker"):
+        if (stop := _stop_after(e, handed_over, workers)) is None:
             raise
-        return _LoaderStop(handed_over, worker_died=True)
+        return stop
     finally:
         with interrupts.deferred():
             del arriving  # the workers stop as the iterator goes
+
+
+def _cannot_start(error: OSError, workers: int) -> str:
+    """The note of a loader whose `workers` could not start (`_LoaderStop.without_workers`)."""
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
+        reason += "; their queues need a writable /dev/shm"
+    return f"cannot start {counted(workers, 'decoding worker')} ({reason}): decoding in this process, which is slower."
+
+
+def _stop_after(error: RuntimeError, handed_over: int, workers: int) -> _LoaderStop | None:
+    """Where a loader that raised `error` after `handed_over` files stopped, for the failures `_parcels` recovers
+    from: a dead worker, or workers that cannot hand parcels over (shared memory, open files). None: any other
+    error, for the caller to raise."""
+    decoding_workers = counted(workers, "decoding worker")
+    if isinstance(error, SharedMemoryFull):
+        return _LoaderStop(handed_over, without_workers=(
+            f"the shared memory (/dev/shm) is too small for the parcels of {decoding_workers} "
+            f"({_raised_in_worker(error)}): decoding in this process from here on, which is slower (in a container, "
+            "give it more: docker run --shm-size=2g)."
+        ))  # fmt: skip
+    if workers and str(error).startswith("Too many open files"):  # a parcel in transit holds descriptors
+        return _LoaderStop(handed_over, without_workers=(
+            f"too many open files for {decoding_workers} (`ulimit -n` is {open_files_limit()}): decoding in this "
+            f"process from here on, which is slower ({_raising_it()})."
+        ))  # fmt: skip
+    if str(error).startswith("DataLoader worker"):
+        return _LoaderStop(handed_over, worker_died=True)
+    return None
 
 
 def _workers_within_open_files(workers: int, prefetch: Callable[[int], int], note: Callable[[str], None]) -> int:

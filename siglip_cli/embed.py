@@ -141,7 +141,7 @@ def run_state(embedder: Embedder, options: EmbedOptions, output_format: str) -> 
         "num_tokens": ckpt.vision.num_patches,
         "pooling": pooling(ckpt.vision),
         # A checkpoint folder saved over (a fine-tune's next epoch) keeps its path, and a Hub id's revision says
-        # nothing of a local folder: without this an --update or a resumed run mixed rows of two models.
+        # nothing of a local folder: the weights themselves keep an --update or a resumed run from mixing two models.
         "weights": weights_fingerprint(embedder.model),
     }
     return json.loads(json.dumps(state))  # as it reads back from disk (tuples become lists)
@@ -197,34 +197,21 @@ def embed_to_file(
         keep_unlisted = update and whole_run
         if update and part_of is None:
             _refuse_another_part(out, options.shard)
-        work, previous, made_in = _open_work(
-            out, state, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted, part_of=part_of
-        )
-        remove_stale_temporaries(out.files())
-        chunks, damaged = work.chunks()
-        if damaged and progress:
-            progress.note(
-                f"{counted(len(damaged), 'chunk')} of the interrupted run in {out.work} could not be read (damaged "
-                "since): their files are embedded again."
-            )
-        in_chunks = _chunk_rows(chunks)
-        try:
-            settled = _settled(paths, previous, made_in, in_chunks, keep_unlisted, progress)
-        except UserError:
-            if not chunks:
-                work.remove()  # a refused --update leaves nothing behind
-            raise
+        earlier = _earlier_work(
+            out, state, paths, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted, part_of=part_of,
+            progress=progress,
+        )  # fmt: skip
+        work, settled = earlier.work, earlier.settled
         paths, done = settled.paths, settled.done
         pending = [p for p in paths if p not in done]
         if progress:
-            if in_chunks:  # done: in the chunks, or (--update) kept from the earlier output
-                progress.note(f"continuing the interrupted run in {out.work}: {len(done):,} of {len(paths):,} files done.")
             progress.start(total=len(paths), done=len(done))
-        next_seq = max((chunk.seq for chunk in chunks), default=-1) + 1  # after a damaged one's too: it is gone
-        new = _embed_pending(embedder, pending, work, options, progress, first_seq=next_seq, flush_seconds=flush_seconds)
+        new = _embed_pending(
+            embedder, pending, work, options, progress, first_seq=earlier.next_seq, flush_seconds=flush_seconds
+        )
         results = {**done, **new}
         if progress and part_of is None:  # a several-device worker's errors file is not the one the user gets
-            _note_failing_since(previous, new, out, progress)
+            _note_failing_since(earlier.previous, new, out, progress)
 
         ordered = [results[p] for p in paths]
         good = [r for r in ordered if isinstance(r, Ref)]
@@ -236,19 +223,72 @@ def embed_to_file(
         metadata = output_metadata(embedder.checkpoint, state, shard=options.shard, inputs=options.shard_inputs)
         assemble(out, good, bad, metadata, before_replacing=work.mark_assembling)
         work.remove()
-        embedded = sum(1 for r in new.values() if isinstance(r, Ref))
-        reused = sum(1 for p, r in done.items() if isinstance(r, Ref) and p not in settled.unchecked)
-        return Summary(
-            embedded=embedded,
-            reused=reused,
-            failed=len(bad),
-            removed=settled.removed,
-            unchecked=sum(1 for r in settled.unchecked.values() if isinstance(r, Ref)),
-            output=str(out.embeddings),
-            manifest=str(out.manifest),
-            errors=str(out.errors) if bad else None,
-            seconds=time.perf_counter() - started,
+        return _summary(out, settled, new, failed=len(bad), seconds=time.perf_counter() - started)
+
+
+class _EarlierWork(NamedTuple):
+    """What a run starts from: its work area, the earlier output's rows (`_open_work`), what they and the
+    interrupted run's chunks settle (`_settled`), and the number of the next chunk to write."""
+
+    work: WorkArea
+    previous: dict[str, Ref | dict]
+    settled: _Settled
+    next_seq: int
+
+
+def _earlier_work(
+    out: OutputPaths,
+    state: dict,
+    paths: list[str],
+    *,
+    overwrite: bool,
+    update: bool,
+    keep_unlisted: bool,
+    part_of: Path | None,
+    progress: Progress | None,
+) -> _EarlierWork:
+    """Open the work area (`_open_work`) and settle `paths` against what earlier work left: the chunks of an
+    interrupted run (damaged ones deleted, with a note) and, with --update, the earlier output's rows. A refused
+    --update leaves no work area behind."""
+    work, previous, made_in = _open_work(
+        out, state, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted, part_of=part_of
+    )
+    remove_stale_temporaries(out.files())
+    chunks, damaged = work.chunks()
+    if damaged and progress:
+        progress.note(
+            f"{counted(len(damaged), 'chunk')} of the interrupted run in {out.work} could not be read (damaged "
+            "since): their files are embedded again."
         )
+    in_chunks = _chunk_rows(chunks)
+    try:
+        settled = _settled(paths, previous, made_in, in_chunks, keep_unlisted, progress)
+    except UserError:
+        if not chunks:
+            work.remove()
+        raise
+    if progress and in_chunks:  # done: in the chunks, or (--update) kept from the earlier output
+        done, total = len(settled.done), len(settled.paths)
+        progress.note(f"continuing the interrupted run in {out.work}: {done:,} of {total:,} files done.")
+    next_seq = max((chunk.seq for chunk in chunks), default=-1) + 1  # after a damaged one's too: it is gone
+    return _EarlierWork(work, previous, settled, next_seq)
+
+
+def _summary(
+    out: OutputPaths, settled: _Settled, new: dict[str, Ref | dict], *, failed: int, seconds: float
+) -> Summary:
+    """What the run did: rows embedded now (`new`), reused from earlier work (`settled`), failed, removed."""
+    return Summary(
+        embedded=sum(1 for r in new.values() if isinstance(r, Ref)),
+        reused=sum(1 for p, r in settled.done.items() if isinstance(r, Ref) and p not in settled.unchecked),
+        failed=failed,
+        removed=settled.removed,
+        unchecked=sum(1 for r in settled.unchecked.values() if isinstance(r, Ref)),
+        output=str(out.embeddings),
+        manifest=str(out.manifest),
+        errors=str(out.errors) if failed else None,
+        seconds=seconds,
+    )
 
 
 def flush_interval() -> float:
@@ -293,7 +333,7 @@ def _open_work(
     resuming, published = _what_was_left(work, out, state, overwrite=overwrite)
     reuse_output = update or published
     check_outputs(out, interrupted=resuming, overwrite=overwrite, update=reuse_output)
-    if resuming:  # a several-device worker's user gave no --update: its shard is the worker's own
+    if resuming:  # the advice follows the user's --update, not a several-device worker's (of its own shard)
         _refuse_to_continue_other_work(work, state, update=update and part_of is None)
     # A run stopped while replacing the final files whose renames could not be finished (`finish_assembling`: its
     # new files gone, a mark of an earlier version) may have left a new manifest beside the old embeddings. The
@@ -487,7 +527,8 @@ def _refuse_relative_rows_all_lost(previous: dict[str, Ref | dict], dropped: dic
     """Where the folder an earlier output was made in is unknown (an output of an earlier version) or gone: refuse
     an --update that finds none of its relative paths from here when some of them are lost (`lost`: the dropped
     rows whose photo was not found under a new name either). All of them found again under new names is a renamed
-    folder; one copy found in a folder added must not hide the rest (it did: their rows were dropped)."""
+    folder. The test is on the dropped rows, not the lost ones: a photo found again elsewhere (one copy in a folder
+    added) does not make the other relative paths found."""
     if all(os.path.isabs(path) for path in lost):
         return
     relative = [path for path, row in previous.items() if isinstance(row, Ref) and not os.path.isabs(path)]
@@ -642,15 +683,14 @@ def refuse_empty_run(out: OutputPaths, bad: list[dict]) -> NoReturn:
     """None of the inputs could be embedded: one sentence with the first file's reason. An earlier, finished output
     is left untouched; otherwise the errors file is written, so that every reason can be read."""
     first = f"{display_path(bad[0]['path'])}: {bad[0]['error']}"
-    if out.embeddings.exists():
-        raise UserError(
-            f"none of the {len(bad)} input files could be embedded (the first, {first}); "
-            f"{out.embeddings} is left as it was."
-        )
-    write_jsonl(out.errors, (public_row(r) for r in bad))
     if len(bad) == 1:
-        raise UserError(f"could not embed {first}.")
-    raise UserError(f"none of the {len(bad)} input files could be embedded (the first, {first}): see {out.errors}.")
+        failed = f"could not embed {first}"
+    else:
+        failed = f"none of the {len(bad):,} input files could be embedded (the first, {first})"
+    if out.embeddings.exists():
+        raise UserError(f"{failed}; {out.embeddings} is left as it was.")
+    write_jsonl(out.errors, (public_row(r) for r in bad))
+    raise UserError(f"{failed}." if len(bad) == 1 else f"{failed}: see {out.errors}.")
 
 
 def _still_current(infos: dict[str, dict], progress: Progress | None) -> dict[str, dict]:
@@ -813,21 +853,16 @@ def _embed_pending(
         progress=progress,
     )
     try:
-        for done in batches:
+        for batch in batches:
             interrupts.check()  # a Ctrl-C that a `__del__` swallowed stops the run here
             # Converted first: a batch joins the buffer whole, or not at all (a MemoryError in a conversion, a
             # Ctrl-C), and what a stopped run flushes is whole batches.
-            embeddings = done.embeddings.astype(out_dtype) if done.embeddings is not None else None
-            tokens = done.tokens.astype(out_dtype) if embeddings is not None and done.tokens is not None else None
+            embeddings = batch.embeddings.astype(out_dtype) if batch.embeddings is not None else None
+            tokens = batch.tokens.astype(out_dtype) if embeddings is not None and batch.tokens is not None else None
             with interrupts.deferred():
-                buffer.errors.extend(done.errors)
-                if embeddings is not None:
-                    buffer.rows.extend(done.rows)
-                    buffer.embeddings.append(embeddings)
-                    if tokens is not None:
-                        buffer.tokens.append(tokens)
+                buffer.add(batch, embeddings, tokens)
             if progress:
-                progress.advance(done.count)
+                progress.advance(batch.count)
             if time.monotonic() - last_flush >= flush_seconds or buffer.nbytes() >= CHUNK_BYTES:
                 results.update(buffer.flush(work, seq))
                 seq, last_flush = seq + 1, time.monotonic()
@@ -926,6 +961,15 @@ class _ChunkBuffer:
     embeddings: list[np.ndarray] = field(default_factory=list)
     tokens: list[np.ndarray] = field(default_factory=list)
 
+    def add(self, batch: Embedded, embeddings: np.ndarray | None, tokens: np.ndarray | None) -> None:
+        """`batch`'s rows and errors, with its tensors as they are to be kept (`embeddings` None: no row)."""
+        self.errors.extend(batch.errors)
+        if embeddings is not None:
+            self.rows.extend(batch.rows)
+            self.embeddings.append(embeddings)
+            if tokens is not None:
+                self.tokens.append(tokens)
+
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.embeddings) + sum(a.nbytes for a in self.tokens)
 
@@ -949,8 +993,9 @@ class _OtherOptions(UserError):
 
 
 def _refuse_another_part(out: OutputPaths, shard: tuple[int, int] | None) -> None:
-    """An --update keeps an output the part it is: with another --shard, or one where it had none, it kept only the
-    rows of the new part without a word (half a library's, for a flag added by mistake), or made one part another."""
+    """An --update keeps an output the part it is. With another --shard than the output was made with (or one where
+    it had none) it would keep only the rows of the new part and drop the rest without a word (half a library, for
+    a flag added by mistake), or turn one part into another."""
     if not out.embeddings.exists():
         return
     then, now = read_output_metadata(out).get("shard"), f"{shard[0]}/{shard[1]}" if shard else None
@@ -1003,23 +1048,18 @@ def embed_paths(
 
     `workers`: decoding processes beside this one (0: decode here). `decoder`: as `EmbedOptions.decoder`."""
     paths = discover([os.fspath(p) for p in inputs])
-    embeddings, token_blocks, rows, errors = [], [], [], []
+    found = _ChunkBuffer()
     batches = embedded_batches(
         embedder, paths, batch_size=batch_size, workers=workers, decode=decode, decoder=decoder, normalize=normalize,
         tokens=tokens,
     )
     with closing(batches):  # its decoding workers stop here, even when an error ends the loop
-        for done in batches:
-            errors.extend(done.errors)
-            if done.embeddings is not None:
-                embeddings.append(done.embeddings)
-                rows.extend(done.rows)
-                if done.tokens is not None:
-                    token_blocks.append(done.tokens)
+        for batch in batches:
+            found.add(batch, batch.embeddings, batch.tokens)
     D, T = embedder.checkpoint.vision.hidden_size, embedder.checkpoint.vision.num_patches
     return EmbedResult(
-        embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, D), np.float32),
-        tokens=(np.concatenate(token_blocks) if token_blocks else np.zeros((0, T, D), np.float32)) if tokens else None,
-        rows=[public_row(r) for r in rows],
-        errors=[public_row(e) for e in errors],
+        embeddings=np.concatenate(found.embeddings) if found.embeddings else np.zeros((0, D), np.float32),
+        tokens=(np.concatenate(found.tokens) if found.tokens else np.zeros((0, T, D), np.float32)) if tokens else None,
+        rows=[public_row(r) for r in found.rows],
+        errors=[public_row(e) for e in found.errors],
     )

@@ -333,7 +333,7 @@ def find_images(
 def tidy_path(path: str) -> str:
     """`path` without `.` components and doubled or trailing separators, as `os.path.normpath` gives it, but with
     every `..` kept: after a symlinked folder, `..` leads to the parent of the link's target, which only the file
-    system knows (`link/../a.jpg` named one file and embedded another)."""
+    system knows (`os.path.normpath` makes `link/../a.jpg` into `a.jpg`, which may be another file)."""
     parts = path.replace(os.altsep, os.sep) if os.altsep else path
     if ".." not in parts.split(os.sep):
         return os.path.normpath(path)
@@ -425,8 +425,8 @@ def read_path_list(source: str) -> list[str]:
             raise UserError(f"the path list {source} looks like UTF-16 but is not valid UTF-16.") from None
     data = data.removeprefix(codecs.BOM_UTF8)
     parts = [part for part in (data.split(b"\0") if b"\0" in data else data.splitlines()) if part.strip()]
-    # A photo given by mistake (`--files-from photo.jpg`) split into hundreds of "paths" of binary bytes, each an
-    # error row. Real names may hold a control character, but not most of a list's.
+    # A photo given by mistake (`--files-from photo.jpg`) would split into hundreds of "paths" of binary bytes, each
+    # an error row. Real names may hold a control character, but not most of a list's.
     if sum(1 for part in parts if _BINARY.search(part)) > len(parts) / 2:
         raise UserError(
             f"the path list {source} is not text: most of its lines hold control characters (an image? a listing "

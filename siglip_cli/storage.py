@@ -49,8 +49,8 @@ class WriteError(UserError):
     """A file that could not be written: a full disk, a quota, a folder made read-only."""
 
 
-# The files of one `replaced_together` block, in order: each written one (temporary, final name), and each one to
-# remove (final name, None).
+# The files of one `replaced_together` block, in order: each written one (source: its temporary; target: its final
+# name), and each one to remove (source: its name; target: None).
 Steps = list[tuple[Path, Path | None]]
 
 
@@ -110,9 +110,9 @@ def replaced_together(*, before: Callable[[Steps], None], after: Callable[[], No
         yield staging
         before(staging.steps)
     except BaseException:
-        for first, final in staging.steps:
-            if final is not None:
-                _remove_if_can(first)
+        for source, target in staging.steps:
+            if target is not None:
+                _remove_if_can(source)
         raise
     with interrupts.deferred():  # a Ctrl-C waits for the renames: a moment, and the output is whole
         take_their_names(staging.steps)
@@ -121,20 +121,20 @@ def replaced_together(*, before: Callable[[Steps], None], after: Callable[[], No
 
 def take_their_names(steps: Steps) -> None:
     """Do a `Staging`'s steps: rename each temporary to its final name, remove each file to remove; then fsync."""
-    for first, final in steps:
+    for source, target in steps:
         try:
-            if final is None:
-                first.unlink(missing_ok=True)
+            if target is None:
+                source.unlink(missing_ok=True)
             else:
-                os.replace(first, final)
+                os.replace(source, target)
         except OSError as e:
-            raise WriteError(f"cannot write {final or first}: {e.strerror}.") from None
-    for folder in {(final or first).parent for first, final in steps}:
+            raise WriteError(f"cannot write {target or source}: {e.strerror}.") from None
+    for folder in {(target or source).parent for source, target in steps}:
         fsync_dir(folder)
 
 
-# Lock files held by `exclusive`. A forked child (a decoding worker) shares their open files, and so the locks:
-# one that outlived its run (a kill -9 of the main process) kept the rerun out for seconds. Children let go of them.
+# Lock files held by `exclusive`. A forked child (a decoding worker) shares their open files, and so the locks: one
+# that outlives its run (a kill -9 of the main process) would keep the rerun out until it exits. Children let go.
 _held_locks: set[int] = set()
 
 
@@ -160,21 +160,7 @@ def exclusive(output: Path) -> Iterator[None]:
         return
     lock = output.with_name(f".{output.stem}.lock")  # by stem: OUT.npy and OUT.safetensors share OUT.jsonl
     refuse_a_drive_not_mounted(output)
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock, "a+b")
-    except OSError as e:
-        if isinstance(e, (FileExistsError, NotADirectoryError)):  # something not a folder where the path needs one
-            blocking = next((p for p in reversed(output.parents) if os.path.lexists(p) and not p.is_dir()), None)
-            if blocking is not None and os.path.islink(blocking) and not os.path.exists(blocking):
-                raise UserError(
-                    f"cannot write {output}: {blocking} is a link to {os.readlink(blocking)}, which does not exist "
-                    "(an unmounted drive?)."
-                ) from None
-            if blocking is not None:
-                raise UserError(f"cannot write {output}: {blocking} is a file, not a folder.") from None
-        raise UserError(f"cannot write beside {output}: {e.strerror or e}.") from None
-    with handle:
+    with _open_lock_file(lock, output) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # The file we locked may be one a finishing run has just unlinked; a run that made a new one then
@@ -192,6 +178,25 @@ def exclusive(output: Path) -> Iterator[None]:
             # meanwhile keeps the file: the run's own error, if any, is the one to tell.
             with contextlib.suppress(OSError):
                 lock.unlink(missing_ok=True)
+
+
+def _open_lock_file(lock: Path, output: Path) -> BinaryIO:
+    """Open (or make) `lock`, beside `output`, with its folders; a UserError naming what is in the way where it
+    cannot be: a file, or a link to a drive not mounted, where a folder should be."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        return open(lock, "a+b")
+    except OSError as e:
+        if isinstance(e, (FileExistsError, NotADirectoryError)):  # something not a folder where the path needs one
+            blocking = next((p for p in reversed(output.parents) if os.path.lexists(p) and not p.is_dir()), None)
+            if blocking is not None and os.path.islink(blocking) and not os.path.exists(blocking):
+                raise UserError(
+                    f"cannot write {output}: {blocking} is a link to {os.readlink(blocking)}, which does not exist "
+                    "(an unmounted drive?)."
+                ) from None
+            if blocking is not None:
+                raise UserError(f"cannot write {output}: {blocking} is a file, not a folder.") from None
+        raise UserError(f"cannot write beside {output}: {e.strerror or e}.") from None
 
 
 def remove_stale_temporaries(paths: Iterable[Path]) -> None:
@@ -423,16 +428,16 @@ class WorkArea:
         file by its identity, for a rerun to finish them (`finish_assembling`); the files they replace, as they
         were (`unreplaced`); and the last file renamed, the embeddings (`published`)."""
         listed, before = [], {}
-        for first, final in steps:
-            if first.parent != self.directory.parent or (final is not None and final.parent != first.parent):
-                raise ValueError(f"{first} is not beside {self.directory}")  # the mark names files by name alone
-            replaced = first if final is None else final
+        for source, target in steps:
+            if source.parent != self.directory.parent or (target is not None and target.parent != source.parent):
+                raise ValueError(f"{source} is not beside {self.directory}")  # the mark names files by name alone
+            replaced = source if target is None else target
             before[os.fsdecode(replaced.name)] = _identity(replaced)
-            if final is None:
-                listed.append({"remove": os.fsdecode(first.name)})
+            if target is None:
+                listed.append({"remove": os.fsdecode(source.name)})
             else:
-                names = {"from": os.fsdecode(first.name), "to": os.fsdecode(final.name)}
-                listed.append({**names, "file": _identity(first)})
+                names = {"from": os.fsdecode(source.name), "to": os.fsdecode(target.name)}
+                listed.append({**names, "file": _identity(source)})
         last = [step for step in listed if "to" in step][-1]
         with atomic_write(self.directory / "assembling") as f:
             f.write(json.dumps({"file": last["file"], "steps": listed, "before": before}).encode())
@@ -453,10 +458,10 @@ class WorkArea:
             if "remove" in step:
                 left.append((folder / step["remove"], None))
                 continue
-            first, final = folder / step["from"], folder / step["to"]
-            if _identity(first) == step["file"]:
-                left.append((first, final))
-            elif _identity(final) != step["file"]:  # neither renamed nor waiting: gone, or something else moved it
+            source, target = folder / step["from"], folder / step["to"]
+            if _identity(source) == step["file"]:
+                left.append((source, target))
+            elif _identity(target) != step["file"]:  # neither renamed nor waiting: gone, or something else moved it
                 return
         with interrupts.deferred():
             take_their_names(left)

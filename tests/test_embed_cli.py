@@ -1119,7 +1119,10 @@ def test_a_failed_overwrite_leaves_the_earlier_output_as_it_was(embed, photos: P
     before = {path.name: path.read_bytes() for path in out.iterdir()}
     (tmp_path / "empty.jpg").write_bytes(b"")
     error = the_error(embed(tmp_path / "empty.jpg", "-o", out / "embeddings.safetensors", "--overwrite"))
-    assert error.endswith(f"; {out / 'embeddings.safetensors'} is left as it was.")
+    assert error == (  # one file: its reason, as when there is no earlier output (not "none of the 1 input files")
+        f"error: could not embed {tmp_path / 'empty.jpg'}: empty file (0 bytes); "
+        f"{out / 'embeddings.safetensors'} is left as it was."
+    )
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # no errors file of the failed run
 
 
