@@ -372,7 +372,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
             )
         from . import gpu_decode
 
-        if device.type == "cuda" and (fault := gpu_decode.fault(device)) is not None:
+        if device.type == "cuda" and gpu_decode.supported(preprocess) and (fault := gpu_decode.fault(device)):
             report.notes.append(f"--images: the GPU JPEG decoder does not work here ({fault}): its way is left out.")
         say(f"image pipeline on {len(paths)} files from {options.images}")
         report.results += image_results(paths, plain, preprocess, device=device, dtype=dtype,
@@ -382,11 +382,12 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
 
 def _a_graph_for_each(batch_sizes: list[int]) -> contextlib.AbstractContextManager:
     """Compiled with static shapes, each batch size is a graph of its own: past dynamo's limit of graphs per
-    function (8), the other sizes ran uncompiled under a "+compiled" label."""
+    function (8), the other sizes would run uncompiled under a "+compiled" label. One graph to spare."""
     import torch._dynamo
 
-    limit = max(torch._dynamo.config.recompile_limit, len(batch_sizes) + 1)
-    return torch._dynamo.config.patch(recompile_limit=limit)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name before 2.7
+    return config.patch(**{name: max(getattr(config, name), len(batch_sizes) + 1)})
 
 
 def _forwards(

@@ -449,7 +449,9 @@ def _stopped_runs_told(
         if not (isinstance(e, (DeviceFault, getattr(torch, "AcceleratorError", ()))) or "CUDA error" in str(e)):
             raise
         kept = f"; finished work is kept in {out.work}" if out.work_kept() else ""
-        again = ", or with --decode cpu if it fails again at the same place" if gpu_decode else ""
+        # The work area records the decoder: its rows continue only with the same one.
+        cpu = "start afresh with --decode cpu --overwrite" if kept else "rerun with --decode cpu"
+        again = f", or {cpu} if it fails again at the same place" if gpu_decode else ""
         fail(f"the GPU failed ({first_line(e)}){kept}: rerun to continue{again}.", 1)
     except BaseException:
         progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
@@ -462,8 +464,9 @@ def _report_embedding(summary: Summary, walk: WalkReport, *, json_summary: bool,
             **summary.to_dict(),
             "unlisted_folders": [display_path(folder) for folder, _ in walk.unreadable],
             "dangling_links": [{"link": display_path(link), "target": display_path(target)}
-                               for link, target in walk.dangling],
-            "not_files": [{"path": display_path(path), "kind": kind} for path, kind in walk.not_files],
+                               for link, target in sorted(walk.dangling, key=lambda entry: os.fsencode(entry[0]))],
+            "not_files": [{"path": display_path(path), "kind": kind}
+                          for path, kind in sorted(walk.not_files, key=lambda entry: os.fsencode(entry[0]))],
         })  # fmt: skip
     if not quiet:
         stderr.print(printable(_summary_line(summary)))

@@ -187,9 +187,12 @@ class PreprocessConfig:
     def to_dict(self) -> dict[str, Any]:
         """As recorded with an output: the crop's fields only where it crops, and a longest edge only where there is
         one, so that outputs of the same preprocessing read as those of versions without them."""
-        crop = ("center_crop", "resize_to", "shortest_edge", "longest_edge")
         fields = dataclasses.asdict(self)
-        return {k: v for k, v in fields.items() if (k not in crop or self.center_crop) and (k, v) != ("longest_edge", None)}
+        if not self.center_crop:
+            fields = {k: v for k, v in fields.items() if k not in ("center_crop", "resize_to", "shortest_edge")}
+        if self.longest_edge is None:
+            fields.pop("longest_edge")
+        return fields
 
 
 _BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
@@ -374,7 +377,7 @@ def _with_class_defaults(config: dict[str, Any]) -> dict[str, Any]:
         return config
     if not isinstance(kind, str):
         raise ConfigError(f"preprocessor image_processor_type must be a class name, not {kind!r}.")
-    name = kind.removesuffix("Fast").removesuffix("Pil")
+    name = _class_name(kind)
     if name in PROCESSOR_DEFAULTS:
         return {**PROCESSOR_DEFAULTS[name], **config}
     missing = [setting for setting in _CLASS_SETTINGS if setting not in config]
@@ -396,9 +399,19 @@ class _Resize(NamedTuple):
     longest_edge: int | None = None
 
 
-# The forms of `size` transformers 5 accepts that a fixed-size tower can use: its keys exactly, even where a value
-# is null (transformers refuses {"height", "width", "shortest_edge"} rather than choose one).
+# The processor classes of transformers 5 that read a `size` of one number as a shortest edge (their
+# `default_to_square` is False); the others read it as a square.
+_ONE_NUMBER_IS_A_SHORTEST_EDGE = ("SiglipImageProcessor", "CLIPImageProcessor", "BitImageProcessor")
+
+# The forms of `size` a fixed-size tower can use, as transformers 5 reads them: by their keys exactly, even where a
+# value is null (transformers refuses {"height", "width", "shortest_edge"} rather than choose one). Its others
+# ({"longest_edge"}, {"max_height", "max_width"}, pixel counts) are for towers of any size.
 _SIZE_FORMS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
+
+
+def _class_name(kind: str) -> str:
+    """A processor class's name without its backend's suffix: "CLIPImageProcessorFast" is "CLIPImageProcessor"."""
+    return kind.removesuffix("Fast").removesuffix("Pil")
 
 
 def _resize_target(config: dict[str, Any], vision: VisionConfig, *, crop: bool) -> _Resize:
@@ -406,21 +419,24 @@ def _resize_target(config: dict[str, Any], vision: VisionConfig, *, crop: bool) 
     if size is None:
         raise ConfigError("preprocessor size is null: it must be the model's (height, width).")
     if isinstance(size, int) and not isinstance(size, bool):
-        # A bare number: a square for ViT's processor; a shortest edge for the others in transformers 5, which then
-        # fail on photos that are not square unless a crop follows. Without one it can only mean the tower's square.
-        square = not crop or str(config.get("image_processor_type")).startswith("ViTImageProcessor")
-        size = {"height": size, "width": size} if square else {"shortest_edge": size}
+        # A bare number: a shortest edge for the classes that say so (`_ONE_NUMBER_IS_A_SHORTEST_EDGE`), which then
+        # fail on photos that are not square unless a crop follows; a square for the rest, transformers' default.
+        # Without a crop it can only mean the tower's square.
+        kind = _class_name(config.get("image_processor_type", "SiglipImageProcessor"))  # a str: `_with_class_defaults`
+        shortest = crop and kind in _ONE_NUMBER_IS_A_SHORTEST_EDGE
+        size = {"shortest_edge": size} if shortest else {"height": size, "width": size}
     if isinstance(size, (list, tuple)) and len(size) == 2:  # (height, width), as transformers reads a pair
         size = {"height": size[0], "width": size[1]}
-    if isinstance(size, dict) and set(size) == {"height", "width"}:
+    form = set(size) if isinstance(size, dict) else None
+    if form == {"height", "width"}:
         return _Resize(to=(size["height"], size["width"]))
-    if isinstance(size, dict) and set(size) in _SIZE_FORMS and crop:
+    if form in _SIZE_FORMS and crop:
         _check_int("preprocessor shortest_edge", size["shortest_edge"])  # a null one transformers fails on too
         return _Resize(shortest_edge=size["shortest_edge"], longest_edge=size.get("longest_edge"))
-    if isinstance(size, dict) and set(size) in _SIZE_FORMS:
+    if form in _SIZE_FORMS:
         reason = "keeps the aspect, and without a center crop after it the tower cannot take the image"
     else:
-        reason = "is none of the forms transformers reads: {height, width}, {shortest_edge}, {shortest_edge, longest_edge}"
+        reason = "is none of the forms read here: {height, width}, {shortest_edge}, {shortest_edge, longest_edge}"
     raise ConfigError(f"preprocessor size {size} {reason}.")
 
 

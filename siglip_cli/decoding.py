@@ -46,7 +46,7 @@ from .errors import first_line
 from .files import counted, display_path
 from .gpu_decode import JpegHeader, decode_headers, device_index, read_header
 from .preprocess import DecodeOptions, load_pixels, one_line
-from .reading import failure_reason, pixels_and_facts, stat_fields
+from .reading import error_facts, failure_reason, pixels_and_facts
 
 
 T, U = TypeVar("T"), TypeVar("U")
@@ -95,7 +95,7 @@ class ImageFiles(Dataset):
 
 def _failed_item(index: int, path: str, reason: str) -> Item:
     """The item of a file that could not be decoded: its errors row, with its size and mtime where known."""
-    return Item(index, None, error_row({"path": path, **stat_fields(path)}, reason))
+    return Item(index, None, error_row({"path": path, **error_facts(path)}, reason))
 
 
 def error_row(info: dict, reason: str) -> dict:

@@ -199,7 +199,7 @@ def embed_to_file(
             _refuse_another_part(out, options.shard)
         earlier = _earlier_work(
             out, state, paths, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted, part_of=part_of,
-            progress=progress,
+            shard=options.shard, progress=progress,
         )  # fmt: skip
         work, settled = earlier.work, earlier.settled
         paths, done = settled.paths, settled.done
@@ -245,13 +245,14 @@ def _earlier_work(
     update: bool,
     keep_unlisted: bool,
     part_of: Path | None,
+    shard: tuple[int, int] | None,
     progress: Progress | None,
 ) -> _EarlierWork:
     """Open the work area (`_open_work`) and settle `paths` against what earlier work left: the chunks of an
     interrupted run (damaged ones deleted, with a note) and, with --update, the earlier output's rows. A refused
     --update leaves no work area behind."""
     work, previous, made_in = _open_work(
-        out, state, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted, part_of=part_of
+        out, state, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted, part_of=part_of, shard=shard
     )
     remove_stale_temporaries(out.files())
     chunks, damaged = work.chunks()
@@ -323,18 +324,26 @@ def _note_failing_since(
 
 
 def _open_work(
-    out: OutputPaths, state: dict, *, overwrite: bool, update: bool, keep_unlisted: bool, part_of: Path | None
+    out: OutputPaths,
+    state: dict,
+    *,
+    overwrite: bool,
+    update: bool,
+    keep_unlisted: bool,
+    part_of: Path | None,
+    shard: tuple[int, int] | None,
 ) -> tuple[WorkArea, dict[str, Ref | dict], str | None]:
     """The run's work area, continued or made anew, and the earlier output's rows to reuse (--update) with the
     folder it was made in (where known: `_previous_output`); a UserError refuses the run. An interrupted run with
     the same options continues, with --overwrite too (its rerun); one with other options is refused, or replaced
-    with --overwrite."""
+    with --overwrite. The work area's record of the options holds the --shard too: its chunks are of that part."""
     work = WorkArea(out.work)
-    resuming, published = _what_was_left(work, out, state, overwrite=overwrite)
+    work_state = {**state, "shard": f"{shard[0]}/{shard[1]}"} if shard else state
+    resuming, published = _what_was_left(work, out, work_state, overwrite=overwrite)
     reuse_output = update or published
     check_outputs(out, interrupted=resuming, overwrite=overwrite, update=reuse_output)
     if resuming:  # the advice follows the user's --update, not a several-device worker's (of its own shard)
-        _refuse_to_continue_other_work(work, state, update=update and part_of is None)
+        _refuse_to_continue_other_work(work, work_state, update=update and part_of is None)
     # A run stopped while replacing the final files whose renames could not be finished (`finish_assembling`: its
     # new files gone, a mark of an earlier version) may have left a new manifest beside the old embeddings. The
     # earlier output is then read only if none of its files was replaced yet (`unreplaced`); else a run embeds again
@@ -360,7 +369,7 @@ def _open_work(
             raise _interrupted_with_other_options(part_of, e.difference) from None  # the user ran no --update
     if not resuming:
         try:
-            work.create(state)
+            work.create(work_state)
         except OSError as e:
             raise UserError(f"cannot write beside {out.embeddings}: {e.strerror or e}.") from None
     return work, previous, made_in

@@ -116,7 +116,7 @@ def decode_headers(
     device = torch.device(device)
     if device.type != "cuda":
         return _decode_groups(headers, cfg, device, before_each=lambda: None)
-    if device.index is None:  # torchvision keeps a decoder per device as named: "cuda" and "cuda:0" made two
+    if device.index is None:  # one name for it: torchvision builds its decoder anew when a call names another
         device = torch.device("cuda", torch.cuda.current_device())
     stream = _decoding_stream(device)
     # On the model's device: this runs in a look-ahead thread, whose current device is 0 whatever the main thread

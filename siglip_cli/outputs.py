@@ -270,6 +270,7 @@ _OPTION_NAMES = {
     "pooling": "the pooling (the checkpoint's vision_use_head)",
     "preprocessing": "the preprocessing (--no-exif-transpose, --fast-decode, --decode, or the model's preprocessor)",
     "weights": "the model's weights",
+    "shard": "--shard",  # recorded in a work area only: its chunks are of that part
 }
 # The difference that is no option: a checkpoint folder saved again with other weights.
 WEIGHTS_DIFFER = _OPTION_NAMES["weights"]
@@ -314,7 +315,7 @@ def describe_difference(old: dict, new: dict) -> str:
         old, new = without_weights(old), without_weights(new)
     else:
         old, new = _compared(old, new)  # the same weights from elsewhere: no difference
-    changed = [_OPTION_NAMES.get(k, k) for k in new if old.get(k) != new.get(k)]
+    changed = [_OPTION_NAMES.get(k, k) for k in {**new, **old} if old.get(k) != new.get(k)]  # a key either lacks too
     return ", ".join(changed) or "the options"
 
 

@@ -98,8 +98,9 @@ _PLAINER_REASONS = {
     "decoder error -9": "decoder error -9 (out of memory)",
     # The data ended exactly between two of libjpeg's blocks: nothing is "not processed", the rest is missing.
     "image file is truncated (0 bytes not processed)": "image file is truncated",
-    # A JPEG cut off in its header (a copy stopped early): Pillow's words there alone read as a disk's fault.
-    "Truncated File Read": "image file is truncated (it ends in its header)",
+    # A file cut off where Pillow reads it itself (a JPEG's header, a PNG's chunks): its words alone read as a disk's
+    # fault.
+    "Truncated File Read": "image file is truncated",
 }
 
 

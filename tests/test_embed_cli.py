@@ -1607,7 +1607,8 @@ def test_a_gpu_fault_is_one_sentence_that_says_how_to_go_on(
     monkeypatch.setattr(devices, "embed_with_model", fault)
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--decode", decode), code=1)
     assert error.startswith("error: the GPU failed (CUDA error: an illegal memory access was encountered); finished ")
-    again = ", or with --decode cpu if it fails again at the same place" if decode == "auto" else ""
+    # Not "or with --decode cpu": the work area records the decoder, and that rerun was refused.
+    again = ", or start afresh with --decode cpu --overwrite if it fails again at the same place" if decode == "auto" else ""
     assert error.endswith(f"embeddings.safetensors.partial: rerun to continue{again}.")
 
 
@@ -1624,7 +1625,7 @@ def test_a_device_fault_the_jpeg_decoder_reports_in_its_own_words_is_the_same_se
     monkeypatch.setattr(torchvision.io, "decode_jpeg", fault)
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--decode", "gpu"), code=1)
     assert error == "error: the GPU failed (Error while decoding JPEG images: decode_images, Failed to synchronize " \
-                    "CUDA stream: 700): rerun to continue, or with --decode cpu if it fails again at the same place."
+                    "CUDA stream: 700): rerun to continue, or rerun with --decode cpu if it fails again at the same place."
 
 
 def test_other_runtime_errors_are_not_taken_for_the_gpus(

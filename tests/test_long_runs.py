@@ -1208,6 +1208,30 @@ def test_update_with_another_shard_than_the_output_was_made_with_is_refused(
     assert output.read_bytes() == before and not output.with_name(output.name + ".partial").exists()
 
 
+@pytest.mark.parametrize("made, given", [("0/2", "1/2"), (None, "0/2"), ("0/2", None)])
+@pytest.mark.parametrize("update", [False, True], ids=["rerun", "update"])
+def test_an_interrupted_part_is_not_continued_as_another(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    made: str | None, given: str | None, update: bool,
+) -> None:  # fmt: skip
+    # Its chunks are of its part: continued with another --shard, the run said "0 of 6 files done" and threw them away.
+    from siglip_cli.shards import select_shard
+
+    monkeypatch.setattr(embed_module, "FLUSH_SECONDS", 0.0)  # every finished batch reaches the work area
+    output = tmp_path / "out" / "embeddings.safetensors"
+    output.parent.mkdir()
+    part = tuple(int(n) for n in made.split("/")) if made else None
+    paths = select_shard(discover([str(folder)]), *part) if part else discover([str(folder)])
+    with pytest.raises(KeyboardInterrupt):
+        options = EmbedOptions(batch_size=2, workers=0, shard=part)
+        embed_to_file(embedder, paths, output, options=options, progress=CtrlCAfter(2))
+    args = [*(["--shard", given] if given else []), *(["--update"] if update else [])]
+    error = the_error(embed(folder, output, *args), code=2)
+    assert error.startswith(f"error: {output}.partial holds an interrupted run whose options differ (--shard): ")
+    summary = summary_of(embed(folder, output, *(["--shard", made] if made else []), "--json"))
+    assert summary["reused"] > 0 and summary["reused"] + summary["embedded"] == len(paths)  # its batches, kept
+
+
 def test_several_devices_rerun_with_overwrite_and_fewer_inputs_keeps_none_of_the_others(
     embed, stopped_on_two_devices: Path, tmp_path: Path
 ) -> None:

@@ -802,7 +802,7 @@ def test_a_size_transformers_refuses_or_no_crop_can_fit_is_refused() -> None:
         preprocess_config_from_hub({"size": {"shortest_edge": 224}}, VisionConfig())
     crop = {"do_center_crop": True, "crop_size": 224}
     for size in ({"height": 256, "width": 256, "shortest_edge": 256}, {"longest_edge": 256}, {"max_height": 256}):
-        with pytest.raises(ConfigError, match=r"is none of the forms transformers reads: \{height, width\}, "):
+        with pytest.raises(ConfigError, match=r"is none of the forms read here: \{height, width\}, "):
             preprocess_config_from_hub({"size": size, **crop}, VisionConfig())  # the first was read as a square
 
 
