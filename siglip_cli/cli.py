@@ -486,6 +486,9 @@ def _report_embedding(summary: Summary, walk: WalkReport, *, json_summary: bool,
             fail(f"{'; '.join(problems)} (--strict).", 1)
 
 
+BENCH_NARROW_BELOW = 76  # narrower terminals get the bench table without its peak MB and setup s columns
+
+
 def _data_console() -> Console:
     """stdout for tables and reports: a file or a pipe has no width to respect, so they are printed wide (200
     columns, or COLUMNS where it is set), not squeezed to 80, and without the spaces rich pads lines with."""
@@ -632,8 +635,6 @@ def bench(
         console.print(f"siglip / {reference} at batch {size}: {ratio:.2f}×")
 
 
-BENCH_NARROW_BELOW = 76  # narrower terminals get the table without its peak MB and setup s columns
-
 
 def _bench_title(report: Report) -> str:
     """What was measured where: model, device, torch, dtype and the weights' size."""
@@ -644,7 +645,7 @@ def _bench_title(report: Report) -> str:
 
 def _bench_table(report: Report, *, narrow: bool = False) -> Table:
     """One row per measurement, grouped by stage, readable in 80 columns: the words wrap, the numbers never.
-    `narrow` (below 76 columns) leaves out peak MB and setup s, and says where they are."""
+    `narrow` (below `BENCH_NARROW_BELOW` columns) leaves out peak MB and setup s, and says where they are."""
     from rich import box
     from rich.table import Table
 

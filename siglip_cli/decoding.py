@@ -350,12 +350,16 @@ def batch_pixels(
 # (179 MP) may take more (a CMYK JPEG: 1.9 GB); budgeting for those would halve the workers of a mid-size machine
 # for photos few libraries hold, and a worker the kernel kills for memory costs only its file (`_parcels`).
 WORKER_PEAK_BYTES = 1_500_000_000
+# The most decoding processes started by default: a host of many cores would otherwise start one per core, each
+# with its start-up and memory, to feed one model. `--workers N` takes more.
+MAX_WORKERS = 16
 
 
 def default_workers() -> int:
     """Decoding processes: one per usable CPU (`cpus.usable_cpus`) but the one the model's main process needs, at
-    most 16, and no more than the memory available now can hold at their peak (16 on panoramas could need 24 GB)."""
-    by_cpus = max(1, min(16, usable_cpus() - 1))
+    most `MAX_WORKERS`, and no more than the memory available now can hold at their peak (16 on panoramas could need
+    24 GB)."""
+    by_cpus = max(1, min(MAX_WORKERS, usable_cpus() - 1))
     available = available_memory()
     return by_cpus if available is None else max(1, min(by_cpus, available // WORKER_PEAK_BYTES))
 
@@ -669,6 +673,7 @@ def _clip(spans: list[tuple[int, int]], start: int, end: int) -> list[tuple[int,
 
 @contextmanager
 def _sigchld_left_as_it_was() -> Iterator[None]:
+    """Put back the SIGCHLD handler set before the block: the DataLoader installs its own as its workers start."""
     if not interrupts.on_main_thread():
         yield
         return
@@ -682,6 +687,8 @@ def _sigchld_left_as_it_was() -> Iterator[None]:
 
 @contextmanager
 def _worker_deaths_raised_here() -> Iterator[None]:
+    """The DataLoader's check for dead workers, inside the block only (around `next`, the one place that recovers);
+    a worker that died before it is found as the block starts."""
     if not interrupts.on_main_thread():  # where no signal handler can be set, the loader notices within 5 s on its own
         yield
         return

@@ -228,7 +228,7 @@ def embed_to_file(
 
 class _EarlierWork(NamedTuple):
     """What a run starts from: its work area, the earlier output's rows (`_open_work`), what they and the
-    interrupted run's chunks settle (`_settled`), and the number of the next chunk to write."""
+    interrupted run's chunks settle (`_settle`), and the number of the next chunk to write."""
 
     work: WorkArea
     previous: dict[str, Ref | dict]
@@ -263,7 +263,7 @@ def _earlier_work(
         )
     in_chunks = _chunk_rows(chunks)
     try:
-        settled = _settled(paths, previous, made_in, in_chunks, keep_unlisted, progress)
+        settled = _settle(paths, previous, made_in, in_chunks, keep_unlisted, progress)
     except UserError:
         if not chunks:
             work.remove()
@@ -481,7 +481,7 @@ class _Settled(NamedTuple):
     removed: int
 
 
-def _settled(
+def _settle(
     paths: list[str],
     previous: dict[str, Ref | dict],
     made_in: str | None,
