@@ -36,7 +36,7 @@ from .errors import DeviceFault, UserError, first_line
 from .preprocess import DecodeOptions
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work, and TorchCodec is optional. Set
-# once here: `warnings.catch_warnings` around each call, in the look-ahead thread, raced the main thread's own.
+# once here: `warnings.catch_warnings` around each call, in the look-ahead thread, would race the main thread's own.
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
 
 # PIL resample numbers → torch interpolation modes; both are antialiased when shrinking.
@@ -64,9 +64,9 @@ def supported(cfg: PreprocessConfig) -> bool:
 @functools.cache
 def fault(device: torch.device) -> str | None:
     """Why the device decoder cannot decode on `device` (torchvision built without nvJPEG, a ROCm build, a broken
-    library), or None: it decodes a tiny JPEG there. Left to find out file by file, a run sent every JPEG through
-    a failed batched call, a failed call of its own and then PIL in one thread, far slower than the CPU path's
-    workers, and said nothing."""
+    library), or None: it decodes a tiny JPEG there. Left to find out file by file, a run would send every JPEG
+    through a failed batched call, a failed call of its own and then PIL in one thread, far slower than the CPU
+    path's workers, and say nothing."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     tiny = io.BytesIO()
