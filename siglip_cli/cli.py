@@ -497,7 +497,7 @@ def _data_console() -> Console:
     if stdout.is_terminal:  # FORCE_COLOR into a file or a pipe: colours, lines whole
         return stdout
     columns = os.environ.get("COLUMNS", "")
-    width = None if columns.isdigit() and int(columns) >= 40 else 200  # None: rich reads COLUMNS (at 0 it prints nothing)
+    width = None if columns.isdigit() and int(columns) >= 40 else 200  # None: rich reads COLUMNS (0 would print nothing)
     return Console(file=_TrimmedLines(stdout.file), width=width, soft_wrap=True, markup=False, highlight=False)
 
 
@@ -633,7 +633,6 @@ def bench(
     console.print(_bench_table(report, narrow=console.width < BENCH_NARROW_BELOW))
     for size, reference, ratio in report.ratios():
         console.print(f"siglip / {reference} at batch {size}: {ratio:.2f}×")
-
 
 
 def _bench_title(report: Report) -> str:
