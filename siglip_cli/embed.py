@@ -51,6 +51,7 @@ from .outputs import (
     read_rows,
     refuse_inputs_among_outputs,
     same_options,
+    shard_text,
 )
 from .preprocess import DecodeOptions
 from .reading import digest_of_file
@@ -195,8 +196,6 @@ def embed_to_file(
         # A shard (its inputs decide its part) and a several-device worker (its part of this run) keep only theirs.
         whole_run = options.shard is None and part_of is None
         keep_unlisted = update and whole_run
-        if update and part_of is None:
-            _refuse_another_part(out, options.shard)
         earlier = _earlier_work(
             out, state, paths, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted, part_of=part_of,
             shard=options.shard, progress=progress,
@@ -338,7 +337,7 @@ def _open_work(
     the same options continues, with --overwrite too (its rerun); one with other options is refused, or replaced
     with --overwrite. The work area's record of the options holds the --shard too: its chunks are of that part."""
     work = WorkArea(out.work)
-    work_state = {**state, "shard": f"{shard[0]}/{shard[1]}"} if shard else state
+    work_state = {**state, "shard": shard_text(shard)} if shard else state
     resuming, published = _what_was_left(work, out, work_state, overwrite=overwrite)
     reuse_output = update or published
     check_outputs(out, interrupted=resuming, overwrite=overwrite, update=reuse_output)
@@ -356,7 +355,7 @@ def _open_work(
         )
     # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
     try:
-        previous, made_in = _previous_output(out, state) if reuse_output and trusted else ({}, None)
+        previous, made_in = _previous_output(out, state, shard) if reuse_output and trusted else ({}, None)
     except _OtherOptions as e:
         if overwrite:  # a several-device shard takes both: one made with other options is replaced
             previous, made_in = {}, None
@@ -1001,13 +1000,19 @@ class _OtherOptions(UserError):
         self.difference = difference
 
 
-def _refuse_another_part(out: OutputPaths, shard: tuple[int, int] | None) -> None:
-    """An --update keeps an output the part it is. With another --shard than the output was made with (or one where
-    it had none) it would keep only the rows of the new part and drop the rest without a word (half a library, for
-    a flag added by mistake), or turn one part into another."""
+def _previous_output(
+    out: OutputPaths, state: dict, shard: tuple[int, int] | None
+) -> tuple[dict[str, Ref | dict], str | None]:
+    """The rows of an existing output, for --update (refused if it was made with other options), and the folder it
+    was made in: where its relative paths start (None from versions that did not say).
+
+    An output stays the part it is: with another --shard than it was made with (or one where it had none), an
+    --update would keep only the rows of the new part and drop the rest without a word (half a library, for a flag
+    added by mistake), or turn one part into another."""
     if not out.embeddings.exists():
-        return
-    then, now = read_output_metadata(out).get("shard"), f"{shard[0]}/{shard[1]}" if shard else None
+        return {}, None
+    metadata = read_output_metadata(out)
+    then, now = metadata.get("shard"), shard_text(shard)
     if then != now:
         made = f"made with --shard {then}" if then else "made without --shard"
         given = f"--shard {now}" if now else "no --shard"
@@ -1015,14 +1020,6 @@ def _refuse_another_part(out: OutputPaths, shard: tuple[int, int] | None) -> Non
             f"{out.embeddings} was {made}, and this --update has {given}: update it as it was made, or embed "
             "afresh with --overwrite."
         )
-
-
-def _previous_output(out: OutputPaths, state: dict) -> tuple[dict[str, Ref | dict], str | None]:
-    """The rows of an existing output, for --update (refused if it was made with other options), and the folder it
-    was made in: where its relative paths start (None from versions that did not say)."""
-    if not out.embeddings.exists():
-        return {}, None
-    metadata = read_output_metadata(out)
     old = read_output_options(out, metadata)
     if not same_options(old, state):
         difference = describe_difference(old, state)

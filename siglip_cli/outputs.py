@@ -344,6 +344,11 @@ def read_output_metadata(out: OutputPaths) -> dict[str, str]:
             return f.metadata() or {}
 
 
+def shard_text(shard: tuple[int, int] | None) -> str | None:
+    """A --shard part as its metadata records it, `K/N`; None for a whole run."""
+    return f"{shard[0]}/{shard[1]}" if shard else None
+
+
 def pooling(vision: VisionConfig) -> str:
     """How a row is pooled from the tower: its attention-pool head, or the mean of its tokens (headless towers)."""
     return "attention-pool head" if vision.vision_use_head else "mean of patch tokens (headless tower)"
@@ -427,7 +432,7 @@ def output_metadata(
     """The `.safetensors` header metadata (or `.meta.json` beside a `.npy`): what made these numbers, and for a
     part of a sharded run which part, and its inputs as given (`shards.shard_inputs`)."""
     return {
-        **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
+        **({"shard": shard_text(shard)} if shard else {}),
         **({"inputs": json.dumps(list(inputs))} if shard and inputs is not None else {}),
         "model": display_path(checkpoint.name),
         "revision": checkpoint.revision or "",
