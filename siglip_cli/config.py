@@ -83,7 +83,7 @@ class VisionConfig:
         if not isinstance(self.vision_use_head, bool):
             raise ConfigError(f"vision_use_head must be true or false, not {self.vision_use_head!r}.")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(f"activation {self.hidden_act!r} is not supported (expected one of {', '.join(ACTIVATIONS)}).")
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (expected one of {', '.join(ACTIVATIONS)}).")
         if self.num_channels != 3:
             raise ConfigError(f"num_channels {self.num_channels} is not supported: photos are embedded as RGB (3 channels).")
         if self.hidden_size % self.num_attention_heads:
@@ -361,8 +361,8 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
         do_rescale=do_rescale,
         rescale_factor=setting("rescale_factor", do_rescale is not False),
         do_normalize=do_normalize,
-        image_mean=_triple(setting("image_mean", do_normalize is not False)),
-        image_std=_triple(setting("image_std", do_normalize is not False)),
+        image_mean=_triple("image_mean", setting("image_mean", do_normalize is not False)),
+        image_std=_triple("image_std", setting("image_std", do_normalize is not False)),
         center_crop=crop,
         resize_to=resize_to,
         shortest_edge=resize.shortest_edge,
@@ -422,7 +422,8 @@ def _resize_target(config: dict[str, Any], vision: VisionConfig, *, crop: bool) 
         # A bare number: a shortest edge for the classes that say so (`_ONE_NUMBER_IS_A_SHORTEST_EDGE`), which then
         # fail on photos that are not square unless a crop follows; a square for the rest, transformers' default.
         # Without a crop it can only mean the tower's square.
-        kind = _class_name(config.get("image_processor_type", "SiglipImageProcessor"))  # a str: `_with_class_defaults`
+        # A str or null (read as absent, as `_with_class_defaults` reads it).
+        kind = _class_name(config.get("image_processor_type") or "SiglipImageProcessor")
         shortest = crop and kind in _ONE_NUMBER_IS_A_SHORTEST_EDGE
         size = {"shortest_edge": size} if shortest else {"height": size, "width": size}
     if isinstance(size, (list, tuple)) and len(size) == 2:  # (height, width), as transformers reads a pair
@@ -457,12 +458,13 @@ def _flag(value: Any) -> Any:
     return False if value is None else value
 
 
-def _triple(value: float | list[float]) -> tuple[float, float, float]:
+def _triple(name: str, value: float | list[float]) -> tuple[float, float, float]:
+    """A per-channel setting: three numbers, or one for all three."""
     values = [value] * 3 if isinstance(value, (int, float)) else value
     if (
         not isinstance(values, (list, tuple))
         or len(values) != 3
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     ):
-        raise ConfigError(f"expected 3 channel values for image mean/std, got {values!r}.")
+        raise ConfigError(f"preprocessor {name} must be 3 numbers, one per channel (or one for all), not {value!r}.")
     return tuple(float(v) for v in values)

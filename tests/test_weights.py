@@ -602,7 +602,7 @@ def test_malformed_config_is_one_sentence_naming_the_checkpoint(tmp_path: Path, 
         ({"resample": 99}, r"resample 99 is not a PIL filter number"),
         ({"resample": 3.0}, r"resample 3.0 is not a PIL filter number"),  # passed, then failed every image
         ({"size": {"height": "224", "width": 224}}, r"preprocessor height must be a positive integer, not '224'"),
-        ({"image_mean": ["a", "b", "c"]}, r"expected 3 channel values for image mean/std"),
+        ({"image_mean": ["a", "b", "c"]}, r"preprocessor image_mean must be 3 numbers, one per channel \(or one for all\), not \['a', 'b', 'c'\]"),
         ({"rescale_factor": "x"}, r"rescale_factor must be a number, not 'x'"),
         ({"do_normalize": "false"}, r"do_normalize must be true or false, not 'false'"),
         ({"do_center_crop": True, "crop_size": {"height": 24, "width": 24}}, r"crops to 24x24 but the tower takes"),
@@ -752,7 +752,7 @@ def test_non_square_image_size_is_refused() -> None:
 
 
 def test_unknown_activation_is_refused() -> None:
-    with pytest.raises(ConfigError, match="activation 'prelu' is not supported"):  # it has weights of its own
+    with pytest.raises(ConfigError, match="hidden_act 'prelu' is not supported"):  # it has weights of its own
         vision_config_from_hub({"model_type": "siglip_vision_model", "hidden_act": "prelu"})
 
 
@@ -865,3 +865,11 @@ def test_an_openclip_checkpoint_is_named_as_such_with_the_repo_to_use_instead(tm
     (tmp_path / "open_clip_config.json").unlink()
     with pytest.raises(CheckpointError, match=r"has no config\.json\.$"):
         resolve_checkpoint(str(tmp_path))
+
+
+def test_a_null_processor_class_reads_a_bare_size_as_siglips_processor_does() -> None:
+    # `_with_class_defaults` reads a null image_processor_type as none; so must the reading of a one-number size.
+    vision = VisionConfig(image_size=32, patch_size=16)
+    assert preprocess_config_from_hub({"image_processor_type": None, "size": 32}, vision) == (
+        preprocess_config_from_hub({"size": 32}, vision)
+    )
