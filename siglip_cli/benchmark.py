@@ -35,7 +35,7 @@ from .config import DEFAULT_PRESET, PreprocessConfig
 from .cpus import fit_cpu_threads
 from .errors import UserError
 from .files import first_of
-from .model import SiglipVision
+from .model import SiglipVision, num_parameters
 from .references import Forward, check_references, missing_package, reference_forward
 from .runtime import (
     Embedder, compiled, cpu_has_native_bf16, dtype_note, prepare_model, resolve_device, resolve_dtype
@@ -138,10 +138,10 @@ def _peak_rss_reset() -> bool:
         return False
 
 
-def _rss_mb(field: str) -> float | None:
-    """VmRSS (resident now) or VmHWM (peak since the last reset) of this process in MB, from /proc/self/status."""
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident set since the last `_peak_rss_reset` in MB (VmHWM of /proc/self/status)."""
     try:
-        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+        match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
     except OSError:
         return None
     return int(match.group(1)) / 1024 if match else None
@@ -174,7 +174,7 @@ def _timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, flo
     fn()
     synchronize(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mb("VmHWM")
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb()
     return seconds, None if before is None or peak is None else peak - before
 
 
@@ -335,6 +335,9 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     compile = default_compile(device) if options.compile is None else options.compile
     iters = options.iters if options.iters is not None else (10 if device.type == "cuda" else 3)
     warmup = options.warmup if options.warmup is not None else (3 if device.type == "cuda" else 1)
+    for name, value, least in (("--iters", iters, 1), ("--warmup", warmup, 0), ("max_images", options.max_images, 1)):
+        if value < least:  # as the command checks its options: else a traceback after minutes of building
+            raise BenchError(f"{name} must be at least {least}, not {value}.")
     if compile and warmup == 0:  # the first call compiles: timed, it would be the compiler's speed
         warmup = 1
         notes.append("--compile: one warm-up call is kept, the one that compiles (--warmup 0 would time the compiler).")
@@ -347,7 +350,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     say(f"building {options.model}")
     # A preset: seeded random weights, no download, the same as `siglip inspect` draws for the seed.
     plain, preprocess, _ = load_tower(options.model, seed=options.seed)
-    weights_mb = sum(p.numel() for p in plain.parameters()) * dtype.itemsize / 2**20
+    weights_mb = num_parameters(plain) * dtype.itemsize / 2**20
     report = Report(describe_machine(device, dtype), options.model, weights_mb, notes=notes)
 
     forwards = _forwards(plain, compare, device=device, dtype=dtype, compile=compile, report=report, say=say)
@@ -359,28 +362,38 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
                         seed=options.seed, first=i == 0)  # fmt: skip
 
     if options.images is not None:
-        if skipped:
-            report.notes.append(f"--images: left out {len(skipped)} file(s) that cannot be read (`siglip embed` would "
-                                f"list them as errors): {first_of(skipped, 3)}.")  # fmt: skip
-        if device.type == "cpu" and iters > 1:
-            report.notes.append("--images on the CPU: each end-to-end way is timed over one pass of the files (a "
-                                "minute for a base model over 64 images); --iters applies to the others.")  # fmt: skip
-        if len(paths) < FEW_FILES:
-            report.notes.append(
-                f"--images: each end-to-end pass over these {len(paths)} files starts `siglip embed`'s decoding "
-                "workers, a cost paid once per run: on a fast model a large folder runs at a higher rate."
-            )
-        from . import gpu_decode
-
-        if device.type == "cuda" and gpu_decode.supported(preprocess) and (fault := gpu_decode.fault(device)):
-            report.notes.append(f"--images: the GPU JPEG decoder does not work here ({fault}): its way is left out.")
+        report.notes += _image_notes(paths, skipped, preprocess, device=device, iters=iters)
         say(f"image pipeline on {len(paths)} files from {options.images}")
         report.results += image_results(paths, plain, preprocess, device=device, dtype=dtype,
                                         batch_size=min(max(batch_sizes), len(paths)), iters=iters)  # fmt: skip
     return report
 
 
-def _a_graph_for_each(batch_sizes: list[int]) -> contextlib.AbstractContextManager:
+def _image_notes(
+    paths: list[str], skipped: list[str], preprocess: PreprocessConfig, *, device: torch.device, iters: int
+) -> list[str]:
+    """What a reader of the `--images` results should know: files left out, passes that are not `iters`, worker
+    start-up weighing on a small folder, a GPU JPEG decoder that does not work here."""
+    from . import gpu_decode
+
+    notes = []
+    if skipped:
+        notes.append(f"--images: left out {len(skipped)} file(s) that cannot be read (`siglip embed` would list them "
+                     f"as errors): {first_of(skipped, 3)}.")  # fmt: skip
+    if device.type == "cpu" and iters > 1:
+        notes.append("--images on the CPU: each end-to-end way is timed over one pass of the files (a minute for a "
+                     "base model over 64 images); --iters applies to the others.")  # fmt: skip
+    if len(paths) < FEW_FILES:
+        notes.append(
+            f"--images: each end-to-end pass over these {len(paths)} files starts `siglip embed`'s decoding "
+            "workers, a cost paid once per run: on a fast model a large folder runs at a higher rate."
+        )
+    if device.type == "cuda" and gpu_decode.supported(preprocess) and (fault := gpu_decode.fault(device)):
+        notes.append(f"--images: the GPU JPEG decoder does not work here ({fault}): its way is left out.")
+    return notes
+
+
+def _a_graph_for_each(batch_sizes: tuple[int, ...]) -> contextlib.AbstractContextManager:
     """Compiled with static shapes, each batch size is a graph of its own: past dynamo's limit of graphs per
     function (8), the other sizes would run uncompiled under a "+compiled" label. One graph to spare."""
     import torch._dynamo

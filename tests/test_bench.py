@@ -421,6 +421,11 @@ def test_run_benchmark_refuses_what_the_command_refuses(tiny_vision: Path) -> No
         benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), batch_sizes=(0,)))
     with pytest.raises(UserError, match="unknown comparison 'onnx'"):
         benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), compare=("onnx",)))
+    for given, message in [({"iters": 0}, "--iters must be at least 1, not 0"),
+                           ({"warmup": -1}, "--warmup must be at least 0, not -1"),
+                           ({"max_images": 0}, "max_images must be at least 1, not 0")]:  # fmt: skip
+        with pytest.raises(benchmark.BenchError, match=message):
+            benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), **given))
 
 
 def test_an_unknown_dtype_from_a_library_caller_is_one_sentence(tiny_vision: Path) -> None:
