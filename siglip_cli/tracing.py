@@ -137,9 +137,10 @@ def read_image(
     if path.exists() and path.stat().st_size == 0:  # as `embed` says it: Pillow says only "cannot identify"
         raise UserError(f"{name} cannot be decoded: empty file (0 bytes).")
     try:
-        # First: it refuses a decompression bomb with our sentence.
-        photo, _ = open_rgb(path, DecodeOptions(max_pixels=max_pixels))
-        with open_checked(path, DecodeOptions(max_pixels=max_pixels)) as raw:  # its header: mode and format
+        options = DecodeOptions(max_pixels=max_pixels)
+        # Decoded first, as `embed` decodes: a bad file fails with its sentence, the C libraries' messages dropped.
+        photo, _ = open_rgb(path, options)
+        with open_checked(path, options) as raw:  # then the header of a file known to decode: mode and format
             mode, kind = raw.mode, raw.format
     except FileNotFoundError:
         if path.is_symlink():  # as `embed` says it
@@ -182,7 +183,7 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     """ "first" → (0,), "all" → every layer, "3,0" → (0, 3); a layer the tower lacks is a `UserError`."""
     spec = spec.strip().lower()
     if spec == "first":
-        return (0,)
+        return (0,) if num_layers else ()  # a tower of no layers (config.json allows it, as transformers does)
     if spec == "all":
         return tuple(range(num_layers))
     try:
@@ -191,7 +192,8 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
         raise UserError(f"layers {spec!r} should be 'first', 'all' or layer numbers such as 0,5,11.") from None
     missing = [i for i in chosen if not 0 <= i < num_layers]
     if missing:
-        raise UserError(f"layer {missing[0]} does not exist: this tower has layers 0 to {num_layers - 1}.")
+        has = f"layers 0 to {num_layers - 1}" if num_layers else "no encoder layers"
+        raise UserError(f"layer {missing[0]} does not exist: this tower has {has}.")
     return tuple(chosen)
 
 
@@ -228,15 +230,7 @@ def trace(
     stages += recorder.stages
 
     conv = model.embeddings.patch_embedding.weight
-    broken = None if conv.is_meta else first_non_finite(stages)
-    # Where NaN or infinity first appears is what a trace is for, when a checkpoint is damaged or a dtype overflows.
-    found = ()
-    if broken:
-        layer = _LAYER_STAGE.fullmatch(broken)
-        where = f"{broken}: NaN or infinite values first appear here"
-        if layer and int(layer[1]) not in full:  # a layer shown in one line: the stage inside it is not known
-            where = f"layer {layer[1]}: NaN or infinite values first appear in it (--layers {layer[1]} shows where)"
-        found = (f"{where}; statistics that hold them are left out (–, and null in --json).",)
+    found = () if conv.is_meta else _non_finite_note(stages, full)
     return Inspection(
         model=model_name,
         random_weights=random_weights,
@@ -255,6 +249,18 @@ def trace(
         head_attention=recorder.head_attention,
         token_norms=torch.stack(recorder.token_norms),
     )
+
+
+def _non_finite_note(stages: list[Stage], full: tuple[int, ...]) -> tuple[str, ...]:
+    """The note naming where NaN or infinity first appears, if it does: what a trace is for, when a checkpoint is
+    damaged or a dtype overflows. In a layer shown in one line, only the layer is known."""
+    broken = first_non_finite(stages)
+    if broken is None:
+        return ()
+    where = f"{broken}: NaN or infinite values first appear here"
+    if (layer := layer_of(broken)) is not None and layer not in full:
+        where = f"layer {layer}: NaN or infinite values first appear in it (--layers {layer} shows where)"
+    return (f"{where}; statistics that hold them are left out (–, and null in --json).",)
 
 
 def parameters_by_module(model: SiglipVision) -> dict[str, int]:
@@ -357,8 +363,10 @@ def _cpu(x: Tensor) -> Tensor:
 
 def first_non_finite(stages: list[Stage]) -> str | None:
     """The name of the first stage holding NaN or an infinity, if any."""
-    finite = (all(math.isfinite(v) for v in (stage.mean, stage.std, stage.min, stage.max)) for stage in stages)
-    return next((stage.stage for stage, ok in zip(stages, finite) if not ok), None)
+    for stage in stages:
+        if not all(math.isfinite(v) for v in (stage.mean, stage.std, stage.min, stage.max)):
+            return stage.stage
+    return None
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -254,6 +254,12 @@ def test_layers_option_rejects_what_the_tower_lacks(spec: str, message: str) -> 
         tracing.parse_layers(spec, 4)
 
 
+def test_a_tower_without_layers_has_none_to_show() -> None:
+    assert tracing.parse_layers("first", 0) == tracing.parse_layers("all", 0) == ()
+    with pytest.raises(UserError, match="layer 0 does not exist: this tower has no encoder layers"):
+        tracing.parse_layers("0", 0)
+
+
 def test_layers_all_lists_every_stage_of_every_layer(tiny_vision: Path, photo: Path) -> None:
     result = tracing.inspect_image(str(tiny_vision), photo, layers="all")
     names = [stage.stage for stage in result.stages]
