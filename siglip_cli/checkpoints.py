@@ -356,8 +356,9 @@ class _HubFiles:
 
     An optional file can be absent (the Hub said so, now or in a past run) or unknown (not cached, and the Hub
     not reachable or failing). `get` returns None for both, since a sharded checkpoint lacks `model.safetensors`
-    and a single-file one its index; the reason for an unknown one is kept in `unknown`, and `_resolve` gives it
-    when it finds nothing else: "not in the cache and the Hub cannot be reached", not "the repo has no weights".
+    and a single-file one its index; the reason for an unknown one is kept in `unknown`, and raised where the file
+    could have counted (`_weights` when it finds no other weights, `_image_processor_config`): "not in the cache
+    and the Hub cannot be reached", not "the repo has no weights".
     """
 
     def __init__(self, repo_id: str, revision: str | None, *, cache_only: bool = False):

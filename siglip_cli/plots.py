@@ -354,7 +354,8 @@ def _size(text: str, font: ImageFont.ImageFont) -> tuple[int, int]:
 
 
 def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, fill, align: str) -> None:
-    """Draw `text` with its top / bottom / left / right / centre edge at `xy` (works with any PIL font)."""
+    """Draw `text` with the middle of its top, bottom, left or right edge (`align`) at `xy`: "top" hangs it centred
+    below `xy`, "right" ends it there, vertically centred (works with any PIL font)."""
     text = _plain(text)
     w, h = _size(text, font)
     x, y = xy

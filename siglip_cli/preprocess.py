@@ -248,40 +248,54 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("La", "RGBa"):  # premultiplied alpha (some TIFFs): PIL converts it to RGB only through LA/RGBA
         image = image.convert(image.mode.upper())
     if image.mode in _SIXTEEN_BIT or image.mode == "I":
-        # PIL's convert clips 16-bit values to 255 (a white image); keep the tones by taking the high byte. None
-        # above 255: 8-bit tones in a 16-bit container, kept as they are (by the reference too), not made black.
-        # Mode "I" (32-bit integers, e.g. some TIFFs) holds 16-bit samples, or 8-bit ones, or wider ones (32-bit
-        # scientific TIFFs, which came out white): shifted to keep the top 8 bits of the bright end, its 99.9th
-        # percentile, so that a few hot pixels go white rather than the rest black.
-        values = np.asarray(image).astype(np.int64).clip(0, None)
-        peak = int(values.max(initial=0))
-        if 255 < peak <= 65535:
-            shift = 8
-        elif peak > 65535:  # what the bright end needs: none for 8-bit tones beside a no-data value of 2**31 - 1
-            shift = max(0, int(np.quantile(values, 0.999)).bit_length() - 8)
-        else:
-            shift = 0
-        grey = Image.fromarray((values >> shift).clip(0, 255).astype(np.uint8), mode="L")
-        transparent = image.info.get("transparency")  # a PNG's tRNS: one grey level, in the 16-bit values
-        if isinstance(transparent, int):
-            alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), mode="L")
-            grey = Image.merge("LA", (grey, alpha))
-        image = grey
+        image = _integers_to_grey(image)
     if image.mode == "F":
-        # 32-bit floats (Photoshop's 32-bit mode, HDR and scientific TIFFs) hold tones in [0, 1] by convention, which
-        # PIL's convert would clip to a black image: scaled to 0-255 when 80% of the finite ones are in [0, 1] (an HDR
-        # highlight may pass 1, noise dip below 0: clipped; a NaN is black, an infinity white). Other ranges are
-        # clipped by PIL, as in the reference.
-        values = np.asarray(image)
-        finite = values[np.isfinite(values)]
-        if finite.size and np.quantile(finite, 0.1) >= 0 and np.quantile(finite, 0.9) <= 1:
-            values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
-            image = Image.fromarray(np.rint(values * np.float32(255)), mode="F")
+        image = _unit_floats_to_255(image)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _integers_to_grey(image: Image.Image) -> Image.Image:
+    """A 16-bit or 32-bit integer image as 8-bit grey ("L", or "LA" with a PNG's tRNS grey level as transparency).
+
+    PIL's convert clips 16-bit values to 255 (a white image); the tones are kept by taking the high byte. None
+    above 255: 8-bit tones in a 16-bit container, kept as they are (by the reference too), not made black. Mode "I"
+    (32-bit integers, e.g. some TIFFs) holds 16-bit samples, or 8-bit ones, or wider ones (32-bit scientific
+    TIFFs, which came out white): shifted to keep the top 8 bits of the bright end, its 99.9th percentile, so that
+    a few hot pixels go white rather than the rest black.
+    """
+    values = np.asarray(image).astype(np.int64).clip(0, None)
+    peak = int(values.max(initial=0))
+    if 255 < peak <= 65535:
+        shift = 8
+    elif peak > 65535:  # what the bright end needs: none for 8-bit tones beside a no-data value of 2**31 - 1
+        shift = max(0, int(np.quantile(values, 0.999)).bit_length() - 8)
+    else:
+        shift = 0
+    grey = Image.fromarray((values >> shift).clip(0, 255).astype(np.uint8), mode="L")
+    transparent = image.info.get("transparency")  # a PNG's tRNS: one grey level, in the 16-bit values
+    if isinstance(transparent, int):
+        alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), mode="L")
+        grey = Image.merge("LA", (grey, alpha))
+    return grey
+
+
+def _unit_floats_to_255(image: Image.Image) -> Image.Image:
+    """A 32-bit float image ("F") whose tones are in [0, 1], scaled to 0-255; any other returned as it is.
+
+    Photoshop's 32-bit mode, HDR and scientific TIFFs hold tones in [0, 1] by convention, which PIL's convert would
+    clip to a black image: scaled when 80% of the finite values are in [0, 1] (an HDR highlight may pass 1, noise
+    dip below 0: clipped; a NaN is black, an infinity white). Other ranges are clipped by PIL, as in the reference.
+    """
+    values = np.asarray(image)
+    finite = values[np.isfinite(values)]
+    if finite.size and np.quantile(finite, 0.1) >= 0 and np.quantile(finite, 0.9) <= 1:
+        values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0).clip(0, 1)
+        return Image.fromarray(np.rint(values * np.float32(255)), mode="F")
+    return image
 
 
 def pixel_values(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:

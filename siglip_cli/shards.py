@@ -168,6 +168,28 @@ def _check_every_part(opened: list[tuple[OutputPaths, dict[str, str]]], *, allow
         raise UserError(f"{what} missing: merge all {count} parts, or add --allow-missing for a partial result.")
 
 
+def _disjoint_rows(opened: list[tuple[OutputPaths, dict[str, str]]]) -> tuple[list[Ref], list[dict]]:
+    """The parts' embedded rows and error rows, each sorted by path as a single run sorts them; a file in two parts
+    is refused: the outputs are not disjoint shards of one run."""
+    owner: dict[str, Path] = {}
+    good: list[Ref] = []
+    bad: list[dict] = []
+    for out, _ in opened:
+        refs, errors = read_rows(out)
+        for path in [ref.info["path"] for ref in refs] + [row["path"] for row in errors]:
+            if path in owner:
+                raise UserError(
+                    f"{path} is in both {owner[path]} and {out.embeddings}: these outputs overlap, so they are not "
+                    "disjoint shards of one run."
+                )
+            owner[path] = out.embeddings
+        good += refs
+        bad += errors
+    good.sort(key=lambda ref: os.fsencode(ref.info["path"]))
+    bad.sort(key=lambda row: os.fsencode(row["path"]))
+    return good, bad
+
+
 def open_output(path: Path) -> tuple[OutputPaths, dict[str, str]]:
     """A finished output's files and header metadata."""
     named = Path(os.path.realpath(path)) if os.path.islink(path) else path  # a link takes its target's format
@@ -230,22 +252,7 @@ def _merge(
             )
     _check_same_inputs(opened)
     _check_every_part(opened, allow_missing=allow_missing)
-    owner: dict[str, Path] = {}
-    good: list[tuple[bytes, Ref]] = []
-    bad: list[tuple[bytes, dict]] = []
-    for out, _ in opened:
-        refs, errors = read_rows(out)
-        for path in [ref.info["path"] for ref in refs] + [row["path"] for row in errors]:
-            if path in owner:
-                raise UserError(
-                    f"{path} is in both {owner[path]} and {out.embeddings}: these outputs overlap, so they are not "
-                    "disjoint shards of one run."
-                )
-            owner[path] = out.embeddings
-        good += [(os.fsencode(ref.info["path"]), ref) for ref in refs]
-        bad += [(os.fsencode(row["path"]), row) for row in errors]
-    good.sort(key=lambda item: item[0])
-    bad.sort(key=lambda item: item[0])
+    good, bad = _disjoint_rows(opened)
     metadata = dict(opened[0][1])
     metadata.pop("shard", None)  # the merge is the whole run
     metadata.pop("inputs", None)
@@ -253,7 +260,7 @@ def _merge(
         metadata.pop("working_directory", None)  # for relative paths to name
     merged = options[0] if all("weights" in opts for opts in options) else without_weights(options[0])
     metadata["options"] = json.dumps({**merged, "format": target.format}, sort_keys=True)
-    assemble(target, [ref for _, ref in good], [info for _, info in bad], metadata, before_replacing=before_replacing)
+    assemble(target, good, bad, metadata, before_replacing=before_replacing)
     return MergeSummary(
         rows=len(good),
         failed=len(bad),
