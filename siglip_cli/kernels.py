@@ -67,8 +67,8 @@ class FusedMLP(MLP):
 class OneDnnLinear(nn.Linear):
     """`nn.Linear` through oneDNN's matmul on the CPU (`onednn_linear`). `nn.Linear` calls MKL's sgemm in
     float32, which oneDNN beat on the tower's four GEMM shapes on a Zen 4 with AVX-512 (bench/RESULTS.md). Its
-    sums run in another order, so the numbers are the same but for float rounding, within the 1e-5 of
-    transformers' the tests hold both paths to; and each image gets the same bits in any batch (tested). Made by
+    sums run in another order, so the results differ from it by float rounding only, within the 1e-5 of
+    transformers that the tests hold both paths to; and each image gets the same bits in any batch (tested). Made by
     `onednn_linears` from a loaded layer, whose parameters it takes."""
 
     @classmethod

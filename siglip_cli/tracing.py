@@ -175,7 +175,7 @@ def preprocessing_steps(pre: PreprocessConfig) -> dict[str, str]:
     if pre.do_rescale:
         steps["rescale"] = rescaling(pre.rescale_factor)
     if pre.do_normalize:
-        steps["normalize"] = f"(x − {_triple(pre.image_mean)}) / {_triple(pre.image_std)}"
+        steps["normalize"] = f"(x − {_channels_text(pre.image_mean)}) / {_channels_text(pre.image_std)}"
     return steps
 
 
@@ -446,5 +446,6 @@ class _Describer:
         return self.in_layer.get(layer[2], "") if layer else self.fixed.get(name, "")
 
 
-def _triple(values: tuple[float, float, float]) -> str:
+def _channels_text(values: tuple[float, float, float]) -> str:
+    """A per-channel mean or std as written in a report: one number when the three agree."""
     return f"{values[0]:g}" if len(set(values)) == 1 else "(" + ", ".join(f"{v:g}" for v in values) + ")"
