@@ -119,7 +119,8 @@ def test_patch_matmul_is_the_checkpoint_conv(cfg: VisionConfig) -> None:
 
 
 def test_fused_gelu_leaves_the_cpu_path_exact() -> None:
-    """`fuse_gelu` is a CUDA lever (torch's fused op computes the exact GELU on the CPU): the CPU must not take it."""
+    """Without oneDNN (`onednn=False`, a CPU that does not prefer it), `fuse_gelu`'s CUDA kernel has nothing to run
+    on the CPU: the MLP takes the plain path, bit for bit. Its oneDNN fusion is checked below and in test_model_parity."""
     model, x = _tiny_model(), _pixels()
     fused = fuse_gelu(copy.deepcopy(model))
     assert all(isinstance(layer.mlp, FusedMLP) for layer in fused.encoder.layers)

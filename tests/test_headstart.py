@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DEFAULT_REPO_ID, HubCache, make_photo, ok, siglip, with_bogus_huffman_table
+from conftest import DEFAULT_REPO_ID, HubCache, deadline, make_photo, ok, siglip, with_bogus_huffman_table
 from siglip_cli import headstart
 from siglip_cli.checkpoints import local_preprocessing, resolve_checkpoint
 from siglip_cli.config import PreprocessConfig
@@ -90,18 +90,38 @@ def test_a_wrong_guess_is_left(folder: Path, tiny_siglip: Path, guess: str) -> N
     assert headstart.take(paths, cfg, options) == [] and headstart._running is None
 
 
-def test_stopped_early_it_gives_what_it_finished(folder: Path, tiny_siglip: Path) -> None:
-    # Stopped halfway through a file (or a message), it gives the files before that one, whole.
+def test_stopped_early_it_gives_what_it_finished(
+    folder: Path, tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stopped halfway through a file, it gives the files before that one, whole. Its 4th file's decoding never ends
+    # here (the process is forked with the stand-in in place): once it has begun, the three before it are sent.
     cfg = resolve_checkpoint(str(tiny_siglip)).preprocess
-    for photo in range(40):
-        make_photo((640, 480), seed=photo).save(folder / f"zz{photo}.png")  # slow enough to be stopped amid them
     paths = discover([str(folder)])
+    begun, told = os.pipe()
+    decode = headstart.pixels_and_facts
+
+    def stuck_on_the_fourth(path: str, *args):
+        if path == paths[3]:
+            os.write(told, b"4")
+            time.sleep(3600)  # until `take` kills the process
+        return decode(path, *args)
+
+    monkeypatch.setattr(headstart, "pixels_and_facts", stuck_on_the_fourth)
     headstart._start([str(folder)], None, str(tiny_siglip), None, len(paths), DecodeOptions())
-    taken = headstart.take(paths, cfg, DecodeOptions())  # at once: whatever it has finished by now
-    assert len(taken) < len(paths)
+    try:
+        with deadline(60):
+            assert os.read(begun, 1) == b"4"
+    finally:
+        os.close(begun), os.close(told)
+    taken = headstart.take(paths, cfg, DecodeOptions())
+    assert len(taken) == 3 and headstart._running is None
     for path, (pixels, facts) in zip(paths, taken):
-        if pixels is not None:
-            assert np.array_equal(pixels, pixels_and_facts(path, cfg, DecodeOptions())[0]) and facts["path"] == path
+        try:
+            expected, expected_facts, _ = decode(path, cfg, DecodeOptions())
+        except Exception as e:
+            assert pixels is None and facts == failure_reason(e, path)
+        else:
+            assert np.array_equal(pixels, expected) and facts == {"path": path, **expected_facts}
 
 
 def test_a_checkpoint_not_on_this_machine_gets_no_head_start(folder: Path, hf_cache: HubCache) -> None:

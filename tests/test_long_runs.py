@@ -6,12 +6,13 @@ Interruptions are real where only a real process can tell (kill -9, signals, pea
 (`<output>.partial/`) often. Everything else runs in-process through typer's `CliRunner`, and an in-process
 "Ctrl-C" is a progress display that raises `KeyboardInterrupt` after a few batches.
 
-"Equals an uninterrupted run" is checked byte for byte on every output file. Two things change the last bit of a
-pooled embedding on CPU without anything being wrong: the thread count, and which images share a batch (the
-attention-pool head multiplies a (B, D) matrix). So every run here uses one thread, and runs whose batches are
-necessarily composed differently (`--update`, shards, several devices) use `--batch-size 1`. A run continued after
-an interruption keeps the batches of an uninterrupted one (the work area holds whole batches), so it is compared at
-a larger batch size.
+"Equals an uninterrupted run" is checked byte for byte on every output file. The thread count can change the last
+bit of an embedding on CPU without anything being wrong, so every run here uses one thread. Which images share a
+batch does not (the tower gives each image the same bits in any batch: test_model_parity checks that on its own);
+still, runs whose batches are necessarily composed differently (`--update`, shards, several devices) use
+`--batch-size 1`, so that what they check (rows kept, moved, merged) does not rest on it. A run continued after an
+interruption keeps the batches of an uninterrupted one (the work area holds whole batches), so it is compared at a
+larger batch size.
 """
 
 from __future__ import annotations

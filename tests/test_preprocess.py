@@ -284,13 +284,20 @@ def test_postscript_named_like_a_photo_is_refused_unopened(tmp_path: Path, bicub
 FAST = DecodeOptions(fast_decode=True)
 
 
-def test_fast_decode_reads_a_large_jpeg_at_reduced_size_close_to_exact(tmp_path: Path, bicubic: PreprocessConfig) -> None:
+def test_fast_decode_reads_a_large_jpeg_at_reduced_size_close_to_exact(
+    tmp_path: Path, bicubic: PreprocessConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from siglip_cli import preprocess
+
     path = save_sideways_jpeg(tmp_path / "big.jpg", make_photo((320, 240)))  # 10× the model's 32 px, stored sideways
     exact, *exact_size = load_pixels(path, bicubic, DecodeOptions())
+    resized, resize = [], preprocess.pixel_values
+    monkeypatch.setattr(preprocess, "pixel_values", lambda image, cfg: resized.append(image.size) or resize(image, cfg))
     fast, *fast_size = load_pixels(path, bicubic, FAST)
     assert fast_size == exact_size == [320, 240]  # the manifest gives the original's size, upright
+    assert resized == [(160, 120)]  # decoded at half size (160×120 upright), at least twice 32 px
     error = np.abs(fast - exact) * 127.5  # in 8-bit levels
-    assert 0 < error.mean() < 2  # decoded at half size (160×120, at least twice 32 px): close, not exact
+    assert 0 < error.mean() < 2  # close, not exact
 
 
 def test_fast_decode_reads_a_multi_picture_jpeg_at_reduced_size_too(tmp_path: Path, bicubic: PreprocessConfig) -> None:
