@@ -334,6 +334,31 @@ def test_a_damaged_chunk_is_dropped_with_a_note_and_its_images_embedded_again(
     assert differences_from_a_fresh_run(embed, folder, interrupted) == []
 
 
+def test_rows_read_from_a_safetensors_file_are_what_safetensors_reads(tmp_path: Path) -> None:
+    # The header is parsed once and each read takes its bytes at their offset: every slice as safe_open gives it.
+    rng = np.random.default_rng(0)
+    tensors = {"embeddings": rng.standard_normal((7, 4)).astype(np.float32),
+               "tokens": rng.standard_normal((7, 3, 4)).astype(np.float16)}  # fmt: skip
+    path = tmp_path / "chunk.safetensors"
+    specs = {name: storage_module.TensorSpec(a.dtype, a.shape, [a[:2], a[2:]]) for name, a in tensors.items()}
+    storage_module.write_safetensors(path, specs, {"rows": json.dumps([{"path": "x" * 100}] * 7)})
+    reader = storage_module.SafetensorsRows(path)
+    assert (reader.count("embeddings"), reader.count("tokens"), reader.count("pooled")) == (7, 7, 0)
+    with safe_open(path, framework="np") as f:
+        for name in tensors:
+            for start in range(7):
+                for stop in range(start, 8):
+                    got, expected = reader.read(name, start, stop), f.get_slice(name)[start:stop]
+                    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    with pytest.raises(ValueError, match="holds no tensor 'pooled'"):
+        reader.read("pooled", 0, 1)
+    with pytest.raises(ValueError, match="holds 7 rows of tokens, not rows 6 to 8"):  # a manifest of more rows
+        reader.read("tokens", 6, 8)
+    path.write_bytes(path.read_bytes()[:-8])  # cut short after the header was read
+    with pytest.raises(ValueError):
+        reader.read("tokens", 0, 7)
+
+
 def test_a_work_folder_whose_state_is_damaged_is_refused_and_overwrite_starts_afresh(
     embed, interrupted: Path, folder: Path
 ) -> None:
@@ -859,6 +884,30 @@ def test_update_does_not_re_embed_a_file_that_was_only_touched(embed, folder: Pa
     touch(folder / "p04.jpg")  # a new mtime, the same bytes: the content hash decides
     summary = summary_of(embed(folder, output, "--update", "--json"))
     assert (summary["embedded"], summary["reused"], summary["removed"]) == (0, 12, 0)
+
+
+@pytest.mark.parametrize("name, options", [("embeddings.safetensors", ()), ("embeddings.npy", ("--tokens",))])
+def test_an_update_that_changes_nothing_leaves_the_output_as_it_was(
+    embed, folder: Path, tmp_path: Path, name: str, options: tuple[str, ...]
+) -> None:
+    # A nightly --update of a library that did not change rewrote every file: gigabytes, and a backup of them.
+    (folder / "broken.jpg").write_bytes(b"not a photo")
+    output = tmp_path / "out" / name
+    ok(embed(folder, output, *options))
+    files = sorted(path for path in companions(output).values() if path.exists())
+    assert len(files) == (5 if name.endswith(".npy") else 3)  # with the errors file; a .npy has .meta.json and tokens
+    before = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in files}
+    result = embed(folder, output, "--update", *options)
+    assert result.exit_code == 0, result.stderr
+    assert "embedded 0, reused 12 → " in result.stderr and ", unchanged (" in result.stderr
+    summary = summary_of(embed(folder, output, "--update", "--json", *options))
+    assert (summary["embedded"], summary["reused"], summary["failed"], summary["unchanged"]) == (0, 12, 1, True)
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in files} == before
+    assert not work_area(output).exists()
+    touch(folder / "p04.jpg")  # its row's facts change: written anew
+    summary = summary_of(embed(folder, output, "--update", "--json", *options))
+    assert (summary["embedded"], summary["reused"], summary["unchanged"]) == (0, 12, False)
+    assert output.stat().st_ino != before[output][0]
 
 
 def test_update_after_a_touch_equals_a_fresh_run(embed, folder: Path, tmp_path: Path) -> None:
