@@ -528,7 +528,7 @@ def _summary_line(s: Summary) -> str:
     if s.removed:
         line += f", removed {s.removed:,}"
     rate = f", {s.embedded / s.seconds:,.1f} images/s" if s.embedded and s.seconds > 0 else ""
-    line += f" → {s.output} ({s.seconds:.1f} s{rate})"
+    line += f" → {s.output}{', unchanged' if s.unchanged else ''} ({s.seconds:.1f} s{rate})"
     if s.failed:  # the word --json uses
         line += f"; {s.failed:,} failed: see {s.errors}"
     return line

@@ -113,6 +113,7 @@ class Summary:
     manifest: str
     errors: str | None
     seconds: float
+    unchanged: bool = False  # the output was left as it was: this run would have written it again, the same
 
     def to_dict(self) -> dict:
         rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
@@ -220,9 +221,31 @@ def embed_to_file(
             refuse_empty_run(out, bad)
         interrupts.check()
         metadata = output_metadata(embedder.checkpoint, state, shard=options.shard, inputs=options.shard_inputs)
-        assemble(out, good, bad, metadata, before_replacing=work.mark_assembling)
+        unchanged = _as_it_was(out, earlier.previous, good, bad, metadata)
+        if not unchanged:
+            assemble(out, good, bad, metadata, before_replacing=work.mark_assembling)
         work.remove()
-        return _summary(out, settled, new, failed=len(bad), seconds=time.perf_counter() - started)
+        summary = _summary(out, settled, new, failed=len(bad), seconds=time.perf_counter() - started)
+        return dataclasses.replace(summary, unchanged=unchanged)
+
+
+def _as_it_was(
+    out: OutputPaths, previous: dict[str, Ref | dict], good: list[Ref], bad: list[dict], metadata: dict[str, str]
+) -> bool:
+    """Whether the output would be written again as it is (`previous`: its rows, --update): every row read from
+    it, in its order and with its facts, the same failures, the same metadata. A nightly --update of a library
+    that did not change then writes nothing: not 3 GB of B/16 embeddings for a million photos, nor a changed file
+    for the backup to copy."""
+    if not previous:
+        return False
+    kept = [row for row in previous.values() if isinstance(row, Ref)]
+    failed = [row for row in previous.values() if not isinstance(row, Ref)]
+    return (
+        len(good) == len(kept)
+        and all(a.reader is b.reader and a.index == b.index and a.info == b.info for a, b in zip(good, kept))
+        and [public_row(row) for row in bad] == [public_row(row) for row in failed]
+        and read_output_metadata(out) == {**metadata, "num_images": str(len(good))}
+    )
 
 
 class _EarlierWork(NamedTuple):
