@@ -514,8 +514,9 @@ def _settle(
     """What is left to do: see `_Settled`. `made_in`: the folder the earlier output was made in, where known."""
     if keep_unlisted:
         _refuse_update_from_elsewhere(previous, made_in)
-    paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, progress)
-    reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress) | unchecked
+    seen: dict[str, os.stat_result] = {}  # each earlier row's file is looked at once: twice is slow on a share
+    paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, progress, seen)
+    reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress, seen) | unchecked
     moved = _moved([p for p in paths if p not in reused], dropped, progress)
     # A dropped row is found again when a moved file took its content; of n copies of a photo, as many as moved.
     left = Counter(_content(ref) for ref in dropped.values())
@@ -572,7 +573,11 @@ def _refuse_relative_rows_all_lost(previous: dict[str, Ref | dict], dropped: dic
 
 
 def _with_earlier_rows(
-    paths: list[str], previous: dict[str, Ref | dict], keep_unlisted: bool, progress: Progress | None
+    paths: list[str],
+    previous: dict[str, Ref | dict],
+    keep_unlisted: bool,
+    progress: Progress | None,
+    seen: dict[str, os.stat_result],
 ) -> tuple[list[str], dict[str, Ref | dict], dict[str, Ref]]:
     """The files of a run over an earlier output: `paths`, each under the spelling the earlier output gave it (so
     that its row is reused); with `keep_unlisted` (the user's --update), also the files of the earlier rows that are
@@ -592,7 +597,7 @@ def _with_earlier_rows(
     for path, row in previous.items():
         if path in given and not keep_unlisted:
             continue
-        where = _whereabouts(path) if keep_unlisted else "gone"
+        where = _whereabouts(path, seen) if keep_unlisted else "gone"
         if where == "there":
             still.append(path)
         elif where == "unknown":
@@ -658,14 +663,17 @@ def _digests(paths: list[str], size: int, progress: Progress | None, why: str) -
         return list(look_ahead(paths, digest_or_none, depth=4 * HASHING_THREADS, threads=HASHING_THREADS))
 
 
-def _whereabouts(path: str) -> str:
-    """Of a file an earlier row names: "there", "gone", or "unknown" when it cannot be looked at now. Unknown: a
+def _whereabouts(path: str, seen: dict[str, os.stat_result] | None = None) -> str:
+    """Of a file an earlier row names: "there" (its stat kept in `seen`), "gone", or "unknown" when it cannot be
+    looked at now. Unknown: a
     folder on its way cannot be read, or what is left of the way is a drive that is not mounted: a symlink whose
     target is missing, a mount point missing from where drives are mounted (with the folders above it: /run/media
     is gone after a reboot with the drive unplugged), or an empty mount point there. An empty folder elsewhere is
     only a folder whose photos moved away. When in doubt, unknown: the rows are kept, not dropped."""
     try:
-        os.stat(path)
+        stat = os.stat(path)
+        if seen is not None:
+            seen[path] = stat
         return "there"
     except (FileNotFoundError, NotADirectoryError):
         pass
@@ -688,7 +696,11 @@ def _whereabouts(path: str) -> str:
 
 
 def _reusable(
-    paths: list[str], in_chunks: dict[str, Ref | dict], previous: dict[str, Ref | dict], progress: Progress | None
+    paths: list[str],
+    in_chunks: dict[str, Ref | dict],
+    previous: dict[str, Ref | dict],
+    progress: Progress | None,
+    seen: dict[str, os.stat_result],
 ) -> dict[str, Ref | dict]:
     """The rows of `paths` that need no new work, where the file is still the one that produced the row: from this
     run's chunks, embedded or failed, else embedded in the earlier output (--update).
@@ -702,7 +714,9 @@ def _reusable(
             found[path] = in_chunks[path]
         elif isinstance(previous.get(path), Ref):
             found[path] = previous[path]
-    infos = _still_current({path: row.info if isinstance(row, Ref) else row for path, row in found.items()}, progress)
+    infos = _still_current(
+        {path: row.info if isinstance(row, Ref) else row for path, row in found.items()}, progress, seen
+    )
     return {
         path: row._replace(info=infos[path]) if isinstance(row, Ref) else infos[path]
         for path, row in found.items()
@@ -724,8 +738,11 @@ def refuse_empty_run(out: OutputPaths, bad: list[dict]) -> NoReturn:
     raise UserError(f"{failed}." if len(bad) == 1 else f"{failed}: see {out.errors}.")
 
 
-def _still_current(infos: dict[str, dict], progress: Progress | None) -> dict[str, dict]:
+def _still_current(
+    infos: dict[str, dict], progress: Progress | None, seen: dict[str, os.stat_result] | None = None
+) -> dict[str, dict]:
     """Of `infos` (manifest rows by path), those whose file is still the one that produced them, with today's times.
+    `seen`: files already looked at by this run, not asked again.
 
     Size, mtime and ctime first (rows of versions before the ctime have none to compare); when only the times
     moved (a copy, a restore, a sync, a chmod; a tag edited in place with the mtime kept) the content hash decides.
@@ -734,7 +751,7 @@ def _still_current(infos: dict[str, dict], progress: Progress | None) -> dict[st
     touched: dict[str, os.stat_result] = {}
     for path, info in infos.items():
         try:
-            stat = os.stat(path)
+            stat = seen[path] if seen and path in seen else os.stat(path)
         except OSError:
             if "error" in info and "size" not in info:  # it failed before because it was missing, and it still is
                 current[path] = info

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -908,6 +909,26 @@ def test_an_update_that_changes_nothing_leaves_the_output_as_it_was(
     summary = summary_of(embed(folder, output, "--update", "--json", *options))
     assert (summary["embedded"], summary["reused"], summary["unchanged"]) == (0, 12, False)
     assert output.stat().st_ino != before[output][0]
+
+
+def test_an_update_looks_at_each_earlier_file_once(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whether a row's file is still there, then whether it is still the same: one stat for both (on a network
+    # share each is a round trip; a library of a million photos asked twice).
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    asked, stat = Counter(), os.stat
+
+    def counted(path, *args, **kwargs):
+        if sys._getframe(1).f_globals["__name__"] == embed_module.__name__:
+            asked[os.fspath(path)] += 1
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counted)
+    assert summary_of(embed(folder, output, "--update", "--json"))["reused"] == 12
+    photos = {str(path) for path in folder.iterdir()}
+    assert {path: n for path, n in asked.items() if path in photos} == dict.fromkeys(photos, 1)
 
 
 def test_update_after_a_touch_equals_a_fresh_run(embed, folder: Path, tmp_path: Path) -> None:
