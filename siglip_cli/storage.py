@@ -359,16 +359,23 @@ class SafetensorsRows:
 
 
 class NpyRows:
-    """Row slices of `.npy` files (one per tensor name), memory-mapped."""
+    """Row slices of `.npy` files (one per tensor name), each memory-mapped once: a merge reads its parts, whose
+    rows interleave, as runs of a row or two."""
 
     def __init__(self, files: dict[str, Path]):
         self.files = files
+        self._arrays: dict[str, np.ndarray] = {}
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        return np.load(self.files[name], mmap_mode="r")[start:stop]
+        return self._array(name)[start:stop]
 
     def count(self, name: str) -> int:
-        return len(np.load(self.files[name], mmap_mode="r"))
+        return len(self._array(name))
+
+    def _array(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = np.load(self.files[name], mmap_mode="r")
+        return self._arrays[name]
 
 
 @dataclass(frozen=True)
