@@ -222,7 +222,9 @@ def embed_to_file(
         interrupts.check()
         metadata = output_metadata(embedder.checkpoint, state, shard=options.shard, inputs=options.shard_inputs)
         unchanged = _as_it_was(out, earlier.previous, good, bad, metadata)
-        if not unchanged:
+        if unchanged:  # in place already: a stop signal from here on changes nothing, as after `assemble`
+            interrupts.output_in_place()
+        else:
             assemble(out, good, bad, metadata, before_replacing=work.mark_assembling)
         work.remove()
         summary = _summary(out, settled, new, failed=len(bad), seconds=time.perf_counter() - started)
@@ -665,11 +667,11 @@ def _digests(paths: list[str], size: int, progress: Progress | None, why: str) -
 
 def _whereabouts(path: str, seen: dict[str, os.stat_result] | None = None) -> str:
     """Of a file an earlier row names: "there" (its stat kept in `seen`), "gone", or "unknown" when it cannot be
-    looked at now. Unknown: a
-    folder on its way cannot be read, or what is left of the way is a drive that is not mounted: a symlink whose
-    target is missing, a mount point missing from where drives are mounted (with the folders above it: /run/media
-    is gone after a reboot with the drive unplugged), or an empty mount point there. An empty folder elsewhere is
-    only a folder whose photos moved away. When in doubt, unknown: the rows are kept, not dropped."""
+    looked at now. Unknown: a folder on its way cannot be read, or what is left of the way is a drive that is not
+    mounted: a symlink whose target is missing, a mount point missing from where drives are mounted (with the
+    folders above it: /run/media is gone after a reboot with the drive unplugged), or an empty mount point there.
+    An empty folder elsewhere is only a folder whose photos moved away. When in doubt, unknown: the rows are kept,
+    not dropped."""
     try:
         stat = os.stat(path)
         if seen is not None:
@@ -751,7 +753,7 @@ def _still_current(
     touched: dict[str, os.stat_result] = {}
     for path, info in infos.items():
         try:
-            stat = seen[path] if seen and path in seen else os.stat(path)
+            stat = (seen or {}).get(path) or os.stat(path)
         except OSError:
             if "error" in info and "size" not in info:  # it failed before because it was missing, and it still is
                 current[path] = info

@@ -330,14 +330,7 @@ class SafetensorsRows:
         layout = self._layout()
         if name not in layout:
             raise ValueError(f"{display_path(self.path)} holds no tensor {name!r}")
-        dtype, shape, offset = layout[name]
-        if not 0 <= start <= stop <= shape[0]:
-            raise ValueError(f"{display_path(self.path)} holds {shape[0]} rows of {name}, not rows {start} to {stop}")
-        per_row = int(np.prod(shape[1:], dtype=np.int64))
-        rows = np.fromfile(
-            self.path, dtype=dtype, count=(stop - start) * per_row, offset=offset + start * per_row * dtype.itemsize
-        )
-        return rows.reshape(stop - start, *shape[1:])  # a file cut short since gives fewer values: a ValueError
+        return _rows_at(self.path, name, layout[name], start, stop)
 
     def count(self, name: str) -> int:
         layout = self._layout()
@@ -361,24 +354,42 @@ class SafetensorsRows:
         return self._tensors
 
 
+def _rows_at(
+    path: Path, name: str, layout: tuple[np.dtype, tuple[int, ...], int], start: int, stop: int
+) -> np.ndarray:
+    """Rows `start` to `stop` of tensor `name`, C-ordered at `offset` in `path` as `layout` (dtype, shape, offset)
+    says: read where they lie, with no file left open."""
+    dtype, shape, offset = layout
+    if not 0 <= start <= stop <= shape[0]:
+        raise ValueError(f"{display_path(path)} holds {shape[0]} rows of {name}, not rows {start} to {stop}")
+    per_row = int(np.prod(shape[1:], dtype=np.int64))
+    rows = np.fromfile(path, dtype=dtype, count=(stop - start) * per_row, offset=offset + start * per_row * dtype.itemsize)
+    return rows.reshape(stop - start, *shape[1:])  # a file cut short since gives fewer values: a ValueError
+
+
 class NpyRows:
-    """Row slices of `.npy` files (one per tensor name), each memory-mapped once: a merge reads its parts, whose
-    rows interleave, as runs of a row or two."""
+    """Row slices of `.npy` files (one per tensor name). Each file's header is read once (a merge reads its parts,
+    whose rows interleave, as runs of a row or two), and no file is held open between reads: a merge of a thousand
+    parts would hold a thousand, past `ulimit -n`."""
 
     def __init__(self, files: dict[str, Path]):
         self.files = files
-        self._arrays: dict[str, np.ndarray] = {}
+        self._layouts: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        return self._array(name)[start:stop]
+        return _rows_at(self.files[name], name, self._layout(name), start, stop)
 
     def count(self, name: str) -> int:
-        return len(self._array(name))
+        return self._layout(name)[1][0]
 
-    def _array(self, name: str) -> np.ndarray:
-        if name not in self._arrays:
-            self._arrays[name] = np.load(self.files[name], mmap_mode="r")
-        return self._arrays[name]
+    def _layout(self, name: str) -> tuple[np.dtype, tuple[int, ...], int]:
+        if name not in self._layouts:
+            mapped = np.load(self.files[name], mmap_mode="r")  # refuses a damaged or short file as before
+            if not mapped.flags.c_contiguous or mapped.ndim == 0:
+                raise ValueError(f"{display_path(self.files[name])} is not an array of rows siglip writes")
+            self._layouts[name] = (mapped.dtype, mapped.shape, mapped.offset)
+            del mapped  # its mapping, and the descriptor that goes with it, closed now
+        return self._layouts[name]
 
 
 @dataclass(frozen=True)

@@ -360,6 +360,19 @@ def test_rows_read_from_a_safetensors_file_are_what_safetensors_reads(tmp_path: 
         reader.read("tokens", 0, 7)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="open files are listed in /proc")
+def test_an_npy_reader_holds_no_file_open(tmp_path: Path) -> None:
+    # `siglip merge` holds a reader of every part: a file held open by each went past `ulimit -n` (1,024 on Linux,
+    # 256 on macOS) at a few hundred parts, refused as "cannot read pNNN.npy back".
+    path = tmp_path / "rows.npy"
+    np.save(path, np.arange(12, dtype=np.float32).reshape(6, 2))
+    before = len(os.listdir("/proc/self/fd"))
+    reader = storage_module.NpyRows({"embeddings": path})
+    assert reader.count("embeddings") == 6
+    assert np.array_equal(reader.read("embeddings", 2, 4), [[4, 5], [6, 7]])
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_work_folder_whose_state_is_damaged_is_refused_and_overwrite_starts_afresh(
     embed, interrupted: Path, folder: Path
 ) -> None:
@@ -909,6 +922,24 @@ def test_an_update_that_changes_nothing_leaves_the_output_as_it_was(
     summary = summary_of(embed(folder, output, "--update", "--json", *options))
     assert (summary["embedded"], summary["reused"], summary["unchanged"]) == (0, 12, False)
     assert output.stat().st_ino != before[output][0]
+
+
+def test_a_stop_after_an_update_found_nothing_to_change_does_not_fail_the_run(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The output is in place, left as it was: a Ctrl-C from here on changes nothing, as after files are replaced.
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    summary = embed_module._summary
+
+    def stopped_meanwhile(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return summary(*args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "_summary", stopped_meanwhile)
+    result = embed(folder, output, "--update")
+    assert result.exit_code == 0, result.stderr
+    assert ", unchanged (" in result.stderr
 
 
 def test_an_update_looks_at_each_earlier_file_once(
