@@ -7,6 +7,7 @@ so an existing embeddings file means the run that wrote it finished.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -330,9 +331,21 @@ def _reading(out: OutputPaths) -> Iterator[None]:
             reason = f"{display_path(os.fsdecode(e.filename))}: {e.strerror or e}"
         else:
             reason = re.sub(r"\s+", " ", str(e)).strip() or type(e).__name__
+        # Of these the files are whole: embedding them again would not help.
+        remedy = _NOT_THE_FILES.get(e.errno) if isinstance(e, OSError) else None
+        if remedy:
+            raise UserError(f"cannot read {out.embeddings} back ({reason}): {remedy}, and rerun.") from None
         raise UserError(
             f"cannot read {out.embeddings} back as a siglip output ({reason}): embed it again (--overwrite)."
         ) from None
+
+
+_NOT_THE_FILES = {
+    errno.EMFILE: "raise the limit of open files (ulimit -n)",
+    errno.ENFILE: "close other programs' files (the system's limit of open files is reached)",
+    errno.EACCES: "give this user read access to it",
+    errno.EPERM: "give this user read access to it",
+}
 
 
 def read_output_metadata(out: OutputPaths) -> dict[str, str]:

@@ -445,6 +445,29 @@ def test_an_update_of_an_output_whose_manifest_is_damaged_is_one_sentence(
     assert error.startswith(f"error: cannot read {output} back as a siglip output ({manifest}: ") and "\n" not in error
 
 
+@pytest.mark.parametrize(
+    "code, remedy",
+    [(errno.EMFILE, "raise the limit of open files (ulimit -n), and rerun."),
+     (errno.EACCES, "give this user read access to it, and rerun.")],  # fmt: skip
+)
+def test_an_output_that_cannot_be_read_for_want_of_a_file_or_a_permission_is_not_to_be_embedded_again(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, remedy: str
+) -> None:
+    output = tmp_path / "out.safetensors"
+    ok(embed(folder, output))
+    manifest = output.with_suffix(".jsonl")
+    read = storage_module.read_jsonl
+
+    def refused(path: Path) -> list[dict]:
+        if path == manifest:
+            raise OSError(code, os.strerror(code), str(path))
+        return read(path)
+
+    monkeypatch.setattr(outputs_module, "read_jsonl", refused)
+    error = the_error(embed(folder, output, "--update"))
+    assert error == f"error: cannot read {output} back ({manifest}: {os.strerror(code)}): {remedy}"
+
+
 def test_a_stop_whose_last_save_fails_says_what_was_lost_and_raises_why_it_stopped(
     embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
