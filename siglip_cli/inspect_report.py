@@ -125,10 +125,12 @@ def parameter_table(result: Inspection) -> Table:
 
 
 def cost(result: Inspection) -> Text:
+    gflops = result.gflops_per_image
+    amount = f"{gflops:.1f}" if gflops >= 1 else f"{gflops:.3g}"  # 35.1 for B/16; three digits for a tiny tower
     return Text.assemble(
         ("cost: ", "bold"),
-        f"{result.gflops_per_image:.{'1f' if result.gflops_per_image >= 1 else '3g'}} GFLOPs per image (multiply-add = 2 FLOPs; matmuls and the patch conv, "
-        "from the formula in model.gflops_per_image)",
+        f"{amount} GFLOPs per image (multiply-add = 2 FLOPs; matmuls and the patch conv, from the formula in "
+        "model.gflops_per_image)",
     )
 
 
