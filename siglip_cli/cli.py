@@ -335,8 +335,8 @@ def embed(
     update: Annotated[bool, typer.Option("--update", help="Refresh an existing output: embed new and changed files, drop gone ones.")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Embed only part K of N (K/N, from 0), or auto from Slurm / Kubernetes.", metavar="K/N")] = None,
     num_shards: Annotated[Optional[int], typer.Option("--num-shards", min=1, help="Shard count for --shard auto (Kubernetes; under Slurm, a rerun of some tasks then redoes their parts).", metavar="N")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded or any folder could not be listed.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded, any folder could not be listed, a link led nowhere, or an entry named like an image was not a file.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, summary or notes on stderr, but for notes about images left out.")] = False,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Embed images into -o OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
