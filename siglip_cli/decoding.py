@@ -105,6 +105,12 @@ def error_row(info: dict, reason: str) -> dict:
 
 
 def _worker_init(_: int) -> None:
+    # A run killed (kill -9, the out-of-memory killer) takes its workers with it at once: the loader's own check
+    # would end them only 5 s on, decoding and holding memory meanwhile.
+    interrupts.die_with_parent(signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before that was asked
+        os._exit(0)
     interrupts.leave_to_parent()  # a Ctrl-C or a hang-up stops the main process, which then shuts this one down
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
     sys.excepthook = _quiet_if_the_main_process_left

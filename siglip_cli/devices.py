@@ -7,7 +7,6 @@ ones resume from their chunks.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing as mp
 import os
 import queue
@@ -43,7 +42,6 @@ from .shards import merge_outputs, select_shard
 from .storage import WorkArea, exclusive
 from .checkpoints import Checkpoint, resolve_checkpoint
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -98,7 +96,9 @@ def _log_of(job: _Job) -> Path:
 
 
 def _work(job: _Job, channel: mp.Queue) -> None:
-    _die_with_parent()
+    # Ended when the process that started it dies, even by `kill -9`: an orphan would go on writing into the work
+    # area a rerun is using (elsewhere than Linux it stops at its next message to the parent, whose queue is gone).
+    interrupts.die_with_parent(signal.SIGTERM)
     # What this process and its decoding workers would print themselves (a C++ runtime's last words as a stop
     # catches it starting threads, a crash's dump) goes to a log in the work folder, not after the parent's one
     # sentence; the parent names the log when this worker dies unexplained.
@@ -133,16 +133,6 @@ def _embed_job(job: _Job, channel: mp.Queue) -> None:
         progress=_QueueProgress(channel, job.index), part_of=Path(job.output).parent,
     )  # fmt: skip
     channel.put(("done", job.index, summary))
-
-
-def _die_with_parent() -> None:
-    """Linux: end this worker when the process that started it dies, even by `kill -9`; an orphan would go on
-    writing into the work area a rerun is using."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
-            pass  # without it an orphan still stops at its next message to the parent, whose queue is gone
 
 
 @contextmanager

@@ -20,7 +20,6 @@ inputs that take over `WALK_SECONDS` to list. `siglip embed` asks for none with 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import fcntl
 import hashlib
 import mmap
@@ -55,7 +54,6 @@ WALK_SECONDS = 5.0
 REAP_SECONDS = 1.0  # a process killed amid a read of a hung network share dies only once the read returns
 PIPE_BYTES = 1 << 20  # room for the files' facts, so the process never waits on this one to read them
 _F_SETPIPE_SZ = 1031  # <linux/fcntl.h>
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass
@@ -213,7 +211,7 @@ def _decode_first_files(
     """The head start's process: the plan (which files, with which settings), then each file's pixels into its slot
     and its facts. Silent whatever happens: the run itself reports every problem. Its caller ends the process."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the run's handler, copied with the process
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # and it dies with the run
+    interrupts.die_with_parent(signal.SIGKILL)  # and it dies with the run
     if os.getppid() != parent:  # the run ended before that was set
         return
     try:  # short of memory, the kernel stops this process before the run: what it did, the workers can redo

@@ -17,6 +17,7 @@ nothing left to stop: its signals are let go, and the run ends as finished rathe
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import sys
 import threading
@@ -33,6 +34,19 @@ _received: int | None = None  # the signal `stop_on_signals` turned into Keyboar
 _in_place = False  # the output of the `stop_on_signals` block's run is in place: `output_in_place`
 _deferring = False
 _stop_flags: list[threading.Event] = []  # those of the `stop_flag` blocks running
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int) -> None:
+    """Linux: have the kernel send this process `sig` when its parent dies, even by `kill -9` or the out-of-memory
+    killer (strictly: when the thread that started it ends). Elsewhere, nothing."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+        except (OSError, AttributeError):
+            pass  # no libc to ask: the process ends as it otherwise would
 
 
 def on_main_thread() -> bool:

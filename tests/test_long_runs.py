@@ -2443,6 +2443,43 @@ def wait_for_chunks(process: subprocess.Popen, output: Path, chunks: int, timeou
         time.sleep(0.002)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel ends them on Linux (PR_SET_PDEATHSIG)")
+def test_the_decoding_workers_of_a_run_killed_end_with_it(many_photos: Path, tiny_vision: Path, tmp_path: Path) -> None:
+    # They noticed only at the loader's next check, 5 s on, decoding and holding memory meanwhile (the out-of-memory
+    # killer's victim is the run, whose workers then took a rerun's memory).
+    photos = tmp_path / "photos"
+    shutil.copytree(many_photos, photos)
+    noise = np.random.default_rng(0).integers(0, 256, (2000, 3000, 3), dtype=np.uint8)
+    for i in range(8):  # large noisy photos last, slow to decode, keep the workers busy
+        Image.fromarray(np.roll(noise, i, axis=0)).save(photos / f"zz{i}.jpg", quality=95)
+    output = tmp_path / "embeddings.safetensors"
+    process = start(embed_command(photos, output, tiny_vision, workers=2), flush_seconds=0.05)
+    wait_for_chunks(process, output, 1)
+    workers = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if parent_of(pid) == process.pid]
+    assert len(workers) >= 2 and process.poll() is None
+    process.kill()
+    process.wait()
+    ended_by = time.monotonic() + 3  # the kernel's signal is at once; the loader's check would come 5 s on
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < ended_by, "the decoding workers outlived the run"
+        time.sleep(0.01)
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Running, not ended (a zombie is ended: its parent, init here, has yet to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_kill_9_at_random_points_then_rerunning_gives_the_uninterrupted_output(
     many_photos: Path, tiny_vision: Path, uninterrupted: Path, tmp_path: Path
 ) -> None:
