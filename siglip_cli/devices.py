@@ -43,7 +43,6 @@ from .storage import WorkArea, exclusive
 from .checkpoints import Checkpoint, resolve_checkpoint
 
 
-
 def parse_devices(spec: str) -> list[str]:
     """`--device`: one device (`auto`, `cpu`, `cuda:1`), a list (`cuda:0,cuda:1`), or `cuda:all` → the devices."""
     if spec == "cuda:all":

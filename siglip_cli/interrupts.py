@@ -34,8 +34,6 @@ _received: int | None = None  # the signal `stop_on_signals` turned into Keyboar
 _in_place = False  # the output of the `stop_on_signals` block's run is in place: `output_in_place`
 _deferring = False
 _stop_flags: list[threading.Event] = []  # those of the `stop_flag` blocks running
-
-
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
