@@ -46,12 +46,9 @@ def finished(count: int, folder: Path, model: Path, options: DecodeOptions = Dec
     os.waitpid(headstart._running.pid, 0)
 
 
-def test_what_it_takes_is_what_a_worker_makes(folder: Path, tiny_siglip: Path) -> None:
-    cfg = resolve_checkpoint(str(tiny_siglip)).preprocess
-    paths = discover([str(folder)])
-    finished(len(paths), folder, tiny_siglip)
-    taken = headstart.take(paths, cfg, DecodeOptions())
-    assert len(taken) == len(paths) == 9 and headstart._running is None
+def assert_as_a_worker_makes(paths: list[str], taken: list, cfg: PreprocessConfig) -> None:
+    """Each file the head start gave (`taken`, in the order of `paths`) is what a decoding worker makes of it: the
+    same pixels and facts, or the same failure."""
     for path, (pixels, facts) in zip(paths, taken):
         try:
             expected, expected_facts, _ = pixels_and_facts(path, cfg, DecodeOptions())
@@ -59,6 +56,15 @@ def test_what_it_takes_is_what_a_worker_makes(folder: Path, tiny_siglip: Path) -
             assert pixels is None and facts == failure_reason(e, path)
         else:
             assert np.array_equal(pixels, expected) and facts == {"path": path, **expected_facts}
+
+
+def test_what_it_takes_is_what_a_worker_makes(folder: Path, tiny_siglip: Path) -> None:
+    cfg = resolve_checkpoint(str(tiny_siglip)).preprocess
+    paths = discover([str(folder)])
+    finished(len(paths), folder, tiny_siglip)
+    taken = headstart.take(paths, cfg, DecodeOptions())
+    assert len(taken) == len(paths) == 9 and headstart._running is None
+    assert_as_a_worker_makes(paths, taken, cfg)
     assert [p for p, (pixels, _) in zip(paths, taken) if pixels is None] == [
         str(folder / "broken.jpg"), str(folder / "notes.jpg")
     ]  # fmt: skip
@@ -98,13 +104,12 @@ def test_stopped_early_it_gives_what_it_finished(
     cfg = resolve_checkpoint(str(tiny_siglip)).preprocess
     paths = discover([str(folder)])
     begun, told = os.pipe()
-    decode = headstart.pixels_and_facts
 
     def stuck_on_the_fourth(path: str, *args):
         if path == paths[3]:
             os.write(told, b"4")
             time.sleep(3600)  # until `take` kills the process
-        return decode(path, *args)
+        return pixels_and_facts(path, *args)
 
     monkeypatch.setattr(headstart, "pixels_and_facts", stuck_on_the_fourth)
     headstart._start([str(folder)], None, str(tiny_siglip), None, len(paths), DecodeOptions())
@@ -115,13 +120,7 @@ def test_stopped_early_it_gives_what_it_finished(
         os.close(begun), os.close(told)
     taken = headstart.take(paths, cfg, DecodeOptions())
     assert len(taken) == 3 and headstart._running is None
-    for path, (pixels, facts) in zip(paths, taken):
-        try:
-            expected, expected_facts, _ = decode(path, cfg, DecodeOptions())
-        except Exception as e:
-            assert pixels is None and facts == failure_reason(e, path)
-        else:
-            assert np.array_equal(pixels, expected) and facts == {"path": path, **expected_facts}
+    assert_as_a_worker_makes(paths, taken, cfg)
 
 
 def test_a_checkpoint_not_on_this_machine_gets_no_head_start(folder: Path, hf_cache: HubCache) -> None:

@@ -2447,11 +2447,7 @@ def wait_for_chunks(process: subprocess.Popen, output: Path, chunks: int, timeou
 def test_the_decoding_workers_of_a_run_killed_end_with_it(many_photos: Path, tiny_vision: Path, tmp_path: Path) -> None:
     # They noticed only at the loader's next check, 5 s on, decoding and holding memory meanwhile (the out-of-memory
     # killer's victim is the run, whose workers then took a rerun's memory).
-    photos = tmp_path / "photos"
-    shutil.copytree(many_photos, photos)
-    noise = np.random.default_rng(0).integers(0, 256, (2000, 3000, 3), dtype=np.uint8)
-    for i in range(8):  # large noisy photos last, slow to decode, keep the workers busy
-        Image.fromarray(np.roll(noise, i, axis=0)).save(photos / f"zz{i}.jpg", quality=95)
+    photos = with_slow_photos_last(many_photos, tmp_path)  # the workers are busy when the run is killed
     output = tmp_path / "embeddings.safetensors"
     process = start(embed_command(photos, output, tiny_vision, workers=2), flush_seconds=0.05)
     wait_for_chunks(process, output, 1)
@@ -2465,19 +2461,33 @@ def test_the_decoding_workers_of_a_run_killed_end_with_it(many_photos: Path, tin
         time.sleep(0.01)
 
 
-def parent_of(pid: int) -> int | None:
+def with_slow_photos_last(photos: Path, tmp_path: Path) -> Path:
+    """A copy of `photos` with 8 large noisy JPEGs after them, slow to decode: a run over it is still going a while
+    after its first chunks."""
+    copy = tmp_path / "photos"
+    shutil.copytree(photos, copy)
+    noise = np.random.default_rng(0).integers(0, 256, (2000, 3000, 3), dtype=np.uint8)
+    for i in range(8):
+        Image.fromarray(np.roll(noise, i, axis=0)).save(copy / f"zz{i}.jpg", quality=95)
+    return copy
+
+
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    """The process's state letter and parent's pid, from /proc; None once it is gone."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
+        state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+        return state, int(parent)
+    except (OSError, ValueError):
         return None
+
+
+def parent_of(pid: int) -> int | None:
+    return None if (found := _state_and_parent(pid)) is None else found[1]
 
 
 def alive(pid: int) -> bool:
     """Running, not ended (a zombie is ended: its parent, init here, has yet to reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return (found := _state_and_parent(pid)) is not None and found[0] != "Z"
 
 
 def test_kill_9_at_random_points_then_rerunning_gives_the_uninterrupted_output(
@@ -2557,11 +2567,7 @@ def test_sigterm_stops_like_ctrl_c_and_rerunning_continues(
 def test_a_hang_up_stops_like_ctrl_c_and_keeps_the_work(many_photos: Path, tiny_vision: Path, tmp_path: Path) -> None:
     # A closed terminal (an ssh session dropped) sends SIGHUP to every process of the run: it ended with exit 129 and
     # no word, and lost the batches finished since the last flush.
-    photos = tmp_path / "photos"
-    shutil.copytree(many_photos, photos)
-    noise = np.random.default_rng(0).integers(0, 256, (2000, 3000, 3), dtype=np.uint8)
-    for i in range(8):  # large noisy photos last, slow to decode, keep the run going after the hang-up
-        Image.fromarray(np.roll(noise, i, axis=0)).save(photos / f"zz{i}.jpg", quality=95)
+    photos = with_slow_photos_last(many_photos, tmp_path)  # the run is still going after the hang-up
     output = tmp_path / "embeddings.safetensors"
     command = embed_command(photos, output, tiny_vision, workers=1)
     process = start(command, flush_seconds=1e9)  # nothing flushed by time: the stop itself must keep the work
