@@ -193,20 +193,36 @@ def _param_name(param) -> str:
 
 def _bad_value(error: Exception) -> str:
     """What is wrong with an option's value. Recent typers check values with pydantic, whose words are a
-    programmer's ("Input should be a valid integer, unable to parse string as an integer"): the common ones are
-    said again here, in a user's."""
+    programmer's ("Input should be a valid integer, unable to parse string as an integer"), earlier ones with
+    click's types ("'abc' is not a valid int range", "0 is not in the range x>=1"): the common ones are said again
+    here, in a user's words, the same whichever typer is installed."""
     problems = error.__cause__.errors() if hasattr(error.__cause__, "errors") else []
     if not problems:
-        return error.message
+        return _choices_unquoted(_click_words(error.message))
     problem, value = problems[0], problems[0].get("input")
     if problem["type"] == "int_parsing":
         return f"{value!r} is not a whole number"
     if problem["type"] == "greater_than_equal":
         return f"must be at least {problem['ctx']['ge']}, not {value}"
     if problem["type"] == "value_error":  # an enum's: "'float64' is not one of 'auto', 'float32', ..."
-        given, one_of, choices = str(problem["ctx"]["error"]).partition(" is not one of ")
-        return given + one_of + choices.replace("'", "")  # the choices as --help lists them
+        return _choices_unquoted(str(problem["ctx"]["error"]))
     return error.message
+
+
+def _click_words(message: str) -> str:
+    """click's complaint about a value in the words of `_bad_value`'s pydantic branch."""
+    for pattern, words in (
+        (r"^('.*') is not a valid (?:integer|int)(?: range)?\.?$", r"\1 is not a whole number"),
+        (r"^(.*) is not in the range x>=(.*?)\.?$", r"must be at least \2, not \1"),
+    ):  # fmt: skip
+        message = re.sub(pattern, words, message)
+    return message
+
+
+def _choices_unquoted(message: str) -> str:
+    """"'float64' is not one of 'auto', 'float32'." → "... one of auto, float32": the choices as --help lists them."""
+    given, one_of, choices = message.partition(" is not one of ")
+    return given + one_of + choices.replace("'", "").rstrip(".") if one_of else message
 
 
 def _import_torch() -> None:
@@ -317,15 +333,15 @@ def embed(
     inputs: Annotated[list[str], typer.Argument(help="Image files and folders (walked recursively).", show_default=False, metavar="PATH")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file: .safetensors or .npy.", metavar="FILE", parser=_output_path)] = Path("embeddings.safetensors"),
     model: Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint directory.", metavar="MODEL")] = DEFAULT_MODEL,
-    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.", metavar="REV")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.", metavar="REV")] = None,
     files_from: Annotated[Optional[str], typer.Option("--files-from", help="Read more paths from FILE, one per line or NUL-separated (- for stdin).", metavar="FILE")] = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="Also save the patch tokens (N, T, D) after post_layernorm.")] = False,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalize rows; --no-normalize gives transformers' pooler_output.")] = True,
     output_dtype: Annotated[OutputDtype, typer.Option("--output-dtype", help="Stored precision.")] = OutputDtype.float32,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, or several (cuda:0,cuda:1 or cuda:all): one worker each.", metavar="DEVICE")] = "auto",
-    dtype: Annotated[ComputeDtype, typer.Option(help="Compute precision (auto: float32 on CPU, bfloat16 on CUDA).")] = ComputeDtype.auto,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N, or several (cuda:0,cuda:1 or cuda:all): one worker each.", metavar="DEVICE")] = "auto",
+    dtype: Annotated[ComputeDtype, typer.Option("--dtype", help="Compute precision (auto: float32 on CPU, bfloat16 on CUDA).")] = ComputeDtype.auto,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per forward pass (default: 32 on CPU, 128 on CUDA).", show_default=False, metavar="N")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes beside the model (default: CPUs - 1, at most 16 and as many as memory allows, shared among --device's devices).", show_default=False, metavar="N")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="Decoding processes beside the model (default: CPUs - 1, at most 16 and as many as memory allows, shared among --device's devices).", show_default=False, metavar="N")] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).", metavar="N")] = DEFAULT_MAX_PIXELS,
     exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Apply EXIF orientation (phone photos).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model: +10% for B/16 on an H200 after 15 s of compiling; on a CPU 18-48 s for 0-5%.")] = False,
@@ -560,8 +576,8 @@ def merge(
 def inspect(
     image: Annotated[Optional[Path], typer.Argument(help="The image to trace (default: a bundled sample photo).", show_default=False, metavar="IMAGE", parser=_path)] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="A preset name (architecture only, random weights, no download), a Hub id or a local checkpoint.", metavar="MODEL")] = DEFAULT_PRESET,
-    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.", metavar="REV")] = None,
-    layers: Annotated[str, typer.Option(help="Encoder layers listed stage by stage: first, all, or numbers such as 0,5,11; the others get one line.", metavar="LAYERS")] = "first",
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.", metavar="REV")] = None,
+    layers: Annotated[str, typer.Option("--layers", help="Encoder layers listed stage by stage: first, all, or numbers such as 0,5,11; the others get one line.", metavar="LAYERS")] = "first",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the tables.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG pictures into this directory.", show_default=False, metavar="DIR", parser=_path)] = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).", metavar="N")] = DEFAULT_MAX_PIXELS,
@@ -591,14 +607,14 @@ def inspect(
 @app.command(cls=_Command, short_help="Measure images/s, beside transformers and timm.")
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="A preset name (random weights, no download), a Hub id or a local checkpoint.", metavar="MODEL")] = DEFAULT_PRESET,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", metavar="DEVICE")] = "auto",
-    dtype: Annotated[ComputeDtype, typer.Option(help="Compute precision (auto: bfloat16 on CUDA, float32 on the CPU, as embed).")] = ComputeDtype.auto,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", metavar="DEVICE")] = "auto",
+    dtype: Annotated[ComputeDtype, typer.Option("--dtype", help="Compute precision (auto: bfloat16 on CUDA, float32 on the CPU, as embed).")] = ComputeDtype.auto,
     batch_size: Annotated[Optional[str], typer.Option("--batch-size", "-b", help="Comma-separated batch sizes (default: 1,8,32 on CPU, 1,32,256 on CUDA).", show_default=False, metavar="SIZES")] = None,
-    iters: Annotated[Optional[int], typer.Option(min=1, help="Timed calls per measurement; the median is reported (default: 10 on CUDA, 3 on CPU).", show_default=False, metavar="N")] = None,
-    warmup: Annotated[Optional[int], typer.Option(min=0, help="Untimed calls first (default: 3 on CUDA, 1 on CPU).", show_default=False, metavar="N")] = None,
+    iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Timed calls per measurement; the median is reported (default: 10 on CUDA, 3 on CPU).", show_default=False, metavar="N")] = None,
+    warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help="Untimed calls first (default: 3 on CUDA, 1 on CPU).", show_default=False, metavar="N")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile every model (default: on for CUDA, off for CPU: the compile outlasts a short CPU run).", show_default=False)] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Also time decode, preprocess and end to end on the images in this folder.", show_default=False, metavar="DIR", parser=_path)] = None,
-    compare: Annotated[str, typer.Option(help="Also run these on the same weights: transformers, timm (comma-separated).", metavar="NAMES")] = "",
+    compare: Annotated[str, typer.Option("--compare", help="Also run these on the same weights: transformers, timm (comma-separated).", metavar="NAMES")] = "",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the table.")] = False,
 ) -> None:
     """Throughput of the vision tower (images/s, ms per image, peak memory), optionally against transformers and timm."""

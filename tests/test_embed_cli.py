@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+import typer
 from typer.testing import CliRunner, Result
 
 from conftest import (
@@ -53,6 +54,7 @@ from conftest import (
     with_preprocessing,
 )
 from siglip_cli import __version__
+from siglip_cli import cli
 from siglip_cli.cli import app
 from siglip_cli.embed import embed_paths, embed_to_file, load
 from siglip_cli.storage import atomic_write
@@ -192,6 +194,45 @@ def test_a_command_line_that_does_not_parse_is_one_sentence(args: list[str], sen
     result = siglip(*args)
     assert the_error(result) == f"error: {sentence}"
     assert result.stderr == f"error: {sentence}\n"
+
+
+@pytest.mark.parametrize(
+    "message, words",
+    [
+        ("'abc' is not a valid int range.", "'abc' is not a whole number"),  # click 8.2 and later
+        ("'abc' is not a valid integer range.", "'abc' is not a whole number"),  # click 8.1
+        ("'abc' is not a valid integer.", "'abc' is not a whole number"),
+        ("0 is not in the range x>=1.", "must be at least 1, not 0"),
+        ("'float64' is not one of 'auto', 'float32'.", "'float64' is not one of auto, float32"),
+        ("'x' is not a valid float.", "'x' is not a valid float."),  # none of ours: said as click says it
+    ],
+)  # fmt: skip
+def test_a_bad_value_reads_the_same_with_a_typer_that_checks_values_with_click(message: str, words: str) -> None:
+    """Typers before pydantic (0.27 and earlier, which a machine's own Python may hold) leave the value checks to
+    click, whose words differ from the pydantic ones that the test above sees with the typer installed here."""
+    error = typer.BadParameter(message)
+    assert cli._bad_value(error) == words
+
+
+def test_every_option_names_its_flags() -> None:
+    """typer 0.27 named an option left to its parameter name by its metavar: `siglip embed --device cuda` was
+    "no option --device" on a GPU machine's own Python, whose option was `--DEVICE`. Named, an option reads the same
+    with every typer."""
+    import inspect
+    import typing
+
+    import typer.models
+
+    unnamed = []
+    for command in cli.app.registered_commands:
+        for name, hint in typing.get_type_hints(command.callback, include_extras=True).items():
+            for info in (m for m in getattr(hint, "__metadata__", ()) if isinstance(m, typer.models.OptionInfo)):
+                # In `Annotated`, typer takes the first positional argument, stored as the default, as a flag.
+                flags = [*info.param_decls, *([info.default] if isinstance(info.default, str) else [])]
+                if not any(flag.startswith("-") for flag in flags):
+                    unnamed.append(f"{command.callback.__name__} {name}")
+    assert inspect.signature(cli.embed).parameters["device"]  # the check reads the commands' real parameters
+    assert unnamed == []
 
 
 def test_no_command_still_prints_the_help() -> None:
@@ -1747,7 +1788,8 @@ def test_device_decoder_agrees_with_the_exact_cpu_path(
     ok(embed(mixed_folder, "-o", out / "cpu.safetensors", "--decode", "cpu"))
     taken, decode = [], gpu_decode._decode
     monkeypatch.setattr(gpu_decode, "_decode", lambda headers, device: taken.extend(headers) or decode(headers, device))
-    ok(embed(mixed_folder, "-o", out / "dev.safetensors", "--decode", "gpu", "--device", "cpu"))
+    # Batches of 2: several of them decoded at once, each in a thread of the device decoder.
+    ok(embed(mixed_folder, "-o", out / "dev.safetensors", "--decode", "gpu", "--device", "cpu", "-b", "2"))
     assert len(taken) == 6  # photo0-3, portrait and broken.jpg went to the device decoder; print.jpg (CMYK) did not
     cpu, cpu_meta = read_safetensors(out / "cpu.safetensors")
     dev, dev_meta = read_safetensors(out / "dev.safetensors")
