@@ -1,7 +1,8 @@
 """The whole GPU measurement in one command (--budget seconds of measuring, 240 by default), printed as one table.
 
-    bash bench/gpu_check.sh OUT_DIR               # on the GPU machine: table, JSON, profiles in OUT_DIR
-    python bench/gpu_check.py --smoke             # tiny sizes on the CPU: checks that the script runs
+    bash bench/gpu_check.sh OUT_DIR                       # on the GPU machine: table, JSON, profiles in OUT_DIR
+    python bench/gpu_check.py --end-to-end-only --budget 150  # the end-to-end rows alone: a second, short run
+    python bench/gpu_check.py --smoke                     # tiny sizes on the CPU: checks that the script runs
 
 Model only, bf16, random weights (no download), every backend on the same weights:
   B/16-224 at batch 256 and so400m/14-384 at batch 64: ours as `siglip embed` runs it (SDPA's own choice of
@@ -9,8 +10,8 @@ Model only, bf16, random weights (no download), every backend on the same weight
   and compiled), timm (eager). Each row's cosine is to our plain float32 forward on the same pixels.
 End to end, B/16-224, on synthetic 2-MP JPEGs it writes: the nvJPEG decoder alone, the CPU workers with
   `--fast-decode` alone and both side by side, nvJPEG feeding our fastest forward, the pieces of `siglip embed`'s
-  loop one by one, the loop itself with GPU and with CPU (PIL workers) decoding, and the `siglip embed` command;
-  cosine to the exact CPU/PIL pixels through the float32 model.
+  loop one by one, the loop itself with GPU decoding in 1 to 4 threads and with CPU (PIL workers) decoding, and
+  the `siglip embed` command; cosine to the exact CPU/PIL pixels through the float32 model.
 
 Medians of --iters timed calls after --warmup, synchronized. Steps that would overrun --budget are skipped with a
 note, so the script always finishes and prints what it has. A step that fails prints its error in its row and the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import faulthandler
 import json
@@ -40,13 +42,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from siglip_cli import benchmark as B
 from siglip_cli.config import PreprocessConfig, VisionConfig
 from siglip_cli.decoding import default_workers
 from siglip_cli.errors import first_line
 from siglip_cli.gpu_decode import decode_headers, read_header
-from siglip_cli.model import SiglipVision, random_model
+from siglip_cli.kernels import FusedMLP
+from siglip_cli.model import MLP, SiglipVision, random_model
 from siglip_cli.preprocess import DecodeOptions, load_pixels
 from siglip_cli.references import Forward, reference_forward
 
@@ -155,6 +159,44 @@ class CudaGraphForward:
         return graph, static_in, static_out
 
 
+def unfuse_gelu(module: nn.Module) -> nn.Module:
+    """A lever to measure: every `FusedMLP` (fc1 + bias + GELU as one cuBLASLt GEMM) back to the plain `MLP` on the
+    same layers, fc1's GEMM then a GELU kernel of its own. In place; returns `module`."""
+    for owner in list(module.modules()):
+        for name, child in owner.named_children():
+            if isinstance(child, FusedMLP):
+                plain = MLP.__new__(MLP)
+                nn.Module.__init__(plain)
+                plain.fc1, plain.fc2, plain.activation = child.fc1, child.fc2, child.activation
+                setattr(owner, name, plain.train(child.training))
+    return module
+
+
+def padded_width(width: int, multiple: int) -> int:
+    return -(-width // multiple) * multiple
+
+
+@torch.no_grad()
+def pad_mlps(model: SiglipVision, multiple: int) -> SiglipVision:
+    """A lever to measure, on a copy of `model`: every MLP's hidden width (so400m's 4304) padded with zero units to a
+    multiple of `multiple`, so its two GEMMs get whole tiles. The same function: a zero unit has fc1 output 0 (zero
+    weights, zero bias), GELU(0) = 0, and zero fc2 weights, so it adds 0 to every output."""
+    model = copy.deepcopy(model)
+    for mlp in (m for m in model.modules() if isinstance(m, MLP)):
+        fc1, fc2 = mlp.fc1, mlp.fc2
+        extra = padded_width(fc1.out_features, multiple) - fc1.out_features
+        if extra == 0:
+            continue
+        wide1 = nn.Linear(fc1.in_features, fc1.out_features + extra, device=fc1.weight.device, dtype=fc1.weight.dtype)
+        wide1.weight.zero_()[: fc1.out_features] = fc1.weight
+        wide1.bias.zero_()[: fc1.out_features] = fc1.bias
+        wide2 = nn.Linear(fc2.in_features + extra, fc2.out_features, device=fc2.weight.device, dtype=fc2.weight.dtype)
+        wide2.weight.zero_()[:, : fc2.in_features] = fc2.weight
+        wide2.bias.copy_(fc2.bias)
+        mlp.fc1, mlp.fc2 = wide1, wide2
+    return model
+
+
 def measure(row: Row, make: Callable[[], Forward], pixels: torch.Tensor, check: torch.Tensor, expected: torch.Tensor,
             *, device: torch.device, iters: int, warmup: int, attention: str | None = None) -> tuple[Row, Forward | None]:  # fmt: skip
     """Build one candidate, time it on `pixels`, and compare its output on `check` with `expected`."""
@@ -238,11 +280,14 @@ def model_only(
             ours[variant] = forward  # a forced SDPA kernel holds only inside `measure`: not one to reuse
         print(f"  {spec.label} {backend} {variant}: {_rate(row)}", file=sys.stderr, flush=True)
 
-    def fast(*, compile: bool = False, mode: str | None = None, graphs: bool = False) -> Callable[[], Forward]:
-        """Our forward as `siglip bench` builds it; compiled in torch's `mode`, replayed as CUDA graphs."""
+    def fast(*, compile: bool = False, mode: str | None = None, graphs: bool = False, fused_gelu: bool = True,
+             pad_to: int | None = None) -> Callable[[], Forward]:  # fmt: skip
+        """Our forward as `siglip bench` builds it; compiled in torch's `mode`, replayed as CUDA graphs. Levers not
+        (yet) in the model: `fused_gelu=False` (fc1's GEMM, then GELU apart), `pad_to` (MLP widths padded)."""
 
         def make() -> Forward:
-            forward = B.fast_model(plain, device=device, dtype=dtype)
+            forward = B.fast_model(plain if pad_to is None else pad_mlps(plain, pad_to), device=device, dtype=dtype)
+            forward = forward if fused_gelu else unfuse_gelu(forward)
             forward = torch.compile(forward, dynamic=False, mode=mode) if compile else forward
             return CudaGraphForward(forward) if graphs else forward
 
@@ -264,12 +309,24 @@ def model_only(
         add("siglip", "eager + CUDA graphs", fast(graphs=True), estimate_s=10)
         for attention in ("flash", "cudnn"):
             add("siglip", f"eager, SDPA {attention}", fast(), estimate_s=10, attention=attention)
+        # Levers measured before they go into the model: the GELU epilogue ran at 580 TFLOP/s against 693 for the
+        # plain GEMMs (2026-11-28), and so400m's MLP width 4304 is no multiple of a GEMM tile.
+        add("siglip", "eager, GELU unfused", fast(fused_gelu=False), estimate_s=10)
+        wide = padded_width(cfg.intermediate_size, 256)
+        if wide != cfg.intermediate_size:
+            add("siglip", f"eager, MLP padded to {wide}", fast(pad_to=256), estimate_s=10)
+            add("siglip", f"eager, GELU unfused, MLP padded to {wide}", fast(fused_gelu=False, pad_to=256), estimate_s=10)
     add("transformers", "sdpa", reference("transformers"), estimate_s=10)
     add("timm", "eager", reference("timm"), estimate_s=10)
     if cuda or args.compile:
         add("siglip", "compiled", fast(compile=True), estimate_s=45)
         if cuda and "compiled" in ours:
             add("siglip", "compiled + CUDA graphs", lambda: CudaGraphForward(ours["compiled"]), estimate_s=10)
+        if cuda:
+            add("siglip", "compiled, GELU unfused", fast(compile=True, fused_gelu=False), estimate_s=45)
+            if "compiled, GELU unfused" in ours:
+                add("siglip", "compiled, GELU unfused + CUDA graphs",
+                    lambda: CudaGraphForward(ours["compiled, GELU unfused"]), estimate_s=10)  # fmt: skip
     if (cuda and not args.no_compile_references) or args.compile:
         add("transformers", "sdpa compiled", reference("transformers", compile=True), estimate_s=45)
     if args.autotune:
@@ -456,6 +513,8 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: Forward, variant: str, 
       - `siglip embed`'s own loop (`embedded_batches` with a loaded checkpoint, eager bf16), GPU and CPU decoding;
       - the `siglip embed` command itself as a subprocess: its own images/s (after loading) and the whole wall time.
     The photo list names each file --repeat times (page cache warm), so a run is long enough to time."""
+    from siglip_cli import embed as embed_module
+    from siglip_cli import gpu_decode
     from siglip_cli.decoding import batch_pixels, decoded_batches, look_ahead
     from siglip_cli.embed import embedded_batches, load
 
@@ -522,12 +581,26 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: Forward, variant: str, 
         for _ in look_ahead(batches, lambda b: batch_pixels(b, cfg, device, DecodeOptions()), depth=2):
             pass
 
-    def embed_loop(decoder: str) -> Callable[[list[str]], torch.Tensor]:
+    def embed_loop(decoder: str, threads: int = 1) -> Callable[[list[str]], torch.Tensor]:
+        """`siglip embed`'s loop with `threads` device decoding threads (`embed.DEVICE_DECODE_THREADS`)."""
+
         def run(files: list[str]) -> torch.Tensor:
-            done = embedded_batches(embedder, files, batch_size=batch, workers=workers, decode=DecodeOptions(), decoder=decoder)
-            return torch.cat([torch.from_numpy(d.embeddings) for d in done])
+            default, embed_module.DEVICE_DECODE_THREADS = embed_module.DEVICE_DECODE_THREADS, threads
+            try:
+                done = embedded_batches(embedder, files, batch_size=batch, workers=workers, decode=DecodeOptions(), decoder=decoder)
+                return torch.cat([torch.from_numpy(d.embeddings) for d in done])
+            finally:
+                embed_module.DEVICE_DECODE_THREADS = default
 
         return run
+
+    def decode_whole_batches(files: list[str]) -> None:
+        """The decoder alone with a whole batch per call, whatever `gpu_decode.pixels_per_call` says."""
+        default, gpu_decode.PIXELS_PER_CALL = gpu_decode.PIXELS_PER_CALL, 1 << 62
+        try:
+            decode_only(files)
+        finally:
+            gpu_decode.PIXELS_PER_CALL = default
 
     # The photos checked against the exact path are spread over the list, and every listing of them is checked: a
     # decoder race shows where the GPU has work queued ahead, which the first group of the first batch never has.
@@ -541,12 +614,14 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: Forward, variant: str, 
     decoder_name = "nvJPEG" if cuda else "libjpeg, CPU"
     timed = (  # name, run, files, estimate in s
         (f"decode only ({decoder_name}, batched)", decode_only, listed, 10),
+        (f"decode only ({decoder_name}, a whole batch per call)", decode_whole_batches, listed, 10),
         ("CPU workers, PIL --fast-decode, no model", cpu_fast_decode_only, listed, 10),
         (f"decode side by side: {decoder_name} + CPU workers --fast-decode, no model", side_by_side, listed, 10),
         (f"{decoder_name} batches + model {variant}", decoder_and_forward, listed, 10),
         ("siglip embed loop, workers reading JPEGs only", loader_only, listed, 10),
         ("siglip embed loop, workers + device decoder, no model", loader_and_decoder, listed, 10),
-        ("siglip embed loop, --decode gpu, eager", embed_loop("gpu"), listed, 15),
+        *((f"siglip embed loop, --decode gpu, eager, {n} decoding thread{'s' * (n > 1)}", embed_loop("gpu", n), listed, 15)
+          for n in (1, 2, 3, 4)),
         ("siglip embed loop, --decode cpu (PIL workers), eager", embed_loop("cpu"), paths, 15),
     )
     for name, run, files, estimate_s in timed:
@@ -672,6 +747,7 @@ def main() -> None:
     parser.add_argument("--decode-threads", type=int, default=3, help="chunks decoded ahead on the GPU")
     parser.add_argument("--compile", action="store_true", help="also compile on the CPU (slow: ~40 s per model)")
     parser.add_argument("--no-compile-references", action="store_true", help="skip compiling transformers (saves ~2 min)")
+    parser.add_argument("--end-to-end-only", action="store_true", help="only the end-to-end rows, B/16 eager (a second, short run)")
     parser.add_argument("--autotune", action="store_true", help="also compile ours with max-autotune (several minutes)")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the rows as JSON here (after each section)")
     parser.add_argument("--profile-dir", type=Path, default=None, help="profile our eager and compiled forwards; kernel tables here")
@@ -704,7 +780,13 @@ def main() -> None:
         if args.json_out:
             args.json_out.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=1))
 
-    for i, spec in enumerate(specs(args.smoke)):
+    if args.end_to_end_only:
+        spec = specs(args.smoke)[0]
+        plain = random_model(spec.vision).to(device)
+        rows += end_to_end(spec, plain, B.fast_model(plain, device=device, dtype=torch.bfloat16), "eager", args, device,
+                           workdir, clock)  # fmt: skip
+        save()
+    for i, spec in enumerate([] if args.end_to_end_only else specs(args.smoke)):
         spec_rows, ours, plain = model_only(spec, args, device, clock)
         rows += spec_rows
         save()

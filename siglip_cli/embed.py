@@ -68,6 +68,10 @@ CHUNK_BYTES = 64 << 20  # ...and a chunk is flushed sooner when its tensors reac
 # spinning disk) more than BLAKE2b on the CPU, and BLAKE2b lets go of the GIL, so threads overlap the waits.
 HASHING_THREADS = 8
 HASHING_NOTE_BYTES = 256 << 20  # reading more than this says so first (seconds on a fast disk, minutes on a NAS)
+# Batches the device decoder works on at once, each in a thread (and on a CUDA stream) of its own, while the model
+# runs: the decoder is the loop's bottleneck on a GPU. On an H200 the loop ran at 1,448 images/s with one thread,
+# 1,613 with two, and no faster with three or four (bench/RESULTS.md); each thread holds a call's memory.
+DEVICE_DECODE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -819,10 +823,11 @@ def embedded_batches(
     def prepare(batch: Batch) -> tuple[Batch, tuple[Tensor | None, list[dict], list[dict]]]:
         return batch, batch_pixels(batch, embedder.preprocess, embedder.device, decode)
 
-    # The device decoder's host side (file bytes to nvJPEG, Huffman decoding) runs in a thread a batch or two ahead,
+    # The device decoder's host side (file bytes to nvJPEG, Huffman decoding) runs in threads a batch or two ahead,
     # while the model works on the GPU; its kernels run on a stream of their own, which the model's stream waits for
     # (`gpu_decode.decode_headers`).
-    ahead = look_ahead(batches, prepare, depth=2 if decoder == "gpu" else 0)
+    threads = DEVICE_DECODE_THREADS
+    ahead = look_ahead(batches, prepare, depth=2 * threads if decoder == "gpu" else 0, threads=threads)
     try:
         for batch, (pixels, rows, errors) in ahead:
             if pixels is None:

@@ -91,9 +91,22 @@ def check_supported(cfg: PreprocessConfig) -> None:
         )
 
 
-# Pixels of full-size photos decoded in one call. A call holds them as 8-bit RGB and, while resizing, as float32:
-# about 1.5 GB on the device at this bound (50 two-megapixel photos, or 4 of 24 MP), whatever the batch size.
-PIXELS_PER_CALL = 100_000_000
+# A call of the decoder holds its full-size photos as 8-bit RGB and, while resizing, as float32: about 15 bytes a
+# pixel on the device. A call takes photos up to a sixteenth of the device's memory in pixels (`pixels_per_call`),
+# whatever the batch size: on an H200 a whole batch of 256 two-megapixel photos, on an 8 GB card 16 of them. Calls
+# are ordered one after the other (`decode_headers`), so fewer, larger ones decode faster: on an H200, 2,666
+# images/s with whole batches against 1,735 at 100 MP a call (bench/RESULTS.md).
+BYTES_PER_DECODED_PIXEL = 15
+PIXELS_PER_CALL: int | None = None  # fixed instead, where set (the tests)
+
+
+def pixels_per_call(device: torch.device) -> int:
+    """How many pixels of full-size photos one decoder call on `device` takes (`PIXELS_PER_CALL` where set)."""
+    if PIXELS_PER_CALL is not None:
+        return PIXELS_PER_CALL
+    if device.type != "cuda":
+        return 100_000_000
+    return max(1, torch.cuda.get_device_properties(device).total_memory // 16 // BYTES_PER_DECODED_PIXEL)
 # CUDA's antialiased resize keeps a side's filter weights in 48 KB of shared memory, and refuses a downscale past
 # about 94× (bicubic; 188× bilinear): a 24,000 × 3,000 panorama for a 224-pixel model. Those go to the CPU path.
 MAX_GPU_DOWNSCALE = 64
@@ -105,7 +118,7 @@ def decode_headers(
     """Decode and preprocess read JPEGs on `device`: (pixels (k, 3, H, W), the k indices decoded, (index, reason)
     of each left for the CPU path: rejected by the decoder, or out of device memory).
 
-    The JPEGs go to the decoder in consecutive groups of at most `PIXELS_PER_CALL` pixels (and at least one
+    The JPEGs go to the decoder in consecutive groups of at most `pixels_per_call` pixels (and at least one
     photo), each resized before the next is decoded, so memory does not grow with the batch or the photos.
 
     On CUDA the work runs on a stream of its own, which the caller's current stream then waits for. torchvision's
@@ -148,7 +161,7 @@ def _decode_groups(
     out = torch.empty(len(headers), 3, cfg.height, cfg.width, device=device)
     indices: list[int] = []
     rejected: list[tuple[int, str]] = []
-    for group in _groups(headers, PIXELS_PER_CALL):
+    for group in _groups(headers, pixels_per_call(device)):
         before_each()
         decoded: dict[int, Tensor] = {}  # (3, H, W) uint8 each, as stored
         try:
