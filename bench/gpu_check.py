@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import faulthandler
 import json
@@ -42,15 +41,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from siglip_cli import benchmark as B
 from siglip_cli.config import PreprocessConfig, VisionConfig
 from siglip_cli.decoding import default_workers
 from siglip_cli.errors import first_line
 from siglip_cli.gpu_decode import decode_headers, read_header
-from siglip_cli.kernels import FusedMLP
-from siglip_cli.model import MLP, SiglipVision, random_model
+from siglip_cli.model import SiglipVision, random_model
 from siglip_cli.preprocess import DecodeOptions, load_pixels
 from siglip_cli.references import Forward, reference_forward
 
@@ -159,44 +156,6 @@ class CudaGraphForward:
         return graph, static_in, static_out
 
 
-def unfuse_gelu(module: nn.Module) -> nn.Module:
-    """A lever to measure: every `FusedMLP` (fc1 + bias + GELU as one cuBLASLt GEMM) back to the plain `MLP` on the
-    same layers, fc1's GEMM then a GELU kernel of its own. In place; returns `module`."""
-    for owner in list(module.modules()):
-        for name, child in owner.named_children():
-            if isinstance(child, FusedMLP):
-                plain = MLP.__new__(MLP)
-                nn.Module.__init__(plain)
-                plain.fc1, plain.fc2, plain.activation = child.fc1, child.fc2, child.activation
-                setattr(owner, name, plain.train(child.training))
-    return module
-
-
-def padded_width(width: int, multiple: int) -> int:
-    return -(-width // multiple) * multiple
-
-
-@torch.no_grad()
-def pad_mlps(model: SiglipVision, multiple: int) -> SiglipVision:
-    """A lever to measure, on a copy of `model`: every MLP's hidden width (so400m's 4304) padded with zero units to a
-    multiple of `multiple`, so its two GEMMs get whole tiles. The same function: a zero unit has fc1 output 0 (zero
-    weights, zero bias), GELU(0) = 0, and zero fc2 weights, so it adds 0 to every output."""
-    model = copy.deepcopy(model)
-    for mlp in (m for m in model.modules() if isinstance(m, MLP)):
-        fc1, fc2 = mlp.fc1, mlp.fc2
-        extra = padded_width(fc1.out_features, multiple) - fc1.out_features
-        if extra == 0:
-            continue
-        wide1 = nn.Linear(fc1.in_features, fc1.out_features + extra, device=fc1.weight.device, dtype=fc1.weight.dtype)
-        wide1.weight.zero_()[: fc1.out_features] = fc1.weight
-        wide1.bias.zero_()[: fc1.out_features] = fc1.bias
-        wide2 = nn.Linear(fc2.in_features + extra, fc2.out_features, device=fc2.weight.device, dtype=fc2.weight.dtype)
-        wide2.weight.zero_()[:, : fc2.in_features] = fc2.weight
-        wide2.bias.copy_(fc2.bias)
-        mlp.fc1, mlp.fc2 = wide1, wide2
-    return model
-
-
 def measure(row: Row, make: Callable[[], Forward], pixels: torch.Tensor, check: torch.Tensor, expected: torch.Tensor,
             *, device: torch.device, iters: int, warmup: int, attention: str | None = None) -> tuple[Row, Forward | None]:  # fmt: skip
     """Build one candidate, time it on `pixels`, and compare its output on `check` with `expected`."""
@@ -280,14 +239,11 @@ def model_only(
             ours[variant] = forward  # a forced SDPA kernel holds only inside `measure`: not one to reuse
         print(f"  {spec.label} {backend} {variant}: {_rate(row)}", file=sys.stderr, flush=True)
 
-    def fast(*, compile: bool = False, mode: str | None = None, graphs: bool = False, fused_gelu: bool = True,
-             pad_to: int | None = None) -> Callable[[], Forward]:  # fmt: skip
-        """Our forward as `siglip bench` builds it; compiled in torch's `mode`, replayed as CUDA graphs. Levers not
-        (yet) in the model: `fused_gelu=False` (fc1's GEMM, then GELU apart), `pad_to` (MLP widths padded)."""
+    def fast(*, compile: bool = False, mode: str | None = None, graphs: bool = False) -> Callable[[], Forward]:
+        """Our forward as `siglip bench` builds it; compiled in torch's `mode`, replayed as CUDA graphs."""
 
         def make() -> Forward:
-            forward = B.fast_model(plain if pad_to is None else pad_mlps(plain, pad_to), device=device, dtype=dtype)
-            forward = forward if fused_gelu else unfuse_gelu(forward)
+            forward = B.fast_model(plain, device=device, dtype=dtype)
             forward = torch.compile(forward, dynamic=False, mode=mode) if compile else forward
             return CudaGraphForward(forward) if graphs else forward
 
@@ -309,24 +265,12 @@ def model_only(
         add("siglip", "eager + CUDA graphs", fast(graphs=True), estimate_s=10)
         for attention in ("flash", "cudnn"):
             add("siglip", f"eager, SDPA {attention}", fast(), estimate_s=10, attention=attention)
-        # Levers measured before they go into the model: the GELU epilogue ran at 580 TFLOP/s against 693 for the
-        # plain GEMMs (2026-11-28), and so400m's MLP width 4304 is no multiple of a GEMM tile.
-        add("siglip", "eager, GELU unfused", fast(fused_gelu=False), estimate_s=10)
-        wide = padded_width(cfg.intermediate_size, 256)
-        if wide != cfg.intermediate_size:
-            add("siglip", f"eager, MLP padded to {wide}", fast(pad_to=256), estimate_s=10)
-            add("siglip", f"eager, GELU unfused, MLP padded to {wide}", fast(fused_gelu=False, pad_to=256), estimate_s=10)
     add("transformers", "sdpa", reference("transformers"), estimate_s=10)
     add("timm", "eager", reference("timm"), estimate_s=10)
     if cuda or args.compile:
         add("siglip", "compiled", fast(compile=True), estimate_s=45)
         if cuda and "compiled" in ours:
             add("siglip", "compiled + CUDA graphs", lambda: CudaGraphForward(ours["compiled"]), estimate_s=10)
-        if cuda:
-            add("siglip", "compiled, GELU unfused", fast(compile=True, fused_gelu=False), estimate_s=45)
-            if "compiled, GELU unfused" in ours:
-                add("siglip", "compiled, GELU unfused + CUDA graphs",
-                    lambda: CudaGraphForward(ours["compiled, GELU unfused"]), estimate_s=10)  # fmt: skip
     if (cuda and not args.no_compile_references) or args.compile:
         add("transformers", "sdpa compiled", reference("transformers", compile=True), estimate_s=45)
     if args.autotune:
