@@ -10,8 +10,9 @@ Model only, bf16, random weights (no download), every backend on the same weight
   and compiled), timm (eager). Each row's cosine is to our plain float32 forward on the same pixels.
 End to end, B/16-224, on synthetic 2-MP JPEGs it writes: the nvJPEG decoder alone, the CPU workers with
   `--fast-decode` alone and both side by side, nvJPEG feeding our fastest forward, the pieces of `siglip embed`'s
-  loop one by one, the loop itself with GPU decoding in 1 to 4 threads and with CPU (PIL workers) decoding, and
-  the `siglip embed` command; cosine to the exact CPU/PIL pixels through the float32 model.
+  loop one by one, the loop itself with GPU decoding (1, 2 or 4 decoding threads; 4 or 8 reading workers) and with
+  CPU (PIL workers) decoding, and the `siglip embed` command; cosine to the exact CPU/PIL pixels through the float32
+  model.
 
 Medians of --iters timed calls after --warmup, synchronized. Steps that would overrun --budget are skipped with a
 note, so the script always finishes and prints what it has. A step that fails prints its error in its row and the
@@ -525,13 +526,16 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: Forward, variant: str, 
         for _ in look_ahead(batches, lambda b: batch_pixels(b, cfg, device, DecodeOptions()), depth=2):
             pass
 
-    def embed_loop(decoder: str, threads: int = 1) -> Callable[[list[str]], torch.Tensor]:
-        """`siglip embed`'s loop with `threads` device decoding threads (`embed.DEVICE_DECODE_THREADS`)."""
+    def embed_loop(decoder: str, threads: int | None = None, processes: int | None = None) -> Callable[[list[str]], torch.Tensor]:
+        """`siglip embed`'s loop with `threads` device decoding threads (default: `embed.DEVICE_DECODE_THREADS`) and
+        `processes` reading workers (default: `siglip embed`'s)."""
 
         def run(files: list[str]) -> torch.Tensor:
-            default, embed_module.DEVICE_DECODE_THREADS = embed_module.DEVICE_DECODE_THREADS, threads
+            default = embed_module.DEVICE_DECODE_THREADS
+            embed_module.DEVICE_DECODE_THREADS = threads or default
             try:
-                done = embedded_batches(embedder, files, batch_size=batch, workers=workers, decode=DecodeOptions(), decoder=decoder)
+                done = embedded_batches(embedder, files, batch_size=batch, workers=processes or workers,
+                                        decode=DecodeOptions(), decoder=decoder)  # fmt: skip
                 return torch.cat([torch.from_numpy(d.embeddings) for d in done])
             finally:
                 embed_module.DEVICE_DECODE_THREADS = default
@@ -565,7 +569,11 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: Forward, variant: str, 
         ("siglip embed loop, workers reading JPEGs only", loader_only, listed, 10),
         ("siglip embed loop, workers + device decoder, no model", loader_and_decoder, listed, 10),
         *((f"siglip embed loop, --decode gpu, eager, {n} decoding thread{'s' * (n > 1)}", embed_loop("gpu", n), listed, 15)
-          for n in (1, 2, 3, 4)),
+          for n in (1, 2, 4)),
+        # The workers only read JPEG bytes on this path, and nvJPEG's host side (Huffman decoding) runs in the
+        # decoding threads: do fewer workers leave it more of the CPU? (Unmeasured: 2026-11-29's rows ran 15.)
+        *((f"siglip embed loop, --decode gpu, eager, {n} workers", embed_loop("gpu", processes=n), listed, 15)
+          for n in (4, 8) if n < workers),
         ("siglip embed loop, --decode cpu (PIL workers), eager", embed_loop("cpu"), paths, 15),
     )
     for name, run, files, estimate_s in timed:
