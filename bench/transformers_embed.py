@@ -36,7 +36,7 @@ def main() -> None:
     rows = []
     with torch.inference_mode():
         for start in range(0, len(paths), args.batch_size):
-            images = [Image.open(p).convert("RGB") for p in paths[start : start + args.batch_size]]
+            images = [Image.open(p) for p in paths[start : start + args.batch_size]]
             pixels = processor(images, return_tensors="pt")["pixel_values"].to(dtype)
             pooled = model(pixel_values=pixels).pooler_output.float()
             rows.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())

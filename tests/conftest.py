@@ -612,6 +612,16 @@ def with_bogus_huffman_table(jpeg: bytes) -> bytes:
     return bytes(data)
 
 
+def reference_composites(image: Image.Image) -> bool:
+    """Whether the installed transformers is a reference for `image`: from 5.21 its processors composite transparency
+    onto white, as we do; 5.20, the last for Python 3.10, drops it (`image.convert("RGB")`)."""
+    import transformers
+    from packaging.version import Version
+
+    transparent = "A" in image.getbands() or image.info.get("transparency") is not None
+    return not transparent or Version(transformers.__version__) >= Version("5.21")
+
+
 def make_photo(size: tuple[int, int] = (80, 60), mode: str = "RGB", seed: int = 0) -> Image.Image:
     """A smooth, non-symmetric test picture (width, height) in any PIL mode.
 
