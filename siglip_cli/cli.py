@@ -322,6 +322,8 @@ class _RichProgress:
             note(message)
 
     def stop(self, *, keep: bool = True) -> None:
+        if self.bar.disable:  # never started; rich before 14.3 would print an empty line on stderr
+            return
         if not keep:
             self.bar.live.transient = True
         with interrupts.deferred():

@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import UserError
 
 # What cameras, phones and the web save photos as. HEIC/HEIF (iPhones since 2017) decode through pillow-heif,
-# AVIF through Pillow itself (11.2+); .mpo is the multi-picture JPEG some cameras write, .jfif/.jpe browser
+# AVIF through Pillow itself (11.3+); .mpo is the multi-picture JPEG some cameras write, .jfif/.jpe browser
 # downloads. Anything else in a folder (videos, RAW files, sidecars) is counted, not opened.
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".avif", ".heic", ".heif", ".hif", ".bmp", ".gif",
