@@ -107,6 +107,8 @@ def pixels_per_call(device: torch.device) -> int:
     if device.type != "cuda":
         return 100_000_000
     return max(1, torch.cuda.get_device_properties(device).total_memory // 16 // BYTES_PER_DECODED_PIXEL)
+
+
 # CUDA's antialiased resize keeps a side's filter weights in 48 KB of shared memory, and refuses a downscale past
 # about 94× (bicubic; 188× bilinear): a 24,000 × 3,000 panorama for a 224-pixel model. Those go to the CPU path.
 MAX_GPU_DOWNSCALE = 64

@@ -53,8 +53,7 @@ from conftest import (
     with_bogus_huffman_table,
     with_preprocessing,
 )
-from siglip_cli import __version__
-from siglip_cli import cli
+from siglip_cli import __version__, cli
 from siglip_cli.cli import app
 from siglip_cli.embed import embed_paths, embed_to_file, load
 from siglip_cli.storage import atomic_write
@@ -218,21 +217,20 @@ def test_every_option_names_its_flags() -> None:
     """typer 0.27 named an option left to its parameter name by its metavar: `siglip embed --device cuda` was
     "no option --device" on a GPU machine's own Python, whose option was `--DEVICE`. Named, an option reads the same
     with every typer."""
-    import inspect
     import typing
 
     import typer.models
 
-    unnamed = []
+    options, unnamed = 0, []
     for command in cli.app.registered_commands:
         for name, hint in typing.get_type_hints(command.callback, include_extras=True).items():
             for info in (m for m in getattr(hint, "__metadata__", ()) if isinstance(m, typer.models.OptionInfo)):
                 # In `Annotated`, typer takes the first positional argument, stored as the default, as a flag.
                 flags = [*info.param_decls, *([info.default] if isinstance(info.default, str) else [])]
+                options += 1
                 if not any(flag.startswith("-") for flag in flags):
                     unnamed.append(f"{command.callback.__name__} {name}")
-    assert inspect.signature(cli.embed).parameters["device"]  # the check reads the commands' real parameters
-    assert unnamed == []
+    assert options > 30 and unnamed == []  # every command's options were read, and each names its flags
 
 
 def test_no_command_still_prints_the_help() -> None:
