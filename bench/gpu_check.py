@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -531,24 +532,17 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: Forward, variant: str, 
         `processes` reading workers (default: `siglip embed`'s)."""
 
         def run(files: list[str]) -> torch.Tensor:
-            default = embed_module.DEVICE_DECODE_THREADS
-            embed_module.DEVICE_DECODE_THREADS = threads or default
-            try:
+            with mock.patch.object(embed_module, "DEVICE_DECODE_THREADS", threads or embed_module.DEVICE_DECODE_THREADS):
                 done = embedded_batches(embedder, files, batch_size=batch, workers=processes or workers,
                                         decode=DecodeOptions(), decoder=decoder)  # fmt: skip
                 return torch.cat([torch.from_numpy(d.embeddings) for d in done])
-            finally:
-                embed_module.DEVICE_DECODE_THREADS = default
 
         return run
 
     def decode_whole_batches(files: list[str]) -> None:
         """The decoder alone with a whole batch per call, whatever `gpu_decode.pixels_per_call` says."""
-        default, gpu_decode.PIXELS_PER_CALL = gpu_decode.PIXELS_PER_CALL, 1 << 62
-        try:
+        with mock.patch.object(gpu_decode, "PIXELS_PER_CALL", 1 << 62):
             decode_only(files)
-        finally:
-            gpu_decode.PIXELS_PER_CALL = default
 
     # The photos checked against the exact path are spread over the list, and every listing of them is checked: a
     # decoder race shows where the GPU has work queued ahead, which the first group of the first batch never has.
