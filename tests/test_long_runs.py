@@ -128,6 +128,18 @@ def save_photos(folder: Path, names: list[str], size: tuple[int, int] = (48, 40)
     return folder
 
 
+def with_a_part_of(folder: Path, part: tuple[int, int], files: int) -> Path:
+    """`folder`, with photos added until `--shard K/N` takes at least `files` of them. A file's part is a hash of its
+    path, and the path holds pytest's numbered folder: of twelve photos, part 0/2 takes two or fewer in one session
+    in fifty."""
+    k, n = part
+    for seed in range(100, 200):
+        if sum(shard_of(path, n) == k for path in discover([str(folder)])) >= files:
+            return folder
+        save_photos(folder, [f"x{seed}.jpg"], first_seed=seed)
+    raise AssertionError(f"100 photos added, and part {k}/{n} takes fewer than {files}")  # a failure, not a hang
+
+
 def touch(path: Path) -> None:
     """Move the file's mtime one second on, keeping its bytes."""
     info = path.stat()
@@ -1346,6 +1358,8 @@ def test_an_interrupted_part_is_not_continued_as_another(
     output = tmp_path / "out" / "embeddings.safetensors"
     output.parent.mkdir()
     part = tuple(int(n) for n in made.split("/")) if made else None
+    if part:  # two batches of its files at least: the Ctrl-C comes as the second is reported
+        with_a_part_of(folder, part, files=3)
     paths = select_shard(discover([str(folder)]), *part) if part else discover([str(folder)])
     with pytest.raises(KeyboardInterrupt):
         options = EmbedOptions(batch_size=2, workers=0, shard=part)
@@ -2061,6 +2075,10 @@ def test_a_worker_that_fails_leaves_its_traceback_in_its_log(
     monkeypatch.setattr(devices, "_embed_job", failing)
     fork = multiprocessing.get_context("fork")  # the workers start as copies of this process: with `failing`
     monkeypatch.setattr(devices.mp, "get_context", lambda method: fork)
+    # Each worker ends by itself. Stopped with SIGTERM as the first one's crash arrives, a copy still in its fork()
+    # raised it there, outside multiprocessing's `finally: os._exit()`, and ran on as a second pytest for `_stop`'s
+    # 10 s (an `F` among the dots). As in test_cpu_devices_share_the_cores, `_run_workers` then joins them.
+    monkeypatch.setattr(devices, "_stop", lambda processes: None)
     output = tmp_path / "out" / "embeddings.safetensors"
     error = the_error(embed(folder, output, "--device", "cpu,cpu"), 1)
     named = re.fullmatch(r"error: the worker on cpu failed \(TypeError: a bug\); its traceback is in (.+)\.", error)
