@@ -317,9 +317,10 @@ def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Sum
                 with interrupts.deferred():  # the queue's lock, as in `decoding`: Ctrl-C takes effect within a second
                     kind, index, payload = channel.get(timeout=1.0)
             except queue.Empty:
-                # A worker's last message is in the pipe before it exits: dead and silent means it crashed.
+                # A worker's last message is in the pipe before it exits: dead, and nothing left to read after that,
+                # means it crashed. Its "done" may have come just after the wait timed out, and it exited since.
                 for job_index, process in processes.items():
-                    if job_index not in summaries and not process.is_alive():
+                    if job_index not in summaries and not process.is_alive() and channel.empty():
                         code = process.exitcode
                         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
                         raise RunFailed(

@@ -2041,6 +2041,38 @@ def test_several_devices_run_one_worker_each_and_equal_one_run(
     assert sorted(p.name for p in output.parent.iterdir()) == ["embeddings.jsonl", "embeddings.safetensors"]
 
 
+def test_a_worker_that_exits_just_after_its_last_message_has_not_crashed(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The parent's wait for a message timed out just before the last worker's "done" came, and the worker had
+    # exited by the time the parent looked (a parent descheduled on a busy machine): "the worker on cpu stopped
+    # (exit code 0)", its "done" unread in the queue. Made certain here: that wait times out once, the message kept.
+    import multiprocessing.queues
+    import queue
+
+    get, empty = multiprocessing.queues.Queue.get, multiprocessing.queues.Queue.empty
+    held: list[object] = []
+    dones = Counter()
+
+    def late_get(self, block=True, timeout=None):
+        if held:
+            return held.pop()
+        item = get(self, block, timeout)
+        dones[item[0]] += 1
+        if item[0] == "done" and dones["done"] == 2:  # the last worker's: it exits while this process waits
+            for process in multiprocessing.active_children():
+                process.join(30)
+            held.append(item)
+            raise queue.Empty
+        return item
+
+    monkeypatch.setattr(multiprocessing.queues.Queue, "get", late_get)
+    monkeypatch.setattr(multiprocessing.queues.Queue, "empty", lambda self: not held and empty(self))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    summary = summary_of(embed(folder, tmp_path / "out.safetensors", "--device", "cpu,cpu", "--json"))
+    assert summary["embedded"] == 12 and not held
+
+
 @pytest.mark.parametrize(("devices", "threads"), [("cpu,cpu", 3), ("cpu,cpu,cpu", 2), (",".join(["cpu"] * 7), 1)])
 def test_cpu_devices_share_the_cores(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, devices: str, threads: int
