@@ -18,6 +18,7 @@ import os
 import pickle
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -113,8 +114,22 @@ def _worker_init(_: int) -> None:
         os._exit(0)
     interrupts.leave_to_parent()  # a Ctrl-C or a hang-up stops the main process, which then shuts this one down
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
+    _sockets_where_they_fit()
     sys.excepthook = _quiet_if_the_main_process_left
     _quiet_c_libraries()
+
+
+# A Unix socket's path holds at most 107 bytes. A worker hands its pixels over through one that multiprocessing makes
+# in the worker's temporary folder, as `<TMPDIR>/pymp-XXXXXXXX/listener-XXXXXXXX`: 32 bytes more than TMPDIR.
+SOCKET_TMPDIR_MAX = 107 - 32
+
+
+def _sockets_where_they_fit() -> None:
+    """In a decoding worker, before it hands anything over: where TMPDIR is too long for those sockets, this process's
+    temporary files go to /tmp. Under a longer TMPDIR (a cluster's per-job scratch folder) the socket could not be
+    made, the worker's queue thread printed why and dropped the parcel, and the run waited for it forever."""
+    if len(tempfile.gettempdir()) > SOCKET_TMPDIR_MAX and os.access("/tmp", os.W_OK | os.X_OK):
+        tempfile.tempdir = "/tmp"
 
 
 def _quiet_c_libraries() -> None:

@@ -1402,9 +1402,9 @@ def test_headless_tower_embedding_is_the_mean_of_its_tokens(
 # ------------------------------------------------------------------------------------ in a real process
 
 
-def run_siglip(*args: object, input: str = "") -> subprocess.CompletedProcess:
+def run_siglip(*args: object, input: str = "", **env: str) -> subprocess.CompletedProcess:
     code = "from siglip_cli.cli import app; app(prog_name='siglip')"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "1000"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "1000", **env}
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)], input=input, capture_output=True, text=True, env=env, timeout=120
     )
@@ -1447,6 +1447,21 @@ def test_real_process_reads_stdin_and_keeps_stdout_clean(photos: Path, out: Path
     assert process.returncode == 0, process.stderr
     assert process.stdout == ""
     assert process.stderr.splitlines()[-1].startswith("embedded 2 → ")
+
+
+def test_a_long_tmpdir_does_not_hang_the_decoding_workers(
+    photos: Path, out: Path, tiny_siglip: Path, tmp_path: Path
+) -> None:
+    # A worker hands its pixels over through a Unix socket made in TMPDIR, and a socket's path holds at most 107
+    # bytes: under a longer TMPDIR (a cluster job's scratch folder) the worker dropped its parcel, and the run waited
+    # for it forever. The files come from stdin, so that the workers decode them all (no head start).
+    scratch = tmp_path / ("t" * 60) / ("u" * 60)
+    scratch.mkdir(parents=True)
+    listing = "".join(f"{path}\n" for path in sorted(photos.rglob("*.*")))
+    args = ["embed", "--files-from", "-", "-o", out / "e.safetensors", "-m", tiny_siglip, "--workers", 1, "-b", 1]
+    process = run_siglip(*args, input=listing, TMPDIR=str(scratch))
+    assert process.returncode == 0, process.stderr
+    assert process.stderr.splitlines()[-1].startswith("embedded 3 → ")
 
 
 def test_real_process_user_error_has_no_traceback(photos: Path, out: Path, tiny_siglip: Path) -> None:
