@@ -58,6 +58,10 @@ def pytest_configure(config: pytest.Config) -> None:
     so the GPU is hidden before anything asks torch for one, here and in the subprocesses tests start. CUDA code is
     tested with torch.cuda patched; bench/gpu_check.sh measures and checks it on a real GPU."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # FORCE_COLOR (common in CI) makes rich take a file for a terminal: colour codes and padded lines in the outputs
+    # the tests read. Read when `siglip_cli.cli` makes its consoles, at import: the tests that want it set it.
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE"):
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(autouse=True)

@@ -75,10 +75,15 @@ def test_sigterm_during_a_run_stops_it_like_ctrl_c() -> None:
 
 
 def test_a_hang_up_during_a_run_stops_it_like_ctrl_c() -> None:
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts.stop_on_signals():
-            signal.raise_signal(signal.SIGHUP)
-    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    # As from a terminal: `nohup pytest` starts the session with SIGHUP ignored, which a run rightly keeps.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.stop_on_signals():
+                signal.raise_signal(signal.SIGHUP)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_signal_found_ignored_stays_ignored() -> None:
