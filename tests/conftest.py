@@ -73,11 +73,12 @@ def _unraisable_hook_put_back():
     sys.unraisablehook = hook
 
 
-# A shell without job control (`pytest &` in a script) starts a job with SIGINT ignored, and Python
-# then leaves it so; a run rightly keeps it ignored (`interrupts.stop_on_signals`), and every test that presses Ctrl-C
-# would fail. The suite runs as from a terminal.
+# A shell without job control (`pytest &` in a script) starts a job with SIGINT ignored, and Python then leaves it
+# so; a run rightly keeps it ignored (`interrupts.stop_on_signals`), and every test that presses Ctrl-C would fail.
+# The suite runs as from a terminal.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # The stop signals' handlers as the session started, before any run in this process.
 _STOP_HANDLERS = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
