@@ -14,6 +14,7 @@ import gc
 import io
 import math
 import multiprocessing
+import multiprocessing.queues
 import os
 import pickle
 import signal
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -115,6 +117,7 @@ def _worker_init(_: int) -> None:
     interrupts.leave_to_parent()  # a Ctrl-C or a hang-up stops the main process, which then shuts this one down
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
     _sockets_where_they_fit()
+    _parcels_never_dropped()
     sys.excepthook = _quiet_if_the_main_process_left
     _quiet_c_libraries()
 
@@ -130,6 +133,19 @@ def _sockets_where_they_fit() -> None:
     made, the worker's queue thread printed why and dropped the parcel, and the run waited for it forever."""
     if len(tempfile.gettempdir()) > SOCKET_TMPDIR_MAX and os.access("/tmp", os.W_OK | os.X_OK):
         tempfile.tempdir = "/tmp"
+
+
+def _parcels_never_dropped() -> None:
+    """In a decoding worker: a parcel that its queue's thread cannot send ends the worker, which the loader then
+    takes for any worker that died (`_parcels`). multiprocessing's own handling prints the error and drops the
+    parcel, and the run waited for it forever: no thread left for the socket that passes the pixels' file
+    descriptors over (`ulimit -u`, a container's pids limit), or a parcel that cannot be pickled."""
+
+    def ended(error: Exception, parcel: object) -> None:
+        traceback.print_exception(type(error), error, error.__traceback__)
+        os._exit(1)
+
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(ended)  # the hook it keeps for subclasses
 
 
 def _quiet_c_libraries() -> None:
@@ -560,6 +576,10 @@ def _loader_parcels(
         if (stop := _stop_after(e, handed_over, workers)) is None:
             raise
         return stop
+    except (ConnectionError, EOFError):  # a parcel's shared memory was being handed over as its worker died
+        if not workers:
+            raise
+        return _LoaderStop(handed_over, worker_died=True)
     finally:
         with interrupts.deferred():
             del arriving  # the workers stop as the iterator goes

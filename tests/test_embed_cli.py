@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -2072,6 +2073,75 @@ def test_a_worker_that_dies_costs_only_its_file(
     assert errors["drawing.png"] == "its decoding process was killed (SIGKILL: out of memory?)"
     assert errors["photo3.jpg"] == "its decoding process exited without an answer (exit code 3)"
     assert sum(len(b.errors) for b in batches) == 3 * (len(DEATHS) + 1)  # and the broken JPEG, as before
+
+
+def test_a_parcel_its_worker_cannot_send_costs_only_its_file(
+    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker's queue thread that could not send a parcel (no thread left for the socket that passes its shared
+    # memory over, under `ulimit -u`) printed why and dropped it, and the run waited for it forever. Here the
+    # parcel of one file cannot be pickled.
+    from siglip_cli import decoding as D
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.preprocess import DecodeOptions
+
+    decode = D.decode_file
+
+    def unsendable(path: str, *args, **kwargs):
+        pixels, facts, jpeg = decode(path, *args, **kwargs)
+        return pixels, {**facts, **({"lambda": lambda: None} if Path(path).name == "photo1.jpg" else {})}, jpeg
+
+    monkeypatch.setattr(D, "PARCEL_SIZE", 2)
+    monkeypatch.setattr(D, "decode_file", unsendable)
+    paths = sorted(str(p) for p in mixed_folder.iterdir())
+    finished: list[list] = []
+    run = threading.Thread(target=lambda: finished.append(list(D.decoded_batches(
+        paths, PreprocessConfig(32, 32), DecodeOptions(), batch_size=64, workers=2, pin=False
+    ))), daemon=True)  # fmt: skip
+    run.start()
+    run.join(timeout=90)
+    assert finished, "the run waited for a parcel that never came"
+    [batch] = finished[0]
+    errors = {Path(e["path"]).name: e["error"] for e in batch.errors}
+    assert errors.keys() == {"broken.jpg", "photo1.jpg"}
+    assert errors["photo1.jpg"].startswith("its decoding process exited without an answer")
+    assert len(batch.rows) == len(paths) - 2
+
+
+def test_a_parcel_cut_off_in_its_handover_is_decoded_again(
+    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker killed (stuck, or by the kernel) while it handed a parcel's shared memory over: the main process got
+    # ConnectionResetError from the socket it was reading the file descriptors from, and the run ended in a traceback.
+    from siglip_cli import decoding as D
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.preprocess import DecodeOptions
+
+    cut: list[int] = []
+
+    class CutOnce(D.DataLoader):
+        def __iter__(self):
+            arriving = super().__iter__()
+
+            def parcels():
+                for i, parcel in enumerate(arriving):
+                    if i == 1 and not cut:
+                        cut.append(i)
+                        raise ConnectionResetError(104, "Connection reset by peer")
+                    yield parcel
+
+            return parcels()
+
+    monkeypatch.setattr(D, "PARCEL_SIZE", 2)
+    paths = sorted(str(p) for p in mixed_folder.iterdir())
+    cfg = PreprocessConfig(32, 32)
+    plain = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=64, workers=2, pin=False))
+    monkeypatch.setattr(D, "DataLoader", CutOnce)
+    [got], [expected] = D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=64, workers=2, pin=False), plain
+    assert cut and [r["path"] for r in got.rows] == [r["path"] for r in expected.rows]
+    assert got.errors == expected.errors
+    pixels = [D.batch_pixels(b, cfg, torch.device("cpu"), DecodeOptions())[0] for b in (got, expected)]
+    assert torch.equal(*pixels)
 
 
 def test_a_file_whose_decoder_is_stuck_costs_only_itself(mixed_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
