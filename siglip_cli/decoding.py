@@ -182,6 +182,10 @@ PARCEL_SIZE = 16
 # small part of it: 1 to 3 s for a 108-MP JPEG or PNG on one Zen 4 core, and Pillow's own limit is 179 MP
 # (`--max-pixels`); a 30 MB photo read at 1 MB/s from a slow share, 30 s.
 STUCK_AFTER_S = 300
+# A wait of a second that took longer than this: the run was stopped meanwhile (Ctrl-Z, a Slurm suspend, `docker
+# pause`), its decoders with it, and the time its files seem to have taken is not theirs. (A machine's sleep does not
+# count: the monotonic clock stops with it.)
+PAUSED_AFTER_S = 60
 
 
 class _Watch:
@@ -199,6 +203,12 @@ class _Watch:
 
     def done(self, worker: int) -> None:
         self.files[worker] = -1
+
+    def restart_clocks(self) -> None:
+        """Count each worker's time on its file from now: after a pause of the run (`PAUSED_AFTER_S`)."""
+        now = time.monotonic()
+        for worker in range(len(self.since)):
+            self.since[worker] = now
 
     def stuck(self) -> Iterator[tuple[int, int]]:
         """(pid, file index) of each worker on one file for longer than `STUCK_AFTER_S`."""
@@ -243,7 +253,12 @@ def _stuck_workers_stopped(watch: _Watch | None, stuck: set[int], note: Callable
     finished = threading.Event()
 
     def watching() -> None:
+        last = time.monotonic()
         while not finished.wait(1.0):
+            now = time.monotonic()
+            if now - last > PAUSED_AFTER_S:
+                watch.restart_clocks()
+            last = now
             for pid, index in watch.stuck():
                 if index in stuck:
                     continue
@@ -763,12 +778,17 @@ def _decode_alone(files: ImageFiles, index: int, stop: threading.Event) -> Item:
     child = context.Process(target=_decode_for_parent, args=(sender, path, files.cfg, files.options, files.jpeg_to_device))
     child.start()
     sender.close()
-    given_up_at = time.monotonic() + STUCK_AFTER_S
+    last = time.monotonic()
+    given_up_at = last + STUCK_AFTER_S
     try:
         while not receiver.poll(0.5):  # in slices: a Ctrl-C stops the run now, not when the decoder is done
             if stop.is_set():
                 raise KeyboardInterrupt
-            if time.monotonic() > given_up_at:
+            now = time.monotonic()
+            if now - last > PAUSED_AFTER_S:
+                given_up_at += now - last
+            last = now
+            if now > given_up_at:
                 return _failed_item(index, path, _stuck_reason())
         item = pickle.loads(receiver.recv_bytes())._replace(index=index)
     except EOFError:  # the process died before it answered

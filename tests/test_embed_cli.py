@@ -23,6 +23,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -2173,6 +2174,33 @@ def test_a_file_whose_decoder_is_stuck_costs_only_itself(mixed_folder: Path, mon
     assert multiprocessing.active_children() == []  # the stuck worker, and every other, gone
 
 
+def test_a_run_stopped_for_longer_than_a_stuck_decoder_takes_is_not_taken_for_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Ctrl-Z, then `fg` after 5 minutes: the monotonic clock ran on while the run and its workers were stopped, and
+    # the watch killed a worker on a good photo as stuck, listing the photo in the errors file.
+    from siglip_cli import decoding as D
+
+    calls = []
+
+    def clock() -> float:  # the worker starts its file, the watch starts, and the run is stopped for 400 s
+        calls.append(None)
+        return time.monotonic() + (400.0 if len(calls) > 2 else 0.0)
+
+    monkeypatch.setattr(D, "time", types.SimpleNamespace(monotonic=clock))
+    watch, stuck, notes = D._Watch(1), set(), []
+    decoder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        watch.start(0, 0)
+        watch.pids[0] = decoder.pid  # the worker on file 0
+        with D._stuck_workers_stopped(watch, stuck, notes.append, ["photo.jpg"]):
+            time.sleep(2.5)  # two rounds of the watch
+        assert (stuck, notes, decoder.poll()) == (set(), [], None)
+    finally:
+        decoder.kill()
+        decoder.wait()
+
+
 def test_a_file_stuck_when_decoded_in_a_process_of_its_own_is_stopped_too(
     mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2190,6 +2218,28 @@ def test_a_file_stuck_when_decoded_in_a_process_of_its_own_is_stopped_too(
         None, "its decoding took longer than 2 s and was stopped (a decoder stuck in a loop?)", None
     ]
     assert multiprocessing.active_children() == []
+
+
+def test_a_file_decoded_in_a_process_of_its_own_while_the_run_was_stopped_is_not_taken_for_stuck(
+    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As above (a run stopped by Ctrl-Z for longer than a stuck decoder takes), for a file decoded alone.
+    from siglip_cli import decoding as D
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.preprocess import DecodeOptions
+
+    calls = []
+
+    def clock() -> float:  # the decoder starts, and the run is stopped for 400 s as its first wait ends
+        calls.append(None)
+        return time.monotonic() + (400.0 if len(calls) > 1 else 0.0)
+
+    monkeypatch.setattr(D, "time", types.SimpleNamespace(monotonic=clock, sleep=time.sleep))
+    die_decoding({"photo1.jpg": lambda: time.sleep(1.5)}, monkeypatch)  # then decoded
+    photo = str(mixed_folder / "photo1.jpg")
+    files = D.ImageFiles([photo], PreprocessConfig(32, 32), DecodeOptions(), jpeg_to_device=False)
+    item = D._decode_alone(files, 0, threading.Event())
+    assert "error" not in item.info and item.pixels is not None
 
 
 def test_a_run_goes_on_past_a_file_that_kills_its_decoder(
