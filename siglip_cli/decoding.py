@@ -188,6 +188,11 @@ STUCK_AFTER_S = 300
 PAUSED_AFTER_S = 60
 
 
+def _pause(last: float, now: float) -> float:
+    """How long the run was stopped between two readings of the monotonic clock about a second apart; 0 if not."""
+    return now - last if now - last > PAUSED_AFTER_S else 0.0
+
+
 class _Watch:
     """Which file each decoding worker is on, and since when, in memory the workers share with the main process,
     whose thread (`_stuck_workers_stopped`) stops a worker that has been on one file for `STUCK_AFTER_S`."""
@@ -256,7 +261,7 @@ def _stuck_workers_stopped(watch: _Watch | None, stuck: set[int], note: Callable
         last = time.monotonic()
         while not finished.wait(1.0):
             now = time.monotonic()
-            if now - last > PAUSED_AFTER_S:
+            if _pause(last, now):
                 watch.restart_clocks()
             last = now
             for pid, index in watch.stuck():
@@ -785,8 +790,7 @@ def _decode_alone(files: ImageFiles, index: int, stop: threading.Event) -> Item:
             if stop.is_set():
                 raise KeyboardInterrupt
             now = time.monotonic()
-            if now - last > PAUSED_AFTER_S:
-                given_up_at += now - last
+            given_up_at += _pause(last, now)
             last = now
             if now > given_up_at:
                 return _failed_item(index, path, _stuck_reason())
