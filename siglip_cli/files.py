@@ -38,6 +38,7 @@ SKIPPED_FOLDERS = frozenset(
 PHOTOS_LIBRARY_SUFFIXES = (".photoslibrary", ".photolibrary", ".aplibrary")
 PHOTOS_LIBRARY_ORIGINALS = frozenset({"originals", "Masters"})
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_LONE_SURROGATES = re.compile(r"[\ud800-\udfff]")  # how Python's str holds a name's bytes that are not UTF-8
 
 
 @dataclass
@@ -468,7 +469,9 @@ def display_path(path: str) -> str:
 
 def escape_controls(text: str) -> str:
     """`text` as one terminal line: control characters (a newline, an escape sequence that would recolour the
-    terminal, C1 controls such as CSI) shown as `\\x1b`."""
+    terminal, C1 controls such as CSI) shown as `\\x1b`, and a name's bytes that are not UTF-8 (an `-o` name as
+    typed) as U+FFFD, as `display_path` shows them."""
+    text = _LONE_SURROGATES.sub("\ufffd", text)
     return _CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 

@@ -967,6 +967,13 @@ def test_non_utf8_file_name_carries_its_bytes_in_the_manifest(embed, tmp_path: P
     assert base64.b64decode(row["path_bytes_b64"]) == raw
 
 
+def test_non_utf8_output_name_is_shown_as_names_of_photos_are(embed, photos: Path, tmp_path: Path) -> None:
+    output = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.npy")  # -o typed in a Latin-1 terminal
+    result = ok(embed(photos / "b.png", "-o", output))
+    assert f"\u2192 {tmp_path}/caf\ufffd.npy (" in result.stderr  # as a photo's name is shown, not `caf\\udce9`
+    assert os.path.exists(output)
+
+
 def test_paths_with_square_brackets_are_printed_as_they_are(embed, tmp_path: Path) -> None:
     # Rich reads `[...]` as markup: `Kids [/old]` once crashed the summary line, `[edited]` vanished from it.
     album = tmp_path / "Wedding [edited]"
