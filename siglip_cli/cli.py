@@ -24,7 +24,7 @@ from rich.text import Text
 from . import __version__, interrupts
 from .allocator import keep_freed_memory
 from .config import CPU_BATCH_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRESET
-from .errors import DeviceFault, UserError, first_line
+from .errors import DeviceFault, UserError, address_space_limit, first_line
 from .files import counted, display_path, escape_controls
 
 if TYPE_CHECKING:
@@ -230,8 +230,14 @@ def _import_torch() -> None:
     torch's C module imports numpy and drops whatever that raises, so the run would go on to its end, or stop later
     in a traceback from a half-imported numpy. The commands that need torch call this before anything else; the
     KeyboardInterrupt raised as the import ends is their `_Command.invoke`'s sentence."""
-    with interrupts.deferred():
-        __import__("torch")
+    try:
+        with interrupts.deferred():
+            __import__("torch")
+    except (ImportError, OSError, MemoryError) as e:  # a broken install, or too little memory to map its libraries
+        out_of_memory = isinstance(e, MemoryError) or "failed to map segment" in str(e)  # dlopen's ENOMEM
+        limit = address_space_limit() if out_of_memory else None
+        cause = f": `ulimit -v` allows {limit // 2**20:,} MB, and torch needs more" if limit else ""
+        raise UserError(f"torch cannot be loaded ({first_line(e)}){cause}.") from None
 
 
 def _fresh(output: Path, overwrite: bool) -> bool:

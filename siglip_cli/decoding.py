@@ -22,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,7 +44,7 @@ except ImportError:  # moved in some torch release: the loader still notices a d
 from . import headstart, interrupts
 from .config import PreprocessConfig
 from .cpus import usable_cpus
-from .errors import first_line
+from .errors import file_size_limit, first_line, os_reason
 from .files import counted, display_path
 from .gpu_decode import JpegHeader, decode_headers, device_index, read_header
 from .preprocess import DecodeOptions, load_pixels, one_line
@@ -141,8 +140,9 @@ def _parcels_never_dropped() -> None:
     parcel, and the run waited for it forever: no thread left for the socket that passes the pixels' file
     descriptors over (`ulimit -u`, a container's pids limit), or a parcel that cannot be pickled."""
 
-    def ended(error: Exception, parcel: object) -> None:
-        traceback.print_exception(type(error), error, error.__traceback__)
+    def ended(error: Exception, parcel: object) -> None:  # one line: the run goes on, this is no crash of ours
+        print(f"note: a decoding worker cannot hand its files over ({type(error).__name__}: {first_line(error)}): it "
+              "stops, and they are decoded again.", file=sys.stderr, flush=True)
         os._exit(1)
 
     multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(ended)  # the hook it keeps for subclasses
@@ -607,7 +607,7 @@ def _loader_parcels(
 
 def _cannot_start(error: OSError, workers: int) -> str:
     """The note of a loader whose `workers` could not start (`_LoaderStop.without_workers`)."""
-    reason = error.strerror or str(error)
+    reason = os_reason(error)
     if error.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
         reason += "; their queues need a writable /dev/shm"
     return f"cannot start {counted(workers, 'decoding worker')} ({reason}): decoding in this process, which is slower."
@@ -618,6 +618,12 @@ def _stop_after(error: RuntimeError, handed_over: int, workers: int) -> _LoaderS
     from: a dead worker, or workers that cannot hand parcels over (shared memory, open files). None: any other
     error, for the caller to raise."""
     decoding_workers = counted(workers, "decoding worker")
+    over_size_limit = isinstance(error, SharedMemoryFull) and os.strerror(errno.EFBIG) in str(error)
+    if over_size_limit and (limit := file_size_limit()) is not None:  # a parcel is a file, which `ulimit -f` limits
+        return _LoaderStop(handed_over, without_workers=(
+            f"the file size limit (`ulimit -f` allows {limit // 1024:,} KB) is too small for the parcels of "
+            f"{decoding_workers}: decoding in this process from here on, which is slower."
+        ))  # fmt: skip
     if isinstance(error, SharedMemoryFull):
         return _LoaderStop(handed_over, without_workers=(
             f"the shared memory (/dev/shm) is too small for the parcels of {decoding_workers} "

@@ -928,7 +928,7 @@ def _embed_pending(
             buffer.flush(work, seq)
         except Exception as lost:
             if progress:
-                progress.note(f"the batches embedded in the last few seconds could not be saved ({first_line(lost)}).")
+                progress.note(f"the batches embedded in the last few seconds could not be saved ({first_line(lost).rstrip('.')}).")
         raise
     finally:
         batches.close()

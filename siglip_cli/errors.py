@@ -1,4 +1,6 @@
-"""The one exception type the CLI turns into a one-sentence message and a non-zero exit."""
+"""The one exception type the CLI turns into a one-sentence message and a non-zero exit, and the words of errors."""
+
+import errno
 
 
 class UserError(Exception):
@@ -23,3 +25,32 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message (CUDA's and torch's go on for lines), or its class name if it has none."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def os_reason(error: OSError) -> str:
+    """Why an OS call failed, as a message's clause. A file over this process's size limit names the limit (set by
+    `ulimit -f` in a shell or a batch job's script): "File too large" alone points at the disk."""
+    if error.errno == errno.EFBIG and (limit := file_size_limit()) is not None:
+        return f"{error.strerror}: `ulimit -f` allows {limit // 1024:,} KB"
+    return error.strerror or str(error)
+
+
+def file_size_limit() -> int | None:
+    """The largest file this process may write, in bytes (`ulimit -f`); None where there is no limit."""
+    return _limit("RLIMIT_FSIZE")
+
+
+def address_space_limit() -> int | None:
+    """The most memory this process may map, in bytes (`ulimit -v`); None where there is no limit."""
+    return _limit("RLIMIT_AS")
+
+
+def _limit(name: str) -> int | None:
+    """A resource limit (`ulimit`) of this process: its soft value, or None where there is none (or no such limits:
+    Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, _ = resource.getrlimit(getattr(resource, name))
+    return None if soft == resource.RLIM_INFINITY else soft

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from . import interrupts
-from .errors import UserError
+from .errors import UserError, os_reason
 from .files import display_path, refuse_a_drive_not_mounted
 
 try:
@@ -87,7 +87,7 @@ def atomic_write(path: Path, staging: Staging | None = None) -> Iterator[BinaryI
         ours = (str(tmp), str(path), str(path.parent))  # the error of another file, read for this one, is its own
         if e.errno is None or (e.filename is not None and os.fsdecode(e.filename) not in ours):
             raise
-        raise WriteError(f"cannot write {path}: {e.strerror}.") from None
+        raise WriteError(f"cannot write {path}: {os_reason(e)}.") from None
     except BaseException:
         _remove_if_can(tmp)
         raise

@@ -2084,7 +2084,7 @@ def test_a_worker_that_dies_costs_only_its_file(
 
 
 def test_a_parcel_its_worker_cannot_send_costs_only_its_file(
-    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
+    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
     # A worker's queue thread that could not send a parcel (no thread left for the socket that passes its shared
     # memory over, under `ulimit -u`) printed why and dropped it, and the run waited for it forever. Here the
@@ -2114,6 +2114,8 @@ def test_a_parcel_its_worker_cannot_send_costs_only_its_file(
     assert errors.keys() == {"broken.jpg", "photo1.jpg"}
     assert errors["photo1.jpg"].startswith("its decoding process exited without an answer")
     assert len(batch.rows) == len(paths) - 2
+    said = capfd.readouterr().err  # the workers' own stderr; photo1.jpg's lone process fails (its own traceback)
+    assert "note: a decoding worker cannot hand its files over (" in said and "in _feed" not in said, said
 
 
 def test_a_parcel_cut_off_in_its_handover_is_decoded_again(
@@ -2373,6 +2375,34 @@ def test_a_low_open_files_limit_gets_the_workers_it_can_feed(mixed_folder: Path,
     assert "ulimit" not in runs["soft"].stderr  # a soft limit alone is raised, as any process may
     assert "ulimit" not in runs["plain"].stderr
     assert len({(out / f"{name}.npy").read_bytes() for name in limits}) == 1
+
+
+def test_a_file_size_limit_is_named_as_the_cause(tmp_path: Path, out: Path, tiny_siglip: Path) -> None:
+    # `ulimit -f` (a batch job's script) limits a parcel's shared memory too, as a file: the note blamed the size of
+    # /dev/shm and advised `docker run --shm-size`. A write over the limit said "File too large", as a full disk.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for seed in range(40):  # enough for workers: the first few files are decoded before they start
+        make_photo((64, 48), seed=seed).save(photos / f"{seed}.jpg")
+    embed = f"siglip embed {photos} -m {tiny_siglip} --workers 2 --batch-size 4"
+    runs = {name: run_shell(f"{limit} && {embed} -o '{out / name}.npy'")
+            for name, limit in {"parcels": "ulimit -f 24", "output": "ulimit -f 1", "plain": "true"}.items()}  # fmt: skip
+    assert ("note: the file size limit (`ulimit -f` allows 24 KB) is too small for the parcels of 2 decoding workers: "
+            "decoding in this process from here on, which is slower." in runs["parcels"].stderr.splitlines())  # fmt: skip
+    assert (out / "parcels.npy").read_bytes() == (out / "plain.npy").read_bytes()
+    assert runs["output"].returncode == 2 and "Traceback" not in runs["output"].stderr
+    assert "File too large: `ulimit -f` allows 1 KB." in runs["output"].stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", ["embed", "inspect", "bench"])
+def test_a_memory_limit_too_low_for_torch_is_one_sentence(command: str, photos: Path, out: Path, tiny_siglip: Path) -> None:
+    # Under `ulimit -v 1000000` (a shared server's login limits), torch's libraries cannot be mapped: a traceback
+    # from inside torch's import.
+    arguments = {"embed": f"{photos} -o {out / 'e.npy'}", "inspect": str(photos / "b.png"), "bench": ""}[command]
+    run = run_shell(f"ulimit -v 1000000 && siglip {command} -m {tiny_siglip} {arguments}")
+    assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr, run.stderr
+    (line,) = run.stderr.splitlines()  # "(libtorch_cpu.so: failed to map segment from shared object)"
+    assert re.fullmatch(r"error: torch cannot be loaded \(.+\): `ulimit -v` allows 976 MB, and torch needs more\.", line)
 
 
 def test_ctrl_c_while_the_workers_shut_down_reaches_the_run(
