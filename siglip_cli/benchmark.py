@@ -38,7 +38,7 @@ from .files import first_of
 from .model import SiglipVision, num_parameters
 from .references import Forward, check_references, missing_package, reference_forward
 from .runtime import (
-    Embedder, compiled, cpu_has_native_bf16, dtype_note, prepare_model, resolve_device, resolve_dtype
+    Embedder, compiled, cpu_has_native_bf16, dtype_note, out_of_memory, prepare_model, resolve_device, resolve_dtype
 )
 from .weights import load_tower
 
@@ -471,7 +471,7 @@ def _memory_for(batch_size: int, device: torch.device) -> Iterator[None]:
     try:
         yield
     except RuntimeError as e:
-        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+        if not out_of_memory(e):
             raise
         raise BenchError(
             f"batch size {batch_size} does not fit in the memory of {device}: try a smaller --batch-size."

@@ -446,11 +446,12 @@ def _images_to_embed(
 def _stopped_runs_told(
     out: OutputPaths, progress: _RichProgress, *, float32: bool, gpu_decode: bool
 ) -> Iterator[None]:
-    """A run stopped by Ctrl-C, SIGTERM, the GPU's memory or a fault of the GPU as one sentence, saying whether
-    finished work is kept for the rerun; any other error with the bar taken down first, for the error's own
-    sentence. `gpu_decode`: whether JPEGs may have been decoded on the GPU (--decode auto or gpu)."""
+    """A run stopped by Ctrl-C, SIGTERM, memory (the GPU's, or the CPU allocator's) or a fault of the GPU as one
+    sentence, saying whether finished work is kept for the rerun; any other error with the bar taken down first, for
+    the error's own sentence. `gpu_decode`: whether JPEGs may have been decoded on the GPU (--decode auto or gpu)."""
     import torch
-    from torch.cuda import OutOfMemoryError
+
+    from .runtime import out_of_memory
 
     try:
         yield
@@ -461,15 +462,16 @@ def _stopped_runs_told(
             if not out.work_kept():  # stopped before a batch was saved: while the model loaded, say
                 fail("interrupted.", 130)
             fail(f"interrupted; finished work is kept in {out.work}: rerun the same command to continue.", 130)
-    except OutOfMemoryError as e:  # outside the model's forward, which halves its batch instead
-        progress.stop(keep=False)
-        if out.work_kept():
-            fail(f"the GPU ran out of memory ({first_line(e)}); finished work is kept in {out.work}: rerun with a "
-                 "smaller --batch-size to continue.", 1)  # fmt: skip
-        bf16 = ", --dtype bfloat16," if float32 else ""  # auto is bfloat16 on CUDA
-        fail(f"the GPU ran out of memory ({first_line(e)}): try a smaller --batch-size{bf16} or another GPU.", 1)
     except RuntimeError as e:
         progress.stop(keep=False)
+        if out_of_memory(e):  # outside the model's forward, which halves its batch instead
+            gpu = isinstance(e, torch.OutOfMemoryError)  # else the CPU allocator's
+            ran_out = f"{'the GPU' if gpu else 'this machine'} ran out of memory ({first_line(e)})"
+            if out.work_kept():
+                fail(f"{ran_out}; finished work is kept in {out.work}: rerun with a smaller --batch-size to "
+                     "continue.", 1)  # fmt: skip
+            bf16 = ", --dtype bfloat16," if float32 and gpu else ""  # auto is bfloat16 on CUDA
+            fail(f"{ran_out}: try a smaller --batch-size{bf16} or another {'GPU' if gpu else 'machine'}.", 1)
         if not (isinstance(e, (DeviceFault, getattr(torch, "AcceleratorError", ()))) or "CUDA error" in str(e)):
             raise
         kept = f"; finished work is kept in {out.work}" if out.work_kept() else ""

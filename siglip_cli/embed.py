@@ -55,7 +55,7 @@ from .outputs import (
 )
 from .preprocess import DecodeOptions
 from .reading import digest_of_file
-from .runtime import Embedder, load
+from .runtime import Embedder, load, out_of_memory
 from .storage import Chunk, SafetensorsRows, WorkArea, WriteError, exclusive, remove_stale_temporaries, write_jsonl
 
 __all__ = ["EmbedOptions", "EmbedResult", "Embedder", "Summary", "embed_paths", "embed_to_file", "load"]
@@ -960,7 +960,8 @@ def _decoder_for(embedder: Embedder, decoder: str, progress: Progress | None) ->
 
 
 class _Halving:
-    """CUDA out of memory: run batches in pieces of half the size that failed, as small as needed; say so once.
+    """Out of memory (CUDA's, or the CPU allocator's for one huge tensor): run batches in pieces of half the size
+    that failed, as small as needed; say so once.
 
     The piece size that fits is kept for the rest of the run, so later batches do not fail first. Each retry
     happens after the `except` block is left: inside it, the traceback still holds the failed forward's
@@ -990,19 +991,25 @@ class _Halving:
     def _forward(embedder: Embedder, pixels: Tensor) -> tuple[Tensor, Tensor] | None:
         try:
             return embedder(pixels)
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
             return None
 
     def _shrink(self, embedder: Embedder, failed: int) -> None:
+        cuda = embedder.device.type == "cuda"
         if failed == 1:
             bf16 = "--dtype bfloat16, " if embedder.dtype == torch.float32 else ""
+            elsewhere = "another GPU" if cuda else "a machine with more memory"
             raise UserError(
-                f"{embedder.device} ran out of memory on a single image: try {bf16}another GPU, or a smaller model."
+                f"{embedder.device} ran out of memory on a single image: try {bf16}{elsewhere}, or a smaller model."
             )
         if self.piece is None and self.progress:
-            self.progress.note(f"CUDA out of memory at batch size {failed}: running batches in smaller pieces.")
+            what = "CUDA out of memory" if cuda else f"out of memory on {embedder.device}"
+            self.progress.note(f"{what} at batch size {failed}: running batches in smaller pieces.")
         self.piece = failed // 2
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 def _joined(parts: list[Tensor]) -> Tensor:

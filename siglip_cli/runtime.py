@@ -23,6 +23,14 @@ from .weights import load_model
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a device out of memory: CUDA's own error type, or the CPU allocator's RuntimeError ("[enforce
+    fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory: you tried to allocate ...")."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
 @dataclass
 class Embedder:
     """A loaded tower on its device, with the checkpoint it came from."""

@@ -1656,6 +1656,21 @@ def test_gpu_out_of_memory_outside_the_forward_is_one_sentence(
         assert error.endswith(": try a smaller --batch-size, --dtype bfloat16, or another GPU.")
 
 
+def test_cpu_out_of_memory_outside_the_forward_is_one_sentence(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import siglip_cli.devices as devices
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")  # fmt: skip
+
+    monkeypatch.setattr(devices, "embed_with_model", out_of_memory)
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors"), code=1)
+    assert error.startswith("error: this machine ran out of memory ([enforce fail at alloc_cpu.cpp:127]")
+    assert error.endswith("(Cannot allocate memory)): try a smaller --batch-size or another machine.")
+
+
 @pytest.mark.parametrize("decode", ["auto", "cpu"])
 def test_a_gpu_fault_is_one_sentence_that_says_how_to_go_on(
     embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch, decode: str

@@ -2363,11 +2363,20 @@ def test_cuda_all_on_a_machine_with_one_gpu_runs_on_that_gpu(
 # ------------------------------------------------------------------------------------- out of memory
 
 
-class OutOfMemoryAbove:
-    """The embedder on a pretend GPU with room for at most `limit` images per forward pass."""
+def cuda_out_of_memory(images: int) -> RuntimeError:
+    return torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {images} images' worth")
 
-    def __init__(self, embedder: Embedder, limit: int):
-        self.embedder, self.limit, self.batch_sizes, self.failed = embedder, limit, [], []
+
+def cpu_out_of_memory(images: int) -> RuntimeError:  # as torch's CPU allocator raises it, for one huge tensor
+    return RuntimeError(f"[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                        f"to allocate {images} images' worth. Error code 12 (Cannot allocate memory)")  # fmt: skip
+
+
+class OutOfMemoryAbove:
+    """The embedder on a pretend device with room for at most `limit` images per forward pass."""
+
+    def __init__(self, embedder: Embedder, limit: int, error: Callable[[int], RuntimeError] = cuda_out_of_memory):
+        self.embedder, self.limit, self.error, self.batch_sizes, self.failed = embedder, limit, error, [], []
 
     def __getattr__(self, name: str):
         return getattr(self.embedder, name)
@@ -2375,17 +2384,19 @@ class OutOfMemoryAbove:
     def __call__(self, pixels: torch.Tensor):
         if len(pixels) > self.limit:
             self.failed.append(len(pixels))
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(pixels)} images' worth")
+            raise self.error(len(pixels))
         self.batch_sizes.append(len(pixels))
         return self.embedder(pixels)
 
 
+@pytest.mark.parametrize("error", [cuda_out_of_memory, cpu_out_of_memory], ids=["cuda", "cpu"])
 @pytest.mark.parametrize("tokens", [False, True], ids=["pooled", "tokens"])
-def test_cuda_out_of_memory_halves_the_batch_and_says_so_once(
-    embedder: Embedder, folder: Path, tmp_path: Path, tokens: bool
+def test_out_of_memory_halves_the_batch_and_says_so_once(
+    embedder: Embedder, folder: Path, tmp_path: Path, tokens: bool, error: Callable[[int], RuntimeError]
 ) -> None:
+    # The CPU allocator's error (a large -b with so400m on a laptop) was a 115-line traceback.
     paths = discover([str(folder)])
-    small = OutOfMemoryAbove(embedder, limit=3)
+    small = OutOfMemoryAbove(embedder, limit=3, error=error)
     progress = Notes()
     options = EmbedOptions(batch_size=8, workers=0, tokens=tokens)
     embed_to_file(small, paths, tmp_path / "halved.safetensors", options=options, progress=progress)
@@ -2412,7 +2423,7 @@ def test_out_of_memory_even_for_one_image_ends_the_command_with_one_sentence(
 
     monkeypatch.setattr(Embedder, "__call__", no_room)
     result = embed(folder, tmp_path / "embeddings.safetensors")
-    assert result.exit_code != 0 and not isinstance(result.exception, torch.cuda.OutOfMemoryError), "a traceback"
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), "a traceback"
     lines = result.stderr.strip().splitlines()
     # The halving note comes first (batches are halved down to one image), then the one-sentence error.
     assert all(line.startswith(("note: ", "error: ")) for line in lines), result.stderr
