@@ -37,7 +37,7 @@ from .errors import UserError, first_line
 from .files import below_mount_points, counted, directory_entry, discover, display_path, empty_folder, same_file
 from .outputs import (
     OUTPUT_DTYPES,
-    WEIGHTS_DIFFER,
+    Difference,
     OutputPaths,
     Ref,
     assemble,
@@ -443,11 +443,11 @@ def interrupted_on_other_devices(work: Path, devices: int) -> UserError:
     )
 
 
-def _interrupted_with_other_options(work: Path, difference: str, *, update: bool = False) -> UserError:
+def _interrupted_with_other_options(work: Path, difference: Difference, *, update: bool = False) -> UserError:
     """The refusal of a run whose work area holds an interrupted one with other options. An --update cannot start
     afresh (--overwrite would drop the earlier output's rows too): its user deletes the work area instead."""
     then = _what_to_do(difference, again="rerun with the same options to continue", afresh=_afresh(work, update=update))
-    return UserError(f"{work} holds an interrupted run whose options differ ({difference}): {then}")
+    return UserError(f"{work} holds an interrupted run whose options differ ({difference.options}): {then}")
 
 
 def _afresh(work: Path, *, update: bool) -> str:
@@ -456,10 +456,10 @@ def _afresh(work: Path, *, update: bool) -> str:
     return f"delete {work} to drop it" if update else "add --overwrite to start afresh"
 
 
-def _what_to_do(difference: str, *, again: str, afresh: str) -> str:
+def _what_to_do(difference: Difference, *, again: str, afresh: str) -> str:
     """The advice of a refusal of work made with other options (`describe_difference`): give them `again`, or start
-    `afresh`; of other weights only the latter, since no option brings them back."""
-    if difference == WEIGHTS_DIFFER:
+    `afresh`; of a checkpoint saved over only the latter, since no option brings it back."""
+    if difference.saved_over:
         return f"the checkpoint was saved again since; {afresh}."
     return f"{again}, or {afresh}."
 
@@ -1049,7 +1049,7 @@ class _ChunkBuffer:
 
 
 class _OtherOptions(UserError):
-    def __init__(self, message: str, *, difference: str):
+    def __init__(self, message: str, *, difference: Difference):
         super().__init__(message)
         self.difference = difference
 
@@ -1080,7 +1080,7 @@ def _previous_output(
         then = _what_to_do(
             difference, again="rerun --update with the same options", afresh="use --overwrite to embed everything again"
         )
-        message = f"{out.embeddings} was made with other options ({difference}): {then}"
+        message = f"{out.embeddings} was made with other options ({difference.options}): {then}"
         raise _OtherOptions(message, difference=difference)
     return _by_path(*read_rows(out)), metadata.get("working_directory")
 

@@ -270,11 +270,21 @@ _OPTION_NAMES = {
     "format": "the output format",
     "pooling": "the pooling (the checkpoint's vision_use_head)",
     "preprocessing": "the preprocessing (--no-exif-transpose, --fast-decode, --decode, or the model's preprocessor)",
+    "embedding_dim": "the model's architecture",
+    "num_tokens": "the model's architecture",
     "weights": "the model's weights",
     "shard": "--shard",  # recorded in a work area only: its chunks are of that part
 }
-# The difference that is no option: a checkpoint folder saved again with other weights.
-WEIGHTS_DIFFER = _OPTION_NAMES["weights"]
+# What the checkpoint alone decides: another --model changes it too (and is named instead), and so does a checkpoint
+# folder saved again (a fine-tune's next epoch, another architecture), which no option brings back.
+_CHECKPOINTS_OWN = ("embedding_dim", "num_tokens", "pooling", "weights")
+
+
+class Difference(NamedTuple):
+    """How two runs' states differ (`describe_difference`)."""
+
+    options: str  # as the user spells them: '--dtype, --tokens'
+    saved_over: bool  # the checkpoint alone differs: its folder was saved again since
 
 
 def same_options(old: dict, new: dict) -> bool:
@@ -306,18 +316,22 @@ def without_weights(state: dict) -> dict:
     return _without(state, ("weights",))
 
 
-def describe_difference(old: dict, new: dict) -> str:
-    """The options two runs' states differ in, as the user spells them: '--dtype, --tokens'. The weights'
-    fingerprint is named only when it alone can say why: it changes with --dtype too, other weights loaded from
-    elsewhere are named by --model (or --revision), and a state of an earlier version has none."""
+def describe_difference(old: dict, new: dict) -> Difference:
+    """How two runs' states differ. The weights' fingerprint is named only when it alone can say why: it changes
+    with --dtype too, other weights loaded from elsewhere are named by --model (or --revision), and a state of an
+    earlier version has none; the model's architecture and pooling are named only where --model is not."""
     other_dtype = old.get("compute_dtype") != new.get("compute_dtype")
     other_source = any(old.get(key) != new.get(key) for key in _SOURCE)
     if other_dtype or (old.get("weights") != new.get("weights") and other_source):
         old, new = without_weights(old), without_weights(new)
     else:
         old, new = _compared(old, new)  # the same weights from elsewhere: no difference
-    changed = [_OPTION_NAMES.get(k, k) for k in {**new, **old} if old.get(k) != new.get(k)]  # a key either lacks too
-    return ", ".join(changed) or "the options"
+    changed = [key for key in {**new, **old} if old.get(key) != new.get(key)]  # a key either lacks too
+    if other_source:
+        changed = [key for key in changed if key not in _CHECKPOINTS_OWN]
+    names = dict.fromkeys(_OPTION_NAMES.get(key, key) for key in changed)  # the architecture once
+    saved_over = bool(changed) and set(changed) <= set(_CHECKPOINTS_OWN)
+    return Difference(", ".join(names) or "the options", saved_over)
 
 
 @contextmanager

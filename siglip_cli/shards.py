@@ -248,7 +248,7 @@ def _merge(
         if not same_options(options[0], opts):
             raise UserError(
                 f"{out.embeddings} and {opened[0][0].embeddings} were made with different options "
-                f"({describe_difference(options[0], opts)}); only outputs of the same run can be merged."
+                f"({describe_difference(options[0], opts).options}); only outputs of the same run can be merged."
             )
     _check_same_inputs(opened)
     _check_every_part(opened, allow_missing=allow_missing)

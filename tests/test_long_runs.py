@@ -1528,18 +1528,33 @@ def saved_over(checkpoint: Path) -> None:
     save_file(tensors, weights, metadata={"format": "pt"})
 
 
-def test_update_refuses_a_checkpoint_saved_over_with_other_weights(
-    folder: Path, tiny_vision: Path, tmp_path: Path
+def saved_wider(checkpoint: Path) -> None:
+    """`checkpoint` saved again in place as another architecture: twice as wide."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    wider = SiglipVisionConfig(**{**config, "hidden_size": 2 * config["hidden_size"]})
+    SiglipVisionModel(wider).save_pretrained(checkpoint)
+
+
+@pytest.mark.parametrize(
+    "save_again, differing",
+    [(saved_over, "the model's weights"), (saved_wider, "the model's architecture, the model's weights")],
+    ids=["weights", "architecture"],
+)
+def test_update_refuses_a_checkpoint_saved_over(
+    folder: Path, tiny_vision: Path, tmp_path: Path, save_again: Callable[[Path], None], differing: str
 ) -> None:
-    # Its path and (local) revision are the same: the rows of two models were mixed in one output.
+    # Its path and (local) revision are the same: the rows of two models were mixed in one output. Of another
+    # architecture, the refusal named raw keys ("embedding_dim") and advised "the same options", which none can give.
     checkpoint = Path(shutil.copytree(tiny_vision, tmp_path / "checkpoint"))
     output = tmp_path / "out" / "embeddings.safetensors"
     run = functools.partial(siglip, "embed", folder, "-o", output, "--model", checkpoint, "--workers", 0)
     ok(run())
-    saved_over(checkpoint)
+    save_again(checkpoint)
     assert the_error(run("--update")) == (
-        f"error: {output} was made with other options (the model's weights): the checkpoint was saved again since; "
-        "use --overwrite to embed everything again."
+        f"error: {output} was made with other options ({differing}): the checkpoint was saved again since; use "
+        "--overwrite to embed everything again."
     )
     ok(run("--overwrite"))
     assert summary_of(run("--update", "--json"))["reused"] == 12
