@@ -367,7 +367,7 @@ def _open_work(
     with --overwrite. The work area's record of the options holds the --shard too: its chunks are of that part."""
     work = WorkArea(out.work)
     work_state = {**state, "shard": shard_text(shard)} if shard else state
-    resuming, published = _what_was_left(work, out, work_state, overwrite=overwrite)
+    resuming, published = _tidy_earlier_work(work, out, work_state, overwrite=overwrite)
     reuse_output = update or published
     check_outputs(out, interrupted=resuming, overwrite=overwrite, update=reuse_output)
     if resuming:  # the advice follows the user's --update, not a several-device worker's (of its own shard)
@@ -403,22 +403,23 @@ def _open_work(
     return work, previous, made_in
 
 
-def _what_was_left(work: WorkArea, out: OutputPaths, state: dict, *, overwrite: bool) -> tuple[bool, bool]:
-    """What an earlier run left in the work area: whether this run continues it (`resuming`), and whether it had
-    put its output in place (`published`: its work area, stale, is removed). Work of other options is removed
-    with --overwrite; the shards of a run on several devices are refused without it."""
+def _tidy_earlier_work(work: WorkArea, out: OutputPaths, state: dict, *, overwrite: bool) -> tuple[bool, bool]:
+    """Tidy what an earlier run left in the work area, and say whether this run continues it (`resuming`) and whether
+    it had put its output in place (`published`: its work area, stale, is removed). A work area without finished
+    work is removed too; work of other options is removed with --overwrite; the shards of a run on several devices
+    are refused without it."""
     if overwrite and work.exists() and not same_options(work.state() or {}, state):
         work.remove()  # its options are others, or cannot be read: it is not this run's to continue
     work.finish_assembling()  # a run stopped between its final renames: its output is made whole, then published
     # Stopped after its last rename, before it removed its work folder (or while: `WorkArea.remove` deletes the mark
     # last): the output is whole. The rerun takes it as an --update does, so it ends as the first run would have.
     published = work.published(out.embeddings)
+    if published or (work.exists() and not out.work_kept()):  # a run stopped before it saved a batch left nothing
+        work.remove()  # to continue: its options, a record alone, must not hold this run to them
+        return False, published
     devices = work.device_count()
-    if devices and not overwrite and not published:  # its shards are not ours to throw away
+    if devices and not overwrite:  # its shards are not ours to throw away
         raise interrupted_on_other_devices(out.work, devices)
-    if published:
-        work.remove()
-        return False, True
     return work.exists(), False
 
 

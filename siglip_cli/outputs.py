@@ -24,6 +24,7 @@ from .config import VisionConfig, json_kind
 from .errors import UserError
 from .files import display_path, path_fields, path_from_fields, same_file
 from .storage import (
+    CHUNK_NAME,
     NpyRows,
     RowReader,
     SafetensorsRows,
@@ -113,8 +114,8 @@ class OutputPaths:
         """Whether the work area holds finished work that a rerun continues from: chunks of embedded batches, or
         a several-device run's finished shards and their chunks."""
         work = self.work
-        shards = work.glob("shard-*")
-        return any(work.glob("chunk-*")) or any(work.glob("shard-*/chunk-*")) or any(p.is_file() for p in shards)
+        chunks = [*work.glob("chunk-*"), *work.glob("shard-*/chunk-*")]
+        return any(CHUNK_NAME.fullmatch(p.name) for p in chunks) or any(p.is_file() for p in work.glob("shard-*"))
 
 
 def _link_target(link: Path) -> Path:

@@ -417,6 +417,11 @@ def _read_chunk(path: Path) -> Chunk:
     return Chunk(path, rows, errors)
 
 
+# The name of a chunk, as the run writes it: a copy a sync tool made beside one
+# (`chunk-….sync-conflict-….safetensors`) would hold the same rows a second time.
+CHUNK_NAME = re.compile(r"chunk-\d+\.safetensors")
+
+
 class WorkArea:
     """`<output>.partial/`: the options of the run (`state.json`) and its finished chunks, one file each.
 
@@ -445,9 +450,7 @@ class WorkArea:
         """The finished chunks in order, and those that cannot be read (cut short or damaged since: a disk error, a
         copy that failed), which are deleted: their files are embedded again."""
         chunks, damaged = [], []
-        # Only the names the run writes: a copy a sync tool made beside one (`chunk-….sync-conflict-….safetensors`)
-        # would hold the same rows a second time.
-        names = sorted(name for name in os.listdir(self.directory) if re.fullmatch(r"chunk-\d+\.safetensors", name))
+        names = sorted(name for name in os.listdir(self.directory) if CHUNK_NAME.fullmatch(name))
         for path in (self.directory / name for name in names):
             try:
                 chunks.append(_read_chunk(path))

@@ -55,6 +55,7 @@ from siglip_cli.reading import digest_of_file, file_digest
 from siglip_cli.embed import EmbedOptions, Embedder, embed_to_file, load
 from siglip_cli.errors import UserError
 from siglip_cli.files import discover
+from siglip_cli.outputs import OutputPaths
 from siglip_cli.shards import shard_of
 
 SIGLIP = str(Path(sys.executable).with_name("siglip"))
@@ -420,6 +421,16 @@ def test_only_the_chunks_a_run_writes_are_read_back(embed, interrupted: Path, fo
     shutil.copy(first, first.with_name("chunk-00000000.sync-conflict-20261129.safetensors"))
     ok(embed(folder, interrupted))
     assert differences_from_a_fresh_run(embed, folder, interrupted) == []
+
+
+def test_a_sync_tools_copy_alone_is_no_finished_work(tmp_path: Path) -> None:
+    # "finished work is kept in ..." was said of a work area holding only such a copy, which no rerun reads.
+    out = OutputPaths.for_output(tmp_path / "e.safetensors")
+    out.work.mkdir()
+    (out.work / "chunk-00000000.sync-conflict-20261129.safetensors").write_bytes(b"")
+    assert not out.work_kept()
+    (out.work / "chunk-00000000.safetensors").write_bytes(b"")
+    assert out.work_kept()
 
 
 def test_a_chunk_the_system_cannot_read_is_a_sentence_and_is_kept(
@@ -2428,13 +2439,19 @@ def test_an_image_that_does_not_fit_alone_stops_the_run(embedder: Embedder, fold
     with pytest.raises(UserError, match="out of memory on a single image"):
         embed_to_file(OutOfMemoryAbove(embedder, limit=0), paths, tmp_path / "e.safetensors", options=options)
     assert not (tmp_path / "e.safetensors").exists()
+    # It saved no batch: nothing holds the next run to its options. A run with other ones (a smaller model, say)
+    # was refused ("holds an interrupted run whose options differ"), and only --overwrite went on.
+    other = EmbedOptions(batch_size=4, workers=0, tokens=True)
+    embed_to_file(embedder, paths, tmp_path / "e.safetensors", options=other)
+    assert not (tmp_path / "e.safetensors.partial").exists()
 
 
+@pytest.mark.parametrize("error", [cuda_out_of_memory, cpu_out_of_memory], ids=["cuda", "cpu"])
 def test_out_of_memory_even_for_one_image_ends_the_command_with_one_sentence(
-    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Callable[[int], RuntimeError]
 ) -> None:
     def no_room(self: Embedder, pixels: torch.Tensor):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error(len(pixels))
 
     monkeypatch.setattr(Embedder, "__call__", no_room)
     result = embed(folder, tmp_path / "embeddings.safetensors")
