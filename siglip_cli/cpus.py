@@ -1,10 +1,14 @@
-"""How many CPUs this process can keep busy, and PyTorch's threads fitted to them."""
+"""How many CPUs this process can keep busy, and PyTorch's threads fitted to them; how much memory its cgroup leaves
+it (a container's limit)."""
 
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROCESS_CGROUPS = Path("/proc/self/cgroup")
@@ -24,32 +28,47 @@ def usable_cpus() -> int:
 
 def cgroup_cpu_quota() -> float | None:
     """CPUs' worth of time per second that this process's cgroup, or a cgroup above it, may use; None if unlimited
-    or unknown. cgroup v2 (`cpu.max`: "400000 100000" is 4 CPUs) and v1 (`cpu.cfs_quota_us` / `cpu.cfs_period_us`).
-    Inside a container the process's cgroup is the root of the mount (cgroup namespaces) or missing from it (older
-    Docker mounts its own cgroup there): the quota is looked for along the path from the process's cgroup up."""
+    or unknown. cgroup v2 (`cpu.max`: "400000 100000" is 4 CPUs) and v1 (`cpu.cfs_quota_us` / `cpu.cfs_period_us`)."""
+    return min(_along_cgroups("cpu", _v2_quota, _v1_quota), default=None)
+
+
+def cgroup_memory_room() -> int | None:
+    """Bytes that this process's cgroup, or a cgroup above it, may still take before its out-of-memory killer acts
+    (`docker run --memory 4g`, a Kubernetes memory limit, a Slurm job's): its limit less what it uses, less the page
+    cache it could drop; None if unlimited or unknown. /proc/meminfo, read inside a container, is the host's."""
+    return min(_along_cgroups("memory", _v2_memory_room, _v1_memory_room), default=None)
+
+
+def _along_cgroups(
+    controller: str, read_v2: Callable[[Path], T | None], read_v1: Callable[[Path], T | None]
+) -> list[T]:
+    """What `read_v2` (cgroup v2) or `read_v1` (v1's `controller` hierarchy) finds in the cgroup folders of this
+    process and of every cgroup above it. Inside a container the process's cgroup is the root of the mount (cgroup
+    namespaces) or missing from it (older Docker mounts its own cgroup there): a limit is looked for along the path
+    from the process's cgroup up."""
     try:
         lines = PROCESS_CGROUPS.read_text().splitlines()
     except OSError:
-        return None
-    quotas = []
+        return []
+    found = []
     for line in lines:
         fields = line.split(":", 2)  # hierarchy id, controllers, path
         if len(fields) != 3:
             continue
         _, controllers, path = fields
         if controllers == "":  # v2: one hierarchy, on /sys/fs/cgroup or, beside v1, on /sys/fs/cgroup/unified
-            mounts, read = [CGROUP_ROOT, CGROUP_ROOT / "unified"], _v2_quota
-        elif "cpu" in controllers.split(","):
-            mounts, read = [CGROUP_ROOT / controllers, CGROUP_ROOT / "cpu"], _v1_quota
+            mounts, read = [CGROUP_ROOT, CGROUP_ROOT / "unified"], read_v2
+        elif controller in controllers.split(","):
+            mounts, read = [CGROUP_ROOT / controllers, CGROUP_ROOT / controller], read_v1
         else:
             continue
         parts = Path(path).parts[1:]
         for mount in mounts:
             for depth in range(len(parts), -1, -1):
-                quota = read(mount.joinpath(*parts[:depth]))
-                if quota is not None:
-                    quotas.append(quota)
-    return min(quotas, default=None)
+                value = read(mount.joinpath(*parts[:depth]))
+                if value is not None:
+                    found.append(value)
+    return found
 
 
 def _v2_quota(folder: Path) -> float | None:
@@ -66,6 +85,40 @@ def _v1_quota(folder: Path) -> float | None:
         return quota / period if quota > 0 and period > 0 else None  # -1: unlimited
     except (OSError, ValueError):
         return None
+
+
+def _v2_memory_room(folder: Path) -> int | None:
+    try:
+        limit = (folder / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        used = int((folder / "memory.current").read_text())
+        return max(0, int(limit) - used + _memory_stat(folder, "inactive_file"))
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_memory_room(folder: Path) -> int | None:
+    try:
+        limit = int((folder / "memory.limit_in_bytes").read_text())
+        if limit >= 2**62:  # unlimited: the largest page-aligned value of a 64-bit counter
+            return None
+        used = int((folder / "memory.usage_in_bytes").read_text())
+        return max(0, limit - used + _memory_stat(folder, "total_inactive_file"))
+    except (OSError, ValueError):
+        return None
+
+
+def _memory_stat(folder: Path, key: str) -> int:
+    """A counter of the cgroup's `memory.stat` (bytes), 0 where it is missing: the limit then counts a little short."""
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def fit_cpu_threads() -> None:

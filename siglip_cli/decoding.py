@@ -43,7 +43,7 @@ except ImportError:  # moved in some torch release: the loader still notices a d
 
 from . import headstart, interrupts
 from .config import PreprocessConfig
-from .cpus import usable_cpus
+from .cpus import cgroup_memory_room, usable_cpus
 from .errors import file_size_limit, first_line, os_reason
 from .files import counted, display_path
 from .gpu_decode import JpegHeader, decode_headers, device_index, read_header
@@ -422,15 +422,18 @@ def default_workers() -> int:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to new work (Linux's MemAvailable), or None where the system does not say."""
+    """Bytes of memory available to new work: Linux's MemAvailable, or less where this process's cgroup leaves it
+    less (`cpus.cgroup_memory_room`: a container's limit, whose out-of-memory killer picks the largest process, the
+    one holding the model); None where the system does not say."""
+    available = []
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            available = [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    if (room := cgroup_memory_room()) is not None:
+        available.append(room)
+    return min(available, default=None)
 
 
 @dataclass(frozen=True)
