@@ -2,9 +2,10 @@
 
 Library side only: it builds the models, times them and returns a `Report`; `cli.py` renders it.
 
-Method. Every measurement warms up first (the first call also pays for `torch.compile`, reported as `setup_s`),
-synchronizes the device around each timed call, and reports the median over `iters` calls. Model-only runs feed
-random pixels already on the device in the run's dtype, so they time the forward pass alone.
+Method. Every measurement warms up first (`warmup` calls; in the image pipeline one pass, end to end one batch), the
+first call also paying for `torch.compile`, reported as `setup_s`; it synchronizes the device around each timed call,
+and reports the median over `iters` calls. Model-only runs feed random pixels already on the device in the run's
+dtype, so they time the forward pass alone.
 
 Same function, three implementations. With `compare`, transformers and timm run on OUR weights (`references.py`),
 so the ratios compare code, not checkpoints. Each backend's pooled output is checked against our plain float32
@@ -22,7 +23,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,7 @@ def _peak_rss_mb() -> float | None:
 @dataclass(frozen=True)
 class Timing:
     median_s: float  # per call
-    setup_s: float  # the warm-up calls together, the first of which compiles
+    setup_s: float | None  # the warm-up calls together, the first of which compiles; None: none was made
     peak_mem_mb: float | None  # CUDA: peak allocated above what was in use before; CPU: peak RSS (see _timed_call)
     spread: float = 0.0  # (slowest - fastest) / median of the timed calls: how far the median can be trusted
     calls: int = 1  # how many were timed
@@ -192,7 +193,7 @@ def time_interleaved(
         for _ in range(warmup):
             fn()
         synchronize(device)
-        setup[name] = time.perf_counter() - start
+        setup[name] = time.perf_counter() - start if warmup else None
     calls: dict[str, list[tuple[float, float | None]]] = {name: [] for name in fns}
     for _ in range(iters):
         for name, fn in fns.items():
@@ -364,8 +365,12 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     if options.images is not None:
         report.notes += _image_notes(paths, skipped, preprocess, device=device, iters=iters)
         say(f"image pipeline on {len(paths)} files from {options.images}")
-        report.results += image_results(paths, plain, preprocess, device=device, dtype=dtype,
-                                        batch_size=min(max(batch_sizes), len(paths)), iters=iters)  # fmt: skip
+        images = image_results(paths, plain, preprocess, device=device, dtype=dtype,
+                               batch_size=min(max(batch_sizes), len(paths)), iters=iters, warmup=warmup)  # fmt: skip
+        report.results += images
+        report.notes += [f"{r.stage} ({r.variant}): the timed passes varied by {r.spread:.0%} around their median (a "
+                         "busy machine, or too few --iters): its images/s is rough."
+                         for r in images if r.spread is not None and r.spread > NOISY_SPREAD]  # fmt: skip
     return report
 
 
@@ -489,7 +494,7 @@ def _result(backend: str, stage: str, batch_size: int, timing: Timing, variant: 
         ms_per_image=1000 * timing.median_s / images,
         peak_mem_mb=None if timing.peak_mem_mb is None else round(timing.peak_mem_mb, 1),
         variant=variant,
-        setup_s=round(timing.setup_s, 3),
+        setup_s=None if timing.setup_s is None else round(timing.setup_s, 3),
         cosine=agreement,
         spread=round(timing.spread, 3) if timing.calls > 1 else None,  # one call has no spread to tell
     )
@@ -504,12 +509,14 @@ def image_results(
     dtype: torch.dtype,
     batch_size: int,
     iters: int,
+    warmup: int = 1,
 ) -> list[Result]:
     """Where the time goes between files and embeddings: decode, preprocess, then the whole way.
 
     decode: PIL open + load, one core. preprocess: `preprocess.load_pixels` (decode, orient, resize, normalize), one
     core, exact and with `--fast-decode` (libjpeg's reduced-size decoding). Each is the median of `iters` passes
-    over `paths`. end_to_end: `_end_to_end_results`.
+    over `paths`, after one untimed pass where `warmup` asks for any (the files' first read from disk; a pass is
+    seconds, and a second would warm nothing more). end_to_end: `_end_to_end_results`.
     """
     from PIL import Image
 
@@ -526,14 +533,15 @@ def image_results(
         return lambda: [load_pixels(path, preprocess, options) for path in paths]
 
     cpu = torch.device("cpu")
-    decode = time_calls(decode_all, device=cpu, iters=iters, warmup=0)
+    passes = min(warmup, 1)
+    decode = time_calls(decode_all, device=cpu, iters=iters, warmup=passes)
     exact, fast = preprocess_all(DecodeOptions()), preprocess_all(DecodeOptions(fast_decode=True))
-    prep = time_interleaved({"exact": exact, "fast": fast}, device=cpu, iters=iters, warmup=0)
+    prep = time_interleaved({"exact": exact, "fast": fast}, device=cpu, iters=iters, warmup=passes)
     embedder = _embedder(model, preprocess, device=device, dtype=dtype)
     return [_result("siglip", "decode", 1, decode, "PIL, 1 core", images=n),
             _result("siglip", "preprocess", 1, prep["exact"], "PIL, 1 core", images=n),
             _result("siglip", "preprocess", 1, prep["fast"], "PIL --fast-decode, 1 core", images=n),
-            *_end_to_end_results(paths, embedder, batch_size=batch_size, iters=iters)]  # fmt: skip
+            *_end_to_end_results(paths, embedder, batch_size=batch_size, iters=iters, warm=passes > 0)]  # fmt: skip
 
 
 def _embedder(
@@ -548,12 +556,15 @@ def _embedder(
     return Embedder(prepare_model(copy.deepcopy(model), device=device, dtype=dtype), checkpoint, device, dtype)
 
 
-def _end_to_end_results(paths: list[str], embedder: Embedder, *, batch_size: int, iters: int) -> list[Result]:
+def _end_to_end_results(
+    paths: list[str], embedder: Embedder, *, batch_size: int, iters: int, warm: bool = True
+) -> list[Result]:
     """`embed.embed_paths` timed as `siglip embed` runs it, with its decoding workers: the exact PIL path, the same
     with `--fast-decode`, and `--decode gpu` (JPEGs decoded in batches through torchvision: nvJPEG on CUDA, libjpeg
     on the CPU; the PIL path for the files it leaves). The two inexact paths carry their cosine to the exact one:
-    what their speed costs. After one warm-up batch each, the median of `iters` passes over `paths`; a single pass
-    on the CPU, where one pass of a base model over 64 images takes most of a minute.
+    what their speed costs. After one warm-up batch each (where `warm`; its time is the row's `setup_s`), the median
+    of `iters` passes over `paths`; a single pass on the CPU, where one pass of a base model over 64 images takes most
+    of a minute.
     """
     from .decoding import default_workers
     from .embed import embed_paths
@@ -570,12 +581,18 @@ def _end_to_end_results(paths: list[str], embedder: Embedder, *, batch_size: int
 
         return run
 
+    setup: dict[str, float | None] = dict.fromkeys(ways)  # none without a warm-up
     with torch.inference_mode():
         for name, (_, given) in ways.items():  # a first batch each, untimed: imports (torchvision's 2 s), first calls
-            first = taken[:batch_size] if name == "gpu" else paths[:batch_size]  # files it decodes itself
-            embed_paths(embedder, first, batch_size=batch_size, workers=0, **given)
+            if warm:
+                first = taken[:batch_size] if name == "gpu" else paths[:batch_size]  # files it decodes itself
+                start = time.perf_counter()
+                embed_paths(embedder, first, batch_size=batch_size, workers=0, **given)
+                synchronize(device)
+                setup[name] = time.perf_counter() - start
         passes = 1 if device.type == "cpu" else iters
         timings = time_interleaved({name: end_to_end(name) for name in ways}, device=device, iters=passes, warmup=0)
+        timings = {name: replace(timing, setup_s=setup[name]) for name, timing in timings.items()}
     exact, exact_paths = embeddings["exact"]
     if not len(exact):
         name = _dtype_name(dtype)

@@ -581,6 +581,33 @@ def test_bench_images_reports_each_stage(tiny_siglip: Path, tmp_path: Path) -> N
     assert "fast-decode" in fast["variant"] and 0.9 <= fast["cosine"] < 1  # the price of reduced-size decoding
     assert "torchvision" in torchvision_row["variant"] and torchvision_row["cosine"] >= 0.999
     assert "(4 of 5 files, the rest PIL)" in torchvision_row["variant"]  # logo.png went through PIL
+    assert all(r["setup_s"] is None for r in document["results"])  # --warmup 0: none warmed up, none says 0.0
+
+
+def test_bench_image_rows_warm_up_and_say_when_they_are_rough(
+    tiny_siglip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The decode, preprocess and end-to-end rows ignored --warmup (their setup_s was 0.0) and never made the note
+    # on a spread that the model rows make.
+    for i in range(2):
+        make_photo((96, 64), seed=i).save(tmp_path / f"photo{i}.jpg", quality=95)
+    options = benchmark.BenchOptions(model=str(tiny_siglip), device="cpu", batch_sizes=(2,), iters=2, warmup=1,
+                                     images=tmp_path)  # fmt: skip
+    report = benchmark.run_benchmark(options)
+    images = [r for r in report.results if r.stage != "model"]
+    assert {r.stage for r in images} == {"decode", "preprocess", "end_to_end"}
+    assert all(r.setup_s is not None and r.setup_s > 0 for r in images), images
+    time_interleaved = benchmark.time_interleaved
+
+    def unsteady(fns, **kwargs):
+        timings = time_interleaved(fns, **kwargs)
+        return {name: dataclasses.replace(t, spread=0.6) if "exact" in name else t for name, t in timings.items()}
+
+    monkeypatch.setattr(benchmark, "time_interleaved", unsteady)
+    notes = benchmark.run_benchmark(options).notes
+    assert "preprocess (PIL, 1 core): the timed passes varied by 60% around their median (a busy machine, or too few " \
+           "--iters): its images/s is rough." in notes  # fmt: skip
+    assert not any(note.startswith("end_to_end (") for note in notes)  # one pass on the CPU: no spread to tell
 
 
 def test_bench_images_names_the_files_it_leaves_out_and_why(tiny_siglip: Path, tmp_path: Path) -> None:
