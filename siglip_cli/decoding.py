@@ -738,9 +738,8 @@ def _clip(spans: list[tuple[int, int]], start: int, end: int) -> list[tuple[int,
 
 # The DataLoader's SIGCHLD handler raises its "worker killed" error wherever the main thread happens to be: in the
 # model, or halfway through writing a file. We keep it to `next`, the one place that recovers; a worker that died
-# in between is found as `next` is called (without the check, the loader would notice it only after 5 s).
-
-
+# in between is found as `next` is called (without the check, the loader would notice it only after 5 s). These two
+# keep it so.
 @contextmanager
 def _sigchld_left_as_it_was() -> Iterator[None]:
     """Put back the SIGCHLD handler set before the block: the DataLoader installs its own as its workers start."""

@@ -101,7 +101,7 @@ class WalkReport:
     def passed_over_text(self, shown: int = 5) -> str:
         """'1,300 files (1,204 .mov, 96 .aae)': the files left out, most common kinds first."""
         kinds = sorted(self.passed_over.items(), key=lambda kind: (-kind[1], kind[0]))
-        parts = [f"{count:,} {suffix or '(no extension)'}" for suffix, count in kinds[:shown]]
+        parts = [f"{count:,} {_suffix_text(suffix)}" for suffix, count in kinds[:shown]]
         if len(kinds) > shown:
             parts.append(counted(len(kinds) - shown, "other kind"))
         return f"{counted(self.passed_over.total(), 'file')} ({', '.join(parts)})"
@@ -459,6 +459,14 @@ def is_regular_file(path: str) -> bool:
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+def _suffix_text(suffix: str) -> str:
+    """A file name's extension as a note names it: quoted where it ends in a space (`IMG_2.jpeg `, which reads as a
+    .jpeg passed over), never empty."""
+    if not suffix:
+        return "(no extension)"
+    return f"'{suffix}'" if suffix != suffix.strip() else suffix
 
 
 def display_path(path: str) -> str:

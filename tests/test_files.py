@@ -102,6 +102,8 @@ def test_passed_over_files_are_described_most_common_first() -> None:
     assert ties == "3 files (1 .aae, 1 .mov, 1 .txt)"  # ties by name: the same text every run
     many = WalkReport(Counter({f".x{i}": 10 - i for i in range(7)})).passed_over_text()
     assert many == "49 files (10 .x0, 9 .x1, 8 .x2, 7 .x3, 6 .x4, 2 other kinds)"
+    spaced = WalkReport(Counter({".jpeg ": 1})).passed_over_text()  # `IMG_2.jpeg `: no .jpeg was passed over
+    assert spaced == "1 file (1 '.jpeg ')"
 
 
 def test_a_folder_that_cannot_be_listed_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
