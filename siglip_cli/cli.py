@@ -634,14 +634,11 @@ def bench(
 
     keep_freed_memory()  # as `siglip embed` runs; the references in this process get it too
     device = str(resolve_device(device))  # the same rules as `siglip embed --device`
-    # A GPU's throughput still grows past 64 (B/16 on an H200: 12,013 images/s at 64, 13,077 at 256).
-    if batch_size is None:
-        batch_size = "1,32,256" if device.startswith("cuda") else "1,8,32"
     options = BenchOptions(
         model=model,
         device=device,
         dtype=None if dtype is ComputeDtype.auto else dtype.value,
-        batch_sizes=parse_batch_sizes(batch_size),
+        batch_sizes=None if batch_size is None else parse_batch_sizes(batch_size),
         iters=iters,
         warmup=warmup,
         compile=compile,
