@@ -39,7 +39,15 @@ from .files import first_of
 from .model import SiglipVision, num_parameters
 from .references import Forward, check_references, missing_package, reference_forward
 from .runtime import (
-    Embedder, compiled, cpu_has_native_bf16, dtype_note, out_of_memory, prepare_model, resolve_device, resolve_dtype
+    Embedder,
+    compiled,
+    cpu_has_native_bf16,
+    dtype_name,
+    dtype_note,
+    out_of_memory,
+    prepare_model,
+    resolve_device,
+    resolve_dtype,
 )
 from .weights import load_tower
 
@@ -82,11 +90,7 @@ def describe_machine(device: torch.device, dtype: torch.dtype) -> Machine:
         name, native = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device) >= (8, 0)
     else:
         name, native = f"{cpu_name()} ({threads} threads)", cpu_has_native_bf16()
-    return Machine(name, device.type, torch.__version__, _dtype_name(dtype), threads, native)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return Machine(name, device.type, torch.__version__, dtype_name(dtype), threads, native)
 
 
 def synchronize(device: torch.device) -> None:
@@ -416,7 +420,7 @@ def _forwards(
 ) -> dict[str, tuple[Forward, str]]:  # fmt: skip
     """The forwards to time, by backend, with each one's variant: ours, then each reference asked for and installed
     (one that is not is a note in `report`), all on `plain`'s weights."""
-    variant = "fused" + (f"+{_dtype_name(dtype)}" if dtype != torch.float32 else "") + ("+compiled" if compile else "")
+    variant = "fused" + (f"+{dtype_name(dtype)}" if dtype != torch.float32 else "") + ("+compiled" if compile else "")
     forwards = {"siglip": (fast_model(plain, device=device, dtype=dtype, compile=compile), variant)}
     for name in compare:
         if missing := missing_package(name):
@@ -456,7 +460,7 @@ def _time_batch(
         if expected is not None:
             agreement = cosine(forward(pixels)[:rows], expected)
             if agreement is None:
-                report.notes.append(f"{backend} gave NaN or infinite values in {_dtype_name(dtype)}: its numbers are "
+                report.notes.append(f"{backend} gave NaN or infinite values in {dtype_name(dtype)}: its numbers are "
                                     f"no embeddings {_nan_hint(dtype)}.")  # fmt: skip
         report.results.append(_result(backend, "model", batch_size, timings[backend], label, agreement))
     noisy = max(timings, key=lambda backend: timings[backend].spread)
@@ -597,7 +601,7 @@ def _end_to_end_results(
         timings = {name: replace(timing, setup_s=setup[name]) for name, timing in timings.items()}
     exact, exact_paths = embeddings["exact"]
     if not len(exact):
-        name = _dtype_name(dtype)
+        name = dtype_name(dtype)
         raise BenchError(f"the model gave NaN or infinite values for every image in {name} {_nan_hint(dtype)}.")
     results = []
     for name, (variant, _) in ways.items():

@@ -5,7 +5,8 @@ Finished batches are flushed every few seconds as chunks into a work area beside
 the final files are assembled from the chunks at the end (manifest and errors first, the embeddings file last,
 each atomically), so the presence of the output means the run finished; a run stopped between those renames is
 finished by its rerun (`WorkArea.finish_assembling`). A rerun of an interrupted command reuses the chunks and embeds
-only the rest; `--update` also reuses the rows of an existing output whose files did not change.
+only the rest; `--update` also reuses the rows of an existing output whose files did not change (which rows:
+`earlier_rows`).
 
 The Python API: `load` (from runtime), `embed_paths` (in memory), `embed_to_file` (to files: what the CLI runs on
 each device, through `devices.embed_with_model`).
@@ -19,11 +20,9 @@ import json
 import math
 import os
 import time
-from collections import Counter
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from stat import S_ISREG
 from typing import Iterable, Iterator, NamedTuple, NoReturn, Protocol
 
 import numpy as np
@@ -31,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import gpu_decode, interrupts
+from . import earlier_rows, gpu_decode, interrupts
 from .decoding import Batch, batch_pixels, decoded_batches, default_workers, error_row, look_ahead
 from .errors import UserError, first_line
-from .files import below_mount_points, counted, directory_entry, discover, display_path, empty_folder, same_file
+from .files import counted, discover, display_path
 from .outputs import (
     OUTPUT_DTYPES,
     Difference,
@@ -54,9 +53,8 @@ from .outputs import (
     shard_text,
 )
 from .preprocess import DecodeOptions
-from .reading import digest_of_file
-from .runtime import Embedder, load, out_of_memory
-from .storage import Chunk, SafetensorsRows, WorkArea, WriteError, exclusive, remove_stale_temporaries, write_jsonl
+from .runtime import Embedder, dtype_name, load, out_of_memory
+from .storage import WorkArea, WriteError, exclusive, remove_stale_temporaries, write_jsonl
 
 __all__ = ["EmbedOptions", "EmbedResult", "Embedder", "Summary", "embed_paths", "embed_to_file", "load"]
 
@@ -64,10 +62,6 @@ __all__ = ["EmbedOptions", "EmbedResult", "Embedder", "Summary", "embed_paths", 
 # At most this much finished work is lost to a kill -9 or a power cut (SIGLIP_FLUSH_SECONDS to tune: `flush_interval`).
 FLUSH_SECONDS = 5.0
 CHUNK_BYTES = 64 << 20  # ...and a chunk is flushed sooner when its tensors reach this size (bounded memory)
-# --update reads the files whose mtime alone moved, to compare their content: reading waits on the disk (a NAS, a
-# spinning disk) more than BLAKE2b on the CPU, and BLAKE2b lets go of the GIL, so threads overlap the waits.
-HASHING_THREADS = 8
-HASHING_NOTE_BYTES = 256 << 20  # reading more than this says so first (seconds on a fast disk, minutes on a NAS)
 # Batches the device decoder works on at once, each in a thread (and on a CUDA stream) of its own, while the model
 # runs: the decoder is the loop's bottleneck on a GPU. On an H200 the loop ran at 1,448 images/s with one thread,
 # 1,613 with two, and no faster with three or four (bench/RESULTS.md); each thread holds a call's memory.
@@ -132,7 +126,7 @@ def run_state(embedder: Embedder, options: EmbedOptions, output_format: str) -> 
         # As text: a checkpoint folder whose name is not UTF-8 must not make the metadata unwritable.
         "model": display_path(str(local.resolve()) if local.is_dir() else ckpt.name),
         "revision": ckpt.revision,
-        "compute_dtype": str(embedder.dtype).removeprefix("torch."),
+        "compute_dtype": dtype_name(embedder.dtype),
         "normalized": options.normalize,
         "output_dtype": options.output_dtype,
         "tokens": options.tokens,
@@ -179,7 +173,7 @@ def embed_to_file(
     progress: Progress | None = None,
     part_of: Path | None = None,
 ) -> Summary:
-    """Embed `paths` (in this order; with `update`, sorted among the earlier rows: `_with_earlier_rows`) into
+    """Embed `paths` (in this order; with `update`, sorted among the earlier rows: `earlier_rows.settle`) into
     `output` (.safetensors or .npy) plus its manifest and errors files.
 
     `part_of`: the work folder of the several-device run this output is one shard of, named in its refusals.
@@ -256,11 +250,11 @@ def _as_it_was(
 
 class _EarlierWork(NamedTuple):
     """What a run starts from: its work area, the earlier output's rows (`_open_work`), what they and the
-    interrupted run's chunks settle (`_settle`), and the number of the next chunk to write."""
+    interrupted run's chunks settle (`earlier_rows.settle`), and the number of the next chunk to write."""
 
     work: WorkArea
     previous: dict[str, Ref | dict]
-    settled: _Settled
+    settled: earlier_rows.Settled
     next_seq: int
 
 
@@ -289,9 +283,9 @@ def _earlier_work(
             f"{counted(len(damaged), 'chunk')} of the interrupted run in {out.work} could not be read (damaged "
             "since): their files are embedded again."
         )
-    in_chunks = _chunk_rows(chunks)
+    in_chunks = earlier_rows.chunk_rows(chunks)
     try:
-        settled = _settle(paths, previous, made_in, in_chunks, keep_unlisted, progress)
+        settled = earlier_rows.settle(paths, previous, made_in, in_chunks, keep_unlisted, progress)
     except UserError:
         if not chunks:
             work.remove()
@@ -304,7 +298,7 @@ def _earlier_work(
 
 
 def _summary(
-    out: OutputPaths, settled: _Settled, new: dict[str, Ref | dict], *, failed: int, seconds: float
+    out: OutputPaths, settled: earlier_rows.Settled, new: dict[str, Ref | dict], *, failed: int, seconds: float
 ) -> Summary:
     """What the run did: rows embedded now (`new`), reused from earlier work (`settled`), failed, removed."""
     return Summary(
@@ -349,6 +343,20 @@ def _note_failing_since(
             f"{'its row is' if one else 'their rows are'} replaced by {'an error row' if one else 'error rows'} in "
             f"{display_path(str(out.errors))}."
         )
+
+
+def refuse_empty_run(out: OutputPaths, bad: list[dict]) -> NoReturn:
+    """None of the inputs could be embedded: one sentence with the first file's reason. An earlier, finished output
+    is left untouched; otherwise the errors file is written, so that every reason can be read."""
+    first = f"{display_path(bad[0]['path'])}: {bad[0]['error']}"
+    if len(bad) == 1:
+        failed = f"could not embed {first}"
+    else:
+        failed = f"none of the {len(bad):,} input files could be embedded (the first, {first})"
+    if out.embeddings.exists():
+        raise UserError(f"{failed}; {out.embeddings} is left as it was.")
+    write_jsonl(out.errors, (public_row(r) for r in bad))
+    raise UserError(f"{failed}." if len(bad) == 1 else f"{failed}: see {out.errors}.")
 
 
 def _open_work(
@@ -435,6 +443,43 @@ def _refuse_to_continue_other_work(work: WorkArea, state: dict, *, update: bool)
         raise _interrupted_with_other_options(work.directory, describe_difference(earlier, state), update=update)
 
 
+class _OtherOptions(UserError):
+    def __init__(self, message: str, *, difference: Difference):
+        super().__init__(message)
+        self.difference = difference
+
+
+def _previous_output(
+    out: OutputPaths, state: dict, shard: tuple[int, int] | None
+) -> tuple[dict[str, Ref | dict], str | None]:
+    """The rows of an existing output, for --update (refused if it was made with other options), and the folder it
+    was made in: where its relative paths start (None from versions that did not say).
+
+    An output stays the part it is: with another --shard than it was made with (or one where it had none), an
+    --update would keep only the rows of the new part and drop the rest without a word (half a library, for a flag
+    added by mistake), or turn one part into another."""
+    if not out.embeddings.exists():
+        return {}, None
+    metadata = read_output_metadata(out)
+    then, now = metadata.get("shard"), shard_text(shard)
+    if then != now:
+        made = f"made with --shard {then}" if then else "made without --shard"
+        given = f"--shard {now}" if now else "no --shard"
+        raise UserError(
+            f"{out.embeddings} was {made}, and this --update has {given}: update it as it was made, or embed "
+            "afresh with --overwrite."
+        )
+    old = read_output_options(out, metadata)
+    if not same_options(old, state):
+        difference = describe_difference(old, state)
+        then = _what_to_do(
+            difference, again="rerun --update with the same options", afresh="use --overwrite to embed everything again"
+        )
+        message = f"{out.embeddings} was made with other options ({difference.options}): {then}"
+        raise _OtherOptions(message, difference=difference)
+    return earlier_rows.by_path(*read_rows(out)), metadata.get("working_directory")
+
+
 def interrupted_on_other_devices(work: Path, devices: int) -> UserError:
     """The refusal of a rerun on another number of devices than the interrupted run in `work` had."""
     again = "on one --device" if devices == 1 else f"with {devices} --device"
@@ -481,308 +526,6 @@ def _resumable_after_write_errors(out: OutputPaths) -> Iterator[None]:
         raise WriteError(f"{e} {then}") from None
 
 
-def _chunk_rows(chunks: list[Chunk]) -> dict[str, Ref | dict]:
-    """The rows an interrupted run left in its work area's chunks, by path (`_by_path`)."""
-    return {path: found for chunk in chunks for path, found in _results_of(chunk).items()}
-
-
-def _results_of(chunk: Chunk) -> dict[str, Ref | dict]:
-    reader = SafetensorsRows(chunk.path)
-    return _by_path((Ref(reader, i, row) for i, row in enumerate(chunk.rows)), chunk.errors)
-
-
-def _by_path(refs: Iterable[Ref], errors: Iterable[dict]) -> dict[str, Ref | dict]:
-    """Finished rows by path: a `Ref` for each embedded file, the errors row of each that failed."""
-    found: dict[str, Ref | dict] = {ref.info["path"]: ref for ref in refs}
-    found.update((row["path"], row) for row in errors)
-    return found
-
-
-class _Settled(NamedTuple):
-    """A run's files (`paths`, in the output's order: `_with_earlier_rows`) and what earlier work settles of them:
-    `done`, the rows that need no new work (this run's chunks, the earlier output's rows of unchanged files, of
-    files it cannot look at now, of files that moved); `unchecked`, those of them kept without a look (their files
-    out of reach); `removed`, how many rows of the earlier output are dropped (their files gone)."""
-
-    paths: list[str]
-    done: dict[str, Ref | dict]
-    unchecked: dict[str, Ref | dict]
-    removed: int
-
-
-def _settle(
-    paths: list[str],
-    previous: dict[str, Ref | dict],
-    made_in: str | None,
-    in_chunks: dict[str, Ref | dict],
-    keep_unlisted: bool,
-    progress: Progress | None,
-) -> _Settled:
-    """What is left to do: see `_Settled`. `made_in`: the folder the earlier output was made in, where known."""
-    if keep_unlisted:
-        _refuse_update_from_elsewhere(previous, made_in)
-    seen: dict[str, os.stat_result] = {}  # each earlier row's file is looked at once: twice is slow on a share
-    paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, progress, seen)
-    reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress, seen) | unchecked
-    moved = _moved([p for p in paths if p not in reused], dropped, progress)
-    # A dropped row is found again when a moved file took its content; of n copies of a photo, as many as moved.
-    left = Counter(_content(ref) for ref in dropped.values())
-    left.subtract(_content(ref) for ref in moved.values())
-    lost = [path for path, ref in dropped.items() if left[_content(ref)] > 0]  # their photos, found nowhere
-    if keep_unlisted and (made_in is None or not os.path.isdir(made_in)):
-        _refuse_relative_rows_all_lost(previous, dropped, lost)
-    removed = sum(n for n in left.values() if n > 0)
-    if progress and keep_unlisted and removed:
-        gone = min(lost, key=os.fsencode)
-        one = removed == 1
-        progress.note(f"{counted(removed, 'file')} of the earlier output {'is' if one else 'are'} gone "
-                      f"({display_path(gone)}{'' if one else ', …'}): {'its row is' if one else 'their rows are'} "
-                      "dropped.")  # fmt: skip
-    return _Settled(paths, reused | moved, unchecked, removed)
-
-
-def _content(ref: Ref) -> tuple[int | None, str | None]:
-    """What tells a photo from others without its name: its size and content hash."""
-    return ref.info.get("size"), ref.info.get("blake2b")
-
-
-def _refuse_update_from_elsewhere(previous: dict[str, Ref | dict], made_in: str | None) -> None:
-    """Refuse an --update run from another folder than the one the earlier output was made in (`made_in`, where
-    known and still there) when it names files by relative paths: read from here they name other files or none.
-    Even when every photo would be found again by content under the new spelling, the rows would change their
-    paths, and flip back on the next --update from the first folder."""
-    if made_in is None or not os.path.isdir(made_in) or same_file(made_in, os.curdir):
-        return
-    relative = [path for path in previous if not os.path.isabs(path)]
-    if relative:
-        raise UserError(
-            f"the earlier output names {counted(len(relative), 'file')} by paths relative to the folder it was made "
-            f"in, {display_path(made_in)}, not this one (such as {display_path(min(relative, key=os.fsencode))}): run "
-            f"--update from {display_path(made_in)}."
-        )
-
-
-def _refuse_relative_rows_all_lost(previous: dict[str, Ref | dict], dropped: dict[str, Ref], lost: list[str]) -> None:
-    """Where the folder an earlier output was made in is unknown (an output of an earlier version) or gone: refuse
-    an --update that finds none of its relative paths from here when some of them are lost (`lost`: the dropped
-    rows whose photo was not found under a new name either). All of them found again under new names is a renamed
-    folder. The test is on the dropped rows, not the lost ones: a photo found again elsewhere (one copy in a folder
-    added) does not make the other relative paths found."""
-    if all(os.path.isabs(path) for path in lost):
-        return
-    relative = [path for path, row in previous.items() if isinstance(row, Ref) and not os.path.isabs(path)]
-    if all(path in dropped for path in relative):
-        raise UserError(
-            f"none of the {counted(len(relative), 'photo')} the earlier output names by relative path (such as "
-            f"{display_path(min(relative, key=os.fsencode))}) is found from here: run --update from the folder it "
-            "was made in, or use --overwrite if they are all gone."
-        )
-
-
-def _with_earlier_rows(
-    paths: list[str],
-    previous: dict[str, Ref | dict],
-    keep_unlisted: bool,
-    progress: Progress | None,
-    seen: dict[str, os.stat_result],
-) -> tuple[list[str], dict[str, Ref | dict], dict[str, Ref]]:
-    """The files of a run over an earlier output: `paths`, each under the spelling the earlier output gave it (so
-    that its row is reused); with `keep_unlisted` (the user's --update), also the files of the earlier rows that are
-    still there though not among `paths`, and apart the earlier rows kept unchecked, of files that cannot be looked
-    at now (`_whereabouts`). Last, the earlier rows dropped: of files that are gone, or not among `paths` without
-    `keep_unlisted`.
-
-    With `keep_unlisted` a row is dropped only when its file is gone (and then kept if it moved: `_moved`): an
-    --update over one new folder adds it to the output, and a folder that cannot be read now (an unmounted drive,
-    a permission) costs no rows. To leave files out of an output on purpose, start afresh with --overwrite."""
-    if not previous:
-        return paths, {}, {}
-    folders: dict[str, object] = {}
-    earlier = {directory_entry(path, folders): path for path in previous}
-    given = {earlier.get(directory_entry(path, folders), path) for path in paths}
-    still, unchecked, dropped = [], {}, {}
-    for path, row in previous.items():
-        if path in given and not keep_unlisted:
-            continue
-        where = _whereabouts(path, seen) if keep_unlisted else "gone"
-        if where == "there":
-            still.append(path)
-        elif where == "unknown":
-            given.discard(path)  # a listed file that cannot be looked at now: its row stays as it was
-            unchecked[path] = row
-        else:
-            given.discard(path)  # a stale line of a list: the file is gone, not failed (and may have moved)
-            if isinstance(row, Ref):
-                dropped[path] = row
-    if progress and unchecked:
-        one = len(unchecked) == 1
-        progress.note(
-            f"kept {counted(len(unchecked), 'row')} of the earlier output unchecked: "
-            f"{'its file' if one else 'their files'} cannot be looked at now "
-            f"({display_path(min(unchecked, key=os.fsencode))}: a folder that cannot be read, or a drive that is not "
-            "mounted); a later --update checks them."
-        )
-    return sorted(given.union(still, unchecked), key=os.fsencode), unchecked, dropped
-
-
-def _moved(pending: list[str], gone: dict[str, Ref], progress: Progress | None) -> dict[str, Ref]:
-    """Rows for files of `pending` that are photos of `gone` rows under a new name (a folder renamed, files
-    reorganised): the same size and content hash, so the same pixels and the same embedding. Reading a file costs
-    far less than embedding it; only files of a size some gone row has are read."""
-    by_size: dict[int, dict[str, Ref]] = {}
-    for ref in gone.values():
-        if "blake2b" in ref.info:
-            by_size.setdefault(ref.info["size"], {})[ref.info["blake2b"]] = ref
-    candidates: dict[str, os.stat_result] = {}
-    for path in pending if by_size else []:
-        try:
-            stat = os.stat(path)
-        except OSError:
-            continue
-        if S_ISREG(stat.st_mode) and stat.st_size in by_size:
-            candidates[path] = stat
-    digests = _digests(list(candidates), sum(s.st_size for s in candidates.values()), progress,
-                       "of the same size as photos that are gone, to see whether they moved")  # fmt: skip
-    found = {}
-    for (path, stat), digest in zip(candidates.items(), digests, strict=True):
-        ref = by_size[stat.st_size].get(digest)
-        if ref is not None:
-            found[path] = ref._replace(info={**ref.info, "path": path, **_times(ref.info, stat)})
-    if progress and found:
-        rows = "its row reused" if len(found) == 1 else "rows reused"
-        progress.note(f"{counted(len(found), 'photo')} found under a new name (moved or renamed): {rows}.")
-    return found
-
-
-def _digests(paths: list[str], size: int, progress: Progress | None, why: str) -> list[str | None]:
-    """The content hash of each file (None where it cannot be read now), read in `HASHING_THREADS` threads, after a
-    note when there is much to read. Ctrl-C stops every read within a MiB."""
-    if progress and size >= HASHING_NOTE_BYTES:
-        progress.note(f"reading {len(paths):,} files ({size / 2**30:,.1f} GiB) {why}.")
-    with interrupts.stop_flag() as stop:
-
-        def digest_or_none(path: str) -> str | None:
-            try:
-                return digest_of_file(path, stop)
-            except OSError:
-                return None  # unreadable now: embedded again, and its error said then
-
-        return list(look_ahead(paths, digest_or_none, depth=4 * HASHING_THREADS, threads=HASHING_THREADS))
-
-
-def _whereabouts(path: str, seen: dict[str, os.stat_result] | None = None) -> str:
-    """Of a file an earlier row names: "there" (its stat kept in `seen`), "gone", or "unknown" when it cannot be
-    looked at now. Unknown: a folder on its way cannot be read, or what is left of the way is a drive that is not
-    mounted: a symlink whose target is missing, a mount point missing from where drives are mounted (with the
-    folders above it: /run/media is gone after a reboot with the drive unplugged), or an empty mount point there.
-    An empty folder elsewhere is only a folder whose photos moved away. When in doubt, unknown: the rows are kept,
-    not dropped."""
-    try:
-        stat = os.stat(path)
-        if seen is not None:
-            seen[path] = stat
-        return "there"
-    except (FileNotFoundError, NotADirectoryError):
-        pass
-    except OSError:
-        return "unknown"
-    absolute = os.path.abspath(path)
-    folder = os.path.dirname(absolute)
-    while not os.path.lexists(folder):
-        folder = os.path.dirname(folder)
-    if os.path.islink(folder) and not os.path.exists(folder):
-        return "unknown"
-    if (place := below_mount_points(absolute)) is not None:
-        _, depths = place
-        below = -1 if (inside := below_mount_points(folder)) is None else inside[0]  # -1: above the root
-        if below in depths and ((empty := empty_folder(folder)) or os.path.ismount(folder)):
-            return "unknown" if empty else "gone"  # an empty mount point; a drive mounted, its files seen
-        if below < max(depths):  # /media/USER, or what is above the mount point: not the drive
-            return "unknown"
-    return "gone"
-
-
-def _reusable(
-    paths: list[str],
-    in_chunks: dict[str, Ref | dict],
-    previous: dict[str, Ref | dict],
-    progress: Progress | None,
-    seen: dict[str, os.stat_result],
-) -> dict[str, Ref | dict]:
-    """The rows of `paths` that need no new work, where the file is still the one that produced the row: from this
-    run's chunks, embedded or failed, else embedded in the earlier output (--update).
-
-    A file that failed in an earlier output is tried again: the cause may be gone (a permission, a full disk, a
-    --max-pixels since raised). One that failed in this run's chunks is not: a resumed run batches exactly as the
-    uninterrupted one, which keeps it byte-identical."""
-    found: dict[str, Ref | dict] = {}
-    for path in paths:
-        if path in in_chunks:
-            found[path] = in_chunks[path]
-        elif isinstance(previous.get(path), Ref):
-            found[path] = previous[path]
-    infos = _still_current(
-        {path: row.info if isinstance(row, Ref) else row for path, row in found.items()}, progress, seen
-    )
-    return {
-        path: row._replace(info=infos[path]) if isinstance(row, Ref) else infos[path]
-        for path, row in found.items()
-        if path in infos
-    }
-
-
-def refuse_empty_run(out: OutputPaths, bad: list[dict]) -> NoReturn:
-    """None of the inputs could be embedded: one sentence with the first file's reason. An earlier, finished output
-    is left untouched; otherwise the errors file is written, so that every reason can be read."""
-    first = f"{display_path(bad[0]['path'])}: {bad[0]['error']}"
-    if len(bad) == 1:
-        failed = f"could not embed {first}"
-    else:
-        failed = f"none of the {len(bad):,} input files could be embedded (the first, {first})"
-    if out.embeddings.exists():
-        raise UserError(f"{failed}; {out.embeddings} is left as it was.")
-    write_jsonl(out.errors, (public_row(r) for r in bad))
-    raise UserError(f"{failed}." if len(bad) == 1 else f"{failed}: see {out.errors}.")
-
-
-def _still_current(
-    infos: dict[str, dict], progress: Progress | None, seen: dict[str, os.stat_result] | None = None
-) -> dict[str, dict]:
-    """Of `infos` (manifest rows by path), those whose file is still the one that produced them, with today's times.
-    `seen`: files already looked at by this run, not asked again.
-
-    Size, mtime and ctime first (rows of versions before the ctime have none to compare); when only the times
-    moved (a copy, a restore, a sync, a chmod; a tag edited in place with the mtime kept) the content hash decides.
-    Those files are read in `HASHING_THREADS` threads, after a note when there is much to read."""
-    current: dict[str, dict] = {}
-    touched: dict[str, os.stat_result] = {}
-    for path, info in infos.items():
-        try:
-            stat = (seen or {}).get(path) or os.stat(path)
-        except OSError:
-            if "error" in info and "size" not in info:  # it failed before because it was missing, and it still is
-                current[path] = info
-            continue
-        if stat.st_size != info.get("size"):
-            continue
-        if all(info.get(name) == time for name, time in _times(info, stat).items()):
-            current[path] = info
-        elif "blake2b" in info and S_ISREG(stat.st_mode):  # a FIFO put in a photo's place would block the read
-            touched[path] = stat
-    size = sum(infos[path]["size"] for path in touched)
-    digests = _digests(list(touched), size, progress,
-                       "whose times changed but not their size, to see whether their content did")  # fmt: skip
-    for (path, stat), digest in zip(touched.items(), digests, strict=True):
-        if digest == infos[path]["blake2b"]:
-            current[path] = {**infos[path], **_times(infos[path], stat)}
-    return current
-
-
-def _times(info: dict, stat: os.stat_result) -> dict[str, int]:
-    """The file's times as a row records them: its mtime, and its ctime where the row has one (`stat_facts`)."""
-    return {"mtime_ns": stat.st_mtime_ns, **({"ctime_ns": stat.st_ctime_ns} if "ctime_ns" in info else {})}
-
-
 class Embedded(NamedTuple):
     """One batch's results, on the host: float32 rows in the order of `rows`."""
 
@@ -807,8 +550,8 @@ def embedded_batches(
     progress: Progress | None = None,
 ) -> Iterator[Embedded]:
     """Files → embeddings, `batch_size` files at a time, in order: decoding workers, the device decoder, the model.
-    A row not finite in `output_dtype`, the type it will be stored in, is an error row instead."""
-    decoder = _decoder_for(embedder, decoder, progress)
+    A row not finite in `output_dtype`, the type it will be stored in, is an error row instead. `decoder`: "cpu" or
+    "gpu", as `_decoder_for` resolved it."""
     batches = decoded_batches(
         paths,
         embedder.preprocess,
@@ -868,7 +611,7 @@ def _finite_rows(
     ok = keep.tolist()
     if all(ok):
         return rows, pooled, tokens, []
-    computed = f"the model gave NaN or infinite values in {str(embedder.dtype).removeprefix('torch.')}"
+    computed = f"the model gave NaN or infinite values in {dtype_name(embedder.dtype)}"
     computed += ": try --dtype float32" if embedder.dtype != torch.float32 else ""
     too_large = f"values beyond {output_dtype}'s range: try --output-dtype float32"
     failed = [
@@ -1046,44 +789,7 @@ class _ChunkBuffer:
                 tensors["tokens"] = np.concatenate(self.tokens)
         chunk = work.write_chunk(seq, self.rows, self.errors, tensors)
         self.rows, self.errors, self.embeddings, self.tokens = [], [], [], []
-        return _results_of(chunk)
-
-
-class _OtherOptions(UserError):
-    def __init__(self, message: str, *, difference: Difference):
-        super().__init__(message)
-        self.difference = difference
-
-
-def _previous_output(
-    out: OutputPaths, state: dict, shard: tuple[int, int] | None
-) -> tuple[dict[str, Ref | dict], str | None]:
-    """The rows of an existing output, for --update (refused if it was made with other options), and the folder it
-    was made in: where its relative paths start (None from versions that did not say).
-
-    An output stays the part it is: with another --shard than it was made with (or one where it had none), an
-    --update would keep only the rows of the new part and drop the rest without a word (half a library, for a flag
-    added by mistake), or turn one part into another."""
-    if not out.embeddings.exists():
-        return {}, None
-    metadata = read_output_metadata(out)
-    then, now = metadata.get("shard"), shard_text(shard)
-    if then != now:
-        made = f"made with --shard {then}" if then else "made without --shard"
-        given = f"--shard {now}" if now else "no --shard"
-        raise UserError(
-            f"{out.embeddings} was {made}, and this --update has {given}: update it as it was made, or embed "
-            "afresh with --overwrite."
-        )
-    old = read_output_options(out, metadata)
-    if not same_options(old, state):
-        difference = describe_difference(old, state)
-        then = _what_to_do(
-            difference, again="rerun --update with the same options", afresh="use --overwrite to embed everything again"
-        )
-        message = f"{out.embeddings} was made with other options ({difference.options}): {then}"
-        raise _OtherOptions(message, difference=difference)
-    return _by_path(*read_rows(out)), metadata.get("working_directory")
+        return earlier_rows.results_of(chunk)
 
 
 @dataclass
@@ -1109,6 +815,7 @@ def embed_paths(
 
     `workers`: decoding processes beside this one (0: decode here). `decoder`: as `EmbedOptions.decoder`."""
     paths = discover([os.fspath(p) for p in inputs])
+    decoder = _decoder_for(embedder, decoder, None)
     found = _ChunkBuffer()
     batches = embedded_batches(
         embedder, paths, batch_size=batch_size, workers=workers, decode=decode, decoder=decoder, normalize=normalize,

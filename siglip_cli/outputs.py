@@ -479,8 +479,8 @@ def output_metadata(
 
 def _working_directory() -> dict[str, str]:
     """{"working_directory": the folder this run was started in}, where the manifest's relative paths start
-    (`--update` from elsewhere is refused: `embed._refuse_update_from_elsewhere`); {} where it is gone, or its name
-    is not UTF-8 (the metadata is text)."""
+    (`--update` from elsewhere is refused: `earlier_rows._refuse_update_from_elsewhere`); {} where it is gone, or its
+    name is not UTF-8 (the metadata is text)."""
     try:
         folder = os.getcwd()
         folder.encode()

@@ -96,7 +96,7 @@ def stat_facts(info: os.stat_result) -> dict[str, int]:
 
 def error_facts(path: str) -> dict:
     """What an error row keeps of the file at `path`: its size and mtime, or {} where it is missing. A failed file is
-    tried again by every --update; one missing then and still missing keeps its row (`embed._still_current`)."""
+    tried again by every --update; one missing then and still missing keeps its row (`earlier_rows._still_current`)."""
     try:
         info = os.stat(path)
         return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}

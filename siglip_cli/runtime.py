@@ -82,6 +82,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return COMPUTE_DTYPES[dtype]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """`dtype` by the name options, metadata and messages give it: "bfloat16" for torch.bfloat16."""
+    return str(dtype).removeprefix("torch.")
+
+
 def cpu_has_native_bf16() -> bool:
     """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
 

@@ -45,6 +45,7 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 from typer.testing import Result
 
+import siglip_cli.earlier_rows as earlier_rows_module
 import siglip_cli.embed as embed_module
 import siglip_cli.outputs as outputs_module
 import siglip_cli.runtime as runtime_module
@@ -998,7 +999,7 @@ def test_an_update_looks_at_each_earlier_file_once(
     asked, stat = Counter(), os.stat
 
     def counted(path, *args, **kwargs):
-        if sys._getframe(1).f_globals["__name__"] == embed_module.__name__:
+        if sys._getframe(1).f_globals["__name__"] == earlier_rows_module.__name__:
             asked[os.fspath(path)] += 1
         return stat(path, *args, **kwargs)
 
@@ -1028,7 +1029,7 @@ def test_update_reads_every_touched_file_and_re_embeds_the_one_whose_bytes_chang
     edited.write_bytes(bytes(data))
     for photo in folder.iterdir():
         touch(photo)
-    monkeypatch.setattr(embed_module, "HASHING_NOTE_BYTES", 0)  # the note a large library gets
+    monkeypatch.setattr(earlier_rows_module, "HASHING_NOTE_BYTES", 0)  # the note a large library gets
     result = embed(folder, output, "--update", "--batch-size", 1, "--json")
     assert (summary_of(result)["embedded"], summary_of(result)["reused"]) == (1, 11)
     assert "note: reading 12 files (0.0 GiB) whose times changed but not their size" in result.stderr
@@ -1069,7 +1070,7 @@ def test_update_never_reads_a_fifo_found_where_a_row_was(tmp_path: Path) -> None
     timer = threading.Timer(5, let_a_reader_go)
     timer.start()
     try:
-        assert embed_module._still_current({str(fifo): row}, None) == {}  # read, it would equal the empty digest
+        assert earlier_rows_module._still_current({str(fifo): row}, None) == {}  # read, it would equal the empty digest
     finally:
         timer.cancel()
 
@@ -1088,10 +1089,10 @@ def test_ctrl_c_while_touched_files_are_read_stops_the_reads_at_once(
         saw_the_stop.append(stop is not None and stop.wait(timeout=30))  # a huge file, read until told to stop
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(embed_module, "digest_of_file", slow_digest)
+    monkeypatch.setattr(earlier_rows_module, "digest_of_file", slow_digest)
     threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt), interrupts.stop_on_signals():
-        embed_module._still_current(rows, None)
+        earlier_rows_module._still_current(rows, None)
     assert saw_the_stop and all(saw_the_stop)  # every read in flight was told, none waited out its 30 s
 
 
@@ -1679,10 +1680,10 @@ def test_a_file_deleted_from_a_drive_mounted_one_folder_down_media_is_gone(
     save_photos(media / "data" / "photos", ["kept.jpg"])
     mounted = {str(media / "data")}
     monkeypatch.setattr(os.path, "ismount", lambda path: str(path) in mounted)
-    assert siglip_cli.embed._whereabouts(str(media / "data" / "deleted.jpg")) == "gone"
-    assert siglip_cli.embed._whereabouts(str(media / "data" / "gone" / "a.jpg")) == "gone"
+    assert earlier_rows_module._whereabouts(str(media / "data" / "deleted.jpg")) == "gone"
+    assert earlier_rows_module._whereabouts(str(media / "data" / "gone" / "a.jpg")) == "gone"
     mounted.clear()  # the same folders as a user's folder, not a drive: whose drives may be unplugged
-    assert siglip_cli.embed._whereabouts(str(media / "data" / "deleted.jpg")) == "unknown"
+    assert earlier_rows_module._whereabouts(str(media / "data" / "deleted.jpg")) == "unknown"
 
 
 def test_update_counts_a_copy_that_moved_as_kept_and_one_deleted_as_removed(embed, tmp_path: Path) -> None:
