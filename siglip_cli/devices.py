@@ -240,7 +240,7 @@ def embed_on_devices(
         earlier = area.device_count()
         other_devices = area.exists() or earlier not in (None, len(devices))  # a run on one device, or on others
         if other_devices and not published:
-            if overwrite:  # no stale shards are left to mislead a rerun
+            if overwrite or not out.work_kept():  # no stale shards are left to mislead a rerun; nor empty ones kept
                 shutil.rmtree(work, ignore_errors=True)
             else:  # work of a run on other devices is not ours to throw away
                 raise interrupted_on_other_devices(work, 1 if area.exists() else earlier)

@@ -422,10 +422,12 @@ def _tidy_earlier_work(work: WorkArea, out: OutputPaths, state: dict, *, overwri
     # Stopped after its last rename, before it removed its work folder (or while: `WorkArea.remove` deletes the mark
     # last): the output is whole. The rerun takes it as an --update does, so it ends as the first run would have.
     published = work.published(out.embeddings)
-    if published or (work.exists() and not out.work_kept()):  # a run stopped before it saved a batch left nothing
-        work.remove()  # to continue: its options, a record alone, must not hold this run to them
-        return False, published
     devices = work.device_count()
+    # A run stopped before it saved a batch (on one device or several) left nothing to continue: its options, a
+    # record alone, must not hold this run to them.
+    if published or ((work.exists() or devices) and not out.work_kept()):
+        work.remove()
+        return False, published
     if devices and not overwrite:  # its shards are not ours to throw away
         raise interrupted_on_other_devices(out.work, devices)
     return work.exists(), False

@@ -2221,6 +2221,26 @@ def test_a_run_interrupted_on_one_device_is_not_thrown_away_by_a_rerun_on_severa
     assert summary_of(embed(folder, interrupted, "--json"))["reused"] == 8  # its 4 finished batches
 
 
+@pytest.mark.parametrize("stopped, rerun_on", [("stopped_on_two_devices", "cpu"), ("interrupted", "cpu,cpu")])
+def test_a_run_that_saved_no_batch_holds_no_rerun_to_its_devices(
+    embed, folder: Path, stopped: str, rerun_on: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its workers stopped before any saved a batch (one GPU of two out of memory at once): the rerun on the other
+    # GPU alone was refused "to continue" what held nothing, after a Ctrl-C that said only "interrupted.".
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    output = request.getfixturevalue(stopped)
+    work = work_area(output)
+    for chunk in work.glob("chunk-*.safetensors"):
+        chunk.unlink()  # one device: its state.json is left
+    for shard in list(work.glob("shard-*")):  # several: each shard's finished files become a work area holding its
+        shard.unlink()  # state.json alone, as a worker stopped before its first batch leaves it
+        started = work / f"{shard.name.split('.')[0]}.safetensors.partial"
+        started.mkdir(exist_ok=True)
+        (started / "state.json").write_text("{}")
+    assert summary_of(embed(folder, output, "--device", rerun_on, "--json"))["reused"] == 0
+    assert not work_area(output).exists()
+
+
 def test_several_devices_rerun_with_overwrite_continues_work_of_the_same_options(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
