@@ -170,7 +170,7 @@ def measure(row: Row, make: Callable[[], Forward], pixels: torch.Tensor, check: 
             row.cosine = B.cosine(_in_batches(forward, check, pixels.shape[0]), expected)
         row.images_per_s = pixels.shape[0] / timing.median_s
         row.ms_per_image = 1000 * timing.median_s / pixels.shape[0]
-        row.setup_s = build_s + timing.setup_s  # building, compiling or capturing, and the warm-up calls
+        row.setup_s = build_s + (timing.setup_s or 0.0)  # building, compiling or capturing, and any warm-up calls
         row.peak_mem_mb = timing.peak_mem_mb
         return row, forward
     except Exception as e:  # a benchmark row, not a library call: report the failure and keep measuring

@@ -234,8 +234,8 @@ def _import_torch() -> None:
         with interrupts.deferred():
             __import__("torch")
     except (ImportError, OSError, MemoryError) as e:  # a broken install, or too little memory to map its libraries
-        out_of_memory = isinstance(e, MemoryError) or "failed to map segment" in str(e)  # dlopen's ENOMEM
-        limit = address_space_limit() if out_of_memory else None
+        no_room = isinstance(e, MemoryError) or "failed to map segment" in str(e)  # dlopen's ENOMEM
+        limit = address_space_limit() if no_room else None
         cause = f": `ulimit -v` allows {limit // 2**20:,} MB, and torch needs more" if limit else ""
         raise UserError(f"torch cannot be loaded ({first_line(e)}){cause}.") from None
 

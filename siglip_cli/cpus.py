@@ -34,8 +34,9 @@ def cgroup_cpu_quota() -> float | None:
 
 def cgroup_memory_room() -> int | None:
     """Bytes that this process's cgroup, or a cgroup above it, may still take before its out-of-memory killer acts
-    (`docker run --memory 4g`, a Kubernetes memory limit, a Slurm job's): its limit less what it uses, less the page
-    cache it could drop; None if unlimited or unknown. /proc/meminfo, read inside a container, is the host's."""
+    (`docker run --memory 4g`, a Kubernetes memory limit, a Slurm job's): its limit less what it uses, the page cache
+    it could drop not counted as used; None if unlimited or unknown. /proc/meminfo, read inside a container, is the
+    host's."""
     return min(_along_cgroups("memory", _v2_memory_room, _v1_memory_room), default=None)
 
 
@@ -93,7 +94,7 @@ def _v2_memory_room(folder: Path) -> int | None:
         if limit == "max":
             return None
         used = int((folder / "memory.current").read_text())
-        return max(0, int(limit) - used + _memory_stat(folder, "inactive_file"))
+        return max(0, int(limit) - used + _memory_stat(folder, "active_file", "inactive_file"))
     except (OSError, ValueError):
         return None
 
@@ -101,24 +102,23 @@ def _v2_memory_room(folder: Path) -> int | None:
 def _v1_memory_room(folder: Path) -> int | None:
     try:
         limit = int((folder / "memory.limit_in_bytes").read_text())
-        if limit >= 2**62:  # unlimited: the largest page-aligned value of a 64-bit counter
+        if limit >= 2**62:  # unlimited reads as 2**63 less a page: a limit this large is none
             return None
         used = int((folder / "memory.usage_in_bytes").read_text())
-        return max(0, limit - used + _memory_stat(folder, "total_inactive_file"))
+        return max(0, limit - used + _memory_stat(folder, "total_active_file", "total_inactive_file"))
     except (OSError, ValueError):
         return None
 
 
-def _memory_stat(folder: Path, key: str) -> int:
-    """A counter of the cgroup's `memory.stat` (bytes), 0 where it is missing: the limit then counts a little short."""
+def _memory_stat(folder: Path, *keys: str) -> int:
+    """The sum of counters of the cgroup's `memory.stat` (bytes), each 0 where it is missing: the room then counts
+    short. The page cache (active and inactive file pages) is dropped before the out-of-memory killer acts, as
+    MemAvailable counts it outside a container; tmpfs and shared memory are not in it."""
     try:
-        for line in (folder / "memory.stat").read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
-                return int(value)
+        stats = dict(line.split(" ", 1) for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
+        return sum(int(stats.get(key, 0)) for key in keys)
     except (OSError, ValueError):
-        pass
-    return 0
+        return 0
 
 
 def fit_cpu_threads() -> None:

@@ -421,13 +421,16 @@ def default_workers() -> int:
     return by_cpus if available is None else max(1, min(by_cpus, available // WORKER_PEAK_BYTES))
 
 
+MEMINFO = "/proc/meminfo"
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to new work: Linux's MemAvailable, or less where this process's cgroup leaves it
     less (`cpus.cgroup_memory_room`: a container's limit, whose out-of-memory killer picks the largest process, the
     one holding the model); None where the system does not say."""
     available = []
     try:
-        with open("/proc/meminfo") as f:
+        with open(MEMINFO) as f:
             available = [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass

@@ -27,10 +27,12 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def os_reason(error: OSError) -> str:
+def os_reason(error: OSError, *, written: int | None = None) -> str:
     """Why an OS call failed, as a message's clause. A file over this process's size limit names the limit (set by
-    `ulimit -f` in a shell or a batch job's script): "File too large" alone points at the disk."""
-    if error.errno == errno.EFBIG and (limit := file_size_limit()) is not None:
+    `ulimit -f` in a shell or a batch job's script): "File too large" alone points at the disk. `written`: the
+    size the file reached, where known; one short of the limit was refused by its file system (FAT32's 4 GB)."""
+    limit = file_size_limit() if error.errno == errno.EFBIG else None
+    if limit is not None and (written is None or written >= limit):
         return f"{error.strerror}: `ulimit -f` allows {limit // 1024:,} KB"
     return error.strerror or str(error)
 

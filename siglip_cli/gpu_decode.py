@@ -353,7 +353,8 @@ NVJPEG_ALLOCATOR_FAILURE, CUDA_ERROR_MEMORY_ALLOCATION = 5, 2
 def _out_of_memory(error: RuntimeError) -> bool:
     """Out of memory is no bad file. torchvision's CUDA decoder wraps every failure, its allocations' included, in
     a plain RuntimeError ("Error while decoding JPEG images: ... out of memory"); nvJPEG allocates its own buffers
-    outside torch's cache, and says so with its allocator's status."""
+    outside torch's cache, and says so with its allocator's status. Broader than `runtime.out_of_memory`, which
+    reads the errors of torch's own allocators: these are the decoder's words."""
     text = str(error)
     status, stream = _NVJPEG_STATUS.search(text), _STREAM_ERROR.search(text)
     return (

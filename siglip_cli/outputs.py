@@ -279,6 +279,8 @@ _OPTION_NAMES = {
 # What the checkpoint alone decides: another --model changes it too (and is named instead), and so does a checkpoint
 # folder saved again (a fine-tune's next epoch, another architecture), which no option brings back.
 _CHECKPOINTS_OWN = ("embedding_dim", "num_tokens", "pooling", "weights")
+# The preprocessing's parts that options set; the rest is the checkpoint's preprocessor (its size, its resize).
+_PREPROCESSING_OPTIONS = ("exif_transpose", "fast_decode", "decoder")
 
 
 class Difference(NamedTuple):
@@ -331,8 +333,16 @@ def describe_difference(old: dict, new: dict) -> Difference:
     if other_source:
         changed = [key for key in changed if key not in _CHECKPOINTS_OWN]
     names = dict.fromkeys(_OPTION_NAMES.get(key, key) for key in changed)  # the architecture once
-    saved_over = bool(changed) and set(changed) <= set(_CHECKPOINTS_OWN)
+    saved_over = bool(changed) and all(_checkpoints_own(key, old, new) for key in changed)
     return Difference(", ".join(names) or "the options", saved_over)
+
+
+def _checkpoints_own(key: str, old: dict, new: dict) -> bool:
+    """Whether two states' difference in `key` is the checkpoint's alone, which no option brings back."""
+    if key == "preprocessing":  # a 384-pixel fine-tune saved over a 224 one: its preprocessor's size
+        before, after = old.get(key) or {}, new.get(key) or {}
+        return all(before.get(part) == after.get(part) for part in _PREPROCESSING_OPTIONS)
+    return key in _CHECKPOINTS_OWN
 
 
 @contextmanager

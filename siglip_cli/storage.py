@@ -83,11 +83,12 @@ def atomic_write(path: Path, staging: Staging | None = None) -> Iterator[BinaryI
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:
+        written = tmp.stat().st_size if tmp.is_file() else None  # at `ulimit -f`, a file too large stops there
         _remove_if_can(tmp)
         ours = (str(tmp), str(path), str(path.parent))  # the error of another file, read for this one, is its own
         if e.errno is None or (e.filename is not None and os.fsdecode(e.filename) not in ours):
             raise
-        raise WriteError(f"cannot write {path}: {os_reason(e)}.") from None
+        raise WriteError(f"cannot write {path}: {os_reason(e, written=written)}.") from None
     except BaseException:
         _remove_if_can(tmp)
         raise

@@ -105,16 +105,19 @@ def test_loading_a_model_for_the_cpu_fits_the_threads(tiny_siglip: Path, monkeyp
 GB = 2**30
 
 
-def test_a_v2_memory_limit_leaves_its_room_less_what_is_used_but_dropable_cache(cgroups) -> None:
+def test_a_v2_memory_limit_leaves_its_room_less_what_is_used_but_droppable_cache(cgroups) -> None:
     # `docker run --memory 4g`: /proc/meminfo inside shows the host's memory, and 15 workers were budgeted on it.
     cgroups("0::/\n", {"memory.max": f"{4 * GB}\n", "memory.current": f"{3 * GB}\n",
-                       "memory.stat": f"anon {2 * GB}\ninactive_file {GB // 2}\n"})  # fmt: skip
-    assert cpus.cgroup_memory_room() == GB + GB // 2
+                       "memory.stat": f"anon {2 * GB}\nfile {GB}\nactive_file {GB // 4}\ninactive_file {GB // 2}\n"
+                                      f"shmem {GB // 4}\n"})  # fmt: skip
+    assert cpus.cgroup_memory_room() == GB + GB // 4 + GB // 2  # the page cache; shared memory (in `file`) is no room
 
 
 def test_a_v1_memory_limit_above_the_process_cgroup_counts(cgroups) -> None:
     cgroups("4:memory:/slurm/job1/step0\n", {
-        "memory/slurm/job1/memory.limit_in_bytes": f"{8 * GB}\n", "memory/slurm/job1/memory.usage_in_bytes": f"{GB}\n",
+        "memory/slurm/job1/memory.limit_in_bytes": f"{8 * GB}\n",
+        "memory/slurm/job1/memory.usage_in_bytes": f"{2 * GB}\n",
+        "memory/slurm/job1/memory.stat": f"cache {GB}\ntotal_active_file {GB // 2}\ntotal_inactive_file {GB // 2}\n",
         "memory/slurm/job1/step0/memory.limit_in_bytes": "9223372036854771712\n",  # unlimited
         "memory/slurm/job1/step0/memory.usage_in_bytes": f"{GB}\n",
     })  # fmt: skip
@@ -136,10 +139,14 @@ def test_no_memory_room_when_unlimited_or_unreadable(cgroups, membership: str, f
     assert cpus.cgroup_memory_room() is None
 
 
-def test_the_decoding_workers_are_counted_on_the_containers_memory(cgroups, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_decoding_workers_are_counted_on_the_containers_memory(
+    cgroups, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from siglip_cli import decoding
 
     cgroups("0::/\n", {"memory.max": f"{4 * GB}\n", "memory.current": f"{GB}\n"})
-    assert decoding.available_memory() == 3 * GB  # the host has more: this machine's /proc/meminfo says so
+    (tmp_path / "meminfo").write_text(f"MemTotal: {64 * GB // 1024} kB\nMemAvailable: {60 * GB // 1024} kB\n")
+    monkeypatch.setattr(decoding, "MEMINFO", tmp_path / "meminfo")  # the host's, as a container reads it
+    assert decoding.available_memory() == 3 * GB
     monkeypatch.setattr(decoding, "usable_cpus", lambda: 16)
     assert decoding.default_workers() == 3 * GB // decoding.WORKER_PEAK_BYTES == 2  # not 15

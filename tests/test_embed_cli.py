@@ -9,6 +9,7 @@ reaching the terminal, a pipe on stdin.
 from __future__ import annotations
 
 import base64
+import errno
 import faulthandler
 import gc
 import io
@@ -2407,6 +2408,16 @@ def test_a_file_size_limit_is_named_as_the_cause(tmp_path: Path, out: Path, tiny
     assert (out / "parcels.npy").read_bytes() == (out / "plain.npy").read_bytes()
     assert runs["output"].returncode == 2 and "Traceback" not in runs["output"].stderr
     assert "File too large: `ulimit -f` allows 1 KB." in runs["output"].stderr.splitlines()[-1]
+
+
+def test_a_file_too_large_for_its_file_system_is_not_blamed_on_the_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # FAT32 refuses a file of 4 GB (an so400m output of a million photos on a USB stick) whatever `ulimit -f` allows.
+    from siglip_cli import errors
+
+    monkeypatch.setattr(errors, "file_size_limit", lambda: 8_000_000 * 1024)
+    too_large = OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+    assert errors.os_reason(too_large, written=4 * 2**30 - 1) == "File too large"
+    assert errors.os_reason(too_large, written=8_000_000 * 1024) == "File too large: `ulimit -f` allows 8,000,000 KB"
 
 
 @pytest.mark.parametrize("command", ["embed", "inspect", "bench"])

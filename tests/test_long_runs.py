@@ -50,7 +50,10 @@ import siglip_cli.embed as embed_module
 import siglip_cli.outputs as outputs_module
 import siglip_cli.runtime as runtime_module
 import siglip_cli.storage as storage_module
-from conftest import DEFAULT_REPO_ID, PICKLE_NAME, build_checkpoint, make_photo, ok, save_as_pickles, siglip, the_error
+from conftest import (
+    DEFAULT_REPO_ID, PICKLE_NAME, PREPROCESSOR_NAME, build_checkpoint, make_photo, ok, save_as_pickles, siglip,
+    the_error,
+)
 from siglip_cli import interrupts
 from siglip_cli.reading import digest_of_file, file_digest
 from siglip_cli.embed import EmbedOptions, Embedder, embed_to_file, load
@@ -1549,10 +1552,27 @@ def saved_wider(checkpoint: Path) -> None:
     SiglipVisionModel(wider).save_pretrained(checkpoint)
 
 
+def saved_larger(checkpoint: Path) -> None:
+    """`checkpoint` saved again in place for images of twice the size (a 384-pixel fine-tune of a 224 one), its
+    preprocessor with it."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config, processor = (json.loads((checkpoint / name).read_text()) for name in ("config.json", PREPROCESSOR_NAME))
+    larger = SiglipVisionConfig(**{**config, "image_size": 2 * config["image_size"]})
+    SiglipVisionModel(larger).save_pretrained(checkpoint)
+    size = {side: 2 * pixels for side, pixels in processor["size"].items()}
+    (checkpoint / PREPROCESSOR_NAME).write_text(json.dumps({**processor, "size": size}))
+
+
 @pytest.mark.parametrize(
     "save_again, differing",
-    [(saved_over, "the model's weights"), (saved_wider, "the model's architecture, the model's weights")],
-    ids=["weights", "architecture"],
+    [
+        (saved_over, "the model's weights"),
+        (saved_wider, "the model's architecture, the model's weights"),
+        (saved_larger, "the preprocessing (--no-exif-transpose, --fast-decode, --decode, or the model's preprocessor), "
+                       "the model's architecture, the model's weights"),
+    ],
+    ids=["weights", "architecture", "image-size"],
 )
 def test_update_refuses_a_checkpoint_saved_over(
     folder: Path, tiny_vision: Path, tmp_path: Path, save_again: Callable[[Path], None], differing: str
