@@ -139,15 +139,16 @@ def _read_config(name: str, files: _LocalFiles | _HubFiles) -> dict:
     """config.json. Its absence from an OpenCLIP checkpoint (the `timm/ViT-B-16-SigLIP` repos: timm's tensor names,
     open_clip_config.json) is said as such, with the way out: the transformers repo of the same model."""
     try:
-        return _read_json(files.get("config.json", required=True))
+        path = files.get("config.json", required=True)
     except CheckpointError:
         if files.get("open_clip_config.json", required=False, probe=False) is None:
             raise
-    raise CheckpointError(
-        f"{name} is an OpenCLIP checkpoint (open_clip_config.json, timm's tensor names), not the transformers layout "
-        "siglip reads (config.json): use the transformers repo of the same model, such as "
-        "google/siglip-base-patch16-224 for timm/ViT-B-16-SigLIP."
-    )
+        raise CheckpointError(
+            f"{name} is an OpenCLIP checkpoint (open_clip_config.json, timm's tensor names), not the transformers "
+            "layout siglip reads (config.json): use the transformers repo of the same model, such as "
+            "google/siglip-base-patch16-224 for timm/ViT-B-16-SigLIP."
+        ) from None
+    return _read_json(path)  # one that cannot be read says so, OpenCLIP's file beside it or not
 
 
 def _resolve(name: str, revision: str | None, files: _LocalFiles | _HubFiles) -> Checkpoint:

@@ -45,12 +45,15 @@ from .checkpoints import Checkpoint, resolve_checkpoint
 
 def parse_devices(spec: str) -> list[str]:
     """`--device`: one device (`auto`, `cpu`, `cuda:1`), a list (`cuda:0,cuda:1`), or `cuda:all` → the devices."""
-    if spec == "cuda:all":
+    devices = [d.strip() for d in spec.split(",") if d.strip()] or [spec]
+    if "cuda:all" in devices and len(devices) > 1:
+        raise UserError(f"--device {spec.strip()}: cuda:all is every GPU already, and is given on its own.")
+    if devices == ["cuda:all"]:
         count = torch.cuda.device_count()
         if count == 0:
             raise UserError("--device cuda:all was asked for but no CUDA device is available.")
         return [f"cuda:{i}" for i in range(count)]
-    return [d.strip() for d in spec.split(",") if d.strip()] or [spec]
+    return devices
 
 
 @dataclass(frozen=True)

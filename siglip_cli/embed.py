@@ -356,7 +356,7 @@ def refuse_empty_run(out: OutputPaths, bad: list[dict]) -> NoReturn:
     if out.embeddings.exists():
         raise UserError(f"{failed}; {out.embeddings} is left as it was.")
     write_jsonl(out.errors, (public_row(r) for r in bad))
-    raise UserError(f"{failed}." if len(bad) == 1 else f"{failed}: see {out.errors}.")
+    raise UserError(f"{failed.rstrip('.')}." if len(bad) == 1 else f"{failed}: see {out.errors}.")  # Pillow's end in .
 
 
 def _open_work(

@@ -235,12 +235,18 @@ def activation_norms(result: Inspection) -> Image.Image:
         x, y = left + 14, top + 14 + 20 * k
         draw.line([(x, y), (x + 24, y)], fill=colour, width=3)
         _text(draw, (x + 30, y), f"{name} token norm", font, BLACK, "left")
-    axis_label = f"after the embeddings (emb) and after each encoder layer (0 to {len(labels) - 2})"
-    _text(draw, (left + plot_w / 2, height - 20), axis_label, font, BLACK, "top")
+    _text(draw, (left + plot_w / 2, height - 20), norms_axis_label(len(labels) - 1), font, BLACK, "top")
     axis = _rotated_text("L2 norm", font)
     body.paste(axis, (4, top + (plot_h - axis.height) // 2))
     subtitle = f"{norms.shape[1]} tokens of width {result.config.hidden_size} in the residual stream, before post_layernorm"
     return _figure(body, "Activation norms per layer", subtitle, result)
+
+
+def norms_axis_label(layers: int) -> str:
+    """The x axis of the activation norms: the embeddings, then each of the tower's `layers` encoder layers."""
+    if layers == 0:  # a tower cut to its embeddings: "0 to -1" said nothing
+        return "after the embeddings (emb): the tower has no encoder layers"
+    return f"after the embeddings (emb) and after each encoder layer (0 to {layers - 1})"
 
 
 # --------------------------------------------------------------------------- drawing helpers

@@ -59,7 +59,8 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_PILLOW_GUARD_LOCK = threading.Lock()  # held only while a header is read, not while pixels are decoded
+_PILLOW_GUARD_LOCK = threading.Lock()
+_pillow_guard = {"blocks": 0, "saved": None}  # `_without_pillow_guard` blocks running (threads overlap), its old value
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
@@ -130,7 +131,7 @@ def open_rgb(
     Returns the image and the (width, height) of the full-size oriented original. `target` is the
     (width, height) the image will be resized to; only `fast_decode` uses it.
     """
-    with c_messages_dropped(), open_checked(source, options) as image:
+    with c_messages_dropped(), _without_pillow_guard(), open_checked(source, options) as image:
         size = image.size
         # Image.open leaves an animation or a multi-page TIFF at its first frame, a PSD at its composite image.
         # MPO: a JPEG with a preview or a gain map after it (many cameras, Ultra HDR phones), decoded as one.
@@ -225,20 +226,23 @@ def _orientation(image: Image.Image) -> int:
 
 @contextmanager
 def _without_pillow_guard() -> Iterator[None]:
-    """Pillow's own pixel guard off while a file is opened (it is process-wide, so restored after).
+    """Pillow's own pixel guard off for the block (process-wide: restored as the last block ends).
 
-    Pillow refuses images over twice its limit before anyone can read their size: a user who raised
-    --max-pixels would still be refused, and the rest would get no size in the message. `open_checked` checks
-    the header's size against --max-pixels itself, before decoding. The lock: two threads decode at once
-    under `--decode gpu --workers 0`, and interleaved save/restore pairs could leave the guard off for good.
-    """
+    Pillow refuses images over twice its limit, at open and again as some formats load (a TIFF's tiles): a user who
+    raised --max-pixels would still be refused. `open_checked` checks the header's size against --max-pixels itself,
+    before decoding. Blocks in several threads overlap (`--decode gpu --workers 0`): the first in turns the guard
+    off, the last out puts it back."""
     with _PILLOW_GUARD_LOCK:
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
+        if _pillow_guard["blocks"] == 0:
+            _pillow_guard["saved"], Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        _pillow_guard["blocks"] += 1
+    try:
+        yield
+    finally:
+        with _PILLOW_GUARD_LOCK:
+            _pillow_guard["blocks"] -= 1
+            if _pillow_guard["blocks"] == 0:
+                Image.MAX_IMAGE_PIXELS = _pillow_guard["saved"]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -394,6 +394,11 @@ def test_captions_wider_than_their_thumbnails_keep_apart() -> None:
     assert row.width >= 6 * plots._size(caption, plots._font(13))[0] + plots.COLORBAR_WIDTH
 
 
+def test_the_norms_axis_of_a_tower_without_layers_says_so() -> None:
+    assert plots.norms_axis_label(12) == "after the embeddings (emb) and after each encoder layer (0 to 11)"
+    assert plots.norms_axis_label(0) == "after the embeddings (emb): the tower has no encoder layers"  # not "0 to -1"
+
+
 def test_the_colour_bar_beside_a_panoramas_thin_row_is_whole() -> None:
     row = plots._captioned_row([(Image.new("RGB", (400, 2)), "mean over heads")], per_row=1, colorbar=1.0)
     assert row.height >= 100  # the ramp, its three labels and its title, not a sliver of them

@@ -2423,8 +2423,14 @@ def test_cuda_all_on_a_machine_with_one_gpu_runs_on_that_gpu(
         raise UserError("the test stops here, before anything reaches for the pretend GPU")
 
     monkeypatch.setattr(runtime_module, "load_model", load_model)
-    embed(folder, tmp_path / "embeddings.safetensors", "--device", "cuda:all")
-    assert [device.type for device in placed_on] == ["cuda"]
+    embed(folder, tmp_path / "embeddings.safetensors", "--device", " cuda:all")  # `--device "$GPUS"`, spaced
+    assert [device.type for device in placed_on] == ["cuda"]  # it said: unknown device 'cuda:all'
+
+
+def test_cuda_all_among_other_devices_is_one_sentence(embed, folder: Path, tmp_path: Path) -> None:
+    assert the_error(embed(folder, tmp_path / "e.safetensors", "--device", "cuda:all,cpu")) == (
+        "error: --device cuda:all,cpu: cuda:all is every GPU already, and is given on its own."
+    )
 
 
 # ------------------------------------------------------------------------------------- out of memory

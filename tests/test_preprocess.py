@@ -557,6 +557,20 @@ def test_image_at_the_pixel_limit_is_decoded(tmp_path: Path, bicubic: Preprocess
     assert pixels.shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("compression", [None, "tiff_lzw", "tiff_adobe_deflate"])
+def test_a_tiff_past_pillows_own_limit_decodes_within_max_pixels(
+    tmp_path: Path, bicubic: PreprocessConfig, monkeypatch: pytest.MonkeyPatch, compression: str | None
+) -> None:
+    # Pillow checks a TIFF's size again as its strips load, after the header is read: a scan of over 179 MP was
+    # refused ("DecompressionBombError") whatever --max-pixels allowed. Here Pillow's limit is lowered to 1,000
+    # pixels, which it enforces past twice that: the 50x50 scan stands for the large one.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    make_photo((50, 50)).save(tmp_path / "scan.tif", compression=compression)
+    pixels, width, height = load_pixels(tmp_path / "scan.tif", bicubic, DecodeOptions(max_pixels=None))
+    assert (width, height) == (50, 50) and pixels.shape == (3, 32, 32)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # Pillow's guard is back for everyone else
+
+
 def test_truncated_jpeg_is_an_error_not_a_grey_picture(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     make_photo((200, 150)).save(tmp_path / "full.jpg", quality=95)
     data = (tmp_path / "full.jpg").read_bytes()

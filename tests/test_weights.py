@@ -862,6 +862,10 @@ def test_an_openclip_checkpoint_is_named_as_such_with_the_repo_to_use_instead(tm
     (tmp_path / "open_clip_model.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"is an OpenCLIP checkpoint .* use the transformers repo of the same "):
         resolve_checkpoint(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "siglip",')  # cut short: its own error, not OpenCLIP's
+    with pytest.raises(CheckpointError, match=r"^cannot read .*config\.json: Expecting"):
+        resolve_checkpoint(str(tmp_path))
+    (tmp_path / "config.json").unlink()
     (tmp_path / "open_clip_config.json").unlink()
     with pytest.raises(CheckpointError, match=r"has no config\.json\.$"):
         resolve_checkpoint(str(tmp_path))
