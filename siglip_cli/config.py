@@ -344,7 +344,7 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
         height, width = resize_to or (vision.image_size, vision.image_size)
         resize_to = None
     defaults = PreprocessConfig()
-    # null: transformers' processor skips the step, as for false.
+    # null: skipped, as do_resize above.
     do_rescale, do_normalize = _flag(config.get("do_rescale", True)), _flag(config.get("do_normalize", True))
 
     def setting(name: str, used: bool) -> Any:
@@ -421,8 +421,8 @@ def _resize_target(config: dict[str, Any], vision: VisionConfig, *, crop: bool) 
     if isinstance(size, int) and not isinstance(size, bool):
         # A bare number: a shortest edge for the classes that say so (`_ONE_NUMBER_IS_A_SHORTEST_EDGE`), which then
         # fail on photos that are not square unless a crop follows; a square for the rest, transformers' default.
-        # Without a crop it can only mean the tower's square.
-        # A str or null (read as absent, as `_with_class_defaults` reads it).
+        # Without a crop it can only mean the tower's square. The class: a str, or null read as absent (as
+        # `_with_class_defaults` reads it).
         kind = _class_name(config.get("image_processor_type") or "SiglipImageProcessor")
         shortest = crop and kind in _ONE_NUMBER_IS_A_SHORTEST_EDGE
         size = {"shortest_edge": size} if shortest else {"height": size, "width": size}

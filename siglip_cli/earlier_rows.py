@@ -68,12 +68,15 @@ class Settled(NamedTuple):
 def settle(
     paths: list[str],
     previous: dict[str, Ref | dict],
-    made_in: str | None,
     in_chunks: dict[str, Ref | dict],
+    *,
+    made_in: str | None,
     keep_unlisted: bool,
     progress: Progress | None,
 ) -> Settled:
-    """What is left to do: see `Settled`. `made_in`: the folder the earlier output was made in, where known."""
+    """What is left to do: see `Settled`. `previous`: the earlier output's rows (--update), `in_chunks` those of an
+    interrupted run; `made_in`: the folder the earlier output was made in, where known; `keep_unlisted`: the rows of
+    files not given are kept (a whole output's --update)."""
     if keep_unlisted:
         _refuse_update_from_elsewhere(previous, made_in)
     seen: dict[str, os.stat_result] = {}  # each earlier row's file is looked at once: twice is slow on a share

@@ -285,7 +285,9 @@ def _earlier_work(
         )
     in_chunks = earlier_rows.chunk_rows(chunks)
     try:
-        settled = earlier_rows.settle(paths, previous, made_in, in_chunks, keep_unlisted, progress)
+        settled = earlier_rows.settle(
+            paths, previous, in_chunks, made_in=made_in, keep_unlisted=keep_unlisted, progress=progress
+        )
     except UserError:
         if not chunks:
             work.remove()

@@ -259,7 +259,8 @@ class PoolingHead(nn.Module):
 
 
 class VisionOutput(NamedTuple):
-    pooled: Tensor  # (B, D), not normalized: transformers' `pooler_output`
+    # (B, D), not normalized: transformers' `pooler_output`; of a headless tower the tokens' mean (transformers: None)
+    pooled: Tensor
     tokens: Tensor  # (B, N, D), after post_layernorm: transformers' `last_hidden_state`
 
 
