@@ -19,10 +19,10 @@ import os
 import re
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Generic, Iterator, TypeVar
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -59,9 +59,8 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_PILLOW_GUARD_LOCK = threading.Lock()
-_pillow_guard = {"blocks": 0, "saved": None}  # `_without_pillow_guard` blocks running (threads overlap), its old value
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+T = TypeVar("T")
 
 
 class BadImage(Exception):
@@ -149,8 +148,42 @@ def open_rgb(
         return to_rgb(image), size
 
 
-_dropping_lock = threading.Lock()
-_dropping = {"blocks": 0, "saved": -1}  # `c_messages_dropped` blocks running (threads overlap), and the old 2
+class _WhileAnyBlock(Generic[T]):
+    """A process-wide change in force while any of its blocks runs: blocks in several threads overlap (the decoding
+    threads of `--decode gpu --workers 0`), so the first in makes the change and the last out undoes it."""
+
+    def __init__(self, make: Callable[[], T], undo: Callable[[T], None]):
+        self._make, self._undo = make, undo
+        self._lock, self._blocks, self._saved = threading.Lock(), 0, None  # `make`'s value, for `undo`
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self._blocks == 0:
+                self._saved = self._make()
+            self._blocks += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._blocks -= 1
+                if self._blocks == 0:
+                    self._undo(self._saved)
+
+
+def _descriptor_2_away() -> int:
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    return saved
+
+
+def _descriptor_2_back(saved: int) -> None:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+_DESCRIPTOR_2_AWAY = _WhileAnyBlock(_descriptor_2_away, _descriptor_2_back)
 
 
 @contextmanager
@@ -159,29 +192,13 @@ def c_messages_dropped() -> Iterator[None]:
     line gives it one in `__main__`; a decoding worker, `decoding._quiet_c_libraries`). What C decoders print there
     themselves (libtiff, a line per bad scanline of a damaged scan) then stays off the terminal and its progress
     bar: the file's row or its line in the errors file says what happened. Elsewhere (a library caller, whose
-    stderr is descriptor 2) nothing changes. Blocks in several threads overlap: the first in sends descriptor 2
-    away, the last out puts it back."""
+    stderr is descriptor 2) nothing changes."""
     try:
         own = sys.stderr.fileno() != 2
     except (AttributeError, OSError, ValueError):  # no stderr, or one without a descriptor (a test's capture)
         own = False
-    if not own:
+    with _DESCRIPTOR_2_AWAY.held() if own else nullcontext():
         yield
-        return
-    with _dropping_lock:
-        if _dropping["blocks"] == 0:
-            _dropping["saved"], devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-            os.close(devnull)
-        _dropping["blocks"] += 1
-    try:
-        yield
-    finally:
-        with _dropping_lock:
-            _dropping["blocks"] -= 1
-            if _dropping["blocks"] == 0:
-                os.dup2(_dropping["saved"], 2)
-                os.close(_dropping["saved"])
 
 
 def _registered_formats() -> tuple[str, ...]:
@@ -224,25 +241,19 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-@contextmanager
-def _without_pillow_guard() -> Iterator[None]:
-    """Pillow's own pixel guard off for the block (process-wide: restored as the last block ends).
+def _pillow_guard_off() -> int | None:
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    return saved
 
-    Pillow refuses images over twice its limit, at open and again as some formats load (a TIFF's tiles): a user who
-    raised --max-pixels would still be refused. `open_checked` checks the header's size against --max-pixels itself,
-    before decoding. Blocks in several threads overlap (`--decode gpu --workers 0`): the first in turns the guard
-    off, the last out puts it back."""
-    with _PILLOW_GUARD_LOCK:
-        if _pillow_guard["blocks"] == 0:
-            _pillow_guard["saved"], Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        _pillow_guard["blocks"] += 1
-    try:
-        yield
-    finally:
-        with _PILLOW_GUARD_LOCK:
-            _pillow_guard["blocks"] -= 1
-            if _pillow_guard["blocks"] == 0:
-                Image.MAX_IMAGE_PIXELS = _pillow_guard["saved"]
+
+def _pillow_guard_back(saved: int | None) -> None:
+    Image.MAX_IMAGE_PIXELS = saved
+
+
+# Pillow's own pixel guard, off for the block (`_WhileAnyBlock`: process-wide). Pillow refuses images over twice its
+# limit, at open and again as some formats load (a TIFF's strips): a user who raised --max-pixels would still be
+# refused. `open_checked` checks the header's size against --max-pixels itself, before decoding.
+_without_pillow_guard = _WhileAnyBlock(_pillow_guard_off, _pillow_guard_back).held
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
