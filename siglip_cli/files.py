@@ -344,6 +344,14 @@ def tidy_path(path: str) -> str:
     return drive + root + os.sep.join(kept)
 
 
+def _skipped_folder(entry: os.DirEntry) -> bool:
+    """Whether a folder is one of `SKIPPED_FOLDERS`, by its name or, through a symlink, by its target's: a link to a
+    NAS's `@eaDir` holds its thumbnails all the same."""
+    if entry.name in SKIPPED_FOLDERS:
+        return True
+    return entry.is_symlink() and os.path.basename(os.path.realpath(entry.path)) in SKIPPED_FOLDERS
+
+
 def _walk(
     top: str, seen_dirs: set[tuple[int, int]], report: WalkReport, leave_out: frozenset[tuple[tuple[int, int], str]]
 ) -> Iterator[tuple[tuple[int, int], str, str]]:
@@ -378,7 +386,7 @@ def _walk(
             suffix = os.path.splitext(entry.name)[1].lower()
             try:
                 if entry.is_dir():
-                    if entry.name in SKIPPED_FOLDERS:
+                    if _skipped_folder(entry):
                         report.skipped.append(tidy_path(entry.path))
                     elif not in_photos_library or entry.name in PHOTOS_LIBRARY_ORIGINALS:
                         (linked if entry.is_symlink() else real).append(entry.path)

@@ -163,6 +163,17 @@ def test_nas_thumbnail_snapshot_and_recycle_folders_are_skipped(tmp_path: Path) 
     ]
 
 
+def test_a_link_to_a_skipped_folder_is_skipped_too(tmp_path: Path) -> None:
+    # The note said the thumbnails folder was left out, and its thumbnails were embedded through the link.
+    photo = touch(tmp_path / "DCIM" / "IMG_1.JPG")
+    touch(tmp_path / "DCIM" / "@eaDir" / "IMG_1.JPG" / "SYNOPHOTO_THUMB_M.jpg")
+    (tmp_path / "album").mkdir()
+    (tmp_path / "album" / "thumbs").symlink_to(tmp_path / "DCIM" / "@eaDir")
+    paths, walk = find_images([str(tmp_path)])
+    assert paths == [str(photo)]
+    assert sorted(walk.skipped) == [str(tmp_path / "DCIM" / "@eaDir"), str(tmp_path / "album" / "thumbs")]
+
+
 def test_a_users_folder_named_like_a_skipped_one_in_another_case_is_walked(tmp_path: Path) -> None:
     photos = [touch(tmp_path / folder / "a.jpg") for folder in ("Lost+Found", "Recycler")]  # albums, not bins
     assert found(tmp_path) == sorted(map(str, photos))
