@@ -315,8 +315,17 @@ def _unit_floats_to_255(image: Image.Image) -> Image.Image:
 
 def pixel_values(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """RGB PIL image → normalized (3, height, width) float32 array, as the reference computes it."""
-    if cfg.do_resize:
-        image = image.resize(cfg.resized(*image.size), resample=cfg.resample)
+    return resized_to_pixels(resize(image, cfg), cfg)
+
+
+def resize(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """The image resized as the reference resizes it (to the model's size, or its shortest edge before a crop); as
+    it is where the preprocessor does not resize."""
+    return image.resize(cfg.resized(*image.size), resample=cfg.resample) if cfg.do_resize else image
+
+
+def resized_to_pixels(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """A `resize`d RGB image → (3, height, width) float32 array: cropped, rescaled and normalized as `cfg` says."""
     if not cfg.center_crop and image.size != (cfg.width, cfg.height):
         raise BadImage(f"image is {image.width}x{image.height} but the model needs {cfg.width}x{cfg.height}")
     x = np.asarray(image)  # (H, W, 3) uint8

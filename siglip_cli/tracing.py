@@ -26,7 +26,7 @@ from .config import DEFAULT_MAX_PIXELS, DEFAULT_PRESET, PIL_FILTERS, PreprocessC
 from .errors import UserError
 from .files import display_path, is_regular_file
 from .model import SiglipVision, gflops_per_image, num_parameters
-from .preprocess import BadImage, DecodeOptions, one_line, open_checked, open_rgb, pixel_values
+from .preprocess import BadImage, DecodeOptions, one_line, open_checked, open_rgb, resize, resized_to_pixels
 from .weights import load_tower
 
 SAMPLE_IMAGE = "sample.jpg"  # in siglip_cli/assets: chelsea.jpg from sample_images/ (CC0)
@@ -219,8 +219,9 @@ def trace(
         )
     full = parse_layers(layers, cfg.num_hidden_layers)
     describe = _Describer(cfg, preprocessing)
-    pixels = _pixels(photo, preprocessing)  # first: an image the preprocessing refuses is one sentence
-    stages = _image_stages(photo, preprocessing, describe)
+    resized = resize(photo, preprocessing)  # once: what the model is given, and what the stages show of it
+    pixels = _pixels(resized, preprocessing)  # first: an image the preprocessing refuses is one sentence
+    stages = _image_stages(photo, resized, preprocessing, describe)
 
     device = model.embeddings.patch_embedding.weight.device
     pixels = pixels[None].to(device)  # (1, C, H, W)
@@ -301,15 +302,17 @@ class _Recorder(dict):
             self.stages.append(_summarise(name, x, self.describe(name)))
 
 
-def _image_stages(photo: Image.Image, cfg: PreprocessConfig, describe: _Describer) -> list[Stage]:
-    """The stages before the model: decoded image, resized image, pixels before normalisation."""
+def _image_stages(
+    photo: Image.Image, resized: Image.Image, cfg: PreprocessConfig, describe: _Describer
+) -> list[Stage]:
+    """The stages before the model: decoded image, resized image (`preprocess.resize`), pixels before
+    normalisation."""
     stages = [_summarise("image", _hwc(photo), describe("image"))]
     if cfg.do_resize:
-        resized = photo.resize(cfg.resized(*photo.size), resample=cfg.resample)
         distortion = "" if cfg.center_crop else _distortion(photo, cfg)
         stages.append(_summarise("resized_image", _hwc(resized), describe("resized_image") + distortion))
     if cfg.do_normalize:
-        unnormalised = torch.from_numpy(pixel_values(photo, dataclasses.replace(cfg, do_normalize=False)))
+        unnormalised = torch.from_numpy(resized_to_pixels(resized, dataclasses.replace(cfg, do_normalize=False)))
         stages.append(_summarise("rescaled_pixels", unnormalised[None], describe("rescaled_pixels")))
     return stages
 
@@ -327,9 +330,9 @@ def _distortion(photo: Image.Image, cfg: PreprocessConfig) -> str:
     return "".join(f"; {note}" for note in notes)
 
 
-def _pixels(photo: Image.Image, cfg: PreprocessConfig) -> Tensor:
+def _pixels(resized: Image.Image, cfg: PreprocessConfig) -> Tensor:
     try:
-        return torch.from_numpy(pixel_values(photo, cfg))
+        return torch.from_numpy(resized_to_pixels(resized, cfg))
     except BadImage as e:
         raise UserError(f"{e}.") from None
 
