@@ -130,7 +130,7 @@ def open_rgb(
     Returns the image and the (width, height) of the full-size oriented original. `target` is the
     (width, height) the image will be resized to; only `fast_decode` uses it.
     """
-    with c_messages_dropped(), _without_pillow_guard(), open_checked(source, options) as image:
+    with c_messages_dropped(), open_checked(source, options) as image:
         size = image.size
         # Image.open leaves an animation or a multi-page TIFF at its first frame, a PSD at its composite image.
         # MPO: a JPEG with a preview or a gain map after it (many cameras, Ultra HDR phones), decoded as one.
@@ -139,7 +139,11 @@ def open_rgb(
             # 3.9× faster than a full decode, 0.17 levels of mean error after the resize (straight to the model's
             # size: 5.6×, but 0.48 levels).
             image.draft("RGB", (2 * target[0], 2 * target[1]))
-        image.load()
+        # Pillow checks a TIFF's size again as its strips load: the header's, which `open_checked` has held to
+        # --max-pixels (over 179 MP, Pillow's own limit refused it whatever --max-pixels said). Other formats keep
+        # Pillow's guard: an ICNS can hold a PNG far larger than its header says, which the guard alone refuses.
+        with _without_pillow_guard() if image.format == "TIFF" else nullcontext():
+            image.load()
         orientation = _orientation(image) if options.exif_transpose else 1
         if orientation in _UPRIGHT:
             image = image.transpose(_UPRIGHT[orientation])
@@ -252,7 +256,8 @@ def _pillow_guard_back(saved: int | None) -> None:
 
 # Pillow's own pixel guard, off for the block (`_WhileAnyBlock`: process-wide). Pillow refuses images over twice its
 # limit, at open and again as some formats load (a TIFF's strips): a user who raised --max-pixels would still be
-# refused. `open_checked` checks the header's size against --max-pixels itself, before decoding.
+# refused. `open_checked` checks the header's size against --max-pixels itself, before decoding; `open_rgb` says
+# which loads may go unguarded.
 _without_pillow_guard = _WhileAnyBlock(_pillow_guard_off, _pillow_guard_back).held
 
 

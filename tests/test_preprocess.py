@@ -571,6 +571,21 @@ def test_a_tiff_past_pillows_own_limit_decodes_within_max_pixels(
     assert Image.MAX_IMAGE_PIXELS == 1000  # Pillow's guard is back for everyone else
 
 
+def test_an_icns_holding_a_picture_larger_than_its_header_is_refused_before_decoding(
+    tmp_path: Path, bicubic: PreprocessConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its header (type ic07) says 128x128, within --max-pixels; its PNG is 300x300. Pillow's guard refuses that PNG
+    # before decoding it, and must stay on while an ICNS loads: off, a few MB of file made gigabytes of pixels.
+    # Pillow's limit is lowered to 10,000 pixels here, so that a 300x300 PNG stands for the large one.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    png = io.BytesIO()
+    Image.new("1", (300, 300)).save(png, "PNG")
+    icon = b"ic07" + struct.pack(">I", 8 + len(png.getvalue())) + png.getvalue()
+    (tmp_path / "icon.icns").write_bytes(b"icns" + struct.pack(">I", 8 + len(icon)) + icon)
+    with pytest.raises(Image.DecompressionBombError, match="90000 pixels"):
+        load_pixels(tmp_path / "icon.icns", bicubic, DecodeOptions())
+
+
 def test_truncated_jpeg_is_an_error_not_a_grey_picture(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     make_photo((200, 150)).save(tmp_path / "full.jpg", quality=95)
     data = (tmp_path / "full.jpg").read_bytes()
