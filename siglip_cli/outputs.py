@@ -499,6 +499,11 @@ def _working_directory() -> dict[str, str]:
     return {"working_directory": folder}
 
 
+def final_metadata(metadata: dict[str, str], rows: int) -> dict[str, str]:
+    """The metadata `assemble` writes into the output of `rows` rows: the run's, and their count."""
+    return {**metadata, "num_images": str(rows)}
+
+
 def assemble(
     out: OutputPaths,
     good: list[Ref],
@@ -513,7 +518,7 @@ def assemble(
     state = json.loads(metadata["options"])
     D, T = state["embedding_dim"], state["num_tokens"]
     dtype = np.dtype(OUTPUT_DTYPES[state["output_dtype"]])
-    metadata = {**metadata, "num_images": str(len(good))}
+    metadata = final_metadata(metadata, len(good))
     with replaced_together(before=before_replacing, after=interrupts.output_in_place) as staging:
         write_jsonl(out.manifest, (public_row(ref.info) for ref in good), staging=staging)
         if bad:
