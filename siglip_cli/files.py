@@ -77,11 +77,7 @@ class WalkReport:
         if self.dangling:
             notes.append(f"{self.dangling_text()}; nothing there is embedded.")
         if self.skipped and not quiet:
-            folders = first_of([display_path(folder) for folder in sorted(self.skipped)], 3)
-            notes.append(
-                f"left out {counted(len(self.skipped), 'folder')} of NAS thumbnails, snapshots, recycle bins or fsck "
-                f"fragments: {folders}."
-            )
+            notes.append(f"left out {self.skipped_text()}.")
         walked = sorted(set(self.libraries) - set(self.without_originals))
         if walked and not quiet:
             libraries = first_of([display_path(library) for library in walked], 3)
@@ -105,6 +101,12 @@ class WalkReport:
         if len(kinds) > shown:
             parts.append(counted(len(kinds) - shown, "other kind"))
         return f"{counted(self.passed_over.total(), 'file')} ({', '.join(parts)})"
+
+    def skipped_text(self, shown: int = 3) -> str:
+        """'2 folders of NAS thumbnails, snapshots, recycle bins or fsck fragments: a/@eaDir, b/#recycle'."""
+        folders = first_of([display_path(folder) for folder in sorted(self.skipped)], shown)
+        kinds = "NAS thumbnails, snapshots, recycle bins or fsck fragments"
+        return f"{counted(len(self.skipped), 'folder')} of {kinds}: {folders}"
 
     def unreadable_text(self, shown: int = 3) -> str:
         """'2 folders: a/locked (Permission denied), b/gone (No such file or directory)'."""
@@ -323,7 +325,7 @@ def find_images(
         if report.without_originals:
             met.append(f"{first_of([display_path(p) for p in report.without_originals], 3)} has no originals folder, "
                        "the only one of a Photos library walked")  # fmt: skip
-        met += [f"left out {counted(len(report.skipped), 'NAS or recycle folder')}"] if report.skipped else []
+        met += [f"left out {report.skipped_text()}"] if report.skipped else []
         raise UserError(
             f"no image files found in {', '.join(inputs or [str(files_from)])} "
             f"(looked for {' '.join(sorted(IMAGE_SUFFIXES))}{''.join('; ' + m for m in met)})."

@@ -163,6 +163,14 @@ def test_nas_thumbnail_snapshot_and_recycle_folders_are_skipped(tmp_path: Path) 
     ]
 
 
+def test_a_folder_of_skipped_folders_alone_says_which_as_the_note_does(tmp_path: Path) -> None:
+    # The error said "left out 1 NAS or recycle folder", the note otherwise and with the folders named.
+    touch(tmp_path / "@eaDir" / "IMG_1.JPG" / "SYNOPHOTO_THUMB_M.jpg")
+    left_out = f"left out 1 folder of NAS thumbnails, snapshots, recycle bins or fsck fragments: {tmp_path / '@eaDir'}"
+    with pytest.raises(UserError, match=re.escape(f"; {left_out})")):
+        find_images([str(tmp_path)])
+
+
 def test_a_link_to_a_skipped_folder_is_skipped_too(tmp_path: Path) -> None:
     # The note said the thumbnails folder was left out, and its thumbnails were embedded through the link.
     photo = touch(tmp_path / "DCIM" / "IMG_1.JPG")
