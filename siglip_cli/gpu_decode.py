@@ -166,6 +166,7 @@ def _decode_groups(
     for group in _groups(headers, pixels_per_call(device)):
         before_each()
         decoded: dict[int, Tensor] = {}  # (3, H, W) uint8 each, as stored
+        out_of_memory = False
         try:
             decoded, refused = _decode({i: headers[i] for i in group}, device)
             done = sorted(decoded)
@@ -174,16 +175,16 @@ def _decode_groups(
                 out[device_index(done, device)] = _preprocess([decoded[i] for i in done], orientations, cfg, device)
         except RuntimeError as e:
             if _out_of_memory(e):  # the decoder's or the resize's
-                done, refused = None, [(i, "out of GPU memory for the JPEG decoder") for i in group]
+                out_of_memory = True
+                done, refused = [], [(i, "out of GPU memory for the JPEG decoder") for i in group]
             elif "shared memory" in str(e):  # CUDA's antialiased resize refusing a downscale: the CPU path's
                 done, refused = [], [(i, f"the GPU resize refused it: {first_line(e)}") for i in group]
             else:  # a device fault: not the files', and it would only recur, slowly, on every group after
                 raise
         finally:
             decoded.clear()  # the group's full-size images: freed before the next group, after a failed resize too
-        if done is None:  # the cache is emptied here, once the traceback and the tensors it held are gone
+        if out_of_memory:  # the cache is emptied here, once the traceback and the tensors it held are gone
             torch.cuda.empty_cache()
-            done = []
         indices += done
         rejected += refused
     return (out if len(indices) == len(headers) else out[device_index(indices, device)]), indices, sorted(rejected)
