@@ -83,7 +83,7 @@ def atomic_write(path: Path, staging: Staging | None = None) -> Iterator[BinaryI
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:
-        written = tmp.stat().st_size if tmp.is_file() else None  # at `ulimit -f`, a file too large stops there
+        written = _size_if_any(tmp)  # at `ulimit -f`, a file too large stops at the limit
         _remove_if_can(tmp)
         ours = (str(tmp), str(path), str(path.parent))  # the error of another file, read for this one, is its own
         if e.errno is None or (e.filename is not None and os.fsdecode(e.filename) not in ours):
@@ -92,6 +92,13 @@ def atomic_write(path: Path, staging: Staging | None = None) -> Iterator[BinaryI
     except BaseException:
         _remove_if_can(tmp)
         raise
+
+
+def _size_if_any(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:  # gone, or the file system failing: the error to tell is the one that got us here
+        return None
 
 
 def _remove_if_can(path: Path) -> None:
