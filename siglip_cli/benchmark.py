@@ -374,8 +374,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
         images = image_results(paths, plain, preprocess, device=device, dtype=dtype,
                                batch_size=min(max(batch_sizes), len(paths)), iters=iters, warmup=warmup)  # fmt: skip
         report.results += images
-        report.notes += [f"{r.stage} ({r.variant}): the timed passes varied by {r.spread:.0%} around their median (a "
-                         "busy machine, or too few --iters): its images/s is rough."
+        report.notes += [_rough(f"{r.stage} ({r.variant})", "passes", r.spread, "its images/s is rough")
                          for r in images if r.spread is not None and r.spread > NOISY_SPREAD]  # fmt: skip
     return report
 
@@ -469,10 +468,13 @@ def _time_batch(
                             "rough.")  # fmt: skip
     if iters > 1 and timings[noisy].spread > NOISY_SPREAD:
         rough = "ratios from this run are rough" if len(timings) > 1 else "its images/s is rough"
-        report.notes.append(
-            f"batch {batch_size}: the timed calls of {noisy} varied by {timings[noisy].spread:.0%} around their "
-            f"median (a busy machine, or too few --iters): {rough}."
-        )
+        report.notes.append(_rough(f"batch {batch_size}", f"calls of {noisy}", timings[noisy].spread, rough))
+
+
+def _rough(row: str, timed: str, spread: float, what: str) -> str:
+    """The note on timed calls that spread over `NOISY_SPREAD` around their median."""
+    return (f"{row}: the timed {timed} varied by {spread:.0%} around their median (a busy machine, or too few "
+            f"--iters): {what}.")  # fmt: skip
 
 
 @contextlib.contextmanager

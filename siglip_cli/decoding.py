@@ -624,13 +624,13 @@ def _stop_after(error: RuntimeError, handed_over: int, workers: int) -> _LoaderS
     from: a dead worker, or workers that cannot hand parcels over (shared memory, open files). None: any other
     error, for the caller to raise."""
     decoding_workers = counted(workers, "decoding worker")
-    over_size_limit = isinstance(error, SharedMemoryFull) and os.strerror(errno.EFBIG) in str(error)
-    if over_size_limit and (limit := file_size_limit()) is not None:  # a parcel is a file, which `ulimit -f` limits
-        return _LoaderStop(handed_over, without_workers=(
-            f"the file size limit (`ulimit -f` allows {limit // 1024:,} KB) is too small for the parcels of "
-            f"{decoding_workers}: decoding in this process from here on, which is slower."
-        ))  # fmt: skip
     if isinstance(error, SharedMemoryFull):
+        limit = file_size_limit() if os.strerror(errno.EFBIG) in str(error) else None
+        if limit is not None:  # a parcel is a file, which `ulimit -f` limits as any other
+            return _LoaderStop(handed_over, without_workers=(
+                f"the file size limit (`ulimit -f` allows {limit // 1024:,} KB) is too small for the parcels of "
+                f"{decoding_workers}: decoding in this process from here on, which is slower."
+            ))  # fmt: skip
         return _LoaderStop(handed_over, without_workers=(
             f"the shared memory (/dev/shm) is too small for the parcels of {decoding_workers} "
             f"({_raised_in_worker(error)}): decoding in this process from here on, which is slower (in a container, "
