@@ -106,6 +106,14 @@ def error_row(info: dict, reason: str) -> dict:
     return {"path": info["path"], "error": reason, **{k: info[k] for k in ("size", "mtime_ns") if k in info}}
 
 
+# How decoding workers start. On Linux they are forked: they start at once, with what this process has imported
+# (torch among it), and as children of this process, which `_worker_init` relies on. Python 3.14 made `forkserver`
+# the default there: each worker then imported torch again, was a child of the server, and `_worker_init` took the
+# server for a dead parent, so every file was decoded again one process each (360 photos: 6 minutes, and 296 of
+# them failed). Elsewhere they start the platform's default way (`spawn` on macOS and Windows).
+WORKER_PROCESSES = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+
+
 def _worker_init(_: int) -> None:
     # A run killed (kill -9, the out-of-memory killer) takes its workers with it at once: the loader's own check
     # would end them only 5 s on, decoding and holding memory meanwhile.
@@ -198,9 +206,9 @@ class _Watch:
     whose thread (`_stuck_workers_stopped`) stops a worker that has been on one file for `STUCK_AFTER_S`."""
 
     def __init__(self, workers: int):
-        self.pids = multiprocessing.RawArray("q", workers)
-        self.since = multiprocessing.RawArray("d", workers)  # time.monotonic(), one clock for every process
-        self.files = multiprocessing.RawArray("q", [-1] * workers)  # -1: between files
+        self.pids = WORKER_PROCESSES.RawArray("q", workers)
+        self.since = WORKER_PROCESSES.RawArray("d", workers)  # time.monotonic(), one clock for every process
+        self.files = WORKER_PROCESSES.RawArray("q", [-1] * workers)  # -1: between files
 
     def start(self, worker: int, index: int) -> None:
         self.pids[worker], self.since[worker] = os.getpid(), time.monotonic()
@@ -577,6 +585,7 @@ def _loader_parcels(
                 num_workers=workers,
                 collate_fn=_collate,
                 worker_init_fn=_worker_init if workers else None,
+                multiprocessing_context=WORKER_PROCESSES if workers else None,
                 prefetch_factor=prefetch_factor,
                 pin_memory=pin,
             )
@@ -789,9 +798,10 @@ def _each_alone(files: ImageFiles, indices: range, workers: int, stuck: set[int]
 
 def _decode_alone(files: ImageFiles, index: int, stop: threading.Event) -> Item:
     path = files.paths[index]
-    context = multiprocessing.get_context()  # the DataLoader's
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_decode_for_parent, args=(sender, path, files.cfg, files.options, files.jpeg_to_device))
+    receiver, sender = WORKER_PROCESSES.Pipe(duplex=False)
+    child = WORKER_PROCESSES.Process(
+        target=_decode_for_parent, args=(sender, path, files.cfg, files.options, files.jpeg_to_device)
+    )
     child.start()
     sender.close()
     last = time.monotonic()

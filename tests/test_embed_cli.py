@@ -2099,6 +2099,30 @@ def test_a_worker_that_dies_costs_only_its_file(
     assert sum(len(b.errors) for b in batches) == 3 * (len(DEATHS) + 1)  # and the broken JPEG, as before
 
 
+def test_the_workers_decode_whatever_the_default_start_method(mixed_folder: Path) -> None:
+    # Python 3.14 made `forkserver` the default start method on Linux. The loader's workers were then children of
+    # the server, which each took for a parent that had died: every file was decoded again in a process of its own,
+    # and each of those exited without an answer.
+    from siglip_cli import decoding as D
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.preprocess import DecodeOptions
+
+    paths = sorted(str(p) for p in mixed_folder.iterdir()) * 3
+    cfg = PreprocessConfig(32, 32)
+    plain = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=5, workers=0, pin=False))
+    default = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        batches = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=5, workers=2, pin=False))
+    finally:
+        multiprocessing.set_start_method(default, force=True)
+    assert [(b.rows, b.errors) for b in batches] == [(b.rows, b.errors) for b in plain]
+    cpu = torch.device("cpu")
+    for got, expected in zip(batches, plain):
+        pixels = [D.batch_pixels(batch, cfg, cpu, DecodeOptions())[0] for batch in (got, expected)]
+        assert torch.equal(*pixels)
+
+
 def test_a_parcel_its_worker_cannot_send_costs_only_its_file(
     mixed_folder: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
@@ -2341,7 +2365,6 @@ def test_workers_that_cannot_start_leave_the_work_to_this_process(
     # A full or read-only /dev/shm: the loader's queues could not make their semaphores, and the run ended in a
     # traceback. The shared memory where workers say which file they are on comes from there too.
     import errno
-    import multiprocessing
 
     from siglip_cli import decoding as D
     from siglip_cli.config import PreprocessConfig
@@ -2363,7 +2386,7 @@ def test_workers_that_cannot_start_leave_the_work_to_this_process(
     if failing == "the-loader's-queues":
         monkeypatch.setattr(D.DataLoader, "_get_iterator", no_semaphores)
     else:
-        monkeypatch.setattr(multiprocessing, "RawArray", no_shared_memory)
+        monkeypatch.setattr(D.WORKER_PROCESSES, "RawArray", no_shared_memory)
     notes: list[str] = []
     batches = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=3, workers=2, pin=False, note=notes.append))
     assert notes == ["cannot start 2 decoding workers (No space left on device; their queues need a writable "
