@@ -39,7 +39,7 @@ from .errors import RunFailed, UserError, first_line
 from .outputs import OutputPaths, check_outputs, read_rows, refuse_inputs_among_outputs
 from .runtime import dtype_note, load, resolve_device, resolve_dtype
 from .shards import merge_outputs, select_shard
-from .storage import WorkArea, exclusive
+from .storage import WorkArea, exclusive, shard_name
 from .checkpoints import Checkpoint, resolve_checkpoint
 
 
@@ -258,7 +258,7 @@ def embed_on_devices(
             _Job(
                 i, model, revision, device, dtype,
                 paths=select_shard(paths, i, count),
-                output=work / f"shard-{i}-of-{count}{out.embeddings.suffix}",  # the link's target's, for an -o link
+                output=work / shard_name(i, count, out.embeddings.suffix),  # the link's target's, for an -o link
                 options=options,
                 compile=compile,
                 overwrite=overwrite,

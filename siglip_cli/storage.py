@@ -24,7 +24,8 @@ from safetensors.numpy import save as safetensors_bytes
 
 from . import interrupts
 from .errors import UserError, os_reason
-from .files import display_path, refuse_a_drive_not_mounted
+from .files import refuse_a_drive_not_mounted
+from .text import display_path
 
 try:
     import fcntl
@@ -428,6 +429,12 @@ def _read_chunk(path: Path) -> Chunk:
 # The name of a chunk, as the run writes it: a copy a sync tool made beside one
 # (`chunk-….sync-conflict-….safetensors`) would hold the same rows a second time.
 CHUNK_NAME = re.compile(r"chunk-\d+\.safetensors")
+# The output of device K of a several-device run on N devices, in that run's work area (`devices`).
+SHARD_NAME = re.compile(r"shard-(\d+)-of-(\d+)\.")
+
+
+def shard_name(index: int, count: int, suffix: str) -> str:
+    return f"shard-{index}-of-{count}{suffix}"
 
 
 class WorkArea:
@@ -483,7 +490,7 @@ class WorkArea:
             names = [entry.name for entry in os.scandir(self.directory)]
         except OSError:
             return None
-        counts = [int(m[1]) for name in names if (m := re.match(r"shard-\d+-of-(\d+)\.", name))]
+        counts = [int(m[2]) for name in names if (m := SHARD_NAME.match(name))]
         return max(counts, default=None)
 
     def mark_assembling(self, steps: Steps) -> None:
