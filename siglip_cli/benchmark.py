@@ -35,7 +35,7 @@ from .checkpoints import Checkpoint
 from .config import DEFAULT_PRESET, PreprocessConfig
 from .cpus import fit_cpu_threads
 from .errors import UserError
-from .files import first_of
+from .text import first_of
 from .model import SiglipVision, num_parameters
 from .references import Forward, check_references, missing_package, reference_forward
 from .runtime import (
@@ -654,7 +654,8 @@ def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], list[st
     """The first `limit` image files under `directory` that decode, found as `siglip embed` finds them (sorted,
     recursive), and those passed over because they do not, each with why: timings of a file that fails mean
     nothing."""
-    from .files import IMAGE_SUFFIXES, discover, display_path
+    from .files import IMAGE_SUFFIXES, discover
+    from .text import display_path
     from .preprocess import BadImage, DecodeOptions, one_line, open_rgb
 
     if not directory.is_dir():

@@ -40,7 +40,8 @@ from .config import (
     vision_config_from_hub,
 )
 from .errors import UserError, first_line
-from .files import display_path, is_utf8
+from .files import is_utf8
+from .text import display_path
 
 if TYPE_CHECKING:
     from torch import Tensor

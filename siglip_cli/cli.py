@@ -25,7 +25,7 @@ from . import __version__, interrupts
 from .allocator import keep_freed_memory
 from .config import CPU_BATCH_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRESET
 from .errors import DeviceFault, UserError, address_space_limit, first_line
-from .files import counted, display_path, escape_controls
+from .text import counted, display_path, escape_controls
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -143,7 +143,7 @@ def _note_folders_made(out: OutputPaths, *, quiet: bool) -> None:
 
 
 def printable(message: str) -> str:
-    """A sentence as one terminal line (`files.escape_controls`). Input paths come escaped already (`display_path`);
+    """A sentence as one terminal line (`text.escape_controls`). Input paths come escaped already (`display_path`);
     `-o` names and folder names the user typed may not."""
     return escape_controls(message)
 

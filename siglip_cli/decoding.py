@@ -45,10 +45,10 @@ from . import headstart, interrupts
 from .config import PreprocessConfig
 from .cpus import cgroup_memory_room, usable_cpus
 from .errors import file_size_limit, first_line, os_reason
-from .files import counted, display_path
 from .gpu_decode import JpegHeader, decode_headers, device_index, read_header
 from .preprocess import DecodeOptions, load_pixels, one_line
 from .reading import error_facts, failure_reason, pixels_and_facts
+from .text import counted, display_path
 
 
 T, U = TypeVar("T"), TypeVar("U")

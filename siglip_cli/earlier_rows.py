@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Iterable, NamedTuple
 from . import interrupts
 from .decoding import look_ahead
 from .errors import UserError
-from .files import below_mount_points, counted, directory_entry, display_path, empty_folder, same_file
+from .files import below_mount_points, directory_entry, empty_folder, same_file
 from .outputs import Ref
 from .reading import digest_of_file
 from .storage import Chunk, SafetensorsRows
+from .text import counted, display_path
 
 if TYPE_CHECKING:  # embed imports this module; its Progress is named in annotations only
     from .embed import Progress

@@ -33,7 +33,7 @@ from torch import Tensor
 from . import earlier_rows, gpu_decode, interrupts
 from .decoding import Batch, batch_pixels, decoded_batches, default_workers, error_row, look_ahead
 from .errors import UserError, first_line
-from .files import counted, discover, display_path
+from .files import discover
 from .outputs import (
     OUTPUT_DTYPES,
     Difference,
@@ -56,6 +56,7 @@ from .outputs import (
 from .preprocess import DecodeOptions
 from .runtime import Embedder, dtype_name, load, out_of_memory
 from .storage import WorkArea, WriteError, exclusive, remove_stale_temporaries, write_jsonl
+from .text import counted, display_path
 
 __all__ = ["EmbedOptions", "EmbedResult", "Embedder", "Summary", "embed_paths", "embed_to_file", "load"]
 

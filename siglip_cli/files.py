@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .text import counted, display_path, first_of
 
 # What cameras, phones and the web save photos as. HEIC/HEIF (iPhones since 2017) decode through pillow-heif,
 # AVIF through Pillow itself (11.3+); .mpo is the multi-picture JPEG some cameras write, .jfif/.jpe browser
@@ -37,8 +38,6 @@ SKIPPED_FOLDERS = frozenset(
 # (`*.photolibrary`) and Aperture (`*.aplibrary`) libraries keep theirs in `Masters` beside `Previews` and `Thumbnails`.
 PHOTOS_LIBRARY_SUFFIXES = (".photoslibrary", ".photolibrary", ".aplibrary")
 PHOTOS_LIBRARY_ORIGINALS = frozenset({"originals", "Masters"})
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_LONE_SURROGATES = re.compile(r"[\ud800-\udfff]")  # how Python's str holds a name's bytes that are not UTF-8
 
 
 @dataclass
@@ -141,12 +140,6 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
-def first_of(items: list[str], shown: int) -> str:
-    """'a, b, c, 4 more': the first `shown` of `items`, and how many are left out."""
-    more = [f"{len(items) - shown:,} more"] if len(items) > shown else []
-    return ", ".join(items[:shown] + more)
-
-
 # Where drives and network shares are mounted, and how many folders down their mount points sit: /Volumes/X
 # (macOS), /mnt/X (by hand), /media/X (usbmount, fstab) or /media/USER/X (desktops), /run/media/USER/X (Fedora,
 # Arch). Under one of these, a missing folder on the way to the mount point means a drive not mounted.
@@ -213,11 +206,6 @@ def refuse_a_drive_not_mounted(output: str | os.PathLike) -> None:
             f"no drive is mounted at {display_path(deepest)}, an empty folder: mount the drive, or put any file in "
             "the folder first to write on this disk."
         )
-
-
-def counted(n: int, noun: str) -> str:
-    """'3 files', '1 file'."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def discover(
@@ -477,20 +465,6 @@ def _suffix_text(suffix: str) -> str:
     if not suffix:
         return "(no extension)"
     return f"'{suffix}'" if suffix != suffix.strip() else suffix
-
-
-def display_path(path: str) -> str:
-    """The path as text for a terminal: bytes that are not UTF-8 shown as U+FFFD, control characters as `\\x1b`
-    (`escape_controls`)."""
-    return escape_controls(os.fsencode(path).decode("utf-8", errors="replace"))
-
-
-def escape_controls(text: str) -> str:
-    """`text` as one terminal line: control characters (a newline, an escape sequence that would recolour the
-    terminal, C1 controls such as CSI) shown as `\\x1b`, and a name's bytes that are not UTF-8 (an `-o` name as
-    typed) as U+FFFD, as `display_path` shows them."""
-    text = _LONE_SURROGATES.sub("\ufffd", text)
-    return _CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def is_utf8(path: str) -> bool:

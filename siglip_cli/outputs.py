@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from . import __version__, interrupts
 from .config import VisionConfig, json_kind
 from .errors import UserError
-from .files import display_path, path_fields, path_from_fields, same_file
+from .files import path_fields, path_from_fields, same_file
 from .storage import (
     CHUNK_NAME,
     NpyRows,
@@ -36,6 +36,7 @@ from .storage import (
     write_npy,
     write_safetensors,
 )
+from .text import display_path
 
 if TYPE_CHECKING:  # the weights module imports torch: 2.5 s that `siglip merge` has no use for
     from .checkpoints import Checkpoint

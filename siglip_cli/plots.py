@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UserError
-from .files import display_path
 from .storage import atomic_write
+from .text import display_path
 from .tracing import Inspection, first_non_finite
 
 # Colour ramps as anchor colours at evenly spaced positions, interpolated linearly in RGB.

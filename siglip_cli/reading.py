@@ -16,8 +16,8 @@ from typing import Callable, Protocol, TypeVar
 import numpy as np
 
 from .config import PreprocessConfig
-from .files import display_path
 from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_checked
+from .text import display_path
 
 class HasImageSize(Protocol):
     """What a device decoder says of a file it claims (`gpu_decode.JpegHeader`): the oriented picture's size."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from .errors import UserError
-from .files import WalkReport, counted
+from .files import WalkReport
 from .outputs import (
     OutputPaths,
     Ref,
@@ -31,6 +31,7 @@ from .outputs import (
     without_weights,
 )
 from .storage import Steps, exclusive, remove_stale_temporaries
+from .text import counted
 
 
 def parse_shard(spec: str | None, num_shards: int | None, environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:

@@ -24,9 +24,10 @@ from torch import Tensor
 
 from .config import DEFAULT_MAX_PIXELS, DEFAULT_PRESET, PIL_FILTERS, PreprocessConfig, VisionConfig
 from .errors import UserError
-from .files import display_path, is_regular_file
+from .files import is_regular_file
 from .model import SiglipVision, gflops_per_image, num_parameters
 from .preprocess import BadImage, DecodeOptions, one_line, open_checked, open_rgb, resize, resized_to_pixels
+from .text import display_path
 from .weights import load_tower
 
 SAMPLE_IMAGE = "sample.jpg"  # in siglip_cli/assets: chelsea.jpg from sample_images/ (CC0)

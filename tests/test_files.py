@@ -21,13 +21,13 @@ from siglip_cli.errors import UserError
 from siglip_cli.files import (
     WalkReport,
     discover,
-    display_path,
     find_images,
     is_regular_file,
     path_fields,
     path_from_fields,
     read_path_list,
 )
+from siglip_cli.text import display_path
 
 
 def touch(path: Path) -> Path:

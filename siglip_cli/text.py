@@ -1,0 +1,34 @@
+"""Text for people: counts and lists in words, and names as one terminal line whatever bytes they hold."""
+
+from __future__ import annotations
+
+import os
+import re
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_LONE_SURROGATES = re.compile(r"[\ud800-\udfff]")  # how Python's str holds a name's bytes that are not UTF-8
+
+
+def counted(n: int, noun: str) -> str:
+    """'3 files', '1 file'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def first_of(items: list[str], shown: int) -> str:
+    """'a, b, c, 4 more': the first `shown` of `items`, and how many are left out."""
+    more = [f"{len(items) - shown:,} more"] if len(items) > shown else []
+    return ", ".join(items[:shown] + more)
+
+
+def display_path(path: str) -> str:
+    """The path as text for a terminal: bytes that are not UTF-8 shown as U+FFFD, control characters as `\\x1b`
+    (`escape_controls`)."""
+    return escape_controls(os.fsencode(path).decode("utf-8", errors="replace"))
+
+
+def escape_controls(text: str) -> str:
+    """`text` as one terminal line: control characters (a newline, an escape sequence that would recolour the
+    terminal, C1 controls such as CSI) shown as `\\x1b`, and a name's bytes that are not UTF-8 (an `-o` name as
+    typed) as U+FFFD, as `display_path` shows them."""
+    text = _LONE_SURROGATES.sub("\ufffd", text)
+    return _CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
