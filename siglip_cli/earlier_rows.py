@@ -54,6 +54,21 @@ def by_path(refs: Iterable[Ref], errors: Iterable[dict]) -> dict[str, Ref | dict
     return found
 
 
+class Status(NamedTuple):
+    """What the checks of an earlier row need of its file's `os.stat`, kept for each file of the earlier output
+    while a run settles them: about 220 bytes a file, where the whole `os.stat_result` (every field, and the times
+    as floats too) takes 640."""
+
+    st_size: int
+    st_mode: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> Status:
+        return cls(stat.st_size, stat.st_mode, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 class Settled(NamedTuple):
     """A run's files (`paths`, in the output's order: `_with_earlier_rows`) and what earlier work settles of them:
     `done`, the rows that need no new work (this run's chunks, the earlier output's rows of unchanged files, of
@@ -80,7 +95,7 @@ def settle(
     files not given are kept (a whole output's --update)."""
     if keep_unlisted:
         _refuse_update_from_elsewhere(previous, made_in)
-    seen: dict[str, os.stat_result] = {}  # each earlier row's file is looked at once: twice is slow on a share
+    seen: dict[str, Status] = {}  # each earlier row's file is looked at once: twice is slow on a share
     paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, progress, seen)
     reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress, seen) | unchecked
     moved = _moved([p for p in paths if p not in reused], dropped, progress)
@@ -121,7 +136,7 @@ def _with_earlier_rows(
     previous: dict[str, Ref | dict],
     keep_unlisted: bool,
     progress: Progress | None,
-    seen: dict[str, os.stat_result],
+    seen: dict[str, Status],
 ) -> tuple[list[str], dict[str, Ref | dict], dict[str, Ref]]:
     """The files of a run over an earlier output: `paths`, each under the spelling the earlier output gave it (so
     that its row is reused); with `keep_unlisted` (the user's --update), also the files of the earlier rows that are
@@ -162,7 +177,7 @@ def _with_earlier_rows(
     return sorted(given.union(still, unchecked), key=os.fsencode), unchecked, dropped
 
 
-def _whereabouts(path: str, seen: dict[str, os.stat_result] | None = None) -> str:
+def _whereabouts(path: str, seen: dict[str, Status] | None = None) -> str:
     """Of a file an earlier row names: "there" (its stat kept in `seen`), "gone", or "unknown" when it cannot be
     looked at now. Unknown: a folder on its way cannot be read, or what is left of the way is a drive that is not
     mounted: a symlink whose target is missing, a mount point missing from where drives are mounted (with the
@@ -172,7 +187,7 @@ def _whereabouts(path: str, seen: dict[str, os.stat_result] | None = None) -> st
     try:
         stat = os.stat(path)
         if seen is not None:
-            seen[path] = stat
+            seen[path] = Status.of(stat)
         return "there"
     except (FileNotFoundError, NotADirectoryError):
         pass
@@ -199,7 +214,7 @@ def _reusable(
     in_chunks: dict[str, Ref | dict],
     previous: dict[str, Ref | dict],
     progress: Progress | None,
-    seen: dict[str, os.stat_result],
+    seen: dict[str, Status],
 ) -> dict[str, Ref | dict]:
     """The rows of `paths` that need no new work, where the file is still the one that produced the row: from this
     run's chunks, embedded or failed, else embedded in the earlier output (--update).
@@ -217,14 +232,19 @@ def _reusable(
         {path: row.info if isinstance(row, Ref) else row for path, row in found.items()}, progress, seen
     )
     return {
-        path: row._replace(info=infos[path]) if isinstance(row, Ref) else infos[path]
+        path: _with_info(row, infos[path]) if isinstance(row, Ref) else infos[path]
         for path, row in found.items()
         if path in infos
     }
 
 
+def _with_info(ref: Ref, info: dict) -> Ref:
+    """`ref` with `info`, its facts as of today: itself where they did not change (most rows: no new Ref each)."""
+    return ref if info is ref.info else ref._replace(info=info)
+
+
 def _still_current(
-    infos: dict[str, dict], progress: Progress | None, seen: dict[str, os.stat_result] | None = None
+    infos: dict[str, dict], progress: Progress | None, seen: dict[str, Status] | None = None
 ) -> dict[str, dict]:
     """Of `infos` (manifest rows by path), those whose file is still the one that produced them, with today's times.
     `seen`: files already looked at by this run, not asked again.
@@ -233,7 +253,7 @@ def _still_current(
     moved (a copy, a restore, a sync, a chmod; a tag edited in place with the mtime kept) the content hash decides.
     Those files are read in `HASHING_THREADS` threads, after a note when there is much to read."""
     current: dict[str, dict] = {}
-    touched: dict[str, os.stat_result] = {}
+    touched: dict[str, Status | os.stat_result] = {}
     for path, info in infos.items():
         try:
             stat = (seen or {}).get(path) or os.stat(path)
@@ -301,7 +321,7 @@ def _digests(paths: list[str], size: int, progress: Progress | None, why: str) -
         return list(look_ahead(paths, digest_or_none, depth=4 * HASHING_THREADS, threads=HASHING_THREADS))
 
 
-def _times(info: dict, stat: os.stat_result) -> dict[str, int]:
+def _times(info: dict, stat: Status | os.stat_result) -> dict[str, int]:
     """The file's times as a row records them: its mtime, and its ctime where the row has one (`stat_facts`)."""
     return {"mtime_ns": stat.st_mtime_ns, **({"ctime_ns": stat.st_ctime_ns} if "ctime_ns" in info else {})}
 
