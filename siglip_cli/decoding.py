@@ -84,8 +84,9 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> Item:
-        path = self.paths[index]
+    def __getitem__(self, key: int | tuple[int, str]) -> Item:
+        """The item of file `key`: its index, or (index, path) as `_ParcelSampler` hands it to a worker."""
+        index, path = key if isinstance(key, tuple) else (key, self.paths[key])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's corrupt-EXIF and palette warnings: the file either works or fails
             try:
@@ -242,11 +243,11 @@ class _Watched(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> Item:
+    def __getitem__(self, key: tuple[int, str]) -> Item:
         worker = get_worker_info().id  # only workers decode it: a loader without workers has no watch
-        self.watch.start(worker, index)
+        self.watch.start(worker, key[0])
         try:
-            return self.files[index]
+            return self.files[key]
         finally:
             self.watch.done(worker)
 
@@ -450,15 +451,22 @@ def available_memory() -> int | None:
 @dataclass(frozen=True)
 class _ParcelSampler:
     """The DataLoader's batch sampler: the files of each batch span in parcels of `size`, made as they are needed
-    (a list of them would cost ~40 bytes per file, 400 MB for ten million photos)."""
+    (a list of them would cost ~40 bytes per file, 400 MB for ten million photos).
+
+    With `paths`, each file goes to its worker as (index, path). A worker that took the path from the list it
+    inherited at the fork wrote to the memory of each string it touched (its reference count), which the kernel then
+    copied for it, page by page: each of two workers ended with a copy of nearly every path, 40 MB each for 400,000
+    photos."""
 
     spans: list[tuple[int, int]]
     size: int
+    paths: list[str] | None = None
 
-    def __iter__(self) -> Iterator[range]:
+    def __iter__(self) -> Iterator[range | list[tuple[int, str]]]:
         for start, end in self.spans:
             for first in range(start, end, self.size):
-                yield range(first, min(first + self.size, end))
+                parcel = range(first, min(first + self.size, end))
+                yield parcel if self.paths is None else [(index, self.paths[index]) for index in parcel]
 
     def __len__(self) -> int:
         return sum(math.ceil((end - start) / self.size) for start, end in self.spans)
@@ -487,10 +495,20 @@ def decoded_batches(
             parts: list[Parcel] = []
             while sum(map(len, parts)) < end - start:
                 parts.append(next(parcels))
-            yield Batch.of(parts)
+            batch = Batch.of(parts)
+            _named_by(batch, paths[start:end])
+            yield batch
         next(parcels, None)  # asked once more, the finished loader shuts its workers down, in ordinary code
     finally:
         parcels.close()  # now, even if a traceback keeps this frame: the loader's workers stop with it
+
+
+def _named_by(batch: Batch, paths: list[str]) -> None:
+    """Name `batch`'s rows with the strings of `paths` (its files), not the copies that came back from the workers:
+    a run keeps every row to its end, and each path would be held twice (its length + 49 bytes a photo)."""
+    ours = {path: path for path in paths}
+    for row in (*batch.rows, *batch.errors):
+        row["path"] = ours.get(row["path"], row["path"])
 
 
 def _head_start(paths: list[str], cfg: PreprocessConfig, options: DecodeOptions, jpeg_to_device: bool) -> list[Item]:
@@ -581,7 +599,7 @@ def _loader_parcels(
             watch = _Watch(workers) if workers else None  # in shared memory too
             loader = DataLoader(
                 _Watched(files, watch) if watch else files,
-                batch_sampler=_ParcelSampler(spans, size),
+                batch_sampler=_ParcelSampler(spans, size, files.paths if workers else None),
                 num_workers=workers,
                 collate_fn=_collate,
                 worker_init_fn=_worker_init if workers else None,

@@ -209,13 +209,15 @@ def embed_to_file(
         new = _embed_pending(
             embedder, pending, work, options, progress, first_seq=earlier.next_seq, flush_seconds=flush_seconds
         )
-        results = {**done, **new}
+        results = {**done, **new} if done else new  # no copy of every entry where nothing was done before
         if progress and part_of is None:  # a several-device worker's errors file is not the one the user gets
             _note_failing_since(earlier.previous, new, out, progress)
 
-        ordered = [results[p] for p in paths]
-        good = [r for r in ordered if isinstance(r, Ref)]
-        bad = [r for r in ordered if not isinstance(r, Ref)]
+        good: list[Ref] = []
+        bad: list[dict] = []
+        for path in paths:
+            row = results[path]
+            (good if isinstance(row, Ref) else bad).append(row)
         if not good and paths and whole_run:
             work.remove()
             refuse_empty_run(out, bad)

@@ -2046,6 +2046,35 @@ def test_batches_are_fixed_slices_put_together_from_worker_parcels(
             assert (got - expected).abs().max() <= (0.2 if jpeg_to_device else 0.0)
 
 
+class _PathsOfThisProcess(list):
+    """A run's path list that only the process which made it may read: a forked worker reading it would come to hold
+    a copy of the memory of every path it read."""
+
+    def __init__(self, paths: list[str]):
+        super().__init__(paths)
+        self.pid = os.getpid()
+
+    def __getitem__(self, index):
+        assert os.getpid() == self.pid, "a decoding worker read the run's path list"
+        return super().__getitem__(index)
+
+
+def test_the_workers_get_their_paths_with_their_parcels_and_rows_keep_the_runs_own(mixed_folder: Path) -> None:
+    # Memory of a run over millions of photos: each worker ended with a copy of nearly every path (reading one from
+    # the list it inherited writes to its page), and every row held a second copy of its path, the worker's.
+    from siglip_cli import decoding as D
+    from siglip_cli.config import PreprocessConfig
+    from siglip_cli.preprocess import DecodeOptions
+
+    paths = _PathsOfThisProcess(str(p) for p in sorted(mixed_folder.iterdir()) * 3)
+    batches = list(D.decoded_batches(paths, PreprocessConfig(32, 32), DecodeOptions(), batch_size=5, workers=2,
+                                     pin=False))  # fmt: skip
+    rows = [row for batch in batches for row in batch.rows + batch.errors]
+    assert sorted(row["path"] for row in rows) == sorted(paths)
+    ours = {id(path) for path in paths}
+    assert all(id(row["path"]) in ours for row in rows)
+
+
 def die_decoding(names: dict[str, Callable[[], None]], monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoding a file whose name is in `names` kills its process in the given way, as a crash in a native decoder
     or the out-of-memory killer would (the worker processes are forked with the stand-in in place)."""
