@@ -658,8 +658,12 @@ def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], list[st
     from .text import display_path
     from .preprocess import BadImage, DecodeOptions, one_line, open_rgb
 
-    if not directory.is_dir():
-        raise BenchError(f"--images {directory} {'is not a directory' if directory.exists() else 'does not exist'}.")
+    try:
+        if not directory.is_dir():
+            kind = "is not a directory" if directory.exists() else "does not exist"
+            raise BenchError(f"--images {directory} {kind}.")
+    except PermissionError as e:  # a folder on its way closed to this user
+        raise BenchError(f"--images {directory} cannot be read: {e.strerror}.") from None
     found = discover([str(directory)])
     if not found:
         raise BenchError(f"--images {directory} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")

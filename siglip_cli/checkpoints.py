@@ -81,11 +81,15 @@ def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
     if not name.strip():  # `-m "$MODEL"` with the variable unset: Path("") is the current folder
         raise CheckpointError("the model name is empty: give a Hub id or a checkpoint directory.")
     path = Path(name).expanduser()
-    if path.is_dir():
+    try:
+        is_folder, exists = path.is_dir(), path.exists()
+    except PermissionError as e:  # a folder on its way that this user may not enter
+        raise CheckpointError(f"cannot read {display_path(name)}: {e.strerror}.") from None
+    if is_folder:
         if revision is not None:
             raise CheckpointError(f"{name} is a local folder: a revision ({revision}) applies only to Hub ids.")
         return _resolve(name, None, _LocalFiles(path))
-    if path.exists():  # model.safetensors or pytorch_model.bin alone: the tower's shape is in config.json
+    if exists:  # model.safetensors or pytorch_model.bin alone: the tower's shape is in config.json
         raise CheckpointError(f"{name} is a file; pass the checkpoint directory that holds config.json instead.")
     if name in PRESETS:
         raise CheckpointError(
@@ -96,7 +100,7 @@ def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
     try:
         return _resolve(name, revision, _HubFiles(name, revision))
     except CheckpointError as e:
-        if path.parent.is_dir():  # `runs/ckpt-final` mistyped looks like a Hub id: say the folder is not there
+        if os.path.isdir(path.parent):  # `runs/ckpt-final` mistyped looks like a Hub id: say the folder is not there
             raise CheckpointError(f"there is no folder {name} here, and as a Hub id: {e}") from None
         raise
 
@@ -225,7 +229,8 @@ def _read_json(path: Path) -> dict:
     try:
         content = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}.") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e  # not "[Errno 13] ...: 'config.json'"
+        raise CheckpointError(f"cannot read {path}: {reason}.") from None
     if not isinstance(content, dict):
         raise CheckpointError(f"{path} is not a JSON object.")
     return content
@@ -342,8 +347,12 @@ class _LocalFiles:
     def get(self, filename: str, *, required: bool, probe: bool = True) -> Path | None:
         """As `_HubFiles.get`, whose `probe` means nothing for a folder."""
         path = self.directory / filename
-        if path.is_file():
-            return path
+        try:
+            if path.is_file():
+                return path
+        except PermissionError as e:  # the folder is closed to this user (no x bit): not this file alone
+            folder = display_path(str(self.directory))
+            raise CheckpointError(f"cannot read the folder {folder}: {e.strerror}.") from None
         if required:
             raise CheckpointError(f"{self.directory} has no {filename}.")
         return None

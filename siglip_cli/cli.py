@@ -156,6 +156,8 @@ def user_errors() -> Iterator[None]:
         yield
     except UserError as e:
         fail(str(e), e.exit_code)
+    except PermissionError as e:  # a file or folder closed to this user, met where no sentence of ours was ready
+        fail(f"cannot use {display_path(os.fsdecode(e.filename))}: {e.strerror}." if e.filename else f"{e}.")
     except KeyboardInterrupt:
         fail("interrupted.", 130)
 
@@ -247,9 +249,9 @@ def _fresh(output: Path, overwrite: bool) -> bool:
 
     try:
         out = OutputPaths.for_output(output)
-    except UserError:  # refused: the run says why
+        return not out.work.exists() and (overwrite or not out.embeddings.exists())
+    except (UserError, OSError):  # refused, or a folder closed to this user: the run says why
         return False
-    return not out.work.exists() and (overwrite or not out.embeddings.exists())
 
 
 def _path(value: str) -> Path:

@@ -238,6 +238,7 @@ def embed_on_devices(
         # each worker replaces its shard if it was made with other options. A run stopped after the merge had put
         # the output in place still has its shards here: they are brought up to date and merged again.
         area = WorkArea(work)
+        area.refuse_if_closed()
         area.finish_assembling()  # a merge stopped between its renames
         published = area.published(out.embeddings)
         earlier = area.device_count()

@@ -422,6 +422,7 @@ def _tidy_earlier_work(work: WorkArea, out: OutputPaths, state: dict, *, overwri
     it had put its output in place (`published`: its work area, stale, is removed). A work area without finished
     work is removed too; work of other options is removed with --overwrite; the shards of a run on several devices
     are refused without it."""
+    work.refuse_if_closed()
     if overwrite and work.exists() and not same_options(work.state() or {}, state):
         work.remove()  # its options are others, or cannot be read: it is not this run's to continue
     work.finish_assembling()  # a run stopped between its final renames: its output is made whole, then published

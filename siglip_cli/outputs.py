@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from . import __version__, interrupts
 from .config import VisionConfig, json_kind
@@ -30,6 +30,7 @@ from .storage import (
     SafetensorsRows,
     Steps,
     TensorSpec,
+    open_safetensors,
     read_jsonl,
     replaced_together,
     write_jsonl,
@@ -379,7 +380,7 @@ def read_output_metadata(out: OutputPaths) -> dict[str, str]:
     with _reading(out):
         if out.meta is not None:
             return read_jsonl(out.meta)[0]
-        with safe_open(out.embeddings, framework="np") as f:
+        with open_safetensors(out.embeddings) as f:
             return f.metadata() or {}
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,7 @@ def atomic_write(path: Path, staging: Staging | None = None) -> Iterator[BinaryI
     tmp = _temporary(path, os.getpid())
     try:
         with open(tmp, "wb") as f:
+            _keep_permissions(path, f)
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -93,6 +95,17 @@ def atomic_write(path: Path, staging: Staging | None = None) -> Iterator[BinaryI
     except BaseException:
         _remove_if_can(tmp)
         raise
+
+
+def _keep_permissions(path: Path, new: BinaryIO) -> None:
+    """Give the `new` file that replaces `path` the permissions `path` has: a manifest kept private (600) or read-only
+    (444) stays so after an --update, and does not come back as the umask makes a new file (644)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:  # nothing there yet: a new file, as the umask has it
+        return
+    with contextlib.suppress(OSError):  # a file system without modes (FAT, some network shares)
+        os.fchmod(new.fileno(), mode)
 
 
 def _size_if_any(path: Path) -> int | None:
@@ -195,7 +208,8 @@ def _open_lock_file(lock: Path, output: Path) -> BinaryIO:
     cannot be: a file, or a link to a drive not mounted, where a folder should be."""
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        return open(lock, "a+b")
+        # Read-only: a lock needs no more, and a lock file another user left (a run under sudo, killed) is theirs.
+        return os.fdopen(os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666), "rb")
     except OSError as e:
         if isinstance(e, (FileExistsError, NotADirectoryError)):  # something not a folder where the path needs one
             blocking = next((p for p in reversed(output.parents) if os.path.lexists(p) and not p.is_dir()), None)
@@ -206,6 +220,15 @@ def _open_lock_file(lock: Path, output: Path) -> BinaryIO:
                 ) from None
             if blocking is not None:
                 raise UserError(f"cannot write {output}: {blocking} is a file, not a folder.") from None
+        if isinstance(e, PermissionError) and not os.path.isdir(lock.parent):  # a folder to make, in one closed to us
+            missing = next(p for p in reversed([lock.parent, *lock.parent.parents]) if not os.path.isdir(p))
+            raise UserError(f"cannot make the folder {display_path(str(missing))} for {display_path(str(output))}: "
+                            f"{e.strerror}.") from None  # fmt: skip
+        if isinstance(e, PermissionError) and os.path.lexists(lock):  # another user's, closed to this one
+            raise UserError(
+                f"cannot open {display_path(str(lock))}, the lock of another user's run on {display_path(str(output))} "
+                f"({e.strerror}): if no such run is writing it now, delete that file."
+            ) from None
         raise UserError(f"cannot write beside {output}: {e.strerror or e}.") from None
 
 
@@ -347,7 +370,7 @@ class SafetensorsRows:
 
     def _layout(self) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
         if self._tensors is None:
-            with safe_open(self.path, framework="np"):  # refuses a damaged file as safetensors does
+            with open_safetensors(self.path):  # refuses a damaged file as safetensors does
                 pass
             with open(self.path, "rb") as f:
                 size = int.from_bytes(f.read(8), "little")
@@ -415,9 +438,17 @@ class Chunk:
         return int(self.path.stem.removeprefix("chunk-"))
 
 
+@contextmanager
+def open_safetensors(path: Path) -> Iterator:
+    """safetensors' `safe_open` (numpy), opened by the system first: safetensors says "No such file or directory" of
+    a file this user may not read, whose remedy is another."""
+    with open(path, "rb"), safe_open(path, framework="np") as f:
+        yield f
+
+
 def _read_chunk(path: Path) -> Chunk:
     """A chunk whose rows are listed and held whole: safetensors checks the file's length against its header."""
-    with safe_open(path, framework="np") as f:
+    with open_safetensors(path) as f:
         meta = f.metadata()
         rows, errors = json.loads(meta["rows"]), json.loads(meta["errors"])
         held = {name: f.get_slice(name).get_shape()[0] for name in f.keys()}
@@ -437,6 +468,15 @@ def shard_name(index: int, count: int, suffix: str) -> str:
     return f"shard-{index}-of-{count}{suffix}"
 
 
+def _user_name(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):  # no such module (Windows), or a user only a container's host knows
+        return f"user {uid}"
+
+
 class WorkArea:
     """`<output>.partial/`: the options of the run (`state.json`) and its finished chunks, one file each.
 
@@ -450,6 +490,23 @@ class WorkArea:
 
     def exists(self) -> bool:
         return self.state_path.is_file()
+
+    def refuse_if_closed(self) -> None:
+        """Refuse, in one sentence, a work area this user cannot write in: one left by another user's run (under
+        sudo, interrupted) can be neither continued nor replaced. Continued, its rerun embedded every file again,
+        then failed to write its chunks, and so did every rerun after it."""
+        try:
+            owner = os.stat(self.directory).st_uid
+        except OSError:  # none: nothing in the way
+            return
+        if os.access(self.directory, os.W_OK | os.X_OK):
+            return
+        if hasattr(os, "geteuid") and owner != os.geteuid():
+            raise UserError(
+                f"{display_path(str(self.directory))} holds the work of a run by another user ({_user_name(owner)}), "
+                "which this user cannot write in: remove it as that user, or choose another -o."
+            )
+        raise UserError(f"cannot write in {display_path(str(self.directory))}: give this user write access to it.")
 
     def state(self) -> dict | None:
         """The options of the run that made the work area; None when its record cannot be read (damaged)."""

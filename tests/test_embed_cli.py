@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -1261,6 +1262,142 @@ def test_output_folder_that_cannot_be_written_is_one_sentence(
     monkeypatch.setattr(WorkArea, "create", read_only)
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors"))
     assert error == f"error: cannot write beside {out / 'embeddings.safetensors'}: Permission denied."
+
+
+# What another user's files and folders refuse this one. The tests may run as root, whom no mode stops: the system's
+# refusal is stood in for where it would come.
+
+
+def closed_to_this_user(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`chmod 0 folder`: what is in it can no more be looked at (`os.stat` of it refused), as for a user not root."""
+    system_stat = os.stat
+
+    def refusing(path, *args, **kwargs):
+        if not isinstance(path, int) and os.fspath(path).startswith(f"{folder}{os.sep}"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return system_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", refusing)
+
+
+@pytest.mark.parametrize("closed", ["its-folder", "a-folder-on-its-way"])
+def test_a_checkpoint_closed_to_this_user_is_one_sentence(
+    embed, photos: Path, out: Path, tiny_siglip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, closed: str
+) -> None:
+    # A traceback (PermissionError from pathlib's is_dir / is_file).
+    shutil.copytree(tiny_siglip, tmp_path / "models" / "ck")
+    model = tmp_path / "models" / "ck"
+    closed_to_this_user(model if closed == "its-folder" else tmp_path / "models", monkeypatch)
+    error = the_error(embed(photos, "-o", out / "e.npy", model=model))
+    reading = f"the folder {model}" if closed == "its-folder" else str(model)
+    assert error == f"error: cannot read {reading}: Permission denied."
+
+
+def test_a_permission_refused_where_no_sentence_was_ready_is_still_one(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def closed(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(photos / "sub"))
+
+    monkeypatch.setattr("siglip_cli.files.discover", closed)
+    assert the_error(embed(photos, "-o", out / "e.npy")) == f"error: cannot use {photos / 'sub'}: Permission denied."
+
+
+@pytest.mark.parametrize("its_mode", [0o644, 0o600], ids=["mode-644", "mode-600"])
+def test_a_lock_file_another_user_left_is_no_permission_error(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch, its_mode: int
+) -> None:
+    # A run under sudo, killed, left its lock (root's, 644): every run of the user then said "cannot write beside
+    # OUT: Permission denied", of a folder they could write, since the lock was opened for writing.
+    from siglip_cli import storage
+
+    lock = out / ".e.lock"
+    lock.write_bytes(b"")
+    system_open = os.open
+
+    def refused(path: str, writing: bool) -> None:
+        if path == str(lock) and (its_mode == 0o600 or writing):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    def os_open(path, flags, *args, **kwargs):
+        refused(os.fspath(path), writing=bool(flags & (os.O_WRONLY | os.O_RDWR)))
+        return system_open(path, flags, *args, **kwargs)
+
+    def python_open(path, mode="r", *args, **kwargs):
+        refused(os.fspath(path), writing=any(c in mode for c in "wa+x"))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(storage, "open", python_open, raising=False)
+    result = embed(photos, "-o", out / "e.npy")
+    if its_mode == 0o644:  # a lock needs only to be read
+        ok(result)
+    else:
+        assert the_error(result) == (
+            f"error: cannot open {lock}, the lock of another user's run on {out / 'e.npy'} (Permission denied): if no "
+            "such run is writing it now, delete that file."
+        )
+
+
+def test_an_output_folder_that_cannot_be_made_is_named(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It said "cannot write beside OUT: Permission denied", of a folder that did not exist.
+    (out / "shared").mkdir()
+    mkdir = Path.mkdir
+
+    def closed(self, *args, **kwargs):
+        if str(self).startswith(str(out / "shared") + os.sep):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", closed)
+    output = out / "shared" / "2024" / "e.npy"
+    error = the_error(embed(photos, "-o", output))
+    assert error == f"error: cannot make the folder {output.parent} for {output}: Permission denied."
+
+
+def test_update_keeps_the_outputs_permissions(embed, photos: Path, out: Path) -> None:
+    # A manifest kept private (600) came back world-readable (644, as the umask makes a new file), and one made
+    # read-only came back writable.
+    ok(embed(photos, "-o", out / "e.safetensors"))
+    (out / "e.jsonl").chmod(0o600)
+    (out / "e.safetensors").chmod(0o444)
+    make_photo((30, 40), seed=5).save(photos / "new.png")
+    ok(embed(photos, "-o", out / "e.safetensors", "--update"))
+    assert len(read_jsonl(out / "e.jsonl")) == 4
+    assert [stat.S_IMODE((out / name).stat().st_mode) for name in ("e.jsonl", "e.safetensors")] == [0o600, 0o444]
+
+
+def test_update_of_an_output_closed_to_this_user_says_so(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # safetensors says "No such file or directory" of a file it may not read: the advice was to embed it all again.
+    from safetensors import safe_open
+
+    from siglip_cli import outputs, storage
+
+    ok(embed(photos, "-o", out / "e.safetensors"))
+    closed = str(out / "e.safetensors")
+
+    def python_open(path, *args, **kwargs):
+        if os.fspath(path) == closed and args[:1] == ("rb",):
+            raise PermissionError(errno.EACCES, "Permission denied", closed)
+        return open(path, *args, **kwargs)
+
+    def safetensors_open(path, *args, **kwargs):  # what safetensors 0.8 raises of a file it may not read
+        if os.fspath(path) == closed:
+            raise FileNotFoundError(f"No such file or directory: {closed}")
+        return safe_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "open", python_open, raising=False)
+    for module in (storage, outputs):
+        monkeypatch.setattr(module, "safe_open", safetensors_open, raising=False)
+    error = the_error(embed(photos, "-o", out / "e.safetensors", "--update"))
+    assert error == (
+        f"error: cannot read {out / 'e.safetensors'} back ({out / 'e.safetensors'}: Permission denied): give this "
+        "user read access to it, and rerun."
+    )
 
 
 @pytest.mark.parametrize("under", ["Thumbs.db", "Thumbs.db/2024"])

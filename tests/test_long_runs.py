@@ -411,6 +411,25 @@ def test_an_update_after_a_run_interrupted_with_other_options_is_told_what_it_ca
     )
 
 
+def test_a_work_area_another_user_left_is_refused_before_any_work(
+    embed, interrupted: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `sudo siglip embed`, interrupted, then the same command without sudo: it continued root's work area, embedded
+    # every file again, then could not write its chunks; so did every rerun, and --overwrite could not remove it.
+    # The tests may run as root, whom no mode stops: the system's refusal is stood in for.
+    work = work_area(interrupted)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: os.fspath(path) != str(work) and access(path, mode))
+    monkeypatch.setattr(os, "geteuid", lambda: work.stat().st_uid + 1)  # not its owner
+    embedded: list[tuple] = []
+    monkeypatch.setattr(embed_module, "_embed_pending", lambda *args, **kwargs: embedded.append(args) or {})
+    for more in ([], ["--overwrite"], ["--overwrite", "--tokens"]):
+        error = the_error(embed(folder, interrupted, *more))
+        assert error.startswith(f"error: {work} holds the work of a run by another user (")
+        assert error.endswith("which this user cannot write in: remove it as that user, or choose another -o.")
+    assert not embedded
+
+
 def test_an_update_after_a_run_whose_state_is_damaged_is_told_what_it_can_do(
     embed, interrupted: Path, folder: Path
 ) -> None:
@@ -1248,16 +1267,18 @@ def test_a_lock_file_unlinked_by_a_finishing_run_does_not_count(tmp_path: Path, 
 
     output = tmp_path / "embeddings.safetensors"
     lock = tmp_path / ".embeddings.lock"
-    opened = open
+    opened = os.open
+    raced = []
 
     def open_then_lose_the_race(path, *args, **kwargs):
-        handle = opened(path, *args, **kwargs)
-        if Path(path) == lock:
+        descriptor = opened(path, *args, **kwargs)
+        if Path(path) == lock and not raced:
+            raced.append(path)
             lock.unlink()  # the finishing run's unlink, between our open and our lock
             lock.touch()  # and the third run's new file
-        return handle
+        return descriptor
 
-    monkeypatch.setattr(storage, "open", open_then_lose_the_race, raising=False)
+    monkeypatch.setattr(os, "open", open_then_lose_the_race)
     with pytest.raises(UserError, match="another siglip run is writing"):
         with storage.exclusive(output):
             pass
