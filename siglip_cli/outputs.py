@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,7 @@ def check_outputs(
         ours = "" if path == out.embeddings else ours
         raise UserError(f"{path} is {what}{ours}: choose another -o, or remove {owner} first.")
     if overwrite or (update and out.embeddings.exists()):
+        _refuse_files_only_their_owner_may_replace(out)
         return
     if out.embeddings.exists():
         refresh = ", or --update to refresh it" if update_allowed else " (--update runs on one device)"
@@ -170,6 +172,29 @@ def check_outputs(
         for path in (out.manifest, out.errors, out.tokens):
             if path is not None and path.exists() and not (path == out.errors and _only_errors_of_ours(path)):
                 raise UserError(f"{path} already exists and would be replaced: add --overwrite, or choose another -o.")
+
+
+def _refuse_files_only_their_owner_may_replace(out: OutputPaths) -> None:
+    """In a sticky folder (/tmp, a shared scratch folder: mode 1777) only a file's owner, or the folder's, may replace
+    it. An output there that another user wrote was refused only at its last rename, once every file was embedded."""
+    if not hasattr(os, "geteuid") or os.geteuid() == 0:
+        return
+    try:
+        folder = os.stat(out.embeddings.parent)
+    except OSError:
+        return
+    if not folder.st_mode & stat.S_ISVTX or folder.st_uid == os.geteuid():
+        return
+    for path in out.files():
+        try:
+            owner = os.stat(path).st_uid
+        except OSError:
+            continue
+        if owner != os.geteuid():
+            raise UserError(
+                f"{path} belongs to another user, and in {path.parent}, a sticky folder (like /tmp), only its owner "
+                "may replace it: choose another -o."
+            )
 
 
 def refuse_inputs_among_outputs(out: OutputPaths, paths: Iterable[str], *, every: bool = False) -> None:

@@ -1357,6 +1357,24 @@ def test_an_output_folder_that_cannot_be_made_is_named(
     assert error == f"error: cannot make the folder {output.parent} for {output}: Permission denied."
 
 
+@pytest.mark.parametrize("how", ["--overwrite", "--update"])
+def test_another_users_output_in_a_sticky_folder_is_refused_before_any_work(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # In /tmp (mode 1777) only a file's owner may replace it: the run embedded every file, then failed at its last
+    # rename, and told the user to rerun, which failed the same way.
+    ok(embed(photos, "-o", out / "e.safetensors"))
+    out.chmod(0o1777)
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(out / "e.safetensors").st_uid + 1)  # not the output's owner
+    embedded = []
+    monkeypatch.setattr("siglip_cli.embed._embed_pending", lambda *args, **kwargs: embedded.append(args) or {})
+    assert the_error(embed(photos, "-o", out / "e.safetensors", how)) == (
+        f"error: {out / 'e.jsonl'} belongs to another user, and in {out}, a sticky folder (like /tmp), only its owner "
+        "may replace it: choose another -o."
+    )
+    assert not embedded
+
+
 def test_update_keeps_the_outputs_permissions(embed, photos: Path, out: Path) -> None:
     # A manifest kept private (600) came back world-readable (644, as the umask makes a new file), and one made
     # read-only came back writable.
