@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import socket
+import stat
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -81,15 +82,12 @@ def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
     if not name.strip():  # `-m "$MODEL"` with the variable unset: Path("") is the current folder
         raise CheckpointError("the model name is empty: give a Hub id or a checkpoint directory.")
     path = Path(name).expanduser()
-    try:
-        is_folder, exists = path.is_dir(), path.exists()
-    except PermissionError as e:  # a folder on its way that this user may not enter
-        raise CheckpointError(f"cannot read {display_path(name)}: {e.strerror}.") from None
-    if is_folder:
+    kind = _kind(path, name)
+    if kind == "folder":
         if revision is not None:
             raise CheckpointError(f"{name} is a local folder: a revision ({revision}) applies only to Hub ids.")
         return _resolve(name, None, _LocalFiles(path))
-    if exists:  # model.safetensors or pytorch_model.bin alone: the tower's shape is in config.json
+    if kind == "file":  # model.safetensors or pytorch_model.bin alone: the tower's shape is in config.json
         raise CheckpointError(f"{name} is a file; pass the checkpoint directory that holds config.json instead.")
     if name in PRESETS:
         raise CheckpointError(
@@ -337,6 +335,19 @@ def _unreadable(path: Path) -> CheckpointError | None:
     return None
 
 
+def _kind(path: Path, name: str) -> str | None:
+    """What `path` is: "folder", "file" or None (nothing there); a CheckpointError naming `name` where this user may
+    not look (a folder on its way without the x bit). Read from `os.stat`: pathlib's `is_dir` raises for that in
+    Python 3.13 and earlier, and says False in 3.14, which would call a closed checkpoint one that is not there."""
+    try:
+        mode = os.stat(path).st_mode
+    except PermissionError as e:
+        raise CheckpointError(f"cannot read {display_path(str(name))}: {e.strerror}.") from None
+    except (OSError, ValueError):  # not there, or not a name the system takes (a NUL, too long): not a local path
+        return None
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else None
+
+
 class _LocalFiles:
     commit_hash = None
 
@@ -347,12 +358,8 @@ class _LocalFiles:
     def get(self, filename: str, *, required: bool, probe: bool = True) -> Path | None:
         """As `_HubFiles.get`, whose `probe` means nothing for a folder."""
         path = self.directory / filename
-        try:
-            if path.is_file():
-                return path
-        except PermissionError as e:  # the folder is closed to this user (no x bit): not this file alone
-            folder = display_path(str(self.directory))
-            raise CheckpointError(f"cannot read the folder {folder}: {e.strerror}.") from None
+        if _kind(path, f"the folder {self.directory}") == "file":  # closed to this user: a CheckpointError
+            return path
         if required:
             raise CheckpointError(f"{self.directory} has no {filename}.")
         return None

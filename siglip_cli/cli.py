@@ -150,8 +150,9 @@ def printable(message: str) -> str:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's `UserError` into its one line on stderr and its exit status (2; 1 for a `RunFailed`), and
-    Ctrl-C into one line and 130. Every command runs in it (`_Command.invoke`)."""
+    """Turn the library's `UserError` into its one line on stderr and its exit status (2; 1 for a `RunFailed`), a
+    file or folder closed to this user that no sentence of ours was ready for into one line and 2, and Ctrl-C into
+    one line and 130. Every command runs in it (`_Command.invoke`)."""
     try:
         yield
     except UserError as e:

@@ -107,12 +107,14 @@ def error_row(info: dict, reason: str) -> dict:
     return {"path": info["path"], "error": reason, **{k: info[k] for k in ("size", "mtime_ns") if k in info}}
 
 
-# How decoding workers start. On Linux they are forked: they start at once, with what this process has imported
-# (torch among it), and as children of this process, which `_worker_init` relies on. Python 3.14 made `forkserver`
-# the default there: each worker then imported torch again, was a child of the server, and `_worker_init` took the
-# server for a dead parent, so every file was decoded again one process each (360 photos: 6 minutes, and 296 of
-# them failed). Elsewhere they start the platform's default way (`spawn` on macOS and Windows).
-WORKER_PROCESSES = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+# How decoding workers start. Where they can be (Linux, the BSDs), they are forked: they start at once, with what this
+# process has imported (torch among it), and as children of this process, which `_worker_init` relies on. Python
+# 3.14 made `forkserver` the default there: each worker then imported torch again, was a child of the server, and
+# `_worker_init` took the server for a dead parent, so every file was decoded again one process each (360 photos: 6
+# minutes, and 296 of them failed). macOS (where forking a process that uses its system libraries is unsafe) and
+# Windows start them their default way, `spawn`.
+_FORKED = sys.platform != "darwin" and "fork" in multiprocessing.get_all_start_methods()
+WORKER_PROCESSES = multiprocessing.get_context("fork" if _FORKED else None)
 
 
 def _worker_init(_: int) -> None:

@@ -173,10 +173,21 @@ def _way_to(path: str | os.PathLike) -> tuple[str, list[str]] | None:
     except OSError:
         return None
     missing = []
-    while not os.path.lexists(folder):
+    while not _there(folder):
         missing.append(folder)
         folder = os.path.dirname(folder)
     return folder, missing[::-1]
+
+
+def _there(path: str) -> bool:
+    """Whether `path` exists, or may: one in a folder closed to this user cannot be looked at, and is not missing."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def missing_folders(path: str | os.PathLike) -> list[str]:

@@ -26,6 +26,7 @@ from .errors import UserError
 from .files import path_fields, path_from_fields, same_file
 from .storage import (
     CHUNK_NAME,
+    SHARD_NAME,
     NpyRows,
     RowReader,
     SafetensorsRows,
@@ -118,7 +119,8 @@ class OutputPaths:
         a several-device run's finished shards and their chunks."""
         work = self.work
         chunks = [*work.glob("chunk-*"), *work.glob("shard-*/chunk-*")]
-        return any(CHUNK_NAME.fullmatch(p.name) for p in chunks) or any(p.is_file() for p in work.glob("shard-*"))
+        shards = [p for p in work.glob("shard-*") if SHARD_NAME.match(p.name)]
+        return any(CHUNK_NAME.fullmatch(p.name) for p in chunks) or any(p.is_file() for p in shards)
 
 
 def _link_target(link: Path) -> Path:
@@ -380,7 +382,8 @@ def _reading(out: OutputPaths) -> Iterator[None]:
         yield
     except (OSError, ValueError, IndexError, SafetensorError) as e:
         if isinstance(e, OSError) and e.filename is not None:
-            reason = f"{display_path(os.fsdecode(e.filename))}: {e.strerror or e}"
+            failed = os.fsdecode(e.filename)
+            reason = f"{display_path(failed)}: {e.strerror or e}" if Path(failed) != out.embeddings else e.strerror or e
         else:
             reason = re.sub(r"\s+", " ", str(e)).strip() or type(e).__name__
         # Of these the files are whole: embedding them again would not help.
@@ -395,8 +398,8 @@ def _reading(out: OutputPaths) -> Iterator[None]:
 _NOT_THE_FILES = {
     errno.EMFILE: "raise the limit of open files (ulimit -n)",
     errno.ENFILE: "close other programs' files (the system's limit of open files is reached)",
-    errno.EACCES: "give this user read access to it",
-    errno.EPERM: "give this user read access to it",
+    errno.EACCES: "give this user read access to the output's files",
+    errno.EPERM: "give this user read access to the output's files",
 }
 
 

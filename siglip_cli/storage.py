@@ -192,6 +192,11 @@ def exclusive(output: Path) -> Iterator[None]:
                 raise BlockingIOError
         except (BlockingIOError, FileNotFoundError):
             raise UserError(f"another siglip run is writing {output}: wait for it, or choose another -o.") from None
+        except OSError as e:  # EBADF: another user's lock file, on NFS; ENOLCK: a share without a lock service
+            raise UserError(
+                f"cannot lock {display_path(str(lock))} ({os_reason(e)}): if no siglip run is writing {output}, "
+                "delete that file; or choose another -o."
+            ) from None
         _held_locks.add(handle.fileno())
         try:
             yield
@@ -208,8 +213,13 @@ def _open_lock_file(lock: Path, output: Path) -> BinaryIO:
     cannot be: a file, or a link to a drive not mounted, where a folder should be."""
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        # Read-only: a lock needs no more, and a lock file another user left (a run under sudo, killed) is theirs.
-        return os.fdopen(os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666), "rb")
+        try:  # for writing: NFS takes an exclusive lock only on a file open for writing
+            return os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT, 0o666), "r+b")
+        except PermissionError:
+            if not os.path.lexists(lock):
+                raise
+            # One that another user's run left (under sudo, killed): open for reading, it locks as well, but on NFS.
+            return os.fdopen(os.open(lock, os.O_RDONLY), "rb")
     except OSError as e:
         if isinstance(e, (FileExistsError, NotADirectoryError)):  # something not a folder where the path needs one
             blocking = next((p for p in reversed(output.parents) if os.path.lexists(p) and not p.is_dir()), None)
@@ -220,16 +230,29 @@ def _open_lock_file(lock: Path, output: Path) -> BinaryIO:
                 ) from None
             if blocking is not None:
                 raise UserError(f"cannot write {output}: {blocking} is a file, not a folder.") from None
-        if isinstance(e, PermissionError) and not os.path.isdir(lock.parent):  # a folder to make, in one closed to us
-            missing = next(p for p in reversed([lock.parent, *lock.parent.parents]) if not os.path.isdir(p))
-            raise UserError(f"cannot make the folder {display_path(str(missing))} for {display_path(str(output))}: "
-                            f"{e.strerror}.") from None  # fmt: skip
+        if isinstance(e, PermissionError) and (refused := _refused_on_the_way(lock.parent)):
+            raise UserError(f"cannot write {display_path(str(output))}: {refused} ({e.strerror}).") from None
         if isinstance(e, PermissionError) and os.path.lexists(lock):  # another user's, closed to this one
             raise UserError(
                 f"cannot open {display_path(str(lock))}, the lock of another user's run on {display_path(str(output))} "
                 f"({e.strerror}): if no such run is writing it now, delete that file."
             ) from None
         raise UserError(f"cannot write beside {output}: {e.strerror or e}.") from None
+
+
+def _refused_on_the_way(folder: Path) -> str | None:
+    """What stands on the way down to `folder`, which this user could not make or enter: the first folder missing
+    (to be made, in one that refuses it) or the first closed to this user; None when the way is open."""
+    for step in reversed([folder, *folder.parents]):  # from the root down
+        try:
+            os.stat(step)
+        except FileNotFoundError:
+            return f"cannot make the folder {display_path(str(step))}"
+        except PermissionError:  # what is in a folder without x cannot be looked at
+            return f"the folder {display_path(str(step.parent))} is closed to this user"
+        except OSError:
+            return None
+    return None
 
 
 def remove_stale_temporaries(paths: Iterable[Path]) -> None:
@@ -461,10 +484,11 @@ def _read_chunk(path: Path) -> Chunk:
 # (`chunk-….sync-conflict-….safetensors`) would hold the same rows a second time.
 CHUNK_NAME = re.compile(r"chunk-\d+\.safetensors")
 # The output of device K of a several-device run on N devices, in that run's work area (`devices`).
-SHARD_NAME = re.compile(r"shard-(\d+)-of-(\d+)\.")
+SHARD_NAME = re.compile(r"shard-\d+-of-(\d+)\.")
 
 
 def shard_name(index: int, count: int, suffix: str) -> str:
+    """The file name of device `index`'s output in a run on `count` devices (`SHARD_NAME`)."""
     return f"shard-{index}-of-{count}{suffix}"
 
 
@@ -499,14 +523,12 @@ class WorkArea:
             owner = os.stat(self.directory).st_uid
         except OSError:  # none: nothing in the way
             return
-        if os.access(self.directory, os.W_OK | os.X_OK):
-            return
-        if hasattr(os, "geteuid") and owner != os.geteuid():
-            raise UserError(
-                f"{display_path(str(self.directory))} holds the work of a run by another user ({_user_name(owner)}), "
-                "which this user cannot write in: remove it as that user, or choose another -o."
-            )
-        raise UserError(f"cannot write in {display_path(str(self.directory))}: give this user write access to it.")
+        if not hasattr(os, "geteuid") or owner == os.geteuid() or os.access(self.directory, os.W_OK | os.X_OK):
+            return  # ours, or open to us: a write that fails (a read-only mount) says why itself
+        raise UserError(
+            f"{display_path(str(self.directory))} holds the work of a run by another user ({_user_name(owner)}), "
+            "which this user cannot write in: remove it as that user, or choose another -o."
+        )
 
     def state(self) -> dict | None:
         """The options of the run that made the work area; None when its record cannot be read (damaged)."""
@@ -547,7 +569,7 @@ class WorkArea:
             names = [entry.name for entry in os.scandir(self.directory)]
         except OSError:
             return None
-        counts = [int(m[2]) for name in names if (m := SHARD_NAME.match(name))]
+        counts = [int(m[1]) for name in names if (m := SHARD_NAME.match(name))]
         return max(counts, default=None)
 
     def mark_assembling(self, steps: Steps) -> None:

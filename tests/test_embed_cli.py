@@ -1270,14 +1270,17 @@ def test_output_folder_that_cannot_be_written_is_one_sentence(
 
 def closed_to_this_user(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`chmod 0 folder`: what is in it can no more be looked at (`os.stat` of it refused), as for a user not root."""
-    system_stat = os.stat
+    for name in ("stat", "lstat"):
+        monkeypatch.setattr(os, name, _refusing_below(folder, getattr(os, name)))
 
+
+def _refusing_below(folder: Path, look: Callable) -> Callable:
     def refusing(path, *args, **kwargs):
         if not isinstance(path, int) and os.fspath(path).startswith(f"{folder}{os.sep}"):
             raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
-        return system_stat(path, *args, **kwargs)
+        return look(path, *args, **kwargs)
 
-    monkeypatch.setattr(os, "stat", refusing)
+    return refusing
 
 
 @pytest.mark.parametrize("closed", ["its-folder", "a-folder-on-its-way"])
@@ -1354,7 +1357,7 @@ def test_an_output_folder_that_cannot_be_made_is_named(
     monkeypatch.setattr(Path, "mkdir", closed)
     output = out / "shared" / "2024" / "e.npy"
     error = the_error(embed(photos, "-o", output))
-    assert error == f"error: cannot make the folder {output.parent} for {output}: Permission denied."
+    assert error == f"error: cannot write {output}: cannot make the folder {output.parent} (Permission denied)."
 
 
 @pytest.mark.parametrize("how", ["--overwrite", "--update"])
@@ -1373,6 +1376,52 @@ def test_another_users_output_in_a_sticky_folder_is_refused_before_any_work(
         "may replace it: choose another -o."
     )
     assert not embedded
+
+
+def test_an_output_under_a_folder_closed_to_this_user_names_it(embed, photos: Path, out: Path, monkeypatch) -> None:
+    # It said that the folder, there all along, would be made, then that it could not be.
+    (out / "closed" / "sub").mkdir(parents=True)
+    closed_to_this_user(out / "closed", monkeypatch)
+    result = embed(photos, "-o", out / "closed" / "sub" / "e.npy")
+    assert the_error(result) == (
+        f"error: cannot write {out / 'closed' / 'sub' / 'e.npy'}: the folder {out / 'closed'} is closed to this user "
+        "(Permission denied)."
+    )
+    assert "will be made" not in result.stderr
+
+
+def nfs_locks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exclusive `flock` as NFS takes it: refused (EBADF) on a file not open for writing."""
+    import fcntl
+
+    flock = fcntl.flock
+
+    def on_nfs(handle, operation):
+        descriptor = handle if isinstance(handle, int) else handle.fileno()
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", on_nfs)
+
+
+def test_a_run_on_an_nfs_share_takes_its_lock(embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nfs_locks(monkeypatch)
+    ok(embed(photos, "-o", out / "e.npy"))
+    # A lock file another user's run left, which this user may only read: one sentence, not a traceback.
+    (out / ".e.lock").write_bytes(b"")
+    system_open = os.open
+
+    def theirs(path, flags, *args, **kwargs):
+        if os.fspath(path) == str(out / ".e.lock") and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return system_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", theirs)
+    assert the_error(embed(photos, "-o", out / "e.npy", "--overwrite")) == (
+        f"error: cannot lock {out / '.e.lock'} (Bad file descriptor): if no siglip run is writing {out / 'e.npy'}, "
+        "delete that file; or choose another -o."
+    )
 
 
 def test_update_keeps_the_outputs_permissions(embed, photos: Path, out: Path) -> None:
@@ -1413,8 +1462,8 @@ def test_update_of_an_output_closed_to_this_user_says_so(
         monkeypatch.setattr(module, "safe_open", safetensors_open, raising=False)
     error = the_error(embed(photos, "-o", out / "e.safetensors", "--update"))
     assert error == (
-        f"error: cannot read {out / 'e.safetensors'} back ({out / 'e.safetensors'}: Permission denied): give this "
-        "user read access to it, and rerun."
+        f"error: cannot read {out / 'e.safetensors'} back (Permission denied): give this user read access to the "
+        "output's files, and rerun."
     )
 
 
@@ -2283,7 +2332,9 @@ def test_a_worker_that_dies_costs_only_its_file(
     assert sum(len(b.errors) for b in batches) == 3 * (len(DEATHS) + 1)  # and the broken JPEG, as before
 
 
-def test_the_workers_decode_whatever_the_default_start_method(mixed_folder: Path) -> None:
+def test_the_workers_decode_whatever_the_default_start_method(
+    mixed_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Python 3.14 made `forkserver` the default start method on Linux. The loader's workers were then children of
     # the server, which each took for a parent that had died: every file was decoded again in a process of its own,
     # and each of those exited without an answer.
@@ -2294,6 +2345,11 @@ def test_the_workers_decode_whatever_the_default_start_method(mixed_folder: Path
     paths = sorted(str(p) for p in mixed_folder.iterdir()) * 3
     cfg = PreprocessConfig(32, 32)
     plain = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=5, workers=0, pin=False))
+
+    def each_alone(*args, **kwargs):
+        raise AssertionError("the workers died: files were decoded one process each")
+
+    monkeypatch.setattr(D, "_each_alone", each_alone)  # whose answers would be the same, only slower
     default = multiprocessing.get_start_method()
     multiprocessing.set_start_method("forkserver", force=True)
     try:

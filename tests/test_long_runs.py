@@ -494,7 +494,7 @@ def test_an_update_of_an_output_whose_manifest_is_damaged_is_one_sentence(
 @pytest.mark.parametrize(
     "code, remedy",
     [(errno.EMFILE, "raise the limit of open files (ulimit -n), and rerun."),
-     (errno.EACCES, "give this user read access to it, and rerun.")],  # fmt: skip
+     (errno.EACCES, "give this user read access to the output's files, and rerun.")],  # fmt: skip
 )
 def test_an_output_that_cannot_be_read_for_want_of_a_file_or_a_permission_is_not_to_be_embedded_again(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, remedy: str
