@@ -191,9 +191,10 @@ def _there(path: str) -> bool:
 
 
 def missing_folders(path: str | os.PathLike) -> list[str]:
-    """The folders on the way to `path` that do not exist, highest first, as writing it would make them."""
+    """The folders on the way to `path` that do not exist, highest first, as writing it would make them; none where
+    the way stops at something else (a file, a folder closed to this user), which writing it will refuse."""
     way = _way_to(path)
-    return way[1] if way else []
+    return way[1] if way and os.path.isdir(way[0]) else []
 
 
 def refuse_a_drive_not_mounted(output: str | os.PathLike) -> None:

@@ -174,6 +174,7 @@ def check_outputs(
         for path in (out.manifest, out.errors, out.tokens):
             if path is not None and path.exists() and not (path == out.errors and _only_errors_of_ours(path)):
                 raise UserError(f"{path} already exists and would be replaced: add --overwrite, or choose another -o.")
+    _refuse_files_only_their_owner_may_replace(out)  # an errors file of ours, an interrupted run's manifest
 
 
 def _refuse_files_only_their_owner_may_replace(out: OutputPaths) -> None:

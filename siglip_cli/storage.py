@@ -249,6 +249,8 @@ def _refused_on_the_way(folder: Path) -> str | None:
         except FileNotFoundError:
             return f"cannot make the folder {display_path(str(step))}"
         except PermissionError:  # what is in a folder without x cannot be looked at
+            if os.path.islink(step):  # the link is there: the folder closed is on the way to its target
+                return _refused_on_the_way(Path(os.path.realpath(step)))
             return f"the folder {display_path(str(step.parent))} is closed to this user"
         except OSError:
             return None
@@ -523,12 +525,15 @@ class WorkArea:
             owner = os.stat(self.directory).st_uid
         except OSError:  # none: nothing in the way
             return
-        if not hasattr(os, "geteuid") or owner == os.geteuid() or os.access(self.directory, os.W_OK | os.X_OK):
-            return  # ours, or open to us: a write that fails (a read-only mount) says why itself
-        raise UserError(
-            f"{display_path(str(self.directory))} holds the work of a run by another user ({_user_name(owner)}), "
-            "which this user cannot write in: remove it as that user, or choose another -o."
-        )
+        if not hasattr(os, "geteuid") or os.access(self.directory, os.W_OK | os.X_OK):
+            return
+        if owner != os.geteuid():
+            raise UserError(
+                f"{display_path(str(self.directory))} holds the work of a run by another user ({_user_name(owner)}), "
+                "which this user cannot write in: remove it as that user, or choose another -o."
+            )
+        if not os.statvfs(self.directory).f_flag & os.ST_RDONLY:  # on a read-only mount the write says why itself
+            raise UserError(f"cannot write in {display_path(str(self.directory))}: give this user write access to it.")
 
     def state(self) -> dict | None:
         """The options of the run that made the work area; None when its record cannot be read (damaged)."""

@@ -1270,14 +1270,16 @@ def test_output_folder_that_cannot_be_written_is_one_sentence(
 
 def closed_to_this_user(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`chmod 0 folder`: what is in it can no more be looked at (`os.stat` of it refused), as for a user not root."""
-    for name in ("stat", "lstat"):
-        monkeypatch.setattr(os, name, _refusing_below(folder, getattr(os, name)))
+    monkeypatch.setattr(os, "stat", _refusing_below(folder, os.stat, follow=True))  # a link's target's way too
+    monkeypatch.setattr(os, "lstat", _refusing_below(folder, os.lstat, follow=False))
 
 
-def _refusing_below(folder: Path, look: Callable) -> Callable:
+def _refusing_below(folder: Path, look: Callable, *, follow: bool) -> Callable:
     def refusing(path, *args, **kwargs):
-        if not isinstance(path, int) and os.fspath(path).startswith(f"{folder}{os.sep}"):
-            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        if not isinstance(path, int):
+            where = os.path.realpath(path) if follow else os.path.abspath(path)
+            if where.startswith(f"{folder}{os.sep}"):
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
         return look(path, *args, **kwargs)
 
     return refusing
@@ -1378,13 +1380,17 @@ def test_another_users_output_in_a_sticky_folder_is_refused_before_any_work(
     assert not embedded
 
 
-def test_an_output_under_a_folder_closed_to_this_user_names_it(embed, photos: Path, out: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("way", ["closed/sub", "link-to-closed-sub"])
+def test_an_output_under_a_folder_closed_to_this_user_names_it(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
     # It said that the folder, there all along, would be made, then that it could not be.
     (out / "closed" / "sub").mkdir(parents=True)
+    (out / "link-to-closed-sub").symlink_to(out / "closed" / "sub")
     closed_to_this_user(out / "closed", monkeypatch)
-    result = embed(photos, "-o", out / "closed" / "sub" / "e.npy")
+    result = embed(photos, "-o", out / way / "e.npy")
     assert the_error(result) == (
-        f"error: cannot write {out / 'closed' / 'sub' / 'e.npy'}: the folder {out / 'closed'} is closed to this user "
+        f"error: cannot write {out / way / 'e.npy'}: the folder {out / 'closed'} is closed to this user "
         "(Permission denied)."
     )
     assert "will be made" not in result.stderr
@@ -1422,6 +1428,21 @@ def test_a_run_on_an_nfs_share_takes_its_lock(embed, photos: Path, out: Path, mo
         f"error: cannot lock {out / '.e.lock'} (Bad file descriptor): if no siglip run is writing {out / 'e.npy'}, "
         "delete that file; or choose another -o."
     )
+
+
+def test_another_users_errors_file_in_a_sticky_folder_is_refused_before_any_work(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run that could embed nothing leaves its errors file, which the next run replaces without --overwrite: in a
+    # sticky folder, another user's, it failed at that rename, after all the work.
+    (out / "bad").mkdir()
+    (out / "bad" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    the_error(embed(out / "bad", "-o", out / "e.npy"))
+    assert [p.name for p in out.iterdir() if p.is_file()] == ["e.errors.jsonl"]
+    out.chmod(0o1777)
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(out / "e.errors.jsonl").st_uid + 1)
+    error = the_error(embed(photos, "-o", out / "e.npy"))
+    assert error.startswith(f"error: {out / 'e.errors.jsonl'} belongs to another user")
 
 
 def test_update_keeps_the_outputs_permissions(embed, photos: Path, out: Path) -> None:

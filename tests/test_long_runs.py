@@ -430,6 +430,17 @@ def test_a_work_area_another_user_left_is_refused_before_any_work(
     assert not embedded
 
 
+def test_a_work_area_of_ours_made_read_only_is_refused_before_any_work(
+    embed, interrupted: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `chmod 555` on one's own work area (the system's refusal stood in for, as above): said now, not after the work.
+    work = work_area(interrupted)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: os.fspath(path) != str(work) and access(path, mode))
+    monkeypatch.setattr(embed_module, "_embed_pending", lambda *args, **kwargs: pytest.fail("embedded"))
+    assert the_error(embed(folder, interrupted)) == f"error: cannot write in {work}: give this user write access to it."
+
+
 def test_an_update_after_a_run_whose_state_is_damaged_is_told_what_it_can_do(
     embed, interrupted: Path, folder: Path
 ) -> None:
