@@ -1490,10 +1490,13 @@ def test_update_of_an_output_closed_to_this_user_says_so(
 
 @pytest.mark.parametrize("under", ["Thumbs.db", "Thumbs.db/2024"])
 def test_output_under_a_file_says_which_is_not_a_folder(embed, photos: Path, out: Path, under: str) -> None:
-    # It said "File exists", as if the output did.
+    # It said "File exists", as if the output did; and, first, that the folder (a file) would be made.
     (out / "Thumbs.db").write_bytes(b"")
-    error = the_error(embed(photos, "-o", out / under / "x.safetensors"))
-    assert error == f"error: cannot write {out / under / 'x.safetensors'}: {out / 'Thumbs.db'} is a file, not a folder."
+    result = embed(photos, "-o", out / under / "x.safetensors")
+    assert the_error(result) == (
+        f"error: cannot write {out / under / 'x.safetensors'}: {out / 'Thumbs.db'} is a file, not a folder."
+    )
+    assert "will be made" not in result.stderr
 
 
 def test_update_and_overwrite_together_are_refused(embed, photos: Path, out: Path) -> None:
