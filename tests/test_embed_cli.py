@@ -1308,20 +1308,16 @@ def test_a_permission_refused_where_no_sentence_was_ready_is_still_one(
     assert the_error(embed(photos, "-o", out / "e.npy")) == f"error: cannot use {photos / 'sub'}: Permission denied."
 
 
-@pytest.mark.parametrize("its_mode", [0o644, 0o600], ids=["mode-644", "mode-600"])
-def test_a_lock_file_another_user_left_is_no_permission_error(
-    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch, its_mode: int
-) -> None:
-    # A run under sudo, killed, left its lock (root's, 644): every run of the user then said "cannot write beside
-    # OUT: Permission denied", of a folder they could write, since the lock was opened for writing.
+def left_by_another_user(lock: Path, monkeypatch: pytest.MonkeyPatch, *, readable: bool) -> None:
+    """Make `lock` a lock file that another user's run left: this user may not open it for writing, nor at all
+    unless `readable`. Through `os.open` and through storage's `open` alike."""
     from siglip_cli import storage
 
-    lock = out / ".e.lock"
     lock.write_bytes(b"")
     system_open = os.open
 
     def refused(path: str, writing: bool) -> None:
-        if path == str(lock) and (its_mode == 0o600 or writing):
+        if path == str(lock) and (writing or not readable):
             raise PermissionError(errno.EACCES, "Permission denied", path)
 
     def os_open(path, flags, *args, **kwargs):
@@ -1334,6 +1330,16 @@ def test_a_lock_file_another_user_left_is_no_permission_error(
 
     monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(storage, "open", python_open, raising=False)
+
+
+@pytest.mark.parametrize("its_mode", [0o644, 0o600], ids=["mode-644", "mode-600"])
+def test_a_lock_file_another_user_left_is_no_permission_error(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch, its_mode: int
+) -> None:
+    # A run under sudo, killed, left its lock (root's, 644): every run of the user then said "cannot write beside
+    # OUT: Permission denied", of a folder they could write, since the lock was opened for writing.
+    lock = out / ".e.lock"
+    left_by_another_user(lock, monkeypatch, readable=its_mode == 0o644)
     result = embed(photos, "-o", out / "e.npy")
     if its_mode == 0o644:  # a lock needs only to be read
         ok(result)
@@ -1415,15 +1421,7 @@ def test_a_run_on_an_nfs_share_takes_its_lock(embed, photos: Path, out: Path, mo
     nfs_locks(monkeypatch)
     ok(embed(photos, "-o", out / "e.npy"))
     # A lock file another user's run left, which this user may only read: one sentence, not a traceback.
-    (out / ".e.lock").write_bytes(b"")
-    system_open = os.open
-
-    def theirs(path, flags, *args, **kwargs):
-        if os.fspath(path) == str(out / ".e.lock") and flags & (os.O_WRONLY | os.O_RDWR):
-            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
-        return system_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", theirs)
+    left_by_another_user(out / ".e.lock", monkeypatch, readable=True)
     assert the_error(embed(photos, "-o", out / "e.npy", "--overwrite")) == (
         f"error: cannot lock {out / '.e.lock'} (Bad file descriptor): if no siglip run is writing {out / 'e.npy'}, "
         "delete that file; or choose another -o."

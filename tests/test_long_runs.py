@@ -411,15 +411,19 @@ def test_an_update_after_a_run_interrupted_with_other_options_is_told_what_it_ca
     )
 
 
+def closed_to_this_user(work: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`work`, which `os.access` now says this user may not write in (as root, whom no mode stops, it may)."""
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: os.fspath(path) != str(work) and access(path, mode))
+    return work
+
+
 def test_a_work_area_another_user_left_is_refused_before_any_work(
     embed, interrupted: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # `sudo siglip embed`, interrupted, then the same command without sudo: it continued root's work area, embedded
     # every file again, then could not write its chunks; so did every rerun, and --overwrite could not remove it.
-    # The tests may run as root, whom no mode stops: the system's refusal is stood in for.
-    work = work_area(interrupted)
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: os.fspath(path) != str(work) and access(path, mode))
+    work = closed_to_this_user(work_area(interrupted), monkeypatch)
     monkeypatch.setattr(os, "geteuid", lambda: work.stat().st_uid + 1)  # not its owner
     embedded: list[tuple] = []
     monkeypatch.setattr(embed_module, "_embed_pending", lambda *args, **kwargs: embedded.append(args) or {})
@@ -434,9 +438,7 @@ def test_a_work_area_of_ours_made_read_only_is_refused_before_any_work(
     embed, interrupted: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # `chmod 555` on one's own work area (the system's refusal stood in for, as above): said now, not after the work.
-    work = work_area(interrupted)
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: os.fspath(path) != str(work) and access(path, mode))
+    work = closed_to_this_user(work_area(interrupted), monkeypatch)
     monkeypatch.setattr(embed_module, "_embed_pending", lambda *args, **kwargs: pytest.fail("embedded"))
     assert the_error(embed(folder, interrupted)) == f"error: cannot write in {work}: give this user write access to it."
 
