@@ -371,6 +371,8 @@ def _walk(
                 continue
             seen_dirs.add((info.st_dev, info.st_ino))
             entries = sorted(os.scandir(directory), key=lambda entry: os.fsencode(entry.name), reverse=True)
+            if entries:  # a folder one may read but not search (mode 600) lists its names, yet opens none of them
+                _look_into(entries[0].path)
         except OSError as e:
             report.unreadable.append((directory, e.strerror or str(e)))
             continue
@@ -406,6 +408,14 @@ def _walk(
             except OSError:  # a symlink that loops onto itself, or an entry gone while the folder was listed
                 if suffix in IMAGE_SUFFIXES and entry.is_symlink():
                     report.not_files.append((tidy_path(entry.path), "a broken link"))
+
+
+def _look_into(path: str) -> None:
+    """Raise PermissionError where `path`'s folder may not be searched; an entry gone since the listing is no sign."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        pass
 
 
 def _kind(entry: os.DirEntry) -> str:

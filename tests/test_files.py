@@ -124,6 +124,27 @@ def test_a_folder_that_cannot_be_listed_is_reported(tmp_path: Path, monkeypatch:
     assert report.unreadable_text() == f"1 folder: {tmp_path / 'gone'} (Permission denied)"
 
 
+def test_a_folder_that_may_be_listed_but_not_entered_is_reported_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Mode 600, simulated as above: its names can be read, but no file in it can be opened, so its photos are one
+    # note, not an error row each.
+    kept = touch(tmp_path / "open" / "a.jpg")
+    for name in ("b.jpg", "c.jpg"):
+        touch(tmp_path / "closed" / name)
+    real_lstat = os.lstat
+
+    def lstat(path, *args, **kwargs):
+        if os.path.basename(os.path.dirname(path)) == "closed":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    report = WalkReport()
+    assert found_with(report, tmp_path) == [str(kept)]
+    assert report.unreadable == [(str(tmp_path / "closed"), "Permission denied")]
+
+
 def test_finding_no_image_says_what_the_walk_met_instead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     touch(tmp_path / "clip.mov")
     touch(tmp_path / "locked" / "a.jpg")
