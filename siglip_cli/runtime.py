@@ -109,7 +109,7 @@ def cpu_prefers_onednn(dtype: torch.dtype) -> bool:
     """Whether the tower's CPU GEMMs go through oneDNN (`kernels.OneDnnLinear`, fc1 + GELU fused) in `dtype`, where
     it measured faster on a 2-core Zen 4 (bench/RESULTS.md): bfloat16 on CPUs with native bf16 (3.2% with the
     fusion alone), float32 on CPUs with AVX-512 (8–12%: oneDNN ran the four GEMM shapes 1.10–1.15× faster than
-    MKL's sgemm, and the GELU rides on fc1). AVX2-only CPUs keep MKL in float32: never measured there."""
+    MKL's sgemm, and the GELU rides on fc1). AVX2-only CPUs keep MKL in float32: oneDNN was slower on an AVX2 EPYC."""
     if dtype == torch.bfloat16:
         return cpu_has_native_bf16()
     return dtype == torch.float32 and torch.backends.cpu.get_cpu_capability() == "AVX512"
