@@ -371,8 +371,14 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
 
 
 def _with_class_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` with the defaults of the processor class it names (`PROCESSOR_DEFAULTS`) where it is silent."""
+    """`config` with the defaults of the processor class it names (`PROCESSOR_DEFAULTS`) where it is silent, and
+    that class as its `image_processor_type`. A config older than image processors names a feature extractor
+    instead ("CLIPFeatureExtractor"), which transformers reads as the image processor of that name."""
     kind = config.get("image_processor_type")
+    legacy = config.get("feature_extractor_type")
+    if kind is None and isinstance(legacy, str):
+        kind = legacy.replace("FeatureExtractor", "ImageProcessor")
+        config = {**config, "image_processor_type": kind}
     if kind is None:
         return config
     if not isinstance(kind, str):

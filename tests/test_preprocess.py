@@ -121,6 +121,9 @@ MINIMAL_CONFIGS = {  # written by hand: what they leave out is their class's def
     "ViT, one number": {"image_processor_type": "ViTImageProcessor", "size": 40, "do_center_crop": True, "crop_size": 32},
     "DeiT, one number": {"image_processor_type": "DeiTImageProcessor", "size": 40, "do_center_crop": True, "crop_size": 32,
                          "resample": 3, "image_mean": 0.5, "image_std": 0.5},  # a class unknown here: transformers' square
+    # Older configs name a feature extractor, read as the image processor of that name.
+    "CLIP, as a feature extractor": {"feature_extractor_type": "CLIPFeatureExtractor", "size": 32, "crop_size": 32},
+    "ViT, as a feature extractor": {"feature_extractor_type": "ViTFeatureExtractor", "size": 32},
 }
 
 
