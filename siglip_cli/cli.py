@@ -489,12 +489,16 @@ def _stopped_runs_told(
 
 def _report_embedding(summary: Summary, walk: WalkReport, *, json_summary: bool, quiet: bool, strict: bool) -> None:
     if json_summary:  # what the walk could not reach is no file's error row, but a script must see it too
+        from .files import path_fields
+
+        # Paths as the manifest gives them (a newline as JSON writes it, not as the terminal notes show it), so that
+        # a script can act on them: bytes that are not UTF-8 also in base64.
         print_json({
             **summary.to_dict(),
-            "unlisted_folders": [display_path(folder) for folder, _ in walk.unreadable],
-            "dangling_links": [{"link": display_path(link), "target": display_path(target)}
+            "unlisted_folders": [path_fields(folder)["path"] for folder, _ in walk.unreadable],
+            "dangling_links": [{**path_fields(link, "link"), **path_fields(target, "target")}
                                for link, target in sorted(walk.dangling, key=lambda entry: os.fsencode(entry[0]))],
-            "not_files": [{"path": display_path(path), "kind": kind}
+            "not_files": [{**path_fields(path), "kind": kind}
                           for path, kind in sorted(walk.not_files, key=lambda entry: os.fsencode(entry[0]))],
         })  # fmt: skip
     if not quiet:

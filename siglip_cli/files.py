@@ -498,13 +498,14 @@ def is_utf8(path: str) -> bool:
     return True
 
 
-def path_fields(path: str) -> dict[str, str]:
-    """Manifest fields naming a file: `path`, plus its exact bytes in base64 when the name is not valid UTF-8."""
+def path_fields(path: str, key: str = "path") -> dict[str, str]:
+    """JSON fields naming a file, as the manifest names it: `key`, plus its exact bytes in base64
+    (`<key>_bytes_b64`) when the name is not valid UTF-8."""
     raw = os.fsencode(path)
     try:
-        return {"path": raw.decode("utf-8")}
+        return {key: raw.decode("utf-8")}
     except UnicodeDecodeError:
-        return {"path": raw.decode("utf-8", errors="replace"), "path_bytes_b64": base64.b64encode(raw).decode()}
+        return {key: raw.decode("utf-8", errors="replace"), f"{key}_bytes_b64": base64.b64encode(raw).decode()}
 
 
 def path_from_fields(row: dict) -> str:

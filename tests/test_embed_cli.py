@@ -799,6 +799,19 @@ def test_links_into_a_drive_not_mounted_are_in_the_json_and_fail_strict(embed, p
     assert len(read_jsonl(out / "b.jsonl")) == 3  # the rows are still written
 
 
+def test_the_json_names_odd_paths_as_the_manifest_does(embed, photos: Path, out: Path) -> None:
+    # They came as the terminal notes show them: a newline as the four characters `\x0a`, which no script could
+    # find on disk, and a name that is not UTF-8 with its bytes lost.
+    raw = os.fsencode(photos) + b"/caf\xe9.jpg"
+    os.symlink(b"/mnt/no-such-share/caf\xe9.jpg", raw)
+    (photos / "new\nline.jpg").symlink_to("/mnt/no-such-share/a\tb.jpg")
+    summary = json.loads(ok(embed(photos, "-o", out / "a.safetensors", "--json")).stdout)
+    link, odd = summary["not_files"]
+    assert odd == {"path": f"{photos}/new\nline.jpg", "kind": "a broken link"}
+    assert base64.b64decode(link["path_bytes_b64"]) == raw and link["path"] == f"{photos}/caf\ufffd.jpg"
+    assert os.path.islink(odd["path"])
+
+
 def test_an_output_kept_in_the_folder_it_embeds_is_not_passed_over(embed, photos: Path) -> None:
     # Each --update said "passed over 3 files (2 .jsonl, 1 .safetensors) ...: not images siglip reads" of its own output.
     output = photos / "library.safetensors"
