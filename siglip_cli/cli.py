@@ -394,7 +394,7 @@ def embed(
     devices = parse_devices(device)
     check_device_options(devices, shard=part, update=update)
     out = OutputPaths.for_output(output)
-    paths, walk = _images_to_embed(inputs or [], files_from, out, part, quiet=quiet)
+    paths, walk = _images_to_embed(inputs or [], files_from, out, part, quiet=quiet, update=update)
     options = EmbedOptions(
         normalize=normalize,
         tokens=tokens,
@@ -425,17 +425,29 @@ def embed(
 
 
 def _images_to_embed(
-    inputs: list[str], files_from: str | None, out: OutputPaths, part: tuple[int, int] | None, *, quiet: bool
+    inputs: list[str],
+    files_from: str | None,
+    out: OutputPaths,
+    part: tuple[int, int] | None,
+    *,
+    quiet: bool,
+    update: bool,
 ) -> tuple[list[str], WalkReport]:
     """The files this run embeds (of `part`, with --shard) and what the walk met, with its notes said. The refusals
     of an output that cannot be written come first: the walk may take minutes."""
+    from .embed import kept_whole
     from .files import find_images, refuse_a_drive_not_mounted
     from .outputs import refuse_inputs_among_outputs
     from .shards import select_shard
 
     refuse_a_drive_not_mounted(out.embeddings)
     refuse_inputs_among_outputs(out, inputs, every=True)
-    paths, walk = find_images(inputs, files_from=files_from, digest_list=part is not None, leave_out=out.entries())
+    try:
+        paths, walk = find_images(inputs, files_from=files_from, digest_list=part is not None, leave_out=out.entries())
+    except UserError as e:  # no image found
+        if update and out.embeddings.exists():
+            raise UserError(f"{str(e).removesuffix('.')}; {kept_whole(out)}") from None
+        raise
     refuse_inputs_among_outputs(out, walk.links, every=True)  # `photo.jpg -> img.npy` in a folder
     for message in walk.notes(quiet=quiet):
         note(message)

@@ -1185,9 +1185,33 @@ def test_a_failed_overwrite_leaves_the_earlier_output_as_it_was(embed, photos: P
     error = the_error(embed(tmp_path / "empty.jpg", "-o", out / "embeddings.safetensors", "--overwrite"))
     assert error == (  # one file: its reason, as when there is no earlier output (not "none of the 1 input files")
         f"error: could not embed {tmp_path / 'empty.jpg'}: empty file (0 bytes); "
-        f"{out / 'embeddings.safetensors'} is left as it was."
+        f"{out / 'embeddings.safetensors'} is left as it was, with every row it had: a run that would leave no row "
+        "does not replace it (remove it to start afresh)."
     )
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # no errors file of the failed run
+
+
+@pytest.mark.parametrize("then", ["nothing", "a file that fails"])
+def test_an_update_that_would_leave_no_row_keeps_the_output_and_says_so(
+    embed, tmp_path: Path, out: Path, then: str
+) -> None:
+    # A folder whose photos are all gone looks like a drive not mounted: the nightly --update must not empty the
+    # output. It said "no image files found", or after "its row is dropped" that the output was left as it was,
+    # without a word of the rows it kept.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    make_photo((30, 20)).save(folder / "a.jpg")
+    ok(embed(folder, "-o", out / "e.safetensors"))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    (folder / "a.jpg").unlink()
+    if then == "a file that fails":
+        (folder / "b.jpg").write_bytes(b"")
+    error = the_error(embed(folder, "-o", out / "e.safetensors", "--update"))
+    assert error.endswith(
+        f"; {out / 'e.safetensors'} is left as it was, with every row it had: a run that would leave no row does not "
+        "replace it (remove it to start afresh)."
+    )
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
 def test_output_that_is_a_folder_is_refused_before_any_work(embed, photos: Path, out: Path) -> None:
