@@ -518,13 +518,19 @@ class WorkArea:
         return self.state_path.is_file()
 
     def refuse_if_closed(self) -> None:
-        """Refuse, in one sentence, a work area this user cannot write in: one left by another user's run (under
-        sudo, interrupted) can be neither continued nor replaced. Continued, its rerun embedded every file again,
-        then failed to write its chunks, and so did every rerun after it."""
+        """Refuse, in one sentence, a file where the work area goes, and a work area this user cannot write in: one
+        left by another user's run (under sudo, interrupted) can be neither continued nor replaced. Continued, its
+        rerun embedded every file again, then failed to write its chunks, and so did every rerun after it."""
         try:
-            owner = os.stat(self.directory).st_uid
+            info = os.stat(self.directory)
         except OSError:  # none: nothing in the way
             return
+        if not stat.S_ISDIR(info.st_mode):
+            raise UserError(
+                f"{display_path(str(self.directory))} is in the way of this run's work folder: it is not a folder, so "
+                "not siglip's; move it away, or choose another -o."
+            )
+        owner = info.st_uid
         if not hasattr(os, "geteuid") or os.access(self.directory, os.W_OK | os.X_OK):
             return
         if owner != os.geteuid():

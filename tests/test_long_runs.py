@@ -443,6 +443,19 @@ def test_a_work_area_of_ours_made_read_only_is_refused_before_any_work(
     assert the_error(embed(folder, interrupted)) == f"error: cannot write in {work}: give this user write access to it."
 
 
+def test_a_file_where_the_work_area_goes_is_named_in_the_way(embed, folder: Path, tmp_path: Path) -> None:
+    # It was told to give this user write access, as root too.
+    out = tmp_path / "out" / "e.safetensors"
+    out.parent.mkdir()
+    work_area(out).write_text("a file of the user's")
+    for more in ([], ["--overwrite"]):
+        assert the_error(embed(folder, out, *more)) == (
+            f"error: {work_area(out)} is in the way of this run's work folder: it is not a folder, so not siglip's; "
+            "move it away, or choose another -o."
+        )
+    assert work_area(out).read_text() == "a file of the user's"
+
+
 def test_an_update_after_a_run_whose_state_is_damaged_is_told_what_it_can_do(
     embed, interrupted: Path, folder: Path
 ) -> None:
