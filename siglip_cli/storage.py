@@ -101,11 +101,13 @@ def _keep_permissions(path: Path, new: BinaryIO) -> None:
     """Give the `new` file that replaces `path` the permissions `path` has: a manifest kept private (600) or read-only
     (444) stays so after an --update, and does not come back as the umask makes a new file (644)."""
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        info = os.stat(path)
     except OSError:  # nothing there yet: a new file, as the umask has it
         return
+    if not stat.S_ISREG(info.st_mode):  # a folder in the way (its rename fails) has modes no file should take: 755
+        return
     with contextlib.suppress(OSError):  # a file system without modes (FAT, some network shares)
-        os.fchmod(new.fileno(), mode)
+        os.fchmod(new.fileno(), stat.S_IMODE(info.st_mode))
 
 
 def _size_if_any(path: Path) -> int | None:

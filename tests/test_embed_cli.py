@@ -350,6 +350,21 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
+def test_a_file_written_over_a_folder_in_the_way_takes_no_mode_of_it(tmp_path: Path) -> None:
+    # A folder named like the manifest, removed once the rename failed: the rerun's manifest was executable (755).
+    from siglip_cli.storage import Staging
+
+    (tmp_path / "plain").write_bytes(b"")
+    folder = tmp_path / "e.jsonl"
+    folder.mkdir(mode=0o751)
+    staging = Staging()
+    with atomic_write(folder, staging) as f:
+        f.write(b"{}\n")
+    [(written, target)] = staging.steps
+    umask_mode = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert target == folder and stat.S_IMODE(written.stat().st_mode) == umask_mode
+
+
 def _read_only_file_system(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing can be created or removed, as on a read-only mount (EROFS), where even the cleanup's unlink fails."""
     import builtins
