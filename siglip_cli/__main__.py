@@ -68,12 +68,21 @@ class _Stderr:
         return getattr(self._stream, name)
 
 
+# The /dev/null files that stand in for closed standard streams, kept open for the whole run: each holds the
+# descriptor (0, 1 or 2) of the stream it stands in for. Once stderr's was let go (`_own_descriptor`), descriptor 2
+# was free again, and the next file opened took it: `embed`'s lock file, which the first photo decoded in this
+# process then closed (`preprocess.c_messages_dropped` points 2 at /dev/null), freeing the lock for a second run;
+# and where no file had taken it, `inspect` failed on every photo ("Bad file descriptor").
+_STAND_INS: list = []
+
+
 def _standard_streams() -> None:
     """Streams any shell can hand us: closed ones (`>&-`: None in Python) read as empty or write to nowhere, and
     characters a stream cannot encode (an ASCII locale, a non-UTF-8 file name) are escaped, never a traceback."""
     for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
         if getattr(sys, name) is None:
-            setattr(sys, name, open(os.devnull, mode))
+            _STAND_INS.append(open(os.devnull, mode))
+            setattr(sys, name, _STAND_INS[-1])
         elif mode == "w" and hasattr(getattr(sys, name), "reconfigure"):
             getattr(sys, name).reconfigure(errors="backslashreplace")
     sys.stdout, sys.stderr = _Stdout(sys.stdout), _Stderr(_own_descriptor(sys.stderr))

@@ -16,6 +16,7 @@ import io
 import json
 import multiprocessing
 import os
+import shlex
 import re
 import shutil
 import signal
@@ -1785,6 +1786,19 @@ def test_closed_and_broken_streams_cost_no_work_and_no_traceback(photos: Path, o
     no_stderr = run_shell(f"{embed} -o {out / 'c.npy'} 2>&1 | true")
     assert no_stderr.returncode == 0, no_stderr.stderr
     assert all((out / f"{name}.npy").exists() for name in "abc")
+
+
+def test_a_closed_stderr_leaves_descriptor_2_to_no_file_of_ours(photos: Path, tiny_siglip: Path) -> None:
+    # Python's stand-in for it was let go, and descriptor 2 taken by the next file opened: `embed`'s lock file, which
+    # a photo decoded in this process then closed (freeing the lock); where none had, inspect failed on every photo.
+    inspect = run_shell(f"siglip inspect {photos / 'a.jpg'} -m {tiny_siglip} --json 2>&-")
+    assert inspect.returncode == 0 and json.loads(inspect.stdout)["stages"]
+    script = (
+        "import gc, os; from siglip_cli import __main__ as m; m._standard_streams(); gc.collect(); "
+        "print(open(os.devnull).fileno(), os.path.realpath('/dev/fd/2'))"
+    )
+    fd, target = run_shell(f"{sys.executable} -c {shlex.quote(script)} 2>&-").stdout.split()
+    assert fd != "2" and target == "/dev/null"
 
 
 def test_a_terminal_that_cannot_show_the_characters_gets_them_escaped(tiny_siglip: Path) -> None:
