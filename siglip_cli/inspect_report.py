@@ -112,7 +112,7 @@ def stage_table(
 def parameter_table(result: Inspection) -> Table:
     layers = result.config.num_hidden_layers
     table = Table(title="Parameters", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("module", no_wrap=True)
+    table.add_column("module", overflow="fold")  # in a narrow terminal the names fold, never the numbers ("92,884,2…")
     table.add_column("parameters", justify="right", no_wrap=True)
     table.add_column("share", justify="right", no_wrap=True)
     table.add_column("", style="dim", no_wrap=True)

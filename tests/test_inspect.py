@@ -22,7 +22,7 @@ from conftest import make_photo, reference_vision_model, save_png_claiming_size
 from siglip_cli import cli, plots, tracing
 from siglip_cli.config import ACTIVATIONS, PRESETS, PreprocessConfig, VisionConfig
 from siglip_cli.errors import UserError
-from siglip_cli.inspect_report import header, report, stage_table
+from siglip_cli.inspect_report import header, parameter_table, report, stage_table
 from siglip_cli.model import SiglipVision, gflops_per_image, num_parameters
 from siglip_cli.plots import write_plots
 from siglip_cli.preprocess import pixel_values
@@ -593,6 +593,16 @@ def test_in_60_columns_rows_keep_mean_and_std_whole_and_say_where_min_and_max_we
     text = console.export_text()
     header = next(line for line in text.splitlines() if line.lstrip().startswith("stage"))
     assert header.split() == ["stage", "shape", "mean", "std"]
+
+
+def test_in_a_narrow_terminal_the_parameter_table_folds_names_not_numbers(base: tracing.Inspection) -> None:
+    # Below about 70 columns B/16's counts came out cut: "92,884,2…", "30…".
+    console = Console(record=True, width=50)
+    console.print(parameter_table(base))
+    cells = console.export_text().split()
+    for count in base.parameters_by_module.values():
+        assert f"{count:,}" in cells and f"{100 * count / base.parameters:.1f}%" in cells
+    assert f"{base.parameters:,}" in cells
 
 
 def test_a_revision_of_a_preset_is_refused() -> None:
