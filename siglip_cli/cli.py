@@ -653,6 +653,9 @@ def bench(
 
     keep_freed_memory()  # as `siglip embed` runs; the references in this process get it too
     device = str(resolve_device(device))  # the same rules as `siglip embed --device`
+    references = tuple(name.strip() for name in compare.split(",") if name.strip())
+    if compare.strip() and not references:  # `--compare ,` ran no reference, and said nothing
+        fail(f"--compare: {compare.strip()!r} names no reference: give transformers, timm or both, comma-separated.")
     options = BenchOptions(
         model=model,
         device=device,
@@ -661,7 +664,7 @@ def bench(
         iters=iters,
         warmup=warmup,
         compile=compile,
-        compare=tuple(name.strip() for name in compare.split(",") if name.strip()),
+        compare=references,
         images=images,
     )
     report = run_benchmark(options, progress=lambda message: stderr.print(printable(message), style="dim"))

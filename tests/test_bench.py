@@ -386,6 +386,7 @@ def test_bench_broken_timm_is_one_note_naming_the_cause(
 
 @pytest.mark.parametrize("args, message", [
     (["--compare", "onnx"], "unknown comparison 'onnx'"),
+    (["--compare", " , "], "--compare: ',' names no reference"),  # it compared nothing, silently
     (["--batch-size", "8,x"], "batch sizes"),
     (["--batch-size", ""], "batch sizes must be positive integers"),
     (["--batch-size", "0"], "(got '0')"),
