@@ -295,8 +295,8 @@ def default_compile(device: torch.device) -> bool:
     took 40 s for the 2-layer test model and 48 s for B/16-224 with an empty inductor cache, 2.6 s and 18 s with a
     warm one; and the compiled B/16 forward was no faster (3.16 vs 3.33 images/s eager at batch 8, interleaved).
     A default 3-call CPU run would pay the compile and gain nothing; --compile is there for those who want it.
-    CUDA: the forward is milliseconds, a one-off compile is amortised over any real job, and it is where the
-    transformers anchor goes from 7,550 to 11,464 images/s on an H200.
+    CUDA: the forward is milliseconds, a one-off compile is amortised over any real job, and it is where
+    transformers' B/16 went from 7,476 to 11,346 images/s on an H200 (bench/RESULTS.md).
     """
     return device.type == "cuda"
 

@@ -152,6 +152,7 @@ def _parcels_never_dropped() -> None:
     descriptors over (`ulimit -u`, a container's pids limit), or a parcel that cannot be pickled."""
 
     def ended(error: Exception, parcel: object) -> None:  # one line: the run goes on, this is no crash of ours
+        # The one print outside cli.py: a worker's last words, said where they can still be said (before `_exit`).
         print(f"note: a decoding worker cannot hand its files over ({type(error).__name__}: {first_line(error)}): it "
               "stops, and they are decoded again.", file=sys.stderr, flush=True)
         os._exit(1)

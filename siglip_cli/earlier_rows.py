@@ -156,13 +156,14 @@ def _with_earlier_rows(
     for path, row in previous.items():
         if path in given and not keep_unlisted:
             continue
-        where = _whereabouts(path, seen) if keep_unlisted else "gone"
+        # Without `keep_unlisted` (a shard, a device's part) a row not among `paths` is dropped unlooked-at.
+        where = _whereabouts(path, seen) if keep_unlisted else "not listed"
         if where == "there":
             still.append(path)
         elif where == "unknown":
             given.discard(path)  # a listed file that cannot be looked at now: its row stays as it was
             unchecked[path] = row
-        else:
+        else:  # gone, or not listed
             given.discard(path)  # a stale line of a list: the file is gone, not failed (and may have moved)
             if isinstance(row, Ref):
                 dropped[path] = row

@@ -179,8 +179,9 @@ def embed_to_file(
     `output` (.safetensors or .npy) plus its manifest and errors files.
 
     `part_of`: the work folder of the several-device run this output is one shard of, named in its refusals.
-    Of a whole run (no `options.shard`, no `part_of`), inputs none of which could be embedded are an error and leave
-    no output behind; a part may be empty or all bad, and the merge decides.
+    Of a whole run (no `options.shard`, no `part_of`), inputs none of which could be embedded are an error
+    (`refuse_empty_run`): an earlier output is left as it was, and with none only the errors file is written; a part
+    may be empty or all bad, and the merge decides.
     """
     started = time.perf_counter()
     flush_seconds = flush_interval()

@@ -1,4 +1,5 @@
-"""The one exception type the CLI turns into a one-sentence message and a non-zero exit, and the words of errors."""
+"""The errors the CLI turns into one sentence and a non-zero exit (`UserError`, and `RunFailed` among them), the
+device fault a run stops on (`DeviceFault`), and the words of errors."""
 
 import errno
 

@@ -36,13 +36,18 @@ HEADER_FIRST_BYTES = 64 << 20
 
 def file_digest(data: bytes) -> str:
     """The manifest's `blake2b`: 128 bits of BLAKE2b, in hex, which `--update` compares when only the mtime moved."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    return _new_digest(data).hexdigest()
+
+
+def _new_digest(data: bytes = b"") -> hashlib.blake2b:
+    """The one hash both ways of reading a file start from: 128-bit BLAKE2b."""
+    return hashlib.blake2b(data, digest_size=16)
 
 
 def digest_of_file(path: str, stop: threading.Event | None = None) -> str:
     """`file_digest` of the file at `path`, read a MiB at a time (a 2 GB TIFF need not fit in memory). `stop`, once
     set, ends the reading with KeyboardInterrupt (`interrupts.stop_flag`)."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = _new_digest()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             if stop is not None and stop.is_set():

@@ -1,8 +1,8 @@
 """Durable files: atomic writes, a work area of finished chunks, and streaming `.safetensors` / `.npy` writers.
 
 Nothing here holds all the tensors in memory: chunks are written as the run goes, and the final file is streamed
-from them slice by slice, so a run over millions of images holds their manifest rows (about 1 KB each), not their
-embeddings.
+from them slice by slice, so a run over millions of images holds their manifest rows (under 1 KB each, with the
+rest of a row's bookkeeping: README, Memory), not their embeddings.
 """
 
 from __future__ import annotations
@@ -332,10 +332,11 @@ class TensorSpec:
     blocks: Iterable[np.ndarray]
 
 
-def _write_blocks(f: BinaryIO, name: str, spec: TensorSpec) -> None:
+def _write_blocks(f: BinaryIO, name: str, spec: TensorSpec, dtype: np.dtype) -> None:
+    """`spec`'s rows as raw `dtype` data (its byte order: the format's)."""
     written = 0
     for block in spec.blocks:
-        block = np.ascontiguousarray(block, dtype=spec.dtype)
+        block = np.ascontiguousarray(block, dtype=dtype)
         f.write(block.tobytes())
         written += block.shape[0]
     if written != spec.shape[0]:
@@ -357,7 +358,7 @@ def write_safetensors(
     with atomic_write(path, staging) as f:
         f.write(len(encoded).to_bytes(8, "little") + encoded)
         for name, spec in tensors.items():
-            _write_blocks(f, name, spec)
+            _write_blocks(f, name, spec, spec.dtype.newbyteorder("<"))
 
 
 def write_npy(path: Path, spec: TensorSpec, *, staging: Staging | None = None) -> None:
@@ -365,7 +366,7 @@ def write_npy(path: Path, spec: TensorSpec, *, staging: Staging | None = None) -
     header = {"descr": np.lib.format.dtype_to_descr(spec.dtype), "fortran_order": False, "shape": spec.shape}
     with atomic_write(path, staging) as f:
         np.lib.format.write_array_header_1_0(f, header)
-        _write_blocks(f, path.name, spec)
+        _write_blocks(f, path.name, spec, spec.dtype)  # the byte order its header gives
 
 
 class RowReader(Protocol):
