@@ -435,8 +435,7 @@ def _images_to_embed(
 ) -> tuple[list[str], WalkReport]:
     """The files this run embeds (of `part`, with --shard) and what the walk met, with its notes said. The refusals
     of an output that cannot be written come first: the walk may take minutes."""
-    from .embed import kept_whole
-    from .files import find_images, refuse_a_drive_not_mounted
+    from .files import NoImagesFound, find_images, refuse_a_drive_not_mounted
     from .outputs import refuse_inputs_among_outputs
     from .shards import select_shard
 
@@ -444,9 +443,10 @@ def _images_to_embed(
     refuse_inputs_among_outputs(out, inputs, every=True)
     try:
         paths, walk = find_images(inputs, files_from=files_from, digest_list=part is not None, leave_out=out.entries())
-    except UserError as e:  # no image found
+    except NoImagesFound as e:  # an --update's folder emptied: its rows are not dropped (a drive not mounted?)
         if update and out.embeddings.exists():
-            raise UserError(f"{str(e).removesuffix('.')}; {kept_whole(out)}") from None
+            kept = f"{display_path(str(out.embeddings))} is left as it was, with every row it had"
+            raise UserError(f"{str(e).removesuffix('.')}; {kept}.") from None
         raise
     refuse_inputs_among_outputs(out, walk.links, every=True)  # `photo.jpg -> img.npy` in a folder
     for message in walk.notes(quiet=quiet):

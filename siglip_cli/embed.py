@@ -360,19 +360,13 @@ def refuse_empty_run(out: OutputPaths, bad: list[dict]) -> NoReturn:
         failed = f"could not embed {first}"
     else:
         failed = f"none of the {len(bad):,} input files could be embedded (the first, {first})"
-    if out.embeddings.exists():
-        raise UserError(f"{failed.removesuffix('.')}; {kept_whole(out)}")
+    if out.embeddings.exists():  # an --update whose files are all gone or fail: not emptied (a drive not mounted?)
+        raise UserError(
+            f"{failed.removesuffix('.')}; {display_path(str(out.embeddings))} is left as it was, with every row it had: "
+            "a run that would leave no row does not replace it (remove it to start afresh)."
+        )
     write_jsonl(out.errors, (public_row(r) for r in bad))
     raise UserError(f"{failed.rstrip('.')}." if len(bad) == 1 else f"{failed}: see {out.errors}.")  # Pillow's end in .
-
-
-def kept_whole(out: OutputPaths) -> str:
-    """The end of the sentence that refuses a run which would leave an earlier output no row: an --update whose
-    files are all gone, or fail, keeps the output whole, as a drive not mounted would want, rather than empty it."""
-    return (
-        f"{display_path(str(out.embeddings))} is left as it was, with every row it had: a run that would leave no row "
-        "does not replace it (remove it to start afresh)."
-    )
 
 
 def _open_work(

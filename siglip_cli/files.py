@@ -303,6 +303,10 @@ def directory_entry(path: str, folders: dict[str, object]) -> tuple[object, str]
     return folders[folder], name
 
 
+class NoImagesFound(UserError):
+    """The inputs hold no image file: the sentence says what they held instead."""
+
+
 def find_images(
     inputs: list[str],
     *,
@@ -326,7 +330,7 @@ def find_images(
             met.append(f"{first_of([display_path(p) for p in report.without_originals], 3)} has no originals folder, "
                        "the only one of a Photos library walked")  # fmt: skip
         met += [f"left out {report.skipped_text()}"] if report.skipped else []
-        raise UserError(
+        raise NoImagesFound(
             f"no image files found in {', '.join(inputs or [str(files_from)])} "
             f"(looked for {' '.join(sorted(IMAGE_SUFFIXES))}{''.join('; ' + m for m in met)})."
         )
@@ -411,10 +415,13 @@ def _walk(
 
 
 def _look_into(path: str) -> None:
-    """Raise PermissionError where `path`'s folder may not be searched; an entry gone since the listing is no sign."""
+    """Raise PermissionError where `path`'s folder may not be searched; any other failure (an entry gone since the
+    listing) is no sign of it, and is left to that entry."""
     try:
         os.lstat(path)
-    except FileNotFoundError:
+    except PermissionError:
+        raise
+    except OSError:
         pass
 
 

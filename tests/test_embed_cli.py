@@ -1223,11 +1223,14 @@ def test_an_update_that_would_leave_no_row_keeps_the_output_and_says_so(
     if then == "a file that fails":
         (folder / "b.jpg").write_bytes(b"")
     error = the_error(embed(folder, "-o", out / "e.safetensors", "--update"))
-    assert error.endswith(
-        f"; {out / 'e.safetensors'} is left as it was, with every row it had: a run that would leave no row does not "
-        "replace it (remove it to start afresh)."
-    )
+    kept = f"; {out / 'e.safetensors'} is left as it was, with every row it had"
+    if then == "nothing":
+        assert error.startswith(f"error: no image files found in {folder}") and error.endswith(f"{kept}.")
+    else:
+        assert error.endswith(f"{kept}: a run that would leave no row does not replace it (remove it to start afresh).")
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    missing = the_error(embed(tmp_path / "elsewhere", "-o", out / "e.safetensors", "--update"))
+    assert missing == f"error: input {tmp_path / 'elsewhere'} does not exist."  # no word of rows: not a reason of theirs
 
 
 def test_output_that_is_a_folder_is_refused_before_any_work(embed, photos: Path, out: Path) -> None:
