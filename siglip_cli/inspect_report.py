@@ -30,7 +30,8 @@ def report(result: Inspection, *, width: int) -> RenderableType:
 
 def header(result: Inspection) -> list[Text]:
     cfg, pre = result.config, result.preprocessing
-    lines = [Text.assemble(("siglip inspect: ", "bold"), (result.model, "bold cyan"), f" on {result.image}")]
+    traced = f" on {result.image}" if result.image else ""
+    lines = [Text.assemble(("siglip inspect: ", "bold"), (result.model, "bold cyan"), traced)]
     if result.random_weights:
         lines.append(
             Text(

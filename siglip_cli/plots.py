@@ -303,7 +303,7 @@ def _figure(body: Image.Image, title: str, subtitle: str, result: Inspection, *,
     and, for random weights, a red warning line above `body`."""
     title_font, font = _font(20), _font(13)
     width = max(body.width, 640)
-    traced = f"{result.model} on {result.image}" if of_image else result.model
+    traced = f"{result.model} on {result.image}" if of_image and result.image else result.model
     paragraphs = [(title, title_font, BLACK), (traced, font, GREY)]
     if result.random_weights:
         warning = "RANDOM WEIGHTS (architecture preset): no learned structure to see; pass a checkpoint with --model"

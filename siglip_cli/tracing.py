@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .config import DEFAULT_MAX_PIXELS, DEFAULT_PRESET, PIL_FILTERS, PreprocessConfig, VisionConfig
 from .errors import UserError
-from .files import is_regular_file
+from .files import is_regular_file, path_fields
 from .model import SiglipVision, gflops_per_image, num_parameters
 from .preprocess import BadImage, DecodeOptions, one_line, open_checked, open_rgb, resize, resized_to_pixels
 from .text import display_path
@@ -61,12 +61,33 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class ImageFacts:
+    """The image traced: its header as the terminal shows it (`str`) and as `--json` gives it (`to_dict`)."""
+
+    path: str | None  # as the user gave it; None for the bundled sample photo
+    label: str  # the path as a terminal shows it (control characters escaped), or "the bundled sample photo"
+    width: int  # after EXIF orientation, as a viewer shows it
+    height: int
+    format: str | None  # Pillow's name: "JPEG", "PNG"
+    mode: str  # as stored: "RGB", "P", "I;16"
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.width}×{self.height} {self.format}, mode {self.mode})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The path as the manifest of `siglip embed` gives one (with its bytes where not UTF-8), then the header."""
+        where = path_fields(self.path) if self.path is not None else {"path": None}
+        header = {"width": self.width, "height": self.height, "format": self.format, "mode": self.mode}
+        return {**where, **header, "description": str(self)}
+
+
+@dataclass(frozen=True)
 class Inspection:
     """Everything `siglip inspect` reports about one forward pass, plus the tensors its plots draw."""
 
     model: str  # as the user named it
     random_weights: bool  # an architecture preset: statistics describe an untrained tower
-    image: str  # the image traced, described: "photo.jpg (640×480 JPEG, mode RGB)"
+    image: ImageFacts | None  # the image traced; None where `trace` was given only a decoded photo
     config: VisionConfig
     preprocessing: PreprocessConfig
     stages: list[Stage]
@@ -89,7 +110,7 @@ class Inspection:
         return {
             "model": self.model,
             "random_weights": self.random_weights,
-            "image": self.image,
+            "image": self.image.to_dict() if self.image else None,
             "stages": [stage.to_dict() for stage in self.stages],
             "parameters": self.parameters,
             "parameters_by_module": dict(self.parameters_by_module),
@@ -116,20 +137,21 @@ def inspect_image(
     """
     if image is None:
         with resources.as_file(resources.files("siglip_cli") / "assets" / SAMPLE_IMAGE) as path:
-            photo, description = read_image(path, label="the bundled sample photo")
+            photo, facts = read_image(path, label="the bundled sample photo")
+        facts = dataclasses.replace(facts, path=None)  # a file inside the installed package: not the user's
     else:
-        photo, description = read_image(image, max_pixels=max_pixels)  # before the model: a bad path fails at once
+        photo, facts = read_image(image, max_pixels=max_pixels)  # before the model: a bad path fails at once
     tower, preprocessing, random_weights = load_tower(model, revision=revision)
     return trace(
-        tower, photo, preprocessing, layers=layers, model_name=model, image_name=description, random_weights=random_weights
+        tower, photo, preprocessing, layers=layers, model_name=model, image=facts, random_weights=random_weights
     )
 
 
 def read_image(
     path: str | Path, *, label: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
-) -> tuple[Image.Image, str]:
-    """Decode an image file to RGB (EXIF-oriented) and describe it: "photo.png (640×480 PNG, mode RGBA)"."""
-    path = Path(path)
+) -> tuple[Image.Image, ImageFacts]:
+    """Decode an image file to RGB (EXIF-oriented) and read its header: "photo.png (640×480 PNG, mode RGBA)"."""
+    given, path = os.fspath(path), Path(path)
     name = display_path(str(path))  # as text for a terminal and for JSON: not UTF-8, control characters
     if path.is_dir():
         raise UserError(f"{name} is a directory; pass one image file.")
@@ -142,14 +164,14 @@ def read_image(
         # Decoded first, as `embed` decodes: a bad file fails with its sentence, the C libraries' messages dropped.
         photo, _ = open_rgb(path, options)
         with open_checked(path, options) as raw:  # then the header of a file known to decode: mode and format
-            mode, kind = raw.mode, raw.format
+            facts = ImageFacts(given, label or name, photo.width, photo.height, raw.format, raw.mode)
     except FileNotFoundError:
         if path.is_symlink():  # as `embed` says it
             raise UserError(f"{name} is a link to {display_path(os.readlink(path))}, which does not exist.") from None
         raise UserError(f"{name} does not exist.") from None
     except Exception as e:  # whatever the decoder raises (pillow-heif: ValueError, RuntimeError), as embed reports it
         raise UserError(f"{name} cannot be decoded: {one_line(e)}.") from None
-    return photo, f"{label or name} ({photo.width}×{photo.height} {kind}, mode {mode})"
+    return photo, facts
 
 
 def rescaling(factor: float) -> str:
@@ -205,7 +227,7 @@ def trace(
     *,
     layers: str = "first",
     model_name: str = "",
-    image_name: str = "",
+    image: ImageFacts | None = None,
     random_weights: bool = False,
 ) -> Inspection:
     """Preprocess `photo`, run one traced forward, and summarise every stage.
@@ -236,7 +258,7 @@ def trace(
     return Inspection(
         model=model_name,
         random_weights=random_weights,
-        image=image_name,
+        image=image,
         config=cfg,
         preprocessing=preprocessing,
         stages=stages,

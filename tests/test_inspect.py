@@ -3,9 +3,11 @@ formula against the operations actually run, the JSON document, the pictures, an
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -542,6 +544,20 @@ def test_json_document_schema(tiny_vision: Path, photo: Path, tmp_path: Path) ->
     assert doc["preprocessing"]["height"] == 32
     assert doc["random_weights"] is False
     assert [Path(p).name for p in doc["plots"]] == PLOTS
+    image = {"path": str(photo), "width": 80, "height": 60, "format": "PNG", "mode": "RGB"}
+    assert doc["image"] == {**image, "description": f"{photo} (80×60 PNG, mode RGB)"}
+
+
+def test_json_names_the_image_as_the_manifest_does(tiny_vision: Path, photo: Path, tmp_path: Path) -> None:
+    # A script finds the file again: the path as given, its bytes where the name is not UTF-8 (not the escaped
+    # text the terminal shows); the bundled sample photo is no file of the user's.
+    odd = os.fsdecode(bytes(tmp_path) + b"/caf\xe9\n.png")
+    shutil.copy(photo, odd)
+    doc = json.loads(invoke(odd, "--model", str(tiny_vision), "--json").stdout)
+    assert os.fsdecode(base64.b64decode(doc["image"]["path_bytes_b64"])) == odd
+    assert "\\x0a" in doc["image"]["description"]
+    doc = json.loads(invoke("--model", str(tiny_vision), "--json").stdout)
+    assert doc["image"]["path"] is None and doc["image"]["description"].startswith("the bundled sample photo (451×300")
 
 
 def test_table_lists_stages_parameters_and_cost(tiny_vision: Path, photo: Path) -> None:
@@ -691,7 +707,7 @@ def test_an_odd_image_name_reaches_the_report_escaped(tiny_vision: Path, photo: 
     odd = tmp_path / "a\x1b[31mRED\nb.jpg"
     odd.write_bytes(photo.read_bytes())
     result = tracing.inspect_image(str(tiny_vision), odd)
-    assert result.image.startswith(f"{tmp_path}/a\\x1b[31mRED\\x0ab.jpg (")
+    assert str(result.image).startswith(f"{tmp_path}/a\\x1b[31mRED\\x0ab.jpg (")
 
 
 def test_max_pixels_limits_the_inspected_image_as_it_does_in_embed(tiny_vision: Path, photo: Path) -> None:
