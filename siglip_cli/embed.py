@@ -401,24 +401,43 @@ def _open_work(
             "cannot be trusted; embed all its inputs again, with --overwrite."
         )
     # Read (and so checked) before the work area is made: a refused --update must leave nothing behind.
-    try:
-        previous, made_in = _previous_output(out, state, shard) if reuse_output and trusted else ({}, None)
-    except _OtherOptions as e:
-        if overwrite:  # a several-device shard takes both: one made with other options is replaced
-            previous, made_in = {}, None
-        elif published and not update:  # a finished output, made with other options: as if its run had ended
-            check_outputs(out, interrupted=False, overwrite=False, update=False)  # "already exists"
-            raise
-        elif part_of is None:
-            raise
-        else:
-            raise _interrupted_with_other_options(part_of, e.difference) from None  # the user ran no --update
+    previous, made_in = {}, None
+    if reuse_output and trusted:
+        previous, made_in = _rows_to_reuse(
+            out, state, shard, overwrite=overwrite, update=update, published=published, part_of=part_of
+        )
     if not resuming:
         try:
             work.create(work_state)
         except OSError as e:
             raise UserError(f"cannot write beside {out.embeddings}: {e.strerror or e}.") from None
     return work, previous, made_in
+
+
+def _rows_to_reuse(
+    out: OutputPaths,
+    state: dict,
+    shard: tuple[int, int] | None,
+    *,
+    overwrite: bool,
+    update: bool,
+    published: bool,
+    part_of: Path | None,
+) -> tuple[dict[str, Ref | dict], str | None]:
+    """`_previous_output`, with what becomes of an earlier output made with other options: none with --overwrite (a
+    several-device shard takes both: it is replaced); refused otherwise, as "already exists" where its run had
+    finished and no --update was asked, and for a several-device worker as an interrupted run of other options."""
+    try:
+        return _previous_output(out, state, shard)
+    except _OtherOptions as e:
+        if overwrite:
+            return {}, None
+        if published and not update:  # a finished output, made with other options: as if its run had ended
+            check_outputs(out, interrupted=False, overwrite=False, update=False)  # "already exists"
+            raise
+        if part_of is None:
+            raise
+        raise _interrupted_with_other_options(part_of, e.difference) from None  # the user ran no --update
 
 
 def _tidy_earlier_work(work: WorkArea, out: OutputPaths, state: dict, *, overwrite: bool) -> tuple[bool, bool]:
