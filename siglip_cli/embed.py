@@ -142,6 +142,10 @@ def run_state(embedder: Embedder, options: EmbedOptions, output_format: str) -> 
         "embedding_dim": ckpt.vision.hidden_size,
         "num_tokens": ckpt.vision.num_patches,
         "pooling": pooling(ckpt.vision),
+        # What the weights do not show: a config.json corrected after a run (its activation, its heads, its
+        # LayerNorm epsilon) changes the numbers with the same tensors. The activation as computed: gelu_new and
+        # gelu_pytorch_tanh are one function.
+        "architecture": {**asdict(ckpt.vision), "hidden_act": ckpt.vision.activation},
         # A checkpoint folder saved over (a fine-tune's next epoch) keeps its path, and a Hub id's revision says
         # nothing of a local folder: the weights themselves keep an --update or a resumed run from mixing two models.
         "weights": weights_fingerprint(embedder.model),

@@ -304,11 +304,12 @@ _OPTION_NAMES = {
     "embedding_dim": "the model's architecture",
     "num_tokens": "the model's architecture",
     "weights": "the model's weights",
+    "architecture": "the model's architecture",
     "shard": "--shard",  # recorded in a work area only: its chunks are of that part
 }
 # What the checkpoint alone decides: another --model changes it too (and is named instead), and so does a checkpoint
 # folder saved again (a fine-tune's next epoch, another architecture), which no option brings back.
-_CHECKPOINTS_OWN = ("embedding_dim", "num_tokens", "pooling", "weights")
+_CHECKPOINTS_OWN = ("embedding_dim", "num_tokens", "pooling", "weights", "architecture")
 # The preprocessing's parts that options set; the rest is the checkpoint's preprocessor (its size, its resize).
 _PREPROCESSING_OPTIONS = ("exif_transpose", "fast_decode", "decoder")
 
@@ -322,22 +323,36 @@ class Difference(NamedTuple):
 
 def same_options(old: dict, new: dict) -> bool:
     """Whether two runs' states (`embed.run_state`) agree: a run may continue, update or merge with the other. The
-    state of a version that did not record the weights' fingerprint is taken at its word; between two that did,
-    where the weights were loaded from does not count (a checkpoint folder copied or moved, a local copy of a Hub
-    repo), the weights do."""
+    state of a version that did not record the weights' fingerprint or the architecture in full is taken at its
+    word on them; between two that recorded the fingerprint, where the weights were loaded from does not count (a
+    checkpoint folder copied or moved, a local copy of a Hub repo), the weights do."""
     old, new = _compared(old, new)
     return old == new
 
 
 # Where a run's weights were loaded from: with both fingerprints, the weights themselves are compared instead.
 _SOURCE = ("model", "revision")
+# Recorded only by later versions: the weights' fingerprint, then the architecture in full (heads, activation).
+_LATER = ("weights", "architecture")
 
 
 def _compared(old: dict, new: dict) -> tuple[dict, dict]:
     """The parts of two runs' states that must agree."""
-    if "weights" in old and "weights" in new:
+    old, new = _both_recorded(old, new)
+    if "weights" in old:
         return _without(old, _SOURCE), _without(new, _SOURCE)
-    return without_weights(old), without_weights(new)
+    return old, new
+
+
+def _both_recorded(old: dict, new: dict) -> tuple[dict, dict]:
+    """Two states less what only one of them records (`_LATER`)."""
+    unknown = tuple(key for key in _LATER if key not in old or key not in new)
+    return _without(old, unknown), _without(new, unknown)
+
+
+def as_recorded_by_all(states: list[dict]) -> dict:
+    """The first of `states`, less what not all of them record (`_LATER`): the options of a merge of their rows."""
+    return _without(states[0], tuple(key for key in _LATER if any(key not in state for state in states)))
 
 
 def _without(state: dict, keys: tuple[str, ...]) -> dict:
@@ -353,6 +368,7 @@ def describe_difference(old: dict, new: dict) -> Difference:
     """How two runs' states differ. The weights' fingerprint is named only when it alone can say why: it changes
     with --dtype too, other weights loaded from elsewhere are named by --model (or --revision), and a state of an
     earlier version has none; the model's architecture and pooling are named only where --model is not."""
+    old, new = _both_recorded(old, new)
     other_dtype = old.get("compute_dtype") != new.get("compute_dtype")
     other_source = any(old.get(key) != new.get(key) for key in _SOURCE)
     if other_dtype or (old.get("weights") != new.get("weights") and other_source):

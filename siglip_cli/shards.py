@@ -21,6 +21,7 @@ from .files import WalkReport
 from .outputs import (
     OutputPaths,
     Ref,
+    as_recorded_by_all,
     assemble,
     check_outputs,
     describe_difference,
@@ -28,7 +29,6 @@ from .outputs import (
     read_output_options,
     read_rows,
     same_options,
-    without_weights,
 )
 from .storage import Steps, exclusive, remove_stale_temporaries
 from .text import counted
@@ -259,8 +259,7 @@ def _merge(
     metadata.pop("inputs", None)
     if len({m.get("working_directory") for _, m in opened}) > 1:  # parts made from several folders: no one start
         metadata.pop("working_directory", None)  # for relative paths to name
-    merged = options[0] if all("weights" in opts for opts in options) else without_weights(options[0])
-    metadata["options"] = json.dumps({**merged, "format": target.format}, sort_keys=True)
+    metadata["options"] = json.dumps({**as_recorded_by_all(options), "format": target.format}, sort_keys=True)
     assemble(target, good, bad, metadata, before_replacing=before_replacing)
     return MergeSummary(
         rows=len(good),

@@ -34,7 +34,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import pytest
@@ -1611,6 +1611,12 @@ def saved_larger(checkpoint: Path) -> None:
     (checkpoint / PREPROCESSOR_NAME).write_text(json.dumps({**processor, "size": size}))
 
 
+def config_corrected(checkpoint: Path, **changes: Any) -> None:
+    """`checkpoint`'s config.json corrected in place, its weights as they were."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, **changes}))
+
+
 @pytest.mark.parametrize(
     "save_again, differing",
     [
@@ -1618,8 +1624,12 @@ def saved_larger(checkpoint: Path) -> None:
         (saved_wider, "the model's architecture, the model's weights"),
         (saved_larger, "the preprocessing (--no-exif-transpose, --fast-decode, --decode, or the model's preprocessor), "
                        "the model's architecture, the model's weights"),
+        # The same tensors compute other numbers: these rows were reused, mixing two models in one output.
+        (functools.partial(config_corrected, hidden_act="quick_gelu"), "the model's architecture"),
+        (functools.partial(config_corrected, num_attention_heads=2), "the model's architecture"),
+        (functools.partial(config_corrected, layer_norm_eps=1e-3), "the model's architecture"),
     ],
-    ids=["weights", "architecture", "image-size"],
+    ids=["weights", "architecture", "image-size", "activation", "heads", "layer-norm-eps"],
 )
 def test_update_refuses_a_checkpoint_saved_over(
     folder: Path, tiny_vision: Path, tmp_path: Path, save_again: Callable[[Path], None], differing: str
@@ -1711,7 +1721,7 @@ def as_before_the_fingerprint(output: Path) -> None:
     meta = output.with_suffix(".meta.json")
     metadata = json.loads(meta.read_text())
     options = json.loads(metadata["options"])
-    del options["weights"]
+    del options["weights"], options["architecture"]  # recorded since, the architecture in full later still
     meta.write_text(json.dumps({**metadata, "options": json.dumps(options)}))
 
 
