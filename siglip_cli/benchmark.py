@@ -663,10 +663,10 @@ def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], list[st
     try:  # os.stat, not pathlib: Python 3.14's `is_dir` says False of a folder closed to this user
         if not stat.S_ISDIR(os.stat(directory).st_mode):
             raise BenchError(f"--images {directory} is not a directory.")
-    except PermissionError as e:  # a folder on its way closed to this user
-        raise BenchError(f"--images {directory} cannot be read: {e.strerror}.") from None
-    except OSError:
+    except FileNotFoundError:
         raise BenchError(f"--images {directory} does not exist.") from None
+    except OSError as e:  # a folder on its way closed to this user, a link loop, a name too long
+        raise BenchError(f"--images {directory} cannot be read: {e.strerror or e}.") from None
     found = discover([str(directory)])
     if not found:
         raise BenchError(f"--images {directory} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")

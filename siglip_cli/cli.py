@@ -407,7 +407,7 @@ def embed(
         shard=part,
         shard_inputs=shard_inputs(inputs or [], walk) if part else None,
     )
-    if decode is Decoder.gpu and resolve_device(devices[0]).type != "cuda":
+    if decode is Decoder.gpu and resolve_device(devices[0]).type != "cuda" and not quiet:
         note(
             "--decode gpu with the model on the CPU decodes through torchvision's libjpeg-turbo: not pixel-exact "
             "with the reference, and no faster than the default."
@@ -507,7 +507,7 @@ def _report_embedding(summary: Summary, walk: WalkReport, *, json_summary: bool,
         # a script can act on them: bytes that are not UTF-8 also in base64.
         print_json({
             **summary.to_dict(),
-            "unlisted_folders": [path_fields(folder)["path"] for folder, _ in walk.unreadable],
+            "unlisted_folders": [{**path_fields(folder), "reason": reason} for folder, reason in walk.unreadable],
             "dangling_links": [{**path_fields(link, "link"), **path_fields(target, "target")}
                                for link, target in sorted(walk.dangling, key=lambda entry: os.fsencode(entry[0]))],
             "not_files": [{**path_fields(path), "kind": kind}
@@ -536,7 +536,8 @@ BENCH_NARROW_BELOW = 76  # narrower terminals get the bench table without its pe
 
 def _data_console() -> Console:
     """stdout for tables and reports: a file or a pipe has no width to respect, so they are printed wide (200
-    columns, or COLUMNS where it is set), not squeezed to 80, and without the spaces rich pads lines with."""
+    columns, or COLUMNS where it is set to 40 or more), not squeezed to 80, and without the spaces rich pads lines
+    with."""
     if stdout.is_terminal and sys.stdout.isatty():  # by words to its width, not broken mid-word where a line ends
         return Console(file=stdout.file, soft_wrap=False, markup=False, highlight=False)
     if stdout.is_terminal:  # FORCE_COLOR into a file or a pipe: colours, lines whole

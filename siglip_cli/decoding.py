@@ -44,7 +44,7 @@ except ImportError:  # moved in some torch release: the loader still notices a d
 from . import headstart, interrupts
 from .config import PreprocessConfig
 from .cpus import cgroup_memory_room, usable_cpus
-from .errors import file_size_limit, first_line, os_reason
+from .errors import file_size_limit, first_line, os_reason, signal_name
 from .gpu_decode import JpegHeader, decode_headers, device_index, read_header
 from .preprocess import DecodeOptions, load_pixels, one_line
 from .reading import error_facts, failure_reason, pixels_and_facts
@@ -57,7 +57,7 @@ T, U = TypeVar("T"), TypeVar("U")
 class Item(NamedTuple):
     index: int
     pixels: Tensor | None  # (3, H, W), or None for a bad file or a JPEG left for the device decoder
-    info: dict  # manifest fields of a good file, or `path` and `error` of a bad one
+    info: dict  # manifest fields of a good file, or the errors row of a bad one (`error_row`)
     jpeg: JpegHeader | None = None  # a JPEG the model's device will decode (--decode gpu)
 
 
@@ -114,7 +114,7 @@ def error_row(info: dict, reason: str) -> dict:
 # minutes, and 296 of them failed). macOS (where forking a process that uses its system libraries is unsafe) and
 # Windows start them their default way, `spawn`.
 _FORKED = sys.platform != "darwin" and "fork" in multiprocessing.get_all_start_methods()
-WORKER_PROCESSES = multiprocessing.get_context("fork" if _FORKED else None)
+WORKER_CONTEXT = multiprocessing.get_context("fork" if _FORKED else None)
 
 
 def _worker_init(_: int) -> None:
@@ -210,9 +210,9 @@ class _Watch:
     whose thread (`_stuck_workers_stopped`) stops a worker that has been on one file for `STUCK_AFTER_S`."""
 
     def __init__(self, workers: int):
-        self.pids = WORKER_PROCESSES.RawArray("q", workers)
-        self.since = WORKER_PROCESSES.RawArray("d", workers)  # time.monotonic(), one clock for every process
-        self.files = WORKER_PROCESSES.RawArray("q", [-1] * workers)  # -1: between files
+        self.pids = WORKER_CONTEXT.RawArray("q", workers)
+        self.since = WORKER_CONTEXT.RawArray("d", workers)  # time.monotonic(), one clock for every process
+        self.files = WORKER_CONTEXT.RawArray("q", [-1] * workers)  # -1: between files
 
     def start(self, worker: int, index: int) -> None:
         self.pids[worker], self.since[worker] = os.getpid(), time.monotonic()
@@ -305,7 +305,7 @@ class Parcel:
     makes) checks its field count with `len`, so every pinned parcel (CUDA) would fail."""
 
     rows: list[dict]  # manifest facts of the good files, in order
-    errors: list[dict]  # path and error of the bad ones
+    errors: list[dict]  # the errors rows of the bad ones (`error_row`)
     pixels: Tensor | None  # (b, 3, H, W) for the rows at `cpu_rows`
     cpu_rows: list[int]
     jpeg_bytes: Tensor | None  # the files at `jpeg_rows`, end to end
@@ -386,8 +386,9 @@ def batch_pixels(
 ) -> tuple[Tensor | None, list[dict], list[dict]]:
     """The batch's pixels on `device` (the model's), with its good rows and any new errors.
 
-    JPEGs are decoded here, all at once on the device; one the device decoder rejects gets the CPU path, which
-    also gives a truly broken file its proper error."""
+    JPEGs are decoded here on the device, in groups sized to its memory (`gpu_decode.decode_headers`); one the
+    device decoder rejects, or one too large for its memory, gets the CPU path, which also gives a truly broken
+    file its proper error."""
     # Pinned on CUDA: the copies do not hold this thread up (they run in order on the current stream, the model's).
     cpu_pixels = [p.to(device, non_blocking=True) for p in batch.pixels]
     if not batch.jpegs:
@@ -606,7 +607,7 @@ def _loader_parcels(
                 num_workers=workers,
                 collate_fn=_collate,
                 worker_init_fn=_worker_init if workers else None,
-                multiprocessing_context=WORKER_PROCESSES if workers else None,
+                multiprocessing_context=WORKER_CONTEXT if workers else None,
                 prefetch_factor=prefetch_factor,
                 pin_memory=pin,
             )
@@ -819,8 +820,8 @@ def _each_alone(files: ImageFiles, indices: range, workers: int, stuck: set[int]
 
 def _decode_alone(files: ImageFiles, index: int, stop: threading.Event) -> Item:
     path = files.paths[index]
-    receiver, sender = WORKER_PROCESSES.Pipe(duplex=False)
-    child = WORKER_PROCESSES.Process(
+    receiver, sender = WORKER_CONTEXT.Pipe(duplex=False)
+    child = WORKER_CONTEXT.Process(
         target=_decode_for_parent, args=(sender, path, files.cfg, files.options, files.jpeg_to_device)
     )
     child.start()
@@ -859,7 +860,7 @@ def _death(exit_code: int | None) -> str:
     if exit_code == -signal.SIGKILL:
         return "its decoding process was killed (SIGKILL: out of memory?)"
     if exit_code is not None and exit_code < 0:
-        return f"its decoding process crashed ({signal.Signals(-exit_code).name})"
+        return f"its decoding process crashed ({signal_name(-exit_code)})"
     return f"its decoding process exited without an answer (exit code {exit_code})"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import shutil
 import signal
 import sys
 import time
@@ -35,7 +34,7 @@ from .embed import (
     interrupted_on_other_devices,
     refuse_empty_run,
 )
-from .errors import RunFailed, UserError, first_line
+from .errors import RunFailed, UserError, first_line, signal_name
 from .outputs import OutputPaths, check_outputs, read_rows, refuse_inputs_among_outputs
 from .runtime import dtype_note, load, resolve_device, resolve_dtype
 from .shards import merge_outputs, select_shard
@@ -245,7 +244,7 @@ def embed_on_devices(
         other_devices = area.exists() or earlier not in (None, len(devices))  # a run on one device, or on others
         if other_devices and not published:
             if overwrite or not out.work_kept():  # no stale shards are left to mislead a rerun; nor empty ones kept
-                shutil.rmtree(work, ignore_errors=True)
+                area.remove()
             else:  # work of a run on other devices is not ours to throw away
                 raise interrupted_on_other_devices(work, 1 if area.exists() else earlier)
         check_outputs(
@@ -274,16 +273,16 @@ def embed_on_devices(
             order = {path: i for i, path in enumerate(paths)}
             bad = sorted((row for job in jobs for row in read_rows(OutputPaths.for_output(job.output))[1]),
                          key=lambda row: order.get(row["path"], len(order)))  # fmt: skip
-            shutil.rmtree(work, ignore_errors=True)
+            area.remove()
             refuse_empty_run(out, bad)
         merged = merge_outputs(
             [job.output for job in jobs],
             output,
             overwrite=True,
-            before_replacing=WorkArea(work).mark_assembling,
+            before_replacing=area.mark_assembling,
             hold_lock=False,  # held since the start of the run
         )
-        WorkArea(work).remove()  # its assembling mark last, as one device's
+        area.remove()  # its assembling mark last, as one device's
         embedded = sum(s.embedded for s in summaries)
         return Summary(
             embedded=embedded,
@@ -326,7 +325,7 @@ def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Sum
                 for job_index, process in processes.items():
                     if job_index not in summaries and not process.is_alive() and channel.empty():
                         code = process.exitcode
-                        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                        how = f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
                         raise RunFailed(
                             f"the worker on {device[job_index]} stopped ({how}); what it printed is in "
                             f"{_log_of(jobs[job_index])}."

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import earlier_rows, gpu_decode, interrupts
+from .config import CPU_BATCH_SIZE
 from .decoding import Batch, batch_pixels, decoded_batches, default_workers, error_row, look_ahead
 from .errors import UserError, first_line
 from .files import discover
@@ -77,7 +78,7 @@ class EmbedOptions:
     normalize: bool = True
     tokens: bool = False
     output_dtype: str = "float32"
-    batch_size: int = 32
+    batch_size: int = CPU_BATCH_SIZE
     workers: int = field(default_factory=default_workers)
     decode: DecodeOptions = DecodeOptions()
     # "cpu": PIL, pixel-exact with the reference. "gpu": JPEGs decoded in batches by nvJPEG on the model's device
@@ -304,7 +305,7 @@ def _earlier_work(
     if progress and in_chunks:  # done: in the chunks, or (--update) kept from the earlier output
         done, total = len(settled.done), len(settled.paths)
         progress.note(f"continuing the interrupted run in {out.work}: {done:,} of {total:,} files done.")
-    next_seq = max((chunk.seq for chunk in chunks), default=-1) + 1  # after a damaged one's too: it is gone
+    next_seq = max((chunk.seq for chunk in chunks), default=-1) + 1  # a damaged chunk's number is free: it was deleted
     return _EarlierWork(work, previous, settled, next_seq)
 
 
@@ -842,7 +843,7 @@ def embed_paths(
     *,
     normalize: bool = True,
     tokens: bool = False,
-    batch_size: int = 32,
+    batch_size: int = CPU_BATCH_SIZE,
     workers: int = 0,
     decode: DecodeOptions = DecodeOptions(),
     decoder: str = "cpu",

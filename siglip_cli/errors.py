@@ -2,6 +2,7 @@
 device fault a run stops on (`DeviceFault`), and the words of errors."""
 
 import errno
+import signal
 
 
 class UserError(Exception):
@@ -20,6 +21,15 @@ class RunFailed(UserError):
 class DeviceFault(RuntimeError):
     """The accelerator failed, as its libraries report it in their own words (torchvision's JPEG decoder: "Failed
     to synchronize CUDA stream: 700"): not a file's fault nor the user's; the run stops, its finished work kept."""
+
+
+def signal_name(number: int) -> str:
+    """"SIGSEGV" for 11; a real-time signal, which `signal.Signals` does not name (35 to 63 but its first and last),
+    as "signal 40"."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def first_line(error: BaseException) -> str:

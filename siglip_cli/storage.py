@@ -507,7 +507,9 @@ def _user_name(uid: int) -> str:
 
 
 class WorkArea:
-    """`<output>.partial/`: the options of the run (`state.json`) and its finished chunks, one file each.
+    """`<output>.partial/`: the options of the run (`state.json`) and its finished chunks, one file each; while the
+    final files are being replaced, the `assembling` mark. A run on several devices keeps its shards here instead
+    (`shard-K-of-N.*`, each with a work area of its own, and `device-K.log`).
 
     A chunk is a `.safetensors` file whose header metadata also lists its rows, written atomically, so a chunk
     either exists whole or not at all whenever the process dies.

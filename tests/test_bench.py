@@ -446,7 +446,11 @@ def test_a_bad_images_folder_is_refused_before_any_timing(
     monkeypatch.setattr(benchmark, "time_interleaved", timed)
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.jpg").write_bytes(b"")
-    for images, what in (("missing", "does not exist"), ("empty", "holds no image files"), ("file.jpg", "is not a directory")):
+    (tmp_path / "loop").symlink_to("loop")  # it was "does not exist"
+    for images, what in (
+        ("missing", "does not exist"), ("empty", "holds no image files"), ("file.jpg", "is not a directory"),
+        ("loop", "cannot be read: Too many levels of symbolic links"),
+    ):  # fmt: skip
         with pytest.raises(UserError, match=f"--images {tmp_path / images} {what}"):
             benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), images=tmp_path / images))
 

@@ -793,7 +793,8 @@ def test_a_folder_that_cannot_be_listed_is_in_the_json_and_fails_strict(
 
     monkeypatch.setattr(os, "scandir", refusing)
     summary = json.loads(ok(embed(photos, "-o", out / "a.safetensors", "--json")).stdout)
-    assert summary["unlisted_folders"] == [str(photos / "locked")] and summary["failed"] == 0
+    assert summary["unlisted_folders"] == [{"path": str(photos / "locked"), "reason": "Permission denied"}]
+    assert summary["failed"] == 0
     error = the_error(embed(photos, "-o", out / "b.safetensors", "--strict"), code=1)
     assert error == f"error: could not list 1 folder: {photos / 'locked'} (Permission denied) (--strict)."
     assert len(read_jsonl(out / "b.jsonl")) == 3  # the rows are still written
@@ -1562,6 +1563,8 @@ def test_device_decoder_with_the_model_on_the_cpu_says_what_it_costs(embed, phot
     result = ok(embed(photos, "-o", out / "e.safetensors", "--decode", "gpu", "--device", "cpu"))
     assert "note: --decode gpu with the model on the CPU" in result.stderr
     assert "note: --decode gpu" not in ok(embed(photos, "-o", out / "f.safetensors", "--device", "cpu")).stderr
+    quiet = ok(embed(photos, "-o", out / "g.safetensors", "--decode", "gpu", "--device", "cpu", "-q"))
+    assert quiet.stderr == ""
 
 
 def test_decode_gpu_for_a_filter_it_lacks_is_refused_before_any_work(
@@ -2390,6 +2393,7 @@ DEATHS = {
     "photo1.jpg": lambda: os.kill(os.getpid(), signal.SIGSEGV),
     "drawing.png": lambda: os.kill(os.getpid(), signal.SIGKILL),
     "photo3.jpg": lambda: os._exit(3),
+    "print.jpg": lambda: os.kill(os.getpid(), signal.SIGRTMIN + 5),  # no name in `signal.Signals`
 }
 
 
@@ -2420,6 +2424,7 @@ def test_a_worker_that_dies_costs_only_its_file(
     assert errors["photo1.jpg"] == "its decoding process crashed (SIGSEGV)"
     assert errors["drawing.png"] == "its decoding process was killed (SIGKILL: out of memory?)"
     assert errors["photo3.jpg"] == "its decoding process exited without an answer (exit code 3)"
+    assert errors["print.jpg"] == f"its decoding process crashed (signal {signal.SIGRTMIN + 5})"
     assert sum(len(b.errors) for b in batches) == 3 * (len(DEATHS) + 1)  # and the broken JPEG, as before
 
 
@@ -2717,7 +2722,7 @@ def test_workers_that_cannot_start_leave_the_work_to_this_process(
     if failing == "the-loader's-queues":
         monkeypatch.setattr(D.DataLoader, "_get_iterator", no_semaphores)
     else:
-        monkeypatch.setattr(D.WORKER_PROCESSES, "RawArray", no_shared_memory)
+        monkeypatch.setattr(D.WORKER_CONTEXT, "RawArray", no_shared_memory)
     notes: list[str] = []
     batches = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=3, workers=2, pin=False, note=notes.append))
     assert notes == ["cannot start 2 decoding workers (No space left on device; their queues need a writable "
