@@ -70,7 +70,8 @@ class _Command(_OneLineParseErrors, typer.core.TyperCommand):
     """A command whose help names its arguments without typer's type tags (`PATH <list[str]>`): their help says
     what they take; whose command line, if it does not parse, is one sentence (`_OneLineParseErrors`); and whose
     Ctrl-C is one sentence wherever it lands (typer ends a command that lets KeyboardInterrupt out with status 130
-    and nothing said: a Ctrl-C while a command imported its modules)."""
+    and nothing said: a Ctrl-C while a command imported its modules), and so are SIGTERM and SIGHUP: from the start,
+    as a scheduler's stop during torch's import or a long walk of the inputs ended the run with 143 and no word."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -79,7 +80,7 @@ class _Command(_OneLineParseErrors, typer.core.TyperCommand):
                 param.display_type_rich = lambda ctx: None
 
     def invoke(self, ctx: typer.Context):
-        with user_errors():
+        with user_errors(), interrupts.stop_on_signals():
             return super().invoke(ctx)
 
 

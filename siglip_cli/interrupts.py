@@ -32,6 +32,7 @@ TERMINAL_SIGNALS = tuple(s for s in SIGNALS if s != signal.SIGTERM)
 
 _received: int | None = None  # the signal `stop_on_signals` turned into KeyboardInterrupt, while it is installed
 _in_place = False  # the output of the `stop_on_signals` block's run is in place: `output_in_place`
+_depth = 0  # `stop_on_signals` blocks the main thread is in
 _deferring = False
 _stop_flags: list[threading.Event] = []  # those of the `stop_flag` blocks running
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -54,8 +55,9 @@ def on_main_thread() -> bool:
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGINT, SIGTERM (a scheduler, `kill`) and SIGHUP all raise KeyboardInterrupt in the block, unless found
-    ignored, and `check()` raises it again after a `__del__` swallowed it."""
-    global _received, _in_place
+    ignored, and `check()` raises it again after a `__del__` swallowed it. Blocks may nest (a run inside a command):
+    an inner one's output in place (`output_in_place`) stays so for the rest of the outer one."""
+    global _received, _in_place, _depth
 
     def interrupt(signum: int, frame) -> None:
         global _received
@@ -71,11 +73,13 @@ def stop_on_signals() -> Iterator[None]:
     previous = {s: signal.signal(s, interrupt) for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     hook = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None if _stopping(unraisable) else hook(unraisable)
-    _in_place = False
+    _in_place, _depth = False, _depth + 1
     try:
         yield
     finally:
-        _received, _in_place = None, False
+        _depth -= 1
+        if not _depth:
+            _received, _in_place = None, False
         sys.unraisablehook = hook
         for s, handler in previous.items():
             signal.signal(s, handler)

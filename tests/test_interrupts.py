@@ -74,6 +74,18 @@ def test_sigterm_during_a_run_stops_it_like_ctrl_c() -> None:
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_an_output_in_place_stays_so_for_the_rest_of_the_command() -> None:
+    # A command's block holds its run's: a stop after the run put its output in place (its summary being printed)
+    # would report the finished run interrupted.
+    with interrupts.stop_on_signals():
+        with interrupts.stop_on_signals():
+            interrupts.output_in_place()
+        signal.raise_signal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):  # the next command starts afresh
+        with interrupts.stop_on_signals():
+            signal.raise_signal(signal.SIGTERM)
+
+
 def test_a_hang_up_during_a_run_stops_it_like_ctrl_c() -> None:
     # As from a terminal: `nohup pytest` starts the session with SIGHUP ignored, which a run rightly keeps.
     previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)

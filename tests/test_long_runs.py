@@ -2761,6 +2761,21 @@ def test_sigterm_stops_like_ctrl_c_and_rerunning_continues(
     assert differences(output, uninterrupted) == []
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_before_the_run_starts_is_one_sentence(tiny_vision: Path, tmp_path: Path, signum: int) -> None:
+    # While torch loaded or the inputs were walked (minutes, for a library on a network share) a scheduler's stop
+    # ended the command with 143 (or 129) and no word, where Ctrl-C was "interrupted." and 130.
+    paths = tmp_path / "paths"
+    os.mkfifo(paths)
+    command = [SIGLIP, "embed", "--files-from", str(paths), "-o", str(tmp_path / "e.safetensors"),
+               "--model", str(tiny_vision), "--workers", "0"]  # fmt: skip
+    process = start(command, flush_seconds=1)
+    with open(paths, "wb"):  # the walk has begun once the command opens the list; its reading waits for the end
+        os.kill(process.pid, signum)
+        _, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stderr) == (130, "error: interrupted.\n")
+
+
 def test_a_hang_up_stops_like_ctrl_c_and_keeps_the_work(many_photos: Path, tiny_vision: Path, tmp_path: Path) -> None:
     # A closed terminal (an ssh session dropped) sends SIGHUP to every process of the run: it ended with exit 129 and
     # no word, and lost the batches finished since the last flush.
