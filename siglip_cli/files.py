@@ -236,8 +236,8 @@ def discover(
     for regular files with an image extension (case-insensitive), skipping hidden files and folders and
     `SKIPPED_FOLDERS`. Symlinks are followed, but each folder is entered once, so a symlink loop neither hangs
     nor repeats images. A missing argument is an error; a missing line of `files_from` is kept and fails as a
-    bad file instead, since long lists are often a little stale. `report`, when given, collects the other files
-    the walks met and the folders they could not list. `leave_out`: directory entries (folder's device and inode,
+    bad file instead, since long lists are often a little stale. `report`, when given, collects what the walks met
+    besides the images they return (see `WalkReport`). `leave_out`: directory entries (folder's device and inode,
     name) the walks pass by without a word: the run's own output, which a later run finds in the folder it embeds.
     """
     found: dict[tuple[object, str], str] = {}  # directory entry -> the path it was first met as
@@ -426,11 +426,14 @@ def _look_into(path: str) -> None:
 
 
 def _kind(entry: os.DirEntry) -> str:
-    """What a directory entry that is neither a file nor a folder is, in a few words."""
-    if entry.is_symlink():
+    """What a directory entry that is neither a file nor a folder is, in a few words: a link to a FIFO or a device
+    is named so (`ln -s /dev/zero x.jpg`), not broken."""
+    try:
+        mode = entry.stat(follow_symlinks=True).st_mode
+    except OSError:
         return "a broken link"  # its target is missing, or it loops
-    mode = entry.stat(follow_symlinks=False).st_mode
-    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"a link to {kind}" if entry.is_symlink() else kind
 
 
 def read_path_list(source: str) -> list[str]:

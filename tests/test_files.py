@@ -295,15 +295,18 @@ def test_entries_named_like_images_that_are_no_files_are_reported(tmp_path: Path
     (tmp_path / "gone.jpg").symlink_to(tmp_path / "unmounted" / "gone.jpg")
     (tmp_path / "self.jpg").symlink_to("self.jpg")
     os.mkfifo(tmp_path / "stream.jpg")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")  # it was "a broken link": the user went looking for a drive
+    (tmp_path / "to-stream.jpg").symlink_to("stream.jpg")
     (tmp_path / "gone.mov").symlink_to(tmp_path / "unmounted" / "gone.mov")  # no image: a link that leads nowhere
     photo = touch(tmp_path / "photo.jpg")
     report = WalkReport()
     assert found_with(report, tmp_path) == [str(photo)]
     assert sorted((Path(p).name, kind) for p, kind in report.not_files) == [
-        ("gone.jpg", "a broken link"), ("self.jpg", "a broken link"), ("stream.jpg", "a FIFO")
+        ("gone.jpg", "a broken link"), ("self.jpg", "a broken link"), ("stream.jpg", "a FIFO"),
+        ("to-stream.jpg", "a link to a FIFO"), ("zero.jpg", "a link to a device"),
     ]  # fmt: skip
     assert report.not_files_text(shown=1) == (
-        f"3 entries named like images are not files: {tmp_path / 'gone.jpg'} (a broken link), 2 more"
+        f"5 entries named like images are not files: {tmp_path / 'gone.jpg'} (a broken link), 4 more"
     )
     assert [Path(link).name for link, _ in report.dangling] == ["gone.mov"]
 
