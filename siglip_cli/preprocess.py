@@ -77,6 +77,8 @@ def one_line(error: BaseException) -> str:
     """
     if isinstance(error, OSError) and error.strerror:
         text = error.strerror
+    elif isinstance(error, MemoryError):  # Python's says nothing: "MemoryError:" (under `ulimit -v`, a huge image)
+        text = f"not enough memory to decode it{f' ({error})' if str(error) else ''}"
     elif isinstance(error, (BadImage, OSError)) or isinstance(error, ValueError) and _raised_in("pillow_heif", error):
         text = str(error)
     else:

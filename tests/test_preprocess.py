@@ -531,6 +531,14 @@ def test_damaged_tiff_and_jpeg_cut_between_blocks_fail_in_plain_words(tmp_path: 
     assert one_line(raised.value) == "image file is truncated"
 
 
+def test_running_out_of_memory_on_a_file_is_said_in_words() -> None:
+    # Under `ulimit -v`, --max-pixels 0 and a huge image: the errors row said "MemoryError:".
+    from siglip_cli.preprocess import one_line
+
+    assert one_line(MemoryError()) == "not enough memory to decode it"
+    assert one_line(MemoryError("100000×100000")) == "not enough memory to decode it (100000×100000)"
+
+
 def test_rotated_heic_is_turned_upright_once(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     # An iPhone portrait: pixels on their side, an `irot` rotation and EXIF orientation 6 (pillow-heif writes
     # both from EXIF bytes). libheif applies `irot` while decoding and pillow-heif resets the EXIF tag, so
