@@ -8,6 +8,7 @@ rest of a row's bookkeeping: README, Memory), not their embeddings.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -37,11 +38,23 @@ SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16"}
 
 
 def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+    """Make the renames in `directory` durable. Where a folder cannot be synced (some FUSE and SMB mounts refuse with
+    EINVAL; a folder this user may write in but not read cannot be opened), the renames are done all the same, and
+    are left to the file system's own guarantees rather than reported as a file that could not be written."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _CANNOT_SYNC_FOLDERS:  # EIO, ENOSPC: the writes themselves failed
+            raise
     finally:
         os.close(fd)
+
+
+_CANNOT_SYNC_FOLDERS = {errno.EINVAL, errno.EROFS, errno.EBADF, errno.EACCES, errno.EPERM, errno.EOPNOTSUPP}
 
 
 def _temporary(path: Path, pid: int) -> Path:

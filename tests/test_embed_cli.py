@@ -448,6 +448,30 @@ def test_a_full_disk_is_one_sentence_and_the_rerun_continues(
     assert (summary["embedded"], summary["reused"]) == (2, 1)
 
 
+def test_a_file_system_that_cannot_sync_folders_still_gets_its_output(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Some FUSE and SMB mounts refuse fsync on a folder (EINVAL): after each rename, in place, the run said "cannot
+    # write" its output.
+    import errno
+    import stat
+
+    from siglip_cli import storage
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    ok(embed(photos, "-o", out / "embeddings.safetensors"))
+    summary = json.loads(ok(embed(photos, "-o", out / "embeddings.safetensors", "--update", "--json")).stdout)
+    assert (summary["reused"], summary["unchanged"]) == (3, True)
+    assert len(read_jsonl(out / "embeddings.jsonl")) == 3
+
+
 def test_a_folder_made_read_only_during_the_run_is_one_sentence(
     embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
