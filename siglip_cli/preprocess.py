@@ -328,7 +328,13 @@ def pixel_values(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 def resize(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     """The image resized as the reference resizes it (to the model's size, or its shortest edge before a crop); as
     it is where the preprocessor does not resize."""
-    return image.resize(cfg.resized(*image.size), resample=cfg.resample) if cfg.do_resize else image
+    if not cfg.do_resize:
+        return image
+    width, height = cfg.resized(*image.size)
+    if not (width and height):  # a sliver under a longest-edge cap (1×2000): transformers fails on it too
+        thin = f"image is {image.width}x{image.height}"
+        raise BadImage(f"{thin}: too thin to resize for this model (to {width}x{height})")
+    return image.resize((width, height), resample=cfg.resample)
 
 
 def resized_to_pixels(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:

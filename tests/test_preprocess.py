@@ -112,6 +112,14 @@ def test_a_center_cropping_processor_gives_transformers_pixels(
     assert not gpu_decode.supported(cfg)  # the GPU decoder resizes straight to the model's size
 
 
+def test_an_image_too_thin_for_a_longest_edge_cap_fails_in_words() -> None:
+    # 1×2000 under a shortest edge of 36 capped at 60: 0×60 pixels (transformers fails too); the errors row said
+    # "ValueError: height and width must be > 0".
+    cfg = PreprocessConfig(32, 32, center_crop=True, shortest_edge=36, longest_edge=60)
+    with pytest.raises(BadImage, match=r"^image is 1x2000: too thin to resize for this model \(to 0x60\)$"):
+        pixels_of(make_photo((1, 2000)), cfg)
+
+
 MINIMAL_CONFIGS = {  # written by hand: what they leave out is their class's default, not SigLIP's
     "CLIP": {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}, "crop_size": 32},
     "ViT": {"image_processor_type": "ViTImageProcessorFast", "size": {"height": 32, "width": 32}},
