@@ -178,7 +178,7 @@ def _with_earlier_rows(
     return sorted(given.union(still, unchecked), key=os.fsencode), unchecked, dropped
 
 
-def _whereabouts(path: str, seen: dict[str, Status] | None = None) -> str:
+def _whereabouts(path: str, seen: dict[str, Status]) -> str:
     """Of a file an earlier row names: "there" (its stat kept in `seen`), "gone", or "unknown" when it cannot be
     looked at now. Unknown: a folder on its way cannot be read, or what is left of the way is a drive that is not
     mounted: a symlink whose target is missing, a mount point missing from where drives are mounted (with the
@@ -186,9 +186,7 @@ def _whereabouts(path: str, seen: dict[str, Status] | None = None) -> str:
     An empty folder elsewhere is only a folder whose photos moved away. When in doubt, unknown: the rows are kept,
     not dropped."""
     try:
-        stat = os.stat(path)
-        if seen is not None:
-            seen[path] = Status.of(stat)
+        seen[path] = Status.of(os.stat(path))
         return "there"
     except (FileNotFoundError, NotADirectoryError):
         pass
@@ -245,7 +243,7 @@ def _with_info(ref: Ref, info: dict) -> Ref:
 
 
 def _still_current(
-    infos: dict[str, dict], progress: Progress | None, seen: dict[str, Status] | None = None
+    infos: dict[str, dict], progress: Progress | None, seen: dict[str, Status]
 ) -> dict[str, dict]:
     """Of `infos` (manifest rows by path), those whose file is still the one that produced them, with today's times.
     `seen`: files already looked at by this run, not asked again.
@@ -257,7 +255,7 @@ def _still_current(
     touched: dict[str, Status | os.stat_result] = {}
     for path, info in infos.items():
         try:
-            stat = (seen or {}).get(path) or os.stat(path)
+            stat = seen.get(path) or os.stat(path)
         except OSError:
             if "error" in info and "size" not in info:  # it failed before because it was missing, and it still is
                 current[path] = info

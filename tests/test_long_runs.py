@@ -1118,7 +1118,7 @@ def test_update_never_reads_a_fifo_found_where_a_row_was(tmp_path: Path) -> None
     timer = threading.Timer(5, let_a_reader_go)
     timer.start()
     try:
-        assert earlier_rows_module._still_current({str(fifo): row}, None) == {}  # read, it would equal the empty digest
+        assert earlier_rows_module._still_current({str(fifo): row}, None, {}) == {}  # were it read, it would match
     finally:
         timer.cancel()
 
@@ -1140,7 +1140,7 @@ def test_ctrl_c_while_touched_files_are_read_stops_the_reads_at_once(
     monkeypatch.setattr(earlier_rows_module, "digest_of_file", slow_digest)
     threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt), interrupts.stop_on_signals():
-        earlier_rows_module._still_current(rows, None)
+        earlier_rows_module._still_current(rows, None, {})
     assert saw_the_stop and all(saw_the_stop)  # every read in flight was told, none waited out its 30 s
 
 
@@ -1757,10 +1757,10 @@ def test_a_file_deleted_from_a_drive_mounted_one_folder_down_media_is_gone(
     save_photos(media / "data" / "photos", ["kept.jpg"])
     mounted = {str(media / "data")}
     monkeypatch.setattr(os.path, "ismount", lambda path: str(path) in mounted)
-    assert earlier_rows_module._whereabouts(str(media / "data" / "deleted.jpg")) == "gone"
-    assert earlier_rows_module._whereabouts(str(media / "data" / "gone" / "a.jpg")) == "gone"
+    assert earlier_rows_module._whereabouts(str(media / "data" / "deleted.jpg"), {}) == "gone"
+    assert earlier_rows_module._whereabouts(str(media / "data" / "gone" / "a.jpg"), {}) == "gone"
     mounted.clear()  # the same folders as a user's folder, not a drive: whose drives may be unplugged
-    assert earlier_rows_module._whereabouts(str(media / "data" / "deleted.jpg")) == "unknown"
+    assert earlier_rows_module._whereabouts(str(media / "data" / "deleted.jpg"), {}) == "unknown"
 
 
 def test_update_counts_a_copy_that_moved_as_kept_and_one_deleted_as_removed(embed, tmp_path: Path) -> None:
