@@ -332,8 +332,9 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
         return image
     width, height = cfg.resized(*image.size)
     if not (width and height):  # a sliver under a longest-edge cap (1×2000): transformers fails on it too
-        thin = f"image is {image.width}x{image.height}"
-        raise BadImage(f"{thin}: too thin to resize for this model (to {width}x{height})")
+        raise BadImage(
+            f"image is {image.width}x{image.height}: too thin to resize for this model (to {width}x{height})"
+        )
     return image.resize((width, height), resample=cfg.resample)
 
 
