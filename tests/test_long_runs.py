@@ -2624,11 +2624,17 @@ def uninterrupted(many_photos: Path, tiny_vision: Path, tmp_path_factory: pytest
 
 def start(command: list[str], *, flush_seconds: float) -> subprocess.Popen:
     """The command in a process group of its own, as a shell starts a foreground job (so Ctrl-C can reach all of it,
-    and is not ignored, even when pytest itself runs in the background with SIGINT ignored)."""
+    and neither Ctrl-C nor a hang-up is ignored, even when pytest itself runs in the background with SIGINT ignored,
+    or under nohup with SIGHUP ignored: a run keeps a signal it finds ignored)."""
     return subprocess.Popen(
         command, env=process_env(flush_seconds), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        start_new_session=True, preexec_fn=_as_a_foreground_job,
     )  # fmt: skip
+
+
+def _as_a_foreground_job() -> None:
+    for stop in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_DFL)
 
 
 def wait_for_chunks(process: subprocess.Popen, output: Path, chunks: int, timeout: float = 120) -> None:
