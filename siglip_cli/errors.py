@@ -24,8 +24,8 @@ class DeviceFault(RuntimeError):
 
 
 def signal_name(number: int) -> str:
-    """"SIGSEGV" for 11; a real-time signal, which `signal.Signals` does not name (35 to 63 but its first and last),
-    as "signal 40"."""
+    """The name of signal `number`: "SIGSEGV" for 11; for a real-time signal, which `signal.Signals` does not name
+    (35 to 63 but its first and last), "signal 40"."""
     try:
         return signal.Signals(number).name
     except ValueError:

@@ -318,7 +318,7 @@ class Difference(NamedTuple):
     """How two runs' states differ (`describe_difference`)."""
 
     options: str  # as the user spells them: '--dtype, --tokens'
-    saved_over: bool  # the checkpoint alone differs: its folder was saved again since
+    saved_over: bool  # the checkpoint alone differs: its folder was saved again since, or its config.json corrected
 
 
 def same_options(old: dict, new: dict) -> bool:
