@@ -346,13 +346,17 @@ def _compared(old: dict, new: dict) -> tuple[dict, dict]:
 
 def _both_recorded(old: dict, new: dict) -> tuple[dict, dict]:
     """Two states less what only one of them records (`_LATER`)."""
-    unknown = tuple(key for key in _LATER if key not in old or key not in new)
+    unknown = _not_recorded_by_all([old, new])
     return _without(old, unknown), _without(new, unknown)
 
 
 def as_recorded_by_all(states: list[dict]) -> dict:
     """The first of `states`, less what not all of them record (`_LATER`): the options of a merge of their rows."""
-    return _without(states[0], tuple(key for key in _LATER if any(key not in state for state in states)))
+    return _without(states[0], _not_recorded_by_all(states))
+
+
+def _not_recorded_by_all(states: list[dict]) -> tuple[str, ...]:
+    return tuple(key for key in _LATER if any(key not in state for state in states))
 
 
 def _without(state: dict, keys: tuple[str, ...]) -> dict:
