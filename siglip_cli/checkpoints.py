@@ -127,13 +127,14 @@ def _configs(name: str, files: _LocalFiles | _HubFiles) -> tuple[dict, VisionCon
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # a value of the wrong kind the checks missed
         files_read = f"config.json or {preprocess_source}" if preprocess_source else "config.json"
         raise CheckpointError(f"{name}: {files_read} holds a malformed value ({e}).") from None
-    if (preprocess.do_resize or preprocess.center_crop) and (preprocess.height, preprocess.width) != (
-        vision.image_size, vision.image_size
-    ):
+    sized = preprocess.do_resize or preprocess.center_crop  # else each image must come at its size (preprocess.py)
+    if sized and vision.dropped_from(preprocess.height, preprocess.width) is None:
         step = "crops" if preprocess.center_crop else "resizes"
+        p, g = vision.patch_size, vision.grid_size
         raise CheckpointError(
-            f"{name}: {preprocess_source} {step} to {preprocess.width}x{preprocess.height} but the tower "
-            f"takes {vision.image_size}x{vision.image_size} images."
+            f"{name}: {preprocess_source} {step} to {preprocess.width}x{preprocess.height}, a "
+            f"{preprocess.width // p}x{preprocess.height // p} grid of {p} px patches, but the tower takes "
+            f"{vision.image_size}x{vision.image_size} images ({g}x{g} patches)."
         )
     return config, vision, preprocess, preprocess_source
 

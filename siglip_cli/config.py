@@ -108,8 +108,18 @@ class VisionConfig:
 
     @property
     def dropped_pixels(self) -> int:
-        """Pixel rows (and columns) at the bottom (right) edge that no patch covers."""
+        """Pixel rows (and columns) at the bottom (right) edge of an image_size input that no patch covers."""
         return self.image_size - self.grid_size * self.patch_size
+
+    def dropped_from(self, height: int, width: int) -> tuple[int, int] | None:
+        """The pixel rows (bottom) and columns (right) of a height × width input that no patch covers; None where
+        its whole patches do not make this tower's grid. The input need not be image_size: the patch conv drops
+        what lies past the last whole patch, so transformers runs a preprocessor's 35 px for a 32 px tower at patch
+        8 (a 4×4 grid both), and so do we."""
+        p, g = self.patch_size, self.grid_size
+        if (height // p, width // p) != (g, g):
+            return None
+        return height - g * p, width - g * p
 
 
 PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}

@@ -146,7 +146,8 @@ def head_attention(result: Inspection) -> Image.Image:
     cfg = result.config
     g = cfg.grid_size
     heads = result.head_attention.numpy().reshape(-1, g, g) * cfg.num_patches  # (H, g, g) × uniform
-    covered = g * cfg.patch_size / cfg.image_size  # the patch grid's share of each side: dropped pixels excluded
+    pre = result.preprocessing
+    covered = (g * cfg.patch_size / pre.width, g * cfg.patch_size / pre.height)  # the grid's share: dropped excluded
     mean = heads.mean(0)
     mean_peak, head_peak = float(mean.max()), float(heads.max())
 
@@ -165,8 +166,10 @@ def head_attention(result: Inspection) -> Image.Image:
         f"(1x = 1/{cfg.num_patches} each); colours run from 0 to the peak: the mean has its own scale, the heads "
         "share one"
     )
-    if cfg.dropped_pixels:
-        subtitle += f"; the last {cfg.dropped_pixels} px strip is never seen"
+    if any(result.dropped):
+        rows, columns = result.dropped
+        strips = f"{rows} px" if rows == columns else f"{rows} px (bottom) and {columns} px (right)"
+        subtitle += f"; the last {strips} strip is never seen"
     return _figure(body, "Where the image embedding looks: attention-pool head", subtitle, result)
 
 
@@ -261,9 +264,10 @@ def colormap(values: np.ndarray, anchors: tuple[tuple[int, int, int], ...]) -> n
     return rgb.round().astype(np.uint8)
 
 
-def _overlay(photo: Image.Image, heat: np.ndarray, covered: float) -> Image.Image:
-    """Heatmap of a (g, g) map of values in [0, 1] over the part of `photo` the patch grid covers."""
-    w, h = round(photo.width * covered), round(photo.height * covered)
+def _overlay(photo: Image.Image, heat: np.ndarray, covered: tuple[float, float]) -> Image.Image:
+    """Heatmap of a (g, g) map of values in [0, 1] over the part of `photo` the patch grid covers: `covered` is its
+    share of the width and of the height."""
+    w, h = round(photo.width * covered[0]), round(photo.height * covered[1])
     heat = Image.fromarray(heat.astype(np.float32), "F").resize((w, h), Image.BILINEAR)
     base = np.asarray(photo.convert("L").convert("RGB"), np.float64) * 0.75  # grey photo, dimmed
     out = base.copy()

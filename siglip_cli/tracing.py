@@ -103,6 +103,11 @@ class Inspection:
     head_attention: Tensor | None  # (H, N): the probe's attention over the patches; None without a head
     token_norms: Tensor  # (L + 1, N): L2 norm of every token after the embeddings and after each layer
 
+    @property
+    def dropped(self) -> tuple[int, int]:
+        """The pixel rows (bottom) and columns (right) of the model's input that no patch covers."""
+        return self.config.dropped_from(self.preprocessing.height, self.preprocessing.width) or (0, 0)
+
     def to_dict(self) -> dict[str, Any]:
         """The `--json` document: plain, JSON-ready values (non-finite statistics become null)."""
         cfg = self.config
@@ -235,10 +240,12 @@ def trace(
     Works on a meta-device model too (shapes only, statistics NaN): how tests check so400m cheaply.
     """
     cfg = model.config
-    if (preprocessing.height, preprocessing.width) != (cfg.image_size, cfg.image_size):
+    dropped = cfg.dropped_from(preprocessing.height, preprocessing.width)
+    if dropped is None:
         raise UserError(
             f"the preprocessor resizes to {preprocessing.width}×{preprocessing.height} but the model was built for "
-            f"{cfg.image_size}×{cfg.image_size} images."
+            f"{cfg.image_size}×{cfg.image_size} images ({cfg.grid_size}×{cfg.grid_size} patches of "
+            f"{cfg.patch_size} px)."
         )
     full = parse_layers(layers, cfg.num_hidden_layers)
     describe = _Describer(cfg, preprocessing)
@@ -266,7 +273,7 @@ def trace(
         parameters_by_module=parameters_by_module(model),
         gflops_per_image=gflops_per_image(cfg),
         layers_in_full=full,
-        notes=found + _notes(cfg),
+        notes=found + _notes(cfg, preprocessing, dropped),
         photo=photo,
         position_embedding=_cpu(model.embeddings.position_embedding.weight),
         patch_filters=_cpu(conv[:NUM_FILTERS]),
@@ -399,14 +406,19 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _notes(cfg: VisionConfig) -> tuple[str, ...]:
+def _notes(cfg: VisionConfig, pre: PreprocessConfig, dropped: tuple[int, int]) -> tuple[str, ...]:
     notes = []
-    if cfg.dropped_pixels:
-        covered = cfg.grid_size * cfg.patch_size
+    if any(dropped):
+        g, covered = cfg.grid_size, cfg.grid_size * cfg.patch_size
+        size = f"{pre.height} px" if pre.height == pre.width else f"{pre.width}×{pre.height} px"
+        rows, columns = dropped
+        sides = ((rows, "rows (bottom)"), (columns, "columns (right)"))
+        lost = " and ".join(f"{n} pixel {side}" for n, side in sides if n)
+        if rows == columns:
+            lost = f"{rows} pixel rows and columns (bottom and right)"
         notes.append(
-            f"{cfg.image_size} px is not a multiple of the {cfg.patch_size} px patch: the patch conv sees a "
-            f"{cfg.grid_size}×{cfg.grid_size} grid ({covered}×{covered} px) and the last {cfg.dropped_pixels} pixel "
-            "rows and columns (bottom and right) are dropped."
+            f"{size} is not a multiple of the {cfg.patch_size} px patch: the patch conv sees a {g}×{g} grid "
+            f"({covered}×{covered} px) and the last {lost} are dropped."
         )
     if not cfg.vision_use_head:
         notes.append(

@@ -632,6 +632,21 @@ def test_dropped_pixels_are_said(tiny_p14: Path, photo: Path) -> None:
     assert "the last 2 pixel rows and columns (bottom and right) are dropped" in result.stdout
 
 
+def test_pixels_a_larger_processor_size_drops_are_said_and_drawn(tiny_p14: Path, photo: Path, tmp_path: Path) -> None:
+    # 42 rows (3 whole patches of 14) and 55 columns (3, and 13 px over): the tower's own 44 px would drop 2 of each.
+    import shutil
+
+    from transformers import SiglipImageProcessorPil
+
+    checkpoint = Path(shutil.copytree(tiny_p14, tmp_path / "resized"))
+    SiglipImageProcessorPil(size={"height": 42, "width": 55}).save_pretrained(checkpoint)
+    result = invoke(str(photo), "--model", str(checkpoint), "--plot", str(tmp_path / "plots"))
+    assert result.exit_code == 0, result.output
+    assert "55×42 px is not a multiple of the 14 px patch: the patch conv sees a 3×3 grid" in result.stdout
+    assert "the last 13 pixel columns (right) are dropped" in result.stdout
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 4
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

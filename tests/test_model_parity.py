@@ -324,6 +324,33 @@ def test_a_fine_tune_with_a_clip_style_processor_embeds_as_transformers_runs_it(
     assert_pooled_like_transformers(checkpoint, photos)
 
 
+@pytest.mark.parametrize(
+    ("name", "processor"),
+    [
+        ("tiny_siglip", dict(size={"height": 35, "width": 35})),  # 32 px at patch 8: a 4x4 grid both
+        ("tiny_p14", dict(size={"height": 42, "width": 55})),  # 44 px at patch 14: 3x3, from less and more
+        ("tiny_siglip", dict(size={"shortest_edge": 40}, do_center_crop=True, crop_size={"height": 39, "width": 33})),
+    ],
+    ids=["larger", "smaller-and-larger", "cropped"],
+)
+def test_a_processor_size_that_gives_the_towers_patch_grid_embeds_as_transformers_runs_it(
+    name: str, processor: dict, photos: list[Path], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # The patch conv drops what lies past the last whole patch, so transformers runs an input of another size
+    # than image_size as long as its grid is the tower's; we used to refuse the checkpoint.
+    import shutil
+
+    from transformers import SiglipImageProcessorPil
+
+    checkpoint = Path(shutil.copytree(request.getfixturevalue(name), tmp_path / "resized"))
+    SiglipImageProcessorPil(resample=3, **processor).save_pretrained(checkpoint)
+    expected_pooled, expected_tokens = reference_from_photos(checkpoint, photos)
+    result = embed_paths(load(str(checkpoint), device="cpu", dtype="float32"), photos, normalize=False, tokens=True)
+    assert result.errors == []
+    assert max_diff(torch.from_numpy(result.embeddings), expected_pooled) <= TOLERANCE
+    assert max_diff(torch.from_numpy(result.tokens), expected_tokens) <= TOLERANCE
+
+
 def test_cli_no_normalize_output_is_transformers_pooler_output(
     tiny_siglip: Path, photos: list[Path], tmp_path: Path
 ) -> None:
