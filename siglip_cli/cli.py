@@ -7,10 +7,8 @@ to stderr. A user error is one sentence and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import enum
-import importlib
 import json
 import os
-import re
 import sys
 import time
 from contextlib import contextmanager
@@ -26,6 +24,7 @@ from .allocator import keep_freed_memory
 from .config import CPU_BATCH_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRESET
 from .errors import DeviceFault, UserError, address_space_limit, first_line
 from .text import counted, display_path, escape_controls
+from .usage_errors import click_errors, parse_error_sentence
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -36,11 +35,6 @@ if TYPE_CHECKING:
     from .outputs import OutputPaths
 
 
-# Recent typers vendor click (`typer._click`, typer 0.29 here), older ones use the click package: click's errors
-# are those of the module typer's BadParameter comes from.
-_click_errors = importlib.import_module(typer.BadParameter.__module__)
-
-
 class _OneLineParseErrors:
     """A command line that click cannot parse told as every other error is, in one sentence and exit status 2,
     not in typer's block (`Usage: ...`, `Try ...`, `Error: Invalid value for '--dtype': Value error, ...`).
@@ -49,11 +43,11 @@ class _OneLineParseErrors:
     def make_context(self, info_name, args, parent=None, **extra):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
-        except _click_errors.UsageError as e:
-            if isinstance(e, getattr(_click_errors, "NoArgsIsHelpError", ())):
+        except click_errors.UsageError as e:
+            if isinstance(e, getattr(click_errors, "NoArgsIsHelpError", ())):
                 raise
             path = f"{parent.command_path} {info_name}" if parent is not None else info_name
-            fail(_parse_error_sentence(e, path))
+            fail(parse_error_sentence(e, path))
 
 
 class _Group(_OneLineParseErrors, typer.core.TyperGroup):
@@ -62,8 +56,8 @@ class _Group(_OneLineParseErrors, typer.core.TyperGroup):
     def resolve_command(self, ctx: typer.Context, args: list[str]):
         try:
             return super().resolve_command(ctx, args)
-        except _click_errors.UsageError as e:  # no such command
-            fail(_parse_error_sentence(e, ctx.command_path))
+        except click_errors.UsageError as e:  # no such command
+            fail(parse_error_sentence(e, ctx.command_path))
 
 
 class _Command(_OneLineParseErrors, typer.core.TyperCommand):
@@ -101,6 +95,16 @@ stdout = Console(soft_wrap=True, markup=False, highlight=False)
 stderr = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 EXIT_USER_ERROR = 2
+
+# Options that more than one command takes, declared once (typer copies the declaration for each command).
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.", metavar="REV")]
+MaxPixels = Annotated[
+    int,
+    typer.Option(
+        "--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).",
+        metavar="N",
+    ),
+]
 
 
 def print_json(document: dict) -> None:
@@ -162,71 +166,6 @@ def user_errors() -> Iterator[None]:
         fail(f"cannot use {display_path(os.fsdecode(e.filename))}: {e.strerror}." if e.filename else f"{e}.")
     except KeyboardInterrupt:
         fail("interrupted.", 130)
-
-
-def _parse_error_sentence(error: Exception, command: str) -> str:
-    """click's complaint about a command line, in our words, naming the option and where its help is:
-    `--dtype: 'float64' is not one of auto, float32, bfloat16, float16 (see siglip embed -h).`"""
-    param = getattr(error, "param", None)
-    if isinstance(error, _click_errors.MissingParameter) and param is not None:
-        said = f"missing {_param_name(param)}"
-    elif isinstance(error, _click_errors.BadParameter) and param is not None:
-        said = f"{_param_name(param)}: {_bad_value(error)}"
-    elif isinstance(error, _click_errors.NoSuchOption):
-        closest = sorted(error.possibilities or ())
-        said = f"no option {error.option_name}" + (f"; the closest: {', '.join(closest)}" if closest else "")
-    else:  # "Option '-o' requires an argument.", "Got unexpected extra argument(s) (b)", "No such command 'x'."
-        said = error.message
-        for pattern, words in (
-            (r"^Option '(.*)' requires an argument\.$", r"\1 needs a value"),
-            (r"^Option '(.*)' does not take a value\.$", r"\1 takes no value"),
-            (r"^Got unexpected extra argument(?:s|\(s\))? \((.*)\)$", r"unexpected argument(s): \1"),
-            (r"\. Did you mean ", "; did you mean "),
-        ):  # fmt: skip
-            said = re.sub(pattern, words, said)
-        said = said[:1].lower() + said[1:]
-    return f"{said.rstrip('.')} (see {command} -h)."
-
-
-def _param_name(param) -> str:
-    """An option by the name its help lists first (`-o`, `--batch-size`); an argument by its metavar (`SHARD`)."""
-    if param.param_type_name == "option":
-        return param.opts[0]
-    return param.metavar or param.name.upper()
-
-
-def _bad_value(error: Exception) -> str:
-    """What is wrong with an option's value. Recent typers check values with pydantic, whose words are a
-    programmer's ("Input should be a valid integer, unable to parse string as an integer"), earlier ones with
-    click's types ("'abc' is not a valid int range", "0 is not in the range x>=1"): the common ones are said again
-    here, in a user's words, the same whichever typer is installed."""
-    problems = error.__cause__.errors() if hasattr(error.__cause__, "errors") else []
-    if not problems:
-        return _choices_unquoted(_click_words(error.message))
-    problem, value = problems[0], problems[0].get("input")
-    if problem["type"] == "int_parsing":
-        return f"{value!r} is not a whole number"
-    if problem["type"] == "greater_than_equal":
-        return f"must be at least {problem['ctx']['ge']}, not {value}"
-    if problem["type"] == "value_error":  # an enum's: "'float64' is not one of 'auto', 'float32', ..."
-        return _choices_unquoted(str(problem["ctx"]["error"]))
-    return error.message
-
-
-def _click_words(message: str) -> str:
-    """click's complaint about a value in the words of `_bad_value`'s pydantic branch."""
-    for pattern, words in (
-        (r"^('.*') is not a valid (?:integer|int)(?: range)?\.?$", r"\1 is not a whole number"),
-        (r"^(.*) is not in the range x>=(.*?)\.?$", r"must be at least \2, not \1"),
-    ):  # fmt: skip
-        message = re.sub(pattern, words, message)
-    return message
-
-
-def _choices_unquoted(message: str) -> str:
-    """"'float64' is not one of 'auto', 'float32'." → "... one of auto, float32": the choices as --help lists them."""
-    given, one_of, choices = message.partition(" is not one of ")
-    return given + one_of + choices.replace("'", "").rstrip(".") if one_of else message
 
 
 def _import_torch() -> None:
@@ -345,7 +284,7 @@ def embed(
     inputs: Annotated[list[str], typer.Argument(help="Image files and folders (walked recursively).", show_default=False, metavar="PATH")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file: .safetensors or .npy.", metavar="FILE", parser=_output_path)] = Path("embeddings.safetensors"),
     model: Annotated[str, typer.Option("--model", "-m", help="Hub id or local checkpoint directory.", metavar="MODEL")] = DEFAULT_MODEL,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.", metavar="REV")] = None,
+    revision: Revision = None,
     files_from: Annotated[Optional[str], typer.Option("--files-from", help="Read more paths from FILE, one per line or NUL-separated (- for stdin).", metavar="FILE")] = None,
     tokens: Annotated[bool, typer.Option("--tokens", help="Also save the patch tokens (N, T, D) after post_layernorm.")] = False,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalize rows; --no-normalize gives transformers' pooler_output.")] = True,
@@ -354,7 +293,7 @@ def embed(
     dtype: Annotated[ComputeDtype, typer.Option("--dtype", help="Compute precision (auto: float32 on CPU, bfloat16 on CUDA).")] = ComputeDtype.auto,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per forward pass (default: 32 on CPU, 128 on CUDA).", show_default=False, metavar="N")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="Decoding processes beside the model (default: CPUs - 1, at most 16 and as many as memory allows, shared among --device's devices).", show_default=False, metavar="N")] = None,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).", metavar="N")] = DEFAULT_MAX_PIXELS,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Apply EXIF orientation (phone photos).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model: +10% for B/16 on an H200 after 15 s of compiling; on a CPU 18-48 s for 0-5%.")] = False,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at reduced size: faster, not pixel-exact.")] = False,
@@ -607,11 +546,11 @@ def merge(
 def inspect(
     image: Annotated[Optional[Path], typer.Argument(help="The image to trace (default: a bundled sample photo).", show_default=False, metavar="IMAGE", parser=_path)] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="A preset name (architecture only, random weights, no download), a Hub id or a local checkpoint.", metavar="MODEL")] = DEFAULT_PRESET,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.", metavar="REV")] = None,
+    revision: Revision = None,
     layers: Annotated[str, typer.Option("--layers", help="Encoder layers listed stage by stage: first, all, or numbers such as 0,5,11; the others get one line.", metavar="LAYERS")] = "first",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the tables.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG pictures into this directory.", show_default=False, metavar="DIR", parser=_path)] = None,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, help="Refuse images with more pixels than this, read from the header (0: no limit).", metavar="N")] = DEFAULT_MAX_PIXELS,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Trace one image through the vision tower: every stage's shape and statistics, parameters, GFLOPs."""
     _import_torch()

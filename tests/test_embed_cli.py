@@ -58,7 +58,7 @@ from conftest import (
     with_bogus_huffman_table,
     with_preprocessing,
 )
-from siglip_cli import __version__, cli
+from siglip_cli import __version__, cli, usage_errors
 from siglip_cli.cli import app
 from siglip_cli.embed import embed_paths, embed_to_file, load
 from siglip_cli.storage import atomic_write
@@ -215,7 +215,7 @@ def test_a_bad_value_reads_the_same_with_a_typer_that_checks_values_with_click(m
     """Typers before pydantic (0.27 and earlier, which a machine's own Python may hold) leave the value checks to
     click, whose words differ from the pydantic ones that the test above sees with the typer installed here."""
     error = typer.BadParameter(message)
-    assert cli._bad_value(error) == words
+    assert usage_errors._bad_value(error) == words
 
 
 def test_every_option_names_its_flags() -> None:
