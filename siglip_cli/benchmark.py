@@ -276,6 +276,7 @@ class Report:
 @dataclass(frozen=True)
 class BenchOptions:
     model: str = DEFAULT_PRESET
+    revision: str | None = None  # of a Hub id
     device: str = "cpu"
     dtype: str | None = None  # None: auto, as `siglip embed` (bf16 on CUDA, float32 on the CPU)
     batch_sizes: tuple[int, ...] | None = None  # None: 1, 32, 256 on CUDA; 1, 8, 32 on CPU
@@ -358,7 +359,7 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
 
     say(f"building {options.model}")
     # A preset: seeded random weights, no download, the same as `siglip inspect` draws for the seed.
-    plain, preprocess, _ = load_tower(options.model, seed=options.seed)
+    plain, preprocess, _ = load_tower(options.model, revision=options.revision, seed=options.seed)
     weights_mb = num_parameters(plain) * dtype.itemsize / 2**20
     report = Report(describe_machine(device, dtype), options.model, weights_mb, notes=notes)
 

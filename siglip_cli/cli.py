@@ -577,6 +577,7 @@ def inspect(
 @app.command(cls=_Command, short_help="Measure images/s, beside transformers and timm.")
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="A preset name (random weights, no download), a Hub id or a local checkpoint.", metavar="MODEL")] = DEFAULT_PRESET,
+    revision: Revision = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", metavar="DEVICE")] = "auto",
     dtype: Annotated[ComputeDtype, typer.Option("--dtype", help="Compute precision (auto: bfloat16 on CUDA, float32 on the CPU, as embed).")] = ComputeDtype.auto,
     batch_size: Annotated[Optional[str], typer.Option("--batch-size", "-b", help="Comma-separated batch sizes (default: 1,8,32 on CPU, 1,32,256 on CUDA).", show_default=False, metavar="SIZES")] = None,
@@ -599,6 +600,7 @@ def bench(
         fail(f"--compare: {compare.strip()!r} names no reference: give transformers, timm or both, comma-separated.")
     options = BenchOptions(
         model=model,
+        revision=revision,
         device=device,
         dtype=None if dtype is ComputeDtype.auto else dtype.value,
         batch_sizes=None if batch_size is None else parse_batch_sizes(batch_size),

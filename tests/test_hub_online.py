@@ -140,6 +140,27 @@ def test_a_revision_embeds_the_weights_it_names(
         assert meta["revision"] == commit
 
 
+def test_inspect_and_bench_take_the_revision_they_are_given(
+    hub: FakeHub, siglip: Run, tiny_siglip: Path, tiny_odd_heads: Path
+) -> None:
+    # Two towers of other widths (32 and 36) under one id: each command measures the revision it is given.
+    hub.publish(REPO, tiny_siglip, ref="v1")
+    hub.publish(REPO, tiny_odd_heads, ref="main")
+
+    def reported(*args: object) -> dict:
+        done = siglip(*args, "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    for ref, width in (("v1", 32), ("main", 36)):
+        assert reported("inspect", "-m", REPO, "--revision", ref)["config"]["hidden_size"] == width
+    bench = ("bench", "--device", "cpu", "-b", "1", "--iters", "1", "--warmup", "0")
+    weights = {ref: reported(*bench, "-m", REPO, "--revision", ref)["weights_mb"] for ref in ("v1", "main")}
+    assert weights["v1"] == reported(*bench, "-m", tiny_siglip)["weights_mb"] != weights["main"]
+    assert f"{REPO} has no revision 'v9'" in the_error(siglip(*bench, "-m", REPO, "--revision", "v9"))
+    assert "no --revision" in the_error(siglip(*bench, "--revision", "v1"))
+
+
 @pytest.mark.parametrize(
     "repo_id, revision, expected",
     [
