@@ -171,7 +171,7 @@ def check_outputs(
     # The manifest and errors files of an interrupted run are ours to replace, and so is the errors file of a run
     # that could embed nothing (the only file it writes); anything else is the user's.
     if not interrupted:
-        for path in (out.manifest, out.errors, out.tokens):
+        for path in (out.manifest, out.errors, out.tokens, out.meta):
             if path is not None and path.exists() and not (path == out.errors and _only_errors_of_ours(path)):
                 raise UserError(f"{path} already exists and would be replaced: add --overwrite, or choose another -o.")
     _refuse_files_only_their_owner_may_replace(out)  # an errors file of ours, an interrupted run's manifest

@@ -525,11 +525,17 @@ def test_existing_output_is_refused_without_overwrite(embed, photos: Path, out: 
 
 
 @pytest.mark.parametrize("update", [[], ["--update"]])  # an --update with no output yet is a first run
-def test_existing_manifest_of_another_run_is_not_clobbered(embed, photos: Path, out: Path, update: list[str]) -> None:
-    (out / "embeddings.jsonl").write_text('{"path": "somebody else\'s file"}\n')
-    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", *update))
-    assert f"{out / 'embeddings.jsonl'} already exists" in error
-    assert (out / "embeddings.jsonl").read_text() == '{"path": "somebody else\'s file"}\n'
+@pytest.mark.parametrize(
+    ("output", "theirs"), [("embeddings.safetensors", "embeddings.jsonl"), ("embeddings.npy", "embeddings.meta.json")]
+)
+def test_existing_side_file_of_another_run_is_not_clobbered(
+    embed, photos: Path, out: Path, update: list[str], output: str, theirs: str
+) -> None:
+    # A .npy's metadata file was replaced without a word: `-o data.npy` wrote over the user's own data.meta.json.
+    (out / theirs).write_text('{"path": "somebody else\'s file"}\n')
+    error = the_error(embed(photos, "-o", out / output, *update))
+    assert f"{out / theirs} already exists" in error
+    assert (out / theirs).read_text() == '{"path": "somebody else\'s file"}\n'
 
 
 def test_overwrite_replaces_an_existing_output(embed, photos: Path, out: Path) -> None:
