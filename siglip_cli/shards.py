@@ -30,8 +30,8 @@ from .outputs import (
     read_rows,
     same_options,
 )
-from .storage import Steps, exclusive, remove_stale_temporaries
-from .text import counted
+from .storage import Steps, WorkArea, exclusive, remove_stale_temporaries
+from .text import counted, display_path
 
 
 def parse_shard(spec: str | None, num_shards: int | None, environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
@@ -225,7 +225,35 @@ def merge_outputs(
     if not hold_lock:
         return _merge(inputs, target, overwrite, allow_missing, before_replacing)
     with exclusive(target.embeddings):
-        return _merge(inputs, target, overwrite, allow_missing, before_replacing)
+        area = _merge_work_area(target)
+
+        def marked(steps: Steps) -> None:
+            area.directory.mkdir(exist_ok=True)
+            area.mark_assembling(steps)
+            before_replacing(steps)
+
+        summary = _merge(inputs, target, overwrite, allow_missing, marked)
+        area.remove()  # its mark last
+        return summary
+
+
+def _merge_work_area(target: OutputPaths) -> WorkArea:
+    """The work folder where a merge marks that it is replacing the final files, as a run marks it. A merge stopped
+    between its renames (a `kill -9`, a power cut, a file that could not be replaced) left a new manifest beside the
+    old embeddings, which an --update then took for the truth about them and reused (the wrong photo's vector under a
+    path). Now the next merge, run or --update of the output finishes those renames first (`finish_assembling`),
+    and is told nothing else. An interrupted run's work there (its options and chunks, or a several-device run's
+    shards) is not the merge's to throw away, and is refused."""
+    area = WorkArea(target.work)
+    area.refuse_if_closed()
+    area.finish_assembling()
+    if not area.published(target.embeddings) and (area.exists() or area.device_count()):
+        raise UserError(
+            f"{display_path(str(target.work))} holds the work of an interrupted siglip embed into {target.embeddings}: "
+            f"rerun that embed to finish it, or remove {display_path(str(target.work))}, before merging into it."
+        )
+    area.remove()  # an earlier merge's mark, its renames done (or past finishing: this merge writes every file)
+    return area
 
 
 def _merge(

@@ -60,7 +60,7 @@ from siglip_cli.embed import EmbedOptions, Embedder, embed_to_file, load
 from siglip_cli.errors import UserError
 from siglip_cli.files import discover
 from siglip_cli.outputs import OutputPaths
-from siglip_cli.shards import shard_of
+from siglip_cli.shards import merge_outputs, shard_of
 
 SIGLIP = str(Path(sys.executable).with_name("siglip"))
 R = TypeVar("R")
@@ -1964,6 +1964,60 @@ def test_merge_is_refused_while_another_run_writes_its_output(embed, folder: Pat
     assert error == f"error: another siglip run is writing {output}: wait for it, or choose another -o."
     assert list(output.parent.iterdir()) == [output.parent / ".all.lock"]
     ok(siglip("merge", *parts, "-o", output))
+
+
+@pytest.mark.parametrize("then", ["merge", "update"])
+def test_a_merge_killed_between_its_renames_is_finished_by_the_next_merge_or_update(
+    embed, folder: Path, tmp_path: Path, then: str
+) -> None:
+    # It left a new manifest beside the old embeddings and nothing to repair them: an --update took the manifest's
+    # sizes and times for the truth about the old vectors, and kept two swapped photos' vectors under each other's
+    # path ("unchanged").
+    parts = [tmp_path / f"part{k}.safetensors" for k in range(2)]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--shard", f"{k}/2", "--batch-size", 1))
+    output = tmp_path / "out" / "all.safetensors"
+    ok(siglip("merge", *parts, "-o", output))
+    first, second = sorted(folder.glob("*.jpg"))[:2]
+    swapped = second.read_bytes(), first.read_bytes()
+    first.write_bytes(swapped[0]), second.write_bytes(swapped[1])
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--shard", f"{k}/2", "--batch-size", 1, "--update"))
+    replace = os.replace
+
+    def killed(source, target) -> None:
+        if Path(target) == output:  # the embeddings, renamed last
+            raise Killed
+        replace(source, target)
+
+    with pytest.MonkeyPatch.context() as during_the_kill:
+        during_the_kill.setattr(os, "replace", killed)
+        with pytest.raises(Killed):
+            merge_outputs(parts, output, overwrite=True)
+    assert (work_area(output) / "assembling").is_file()
+    if then == "merge":
+        ok(siglip("merge", *parts, "-o", output, "--overwrite"))
+    else:
+        ok(embed(folder, output, "--update", "--batch-size", 1))
+    assert not work_area(output).exists()
+    assert differences_from_a_fresh_run(embed, folder, output) == []
+
+
+def test_merge_into_an_output_with_an_interrupted_run_is_refused(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path
+) -> None:
+    # The merge's mark goes in the output's work folder, which the merge removes once done: an interrupted run's
+    # chunks there are not its to throw away.
+    parts = [tmp_path / f"part{k}.safetensors" for k in range(2)]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--shard", f"{k}/2"))
+    output = interrupt(embedder, folder, tmp_path / "out" / "all.safetensors")
+    chunks = chunks_in(work_area(output))
+    assert the_error(siglip("merge", *parts, "-o", output)) == (
+        f"error: {work_area(output)} holds the work of an interrupted siglip embed into {output}: rerun that embed to "
+        f"finish it, or remove {work_area(output)}, before merging into it."
+    )
+    assert chunks_in(work_area(output)) == chunks > 0
 
 
 def test_merge_refuses_parts_that_named_their_inputs_differently(
