@@ -251,14 +251,16 @@ def discover(
         found.setdefault(entry, path)
         return entry
 
-    def add(name: str) -> None:
-        if os.path.isdir(name):
-            for folder, file_name, path in _walk(name, seen_dirs, report, leave_out):
-                found.setdefault((folder, file_name), path)  # the walk knows the entry: no `directory_entry` call
-        else:
-            path = tidy_path(name)
+    def add(names: list[str]) -> None:
+        """Walk the folders of `names` together, then take its files: the first spelling of an entry met twice is the
+        same whatever order the names came in (the parts of a sharded run may give them in any order)."""
+        folders = {n for n in names if os.path.isdir(n)}
+        for folder, file_name, path in _walk(sorted(folders, key=os.fsencode), seen_dirs, report, leave_out):
+            found.setdefault((folder, file_name), path)  # the walk knows the entry: no `directory_entry` call
+        for path in sorted({tidy_path(n) for n in names if n not in folders}, key=os.fsencode):
             named.setdefault(keep(path), path)
 
+    given = []
     for name in inputs:
         if not name:  # os.stat("") fails as a missing file; an unset shell variable is the likely cause
             raise UserError("an input path is empty: give image files or folders.")
@@ -271,7 +273,8 @@ def discover(
             if e.errno == errno.ENOENT:
                 raise UserError(f"input {display_path(name)} does not exist.") from None
             raise UserError(f"input {display_path(name)} cannot be read: {e.strerror}.") from None
-        add(name)
+        given.append(name)
+    add(given)
     if files_from is not None:
         listed = read_path_list(files_from)
         report.listed += len(listed)
@@ -279,8 +282,8 @@ def discover(
             names = sorted({os.fsencode(os.path.normpath(name)) for name in listed})
             report.listed_distinct = len(names)
             report.listed_digest = hashlib.blake2b(b"\0".join(names), digest_size=16).hexdigest()
-        for name in listed:
-            add(name)
+        for name in listed:  # one by one: a list of a million lines is not sorted again
+            add([name])
     # A named file a walk also met was counted as passed over (a regular file of another kind), though it is embedded.
     for (folder, name), path in named.items():
         suffix = os.path.splitext(name)[1].lower()
@@ -359,13 +362,18 @@ def _skipped_folder(entry: os.DirEntry) -> bool:
 
 
 def _walk(
-    top: str, seen_dirs: set[tuple[int, int]], report: WalkReport, leave_out: frozenset[tuple[tuple[int, int], str]]
+    tops: list[str],
+    seen_dirs: set[tuple[int, int]],
+    report: WalkReport,
+    leave_out: frozenset[tuple[tuple[int, int], str]],
 ) -> Iterator[tuple[tuple[int, int], str, str]]:
-    """Image files under `top`, each as its entry (its folder's device and inode, its name: `directory_entry`) and
-    its path. Folders reached through a symlink wait until every real one has been walked, so a folder that is
-    reachable both ways is listed under its real path, whatever order the file system gives."""
-    real, linked = [top], []
-    top_real = os.path.realpath(top)
+    """Image files under the folders `tops`, each as its entry (its folder's device and inode, its name:
+    `directory_entry`) and its path. Folders reached through a symlink, one given among `tops` too, wait until every
+    real one under all of them has been walked, so a folder that is reachable both ways is listed under its real
+    path, whatever order the file system or the user gives."""
+    real = [top for top in reversed(tops) if not os.path.islink(top)]  # popped from the end: in the order given
+    linked = [top for top in reversed(tops) if os.path.islink(top)]
+    given, tops_real = set(tops), [os.path.realpath(top) for top in tops]
     while real or linked:
         linked_to = not real  # a folder reached through a symlink: its own name may be the link's
         directory = real.pop() if real else linked.pop()
@@ -380,8 +388,8 @@ def _walk(
         except OSError as e:
             report.unreadable.append((directory, e.strerror or str(e)))
             continue
-        name = os.path.realpath(directory) if linked_to or directory == top else os.path.normpath(directory)
-        if linked_to and os.path.commonpath([name, top_real]) != top_real:
+        name = os.path.realpath(directory) if linked_to or directory in given else os.path.normpath(directory)
+        if linked_to and not any(os.path.commonpath([name, top]) == top for top in tops_real):
             report.outside.append((directory, name))
         in_photos_library = os.path.basename(name).endswith(PHOTOS_LIBRARY_SUFFIXES)
         if in_photos_library:

@@ -170,6 +170,34 @@ def test_a_folder_reached_by_a_symlink_and_directly_is_listed_under_its_real_pat
     assert found(tmp_path) == [str(photo)]
 
 
+@pytest.mark.parametrize("first", ["links", "photos"])
+def test_a_folder_given_and_reached_through_another_inputs_link_is_listed_the_same_in_either_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    # `links photos` listed links/p/a.jpg and `photos links` photos/a.jpg: parts of a sharded run given the inputs
+    # in other orders split the files by other names, and a file could fall in no part. The link also counted as
+    # "out of the folders given", though it leads into one.
+    touch(tmp_path / "photos" / "a.jpg")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "p").symlink_to("../photos")
+    monkeypatch.chdir(tmp_path)
+    report = WalkReport()
+    assert discover([first, "links" if first == "photos" else "photos"], report=report) == ["photos/a.jpg"]
+    assert report.outside == []
+
+
+def test_files_named_twice_are_spelled_the_same_in_either_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photo = touch(tmp_path / "photos" / "a.jpg")
+    monkeypatch.chdir(tmp_path)
+    # Two names of one file: the first by its bytes. A file named and met in a folder given: the walk's name.
+    for named in (["photos/a.jpg", str(photo)], [str(photo), "photos/a.jpg"]):
+        assert discover(named) == [str(photo)]
+    for given in ([str(photo), "photos"], ["photos", str(photo)]):
+        assert discover(given) == ["photos/a.jpg"]
+
+
 def test_nas_thumbnail_snapshot_and_recycle_folders_are_skipped(tmp_path: Path) -> None:
     photo = touch(tmp_path / "2024" / "IMG_0001.JPG")
     touch(tmp_path / "2024" / "@eaDir" / "IMG_0001.JPG" / "SYNOFILE_THUMB_M.jpg")
@@ -240,14 +268,14 @@ def test_a_file_reached_several_ways_is_listed_once(tmp_path: Path) -> None:
     assert paths == [str(photo)]
 
 
-def test_a_file_named_relatively_and_absolutely_is_one_row_under_the_first_spelling(
+def test_a_file_named_relatively_and_absolutely_is_one_row_under_the_folders_spelling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     photo = touch(tmp_path / "album" / "photo.jpg")
     (tmp_path / "linked").symlink_to(tmp_path / "album")
     monkeypatch.chdir(tmp_path)
     assert found("album", photo, "linked/photo.jpg", "album/../album/photo.jpg") == ["album/photo.jpg"]
-    assert found(photo, "album") == [str(photo)]
+    assert found(photo, "album") == ["album/photo.jpg"]
 
 
 def test_links_to_a_photo_under_other_names_are_rows_of_their_own(tmp_path: Path) -> None:
