@@ -132,6 +132,12 @@ def open_rgb(
     Returns the image and the (width, height) of the full-size oriented original. `target` is the
     (width, height) the image will be resized to; only `fast_decode` uses it.
     """
+    if isinstance(source, (str, os.PathLike)):
+        # Read through a file object, as `siglip embed` reads: from a path, Pillow (13) decodes an uncompressed TIFF
+        # whose orientation turns it (5 to 8) wrong, its strips mapped from the file unturned and the tag dropped
+        # all the same, so `inspect` and `load_pixels(path)` gave scrambled pixels where `embed` gave the photo.
+        with open(source, "rb") as f:
+            return open_rgb(f, options, target=target)
     with c_messages_dropped(), open_checked(source, options) as image:
         size = image.size
         # Image.open leaves an animation or a multi-page TIFF at its first frame, a PSD at its composite image.

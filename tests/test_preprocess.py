@@ -247,6 +247,25 @@ def test_exif_orientation_is_applied_by_default(tmp_path: Path, bicubic: Preproc
     assert (width, height) == (80, 60)  # the size a viewer shows
 
 
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_an_uncompressed_tiff_turned_by_its_orientation_decodes_from_a_path_as_from_its_bytes(
+    tmp_path: Path, bicubic: PreprocessConfig, orientation: int, mode: str
+) -> None:
+    # From a path Pillow 13 mapped the strips of an uncompressed TIFF unturned, and dropped the tag all the same:
+    # `inspect` and load_pixels(path) got scrambled pixels (and the size on its side), `embed` the photo.
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    photo = make_photo((80, 40)).convert(mode)
+    photo.save(tmp_path / "plain.tif", exif=exif.tobytes())
+    photo.save(tmp_path / "lzw.tif", exif=exif.tobytes(), compression="tiff_lzw")  # decoded alike from either
+    plain, width, height = load_pixels(tmp_path / "plain.tif", bicubic, DecodeOptions())
+    assert (width, height) == (40, 80)  # turned by a quarter
+    assert np.array_equal(plain, load_pixels(tmp_path / "lzw.tif", bicubic, DecodeOptions())[0])
+    with open(tmp_path / "plain.tif", "rb") as f:
+        assert np.array_equal(plain, load_pixels(f, bicubic, DecodeOptions())[0])
+
+
 def test_exif_rotated_photo_looks_like_the_original(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     original = make_photo((80, 60))
     path = save_sideways_jpeg(tmp_path / "portrait.jpg", original)
