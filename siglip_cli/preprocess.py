@@ -84,6 +84,8 @@ def one_line(error: BaseException) -> str:
     else:
         text = f"{type(error).__name__}: {error}"
     text = re.sub(r"[\r\n\t\v\f]+", " ", text).strip() or type(error).__name__
+    for pattern, words in _PLAINER_PATTERNS:
+        text = re.sub(pattern, words, text)
     return _PLAINER_REASONS.get(text, text)
 
 
@@ -104,6 +106,50 @@ _PLAINER_REASONS = {
     # fault.
     "Truncated File Read": "image file is truncated",
 }
+
+
+# Reasons with a detail in them, said as the others of their kind are: a cut-off file is "truncated" whatever reads it.
+_PLAINER_PATTERNS = (
+    # libheif, of a HEIC a phone's sync left half-written
+    (r"^Invalid input: Unexpected end of file: (.*)$", r"image file is truncated (libheif: \1)"),
+    # Pillow, where a header (a JPEG 2000's boxes) ends before its fields
+    (r"^Expected to read (\d+) bytes but only got (\d+)\.$", r"image file is truncated (a header of \1 bytes has \2)"),
+)
+# The first bytes of the formats photo libraries hold, and the Pillow format each is: a file that starts as one of
+# them but that Pillow cannot open is that format damaged or cut short (a sync stopped early), not "not an image".
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
+    (b"\xff\x4f\xff\x51", "JPEG2000"),
+)  # fmt: skip
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+
+
+def _started_as(head: bytes) -> str | None:
+    """The Pillow format whose signature `head`, a file's first 16 bytes, starts with; None for none of ours."""
+    for signature, name in _SIGNATURES:
+        if head.startswith(signature):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp":  # ISO base media: the brand says which
+        return "AVIF" if head[8:12] in (b"avif", b"avis") else "HEIF" if head[8:12] in _HEIF_BRANDS else None
+    return None
+
+
+def _first_bytes(source: str | Path | BinaryIO, count: int = 16) -> bytes:
+    """A file's first `count` bytes, read where a file object is left as it was found; b"" where they cannot be."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                return f.read(count)
+        at = source.tell()
+        source.seek(0)
+        head = source.read(count)
+        source.seek(at)
+        return head
+    except (OSError, ValueError):
+        return b""
 
 
 def _raised_in(package: str, error: BaseException) -> bool:
@@ -228,6 +274,10 @@ def open_checked(source: str | Path | BinaryIO, options: DecodeOptions) -> Image
             image = Image.open(source, formats=_registered_formats())
     except UnidentifiedImageError:
         # Pillow's own message ends with repr(path): for the in-memory file embed reads, an object address.
+        started_as = _started_as(_first_bytes(source))
+        if started_as in _registered_formats():
+            name = {"JPEG2000": "JPEG 2000", "WEBP": "WebP"}.get(started_as, started_as)
+            raise BadImage(f"its {name} header is damaged or cut short: it cannot be opened") from None
         hint = "" if HEIF_SUPPORT else "; HEIC photos need pillow-heif"
         raise BadImage(f"cannot identify image file (not an image, or a format Pillow cannot read{hint})") from None
     width, height = image.size

@@ -510,7 +510,7 @@ def test_phone_and_web_formats_decode_to_the_photo(tmp_path: Path, bicubic: Prep
 
 @pytest.mark.parametrize(
     "suffix, reason",
-    [("heic", r"^Invalid input: .+"),  # libheif's words, not "ValueError: Invalid input: ..."
+    [("heic", r"^image file is truncated \(libheif: .+\)$"),  # not "ValueError: Invalid input: Unexpected end of ..."
      ("webp", r"^could not create decoder object \(libwebp cannot read it: a damaged or truncated WebP\?\)$")],
 )  # fmt: skip
 def test_a_truncated_heic_or_webp_fails_in_plain_words(
@@ -524,6 +524,24 @@ def test_a_truncated_heic_or_webp_fails_in_plain_words(
     with pytest.raises(Exception) as raised:
         load_pixels(path, bicubic, DecodeOptions())
     assert re.match(reason, one_line(raised.value))
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "png", "gif", "tif", "webp", "heic", "avif", "jp2"])
+def test_a_file_cut_short_in_its_header_is_said_to_be_of_its_format(
+    tmp_path: Path, bicubic: PreprocessConfig, suffix: str
+) -> None:
+    # Pillow cannot open what is left, and said "cannot identify image file (not an image ...)" of a half-synced
+    # phone photo. (Some keep enough of a header to fail later, as truncated: either says what happened.)
+    from siglip_cli.preprocess import one_line
+
+    path = tmp_path / f"cut.{suffix}"
+    make_photo((80, 60)).save(path)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(Exception) as raised:
+        load_pixels(path, bicubic, DecodeOptions())
+    reason = one_line(raised.value)
+    assert reason.endswith("header is damaged or cut short: it cannot be opened") or "truncated" in reason, reason
+    assert "not an image" not in reason
 
 
 def test_damaged_tiff_and_jpeg_cut_between_blocks_fail_in_plain_words(tmp_path: Path, bicubic: PreprocessConfig) -> None:
