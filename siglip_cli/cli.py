@@ -6,6 +6,7 @@ to stderr. A user error is one sentence and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -307,6 +308,7 @@ def embed(
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Embed images into -o OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
+    started = time.perf_counter()  # the summary's seconds: the head start decodes images before the run proper
     from . import headstart
     from .preprocess import DecodeOptions
 
@@ -360,6 +362,9 @@ def embed(
             options=options, overwrite=overwrite, update=update, progress=progress,
         )
         progress.stop()  # still in the block, which lets signals go once the output is in place
+    # The time the user waited, torch's import and the model's load included: timed from the run proper, a small
+    # folder whose first batches the head start had decoded meanwhile read 614 images/s, finished in 5 s.
+    summary = dataclasses.replace(summary, seconds=time.perf_counter() - started)
     with interrupts.ignored():  # the output is in place: what follows reports a finished run, whatever Ctrl-C says
         _report_embedding(summary, walk, json_summary=json_summary, quiet=quiet, strict=strict)
 
