@@ -467,7 +467,7 @@ def _report_embedding(summary: Summary, walk: WalkReport, *, json_summary: bool,
         if summary.failed:
             problems.append(f"{counted(summary.failed, 'file')} could not be embedded: see {summary.errors}")
         if walk.unreadable:
-            problems.append(f"could not list {walk.unreadable_text()}")
+            problems.append(f"could not read {walk.unreadable_text()}")
         if walk.dangling:
             problems.append(walk.dangling_text())
         if walk.not_files:

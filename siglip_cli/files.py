@@ -68,7 +68,7 @@ class WalkReport:
         """The notes `siglip embed` gives on stderr; `quiet` keeps those about images that are not embedded."""
         notes = []
         if self.unreadable:
-            notes.append(f"could not list {self.unreadable_text()}; images there are not embedded.")
+            notes.append(f"could not read {self.unreadable_text()}; images there are not embedded.")
         if self.outside and not quiet:
             notes.append(f"followed {self.outside_text()}; the images there are embedded too.")
         if self.not_files:
@@ -326,7 +326,7 @@ def find_images(
         raise UserError(f"the list of paths {source} is empty: give one path per line, or NUL-separated.")
     if not paths:
         met = [f"found only {report.passed_over_text()}"] if report.passed_over else []
-        met += [f"could not list {report.unreadable_text()}"] if report.unreadable else []
+        met += [f"could not read {report.unreadable_text()}"] if report.unreadable else []
         met += [report.not_files_text()] if report.not_files else []
         met += [report.dangling_text()] if report.dangling else []
         if report.without_originals:
@@ -427,8 +427,8 @@ def _look_into(path: str) -> None:
     listing) is no sign of it, and is left to that entry."""
     try:
         os.lstat(path)
-    except PermissionError:
-        raise
+    except PermissionError as e:  # its names listed, but none of them may be opened: said so, not as unlistable
+        raise PermissionError(e.errno, f"{e.strerror}: its names can be listed but its files not opened") from None
     except OSError:
         pass
 

@@ -826,7 +826,7 @@ def test_a_folder_that_cannot_be_listed_is_in_the_json_and_fails_strict(
     assert summary["unlisted_folders"] == [{"path": str(photos / "locked"), "reason": "Permission denied"}]
     assert summary["failed"] == 0
     error = the_error(embed(photos, "-o", out / "b.safetensors", "--strict"), code=1)
-    assert error == f"error: could not list 1 folder: {photos / 'locked'} (Permission denied) (--strict)."
+    assert error == f"error: could not read 1 folder: {photos / 'locked'} (Permission denied) (--strict)."
     assert len(read_jsonl(out / "b.jsonl")) == 3  # the rows are still written
 
 

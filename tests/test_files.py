@@ -142,7 +142,10 @@ def test_a_folder_that_may_be_listed_but_not_entered_is_reported_once(
     monkeypatch.setattr(os, "lstat", lstat)
     report = WalkReport()
     assert found_with(report, tmp_path) == [str(kept)]
-    assert report.unreadable == [(str(tmp_path / "closed"), "Permission denied")]
+    # Said as such: "could not list" it, the note said.
+    reason = "Permission denied: its names can be listed but its files not opened"
+    assert report.unreadable == [(str(tmp_path / "closed"), reason)]
+    assert report.notes()[0] == f"could not read 1 folder: {tmp_path / 'closed'} ({reason}); images there are not embedded."
 
 
 def test_finding_no_image_says_what_the_walk_met_instead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,7 +153,7 @@ def test_finding_no_image_says_what_the_walk_met_instead(tmp_path: Path, monkeyp
     touch(tmp_path / "locked" / "a.jpg")
     real_scandir = os.scandir
     monkeypatch.setattr(os, "scandir", _refusing(real_scandir, "locked"))
-    met = r"found only 1 file \(1 \.mov\); could not list 1 folder: .*locked \(Permission denied\)\)\.$"
+    met = r"found only 1 file \(1 \.mov\); could not read 1 folder: .*locked \(Permission denied\)\)\.$"
     with pytest.raises(UserError, match=r"no image files found in .* \(looked for .*\.jpg .*; " + met):
         find_images([str(tmp_path)])
 
