@@ -166,7 +166,8 @@ def take_their_names(steps: Steps) -> None:
             else:
                 os.replace(source, target)
         except OSError as e:
-            raise WriteError(f"cannot write {target or source}: {e.strerror}.") from None
+            doing = "remove" if target is None else "write"
+            raise WriteError(f"cannot {doing} {target or source}: {e.strerror}.") from None
     for folder in {(target or source).parent for source, target in steps}:
         fsync_dir(folder)
 

@@ -785,6 +785,20 @@ def test_a_second_run_under_the_same_signal_handling_can_still_be_stopped(
     assert not (tmp_path / "second.safetensors").exists() and work_area(tmp_path / "second.safetensors").exists()
 
 
+def test_a_final_file_that_cannot_be_removed_is_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "cannot write embeddings.errors.jsonl": of a file the run was removing (its earlier errors, none now).
+    stale = tmp_path / "embeddings.errors.jsonl"
+    stale.write_text("{}\n")
+
+    def refused(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    said = rf"^cannot remove {re.escape(str(stale))}: Operation not permitted\.$"
+    with pytest.raises(storage_module.WriteError, match=said):
+        storage_module.take_their_names([(stale, None)])
+
+
 def test_the_work_folder_loses_its_assembling_mark_last(tmp_path: Path) -> None:
     from siglip_cli.storage import WorkArea
 
