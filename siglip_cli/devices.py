@@ -233,20 +233,7 @@ def embed_on_devices(
         interrupts.output_in_place(False)  # a run before this one, in the same process, may have said True
         started = time.perf_counter()
         work = out.work
-        # With --overwrite too, shards an interrupted run left with the same options are continued (its rerun);
-        # each worker replaces its shard if it was made with other options. A run stopped after the merge had put
-        # the output in place still has its shards here: they are brought up to date and merged again.
-        area = WorkArea(work)
-        area.refuse_if_closed()
-        area.finish_assembling()  # a merge stopped between its renames
-        published = area.published(out.embeddings)
-        earlier = area.device_count()
-        other_devices = area.exists() or earlier not in (None, len(devices))  # a run on one device, or on others
-        if other_devices and not published:
-            if overwrite or not out.work_kept():  # no stale shards are left to mislead a rerun; nor empty ones kept
-                area.remove()
-            else:  # work of a run on other devices is not ours to throw away
-                raise interrupted_on_other_devices(work, 1 if area.exists() else earlier)
+        area, published = _tidy_earlier_work(out, len(devices), overwrite=overwrite)
         check_outputs(
             out, interrupted=work.is_dir(), overwrite=overwrite or published, update=False, update_allowed=False
         )
@@ -295,6 +282,26 @@ def embed_on_devices(
             errors=merged.errors,
             seconds=time.perf_counter() - started,
         )
+
+
+def _tidy_earlier_work(out: OutputPaths, devices: int, *, overwrite: bool) -> tuple[WorkArea, bool]:
+    """The work area, tidied of what an earlier run left, and whether that run had put its output in place
+    (`published`), as `embed._tidy_earlier_work` does for one device. With --overwrite too, shards an interrupted run
+    on as many devices left are continued (its rerun); each worker replaces its shard if it was made with other
+    options. A run stopped after the merge had put the output in place still has its shards here: they are brought
+    up to date and merged again. The work of a run on one device, or on another number of them, is removed with
+    --overwrite (or where it holds nothing worth keeping), and refused otherwise."""
+    area = WorkArea(out.work)
+    area.refuse_if_closed()
+    area.finish_assembling()  # a merge stopped between its renames
+    published = area.published(out.embeddings)
+    earlier = area.device_count()
+    if (area.exists() or earlier not in (None, devices)) and not published:
+        if overwrite or not out.work_kept():  # no stale shards are left to mislead a rerun; nor empty ones kept
+            area.remove()
+        else:  # work of a run on other devices is not ours to throw away
+            raise interrupted_on_other_devices(out.work, 1 if area.exists() else earlier)
+    return area, published
 
 
 def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Summary]:
