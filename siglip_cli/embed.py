@@ -92,6 +92,23 @@ class EmbedOptions:
     # named their files differently. None: not recorded.
     shard_inputs: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        """A value the command line would have refused, from a library caller: one sentence, before any work. A
+        batch size of -1 gave no rows and no error, and float64 a KeyError once the output's work folder was made."""
+        for name, least in (("batch_size", 1), ("workers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise UserError(f"{name} must be a whole number of at least {least}, not {value!r}.")
+        for name in ("normalize", "tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be True or False, not {getattr(self, name)!r}.")
+        if self.output_dtype not in OUTPUT_DTYPES:
+            raise UserError(f"output_dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {self.output_dtype!r}.")
+        if self.decoder not in ("auto", "cpu", "gpu"):
+            raise UserError(f"decoder must be auto, cpu or gpu, not {self.decoder!r}.")
+        if not isinstance(self.decode, DecodeOptions):
+            raise UserError(f"decode must be a DecodeOptions, not {type(self.decode).__name__}.")
+
 
 class Progress(Protocol):
     """What a run reports as it goes; the command line draws it as a bar with images/s."""
@@ -190,7 +207,10 @@ def embed_to_file(
     """
     started = time.perf_counter()
     flush_seconds = flush_interval()
+    paths = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else paths  # one path: a list of one
     paths = list(dict.fromkeys(paths))  # a file given twice is one row
+    if options is not None and not isinstance(options, EmbedOptions):
+        raise UserError(f"options must be an EmbedOptions, not {type(options).__name__}.")
     options = options or EmbedOptions()  # made now: its worker count follows the memory available now
     options = dataclasses.replace(options, decoder=_decoder_for(embedder, options.decoder, progress))
     out = OutputPaths.for_output(Path(output))
@@ -850,7 +870,11 @@ def embed_paths(
 ) -> EmbedResult:
     """Embed image files and folders in memory (for a few thousand images; use `embed_to_file` for more).
 
-    `workers`: decoding processes beside this one (0: decode here). `decoder`: as `EmbedOptions.decoder`."""
+    `workers`: decoding processes beside this one (0: decode here). `decoder`: as `EmbedOptions.decoder`. One path
+    alone is taken as a list of one, not as the letters of its name."""
+    EmbedOptions(normalize=normalize, tokens=tokens, batch_size=batch_size, workers=workers, decode=decode,
+                 decoder=decoder)  # fmt: skip  # its checks of the values
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
     paths = discover([os.fspath(p) for p in inputs])
     decoder = _decoder_for(embedder, decoder, None)
     found = _ChunkBuffer()

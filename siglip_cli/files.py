@@ -240,6 +240,8 @@ def discover(
     besides the images they return (see `WalkReport`). `leave_out`: directory entries (folder's device and inode,
     name) the walks pass by without a word: the run's own output, which a later run finds in the folder it embeds.
     """
+    if isinstance(inputs, (str, os.PathLike)):  # one path: a list of one, not the letters of its name
+        inputs = [os.fspath(inputs)]
     found: dict[tuple[object, str], str] = {}  # directory entry -> the path it was first met as
     named: dict[tuple[object, str], str] = {}  # the entries of files named one by one
     folders: dict[str, object] = {}

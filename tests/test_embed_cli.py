@@ -60,7 +60,9 @@ from conftest import (
 )
 from siglip_cli import __version__, cli, usage_errors
 from siglip_cli.cli import app
-from siglip_cli.embed import embed_paths, embed_to_file, load
+from siglip_cli.embed import EmbedOptions, embed_paths, embed_to_file, load
+from siglip_cli.errors import UserError
+from siglip_cli.files import discover
 from siglip_cli.storage import atomic_write
 
 # conftest's RUNNER is 1,000 columns wide (test_error_stays_on_one_line_without_a_terminal covers the default).
@@ -1884,6 +1886,40 @@ def test_embed_paths_returns_normalized_rows_in_path_order_and_errors(photos: Pa
     assert np.allclose(np.linalg.norm(result.embeddings, axis=1), 1, atol=1e-6)
     assert [r["path"] for r in result.rows] == [str(photos / n) for n in ("a.jpg", "b.png", "sub/c.webp")]
     assert [e["path"] for e in result.errors] == [str(photos / "broken.png")]
+
+
+def test_one_path_alone_is_a_list_of_one_in_the_python_api(photos: Path, tiny_siglip: Path, out: Path) -> None:
+    # A string was taken letter by letter: "input p does not exist".
+    embedder = load(str(tiny_siglip), device="cpu")
+    assert [r["path"] for r in embed_paths(embedder, str(photos / "sub")).rows] == [str(photos / "sub/c.webp")]
+    assert discover(photos / "sub") == [str(photos / "sub/c.webp")]
+    summary = embed_to_file(embedder, str(photos / "a.jpg"), out / "one.npy", options=EmbedOptions(workers=0))
+    assert summary.embedded == 1
+
+
+@pytest.mark.parametrize(
+    ("values", "said"),
+    [
+        ({"batch_size": -1}, "batch_size must be a whole number of at least 1, not -1."),  # gave no rows, no error
+        ({"batch_size": 0}, "batch_size must be a whole number of at least 1, not 0."),
+        ({"workers": -2}, "workers must be a whole number of at least 0, not -2."),
+        ({"output_dtype": "float64"}, "output_dtype must be one of float32, float16, not 'float64'."),
+        ({"tokens": "yes"}, "tokens must be True or False, not 'yes'."),
+        ({"decoder": "nvjpeg"}, "decoder must be auto, cpu or gpu, not 'nvjpeg'."),
+    ],
+)
+def test_a_python_callers_bad_option_is_one_sentence_before_any_work(
+    photos: Path, tiny_siglip: Path, out: Path, values: dict, said: str
+) -> None:
+    with pytest.raises(UserError) as refused:
+        EmbedOptions(**values)
+    assert str(refused.value) == said
+    if "output_dtype" not in values:  # embed_paths takes the others as they are named there
+        with pytest.raises(UserError, match=re.escape(said)):
+            embed_paths(load(str(tiny_siglip), device="cpu"), [photos], **values)
+    with pytest.raises(UserError, match=r"^options must be an EmbedOptions, not dict\.$"):
+        embed_to_file(load(str(tiny_siglip), device="cpu"), [str(photos / "a.jpg")], out / "e.npy", options=values)
+    assert list(out.iterdir()) == []  # nothing made
 
 
 def test_a_row_the_model_overflowed_on_is_an_error_not_an_embedding(
