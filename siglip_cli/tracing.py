@@ -142,7 +142,7 @@ def inspect_image(
     """
     if image is None:
         with resources.as_file(resources.files("siglip_cli") / "assets" / SAMPLE_IMAGE) as path:
-            photo, facts = read_image(path, label="the bundled sample photo")
+            photo, facts = read_image(path, label="the bundled sample photo", max_pixels=max_pixels)  # as any image
         facts = dataclasses.replace(facts, path=None)  # a file inside the installed package: not the user's
     else:
         photo, facts = read_image(image, max_pixels=max_pixels)  # before the model: a bad path fails at once
@@ -157,7 +157,7 @@ def read_image(
 ) -> tuple[Image.Image, ImageFacts]:
     """Decode an image file to RGB (EXIF-oriented) and read its header: "photo.png (640×480 PNG, mode RGBA)"."""
     given, path = os.fspath(path), Path(path)
-    name = display_path(str(path))  # as text for a terminal and for JSON: not UTF-8, control characters
+    name = label or display_path(str(path))  # as text for a terminal and for JSON: not UTF-8, control characters
     if path.is_dir():
         raise UserError(f"{name} is a directory; pass one image file.")
     if path.exists() and not is_regular_file(str(path)):  # opened, a FIFO without a writer would wait forever
@@ -169,7 +169,7 @@ def read_image(
         # Decoded first, as `embed` decodes: a bad file fails with its sentence, the C libraries' messages dropped.
         photo, _ = open_rgb(path, options)
         with open_checked(path, options) as raw:  # then the header of a file known to decode: mode and format
-            facts = ImageFacts(given, label or name, photo.width, photo.height, raw.format, raw.mode)
+            facts = ImageFacts(given, name, photo.width, photo.height, raw.format, raw.mode)
     except FileNotFoundError:
         if path.is_symlink():  # as `embed` says it
             raise UserError(f"{name} is a link to {display_path(os.readlink(path))}, which does not exist.") from None

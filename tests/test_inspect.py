@@ -626,6 +626,14 @@ def test_a_revision_of_a_preset_is_refused() -> None:
     assert result.exit_code == 2 and "is a preset" in result.output and "no --revision" in result.output
 
 
+def test_max_pixels_holds_for_the_bundled_photo_too(tiny_vision: Path) -> None:
+    # It was traced whatever --max-pixels said: the option held only for an image given.
+    result = invoke("--model", str(tiny_vision), "--max-pixels", "1000")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    said = " ".join(result.stderr.split())
+    assert "the bundled sample photo cannot be decoded: 451x300 = 135,300 pixels exceeds the limit of 1,000" in said
+
+
 def test_dropped_pixels_are_said(tiny_p14: Path, photo: Path) -> None:
     result = invoke(str(photo), "--model", str(tiny_p14))
     assert result.exit_code == 0, result.output
