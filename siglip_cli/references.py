@@ -31,7 +31,7 @@ def check_references(names: Iterable[str]) -> None:
         raise UserError(f"unknown comparison {unknown[0]!r} (expected one of {', '.join(REFERENCES)}).")
 
 
-INSTALL_REFERENCES = "`pip install transformers timm` installs both references (`.[bench]` in a clone of siglip)"
+INSTALL_REFERENCES = "`pip install transformers timm` installs both references; in a clone of siglip, `.[bench]`"
 
 
 def missing_package(name: str) -> str | None:

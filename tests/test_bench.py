@@ -495,6 +495,20 @@ def test_timings_that_vary_widely_are_said_to_be_rough(
     assert (len(said) == 1 and "its images/s is rough" in said[0]) == noisy
 
 
+def test_every_backend_whose_timings_vary_widely_is_named(tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the widest was named: a siglip row as rough as could be went unsaid beside a rougher transformers one.
+    calls = iter([0.010, 0.010, 0.020, 0.040, 0.010, 0.010])  # rounds of (siglip, transformers), interleaved
+    monkeypatch.setattr(benchmark, "_timed_call", lambda fn, device: (next(calls), None))
+    options = benchmark.BenchOptions(
+        model=str(tiny_siglip), device="cpu", batch_sizes=(2,), iters=3, warmup=0, compare=("transformers",)
+    )
+    said = [n for n in benchmark.run_benchmark(options).notes if n.startswith("batch 2:")]
+    assert said == [
+        "batch 2: the timed calls of transformers varied by 300% around their median, those of siglip by 100% (a busy "
+        "machine, or too few --iters): ratios from this run are rough."
+    ]
+
+
 def test_bench_batch_size_given_twice_is_measured_once(tiny_vision: Path) -> None:
     document = _bench_json("--model", str(tiny_vision), "--batch-size", "2,1,2")
     assert [r["batch_size"] for r in document["results"] if r["backend"] == "siglip"] == [2, 1]
