@@ -199,6 +199,15 @@ def open_output(path: Path) -> tuple[OutputPaths, dict[str, str]]:
     out = OutputPaths.for_output(path)
     if not out.embeddings.is_file() or not out.manifest.is_file():
         raise UserError(f"{path} is not a finished siglip output (it or its manifest {out.manifest} is missing).")
+    # A part whose run (an --update) was stopped between its renames may hold a new manifest beside its old
+    # embeddings: read, two photos swapped kept each other's vectors in the merge. Its own rerun finishes it; the
+    # merge does not write its inputs (they may be on a mount it cannot write).
+    work = WorkArea(out.work)
+    if work.assembling() and not work.published(out.embeddings) and not work.unreplaced():
+        raise UserError(
+            f"{path} was being replaced when its run stopped, and is half new, half old: rerun that run (siglip embed "
+            f"... -o {path}, with the same options) to finish it, then merge."
+        )
     metadata = read_output_metadata(out)
     if "options" not in metadata:
         raise UserError(f"{path} has no siglip metadata; it was not written by siglip embed.")

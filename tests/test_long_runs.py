@@ -2017,6 +2017,27 @@ def test_a_merge_killed_between_its_renames_is_finished_by_the_next_merge_or_upd
     assert differences_from_a_fresh_run(embed, folder, output) == []
 
 
+def test_merge_refuses_a_part_its_run_left_half_replaced(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path
+) -> None:
+    # An --update of a part killed between its renames left a new manifest beside its old embeddings: the merge read
+    # them, and two swapped photos kept each other's vectors in the merged output.
+    part, other = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    ok(embed(folder, part))
+    ok(embed(save_photos(tmp_path / "new", ["n0.jpg"], first_seed=100), other))
+    first, second = sorted(folder.glob("*.jpg"))[:2]
+    swapped = second.read_bytes(), first.read_bytes()
+    first.write_bytes(swapped[0]), second.write_bytes(swapped[1])
+    killed_at_the_rename_to(part, embedder, folder, part, update=True)  # the manifest renamed, the embeddings not
+    assert the_error(siglip("merge", part, other, "-o", tmp_path / "all.safetensors")) == (
+        f"error: {part} was being replaced when its run stopped, and is half new, half old: rerun that run (siglip "
+        f"embed ... -o {part}, with the same options) to finish it, then merge."
+    )
+    ok(embed(folder, part, "--update"))
+    assert differences_from_a_fresh_run(embed, folder, part) == []
+    ok(siglip("merge", part, other, "-o", tmp_path / "all.safetensors"))
+
+
 def test_merge_into_an_output_with_an_interrupted_run_is_refused(
     embed, embedder: Embedder, folder: Path, tmp_path: Path
 ) -> None:
