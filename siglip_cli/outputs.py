@@ -32,6 +32,7 @@ from .storage import (
     SafetensorsRows,
     Steps,
     TensorSpec,
+    jsonl_digest,
     open_safetensors,
     read_jsonl,
     replaced_together,
@@ -472,6 +473,8 @@ def read_rows(out: OutputPaths) -> tuple[list[Ref], list[dict]]:
             held["tokens"] = reader.count("tokens")
         errors = _with_paths(read_jsonl(out.errors), out.errors) if out.errors.exists() else []
         manifest = _with_paths(manifest, out.manifest)
+        written_with = read_output_metadata(out).get(MANIFEST_DIGEST)  # none in outputs of earlier versions
+        digest = jsonl_digest(out.manifest) if written_with is not None else None
     for name, count in held.items():
         if count != len(manifest):
             where = out.tokens if name == "tokens" and out.tokens is not None else out.embeddings
@@ -479,6 +482,11 @@ def read_rows(out: OutputPaths) -> tuple[list[Ref], list[dict]]:
                 f"{out.manifest} lists {len(manifest):,} rows but {where} holds {count:,} {name}: they are not from "
                 f"one run, so {out.embeddings} must be embedded again (siglip embed ... --overwrite)."
             )
+    if digest != written_with:  # as many rows, of another run
+        raise UserError(
+            f"{out.manifest} is not the manifest {out.embeddings} was written with: they are not from one run (or the "
+            f"manifest was edited), so {out.embeddings} must be embedded again (siglip embed ... --overwrite)."
+        )
     return [Ref(reader, i, row) for i, row in enumerate(manifest)], errors
 
 
@@ -550,6 +558,12 @@ def _working_directory() -> dict[str, str]:
     return {"working_directory": folder}
 
 
+# The key of the metadata that holds the digest of the manifest written with the embeddings (`assemble`). Rows are
+# matched to vectors by their order alone: a manifest of another run beside these embeddings (an --update stopped
+# between its renames, its work folder then removed by hand), rows as many, gave every photo another's vector.
+MANIFEST_DIGEST = "manifest_blake2b"
+
+
 def final_metadata(metadata: dict[str, str], rows: int) -> dict[str, str]:
     """The metadata `assemble` writes into the output of `rows` rows: the run's, and their count."""
     return {**metadata, "num_images": str(rows)}
@@ -571,7 +585,8 @@ def assemble(
     dtype = np.dtype(OUTPUT_DTYPES[state["output_dtype"]])
     metadata = final_metadata(metadata, len(good))
     with replaced_together(before=before_replacing, after=interrupts.output_in_place) as staging:
-        write_jsonl(out.manifest, (public_row(ref.info) for ref in good), staging=staging)
+        manifest = write_jsonl(out.manifest, (public_row(ref.info) for ref in good), staging=staging)
+        metadata = {**metadata, MANIFEST_DIGEST: manifest}  # the embeddings say which manifest is theirs
         if bad:
             write_jsonl(out.errors, (public_row(info) for info in bad), staging=staging)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import os
 import re
@@ -312,10 +313,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_jsonl(path: Path, rows: Iterable[dict], *, staging: Staging | None = None) -> None:
+def write_jsonl(path: Path, rows: Iterable[dict], *, staging: Staging | None = None) -> str:
+    """Write the rows one JSON object a line; the `jsonl_digest` of what was written."""
+    digest = hashlib.blake2b(digest_size=16)
     with atomic_write(path, staging) as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
+            line = json.dumps(row, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n"
+            f.write(line)
+            digest.update(line)
+    return digest.hexdigest()
+
+
+def jsonl_digest(path: Path) -> str:
+    """The blake2b digest (16 bytes, in hex) of a file's bytes, as `write_jsonl` gives it of what it wrote."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_jsonl(path: Path) -> list[dict]:

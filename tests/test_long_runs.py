@@ -685,6 +685,28 @@ def test_an_update_killed_between_its_renames_whose_new_files_are_gone_keeps_or_
         )
 
 
+def test_a_manifest_not_written_with_the_embeddings_is_refused_even_with_as_many_rows(
+    embed, embedder: Embedder, folder: Path, tmp_path: Path
+) -> None:
+    # An --update killed between its renames, its work folder then removed by hand: the new manifest sat beside the
+    # old embeddings, rows as many, and the next --update kept two swapped photos' vectors under each other's path.
+    # (A .npy has no header of its own to say so: its .meta.json is renamed with the manifest, before it.)
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    first, second = sorted(folder.glob("*.jpg"))[:2]
+    swapped = second.read_bytes(), first.read_bytes()
+    first.write_bytes(swapped[0]), second.write_bytes(swapped[1])
+    killed_at_the_rename_to(output, embedder, folder, output, update=True)  # the manifest renamed, the embeddings not
+    shutil.rmtree(work_area(output))
+    manifest = output.with_suffix(".jsonl")
+    assert the_error(embed(folder, output, "--update")) == (
+        f"error: {manifest} is not the manifest {output} was written with: they are not from one run (or the manifest "
+        f"was edited), so {output} must be embedded again (siglip embed ... --overwrite)."
+    )
+    ok(embed(folder, output, "--overwrite"))
+    assert differences_from_a_fresh_run(embed, folder, output) == []
+
+
 def test_a_run_with_other_options_after_one_killed_after_its_renames_is_told_the_output_exists(
     embed, embedder: Embedder, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
