@@ -468,12 +468,13 @@ def read_rows(out: OutputPaths) -> tuple[list[Ref], list[dict]]:
         reader = SafetensorsRows(out.embeddings)
     with _reading(out):
         manifest = read_jsonl(out.manifest)
+        metadata = read_output_metadata(out)  # once: its options, and the digest of its manifest
         held = {"embeddings": reader.count("embeddings")}
-        if read_output_options(out).get("tokens"):
+        if read_output_options(out, metadata).get("tokens"):
             held["tokens"] = reader.count("tokens")
         errors = _with_paths(read_jsonl(out.errors), out.errors) if out.errors.exists() else []
         manifest = _with_paths(manifest, out.manifest)
-        written_with = read_output_metadata(out).get(MANIFEST_DIGEST)  # none in outputs of earlier versions
+        written_with = metadata.get(MANIFEST_DIGEST)  # none in outputs of earlier versions
         digest = jsonl_digest(out.manifest) if written_with is not None else None
     for name, count in held.items():
         if count != len(manifest):

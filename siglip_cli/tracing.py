@@ -412,10 +412,11 @@ def _notes(cfg: VisionConfig, pre: PreprocessConfig, dropped: tuple[int, int]) -
         g, covered = cfg.grid_size, cfg.grid_size * cfg.patch_size
         size = f"{pre.height} px" if pre.height == pre.width else f"{pre.width}×{pre.height} px"
         rows, columns = dropped
-        sides = ((rows, "rows (bottom)"), (columns, "columns (right)"))
-        lost = " and ".join(f"{n} pixel {side}" for n, side in sides if n)
         if rows == columns:
             lost = f"{rows} pixel rows and columns (bottom and right)"
+        else:
+            sides = ((rows, "rows (bottom)"), (columns, "columns (right)"))
+            lost = " and ".join(f"{n} pixel {side}" for n, side in sides if n)
         notes.append(
             f"{size} is not a multiple of the {cfg.patch_size} px patch: the patch conv sees a {g}×{g} grid "
             f"({covered}×{covered} px) and the last {lost} are dropped."
