@@ -18,7 +18,8 @@ M_MMAP_MAX = -4
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep large blocks in its heap and freed memory in the process (no `mmap`, no trim).
+    """Ask glibc's malloc to keep large blocks in its heap and freed memory in the process: no `mmap`, and the heap's
+    top given back to the system only once over 1 GiB of it is free.
 
     Process-wide and permanent: only the `siglip` commands call it, never the library functions. The resident size
     stays at its peak instead of shrinking between batches. Returns False, changing nothing, where the C library is

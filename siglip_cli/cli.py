@@ -157,14 +157,16 @@ def printable(message: str) -> str:
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the library's `UserError` into its one line on stderr and its exit status (2; 1 for a `RunFailed`), a
-    file or folder closed to this user that no sentence of ours was ready for into one line and 2, and Ctrl-C into
-    one line and 130. Every command runs in it (`_Command.invoke`)."""
+    file or folder closed to this user that no sentence of ours was ready for into one line and 2, memory that ran
+    out into one line and 1, and Ctrl-C into one line and 130. Every command runs in it (`_Command.invoke`)."""
     try:
         yield
     except UserError as e:
         fail(str(e), e.exit_code)
     except PermissionError as e:  # a file or folder closed to this user, met where no sentence of ours was ready
         fail(f"cannot use {display_path(os.fsdecode(e.filename))}: {e.strerror}." if e.filename else f"{e}.")
+    except MemoryError as e:  # numpy's or Python's allocations, in any command (embed's run says more)
+        fail(f"this machine ran out of memory ({first_line(e)}).", 1)
     except KeyboardInterrupt:
         fail("interrupted.", 130)
 
@@ -422,26 +424,31 @@ def _stopped_runs_told(
             if not out.work_kept():  # stopped before a batch was saved: while the model loaded, say
                 fail("interrupted.", 130)
             fail(f"interrupted; finished work is kept in {out.work}: rerun the same command to continue.", 130)
+    except MemoryError as e:  # numpy's or Python's own allocations, such as a batch's conversion to --output-dtype
+        progress.stop(keep=False)
+        _out_of_memory(out, e, gpu=False, float32=float32)
     except RuntimeError as e:
         progress.stop(keep=False)
         if out_of_memory(e):  # outside the model's forward, which halves its batch instead
-            gpu = isinstance(e, torch.OutOfMemoryError)  # else the CPU allocator's
-            ran_out = f"{'the GPU' if gpu else 'this machine'} ran out of memory ({first_line(e)})"
-            if out.work_kept():
-                fail(f"{ran_out}; finished work is kept in {out.work}: rerun with a smaller --batch-size to "
-                     "continue.", 1)  # fmt: skip
-            bf16 = ", --dtype bfloat16," if float32 and gpu else ""  # auto is bfloat16 on CUDA
-            fail(f"{ran_out}: try a smaller --batch-size{bf16} or another {'GPU' if gpu else 'machine'}.", 1)
+            _out_of_memory(out, e, gpu=isinstance(e, torch.OutOfMemoryError), float32=float32)  # else the CPU's
         if not (isinstance(e, (DeviceFault, getattr(torch, "AcceleratorError", ()))) or "CUDA error" in str(e)):
             raise
         kept = f"; finished work is kept in {out.work}" if out.work_kept() else ""
         # The work area records the decoder: its rows continue only with the same one.
         cpu = "start afresh with --decode cpu --overwrite" if kept else "rerun with --decode cpu"
         again = f", or {cpu} if it fails again at the same place" if gpu_decode else ""
-        fail(f"the GPU failed ({first_line(e)}){kept}: rerun to continue{again}.", 1)
+        fail(f"the GPU failed ({first_line(e)}){kept}: rerun{' to continue' if kept else ''}{again}.", 1)
     except BaseException:
         progress.stop(keep=False)  # the error sentence alone, not a half-drawn bar above it
         raise
+
+
+def _out_of_memory(out: OutputPaths, error: BaseException, *, gpu: bool, float32: bool) -> NoReturn:
+    ran_out = f"{'the GPU' if gpu else 'this machine'} ran out of memory ({first_line(error)})"
+    if out.work_kept():
+        fail(f"{ran_out}; finished work is kept in {out.work}: rerun with a smaller --batch-size to continue.", 1)
+    bf16 = ", --dtype bfloat16," if float32 and gpu else ""  # auto is bfloat16 on CUDA
+    fail(f"{ran_out}: try a smaller --batch-size{bf16} or another {'GPU' if gpu else 'machine'}.", 1)
 
 
 def _report_embedding(summary: Summary, walk: WalkReport, *, json_summary: bool, quiet: bool, strict: bool) -> None:

@@ -208,8 +208,8 @@ def embed_to_file(
     """
     started = time.perf_counter()
     flush_seconds = flush_interval()
-    paths = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else paths  # one path: a list of one
-    paths = list(dict.fromkeys(paths))  # a file given twice is one row
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths  # one path: a list of one
+    paths = list(dict.fromkeys(map(os.fspath, paths)))  # a file given twice is one row; rows hold strings
     if options is not None and not isinstance(options, EmbedOptions):
         raise UserError(f"options must be an EmbedOptions, not {type(options).__name__}.")
     options = options or EmbedOptions()  # made now: its worker count follows the memory available now
@@ -582,11 +582,11 @@ def _resumable_after_write_errors(out: OutputPaths) -> Iterator[None]:
     except WriteError as e:  # the chunks written before are on disk, fsynced
         if not out.work.is_dir():  # none made yet, or gone (the errors file of a run that embedded nothing)
             raise
-        then = "Once the files can be written, rerun the same command."
+        then = "once the files can be written, rerun the same command."
         if out.work_kept():
-            then = (f"Finished work is kept in {out.work}: once the files can be written, rerun the same command "
+            then = (f"finished work is kept in {out.work}: once the files can be written, rerun the same command "
                     "to continue.")  # fmt: skip
-        raise WriteError(f"{e} {then}") from None
+        raise WriteError(f"{str(e).removesuffix('.')}; {then}") from None  # one sentence
 
 
 class Embedded(NamedTuple):
@@ -757,8 +757,6 @@ def _decoder_for(embedder: Embedder, decoder: str, progress: Progress | None) ->
                 progress.note(f"the GPU JPEG decoder does not work here ({fault}): decoding on the CPU.")
             return "cpu"
         return "gpu"
-    if decoder not in ("cpu", "gpu"):
-        raise UserError(f"unknown decoder {decoder!r} (expected auto, cpu or gpu).")
     if decoder == "gpu":
         gpu_decode.check_supported(embedder.preprocess)
         if on_cuda and (fault := gpu_decode.fault(embedder.device)) is not None:

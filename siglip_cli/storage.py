@@ -401,7 +401,8 @@ def write_npy(path: Path, spec: TensorSpec, *, staging: Staging | None = None) -
 class RowReader(Protocol):
     def read(self, name: str, start: int, stop: int) -> np.ndarray: ...
 
-    def count(self, name: str) -> int: ...  # rows of tensor `name`; raises if its file is missing or damaged
+    # Rows of tensor `name` (0 where a .safetensors file holds no such tensor); raises if its file is missing or damaged.
+    def count(self, name: str) -> int: ...
 
 
 class SafetensorsRows:
@@ -553,8 +554,8 @@ class WorkArea:
 
     def refuse_if_closed(self) -> None:
         """Refuse, in one sentence, a file where the work area goes, and a work area this user cannot write in: one
-        left by another user's run (under sudo, interrupted) can be neither continued nor replaced. Continued, its
-        rerun embedded every file again, then failed to write its chunks, and so did every rerun after it."""
+        left by another user's run (under sudo, interrupted) can be neither continued nor replaced: a rerun would embed
+        every file again, then fail to write its chunks, and so would every rerun after it."""
         try:
             info = os.stat(self.directory)
         except OSError:  # none: nothing in the way

@@ -500,7 +500,7 @@ def test_a_folder_made_read_only_during_the_run_is_one_sentence(
     monkeypatch.setattr(pathlib.Path, "unlink", unlink)
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--batch-size", "1"))
     assert "Permission denied" in error  # nothing was finished: no "finished work is kept"
-    assert error.endswith("Once the files can be written, rerun the same command.")
+    assert error.endswith("Permission denied; once the files can be written, rerun the same command.")
 
 
 def test_the_readme_python_api_runs_as_written(tiny_siglip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1897,6 +1897,18 @@ def test_one_path_alone_is_a_list_of_one_in_the_python_api(photos: Path, tiny_si
     assert summary.embedded == 1
 
 
+def test_the_python_api_takes_a_list_of_path_objects(photos: Path, tiny_siglip: Path, out: Path) -> None:
+    # Path objects in a list reached the manifest as they were: "Object of type PosixPath is not JSON serializable",
+    # and an --update-like second call "'PosixPath' object has no attribute 'casefold'".
+    embedder = load(str(tiny_siglip), device="cpu")
+    given = [photos / "a.jpg", photos / "b.png"]
+    for update in (False, True):
+        summary = embed_to_file(embedder, given, out / "two.npy", options=EmbedOptions(workers=0), update=update)
+        assert (summary.embedded, summary.reused) == ((0, 2) if update else (2, 0))
+    rows = [json.loads(line) for line in (out / "two.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in rows] == [str(p) for p in given]
+
+
 @pytest.mark.parametrize(
     ("values", "said"),
     [
@@ -2053,6 +2065,31 @@ def test_cpu_out_of_memory_outside_the_forward_is_one_sentence(
     assert error.endswith("(Cannot allocate memory)): try a smaller --batch-size or another machine.")
 
 
+@pytest.mark.parametrize(
+    ("raised", "said"),
+    [
+        (MemoryError("Unable to allocate 24.0 GiB for an array with shape (4096, 1024, 1536) and data type float32"),
+         "this machine ran out of memory (Unable to allocate 24.0 GiB for an array"),
+        (MemoryError(), "this machine ran out of memory (MemoryError)"),
+    ],
+    ids=["numpy", "python"],
+)
+def test_a_memory_error_outside_the_forward_is_one_sentence(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch, raised: MemoryError, said: str
+) -> None:
+    # numpy's allocations (a batch's conversion to --output-dtype, a chunk's concatenation) raise MemoryError, not
+    # torch's RuntimeError: it ended the run in a traceback.
+    import siglip_cli.devices as devices
+
+    def out_of_memory(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(devices, "embed_with_model", out_of_memory)
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors"), code=1)
+    assert error.startswith(f"error: {said}")
+    assert error.endswith(": try a smaller --batch-size or another machine.")
+
+
 @pytest.mark.parametrize("decode", ["auto", "cpu"])
 def test_a_gpu_fault_is_one_sentence_that_says_how_to_go_on(
     embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch, decode: str
@@ -2086,7 +2123,7 @@ def test_a_device_fault_the_jpeg_decoder_reports_in_its_own_words_is_the_same_se
     monkeypatch.setattr(torchvision.io, "decode_jpeg", fault)
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--decode", "gpu"), code=1)
     assert error == "error: the GPU failed (Error while decoding JPEG images: decode_images, Failed to synchronize " \
-                    "CUDA stream: 700): rerun to continue, or rerun with --decode cpu if it fails again at the same place."
+                    "CUDA stream: 700): rerun, or rerun with --decode cpu if it fails again at the same place."  # nothing kept
 
 
 def test_other_runtime_errors_are_not_taken_for_the_gpus(
@@ -2849,7 +2886,7 @@ def test_a_file_size_limit_is_named_as_the_cause(tmp_path: Path, out: Path, tiny
             "decoding in this process from here on, which is slower." in runs["parcels"].stderr.splitlines())  # fmt: skip
     assert (out / "parcels.npy").read_bytes() == (out / "plain.npy").read_bytes()
     assert runs["output"].returncode == 2 and "Traceback" not in runs["output"].stderr
-    assert "File too large: `ulimit -f` allows 1 KB." in runs["output"].stderr.splitlines()[-1]
+    assert "File too large: `ulimit -f` allows 1 KB; " in runs["output"].stderr.splitlines()[-1]
 
 
 def test_a_file_too_large_for_its_file_system_is_not_blamed_on_the_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
