@@ -426,7 +426,7 @@ def device_decoded(files: list[str], cfg: PreprocessConfig, device: torch.device
     `batch` files at a time with `threads` batches on their way: no workers, no model. Each batch's pixels, in
     order; every file must decode there (the synthetic JPEGs do). Reading files and the decoder release the GIL.
 
-    Not `decoding.look_ahead`, which `siglip embed` uses: its one background thread decodes one batch at a time
+    Not `concurrency.look_ahead`, which `siglip embed` uses: its one background thread decodes one batch at a time
     (`depth` only queues more). Here `threads` batches (--decode-threads) decode at once: the decoder's rate with
     more threads than `siglip embed` gives it."""
 
@@ -461,7 +461,8 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: Forward, variant: str, 
     The photo list names each file --repeat times (page cache warm), so a run is long enough to time."""
     from siglip_cli import embed as embed_module
     from siglip_cli import gpu_decode
-    from siglip_cli.decoding import batch_pixels, decoded_batches, look_ahead
+    from siglip_cli.concurrency import look_ahead
+    from siglip_cli.decoding import batch_pixels, decoded_batches
     from siglip_cli.embed import embedded_batches, load
 
     size = (96, 72) if args.smoke else PHOTO_SIZE

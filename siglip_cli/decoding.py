@@ -23,11 +23,10 @@ import tempfile
 import threading
 import time
 import warnings
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Generator, Iterable, Iterator, NamedTuple, TypeVar
+from typing import Callable, Generator, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,9 +48,6 @@ from .gpu_decode import JpegHeader, decode_headers, device_index, read_header
 from .preprocess import DecodeOptions, load_pixels, one_line
 from .reading import error_facts, failure_reason, pixels_and_facts
 from .text import counted, display_path
-
-
-T, U = TypeVar("T"), TypeVar("U")
 
 
 class Item(NamedTuple):
@@ -870,31 +866,3 @@ def _decode_for_parent(sender, path: str, cfg: PreprocessConfig, options: Decode
     # which the parent could no longer map once this process has exited.
     sender.send_bytes(pickle.dumps(ImageFiles([path], cfg, options, jpeg_to_device=jpeg_to_device)[0]))
     sender.close()
-
-
-def look_ahead(items: Iterable[T], fn: Callable[[T], U], *, depth: int, threads: int = 1) -> Iterator[U]:
-    """`fn(item)` for each item, in order, computed by `threads` background threads up to `depth` items ahead of
-    the consumer (inline when `depth` is 0). An exception in `fn` is raised where its result would have been
-    yielded; items not yet started are dropped when the consumer stops."""
-    if depth == 0:
-        yield from map(fn, items)
-        return
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="siglip-look-ahead")
-    # The pool's and its futures' locks are taken with signals deferred, as the DataLoader's are (see `interrupts`).
-    pending: deque[Future[U]] = deque()
-
-    def oldest() -> U:
-        with interrupts.deferred():
-            return pending.popleft().result()
-
-    try:
-        for item in items:
-            with interrupts.deferred():
-                pending.append(pool.submit(fn, item))
-            if len(pending) > depth:
-                yield oldest()
-        while pending:
-            yield oldest()
-    finally:
-        with interrupts.deferred():
-            pool.shutdown(wait=True, cancel_futures=True)

@@ -19,7 +19,7 @@ from stat import S_ISREG
 from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 from . import interrupts
-from .decoding import look_ahead
+from .concurrency import look_ahead
 from .errors import UserError
 from .files import below_mount_points, directory_entry, empty_folder, same_file
 from .outputs import Ref

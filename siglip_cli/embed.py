@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import earlier_rows, gpu_decode, interrupts
+from .concurrency import look_ahead
 from .config import CPU_BATCH_SIZE
-from .decoding import Batch, batch_pixels, decoded_batches, default_workers, error_row, look_ahead
+from .decoding import Batch, batch_pixels, decoded_batches, default_workers, error_row
 from .errors import UserError, first_line
 from .files import discover
 from .outputs import (
@@ -94,8 +95,8 @@ class EmbedOptions:
     shard_inputs: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        """A value the command line would have refused, from a library caller: one sentence, before any work. A
-        batch size of -1 gave no rows and no error, and float64 a KeyError once the output's work folder was made."""
+        """A value the command line would refuse, from a library caller: one sentence, before any work (unchecked, a
+        batch size of -1 would give no rows and no error, and float64 a KeyError once the work folder is made)."""
         for name, least in (("batch_size", 1), ("workers", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -140,7 +141,9 @@ class Summary:
 
 
 def run_state(embedder: Embedder, options: EmbedOptions, output_format: str) -> dict:
-    """Everything that changes the numbers in the output: a resumed or updated run must match it exactly."""
+    """Everything that changes the numbers in the output: a resumed or updated run must match it exactly. The state
+    is what a run records of its options: in its work area's `state.json`, and in the output's metadata as
+    `options`; `outputs.same_options` compares two."""
     ckpt = embedder.checkpoint
     local = Path(ckpt.name).expanduser()
     state = {

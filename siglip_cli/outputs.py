@@ -561,7 +561,7 @@ def _working_directory() -> dict[str, str]:
 
 # The key of the metadata that holds the digest of the manifest written with the embeddings (`assemble`). Rows are
 # matched to vectors by their order alone: a manifest of another run beside these embeddings (an --update stopped
-# between its renames, its work folder then removed by hand), rows as many, gave every photo another's vector.
+# between its renames, its work folder then removed by hand), rows as many, would give every photo another's vector.
 MANIFEST_DIGEST = "manifest_blake2b"
 
 

@@ -248,10 +248,10 @@ def merge_outputs(
 
 def _merge_work_area(target: OutputPaths) -> WorkArea:
     """The work folder where a merge marks that it is replacing the final files, as a run marks it. A merge stopped
-    between its renames (a `kill -9`, a power cut, a file that could not be replaced) left a new manifest beside the
-    old embeddings, which an --update then took for the truth about them and reused (the wrong photo's vector under a
-    path). Now the next merge, run or --update of the output finishes those renames first (`finish_assembling`),
-    and is told nothing else. An interrupted run's work there (its options and chunks, or a several-device run's
+    between its renames (a `kill -9`, a power cut, a file that could not be replaced) leaves a new manifest beside
+    the old embeddings, which an --update would take for the truth about them (the wrong photo's vector under a
+    path): the mark makes the next merge, run or --update of the output finish those renames first
+    (`finish_assembling`). An interrupted run's work there (its options and chunks, or a several-device run's
     shards) is not the merge's to throw away, and is refused."""
     area = WorkArea(target.work)
     area.refuse_if_closed()

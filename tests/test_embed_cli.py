@@ -2941,7 +2941,7 @@ def test_ctrl_c_while_the_workers_shut_down_reaches_the_run(
 
 
 def test_look_ahead_keeps_order_and_raises_where_the_failure_was() -> None:
-    from siglip_cli.decoding import look_ahead
+    from siglip_cli.concurrency import look_ahead
 
     for depth in (0, 1, 3):
         assert list(look_ahead(range(10), lambda i: i * i, depth=depth)) == [i * i for i in range(10)]
@@ -2965,7 +2965,7 @@ def test_look_ahead_keeps_order_and_raises_where_the_failure_was() -> None:
 
 
 def test_look_ahead_stops_working_when_the_consumer_stops() -> None:
-    from siglip_cli.decoding import look_ahead
+    from siglip_cli.concurrency import look_ahead
 
     started = []
 
