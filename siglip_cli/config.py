@@ -316,7 +316,7 @@ def _square(name: str, value: int | list[int]) -> int:
 
 # What the image processor classes of transformers 5 assume where their config is silent, by the name a config
 # gives as `image_processor_type` ("...Fast" and "...Pil" alike). SigLIP's are PreprocessConfig's own but for the
-# size, which is the tower's: a config written by hand often leaves them out. Another class's are its own: a CLIP
+# size (`_default_size`): a config written by hand often leaves them out. Another class's are its own: a CLIP
 # processor's config without its mean and std was normalized as SigLIP's, silently.
 _OPENAI_CLIP = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
 _SHORTEST_EDGE_THEN_CROP = {
@@ -430,8 +430,19 @@ def _class_name(kind: str) -> str:
     return kind.removesuffix("Fast").removesuffix("Pil")
 
 
+_SIGLIP_SIZE = 224  # SiglipImageProcessor's own size in transformers 5
+
+
+def _default_size(vision: VisionConfig) -> dict[str, int]:
+    """The size of a SigLIP preprocessor config that gives none: transformers' class default, 224×224, where its
+    patches make the tower's grid (transformers runs it, so we must too: a 226 px tower at patch 16 sees 224 px
+    there); else the tower's `image_size`, where transformers fails on the position embedding."""
+    side = _SIGLIP_SIZE if vision.dropped_from(_SIGLIP_SIZE, _SIGLIP_SIZE) is not None else vision.image_size
+    return {"height": side, "width": side}
+
+
 def _resize_target(config: dict[str, Any], vision: VisionConfig, *, crop: bool) -> _Resize:
-    size = config.get("size", {"height": vision.image_size, "width": vision.image_size})
+    size = config.get("size", _default_size(vision))
     if size is None:
         raise ConfigError("preprocessor size is null: it must be the model's (height, width).")
     if isinstance(size, int) and not isinstance(size, bool):

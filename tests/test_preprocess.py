@@ -149,6 +149,29 @@ def test_a_config_silent_on_a_setting_gets_its_processor_classs_default(tmp_path
     assert same_bits(pixels_of(image, cfg), processor(images=image, return_tensors="np")["pixel_values"][0])
 
 
+@pytest.mark.parametrize(("image_size", "patch_size", "side"), [(226, 16, 224), (32, 8, 32)], ids=["224", "tower"])
+def test_a_siglip_config_without_a_size_resizes_as_transformers_does(
+    tmp_path: Path, image_size: int, patch_size: int, side: int
+) -> None:
+    # transformers' SigLIP processor resizes to its own 224×224: a 226 px tower at patch 16 (a 14×14 grid either way)
+    # ran at 226 px here, 0.06 away. Where 224 px gives another grid, transformers fails; the tower's size is meant.
+    from transformers import AutoImageProcessor
+
+    from siglip_cli.config import VisionConfig, preprocess_config_from_hub
+
+    settings = {"image_processor_type": "SiglipImageProcessor"}
+    cfg = preprocess_config_from_hub(settings, VisionConfig(image_size=image_size, patch_size=patch_size))
+    assert (cfg.height, cfg.width) == (side, side)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
+    processor = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    image = make_photo((80, 45))
+    expected = processor(images=image, return_tensors="np")["pixel_values"][0]
+    if side == 224:
+        assert same_bits(pixels_of(image, cfg), expected)
+    else:
+        assert expected.shape[1:] == (224, 224)  # which no 32 px tower at patch 8 takes
+
+
 def test_a_config_of_an_unknown_processor_class_must_say_what_it_means() -> None:
     from siglip_cli.config import ConfigError, VisionConfig, preprocess_config_from_hub
 
