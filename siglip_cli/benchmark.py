@@ -422,8 +422,9 @@ def _forwards(
 ) -> dict[str, tuple[Forward, str]]:  # fmt: skip
     """The forwards to time, by backend, with each one's variant: ours, then each reference asked for and installed
     (one that is not is a note in `report`), all on `plain`'s weights."""
-    variant = "fused" + (f"+{dtype_name(dtype)}" if dtype != torch.float32 else "") + ("+compiled" if compile else "")
-    forwards = {"siglip": (fast_model(plain, device=device, dtype=dtype, compile=compile), variant)}
+    # The same dtype and compilation for every backend, in every row's name: "sdpa+bfloat16+compiled".
+    applied = (f"+{dtype_name(dtype)}" if dtype != torch.float32 else "") + ("+compiled" if compile else "")
+    forwards = {"siglip": (fast_model(plain, device=device, dtype=dtype, compile=compile), "fused" + applied)}
     for name in compare:
         if missing := missing_package(name):
             report.notes.append(missing)  # said once, with the results
@@ -431,7 +432,7 @@ def _forwards(
         say(f"building the {name} reference on the same weights")
         forwards[name] = (
             reference_forward(name, plain, device=device, dtype=dtype, compile=compile),
-            ("sdpa" if name == "transformers" else "timm") + ("+compiled" if compile else ""),
+            ("sdpa" if name == "transformers" else "timm") + applied,
         )
     return forwards
 

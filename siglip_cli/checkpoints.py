@@ -119,11 +119,13 @@ def _configs(name: str, files: _LocalFiles | _HubFiles) -> tuple[dict, VisionCon
     ConfigError or CheckpointError, naming `name`, for a config that cannot be used."""
     config = _read_config(name, files)
     preprocessor, preprocess_source = _image_processor_config(files)
+    source = "config.json"
     try:
         vision = vision_config_from_hub(config)
+        source = preprocess_source or source
         preprocess = preprocess_config_from_hub(preprocessor, vision)
-    except ConfigError as e:
-        raise ConfigError(f"{name}: {e}") from None  # the same sentence, naming the checkpoint
+    except ConfigError as e:  # the same sentence, naming the checkpoint and its file
+        raise ConfigError(f"{name}: {e}" if source in str(e) else f"{name}/{source}: {e}") from None
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # a value of the wrong kind the checks missed
         files_read = f"config.json or {preprocess_source}" if preprocess_source else "config.json"
         raise CheckpointError(f"{name}: {files_read} holds a malformed value ({e}).") from None

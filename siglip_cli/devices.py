@@ -227,6 +227,8 @@ def embed_on_devices(
     embedded again, and a shard made with other options is refused as one device refuses its interrupted work.
     """
     options = options or EmbedOptions()
+    # Every device checked before any file is touched: `cpu,cuda:0` without CUDA left an empty work folder.
+    cpu_devices = sum(1 for d in devices if resolve_device(d).type == "cpu")
     out = OutputPaths.for_output(output)  # an unsupported suffix is refused here, not in every worker
     flush_interval()  # so is a bad SIGLIP_FLUSH_SECONDS, not once each worker has loaded the model
     with exclusive(out.embeddings):
@@ -240,7 +242,6 @@ def embed_on_devices(
         refuse_inputs_among_outputs(out, paths)
         work.mkdir(parents=True, exist_ok=True)
         count = len(devices)
-        cpu_devices = sum(1 for d in devices if resolve_device(d).type == "cpu")
         jobs = [
             _Job(
                 i, model, revision, device, dtype,

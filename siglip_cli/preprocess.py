@@ -67,6 +67,10 @@ class BadImage(Exception):
     """A file that cannot be embedded; the message is the one-line reason written to the errors file."""
 
 
+class TooManyPixels(BadImage):
+    """A file refused for its size, read from its header (`--max-pixels`), before anything is decoded."""
+
+
 def one_line(error: BaseException) -> str:
     """The reason a file failed, as one line of plain words for the errors file.
 
@@ -283,7 +287,7 @@ def open_checked(source: str | Path | BinaryIO, options: DecodeOptions) -> Image
     width, height = image.size
     if options.max_pixels is not None and width * height > options.max_pixels:
         image.close()
-        raise BadImage(
+        raise TooManyPixels(
             f"{width}x{height} = {width * height:,} pixels exceeds the limit of {options.max_pixels:,} "
             "(possible decompression bomb; raise --max-pixels to allow it)"
         )

@@ -49,7 +49,9 @@ def parse_shard(spec: str | None, num_shards: int | None, environ: Mapping[str, 
         raise UserError(f"--shard {spec!r} is not of the form K/N (for example 0/4) or auto.") from None
     if num_shards is not None and num_shards != count:
         raise UserError(f"--shard {spec} says {count} shards but --num-shards says {num_shards}: give one of the two.")
-    if count < 1 or not 0 <= index < count:
+    if count < 1:
+        raise UserError(f"--shard {spec}: N, the number of shards, must be at least 1.")
+    if not 0 <= index < count:
         raise UserError(f"--shard {spec}: K must be between 0 and N-1.")
     return index, count
 

@@ -26,7 +26,16 @@ from .config import DEFAULT_MAX_PIXELS, DEFAULT_PRESET, PIL_FILTERS, PreprocessC
 from .errors import UserError
 from .files import is_regular_file, path_fields
 from .model import SiglipVision, gflops_per_image, num_parameters
-from .preprocess import BadImage, DecodeOptions, one_line, open_checked, open_rgb, resize, resized_to_pixels
+from .preprocess import (
+    BadImage,
+    DecodeOptions,
+    TooManyPixels,
+    one_line,
+    open_checked,
+    open_rgb,
+    resize,
+    resized_to_pixels,
+)
 from .text import display_path
 from .weights import load_tower
 
@@ -174,6 +183,8 @@ def read_image(
         if path.is_symlink():  # as `embed` says it
             raise UserError(f"{name} is a link to {display_path(os.readlink(path))}, which does not exist.") from None
         raise UserError(f"{name} does not exist.") from None
+    except TooManyPixels as e:  # not a file that fails: one refused, as asked
+        raise UserError(f"{name} is refused: {e}.") from None
     except Exception as e:  # whatever the decoder raises (pillow-heif: ValueError, RuntimeError), as embed reports it
         raise UserError(f"{name} cannot be decoded: {one_line(e)}.") from None
     return photo, facts

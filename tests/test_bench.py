@@ -356,6 +356,14 @@ def test_bench_compare_transformers_on_a_tiny_checkpoint(tiny_siglip: Path) -> N
     assert {r["reference"] for r in document["ratios"]} == {"transformers", "timm"}
 
 
+def test_every_backends_row_names_the_dtype_it_ran_in(tiny_siglip: Path) -> None:
+    # The references ran in bfloat16 too, under "sdpa" and "timm" alone.
+    document = _bench_json("--model", str(tiny_siglip), "--batch-size", "2", "--dtype", "bfloat16",
+                           "--compare", "transformers,timm")  # fmt: skip
+    variants = {row["backend"]: row["variant"] for row in document["results"]}
+    assert variants == {"siglip": "fused+bfloat16", "transformers": "sdpa+bfloat16", "timm": "timm+bfloat16"}
+
+
 def test_bench_missing_timm_is_one_note(tiny_vision: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now fails as if it were not installed
     result = RUNNER.invoke(app, ["bench", "-m", str(tiny_vision), "--device", "cpu", "--iters", "1", "--warmup", "0",

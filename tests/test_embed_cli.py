@@ -1654,9 +1654,13 @@ def test_directory_that_is_not_a_checkpoint_is_one_sentence(embed, photos: Path,
 
 
 @pytest.mark.parametrize("device", ["tpu", "gpu:0", "cuda:99", "cpu:1"])
-def test_bad_device_is_one_sentence(embed, photos: Path, out: Path, device: str) -> None:
-    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--device", device))
+@pytest.mark.parametrize("beside", [False, True], ids=["alone", "after-another"])
+def test_bad_device_is_one_sentence(embed, photos: Path, out: Path, device: str, beside: bool) -> None:
+    # After a good one (cpu,cuda:99: a run on several devices), it left an empty OUT.partial/ behind.
+    devices = f"cpu,{device}" if beside else device
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--device", devices))
     assert device in error
+    assert list(out.iterdir()) == []
 
 
 def test_missing_tensor_is_named_by_the_cli(embed, photos: Path, out: Path, tiny_vision: Path, tmp_path: Path) -> None:

@@ -32,6 +32,14 @@ def test_malformed_or_out_of_range_shard_is_refused(spec: str) -> None:
         parse_shard(spec, None, NO_SCHEDULER)
 
 
+@pytest.mark.parametrize(("spec", "said"), [("0/0", "N, the number of shards, must be at least 1"),
+                                            ("1/-2", "N, the number of shards, must be at least 1"),
+                                            ("3/3", "K must be between 0 and N-1")])  # fmt: skip
+def test_a_shard_out_of_range_names_what_is_wrong(spec: str, said: str) -> None:
+    with pytest.raises(UserError, match=f"--shard {spec}: {said}."):
+        parse_shard(spec, None, NO_SCHEDULER)
+
+
 def test_num_shards_without_shard_auto_is_refused() -> None:
     with pytest.raises(UserError, match="--num-shards goes with --shard auto"):
         parse_shard(None, 4, NO_SCHEDULER)

@@ -592,7 +592,7 @@ def test_malformed_config_is_one_sentence_naming_the_checkpoint(tmp_path: Path, 
     checkpoint = write_config(tmp_path / "ckpt", config)
     with pytest.raises(UserError, match=message) as error:
         resolve_checkpoint(str(checkpoint))
-    assert str(checkpoint) in str(error.value)
+    assert str(checkpoint) in str(error.value) and "config.json" in str(error.value)  # which file of the folder
 
 
 @pytest.mark.parametrize(
@@ -617,8 +617,9 @@ def test_malformed_preprocessor_config_is_refused_when_the_checkpoint_loads(
     checkpoint = copy_checkpoint(tiny_vision, tmp_path / "ckpt")
     path = checkpoint / "preprocessor_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **preprocessor}))
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as error:
         resolve_checkpoint(str(checkpoint))
+    assert "preprocessor_config.json" in str(error.value)  # not config.json: the folder holds both
 
 
 def test_mistyped_local_folder_that_looks_like_a_hub_id_says_the_folder_is_missing(
