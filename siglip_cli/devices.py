@@ -31,11 +31,11 @@ from .embed import (
     Summary,
     embed_to_file,
     flush_interval,
-    interrupted_on_other_devices,
     refuse_empty_run,
 )
 from .errors import RunFailed, UserError, first_line, signal_name
 from .outputs import OutputPaths, check_outputs, read_rows, refuse_inputs_among_outputs
+from .resuming import interrupted_on_other_devices
 from .runtime import dtype_note, load, resolve_device, resolve_dtype
 from .shards import merge_outputs, select_shard
 from .storage import WorkArea, exclusive, shard_name
@@ -287,7 +287,7 @@ def embed_on_devices(
 
 def _tidy_earlier_work(out: OutputPaths, devices: int, *, overwrite: bool) -> tuple[WorkArea, bool]:
     """The work area, tidied of what an earlier run left, and whether that run had put its output in place
-    (`published`), as `embed._tidy_earlier_work` does for one device. With --overwrite too, shards an interrupted run
+    (`published`), as `resuming._tidy_earlier_work` does for one device. With --overwrite too, shards an interrupted run
     on as many devices left are continued (its rerun); each worker replaces its shard if it was made with other
     options. A run stopped after the merge had put the output in place still has its shards here: they are brought
     up to date and merged again. The work of a run on one device, or on another number of them, is removed with

@@ -8,6 +8,7 @@ talking to the others. Each part records its inputs as given: `merge` refuses pa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from .outputs import (
     read_rows,
     same_options,
 )
-from .storage import Steps, WorkArea, exclusive, remove_stale_temporaries
+from .storage import OutputBusy, Steps, WorkArea, exclusive, kept_from_writers, remove_stale_temporaries
 from .text import counted, display_path
 
 
@@ -281,6 +282,28 @@ def _merge(
         raise UserError(f"{output} already exists: add --overwrite to replace it.")
     check_outputs(target, interrupted=False, overwrite=overwrite, update=False)  # another output's manifest, ...
     remove_stale_temporaries(target.files())
+    with contextlib.ExitStack() as parts_held:
+        held: set[Path] = set()
+        for part in inputs:  # no run replaces a part's files while they are read (an --update of it, say)
+            try:
+                embeddings = OutputPaths.for_output(part).embeddings
+            except UserError:  # no output's name: `open_output` says what it is instead
+                continue
+            # One missing is refused as such there, with no lock file (nor its folder) made for it; one given twice
+            # is locked once, and refused as given twice.
+            if not embeddings.exists() or embeddings.resolve() in held:
+                continue
+            held.add(embeddings.resolve())
+            try:
+                parts_held.enter_context(kept_from_writers(embeddings))
+            except OutputBusy:
+                raise UserError(f"another siglip run is writing {part}: wait for it to finish, then merge.") from None
+        return _merge_held(inputs, target, allow_missing, before_replacing)
+
+
+def _merge_held(
+    inputs: list[Path], target: OutputPaths, allow_missing: bool, before_replacing: Callable[[Steps], None]
+) -> MergeSummary:
     opened = [open_output(Path(p)) for p in inputs]
     # The format is how the rows are stored, not how they were computed: .npy and .safetensors parts merge.
     options = [{**read_output_options(out), "format": None} for out, _ in opened]

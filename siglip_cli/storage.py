@@ -208,7 +208,7 @@ def exclusive(output: Path) -> Iterator[None]:
             if not os.path.samestat(os.fstat(handle.fileno()), os.stat(lock)):
                 raise BlockingIOError
         except (BlockingIOError, FileNotFoundError):
-            raise UserError(f"another siglip run is writing {output}: wait for it, or choose another -o.") from None
+            raise OutputBusy(f"another siglip run is writing {output}: wait for it, or choose another -o.") from None
         except OSError as e:  # EBADF: another user's lock file, on NFS; ENOLCK: a share without a lock service
             raise UserError(
                 f"cannot lock {display_path(str(lock))} ({os_reason(e)}): if no siglip run is writing {output}, "
@@ -223,6 +223,25 @@ def exclusive(output: Path) -> Iterator[None]:
             # meanwhile keeps the file: the run's own error, if any, is the one to tell.
             with contextlib.suppress(OSError):
                 lock.unlink(missing_ok=True)
+
+
+class OutputBusy(UserError):
+    """Another run holds the lock of the output (`exclusive`)."""
+
+
+@contextmanager
+def kept_from_writers(output: Path) -> Iterator[None]:
+    """Hold `output`'s lock while it is read (a part a merge joins), so that no run replaces its files meanwhile (an
+    --update of that part); `OutputBusy` where a run holds it now. Where no lock can be made beside it (a part on a
+    read-only share, which no run writes either), it is read without one."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive(output))
+        except OutputBusy:
+            raise
+        except UserError:
+            pass
+        yield
 
 
 def _open_lock_file(lock: Path, output: Path) -> BinaryIO:

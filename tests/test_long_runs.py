@@ -2002,6 +2002,43 @@ def test_merge_is_refused_while_another_run_writes_its_output(embed, folder: Pat
     ok(siglip("merge", *parts, "-o", output))
 
 
+def test_merge_waits_for_a_run_writing_one_of_its_parts(embed, folder: Path, tmp_path: Path) -> None:
+    # A part's --update, replacing its files one by one, could be read half replaced in the milliseconds of its renames.
+    import fcntl
+
+    parts = [tmp_path / f"part{k}.safetensors" for k in range(2)]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--shard", f"{k}/2"))
+    output = tmp_path / "all.safetensors"
+    with open(tmp_path / ".part1.lock", "a+b") as held:  # what a running `siglip embed ... -o part1 --update` holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        error = the_error(siglip("merge", *parts, "-o", output))
+    assert error == f"error: another siglip run is writing {parts[1]}: wait for it to finish, then merge."
+    assert not output.exists() and not (tmp_path / ".part0.lock").exists()  # the locks it took are let go
+    ok(siglip("merge", *parts, "-o", output))
+    assert list(tmp_path.glob(".*.lock")) == []  # each lock taken, the test's left one too, is removed with it
+
+
+def test_merge_reads_parts_where_no_lock_can_be_made(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parts on a read-only share: no run writes there, and no lock file can be made beside them.
+    from siglip_cli import storage
+
+    parts = [tmp_path / "parts" / f"part{k}.safetensors" for k in range(2)]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--shard", f"{k}/2"))
+    real_open = storage._open_lock_file
+
+    def read_only(lock: Path, output: Path):
+        if lock.parent == tmp_path / "parts":
+            raise storage.UserError(f"cannot write beside {output}: Read-only file system.")
+        return real_open(lock, output)
+
+    monkeypatch.setattr(storage, "_open_lock_file", read_only)
+    ok(siglip("merge", *parts, "-o", tmp_path / "all.safetensors"))
+
+
 @pytest.mark.parametrize("then", ["merge", "update"])
 def test_a_merge_killed_between_its_renames_is_finished_by_the_next_merge_or_update(
     embed, folder: Path, tmp_path: Path, then: str
