@@ -275,15 +275,16 @@ class Report:
 
 @dataclass(frozen=True)
 class BenchOptions:
-    model: str = DEFAULT_PRESET
+    model: str | os.PathLike = DEFAULT_PRESET
     revision: str | None = None  # of a Hub id
     device: str = "cpu"
     dtype: str | None = None  # None: auto, as `siglip embed` (bf16 on CUDA, float32 on the CPU)
-    batch_sizes: tuple[int, ...] | None = None  # None: 1, 32, 256 on CUDA; 1, 8, 32 on CPU
+    # "1,8,32" as --batch-size takes them; None: 1, 32, 256 on CUDA; 1, 8, 32 on CPU.
+    batch_sizes: tuple[int, ...] | str | None = None
     iters: int | None = None  # None: 10 on CUDA, 3 on CPU
     warmup: int | None = None  # None: 3 on CUDA, 1 on CPU
     compile: bool | None = None  # None: on for CUDA, off for CPU (see `default_compile`)
-    compare: tuple[str, ...] = ()
+    compare: tuple[str, ...] | str = ()  # "transformers,timm" as --compare
     images: Path | None = None
     max_images: int = 64  # per image-pipeline measurement
     seed: int = 0
@@ -349,19 +350,25 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     if compile and warmup == 0:  # the first call compiles: timed, it would be the compiler's speed
         warmup = 1
         notes.append("--compile: one warm-up call is kept, the one that compiles (--warmup 0 would time the compiler).")
-    compare = tuple(dict.fromkeys(options.compare))  # each once, in the order given: `--compare timm,timm` builds one
+    # Each once, in the order given (`--compare timm,timm` builds one); one string is a comma-separated list.
+    given = options.compare.split(",") if isinstance(options.compare, str) else options.compare
+    compare = tuple(dict.fromkeys(given))
     check_references(compare)
     # A GPU's throughput still grows past 64 (B/16 on an H200: 12,013 images/s at 64, 13,077 at 256).
     default_sizes = (1, 32, 256) if device.type == "cuda" else (1, 8, 32)
-    batch_sizes = check_batch_sizes(default_sizes if options.batch_sizes is None else options.batch_sizes)
+    if isinstance(options.batch_sizes, str):  # "1,8,32", as --batch-size takes them
+        batch_sizes = parse_batch_sizes(options.batch_sizes)
+    else:
+        batch_sizes = check_batch_sizes(default_sizes if options.batch_sizes is None else options.batch_sizes)
     if options.images is not None:  # before minutes of model timing: a wrong folder fails at once
         paths, skipped = decodable_images(options.images, limit=options.max_images)
 
-    say(f"building {options.model}")
+    model = os.fsdecode(options.model)  # a pathlib.Path from a Python caller
+    say(f"building {model}")
     # A preset: seeded random weights, no download, the same as `siglip inspect` draws for the seed.
-    plain, preprocess, _ = load_tower(options.model, revision=options.revision, seed=options.seed)
+    plain, preprocess, _ = load_tower(model, revision=options.revision, seed=options.seed)
     weights_mb = num_parameters(plain) * dtype.itemsize / 2**20
-    report = Report(describe_machine(device, dtype), options.model, weights_mb, notes=notes)
+    report = Report(describe_machine(device, dtype), model, weights_mb, notes=notes)
 
     forwards = _forwards(plain, compare, device=device, dtype=dtype, compile=compile, report=report, say=say)
     with torch.inference_mode(), _a_graph_for_each(batch_sizes) if compile else contextlib.nullcontext():

@@ -77,8 +77,9 @@ class Checkpoint:
     preprocess_source: str
 
 
-def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
+def resolve_checkpoint(name: str | os.PathLike, *, revision: str | None = None) -> Checkpoint:
     """Resolve `name` (a local directory in the Hub layout, or a Hub id) without loading any tensor."""
+    name = os.fsdecode(name)  # a pathlib.Path from a Python caller
     if not name.strip():  # `-m "$MODEL"` with the variable unset: Path("") is the current folder
         raise CheckpointError("the model name is empty: give a Hub id or a checkpoint directory.")
     path = Path(name).expanduser()

@@ -402,8 +402,8 @@ def batch_pixels(
         except Exception as e:  # per file, as in the workers (a device error below is not the file's fault)
             failed.add(row)
             errors.append(error_row(batch.rows[row], one_line(e)))
-        else:
-            pixels[row] = on_cpu.to(device)
+        else:  # pinned, so that the copy does not wait behind the forward queued on the device
+            pixels[row] = on_cpu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else on_cpu
     if not failed:
         return pixels, batch.rows, errors
     keep = [i for i in range(len(batch.rows)) if i not in failed]

@@ -187,6 +187,8 @@ def embed_with_model(
         compute_dtype = resolve_dtype(dtype, device)
     else:
         embedder = load(model, revision=revision, device=devices[0], dtype=dtype, compile=compile)
+        if embedder.device.type == "cuda":  # what acts on the current GPU (a library's own calls) acts on this one
+            torch.cuda.set_device(embedder.device)
         _note_preprocessing(model, embedder.checkpoint, progress)
         summary = embed_to_file(
             embedder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress

@@ -100,6 +100,17 @@ class EmbedOptions:
             raise UserError(f"decoder must be auto, cpu or gpu, not {self.decoder!r}.")
         if not isinstance(self.decode, DecodeOptions):
             raise UserError(f"decode must be a DecodeOptions, not {type(self.decode).__name__}.")
+        if self.shard is not None and not _is_shard(self.shard):  # written into the metadata, which merge trusts
+            raise UserError(f"shard must be (K, N), whole numbers with 0 <= K < N, not {self.shard!r}.")
+        if self.shard_inputs is not None and (
+            not isinstance(self.shard_inputs, tuple) or not all(isinstance(p, str) for p in self.shard_inputs)
+        ):
+            raise UserError(f"shard_inputs must be a tuple of paths as text, not {self.shard_inputs!r}.")
+
+
+def _is_shard(value: object) -> bool:
+    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in value) if isinstance(value, tuple) else False
+    return whole and len(value) == 2 and 0 <= value[0] < value[1]
 
 
 class Progress(Protocol):
@@ -201,10 +212,14 @@ def embed_to_file(
     """
     started = time.perf_counter()
     flush_seconds = flush_interval()
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths  # one path: a list of one
-    paths = list(dict.fromkeys(map(os.fspath, paths)))  # a file given twice is one row; rows hold strings
+    paths = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)  # one path: a list of one
+    if not all(isinstance(p, (str, bytes, os.PathLike)) for p in paths):
+        raise UserError("paths must be file paths (str or pathlib.Path), as `discover` gives them.")
+    paths = list(dict.fromkeys(map(os.fsdecode, paths)))  # a path given twice is one row; rows hold text
     if options is not None and not isinstance(options, EmbedOptions):
         raise UserError(f"options must be an EmbedOptions, not {type(options).__name__}.")
+    if progress is not None and not all(callable(getattr(progress, m, None)) for m in ("start", "advance", "note")):
+        raise UserError(f"progress must have start, advance and note methods (embed.Progress), not {progress!r}.")
     options = options or EmbedOptions()  # made now: its worker count follows the memory available now
     options = dataclasses.replace(options, decoder=_decoder_for(embedder, options.decoder, progress))
     out = OutputPaths.for_output(Path(output))
@@ -559,7 +574,8 @@ class _Halving:
             self.progress.note(f"{what} at batch size {failed}: running batches in smaller pieces.")
         self.piece = failed // 2
         if cuda:
-            torch.cuda.empty_cache()
+            with torch.cuda.device(embedder.device):  # without it, on cuda:1 a context was made on GPU 0
+                torch.cuda.empty_cache()
 
 
 def _joined(parts: list[Tensor]) -> Tensor:

@@ -192,9 +192,10 @@ def _there(path: str) -> bool:
 
 def missing_folders(path: str | os.PathLike) -> list[str]:
     """The folders on the way to `path` that do not exist, highest first, as writing it would make them; none where
-    the way stops at something else (a file, a folder closed to this user), which writing it will refuse."""
+    the way stops at something else (a file, a folder closed to this user, one on a read-only file system), which
+    writing it will refuse."""
     way = _way_to(path)
-    return way[1] if way and os.path.isdir(way[0]) else []
+    return way[1] if way and os.path.isdir(way[0]) and os.access(way[0], os.W_OK | os.X_OK) else []
 
 
 def refuse_a_drive_not_mounted(output: str | os.PathLike) -> None:
@@ -240,8 +241,8 @@ def discover(
     besides the images they return (see `WalkReport`). `leave_out`: directory entries (folder's device and inode,
     name) the walks pass by without a word: the run's own output, which a later run finds in the folder it embeds.
     """
-    if isinstance(inputs, (str, os.PathLike)):  # one path: a list of one, not the letters of its name
-        inputs = [os.fspath(inputs)]
+    if isinstance(inputs, (str, bytes, os.PathLike)):  # one path: a list of one, not the letters of its name
+        inputs = [inputs]
     found: dict[tuple[object, str], str] = {}  # directory entry -> the path it was first met as
     named: dict[tuple[object, str], str] = {}  # the entries of files named one by one
     folders: dict[str, object] = {}
@@ -264,6 +265,9 @@ def discover(
 
     given = []
     for name in inputs:
+        if not isinstance(name, (str, bytes, os.PathLike)):
+            raise UserError(f"an input path must be a str or a path, not {type(name).__name__}.")
+        name = expand_home(name)
         if not name:  # os.stat("") fails as a missing file; an unset shell variable is the likely cause
             raise UserError("an input path is empty: give image files or folders.")
         try:
@@ -292,6 +296,16 @@ def discover(
         if suffix not in IMAGE_SUFFIXES and not name.startswith(".") and folder in seen_dirs and is_regular_file(path):
             report.passed_over -= Counter({suffix: 1})
     return sorted(found.values(), key=os.fsencode)
+
+
+def expand_home(path: str | os.PathLike) -> str:
+    """`path` as text, its leading `~` or `~user` expanded as a shell would have, unless a file or folder of that
+    literal name is there. The Python API is given paths no shell has seen ("~/photos"), and an output folder
+    literally named `~`, made in the current one, would invite an `rm -rf ~`."""
+    path = os.fsdecode(path)
+    if not path.startswith("~"):
+        return path
+    return path if os.path.lexists(path.split(os.sep, 1)[0]) else os.path.expanduser(path)
 
 
 def directory_entry(path: str, folders: dict[str, object]) -> tuple[object, str]:

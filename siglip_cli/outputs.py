@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from . import __version__, interrupts
 from .config import VisionConfig, json_kind
 from .errors import UserError
-from .files import path_fields, path_from_fields, same_file
+from .files import expand_home, path_fields, path_from_fields, same_file
 from .storage import (
     CHUNK_NAME,
     SHARD_NAME,
@@ -60,7 +60,8 @@ class OutputPaths:
     work: Path
 
     @classmethod
-    def for_output(cls, output: Path) -> OutputPaths:
+    def for_output(cls, output: str | os.PathLike) -> OutputPaths:
+        output = Path(expand_home(output))
         if os.path.islink(output):  # written through, as `cp` does: the link stays, and the files sit by its target
             output = _link_target(output)
         suffix = output.suffix.lower()

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .config import DEFAULT_MAX_PIXELS, PreprocessConfig
+from .errors import UserError
 
 try:
     from pillow_heif import register_heif_opener
@@ -172,6 +173,16 @@ class DecodeOptions:
     # Opt-in: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the photo is over twice the model input.
     # Faster on large JPEGs, but not pixel-exact with the reference.
     fast_decode: bool = False
+
+    def __post_init__(self) -> None:
+        """A value of the wrong kind from a library caller, in one sentence: unchecked, max_pixels="1000000" failed
+        every file, and exif_transpose="no" turned photos all the same."""
+        for name in ("exif_transpose", "fast_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be True or False, not {getattr(self, name)!r}.")
+        pixels = self.max_pixels
+        if pixels is not None and (isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 1):
+            raise UserError(f"max_pixels must be a whole number of at least 1, or None for no limit, not {pixels!r}.")
 
 
 def open_rgb(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,12 @@ class Embedder:
         return pooled.float(), tokens
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N` → the device; one that is not there is a UserError."""
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N` → the device; one that is not there is a UserError.
+    CUDA comes back with its index (`cuda` is the current GPU): calls made in other threads, whose current GPU is
+    the first, then run on the model's, not on GPU 0."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except RuntimeError:
@@ -64,6 +67,8 @@ def resolve_device(device: str) -> torch.device:
             raise UserError(f"device {device} was asked for but CUDA is not available on this machine.")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise UserError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
     elif resolved.type != "cpu":
         raise UserError(f"device {device!r} is not supported (expected auto, cpu, cuda or cuda:N).")
     elif resolved.index not in (None, 0):  # torch runs every "cpu:N" on the one CPU device: a typo for cuda:N?
@@ -71,10 +76,13 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """The compute dtype, the same rule for `embed` and `bench`. `auto`: bfloat16 on CUDA, where it keeps cosine
     ≥ 0.999 to float32 and doubles throughput; float32 on every CPU, the exact path, even one with native bf16
-    (where `dtype_note` suggests it: faster, but no longer the reference's numbers)."""
+    (where `dtype_note` suggests it: faster, but no longer the reference's numbers). A torch dtype is taken by its
+    name (`torch.bfloat16`: "bfloat16")."""
+    if isinstance(dtype, torch.dtype):
+        dtype = dtype_name(dtype)
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in COMPUTE_DTYPES:
@@ -166,19 +174,20 @@ def compiled(module: Callable[..., Any], **options: Any) -> Callable[..., Any]:
 
 
 def load(
-    model: str = DEFAULT_MODEL,
+    model: str | os.PathLike = DEFAULT_MODEL,
     *,
     revision: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
     compile: bool = False,
 ) -> Embedder:
     """Load a checkpoint (Hub id or local directory) ready to embed.
 
-    `device`: auto, cpu, cuda or cuda:N; on the CPU, torch's threads are brought down to the CPUs this process may
-    use (`cpus.fit_cpu_threads`: a container's quota). `dtype`: auto (bfloat16 on CUDA, float32 on the CPU),
-    float32, bfloat16 or float16. `compile`: `torch.compile` the tower; on an H200 B/16 went from 12,500 to 13,800
-    images/s after 15 s of compiling (so400m gained nothing), on our 2-core CPU it took 18-48 s for 0-5%
+    `model`: a Hub id or a checkpoint folder (a str or a path). `device`: auto, cpu, cuda or cuda:N (or a
+    torch.device); on the CPU, torch's threads are brought down to the CPUs this process may use
+    (`cpus.fit_cpu_threads`: a container's quota). `dtype`: auto (bfloat16 on CUDA, float32 on the CPU), float32,
+    bfloat16 or float16 (or the torch dtype). `compile`: `torch.compile` the tower; on an H200 B/16 went from 12,500
+    to 13,800 images/s after 15 s of compiling (so400m gained nothing), on our 2-core CPU it took 18-48 s for 0-5%
     (bench/RESULTS.md).
     """
     resolved = resolve_device(device)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .config import DEFAULT_MAX_PIXELS, DEFAULT_PRESET, PIL_FILTERS, PreprocessConfig, VisionConfig
 from .errors import UserError
-from .files import is_regular_file, path_fields
+from .files import expand_home, is_regular_file, path_fields
 from .model import SiglipVision, gflops_per_image, num_parameters
 from .preprocess import (
     BadImage,
@@ -137,7 +137,7 @@ class Inspection:
 
 
 def inspect_image(
-    model: str = DEFAULT_PRESET,
+    model: str | os.PathLike = DEFAULT_PRESET,
     image: str | Path | None = None,
     *,
     layers: str = "first",
@@ -149,6 +149,7 @@ def inspect_image(
     `image` defaults to the bundled sample photo. `layers` is "first", "all" or comma-separated layer numbers.
     `max_pixels`: larger images are refused (decompression bombs), None for no limit, as `siglip embed`'s.
     """
+    model = os.fsdecode(model)  # a pathlib.Path from a Python caller: named as text in the report
     if image is None:
         with resources.as_file(resources.files("siglip_cli") / "assets" / SAMPLE_IMAGE) as path:
             photo, facts = read_image(path, label="the bundled sample photo", max_pixels=max_pixels)  # as any image
@@ -165,7 +166,8 @@ def read_image(
     path: str | Path, *, label: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> tuple[Image.Image, ImageFacts]:
     """Decode an image file to RGB (EXIF-oriented) and read its header: "photo.png (640×480 PNG, mode RGBA)"."""
-    given, path = os.fspath(path), Path(path)
+    given = expand_home(path)  # "~/photo.jpg" from a Python caller, as a shell would have given it
+    path = Path(given)
     name = label or display_path(str(path))  # as text for a terminal and for JSON: not UTF-8, control characters
     if path.is_dir():
         raise UserError(f"{name} is a directory; pass one image file.")

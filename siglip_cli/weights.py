@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 
 import torch
@@ -79,10 +80,13 @@ def load_model(
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def load_tower(name: str, *, revision: str | None = None, seed: int = 0) -> tuple[SiglipVision, PreprocessConfig, bool]:
+def load_tower(
+    name: str | os.PathLike, *, revision: str | None = None, seed: int = 0
+) -> tuple[SiglipVision, PreprocessConfig, bool]:
     """(tower, preprocessing, random_weights) for `name`, float32 on the CPU in eval mode, as `siglip inspect` and
     `siglip bench` take it: a preset gets seeded random weights (`model.random_model`, no download), a Hub id or a
     checkpoint directory is loaded. A name that is none of these, a mistyped preset most often, is one sentence."""
+    name = os.fsdecode(name)  # a pathlib.Path from a Python caller
     if name in PRESETS:
         if revision is not None:
             raise UserError(f"{name} is a preset (an architecture with random weights): it has no --revision.")

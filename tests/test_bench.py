@@ -438,6 +438,16 @@ def test_run_benchmark_refuses_what_the_command_refuses(tiny_vision: Path) -> No
             benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), **given))
 
 
+def test_run_benchmark_takes_a_path_and_comma_separated_text_as_the_command_does(tiny_siglip: Path) -> None:
+    # "1,2" was read letter by letter ("got '1,,,2'"), "transformers" as "unknown comparison 't'", a Path refused.
+    options = benchmark.BenchOptions(model=tiny_siglip, batch_sizes="1,2", compare="transformers", iters=1, warmup=0)
+    report = benchmark.run_benchmark(options)
+    assert report.model == str(tiny_siglip)
+    assert sorted({(r.backend, r.batch_size) for r in report.results}) == [
+        ("siglip", 1), ("siglip", 2), ("transformers", 1), ("transformers", 2)
+    ]
+
+
 def test_an_unknown_dtype_from_a_library_caller_is_one_sentence(tiny_vision: Path) -> None:
     # `siglip bench --dtype` never gets this far: typer checks its value against the choices.
     with pytest.raises(UserError, match=r"unknown dtype 'float64' \(expected auto, float32, bfloat16, float16\)"):

@@ -63,6 +63,7 @@ from siglip_cli.cli import app
 from siglip_cli.embed import EmbedOptions, embed_paths, embed_to_file, load
 from siglip_cli.errors import UserError
 from siglip_cli.files import discover
+from siglip_cli.preprocess import DecodeOptions
 from siglip_cli.storage import atomic_write
 
 # conftest's RUNNER is 1,000 columns wide (test_error_stays_on_one_line_without_a_terminal covers the default).
@@ -1913,6 +1914,73 @@ def test_the_python_api_takes_a_list_of_path_objects(photos: Path, tiny_siglip: 
     assert [r["path"] for r in rows] == [str(p) for p in given]
 
 
+def test_the_python_api_expands_a_leading_tilde_as_a_shell_would(
+    photos: Path, tiny_siglip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No shell sees a Python caller's "~/...": an input was "not there", and an output made a folder named "~" here.
+    home, here = tmp_path / "home", tmp_path / "here"
+    shutil.copytree(photos, home / "photos")
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    embedder = load(str(tiny_siglip), device="cpu")
+    assert [r["path"] for r in embed_paths(embedder, "~/photos/sub").rows] == [str(home / "photos/sub/c.webp")]
+    summary = embed_to_file(embedder, [str(home / "photos/a.jpg")], "~/out.npy", options=EmbedOptions(workers=0))
+    assert summary.output == str(home / "out.npy") and (home / "out.npy").is_file() and list(here.iterdir()) == []
+    (here / "~").mkdir()  # a folder of that very name is taken as named
+    embed_to_file(embedder, [str(home / "photos/a.jpg")], "~/out.npy", options=EmbedOptions(workers=0))
+    assert (here / "~" / "out.npy").is_file()
+
+
+def test_the_python_api_takes_path_objects_and_torch_types_where_it_takes_names(
+    photos: Path, tiny_siglip: Path
+) -> None:
+    # load(Path(...)): "'PosixPath' object has no attribute 'strip'"; dtype=torch.float32: "unknown dtype".
+    from siglip_cli.tracing import inspect_image
+
+    embedder = load(tiny_siglip, device=torch.device("cpu"), dtype=torch.bfloat16)  # not what auto gives here
+    assert embedder.dtype == torch.bfloat16 and embedder.device == torch.device("cpu")
+    assert inspect_image(tiny_siglip, photos / "a.jpg").model == str(tiny_siglip)
+
+
+@pytest.mark.parametrize(
+    ("call", "said"),
+    [
+        (lambda: DecodeOptions(max_pixels="1000000"),
+         "max_pixels must be a whole number of at least 1, or None for no limit, not '1000000'."),
+        (lambda: DecodeOptions(exif_transpose="no"),
+         "exif_transpose must be True or False, not 'no'."),
+        (lambda: EmbedOptions(shard=(5, 2)), "shard must be (K, N), whole numbers with 0 <= K < N, not (5, 2)."),
+        (lambda: EmbedOptions(shard=(0, 2), shard_inputs="photos"),
+         "shard_inputs must be a tuple of paths as text, not 'photos'."),
+    ],
+    ids=["max_pixels", "exif_transpose", "shard", "shard_inputs"],
+)
+def test_a_python_callers_bad_decode_or_shard_option_is_one_sentence(call, said: str) -> None:
+    # Unchecked, max_pixels="1000000" failed every file, and a shard (5, 2) was written into the metadata.
+    with pytest.raises(UserError) as refused:
+        call()
+    assert str(refused.value) == said
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [({"progress": True}, "progress must have start, advance and note methods (embed.Progress), not True."),
+     ({"paths": [None]}, "paths must be file paths (str or pathlib.Path), as `discover` gives them.")],
+    ids=["progress", "path"],
+)  # fmt: skip
+def test_a_bad_argument_to_embed_to_file_leaves_nothing_behind(
+    photos: Path, tiny_siglip: Path, out: Path, given: dict, said: str
+) -> None:
+    # Refused once the work folder was made: an AttributeError, and OUT.partial/state.json left behind.
+    embedder = load(str(tiny_siglip), device="cpu")
+    paths = given.get("paths", [str(photos / "a.jpg")])
+    with pytest.raises(UserError) as refused:
+        embed_to_file(embedder, paths, out / "e.safetensors", progress=given.get("progress"))
+    assert str(refused.value) == said
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("values", "said"),
     [
@@ -2276,7 +2344,21 @@ def test_default_batch_size_follows_the_device(
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_present)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda_present else 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert default_batch_size(device) == expected
+
+
+@pytest.mark.parametrize("device", ["cuda", "auto", torch.device("cuda")])
+def test_cuda_without_an_index_is_the_current_gpu(device, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Left bare, "cuda" meant GPU 0 in the decoding threads (each thread's current GPU is the first) while the model
+    # ran on the current one, after a caller's torch.cuda.set_device(1).
+    from siglip_cli.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device(device) == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cpu,cpu"])

@@ -23,6 +23,7 @@ from siglip_cli.files import (
     discover,
     find_images,
     is_regular_file,
+    missing_folders,
     path_fields,
     path_from_fields,
     read_path_list,
@@ -587,3 +588,13 @@ def test_non_utf8_names_are_found_and_sorted_by_bytes(tmp_path: Path) -> None:
     latin1 = touch(tmp_path / os.fsdecode(b"caf\xe9.jpg"))
     utf8 = touch(tmp_path / "caf\u00e9.jpg")  # b"caf\xc3\xa9.jpg" sorts first
     assert found(tmp_path) == [str(utf8), str(latin1)]
+
+
+def test_folders_that_cannot_be_made_are_not_said_to_be(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a read-only file system (or where root's permissions do not reach): "note: the output's folder ... will be
+    # made", then the error that it could not be.
+    target = tmp_path / "new" / "sub" / "e.npy"
+    assert missing_folders(target) == [str(tmp_path / "new"), str(tmp_path / "new" / "sub")]
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
+    assert missing_folders(target) == []
