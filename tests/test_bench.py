@@ -739,6 +739,26 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path: Path) -> None:
     assert "the 7 rows: identical" in done.stdout  # copies of one image in a batch embed to the same bits
 
 
+def test_gpu_check_fails_on_a_fast_path_that_changes_the_embeddings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Below 0.999 a row was only left out of the speed verdict, and the script exited 0: the CUDA fast paths, which
+    # no CPU test runs, could be wrong with nothing to say so.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # where its dataclasses look themselves up
+    spec.loader.exec_module(gpu_check)
+    Row = gpu_check.Row
+    rows = [
+        Row("model only", "B/16-224", "siglip", "fused+compiled", 256, 13_000.0, cosine=0.9981),
+        Row("model only", "B/16-224", "siglip", "eager", 256, 11_000.0, cosine=0.99995),
+        Row("model only", "B/16-224", "transformers", "sdpa", 256, 7_500.0, cosine=0.998),  # not ours to fail
+        Row("end to end", "B/16-224", "siglip", "PIL --fast-decode", 128, 300.0, cosine=0.995),  # its asked-for price
+    ]
+    assert gpu_check.wrong_rows(rows) == ["B/16-224 model only fused+compiled batch 256: COSINE 0.99810 BELOW 0.999"]
+    assert gpu_check.wrong_rows(rows) == [line for line in gpu_check.verdicts(rows) if "COSINE" in line]
+
+
 def test_compile_keeps_one_warm_up_call(tiny_vision: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # With --warmup 0 the first, compiling call was timed: 7,570 ms an image where the model takes 130.
     calls = []

@@ -891,6 +891,21 @@ def test_quiet_leaves_stderr_empty(embed, photos: Path, out: Path) -> None:
     assert result.stderr == "" and result.stdout == ""
 
 
+def test_quiet_still_says_what_was_left_out(embed, photos: Path, out: Path) -> None:
+    # A nightly `-q` job must still hear of images it did not embed; of files that are no images, and of what
+    # `-q` is for, not.
+    (photos / "gone.jpg").symlink_to(photos / "deleted.jpg")  # an entry named like an image that is no file
+    (photos / "nas").symlink_to("/mnt/no-such-share/photos")  # a folder link into a drive not mounted
+    (photos / "readme.txt").write_text("not an image")  # passed over
+    result = ok(embed(photos, "-o", out / "embeddings.safetensors", "--quiet"))
+    notes = result.stderr.splitlines()
+    assert notes == [
+        f"note: 1 entry named like an image is not a file: {photos / 'gone.jpg'} (a broken link); not embedded.",
+        f"note: 1 link that leads nowhere (an unmounted drive?): {photos / 'nas'} → /mnt/no-such-share/photos; "
+        "nothing there is embedded.",
+    ]
+
+
 def test_json_prints_exactly_one_json_document_on_stdout(embed, photos: Path, out: Path) -> None:
     (photos / "broken.png").write_text("not a png")
     result = ok(embed(photos, "-o", out / "embeddings.safetensors", "--json"))
@@ -1172,7 +1187,7 @@ def test_bad_file_error_says_what_is_wrong(messy: MessyRun, name: str) -> None:
 
 def test_fifo_symlink_loop_hidden_and_non_image_files_are_never_read(messy: MessyRun) -> None:
     listed = {Path(r["path"]) for r in messy.rows + messy.errors}
-    assert all(p.parent == messy.folder for p in listed)  # nothing found again through loop/
+    assert listed and all(p.parent == messy.folder for p in listed)  # nothing found again through loop/
     assert not {"fifo.jpg", ".hidden.jpg", "readme.txt", "whole.jpg.orig"} & {p.name for p in listed}
 
 
