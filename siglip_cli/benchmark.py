@@ -345,8 +345,9 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     iters = options.iters if options.iters is not None else (10 if device.type == "cuda" else 3)
     warmup = options.warmup if options.warmup is not None else (3 if device.type == "cuda" else 1)
     for name, value, least in (("--iters", iters, 1), ("--warmup", warmup, 0), ("max_images", options.max_images, 1)):
-        if value < least:  # as the command checks its options: else a traceback after minutes of building
-            raise BenchError(f"{name} must be at least {least}, not {value}.")
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if not whole or value < least:  # as the command checks its options: else a traceback after minutes of building
+            raise BenchError(f"{name} must be a whole number of at least {least}, not {value!r}.")
     if compile and warmup == 0:  # the first call compiles: timed, it would be the compiler's speed
         warmup = 1
         notes.append("--compile: one warm-up call is kept, the one that compiles (--warmup 0 would time the compiler).")

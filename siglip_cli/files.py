@@ -257,10 +257,10 @@ def discover(
     def add(names: list[str]) -> None:
         """Walk the folders of `names` together, then take its files: the first spelling of an entry met twice is the
         same whatever order the names came in (the parts of a sharded run may give them in any order)."""
-        folders = {n for n in names if os.path.isdir(n)}
-        for folder, file_name, path in _walk(sorted(folders, key=os.fsencode), seen_dirs, report, leave_out):
+        walked = {n for n in names if os.path.isdir(n)}  # not `folders`, the cache of folders' identities
+        for folder, file_name, path in _walk(sorted(walked, key=os.fsencode), seen_dirs, report, leave_out):
             found.setdefault((folder, file_name), path)  # the walk knows the entry: no `directory_entry` call
-        for path in sorted({tidy_path(n) for n in names if n not in folders}, key=os.fsencode):
+        for path in sorted({tidy_path(n) for n in names if n not in walked}, key=os.fsencode):
             named.setdefault(keep(path), path)
 
     given = []

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -220,8 +220,13 @@ def preprocessing_steps(pre: PreprocessConfig) -> dict[str, str]:
     return steps
 
 
-def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """ "first" → (0,), "all" → every layer, "3,0" → (0, 3); a layer the tower lacks is a `UserError`."""
+def parse_layers(spec: str | int | Iterable[int], num_layers: int) -> tuple[int, ...]:
+    """ "first" → (0,), "all" → every layer, "3,0" → (0, 3) (from Python, 3 or [3, 0] too); a layer the tower lacks
+    is a `UserError`."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = str(spec)
+    elif not isinstance(spec, str):
+        spec = ",".join(map(str, spec)) if isinstance(spec, Iterable) else repr(spec)
     spec = spec.strip().lower()
     if spec == "first":
         return (0,) if num_layers else ()  # a tower of no layers (config.json allows it, as transformers does)

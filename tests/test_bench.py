@@ -431,9 +431,11 @@ def test_run_benchmark_refuses_what_the_command_refuses(tiny_vision: Path) -> No
         benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), batch_sizes=(0,)))
     with pytest.raises(UserError, match="unknown comparison 'onnx'"):
         benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), compare=("onnx",)))
-    for given, message in [({"iters": 0}, "--iters must be at least 1, not 0"),
-                           ({"warmup": -1}, "--warmup must be at least 0, not -1"),
-                           ({"max_images": 0}, "max_images must be at least 1, not 0")]:  # fmt: skip
+    for given, message in [({"iters": 0}, "--iters must be a whole number of at least 1, not 0"),
+                           ({"warmup": -1}, "--warmup must be a whole number of at least 0, not -1"),
+                           ({"max_images": 0}, "max_images must be a whole number of at least 1, not 0"),
+                           ({"iters": "3"}, "--iters must be a whole number of at least 1, not '3'"),  # a TypeError
+                           ({"iters": 1.5}, "--iters must be a whole number of at least 1, not 1.5")]:  # fmt: skip
         with pytest.raises(benchmark.BenchError, match=message):
             benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_vision), **given))
 
@@ -769,6 +771,20 @@ def test_compile_keeps_one_warm_up_call(tiny_vision: Path, monkeypatch: pytest.M
     report = benchmark.run_benchmark(options)
     assert calls and any("one warm-up call is kept, the one that compiles" in note for note in report.notes)
     assert report.results[0].setup_s is not None and report.results[0].setup_s > 0
+
+
+@pytest.mark.parametrize("flag", ["--compile", "--no-compile"])
+def test_the_compile_flag_reaches_every_backend_from_the_command_line(
+    tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch, flag: str
+) -> None:
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(model) or model)  # no compiler here
+    document = _bench_json("--model", str(tiny_siglip), "--batch-size", "1", "--compare", "transformers", flag)
+    variants = {row["backend"]: row["variant"] for row in document["results"]}
+    compiled = flag == "--compile"
+    assert variants == {"siglip": "fused+compiled" if compiled else "fused",
+                        "transformers": "sdpa+compiled" if compiled else "sdpa"}  # fmt: skip
+    assert bool(calls) == compiled
 
 
 def test_every_batch_size_gets_a_compiled_graph(tiny_vision: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -240,8 +240,10 @@ def test_the_rescale_step_reads_as_a_division_where_it_is_one(factor: float, sai
 
 
 @pytest.mark.parametrize(
-    ("spec", "expected"), [("first", (0,)), ("all", (0, 1, 2, 3)), ("3,1", (1, 3)), (" 2 ", (2,)), ("0,0", (0,))]
-)
+    ("spec", "expected"),
+    [("first", (0,)), ("all", (0, 1, 2, 3)), ("3,1", (1, 3)), (" 2 ", (2,)), ("0,0", (0,)),
+     (2, (2,)), ([3, 1], (1, 3)), ((0,), (0,))],  # from Python: 2 and [3, 1] failed on .strip()
+)  # fmt: skip
 def test_layers_option(spec: str, expected: tuple[int, ...]) -> None:
     assert tracing.parse_layers(spec, 4) == expected
 
@@ -249,7 +251,8 @@ def test_layers_option(spec: str, expected: tuple[int, ...]) -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [("4", "layer 4 does not exist: this tower has layers 0 to 3"), ("-1", "layer -1 does not exist"),
-     ("last", "should be 'first', 'all' or layer numbers"), ("1,,2", "should be"), ("", "should be")],
+     ("last", "should be 'first', 'all' or layer numbers"), ("1,,2", "should be"), ("", "should be"),
+     (None, "should be"), (True, "should be"), ([1.5], "should be")],
 )  # fmt: skip
 def test_layers_option_rejects_what_the_tower_lacks(spec: str, message: str) -> None:
     with pytest.raises(UserError, match=message):

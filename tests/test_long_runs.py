@@ -2278,6 +2278,17 @@ def test_shard_auto_takes_its_index_from_the_slurm_array(
     assert differences(tmp_path / "auto.safetensors", tmp_path / "explicit.safetensors") == []
 
 
+def test_shard_auto_with_num_shards_takes_a_kubernetes_jobs_index(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An indexed Job says its index, not its count: --num-shards gives that, through the command line.
+    ok(embed(folder, tmp_path / "explicit.safetensors", "--shard", "2/3"))
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    assert "add --num-shards N" in the_error(embed(folder, tmp_path / "auto.safetensors", "--shard", "auto"))
+    ok(embed(folder, tmp_path / "auto.safetensors", "--shard", "auto", "--num-shards", "3"))
+    assert differences(tmp_path / "auto.safetensors", tmp_path / "explicit.safetensors") == []
+
+
 # ------------------------------------------------------------------------------------ several devices
 
 
@@ -2806,7 +2817,9 @@ def test_the_decoding_workers_of_a_run_killed_end_with_it(many_photos: Path, tin
     assert len(workers) >= 2 and process.poll() is None
     process.kill()
     process.wait()
-    ended_by = time.monotonic() + 3  # the kernel's signal is at once; the loader's check would come 5 s on
+    # The kernel's signal is at once; the loader's own check would come 5 s on. 4 s tells them apart with room for
+    # a busy 2-core machine's scheduling.
+    ended_by = time.monotonic() + 4
     while any(alive(pid) for pid in workers):
         assert time.monotonic() < ended_by, "the decoding workers outlived the run"
         time.sleep(0.01)
