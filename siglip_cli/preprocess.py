@@ -175,8 +175,8 @@ class DecodeOptions:
     fast_decode: bool = False
 
     def __post_init__(self) -> None:
-        """A value of the wrong kind from a library caller, in one sentence: unchecked, max_pixels="1000000" failed
-        every file, and exif_transpose="no" turned photos all the same."""
+        """A value of the wrong kind from a library caller, in one sentence (unchecked, max_pixels="1000000" would fail
+        every file, and exif_transpose="no" would turn photos all the same)."""
         for name in ("exif_transpose", "fast_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be True or False, not {getattr(self, name)!r}.")

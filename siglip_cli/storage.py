@@ -420,7 +420,7 @@ def write_npy(path: Path, spec: TensorSpec, *, staging: Staging | None = None) -
 class RowReader(Protocol):
     def read(self, name: str, start: int, stop: int) -> np.ndarray: ...
 
-    # Rows of tensor `name` (0 where a .safetensors file holds no such tensor); raises if its file is missing or damaged.
+    # Rows of tensor `name` (0 where a .safetensors file holds no such tensor); raises if its file is missing or broken.
     def count(self, name: str) -> int: ...
 
 
