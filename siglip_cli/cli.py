@@ -413,7 +413,7 @@ def _stopped_runs_told(
     the error's own sentence. `gpu_decode`: whether JPEGs may have been decoded on the GPU (--decode auto or gpu)."""
     import torch
 
-    from .runtime import out_of_memory
+    from .runtime import gpu_library_out_of_memory, out_of_memory
 
     try:
         yield
@@ -430,7 +430,8 @@ def _stopped_runs_told(
     except RuntimeError as e:
         progress.stop(keep=False)
         if out_of_memory(e):  # outside the model's forward, which halves its batch instead
-            _out_of_memory(out, e, gpu=isinstance(e, torch.OutOfMemoryError), float32=float32)  # else the CPU's
+            gpu = isinstance(e, torch.OutOfMemoryError) or gpu_library_out_of_memory(e)  # else the CPU allocator's
+            _out_of_memory(out, e, gpu=gpu, float32=float32)
         if not (isinstance(e, (DeviceFault, getattr(torch, "AcceleratorError", ()))) or "CUDA error" in str(e)):
             raise
         kept = f"; finished work is kept in {out.work}" if out.work_kept() else ""

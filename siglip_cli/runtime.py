@@ -25,11 +25,19 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 
 
 def out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is a device out of memory: CUDA's own error type, or the CPU allocator's RuntimeError ("[enforce
-    fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory: you tried to allocate ...")."""
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    """Whether `error` is a device out of memory: CUDA's own error type, the CPU allocator's RuntimeError ("[enforce
+    fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory: you tried to allocate ..."), or cuBLAS's and
+    cuDNN's failure to allocate their workspace, which comes as a "CUDA error" RuntimeError and would otherwise end
+    the run as a fault of the GPU, not halve the batch."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and (
+        "can't allocate memory" in str(error) or gpu_library_out_of_memory(error)
     )
+
+
+def gpu_library_out_of_memory(error: BaseException) -> bool:
+    return any(status in str(error) for status in ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED"))
 
 
 @dataclass

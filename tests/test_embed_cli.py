@@ -2152,6 +2152,21 @@ def test_cpu_out_of_memory_outside_the_forward_is_one_sentence(
     assert error.endswith("(Cannot allocate memory)): try a smaller --batch-size or another machine.")
 
 
+def test_a_gpu_librarys_allocation_failure_outside_the_forward_is_the_gpus_memory(
+    embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cuBLAS's workspace, as torch raises it: a "CUDA error", so it was told as a fault of the GPU ("rerun").
+    import siglip_cli.devices as devices
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+    monkeypatch.setattr(devices, "embed_with_model", out_of_memory)
+    error = the_error(embed(photos, "-o", out / "embeddings.safetensors"), code=1)
+    assert error == ("error: the GPU ran out of memory (CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                     "`cublasCreate(handle)`): try a smaller --batch-size or another GPU.")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("raised", "said"),
     [

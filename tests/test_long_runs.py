@@ -2678,7 +2678,13 @@ class OutOfMemoryAbove:
         return self.embedder(pixels)
 
 
-@pytest.mark.parametrize("error", [cuda_out_of_memory, cpu_out_of_memory], ids=["cuda", "cpu"])
+def cublas_out_of_memory(images: int) -> RuntimeError:  # cuBLAS's workspace, which torch raises as a CUDA error
+    return RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+
+@pytest.mark.parametrize(
+    "error", [cuda_out_of_memory, cpu_out_of_memory, cublas_out_of_memory], ids=["cuda", "cpu", "cublas"]
+)
 @pytest.mark.parametrize("tokens", [False, True], ids=["pooled", "tokens"])
 def test_out_of_memory_halves_the_batch_and_says_so_once(
     embedder: Embedder, folder: Path, tmp_path: Path, tokens: bool, error: Callable[[int], RuntimeError]
