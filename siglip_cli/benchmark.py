@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .checkpoints import Checkpoint
 from .config import DEFAULT_PRESET, PreprocessConfig
 from .cpus import fit_cpu_threads
-from .errors import UserError
+from .errors import UserError, whole_number
 from .text import first_of
 from .model import SiglipVision, num_parameters
 from .references import Forward, check_references, missing_package, reference_forward
@@ -330,6 +330,17 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return check_batch_sizes(sizes, given=text)
 
 
+def parse_references(text: str) -> tuple[str, ...]:
+    """`--compare` text "transformers, timm" → ("transformers", "timm"); text that names none (",") is a
+    `BenchError`, where it would compare nothing without a word. Which names exist: `check_references`."""
+    references = tuple(name.strip() for name in text.split(",") if name.strip())
+    if text.strip() and not references:
+        raise BenchError(
+            f"--compare: {text.strip()!r} names no reference: give transformers, timm or both, comma-separated."
+        )
+    return references
+
+
 ProgressFn = Callable[[str], None]
 
 
@@ -345,14 +356,13 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     iters = options.iters if options.iters is not None else (10 if device.type == "cuda" else 3)
     warmup = options.warmup if options.warmup is not None else (3 if device.type == "cuda" else 1)
     for name, value, least in (("--iters", iters, 1), ("--warmup", warmup, 0), ("max_images", options.max_images, 1)):
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        if not whole or value < least:  # as the command checks its options: else a traceback after minutes of building
+        if not whole_number(value, least):  # as the command checks them: else a traceback after minutes of building
             raise BenchError(f"{name} must be a whole number of at least {least}, not {value!r}.")
     if compile and warmup == 0:  # the first call compiles: timed, it would be the compiler's speed
         warmup = 1
         notes.append("--compile: one warm-up call is kept, the one that compiles (--warmup 0 would time the compiler).")
-    # Each once, in the order given (`--compare timm,timm` builds one); one string is a comma-separated list.
-    given = options.compare.split(",") if isinstance(options.compare, str) else options.compare
+    # Each once, in the order given (`--compare timm,timm` builds one); one string is read as --compare reads it.
+    given = parse_references(options.compare) if isinstance(options.compare, str) else options.compare
     compare = tuple(dict.fromkeys(given))
     check_references(compare)
     # A GPU's throughput still grows past 64 (B/16 on an H200: 12,013 images/s at 64, 13,077 at 256).

@@ -603,14 +603,12 @@ def bench(
 ) -> None:
     """Throughput of the vision tower (images/s, ms per image, peak memory), optionally against transformers and timm."""
     _import_torch()
-    from .benchmark import BenchOptions, parse_batch_sizes, run_benchmark
+    from .benchmark import BenchOptions, parse_batch_sizes, parse_references, run_benchmark
     from .runtime import resolve_device
 
     keep_freed_memory()  # as `siglip embed` runs; the references in this process get it too
     device = str(resolve_device(device))  # the same rules as `siglip embed --device`
-    references = tuple(name.strip() for name in compare.split(",") if name.strip())
-    if compare.strip() and not references:  # `--compare ,` ran no reference, and said nothing
-        fail(f"--compare: {compare.strip()!r} names no reference: give transformers, timm or both, comma-separated.")
+    references = parse_references(compare)
     options = BenchOptions(
         model=model,
         revision=revision,

@@ -34,7 +34,7 @@ from . import earlier_rows, gpu_decode, interrupts, resuming
 from .concurrency import look_ahead
 from .config import CPU_BATCH_SIZE
 from .decoding import Batch, batch_pixels, decoded_batches, default_workers, error_row
-from .errors import UserError, first_line
+from .errors import UserError, first_line, whole_number
 from .files import discover
 from .outputs import (
     OUTPUT_DTYPES,
@@ -88,8 +88,7 @@ class EmbedOptions:
         """A value the command line would refuse, from a library caller: one sentence, before any work (unchecked, a
         batch size of -1 would give no rows and no error, and float64 a KeyError once the work folder is made)."""
         for name, least in (("batch_size", 1), ("workers", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if not whole_number(value := getattr(self, name), least):
                 raise UserError(f"{name} must be a whole number of at least {least}, not {value!r}.")
         for name in ("normalize", "tokens"):
             if not isinstance(getattr(self, name), bool):
@@ -109,8 +108,7 @@ class EmbedOptions:
 
 
 def _is_shard(value: object) -> bool:
-    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in value) if isinstance(value, tuple) else False
-    return whole and len(value) == 2 and 0 <= value[0] < value[1]
+    return isinstance(value, tuple) and len(value) == 2 and all(map(whole_number, value)) and value[0] < value[1]
 
 
 class Progress(Protocol):

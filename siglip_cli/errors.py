@@ -23,6 +23,12 @@ class DeviceFault(RuntimeError):
     to synchronize CUDA stream: 700"): not a file's fault nor the user's; the run stops, its finished work kept."""
 
 
+def whole_number(value: object, least: int = 0) -> bool:
+    """Whether a library caller's `value` is an int (not a bool) of at least `least`: the check behind each "must be
+    a whole number" sentence."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def signal_name(number: int) -> str:
     """The name of signal `number`: "SIGSEGV" for 11; for a real-time signal, which `signal.Signals` does not name
     (35 to 63 but its first and last), "signal 40"."""

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .config import DEFAULT_MAX_PIXELS, PreprocessConfig
-from .errors import UserError
+from .errors import UserError, whole_number
 
 try:
     from pillow_heif import register_heif_opener
@@ -181,7 +181,7 @@ class DecodeOptions:
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be True or False, not {getattr(self, name)!r}.")
         pixels = self.max_pixels
-        if pixels is not None and (isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 1):
+        if pixels is not None and not whole_number(pixels, 1):
             raise UserError(f"max_pixels must be a whole number of at least 1, or None for no limit, not {pixels!r}.")
 
 

@@ -291,9 +291,9 @@ def _merge(
                 continue
             # One missing is refused as such there, with no lock file (nor its folder) made for it; one given twice
             # is locked once, and refused as given twice.
-            if not embeddings.exists() or embeddings.resolve() in held:
+            if not embeddings.exists() or (real := embeddings.resolve()) in held:
                 continue
-            held.add(embeddings.resolve())
+            held.add(real)
             try:
                 parts_held.enter_context(kept_from_writers(embeddings))
             except OutputBusy:
