@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,27 @@ _SIGNATURES = (
     (b"\xff\x4f\xff\x51", "JPEG2000"),
 )  # fmt: skip
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+
+
+# What Pillow's plugins say of a file of their format whose kind they do not read, where a damaged or cut-off header
+# fails otherwise: a floating-point colour or half-float TIFF ("unknown pixel mode"), a 12-bit JPEG.
+_KINDS_NOT_READ = re.compile(r"unknown pixel mode|unknown data organization|cannot handle \d+-(bit|layer)")
+
+
+def _why_not_opened(source: str | Path | BinaryIO, name: str) -> str:
+    """What Pillow's plugin for `name` says as it fails to open `source` (Image.open keeps only "cannot identify
+    image file"), where the header it read was whole; "" otherwise. A TIFF cut inside its header can fail as one of
+    a kind not read ("unknown pixel mode": its bits-per-sample tag beyond the end), after a warning that a tag's
+    values were missing."""
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        try:
+            if not isinstance(source, (str, os.PathLike)):
+                source.seek(0)
+            Image.OPEN[name][0](source, "").close()
+        except Exception as e:  # noqa: BLE001 - each plugin raises its own classes (SyntaxError, struct.error, ...)
+            return "" if warned else " ".join(str(e).split())
+    return ""
 
 
 def _started_as(head: bytes) -> str | None:
@@ -292,6 +314,9 @@ def open_checked(source: str | Path | BinaryIO, options: DecodeOptions) -> Image
         started_as = _started_as(_first_bytes(source))
         if started_as in _registered_formats():
             name = {"JPEG2000": "JPEG 2000", "WEBP": "WebP"}.get(started_as, started_as)
+            reason = _why_not_opened(source, started_as)
+            if _KINDS_NOT_READ.search(reason):  # a whole file: "damaged" would have its owner look for a backup
+                raise BadImage(f"it is a {name} of a kind Pillow cannot read ({reason})") from None
             raise BadImage(f"its {name} header is damaged or cut short: it cannot be opened") from None
         hint = "" if HEIF_SUPPORT else "; HEIC photos need pillow-heif"
         raise BadImage(f"cannot identify image file (not an image, or a format Pillow cannot read{hint})") from None

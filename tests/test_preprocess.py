@@ -13,6 +13,7 @@ import re
 import struct
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -287,6 +288,20 @@ def test_an_uncompressed_tiff_turned_by_its_orientation_decodes_from_a_path_as_f
     assert np.array_equal(plain, load_pixels(tmp_path / "lzw.tif", bicubic, DecodeOptions())[0])
     with open(tmp_path / "plain.tif", "rb") as f:
         assert np.array_equal(plain, load_pixels(f, bicubic, DecodeOptions())[0])
+
+
+def test_a_tiff_is_turned_by_its_orientation_without_exif_transpose_too_as_pillow_turns_it(
+    tmp_path: Path, bicubic: PreprocessConfig
+) -> None:
+    # Pillow turns a TIFF as it loads it (README, Preprocessing): that is the reference's behaviour, and the size
+    # said is the turned one.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    make_photo((80, 40)).save(tmp_path / "scan.tif", exif=exif.tobytes(), compression="tiff_lzw")
+    pixels, width, height = load_pixels(tmp_path / "scan.tif", bicubic, NO_EXIF)
+    with Image.open(tmp_path / "scan.tif") as reference:
+        assert np.array_equal(pixels, pixels_of(reference.convert("RGB"), bicubic))
+    assert (width, height) == (40, 80) == reference.size
 
 
 def test_exif_rotated_photo_looks_like_the_original(tmp_path: Path, bicubic: PreprocessConfig) -> None:
@@ -566,6 +581,66 @@ def test_a_file_cut_short_in_its_header_is_said_to_be_of_its_format(
     reason = one_line(raised.value)
     assert reason.endswith("header is damaged or cut short: it cannot be opened") or "truncated" in reason, reason
     assert "not an image" not in reason
+
+
+def _float_rgb_tiff(width: int, height: int) -> bytes:
+    """An uncompressed TIFF of float32 RGB pixels (a Photoshop 32-bit or HDR export): valid, and not for Pillow."""
+    pixels = np.random.default_rng(0).random((height, width, 3), dtype=np.float32).tobytes()
+    short, long = 3, 4
+    count = 11
+    bits_at = 8 + 2 + 12 * count + 4  # after the header and the one directory
+    formats_at, pixels_at = bits_at + 6, bits_at + 12
+    entries = [  # (tag, type, count, value: in place, or where its values are)
+        (256, long, 1, width), (257, long, 1, height), (258, short, 3, bits_at), (259, short, 1, 1),
+        (262, short, 1, 2), (273, long, 1, pixels_at), (277, short, 1, 3), (278, long, 1, height),
+        (279, long, 1, len(pixels)), (284, short, 1, 1), (339, short, 3, formats_at),
+    ]  # fmt: skip
+    directory = struct.pack("<H", count)
+    for tag, kind, n, value in entries:
+        in_place = struct.pack("<HH", value, 0) if kind == short and n == 1 else struct.pack("<I", value)
+        directory += struct.pack("<HHI", tag, kind, n) + in_place
+    directory += struct.pack("<I", 0)  # no next directory
+    values = struct.pack("<3H", 32, 32, 32) + struct.pack("<3H", 3, 3, 3)  # 32 bits a sample; IEEE floats
+    return b"II*\x00" + struct.pack("<I", 8) + directory + values + pixels
+
+
+def _twelve_bit_jpeg() -> bytes:
+    """A JPEG whose frame header says 12 bits a sample (medical and some camera exports)."""
+    buffer = io.BytesIO()
+    make_photo((40, 30)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 4] = 12  # the precision byte, after the marker and the segment's length
+    return bytes(data)
+
+
+@pytest.mark.filterwarnings("ignore:Truncated File Read")  # Pillow's, of the TIFF cut inside its tags
+@pytest.mark.parametrize(
+    ("name", "make", "reason"),
+    [
+        (
+            "hdr.tif",
+            lambda: _float_rgb_tiff(12, 8),
+            r"it is a TIFF of a kind Pillow cannot read \(unknown pixel mode\)",
+        ),
+        ("scan.jpg", _twelve_bit_jpeg, r"it is a JPEG of a kind Pillow cannot read \(cannot handle 12-bit layers\)"),
+        # Cut inside its header (its bits per sample gone), it fails as the same kind: it is called what it is.
+        (
+            "cut.tif",
+            lambda: _float_rgb_tiff(12, 8)[:150],
+            r"its TIFF header is damaged or cut short: it cannot be opened",
+        ),
+    ],
+)
+def test_a_whole_file_of_a_kind_pillow_cannot_read_is_not_called_damaged(
+    tmp_path: Path, bicubic: PreprocessConfig, name: str, make: Callable[[], bytes], reason: str
+) -> None:
+    # Whole files were "its TIFF (JPEG) header is damaged or cut short", which had their owners look for a backup.
+    path = tmp_path / name
+    path.write_bytes(make())
+    for source in (path, io.BytesIO(path.read_bytes())):  # as inspect reads it, and as embed does
+        with pytest.raises(BadImage, match=f"^{reason}$"):
+            load_pixels(source, bicubic, DecodeOptions())
 
 
 def test_damaged_tiff_and_jpeg_cut_between_blocks_fail_in_plain_words(tmp_path: Path, bicubic: PreprocessConfig) -> None:
