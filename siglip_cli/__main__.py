@@ -1,14 +1,28 @@
 """The `siglip` command: `python -m siglip_cli ...`, and the console script's entry point."""
 
-import atexit
-import ctypes
-import errno
-import os
 import signal
 import sys
-import threading
-import warnings
-from typing import NoReturn
+
+
+def _stopped_while_starting(signum: int, frame: object) -> None:
+    print("error: interrupted.", file=sys.stderr)
+    raise SystemExit(130)  # through the imports under way, without a traceback
+
+
+# A Ctrl-C from here until `main` takes it over ends as one sentence, not a KeyboardInterrupt's traceback through
+# the imports below. Only where the program starts (`python -m siglip_cli`, the console script), not where a test or
+# a library caller imports this module; one found ignored stays ignored (a job started with `&`).
+_STARTING = __name__ == "__main__" or sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1] in ("siglip", "siglip.exe")
+if _STARTING and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _stopped_while_starting)
+
+import atexit  # noqa: E402
+import ctypes  # noqa: E402
+import errno  # noqa: E402
+import os  # noqa: E402
+import threading  # noqa: E402
+import warnings  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 
 class StdoutError(Exception):
@@ -146,6 +160,8 @@ def main() -> None:
         print("error: the current folder no longer exists: cd to one that does.", file=sys.stderr)
         sys.exit(2)
     try:
+        if signal.getsignal(signal.SIGINT) is _stopped_while_starting:  # a KeyboardInterrupt, caught below
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         from .cli import app
 
         try:

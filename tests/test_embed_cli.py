@@ -137,6 +137,23 @@ def test_ctrl_c_while_the_command_line_is_read_is_one_sentence(tmp_path: Path) -
     assert (done.returncode, done.stderr) == (130, "error: interrupted.\n")
 
 
+def test_ctrl_c_while_the_program_starts_is_one_sentence_and_an_import_of_it_leaves_ctrl_c_alone() -> None:
+    # A Ctrl-C among the console script's first imports, before `main` ran, was a KeyboardInterrupt's traceback.
+    script = textwrap.dedent("""
+        import signal, sys
+        sys.argv[0] = sys.argv[1]  # as the console script, or another program importing the module
+        import siglip_cli.__main__
+        signal.raise_signal(signal.SIGINT)  # after the imports, before `main`: as a Ctrl-C in the last of them
+    """)
+    def run(program: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", script, program], capture_output=True, text=True, timeout=60)
+
+    started = run("/venv/bin/siglip")
+    assert (started.returncode, started.stderr) == (130, "error: interrupted.\n")
+    imported = run("pytest")
+    assert imported.returncode != 130 and "KeyboardInterrupt" in imported.stderr  # Python's own Ctrl-C, untouched
+
+
 @pytest.mark.parametrize("command", ["embed", "inspect", "bench"])
 def test_ctrl_c_while_torch_imports_stops_the_command(tmp_path: Path, command: str) -> None:
     # torch's C module imports numpy and drops what that raises: a Ctrl-C landing there was lost, and the command
