@@ -37,7 +37,7 @@ from .checkpoints import Checkpoint
 from .config import DEFAULT_PRESET, PreprocessConfig
 from .cpus import fit_cpu_threads
 from .errors import UserError, whole_number
-from .text import first_of
+from .text import counted, first_of
 from .model import SiglipVision, num_parameters
 from .references import Forward, check_references, missing_package, reference_forward
 from .runtime import (
@@ -416,11 +416,11 @@ def _image_notes(
                      "base model over 64 images); --iters applies to the others.")  # fmt: skip
     if len(paths) < FEW_FILES:
         notes.append(
-            f"--images: each end-to-end pass over these {len(paths)} files starts `siglip embed`'s decoding "
-            "workers, a cost paid once per run: on a fast model a large folder runs at a higher rate."
+            f"--images: each end-to-end pass over these {counted(len(paths), 'file')} starts `siglip embed`'s "
+            "decoding workers, a cost paid once per run: on a fast model a large folder runs at a higher rate."
         )
-    if device.type == "cuda" and gpu_decode.supported(preprocess) and (fault := gpu_decode.fault(device)):
-        notes.append(f"--images: the GPU JPEG decoder does not work here ({fault}): its way is left out.")
+    if gpu_decode.supported(preprocess) and (fault := gpu_decode.fault(device)):
+        notes.append(f"--images: torchvision's JPEG decoder does not work on {device} ({fault}): its way is left out.")
     return notes
 
 
@@ -659,7 +659,9 @@ def _end_to_end_ways(
     jpegs, n = len(taken), len(paths)  # what the device decoder takes; the rest, PIL
     if jpegs < n:  # the rest take the PIL path: said, or left out when there is nothing for torchvision to decode
         ways["gpu"] = (f"{ways['gpu'][0]} ({jpegs} of {n} files, the rest PIL)", ways["gpu"][1])
-    if not jpegs or not gpu_decode.supported(preprocess) or (device.type == "cuda" and gpu_decode.fault(device)):
+    # The decoder tried on a tiny JPEG on the CPU too: that imports torchvision (2 s) before anything is timed, which
+    # with --warmup 0 (no untimed batch) the way's first timed pass paid.
+    if not jpegs or not gpu_decode.supported(preprocess) or gpu_decode.fault(device):
         del ways["gpu"]  # nothing to decode there, a resize it cannot match, or a decoder that does not work here
     return ways, taken
 

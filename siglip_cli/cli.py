@@ -485,6 +485,7 @@ def _report_embedding(summary: Summary, walk: WalkReport, *, json_summary: bool,
 
 
 BENCH_NARROW_BELOW = 76  # narrower terminals get the bench table without its peak MB and setup s columns
+BENCH_TIGHT_BELOW = 48  # and narrower still, its columns closer together, its labels folded to what the numbers leave
 
 
 def _data_console() -> Console:
@@ -629,7 +630,7 @@ def bench(
         return
     console = _data_console()
     console.print(_bench_title(report), style="italic")  # not the table's title: rich wraps that to the table's width
-    console.print(_bench_table(report, narrow=console.width < BENCH_NARROW_BELOW))
+    console.print(_bench_table(report, width=console.width))
     for size, reference, ratio in report.ratios():
         console.print(f"siglip / {reference} at batch {size}: {ratio:.2f}×")
 
@@ -641,14 +642,19 @@ def _bench_title(report: Report) -> str:
     return f"{report.model} · {m.device} · torch {m.torch_version} · {m.dtype} · weights {weights} MB"
 
 
-def _bench_table(report: Report, *, narrow: bool = False) -> Table:
-    """One row per measurement, grouped by stage, readable in 80 columns: the words wrap, the numbers never.
-    `narrow` (below `BENCH_NARROW_BELOW` columns) leaves out peak MB and setup s, and says where they are."""
+def _bench_table(report: Report, *, width: int = 200) -> Table:
+    """One row per measurement, grouped by stage, for a console `width` columns wide: the words wrap, the numbers
+    never. Below `BENCH_NARROW_BELOW` columns peak MB and setup s are left out (the caption says where they are)."""
     from rich import box
     from rich.table import Table
 
-    table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("backend, variant", overflow="fold", min_width=12)
+    narrow, tight = width < BENCH_NARROW_BELOW, width < BENCH_TIGHT_BELOW
+    # The box's edges are a space each side, and its columns are three apart: where they were short of room, the
+    # last column was cut for them (at 40 columns, the cosines).
+    table = Table(
+        header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=not narrow, padding=(0, 0 if tight else 1)
+    )
+    table.add_column("backend, variant", overflow="fold", min_width=4 if tight else 12)
     columns = ("batch", "img/s", "ms/img", "cosine") if narrow else ("batch", "img/s", "ms/img", "peak MB", "setup s", "cosine")
     for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
@@ -661,7 +667,8 @@ def _bench_table(report: Report, *, narrow: bool = False) -> Table:
                 table.add_section()
             stage = r.stage
             table.add_row(_STAGE_HEADINGS.get(stage, stage), style="bold")
-        label = r.backend if r.variant == r.backend else f"{r.backend} {r.variant}"
+        # "timm+float16", not "timm timm+float16": timm's variant is its name and what was applied
+        label = r.variant if r.variant.split("+")[0] == r.backend else f"{r.backend} {r.variant}"
         memory = ["" if r.peak_mem_mb is None else f"{r.peak_mem_mb:,.0f}", "" if r.setup_s is None else f"{r.setup_s:.1f}"]
         table.add_row(
             label, str(r.batch_size), _rate_text(r.images_per_s), _rate_text(r.ms_per_image), *([] if narrow else memory),

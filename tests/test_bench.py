@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -598,11 +599,19 @@ def test_bench_table_keeps_every_number_whole_in_80_columns(tiny_vision: Path) -
     assert all(float(row[3].replace(",", "")) > 0 and float(row[4]) > 0 for row in rows)  # img/s, ms/img whole
     # Below 76 columns the backend names were cut into 2-letter pieces again: peak MB and setup s make room.
     console = Console(width=56, file=io.StringIO(), record=True)
-    console.print(_bench_table(report, narrow=True))
+    console.print(_bench_table(report, width=56))
     text = console.export_text()
-    assert max(map(len, text.splitlines())) <= 56 and "peak MB and setup s in a wider terminal or with --json" in text
+    assert max(map(len, text.splitlines())) <= 56
+    assert "peak MB and setup s in a wider terminal or with --json" in " ".join(text.split())  # the caption, wrapped
     rows = [line.split() for line in text.splitlines() if line.strip().startswith("siglip fused")]
     assert [len(row) for row in rows] == [6, 5]  # siglip fused, batch, img/s, ms/img, and the cosine at batch 1
+    # At 40 the table was 48 wide: a terminal cut its cosine column off. The labels fold instead.
+    console = Console(width=40, file=io.StringIO(), record=True)
+    console.print(_bench_table(report, width=40))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 40 and any(line.endswith(" cosine") for line in lines[:3])  # the header's
+    cosines = [r.cosine for r in report.results if r.cosine is not None]
+    assert [float(line.split()[-1]) for line in lines if re.search(r" [01]\.\d{6}$", line)] == pytest.approx(cosines, abs=1e-6)
 
 
 def test_bench_images_reports_each_stage(tiny_siglip: Path, tmp_path: Path) -> None:
@@ -671,6 +680,29 @@ def test_end_to_end_ways_are_compared_file_by_file() -> None:
     exact = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     assert benchmark._cosine_by_path(exact[[0, 2]], ["a", "c"], exact, ["a", "b", "c"]) == pytest.approx(1.0)
     assert benchmark._cosine_by_path(exact[[0]], ["z"], exact, ["a", "b", "c"]) is None  # nothing in common
+
+
+def test_the_torchvision_way_is_tried_before_anything_is_timed_on_the_cpu_too(
+    tiny_siglip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With --warmup 0 its first timed pass imported torchvision (2 s): 636 ms an image where warm runs took 104.
+    from siglip_cli import gpu_decode
+
+    make_photo((64, 48)).save(tmp_path / "a.jpg")
+    events, fault, time_interleaved = [], gpu_decode.fault, benchmark.time_interleaved
+    monkeypatch.setattr(gpu_decode, "fault", lambda device: events.append(f"tried on {device.type}") or fault(device))
+    monkeypatch.setattr(
+        benchmark, "time_interleaved", lambda fns, **kw: events.append(sorted(fns)) or time_interleaved(fns, **kw)
+    )
+    benchmark.run_benchmark(benchmark.BenchOptions(model=str(tiny_siglip), device="cpu", batch_sizes=(1,), iters=1,
+                                                   warmup=0, images=tmp_path))  # fmt: skip
+    assert events.index("tried on cpu") < events.index(["exact", "fast", "gpu"])
+    monkeypatch.setattr(gpu_decode, "fault", lambda device: "no decoder in this build")
+    document = _bench_json("-m", str(tiny_siglip), "--batch-size", "1", "--warmup", "0", "--images", str(tmp_path))
+    assert not any("torchvision" in r["variant"] for r in document["results"])  # a decoder that fails: left out
+    assert "--images: torchvision's JPEG decoder does not work on cpu (no decoder in this build): its way is left " \
+           "out." in document["notes"]  # fmt: skip
+    assert "--images: each end-to-end pass over these 1 file starts" in " ".join(document["notes"])
 
 
 def test_bench_images_without_jpegs_it_takes_has_no_torchvision_row(
