@@ -569,14 +569,18 @@ def inspect(
     """Trace one image through the vision tower: every stage's shape and statistics, parameters, GFLOPs."""
     _import_torch()
     from .inspect_report import report
-    from .plots import write_plots
+    from .plots import PICTURES, plot_directory, write_plots
     from .tracing import first_non_finite, inspect_image
 
+    if plot is not None:
+        plot_directory(plot)  # a folder that cannot be written, said before the model runs
     result = inspect_image(model, image, layers=layers, revision=revision, max_pixels=max_pixels or None)
     drawable = first_non_finite(result.stages) is None
     pictures = write_plots(result, plot) if plot is not None and drawable else []
     if plot is not None and not drawable:  # the report is what a user with a damaged checkpoint needs
-        note("no plots drawn: the model gave NaN or infinite values (the report says where they first appear).")
+        earlier = " (the pictures in it are an earlier run's)" if any((plot / name).exists() for name in PICTURES) else ""
+        note(f"no plots drawn in {plot}{earlier}: the model gave NaN or infinite values (the report says where they "
+             "first appear).")  # fmt: skip
     if json_out:
         print_json({**result.to_dict(), "plots": [str(p) for p in pictures]})
         if result.random_weights:

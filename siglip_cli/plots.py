@@ -12,8 +12,10 @@ With random weights (an architecture preset) every picture says so under its tit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +38,14 @@ MARGIN = 16
 COLORBAR_WIDTH = 92  # the ramp, labels such as "0.25x" and the rotated title
 
 
-def write_plots(result: Inspection, directory: str | Path) -> list[Path]:
-    """Draw the pictures for `result` into `directory` (created if needed); return the paths written."""
-    # For library callers: `siglip inspect` checks first and says so in a note, as the report is still worth having.
-    if broken := first_non_finite(result.stages):
-        raise UserError(f"the model gave NaN or infinite values from {broken} on: there is nothing to draw.")
+PICTURES = (
+    "position_embedding_similarity.png", "patch_embedding_filters.png", "head_attention.png", "activation_norms.png"
+)  # fmt: skip
+
+
+def plot_directory(directory: str | Path) -> Path:
+    """`directory`, made if needed and checked writable: `siglip inspect` calls it before the model runs, so that a
+    typo or a read-only folder shows at once, not after the trace (its report then thrown away)."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -55,18 +60,37 @@ def write_plots(result: Inspection, directory: str | Path) -> list[Path]:
         raise UserError(f"{blocking} is not a directory; pass a directory for the plots.") from None
     except OSError as e:
         raise UserError(f"cannot create the plot directory {directory}: {e.strerror}.") from None
-    pictures = {
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write in the plot directory {directory}: {e.strerror}.") from None
+    return directory
+
+
+def write_plots(result: Inspection, directory: str | Path) -> list[Path]:
+    """Draw the pictures for `result` into `directory` (`plot_directory`); return the paths written. A picture this
+    tower has none of (a headless tower's head attention) is removed where an earlier run left it: the folder shows
+    one run."""
+    # For library callers: `siglip inspect` checks first and says so in a note, as the report is still worth having.
+    if broken := first_non_finite(result.stages):
+        raise UserError(f"the model gave NaN or infinite values from {broken} on: there is nothing to draw.")
+    directory = plot_directory(directory)
+    drawn = {
         "position_embedding_similarity.png": position_similarity(result),
         "patch_embedding_filters.png": patch_filters(result),
         "head_attention.png": head_attention(result) if result.head_attention is not None else None,
         "activation_norms.png": activation_norms(result),
     }
     written = []
-    for name, picture in pictures.items():
-        if picture is not None:
-            with atomic_write(directory / name) as f:  # a full disk or a read-only folder: one sentence naming the file
-                picture.save(f, format="PNG")
-            written.append(directory / name)
+    for name in PICTURES:
+        if drawn[name] is None:
+            with contextlib.suppress(OSError):  # a folder of that name, say: not an earlier picture, and not ours
+                (directory / name).unlink(missing_ok=True)
+            continue
+        with atomic_write(directory / name) as f:  # a full disk or a read-only folder: one sentence naming the file
+            drawn[name].save(f, format="PNG")
+        written.append(directory / name)
     return written
 
 

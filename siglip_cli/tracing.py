@@ -156,7 +156,9 @@ def inspect_image(
         facts = dataclasses.replace(facts, path=None)  # a file inside the installed package: not the user's
     else:
         photo, facts = read_image(image, max_pixels=max_pixels)  # before the model: a bad path fails at once
-    tower, preprocessing, random_weights = load_tower(model, revision=revision)
+    tower, preprocessing, random_weights = load_tower(
+        model, revision=revision, check=lambda cfg: parse_layers(layers, cfg.num_hidden_layers)
+    )
     return trace(
         tower, photo, preprocessing, layers=layers, model_name=model, image=facts, random_weights=random_weights
     )

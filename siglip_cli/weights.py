@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from . import interrupts
 from .checkpoints import Checkpoint, CheckpointError, open_weights, resolve_checkpoint
-from .config import DEFAULT_PRESET, PRESETS, PreprocessConfig
+from .config import DEFAULT_PRESET, PRESETS, PreprocessConfig, VisionConfig
 from .errors import UserError
 from .model import SiglipVision, random_model
 
@@ -81,16 +82,24 @@ def load_model(
 
 
 def load_tower(
-    name: str | os.PathLike, *, revision: str | None = None, seed: int = 0
+    name: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    seed: int = 0,
+    check: Callable[[VisionConfig], object] | None = None,
 ) -> tuple[SiglipVision, PreprocessConfig, bool]:
     """(tower, preprocessing, random_weights) for `name`, float32 on the CPU in eval mode, as `siglip inspect` and
     `siglip bench` take it: a preset gets seeded random weights (`model.random_model`, no download), a Hub id or a
-    checkpoint directory is loaded. A name that is none of these, a mistyped preset most often, is one sentence."""
+    checkpoint directory is loaded. A name that is none of these, a mistyped preset most often, is one sentence.
+    `check` is given the tower's config before the tower is built (seconds for so400m): what the caller asked of the
+    tower (`inspect --layers 99`) is refused at once."""
     name = os.fsdecode(name)  # a pathlib.Path from a Python caller
+    check = check or (lambda cfg: None)
     if name in PRESETS:
         if revision is not None:
             raise UserError(f"{name} is a preset (an architecture with random weights): it has no --revision.")
         vision, preprocessing = PRESETS[name]
+        check(vision)
         return random_model(vision, seed=seed), preprocessing, True
     if "/" not in name and not Path(name).expanduser().exists():
         # A preset's beginning ("siglip-base") means its first size, as PRESETS lists them; else the closest spelling.
@@ -99,4 +108,5 @@ def load_tower(
                 f"presets are named as the Hub repos without google/, such as {DEFAULT_PRESET} (README: siglip inspect).")  # fmt: skip
         raise UserError(f"{name} is not a preset, a Hub id (org/name) or a checkpoint directory; {hint}")
     checkpoint = resolve_checkpoint(name, revision=revision)
+    check(checkpoint.vision)
     return load_model(checkpoint), checkpoint.preprocess, False

@@ -363,12 +363,16 @@ def test_real_checkpoint_stats_match_transformers(tiny_vision: Path, photo: Path
         assert (got.mean, got.std, got.min, got.max) == pytest.approx(want, abs=1e-4), name
 
 
-def test_headless_tower_has_no_head_stages_or_head_plot(tiny_paligemma: Path, photo: Path, tmp_path: Path) -> None:
+def test_headless_tower_has_no_head_stages_or_head_plot(
+    tiny_paligemma: Path, photo: Path, base: tracing.Inspection, tmp_path: Path
+) -> None:
     result = tracing.inspect_image(str(tiny_paligemma), photo)
     assert not [s.stage for s in result.stages if s.stage.startswith("head.")]
     assert result.stages[-1].stage == "pooled"
     assert any("no attention-pool head" in note for note in result.notes)
+    write_plots(base, tmp_path)  # a tower with a head first, into the same folder
     assert [p.name for p in write_plots(result, tmp_path)] == [name for name in PLOTS if name != "head_attention.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(name for name in PLOTS if name != "head_attention.png")
 
 
 # --------------------------------------------------------------------------- pictures
@@ -468,7 +472,11 @@ def test_nan_activations_are_named_where_they_first_appear_and_not_plotted(
 
     done = CliRunner().invoke(app, ["inspect", str(photo), "-m", str(tiny_vision), "--plot", str(tmp_path / "p")])
     assert done.exit_code == 0 and "layer 1: NaN or infinite values first appear" in done.stdout
-    assert "no plots drawn: the model gave NaN or infinite values" in done.stderr and not (tmp_path / "p").exists()
+    assert f"no plots drawn in {tmp_path / 'p'}: the model gave NaN or infinite values" in done.stderr
+    assert list((tmp_path / "p").iterdir()) == []
+    (tmp_path / "p" / "activation_norms.png").write_bytes(b"an earlier run's")  # the note says whose they are
+    done = CliRunner().invoke(app, ["inspect", str(photo), "-m", str(tiny_vision), "--plot", str(tmp_path / "p")])
+    assert f"no plots drawn in {tmp_path / 'p'} (the pictures in it are an earlier run's): the model" in done.stderr
 
 
 def test_a_plot_that_cannot_be_written_is_one_sentence_and_leaves_nothing(
@@ -502,6 +510,32 @@ def test_a_plot_folder_on_a_read_only_mount_is_one_sentence(
     monkeypatch.setattr(Path, "unlink", refused)
     with pytest.raises(UserError, match=r"^cannot write .*position_embedding_similarity\.png: Read-only file system\.$"):
         write_plots(base, tmp_path)
+
+
+def test_what_inspect_is_asked_that_cannot_be_is_refused_before_the_model_is_built(
+    tiny_vision: Path, photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `--layers 99` on so400m was refused after 7.6 s of building the tower; a plot folder that cannot be written,
+    # after the whole trace, whose report was then lost.
+    import errno
+    import tempfile
+
+    from siglip_cli import weights
+
+    monkeypatch.setattr(weights, "load_model", lambda *args, **kwargs: pytest.fail("the model was built"))
+    monkeypatch.setattr(weights, "random_model", lambda *args, **kwargs: pytest.fail("the model was built"))
+    for model in (str(tiny_vision), "siglip-so400m-patch14-384"):
+        done = invoke(str(photo), "--model", model, "--layers", "0,99")
+        assert done.exit_code == 2 and "layer 99 does not exist: this tower has layers 0 to" in done.stderr
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(tracing, "inspect_image", lambda *args, **kwargs: pytest.fail("the image was traced"))
+    done = invoke(str(photo), "--model", str(tiny_vision), "--plot", str(tmp_path / "plots"))
+    assert done.exit_code == 2
+    assert f"cannot write in the plot directory {tmp_path / 'plots'}: Read-only file system." in done.stderr
 
 
 # --------------------------------------------------------------------------- the command
