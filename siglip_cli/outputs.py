@@ -48,7 +48,11 @@ if TYPE_CHECKING:  # the weights module imports torch: 2.5 s that `siglip merge`
 
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 BLOCK_BYTES = 32 << 20  # rows are copied into the final file in blocks of about this size
-GAP_BYTES = 1 << 20  # rows of one source this close are read in one read, the rows between them with them
+# Rows of one source this close are read in one read, the rows between them with them: reading 64 KiB costs about
+# what opening the file again does (a local disk's 50 µs; a share's round trip, 1 ms, is more than its 0.6 ms at
+# 100 MB/s), so a sparse source (an --update's earlier output where most photos changed) is read at most that much
+# more than it needs.
+GAP_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -512,9 +516,10 @@ def public_row(info: dict) -> dict:
 def row_blocks(refs: list[Ref], name: str, *, row_bytes: int) -> Iterator[np.ndarray]:
     """Rows of tensor `name` in order, ≤ ~32 MiB at a time.
 
-    Each block's rows are read source by source, a span of nearby rows in one read (gaps up to `GAP_BYTES` read
-    through), then put in order: the rows of a merge's parts interleave, a row or two from each in turn, and read
-    run by run a merge of 100,000 rows opened its parts 75,000 times (on a network share, a round trip each)."""
+    Each block's rows are read source by source, a span of nearby rows in one read, then put in order: the rows of
+    a merge's parts interleave, a row or two from each in turn, and read run by run a merge of 100,000 rows opened
+    its parts 75,000 times (on a network share, a round trip each). A span reads through gaps of up to `GAP_BYTES`
+    and holds at most a block's rows."""
     max_rows = max(1, BLOCK_BYTES // max(row_bytes, 1))
     gap_rows = GAP_BYTES // max(row_bytes, 1)
     for begin in range(0, len(refs), max_rows):
@@ -525,22 +530,24 @@ def row_blocks(refs: list[Ref], name: str, *, row_bytes: int) -> Iterator[np.nda
         rows = None
         for positions in by_source.values():
             positions.sort(key=lambda position: block[position].index)
+            indices = [block[position].index for position in positions]
             reader = block[positions[0]].reader
-            for span in _spans(positions, block, gap_rows):
-                first, last = block[span[0]].index, block[span[-1]].index
-                read = reader.read(name, first, last + 1)
+            for start, stop in _spans(indices, gap=gap_rows, most=max_rows):
+                first = indices[start]
+                read = reader.read(name, first, indices[stop - 1] + 1)
                 if rows is None:
                     rows = np.empty((len(block), *read.shape[1:]), read.dtype)
-                rows[span] = read[[block[position].index - first for position in span]]
+                rows[positions[start:stop]] = read[[index - first for index in indices[start:stop]]]
         yield rows
 
 
-def _spans(positions: list[int], block: list[Ref], gap_rows: int) -> Iterator[list[int]]:
-    """`positions` (of rows of one source, in its order) as runs whose rows lie at most `gap_rows` apart there."""
+def _spans(indices: list[int], *, gap: int, most: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) slices of the sorted `indices` whose values lie at most `gap` apart, each over at most `most`
+    values from its first to its last."""
     start = 0
-    for i in range(1, len(positions) + 1):
-        if i == len(positions) or block[positions[i]].index - block[positions[i - 1]].index > gap_rows + 1:
-            yield positions[start:i]
+    for i in range(1, len(indices) + 1):
+        if i == len(indices) or indices[i] - indices[i - 1] > gap + 1 or indices[i] - indices[start] >= most:
+            yield start, i
             start = i
 
 

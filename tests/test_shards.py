@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from siglip_cli.errors import UserError
-from siglip_cli.outputs import BLOCK_BYTES, Ref, row_blocks
+from siglip_cli.outputs import BLOCK_BYTES, GAP_BYTES, Ref, row_blocks
 from siglip_cli.shards import parse_shard, select_shard, shard_of
 
 NO_SCHEDULER: dict[str, str] = {}
@@ -178,7 +178,11 @@ def test_interleaved_sources_are_read_a_span_at_a_time_and_put_in_order() -> Non
     assert [part.reads for part in parts] == [[(0, 100)]] * 3
     # Rows far apart in one source are read apart, not with everything between them; a small block, in pieces.
     far = _CountedRows(np.zeros((1_000_000, 4), np.float32))
-    blocks = list(row_blocks([Ref(far, 0, {}), Ref(far, 1, {}), Ref(far, 999_999, {})], "embeddings", row_bytes=16))
-    assert far.reads == [(0, 2), (999_999, 1_000_000)] and [len(b) for b in blocks] == [3]
+    near = GAP_BYTES // 16 + 1  # as far as a gap read through goes
+    indices = [0, 1, 1 + near, 2 + 2 * near, 999_999]
+    blocks = list(row_blocks([Ref(far, i, {}) for i in indices], "embeddings", row_bytes=16))
+    assert far.reads == [(0, 2 + near), (2 + 2 * near, 3 + 2 * near), (999_999, 1_000_000)]
+    assert [len(b) for b in blocks] == [5]
+    far.reads.clear()
     blocks = list(row_blocks([Ref(far, i, {}) for i in range(10)], "embeddings", row_bytes=BLOCK_BYTES // 4))
-    assert [len(b) for b in blocks] == [4, 4, 2]
+    assert [len(b) for b in blocks] == [4, 4, 2] and far.reads == [(0, 4), (4, 8), (8, 10)]
