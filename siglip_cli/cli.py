@@ -578,7 +578,8 @@ def inspect(
     drawable = first_non_finite(result.stages) is None
     pictures = write_plots(result, plot) if plot is not None and drawable else []
     if plot is not None and not drawable:  # the report is what a user with a damaged checkpoint needs
-        earlier = " (the pictures in it are an earlier run's)" if any((plot / name).exists() for name in PICTURES) else ""
+        kept = any((plot / name).exists() for name in PICTURES)
+        earlier = " (the pictures in it are an earlier run's)" if kept else ""
         note(f"no plots drawn in {plot}{earlier}: the model gave NaN or infinite values (the report says where they "
              "first appear).")  # fmt: skip
     if json_out:
