@@ -469,7 +469,7 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: Forward, variant: str, 
     from siglip_cli import gpu_decode
     from siglip_cli.concurrency import look_ahead
     from siglip_cli.decoding import batch_pixels, decoded_batches
-    from siglip_cli.embed import embedded_batches, load
+    from siglip_cli.embed import EmbedOptions, embedded_batches, load
 
     size = (96, 72) if args.smoke else PHOTO_SIZE
     if not clock.fits(60):  # writing the photos alone takes ~30 s on 16 cores
@@ -540,8 +540,8 @@ def end_to_end(spec: Spec, plain: SiglipVision, forward: Forward, variant: str, 
 
         def run(files: list[str]) -> torch.Tensor:
             with mock.patch.object(embed_module, "DEVICE_DECODE_THREADS", threads or embed_module.DEVICE_DECODE_THREADS):
-                done = embedded_batches(embedder, files, batch_size=batch, workers=processes or workers,
-                                        decode=DecodeOptions(), decoder=decoder)  # fmt: skip
+                options = EmbedOptions(batch_size=batch, workers=processes or workers, decoder=decoder)
+                done = embedded_batches(embedder, files, options)
                 return torch.cat([torch.from_numpy(d.embeddings) for d in done])
 
         return run

@@ -37,7 +37,6 @@ from .checkpoints import Checkpoint
 from .config import DEFAULT_PRESET, PreprocessConfig
 from .cpus import fit_cpu_threads
 from .errors import UserError, whole_number
-from .text import counted, first_of
 from .model import SiglipVision, num_parameters
 from .references import Forward, check_references, missing_package, reference_forward
 from .runtime import (
@@ -51,6 +50,7 @@ from .runtime import (
     resolve_device,
     resolve_dtype,
 )
+from .text import counted, first_of
 from .weights import load_tower
 
 
@@ -273,16 +273,22 @@ class Report:
         }
 
 
+# What a BenchOptions left None gets, by device type (`siglip bench --help` says them too). A GPU's throughput still
+# grows past 64 (B/16 on an H200: 12,013 images/s at 64, 13,077 at 256).
+DEFAULT_BATCH_SIZES = {"cuda": (1, 32, 256), "cpu": (1, 8, 32)}
+DEFAULT_ITERS = {"cuda": 10, "cpu": 3}
+DEFAULT_WARMUP = {"cuda": 3, "cpu": 1}
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     model: str | os.PathLike = DEFAULT_PRESET
     revision: str | None = None  # of a Hub id
     device: str = "cpu"
     dtype: str | None = None  # None: auto, as `siglip embed` (bf16 on CUDA, float32 on the CPU)
-    # "1,8,32" as --batch-size takes them; None: 1, 32, 256 on CUDA; 1, 8, 32 on CPU.
-    batch_sizes: tuple[int, ...] | str | None = None
-    iters: int | None = None  # None: 10 on CUDA, 3 on CPU
-    warmup: int | None = None  # None: 3 on CUDA, 1 on CPU
+    batch_sizes: tuple[int, ...] | str | None = None  # or "1,8,32" as --batch-size takes them
+    iters: int | None = None
+    warmup: int | None = None
     compile: bool | None = None  # None: on for CUDA, off for CPU (see `default_compile`)
     compare: tuple[str, ...] | str = ()  # "transformers,timm" as --compare
     images: Path | None = None
@@ -341,20 +347,22 @@ def parse_references(text: str) -> tuple[str, ...]:
     return references
 
 
-ProgressFn = Callable[[str], None]
+NoteFn = Callable[[str], None]
 
 
-def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) -> Report:
-    """Model-only throughput for each batch size (ours, then each reference), and the image pipeline with `images`."""
-    say = progress or (lambda message: None)
+def run_benchmark(options: BenchOptions, *, note: NoteFn | None = None) -> Report:
+    """Model-only throughput for each batch size (ours, then each reference), and the image pipeline with `images`.
+    `note`: told what is being measured, a line at a time."""
+    say = note or (lambda message: None)
     device = resolve_device(options.device)  # the same rules as `siglip embed --device`
     if device.type == "cpu":
         fit_cpu_threads()  # as `siglip embed` does; every backend compared runs on these threads
     dtype = resolve_dtype(options.dtype or "auto", device)  # the same rule as `siglip embed --dtype`
     notes = [note] if (note := dtype_note(device, dtype)) else []
     compile = default_compile(device) if options.compile is None else options.compile
-    iters = options.iters if options.iters is not None else (10 if device.type == "cuda" else 3)
-    warmup = options.warmup if options.warmup is not None else (3 if device.type == "cuda" else 1)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    iters = DEFAULT_ITERS[kind] if options.iters is None else options.iters
+    warmup = DEFAULT_WARMUP[kind] if options.warmup is None else options.warmup
     for name, value, least in (("--iters", iters, 1), ("--warmup", warmup, 0), ("max_images", options.max_images, 1)):
         if not whole_number(value, least):  # as the command checks them: else a traceback after minutes of building
             raise BenchError(f"{name} must be a whole number of at least {least}, not {value!r}.")
@@ -365,12 +373,10 @@ def run_benchmark(options: BenchOptions, *, progress: ProgressFn | None = None) 
     given = parse_references(options.compare) if isinstance(options.compare, str) else options.compare
     compare = tuple(dict.fromkeys(given))
     check_references(compare)
-    # A GPU's throughput still grows past 64 (B/16 on an H200: 12,013 images/s at 64, 13,077 at 256).
-    default_sizes = (1, 32, 256) if device.type == "cuda" else (1, 8, 32)
     if isinstance(options.batch_sizes, str):  # "1,8,32", as --batch-size takes them
         batch_sizes = parse_batch_sizes(options.batch_sizes)
     else:
-        batch_sizes = check_batch_sizes(default_sizes if options.batch_sizes is None else options.batch_sizes)
+        batch_sizes = check_batch_sizes(DEFAULT_BATCH_SIZES[kind] if options.batch_sizes is None else options.batch_sizes)
     if options.images is not None:  # before minutes of model timing: a wrong folder fails at once
         paths, skipped = decodable_images(options.images, limit=options.max_images)
 
@@ -436,7 +442,7 @@ def _a_graph_for_each(batch_sizes: tuple[int, ...]) -> contextlib.AbstractContex
 
 def _forwards(
     plain: SiglipVision, compare: tuple[str, ...], *, device: torch.device, dtype: torch.dtype, compile: bool,
-    report: Report, say: ProgressFn,
+    report: Report, say: NoteFn,
 ) -> dict[str, tuple[Forward, str]]:  # fmt: skip
     """The forwards to time, by backend, with each one's variant: ours, then each reference asked for and installed
     (one that is not is a note in `report`), all on `plain`'s weights."""
@@ -686,7 +692,7 @@ def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], list[st
     nothing."""
     from .files import IMAGE_SUFFIXES, discover
     from .text import display_path
-    from .preprocess import BadImage, DecodeOptions, one_line, open_rgb
+    from .preprocess import BadImage, DecodeOptions, bad_file_reason, open_rgb
 
     try:  # os.stat, not pathlib: Python 3.14's `is_dir` says False of a folder closed to this user
         if not stat.S_ISDIR(os.stat(directory).st_mode):
@@ -706,7 +712,7 @@ def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], list[st
             open_rgb(path, DecodeOptions())
             paths.append(path)
         except (BadImage, OSError, ValueError) as e:
-            skipped.append(f"{display_path(path)} ({one_line(e)})")
+            skipped.append(f"{display_path(path)} ({bad_file_reason(e)})")
     if not paths:
         raise BenchError(f"--images {directory}: none of its image files decode: {skipped[0]}.")
     return paths, skipped

@@ -41,7 +41,6 @@ from .config import (
     vision_config_from_hub,
 )
 from .errors import UserError, first_line
-from .files import is_utf8
 from .text import display_path
 
 if TYPE_CHECKING:
@@ -238,6 +237,15 @@ def _read_json(path: Path) -> dict:
     return content
 
 
+def _is_utf8(path: str) -> bool:
+    """Whether the path's bytes are valid UTF-8 (what safetensors, a Rust library, can open)."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 @contextmanager
 def open_weights(path: Path, *, framework: str = "numpy") -> Iterator:
     """`safe_open` whose failures, while opening or reading tensors, are one sentence naming the file; for a PyTorch
@@ -245,7 +253,7 @@ def open_weights(path: Path, *, framework: str = "numpy") -> Iterator:
     does: `keys()`, `get_tensor(key)`. The keys of a safetensors file need no framework: "numpy" does not import
     torch, which "pt" does; a pickle's tensors are torch's whatever the framework."""
     safetensors = path.name.endswith(".safetensors")
-    if not is_utf8(str(path)):  # both read the path in Rust or C++, which take only UTF-8
+    if not _is_utf8(str(path)):  # both read the path in Rust or C++, which take only UTF-8
         library = "safetensors" if safetensors else "torch"
         raise CheckpointError(
             f"{display_path(str(path))}: {library} cannot open a path that is not valid UTF-8; rename the folder."

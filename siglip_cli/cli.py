@@ -95,7 +95,7 @@ app = typer.Typer(
 stdout = Console(soft_wrap=True, markup=False, highlight=False)
 stderr = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = UserError.exit_code
 
 # Options that more than one command takes, declared once (typer copies the declaration for each command).
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.", metavar="REV")]
@@ -300,14 +300,14 @@ def embed(
     exif_transpose: Annotated[bool, typer.Option("--exif-transpose/--no-exif-transpose", help="Apply EXIF orientation (phone photos).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model: +10% for B/16 on an H200 after 15 s of compiling; on a CPU 18-48 s for 0-5%.")] = False,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at reduced size: faster, not pixel-exact.")] = False,
-    decode: Annotated[Decoder, typer.Option("--decode", help="JPEG decoding: gpu (nvJPEG, batched), cpu (PIL, pixel-exact), auto (gpu when the model runs on CUDA).")] = Decoder.auto,
+    decoder: Annotated[Decoder, typer.Option("--decode", help="JPEG decoding: gpu (nvJPEG, batched), cpu (PIL, pixel-exact), auto (gpu when the model runs on CUDA).")] = Decoder.auto,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output, and interrupted work made with other options.")] = False,
     update: Annotated[bool, typer.Option("--update", help="Refresh an existing output: embed new and changed files, drop gone ones.")] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Embed only part K of N (K/N, from 0), or auto from Slurm / Kubernetes.", metavar="K/N")] = None,
     num_shards: Annotated[Optional[int], typer.Option("--num-shards", min=1, help="Shard count for --shard auto (Kubernetes; under Slurm, a rerun of some tasks then redoes their parts).", metavar="N")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any file could not be embedded, any folder could not be listed, a link led nowhere, or an entry named like an image was not a file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, summary or notes on stderr, but for notes about images left out.")] = False,
-    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Embed images into -o OUTPUT (.safetensors or .npy), with a manifest (.jsonl) and an errors file beside it."""
     started = time.perf_counter()  # the summary's seconds: the head start decodes images before the run proper
@@ -319,7 +319,7 @@ def embed(
     if update and overwrite:
         fail("--update keeps the earlier output's rows and --overwrite discards them: give one of the two.")
     decode_options = DecodeOptions(exif_transpose=exif_transpose, max_pixels=max_pixels or None, fast_decode=fast_decode)
-    if not update and shard is None and workers != 0 and decode is not Decoder.gpu and _fresh(output, overwrite):
+    if not update and shard is None and workers != 0 and decoder is not Decoder.gpu and _fresh(output, overwrite):
         # Two batches' worth: on 2 cores the first is done well before the model is ready, and the rest of the wait
         # goes to the second, which the worker would otherwise decode beside the model's first forward.
         headstart.begin(inputs or [], files_from=files_from, model=model, revision=revision, device=device,
@@ -347,17 +347,17 @@ def embed(
         # Per device: each device's process starts that many (the CPUs and the memory are shared).
         workers=max(1, default_workers() // len(devices)) if workers is None else workers,
         decode=decode_options,
-        decoder=decode.value,
+        decoder=decoder.value,
         shard=part,
         shard_inputs=shard_inputs(inputs or [], walk) if part else None,
     )
-    if decode is Decoder.gpu and resolve_device(devices[0]).type != "cuda" and not quiet:
+    if decoder is Decoder.gpu and resolve_device(devices[0]).type != "cuda" and not quiet:
         note(
             "--decode gpu with the model on the CPU decodes through torchvision's libjpeg-turbo: not pixel-exact "
             "with the reference, and no faster than the default."
         )
     progress = _RichProgress(quiet)
-    float32, gpu_decode = dtype is ComputeDtype.float32, decode is not Decoder.cpu
+    float32, gpu_decode = dtype is ComputeDtype.float32, decoder is not Decoder.cpu
     with _stopped_runs_told(out, progress, float32=float32, gpu_decode=gpu_decode), interrupts.stop_on_signals():
         summary = embed_with_model(
             model, devices, paths, output, revision=revision, dtype=dtype.value, compile=compile,
@@ -368,7 +368,7 @@ def embed(
     # folder whose first batches the head start had decoded meanwhile read 614 images/s, finished in 5 s.
     summary = dataclasses.replace(summary, seconds=time.perf_counter() - started)
     with interrupts.ignored():  # the output is in place: what follows reports a finished run, whatever Ctrl-C says
-        _report_embedding(summary, walk, json_summary=json_summary, quiet=quiet, strict=strict)
+        _report_embedding(summary, walk, json_out=json_out, quiet=quiet, strict=strict)
 
 
 def _images_to_embed(
@@ -452,8 +452,8 @@ def _out_of_memory(out: OutputPaths, error: BaseException, *, gpu: bool, float32
     fail(f"{ran_out}: try a smaller --batch-size{bf16} or another {'GPU' if gpu else 'machine'}.", 1)
 
 
-def _report_embedding(summary: Summary, walk: WalkReport, *, json_summary: bool, quiet: bool, strict: bool) -> None:
-    if json_summary:  # what the walk could not reach is no file's error row, but a script must see it too
+def _report_embedding(summary: Summary, walk: WalkReport, *, json_out: bool, quiet: bool, strict: bool) -> None:
+    if json_out:  # what the walk could not reach is no file's error row, but a script must see it too
         from .files import path_fields
 
         # Paths as the manifest gives them (a newline as JSON writes it, not as the terminal notes show it), so that
@@ -540,7 +540,7 @@ def merge(
     output: Annotated[Path, typer.Option("-o", "--output", help="The merged output: .safetensors or .npy.", metavar="FILE", parser=_output_path)],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Merge even if some of the N parts are missing.")] = False,
-    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Join shard outputs into one file, equal to a single run over all their images."""
     from .shards import merge_outputs
@@ -548,7 +548,7 @@ def merge(
     with interrupts.stop_on_signals():  # SIGTERM too; once the output is in place, none
         summary = merge_outputs(inputs, output, overwrite=overwrite, allow_missing=allow_missing)
     with interrupts.ignored():  # the output is in place: what follows reports a finished merge, whatever Ctrl-C says
-        if json_summary:
+        if json_out:
             print_json(summary.to_dict())
         line = f"merged {counted(summary.inputs, 'output')}: {counted(summary.rows, 'row')} → {summary.output}"
         if summary.failed:  # as embed's summary says it
@@ -627,7 +627,7 @@ def bench(
         compare=references,
         images=images,
     )
-    report = run_benchmark(options, progress=lambda message: stderr.print(printable(message), style="dim"))
+    report = run_benchmark(options, note=lambda message: stderr.print(printable(message), style="dim"))
     for sentence in report.notes:
         note(sentence)
     if json_out:

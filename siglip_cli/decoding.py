@@ -45,7 +45,7 @@ from .config import PreprocessConfig
 from .cpus import cgroup_memory_room, usable_cpus
 from .errors import file_size_limit, first_line, os_reason, signal_name
 from .gpu_decode import JpegHeader, decode_headers, device_index, read_header
-from .preprocess import DecodeOptions, load_pixels, one_line
+from .preprocess import DecodeOptions, bad_file_reason, load_pixels
 from .reading import error_facts, failure_reason, pixels_and_facts
 from .text import counted, display_path
 
@@ -53,7 +53,7 @@ from .text import counted, display_path
 class Item(NamedTuple):
     index: int
     pixels: Tensor | None  # (3, H, W), or None for a bad file or a JPEG left for the device decoder
-    info: dict  # manifest fields of a good file, or the errors row of a bad one (`error_row`)
+    info: dict  # manifest fields of a good file, or the error row of a bad one (`error_row`)
     jpeg: JpegHeader | None = None  # a JPEG the model's device will decode (--decode gpu)
 
 
@@ -93,7 +93,7 @@ class ImageFiles(Dataset):
 
 
 def _failed_item(index: int, path: str, reason: str) -> Item:
-    """The item of a file that could not be decoded: its errors row, with its size and mtime where known."""
+    """The item of a file that could not be decoded: its error row, with its size and mtime where known."""
     return Item(index, None, error_row({"path": path, **error_facts(path)}, reason))
 
 
@@ -301,7 +301,7 @@ class Parcel:
     makes) checks its field count with `len`, so every pinned parcel (CUDA) would fail."""
 
     rows: list[dict]  # manifest facts of the good files, in order
-    errors: list[dict]  # the errors rows of the bad ones (`error_row`)
+    errors: list[dict]  # the error rows of the bad ones (`error_row`)
     pixels: Tensor | None  # (b, 3, H, W) for the rows at `cpu_rows`
     cpu_rows: list[int]
     jpeg_bytes: Tensor | None  # the files at `jpeg_rows`, end to end
@@ -401,7 +401,7 @@ def batch_pixels(
             on_cpu = torch.from_numpy(load_pixels(io.BytesIO(batch.jpegs[i].data.numpy().tobytes()), cfg, options)[0])
         except Exception as e:  # per file, as in the workers (a device error below is not the file's fault)
             failed.add(row)
-            errors.append(error_row(batch.rows[row], one_line(e)))
+            errors.append(error_row(batch.rows[row], bad_file_reason(e)))
         else:  # pinned, so that the copy does not wait behind the forward queued on the device
             pixels[row] = on_cpu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else on_cpu
     if not failed:

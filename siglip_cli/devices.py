@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from . import interrupts
+from .checkpoints import Checkpoint, resolve_checkpoint
 from .config import PIL_FILTERS
 from .cpus import usable_cpus
 from .embed import (
@@ -39,7 +40,6 @@ from .resuming import interrupted_on_other_devices
 from .runtime import dtype_note, load, resolve_device, resolve_dtype
 from .shards import merge_outputs, select_shard
 from .storage import WorkArea, exclusive, shard_name
-from .checkpoints import Checkpoint, resolve_checkpoint
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -131,7 +131,7 @@ def _embed_job(job: _Job, channel: mp.Queue) -> None:
     embedder = load(job.model, revision=job.revision, device=job.device, dtype=job.dtype, compile=job.compile)
     summary = embed_to_file(
         embedder, job.paths, job.output, options=job.options, update=True, overwrite=job.overwrite,
-        progress=_QueueProgress(channel, job.index), part_of=Path(job.output).parent,
+        progress=_QueueProgress(channel, job.index), devices_work=Path(job.output).parent,
     )  # fmt: skip
     channel.put(("done", job.index, summary))
 
@@ -234,10 +234,10 @@ def embed_on_devices(
     out = OutputPaths.for_output(output)  # an unsupported suffix is refused here, not in every worker
     flush_interval()  # so is a bad SIGLIP_FLUSH_SECONDS, not once each worker has loaded the model
     with exclusive(out.embeddings):
-        interrupts.output_in_place(False)  # a run before this one, in the same process, may have said True
+        interrupts.mark_output_in_place(False)  # a run before this one, in the same process, may have said True
         started = time.perf_counter()
         work = out.work
-        area, published = _tidy_earlier_work(out, len(devices), overwrite=overwrite)
+        area, published = _tidy_work_of_devices(out, len(devices), overwrite=overwrite)
         check_outputs(
             out, interrupted=work.is_dir(), overwrite=overwrite or published, update=False, update_allowed=False
         )
@@ -287,7 +287,7 @@ def embed_on_devices(
         )
 
 
-def _tidy_earlier_work(out: OutputPaths, devices: int, *, overwrite: bool) -> tuple[WorkArea, bool]:
+def _tidy_work_of_devices(out: OutputPaths, devices: int, *, overwrite: bool) -> tuple[WorkArea, bool]:
     """The work area, tidied of what an earlier run left, and whether that run had put its output in place
     (`published`), as `resuming._tidy_earlier_work` does for one device. With --overwrite too, shards an interrupted run
     on as many devices left are continued (its rerun); each worker replaces its shard if it was made with other

@@ -22,7 +22,7 @@ from . import interrupts
 from .concurrency import look_ahead
 from .errors import UserError
 from .files import below_mount_points, directory_entry, empty_folder, same_file
-from .outputs import Ref
+from .outputs import Ref, RowsByPath
 from .reading import digest_of_file
 from .storage import Chunk, SafetensorsRows
 from .text import counted, display_path
@@ -36,20 +36,20 @@ HASHING_THREADS = 8
 HASHING_NOTE_BYTES = 256 << 20  # reading more than this says so first (seconds on a fast disk, minutes on a NAS)
 
 
-def chunk_rows(chunks: list[Chunk]) -> dict[str, Ref | dict]:
+def chunk_rows(chunks: list[Chunk]) -> RowsByPath:
     """The rows an interrupted run left in its work area's chunks, by path (`by_path`)."""
     return {path: found for chunk in chunks for path, found in results_of(chunk).items()}
 
 
-def results_of(chunk: Chunk) -> dict[str, Ref | dict]:
+def results_of(chunk: Chunk) -> RowsByPath:
     """The rows of one chunk, by path: an interrupted run's, or one this run has just written."""
     reader = SafetensorsRows(chunk.path)
     return by_path((Ref(reader, i, row) for i, row in enumerate(chunk.rows)), chunk.errors)
 
 
-def by_path(refs: Iterable[Ref], errors: Iterable[dict]) -> dict[str, Ref | dict]:
-    """Finished rows by path: a `Ref` for each embedded file, the errors row of each that failed."""
-    found: dict[str, Ref | dict] = {ref.info["path"]: ref for ref in refs}
+def by_path(refs: Iterable[Ref], errors: Iterable[dict]) -> RowsByPath:
+    """Finished rows by path: a `Ref` for each embedded file, the error row of each that failed."""
+    found: RowsByPath = {ref.info["path"]: ref for ref in refs}
     found.update((row["path"], row) for row in errors)
     return found
 
@@ -76,15 +76,15 @@ class Settled(NamedTuple):
     out of reach); `removed`, how many rows of the earlier output are dropped (their files gone)."""
 
     paths: list[str]
-    done: dict[str, Ref | dict]
-    unchecked: dict[str, Ref | dict]
+    done: RowsByPath
+    unchecked: RowsByPath
     removed: int
 
 
 def settle(
     paths: list[str],
-    previous: dict[str, Ref | dict],
-    in_chunks: dict[str, Ref | dict],
+    previous: RowsByPath,
+    in_chunks: RowsByPath,
     *,
     made_in: str | None,
     keep_unlisted: bool,
@@ -115,7 +115,7 @@ def settle(
     return Settled(paths, reused | moved, unchecked, removed)
 
 
-def _refuse_update_from_elsewhere(previous: dict[str, Ref | dict], made_in: str | None) -> None:
+def _refuse_update_from_elsewhere(previous: RowsByPath, made_in: str | None) -> None:
     """Refuse an --update run from another folder than the one the earlier output was made in (`made_in`, where
     known and still there) when it names files by relative paths: read from here they name other files or none.
     Even when every photo would be found again by content under the new spelling, the rows would change their
@@ -133,11 +133,11 @@ def _refuse_update_from_elsewhere(previous: dict[str, Ref | dict], made_in: str 
 
 def _with_earlier_rows(
     paths: list[str],
-    previous: dict[str, Ref | dict],
+    previous: RowsByPath,
     keep_unlisted: bool,
     progress: Progress | None,
     seen: dict[str, Status],
-) -> tuple[list[str], dict[str, Ref | dict], dict[str, Ref]]:
+) -> tuple[list[str], RowsByPath, dict[str, Ref]]:
     """The files of a run over an earlier output: `paths`, each under the spelling the earlier output gave it (so
     that its row is reused); with `keep_unlisted` (the user's --update), also the files of the earlier rows that are
     still there though not among `paths`, and apart the earlier rows kept unchecked, of files that cannot be looked
@@ -210,18 +210,18 @@ def _whereabouts(path: str, seen: dict[str, Status]) -> str:
 
 def _reusable(
     paths: list[str],
-    in_chunks: dict[str, Ref | dict],
-    previous: dict[str, Ref | dict],
+    in_chunks: RowsByPath,
+    previous: RowsByPath,
     progress: Progress | None,
     seen: dict[str, Status],
-) -> dict[str, Ref | dict]:
+) -> RowsByPath:
     """The rows of `paths` that need no new work, where the file is still the one that produced the row: from this
     run's chunks, embedded or failed, else embedded in the earlier output (--update).
 
     A file that failed in an earlier output is tried again: the cause may be gone (a permission, a full disk, a
     --max-pixels since raised). One that failed in this run's chunks is not: a resumed run batches exactly as the
     uninterrupted one, which keeps it byte-identical."""
-    found: dict[str, Ref | dict] = {}
+    found: RowsByPath = {}
     for path in paths:
         if path in in_chunks:
             found[path] = in_chunks[path]
@@ -330,7 +330,7 @@ def _content(ref: Ref) -> tuple[int | None, str | None]:
     return ref.info.get("size"), ref.info.get("blake2b")
 
 
-def _refuse_relative_rows_all_lost(previous: dict[str, Ref | dict], dropped: dict[str, Ref], lost: list[str]) -> None:
+def _refuse_relative_rows_all_lost(previous: RowsByPath, dropped: dict[str, Ref], lost: list[str]) -> None:
     """Where the folder an earlier output was made in is unknown (an output of an earlier version) or gone: refuse
     an --update that finds none of its relative paths from here when some of them are lost (`lost`: the dropped
     rows whose photo was not found under a new name either). All of them found again under new names is a renamed

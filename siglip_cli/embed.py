@@ -40,6 +40,7 @@ from .outputs import (
     OUTPUT_DTYPES,
     OutputPaths,
     Ref,
+    RowsByPath,
     assemble,
     output_metadata,
     pooling,
@@ -72,10 +73,10 @@ class EmbedOptions:
     output_dtype: str = "float32"
     batch_size: int = CPU_BATCH_SIZE
     workers: int = field(default_factory=default_workers)
-    decode: DecodeOptions = DecodeOptions()
-    # "cpu": PIL, pixel-exact with the reference. "gpu": JPEGs decoded in batches by nvJPEG on the model's device
-    # (libjpeg-turbo through the same code on a CPU device), within cosine 0.999 of the exact path.
-    # "auto": gpu when the model runs on CUDA.
+    decode: DecodeOptions = DecodeOptions()  # how PIL decodes a file (EXIF, pixel limit, --fast-decode)
+    # Which decoder reads the JPEGs (--decode). "cpu": PIL, pixel-exact with the reference. "gpu": in batches by
+    # nvJPEG on the model's device (libjpeg-turbo through the same code on a CPU device), within cosine 0.999 of the
+    # exact path. "auto": gpu when the model runs on CUDA.
     decoder: str = "cpu"
     # (K, N) when this run embeds part K of N (--shard): written into the metadata, so that `merge` can tell
     # when a part is missing. Not one of the run's options: the parts of one run differ only in it.
@@ -142,7 +143,7 @@ class Summary:
 def run_state(embedder: Embedder, options: EmbedOptions, output_format: str) -> dict:
     """Everything that changes the numbers in the output: a resumed or updated run must match it exactly. The state
     is what a run records of its options: in its work area's `state.json`, and in the output's metadata as
-    `options`; `outputs.same_options` compares two."""
+    `options`; `outputs.same_state` compares two."""
     ckpt = embedder.checkpoint
     local = Path(ckpt.name).expanduser()
     state = {
@@ -198,13 +199,13 @@ def embed_to_file(
     overwrite: bool = False,
     update: bool = False,
     progress: Progress | None = None,
-    part_of: Path | None = None,
+    devices_work: Path | None = None,
 ) -> Summary:
     """Embed `paths` (in this order; with `update`, sorted among the earlier rows: `earlier_rows.settle`) into
     `output` (.safetensors or .npy) plus its manifest and errors files.
 
-    `part_of`: the work folder of the several-device run this output is one shard of, named in its refusals.
-    Of a whole run (no `options.shard`, no `part_of`), inputs none of which could be embedded are an error
+    `devices_work`: the work folder of the several-device run this output is one shard of, named in its refusals.
+    Of a whole run (no `options.shard`, no `devices_work`), inputs none of which could be embedded are an error
     (`refuse_empty_run`): an earlier output is left as it was, and with none only the errors file is written; a part
     may be empty or all bad, and the merge decides.
     """
@@ -223,16 +224,16 @@ def embed_to_file(
     out = OutputPaths.for_output(Path(output))
     # A second run writing this output is refused, not interleaved; a full disk is one sentence.
     with exclusive(out.embeddings), _resumable_after_write_errors(out):
-        interrupts.output_in_place(False)  # a run before this one, in the same process, may have said True
+        interrupts.mark_output_in_place(False)  # a run before this one, in the same process, may have said True
         refuse_inputs_among_outputs(out, paths)
         state = run_state(embedder, options, out.format)
         # The user's --update of a whole output keeps the rows of files still there, whatever this run's inputs.
         # A shard (its inputs decide its part) and a several-device worker (its part of this run) keep only theirs.
-        whole_run = options.shard is None and part_of is None
+        whole_run = options.shard is None and devices_work is None
         keep_unlisted = update and whole_run
         earlier = resuming.earlier_work(
-            out, state, paths, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted, part_of=part_of,
-            shard=options.shard, progress=progress,
+            out, state, paths, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted,
+            devices_work=devices_work, shard=options.shard, progress=progress,
         )  # fmt: skip
         work, settled = earlier.work, earlier.settled
         paths, done = settled.paths, settled.done
@@ -243,7 +244,7 @@ def embed_to_file(
             embedder, pending, work, options, progress, first_seq=earlier.next_seq, flush_seconds=flush_seconds
         )
         results = {**done, **new} if done else new  # no copy of every entry where nothing was done before
-        if progress and part_of is None:  # a several-device worker's errors file is not the one the user gets
+        if progress and devices_work is None:  # a several-device worker's errors file is not the one the user gets
             _note_failing_since(earlier.previous, new, out, progress)
 
         good: list[Ref] = []
@@ -258,7 +259,7 @@ def embed_to_file(
         metadata = output_metadata(embedder.checkpoint, state, shard=options.shard, inputs=options.shard_inputs)
         unchanged = resuming.as_it_was(out, earlier.previous, good, bad, metadata)
         if unchanged:  # in place already: a stop signal from here on changes nothing, as after `assemble`
-            interrupts.output_in_place()
+            interrupts.mark_output_in_place()
         else:
             assemble(out, good, bad, metadata, before_replacing=work.mark_assembling)
         work.remove()
@@ -267,7 +268,7 @@ def embed_to_file(
 
 
 def _summary(
-    out: OutputPaths, settled: earlier_rows.Settled, new: dict[str, Ref | dict], *, failed: int, seconds: float
+    out: OutputPaths, settled: earlier_rows.Settled, new: RowsByPath, *, failed: int, seconds: float
 ) -> Summary:
     """What the run did: rows embedded now (`new`), reused from earlier work (`settled`), failed, removed."""
     return Summary(
@@ -298,7 +299,7 @@ def flush_interval() -> float:
 
 
 def _note_failing_since(
-    previous: dict[str, Ref | dict], new: dict[str, Ref | dict], out: OutputPaths, progress: Progress
+    previous: RowsByPath, new: RowsByPath, out: OutputPaths, progress: Progress
 ) -> None:
     """Files the earlier output embedded that now fail (damaged since, a sync cut short) lose their rows to error
     rows: said, since in the summary's count of failures they read like new files."""
@@ -358,49 +359,40 @@ class Embedded(NamedTuple):
 
 
 def embedded_batches(
-    embedder: Embedder,
-    paths: list[str],
-    *,
-    batch_size: int,
-    workers: int,
-    decode: DecodeOptions,
-    decoder: str = "cpu",
-    normalize: bool = True,
-    tokens: bool = False,
-    output_dtype: str = "float32",
-    progress: Progress | None = None,
+    embedder: Embedder, paths: list[str], options: EmbedOptions, progress: Progress | None = None
 ) -> Iterator[Embedded]:
-    """Files → embeddings, `batch_size` files at a time, in order: decoding workers, the device decoder, the model.
-    A row not finite in `output_dtype`, the type it will be stored in, is an error row instead. `decoder`: "cpu" or
-    "gpu", as `_decoder_for` resolved it."""
+    """Files → embeddings, `options.batch_size` files at a time, in order: decoding workers, the device decoder, the
+    model. A row not finite in `options.output_dtype`, the type it will be stored in, is an error row instead.
+    `options.decoder`: "cpu" or "gpu", as `_decoder_for` resolved it."""
+    gpu_decoder = options.decoder == "gpu"
     batches = decoded_batches(
         paths,
         embedder.preprocess,
-        decode,
-        batch_size=batch_size,
-        workers=workers,
+        options.decode,
+        batch_size=options.batch_size,
+        workers=options.workers,
         pin=embedder.device.type == "cuda",
-        jpeg_to_device=decoder == "gpu",
+        jpeg_to_device=gpu_decoder,
         note=progress.note if progress else lambda message: None,
     )
     halved = _Halving(progress)
 
     def prepare(batch: Batch) -> tuple[Batch, tuple[Tensor | None, list[dict], list[dict]]]:
-        return batch, batch_pixels(batch, embedder.preprocess, embedder.device, decode)
+        return batch, batch_pixels(batch, embedder.preprocess, embedder.device, options.decode)
 
     # The device decoder's host side (file bytes to nvJPEG, Huffman decoding) runs in threads a batch or two ahead,
     # while the model works on the GPU; its kernels run on a stream of their own, which the model's stream waits for
     # (`gpu_decode.decode_headers`).
     threads = DEVICE_DECODE_THREADS
-    ahead = look_ahead(batches, prepare, depth=2 * threads if decoder == "gpu" else 0, threads=threads)
+    ahead = look_ahead(batches, prepare, depth=2 * threads if gpu_decoder else 0, threads=threads)
     try:
         for batch, (pixels, rows, errors) in ahead:
             if pixels is None:
                 yield Embedded(len(batch), rows, batch.errors + errors, None, None)
                 continue
-            pooled, toks = halved.encode(embedder, pixels, keep_tokens=tokens)
-            pooled = F.normalize(pooled, dim=-1) if normalize else pooled
-            rows, pooled, toks, overflowed = _finite_rows(embedder, rows, pooled, toks, output_dtype)
+            pooled, toks = halved.encode(embedder, pixels, keep_tokens=options.tokens)
+            pooled = F.normalize(pooled, dim=-1) if options.normalize else pooled
+            rows, pooled, toks, overflowed = _finite_rows(embedder, rows, pooled, toks, options.output_dtype)
             errors = batch.errors + errors + overflowed
             if not rows:
                 yield Embedded(len(batch), rows, errors, None, None)
@@ -415,7 +407,7 @@ def embedded_batches(
 def _finite_rows(
     embedder: Embedder, rows: list[dict], pooled: Tensor, tokens: Tensor | None, output_dtype: str
 ) -> tuple[list[dict], Tensor, Tensor | None, list[dict]]:
-    """The rows whose embedding (and tokens) are finite, computed and as stored, and an errors row for each of the
+    """The rows whose embedding (and tokens) are finite, computed and as stored, and an error row for each of the
     others: float16 can overflow inside the tower or in the output file, and a row of NaNs or infinities stored
     as an embedding would poison every search it enters."""
     stored_dtype = getattr(torch, output_dtype)
@@ -453,25 +445,14 @@ def _embed_pending(
     *,
     first_seq: int,
     flush_seconds: float,
-) -> dict[str, Ref | dict]:
-    results: dict[str, Ref | dict] = {}
+) -> RowsByPath:
+    results: RowsByPath = {}
     if not pending:
         return results
     out_dtype = OUTPUT_DTYPES[options.output_dtype]
     buffer = _ChunkBuffer()
     seq, last_flush = first_seq, time.monotonic()
-    batches = embedded_batches(
-        embedder,
-        pending,
-        batch_size=options.batch_size,
-        workers=options.workers,
-        decode=options.decode,
-        decoder=options.decoder,
-        normalize=options.normalize,
-        tokens=options.tokens,
-        output_dtype=options.output_dtype,
-        progress=progress,
-    )
+    batches = embedded_batches(embedder, pending, options, progress)
     try:
         for batch in batches:
             interrupts.check()  # a Ctrl-C that a `__del__` swallowed stops the run here
@@ -599,7 +580,7 @@ class _ChunkBuffer:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.embeddings) + sum(a.nbytes for a in self.tokens)
 
-    def flush(self, work: WorkArea, seq: int) -> dict[str, Ref | dict]:
+    def flush(self, work: WorkArea, seq: int) -> RowsByPath:
         if not self.rows and not self.errors:
             return {}
         tensors = {}
@@ -633,18 +614,15 @@ def embed_paths(
 ) -> EmbedResult:
     """Embed image files and folders in memory (for a few thousand images; use `embed_to_file` for more).
 
-    `workers`: decoding processes beside this one (0: decode here). `decoder`: as `EmbedOptions.decoder`. One path
-    alone is taken as a list of one, not as the letters of its name."""
-    EmbedOptions(normalize=normalize, tokens=tokens, batch_size=batch_size, workers=workers, decode=decode,
-                 decoder=decoder)  # fmt: skip  # its checks of the values
-    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
-    paths = discover([os.fspath(p) for p in inputs])
-    decoder = _decoder_for(embedder, decoder, None)
-    found = _ChunkBuffer()
-    batches = embedded_batches(
-        embedder, paths, batch_size=batch_size, workers=workers, decode=decode, decoder=decoder, normalize=normalize,
-        tokens=tokens,
+    `workers`: decoding processes beside this one (0: decode here). `decode` and `decoder`: as in `EmbedOptions`.
+    One path alone is taken as a list of one, not as the letters of its name."""
+    options = EmbedOptions(  # its checks of the values first
+        normalize=normalize, tokens=tokens, batch_size=batch_size, workers=workers, decode=decode, decoder=decoder
     )
+    paths = discover(inputs)
+    options = dataclasses.replace(options, decoder=_decoder_for(embedder, decoder, None))
+    found = _ChunkBuffer()
+    batches = embedded_batches(embedder, paths, options)
     with closing(batches):  # its decoding workers stop here, even when an error ends the loop
         for batch in batches:
             found.add(batch, batch.embeddings, batch.tokens)

@@ -83,9 +83,8 @@ class WalkReport:
             notes.append(f"walked only the originals folder (`originals`, `Masters`) of {libraries}; the rest of a "
                          "Photos library is not embedded.")  # fmt: skip
         if self.without_originals:
-            libraries = first_of([display_path(library) for library in sorted(self.without_originals)], 3)
-            notes.append(f"no originals folder (`originals`, `Masters`) in {libraries}: nothing there is embedded "
-                         "(the rest of a Photos library holds copies).")  # fmt: skip
+            notes.append(f"no originals folder (`originals`, `Masters`) in {self.without_originals_text()}: nothing "
+                         "there is embedded (the rest of a Photos library holds copies).")  # fmt: skip
         if self.passed_over and not quiet:
             notes.append(
                 f"passed over {self.passed_over_text()} in the folders: not images siglip reads "
@@ -100,6 +99,10 @@ class WalkReport:
         if len(kinds) > shown:
             parts.append(counted(len(kinds) - shown, "other kind"))
         return f"{counted(self.passed_over.total(), 'file')} ({', '.join(parts)})"
+
+    def without_originals_text(self, shown: int = 3) -> str:
+        """'a/Photos Library.photoslibrary': the Photos libraries walked that have no originals folder."""
+        return first_of([display_path(library) for library in sorted(self.without_originals)], shown)
 
     def skipped_text(self, shown: int = 3) -> str:
         """'2 folders of NAS thumbnails, snapshots, recycle bins or fsck fragments: a/@eaDir, b/#recycle'."""
@@ -346,8 +349,9 @@ def find_images(
         met += [report.not_files_text()] if report.not_files else []
         met += [report.dangling_text()] if report.dangling else []
         if report.without_originals:
-            met.append(f"{first_of([display_path(p) for p in report.without_originals], 3)} has no originals folder, "
-                       "the only one of a Photos library walked")  # fmt: skip
+            have = "has" if len(report.without_originals) == 1 else "have"
+            met.append(f"{report.without_originals_text()} {have} no originals folder, the only one of a Photos "
+                       "library walked")  # fmt: skip
         met += [f"left out {report.skipped_text()}"] if report.skipped else []
         raise NoImagesFound(
             f"no image files found in {', '.join(inputs or [str(files_from)])} "
@@ -521,15 +525,6 @@ def _suffix_text(suffix: str) -> str:
     if not suffix:
         return "(no extension)"
     return f"'{suffix}'" if suffix != suffix.strip() else suffix
-
-
-def is_utf8(path: str) -> bool:
-    """Whether the path's bytes are valid UTF-8 (what safetensors, a Rust library, can open)."""
-    try:
-        os.fsencode(path).decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def path_fields(path: str, key: str = "path") -> dict[str, str]:

@@ -372,7 +372,6 @@ def _device_fault(error: RuntimeError) -> bool:
     return "CUDA error" in str(error) or (_STREAM_ERROR.search(str(error)) is not None and not _out_of_memory(error))
 
 
-
 def orient(image: Tensor, orientation: int) -> Tensor:
     """Apply an EXIF orientation (1..8) to a (C, H, W) image, as PIL's `ImageOps.exif_transpose` does."""
     if orientation in (5, 6, 7, 8):

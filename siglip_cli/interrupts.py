@@ -11,8 +11,8 @@ Python raises `KeyboardInterrupt` wherever the main thread happens to be, and tw
 
 `deferred()` marks code of the first kind: a signal that arrives there takes effect as the block is left.
 `stop_on_signals()`, around a whole run, remembers the signal it raised, so that `check()`, called at a safe point
-between batches, raises it again if it was lost. Once the run's output is in place (`output_in_place()`), there is
-nothing left to stop: its signals are let go, and the run ends as finished rather than reported interrupted.
+between batches, raises it again if it was lost. Once the run's output is in place (`mark_output_in_place()`),
+there is nothing left to stop: its signals are let go, and the run ends as finished rather than reported interrupted.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP"
 TERMINAL_SIGNALS = tuple(s for s in SIGNALS if s != signal.SIGTERM)
 
 _received: int | None = None  # the signal `stop_on_signals` turned into KeyboardInterrupt, while it is installed
-_in_place = False  # the output of the `stop_on_signals` block's run is in place: `output_in_place`
+_in_place = False  # the output of the `stop_on_signals` block's run is in place: `mark_output_in_place`
 _depth = 0  # `stop_on_signals` blocks the main thread is in
 _deferring = False
 _stop_flags: list[threading.Event] = []  # those of the `stop_flag` blocks running
@@ -56,7 +56,7 @@ def on_main_thread() -> bool:
 def stop_on_signals() -> Iterator[None]:
     """SIGINT, SIGTERM (a scheduler, `kill`) and SIGHUP all raise KeyboardInterrupt in the block, unless found
     ignored, and `check()` raises it again after a `__del__` swallowed it. Blocks may nest (a run inside a command):
-    an inner one's output in place (`output_in_place`) stays so for the rest of the outer one."""
+    an inner one's output in place (`mark_output_in_place`) stays so for the rest of the outer one."""
     global _received, _in_place, _depth
 
     def interrupt(signum: int, frame) -> None:
@@ -152,7 +152,7 @@ def ignored() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def output_in_place(in_place: bool = True) -> None:
+def mark_output_in_place(in_place: bool = True) -> None:
     """Say that the run's output is whole and in place: for the rest of the `stop_on_signals` block (removing its work
     folder, its last notes) a stop signal changes nothing, where it would report the finished run interrupted. A
     run that starts in the same block says `False` first."""

@@ -57,7 +57,7 @@ class FusedMLP(MLP):
         self.onednn = onednn
         self.train(mlp.training)
 
-    def forward(self, x: Tensor, trace: Trace = None, prefix: str = "mlp") -> Tensor:
+    def forward(self, x: Tensor, trace: Trace | None = None, prefix: str = "mlp") -> Tensor:
         h = fc1_gelu(x, self.fc1, onednn=self.onednn) if trace is None else None
         if h is None:
             return super().forward(x, trace, prefix)

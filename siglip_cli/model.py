@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from .config import VisionConfig
 
-Trace = dict[str, Tensor] | None
+# What a traced forward collects: each stage's output by its name ("layers.0.attn.q"), for `siglip inspect`.
+Trace = dict[str, Tensor]
 
 # The MLP's activation, by `VisionConfig.activation`; written as transformers computes each.
 ACTIVATION_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -46,14 +47,15 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _record(trace: Trace, name: str, x: Tensor) -> None:
+def _record(trace: Trace | None, name: str, x: Tensor) -> None:
     if trace is not None:
         trace[name] = x.detach()
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, trace: Trace, prefix: str, *, fused: bool = True) -> Tensor:
-    """Multi-head attention of (B, H, Nq, Dh) queries over (B, H, N, Dh) keys and values; SDPA when `fused`."""
-    if trace is None and fused:
+def _attend(q: Tensor, k: Tensor, v: Tensor, trace: Trace | None, prefix: str, *, sdpa: bool = True) -> Tensor:
+    """Multi-head attention of (B, H, Nq, Dh) queries over (B, H, N, Dh) keys and values: through torch's SDPA
+    kernels with `sdpa` (but where a trace keeps the attention weights), written out otherwise."""
+    if trace is None and sdpa:
         return F.scaled_dot_product_attention(q, k, v)
     weights = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)  # (B, H, Nq, N)
     _record(trace, f"{prefix}.attn_weights", weights)
@@ -76,7 +78,7 @@ class Embeddings(nn.Module):
         zeros = torch.zeros(cfg.num_patches, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size, _weight=zeros)
 
-    def forward(self, pixel_values: Tensor, trace: Trace = None) -> Tensor:
+    def forward(self, pixel_values: Tensor, trace: Trace | None = None) -> Tensor:
         # The patch conv computed as the matmul it is (kernel = stride = p, no padding: each output is one patch ·
         # one filter), which yields the tokens in (B, N, D) order. The conv's (B, D, h, w) output, transposed, left
         # the whole residual stream strided: every later add and LayerNorm paid for it, and the stride-16 conv
@@ -145,11 +147,11 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.activation = ACTIVATION_FUNCTIONS[cfg.activation]
 
-    def forward(self, x: Tensor, trace: Trace = None, prefix: str = "mlp") -> Tensor:
+    def forward(self, x: Tensor, trace: Trace | None = None, prefix: str = "mlp") -> Tensor:
         x = self.fc1(x)
         _record(trace, f"{prefix}.fc1", x)
         x = self._activate(x, in_place=trace is None)
-        _record(trace, f"{prefix}.gelu", x)
+        _record(trace, f"{prefix}.gelu", x)  # "gelu" whatever the activation: inspect's stage names are its API
         x = self.fc2(x)
         _record(trace, f"{prefix}.fc2", x)
         return x
@@ -178,7 +180,7 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, trace: Trace = None, prefix: str = "layer") -> Tensor:
+    def forward(self, x: Tensor, trace: Trace | None = None, prefix: str = "layer") -> Tensor:
         h = self.layer_norm1(x)
         _record(trace, f"{prefix}.layer_norm1", h)
         x = x + self.self_attn(h, trace, f"{prefix}.self_attn")
@@ -195,7 +197,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x: Tensor, trace: Trace = None) -> Tensor:
+    def forward(self, x: Tensor, trace: Trace | None = None) -> Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x, trace, f"layers.{i}")
         return x
@@ -212,7 +214,7 @@ class PoolAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * cfg.hidden_size))
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, query: Tensor, x: Tensor, trace: Trace = None, prefix: str = "head") -> Tensor:
+    def forward(self, query: Tensor, x: Tensor, trace: Trace | None = None, prefix: str = "head") -> Tensor:
         """The (1, 1, D) probe `query` attends over the (B, N, D) tokens `x` → (B, 1, D)."""
         B, N, D = x.shape
         w_q, w_kv = self.in_proj_weight.split([D, 2 * D])
@@ -223,7 +225,7 @@ class PoolAttention(nn.Module):
         # Written out, not SDPA: for one query it costs nothing, and its bits no longer depend on where the image
         # sits in the batch or on the thread count (CPU SDPA splits a lone query's work by threads, so two copies
         # of one photo in a batch got embeddings 1e-7 apart, and exact-match deduplication missed them).
-        out = _attend(q, k, v, trace, prefix, fused=False).transpose(1, 2).reshape(B, -1, D)
+        out = _attend(q, k, v, trace, prefix, sdpa=False).transpose(1, 2).reshape(B, -1, D)
         return self.out_proj(out)
 
 
@@ -237,7 +239,7 @@ class PoolingHead(nn.Module):
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, trace: Trace = None) -> Tensor:
+    def forward(self, x: Tensor, trace: Trace | None = None) -> Tensor:
         # On the CPU one image at a time, so that copies of one photo in a batch get the same bits (exact-match
         # deduplication relies on it): batched, a GEMM over the B probes computes its last, partial block of rows
         # with another kernel, and an elementwise op its last, partial vector (widths no multiple of 8), so copies
@@ -247,7 +249,7 @@ class PoolingHead(nn.Module):
             return self._pool(x, trace)
         return _one_at_a_time(self._pool, x)
 
-    def _pool(self, x: Tensor, trace: Trace = None) -> Tensor:
+    def _pool(self, x: Tensor, trace: Trace | None = None) -> Tensor:
         _record(trace, "head.probe", self.probe.expand(x.shape[0], -1, -1))
         # No residual around the pooling attention itself: the probe is a query, not a token stream.
         x = self.attention(self.probe, x, trace, "head")
@@ -275,7 +277,7 @@ class SiglipVision(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.head = PoolingHead(cfg) if cfg.vision_use_head else None
 
-    def forward(self, pixel_values: Tensor, trace: Trace = None) -> VisionOutput:
+    def forward(self, pixel_values: Tensor, trace: Trace | None = None) -> VisionOutput:
         _record(trace, "pixel_values", pixel_values)
         x = self.embeddings(pixel_values, trace)
         x = self.encoder(x, trace)

@@ -298,6 +298,10 @@ class Ref(NamedTuple):
     info: dict
 
 
+# The rows of a run by the path of their file: a `Ref` for a file embedded, its error row for one that failed.
+RowsByPath = dict[str, Ref | dict]
+
+
 _OPTION_NAMES = {
     "model": "--model",
     "revision": "--revision",
@@ -328,7 +332,7 @@ class Difference(NamedTuple):
     saved_over: bool  # the checkpoint alone differs: its folder was saved again since, or its config.json corrected
 
 
-def same_options(old: dict, new: dict) -> bool:
+def same_state(old: dict, new: dict) -> bool:
     """Whether two runs' states (`embed.run_state`) agree: a run may continue, update or merge with the other. The
     state of a version that did not record the weights' fingerprint or the architecture in full is taken at its
     word on them; between two that recorded the fingerprint, where the weights were loaded from does not count (a
@@ -358,7 +362,7 @@ def _both_recorded(old: dict, new: dict) -> tuple[dict, dict]:
 
 
 def as_recorded_by_all(states: list[dict]) -> dict:
-    """The first of `states`, less what not all of them record (`_LATER`): the options of a merge of their rows."""
+    """The first of `states`, less what not all of them record (`_LATER`): the state of a merge of their rows."""
     return _without(states[0], _not_recorded_by_all(states))
 
 
@@ -450,19 +454,19 @@ def pooling(vision: VisionConfig) -> str:
     return "attention-pool head" if vision.vision_use_head else "mean of patch tokens (headless tower)"
 
 
-def read_output_options(out: OutputPaths, metadata: dict[str, str] | None = None) -> dict:
+def read_output_state(out: OutputPaths, metadata: dict[str, str] | None = None) -> dict:
     """The run state (`embed.run_state`) a finished output was made with; {} for a file siglip did not write.
     Outputs of versions whose state did not hold the pooling have it in their metadata beside it. `metadata`: the
     output's, where the caller has read it already."""
     metadata = read_output_metadata(out) if metadata is None else metadata
     with _reading(out):
-        options = metadata.get("options", "{}")
-        options = json.loads(options) if isinstance(options, str) else options  # a .meta.json may hold an object
-        if not isinstance(options, dict):
-            raise ValueError(f"its options are {json_kind(options)}, not a JSON object")
-    if options and "pooling" not in options and "pooling" in metadata:
-        options["pooling"] = metadata["pooling"]
-    return options
+        state = metadata.get("options", "{}")  # recorded as the output's "options"
+        state = json.loads(state) if isinstance(state, str) else state  # a .meta.json may hold an object
+        if not isinstance(state, dict):
+            raise ValueError(f"its options are {json_kind(state)}, not a JSON object")
+    if state and "pooling" not in state and "pooling" in metadata:
+        state["pooling"] = metadata["pooling"]
+    return state
 
 
 def read_rows(out: OutputPaths) -> tuple[list[Ref], list[dict]]:
@@ -476,7 +480,7 @@ def read_rows(out: OutputPaths) -> tuple[list[Ref], list[dict]]:
         manifest = read_jsonl(out.manifest)
         metadata = read_output_metadata(out)  # once: its options, and the digest of its manifest
         held = {"embeddings": reader.count("embeddings")}
-        if read_output_options(out, metadata).get("tokens"):
+        if read_output_state(out, metadata).get("tokens"):
             held["tokens"] = reader.count("tokens")
         errors = _with_paths(read_jsonl(out.errors), out.errors) if out.errors.exists() else []
         manifest = _with_paths(manifest, out.manifest)
@@ -607,12 +611,12 @@ def assemble(
 ) -> None:
     """Write the final files from the finished rows, all of them, then put them in place: manifest and errors
     first, the embeddings file last. `before_replacing(steps)` runs between the two (`storage.replaced_together`).
-    Once they are in place, a stop signal no longer stops the run (`interrupts.output_in_place`)."""
+    Once they are in place, a stop signal no longer stops the run (`interrupts.mark_output_in_place`)."""
     state = json.loads(metadata["options"])
     D, T = state["embedding_dim"], state["num_tokens"]
     dtype = np.dtype(OUTPUT_DTYPES[state["output_dtype"]])
     metadata = final_metadata(metadata, len(good))
-    with replaced_together(before=before_replacing, after=interrupts.output_in_place) as staging:
+    with replaced_together(before=before_replacing, after=interrupts.mark_output_in_place) as staging:
         manifest = write_jsonl(out.manifest, (public_row(ref.info) for ref in good), staging=staging)
         metadata = {**metadata, MANIFEST_DIGEST: manifest}  # the embeddings say which manifest is theirs
         if bad:

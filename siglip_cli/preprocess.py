@@ -73,7 +73,7 @@ class TooManyPixels(BadImage):
     """A file refused for its size, read from its header (`--max-pixels`), before anything is decoded."""
 
 
-def one_line(error: BaseException) -> str:
+def bad_file_reason(error: BaseException) -> str:
     """The reason a file failed, as one line of plain words for the errors file.
 
     The system's reason for a file that cannot be opened ("Permission denied"; the path is in the row already),

@@ -16,8 +16,9 @@ from typing import Callable, Protocol, TypeVar
 import numpy as np
 
 from .config import PreprocessConfig
-from .preprocess import BadImage, DecodeOptions, load_pixels, one_line, open_checked
+from .preprocess import BadImage, DecodeOptions, bad_file_reason, load_pixels, open_checked
 from .text import display_path
+
 
 class HasImageSize(Protocol):
     """What a device decoder says of a file it claims (`gpu_decode.JpegHeader`): the oriented picture's size."""
@@ -86,7 +87,7 @@ def pixels_and_facts(
 def failure_reason(error: Exception, path: str) -> str:
     """Why the file at `path` failed, for the errors file; for a missing name with spaces at its ends (a line of a
     path list, copied with them), also the name that exists without them."""
-    reason = one_line(error)
+    reason = bad_file_reason(error)
     if isinstance(error, FileNotFoundError) and (bare := path.strip()) != path and os.path.lexists(bare):
         reason += f" (without the spaces at its ends, {display_path(bare)} exists)"
     return reason

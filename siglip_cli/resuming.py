@@ -19,14 +19,15 @@ from .outputs import (
     Difference,
     OutputPaths,
     Ref,
+    RowsByPath,
     check_outputs,
     describe_difference,
     final_metadata,
     public_row,
     read_output_metadata,
-    read_output_options,
+    read_output_state,
     read_rows,
-    same_options,
+    same_state,
     shard_text,
 )
 from .storage import WorkArea, remove_stale_temporaries
@@ -41,7 +42,7 @@ class EarlierWork(NamedTuple):
     interrupted run's chunks settle (`earlier_rows.settle`), and the number of the next chunk to write."""
 
     work: WorkArea
-    previous: dict[str, Ref | dict]
+    previous: RowsByPath
     settled: earlier_rows.Settled
     next_seq: int
 
@@ -54,7 +55,7 @@ def earlier_work(
     overwrite: bool,
     update: bool,
     keep_unlisted: bool,
-    part_of: Path | None,
+    devices_work: Path | None,
     shard: tuple[int, int] | None,
     progress: Progress | None,
 ) -> EarlierWork:
@@ -62,7 +63,8 @@ def earlier_work(
     interrupted run (damaged ones deleted, with a note) and, with --update, the earlier output's rows. A refused
     --update leaves no work area behind."""
     work, previous, made_in = _open_work(
-        out, state, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted, part_of=part_of, shard=shard
+        out, state, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted, devices_work=devices_work,
+        shard=shard,
     )
     remove_stale_temporaries(out.files())
     chunks, damaged = work.chunks()
@@ -94,9 +96,9 @@ def _open_work(
     overwrite: bool,
     update: bool,
     keep_unlisted: bool,
-    part_of: Path | None,
+    devices_work: Path | None,
     shard: tuple[int, int] | None,
-) -> tuple[WorkArea, dict[str, Ref | dict], str | None]:
+) -> tuple[WorkArea, RowsByPath, str | None]:
     """The run's work area, continued or made anew, and the earlier output's rows to reuse (--update) with the
     folder it was made in (where known: `_previous_output`); a UserError refuses the run. An interrupted run with
     the same options continues, with --overwrite too (its rerun); one with other options is refused, or replaced
@@ -107,7 +109,7 @@ def _open_work(
     reuse_output = update or published
     check_outputs(out, interrupted=resuming, overwrite=overwrite, update=reuse_output)
     if resuming:  # the advice follows the user's --update, not a several-device worker's (of its own shard)
-        _refuse_to_continue_other_work(work, work_state, update=update and part_of is None)
+        _refuse_to_continue_other_work(work, work_state, update=update and devices_work is None)
     # A run stopped while replacing the final files whose renames could not be finished (`finish_assembling`: its
     # new files gone, a mark of an earlier version) may have left a new manifest beside the old embeddings. The
     # earlier output is then read only if none of its files was replaced yet (`unreplaced`); else a run embeds again
@@ -122,7 +124,7 @@ def _open_work(
     previous, made_in = {}, None
     if reuse_output and trusted:
         previous, made_in = _rows_to_reuse(
-            out, state, shard, overwrite=overwrite, update=update, published=published, part_of=part_of
+            out, state, shard, overwrite=overwrite, update=update, published=published, devices_work=devices_work
         )
     if not resuming:
         try:
@@ -140,8 +142,8 @@ def _rows_to_reuse(
     overwrite: bool,
     update: bool,
     published: bool,
-    part_of: Path | None,
-) -> tuple[dict[str, Ref | dict], str | None]:
+    devices_work: Path | None,
+) -> tuple[RowsByPath, str | None]:
     """`_previous_output`, with what becomes of an earlier output made with other options: none with --overwrite (a
     several-device shard takes both: it is replaced); refused otherwise, as "already exists" where its run had
     finished and no --update was asked, and for a several-device worker as an interrupted run of other options."""
@@ -153,9 +155,9 @@ def _rows_to_reuse(
         if published and not update:  # a finished output, made with other options: as if its run had ended
             check_outputs(out, interrupted=False, overwrite=False, update=False)  # "already exists"
             raise
-        if part_of is None:
+        if devices_work is None:
             raise
-        raise _interrupted_with_other_options(part_of, e.difference) from None  # the user ran no --update
+        raise _interrupted_with_other_options(devices_work, e.difference) from None  # the user ran no --update
 
 
 def _tidy_earlier_work(work: WorkArea, out: OutputPaths, state: dict, *, overwrite: bool) -> tuple[bool, bool]:
@@ -164,7 +166,7 @@ def _tidy_earlier_work(work: WorkArea, out: OutputPaths, state: dict, *, overwri
     work is removed too; work of other options is removed with --overwrite; the shards of a run on several devices
     are refused without it."""
     work.refuse_if_closed()
-    if overwrite and work.exists() and not same_options(work.state() or {}, state):
+    if overwrite and work.exists() and not same_state(work.state() or {}, state):
         work.remove()  # its options are others, or cannot be read: it is not this run's to continue
     work.finish_assembling()  # a run stopped between its final renames: its output is made whole, then published
     # Stopped after its last rename, before it removed its work folder (or while: `WorkArea.remove` deletes the mark
@@ -189,7 +191,7 @@ def _refuse_to_continue_other_work(work: WorkArea, state: dict, *, update: bool)
             f"{work.directory} holds an interrupted run whose record of its options (state.json) cannot be read: "
             f"{_afresh(work.directory, update=update)}."
         )
-    if not same_options(earlier, state):
+    if not same_state(earlier, state):
         raise _interrupted_with_other_options(work.directory, describe_difference(earlier, state), update=update)
 
 
@@ -201,7 +203,7 @@ class _OtherOptions(UserError):
 
 def _previous_output(
     out: OutputPaths, state: dict, shard: tuple[int, int] | None
-) -> tuple[dict[str, Ref | dict], str | None]:
+) -> tuple[RowsByPath, str | None]:
     """The rows of an existing output, for --update (refused if it was made with other options), and the folder it
     was made in: where its relative paths start (None from versions that did not say).
 
@@ -219,8 +221,8 @@ def _previous_output(
             f"{out.embeddings} was {made}, and this --update has {given}: update it as it was made, or embed "
             "afresh with --overwrite."
         )
-    old = read_output_options(out, metadata)
-    if not same_options(old, state):
+    old = read_output_state(out, metadata)
+    if not same_state(old, state):
         difference = describe_difference(old, state)
         then = _what_to_do(
             difference, again="rerun --update with the same options", afresh="use --overwrite to embed everything again"
@@ -231,7 +233,7 @@ def _previous_output(
 
 
 def as_it_was(
-    out: OutputPaths, previous: dict[str, Ref | dict], good: list[Ref], bad: list[dict], metadata: dict[str, str]
+    out: OutputPaths, previous: RowsByPath, good: list[Ref], bad: list[dict], metadata: dict[str, str]
 ) -> bool:
     """Whether the output would be written again as it is (`previous`: its rows, --update): every row read from
     it, in its order and with its facts, the same failures, the same metadata. A nightly --update of a library

@@ -12,12 +12,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .checkpoints import Checkpoint, resolve_checkpoint
 from .config import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, DEFAULT_MODEL, PreprocessConfig
 from .cpus import fit_cpu_threads
 from .errors import UserError
 from .kernels import fuse_gelu, onednn_linears
 from .model import SiglipVision
-from .checkpoints import Checkpoint, resolve_checkpoint
 from .weights import load_model
 
 

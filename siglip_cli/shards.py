@@ -27,9 +27,9 @@ from .outputs import (
     check_outputs,
     describe_difference,
     read_output_metadata,
-    read_output_options,
+    read_output_state,
     read_rows,
-    same_options,
+    same_state,
 )
 from .storage import OutputBusy, Steps, WorkArea, exclusive, kept_from_writers, remove_stale_temporaries
 from .text import counted, display_path
@@ -306,12 +306,12 @@ def _merge_held(
 ) -> MergeSummary:
     opened = [open_output(Path(p)) for p in inputs]
     # The format is how the rows are stored, not how they were computed: .npy and .safetensors parts merge.
-    options = [{**read_output_options(out), "format": None} for out, _ in opened]
-    for (out, _), opts in zip(opened[1:], options[1:]):
-        if not same_options(options[0], opts):
+    states = [{**read_output_state(out), "format": None} for out, _ in opened]
+    for (out, _), state in zip(opened[1:], states[1:]):
+        if not same_state(states[0], state):
             raise UserError(
                 f"{out.embeddings} and {opened[0][0].embeddings} were made with different options "
-                f"({describe_difference(options[0], opts).options}); only outputs of the same run can be merged."
+                f"({describe_difference(states[0], state).options}); only outputs of the same run can be merged."
             )
     _check_same_inputs(opened)
     _check_every_part(opened, allow_missing=allow_missing)
@@ -321,7 +321,7 @@ def _merge_held(
     metadata.pop("inputs", None)
     if len({m.get("working_directory") for _, m in opened}) > 1:  # parts made from several folders: no one start
         metadata.pop("working_directory", None)  # for relative paths to name
-    metadata["options"] = json.dumps({**as_recorded_by_all(options), "format": target.format}, sort_keys=True)
+    metadata["options"] = json.dumps({**as_recorded_by_all(states), "format": target.format}, sort_keys=True)
     assemble(target, good, bad, metadata, before_replacing=before_replacing)
     return MergeSummary(
         rows=len(good),

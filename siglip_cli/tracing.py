@@ -30,7 +30,7 @@ from .preprocess import (
     BadImage,
     DecodeOptions,
     TooManyPixels,
-    one_line,
+    bad_file_reason,
     open_checked,
     open_rgb,
     resize,
@@ -182,7 +182,7 @@ def read_image(
         # Decoded first, as `embed` decodes: a bad file fails with its sentence, the C libraries' messages dropped.
         photo, _ = open_rgb(path, options)
         with open_checked(path, options) as raw:  # then the header of a file known to decode: mode and format
-            facts = ImageFacts(given, name, photo.width, photo.height, raw.format, raw.mode)
+            file_format, mode = raw.format, raw.mode
     except FileNotFoundError:
         if path.is_symlink():  # as `embed` says it
             raise UserError(f"{name} is a link to {display_path(os.readlink(path))}, which does not exist.") from None
@@ -190,8 +190,8 @@ def read_image(
     except TooManyPixels as e:  # not a file that fails: one refused, as asked
         raise UserError(f"{name} is refused: {e}.") from None
     except Exception as e:  # whatever the decoder raises (pillow-heif: ValueError, RuntimeError), as embed reports it
-        raise UserError(f"{name} cannot be decoded: {one_line(e)}.") from None
-    return photo, facts
+        raise UserError(f"{name} cannot be decoded: {bad_file_reason(e)}.") from None
+    return photo, ImageFacts(given, name, photo.width, photo.height, file_format, mode)
 
 
 def rescaling(factor: float) -> str:
@@ -353,36 +353,36 @@ class _Recorder(dict):
 
 
 def _image_stages(
-    photo: Image.Image, resized: Image.Image, cfg: PreprocessConfig, describe: _Describer
+    photo: Image.Image, resized: Image.Image, pre: PreprocessConfig, describe: _Describer
 ) -> list[Stage]:
     """The stages before the model: decoded image, resized image (`preprocess.resize`), pixels before
     normalisation."""
     stages = [_summarise("image", _hwc(photo), describe("image"))]
-    if cfg.do_resize:
-        distortion = "" if cfg.center_crop else _distortion(photo, cfg)
+    if pre.do_resize:
+        distortion = "" if pre.center_crop else _distortion(photo, pre)
         stages.append(_summarise("resized_image", _hwc(resized), describe("resized_image") + distortion))
-    if cfg.do_normalize:
-        unnormalised = torch.from_numpy(resized_to_pixels(resized, dataclasses.replace(cfg, do_normalize=False)))
+    if pre.do_normalize:
+        unnormalised = torch.from_numpy(resized_to_pixels(resized, dataclasses.replace(pre, do_normalize=False)))
         stages.append(_summarise("rescaled_pixels", unnormalised[None], describe("rescaled_pixels")))
     return stages
 
 
-def _distortion(photo: Image.Image, cfg: PreprocessConfig) -> str:
+def _distortion(photo: Image.Image, pre: PreprocessConfig) -> str:
     """What the squash does to this photo when a reader should know: "; upscaled 19×" for a thumbnail the model
     sees blurred, "; was 6.7× taller than wide" for a strip whose shapes it sees stretched. Empty otherwise."""
     notes = []
-    scale = max(cfg.width / photo.width, cfg.height / photo.height)
+    scale = max(pre.width / photo.width, pre.height / photo.height)
     if scale >= 2:
         notes.append(f"upscaled {scale:.3g}×")
-    stretch = (photo.width / photo.height) / (cfg.width / cfg.height)  # > 1: the photo is the wider
+    stretch = (photo.width / photo.height) / (pre.width / pre.height)  # > 1: the photo is the wider
     if max(stretch, 1 / stretch) >= 2:
         notes.append(f"was {max(stretch, 1 / stretch):.2g}× {'wider than tall' if stretch > 1 else 'taller than wide'}")
     return "".join(f"; {note}" for note in notes)
 
 
-def _pixels(resized: Image.Image, cfg: PreprocessConfig) -> Tensor:
+def _pixels(resized: Image.Image, pre: PreprocessConfig) -> Tensor:
     try:
-        return torch.from_numpy(resized_to_pixels(resized, cfg))
+        return torch.from_numpy(resized_to_pixels(resized, pre))
     except BadImage as e:
         raise UserError(f"{e}.") from None
 

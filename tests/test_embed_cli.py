@@ -1929,6 +1929,8 @@ def test_one_path_alone_is_a_list_of_one_in_the_python_api(photos: Path, tiny_si
     # A string was taken letter by letter: "input p does not exist".
     embedder = load(str(tiny_siglip), device="cpu")
     assert [r["path"] for r in embed_paths(embedder, str(photos / "sub")).rows] == [str(photos / "sub/c.webp")]
+    # A name as bytes too: embed_paths took it byte by byte ("expected str, bytes or os.PathLike object, not int").
+    assert [r["path"] for r in embed_paths(embedder, os.fsencode(photos / "sub")).rows] == [str(photos / "sub/c.webp")]
     assert discover(photos / "sub") == [str(photos / "sub/c.webp")]
     summary = embed_to_file(embedder, str(photos / "a.jpg"), out / "one.npy", options=EmbedOptions(workers=0))
     assert summary.embedded == 1

@@ -79,7 +79,7 @@ def test_an_output_in_place_stays_so_for_the_rest_of_the_command() -> None:
     # would report the finished run interrupted.
     with interrupts.stop_on_signals():
         with interrupts.stop_on_signals():
-            interrupts.output_in_place()
+            interrupts.mark_output_in_place()
         signal.raise_signal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):  # the next command starts afresh
         with interrupts.stop_on_signals():

@@ -554,14 +554,14 @@ def test_phone_and_web_formats_decode_to_the_photo(tmp_path: Path, bicubic: Prep
 def test_a_truncated_heic_or_webp_fails_in_plain_words(
     tmp_path: Path, bicubic: PreprocessConfig, suffix: str, reason: str
 ) -> None:
-    from siglip_cli.preprocess import one_line
+    from siglip_cli.preprocess import bad_file_reason
 
     path = tmp_path / f"half.{suffix}"
     make_photo((80, 60)).save(path, quality=90)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy cut short
     with pytest.raises(Exception) as raised:
         load_pixels(path, bicubic, DecodeOptions())
-    assert re.match(reason, one_line(raised.value))
+    assert re.match(reason, bad_file_reason(raised.value))
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's, of the TIFF cut inside its tags
@@ -571,14 +571,14 @@ def test_a_file_cut_short_in_its_header_is_said_to_be_of_its_format(
 ) -> None:
     # Pillow cannot open what is left, and said "cannot identify image file (not an image ...)" of a half-synced
     # phone photo. (Some keep enough of a header to fail later, as truncated: either says what happened.)
-    from siglip_cli.preprocess import one_line
+    from siglip_cli.preprocess import bad_file_reason
 
     path = tmp_path / f"cut.{suffix}"
     make_photo((80, 60)).save(path)
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(Exception) as raised:
         load_pixels(path, bicubic, DecodeOptions())
-    reason = one_line(raised.value)
+    reason = bad_file_reason(raised.value)
     assert reason.endswith("header is damaged or cut short: it cannot be opened") or "truncated" in reason, reason
     assert "not an image" not in reason
 
@@ -646,7 +646,7 @@ def test_a_whole_file_of_a_kind_pillow_cannot_read_is_not_called_damaged(
 def test_damaged_tiff_and_jpeg_cut_between_blocks_fail_in_plain_words(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     # Pillow said "decoder error -2" of a damaged LZW TIFF, and "(0 bytes not processed)" of a JPEG cut short
     # between two of libjpeg's blocks, which read as if nothing were wrong.
-    from siglip_cli.preprocess import one_line
+    from siglip_cli.preprocess import bad_file_reason
 
     make_photo((64, 64)).save(tmp_path / "scan.tif", compression="tiff_lzw")
     with Image.open(tmp_path / "scan.tif") as scan:
@@ -657,7 +657,7 @@ def test_damaged_tiff_and_jpeg_cut_between_blocks_fail_in_plain_words(tmp_path: 
     (tmp_path / "scan.tif").write_bytes(data)
     with pytest.raises(OSError) as raised:
         load_pixels(tmp_path / "scan.tif", bicubic, DecodeOptions())
-    assert one_line(raised.value) == "decoder error -2 (broken data stream: the image data is damaged)"
+    assert bad_file_reason(raised.value) == "decoder error -2 (broken data stream: the image data is damaged)"
 
     make_photo((64, 64)).save(tmp_path / "full.jpg", quality=90)
     data = (tmp_path / "full.jpg").read_bytes()
@@ -667,20 +667,20 @@ def test_damaged_tiff_and_jpeg_cut_between_blocks_fail_in_plain_words(tmp_path: 
         with pytest.raises(Exception) as raised:  # cut in its header, a file no longer known as a JPEG
             load_pixels(tmp_path / "cut.jpg", bicubic, DecodeOptions())
         if "(0 bytes not processed)" in str(raised.value):
-            reasons.add(one_line(raised.value))
+            reasons.add(bad_file_reason(raised.value))
     assert reasons == {"image file is truncated"}  # met at least once, and said plainly
     (tmp_path / "cut.jpg").write_bytes(data[:100])  # in its header: Pillow said "Truncated File Read"
     with pytest.raises(OSError) as raised:
         load_pixels(tmp_path / "cut.jpg", bicubic, DecodeOptions())
-    assert one_line(raised.value) == "image file is truncated"
+    assert bad_file_reason(raised.value) == "image file is truncated"
 
 
 def test_running_out_of_memory_on_a_file_is_said_in_words() -> None:
     # Under `ulimit -v`, --max-pixels 0 and a huge image: the errors row said "MemoryError:".
-    from siglip_cli.preprocess import one_line
+    from siglip_cli.preprocess import bad_file_reason
 
-    assert one_line(MemoryError()) == "not enough memory to decode it"
-    assert one_line(MemoryError("100000×100000")) == "not enough memory to decode it (100000×100000)"
+    assert bad_file_reason(MemoryError()) == "not enough memory to decode it"
+    assert bad_file_reason(MemoryError("100000×100000")) == "not enough memory to decode it (100000×100000)"
 
 
 def test_rotated_heic_is_turned_upright_once(tmp_path: Path, bicubic: PreprocessConfig) -> None:
