@@ -19,8 +19,8 @@ class ConfigError(UserError):
 # transformers' activation names (its ACT2FN) → the function, as `model.ACTIVATION_FUNCTIONS` names it. SigLIP trains
 # with the tanh GELU; "gelu_new", "gelu_fast", "gelu_accurate" and "gelu_python_tanh" are other implementations of
 # it, as "gelu_python" is of the exact (erf) GELU. No SigLIP checkpoint uses the others; transformers builds towers
-# with them (fine-tunes, tiny test towers), and so do we. Left out: prelu and xielu, which have weights of their own,
-# and laplace and sqrtsoftplus, written for attention and routers.
+# with them (fine-tunes, tiny test towers), and so do we, laplace and sqrtsoftplus (written for attention and routers)
+# too. Left out: prelu and xielu, which have weights of their own (a tensor in each MLP our key map does not read).
 ACTIVATIONS = {
     **dict.fromkeys(["gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_accurate", "gelu_python_tanh"], "gelu_tanh"),
     **dict.fromkeys(["gelu", "gelu_python"], "gelu"),
@@ -37,6 +37,8 @@ ACTIVATIONS = {
     "tanh": "tanh",
     "sigmoid": "sigmoid",
     "linear": "identity",
+    "laplace": "laplace",
+    "sqrtsoftplus": "sqrtsoftplus",
 }
 
 

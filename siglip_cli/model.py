@@ -44,6 +44,9 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
     "identity": lambda x: x,
+    # MEGA's: the normal CDF around mu = 0.707107 with sigma = 0.282095, written as transformers writes it.
+    "laplace": lambda x: 0.5 * (1.0 + torch.erf((x - 0.707107).div(0.282095 * math.sqrt(2.0)))),
+    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
 }
 
 

@@ -46,7 +46,7 @@ ACTIVATION_NAMES = {  # `VisionConfig.activation` as a stage's note says it
     "gelu_tanh": "GELU (tanh approximation)", "gelu": "GELU", "quick_gelu": "quick GELU: x · sigmoid(1.702 x)",
     "gelu_10": "GELU clipped to [-10, 10]", "relu": "ReLU", "relu2": "ReLU squared", "relu6": "ReLU6",
     "leaky_relu": "leaky ReLU", "silu": "SiLU", "mish": "Mish", "hardswish": "hard swish", "tanh": "tanh",
-    "sigmoid": "sigmoid", "identity": "none (linear)",
+    "sigmoid": "sigmoid", "identity": "none (linear)", "laplace": "Laplace (MEGA's)", "sqrtsoftplus": "√softplus",
 }
 _LAYER_STAGE = re.compile(r"layers\.(\d+)\.(.+)")
 
