@@ -141,7 +141,13 @@ class PreprocessConfig:
 
     (height, width) is what the model takes. SigLIP's processors resize straight to it; CLIP-style ones, which some
     fine-tunes carry, resize to `resize_to` (height, width), or so that the shorter side is `shortest_edge` (aspect
-    kept; smaller where the longer side would pass `longest_edge`), and then `center_crop` to it."""
+    kept; smaller where the longer side would pass `longest_edge`), and then `center_crop` to it.
+
+    A shortest edge with no crop after it (`keeps_aspect`: what `SiglipImageProcessor(size=N)` saves, as
+    {"shortest_edge": N}) leaves images of several sizes, which transformers runs only where the size makes the
+    tower's grid of `patch_size` px patches: the patch conv then drops what lies past the last whole patch, so the
+    model takes the top-left (height, width) = the grid's pixels here. An image whose size does not make the grid,
+    which transformers fails on, is squashed to (height, width) instead, as SigLIP's own processors resize."""
 
     height: int = 224
     width: int = 224
@@ -157,21 +163,24 @@ class PreprocessConfig:
     resize_to: tuple[int, int] | None = None
     shortest_edge: int | None = None
     longest_edge: int | None = None
+    patch_size: int | None = None  # the tower's, where `keeps_aspect`: the grid an image's resized size must make
+
+    @property
+    def keeps_aspect(self) -> bool:
+        """A shortest edge with no crop after it: the model takes the top-left of each image (class docstring)."""
+        return self.shortest_edge is not None and not self.center_crop
 
     def resized(self, width: int, height: int) -> tuple[int, int]:
-        """The (width, height) an image of (width, height) is resized to, as transformers computes it."""
-        if self.shortest_edge is not None:
-            short, long = sorted((width, height))
-            shorter, longer = self.shortest_edge, int(self.shortest_edge * long / short)
-            if self.longest_edge is not None and long / short * self.shortest_edge > self.longest_edge:
-                # transformers' `get_size_with_aspect_ratio`: the short side rounded, the long one from the unrounded,
-                # and an image whose short side that already is keeps its size.
-                exact = self.longest_edge * short / long
-                shorter, longer = round(exact), int(exact * long / short)
-                if shorter == short:
-                    return width, height
-            return (shorter, longer) if width <= height else (longer, shorter)
-        return (self.resize_to[1], self.resize_to[0]) if self.resize_to is not None else (self.width, self.height)
+        """The (width, height) an image of (width, height) is resized to: as transformers computes it, but for an
+        image that `keeps_aspect` would leave off the tower's grid (transformers fails on it): (self.width,
+        self.height)."""
+        if self.shortest_edge is None:
+            return (self.resize_to[1], self.resize_to[0]) if self.resize_to is not None else (self.width, self.height)
+        size = aspect_kept(width, height, self.shortest_edge, self.longest_edge)
+        p = self.patch_size
+        if self.keeps_aspect and (size[1] // p, size[0] // p) != (self.height // p, self.width // p):
+            return self.width, self.height
+        return size
 
     def __post_init__(self) -> None:
         if isinstance(self.resample, bool) or not isinstance(self.resample, int) or self.resample not in PIL_FILTERS:
@@ -193,18 +202,39 @@ class PreprocessConfig:
             raise ConfigError("preprocessor longest_edge is read only with a shortest_edge.")
         for side in self.resize_to or ():
             _check_int("preprocessor size", side)
-        if not self.center_crop and (self.shortest_edge is not None or self.resize_to is not None):
+        if not self.center_crop and self.resize_to is not None:
             raise ConfigError("a resize to another size than the model's needs a center crop after it.")
+        if self.keeps_aspect:
+            _check_int("preprocessor patch_size (the tower's, for a shortest edge without a crop)", self.patch_size)
+            if (self.height % self.patch_size, self.width % self.patch_size) != (0, 0):
+                raise ConfigError("a shortest edge without a crop takes whole patches: height and width too.")
 
     def to_dict(self) -> dict[str, Any]:
         """As recorded with an output: the crop's fields only where it crops, and a longest edge only where there is
         one, so that outputs of the same preprocessing read as those of versions without them."""
         fields = dataclasses.asdict(self)
         if not self.center_crop:
-            fields = {k: v for k, v in fields.items() if k not in ("center_crop", "resize_to", "shortest_edge")}
-        if self.longest_edge is None:
-            fields.pop("longest_edge")
+            cropping = ("center_crop", "resize_to") + (() if self.keeps_aspect else ("shortest_edge",))
+            fields = {k: v for k, v in fields.items() if k not in cropping}
+        for name in ("longest_edge", "patch_size"):
+            if fields.get(name, 0) is None:
+                fields.pop(name)
         return fields
+
+
+def aspect_kept(width: int, height: int, shortest_edge: int, longest_edge: int | None = None) -> tuple[int, int]:
+    """The (width, height) transformers resizes an image of (width, height) to for a shortest edge: the aspect kept,
+    smaller where the longer side would pass `longest_edge`."""
+    short, long = sorted((width, height))
+    shorter, longer = shortest_edge, int(shortest_edge * long / short)
+    if longest_edge is not None and long / short * shortest_edge > longest_edge:
+        # transformers' `get_size_with_aspect_ratio`: the short side rounded, the long one from the unrounded, and an
+        # image whose short side that already is keeps its size.
+        exact = longest_edge * short / long
+        shorter, longer = round(exact), int(exact * long / short)
+        if shorter == short:
+            return width, height
+    return (shorter, longer) if width <= height else (longer, shorter)
 
 
 _BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
@@ -352,6 +382,8 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
         height, width = _crop_size(config.get("crop_size"))
         resize_to = None if resize_to == (height, width) else resize_to  # a crop that takes the whole image
         crop = resize_to is not None or resize.shortest_edge is not None or do_resize is False
+    elif resize.shortest_edge is not None:  # `PreprocessConfig.keeps_aspect`: the model takes the grid's pixels
+        height = width = vision.grid_size * vision.patch_size
     else:  # without resizing, images must come at the tower's size
         height, width = resize_to or (vision.image_size, vision.image_size)
         resize_to = None
@@ -379,6 +411,7 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
         resize_to=resize_to,
         shortest_edge=resize.shortest_edge,
         longest_edge=resize.longest_edge,
+        patch_size=vision.patch_size if resize.shortest_edge is not None and not crop else None,
     )
 
 
@@ -409,8 +442,7 @@ def _with_class_defaults(config: dict[str, Any]) -> dict[str, Any]:
 
 class _Resize(NamedTuple):
     """What a preprocessor config resizes to: a fixed (height, width), or a shorter side of `shortest_edge` with the
-    aspect kept (and the longer side at most `longest_edge`), which only a crop after it can give the fixed size a
-    tower takes."""
+    aspect kept (and the longer side at most `longest_edge`)."""
 
     to: tuple[int, int] | None = None
     shortest_edge: int | None = None
@@ -448,26 +480,36 @@ def _resize_target(config: dict[str, Any], vision: VisionConfig, *, crop: bool) 
     if size is None:
         raise ConfigError("preprocessor size is null: it must be the model's (height, width).")
     if isinstance(size, int) and not isinstance(size, bool):
-        # A bare number: a shortest edge for the classes that say so (`_ONE_NUMBER_IS_A_SHORTEST_EDGE`), which then
-        # fail on photos that are not square unless a crop follows; a square for the rest, transformers' default.
-        # Without a crop it can only mean the tower's square. The class: a str, or null read as absent (as
-        # `_with_class_defaults` reads it).
+        # A bare number: a shortest edge for the classes that say so (`_ONE_NUMBER_IS_A_SHORTEST_EDGE`), a square
+        # for the rest, transformers' default. The class: a str, or null read as absent (as `_with_class_defaults`
+        # reads it).
         kind = _class_name(config.get("image_processor_type") or "SiglipImageProcessor")
-        shortest = crop and kind in _ONE_NUMBER_IS_A_SHORTEST_EDGE
+        shortest = kind in _ONE_NUMBER_IS_A_SHORTEST_EDGE
         size = {"shortest_edge": size} if shortest else {"height": size, "width": size}
     if isinstance(size, (list, tuple)) and len(size) == 2:  # (height, width), as transformers reads a pair
         size = {"height": size[0], "width": size[1]}
     form = set(size) if isinstance(size, dict) else None
     if form == {"height", "width"}:
         return _Resize(to=(size["height"], size["width"]))
-    if form in _SIZE_FORMS and crop:
-        _check_int("preprocessor shortest_edge", size["shortest_edge"])  # a null one transformers fails on too
-        return _Resize(shortest_edge=size["shortest_edge"], longest_edge=size.get("longest_edge"))
-    if form in _SIZE_FORMS:
-        reason = "keeps the aspect, and without a center crop after it the tower cannot take the image"
-    else:
-        reason = "is none of the forms read here: {height, width}, {shortest_edge}, {shortest_edge, longest_edge}"
-    raise ConfigError(f"preprocessor size {size} {reason}.")
+    if form not in _SIZE_FORMS:
+        raise ConfigError(
+            f"preprocessor size {size} is none of the forms read here: {{height, width}}, {{shortest_edge}}, "
+            "{shortest_edge, longest_edge}."
+        )
+    _check_int("preprocessor shortest_edge", size["shortest_edge"])  # a null one transformers fails on too
+    if size.get("longest_edge") is not None:
+        _check_int("preprocessor longest_edge", size["longest_edge"])
+    resize = _Resize(shortest_edge=size["shortest_edge"], longest_edge=size.get("longest_edge"))
+    if not crop:  # `PreprocessConfig.keeps_aspect`
+        side, _ = aspect_kept(resize.shortest_edge, resize.shortest_edge, resize.shortest_edge, resize.longest_edge)
+        if vision.dropped_from(side, side) is None:
+            p, g = vision.patch_size, vision.grid_size
+            raise ConfigError(
+                f"preprocessor size {size} keeps the aspect with no crop after it, and not even a square image, "
+                f"resized to {side}x{side}, makes the tower's {g}x{g} grid of {p} px patches: transformers fails on "
+                "every image."
+            )
+    return resize
 
 
 def _crop_size(crop: Any) -> tuple[int, int]:

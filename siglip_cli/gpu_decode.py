@@ -57,8 +57,9 @@ class JpegHeader:
 
 
 def supported(cfg: PreprocessConfig) -> bool:
-    """Whether the checkpoint's preprocessing has a GPU equivalent: its resize filter, if it resizes, and no crop."""
-    return (not cfg.do_resize or cfg.resample in RESAMPLE_MODES) and not cfg.center_crop
+    """Whether the checkpoint's preprocessing has a GPU equivalent: its resize filter, if it resizes, and a resize
+    straight to the model's size (no crop, no aspect kept)."""
+    return (not cfg.do_resize or cfg.resample in RESAMPLE_MODES) and not cfg.center_crop and not cfg.keeps_aspect
 
 
 @functools.cache
@@ -81,9 +82,10 @@ def fault(device: torch.device) -> str | None:
 
 def check_supported(cfg: PreprocessConfig) -> None:
     """Raise a `UserError` sentence when the checkpoint's preprocessing has no GPU equivalent."""
-    if cfg.center_crop:
-        raise UserError("GPU decoding resizes straight to the model's size, but this checkpoint's preprocessing "
-                        "center-crops; use the CPU decoder.")  # fmt: skip
+    if cfg.center_crop or cfg.keeps_aspect:
+        step = "center-crops" if cfg.center_crop else "keeps the aspect"
+        raise UserError(f"GPU decoding resizes straight to the model's size, but this checkpoint's preprocessing "
+                        f"{step}; use the CPU decoder.")  # fmt: skip
     if not supported(cfg):
         raise UserError(
             f"GPU decoding supports bilinear and bicubic resizing, but this checkpoint asks for PIL filter "

@@ -436,11 +436,13 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
 
 def resized_to_pixels(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """A `resize`d RGB image → (3, height, width) float32 array: cropped, rescaled and normalized as `cfg` says."""
-    if not cfg.center_crop and image.size != (cfg.width, cfg.height):
+    if not (cfg.center_crop or cfg.keeps_aspect) and image.size != (cfg.width, cfg.height):
         raise BadImage(f"image is {image.width}x{image.height} but the model needs {cfg.width}x{cfg.height}")
     x = np.asarray(image)  # (H, W, 3) uint8
     if cfg.center_crop:
         x = center_crop(x, cfg.height, cfg.width)
+    elif cfg.keeps_aspect:  # what the patch conv sees of it: it drops the pixels past its last whole patch
+        x = x[: cfg.height, : cfg.width]
     # The reference rescales in float64 and then casts: doing it in float32 directly differs in the last bit.
     x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32) if cfg.do_rescale else x.astype(np.float32)
     if cfg.do_normalize:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .config import DEFAULT_MAX_PIXELS, DEFAULT_PRESET, PIL_FILTERS, PreprocessConfig, VisionConfig
+from .config import DEFAULT_MAX_PIXELS, DEFAULT_PRESET, PIL_FILTERS, PreprocessConfig, VisionConfig, aspect_kept
 from .errors import UserError
 from .files import expand_home, is_regular_file, path_fields
 from .model import SiglipVision, gflops_per_image, num_parameters
@@ -215,6 +215,11 @@ def preprocessing_steps(pre: PreprocessConfig) -> dict[str, str]:
         steps["resize"] = f"squashed to {width}×{height} ({resample}{'' if pre.center_crop else ', no crop'})"
     if pre.center_crop:
         steps["crop"] = f"center-cropped to {pre.width}×{pre.height}"
+    elif pre.keeps_aspect:
+        steps["crop"] = (
+            f"the top-left {pre.width}×{pre.height} the patch conv sees, or the image squashed to it where its size "
+            "gives another grid (transformers fails there)"
+        )
     if pre.do_rescale:
         steps["rescale"] = rescaling(pre.rescale_factor)
     if pre.do_normalize:
@@ -359,7 +364,12 @@ def _image_stages(
     normalisation."""
     stages = [_summarise("image", _hwc(photo), describe("image"))]
     if pre.do_resize:
-        distortion = "" if pre.center_crop else _distortion(photo, pre)
+        squashed = not pre.center_crop and resized.size == (pre.width, pre.height)
+        distortion = _distortion(photo, pre) if squashed else ""
+        kept = aspect_kept(*photo.size, pre.shortest_edge, pre.longest_edge) if pre.keeps_aspect else resized.size
+        if squashed and kept != resized.size:  # the aspect kept would have made another grid
+            p = pre.patch_size
+            distortion += f"; squashed: {kept[0]}×{kept[1]} would give a {kept[0] // p}×{kept[1] // p} grid"
         stages.append(_summarise("resized_image", _hwc(resized), describe("resized_image") + distortion))
     if pre.do_normalize:
         unnormalised = torch.from_numpy(resized_to_pixels(resized, dataclasses.replace(pre, do_normalize=False)))

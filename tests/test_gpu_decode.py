@@ -333,6 +333,8 @@ def test_check_supported_refuses_filters_the_gpu_lacks() -> None:
     check_supported(PreprocessConfig(resample=0, do_resize=False))  # no resizing, no filter to match
     with pytest.raises(UserError, match="supports bilinear and bicubic resizing.*PIL filter 0"):
         check_supported(PreprocessConfig(resample=0))
+    with pytest.raises(UserError, match="this checkpoint's preprocessing keeps the aspect; use the CPU decoder"):
+        check_supported(PreprocessConfig(shortest_edge=224, patch_size=16))
 
 
 @pytest.mark.parametrize("device, resample, expected", [("cuda", 3, "gpu"), ("cuda", 1, "cpu"), ("cpu", 3, "cpu")])

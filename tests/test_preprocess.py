@@ -22,8 +22,9 @@ from PIL import Image
 from conftest import make_photo, reference_composites, save_animated_gif, save_png_claiming_size, save_sideways_jpeg
 from siglip_cli import gpu_decode
 from siglip_cli.checkpoints import resolve_checkpoint
-from siglip_cli.config import PreprocessConfig
+from siglip_cli.config import ConfigError, PreprocessConfig
 from siglip_cli.preprocess import BadImage, DecodeOptions, load_pixels, pixel_values, to_rgb
+from siglip_cli.tracing import preprocessing_steps
 
 MODES = ["RGB", "L", "RGBA", "LA", "P", "CMYK"]  # P: a palette with one transparent colour
 # A format that stores each mode as it is (P keeps its transparency in PNG and GIF, CMYK stays CMYK in JPEG/TIFF).
@@ -113,6 +114,46 @@ def test_a_center_cropping_processor_gives_transformers_pixels(
     assert not gpu_decode.supported(cfg)  # the GPU decoder resizes straight to the model's size
 
 
+@pytest.mark.parametrize("size", [32, {"shortest_edge": 32}, {"shortest_edge": 32, "longest_edge": 38}])
+# On the tower's 4x4 grid of 8 px patches once resized: (84, 80), (37, 35), (32, 32); off it: (80, 60), (20, 90).
+@pytest.mark.parametrize("image_size", [(84, 80), (35, 37), (32, 32), (80, 60), (20, 90)])
+def test_a_shortest_edge_without_a_crop_gives_the_pixels_the_patch_conv_sees_in_transformers(
+    tmp_path: Path, size: int | dict, image_size: tuple[int, int]
+) -> None:
+    # What `SiglipImageProcessor(size=32)` saves ({"shortest_edge": 32}): transformers keeps the aspect and runs an
+    # image whose size then makes the tower's grid, its patch conv dropping the 33rd column; we refused the
+    # checkpoint, and squashed the one-number form. An image off the grid, which transformers fails on, is squashed.
+    from transformers import SiglipImageProcessorPil
+
+    from siglip_cli.config import VisionConfig, preprocess_config_from_hub
+
+    processor = SiglipImageProcessorPil(resample=3, size=size)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    cfg = preprocess_config_from_hub({**saved, "size": size}, VisionConfig(image_size=32, patch_size=8))
+    assert (cfg.height, cfg.width, cfg.keeps_aspect) == (32, 32, True)
+    image = make_photo(image_size)
+    kept = processor(images=image, return_tensors="np")["pixel_values"][0]
+    if (kept.shape[1] // 8, kept.shape[2] // 8) == (4, 4):
+        expected = kept[:, :32, :32]
+    else:
+        squashed = SiglipImageProcessorPil(resample=3, size={"height": 32, "width": 32})
+        expected = squashed(images=image, return_tensors="np")["pixel_values"][0]
+    assert kept.shape[1:] != (32, 32) or image_size == (32, 32)  # the aspect is kept: not the squash's size
+    assert same_bits(pixels_of(image, cfg), expected)
+    assert not gpu_decode.supported(cfg)  # the GPU decoder resizes straight to the model's size
+    assert "the top-left 32×32 the patch conv sees" in preprocessing_steps(cfg)["crop"]
+
+
+def test_a_shortest_edge_without_a_crop_that_no_image_can_fit_is_refused() -> None:
+    from siglip_cli.config import VisionConfig, preprocess_config_from_hub
+
+    with pytest.raises(ConfigError, match=r"not even a square image, resized to 48x48, makes the tower's 4x4 grid"):
+        preprocess_config_from_hub({"size": {"shortest_edge": 48}}, VisionConfig(image_size=32, patch_size=8))
+    capped = {"shortest_edge": 48, "longest_edge": 32}  # a square is capped down onto the grid: it runs
+    assert preprocess_config_from_hub({"size": capped}, VisionConfig(image_size=32, patch_size=8)).keeps_aspect
+
+
 def test_an_image_too_thin_for_a_longest_edge_cap_fails_in_words() -> None:
     # 1×2000 under a shortest edge of 36 capped at 60: 0×60 pixels (transformers fails too); the errors row said
     # "ValueError: height and width must be > 0".
@@ -174,7 +215,7 @@ def test_a_siglip_config_without_a_size_resizes_as_transformers_does(
 
 
 def test_a_config_of_an_unknown_processor_class_must_say_what_it_means() -> None:
-    from siglip_cli.config import ConfigError, VisionConfig, preprocess_config_from_hub
+    from siglip_cli.config import VisionConfig, preprocess_config_from_hub
 
     tower = VisionConfig(image_size=32)
     partial = {"image_processor_type": "ConvNextImageProcessor", "size": 32}

@@ -608,7 +608,7 @@ def test_malformed_config_is_one_sentence_naming_the_checkpoint(tmp_path: Path, 
         ({"do_center_crop": True, "crop_size": {"height": 24, "width": 24}}, r"crops to 24x24, a 3x3 grid of 8 px patches, but the tower takes 32x32 images"),
         ({"do_center_crop": True, "crop_size": "x"}, r"crop_size 'x' is not a \(height, width\)"),
         ({"do_center_crop": "false"}, r"do_center_crop must be true or false, not 'false'"),
-        ({"size": {"shortest_edge": 32}}, r"keeps the aspect, and without a center crop after it the tower cannot"),
+        ({"size": {"shortest_edge": 48}}, r"keeps the aspect with no crop after it, and not even a square image"),
     ],
 )
 def test_malformed_preprocessor_config_is_refused_when_the_checkpoint_loads(
@@ -798,19 +798,21 @@ def test_a_crop_size_given_as_a_pair_is_height_then_width() -> None:
     assert as_pair == as_dict and (as_pair.height, as_pair.width) == (224, 256)
 
 
-def test_a_size_transformers_refuses_or_no_crop_can_fit_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"keeps the aspect, and without a center crop after it the tower cannot"):
-        preprocess_config_from_hub({"size": {"shortest_edge": 224}}, VisionConfig())
+def test_a_size_transformers_refuses_or_no_image_can_fit_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"resized to 256x256, makes the tower's 14x14 grid of 16 px patches: "):
+        preprocess_config_from_hub({"size": {"shortest_edge": 256}}, VisionConfig())
     crop = {"do_center_crop": True, "crop_size": 224}
     for size in ({"height": 256, "width": 256, "shortest_edge": 256}, {"longest_edge": 256}, {"max_height": 256}):
         with pytest.raises(ConfigError, match=r"is none of the forms read here: \{height, width\}, "):
             preprocess_config_from_hub({"size": size, **crop}, VisionConfig())  # the first was read as a square
 
 
-def test_a_size_of_one_number_without_a_crop_is_the_towers_square() -> None:
-    # transformers 5 reads it as a shortest edge and then fails on photos that are not square (README).
+def test_a_size_of_one_number_is_a_shortest_edge_as_in_transformers() -> None:
+    # For SigLIP's processor (and CLIP's, BiT's): transformers 5 keeps the aspect (test_model_parity). ViT's is square.
     cfg = preprocess_config_from_hub({"size": 224}, VisionConfig())
-    assert (cfg.height, cfg.width, cfg.shortest_edge, cfg.center_crop) == (224, 224, None, False)
+    assert (cfg.height, cfg.width, cfg.shortest_edge, cfg.keeps_aspect, cfg.patch_size) == (224, 224, 224, True, 16)
+    vit = preprocess_config_from_hub({"image_processor_type": "ViTImageProcessor", "size": 224}, VisionConfig())
+    assert (vit.height, vit.width, vit.shortest_edge, vit.keeps_aspect) == (224, 224, None, False)
 
 
 def test_an_integer_tensor_is_cast_as_transformers_casts_it(tiny_vision: Path, tmp_path: Path) -> None:
