@@ -144,10 +144,12 @@ class PreprocessConfig:
     kept; smaller where the longer side would pass `longest_edge`), and then `center_crop` to it.
 
     A shortest edge with no crop after it (`keeps_aspect`: what `SiglipImageProcessor(size=N)` saves, as
-    {"shortest_edge": N}) leaves images of several sizes, which transformers runs only where the size makes the
-    tower's grid of `patch_size` px patches: the patch conv then drops what lies past the last whole patch, so the
-    model takes the top-left (height, width) = the grid's pixels here. An image whose size does not make the grid,
-    which transformers fails on, is squashed to (height, width) instead, as SigLIP's own processors resize."""
+    {"shortest_edge": N}) leaves images of several sizes, which transformers runs where their whole `patch_size` px
+    patches number the tower's: the patch conv drops what lies past the last whole patch, and the patches, in rows,
+    get the position embeddings by their index, so a 2×8 grid runs on a 4×4 tower (as a longest edge can make it).
+    Here the model takes those patches laid out as its (height, width) grid in the same order (`preprocess`), which
+    it computes on as transformers does on theirs. An image whose patches do not number the tower's, which
+    transformers fails on, is squashed to (height, width) instead, as SigLIP's own processors resize."""
 
     height: int = 224
     width: int = 224
@@ -163,22 +165,22 @@ class PreprocessConfig:
     resize_to: tuple[int, int] | None = None
     shortest_edge: int | None = None
     longest_edge: int | None = None
-    patch_size: int | None = None  # the tower's, where `keeps_aspect`: the grid an image's resized size must make
+    patch_size: int | None = None  # the tower's, where `keeps_aspect`: the patches an image's resized size must make
 
     @property
     def keeps_aspect(self) -> bool:
-        """A shortest edge with no crop after it: the model takes the top-left of each image (class docstring)."""
+        """A shortest edge with no crop after it: the model takes each image's whole patches (class docstring)."""
         return self.shortest_edge is not None and not self.center_crop
 
     def resized(self, width: int, height: int) -> tuple[int, int]:
         """The (width, height) an image of (width, height) is resized to: as transformers computes it, but for an
-        image that `keeps_aspect` would leave off the tower's grid (transformers fails on it): (self.width,
-        self.height)."""
+        image that `keeps_aspect` would leave with another number of patches than the tower's (transformers fails
+        on it): (self.width, self.height)."""
         if self.shortest_edge is None:
             return (self.resize_to[1], self.resize_to[0]) if self.resize_to is not None else (self.width, self.height)
         size = aspect_kept(width, height, self.shortest_edge, self.longest_edge)
         p = self.patch_size
-        if self.keeps_aspect and (size[1] // p, size[0] // p) != (self.height // p, self.width // p):
+        if self.keeps_aspect and (size[0] // p) * (size[1] // p) != (self.width // p) * (self.height // p):
             return self.width, self.height
         return size
 
@@ -500,15 +502,15 @@ def _resize_target(config: dict[str, Any], vision: VisionConfig, *, crop: bool) 
     if size.get("longest_edge") is not None:
         _check_int("preprocessor longest_edge", size["longest_edge"])
     resize = _Resize(shortest_edge=size["shortest_edge"], longest_edge=size.get("longest_edge"))
-    if not crop:  # `PreprocessConfig.keeps_aspect`
-        side, _ = aspect_kept(resize.shortest_edge, resize.shortest_edge, resize.shortest_edge, resize.longest_edge)
-        if vision.dropped_from(side, side) is None:
-            p, g = vision.patch_size, vision.grid_size
-            raise ConfigError(
-                f"preprocessor size {size} keeps the aspect with no crop after it, and not even a square image, "
-                f"resized to {side}x{side}, makes the tower's {g}x{g} grid of {p} px patches: transformers fails on "
-                "every image."
-            )
+    # `PreprocessConfig.keeps_aspect`. Without a longest edge every image's shorter side gives N // p rows (or
+    # columns) of patches, which must go into the tower's g × g a whole number of times, at least as often.
+    rows, p, g = resize.shortest_edge // vision.patch_size, vision.patch_size, vision.grid_size
+    if not crop and resize.longest_edge is None and not (0 < rows <= g and g * g % rows == 0):
+        raise ConfigError(
+            f"preprocessor size {size} keeps the aspect with no crop after it, and its shorter side of "
+            f"{resize.shortest_edge} px, {rows} rows of {p} px patches, makes no image the tower's {g * g} patches: "
+            "transformers fails on every image."
+        )
     return resize
 
 

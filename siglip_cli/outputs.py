@@ -329,7 +329,7 @@ class Difference(NamedTuple):
     """How two runs' states differ (`describe_difference`)."""
 
     options: str  # as the user spells them: '--dtype, --tokens'
-    saved_over: bool  # the checkpoint alone differs: its folder was saved again since, or its config.json corrected
+    saved_over: bool  # the checkpoint alone differs: its folder was saved again since, or its config files corrected
 
 
 def same_state(old: dict, new: dict) -> bool:

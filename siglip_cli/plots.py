@@ -168,10 +168,10 @@ def head_attention(result: Inspection) -> Image.Image:
     a head that spreads its weight evenly is uniformly bright and a sharp one dark around its peaks."""
     assert result.head_attention is not None, "a headless tower has no pooling attention"
     cfg = result.config
-    g = cfg.grid_size
-    heads = result.head_attention.numpy().reshape(-1, g, g) * cfg.num_patches  # (H, g, g) × uniform
-    pre = result.preprocessing
-    covered = (g * cfg.patch_size / pre.width, g * cfg.patch_size / pre.height)  # the grid's share: dropped excluded
+    (rows, cols), p = result.patch_grid, cfg.patch_size
+    heads = result.head_attention.numpy().reshape(-1, rows, cols) * cfg.num_patches  # (H, rows, cols) × uniform
+    seen = (cols * p, rows * p)
+    covered = (seen[0] / (seen[0] + result.dropped[1]), seen[1] / (seen[1] + result.dropped[0]))  # dropped excluded
     mean = heads.mean(0)
     mean_peak, head_peak = float(mean.max()), float(heads.max())
 
@@ -186,7 +186,7 @@ def head_attention(result: Inspection) -> Image.Image:
     body.paste(top, (0, 0))
     body.paste(grid, (0, top.height + MARGIN))
     subtitle = (
-        f"softmax weights of the learned probe over the {g}x{g} patches, in multiples of uniform attention "
+        f"softmax weights of the learned probe over the {rows}x{cols} patches, in multiples of uniform attention "
         f"(1x = 1/{cfg.num_patches} each); colours run from 0 to the peak: the mean has its own scale, the heads "
         "share one"
     )
@@ -289,8 +289,8 @@ def colormap(values: np.ndarray, anchors: tuple[tuple[int, int, int], ...]) -> n
 
 
 def _overlay(photo: Image.Image, heat: np.ndarray, covered: tuple[float, float]) -> Image.Image:
-    """Heatmap of a (g, g) map of values in [0, 1] over the part of `photo` the patch grid covers: `covered` is its
-    share of the width and of the height."""
+    """Heatmap of a (rows, cols) map of values in [0, 1] over the part of `photo` the patch grid covers: `covered` is
+    its share of the width and of the height."""
     w, h = round(photo.width * covered[0]), round(photo.height * covered[1])
     heat = Image.fromarray(heat.astype(np.float32), "F").resize((w, h), Image.BILINEAR)
     base = np.asarray(photo.convert("L").convert("RGB"), np.float64) * 0.75  # grey photo, dimmed

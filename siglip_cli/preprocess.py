@@ -416,17 +416,20 @@ def _unit_floats_to_255(image: Image.Image) -> Image.Image:
     return image
 
 
-def pixel_values(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """RGB PIL image → normalized (3, height, width) float32 array, as the reference computes it."""
-    return resized_to_pixels(resize(image, cfg), cfg)
+def pixel_values(image: Image.Image, cfg: PreprocessConfig, *, original: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB PIL image → normalized (3, height, width) float32 array, as the reference computes it. `original`: as
+    `resize` takes it."""
+    return resized_to_pixels(resize(image, cfg, original=original), cfg)
 
 
-def resize(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+def resize(image: Image.Image, cfg: PreprocessConfig, *, original: tuple[int, int] | None = None) -> Image.Image:
     """The image resized as the reference resizes it (to the model's size, or its shortest edge before a crop); as
-    it is where the preprocessor does not resize."""
+    it is where the preprocessor does not resize. `original`: the (width, height) of the file's full-size picture,
+    where `image` was decoded at a reduced size (--fast-decode), whose sides are rounded: the size kept for the
+    aspect is the original's."""
     if not cfg.do_resize:
         return image
-    width, height = cfg.resized(*image.size)
+    width, height = cfg.resized(*(original or image.size))
     if not (width and height):  # a sliver under a longest-edge cap (1×2000): transformers fails on it too
         raise BadImage(
             f"image is {image.width}x{image.height}: too thin to resize for this model (to {width}x{height})"
@@ -441,13 +444,24 @@ def resized_to_pixels(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     x = np.asarray(image)  # (H, W, 3) uint8
     if cfg.center_crop:
         x = center_crop(x, cfg.height, cfg.width)
-    elif cfg.keeps_aspect:  # what the patch conv sees of it: it drops the pixels past its last whole patch
-        x = x[: cfg.height, : cfg.width]
+    elif cfg.keeps_aspect:
+        x = _as_the_towers_grid(x, cfg.patch_size, cfg.height // cfg.patch_size, cfg.width // cfg.patch_size)
     # The reference rescales in float64 and then casts: doing it in float32 directly differs in the last bit.
     x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32) if cfg.do_rescale else x.astype(np.float32)
     if cfg.do_normalize:
         x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def _as_the_towers_grid(x: np.ndarray, p: int, rows: int, cols: int) -> np.ndarray:
+    """The whole p px patches of an (H, W, C) image, which number rows × cols, laid out in that grid in the same
+    order: the tower computes on them as on the image (`PreprocessConfig.keeps_aspect`). Its patch conv drops what
+    lies past the last whole patch, and gives each patch, in rows, the position embedding of its index."""
+    h, w, c = x.shape[0] // p, x.shape[1] // p, x.shape[2]
+    if (h, w) == (rows, cols):
+        return x[: h * p, : w * p]
+    patches = x[: h * p, : w * p].reshape(h, p, w, p, c).transpose(0, 2, 1, 3, 4)  # (h, w, p, p, C)
+    return patches.reshape(rows, cols, p, p, c).transpose(0, 2, 1, 3, 4).reshape(rows * p, cols * p, c)
 
 
 def center_crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -472,4 +486,5 @@ def load_pixels(
     # The least size --fast-decode may draft a JPEG down to: the model's input (a shortest edge: its square).
     target = (cfg.shortest_edge,) * 2 if cfg.shortest_edge else cfg.resized(cfg.width, cfg.height)
     image, (width, height) = open_rgb(source, options, target=target if cfg.do_resize else None)
-    return pixel_values(image, cfg), width, height
+    drafted = image.width < width and image.height < height  # decoded at a reduced size (--fast-decode)
+    return pixel_values(image, cfg, original=(width, height) if drafted else None), width, height

@@ -282,5 +282,5 @@ def _what_to_do(difference: Difference, *, again: str, afresh: str) -> str:
     """The advice of a refusal of work made with other options (`describe_difference`): give them `again`, or start
     `afresh`; of a checkpoint saved over only the latter, since no option brings it back."""
     if difference.saved_over:
-        return f"the checkpoint has changed since (saved again, or its config.json corrected); {afresh}."
+        return f"the checkpoint has changed since (saved again, or its config files corrected); {afresh}."
     return f"{again}, or {afresh}."

@@ -36,7 +36,7 @@ from .preprocess import (
     resize,
     resized_to_pixels,
 )
-from .text import display_path
+from .text import counted, display_path
 from .weights import load_tower
 
 SAMPLE_IMAGE = "sample.jpg"  # in siglip_cli/assets: chelsea.jpg from sample_images/ (CC0)
@@ -111,11 +111,10 @@ class Inspection:
     patch_filters: Tensor  # (K, C, p, p): the first K of the D patch-embedding filters
     head_attention: Tensor | None  # (H, N): the probe's attention over the patches; None without a head
     token_norms: Tensor  # (L + 1, N): L2 norm of every token after the embeddings and after each layer
-
-    @property
-    def dropped(self) -> tuple[int, int]:
-        """The pixel rows (bottom) and columns (right) of the model's input that no patch covers."""
-        return self.config.dropped_from(self.preprocessing.height, self.preprocessing.width) or (0, 0)
+    # How the N patches lie on the resized photo, in rows and columns: the tower's grid, but where the preprocessing
+    # `keeps_aspect` (a 2×8 for a 4×4 tower, say); and the pixel rows (bottom) and columns (right) no patch covers.
+    patch_grid: tuple[int, int]
+    dropped: tuple[int, int]
 
     def to_dict(self) -> dict[str, Any]:
         """The `--json` document: plain, JSON-ready values (non-finite statistics become null)."""
@@ -216,9 +215,10 @@ def preprocessing_steps(pre: PreprocessConfig) -> dict[str, str]:
     if pre.center_crop:
         steps["crop"] = f"center-cropped to {pre.width}×{pre.height}"
     elif pre.keeps_aspect:
+        rows, cols = pre.height // pre.patch_size, pre.width // pre.patch_size
         steps["crop"] = (
-            f"the top-left {pre.width}×{pre.height} the patch conv sees, or the image squashed to it where its size "
-            "gives another grid (transformers fails there)"
+            f"its whole {pre.patch_size} px patches, as the tower's {rows}×{cols} grid; squashed to "
+            f"{pre.width}×{pre.height} where they are not {rows * cols} (transformers fails there)"
         )
     if pre.do_rescale:
         steps["rescale"] = rescaling(pre.rescale_factor)
@@ -287,6 +287,10 @@ def trace(
 
     conv = model.embeddings.patch_embedding.weight
     found = () if conv.is_meta else _non_finite_note(stages, full)
+    p, patch_grid, unseen = cfg.patch_size, (cfg.grid_size, cfg.grid_size), dropped
+    if preprocessing.keeps_aspect:  # the resized photo's whole patches, which may lie in another grid
+        patch_grid = (resized.height // p, resized.width // p)
+        unseen = (resized.height - patch_grid[0] * p, resized.width - patch_grid[1] * p)
     return Inspection(
         model=model_name,
         random_weights=random_weights,
@@ -304,6 +308,8 @@ def trace(
         patch_filters=_cpu(conv[:NUM_FILTERS]),
         head_attention=recorder.head_attention,
         token_norms=torch.stack(recorder.token_norms),
+        patch_grid=patch_grid,
+        dropped=unseen,
     )
 
 
@@ -366,15 +372,29 @@ def _image_stages(
     if pre.do_resize:
         squashed = not pre.center_crop and resized.size == (pre.width, pre.height)
         distortion = _distortion(photo, pre) if squashed else ""
-        kept = aspect_kept(*photo.size, pre.shortest_edge, pre.longest_edge) if pre.keeps_aspect else resized.size
-        if squashed and kept != resized.size:  # the aspect kept would have made another grid
-            p = pre.patch_size
-            distortion += f"; squashed: {kept[0]}×{kept[1]} would give a {kept[0] // p}×{kept[1] // p} grid"
+        if pre.keeps_aspect:
+            distortion += _patches_taken(photo, resized, pre)
         stages.append(_summarise("resized_image", _hwc(resized), describe("resized_image") + distortion))
     if pre.do_normalize:
         unnormalised = torch.from_numpy(resized_to_pixels(resized, dataclasses.replace(pre, do_normalize=False)))
         stages.append(_summarise("rescaled_pixels", unnormalised[None], describe("rescaled_pixels")))
     return stages
+
+
+def _patches_taken(photo: Image.Image, resized: Image.Image, pre: PreprocessConfig) -> str:
+    """Where the preprocessing `keeps_aspect`, what the model takes of this photo: "; squashed: 48×32 would be 4×6
+    patches, not the tower's 16", "; the top-left 32×32 (1 column dropped)", "; its 2×8 patches laid out as the
+    tower's 4×4, in order"."""
+    p, (rows, cols) = pre.patch_size, (pre.height // pre.patch_size, pre.width // pre.patch_size)
+    width, height = aspect_kept(*photo.size, pre.shortest_edge, pre.longest_edge)
+    if (width, height) != resized.size:
+        patches = f"{height // p}×{width // p} patches"
+        return f"; squashed: {width}×{height} would be {patches}, not the tower's {rows * cols}"
+    if (height // p, width // p) != (rows, cols):
+        return f"; its {height // p}×{width // p} patches laid out as the tower's {rows}×{cols}, in order"
+    lost = (height - rows * p, width - cols * p)
+    said = [counted(n, side) for n, side in zip(lost, ("row", "column")) if n]
+    return f"; the top-left {pre.width}×{pre.height}" + (f" ({' and '.join(said)} dropped)" if said else "")
 
 
 def _distortion(photo: Image.Image, pre: PreprocessConfig) -> str:

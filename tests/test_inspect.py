@@ -207,6 +207,27 @@ def test_the_resized_image_says_when_the_squash_distorts_the_photo(size, said: s
     assert note == f"squashed to 32×32 (bicubic, no crop){said}"
 
 
+@pytest.mark.parametrize(
+    ("size", "grid", "dropped", "said"),
+    [((84, 80), (4, 4), (0, 1), "; the top-left 32×32 (1 column dropped)"),
+     ((16, 64), (8, 2), (0, 0), "; its 8×2 patches laid out as the tower's 4×4, in order"),
+     ((80, 60), (4, 4), (0, 0), "; squashed: 42×32 would be 4×5 patches, not the tower's 16")],
+)  # fmt: skip
+def test_a_photo_whose_aspect_the_preprocessing_keeps_is_said_and_drawn_as_the_tower_sees_it(
+    size: tuple[int, int], grid: tuple[int, int], dropped: tuple[int, int], said: str, tiny_vision: Path, tmp_path: Path
+) -> None:
+    # {"shortest_edge": 32, "longest_edge": 64}, no crop: the head-attention plot laid a 4×4 grid over a photo whose
+    # 16 patches lie 8×2 on it, and said nothing of the column the patch conv drops.
+    checkpoint = Path(shutil.copytree(tiny_vision, tmp_path / "keeps-aspect"))
+    config = checkpoint / "preprocessor_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "size": {"shortest_edge": 32, "longest_edge": 64}}))
+    make_photo(size).save(tmp_path / "photo.png")
+    result = tracing.inspect_image(str(checkpoint), tmp_path / "photo.png")
+    assert (result.patch_grid, result.dropped) == (grid, dropped)
+    assert next(stage.note for stage in result.stages if stage.stage == "resized_image").endswith(said)
+    assert plots.head_attention(result).width >= 600  # drawn over the patches where they lie
+
+
 def test_the_header_says_the_preprocessing_as_the_stages_that_show_it_do(base: tracing.Inspection) -> None:
     # It said "resize to 224×224 (bicubic, squash, no crop)" and "(x − [0.5, 0.5, 0.5]) / [0.5, 0.5, 0.5]" above
     # rows that said "squashed to 224×224 (bicubic, no crop)" and "(x − 0.5) / 0.5".

@@ -1679,7 +1679,7 @@ def test_update_refuses_a_checkpoint_saved_over(
     save_again(checkpoint)
     assert the_error(run("--update")) == (
         f"error: {output} was made with other options ({differing}): the checkpoint has changed since (saved again, "
-        "or its config.json corrected); use --overwrite to embed everything again."
+        "or its config files corrected); use --overwrite to embed everything again."
     )
     ok(run("--overwrite"))
     assert summary_of(run("--update", "--json"))["reused"] == 12

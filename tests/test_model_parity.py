@@ -351,14 +351,19 @@ def test_a_processor_size_that_gives_the_towers_patch_grid_embeds_as_transformer
     assert max_diff(torch.from_numpy(result.tokens), expected_tokens) <= TOLERANCE
 
 
-@pytest.mark.parametrize("size", [32, {"shortest_edge": 32}], ids=["one-number", "shortest-edge"])
+@pytest.mark.parametrize(
+    "size",
+    [32, {"shortest_edge": 32}, {"shortest_edge": 32, "longest_edge": 64}],
+    ids=["one-number", "shortest", "capped"],
+)
 def test_a_shortest_edge_without_a_crop_embeds_as_transformers_runs_it(
     size: int | dict, tiny_siglip: Path, tmp_path: Path
 ) -> None:
-    # What `SiglipImageProcessor(size=32)` saves: transformers keeps the aspect, and runs the photos whose size then
-    # makes the tower's grid (its patch conv drops the 33rd column). We refused the checkpoint, and read the one
-    # number as the tower's square: cosine 0.74 to transformers on such photos. One off the grid, which
-    # transformers fails on, is squashed, as SigLIP's own processor resizes.
+    # What `SiglipImageProcessor(size=32)` saves: transformers keeps the aspect, and runs the photos whose whole
+    # patches then number the tower's 16 (its patch conv drops the 33rd column; under a longest edge of 64, a 1:4
+    # photo is 2x8 patches). We refused the checkpoint, and read the one number as the tower's square: cosine 0.74 to
+    # transformers on such photos. One with other patches, which transformers fails on, is squashed, as SigLIP's own
+    # processor resizes.
     import shutil
 
     checkpoint = Path(shutil.copytree(tiny_siglip, tmp_path / "shortest-edge"))
@@ -367,10 +372,11 @@ def test_a_shortest_edge_without_a_crop_embeds_as_transformers_runs_it(
     squashing = Path(shutil.copytree(tiny_siglip, tmp_path / "squashing"))  # its size is {"height": 32, "width": 32}
     folder = tmp_path / "photos"
     folder.mkdir()
-    for i, dims in enumerate([(84, 80), (35, 37), (50, 50), (80, 60)]):
+    capped = isinstance(size, dict) and "longest_edge" in size
+    for i, dims in enumerate([(84, 80), (35, 37), (50, 50), *([(16, 64), (130, 40)] if capped else []), (80, 60)]):
         make_photo(dims, seed=i).save(folder / f"photo{i}.png")
     *near_square, off_the_grid = sorted(folder.iterdir())
-    with pytest.raises(RuntimeError):  # the position embedding: 20 patches against 16
+    with pytest.raises(RuntimeError):  # the position embedding: 20 patches against 16 (or 15 capped)
         reference_from_photos(checkpoint, [off_the_grid])
     expected = [reference_from_photos(checkpoint, [photo]) for photo in near_square]  # sizes differ: one at a time
     expected.append(reference_from_photos(squashing, [off_the_grid]))

@@ -114,15 +114,27 @@ def test_a_center_cropping_processor_gives_transformers_pixels(
     assert not gpu_decode.supported(cfg)  # the GPU decoder resizes straight to the model's size
 
 
-@pytest.mark.parametrize("size", [32, {"shortest_edge": 32}, {"shortest_edge": 32, "longest_edge": 38}])
-# On the tower's 4x4 grid of 8 px patches once resized: (84, 80), (37, 35), (32, 32); off it: (80, 60), (20, 90).
-@pytest.mark.parametrize("image_size", [(84, 80), (35, 37), (32, 32), (80, 60), (20, 90)])
-def test_a_shortest_edge_without_a_crop_gives_the_pixels_the_patch_conv_sees_in_transformers(
+def whole_patches(x: np.ndarray, p: int) -> np.ndarray:
+    """The whole p px patches of a (C, H, W) array, in rows: (n, C, p, p), as a patch conv and its flattening see
+    them."""
+    c, h, w = x.shape[0], x.shape[1] // p, x.shape[2] // p
+    return x[:, : h * p, : w * p].reshape(c, h, p, w, p).transpose(1, 3, 0, 2, 4).reshape(h * w, c, p, p)
+
+
+KEEPING_THE_ASPECT = [32, {"shortest_edge": 32}, *({"shortest_edge": 32, "longest_edge": edge} for edge in (38, 64))]
+
+
+@pytest.mark.parametrize("size", KEEPING_THE_ASPECT, ids=["one-number", "shortest", "capped-at-38", "capped-at-64"])
+# 16 patches of 8 px once resized, as the 32 px tower's 4x4: (84, 80), (35, 37), (32, 32) and, under a longest edge
+# of 64, (16, 64) and (130, 40) as 8x2 and 2x8. Others: (80, 60), (20, 90).
+@pytest.mark.parametrize("image_size", [(84, 80), (35, 37), (32, 32), (16, 64), (130, 40), (80, 60), (20, 90)])
+def test_a_shortest_edge_without_a_crop_gives_the_patches_the_patch_conv_sees_in_transformers(
     tmp_path: Path, size: int | dict, image_size: tuple[int, int]
 ) -> None:
     # What `SiglipImageProcessor(size=32)` saves ({"shortest_edge": 32}): transformers keeps the aspect and runs an
-    # image whose size then makes the tower's grid, its patch conv dropping the 33rd column; we refused the
-    # checkpoint, and squashed the one-number form. An image off the grid, which transformers fails on, is squashed.
+    # image whose whole patches then number the tower's, its patch conv dropping the rest (the 33rd column) and the
+    # position embeddings going to the patches by index. We refused the checkpoint, and squashed the one-number
+    # form. An image with another number of patches, which transformers fails on, is squashed.
     from transformers import SiglipImageProcessorPil
 
     from siglip_cli.config import VisionConfig, preprocess_config_from_hub
@@ -134,24 +146,27 @@ def test_a_shortest_edge_without_a_crop_gives_the_pixels_the_patch_conv_sees_in_
     assert (cfg.height, cfg.width, cfg.keeps_aspect) == (32, 32, True)
     image = make_photo(image_size)
     kept = processor(images=image, return_tensors="np")["pixel_values"][0]
-    if (kept.shape[1] // 8, kept.shape[2] // 8) == (4, 4):
-        expected = kept[:, :32, :32]
+    if len(whole_patches(kept, 8)) == 16:
+        expected = whole_patches(kept, 8)
     else:
         squashed = SiglipImageProcessorPil(resample=3, size={"height": 32, "width": 32})
-        expected = squashed(images=image, return_tensors="np")["pixel_values"][0]
+        expected = whole_patches(squashed(images=image, return_tensors="np")["pixel_values"][0], 8)
     assert kept.shape[1:] != (32, 32) or image_size == (32, 32)  # the aspect is kept: not the squash's size
-    assert same_bits(pixels_of(image, cfg), expected)
+    ours = pixels_of(image, cfg)
+    assert ours.shape == (3, 32, 32) and same_bits(whole_patches(ours, 8), expected)
     assert not gpu_decode.supported(cfg)  # the GPU decoder resizes straight to the model's size
-    assert "the top-left 32×32 the patch conv sees" in preprocessing_steps(cfg)["crop"]
+    assert "as the tower's 4×4 grid; squashed to 32×32 where they are not 16" in preprocessing_steps(cfg)["crop"]
 
 
 def test_a_shortest_edge_without_a_crop_that_no_image_can_fit_is_refused() -> None:
     from siglip_cli.config import VisionConfig, preprocess_config_from_hub
 
-    with pytest.raises(ConfigError, match=r"not even a square image, resized to 48x48, makes the tower's 4x4 grid"):
-        preprocess_config_from_hub({"size": {"shortest_edge": 48}}, VisionConfig(image_size=32, patch_size=8))
-    capped = {"shortest_edge": 48, "longest_edge": 32}  # a square is capped down onto the grid: it runs
-    assert preprocess_config_from_hub({"size": capped}, VisionConfig(image_size=32, patch_size=8)).keeps_aspect
+    tower = VisionConfig(image_size=32, patch_size=8)
+    for edge, rows in ((48, 6), (24, 3), (7, 0)):  # 16 patches in rows of 6 or 3 do not go; 0 rows make none
+        with pytest.raises(ConfigError, match=rf"shorter side of {edge} px, {rows} rows of 8 px patches, makes no "):
+            preprocess_config_from_hub({"size": {"shortest_edge": edge}}, tower)
+    for size in ({"shortest_edge": 16}, {"shortest_edge": 48, "longest_edge": 32}):  # 4:1 photos; capped ones
+        assert preprocess_config_from_hub({"size": size}, tower).keeps_aspect
 
 
 def test_an_image_too_thin_for_a_longest_edge_cap_fails_in_words() -> None:
@@ -407,12 +422,27 @@ def test_fast_decode_reads_a_large_jpeg_at_reduced_size_close_to_exact(
     path = save_sideways_jpeg(tmp_path / "big.jpg", make_photo((320, 240)))  # 10× the model's 32 px, stored sideways
     exact, *exact_size = load_pixels(path, bicubic, DecodeOptions())
     resized, resize = [], preprocess.pixel_values
-    monkeypatch.setattr(preprocess, "pixel_values", lambda image, cfg: resized.append(image.size) or resize(image, cfg))
+    def pixel_values(image: Image.Image, cfg: PreprocessConfig, **kw: object) -> np.ndarray:
+        resized.append(image.size)
+        return resize(image, cfg, **kw)
+
+    monkeypatch.setattr(preprocess, "pixel_values", pixel_values)
     fast, *fast_size = load_pixels(path, bicubic, FAST)
     assert fast_size == exact_size == [320, 240]  # the manifest gives the original's size, upright
     assert resized == [(160, 120)]  # decoded at half size (160×120 upright), at least twice 32 px
     error = np.abs(fast - exact) * 127.5  # in 8-bit levels
     assert 0 < error.mean() < 2  # close, not exact
+
+
+def test_fast_decode_keeps_the_aspect_of_the_full_size_photo(tmp_path: Path) -> None:
+    # A shortest edge of 32 without a crop (a 4x4 tower of 8 px patches) takes 1280x1596 as 32x39: its 16 patches.
+    # Decoded at an eighth, 160x200 (its sides rounded up) resized to 32x40, 20 patches: it was squashed instead.
+    cfg = PreprocessConfig(32, 32, shortest_edge=32, patch_size=8)
+    make_photo((1280, 1596)).save(tmp_path / "tall.jpg", quality=90)
+    exact, *_ = load_pixels(tmp_path / "tall.jpg", cfg, DecodeOptions())
+    fast, *_ = load_pixels(tmp_path / "tall.jpg", cfg, FAST)
+    assert 0 < (np.abs(fast - exact) * 127.5).mean() < 2  # close, not exact: the same 16 patches
+    assert cfg.resized(1280, 1596) == (32, 39) and cfg.resized(160, 200) == (32, 32)  # the squash it was
 
 
 def test_fast_decode_reads_a_multi_picture_jpeg_at_reduced_size_too(tmp_path: Path, bicubic: PreprocessConfig) -> None:
