@@ -361,6 +361,7 @@ PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
     "CLIPImageProcessor": _SHORTEST_EDGE_THEN_CROP,
     "BitImageProcessor": _SHORTEST_EDGE_THEN_CROP,
     "ViTImageProcessor": {"size": {"height": 224, "width": 224}, "resample": _BILINEAR},
+    "ConvNextImageProcessor": {"size": {"shortest_edge": 384}, "resample": _BICUBIC, "crop_pct": 224 / 256},
 }
 # The settings whose defaults differ from class to class: a config naming a class we do not know must give them.
 _CLASS_SETTINGS = ("size", "resample", "image_mean", "image_std")
@@ -370,7 +371,7 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
     """Read a Hub `preprocessor_config.json` (parsed), or derive SigLIP's defaults from the tower when absent."""
     if config is None:
         return PreprocessConfig(height=vision.image_size, width=vision.image_size)
-    config = _with_class_defaults(config)
+    config = _as_convnext_resizes(_with_class_defaults(config))
     do_resize = _flag(config.get("do_resize", True))  # null: transformers' processor skips the step, as for false
     do_center_crop = _flag(config.get("do_center_crop", False))
     if not isinstance(do_center_crop, bool):  # bool("false") is True: a string must not pass
@@ -440,6 +441,30 @@ def _with_class_defaults(config: dict[str, Any]) -> dict[str, Any]:
             f"{', '.join(missing)}: write them in, as transformers' save_pretrained does."
         )
     return config
+
+
+def _as_convnext_resizes(config: dict[str, Any]) -> dict[str, Any]:
+    """A config of ConvNeXT's processor, which resizes its own way, in the forms read here (a fine-tune may carry
+    it): below 384 px, the shorter side to `size / crop_pct` and then the middle `size` × `size`; from 384 px,
+    squashed to `size` × `size`, as transformers' `ConvNextImageProcessor` does. Any other config as it is."""
+    if _class_name(config.get("image_processor_type") or "") != "ConvNextImageProcessor":
+        return config
+    if _flag(config.get("do_resize", True)) is False:
+        return config
+    size = config.get("size")
+    edge = size.get("shortest_edge") if isinstance(size, dict) and set(size) == {"shortest_edge"} else size
+    if isinstance(edge, bool) or not isinstance(edge, int):
+        raise ConfigError(f"preprocessor size {size!r} is not a ConvNeXT processor's: a shortest_edge.")
+    _check_int("preprocessor shortest_edge", edge)
+    if _flag(config.get("do_center_crop", False)):
+        raise ConfigError("a ConvNeXT preprocessor that center-crops again after its own crop is not read here.")
+    if edge >= 384:  # warped, not cropped, from 384 px
+        return {**config, "size": {"height": edge, "width": edge}}
+    crop_pct = config.get("crop_pct")
+    crop_pct = 224 / 256 if crop_pct is None else crop_pct  # null: the class's, as transformers reads it
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct:
+        raise ConfigError(f"preprocessor crop_pct must be a positive number, not {crop_pct!r}.")
+    return {**config, "size": {"shortest_edge": int(edge / crop_pct)}, "do_center_crop": True, "crop_size": edge}
 
 
 class _Resize(NamedTuple):

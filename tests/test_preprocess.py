@@ -229,12 +229,45 @@ def test_a_siglip_config_without_a_size_resizes_as_transformers_does(
         assert expected.shape[1:] == (224, 224)  # which no 32 px tower at patch 8 takes
 
 
+@pytest.mark.parametrize(
+    ("settings", "tower"),
+    [({"size": 32}, 32), ({"size": {"shortest_edge": 32}, "crop_pct": 0.75}, 32), ({"size": 384}, 384), ({}, 384)],
+    ids=["crop-pct", "another-crop-pct", "warped-from-384", "the-class-defaults"],
+)
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (40, 40)])
+def test_a_convnext_processor_gives_transformers_pixels(
+    tmp_path: Path, settings: dict, tower: int, size: tuple[int, int]
+) -> None:
+    # The shorter side to size / crop_pct, then the middle size x size; squashed from 384 px. It was refused, and
+    # then, read as a shortest edge without a crop, embedded 0.12 away from transformers.
+    from transformers import ConvNextImageProcessorPil
+
+    from siglip_cli.config import VisionConfig, preprocess_config_from_hub
+
+    processor = ConvNextImageProcessorPil(**settings)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    cfg = preprocess_config_from_hub(saved, VisionConfig(image_size=tower, patch_size=8))
+    image = make_photo(size)
+    expected = processor(images=image, return_tensors="np")["pixel_values"][0]
+    assert same_bits(pixels_of(image, cfg), expected)
+    assert cfg.center_crop == (tower < 384)
+
+
+def test_a_convnext_processor_that_crops_twice_is_refused() -> None:
+    from siglip_cli.config import VisionConfig, preprocess_config_from_hub
+
+    config = {"image_processor_type": "ConvNextImageProcessor", "size": 32, "do_center_crop": True, "crop_size": 28}
+    with pytest.raises(ConfigError, match="a ConvNeXT preprocessor that center-crops again after its own crop"):
+        preprocess_config_from_hub(config, VisionConfig(image_size=32))
+
+
 def test_a_config_of_an_unknown_processor_class_must_say_what_it_means() -> None:
     from siglip_cli.config import VisionConfig, preprocess_config_from_hub
 
     tower = VisionConfig(image_size=32)
-    partial = {"image_processor_type": "ConvNextImageProcessor", "size": 32}
-    with pytest.raises(ConfigError, match="is a ConvNextImageProcessor, whose defaults are unknown here, and its "
+    partial = {"image_processor_type": "PerceiverImageProcessor", "size": 32}
+    with pytest.raises(ConfigError, match="is a PerceiverImageProcessor, whose defaults are unknown here, and its "
                                           "config leaves out resample, image_mean, image_std"):  # fmt: skip
         preprocess_config_from_hub(partial, tower)
     full = {**partial, "resample": 2, "image_mean": 0.5, "image_std": 0.5}
