@@ -385,7 +385,7 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
         height, width = _crop_size(config.get("crop_size"))
         resize_to = None if resize_to == (height, width) else resize_to  # a crop that takes the whole image
         crop = resize_to is not None or resize.shortest_edge is not None or do_resize is False
-    elif resize.shortest_edge is not None:  # `PreprocessConfig.keeps_aspect`: the model takes the grid's pixels
+    elif resize.shortest_edge is not None:  # `PreprocessConfig.keeps_aspect`: the tower's grid of whole patches
         height = width = vision.grid_size * vision.patch_size
     else:  # without resizing, images must come at the tower's size
         height, width = resize_to or (vision.image_size, vision.image_size)

@@ -2,8 +2,10 @@
 
 Reproduces transformers' `SiglipImageProcessorPil` (transformers 5) to the bit: convert to RGB with
 transparency composited onto white, PIL resize straight to (height, width) with the checkpoint's filter
-(no crop; for a CLIP-style processor, resize then `center_crop`), then `float32(float64(x) * rescale_factor)`,
-then `(x - mean) / std` in float32. No torch: the head start (`headstart`) runs it before torch is imported.
+(no crop; for a CLIP-style processor, resize then `center_crop`; for a shortest edge without a crop, the resized
+image's whole patches as the tower's grid: `PreprocessConfig.keeps_aspect`), then
+`float32(float64(x) * rescale_factor)`, then `(x - mean) / std` in float32. No torch: the head start (`headstart`)
+runs it before torch is imported.
 
 Beyond the reference, and on by default since photo libraries are full of them: EXIF orientation is applied
 (phones store portraits sideways plus a rotation tag), 16-bit images keep their tones (>> 8 rather than
