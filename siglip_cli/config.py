@@ -381,12 +381,14 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
         resize = _resize_target(config, vision, crop=do_center_crop)
     resize_to = resize.to
     crop = False  # whether a crop is left to do once the image is resized
+    patch_size = None  # the tower's, where the resize keeps the aspect with no crop after it
     if do_center_crop:
         height, width = _crop_size(config.get("crop_size"))
         resize_to = None if resize_to == (height, width) else resize_to  # a crop that takes the whole image
         crop = resize_to is not None or resize.shortest_edge is not None or do_resize is False
     elif resize.shortest_edge is not None:  # `PreprocessConfig.keeps_aspect`: the tower's grid of whole patches
         height = width = vision.grid_size * vision.patch_size
+        patch_size = vision.patch_size
     else:  # without resizing, images must come at the tower's size
         height, width = resize_to or (vision.image_size, vision.image_size)
         resize_to = None
@@ -414,7 +416,7 @@ def preprocess_config_from_hub(config: dict[str, Any] | None, vision: VisionConf
         resize_to=resize_to,
         shortest_edge=resize.shortest_edge,
         longest_edge=resize.longest_edge,
-        patch_size=vision.patch_size if resize.shortest_edge is not None and not crop else None,
+        patch_size=patch_size,
     )
 
 
