@@ -468,6 +468,8 @@ def _report_embedding(summary: Summary, walk: WalkReport, *, json_out: bool, qui
         })  # fmt: skip
     if not quiet:
         stderr.print(printable(_summary_line(summary)))
+    elif summary.failed and not strict:  # images left out, as the walk's notes are; --strict says it below
+        note(f"{counted(summary.failed, 'file')} could not be embedded: see {summary.errors}.")
     if strict:
         # A share not mounted (a folder link, or photos linked into it) is a whole folder missing, as one that
         # cannot be listed is: a nightly --strict run must not pass without it.

@@ -903,9 +903,17 @@ def test_strict_run_without_bad_files_exits_0(embed, photos: Path, out: Path) ->
 
 
 def test_quiet_leaves_stderr_empty(embed, photos: Path, out: Path) -> None:
-    (photos / "broken.png").write_text("not a png")
     result = ok(embed(photos, "-o", out / "embeddings.safetensors", "--quiet"))
     assert result.stderr == "" and result.stdout == ""
+
+
+def test_quiet_still_names_the_errors_file(embed, photos: Path, out: Path) -> None:
+    # Files that failed are images left out too: without the summary line, `-q` said nothing of them.
+    (photos / "broken.png").write_text("not a png")
+    result = ok(embed(photos, "-o", out / "embeddings.safetensors", "--quiet"))
+    assert result.stderr == f"note: 1 file could not be embedded: see {out / 'embeddings.errors.jsonl'}.\n"
+    strict = embed(photos, "-o", out / "embeddings.safetensors", "--quiet", "--strict", "--overwrite")
+    assert strict.exit_code == 1 and strict.stderr.count("could not be embedded") == 1  # said once, as the error
 
 
 def test_quiet_still_says_what_was_left_out(embed, photos: Path, out: Path) -> None:
