@@ -390,14 +390,14 @@ def run_benchmark(options: BenchOptions, *, note: NoteFn | None = None) -> Repor
     forwards = _forwards(plain, compare, device=device, dtype=dtype, compile=compile, report=report, say=say)
     with torch.inference_mode(), _a_graph_for_each(batch_sizes) if compile else contextlib.nullcontext():
         for i, batch_size in enumerate(batch_sizes):
-            rounds = f"{iters} interleaved round{'s' if iters != 1 else ''}"
-            say(f"batch {batch_size}: {', '.join(forwards)}, {rounds} after {warmup} warm-up")
+            timed = counted(iters, "interleaved round" if len(forwards) > 1 else "timed call")
+            say(f"batch {batch_size}: {', '.join(forwards)}, {timed} after {counted(warmup, 'warm-up call')}")
             _time_batch(forwards, plain, batch_size, report, device=device, dtype=dtype, iters=iters, warmup=warmup,
                         seed=options.seed, first=i == 0)  # fmt: skip
 
     if options.images is not None:
         report.notes += _image_notes(paths, skipped, preprocess, device=device, iters=iters)
-        say(f"image pipeline on {len(paths)} files from {options.images}")
+        say(f"image pipeline on {counted(len(paths), 'file')} from {options.images}")
         images = image_results(paths, plain, preprocess, device=device, dtype=dtype,
                                batch_size=min(max(batch_sizes), len(paths)), iters=iters, warmup=warmup)  # fmt: skip
         report.results += images
@@ -415,14 +415,14 @@ def _image_notes(
 
     notes = []
     if skipped:
-        notes.append(f"--images: left out {len(skipped)} file(s) that cannot be read (`siglip embed` would list them "
-                     f"as errors): {first_of(skipped, 3)}.")  # fmt: skip
+        notes.append(f"--images: left out {counted(len(skipped), 'file')} that cannot be read (`siglip embed` would "
+                     f"list them as errors): {first_of(skipped, 3)}.")  # fmt: skip
     if device.type == "cpu" and iters > 1:
         notes.append("--images on the CPU: each end-to-end way is timed over one pass of the files (a minute for a "
                      "base model over 64 images); --iters applies to the others.")  # fmt: skip
     if len(paths) < FEW_FILES:
         notes.append(
-            f"--images: each end-to-end pass over these {counted(len(paths), 'file')} starts `siglip embed`'s "
+            f"--images: each end-to-end pass over the {counted(len(paths), 'file')} starts `siglip embed`'s "
             "decoding workers, a cost paid once per run: on a fast model a large folder runs at a higher rate."
         )
     if gpu_decode.supported(preprocess) and (fault := gpu_decode.fault(device)):

@@ -93,13 +93,15 @@ def resolve_checkpoint(name: str | os.PathLike, *, revision: str | None = None) 
         raise CheckpointError(
             f"{name} is an architecture preset without weights; to embed with its weights use --model google/{name}."
         )
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:  # a path: no Hub id looks so
+        raise CheckpointError(f"there is no folder {name}: give a checkpoint directory or a Hub id (org/name).")
+    if "/" not in name:
         raise CheckpointError(f"{name} is neither a local checkpoint directory nor a Hub id of the form org/name.")
     try:
         return _resolve(name, revision, _HubFiles(name, revision))
     except CheckpointError as e:
         if os.path.isdir(path.parent):  # `runs/ckpt-final` mistyped looks like a Hub id: say the folder is not there
-            raise CheckpointError(f"there is no folder {name} here, and as a Hub id: {e}") from None
+            raise CheckpointError(f"there is no folder {name} here, and as a Hub id, {e}") from None
         raise
 
 
@@ -134,9 +136,9 @@ def _configs(name: str, files: _LocalFiles | _HubFiles) -> tuple[dict, VisionCon
         step = "crops" if preprocess.center_crop else "resizes"
         p, g = vision.patch_size, vision.grid_size
         raise CheckpointError(
-            f"{name}: {preprocess_source} {step} to {preprocess.width}x{preprocess.height}, a "
-            f"{preprocess.width // p}x{preprocess.height // p} grid of {p} px patches, but the tower takes "
-            f"{vision.image_size}x{vision.image_size} images ({g}x{g} patches)."
+            f"{name}: {preprocess_source} {step} to {preprocess.width}×{preprocess.height}, a "
+            f"{preprocess.width // p}×{preprocess.height // p} grid of {p} px patches, but the tower takes "
+            f"{vision.image_size}×{vision.image_size} images ({g}×{g} patches)."
         )
     return config, vision, preprocess, preprocess_source
 

@@ -566,5 +566,6 @@ def _triple(name: str, value: float | list[float]) -> tuple[float, float, float]
         or len(values) != 3
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     ):
-        raise ConfigError(f"preprocessor {name} must be 3 numbers, one per channel (or one for all), not {value!r}.")
+        raise ConfigError(f"preprocessor {name} must be a list of 3 numbers, one per channel, or one number for all "
+                          f"three, not {value!r}.")
     return tuple(float(v) for v in values)

@@ -44,7 +44,9 @@ from .storage import WorkArea, exclusive, shard_name
 
 def parse_devices(spec: str) -> list[str]:
     """`--device`: one device (`auto`, `cpu`, `cuda:1`), a list (`cuda:0,cuda:1`), or `cuda:all` → the devices."""
-    devices = [d.strip() for d in spec.split(",") if d.strip()] or [spec]
+    devices = [d.strip() for d in spec.split(",")]
+    if len(devices) > 1 and "" in devices:  # `cpu,` or `cuda:0,,cuda:1`: a device left out of the list?
+        raise UserError(f"--device {spec.strip()} has an empty entry: give devices such as cuda:0,cuda:1.")
     if "cuda:all" in devices and len(devices) > 1:
         raise UserError(f"--device {spec.strip()}: cuda:all is every GPU already, and is given on its own.")
     if devices == ["cuda:all"]:
@@ -155,7 +157,8 @@ def _ctrl_c_left_to_this_process() -> Iterator[None]:
 def check_device_options(devices: list[str], *, shard: tuple[int, int] | None, update: bool) -> None:
     """Several devices shard the work themselves (and bring their parts up to date on a rerun)."""
     if len(devices) > 1 and (shard or update):
-        raise UserError("several devices split the work themselves: drop --shard and --update, or give one --device.")
+        given = " and ".join(option for option, on in (("--shard", shard), ("--update", update)) if on)
+        raise UserError(f"several devices split the work themselves: drop {given}, or give one --device.")
 
 
 def embed_with_model(
@@ -205,7 +208,7 @@ def _note_preprocessing(model: str, checkpoint: Checkpoint, progress: Progress |
         pre = checkpoint.preprocess
         progress.note(
             f"{model} has no preprocessor_config.json: assuming SigLIP's preprocessing (resize to "
-            f"{pre.width}x{pre.height}, {PIL_FILTERS[pre.resample]}; pixels scaled to [-1, 1])."
+            f"{pre.width}×{pre.height}, {PIL_FILTERS[pre.resample]}; pixels scaled to [-1, 1])."
         )
 
 

@@ -186,7 +186,7 @@ def head_attention(result: Inspection) -> Image.Image:
     body.paste(top, (0, 0))
     body.paste(grid, (0, top.height + MARGIN))
     subtitle = (
-        f"softmax weights of the learned probe over the {rows}x{cols} patches, in multiples of uniform attention "
+        f"softmax weights of the learned probe over the {rows}×{cols} patches, in multiples of uniform attention "
         f"(1x = 1/{cfg.num_patches} each); colours run from 0 to the peak: the mean has its own scale, the heads "
         "share one"
     )

@@ -67,6 +67,9 @@ _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 T = TypeVar("T")
 
 
+EMPTY_FILE = "empty file (0 bytes)"  # why a file of no bytes fails, the same in every command
+
+
 class BadImage(Exception):
     """A file that cannot be embedded; the message is the one-line reason written to the errors file."""
 
@@ -222,6 +225,8 @@ def open_rgb(
         # whose orientation turns it (5 to 8) wrong, its strips mapped from the file unturned and the tag dropped
         # all the same, so `inspect` and `load_pixels(path)` gave scrambled pixels where `embed` gave the photo.
         with open(source, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:  # an interrupted copy or download: Pillow says "cannot identify"
+                raise BadImage(EMPTY_FILE)
             return open_rgb(f, options, target=target)
     with c_messages_dropped(), open_checked(source, options) as image:
         size = image.size
@@ -326,7 +331,7 @@ def open_checked(source: str | Path | BinaryIO, options: DecodeOptions) -> Image
     if options.max_pixels is not None and width * height > options.max_pixels:
         image.close()
         raise TooManyPixels(
-            f"{width}x{height} = {width * height:,} pixels exceeds the limit of {options.max_pixels:,} "
+            f"{width}×{height} = {width * height:,} pixels exceeds the limit of {options.max_pixels:,} "
             "(possible decompression bomb; raise --max-pixels to allow it)"
         )
     return image
@@ -434,7 +439,7 @@ def resize(image: Image.Image, cfg: PreprocessConfig, *, original: tuple[int, in
     width, height = cfg.resized(*(original or image.size))
     if not (width and height):  # a sliver under a longest-edge cap (1×2000): transformers fails on it too
         raise BadImage(
-            f"image is {image.width}x{image.height}: too thin to resize for this model (to {width}x{height})"
+            f"image is {image.width}×{image.height}: too thin to resize for this model (to {width}×{height})"
         )
     return image.resize((width, height), resample=cfg.resample)
 
@@ -442,7 +447,7 @@ def resize(image: Image.Image, cfg: PreprocessConfig, *, original: tuple[int, in
 def resized_to_pixels(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """A `resize`d RGB image → (3, height, width) float32 array: cropped, rescaled and normalized as `cfg` says."""
     if not (cfg.center_crop or cfg.keeps_aspect) and image.size != (cfg.width, cfg.height):
-        raise BadImage(f"image is {image.width}x{image.height} but the model needs {cfg.width}x{cfg.height}")
+        raise BadImage(f"image is {image.width}×{image.height} but the model needs {cfg.width}×{cfg.height}")
     x = np.asarray(image)  # (H, W, 3) uint8
     if cfg.center_crop:
         x = center_crop(x, cfg.height, cfg.width)

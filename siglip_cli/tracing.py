@@ -174,8 +174,6 @@ def read_image(
         raise UserError(f"{name} is a directory; pass one image file.")
     if path.exists() and not is_regular_file(str(path)):  # opened, a FIFO without a writer would wait forever
         raise UserError(f"{name} is not a regular file (a pipe or a device); save the image to a file and pass that.")
-    if path.exists() and path.stat().st_size == 0:  # as `embed` says it: Pillow says only "cannot identify"
-        raise UserError(f"{name} cannot be decoded: empty file (0 bytes).")
     try:
         options = DecodeOptions(max_pixels=max_pixels)
         # Decoded first, as `embed` decodes: a bad file fails with its sentence, the C libraries' messages dropped.
@@ -322,7 +320,7 @@ def _non_finite_note(stages: list[Stage], full: tuple[int, ...]) -> tuple[str, .
     where = f"{broken}: NaN or infinite values first appear here"
     if (layer := layer_of(broken)) is not None and layer not in full:
         where = f"layer {layer}: NaN or infinite values first appear in it (--layers {layer} shows where)"
-    return (f"{where}; statistics that hold them are left out (–, and null in --json).",)
+    return (f"{where}; statistics that hold them are left out (– in the table, null in --json).",)
 
 
 def parameters_by_module(model: SiglipVision) -> dict[str, int]:
@@ -367,7 +365,7 @@ def _image_stages(
     photo: Image.Image, resized: Image.Image, pre: PreprocessConfig, describe: _Describer
 ) -> list[Stage]:
     """The stages before the model: decoded image, resized image (`preprocess.resize`), pixels before
-    normalisation."""
+    normalization."""
     stages = [_summarise("image", _hwc(photo), describe("image"))]
     if pre.do_resize:
         squashed = not pre.center_crop and resized.size == (pre.width, pre.height)
@@ -376,8 +374,8 @@ def _image_stages(
             distortion += _patches_taken(photo, resized, pre)
         stages.append(_summarise("resized_image", _hwc(resized), describe("resized_image") + distortion))
     if pre.do_normalize:
-        unnormalised = torch.from_numpy(resized_to_pixels(resized, dataclasses.replace(pre, do_normalize=False)))
-        stages.append(_summarise("rescaled_pixels", unnormalised[None], describe("rescaled_pixels")))
+        unnormalized = torch.from_numpy(resized_to_pixels(resized, dataclasses.replace(pre, do_normalize=False)))
+        stages.append(_summarise("rescaled_pixels", unnormalized[None], describe("rescaled_pixels")))
     return stages
 
 
@@ -494,12 +492,12 @@ class _Describer:
         N = cfg.num_patches
         steps = preprocessing_steps(pre)
         resized = steps.get("resize", "")  # the resized_image stage is there only where the checkpoint resizes
-        pooled = "the image embedding (not L2-normalised)" if cfg.vision_use_head else "mean of the patch tokens (no head)"
+        pooled = "the image embedding (not L2-normalized)" if cfg.vision_use_head else "mean of the patch tokens (no head)"
         self.fixed = {
-            "image": "decoded to 8-bit RGB, EXIF orientation applied",
+            "image": "decoded to 8-bit RGB (transparency onto white), EXIF orientation applied",
             "resized_image": resized + (f", to be {steps['crop']}" if "crop" in steps else ""),
-            "rescaled_pixels": f"{steps.get('rescale', 'not rescaled')}, before normalisation",
-            "pixel_values": f"{steps.get('normalize', 'not normalised')}: the model input",
+            "rescaled_pixels": f"{steps.get('rescale', 'not rescaled')}, before normalization",
+            "pixel_values": f"{steps.get('normalize', 'not normalized')}: the model input",
             "patch_embedding": f"Conv2d {cfg.num_channels}→{D}, {p}×{p} kernel, stride {p}: a {g}×{g} grid",
             "patches": f"grid flattened to {N} tokens of width {D} (no CLS token)",
             "position_embedding": f"learned, one vector per patch position ({N} × {D})",

@@ -31,7 +31,8 @@ def parse_error_sentence(error: Exception, command: str) -> str:
             (r"^Option '(.*)' requires an argument\.$", r"\1 needs a value"),
             (r"^Option '(.*)' does not take a value\.$", r"\1 takes no value"),
             (r"^Got unexpected extra argument(?:s|\(s\))? \((.*)\)$", r"unexpected argument(s): \1"),
-            (r"\. Did you mean ", "; did you mean "),
+            # "No such command 'embd'. Did you mean 'embed'?": as an option's closest names are given above
+            (r"\.? \(?Did you mean (?:one of: )?(.*?)\?\)?$", lambda m: "; the closest: " + m[1].replace("'", "")),
         ):  # fmt: skip
             said = re.sub(pattern, words, said)
         said = said[:1].lower() + said[1:]

@@ -619,8 +619,10 @@ def test_bench_images_reports_each_stage(tiny_siglip: Path, tmp_path: Path) -> N
         make_photo(size, seed=i).save(tmp_path / f"photo{i}.jpg", quality=95)
     make_photo((40, 30), mode="RGBA").save(tmp_path / "logo.png")  # left to the PIL path by the batched decoder
     (tmp_path / "broken.jpg").write_bytes(b"not a picture")  # left out, and said so, rather than ending the run
+    (tmp_path / "copying.jpg").write_bytes(b"")  # why, as `siglip embed` says it: Pillow says "cannot identify"
     document = _bench_json("-m", str(tiny_siglip), "--batch-size", "4", "--images", str(tmp_path))
-    assert any("left out 1 file(s) that cannot be read" in note for note in document["notes"])
+    assert any("left out 2 files that cannot be read" in note for note in document["notes"])
+    assert any(f"{tmp_path / 'copying.jpg'} (empty file (0 bytes))" in note for note in document["notes"])
     assert any("starts `siglip embed`'s decoding workers, a cost paid once per run" in note for note in document["notes"])
     stages = [(r["stage"], r["variant"]) for r in document["results"]]
     assert [s for s, _ in stages] == ["model", "decode", "preprocess", "preprocess", "end_to_end", "end_to_end", "end_to_end"]
@@ -668,7 +670,7 @@ def test_bench_images_names_the_files_it_leaves_out_and_why(tiny_siglip: Path, t
     assert "exceeds the limit" in result.stderr
     make_photo((64, 48)).save(tmp_path / "photo.jpg")
     document = _bench_json("-m", str(tiny_siglip), "--batch-size", "8", "--images", str(tmp_path))
-    assert any(note.startswith(f"--images: left out 1 file(s) that cannot be read (`siglip embed` would list them as "
+    assert any(note.startswith(f"--images: left out 1 file that cannot be read (`siglip embed` would list them as "
                                f"errors): {tmp_path / 'poster.png'} (") for note in document["notes"])  # fmt: skip
     # One photo: the end-to-end rows ran batches of 1, not of 8.
     assert {r["batch_size"] for r in document["results"] if r["stage"] == "end_to_end"} == {1}
@@ -702,7 +704,7 @@ def test_the_torchvision_way_is_tried_before_anything_is_timed_on_the_cpu_too(
     assert not any("torchvision" in r["variant"] for r in document["results"])  # a decoder that fails: left out
     assert "--images: torchvision's JPEG decoder does not work on cpu (no decoder in this build): its way is left " \
            "out." in document["notes"]  # fmt: skip
-    assert "--images: each end-to-end pass over these 1 file starts" in " ".join(document["notes"])
+    assert "--images: each end-to-end pass over the 1 file starts" in " ".join(document["notes"])
 
 
 def test_bench_images_without_jpegs_it_takes_has_no_torchvision_row(

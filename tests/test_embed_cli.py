@@ -208,7 +208,7 @@ def test_help_lists_every_command_and_names_arguments_without_type_tags() -> Non
         (["bench", "--warmup", "-1"], "--warmup: must be at least 0, not -1 (see siglip bench -h)."),
         (["merge"], "missing SHARD (see siglip merge -h)."),
         (["merge", "a.npy"], "missing -o (see siglip merge -h)."),
-        (["embd"], "no such command 'embd'; did you mean 'embed'? (see siglip -h)."),
+        (["embd"], "no such command 'embd'; the closest: embed (see siglip -h)."),
         (["--bogus"], "no option --bogus (see siglip -h)."),
     ],
 )  # fmt: skip
@@ -2418,6 +2418,23 @@ def test_cuda_without_an_index_is_the_current_gpu(device, monkeypatch: pytest.Mo
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
 
 
+@pytest.mark.parametrize(
+    ("device", "options", "said"),
+    [
+        ("cpu,", [], "--device cpu, has an empty entry: give devices such as cuda:0,cuda:1."),  # was run as `cpu`
+        ("cpu,cpu", ["--update"], "several devices split the work themselves: drop --update, or give one --device."),
+        ("cpu,cpu", ["--shard", "0/2"],
+         "several devices split the work themselves: drop --shard, or give one --device."),
+        ("cpu,cuda:all", [], "--device cpu,cuda:all: cuda:all is every GPU already, and is given on its own."),
+    ],
+)
+def test_device_lists_that_cannot_run_are_refused_in_one_sentence(
+    embed, photos: Path, out: Path, device: str, options: list[str], said: str
+) -> None:
+    result = embed(photos, "-o", out / "embeddings.safetensors", "--device", device, *options)
+    assert result.exit_code == 2 and result.stderr.endswith(f"error: {said}\n") and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("device", ["cpu", "cpu,cpu"])
 def test_a_checkpoint_without_image_settings_is_embedded_with_a_note(
     embed, tiny_siglip: Path, photos: Path, out: Path, tmp_path: Path, device: str, monkeypatch: pytest.MonkeyPatch
@@ -2433,7 +2450,7 @@ def test_a_checkpoint_without_image_settings_is_embedded_with_a_note(
     shutil.copytree(tiny_siglip, bare)
     (bare / "preprocessor_config.json").unlink()
     result = ok(embed(photos, "-o", out / "embeddings.safetensors", "--device", device, model=bare))
-    said = f"note: {bare} has no preprocessor_config.json: assuming SigLIP's preprocessing (resize to 32x32, bicubic"
+    said = f"note: {bare} has no preprocessor_config.json: assuming SigLIP's preprocessing (resize to 32×32, bicubic"
     assert result.stderr.count(said) == 1
     assert result.stderr.count("note: this CPU has native bfloat16: with --dtype bfloat16") == 1
     assert "preprocessor_config" not in ok(embed(photos, "-o", out / "again.safetensors")).stderr

@@ -191,7 +191,7 @@ def test_every_activation_has_a_name_to_show() -> None:
 def test_a_checkpoint_that_does_not_resize_refuses_a_photo_of_another_size_in_one_sentence() -> None:
     vision = VisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
                           image_size=32, patch_size=16)  # fmt: skip
-    with pytest.raises(UserError, match="image is 80x60 but the model needs 32x32"):
+    with pytest.raises(UserError, match="image is 80×60 but the model needs 32×32"):
         tracing.trace(SiglipVision(vision), make_photo((80, 60)), PreprocessConfig(32, 32, do_resize=False))
 
 
@@ -235,7 +235,7 @@ def test_the_header_says_the_preprocessing_as_the_stages_that_show_it_do(base: t
     assert said == "preprocessing: squashed to 224×224 (bicubic, no crop), then ÷ 255, then (x − 0.5) / 0.5"
     note = {stage.stage: stage.note for stage in base.stages}
     assert note["resized_image"] == "squashed to 224×224 (bicubic, no crop)"
-    assert note["rescaled_pixels"] == "÷ 255, before normalisation"
+    assert note["rescaled_pixels"] == "÷ 255, before normalization"
     assert note["pixel_values"] == "(x − 0.5) / 0.5: the model input"
 
 
@@ -690,7 +690,7 @@ def test_max_pixels_holds_for_the_bundled_photo_too(tiny_vision: Path) -> None:
     assert result.exit_code == 2 and "Traceback" not in result.output
     said = " ".join(result.stderr.split())
     # Refused, as asked: not "cannot be decoded", as of a damaged file.
-    assert "the bundled sample photo is refused: 451x300 = 135,300 pixels exceeds the limit of 1,000" in said
+    assert "the bundled sample photo is refused: 451×300 = 135,300 pixels exceeds the limit of 1,000" in said
 
 
 def test_dropped_pixels_are_said(tiny_p14: Path, photo: Path) -> None:

@@ -173,7 +173,7 @@ def test_an_image_too_thin_for_a_longest_edge_cap_fails_in_words() -> None:
     # 1×2000 under a shortest edge of 36 capped at 60: 0×60 pixels (transformers fails too); the errors row said
     # "ValueError: height and width must be > 0".
     cfg = PreprocessConfig(32, 32, center_crop=True, shortest_edge=36, longest_edge=60)
-    with pytest.raises(BadImage, match=r"^image is 1x2000: too thin to resize for this model \(to 0x60\)$"):
+    with pytest.raises(BadImage, match=r"^image is 1×2000: too thin to resize for this model \(to 0×60\)$"):
         pixels_of(make_photo((1, 2000)), cfg)
 
 
@@ -805,7 +805,7 @@ def test_rotated_heic_is_turned_upright_once(tmp_path: Path, bicubic: Preprocess
 
 def test_pixel_limit_is_checked_from_the_header_before_decoding(tmp_path: Path, bicubic: PreprocessConfig) -> None:
     path = save_png_claiming_size(tmp_path / "bomb.png", 5_000, 5_000)
-    with pytest.raises(BadImage, match=r"5000x5000 = 25,000,000 pixels exceeds the limit of 1,000,000") as error:
+    with pytest.raises(BadImage, match=r"5000×5000 = 25,000,000 pixels exceeds the limit of 1,000,000") as error:
         load_pixels(path, bicubic, DecodeOptions(max_pixels=1_000_000))
     assert "decompression bomb" in str(error.value) and "--max-pixels" in str(error.value)
 
@@ -864,7 +864,7 @@ def test_unreadable_file_gives_the_same_reason_every_time(bicubic: PreprocessCon
 
 def test_wrong_size_without_resize_is_refused() -> None:
     fixed = PreprocessConfig(height=32, width=32, do_resize=False)
-    with pytest.raises(BadImage, match="image is 80x60 but the model needs 32x32"):
+    with pytest.raises(BadImage, match="image is 80×60 but the model needs 32×32"):
         pixel_values(make_photo((80, 60)), fixed)
 
 

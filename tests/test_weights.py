@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -602,10 +603,10 @@ def test_malformed_config_is_one_sentence_naming_the_checkpoint(tmp_path: Path, 
         ({"resample": 99}, r"resample 99 is not a PIL filter number"),
         ({"resample": 3.0}, r"resample 3.0 is not a PIL filter number"),  # passed, then failed every image
         ({"size": {"height": "224", "width": 224}}, r"preprocessor height must be a positive integer, not '224'"),
-        ({"image_mean": ["a", "b", "c"]}, r"preprocessor image_mean must be 3 numbers, one per channel \(or one for all\), not \['a', 'b', 'c'\]"),
+        ({"image_mean": ["a", "b", "c"]}, r"image_mean must be a list of 3 numbers, one per channel, or one number for all three, not \['a', 'b', 'c'\]"),
         ({"rescale_factor": "x"}, r"rescale_factor must be a number, not 'x'"),
         ({"do_normalize": "false"}, r"do_normalize must be true or false, not 'false'"),
-        ({"do_center_crop": True, "crop_size": {"height": 24, "width": 24}}, r"crops to 24x24, a 3x3 grid of 8 px patches, but the tower takes 32x32 images"),
+        ({"do_center_crop": True, "crop_size": {"height": 24, "width": 24}}, r"crops to 24×24, a 3×3 grid of 8 px patches, but the tower takes 32×32 images"),
         ({"do_center_crop": True, "crop_size": "x"}, r"crop_size 'x' is not a \(height, width\)"),
         ({"do_center_crop": "false"}, r"do_center_crop must be true or false, not 'false'"),
         ({"size": {"shortest_edge": 48}}, r"keeps the aspect with no crop after it, and its shorter side of 48 px"),
@@ -627,7 +628,8 @@ def test_mistyped_local_folder_that_looks_like_a_hub_id_says_the_folder_is_missi
 ) -> None:
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match=r"^there is no folder runs/ckpt-fnal here, and as a Hub id: runs/ckpt-fnal is not"):
+    said = r"^there is no folder runs/ckpt-fnal here, and as a Hub id, runs/ckpt-fnal is not"
+    with pytest.raises(CheckpointError, match=said):
         resolve_checkpoint("runs/ckpt-fnal")
 
 
@@ -643,8 +645,14 @@ def test_folder_without_weights_is_refused(tiny_vision: Path, tmp_path: Path) ->
 
 
 def test_missing_local_path_is_not_mistaken_for_a_hub_id(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match=r"missing/model is neither a local checkpoint directory nor a Hub id"):
+    missing = re.escape(str(tmp_path / "missing" / "model"))
+    with pytest.raises(CheckpointError, match=f"^there is no folder {missing}: give a checkpoint directory"):
         resolve_checkpoint(str(tmp_path / "missing" / "model"))
+    for name in ("./model", "~/model", "google/", "runs/2026/ckpt"):  # no Hub id looks so
+        with pytest.raises(CheckpointError, match=f"^there is no folder {re.escape(name)}: give a checkpoint"):
+            resolve_checkpoint(name)
+    with pytest.raises(CheckpointError, match=r"^model is neither a local checkpoint directory nor a Hub id"):
+        resolve_checkpoint("model")
 
 
 def test_a_file_is_refused_in_favour_of_its_folder(tiny_vision: Path) -> None:
