@@ -122,7 +122,8 @@ class WalkReport:
 
     def dangling_text(self, shown: int = 3) -> str:
         """'1 link that leads nowhere (an unmounted drive?): photos/nas → /mnt/nas'."""
-        listed = first_of([f"{display_path(link)} → {display_path(target)}" for link, target in self.dangling], shown)
+        links = sorted(self.dangling, key=lambda entry: os.fsencode(entry[0]))
+        listed = first_of([f"{display_path(link)} → {display_path(target)}" for link, target in links], shown)
         verb = "leads" if len(self.dangling) == 1 else "lead"
         return f"{counted(len(self.dangling), 'link')} that {verb} nowhere (an unmounted drive?): {listed}"
 
@@ -437,9 +438,25 @@ def _walk(
                     report.not_files.append((tidy_path(entry.path), _kind(entry)))
                 elif entry.is_symlink() and not os.path.exists(entry.path):  # not a link to a FIFO or socket
                     report.dangling.append((tidy_path(entry.path), os.readlink(entry.path)))
-            except OSError:  # a symlink that loops onto itself, or an entry gone while the folder was listed
-                if suffix in IMAGE_SUFFIXES and entry.is_symlink():
-                    report.not_files.append((tidy_path(entry.path), "a broken link"))
+            except OSError as e:  # a symlink that loops or leads through a folder closed to this user; an entry gone
+                if entry.is_symlink():
+                    _unfollowed_link(entry, suffix, e, report)
+
+
+def _unfollowed_link(entry: os.DirEntry, suffix: str, error: OSError, report: WalkReport) -> None:
+    """Say what a link the walk could not follow is, as its kind is said elsewhere: one named like an image is no
+    file; one that loops (`a -> b`, `b -> a`) leads nowhere, as one to a missing folder does; one through a folder
+    closed to this user is a folder that could not be listed. Said nowhere, a folder of photos went unseen."""
+    path = tidy_path(entry.path)
+    if suffix in IMAGE_SUFFIXES:
+        report.not_files.append((path, "a broken link"))
+    elif error.errno == errno.ELOOP:
+        try:
+            report.dangling.append((path, os.readlink(entry.path)))
+        except OSError:  # gone since the folder was listed
+            pass
+    elif not isinstance(error, FileNotFoundError):
+        report.unreadable.append((path, error.strerror or str(error)))
 
 
 def _look_into(path: str) -> None:

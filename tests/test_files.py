@@ -358,6 +358,21 @@ def test_a_folder_link_into_an_unmounted_drive_is_named_with_where_it_leads(tmp_
         find_images([str(tmp_path)])
 
 
+def test_folder_links_that_loop_or_cannot_be_followed_are_named_too(tmp_path: Path) -> None:
+    # Both were passed over without a word: a folder of photos behind such a link went unseen, and --strict passed.
+    (tmp_path / "b-loop").symlink_to("a-loop")
+    (tmp_path / "a-loop").symlink_to("b-loop")
+    photo = touch(tmp_path / "photo.jpg")
+    (tmp_path / "via-a-file").symlink_to(photo / "sub")  # fails as a link through a folder closed to this user does
+    report = WalkReport()
+    assert found_with(report, tmp_path) == [str(photo)]
+    assert report.dangling_text() == (
+        f"2 links that lead nowhere (an unmounted drive?): {tmp_path / 'a-loop'} → b-loop, "
+        f"{tmp_path / 'b-loop'} → a-loop"
+    )
+    assert report.unreadable == [(str(tmp_path / "via-a-file"), "Not a directory")]
+
+
 def test_a_folder_of_nothing_but_dead_links_says_so(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").symlink_to(tmp_path / "unmounted" / "a.jpg")
     with pytest.raises(UserError, match=r"1 entry named like an image is not a file: .*a\.jpg \(a broken link\)\)\.$"):
