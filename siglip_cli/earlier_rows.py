@@ -97,7 +97,16 @@ def settle(
         _refuse_update_from_elsewhere(previous, made_in)
     seen: dict[str, Status] = {}  # each earlier row's file is looked at once: twice is slow on a share
     paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, progress, seen)
-    reused = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress, seen) | unchecked
+    reused, unread = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress, seen)
+    if progress and unread:
+        one = len(unread) == 1
+        progress.note(
+            f"kept {counted(len(unread), 'row')} unchecked: {'its file' if one else 'their files'} changed times but "
+            f"cannot be read now ({display_path(min(unread, key=os.fsencode))}: a permission taken away?); a later "
+            f"--update checks {'it' if one else 'them'}."
+        )
+    unchecked |= {path: reused[path] for path in unread}
+    reused |= unchecked
     moved = _moved([p for p in paths if p not in reused], dropped, progress)
     # A dropped row is found again when a moved file took its content; of n copies of a photo, as many as moved.
     left = Counter(_content(ref) for ref in dropped.values())
@@ -193,7 +202,7 @@ def _whereabouts(path: str, seen: dict[str, Status]) -> str:
     except OSError:
         return "unknown"
     absolute = os.path.abspath(path)
-    folder = os.path.dirname(absolute)
+    folder = absolute  # the file itself first: a photo linked on its own into a drive not mounted is kept too
     while not os.path.lexists(folder):
         folder = os.path.dirname(folder)
     if os.path.islink(folder) and not os.path.exists(folder):
@@ -214,9 +223,10 @@ def _reusable(
     previous: RowsByPath,
     progress: Progress | None,
     seen: dict[str, Status],
-) -> RowsByPath:
+) -> tuple[RowsByPath, list[str]]:
     """The rows of `paths` that need no new work, where the file is still the one that produced the row: from this
-    run's chunks, embedded or failed, else embedded in the earlier output (--update).
+    run's chunks, embedded or failed, else embedded in the earlier output (--update); and of them, those kept
+    without a look at their content, which cannot be read now (`_still_current`).
 
     A file that failed in an earlier output is tried again: the cause may be gone (a permission, a full disk, a
     --max-pixels since raised). One that failed in this run's chunks is not: a resumed run batches exactly as the
@@ -227,14 +237,15 @@ def _reusable(
             found[path] = in_chunks[path]
         elif isinstance(previous.get(path), Ref):
             found[path] = previous[path]
-    infos = _still_current(
+    infos, unread = _still_current(
         {path: row.info if isinstance(row, Ref) else row for path, row in found.items()}, progress, seen
     )
-    return {
+    reusable = {
         path: _with_info(row, infos[path]) if isinstance(row, Ref) else infos[path]
         for path, row in found.items()
         if path in infos
     }
+    return reusable, unread
 
 
 def _with_info(ref: Ref, info: dict) -> Ref:
@@ -244,13 +255,16 @@ def _with_info(ref: Ref, info: dict) -> Ref:
 
 def _still_current(
     infos: dict[str, dict], progress: Progress | None, seen: dict[str, Status]
-) -> dict[str, dict]:
-    """Of `infos` (manifest rows by path), those whose file is still the one that produced them, with today's times.
-    `seen`: files already looked at by this run, not asked again.
+) -> tuple[dict[str, dict], list[str]]:
+    """Of `infos` (manifest rows by path), those whose file is still the one that produced them, with today's times;
+    and apart the paths of rows kept as they were, unchecked, since their files cannot be read now. `seen`: files
+    already looked at by this run, not asked again.
 
     Size, mtime and ctime first (rows of versions before the ctime have none to compare); when only the times
     moved (a copy, a restore, a sync, a chmod; a tag edited in place with the mtime kept) the content hash decides.
-    Those files are read in `HASHING_THREADS` threads, after a note when there is much to read."""
+    Those files are read in `HASHING_THREADS` threads, after a note when there is much to read. One that cannot be
+    read (a `chmod 000`, an ACL on a share) keeps its row and its old times, as a folder that cannot be read keeps
+    its rows: a permission taken away for a while cost the row, and embedding the photo again once it was back."""
     current: dict[str, dict] = {}
     touched: dict[str, Status | os.stat_result] = {}
     for path, info in infos.items():
@@ -269,10 +283,14 @@ def _still_current(
     size = sum(infos[path]["size"] for path in touched)
     digests = _digests(list(touched), size, progress,
                        "whose times changed but not their size, to see whether their content did")  # fmt: skip
+    unread = []
     for (path, stat), digest in zip(touched.items(), digests, strict=True):
         if digest == infos[path]["blake2b"]:
             current[path] = {**infos[path], **_times(infos[path], stat)}
-    return current
+        elif digest is None:
+            current[path] = infos[path]
+            unread.append(path)
+    return current, unread
 
 
 def _moved(pending: list[str], gone: dict[str, Ref], progress: Progress | None) -> dict[str, Ref]:
@@ -315,7 +333,7 @@ def _digests(paths: list[str], size: int, progress: Progress | None, why: str) -
             try:
                 return digest_of_file(path, stop)
             except OSError:
-                return None  # unreadable now: embedded again, and its error said then
+                return None  # unreadable now
 
         return list(look_ahead(paths, digest_or_none, depth=4 * HASHING_THREADS, threads=HASHING_THREADS))
 

@@ -1154,7 +1154,7 @@ def test_update_never_reads_a_fifo_found_where_a_row_was(tmp_path: Path) -> None
     timer = threading.Timer(5, let_a_reader_go)
     timer.start()
     try:
-        assert earlier_rows_module._still_current({str(fifo): row}, None, {}) == {}  # were it read, it would match
+        assert earlier_rows_module._still_current({str(fifo): row}, None, {}) == ({}, [])  # read, it would match
     finally:
         timer.cancel()
 
@@ -1815,21 +1815,23 @@ def test_update_counts_a_copy_that_moved_as_kept_and_one_deleted_as_removed(embe
 def test_update_keeps_unchecked_the_rows_under_a_link_that_leads_nowhere_and_drops_deleted_files(
     embed, folder: Path, tmp_path: Path
 ) -> None:
-    # photos/nas → a drive that is unmounted at the next --update: its rows stay; a deleted photo's row goes.
-    drive = save_photos(tmp_path / "drive", ["d0.jpg", "d1.jpg", "d2.jpg"], first_seed=70)
+    # photos/nas → a drive that is unmounted at the next --update: its rows stay; a deleted photo's row goes. So
+    # does the row of a photo linked on its own into the drive (photos/c0.jpg → drive/camera/c0.jpg): it was dropped.
+    drive = save_photos(tmp_path / "drive" / "photos", ["d0.jpg", "d1.jpg", "d2.jpg"], first_seed=70)
     (folder / "nas").symlink_to(drive)
+    (folder / "c0.jpg").symlink_to(save_photos(tmp_path / "drive" / "camera", ["c0.jpg"], first_seed=80) / "c0.jpg")
     output = tmp_path / "out" / "embeddings.safetensors"
     ok(embed(folder, output))
     before = {row["path"]: row for row in rows_of(output.with_suffix(".jsonl"))}
-    drive.rename(tmp_path / "unmounted")
+    (tmp_path / "drive").rename(tmp_path / "unmounted")
     (folder / "p03.jpg").unlink()
 
     result = ok(embed(folder, output, "--update", "--json"))
     summary = json.loads(result.stdout)
-    assert (summary["embedded"], summary["reused"], summary["unchecked"], summary["removed"]) == (0, 11, 3, 1)
-    assert "embedded 0, reused 11, kept 3 unchecked, removed 1 → " in result.stderr
+    assert (summary["embedded"], summary["reused"], summary["unchecked"], summary["removed"]) == (0, 11, 4, 1)
+    assert "embedded 0, reused 11, kept 4 unchecked, removed 1 → " in result.stderr
     assert "1 file of the earlier output is gone" in result.stderr and "its row is dropped." in result.stderr
-    assert "kept 3 rows of the earlier output unchecked: their files cannot be looked at now" in result.stderr
+    assert "kept 4 rows of the earlier output unchecked: their files cannot be looked at now" in result.stderr
     after = {row["path"]: row for row in rows_of(output.with_suffix(".jsonl"))}
     assert set(after) == set(before) - {str(folder / "p03.jpg")}
     assert all(after[path] == before[path] for path in after)
@@ -1847,6 +1849,36 @@ def test_update_says_which_embedded_files_now_fail(embed, folder: Path, tmp_path
             and f"its row is replaced by an error row in {errors}." in result.stderr)  # fmt: skip
     assert [row["path"] for row in rows_of(errors)] == [str(photo)]
     assert "now fail" not in ok(embed(folder, output, "--update")).stderr  # said once, when it happens
+
+
+def test_update_keeps_unchecked_the_row_of_a_photo_that_cannot_be_read_now(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `chmod 000` moves only the ctime, and the content hash that decides then could not be read: the row gave way
+    # to an error row, and the photo was embedded again once the permission was back.
+    output = tmp_path / "out" / "embeddings.safetensors"
+    ok(embed(folder, output))
+    manifest = output.with_suffix(".jsonl")
+    before = manifest.read_bytes()
+    photo = folder / "p03.jpg"
+    photo.chmod(0)
+    read = earlier_rows_module.digest_of_file
+
+    def refused(path: str, stop: threading.Event | None = None) -> str:  # as for a user other than root
+        if path == str(photo):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return read(path, stop)
+
+    monkeypatch.setattr(earlier_rows_module, "digest_of_file", refused)
+    result = ok(embed(folder, output, "--update", "--json"))
+    summary = json.loads(result.stdout)
+    assert (summary["embedded"], summary["reused"], summary["unchecked"], summary["failed"]) == (0, 11, 1, 0)
+    assert f"kept 1 row unchecked: its file changed times but cannot be read now ({photo}: " in result.stderr
+    assert summary["unchanged"] and manifest.read_bytes() == before
+    photo.chmod(0o644)
+    monkeypatch.undo()
+    summary = summary_of(embed(folder, output, "--update", "--json"))  # read again: the same photo
+    assert (summary["embedded"], summary["reused"], summary["unchecked"]) == (0, 12, 0)
 
 
 def test_update_of_an_older_output_compares_its_pooling_from_the_metadata(embed, folder: Path, tmp_path: Path) -> None:
