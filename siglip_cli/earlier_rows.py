@@ -99,12 +99,7 @@ def settle(
     paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, progress, seen)
     reused, unread = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress, seen)
     if progress and unread:
-        one = len(unread) == 1
-        progress.note(
-            f"kept {counted(len(unread), 'row')} unchecked: {'its file' if one else 'their files'} changed times but "
-            f"cannot be read now ({display_path(min(unread, key=os.fsencode))}: a permission taken away?); a later "
-            f"--update checks {'it' if one else 'them'}."
-        )
+        _note_unchecked(progress, unread, "read", "its times changed, and a permission was taken away?")
     unchecked |= {path: reused[path] for path in unread}
     reused |= unchecked
     moved = _moved([p for p in paths if p not in reused], dropped, progress)
@@ -177,14 +172,18 @@ def _with_earlier_rows(
             if isinstance(row, Ref):
                 dropped[path] = row
     if progress and unchecked:
-        one = len(unchecked) == 1
-        progress.note(
-            f"kept {counted(len(unchecked), 'row')} of the earlier output unchecked: "
-            f"{'its file' if one else 'their files'} cannot be looked at now "
-            f"({display_path(min(unchecked, key=os.fsencode))}: a folder that cannot be read, or a drive that is not "
-            "mounted); a later --update checks them."
-        )
+        _note_unchecked(progress, list(unchecked), "looked at", "a folder that cannot be read, or a drive not mounted")
     return sorted(given.union(still, unchecked), key=os.fsencode), unchecked, dropped
+
+
+def _note_unchecked(progress: Progress, paths: list[str], looked: str, why: str) -> None:
+    """The note on rows kept unchecked, since their files cannot be `looked` (at) now: the first path, and `why`."""
+    one = len(paths) == 1
+    progress.note(
+        f"kept {counted(len(paths), 'row')} of the earlier output unchecked: {'its file' if one else 'their files'} "
+        f"cannot be {looked} now ({display_path(min(paths, key=os.fsencode))}: {why}); a later --update checks "
+        f"{'it' if one else 'them'}."
+    )
 
 
 def _whereabouts(path: str, seen: dict[str, Status]) -> str:
