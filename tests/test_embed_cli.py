@@ -766,9 +766,15 @@ def test_batch_size_does_not_change_the_embeddings(embed, photos: Path, out: Pat
 def test_output_assembled_from_many_chunks_is_the_same(
     embed, photos: Path, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from siglip_cli.storage import WorkArea
+
+    chunks, write_chunk = [], WorkArea.write_chunk
+    monkeypatch.setattr(WorkArea, "write_chunk", lambda *args: chunks.append(args[1]) or write_chunk(*args))
     ok(embed(photos, "-o", out / "one_chunk.safetensors", "--batch-size", "1", "--tokens"))
+    assert len(chunks) == 1
     monkeypatch.setattr("siglip_cli.embed.FLUSH_SECONDS", 0.0)  # every batch becomes a chunk on disk
     ok(embed(photos, "-o", out / "many_chunks.safetensors", "--batch-size", "1", "--tokens"))
+    assert len(chunks) == 1 + 3  # one a photo
     one, many = load_file(out / "one_chunk.safetensors"), load_file(out / "many_chunks.safetensors")
     assert all(one[name].equal(many[name]) for name in ("embeddings", "tokens"))
 
@@ -2620,8 +2626,8 @@ def test_batches_are_fixed_slices_put_together_from_worker_parcels(
         assert (pixels is None) == (not rows)  # a batch of only the broken file has nothing to embed
         for row, got in zip(rows, pixels if rows else []):
             expected = torch.from_numpy(load_pixels(row["path"], cfg, DecodeOptions())[0])
-            # The device decoder (libjpeg-turbo here) is close to PIL, not exact: see gpu_decode.
-            assert (got - expected).abs().max() <= (0.2 if jpeg_to_device else 0.0)
+            # The device decoder (libjpeg-turbo here) is close to PIL, not exact: within 3 levels (see gpu_decode).
+            assert (got - expected).abs().max() <= (3 * 2 / 255 if jpeg_to_device else 0.0)
 
 
 class _PathsOfThisProcess(list):

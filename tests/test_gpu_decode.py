@@ -127,7 +127,7 @@ def test_gpu_decode_matches_the_pil_path_on_cpu(mixed_files: list[Path], resampl
     assert difference.max() <= 3 * level and difference.mean() < 0.1 * level
     model = random_model(TINY)
     with torch.no_grad():
-        assert F.cosine_similarity(model(pixels).pooled, model(expected).pooled).min() >= 0.999
+        assert F.cosine_similarity(model(pixels).pooled, model(expected).pooled).min() >= 0.99999  # 1 - 2e-7 here
 
 
 def test_gpu_decode_in_bounded_groups_gives_the_same_pixels(mixed_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -204,23 +204,37 @@ def test_a_run_with_a_head_start_writes_what_one_without_writes(folder: Path, ti
 @pytest.mark.parametrize(
     "ahead, batch_size", [(2, 4), (4, 4), (6, 4), (8, 4), (9, 4), (9, 16)], ids=["part", "one", "more", "two", "all", "less"]
 )
-def test_the_batches_are_the_same_with_a_head_start(folder: Path, tiny_siglip: Path, ahead: int, batch_size: int) -> None:
-    # Part of the first batch, all of it, part of the second, two, every file; every file in one batch.
-    from siglip_cli.decoding import decoded_batches
+def test_the_batches_are_the_same_with_a_head_start(
+    folder: Path, tiny_siglip: Path, tmp_path: Path, ahead: int, batch_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Part of the first batch, all of it, part of the second, two, every file; every file in one batch. The files
+    # the head start decoded are decoded by no worker: its pixels are the ones used, not only equal to them.
+    from siglip_cli import decoding
 
     cfg = resolve_checkpoint(str(tiny_siglip)).preprocess
     paths = discover([str(folder)])
+    log, decode_file = tmp_path / "decoded", decoding.decode_file
 
-    def batches() -> list[tuple[list, list, list]]:
-        return [
+    def logged(path: str, *args, **kwargs):  # in the workers too, forked with it: a line a decoded file
+        with open(log, "a") as f:
+            f.write(f"{path}\n")
+        return decode_file(path, *args, **kwargs)
+
+    def batches() -> tuple[list[tuple[list, list, list]], list[str]]:
+        log.unlink(missing_ok=True)
+        made = [
             (batch.rows, batch.errors, [p.numpy() for p in batch.pixels])
-            for batch in decoded_batches(paths, cfg, DecodeOptions(), batch_size=batch_size, workers=1, pin=False)
+            for batch in decoding.decoded_batches(paths, cfg, DecodeOptions(), batch_size=batch_size, workers=1,
+                                                  pin=False)  # fmt: skip
         ]
+        return made, sorted(log.read_text().splitlines()) if log.exists() else []
 
-    plain = batches()
+    monkeypatch.setattr(decoding, "decode_file", logged)
+    plain, decoded = batches()
+    assert decoded == sorted(paths)
     finished(ahead, folder, tiny_siglip)
-    with_head_start = batches()
-    assert headstart._running is None
+    with_head_start, decoded = batches()
+    assert headstart._running is None and decoded == sorted(paths[ahead:])
     assert [(rows, errors) for rows, errors, _ in with_head_start] == [(rows, errors) for rows, errors, _ in plain]
     for (_, _, ours), (_, _, theirs) in zip(with_head_start, plain):
         assert np.array_equal(np.concatenate(ours), np.concatenate(theirs))

@@ -384,6 +384,30 @@ def test_real_checkpoint_stats_match_transformers(tiny_vision: Path, photo: Path
         assert (got.mean, got.std, got.min, got.max) == pytest.approx(want, abs=1e-4), name
 
 
+def test_the_traced_forward_matches_transformers_element_by_element(tiny_vision: Path, photo: Path) -> None:
+    # The trace writes attention out by hand (to keep its weights) where a plain forward calls SDPA: the statistics
+    # above would not see values that moved about within a stage.
+    from siglip_cli.checkpoints import resolve_checkpoint
+    from siglip_cli.weights import load_model
+
+    checkpoint = resolve_checkpoint(str(tiny_vision))
+    image, _ = tracing.read_image(photo)
+    x = torch.from_numpy(pixel_values(image, checkpoint.preprocess))[None]
+    trace: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        ours = load_model(checkpoint)(x, trace=trace)
+        out = reference_vision_model(tiny_vision)(x, output_hidden_states=True)
+    expected = {
+        "embeddings": out.hidden_states[0],
+        **{f"layers.{i}.residual2": hidden for i, hidden in enumerate(out.hidden_states[1:])},
+        "post_layernorm": out.last_hidden_state,
+    }
+    assert set(expected) <= set(trace) and len(out.hidden_states) > 2
+    for name, tensor in expected.items():
+        torch.testing.assert_close(trace[name], tensor, rtol=0, atol=1e-5, msg=name)
+    torch.testing.assert_close(ours.pooled, out.pooler_output, rtol=0, atol=1e-5)
+
+
 def test_headless_tower_has_no_head_stages_or_head_plot(
     tiny_paligemma: Path, photo: Path, base: tracing.Inspection, tmp_path: Path
 ) -> None:

@@ -227,6 +227,8 @@ def test_a_siglip_config_without_a_size_resizes_as_transformers_does(
         assert same_bits(pixels_of(image, cfg), expected)
     else:
         assert expected.shape[1:] == (224, 224)  # which no 32 px tower at patch 8 takes
+        at_the_towers_size = processor(images=image, size={"height": side, "width": side}, return_tensors="np")
+        assert same_bits(pixels_of(image, cfg), at_the_towers_size["pixel_values"][0])
 
 
 @pytest.mark.parametrize(
