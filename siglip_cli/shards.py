@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from .errors import UserError
-from .files import WalkReport
+from .files import WalkReport, directory_entry
 from .outputs import (
     OutputPaths,
     Ref,
@@ -147,10 +147,17 @@ class MergeSummary:
 
 def _check_every_part(opened: list[tuple[OutputPaths, dict[str, str]]], *, allow_missing: bool) -> None:
     """Refuse a merge of `--shard K/N` outputs of different splits, or that holds a part twice, or (unless
-    `allow_missing`) lacks one. Outputs that do not say which part they are (whole runs, older versions) are not
-    checked."""
+    `allow_missing`) lacks one, or mixes parts with outputs that do not say which part they are. Those (whole runs,
+    older versions) are not checked among themselves."""
     parts = [meta.get("shard") for _, meta in opened]
     if any(part is None for part in parts):
+        if any(part is not None for part in parts):  # p0 of a split and another folder's run hid part 1 missing
+            split = next((out, part) for (out, _), part in zip(opened, parts) if part is not None)
+            whole = next(out for (out, _), part in zip(opened, parts) if part is None)
+            raise UserError(
+                f"{split[0].embeddings} is part {split[1]} of a --shard run, and {whole.embeddings} is not a part (a "
+                "whole run, or one of a version that did not record its part): merge the parts of one run."
+            )
         return
     numbers = [re.fullmatch(r"(\d+)/(\d+)", part) for part in parts]
     for (out, _), part, match in zip(opened, parts, numbers):
@@ -174,23 +181,34 @@ def _check_every_part(opened: list[tuple[OutputPaths, dict[str, str]]], *, allow
 
 def _disjoint_rows(opened: list[tuple[OutputPaths, dict[str, str]]]) -> tuple[list[Ref], list[dict]]:
     """The parts' embedded rows and error rows, each sorted by path as a single run sorts them; a file in two parts
-    is refused: the outputs are not disjoint shards of one run."""
-    owner: dict[str, Path] = {}
+    is refused: the outputs are not disjoint shards of one run. A file is told apart as `embed` tells it (its
+    folder's identity and its name, a relative path from where its part was made), so that it is one file in two
+    spellings too: `photos/a.jpg` and `/home/me/photos/a.jpg`, or through a folder link."""
+    owner: dict[tuple[object, str], tuple[str, Path]] = {}
+    folders: dict[str, object] = {}
     good: list[Ref] = []
     bad: list[dict] = []
-    for out, _ in opened:
+    for out, metadata in opened:
         refs, errors = read_rows(out)
+        start = metadata.get("working_directory", "")
         for path in [ref.info["path"] for ref in refs] + [row["path"] for row in errors]:
-            if path in owner:
+            entry = directory_entry(os.path.join(start, path), folders)
+            if entry in owner:
+                first, where = owner[entry]
+                spelled = "" if first == path else f" (as {display_path(first)})"
                 raise UserError(
-                    f"{path} is in both {owner[path]} and {out.embeddings}: these outputs overlap, so they are not "
-                    "disjoint shards of one run."
+                    f"{display_path(path)} is in both {where}{spelled} and {out.embeddings}: these outputs overlap, so "
+                    "they are not disjoint shards of one run."
                 )
-            owner[path] = out.embeddings
+            owner[entry] = (path, out.embeddings)
         good += refs
         bad += errors
     good.sort(key=lambda ref: os.fsencode(ref.info["path"]))
     bad.sort(key=lambda row: os.fsencode(row["path"]))
+    if bad and not good:  # as `siglip embed` refuses a run that embedded nothing: a list that named no file here
+        first = f"{display_path(bad[0]['path'])}: {bad[0]['error']}".removesuffix(".")
+        failed = f"none of the {len(bad):,} files of these outputs could" if len(bad) > 1 else "the one file could not"
+        raise UserError(f"{failed} be embedded ({first}): there is nothing to merge.")
     return good, bad
 
 

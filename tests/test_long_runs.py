@@ -2300,6 +2300,54 @@ def test_merge_refuses_overlapping_outputs(embed, folder: Path, tmp_path: Path) 
     assert not (tmp_path / "all.safetensors").exists()
 
 
+def test_merge_refuses_one_file_in_two_spellings(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whole runs record no part and no inputs: their rows were told apart by their paths' strings alone, and the
+    # photos of `photos`, `/…/photos` and a folder link to it were merged two and three times over.
+    ok(embed(folder, tmp_path / "absolute.safetensors"))
+    (tmp_path / "link").symlink_to(folder)
+    ok(embed(tmp_path / "link", tmp_path / "linked.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    ok(embed(Path("photos"), tmp_path / "relative.safetensors"))
+    monkeypatch.chdir("/")  # the relative rows name their files from where they were made, not from here
+    for other, spelled in (("relative", "photos/p00.jpg"), ("linked", f"{tmp_path}/link/p00.jpg")):
+        error = the_error(siglip("merge", tmp_path / "absolute.safetensors", tmp_path / f"{other}.safetensors",
+                                 "-o", tmp_path / "all.safetensors"))  # fmt: skip
+        assert error == (f"error: {spelled} is in both {tmp_path / 'absolute.safetensors'} (as "
+                         f"{folder / 'p00.jpg'}) and {tmp_path / other}.safetensors: these outputs overlap, so they "
+                         "are not disjoint shards of one run.")  # fmt: skip
+    assert not (tmp_path / "all.safetensors").exists()
+
+
+def test_merge_refuses_a_part_beside_an_output_that_is_no_part(embed, folder: Path, tmp_path: Path) -> None:
+    # Part 0/2 and another folder's whole run merged without a word that part 1/2 was missing.
+    ok(embed(folder, tmp_path / "part0.safetensors", "--shard", "0/2"))
+    other = save_photos(tmp_path / "other", ["o0.jpg"], first_seed=50)
+    ok(embed(other, tmp_path / "whole.safetensors"))
+    error = the_error(siglip("merge", tmp_path / "part0.safetensors", tmp_path / "whole.safetensors",
+                             "-o", tmp_path / "all.safetensors"))  # fmt: skip
+    assert error.startswith(f"error: {tmp_path / 'part0.safetensors'} is part 0/2 of a --shard run, and "
+                            f"{tmp_path / 'whole.safetensors'} is not a part")  # fmt: skip
+
+
+def test_merge_of_parts_that_embedded_nothing_is_refused(embed, tmp_path: Path) -> None:
+    # A part may be all bad (the merge decides), but parts where every file failed (a list of paths from another
+    # folder, a share not mounted on the nodes) merged into an empty output with exit 0, all the array green.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"x{i}.jpg").write_bytes(b"not a jpeg")
+    parts = [tmp_path / f"part{k}.safetensors" for k in range(2)]
+    for k, part in enumerate(parts):
+        ok(embed(folder, part, "--shard", f"{k}/2"))
+    result = siglip("merge", *parts, "-o", tmp_path / "all.safetensors")
+    assert result.exit_code == 2 and not (tmp_path / "all.safetensors").exists()
+    error = the_error(result)
+    assert error.startswith(f"error: none of the 6 files of these outputs could be embedded ({folder / 'x0.jpg'}")
+    assert error.endswith("): there is nothing to merge.")
+
+
 def test_shard_auto_takes_its_index_from_the_slurm_array(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
