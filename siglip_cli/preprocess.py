@@ -67,9 +67,6 @@ _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 T = TypeVar("T")
 
 
-EMPTY_FILE = "empty file (0 bytes)"  # why a file of no bytes fails, the same in every command
-
-
 class BadImage(Exception):
     """A file that cannot be embedded; the message is the one-line reason written to the errors file."""
 
@@ -184,6 +181,19 @@ def _first_bytes(source: str | Path | BinaryIO, count: int = 16) -> bytes:
         return b""
 
 
+def _is_empty(source: str | Path | BinaryIO) -> bool:
+    """Whether the file holds no byte at all; False where that cannot be told."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            return os.path.getsize(source) == 0
+        at = source.tell()
+        end = source.seek(0, os.SEEK_END)
+        source.seek(at)
+        return end == 0
+    except (OSError, ValueError):
+        return False
+
+
 def _raised_in(package: str, error: BaseException) -> bool:
     """Whether `error` was raised by the code of `package` (its traceback's last frame)."""
     tb = error.__traceback__
@@ -225,8 +235,6 @@ def open_rgb(
         # whose orientation turns it (5 to 8) wrong, its strips mapped from the file unturned and the tag dropped
         # all the same, so `inspect` and `load_pixels(path)` gave scrambled pixels where `embed` gave the photo.
         with open(source, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:  # an interrupted copy or download: Pillow says "cannot identify"
-                raise BadImage(EMPTY_FILE)
             return open_rgb(f, options, target=target)
     with c_messages_dropped(), open_checked(source, options) as image:
         size = image.size
@@ -317,6 +325,8 @@ def open_checked(source: str | Path | BinaryIO, options: DecodeOptions) -> Image
         with _without_pillow_guard():
             image = Image.open(source, formats=_registered_formats())
     except UnidentifiedImageError:
+        if _is_empty(source):  # an interrupted copy or download, often: Pillow says only "cannot identify"
+            raise BadImage("empty file (0 bytes)") from None
         # Pillow's own message ends with repr(path): for the in-memory file embed reads, an object address.
         started_as = _started_as(_first_bytes(source))
         if started_as in _registered_formats():

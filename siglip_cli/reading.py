@@ -16,7 +16,7 @@ from typing import Callable, Protocol, TypeVar
 import numpy as np
 
 from .config import PreprocessConfig
-from .preprocess import EMPTY_FILE, BadImage, DecodeOptions, bad_file_reason, load_pixels, open_checked
+from .preprocess import BadImage, DecodeOptions, bad_file_reason, load_pixels, open_checked
 from .text import display_path
 
 
@@ -75,8 +75,6 @@ def pixels_and_facts(
         return pixels, {"width": width, "height": height, **facts}, None
     with open(path, "rb") as f:
         data = f.read()
-    if not data:  # an interrupted copy or download, often: PIL would say only "cannot identify image file"
-        raise BadImage(EMPTY_FILE)
     facts = {**stat_facts(info), "blake2b": file_digest(data)}
     if for_device is not None and (claimed := for_device(data)) is not None:
         return None, {"width": claimed.width, "height": claimed.height, **facts}, claimed

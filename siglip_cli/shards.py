@@ -152,11 +152,11 @@ def _check_every_part(opened: list[tuple[OutputPaths, dict[str, str]]], *, allow
     parts = [meta.get("shard") for _, meta in opened]
     if any(part is None for part in parts):
         if any(part is not None for part in parts):  # p0 of a split and another folder's run hid part 1 missing
-            split = next((out, part) for (out, _), part in zip(opened, parts) if part is not None)
-            whole = next(out for (out, _), part in zip(opened, parts) if part is None)
+            split, whole = next(i for i, part in enumerate(parts) if part is not None), parts.index(None)
             raise UserError(
-                f"{split[0].embeddings} is part {split[1]} of a --shard run, and {whole.embeddings} is not a part (a "
-                "whole run, or one of a version that did not record its part): merge the parts of one run."
+                f"{opened[split][0].embeddings} is part {parts[split]} of a --shard run, and "
+                f"{opened[whole][0].embeddings} is not a part (a whole run, or one of a version that did not record "
+                "its part): merge the parts of one run."
             )
         return
     numbers = [re.fullmatch(r"(\d+)/(\d+)", part) for part in parts]
