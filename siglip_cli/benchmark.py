@@ -50,7 +50,7 @@ from .runtime import (
     resolve_device,
     resolve_dtype,
 )
-from .text import counted, first_of
+from .text import Note, counted, first_of
 from .weights import load_tower
 
 
@@ -347,18 +347,17 @@ def parse_references(text: str) -> tuple[str, ...]:
     return references
 
 
-NoteFn = Callable[[str], None]
 
-
-def run_benchmark(options: BenchOptions, *, note: NoteFn | None = None) -> Report:
+def run_benchmark(options: BenchOptions, *, progress: Note | None = None) -> Report:
     """Model-only throughput for each batch size (ours, then each reference), and the image pipeline with `images`.
-    `note`: told what is being measured, a line at a time."""
-    say = note or (lambda message: None)
+    `progress`: told what is being measured, a line at a time; what the reader of the results should know is in
+    the report's `notes`."""
+    say = progress or (lambda message: None)
     device = resolve_device(options.device)  # the same rules as `siglip embed --device`
     if device.type == "cpu":
         fit_cpu_threads()  # as `siglip embed` does; every backend compared runs on these threads
     dtype = resolve_dtype(options.dtype or "auto", device)  # the same rule as `siglip embed --dtype`
-    notes = [note] if (note := dtype_note(device, dtype)) else []
+    notes = [hint] if (hint := dtype_note(device, dtype)) else []
     compile = default_compile(device) if options.compile is None else options.compile
     kind = "cuda" if device.type == "cuda" else "cpu"
     iters = DEFAULT_ITERS[kind] if options.iters is None else options.iters
@@ -442,7 +441,7 @@ def _a_graph_for_each(batch_sizes: tuple[int, ...]) -> contextlib.AbstractContex
 
 def _forwards(
     plain: SiglipVision, compare: tuple[str, ...], *, device: torch.device, dtype: torch.dtype, compile: bool,
-    report: Report, say: NoteFn,
+    report: Report, say: Note,
 ) -> dict[str, tuple[Forward, str]]:  # fmt: skip
     """The forwards to time, by backend, with each one's variant: ours, then each reference asked for and installed
     (one that is not is a note in `report`), all on `plain`'s weights."""

@@ -47,7 +47,7 @@ from .errors import file_size_limit, first_line, os_reason, signal_name
 from .gpu_decode import JpegHeader, decode_headers, device_index, read_header
 from .preprocess import DecodeOptions, bad_file_reason, load_pixels
 from .reading import error_facts, failure_reason, pixels_and_facts
-from .text import counted, display_path
+from .text import Note, counted, display_path
 
 
 class Item(NamedTuple):
@@ -256,7 +256,7 @@ def _stuck_reason() -> str:
 
 
 @contextmanager
-def _stuck_workers_stopped(watch: _Watch | None, stuck: set[int], note: Callable[[str], None],
+def _stuck_workers_stopped(watch: _Watch | None, stuck: set[int], note: Note,
                            paths: list[str]) -> Iterator[None]:  # fmt: skip
     """While the block runs, a thread kills the decoding workers `watch` finds stuck, and adds their files to
     `stuck`. The loader then fails as for any worker that died, and `_parcels` recovers."""
@@ -481,7 +481,7 @@ def decoded_batches(
     workers: int,
     pin: bool,
     jpeg_to_device: bool = False,
-    note: Callable[[str], None] = lambda message: None,
+    note: Note = lambda message: None,
 ) -> Iterator[Batch]:
     """Batches of `batch_size` files in order (fixed slices of `paths`), decoded by `workers` processes ahead of
     the model, `PARCEL_SIZE` files at a time, with about two batches in flight, but for the first files the head start
@@ -527,7 +527,7 @@ def _head_start(paths: list[str], cfg: PreprocessConfig, options: DecodeOptions,
 
 def _parcels(
     files: ImageFiles, spans: list[tuple[int, int]], batch_size: int, workers: int, pin: bool,
-    note: Callable[[str], None], head: list[Item],
+    note: Note, head: list[Item],
 ) -> Iterator[Parcel]:  # fmt: skip
     """The parcels of `spans`, in order, from a DataLoader; never one parcel across two spans. `head`: the items
     of the first files (from file 0), decoded already by the head start, which no worker decodes again: handed over,
@@ -585,7 +585,7 @@ class _LoaderStop(NamedTuple):
 
 def _loader_parcels(
     files: ImageFiles, spans: list[tuple[int, int]], size: int, workers: int, prefetch_factor: int | None, pin: bool,
-    waiting: Iterator[Parcel], stuck: set[int], note: Callable[[str], None],
+    waiting: Iterator[Parcel], stuck: set[int], note: Note,
 ) -> Generator[Parcel, None, _LoaderStop]:  # fmt: skip
     """The parcels of `spans` from one DataLoader with `workers` workers, in order, after what is left of the head
     start's, `waiting`, once the workers have started (they decode the spans while the model runs those). Returns how
@@ -673,7 +673,7 @@ def _stop_after(error: RuntimeError, handed_over: int, workers: int) -> _LoaderS
     return None
 
 
-def _workers_within_open_files(workers: int, prefetch: Callable[[int], int], note: Callable[[str], None]) -> int:
+def _workers_within_open_files(workers: int, prefetch: Callable[[int], int], note: Note) -> int:
     """As many of `workers` as `ulimit -n` lets hand their parcels over (`open_files_needed`, with `prefetch(w)`
     parcels in flight each), raising the soft limit first where the hard one allows; a note when fewer."""
     opened = _open_files() if workers else 0  # a parent (a shell, a wrapper script) may have left some open to us

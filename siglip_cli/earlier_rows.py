@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from stat import S_ISREG
-from typing import TYPE_CHECKING, Iterable, NamedTuple
+from typing import Iterable, NamedTuple
 
 from . import interrupts
 from .concurrency import look_ahead
@@ -25,10 +25,8 @@ from .files import below_mount_points, directory_entry, empty_folder, same_file
 from .outputs import Ref, RowsByPath
 from .reading import digest_of_file
 from .storage import Chunk, SafetensorsRows
-from .text import counted, display_path
+from .text import Note, counted, display_path
 
-if TYPE_CHECKING:  # embed imports this module; its Progress is named in annotations only
-    from .embed import Progress
 
 # --update reads the files whose mtime alone moved, to compare their content: reading waits on the disk (a NAS, a
 # spinning disk) more than BLAKE2b on the CPU, and BLAKE2b lets go of the GIL, so threads overlap the waits.
@@ -88,7 +86,7 @@ def settle(
     *,
     made_in: str | None,
     keep_unlisted: bool,
-    progress: Progress | None,
+    note: Note | None,
 ) -> Settled:
     """What is left to do: see `Settled`. `previous`: the earlier output's rows (--update), `in_chunks` those of an
     interrupted run; `made_in`: the folder the earlier output was made in, where known; `keep_unlisted`: the rows of
@@ -96,13 +94,13 @@ def settle(
     if keep_unlisted:
         _refuse_update_from_elsewhere(previous, made_in)
     seen: dict[str, Status] = {}  # each earlier row's file is looked at once: twice is slow on a share
-    paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, progress, seen)
-    reused, unread = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, progress, seen)
-    if progress and unread:
-        _note_unchecked(progress, unread, "read", "its times changed, and a permission was taken away?")
+    paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, note, seen)
+    reused, unread = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, note, seen)
+    if note and unread:
+        _note_unchecked(note, unread, "read", "its times changed, and a permission was taken away?")
     unchecked |= {path: reused[path] for path in unread}
     reused |= unchecked
-    moved = _moved([p for p in paths if p not in reused], dropped, progress)
+    moved = _moved([p for p in paths if p not in reused], dropped, note)
     # A dropped row is found again when a moved file took its content; of n copies of a photo, as many as moved.
     left = Counter(_content(ref) for ref in dropped.values())
     left.subtract(_content(ref) for ref in moved.values())
@@ -110,10 +108,10 @@ def settle(
     if keep_unlisted and (made_in is None or not os.path.isdir(made_in)):
         _refuse_relative_rows_all_lost(previous, dropped, lost)
     removed = sum(n for n in left.values() if n > 0)
-    if progress and keep_unlisted and removed:
+    if note and keep_unlisted and removed:
         gone = min(lost, key=os.fsencode)
         one = removed == 1
-        progress.note(f"{counted(removed, 'file')} of the earlier output {'is' if one else 'are'} gone "
+        note(f"{counted(removed, 'file')} of the earlier output {'is' if one else 'are'} gone "
                       f"({display_path(gone)}{'' if one else ', …'}): {'its row is' if one else 'their rows are'} "
                       "dropped.")  # fmt: skip
     return Settled(paths, reused | moved, unchecked, removed)
@@ -139,7 +137,7 @@ def _with_earlier_rows(
     paths: list[str],
     previous: RowsByPath,
     keep_unlisted: bool,
-    progress: Progress | None,
+    note: Note | None,
     seen: dict[str, Status],
 ) -> tuple[list[str], RowsByPath, dict[str, Ref]]:
     """The files of a run over an earlier output: `paths`, each under the spelling the earlier output gave it (so
@@ -171,15 +169,15 @@ def _with_earlier_rows(
             given.discard(path)  # a stale line of a list: the file is gone, not failed (and may have moved)
             if isinstance(row, Ref):
                 dropped[path] = row
-    if progress and unchecked:
-        _note_unchecked(progress, list(unchecked), "looked at", "a folder that cannot be read, or a drive not mounted")
+    if note and unchecked:
+        _note_unchecked(note, list(unchecked), "looked at", "a folder that cannot be read, or a drive not mounted")
     return sorted(given.union(still, unchecked), key=os.fsencode), unchecked, dropped
 
 
-def _note_unchecked(progress: Progress, paths: list[str], looked: str, why: str) -> None:
+def _note_unchecked(note: Note, paths: list[str], looked: str, why: str) -> None:
     """The note on rows kept unchecked, since their files cannot be `looked` (at) now: the first path, and `why`."""
     one = len(paths) == 1
-    progress.note(
+    note(
         f"kept {counted(len(paths), 'row')} of the earlier output unchecked: {'its file' if one else 'their files'} "
         f"cannot be {looked} now ({display_path(min(paths, key=os.fsencode))}: {why}); a later --update checks "
         f"{'it' if one else 'them'}."
@@ -220,7 +218,7 @@ def _reusable(
     paths: list[str],
     in_chunks: RowsByPath,
     previous: RowsByPath,
-    progress: Progress | None,
+    note: Note | None,
     seen: dict[str, Status],
 ) -> tuple[RowsByPath, list[str]]:
     """The rows of `paths` that need no new work, where the file is still the one that produced the row: from this
@@ -237,7 +235,7 @@ def _reusable(
         elif isinstance(previous.get(path), Ref):
             found[path] = previous[path]
     infos, unread = _still_current(
-        {path: row.info if isinstance(row, Ref) else row for path, row in found.items()}, progress, seen
+        {path: row.info if isinstance(row, Ref) else row for path, row in found.items()}, note, seen
     )
     reusable = {
         path: _with_info(row, infos[path]) if isinstance(row, Ref) else infos[path]
@@ -253,7 +251,7 @@ def _with_info(ref: Ref, info: dict) -> Ref:
 
 
 def _still_current(
-    infos: dict[str, dict], progress: Progress | None, seen: dict[str, Status]
+    infos: dict[str, dict], note: Note | None, seen: dict[str, Status]
 ) -> tuple[dict[str, dict], list[str]]:
     """Of `infos` (manifest rows by path), those whose file is still the one that produced them, with today's times;
     and apart the paths of rows kept as they were, unchecked, since their files cannot be read now. `seen`: files
@@ -280,7 +278,7 @@ def _still_current(
         elif "blake2b" in info and S_ISREG(stat.st_mode):  # a FIFO put in a photo's place would block the read
             touched[path] = stat
     size = sum(infos[path]["size"] for path in touched)
-    digests = _digests(list(touched), size, progress,
+    digests = _digests(list(touched), size, note,
                        "whose times changed but not their size, to see whether their content did")  # fmt: skip
     unread = []
     for (path, stat), digest in zip(touched.items(), digests, strict=True):
@@ -292,7 +290,7 @@ def _still_current(
     return current, unread
 
 
-def _moved(pending: list[str], gone: dict[str, Ref], progress: Progress | None) -> dict[str, Ref]:
+def _moved(pending: list[str], gone: dict[str, Ref], note: Note | None) -> dict[str, Ref]:
     """Rows for files of `pending` that are photos of `gone` rows under a new name (a folder renamed, files
     reorganised): the same size and content hash, so the same pixels and the same embedding. Reading a file costs
     far less than embedding it; only files of a size some gone row has are read."""
@@ -308,24 +306,24 @@ def _moved(pending: list[str], gone: dict[str, Ref], progress: Progress | None) 
             continue
         if S_ISREG(stat.st_mode) and stat.st_size in by_size:
             candidates[path] = stat
-    digests = _digests(list(candidates), sum(s.st_size for s in candidates.values()), progress,
+    digests = _digests(list(candidates), sum(s.st_size for s in candidates.values()), note,
                        "of the same size as photos that are gone, to see whether they moved")  # fmt: skip
     found = {}
     for (path, stat), digest in zip(candidates.items(), digests, strict=True):
         ref = by_size[stat.st_size].get(digest)
         if ref is not None:
             found[path] = ref._replace(info={**ref.info, "path": path, **_times(ref.info, stat)})
-    if progress and found:
+    if note and found:
         rows = "its row reused" if len(found) == 1 else "rows reused"
-        progress.note(f"{counted(len(found), 'photo')} found under a new name (moved or renamed): {rows}.")
+        note(f"{counted(len(found), 'photo')} found under a new name (moved or renamed): {rows}.")
     return found
 
 
-def _digests(paths: list[str], size: int, progress: Progress | None, why: str) -> list[str | None]:
+def _digests(paths: list[str], size: int, note: Note | None, why: str) -> list[str | None]:
     """The content hash of each file (None where it cannot be read now), read in `HASHING_THREADS` threads, after a
     note when there is much to read. Ctrl-C stops every read within a MiB."""
-    if progress and size >= HASHING_NOTE_BYTES:
-        progress.note(f"reading {len(paths):,} files ({size / 2**30:,.1f} GiB) {why}.")
+    if note and size >= HASHING_NOTE_BYTES:
+        note(f"reading {len(paths):,} files ({size / 2**30:,.1f} GiB) {why}.")
     with interrupts.stop_flag() as stop:
 
         def digest_or_none(path: str) -> str | None:

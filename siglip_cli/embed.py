@@ -233,7 +233,7 @@ def embed_to_file(
         keep_unlisted = update and whole_run
         earlier = resuming.earlier_work(
             out, state, paths, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted,
-            devices_work=devices_work, shard=options.shard, progress=progress,
+            devices_work=devices_work, shard=options.shard, note=progress.note if progress else None,
         )  # fmt: skip
         work, settled = earlier.work, earlier.settled
         paths, done = settled.paths, settled.done

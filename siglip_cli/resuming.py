@@ -10,7 +10,7 @@ file: `earlier_rows.settle`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from . import earlier_rows
 from .errors import UserError
@@ -31,10 +31,8 @@ from .outputs import (
     shard_text,
 )
 from .storage import WorkArea, remove_stale_temporaries
-from .text import counted
+from .text import Note, counted
 
-if TYPE_CHECKING:
-    from .embed import Progress
 
 
 class EarlierWork(NamedTuple):
@@ -57,7 +55,7 @@ def earlier_work(
     keep_unlisted: bool,
     devices_work: Path | None,
     shard: tuple[int, int] | None,
-    progress: Progress | None,
+    note: Note | None,
 ) -> EarlierWork:
     """Open the work area (`_open_work`) and settle `paths` against what earlier work left: the chunks of an
     interrupted run (damaged ones deleted, with a note) and, with --update, the earlier output's rows. A refused
@@ -68,23 +66,23 @@ def earlier_work(
     )
     remove_stale_temporaries(out.files())
     chunks, damaged = work.chunks()
-    if damaged and progress:
-        progress.note(
+    if damaged and note:
+        note(
             f"{counted(len(damaged), 'chunk')} of the interrupted run in {out.work} could not be read (damaged "
             "since): their files are embedded again."
         )
     in_chunks = earlier_rows.chunk_rows(chunks)
     try:
         settled = earlier_rows.settle(
-            paths, previous, in_chunks, made_in=made_in, keep_unlisted=keep_unlisted, progress=progress
+            paths, previous, in_chunks, made_in=made_in, keep_unlisted=keep_unlisted, note=note
         )
     except UserError:
         if not chunks:
             work.remove()
         raise
-    if progress and in_chunks:  # done: in the chunks, or (--update) kept from the earlier output
+    if note and in_chunks:  # done: in the chunks, or (--update) kept from the earlier output
         done, total = len(settled.done), len(settled.paths)
-        progress.note(f"continuing the interrupted run in {out.work}: {done:,} of {total:,} files done.")
+        note(f"continuing the interrupted run in {out.work}: {done:,} of {total:,} files done.")
     next_seq = max((chunk.seq for chunk in chunks), default=-1) + 1  # a damaged chunk's number is free: it was deleted
     return EarlierWork(work, previous, settled, next_seq)
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Callable
+
+# What a library function is given to tell the user something, a line at a time (the CLI says it on stderr).
+Note = Callable[[str], None]
 
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _LONE_SURROGATES = re.compile(r"[\ud800-\udfff]")  # how Python's str holds a name's bytes that are not UTF-8

@@ -540,7 +540,7 @@ def test_a_comparison_named_twice_is_built_and_measured_once(tiny_vision: Path) 
     options = benchmark.BenchOptions(
         model=str(tiny_vision), device="cpu", iters=1, warmup=0, batch_sizes=(1,), compare=("transformers", "transformers")
     )  # fmt: skip
-    report = benchmark.run_benchmark(options, note=said.append)
+    report = benchmark.run_benchmark(options, progress=said.append)
     assert [r.backend for r in report.results] == ["siglip", "transformers"]
     assert said.count("building the transformers reference on the same weights") == 1
 
