@@ -23,7 +23,7 @@ from rich.text import Text
 from . import __version__, interrupts
 from .allocator import keep_freed_memory
 from .config import CPU_BATCH_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRESET
-from .errors import DeviceFault, UserError, address_space_limit, first_line
+from .errors import UserError, address_space_limit, first_line
 from .text import counted, display_path, escape_controls
 from .usage_errors import click_errors, parse_error_sentence
 
@@ -411,9 +411,7 @@ def _stopped_runs_told(
     """A run stopped by Ctrl-C, SIGTERM, memory (the GPU's, or the CPU allocator's) or a fault of the GPU as one
     sentence, saying whether finished work is kept for the rerun; any other error with the bar taken down first, for
     the error's own sentence. `gpu_decode`: whether JPEGs may have been decoded on the GPU (--decode auto or gpu)."""
-    import torch
-
-    from .runtime import gpu_library_out_of_memory, out_of_memory
+    from .runtime import device_fault, gpu_out_of_memory, out_of_memory
 
     try:
         yield
@@ -426,13 +424,12 @@ def _stopped_runs_told(
             fail(f"interrupted; finished work is kept in {out.work}: rerun the same command to continue.", 130)
     except MemoryError as e:  # numpy's or Python's own allocations, such as a batch's conversion to --output-dtype
         progress.stop(keep=False)
-        _out_of_memory(out, e, gpu=False, float32=float32)
+        _fail_out_of_memory(out, e, gpu=False, float32=float32)
     except RuntimeError as e:
         progress.stop(keep=False)
         if out_of_memory(e):  # outside the model's forward, which halves its batch instead
-            gpu = isinstance(e, torch.OutOfMemoryError) or gpu_library_out_of_memory(e)  # else the CPU allocator's
-            _out_of_memory(out, e, gpu=gpu, float32=float32)
-        if not (isinstance(e, (DeviceFault, getattr(torch, "AcceleratorError", ()))) or "CUDA error" in str(e)):
+            _fail_out_of_memory(out, e, gpu=gpu_out_of_memory(e), float32=float32)
+        if not device_fault(e):
             raise
         kept = f"; finished work is kept in {out.work}" if out.work_kept() else ""
         # The work area records the decoder: its rows continue only with the same one.
@@ -444,7 +441,7 @@ def _stopped_runs_told(
         raise
 
 
-def _out_of_memory(out: OutputPaths, error: BaseException, *, gpu: bool, float32: bool) -> NoReturn:
+def _fail_out_of_memory(out: OutputPaths, error: BaseException, *, gpu: bool, float32: bool) -> NoReturn:
     ran_out = f"{'the GPU' if gpu else 'this machine'} ran out of memory ({first_line(error)})"
     if out.work_kept():
         fail(f"{ran_out}; finished work is kept in {out.work}: rerun with a smaller --batch-size to continue.", 1)
@@ -629,7 +626,7 @@ def bench(
         compare=references,
         images=images,
     )
-    report = run_benchmark(options, note=lambda message: stderr.print(printable(message), style="dim"))
+    report = run_benchmark(options, progress=lambda message: stderr.print(printable(message), style="dim"))
     for sentence in report.notes:
         note(sentence)
     if json_out:

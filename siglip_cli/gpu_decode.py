@@ -76,7 +76,7 @@ def fault(device: torch.device) -> str | None:
     try:
         decode_jpeg([data], mode=ImageReadMode.RGB, device=device)
     except Exception as e:  # whatever a broken build raises: the CPU path is there either way
-        return None if isinstance(e, RuntimeError) and _out_of_memory(e) else first_line(e)
+        return None if isinstance(e, RuntimeError) and _decoder_out_of_memory(e) else first_line(e)
     return None
 
 
@@ -176,7 +176,7 @@ def _decode_groups(
                 orientations = [headers[i].orientation for i in done]
                 out[device_index(done, device)] = _preprocess([decoded[i] for i in done], orientations, cfg, device)
         except RuntimeError as e:
-            if _out_of_memory(e):  # the decoder's or the resize's
+            if _decoder_out_of_memory(e):  # the decoder's or the resize's
                 out_of_memory = True
                 done, refused = [], [(i, "out of GPU memory for the JPEG decoder") for i in group]
             elif "shared memory" in str(e):  # CUDA's antialiased resize refusing a downscale: the CPU path's
@@ -340,7 +340,7 @@ def _decode(headers: dict[int, JpegHeader], device: torch.device) -> tuple[dict[
 def _raise_unless_the_files(error: RuntimeError) -> None:
     """Out of memory goes up as it is, to `_decode_groups`; a device fault as one, which ends the run with its
     sentence (torchvision's words for it are not CUDA's); anything else is a file the decoder rejects."""
-    if _out_of_memory(error):
+    if _decoder_out_of_memory(error):
         raise error
     if _device_fault(error):
         raise DeviceFault(first_line(error)) from error
@@ -353,7 +353,7 @@ _STREAM_ERROR = re.compile(r"Failed to synchronize CUDA stream: (\d+)")
 NVJPEG_ALLOCATOR_FAILURE, CUDA_ERROR_MEMORY_ALLOCATION = 5, 2
 
 
-def _out_of_memory(error: RuntimeError) -> bool:
+def _decoder_out_of_memory(error: RuntimeError) -> bool:
     """Out of memory is no bad file. torchvision's CUDA decoder wraps every failure, its allocations' included, in
     a plain RuntimeError ("Error while decoding JPEG images: ... out of memory"); nvJPEG allocates its own buffers
     outside torch's cache, and says so with its allocator's status. Broader than `runtime.out_of_memory`, which
@@ -371,7 +371,8 @@ def _out_of_memory(error: RuntimeError) -> bool:
 def _device_fault(error: RuntimeError) -> bool:
     """A fault of the device ("CUDA error: ...", or a decoder's stream that cannot be waited for), not of a file: it
     ends the run, rather than sending every file after it to the CPU path one by one, slowly and without a word."""
-    return "CUDA error" in str(error) or (_STREAM_ERROR.search(str(error)) is not None and not _out_of_memory(error))
+    stream_failed = _STREAM_ERROR.search(str(error)) is not None
+    return "CUDA error" in str(error) or (stream_failed and not _decoder_out_of_memory(error))
 
 
 def orient(image: Tensor, orientation: int) -> Tensor:

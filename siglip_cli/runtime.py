@@ -15,7 +15,7 @@ from torch import Tensor
 from .checkpoints import Checkpoint, resolve_checkpoint
 from .config import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, DEFAULT_MODEL, PreprocessConfig
 from .cpus import fit_cpu_threads
-from .errors import UserError
+from .errors import DeviceFault, UserError
 from .kernels import fuse_gelu, onednn_linears
 from .model import SiglipVision
 from .weights import load_model
@@ -38,6 +38,17 @@ def out_of_memory(error: BaseException) -> bool:
 
 def gpu_library_out_of_memory(error: BaseException) -> bool:
     return any(status in str(error) for status in ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED"))
+
+
+def gpu_out_of_memory(error: BaseException) -> bool:
+    """Whether an `out_of_memory` error is the GPU's, not the CPU allocator's."""
+    return isinstance(error, torch.OutOfMemoryError) or gpu_library_out_of_memory(error)
+
+
+def device_fault(error: BaseException) -> bool:
+    """Whether `error` is a fault of the GPU, not of the run's inputs or the code: torch's AcceleratorError (from
+    torch 2.8), the GPU decoder's `DeviceFault`, or a "CUDA error" RuntimeError (older torches, CUDA's libraries)."""
+    return isinstance(error, (DeviceFault, getattr(torch, "AcceleratorError", ()))) or "CUDA error" in str(error)
 
 
 @dataclass
