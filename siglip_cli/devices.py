@@ -320,7 +320,6 @@ def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Sum
     context = mp.get_context("spawn")
     channel = context.Queue()
     processes = {job.index: context.Process(target=_work, args=(job, channel)) for job in jobs}
-    device = {job.index: job.device for job in jobs}
     summaries: dict[int, Summary] = {}
     try:
         # Inside the try: a Ctrl-C held back while they start is delivered as the block ends, and those started
@@ -333,16 +332,7 @@ def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Sum
                 with interrupts.deferred():  # the queue's lock, as in `decoding`: Ctrl-C takes effect within a second
                     kind, index, payload = channel.get(timeout=1.0)
             except queue.Empty:
-                # A worker's last message is in the pipe before it exits: dead, and nothing left to read after that,
-                # means it crashed. Its "done" may have come just after the wait timed out, and it exited since.
-                for job_index, process in processes.items():
-                    if job_index not in summaries and not process.is_alive() and channel.empty():
-                        code = process.exitcode
-                        how = f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
-                        raise RunFailed(
-                            f"the worker on {device[job_index]} stopped ({how}); what it printed is in "
-                            f"{_log_of(jobs[job_index])}."
-                        )
+                _raise_if_a_worker_died(jobs, processes, summaries, channel)
                 continue
             if kind == "done":
                 summaries[index] = payload
@@ -355,13 +345,26 @@ def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Sum
             elif progress and kind == "advance":
                 progress.advance(payload)
             elif progress and kind == "note":
-                progress.note(f"{device[index]}: {payload}")
+                progress.note(f"{jobs[index].device}: {payload}")
     finally:
         _stop([process for job_index, process in processes.items() if job_index not in summaries and process.is_alive()])
         for process in processes.values():
             if process.pid is not None:  # started
                 process.join()
     return list(summaries.values())
+
+
+def _raise_if_a_worker_died(
+    jobs: list[_Job], processes: dict[int, mp.Process], done: dict[int, Summary], channel: mp.Queue
+) -> None:
+    """A worker's last message is in the pipe before it exits: dead, and nothing left to read after that, means it
+    crashed. Its "done" may have come just after the wait timed out, and it exited since."""
+    for index, process in processes.items():
+        if index not in done and not process.is_alive() and channel.empty():
+            code = process.exitcode
+            how = f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
+            log = _log_of(jobs[index])
+            raise RunFailed(f"the worker on {jobs[index].device} stopped ({how}); what it printed is in {log}.")
 
 
 _QUIET_TRACKER = "ignore::UserWarning:multiprocessing.resource_tracker"
