@@ -88,8 +88,8 @@ class Embeddings(nn.Module):
         # itself was slow on cuDNN (bench/RESULTS.md, the H200 runs).
         conv = self.patch_embedding
         p = conv.kernel_size[0]
-        B, C, H, W = pixel_values.shape
-        h, w = H // p, W // p
+        B, C, height, width = pixel_values.shape
+        h, w = height // p, width // p  # patches down and across
         x = pixel_values[:, :, : h * p, : w * p].to(conv.weight.dtype)
         patches = x.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
         x = F.linear(patches, conv.weight.flatten(1), conv.bias)  # (B, N, D)
@@ -223,7 +223,7 @@ class PoolAttention(nn.Module):
         w_q, w_kv = self.in_proj_weight.split([D, 2 * D])
         b_q, b_kv = self.in_proj_bias.split([D, 2 * D])
         # The probe is the same for every image: projected once, so every image gets the very same query.
-        q = F.linear(query, w_q, b_q).expand(B, -1, -1).view(B, -1, self.num_heads, D // self.num_heads).transpose(1, 2)
+        q = F.linear(query, w_q, b_q).expand(B, -1, -1).view(B, 1, self.num_heads, -1).transpose(1, 2)  # (B, H, 1, Dh)
         k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 2 × (B, H, N, Dh)
         # Written out, not SDPA: for one query it costs nothing, and its bits no longer depend on where the image
         # sits in the batch or on the thread count (CPU SDPA splits a lone query's work by threads, so two copies
