@@ -2471,7 +2471,7 @@ def test_auto_dtype_is_float32_on_every_cpu_and_the_note_says_what_bf16_would_do
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
     assert runtime.resolve_dtype("auto", cpu) == torch.float32  # the exact path, even where bf16 is fast
-    assert (runtime.dtype_note(cpu, torch.float32) is not None) == native  # "--dtype bfloat16 runs about twice as fast"
+    assert (runtime.dtype_note(cpu, torch.float32) is not None) == native  # "--dtype bfloat16 runs two to three times as fast"
     assert (runtime.dtype_note(cpu, torch.bfloat16) is not None) == (not native)  # "emulated, several times slower"
     # After a run, the hint comes only where bfloat16 would save time worth a line; the warning always.
     long, short = runtime.BF16_HINT_AFTER_S, runtime.BF16_HINT_AFTER_S / 10
