@@ -347,7 +347,6 @@ def parse_references(text: str) -> tuple[str, ...]:
     return references
 
 
-
 def run_benchmark(options: BenchOptions, *, progress: Note | None = None) -> Report:
     """Model-only throughput for each batch size (ours, then each reference), and the image pipeline with `images`.
     `progress`: told what is being measured, a line at a time; what the reader of the results should know is in

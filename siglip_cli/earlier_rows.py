@@ -112,8 +112,8 @@ def settle(
         gone = min(lost, key=os.fsencode)
         one = removed == 1
         note(f"{counted(removed, 'file')} of the earlier output {'is' if one else 'are'} gone "
-                      f"({display_path(gone)}{'' if one else ', …'}): {'its row is' if one else 'their rows are'} "
-                      "dropped.")  # fmt: skip
+             f"({display_path(gone)}{'' if one else ', …'}): {'its row is' if one else 'their rows are'} "
+             "dropped.")  # fmt: skip
     return Settled(paths, reused | moved, unchecked, removed)
 
 

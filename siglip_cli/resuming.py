@@ -34,7 +34,6 @@ from .storage import WorkArea, remove_stale_temporaries
 from .text import Note, counted
 
 
-
 class EarlierWork(NamedTuple):
     """What a run starts from: its work area, the earlier output's rows (`_open_work`), what they and the
     interrupted run's chunks settle (`earlier_rows.settle`), and the number of the next chunk to write."""
