@@ -65,10 +65,10 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, trace: Trace | None, prefix: str, *
     return weights @ v
 
 
-def _one_at_a_time(step: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """`step` over a batch, one image at a time. Not kept out of `torch.compile` (`torch.compiler.disable` imports
-    torch._dynamo, 1.6 s and 150 MB of every run): compiled for the CPU, the passes are fused back into one."""
-    return torch.cat([step(image) for image in x.split(1)])
+def _one_at_a_time(step: Callable[..., Tensor], *batches: Tensor) -> Tensor:
+    """`step` over batches of one size, one image at a time. Not kept out of `torch.compile` (`torch.compiler.disable`
+    imports torch._dynamo, 1.6 s and 150 MB of every run): compiled for the CPU, the passes are fused back into one."""
+    return torch.cat([step(*image) for image in zip(*(batch.split(1) for batch in batches))])
 
 
 class Embeddings(nn.Module):
@@ -217,14 +217,19 @@ class PoolAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * cfg.hidden_size))
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, query: Tensor, x: Tensor, trace: Trace | None = None, prefix: str = "head") -> Tensor:
-        """The (1, 1, D) probe `query` attends over the (B, N, D) tokens `x` → (B, 1, D)."""
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The (B, N, D) tokens `x` → their keys and values, 2 × (B, H, N, Dh)."""
         B, N, D = x.shape
-        w_q, w_kv = self.in_proj_weight.split([D, 2 * D])
-        b_q, b_kv = self.in_proj_bias.split([D, 2 * D])
+        w_kv, b_kv = self.in_proj_weight[D:], self.in_proj_bias[D:]
+        k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, query: Tensor, k: Tensor, v: Tensor, trace: Trace | None = None, prefix: str = "head") -> Tensor:
+        """The (1, 1, D) probe `query` attends over the tokens' keys and values (`keys_values`) → (B, 1, D)."""
+        B, D = k.shape[0], query.shape[-1]
+        w_q, b_q = self.in_proj_weight[:D], self.in_proj_bias[:D]
         # The probe is the same for every image: projected once, so every image gets the very same query.
         q = F.linear(query, w_q, b_q).expand(B, -1, -1).view(B, 1, self.num_heads, -1).transpose(1, 2)  # (B, H, 1, Dh)
-        k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 2 × (B, H, N, Dh)
         # Written out, not SDPA: for one query it costs nothing, and its bits no longer depend on where the image
         # sits in the batch or on the thread count (CPU SDPA splits a lone query's work by threads, so two copies
         # of one photo in a batch got embeddings 1e-7 apart, and exact-match deduplication missed them).
@@ -243,19 +248,21 @@ class PoolingHead(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, trace: Trace | None = None) -> Tensor:
-        # On the CPU one image at a time, so that copies of one photo in a batch get the same bits (exact-match
-        # deduplication relies on it): batched, a GEMM over the B probes computes its last, partial block of rows
-        # with another kernel, and an elementwise op its last, partial vector (widths no multiple of 8), so copies
-        # in a batch of 5, 7 or 9 were 1e-7 apart. The head is ~1% of the forward. CUDA runs every row of a GEMM
-        # through the same kernel (bench/gpu_check.py checks).
+        # The keys and values of every token in one GEMM, as the encoder's projections (each row's bits are the same
+        # wherever its image sits in the batch); the rest of the head on the CPU one image at a time, so that copies
+        # of one photo in a batch get the same bits (exact-match deduplication relies on it): batched, a GEMM over
+        # the B probes computes its last, partial block of rows with another kernel, and an elementwise op its last,
+        # partial vector (widths no multiple of 8), so copies in a batch of 5, 7 or 9 were 1e-7 apart. CUDA runs
+        # every row of a GEMM through the same kernel (bench/gpu_check.py checks).
+        k, v = self.attention.keys_values(x)
         if x.is_cuda or trace is not None:
-            return self._pool(x, trace)
-        return _one_at_a_time(self._pool, x)
+            return self._pool(k, v, trace)
+        return _one_at_a_time(self._pool, k, v)
 
-    def _pool(self, x: Tensor, trace: Trace | None = None) -> Tensor:
-        _record(trace, "head.probe", self.probe.expand(x.shape[0], -1, -1))
+    def _pool(self, k: Tensor, v: Tensor, trace: Trace | None = None) -> Tensor:
+        _record(trace, "head.probe", self.probe.expand(k.shape[0], -1, -1))
         # No residual around the pooling attention itself: the probe is a query, not a token stream.
-        x = self.attention(self.probe, x, trace, "head")
+        x = self.attention(self.probe, k, v, trace, "head")
         _record(trace, "head.attention", x)
         h = self.layernorm(x)
         _record(trace, "head.layernorm", h)
