@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,11 +122,19 @@ def cpu_has_native_bf16() -> bool:
     ran at 18 GFLOP/s against 153 for float32, and B/16 at 0.56 against 3.99 images/s. With it (a 2-core Zen 4),
     8.40 against 4.05 side by side (bench/RESULTS.md).
     """
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", _cpuinfo()))
+
+
+def cpu_is_intel() -> bool:
+    """Whether the CPU is Intel's, for whose CPUs MKL (torch's float32 GEMMs) is written."""
+    return "GenuineIntel" in _cpuinfo() or "GenuineIntel" in platform.processor()  # Linux; Windows
+
+
+def _cpuinfo() -> str:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return ""
 
 
 # A run shorter than this would gain a few seconds from bfloat16: not worth a line after every small run.
@@ -134,12 +143,13 @@ BF16_HINT_AFTER_S = 60.0
 
 def cpu_prefers_onednn(dtype: torch.dtype) -> bool:
     """Whether the tower's CPU GEMMs go through oneDNN (`kernels.OneDnnLinear`, fc1 + GELU fused) in `dtype`, where
-    it measured faster on a 2-core Zen 4 (bench/RESULTS.md): bfloat16 on CPUs with native bf16 (3.2% with the
-    fusion alone), float32 on CPUs with AVX-512 (8–12%: oneDNN ran the four GEMM shapes 1.10–1.15× faster than
-    MKL's sgemm, and the GELU rides on fc1). AVX2-only CPUs keep MKL in float32: oneDNN was slower on an AVX2 EPYC."""
+    it measured faster (bench/RESULTS.md): bfloat16 on CPUs with native bf16 (3.2% with the fusion alone, on a Zen 4;
+    MKL has no bf16 GEMM), float32 on AMD CPUs with AVX-512 (8–12% on a 2-core Zen 4: oneDNN ran the four GEMM shapes
+    1.10–1.15× faster than MKL's sgemm, and the GELU rides on fc1). Elsewhere float32 keeps MKL: on an Intel Xeon with
+    AVX-512 oneDNN ran those shapes 8–22% slower than MKL, and on an AVX2-only EPYC it was slower too."""
     if dtype == torch.bfloat16:
         return cpu_has_native_bf16()
-    return dtype == torch.float32 and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return dtype == torch.float32 and torch.backends.cpu.get_cpu_capability() == "AVX512" and not cpu_is_intel()
 
 
 def dtype_note(device: torch.device, dtype: torch.dtype, *, run_seconds: float | None = None) -> str | None:

@@ -184,11 +184,14 @@ def test_prepare_model_asks_for_onednn_only_where_the_cpu_has_native_bf16(monkey
         assert all(layer.mlp.onednn == native for layer in tower.encoder.layers)
 
 
-def test_prepare_model_takes_onednn_gemms_in_float32_only_on_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prepare_model_takes_onednn_gemms_in_float32_only_on_avx512_outside_intel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from siglip_cli import runtime
 
-    for capability, onednn in (("AVX2", False), ("AVX512", True)):
+    for capability, intel, onednn in (("AVX2", False, False), ("AVX512", False, True), ("AVX512", True, False)):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(runtime, "cpu_is_intel", lambda: intel)
         tower = runtime.prepare_model(_tiny_model(), device="cpu", dtype=torch.float32)
         layer = tower.encoder.layers[0]
         assert isinstance(layer.self_attn.qkv, OneDnnLinear) == onednn
