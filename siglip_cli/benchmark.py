@@ -43,6 +43,7 @@ from .runtime import (
     Embedder,
     compiled,
     cpu_has_native_bf16,
+    cpuinfo,
     dtype_name,
     dtype_note,
     out_of_memory,
@@ -68,10 +69,7 @@ class BenchError(UserError):
 
 def cpu_name() -> str:
     """The CPU model as /proc/cpuinfo names it (Linux), else what `platform` knows."""
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-    except OSError:
-        match = None
+    match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo(), re.MULTILINE)
     return match.group(1).strip() if match else (platform.processor() or platform.machine())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -122,18 +123,21 @@ def cpu_has_native_bf16() -> bool:
     ran at 18 GFLOP/s against 153 for float32, and B/16 at 0.56 against 3.99 images/s. With it (a 2-core Zen 4),
     8.40 against 4.05 side by side (bench/RESULTS.md).
     """
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", _cpuinfo()))
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo()))
 
 
 def cpu_is_intel() -> bool:
     """Whether the CPU is Intel's, for whose CPUs MKL (torch's float32 GEMMs) is written."""
-    return "GenuineIntel" in _cpuinfo() or "GenuineIntel" in platform.processor()  # Linux; Windows
+    # Where there is no /proc/cpuinfo (Windows), what `platform` says; on Linux it would run `uname -p`.
+    return "GenuineIntel" in (cpuinfo() or platform.processor())
 
 
-def _cpuinfo() -> str:
+@functools.cache
+def cpuinfo() -> str:
+    """/proc/cpuinfo, read once a process; "" where there is none (not Linux)."""
     try:
         return Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
+    except OSError:
         return ""
 
 
