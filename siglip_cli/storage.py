@@ -19,7 +19,7 @@ import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, Protocol
+from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -77,6 +77,10 @@ class Staging:
     def __init__(self) -> None:
         self.steps: Steps = []
 
+    def rename(self, tmp: Path, path: Path) -> None:
+        """Give `tmp`, written whole, the name `path` with the block's other files."""
+        self.steps.append((tmp, path))
+
     def remove(self, path: Path) -> None:
         """Remove `path` as the new files take their names (a stale file that would describe another run)."""
         self.steps.append((path, None))
@@ -95,7 +99,7 @@ def atomic_write(path: Path, staging: Staging | None = None) -> Iterator[BinaryI
             f.flush()
             os.fsync(f.fileno())
         if staging is not None:
-            staging.steps.append((tmp, path))
+            staging.rename(tmp, path)
             return
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -202,18 +206,14 @@ def exclusive(output: Path) -> Iterator[None]:
     refuse_a_drive_not_mounted(output)
     with _open_lock_file(lock, output) as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # The file we locked may be one a finishing run has just unlinked; a run that made a new one then
-            # holds that, and both would write. Only the lock on the file still named `lock` counts.
-            if not os.path.samestat(os.fstat(handle.fileno()), os.stat(lock)):
-                raise BlockingIOError
-        except (BlockingIOError, FileNotFoundError):
-            raise OutputBusy(f"another siglip run is writing {output}: wait for it, or choose another -o.") from None
+            locked = _locked(handle, lock)
         except OSError as e:  # EBADF: another user's lock file, on NFS; ENOLCK: a share without a lock service
             raise UserError(
                 f"cannot lock {display_path(str(lock))} ({os_reason(e)}): if no siglip run is writing {output}, "
                 "delete that file; or choose another -o."
             ) from None
+        if not locked:
+            raise OutputBusy(f"another siglip run is writing {output}: wait for it, or choose another -o.")
         _held_locks.add(handle.fileno())
         try:
             yield
@@ -223,6 +223,20 @@ def exclusive(output: Path) -> Iterator[None]:
             # meanwhile keeps the file: the run's own error, if any, is the one to tell.
             with contextlib.suppress(OSError):
                 lock.unlink(missing_ok=True)
+
+
+def _locked(handle: BinaryIO, lock: Path) -> bool:
+    """Lock `handle`, the open file `lock`, without waiting; False where another run holds the lock."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    # The file locked may be one a finishing run has just unlinked; a run that made a new one then holds that, and
+    # both would write. Only the lock on the file still named `lock` counts.
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(lock))
+    except FileNotFoundError:
+        return False
 
 
 class OutputBusy(UserError):
@@ -257,23 +271,24 @@ def _open_lock_file(lock: Path, output: Path) -> BinaryIO:
             # One that another user's run left (under sudo, killed): open for reading, it locks as well, but on NFS.
             return os.fdopen(os.open(lock, os.O_RDONLY), "rb")
     except OSError as e:
-        if isinstance(e, (FileExistsError, NotADirectoryError)):  # something not a folder where the path needs one
-            blocking = next((p for p in reversed(output.parents) if os.path.lexists(p) and not p.is_dir()), None)
-            if blocking is not None and os.path.islink(blocking) and not os.path.exists(blocking):
-                raise UserError(
-                    f"cannot write {output}: {blocking} is a link to {os.readlink(blocking)}, which does not exist "
-                    "(an unmounted drive?)."
-                ) from None
-            if blocking is not None:
-                raise UserError(f"cannot write {output}: {blocking} is a file, not a folder.") from None
-        if isinstance(e, PermissionError) and (refused := _refused_on_the_way(lock.parent)):
-            raise UserError(f"cannot write {display_path(str(output))}: {refused} ({e.strerror}).") from None
-        if isinstance(e, PermissionError) and os.path.lexists(lock):  # another user's, closed to this one
-            raise UserError(
-                f"cannot open {display_path(str(lock))}, the lock of another user's run on {display_path(str(output))} "
-                f"({e.strerror}): if no such run is writing it now, delete that file."
-            ) from None
-        raise UserError(f"cannot write beside {output}: {e.strerror or e}.") from None
+        raise UserError(_no_lock_file(e, lock, output)) from None
+
+
+def _no_lock_file(error: OSError, lock: Path, output: Path) -> str:
+    """Why `lock` could not be opened or made, in one sentence: what is in the way, where something is."""
+    if isinstance(error, (FileExistsError, NotADirectoryError)):  # something not a folder where the path needs one
+        blocking = next((p for p in reversed(output.parents) if os.path.lexists(p) and not p.is_dir()), None)
+        if blocking is not None and os.path.islink(blocking) and not os.path.exists(blocking):
+            return (f"cannot write {output}: {blocking} is a link to {os.readlink(blocking)}, which does not exist "
+                    "(an unmounted drive?).")  # fmt: skip
+        if blocking is not None:
+            return f"cannot write {output}: {blocking} is a file, not a folder."
+    if isinstance(error, PermissionError) and (refused := _refused_on_the_way(lock.parent)):
+        return f"cannot write {display_path(str(output))}: {refused} ({error.strerror})."
+    if isinstance(error, PermissionError) and os.path.lexists(lock):  # another user's, closed to this one
+        return (f"cannot open {display_path(str(lock))}, the lock of another user's run on "
+                f"{display_path(str(output))} ({error.strerror}): if no such run is writing it now, delete that file.")
+    return f"cannot write beside {output}: {error.strerror or error}."
 
 
 def _refused_on_the_way(folder: Path) -> str | None:
@@ -420,8 +435,21 @@ def write_npy(path: Path, spec: TensorSpec, *, staging: Staging | None = None) -
 class RowReader(Protocol):
     def read(self, name: str, start: int, stop: int) -> np.ndarray: ...
 
-    # Rows of tensor `name` (0 where a .safetensors file holds no such tensor); raises if its file is missing or broken.
-    def count(self, name: str) -> int: ...
+    def count(self, name: str) -> int:
+        """Rows of tensor `name`: 0 where a .safetensors file holds no such tensor (`SafetensorsRows`), while an
+        `NpyRows` without its file raises, as for a file missing or broken."""
+
+
+class _Layout(NamedTuple):
+    """Where a tensor's rows lie in its file: C-ordered from `offset`."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
 
 
 class SafetensorsRows:
@@ -433,7 +461,7 @@ class SafetensorsRows:
 
     def __init__(self, path: Path):
         self.path = path
-        self._tensors: dict[str, tuple[np.dtype, tuple[int, ...], int]] | None = None  # dtype, shape, data offset
+        self._tensors: dict[str, _Layout] | None = None
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         layout = self._layout()
@@ -443,9 +471,9 @@ class SafetensorsRows:
 
     def count(self, name: str) -> int:
         layout = self._layout()
-        return layout[name][1][0] if name in layout else 0
+        return layout[name].rows if name in layout else 0
 
-    def _layout(self) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
+    def _layout(self) -> dict[str, _Layout]:
         if self._tensors is None:
             with open_safetensors(self.path):  # refuses a damaged file as safetensors does
                 pass
@@ -459,18 +487,17 @@ class SafetensorsRows:
                     continue
                 if spec["dtype"] not in kinds:
                     raise ValueError(f"{display_path(self.path)} holds {name} as {spec['dtype']}, which siglip does not write")
-                self._tensors[name] = (kinds[spec["dtype"]], tuple(spec["shape"]), 8 + size + spec["data_offsets"][0])
+                offset = 8 + size + spec["data_offsets"][0]
+                self._tensors[name] = _Layout(kinds[spec["dtype"]], tuple(spec["shape"]), offset)
         return self._tensors
 
 
-def _rows_at(
-    path: Path, name: str, layout: tuple[np.dtype, tuple[int, ...], int], start: int, stop: int
-) -> np.ndarray:
-    """Rows `start` to `stop` of tensor `name`, C-ordered at `offset` in `path` as `layout` (dtype, shape, offset)
-    says: read where they lie, with no file left open."""
+def _rows_at(path: Path, name: str, layout: _Layout, start: int, stop: int) -> np.ndarray:
+    """Rows `start` to `stop` of tensor `name`, where `layout` says they lie in `path`: read there, with no file
+    left open."""
     dtype, shape, offset = layout
-    if not 0 <= start <= stop <= shape[0]:
-        raise ValueError(f"{display_path(path)} holds {shape[0]} rows of {name}, not rows {start} to {stop}")
+    if not 0 <= start <= stop <= layout.rows:
+        raise ValueError(f"{display_path(path)} holds {layout.rows} rows of {name}, not rows {start} to {stop}")
     per_row = int(np.prod(shape[1:], dtype=np.int64))
     rows = np.fromfile(path, dtype=dtype, count=(stop - start) * per_row, offset=offset + start * per_row * dtype.itemsize)
     return rows.reshape(stop - start, *shape[1:])  # a file cut short since gives fewer values: a ValueError
@@ -483,20 +510,20 @@ class NpyRows:
 
     def __init__(self, files: dict[str, Path]):
         self.files = files
-        self._layouts: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+        self._layouts: dict[str, _Layout] = {}
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         return _rows_at(self.files[name], name, self._layout(name), start, stop)
 
     def count(self, name: str) -> int:
-        return self._layout(name)[1][0]
+        return self._layout(name).rows
 
-    def _layout(self, name: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    def _layout(self, name: str) -> _Layout:
         if name not in self._layouts:
             mapped = np.load(self.files[name], mmap_mode="r")  # refuses a damaged or short file as before
             if not mapped.flags.c_contiguous or mapped.ndim == 0:
                 raise ValueError(f"{display_path(self.files[name])} is not an array of rows siglip writes")
-            self._layouts[name] = (mapped.dtype, mapped.shape, mapped.offset)
+            self._layouts[name] = _Layout(mapped.dtype, mapped.shape, mapped.offset)
             del mapped  # its mapping, and the descriptor that goes with it, closed now
         return self._layouts[name]
 
