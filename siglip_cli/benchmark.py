@@ -51,7 +51,7 @@ from .runtime import (
     resolve_device,
     resolve_dtype,
 )
-from .text import Note, counted, first_of
+from .text import Note, counted, first_of, no_note
 from .weights import load_tower
 
 
@@ -349,7 +349,7 @@ def run_benchmark(options: BenchOptions, *, progress: Note | None = None) -> Rep
     """Model-only throughput for each batch size (ours, then each reference), and the image pipeline with `images`.
     `progress`: told what is being measured, a line at a time; what the reader of the results should know is in
     the report's `notes`."""
-    say = progress or (lambda message: None)
+    say = progress or no_note
     device = resolve_device(options.device)  # the same rules as `siglip embed --device`
     if device.type == "cpu":
         fit_cpu_threads()  # as `siglip embed` does; every backend compared runs on these threads

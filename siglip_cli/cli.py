@@ -23,14 +23,12 @@ from rich.text import Text
 from . import __version__, interrupts
 from .allocator import keep_freed_memory
 from .config import CPU_BATCH_SIZE, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_PRESET
-from .errors import UserError, address_space_limit, first_line
+from .errors import UserError, first_line
+from .limits import address_space_limit
 from .text import counted, display_path, escape_controls
 from .usage_errors import click_errors, parse_error_sentence
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
-    from .benchmark import Report
     from .embed import Summary
     from .files import WalkReport
     from .outputs import OutputPaths
@@ -327,7 +325,7 @@ def embed(
     _import_torch()
 
     from .decoding import default_workers
-    from .devices import check_device_options, embed_with_model, parse_devices
+    from .devices import check_device_options, load_and_embed, parse_devices
     from .embed import EmbedOptions
     from .outputs import OutputPaths
     from .runtime import default_batch_size, resolve_device
@@ -359,7 +357,7 @@ def embed(
     progress = _RichProgress(quiet)
     float32, gpu_decode = dtype is ComputeDtype.float32, decoder is not Decoder.cpu
     with _stopped_runs_told(out, progress, float32=float32, gpu_decode=gpu_decode), interrupts.stop_on_signals():
-        summary = embed_with_model(
+        summary = load_and_embed(
             model, devices, paths, output, revision=revision, dtype=dtype.value, compile=compile,
             options=options, overwrite=overwrite, update=update, progress=progress,
         )
@@ -419,9 +417,8 @@ def _stopped_runs_told(
         interrupts.quiet_destructors()  # the process ends here: a second Ctrl-C in a __del__ prints nothing
         with interrupts.ignored():  # stopped, its work kept: a second Ctrl-C must not cut the sentence short
             progress.stop(keep=False)
-            if not out.work_kept():  # stopped before a batch was saved: while the model loaded, say
-                fail("interrupted.", 130)
-            fail(f"interrupted; finished work is kept in {out.work}: rerun the same command to continue.", 130)
+            kept = out.kept_work("rerun the same command")  # None: stopped before a batch was saved (loading, say)
+            fail(f"interrupted; {kept}." if kept else "interrupted.", 130)
     except MemoryError as e:  # numpy's or Python's own allocations, such as a batch's conversion to --output-dtype
         progress.stop(keep=False)
         _fail_out_of_memory(out, e, gpu=False, float32=float32)
@@ -443,26 +440,18 @@ def _stopped_runs_told(
 
 def _fail_out_of_memory(out: OutputPaths, error: BaseException, *, gpu: bool, float32: bool) -> NoReturn:
     ran_out = f"{'the GPU' if gpu else 'this machine'} ran out of memory ({first_line(error)})"
-    if out.work_kept():
-        fail(f"{ran_out}; finished work is kept in {out.work}: rerun with a smaller --batch-size to continue.", 1)
-    bf16 = ", --dtype bfloat16," if float32 and gpu else ""  # auto is bfloat16 on CUDA
+    if kept := out.kept_work("rerun with a smaller --batch-size"):
+        fail(f"{ran_out}; {kept}.", 1)
+    # bf16 only where the user asked for float32 on the GPU (auto is bf16 there). Past the forward, which halves
+    # its batch itself (`embed._Halving`, whose last resort does suggest bf16), memory on the CPU goes to pixels and
+    # outputs, which bf16 compute does not make smaller.
+    bf16 = ", --dtype bfloat16," if float32 and gpu else ""
     fail(f"{ran_out}: try a smaller --batch-size{bf16} or another {'GPU' if gpu else 'machine'}.", 1)
 
 
 def _report_embedding(summary: Summary, walk: WalkReport, *, json_out: bool, quiet: bool, strict: bool) -> None:
     if json_out:  # what the walk could not reach is no file's error row, but a script must see it too
-        from .files import path_fields
-
-        # Paths as the manifest gives them (a newline as JSON writes it, not as the terminal notes show it), so that
-        # a script can act on them: bytes that are not UTF-8 also in base64.
-        print_json({
-            **summary.to_dict(),
-            "unlisted_folders": [{**path_fields(folder), "reason": reason} for folder, reason in walk.unreadable],
-            "dangling_links": [{**path_fields(link, "link"), **path_fields(target, "target")}
-                               for link, target in sorted(walk.dangling, key=lambda entry: os.fsencode(entry[0]))],
-            "not_files": [{**path_fields(path), "kind": kind}
-                          for path, kind in sorted(walk.not_files, key=lambda entry: os.fsencode(entry[0]))],
-        })  # fmt: skip
+        print_json({**summary.to_dict(), **walk.unreached_json()})
     if not quiet:
         stderr.print(printable(_summary_line(summary)))
     elif summary.failed and not strict:  # images left out, as the walk's notes are; --strict says it below
@@ -470,21 +459,10 @@ def _report_embedding(summary: Summary, walk: WalkReport, *, json_out: bool, qui
     if strict:
         # A share not mounted (a folder link, or photos linked into it) is a whole folder missing, as one that
         # cannot be listed is: a nightly --strict run must not pass without it.
-        problems = []
-        if summary.failed:
-            problems.append(f"{counted(summary.failed, 'file')} could not be embedded: see {summary.errors}")
-        if walk.unreadable:
-            problems.append(f"could not read {walk.unreadable_text()}")
-        if walk.dangling:
-            problems.append(walk.dangling_text())
-        if walk.not_files:
-            problems.append(walk.not_files_text())
+        failed = [f"{counted(summary.failed, 'file')} could not be embedded: see {summary.errors}"]
+        problems = (failed if summary.failed else []) + walk.unreached()
         if problems:
             fail(f"{'; '.join(problems)} (--strict).", 1)
-
-
-BENCH_NARROW_BELOW = 76  # narrower terminals get the bench table without its peak MB and setup s columns
-BENCH_TIGHT_BELOW = 48  # and narrower still, its columns closer together, its labels folded to what the numbers leave
 
 
 def _data_console() -> Console:
@@ -608,6 +586,7 @@ def bench(
 ) -> None:
     """Throughput of the vision tower (images/s, ms per image, peak memory), optionally against transformers and timm."""
     _import_torch()
+    from . import bench_report
     from .benchmark import BenchOptions, parse_batch_sizes, parse_references, run_benchmark
     from .runtime import resolve_device
 
@@ -633,64 +612,4 @@ def bench(
         print_json(report.to_dict())
         return
     console = _data_console()
-    console.print(_bench_title(report), style="italic")  # not the table's title: rich wraps that to the table's width
-    console.print(_bench_table(report, width=console.width))
-    for size, reference, ratio in report.ratios():
-        console.print(f"siglip / {reference} at batch {size}: {ratio:.2f}×")
-
-
-def _bench_title(report: Report) -> str:
-    """What was measured where: model, device, torch, dtype and the weights' size."""
-    m = report.machine
-    weights = f"{report.weights_mb:,.0f}" if report.weights_mb >= 10 else f"{report.weights_mb:#.3g}"  # 0.123, 5.30
-    return f"{report.model} · {m.device} · torch {m.torch_version} · {m.dtype} · weights {weights} MB"
-
-
-def _bench_table(report: Report, *, width: int = 200) -> Table:
-    """One row per measurement, grouped by stage, for a console `width` columns wide: the words wrap, the numbers
-    never. Below `BENCH_NARROW_BELOW` columns peak MB and setup s are left out (the caption says where they are)."""
-    from rich import box
-    from rich.table import Table
-
-    narrow, tight = width < BENCH_NARROW_BELOW, width < BENCH_TIGHT_BELOW
-    # The box's edges are a space each side, and its columns are three apart: where they were short of room, the
-    # last column was cut for them (at 40 columns, the cosines).
-    table = Table(
-        header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=not narrow, padding=(0, 0 if tight else 1)
-    )
-    table.add_column("backend, variant", overflow="fold", min_width=4 if tight else 12)
-    columns = ("batch", "img/s", "ms/img", "cosine") if narrow else ("batch", "img/s", "ms/img", "peak MB", "setup s", "cosine")
-    for column in columns:
-        table.add_column(column, justify="right", no_wrap=True)
-    if narrow:
-        table.caption, table.caption_justify = "peak MB and setup s in a wider terminal or with --json", "left"
-    stage = None
-    for r in report.results:
-        if r.stage != stage:  # each stage under a heading of its own, not in a column every row pays for
-            if stage is not None:
-                table.add_section()
-            stage = r.stage
-            table.add_row(_STAGE_HEADINGS.get(stage, stage), style="bold")
-        # "timm+float16", not "timm timm+float16": timm's variant is its name and what was applied
-        label = r.variant if r.variant.split("+")[0] == r.backend else f"{r.backend} {r.variant}"
-        memory = ["" if r.peak_mem_mb is None else f"{r.peak_mem_mb:,.0f}", "" if r.setup_s is None else f"{r.setup_s:.1f}"]
-        table.add_row(
-            label, str(r.batch_size), _rate_text(r.images_per_s), _rate_text(r.ms_per_image), *([] if narrow else memory),
-            "" if r.cosine is None else f"{r.cosine:.6f}",
-        )  # fmt: skip
-    return table
-
-
-_STAGE_HEADINGS = {
-    "model": "model only",
-    "decode": "decode (one core)",
-    "preprocess": "decode + preprocess (one core)",
-    "end_to_end": "end to end (files → embeddings)",
-}
-
-
-def _rate_text(value: float) -> str:
-    """Three significant digits or more, no wider than that needs: 13,887 · 426 · 2.35 · 0.150 · 0.0712."""
-    if value >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.2f}" if value >= 1 else f"{value:#.3g}"
+    console.print(bench_report.report(report, width=console.width))

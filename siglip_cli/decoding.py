@@ -42,12 +42,13 @@ except ImportError:  # moved in some torch release: the loader still notices a d
 
 from . import headstart, interrupts
 from .config import PreprocessConfig
-from .cpus import cgroup_memory_room, usable_cpus
-from .errors import file_size_limit, first_line, os_reason, signal_name
+from .cpus import usable_cpus
+from .errors import first_line, os_reason, signal_name
+from .limits import available_memory, file_size_limit, open_files_limit, open_files_now, raising_open_files
 from .gpu_decode import JpegHeader, decode_headers, device_index, read_header
 from .preprocess import DecodeOptions, bad_file_reason, load_pixels
 from .reading import error_facts, failure_reason, pixels_and_facts
-from .text import Note, counted, display_path
+from .text import Note, counted, display_path, no_note
 
 
 class Item(NamedTuple):
@@ -55,6 +56,10 @@ class Item(NamedTuple):
     pixels: Tensor | None  # (3, H, W), or None for a bad file or a JPEG left for the device decoder
     info: dict  # manifest fields of a good file, or the error row of a bad one (`error_row`)
     jpeg: JpegHeader | None = None  # a JPEG the model's device will decode (--decode gpu)
+
+    @property
+    def failed(self) -> bool:
+        return self.pixels is None and self.jpeg is None
 
 
 def decode_file(
@@ -148,7 +153,8 @@ def _parcels_never_dropped() -> None:
     descriptors over (`ulimit -u`, a container's pids limit), or a parcel that cannot be pickled."""
 
     def ended(error: Exception, parcel: object) -> None:  # one line: the run goes on, this is no crash of ours
-        # The one print outside cli.py: a worker's last words, said where they can still be said (before `_exit`).
+        # The one print outside the entry points (cli.py, __main__.py): a worker's last words, said where they can
+        # still be said (before `_exit`).
         print(f"note: a decoding worker cannot hand its files over ({type(error).__name__}: {first_line(error)}): it "
               "stops, and they are decoded again.", file=sys.stderr, flush=True)
         os._exit(1)
@@ -305,7 +311,7 @@ class Parcel:
     pixels: Tensor | None  # (b, 3, H, W) for the rows at `cpu_rows`
     cpu_rows: list[int]
     jpeg_bytes: Tensor | None  # the files at `jpeg_rows`, end to end
-    jpeg_facts: list[tuple[int, int, int, int]]  # (byte count, orientation, width, height) of each
+    jpeg_facts: list[JpegFacts]  # of each
     jpeg_rows: list[int]
 
     def __len__(self) -> int:
@@ -315,22 +321,31 @@ class Parcel:
         return dataclasses.replace(self, pixels=self.pixels.pin_memory()) if self.pixels is not None else self
 
 
+class JpegFacts(NamedTuple):
+    """A `JpegHeader` less its bytes, which a parcel carries end to end in one buffer: how many they are."""
+
+    size: int
+    orientation: int
+    width: int
+    height: int
+
+
 class SharedMemoryFull(RuntimeError):
     """A worker could not put its parcel in shared memory (/dev/shm): containers often get 64 MB of it."""
 
 
 def _collate(items: list[Item]) -> Parcel:
-    good = [item for item in items if item.pixels is not None or item.jpeg is not None]
+    good = [item for item in items if not item.failed]
     cpu_rows = [i for i, item in enumerate(good) if item.pixels is not None]
     jpeg_rows = [i for i, item in enumerate(good) if item.jpeg is not None]
     jpegs = [good[i].jpeg for i in jpeg_rows]
     parcel = Parcel(
         rows=[item.info for item in good],
-        errors=[item.info for item in items if item.pixels is None and item.jpeg is None],
+        errors=[item.info for item in items if item.failed],
         pixels=torch.stack([good[i].pixels for i in cpu_rows]) if cpu_rows else None,
         cpu_rows=cpu_rows,
         jpeg_bytes=torch.cat([j.data for j in jpegs]) if jpegs else None,
-        jpeg_facts=[(len(j.data), j.orientation, j.width, j.height) for j in jpegs],
+        jpeg_facts=[JpegFacts(len(j.data), j.orientation, j.width, j.height) for j in jpegs],
         jpeg_rows=jpeg_rows,
     )
     if get_worker_info() is not None:
@@ -371,8 +386,9 @@ class Batch:
                 pixels.append(parcel.pixels)
             cpu_rows += [offset + i for i in parcel.cpu_rows]
             if parcel.jpeg_bytes is not None:
-                files = parcel.jpeg_bytes.split([size for size, *_ in parcel.jpeg_facts])
-                jpegs += [JpegHeader(data, *facts) for data, (_, *facts) in zip(files, parcel.jpeg_facts)]
+                files = parcel.jpeg_bytes.split([facts.size for facts in parcel.jpeg_facts])
+                for data, facts in zip(files, parcel.jpeg_facts):
+                    jpegs.append(JpegHeader(data, facts.orientation, facts.width, facts.height))
             jpeg_rows += [offset + i for i in parcel.jpeg_rows]
         return cls(rows, errors, pixels, cpu_rows, jpegs, jpeg_rows)
 
@@ -430,24 +446,6 @@ def default_workers() -> int:
     return by_cpus if available is None else max(1, min(by_cpus, available // WORKER_PEAK_BYTES))
 
 
-MEMINFO = "/proc/meminfo"
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new work: Linux's MemAvailable, or less where this process's cgroup leaves it
-    less (`cpus.cgroup_memory_room`: a container's limit, whose out-of-memory killer picks the largest process, the
-    one holding the model); None where the system does not say."""
-    available = []
-    try:
-        with open(MEMINFO) as f:
-            available = [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except (OSError, ValueError, IndexError):
-        pass
-    if (room := cgroup_memory_room()) is not None:
-        available.append(room)
-    return min(available, default=None)
-
-
 @dataclass(frozen=True)
 class _ParcelSampler:
     """The DataLoader's batch sampler: the files of each batch span in parcels of `size`, made as they are needed
@@ -481,7 +479,7 @@ def decoded_batches(
     workers: int,
     pin: bool,
     jpeg_to_device: bool = False,
-    note: Note = lambda message: None,
+    note: Note = no_note,
 ) -> Iterator[Batch]:
     """Batches of `batch_size` files in order (fixed slices of `paths`), decoded by `workers` processes ahead of
     the model, `PARCEL_SIZE` files at a time, with about two batches in flight, but for the first files the head start
@@ -517,11 +515,11 @@ def _head_start(paths: list[str], cfg: PreprocessConfig, options: DecodeOptions,
         headstart.stop()
         return []
     items = []
-    for index, (pixels, facts) in enumerate(headstart.take(paths, cfg, options)):
-        if pixels is None:  # `facts` is why the file failed
-            items.append(_failed_item(index, paths[index], facts))
+    for index, (pixels, facts_or_why) in enumerate(headstart.take(paths, cfg, options)):
+        if pixels is None:
+            items.append(_failed_item(index, paths[index], facts_or_why))
         else:
-            items.append(Item(index, torch.from_numpy(pixels), facts))
+            items.append(Item(index, torch.from_numpy(pixels), facts_or_why))
     return items
 
 
@@ -666,7 +664,7 @@ def _stop_after(error: RuntimeError, handed_over: int, workers: int) -> _LoaderS
     if workers and str(error).startswith("Too many open files"):  # a parcel in transit holds descriptors
         return _LoaderStop(handed_over, without_workers=(
             f"too many open files for {decoding_workers} (`ulimit -n` is {open_files_limit()}): decoding in this "
-            f"process from here on, which is slower ({_raising_it()})."
+            f"process from here on, which is slower ({raising_open_files()})."
         ))  # fmt: skip
     if str(error).startswith("DataLoader worker"):
         return _LoaderStop(handed_over, worker_died=True)
@@ -676,7 +674,7 @@ def _stop_after(error: RuntimeError, handed_over: int, workers: int) -> _LoaderS
 def _workers_within_open_files(workers: int, prefetch: Callable[[int], int], note: Note) -> int:
     """As many of `workers` as `ulimit -n` lets hand their parcels over (`open_files_needed`, with `prefetch(w)`
     parcels in flight each), raising the soft limit first where the hard one allows; a note when fewer."""
-    opened = _open_files() if workers else 0  # a parent (a shell, a wrapper script) may have left some open to us
+    opened = open_files_now() if workers else 0  # a parent (a shell, a wrapper script) may have left some open to us
     limit = open_files_limit(wanted=opened + open_files_needed(workers, prefetch(workers))) if workers else None
     if not limit:
         return workers
@@ -684,7 +682,7 @@ def _workers_within_open_files(workers: int, prefetch: Callable[[int], int], not
     if fitting < workers:
         instead = f"taking {fitting} instead, which is slower" if fitting else "decoding in this process instead"
         note(f"`ulimit -n` is {limit}, too few open files for {counted(workers, 'decoding worker')}: {instead} "
-             f"({_raising_it()}).")  # fmt: skip
+             f"({raising_open_files()}).")  # fmt: skip
     return fitting
 
 
@@ -693,47 +691,6 @@ def _raised_in_worker(error: BaseException) -> str:
     traceback as its message ("Caught X in DataLoader worker process 0. Original Traceback ..."), which ends with
     the original's line, `module.X: message`."""
     return str(error).strip().splitlines()[-1].partition(": ")[2] or str(error)
-
-
-def open_files_limit(wanted: int = 0) -> int | None:
-    """This process's limit on open files (`ulimit -n`), first raised towards `wanted` where it is lower: the soft
-    limit a shell sets (1,024 on Linux, 256 on macOS) may go up to the hard one without privileges, and the decoding
-    workers inherit it. None where there is no limit, or no way to know (Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-            soft = raised
-        except (ValueError, OSError):
-            pass
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
-def _open_files() -> int:
-    """Files this process has open now (Linux and macOS list them in a folder); 0 where that cannot be known."""
-    for listing in ("/proc/self/fd", "/dev/fd"):
-        try:
-            return len(os.listdir(listing))
-        except OSError:
-            continue
-    return 0
-
-
-def _raising_it() -> str:
-    """How to allow more open files: the shell's `ulimit -n` up to the hard limit, which only root can raise."""
-    try:
-        import resource
-    except ImportError:
-        return "raise the limit on open files"
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft >= hard:
-        return "it is also the hard limit: raising it takes root, or `nofile` in /etc/security/limits.conf"
-    return "raise it with `ulimit -n 4096`"
 
 
 # Open files a run may hold: each parcel in transit from a decoding worker is a few descriptors. Runs failed mid-way

@@ -29,6 +29,7 @@ from .cpus import usable_cpus
 from .embed import (
     EmbedOptions,
     Progress,
+    Silent,
     Summary,
     embed_to_file,
     flush_interval,
@@ -161,7 +162,7 @@ def check_device_options(devices: list[str], *, shard: tuple[int, int] | None, u
         raise UserError(f"several devices split the work themselves: drop {given}, or give one --device.")
 
 
-def embed_with_model(
+def load_and_embed(
     model: str,
     devices: list[str],
     paths: list[str],
@@ -178,6 +179,7 @@ def embed_with_model(
     """What `siglip embed` runs: load `model` on the device and embed `paths` into `output`, or, given several
     devices, one worker each (`embed_on_devices`). Notes about the model and the dtype go to `progress`, once."""
     options = options or EmbedOptions()
+    progress = Silent() if progress is None else progress
     check_device_options(devices, shard=options.shard, update=update)
     if len(devices) > 1:
         checkpoint = resolve_checkpoint(model, revision=revision)  # its configs, for the note: the workers load it
@@ -197,14 +199,14 @@ def embed_with_model(
             embedder, paths, output, options=options, overwrite=overwrite, update=update, progress=progress
         )
         device, compute_dtype = embedder.device, embedder.dtype
-    if progress and (hint := dtype_note(device, compute_dtype, run_seconds=summary.seconds)):
+    if hint := dtype_note(device, compute_dtype, run_seconds=summary.seconds):
         progress.note(hint)  # after the run: what the next one could do differently
     return summary
 
 
-def _note_preprocessing(model: str, checkpoint: Checkpoint, progress: Progress | None) -> None:
+def _note_preprocessing(model: str, checkpoint: Checkpoint, progress: Progress) -> None:
     """A checkpoint without image settings is embedded with SigLIP's, which the user is told."""
-    if progress and not checkpoint.preprocess_source:
+    if not checkpoint.preprocess_source:
         pre = checkpoint.preprocess
         progress.note(
             f"{model} has no preprocessor_config.json: assuming SigLIP's preprocessing (resize to "
@@ -232,6 +234,7 @@ def embed_on_devices(
     embedded again, and a shard made with other options is refused as one device refuses its interrupted work.
     """
     options = options or EmbedOptions()
+    progress = Silent() if progress is None else progress
     # Every device checked before any file is touched: `cpu,cuda:0` without CUDA left an empty work folder.
     cpu_devices = sum(1 for d in devices if resolve_device(d).type == "cpu")
     out = OutputPaths.for_output(output)  # an unsupported suffix is refused here, not in every worker
@@ -239,19 +242,19 @@ def embed_on_devices(
     with exclusive(out.embeddings):
         interrupts.mark_output_in_place(False)  # a run before this one, in the same process, may have said True
         started = time.perf_counter()
-        work = out.work
         area, published = _tidy_work_of_devices(out, len(devices), overwrite=overwrite)
         check_outputs(
-            out, interrupted=work.is_dir(), overwrite=overwrite or published, update=False, update_allowed=False
-        )
+            out, interrupted=area.directory.is_dir(), overwrite=overwrite or published, update=False,
+            update_allowed=False,
+        )  # fmt: skip
         refuse_inputs_among_outputs(out, paths)
-        work.mkdir(parents=True, exist_ok=True)
+        area.directory.mkdir(parents=True, exist_ok=True)
         count = len(devices)
         jobs = [
             _Job(
                 i, model, revision, device, dtype,
                 paths=select_shard(paths, i, count),
-                output=work / shard_name(i, count, out.embeddings.suffix),  # the link's target's, for an -o link
+                output=area.directory / shard_name(i, count, out.embeddings.suffix),  # the link's target's, for an -o link
                 options=options,
                 compile=compile,
                 overwrite=overwrite,
@@ -259,8 +262,7 @@ def embed_on_devices(
             )
             for i, device in enumerate(devices)
         ]
-        if progress:
-            progress.start(total=len(paths), done=0)
+        progress.start(total=len(paths), done=0)
         summaries = _run_workers(jobs, progress)
         if paths and not any(s.embedded or s.reused for s in summaries):  # as one device would, in one sentence
             order = {path: i for i, path in enumerate(paths)}
@@ -310,7 +312,7 @@ def _tidy_work_of_devices(out: OutputPaths, devices: int, *, overwrite: bool) ->
     return area, published
 
 
-def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Summary]:
+def _run_workers(jobs: list[_Job], progress: DevicesProgress) -> list[Summary]:
     # The resource tracker that the queue below starts inherits these warning filters. It removes what a worker
     # stopped mid-run could not (its decoding workers' semaphores), correctly, with a warning that would follow the
     # one sentence of a Ctrl-C: cleaned up, it is nothing for the user to act on.
@@ -340,11 +342,11 @@ def _run_workers(jobs: list[_Job], progress: DevicesProgress | None) -> list[Sum
                 raise UserError(payload)
             elif kind == "crash":
                 raise RunFailed(payload)
-            elif progress and kind == "reused":
+            elif kind == "reused":
                 progress.reused(payload)
-            elif progress and kind == "advance":
+            elif kind == "advance":
                 progress.advance(payload)
-            elif progress and kind == "note":
+            elif kind == "note":
                 progress.note(f"{jobs[index].device}: {payload}")
     finally:
         _stop([process for job_index, process in processes.items() if job_index not in summaries and process.is_alive()])

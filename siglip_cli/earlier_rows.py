@@ -86,7 +86,7 @@ def settle(
     *,
     made_in: str | None,
     keep_unlisted: bool,
-    note: Note | None,
+    note: Note,
 ) -> Settled:
     """What is left to do: see `Settled`. `previous`: the earlier output's rows (--update), `in_chunks` those of an
     interrupted run; `made_in`: the folder the earlier output was made in, where known; `keep_unlisted`: the rows of
@@ -96,7 +96,7 @@ def settle(
     seen: dict[str, Status] = {}  # each earlier row's file is looked at once: twice is slow on a share
     paths, unchecked, dropped = _with_earlier_rows(paths, previous, keep_unlisted, note, seen)
     reused, unread = _reusable([p for p in paths if p not in unchecked], in_chunks, previous, note, seen)
-    if note and unread:
+    if unread:
         _note_unchecked(note, unread, "read", "its times changed, and a permission was taken away?")
     unchecked |= {path: reused[path] for path in unread}
     reused |= unchecked
@@ -108,7 +108,7 @@ def settle(
     if keep_unlisted and (made_in is None or not os.path.isdir(made_in)):
         _refuse_relative_rows_all_lost(previous, dropped, lost)
     removed = sum(n for n in left.values() if n > 0)
-    if note and keep_unlisted and removed:
+    if keep_unlisted and removed:
         gone = min(lost, key=os.fsencode)
         one = removed == 1
         note(f"{counted(removed, 'file')} of the earlier output {'is' if one else 'are'} gone "
@@ -137,7 +137,7 @@ def _with_earlier_rows(
     paths: list[str],
     previous: RowsByPath,
     keep_unlisted: bool,
-    note: Note | None,
+    note: Note,
     seen: dict[str, Status],
 ) -> tuple[list[str], RowsByPath, dict[str, Ref]]:
     """The files of a run over an earlier output: `paths`, each under the spelling the earlier output gave it (so
@@ -169,7 +169,7 @@ def _with_earlier_rows(
             given.discard(path)  # a stale line of a list: the file is gone, not failed (and may have moved)
             if isinstance(row, Ref):
                 dropped[path] = row
-    if note and unchecked:
+    if unchecked:
         _note_unchecked(note, list(unchecked), "looked at", "a folder that cannot be read, or a drive not mounted")
     return sorted(given.union(still, unchecked), key=os.fsencode), unchecked, dropped
 
@@ -218,7 +218,7 @@ def _reusable(
     paths: list[str],
     in_chunks: RowsByPath,
     previous: RowsByPath,
-    note: Note | None,
+    note: Note,
     seen: dict[str, Status],
 ) -> tuple[RowsByPath, list[str]]:
     """The rows of `paths` that need no new work, where the file is still the one that produced the row: from this
@@ -251,7 +251,7 @@ def _with_info(ref: Ref, info: dict) -> Ref:
 
 
 def _still_current(
-    infos: dict[str, dict], note: Note | None, seen: dict[str, Status]
+    infos: dict[str, dict], note: Note, seen: dict[str, Status]
 ) -> tuple[dict[str, dict], list[str]]:
     """Of `infos` (manifest rows by path), those whose file is still the one that produced them, with today's times;
     and apart the paths of rows kept as they were, unchecked, since their files cannot be read now. `seen`: files
@@ -290,7 +290,7 @@ def _still_current(
     return current, unread
 
 
-def _moved(pending: list[str], gone: dict[str, Ref], note: Note | None) -> dict[str, Ref]:
+def _moved(pending: list[str], gone: dict[str, Ref], note: Note) -> dict[str, Ref]:
     """Rows for files of `pending` that are photos of `gone` rows under a new name (a folder renamed, files
     reorganised): the same size and content hash, so the same pixels and the same embedding. Reading a file costs
     far less than embedding it; only files of a size some gone row has are read."""
@@ -313,16 +313,16 @@ def _moved(pending: list[str], gone: dict[str, Ref], note: Note | None) -> dict[
         ref = by_size[stat.st_size].get(digest)
         if ref is not None:
             found[path] = ref._replace(info={**ref.info, "path": path, **_times(ref.info, stat)})
-    if note and found:
+    if found:
         rows = "its row reused" if len(found) == 1 else "rows reused"
         note(f"{counted(len(found), 'photo')} found under a new name (moved or renamed): {rows}.")
     return found
 
 
-def _digests(paths: list[str], size: int, note: Note | None, why: str) -> list[str | None]:
+def _digests(paths: list[str], size: int, note: Note, why: str) -> list[str | None]:
     """The content hash of each file (None where it cannot be read now), read in `HASHING_THREADS` threads, after a
     note when there is much to read. Ctrl-C stops every read within a MiB."""
-    if note and size >= HASHING_NOTE_BYTES:
+    if size >= HASHING_NOTE_BYTES:
         note(f"reading {len(paths):,} files ({size / 2**30:,.1f} GiB) {why}.")
     with interrupts.stop_flag() as stop:
 

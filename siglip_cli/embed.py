@@ -9,14 +9,13 @@ only the rest; `--update` also reuses the rows of an existing output whose files
 from: `resuming`; which rows: `earlier_rows`).
 
 The Python API: `load` (from runtime), `embed_paths` (in memory), `embed_to_file` (to files: what the CLI runs on
-each device, through `devices.embed_with_model`).
+each device, through `devices.load_and_embed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import time
@@ -43,11 +42,11 @@ from .outputs import (
     RowsByPath,
     assemble,
     output_metadata,
-    pooling,
     public_row,
     refuse_inputs_among_outputs,
 )
 from .preprocess import DecodeOptions
+from .run_states import run_state
 from .runtime import Embedder, dtype_name, load, out_of_memory
 from .storage import WorkArea, WriteError, exclusive, write_jsonl
 from .text import counted, display_path
@@ -120,6 +119,22 @@ class Progress(Protocol):
     def note(self, message: str) -> None: ...
 
 
+class Silent:
+    """The progress of a run nobody watches: `Progress`, and `devices.DevicesProgress`'s `reused` too."""
+
+    def start(self, total: int, done: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def reused(self, n: int) -> None:
+        pass
+
+
 @dataclass
 class Summary:
     """What a run did, as `--json` prints it."""
@@ -140,41 +155,6 @@ class Summary:
         return {**asdict(self), "images_per_s": round(rate, 3), "seconds": round(self.seconds, 3)}
 
 
-def run_state(embedder: Embedder, options: EmbedOptions, output_format: str) -> dict:
-    """Everything that changes the numbers in the output: a resumed or updated run must match it exactly. The state
-    is what a run records of its options: in its work area's `state.json`, and in the output's metadata as
-    `options`; `outputs.same_state` compares two."""
-    ckpt = embedder.checkpoint
-    local = Path(ckpt.name).expanduser()
-    state = {
-        # As text: a checkpoint folder whose name is not UTF-8 must not make the metadata unwritable.
-        "model": display_path(str(local.resolve()) if local.is_dir() else ckpt.name),
-        "revision": ckpt.revision,
-        "compute_dtype": dtype_name(embedder.dtype),
-        "normalized": options.normalize,
-        "output_dtype": options.output_dtype,
-        "tokens": options.tokens,
-        "format": output_format,
-        "preprocessing": {
-            **ckpt.preprocess.to_dict(),
-            "exif_transpose": options.decode.exif_transpose,
-            "fast_decode": options.decode.fast_decode,
-            "decoder": options.decoder,
-        },
-        "embedding_dim": ckpt.vision.hidden_size,
-        "num_tokens": ckpt.vision.num_patches,
-        "pooling": pooling(ckpt.vision),
-        # What the weights do not show: a config.json corrected after a run (its activation, its heads, its
-        # LayerNorm epsilon) changes the numbers with the same tensors. The activation as computed: gelu_new and
-        # gelu_pytorch_tanh are one function.
-        "architecture": {**asdict(ckpt.vision), "hidden_act": ckpt.vision.activation},
-        # A checkpoint folder saved over (a fine-tune's next epoch) keeps its path, and a Hub id's revision says
-        # nothing of a local folder: the weights themselves keep an --update or a resumed run from mixing two models.
-        "weights": weights_fingerprint(embedder.model),
-    }
-    return json.loads(json.dumps(state))  # as it reads back from disk (tuples become lists)
-
-
 def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
     """A digest of `model`'s parameters as it computes with them (so the compute dtype counts too): each one's
     shape, dtype and `samples` of its values spread over the whole tensor. A few milliseconds, where hashing every
@@ -192,7 +172,7 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
 
 def embed_to_file(
     embedder: Embedder,
-    paths: list[str],
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
     output: str | os.PathLike,
     *,
     options: EmbedOptions | None = None,
@@ -211,47 +191,36 @@ def embed_to_file(
     """
     started = time.perf_counter()
     flush_seconds = flush_interval()
-    paths = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)  # one path: a list of one
-    if not all(isinstance(p, (str, bytes, os.PathLike)) for p in paths):
-        raise UserError("paths must be file paths (str or pathlib.Path), as `discover` gives them.")
-    paths = list(dict.fromkeys(map(os.fsdecode, paths)))  # a path given twice is one row; rows hold text
-    if options is not None and not isinstance(options, EmbedOptions):
-        raise UserError(f"options must be an EmbedOptions, not {type(options).__name__}.")
-    if progress is not None and not all(callable(getattr(progress, m, None)) for m in ("start", "advance", "note")):
-        raise UserError(f"progress must have start, advance and note methods (embed.Progress), not {progress!r}.")
-    options = options or EmbedOptions()  # made now: its worker count follows the memory available now
+    paths, options, progress = _checked_arguments(paths, options, progress)
     options = dataclasses.replace(options, decoder=_decoder_for(embedder, options.decoder, progress))
     out = OutputPaths.for_output(Path(output))
     # A second run writing this output is refused, not interleaved; a full disk is one sentence.
     with exclusive(out.embeddings), _resumable_after_write_errors(out):
         interrupts.mark_output_in_place(False)  # a run before this one, in the same process, may have said True
         refuse_inputs_among_outputs(out, paths)
-        state = run_state(embedder, options, out.format)
+        state = run_state(
+            embedder.checkpoint, options, compute_dtype=dtype_name(embedder.dtype), output_format=out.format,
+            weights=weights_fingerprint(embedder.model),
+        )
         # The user's --update of a whole output keeps the rows of files still there, whatever this run's inputs.
         # A shard (its inputs decide its part) and a several-device worker (its part of this run) keep only theirs.
         whole_run = options.shard is None and devices_work is None
         keep_unlisted = update and whole_run
         earlier = resuming.earlier_work(
             out, state, paths, overwrite=overwrite, update=update, keep_unlisted=keep_unlisted,
-            devices_work=devices_work, shard=options.shard, note=progress.note if progress else None,
+            devices_work=devices_work, shard=options.shard, note=progress.note,
         )  # fmt: skip
         work, settled = earlier.work, earlier.settled
         paths, done = settled.paths, settled.done
         pending = [p for p in paths if p not in done]
-        if progress:
-            progress.start(total=len(paths), done=len(done))
+        progress.start(total=len(paths), done=len(done))
         new = _embed_pending(
             embedder, pending, work, options, progress, first_seq=earlier.next_seq, flush_seconds=flush_seconds
         )
         results = {**done, **new} if done else new  # no copy of every entry where nothing was done before
-        if progress and devices_work is None:  # a several-device worker's errors file is not the one the user gets
+        if devices_work is None:  # a several-device worker's errors file is not the one the user gets
             _note_failing_since(earlier.previous, new, out, progress)
-
-        good: list[Ref] = []
-        bad: list[dict] = []
-        for path in paths:
-            row = results[path]
-            (good if isinstance(row, Ref) else bad).append(row)
+        good, bad = _split(paths, results)
         if not good and paths and whole_run:
             work.remove()
             refuse_empty_run(out, bad)
@@ -265,6 +234,36 @@ def embed_to_file(
         work.remove()
         summary = _summary(out, settled, new, failed=len(bad), seconds=time.perf_counter() - started)
         return dataclasses.replace(summary, unchanged=unchanged)
+
+
+def _checked_arguments(
+    paths: str | os.PathLike | Iterable[str | os.PathLike], options: EmbedOptions | None, progress: Progress | None
+) -> tuple[list[str], EmbedOptions, Progress]:
+    """`embed_to_file`'s arguments as a Python caller may give them, checked: one sentence for a wrong type. Paths
+    as text, each once (a path given twice is one row), a single path a list of one; the default options and a
+    progress that says nothing where none are given."""
+    paths = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)
+    if not all(isinstance(p, (str, bytes, os.PathLike)) for p in paths):
+        raise UserError("paths must be file paths (str or pathlib.Path), as `discover` gives them.")
+    if options is not None and not isinstance(options, EmbedOptions):
+        raise UserError(f"options must be an EmbedOptions, not {type(options).__name__}.")
+    if progress is not None and not all(callable(getattr(progress, m, None)) for m in ("start", "advance", "note")):
+        raise UserError(f"progress must have start, advance and note methods (embed.Progress), not {progress!r}.")
+    return (
+        list(dict.fromkeys(map(os.fsdecode, paths))),
+        options or EmbedOptions(),  # made now: its worker count follows the memory available now
+        Silent() if progress is None else progress,
+    )
+
+
+def _split(paths: list[str], results: RowsByPath) -> tuple[list[Ref], list[dict]]:
+    """The rows of `paths` in order: those embedded, and the error rows of those that failed."""
+    good: list[Ref] = []
+    bad: list[dict] = []
+    for path in paths:
+        row = results[path]
+        (good if isinstance(row, Ref) else bad).append(row)
+    return good, bad
 
 
 def _summary(
@@ -341,11 +340,9 @@ def _resumable_after_write_errors(out: OutputPaths) -> Iterator[None]:
     except WriteError as e:  # the chunks written before are on disk, fsynced
         if not out.work.is_dir():  # none made yet, or gone (the errors file of a run that embedded nothing)
             raise
-        then = "once the files can be written, rerun the same command."
-        if out.work_kept():
-            then = (f"finished work is kept in {out.work}: once the files can be written, rerun the same command "
-                    "to continue.")  # fmt: skip
-        raise WriteError(f"{str(e).removesuffix('.')}; {then}") from None  # one sentence
+        rerun = "once the files can be written, rerun the same command"
+        then = out.kept_work(rerun) or rerun
+        raise WriteError(f"{str(e).removesuffix('.')}; {then}.") from None  # one sentence
 
 
 class Embedded(NamedTuple):
@@ -365,6 +362,7 @@ def embedded_batches(
     model. A row not finite in `options.output_dtype`, the type it will be stored in, is an error row instead.
     `options.decoder`: "cpu" or "gpu", as `_decoder_for` resolved it."""
     gpu_decoder = options.decoder == "gpu"
+    progress = Silent() if progress is None else progress
     batches = decoded_batches(
         paths,
         embedder.preprocess,
@@ -373,7 +371,7 @@ def embedded_batches(
         workers=options.workers,
         pin=embedder.device.type == "cuda",
         jpeg_to_device=gpu_decoder,
-        note=progress.note if progress else lambda message: None,
+        note=progress.note,
     )
     halved = _Halving(progress)
 
@@ -441,7 +439,7 @@ def _embed_pending(
     pending: list[str],
     work: WorkArea,
     options: EmbedOptions,
-    progress: Progress | None,
+    progress: Progress,
     *,
     first_seq: int,
     flush_seconds: float,
@@ -462,8 +460,7 @@ def _embed_pending(
             tokens = batch.tokens.astype(out_dtype) if embeddings is not None and batch.tokens is not None else None
             with interrupts.deferred():
                 buffer.add(batch, embeddings, tokens)
-            if progress:
-                progress.advance(batch.count)
+            progress.advance(batch.count)
             if time.monotonic() - last_flush >= flush_seconds or buffer.nbytes() >= CHUNK_BYTES:
                 results.update(buffer.flush(work, seq))
                 seq, last_flush = seq + 1, time.monotonic()
@@ -473,8 +470,8 @@ def _embed_pending(
         try:
             buffer.flush(work, seq)
         except Exception as lost:
-            if progress:
-                progress.note(f"the batches embedded in the last few seconds could not be saved ({first_line(lost).rstrip('.')}).")
+            why = first_line(lost).rstrip(".")
+            progress.note(f"the batches embedded in the last few seconds could not be saved ({why}).")
         raise
     finally:
         batches.close()
@@ -482,7 +479,7 @@ def _embed_pending(
     return results
 
 
-def _decoder_for(embedder: Embedder, decoder: str, progress: Progress | None) -> str:
+def _decoder_for(embedder: Embedder, decoder: str, progress: Progress) -> str:
     """`auto` → `gpu` when the model runs on CUDA, the checkpoint's resize filter has a GPU equivalent and the
     device decoder works there (else `cpu`, the exact path, with a note where it is the decoder that fails). `gpu`
     that cannot be is a UserError, raised before any work is started: the work area records the decoder, so a run
@@ -492,8 +489,7 @@ def _decoder_for(embedder: Embedder, decoder: str, progress: Progress | None) ->
         if not (on_cuda and gpu_decode.supported(embedder.preprocess)):
             return "cpu"
         if (fault := gpu_decode.fault(embedder.device)) is not None:
-            if progress:
-                progress.note(f"the GPU JPEG decoder does not work here ({fault}): decoding on the CPU.")
+            progress.note(f"the GPU JPEG decoder does not work here ({fault}): decoding on the CPU.")
             return "cpu"
         return "gpu"
     if decoder == "gpu":
@@ -512,7 +508,7 @@ class _Halving:
     activations, and the retry would run short of the very memory it needs.
     """
 
-    def __init__(self, progress: Progress | None):
+    def __init__(self, progress: Progress):
         self.progress, self.piece = progress, None  # images per forward pass, once one ran out of memory
 
     def encode(self, embedder: Embedder, pixels: Tensor, *, keep_tokens: bool) -> tuple[Tensor, Tensor | None]:
@@ -548,7 +544,7 @@ class _Halving:
             raise UserError(
                 f"{embedder.device} ran out of memory on a single image: try {bf16}{elsewhere}, or a smaller model."
             )
-        if self.piece is None and self.progress:
+        if self.piece is None:
             what = "CUDA out of memory" if cuda else f"out of memory on {embedder.device}"
             self.progress.note(f"{what} at batch size {failed}: running batches in smaller pieces.")
         self.piece = failed // 2
@@ -562,7 +558,9 @@ def _joined(parts: list[Tensor]) -> Tensor:
 
 
 @dataclass
-class _ChunkBuffer:
+class _Collected:
+    """Embedded batches gathered: their rows, error rows and tensors, in order."""
+
     rows: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     embeddings: list[np.ndarray] = field(default_factory=list)
@@ -579,6 +577,10 @@ class _ChunkBuffer:
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.embeddings) + sum(a.nbytes for a in self.tokens)
+
+
+class _ChunkBuffer(_Collected):
+    """The batches embedded since the last chunk was written, until `flush` writes them as the next."""
 
     def flush(self, work: WorkArea, seq: int) -> RowsByPath:
         if not self.rows and not self.errors:
@@ -603,7 +605,7 @@ class EmbedResult:
 
 def embed_paths(
     embedder: Embedder,
-    inputs: Iterable[str | os.PathLike],
+    inputs: str | os.PathLike | Iterable[str | os.PathLike],
     *,
     normalize: bool = True,
     tokens: bool = False,
@@ -620,8 +622,8 @@ def embed_paths(
         normalize=normalize, tokens=tokens, batch_size=batch_size, workers=workers, decode=decode, decoder=decoder
     )
     paths = discover(inputs)
-    options = dataclasses.replace(options, decoder=_decoder_for(embedder, decoder, None))
-    found = _ChunkBuffer()
+    options = dataclasses.replace(options, decoder=_decoder_for(embedder, decoder, Silent()))
+    found = _Collected()
     batches = embedded_batches(embedder, paths, options)
     with closing(batches):  # its decoding workers stop here, even when an error ends the loop
         for batch in batches:

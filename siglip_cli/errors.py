@@ -4,6 +4,8 @@ device fault a run stops on (`DeviceFault`), and the words of errors."""
 import errno
 import signal
 
+from .limits import file_size_limit
+
 
 class UserError(Exception):
     """Something the user can fix (a path, an option, a checkpoint); the message is one sentence."""
@@ -52,24 +54,3 @@ def os_reason(error: OSError, *, written: int | None = None) -> str:
     if limit is not None and (written is None or written >= limit):
         return f"{error.strerror}: `ulimit -f` allows {limit // 1024:,} KB"
     return error.strerror or str(error)
-
-
-def file_size_limit() -> int | None:
-    """The largest file this process may write, in bytes (`ulimit -f`); None where there is no limit."""
-    return _limit("RLIMIT_FSIZE")
-
-
-def address_space_limit() -> int | None:
-    """The most memory this process may map, in bytes (`ulimit -v`); None where there is no limit."""
-    return _limit("RLIMIT_AS")
-
-
-def _limit(name: str) -> int | None:
-    """A resource limit (`ulimit`) of this process: its soft value, or None where there is none (or no such limits:
-    Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    soft, _ = resource.getrlimit(getattr(resource, name))
-    return None if soft == resource.RLIM_INFINITY else soft

@@ -122,18 +122,41 @@ class WalkReport:
 
     def dangling_text(self, shown: int = 3) -> str:
         """'1 link that leads nowhere (an unmounted drive?): photos/nas → /mnt/nas'."""
-        links = sorted(self.dangling, key=lambda entry: os.fsencode(entry[0]))
+        links = _by_bytes(self.dangling)
         listed = first_of([f"{display_path(link)} → {display_path(target)}" for link, target in links], shown)
         verb = "leads" if len(self.dangling) == 1 else "lead"
         return f"{counted(len(self.dangling), 'link')} that {verb} nowhere (an unmounted drive?): {listed}"
 
     def not_files_text(self, shown: int = 3) -> str:
         """'2 entries named like images are not files: a/x.jpg (a broken link), a/y.jpg (a FIFO)'."""
-        entries = sorted(self.not_files, key=lambda entry: os.fsencode(entry[0]))
+        entries = _by_bytes(self.not_files)
         listed = first_of([f"{display_path(path)} ({kind})" for path, kind in entries], shown)
         if len(entries) == 1:
             return f"1 entry named like an image is not a file: {listed}"
         return f"{len(entries):,} entries named like images are not files: {listed}"
+
+    def unreached(self) -> list[str]:
+        """What the walk could not reach, one clause each, as `siglip embed --strict` fails on: a folder that cannot
+        be listed, a link into a share not mounted, an entry named like an image that is no file."""
+        clauses = [f"could not read {self.unreadable_text()}"] if self.unreadable else []
+        clauses += [self.dangling_text()] if self.dangling else []
+        clauses += [self.not_files_text()] if self.not_files else []
+        return clauses
+
+    def unreached_json(self) -> dict[str, list[dict]]:
+        """`unreached` as data for `--json`, the paths as the manifest gives them (`path_fields`: a newline as JSON
+        writes it, not as a note shows it; bytes that are not UTF-8 also in base64), so that a script can act on them."""
+        return {
+            "unlisted_folders": [{**path_fields(folder), "reason": reason} for folder, reason in self.unreadable],
+            "dangling_links": [{**path_fields(link, "link"), **path_fields(target, "target")}
+                               for link, target in _by_bytes(self.dangling)],
+            "not_files": [{**path_fields(path), "kind": kind} for path, kind in _by_bytes(self.not_files)],
+        }  # fmt: skip
+
+
+def _by_bytes(entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(path, detail) entries sorted by their paths' bytes, as `discover` sorts the files it finds."""
+    return sorted(entries, key=lambda entry: os.fsencode(entry[0]))
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

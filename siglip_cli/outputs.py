@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import SafetensorError
 
 from . import __version__, interrupts
-from .config import VisionConfig, json_kind
+from .config import json_kind
 from .errors import UserError
 from .files import expand_home, path_fields, path_from_fields, same_file
 from .storage import (
@@ -128,6 +128,11 @@ class OutputPaths:
         chunks = [*work.glob("chunk-*"), *work.glob("shard-*/chunk-*")]
         shards = [p for p in work.glob("shard-*") if SHARD_NAME.match(p.name)]
         return any(CHUNK_NAME.fullmatch(p.name) for p in chunks) or any(p.is_file() for p in shards)
+
+    def kept_work(self, rerun: str) -> str | None:
+        """'finished work is kept in OUT.partial: {rerun} to continue', the clause of a stopped run's sentence where
+        its work area holds finished work (`work_kept`); None where a rerun would start afresh."""
+        return f"finished work is kept in {self.work}: {rerun} to continue" if self.work_kept() else None
 
 
 def _link_target(link: Path) -> Path:
@@ -302,110 +307,6 @@ class Ref(NamedTuple):
 RowsByPath = dict[str, Ref | dict]
 
 
-_OPTION_NAMES = {
-    "model": "--model",
-    "revision": "--revision",
-    "compute_dtype": "--dtype",
-    "normalized": "--normalize/--no-normalize",
-    "output_dtype": "--output-dtype",
-    "tokens": "--tokens",
-    "format": "the output format",
-    "pooling": "the pooling (the checkpoint's vision_use_head)",
-    "preprocessing": "the preprocessing (--no-exif-transpose, --fast-decode, --decode, or the model's preprocessor)",
-    "embedding_dim": "the model's architecture",
-    "num_tokens": "the model's architecture",
-    "weights": "the model's weights",
-    "architecture": "the model's architecture",
-    "shard": "--shard",  # recorded in a work area only: its chunks are of that part
-}
-# What the checkpoint alone decides: another --model changes it too (and is named instead), and so does a checkpoint
-# folder saved again (a fine-tune's next epoch, another architecture), which no option brings back.
-_CHECKPOINTS_OWN = ("embedding_dim", "num_tokens", "pooling", "weights", "architecture")
-# The preprocessing's parts that options set; the rest is the checkpoint's preprocessor (its size, its resize).
-_PREPROCESSING_OPTIONS = ("exif_transpose", "fast_decode", "decoder")
-
-
-class Difference(NamedTuple):
-    """How two runs' states differ (`describe_difference`)."""
-
-    options: str  # as the user spells them: '--dtype, --tokens'
-    saved_over: bool  # the checkpoint alone differs: its folder was saved again since, or its config files corrected
-
-
-def same_state(old: dict, new: dict) -> bool:
-    """Whether two runs' states (`embed.run_state`) agree: a run may continue, update or merge with the other. The
-    state of a version that did not record the weights' fingerprint or the architecture in full is taken at its
-    word on them; between two that recorded the fingerprint, where the weights were loaded from does not count (a
-    checkpoint folder copied or moved, a local copy of a Hub repo), the weights do."""
-    old, new = _compared(old, new)
-    return old == new
-
-
-# Where a run's weights were loaded from: with both fingerprints, the weights themselves are compared instead.
-_SOURCE = ("model", "revision")
-# Recorded only by later versions: the weights' fingerprint, then the architecture in full (heads, activation).
-_LATER = ("weights", "architecture")
-
-
-def _compared(old: dict, new: dict) -> tuple[dict, dict]:
-    """The parts of two runs' states that must agree."""
-    old, new = _both_recorded(old, new)
-    if "weights" in old:
-        return _without(old, _SOURCE), _without(new, _SOURCE)
-    return old, new
-
-
-def _both_recorded(old: dict, new: dict) -> tuple[dict, dict]:
-    """Two states less what only one of them records (`_LATER`)."""
-    unknown = _not_recorded_by_all([old, new])
-    return _without(old, unknown), _without(new, unknown)
-
-
-def as_recorded_by_all(states: list[dict]) -> dict:
-    """The first of `states`, less what not all of them record (`_LATER`): the state of a merge of their rows."""
-    return _without(states[0], _not_recorded_by_all(states))
-
-
-def _not_recorded_by_all(states: list[dict]) -> tuple[str, ...]:
-    return tuple(key for key in _LATER if any(key not in state for state in states))
-
-
-def _without(state: dict, keys: tuple[str, ...]) -> dict:
-    return {key: value for key, value in state.items() if key not in keys}
-
-
-def without_weights(state: dict) -> dict:
-    """A run's state less the weights' fingerprint, as a version that did not record it wrote it."""
-    return _without(state, ("weights",))
-
-
-def describe_difference(old: dict, new: dict) -> Difference:
-    """How two runs' states differ. The weights' fingerprint is named only when it alone can say why: it changes
-    with --dtype too, other weights loaded from elsewhere are named by --model (or --revision), and a state of an
-    earlier version has none; the model's architecture and pooling are named only where --model is not."""
-    old, new = _both_recorded(old, new)
-    other_dtype = old.get("compute_dtype") != new.get("compute_dtype")
-    other_source = any(old.get(key) != new.get(key) for key in _SOURCE)
-    if other_dtype or (old.get("weights") != new.get("weights") and other_source):
-        old, new = without_weights(old), without_weights(new)
-    else:
-        old, new = _compared(old, new)  # the same weights from elsewhere: no difference
-    changed = [key for key in {**new, **old} if old.get(key) != new.get(key)]  # a key either lacks too
-    if other_source:
-        changed = [key for key in changed if key not in _CHECKPOINTS_OWN]
-    names = dict.fromkeys(_OPTION_NAMES.get(key, key) for key in changed)  # the architecture once
-    saved_over = bool(changed) and all(_checkpoints_own(key, old, new) for key in changed)
-    return Difference(", ".join(names) or "the options", saved_over)
-
-
-def _checkpoints_own(key: str, old: dict, new: dict) -> bool:
-    """Whether two states' difference in `key` is the checkpoint's alone, which no option brings back."""
-    if key == "preprocessing":  # a 384-pixel fine-tune saved over a 224 one: its preprocessor's size
-        before, after = old.get(key) or {}, new.get(key) or {}
-        return all(before.get(part) == after.get(part) for part in _PREPROCESSING_OPTIONS)
-    return key in _CHECKPOINTS_OWN
-
-
 @contextmanager
 def _reading(out: OutputPaths) -> Iterator[None]:
     """A finished output that cannot be read back (truncated, a file beside it deleted or damaged) is one sentence
@@ -449,13 +350,8 @@ def shard_text(shard: tuple[int, int] | None) -> str | None:
     return f"{shard[0]}/{shard[1]}" if shard else None
 
 
-def pooling(vision: VisionConfig) -> str:
-    """How a row is pooled from the tower: its attention-pool head, or the mean of its tokens (headless towers)."""
-    return "attention-pool head" if vision.vision_use_head else "mean of patch tokens (headless tower)"
-
-
 def read_output_state(out: OutputPaths, metadata: dict[str, str] | None = None) -> dict:
-    """The run state (`embed.run_state`) a finished output was made with; {} for a file siglip did not write.
+    """The run state (`run_states.run_state`) a finished output was made with; {} for a file siglip did not write.
     Outputs of versions whose state did not hold the pooling have it in their metadata beside it. `metadata`: the
     output's, where the caller has read it already."""
     metadata = read_output_metadata(out) if metadata is None else metadata

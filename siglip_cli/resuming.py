@@ -16,20 +16,18 @@ from . import earlier_rows
 from .errors import UserError
 from .outputs import (
     MANIFEST_DIGEST,
-    Difference,
     OutputPaths,
     Ref,
     RowsByPath,
     check_outputs,
-    describe_difference,
     final_metadata,
     public_row,
     read_output_metadata,
     read_output_state,
     read_rows,
-    same_state,
     shard_text,
 )
+from .run_states import Difference, describe_difference, same_state
 from .storage import WorkArea, remove_stale_temporaries
 from .text import Note, counted
 
@@ -54,7 +52,7 @@ def earlier_work(
     keep_unlisted: bool,
     devices_work: Path | None,
     shard: tuple[int, int] | None,
-    note: Note | None,
+    note: Note,
 ) -> EarlierWork:
     """Open the work area (`_open_work`) and settle `paths` against what earlier work left: the chunks of an
     interrupted run (damaged ones deleted, with a note) and, with --update, the earlier output's rows. A refused
@@ -65,7 +63,7 @@ def earlier_work(
     )
     remove_stale_temporaries(out.files())
     chunks, damaged = work.chunks()
-    if damaged and note:
+    if damaged:
         note(
             f"{counted(len(damaged), 'chunk')} of the interrupted run in {out.work} could not be read (damaged "
             "since): their files are embedded again."
@@ -79,7 +77,7 @@ def earlier_work(
         if not chunks:
             work.remove()
         raise
-    if note and in_chunks:  # done: in the chunks, or (--update) kept from the earlier output
+    if in_chunks:  # done: in the chunks, or (--update) kept from the earlier output
         done, total = len(settled.done), len(settled.paths)
         note(f"continuing the interrupted run in {out.work}: {done:,} of {total:,} files done.")
     next_seq = max((chunk.seq for chunk in chunks), default=-1) + 1  # a damaged chunk's number is free: it was deleted

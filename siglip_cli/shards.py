@@ -22,15 +22,13 @@ from .files import WalkReport, directory_entry
 from .outputs import (
     OutputPaths,
     Ref,
-    as_recorded_by_all,
     assemble,
     check_outputs,
-    describe_difference,
     read_output_metadata,
     read_output_state,
     read_rows,
-    same_state,
 )
+from .run_states import as_recorded_by_all, describe_difference, same_state
 from .storage import OutputBusy, Steps, WorkArea, exclusive, kept_from_writers, remove_stale_temporaries
 from .text import counted, display_path
 

@@ -9,6 +9,10 @@ from typing import Callable
 # What a library function is given to tell the user something, a line at a time (the CLI says it on stderr).
 Note = Callable[[str], None]
 
+
+def no_note(message: str) -> None:
+    """The `Note` of a caller that listens to none."""
+
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _LONE_SURROGATES = re.compile(r"[\ud800-\udfff]")  # how Python's str holds a name's bytes that are not UTF-8
 
@@ -24,7 +28,7 @@ def first_of(items: list[str], shown: int) -> str:
     return ", ".join(items[:shown] + more)
 
 
-def display_path(path: str) -> str:
+def display_path(path: str | os.PathLike) -> str:
     """The path as text for a terminal: bytes that are not UTF-8 shown as U+FFFD, control characters as `\\x1b`
     (`escape_controls`)."""
     return escape_controls(os.fsencode(path).decode("utf-8", errors="replace"))

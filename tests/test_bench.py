@@ -569,16 +569,16 @@ def test_bench_table_names_the_machine(tiny_vision: Path, monkeypatch: pytest.Mo
 
 def test_the_weights_size_is_rounded_once_where_it_is_printed(tiny_vision: Path) -> None:
     # Rounded to 0.1 MB in the report and printed with two decimals: 0.123 MB showed as "0.10".
-    from siglip_cli.cli import _bench_title
+    from siglip_cli.bench_report import heading
 
     options = benchmark.BenchOptions(model=str(tiny_vision), device="cpu", iters=1, warmup=0, batch_sizes=(1,))
     report = benchmark.run_benchmark(options)
     tower, _, _ = load_tower(str(tiny_vision))
     exact = sum(p.numel() for p in tower.parameters()) * 4 / 2**20
     assert report.weights_mb == exact and report.to_dict()["weights_mb"] == round(exact, 3)
-    assert _bench_title(report).endswith(f" · weights {exact:#.3g} MB")
+    assert heading(report).endswith(f" · weights {exact:#.3g} MB")
     for mb, printed in ((0.1234130859375, "0.123"), (5.3, "5.30"), (351.5625, "352"), (1603.2, "1,603")):
-        assert _bench_title(dataclasses.replace(report, weights_mb=mb)).endswith(f" · weights {printed} MB")
+        assert heading(dataclasses.replace(report, weights_mb=mb)).endswith(f" · weights {printed} MB")
 
 
 def test_bench_table_keeps_every_number_whole_in_80_columns(tiny_vision: Path) -> None:
@@ -587,14 +587,14 @@ def test_bench_table_keeps_every_number_whole_in_80_columns(tiny_vision: Path) -
 
     from rich.console import Console
 
-    from siglip_cli.cli import _bench_table
+    from siglip_cli.bench_report import stage_table
 
     options = benchmark.BenchOptions(
         model=str(tiny_vision), device="cpu", iters=1, batch_sizes=(1, 8), compare=("transformers",)
     )  # fmt: skip
     report = benchmark.run_benchmark(options)
     console = Console(width=80, file=io.StringIO(), record=True)
-    console.print(_bench_table(report))
+    console.print(stage_table(report))
     lines = console.export_text().splitlines()
     assert max(map(len, lines)) <= 80
     rows = [line.split() for line in lines if line.strip().startswith(("siglip fused", "transformers sdpa"))]
@@ -602,7 +602,7 @@ def test_bench_table_keeps_every_number_whole_in_80_columns(tiny_vision: Path) -
     assert all(float(row[3].replace(",", "")) > 0 and float(row[4]) > 0 for row in rows)  # img/s, ms/img whole
     # Below 76 columns the backend names were cut into 2-letter pieces again: peak MB and setup s make room.
     console = Console(width=56, file=io.StringIO(), record=True)
-    console.print(_bench_table(report, width=56))
+    console.print(stage_table(report, width=56))
     text = console.export_text()
     assert max(map(len, text.splitlines())) <= 56
     assert "peak MB and setup s in a wider terminal or with --json" in " ".join(text.split())  # the caption, wrapped
@@ -610,7 +610,7 @@ def test_bench_table_keeps_every_number_whole_in_80_columns(tiny_vision: Path) -
     assert [len(row) for row in rows] == [6, 5]  # siglip fused, batch, img/s, ms/img, and the cosine at batch 1
     # At 40 the table was 48 wide: a terminal cut its cosine column off. The labels fold instead.
     console = Console(width=40, file=io.StringIO(), record=True)
-    console.print(_bench_table(report, width=40))
+    console.print(stage_table(report, width=40))
     lines = console.export_text().splitlines()
     assert max(map(len, lines)) <= 40 and any(line.endswith(" cosine") for line in lines[:3])  # the header's
     cosines = [r.cosine for r in report.results if r.cosine is not None]

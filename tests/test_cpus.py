@@ -142,11 +142,11 @@ def test_no_memory_room_when_unlimited_or_unreadable(cgroups, membership: str, f
 def test_the_decoding_workers_are_counted_on_the_containers_memory(
     cgroups, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from siglip_cli import decoding
+    from siglip_cli import decoding, limits
 
     cgroups("0::/\n", {"memory.max": f"{4 * GB}\n", "memory.current": f"{GB}\n"})
     (tmp_path / "meminfo").write_text(f"MemTotal: {64 * GB // 1024} kB\nMemAvailable: {60 * GB // 1024} kB\n")
-    monkeypatch.setattr(decoding, "MEMINFO", tmp_path / "meminfo")  # the host's, as a container reads it
-    assert decoding.available_memory() == 3 * GB
+    monkeypatch.setattr(limits, "MEMINFO", tmp_path / "meminfo")  # the host's, as a container reads it
+    assert limits.available_memory() == 3 * GB
     monkeypatch.setattr(decoding, "usable_cpus", lambda: 16)
     assert decoding.default_workers() == 3 * GB // decoding.WORKER_PEAK_BYTES == 2  # not 15

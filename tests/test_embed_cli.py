@@ -2139,7 +2139,7 @@ def test_a_second_ctrl_c_while_the_stop_is_reported_keeps_the_sentence_whole(
         os.kill(os.getpid(), signal.SIGINT)
         stop(self, keep=keep)
 
-    monkeypatch.setattr(devices, "embed_with_model", stopped)
+    monkeypatch.setattr(devices, "load_and_embed", stopped)
     monkeypatch.setattr(cli_module._RichProgress, "stop", impatient)
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors"), code=130)
     assert error.endswith("rerun the same command to continue.")
@@ -2159,7 +2159,7 @@ def test_gpu_out_of_memory_outside_the_forward_is_one_sentence(
             (out / "embeddings.safetensors.partial" / "chunk-00000000.safetensors").write_bytes(b"")
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
 
-    monkeypatch.setattr(devices, "embed_with_model", out_of_memory)
+    monkeypatch.setattr(devices, "load_and_embed", out_of_memory)
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors"), code=1)
     assert error.startswith("error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
     if work_kept:
@@ -2179,7 +2179,7 @@ def test_cpu_out_of_memory_outside_the_forward_is_one_sentence(
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
                            "to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")  # fmt: skip
 
-    monkeypatch.setattr(devices, "embed_with_model", out_of_memory)
+    monkeypatch.setattr(devices, "load_and_embed", out_of_memory)
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors"), code=1)
     assert error.startswith("error: this machine ran out of memory ([enforce fail at alloc_cpu.cpp:127]")
     assert error.endswith("(Cannot allocate memory)): try a smaller --batch-size or another machine.")
@@ -2194,7 +2194,7 @@ def test_a_gpu_librarys_allocation_failure_outside_the_forward_is_the_gpus_memor
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
 
-    monkeypatch.setattr(devices, "embed_with_model", out_of_memory)
+    monkeypatch.setattr(devices, "load_and_embed", out_of_memory)
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors"), code=1)
     assert error == ("error: the GPU ran out of memory (CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
                      "`cublasCreate(handle)`): try a smaller --batch-size or another GPU.")  # fmt: skip
@@ -2219,7 +2219,7 @@ def test_a_memory_error_outside_the_forward_is_one_sentence(
     def out_of_memory(*args, **kwargs):
         raise raised
 
-    monkeypatch.setattr(devices, "embed_with_model", out_of_memory)
+    monkeypatch.setattr(devices, "load_and_embed", out_of_memory)
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors"), code=1)
     assert error.startswith(f"error: {said}")
     assert error.endswith(": try a smaller --batch-size or another machine.")
@@ -2237,7 +2237,7 @@ def test_a_gpu_fault_is_one_sentence_that_says_how_to_go_on(
         (out / "embeddings.safetensors.partial" / "chunk-00000000.safetensors").write_bytes(b"")
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered\nmore details")
 
-    monkeypatch.setattr(devices, "embed_with_model", fault)
+    monkeypatch.setattr(devices, "load_and_embed", fault)
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors", "--decode", decode), code=1)
     assert error.startswith("error: the GPU failed (CUDA error: an illegal memory access was encountered); finished ")
     # Not "or with --decode cpu": the work area records the decoder, and that rerun was refused.
@@ -2269,7 +2269,7 @@ def test_other_runtime_errors_are_not_taken_for_the_gpus(
     def bug(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(devices, "embed_with_model", bug)
+    monkeypatch.setattr(devices, "load_and_embed", bug)
     result = embed(photos, "-o", out / "embeddings.safetensors")
     assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug"  # the traceback a bug gets
 
@@ -2962,7 +2962,7 @@ def test_workers_that_fail_mid_run_leave_the_rest_to_this_process(
     # In a container with 64 MB of /dev/shm, a parcel that could not be shared was lost in the worker's sending
     # thread, and the run waited for it forever. With a low `ulimit -n` (each parcel in transit is a few file
     # descriptors) the loader gave up, and the run ended in its traceback.
-    from siglip_cli import decoding as D
+    from siglip_cli import decoding as D, limits
     from siglip_cli.config import PreprocessConfig
     from siglip_cli.preprocess import DecodeOptions
 
@@ -2973,7 +2973,7 @@ def test_workers_that_fail_mid_run_leave_the_rest_to_this_process(
     failure(monkeypatch)
     notes: list[str] = []
     batches = list(D.decoded_batches(paths, cfg, DecodeOptions(), batch_size=5, workers=2, pin=False, note=notes.append))
-    assert notes == [note.format(limit=D.open_files_limit(), raising=D._raising_it())]  # one line, no traceback
+    assert notes == [note.format(limit=limits.open_files_limit(), raising=limits.raising_open_files())]  # one line, no traceback
     assert [[r["path"] for r in b.rows] for b in batches] == [[r["path"] for r in b.rows] for b in plain]
     for got, expected in zip(batches, plain):
         assert torch.equal(D.batch_pixels(got, cfg, torch.device("cpu"), DecodeOptions())[0],

@@ -61,6 +61,7 @@ from siglip_cli.errors import UserError
 from siglip_cli.files import discover
 from siglip_cli.outputs import OutputPaths
 from siglip_cli.shards import merge_outputs, shard_of
+from siglip_cli.text import no_note
 
 SIGLIP = str(Path(sys.executable).with_name("siglip"))
 R = TypeVar("R")
@@ -1154,7 +1155,7 @@ def test_update_never_reads_a_fifo_found_where_a_row_was(tmp_path: Path) -> None
     timer = threading.Timer(5, let_a_reader_go)
     timer.start()
     try:
-        assert earlier_rows_module._still_current({str(fifo): row}, None, {}) == ({}, [])  # read, it would match
+        assert earlier_rows_module._still_current({str(fifo): row}, no_note, {}) == ({}, [])  # read, it would match
     finally:
         timer.cancel()
 
@@ -1176,7 +1177,7 @@ def test_ctrl_c_while_touched_files_are_read_stops_the_reads_at_once(
     monkeypatch.setattr(earlier_rows_module, "digest_of_file", slow_digest)
     threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt), interrupts.stop_on_signals():
-        earlier_rows_module._still_current(rows, None, {})
+        earlier_rows_module._still_current(rows, no_note, {})
     assert saw_the_stop and all(saw_the_stop)  # every read in flight was told, none waited out its 30 s
 
 
