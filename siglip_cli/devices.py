@@ -36,11 +36,12 @@ from .embed import (
     refuse_empty_run,
 )
 from .errors import RunFailed, UserError, first_line, signal_name
+from .locks import exclusive
 from .outputs import OutputPaths, check_outputs, read_rows, refuse_inputs_among_outputs
 from .resuming import interrupted_on_other_devices
 from .runtime import dtype_note, load, resolve_device, resolve_dtype
 from .shards import merge_outputs, select_shard
-from .storage import WorkArea, exclusive, shard_name
+from .storage import WorkArea, shard_name
 
 
 def parse_devices(spec: str) -> list[str]:

@@ -35,6 +35,7 @@ from .config import CPU_BATCH_SIZE
 from .decoding import Batch, batch_pixels, decoded_batches, default_workers, error_row
 from .errors import UserError, first_line, whole_number
 from .files import discover
+from .locks import exclusive
 from .outputs import (
     OUTPUT_DTYPES,
     OutputPaths,
@@ -48,7 +49,7 @@ from .outputs import (
 from .preprocess import DecodeOptions
 from .run_states import run_state
 from .runtime import Embedder, dtype_name, load, out_of_memory
-from .storage import WorkArea, WriteError, exclusive, write_jsonl
+from .storage import WorkArea, WriteError, write_jsonl
 from .text import counted, display_path
 
 __all__ = ["EmbedOptions", "EmbedResult", "Embedder", "Summary", "embed_paths", "embed_to_file", "load"]

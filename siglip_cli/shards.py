@@ -19,6 +19,7 @@ from typing import Callable, Mapping
 
 from .errors import UserError
 from .files import WalkReport, directory_entry
+from .locks import OutputBusy, exclusive, kept_from_writers
 from .outputs import (
     OutputPaths,
     Ref,
@@ -29,7 +30,7 @@ from .outputs import (
     read_rows,
 )
 from .run_states import as_recorded_by_all, describe_difference, same_state
-from .storage import OutputBusy, Steps, WorkArea, exclusive, kept_from_writers, remove_stale_temporaries
+from .storage import Steps, WorkArea, remove_stale_temporaries
 from .text import counted, display_path
 
 

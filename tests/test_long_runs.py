@@ -54,7 +54,7 @@ from conftest import (
     DEFAULT_REPO_ID, PICKLE_NAME, PREPROCESSOR_NAME, build_checkpoint, make_photo, ok, save_as_pickles, siglip,
     the_error,
 )
-from siglip_cli import interrupts
+from siglip_cli import interrupts, locks
 from siglip_cli.reading import digest_of_file, file_digest
 from siglip_cli.embed import EmbedOptions, Embedder, embed_to_file, load
 from siglip_cli.errors import UserError
@@ -1305,7 +1305,7 @@ def test_a_forked_child_does_not_keep_the_lock_once_the_run_is_gone(tmp_path: Pa
     # The child says when its fork has returned (its at-fork hooks run before that), as a decoding worker long since
     # started would be: a kill within microseconds of a fork is not the case this guards.
     script = (
-        "import os, sys, time; from pathlib import Path; from siglip_cli.storage import exclusive\n"
+        "import os, sys, time; from pathlib import Path; from siglip_cli.locks import exclusive\n"
         "forked, told = os.pipe()\n"
         f"with exclusive(Path({str(output)!r})):\n"
         "    if os.fork() == 0:\n"
@@ -1317,7 +1317,7 @@ def test_a_forked_child_does_not_keep_the_lock_once_the_run_is_gone(tmp_path: Pa
         assert run.stdout.readline() == "locked\n"
         run.kill()  # the main process alone, as the OOM killer would; its child sleeps on
         run.wait()
-        with storage_module.exclusive(output):
+        with locks.exclusive(output):
             pass
     finally:
         os.killpg(run.pid, signal.SIGKILL)
@@ -1326,8 +1326,6 @@ def test_a_forked_child_does_not_keep_the_lock_once_the_run_is_gone(tmp_path: Pa
 def test_a_lock_file_unlinked_by_a_finishing_run_does_not_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A run that opened the lock file just before the finishing run unlinked it could lock that orphan while a third
     # run locked a new file of the same name: two runs writing one output.
-    from siglip_cli import storage
-
     output = tmp_path / "embeddings.safetensors"
     lock = tmp_path / ".embeddings.lock"
     opened = os.open
@@ -1343,7 +1341,7 @@ def test_a_lock_file_unlinked_by_a_finishing_run_does_not_count(tmp_path: Path, 
 
     monkeypatch.setattr(os, "open", open_then_lose_the_race)
     with pytest.raises(UserError, match="another siglip run is writing"):
-        with storage.exclusive(output):
+        with locks.exclusive(output):
             pass
 
 
@@ -2057,19 +2055,17 @@ def test_merge_reads_parts_where_no_lock_can_be_made(
     embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Parts on a read-only share: no run writes there, and no lock file can be made beside them.
-    from siglip_cli import storage
-
     parts = [tmp_path / "parts" / f"part{k}.safetensors" for k in range(2)]
     for k, part in enumerate(parts):
         ok(embed(folder, part, "--shard", f"{k}/2"))
-    real_open = storage._open_lock_file
+    real_open = locks._open_lock_file
 
     def read_only(lock: Path, output: Path):
         if lock.parent == tmp_path / "parts":
-            raise storage.UserError(f"cannot write beside {output}: Read-only file system.")
+            raise UserError(f"cannot write beside {output}: Read-only file system.")
         return real_open(lock, output)
 
-    monkeypatch.setattr(storage, "_open_lock_file", read_only)
+    monkeypatch.setattr(locks, "_open_lock_file", read_only)
     ok(siglip("merge", *parts, "-o", tmp_path / "all.safetensors"))
 
 
