@@ -377,7 +377,7 @@ def run_benchmark(options: BenchOptions, *, progress: Note | None = None) -> Rep
         paths, skipped = decodable_images(options.images, limit=options.max_images)
 
     model = os.fsdecode(options.model)  # a pathlib.Path from a Python caller
-    say(f"building {model}")
+    say(f"loading {model}")
     # A preset: seeded random weights, no download, the same as `siglip inspect` draws for the seed.
     plain, preprocess, _ = load_tower(model, revision=options.revision, seed=options.seed)
     weights_mb = num_parameters(plain) * dtype.itemsize / 2**20
@@ -395,7 +395,8 @@ def run_benchmark(options: BenchOptions, *, progress: Note | None = None) -> Rep
         report.notes += _image_notes(paths, skipped, preprocess, device=device, iters=iters)
         say(f"image pipeline on {counted(len(paths), 'file')} from {options.images}")
         images = image_results(paths, plain, preprocess, device=device, dtype=dtype,
-                               batch_size=min(max(batch_sizes), len(paths)), iters=iters, warmup=warmup)  # fmt: skip
+                               batch_size=min(max(batch_sizes), len(paths)), iters=iters, warmup=warmup,
+                               notes=report.notes)  # fmt: skip
         report.results += images
         report.notes += [_rough(f"{r.stage} ({r.variant})", [("passes", r.spread)], "its images/s is rough")
                          for r in images if r.spread is not None and r.spread > NOISY_SPREAD]  # fmt: skip
@@ -406,7 +407,8 @@ def _image_notes(
     paths: list[str], skipped: list[str], preprocess: PreprocessConfig, *, device: torch.device, iters: int
 ) -> list[str]:
     """What a reader of the `--images` results should know: files left out, passes that are not `iters`, worker
-    start-up weighing on a small folder, a GPU JPEG decoder that does not work here."""
+    start-up weighing on a small folder, and why the way through torchvision's JPEG decoder is left out, where it
+    is (`_end_to_end_ways`)."""
     from . import gpu_decode
 
     notes = []
@@ -421,8 +423,18 @@ def _image_notes(
             f"--images: each end-to-end pass over the {counted(len(paths), 'file')} starts `siglip embed`'s "
             "decoding workers, a cost paid once per run: on a fast model a large folder runs at a higher rate."
         )
-    if gpu_decode.supported(preprocess) and (fault := gpu_decode.fault(device)):
-        notes.append(f"--images: torchvision's JPEG decoder does not work on {device} ({fault}): its way is left out.")
+    from .gpu_decode import JpegHeader, read_header
+    from .preprocess import DecodeOptions
+
+    torchvision = "--images: the end-to-end way through torchvision's JPEG decoder is left out"
+    if not gpu_decode.supported(preprocess):
+        notes.append(f"{torchvision}: it cannot resize as this checkpoint does (PIL filter {preprocess.resample}, or "
+                     "a crop), and `siglip embed` decodes on the CPU for it.")  # fmt: skip
+    elif fault := gpu_decode.fault(device):
+        notes.append(f"{torchvision}: it does not work on {device} ({fault}).")
+    elif not any(isinstance(read_header(path, preprocess, DecodeOptions()), JpegHeader) for path in paths):
+        notes.append(f"{torchvision}: none of the files is a JPEG it takes (other formats, CMYK JPEGs and photos "
+                     "turned by 90 degrees go to PIL).")  # fmt: skip
     return notes
 
 
@@ -548,8 +560,10 @@ def image_results(
     batch_size: int,
     iters: int,
     warmup: int = 1,
+    notes: list[str] | None = None,
 ) -> list[Result]:
-    """Where the time goes between files and embeddings: decode, preprocess, then the whole way.
+    """Where the time goes between files and embeddings: decode, preprocess, then the whole way; what a reader of
+    them should know is added to `notes`.
 
     decode: PIL open + load, one core. preprocess: `preprocess.load_pixels` (decode, orient, resize, normalize), one
     core, exact and with `--fast-decode` (libjpeg's reduced-size decoding). Each is the median of `iters` passes
@@ -579,7 +593,8 @@ def image_results(
     return [_result("siglip", "decode", 1, decode, "PIL, 1 core", images=n),
             _result("siglip", "preprocess", 1, prep["exact"], "PIL, 1 core", images=n),
             _result("siglip", "preprocess", 1, prep["fast"], "PIL --fast-decode, 1 core", images=n),
-            *_end_to_end_results(paths, embedder, batch_size=batch_size, iters=iters, warm=passes > 0)]  # fmt: skip
+            *_end_to_end_results(paths, embedder, batch_size=batch_size, iters=iters, warm=passes > 0,
+                                 notes=[] if notes is None else notes)]  # fmt: skip
 
 
 def _embedder(
@@ -595,11 +610,12 @@ def _embedder(
 
 
 def _end_to_end_results(
-    paths: list[str], embedder: Embedder, *, batch_size: int, iters: int, warm: bool = True
+    paths: list[str], embedder: Embedder, *, batch_size: int, iters: int, warm: bool, notes: list[str]
 ) -> list[Result]:
     """`embed.embed_paths` timed as `siglip embed` runs it, with its decoding workers: the exact PIL path, the same
     with `--fast-decode`, and `--decode gpu` (JPEGs decoded in batches through torchvision: nvJPEG on CUDA, libjpeg
-    on the CPU; the PIL path for the files it leaves). The two inexact paths carry their cosine to the exact one:
+    on the CPU; the PIL path for the files it leaves). A model that gives no finite row is said in `notes`. The two
+    inexact paths carry their cosine to the exact one:
     what their speed costs. After one warm-up batch each (where `warm`; its time is the row's `setup_s`), the median
     of `iters` passes over `paths`; a single pass on the CPU, where one pass of a base model over 64 images takes most
     of a minute.
@@ -632,9 +648,9 @@ def _end_to_end_results(
         timings = time_interleaved({name: end_to_end(name) for name in ways}, device=device, iters=passes, warmup=0)
         timings = {name: replace(timing, setup_s=setup[name]) for name, timing in timings.items()}
     exact, exact_paths = embeddings["exact"]
-    if not len(exact):
-        name = dtype_name(dtype)
-        raise BenchError(f"the model gave NaN or infinite values for every image in {name} {_nan_hint(dtype)}.")
+    if not len(exact):  # said as the model-only rows say it, the timings kept
+        notes.append(f"the model gave NaN or infinite values for every image in {dtype_name(dtype)} "
+                     f"{_nan_hint(dtype)}: the end-to-end rows time runs in which every file failed.")  # fmt: skip
     results = []
     for name, (variant, _) in ways.items():
         agreement = None if name == "exact" else _cosine_by_path(*embeddings[name], exact, exact_paths)
@@ -688,7 +704,7 @@ def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], list[st
     nothing."""
     from .files import IMAGE_SUFFIXES, discover
     from .text import display_path
-    from .preprocess import BadImage, DecodeOptions, bad_file_reason, open_rgb
+    from .preprocess import BadImage, DecodeOptions, TooManyPixels, bad_file_reason, open_rgb
 
     try:  # os.stat, not pathlib: Python 3.14's `is_dir` says False of a folder closed to this user
         if not stat.S_ISDIR(os.stat(directory).st_mode):
@@ -707,6 +723,9 @@ def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], list[st
         try:
             open_rgb(path, DecodeOptions())
             paths.append(path)
+        except TooManyPixels as e:  # `bench` has no --max-pixels: it times photos `siglip embed` takes as it is
+            skipped.append(f"{display_path(path)} ({e.pixels:,} pixels, over the {e.limit:,} siglip embed takes "
+                           "without --max-pixels)")  # fmt: skip
         except (BadImage, OSError, ValueError) as e:
             skipped.append(f"{display_path(path)} ({bad_file_reason(e)})")
     if not paths:

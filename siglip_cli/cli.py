@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Iterator, NoReturn, Optional
 
@@ -40,13 +40,14 @@ class _OneLineParseErrors:
     `siglip` alone still prints the help."""
 
     def make_context(self, info_name, args, parent=None, **extra):
+        given = list(args)  # click's parser consumes the list it is given
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click_errors.UsageError as e:
             if isinstance(e, getattr(click_errors, "NoArgsIsHelpError", ())):
                 raise
             path = f"{parent.command_path} {info_name}" if parent is not None else info_name
-            fail(parse_error_sentence(e, path))
+            fail(parse_error_sentence(e, path, given))
 
 
 class _Group(_OneLineParseErrors, typer.core.TyperGroup):
@@ -327,8 +328,8 @@ def embed(
     from .decoding import default_workers
     from .devices import check_device_options, load_and_embed, parse_devices
     from .embed import EmbedOptions
-    from .outputs import OutputPaths
-    from .runtime import default_batch_size, resolve_device
+    from .outputs import OutputPaths, check_outputs
+    from .runtime import default_batch_size
     from .shards import parse_shard, shard_inputs
 
     keep_freed_memory()
@@ -336,6 +337,11 @@ def embed(
     devices = parse_devices(device)
     check_device_options(devices, shard=part, update=update)
     out = OutputPaths.for_output(output)
+    if not (overwrite or update or os.path.lexists(out.work)):
+        # An output there already, with no interrupted run to continue, refused now as the run would refuse it once
+        # the folders were walked and the model loaded: minutes, on a large library.
+        with suppress(OSError):  # a folder closed to this user: the run's own refusal says which
+            check_outputs(out, interrupted=False, overwrite=False, update=False, update_allowed=len(devices) == 1)
     paths, walk = _images_to_embed(inputs or [], files_from, out, part, quiet=quiet, update=update)
     options = EmbedOptions(
         normalize=normalize,
@@ -349,11 +355,6 @@ def embed(
         shard=part,
         shard_inputs=shard_inputs(inputs or [], walk) if part else None,
     )
-    if decoder is Decoder.gpu and resolve_device(devices[0]).type != "cuda" and not quiet:
-        note(
-            "--decode gpu with the model on the CPU decodes through torchvision's libjpeg-turbo: not pixel-exact "
-            "with the reference, and no faster than the default."
-        )
     progress = _RichProgress(quiet)
     float32, gpu_decode = dtype is ComputeDtype.float32, decoder is not Decoder.cpu
     with _stopped_runs_told(out, progress, float32=float32, gpu_decode=gpu_decode), interrupts.stop_on_signals():
@@ -380,11 +381,11 @@ def _images_to_embed(
 ) -> tuple[list[str], WalkReport]:
     """The files this run embeds (of `part`, with --shard) and what the walk met, with its notes said. The refusals
     of an output that cannot be written come first: the walk may take minutes."""
-    from .files import NoImagesFound, find_images, refuse_a_drive_not_mounted
+    from .files import NoImagesFound, find_images, refuse_an_unreachable_folder
     from .outputs import refuse_inputs_among_outputs
     from .shards import select_shard
 
-    refuse_a_drive_not_mounted(out.embeddings)
+    refuse_an_unreachable_folder(out.embeddings)
     refuse_inputs_among_outputs(out, inputs, every=True)
     try:
         paths, walk = find_images(inputs, files_from=files_from, digest_list=part is not None, leave_out=out.entries())
@@ -513,10 +514,11 @@ def _summary_line(s: Summary) -> str:
 
 @app.command(cls=_Command, short_help="Join the outputs of --shard runs into one.")
 def merge(
-    inputs: Annotated[list[Path], typer.Argument(help="Outputs of `siglip embed --shard K/N` runs.", show_default=False, metavar="SHARD", parser=_path)],
+    inputs: Annotated[list[Path], typer.Argument(help="Outputs to join: the parts of a `siglip embed --shard K/N` run, or runs over disjoint files.", show_default=False, metavar="SHARD", parser=_path)],
     output: Annotated[Path, typer.Option("-o", "--output", help="The merged output: .safetensors or .npy.", metavar="FILE", parser=_output_path)],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Merge even if some of the N parts are missing.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary on stderr.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Join shard outputs into one file, equal to a single run over all their images."""
@@ -530,7 +532,8 @@ def merge(
         line = f"merged {counted(summary.inputs, 'output')}: {counted(summary.rows, 'row')} → {summary.output}"
         if summary.failed:  # as embed's summary says it
             line += f"; {summary.failed:,} failed: see {summary.errors}"
-        stderr.print(printable(line))
+        if not quiet:
+            stderr.print(printable(line))
 
 
 @app.command(cls=_Command, short_help="Trace one image through the tower, stage by stage.")
@@ -549,9 +552,18 @@ def inspect(
     from .plots import PICTURES, plot_directory, write_plots
     from .tracing import first_non_finite, inspect_image
 
+    from .files import missing_folders
+
+    made = missing_folders(plot / "picture") if plot is not None else []  # the folders `plot_directory` makes
     if plot is not None:
         plot_directory(plot)  # a folder that cannot be written, said before the model runs
-    result = inspect_image(model, image, layers=layers, revision=revision, max_pixels=max_pixels or None)
+    try:
+        result = inspect_image(model, image, layers=layers, revision=revision, max_pixels=max_pixels or None)
+    except BaseException:  # an image or a model refused leaves no empty folder behind
+        for folder in reversed(made):
+            with suppress(OSError):
+                os.rmdir(folder)
+        raise
     drawable = first_non_finite(result.stages) is None
     pictures = write_plots(result, plot) if plot is not None and drawable else []
     if plot is not None and not drawable:  # the report is what a user with a damaged checkpoint needs

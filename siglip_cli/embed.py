@@ -497,6 +497,11 @@ def _decoder_for(embedder: Embedder, decoder: str, progress: Progress) -> str:
         gpu_decode.check_supported(embedder.preprocess)
         if on_cuda and (fault := gpu_decode.fault(embedder.device)) is not None:
             raise UserError(f"the GPU JPEG decoder does not work here ({fault}): use --decode cpu or auto.")
+        if not on_cuda:
+            progress.note(
+                "--decode gpu with the model on the CPU decodes through torchvision's libjpeg-turbo: not pixel-exact "
+                "with the reference, and no faster than the default."
+            )
     return decoder
 
 

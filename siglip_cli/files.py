@@ -95,8 +95,9 @@ class WalkReport:
     def passed_over_text(self, shown: int = 5) -> str:
         """'1,300 files (1,204 .mov, 96 .aae)': the files left out, most common kinds first."""
         kinds = sorted(self.passed_over.items(), key=lambda kind: (-kind[1], kind[0]))
-        parts = [f"{count:,} {_suffix_text(suffix)}" for suffix, count in kinds[:shown]]
-        if len(kinds) > shown:
+        named = kinds if len(kinds) <= shown + 1 else kinds[:shown]  # a kind of its own, not "1 other kind"
+        parts = [f"{count:,} {_suffix_text(suffix)}" for suffix, count in named]
+        if len(kinds) > len(named):
             parts.append(counted(len(kinds) - shown, "other kind"))
         return f"{counted(self.passed_over.total(), 'file')} ({', '.join(parts)})"
 
@@ -145,7 +146,7 @@ class WalkReport:
 
     def unreached_json(self) -> dict[str, list[dict]]:
         """`unreached` as data for `--json`, the paths as the manifest gives them (`path_fields`: a newline as JSON
-        writes it, not as a note shows it; bytes that are not UTF-8 also in base64), so that a script can act on them."""
+        writes it, not as a note shows it; bytes that are not UTF-8 also in base64), for a script to act on them."""
         return {
             "unlisted_folders": [{**path_fields(folder), "reason": reason} for folder, reason in self.unreadable],
             "dangling_links": [{**path_fields(link, "link"), **path_fields(target, "target")}
@@ -225,10 +226,13 @@ def missing_folders(path: str | os.PathLike) -> list[str]:
     return way[1] if way and os.path.isdir(way[0]) and os.access(way[0], os.W_OK | os.X_OK) else []
 
 
-def refuse_a_drive_not_mounted(output: str | os.PathLike) -> None:
-    """Refuse to write `output` where a drive is mounted but none is now (`MOUNT_POINTS`): in a folder on the way to
-    one that does not exist (/media/me/USBDISK, unplugged), or in the empty folder of a drive not mounted (/mnt/nas,
-    left by fstab). The output would land on the disk under the mount point, unseen."""
+def refuse_an_unreachable_folder(output: str | os.PathLike) -> None:
+    """Refuse, before any work, to write `output` where its folder cannot be made or must not be: past something
+    that is no folder (a file, a device, a link to nothing: to a drive not mounted, as likely as not), and where a
+    drive is mounted but none is now (`MOUNT_POINTS`): in a folder on the way to one that does not exist
+    (/media/me/USBDISK, unplugged), or in the empty folder of a drive not mounted (/mnt/nas, left by fstab). The
+    output would land on the disk under the mount point, unseen."""
+    _refuse_what_is_no_folder(output)
     if (way := _way_to(output)) is None:
         return
     deepest, missing = way
@@ -246,6 +250,26 @@ def refuse_a_drive_not_mounted(output: str | os.PathLike) -> None:
             f"no drive is mounted at {display_path(deepest)}, an empty folder: mount the drive, or put any file in "
             "the folder first to write on this disk."
         )
+
+
+def _refuse_what_is_no_folder(output: str | os.PathLike) -> None:
+    """Refuse the first name on the way to `output`, as written, that is there but no folder; from the first that is
+    missing on, the run makes them."""
+    for step in reversed(Path(output).parents):  # from the top down
+        try:
+            mode = os.stat(step).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            if os.path.islink(step):
+                raise UserError(
+                    f"cannot write {display_path(output)}: {display_path(step)} is a link to "
+                    f"{display_path(os.path.realpath(step))}, which does not exist (an unmounted drive?)."
+                ) from None
+            return
+        except OSError:  # closed to this user, or a loop of links: the run's own refusal says which
+            return
+        if not stat.S_ISDIR(mode):
+            kind = "a file, not a folder" if stat.S_ISREG(mode) else "not a folder"  # /dev/null: a device
+            raise UserError(f"cannot write {display_path(output)}: {display_path(step)} is {kind}.")
 
 
 def discover(
@@ -472,7 +496,7 @@ def _unfollowed_link(entry: os.DirEntry, suffix: str, error: OSError, report: Wa
     closed to this user is a folder that could not be listed. Said nowhere, a folder of photos went unseen."""
     path = tidy_path(entry.path)
     if suffix in IMAGE_SUFFIXES:
-        report.not_files.append((path, "a broken link"))
+        report.not_files.append((path, _unfollowed(error)))
     elif error.errno == errno.ELOOP:
         try:
             report.dangling.append((path, os.readlink(entry.path)))
@@ -498,10 +522,16 @@ def _kind(entry: os.DirEntry) -> str:
     is named so (`ln -s /dev/zero x.jpg`), not broken."""
     try:
         mode = entry.stat(follow_symlinks=True).st_mode
-    except OSError:
-        return "a broken link"  # its target is missing, or it loops
+    except OSError as e:
+        return _unfollowed(e)
     kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
     return f"a link to {kind}" if entry.is_symlink() else kind
+
+
+def _unfollowed(error: OSError) -> str:
+    """What a link that cannot be followed is: one that leads back to itself (`a.jpg -> b.jpg -> a.jpg`), or one
+    whose target is missing."""
+    return "a symlink loop" if error.errno == errno.ELOOP else "a broken link"
 
 
 def read_path_list(source: str) -> list[str]:

@@ -74,7 +74,8 @@ def stage_table(
     )
     # On a narrow terminal the names wrap, never the numbers (rich would cut them to "0.15…").
     table.add_column("stage", overflow="fold")
-    table.add_column("shape", overflow="fold")
+    widest = max(len(_shape_text(stage, compact)) for stage in result.stages)
+    table.add_column("shape", no_wrap=True, min_width=widest)  # 1×3×32×32 cut after "32" reads as another shape
     if not compact:
         table.add_column("dtype", overflow="fold")
     for name in statistics:
@@ -100,9 +101,9 @@ def stage_table(
         values = [getattr(stage, name) for name in statistics]
         if compact:
             label += "" if stage.dtype == "float32" else f" ({stage.dtype})"
-            shape, numbers = ["×".join(map(str, stage.shape))], [_short_number(v) for v in values]
+            shape, numbers = [_shape_text(stage, compact)], [_short_number(v) for v in values]
         else:
-            shape, numbers = [_shape(stage), stage.dtype], [_number(v) for v in values]
+            shape, numbers = [_shape_text(stage, compact), stage.dtype], [_number(v) for v in values]
         table.add_row(label, *shape, *numbers, *([note] if notes else []))
     if compact:
         left_out = "; min and max in a wider terminal or with --json" if statistics != STATISTICS else ""
@@ -133,6 +134,10 @@ def cost(result: Inspection) -> Text:
         f"{amount} GFLOPs per image (multiply-add = 2 FLOPs; matmuls and the patch conv, from the formula in "
         "model.gflops_per_image)",
     )
+
+
+def _shape_text(stage: Stage, compact: bool) -> str:
+    return "×".join(map(str, stage.shape)) if compact else _shape(stage)
 
 
 def _group(name: str, full: tuple[int, ...]) -> str:

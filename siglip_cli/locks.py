@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from .errors import UserError, os_reason
-from .files import refuse_a_drive_not_mounted
+from .files import refuse_an_unreachable_folder
 from .text import display_path
 
 try:
@@ -45,7 +45,7 @@ def exclusive(output: Path) -> Iterator[None]:
         yield
         return
     lock = output.with_name(f".{output.stem}.lock")  # by stem: OUT.npy and OUT.safetensors share OUT.jsonl
-    refuse_a_drive_not_mounted(output)
+    refuse_an_unreachable_folder(output)
     with _open_lock_file(lock, output) as handle:
         try:
             locked = _locked(handle, lock)
@@ -117,14 +117,8 @@ def _open_lock_file(lock: Path, output: Path) -> BinaryIO:
 
 
 def _no_lock_file(error: OSError, lock: Path, output: Path) -> str:
-    """Why `lock` could not be opened or made, in one sentence: what is in the way, where something is."""
-    if isinstance(error, (FileExistsError, NotADirectoryError)):  # something not a folder where the path needs one
-        blocking = next((p for p in reversed(output.parents) if os.path.lexists(p) and not p.is_dir()), None)
-        if blocking is not None and os.path.islink(blocking) and not os.path.exists(blocking):
-            return (f"cannot write {output}: {blocking} is a link to {os.readlink(blocking)}, which does not exist "
-                    "(an unmounted drive?).")  # fmt: skip
-        if blocking is not None:
-            return f"cannot write {output}: {blocking} is a file, not a folder."
+    """Why `lock` could not be opened or made, in one sentence: where this user may not go, or another user's lock.
+    (Something on the way that is no folder was refused before: `exclusive`.)"""
     if isinstance(error, PermissionError) and (refused := _refused_on_the_way(lock.parent)):
         return f"cannot write {display_path(str(output))}: {refused} ({error.strerror})."
     if isinstance(error, PermissionError) and os.path.lexists(lock):  # another user's, closed to this one

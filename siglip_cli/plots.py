@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UserError
-from .storage import atomic_write
+from .storage import atomic_write, replaced_together
 from .text import display_path
 from .tracing import Inspection, first_non_finite
 
@@ -69,7 +69,8 @@ def plot_directory(directory: str | Path) -> Path:
 
 
 def write_plots(result: Inspection, directory: str | Path) -> list[Path]:
-    """Draw the pictures for `result` into `directory` (`plot_directory`); return the paths written. A picture this
+    """Draw the pictures for `result` into `directory` (`plot_directory`); return the paths written. They take their
+    names together, once all are written (a full disk leaves the earlier run's as they were), and a picture this
     tower has none of (a headless tower's head attention) is removed where an earlier run left it: the folder shows
     one run."""
     # For library callers: `siglip inspect` checks first and says so in a note, as the report is still worth having.
@@ -82,15 +83,15 @@ def write_plots(result: Inspection, directory: str | Path) -> list[Path]:
         "head_attention.png": head_attention(result) if result.head_attention is not None else None,
         "activation_norms.png": activation_norms(result),
     }
-    written = []
+    written = [directory / name for name in PICTURES if drawn[name] is not None]
+    with replaced_together(before=lambda steps: None, after=lambda: None) as staging:
+        for path in written:  # a full disk or a read-only folder: one sentence naming the file
+            with atomic_write(path, staging) as f:
+                drawn[path.name].save(f, format="PNG")
     for name in PICTURES:
         if drawn[name] is None:
             with contextlib.suppress(OSError):  # a folder of that name, say: not an earlier picture, and not ours
                 (directory / name).unlink(missing_ok=True)
-            continue
-        with atomic_write(directory / name) as f:  # a full disk or a read-only folder: one sentence naming the file
-            drawn[name].save(f, format="PNG")
-        written.append(directory / name)
     return written
 
 

@@ -74,6 +74,13 @@ class BadImage(Exception):
 class TooManyPixels(BadImage):
     """A file refused for its size, read from its header (`--max-pixels`), before anything is decoded."""
 
+    def __init__(self, width: int, height: int, limit: int):
+        super().__init__(
+            f"{width}×{height} = {width * height:,} pixels exceeds the limit of {limit:,} "
+            "(possible decompression bomb; raise --max-pixels to allow it)"
+        )
+        self.pixels, self.limit = width * height, limit
+
 
 def bad_file_reason(error: BaseException) -> str:
     """The reason a file failed, as one line of plain words for the errors file.
@@ -340,10 +347,7 @@ def open_checked(source: str | Path | BinaryIO, options: DecodeOptions) -> Image
     width, height = image.size
     if options.max_pixels is not None and width * height > options.max_pixels:
         image.close()
-        raise TooManyPixels(
-            f"{width}×{height} = {width * height:,} pixels exceeds the limit of {options.max_pixels:,} "
-            "(possible decompression bomb; raise --max-pixels to allow it)"
-        )
+        raise TooManyPixels(width, height, options.max_pixels)
     return image
 
 

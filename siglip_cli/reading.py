@@ -83,10 +83,15 @@ def pixels_and_facts(
 
 
 def failure_reason(error: Exception, path: str) -> str:
-    """Why the file at `path` failed, for the errors file; for a missing name with spaces at its ends (a line of a
-    path list, copied with them), also the name that exists without them."""
+    """Why the file at `path` failed, for the errors file; for a missing file, the link that names it, where `path` is
+    one (a photo linked into a drive not mounted), or the name that exists without the spaces at its ends (a line of
+    a path list, copied with them)."""
     reason = bad_file_reason(error)
-    if isinstance(error, FileNotFoundError) and (bare := path.strip()) != path and os.path.lexists(bare):
+    if not isinstance(error, FileNotFoundError):
+        return reason
+    if os.path.islink(path):
+        return f"{reason} (a link to {display_path(os.path.realpath(path))}, which does not exist)"
+    if (bare := path.strip()) != path and os.path.lexists(bare):
         reason += f" (without the spaces at its ends, {display_path(bare)} exists)"
     return reason
 

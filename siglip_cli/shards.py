@@ -178,11 +178,46 @@ def _check_every_part(opened: list[tuple[OutputPaths, dict[str, str]]], *, allow
         raise UserError(f"{what} missing: merge all {count} parts, or add --allow-missing for a partial result.")
 
 
-def _disjoint_rows(opened: list[tuple[OutputPaths, dict[str, str]]]) -> tuple[list[Ref], list[dict]]:
+def _merged_start(opened: list[tuple[OutputPaths, dict[str, str]]]) -> tuple[str | None, bool]:
+    """The folder the merge's relative paths start from (its `working_directory`; None for none), and whether the
+    parts' relative paths are rebased onto it.
+
+    Parts made in one folder keep it. The parts of one `--shard` run (the same inputs, recorded) name their files the
+    same way from wherever each ran (another machine, the photos mounted elsewhere): their paths are kept as they are,
+    from no one folder. Other outputs made in several folders name their files from each: `four.gif` made in
+    `lib/b` beside `lib/one.jpg` made in `.` would read as a file gone to the next --update, which dropped its row.
+    Their relative paths are rebased onto the first part's folder (`_rebased`). A part that did not record its
+    folder (an older version, a folder whose name is not UTF-8) leaves its paths as they are."""
+    starts = [metadata.get("working_directory") for _, metadata in opened]
+    if len(set(starts)) == 1:
+        return starts[0], False
+    one_run = all("shard" in metadata and "inputs" in metadata for _, metadata in opened)
+    if one_run or None in starts:
+        return None, False
+    return starts[0], True
+
+
+def _rebased(path: str, start: str, onto: str) -> str:
+    """`path`, relative to the folder `start` (or absolute), as named from the folder `onto`."""
+    if os.path.isabs(path) or start == onto:
+        return path
+    joined = os.path.join(start, path)
+    if ".." in path.split(os.sep):  # only the file system knows where `..` after a folder link leads (`tidy_path`)
+        return joined
+    try:
+        return os.path.relpath(joined, onto)
+    except ValueError:  # on another drive (Windows)
+        return joined
+
+
+def _disjoint_rows(
+    opened: list[tuple[OutputPaths, dict[str, str]]], rebase_onto: str | None
+) -> tuple[list[Ref], list[dict]]:
     """The parts' embedded rows and error rows, each sorted by path as a single run sorts them; a file in two parts
     is refused: the outputs are not disjoint shards of one run. A file is told apart as `embed` tells it (its
     folder's identity and its name, a relative path from where its part was made), so that it is one file in two
-    spellings too: `photos/a.jpg` and `/home/me/photos/a.jpg`, or through a folder link."""
+    spellings too: `photos/a.jpg` and `/home/me/photos/a.jpg`, or through a folder link. `rebase_onto`: the folder
+    the relative paths of every part are rebased onto (`_merged_start`)."""
     owner: dict[tuple[object, str], tuple[str, Path]] = {}
     folders: dict[str, object] = {}
     good: list[Ref] = []
@@ -190,7 +225,7 @@ def _disjoint_rows(opened: list[tuple[OutputPaths, dict[str, str]]]) -> tuple[li
     for out, metadata in opened:
         refs, errors = read_rows(out)
         start = metadata.get("working_directory", "")
-        for path in [ref.info["path"] for ref in refs] + [row["path"] for row in errors]:
+        for path in [ref.info["path"] for ref in refs] + [row["path"] for row in errors]:  # as its part names it
             entry = directory_entry(os.path.join(start, path), folders)
             if entry in owner:
                 first, where = owner[entry]
@@ -200,6 +235,10 @@ def _disjoint_rows(opened: list[tuple[OutputPaths, dict[str, str]]]) -> tuple[li
                     "they are not disjoint shards of one run."
                 )
             owner[entry] = (path, out.embeddings)
+        if rebase_onto is not None:
+            refs = [ref._replace(info={**ref.info, "path": _rebased(ref.info["path"], start, rebase_onto)})
+                    for ref in refs]  # fmt: skip
+            errors = [{**row, "path": _rebased(row["path"], start, rebase_onto)} for row in errors]
         good += refs
         bad += errors
     good.sort(key=lambda ref: os.fsencode(ref.info["path"]))
@@ -332,12 +371,13 @@ def _merge_held(
             )
     _check_same_inputs(opened)
     _check_every_part(opened, allow_missing=allow_missing)
-    good, bad = _disjoint_rows(opened)
+    start, rebased = _merged_start(opened)
+    good, bad = _disjoint_rows(opened, start if rebased else None)
     metadata = dict(opened[0][1])
     metadata.pop("shard", None)  # the merge is the whole run
     metadata.pop("inputs", None)
-    if len({m.get("working_directory") for _, m in opened}) > 1:  # parts made from several folders: no one start
-        metadata.pop("working_directory", None)  # for relative paths to name
+    if start is None:  # no one folder for relative paths to start from
+        metadata.pop("working_directory", None)
     metadata["options"] = json.dumps({**as_recorded_by_all(states), "format": target.format}, sort_keys=True)
     assemble(target, good, bad, metadata, before_replacing=before_replacing)
     return MergeSummary(

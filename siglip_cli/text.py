@@ -23,9 +23,11 @@ def counted(n: int, noun: str) -> str:
 
 
 def first_of(items: list[str], shown: int) -> str:
-    """'a, b, c, 4 more': the first `shown` of `items`, and how many are left out."""
-    more = [f"{len(items) - shown:,} more"] if len(items) > shown else []
-    return ", ".join(items[:shown] + more)
+    """'a, b, c, 4 more': the first `shown` of `items`, and how many are left out; all of them where only one would
+    be (it takes no more room than '1 more')."""
+    if len(items) <= shown + 1:
+        return ", ".join(items)
+    return ", ".join(items[:shown] + [f"{len(items) - shown:,} more"])
 
 
 def display_path(path: str | os.PathLike) -> str:

@@ -183,6 +183,8 @@ def read_image(
     except FileNotFoundError:
         if path.is_symlink():  # as `embed` says it
             raise UserError(f"{name} is a link to {display_path(os.readlink(path))}, which does not exist.") from None
+        if str(given) == "-" or re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/", str(given)):  # a pipe or a URL, meant
+            raise UserError(f"{name} does not exist: give an image file (stdin and URLs are not read).") from None
         raise UserError(f"{name} does not exist.") from None
     except TooManyPixels as e:  # not a file that fails: one refused, as asked
         raise UserError(f"{name} is refused: {e}.") from None
@@ -273,7 +275,7 @@ def trace(
     full = parse_layers(layers, cfg.num_hidden_layers)
     describe = _Describer(cfg, preprocessing)
     resized = resize(photo, preprocessing)  # once: what the model is given, and what the stages show of it
-    pixels = _pixels(resized, preprocessing)  # first: an image the preprocessing refuses is one sentence
+    pixels = _pixels(resized, preprocessing, image)  # first: an image the preprocessing refuses is one sentence
     stages = _image_stages(photo, resized, preprocessing, describe)
 
     device = model.embeddings.patch_embedding.weight.device
@@ -401,18 +403,26 @@ def _distortion(photo: Image.Image, pre: PreprocessConfig) -> str:
     notes = []
     scale = max(pre.width / photo.width, pre.height / photo.height)
     if scale >= 2:
-        notes.append(f"upscaled {scale:.3g}×")
+        notes.append(f"upscaled {_factor(scale)}×")
     stretch = (photo.width / photo.height) / (pre.width / pre.height)  # > 1: the photo is the wider
     if max(stretch, 1 / stretch) >= 2:
-        notes.append(f"was {max(stretch, 1 / stretch):.2g}× {'wider than tall' if stretch > 1 else 'taller than wide'}")
+        shape = "wider than tall" if stretch > 1 else "taller than wide"
+        notes.append(f"was {_factor(max(stretch, 1 / stretch))}× {shape}")
     return "".join(f"; {note}" for note in notes)
 
 
-def _pixels(resized: Image.Image, pre: PreprocessConfig) -> Tensor:
+def _factor(x: float) -> str:
+    """6.7, 19, 500, 3,840: two digits, or the whole number (never 5e+02)."""
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
+
+
+def _pixels(resized: Image.Image, pre: PreprocessConfig, image: ImageFacts | None) -> Tensor:
+    """The model's input; an image the preprocessing refuses (off-size, with `do_resize: false`) is one sentence
+    that names it."""
     try:
         return torch.from_numpy(resized_to_pixels(resized, pre))
     except BadImage as e:
-        raise UserError(f"{e}.") from None
+        raise UserError(f"{image.label}: {e}." if image is not None else f"{e}.") from None
 
 
 def _hwc(image: Image.Image) -> Tensor:

@@ -4,8 +4,11 @@ whichever typer (and so click, or pydantic's checks of values) is installed."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import os
 import re
+from typing import Sequence
 
 import typer
 
@@ -14,17 +17,22 @@ import typer
 click_errors = importlib.import_module(typer.BadParameter.__module__)
 
 
-def parse_error_sentence(error: Exception, command: str) -> str:
+def parse_error_sentence(error: Exception, command: str, args: Sequence[str] = ()) -> str:
     """click's complaint about a command line, in our words, naming the option and where its help is:
-    `--dtype: 'float64' is not one of auto, float32, bfloat16, float16 (see siglip embed -h).`"""
+    `--dtype: 'float64' is not one of auto, float32, bfloat16, float16 (see siglip embed -h).` `args`: the command
+    line's words, where a file whose name starts with a dash is told apart from an option mistyped."""
     param = getattr(error, "param", None)
     if isinstance(error, click_errors.MissingParameter) and param is not None:
         said = f"missing {_param_name(param)}"
     elif isinstance(error, click_errors.BadParameter) and param is not None:
         said = f"{_param_name(param)}: {_bad_value(error)}"
     elif isinstance(error, click_errors.NoSuchOption):
-        closest = sorted(error.possibilities or ())
-        said = f"no option {error.option_name}" + (f"; the closest: {', '.join(closest)}" if closest else "")
+        name = error.option_name
+        closest = sorted(error.possibilities or (), key=lambda option: (-_likeness(name, option), option))
+        said = f"no option {name}" + (f"; the closest: {', '.join(closest)}" if closest else "")
+        if file := next((arg for arg in args if arg.startswith(name) and os.path.lexists(arg)), None):
+            said = (f"no option {name}: {file} is read as options; to give it as a path, put -- before it, or write "
+                    f"./{file}")  # fmt: skip
     else:  # "Option '-o' requires an argument.", "Got unexpected extra argument(s) (b)", "No such command 'x'."
         said = error.message
         for pattern, words in (
@@ -37,6 +45,10 @@ def parse_error_sentence(error: Exception, command: str) -> str:
             said = re.sub(pattern, words, said)
         said = said[:1].lower() + said[1:]
     return f"{said.rstrip('.')} (see {command} -h)."
+
+
+def _likeness(typed: str, option: str) -> float:
+    return difflib.SequenceMatcher(None, typed, option).ratio()
 
 
 def _param_name(param) -> str:

@@ -670,7 +670,9 @@ def test_bench_images_names_the_files_it_leaves_out_and_why(tiny_siglip: Path, t
     result = RUNNER.invoke(app, ["bench", "-m", str(tiny_siglip), "--device", "cpu", "--images", str(tmp_path)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"none of its image files decode: {tmp_path / 'poster.png'} (" in result.stderr
-    assert "exceeds the limit" in result.stderr
+    # The limit named, and no advice to raise --max-pixels, an option `bench` does not have.
+    assert "(400,000,000 pixels, over the 178,956,970 siglip embed takes without --max-pixels)" in result.stderr
+    assert "raise --max-pixels" not in result.stderr
     make_photo((64, 48)).save(tmp_path / "photo.jpg")
     document = _bench_json("-m", str(tiny_siglip), "--batch-size", "8", "--images", str(tmp_path))
     assert any(note.startswith(f"--images: left out 1 file that cannot be read (`siglip embed` would list them as "
@@ -705,8 +707,15 @@ def test_the_torchvision_way_is_tried_before_anything_is_timed_on_the_cpu_too(
     monkeypatch.setattr(gpu_decode, "fault", lambda device: "no decoder in this build")
     document = _bench_json("-m", str(tiny_siglip), "--batch-size", "1", "--warmup", "0", "--images", str(tmp_path))
     assert not any("torchvision" in r["variant"] for r in document["results"])  # a decoder that fails: left out
-    assert "--images: torchvision's JPEG decoder does not work on cpu (no decoder in this build): its way is left " \
-           "out." in document["notes"]  # fmt: skip
+    assert "--images: the end-to-end way through torchvision's JPEG decoder is left out: it does not work on cpu " \
+           "(no decoder in this build)." in document["notes"]  # fmt: skip
+    (tmp_path / "a.jpg").unlink()  # no JPEG left: none for it to decode
+    make_photo((64, 48)).save(tmp_path / "photo.png")
+    monkeypatch.setattr(gpu_decode, "fault", lambda device: None)
+    document = _bench_json("-m", str(tiny_siglip), "--batch-size", "1", "--warmup", "0", "--images", str(tmp_path))
+    assert not any("torchvision" in r["variant"] for r in document["results"])
+    assert "--images: the end-to-end way through torchvision's JPEG decoder is left out: none of the files is a " \
+           "JPEG it takes (other formats, CMYK JPEGs and photos turned by 90 degrees go to PIL)." in document["notes"]
     assert "--images: each end-to-end pass over the 1 file starts" in " ".join(document["notes"])
 
 
@@ -738,7 +747,8 @@ def test_bench_images_for_a_filter_the_gpu_lacks_has_no_torchvision_row(tiny_sig
 def test_bench_of_a_model_that_gives_nan_says_so_in_valid_json(
     tiny_siglip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # float16 overflow or a damaged checkpoint: "cosine": NaN (no JSON), then a traceback with --images.
+    # float16 overflow or a damaged checkpoint: "cosine": NaN (no JSON), then a traceback with --images; then, with
+    # --images, an error that threw the model-only rows away, and another exit status than without.
     load = benchmark.load_tower
 
     def broken(*args, **kwargs):
@@ -756,10 +766,13 @@ def test_bench_of_a_model_that_gives_nan_says_so_in_valid_json(
            "checkpoint?)." in document["notes"]  # fmt: skip
     make_photo((64, 48)).save(tmp_path / "a.jpg")
     result = RUNNER.invoke(app, ["bench", "-m", str(tiny_siglip), "--device", "cpu", "--iters", "1", "--warmup", "0",
-                                 "-b", "2", "--images", str(tmp_path)])  # fmt: skip
-    assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1] == (
-        "error: the model gave NaN or infinite values for every image in float32 (a damaged checkpoint?)."
-    )
+                                 "-b", "2", "--images", str(tmp_path), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert {r["stage"] for r in document["results"]} == {"model", "decode", "preprocess", "end_to_end"}
+    assert all(r["cosine"] is None for r in document["results"] if r["stage"] in ("model", "end_to_end"))
+    assert "the model gave NaN or infinite values for every image in float32 (a damaged checkpoint?): the " \
+           "end-to-end rows time runs in which every file failed." in document["notes"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the GPU script, smoke-run on the CPU

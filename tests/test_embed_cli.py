@@ -201,6 +201,7 @@ def test_help_lists_every_command_and_names_arguments_without_type_tags() -> Non
         (["embed", "x", "-o", ""], "-o: the name is empty (see siglip embed -h)."),
         (["embed", "x", "--bogus"], "no option --bogus (see siglip embed -h)."),
         (["embed", "x", "--no-tokens"], "no option --no-tokens; the closest: --tokens, --workers (see siglip embed -h)."),
+        (["embed", "x", "--updte"], "no option --updte; the closest: --update, --dtype, --output-dtype (see siglip embed -h)."),
         (["embed", "x", "--tokens=yes"], "--tokens takes no value (see siglip embed -h)."),
         (["inspect", "a.jpg", "b.jpg"], "unexpected argument(s): b.jpg (see siglip inspect -h)."),
         (["inspect", "--layers"], "--layers needs a value (see siglip inspect -h)."),
@@ -218,6 +219,16 @@ def test_a_command_line_that_does_not_parse_is_one_sentence(args: list[str], sen
     result = siglip(*args)
     assert the_error(result) == f"error: {sentence}"
     assert result.stderr == f"error: {sentence}\n"
+
+
+def test_a_file_named_like_an_option_is_told_apart_from_a_typo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `siglip embed -dash.jpg` said "no option -d": a file the user meant, which -- or ./ names.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-dash.jpg").write_bytes(b"")
+    assert the_error(siglip("embed", "-dash.jpg", "-o", "x.npy")) == (
+        "error: no option -d: -dash.jpg is read as options; to give it as a path, put -- before it, or write "
+        "./-dash.jpg (see siglip embed -h)."
+    )
 
 
 @pytest.mark.parametrize(
@@ -542,6 +553,12 @@ def test_existing_output_is_refused_without_overwrite(embed, photos: Path, out: 
     error = the_error(embed(photos, "-o", out / "embeddings.safetensors"))
     assert f"{out / 'embeddings.safetensors'} already exists" in error and "--overwrite" in error
     assert (out / "embeddings.safetensors").read_bytes() == before
+    # Before the walk and the model's load, not after (minutes, on a large library): neither is looked at here.
+    refused = embed(out / "no-such-folder", "-o", out / "embeddings.safetensors", model=out / "no-such-model")
+    assert the_error(refused) == (
+        f"error: {out / 'embeddings.safetensors'} already exists: add --overwrite to replace it, or --update to "
+        "refresh it."
+    )
 
 
 @pytest.mark.parametrize("update", [[], ["--update"]])  # an --update with no output yet is a first run
@@ -638,15 +655,22 @@ def test_an_output_link_into_a_missing_folder_or_to_another_kind_of_file_is_refu
         "a name of its own."
     )
     (out / "drive").symlink_to(out / "unmounted")
-    error = the_error(embed(photos, "-o", out / "drive" / "lib.safetensors"))
-    assert error == (
+    refused = embed(photos, "-o", out / "drive" / "lib.safetensors")
+    assert the_error(refused) == (
         f"error: cannot write {out / 'drive' / 'lib.safetensors'}: {out / 'drive'} is a link to {out / 'unmounted'}, "
         "which does not exist (an unmounted drive?)."
     )
+    assert refused.stderr.count("\n") == 1  # before the walk, and with no note that the folder will be made
     (out / "notes.txt").write_text("")
     (out / "notes").symlink_to(out / "notes.txt")  # a link to a file: a file, not a missing drive
-    error = the_error(embed(photos, "-o", out / "notes" / "lib.safetensors"))
-    assert error == f"error: cannot write {out / 'notes' / 'lib.safetensors'}: {out / 'notes'} is a file, not a folder."
+    refused = embed(photos, "-o", out / "notes" / "lib.safetensors")
+    assert the_error(refused) == (
+        f"error: cannot write {out / 'notes' / 'lib.safetensors'}: {out / 'notes'} is a file, not a folder."
+    )
+    assert refused.stderr.count("\n") == 1
+    assert the_error(embed(photos, "-o", "/dev/null/lib.safetensors")) == (
+        "error: cannot write /dev/null/lib.safetensors: /dev/null is not a folder."
+    )
     names = ["drive", "latest.safetensors", "nas.safetensors", "notes", "notes.txt"]
     assert sorted(path.name for path in out.iterdir()) == names
 
@@ -1655,12 +1679,27 @@ def test_update_and_overwrite_together_are_refused(embed, photos: Path, out: Pat
     assert "give one of the two" in error and not any(out.iterdir())
 
 
-def test_device_decoder_with_the_model_on_the_cpu_says_what_it_costs(embed, photos: Path, out: Path) -> None:
+def test_device_decoder_with_the_model_on_the_cpu_says_what_it_costs(
+    embed, photos: Path, out: Path, tiny_siglip: Path
+) -> None:
     result = ok(embed(photos, "-o", out / "e.safetensors", "--decode", "gpu", "--device", "cpu"))
     assert "note: --decode gpu with the model on the CPU" in result.stderr
     assert "note: --decode gpu" not in ok(embed(photos, "-o", out / "f.safetensors", "--device", "cpu")).stderr
     quiet = ok(embed(photos, "-o", out / "g.safetensors", "--decode", "gpu", "--device", "cpu", "-q"))
     assert quiet.stderr == ""
+
+    class Heard:  # the Python API is told too: the note is the library's, not the command line's
+        notes: list[str] = []
+
+        def start(self, total: int, done: int) -> None: ...
+        def advance(self, n: int) -> None: ...
+        def note(self, message: str) -> None:
+            self.notes.append(message)
+
+    heard = Heard()
+    options = EmbedOptions(decoder="gpu", workers=0)
+    embed_to_file(load(str(tiny_siglip), device="cpu"), discover([photos]), out / "h.npy", options=options, progress=heard)
+    assert [n for n in heard.notes if n.startswith("--decode gpu with the model on the CPU")]
 
 
 def test_decode_gpu_for_a_filter_it_lacks_is_refused_before_any_work(

@@ -28,7 +28,7 @@ from siglip_cli.files import (
     path_from_fields,
     read_path_list,
 )
-from siglip_cli.text import display_path
+from siglip_cli.text import display_path, first_of
 
 
 def touch(path: Path) -> Path:
@@ -334,7 +334,7 @@ def test_entries_named_like_images_that_are_no_files_are_reported(tmp_path: Path
     report = WalkReport()
     assert found_with(report, tmp_path) == [str(photo)]
     assert sorted((Path(p).name, kind) for p, kind in report.not_files) == [
-        ("gone.jpg", "a broken link"), ("self.jpg", "a broken link"), ("stream.jpg", "a FIFO"),
+        ("gone.jpg", "a broken link"), ("self.jpg", "a symlink loop"), ("stream.jpg", "a FIFO"),
         ("to-stream.jpg", "a link to a FIFO"), ("zero.jpg", "a link to a device"),
     ]  # fmt: skip
     assert report.not_files_text(shown=1) == (
@@ -613,3 +613,26 @@ def test_folders_that_cannot_be_made_are_not_said_to_be(tmp_path: Path, monkeypa
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
     assert missing_folders(target) == []
+
+
+def test_a_list_cut_short_names_the_one_item_it_would_count() -> None:
+    # "5 .mov, 4 .aae, 3 .json, 2 .xml, 2 .txt, 1 other kind": the sixth kind takes no more room than its count.
+    assert first_of(["a", "b", "c", "d"], 3) == "a, b, c, d"
+    assert first_of(["a", "b", "c", "d", "e"], 3) == "a, b, c, 2 more"
+    six = WalkReport(passed_over=Counter({".mov": 5, ".aae": 4, ".json": 3, ".xml": 2, ".txt": 2, ".xmp": 1}))
+    assert six.passed_over_text() == "17 files (5 .mov, 4 .aae, 3 .json, 2 .txt, 2 .xml, 1 .xmp)"
+    seven = WalkReport(passed_over=Counter({**six.passed_over, ".pdf": 1}))
+    assert seven.passed_over_text() == "18 files (5 .mov, 4 .aae, 3 .json, 2 .txt, 2 .xml, 2 other kinds)"
+
+
+def test_a_listed_link_to_nothing_names_its_target_in_its_error_row(tmp_path: Path) -> None:
+    # From --files-from, a photo linked into a drive not mounted failed with "No such file or directory" alone,
+    # where the walk and the command line name the link's target.
+    from siglip_cli.reading import failure_reason
+
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "unmounted" / "gone.jpg")
+    missing = FileNotFoundError(2, os.strerror(2))
+    assert failure_reason(missing, str(tmp_path / "gone.jpg")) == (
+        f"{os.strerror(2)} (a link to {tmp_path / 'unmounted' / 'gone.jpg'}, which does not exist)"
+    )
+    assert failure_reason(missing, str(tmp_path / "never.jpg")) == os.strerror(2)

@@ -343,11 +343,11 @@ def test_auto_decodes_on_the_gpu_only_where_it_can_match_the_checkpoints_filter(
 ) -> None:
     from types import SimpleNamespace
 
-    from siglip_cli.embed import _decoder_for
+    from siglip_cli.embed import Silent, _decoder_for
 
     monkeypatch.setattr(gpu_decode, "fault", lambda device: None)  # a device decoder that works
     embedder = SimpleNamespace(device=torch.device(device), preprocess=PreprocessConfig(resample=resample))
-    assert _decoder_for(embedder, "auto", None) == expected
+    assert _decoder_for(embedder, "auto", Silent()) == expected
 
 
 @pytest.mark.parametrize("resample", [3, 2], ids=["bicubic", "bilinear"])
@@ -471,7 +471,7 @@ def test_a_device_decoder_that_cannot_work_is_found_before_the_run() -> None:
     # Found file by file, it sent every JPEG through two failed calls and then PIL in one thread, without a word.
     from types import SimpleNamespace
 
-    from siglip_cli.embed import _decoder_for
+    from siglip_cli.embed import Silent, _decoder_for
 
     assert gpu_decode.fault(torch.device("cpu")) == "decode_jpegs_cuda: torchvision not compiled with nvJPEG support"
     on_cuda = SimpleNamespace(device=torch.device("cuda"), preprocess=CFG)  # the probe decodes there: patched
@@ -480,8 +480,8 @@ def test_a_device_decoder_that_cannot_work_is_found_before_the_run() -> None:
     assert notes == ["the GPU JPEG decoder does not work here (decode_jpegs_cuda: torchvision not compiled with "
                      "nvJPEG support): decoding on the CPU."]  # fmt: skip
     with pytest.raises(UserError, match=r"^the GPU JPEG decoder does not work here \(.*\): use --decode cpu or auto\.$"):
-        _decoder_for(on_cuda, "gpu", None)
-    assert _decoder_for(SimpleNamespace(device=torch.device("cpu"), preprocess=CFG), "gpu", None) == "gpu"  # no probe
+        _decoder_for(on_cuda, "gpu", Silent())
+    assert _decoder_for(SimpleNamespace(device=torch.device("cpu"), preprocess=CFG), "gpu", Silent()) == "gpu"  # no probe
 
 
 @pytest.mark.usefixtures("broken_decoder")

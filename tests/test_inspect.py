@@ -193,12 +193,15 @@ def test_a_checkpoint_that_does_not_resize_refuses_a_photo_of_another_size_in_on
                           image_size=32, patch_size=16)  # fmt: skip
     with pytest.raises(UserError, match="image is 80×60 but the model needs 32×32"):
         tracing.trace(SiglipVision(vision), make_photo((80, 60)), PreprocessConfig(32, 32, do_resize=False))
+    facts = tracing.ImageFacts("p.jpg", "p.jpg", 80, 60, "JPEG", "RGB")  # named: it may not be the one the user gave
+    with pytest.raises(UserError, match=r"^p\.jpg: image is 80×60 but the model needs 32×32\.$"):
+        tracing.trace(SiglipVision(vision), make_photo((80, 60)), PreprocessConfig(32, 32, do_resize=False), image=facts)
 
 
 @pytest.mark.parametrize(
     ("size", "said"),
     [((80, 60), ""), ((12, 8), "; upscaled 4×"), ((60, 400), "; was 6.7× taller than wide"),
-     ((16, 4), "; upscaled 8×; was 4× wider than tall")],
+     ((16, 4), "; upscaled 8×; was 4× wider than tall"), ((1, 500), "; upscaled 32×; was 500× taller than wide")],
 )  # fmt: skip
 def test_the_resized_image_says_when_the_squash_distorts_the_photo(size, said: str, tiny_vision: Path, tmp_path: Path) -> None:
     make_photo(size).save(tmp_path / "photo.png")  # the tiny tower's input is 32×32
@@ -540,6 +543,40 @@ def test_a_plot_that_cannot_be_written_is_one_sentence_and_leaves_nothing(
     assert list((tmp_path / "plots").iterdir()) == []
 
 
+def test_a_plot_that_fails_midway_leaves_the_earlier_runs_pictures_whole(
+    base: tracing.Inspection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The disk filled at the third picture: the first two were this run's, the others an earlier run's.
+    import errno
+
+    earlier = write_plots(base, tmp_path / "plots")
+    before = {path.name: path.read_bytes() for path in earlier}
+    saved = []
+
+    def full_at_the_third(self, fp, format=None, **params):
+        saved.append(fp)
+        if len(saved) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fp.write(b"this run's picture")
+
+    monkeypatch.setattr(Image.Image, "save", full_at_the_third)
+    with pytest.raises(UserError, match=r"No space left on device"):
+        write_plots(base, tmp_path / "plots")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "plots").iterdir()} == before
+
+
+def test_an_inspect_refused_leaves_no_plot_folder(tiny_vision: Path, tmp_path: Path) -> None:
+    # The folder was made before the image was looked at, and left empty by the refusal.
+    from typer.testing import CliRunner
+
+    from siglip_cli.cli import app
+
+    done = CliRunner().invoke(app, ["inspect", str(tmp_path / "missing.png"), "-m", str(tiny_vision), "--plot",
+                                    str(tmp_path / "new" / "plots")])  # fmt: skip
+    assert done.exit_code == 2 and "does not exist" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_plot_folder_on_a_read_only_mount_is_one_sentence(
     base: tracing.Inspection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -693,6 +730,14 @@ def test_in_60_columns_rows_keep_mean_and_std_whole_and_say_where_min_and_max_we
     assert header.split() == ["stage", "shape", "mean", "std"]
 
 
+def test_in_40_columns_the_stage_table_folds_names_never_shapes(base: tracing.Inspection) -> None:
+    # `1×3×32×3` on one line and `2` on the next read as another shape.
+    console = Console(record=True, width=40)
+    console.print(report(base, width=40))
+    cells = console.export_text().split()
+    assert all("×".join(map(str, stage.shape)) in cells for stage in base.stages)
+
+
 def test_in_a_narrow_terminal_the_parameter_table_folds_names_not_numbers(base: tracing.Inspection) -> None:
     # Below about 70 columns B/16's counts came out cut: "92,884,2…", "30…".
     console = Console(record=True, width=50)
@@ -820,3 +865,11 @@ def test_max_pixels_limits_the_inspected_image_as_it_does_in_embed(tiny_vision: 
     with pytest.raises(UserError, match="exceeds the limit of 100 "):
         tracing.inspect_image(str(tiny_vision), photo, max_pixels=100)
     assert tracing.inspect_image(str(tiny_vision), photo, max_pixels=None).stages
+
+
+@pytest.mark.parametrize("given", ["-", "https://example.com/a.jpg"])
+def test_inspect_of_stdin_or_a_url_says_what_it_reads(given: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "- does not exist.": a user who piped an image in, or pasted a link, was told nothing of why.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r" does not exist: give an image file \(stdin and URLs are not read\)\.$"):
+        tracing.read_image(Path(given))

@@ -2288,6 +2288,30 @@ def test_merge_leaves_another_outputs_manifest_alone(embed, folder: Path, tmp_pa
         assert (tmp_path / "other.jsonl").read_bytes() == before and not (tmp_path / "other.npy").exists()
 
 
+def test_merge_of_outputs_made_in_two_folders_names_every_file_from_the_first(
+    embed, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whole runs made in two folders name their files from each: merged as they were, `p01.jpg` (made in photos/)
+    # beside `photos/p00.jpg` (made in its parent) read as a file gone to the next --update, which dropped its row.
+    monkeypatch.chdir(tmp_path)
+    ok(embed(Path("photos/p00.jpg"), tmp_path / "a.npy"))
+    monkeypatch.chdir(folder)
+    (folder / "p02.jpg").write_bytes(b"not a photo")
+    ok(embed(Path("p01.jpg"), tmp_path / "b.npy", "p02.jpg"))
+    monkeypatch.chdir("/")  # a merge may run anywhere
+    assert ok(siglip("merge", tmp_path / "a.npy", tmp_path / "b.npy", "-o", tmp_path / "m.npy", "-q")).stderr == ""
+    assert [json.loads(line)["path"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == [
+        "photos/p00.jpg", "photos/p01.jpg"
+    ]
+    assert [json.loads(line)["path"] for line in (tmp_path / "m.errors.jsonl").read_text().splitlines()] == [
+        "photos/p02.jpg"
+    ]
+    assert json.loads((tmp_path / "m.meta.json").read_text())["working_directory"] == str(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    summary = json.loads(ok(embed(Path("photos/p00.jpg"), tmp_path / "m.npy", "--update", "--json")).stdout)
+    assert (summary["reused"], summary["removed"]) == (2, 0)
+
+
 def test_merge_refuses_overlapping_outputs(embed, folder: Path, tmp_path: Path) -> None:
     ok(embed(folder, tmp_path / "part0.safetensors", "--shard", "0/2"))
     ok(embed(folder, tmp_path / "again.safetensors", "--shard", "0/2"))
