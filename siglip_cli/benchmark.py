@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .checkpoints import Checkpoint
 from .config import DEFAULT_PRESET, PreprocessConfig
-from .cpus import fit_cpu_threads
+from .cpus import cpu_clock, fit_cpu_threads, others_share
 from .errors import UserError, whole_number
 from .model import SiglipVision, num_parameters
 from .references import Forward, check_references, missing_package, reference_forward
@@ -57,6 +57,9 @@ from .weights import load_tower
 
 # Timed calls that spread wider than this around their median make a note: the ratios of such a run are rough.
 NOISY_SPREAD = 0.25
+# Over this share of this process's CPUs taken by other processes while it timed (another job, a VM's neighbours),
+# its rates are said to be low: timings spread little when they are uniformly slow, and no spread note would fire.
+BUSY_SHARE = 0.2
 FEW_FILES = 200  # end to end over fewer: the decoding workers' start-up (~0.5 s) weighs on the rate
 
 
@@ -384,6 +387,7 @@ def run_benchmark(options: BenchOptions, *, progress: Note | None = None) -> Rep
     report = Report(describe_machine(device, dtype), model, weights_mb, notes=notes)
 
     forwards = _forwards(plain, compare, device=device, dtype=dtype, compile=compile, report=report, say=say)
+    clock = cpu_clock()
     with torch.inference_mode(), _a_graph_for_each(batch_sizes) if compile else contextlib.nullcontext():
         for i, batch_size in enumerate(batch_sizes):
             timed = counted(iters, "interleaved round" if len(forwards) > 1 else "timed call")
@@ -400,6 +404,10 @@ def run_benchmark(options: BenchOptions, *, progress: Note | None = None) -> Rep
         report.results += images
         report.notes += [_rough(f"{r.stage} ({r.variant})", [("passes", r.spread)], "its images/s is rough")
                          for r in images if r.spread is not None and r.spread > NOISY_SPREAD]  # fmt: skip
+    if (share := others_share(clock, cpu_clock())) is not None and share > BUSY_SHARE:
+        report.notes.append(f"other processes took {share:.0%} of this process's CPUs while it timed: every rate is "
+                            "lower than on a quiet machine; ratios measured side by side in one run hold "
+                            "better.")  # fmt: skip
     return report
 
 

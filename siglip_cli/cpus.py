@@ -1,10 +1,12 @@
 """How many CPUs this process can keep busy, and PyTorch's threads fitted to them; how much memory its cgroup leaves
-it (a container's limit)."""
+it (a container's limit); how much of its CPUs' time other processes took meanwhile (`others_share`)."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -12,6 +14,7 @@ T = TypeVar("T")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROCESS_CGROUPS = Path("/proc/self/cgroup")
+PROC_STAT = Path("/proc/stat")
 
 
 def usable_cpus() -> int:
@@ -129,3 +132,44 @@ def fit_cpu_threads() -> None:
     cpus = usable_cpus()
     if torch.get_num_threads() > cpus:
         torch.set_num_threads(cpus)
+
+
+@dataclass(frozen=True)
+class CpuClock:
+    """Where the CPUs this process may run on stood at one moment (Linux's /proc/stat): the seconds they had been
+    busy, a hypervisor's steal included, and in all; and this process's own CPU seconds, its finished children's
+    (decoding workers) included."""
+
+    busy: float
+    total: float
+    ours: float
+
+
+def cpu_clock() -> CpuClock | None:
+    """The clock now; None where the system does not keep one (no /proc/stat: macOS, Windows)."""
+    try:
+        lines = PROC_STAT.read_text().splitlines()
+        allowed = os.sched_getaffinity(0)
+    except (OSError, AttributeError):
+        return None
+    busy = total = 0
+    for line in lines:
+        name, *fields = line.split()
+        if not re.fullmatch(r"cpu\d+", name) or int(name[3:]) not in allowed:
+            continue
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in [*fields, *"0" * 8][:8])
+        busy += user + nice + system + irq + softirq + steal
+        total += user + nice + system + idle + iowait + irq + softirq + steal
+    if not total:
+        return None
+    tick, own = os.sysconf("SC_CLK_TCK"), os.times()
+    return CpuClock(busy / tick, total / tick, own.user + own.system + own.children_user + own.children_system)
+
+
+def others_share(start: CpuClock | None, end: CpuClock | None) -> float | None:
+    """The share of the time of this process's CPUs between two clocks that went to other processes (or to a
+    hypervisor's other guests): what a timing taken meanwhile lost to them. None where either clock is unknown."""
+    if start is None or end is None or end.total <= start.total:
+        return None
+    others = (end.busy - start.busy) - (end.ours - start.ours)
+    return min(1.0, max(0.0, others / (end.total - start.total)))

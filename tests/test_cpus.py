@@ -150,3 +150,27 @@ def test_the_decoding_workers_are_counted_on_the_containers_memory(
     assert limits.available_memory() == 3 * GB
     monkeypatch.setattr(decoding, "usable_cpus", lambda: 16)
     assert decoding.default_workers() == 3 * GB // decoding.WORKER_PEAK_BYTES == 2  # not 15
+
+
+def test_the_cpu_clock_counts_only_the_cpus_this_process_may_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A container pinned to CPUs 0 and 2 of a busy host: the host's other CPUs are none of its business.
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  900 0 900 900 0 0 0 0 0 0\n"
+        "cpu0 100 10 50 800 20 5 5 10 0 0\n"
+        "cpu1 500 0 500 0 0 0 0 0 0 0\n"
+        "cpu2 200 0 100 700 0 0 0 0 0 0\n"
+        "intr 12345\n"
+    )
+    monkeypatch.setattr(cpus, "PROC_STAT", stat)
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 2})
+    clock = cpus.cpu_clock()
+    tick = cpus.os.sysconf("SC_CLK_TCK")
+    assert (clock.busy, clock.total) == ((180 + 300) / tick, (1000 + 1000) / tick)  # steal counts as busy
+
+
+def test_others_share_is_what_other_processes_took_of_this_ones_cpus() -> None:
+    start = cpus.CpuClock(busy=100.0, total=200.0, ours=1.0)
+    assert cpus.others_share(start, cpus.CpuClock(busy=160.0, total=300.0, ours=11.0)) == pytest.approx(0.5)
+    assert cpus.others_share(start, cpus.CpuClock(busy=110.0, total=300.0, ours=11.0)) == 0.0  # this process alone
+    assert cpus.others_share(None, start) is None
