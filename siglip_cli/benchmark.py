@@ -436,8 +436,8 @@ def _image_notes(
 
     torchvision = "--images: the end-to-end way through torchvision's JPEG decoder is left out"
     if not gpu_decode.supported(preprocess):
-        notes.append(f"{torchvision}: it cannot resize as this checkpoint does (PIL filter {preprocess.resample}, or "
-                     "a crop), and `siglip embed` decodes on the CPU for it.")  # fmt: skip
+        notes.append(f"{torchvision}: it cannot resize as this checkpoint does (its PIL filter {preprocess.resample}, "
+                     "a crop or a kept aspect), so `siglip embed` decodes its photos on the CPU.")  # fmt: skip
     elif fault := gpu_decode.fault(device):
         notes.append(f"{torchvision}: it does not work on {device} ({fault}).")
     elif not any(isinstance(read_header(path, preprocess, DecodeOptions()), JpegHeader) for path in paths):

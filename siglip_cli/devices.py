@@ -255,7 +255,8 @@ def embed_on_devices(
             _Job(
                 i, model, revision, device, dtype,
                 paths=select_shard(paths, i, count),
-                output=area.directory / shard_name(i, count, out.embeddings.suffix),  # the link's target's, for an -o link
+                # Of the output's format: the link's target's, for an -o link.
+                output=area.directory / shard_name(i, count, out.embeddings.suffix),
                 options=options,
                 compile=compile,
                 overwrite=overwrite,

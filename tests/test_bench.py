@@ -664,6 +664,16 @@ def test_bench_image_rows_warm_up_and_say_when_they_are_rough(
     assert not any(note.startswith("end_to_end (") for note in notes)  # one pass on the CPU: no spread to tell
 
 
+def test_bench_says_why_the_torchvision_way_is_left_out_for_a_resize_it_cannot_match(tmp_path: Path) -> None:
+    # A checkpoint resizing with Lanczos: its end-to-end row through torchvision went missing without a word.
+    make_photo((64, 48)).save(tmp_path / "a.jpg")
+    notes = benchmark._image_notes([str(tmp_path / "a.jpg")], [], PreprocessConfig(32, 32, resample=1),
+                                   device=torch.device("cpu"), iters=1)  # fmt: skip
+    assert "--images: the end-to-end way through torchvision's JPEG decoder is left out: it cannot resize as this " \
+           "checkpoint does (its PIL filter 1, a crop or a kept aspect), so `siglip embed` decodes its photos on " \
+           "the CPU." in notes  # fmt: skip
+
+
 def test_bench_says_when_other_processes_took_its_cpus(tiny_siglip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Beside a test suite on 1.1 of 2 cores, a tiny model ran at 59 images/s where it runs at 4,400 on a quiet
     # machine: every call as slow, the spread note never fired, and nothing said that the rates were low.
