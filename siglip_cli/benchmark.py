@@ -37,6 +37,7 @@ from .checkpoints import Checkpoint
 from .config import DEFAULT_PRESET, PreprocessConfig
 from .cpus import cpu_clock, fit_cpu_threads, others_share
 from .errors import UserError, whole_number
+from .files import WalkReport
 from .model import SiglipVision, num_parameters
 from .references import Forward, check_references, missing_package, reference_forward
 from .runtime import (
@@ -377,7 +378,8 @@ def run_benchmark(options: BenchOptions, *, progress: Note | None = None) -> Rep
     else:
         batch_sizes = check_batch_sizes(DEFAULT_BATCH_SIZES[kind] if options.batch_sizes is None else options.batch_sizes)
     if options.images is not None:  # before minutes of model timing: a wrong folder fails at once
-        paths, skipped = decodable_images(options.images, limit=options.max_images)
+        walk = WalkReport()
+        paths, skipped = decodable_images(options.images, limit=options.max_images, report=walk)
 
     model = os.fsdecode(options.model)  # a pathlib.Path from a Python caller
     say(f"loading {model}")
@@ -396,6 +398,7 @@ def run_benchmark(options: BenchOptions, *, progress: Note | None = None) -> Rep
                         seed=options.seed, first=i == 0)  # fmt: skip
 
     if options.images is not None:
+        report.notes += [f"--images: {note[0].lower()}{note[1:]}" for note in walk.notes(quiet=True)]
         report.notes += _image_notes(paths, skipped, preprocess, device=device, iters=iters)
         say(f"image pipeline on {counted(len(paths), 'file')} from {options.images}")
         images = image_results(paths, plain, preprocess, device=device, dtype=dtype,
@@ -706,10 +709,13 @@ def _nan_hint(dtype: torch.dtype) -> str:
     return "(a damaged checkpoint?)" if dtype == torch.float32 else "(try --dtype float32)"
 
 
-def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], list[str]]:
+def decodable_images(
+    directory: Path, *, limit: int, report: WalkReport | None = None
+) -> tuple[list[str], list[str]]:
     """The first `limit` image files under `directory` that decode, found as `siglip embed` finds them (sorted,
     recursive), and those passed over because they do not, each with why: timings of a file that fails mean
-    nothing."""
+    nothing. `report` collects what the walk met besides image files (a FIFO named `x.jpg`, a broken link, a folder
+    that cannot be listed), for the notes `siglip embed` would give."""
     from .files import IMAGE_SUFFIXES, discover
     from .text import display_path
     from .preprocess import BadImage, DecodeOptions, TooManyPixels, bad_file_reason, open_rgb
@@ -721,9 +727,11 @@ def decodable_images(directory: Path, *, limit: int) -> tuple[list[str], list[st
         raise BenchError(f"--images {directory} does not exist.") from None
     except OSError as e:  # a folder on its way closed to this user, a link loop, a name too long
         raise BenchError(f"--images {directory} cannot be read: {e.strerror or e}.") from None
-    found = discover([str(directory)])
-    if not found:
-        raise BenchError(f"--images {directory} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    report = WalkReport() if report is None else report
+    found = discover([str(directory)], report=report)
+    if not found:  # and why, where the walk met entries it could not take (a FIFO, a link into a drive not mounted)
+        met = "".join(f"; {clause}" for clause in report.unreached())
+        raise BenchError(f"--images {directory} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}{met}).")
     paths, skipped = [], []
     for path in found:
         if len(paths) == limit:

@@ -55,6 +55,7 @@ class WalkReport:
     # (link, where it leads) of the other links whose target is missing: a folder link into an unmounted drive
     # leaves nothing else to see, and `--update` keeps the rows under it.
     dangling: list[tuple[str, str]] = field(default_factory=list)
+    loops: set[str] = field(default_factory=set)  # those of them that loop (`a -> b`, `b -> a`): no drive to mount
     skipped: list[str] = field(default_factory=list)  # folders of `SKIPPED_FOLDERS`: NAS thumbnails, recycle bins
     libraries: list[str] = field(default_factory=list)  # Photos libraries walked (their originals only)
     without_originals: list[str] = field(default_factory=list)  # those of them with no originals folder at all
@@ -122,11 +123,14 @@ class WalkReport:
         return f"{counted(len(self.outside), 'folder link')} out of the folders given: {listed}"
 
     def dangling_text(self, shown: int = 3) -> str:
-        """'1 link that leads nowhere (an unmounted drive?): photos/nas → /mnt/nas'."""
+        """'1 link that leads nowhere (an unmounted drive?): photos/nas → /mnt/nas'; a link in a loop says so, and
+        where every one loops, no drive is asked after."""
         links = _by_bytes(self.dangling)
-        listed = first_of([f"{display_path(link)} → {display_path(target)}" for link, target in links], shown)
+        listed = first_of([f"{display_path(link)} → {display_path(target)}" + (" (a loop)" * (link in self.loops))
+                           for link, target in links], shown)  # fmt: skip
         verb = "leads" if len(self.dangling) == 1 else "lead"
-        return f"{counted(len(self.dangling), 'link')} that {verb} nowhere (an unmounted drive?): {listed}"
+        drive = "" if self.loops.issuperset(link for link, _ in links) else " (an unmounted drive?)"
+        return f"{counted(len(self.dangling), 'link')} that {verb} nowhere{drive}: {listed}"
 
     def not_files_text(self, shown: int = 3) -> str:
         """'2 entries named like images are not files: a/x.jpg (a broken link), a/y.jpg (a FIFO)'."""
@@ -501,7 +505,8 @@ def _unfollowed_link(entry: os.DirEntry, suffix: str, error: OSError, report: Wa
         try:
             report.dangling.append((path, os.readlink(entry.path)))
         except OSError:  # gone since the folder was listed
-            pass
+            return
+        report.loops.add(path)
     elif not isinstance(error, FileNotFoundError):
         report.unreadable.append((path, error.strerror or str(error)))
 

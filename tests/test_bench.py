@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -471,8 +472,11 @@ def test_a_bad_images_folder_is_refused_before_any_timing(
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.jpg").write_bytes(b"")
     (tmp_path / "loop").symlink_to("loop")  # it was "does not exist"
+    (tmp_path / "dead").mkdir()
+    (tmp_path / "dead" / "a.jpg").symlink_to("/mnt/not-mounted/a.jpg")  # it was only "holds no image files"
     for images, what in (
         ("missing", "does not exist"), ("empty", "holds no image files"), ("file.jpg", "is not a directory"),
+        ("dead", r"holds no image files \(.*; 1 entry named like an image is not a file: .*a\.jpg \(a broken link\)\)"),
         ("loop", "cannot be read: Too many levels of symbolic links"),
     ):  # fmt: skip
         with pytest.raises(UserError, match=f"--images {tmp_path / images} {what}"):
@@ -623,7 +627,10 @@ def test_bench_images_reports_each_stage(tiny_siglip: Path, tmp_path: Path) -> N
     make_photo((40, 30), mode="RGBA").save(tmp_path / "logo.png")  # left to the PIL path by the batched decoder
     (tmp_path / "broken.jpg").write_bytes(b"not a picture")  # left out, and said so, rather than ending the run
     (tmp_path / "copying.jpg").write_bytes(b"")  # why, as `siglip embed` says it: Pillow says "cannot identify"
+    os.mkfifo(tmp_path / "stream.jpg")  # passed over without a word, as `siglip embed` never does
     document = _bench_json("-m", str(tiny_siglip), "--batch-size", "4", "--images", str(tmp_path))
+    fifo = f"--images: 1 entry named like an image is not a file: {tmp_path / 'stream.jpg'} (a FIFO); not embedded."
+    assert fifo in document["notes"]
     assert any("left out 2 files that cannot be read" in note for note in document["notes"])
     assert any(f"{tmp_path / 'copying.jpg'} (empty file (0 bytes))" in note for note in document["notes"])
     assert any("starts `siglip embed`'s decoding workers, a cost paid once per run" in note for note in document["notes"])

@@ -366,9 +366,15 @@ def test_folder_links_that_loop_or_cannot_be_followed_are_named_too(tmp_path: Pa
     (tmp_path / "via-a-file").symlink_to(photo / "sub")  # fails as a link through a folder closed to this user does
     report = WalkReport()
     assert found_with(report, tmp_path) == [str(photo)]
-    assert report.dangling_text() == (
-        f"2 links that lead nowhere (an unmounted drive?): {tmp_path / 'a-loop'} → b-loop, "
-        f"{tmp_path / 'b-loop'} → a-loop"
+    assert report.dangling_text() == (  # no drive to mount: it said "(an unmounted drive?)"
+        f"2 links that lead nowhere: {tmp_path / 'a-loop'} → b-loop (a loop), "
+        f"{tmp_path / 'b-loop'} → a-loop (a loop)"
+    )
+    (tmp_path / "nas").symlink_to("/mnt/not-mounted/Photos")
+    report = WalkReport()
+    found_with(report, tmp_path)
+    assert report.dangling_text(shown=1) == (
+        f"3 links that lead nowhere (an unmounted drive?): {tmp_path / 'a-loop'} → b-loop (a loop), 2 more"
     )
     assert report.unreadable == [(str(tmp_path / "via-a-file"), "Not a directory")]
 
