@@ -566,13 +566,16 @@ def inspect(
         raise
     drawable = first_non_finite(result.stages) is None
     pictures = write_plots(result, plot) if plot is not None and drawable else []
-    if plot is not None and not drawable:  # the report is what a user with a damaged checkpoint needs
+    undrawn = []  # the report is what a user with a damaged checkpoint needs: it comes all the same
+    if plot is not None and not drawable:
         kept = any((plot / name).exists() for name in PICTURES)
         earlier = " (the pictures in it are an earlier run's)" if kept else ""
-        note(f"no plots drawn in {plot}{earlier}: the model gave NaN or infinite values (the report says where they "
-             "first appear).")  # fmt: skip
-    if json_out:
-        print_json({**result.to_dict(), "plots": [str(p) for p in pictures]})
+        undrawn.append(f"no plots drawn in {plot}{earlier}: the model gave NaN or infinite values (the report says "
+                       "where they first appear).")  # fmt: skip
+        note(undrawn[0])
+    if json_out:  # why "plots" is empty, for a script that reads only stdout
+        document = result.to_dict()
+        print_json({**document, "notes": document["notes"] + undrawn, "plots": [str(p) for p in pictures]})
         if result.random_weights:
             note(f"{model} is an architecture preset: random weights, not a trained model.")
         return

@@ -186,9 +186,14 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.resample, bool) or not isinstance(self.resample, int) or self.resample not in PIL_FILTERS:
+            # A string is refused though transformers 5 runs it: its PIL processor resizes with bilinear whatever
+            # the string says ("bicubic" included). Read as named, we would not match transformers; read as there,
+            # not what the config's author meant: the user should choose, by writing the number.
+            string = isinstance(self.resample, str)
+            named = ": transformers would resize with bilinear whatever it says" if string else ""
             raise ConfigError(
                 f"resample {self.resample!r} is not a PIL filter number "
-                f"({', '.join(f'{n} {name}' for n, name in PIL_FILTERS.items())})."
+                f"({', '.join(f'{n} {name}' for n, name in PIL_FILTERS.items())}){named}."
             )
         for name in ("height", "width"):
             _check_int(f"preprocessor {name}", getattr(self, name))

@@ -525,6 +525,10 @@ def test_nan_activations_are_named_where_they_first_appear_and_not_plotted(
     (tmp_path / "p" / "activation_norms.png").write_bytes(b"an earlier run's")  # the note says whose they are
     done = CliRunner().invoke(app, ["inspect", str(photo), "-m", str(tiny_vision), "--plot", str(tmp_path / "p")])
     assert f"no plots drawn in {tmp_path / 'p'} (the pictures in it are an earlier run's): the model" in done.stderr
+    done = CliRunner().invoke(app, ["inspect", str(photo), "-m", str(tiny_vision), "--plot", str(tmp_path / "p"),
+                                    "--json"])  # fmt: skip
+    document = json.loads(done.stdout)  # why "plots" is empty, where a script reads it: it was only on stderr
+    assert document["plots"] == [] and document["notes"][-1].startswith(f"no plots drawn in {tmp_path / 'p'} (the")
 
 
 def test_a_plot_that_cannot_be_written_is_one_sentence_and_leaves_nothing(

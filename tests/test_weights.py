@@ -599,7 +599,8 @@ def test_malformed_config_is_one_sentence_naming_the_checkpoint(tmp_path: Path, 
 @pytest.mark.parametrize(
     ("preprocessor", "message"),
     [
-        ({"resample": "bicubic"}, r"resample 'bicubic' is not a PIL filter number \(0 nearest, .*5 hamming\)"),
+        ({"resample": "bicubic"}, r"resample 'bicubic' is not a PIL filter number \(0 nearest, .*5 hamming\): "
+                                  "transformers would resize with bilinear whatever it says"),
         ({"resample": 99}, r"resample 99 is not a PIL filter number"),
         ({"resample": 3.0}, r"resample 3.0 is not a PIL filter number"),  # passed, then failed every image
         ({"size": {"height": "224", "width": 224}}, r"preprocessor height must be a positive integer, not '224'"),
