@@ -57,6 +57,9 @@ class WalkReport:
     dangling: list[tuple[str, str]] = field(default_factory=list)
     loops: set[str] = field(default_factory=set)  # those of them that loop (`a -> b`, `b -> a`): no drive to mount
     skipped: list[str] = field(default_factory=list)  # folders of `SKIPPED_FOLDERS`: NAS thumbnails, recycle bins
+    # (path, is a folder) of hidden folders and hidden files named like images the walks passed by: macOS's `._`
+    # copies and `.thumbnails` are no photos to embed, but a folder of real ones named `.trip` was left out unsaid
+    hidden: list[tuple[str, bool]] = field(default_factory=list)
     libraries: list[str] = field(default_factory=list)  # Photos libraries walked (their originals only)
     without_originals: list[str] = field(default_factory=list)  # those of them with no originals folder at all
     links: list[str] = field(default_factory=list)  # image files the walks met as symlinks: each may be another name
@@ -78,6 +81,8 @@ class WalkReport:
             notes.append(f"{self.dangling_text()}; nothing there is embedded.")
         if self.skipped and not quiet:
             notes.append(f"left out {self.skipped_text()}.")
+        if self.hidden and not quiet:
+            notes.append(f"left out {self.hidden_text()}; name one to embed it.")
         walked = sorted(set(self.libraries) - set(self.without_originals))
         if walked and not quiet:
             libraries = first_of([display_path(library) for library in walked], 3)
@@ -111,6 +116,14 @@ class WalkReport:
         folders = first_of([display_path(folder) for folder in sorted(self.skipped)], shown)
         kinds = "NAS thumbnails, snapshots, recycle bins or fsck fragments"
         return f"{counted(len(self.skipped), 'folder')} of {kinds}: {folders}"
+
+    def hidden_text(self, shown: int = 3) -> str:
+        """'1 folder and 2 image files whose names start with a dot (hidden): a/.trip, a/._IMG_1.JPG, b/.x.jpg'."""
+        folders = sum(is_folder for _, is_folder in self.hidden)
+        files = len(self.hidden) - folders
+        kinds = [counted(folders, "folder")] * (folders > 0) + [counted(files, "image file")] * (files > 0)
+        listed = first_of([display_path(path) for path, _ in _by_bytes(self.hidden)], shown)
+        return f"{' and '.join(kinds)} whose names start with a dot (hidden): {listed}"
 
     def unreadable_text(self, shown: int = 3) -> str:
         """'2 folders: a/locked (Permission denied), b/gone (No such file or directory)'."""
@@ -469,9 +482,13 @@ def _walk(
             if not any(entry.name in PHOTOS_LIBRARY_ORIGINALS and entry.is_dir() for entry in entries):
                 report.without_originals.append(tidy_path(directory))
         for entry in entries:
-            if entry.name.startswith(".") or ((info.st_dev, info.st_ino), entry.name) in leave_out:
+            if ((info.st_dev, info.st_ino), entry.name) in leave_out:
                 continue
             suffix = os.path.splitext(entry.name)[1].lower()
+            if entry.name.startswith("."):
+                if not in_photos_library:  # whose other folders are passed by with a note of their own
+                    _hidden(entry, suffix, report)
+                continue
             try:
                 if entry.is_dir():
                     if _skipped_folder(entry):
@@ -492,6 +509,17 @@ def _walk(
             except OSError as e:  # a symlink that loops or leads through a folder closed to this user; an entry gone
                 if entry.is_symlink():
                     _unfollowed_link(entry, suffix, e, report)
+
+
+def _hidden(entry: os.DirEntry, suffix: str, report: WalkReport) -> None:
+    """Count a hidden entry the walk passes by, where it could hold a photo: a folder, or a file named like an
+    image (not `.DS_Store`, nor our own lock and temporary files)."""
+    try:
+        is_folder = entry.is_dir()
+    except OSError:  # gone since the folder was listed
+        return
+    if is_folder or suffix in IMAGE_SUFFIXES:
+        report.hidden.append((tidy_path(entry.path), is_folder))
 
 
 def _unfollowed_link(entry: os.DirEntry, suffix: str, error: OSError, report: WalkReport) -> None:

@@ -31,14 +31,22 @@ def first_of(items: list[str], shown: int) -> str:
 
 
 def display_path(path: str | os.PathLike) -> str:
-    """The path as text for a terminal: bytes that are not UTF-8 shown as U+FFFD, control characters as `\\x1b`
-    (`escape_controls`)."""
-    return escape_controls(os.fsencode(path).decode("utf-8", errors="replace"))
+    """The path as text for a terminal: bytes that are not UTF-8 and control characters shown as `\\xe9`, `\\x1b`
+    (`escape_controls`). Two names that differ only in such bytes stay two names: as U+FFFD, `caf\\xe8.jpg` and
+    `caf\\xe9.jpg` both read `caf\ufffd.jpg`, and a note that one was gone did not say which."""
+    return escape_controls(os.fsencode(path).decode("utf-8", errors="surrogateescape"))
 
 
 def escape_controls(text: str) -> str:
     """`text` as one terminal line: control characters (a newline, an escape sequence that would recolour the
     terminal, C1 controls such as CSI) shown as `\\x1b`, and a name's bytes that are not UTF-8 (an `-o` name as
-    typed) as U+FFFD, as `display_path` shows them."""
-    text = _LONE_SURROGATES.sub("\ufffd", text)
+    typed, held by Python as lone surrogates) as `\\xe9`, as `display_path` shows them."""
+    text = _LONE_SURROGATES.sub(_escaped_byte, text)
     return _CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _escaped_byte(match: re.Match) -> str:
+    """`\\xe9` for the surrogate that holds byte 0xE9 of a name (Python's `surrogateescape`); U+FFFD for a lone
+    surrogate of any other origin."""
+    code = ord(match.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else "\ufffd"

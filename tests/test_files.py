@@ -28,7 +28,7 @@ from siglip_cli.files import (
     path_from_fields,
     read_path_list,
 )
-from siglip_cli.text import display_path, first_of
+from siglip_cli.text import display_path, escape_controls, first_of
 
 
 def touch(path: Path) -> Path:
@@ -250,7 +250,14 @@ def test_hidden_files_and_folders_are_skipped(tmp_path: Path) -> None:
     touch(tmp_path / ".cache" / "photo.jpg")
     touch(tmp_path / "album" / "._photo.jpg")  # macOS resource fork
     visible = touch(tmp_path / "album" / "photo.jpg")
-    assert found(tmp_path) == [str(visible)]
+    touch(tmp_path / ".DS_Store")  # no image: not counted
+    report = WalkReport()
+    assert found_with(report, tmp_path) == [str(visible)]
+    assert report.hidden_text(shown=1) == (  # it was left out without a word, a folder of photos named .trip too
+        f"1 folder and 2 image files whose names start with a dot (hidden): {tmp_path / '.cache'}, 2 more"
+    )
+    assert report.notes()[-1] == f"left out {report.hidden_text()}; name one to embed it."
+    assert report.notes(quiet=True) == []
 
 
 def test_a_file_named_on_the_command_line_is_taken_whatever_its_extension(tmp_path: Path) -> None:
@@ -448,7 +455,10 @@ def test_a_macos_photos_library_gives_each_photo_once(tmp_path: Path) -> None:
     touch(library / "resources" / "derivatives" / "A" / "IMG_1_1_105_c.jpeg")
     touch(library / "resources" / "derivatives" / "masters" / "A" / "IMG_1_4_5005_c.jpeg")
     touch(library / "scopes" / "cloudsharing" / "x.jpg")
-    assert found(tmp_path) == sorted([str(original), str(older)], key=os.fsencode)
+    touch(library / ".Photos_Search" / "x.jpg")  # passed by as the rest of the library is, not named as hidden
+    report = WalkReport()
+    assert found_with(report, tmp_path) == sorted([str(original), str(older)], key=os.fsencode)
+    assert report.hidden == []
 
 
 def test_the_rest_of_a_photos_library_is_said_to_be_left_out(tmp_path: Path) -> None:
@@ -591,6 +601,14 @@ def test_a_path_list_with_a_name_holding_a_control_character_is_read(tmp_path: P
 
 def test_names_reach_the_terminal_without_their_control_characters() -> None:
     assert display_path("a\x1b[31mred\nb.jpg") == "a\\x1b[31mred\\x0ab.jpg"  # no colours, one line
+
+
+def test_names_whose_bytes_are_not_utf8_reach_the_terminal_apart() -> None:
+    # Both were `caf\ufffd.jpg`: a note that one of them was gone did not say which.
+    names = [display_path(os.fsdecode(b"card/caf" + byte + b".jpg")) for byte in (b"\xe8", b"\xe9")]
+    assert names == ["card/caf\\xe8.jpg", "card/caf\\xe9.jpg"]
+    assert display_path(b"caf\xc3\xa9.jpg") == "caf\u00e9.jpg"  # UTF-8 as it is
+    assert escape_controls("odd\ud800.jpg") == "odd\ufffd.jpg"  # a lone surrogate that holds no byte of a name
 
 
 def test_utf8_name_is_written_as_a_plain_path() -> None:
