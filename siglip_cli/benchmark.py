@@ -398,7 +398,7 @@ def run_benchmark(options: BenchOptions, *, progress: Note | None = None) -> Rep
                         seed=options.seed, first=i == 0)  # fmt: skip
 
     if options.images is not None:
-        report.notes += [f"--images: {note[0].lower()}{note[1:]}" for note in walk.notes(quiet=True)]
+        report.notes += [f"--images: {note}" for note in walk.notes(quiet=True)]
         report.notes += _image_notes(paths, skipped, preprocess, device=device, iters=iters)
         say(f"image pipeline on {counted(len(paths), 'file')} from {options.images}")
         images = image_results(paths, plain, preprocess, device=device, dtype=dtype,
